@@ -1,0 +1,61 @@
+// mempipe attention, step 4 (apply): paged decode attention, dense and sparse, and causal
+// prefill attention over the paged cache. Host (CPU) implementations; fp32 compute with a
+// numerically stable (running-max) softmax.
+//
+//   query  [num_seqs, num_heads, head_dim] in `io_dtype`   (one decode token per sequence)
+//   out    [num_seqs, num_heads, head_dim] in `io_dtype`
+//   Query head h reads KV head h / (num_heads / num_kv_heads) (GQA).
+//
+//   MEMPIPE_RETURN_IF_ERROR(DenseDecode(q, cache, table, scale, out));
+//   MEMPIPE_RETURN_IF_ERROR(SparseDecode(q, cache, table, selection, scale, out));
+#ifndef MEMPIPE_ATTENTION_DECODE_H_
+#define MEMPIPE_ATTENTION_DECODE_H_
+
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "attention/paged_kv.h"
+
+namespace mempipe {
+
+struct DecodeIo {
+  const void* query = nullptr;  // [num_seqs, num_heads, head_dim]
+  void* out = nullptr;          // [num_seqs, num_heads, head_dim]
+  DType dtype = DType::kFloat32;
+  int num_seqs = 0;
+  int num_heads = 0;
+  int head_dim = 0;
+};
+
+// Pages one (sequence, KV head) attends to: logical page indices, ascending.
+struct PageList {
+  const int32_t* pages = nullptr;  // [num_seqs, num_kv_heads, max_selected]
+  const int32_t* counts = nullptr;  // [num_seqs, num_kv_heads]
+  int num_kv_heads = 0;
+  int max_selected = 0;
+};
+
+// Checks io sizes against cache and table (GQA divisibility, head_dim, num_seqs, pointers).
+[[nodiscard]] absl::Status ValidateDecodeIo(const DecodeIo& io, const KvCacheView& cache,
+                                            const BlockTableView& table);
+
+// Attention of each sequence's query over all its seq_len cached tokens.
+[[nodiscard]] absl::Status DenseDecode(const DecodeIo& io, const KvCacheView& cache,
+                                       const BlockTableView& table, float scale);
+
+// Attention over the selected pages only (partial last page honoured). Errors: a page index
+// outside [0, num_pages), a count outside [1, max_selected], or pages not ascending.
+[[nodiscard]] absl::Status SparseDecode(const DecodeIo& io, const KvCacheView& cache,
+                                        const BlockTableView& table, const PageList& pages,
+                                        float scale);
+
+// Causal prefill: the last q_len(s) = query_start_loc[s+1] - query_start_loc[s] tokens of each
+// sequence attend to cached tokens [0, position] (the cache must already hold them).
+//   query_start_loc [num_seqs + 1] int32, io.num_seqs is the total token count
+[[nodiscard]] absl::Status PrefillAttention(const DecodeIo& io, const int32_t* query_start_loc,
+                                            const KvCacheView& cache,
+                                            const BlockTableView& table, float scale);
+
+}  // namespace mempipe
+
+#endif  // MEMPIPE_ATTENTION_DECODE_H_

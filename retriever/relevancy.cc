@@ -1,0 +1,118 @@
+#include "retriever/relevancy.h"
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "backend/base/status_macros.h"
+
+namespace mempipe {
+
+absl::StatusOr<GroupAggregation> ParseGroupAggregation(absl::string_view name) {
+  if (name == "max") return GroupAggregation::kMax;
+  if (name == "sum") return GroupAggregation::kSum;
+  return absl::InvalidArgumentError(
+      absl::StrCat("group aggregation must be 'max' or 'sum', got '", name, "'"));
+}
+
+absl::string_view GroupAggregationName(GroupAggregation agg) {
+  return agg == GroupAggregation::kMax ? "max" : "sum";
+}
+
+absl::Status ValidateQuery(const QueryView& query, const KvCacheView& cache,
+                           const BlockTableView& table) {
+  if (query.data == nullptr) return absl::InvalidArgumentError("query pointer is null");
+  if (query.num_seqs != table.num_seqs) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "query has ", query.num_seqs, " sequences but the block table has ", table.num_seqs));
+  }
+  if (query.head_dim != cache.head_dim) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "query head_dim ", query.head_dim, " differs from the cache's ", cache.head_dim));
+  }
+  if (query.num_heads <= 0 || query.num_heads % cache.num_kv_heads != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("num_heads ", query.num_heads,
+                                                   " must be a positive multiple of num_kv_heads ",
+                                                   cache.num_kv_heads));
+  }
+  const size_t n = static_cast<size_t>(query.num_seqs) * query.num_heads * query.head_dim;
+  for (size_t i = 0; i < n; ++i) {
+    const float v = LoadAsFloat(query.data, query.dtype, i);
+    if (!std::isfinite(v)) {
+      const size_t row = i / query.head_dim;
+      return absl::InvalidArgumentError(absl::StrCat(
+          "query[", row / query.num_heads, "][", row % query.num_heads, "][",
+          i % query.head_dim, "] is ", v, "; queries must be finite"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+float PageBound(const float* q, const float* max_row, const float* min_row, int head_dim) {
+  float lane[kScoreLanes] = {};
+  for (int c = 0; c < head_dim; ++c) {
+    const float a = q[c] * max_row[c];
+    const float b = q[c] * min_row[c];
+    lane[c % kScoreLanes] += a > b ? a : b;
+  }
+  for (int stride = kScoreLanes / 2; stride > 0; stride /= 2) {
+    for (int i = 0; i < stride; ++i) lane[i] += lane[i + stride];
+  }
+  return lane[0];
+}
+
+absl::Status ComputeRelevancy(const QueryView& query, const KvCacheView& cache,
+                              const DigestView& digests, const BlockTableView& table,
+                              GroupAggregation agg, float* scores) {
+  MEMPIPE_RETURN_IF_ERROR(ValidateKvCache(cache));
+  MEMPIPE_RETURN_IF_ERROR(ValidateDigests(cache, digests));
+  MEMPIPE_RETURN_IF_ERROR(ValidateBlockTable(table, cache.block_size, cache.num_blocks));
+  MEMPIPE_RETURN_IF_ERROR(ValidateQuery(query, cache, table));
+  if (scores == nullptr) return absl::InvalidArgumentError("scores pointer is null");
+
+  const int d = cache.head_dim;
+  const int groups = query.num_heads / cache.num_kv_heads;
+  std::vector<float> q(static_cast<size_t>(groups) * d), mx(d), mn(d);
+  DispatchDType(cache.dtype, [&]<typename T>() {
+    const T* dg = static_cast<const T*>(digests.data);
+    for (int s = 0; s < table.num_seqs; ++s) {
+      const int pages = NumPages(table.seq_lens[s], cache.block_size);
+      for (int h = 0; h < cache.num_kv_heads; ++h) {
+        const size_t qrow0 = static_cast<size_t>(s) * query.num_heads + h * groups;
+        for (size_t i = 0; i < q.size(); ++i) {
+          q[i] = LoadAsFloat(query.data, query.dtype, qrow0 * d + i);
+        }
+        float* out = scores + (static_cast<size_t>(s) * cache.num_kv_heads + h) *
+                                  table.max_blocks_per_seq;
+        for (int p = 0; p < pages; ++p) {
+          const int block = table.Block(s, p);
+          const T* dmx = dg + digests.Offset(block, 0, h);
+          const T* dmn = dg + digests.Offset(block, 1, h);
+          for (int c = 0; c < d; ++c) {
+            mx[c] = ToFloat(dmx[c]);
+            mn[c] = ToFloat(dmn[c]);
+          }
+          float agg_score = 0.0f;
+          for (int g = 0; g < groups; ++g) {
+            const float v = PageBound(&q[static_cast<size_t>(g) * d], mx.data(), mn.data(), d);
+            if (g == 0) {
+              agg_score = v;
+            } else if (agg == GroupAggregation::kMax) {
+              agg_score = v > agg_score ? v : agg_score;
+            } else {
+              agg_score += v;
+            }
+          }
+          out[p] = agg_score;
+        }
+        for (int p = pages; p < table.max_blocks_per_seq; ++p) {
+          out[p] = -std::numeric_limits<float>::infinity();
+        }
+      }
+    }
+  });
+  return absl::OkStatus();
+}
+
+}  // namespace mempipe

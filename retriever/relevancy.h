@@ -1,0 +1,61 @@
+// mempipe retriever, step 2 (compute relevancy): the Quest upper bound per page and KV head.
+//
+// For query head h and page p with digest (mx, mn), the bound on q.k for every key of the page is
+//   s(h, p) = sum_c max(q_c * mx_c, q_c * mn_c)
+// and a KV head's score aggregates the s of the query heads of its GQA group (max, or sum).
+//
+// Canonical order (bit-exact across CPU, GPU and FPGA). Products and sums are fp32 with no
+// fused multiply-add. Channel c goes to lane c % 32; each lane adds its terms in increasing c;
+// the 32 lanes then reduce pairwise, lane[i] += lane[i + s] for s = 16, 8, 4, 2, 1, and lane 0
+// is s. (A warp's xor-butterfly and an HLS adder tree give exactly this.) The group's heads
+// aggregate in increasing head order. Every implementation follows this order, so their
+// scores, and hence their selections, agree exactly.
+//
+//   scores [num_seqs, num_kv_heads, max_blocks_per_seq] fp32; entries past a sequence's last
+//   page are -inf.
+#ifndef MEMPIPE_RETRIEVER_RELEVANCY_H_
+#define MEMPIPE_RETRIEVER_RELEVANCY_H_
+
+#include <cstdint>
+#include "absl/strings/string_view.h"
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "attention/paged_kv.h"
+#include "retriever/digest.h"
+
+namespace mempipe {
+
+enum class GroupAggregation : int { kMax = 0, kSum = 1 };
+absl::StatusOr<GroupAggregation> ParseGroupAggregation(absl::string_view name);  // "max"|"sum"
+absl::string_view GroupAggregationName(GroupAggregation agg);
+
+inline constexpr int kScoreLanes = 32;
+
+// Queries of one decode step.
+struct QueryView {
+  const void* data = nullptr;  // [num_seqs, num_heads, head_dim] in `dtype`, contiguous
+  DType dtype = DType::kFloat32;
+  int num_seqs = 0;
+  int num_heads = 0;
+  int head_dim = 0;
+};
+
+// Checks the query's sizes against the cache (num_heads a multiple of num_kv_heads, same
+// head_dim, num_seqs equal to the table's) and that every element is finite (naming the
+// first sequence, head and channel that is not).
+[[nodiscard]] absl::Status ValidateQuery(const QueryView& query, const KvCacheView& cache,
+                                         const BlockTableView& table);
+
+// s(h, p) in the canonical order: `q` and the digest rows are fp32 arrays of `head_dim`.
+float PageBound(const float* q, const float* max_row, const float* min_row, int head_dim);
+
+// Scores every page of every (sequence, KV head).
+[[nodiscard]] absl::Status ComputeRelevancy(const QueryView& query, const KvCacheView& cache,
+                                            const DigestView& digests,
+                                            const BlockTableView& table, GroupAggregation agg,
+                                            float* scores);
+
+}  // namespace mempipe
+
+#endif  // MEMPIPE_RETRIEVER_RELEVANCY_H_

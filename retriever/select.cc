@@ -1,0 +1,114 @@
+#include "retriever/select.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "backend/base/status_macros.h"
+
+namespace mempipe {
+
+absl::Status ValidateSelectionConfig(const SelectionConfig& config, int block_size) {
+  MEMPIPE_RETURN_IF_ERROR(ValidateBlockSize(block_size));
+  if (config.budget_tokens <= 0 || config.budget_tokens % block_size != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("budget must be a positive multiple of the page size ", block_size,
+                     " tokens, got ", config.budget_tokens));
+  }
+  if (config.num_sink_pages < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("sink pages must be >= 0, got ", config.num_sink_pages));
+  }
+  if (config.num_local_pages < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "local pages must be >= 1 (the page of the newest token), got ", config.num_local_pages));
+  }
+  const int k = config.PagesPerHead(block_size);
+  if (config.num_sink_pages + config.num_local_pages > k) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "budget ", config.budget_tokens, " tokens = ", k, " pages cannot hold ",
+        config.num_sink_pages, " sink + ", config.num_local_pages, " local pages"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SelectPages(const float* scores, const BlockTableView& table, int block_size,
+                         int num_kv_heads, const SelectionConfig& config,
+                         const SelectionView& out) {
+  MEMPIPE_RETURN_IF_ERROR(ValidateSelectionConfig(config, block_size));
+  if (scores == nullptr || out.pages == nullptr || out.counts == nullptr) {
+    return absl::InvalidArgumentError("scores and selection pointers must not be null");
+  }
+  if (table.seq_lens == nullptr || table.num_seqs <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("num_seqs must be positive with seq_lens set, got ", table.num_seqs));
+  }
+  const int k = config.PagesPerHead(block_size);
+  if (out.num_seqs != table.num_seqs || out.num_kv_heads != num_kv_heads ||
+      out.max_selected < k) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "selection is [", out.num_seqs, ", ", out.num_kv_heads, ", ", out.max_selected,
+        "]; need [", table.num_seqs, ", ", num_kv_heads, ", >= ", k, "]"));
+  }
+  for (int s = 0; s < table.num_seqs; ++s) {
+    const int32_t len = table.seq_lens[s];
+    if (len <= 0 || len > static_cast<int64_t>(table.max_blocks_per_seq) * block_size) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("seq_lens[", s, "] = ", len, " is outside [1, ",
+                       static_cast<int64_t>(table.max_blocks_per_seq) * block_size, "]"));
+    }
+  }
+
+  std::vector<int32_t> middle;
+  for (int s = 0; s < table.num_seqs; ++s) {
+    const int n = NumPages(table.seq_lens[s], block_size);
+    for (int h = 0; h < num_kv_heads; ++h) {
+      int32_t* row = out.Row(s, h);
+      std::fill(row, row + out.max_selected, -1);
+      if (n <= k) {
+        std::iota(row, row + n, 0);
+        out.Count(s, h) = n;
+        continue;
+      }
+      const float* sc =
+          scores + (static_cast<size_t>(s) * num_kv_heads + h) * table.max_blocks_per_seq;
+      const int lo = config.num_sink_pages;
+      const int hi = n - config.num_local_pages;  // middle pages are [lo, hi)
+      const int want = k - config.num_sink_pages - config.num_local_pages;
+      middle.resize(hi - lo);
+      std::iota(middle.begin(), middle.end(), lo);
+      // NaN ranks last so the order stays a strict weak ordering.
+      auto key = [&](int32_t p) {
+        return std::isnan(sc[p]) ? -std::numeric_limits<float>::infinity() : sc[p];
+      };
+      auto better = [&](int32_t a, int32_t b) {
+        const float ka = key(a), kb = key(b);
+        return ka > kb || (ka == kb && a < b);
+      };
+      std::nth_element(middle.begin(), middle.begin() + want, middle.end(), better);
+      std::sort(middle.begin(), middle.begin() + want);
+      int c = 0;
+      for (int p = 0; p < lo; ++p) row[c++] = p;
+      for (int i = 0; i < want; ++i) row[c++] = middle[i];
+      for (int p = hi; p < n; ++p) row[c++] = p;
+      out.Count(s, h) = c;
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ScoreAndSelect(const QueryView& query, const KvCacheView& cache,
+                            const DigestView& digests, const BlockTableView& table,
+                            const SelectionConfig& config, const SelectionView& out) {
+  MEMPIPE_RETURN_IF_ERROR(ValidateSelectionConfig(config, cache.block_size));
+  std::vector<float> scores(static_cast<size_t>(table.num_seqs) * cache.num_kv_heads *
+                            std::max(table.max_blocks_per_seq, 0));
+  MEMPIPE_RETURN_IF_ERROR(
+      ComputeRelevancy(query, cache, digests, table, config.aggregation, scores.data()));
+  return SelectPages(scores.data(), table, cache.block_size, cache.num_kv_heads, config, out);
+}
+
+}  // namespace mempipe

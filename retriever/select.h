@@ -1,0 +1,65 @@
+// mempipe retriever, step 3 (retrieval): top-k pages per (sequence, KV head).
+//
+// A token budget B gives k = B / block_size pages per (sequence, KV head). The first
+// `num_sink_pages` and the last `num_local_pages` (the partial page included) are always kept;
+// the remaining k - sinks - locals slots take the highest-scoring middle pages. Ties go to the
+// lower page index, so the selection is deterministic. A sequence with at most k pages selects
+// every page. Output page indices are logical (index into the sequence's block table row),
+// ascending.
+//
+//   selected [num_seqs, num_kv_heads, max_selected] int32 logical page indices
+//   counts   [num_seqs, num_kv_heads] int32 valid entries per row; the rest are -1
+#ifndef MEMPIPE_RETRIEVER_SELECT_H_
+#define MEMPIPE_RETRIEVER_SELECT_H_
+
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "attention/paged_kv.h"
+#include "retriever/relevancy.h"
+
+namespace mempipe {
+
+struct SelectionConfig {
+  int budget_tokens = 4096;  // tokens kept per (sequence, KV head); a multiple of block_size
+  int num_sink_pages = 1;
+  int num_local_pages = 1;
+  GroupAggregation aggregation = GroupAggregation::kMax;
+
+  int PagesPerHead(int block_size) const { return budget_tokens / block_size; }
+};
+
+// Checks budget > 0, a multiple of block_size, and room for the sink and local pages.
+[[nodiscard]] absl::Status ValidateSelectionConfig(const SelectionConfig& config,
+                                                   int block_size);
+
+struct SelectionView {
+  int32_t* pages = nullptr;   // [num_seqs, num_kv_heads, max_selected]
+  int32_t* counts = nullptr;  // [num_seqs, num_kv_heads]
+  int num_seqs = 0;
+  int num_kv_heads = 0;
+  int max_selected = 0;  // >= config.PagesPerHead(block_size)
+
+  int32_t* Row(int seq, int head) const {
+    return pages + (static_cast<size_t>(seq) * num_kv_heads + head) * max_selected;
+  }
+  int32_t& Count(int seq, int head) const {
+    return counts[static_cast<size_t>(seq) * num_kv_heads + head];
+  }
+};
+
+// Selects from `scores` [num_seqs, num_kv_heads, table.max_blocks_per_seq] (ComputeRelevancy).
+[[nodiscard]] absl::Status SelectPages(const float* scores, const BlockTableView& table,
+                                       int block_size, int num_kv_heads,
+                                       const SelectionConfig& config, const SelectionView& out);
+
+// Steps 2 and 3 together: what every placement's selector computes.
+[[nodiscard]] absl::Status ScoreAndSelect(const QueryView& query, const KvCacheView& cache,
+                                          const DigestView& digests,
+                                          const BlockTableView& table,
+                                          const SelectionConfig& config,
+                                          const SelectionView& out);
+
+}  // namespace mempipe
+
+#endif  // MEMPIPE_RETRIEVER_SELECT_H_
