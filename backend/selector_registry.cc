@@ -1,0 +1,57 @@
+#include "backend/selector_registry.h"
+
+#include <map>
+#include <mutex>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+
+namespace mempipe {
+namespace {
+
+struct Entry {
+  std::string description;
+  PageSelectorFactory factory;
+};
+
+struct Registry {
+  std::mutex mu;
+  std::map<Device, Entry> entries;
+};
+
+Registry& GetRegistry() {
+  static Registry* registry = new Registry;  // never destroyed: usable during static teardown
+  return *registry;
+}
+
+}  // namespace
+
+void RegisterPageSelectorFactory(Device device, std::string description,
+                                 PageSelectorFactory factory) {
+  Registry& r = GetRegistry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  r.entries[device] = Entry{std::move(description), std::move(factory)};
+}
+
+void UnregisterPageSelectorFactory(Device device) {
+  Registry& r = GetRegistry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  r.entries.erase(device);
+}
+
+absl::StatusOr<std::unique_ptr<PageSelector>> MakePageSelector(Device device) {
+  PageSelectorFactory factory;
+  {
+    Registry& r = GetRegistry();
+    std::lock_guard<std::mutex> lock(r.mu);
+    auto it = r.entries.find(device);
+    if (it != r.entries.end()) factory = it->second.factory;
+  }
+  if (factory) return factory();
+  if (device == Device::kCpu) return std::unique_ptr<PageSelector>(new CpuPageSelector);
+  return absl::NotFoundError(absl::StrCat(
+      "no page selector is registered for device '", DeviceName(device),
+      "' in this program (its library registers one with RegisterPageSelectorFactory)"));
+}
+
+}  // namespace mempipe
