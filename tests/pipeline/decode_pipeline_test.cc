@@ -372,11 +372,13 @@ TEST(DecodePipeline, PipelinedOverlapsAPacedSelectorAndAccountsTransfers) {
   g.dtype = DType::kBFloat16;
   // Long sequences and a large budget make each micro-batch's decode take a while, so it
   // visibly runs during the selector's paced waits even on a busy machine.
-  g.min_len = 1100;
-  g.max_len = 1400;
+  g.layers = 2;
+  g.steps = 3;
+  g.min_len = 600;
+  g.max_len = 800;
   Harness h(g, FreshSeed());
   PipelineOptions o = Options("fpga", PipelineMode::kPipelined, 4);
-  o.selection.budget_tokens = 1024;
+  o.selection.budget_tokens = 512;
   FaultInjectionOptions f;
   f.delay_ms = 2;
   f.report_delay_as_modeled = true;
