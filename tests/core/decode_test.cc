@@ -88,6 +88,15 @@ TEST_P(DecodeTest, DenseMatchesFloat64Reference) {
   ExpectMatchesReference(out, [&](int s, int) { return Range(lens_[s]); });
 }
 
+TEST_P(DecodeTest, ThreadsSplitWorkWithoutChangingResults) {
+  auto one = PoisonedOut(), three = PoisonedOut();
+  ASSERT_TRUE(DenseDecode(Io(one), f_->cache_view(), f_->table_view(), scale_).ok());
+  DecodeIo io = Io(three);
+  io.num_threads = 3;
+  ASSERT_TRUE(DenseDecode(io, f_->cache_view(), f_->table_view(), scale_).ok());
+  EXPECT_EQ(one, three);
+}
+
 TEST_P(DecodeTest, SparseOverEveryPageEqualsDense) {
   const int max_pages = f_->max_blocks();
   std::vector<int32_t> pages(lens_.size() * kKvHeads * max_pages, -1), counts(lens_.size() * kKvHeads);
