@@ -18,7 +18,9 @@
 #define MEMPIPE_BACKEND_SYNTHETIC_CONTEXT_H_
 
 #include <cstdint>
+#include <cstdlib>
 #include <functional>
+#include <memory>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -87,7 +89,10 @@ class SyntheticContext {
   std::vector<int32_t> block_table_;
   std::vector<int32_t> seq_lens_;          // tokens already in the cache
   std::vector<int32_t> prompt_lens_;
-  std::vector<std::vector<uint8_t>> storage_;
+  struct FreeDeleter {
+    void operator()(uint8_t* p) const { std::free(p); }
+  };
+  std::vector<std::unique_ptr<uint8_t[], FreeDeleter>> storage_;
   std::vector<KvCacheView> caches_;
   std::vector<std::vector<float>> directions_;  // [layer][kv_head * head_dim]
   std::vector<std::vector<float>> means_;       // [layer][kv_head * head_dim]
