@@ -49,9 +49,10 @@ absl::StatusOr<std::unique_ptr<PageSelector>> MakePageSelector(Device device) {
   }
   if (factory) return factory();
   if (device == Device::kCpu) return std::unique_ptr<PageSelector>(new CpuPageSelector);
-  return absl::NotFoundError(absl::StrCat(
-      "no page selector is registered for device '", DeviceName(device),
-      "' in this program (its library registers one with RegisterPageSelectorFactory)"));
+  return absl::UnimplementedError(absl::StrCat(
+      "the '", DeviceName(device),
+      "' selector is not part of this build (its library registers one with "
+      "RegisterPageSelectorFactory)"));
 }
 
 }  // namespace mempipe

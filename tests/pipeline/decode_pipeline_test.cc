@@ -643,7 +643,7 @@ TEST(SelectorRegistry, BuiltInCpuAndRegisteredFactories) {
   EXPECT_EQ((*cpu)->Name(), "cpu");
   UnregisterPageSelectorFactory(Device::kFpga);
   absl::StatusOr<std::unique_ptr<PageSelector>> none = MakePageSelector(Device::kFpga);
-  EXPECT_EQ(none.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(none.status().code(), absl::StatusCode::kUnimplemented);
   EXPECT_NE(none.status().message().find("'fpga'"), std::string::npos);
   RegisterPageSelectorFactory(Device::kFpga, "test", [] {
     FaultInjectionOptions f;
