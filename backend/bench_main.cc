@@ -2,8 +2,11 @@
 //
 //   mempipe-bench                                  # Llama-3-8B attention, 32K context, CPU
 //   mempipe-bench --context=131072 --placements=dense,cpu --json=out.json
+//   mempipe-bench --placement=fpga --mode=pipelined --micro-batches=4   # through the pipeline
 //   mempipe-bench --helpfull                       # every flag
+#include <algorithm>
 #include <cstdio>
+#include <optional>
 #include <fstream>
 #include <iostream>
 #include <string>
@@ -17,6 +20,9 @@
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "backend/decode_bench.h"
+#include "backend/fault_injecting_selector.h"
+#include "backend/pipeline_bench.h"
+#include "backend/selector_registry.h"
 #include "nlohmann/json.hpp"
 
 ABSL_FLAG(int, layers, 32, "Transformer layers (each has its own KV cache)");
@@ -44,6 +50,24 @@ ABSL_FLAG(uint64_t, seed, 1, "Seed of the synthetic context");
 ABSL_FLAG(int, threads, 0,
           "Host threads for filling caches and CPU attention (0: all hardware threads)");
 ABSL_FLAG(std::string, json, "", "Also write the results to this JSON file");
+ABSL_FLAG(std::string, placement, "",
+          "Also run this placement through the stage pipeline (backend/decode_pipeline.h): a "
+          "preset (dense, cpu, gpu, fpga) or prepare=..,relevancy=..,retrieval=..,apply=.. over "
+          "cpu|gpu|fpga; printed beside --placements with the pipeline's metrics");
+ABSL_FLAG(std::string, mode, "sync",
+          "Pipeline mode for --placement: sync, or pipelined (micro-batches overlap selection "
+          "with decoding)");
+ABSL_FLAG(int, micro_batches, 1, "Micro-batches per step in --mode=pipelined");
+ABSL_FLAG(int, reuse, 1, "A selection serves this many decode steps (LServe uses 4)");
+ABSL_FLAG(double, deadline_ms, 1000,
+          "Deadline of each selection; a late, failing or dead selector is replaced by local "
+          "selection on the apply device (counted as a fallback)");
+ABSL_FLAG(double, stand_in_gbps, 0,
+          "If > 0, a gpu or fpga selector device this program has no selector for is served by "
+          "a paced stand-in: the CPU reference's result, completed after "
+          "--stand_in_launch_us + digest bytes / (this many GB/s) (modeled, labeled so)");
+ABSL_FLAG(double, stand_in_launch_us, 50,
+          "Per-request latency of the --stand_in_gbps stand-in (FPGA-NOTES.md: 16-100 us launch)");
 
 namespace mempipe {
 namespace {
@@ -53,7 +77,30 @@ int Fail(const absl::Status& s) {
   return 2;
 }
 
+// Selectors this program links in beyond the built-in CPU one. The GPU and FPGA libraries add
+// theirs here, e.g. RegisterPageSelectorFactory(Device::kFpga, "emulated U55C, paced", [] {
+//   FpgaOptions o; o.paced = true; return MakeFpgaSelector(o); });
+void RegisterSelectors() {
+  const double gbps = absl::GetFlag(FLAGS_stand_in_gbps);
+  if (gbps <= 0) return;
+  const double launch_us = absl::GetFlag(FLAGS_stand_in_launch_us);
+  for (Device d : {Device::kGpu, Device::kFpga}) {
+    if (HasPageSelectorFactory(d)) continue;
+    const std::string name = absl::StrFormat("%s-stand-in(paced %.0f us + %.0f GB/s, modeled)",
+                                             DeviceName(d), launch_us, gbps);
+    RegisterPageSelectorFactory(d, name, [=]() -> absl::StatusOr<std::unique_ptr<PageSelector>> {
+      FaultInjectionOptions o;
+      o.name = name;
+      o.delay_ms = launch_us * 1e-3;
+      o.scan_gbytes_per_s = gbps;
+      o.report_delay_as_modeled = true;
+      return std::make_unique<FaultInjectingSelector>(o);
+    });
+  }
+}
+
 int Main() {
+  RegisterSelectors();
   SyntheticContextConfig cfg;
   cfg.shape = ModelShape{absl::GetFlag(FLAGS_layers), absl::GetFlag(FLAGS_num_heads),
                          absl::GetFlag(FLAGS_num_kv_heads), absl::GetFlag(FLAGS_head_dim)};
@@ -126,13 +173,35 @@ int Main() {
     results.push_back(*std::move(r));
   }
 
+  std::optional<PipelinePlacementResult> piped;
+  if (const std::string spec = absl::GetFlag(FLAGS_placement); !spec.empty()) {
+    PipelineBenchOptions po;
+    po.placement = spec;
+    auto mode = ParsePipelineMode(absl::GetFlag(FLAGS_mode));
+    if (!mode.ok()) return Fail(mode.status());
+    po.mode = *mode;
+    po.micro_batches = absl::GetFlag(FLAGS_micro_batches);
+    po.reuse = absl::GetFlag(FLAGS_reuse);
+    po.deadline_ms = absl::GetFlag(FLAGS_deadline_ms);
+    auto r = RunPipelinePlacement(ctx, options, po, [&](int step, int total, double ms) {
+      std::fprintf(stderr, "[%s %s] step %d/%d  %.1f ms%s\n", spec.c_str(),
+                   absl::GetFlag(FLAGS_mode).c_str(), step, total, ms,
+                   step <= options.warmup ? " (warm-up)" : "");
+    });
+    if (!r.ok()) return Fail(r.status());
+    piped = *std::move(r);
+    results.push_back(piped->result);
+  }
+
   const PlacementResult* dense = nullptr;
   for (const auto& r : results) {
     if (r.placement == "dense") dense = &r;
   }
   std::printf("\nper decode step (one token per sequence, all %d layers), milliseconds:\n",
               m.num_layers);
-  std::printf("%-10s %9s %9s %9s %9s %9s %9s %8s %9s %8s %10s\n", "placement", "append",
+  int name_width = 10;
+  for (const auto& r : results) name_width = std::max<int>(name_width, r.placement.size());
+  std::printf("%-*s %9s %9s %9s %9s %9s %9s %8s %9s %8s %10s\n", name_width, "placement", "append",
               "prepare", "relevancy", "retrieval", "apply", "total", "memproc", "tokens/s",
               "speedup", "rel.err");
   for (const auto& r : results) {
@@ -140,8 +209,8 @@ int Main() {
     std::string speedup = dense ? absl::StrFormat("%.2fx", dense->median_step_ms / r.median_step_ms)
                                 : std::string("-");
     std::string err = r.rel_l2_error ? absl::StrFormat("%.2e", *r.rel_l2_error) : std::string("-");
-    std::printf("%-10s %9.2f %9.2f %9.2f %9.2f %9.2f %9.2f %7.1f%% %9.2f %8s %10s\n",
-                r.placement.c_str(), r.mean.append_ms, r.mean.prepare_ms, r.mean.relevancy_ms,
+    std::printf("%-*s %9.2f %9.2f %9.2f %9.2f %9.2f %9.2f %7.1f%% %9.2f %8s %10s\n",
+                name_width, r.placement.c_str(), r.mean.append_ms, r.mean.prepare_ms, r.mean.relevancy_ms,
                 r.mean.retrieval_ms, r.mean.apply_ms, r.median_step_ms, share, r.tokens_per_s,
                 speedup.c_str(), err.c_str());
   }
@@ -161,6 +230,22 @@ int Main() {
   std::printf("total = median step time; memproc = (prepare + relevancy + retrieval) / total;\n"
               "speedup = dense median / placement median; rel.err = ||sparse - dense|| / ||dense||"
               " over sparse layers.\n");
+  if (piped) {
+    const PipelineMetrics& pm = piped->metrics;
+    std::printf("\n%s: through the stage pipeline; its total is the wall time of append + "
+                "Step(), its breakdown columns are stage busy times that overlap.\n",
+                piped->result.placement.c_str());
+    std::printf("%s", pm.ToText().c_str());
+    const double per_step = 1.0 / std::max<uint64_t>(pm.steps, 1);
+    std::printf("hidden: %.1f%% of the selector stage's busy time (%.2f ms per step, measured "
+                "wall time on this machine, pacing included) ran while the decoder was busy\n",
+                100 * pm.HiddenFraction(), pm.selector_busy_ms * per_step);
+    if (pm.modeled_calls > 0) {
+      std::printf("modeled: the selector device's own time is %.2f ms per step (modeled, %s); "
+                  "a paced device's busy time above includes it\n",
+                  pm.modeled_device_ms * per_step, pm.selector.c_str());
+    }
+  }
 
   if (const std::string path = absl::GetFlag(FLAGS_json); !path.empty()) {
     nlohmann::json j;
@@ -202,6 +287,7 @@ int Main() {
                           {"digest_bytes_per_step", r.digest_bytes_per_step}};
       if (dense) p["speedup_over_dense"] = dense->median_step_ms / r.median_step_ms;
       if (r.rel_l2_error) p["rel_l2_error"] = *r.rel_l2_error;
+      if (piped && &r == &results.back()) p["pipeline"] = nlohmann::json::parse(piped->metrics.ToJson());
       j["placements"].push_back(p);
     }
     std::ofstream f(path);
@@ -220,6 +306,16 @@ int main(int argc, char** argv) {
       "Long-context decode benchmark: times prepare / relevancy / retrieval / apply per decode "
       "step for each placement, side by side with dense attention.\n"
       "Example: mempipe-bench --context=65536 --batch=2 --placements=dense,cpu --json=r.json");
-  absl::ParseCommandLine(argc, argv);
+  // Accept --micro-batches as well as --micro_batches (the spelling).
+  std::vector<std::string> args(argv, argv + argc);
+  std::vector<char*> normalized;
+  for (std::string& a : args) {
+    if (a.rfind("--", 0) == 0) {
+      const size_t end = std::min(a.find('='), a.size());
+      std::replace(a.begin() + 2, a.begin() + end, '-', '_');
+    }
+    normalized.push_back(a.data());
+  }
+  absl::ParseCommandLine(static_cast<int>(normalized.size()), normalized.data());
   return mempipe::Main();
 }

@@ -109,6 +109,14 @@ absl::Status ValidatePipelineOptions(const PipelineOptions& o) {
     return absl::InvalidArgumentError(
         absl::StrCat("dead_after_failures must be >= 1, got ", o.dead_after_failures));
   }
+  if (o.dense_layers < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("dense_layers must be >= 0, got ", o.dense_layers));
+  }
+  if (o.apply_threads < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("apply_threads must be >= 1, got ", o.apply_threads));
+  }
   if (!(o.scale >= 0) || !std::isfinite(o.scale)) {
     return absl::InvalidArgumentError(absl::StrCat("scale must be >= 0, got ", o.scale));
   }
@@ -148,8 +156,8 @@ absl::StatusOr<std::unique_ptr<DecodePipeline>> DecodePipeline::Create(
     }
     const CacheShape shape{caches[0].dtype, caches[0].num_blocks, caches[0].block_size,
                            caches[0].num_kv_heads, caches[0].head_dim};
-    for (size_t l = 0; l < caches.size(); ++l) {
-      MEMPIPE_RETURN_IF_ERROR(selector->AddLayer(static_cast<int>(l), shape));
+    for (int l = options.dense_layers; l < static_cast<int>(caches.size()); ++l) {
+      MEMPIPE_RETURN_IF_ERROR(selector->AddLayer(l, shape));
     }
   }
   // In flight at once: one request per micro-batch, so channels of that size never fill.
@@ -173,6 +181,7 @@ DecodePipeline::DecodePipeline(const PipelineOptions& options, std::vector<KvCac
       scale_(options.scale > 0 ? options.scale
                                : 1.0f / std::sqrt(static_cast<float>(caches_[0].head_dim))),
       dense_(options.placement.dense),
+      first_sparse_layer_(dense_ ? num_layers_ : std::min(options.dense_layers, num_layers_)),
       transfers_(options.placement.NeedsTransfer()),
       link_(LinkBetween(options.placement.apply, options.placement.selector())),
       selector_(dense_ ? nullptr : std::move(selector)),
@@ -182,12 +191,14 @@ DecodePipeline::DecodePipeline(const PipelineOptions& options, std::vector<KvCac
   if (!dense_) {
     const KvCacheView& c = caches_[0];
     const DigestView geometry{nullptr, c.dtype, c.num_blocks, c.num_kv_heads, c.head_dim};
-    pages_.assign(num_layers_, std::vector<int32_t>(static_cast<size_t>(max_num_seqs_) *
-                                                        c.num_kv_heads * max_selected_,
-                                                    -1));
-    counts_.assign(num_layers_,
-                   std::vector<int32_t>(static_cast<size_t>(max_num_seqs_) * c.num_kv_heads, 0));
-    local_digests_.assign(num_layers_, std::vector<uint8_t>(geometry.NumBytes(), 0));
+    pages_.resize(num_layers_);
+    counts_.resize(num_layers_);
+    local_digests_.resize(num_layers_);
+    for (int l = first_sparse_layer_; l < num_layers_; ++l) {
+      pages_[l].assign(static_cast<size_t>(max_num_seqs_) * c.num_kv_heads * max_selected_, -1);
+      counts_[l].assign(static_cast<size_t>(max_num_seqs_) * c.num_kv_heads, 0);
+      local_digests_[l].assign(geometry.NumBytes(), 0);
+    }
   }
   metrics_.placement = PlacementToString(options_.placement);
   metrics_.mode = std::string(PipelineModeName(options_.mode));
@@ -220,7 +231,7 @@ absl::Status DecodePipeline::Prefill(const BlockTableView& table) {
   if (shut_down_) return absl::FailedPreconditionError("the pipeline was shut down");
   if (dense_) return absl::OkStatus();
   MEMPIPE_RETURN_IF_ERROR(ValidateBlockTable(table, caches_[0].block_size, caches_[0].num_blocks));
-  for (int l = 0; l < num_layers_; ++l) {
+  for (int l = first_sparse_layer_; l < num_layers_; ++l) {
     const KvCacheView& c = caches_[l];
     const DigestView local{local_digests_[l].data(), c.dtype, c.num_blocks, c.num_kv_heads,
                            c.head_dim};
@@ -348,7 +359,7 @@ absl::Status DecodePipeline::Step(const StepInputs& inputs) {
     j.step = step;
     j.layer = layer;
     j.micro_batch = mb;
-    j.fresh = fresh;
+    j.fresh = fresh && layer >= first_sparse_layer_;
     return j;
   };
   std::deque<Job> pending;
@@ -424,6 +435,8 @@ absl::Status DecodePipeline::Step(const StepInputs& inputs) {
     mt.bytes_from_selector += s.bytes_from;
     mt.transfer_ms_reported += s.transfer_reported_ms;
     mt.modeled_transfer_ms += s.transfer_modeled_ms;
+    mt.selector_relevancy_ms += s.relevancy_ms;
+    mt.selector_retrieval_ms += s.retrieval_ms;
     mt.modeled_device_ms += s.modeled_device_ms;
     mt.modeled_energy_mj += s.modeled_energy_mj;
     mt.modeled_calls += s.modeled_calls;
@@ -484,7 +497,7 @@ DecodePipeline::InFlight DecodePipeline::StartSelection(const Job& job) {
   Selected& s = f.sel;
   s.job = job;
   s.picked = Clock::now();
-  if (dense_) {
+  if (job.layer < first_sparse_layer_) {
     s.source = SelectionSource::kDense;
     return f;
   }
@@ -574,6 +587,8 @@ DecodePipeline::Selected DecodePipeline::FinishSelection(InFlight& f) {
     ++s.modeled_calls;
   }
   if (costs.modeled_energy_mj) s.modeled_energy_mj += *costs.modeled_energy_mj;
+  s.relevancy_ms = costs.relevancy_ms;
+  s.retrieval_ms = costs.retrieval_ms;
   if (transfers_ && f.submitted) {
     const uint64_t to = n * (static_cast<size_t>(num_heads_) * c.head_dim * elem +
                              static_cast<size_t>(step_.table.max_blocks_per_seq + 1) * 4);
@@ -626,7 +641,8 @@ absl::Status DecodePipeline::RunApply(Applied& a) {
                     c.dtype,
                     n,
                     num_heads_,
-                    c.head_dim};
+                    c.head_dim,
+                    options_.apply_threads};
   if (s.source == SelectionSource::kDense) return DenseDecode(io, c, table, scale_);
 
   // The apply device's own digests track every step, so a fallback is always possible.
@@ -653,10 +669,14 @@ absl::Status DecodePipeline::RunApply(Applied& a) {
 }
 
 absl::StatusOr<SelectionView> DecodePipeline::LastSelection(int layer) const {
-  if (dense_) return absl::FailedPreconditionError("placement dense selects no pages");
   if (layer < 0 || layer >= num_layers_) {
     return absl::InvalidArgumentError(
         absl::StrCat("layer must be in [0, ", num_layers_, "), got ", layer));
+  }
+  if (layer < first_sparse_layer_) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("layer ", layer, " decodes densely (placement ", metrics_.placement,
+                     ", dense_layers ", options_.dense_layers, "): it selects no pages"));
   }
   if (step_index_ == 0) return absl::FailedPreconditionError("no step has run yet");
   return SelectionRows(layer, 0, step_.table.num_seqs);

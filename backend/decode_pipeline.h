@@ -83,6 +83,8 @@ struct PipelineOptions {
   int queue_capacity = 0;       // 0: large enough never to fill; >= 1 applies back-pressure
   int dead_after_failures = 3;  // consecutive selector failures that declare it dead, >= 1
   SelectionConfig selection;
+  int dense_layers = 0;         // the first layers decode densely and select nothing (Quest: 2)
+  int apply_threads = 1;        // host threads of the CPU decode (DecodeIo::num_threads)
   float scale = 0;              // softmax scale; 0 means 1 / sqrt(head_dim)
 };
 
@@ -151,7 +153,8 @@ class DecodePipeline {
   void SetObserver(RequestObserver observer) { observer_ = std::move(observer); }
 
   // The selection last used for `layer`: [num_seqs, num_kv_heads, max_selected] pages and
-  // [num_seqs, num_kv_heads] counts of the last Step's batch. Not for placement dense.
+  // [num_seqs, num_kv_heads] counts of the last Step's batch. Not for placement dense nor for
+  // the dense layers.
   absl::StatusOr<SelectionView> LastSelection(int layer) const;
 
   // Rows of a selection: budget pages plus room for the pages a reused selection grows into.
@@ -178,6 +181,7 @@ class DecodePipeline {
     Clock::time_point picked, busy_end;  // selector thread busy over [picked, busy_end)
     double prepare_ms = -1;              // < 0: not run
     double select_ms = -1;
+    double relevancy_ms = 0, retrieval_ms = 0;  // as the selector's Costs() reports them
     uint64_t bytes_to = 0, bytes_from = 0;
     double transfer_reported_ms = 0, transfer_modeled_ms = 0;
     double modeled_device_ms = 0, modeled_energy_mj = 0;
@@ -227,12 +231,13 @@ class DecodePipeline {
   const int max_selected_;
   const float scale_;
   const bool dense_;
+  const int first_sparse_layer_;  // layers below it decode densely
   const bool transfers_;
   const LinkModel link_;
   std::unique_ptr<PageSelector> selector_;  // used by the selector thread (and Prefill)
 
   // Per layer, owned storage: the selection [max_num_seqs, kv_heads, max_selected] and counts,
-  // and the apply device's own digests (for fallback).
+  // and the apply device's own digests (for fallback); empty for dense layers.
   std::vector<std::vector<int32_t>> pages_;
   std::vector<std::vector<int32_t>> counts_;
   std::vector<std::vector<uint8_t>> local_digests_;

@@ -20,7 +20,9 @@ absl::Status FaultInjectingSelector::DeadError() const {
 }
 
 absl::Status FaultInjectingSelector::AddLayer(int layer, const CacheShape& shape) {
-  return reference_.AddLayer(layer, shape);
+  MEMPIPE_RETURN_IF_ERROR(reference_.AddLayer(layer, shape));
+  shapes_[layer] = shape;
+  return absl::OkStatus();
 }
 
 absl::Status FaultInjectingSelector::BuildDigests(int layer, const KvCacheView& cache,
@@ -72,6 +74,17 @@ absl::StatusOr<SelectTicket> FaultInjectingSelector::Submit(const SelectRequest&
   MEMPIPE_ASSIGN_OR_RETURN(SelectTicket inner, reference_.Submit(staged));
   p.status = reference_.Wait(inner, absl::InfiniteFuture());
   costs_ = reference_.Costs();
+  if (p.status.ok() && options_.scan_gbytes_per_s > 0) {
+    // The table was validated by the reference: every seq_len is in range.
+    const CacheShape& sh = shapes_.at(request.layer);
+    double bytes = 0;
+    for (int s = 0; s < request.table.num_seqs; ++s) {
+      bytes += static_cast<double>(NumPages(request.table.seq_lens[s], sh.block_size)) *
+               sh.num_kv_heads * 2 * sh.head_dim * DTypeSize(sh.dtype);
+    }
+    p.delay_ms += bytes / (options_.scan_gbytes_per_s * 1e9) * 1e3;
+    delay_ms = p.delay_ms;
+  }
   if (p.status.ok() && fail) {
     p.status = absl::InternalError(absl::StrCat(options_.name, ": request failed (injected)"));
   }

@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "retriever/page_selector.h"
 
@@ -32,6 +33,9 @@ struct FaultInjectionOptions {
   std::string name = "fault-injecting";
   double delay_ms = 0;           // paced completion: submit + delay_ms
   double jitter_ms = 0;          // plus a uniform random [0, jitter_ms)
+  // > 0: plus the digest bytes the request scans at this rate (GB/s), a bandwidth-bound device
+  // in the simplest terms (a stand-in, not a device model: fpga/ has the U55C's).
+  double scan_gbytes_per_s = 0;
   double error_probability = 0;  // per request
   double stall_probability = 0;  // per request
   double stall_ms = 1000;        // how late a stalled result arrives
@@ -73,6 +77,7 @@ class FaultInjectingSelector final : public PageSelector {
 
   FaultInjectionOptions options_;
   CpuPageSelector reference_;
+  std::map<int, CacheShape> shapes_;
   std::mt19937_64 rng_;
   std::map<SelectTicket, Pending> pending_;
   SelectTicket next_ticket_ = 1;

@@ -134,6 +134,8 @@ std::string PipelineMetrics::ToText() const {
   s += HistText("apply", apply);
   s += HistText("request", request);
   s += HistText("step", step);
+  absl::StrAppendFormat(&s, "  selector's own split: relevancy %.3f ms, retrieval %.3f ms in all\n",
+                        selector_relevancy_ms, selector_retrieval_ms);
   s += "queues:\n";
   s += ChannelText("to selector", to_selector);
   s += ChannelText("to apply", to_apply);
@@ -141,8 +143,10 @@ std::string PipelineMetrics::ToText() const {
   absl::StrAppendFormat(
       &s,
       "overlap (measured): wall %.3f ms, selector busy %.3f ms, apply busy %.3f ms, both busy "
-      "%.3f ms: %.1f%% of selector time hidden behind decoding\n",
-      wall_ms, selector_busy_ms, apply_busy_ms, overlap_ms, 100 * HiddenFraction());
+      "%.3f ms: %.1f%% of selector time hidden behind decoding, %.1f%% of decode time "
+      "overlapped\n",
+      wall_ms, selector_busy_ms, apply_busy_ms, overlap_ms, 100 * HiddenFraction(),
+      100 * ApplyOverlappedFraction());
   absl::StrAppendFormat(&s,
                         "transfers: %d B to selector, %d B back; %.3f ms reported by the "
                         "selector, %.3f ms modeled by the link model (%s)\n",
@@ -171,11 +175,13 @@ std::string PipelineMetrics::ToJson() const {
       ",\"prepare\":", prepare.ToJson(), ",\"select\":", select.ToJson(),
       ",\"fallback\":", fallback.ToJson(), ",\"apply\":", apply.ToJson(),
       ",\"request\":", request.ToJson(), ",\"step\":", step.ToJson(),
-      "},\"queues\":{\"to_selector\":", ChannelJson(to_selector),
+      ",\"selector_relevancy_ms\":", Num(selector_relevancy_ms),
+      ",\"selector_retrieval_ms\":", Num(selector_retrieval_ms), "},\"queues\":{\"to_selector\":", ChannelJson(to_selector),
       ",\"to_apply\":", ChannelJson(to_apply), ",\"to_front\":", ChannelJson(to_front),
       "},\"overlap_measured\":{\"wall_ms\":", Num(wall_ms),
       ",\"selector_busy_ms\":", Num(selector_busy_ms), ",\"apply_busy_ms\":", Num(apply_busy_ms),
       ",\"overlap_ms\":", Num(overlap_ms), ",\"hidden_fraction\":", Num(HiddenFraction()),
+      ",\"apply_overlapped_fraction\":", Num(ApplyOverlappedFraction()),
       "},\"transfers\":{\"bytes_to_selector\":", bytes_to_selector,
       ",\"bytes_from_selector\":", bytes_from_selector,
       ",\"reported_by_selector_ms\":", Num(transfer_ms_reported),

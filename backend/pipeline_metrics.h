@@ -91,6 +91,11 @@ struct PipelineMetrics {
   LatencyHistogram request;         // issued -> applied (end to end)
   LatencyHistogram step;            // one Step() call
 
+  // Steps 2 and 3 as the selector's Costs() split them (its host time; a modeled device's own
+  // time is in modeled_device_ms), summed over completed selections.
+  double selector_relevancy_ms = 0;
+  double selector_retrieval_ms = 0;
+
   // Queues (as seen by their producers).
   ChannelStats to_selector;
   ChannelStats to_apply;
@@ -105,6 +110,10 @@ struct PipelineMetrics {
   // Fraction of the selector's busy time hidden behind decoding (overlap / selector busy).
   double HiddenFraction() const {
     return selector_busy_ms > 0 ? overlap_ms / selector_busy_ms : 0;
+  }
+  // Fraction of the decoder's busy time during which the selector was busy too.
+  double ApplyOverlappedFraction() const {
+    return apply_busy_ms > 0 ? overlap_ms / apply_busy_ms : 0;
   }
 
   // Transfers inserted between the apply device and the selector device.

@@ -39,6 +39,12 @@ void UnregisterPageSelectorFactory(Device device) {
   r.entries.erase(device);
 }
 
+bool HasPageSelectorFactory(Device device) {
+  Registry& r = GetRegistry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  return r.entries.count(device) > 0;
+}
+
 absl::StatusOr<std::unique_ptr<PageSelector>> MakePageSelector(Device device) {
   PageSelectorFactory factory;
   {

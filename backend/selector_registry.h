@@ -31,6 +31,9 @@ void RegisterPageSelectorFactory(Device device, std::string description,
 // Removes a registration (the CPU one falls back to the built-in CpuPageSelector).
 void UnregisterPageSelectorFactory(Device device);
 
+// True when a factory is registered for `device` (the built-in CPU selector does not count).
+bool HasPageSelectorFactory(Device device);
+
 // A new selector for `device`. Errors: Unimplemented naming the device when no factory is
 // registered (and no built-in exists), or the factory's own error.
 absl::StatusOr<std::unique_ptr<PageSelector>> MakePageSelector(Device device);

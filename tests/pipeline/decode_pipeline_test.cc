@@ -25,15 +25,13 @@
 #include "gtest/gtest.h"
 #include "retriever/digest.h"
 #include "retriever/select.h"
+#include "tests/core/paged_fixture.h"
 
 namespace mempipe {
 namespace {
 
-uint64_t FreshSeed() {
-  const uint64_t seed = std::random_device{}();
-  std::printf("seed %llu\n", static_cast<unsigned long long>(seed));
-  return seed;
-}
+// Fresh per run, printed; MEMPIPE_TEST_SEED=<n> replays a run.
+uint64_t FreshSeed() { return testing::TestSeed(); }
 
 struct Geometry {
   DType dtype = DType::kFloat32;
@@ -642,6 +640,7 @@ TEST(SelectorRegistry, BuiltInCpuAndRegisteredFactories) {
   ASSERT_TRUE(cpu.ok());
   EXPECT_EQ((*cpu)->Name(), "cpu");
   UnregisterPageSelectorFactory(Device::kFpga);
+  EXPECT_FALSE(HasPageSelectorFactory(Device::kFpga));
   absl::StatusOr<std::unique_ptr<PageSelector>> none = MakePageSelector(Device::kFpga);
   EXPECT_EQ(none.status().code(), absl::StatusCode::kUnimplemented);
   EXPECT_NE(none.status().message().find("'fpga'"), std::string::npos);
@@ -651,6 +650,7 @@ TEST(SelectorRegistry, BuiltInCpuAndRegisteredFactories) {
     return absl::StatusOr<std::unique_ptr<PageSelector>>(
         std::make_unique<FaultInjectingSelector>(f));
   });
+  EXPECT_TRUE(HasPageSelectorFactory(Device::kFpga));
   absl::StatusOr<std::unique_ptr<PageSelector>> fpga = MakePageSelector(Device::kFpga);
   ASSERT_TRUE(fpga.ok());
   EXPECT_EQ((*fpga)->Name(), "registered");

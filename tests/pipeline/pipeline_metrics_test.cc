@@ -6,6 +6,7 @@
 #include <random>
 
 #include "gtest/gtest.h"
+#include "tests/core/paged_fixture.h"
 
 namespace mempipe {
 namespace {
@@ -53,8 +54,7 @@ TEST(BusyOverlap, HandBuilt) {
 }
 
 TEST(BusyOverlap, MatchesBruteForceOnRandomTimelines) {
-  const uint64_t seed = std::random_device{}();
-  std::printf("seed %llu\n", static_cast<unsigned long long>(seed));
+  const uint64_t seed = testing::TestSeed();
   std::mt19937_64 rng(seed);
   const TimePoint t0{};
   for (int trial = 0; trial < 20; ++trial) {
