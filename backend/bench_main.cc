@@ -210,8 +210,9 @@ int Main() {
                                 : std::string("-");
     std::string err = r.rel_l2_error ? absl::StrFormat("%.2e", *r.rel_l2_error) : std::string("-");
     std::printf("%-*s %9.2f %9.2f %9.2f %9.2f %9.2f %9.2f %7.1f%% %9.2f %8s %10s\n",
-                name_width, r.placement.c_str(), r.mean.append_ms, r.mean.prepare_ms, r.mean.relevancy_ms,
-                r.mean.retrieval_ms, r.mean.apply_ms, r.median_step_ms, share, r.tokens_per_s,
+                name_width, r.placement.c_str(), r.mean.append_ms, r.mean.prepare_ms,
+                r.mean.relevancy_ms, r.mean.retrieval_ms, r.mean.apply_ms, r.median_step_ms,
+                share, r.tokens_per_s,
                 speedup.c_str(), err.c_str());
   }
   std::printf("\nbytes read per step (last step): ");
@@ -287,7 +288,9 @@ int Main() {
                           {"digest_bytes_per_step", r.digest_bytes_per_step}};
       if (dense) p["speedup_over_dense"] = dense->median_step_ms / r.median_step_ms;
       if (r.rel_l2_error) p["rel_l2_error"] = *r.rel_l2_error;
-      if (piped && &r == &results.back()) p["pipeline"] = nlohmann::json::parse(piped->metrics.ToJson());
+      if (piped && r.placement == piped->result.placement) {
+        p["pipeline"] = nlohmann::json::parse(piped->metrics.ToJson());
+      }
       j["placements"].push_back(p);
     }
     std::ofstream f(path);

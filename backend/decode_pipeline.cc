@@ -30,8 +30,8 @@ absl::Status ExtendToLastPage(const SelectionView& sel, const BlockTableView& ta
       int32_t& count = sel.Count(s, h);
       for (int p = count > 0 ? row[count - 1] + 1 : 0; p <= last; ++p) {
         if (count >= sel.max_selected) {
-          return absl::InternalError(absl::StrCat("reused selection of sequence ", s,
-                                                  " has no room for page ", p));
+          return absl::InternalError(
+              absl::StrCat("reused selection of sequence ", s, " has no room for page ", p));
         }
         row[count++] = p;
       }
@@ -90,9 +90,9 @@ absl::Status ValidatePipelineOptions(const PipelineOptions& o) {
         absl::StrCat("micro_batches must be >= 1, got ", o.micro_batches));
   }
   if (o.mode == PipelineMode::kSync && o.micro_batches != 1) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "mode sync takes one micro-batch, got micro_batches=", o.micro_batches,
-        " (use mode pipelined)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("mode sync takes one micro-batch, got micro_batches=", o.micro_batches,
+                     " (use mode pipelined)"));
   }
   if (o.reuse < 1) {
     return absl::InvalidArgumentError(absl::StrCat("reuse must be >= 1, got ", o.reuse));
@@ -150,9 +150,8 @@ absl::StatusOr<std::unique_ptr<DecodePipeline>> DecodePipeline::Create(
   if (!options.placement.dense) {
     MEMPIPE_RETURN_IF_ERROR(ValidateSelectionConfig(options.selection, caches[0].block_size));
     if (selector == nullptr) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("placement ", PlacementToString(options.placement),
-                       " needs a page selector, got none"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "placement ", PlacementToString(options.placement), " needs a page selector, got none"));
     }
     const CacheShape shape{caches[0].dtype, caches[0].num_blocks, caches[0].block_size,
                            caches[0].num_kv_heads, caches[0].head_dim};
@@ -254,22 +253,22 @@ absl::Status DecodePipeline::Prefill(const BlockTableView& table) {
 absl::Status DecodePipeline::ValidateStep(const StepInputs& in) const {
   const KvCacheView& c = caches_[0];
   if (in.table.num_seqs < 1 || in.table.num_seqs > max_num_seqs_) {
-    return absl::InvalidArgumentError(absl::StrCat("num_seqs must be in [1, ", max_num_seqs_,
-                                                   "], got ", in.table.num_seqs));
+    return absl::InvalidArgumentError(
+        absl::StrCat("num_seqs must be in [1, ", max_num_seqs_, "], got ", in.table.num_seqs));
   }
   MEMPIPE_RETURN_IF_ERROR(ValidateBlockTable(in.table, c.block_size, c.num_blocks));
   if (static_cast<int>(in.queries.size()) != num_layers_ ||
       static_cast<int>(in.outputs.size()) != num_layers_) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("queries and outputs need one entry per layer (", num_layers_, "), got ",
-                     in.queries.size(), " and ", in.outputs.size()));
+    return absl::InvalidArgumentError(absl::StrCat("queries and outputs need one entry per layer (",
+                                                   num_layers_, "), got ", in.queries.size(),
+                                                   " and ", in.outputs.size()));
   }
   if ((in.new_slots == nullptr) != in.new_keys.empty()) {
     return absl::InvalidArgumentError("new_slots and new_keys must be given together");
   }
   if (in.new_slots != nullptr && static_cast<int>(in.new_keys.size()) != num_layers_) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "new_keys needs one entry per layer (", num_layers_, "), got ", in.new_keys.size()));
+    return absl::InvalidArgumentError(absl::StrCat("new_keys needs one entry per layer (",
+                                                   num_layers_, "), got ", in.new_keys.size()));
   }
   for (int l = 0; l < num_layers_; ++l) {
     if (in.outputs[l] == nullptr) {
@@ -279,8 +278,7 @@ absl::Status DecodePipeline::ValidateStep(const StepInputs& in) const {
       return absl::InvalidArgumentError(absl::StrCat("new_keys[", l, "] is null"));
     }
     MEMPIPE_RETURN_IF_ERROR(ValidateQuery(
-        QueryView{in.queries[l], c.dtype, in.table.num_seqs, num_heads_, c.head_dim}, c,
-        in.table));
+        QueryView{in.queries[l], c.dtype, in.table.num_seqs, num_heads_, c.head_dim}, c, in.table));
   }
   if (in.new_slots != nullptr) {
     const int64_t num_slots = static_cast<int64_t>(c.num_blocks) * c.block_size;
@@ -335,12 +333,11 @@ absl::Status DecodePipeline::Step(const StepInputs& inputs) {
 
   // A fresh selection every `reuse` steps, and whenever a reused one would not fit (a new batch,
   // or sequences that grew by more pages than the rows have room for).
-  bool fresh = !dense_ && (steps_since_fresh_ % options_.reuse == 0 ||
-                           fresh_num_seqs_ != num_seqs);
+  bool fresh = !dense_ && (steps_since_fresh_ % options_.reuse == 0 || fresh_num_seqs_ != num_seqs);
   if (!dense_ && !fresh) {
     for (int s = 0; s < num_seqs && !fresh; ++s) {
-      fresh = NumPages(inputs.table.seq_lens[s], block_size) - fresh_num_pages_[s] >
-              options_.reuse - 1;
+      fresh =
+          NumPages(inputs.table.seq_lens[s], block_size) - fresh_num_pages_[s] > options_.reuse - 1;
     }
   }
   if (fresh) {
@@ -592,9 +589,9 @@ DecodePipeline::Selected DecodePipeline::FinishSelection(InFlight& f) {
   if (transfers_ && f.submitted) {
     const uint64_t to = n * (static_cast<size_t>(num_heads_) * c.head_dim * elem +
                              static_cast<size_t>(step_.table.max_blocks_per_seq + 1) * 4);
-    const uint64_t from =
-        st.ok() ? n * static_cast<size_t>(c.num_kv_heads) * (static_cast<size_t>(max_selected_) + 1) * 4
-                : 0;
+    const uint64_t from = st.ok() ? n * static_cast<size_t>(c.num_kv_heads) *
+                                        (static_cast<size_t>(max_selected_) + 1) * 4
+                                  : 0;
     s.bytes_to += to;
     s.bytes_from += from;
     if (costs.transfer_ms > 0) {
@@ -664,8 +661,7 @@ absl::Status DecodePipeline::RunApply(Applied& a) {
     MEMPIPE_RETURN_IF_ERROR(ExtendToLastPage(sel, table, c.block_size));
   }
   return SparseDecode(io, c, table,
-                      PageList{sel.pages, sel.counts, sel.num_kv_heads, sel.max_selected},
-                      scale_);
+                      PageList{sel.pages, sel.counts, sel.num_kv_heads, sel.max_selected}, scale_);
 }
 
 absl::StatusOr<SelectionView> DecodePipeline::LastSelection(int layer) const {

@@ -83,9 +83,9 @@ struct PipelineOptions {
   int queue_capacity = 0;       // 0: large enough never to fill; >= 1 applies back-pressure
   int dead_after_failures = 3;  // consecutive selector failures that declare it dead, >= 1
   SelectionConfig selection;
-  int dense_layers = 0;         // the first layers decode densely and select nothing (Quest: 2)
-  int apply_threads = 1;        // host threads of the CPU decode (DecodeIo::num_threads)
-  float scale = 0;              // softmax scale; 0 means 1 / sqrt(head_dim)
+  int dense_layers = 0;   // the first layers decode densely and select nothing (Quest: 2)
+  int apply_threads = 1;  // host threads of the CPU decode (DecodeIo::num_threads)
+  float scale = 0;        // softmax scale; 0 means 1 / sqrt(head_dim)
 };
 
 // Validates the options alone (placement included). InvalidArgument naming the bad value.
@@ -114,13 +114,13 @@ using RequestObserver = std::function<void(const RequestRecord&)>;
 // One decode step for the whole batch. The caller has already written this step's new keys
 // and values into every layer's cache (WriteKv); seq_lens count them.
 struct StepInputs {
-  BlockTableView table;                 // [num_seqs, max_blocks_per_seq], seq_lens [num_seqs]
-  const int64_t* new_slots = nullptr;   // [num_seqs] slot of each sequence's new token, < 0 for
-                                        // none; nullptr: no new token this step
-  std::vector<const void*> new_keys;    // [num_layers] -> [num_seqs, num_kv_heads, head_dim]
-                                        // (cache dtype); empty iff new_slots is nullptr
-  std::vector<const void*> queries;     // [num_layers] -> [num_seqs, num_heads, head_dim]
-  std::vector<void*> outputs;           // [num_layers] -> [num_seqs, num_heads, head_dim]
+  BlockTableView table;                // [num_seqs, max_blocks_per_seq], seq_lens [num_seqs]
+  const int64_t* new_slots = nullptr;  // [num_seqs] slot of each sequence's new token, < 0 for
+                                       // none; nullptr: no new token this step
+  std::vector<const void*> new_keys;   // [num_layers] -> [num_seqs, num_kv_heads, head_dim]
+                                       // (cache dtype); empty iff new_slots is nullptr
+  std::vector<const void*> queries;    // [num_layers] -> [num_seqs, num_heads, head_dim]
+  std::vector<void*> outputs;          // [num_layers] -> [num_seqs, num_heads, head_dim]
 };
 
 class DecodePipeline {
@@ -213,8 +213,8 @@ class DecodePipeline {
 
   void SelectorLoop();
   void ApplyLoop();
-  InFlight StartSelection(const Job& job);   // prepare, then Submit unless no selection is due
-  Selected FinishSelection(InFlight& f);     // Wait (bounded by the deadline) and classify
+  InFlight StartSelection(const Job& job);  // prepare, then Submit unless no selection is due
+  Selected FinishSelection(InFlight& f);    // Wait (bounded by the deadline) and classify
   absl::Status RunApply(Applied& a);
   void NoteSelectorFailure(Selected& s, const absl::Status& status, bool fatal);
 

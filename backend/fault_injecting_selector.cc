@@ -14,9 +14,8 @@ FaultInjectingSelector::FaultInjectingSelector(FaultInjectionOptions options)
     : options_(std::move(options)), rng_(options_.seed) {}
 
 absl::Status FaultInjectingSelector::DeadError() const {
-  return absl::UnavailableError(
-      absl::StrCat(options_.name, ": device died after ", options_.die_after_requests,
-                   " requests (injected)"));
+  return absl::UnavailableError(absl::StrCat(options_.name, ": device died after ",
+                                             options_.die_after_requests, " requests (injected)"));
 }
 
 absl::Status FaultInjectingSelector::AddLayer(int layer, const CacheShape& shape) {

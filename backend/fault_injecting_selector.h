@@ -31,14 +31,14 @@ namespace mempipe {
 
 struct FaultInjectionOptions {
   std::string name = "fault-injecting";
-  double delay_ms = 0;           // paced completion: submit + delay_ms
-  double jitter_ms = 0;          // plus a uniform random [0, jitter_ms)
+  double delay_ms = 0;   // paced completion: submit + delay_ms
+  double jitter_ms = 0;  // plus a uniform random [0, jitter_ms)
   // > 0: plus the digest bytes the request scans at this rate (GB/s), a bandwidth-bound device
   // in the simplest terms (a stand-in, not a device model: fpga/ has the U55C's).
   double scan_gbytes_per_s = 0;
-  double error_probability = 0;  // per request
-  double stall_probability = 0;  // per request
-  double stall_ms = 1000;        // how late a stalled result arrives
+  double error_probability = 0;     // per request
+  double stall_probability = 0;     // per request
+  double stall_ms = 1000;           // how late a stalled result arrives
   int64_t die_after_requests = -1;  // < 0: never dies
   bool death_hangs = false;         // dead: Wait waits for the deadline instead of failing fast
   // Report the paced delay as Costs().modeled_device_ms (a stand-in device model, labeled
@@ -69,7 +69,7 @@ class FaultInjectingSelector final : public PageSelector {
     absl::Time completes;
     absl::Status status;
     SelectionView out;
-    std::vector<int32_t> pages;   // staged result, copied to `out` on success
+    std::vector<int32_t> pages;  // staged result, copied to `out` on success
     std::vector<int32_t> counts;
     double delay_ms = 0;
   };

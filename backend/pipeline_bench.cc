@@ -35,9 +35,9 @@ absl::StatusOr<PipelinePlacementResult> RunPipelinePlacement(SyntheticContext& c
                                                    options.steps, " and ", options.warmup));
   }
   if (options.steps + options.warmup > cfg.max_new_tokens) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "steps + warmup = ", options.steps + options.warmup,
-        " exceeds the context's room for new tokens (", cfg.max_new_tokens, ")"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("steps + warmup = ", options.steps + options.warmup,
+                     " exceeds the context's room for new tokens (", cfg.max_new_tokens, ")"));
   }
   PipelineOptions po;
   MEMPIPE_ASSIGN_OR_RETURN(po.placement, ParsePlacement(pipeline.placement));
@@ -99,8 +99,7 @@ absl::StatusOr<PipelinePlacementResult> RunPipelinePlacement(SyntheticContext& c
     t0 = Clock::now();
     for (int l = 0; l < m.num_layers; ++l) {
       ctx.NextToken(step, l, q[l], k[l], v[l], slots);
-      MEMPIPE_RETURN_IF_ERROR(WriteKv(ctx.cache(l), slots.data(), batch, k[l].data(),
-                                      v[l].data()));
+      MEMPIPE_RETURN_IF_ERROR(WriteKv(ctx.cache(l), slots.data(), batch, k[l].data(), v[l].data()));
       in.new_keys.push_back(k[l].data());
       in.queries.push_back(q[l].data());
       in.outputs.push_back(outs[l].data());
@@ -136,7 +135,7 @@ absl::StatusOr<PipelinePlacementResult> RunPipelinePlacement(SyntheticContext& c
         if (!sel.ok()) continue;
         ++result.sparse_layers;
         if (!options.check_accuracy) continue;
-        const DecodeIo ref_io{q[l].data(), ref.data(), cfg.dtype, batch,
+        const DecodeIo ref_io{q[l].data(), ref.data(), cfg.dtype,      batch,
                               m.num_heads, m.head_dim, options.threads};
         MEMPIPE_RETURN_IF_ERROR(DenseDecode(ref_io, ctx.cache(l), table, scale));
         for (size_t i = 0; i < static_cast<size_t>(batch) * m.num_heads * m.head_dim; ++i) {

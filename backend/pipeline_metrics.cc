@@ -37,9 +37,9 @@ std::string ChannelJson(const ChannelStats& s) {
 
 std::string HistText(absl::string_view name, const LatencyHistogram& h) {
   if (h.count() == 0) return absl::StrFormat("  %-16s (none)\n", name);
-  return absl::StrFormat(
-      "  %-16s n=%-6d mean %.3f  p50<=%.3f  p99<=%.3f  min %.3f  max %.3f ms\n", name, h.count(),
-      h.mean_ms(), h.PercentileMs(0.5), h.PercentileMs(0.99), h.min_ms(), h.max_ms());
+  return absl::StrFormat("  %-16s n=%-6d mean %.3f  p50<=%.3f  p99<=%.3f  min %.3f  max %.3f ms\n",
+                         name, h.count(), h.mean_ms(), h.PercentileMs(0.5), h.PercentileMs(0.99),
+                         h.min_ms(), h.max_ms());
 }
 
 std::string ChannelText(absl::string_view name, const ChannelStats& s) {
@@ -107,10 +107,10 @@ std::string LatencyHistogram::ToJson() const {
   for (int i = 0; i < kBuckets; ++i) {
     if (buckets_[i]) b.push_back(absl::StrCat("[", Num(std::ldexp(1.0, i)), ",", buckets_[i], "]"));
   }
-  return absl::StrCat("{\"count\":", count_, ",\"mean_ms\":", Num(mean_ms()),
-                      ",\"min_ms\":", Num(min_ms()), ",\"max_ms\":", Num(max_ms_),
-                      ",\"p50_ms\":", Num(PercentileMs(0.5)), ",\"p99_ms\":",
-                      Num(PercentileMs(0.99)), ",\"buckets_us\":[", absl::StrJoin(b, ","), "]}");
+  return absl::StrCat(
+      "{\"count\":", count_, ",\"mean_ms\":", Num(mean_ms()), ",\"min_ms\":", Num(min_ms()),
+      ",\"max_ms\":", Num(max_ms_), ",\"p50_ms\":", Num(PercentileMs(0.5)),
+      ",\"p99_ms\":", Num(PercentileMs(0.99)), ",\"buckets_us\":[", absl::StrJoin(b, ","), "]}");
 }
 
 std::string PipelineMetrics::ToText() const {
@@ -118,14 +118,13 @@ std::string PipelineMetrics::ToText() const {
       "pipeline: placement %s, mode %s, micro-batches %d, reuse %d, deadline %.3f ms\n"
       "  selector %s, apply on %s\n",
       placement, mode, micro_batches, reuse, deadline_ms, selector, apply_device);
-  absl::StrAppendFormat(&s,
-                        "  steps %d, requests %d: fresh selections %d (by selector %d), reused %d\n"
-                        "  fallbacks %d (timeout %d, error %d, dead %d, expired in queue %d)%s\n",
-                        steps, requests, selections_fresh, selections_by_selector,
-                        selections_reused, fallbacks, fallbacks_timeout, fallbacks_error,
-                        fallbacks_dead, fallbacks_expired,
-                        selector_dead ? absl::StrCat("; selector dead: ", selector_death_reason)
-                                      : "");
+  absl::StrAppendFormat(
+      &s,
+      "  steps %d, requests %d: fresh selections %d (by selector %d), reused %d\n"
+      "  fallbacks %d (timeout %d, error %d, dead %d, expired in queue %d)%s\n",
+      steps, requests, selections_fresh, selections_by_selector, selections_reused, fallbacks,
+      fallbacks_timeout, fallbacks_error, fallbacks_dead, fallbacks_expired,
+      selector_dead ? absl::StrCat("; selector dead: ", selector_death_reason) : "");
   s += "latency (measured):\n";
   s += HistText("selector queue", selector_queue);
   s += HistText("prepare", prepare);
@@ -176,7 +175,8 @@ std::string PipelineMetrics::ToJson() const {
       ",\"fallback\":", fallback.ToJson(), ",\"apply\":", apply.ToJson(),
       ",\"request\":", request.ToJson(), ",\"step\":", step.ToJson(),
       ",\"selector_relevancy_ms\":", Num(selector_relevancy_ms),
-      ",\"selector_retrieval_ms\":", Num(selector_retrieval_ms), "},\"queues\":{\"to_selector\":", ChannelJson(to_selector),
+      ",\"selector_retrieval_ms\":", Num(selector_retrieval_ms),
+      "},\"queues\":{\"to_selector\":", ChannelJson(to_selector),
       ",\"to_apply\":", ChannelJson(to_apply), ",\"to_front\":", ChannelJson(to_front),
       "},\"overlap_measured\":{\"wall_ms\":", Num(wall_ms),
       ",\"selector_busy_ms\":", Num(selector_busy_ms), ",\"apply_busy_ms\":", Num(apply_busy_ms),

@@ -62,23 +62,23 @@ struct PipelineMetrics {
   // Configuration, for the report.
   std::string placement;
   std::string mode;
-  std::string selector;       // PageSelector::Name(), "none" for dense
-  std::string apply_device;   // where apply actually ran (may differ from the placement's)
+  std::string selector;      // PageSelector::Name(), "none" for dense
+  std::string apply_device;  // where apply actually ran (may differ from the placement's)
   int micro_batches = 1;
   int reuse = 1;
   double deadline_ms = 0;
 
   // Counts.
   uint64_t steps = 0;
-  uint64_t requests = 0;             // (step, micro-batch, layer) units, each completed once
-  uint64_t selections_fresh = 0;     // requests that needed a new selection
-  uint64_t selections_reused = 0;    // requests served by an earlier selection (reuse=C)
+  uint64_t requests = 0;           // (step, micro-batch, layer) units, each completed once
+  uint64_t selections_fresh = 0;   // requests that needed a new selection
+  uint64_t selections_reused = 0;  // requests served by an earlier selection (reuse=C)
   uint64_t selections_by_selector = 0;
-  uint64_t fallbacks = 0;            // = the four below
-  uint64_t fallbacks_timeout = 0;    // the selector missed the deadline
-  uint64_t fallbacks_error = 0;      // Submit or Wait failed
-  uint64_t fallbacks_dead = 0;       // the selector was declared dead before the request
-  uint64_t fallbacks_expired = 0;    // the deadline had passed while the request was queued
+  uint64_t fallbacks = 0;          // = the four below
+  uint64_t fallbacks_timeout = 0;  // the selector missed the deadline
+  uint64_t fallbacks_error = 0;    // Submit or Wait failed
+  uint64_t fallbacks_dead = 0;     // the selector was declared dead before the request
+  uint64_t fallbacks_expired = 0;  // the deadline had passed while the request was queued
   bool selector_dead = false;
   std::string selector_death_reason;
 
@@ -103,14 +103,12 @@ struct PipelineMetrics {
 
   // Overlap: the selector thread's busy time (prepare + select, including a device's paced wait)
   // against the apply thread's busy time (decode + fallback + local digests).
-  double wall_ms = 0;           // sum of Step() wall times
+  double wall_ms = 0;  // sum of Step() wall times
   double selector_busy_ms = 0;
   double apply_busy_ms = 0;
-  double overlap_ms = 0;        // time both were busy at once
+  double overlap_ms = 0;  // time both were busy at once
   // Fraction of the selector's busy time hidden behind decoding (overlap / selector busy).
-  double HiddenFraction() const {
-    return selector_busy_ms > 0 ? overlap_ms / selector_busy_ms : 0;
-  }
+  double HiddenFraction() const { return selector_busy_ms > 0 ? overlap_ms / selector_busy_ms : 0; }
   // Fraction of the decoder's busy time during which the selector was busy too.
   double ApplyOverlappedFraction() const {
     return apply_busy_ms > 0 ? overlap_ms / apply_busy_ms : 0;

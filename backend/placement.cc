@@ -42,8 +42,8 @@ absl::StatusOr<Device> ParseDevice(absl::string_view name, absl::string_view ste
   if (name == "cpu") return Device::kCpu;
   if (name == "gpu") return Device::kGpu;
   if (name == "fpga") return Device::kFpga;
-  return absl::InvalidArgumentError(absl::StrCat("placement ", step, "='", name,
-                                                 "': the device must be cpu, gpu or fpga"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("placement ", step, "='", name, "': the device must be cpu, gpu or fpga"));
 }
 
 absl::StatusOr<Placement> ParsePlacement(absl::string_view spec) {
@@ -92,8 +92,8 @@ absl::StatusOr<Placement> ParsePlacement(absl::string_view spec) {
   }
   for (size_t i = 0; i < kStepNames.size(); ++i) {
     if (!devices[i]) {
-      return absl::InvalidArgumentError(absl::StrCat("placement '", spec, "' does not place step '",
-                                                     kStepNames[i], "'"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("placement '", spec, "' does not place step '", kStepNames[i], "'"));
     }
   }
   Placement p;
@@ -113,8 +113,7 @@ absl::Status ValidatePlacement(const Placement& p) {
   if (p.dense) return absl::OkStatus();
   if (p.relevancy != p.retrieval) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "placement relevancy=", DeviceName(p.relevancy), " and retrieval=",
-        DeviceName(p.retrieval),
+        "placement relevancy=", DeviceName(p.relevancy), " and retrieval=", DeviceName(p.retrieval),
         " are apart: a page selector fuses scoring with top-k on one device (a per-layer score "
         "transfer between them is not implemented); place them on the same device"));
   }

@@ -55,10 +55,10 @@ absl::StatusOr<std::unique_ptr<PageSelector>> MakePageSelector(Device device) {
   }
   if (factory) return factory();
   if (device == Device::kCpu) return std::unique_ptr<PageSelector>(new CpuPageSelector);
-  return absl::UnimplementedError(absl::StrCat(
-      "the '", DeviceName(device),
-      "' selector is not part of this build (its library registers one with "
-      "RegisterPageSelectorFactory)"));
+  return absl::UnimplementedError(
+      absl::StrCat("the '", DeviceName(device),
+                   "' selector is not part of this build (its library registers one with "
+                   "RegisterPageSelectorFactory)"));
 }
 
 }  // namespace mempipe

@@ -31,9 +31,10 @@
 //  * `closed_` (bool): release store by Close(), acquire loads by both sides, so whatever the
 //    closing thread wrote before Close() is visible to a side that sees the channel closed. Close
 //    also bumps both epochs (seq_cst) and notifies, waking any sleeper.
-//  * statistics (`max_depth_`, `depth_sum_`, `full_events_`, `pushes_`): written only by the producer with
-//    relaxed stores (single writer); read with relaxed loads, so a reader racing the producer sees
-//    some recent value; exact when read after the producer has been joined or synchronized with.
+//  * statistics (`max_depth_`, `depth_sum_`, `full_events_`, `pushes_`): written only by the
+//    producer with relaxed stores (single writer); read with relaxed loads, so a reader racing
+//    the producer sees some recent value; exact when read after the producer has been joined or
+//    synchronized with.
 #ifndef MEMPIPE_BACKEND_SPSC_CHANNEL_H_
 #define MEMPIPE_BACKEND_SPSC_CHANNEL_H_
 
@@ -83,12 +84,9 @@ class SpscChannel {
   static constexpr int kSpinAttempts = 64;
 
   // Compile-time capacity.
-  SpscChannel()
-    requires(kCapacity > 0)
-      : capacity_(kCapacity) {}
+  SpscChannel() requires(kCapacity > 0) : capacity_(kCapacity) {}
   // Run-time capacity (>= 1).
-  explicit SpscChannel(size_t capacity)
-    requires(kCapacity == 0)
+  explicit SpscChannel(size_t capacity) requires(kCapacity == 0)
       : ring_(std::max<size_t>(capacity, 1)), capacity_(std::max<size_t>(capacity, 1)) {}
 
   SpscChannel(const SpscChannel&) = delete;
@@ -127,9 +125,8 @@ class SpscChannel {
         Relax(spin);
         continue;
       }
-      Sleep(space_epoch_, space_waiting_, [&] {
-        return ring_.write_available() > 0 || closed_.load(std::memory_order_acquire);
-      });
+      Sleep(space_epoch_, space_waiting_,
+            [&] { return ring_.write_available() > 0 || closed_.load(std::memory_order_acquire); });
     }
   }
 
@@ -191,8 +188,7 @@ class SpscChannel {
   void AfterPush() {
     const size_t depth = capacity_ - ring_.write_available();
     pushes_.store(pushes_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
-    depth_sum_.store(depth_sum_.load(std::memory_order_relaxed) + depth,
-                     std::memory_order_relaxed);
+    depth_sum_.store(depth_sum_.load(std::memory_order_relaxed) + depth, std::memory_order_relaxed);
     if (depth > max_depth_.load(std::memory_order_relaxed)) {
       max_depth_.store(depth, std::memory_order_relaxed);
     }

@@ -58,7 +58,8 @@ class Harness {
     std::shuffle(physical.begin(), physical.end(), rng_);
     table_.assign(static_cast<size_t>(g.num_seqs) * max_blocks_, -1);
     for (int s = 0; s < g.num_seqs; ++s) {
-      for (int p = 0; p < max_blocks_; ++p) table_[s * max_blocks_ + p] = physical[s * max_blocks_ + p];
+      for (int p = 0; p < max_blocks_; ++p)
+        table_[s * max_blocks_ + p] = physical[s * max_blocks_ + p];
       lens_.push_back(std::uniform_int_distribution<int>(g.min_len, g.max_len)(rng_));
     }
     for (int l = 0; l < g.layers; ++l) {
@@ -97,8 +98,9 @@ class Harness {
     new_keys_.assign(g_.layers, std::vector<uint8_t>(g_.num_seqs * key_row * elem));
     for (int s = 0; s < g_.num_seqs; ++s) {
       const int t = lens_[s]++;
-      slots_[s] = static_cast<int64_t>(table_[s * max_blocks_ + t / g_.block_size]) *
-                      g_.block_size + t % g_.block_size;
+      slots_[s] =
+          static_cast<int64_t>(table_[s * max_blocks_ + t / g_.block_size]) * g_.block_size +
+          t % g_.block_size;
       WriteToken(s, t, &new_keys_);
     }
     // One sequence sometimes has no new token this step (a negative slot is skipped).
@@ -165,8 +167,8 @@ class Harness {
         }
       }
       ref_out_[l].assign(outputs_[l].size(), 0);
-      const DecodeIo io{queries_[l].data(), ref_out_[l].data(), g_.dtype, g_.num_seqs, g_.heads,
-                        g_.head_dim};
+      const DecodeIo io{queries_[l].data(), ref_out_[l].data(), g_.dtype,
+                        g_.num_seqs,        g_.heads,           g_.head_dim};
       ASSERT_TRUE(SparseDecode(io, caches_[l], Table(),
                                PageList{sel.pages, sel.counts, g_.kv_heads, max_selected}, scale)
                       .ok());
@@ -177,8 +179,8 @@ class Harness {
     ref_out_.assign(g_.layers, {});
     for (int l = 0; l < g_.layers; ++l) {
       ref_out_[l].assign(outputs_[l].size(), 0);
-      const DecodeIo io{queries_[l].data(), ref_out_[l].data(), g_.dtype, g_.num_seqs, g_.heads,
-                        g_.head_dim};
+      const DecodeIo io{queries_[l].data(), ref_out_[l].data(), g_.dtype,
+                        g_.num_seqs,        g_.heads,           g_.head_dim};
       ASSERT_TRUE(DenseDecode(io, caches_[l], Table(), scale).ok());
     }
   }
@@ -195,8 +197,8 @@ class Harness {
         for (int h = 0; h < g_.kv_heads; ++h) {
           const int32_t n = ref_counts_[l][s * g_.kv_heads + h];
           ASSERT_EQ(sel->Count(s, h), n) << "layer " << l << " seq " << s << " head " << h;
-          const int32_t* ref = ref_pages_[l].data() +
-                               (static_cast<size_t>(s) * g_.kv_heads + h) * sel->max_selected;
+          const int32_t* ref =
+              ref_pages_[l].data() + (static_cast<size_t>(s) * g_.kv_heads + h) * sel->max_selected;
           for (int i = 0; i < n; ++i) {
             ASSERT_EQ(sel->Row(s, h)[i], ref[i]) << "layer " << l << " seq " << s;
           }
@@ -252,9 +254,8 @@ class CompletionLog {
     pipe.SetObserver([this](const RequestRecord& r) {
       EXPECT_TRUE(r.status.ok()) << r.status;
       const auto key = std::make_tuple(r.step, r.micro_batch, r.layer);
-      EXPECT_TRUE(seen_.insert(key).second)
-          << "duplicate (step " << r.step << ", mb " << r.micro_batch << ", layer " << r.layer
-          << ")";
+      EXPECT_TRUE(seen_.insert(key).second) << "duplicate (step " << r.step << ", mb "
+                                            << r.micro_batch << ", layer " << r.layer << ")";
       int& next = next_layer_[{r.step, r.micro_batch}];
       EXPECT_EQ(r.layer, next) << "layer order broken in micro-batch " << r.micro_batch;
       next = r.layer + 1;
@@ -268,8 +269,8 @@ class CompletionLog {
     for (uint64_t s = 0; s < steps; ++s) {
       for (int m = 0; m < micro_batches; ++m) {
         for (int l = 0; l < layers; ++l) {
-          EXPECT_TRUE(seen_.count({s, m, l})) << "lost (step " << s << ", mb " << m << ", layer "
-                                              << l << ")";
+          EXPECT_TRUE(seen_.count({s, m, l}))
+              << "lost (step " << s << ", mb " << m << ", layer " << l << ")";
         }
       }
     }
@@ -433,8 +434,8 @@ TEST(DecodePipeline, StressRandomDelaysErrorsAndTimeouts) {
   g.steps = 5;
   const uint64_t seed = FreshSeed();
   Harness h(g, seed);
-  PipelineOptions o = Options("prepare=fpga,relevancy=fpga,retrieval=fpga,apply=cpu",
-                              PipelineMode::kPipelined, 6);
+  PipelineOptions o =
+      Options("prepare=fpga,relevancy=fpga,retrieval=fpga,apply=cpu", PipelineMode::kPipelined, 6);
   o.deadline_ms = 3;
   o.dead_after_failures = 1000;  // faults here are transient
   FaultInjectionOptions f;
@@ -452,8 +453,8 @@ TEST(DecodePipeline, StressRandomDelaysErrorsAndTimeouts) {
   EXPECT_GT(m.fallbacks, 0u);
   EXPECT_GT(m.fallbacks_timeout, 0u);
   EXPECT_GT(m.fallbacks_error, 0u);
-  EXPECT_EQ(m.fallbacks, m.fallbacks_timeout + m.fallbacks_error + m.fallbacks_dead +
-                             m.fallbacks_expired);
+  EXPECT_EQ(m.fallbacks,
+            m.fallbacks_timeout + m.fallbacks_error + m.fallbacks_dead + m.fallbacks_expired);
   EXPECT_EQ(m.selections_by_selector + m.fallbacks, m.selections_fresh);
   EXPECT_EQ(static_cast<int>(m.fallbacks), log.count(SelectionSource::kFallback));
   EXPECT_EQ(m.fallback.count(), m.fallbacks);
@@ -503,8 +504,8 @@ TEST(DecodePipeline, FullQueuesApplyBackPressureAndLoseNothing) {
   g.steps = 3;
   const uint64_t seed = FreshSeed();
   Harness h(g, seed);
-  PipelineOptions o = Options("prepare=fpga,relevancy=fpga,retrieval=fpga,apply=cpu",
-                              PipelineMode::kPipelined, 6);
+  PipelineOptions o =
+      Options("prepare=fpga,relevancy=fpga,retrieval=fpga,apply=cpu", PipelineMode::kPipelined, 6);
   o.queue_capacity = 1;
   FaultInjectionOptions f;
   f.delay_ms = 0.3;
@@ -592,9 +593,8 @@ TEST(DecodePipeline, BadOptionsAndInputsAreRejectedWithTheValue) {
   g.layers = 2;
   Harness h(g, FreshSeed());
   auto create = [&](PipelineOptions o, bool with_selector = true) {
-    return DecodePipeline::Create(
-        o, h.caches(), g.heads, h.max_num_seqs(),
-        with_selector ? std::make_unique<CpuPageSelector>() : nullptr);
+    return DecodePipeline::Create(o, h.caches(), g.heads, h.max_num_seqs(),
+                                  with_selector ? std::make_unique<CpuPageSelector>() : nullptr);
   };
   auto expect = [](const absl::Status& s, absl::string_view needle) {
     EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;

@@ -50,8 +50,8 @@ TEST(PipelineBench, MatchesTheDirectBenchInEveryMode) {
   });
   for (const auto& [spec, mode, mbs] :
        {std::tuple{"cpu", PipelineMode::kSync, 1}, std::tuple{"fpga", PipelineMode::kPipelined, 2},
-        std::tuple{"prepare=fpga,relevancy=fpga,retrieval=fpga,apply=cpu",
-                   PipelineMode::kPipelined, 4}}) {
+        std::tuple{"prepare=fpga,relevancy=fpga,retrieval=fpga,apply=cpu", PipelineMode::kPipelined,
+                   4}}) {
     PipelineBenchOptions p;
     p.placement = spec;
     p.mode = mode;

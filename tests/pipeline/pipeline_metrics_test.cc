@@ -18,7 +18,7 @@ std::vector<BusyInterval> RandomTimeline(std::mt19937_64& rng, TimePoint t0, int
   std::vector<BusyInterval> v;
   int64_t t = 0;
   for (int i = 0; i < n; ++i) {
-    t += rng() % 50;                       // idle gap (may be 0)
+    t += rng() % 50;                      // idle gap (may be 0)
     const int64_t len = 1 + rng() % 100;  // busy
     v.emplace_back(t0 + microseconds(t), t0 + microseconds(t + len));
     t += len;
@@ -45,11 +45,12 @@ double BruteForceOverlapMs(const std::vector<BusyInterval>& a, const std::vector
 
 TEST(BusyOverlap, HandBuilt) {
   const TimePoint t0{};
-  auto iv = [&](int lo, int hi) { return BusyInterval(t0 + microseconds(lo), t0 + microseconds(hi)); };
+  auto iv = [&](int lo, int hi) {
+    return BusyInterval(t0 + microseconds(lo), t0 + microseconds(hi));
+  };
   EXPECT_DOUBLE_EQ(BusyOverlapMs({}, {iv(0, 10)}), 0.0);
   EXPECT_DOUBLE_EQ(BusyOverlapMs({iv(0, 2100), iv(2100, 4200)}, {iv(2100, 2150)}), 0.05);
-  EXPECT_DOUBLE_EQ(BusyOverlapMs({iv(0, 1000)}, {iv(100, 200), iv(300, 400), iv(900, 1500)}),
-                   0.3);
+  EXPECT_DOUBLE_EQ(BusyOverlapMs({iv(0, 1000)}, {iv(100, 200), iv(300, 400), iv(900, 1500)}), 0.3);
   EXPECT_DOUBLE_EQ(BusyOverlapMs({iv(0, 10)}, {iv(10, 20)}), 0.0);  // touching is not overlap
 }
 
@@ -73,12 +74,12 @@ TEST(LatencyHistogram, CountsExtremesAndPercentiles) {
   EXPECT_DOUBLE_EQ(h.min_ms(), 0.0005);
   EXPECT_DOUBLE_EQ(h.max_ms(), 2.5);
   EXPECT_NEAR(h.mean_ms(), (0.0005 + 0.003 + 0.003 + 0.010 + 2.5) / 5, 1e-12);
-  EXPECT_EQ(h.buckets()[0], 1u);  // [0, 1) us
-  EXPECT_EQ(h.buckets()[2], 2u);  // [2, 4) us
-  EXPECT_EQ(h.buckets()[4], 1u);  // [8, 16) us
-  EXPECT_EQ(h.buckets()[12], 1u);  // [2048, 4096) us
+  EXPECT_EQ(h.buckets()[0], 1u);                 // [0, 1) us
+  EXPECT_EQ(h.buckets()[2], 2u);                 // [2, 4) us
+  EXPECT_EQ(h.buckets()[4], 1u);                 // [8, 16) us
+  EXPECT_EQ(h.buckets()[12], 1u);                // [2048, 4096) us
   EXPECT_DOUBLE_EQ(h.PercentileMs(0.5), 0.004);  // upper edge of the median's bucket
-  EXPECT_DOUBLE_EQ(h.PercentileMs(1.0), 2.5);     // clamped to the exact max
+  EXPECT_DOUBLE_EQ(h.PercentileMs(1.0), 2.5);    // clamped to the exact max
   LatencyHistogram g;
   g.Record(7.0);
   g.Merge(h);

@@ -74,8 +74,7 @@ TEST(Placement, UnsupportedCombinationsSayWhy) {
     EXPECT_NE(s.message().find(needle), absl::string_view::npos) << s.message();
   };
   check("prepare=fpga,relevancy=fpga,retrieval=fpga,apply=fpga", "apply=fpga");
-  check("prepare=fpga,relevancy=fpga,retrieval=cpu,apply=cpu",
-        "relevancy=fpga and retrieval=cpu");
+  check("prepare=fpga,relevancy=fpga,retrieval=cpu,apply=cpu", "relevancy=fpga and retrieval=cpu");
   check("prepare=cpu,relevancy=gpu,retrieval=gpu,apply=gpu", "prepare=cpu and relevancy=gpu");
   // Every supported combination validates.
   for (const char* sel : {"cpu", "gpu", "fpga"}) {
