@@ -373,11 +373,11 @@ TEST(DecodePipeline, PipelinedOverlapsAPacedSelectorAndAccountsTransfers) {
   // visibly runs during the selector's paced waits even on a busy machine.
   g.layers = 2;
   g.steps = 3;
-  g.min_len = 600;
-  g.max_len = 800;
+  g.min_len = 300;
+  g.max_len = 400;
   Harness h(g, FreshSeed());
   PipelineOptions o = Options("fpga", PipelineMode::kPipelined, 4);
-  o.selection.budget_tokens = 512;
+  o.selection.budget_tokens = 256;
   FaultInjectionOptions f;
   f.delay_ms = 2;
   f.report_delay_as_modeled = true;
@@ -429,9 +429,9 @@ TEST(DecodePipeline, ReuseServesSeveralStepsAndExtendsToNewPages) {
 
 TEST(DecodePipeline, StressRandomDelaysErrorsAndTimeouts) {
   Geometry g;
-  g.layers = 8;
+  g.layers = 6;
   g.num_seqs = 12;
-  g.steps = 5;
+  g.steps = 4;
   const uint64_t seed = FreshSeed();
   Harness h(g, seed);
   PipelineOptions o =

@@ -80,7 +80,7 @@ TEST(SpscChannel, CompileTimeCapacityAndFullEvents) {
 
 TEST(SpscChannel, ThreadedSumWithBackPressure) {
   const uint64_t seed = testing::TestSeed();
-  constexpr int64_t kItems = 100000;
+  constexpr int64_t kItems = 30000;
   const int64_t before = Tracked::alive.load();
   SpscChannel<Tracked> ch(16);
   int64_t sum = 0, count = 0, last = -1;
@@ -93,7 +93,7 @@ TEST(SpscChannel, ThreadedSumWithBackPressure) {
       sum += t->value;
       ++count;
       // Now and then a slow consumer, so the producer meets a full channel and must wait.
-      if (rng() % 4096 == 0) std::this_thread::sleep_for(std::chrono::microseconds(200));
+      if (rng() % 1024 == 0) std::this_thread::sleep_for(std::chrono::microseconds(200));
     }
   });
   for (int64_t i = 0; i < kItems; ++i) ASSERT_TRUE(ch.Push(Tracked(i)));
