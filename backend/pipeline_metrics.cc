@@ -148,8 +148,9 @@ std::string PipelineMetrics::ToText() const {
       100 * ApplyOverlappedFraction());
   absl::StrAppendFormat(&s,
                         "transfers: %d B to selector, %d B back; %.3f ms reported by the "
-                        "selector, %.3f ms modeled by the link model (%s)\n",
+                        "selector (%s), %.3f ms modeled by the link model (%s)\n",
                         bytes_to_selector, bytes_from_selector, transfer_ms_reported,
+                        modeled_calls > 0 ? "modeled, as its device is" : "measured",
                         modeled_transfer_ms, link);
   if (modeled_calls > 0) {
     absl::StrAppendFormat(&s, "modeled device: %.3f ms over %d calls, %.3f mJ (modeled)\n",

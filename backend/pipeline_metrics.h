@@ -117,9 +117,11 @@ struct PipelineMetrics {
   // Transfers inserted between the apply device and the selector device.
   uint64_t bytes_to_selector = 0;
   uint64_t bytes_from_selector = 0;
-  double transfer_ms_reported = 0;  // as reported by the selector (SelectorCosts::transfer_ms)
-  double modeled_transfer_ms = 0;   // modeled by the pipeline's LinkModel where not reported
-  std::string link;                 // the LinkModel's source
+  // As reported by the selector (SelectorCosts::transfer_ms): modeled when the selector is a
+  // modeled device (modeled_calls > 0), else measured.
+  double transfer_ms_reported = 0;
+  double modeled_transfer_ms = 0;  // modeled by the pipeline's LinkModel where not reported
+  std::string link;                // the LinkModel's source
 
   // From a modeled device (SelectorCosts::modeled_*), summed; zero when none is modeled.
   double modeled_device_ms = 0;
