@@ -11,7 +11,7 @@
 //          |          device never idles while this thread hands off (or is preempted).
 //          v  Selected                                            SpscChannel to_apply
 //    apply thread: local digest update -> fallback ScoreAndSelect if needed -> reuse extension
-//          |       -> SparseDecode (DenseDecode for placement dense)
+//          |       -> SparseDecode (DenseDecode for placement dense and the dense layers)
 //          v  Applied                                             SpscChannel to_front
 //        Step(): records metrics, issues (micro-batch, layer + 1), returns when all are applied
 //
@@ -31,6 +31,12 @@
 // (retriever/relevancy.h), the outputs do not depend on timing or faults. The selector must
 // honour its Wait() deadline (retriever/page_selector.h); the pipeline relies on it to make
 // progress.
+//
+// Back-pressure: at most one request per micro-batch is in flight, so channels of that capacity
+// never fill; a smaller `queue_capacity` makes them fill. The front only ever TryPush()es (a
+// request that does not fit waits in the front until a completion frees room) while the stage
+// threads block on full channels, so the ring front -> selector -> apply -> front cannot
+// deadlock.
 //
 // Threading: Create, Prefill, Step, Metrics, ResetMetrics and Shutdown are called from one
 // thread at a time (the front). The destructor shuts down: it drains the channels and joins both
