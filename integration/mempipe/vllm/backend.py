@@ -30,6 +30,8 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl, Attentio
                                        AttentionMetadataBuilder, AttentionType,
                                        CommonAttentionMetadata)
 
+from vllm.logger import init_logger
+
 from mempipe import config as mempipe_config
 from mempipe.attention import PagedLayer
 
@@ -37,6 +39,9 @@ try:  # vLLM >= 0.3x: backends declare the physical KV cache layouts they read.
     from vllm.v1.kv_cache_layout import KVCacheLayout
 except ImportError:  # older releases fix the layout per backend
     KVCacheLayout = None
+
+# A child of the "vllm" logger, so the line shows under vLLM's own logging configuration.
+logger = init_logger("vllm.mempipe")
 
 
 def load_config(vllm_config: VllmConfig | None = None):
@@ -138,6 +143,7 @@ class MempipeMetadataBuilder(AttentionMetadataBuilder[MempipeMetadata]):
                 f"mempipe's vLLM backend runs on the CPU in this build; device is {device}")
         self.kv_cache_spec = kv_cache_spec
         self.vllm_config = vllm_config
+        logger.info_once("mempipe attention backend: %s", load_config(vllm_config))
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> MempipeMetadata:
