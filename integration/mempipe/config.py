@@ -62,12 +62,16 @@ class MempipeConfig:
                            "build (the module runs steps 1-4 on the CPU); use cpu or dense")
         if self.page_size not in PAGE_SIZES:
             reasons.append(f"page_size must be 16, 32 or 64, got {self.page_size}")
-        if self.budget <= 0 or (self.page_size > 0 and self.budget % self.page_size):
-            reasons.append(f"budget must be a positive multiple of page_size {self.page_size}, "
-                           f"got {self.budget}")
-        elif self.page_size in PAGE_SIZES and self.sinks + self.locals > self.budget // self.page_size:
-            reasons.append(f"budget {self.budget} tokens = {self.budget // self.page_size} pages "
-                           f"cannot hold {self.sinks} sink + {self.locals} local pages")
+        if self.budget <= 0:
+            reasons.append(f"budget must be a positive number of tokens, got {self.budget}")
+        elif self.page_size in PAGE_SIZES:
+            pages = self.budget // self.page_size
+            if self.budget % self.page_size:
+                reasons.append(f"budget must be a positive multiple of page_size "
+                               f"{self.page_size}, got {self.budget}")
+            elif self.sinks + self.locals > pages:
+                reasons.append(f"budget {self.budget} tokens = {pages} pages cannot hold "
+                               f"{self.sinks} sink + {self.locals} local pages")
         if self.dense_layers < 0:
             reasons.append(f"dense_layers must be >= 0, got {self.dense_layers}")
         if self.sinks < 0:
