@@ -18,7 +18,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "[python] creating $VENV"
   "$PYTHON" -m venv "$VENV"
 fi
-PY="$VENV/bin/python"
+PY="$(cd "$VENV" && pwd)/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check -q)
 
 "${PIP[@]}" install "torch==$TORCH_VERSION" numpy pytest "scikit-build-core>=0.10" "pybind11>=2.10"
@@ -34,7 +34,7 @@ echo "[python] building and installing mempipe"
 echo "[python] pytest"
 cd tests/python
 set +e
-VLLM_TARGET_DEVICE=cpu MEMPIPE_REQUIRE_VLLM=1 "../../$PY" -m pytest -q -p no:cacheprovider -ra .
+VLLM_TARGET_DEVICE=cpu MEMPIPE_REQUIRE_VLLM=1 "$PY" -m pytest -q -p no:cacheprovider -ra .
 rc=$?
 set -e
 if [ $rc -eq 5 ]; then
