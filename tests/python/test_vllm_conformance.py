@@ -223,3 +223,17 @@ def test_warmup_forward_without_metadata_returns_output():
     out = torch.zeros(3, H * D)
     assert impl.forward(FakeLayer(0), torch.zeros(3, H, D), torch.zeros(3, KVH, D),
                         torch.zeros(3, KVH, D), torch.zeros(4, KVH, BS, 2 * D), None, out) is out
+
+
+def test_cli_flag_maps_to_custom():
+    """`--attention-backend CUSTOM` on vLLM's command line reaches the CUSTOM registry entry."""
+    from vllm.config import AttentionConfig
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    args = EngineArgs.from_cli_args(parser.parse_args(["--model", "m",
+                                                       "--attention-backend", "CUSTOM"]))
+    backend = AttentionConfig.validate_backend_before(args.attention_backend)
+    assert backend == registry.AttentionBackendEnum.CUSTOM
+    plugin.register()
+    assert backend.get_class() is MempipeAttentionBackend

@@ -1,4 +1,4 @@
-"""Text generation through vLLM's CPU build with `attention_backend="CUSTOM"` (the engine
+"""Text generation (text prompts in, text out) through vLLM's CPU build with `attention_backend="CUSTOM"` (the engine
 argument behind --attention-backend): with a budget that covers every context, mempipe's
 greedy tokens equal those of vLLM's default CPU backend (CPU_ATTN); with a small budget the
 sparse path runs. Each engine runs in its own process; the model is the tiny random-weight
@@ -47,14 +47,16 @@ def generate(model_dir, backend, mempipe_config=None, inproc=False):
 def default_tokens(model_dir):
     result, _ = generate(model_dir, "default", inproc=True)
     assert result["impls"] == ["CPUAttentionBackendImpl"]
-    return result["tokens"]
+    return result
 
 
 def test_custom_full_budget_matches_default_backend(model_dir, default_tokens):
     # Multiprocess engine (vLLM's default): the plugin must load in the engine-core process.
     result, log = generate(model_dir, "CUSTOM", f"page_size={BLOCK},budget=1024,dense_layers=2")
     assert "mempipe attention backend" in log
-    assert result["tokens"] == default_tokens
+    assert result["tokens"] == default_tokens["tokens"]
+    assert result["text"] == default_tokens["text"]
+    print("generated:", result["text"][1][:80])
 
 
 def test_custom_small_budget_runs_sparse_path(model_dir, default_tokens):
@@ -62,7 +64,8 @@ def test_custom_small_budget_runs_sparse_path(model_dir, default_tokens):
                            inproc=True)
     assert result["impls"] == ["MempipeAttentionImpl"]
     # The short prompt fits the 2-page budget throughout (5 + 24 tokens): identical.
-    assert result["tokens"][0] == default_tokens[0]
+    assert result["tokens"][0] == default_tokens["tokens"][0]
     assert all(len(t) == 24 for t in result["tokens"])
     print("small-budget tokens differing from dense:",
-          sum(a != b for r, d in zip(result["tokens"], default_tokens) for a, b in zip(r, d)))
+          sum(a != b for r, d in zip(result["tokens"], default_tokens["tokens"])
+              for a, b in zip(r, d)))

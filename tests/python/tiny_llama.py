@@ -5,6 +5,7 @@ Hugging Face format, so the vLLM generation test builds one with transformers: 4
 size 64 (one of mempipe's head sizes), GQA 4:2 (4 query heads share 2 KV heads). Weights are
 random but deterministic; they are drawn wider than the usual init so next-token logits are
 well separated and greedy decoding is stable against float rounding between backends.
+A word-level tokenizer ("<s>", "</s>", "w3" ... "w511") makes text prompts and text output.
 """
 
 from __future__ import annotations
@@ -28,4 +29,18 @@ def write_tiny_llama(path: pathlib.Path, seed: int = 1234, vocab: int = 512) -> 
     # vLLM reads generation_config.json when present; keep sampling out of the picture.
     (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1,
                                                               "eos_token_id": 2}))
+    write_word_tokenizer(path, vocab)
     return path
+
+
+def write_word_tokenizer(path: pathlib.Path, vocab: int) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    words.update({f"w{i}": i for i in range(3, vocab)})
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+    fast.save_pretrained(path)
