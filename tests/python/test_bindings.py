@@ -271,7 +271,7 @@ def test_non_finite_query_is_rejected(gen):
 def test_long_calls_release_the_gil(gen):
     """While one thread runs a long dense decode, this thread keeps running Python."""
     batch = random_batch(gen, torch.float32, 64, 1, 64, [64 * 300] * 4, spare_blocks=0)
-    q = torch.randn(4, 8, 64, generator=gen)
+    q = torch.randn(4, 64, 64, generator=gen)  # 64 query heads share the KV head: ~0.1-0.5 s
     out = torch.empty_like(q)
     start = time.perf_counter()
     mp.dense_decode(q, batch.kv_cache, batch.block_table, batch.seq_lens, out, 0.125)
@@ -289,5 +289,7 @@ def test_long_calls_release_the_gil(gen):
         now = time.perf_counter()
         max_gap, last = max(max_gap, now - last), now
     t.join()
-    # Holding the GIL would stall this loop for a whole call.
-    assert max_gap < max(one_call / 2, 0.02), (max_gap, one_call)
+    print(f"one call {one_call:.3f} s; longest stall of the Python thread {max_gap:.4f} s")
+    # Holding the GIL would stall this loop for a whole call; scheduling noise on a loaded
+    # machine stays well below half of one.
+    assert max_gap < one_call / 2, (max_gap, one_call)
