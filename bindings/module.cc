@@ -10,7 +10,8 @@
 //   mp.append_kv_and_digests(kv_cache, slot_mapping, key, value, digests)
 //   mp.score_and_select(query, kv_cache, digests, block_table, seq_lens, pages, counts,
 //                       budget=4096, sinks=1, locals=1, aggregation="max")
-//   mp.sparse_decode(query, kv_cache, block_table, seq_lens, pages, counts, out, scale)
+//   mp.sparse_decode(query, kv_cache, block_table, seq_lens, pages, counts, out, scale,
+//                    num_threads=4)   // attention: host threads sharing (sequence, KV head)
 //
 // Shapes (the cores' layouts; T tokens, S sequences, H query heads, KVH KV heads, D head_dim):
 //   kv_cache      [2, num_blocks, block_size, KVH, D]  fp32 | fp16 | bf16
@@ -135,7 +136,7 @@ void CheckSlots(const BorrowedTensor& slots) {
 }
 
 // query/out of [rows, H, D]; `out` must match query in shape and dtype.
-DecodeIo IoView(const BorrowedTensor& q, const BorrowedTensor& out) {
+DecodeIo IoView(const BorrowedTensor& q, const BorrowedTensor& out, int num_threads) {
   Check(q.RequireRank(3));
   Check(out.RequireRank(3));
   for (int d = 0; d < 3; ++d) Check(out.RequireDim(d, q.shape[d], "the query's size"));
@@ -150,6 +151,7 @@ DecodeIo IoView(const BorrowedTensor& q, const BorrowedTensor& out) {
   io.num_seqs = static_cast<int>(q.shape[0]);
   io.num_heads = static_cast<int>(q.shape[1]);
   io.head_dim = static_cast<int>(q.shape[2]);
+  io.num_threads = num_threads;
   return io;
 }
 
@@ -304,27 +306,27 @@ void ScoreAndSelectPy(py::handle query, py::handle kv_cache, py::handle digests,
 }
 
 void DenseDecodePy(py::handle query, py::handle kv_cache, py::handle block_table,
-                   py::handle seq_lens, py::handle out, float scale) {
+                   py::handle seq_lens, py::handle out, float scale, int num_threads) {
   auto q = Borrow(query, "query"), kv = Borrow(kv_cache, "kv_cache"),
        bt = Borrow(block_table, "block_table"), lens = Borrow(seq_lens, "seq_lens"),
        o = Borrow(out, "out");
   RequireHostMemory({&q, &kv, &bt, &lens, &o});
   const KvCacheView cache = CacheView(kv);
   const BlockTableView table = TableView(bt, lens);
-  const DecodeIo io = IoView(q, o);
+  const DecodeIo io = IoView(q, o, num_threads);
   RunReleased([&] { return DenseDecode(io, cache, table, scale); });
 }
 
 void SparseDecodePy(py::handle query, py::handle kv_cache, py::handle block_table,
                     py::handle seq_lens, py::handle pages, py::handle counts, py::handle out,
-                    float scale) {
+                    float scale, int num_threads) {
   auto q = Borrow(query, "query"), kv = Borrow(kv_cache, "kv_cache"),
        bt = Borrow(block_table, "block_table"), lens = Borrow(seq_lens, "seq_lens"),
        pg = Borrow(pages, "pages"), ct = Borrow(counts, "counts"), o = Borrow(out, "out");
   RequireHostMemory({&q, &kv, &bt, &lens, &pg, &ct, &o});
   const KvCacheView cache = CacheView(kv);
   const BlockTableView table = TableView(bt, lens);
-  const DecodeIo io = IoView(q, o);
+  const DecodeIo io = IoView(q, o, num_threads);
   const SelectionView sel = SelectionOf(pg, ct, table.num_seqs, cache.num_kv_heads);
   const PageList list{sel.pages, sel.counts, sel.num_kv_heads, sel.max_selected};
   RunReleased([&] { return SparseDecode(io, cache, table, list, scale); });
@@ -332,14 +334,14 @@ void SparseDecodePy(py::handle query, py::handle kv_cache, py::handle block_tabl
 
 void PrefillAttentionPy(py::handle query, py::handle query_start_loc, py::handle kv_cache,
                         py::handle block_table, py::handle seq_lens, py::handle out,
-                        float scale) {
+                        float scale, int num_threads) {
   auto q = Borrow(query, "query"), qsl = Borrow(query_start_loc, "query_start_loc"),
        kv = Borrow(kv_cache, "kv_cache"), bt = Borrow(block_table, "block_table"),
        lens = Borrow(seq_lens, "seq_lens"), o = Borrow(out, "out");
   RequireHostMemory({&q, &qsl, &kv, &bt, &lens, &o});
   const KvCacheView cache = CacheView(kv);
   const BlockTableView table = TableView(bt, lens);
-  const DecodeIo io = IoView(q, o);
+  const DecodeIo io = IoView(q, o, num_threads);
   Check(qsl.RequireRank(1));
   Check(qsl.RequireType(ElemType::kInt32));
   Check(qsl.RequireDim(0, table.num_seqs + 1, "num_seqs + 1"));
@@ -378,11 +380,13 @@ PYBIND11_MODULE(_mempipe, m) {
         arg("budget"), arg("sinks") = 1, arg("locals") = 1, arg("aggregation") = "max",
         "Steps 2 and 3.");
   m.def("dense_decode", &DenseDecodePy, arg("query"), arg("kv_cache"), arg("block_table"),
-        arg("seq_lens"), arg("out"), arg("scale"), "Step 4, dense: one query per sequence.");
+        arg("seq_lens"), arg("out"), arg("scale"), py::kw_only(), arg("num_threads") = 1,
+        "Step 4, dense: one query per sequence.");
   m.def("sparse_decode", &SparseDecodePy, arg("query"), arg("kv_cache"), arg("block_table"),
-        arg("seq_lens"), arg("pages"), arg("counts"), arg("out"), arg("scale"),
-        "Step 4 over the selected pages only.");
+        arg("seq_lens"), arg("pages"), arg("counts"), arg("out"), arg("scale"), py::kw_only(),
+        arg("num_threads") = 1, "Step 4 over the selected pages only.");
   m.def("prefill_attention", &PrefillAttentionPy, arg("query"), arg("query_start_loc"),
         arg("kv_cache"), arg("block_table"), arg("seq_lens"), arg("out"), arg("scale"),
+        py::kw_only(), arg("num_threads") = 1,
         "Causal attention of the last query tokens of each sequence over the cache.");
 }

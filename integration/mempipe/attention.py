@@ -41,6 +41,9 @@ class PagedLayer:
         self.head_dim = head_dim
         self.scale = float(scale)
         self.sparse = config.sparse and layer_index >= config.dense_layers
+        # Attention (step 4) shares (sequence, KV head) pairs among as many host threads as
+        # torch uses, which vLLM's CPU worker sets to the cores it binds.
+        self.num_threads = max(1, torch.get_num_threads())
         self._digests: torch.Tensor | None = None
         self._digests_key: tuple | None = None
 
@@ -74,7 +77,8 @@ class PagedLayer:
         """One query token per sequence: sparse (steps 2-4) or dense. Writes `out`."""
         query = query.contiguous()
         if not self.sparse:
-            _mempipe.dense_decode(query, kv_cache, block_table, seq_lens, out, self.scale)
+            _mempipe.dense_decode(query, kv_cache, block_table, seq_lens, out, self.scale,
+                                  num_threads=self.num_threads)
             return
         c = self.config
         pages = torch.empty(block_table.shape[0], self.num_kv_heads, c.budget // c.page_size,
@@ -84,11 +88,11 @@ class PagedLayer:
                                   pages, counts, budget=c.budget, sinks=c.sinks,
                                   locals=c.locals, aggregation=c.aggregation)
         _mempipe.sparse_decode(query, kv_cache, block_table, seq_lens, pages, counts, out,
-                               self.scale)
+                               self.scale, num_threads=self.num_threads)
 
     def prefill(self, query: torch.Tensor, query_start_loc: torch.Tensor,
                 kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                 out: torch.Tensor) -> None:
         """Causal attention of each sequence's new tokens over its cache (dense)."""
         _mempipe.prefill_attention(query.contiguous(), query_start_loc, kv_cache, block_table,
-                                   seq_lens, out, self.scale)
+                                   seq_lens, out, self.scale, num_threads=self.num_threads)

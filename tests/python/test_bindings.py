@@ -118,22 +118,25 @@ def test_select_pages_matches_reference(gen, shape, budget_pages, sinks, locals_
             assert (pages[s, g, c:] == -1).all()
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_dense_decode_matches_reference(gen, dtype, shape):
+def test_dense_decode_matches_reference(gen, dtype, shape, threads):
     bs, kvh, h, d = shape
     batch = random_batch(gen, dtype, bs, kvh, d, random_lens(gen, bs))
     q = torch.randn(batch.num_seqs, h, d, generator=gen).to(dtype)
     out = torch.full_like(q, float("nan"))
     scale = d ** -0.5
-    mp.dense_decode(q, batch.kv_cache, batch.block_table, batch.seq_lens, out, scale)
+    mp.dense_decode(q, batch.kv_cache, batch.block_table, batch.seq_lens, out, scale,
+                    num_threads=threads)
     torch.testing.assert_close(out.double(), ref_decode(q, batch, scale), atol=ATOL[dtype],
                                rtol=0)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_score_select_sparse_decode_pipeline(gen, dtype, shape):
+def test_score_select_sparse_decode_pipeline(gen, dtype, shape, threads):
     bs, kvh, h, d = shape
     batch = random_batch(gen, dtype, bs, kvh, d, random_lens(gen, bs, max_pages=14))
     dg = _digests(batch)
@@ -151,14 +154,15 @@ def test_score_select_sparse_decode_pipeline(gen, dtype, shape):
     out = torch.full_like(q, float("nan"))
     scale = d ** -0.5
     mp.sparse_decode(q, batch.kv_cache, batch.block_table, batch.seq_lens, pages, counts, out,
-                     scale)
+                     scale, num_threads=threads)
     torch.testing.assert_close(out.double(), ref_decode(q, batch, scale, pages=want),
                                atol=ATOL[dtype], rtol=0)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_prefill_attention_matches_reference(gen, dtype, shape):
+def test_prefill_attention_matches_reference(gen, dtype, shape, threads):
     bs, kvh, h, d = shape
     lens = random_lens(gen, bs, max_pages=4)
     batch = random_batch(gen, dtype, bs, kvh, d, lens)
@@ -168,7 +172,7 @@ def test_prefill_attention_matches_reference(gen, dtype, shape):
     out = torch.full_like(q, float("nan"))
     scale = d ** -0.5
     mp.prefill_attention(q, starts, batch.kv_cache, batch.block_table, batch.seq_lens, out,
-                         scale)
+                         scale, num_threads=threads)
     torch.testing.assert_close(out.double(), ref_prefill(q, starts, batch, scale),
                                atol=ATOL[dtype], rtol=0)
 
