@@ -19,8 +19,9 @@ absl::StatusOr<ElemType> ToElemType(const DLDataType& t, const std::string& name
   if (t.code == kDLInt && t.bits == 32) return ElemType::kInt32;
   if (t.code == kDLInt && t.bits == 64) return ElemType::kInt64;
   return absl::InvalidArgumentError(
-      absl::StrCat(name, ": dtype must be float32, float16, bfloat16, int32 or int64; got DLPack "
-                         "code ",
+      absl::StrCat(name,
+                   ": dtype must be float32, float16, bfloat16, int32 or int64; got DLPack "
+                   "code ",
                    static_cast<int>(t.code), " bits ", static_cast<int>(t.bits)));
 }
 
@@ -28,11 +29,16 @@ absl::StatusOr<ElemType> ToElemType(const DLDataType& t, const std::string& name
 
 std::string ElemTypeName(ElemType t) {
   switch (t) {
-    case ElemType::kFloat32: return "float32";
-    case ElemType::kFloat16: return "float16";
-    case ElemType::kBFloat16: return "bfloat16";
-    case ElemType::kInt32: return "int32";
-    case ElemType::kInt64: return "int64";
+    case ElemType::kFloat32:
+      return "float32";
+    case ElemType::kFloat16:
+      return "float16";
+    case ElemType::kBFloat16:
+      return "bfloat16";
+    case ElemType::kInt32:
+      return "int32";
+    case ElemType::kInt64:
+      return "int64";
   }
   return "?";
 }
@@ -45,20 +51,22 @@ int64_t BorrowedTensor::NumElems() const {
 
 absl::StatusOr<DType> BorrowedTensor::FloatDType() const {
   switch (type) {
-    case ElemType::kFloat32: return DType::kFloat32;
-    case ElemType::kFloat16: return DType::kFloat16;
-    case ElemType::kBFloat16: return DType::kBFloat16;
+    case ElemType::kFloat32:
+      return DType::kFloat32;
+    case ElemType::kFloat16:
+      return DType::kFloat16;
+    case ElemType::kBFloat16:
+      return DType::kBFloat16;
     default:
-      return absl::InvalidArgumentError(absl::StrCat(
-          name, " must be float32, float16 or bfloat16, got ", ElemTypeName(type)));
+      return absl::InvalidArgumentError(
+          absl::StrCat(name, " must be float32, float16 or bfloat16, got ", ElemTypeName(type)));
   }
 }
 
 absl::Status BorrowedTensor::RequireRank(int rank) const {
   if (Rank() == rank) return absl::OkStatus();
-  return absl::InvalidArgumentError(absl::StrCat(name, " must have ", rank,
-                                                 " dimensions, got shape [",
-                                                 absl::StrJoin(shape, ", "), "]"));
+  return absl::InvalidArgumentError(absl::StrCat(
+      name, " must have ", rank, " dimensions, got shape [", absl::StrJoin(shape, ", "), "]"));
 }
 
 absl::Status BorrowedTensor::RequireType(ElemType t) const {
@@ -69,9 +77,9 @@ absl::Status BorrowedTensor::RequireType(ElemType t) const {
 
 absl::Status BorrowedTensor::RequireDim(int dim, int64_t expected, const char* what) const {
   if (shape[dim] == expected) return absl::OkStatus();
-  return absl::InvalidArgumentError(absl::StrCat(name, " dimension ", dim, " (", what,
-                                                 ") must be ", expected, ", got ", shape[dim],
-                                                 " (shape [", absl::StrJoin(shape, ", "), "])"));
+  return absl::InvalidArgumentError(absl::StrCat(name, " dimension ", dim, " (", what, ") must be ",
+                                                 expected, ", got ", shape[dim], " (shape [",
+                                                 absl::StrJoin(shape, ", "), "])"));
 }
 
 absl::StatusOr<BorrowedTensor> BorrowTensor(const py::handle& obj, const std::string& name) {
@@ -104,9 +112,9 @@ absl::StatusOr<BorrowedTensor> BorrowTensor(const py::handle& obj, const std::st
     int64_t expected = 1;
     for (int d = dl.ndim - 1; d >= 0; --d) {
       if (dl.shape[d] != 1 && dl.strides[d] != expected) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            name, " must be C-contiguous: dimension ", d, " has stride ", dl.strides[d],
-            ", expected ", expected, " (call .contiguous())"));
+        return absl::InvalidArgumentError(absl::StrCat(name, " must be C-contiguous: dimension ", d,
+                                                       " has stride ", dl.strides[d], ", expected ",
+                                                       expected, " (call .contiguous())"));
       }
       expected *= dl.shape[d];
     }
@@ -126,10 +134,17 @@ void ThrowIfError(const absl::Status& status) {
     case absl::StatusCode::kFailedPrecondition:
       type = PyExc_ValueError;
       break;
-    case absl::StatusCode::kUnimplemented: type = PyExc_NotImplementedError; break;
-    case absl::StatusCode::kDeadlineExceeded: type = PyExc_TimeoutError; break;
-    case absl::StatusCode::kResourceExhausted: type = PyExc_MemoryError; break;
-    default: break;
+    case absl::StatusCode::kUnimplemented:
+      type = PyExc_NotImplementedError;
+      break;
+    case absl::StatusCode::kDeadlineExceeded:
+      type = PyExc_TimeoutError;
+      break;
+    case absl::StatusCode::kResourceExhausted:
+      type = PyExc_MemoryError;
+      break;
+    default:
+      break;
   }
   PyErr_SetString(type, std::string(status.message()).c_str());
   throw py::error_already_set();

@@ -38,9 +38,9 @@ enum class ElemType { kFloat32, kFloat16, kBFloat16, kInt32, kInt64 };
 std::string ElemTypeName(ElemType t);
 
 struct BorrowedTensor {
-  std::string name;          // argument name, for error messages
-  py::object capsule;        // keeps the producer's DLManagedTensor alive
-  void* data = nullptr;      // first element (DLTensor.data + byte_offset)
+  std::string name;      // argument name, for error messages
+  py::object capsule;    // keeps the producer's DLManagedTensor alive
+  void* data = nullptr;  // first element (DLTensor.data + byte_offset)
   ElemType type = ElemType::kFloat32;
   DLDevice device{kDLCPU, 0};
   std::vector<int64_t> shape;

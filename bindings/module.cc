@@ -54,12 +54,18 @@ void Check(const absl::Status& status) { ThrowIfError(status); }
 
 const char* DeviceName(DLDeviceType t) {
   switch (t) {
-    case kDLCPU: return "cpu";
-    case kDLCUDA: return "cuda";
-    case kDLCUDAHost: return "cuda_host";
-    case kDLROCM: return "rocm";
-    case kDLCUDAManaged: return "cuda_managed";
-    default: return "other";
+    case kDLCPU:
+      return "cpu";
+    case kDLCUDA:
+      return "cuda";
+    case kDLCUDAHost:
+      return "cuda_host";
+    case kDLROCM:
+      return "rocm";
+    case kDLCUDAManaged:
+      return "cuda_managed";
+    default:
+      return "other";
   }
 }
 
@@ -68,9 +74,9 @@ void RequireHostMemory(std::initializer_list<const BorrowedTensor*> tensors) {
   for (const BorrowedTensor* t : tensors) {
     const DLDeviceType d = t->device.device_type;
     if (d != kDLCPU && d != kDLCUDAHost) {
-      Check(absl::UnimplementedError(absl::StrCat(
-          t->name, " is on device ", DeviceName(d), ":", t->device.device_id,
-          "; this build of mempipe runs its steps on the CPU only (host memory)")));
+      Check(absl::UnimplementedError(
+          absl::StrCat(t->name, " is on device ", DeviceName(d), ":", t->device.device_id,
+                       "; this build of mempipe runs its steps on the CPU only (host memory)")));
     }
   }
 }
@@ -93,8 +99,7 @@ void RequireSameDType(const BorrowedTensor& t, const KvCacheView& cache) {
   const DType d = ValueOrThrow(t.FloatDType());
   if (d != cache.dtype) {
     Check(absl::InvalidArgumentError(absl::StrCat(t.name, " must have the cache dtype ",
-                                                  DTypeName(cache.dtype), ", got ",
-                                                  DTypeName(d))));
+                                                  DTypeName(cache.dtype), ", got ", DTypeName(d))));
   }
 }
 
@@ -333,8 +338,8 @@ void SparseDecodePy(py::handle query, py::handle kv_cache, py::handle block_tabl
 }
 
 void PrefillAttentionPy(py::handle query, py::handle query_start_loc, py::handle kv_cache,
-                        py::handle block_table, py::handle seq_lens, py::handle out,
-                        float scale, int num_threads) {
+                        py::handle block_table, py::handle seq_lens, py::handle out, float scale,
+                        int num_threads) {
   auto q = Borrow(query, "query"), qsl = Borrow(query_start_loc, "query_start_loc"),
        kv = Borrow(kv_cache, "kv_cache"), bt = Borrow(block_table, "block_table"),
        lens = Borrow(seq_lens, "seq_lens"), o = Borrow(out, "out");
@@ -365,8 +370,8 @@ PYBIND11_MODULE(_mempipe, m) {
   m.def("append_kv_and_digests", &AppendKvAndDigestsPy, arg("kv_cache"), arg("slot_mapping"),
         arg("key"), arg("value"), arg("digests"),
         "write_kv fused with the incremental digest update, in slot order.");
-  m.def("update_digests", &UpdateDigestsPy, arg("kv_cache"), arg("slot_mapping"),
-        arg("digests"), "Incremental digest update for slots already written.");
+  m.def("update_digests", &UpdateDigestsPy, arg("kv_cache"), arg("slot_mapping"), arg("digests"),
+        "Incremental digest update for slots already written.");
   m.def("build_digests", &BuildDigestsPy, arg("kv_cache"), arg("block_table"), arg("seq_lens"),
         arg("digests"), "Step 1, bulk: digests of every page the sequences use.");
   m.def("compute_relevancy", &ComputeRelevancyPy, arg("query"), arg("kv_cache"), arg("digests"),
