@@ -1,8 +1,15 @@
 """Per-call time of the bindings at one Llama-3-8B-shaped layer (32 query / 8 KV heads, head_dim
 128, bf16), one sequence of 32K tokens, page 16, budget 4096: dense decode vs score+select+
-sparse decode, CPU. Measured on whatever machine runs it; print the machine with the numbers."""
-import time, torch
+sparse decode, CPU. Measured on the machine that runs it, which it names."""
+import os
+import platform
+import time
+
+import torch
+
 from mempipe import _mempipe as mp
+print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+      f"torch {torch.__version__}")
 torch.manual_seed(0)
 L, bs, kvh, h, d, budget = 32768, 16, 8, 32, 128, 4096
 nb = L // bs
