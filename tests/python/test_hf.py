@@ -25,8 +25,9 @@ def model():
 def _generate(model, impl, ids):
     model.set_attn_implementation(impl)
     with torch.no_grad():
+        # min_new_tokens: the random model may emit EOS; the test wants every step.
         return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
-                              do_sample=False)
+                              min_new_tokens=12, do_sample=False)
 
 
 def test_full_budget_matches_sdpa(model, gen, monkeypatch):
