@@ -1,6 +1,7 @@
 #include "retriever/digest.h"
 
 #include <algorithm>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "backend/base/status_macros.h"
@@ -47,17 +48,30 @@ absl::Status BuildDigests(const KvCacheView& cache, const BlockTableView& table,
   DispatchDType(cache.dtype, [&]<typename T>() {
     const T* kv = static_cast<const T*>(cache.data);
     T* dg = static_cast<T*>(digests.data);
+    std::vector<float> fmx(cache.head_dim), fmn(cache.head_dim);
     for (int s = 0; s < table.num_seqs; ++s) {
       const int len = table.seq_lens[s];
       for (int p = 0; p < NumPages(len, cache.block_size); ++p) {
         const int block = table.Block(s, p);
         const int n = std::min(cache.block_size, len - p * cache.block_size);
         for (int h = 0; h < cache.num_kv_heads; ++h) {
+          // Widen in fp32 and store once: max/min pick stored values, so the round trip
+          // through fp32 is exact.
+          const T* first = kv + cache.Offset(0, block, 0, h);
+          for (int c = 0; c < cache.head_dim; ++c) fmx[c] = fmn[c] = ToFloat(first[c]);
+          for (int t = 1; t < n; ++t) {
+            const T* key = kv + cache.Offset(0, block, t, h);
+            for (int c = 0; c < cache.head_dim; ++c) {
+              const float k = ToFloat(key[c]);
+              fmx[c] = k > fmx[c] ? k : fmx[c];
+              fmn[c] = k < fmn[c] ? k : fmn[c];
+            }
+          }
           T* mx = dg + digests.Offset(block, 0, h);
           T* mn = dg + digests.Offset(block, 1, h);
-          ResetRow(kv + cache.Offset(0, block, 0, h), mx, mn, cache.head_dim);
-          for (int t = 1; t < n; ++t) {
-            WidenRow(kv + cache.Offset(0, block, t, h), mx, mn, cache.head_dim);
+          for (int c = 0; c < cache.head_dim; ++c) {
+            mx[c] = FromFloat<T>(fmx[c]);
+            mn[c] = FromFloat<T>(fmn[c]);
           }
         }
       }

@@ -51,10 +51,18 @@ absl::Status ValidateQuery(const QueryView& query, const KvCacheView& cache,
 
 float PageBound(const float* q, const float* max_row, const float* min_row, int head_dim) {
   float lane[kScoreLanes] = {};
-  for (int c = 0; c < head_dim; ++c) {
-    const float a = q[c] * max_row[c];
-    const float b = q[c] * min_row[c];
-    lane[c % kScoreLanes] += a > b ? a : b;
+  int c0 = 0;
+  for (; c0 + kScoreLanes <= head_dim; c0 += kScoreLanes) {
+    for (int i = 0; i < kScoreLanes; ++i) {
+      const float a = q[c0 + i] * max_row[c0 + i];
+      const float b = q[c0 + i] * min_row[c0 + i];
+      lane[i] += a > b ? a : b;
+    }
+  }
+  for (int i = 0; c0 + i < head_dim; ++i) {  // head_dim not a multiple of the lane count
+    const float a = q[c0 + i] * max_row[c0 + i];
+    const float b = q[c0 + i] * min_row[c0 + i];
+    lane[i] += a > b ? a : b;
   }
   for (int stride = kScoreLanes / 2; stride > 0; stride /= 2) {
     for (int i = 0; i < stride; ++i) lane[i] += lane[i + stride];
