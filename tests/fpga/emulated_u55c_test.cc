@@ -4,6 +4,7 @@
 // errors.
 #include <chrono>
 #include <cstring>
+#include <iostream>
 #include <random>
 #include <vector>
 
@@ -263,6 +264,51 @@ TEST(EmulatedU55c, HeadsSpreadOverPseudoChannels) {
   // 4 layers x 8 KV heads fill the 32 channels once each.
   for (double b : bytes) EXPECT_EQ(b, 128.0 * 2 * 128 * 2);
   EXPECT_NE(emu.ChannelOf(0, 0), emu.ChannelOf(1, 0));
+}
+
+// A Llama-3-8B-shaped layer (8 KV heads, GQA 4, head_dim 128, fp16, page 16), 4 sequences of
+// 8K tokens: the modeled U55C time follows from the parameters by hand (each KV head's CU
+// streams its 1 MB of digests at one channel's rate), and both figures are printed, labeled.
+TEST(EmulatedU55c, ReferenceShapeCostsFollowTheModel) {
+  std::mt19937_64 rng(testing::FreshSeed("EmulatedU55c.ReferenceShapeCostsFollowTheModel"));
+  const int seq_len = 8192, num_seqs = 4;
+  Batch b = testing::MakeBatch(rng, DType::kFloat16, 16, 8, 128, 4,
+                               std::vector<int>(num_seqs, seq_len), 0, false);
+  const CacheShape shape{DType::kFloat16, b.num_blocks, 16, 8, 128};
+  const U55cParams p;
+  EmulatedU55cSelector emu(p, false);
+  ASSERT_TRUE(emu.AddLayer(0, shape).ok());
+  ASSERT_TRUE(emu.BuildDigests(0, b.Cache(), b.Table()).ok());
+  const SelectorCosts build = emu.Costs();
+  SelectionConfig config;
+  config.budget_tokens = 4096;
+  const int k = config.PagesPerHead(16);
+  std::vector<int32_t> pages(static_cast<size_t>(num_seqs) * 8 * k), counts(num_seqs * 8);
+  auto t = emu.Submit({0, b.Query(), b.Table(), config,
+                       SelectionView{pages.data(), counts.data(), num_seqs, 8, k}});
+  ASSERT_TRUE(t.ok());
+  ASSERT_TRUE(emu.Wait(*t, absl::InfiniteFuture()).ok());
+  const SelectorCosts c = emu.Costs();
+
+  // By hand: one CU per KV head, all in parallel.
+  const double pages_per_seq = seq_len / 16.0;
+  const double digest_bytes = num_seqs * pages_per_seq * 2 * 128 * 2;  // max+min rows, fp16
+  const double channel_bps = p.hbm_channel_peak_bps * p.hbm_efficiency;
+  const double fill_s = num_seqs * p.pipeline_fill_clocks / p.kernel_clock_hz;
+  const double kernel_s = digest_bytes / channel_bps + fill_s;  // io bytes add about 1%
+  const double launch_s = p.launch_latency_s + 7 * p.per_cu_start_s;
+  EXPECT_NEAR(*c.modeled_device_ms - c.transfer_ms, (kernel_s + launch_s) * 1e3,
+              0.02 * (kernel_s + launch_s) * 1e3);
+  // 16 DMAs (one in, one out per CU), each at most a few microseconds past its fixed cost.
+  EXPECT_GT(c.transfer_ms, 16 * p.dma_transfer_overhead_s * 1e3);
+  EXPECT_LT(c.transfer_ms, 16 * 3 * p.dma_transfer_overhead_s * 1e3);
+  std::cout << "[reference shape] 4 seqs x 8K tokens, 8 KV heads, GQA 4, d 128, fp16, page 16\n"
+            << "  bulk build  : measured host " << build.host_ms << " ms (this machine, C-sim)"
+            << "; modeled U55C " << *build.modeled_device_ms << " ms, "
+            << *build.modeled_energy_mj << " mJ\n"
+            << "  score+top-k : measured host " << c.host_ms << " ms (this machine, C-sim)"
+            << "; modeled U55C " << *c.modeled_device_ms << " ms (of which DMA "
+            << c.transfer_ms << " ms), " << *c.modeled_energy_mj << " mJ\n";
 }
 
 TEST(FpgaFactory, BuildsTheEmulatorAndRejectsBadOptions) {

@@ -1,6 +1,8 @@
 // The XRT host runtime on XRT's noop shim: device open, the project's xclbin, buffer placement,
 // argument binding, run/wait, and error mapping. Kernels compute nothing on noop, so these tests
 // check plumbing only, never selections.
+#include <fstream>
+#include <map>
 #include <set>
 #include <string>
 #include <vector>
@@ -68,6 +70,34 @@ TEST(XclbinWriter, DescribesKernelsMemoriesAndArguments) {
     }
   }
   EXPECT_EQ(names, (std::set<std::string>{fpga_hls::kScoreTopkName, fpga_hls::kDigestUpdateName}));
+}
+
+// The v++ connectivity file and the xclbin the project writes describe the same wiring.
+TEST(XclbinWriter, AgreesWithTheVppConnectivityFile) {
+  std::ifstream cfg(MEMPIPE_SOURCE_DIR "/fpga/hls/u55c_connectivity.cfg");
+  ASSERT_TRUE(cfg.good());
+  std::map<std::string, std::string> want;  // "cu.arg" -> "HBM[i]"
+  for (std::string line; std::getline(cfg, line);) {
+    if (line.rfind("sp=", 0) != 0) continue;
+    const size_t colon = line.find(':');
+    want[line.substr(3, colon - 3)] = line.substr(colon + 1);
+  }
+  const xrt::xclbin x(WriteMempipeXclbin(32));
+  std::map<std::string, std::string> got;
+  for (const xrt::xclbin::kernel& k : x.get_kernels()) {
+    for (const xrt::xclbin::ip& cu : k.get_cus()) {
+      const std::string name = cu.get_name();
+      const std::string inst = name.substr(name.find(':') + 1);
+      for (size_t a = 0; a < cu.get_num_args(); ++a) {
+        const auto arg = cu.get_arg(static_cast<int32_t>(a));
+        const auto mems = arg.get_mems();
+        if (mems.empty()) continue;  // scalars
+        got[inst + "." + arg.get_name()] = mems[0].get_tag();
+      }
+    }
+  }
+  EXPECT_EQ(got.size(), 32u * 10);
+  EXPECT_EQ(got, want);
 }
 
 TEST(XrtSelector, OpensDeviceAndLoadsProjectXclbin) {
