@@ -193,6 +193,10 @@ std::vector<char> WriteMempipeXclbin(int num_cus) {
     out.insert(out.end(), s.data->begin(), s.data->end());
   }
 
+  // XRT copies the container with aligned_alloc(4096, size), which C requires to be a multiple
+  // of the alignment (AddressSanitizer enforces it): pad the container to whole pages.
+  out.resize((out.size() + 4095) / 4096 * 4096, 0);
+
   axlf top{};
   std::memcpy(top.m_magic, "xclbin2", 8);
   top.m_signature_length = -1;

@@ -101,7 +101,8 @@ absl::Status XrtPageSelector::AddLayer(int layer, const CacheShape& shape) {
   MEMPIPE_RETURN_IF_ERROR(ValidateCacheShape(shape));
   Layer l;
   l.shape = shape;
-  const size_t bytes = HeadSliceWords(shape) * hls_compat::kWordBytes;
+  // Whole 4 KiB pages: XRT allocates host backing with aligned_alloc(4096, size).
+  const size_t bytes = (HeadSliceWords(shape) * hls_compat::kWordBytes + 4095) / 4096 * 4096;
   try {
     for (int h = 0; h < shape.num_kv_heads; ++h) {
       const xrt::kernel& k = score_cus_[CuFor(layer, h, shape.num_kv_heads, num_cus_)];
