@@ -290,6 +290,19 @@ TEST(EmulatedU55c, ReferenceShapeCostsFollowTheModel) {
   ASSERT_TRUE(emu.Wait(*t, absl::InfiniteFuture()).ok());
   const SelectorCosts c = emu.Costs();
 
+  // The CPU reference on the same request, for the measured side by side (and equality).
+  CpuPageSelector cpu;
+  ASSERT_TRUE(cpu.AddLayer(0, shape).ok());
+  ASSERT_TRUE(cpu.BuildDigests(0, b.Cache(), b.Table()).ok());
+  const double cpu_build_ms = cpu.Costs().host_ms;
+  std::vector<int32_t> ref_pages(pages.size()), ref_counts(counts.size());
+  auto rt = cpu.Submit({0, b.Query(), b.Table(), config,
+                        SelectionView{ref_pages.data(), ref_counts.data(), num_seqs, 8, k}});
+  ASSERT_TRUE(rt.ok());
+  ASSERT_TRUE(cpu.Wait(*rt, absl::InfiniteFuture()).ok());
+  EXPECT_EQ(pages, ref_pages);
+  EXPECT_EQ(counts, ref_counts);
+
   // By hand: one CU per KV head, all in parallel.
   const double pages_per_seq = seq_len / 16.0;
   const double digest_bytes = num_seqs * pages_per_seq * 2 * 128 * 2;  // max+min rows, fp16
@@ -308,7 +321,9 @@ TEST(EmulatedU55c, ReferenceShapeCostsFollowTheModel) {
             << *build.modeled_energy_mj << " mJ\n"
             << "  score+top-k : measured host " << c.host_ms << " ms (this machine, C-sim)"
             << "; modeled U55C " << *c.modeled_device_ms << " ms (of which DMA "
-            << c.transfer_ms << " ms), " << *c.modeled_energy_mj << " mJ\n";
+            << c.transfer_ms << " ms), " << *c.modeled_energy_mj << " mJ\n"
+            << "  cpu selector: measured host " << cpu_build_ms << " ms build, "
+            << cpu.Costs().host_ms << " ms score+top-k (this machine)\n";
 }
 
 TEST(FpgaFactory, BuildsTheEmulatorAndRejectsBadOptions) {
