@@ -26,8 +26,15 @@ struct GroupAccumulator {
   std::vector<float> logits;  // [G, block_size]
 
   GroupAccumulator(int g, int d, int block_size)
-      : groups(g), head_dim(d), q(g * d), acc(g * d), m(g), l(g), kpage(block_size * d),
-        vpage(block_size * d), logits(g * block_size) {}
+      : groups(g),
+        head_dim(d),
+        q(g * d),
+        acc(g * d),
+        m(g),
+        l(g),
+        kpage(block_size * d),
+        vpage(block_size * d),
+        logits(g * block_size) {}
 
   void Reset() {
     std::fill(acc.begin(), acc.end(), 0.0f);
@@ -122,13 +129,13 @@ absl::Status ValidateCommon(const DecodeIo& io, const KvCacheView& cache,
     return absl::InvalidArgumentError("query and out must not be null");
   }
   if (io.head_dim != cache.head_dim) {
-    return absl::InvalidArgumentError(absl::StrCat("query head_dim ", io.head_dim,
-                                                   " differs from the cache's ", cache.head_dim));
+    return absl::InvalidArgumentError(
+        absl::StrCat("query head_dim ", io.head_dim, " differs from the cache's ", cache.head_dim));
   }
   if (io.num_heads <= 0 || io.num_heads % cache.num_kv_heads != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("num_heads ", io.num_heads, " must be a positive multiple of num_kv_heads ",
-                     cache.num_kv_heads));
+    return absl::InvalidArgumentError(absl::StrCat("num_heads ", io.num_heads,
+                                                   " must be a positive multiple of num_kv_heads ",
+                                                   cache.num_kv_heads));
   }
   return absl::OkStatus();
 }
@@ -148,22 +155,21 @@ absl::Status ValidateDecodeIo(const DecodeIo& io, const KvCacheView& cache,
                               const BlockTableView& table) {
   MEMPIPE_RETURN_IF_ERROR(ValidateCommon(io, cache, table));
   if (io.num_seqs != table.num_seqs) {
-    return absl::InvalidArgumentError(absl::StrCat("query has ", io.num_seqs,
-                                                   " sequences but the block table has ",
-                                                   table.num_seqs));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "query has ", io.num_seqs, " sequences but the block table has ", table.num_seqs));
   }
   return absl::OkStatus();
 }
 
-absl::Status DenseDecode(const DecodeIo& io, const KvCacheView& cache,
-                         const BlockTableView& table, float scale) {
+absl::Status DenseDecode(const DecodeIo& io, const KvCacheView& cache, const BlockTableView& table,
+                         float scale) {
   MEMPIPE_RETURN_IF_ERROR(ValidateDecodeIo(io, cache, table));
   const int groups = io.num_heads / cache.num_kv_heads;
   DispatchDType(cache.dtype, [&]<typename T>() {
     ForEachSeqHeads(io.num_seqs, cache.num_kv_heads, io.num_threads, [&](int s, int h0, int h1) {
       // Page-major over this range's heads: each page's K/V rows are read contiguously.
-      std::vector<GroupAccumulator> acc(h1 - h0, GroupAccumulator(groups, io.head_dim,
-                                                                  cache.block_size));
+      std::vector<GroupAccumulator> acc(h1 - h0,
+                                        GroupAccumulator(groups, io.head_dim, cache.block_size));
       for (int h = h0; h < h1; ++h) {
         LoadQuery(acc[h - h0], io, static_cast<size_t>(s) * io.num_heads + h * groups);
         acc[h - h0].Reset();
@@ -181,8 +187,8 @@ absl::Status DenseDecode(const DecodeIo& io, const KvCacheView& cache,
   return absl::OkStatus();
 }
 
-absl::Status SparseDecode(const DecodeIo& io, const KvCacheView& cache,
-                          const BlockTableView& table, const PageList& pages, float scale) {
+absl::Status SparseDecode(const DecodeIo& io, const KvCacheView& cache, const BlockTableView& table,
+                          const PageList& pages, float scale) {
   MEMPIPE_RETURN_IF_ERROR(ValidateDecodeIo(io, cache, table));
   if (pages.pages == nullptr || pages.counts == nullptr) {
     return absl::InvalidArgumentError("selected pages and counts must not be null");
@@ -198,16 +204,16 @@ absl::Status SparseDecode(const DecodeIo& io, const KvCacheView& cache,
       const size_t row = static_cast<size_t>(s) * pages.num_kv_heads + h;
       const int count = pages.counts[row];
       if (count < 1 || count > pages.max_selected) {
-        return absl::InvalidArgumentError(absl::StrCat("selection count[", s, "][", h, "] = ",
-                                                       count, " is outside [1, ",
+        return absl::InvalidArgumentError(absl::StrCat("selection count[", s, "][", h,
+                                                       "] = ", count, " is outside [1, ",
                                                        pages.max_selected, "]"));
       }
       const int32_t* list = pages.pages + row * pages.max_selected;
       for (int i = 0; i < count; ++i) {
         if (list[i] < 0 || list[i] >= num_pages || (i > 0 && list[i] <= list[i - 1])) {
-          return absl::InvalidArgumentError(absl::StrCat(
-              "selected page [", s, "][", h, "][", i, "] = ", list[i],
-              " is out of range [0, ", num_pages, ") or not ascending"));
+          return absl::InvalidArgumentError(absl::StrCat("selected page [", s, "][", h, "][", i,
+                                                         "] = ", list[i], " is out of range [0, ",
+                                                         num_pages, ") or not ascending"));
         }
       }
     }
@@ -236,23 +242,21 @@ absl::Status SparseDecode(const DecodeIo& io, const KvCacheView& cache,
 }
 
 absl::Status PrefillAttention(const DecodeIo& io, const int32_t* query_start_loc,
-                              const KvCacheView& cache, const BlockTableView& table,
-                              float scale) {
+                              const KvCacheView& cache, const BlockTableView& table, float scale) {
   MEMPIPE_RETURN_IF_ERROR(ValidateCommon(io, cache, table));
   if (query_start_loc == nullptr) {
     return absl::InvalidArgumentError("query_start_loc must not be null");
   }
   if (query_start_loc[0] != 0 || query_start_loc[table.num_seqs] != io.num_seqs) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "query_start_loc must start at 0 and end at the token count ", io.num_seqs, ", got ",
-        query_start_loc[0], " .. ", query_start_loc[table.num_seqs]));
+    return absl::InvalidArgumentError(
+        absl::StrCat("query_start_loc must start at 0 and end at the token count ", io.num_seqs,
+                     ", got ", query_start_loc[0], " .. ", query_start_loc[table.num_seqs]));
   }
   for (int s = 0; s < table.num_seqs; ++s) {
     const int q_len = query_start_loc[s + 1] - query_start_loc[s];
     if (q_len < 0 || q_len > table.seq_lens[s]) {
-      return absl::InvalidArgumentError(absl::StrCat("sequence ", s, " has ", q_len,
-                                                     " query tokens but seq_len ",
-                                                     table.seq_lens[s]));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "sequence ", s, " has ", q_len, " query tokens but seq_len ", table.seq_lens[s]));
     }
   }
   const int groups = io.num_heads / cache.num_kv_heads;

@@ -94,14 +94,14 @@ int Main() {
   std::printf("mempipe-bench: %d layers, %d q heads / %d KV heads, head_dim %d, %s, page %d\n",
               m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim,
               std::string(DTypeName(cfg.dtype)).c_str(), cfg.block_size);
-  std::printf("  batch %d x context %d%s, budget %d tokens (%d pages), %d sink + %d local pages, "
-              "%d dense layers, aggregation %s\n",
-              cfg.batch, cfg.context, cfg.ragged ? " (ragged)" : "",
-              options.policy.selection.budget_tokens,
-              options.policy.selection.PagesPerHead(cfg.block_size),
-              options.policy.selection.num_sink_pages, options.policy.selection.num_local_pages,
-              options.policy.dense_layers,
-              std::string(GroupAggregationName(options.policy.selection.aggregation)).c_str());
+  std::printf(
+      "  batch %d x context %d%s, budget %d tokens (%d pages), %d sink + %d local pages, "
+      "%d dense layers, aggregation %s\n",
+      cfg.batch, cfg.context, cfg.ragged ? " (ragged)" : "", options.policy.selection.budget_tokens,
+      options.policy.selection.PagesPerHead(cfg.block_size),
+      options.policy.selection.num_sink_pages, options.policy.selection.num_local_pages,
+      options.policy.dense_layers,
+      std::string(GroupAggregationName(options.policy.selection.aggregation)).c_str());
   std::printf("  machine: %d hardware threads, %d used; all times measured on this machine's CPU\n",
               hw, cfg.threads);
 
@@ -114,7 +114,8 @@ int Main() {
   if (!filled.ok()) return Fail(filled);
   std::printf("  KV cache: %.2f GiB (%.1f MiB per layer), filled in %.1f s\n",
               ctx.CacheBytesPerLayer() * m.num_layers / 1073741824.0,
-              ctx.CacheBytesPerLayer() / 1048576.0, absl::ToDoubleSeconds(absl::Now() - fill_start));
+              ctx.CacheBytesPerLayer() / 1048576.0,
+              absl::ToDoubleSeconds(absl::Now() - fill_start));
 
   std::vector<PlacementResult> results;
   for (const std::string& p : placements) {
@@ -132,11 +133,12 @@ int Main() {
   }
   std::printf("\nper decode step (one token per sequence, all %d layers), milliseconds:\n",
               m.num_layers);
-  std::printf("%-10s %9s %9s %9s %9s %9s %9s %8s %9s %8s %10s\n", "placement", "append",
-              "prepare", "relevancy", "retrieval", "apply", "total", "memproc", "tokens/s",
-              "speedup", "rel.err");
+  std::printf("%-10s %9s %9s %9s %9s %9s %9s %8s %9s %8s %10s\n", "placement", "append", "prepare",
+              "relevancy", "retrieval", "apply", "total", "memproc", "tokens/s", "speedup",
+              "rel.err");
   for (const auto& r : results) {
-    const double share = r.mean.Total() > 0 ? 100.0 * r.mean.MemoryProcessing() / r.mean.Total() : 0;
+    const double share =
+        r.mean.Total() > 0 ? 100.0 * r.mean.MemoryProcessing() / r.mean.Total() : 0;
     std::string speedup = dense ? absl::StrFormat("%.2fx", dense->median_step_ms / r.median_step_ms)
                                 : std::string("-");
     std::string err = r.rel_l2_error ? absl::StrFormat("%.2e", *r.rel_l2_error) : std::string("-");
@@ -158,31 +160,32 @@ int Main() {
                   r.placement.c_str(), r.bulk_prepare_ms);
     }
   }
-  std::printf("total = median step time; memproc = (prepare + relevancy + retrieval) / total;\n"
-              "speedup = dense median / placement median; rel.err = ||sparse - dense|| / ||dense||"
-              " over sparse layers.\n");
+  std::printf(
+      "total = median step time; memproc = (prepare + relevancy + retrieval) / total;\n"
+      "speedup = dense median / placement median; rel.err = ||sparse - dense|| / ||dense||"
+      " over sparse layers.\n");
 
   if (const std::string path = absl::GetFlag(FLAGS_json); !path.empty()) {
     nlohmann::json j;
     j["machine"] = {{"hardware_threads", hw}, {"timing", "measured, host CPU"}};
-    j["config"] = {{"layers", m.num_layers},
-                   {"num_heads", m.num_heads},
-                   {"num_kv_heads", m.num_kv_heads},
-                   {"head_dim", m.head_dim},
-                   {"dtype", std::string(DTypeName(cfg.dtype))},
-                   {"page_size", cfg.block_size},
-                   {"batch", cfg.batch},
-                   {"context", cfg.context},
-                   {"ragged", cfg.ragged},
-                   {"steps", options.steps},
-                   {"warmup", options.warmup},
-                   {"budget", options.policy.selection.budget_tokens},
-                   {"sink_pages", options.policy.selection.num_sink_pages},
-                   {"local_pages", options.policy.selection.num_local_pages},
-                   {"dense_layers", options.policy.dense_layers},
-                   {"aggregation",
-                    std::string(GroupAggregationName(options.policy.selection.aggregation))},
-                   {"seed", cfg.seed}};
+    j["config"] = {
+        {"layers", m.num_layers},
+        {"num_heads", m.num_heads},
+        {"num_kv_heads", m.num_kv_heads},
+        {"head_dim", m.head_dim},
+        {"dtype", std::string(DTypeName(cfg.dtype))},
+        {"page_size", cfg.block_size},
+        {"batch", cfg.batch},
+        {"context", cfg.context},
+        {"ragged", cfg.ragged},
+        {"steps", options.steps},
+        {"warmup", options.warmup},
+        {"budget", options.policy.selection.budget_tokens},
+        {"sink_pages", options.policy.selection.num_sink_pages},
+        {"local_pages", options.policy.selection.num_local_pages},
+        {"dense_layers", options.policy.dense_layers},
+        {"aggregation", std::string(GroupAggregationName(options.policy.selection.aggregation))},
+        {"seed", cfg.seed}};
     for (const auto& r : results) {
       nlohmann::json p = {{"placement", r.placement},
                           {"selector", r.selector},

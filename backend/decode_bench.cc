@@ -32,9 +32,9 @@ absl::StatusOr<PlacementResult> RunPlacement(SyntheticContext& ctx, const BenchO
                                                    options.steps, " and ", options.warmup));
   }
   if (options.steps + options.warmup > cfg.max_new_tokens) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "steps + warmup = ", options.steps + options.warmup,
-        " exceeds the context's room for new tokens (", cfg.max_new_tokens, ")"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("steps + warmup = ", options.steps + options.warmup,
+                     " exceeds the context's room for new tokens (", cfg.max_new_tokens, ")"));
   }
   PlacementResult result;
   result.placement = std::string(placement);
@@ -76,7 +76,8 @@ absl::StatusOr<PlacementResult> RunPlacement(SyntheticContext& ctx, const BenchO
     const std::vector<int32_t> lens = ctx.NextLens();
     BlockTableView table = ctx.table();
     table.seq_lens = lens.data();
-    if (last) result.sparse_layers = 0, result.kv_bytes_per_step = 0, result.digest_bytes_per_step = 0;
+    if (last)
+      result.sparse_layers = 0, result.kv_bytes_per_step = 0, result.digest_bytes_per_step = 0;
     for (int l = 0; l < m.num_layers; ++l) {
       const KvCacheView cache = ctx.cache(l);
       ctx.NextToken(step, l, q, k, v, slots);
@@ -88,25 +89,24 @@ absl::StatusOr<PlacementResult> RunPlacement(SyntheticContext& ctx, const BenchO
         MEMPIPE_RETURN_IF_ERROR(selector->AppendKeys(l, slots.data(), batch, k.data()));
         t.prepare_ms += MsSince(t0);
       }
-      const DecodeIo io{q.data(), out.data(), cfg.dtype, batch, m.num_heads, m.head_dim,
-                        options.threads};
+      const DecodeIo io{q.data(),    out.data(), cfg.dtype,      batch,
+                        m.num_heads, m.head_dim, options.threads};
       const bool sparse = selector && DecodesSparse(options.policy, l, lens.data(), batch);
       if (sparse) {
         const SelectionView sel{pages.data(), counts.data(), batch, m.num_kv_heads, k_pages};
         MEMPIPE_ASSIGN_OR_RETURN(
             SelectTicket ticket,
-            selector->Submit(SelectRequest{l, QueryView{q.data(), cfg.dtype, batch, m.num_heads,
-                                                        m.head_dim},
-                                           table, options.policy.selection, sel}));
+            selector->Submit(
+                SelectRequest{l, QueryView{q.data(), cfg.dtype, batch, m.num_heads, m.head_dim},
+                              table, options.policy.selection, sel}));
         MEMPIPE_RETURN_IF_ERROR(selector->Wait(ticket, absl::InfiniteFuture()));
         const SelectorCosts costs = selector->Costs();
         t.relevancy_ms += costs.relevancy_ms;
         t.retrieval_ms += costs.retrieval_ms;
         t0 = Clock::now();
-        MEMPIPE_RETURN_IF_ERROR(SparseDecode(io, cache, table,
-                                             PageList{pages.data(), counts.data(),
-                                                      m.num_kv_heads, k_pages},
-                                             scale));
+        MEMPIPE_RETURN_IF_ERROR(
+            SparseDecode(io, cache, table,
+                         PageList{pages.data(), counts.data(), m.num_kv_heads, k_pages}, scale));
         t.apply_ms += MsSince(t0);
       } else {
         t0 = Clock::now();
@@ -134,8 +134,8 @@ absl::StatusOr<PlacementResult> RunPlacement(SyntheticContext& ctx, const BenchO
       if (sparse) {
         ++result.sparse_layers;
         if (options.check_accuracy) {
-          const DecodeIo ref_io{q.data(), ref.data(), cfg.dtype, batch, m.num_heads, m.head_dim,
-                              options.threads};
+          const DecodeIo ref_io{q.data(),    ref.data(), cfg.dtype,      batch,
+                                m.num_heads, m.head_dim, options.threads};
           MEMPIPE_RETURN_IF_ERROR(DenseDecode(ref_io, cache, table, scale));
           for (size_t i = 0; i < static_cast<size_t>(batch) * m.num_heads * m.head_dim; ++i) {
             const double a = LoadAsFloat(out.data(), cfg.dtype, i);

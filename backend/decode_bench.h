@@ -47,15 +47,15 @@ struct StepBreakdown {
 
 struct PlacementResult {
   std::string placement;
-  std::string selector;              // device name reported by the selector, "" for dense
-  StepBreakdown mean;                // mean over timed steps
-  std::vector<double> step_ms;       // every timed step's total
+  std::string selector;         // device name reported by the selector, "" for dense
+  StepBreakdown mean;           // mean over timed steps
+  std::vector<double> step_ms;  // every timed step's total
   double median_step_ms = 0;
-  double tokens_per_s = 0;           // batch / median step time
-  double bulk_prepare_ms = 0;        // digest build after prefill (all layers)
-  int sparse_layers = 0;             // layers that decoded sparsely on the last step
-  double kv_bytes_per_step = 0;      // K/V bytes attention read on the last step
-  double digest_bytes_per_step = 0;  // digest bytes scored on the last step
+  double tokens_per_s = 0;             // batch / median step time
+  double bulk_prepare_ms = 0;          // digest build after prefill (all layers)
+  int sparse_layers = 0;               // layers that decoded sparsely on the last step
+  double kv_bytes_per_step = 0;        // K/V bytes attention read on the last step
+  double digest_bytes_per_step = 0;    // digest bytes scored on the last step
   std::optional<double> rel_l2_error;  // ||sparse - dense|| / ||dense|| on the last step
 };
 

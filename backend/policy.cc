@@ -12,8 +12,7 @@ absl::Status ValidateSparsityPolicy(const SparsityPolicy& policy, int block_size
   return ValidateSelectionConfig(policy.selection, block_size);
 }
 
-bool DecodesSparse(const SparsityPolicy& policy, int layer, const int32_t* seq_lens,
-                   int num_seqs) {
+bool DecodesSparse(const SparsityPolicy& policy, int layer, const int32_t* seq_lens, int num_seqs) {
   if (layer < policy.dense_layers) return false;
   for (int s = 0; s < num_seqs; ++s) {
     if (seq_lens[s] > policy.selection.budget_tokens) return true;

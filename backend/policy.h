@@ -27,8 +27,7 @@ struct SparsityPolicy {
 
 // True when `layer` decodes sparsely for a batch with these lengths.
 //   seq_lens [num_seqs]
-bool DecodesSparse(const SparsityPolicy& policy, int layer, const int32_t* seq_lens,
-                   int num_seqs);
+bool DecodesSparse(const SparsityPolicy& policy, int layer, const int32_t* seq_lens, int num_seqs);
 
 }  // namespace mempipe
 

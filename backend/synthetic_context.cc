@@ -1,11 +1,11 @@
 #include "backend/synthetic_context.h"
 
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <new>
-
-#include <sys/mman.h>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -35,7 +35,8 @@ absl::Status ValidateSyntheticContextConfig(const SyntheticContextConfig& c) {
   }
   MEMPIPE_RETURN_IF_ERROR(ValidateHeadDim(m.head_dim));
   MEMPIPE_RETURN_IF_ERROR(ValidateBlockSize(c.block_size));
-  if (c.batch <= 0) return absl::InvalidArgumentError(absl::StrCat("batch must be positive, got ", c.batch));
+  if (c.batch <= 0)
+    return absl::InvalidArgumentError(absl::StrCat("batch must be positive, got ", c.batch));
   if (c.context <= 0) {
     return absl::InvalidArgumentError(absl::StrCat("context must be positive, got ", c.context));
   }
@@ -58,9 +59,9 @@ SyntheticContext::SyntheticContext(const SyntheticContextConfig& config) : confi
 float SyntheticContext::Noise(uint64_t& state) {
   // Sum of four 16-bit uniforms on [0, 1): mean 2, variance 4/12; scaled to unit variance.
   const uint64_t r = SplitMix(state);
-  const float sum = static_cast<float>((r & 0xffff) + ((r >> 16) & 0xffff) +
-                                       ((r >> 32) & 0xffff) + (r >> 48)) *
-                    (1.0f / 65536.0f);
+  const float sum =
+      static_cast<float>((r & 0xffff) + ((r >> 16) & 0xffff) + ((r >> 32) & 0xffff) + (r >> 48)) *
+      (1.0f / 65536.0f);
   return (sum - 2.0f) * 1.7320508f;
 }
 
@@ -107,14 +108,14 @@ absl::Status SyntheticContext::Prefill(const std::function<void(int)>& progress)
   // touch every page first, so nothing is zeroed twice and page faults stay few.
   constexpr size_t kAlign = size_t{2} << 20;
   for (int l = 0; l < m.num_layers; ++l) {
-    caches_[l] = KvCacheView{nullptr, config_.dtype, num_blocks_, config_.block_size,
+    caches_[l] = KvCacheView{nullptr,        config_.dtype, num_blocks_, config_.block_size,
                              m.num_kv_heads, m.head_dim};
     const size_t bytes = (caches_[l].NumBytes() + kAlign - 1) / kAlign * kAlign;
     storage_[l].reset(static_cast<uint8_t*>(std::aligned_alloc(kAlign, bytes)));
     if (!storage_[l]) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "cannot allocate ", m.num_layers, " x ", bytes >> 20,
-          " MiB of KV cache; lower --context, --batch or --layers"));
+      return absl::ResourceExhaustedError(
+          absl::StrCat("cannot allocate ", m.num_layers, " x ", bytes >> 20,
+                       " MiB of KV cache; lower --context, --batch or --layers"));
     }
     madvise(storage_[l].get(), bytes, MADV_HUGEPAGE);  // advisory; failure is harmless
     caches_[l].data = storage_[l].get();

@@ -40,12 +40,12 @@ struct SyntheticContextConfig {
   DType dtype = DType::kBFloat16;
   int block_size = 16;
   int batch = 1;
-  int context = 32768;       // prompt tokens per sequence (the first sequence's; see ragged)
-  bool ragged = false;       // sequence s gets context * (1 - s / (2 * batch)) tokens
-  int max_new_tokens = 8;    // room reserved for decoded tokens
-  int heavy_hitters = 8;     // per (sequence, KV head), besides the sink token
+  int context = 32768;     // prompt tokens per sequence (the first sequence's; see ragged)
+  bool ragged = false;     // sequence s gets context * (1 - s / (2 * batch)) tokens
+  int max_new_tokens = 8;  // room reserved for decoded tokens
+  int heavy_hitters = 8;   // per (sequence, KV head), besides the sink token
   uint64_t seed = 1;
-  int threads = 2;           // for filling the caches
+  int threads = 2;  // for filling the caches
 };
 
 [[nodiscard]] absl::Status ValidateSyntheticContextConfig(const SyntheticContextConfig& config);
@@ -87,7 +87,7 @@ class SyntheticContext {
   int max_blocks_ = 0;
   int num_blocks_ = 0;
   std::vector<int32_t> block_table_;
-  std::vector<int32_t> seq_lens_;          // tokens already in the cache
+  std::vector<int32_t> seq_lens_;  // tokens already in the cache
   std::vector<int32_t> prompt_lens_;
   struct FreeDeleter {
     void operator()(uint8_t* p) const { std::free(p); }

@@ -141,20 +141,20 @@ absl::Status UpdateDigests(const KvCacheView& cache, const int64_t* slot_mapping
 }
 
 absl::Status UpdateDigestsFromKeys(const DigestView& digests, int block_size,
-                                   const int64_t* slot_mapping, int num_tokens,
-                                   const void* keys) {
+                                   const int64_t* slot_mapping, int num_tokens, const void* keys) {
   if (digests.data == nullptr || (num_tokens > 0 && keys == nullptr)) {
     return absl::InvalidArgumentError("digests and keys must not be null");
   }
   MEMPIPE_RETURN_IF_ERROR(ValidateBlockSize(block_size));
   MEMPIPE_RETURN_IF_ERROR(ValidateHeadDim(digests.head_dim));
-  MEMPIPE_RETURN_IF_ERROR(CheckSlots(slot_mapping, num_tokens,
-                                     static_cast<int64_t>(digests.num_blocks) * block_size));
+  MEMPIPE_RETURN_IF_ERROR(
+      CheckSlots(slot_mapping, num_tokens, static_cast<int64_t>(digests.num_blocks) * block_size));
   const size_t row = static_cast<size_t>(digests.num_kv_heads) * digests.head_dim;
   DispatchDType(digests.dtype, [&]<typename T>() {
     const T* k = static_cast<const T*>(keys);
-    ApplyKeys<T>(digests, block_size, slot_mapping, num_tokens,
-                 [&](int t, int h) { return k + t * row + static_cast<size_t>(h) * digests.head_dim; });
+    ApplyKeys<T>(digests, block_size, slot_mapping, num_tokens, [&](int t, int h) {
+      return k + t * row + static_cast<size_t>(h) * digests.head_dim;
+    });
   });
   return absl::OkStatus();
 }

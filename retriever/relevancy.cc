@@ -28,8 +28,8 @@ absl::Status ValidateQuery(const QueryView& query, const KvCacheView& cache,
         "query has ", query.num_seqs, " sequences but the block table has ", table.num_seqs));
   }
   if (query.head_dim != cache.head_dim) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "query head_dim ", query.head_dim, " differs from the cache's ", cache.head_dim));
+    return absl::InvalidArgumentError(absl::StrCat("query head_dim ", query.head_dim,
+                                                   " differs from the cache's ", cache.head_dim));
   }
   if (query.num_heads <= 0 || query.num_heads % cache.num_kv_heads != 0) {
     return absl::InvalidArgumentError(absl::StrCat("num_heads ", query.num_heads,
@@ -41,9 +41,9 @@ absl::Status ValidateQuery(const QueryView& query, const KvCacheView& cache,
     const float v = LoadAsFloat(query.data, query.dtype, i);
     if (!std::isfinite(v)) {
       const size_t row = i / query.head_dim;
-      return absl::InvalidArgumentError(absl::StrCat(
-          "query[", row / query.num_heads, "][", row % query.num_heads, "][",
-          i % query.head_dim, "] is ", v, "; queries must be finite"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("query[", row / query.num_heads, "][", row % query.num_heads, "][",
+                       i % query.head_dim, "] is ", v, "; queries must be finite"));
     }
   }
   return absl::OkStatus();
@@ -91,8 +91,8 @@ absl::Status ComputeRelevancy(const QueryView& query, const KvCacheView& cache,
         for (size_t i = 0; i < q.size(); ++i) {
           q[i] = LoadAsFloat(query.data, query.dtype, qrow0 * d + i);
         }
-        float* out = scores + (static_cast<size_t>(s) * cache.num_kv_heads + h) *
-                                  table.max_blocks_per_seq;
+        float* out =
+            scores + (static_cast<size_t>(s) * cache.num_kv_heads + h) * table.max_blocks_per_seq;
         for (int p = 0; p < pages; ++p) {
           const int block = table.Block(s, p);
           const T* dmx = dg + digests.Offset(block, 0, h);

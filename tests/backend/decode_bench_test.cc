@@ -2,8 +2,8 @@
 
 #include <random>
 
-#include "gtest/gtest.h"
 #include "backend/policy.h"
+#include "gtest/gtest.h"
 #include "tests/core/paged_fixture.h"
 
 namespace mempipe {
@@ -34,8 +34,8 @@ TEST(DecodeBench, SparseLayersKeepHeavyHittersAndReadFewerBytes) {
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->sparse_layers, 2);
   ASSERT_TRUE(r->rel_l2_error.has_value());
-  EXPECT_GT(*r->rel_l2_error, 0.0);      // the longest sequence lost pages
-  EXPECT_LT(*r->rel_l2_error, 0.5);      // but kept its heavy hitters
+  EXPECT_GT(*r->rel_l2_error, 0.0);  // the longest sequence lost pages
+  EXPECT_LT(*r->rel_l2_error, 0.5);  // but kept its heavy hitters
   EXPECT_LT(r->kv_bytes_per_step, 0.999 * 3 * 2 * 2 * 64 * 2 * 701.0 * 3);
   EXPECT_GT(r->digest_bytes_per_step, 0.0);
   EXPECT_GT(r->tokens_per_s, 0.0);
