@@ -14,8 +14,8 @@ namespace {
 size_t AlignUp(size_t n) { return (n + kSubBufferAlign - 1) / kSubBufferAlign * kSubBufferAlign; }
 
 KvCacheView Geometry(const CacheShape& shape, void* dummy) {
-  return KvCacheView{dummy, shape.dtype, shape.num_blocks, shape.block_size, shape.num_kv_heads,
-                     shape.head_dim};
+  return KvCacheView{
+      dummy, shape.dtype, shape.num_blocks, shape.block_size, shape.num_kv_heads, shape.head_dim};
 }
 
 }  // namespace
@@ -26,8 +26,7 @@ int CuFor(int layer, int kv_head, int num_kv_heads, int num_cus) {
 }
 
 size_t RowWordsOf(const CacheShape& shape) {
-  return static_cast<size_t>(
-      fpga_hls::RowWords(shape.head_dim, static_cast<int>(shape.dtype)));
+  return static_cast<size_t>(fpga_hls::RowWords(shape.head_dim, static_cast<int>(shape.dtype)));
 }
 
 size_t HeadSliceWords(const CacheShape& shape) {
@@ -57,9 +56,9 @@ absl::Status ValidateScoreRequest(const SelectRequest& r, const CacheShape& shap
   }
   const int group = r.query.num_heads / shape.num_kv_heads;
   if (group > fpga_hls::kMaxGroup) {
-    return absl::InvalidArgumentError(absl::StrCat("GQA ratio ", group,
-                                                   " exceeds the FPGA kernel's limit of ",
-                                                   fpga_hls::kMaxGroup, " query heads per KV head"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("GQA ratio ", group, " exceeds the FPGA kernel's limit of ",
+                     fpga_hls::kMaxGroup, " query heads per KV head"));
   }
   if (r.table.max_blocks_per_seq > fpga_hls::kMaxPagesPerSeq) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -215,15 +214,15 @@ CuLaunch ScoreLaunchWork(const SelectRequest& r, const CacheShape& shape, int cu
     // Buffer pass, then (above the budget) insert and emit passes over the middle pages.
     select += n + (n <= k ? 0.0 : 2.0 * (n - r.config.num_sink_pages - r.config.num_local_pages));
   }
-  l.hbm_bytes = digest_bytes + io.queries_bytes + io.table_bytes + io.lens_bytes +
-                io.pages_bytes + io.counts_bytes;
+  l.hbm_bytes = digest_bytes + io.queries_bytes + io.table_bytes + io.lens_bytes + io.pages_bytes +
+                io.counts_bytes;
   l.stream_words = (digest_bytes + io.queries_bytes) / hls_compat::kWordBytes;
   l.select_clocks = select;
   return l;
 }
 
-CuLaunch UpdateLaunchWork(const CacheShape& shape, const int64_t* slots, int begin, int end,
-                          int cu, const UpdateIo& io) {
+CuLaunch UpdateLaunchWork(const CacheShape& shape, const int64_t* slots, int begin, int end, int cu,
+                          const UpdateIo& io) {
   CuLaunch l;
   l.cu = cu;
   l.rows = 1;

@@ -88,16 +88,15 @@ std::vector<std::pair<int, int>> SplitUpdateLaunches(const int64_t* slots, int n
 
 // The bulk build as an update: slots and key rows [n, num_kv_heads, head_dim] of every token of
 // every page `table` uses, page by page in token order. Validates cache and table.
-[[nodiscard]] absl::Status GatherKeysForBuild(const KvCacheView& cache,
-                                              const BlockTableView& table,
+[[nodiscard]] absl::Status GatherKeysForBuild(const KvCacheView& cache, const BlockTableView& table,
                                               std::vector<int64_t>& slots,
                                               std::vector<uint8_t>& keys);
 
 // Modeled work of one score launch / one update launch on compute unit `cu`.
 CuLaunch ScoreLaunchWork(const SelectRequest& request, const CacheShape& shape, int cu,
                          const ScoreIo& io);
-CuLaunch UpdateLaunchWork(const CacheShape& shape, const int64_t* slots, int begin, int end,
-                          int cu, const UpdateIo& io);
+CuLaunch UpdateLaunchWork(const CacheShape& shape, const int64_t* slots, int begin, int end, int cu,
+                          const UpdateIo& io);
 
 }  // namespace mempipe
 

@@ -67,10 +67,10 @@ absl::Status EmulatedU55cSelector::AddLayer(int layer, const CacheShape& shape) 
   for (int h = 0; h < shape.num_kv_heads; ++h) {
     const int ch = CuFor(layer, h, shape.num_kv_heads, cus);
     if (channel_bytes_[ch] + slice_bytes > model_.params().hbm_channel_bytes) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "layer ", layer, " KV head ", h, " needs ", slice_bytes, " bytes of digests on HBM ",
-          "pseudo-channel ", ch, ", which has ", model_.params().hbm_channel_bytes - channel_bytes_[ch],
-          " bytes left"));
+      return absl::ResourceExhaustedError(
+          absl::StrCat("layer ", layer, " KV head ", h, " needs ", slice_bytes,
+                       " bytes of digests on HBM ", "pseudo-channel ", ch, ", which has ",
+                       model_.params().hbm_channel_bytes - channel_bytes_[ch], " bytes left"));
     }
   }
   Layer& l = layers_[layer];
@@ -111,7 +111,8 @@ absl::Status EmulatedU55cSelector::RunUpdate(int layer_id, Layer& layer, const i
                               end - begin, /*num_kv_heads=*/1, /*head=*/0, sh.head_dim,
                               static_cast<int>(sh.dtype), sh.block_size);
       } catch (const std::exception& e) {
-        return absl::InternalError(absl::StrCat("digest kernel failed in C simulation: ", e.what()));
+        return absl::InternalError(
+            absl::StrCat("digest kernel failed in C simulation: ", e.what()));
       }
       const int cu = CuFor(layer_id, h, sh.num_kv_heads, model_.params().num_cus);
       to_card.push_back(static_cast<double>(io.in_bytes));
@@ -217,9 +218,8 @@ void EmulatedU55cSelector::RunJob(Job& job) {
                          reinterpret_cast<int32_t*>(out + job.io.pages_offset),
                          reinterpret_cast<int32_t*>(out + job.io.counts_offset), r.table.num_seqs,
                          job.group, sh.head_dim, static_cast<int>(sh.dtype), sh.block_size,
-                         r.table.max_blocks_per_seq, r.out.max_selected, k,
-                         r.config.num_sink_pages, r.config.num_local_pages,
-                         static_cast<int>(r.config.aggregation));
+                         r.table.max_blocks_per_seq, r.out.max_selected, k, r.config.num_sink_pages,
+                         r.config.num_local_pages, static_cast<int>(r.config.aggregation));
     }
   } catch (const std::exception& e) {
     job.status =
@@ -261,9 +261,8 @@ absl::Status EmulatedU55cSelector::Wait(SelectTicket ticket, absl::Time deadline
     if (!cv_.wait_for(lock, absl::ToChronoNanoseconds(std::max(left, absl::ZeroDuration())),
                       done)) {
       job->abandoned = true;  // the worker drops it when it finishes
-      return absl::DeadlineExceededError(
-          absl::StrCat("FPGA selection ", ticket, " (layer ", job->layer_id,
-                       ") missed its deadline"));
+      return absl::DeadlineExceededError(absl::StrCat("FPGA selection ", ticket, " (layer ",
+                                                      job->layer_id, ") missed its deadline"));
     }
   }
   std::unique_ptr<Job> owned = std::move(it->second);

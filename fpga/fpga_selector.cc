@@ -15,8 +15,8 @@ absl::Status ValidateParams(const U55cParams& p) {
                                                    "] (one per HBM pseudo-channel), got ",
                                                    p.num_cus));
   }
-  const double positive[] = {p.hbm_channel_bytes, p.hbm_channel_peak_bps, p.hbm_efficiency,
-                             p.kernel_clock_hz,   p.dma_to_card_bps,      p.dma_from_card_bps,
+  const double positive[] = {p.hbm_channel_bytes,     p.hbm_channel_peak_bps, p.hbm_efficiency,
+                             p.kernel_clock_hz,       p.dma_to_card_bps,      p.dma_from_card_bps,
                              p.dma_max_transfer_bytes};
   for (double v : positive) {
     if (!(v > 0)) {

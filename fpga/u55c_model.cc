@@ -41,8 +41,8 @@ CallEstimate U55cModel::Call(const std::vector<double>& to_card_bytes,
     for (const auto& [cu, s] : busy) e.kernel_s = std::max(e.kernel_s, s);
   }
   e.total_s = e.to_card_s + e.launch_s + e.kernel_s + e.from_card_s;
-  e.energy_j = p_.board_power_active_w * e.kernel_s +
-               p_.board_power_idle_w * (e.total_s - e.kernel_s);
+  e.energy_j =
+      p_.board_power_active_w * e.kernel_s + p_.board_power_idle_w * (e.total_s - e.kernel_s);
   return e;
 }
 

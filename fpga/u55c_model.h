@@ -23,11 +23,11 @@ enum class DmaDirection { kToCard, kFromCard };
 
 // What one compute-unit launch does, in the units the model needs.
 struct CuLaunch {
-  int cu = 0;                 // which compute unit (and so which HBM pseudo-channel)
-  double hbm_bytes = 0;       // bytes read from and written to HBM
-  double stream_words = 0;    // 512-bit words through the widest stage (one per clock)
-  double select_clocks = 0;   // clocks of the select stage (two passes over middle pages)
-  int rows = 0;               // sequences processed (each pays the pipeline fill)
+  int cu = 0;                // which compute unit (and so which HBM pseudo-channel)
+  double hbm_bytes = 0;      // bytes read from and written to HBM
+  double stream_words = 0;   // 512-bit words through the widest stage (one per clock)
+  double select_clocks = 0;  // clocks of the select stage (two passes over middle pages)
+  int rows = 0;              // sequences processed (each pays the pipeline fill)
 };
 
 struct CallEstimate {  // every field modeled
@@ -51,8 +51,7 @@ class U55cModel {
   // Time of one compute-unit launch, from the moment it starts.
   double CuSeconds(const CuLaunch& launch) const;
   // A whole call: DMAs of the listed sizes, one launch batch of `launches`.
-  CallEstimate Call(const std::vector<double>& to_card_bytes,
-                    const std::vector<CuLaunch>& launches,
+  CallEstimate Call(const std::vector<double>& to_card_bytes, const std::vector<CuLaunch>& launches,
                     const std::vector<double>& from_card_bytes) const;
 
  private:

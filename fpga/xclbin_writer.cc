@@ -79,8 +79,7 @@ std::string KernelXml(const KernelSpec& k, int num_cus, int first_cu_index) {
                           "        <instance name=\"%s\">\n"
                           "          <addrRemap base=\"0x%x\" port=\"S_AXI_CONTROL\"/>\n"
                           "        </instance>\n",
-                          CuInstanceName(k.name, cu),
-                          kCuBase + (first_cu_index + cu) * kCuStride);
+                          CuInstanceName(k.name, cu), kCuBase + (first_cu_index + cu) * kCuStride);
   }
   xml += "      </kernel>\n";
   return xml;
@@ -178,8 +177,7 @@ std::vector<char> WriteMempipeXclbin(int num_cus) {
       {EMBEDDED_METADATA, "metadata", &meta},
   };
   constexpr int kNumSections = 4;
-  const size_t header_bytes =
-      sizeof(axlf) + (kNumSections - 1) * sizeof(axlf_section_header);
+  const size_t header_bytes = sizeof(axlf) + (kNumSections - 1) * sizeof(axlf_section_header);
   std::vector<char> out(header_bytes, 0);
   std::vector<axlf_section_header> headers;
   for (const Section& s : sections) {

@@ -19,8 +19,9 @@ namespace mempipe {
 
 // Platform the container names (UG1120), and the CU instance names XRT addresses them by.
 inline constexpr char kU55cPlatformVbnv[] = "xilinx_u55c_gen3x16_xdma_3_202210_1";
-std::string CuInstanceName(const char* kernel, int cu);   // "mempipe_score_topk_3"
-std::string CuKernelSelector(const char* kernel, int cu); // "mempipe_score_topk:{mempipe_score_topk_3}"
+std::string CuInstanceName(const char* kernel, int cu);  // "mempipe_score_topk_3"
+std::string CuKernelSelector(const char* kernel,
+                             int cu);  // "mempipe_score_topk:{mempipe_score_topk_3}"
 
 // The whole xclbin, `num_cus` compute units of each kernel, CU i wired to HBM[i] (i < 32).
 std::vector<char> WriteMempipeXclbin(int num_cus);

@@ -55,10 +55,10 @@ absl::StatusOr<std::unique_ptr<XrtPageSelector>> XrtPageSelector::Open(const Fpg
                                     CuKernelSelector(fpga_hls::kDigestUpdateName, cu));
     }
   } catch (const std::exception& e) {
-    return XrtError(absl::StrCat("xclbin '",
-                                 o.xclbin_path.empty() ? "<mempipe descriptive>" : o.xclbin_path,
-                                 "' with ", sel->num_cus_, " CUs per kernel"),
-                    e);
+    return XrtError(
+        absl::StrCat("xclbin '", o.xclbin_path.empty() ? "<mempipe descriptive>" : o.xclbin_path,
+                     "' with ", sel->num_cus_, " CUs per kernel"),
+        e);
   }
   return sel;
 }
@@ -112,9 +112,8 @@ absl::Status XrtPageSelector::AddLayer(int layer, const CacheShape& shape) {
       l.heads.push_back(std::move(bo));
     }
   } catch (const std::exception& e) {
-    return XrtError(absl::StrCat("allocating layer ", layer, " digests (", bytes,
-                                 " bytes per KV head)"),
-                    e);
+    return XrtError(
+        absl::StrCat("allocating layer ", layer, " digests (", bytes, " bytes per KV head)"), e);
   }
   layers_.emplace(layer, std::move(l));
   return absl::OkStatus();
@@ -183,8 +182,8 @@ absl::Status XrtPageSelector::RunUpdate(int layer_id, Layer& layer, const int64_
       for (xrt::run& r : runs) {
         const ert_cmd_state state = r.wait();
         if (state != ERT_CMD_STATE_COMPLETED) {
-          return absl::InternalError(absl::StrCat("digest update on layer ", layer_id,
-                                                  " ended in XRT state ", state));
+          return absl::InternalError(
+              absl::StrCat("digest update on layer ", layer_id, " ended in XRT state ", state));
         }
       }
     }
@@ -310,8 +309,8 @@ absl::Status XrtPageSelector::Wait(SelectTicket ticket, absl::Time deadline) {
             const int layer = p.layer;
             abandoned_.push_back(std::move(p));
             pending_.erase(it);
-            return absl::DeadlineExceededError(absl::StrCat(
-                "FPGA selection ", ticket, " (layer ", layer, ") missed its deadline"));
+            return absl::DeadlineExceededError(absl::StrCat("FPGA selection ", ticket, " (layer ",
+                                                            layer, ") missed its deadline"));
           }
           std::this_thread::sleep_for(kPollInterval);
         }

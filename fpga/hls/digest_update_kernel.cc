@@ -40,9 +40,9 @@ struct Ctrl {
   bool flag;  // kBegin: old rows follow; kToken: the token opens its page (reset)
 };
 
-void LoadStage(const Word512* digests_in, const Word512* keys, const int64_t* slots,
-               int num_tokens, int num_kv_heads, int head, int row_words, int block_size,
-               Stream<Ctrl>& ctrl, Stream<Word512>& words) {
+void LoadStage(const Word512* digests_in, const Word512* keys, const int64_t* slots, int num_tokens,
+               int num_kv_heads, int head, int row_words, int block_size, Stream<Ctrl>& ctrl,
+               Stream<Word512>& words) {
   int current = -1;
 LOAD_TOKENS:
   for (int t = 0; t < num_tokens; ++t) {
@@ -160,8 +160,8 @@ extern "C" void mempipe_digest_update(const mempipe::hls_compat::Word512* digest
   Stream<Word512> run_words;
 #pragma HLS stream variable = words depth = 64
 #pragma HLS stream variable = run_words depth = 64
-  mempipe::fpga_hls::LoadStage(digests_in, keys, slots, num_tokens, num_kv_heads, head,
-                               row_words, block_size, ctrl, words);
+  mempipe::fpga_hls::LoadStage(digests_in, keys, slots, num_tokens, num_kv_heads, head, row_words,
+                               block_size, ctrl, words);
   mempipe::fpga_hls::FoldStage(row_words, dtype, ctrl, words, run_block, run_words);
   mempipe::fpga_hls::StoreStage(row_words, run_block, run_words, digests_out);
 }

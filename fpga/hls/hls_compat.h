@@ -41,7 +41,10 @@ inline void SetBits32(Word512& w, int i, uint32_t v) { w.range(32 * i + 31, 32 *
 inline void SetBits16(Word512& w, int i, uint16_t v) { w.range(16 * i + 15, 16 * i) = v; }
 
 inline float BitsToFloat(uint32_t u) {
-  union { uint32_t u; float f; } c;
+  union {
+    uint32_t u;
+    float f;
+  } c;
   c.u = u;
   return c.f;
 }

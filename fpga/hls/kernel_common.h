@@ -26,10 +26,10 @@ inline constexpr int kDTypeBF16 = 2;
 
 // Sizes the on-chip buffers are built for; the host checks requests against them.
 inline constexpr int kMaxHeadDim = 256;
-inline constexpr int kMaxGroup = 16;                // query heads per KV head (GQA ratio)
-inline constexpr int kMaxPagesPerSeq = 65536;      // 1M tokens at page size 16
-inline constexpr int kMaxTopK = 1024;              // middle pages kept per row
-inline constexpr int kLanes = 32;                  // retriever/relevancy.h kScoreLanes
+inline constexpr int kMaxGroup = 16;           // query heads per KV head (GQA ratio)
+inline constexpr int kMaxPagesPerSeq = 65536;  // 1M tokens at page size 16
+inline constexpr int kMaxTopK = 1024;          // middle pages kept per row
+inline constexpr int kLanes = 32;              // retriever/relevancy.h kScoreLanes
 inline constexpr int kMaxRowWords = kMaxHeadDim * 4 / hls_compat::kWordBytes;  // fp32 d=256
 
 inline int ElemBytes(int dtype) { return dtype == kDTypeF32 ? 4 : 2; }

@@ -30,9 +30,8 @@ extern "C" {
 void mempipe_score_topk(const mempipe::hls_compat::Word512* digests,
                         const mempipe::hls_compat::Word512* queries, const int32_t* block_table,
                         const int32_t* seq_lens, int32_t* pages, int32_t* counts, int num_seqs,
-                        int group, int head_dim, int dtype, int block_size,
-                        int max_blocks_per_seq, int max_selected, int k, int sinks, int locals,
-                        int aggregation);
+                        int group, int head_dim, int dtype, int block_size, int max_blocks_per_seq,
+                        int max_selected, int k, int sinks, int locals, int aggregation);
 
 // Step 1, incremental, for one KV head: the digest update of retriever/digest.h
 // (UpdateDigestsFromKeys). `digests_in` and `digests_out` are the same buffer, read by the load
@@ -65,8 +64,8 @@ enum class ArgKind { kGlobal, kScalar };
 struct KernelArg {
   const char* name;
   ArgKind kind;
-  int size;           // bytes on the control interface: 8 for a pointer, 4 for an int
-  const char* type;   // the C type, as the xclbin metadata spells it
+  int size;          // bytes on the control interface: 8 for a pointer, 4 for an int
+  const char* type;  // the C type, as the xclbin metadata spells it
 };
 
 inline constexpr KernelArg kScoreTopkArgs[] = {

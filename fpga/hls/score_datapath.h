@@ -30,9 +30,9 @@ LANE_TREE:
 // Group score of one page: the Quest bound of each of the `group` query heads
 // (q [group][head_dim] fp32) against the page's max and min rows (`row_words` words each), each
 // in the canonical lane order, aggregated in head order (0 = max, 1 = sum).
-inline float PageGroupScore(const float q[kMaxGroup][kMaxHeadDim],
-                            const Word512 mx[kMaxRowWords], const Word512 mn[kMaxRowWords],
-                            int group, int row_words, int dtype, int aggregation) {
+inline float PageGroupScore(const float q[kMaxGroup][kMaxHeadDim], const Word512 mx[kMaxRowWords],
+                            const Word512 mn[kMaxRowWords], int group, int row_words, int dtype,
+                            int aggregation) {
 #pragma HLS inline
   const int epw = ElemsPerWord(dtype);
   float agg = 0.0f;

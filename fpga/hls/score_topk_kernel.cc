@@ -45,9 +45,7 @@ using hls_compat::Stream;
 inline int PagesOf(int len, int block_size) { return (len + block_size - 1) / block_size; }
 
 // NaN ranks last, as in SelectPages.
-inline float RankKey(float s) {
-  return s != s ? -std::numeric_limits<float>::infinity() : s;
-}
+inline float RankKey(float s) { return s != s ? -std::numeric_limits<float>::infinity() : s; }
 inline bool Better(float ka, int a, float kb, int b) { return ka > kb || (ka == kb && a < b); }
 
 void LoadStage(const Word512* digests, const Word512* queries, const int32_t* block_table,
@@ -71,8 +69,8 @@ LOAD_SEQS:
     for (int p = 0; p < n; ++p) {
 #pragma HLS LOOP_TRIPCOUNT min = 1 max = 65536
       const int64_t base =
-          static_cast<int64_t>(block_table[static_cast<int64_t>(s) * max_blocks_per_seq + p]) *
-          2 * row_words;
+          static_cast<int64_t>(block_table[static_cast<int64_t>(s) * max_blocks_per_seq + p]) * 2 *
+          row_words;
     LOAD_ROWS:
       for (int w = 0; w < 2 * row_words; ++w) {
 #pragma HLS LOOP_TRIPCOUNT min = 4 max = 32
@@ -170,7 +168,8 @@ SELECT_SEQS:
 #pragma HLS pipeline II = 1
       const float kc = RankKey(buf[p]);
       // Early out: no slot changes unless the candidate beats the current last kept entry.
-      if (want == 0 || (top_valid[want - 1] && !Better(kc, p, top_key[want - 1], top_idx[want - 1]))) {
+      if (want == 0 ||
+          (top_valid[want - 1] && !Better(kc, p, top_key[want - 1], top_idx[want - 1]))) {
         continue;
       }
       // Every slot decides from the old contents (descending i reads slot i-1 before it is
@@ -204,8 +203,7 @@ SELECT_SEQS:
     for (int p = lo; p < hi; ++p) {
 #pragma HLS LOOP_TRIPCOUNT min = 1 max = 65536
 #pragma HLS pipeline II = 1
-      if (want > 0 &&
-          !Better(top_key[want - 1], top_idx[want - 1], RankKey(buf[p]), p)) {
+      if (want > 0 && !Better(top_key[want - 1], top_idx[want - 1], RankKey(buf[p]), p)) {
         page_ids.write(p);
       }
     }
@@ -235,11 +233,11 @@ STORE_SEQS:
   }
 }
 
-void ScoreTopkDataflow(const Word512* digests, const Word512* queries,
-                       const int32_t* block_table, const int32_t* seq_lens, int32_t* pages,
-                       int32_t* counts, int num_seqs, int group, int head_dim, int dtype,
-                       int block_size, int max_blocks_per_seq, int max_selected, int k,
-                       int sinks, int locals, int aggregation, float* debug_scores) {
+void ScoreTopkDataflow(const Word512* digests, const Word512* queries, const int32_t* block_table,
+                       const int32_t* seq_lens, int32_t* pages, int32_t* counts, int num_seqs,
+                       int group, int head_dim, int dtype, int block_size, int max_blocks_per_seq,
+                       int max_selected, int k, int sinks, int locals, int aggregation,
+                       float* debug_scores) {
 #pragma HLS dataflow
   Stream<Word512> q_words;
   Stream<Word512> dg_words;
@@ -250,8 +248,8 @@ void ScoreTopkDataflow(const Word512* digests, const Word512* queries,
   Stream<int> count;
 #pragma HLS stream variable = dg_words depth = 64
 #pragma HLS stream variable = page_ids depth = 1024
-  LoadStage(digests, queries, block_table, seq_lens, num_seqs, group, head_dim, dtype,
-            block_size, max_blocks_per_seq, q_words, dg_words, n_load);
+  LoadStage(digests, queries, block_table, seq_lens, num_seqs, group, head_dim, dtype, block_size,
+            max_blocks_per_seq, q_words, dg_words, n_load);
   ScoreStage(num_seqs, group, head_dim, dtype, aggregation, q_words, dg_words, n_load, scores,
              n_score);
   SelectStage(num_seqs, max_blocks_per_seq, k, sinks, locals, scores, n_score, page_ids, count,
@@ -264,11 +262,10 @@ void ScoreTopkDataflow(const Word512* digests, const Word512* queries,
 void ScoreTopkCsim(const Word512* digests, const Word512* queries, const int32_t* block_table,
                    const int32_t* seq_lens, int32_t* pages, int32_t* counts, int num_seqs,
                    int group, int head_dim, int dtype, int block_size, int max_blocks_per_seq,
-                   int max_selected, int k, int sinks, int locals, int aggregation,
-                   float* scores) {
+                   int max_selected, int k, int sinks, int locals, int aggregation, float* scores) {
   ScoreTopkDataflow(digests, queries, block_table, seq_lens, pages, counts, num_seqs, group,
-                    head_dim, dtype, block_size, max_blocks_per_seq, max_selected, k, sinks,
-                    locals, aggregation, scores);
+                    head_dim, dtype, block_size, max_blocks_per_seq, max_selected, k, sinks, locals,
+                    aggregation, scores);
 }
 
 }  // namespace mempipe::fpga_hls
@@ -277,20 +274,20 @@ extern "C" void mempipe_score_topk(const mempipe::hls_compat::Word512* digests,
                                    const mempipe::hls_compat::Word512* queries,
                                    const int32_t* block_table, const int32_t* seq_lens,
                                    int32_t* pages, int32_t* counts, int num_seqs, int group,
-                                   int head_dim, int dtype, int block_size,
-                                   int max_blocks_per_seq, int max_selected, int k, int sinks,
-                                   int locals, int aggregation) {
+                                   int head_dim, int dtype, int block_size, int max_blocks_per_seq,
+                                   int max_selected, int k, int sinks, int locals,
+                                   int aggregation) {
 // One AXI master on the head's HBM pseudo-channel for the digest stream, one for everything else
 // (same pseudo-channel, see fpga/hls/u55c_connectivity.cfg).
-#pragma HLS interface m_axi port = digests bundle = gmem_dg offset = slave max_read_burst_length = 64 num_read_outstanding = 32
+#pragma HLS interface m_axi port = digests bundle = gmem_dg offset = slave max_read_burst_length = \
+    64 num_read_outstanding = 32
 #pragma HLS interface m_axi port = queries bundle = gmem_io offset = slave
 #pragma HLS interface m_axi port = block_table bundle = gmem_io offset = slave
 #pragma HLS interface m_axi port = seq_lens bundle = gmem_io offset = slave
 #pragma HLS interface m_axi port = pages bundle = gmem_io offset = slave
 #pragma HLS interface m_axi port = counts bundle = gmem_io offset = slave
 #pragma HLS interface s_axilite port = return
-  mempipe::fpga_hls::ScoreTopkDataflow(digests, queries, block_table, seq_lens, pages, counts,
-                                       num_seqs, group, head_dim, dtype, block_size,
-                                       max_blocks_per_seq, max_selected, k, sinks, locals,
-                                       aggregation, nullptr);
+  mempipe::fpga_hls::ScoreTopkDataflow(
+      digests, queries, block_table, seq_lens, pages, counts, num_seqs, group, head_dim, dtype,
+      block_size, max_blocks_per_seq, max_selected, k, sinks, locals, aggregation, nullptr);
 }

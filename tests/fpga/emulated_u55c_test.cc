@@ -2,13 +2,14 @@
 // bit for bit through bulk build, decode-step appends and scoring, on fresh random data; costs
 // carry both measured host time and modeled device time/energy; paced completion, deadlines and
 // errors.
+#include "fpga/emulated_u55c.h"
+
 #include <chrono>
 #include <cstring>
 #include <iostream>
 #include <random>
 #include <vector>
 
-#include "fpga/emulated_u55c.h"
 #include "fpga/fpga_selector.h"
 #include "gtest/gtest.h"
 #include "tests/fpga/test_data.h"
@@ -47,8 +48,9 @@ TEST(EmulatedU55c, MatchesCpuSelectorThroughDecodeSteps) {
       {DType::kFloat16, 16, 8, 64, 2, GroupAggregation::kSum},
   };
   for (const Case& c : cases) {
-    SCOPED_TRACE(::testing::Message() << DTypeName(c.dtype) << " page " << c.block_size << " d "
-                                      << c.head_dim << " kv " << c.kv_heads << " group " << c.group);
+    SCOPED_TRACE(::testing::Message()
+                 << DTypeName(c.dtype) << " page " << c.block_size << " d " << c.head_dim << " kv "
+                 << c.kv_heads << " group " << c.group);
     std::uniform_int_distribution<int> len(1, 30 * c.block_size);
     Batch b = testing::MakeBatch(rng, c.dtype, c.block_size, c.kv_heads, c.head_dim, c.group,
                                  {len(rng), len(rng), len(rng)}, 0, false);
@@ -64,7 +66,8 @@ TEST(EmulatedU55c, MatchesCpuSelectorThroughDecodeSteps) {
     // Spare blocks: those no sequence uses yet.
     std::vector<bool> used(b.num_blocks, false);
     for (int s = 0; s < 3; ++s) {
-      for (int p = 0; p < NumPages(b.lens[s], c.block_size); ++p) used[b.table[s * b.max_blocks + p]] = true;
+      for (int p = 0; p < NumPages(b.lens[s], c.block_size); ++p)
+        used[b.table[s * b.max_blocks + p]] = true;
     }
     std::vector<int32_t> spare;
     for (int blk = 0; blk < b.num_blocks; ++blk) {
@@ -94,7 +97,8 @@ TEST(EmulatedU55c, MatchesCpuSelectorThroughDecodeSteps) {
                    pos % c.block_size;
         ++b.lens[s];
       }
-      std::vector<uint8_t> keys(3 * static_cast<size_t>(c.kv_heads) * c.head_dim * DTypeSize(c.dtype));
+      std::vector<uint8_t> keys(3 * static_cast<size_t>(c.kv_heads) * c.head_dim *
+                                DTypeSize(c.dtype));
       for (size_t i = 0; i < keys.size() / DTypeSize(c.dtype); ++i) {
         StoreFromFloat(keys.data(), c.dtype, i, uni(rng));
       }
@@ -114,8 +118,8 @@ TEST(EmulatedU55c, MatchesCpuSelectorThroughDecodeSteps) {
       }
       for (int layer : {0, 1}) {
         const SelectionView out{layer == 0 ? emu_pages.data() : cpu_pages.data(),
-                                layer == 0 ? emu_counts.data() : cpu_counts.data(), 3,
-                                c.kv_heads, max_sel};
+                                layer == 0 ? emu_counts.data() : cpu_counts.data(), 3, c.kv_heads,
+                                max_sel};
         auto t = emu.Submit({layer, b.Query(), b.Table(), config, out});
         ASSERT_TRUE(t.ok()) << t.status();
         tickets.push_back(*t);
@@ -317,11 +321,11 @@ TEST(EmulatedU55c, ReferenceShapeCostsFollowTheModel) {
   EXPECT_LT(c.transfer_ms, 16 * 3 * p.dma_transfer_overhead_s * 1e3);
   std::cout << "[reference shape] 4 seqs x 8K tokens, 8 KV heads, GQA 4, d 128, fp16, page 16\n"
             << "  bulk build  : measured host " << build.host_ms << " ms (this machine, C-sim)"
-            << "; modeled U55C " << *build.modeled_device_ms << " ms, "
-            << *build.modeled_energy_mj << " mJ\n"
+            << "; modeled U55C " << *build.modeled_device_ms << " ms, " << *build.modeled_energy_mj
+            << " mJ\n"
             << "  score+top-k : measured host " << c.host_ms << " ms (this machine, C-sim)"
-            << "; modeled U55C " << *c.modeled_device_ms << " ms (of which DMA "
-            << c.transfer_ms << " ms), " << *c.modeled_energy_mj << " mJ\n"
+            << "; modeled U55C " << *c.modeled_device_ms << " ms (of which DMA " << c.transfer_ms
+            << " ms), " << *c.modeled_energy_mj << " mJ\n"
             << "  cpu selector: measured host " << cpu_build_ms << " ms build, "
             << cpu.Costs().host_ms << " ms score+top-k (this machine)\n";
 }

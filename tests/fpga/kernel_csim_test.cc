@@ -28,8 +28,9 @@ std::vector<Word512> HeadSlice(const std::vector<uint8_t>& dg, const DigestView&
   std::vector<Word512> slice(static_cast<size_t>(v.num_blocks) * 2 * row / sizeof(Word512));
   for (int b = 0; b < v.num_blocks; ++b) {
     for (int which = 0; which < 2; ++which) {
-      std::memcpy(reinterpret_cast<uint8_t*>(slice.data()) + (static_cast<size_t>(b) * 2 + which) * row,
-                  dg.data() + v.Offset(b, which, h) * DTypeSize(v.dtype), row);
+      std::memcpy(
+          reinterpret_cast<uint8_t*>(slice.data()) + (static_cast<size_t>(b) * 2 + which) * row,
+          dg.data() + v.Offset(b, which, h) * DTypeSize(v.dtype), row);
     }
   }
   return slice;
@@ -61,9 +62,9 @@ std::vector<Case> AllCases() {
 // Scores and selections of mempipe_score_topk (per KV head) against ComputeRelevancy and
 // SelectPages.
 void CheckScoreTopk(std::mt19937_64& rng, Batch& b, const SelectionConfig& config) {
-  SCOPED_TRACE(::testing::Message() << DTypeName(b.dtype) << " page " << b.block_size << " d "
-                                    << b.head_dim << " group " << b.group << " kv_heads "
-                                    << b.num_kv_heads << " budget " << config.budget_tokens);
+  SCOPED_TRACE(::testing::Message()
+               << DTypeName(b.dtype) << " page " << b.block_size << " d " << b.head_dim << " group "
+               << b.group << " kv_heads " << b.num_kv_heads << " budget " << config.budget_tokens);
   KvCacheView cache = b.Cache();
   const BlockTableView table = b.Table();
   DigestView dv{nullptr, b.dtype, b.num_blocks, b.num_kv_heads, b.head_dim};
@@ -77,16 +78,16 @@ void CheckScoreTopk(std::mt19937_64& rng, Batch& b, const SelectionConfig& confi
 
   const int num_seqs = table.num_seqs;
   std::vector<float> ref_scores(static_cast<size_t>(num_seqs) * b.num_kv_heads * b.max_blocks);
-  ASSERT_TRUE(ComputeRelevancy(b.Query(), cache, dv, table, config.aggregation,
-                               ref_scores.data()).ok());
+  ASSERT_TRUE(
+      ComputeRelevancy(b.Query(), cache, dv, table, config.aggregation, ref_scores.data()).ok());
   const int k = config.PagesPerHead(b.block_size);
   const int max_sel = k + static_cast<int>(rng() % 3);  // padding past k must be -1
   std::vector<int32_t> ref_pages(static_cast<size_t>(num_seqs) * b.num_kv_heads * max_sel);
   std::vector<int32_t> ref_counts(static_cast<size_t>(num_seqs) * b.num_kv_heads);
   const SelectionView ref_sel{ref_pages.data(), ref_counts.data(), num_seqs, b.num_kv_heads,
                               max_sel};
-  ASSERT_TRUE(SelectPages(ref_scores.data(), table, b.block_size, b.num_kv_heads, config,
-                          ref_sel).ok());
+  ASSERT_TRUE(
+      SelectPages(ref_scores.data(), table, b.block_size, b.num_kv_heads, config, ref_sel).ok());
 
   SelectRequest req{0, b.Query(), table, config, ref_sel};
   const ScoreIo io = PlanScoreIo(num_seqs, b.group, b.head_dim, b.max_blocks, max_sel);
@@ -99,15 +100,16 @@ void CheckScoreTopk(std::mt19937_64& rng, Batch& b, const SelectionConfig& confi
     std::vector<int32_t> counts(num_seqs, 0x7eadbeef);
     std::vector<float> scores(static_cast<size_t>(num_seqs) * b.max_blocks,
                               std::numeric_limits<float>::quiet_NaN());
-    fpga_hls::ScoreTopkCsim(
-        slice.data(), reinterpret_cast<const Word512*>(inb + io.queries_offset),
-        reinterpret_cast<const int32_t*>(inb + io.table_offset),
-        reinterpret_cast<const int32_t*>(inb + io.lens_offset), pages.data(), counts.data(),
-        num_seqs, b.group, b.head_dim, static_cast<int>(b.dtype), b.block_size, b.max_blocks,
-        max_sel, k, config.num_sink_pages, config.num_local_pages,
-        static_cast<int>(config.aggregation), scores.data());
+    fpga_hls::ScoreTopkCsim(slice.data(), reinterpret_cast<const Word512*>(inb + io.queries_offset),
+                            reinterpret_cast<const int32_t*>(inb + io.table_offset),
+                            reinterpret_cast<const int32_t*>(inb + io.lens_offset), pages.data(),
+                            counts.data(), num_seqs, b.group, b.head_dim, static_cast<int>(b.dtype),
+                            b.block_size, b.max_blocks, max_sel, k, config.num_sink_pages,
+                            config.num_local_pages, static_cast<int>(config.aggregation),
+                            scores.data());
     for (int s = 0; s < num_seqs; ++s) {
-      const float* want = ref_scores.data() + (static_cast<size_t>(s) * b.num_kv_heads + h) * b.max_blocks;
+      const float* want =
+          ref_scores.data() + (static_cast<size_t>(s) * b.num_kv_heads + h) * b.max_blocks;
       ASSERT_EQ(0, std::memcmp(want, scores.data() + static_cast<size_t>(s) * b.max_blocks,
                                b.max_blocks * sizeof(float)))
           << "scores differ: seq " << s << " head " << h;
@@ -172,8 +174,8 @@ TEST(ScoreTopkKernel, LargeBudget) {
 TEST(DigestUpdateKernel, MatchesReferenceAcrossShapes) {
   std::mt19937_64 rng(FreshSeed("DigestUpdateKernel.MatchesReferenceAcrossShapes"));
   for (const Case& c : AllCases()) {
-    SCOPED_TRACE(::testing::Message() << DTypeName(c.dtype) << " page " << c.block_size << " d "
-                                      << c.head_dim);
+    SCOPED_TRACE(::testing::Message()
+                 << DTypeName(c.dtype) << " page " << c.block_size << " d " << c.head_dim);
     const int kv_heads = 1 + static_cast<int>(rng() % 4);
     const int num_blocks = 12;
     DigestView ref{nullptr, c.dtype, num_blocks, kv_heads, c.head_dim};
@@ -197,7 +199,7 @@ TEST(DigestUpdateKernel, MatchesReferenceAcrossShapes) {
           continue;
         }
         int blk = static_cast<int>(rng() % num_blocks);
-        if (round == 0) blk = t / c.block_size;  // a prefill: pages filled in order
+        if (round == 0) blk = t / c.block_size;        // a prefill: pages filled in order
         if (fill[blk] == c.block_size) fill[blk] = 0;  // the page is reused from its start
         slots.push_back(static_cast<int64_t>(blk) * c.block_size + fill[blk]++);
       }
@@ -207,7 +209,8 @@ TEST(DigestUpdateKernel, MatchesReferenceAcrossShapes) {
       for (size_t i = 0; i < keys.size() / DTypeSize(c.dtype); ++i) {
         StoreFromFloat(keys.data(), c.dtype, i, uni(rng));
       }
-      ASSERT_TRUE(UpdateDigestsFromKeys(ref, c.block_size, slots.data(), num_tokens, keys.data()).ok());
+      ASSERT_TRUE(
+          UpdateDigestsFromKeys(ref, c.block_size, slots.data(), num_tokens, keys.data()).ok());
       for (const auto& [begin, end] : SplitUpdateLaunches(slots.data(), num_tokens, c.block_size)) {
         const size_t key_row_words = fpga_hls::RowWords(c.head_dim, static_cast<int>(c.dtype));
         for (int h = 0; h < kv_heads; ++h) {

@@ -18,7 +18,8 @@ namespace mempipe::testing {
 
 // A fresh seed per run, printed so a failure can be replayed.
 inline uint64_t FreshSeed(const char* what) {
-  const uint64_t seed = (static_cast<uint64_t>(std::random_device{}()) << 32) ^ std::random_device{}();
+  const uint64_t seed =
+      (static_cast<uint64_t>(std::random_device{}()) << 32) ^ std::random_device{}();
   std::cout << "[seed] " << what << " = " << seed << "\n";
   return seed;
 }

@@ -1,8 +1,9 @@
 // The U55C timing and energy model (all figures modeled) reproduces the published reference
 // points its parameters were taken from (docs/FPGA-NOTES.md, fpga/u55c_params.h).
+#include "fpga/u55c_model.h"
+
 #include <vector>
 
-#include "fpga/u55c_model.h"
 #include "gtest/gtest.h"
 
 namespace mempipe {
@@ -88,8 +89,7 @@ TEST(U55cModel, KernelClockBoundsComputeStages) {
 TEST(U55cModel, EnergyIsBoardPowerTimesTime) {
   const U55cParams p;
   const U55cModel m{p};
-  const CallEstimate e =
-      m.Call({1 << 20}, {CuLaunch{0, 64.0 * (1 << 20), 1 << 20, 0, 1}}, {4096});
+  const CallEstimate e = m.Call({1 << 20}, {CuLaunch{0, 64.0 * (1 << 20), 1 << 20, 0, 1}}, {4096});
   EXPECT_NEAR(e.total_s, e.to_card_s + e.launch_s + e.kernel_s + e.from_card_s, 1e-15);
   EXPECT_NEAR(e.energy_j,
               p.board_power_active_w * e.kernel_s + p.board_power_idle_w * (e.total_s - e.kernel_s),

@@ -37,7 +37,8 @@ TEST(XrtSelectorDelay, DeadlineExceededThenCompletionAfterTheDelay) {
   auto t0 = std::chrono::steady_clock::now();
   auto ticket = (*sel)->Submit(req);
   ASSERT_TRUE(ticket.ok()) << ticket.status();
-  std::cerr << "submit took " << std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() << "\n";
+  std::cerr << "submit took "
+            << std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() << "\n";
   const absl::Status late = (*sel)->Wait(*ticket, absl::Now() + absl::Milliseconds(20));
   EXPECT_EQ(late.code(), absl::StatusCode::kDeadlineExceeded) << late;
   EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::microseconds(kDelayUs));

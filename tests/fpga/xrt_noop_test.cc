@@ -45,12 +45,12 @@ TEST(XclbinWriter, DescribesKernelsMemoriesAndArguments) {
   for (const xrt::xclbin::kernel& k : x.get_kernels()) {
     names.insert(k.get_name());
     EXPECT_EQ(k.get_cus().size(), 8u) << k.get_name();
-    const auto& want = k.get_name() == fpga_hls::kScoreTopkName
-                           ? std::vector<fpga_hls::KernelArg>(std::begin(fpga_hls::kScoreTopkArgs),
-                                                              std::end(fpga_hls::kScoreTopkArgs))
-                           : std::vector<fpga_hls::KernelArg>(
-                                 std::begin(fpga_hls::kDigestUpdateArgs),
-                                 std::end(fpga_hls::kDigestUpdateArgs));
+    const auto& want =
+        k.get_name() == fpga_hls::kScoreTopkName
+            ? std::vector<fpga_hls::KernelArg>(std::begin(fpga_hls::kScoreTopkArgs),
+                                               std::end(fpga_hls::kScoreTopkArgs))
+            : std::vector<fpga_hls::KernelArg>(std::begin(fpga_hls::kDigestUpdateArgs),
+                                               std::end(fpga_hls::kDigestUpdateArgs));
     ASSERT_EQ(k.get_num_args(), want.size()) << k.get_name();
     for (size_t a = 0; a < want.size(); ++a) {
       const auto arg = k.get_arg(a);
@@ -136,8 +136,8 @@ TEST(XrtSelector, BuildAppendSubmitWaitRunOnTheShim) {
   std::mt19937_64 rng(testing::FreshSeed("XrtSelector.BuildAppendSubmitWaitRunOnTheShim"));
   auto sel = XrtPageSelector::Open(XrtOptions());
   ASSERT_TRUE(sel.ok()) << sel.status();
-  testing::Batch b = testing::MakeBatch(rng, DType::kBFloat16, 16, 2, 128, 4, {700, 300, 1000},
-                                        0, false);
+  testing::Batch b =
+      testing::MakeBatch(rng, DType::kBFloat16, 16, 2, 128, 4, {700, 300, 1000}, 0, false);
   ASSERT_TRUE((*sel)->AddLayer(1, {b.dtype, b.num_blocks, 16, 2, 128}).ok());
   ASSERT_TRUE((*sel)->BuildDigests(1, b.Cache(), b.Table()).ok());
   EXPECT_GT((*sel)->Costs().host_ms, 0.0);
