@@ -20,6 +20,10 @@ double MsSince(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 }
 
+// Whole 4 KiB pages: XRT allocates host backing with aligned_alloc(4096, size), which requires
+// a multiple of the alignment.
+size_t PageRound(size_t bytes) { return (bytes + 4095) / 4096 * 4096; }
+
 absl::Status XrtError(absl::string_view what, const std::exception& e) {
   return absl::InternalError(absl::StrCat("XRT ", what, ": ", e.what()));
 }
@@ -37,6 +41,7 @@ int ArgIndex(absl::Span<const fpga_hls::KernelArg> args, absl::string_view name)
 absl::StatusOr<std::unique_ptr<XrtPageSelector>> XrtPageSelector::Open(const FpgaOptions& o) {
   std::unique_ptr<XrtPageSelector> sel(new XrtPageSelector());
   sel->num_cus_ = o.params.num_cus;
+  sel->idle_io_.resize(sel->num_cus_);
   try {
     sel->device_ = xrt::device(o.device_index);
   } catch (const std::exception& e) {
@@ -101,8 +106,7 @@ absl::Status XrtPageSelector::AddLayer(int layer, const CacheShape& shape) {
   MEMPIPE_RETURN_IF_ERROR(ValidateCacheShape(shape));
   Layer l;
   l.shape = shape;
-  // Whole 4 KiB pages: XRT allocates host backing with aligned_alloc(4096, size).
-  const size_t bytes = (HeadSliceWords(shape) * hls_compat::kWordBytes + 4095) / 4096 * 4096;
+  const size_t bytes = PageRound(HeadSliceWords(shape) * hls_compat::kWordBytes);
   try {
     for (int h = 0; h < shape.num_kv_heads; ++h) {
       const xrt::kernel& k = score_cus_[CuFor(layer, h, shape.num_kv_heads, num_cus_)];
@@ -117,6 +121,32 @@ absl::Status XrtPageSelector::AddLayer(int layer, const CacheShape& shape) {
   }
   layers_.emplace(layer, std::move(l));
   return absl::OkStatus();
+}
+
+XrtPageSelector::IoPair XrtPageSelector::TakeIo(int cu, size_t in_bytes, size_t out_bytes) {
+  std::vector<IoPair>& idle = idle_io_[cu];
+  for (size_t i = 0; i < idle.size(); ++i) {
+    if (idle[i].in_bytes >= in_bytes && idle[i].out_bytes >= out_bytes) {
+      IoPair pair = std::move(idle[i]);
+      idle.erase(idle.begin() + i);
+      return pair;
+    }
+  }
+  IoPair pair;
+  pair.in_bytes = PageRound(in_bytes);
+  pair.out_bytes = out_bytes == 0 ? 0 : PageRound(out_bytes);
+  const xrt::kernel& k = score_cus_[cu];  // every global argument of CU `cu` shares its bank
+  pair.in = xrt::bo(device_, pair.in_bytes, xrt::bo::flags::normal, k.group_id(0));
+  if (pair.out_bytes > 0) {
+    pair.out = xrt::bo(device_, pair.out_bytes, xrt::bo::flags::normal, k.group_id(0));
+  }
+  ++io_pairs_allocated_;
+  return pair;
+}
+
+void XrtPageSelector::ReturnIo(Pending& p) {
+  for (size_t h = 0; h < p.bufs.size(); ++h) idle_io_[p.cus[h]].push_back(std::move(p.bufs[h]));
+  p.bufs.clear();
 }
 
 absl::StatusOr<int> XrtPageSelector::DigestBank(int layer, int kv_head) const {
@@ -151,20 +181,18 @@ absl::Status XrtPageSelector::RunUpdate(int layer_id, Layer& layer, const int64_
   try {
     for (const auto& [begin, end] : SplitUpdateLaunches(slots, num_tokens, sh.block_size)) {
       const UpdateIo io = PlanUpdateIo(end - begin, sh);
-      std::vector<xrt::bo> ins;
+      Pending launch;  // only its buffers: returned to the idle lists once the runs finish
       std::vector<xrt::run> runs;
       for (int h = 0; h < sh.num_kv_heads; ++h) {
         const int cu = CuFor(layer_id, h, sh.num_kv_heads, num_cus_);
-        xrt::kernel& k = update_cus_[cu];
-        xrt::bo in(device_, io.in_bytes, xrt::bo::flags::normal,
-                   k.group_id(ArgIndex(args, "keys")));
-        PackUpdateInputs(sh, slots, keys, begin, end, h, io, in.map<uint8_t*>());
+        IoPair pair = TakeIo(cu, io.in_bytes, 0);
+        PackUpdateInputs(sh, slots, keys, begin, end, h, io, pair.in.map<uint8_t*>());
         const auto t1 = Clock::now();
-        in.sync(XCL_BO_SYNC_BO_TO_DEVICE);
+        pair.in.sync(XCL_BO_SYNC_BO_TO_DEVICE, io.in_bytes, 0);
         transfer_ms += MsSince(t1);
-        xrt::bo slots_bo(in, std::max<size_t>(io.slots_bytes, 8), io.slots_offset);
-        xrt::bo keys_bo(in, std::max<size_t>(io.keys_bytes, 64), io.keys_offset);
-        xrt::run run(k);
+        xrt::bo slots_bo(pair.in, std::max<size_t>(io.slots_bytes, 8), io.slots_offset);
+        xrt::bo keys_bo(pair.in, std::max<size_t>(io.keys_bytes, 64), io.keys_offset);
+        xrt::run run(update_cus_[cu]);
         run.set_arg(ArgIndex(args, "digests_in"), layer.heads[h]);
         run.set_arg(ArgIndex(args, "digests_out"), layer.heads[h]);
         run.set_arg(ArgIndex(args, "keys"), keys_bo);
@@ -176,7 +204,8 @@ absl::Status XrtPageSelector::RunUpdate(int layer_id, Layer& layer, const int64_
         run.set_arg(ArgIndex(args, "dtype"), static_cast<int>(sh.dtype));
         run.set_arg(ArgIndex(args, "block_size"), sh.block_size);
         run.start();
-        ins.push_back(std::move(in));
+        launch.cus.push_back(cu);
+        launch.bufs.push_back(std::move(pair));
         runs.push_back(std::move(run));
       }
       for (xrt::run& r : runs) {
@@ -186,6 +215,7 @@ absl::Status XrtPageSelector::RunUpdate(int layer_id, Layer& layer, const int64_
               absl::StrCat("digest update on layer ", layer_id, " ended in XRT state ", state));
         }
       }
+      ReturnIo(launch);
     }
   } catch (const std::exception& e) {
     return XrtError(absl::StrCat("digest update on layer ", layer_id), e);
@@ -236,13 +266,13 @@ absl::StatusOr<SelectTicket> XrtPageSelector::Submit(const SelectRequest& reques
     for (int h = 0; h < sh.num_kv_heads; ++h) {
       const int cu = CuFor(request.layer, h, sh.num_kv_heads, num_cus_);
       xrt::kernel& kern = score_cus_[cu];
-      xrt::bo in(device_, p.io.in_bytes, xrt::bo::flags::normal,
-                 kern.group_id(ArgIndex(args, "queries")));
-      xrt::bo out(device_, p.io.out_bytes, xrt::bo::flags::normal,
-                  kern.group_id(ArgIndex(args, "pages")));
+      p.cus.push_back(cu);
+      p.bufs.push_back(TakeIo(cu, p.io.in_bytes, p.io.out_bytes));
+      xrt::bo& in = p.bufs.back().in;
+      xrt::bo& out = p.bufs.back().out;
       PackScoreInputs(request, h, group, p.io, in.map<uint8_t*>());
       const auto t1 = Clock::now();
-      in.sync(XCL_BO_SYNC_BO_TO_DEVICE);
+      in.sync(XCL_BO_SYNC_BO_TO_DEVICE, p.io.in_bytes, 0);
       p.transfer_ms += MsSince(t1);
       xrt::run run(kern);
       run.set_arg(ArgIndex(args, "digests"), l->heads[h]);
@@ -263,8 +293,6 @@ absl::StatusOr<SelectTicket> XrtPageSelector::Submit(const SelectRequest& reques
       run.set_arg(ArgIndex(args, "locals"), request.config.num_local_pages);
       run.set_arg(ArgIndex(args, "aggregation"), static_cast<int>(request.config.aggregation));
       run.start();
-      p.in.push_back(std::move(in));
-      p.out.push_back(std::move(out));
       p.runs.push_back(std::move(run));
     }
   } catch (const std::exception& e) {
@@ -324,10 +352,12 @@ absl::Status XrtPageSelector::Wait(SelectTicket ticket, absl::Time deadline) {
       }
     }
     const auto t1 = Clock::now();
-    for (size_t h = 0; h < p.out.size(); ++h) {
-      p.out[h].sync(XCL_BO_SYNC_BO_FROM_DEVICE);
-      UnpackScoreOutputs(p.out[h].map<uint8_t*>(), p.io, static_cast<int>(h), p.request.out);
+    for (size_t h = 0; h < p.bufs.size(); ++h) {
+      xrt::bo& out = p.bufs[h].out;
+      out.sync(XCL_BO_SYNC_BO_FROM_DEVICE, p.io.out_bytes, 0);
+      UnpackScoreOutputs(out.map<uint8_t*>(), p.io, static_cast<int>(h), p.request.out);
     }
+    ReturnIo(p);
     costs_ = SelectorCosts{};
     costs_.transfer_ms = p.transfer_ms + MsSince(t1);
     costs_.host_ms = MsSince(p.submitted);

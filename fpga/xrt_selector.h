@@ -6,7 +6,8 @@
 // resident in the HBM pseudo-channel of CU CuFor(layer, head) (fpga/device_layout.h). Per step,
 // Submit() packs the group's queries, the block table and the lengths into one buffer per CU,
 // syncs it to the card and starts one run per KV head (batched over all sequences); Wait() waits
-// for the runs, syncs each CU's pages back and unpacks them. Every XRT exception becomes an
+// for the runs, syncs each CU's pages back and unpacks them. Those per-CU buffers are kept and
+// reused by later steps, so a steady decode loop allocates nothing on the card. Every XRT exception becomes an
 // absl::Status (Internal, or Unavailable when the device cannot be opened).
 //
 // On XRT's noop shim (XCL_EMULATION_MODE=noop) the runs complete but compute nothing: what this
@@ -55,6 +56,8 @@ class XrtPageSelector final : public PageSelector {
   absl::StatusOr<int> DigestBank(int layer, int kv_head) const;
   absl::StatusOr<int> ScoreCuBank(int cu, int arg) const;
   int num_cus() const { return num_cus_; }
+  // Input/output buffer pairs allocated so far: steps reuse idle pairs instead of allocating.
+  size_t io_pairs_allocated() const { return io_pairs_allocated_; }
 
  private:
   using Clock = std::chrono::steady_clock;
@@ -62,11 +65,17 @@ class XrtPageSelector final : public PageSelector {
     CacheShape shape;
     std::vector<xrt::bo> heads;  // [kv_heads] digest slices
   };
+  // A CU's per-step buffers: packed inputs and (for scoring) outputs, in the CU's bank.
+  struct IoPair {
+    xrt::bo in, out;
+    size_t in_bytes = 0, out_bytes = 0;
+  };
   struct Pending {
     int layer = 0;
     SelectRequest request;
     ScoreIo io;
-    std::vector<xrt::bo> in, out;
+    std::vector<int> cus;      // [kv_heads] the CU each head ran on
+    std::vector<IoPair> bufs;  // [kv_heads]
     std::vector<xrt::run> runs;
     Clock::time_point submitted;
     double transfer_ms = 0;
@@ -74,6 +83,9 @@ class XrtPageSelector final : public PageSelector {
 
   XrtPageSelector() = default;
   absl::StatusOr<Layer*> Find(int layer);
+  // An idle pair on `cu` at least this large, or a new one. Throws XRT's exceptions.
+  IoPair TakeIo(int cu, size_t in_bytes, size_t out_bytes);
+  void ReturnIo(Pending& p);
   absl::Status RunUpdate(int layer_id, Layer& layer, const int64_t* slots, int num_tokens,
                          const void* keys);
 
@@ -82,6 +94,8 @@ class XrtPageSelector final : public PageSelector {
   std::vector<xrt::kernel> score_cus_, update_cus_;
   std::map<int, Layer> layers_;
   std::map<SelectTicket, Pending> pending_;
+  std::vector<std::vector<IoPair>> idle_io_;  // [num_cus]
+  size_t io_pairs_allocated_ = 0;
   std::vector<Pending> abandoned_;  // runs past their deadline, kept until the card finishes
   SelectTicket next_ticket_ = 1;
   SelectorCosts costs_;

@@ -150,6 +150,7 @@ TEST(XrtSelector, BuildAppendSubmitWaitRunOnTheShim) {
   std::vector<int32_t> pages(3 * 2 * 8), counts(3 * 2);
   const SelectRequest req{1, b.Query(), b.Table(), config,
                           SelectionView{pages.data(), counts.data(), 3, 2, 8}};
+  size_t pairs_after_first_step = 0;
   for (int step = 0; step < 3; ++step) {
     auto ticket = (*sel)->Submit(req);
     ASSERT_TRUE(ticket.ok()) << ticket.status();
@@ -157,7 +158,11 @@ TEST(XrtSelector, BuildAppendSubmitWaitRunOnTheShim) {
     const SelectorCosts c = (*sel)->Costs();
     EXPECT_GT(c.host_ms, 0.0);
     EXPECT_FALSE(c.modeled_device_ms.has_value()) << "the XRT path reports measured costs only";
+    if (step == 0) pairs_after_first_step = (*sel)->io_pairs_allocated();
   }
+  // Later steps reuse the first step's buffers (one pair per KV head, plus the update's).
+  EXPECT_EQ((*sel)->io_pairs_allocated(), pairs_after_first_step);
+  EXPECT_EQ(pairs_after_first_step, 4u);
 }
 
 TEST(XrtSelector, ErrorsBecomeStatuses) {
