@@ -7,13 +7,14 @@
 // Submit() packs the group's queries, the block table and the lengths into one buffer per CU,
 // syncs it to the card and starts one run per KV head (batched over all sequences); Wait() waits
 // for the runs, syncs each CU's pages back and unpacks them. Those per-CU buffers are kept and
-// reused by later steps, so a steady decode loop allocates nothing on the card. Every XRT exception becomes an
-// absl::Status (Internal, or Unavailable when the device cannot be opened).
+// reused by later steps, so a steady decode loop allocates nothing on the card. Every XRT
+// exception becomes an absl::Status (Internal, or Unavailable when the device cannot be opened).
 //
 // On XRT's noop shim (XCL_EMULATION_MODE=noop) the runs complete but compute nothing: what this
 // class then returns is not a selection. It is the real-hardware path; its tests check the
 // plumbing. Costs(): host_ms and transfer_ms measured on this host (noop: the shim's cost);
-// no modeled fields.
+// no modeled fields. Deadlines poll the runs' state, since the noop shim's timed wait ignores
+// its timeout.
 //
 //   FpgaOptions o; o.backend = FpgaBackend::kXrt;
 //   MEMPIPE_ASSIGN_OR_RETURN(auto sel, XrtPageSelector::Open(o));
