@@ -129,6 +129,19 @@ absl::Status EmulatedU55cSelector::RunUpdate(int layer_id, Layer& layer, const i
   c.transfer_ms = dma_s * 1e3;
   c.modeled_device_ms = (kernel_s + launch_s + dma_s) * 1e3;
   c.modeled_energy_mj = energy_j * 1e3;
+  Clock::time_point done;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (paced_) {
+      // The update occupies the card's queue for its modeled time too.
+      device_free_ = std::max(device_free_, t0) +
+                     std::chrono::duration_cast<Clock::duration>(
+                         std::chrono::duration<double, std::milli>(*c.modeled_device_ms));
+      done = device_free_;
+    }
+  }
+  if (paced_) std::this_thread::sleep_until(done);
+  c.host_ms = MsBetween(t0, Clock::now());
   std::lock_guard<std::mutex> lock(mu_);
   costs_ = c;
   return absl::OkStatus();

@@ -6,7 +6,8 @@
 // the pages (the card->host DMA). Step-1 calls (BuildDigests, AppendKeys) run the digest kernel
 // synchronously. Every call is also priced by U55cModel: Costs() gives the measured host time
 // and, separately, the modeled U55C time and energy. In paced mode a request completes no earlier
-// than its modeled completion time (requests queue in order behind each other).
+// than its modeled completion time, and a digest update returns no earlier than its own; all
+// queue in order behind each other, as on one command queue.
 //
 // Thread-safety: one caller thread at a time (the PageSelector contract); Costs() may be called
 // from any thread.

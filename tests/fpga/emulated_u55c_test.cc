@@ -176,7 +176,12 @@ TEST(EmulatedU55c, PacedCompletionWaitsForTheModeledTime) {
   p.launch_latency_s = 0.08;  // a slow card, so the pacing dominates host noise
   EmulatedU55cSelector emu(p, /*paced=*/true);
   ASSERT_TRUE(emu.AddLayer(0, s.shape).ok());
+  const auto tb = std::chrono::steady_clock::now();
   ASSERT_TRUE(emu.BuildDigests(0, s.b.Cache(), s.b.Table()).ok());
+  const double build_ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - tb).count();
+  ASSERT_TRUE(emu.Costs().modeled_device_ms.has_value());
+  EXPECT_GE(build_ms, *emu.Costs().modeled_device_ms * 0.99) << "a paced update is paced too";
   const auto t0 = std::chrono::steady_clock::now();
   auto t = emu.Submit(s.Request());
   ASSERT_TRUE(t.ok());
