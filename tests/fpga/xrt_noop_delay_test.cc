@@ -14,11 +14,8 @@ namespace {
 
 constexpr int kDelayUs = 300000;
 
-class NoopEnvironment : public ::testing::Environment {
- public:
-  void SetUp() override { testing::SetUpNoopXrt(kDelayUs); }
-};
-const auto* const kEnv = ::testing::AddGlobalTestEnvironment(new NoopEnvironment);
+const auto* const kEnv =
+    ::testing::AddGlobalTestEnvironment(new testing::NoopXrtEnvironment(kDelayUs));
 
 TEST(XrtSelectorDelay, DeadlineExceededThenCompletionAfterTheDelay) {
   std::mt19937_64 rng(testing::FreshSeed("XrtSelectorDelay"));

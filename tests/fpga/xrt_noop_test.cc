@@ -20,11 +20,8 @@
 namespace mempipe {
 namespace {
 
-class NoopEnvironment : public ::testing::Environment {
- public:
-  void SetUp() override { testing::SetUpNoopXrt(/*completion_delay_us=*/0); }
-};
-const auto* const kEnv = ::testing::AddGlobalTestEnvironment(new NoopEnvironment);
+const auto* const kEnv =
+    ::testing::AddGlobalTestEnvironment(new testing::NoopXrtEnvironment(/*completion_delay_us=*/0));
 
 FpgaOptions XrtOptions() {
   FpgaOptions o;
