@@ -77,11 +77,24 @@ LOAD_TOKENS:
   ctrl.write(Ctrl{kDone, -1, false});
 }
 
+// Widens one word of the max and min rows by a key word: compare in fp32, keep the stored bits.
+// One instance per element type, so each has a fixed number of lanes.
+template <int kDType>
+void WidenWord(const Word512& key, Word512& mx, Word512& mn) {
+#pragma HLS inline
+FOLD_ELEMS:
+  for (int e = 0; e < ElemsPerWord(kDType); ++e) {
+#pragma HLS unroll
+    const float k = DecodeElem(key, e, kDType);
+    if (k > DecodeElem(mx, e, kDType)) CopyElem(key, mx, e, kDType);
+    if (k < DecodeElem(mn, e, kDType)) CopyElem(key, mn, e, kDType);
+  }
+}
+
 void FoldStage(int row_words, int dtype, Stream<Ctrl>& ctrl, Stream<Word512>& words,
                Stream<int>& out_block, Stream<Word512>& out_words) {
   Word512 mx[kMaxRowWords];
   Word512 mn[kMaxRowWords];
-  const int epw = ElemsPerWord(dtype);
 FOLD_CTRL:
   for (;;) {
 #pragma HLS LOOP_TRIPCOUNT min = 3 max = 65536
@@ -103,12 +116,12 @@ FOLD_CTRL:
           mn[w] = key;
           continue;
         }
-      FOLD_ELEMS:
-        for (int e = 0; e < epw; ++e) {
-#pragma HLS unroll
-          const float k = DecodeElem(key, e, dtype);
-          if (k > DecodeElem(mx[w], e, dtype)) CopyElem(key, mx[w], e, dtype);
-          if (k < DecodeElem(mn[w], e, dtype)) CopyElem(key, mn[w], e, dtype);
+        if (dtype == kDTypeF32) {
+          WidenWord<kDTypeF32>(key, mx[w], mn[w]);
+        } else if (dtype == kDTypeF16) {
+          WidenWord<kDTypeF16>(key, mx[w], mn[w]);
+        } else {
+          WidenWord<kDTypeBF16>(key, mx[w], mn[w]);
         }
       }
     } else {  // kEnd

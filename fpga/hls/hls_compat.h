@@ -19,9 +19,10 @@
 #include <ap_int.h>
 #include <hls_stream.h>
 #else
+#include <cstddef>
 #include <cstring>
-#include <deque>
 #include <stdexcept>
+#include <vector>
 #endif
 
 namespace mempipe::hls_compat {
@@ -85,15 +86,21 @@ class Stream {
  public:
   void write(const T& v) { q_.push_back(v); }
   T read() {
-    if (q_.empty()) throw std::logic_error("hls_compat::Stream: read from an empty stream");
-    T v = q_.front();
-    q_.pop_front();
+    if (empty()) throw std::logic_error("hls_compat::Stream: read from an empty stream");
+    T v = q_[head_++];
+    if (head_ == q_.size()) {  // drained: reuse the storage from the start
+      q_.clear();
+      head_ = 0;
+    }
     return v;
   }
-  bool empty() const { return q_.empty(); }
+  bool empty() const { return head_ == q_.size(); }
 
  private:
-  std::deque<T> q_;
+  // A vector and a read index rather than std::deque, whose small nodes make the C simulation
+  // allocate every few 64-byte words.
+  std::vector<T> q_;
+  size_t head_ = 0;
 };
 
 #endif  // __SYNTHESIS__

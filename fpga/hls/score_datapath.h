@@ -28,12 +28,15 @@ LANE_TREE:
 }
 
 // Group score of one page: the Quest bound of each of the `group` query heads
-// (q [group][head_dim] fp32) against the page's max and min rows (`row_words` words each), each
-// in the canonical lane order, aggregated in head order (0 = max, 1 = sum).
-inline float PageGroupScore(const float q[kMaxGroup][kMaxHeadDim], const Word512 mx[kMaxRowWords],
-                            const Word512 mn[kMaxRowWords], int group, int row_words, int dtype,
-                            int aggregation) {
+// (q [group][head_dim] fp32) against the page's max and min rows (`row_words` words each, in
+// element type kDType), each in the canonical lane order, aggregated in head order (0 = max,
+// 1 = sum). The element type is a template parameter so each type gets its own fixed-width
+// datapath (and the C simulation its constant-folded decoding).
+template <int kDType>
+float PageGroupScoreOf(const float q[kMaxGroup][kMaxHeadDim], const Word512 mx[kMaxRowWords],
+                       const Word512 mn[kMaxRowWords], int group, int row_words, int aggregation) {
 #pragma HLS inline
+  const int dtype = kDType;
   const int epw = ElemsPerWord(dtype);
   float agg = 0.0f;
 GROUP:
@@ -64,6 +67,19 @@ GROUP:
     }
   }
   return agg;
+}
+
+inline float PageGroupScore(const float q[kMaxGroup][kMaxHeadDim], const Word512 mx[kMaxRowWords],
+                            const Word512 mn[kMaxRowWords], int group, int row_words, int dtype,
+                            int aggregation) {
+#pragma HLS inline
+  if (dtype == kDTypeF32) {
+    return PageGroupScoreOf<kDTypeF32>(q, mx, mn, group, row_words, aggregation);
+  }
+  if (dtype == kDTypeF16) {
+    return PageGroupScoreOf<kDTypeF16>(q, mx, mn, group, row_words, aggregation);
+  }
+  return PageGroupScoreOf<kDTypeBF16>(q, mx, mn, group, row_words, aggregation);
 }
 
 }  // namespace mempipe::fpga_hls
