@@ -2,8 +2,8 @@
 # Pipeline (issue 5) CI step, after .ci/test's suites (which already run tests/pipeline/ plain,
 # under ASan+UBSan and under TSan): a smoke run of mempipe-bench through the stage pipeline,
 # sync and pipelined, checking that every request completed and the JSON carries the metrics.
-# The fpga placement uses the registered FPGA selector, or the paced stand-in where none is
-# linked in (--stand-in-gbps only fills devices without a selector).
+# The fpga placement runs on the paced emulated U55C (fpga/); --stand-in-gbps only fills devices
+# that have no selector in the program (gpu, until its library registers one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=${MEMPIPE_BUILD_DIR:-build-ci}

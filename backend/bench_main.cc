@@ -23,6 +23,7 @@
 #include "backend/fault_injecting_selector.h"
 #include "backend/pipeline_bench.h"
 #include "backend/selector_registry.h"
+#include "fpga/fpga_selector.h"
 #include "nlohmann/json.hpp"
 
 ABSL_FLAG(int, layers, 32, "Transformer layers (each has its own KV cache)");
@@ -62,6 +63,9 @@ ABSL_FLAG(int, reuse, 1, "A selection serves this many decode steps (LServe uses
 ABSL_FLAG(double, deadline_ms, 1000,
           "Deadline of each selection; a late, failing or dead selector is replaced by local "
           "selection on the apply device (counted as a fallback)");
+ABSL_FLAG(bool, fpga_paced, true,
+          "The emulated U55C completes each request no earlier than its modeled device time, so "
+          "overlap in the pipeline behaves as with a card");
 ABSL_FLAG(double, stand_in_gbps, 0,
           "If > 0, a gpu or fpga selector device this program has no selector for is served by "
           "a paced stand-in: the CPU reference's result, completed after "
@@ -77,10 +81,16 @@ int Fail(const absl::Status& s) {
   return 2;
 }
 
-// Selectors this program links in beyond the built-in CPU one. The GPU and FPGA libraries add
-// theirs here, e.g. RegisterPageSelectorFactory(Device::kFpga, "emulated U55C, paced", [] {
-//   FpgaOptions o; o.paced = true; return MakeFpgaSelector(o); });
+// Selectors this program links in beyond the built-in CPU one: the FPGA library's (the emulated
+// U55C unless XRT and a card are asked for), and, for devices still without one, the paced
+// stand-in of --stand_in_gbps. A GPU library adds its factory here the same way.
 void RegisterSelectors() {
+  const bool paced = absl::GetFlag(FLAGS_fpga_paced);
+  RegisterPageSelectorFactory(Device::kFpga, "fpga (fpga/fpga_selector.h)", [paced] {
+    FpgaOptions o;
+    o.paced = paced;
+    return MakeFpgaSelector(o);
+  });
   const double gbps = absl::GetFlag(FLAGS_stand_in_gbps);
   if (gbps <= 0) return;
   const double launch_us = absl::GetFlag(FLAGS_stand_in_launch_us);
