@@ -235,9 +235,22 @@ int Main() {
   std::printf("\n");
   for (const auto& r : results) {
     if (r.bulk_prepare_ms > 0) {
-      std::printf("bulk digest build after prefill (%s): %.1f ms for all layers\n",
+      std::printf("bulk digest build after prefill (%s): %.1f ms for all layers (measured)",
                   r.placement.c_str(), r.bulk_prepare_ms);
+      if (r.modeled_bulk_prepare_ms) {
+        std::printf("; %.2f ms on the device (modeled, %s)", *r.modeled_bulk_prepare_ms,
+                    r.selector.c_str());
+      }
+      std::printf("\n");
     }
+  }
+  for (const auto& r : results) {
+    if (!r.modeled_device_ms_per_step) continue;
+    std::printf(
+        "%s steps 1-3 per decode step: %.2f ms measured on this host (%s runs the kernels in C "
+        "simulation) vs %.3f ms, %.2f mJ on the device (modeled)\n",
+        r.placement.c_str(), r.mean.MemoryProcessing(), r.selector.c_str(),
+        *r.modeled_device_ms_per_step, r.modeled_energy_mj_per_step.value_or(0));
   }
   std::printf(
       "total = median step time; memproc = (prepare + relevancy + retrieval) / total;\n"
@@ -303,6 +316,12 @@ int Main() {
                           {"digest_bytes_per_step", r.digest_bytes_per_step}};
       if (dense) p["speedup_over_dense"] = dense->median_step_ms / r.median_step_ms;
       if (r.rel_l2_error) p["rel_l2_error"] = *r.rel_l2_error;
+      if (r.modeled_device_ms_per_step) {
+        p["modeled"] = {{"device_ms_per_step", *r.modeled_device_ms_per_step},
+                        {"energy_mj_per_step", r.modeled_energy_mj_per_step.value_or(0)},
+                        {"bulk_prepare_ms", r.modeled_bulk_prepare_ms.value_or(0)},
+                        {"note", "modeled by " + r.selector + ", not measured"}};
+      }
       if (piped && r.placement == piped->result.placement) {
         p["pipeline"] = nlohmann::json::parse(piped->metrics.ToJson());
       }

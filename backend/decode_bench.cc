@@ -52,6 +52,9 @@ absl::StatusOr<PlacementResult> RunPlacement(SyntheticContext& ctx, const BenchO
       MEMPIPE_RETURN_IF_ERROR(selector->AddLayer(
           l, CacheShape{c.dtype, c.num_blocks, c.block_size, c.num_kv_heads, c.head_dim}));
       MEMPIPE_RETURN_IF_ERROR(selector->BuildDigests(l, c, ctx.table()));
+      if (auto modeled = selector->Costs().modeled_device_ms) {
+        result.modeled_bulk_prepare_ms = result.modeled_bulk_prepare_ms.value_or(0) + *modeled;
+      }
     }
     result.bulk_prepare_ms = MsSince(t0);
   }
@@ -69,8 +72,16 @@ absl::StatusOr<PlacementResult> RunPlacement(SyntheticContext& ctx, const BenchO
   double err_num = 0, err_den = 0;
 
   const int total = options.warmup + options.steps;
+  double modeled_ms = 0, modeled_mj = 0;  // over timed steps
+  bool modeled = false;
   for (int step = 0; step < total; ++step) {
     const bool timed = step >= options.warmup;
+    auto add_modeled = [&](const SelectorCosts& costs) {
+      if (!timed || !costs.modeled_device_ms) return;
+      modeled = true;
+      modeled_ms += *costs.modeled_device_ms;
+      modeled_mj += costs.modeled_energy_mj.value_or(0);
+    };
     const bool last = step == total - 1;
     StepBreakdown t;
     const std::vector<int32_t> lens = ctx.NextLens();
@@ -88,6 +99,7 @@ absl::StatusOr<PlacementResult> RunPlacement(SyntheticContext& ctx, const BenchO
         t0 = Clock::now();
         MEMPIPE_RETURN_IF_ERROR(selector->AppendKeys(l, slots.data(), batch, k.data()));
         t.prepare_ms += MsSince(t0);
+        add_modeled(selector->Costs());
       }
       const DecodeIo io{q.data(),    out.data(), cfg.dtype,      batch,
                         m.num_heads, m.head_dim, options.threads};
@@ -103,6 +115,7 @@ absl::StatusOr<PlacementResult> RunPlacement(SyntheticContext& ctx, const BenchO
         const SelectorCosts costs = selector->Costs();
         t.relevancy_ms += costs.relevancy_ms;
         t.retrieval_ms += costs.retrieval_ms;
+        add_modeled(costs);
         t0 = Clock::now();
         MEMPIPE_RETURN_IF_ERROR(
             SparseDecode(io, cache, table,
@@ -158,6 +171,10 @@ absl::StatusOr<PlacementResult> RunPlacement(SyntheticContext& ctx, const BenchO
     if (progress) progress(step + 1, total, t.Total());
   }
   ctx.Rewind();
+  if (modeled) {
+    result.modeled_device_ms_per_step = modeled_ms / options.steps;
+    result.modeled_energy_mj_per_step = modeled_mj / options.steps;
+  }
   std::vector<double> sorted = result.step_ms;
   std::sort(sorted.begin(), sorted.end());
   const size_t n = sorted.size();

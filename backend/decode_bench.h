@@ -57,6 +57,11 @@ struct PlacementResult {
   double kv_bytes_per_step = 0;        // K/V bytes attention read on the last step
   double digest_bytes_per_step = 0;    // digest bytes scored on the last step
   std::optional<double> rel_l2_error;  // ||sparse - dense|| / ||dense|| on the last step
+  // Set only when the selector's device is modeled (the emulated U55C): its modeled time and
+  // energy for steps 1-3, per timed step (mean) and for the bulk digest build.
+  std::optional<double> modeled_device_ms_per_step;
+  std::optional<double> modeled_energy_mj_per_step;
+  std::optional<double> modeled_bulk_prepare_ms;
 };
 
 using ProgressFn = std::function<void(int step, int total_steps, double step_ms)>;
