@@ -13,7 +13,7 @@ jobs=$(nproc)
 diff -u fpga/hls/u55c_connectivity.cfg <(bash fpga/hls/make_connectivity.sh 32) \
   || { echo "fpga/hls/u55c_connectivity.cfg is stale: run fpga/hls/make_connectivity.sh 32" >&2; exit 1; }
 
-cmake -S . -B build-ci-fpga -G Ninja -DMEMPIPE_GPU=off -DMEMPIPE_XRT=on -DMEMPIPE_WERROR=ON >/dev/null
-cmake --build build-ci-fpga -j "$jobs" --target fpga_kernel_csim_test fpga_u55c_model_test \
-  fpga_emulated_u55c_test fpga_xrt_noop_test fpga_xrt_noop_delay_test
-ctest --test-dir build-ci-fpga --output-on-failure -j "$jobs" -R '^(ScoreTopkKernel|DigestUpdateKernel|SplitUpdateLaunches|U55cModel|EmulatedU55c|FpgaFactory|XclbinWriter|XrtSelector|XrtSelectorDelay)\.'
+# The FPGA tests (C simulation, U55C model, emulated device, XRT on the noop shim) run in the
+# CPU, ASan and TSan suites of .ci/test, which configure with -DMEMPIPE_XRT=on so a missing XRT
+# fails the build instead of skipping them.
+echo "[fpga] connectivity file is current"
