@@ -1,0 +1,443 @@
+// Relevancy and top-k kernels (see the header).
+//
+//   ScorePagesKernel   grid (page chunk, kv head, seq) x 8 groups of 32 lanes
+//     lane l holds channels l, l+32, ... of the group's queries; per page it loads the max/min
+//     rows (4 pages in flight per group), sums its channels in order, xor-butterflies the 32
+//     lane sums and aggregates the group's heads in head order -> one fp32 score per page
+//   SelectPagesKernel  grid (kv head, seq) x 1024 threads
+//     key = order-preserving bits of the score (NaN -> -inf, -0 -> +0, as the CPU compares)
+//     min/max of keys -> radix select, 8 bits a pass below the shared prefix -> threshold T and
+//     the number of ties at T to keep -> ordered compaction (per-thread runs + block scan)
+#include "retriever/gpu/select_gpu.h"
+
+#include <cstdint>
+
+#include "absl/strings/str_cat.h"
+#include "backend/base/gpu_compat.h"
+#include "backend/base/status_macros.h"
+
+namespace mempipe {
+namespace {
+
+using gpu::BF16;
+using gpu::F16;
+
+constexpr int kScoreWarps = 8;
+constexpr int kScoreThreads = kScoreWarps * kGpuLanes;
+constexpr int kScoreUnroll = 4;
+constexpr int kPagesPerScoreBlock = kScoreWarps * kScoreUnroll * 2;
+constexpr int kSelectThreads = 1024;
+constexpr int kSelectWarps = kSelectThreads / kGpuLanes;
+
+struct ScoreParams {
+  const void* query;           // [num_seqs, num_heads, head_dim]
+  const void* digests;         // [num_blocks, 2, num_kv_heads, head_dim]
+  const int32_t* block_table;  // [num_seqs, max_blocks_per_seq]
+  const int32_t* seq_lens;     // [num_seqs]
+  float* scores;               // [num_seqs, num_kv_heads, max_blocks_per_seq]
+  int num_heads, num_kv_heads, num_blocks, block_size, max_blocks_per_seq;
+  int aggregation;             // GroupAggregation
+};
+
+template <typename T, int kHeadDim, int kGroups>
+__global__ void __launch_bounds__(kScoreThreads) ScorePagesKernel(ScoreParams p) {
+  constexpr int J = kHeadDim / kGpuLanes;  // channels per lane
+  const int kvh = blockIdx.y, seq = blockIdx.z;
+  const int warp = threadIdx.x / kGpuLanes, lane = threadIdx.x % kGpuLanes;
+  const int len = p.seq_lens[seq];
+  const int num_pages =
+      len > 0 ? min((len + p.block_size - 1) / p.block_size, p.max_blocks_per_seq) : 0;
+
+  float q[kGroups][J];
+  const T* qrow = static_cast<const T*>(p.query) +
+                  (static_cast<size_t>(seq) * p.num_heads + kvh * kGroups) * kHeadDim;
+#pragma unroll
+  for (int g = 0; g < kGroups; ++g) {
+#pragma unroll
+    for (int j = 0; j < J; ++j) q[g][j] = gpu::ToF32(qrow[g * kHeadDim + lane + j * kGpuLanes]);
+  }
+  const T* dg = static_cast<const T*>(p.digests);
+  const size_t head_off = static_cast<size_t>(kvh) * kHeadDim + lane;
+  const size_t block_stride = 2 * static_cast<size_t>(p.num_kv_heads) * kHeadDim;
+  const size_t min_off = static_cast<size_t>(p.num_kv_heads) * kHeadDim;
+  float* out = p.scores + (static_cast<size_t>(seq) * p.num_kv_heads + kvh) * p.max_blocks_per_seq;
+  const int32_t* table = p.block_table + static_cast<size_t>(seq) * p.max_blocks_per_seq;
+
+  const int chunk_begin = blockIdx.x * kPagesPerScoreBlock;
+  const int chunk_end = min(chunk_begin + kPagesPerScoreBlock, p.max_blocks_per_seq);
+  for (int base = chunk_begin + warp * kScoreUnroll; base < chunk_end;
+       base += kScoreWarps * kScoreUnroll) {
+    T mx[kScoreUnroll][J], mn[kScoreUnroll][J];
+    bool ok[kScoreUnroll];
+#pragma unroll
+    for (int u = 0; u < kScoreUnroll; ++u) {
+      const int page = base + u;
+      const int block = page < num_pages ? table[page] : -1;
+      ok[u] = block >= 0 && block < p.num_blocks;
+      const T* row = dg + (ok[u] ? block : 0) * block_stride + head_off;
+#pragma unroll
+      for (int j = 0; j < J; ++j) {
+        if (ok[u]) {
+          mx[u][j] = row[j * kGpuLanes];
+          mn[u][j] = row[min_off + j * kGpuLanes];
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kScoreUnroll; ++u) {
+      const int page = base + u;
+      if (page >= chunk_end) break;
+      float agg = -INFINITY;
+      if (ok[u]) {
+#pragma unroll
+        for (int g = 0; g < kGroups; ++g) {
+          // The canonical order of relevancy.h; __fmul_rn/__fadd_rn are never fused.
+          float s = 0.0f;
+#pragma unroll
+          for (int j = 0; j < J; ++j) {
+            const float a = __fmul_rn(q[g][j], gpu::ToF32(mx[u][j]));
+            const float b = __fmul_rn(q[g][j], gpu::ToF32(mn[u][j]));
+            s = __fadd_rn(s, a > b ? a : b);
+          }
+#pragma unroll
+          for (int w = kGpuLanes / 2; w > 0; w /= 2) s = __fadd_rn(s, GpuShflXor32(s, w));
+          if (g == 0) {
+            agg = s;
+          } else if (p.aggregation == static_cast<int>(GroupAggregation::kMax)) {
+            agg = s > agg ? s : agg;
+          } else {
+            agg = __fadd_rn(agg, s);
+          }
+        }
+      }
+      if (lane == 0) out[page] = agg;
+    }
+  }
+}
+
+struct SelectParams {
+  const float* scores;      // [num_seqs, num_kv_heads, max_blocks_per_seq]
+  const int32_t* seq_lens;  // [num_seqs]
+  int32_t* pages;           // [num_seqs, num_kv_heads, max_selected]
+  int32_t* counts;          // [num_seqs, num_kv_heads]
+  int num_kv_heads, max_blocks_per_seq, block_size, max_selected;
+  int k, sinks, locals;
+};
+
+// Order-preserving key of a score as the CPU ranks it: NaN as -inf, -0 equal to +0.
+__device__ __forceinline__ uint32_t ScoreKey(float f) {
+  if (f != f) f = -INFINITY;
+  if (f == 0.0f) f = 0.0f;
+  const uint32_t u = __float_as_uint(f);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Exclusive prefix sum over the block; `scratch` holds kSelectWarps ints. Ends synchronized.
+__device__ int BlockExclusiveScan(int v, int* scratch, int* total) {
+  const int lane = threadIdx.x % kGpuLanes, warp = threadIdx.x / kGpuLanes;
+  int incl = v;
+#pragma unroll
+  for (int d = 1; d < kGpuLanes; d *= 2) {
+    const int o = GpuShflUp32(incl, d);
+    if (lane >= d) incl += o;
+  }
+  if (lane == kGpuLanes - 1) scratch[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    int w = lane < kSelectWarps ? scratch[lane] : 0;
+#pragma unroll
+    for (int d = 1; d < kGpuLanes; d *= 2) {
+      const int o = GpuShflUp32(w, d);
+      if (lane >= d) w += o;
+    }
+    if (lane < kSelectWarps) scratch[lane] = w;  // inclusive over warps
+  }
+  __syncthreads();
+  const int warp_before = warp > 0 ? scratch[warp - 1] : 0;
+  *total = scratch[kSelectWarps - 1];
+  __syncthreads();
+  return warp_before + incl - v;
+}
+
+__global__ void __launch_bounds__(kSelectThreads) SelectPagesKernel(SelectParams p) {
+  const int kvh = blockIdx.x, seq = blockIdx.y;
+  const int tid = threadIdx.x, lane = tid % kGpuLanes, warp = tid / kGpuLanes;
+  const size_t row = static_cast<size_t>(seq) * p.num_kv_heads + kvh;
+  const float* sc = p.scores + row * p.max_blocks_per_seq;
+  int32_t* outp = p.pages + row * p.max_selected;
+  const int len = p.seq_lens[seq];
+  const int n = len > 0 ? min((len + p.block_size - 1) / p.block_size, p.max_blocks_per_seq) : 0;
+
+  if (n <= p.k) {
+    for (int i = tid; i < p.max_selected; i += kSelectThreads) outp[i] = i < n ? i : -1;
+    if (tid == 0) p.counts[row] = n;
+    return;
+  }
+  const int lo = p.sinks, hi = n - p.locals, want = p.k - p.sinks - p.locals;
+
+  __shared__ uint32_t s_min, s_max, s_prefix;
+  __shared__ int s_remaining;
+  __shared__ int s_hist[256];
+  __shared__ int s_scan[kSelectWarps];
+
+  uint32_t threshold = 0xffffffffu;  // no key reaches it: nothing but sinks and locals
+  int remaining = 0;
+  if (want > 0) {
+    uint32_t kmin = 0xffffffffu, kmax = 0;
+    for (int i = lo + tid; i < hi; i += kSelectThreads) {
+      const uint32_t key = ScoreKey(sc[i]);
+      kmin = min(kmin, key);
+      kmax = max(kmax, key);
+    }
+#pragma unroll
+    for (int w = kGpuLanes / 2; w > 0; w /= 2) {
+      kmin = min(kmin, GpuShflXor32(kmin, w));
+      kmax = max(kmax, GpuShflXor32(kmax, w));
+    }
+    if (tid == 0) {
+      s_min = 0xffffffffu;
+      s_max = 0;
+    }
+    __syncthreads();
+    if (lane == 0) {
+      atomicMin(&s_min, kmin);
+      atomicMax(&s_max, kmax);
+    }
+    __syncthreads();
+    kmin = s_min;
+    kmax = s_max;
+    remaining = want;
+    if (kmin == kmax) {
+      threshold = kmin;
+    } else {
+      const int common = __clz(kmin ^ kmax);
+      uint32_t mask = common > 0 ? 0xffffffffu << (32 - common) : 0u;
+      uint32_t prefix = kmax & mask;
+      int pos = 32 - common;
+      while (pos > 0) {
+        const int width = pos < 8 ? pos : 8;
+        const int shift = pos - width;
+        const uint32_t digit_mask = (1u << width) - 1u;
+        for (int i = tid; i < 256; i += kSelectThreads) s_hist[i] = 0;
+        __syncthreads();
+        for (int i = lo + tid; i < hi; i += kSelectThreads) {
+          const uint32_t key = ScoreKey(sc[i]);
+          if ((key & mask) == prefix) atomicAdd(&s_hist[(key >> shift) & digit_mask], 1);
+        }
+        __syncthreads();
+        if (warp == 0) {
+          // Lane l owns bins [8l, 8l + 8); find the bin holding the remaining-th largest key.
+          int bins[8];
+          int lane_sum = 0;
+#pragma unroll
+          for (int b = 0; b < 8; ++b) {
+            bins[b] = s_hist[lane * 8 + b];
+            lane_sum += bins[b];
+          }
+          int incl = lane_sum;  // keys in bins of lanes >= this one
+#pragma unroll
+          for (int d = 1; d < kGpuLanes; d *= 2) {
+            const int o = GpuShflDown32(incl, d);
+            if (lane + d < kGpuLanes) incl += o;
+          }
+          const int above = incl - lane_sum;
+          if (above < remaining && remaining <= incl) {
+            int cum = above;
+            for (int b = 7; b >= 0; --b) {
+              if (cum + bins[b] >= remaining) {
+                s_prefix = prefix | (static_cast<uint32_t>(lane * 8 + b) << shift);
+                s_remaining = remaining - cum;
+                break;
+              }
+              cum += bins[b];
+            }
+          }
+        }
+        __syncthreads();
+        prefix = s_prefix;
+        remaining = s_remaining;
+        mask |= digit_mask << shift;
+        pos = shift;
+        __syncthreads();
+      }
+      threshold = prefix;
+    }
+  }
+
+  // Ordered compaction: each thread owns a contiguous run of pages.
+  const int run = (n + kSelectThreads - 1) / kSelectThreads;
+  const int begin = min(tid * run, n), end = min(begin + run, n);
+  int strict = 0, ties = 0;
+  for (int i = begin; i < end; ++i) {
+    if (i < lo || i >= hi) {
+      ++strict;
+    } else {
+      const uint32_t key = ScoreKey(sc[i]);
+      strict += key > threshold;
+      ties += key == threshold;
+    }
+  }
+  int total;
+  int strict_before = BlockExclusiveScan(strict, s_scan, &total);
+  int ties_before = BlockExclusiveScan(ties, s_scan, &total);
+  for (int i = begin; i < end; ++i) {
+    bool keep, tie = false;
+    if (i < lo || i >= hi) {
+      keep = true;
+    } else {
+      const uint32_t key = ScoreKey(sc[i]);
+      tie = key == threshold;
+      keep = key > threshold || (tie && ties_before < remaining);
+    }
+    if (keep) outp[strict_before + min(ties_before, remaining)] = i;
+    strict_before += keep && !tie;
+    ties_before += tie;
+  }
+  for (int i = p.k + tid; i < p.max_selected; i += kSelectThreads) outp[i] = -1;
+  if (tid == 0) p.counts[row] = p.k;
+}
+
+template <typename T, int kHeadDim>
+absl::Status LaunchScoreGroups(const ScoreParams& p, int groups, int num_seqs, hipStream_t s) {
+  const dim3 grid((p.max_blocks_per_seq + kPagesPerScoreBlock - 1) / kPagesPerScoreBlock,
+                  p.num_kv_heads, num_seqs);
+  switch (groups) {
+    case 1: ScorePagesKernel<T, kHeadDim, 1><<<grid, kScoreThreads, 0, s>>>(p); break;
+    case 2: ScorePagesKernel<T, kHeadDim, 2><<<grid, kScoreThreads, 0, s>>>(p); break;
+    case 4: ScorePagesKernel<T, kHeadDim, 4><<<grid, kScoreThreads, 0, s>>>(p); break;
+    case 8: ScorePagesKernel<T, kHeadDim, 8><<<grid, kScoreThreads, 0, s>>>(p); break;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat(
+          "GQA group size (num_heads / num_kv_heads) must be 1, 2, 4 or 8, got ", groups));
+  }
+  return GpuLastError("ScorePagesKernel launch");
+}
+
+template <typename T>
+absl::Status LaunchScore(const ScoreParams& p, int head_dim, int groups, int num_seqs,
+                         hipStream_t s) {
+  switch (head_dim) {
+    case 64: return LaunchScoreGroups<T, 64>(p, groups, num_seqs, s);
+    case 128: return LaunchScoreGroups<T, 128>(p, groups, num_seqs, s);
+    case 256: return LaunchScoreGroups<T, 256>(p, groups, num_seqs, s);
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat("head_dim must be 64, 128 or 256, got ", head_dim));
+  }
+}
+
+absl::Status CheckTable(const BlockTableView& table) {
+  if (table.block_table == nullptr || table.seq_lens == nullptr || table.num_seqs <= 0 ||
+      table.max_blocks_per_seq <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "block table needs non-null pointers and positive sizes, got ", table.num_seqs, " x ",
+        table.max_blocks_per_seq));
+  }
+  if (table.num_seqs > 65535) {
+    return absl::InvalidArgumentError(absl::StrCat("num_seqs ", table.num_seqs,
+                                                   " exceeds 65535"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+size_t SelectWorkspaceBytes(const BlockTableView& table, int num_kv_heads) {
+  return static_cast<size_t>(std::max(table.num_seqs, 0)) * std::max(num_kv_heads, 0) *
+         std::max(table.max_blocks_per_seq, 0) * sizeof(float);
+}
+
+absl::Status ComputeRelevancyGpu(const QueryView& query, const KvCacheView& cache,
+                                 const DigestView& digests, const BlockTableView& table,
+                                 GroupAggregation agg, float* scores, GpuStream stream) {
+  KvCacheView shapes = cache;
+  if (shapes.data == nullptr) shapes.data = digests.data;  // only shapes are checked
+  MEMPIPE_RETURN_IF_ERROR(ValidateKvCache(shapes));
+  MEMPIPE_RETURN_IF_ERROR(ValidateDigests(cache, digests));
+  MEMPIPE_RETURN_IF_ERROR(CheckTable(table));
+  if (query.data == nullptr || scores == nullptr) {
+    return absl::InvalidArgumentError("query and scores must not be null");
+  }
+  if (query.dtype != cache.dtype) {
+    return absl::InvalidArgumentError(absl::StrCat("query dtype ", DTypeName(query.dtype),
+                                                   " differs from the cache's ",
+                                                   DTypeName(cache.dtype)));
+  }
+  if (query.num_seqs != table.num_seqs || query.head_dim != cache.head_dim ||
+      query.num_heads <= 0 || query.num_heads % cache.num_kv_heads != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "query [", query.num_seqs, ", ", query.num_heads, ", ", query.head_dim,
+        "] does not fit ", table.num_seqs, " sequences, ", cache.num_kv_heads,
+        " KV heads, head_dim ", cache.head_dim));
+  }
+  ScoreParams p{};
+  p.query = query.data;
+  p.digests = digests.data;
+  p.block_table = table.block_table;
+  p.seq_lens = table.seq_lens;
+  p.scores = scores;
+  p.num_heads = query.num_heads;
+  p.num_kv_heads = cache.num_kv_heads;
+  p.num_blocks = cache.num_blocks;
+  p.block_size = cache.block_size;
+  p.max_blocks_per_seq = table.max_blocks_per_seq;
+  p.aggregation = static_cast<int>(agg);
+  const int groups = query.num_heads / cache.num_kv_heads;
+  const auto s = static_cast<hipStream_t>(stream);
+  switch (cache.dtype) {
+    case DType::kFloat32: return LaunchScore<float>(p, query.head_dim, groups, query.num_seqs, s);
+    case DType::kFloat16: return LaunchScore<F16>(p, query.head_dim, groups, query.num_seqs, s);
+    case DType::kBFloat16: return LaunchScore<BF16>(p, query.head_dim, groups, query.num_seqs, s);
+  }
+  return absl::InvalidArgumentError("unknown dtype");
+}
+
+absl::Status SelectPagesGpu(const float* scores, const BlockTableView& table, int block_size,
+                            int num_kv_heads, const SelectionConfig& config,
+                            const SelectionView& out, GpuStream stream) {
+  MEMPIPE_RETURN_IF_ERROR(ValidateSelectionConfig(config, block_size));
+  MEMPIPE_RETURN_IF_ERROR(CheckTable(table));
+  if (scores == nullptr || out.pages == nullptr || out.counts == nullptr) {
+    return absl::InvalidArgumentError("scores and selection pointers must not be null");
+  }
+  const int k = config.PagesPerHead(block_size);
+  if (out.num_seqs != table.num_seqs || out.num_kv_heads != num_kv_heads ||
+      out.max_selected < k || num_kv_heads <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "selection is [", out.num_seqs, ", ", out.num_kv_heads, ", ", out.max_selected,
+        "]; need [", table.num_seqs, ", ", num_kv_heads, ", >= ", k, "]"));
+  }
+  SelectParams p{};
+  p.scores = scores;
+  p.seq_lens = table.seq_lens;
+  p.pages = out.pages;
+  p.counts = out.counts;
+  p.num_kv_heads = num_kv_heads;
+  p.max_blocks_per_seq = table.max_blocks_per_seq;
+  p.block_size = block_size;
+  p.max_selected = out.max_selected;
+  p.k = k;
+  p.sinks = config.num_sink_pages;
+  p.locals = config.num_local_pages;
+  SelectPagesKernel<<<dim3(num_kv_heads, table.num_seqs), kSelectThreads, 0,
+                      static_cast<hipStream_t>(stream)>>>(p);
+  return GpuLastError("SelectPagesKernel launch");
+}
+
+absl::Status ScoreAndSelectGpu(const QueryView& query, const KvCacheView& cache,
+                               const DigestView& digests, const BlockTableView& table,
+                               const SelectionConfig& config, const SelectionView& out,
+                               void* workspace, size_t workspace_bytes, GpuStream stream) {
+  MEMPIPE_RETURN_IF_ERROR(ValidateSelectionConfig(config, cache.block_size));
+  const size_t need = SelectWorkspaceBytes(table, cache.num_kv_heads);
+  if (workspace == nullptr || workspace_bytes < need) {
+    return absl::InvalidArgumentError(absl::StrCat("workspace of ", workspace_bytes,
+                                                   " bytes is too small; need ", need));
+  }
+  float* scores = static_cast<float*>(workspace);
+  MEMPIPE_RETURN_IF_ERROR(
+      ComputeRelevancyGpu(query, cache, digests, table, config.aggregation, scores, stream));
+  return SelectPagesGpu(scores, table, cache.block_size, cache.num_kv_heads, config, out, stream);
+}
+
+}  // namespace mempipe
