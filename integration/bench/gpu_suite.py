@@ -247,6 +247,10 @@ def main():
             except torch.cuda.OutOfMemoryError as e:
                 print(f"{context} x {b}: out of memory ({e}); skipped", flush=True)
                 torch.cuda.empty_cache()
+            except (AssertionError, RuntimeError) as e:
+                print(f"{context} x {b}: FAILED: {e}", flush=True)
+                results.append({"context": context, "batch": b, "error": str(e)})
+                torch.cuda.empty_cache()
     doc = {
         "device": props.name, "sms": props.multi_processor_count,
         "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -259,7 +263,8 @@ def main():
     }
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=1)
+    return 1 if any("error" in r for r in results) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
