@@ -36,7 +36,7 @@ def load_lib(path):
     lib.mempipe_decode_workspace_bytes.argtypes = [i32] * 4
     lib.mempipe_select_workspace_bytes.restype = sz
     lib.mempipe_select_workspace_bytes.argtypes = [i32] * 3
-    lib.mempipe_paged_decode.argtypes = [vp] * 7 + [i32] * 9 + [i32, f32, vp, sz, vp]
+    lib.mempipe_paged_decode.argtypes = [vp] * 7 + [i32] * 9 + [f32, vp, sz, vp]
     lib.mempipe_score_and_select.argtypes = [vp] * 4 + [i32] * 12 + [vp, vp, i32, vp, sz, vp]
     lib.mempipe_build_digests.argtypes = [vp] * 4 + [i32] * 7 + [vp]
     return lib
