@@ -25,6 +25,7 @@ using gpu::F16;
 
 constexpr int kMaxSplits = 128;
 constexpr int kDecodeWarps = 4;
+constexpr int kChunkPages = 256;
 constexpr int kMinPagesPerSplit = 8;
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -56,10 +57,12 @@ struct DecodeConfig {
   static constexpr int kElems = kVecsPerLane * kVec;               // channels per lane
   static constexpr int kTokensPerStep = kGpuLanes / kLanesPerToken;
   // Token steps per tile: fewer for big groups, whose q and acc take the registers.
-  static constexpr int kSteps = kGroups >= 8 ? 2 : (kGroups >= 4 ? 4 : 8);
+  // Two tiles are in flight per warp (double buffering), so 16-byte vectors of K and V per
+  // lane and tile are capped at 16 (fp32 rows of 256 take two vectors per lane and token).
+  static constexpr int kSteps = (kGroups >= 8 ? 2 : (kGroups >= 4 ? 4 : 8)) / kVecsPerLane;
   static constexpr int kTileTokens = kSteps * kTokensPerStep;
   static constexpr int kStreams = kWarps * kTokensPerStep;
-  static_assert(kVecsPerRow % kLanesPerToken == 0);
+  static_assert(kVecsPerRow % kLanesPerToken == 0 && kSteps >= 1);
   static_assert(kTileTokens <= 64 && (kTileTokens & (kTileTokens - 1)) == 0);
   static_assert(kStreams * kGroups * kHeadDim * 4 <= 32 * 1024, "merge buffer over 32 KB");
 };
@@ -112,43 +115,45 @@ __global__ void __launch_bounds__(kDecodeWarps * kGpuLanes) PagedDecodeKernel(De
   const int tile_tokens = min(C::kTileTokens, bs);
   const int steps = tile_tokens / C::kTokensPerStep;
   const int tiles_per_page = bs / tile_tokens;
-  const int units = max(item_end - item_begin, 0) * tiles_per_page;
   const size_t token_stride = static_cast<size_t>(p.num_kv_heads) * kHeadDim;
-  const T* kv = static_cast<const T*>(p.kv);
+  const T* kv = static_cast<const T*>(p.kv) + static_cast<size_t>(kvh) * kHeadDim;
+  const int32_t* table = p.block_table + static_cast<size_t>(seq) * p.max_blocks_per_seq;
 
-  for (int u = warp; u < units; u += C::kWarps) {
-    const int item = item_begin + u / tiles_per_page;
-    const int sub = u % tiles_per_page;
-    const int page = list != nullptr ? list[item] : item;
-    if (page < 0 || page >= num_pages) continue;
-    const int block = p.block_table[static_cast<size_t>(seq) * p.max_blocks_per_seq + page];
-    if (block < 0 || block >= p.num_blocks) continue;
-    const int valid = min(bs, seq_len - page * bs) - sub * tile_tokens;
-    const T* kbase = kv + (static_cast<size_t>(block) * bs + sub * tile_tokens) * token_stride +
-                     static_cast<size_t>(kvh) * kHeadDim;
+  // Block ids of a chunk of the split's pages, staged in shared memory so that no tile waits
+  // on a dependent table lookup.
+  __shared__ int s_block[kChunkPages];
+  __shared__ int s_valid[kChunkPages];  // valid tokens of the page; 0 skips it
 
-    // Issue every load of the tile before the first use.
-    uint4 kraw[C::kSteps][C::kVecsPerLane], vraw[C::kSteps][C::kVecsPerLane];
+  struct Tile {
+    uint4 k[C::kSteps][C::kVecsPerLane];
+    uint4 v[C::kSteps][C::kVecsPerLane];
+    int valid;  // valid tokens of the tile, from its first
+  };
+  auto load = [&](int unit, Tile& t) {
+    const int i = unit / tiles_per_page, sub = unit % tiles_per_page;
+    t.valid = s_valid[i] - sub * tile_tokens;
+    const T* kbase = kv + (static_cast<size_t>(s_block[i]) * bs + sub * tile_tokens) * token_stride;
 #pragma unroll
     for (int s = 0; s < C::kSteps; ++s) {
-      const int t = s * C::kTokensPerStep + tok_sub;
-      const bool ok = s < steps && t < valid;
+      const int tok = s * C::kTokensPerStep + tok_sub;
+      const bool ok = s < steps && tok < t.valid;
 #pragma unroll
       for (int v = 0; v < C::kVecsPerLane; ++v) {
-        const T* kp = kbase + t * token_stride + (v * C::kLanesPerToken + vlane) * C::kVec;
-        kraw[s][v] = ok ? *reinterpret_cast<const uint4*>(kp) : make_uint4(0, 0, 0, 0);
-        vraw[s][v] =
+        const T* kp = kbase + tok * token_stride + (v * C::kLanesPerToken + vlane) * C::kVec;
+        t.k[s][v] = ok ? *reinterpret_cast<const uint4*>(kp) : make_uint4(0, 0, 0, 0);
+        t.v[s][v] =
             ok ? *reinterpret_cast<const uint4*>(kp + p.plane_elems) : make_uint4(0, 0, 0, 0);
       }
     }
-
+  };
+  auto compute = [&](const Tile& t) {
     float score[C::kSteps][kGroups];
 #pragma unroll
     for (int s = 0; s < C::kSteps; ++s) {
       float k[E];
 #pragma unroll
-      for (int v = 0; v < C::kVecsPerLane; ++v) gpu::Unpack16<T>(kraw[s][v], &k[v * C::kVec]);
-      const bool ok = s < steps && s * C::kTokensPerStep + tok_sub < valid;
+      for (int v = 0; v < C::kVecsPerLane; ++v) gpu::Unpack16<T>(t.k[s][v], &k[v * C::kVec]);
+      const bool ok = s < steps && s * C::kTokensPerStep + tok_sub < t.valid;
 #pragma unroll
       for (int g = 0; g < kGroups; ++g) {
         float dot = 0.0f;
@@ -159,7 +164,6 @@ __global__ void __launch_bounds__(kDecodeWarps * kGpuLanes) PagedDecodeKernel(De
         score[s][g] = ok ? dot : -INFINITY;
       }
     }
-
 #pragma unroll
     for (int g = 0; g < kGroups; ++g) {
       float tile_max = -INFINITY;
@@ -177,7 +181,7 @@ __global__ void __launch_bounds__(kDecodeWarps * kGpuLanes) PagedDecodeKernel(De
     for (int s = 0; s < C::kSteps; ++s) {
       float v[E];
 #pragma unroll
-      for (int w = 0; w < C::kVecsPerLane; ++w) gpu::Unpack16<T>(vraw[s][w], &v[w * C::kVec]);
+      for (int w = 0; w < C::kVecsPerLane; ++w) gpu::Unpack16<T>(t.v[s][w], &v[w * C::kVec]);
 #pragma unroll
       for (int g = 0; g < kGroups; ++g) {
         const float pr = score[s][g] == -INFINITY ? 0.0f : exp2f(score[s][g] - m[g]);
@@ -185,6 +189,30 @@ __global__ void __launch_bounds__(kDecodeWarps * kGpuLanes) PagedDecodeKernel(De
 #pragma unroll
         for (int e = 0; e < E; ++e) acc[g][e] += pr * v[e];
       }
+    }
+  };
+
+  for (int chunk = item_begin; chunk < item_end; chunk += kChunkPages) {
+    const int n = min(kChunkPages, item_end - chunk);
+    __syncthreads();  // the previous chunk's tiles have all read s_block
+    for (int i = threadIdx.x; i < n; i += C::kThreads) {
+      const int page = list != nullptr ? list[chunk + i] : chunk + i;
+      const int block = page >= 0 && page < num_pages ? table[page] : -1;
+      const bool ok = block >= 0 && block < p.num_blocks;
+      s_block[i] = ok ? block : 0;
+      s_valid[i] = ok ? min(bs, seq_len - page * bs) : 0;
+    }
+    __syncthreads();
+    // Two tiles in flight per warp: the next one loads while this one computes.
+    const int units = n * tiles_per_page;
+    Tile a, b;
+    int u = warp;
+    if (u < units) load(u, a);
+    for (; u < units; u += 2 * C::kWarps) {
+      if (u + C::kWarps < units) load(u + C::kWarps, b);
+      compute(a);
+      if (u + 2 * C::kWarps < units) load(u + 2 * C::kWarps, a);
+      if (u + C::kWarps < units) compute(b);
     }
   }
 

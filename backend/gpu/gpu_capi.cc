@@ -88,6 +88,21 @@ int mempipe_score_and_select(const void* query, void* digests, const int32_t* bl
                                            workspace_bytes, stream));
 }
 
+// Step 2 alone: scores [num_seqs, num_kv_heads, max_blocks_per_seq] fp32.
+int mempipe_compute_relevancy(const void* query, void* digests, const int32_t* block_table,
+                              const int32_t* seq_lens, int dtype, int num_seqs, int num_heads,
+                              int num_kv_heads, int head_dim, int num_blocks, int block_size,
+                              int max_blocks_per_seq, int aggregation, float* scores,
+                              void* stream) {
+  const auto dt = static_cast<mempipe::DType>(dtype);
+  const mempipe::QueryView q{query, dt, num_seqs, num_heads, head_dim};
+  const auto cache = Cache(digests, dtype, num_blocks, block_size, num_kv_heads, head_dim);
+  const mempipe::DigestView dg{digests, dt, num_blocks, num_kv_heads, head_dim};
+  const mempipe::BlockTableView table{block_table, seq_lens, num_seqs, max_blocks_per_seq};
+  return Report(mempipe::ComputeRelevancyGpu(
+      q, cache, dg, table, static_cast<mempipe::GroupAggregation>(aggregation), scores, stream));
+}
+
 int mempipe_build_digests(void* kv, void* digests, const int32_t* block_table,
                           const int32_t* seq_lens, int dtype, int num_seqs, int num_kv_heads,
                           int head_dim, int num_blocks, int block_size, int max_blocks_per_seq,

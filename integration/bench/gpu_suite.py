@@ -38,6 +38,7 @@ def load_lib(path):
     lib.mempipe_select_workspace_bytes.argtypes = [i32] * 3
     lib.mempipe_paged_decode.argtypes = [vp] * 7 + [i32] * 9 + [f32, vp, sz, vp]
     lib.mempipe_score_and_select.argtypes = [vp] * 4 + [i32] * 12 + [vp, vp, i32, vp, sz, vp]
+    lib.mempipe_compute_relevancy.argtypes = [vp] * 4 + [i32] * 9 + [vp, vp]
     lib.mempipe_build_digests.argtypes = [vp] * 4 + [i32] * 7 + [vp]
     return lib
 
@@ -130,6 +131,11 @@ def run_case(lib, timer, copy_bw, context, batch, results):
                                                 PAGE, pages, BUDGET, 1, 1, 0, p(sel), p(cnt),
                                                 k_sel, p(sws), sws_bytes, stream), "select")
 
+    def score_only():
+        check(lib, lib.mempipe_compute_relevancy(p(q), p(digests), p(table), p(lens), BF16,
+                                                 batch, Q_HEADS, KV_HEADS, HEAD_DIM, num_blocks,
+                                                 PAGE, pages, 0, p(sws), stream), "relevancy")
+
     def sparse_attn():
         check(lib, lib.mempipe_paged_decode(p(q), p(sparse_out), p(kv), p(table), p(lens),
                                             p(sel), p(cnt), BF16, batch, Q_HEADS, KV_HEADS,
@@ -186,6 +192,7 @@ def run_case(lib, timer, copy_bw, context, batch, results):
         ("mempipe_dense", dense, kv_bytes),
         ("torch_sdpa_dense", sdpa, kv_bytes),
         ("mempipe_select", select, digest_bytes),
+        ("mempipe_score_only", score_only, digest_bytes),
         ("torch_quest_select", torch_quest, digest_bytes),
         ("mempipe_sparse_attn", sparse_attn, selected_bytes),
         ("mempipe_sparse_step", sparse_step, digest_bytes + selected_bytes),
@@ -211,7 +218,7 @@ def run_case(lib, timer, copy_bw, context, batch, results):
     print(f"{context // 1024:>5}K x{batch:<4} dense {ms('mempipe_dense'):8.3f} ms "
           f"({frac('mempipe_dense'):.0%})  sdpa {ms('torch_sdpa_dense'):8.3f} "
           f"({frac('torch_sdpa_dense'):.0%})  select {ms('mempipe_select'):7.3f} "
-          f"({frac('mempipe_select'):.0%})  torch-quest {ms('torch_quest_select'):7.3f}  "
+          f"({frac('mempipe_select'):.0%}; score {frac('mempipe_score_only'):.0%})  torch-quest {ms('torch_quest_select'):7.3f}  "
           f"sparse-attn {ms('mempipe_sparse_attn'):6.3f}  step {ms('mempipe_sparse_step'):7.3f} "
           f"({rows['sparse_step_over_floor']:.2f}x floor, "
           f"{rows['speedup_sparse_step_vs_sdpa']:.1f}x vs sdpa)", flush=True)

@@ -24,8 +24,7 @@ using gpu::F16;
 
 constexpr int kScoreWarps = 8;
 constexpr int kScoreThreads = kScoreWarps * kGpuLanes;
-constexpr int kScoreUnroll = 4;
-constexpr int kPagesPerScoreBlock = kScoreWarps * kScoreUnroll * 2;
+constexpr int kPagesPerScoreBlock = 256;
 constexpr int kSelectThreads = 1024;
 constexpr int kSelectWarps = kSelectThreads / kGpuLanes;
 
@@ -39,14 +38,38 @@ struct ScoreParams {
   int aggregation;             // GroupAggregation
 };
 
+// Geometry of one (head_dim, group) instance.
+template <int kHeadDim, int kGroups>
+struct ScoreConfig {
+  static constexpr int kChannels = kHeadDim / kGpuLanes;  // channels per lane
+  // Pages per batch: each lane holds its channel sums of the whole batch, so that the
+  // butterfly can exchange halves (one shuffle per page instead of five).
+  // Batch sized so that its digest values take 32 registers (16 channels of max and min).
+  static constexpr int kBatch = 16 / kChannels < 8 ? 16 / kChannels : 8;
+  static constexpr int kLogBatch = kBatch == 8 ? 3 : (kBatch == 4 ? 2 : 1);
+  static_assert(kPagesPerScoreBlock % (kScoreWarps * kBatch) == 0);
+};
+
 template <typename T, int kHeadDim, int kGroups>
-__global__ void __launch_bounds__(kScoreThreads) ScorePagesKernel(ScoreParams p) {
-  constexpr int J = kHeadDim / kGpuLanes;  // channels per lane
+__global__ void __launch_bounds__(kScoreThreads, 2) ScorePagesKernel(ScoreParams p) {
+  using C = ScoreConfig<kHeadDim, kGroups>;
+  constexpr int J = C::kChannels;
+  constexpr int P = C::kBatch;
   const int kvh = blockIdx.y, seq = blockIdx.z;
   const int warp = threadIdx.x / kGpuLanes, lane = threadIdx.x % kGpuLanes;
   const int len = p.seq_lens[seq];
   const int num_pages =
       len > 0 ? min((len + p.block_size - 1) / p.block_size, p.max_blocks_per_seq) : 0;
+  const int chunk_begin = blockIdx.x * kPagesPerScoreBlock;
+  const int chunk_end = min(chunk_begin + kPagesPerScoreBlock, p.max_blocks_per_seq);
+
+  __shared__ int s_block[kPagesPerScoreBlock];  // -1: no valid page
+  const int32_t* table = p.block_table + static_cast<size_t>(seq) * p.max_blocks_per_seq;
+  for (int i = threadIdx.x; i < kPagesPerScoreBlock; i += kScoreThreads) {
+    const int page = chunk_begin + i;
+    const int block = page < num_pages ? table[page] : -1;
+    s_block[i] = block >= 0 && block < p.num_blocks ? block : -1;
+  }
 
   float q[kGroups][J];
   const T* qrow = static_cast<const T*>(p.query) +
@@ -56,61 +79,76 @@ __global__ void __launch_bounds__(kScoreThreads) ScorePagesKernel(ScoreParams p)
 #pragma unroll
     for (int j = 0; j < J; ++j) q[g][j] = gpu::ToF32(qrow[g * kHeadDim + lane + j * kGpuLanes]);
   }
-  const T* dg = static_cast<const T*>(p.digests);
-  const size_t head_off = static_cast<size_t>(kvh) * kHeadDim + lane;
+  const T* dg = static_cast<const T*>(p.digests) + static_cast<size_t>(kvh) * kHeadDim + lane;
   const size_t block_stride = 2 * static_cast<size_t>(p.num_kv_heads) * kHeadDim;
   const size_t min_off = static_cast<size_t>(p.num_kv_heads) * kHeadDim;
   float* out = p.scores + (static_cast<size_t>(seq) * p.num_kv_heads + kvh) * p.max_blocks_per_seq;
-  const int32_t* table = p.block_table + static_cast<size_t>(seq) * p.max_blocks_per_seq;
+  const bool is_max = p.aggregation == static_cast<int>(GroupAggregation::kMax);
+  __syncthreads();
 
-  const int chunk_begin = blockIdx.x * kPagesPerScoreBlock;
-  const int chunk_end = min(chunk_begin + kPagesPerScoreBlock, p.max_blocks_per_seq);
-  for (int base = chunk_begin + warp * kScoreUnroll; base < chunk_end;
-       base += kScoreWarps * kScoreUnroll) {
-    T mx[kScoreUnroll][J], mn[kScoreUnroll][J];
-    bool ok[kScoreUnroll];
+  for (int b0 = warp * P; b0 < chunk_end - chunk_begin; b0 += kScoreWarps * P) {
+    T mx[P][J], mn[P][J];
 #pragma unroll
-    for (int u = 0; u < kScoreUnroll; ++u) {
-      const int page = base + u;
-      const int block = page < num_pages ? table[page] : -1;
-      ok[u] = block >= 0 && block < p.num_blocks;
-      const T* row = dg + (ok[u] ? block : 0) * block_stride + head_off;
+    for (int u = 0; u < P; ++u) {
+      const int block = s_block[b0 + u];
+      const T* row = dg + max(block, 0) * block_stride;
 #pragma unroll
       for (int j = 0; j < J; ++j) {
-        if (ok[u]) {
+        if (block >= 0) {
           mx[u][j] = row[j * kGpuLanes];
           mn[u][j] = row[min_off + j * kGpuLanes];
         }
       }
     }
+    float agg = 0.0f;
 #pragma unroll
-    for (int u = 0; u < kScoreUnroll; ++u) {
-      const int page = base + u;
-      if (page >= chunk_end) break;
-      float agg = -INFINITY;
-      if (ok[u]) {
+    for (int g = 0; g < kGroups; ++g) {
+      // Lane sums in the canonical order of relevancy.h; fmaxf equals the reference's
+      // a > b ? a : b on finite values up to the sign of a zero, which no sum starting at
+      // +0 can tell apart. __fmul_rn/__fadd_rn are never fused.
+      float v[P];
 #pragma unroll
-        for (int g = 0; g < kGroups; ++g) {
-          // The canonical order of relevancy.h; __fmul_rn/__fadd_rn are never fused.
-          float s = 0.0f;
+      for (int u = 0; u < P; ++u) {
+        float s = 0.0f;
 #pragma unroll
-          for (int j = 0; j < J; ++j) {
-            const float a = __fmul_rn(q[g][j], gpu::ToF32(mx[u][j]));
-            const float b = __fmul_rn(q[g][j], gpu::ToF32(mn[u][j]));
-            s = __fadd_rn(s, a > b ? a : b);
+        for (int j = 0; j < J; ++j) {
+          s = __fadd_rn(s, fmaxf(__fmul_rn(q[g][j], gpu::ToF32(mx[u][j])),
+                                 __fmul_rn(q[g][j], gpu::ToF32(mn[u][j]))));
+        }
+        v[u] = s;
+      }
+      // Butterfly 16, 8, ..., 1 over the 32 lanes for all P pages at once: while a lane
+      // holds several pages it keeps half of them and trades the other half with its partner,
+      // so each addition pairs the same lanes as the reference tree (addition commutes).
+      int count = P;
+#pragma unroll
+      for (int stride = kGpuLanes / 2; stride > 0; stride /= 2) {
+        if (count > 1) {
+          const bool upper = lane & stride;
+          const int half = count / 2;
+#pragma unroll
+          for (int i = 0; i < half; ++i) {
+            const float send = upper ? v[i] : v[i + half];
+            const float keep = upper ? v[i + half] : v[i];
+            v[i] = __fadd_rn(keep, GpuShflXor32(send, stride));
           }
-#pragma unroll
-          for (int w = kGpuLanes / 2; w > 0; w /= 2) s = __fadd_rn(s, GpuShflXor32(s, w));
-          if (g == 0) {
-            agg = s;
-          } else if (p.aggregation == static_cast<int>(GroupAggregation::kMax)) {
-            agg = s > agg ? s : agg;
-          } else {
-            agg = __fadd_rn(agg, s);
-          }
+          count = half;
+        } else {
+          v[0] = __fadd_rn(v[0], GpuShflXor32(v[0], stride));
         }
       }
-      if (lane == 0) out[page] = agg;
+      if (g == 0) {
+        agg = v[0];
+      } else if (is_max) {
+        agg = v[0] > agg ? v[0] : agg;
+      } else {
+        agg = __fadd_rn(agg, v[0]);
+      }
+    }
+    // Lane k * 32 / P holds page k of the batch.
+    if ((lane & ((kGpuLanes / P) - 1)) == 0) {
+      const int i = b0 + (lane >> (5 - C::kLogBatch));
+      if (chunk_begin + i < chunk_end) out[chunk_begin + i] = s_block[i] >= 0 ? agg : -INFINITY;
     }
   }
 }
