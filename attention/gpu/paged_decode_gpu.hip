@@ -59,7 +59,7 @@ struct DecodeConfig {
   // Token steps per tile: fewer for big groups, whose q and acc take the registers.
   // Two tiles are in flight per warp (double buffering), so 16-byte vectors of K and V per
   // lane and tile are capped at 16 (fp32 rows of 256 take two vectors per lane and token).
-  static constexpr int kSteps = (kGroups >= 8 ? 2 : (kGroups >= 4 ? 4 : 8)) / kVecsPerLane;
+  static constexpr int kSteps = (kGroups >= 8 ? 2 : 4) / kVecsPerLane;
   static constexpr int kTileTokens = kSteps * kTokensPerStep;
   static constexpr int kStreams = kWarps * kTokensPerStep;
   static_assert(kVecsPerRow % kLanesPerToken == 0 && kSteps >= 1);
@@ -68,7 +68,8 @@ struct DecodeConfig {
 };
 
 template <typename T, int kHeadDim, int kGroups>
-__global__ void __launch_bounds__(kDecodeWarps * kGpuLanes) PagedDecodeKernel(DecodeParams p) {
+__global__ void __launch_bounds__(kDecodeWarps * kGpuLanes, kGroups >= 8 ? 2 : 3)
+    PagedDecodeKernel(DecodeParams p) {
   using C = DecodeConfig<T, kHeadDim, kGroups>;
   constexpr int E = C::kElems;
   const int split = blockIdx.x, kvh = blockIdx.y, seq = blockIdx.z;
@@ -294,10 +295,12 @@ struct SplitPlan {
   int items_per_split;
 };
 
-SplitPlan PlanSplits(int num_seqs, int num_kv_heads, int max_items, int num_sms) {
+// At most one wave of blocks: the launch bounds keep 3 blocks per SM resident (2 for groups
+// of 8), and a partial second wave would idle most SMs for a whole block's time.
+SplitPlan PlanSplits(int num_seqs, int num_kv_heads, int groups, int max_items, int num_sms) {
   const int rows = std::max(num_seqs * num_kv_heads, 1);
-  const int target_blocks = 2 * std::max(num_sms, 1);
-  int splits = (target_blocks + rows - 1) / rows;
+  const int resident = std::max(num_sms, 1) * (groups >= 8 ? 2 : 3);
+  int splits = std::max(resident / rows, 1);
   splits = std::min(splits, std::max((max_items + kMinPagesPerSplit - 1) / kMinPagesPerSplit, 1));
   splits = std::clamp(splits, 1, kMaxSplits);
   const int per = (std::max(max_items, 1) + splits - 1) / splits;
@@ -397,7 +400,8 @@ absl::Status Launch(const DecodeIo& io, const KvCacheView& cache, const BlockTab
     }
     max_items = pages->max_selected;
   }
-  const SplitPlan plan = PlanSplits(io.num_seqs, cache.num_kv_heads, max_items, CachedSmCount());
+  const SplitPlan plan = PlanSplits(io.num_seqs, cache.num_kv_heads,
+                                    io.num_heads / cache.num_kv_heads, max_items, CachedSmCount());
   const size_t need = PagedDecodeWorkspaceBytes(io.num_seqs, io.num_heads, cache.num_kv_heads,
                                                 max_items);
   if (plan.num_splits > 1 && (workspace == nullptr || workspace_bytes < need)) {
@@ -439,7 +443,9 @@ absl::Status Launch(const DecodeIo& io, const KvCacheView& cache, const BlockTab
 }  // namespace
 
 size_t PagedDecodeWorkspaceBytes(int num_seqs, int num_heads, int num_kv_heads, int max_items) {
-  const SplitPlan plan = PlanSplits(num_seqs, num_kv_heads, max_items, CachedSmCount());
+  const SplitPlan plan = PlanSplits(num_seqs, num_kv_heads,
+                                    num_heads / std::max(num_kv_heads, 1), max_items,
+                                    CachedSmCount());
   if (plan.num_splits <= 1) return 0;
   // head_dim is at most 256; one extra float per row for the lse.
   return static_cast<size_t>(std::max(num_seqs, 0)) * std::max(num_heads, 0) * plan.num_splits *

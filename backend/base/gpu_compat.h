@@ -62,6 +62,15 @@ template <typename V>
 __device__ __forceinline__ V GpuShflDown32(V v, int delta) {
   return __shfl_down(v, delta, kGpuLanes);
 }
+template <typename V>
+__device__ __forceinline__ V GpuShfl32(V v, int src_lane) {
+  return __shfl(v, src_lane, kGpuLanes);
+}
+// Bit i: lane i of this thread's 32-lane group has `pred` (1-D blocks: the group is the low or
+// high half of the 64-wide wavefront).
+__device__ __forceinline__ uint32_t GpuBallot32(bool pred) {
+  return static_cast<uint32_t>(__ballot(pred) >> (threadIdx.x & 32));
+}
 __device__ __forceinline__ float GpuHalfBitsToFloat(uint16_t b) {
   return __half2float(__ushort_as_half(b));
 }
@@ -80,6 +89,13 @@ __device__ __forceinline__ V GpuShflUp32(V v, int delta) {
 template <typename V>
 __device__ __forceinline__ V GpuShflDown32(V v, int delta) {
   return __shfl_down_sync(0xffffffffu, v, delta, kGpuLanes);
+}
+template <typename V>
+__device__ __forceinline__ V GpuShfl32(V v, int src_lane) {
+  return __shfl_sync(0xffffffffu, v, src_lane, kGpuLanes);
+}
+__device__ __forceinline__ uint32_t GpuBallot32(bool pred) {
+  return __ballot_sync(0xffffffffu, pred);
 }
 __device__ __forceinline__ float GpuHalfBitsToFloat(uint16_t b) {
   return __half2float(__ushort_as_half(b));

@@ -34,7 +34,7 @@
 
 namespace mempipe {
 
-// Scratch bytes ScoreAndSelectGpu needs (the score tensor).
+// Scratch bytes ScoreAndSelectGpu needs (the score tensor and per-32-page maxima).
 size_t SelectWorkspaceBytes(const BlockTableView& table, int num_kv_heads);
 
 // Step 2 alone: writes `scores` (device, [num_seqs, num_kv_heads, max_blocks_per_seq]).

@@ -34,9 +34,21 @@ struct ScoreParams {
   const int32_t* block_table;  // [num_seqs, max_blocks_per_seq]
   const int32_t* seq_lens;     // [num_seqs]
   float* scores;               // [num_seqs, num_kv_heads, max_blocks_per_seq]
+  uint32_t* group_max;         // [num_seqs, num_kv_heads, num_groups] or null: per 32 pages,
+                               // the largest key of a middle page (0: none)
   int num_heads, num_kv_heads, num_blocks, block_size, max_blocks_per_seq;
+  int num_groups, sinks, locals;
   int aggregation;             // GroupAggregation
 };
+
+// Order-preserving key of a score as the CPU ranks it: NaN as -inf, -0 equal to +0. Every
+// real key is above 0, which therefore marks "no page".
+__device__ __forceinline__ uint32_t ScoreKey(float f) {
+  if (f != f) f = -INFINITY;
+  if (f == 0.0f) f = 0.0f;
+  const uint32_t u = __float_as_uint(f);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
 
 // Geometry of one (head_dim, group) instance.
 template <int kHeadDim, int kGroups>
@@ -47,7 +59,7 @@ struct ScoreConfig {
   // Batch sized so that its digest values take 32 registers (16 channels of max and min).
   static constexpr int kBatch = 16 / kChannels < 8 ? 16 / kChannels : 8;
   static constexpr int kLogBatch = kBatch == 8 ? 3 : (kBatch == 4 ? 2 : 1);
-  static_assert(kPagesPerScoreBlock % (kScoreWarps * kBatch) == 0);
+  static_assert(kGpuLanes % kBatch == 0 && kPagesPerScoreBlock == kScoreWarps * kGpuLanes);
 };
 
 template <typename T, int kHeadDim, int kGroups>
@@ -86,7 +98,11 @@ __global__ void __launch_bounds__(kScoreThreads, 2) ScorePagesKernel(ScoreParams
   const bool is_max = p.aggregation == static_cast<int>(GroupAggregation::kMax);
   __syncthreads();
 
-  for (int b0 = warp * P; b0 < chunk_end - chunk_begin; b0 += kScoreWarps * P) {
+  // Warp w scores the 32 pages [32 w, 32 w + 32) of the chunk, P at a time.
+  const int mid_lo = p.sinks, mid_hi = num_pages - p.locals;
+  uint32_t group_max = 0;
+  const int group_end = min(warp * kGpuLanes + kGpuLanes, chunk_end - chunk_begin);
+  for (int b0 = warp * kGpuLanes; b0 < group_end; b0 += P) {
     T mx[P][J], mn[P][J];
 #pragma unroll
     for (int u = 0; u < P; ++u) {
@@ -148,27 +164,36 @@ __global__ void __launch_bounds__(kScoreThreads, 2) ScorePagesKernel(ScoreParams
     // Lane k * 32 / P holds page k of the batch.
     if ((lane & ((kGpuLanes / P) - 1)) == 0) {
       const int i = b0 + (lane >> (5 - C::kLogBatch));
-      if (chunk_begin + i < chunk_end) out[chunk_begin + i] = s_block[i] >= 0 ? agg : -INFINITY;
+      const int page = chunk_begin + i;
+      if (page < chunk_end) {
+        out[page] = s_block[i] >= 0 ? agg : -INFINITY;
+        if (s_block[i] >= 0 && page >= mid_lo && page < mid_hi) {
+          group_max = max(group_max, ScoreKey(agg));
+        }
+      }
+    }
+  }
+  if (p.group_max != nullptr && chunk_begin + warp * kGpuLanes < p.max_blocks_per_seq) {
+#pragma unroll
+    for (int w = kGpuLanes / 2; w > 0; w /= 2) group_max = max(group_max, GpuShflXor32(group_max, w));
+    if (lane == 0) {
+      p.group_max[(static_cast<size_t>(seq) * p.num_kv_heads + kvh) * p.num_groups +
+                  blockIdx.x * kScoreWarps + warp] = group_max;
     }
   }
 }
 
 struct SelectParams {
-  const float* scores;      // [num_seqs, num_kv_heads, max_blocks_per_seq]
-  const int32_t* seq_lens;  // [num_seqs]
-  int32_t* pages;           // [num_seqs, num_kv_heads, max_selected]
-  int32_t* counts;          // [num_seqs, num_kv_heads]
-  int num_kv_heads, max_blocks_per_seq, block_size, max_selected;
+  const float* scores;        // [num_seqs, num_kv_heads, max_blocks_per_seq]
+  const uint32_t* group_max;  // [num_seqs, num_kv_heads, num_groups] (ScorePagesKernel)
+  const int32_t* seq_lens;    // [num_seqs]
+  int32_t* pages;             // [num_seqs, num_kv_heads, max_selected]
+  int32_t* counts;            // [num_seqs, num_kv_heads]
+  int num_kv_heads, max_blocks_per_seq, block_size, max_selected, num_groups;
   int k, sinks, locals;
 };
 
-// Order-preserving key of a score as the CPU ranks it: NaN as -inf, -0 equal to +0.
-__device__ __forceinline__ uint32_t ScoreKey(float f) {
-  if (f != f) f = -INFINITY;
-  if (f == 0.0f) f = 0.0f;
-  const uint32_t u = __float_as_uint(f);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
+constexpr int kCandidateCap = 4096;
 
 // Exclusive prefix sum over the block; `scratch` holds kSelectWarps ints. Ends synchronized.
 __device__ int BlockExclusiveScan(int v, int* scratch, int* total) {
@@ -197,6 +222,135 @@ __device__ int BlockExclusiveScan(int v, int* scratch, int* total) {
   return warp_before + incl - v;
 }
 
+// Radix select over keys key_at(0 .. n-1), called by the whole block: returns the threshold T
+// and `take`, the number of keys equal to T that complete the `want` largest
+// (count(key > T) + take == want, 1 <= take). Digits of 8 bits start below the bits that the
+// smallest and largest key share.
+template <typename KeyAt>
+__device__ void RadixSelect(KeyAt key_at, int n, int want, uint32_t* threshold, int* take) {
+  __shared__ uint32_t s_min, s_max, s_prefix;
+  __shared__ int s_remaining;
+  __shared__ int s_hist[256];
+  const int tid = threadIdx.x, lane = tid % kGpuLanes, warp = tid / kGpuLanes;
+  uint32_t kmin = 0xffffffffu, kmax = 0;
+  for (int i = tid; i < n; i += kSelectThreads) {
+    const uint32_t key = key_at(i);
+    kmin = min(kmin, key);
+    kmax = max(kmax, key);
+  }
+#pragma unroll
+  for (int w = kGpuLanes / 2; w > 0; w /= 2) {
+    kmin = min(kmin, GpuShflXor32(kmin, w));
+    kmax = max(kmax, GpuShflXor32(kmax, w));
+  }
+  if (tid == 0) {
+    s_min = 0xffffffffu;
+    s_max = 0;
+  }
+  __syncthreads();
+  if (lane == 0) {
+    atomicMin(&s_min, kmin);
+    atomicMax(&s_max, kmax);
+  }
+  __syncthreads();
+  kmin = s_min;
+  kmax = s_max;
+  int remaining = want;
+  if (kmin == kmax) {
+    *threshold = kmin;
+    *take = remaining;
+    __syncthreads();
+    return;
+  }
+  const int common = __clz(kmin ^ kmax);
+  uint32_t mask = common > 0 ? 0xffffffffu << (32 - common) : 0u;
+  uint32_t prefix = kmax & mask;
+  int pos = 32 - common;
+  while (pos > 0) {
+    const int width = pos < 8 ? pos : 8;
+    const int shift = pos - width;
+    const uint32_t digit_mask = (1u << width) - 1u;
+    for (int i = tid; i < 256; i += kSelectThreads) s_hist[i] = 0;
+    __syncthreads();
+    for (int i = tid; i < n; i += kSelectThreads) {
+      const uint32_t key = key_at(i);
+      if ((key & mask) == prefix) atomicAdd(&s_hist[(key >> shift) & digit_mask], 1);
+    }
+    __syncthreads();
+    if (warp == 0) {
+      // Lane l owns bins [8l, 8l + 8); find the bin holding the remaining-th largest key.
+      int bins[8];
+      int lane_sum = 0;
+#pragma unroll
+      for (int b = 0; b < 8; ++b) {
+        bins[b] = s_hist[lane * 8 + b];
+        lane_sum += bins[b];
+      }
+      int incl = lane_sum;  // keys in bins of lanes >= this one
+#pragma unroll
+      for (int d = 1; d < kGpuLanes; d *= 2) {
+        const int o = GpuShflDown32(incl, d);
+        if (lane + d < kGpuLanes) incl += o;
+      }
+      const int above = incl - lane_sum;
+      if (above < remaining && remaining <= incl) {
+        int cum = above;
+        for (int b = 7; b >= 0; --b) {
+          if (cum + bins[b] >= remaining) {
+            s_prefix = prefix | (static_cast<uint32_t>(lane * 8 + b) << shift);
+            s_remaining = remaining - cum;
+            break;
+          }
+          cum += bins[b];
+        }
+      }
+    }
+    __syncthreads();
+    prefix = s_prefix;
+    remaining = s_remaining;
+    mask |= digit_mask << shift;
+    pos = shift;
+    __syncthreads();
+  }
+  *threshold = prefix;
+  *take = remaining;
+}
+
+// Writes, in index order, the pages i of [begin, end) with keep(i) to out[0, ...). Each thread
+// owns a contiguous run; `tie(i)` pages are kept only while fewer than `take` ties precede.
+template <typename KeyOf, typename IndexOf>
+__device__ void OrderedCompaction(int begin, int end, KeyOf key_of, IndexOf index_of,
+                                  uint32_t threshold, int take, int32_t* out, int* scratch) {
+  const int tid = threadIdx.x;
+  const int len = max(end - begin, 0);
+  const int run = (len + kSelectThreads - 1) / kSelectThreads;
+  const int r0 = begin + min(tid * run, len), r1 = begin + min(tid * run + run, len);
+  int strict = 0, ties = 0;
+  for (int i = r0; i < r1; ++i) {
+    const uint32_t key = key_of(i);
+    strict += key > threshold;
+    ties += key == threshold;
+  }
+  int total;
+  int strict_before = BlockExclusiveScan(strict, scratch, &total);
+  int ties_before = BlockExclusiveScan(ties, scratch, &total);
+  for (int i = r0; i < r1; ++i) {
+    const uint32_t key = key_of(i);
+    const bool tie = key == threshold;
+    const bool keep = key > threshold || (tie && ties_before < take);
+    if (keep) out[strict_before + min(ties_before, take)] = index_of(i);
+    strict_before += keep && !tie;
+    ties_before += tie;
+  }
+}
+
+//   1. floor F: the want-th largest of the 32-page group maxima (ScorePagesKernel), when there
+//      are that many groups; at least `want` middle pages score >= F, so the threshold does too
+//   2. candidates: middle pages with key >= F, gathered in index order into shared memory
+//      (warp segments, ballots); typically a few hundred out of tens of thousands
+//   3. exact radix select among the candidates, then ordered compaction of the candidates.
+// When the candidates overflow shared memory the same select and compaction run over the
+// whole row in global memory.
 __global__ void __launch_bounds__(kSelectThreads) SelectPagesKernel(SelectParams p) {
   const int kvh = blockIdx.x, seq = blockIdx.y;
   const int tid = threadIdx.x, lane = tid % kGpuLanes, warp = tid / kGpuLanes;
@@ -212,127 +366,64 @@ __global__ void __launch_bounds__(kSelectThreads) SelectPagesKernel(SelectParams
     return;
   }
   const int lo = p.sinks, hi = n - p.locals, want = p.k - p.sinks - p.locals;
-
-  __shared__ uint32_t s_min, s_max, s_prefix;
-  __shared__ int s_remaining;
-  __shared__ int s_hist[256];
+  __shared__ uint32_t s_keys[kCandidateCap];
+  __shared__ int s_idx[kCandidateCap];
   __shared__ int s_scan[kSelectWarps];
 
-  uint32_t threshold = 0xffffffffu;  // no key reaches it: nothing but sinks and locals
-  int remaining = 0;
-  if (want > 0) {
-    uint32_t kmin = 0xffffffffu, kmax = 0;
-    for (int i = lo + tid; i < hi; i += kSelectThreads) {
-      const uint32_t key = ScoreKey(sc[i]);
-      kmin = min(kmin, key);
-      kmax = max(kmax, key);
-    }
-#pragma unroll
-    for (int w = kGpuLanes / 2; w > 0; w /= 2) {
-      kmin = min(kmin, GpuShflXor32(kmin, w));
-      kmax = max(kmax, GpuShflXor32(kmax, w));
-    }
-    if (tid == 0) {
-      s_min = 0xffffffffu;
-      s_max = 0;
-    }
-    __syncthreads();
-    if (lane == 0) {
-      atomicMin(&s_min, kmin);
-      atomicMax(&s_max, kmax);
-    }
-    __syncthreads();
-    kmin = s_min;
-    kmax = s_max;
-    remaining = want;
-    if (kmin == kmax) {
-      threshold = kmin;
-    } else {
-      const int common = __clz(kmin ^ kmax);
-      uint32_t mask = common > 0 ? 0xffffffffu << (32 - common) : 0u;
-      uint32_t prefix = kmax & mask;
-      int pos = 32 - common;
-      while (pos > 0) {
-        const int width = pos < 8 ? pos : 8;
-        const int shift = pos - width;
-        const uint32_t digit_mask = (1u << width) - 1u;
-        for (int i = tid; i < 256; i += kSelectThreads) s_hist[i] = 0;
-        __syncthreads();
-        for (int i = lo + tid; i < hi; i += kSelectThreads) {
-          const uint32_t key = ScoreKey(sc[i]);
-          if ((key & mask) == prefix) atomicAdd(&s_hist[(key >> shift) & digit_mask], 1);
-        }
-        __syncthreads();
-        if (warp == 0) {
-          // Lane l owns bins [8l, 8l + 8); find the bin holding the remaining-th largest key.
-          int bins[8];
-          int lane_sum = 0;
-#pragma unroll
-          for (int b = 0; b < 8; ++b) {
-            bins[b] = s_hist[lane * 8 + b];
-            lane_sum += bins[b];
-          }
-          int incl = lane_sum;  // keys in bins of lanes >= this one
-#pragma unroll
-          for (int d = 1; d < kGpuLanes; d *= 2) {
-            const int o = GpuShflDown32(incl, d);
-            if (lane + d < kGpuLanes) incl += o;
-          }
-          const int above = incl - lane_sum;
-          if (above < remaining && remaining <= incl) {
-            int cum = above;
-            for (int b = 7; b >= 0; --b) {
-              if (cum + bins[b] >= remaining) {
-                s_prefix = prefix | (static_cast<uint32_t>(lane * 8 + b) << shift);
-                s_remaining = remaining - cum;
-                break;
-              }
-              cum += bins[b];
-            }
-          }
-        }
-        __syncthreads();
-        prefix = s_prefix;
-        remaining = s_remaining;
-        mask |= digit_mask << shift;
-        pos = shift;
-        __syncthreads();
-      }
-      threshold = prefix;
-    }
-  }
-
-  // Ordered compaction: each thread owns a contiguous run of pages.
-  const int run = (n + kSelectThreads - 1) / kSelectThreads;
-  const int begin = min(tid * run, n), end = min(begin + run, n);
-  int strict = 0, ties = 0;
-  for (int i = begin; i < end; ++i) {
-    if (i < lo || i >= hi) {
-      ++strict;
-    } else {
-      const uint32_t key = ScoreKey(sc[i]);
-      strict += key > threshold;
-      ties += key == threshold;
-    }
-  }
-  int total;
-  int strict_before = BlockExclusiveScan(strict, s_scan, &total);
-  int ties_before = BlockExclusiveScan(ties, s_scan, &total);
-  for (int i = begin; i < end; ++i) {
-    bool keep, tie = false;
-    if (i < lo || i >= hi) {
-      keep = true;
-    } else {
-      const uint32_t key = ScoreKey(sc[i]);
-      tie = key == threshold;
-      keep = key > threshold || (tie && ties_before < remaining);
-    }
-    if (keep) outp[strict_before + min(ties_before, remaining)] = i;
-    strict_before += keep && !tie;
-    ties_before += tie;
-  }
+  for (int i = tid; i < lo; i += kSelectThreads) outp[i] = i;
+  for (int i = hi + tid; i < n; i += kSelectThreads) outp[lo + want + (i - hi)] = i;
   for (int i = p.k + tid; i < p.max_selected; i += kSelectThreads) outp[i] = -1;
   if (tid == 0) p.counts[row] = p.k;
+  if (want == 0) return;
+
+  uint32_t floor_key = 0;
+  const int groups = (n + kGpuLanes - 1) / kGpuLanes;
+  if (p.group_max != nullptr && groups >= want && groups <= kCandidateCap) {
+    const uint32_t* gm = p.group_max + row * p.num_groups;
+    for (int i = tid; i < groups; i += kSelectThreads) s_keys[i] = gm[i];
+    __syncthreads();
+    int unused;
+    RadixSelect([&](int i) { return s_keys[i]; }, groups, want, &floor_key, &unused);
+  }
+
+  // Candidates in index order: warp w scans its segment of the middle pages twice (count,
+  // then write at its offset).
+  const int mid = hi - lo;
+  const int seg = ((mid + kSelectWarps - 1) / kSelectWarps + kGpuLanes - 1) / kGpuLanes * kGpuLanes;
+  const int s0 = lo + min(warp * seg, mid), s1 = lo + min(warp * seg + seg, mid);
+  int count = 0;
+  for (int base = s0; base < s1; base += kGpuLanes) {
+    const int i = base + lane;
+    count += __popc(GpuBallot32(i < s1 && ScoreKey(sc[i]) >= floor_key));
+  }
+  int m;
+  const int warp_off = GpuShfl32(BlockExclusiveScan(lane == 0 ? count : 0, s_scan, &m), 0);
+  uint32_t threshold;
+  int take;
+  if (m <= kCandidateCap) {
+    int pos = warp_off;
+    for (int base = s0; base < s1; base += kGpuLanes) {
+      const int i = base + lane;
+      const uint32_t key = i < s1 ? ScoreKey(sc[i]) : 0;
+      const bool cand = i < s1 && key >= floor_key;
+      const uint32_t ballot = GpuBallot32(cand);
+      if (cand) {
+        const int at = pos + __popc(ballot & ((1u << lane) - 1u));
+        s_keys[at] = key;
+        s_idx[at] = i;
+      }
+      pos += __popc(ballot);
+    }
+    __syncthreads();
+    RadixSelect([&](int i) { return s_keys[i]; }, m, want, &threshold, &take);
+    OrderedCompaction(
+        0, m, [&](int i) { return s_keys[i]; }, [&](int i) { return s_idx[i]; }, threshold, take,
+        outp + lo, s_scan);
+  } else {
+    auto key_at = [&](int i) { return ScoreKey(sc[i]); };
+    RadixSelect([&](int i) { return ScoreKey(sc[lo + i]); }, mid, want, &threshold, &take);
+    OrderedCompaction(lo, hi, key_at, [](int i) { return i; }, threshold, take, outp + lo, s_scan);
+  }
 }
 
 template <typename T, int kHeadDim>
@@ -380,14 +471,20 @@ absl::Status CheckTable(const BlockTableView& table) {
 
 }  // namespace
 
-size_t SelectWorkspaceBytes(const BlockTableView& table, int num_kv_heads) {
+namespace {
+
+int NumGroups(int max_blocks_per_seq) { return (max_blocks_per_seq + kGpuLanes - 1) / kGpuLanes; }
+
+size_t ScoreBytes(const BlockTableView& table, int num_kv_heads) {
   return static_cast<size_t>(std::max(table.num_seqs, 0)) * std::max(num_kv_heads, 0) *
          std::max(table.max_blocks_per_seq, 0) * sizeof(float);
 }
 
-absl::Status ComputeRelevancyGpu(const QueryView& query, const KvCacheView& cache,
-                                 const DigestView& digests, const BlockTableView& table,
-                                 GroupAggregation agg, float* scores, GpuStream stream) {
+// Step 2; with `group_max` also the per-32-page maxima of the middle pages for step 3.
+absl::Status LaunchRelevancy(const QueryView& query, const KvCacheView& cache,
+                             const DigestView& digests, const BlockTableView& table,
+                             GroupAggregation agg, float* scores, uint32_t* group_max,
+                             int sinks, int locals, GpuStream stream) {
   KvCacheView shapes = cache;
   if (shapes.data == nullptr) shapes.data = digests.data;  // only shapes are checked
   MEMPIPE_RETURN_IF_ERROR(ValidateKvCache(shapes));
@@ -414,11 +511,15 @@ absl::Status ComputeRelevancyGpu(const QueryView& query, const KvCacheView& cach
   p.block_table = table.block_table;
   p.seq_lens = table.seq_lens;
   p.scores = scores;
+  p.group_max = group_max;
   p.num_heads = query.num_heads;
   p.num_kv_heads = cache.num_kv_heads;
   p.num_blocks = cache.num_blocks;
   p.block_size = cache.block_size;
   p.max_blocks_per_seq = table.max_blocks_per_seq;
+  p.num_groups = NumGroups(table.max_blocks_per_seq);
+  p.sinks = sinks;
+  p.locals = locals;
   p.aggregation = static_cast<int>(agg);
   const int groups = query.num_heads / cache.num_kv_heads;
   const auto s = static_cast<hipStream_t>(stream);
@@ -430,9 +531,10 @@ absl::Status ComputeRelevancyGpu(const QueryView& query, const KvCacheView& cach
   return absl::InvalidArgumentError("unknown dtype");
 }
 
-absl::Status SelectPagesGpu(const float* scores, const BlockTableView& table, int block_size,
-                            int num_kv_heads, const SelectionConfig& config,
-                            const SelectionView& out, GpuStream stream) {
+absl::Status LaunchSelect(const float* scores, const uint32_t* group_max,
+                          const BlockTableView& table, int block_size, int num_kv_heads,
+                          const SelectionConfig& config, const SelectionView& out,
+                          GpuStream stream) {
   MEMPIPE_RETURN_IF_ERROR(ValidateSelectionConfig(config, block_size));
   MEMPIPE_RETURN_IF_ERROR(CheckTable(table));
   if (scores == nullptr || out.pages == nullptr || out.counts == nullptr) {
@@ -447,6 +549,7 @@ absl::Status SelectPagesGpu(const float* scores, const BlockTableView& table, in
   }
   SelectParams p{};
   p.scores = scores;
+  p.group_max = group_max;
   p.seq_lens = table.seq_lens;
   p.pages = out.pages;
   p.counts = out.counts;
@@ -454,12 +557,33 @@ absl::Status SelectPagesGpu(const float* scores, const BlockTableView& table, in
   p.max_blocks_per_seq = table.max_blocks_per_seq;
   p.block_size = block_size;
   p.max_selected = out.max_selected;
+  p.num_groups = NumGroups(table.max_blocks_per_seq);
   p.k = k;
   p.sinks = config.num_sink_pages;
   p.locals = config.num_local_pages;
   SelectPagesKernel<<<dim3(num_kv_heads, table.num_seqs), kSelectThreads, 0,
                       static_cast<hipStream_t>(stream)>>>(p);
   return GpuLastError("SelectPagesKernel launch");
+}
+
+}  // namespace
+
+size_t SelectWorkspaceBytes(const BlockTableView& table, int num_kv_heads) {
+  const size_t groups = static_cast<size_t>(std::max(table.num_seqs, 0)) *
+                        std::max(num_kv_heads, 0) * NumGroups(std::max(table.max_blocks_per_seq, 0));
+  return ScoreBytes(table, num_kv_heads) + groups * sizeof(uint32_t);
+}
+
+absl::Status ComputeRelevancyGpu(const QueryView& query, const KvCacheView& cache,
+                                 const DigestView& digests, const BlockTableView& table,
+                                 GroupAggregation agg, float* scores, GpuStream stream) {
+  return LaunchRelevancy(query, cache, digests, table, agg, scores, nullptr, 0, 0, stream);
+}
+
+absl::Status SelectPagesGpu(const float* scores, const BlockTableView& table, int block_size,
+                            int num_kv_heads, const SelectionConfig& config,
+                            const SelectionView& out, GpuStream stream) {
+  return LaunchSelect(scores, nullptr, table, block_size, num_kv_heads, config, out, stream);
 }
 
 absl::Status ScoreAndSelectGpu(const QueryView& query, const KvCacheView& cache,
@@ -473,9 +597,13 @@ absl::Status ScoreAndSelectGpu(const QueryView& query, const KvCacheView& cache,
                                                    " bytes is too small; need ", need));
   }
   float* scores = static_cast<float*>(workspace);
-  MEMPIPE_RETURN_IF_ERROR(
-      ComputeRelevancyGpu(query, cache, digests, table, config.aggregation, scores, stream));
-  return SelectPagesGpu(scores, table, cache.block_size, cache.num_kv_heads, config, out, stream);
+  auto* group_max = reinterpret_cast<uint32_t*>(static_cast<char*>(workspace) +
+                                                ScoreBytes(table, cache.num_kv_heads));
+  MEMPIPE_RETURN_IF_ERROR(LaunchRelevancy(query, cache, digests, table, config.aggregation,
+                                          scores, group_max, config.num_sink_pages,
+                                          config.num_local_pages, stream));
+  return LaunchSelect(scores, group_max, table, cache.block_size, cache.num_kv_heads, config,
+                      out, stream);
 }
 
 }  // namespace mempipe

@@ -232,7 +232,8 @@ TEST_P(GpuKernelTest, RelevancyAndSelectionBitExact) {
       DeviceBuffer d_sel = Upload(poison_sel), d_cnt = Upload(poison_cnt);
       SelectionView dview{static_cast<int32_t*>(d_sel.data()), static_cast<int32_t*>(d_cnt.data()),
                           num_seqs(), kKvHeads, max_sel};
-      DeviceBuffer d_ws = Upload(poison);
+      DeviceBuffer d_ws =
+          Upload(std::vector<uint8_t>(SelectWorkspaceBytes(table_, kKvHeads), 0xff));
       ASSERT_TRUE(ScoreAndSelectGpu(dq, DeviceCache(), Digests(d_dg.data()), DeviceTable(),
                                     config, dview, d_ws.data(), d_ws.size(), nullptr)
                       .ok());
@@ -406,6 +407,71 @@ TEST(GpuKernelLargeBatch, SingleSplitDecodeAndTiedSelection) {
             << "seq " << s << " head " << h << " c " << c;
       }
     }
+  }
+}
+
+// Long sequences with a small budget take the group-maximum prefilter (few candidates in
+// shared memory); a sequence whose pages all tie overflows it and takes the full-row path.
+// Both must equal the CPU selection exactly. Also checks SelectPagesGpu (no prefilter).
+TEST(GpuKernelLongRows, PrefilterAndFallbackSelectExactly) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(TestSeed());
+  const int bs = 16, d = 64, group = 2;
+  const std::vector<int> lens = {3000 * bs + 7, 5000 * bs, 700 * bs - 3};
+  const int num_seqs = static_cast<int>(lens.size());
+  PagedFixture f(rng, {.dtype = DType::kBFloat16, .block_size = bs, .num_kv_heads = 1,
+                       .head_dim = d, .seq_lens = lens});
+  for (int t = 0; t < lens[1]; ++t) {
+    for (int c = 0; c < d; ++c) f.SetKv(0, 1, t, 0, c, 0.5f);  // every page of seq 1 ties
+  }
+  RandomTensor q(rng, DType::kBFloat16, static_cast<size_t>(num_seqs) * group * d);
+  KvCacheView cache = f.cache_view();
+  BlockTableView table = f.table_view();
+  DigestView dg = f.digest_view();
+  ASSERT_TRUE(BuildDigests(cache, table, dg).ok());
+  DeviceBuffer d_table = Upload(table.block_table, 4ull * num_seqs * table.max_blocks_per_seq);
+  DeviceBuffer d_lens = Upload(table.seq_lens, 4ull * num_seqs);
+  DeviceBuffer d_dg = Upload(dg.data, dg.NumBytes());
+  DeviceBuffer d_q = Upload(q.bytes);
+  KvCacheView dcache = cache;
+  dcache.data = nullptr;  // selection reads digests only
+  const BlockTableView dtable{static_cast<const int32_t*>(d_table.data()),
+                              static_cast<const int32_t*>(d_lens.data()), num_seqs,
+                              table.max_blocks_per_seq};
+  DigestView ddg = dg;
+  ddg.data = d_dg.data();
+  QueryView hq{q.data(), DType::kBFloat16, num_seqs, group, d};
+  QueryView dq = hq;
+  dq.data = d_q.data();
+  for (int pages : {8, 64, 300}) {
+    const SelectionConfig config{.budget_tokens = pages * bs, .num_sink_pages = 2,
+                                 .num_local_pages = 3};
+    const int max_sel = pages + 1;
+    std::vector<int32_t> sel(num_seqs * max_sel), cnt(num_seqs);
+    ASSERT_TRUE(ScoreAndSelect(hq, cache, dg, table, config,
+                               SelectionView{sel.data(), cnt.data(), num_seqs, 1, max_sel})
+                    .ok());
+    DeviceBuffer d_sel = Upload(std::vector<int32_t>(sel.size(), 999));
+    DeviceBuffer d_cnt = Upload(std::vector<int32_t>(cnt.size(), 999));
+    DeviceBuffer ws = Upload(std::vector<uint8_t>(SelectWorkspaceBytes(table, 1), 0xff));
+    const SelectionView dview{static_cast<int32_t*>(d_sel.data()),
+                              static_cast<int32_t*>(d_cnt.data()), num_seqs, 1, max_sel};
+    ASSERT_TRUE(ScoreAndSelectGpu(dq, dcache, ddg, dtable, config, dview, ws.data(), ws.size(),
+                                  nullptr)
+                    .ok());
+    ASSERT_TRUE(GpuSynchronize().ok());
+    EXPECT_EQ(Download<int32_t>(d_sel, sel.size()), sel) << "budget " << pages;
+    EXPECT_EQ(Download<int32_t>(d_cnt, cnt.size()), cnt) << "budget " << pages;
+
+    // Step 3 alone from the scores ScoreAndSelectGpu left at the start of its workspace.
+    DeviceBuffer d_sel2 = Upload(std::vector<int32_t>(sel.size(), 999));
+    const SelectionView dview2{static_cast<int32_t*>(d_sel2.data()),
+                               static_cast<int32_t*>(d_cnt.data()), num_seqs, 1, max_sel};
+    ASSERT_TRUE(SelectPagesGpu(static_cast<const float*>(ws.data()), dtable, bs, 1, config,
+                               dview2, nullptr)
+                    .ok());
+    ASSERT_TRUE(GpuSynchronize().ok());
+    EXPECT_EQ(Download<int32_t>(d_sel2, sel.size()), sel) << "budget " << pages;
   }
 }
 
