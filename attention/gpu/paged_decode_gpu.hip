@@ -1,6 +1,6 @@
 // Paged decode attention kernels (dense and sparse share one kernel; see the header).
 //
-//   grid (split, kv_head, seq) x 4 warps
+//   grid (kv_head, split, seq) x 4 warps
 //   ┌─ warp w takes tiles w, w+4, ... of the split's pages (tile = a few tokens of one page)
 //   │   16-byte loads of K and V for the whole tile issued first (bytes in flight)
 //   │   q·k over the lanes of one token row -> scores of the G query heads
@@ -72,7 +72,9 @@ __global__ void __launch_bounds__(kDecodeWarps * kGpuLanes, kGroups >= 8 ? 2 : 3
     PagedDecodeKernel(DecodeParams p) {
   using C = DecodeConfig<T, kHeadDim, kGroups>;
   constexpr int E = C::kElems;
-  const int split = blockIdx.x, kvh = blockIdx.y, seq = blockIdx.z;
+  // KV heads vary fastest across the grid: the blocks reading one page (all its heads) run
+  // together and share DRAM rows.
+  const int kvh = blockIdx.x, split = blockIdx.y, seq = blockIdx.z;
   const int warp = threadIdx.x / kGpuLanes, lane = threadIdx.x % kGpuLanes;
   const int tok_sub = lane / C::kLanesPerToken, vlane = lane % C::kLanesPerToken;
   const int bs = p.block_size;
@@ -320,7 +322,7 @@ bool Aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 template <typename T, int kHeadDim, int kGroups>
 absl::Status LaunchTyped(const DecodeParams& p, int num_seqs, hipStream_t stream) {
   using C = DecodeConfig<T, kHeadDim, kGroups>;
-  const dim3 grid(p.num_splits, p.num_kv_heads, num_seqs);
+  const dim3 grid(p.num_kv_heads, p.num_splits, num_seqs);
   PagedDecodeKernel<T, kHeadDim, kGroups><<<grid, C::kThreads, 0, stream>>>(p);
   if (p.num_splits > 1) {
     PagedDecodeCombineKernel<T, kHeadDim><<<dim3(p.num_heads, num_seqs), kHeadDim, 0, stream>>>(p);

@@ -3,19 +3,23 @@
 // Same contract as retriever/relevancy.h and retriever/select.h, every pointer in device
 // memory. Scores follow the canonical order of relevancy.h (32 lanes by channel % 32, each
 // lane in increasing channel, xor-butterfly 16,8,4,2,1, fp32 without FMA, group aggregation
-// in head order), so scores and selections equal the CPU's bit for bit.
+// in head order), so scores and selections equal the CPU's bit for bit (for finite queries,
+// which ValidateQuery demands, and finite keys).
 //   query    [num_seqs, num_heads, head_dim] in the cache dtype
 //   digests  [num_blocks, 2, num_kv_heads, head_dim]
 //   scores   [num_seqs, num_kv_heads, max_blocks_per_seq] fp32 (-inf past a sequence's pages)
 //   selected [num_seqs, num_kv_heads, max_selected] int32 logical pages, ascending, -1 padded
 //   counts   [num_seqs, num_kv_heads] int32
 //
-// Pipeline: ScorePagesKernel streams the digests once (the bandwidth-bound part; its score
-// output is 1/128 of the digest bytes at head_dim 128 bf16) and SelectPagesKernel runs one
-// block per (sequence, KV head): an exact radix select of the k-th score on the order-
-// preserving bit pattern (starting below the bits all middle pages share), then an ordered
-// compaction that keeps sinks, locals, every page above the threshold and the lowest-index
-// ties, so the output is ascending with no sort.
+// Pipeline: ScorePagesKernel streams the digests once (the bandwidth-bound part). Besides the
+// scores (1/128 of the digest bytes at head_dim 128 bf16) it writes, per 32 pages, the largest
+// score among the middle pages. SelectPagesKernel, one block per (sequence, KV head), takes
+// the want-th largest of those maxima as a floor that the exact threshold cannot be below,
+// gathers the pages at or above it in index order into shared memory (a few hundred of
+// 65536 at 1M tokens), and runs an exact radix select on the order-preserving bit pattern of
+// the scores plus an ordered compaction there: sinks, locals, every page above the threshold
+// and the lowest-index ties, ascending, with no sort. If the candidates overflow shared memory
+// (e.g. massive ties), the same select and compaction run over the whole row.
 //
 //   size_t bytes = SelectWorkspaceBytes(table, num_kv_heads);
 //   MEMPIPE_RETURN_IF_ERROR(ScoreAndSelectGpu(q, cache, digests, table, config, out,

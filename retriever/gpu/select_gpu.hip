@@ -1,6 +1,6 @@
 // Relevancy and top-k kernels (see the header).
 //
-//   ScorePagesKernel   grid (page chunk, kv head, seq) x 8 groups of 32 lanes
+//   ScorePagesKernel   grid (kv head, page chunk, seq) x 8 groups of 32 lanes
 //     lane l holds channels l, l+32, ... of the group's queries; per page it loads the max/min
 //     rows (4 pages in flight per group), sums its channels in order, xor-butterflies the 32
 //     lane sums and aggregates the group's heads in head order -> one fp32 score per page
@@ -67,12 +67,14 @@ __global__ void __launch_bounds__(kScoreThreads, 2) ScorePagesKernel(ScoreParams
   using C = ScoreConfig<kHeadDim, kGroups>;
   constexpr int J = C::kChannels;
   constexpr int P = C::kBatch;
-  const int kvh = blockIdx.y, seq = blockIdx.z;
+  // KV heads vary fastest across the grid, so the blocks reading one digest block (all its
+  // heads) run together and share DRAM rows.
+  const int kvh = blockIdx.x, chunk = blockIdx.y, seq = blockIdx.z;
   const int warp = threadIdx.x / kGpuLanes, lane = threadIdx.x % kGpuLanes;
   const int len = p.seq_lens[seq];
   const int num_pages =
       len > 0 ? min((len + p.block_size - 1) / p.block_size, p.max_blocks_per_seq) : 0;
-  const int chunk_begin = blockIdx.x * kPagesPerScoreBlock;
+  const int chunk_begin = chunk * kPagesPerScoreBlock;
   const int chunk_end = min(chunk_begin + kPagesPerScoreBlock, p.max_blocks_per_seq);
 
   __shared__ int s_block[kPagesPerScoreBlock];  // -1: no valid page
@@ -178,7 +180,7 @@ __global__ void __launch_bounds__(kScoreThreads, 2) ScorePagesKernel(ScoreParams
     for (int w = kGpuLanes / 2; w > 0; w /= 2) group_max = max(group_max, GpuShflXor32(group_max, w));
     if (lane == 0) {
       p.group_max[(static_cast<size_t>(seq) * p.num_kv_heads + kvh) * p.num_groups +
-                  blockIdx.x * kScoreWarps + warp] = group_max;
+                  chunk * kScoreWarps + warp] = group_max;
     }
   }
 }
@@ -391,10 +393,20 @@ __global__ void __launch_bounds__(kSelectThreads) SelectPagesKernel(SelectParams
   const int mid = hi - lo;
   const int seg = ((mid + kSelectWarps - 1) / kSelectWarps + kGpuLanes - 1) / kGpuLanes * kGpuLanes;
   const int s0 = lo + min(warp * seg, mid), s1 = lo + min(warp * seg + seg, mid);
+  // kUnroll independent loads per lane in flight before their ballots.
+  constexpr int kUnroll = 8;
   int count = 0;
-  for (int base = s0; base < s1; base += kGpuLanes) {
-    const int i = base + lane;
-    count += __popc(GpuBallot32(i < s1 && ScoreKey(sc[i]) >= floor_key));
+  for (int base = s0; base < s1; base += kUnroll * kGpuLanes) {
+    uint32_t keys[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = base + u * kGpuLanes + lane;
+      keys[u] = i < s1 ? ScoreKey(sc[i]) : 0;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      count += __popc(GpuBallot32(base + u * kGpuLanes + lane < s1 && keys[u] >= floor_key));
+    }
   }
   int m;
   const int warp_off = GpuShfl32(BlockExclusiveScan(lane == 0 ? count : 0, s_scan, &m), 0);
@@ -402,17 +414,25 @@ __global__ void __launch_bounds__(kSelectThreads) SelectPagesKernel(SelectParams
   int take;
   if (m <= kCandidateCap) {
     int pos = warp_off;
-    for (int base = s0; base < s1; base += kGpuLanes) {
-      const int i = base + lane;
-      const uint32_t key = i < s1 ? ScoreKey(sc[i]) : 0;
-      const bool cand = i < s1 && key >= floor_key;
-      const uint32_t ballot = GpuBallot32(cand);
-      if (cand) {
-        const int at = pos + __popc(ballot & ((1u << lane) - 1u));
-        s_keys[at] = key;
-        s_idx[at] = i;
+    for (int base = s0; base < s1; base += kUnroll * kGpuLanes) {
+      uint32_t keys[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int i = base + u * kGpuLanes + lane;
+        keys[u] = i < s1 ? ScoreKey(sc[i]) : 0;
       }
-      pos += __popc(ballot);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int i = base + u * kGpuLanes + lane;
+        const bool cand = i < s1 && keys[u] >= floor_key;
+        const uint32_t ballot = GpuBallot32(cand);
+        if (cand) {
+          const int at = pos + __popc(ballot & ((1u << lane) - 1u));
+          s_keys[at] = keys[u];
+          s_idx[at] = i;
+        }
+        pos += __popc(ballot);
+      }
     }
     __syncthreads();
     RadixSelect([&](int i) { return s_keys[i]; }, m, want, &threshold, &take);
@@ -428,8 +448,8 @@ __global__ void __launch_bounds__(kSelectThreads) SelectPagesKernel(SelectParams
 
 template <typename T, int kHeadDim>
 absl::Status LaunchScoreGroups(const ScoreParams& p, int groups, int num_seqs, hipStream_t s) {
-  const dim3 grid((p.max_blocks_per_seq + kPagesPerScoreBlock - 1) / kPagesPerScoreBlock,
-                  p.num_kv_heads, num_seqs);
+  const dim3 grid(p.num_kv_heads,
+                  (p.max_blocks_per_seq + kPagesPerScoreBlock - 1) / kPagesPerScoreBlock, num_seqs);
   switch (groups) {
     case 1: ScorePagesKernel<T, kHeadDim, 1><<<grid, kScoreThreads, 0, s>>>(p); break;
     case 2: ScorePagesKernel<T, kHeadDim, 2><<<grid, kScoreThreads, 0, s>>>(p); break;
