@@ -85,13 +85,20 @@ __global__ void __launch_bounds__(kScoreThreads, 2) ScorePagesKernel(ScoreParams
     s_block[i] = block >= 0 && block < p.num_blocks ? block : -1;
   }
 
+  // use_max[g][j]: all ones where q >= 0. For finite values the reference's
+  // max(q * mx, q * mn) is then q * (q >= 0 ? mx : mn) up to the sign of a zero, which no lane
+  // sum starting at +0 can tell apart; one bit-select replaces a product and a max.
   float q[kGroups][J];
+  uint32_t use_max[kGroups][J];
   const T* qrow = static_cast<const T*>(p.query) +
                   (static_cast<size_t>(seq) * p.num_heads + kvh * kGroups) * kHeadDim;
 #pragma unroll
   for (int g = 0; g < kGroups; ++g) {
 #pragma unroll
-    for (int j = 0; j < J; ++j) q[g][j] = gpu::ToF32(qrow[g * kHeadDim + lane + j * kGpuLanes]);
+    for (int j = 0; j < J; ++j) {
+      q[g][j] = gpu::ToF32(qrow[g * kHeadDim + lane + j * kGpuLanes]);
+      use_max[g][j] = q[g][j] >= 0.0f ? 0xffffffffu : 0u;
+    }
   }
   const T* dg = static_cast<const T*>(p.digests) + static_cast<size_t>(kvh) * kHeadDim + lane;
   const size_t block_stride = 2 * static_cast<size_t>(p.num_kv_heads) * kHeadDim;
@@ -121,17 +128,16 @@ __global__ void __launch_bounds__(kScoreThreads, 2) ScorePagesKernel(ScoreParams
     float agg = 0.0f;
 #pragma unroll
     for (int g = 0; g < kGroups; ++g) {
-      // Lane sums in the canonical order of relevancy.h; fmaxf equals the reference's
-      // a > b ? a : b on finite values up to the sign of a zero, which no sum starting at
-      // +0 can tell apart. __fmul_rn/__fadd_rn are never fused.
+      // Lane sums in the canonical order of relevancy.h; __fmul_rn/__fadd_rn are never fused.
       float v[P];
 #pragma unroll
       for (int u = 0; u < P; ++u) {
         float s = 0.0f;
 #pragma unroll
         for (int j = 0; j < J; ++j) {
-          s = __fadd_rn(s, fmaxf(__fmul_rn(q[g][j], gpu::ToF32(mx[u][j])),
-                                 __fmul_rn(q[g][j], gpu::ToF32(mn[u][j]))));
+          const uint32_t bound = (__float_as_uint(gpu::ToF32(mx[u][j])) & use_max[g][j]) |
+                                 (__float_as_uint(gpu::ToF32(mn[u][j])) & ~use_max[g][j]);
+          s = __fadd_rn(s, __fmul_rn(q[g][j], __uint_as_float(bound)));
         }
         v[u] = s;
       }
