@@ -4,7 +4,7 @@
 //     lane l holds channels l, l+32, ... of the group's queries; per page it loads the max/min
 //     rows (4 pages in flight per group), sums its channels in order, xor-butterflies the 32
 //     lane sums and aggregates the group's heads in head order -> one fp32 score per page
-//   SelectPagesKernel  grid (kv head, seq) x 256 threads
+//   SelectPagesKernel  grid (kv head, seq) x 1024 threads
 //     key = order-preserving bits of the score (NaN -> -inf, -0 -> +0, as the CPU compares)
 //     min/max of keys -> radix select, 8 bits a pass below the shared prefix -> threshold T and
 //     the number of ties at T to keep -> ordered compaction (per-thread runs + block scan)
@@ -25,7 +25,7 @@ using gpu::F16;
 constexpr int kScoreWarps = 8;
 constexpr int kScoreThreads = kScoreWarps * kGpuLanes;
 constexpr int kPagesPerScoreBlock = 256;
-constexpr int kSelectThreads = 256;
+constexpr int kSelectThreads = 1024;
 constexpr int kSelectWarps = kSelectThreads / kGpuLanes;
 
 struct ScoreParams {
