@@ -66,6 +66,8 @@ template <typename V>
 __device__ __forceinline__ V GpuShfl32(V v, int src_lane) {
   return __shfl(v, src_lane, kGpuLanes);
 }
+// HIP exposes no L2 prefetch for gfx90a/gfx940: a no-op, the plain loads still follow.
+__device__ __forceinline__ void GpuPrefetchL2(const void*) {}
 // Bit i: lane i of this thread's 32-lane group has `pred` (1-D blocks: the group is the low or
 // high half of the 64-wide wavefront).
 __device__ __forceinline__ uint32_t GpuBallot32(bool pred) {
@@ -96,6 +98,10 @@ __device__ __forceinline__ V GpuShfl32(V v, int src_lane) {
 }
 __device__ __forceinline__ uint32_t GpuBallot32(bool pred) {
   return __ballot_sync(0xffffffffu, pred);
+}
+// Starts moving the 128-byte line holding `ptr` into L2; holds no register.
+__device__ __forceinline__ void GpuPrefetchL2(const void* ptr) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr));
 }
 __device__ __forceinline__ float GpuHalfBitsToFloat(uint16_t b) {
   return __half2float(__ushort_as_half(b));

@@ -63,7 +63,8 @@ struct ScoreConfig {
 };
 
 template <typename T, int kHeadDim, int kGroups>
-__global__ void __launch_bounds__(kScoreThreads, 2) ScorePagesKernel(ScoreParams p) {
+__global__ void __launch_bounds__(kScoreThreads, kGroups >= 8 ? 2 : 3)
+    ScorePagesKernel(ScoreParams p) {
   using C = ScoreConfig<kHeadDim, kGroups>;
   constexpr int J = C::kChannels;
   constexpr int P = C::kBatch;
@@ -111,7 +112,25 @@ __global__ void __launch_bounds__(kScoreThreads, 2) ScorePagesKernel(ScoreParams
   const int mid_lo = p.sinks, mid_hi = num_pages - p.locals;
   uint32_t group_max = 0;
   const int group_end = min(warp * kGpuLanes + kGpuLanes, chunk_end - chunk_begin);
+  // Digest rows of the batch `ahead` pages on go to L2 one line per lane, so more bytes are
+  // in flight than the batch's registers hold.
+  constexpr int kLineElems = 128 / sizeof(T);
+  constexpr int kLinesPerRow = kHeadDim / kLineElems > 0 ? kHeadDim / kLineElems : 1;
+  static_assert(P * 2 * kLinesPerRow <= kGpuLanes);
+  const T* dg_head = static_cast<const T*>(p.digests) + static_cast<size_t>(kvh) * kHeadDim;
+  auto prefetch = [&](int b) {
+    const int u = lane / (2 * kLinesPerRow), rem = lane % (2 * kLinesPerRow);
+    if (u < P && b + u < group_end) {
+      const int block = s_block[b + u];
+      if (block >= 0) {
+        GpuPrefetchL2(dg_head + block * block_stride + (rem / kLinesPerRow) * min_off +
+                      (rem % kLinesPerRow) * kLineElems);
+      }
+    }
+  };
+  prefetch(warp * kGpuLanes + P);
   for (int b0 = warp * kGpuLanes; b0 < group_end; b0 += P) {
+    prefetch(b0 + 2 * P);
     T mx[P][J], mn[P][J];
 #pragma unroll
     for (int u = 0; u < P; ++u) {
