@@ -195,22 +195,6 @@ __global__ void __launch_bounds__(kDecodeWarps * kGpuLanes, kGroups >= 8 ? 2 : 3
     }
   };
 
-  // K and V lines of a tile to L2 (one line per lane and round), issued a tile ahead of its
-  // register loads so that more bytes are in flight than the registers hold.
-  constexpr int kLineElems = 128 / sizeof(T);
-  constexpr int kLinesPerRow = kHeadDim / kLineElems > 0 ? kHeadDim / kLineElems : 1;
-  auto prefetch = [&](int unit, int units) {
-    if (unit >= units) return;
-    const int i = unit / tiles_per_page, sub = unit % tiles_per_page;
-    const int valid = min(s_valid[i] - sub * tile_tokens, tile_tokens);
-    const T* kbase = kv + (static_cast<size_t>(s_block[i]) * bs + sub * tile_tokens) * token_stride;
-    for (int idx = lane; idx < valid * 2 * kLinesPerRow; idx += kGpuLanes) {
-      const int tok = idx / (2 * kLinesPerRow), rem = idx % (2 * kLinesPerRow);
-      GpuPrefetchL2(kbase + tok * token_stride + (rem / kLinesPerRow) * p.plane_elems +
-                    (rem % kLinesPerRow) * kLineElems);
-    }
-  };
-
   for (int chunk = item_begin; chunk < item_end; chunk += kChunkPages) {
     const int n = min(kChunkPages, item_end - chunk);
     __syncthreads();  // the previous chunk's tiles have all read s_block
@@ -228,8 +212,6 @@ __global__ void __launch_bounds__(kDecodeWarps * kGpuLanes, kGroups >= 8 ? 2 : 3
     int u = warp;
     if (u < units) load(u, a);
     for (; u < units; u += 2 * C::kWarps) {
-      prefetch(u + 2 * C::kWarps, units);
-      prefetch(u + 3 * C::kWarps, units);
       if (u + C::kWarps < units) load(u + C::kWarps, b);
       compute(a);
       if (u + 2 * C::kWarps < units) load(u + 2 * C::kWarps, a);
