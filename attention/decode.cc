@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -11,17 +12,29 @@
 namespace mempipe {
 namespace {
 
-// Running softmax state of the G query heads of one KV head.
+// Running softmax state of the G query heads of one KV head, updated a page at a time: the
+// page's keys are converted once, scored for all G heads, and the running max is rescaled once
+// per page rather than per token.
 struct GroupAccumulator {
   int groups, head_dim;
-  std::vector<float> q;    // [G, D] query rows, fp32
-  std::vector<float> acc;  // [G, D] sum_j exp(s_j - m) v_j
-  std::vector<float> m;    // [G] running max
-  std::vector<float> l;    // [G] running sum of exp(s_j - m)
-  std::vector<float> krow, vrow;
+  std::vector<float> q;       // [G, D] query rows, fp32
+  std::vector<float> acc;     // [G, D] sum_j exp(s_j - m) v_j
+  std::vector<float> m;       // [G] running max
+  std::vector<float> l;       // [G] running sum of exp(s_j - m)
+  std::vector<float> kpage;   // [D, block_size] keys of the page, fp32, transposed
+  std::vector<float> vpage;   // [block_size, D] values of the page, fp32
+  std::vector<float> logits;  // [G, block_size]
 
-  GroupAccumulator(int g, int d)
-      : groups(g), head_dim(d), q(g * d), acc(g * d), m(g), l(g), krow(d), vrow(d) {}
+  GroupAccumulator(int g, int d, int block_size)
+      : groups(g),
+        head_dim(d),
+        q(g * d),
+        acc(g * d),
+        m(g),
+        l(g),
+        kpage(block_size * d),
+        vpage(block_size * d),
+        logits(g * block_size) {}
 
   void Reset() {
     std::fill(acc.begin(), acc.end(), 0.0f);
@@ -35,32 +48,43 @@ struct GroupAccumulator {
     const T* kbase = static_cast<const T*>(cache.data) + cache.Offset(0, block, 0, kv_head);
     const T* vbase = static_cast<const T*>(cache.data) + cache.Offset(1, block, 0, kv_head);
     const size_t stride = cache.TokenStride();
+    const int d = head_dim;
     for (int t = 0; t < n; ++t) {
       const T* k = kbase + t * stride;
       const T* v = vbase + t * stride;
-      for (int c = 0; c < head_dim; ++c) krow[c] = ToFloat(k[c]);
-      bool v_loaded = false;
-      for (int g = 0; g < groups; ++g) {
-        const float* qg = &q[g * head_dim];
-        float dot = 0.0f;
-        for (int c = 0; c < head_dim; ++c) dot += qg[c] * krow[c];
-        const float s = dot * scale;
-        float* ag = &acc[g * head_dim];
-        if (!v_loaded) {
-          for (int c = 0; c < head_dim; ++c) vrow[c] = ToFloat(v[c]);
-          v_loaded = true;
-        }
-        if (s > m[g]) {
-          const float corr = std::exp(m[g] - s);  // exp(-inf) = 0 on the first token
-          l[g] = l[g] * corr + 1.0f;
-          for (int c = 0; c < head_dim; ++c) ag[c] = ag[c] * corr + vrow[c];
-          m[g] = s;
-        } else {
-          const float p = std::exp(s - m[g]);
-          l[g] += p;
-          for (int c = 0; c < head_dim; ++c) ag[c] += p * vrow[c];
-        }
+      float* vr = &vpage[t * d];
+      for (int c = 0; c < d; ++c) kpage[c * n + t] = ToFloat(k[c]);
+      for (int c = 0; c < d; ++c) vr[c] = ToFloat(v[c]);
+    }
+    for (int g = 0; g < groups; ++g) {
+      const float* qg = &q[g * d];
+      float* lg = &logits[g * n];
+      // Dot products for all n tokens at once, vectorised across tokens (each token's sum
+      // still runs in channel order).
+      std::fill(lg, lg + n, 0.0f);
+      for (int c = 0; c < d; ++c) {
+        const float qc = qg[c];
+        const float* kc = &kpage[c * n];
+        for (int t = 0; t < n; ++t) lg[t] += qc * kc[t];
       }
+      float page_max = -std::numeric_limits<float>::infinity();
+      for (int t = 0; t < n; ++t) {
+        lg[t] *= scale;
+        page_max = std::max(page_max, lg[t]);
+      }
+      const float new_max = std::max(m[g], page_max);
+      const float corr = std::exp(m[g] - new_max);  // 0 on the first page (m = -inf)
+      float* ag = &acc[g * d];
+      for (int c = 0; c < d; ++c) ag[c] *= corr;
+      float sum = 0.0f;
+      for (int t = 0; t < n; ++t) {
+        const float p = std::exp(lg[t] - new_max);
+        sum += p;
+        const float* vr = &vpage[t * d];
+        for (int c = 0; c < d; ++c) ag[c] += p * vr[c];
+      }
+      l[g] = l[g] * corr + sum;
+      m[g] = new_max;
     }
   }
 
@@ -74,6 +98,29 @@ struct GroupAccumulator {
   }
 };
 
+// Splits the (sequence, KV head) pairs, ordered sequence-major, into contiguous ranges, one
+// per thread; `fn(seq, head_begin, head_end)` runs for each sequence's part of a range.
+template <typename Fn>
+void ForEachSeqHeads(int num_seqs, int num_kv_heads, int num_threads, Fn fn) {
+  const int items = num_seqs * num_kv_heads;
+  const int threads = std::max(1, std::min(num_threads, items));
+  auto run = [&](int t) {
+    const int begin = static_cast<int>(static_cast<int64_t>(items) * t / threads);
+    const int end = static_cast<int>(static_cast<int64_t>(items) * (t + 1) / threads);
+    for (int i = begin; i < end;) {
+      const int s = i / num_kv_heads;
+      const int h0 = i % num_kv_heads;
+      const int h1 = std::min(num_kv_heads, h0 + (end - i));
+      fn(s, h0, h1);
+      i += h1 - h0;
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) pool.emplace_back(run, t);
+  run(0);
+  for (auto& th : pool) th.join();
+}
+
 absl::Status ValidateCommon(const DecodeIo& io, const KvCacheView& cache,
                             const BlockTableView& table) {
   MEMPIPE_RETURN_IF_ERROR(ValidateKvCache(cache));
@@ -82,13 +129,13 @@ absl::Status ValidateCommon(const DecodeIo& io, const KvCacheView& cache,
     return absl::InvalidArgumentError("query and out must not be null");
   }
   if (io.head_dim != cache.head_dim) {
-    return absl::InvalidArgumentError(absl::StrCat("query head_dim ", io.head_dim,
-                                                   " differs from the cache's ", cache.head_dim));
+    return absl::InvalidArgumentError(
+        absl::StrCat("query head_dim ", io.head_dim, " differs from the cache's ", cache.head_dim));
   }
   if (io.num_heads <= 0 || io.num_heads % cache.num_kv_heads != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("num_heads ", io.num_heads, " must be a positive multiple of num_kv_heads ",
-                     cache.num_kv_heads));
+    return absl::InvalidArgumentError(absl::StrCat("num_heads ", io.num_heads,
+                                                   " must be a positive multiple of num_kv_heads ",
+                                                   cache.num_kv_heads));
   }
   return absl::OkStatus();
 }
@@ -108,39 +155,40 @@ absl::Status ValidateDecodeIo(const DecodeIo& io, const KvCacheView& cache,
                               const BlockTableView& table) {
   MEMPIPE_RETURN_IF_ERROR(ValidateCommon(io, cache, table));
   if (io.num_seqs != table.num_seqs) {
-    return absl::InvalidArgumentError(absl::StrCat("query has ", io.num_seqs,
-                                                   " sequences but the block table has ",
-                                                   table.num_seqs));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "query has ", io.num_seqs, " sequences but the block table has ", table.num_seqs));
   }
   return absl::OkStatus();
 }
 
-absl::Status DenseDecode(const DecodeIo& io, const KvCacheView& cache,
-                         const BlockTableView& table, float scale) {
+absl::Status DenseDecode(const DecodeIo& io, const KvCacheView& cache, const BlockTableView& table,
+                         float scale) {
   MEMPIPE_RETURN_IF_ERROR(ValidateDecodeIo(io, cache, table));
   const int groups = io.num_heads / cache.num_kv_heads;
-  GroupAccumulator a(groups, io.head_dim);
   DispatchDType(cache.dtype, [&]<typename T>() {
-    for (int s = 0; s < io.num_seqs; ++s) {
-      const int len = table.seq_lens[s];
-      const int pages = NumPages(len, cache.block_size);
-      for (int h = 0; h < cache.num_kv_heads; ++h) {
-        const size_t row0 = static_cast<size_t>(s) * io.num_heads + h * groups;
-        LoadQuery(a, io, row0);
-        a.Reset();
-        for (int p = 0; p < pages; ++p) {
-          const int n = std::min(cache.block_size, len - p * cache.block_size);
-          a.AddPage<T>(cache, table.Block(s, p), h, n, scale);
-        }
-        a.Store(io.out, io.dtype, row0);
+    ForEachSeqHeads(io.num_seqs, cache.num_kv_heads, io.num_threads, [&](int s, int h0, int h1) {
+      // Page-major over this range's heads: each page's K/V rows are read contiguously.
+      std::vector<GroupAccumulator> acc(h1 - h0,
+                                        GroupAccumulator(groups, io.head_dim, cache.block_size));
+      for (int h = h0; h < h1; ++h) {
+        LoadQuery(acc[h - h0], io, static_cast<size_t>(s) * io.num_heads + h * groups);
+        acc[h - h0].Reset();
       }
-    }
+      const int len = table.seq_lens[s];
+      for (int p = 0; p < NumPages(len, cache.block_size); ++p) {
+        const int n = std::min(cache.block_size, len - p * cache.block_size);
+        for (int h = h0; h < h1; ++h) acc[h - h0].AddPage<T>(cache, table.Block(s, p), h, n, scale);
+      }
+      for (int h = h0; h < h1; ++h) {
+        acc[h - h0].Store(io.out, io.dtype, static_cast<size_t>(s) * io.num_heads + h * groups);
+      }
+    });
   });
   return absl::OkStatus();
 }
 
-absl::Status SparseDecode(const DecodeIo& io, const KvCacheView& cache,
-                          const BlockTableView& table, const PageList& pages, float scale) {
+absl::Status SparseDecode(const DecodeIo& io, const KvCacheView& cache, const BlockTableView& table,
+                          const PageList& pages, float scale) {
   MEMPIPE_RETURN_IF_ERROR(ValidateDecodeIo(io, cache, table));
   if (pages.pages == nullptr || pages.counts == nullptr) {
     return absl::InvalidArgumentError("selected pages and counts must not be null");
@@ -156,26 +204,26 @@ absl::Status SparseDecode(const DecodeIo& io, const KvCacheView& cache,
       const size_t row = static_cast<size_t>(s) * pages.num_kv_heads + h;
       const int count = pages.counts[row];
       if (count < 1 || count > pages.max_selected) {
-        return absl::InvalidArgumentError(absl::StrCat("selection count[", s, "][", h, "] = ",
-                                                       count, " is outside [1, ",
+        return absl::InvalidArgumentError(absl::StrCat("selection count[", s, "][", h,
+                                                       "] = ", count, " is outside [1, ",
                                                        pages.max_selected, "]"));
       }
       const int32_t* list = pages.pages + row * pages.max_selected;
       for (int i = 0; i < count; ++i) {
         if (list[i] < 0 || list[i] >= num_pages || (i > 0 && list[i] <= list[i - 1])) {
-          return absl::InvalidArgumentError(absl::StrCat(
-              "selected page [", s, "][", h, "][", i, "] = ", list[i],
-              " is out of range [0, ", num_pages, ") or not ascending"));
+          return absl::InvalidArgumentError(absl::StrCat("selected page [", s, "][", h, "][", i,
+                                                         "] = ", list[i], " is out of range [0, ",
+                                                         num_pages, ") or not ascending"));
         }
       }
     }
   }
   const int groups = io.num_heads / cache.num_kv_heads;
-  GroupAccumulator a(groups, io.head_dim);
   DispatchDType(cache.dtype, [&]<typename T>() {
-    for (int s = 0; s < io.num_seqs; ++s) {
+    ForEachSeqHeads(io.num_seqs, cache.num_kv_heads, io.num_threads, [&](int s, int h0, int h1) {
+      GroupAccumulator a(groups, io.head_dim, cache.block_size);
       const int len = table.seq_lens[s];
-      for (int h = 0; h < cache.num_kv_heads; ++h) {
+      for (int h = h0; h < h1; ++h) {
         const size_t row = static_cast<size_t>(s) * pages.num_kv_heads + h;
         const int32_t* list = pages.pages + row * pages.max_selected;
         const size_t row0 = static_cast<size_t>(s) * io.num_heads + h * groups;
@@ -188,33 +236,31 @@ absl::Status SparseDecode(const DecodeIo& io, const KvCacheView& cache,
         }
         a.Store(io.out, io.dtype, row0);
       }
-    }
+    });
   });
   return absl::OkStatus();
 }
 
 absl::Status PrefillAttention(const DecodeIo& io, const int32_t* query_start_loc,
-                              const KvCacheView& cache, const BlockTableView& table,
-                              float scale) {
+                              const KvCacheView& cache, const BlockTableView& table, float scale) {
   MEMPIPE_RETURN_IF_ERROR(ValidateCommon(io, cache, table));
   if (query_start_loc == nullptr) {
     return absl::InvalidArgumentError("query_start_loc must not be null");
   }
   if (query_start_loc[0] != 0 || query_start_loc[table.num_seqs] != io.num_seqs) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "query_start_loc must start at 0 and end at the token count ", io.num_seqs, ", got ",
-        query_start_loc[0], " .. ", query_start_loc[table.num_seqs]));
+    return absl::InvalidArgumentError(
+        absl::StrCat("query_start_loc must start at 0 and end at the token count ", io.num_seqs,
+                     ", got ", query_start_loc[0], " .. ", query_start_loc[table.num_seqs]));
   }
   for (int s = 0; s < table.num_seqs; ++s) {
     const int q_len = query_start_loc[s + 1] - query_start_loc[s];
     if (q_len < 0 || q_len > table.seq_lens[s]) {
-      return absl::InvalidArgumentError(absl::StrCat("sequence ", s, " has ", q_len,
-                                                     " query tokens but seq_len ",
-                                                     table.seq_lens[s]));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "sequence ", s, " has ", q_len, " query tokens but seq_len ", table.seq_lens[s]));
     }
   }
   const int groups = io.num_heads / cache.num_kv_heads;
-  GroupAccumulator a(groups, io.head_dim);
+  GroupAccumulator a(groups, io.head_dim, cache.block_size);
   DispatchDType(cache.dtype, [&]<typename T>() {
     for (int s = 0; s < table.num_seqs; ++s) {
       const int len = table.seq_lens[s];

@@ -25,11 +25,12 @@ struct DecodeIo {
   int num_seqs = 0;
   int num_heads = 0;
   int head_dim = 0;
+  int num_threads = 1;  // host threads sharing the (sequence, KV head) pairs; 1 = caller only
 };
 
 // Pages one (sequence, KV head) attends to: logical page indices, ascending.
 struct PageList {
-  const int32_t* pages = nullptr;  // [num_seqs, num_kv_heads, max_selected]
+  const int32_t* pages = nullptr;   // [num_seqs, num_kv_heads, max_selected]
   const int32_t* counts = nullptr;  // [num_seqs, num_kv_heads]
   int num_kv_heads = 0;
   int max_selected = 0;
@@ -53,8 +54,8 @@ struct PageList {
 // sequence attend to cached tokens [0, position] (the cache must already hold them).
 //   query_start_loc [num_seqs + 1] int32, io.num_seqs is the total token count
 [[nodiscard]] absl::Status PrefillAttention(const DecodeIo& io, const int32_t* query_start_loc,
-                                            const KvCacheView& cache,
-                                            const BlockTableView& table, float scale);
+                                            const KvCacheView& cache, const BlockTableView& table,
+                                            float scale);
 
 }  // namespace mempipe
 

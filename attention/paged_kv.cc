@@ -53,8 +53,8 @@ absl::Status ValidateBlockTable(const BlockTableView& table, int block_size, int
     const int32_t len = table.seq_lens[s];
     if (len <= 0 || len > capacity) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "seq_lens[", s, "] = ", len, " is outside [1, ", capacity,
-          "] (max_blocks_per_seq ", table.max_blocks_per_seq, " x block_size ", block_size, ")"));
+          "seq_lens[", s, "] = ", len, " is outside [1, ", capacity, "] (max_blocks_per_seq ",
+          table.max_blocks_per_seq, " x block_size ", block_size, ")"));
     }
     const int pages = NumPages(len, block_size);
     for (int p = 0; p < pages; ++p) {

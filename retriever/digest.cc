@@ -1,6 +1,7 @@
 #include "retriever/digest.h"
 
 #include <algorithm>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "backend/base/status_macros.h"
@@ -47,17 +48,30 @@ absl::Status BuildDigests(const KvCacheView& cache, const BlockTableView& table,
   DispatchDType(cache.dtype, [&]<typename T>() {
     const T* kv = static_cast<const T*>(cache.data);
     T* dg = static_cast<T*>(digests.data);
+    std::vector<float> fmx(cache.head_dim), fmn(cache.head_dim);
     for (int s = 0; s < table.num_seqs; ++s) {
       const int len = table.seq_lens[s];
       for (int p = 0; p < NumPages(len, cache.block_size); ++p) {
         const int block = table.Block(s, p);
         const int n = std::min(cache.block_size, len - p * cache.block_size);
         for (int h = 0; h < cache.num_kv_heads; ++h) {
+          // Widen in fp32 and store once: max/min pick stored values, so the round trip
+          // through fp32 is exact.
+          const T* first = kv + cache.Offset(0, block, 0, h);
+          for (int c = 0; c < cache.head_dim; ++c) fmx[c] = fmn[c] = ToFloat(first[c]);
+          for (int t = 1; t < n; ++t) {
+            const T* key = kv + cache.Offset(0, block, t, h);
+            for (int c = 0; c < cache.head_dim; ++c) {
+              const float k = ToFloat(key[c]);
+              fmx[c] = k > fmx[c] ? k : fmx[c];
+              fmn[c] = k < fmn[c] ? k : fmn[c];
+            }
+          }
           T* mx = dg + digests.Offset(block, 0, h);
           T* mn = dg + digests.Offset(block, 1, h);
-          ResetRow(kv + cache.Offset(0, block, 0, h), mx, mn, cache.head_dim);
-          for (int t = 1; t < n; ++t) {
-            WidenRow(kv + cache.Offset(0, block, t, h), mx, mn, cache.head_dim);
+          for (int c = 0; c < cache.head_dim; ++c) {
+            mx[c] = FromFloat<T>(fmx[c]);
+            mn[c] = FromFloat<T>(fmn[c]);
           }
         }
       }
@@ -127,20 +141,20 @@ absl::Status UpdateDigests(const KvCacheView& cache, const int64_t* slot_mapping
 }
 
 absl::Status UpdateDigestsFromKeys(const DigestView& digests, int block_size,
-                                   const int64_t* slot_mapping, int num_tokens,
-                                   const void* keys) {
+                                   const int64_t* slot_mapping, int num_tokens, const void* keys) {
   if (digests.data == nullptr || (num_tokens > 0 && keys == nullptr)) {
     return absl::InvalidArgumentError("digests and keys must not be null");
   }
   MEMPIPE_RETURN_IF_ERROR(ValidateBlockSize(block_size));
   MEMPIPE_RETURN_IF_ERROR(ValidateHeadDim(digests.head_dim));
-  MEMPIPE_RETURN_IF_ERROR(CheckSlots(slot_mapping, num_tokens,
-                                     static_cast<int64_t>(digests.num_blocks) * block_size));
+  MEMPIPE_RETURN_IF_ERROR(
+      CheckSlots(slot_mapping, num_tokens, static_cast<int64_t>(digests.num_blocks) * block_size));
   const size_t row = static_cast<size_t>(digests.num_kv_heads) * digests.head_dim;
   DispatchDType(digests.dtype, [&]<typename T>() {
     const T* k = static_cast<const T*>(keys);
-    ApplyKeys<T>(digests, block_size, slot_mapping, num_tokens,
-                 [&](int t, int h) { return k + t * row + static_cast<size_t>(h) * digests.head_dim; });
+    ApplyKeys<T>(digests, block_size, slot_mapping, num_tokens, [&](int t, int h) {
+      return k + t * row + static_cast<size_t>(h) * digests.head_dim;
+    });
   });
   return absl::OkStatus();
 }

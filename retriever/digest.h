@@ -58,9 +58,8 @@ struct DigestView {
                                                  const void* keys);
 
 // KV append fused with the digest update (WriteKv + UpdateDigests).
-[[nodiscard]] absl::Status AppendKvAndDigests(const KvCacheView& cache,
-                                              const int64_t* slot_mapping, int num_tokens,
-                                              const void* key, const void* value,
+[[nodiscard]] absl::Status AppendKvAndDigests(const KvCacheView& cache, const int64_t* slot_mapping,
+                                              int num_tokens, const void* key, const void* value,
                                               const DigestView& digests);
 
 }  // namespace mempipe

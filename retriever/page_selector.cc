@@ -39,9 +39,9 @@ absl::Status CpuPageSelector::AddLayer(int layer, const CacheShape& shape) {
   }
   // Validate the shape through a cache view with a dummy non-null pointer.
   int dummy = 0;
-  MEMPIPE_RETURN_IF_ERROR(ValidateKvCache(KvCacheView{&dummy, shape.dtype, shape.num_blocks,
-                                                      shape.block_size, shape.num_kv_heads,
-                                                      shape.head_dim}));
+  MEMPIPE_RETURN_IF_ERROR(
+      ValidateKvCache(KvCacheView{&dummy, shape.dtype, shape.num_blocks, shape.block_size,
+                                  shape.num_kv_heads, shape.head_dim}));
   Layer& l = layers_[layer];
   l.shape = shape;
   l.digests.assign(l.View().NumBytes(), 0);
@@ -75,8 +75,8 @@ absl::StatusOr<SelectTicket> CpuPageSelector::Submit(const SelectRequest& reques
   const CacheShape& sh = l->shape;
   // The cache itself is not read by steps 2-3; a view with the layer's geometry carries it.
   int dummy = 0;
-  const KvCacheView geometry{&dummy, sh.dtype, sh.num_blocks, sh.block_size, sh.num_kv_heads,
-                             sh.head_dim};
+  const KvCacheView geometry{&dummy,        sh.dtype,        sh.num_blocks,
+                             sh.block_size, sh.num_kv_heads, sh.head_dim};
   costs_ = SelectorCosts{};
   const auto t0 = std::chrono::steady_clock::now();
   absl::Status status = ValidateSelectionConfig(request.config, sh.block_size);

@@ -51,21 +51,21 @@ struct CacheShape {
 // One selection: steps 2 and 3 for one layer and a batch (or micro-batch) of sequences.
 struct SelectRequest {
   int layer = 0;
-  QueryView query;        // host memory
-  BlockTableView table;   // host memory
+  QueryView query;       // host memory
+  BlockTableView table;  // host memory
   SelectionConfig config;
-  SelectionView out;      // host memory, written by the time Wait() returns OK
+  SelectionView out;  // host memory, written by the time Wait() returns OK
 };
 
 using SelectTicket = uint64_t;
 
 // Cost of the last completed call. Times in milliseconds.
 struct SelectorCosts {
-  double host_ms = 0;             // measured wall time on this machine
-  double prepare_ms = 0;          // measured: digest building/updating
-  double relevancy_ms = 0;        // measured: scoring
-  double retrieval_ms = 0;        // measured: top-k
-  double transfer_ms = 0;         // measured or modeled host<->device copies
+  double host_ms = 0;                       // measured wall time on this machine
+  double prepare_ms = 0;                    // measured: digest building/updating
+  double relevancy_ms = 0;                  // measured: scoring
+  double retrieval_ms = 0;                  // measured: top-k
+  double transfer_ms = 0;                   // measured or modeled host<->device copies
   std::optional<double> modeled_device_ms;  // set only by a modeled device
   std::optional<double> modeled_energy_mj;  // set only by a modeled device
 };
@@ -85,8 +85,8 @@ class PageSelector {
                                                   const BlockTableView& table) = 0;
 
   // Step 1, incremental: keys [num_tokens, num_kv_heads, head_dim] just written at `slots`.
-  [[nodiscard]] virtual absl::Status AppendKeys(int layer, const int64_t* slots,
-                                                int num_tokens, const void* keys) = 0;
+  [[nodiscard]] virtual absl::Status AppendKeys(int layer, const int64_t* slots, int num_tokens,
+                                                const void* keys) = 0;
 
   // Steps 2+3. Returns once queued.
   [[nodiscard]] virtual absl::StatusOr<SelectTicket> Submit(const SelectRequest& request) = 0;

@@ -28,8 +28,8 @@ absl::Status ValidateQuery(const QueryView& query, const KvCacheView& cache,
         "query has ", query.num_seqs, " sequences but the block table has ", table.num_seqs));
   }
   if (query.head_dim != cache.head_dim) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "query head_dim ", query.head_dim, " differs from the cache's ", cache.head_dim));
+    return absl::InvalidArgumentError(absl::StrCat("query head_dim ", query.head_dim,
+                                                   " differs from the cache's ", cache.head_dim));
   }
   if (query.num_heads <= 0 || query.num_heads % cache.num_kv_heads != 0) {
     return absl::InvalidArgumentError(absl::StrCat("num_heads ", query.num_heads,
@@ -41,9 +41,9 @@ absl::Status ValidateQuery(const QueryView& query, const KvCacheView& cache,
     const float v = LoadAsFloat(query.data, query.dtype, i);
     if (!std::isfinite(v)) {
       const size_t row = i / query.head_dim;
-      return absl::InvalidArgumentError(absl::StrCat(
-          "query[", row / query.num_heads, "][", row % query.num_heads, "][",
-          i % query.head_dim, "] is ", v, "; queries must be finite"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("query[", row / query.num_heads, "][", row % query.num_heads, "][",
+                       i % query.head_dim, "] is ", v, "; queries must be finite"));
     }
   }
   return absl::OkStatus();
@@ -51,10 +51,18 @@ absl::Status ValidateQuery(const QueryView& query, const KvCacheView& cache,
 
 float PageBound(const float* q, const float* max_row, const float* min_row, int head_dim) {
   float lane[kScoreLanes] = {};
-  for (int c = 0; c < head_dim; ++c) {
-    const float a = q[c] * max_row[c];
-    const float b = q[c] * min_row[c];
-    lane[c % kScoreLanes] += a > b ? a : b;
+  int c0 = 0;
+  for (; c0 + kScoreLanes <= head_dim; c0 += kScoreLanes) {
+    for (int i = 0; i < kScoreLanes; ++i) {
+      const float a = q[c0 + i] * max_row[c0 + i];
+      const float b = q[c0 + i] * min_row[c0 + i];
+      lane[i] += a > b ? a : b;
+    }
+  }
+  for (int i = 0; c0 + i < head_dim; ++i) {  // head_dim not a multiple of the lane count
+    const float a = q[c0 + i] * max_row[c0 + i];
+    const float b = q[c0 + i] * min_row[c0 + i];
+    lane[i] += a > b ? a : b;
   }
   for (int stride = kScoreLanes / 2; stride > 0; stride /= 2) {
     for (int i = 0; i < stride; ++i) lane[i] += lane[i + stride];
@@ -83,8 +91,8 @@ absl::Status ComputeRelevancy(const QueryView& query, const KvCacheView& cache,
         for (size_t i = 0; i < q.size(); ++i) {
           q[i] = LoadAsFloat(query.data, query.dtype, qrow0 * d + i);
         }
-        float* out = scores + (static_cast<size_t>(s) * cache.num_kv_heads + h) *
-                                  table.max_blocks_per_seq;
+        float* out =
+            scores + (static_cast<size_t>(s) * cache.num_kv_heads + h) * table.max_blocks_per_seq;
         for (int p = 0; p < pages; ++p) {
           const int block = table.Block(s, p);
           const T* dmx = dg + digests.Offset(block, 0, h);

@@ -17,10 +17,10 @@
 #define MEMPIPE_RETRIEVER_RELEVANCY_H_
 
 #include <cstdint>
-#include "absl/strings/string_view.h"
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "attention/paged_kv.h"
 #include "retriever/digest.h"
 
@@ -52,9 +52,8 @@ float PageBound(const float* q, const float* max_row, const float* min_row, int 
 
 // Scores every page of every (sequence, KV head).
 [[nodiscard]] absl::Status ComputeRelevancy(const QueryView& query, const KvCacheView& cache,
-                                            const DigestView& digests,
-                                            const BlockTableView& table, GroupAggregation agg,
-                                            float* scores);
+                                            const DigestView& digests, const BlockTableView& table,
+                                            GroupAggregation agg, float* scores);
 
 }  // namespace mempipe
 

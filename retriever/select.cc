@@ -28,9 +28,9 @@ absl::Status ValidateSelectionConfig(const SelectionConfig& config, int block_si
   }
   const int k = config.PagesPerHead(block_size);
   if (config.num_sink_pages + config.num_local_pages > k) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "budget ", config.budget_tokens, " tokens = ", k, " pages cannot hold ",
-        config.num_sink_pages, " sink + ", config.num_local_pages, " local pages"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("budget ", config.budget_tokens, " tokens = ", k, " pages cannot hold ",
+                     config.num_sink_pages, " sink + ", config.num_local_pages, " local pages"));
   }
   return absl::OkStatus();
 }
@@ -47,11 +47,10 @@ absl::Status SelectPages(const float* scores, const BlockTableView& table, int b
         absl::StrCat("num_seqs must be positive with seq_lens set, got ", table.num_seqs));
   }
   const int k = config.PagesPerHead(block_size);
-  if (out.num_seqs != table.num_seqs || out.num_kv_heads != num_kv_heads ||
-      out.max_selected < k) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "selection is [", out.num_seqs, ", ", out.num_kv_heads, ", ", out.max_selected,
-        "]; need [", table.num_seqs, ", ", num_kv_heads, ", >= ", k, "]"));
+  if (out.num_seqs != table.num_seqs || out.num_kv_heads != num_kv_heads || out.max_selected < k) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("selection is [", out.num_seqs, ", ", out.num_kv_heads, ", ", out.max_selected,
+                     "]; need [", table.num_seqs, ", ", num_kv_heads, ", >= ", k, "]"));
   }
   for (int s = 0; s < table.num_seqs; ++s) {
     const int32_t len = table.seq_lens[s];

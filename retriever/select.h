@@ -30,8 +30,7 @@ struct SelectionConfig {
 };
 
 // Checks budget > 0, a multiple of block_size, and room for the sink and local pages.
-[[nodiscard]] absl::Status ValidateSelectionConfig(const SelectionConfig& config,
-                                                   int block_size);
+[[nodiscard]] absl::Status ValidateSelectionConfig(const SelectionConfig& config, int block_size);
 
 struct SelectionView {
   int32_t* pages = nullptr;   // [num_seqs, num_kv_heads, max_selected]
@@ -55,10 +54,8 @@ struct SelectionView {
 
 // Steps 2 and 3 together: what every placement's selector computes.
 [[nodiscard]] absl::Status ScoreAndSelect(const QueryView& query, const KvCacheView& cache,
-                                          const DigestView& digests,
-                                          const BlockTableView& table,
-                                          const SelectionConfig& config,
-                                          const SelectionView& out);
+                                          const DigestView& digests, const BlockTableView& table,
+                                          const SelectionConfig& config, const SelectionView& out);
 
 }  // namespace mempipe
 

@@ -14,10 +14,10 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
-#include "absl/strings/string_view.h"
 
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
 
 namespace mempipe {
 
@@ -27,9 +27,12 @@ inline constexpr size_t DTypeSize(DType dtype) { return dtype == DType::kFloat32
 
 inline constexpr absl::string_view DTypeName(DType dtype) {
   switch (dtype) {
-    case DType::kFloat32: return "fp32";
-    case DType::kFloat16: return "fp16";
-    case DType::kBFloat16: return "bf16";
+    case DType::kFloat32:
+      return "fp32";
+    case DType::kFloat16:
+      return "fp16";
+    case DType::kBFloat16:
+      return "bf16";
   }
   return "?";
 }
@@ -113,27 +116,51 @@ struct BFloat16 {
 static_assert(sizeof(Half) == 2 && sizeof(BFloat16) == 2);
 
 // Storage-type traits: `StorageOf<DType::kBFloat16>` is `BFloat16`, and so on.
-template <DType D> struct StorageOfImpl;
-template <> struct StorageOfImpl<DType::kFloat32> { using type = float; };
-template <> struct StorageOfImpl<DType::kFloat16> { using type = Half; };
-template <> struct StorageOfImpl<DType::kBFloat16> { using type = BFloat16; };
-template <DType D> using StorageOf = typename StorageOfImpl<D>::type;
+template <DType D>
+struct StorageOfImpl;
+template <>
+struct StorageOfImpl<DType::kFloat32> {
+  using type = float;
+};
+template <>
+struct StorageOfImpl<DType::kFloat16> {
+  using type = Half;
+};
+template <>
+struct StorageOfImpl<DType::kBFloat16> {
+  using type = BFloat16;
+};
+template <DType D>
+using StorageOf = typename StorageOfImpl<D>::type;
 
 inline float ToFloat(float v) { return v; }
 inline float ToFloat(Half v) { return v.ToFloat(); }
 inline float ToFloat(BFloat16 v) { return v.ToFloat(); }
 
-template <typename T> T FromFloat(float v);
-template <> inline float FromFloat<float>(float v) { return v; }
-template <> inline Half FromFloat<Half>(float v) { return Half::FromFloat(v); }
-template <> inline BFloat16 FromFloat<BFloat16>(float v) { return BFloat16::FromFloat(v); }
+template <typename T>
+T FromFloat(float v);
+template <>
+inline float FromFloat<float>(float v) {
+  return v;
+}
+template <>
+inline Half FromFloat<Half>(float v) {
+  return Half::FromFloat(v);
+}
+template <>
+inline BFloat16 FromFloat<BFloat16>(float v) {
+  return BFloat16::FromFloat(v);
+}
 
 // Reads element `i` of a buffer of `dtype` as fp32.
 inline float LoadAsFloat(const void* data, DType dtype, size_t i) {
   switch (dtype) {
-    case DType::kFloat32: return static_cast<const float*>(data)[i];
-    case DType::kFloat16: return static_cast<const Half*>(data)[i].ToFloat();
-    case DType::kBFloat16: return static_cast<const BFloat16*>(data)[i].ToFloat();
+    case DType::kFloat32:
+      return static_cast<const float*>(data)[i];
+    case DType::kFloat16:
+      return static_cast<const Half*>(data)[i].ToFloat();
+    case DType::kBFloat16:
+      return static_cast<const BFloat16*>(data)[i].ToFloat();
   }
   return 0.0f;
 }
@@ -141,9 +168,15 @@ inline float LoadAsFloat(const void* data, DType dtype, size_t i) {
 // Writes fp32 `v` rounded to `dtype` into element `i`.
 inline void StoreFromFloat(void* data, DType dtype, size_t i, float v) {
   switch (dtype) {
-    case DType::kFloat32: static_cast<float*>(data)[i] = v; break;
-    case DType::kFloat16: static_cast<Half*>(data)[i] = Half::FromFloat(v); break;
-    case DType::kBFloat16: static_cast<BFloat16*>(data)[i] = BFloat16::FromFloat(v); break;
+    case DType::kFloat32:
+      static_cast<float*>(data)[i] = v;
+      break;
+    case DType::kFloat16:
+      static_cast<Half*>(data)[i] = Half::FromFloat(v);
+      break;
+    case DType::kBFloat16:
+      static_cast<BFloat16*>(data)[i] = BFloat16::FromFloat(v);
+      break;
   }
 }
 
@@ -151,9 +184,12 @@ inline void StoreFromFloat(void* data, DType dtype, size_t i, float v) {
 template <typename Fn>
 decltype(auto) DispatchDType(DType dtype, Fn&& fn) {
   switch (dtype) {
-    case DType::kFloat16: return fn.template operator()<Half>();
-    case DType::kBFloat16: return fn.template operator()<BFloat16>();
-    case DType::kFloat32: break;
+    case DType::kFloat16:
+      return fn.template operator()<Half>();
+    case DType::kBFloat16:
+      return fn.template operator()<BFloat16>();
+    case DType::kFloat32:
+      break;
   }
   return fn.template operator()<float>();
 }

@@ -19,10 +19,10 @@
 #define MEMPIPE_STATUS_CONCAT_(a, b) MEMPIPE_STATUS_CONCAT_INNER_(a, b)
 
 // Returns the status from the enclosing function if `expr` is not OK.
-#define MEMPIPE_RETURN_IF_ERROR(expr)                       \
-  do {                                                      \
-    ::absl::Status mempipe_status_ = (expr);                \
-    if (!mempipe_status_.ok()) return mempipe_status_;      \
+#define MEMPIPE_RETURN_IF_ERROR(expr)                  \
+  do {                                                 \
+    ::absl::Status mempipe_status_ = (expr);           \
+    if (!mempipe_status_.ok()) return mempipe_status_; \
   } while (0)
 
 // Evaluates `rexpr` (an absl::StatusOr<T>); returns its status on error, else moves the value

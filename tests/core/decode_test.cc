@@ -25,10 +25,11 @@ class DecodeTest : public ::testing::TestWithParam<std::tuple<DType, int, int, i
     rng_.seed(TestSeed());
     std::uniform_int_distribution<int> len_dist(1, 12 * block_size_);
     lens_ = {len_dist(rng_), 1, block_size_, len_dist(rng_) + block_size_};
-    f_ = std::make_unique<PagedFixture>(
-        rng_, testing::FixtureSpec{.dtype = dtype_, .block_size = block_size_,
-                                   .num_kv_heads = kKvHeads, .head_dim = head_dim_,
-                                   .seq_lens = lens_});
+    f_ = std::make_unique<PagedFixture>(rng_, testing::FixtureSpec{.dtype = dtype_,
+                                                                   .block_size = block_size_,
+                                                                   .num_kv_heads = kKvHeads,
+                                                                   .head_dim = head_dim_,
+                                                                   .seq_lens = lens_});
     heads_ = kKvHeads * group_;
     q_ = std::make_unique<RandomTensor>(rng_, dtype_, lens_.size() * heads_ * head_dim_);
     scale_ = 1.0f / std::sqrt(static_cast<float>(head_dim_));
@@ -44,8 +45,8 @@ class DecodeTest : public ::testing::TestWithParam<std::tuple<DType, int, int, i
   }
 
   DecodeIo Io(std::vector<uint8_t>& out) const {
-    return DecodeIo{q_->data(), out.data(), dtype_, static_cast<int>(lens_.size()), heads_,
-                    head_dim_};
+    return DecodeIo{q_->data(), out.data(), dtype_, static_cast<int>(lens_.size()),
+                    heads_,     head_dim_};
   }
 
   // Every output row against float64 attention over `tokens_of(s, kv_head)`.
@@ -88,13 +89,24 @@ TEST_P(DecodeTest, DenseMatchesFloat64Reference) {
   ExpectMatchesReference(out, [&](int s, int) { return Range(lens_[s]); });
 }
 
+TEST_P(DecodeTest, ThreadsSplitWorkWithoutChangingResults) {
+  auto one = PoisonedOut(), three = PoisonedOut();
+  ASSERT_TRUE(DenseDecode(Io(one), f_->cache_view(), f_->table_view(), scale_).ok());
+  DecodeIo io = Io(three);
+  io.num_threads = 3;
+  ASSERT_TRUE(DenseDecode(io, f_->cache_view(), f_->table_view(), scale_).ok());
+  EXPECT_EQ(one, three);
+}
+
 TEST_P(DecodeTest, SparseOverEveryPageEqualsDense) {
   const int max_pages = f_->max_blocks();
-  std::vector<int32_t> pages(lens_.size() * kKvHeads * max_pages, -1), counts(lens_.size() * kKvHeads);
+  std::vector<int32_t> pages(lens_.size() * kKvHeads * max_pages, -1),
+      counts(lens_.size() * kKvHeads);
   for (size_t s = 0; s < lens_.size(); ++s) {
     for (int h = 0; h < kKvHeads; ++h) {
       counts[s * kKvHeads + h] = NumPages(lens_[s], block_size_);
-      for (int p = 0; p < counts[s * kKvHeads + h]; ++p) pages[(s * kKvHeads + h) * max_pages + p] = p;
+      for (int p = 0; p < counts[s * kKvHeads + h]; ++p)
+        pages[(s * kKvHeads + h) * max_pages + p] = p;
     }
   }
   auto dense = PoisonedOut(), sparse = PoisonedOut();
@@ -112,9 +124,10 @@ TEST_P(DecodeTest, SparseOverSelectionMatchesReferenceOnThoseTokens) {
   const int k = 4;
   std::vector<int32_t> pages(lens_.size() * kKvHeads * k), counts(lens_.size() * kKvHeads);
   const SelectionView sel{pages.data(), counts.data(), static_cast<int>(lens_.size()), kKvHeads, k};
-  ASSERT_TRUE(ScoreAndSelect({q_->data(), dtype_, static_cast<int>(lens_.size()), heads_, head_dim_},
-                             f_->cache_view(), f_->digest_view(), f_->table_view(), cfg, sel)
-                  .ok());
+  ASSERT_TRUE(
+      ScoreAndSelect({q_->data(), dtype_, static_cast<int>(lens_.size()), heads_, head_dim_},
+                     f_->cache_view(), f_->digest_view(), f_->table_view(), cfg, sel)
+          .ok());
   auto out = PoisonedOut();
   ASSERT_TRUE(SparseDecode(Io(out), f_->cache_view(), f_->table_view(),
                            {pages.data(), counts.data(), kKvHeads, k}, scale_)
@@ -164,12 +177,11 @@ TEST_P(DecodeTest, PrefillIsCausal) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Shapes, DecodeTest,
-                         ::testing::Combine(::testing::Values(DType::kFloat32, DType::kFloat16,
-                                                              DType::kBFloat16),
-                                            ::testing::Values(16, 32, 64),
-                                            ::testing::Values(64, 128, 256),
-                                            ::testing::Values(1, 4)));
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, DecodeTest,
+    ::testing::Combine(::testing::Values(DType::kFloat32, DType::kFloat16, DType::kBFloat16),
+                       ::testing::Values(16, 32, 64), ::testing::Values(64, 128, 256),
+                       ::testing::Values(1, 4)));
 
 TEST(DecodeErrors, NameTheBadValue) {
   std::mt19937_64 rng(TestSeed());

@@ -23,8 +23,11 @@ TEST_P(DigestTest, BulkMatchesReferenceAndIncrementalMatchesBulk) {
   std::mt19937_64 rng(TestSeed());
   std::uniform_int_distribution<int> len_dist(1, 5 * block_size + 3);
   std::vector<int> lens = {1, block_size, block_size + 1, len_dist(rng), len_dist(rng)};
-  PagedFixture f(rng, {.dtype = dtype, .block_size = block_size, .num_kv_heads = 3,
-                       .head_dim = head_dim, .seq_lens = lens});
+  PagedFixture f(rng, {.dtype = dtype,
+                       .block_size = block_size,
+                       .num_kv_heads = 3,
+                       .head_dim = head_dim,
+                       .seq_lens = lens});
   const DigestView bulk = f.digest_view();
   ASSERT_TRUE(BuildDigests(f.cache_view(), f.table_view(), bulk).ok());
 
@@ -92,18 +95,18 @@ TEST_P(DigestTest, BulkMatchesReferenceAndIncrementalMatchesBulk) {
     for (int t = 0; t < lens[s]; ++t) {
       const int64_t slot = f.Slot(s, t);
       for (int kv = 0; kv < 2; ++kv) {
-        const size_t off = src.Offset(kv, slot / block_size, slot % block_size, 0) * DTypeSize(dtype);
+        const size_t off =
+            src.Offset(kv, slot / block_size, slot % block_size, 0) * DTypeSize(dtype);
         ASSERT_EQ(std::memcmp(static_cast<uint8_t*>(src.data) + off, cache2.data() + off, row), 0);
       }
     }
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Shapes, DigestTest,
-                         ::testing::Combine(::testing::Values(DType::kFloat32, DType::kFloat16,
-                                                              DType::kBFloat16),
-                                            ::testing::Values(16, 32, 64),
-                                            ::testing::Values(64, 128, 256)));
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, DigestTest,
+    ::testing::Combine(::testing::Values(DType::kFloat32, DType::kFloat16, DType::kBFloat16),
+                       ::testing::Values(16, 32, 64), ::testing::Values(64, 128, 256)));
 
 TEST(DigestErrors, NameTheBadValue) {
   std::mt19937_64 rng(TestSeed());

@@ -63,7 +63,8 @@ class PagedFixture {
     cache_.dtype = spec.dtype;
     storage_.resize(cache_.NumBytes());
     const float nan = std::numeric_limits<float>::quiet_NaN();
-    for (size_t i = 0; i < cache_.NumElems(); ++i) StoreFromFloat(storage_.data(), spec.dtype, i, nan);
+    for (size_t i = 0; i < cache_.NumElems(); ++i)
+      StoreFromFloat(storage_.data(), spec.dtype, i, nan);
     cache_.data = storage_.data();
 
     // Shuffled physical blocks; table entries past a sequence's pages are poisoned with -7.
@@ -94,8 +95,8 @@ class PagedFixture {
         }
       }
     }
-    digest_storage_.assign(num_blocks_ * 2ull * spec.num_kv_heads * spec.head_dim *
-                               DTypeSize(spec.dtype), 0);
+    digest_storage_.assign(
+        num_blocks_ * 2ull * spec.num_kv_heads * spec.head_dim * DTypeSize(spec.dtype), 0);
   }
 
   KvCacheView cache_view() { return cache_; }
@@ -111,7 +112,9 @@ class PagedFixture {
     return static_cast<int64_t>(Block(s, t / spec_.block_size)) * spec_.block_size +
            t % spec_.block_size;
   }
-  int32_t Block(int s, int p) const { return block_table_[static_cast<size_t>(s) * max_blocks_ + p]; }
+  int32_t Block(int s, int p) const {
+    return block_table_[static_cast<size_t>(s) * max_blocks_ + p];
+  }
 
   // Value of K (kv = 0) or V (kv = 1) as stored, read back as double.
   double Kv(int kv, int s, int t, int h, int c) const {
@@ -158,9 +161,8 @@ struct RandomTensor {
 };
 
 // float64 softmax attention of query q [D] over keys/values listed by (s, t) for KV head h.
-inline std::vector<double> ReferenceAttention(const PagedFixture& f, const float* q, int s,
-                                              int h, const std::vector<int>& tokens,
-                                              double scale) {
+inline std::vector<double> ReferenceAttention(const PagedFixture& f, const float* q, int s, int h,
+                                              const std::vector<int>& tokens, double scale) {
   const int d = f.spec().head_dim;
   std::vector<double> logits(tokens.size());
   double mx = -std::numeric_limits<double>::infinity();
@@ -184,9 +186,12 @@ inline std::vector<double> ReferenceAttention(const PagedFixture& f, const float
 // Absolute tolerance on attention outputs (values ~N(0,1)) per storage dtype of the output.
 inline double AttentionTolerance(DType dtype) {
   switch (dtype) {
-    case DType::kFloat32: return 2e-5;
-    case DType::kFloat16: return 4e-3;
-    case DType::kBFloat16: return 3e-2;
+    case DType::kFloat32:
+      return 2e-5;
+    case DType::kFloat16:
+      return 4e-3;
+    case DType::kBFloat16:
+      return 3e-2;
   }
   return 0;
 }

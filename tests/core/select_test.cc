@@ -1,3 +1,5 @@
+#include "retriever/select.h"
+
 #include <algorithm>
 #include <cmath>
 #include <numeric>
@@ -7,7 +9,6 @@
 
 #include "gtest/gtest.h"
 #include "retriever/relevancy.h"
-#include "retriever/select.h"
 #include "tests/core/paged_fixture.h"
 
 namespace mempipe {
@@ -27,17 +28,20 @@ TEST_P(RelevancyTest, MatchesFloat64AndBoundsEveryKey) {
   const int kv_heads = 2;
   std::uniform_int_distribution<int> len_dist(1, 9 * block_size);
   std::vector<int> lens = {len_dist(rng), len_dist(rng), block_size * 3, 1};
-  PagedFixture f(rng, {.dtype = dtype, .block_size = block_size, .num_kv_heads = kv_heads,
-                       .head_dim = head_dim, .seq_lens = lens});
+  PagedFixture f(rng, {.dtype = dtype,
+                       .block_size = block_size,
+                       .num_kv_heads = kv_heads,
+                       .head_dim = head_dim,
+                       .seq_lens = lens});
   ASSERT_TRUE(BuildDigests(f.cache_view(), f.table_view(), f.digest_view()).ok());
   const int heads = kv_heads * group;
   RandomTensor q(rng, dtype, lens.size() * heads * head_dim);
   const QueryView qv{q.data(), dtype, static_cast<int>(lens.size()), heads, head_dim};
   for (GroupAggregation agg : {GroupAggregation::kMax, GroupAggregation::kSum}) {
     std::vector<float> scores(lens.size() * kv_heads * f.max_blocks(), NAN);
-    ASSERT_TRUE(ComputeRelevancy(qv, f.cache_view(), f.digest_view(), f.table_view(), agg,
-                                 scores.data())
-                    .ok());
+    ASSERT_TRUE(
+        ComputeRelevancy(qv, f.cache_view(), f.digest_view(), f.table_view(), agg, scores.data())
+            .ok());
     for (int s = 0; s < f.num_seqs(); ++s) {
       for (int h = 0; h < kv_heads; ++h) {
         const float* row = &scores[(s * kv_heads + h) * f.max_blocks()];
@@ -79,12 +83,11 @@ TEST_P(RelevancyTest, MatchesFloat64AndBoundsEveryKey) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Shapes, RelevancyTest,
-                         ::testing::Combine(::testing::Values(DType::kFloat32, DType::kFloat16,
-                                                              DType::kBFloat16),
-                                            ::testing::Values(16, 64),
-                                            ::testing::Values(64, 128, 256),
-                                            ::testing::Values(1, 4, 8)));
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, RelevancyTest,
+    ::testing::Combine(::testing::Values(DType::kFloat32, DType::kFloat16, DType::kBFloat16),
+                       ::testing::Values(16, 64), ::testing::Values(64, 128, 256),
+                       ::testing::Values(1, 4, 8)));
 
 // Sort-based reference: sinks, locals, then the best middle pages by (score desc, index asc).
 std::vector<int> ReferenceSelect(const float* sc, int n, const SelectionConfig& cfg, int k) {
@@ -123,7 +126,8 @@ TEST(SelectPages, MatchesSortReferenceWithTiesAndEdgeLengths) {
     for (float& x : scores) x = static_cast<float>(val(rng));
     std::vector<int32_t> pages(lens.size() * kv_heads * k, 77), counts(lens.size() * kv_heads, 77);
     const BlockTableView tv{table.data(), lens.data(), static_cast<int>(lens.size()), max_blocks};
-    const SelectionView out{pages.data(), counts.data(), static_cast<int>(lens.size()), kv_heads, k};
+    const SelectionView out{pages.data(), counts.data(), static_cast<int>(lens.size()), kv_heads,
+                            k};
     ASSERT_TRUE(SelectPages(scores.data(), tv, block_size, kv_heads, cfg, out).ok());
     for (size_t s = 0; s < lens.size(); ++s) {
       for (int h = 0; h < kv_heads; ++h) {
@@ -170,9 +174,9 @@ TEST(ComputeRelevancy, RejectsNonFiniteQueryNamingIt) {
   std::vector<float> q(2 * 4 * 64, 0.5f);
   q[(1 * 4 + 3) * 64 + 17] = NAN;
   std::vector<float> scores(2 * 2 * f.max_blocks());
-  absl::Status s = ComputeRelevancy({q.data(), DType::kFloat32, 2, 4, 64}, f.cache_view(),
-                                    f.digest_view(), f.table_view(), GroupAggregation::kMax,
-                                    scores.data());
+  absl::Status s =
+      ComputeRelevancy({q.data(), DType::kFloat32, 2, 4, 64}, f.cache_view(), f.digest_view(),
+                       f.table_view(), GroupAggregation::kMax, scores.data());
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(s.message().find("query[1][3][17]"), absl::string_view::npos) << s;
   s = ComputeRelevancy({q.data(), DType::kFloat32, 2, 3, 64}, f.cache_view(), f.digest_view(),

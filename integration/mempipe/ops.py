@@ -1,0 +1,137 @@
+"""PyTorch custom operators (`torch.ops.mempipe.*`) for the four steps.
+
+Each operator wraps one function of the C++ module; tensors are handed over through DLPack
+without copies. In-place operators declare what they mutate, so torch.compile and functionalization
+see the writes; functional ones allocate their outputs and have fake (meta) kernels for tracing.
+
+    import mempipe.ops  # registers torch.ops.mempipe.*
+    torch.ops.mempipe.append_kv_and_digests(kv_cache, slot_mapping, key, value, digests)
+    pages, counts = torch.ops.mempipe.score_and_select(q, kv_cache, digests, block_table,
+                                                       seq_lens, 4096, 1, 1, "max")
+    out = torch.ops.mempipe.sparse_decode(q, kv_cache, block_table, seq_lens, pages, counts, s)
+
+Shapes are those of `mempipe._mempipe` (see bindings/module.cc). CPU tensors only in this build.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mempipe import _mempipe
+
+
+@torch.library.custom_op("mempipe::write_kv", mutates_args=("kv_cache",))
+def write_kv(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tensor,
+             value: torch.Tensor) -> None:
+    _mempipe.write_kv(kv_cache, slot_mapping, key.contiguous(), value.contiguous())
+
+
+@torch.library.custom_op("mempipe::append_kv_and_digests", mutates_args=("kv_cache", "digests"))
+def append_kv_and_digests(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tensor,
+                          value: torch.Tensor, digests: torch.Tensor) -> None:
+    _mempipe.append_kv_and_digests(kv_cache, slot_mapping, key.contiguous(), value.contiguous(),
+                                   digests)
+
+
+@torch.library.custom_op("mempipe::build_digests", mutates_args=("digests",))
+def build_digests(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                  digests: torch.Tensor) -> None:
+    _mempipe.build_digests(kv_cache, block_table, seq_lens, digests)
+
+
+@torch.library.custom_op("mempipe::compute_relevancy", mutates_args=())
+def compute_relevancy(query: torch.Tensor, kv_cache: torch.Tensor, digests: torch.Tensor,
+                      block_table: torch.Tensor, seq_lens: torch.Tensor,
+                      aggregation: str) -> torch.Tensor:
+    scores = torch.empty(block_table.shape[0], kv_cache.shape[3], block_table.shape[1],
+                         dtype=torch.float32, device=query.device)
+    _mempipe.compute_relevancy(query.contiguous(), kv_cache, digests, block_table, seq_lens,
+                               scores, aggregation=aggregation)
+    return scores
+
+
+@compute_relevancy.register_fake
+def _(query, kv_cache, digests, block_table, seq_lens, aggregation):
+    return query.new_empty(block_table.shape[0], kv_cache.shape[3], block_table.shape[1],
+                           dtype=torch.float32)
+
+
+def _selection_buffers(num_seqs: int, num_kv_heads: int, max_selected: int,
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    pages = torch.empty(num_seqs, num_kv_heads, max_selected, dtype=torch.int32, device=device)
+    counts = torch.empty(num_seqs, num_kv_heads, dtype=torch.int32, device=device)
+    return pages, counts
+
+
+@torch.library.custom_op("mempipe::select_pages", mutates_args=())
+def select_pages(scores: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                 block_size: int, budget: int, sinks: int,
+                 locals: int) -> tuple[torch.Tensor, torch.Tensor]:
+    pages, counts = _selection_buffers(scores.shape[0], scores.shape[1],
+                                       max(budget // block_size, 1), scores.device)
+    _mempipe.select_pages(scores, block_table, seq_lens, block_size, pages, counts,
+                          budget=budget, sinks=sinks, locals=locals)
+    return pages, counts
+
+
+@select_pages.register_fake
+def _(scores, block_table, seq_lens, block_size, budget, sinks, locals):
+    k = max(budget // block_size, 1)
+    return (scores.new_empty(scores.shape[0], scores.shape[1], k, dtype=torch.int32),
+            scores.new_empty(scores.shape[0], scores.shape[1], dtype=torch.int32))
+
+
+@torch.library.custom_op("mempipe::score_and_select", mutates_args=())
+def score_and_select(query: torch.Tensor, kv_cache: torch.Tensor, digests: torch.Tensor,
+                     block_table: torch.Tensor, seq_lens: torch.Tensor, budget: int, sinks: int,
+                     locals: int, aggregation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    pages, counts = _selection_buffers(block_table.shape[0], kv_cache.shape[3],
+                                       max(budget // kv_cache.shape[2], 1), query.device)
+    _mempipe.score_and_select(query.contiguous(), kv_cache, digests, block_table, seq_lens,
+                              pages, counts, budget=budget, sinks=sinks, locals=locals,
+                              aggregation=aggregation)
+    return pages, counts
+
+
+@score_and_select.register_fake
+def _(query, kv_cache, digests, block_table, seq_lens, budget, sinks, locals, aggregation):
+    k = max(budget // kv_cache.shape[2], 1)
+    n, h = block_table.shape[0], kv_cache.shape[3]
+    return (query.new_empty(n, h, k, dtype=torch.int32),
+            query.new_empty(n, h, dtype=torch.int32))
+
+
+@torch.library.custom_op("mempipe::dense_decode", mutates_args=())
+def dense_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                 seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    query = query.contiguous()
+    out = torch.empty_like(query)
+    _mempipe.dense_decode(query, kv_cache, block_table, seq_lens, out, scale)
+    return out
+
+
+@torch.library.custom_op("mempipe::sparse_decode", mutates_args=())
+def sparse_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                  seq_lens: torch.Tensor, pages: torch.Tensor, counts: torch.Tensor,
+                  scale: float) -> torch.Tensor:
+    query = query.contiguous()
+    out = torch.empty_like(query)
+    _mempipe.sparse_decode(query, kv_cache, block_table, seq_lens, pages, counts, out, scale)
+    return out
+
+
+@torch.library.custom_op("mempipe::prefill_attention", mutates_args=())
+def prefill_attention(query: torch.Tensor, query_start_loc: torch.Tensor, kv_cache: torch.Tensor,
+                      block_table: torch.Tensor, seq_lens: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    query = query.contiguous()
+    out = torch.empty_like(query)
+    _mempipe.prefill_attention(query, query_start_loc, kv_cache, block_table, seq_lens, out,
+                               scale)
+    return out
+
+
+for _op in (dense_decode, sparse_decode, prefill_attention):
+    _op.register_fake(lambda query, *args: torch.empty_like(query))
+for _op in (write_kv, append_kv_and_digests, build_digests):
+    _op.register_fake(lambda *args: None)

@@ -1,0 +1,279 @@
+"""mempipe as a vLLM attention backend (vLLM's four-class split, checked against vLLM 0.32).
+
+    MempipeAttentionBackend   what vLLM asks of a backend: names, classes, sizes, layouts,
+                              validate_configuration (its reasons plus mempipe's own)
+    MempipeMetadata           per-step batch description, split into decode and prefill requests
+    MempipeMetadataBuilder    builds MempipeMetadata from vLLM's CommonAttentionMetadata
+    MempipeAttentionImpl      forward(): append K/V and digests, then per decode request
+                              prepare -> relevancy -> retrieval -> apply (sparse layers) or
+                              dense attention (dense layers, `placement=dense`, prefill)
+
+Selected with `--attention-backend CUSTOM` once the plugin (mempipe.vllm.plugin) has run.
+
+KV cache: vLLM 0.3x allocates each layer's cache as a view [num_blocks, num_kv_heads,
+block_size, 2 * head_dim] whose content the backend interprets. mempipe declares the identity
+(layer-compact) layout, so each layer's cache is one contiguous region, and reads that region as
+its own [2, num_blocks, block_size, num_kv_heads, head_dim] (K plane, then V plane). Block ids,
+block tables and slot mappings keep vLLM's meaning. Older vLLM releases that hand the backend
+[2, num_blocks, block_size, num_kv_heads, head_dim] directly are taken as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import ClassVar
+
+import torch
+from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl, AttentionLayer,
+                                       AttentionMetadataBuilder, AttentionType,
+                                       CommonAttentionMetadata)
+
+from vllm.logger import init_logger
+
+from mempipe import config as mempipe_config
+from mempipe.attention import PagedLayer
+
+try:  # vLLM >= 0.3x: backends declare the physical KV cache layouts they read.
+    from vllm.v1.kv_cache_layout import KVCacheLayout
+except ImportError:  # older releases fix the layout per backend
+    KVCacheLayout = None
+
+# A child of the "vllm" logger, so the line shows under vLLM's own logging configuration.
+logger = init_logger("vllm.mempipe")
+
+
+def load_config(vllm_config: VllmConfig | None = None):
+    """mempipe's configuration: vLLM's additional_config["mempipe"], then MEMPIPE_CONFIG."""
+    extra = {}
+    if vllm_config is not None and isinstance(vllm_config.additional_config, dict):
+        extra = vllm_config.additional_config.get("mempipe", {}) or {}
+    return mempipe_config.load(extra)
+
+
+class MempipeAttentionBackend(AttentionBackend):
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16,
+                                                     torch.float32]
+    # The digests are min/max of stored keys in the cache dtype; quantized caches are not.
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto"]
+    # forward() writes the cache itself: the write is fused with the digest update.
+    forward_includes_kv_cache_update: bool = True
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls() -> type[MempipeAttentionImpl]:
+        return MempipeAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[MempipeMetadataBuilder]:
+        return MempipeMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int]:
+        return list(mempipe_config.PAGE_SIZES)
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return list(mempipe_config.HEAD_DIMS)
+
+    @staticmethod
+    def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int,
+                           head_size: int, cache_dtype_str: str = "auto") -> tuple[int, ...]:
+        """The layout mempipe's kernels read (older vLLM releases allocate this shape)."""
+        return (2, num_blocks, block_size, num_kv_heads, head_size)
+
+    @classmethod
+    def supported_kv_cache_layouts(cls):
+        if KVCacheLayout is None:
+            return None
+        return (KVCacheLayout.LBHNC,)
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def validate_configuration(cls, head_size, dtype, kv_cache_dtype, block_size, *args,
+                               **kwargs) -> list[str]:
+        reasons = super().validate_configuration(head_size, dtype, kv_cache_dtype, block_size,
+                                                 *args, **kwargs)
+        try:
+            cfg = load_config(get_current_vllm_config())
+        except ValueError as e:
+            return reasons + [str(e)]
+        reasons += cfg.validate()
+        if block_size is not None and block_size != cfg.page_size:
+            reasons.append(f"mempipe page_size {cfg.page_size} differs from the block size "
+                           f"{block_size}; pass --block-size {cfg.page_size} or set page_size")
+        return reasons
+
+
+@dataclasses.dataclass
+class MempipeMetadata:
+    num_actual_tokens: int
+    slot_mapping: torch.Tensor        # [num_actual_tokens] int64
+    query_start_loc: torch.Tensor     # [num_reqs + 1] int32
+    seq_lens: torch.Tensor            # [num_reqs] int32
+    block_table: torch.Tensor         # [num_reqs, max_blocks] int32
+    # Requests with exactly one new token (decode), and their token rows.
+    decode_tokens: torch.Tensor       # [D] int64 token index of each decode request
+    decode_seq_lens: torch.Tensor     # [D] int32
+    decode_block_table: torch.Tensor  # [D, max_blocks] int32
+    # The other requests (prefill and chunked prefill), compacted.
+    prefill_tokens: torch.Tensor      # [P_tokens] int64
+    prefill_query_start_loc: torch.Tensor  # [P + 1] int32
+    prefill_seq_lens: torch.Tensor    # [P] int32
+    prefill_block_table: torch.Tensor  # [P, max_blocks] int32
+
+    @property
+    def all_decode(self) -> bool:
+        return self.prefill_seq_lens.numel() == 0
+
+
+class MempipeMetadataBuilder(AttentionMetadataBuilder[MempipeMetadata]):
+    def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config: VllmConfig,
+                 device: torch.device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        if device.type != "cpu":
+            raise NotImplementedError(
+                f"mempipe's vLLM backend runs on the CPU in this build; device is {device}")
+        self.kv_cache_spec = kv_cache_spec
+        self.vllm_config = vllm_config
+        logger.info_once("mempipe attention backend: %s", load_config(vllm_config))
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> MempipeMetadata:
+        cm = common_attn_metadata
+        num_reqs = cm.num_reqs
+        qsl = cm.query_start_loc_cpu[:num_reqs + 1].to(torch.int32)
+        seq_lens = cm.seq_lens[:num_reqs].to(torch.int32).cpu().contiguous()
+        block_table = cm.block_table_tensor[:num_reqs].to(torch.int32).cpu().contiguous()
+        q_lens = qsl[1:] - qsl[:-1]
+        is_decode = q_lens == 1
+        decode = torch.nonzero(is_decode).flatten()
+        prefill = torch.nonzero(~is_decode).flatten()
+        p_lens = q_lens[prefill].to(torch.int64)
+        p_starts = torch.zeros(prefill.numel() + 1, dtype=torch.int64)
+        torch.cumsum(p_lens, 0, out=p_starts[1:])
+        # Token t of compacted prefill request i sits at qsl[prefill[i]] + t in the batch.
+        p_total = int(p_starts[-1])
+        within = torch.arange(p_total) - torch.repeat_interleave(p_starts[:-1], p_lens)
+        prefill_tokens = torch.repeat_interleave(qsl[prefill].to(torch.int64), p_lens) + within
+        return MempipeMetadata(
+            num_actual_tokens=cm.num_actual_tokens,
+            slot_mapping=cm.slot_mapping[:cm.num_actual_tokens].to(torch.int64).contiguous(),
+            query_start_loc=qsl.contiguous(),
+            seq_lens=seq_lens,
+            block_table=block_table,
+            decode_tokens=qsl[decode].to(torch.int64),
+            decode_seq_lens=seq_lens[decode].contiguous(),
+            decode_block_table=block_table[decode].contiguous(),
+            prefill_tokens=prefill_tokens,
+            prefill_query_start_loc=p_starts.to(torch.int32),
+            prefill_seq_lens=seq_lens[prefill].contiguous(),
+            prefill_block_table=block_table[prefill].contiguous(),
+        )
+
+
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def layer_index_of(layer_name: str) -> int:
+    """The decoder layer number in a vLLM layer name ("model.layers.7.self_attn.attn" -> 7)."""
+    m = _LAYER_INDEX.search("." + layer_name + ".")
+    if m is None:
+        raise ValueError(f"cannot find a layer number in layer name '{layer_name}'")
+    return int(m.group(1))
+
+
+def as_mempipe_cache(kv_cache: torch.Tensor, num_kv_heads: int,
+                     head_dim: int) -> torch.Tensor:
+    """vLLM's per-layer cache as mempipe's [2, num_blocks, block_size, kv_heads, head_dim]."""
+    if kv_cache.dim() == 5 and kv_cache.shape[0] == 2:
+        return kv_cache
+    if kv_cache.dim() != 4 or kv_cache.shape[1] != num_kv_heads or \
+            kv_cache.shape[3] != 2 * head_dim:
+        raise ValueError(f"unexpected vLLM KV cache shape {tuple(kv_cache.shape)} for "
+                         f"{num_kv_heads} KV heads of size {head_dim}")
+    if not kv_cache.is_contiguous():
+        raise ValueError("mempipe needs each layer's KV cache to be one contiguous region "
+                         f"(layout LBHNC); got strides {kv_cache.stride()}")
+    num_blocks, _, block_size, _ = kv_cache.shape
+    return kv_cache.view(2, num_blocks, block_size, num_kv_heads, head_dim)
+
+
+class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
+    def __init__(self, num_heads: int, head_size: int, scale: float,
+                 num_kv_heads: int | None = None, alibi_slopes: list[float] | None = None,
+                 sliding_window: int | None = None, kv_cache_dtype: str = "auto",
+                 logits_soft_cap: float | None = None, attn_type: str = AttentionType.DECODER,
+                 kv_sharing_target_layer_name: str | None = None,
+                 sinks: torch.Tensor | None = None) -> None:
+        unsupported = {"alibi_slopes": alibi_slopes, "sliding_window": sliding_window,
+                       "logits_soft_cap": logits_soft_cap, "sinks": sinks}
+        for name, value in unsupported.items():
+            if value is not None:
+                raise NotImplementedError(f"mempipe does not support {name} (got {value!r})")
+        if attn_type != AttentionType.DECODER:
+            raise NotImplementedError(f"mempipe supports decoder attention only, got {attn_type}")
+        if kv_cache_dtype != "auto":
+            raise NotImplementedError(f"mempipe needs kv_cache_dtype 'auto', got {kv_cache_dtype}")
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+        self.config = load_config(get_current_vllm_config())
+        reasons = self.config.validate()
+        if reasons:
+            raise ValueError("mempipe configuration rejected: " + "; ".join(reasons))
+        self._layer: PagedLayer | None = None
+
+    def _paged_layer(self, layer: AttentionLayer) -> PagedLayer:
+        if self._layer is None:
+            self._layer = PagedLayer(self.config, layer_index_of(layer.layer_name),
+                                     self.num_heads, self.num_kv_heads, self.head_size,
+                                     self.scale)
+        return self._layer
+
+    def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor,
+                value: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: MempipeMetadata,
+                output: torch.Tensor, output_scale: torch.Tensor | None = None,
+                output_block_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """query [T, H, D]; key, value [T, KVH, D]; output [T, H, D] or [T, H * D]."""
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("mempipe does not support fused output quantization")
+        if attn_metadata is None:  # profiling / warm-up run
+            return output
+        m = attn_metadata
+        n = m.num_actual_tokens
+        kv = as_mempipe_cache(kv_cache, self.num_kv_heads, self.head_size)
+        if kv.shape[2] != self.config.page_size:
+            raise ValueError(f"mempipe page_size {self.config.page_size} differs from the KV "
+                             f"cache block size {kv.shape[2]}; pass --block-size "
+                             f"{self.config.page_size}")
+        paged = self._paged_layer(layer)
+        if self.kv_sharing_target_layer_name is None:
+            paged.append(kv, m.slot_mapping, key[:n], value[:n])
+        q = query[:n]
+        out = output.view(-1, self.num_heads, self.head_size)[:n]
+        if m.all_decode:
+            paged.decode(q, kv, m.decode_block_table, m.decode_seq_lens, out)
+            return output
+        if m.decode_tokens.numel():
+            od = torch.empty(m.decode_tokens.numel(), self.num_heads, self.head_size,
+                             dtype=out.dtype)
+            paged.decode(q.index_select(0, m.decode_tokens), kv, m.decode_block_table,
+                         m.decode_seq_lens, od)
+            out.index_copy_(0, m.decode_tokens, od)
+        op = torch.empty(m.prefill_tokens.numel(), self.num_heads, self.head_size,
+                         dtype=out.dtype)
+        paged.prefill(q.index_select(0, m.prefill_tokens), m.prefill_query_start_loc, kv,
+                      m.prefill_block_table, m.prefill_seq_lens, op)
+        out.index_copy_(0, m.prefill_tokens, op)
+        return output

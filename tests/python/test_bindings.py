@@ -1,0 +1,299 @@
+"""Differential tests of the C++ module (mempipe._mempipe) against plain references on fresh
+random data, and its argument checking and error mapping."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from mempipe import _mempipe as mp
+from reference import (ATOL, DTYPES, random_batch, ref_decode, ref_digests, ref_prefill,
+                       ref_scores, ref_select, slots_for)
+
+SHAPES = [  # (block_size, kv_heads, num_heads, head_dim)
+    (16, 2, 8, 64),
+    (32, 1, 4, 128),
+    (64, 2, 2, 64),
+    (16, 1, 2, 256),
+]
+
+
+def random_lens(gen, block_size, num_seqs=3, max_pages=9):
+    return [int(torch.randint(1, max_pages * block_size + 1, (1,), generator=gen))
+            for _ in range(num_seqs)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_write_kv_places_rows_and_leaves_other_slots(gen, dtype, shape):
+    bs, kvh, _, d = shape
+    batch = random_batch(gen, dtype, bs, kvh, d, random_lens(gen, bs))
+    written = torch.zeros(batch.kv_cache.shape[1:3], dtype=torch.bool)
+    for s, n in enumerate(batch.seq_lens.tolist()):
+        for t in range(n):
+            blk = int(batch.block_table[s, t // bs])
+            assert torch.equal(batch.kv_cache[0, blk, t % bs], batch.keys[s][t])
+            assert torch.equal(batch.kv_cache[1, blk, t % bs], batch.values[s][t])
+            written[blk, t % bs] = True
+    assert torch.isnan(batch.kv_cache[:, ~written].float()).all()
+
+
+def test_write_kv_skips_negative_slots(gen):
+    kv = torch.full((2, 4, 16, 1, 64), float("nan"))
+    k, v = torch.randn(3, 1, 64, generator=gen), torch.randn(3, 1, 64, generator=gen)
+    mp.write_kv(kv, torch.tensor([5, -1, 40]), k, v)
+    assert torch.equal(kv[0, 0, 5], k[0]) and torch.equal(kv[1, 2, 8], v[2])
+    assert int(torch.isnan(kv).flatten(1).all(1).sum()) == 0
+    assert int((~torch.isnan(kv)).sum()) == 2 * 2 * 64
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_build_and_append_digests_match_reference(gen, dtype, shape):
+    bs, kvh, _, d = shape
+    lens = random_lens(gen, bs)
+    # Bulk build after writing.
+    batch = random_batch(gen, dtype, bs, kvh, d, lens)
+    bulk = torch.full((batch.kv_cache.shape[1], 2, kvh, d), float("nan"), dtype=dtype)
+    mp.build_digests(batch.kv_cache, batch.block_table, batch.seq_lens, bulk)
+    # Incremental: the same tokens appended one at a time through the fused call.
+    inc = torch.full_like(bulk, float("nan"))
+    kv2 = torch.full_like(batch.kv_cache, float("nan"))
+    for s, n in enumerate(lens):
+        for t in range(n):
+            slot = slots_for(batch.block_table, s, [t], bs)
+            mp.append_kv_and_digests(kv2, slot, batch.keys[s][t:t + 1],
+                                     batch.values[s][t:t + 1], inc)
+    ref = ref_digests(batch)
+    for blk, want in ref.items():
+        assert torch.equal(bulk[blk], want), f"bulk digest of block {blk}"
+        assert torch.equal(inc[blk], want), f"incremental digest of block {blk}"
+    unused = [b for b in range(bulk.shape[0]) if b not in ref]
+    assert torch.isnan(bulk[unused].float()).all() and torch.isnan(inc[unused].float()).all()
+    torch.testing.assert_close(kv2, batch.kv_cache, equal_nan=True, rtol=0, atol=0)
+
+
+def _digests(batch):
+    dg = torch.full((batch.kv_cache.shape[1], 2) + batch.kv_cache.shape[3:], float("nan"),
+                    dtype=batch.kv_cache.dtype)
+    mp.build_digests(batch.kv_cache, batch.block_table, batch.seq_lens, dg)
+    return dg
+
+
+@pytest.mark.parametrize("aggregation", ["max", "sum"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_relevancy_is_bit_exact_with_canonical_order(gen, dtype, shape, aggregation):
+    bs, kvh, h, d = shape
+    batch = random_batch(gen, dtype, bs, kvh, d, random_lens(gen, bs))
+    dg = _digests(batch)
+    q = torch.randn(batch.num_seqs, h, d, generator=gen).to(dtype)
+    scores = torch.full((batch.num_seqs, kvh, batch.block_table.shape[1]), float("nan"))
+    mp.compute_relevancy(q, batch.kv_cache, dg, batch.block_table, batch.seq_lens, scores,
+                         aggregation=aggregation)
+    np.testing.assert_array_equal(scores.numpy(), ref_scores(q, batch, dg, aggregation))
+
+
+@pytest.mark.parametrize("budget_pages,sinks,locals_", [(4, 1, 1), (6, 2, 2), (3, 0, 1)])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_select_pages_matches_reference(gen, shape, budget_pages, sinks, locals_):
+    bs, kvh, _, _ = shape
+    lens = random_lens(gen, bs, num_seqs=4, max_pages=12)
+    max_blocks = max(-(-n // bs) for n in lens) + 1
+    table = torch.zeros(len(lens), max_blocks, dtype=torch.int32)
+    # Coarse scores make ties common, exercising the lower-index tie break.
+    scores = torch.randint(0, 6, (len(lens), kvh, max_blocks), generator=gen).float()
+    budget = budget_pages * bs
+    pages = torch.full((len(lens), kvh, budget_pages + 2), 99, dtype=torch.int32)
+    counts = torch.full((len(lens), kvh), 99, dtype=torch.int32)
+    mp.select_pages(scores, table, torch.tensor(lens, dtype=torch.int32), bs, pages, counts,
+                    budget=budget, sinks=sinks, locals=locals_)
+    want = ref_select(scores.numpy(), lens, bs, budget, sinks, locals_)
+    for s in range(len(lens)):
+        for g in range(kvh):
+            c = int(counts[s, g])
+            assert pages[s, g, :c].tolist() == want[s][g], (s, g)
+            assert (pages[s, g, c:] == -1).all()
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_dense_decode_matches_reference(gen, dtype, shape, threads):
+    bs, kvh, h, d = shape
+    batch = random_batch(gen, dtype, bs, kvh, d, random_lens(gen, bs))
+    q = torch.randn(batch.num_seqs, h, d, generator=gen).to(dtype)
+    out = torch.full_like(q, float("nan"))
+    scale = d ** -0.5
+    mp.dense_decode(q, batch.kv_cache, batch.block_table, batch.seq_lens, out, scale,
+                    num_threads=threads)
+    torch.testing.assert_close(out.double(), ref_decode(q, batch, scale), atol=ATOL[dtype],
+                               rtol=0)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_score_select_sparse_decode_pipeline(gen, dtype, shape, threads):
+    bs, kvh, h, d = shape
+    batch = random_batch(gen, dtype, bs, kvh, d, random_lens(gen, bs, max_pages=14))
+    dg = _digests(batch)
+    q = torch.randn(batch.num_seqs, h, d, generator=gen).to(dtype)
+    budget_pages = 4
+    pages = torch.empty(batch.num_seqs, kvh, budget_pages, dtype=torch.int32)
+    counts = torch.empty(batch.num_seqs, kvh, dtype=torch.int32)
+    mp.score_and_select(q, batch.kv_cache, dg, batch.block_table, batch.seq_lens, pages, counts,
+                        budget=budget_pages * bs, sinks=1, locals=1, aggregation="max")
+    want = ref_select(ref_scores(q, batch, dg, "max"), batch.seq_lens.tolist(), bs,
+                      budget_pages * bs, 1, 1)
+    got = [[pages[s, g, :int(counts[s, g])].tolist() for g in range(kvh)]
+           for s in range(batch.num_seqs)]
+    assert got == want
+    out = torch.full_like(q, float("nan"))
+    scale = d ** -0.5
+    mp.sparse_decode(q, batch.kv_cache, batch.block_table, batch.seq_lens, pages, counts, out,
+                     scale, num_threads=threads)
+    torch.testing.assert_close(out.double(), ref_decode(q, batch, scale, pages=want),
+                               atol=ATOL[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_prefill_attention_matches_reference(gen, dtype, shape, threads):
+    bs, kvh, h, d = shape
+    lens = random_lens(gen, bs, max_pages=4)
+    batch = random_batch(gen, dtype, bs, kvh, d, lens)
+    q_lens = [int(torch.randint(1, n + 1, (1,), generator=gen)) for n in lens]
+    starts = torch.tensor([0] + list(np.cumsum(q_lens)), dtype=torch.int32)
+    q = torch.randn(int(starts[-1]), h, d, generator=gen).to(dtype)
+    out = torch.full_like(q, float("nan"))
+    scale = d ** -0.5
+    mp.prefill_attention(q, starts, batch.kv_cache, batch.block_table, batch.seq_lens, out,
+                         scale, num_threads=threads)
+    torch.testing.assert_close(out.double(), ref_prefill(q, starts, batch, scale),
+                               atol=ATOL[dtype], rtol=0)
+
+
+def test_numpy_arrays_are_accepted_without_copies(gen):
+    batch = random_batch(gen, torch.float32, 16, 1, 64, [40])
+    kv = batch.kv_cache.numpy()  # shares memory with the torch tensor
+    q = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen))).standard_normal(
+        (1, 2, 64)).astype(np.float32)
+    out = np.full_like(q, np.nan)
+    mp.dense_decode(q, kv, batch.block_table.numpy(), batch.seq_lens.numpy(), out, 0.125)
+    want = ref_decode(torch.from_numpy(q), batch, 0.125)
+    np.testing.assert_allclose(out, want.numpy(), atol=2e-5, rtol=0)
+
+
+def test_outputs_are_written_in_place_in_a_view(gen):
+    batch = random_batch(gen, torch.float32, 16, 1, 64, [33, 7])
+    q = torch.randn(2, 2, 64, generator=gen)
+    big = torch.full((4, 2, 64), float("nan"))
+    mp.dense_decode(q, batch.kv_cache, batch.block_table, batch.seq_lens, big[1:3], 0.125)
+    assert torch.isnan(big[0]).all() and torch.isnan(big[3]).all()
+    torch.testing.assert_close(big[1:3].double(), ref_decode(q, batch, 0.125), atol=2e-5, rtol=0)
+
+
+# ---- errors: Status -> Python exception, message intact ----------------------------------------
+
+def _small(gen):
+    batch = random_batch(gen, torch.float32, 16, 2, 64, [40, 20])
+    q = torch.randn(2, 4, 64, generator=gen)
+    return batch, q
+
+
+def test_invalid_budget_raises_value_error_with_core_message(gen):
+    batch, q = _small(gen)
+    dg = _digests(batch)
+    pages = torch.empty(2, 2, 4, dtype=torch.int32)
+    counts = torch.empty(2, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"budget must be a positive multiple of the page size "
+                                         r"16 tokens, got 24"):
+        mp.score_and_select(q, batch.kv_cache, dg, batch.block_table, batch.seq_lens, pages,
+                            counts, budget=24)
+
+
+def test_slot_past_cache_is_rejected(gen):
+    kv = torch.zeros(2, 2, 16, 1, 64)
+    with pytest.raises(ValueError, match="slot"):
+        mp.write_kv(kv, torch.tensor([32]), torch.zeros(1, 1, 64), torch.zeros(1, 1, 64))
+
+
+def test_unsupported_block_size_is_named(gen):
+    kv = torch.zeros(2, 2, 48, 1, 64)
+    with pytest.raises(ValueError, match="48"):
+        mp.write_kv(kv, torch.tensor([0]), torch.zeros(1, 1, 64), torch.zeros(1, 1, 64))
+
+
+def test_non_contiguous_tensor_is_rejected(gen):
+    batch, q = _small(gen)
+    q_strided = torch.randn(2, 64, 4, generator=gen).transpose(1, 2)
+    with pytest.raises(ValueError, match="query must be C-contiguous"):
+        mp.dense_decode(q_strided, batch.kv_cache, batch.block_table, batch.seq_lens,
+                        torch.empty(2, 4, 64), 0.1)
+
+
+def test_wrong_dtype_and_shape_are_named(gen):
+    batch, q = _small(gen)
+    with pytest.raises(ValueError, match="block_table must be int32, got int64"):
+        mp.dense_decode(q, batch.kv_cache, batch.block_table.long(), batch.seq_lens,
+                        torch.empty_like(q), 0.1)
+    with pytest.raises(ValueError, match=r"out dimension 1 \(the query's size\) must be 4"):
+        mp.dense_decode(q, batch.kv_cache, batch.block_table, batch.seq_lens,
+                        torch.empty(2, 3, 64), 0.1)
+    with pytest.raises(ValueError, match="kv_cache must have 5 dimensions"):
+        mp.dense_decode(q, batch.kv_cache[0], batch.block_table, batch.seq_lens,
+                        torch.empty_like(q), 0.1)
+
+
+def test_block_id_out_of_range_is_rejected(gen):
+    batch, q = _small(gen)
+    bad = batch.block_table.clone()
+    bad[0, 0] = 1000
+    with pytest.raises(ValueError, match="1000"):
+        mp.dense_decode(q, batch.kv_cache, bad, batch.seq_lens, torch.empty_like(q), 0.1)
+
+
+def test_non_tensor_argument_is_rejected():
+    with pytest.raises(ValueError, match=r"kv_cache must be a tensor or array with __dlpack__"):
+        mp.write_kv([1, 2], torch.zeros(1, dtype=torch.int64), torch.zeros(1), torch.zeros(1))
+
+
+def test_non_finite_query_is_rejected(gen):
+    batch, q = _small(gen)
+    q[1, 2, 5] = float("inf")
+    pages = torch.empty(2, 2, 4, dtype=torch.int32)
+    counts = torch.empty(2, 2, dtype=torch.int32)
+    with pytest.raises(ValueError):
+        mp.score_and_select(q, batch.kv_cache, _digests(batch), batch.block_table,
+                            batch.seq_lens, pages, counts, budget=64)
+
+
+def test_long_calls_release_the_gil(gen):
+    """While one thread runs a long dense decode, this thread keeps running Python."""
+    batch = random_batch(gen, torch.float32, 64, 1, 64, [64 * 300] * 4, spare_blocks=0)
+    q = torch.randn(4, 64, 64, generator=gen)  # 64 query heads share the KV head: ~0.1-0.5 s
+    out = torch.empty_like(q)
+    start = time.perf_counter()
+    mp.dense_decode(q, batch.kv_cache, batch.block_table, batch.seq_lens, out, 0.125)
+    one_call = time.perf_counter() - start
+    reps = max(1, int(0.6 / max(one_call, 1e-3)))
+
+    def work():
+        for _ in range(reps):
+            mp.dense_decode(q, batch.kv_cache, batch.block_table, batch.seq_lens, out, 0.125)
+
+    t = threading.Thread(target=work)
+    last, max_gap = time.perf_counter(), 0.0
+    t.start()
+    while t.is_alive():
+        now = time.perf_counter()
+        max_gap, last = max(max_gap, now - last), now
+    t.join()
+    print(f"one call {one_call:.3f} s; longest stall of the Python thread {max_gap:.4f} s")
+    # Holding the GIL would stall this loop for a whole call; scheduling noise on a loaded
+    # machine stays well below half of one.
+    assert max_gap < one_call / 2, (max_gap, one_call)

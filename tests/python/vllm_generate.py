@@ -1,0 +1,36 @@
+"""Greedy generation with vLLM from the tiny local Llama; prints one JSON line.
+
+    python vllm_generate.py MODEL_DIR BACKEND BLOCK_SIZE [--inproc]
+
+BACKEND is an --attention-backend value or "default". With --inproc the engine runs in this
+process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so the attention implementations can be listed."""
+
+import json
+import sys
+
+PROMPT_LENS = [5, 70, 200, 333]
+
+
+def main():
+    model, backend, block_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    from vllm import LLM, SamplingParams
+    kwargs = {} if backend == "default" else {"attention_backend": backend}
+    llm = LLM(model=model, dtype="float32", enforce_eager=True,
+              block_size=block_size, max_model_len=1024, max_num_seqs=4,
+              gpu_memory_utilization=0.3, kv_cache_memory_bytes=64 << 20, seed=0, **kwargs)
+    # Text prompts through the model's word-level tokenizer (tiny_llama.py).
+    prompts = [" ".join(f"w{(i * 37 + j * 11) % 500 + 3}" for j in range(n))
+               for i, n in enumerate(PROMPT_LENS)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    result = {"tokens": [list(o.outputs[0].token_ids) for o in outs],
+              "text": [o.outputs[0].text for o in outs]}
+    if "--inproc" in sys.argv:
+        ctx = llm.llm_engine.vllm_config.compilation_config.static_forward_context
+        result["impls"] = sorted({type(m.impl).__name__ for m in ctx.values()
+                                  if hasattr(m, "impl")})
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
