@@ -1,0 +1,514 @@
+// Differential tests of the GPU kernels against the CPU reference on fresh random data:
+// digests and the fused append bit for bit, relevancy scores and selections bit for bit, and
+// dense/sparse decode within the per-dtype tolerance of a float64 reference. Unused cache
+// slots, table entries and every output buffer are poisoned. Without a GPU every test skips.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <tuple>
+#include <vector>
+
+#include "attention/decode.h"
+#include "attention/gpu/paged_decode_gpu.h"
+#include "backend/gpu/gpu_runtime.h"
+#include "gtest/gtest.h"
+#include "retriever/digest.h"
+#include "retriever/gpu/digest_gpu.h"
+#include "retriever/gpu/select_gpu.h"
+#include "retriever/relevancy.h"
+#include "retriever/select.h"
+#include "tests/core/paged_fixture.h"
+
+namespace mempipe {
+namespace {
+
+using testing::AttentionTolerance;
+using testing::PagedFixture;
+using testing::RandomTensor;
+using testing::ReferenceAttention;
+using testing::TestSeed;
+
+constexpr int kKvHeads = 2;
+
+#define SKIP_WITHOUT_GPU()                                                          \
+  if (GpuDeviceCount() == 0) GTEST_SKIP() << "no GPU device: GPU kernel test skipped"
+
+// Uploads host bytes; the test fails on any error.
+DeviceBuffer Upload(const void* src, size_t bytes) {
+  absl::StatusOr<DeviceBuffer> b = DeviceBuffer::Allocate(std::max<size_t>(bytes, 16));
+  EXPECT_TRUE(b.ok()) << b.status();
+  EXPECT_TRUE(b->CopyFromHost(src, bytes).ok());
+  return std::move(*b);
+}
+
+template <typename T>
+DeviceBuffer Upload(const std::vector<T>& v) {
+  return Upload(v.data(), v.size() * sizeof(T));
+}
+
+template <typename T>
+std::vector<T> Download(const DeviceBuffer& b, size_t n) {
+  std::vector<T> v(n);
+  absl::Status s = b.CopyToHost(v.data(), n * sizeof(T));
+  EXPECT_TRUE(s.ok()) << s;
+  return v;
+}
+
+std::vector<uint8_t> NanBytes(DType dtype, size_t n) {
+  std::vector<uint8_t> v(n * DTypeSize(dtype));
+  for (size_t i = 0; i < n; ++i) StoreFromFloat(v.data(), dtype, i, NAN);
+  return v;
+}
+
+class GpuKernelTest : public ::testing::TestWithParam<std::tuple<DType, int, int, int>> {
+ protected:
+  void SetUp() override {
+    std::tie(dtype_, block_size_, head_dim_, group_) = GetParam();
+    rng_.seed(TestSeed());
+    // Ragged: a long sequence (several splits), a one-token one, an exact page, a partial.
+    std::uniform_int_distribution<int> len_dist(1, 40 * block_size_);
+    lens_ = {len_dist(rng_) + 60 * block_size_, 1, block_size_, len_dist(rng_)};
+    f_ = std::make_unique<PagedFixture>(
+        rng_, testing::FixtureSpec{.dtype = dtype_, .block_size = block_size_,
+                                   .num_kv_heads = kKvHeads, .head_dim = head_dim_,
+                                   .seq_lens = lens_});
+    heads_ = kKvHeads * group_;
+    q_ = std::make_unique<RandomTensor>(rng_, dtype_, lens_.size() * heads_ * head_dim_);
+    scale_ = 1.0f / std::sqrt(static_cast<float>(head_dim_));
+    cache_ = f_->cache_view();
+    table_ = f_->table_view();
+    if (GpuDeviceCount() == 0) return;
+    d_cache_ = Upload(cache_.data, cache_.NumBytes());
+    d_table_ = Upload(table_.block_table,
+                      sizeof(int32_t) * table_.num_seqs * table_.max_blocks_per_seq);
+    d_lens_ = Upload(table_.seq_lens, sizeof(int32_t) * table_.num_seqs);
+    d_q_ = Upload(q_->bytes);
+  }
+
+  int num_seqs() const { return static_cast<int>(lens_.size()); }
+  KvCacheView DeviceCache() const {
+    KvCacheView c = cache_;
+    c.data = d_cache_.data();
+    return c;
+  }
+  BlockTableView DeviceTable() const {
+    return BlockTableView{static_cast<const int32_t*>(d_table_.data()),
+                          static_cast<const int32_t*>(d_lens_.data()), table_.num_seqs,
+                          table_.max_blocks_per_seq};
+  }
+  DigestView Digests(void* data) const {
+    return DigestView{data, dtype_, cache_.num_blocks, kKvHeads, head_dim_};
+  }
+
+  // Runs a GPU decode into a NaN-poisoned buffer and checks every row against float64.
+  template <typename Run, typename TokensOf>
+  void CheckDecode(Run run, TokensOf tokens_of) {
+    const size_t n = lens_.size() * heads_ * head_dim_;
+    DeviceBuffer d_out = Upload(NanBytes(dtype_, n));
+    DecodeIo io{d_q_.data(), d_out.data(), dtype_, num_seqs(), heads_, head_dim_};
+    ASSERT_TRUE(run(io).ok());
+    ASSERT_TRUE(GpuSynchronize().ok());
+    const std::vector<uint8_t> out = Download<uint8_t>(d_out, n * DTypeSize(dtype_));
+    const double tol = AttentionTolerance(dtype_);
+    for (int s = 0; s < num_seqs(); ++s) {
+      for (int h = 0; h < heads_; ++h) {
+        const int kvh = h / group_;
+        const auto ref = ReferenceAttention(*f_, &q_->values[(s * heads_ + h) * head_dim_], s,
+                                            kvh, tokens_of(s, kvh), scale_);
+        for (int c = 0; c < head_dim_; ++c) {
+          const float got = LoadAsFloat(out.data(), dtype_, (s * heads_ + h) * head_dim_ + c);
+          ASSERT_NEAR(got, ref[c], tol) << "seq " << s << " head " << h << " c " << c;
+        }
+      }
+    }
+  }
+
+  std::mt19937_64 rng_;
+  DType dtype_;
+  int block_size_, head_dim_, group_, heads_;
+  float scale_;
+  std::vector<int> lens_;
+  std::unique_ptr<PagedFixture> f_;
+  std::unique_ptr<RandomTensor> q_;
+  KvCacheView cache_;
+  BlockTableView table_;
+  DeviceBuffer d_cache_, d_table_, d_lens_, d_q_;
+};
+
+TEST_P(GpuKernelTest, BuildDigestsBitExact) {
+  SKIP_WITHOUT_GPU();
+  DigestView cpu = f_->digest_view();
+  const std::vector<uint8_t> poison = NanBytes(dtype_, cpu.NumElems());
+  std::memcpy(cpu.data, poison.data(), poison.size());
+  ASSERT_TRUE(BuildDigests(cache_, table_, cpu).ok());
+  DeviceBuffer d_dg = Upload(poison);
+  ASSERT_TRUE(BuildDigestsGpu(DeviceCache(), DeviceTable(), Digests(d_dg.data()), nullptr).ok());
+  ASSERT_TRUE(GpuSynchronize().ok());
+  const auto got = Download<uint8_t>(d_dg, cpu.NumBytes());
+  ASSERT_EQ(0, std::memcmp(got.data(), cpu.data, cpu.NumBytes()));
+}
+
+TEST_P(GpuKernelTest, AppendKvAndDigestsBitExact) {
+  SKIP_WITHOUT_GPU();
+  DigestView cpu = f_->digest_view();
+  ASSERT_TRUE(BuildDigests(cache_, table_, cpu).ok());
+  DeviceBuffer d_dg = Upload(cpu.data, cpu.NumBytes());
+  // A decode-like batch (one token per sequence at its next position, some starting a page)
+  // plus a prefill-like run of consecutive tokens into fresh blocks, and padding slots.
+  // Slots are distinct, as vLLM's are within one batch.
+  std::vector<int64_t> slots;
+  for (int rep = 0; rep < 3; ++rep) {
+    for (int s = 0; s < num_seqs(); ++s) {
+      const int64_t slot =
+          f_->Slot(s, std::uniform_int_distribution<int>(0, lens_[s] - 1)(rng_));
+      if (std::find(slots.begin(), slots.end(), slot) == slots.end()) slots.push_back(slot);
+    }
+    slots.push_back(-1 - rep);
+  }
+  const int shuffled = static_cast<int>(slots.size());
+  // The prefill-like run fills the fixture's three unused blocks.
+  std::vector<bool> used(cache_.num_blocks, false);
+  for (int s = 0; s < num_seqs(); ++s) {
+    for (int p = 0; p < NumPages(lens_[s], block_size_); ++p) used[f_->Block(s, p)] = true;
+  }
+  std::vector<int64_t> spare;
+  for (int b = 0; b < cache_.num_blocks; ++b) {
+    if (!used[b]) spare.push_back(b);
+  }
+  ASSERT_EQ(spare.size(), 3u);
+  for (int t = 0; t < 2 * block_size_ + 5; ++t) {
+    slots.push_back(spare[t / block_size_] * block_size_ + t % block_size_);
+  }
+  std::shuffle(slots.begin(), slots.begin() + shuffled, rng_);
+  const int n = static_cast<int>(slots.size());
+  RandomTensor k(rng_, dtype_, static_cast<size_t>(n) * kKvHeads * head_dim_);
+  RandomTensor v(rng_, dtype_, static_cast<size_t>(n) * kKvHeads * head_dim_);
+  DeviceBuffer d_slots = Upload(slots), d_k = Upload(k.bytes), d_v = Upload(v.bytes);
+  ASSERT_TRUE(AppendKvAndDigestsGpu(DeviceCache(), static_cast<const int64_t*>(d_slots.data()),
+                                    n, d_k.data(), d_v.data(), Digests(d_dg.data()), nullptr)
+                  .ok());
+  ASSERT_TRUE(AppendKvAndDigests(cache_, slots.data(), n, k.data(), v.data(), cpu).ok());
+  ASSERT_TRUE(GpuSynchronize().ok());
+  const auto got_cache = Download<uint8_t>(d_cache_, cache_.NumBytes());
+  const auto got_dg = Download<uint8_t>(d_dg, cpu.NumBytes());
+  EXPECT_EQ(0, std::memcmp(got_cache.data(), cache_.data, cache_.NumBytes()));
+  EXPECT_EQ(0, std::memcmp(got_dg.data(), cpu.data, cpu.NumBytes()));
+}
+
+TEST_P(GpuKernelTest, RelevancyAndSelectionBitExact) {
+  SKIP_WITHOUT_GPU();
+  DigestView cpu_dg = f_->digest_view();
+  ASSERT_TRUE(BuildDigests(cache_, table_, cpu_dg).ok());
+  DeviceBuffer d_dg = Upload(cpu_dg.data, cpu_dg.NumBytes());
+  for (GroupAggregation agg : {GroupAggregation::kMax, GroupAggregation::kSum}) {
+    const QueryView q{q_->data(), dtype_, num_seqs(), heads_, head_dim_};
+    const size_t n_scores = static_cast<size_t>(num_seqs()) * kKvHeads * table_.max_blocks_per_seq;
+    std::vector<float> cpu_scores(n_scores);
+    ASSERT_TRUE(ComputeRelevancy(q, cache_, cpu_dg, table_, agg, cpu_scores.data()).ok());
+    const std::vector<float> poison(n_scores, NAN);
+    DeviceBuffer d_scores = Upload(poison);
+    QueryView dq = q;
+    dq.data = d_q_.data();
+    ASSERT_TRUE(ComputeRelevancyGpu(dq, DeviceCache(), Digests(d_dg.data()), DeviceTable(), agg,
+                                    static_cast<float*>(d_scores.data()), nullptr)
+                    .ok());
+    ASSERT_TRUE(GpuSynchronize().ok());
+    const auto got = Download<float>(d_scores, n_scores);
+    ASSERT_EQ(0, std::memcmp(got.data(), cpu_scores.data(), n_scores * sizeof(float)))
+        << "scores differ (" << GroupAggregationName(agg) << ")";
+
+    // Budgets that leave some sequences fully selected and cut others.
+    for (int pages : {2, 5, 17}) {
+      SelectionConfig config{.budget_tokens = pages * block_size_, .num_sink_pages = 1,
+                             .num_local_pages = pages > 2 ? 2 : 1, .aggregation = agg};
+      const int max_sel = pages + 3;
+      const size_t n_sel = static_cast<size_t>(num_seqs()) * kKvHeads * max_sel;
+      std::vector<int32_t> sel(n_sel, 12345), cnt(num_seqs() * kKvHeads, 12345);
+      SelectionView view{sel.data(), cnt.data(), num_seqs(), kKvHeads, max_sel};
+      ASSERT_TRUE(SelectPages(cpu_scores.data(), table_, block_size_, kKvHeads, config, view).ok());
+      std::vector<int32_t> poison_sel(n_sel, 777), poison_cnt(cnt.size(), 777);
+      DeviceBuffer d_sel = Upload(poison_sel), d_cnt = Upload(poison_cnt);
+      SelectionView dview{static_cast<int32_t*>(d_sel.data()), static_cast<int32_t*>(d_cnt.data()),
+                          num_seqs(), kKvHeads, max_sel};
+      DeviceBuffer d_ws =
+          Upload(std::vector<uint8_t>(SelectWorkspaceBytes(table_, kKvHeads), 0xff));
+      ASSERT_TRUE(ScoreAndSelectGpu(dq, DeviceCache(), Digests(d_dg.data()), DeviceTable(),
+                                    config, dview, d_ws.data(), d_ws.size(), nullptr)
+                      .ok());
+      ASSERT_TRUE(GpuSynchronize().ok());
+      EXPECT_EQ(Download<int32_t>(d_sel, n_sel), sel) << "budget " << pages << " pages";
+      EXPECT_EQ(Download<int32_t>(d_cnt, cnt.size()), cnt) << "budget " << pages << " pages";
+    }
+  }
+}
+
+TEST_P(GpuKernelTest, DenseDecodeMatchesFloat64) {
+  SKIP_WITHOUT_GPU();
+  const size_t ws_bytes =
+      PagedDecodeWorkspaceBytes(num_seqs(), heads_, kKvHeads, table_.max_blocks_per_seq);
+  DeviceBuffer ws = Upload(std::vector<float>(ws_bytes / 4 + 4, NAN));
+  CheckDecode(
+      [&](const DecodeIo& io) {
+        return DenseDecodeGpu(io, DeviceCache(), DeviceTable(), scale_, ws.data(), ws.size(),
+                              nullptr);
+      },
+      [&](int s, int) {
+        std::vector<int> t(lens_[s]);
+        for (int i = 0; i < lens_[s]; ++i) t[i] = i;
+        return t;
+      });
+}
+
+TEST_P(GpuKernelTest, SparseDecodeMatchesFloat64) {
+  SKIP_WITHOUT_GPU();
+  // A random ascending selection per (sequence, KV head), counts from 1 to every page.
+  const int max_sel = 24;
+  std::vector<int32_t> sel(static_cast<size_t>(num_seqs()) * kKvHeads * max_sel, -1);
+  std::vector<int32_t> cnt(num_seqs() * kKvHeads);
+  for (int s = 0; s < num_seqs(); ++s) {
+    const int n = NumPages(lens_[s], block_size_);
+    for (int h = 0; h < kKvHeads; ++h) {
+      std::vector<int32_t> all(n);
+      for (int i = 0; i < n; ++i) all[i] = i;
+      std::shuffle(all.begin(), all.end(), rng_);
+      const int c = std::uniform_int_distribution<int>(1, std::min(n, max_sel))(rng_);
+      std::sort(all.begin(), all.begin() + c);
+      std::copy(all.begin(), all.begin() + c, sel.begin() + (s * kKvHeads + h) * max_sel);
+      cnt[s * kKvHeads + h] = c;
+    }
+  }
+  DeviceBuffer d_sel = Upload(sel), d_cnt = Upload(cnt);
+  const PageList pages{static_cast<const int32_t*>(d_sel.data()),
+                       static_cast<const int32_t*>(d_cnt.data()), kKvHeads, max_sel};
+  const size_t ws_bytes = PagedDecodeWorkspaceBytes(num_seqs(), heads_, kKvHeads, max_sel);
+  DeviceBuffer ws = Upload(std::vector<float>(ws_bytes / 4 + 4, NAN));
+  CheckDecode(
+      [&](const DecodeIo& io) {
+        return SparseDecodeGpu(io, DeviceCache(), DeviceTable(), pages, scale_, ws.data(),
+                               ws.size(), nullptr);
+      },
+      [&](int s, int h) {
+        std::vector<int> t;
+        const int32_t* row = &sel[(s * kKvHeads + h) * max_sel];
+        for (int i = 0; i < cnt[s * kKvHeads + h]; ++i) {
+          for (int j = 0; j < block_size_; ++j) {
+            const int tok = row[i] * block_size_ + j;
+            if (tok < lens_[s]) t.push_back(tok);
+          }
+        }
+        return t;
+      });
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, GpuKernelTest,
+    ::testing::Combine(::testing::Values(DType::kFloat32, DType::kFloat16, DType::kBFloat16),
+                       ::testing::Values(16, 32, 64), ::testing::Values(64, 128, 256),
+                       ::testing::Values(1, 4, 8)),
+    [](const auto& info) {
+      return std::string(DTypeName(std::get<0>(info.param))) + "_page" +
+             std::to_string(std::get<1>(info.param)) + "_d" +
+             std::to_string(std::get<2>(info.param)) + "_g" +
+             std::to_string(std::get<3>(info.param));
+    });
+
+// Many sequences: one split per (sequence, KV head), the path without the combine kernel; and
+// many tied scores (integer-valued queries and keys), the path that breaks ties by index.
+TEST(GpuKernelLargeBatch, SingleSplitDecodeAndTiedSelection) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(TestSeed());
+  const int num_seqs = 300, bs = 16, d = 128, group = 4;
+  std::vector<int> lens(num_seqs);
+  for (int& l : lens) l = std::uniform_int_distribution<int>(1, 20 * bs)(rng);
+  PagedFixture f(rng, {.dtype = DType::kBFloat16, .block_size = bs, .num_kv_heads = 1,
+                       .head_dim = d, .seq_lens = lens});
+  // Integer keys in [-2, 2] make many pages' bounds equal.
+  for (int s = 0; s < num_seqs; ++s) {
+    for (int t = 0; t < lens[s]; ++t) {
+      for (int c = 0; c < d; ++c) {
+        f.SetKv(0, s, t, 0, c, static_cast<float>(std::uniform_int_distribution<int>(-2, 2)(rng)));
+      }
+    }
+  }
+  std::vector<uint16_t> qbits(static_cast<size_t>(num_seqs) * group * d);
+  for (size_t i = 0; i < qbits.size(); ++i) {
+    qbits[i] = BFloat16::FromFloat(
+                   static_cast<float>(std::uniform_int_distribution<int>(-1, 1)(rng)))
+                   .bits;
+  }
+  KvCacheView cache = f.cache_view();
+  BlockTableView table = f.table_view();
+  DigestView dg = f.digest_view();
+  ASSERT_TRUE(BuildDigests(cache, table, dg).ok());
+  DeviceBuffer d_cache = Upload(cache.data, cache.NumBytes());
+  DeviceBuffer d_table = Upload(table.block_table, 4ull * num_seqs * table.max_blocks_per_seq);
+  DeviceBuffer d_lens = Upload(table.seq_lens, 4ull * num_seqs);
+  DeviceBuffer d_dg = Upload(dg.data, dg.NumBytes());
+  DeviceBuffer d_q = Upload(qbits);
+  KvCacheView dcache = cache;
+  dcache.data = d_cache.data();
+  const BlockTableView dtable{static_cast<const int32_t*>(d_table.data()),
+                              static_cast<const int32_t*>(d_lens.data()), num_seqs,
+                              table.max_blocks_per_seq};
+  DigestView ddg = dg;
+  ddg.data = d_dg.data();
+
+  const SelectionConfig config{.budget_tokens = 6 * bs, .num_sink_pages = 1,
+                               .num_local_pages = 1};
+  const int max_sel = 6;
+  std::vector<int32_t> sel(num_seqs * max_sel), cnt(num_seqs);
+  const QueryView q{qbits.data(), DType::kBFloat16, num_seqs, group, d};
+  ASSERT_TRUE(ScoreAndSelect(q, cache, dg, table, config,
+                             SelectionView{sel.data(), cnt.data(), num_seqs, 1, max_sel})
+                  .ok());
+  DeviceBuffer d_sel = Upload(std::vector<int32_t>(sel.size(), 999));
+  DeviceBuffer d_cnt = Upload(std::vector<int32_t>(cnt.size(), 999));
+  DeviceBuffer ws = DeviceBuffer::Allocate(SelectWorkspaceBytes(table, 1)).value();
+  QueryView dq = q;
+  dq.data = d_q.data();
+  const SelectionView dview{static_cast<int32_t*>(d_sel.data()),
+                            static_cast<int32_t*>(d_cnt.data()), num_seqs, 1, max_sel};
+  ASSERT_TRUE(ScoreAndSelectGpu(dq, dcache, ddg, dtable, config, dview, ws.data(), ws.size(),
+                                nullptr)
+                  .ok());
+  ASSERT_TRUE(GpuSynchronize().ok());
+  EXPECT_EQ(Download<int32_t>(d_sel, sel.size()), sel);
+  EXPECT_EQ(Download<int32_t>(d_cnt, cnt.size()), cnt);
+
+  // Dense decode; with 300 rows the planner uses one split on any current GPU.
+  std::vector<uint16_t> qn(qbits.size());
+  std::normal_distribution<float> normal;
+  std::vector<float> qf(qbits.size());
+  for (size_t i = 0; i < qn.size(); ++i) {
+    qn[i] = BFloat16::FromFloat(normal(rng)).bits;
+    qf[i] = BFloat16::FromBits(qn[i]).ToFloat();
+  }
+  DeviceBuffer d_qn = Upload(qn);
+  DeviceBuffer d_out = Upload(NanBytes(DType::kBFloat16, qn.size()));
+  const size_t ws_bytes = PagedDecodeWorkspaceBytes(num_seqs, group, 1, table.max_blocks_per_seq);
+  DeviceBuffer dws = DeviceBuffer::Allocate(ws_bytes + 16).value();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  ASSERT_TRUE(DenseDecodeGpu(DecodeIo{d_qn.data(), d_out.data(), DType::kBFloat16, num_seqs,
+                                      group, d},
+                             dcache, dtable, scale, dws.data(), dws.size(), nullptr)
+                  .ok());
+  ASSERT_TRUE(GpuSynchronize().ok());
+  const auto out = Download<uint16_t>(d_out, qn.size());
+  for (int s = 0; s < num_seqs; ++s) {
+    std::vector<int> toks(lens[s]);
+    for (int i = 0; i < lens[s]; ++i) toks[i] = i;
+    for (int h = 0; h < group; ++h) {
+      const auto ref = ReferenceAttention(f, &qf[(s * group + h) * d], s, 0, toks, scale);
+      for (int c = 0; c < d; ++c) {
+        ASSERT_NEAR(BFloat16::FromBits(out[(s * group + h) * d + c]).ToFloat(), ref[c],
+                    AttentionTolerance(DType::kBFloat16))
+            << "seq " << s << " head " << h << " c " << c;
+      }
+    }
+  }
+}
+
+// Long sequences with a small budget take the group-maximum prefilter (few candidates in
+// shared memory); a sequence whose pages all tie overflows it and takes the full-row path.
+// Both must equal the CPU selection exactly. Also checks SelectPagesGpu (no prefilter).
+TEST(GpuKernelLongRows, PrefilterAndFallbackSelectExactly) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(TestSeed());
+  const int bs = 16, d = 64, group = 2;
+  const std::vector<int> lens = {3000 * bs + 7, 5000 * bs, 700 * bs - 3};
+  const int num_seqs = static_cast<int>(lens.size());
+  PagedFixture f(rng, {.dtype = DType::kBFloat16, .block_size = bs, .num_kv_heads = 1,
+                       .head_dim = d, .seq_lens = lens});
+  for (int t = 0; t < lens[1]; ++t) {
+    for (int c = 0; c < d; ++c) f.SetKv(0, 1, t, 0, c, 0.5f);  // every page of seq 1 ties
+  }
+  RandomTensor q(rng, DType::kBFloat16, static_cast<size_t>(num_seqs) * group * d);
+  KvCacheView cache = f.cache_view();
+  BlockTableView table = f.table_view();
+  DigestView dg = f.digest_view();
+  ASSERT_TRUE(BuildDigests(cache, table, dg).ok());
+  DeviceBuffer d_table = Upload(table.block_table, 4ull * num_seqs * table.max_blocks_per_seq);
+  DeviceBuffer d_lens = Upload(table.seq_lens, 4ull * num_seqs);
+  DeviceBuffer d_dg = Upload(dg.data, dg.NumBytes());
+  DeviceBuffer d_q = Upload(q.bytes);
+  KvCacheView dcache = cache;
+  dcache.data = nullptr;  // selection reads digests only
+  const BlockTableView dtable{static_cast<const int32_t*>(d_table.data()),
+                              static_cast<const int32_t*>(d_lens.data()), num_seqs,
+                              table.max_blocks_per_seq};
+  DigestView ddg = dg;
+  ddg.data = d_dg.data();
+  QueryView hq{q.data(), DType::kBFloat16, num_seqs, group, d};
+  QueryView dq = hq;
+  dq.data = d_q.data();
+  for (int pages : {8, 64, 300}) {
+    const SelectionConfig config{.budget_tokens = pages * bs, .num_sink_pages = 2,
+                                 .num_local_pages = 3};
+    const int max_sel = pages + 1;
+    std::vector<int32_t> sel(num_seqs * max_sel), cnt(num_seqs);
+    ASSERT_TRUE(ScoreAndSelect(hq, cache, dg, table, config,
+                               SelectionView{sel.data(), cnt.data(), num_seqs, 1, max_sel})
+                    .ok());
+    DeviceBuffer d_sel = Upload(std::vector<int32_t>(sel.size(), 999));
+    DeviceBuffer d_cnt = Upload(std::vector<int32_t>(cnt.size(), 999));
+    DeviceBuffer ws = Upload(std::vector<uint8_t>(SelectWorkspaceBytes(table, 1), 0xff));
+    const SelectionView dview{static_cast<int32_t*>(d_sel.data()),
+                              static_cast<int32_t*>(d_cnt.data()), num_seqs, 1, max_sel};
+    ASSERT_TRUE(ScoreAndSelectGpu(dq, dcache, ddg, dtable, config, dview, ws.data(), ws.size(),
+                                  nullptr)
+                    .ok());
+    ASSERT_TRUE(GpuSynchronize().ok());
+    EXPECT_EQ(Download<int32_t>(d_sel, sel.size()), sel) << "budget " << pages;
+    EXPECT_EQ(Download<int32_t>(d_cnt, cnt.size()), cnt) << "budget " << pages;
+
+    // Step 3 alone from the scores ScoreAndSelectGpu left at the start of its workspace.
+    DeviceBuffer d_sel2 = Upload(std::vector<int32_t>(sel.size(), 999));
+    const SelectionView dview2{static_cast<int32_t*>(d_sel2.data()),
+                               static_cast<int32_t*>(d_cnt.data()), num_seqs, 1, max_sel};
+    ASSERT_TRUE(SelectPagesGpu(static_cast<const float*>(ws.data()), dtable, bs, 1, config,
+                               dview2, nullptr)
+                    .ok());
+    ASSERT_TRUE(GpuSynchronize().ok());
+    EXPECT_EQ(Download<int32_t>(d_sel2, sel.size()), sel) << "budget " << pages;
+  }
+}
+
+TEST(GpuKernelErrors, NameTheBadValue) {
+  // Host-side checks run before any device call, so they hold without a GPU too.
+  alignas(16) static uint8_t buf[4096];
+  int32_t table[1] = {0}, lens[1] = {1};
+  KvCacheView cache{buf, DType::kBFloat16, 1, 16, 1, 128};
+  const BlockTableView tv{table, lens, 1, 1};
+  DecodeIo io{buf, buf, DType::kBFloat16, 1, 3, 128};
+  absl::Status s = DenseDecodeGpu(io, cache, tv, 1.0f, nullptr, 0, nullptr);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("got 3"), std::string::npos) << s;
+
+  cache.head_dim = 96;
+  io.head_dim = 96;
+  s = DenseDecodeGpu(io, cache, tv, 1.0f, nullptr, 0, nullptr);
+  EXPECT_NE(s.message().find("96"), std::string::npos) << s;
+
+  cache.head_dim = 128;
+  io.head_dim = 128;
+  io.num_heads = 1;
+  io.query = buf + 2;
+  s = DenseDecodeGpu(io, cache, tv, 1.0f, nullptr, 0, nullptr);
+  EXPECT_NE(s.message().find("aligned"), std::string::npos) << s;
+
+  cache.block_size = 48;
+  s = BuildDigestsGpu(cache, tv, DigestView{buf, DType::kBFloat16, 1, 1, 128}, nullptr);
+  EXPECT_NE(s.message().find("48"), std::string::npos) << s;
+
+  cache.block_size = 16;
+  const SelectionConfig bad{.budget_tokens = 24};
+  int32_t sel[4], cnt[1];
+  s = SelectPagesGpu(reinterpret_cast<const float*>(buf), tv, 16, 1, bad,
+                     SelectionView{sel, cnt, 1, 1, 4}, nullptr);
+  EXPECT_NE(s.message().find("24"), std::string::npos) << s;
+}
+
+}  // namespace
+}  // namespace mempipe
