@@ -551,15 +551,32 @@ struct SplitPlan {
 // Resident blocks per SM under the launch bounds of the kernel that Launch picks.
 int BlocksPerSm(bool mma, int groups) { return mma ? kMmaBlocksPerSm : (groups >= 8 ? 2 : 3); }
 
-// At most one wave of blocks (blocks_per_sm resident per SM): a partial second wave would idle
-// most SMs for a whole block's time.
+// Blocks fill whole waves (blocks_per_sm resident per SM): a partial last wave would idle most
+// SMs for a whole block's time. Few rows: one wave of resident / rows splits. Many rows (e.g.
+// 168 rows on 264 slots, 64% busy with one split): the fewest splits whose waves are >= 90%
+// full (3 splits: 504 blocks on 2 x 264 slots), else the fullest.
 SplitPlan PlanSplits(int num_seqs, int num_kv_heads, int blocks_per_sm, int max_items,
                      int num_sms) {
   const int rows = std::max(num_seqs * num_kv_heads, 1);
   const int resident = std::max(num_sms, 1) * blocks_per_sm;
-  int splits = std::max(resident / rows, 1);
-  splits = std::min(splits, std::max((max_items + kMinPagesPerSplit - 1) / kMinPagesPerSplit, 1));
-  splits = std::clamp(splits, 1, kMaxSplits);
+  const int cap = std::clamp((max_items + kMinPagesPerSplit - 1) / kMinPagesPerSplit, 1,
+                             kMaxSplits);
+  auto fill = [&](int s) {
+    const int64_t blocks = static_cast<int64_t>(rows) * s;
+    return static_cast<double>(blocks) / (((blocks + resident - 1) / resident) * resident);
+  };
+  int splits = std::min(std::max(resident / rows, 1), cap);
+  if (fill(splits) < 0.9) {
+    int best = splits;
+    for (int s = splits + 1; s <= cap; ++s) {
+      if (fill(s) >= 0.9) {
+        best = s;
+        break;
+      }
+      if (fill(s) > fill(best)) best = s;
+    }
+    splits = best;
+  }
   const int per = (std::max(max_items, 1) + splits - 1) / splits;
   return {(std::max(max_items, 1) + per - 1) / per, per};
 }
@@ -706,9 +723,11 @@ absl::Status Launch(const DecodeIo& io, const KvCacheView& cache, const BlockTab
 }  // namespace
 
 size_t PagedDecodeWorkspaceBytes(int num_seqs, int num_heads, int num_kv_heads, int max_items) {
-  // dtype and head_dim are not known here: plan with the most resident blocks of any kernel
-  // (3), which gives at least as many splits as the launch will use.
-  const SplitPlan plan = PlanSplits(num_seqs, num_kv_heads, 3, max_items, CachedSmCount());
+  // dtype and head_dim are not known here: the larger plan of the two residencies (2 or 3
+  // blocks per SM) that a launch may use.
+  const SplitPlan p2 = PlanSplits(num_seqs, num_kv_heads, 2, max_items, CachedSmCount());
+  const SplitPlan p3 = PlanSplits(num_seqs, num_kv_heads, 3, max_items, CachedSmCount());
+  const SplitPlan plan = p2.num_splits >= p3.num_splits ? p2 : p3;
   if (plan.num_splits <= 1) return 0;
   // head_dim is at most 256; one extra float per row for the lse.
   return static_cast<size_t>(std::max(num_seqs, 0)) * std::max(num_heads, 0) * plan.num_splits *
