@@ -11,7 +11,10 @@
 // Design (flash-decoding): one thread block per (KV-split, KV head, sequence) reads each page of
 // its KV head once for all the group's query heads; a long context is cut into splits
 // whose partial results (fp32 output + log-sum-exp) a second kernel merges. The host plans
-// the splits from the SM count; the caller owns the scratch memory:
+// the splits from the SM count; the caller owns the scratch memory. On CUDA, fp16/bf16 with
+// head_dim 64 or 128 compute q.k and p.v on tensor cores (m16n8k16, fp32 accumulation; the
+// softmax weights enter p.v rounded to the cache dtype, as in FlashAttention); fp32, head_dim
+// 256 and HIP builds use CUDA-core arithmetic throughout.
 //
 //   size_t bytes = PagedDecodeWorkspaceBytes(num_seqs, num_heads, num_kv_heads, max_items);
 //   // max_items = table.max_blocks_per_seq (dense) or max_selected (sparse)

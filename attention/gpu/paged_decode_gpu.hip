@@ -7,6 +7,8 @@
 //   │   online softmax per token sub-group ("stream"): m, l, acc[G][slice of head_dim]
 //   └─ streams merged in shared memory -> out row (1 split) or fp32 partial + lse
 //   PagedDecodeCombineKernel: merges the splits' partials by their lse.
+// fp16/bf16 with head_dim <= 128 on CUDA take PagedDecodeMmaKernel instead: the same grid and
+// merge, but q.k and p.v of a 16-token tile as tensor-core products (see its comment).
 #include "attention/gpu/paged_decode_gpu.h"
 
 #include <algorithm>
@@ -28,6 +30,18 @@ constexpr int kDecodeWarps = 4;
 constexpr int kChunkPages = 256;
 constexpr int kMinPagesPerSplit = 8;
 constexpr float kLog2e = 1.4426950408889634f;
+// Resident blocks per SM of the tensor-core kernel: its two tiles in flight per warp take
+// ~200 registers per lane, and 8 warps per SM already keep 128 KB of K+V loads in flight.
+constexpr int kMmaBlocksPerSm = 2;
+
+// The tensor-core kernel serves fp16/bf16 with head_dim 64 or 128 where the platform has the
+// m16n8k16 mma (CUDA); fp32, head_dim 256 (its accumulators and tiles would exceed the
+// registers) and HIP take the CUDA-core kernel.
+template <typename T, int kHeadDim>
+inline constexpr bool kUseMma = gpu::kHasMma16816 && sizeof(T) == 2 && kHeadDim <= 128;
+bool UsesMma(DType dtype, int head_dim) {
+  return gpu::kHasMma16816 && dtype != DType::kFloat32 && head_dim <= 128;
+}
 
 struct DecodeParams {
   const void* query;           // [num_seqs, num_heads, head_dim]
@@ -264,6 +278,243 @@ __global__ void __launch_bounds__(kDecodeWarps * kGpuLanes, kGroups >= 8 ? 2 : 3
   }
 }
 
+// Tensor-core variant for fp16/bf16 and head_dim <= 128 (CUDA; see gpu::kHasMma16816). The
+// CUDA-core kernel above spends ~130 warp instructions per KB of K+V on per-token shuffle
+// reductions; here one warp handles a tile of 16 tokens with m16n8k16 products:
+//   S  = Q K^T : M = the group's query heads (rows >= kGroups zero), N = 8 tokens, K = 16 ch
+//   O^T += V^T P^T : M = 16 channels, N = 8 heads, K = the tile's 16 tokens
+// The S accumulators of a lane (head lane/4, tokens 2t, 2t+1, 8+2t, 9+2t) are exactly its P^T
+// operand, so P stays in registers. Channels are permuted alike in q and k (any permutation
+// leaves q.k unchanged), which lets each lane feed the mma straight from 16-byte loads:
+// k-steps 2i and 2i+1 take words 0,1 and 2,3 of vector t + 4i of the lane's token row. V^T is
+// formed by pairing the same channel of two tokens with a byte permute. P enters the product
+// rounded to T (as in FlashAttention); scores, softmax and accumulation stay fp32.
+template <typename T, int kHeadDim>
+struct MmaDecodeConfig {
+  static constexpr int kWarps = kDecodeWarps;
+  static constexpr int kThreads = kWarps * kGpuLanes;
+  static constexpr int kTileTokens = 16;
+  static constexpr int kRowVecs = kHeadDim / 8;  // 16-byte vectors per K/V row
+  static constexpr int kKVecs = kRowVecs / 4;    // per lane and K row (4 lanes share a row)
+  static constexpr int kVVecs = kRowVecs / 8;    // per lane and V row (8 lanes share a row)
+  static constexpr int kKSteps = kHeadDim / 16;  // of S = Q K^T
+  static constexpr int kMBlocks = kHeadDim / 16; // of O^T = V^T P^T
+  static_assert(sizeof(T) == 2 && (kHeadDim == 64 || kHeadDim == 128));
+};
+
+template <typename T, int kHeadDim, int kGroups>
+__global__ void __launch_bounds__(kDecodeWarps * kGpuLanes, kMmaBlocksPerSm)
+    PagedDecodeMmaKernel(DecodeParams p) {
+  using C = MmaDecodeConfig<T, kHeadDim>;
+  const int kvh = blockIdx.x, split = blockIdx.y, seq = blockIdx.z;
+  const int warp = threadIdx.x / kGpuLanes, lane = threadIdx.x % kGpuLanes;
+  const int r = lane / 4, t = lane % 4;  // fragment row group and k pair
+  const int bs = p.block_size;
+
+  const int seq_len = p.seq_lens[seq];
+  const int num_pages = seq_len > 0 ? min((seq_len + bs - 1) / bs, p.max_blocks_per_seq) : 0;
+  const int32_t* list = nullptr;
+  int num_items = num_pages;
+  if (p.pages != nullptr) {
+    const size_t row = static_cast<size_t>(seq) * p.num_kv_heads + kvh;
+    list = p.pages + row * p.max_selected;
+    num_items = min(max(p.counts[row], 0), p.max_selected);
+  }
+  const int item_begin = split * p.items_per_split;
+  const int item_end = min(num_items, item_begin + p.items_per_split);
+
+  // Q fragments (A of S), unscaled so that they stay exact in T; lane row r = query head r.
+  const size_t q_row0 = static_cast<size_t>(seq) * p.num_heads + kvh * kGroups;
+  uint32_t qa[C::kKSteps][2];
+#pragma unroll
+  for (int i = 0; i < C::kKVecs; ++i) {
+    const uint4 w = r < kGroups ? *reinterpret_cast<const uint4*>(
+                                      static_cast<const T*>(p.query) + (q_row0 + r) * kHeadDim +
+                                      (t + 4 * i) * 8)
+                                : make_uint4(0, 0, 0, 0);
+    qa[2 * i][0] = w.x;
+    qa[2 * i][1] = w.y;
+    qa[2 * i + 1][0] = w.z;
+    qa[2 * i + 1][1] = w.w;
+  }
+
+  // acc[j]: O^T of channels (8u + 2q, 8u + 2q + 1), u = r + 8 (j / 4), q = j % 4, for heads
+  // 2t (d0, d2) and 2t + 1 (d1, d3). m: running max of head r (log2 domain, scaled); l: this
+  // lane's part of head r's denominator (its 4 tokens of every tile).
+  float acc[C::kMBlocks][4];
+#pragma unroll
+  for (int j = 0; j < C::kMBlocks; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+  float m = -INFINITY, l = 0.0f;
+
+  const int tiles_per_page = bs / C::kTileTokens;
+  const size_t token_stride = static_cast<size_t>(p.num_kv_heads) * kHeadDim;
+  const T* kv = static_cast<const T*>(p.kv) + static_cast<size_t>(kvh) * kHeadDim;
+  const int32_t* table = p.block_table + static_cast<size_t>(seq) * p.max_blocks_per_seq;
+  __shared__ int s_block[kChunkPages];
+  __shared__ int s_valid[kChunkPages];
+
+  struct Tile {
+    uint4 k[2][C::kKVecs];  // K rows r and r + 8 of the tile, vectors t + 4i
+    uint4 v[4][C::kVVecs];  // V rows 2t, 2t + 1, 2t + 8, 2t + 9, vectors r + 8i
+    int valid;
+  };
+  auto load = [&](int unit, Tile& tl) {
+    const int i = unit / tiles_per_page, sub = unit % tiles_per_page;
+    tl.valid = s_valid[i] - sub * C::kTileTokens;
+    const T* base =
+        kv + (static_cast<size_t>(s_block[i]) * bs + sub * C::kTileTokens) * token_stride;
+#pragma unroll
+    for (int b = 0; b < 2; ++b) {
+      const int tok = r + 8 * b;
+      const bool ok = tok < tl.valid;  // unused slots may hold NaN: never let them in
+#pragma unroll
+      for (int x = 0; x < C::kKVecs; ++x) {
+        tl.k[b][x] = ok ? *reinterpret_cast<const uint4*>(base + tok * token_stride +
+                                                          (t + 4 * x) * 8)
+                        : make_uint4(0, 0, 0, 0);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int tok = 2 * t + (j & 1) + 8 * (j >> 1);
+      const bool ok = tok < tl.valid;
+#pragma unroll
+      for (int x = 0; x < C::kVVecs; ++x) {
+        tl.v[j][x] = ok ? *reinterpret_cast<const uint4*>(base + p.plane_elems +
+                                                          tok * token_stride + (r + 8 * x) * 8)
+                        : make_uint4(0, 0, 0, 0);
+      }
+    }
+  };
+  auto compute = [&](const Tile& tl) {
+    if (tl.valid <= 0) return;  // uniform over the warp
+    float s[2][4];
+#pragma unroll
+    for (int b = 0; b < 2; ++b) {
+      s[b][0] = s[b][1] = s[b][2] = s[b][3] = 0.0f;
+#pragma unroll
+      for (int x = 0; x < C::kKVecs; ++x) {
+        gpu::Mma16816<T>(s[b], qa[2 * x][0], 0u, qa[2 * x][1], 0u, tl.k[b][x].x, tl.k[b][x].y);
+        gpu::Mma16816<T>(s[b], qa[2 * x + 1][0], 0u, qa[2 * x + 1][1], 0u, tl.k[b][x].z,
+                         tl.k[b][x].w);
+      }
+    }
+    // s[b][e]: head r, token 8b + 2t + e.
+    float sc[4];
+#pragma unroll
+    for (int b = 0; b < 2; ++b) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        sc[2 * b + e] = 8 * b + 2 * t + e < tl.valid ? s[b][e] * p.scale_log2 : -INFINITY;
+      }
+    }
+    float mx = fmaxf(fmaxf(sc[0], sc[1]), fmaxf(sc[2], sc[3]));
+    mx = fmaxf(mx, GpuShflXor32(mx, 1));
+    mx = fmaxf(mx, GpuShflXor32(mx, 2));
+    const float m_new = fmaxf(m, mx);  // finite: token 0 of the tile is valid
+    const float corr = exp2f(m - m_new);
+    m = m_new;
+    float pr[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) pr[e] = exp2f(sc[e] - m_new);
+    l = l * corr + ((pr[0] + pr[1]) + (pr[2] + pr[3]));
+    const uint32_t pb0 = gpu::PackPair<T>(pr[0], pr[1]);
+    const uint32_t pb1 = gpu::PackPair<T>(pr[2], pr[3]);
+    // The accumulator columns are heads 2t and 2t + 1, whose rows live in lanes 8t and 8t + 4.
+    const float corr0 = GpuShfl32(corr, 8 * t), corr1 = GpuShfl32(corr, 8 * t + 4);
+#pragma unroll
+    for (int x = 0; x < C::kVVecs; ++x) {
+      const uint32_t* v0 = reinterpret_cast<const uint32_t*>(&tl.v[0][x]);
+      const uint32_t* v1 = reinterpret_cast<const uint32_t*>(&tl.v[1][x]);
+      const uint32_t* v2 = reinterpret_cast<const uint32_t*>(&tl.v[2][x]);
+      const uint32_t* v3 = reinterpret_cast<const uint32_t*>(&tl.v[3][x]);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        float(&d)[4] = acc[4 * x + q];
+        d[0] *= corr0;
+        d[1] *= corr1;
+        d[2] *= corr0;
+        d[3] *= corr1;
+        // Rows: channel 8u + 2q (a0, a2) and 8u + 2q + 1 (a1, a3); k: tokens 2t, 2t + 1
+        // (a0, a1) and 2t + 8, 2t + 9 (a2, a3).
+        gpu::Mma16816<T>(d, __byte_perm(v0[q], v1[q], 0x5410), __byte_perm(v0[q], v1[q], 0x7632),
+                         __byte_perm(v2[q], v3[q], 0x5410), __byte_perm(v2[q], v3[q], 0x7632),
+                         pb0, pb1);
+      }
+    }
+  };
+
+  for (int chunk = item_begin; chunk < item_end; chunk += kChunkPages) {
+    const int n = min(kChunkPages, item_end - chunk);
+    __syncthreads();  // the previous chunk's tiles have all read s_block
+    for (int i = threadIdx.x; i < n; i += C::kThreads) {
+      const int page = list != nullptr ? list[chunk + i] : chunk + i;
+      const int block = page >= 0 && page < num_pages ? table[page] : -1;
+      const bool ok = block >= 0 && block < p.num_blocks;
+      s_block[i] = ok ? block : 0;
+      s_valid[i] = ok ? min(bs, seq_len - page * bs) : 0;
+    }
+    __syncthreads();
+    const int units = n * tiles_per_page;
+    Tile a, b;
+    int u = warp;
+    if (u < units) load(u, a);
+    for (; u < units; u += 2 * C::kWarps) {
+      if (u + C::kWarps < units) load(u + C::kWarps, b);
+      compute(a);
+      if (u + 2 * C::kWarps < units) load(u + 2 * C::kWarps, a);
+      if (u + C::kWarps < units) compute(b);
+    }
+  }
+
+  // Merge the warps: head r's denominator is the sum over its 4 lanes.
+  l += GpuShflXor32(l, 1);
+  l += GpuShflXor32(l, 2);
+  __shared__ float s_m[C::kWarps][kGroups];
+  __shared__ float s_l[C::kWarps][kGroups];
+  __shared__ float s_acc[C::kWarps][kGroups][kHeadDim];
+  if (t == 0 && r < kGroups) {
+    s_m[warp][r] = m;
+    s_l[warp][r] = l;
+  }
+#pragma unroll
+  for (int j = 0; j < C::kMBlocks; ++j) {
+    const int c = 8 * (r + 8 * (j / 4)) + 2 * (j % 4);
+    if (2 * t < kGroups) {
+      s_acc[warp][2 * t][c] = acc[j][0];
+      s_acc[warp][2 * t][c + 1] = acc[j][2];
+    }
+    if (2 * t + 1 < kGroups) {
+      s_acc[warp][2 * t + 1][c] = acc[j][1];
+      s_acc[warp][2 * t + 1][c + 1] = acc[j][3];
+    }
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < kGroups * kHeadDim; idx += C::kThreads) {
+    const int g = idx / kHeadDim, c = idx % kHeadDim;
+    float mx = -INFINITY;
+    for (int w = 0; w < C::kWarps; ++w) mx = fmaxf(mx, s_m[w][g]);
+    float sum_l = 0.0f, sum_a = 0.0f;
+    if (mx != -INFINITY) {
+      for (int w = 0; w < C::kWarps; ++w) {
+        if (s_m[w][g] == -INFINITY) continue;
+        const float wt = exp2f(s_m[w][g] - mx);
+        sum_l += wt * s_l[w][g];
+        sum_a += wt * s_acc[w][g][c];
+      }
+    }
+    const size_t row = q_row0 + g;
+    if (p.num_splits == 1) {
+      static_cast<T*>(p.out)[row * kHeadDim + c] =
+          gpu::FromF32<T>(sum_l > 0.0f ? sum_a / sum_l : 0.0f);
+    } else {
+      const size_t prow = row * p.num_splits + split;
+      p.partial_out[prow * kHeadDim + c] = sum_l > 0.0f ? sum_a / sum_l : 0.0f;
+      if (c == 0) p.partial_lse[prow] = sum_l > 0.0f ? mx + log2f(sum_l) : -INFINITY;
+    }
+  }
+}
+
 // One block per (query head, sequence), one thread per channel.
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kHeadDim) PagedDecodeCombineKernel(DecodeParams p) {
@@ -297,14 +548,35 @@ struct SplitPlan {
   int items_per_split;
 };
 
-// At most one wave of blocks: the launch bounds keep 3 blocks per SM resident (2 for groups
-// of 8), and a partial second wave would idle most SMs for a whole block's time.
-SplitPlan PlanSplits(int num_seqs, int num_kv_heads, int groups, int max_items, int num_sms) {
+// Resident blocks per SM under the launch bounds of the kernel that Launch picks.
+int BlocksPerSm(bool mma, int groups) { return mma ? kMmaBlocksPerSm : (groups >= 8 ? 2 : 3); }
+
+// Blocks fill whole waves (blocks_per_sm resident per SM): a partial last wave would idle most
+// SMs for a whole block's time. Few rows: one wave of resident / rows splits. Many rows (e.g.
+// 168 rows on 264 slots, 64% busy with one split): the fewest splits whose waves are >= 90%
+// full (3 splits: 504 blocks on 2 x 264 slots), else the fullest.
+SplitPlan PlanSplits(int num_seqs, int num_kv_heads, int blocks_per_sm, int max_items,
+                     int num_sms) {
   const int rows = std::max(num_seqs * num_kv_heads, 1);
-  const int resident = std::max(num_sms, 1) * (groups >= 8 ? 2 : 3);
-  int splits = std::max(resident / rows, 1);
-  splits = std::min(splits, std::max((max_items + kMinPagesPerSplit - 1) / kMinPagesPerSplit, 1));
-  splits = std::clamp(splits, 1, kMaxSplits);
+  const int resident = std::max(num_sms, 1) * blocks_per_sm;
+  const int cap = std::clamp((max_items + kMinPagesPerSplit - 1) / kMinPagesPerSplit, 1,
+                             kMaxSplits);
+  auto fill = [&](int s) {
+    const int64_t blocks = static_cast<int64_t>(rows) * s;
+    return static_cast<double>(blocks) / (((blocks + resident - 1) / resident) * resident);
+  };
+  int splits = std::min(std::max(resident / rows, 1), cap);
+  if (fill(splits) < 0.9) {
+    int best = splits;
+    for (int s = splits + 1; s <= cap; ++s) {
+      if (fill(s) >= 0.9) {
+        best = s;
+        break;
+      }
+      if (fill(s) > fill(best)) best = s;
+    }
+    splits = best;
+  }
   const int per = (std::max(max_items, 1) + splits - 1) / splits;
   return {(std::max(max_items, 1) + per - 1) / per, per};
 }
@@ -321,9 +593,14 @@ bool Aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 
 template <typename T, int kHeadDim, int kGroups>
 absl::Status LaunchTyped(const DecodeParams& p, int num_seqs, hipStream_t stream) {
-  using C = DecodeConfig<T, kHeadDim, kGroups>;
   const dim3 grid(p.num_kv_heads, p.num_splits, num_seqs);
-  PagedDecodeKernel<T, kHeadDim, kGroups><<<grid, C::kThreads, 0, stream>>>(p);
+  if constexpr (kUseMma<T, kHeadDim>) {
+    PagedDecodeMmaKernel<T, kHeadDim, kGroups>
+        <<<grid, MmaDecodeConfig<T, kHeadDim>::kThreads, 0, stream>>>(p);
+  } else {
+    PagedDecodeKernel<T, kHeadDim, kGroups>
+        <<<grid, DecodeConfig<T, kHeadDim, kGroups>::kThreads, 0, stream>>>(p);
+  }
   if (p.num_splits > 1) {
     PagedDecodeCombineKernel<T, kHeadDim><<<dim3(p.num_heads, num_seqs), kHeadDim, 0, stream>>>(p);
   }
@@ -402,8 +679,10 @@ absl::Status Launch(const DecodeIo& io, const KvCacheView& cache, const BlockTab
     }
     max_items = pages->max_selected;
   }
-  const SplitPlan plan = PlanSplits(io.num_seqs, cache.num_kv_heads,
-                                    io.num_heads / cache.num_kv_heads, max_items, CachedSmCount());
+  const int groups = io.num_heads / cache.num_kv_heads;
+  const SplitPlan plan =
+      PlanSplits(io.num_seqs, cache.num_kv_heads, BlocksPerSm(UsesMma(cache.dtype, io.head_dim), groups),
+                 max_items, CachedSmCount());
   const size_t need = PagedDecodeWorkspaceBytes(io.num_seqs, io.num_heads, cache.num_kv_heads,
                                                 max_items);
   if (plan.num_splits > 1 && (workspace == nullptr || workspace_bytes < need)) {
@@ -432,7 +711,6 @@ absl::Status Launch(const DecodeIo& io, const KvCacheView& cache, const BlockTab
   p.num_splits = plan.num_splits;
   p.items_per_split = plan.items_per_split;
   p.scale_log2 = scale * kLog2e;
-  const int groups = io.num_heads / cache.num_kv_heads;
   const auto s = static_cast<hipStream_t>(stream);
   switch (cache.dtype) {
     case DType::kFloat32: return DispatchHeadDim<float>(p, io.head_dim, groups, io.num_seqs, s);
@@ -445,9 +723,11 @@ absl::Status Launch(const DecodeIo& io, const KvCacheView& cache, const BlockTab
 }  // namespace
 
 size_t PagedDecodeWorkspaceBytes(int num_seqs, int num_heads, int num_kv_heads, int max_items) {
-  const SplitPlan plan = PlanSplits(num_seqs, num_kv_heads,
-                                    num_heads / std::max(num_kv_heads, 1), max_items,
-                                    CachedSmCount());
+  // dtype and head_dim are not known here: the larger plan of the two residencies (2 or 3
+  // blocks per SM) that a launch may use.
+  const SplitPlan p2 = PlanSplits(num_seqs, num_kv_heads, 2, max_items, CachedSmCount());
+  const SplitPlan p3 = PlanSplits(num_seqs, num_kv_heads, 3, max_items, CachedSmCount());
+  const SplitPlan plan = p2.num_splits >= p3.num_splits ? p2 : p3;
   if (plan.num_splits <= 1) return 0;
   // head_dim is at most 256; one extra float per row for the lse.
   return static_cast<size_t>(std::max(num_seqs, 0)) * std::max(num_heads, 0) * plan.num_splits *

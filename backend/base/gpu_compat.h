@@ -15,6 +15,7 @@
 #define MEMPIPE_BACKEND_BASE_GPU_COMPAT_H_
 
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__HIPCC__)
 #include <hip/hip_fp16.h>
@@ -144,6 +145,49 @@ __device__ __forceinline__ BF16 FromF32<BF16>(float f) {
   const uint32_t u = __float_as_uint(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return BF16{static_cast<uint16_t>((u >> 16) | 0x40)};
   return BF16{static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
+}
+
+// Tensor-core tile product on one 32-lane group: d += A·B with A 16x16 (rows x k), B 16x8
+// (k x cols), fp16 or bf16 operands (T = F16 or BF16) and fp32 accumulators, in PTX's
+// m16n8k16 register fragment layout (lane = 4 * row_group + k_pair): a0 = A[lane/4][k 2t,2t+1],
+// a1 = A[lane/4 + 8][2t,2t+1], a2 / a3 the same at k 2t+8,2t+9 (t = lane % 4); b0 = B[k 2t,
+// 2t+1][lane/4], b1 = B[k 2t+8,2t+9][lane/4]; d0,d1 = D[lane/4][2t,2t+1], d2,d3 = row + 8. Each
+// 32-bit word holds the lower k (or column) in its low half. CUDA builds need sm_80 or newer.
+// HIP has no such warp-level instruction for both gfx90a and gfx942 in one form: kHasMma16816 is
+// false there, kernels take their CUDA-core path, and the stub below is never reached.
+#if defined(__HIPCC__)
+inline constexpr bool kHasMma16816 = false;
+template <typename T>
+__device__ __forceinline__ void Mma16816(float (&)[4], uint32_t, uint32_t, uint32_t, uint32_t,
+                                         uint32_t, uint32_t) {
+  __builtin_trap();
+}
+#else
+inline constexpr bool kHasMma16816 = true;
+template <typename T>
+__device__ __forceinline__ void Mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                         uint32_t a3, uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, BF16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+}
+#endif
+
+// Two fp32 values rounded (nearest even) to T = F16 or BF16 and packed, `lo` in the low half.
+template <typename T>
+__device__ __forceinline__ uint32_t PackPair(float lo, float hi) {
+  return static_cast<uint32_t>(FromF32<T>(lo).bits) |
+         (static_cast<uint32_t>(FromF32<T>(hi).bits) << 16);
 }
 
 // Elements of a 16-byte vector, and its conversion to fp32.

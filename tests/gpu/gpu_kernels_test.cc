@@ -319,7 +319,11 @@ INSTANTIATE_TEST_SUITE_P(
 TEST(GpuKernelLargeBatch, SingleSplitDecodeAndTiedSelection) {
   SKIP_WITHOUT_GPU();
   std::mt19937_64 rng(TestSeed());
-  const int num_seqs = 300, bs = 16, d = 128, group = 4;
+  // 6 rows per SM fill whole waves at 2 or 3 resident decode blocks per SM, so the decode
+  // planner keeps one split (the path that writes out rows directly).
+  const absl::StatusOr<int> sms = GpuMultiprocessorCount();
+  ASSERT_TRUE(sms.ok()) << sms.status();
+  const int num_seqs = std::min(6 * *sms, 65535), bs = 16, d = 128, group = 4;
   std::vector<int> lens(num_seqs);
   for (int& l : lens) l = std::uniform_int_distribution<int>(1, 20 * bs)(rng);
   PagedFixture f(rng, {.dtype = DType::kBFloat16, .block_size = bs, .num_kv_heads = 1,
@@ -377,7 +381,7 @@ TEST(GpuKernelLargeBatch, SingleSplitDecodeAndTiedSelection) {
   EXPECT_EQ(Download<int32_t>(d_sel, sel.size()), sel);
   EXPECT_EQ(Download<int32_t>(d_cnt, cnt.size()), cnt);
 
-  // Dense decode; with 300 rows the planner uses one split on any current GPU.
+  // Dense decode over 6 rows per SM: one split (see above).
   std::vector<uint16_t> qn(qbits.size());
   std::normal_distribution<float> normal;
   std::vector<float> qf(qbits.size());
