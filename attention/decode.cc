@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "attention/parallel.h"
 #include "backend/base/status_macros.h"
 
 namespace mempipe {
@@ -97,29 +98,6 @@ struct GroupAccumulator {
     }
   }
 };
-
-// Splits the (sequence, KV head) pairs, ordered sequence-major, into contiguous ranges, one
-// per thread; `fn(seq, head_begin, head_end)` runs for each sequence's part of a range.
-template <typename Fn>
-void ForEachSeqHeads(int num_seqs, int num_kv_heads, int num_threads, Fn fn) {
-  const int items = num_seqs * num_kv_heads;
-  const int threads = std::max(1, std::min(num_threads, items));
-  auto run = [&](int t) {
-    const int begin = static_cast<int>(static_cast<int64_t>(items) * t / threads);
-    const int end = static_cast<int>(static_cast<int64_t>(items) * (t + 1) / threads);
-    for (int i = begin; i < end;) {
-      const int s = i / num_kv_heads;
-      const int h0 = i % num_kv_heads;
-      const int h1 = std::min(num_kv_heads, h0 + (end - i));
-      fn(s, h0, h1);
-      i += h1 - h0;
-    }
-  };
-  std::vector<std::thread> pool;
-  for (int t = 1; t < threads; ++t) pool.emplace_back(run, t);
-  run(0);
-  for (auto& th : pool) th.join();
-}
 
 absl::Status ValidateCommon(const DecodeIo& io, const KvCacheView& cache,
                             const BlockTableView& table) {

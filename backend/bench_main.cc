@@ -84,7 +84,11 @@ int Fail(const absl::Status& s) {
 // Selectors this program links in beyond the built-in CPU one: the FPGA library's (the emulated
 // U55C unless XRT and a card are asked for), and, for devices still without one, the paced
 // stand-in of --stand_in_gbps. A GPU library adds its factory here the same way.
-void RegisterSelectors() {
+void RegisterSelectors(int threads) {
+  RegisterPageSelectorFactory(Device::kCpu, "cpu", [threads] {
+    return absl::StatusOr<std::unique_ptr<PageSelector>>(
+        std::make_unique<CpuPageSelector>(threads));
+  });
   const bool paced = absl::GetFlag(FLAGS_fpga_paced);
   RegisterPageSelectorFactory(Device::kFpga, "fpga (fpga/fpga_selector.h)", [paced] {
     FpgaOptions o;
@@ -110,7 +114,6 @@ void RegisterSelectors() {
 }
 
 int Main() {
-  RegisterSelectors();
   SyntheticContextConfig cfg;
   cfg.shape = ModelShape{absl::GetFlag(FLAGS_layers), absl::GetFlag(FLAGS_num_heads),
                          absl::GetFlag(FLAGS_num_kv_heads), absl::GetFlag(FLAGS_head_dim)};
@@ -125,6 +128,7 @@ int Main() {
   cfg.seed = absl::GetFlag(FLAGS_seed);
   const int hw = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   cfg.threads = absl::GetFlag(FLAGS_threads) > 0 ? absl::GetFlag(FLAGS_threads) : hw;
+  RegisterSelectors(cfg.threads);
 
   BenchOptions options;
   options.steps = absl::GetFlag(FLAGS_steps);

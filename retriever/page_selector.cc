@@ -84,7 +84,7 @@ absl::StatusOr<SelectTicket> CpuPageSelector::Submit(const SelectRequest& reques
     scores_.resize(static_cast<size_t>(std::max(request.table.num_seqs, 0)) * sh.num_kv_heads *
                    std::max(request.table.max_blocks_per_seq, 0));
     status = ComputeRelevancy(request.query, geometry, l->View(), request.table,
-                              request.config.aggregation, scores_.data());
+                              request.config.aggregation, scores_.data(), num_threads_);
   }
   costs_.relevancy_ms = MsSince(t0);
   if (status.ok()) {

@@ -101,6 +101,8 @@ class PageSelector {
 // thread (so Wait() never blocks).
 class CpuPageSelector final : public PageSelector {
  public:
+  // `num_threads` host threads score the (sequence, KV head) pairs of a request.
+  explicit CpuPageSelector(int num_threads = 1) : num_threads_(num_threads < 1 ? 1 : num_threads) {}
   absl::string_view Name() const override { return "cpu"; }
   absl::Status AddLayer(int layer, const CacheShape& shape) override;
   absl::Status BuildDigests(int layer, const KvCacheView& cache,
@@ -122,6 +124,7 @@ class CpuPageSelector final : public PageSelector {
   };
   absl::StatusOr<Layer*> Find(int layer);
 
+  int num_threads_;
   std::map<int, Layer> layers_;
   std::map<SelectTicket, absl::Status> done_;
   SelectTicket next_ticket_ = 1;

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "attention/parallel.h"
 #include "backend/base/status_macros.h"
 
 namespace mempipe {
@@ -72,7 +73,7 @@ float PageBound(const float* q, const float* max_row, const float* min_row, int 
 
 absl::Status ComputeRelevancy(const QueryView& query, const KvCacheView& cache,
                               const DigestView& digests, const BlockTableView& table,
-                              GroupAggregation agg, float* scores) {
+                              GroupAggregation agg, float* scores, int num_threads) {
   MEMPIPE_RETURN_IF_ERROR(ValidateKvCache(cache));
   MEMPIPE_RETURN_IF_ERROR(ValidateDigests(cache, digests));
   MEMPIPE_RETURN_IF_ERROR(ValidateBlockTable(table, cache.block_size, cache.num_blocks));
@@ -81,12 +82,12 @@ absl::Status ComputeRelevancy(const QueryView& query, const KvCacheView& cache,
 
   const int d = cache.head_dim;
   const int groups = query.num_heads / cache.num_kv_heads;
-  std::vector<float> q(static_cast<size_t>(groups) * d), mx(d), mn(d);
   DispatchDType(cache.dtype, [&]<typename T>() {
     const T* dg = static_cast<const T*>(digests.data);
-    for (int s = 0; s < table.num_seqs; ++s) {
+    ForEachSeqHeads(table.num_seqs, cache.num_kv_heads, num_threads, [&](int s, int h0, int h1) {
+      std::vector<float> q(static_cast<size_t>(groups) * d), mx(d), mn(d);
       const int pages = NumPages(table.seq_lens[s], cache.block_size);
-      for (int h = 0; h < cache.num_kv_heads; ++h) {
+      for (int h = h0; h < h1; ++h) {
         const size_t qrow0 = static_cast<size_t>(s) * query.num_heads + h * groups;
         for (size_t i = 0; i < q.size(); ++i) {
           q[i] = LoadAsFloat(query.data, query.dtype, qrow0 * d + i);
@@ -118,7 +119,7 @@ absl::Status ComputeRelevancy(const QueryView& query, const KvCacheView& cache,
           out[p] = -std::numeric_limits<float>::infinity();
         }
       }
-    }
+    });
   });
   return absl::OkStatus();
 }

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <random>
 #include <tuple>
@@ -42,6 +43,11 @@ TEST_P(RelevancyTest, MatchesFloat64AndBoundsEveryKey) {
     ASSERT_TRUE(
         ComputeRelevancy(qv, f.cache_view(), f.digest_view(), f.table_view(), agg, scores.data())
             .ok());
+    std::vector<float> threaded(scores.size(), NAN);
+    ASSERT_TRUE(ComputeRelevancy(qv, f.cache_view(), f.digest_view(), f.table_view(), agg,
+                                 threaded.data(), /*num_threads=*/3)
+                    .ok());
+    ASSERT_EQ(0, std::memcmp(scores.data(), threaded.data(), scores.size() * sizeof(float)));
     for (int s = 0; s < f.num_seqs(); ++s) {
       for (int h = 0; h < kv_heads; ++h) {
         const float* row = &scores[(s * kv_heads + h) * f.max_blocks()];
