@@ -21,11 +21,7 @@ double MsSince(Clock::time_point t0) {
 
 }  // namespace
 
-absl::StatusOr<PlacementResult> RunPlacement(SyntheticContext& ctx, const BenchOptions& options,
-                                             absl::string_view placement,
-                                             const ProgressFn& progress) {
-  const SyntheticContextConfig& cfg = ctx.config();
-  const ModelShape& m = cfg.shape;
+absl::Status ValidateBenchOptions(const BenchOptions& options, const SyntheticContextConfig& cfg) {
   MEMPIPE_RETURN_IF_ERROR(ValidateSparsityPolicy(options.policy, cfg.block_size));
   if (options.steps <= 0 || options.warmup < 0) {
     return absl::InvalidArgumentError(absl::StrCat("steps must be positive and warmup >= 0, got ",
@@ -36,6 +32,15 @@ absl::StatusOr<PlacementResult> RunPlacement(SyntheticContext& ctx, const BenchO
         absl::StrCat("steps + warmup = ", options.steps + options.warmup,
                      " exceeds the context's room for new tokens (", cfg.max_new_tokens, ")"));
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<PlacementResult> RunPlacement(SyntheticContext& ctx, const BenchOptions& options,
+                                             absl::string_view placement,
+                                             const ProgressFn& progress) {
+  const SyntheticContextConfig& cfg = ctx.config();
+  const ModelShape& m = cfg.shape;
+  MEMPIPE_RETURN_IF_ERROR(ValidateBenchOptions(options, cfg));
   PlacementResult result;
   result.placement = std::string(placement);
   std::unique_ptr<PageSelector> selector;

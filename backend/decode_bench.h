@@ -64,6 +64,11 @@ struct PlacementResult {
   std::optional<double> modeled_bulk_prepare_ms;
 };
 
+// Checks the policy for the context's page size, steps > 0, warmup >= 0, and that the steps
+// fit the context's room for new tokens.
+[[nodiscard]] absl::Status ValidateBenchOptions(const BenchOptions& options,
+                                                const SyntheticContextConfig& cfg);
+
 using ProgressFn = std::function<void(int step, int total_steps, double step_ms)>;
 
 // Runs one placement from the prompt state (the context is rewound first and after).

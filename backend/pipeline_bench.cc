@@ -29,16 +29,7 @@ absl::StatusOr<PipelinePlacementResult> RunPipelinePlacement(SyntheticContext& c
                                                              const ProgressFn& progress) {
   const SyntheticContextConfig& cfg = ctx.config();
   const ModelShape& m = cfg.shape;
-  MEMPIPE_RETURN_IF_ERROR(ValidateSparsityPolicy(options.policy, cfg.block_size));
-  if (options.steps <= 0 || options.warmup < 0) {
-    return absl::InvalidArgumentError(absl::StrCat("steps must be positive and warmup >= 0, got ",
-                                                   options.steps, " and ", options.warmup));
-  }
-  if (options.steps + options.warmup > cfg.max_new_tokens) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("steps + warmup = ", options.steps + options.warmup,
-                     " exceeds the context's room for new tokens (", cfg.max_new_tokens, ")"));
-  }
+  MEMPIPE_RETURN_IF_ERROR(ValidateBenchOptions(options, cfg));
   PipelineOptions po;
   MEMPIPE_ASSIGN_OR_RETURN(po.placement, ParsePlacement(pipeline.placement));
   po.mode = pipeline.mode;
