@@ -21,6 +21,18 @@ double MsSince(Clock::time_point t0) {
 
 }  // namespace
 
+void FinishPlacementResult(int batch, bool check_accuracy, double err_num, double err_den,
+                           PlacementResult& result) {
+  std::vector<double> sorted = result.step_ms;
+  std::sort(sorted.begin(), sorted.end());
+  const size_t n = sorted.size();
+  result.median_step_ms = n % 2 ? sorted[n / 2] : 0.5 * (sorted[n / 2 - 1] + sorted[n / 2]);
+  result.tokens_per_s = batch * 1000.0 / result.median_step_ms;
+  if (check_accuracy && result.sparse_layers > 0 && err_den > 0) {
+    result.rel_l2_error = std::sqrt(err_num / err_den);
+  }
+}
+
 absl::Status ValidateBenchOptions(const BenchOptions& options, const SyntheticContextConfig& cfg) {
   MEMPIPE_RETURN_IF_ERROR(ValidateSparsityPolicy(options.policy, cfg.block_size));
   if (options.steps <= 0 || options.warmup < 0) {
@@ -180,14 +192,7 @@ absl::StatusOr<PlacementResult> RunPlacement(SyntheticContext& ctx, const BenchO
     result.modeled_device_ms_per_step = modeled_ms / options.steps;
     result.modeled_energy_mj_per_step = modeled_mj / options.steps;
   }
-  std::vector<double> sorted = result.step_ms;
-  std::sort(sorted.begin(), sorted.end());
-  const size_t n = sorted.size();
-  result.median_step_ms = n % 2 ? sorted[n / 2] : 0.5 * (sorted[n / 2 - 1] + sorted[n / 2]);
-  result.tokens_per_s = batch * 1000.0 / result.median_step_ms;
-  if (options.check_accuracy && result.sparse_layers > 0 && err_den > 0) {
-    result.rel_l2_error = std::sqrt(err_num / err_den);
-  }
+  FinishPlacementResult(batch, options.check_accuracy, err_num, err_den, result);
   return result;
 }
 

@@ -69,6 +69,11 @@ struct PlacementResult {
 [[nodiscard]] absl::Status ValidateBenchOptions(const BenchOptions& options,
                                                 const SyntheticContextConfig& cfg);
 
+// Fills the median step time, tokens/s and (when checked, over sparse layers) the relative L2
+// error sqrt(err_num / err_den) from `result.step_ms` and the accumulated error sums.
+void FinishPlacementResult(int batch, bool check_accuracy, double err_num, double err_den,
+                           PlacementResult& result);
+
 using ProgressFn = std::function<void(int step, int total_steps, double step_ms)>;
 
 // Runs one placement from the prompt state (the context is rewound first and after).

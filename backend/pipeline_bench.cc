@@ -153,14 +153,7 @@ absl::StatusOr<PipelinePlacementResult> RunPipelinePlacement(SyntheticContext& c
   }
   ctx.Rewind();
   out.metrics = pipe->Metrics();
-  std::vector<double> sorted = result.step_ms;
-  std::sort(sorted.begin(), sorted.end());
-  const size_t n = sorted.size();
-  result.median_step_ms = n % 2 ? sorted[n / 2] : 0.5 * (sorted[n / 2 - 1] + sorted[n / 2]);
-  result.tokens_per_s = batch * 1000.0 / result.median_step_ms;
-  if (options.check_accuracy && result.sparse_layers > 0 && err_den > 0) {
-    result.rel_l2_error = std::sqrt(err_num / err_den);
-  }
+  FinishPlacementResult(batch, options.check_accuracy, err_num, err_den, result);
   return out;
 }
 
