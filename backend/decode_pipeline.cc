@@ -8,7 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "attention/decode.h"
-#include "backend/base/status_macros.h"
+#include "core/status_macros.h"
 #include "retriever/digest.h"
 #include "retriever/relevancy.h"
 

@@ -66,7 +66,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-#include "attention/paged_kv.h"
+#include "core/paged_kv.h"
 #include "backend/pipeline_metrics.h"
 #include "backend/placement.h"
 #include "backend/spsc_channel.h"

@@ -35,7 +35,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "attention/decode.h"
-#include "attention/paged_kv.h"
+#include "core/paged_kv.h"
 #include "bindings/dlpack_tensor.h"
 #include "retriever/digest.h"
 #include "retriever/relevancy.h"

@@ -32,8 +32,8 @@
 
 #include "absl/status/status.h"
 #include "attention/decode.h"
-#include "attention/paged_kv.h"
-#include "backend/gpu/gpu_runtime.h"
+#include "core/paged_kv.h"
+#include "core/gpu/gpu_runtime.h"
 
 namespace mempipe {
 

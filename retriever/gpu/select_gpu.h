@@ -30,8 +30,8 @@
 #include <cstddef>
 
 #include "absl/status/status.h"
-#include "attention/paged_kv.h"
-#include "backend/gpu/gpu_runtime.h"
+#include "core/paged_kv.h"
+#include "core/gpu/gpu_runtime.h"
 #include "retriever/digest.h"
 #include "retriever/relevancy.h"
 #include "retriever/select.h"

@@ -13,8 +13,8 @@
 #include <cstdint>
 
 #include "absl/strings/str_cat.h"
-#include "backend/base/gpu_compat.h"
-#include "backend/base/status_macros.h"
+#include "core/gpu/gpu_compat.h"
+#include "core/status_macros.h"
 
 namespace mempipe {
 namespace {

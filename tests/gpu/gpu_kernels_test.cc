@@ -12,14 +12,14 @@
 
 #include "attention/decode.h"
 #include "attention/gpu/paged_decode_gpu.h"
-#include "backend/gpu/gpu_runtime.h"
+#include "core/gpu/gpu_runtime.h"
 #include "gtest/gtest.h"
 #include "retriever/digest.h"
 #include "retriever/gpu/digest_gpu.h"
 #include "retriever/gpu/select_gpu.h"
 #include "retriever/relevancy.h"
 #include "retriever/select.h"
-#include "tests/core/paged_fixture.h"
+#include "tests/testing/paged_fixture.h"
 
 namespace mempipe {
 namespace {

@@ -1,0 +1,247 @@
+#include "fpga/host/device_layout.h"
+
+#include <algorithm>
+#include <cstring>
+#include <set>
+
+#include "absl/strings/str_cat.h"
+#include "core/status_macros.h"
+#include "fpga/hls/kernel_common.h"
+
+namespace mempipe {
+namespace {
+
+size_t AlignUp(size_t n) { return (n + kSubBufferAlign - 1) / kSubBufferAlign * kSubBufferAlign; }
+
+KvCacheView Geometry(const CacheShape& shape, void* dummy) {
+  return KvCacheView{
+      dummy, shape.dtype, shape.num_blocks, shape.block_size, shape.num_kv_heads, shape.head_dim};
+}
+
+}  // namespace
+
+int CuFor(int layer, int kv_head, int num_kv_heads, int num_cus) {
+  const int64_t i = static_cast<int64_t>(layer) * num_kv_heads + kv_head;
+  return static_cast<int>(((i % num_cus) + num_cus) % num_cus);
+}
+
+size_t RowWordsOf(const CacheShape& shape) {
+  return static_cast<size_t>(fpga_hls::RowWords(shape.head_dim, static_cast<int>(shape.dtype)));
+}
+
+size_t HeadSliceWords(const CacheShape& shape) {
+  return static_cast<size_t>(shape.num_blocks) * 2 * RowWordsOf(shape);
+}
+
+absl::Status ValidateCacheShape(const CacheShape& shape) {
+  int dummy = 0;
+  return ValidateKvCache(Geometry(shape, &dummy));
+}
+
+absl::Status ValidateScoreRequest(const SelectRequest& r, const CacheShape& shape) {
+  int dummy = 0;
+  const KvCacheView geometry = Geometry(shape, &dummy);
+  MEMPIPE_RETURN_IF_ERROR(ValidateSelectionConfig(r.config, shape.block_size));
+  MEMPIPE_RETURN_IF_ERROR(ValidateBlockTable(r.table, shape.block_size, shape.num_blocks));
+  MEMPIPE_RETURN_IF_ERROR(ValidateQuery(r.query, geometry, r.table));
+  const int k = r.config.PagesPerHead(shape.block_size);
+  if (r.out.pages == nullptr || r.out.counts == nullptr) {
+    return absl::InvalidArgumentError("selection pointers must not be null");
+  }
+  if (r.out.num_seqs != r.table.num_seqs || r.out.num_kv_heads != shape.num_kv_heads ||
+      r.out.max_selected < k) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "selection is [", r.out.num_seqs, ", ", r.out.num_kv_heads, ", ", r.out.max_selected,
+        "]; need [", r.table.num_seqs, ", ", shape.num_kv_heads, ", >= ", k, "]"));
+  }
+  const int group = r.query.num_heads / shape.num_kv_heads;
+  if (group > fpga_hls::kMaxGroup) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("GQA ratio ", group, " exceeds the FPGA kernel's limit of ",
+                     fpga_hls::kMaxGroup, " query heads per KV head"));
+  }
+  if (r.table.max_blocks_per_seq > fpga_hls::kMaxPagesPerSeq) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "max_blocks_per_seq ", r.table.max_blocks_per_seq, " exceeds the FPGA kernel's limit of ",
+        fpga_hls::kMaxPagesPerSeq, " pages per sequence"));
+  }
+  const int middle = k - r.config.num_sink_pages - r.config.num_local_pages;
+  if (middle > fpga_hls::kMaxTopK) {
+    return absl::InvalidArgumentError(absl::StrCat("budget keeps ", middle,
+                                                   " middle pages; the FPGA kernel keeps at most ",
+                                                   fpga_hls::kMaxTopK));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateAppend(const CacheShape& shape, const int64_t* slots, int num_tokens,
+                            const void* keys) {
+  if (num_tokens < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("num_tokens must be >= 0, got ", num_tokens));
+  }
+  if (num_tokens > 0 && (slots == nullptr || keys == nullptr)) {
+    return absl::InvalidArgumentError("slots and keys must not be null");
+  }
+  const int64_t capacity = static_cast<int64_t>(shape.num_blocks) * shape.block_size;
+  for (int t = 0; t < num_tokens; ++t) {
+    if (slots[t] >= capacity) {
+      return absl::InvalidArgumentError(absl::StrCat("slot_mapping[", t, "] = ", slots[t],
+                                                     " is past the cache's ", capacity, " slots"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+ScoreIo PlanScoreIo(int num_seqs, int group, int head_dim, int max_blocks_per_seq,
+                    int max_selected) {
+  ScoreIo io;
+  io.queries_bytes = static_cast<size_t>(num_seqs) * group * head_dim * sizeof(float);
+  io.table_offset = AlignUp(io.queries_bytes);
+  io.table_bytes = static_cast<size_t>(num_seqs) * max_blocks_per_seq * sizeof(int32_t);
+  io.lens_offset = io.table_offset + AlignUp(io.table_bytes);
+  io.lens_bytes = static_cast<size_t>(num_seqs) * sizeof(int32_t);
+  io.in_bytes = io.lens_offset + AlignUp(io.lens_bytes);
+  io.pages_bytes = static_cast<size_t>(num_seqs) * max_selected * sizeof(int32_t);
+  io.counts_offset = AlignUp(io.pages_bytes);
+  io.counts_bytes = static_cast<size_t>(num_seqs) * sizeof(int32_t);
+  io.out_bytes = io.counts_offset + AlignUp(io.counts_bytes);
+  return io;
+}
+
+void PackScoreInputs(const SelectRequest& r, int kv_head, int group, const ScoreIo& io,
+                     uint8_t* in) {
+  float* q = reinterpret_cast<float*>(in + io.queries_offset);
+  const int d = r.query.head_dim;
+  for (int s = 0; s < r.query.num_seqs; ++s) {
+    const size_t src = (static_cast<size_t>(s) * r.query.num_heads + kv_head * group) * d;
+    const size_t dst = static_cast<size_t>(s) * group * d;
+    for (size_t i = 0; i < static_cast<size_t>(group) * d; ++i) {
+      q[dst + i] = LoadAsFloat(r.query.data, r.query.dtype, src + i);
+    }
+  }
+  std::memcpy(in + io.table_offset, r.table.block_table, io.table_bytes);
+  std::memcpy(in + io.lens_offset, r.table.seq_lens, io.lens_bytes);
+}
+
+void UnpackScoreOutputs(const uint8_t* out, const ScoreIo& io, int kv_head,
+                        const SelectionView& sel) {
+  const int32_t* pages = reinterpret_cast<const int32_t*>(out + io.pages_offset);
+  const int32_t* counts = reinterpret_cast<const int32_t*>(out + io.counts_offset);
+  for (int s = 0; s < sel.num_seqs; ++s) {
+    std::memcpy(sel.Row(s, kv_head), pages + static_cast<size_t>(s) * sel.max_selected,
+                sel.max_selected * sizeof(int32_t));
+    sel.Count(s, kv_head) = counts[s];
+  }
+}
+
+UpdateIo PlanUpdateIo(int num_tokens, const CacheShape& shape) {
+  UpdateIo io;
+  io.slots_bytes = static_cast<size_t>(num_tokens) * sizeof(int64_t);
+  io.keys_offset = AlignUp(io.slots_bytes);
+  io.keys_bytes = static_cast<size_t>(num_tokens) * shape.head_dim * DTypeSize(shape.dtype);
+  io.in_bytes = io.keys_offset + AlignUp(io.keys_bytes);
+  return io;
+}
+
+void PackUpdateInputs(const CacheShape& shape, const int64_t* slots, const void* keys, int begin,
+                      int end, int kv_head, const UpdateIo& io, uint8_t* in) {
+  std::memcpy(in + io.slots_offset, slots + begin, (end - begin) * sizeof(int64_t));
+  const size_t row = static_cast<size_t>(shape.head_dim) * DTypeSize(shape.dtype);
+  const uint8_t* k = static_cast<const uint8_t*>(keys);
+  for (int t = begin; t < end; ++t) {
+    std::memcpy(in + io.keys_offset + (t - begin) * row,
+                k + (static_cast<size_t>(t) * shape.num_kv_heads + kv_head) * row, row);
+  }
+}
+
+std::vector<std::pair<int, int>> SplitUpdateLaunches(const int64_t* slots, int num_tokens,
+                                                     int block_size) {
+  std::vector<std::pair<int, int>> launches;
+  std::set<int64_t> closed;  // blocks whose run ended in the current launch
+  int64_t current = -1;
+  int begin = 0;
+  for (int t = 0; t < num_tokens; ++t) {
+    if (slots[t] < 0) continue;
+    const int64_t block = slots[t] / block_size;
+    if (block == current) continue;
+    if (closed.count(block)) {
+      launches.emplace_back(begin, t);
+      begin = t;
+      closed.clear();
+    } else if (current >= 0) {
+      closed.insert(current);
+    }
+    current = block;
+  }
+  if (num_tokens > begin) launches.emplace_back(begin, num_tokens);
+  return launches;
+}
+
+absl::Status GatherKeysForBuild(const KvCacheView& cache, const BlockTableView& table,
+                                std::vector<int64_t>& slots, std::vector<uint8_t>& keys) {
+  MEMPIPE_RETURN_IF_ERROR(ValidateKvCache(cache));
+  MEMPIPE_RETURN_IF_ERROR(ValidateBlockTable(table, cache.block_size, cache.num_blocks));
+  const size_t row = cache.TokenStride() * DTypeSize(cache.dtype);
+  slots.clear();
+  keys.clear();
+  const uint8_t* kv = static_cast<const uint8_t*>(cache.data);
+  for (int s = 0; s < table.num_seqs; ++s) {
+    const int len = table.seq_lens[s];
+    for (int p = 0; p < NumPages(len, cache.block_size); ++p) {
+      const int block = table.Block(s, p);
+      const int n = std::min(cache.block_size, len - p * cache.block_size);
+      for (int t = 0; t < n; ++t) {
+        slots.push_back(static_cast<int64_t>(block) * cache.block_size + t);
+        const uint8_t* src = kv + cache.Offset(0, block, t, 0) * DTypeSize(cache.dtype);
+        keys.insert(keys.end(), src, src + row);
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+CuLaunch ScoreLaunchWork(const SelectRequest& r, const CacheShape& shape, int cu,
+                         const ScoreIo& io) {
+  CuLaunch l;
+  l.cu = cu;
+  l.rows = r.table.num_seqs;
+  const double row_bytes = static_cast<double>(RowWordsOf(shape)) * hls_compat::kWordBytes;
+  const int k = r.config.PagesPerHead(shape.block_size);
+  double digest_bytes = 0, select = 0;
+  for (int s = 0; s < r.table.num_seqs; ++s) {
+    const int n = NumPages(r.table.seq_lens[s], shape.block_size);
+    digest_bytes += 2.0 * n * row_bytes;
+    // Buffer pass, then (above the budget) insert and emit passes over the middle pages.
+    select += n + (n <= k ? 0.0 : 2.0 * (n - r.config.num_sink_pages - r.config.num_local_pages));
+  }
+  l.hbm_bytes = digest_bytes + io.queries_bytes + io.table_bytes + io.lens_bytes + io.pages_bytes +
+                io.counts_bytes;
+  l.stream_words = (digest_bytes + io.queries_bytes) / hls_compat::kWordBytes;
+  l.select_clocks = select;
+  return l;
+}
+
+CuLaunch UpdateLaunchWork(const CacheShape& shape, const int64_t* slots, int begin, int end, int cu,
+                          const UpdateIo& io) {
+  CuLaunch l;
+  l.cu = cu;
+  l.rows = 1;
+  const double row_bytes = static_cast<double>(RowWordsOf(shape)) * hls_compat::kWordBytes;
+  int64_t current = -1;
+  double runs = 0, reads_old = 0;
+  for (int t = begin; t < end; ++t) {
+    if (slots[t] < 0) continue;
+    const int64_t block = slots[t] / shape.block_size;
+    if (block != current) {
+      ++runs;
+      if (slots[t] % shape.block_size != 0) ++reads_old;
+      current = block;
+    }
+  }
+  // Keys and slots in, old rows in for runs that continue a page, both rows out per run.
+  l.hbm_bytes = io.slots_bytes + io.keys_bytes + 2 * row_bytes * (reads_old + runs);
+  l.stream_words = (io.keys_bytes + 2 * row_bytes * reads_old) / hls_compat::kWordBytes;
+  return l;
+}
+
+}  // namespace mempipe
