@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Pipeline (issue 5) CI step, after .ci/test's suites (which already run tests/pipeline/ plain,
+# Pipeline (issue 5) CI step, after .ci/test's suites (which already run tests/backend/ plain,
 # under ASan+UBSan and under TSan): a smoke run of mempipe-bench through the stage pipeline,
 # sync and pipelined, checking that every request completed and the JSON carries the metrics.
 # The fpga placement runs on the paced emulated U55C (fpga/); --stand-in-gbps only fills devices
@@ -13,7 +13,7 @@ out=$(mktemp -d)
 common=(--layers=4 --num_heads=8 --num_kv_heads=2 --head_dim=64 --context=4096 --batch=4
         --budget=512 --steps=3 --warmup=1 --placements=dense --stand-in-gbps=410 --threads=1)
 for mode in sync pipelined; do
-  "$dir/backend/mempipe-bench" "${common[@]}" --placement=fpga --mode=$mode --micro-batches=$([ $mode = sync ] && echo 1 || echo 4) \
+  "$dir/integration/bench/mempipe-bench" "${common[@]}" --placement=fpga --mode=$mode --micro-batches=$([ $mode = sync ] && echo 1 || echo 4) \
     --json="$out/$mode.json" | tee "$out/$mode.txt"
   python3 - "$out/$mode.json" <<'PY'
 import json, sys

@@ -8,16 +8,13 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "attention/decode.h"
+#include "core/clock.h"
 #include "core/status_macros.h"
 #include "retriever/digest.h"
 #include "retriever/relevancy.h"
 
 namespace mempipe {
 namespace {
-
-using Clock = std::chrono::steady_clock;
-
-double Ms(Clock::duration d) { return std::chrono::duration<double, std::milli>(d).count(); }
 
 // A reused selection, extended by every page past its last entry up to the sequence's current
 // last page, so the newest tokens are always attended (the local window of a fresh selection).

@@ -63,6 +63,7 @@
 #include <thread>
 #include <vector>
 
+#include "core/clock.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
@@ -170,7 +171,6 @@ class DecodePipeline {
   void ResetMetrics();
 
  private:
-  using Clock = std::chrono::steady_clock;
 
   struct Job {  // front -> selector
     uint64_t step = 0;

@@ -5,6 +5,7 @@
 #include <exception>
 
 #include "absl/strings/str_cat.h"
+#include "core/clock.h"
 #include "core/status_macros.h"
 #include "fpga/hls/kernels.h"
 
@@ -12,10 +13,6 @@ namespace mempipe {
 namespace {
 
 using hls_compat::Word512;
-
-double MsBetween(std::chrono::steady_clock::time_point a, std::chrono::steady_clock::time_point b) {
-  return std::chrono::duration<double, std::milli>(b - a).count();
-}
 
 std::vector<Word512> WordBuffer(size_t bytes) {
   return std::vector<Word512>((bytes + sizeof(Word512) - 1) / sizeof(Word512), Word512{});
@@ -150,16 +147,7 @@ absl::Status EmulatedU55cSelector::RunUpdate(int layer_id, Layer& layer, const i
 absl::Status EmulatedU55cSelector::BuildDigests(int layer, const KvCacheView& cache,
                                                 const BlockTableView& table) {
   MEMPIPE_ASSIGN_OR_RETURN(Layer * l, Find(layer));
-  const CacheShape& sh = l->shape;
-  if (cache.dtype != sh.dtype || cache.num_blocks != sh.num_blocks ||
-      cache.block_size != sh.block_size || cache.num_kv_heads != sh.num_kv_heads ||
-      cache.head_dim != sh.head_dim) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "KV cache (", cache.num_blocks, " blocks of ", cache.block_size, ", ", cache.num_kv_heads,
-        " KV heads, head_dim ", cache.head_dim, ", ", DTypeName(cache.dtype),
-        ") does not match layer ", layer, " (", sh.num_blocks, " blocks of ", sh.block_size, ", ",
-        sh.num_kv_heads, " KV heads, head_dim ", sh.head_dim, ", ", DTypeName(sh.dtype), ")"));
-  }
+  MEMPIPE_RETURN_IF_ERROR(ValidateBuildRequest(layer, cache, table, l->shape));
   std::vector<int64_t> slots;
   std::vector<uint8_t> keys;
   MEMPIPE_RETURN_IF_ERROR(GatherKeysForBuild(cache, table, slots, keys));

@@ -1,6 +1,6 @@
 // mempipe fpga: the emulated Alveo U55C, a PageSelector running the HLS kernels on a host thread.
 //
-// Its "HBM" is host memory laid out as on the card (fpga/host/device_layout.h); Submit() packs the
+// Its "HBM" is host memory laid out as on the card (fpga/device_layout.h); Submit() packs the
 // inputs (the host->card DMA), queues the launch and returns; a worker thread runs
 // mempipe_score_topk once per KV head, exactly the kernel source of fpga/hls/, and Wait() unpacks
 // the pages (the card->host DMA). Step-1 calls (BuildDigests, AppendKeys) run the digest kernel
@@ -25,7 +25,9 @@
 #include <thread>
 #include <vector>
 
-#include "fpga/host/device_layout.h"
+#include "core/clock.h"
+#include "fpga/device_layout.h"
+#include "fpga/request_checks.h"
 #include "fpga/hls/hls_compat.h"
 #include "fpga/emulation/u55c_model.h"
 #include "retriever/page_selector.h"
@@ -55,7 +57,6 @@ class EmulatedU55cSelector final : public PageSelector {
   std::vector<double> ChannelBytes() const;
 
  private:
-  using Clock = std::chrono::steady_clock;
   struct Layer {
     CacheShape shape;
     std::vector<std::vector<hls_compat::Word512>> heads;  // per KV head: its HBM slice

@@ -1,7 +1,7 @@
 // mempipe fpga: the HLS kernels' top functions and their argument lists.
 //
 // Each launch works on ONE KV head of one layer, batched over the sequences of a request; the
-// host launches one compute unit per KV head (fpga/host/device_layout.h says which CU and HBM
+// host launches one compute unit per KV head (fpga/device_layout.h says which CU and HBM
 // pseudo-channel hold which head). The argument tables below are the single source for the
 // host runtime (argument indices) and for the xclbin the project writes (kernel metadata), so the
 // three cannot drift apart.

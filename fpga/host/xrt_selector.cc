@@ -6,6 +6,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "core/clock.h"
 #include "core/status_macros.h"
 #include "experimental/xrt_xclbin.h"
 #include "fpga/hls/kernels.h"
@@ -15,10 +16,6 @@ namespace mempipe {
 namespace {
 
 constexpr std::chrono::microseconds kPollInterval{50};
-
-double MsSince(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-}
 
 // Whole 4 KiB pages: XRT allocates host backing with aligned_alloc(4096, size), which requires
 // a multiple of the alignment.
@@ -229,13 +226,7 @@ absl::Status XrtPageSelector::RunUpdate(int layer_id, Layer& layer, const int64_
 absl::Status XrtPageSelector::BuildDigests(int layer, const KvCacheView& cache,
                                            const BlockTableView& table) {
   MEMPIPE_ASSIGN_OR_RETURN(Layer * l, Find(layer));
-  const CacheShape& sh = l->shape;
-  if (cache.dtype != sh.dtype || cache.num_blocks != sh.num_blocks ||
-      cache.block_size != sh.block_size || cache.num_kv_heads != sh.num_kv_heads ||
-      cache.head_dim != sh.head_dim) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("KV cache does not match layer ", layer, "'s shape"));
-  }
+  MEMPIPE_RETURN_IF_ERROR(ValidateBuildRequest(layer, cache, table, l->shape));
   std::vector<int64_t> slots;
   std::vector<uint8_t> keys;
   MEMPIPE_RETURN_IF_ERROR(GatherKeysForBuild(cache, table, slots, keys));

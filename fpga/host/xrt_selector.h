@@ -3,7 +3,7 @@
 // Opens the device, loads the xclbin (the v++-built one for a card, or the project's own
 // descriptive one from fpga/host/xclbin_writer.h), and binds one xrt::kernel per compute unit of
 // mempipe_score_topk and mempipe_digest_update. Digests of (layer, KV head) are xrt::bo buffers
-// resident in the HBM pseudo-channel of CU CuFor(layer, head) (fpga/host/device_layout.h). Per step,
+// resident in the HBM pseudo-channel of CU CuFor(layer, head) (fpga/device_layout.h). Per step,
 // Submit() packs the group's queries, the block table and the lengths into one buffer per CU,
 // syncs it to the card and starts one run per KV head (batched over all sequences); Wait() waits
 // for the runs, syncs each CU's pages back and unpacks them. Those per-CU buffers are kept and
@@ -26,7 +26,9 @@
 #include <memory>
 #include <vector>
 
-#include "fpga/host/device_layout.h"
+#include "core/clock.h"
+#include "fpga/device_layout.h"
+#include "fpga/request_checks.h"
 #include "fpga/fpga_selector.h"
 #include "retriever/page_selector.h"
 #include "xrt/xrt_bo.h"
@@ -61,7 +63,6 @@ class XrtPageSelector final : public PageSelector {
   size_t io_pairs_allocated() const { return io_pairs_allocated_; }
 
  private:
-  using Clock = std::chrono::steady_clock;
   struct Layer {
     CacheShape shape;
     std::vector<xrt::bo> heads;  // [kv_heads] digest slices

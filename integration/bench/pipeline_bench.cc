@@ -9,19 +9,11 @@
 
 #include "absl/strings/str_cat.h"
 #include "attention/decode.h"
+#include "core/clock.h"
 #include "core/status_macros.h"
 #include "backend/selector_registry.h"
 
 namespace mempipe {
-namespace {
-
-using Clock = std::chrono::steady_clock;
-
-double MsSince(Clock::time_point t0) {
-  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-}
-
-}  // namespace
 
 absl::StatusOr<PipelinePlacementResult> RunPipelinePlacement(SyntheticContext& ctx,
                                                              const BenchOptions& options,

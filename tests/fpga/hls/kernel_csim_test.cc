@@ -6,7 +6,7 @@
 #include <random>
 #include <vector>
 
-#include "fpga/host/device_layout.h"
+#include "fpga/device_layout.h"
 #include "fpga/hls/kernel_common.h"
 #include "fpga/hls/kernels.h"
 #include "gtest/gtest.h"

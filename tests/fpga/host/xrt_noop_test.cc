@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "experimental/xrt_xclbin.h"
-#include "fpga/host/device_layout.h"
+#include "fpga/device_layout.h"
 #include "fpga/fpga_selector.h"
 #include "fpga/hls/kernels.h"
 #include "fpga/host/xclbin_writer.h"
