@@ -70,6 +70,7 @@
 #include "core/paged_kv.h"
 #include "backend/pipeline_metrics.h"
 #include "backend/placement.h"
+#include "backend/policy.h"
 #include "backend/spsc_channel.h"
 #include "retriever/page_selector.h"
 #include "retriever/select.h"
@@ -89,8 +90,9 @@ struct PipelineOptions {
   double deadline_ms = 100;     // per selection, from its issue, > 0
   int queue_capacity = 0;       // 0: large enough never to fill; >= 1 applies back-pressure
   int dead_after_failures = 3;  // consecutive selector failures that declare it dead, >= 1
-  SelectionConfig selection;
-  int dense_layers = 0;   // the first layers decode densely and select nothing (Quest: 2)
+  // Which layers select pages (backend/policy.h); the first policy.dense_layers layers
+  // decode densely and select nothing (Quest keeps 2).
+  SparsityPolicy policy{.dense_layers = 0, .selection = {}};
   int apply_threads = 1;  // host threads of the CPU decode (DecodeIo::num_threads)
   float scale = 0;        // softmax scale; 0 means 1 / sqrt(head_dim)
 };

@@ -1,4 +1,4 @@
-// mempipe base: storage data types and their conversions on the host.
+// mempipe core: storage data types and their conversions on the host.
 //
 // The KV cache, digests and queries are stored as fp32, fp16 or bf16; every computation runs
 // in fp32. `Half` and `BFloat16` are plain 16-bit containers with round-to-nearest-even
@@ -22,6 +22,9 @@
 namespace mempipe {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Every dtype the cache, digests and queries may use (Python: mempipe._mempipe.supported_dtypes).
+inline constexpr DType kSupportedDTypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
 
 inline constexpr size_t DTypeSize(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
 

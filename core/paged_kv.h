@@ -1,4 +1,4 @@
-// mempipe attention: the paged KV cache and the views every step works on.
+// mempipe core: the paged KV cache and the views every step works on.
 //
 // Layouts follow vLLM's FlashAttention backend so its block tables and slot mappings apply
 // unchanged:
@@ -24,9 +24,14 @@
 
 namespace mempipe {
 
-// Page sizes and head sizes every implementation supports.
+// The supported sizes, defined here only (Python reads them from the module:
+// mempipe._mempipe.supported_*). Page sizes and head sizes every implementation supports:
 inline constexpr int kSupportedBlockSizes[] = {16, 32, 64};
 inline constexpr int kSupportedHeadDims[] = {64, 128, 256};
+// GQA group sizes (num_heads / num_kv_heads) the GPU kernels are compiled for; the CPU steps
+// take any group, the FPGA kernel up to 16 (fpga/hls/kernel_common.h).
+inline constexpr int kSupportedGpuGroupSizes[] = {1, 2, 4, 8};
+// Cache and query dtypes: kSupportedDTypes in core/dtype.h.
 
 [[nodiscard]] absl::Status ValidateBlockSize(int block_size);
 [[nodiscard]] absl::Status ValidateHeadDim(int head_dim);

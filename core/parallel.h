@@ -1,4 +1,4 @@
-// mempipe attention: splitting (sequence, KV head) work across host threads.
+// mempipe core: splitting (sequence, KV head) work across host threads.
 //
 //   ForEachSeqHeads(num_seqs, num_kv_heads, threads, [&](int seq, int h0, int h1) { ... });
 #ifndef MEMPIPE_CORE_PARALLEL_H_

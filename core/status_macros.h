@@ -1,4 +1,4 @@
-// mempipe base: status propagation macros.
+// mempipe core: status propagation macros.
 //
 // Debian's Abseil (20220623) ships no status_macros.h, so the project defines its own pair once.
 //

@@ -1,4 +1,4 @@
-// mempipe GPU runtime helpers for host code that must not include a vendor header (tests,
+// mempipe core/gpu: runtime helpers for host code that must not include a vendor header (tests,
 // launchers' callers): device discovery, device buffers, copies, and error translation.
 // Streams travel as the opaque `GpuStream` (a hipStream_t / cudaStream_t; nullptr is the
 // default stream).

@@ -54,7 +54,7 @@ absl::StatusOr<PlacementResult> RunPlacement(SyntheticContext& ctx, const BenchO
     result.selector = std::string(selector->Name());
   }
   ctx.Rewind();
-  const int first_sparse_layer = std::min(options.policy.dense_layers, m.num_layers);
+  const int first_sparse_layer = FirstSparseLayer(options.policy, m.num_layers);
   if (selector) {
     const auto t0 = Clock::now();
     for (int l = first_sparse_layer; l < m.num_layers; ++l) {

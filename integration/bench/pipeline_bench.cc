@@ -28,8 +28,7 @@ absl::StatusOr<PipelinePlacementResult> RunPipelinePlacement(SyntheticContext& c
   po.micro_batches = pipeline.micro_batches;
   po.reuse = pipeline.reuse;
   po.deadline_ms = pipeline.deadline_ms;
-  po.selection = options.policy.selection;
-  po.dense_layers = options.policy.dense_layers;
+  po.policy = options.policy;
   po.apply_threads = std::max(1, options.threads);
   MEMPIPE_RETURN_IF_ERROR(ValidatePipelineOptions(po));
 

@@ -298,9 +298,9 @@ PipelineOptions Options(absl::string_view placement, PipelineMode mode, int micr
   o.mode = mode;
   o.micro_batches = micro_batches;
   o.reuse = reuse;
-  o.selection.budget_tokens = 64;  // 4 pages of 16: most sequences need a real choice
-  o.selection.num_sink_pages = 1;
-  o.selection.num_local_pages = 1;
+  o.policy.selection.budget_tokens = 64;  // 4 pages of 16: most sequences need a real choice
+  o.policy.selection.num_sink_pages = 1;
+  o.policy.selection.num_local_pages = 1;
   o.deadline_ms = 1000;
   return o;
 }
@@ -319,7 +319,7 @@ void RunAndCheck(Harness& h, DecodePipeline& pipe, const PipelineOptions& o, con
       h.DenseReference(ScaleOf(g));
       h.ExpectMatches(nullptr);
     } else {
-      h.Reference(step % o.reuse == 0, o.selection, pipe.max_selected(), ScaleOf(g));
+      h.Reference(step % o.reuse == 0, o.policy.selection, pipe.max_selected(), ScaleOf(g));
       h.ExpectMatches(&pipe);
     }
   }
@@ -377,7 +377,7 @@ TEST(DecodePipeline, PipelinedOverlapsAPacedSelectorAndAccountsTransfers) {
   g.max_len = 400;
   Harness h(g, FreshSeed());
   PipelineOptions o = Options("fpga", PipelineMode::kPipelined, 4);
-  o.selection.budget_tokens = 256;
+  o.policy.selection.budget_tokens = 256;
   FaultInjectionOptions f;
   f.delay_ms = 2;
   f.report_delay_as_modeled = true;
@@ -608,7 +608,7 @@ TEST(DecodePipeline, BadOptionsAndInputsAreRejectedWithTheValue) {
   expect(create(o).status(), "deadline_ms");
   expect(create(Options("cpu", PipelineMode::kSync, 1), false).status(), "needs a page selector");
   o = Options("cpu", PipelineMode::kSync, 1);
-  o.selection.budget_tokens = 40;
+  o.policy.selection.budget_tokens = 40;
   EXPECT_FALSE(create(o).ok());
   EXPECT_FALSE(ParsePipelineMode("async").ok());
   EXPECT_NE(ParsePipelineMode("async").status().message().find("'async'"), std::string::npos);

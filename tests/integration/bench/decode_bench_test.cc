@@ -61,18 +61,5 @@ TEST(DecodeBench, DensePlacementAndErrors) {
   EXPECT_NE(bad.status().message().find("11"), absl::string_view::npos) << bad.status();
 }
 
-TEST(Policy, FirstLayersAndShortBatchesAreDense) {
-  SparsityPolicy p;
-  p.dense_layers = 2;
-  p.selection.budget_tokens = 64;
-  const int32_t short_lens[] = {10, 64};
-  const int32_t long_lens[] = {10, 65};
-  EXPECT_FALSE(DecodesSparse(p, 1, long_lens, 2));
-  EXPECT_TRUE(DecodesSparse(p, 2, long_lens, 2));
-  EXPECT_FALSE(DecodesSparse(p, 5, short_lens, 2));
-  p.dense_layers = -1;
-  EXPECT_NE(ValidateSparsityPolicy(p, 16).message().find("-1"), absl::string_view::npos);
-}
-
 }  // namespace
 }  // namespace mempipe
