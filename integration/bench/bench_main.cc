@@ -83,7 +83,8 @@ int Fail(const absl::Status& s) {
 
 // Selectors this program links in beyond the built-in CPU one: the FPGA library's (the emulated
 // U55C unless XRT and a card are asked for), and, for devices still without one, the paced
-// stand-in of --stand_in_gbps. A GPU library adds its factory here the same way.
+// stand-in of --stand_in_gbps (the CPU reference paced as the device: tests/testing/
+// fault_injecting_selector.h). A GPU library adds its factory here the same way.
 void RegisterSelectors(int threads) {
   RegisterPageSelectorFactory(Device::kCpu, "cpu", [threads] {
     return absl::StatusOr<std::unique_ptr<PageSelector>>(
@@ -100,8 +101,10 @@ void RegisterSelectors(int threads) {
   const double launch_us = absl::GetFlag(FLAGS_stand_in_launch_us);
   for (Device d : {Device::kGpu, Device::kFpga}) {
     if (HasPageSelectorFactory(d)) continue;
-    const std::string name = absl::StrFormat("%s-stand-in(paced %.0f us + %.0f GB/s, modeled)",
-                                             DeviceName(d), launch_us, gbps);
+    // Named for what it is: the CPU reference selector, paced as a modeled device.
+    const std::string name =
+        absl::StrFormat("cpu-reference-paced-as-%s(%.0f us + %.0f GB/s, modeled)", DeviceName(d),
+                        launch_us, gbps);
     RegisterPageSelectorFactory(d, name, [=]() -> absl::StatusOr<std::unique_ptr<PageSelector>> {
       FaultInjectionOptions o;
       o.name = name;

@@ -4,7 +4,7 @@
 // Functions return 0 on success, else the absl status code, and keep the message for
 // mempipe_gpu_last_error() (per thread).
 //
-//   if (mempipe_dense_decode(...) != 0) fprintf(stderr, "%s\n", mempipe_gpu_last_error());
+//   if (mempipe_paged_decode(...) != 0) fprintf(stderr, "%s\n", mempipe_gpu_last_error());
 #include <cstddef>
 #include <cstdint>
 #include <string>
