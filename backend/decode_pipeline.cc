@@ -171,7 +171,8 @@ DecodePipeline::DecodePipeline(const PipelineOptions& options, std::vector<KvCac
       num_heads_(num_heads),
       max_num_seqs_(max_num_seqs),
       // A reused selection grows by at most one page per step (one new token per sequence).
-      max_selected_(options.policy.selection.PagesPerHead(caches_[0].block_size) + options.reuse - 1),
+      max_selected_(options.policy.selection.PagesPerHead(caches_[0].block_size) + options.reuse -
+                    1),
       scale_(options.scale > 0 ? options.scale
                                : 1.0f / std::sqrt(static_cast<float>(caches_[0].head_dim))),
       dense_(options.placement.dense),

@@ -63,15 +63,15 @@
 #include <thread>
 #include <vector>
 
-#include "core/clock.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-#include "core/paged_kv.h"
 #include "backend/pipeline_metrics.h"
 #include "backend/placement.h"
 #include "backend/policy.h"
 #include "backend/spsc_channel.h"
+#include "core/clock.h"
+#include "core/paged_kv.h"
 #include "retriever/page_selector.h"
 #include "retriever/select.h"
 
@@ -173,7 +173,6 @@ class DecodePipeline {
   void ResetMetrics();
 
  private:
-
   struct Job {  // front -> selector
     uint64_t step = 0;
     int layer = 0;

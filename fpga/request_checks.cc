@@ -74,8 +74,8 @@ absl::Status ValidateAppend(const CacheShape& shape, const int64_t* slots, int n
   return absl::OkStatus();
 }
 
-absl::Status ValidateBuildRequest(int layer, const KvCacheView& cache,
-                                  const BlockTableView& table, const CacheShape& sh) {
+absl::Status ValidateBuildRequest(int layer, const KvCacheView& cache, const BlockTableView& table,
+                                  const CacheShape& sh) {
   if (cache.dtype != sh.dtype || cache.num_blocks != sh.num_blocks ||
       cache.block_size != sh.block_size || cache.num_kv_heads != sh.num_kv_heads ||
       cache.head_dim != sh.head_dim) {

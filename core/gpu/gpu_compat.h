@@ -1,4 +1,5 @@
-// mempipe core/gpu: the portability layer: the one place that knows whether HIP or CUDA compiles us.
+// mempipe core/gpu: the portability layer: the one place that knows whether HIP or CUDA compiles
+// us.
 //
 // Kernels are written in the HIP dialect (hipStream_t, hipMalloc, ...). Under nvcc the HIP
 // names used by mempipe map onto the CUDA runtime; under hipcc they are the real thing. No

@@ -1,9 +1,8 @@
-#include "core/gpu/gpu_runtime.h"
-
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "core/gpu/gpu_compat.h"
+#include "core/gpu/gpu_runtime.h"
 
 namespace mempipe {
 namespace {

@@ -27,9 +27,9 @@
 
 #include "core/clock.h"
 #include "fpga/device_layout.h"
-#include "fpga/request_checks.h"
-#include "fpga/hls/hls_compat.h"
 #include "fpga/emulation/u55c_model.h"
+#include "fpga/hls/hls_compat.h"
+#include "fpga/request_checks.h"
 #include "retriever/page_selector.h"
 
 namespace mempipe {

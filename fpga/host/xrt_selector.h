@@ -28,8 +28,8 @@
 
 #include "core/clock.h"
 #include "fpga/device_layout.h"
-#include "fpga/request_checks.h"
 #include "fpga/fpga_selector.h"
+#include "fpga/request_checks.h"
 #include "retriever/page_selector.h"
 #include "xrt/xrt_bo.h"
 #include "xrt/xrt_device.h"

@@ -19,12 +19,12 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
-#include "integration/bench/decode_bench.h"
-#include "tests/testing/fault_injecting_selector.h"
-#include "integration/bench/pipeline_bench.h"
 #include "backend/selector_registry.h"
 #include "fpga/fpga_selector.h"
+#include "integration/bench/decode_bench.h"
+#include "integration/bench/pipeline_bench.h"
 #include "nlohmann/json.hpp"
+#include "tests/testing/fault_injecting_selector.h"
 
 ABSL_FLAG(int, layers, 32, "Transformer layers (each has its own KV cache)");
 ABSL_FLAG(int, num_heads, 32, "Query heads per layer");
@@ -102,9 +102,8 @@ void RegisterSelectors(int threads) {
   for (Device d : {Device::kGpu, Device::kFpga}) {
     if (HasPageSelectorFactory(d)) continue;
     // Named for what it is: the CPU reference selector, paced as a modeled device.
-    const std::string name =
-        absl::StrFormat("cpu-reference-paced-as-%s(%.0f us + %.0f GB/s, modeled)", DeviceName(d),
-                        launch_us, gbps);
+    const std::string name = absl::StrFormat(
+        "cpu-reference-paced-as-%s(%.0f us + %.0f GB/s, modeled)", DeviceName(d), launch_us, gbps);
     RegisterPageSelectorFactory(d, name, [=]() -> absl::StatusOr<std::unique_ptr<PageSelector>> {
       FaultInjectionOptions o;
       o.name = name;

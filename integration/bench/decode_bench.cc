@@ -7,9 +7,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "attention/decode.h"
+#include "backend/selector_registry.h"
 #include "core/clock.h"
 #include "core/status_macros.h"
-#include "backend/selector_registry.h"
 
 namespace mempipe {
 

@@ -25,8 +25,8 @@ int Report(const absl::Status& s) {
 
 mempipe::KvCacheView Cache(void* kv, int dtype, int num_blocks, int block_size, int num_kv_heads,
                            int head_dim) {
-  return mempipe::KvCacheView{kv, static_cast<mempipe::DType>(dtype), num_blocks, block_size,
-                              num_kv_heads, head_dim};
+  return mempipe::KvCacheView{
+      kv, static_cast<mempipe::DType>(dtype), num_blocks, block_size, num_kv_heads, head_dim};
 }
 
 }  // namespace
@@ -51,11 +51,10 @@ size_t mempipe_select_workspace_bytes(int num_seqs, int num_kv_heads, int max_bl
 int mempipe_paged_decode(const void* query, void* out, void* kv, const int32_t* block_table,
                          const int32_t* seq_lens, const int32_t* pages, const int32_t* counts,
                          int dtype, int num_seqs, int num_heads, int num_kv_heads, int head_dim,
-                         int num_blocks, int block_size, int max_blocks_per_seq,
-                         int max_selected, float scale, void* workspace, size_t workspace_bytes,
-                         void* stream) {
-  const mempipe::DecodeIo io{query, out, static_cast<mempipe::DType>(dtype), num_seqs,
-                             num_heads, head_dim};
+                         int num_blocks, int block_size, int max_blocks_per_seq, int max_selected,
+                         float scale, void* workspace, size_t workspace_bytes, void* stream) {
+  const mempipe::DecodeIo io{query,    out,       static_cast<mempipe::DType>(dtype),
+                             num_seqs, num_heads, head_dim};
   const auto cache = Cache(kv, dtype, num_blocks, block_size, num_kv_heads, head_dim);
   const mempipe::BlockTableView table{block_table, seq_lens, num_seqs, max_blocks_per_seq};
   if (pages == nullptr) {
@@ -63,8 +62,8 @@ int mempipe_paged_decode(const void* query, void* out, void* kv, const int32_t* 
         mempipe::DenseDecodeGpu(io, cache, table, scale, workspace, workspace_bytes, stream));
   }
   const mempipe::PageList list{pages, counts, num_kv_heads, max_selected};
-  return Report(mempipe::SparseDecodeGpu(io, cache, table, list, scale, workspace,
-                                         workspace_bytes, stream));
+  return Report(
+      mempipe::SparseDecodeGpu(io, cache, table, list, scale, workspace, workspace_bytes, stream));
 }
 
 // digests [num_blocks, 2, num_kv_heads, head_dim]; selected [num_seqs, num_kv_heads,
@@ -73,9 +72,9 @@ int mempipe_score_and_select(const void* query, void* digests, const int32_t* bl
                              const int32_t* seq_lens, int dtype, int num_seqs, int num_heads,
                              int num_kv_heads, int head_dim, int num_blocks, int block_size,
                              int max_blocks_per_seq, int budget_tokens, int sink_pages,
-                             int local_pages, int aggregation, int32_t* selected,
-                             int32_t* counts, int max_selected, void* workspace,
-                             size_t workspace_bytes, void* stream) {
+                             int local_pages, int aggregation, int32_t* selected, int32_t* counts,
+                             int max_selected, void* workspace, size_t workspace_bytes,
+                             void* stream) {
   const auto dt = static_cast<mempipe::DType>(dtype);
   const mempipe::QueryView q{query, dt, num_seqs, num_heads, head_dim};
   const auto cache = Cache(digests, dtype, num_blocks, block_size, num_kv_heads, head_dim);

@@ -1,9 +1,9 @@
 // mempipe backend: the decode benchmark driven through the stage pipeline (backend/
 // decode_pipeline.h), for `mempipe-bench --placement ... --mode ...`.
 //
-// Same workload and timing conventions as RunPlacement (integration/bench/decode_bench.h): warm-up plus
-// timed decode steps over every layer of a SyntheticContext, the first `dense_layers` dense. The
-// differences: the placement may be any preset or explicit list, selection and decode run on
+// Same workload and timing conventions as RunPlacement (integration/bench/decode_bench.h): warm-up
+// plus timed decode steps over every layer of a SyntheticContext, the first `dense_layers` dense.
+// The differences: the placement may be any preset or explicit list, selection and decode run on
 // their own threads (sync, or pipelined over micro-batches, or with selections reused), and the
 // step time is the wall time of the KV append plus DecodePipeline::Step (stages overlap, so the
 // per-step breakdown columns are busy times, not parts of a sum).
@@ -18,9 +18,9 @@
 #include <string>
 
 #include "absl/status/statusor.h"
-#include "integration/bench/decode_bench.h"
 #include "backend/decode_pipeline.h"
 #include "backend/pipeline_metrics.h"
+#include "integration/bench/decode_bench.h"
 #include "integration/bench/synthetic_context.h"
 
 namespace mempipe {

@@ -20,11 +20,11 @@
 #include <vector>
 
 #include "attention/decode.h"
-#include "tests/testing/fault_injecting_selector.h"
 #include "backend/selector_registry.h"
 #include "gtest/gtest.h"
 #include "retriever/digest.h"
 #include "retriever/select.h"
+#include "tests/testing/fault_injecting_selector.h"
 #include "tests/testing/paged_fixture.h"
 
 namespace mempipe {

@@ -30,8 +30,7 @@ TEST(RequestChecks, BuildRequestAcceptsAMatchingCacheAndRejectsAMismatch) {
 
   cache.dtype = DType::kBFloat16;
   cache.num_blocks = 4;
-  EXPECT_EQ(ValidateBuildRequest(3, cache, bt, kShape).code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ValidateBuildRequest(3, cache, bt, kShape).code(), absl::StatusCode::kInvalidArgument);
 
   cache.num_blocks = 8;
   const int32_t bad_table[] = {0, 9};  // block 9 is past the 8-block cache

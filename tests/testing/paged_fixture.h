@@ -18,8 +18,8 @@
 #include <random>
 #include <vector>
 
-#include "core/paged_kv.h"
 #include "core/dtype.h"
+#include "core/paged_kv.h"
 #include "retriever/digest.h"
 
 namespace mempipe::testing {

@@ -2,10 +2,10 @@
 // synthetic context: same selections, hence the same error against dense and the same bytes.
 #include "integration/bench/pipeline_bench.h"
 
-#include "tests/testing/fault_injecting_selector.h"
 #include "backend/selector_registry.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "tests/testing/fault_injecting_selector.h"
 #include "tests/testing/paged_fixture.h"
 
 namespace mempipe {
