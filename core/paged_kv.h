@@ -30,7 +30,7 @@ inline constexpr int kSupportedBlockSizes[] = {16, 32, 64};
 inline constexpr int kSupportedHeadDims[] = {64, 128, 256};
 // GQA group sizes (num_heads / num_kv_heads) the GPU kernels are compiled for; the CPU steps
 // take any group, the FPGA kernel up to 16 (fpga/hls/kernel_common.h).
-inline constexpr int kSupportedGpuGroupSizes[] = {1, 2, 4, 8};
+inline constexpr int kSupportedGpuGroupSizes[] = {1, 2, 3, 4, 5, 6, 7, 8, 12, 16};
 // Cache and query dtypes: kSupportedDTypes in core/dtype.h.
 
 [[nodiscard]] absl::Status ValidateBlockSize(int block_size);

@@ -44,6 +44,8 @@ inline constexpr cudaDeviceAttr hipDeviceAttributeMultiprocessorCount =
 #define hipMemcpy cudaMemcpy
 #define hipMemcpyAsync cudaMemcpyAsync
 #define hipMemsetAsync cudaMemsetAsync
+#define hipMallocAsync cudaMallocAsync
+#define hipFreeAsync cudaFreeAsync
 #define hipStreamSynchronize cudaStreamSynchronize
 #define hipDeviceSynchronize cudaDeviceSynchronize
 #define hipSetDevice cudaSetDevice

@@ -4,7 +4,9 @@
 // slots, table entries and every output buffer are poisoned. Without a GPU every test skips.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <memory>
 #include <random>
 #include <tuple>
@@ -32,8 +34,20 @@ using testing::TestSeed;
 
 constexpr int kKvHeads = 2;
 
-#define SKIP_WITHOUT_GPU() \
-  if (GpuDeviceCount() == 0) GTEST_SKIP() << "no GPU device: GPU kernel test skipped"
+// MEMPIPE_REQUIRE_GPU=1 (every run on a GPU machine) turns a missing device into a failure,
+// so that a broken driver or a hidden device cannot pass as "skipped".
+bool GpuRequired() {
+  const char* v = std::getenv("MEMPIPE_REQUIRE_GPU");
+  return v != nullptr && std::string(v) == "1";
+}
+
+#define SKIP_WITHOUT_GPU()                                                                \
+  do {                                                                                    \
+    if (GpuDeviceCount() == 0) {                                                          \
+      if (GpuRequired()) FAIL() << "no GPU device, and MEMPIPE_REQUIRE_GPU=1 requires one"; \
+      GTEST_SKIP() << "no GPU device: GPU kernel test skipped";                           \
+    }                                                                                     \
+  } while (0)
 
 // Uploads host bytes; the test fails on any error.
 DeviceBuffer Upload(const void* src, size_t bytes) {
@@ -304,17 +318,34 @@ TEST_P(GpuKernelTest, SparseDecodeMatchesFloat64) {
       });
 }
 
+std::string ShapeName(const ::testing::TestParamInfo<GpuKernelTest::ParamType>& info) {
+  return std::string(DTypeName(std::get<0>(info.param))) + "_page" +
+         std::to_string(std::get<1>(info.param)) + "_d" + std::to_string(std::get<2>(info.param)) +
+         "_g" + std::to_string(std::get<3>(info.param));
+}
+
 INSTANTIATE_TEST_SUITE_P(
     Shapes, GpuKernelTest,
     ::testing::Combine(::testing::Values(DType::kFloat32, DType::kFloat16, DType::kBFloat16),
                        ::testing::Values(16, 32, 64), ::testing::Values(64, 128, 256),
                        ::testing::Values(1, 4, 8)),
-    [](const auto& info) {
-      return std::string(DTypeName(std::get<0>(info.param))) + "_page" +
-             std::to_string(std::get<1>(info.param)) + "_d" +
-             std::to_string(std::get<2>(info.param)) + "_g" +
-             std::to_string(std::get<3>(info.param));
-    });
+    ShapeName);
+
+// The GQA groups of real models beyond 1, 4, 8 (2: Llama-2-70B-like pairs, 3: SmolLM2,
+// 5: Qwen2.5-14B/32B, 6, 7: Qwen2.5-7B, 12, 16: two thread blocks per KV head), every dtype
+// and head_dim, on one page size each (page sizes are covered above) so that the suite stays
+// short. Block tables are shuffled and lengths are not page multiples (PagedFixture).
+INSTANTIATE_TEST_SUITE_P(
+    Groups, GpuKernelTest,
+    ::testing::Combine(::testing::Values(DType::kFloat32, DType::kFloat16, DType::kBFloat16),
+                       ::testing::Values(32), ::testing::Values(64, 128, 256),
+                       ::testing::Values(2, 3, 5, 6, 7, 12, 16)),
+    ShapeName);
+INSTANTIATE_TEST_SUITE_P(GroupsPage16, GpuKernelTest,
+                         ::testing::Combine(::testing::Values(DType::kBFloat16),
+                                            ::testing::Values(16, 64), ::testing::Values(128),
+                                            ::testing::Values(3, 5, 7, 12, 16)),
+                         ShapeName);
 
 // Many sequences: one split per (sequence, KV head), the path without the combine kernel; and
 // many tied scores (integer-valued queries and keys), the path that breaks ties by index.
@@ -492,10 +523,10 @@ TEST(GpuKernelErrors, NameTheBadValue) {
   int32_t table[1] = {0}, lens[1] = {1};
   KvCacheView cache{buf, DType::kBFloat16, 1, 16, 1, 128};
   const BlockTableView tv{table, lens, 1, 1};
-  DecodeIo io{buf, buf, DType::kBFloat16, 1, 3, 128};
+  DecodeIo io{buf, buf, DType::kBFloat16, 1, 9, 128};  // group 9: no model has it
   absl::Status s = DenseDecodeGpu(io, cache, tv, 1.0f, nullptr, 0, nullptr);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(s.message().find("got 3"), std::string::npos) << s;
+  EXPECT_NE(s.message().find("got 9"), std::string::npos) << s;
 
   cache.head_dim = 96;
   io.head_dim = 96;
