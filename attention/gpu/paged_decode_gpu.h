@@ -54,6 +54,16 @@ size_t PagedDecodeWorkspaceBytes(int num_seqs, int num_heads, int num_kv_heads, 
                                            float scale, void* workspace, size_t workspace_bytes,
                                            GpuStream stream);
 
+// Checked mode: what the CPU decode checks of the same request, on device-resident inputs.
+// Copies the block table, seq_lens (and the selection, when `pages` is not null) to the host
+// on `stream`, waits for it, and runs the CPU's own validators (ValidateDecodeIo,
+// ValidatePageList), so a seq_len past the block table, a block id outside the cache or a bad
+// selection gets the CPU's error message. A host synchronization: for tests, debugging and
+// front doors that opt in, not for the decode path (the kernels skip such entries instead).
+[[nodiscard]] absl::Status ValidateDecodeInputsGpu(const DecodeIo& io, const KvCacheView& cache,
+                                                   const BlockTableView& table,
+                                                   const PageList* pages, GpuStream stream);
+
 }  // namespace mempipe
 
 #endif  // MEMPIPE_ATTENTION_GPU_PAGED_DECODE_GPU_H_

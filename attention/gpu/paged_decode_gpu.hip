@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "attention/gpu/decode_device.h"
@@ -617,6 +618,34 @@ size_t PagedDecodeWorkspaceBytes(int num_seqs, int num_heads, int num_kv_heads, 
   // head_dim is at most 256; one extra float per row for the lse.
   return static_cast<size_t>(std::max(num_seqs, 0)) * std::max(num_heads, 0) * splits *
          (256 + 1) * sizeof(float);
+}
+
+absl::Status ValidateDecodeInputsGpu(const DecodeIo& io, const KvCacheView& cache,
+                                     const BlockTableView& table, const PageList* pages,
+                                     GpuStream stream) {
+  MEMPIPE_RETURN_IF_ERROR(ValidateBlockTableShape(table));
+  const size_t cells = static_cast<size_t>(table.num_seqs) * table.max_blocks_per_seq;
+  std::vector<int32_t> block_table(cells), seq_lens(table.num_seqs);
+  MEMPIPE_RETURN_IF_ERROR(
+      CopyToHostSync(block_table.data(), table.block_table, cells * sizeof(int32_t), stream));
+  MEMPIPE_RETURN_IF_ERROR(CopyToHostSync(seq_lens.data(), table.seq_lens,
+                                         seq_lens.size() * sizeof(int32_t), stream));
+  const BlockTableView host{block_table.data(), seq_lens.data(), table.num_seqs,
+                            table.max_blocks_per_seq};
+  MEMPIPE_RETURN_IF_ERROR(ValidateDecodeIo(io, cache, host));
+  if (pages == nullptr) return absl::OkStatus();
+  if (pages->pages == nullptr || pages->counts == nullptr || pages->num_kv_heads <= 0 ||
+      pages->max_selected <= 0) {
+    return ValidatePageList(*pages, host, cache);  // names the bad field
+  }
+  const size_t rows = static_cast<size_t>(table.num_seqs) * pages->num_kv_heads;
+  std::vector<int32_t> list(rows * pages->max_selected), counts(rows);
+  MEMPIPE_RETURN_IF_ERROR(
+      CopyToHostSync(list.data(), pages->pages, list.size() * sizeof(int32_t), stream));
+  MEMPIPE_RETURN_IF_ERROR(
+      CopyToHostSync(counts.data(), pages->counts, counts.size() * sizeof(int32_t), stream));
+  const PageList host_pages{list.data(), counts.data(), pages->num_kv_heads, pages->max_selected};
+  return ValidatePageList(host_pages, host, cache);
 }
 
 absl::Status DenseDecodeGpu(const DecodeIo& io, const KvCacheView& cache,

@@ -535,6 +535,7 @@ absl::Status LaunchRelevancy(const QueryView& query, const KvCacheView& cache,
                              const DigestView& digests, const BlockTableView& table,
                              GroupAggregation agg, float* scores, uint32_t* group_max, int sinks,
                              int locals, GpuStream stream) {
+  MEMPIPE_RETURN_IF_ERROR(ValidateGroupAggregation(agg));
   KvCacheView shapes = cache;
   if (shapes.data == nullptr) shapes.data = digests.data;  // only shapes are checked
   MEMPIPE_RETURN_IF_ERROR(ValidateKvCache(shapes));
