@@ -383,8 +383,8 @@ __global__ void __launch_bounds__(MmaDecodeConfig<T, kHeadDim>::kThreads,
     }
   };
 
-  ForEachTile<C::kWarps, !C::kSplitLoad, Tile>(p, items, seq, tiles_per_page, C::kTileTokens,
-                                                load, compute);
+  ForEachTile<C::kWarps, !C::kSplitLoad, Tile>(p, items, seq, tiles_per_page, C::kTileTokens, load,
+                                               compute);
 
   // Merge the warps: head r's denominator is the sum over its 4 lanes.
   l += GpuShflXor32(l, 1);
@@ -431,8 +431,7 @@ __global__ void __launch_bounds__(kHeadDim) PagedDecodeCombineKernel(DecodeParam
   float value, lse;
   MergeStates(
       p.num_splits, [&](int s) { return s_lse[s]; }, [](int) { return 1.0f; },
-      [&](int s) { return p.partial_out[(row * p.num_splits + s) * kHeadDim + c]; }, &value,
-      &lse);
+      [&](int s) { return p.partial_out[(row * p.num_splits + s) * kHeadDim + c]; }, &value, &lse);
   static_cast<T*>(p.out)[row * kHeadDim + c] = gpu::FromF32<T>(value);
 }
 
@@ -505,9 +504,9 @@ absl::Status LaunchTyped(DecodeParams p, int num_seqs, int max_items, void* work
                          size_t workspace_bytes, hipStream_t stream) {
   constexpr int kSubs = SubBlocks(kGroup);
   constexpr int kHeads = kGroup / kSubs;  // query heads per thread block
-  const SplitPlan plan = PlanSplits(num_seqs * p.num_kv_heads * kSubs,
-                                    MinBlocksPerSm<T, kHeadDim, kHeads>(), max_items,
-                                    CachedSmCount());
+  const SplitPlan plan =
+      PlanSplits(num_seqs * p.num_kv_heads * kSubs, MinBlocksPerSm<T, kHeadDim, kHeads>(),
+                 max_items, CachedSmCount());
   const size_t need = PagedDecodeWorkspaceBytes(num_seqs, p.num_heads, p.num_kv_heads, max_items);
   if (plan.num_splits > 1 && (workspace == nullptr || workspace_bytes < need)) {
     return absl::InvalidArgumentError(
@@ -595,12 +594,12 @@ absl::Status Launch(const DecodeIo& io, const KvCacheView& cache, const BlockTab
   p.max_blocks_per_seq = table.max_blocks_per_seq;
   p.max_selected = pages != nullptr ? pages->max_selected : 0;
   p.scale_log2 = scale * kLog2e;
-  return gpu::DispatchShape(
-      cache.dtype, io.head_dim, io.num_heads / cache.num_kv_heads,
-      [&]<typename T, int kHeadDim, int kGroup>() {
-        return LaunchTyped<T, kHeadDim, kGroup>(p, io.num_seqs, max_items, workspace,
-                                                workspace_bytes, static_cast<hipStream_t>(stream));
-      });
+  return gpu::DispatchShape(cache.dtype, io.head_dim, io.num_heads / cache.num_kv_heads,
+                            [&]<typename T, int kHeadDim, int kGroup>() {
+                              return LaunchTyped<T, kHeadDim, kGroup>(
+                                  p, io.num_seqs, max_items, workspace, workspace_bytes,
+                                  static_cast<hipStream_t>(stream));
+                            });
 }
 
 }  // namespace
@@ -611,13 +610,13 @@ size_t PagedDecodeWorkspaceBytes(int num_seqs, int num_heads, int num_kv_heads, 
   const int rows = BlockRows(std::max(num_seqs, 0), num_heads, num_kv_heads);
   int splits = 1;
   for (int blocks_per_sm : kResidencies) {
-    splits = std::max(splits,
-                      PlanSplits(rows, blocks_per_sm, max_items, CachedSmCount()).num_splits);
+    splits =
+        std::max(splits, PlanSplits(rows, blocks_per_sm, max_items, CachedSmCount()).num_splits);
   }
   if (splits <= 1) return 0;
   // head_dim is at most 256; one extra float per row for the lse.
-  return static_cast<size_t>(std::max(num_seqs, 0)) * std::max(num_heads, 0) * splits *
-         (256 + 1) * sizeof(float);
+  return static_cast<size_t>(std::max(num_seqs, 0)) * std::max(num_heads, 0) * splits * (256 + 1) *
+         sizeof(float);
 }
 
 absl::Status ValidateDecodeInputsGpu(const DecodeIo& io, const KvCacheView& cache,
@@ -628,8 +627,8 @@ absl::Status ValidateDecodeInputsGpu(const DecodeIo& io, const KvCacheView& cach
   std::vector<int32_t> block_table(cells), seq_lens(table.num_seqs);
   MEMPIPE_RETURN_IF_ERROR(
       CopyToHostSync(block_table.data(), table.block_table, cells * sizeof(int32_t), stream));
-  MEMPIPE_RETURN_IF_ERROR(CopyToHostSync(seq_lens.data(), table.seq_lens,
-                                         seq_lens.size() * sizeof(int32_t), stream));
+  MEMPIPE_RETURN_IF_ERROR(
+      CopyToHostSync(seq_lens.data(), table.seq_lens, seq_lens.size() * sizeof(int32_t), stream));
   const BlockTableView host{block_table.data(), seq_lens.data(), table.num_seqs,
                             table.max_blocks_per_seq};
   MEMPIPE_RETURN_IF_ERROR(ValidateDecodeIo(io, cache, host));

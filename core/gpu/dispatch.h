@@ -63,8 +63,7 @@ absl::Status DispatchDType(DType dtype, Fn&& fn) {
     case DType::kBFloat16:
       return fn.template operator()<BF16>();
   }
-  return absl::InvalidArgumentError(
-      absl::StrCat("unknown dtype code ", static_cast<int>(dtype)));
+  return absl::InvalidArgumentError(absl::StrCat("unknown dtype code ", static_cast<int>(dtype)));
 }
 
 namespace internal {
@@ -77,8 +76,7 @@ absl::Status DispatchInt(All, IntList<>, int value, const char* what, Fn&&) {
       absl::StrCat(what, " must be one of ", ListString(All{}), ", got ", value));
 }
 template <typename All, int kFirst, int... kRest, typename Fn>
-absl::Status DispatchInt(All all, IntList<kFirst, kRest...>, int value, const char* what,
-                         Fn&& fn) {
+absl::Status DispatchInt(All all, IntList<kFirst, kRest...>, int value, const char* what, Fn&& fn) {
   if (value == kFirst) return fn.template operator()<kFirst>();
   return DispatchInt(all, IntList<kRest...>{}, value, what, std::forward<Fn>(fn));
 }
@@ -88,8 +86,7 @@ absl::Status DispatchInt(All all, IntList<kFirst, kRest...>, int value, const ch
 // fn.template operator()<kHeadDim>().
 template <typename Fn>
 absl::Status DispatchHeadDim(int head_dim, Fn&& fn) {
-  return internal::DispatchInt(HeadDims{}, HeadDims{}, head_dim, "head_dim",
-                               std::forward<Fn>(fn));
+  return internal::DispatchInt(HeadDims{}, HeadDims{}, head_dim, "head_dim", std::forward<Fn>(fn));
 }
 
 // fn.template operator()<kGroup>() for group = num_heads / num_kv_heads.
@@ -104,9 +101,8 @@ template <typename Fn>
 absl::Status DispatchShape(DType dtype, int head_dim, int group, Fn&& fn) {
   return gpu::DispatchDType(dtype, [&]<typename T>() {
     return gpu::DispatchHeadDim(head_dim, [&]<int kHeadDim>() {
-      return gpu::DispatchGroup(group, [&]<int kGroup>() {
-        return fn.template operator()<T, kHeadDim, kGroup>();
-      });
+      return gpu::DispatchGroup(
+          group, [&]<int kGroup>() { return fn.template operator()<T, kHeadDim, kGroup>(); });
     });
   });
 }

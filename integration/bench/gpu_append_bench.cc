@@ -48,8 +48,7 @@ namespace mempipe {
 namespace {
 
 double Now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 // Finite random values in the cache dtype: a pool of 2^24 random elements, repeated.
@@ -143,10 +142,9 @@ absl::Status RunOne(int n, DType dtype, int kv_heads, int head_dim, int bs, int 
   // Bytes the append must move: K and V read, K and V written, the digests written.
   const double bytes = 4.0 * n * row * DTypeSize(dtype) + dg.NumBytes();
   std::string legacy = "not run (--legacy_max_tokens)", speedup = "";
-  const double predicted_ms =
-      g_legacy_n > 0 ? g_legacy_ms * (static_cast<double>(n) / g_legacy_n) *
-                           (static_cast<double>(n) / g_legacy_n)
-                     : 0;
+  const double predicted_ms = g_legacy_n > 0 ? g_legacy_ms * (static_cast<double>(n) / g_legacy_n) *
+                                                   (static_cast<double>(n) / g_legacy_n)
+                                             : 0;
   if (n <= legacy_max && predicted_ms > legacy_budget_s * 1e3) {
     legacy = absl::StrCat("not run: ~", absl::SixDigits(predicted_ms / 1e3),
                           " s extrapolated (quadratic, **modeled**)");
@@ -193,7 +191,8 @@ int main(int argc, char** argv) {
     }
     tokens.push_back(v);
   }
-  std::printf("| tokens | dtype | linear append | effective bandwidth | quadratic (pre-fix) | speedup |\n");
+  std::printf(
+      "| tokens | dtype | linear append | effective bandwidth | quadratic (pre-fix) | speedup |\n");
   std::printf("|---|---|---|---|---|---|\n");
   for (int n : tokens) {
     const absl::Status s = mempipe::RunOne(

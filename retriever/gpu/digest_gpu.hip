@@ -71,8 +71,8 @@ AppendTable Carve(void* workspace, int num_blocks) {
 
 // 1/3: clears the entries of the blocks this batch touches (one thread per token).
 __global__ void __launch_bounds__(kThreads)
-    ClearAppendTableKernel(AppendTable tab, const int64_t* slots, int num_tokens,
-                           int64_t num_slots, int block_size) {
+    ClearAppendTableKernel(AppendTable tab, const int64_t* slots, int num_tokens, int64_t num_slots,
+                           int block_size) {
   const int i = blockIdx.x * kThreads + threadIdx.x;
   if (i >= num_tokens) return;
   const int64_t slot = slots[i];
@@ -194,8 +194,8 @@ absl::Status AppendKvAndDigestsGpu(const KvCacheView& cache, const int64_t* slot
   }
   const size_t need = AppendWorkspaceBytes(cache);
   if (workspace == nullptr || workspace_bytes < need) {
-    return absl::InvalidArgumentError(absl::StrCat("append workspace of ", workspace_bytes,
-                                                   " bytes is too small; need ", need));
+    return absl::InvalidArgumentError(
+        absl::StrCat("append workspace of ", workspace_bytes, " bytes is too small; need ", need));
   }
   const AppendTable tab = Carve(workspace, cache.num_blocks);
   const auto s = static_cast<hipStream_t>(stream);
@@ -230,8 +230,8 @@ absl::Status AppendKvAndDigestsGpu(const KvCacheView& cache, const int64_t* slot
   const size_t bytes = AppendWorkspaceBytes(cache);
   void* workspace = nullptr;
   if (hipError_t e = hipMallocAsync(&workspace, bytes, s); e != hipSuccess) {
-    return absl::InternalError(absl::StrCat("append workspace of ", bytes,
-                                            " bytes: hipMallocAsync failed: ", hipGetErrorString(e)));
+    return absl::InternalError(absl::StrCat(
+        "append workspace of ", bytes, " bytes: hipMallocAsync failed: ", hipGetErrorString(e)));
   }
   const absl::Status status = AppendKvAndDigestsGpu(cache, slot_mapping, num_tokens, key, value,
                                                     digests, workspace, bytes, stream);

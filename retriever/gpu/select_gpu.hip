@@ -19,7 +19,6 @@
 namespace mempipe {
 namespace {
 
-
 constexpr int kScoreWarps = 8;
 constexpr int kScoreThreads = kScoreWarps * kGpuLanes;
 constexpr int kPagesPerScoreBlock = 256;

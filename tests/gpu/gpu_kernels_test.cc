@@ -6,10 +6,10 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <string>
 #include <memory>
 #include <numeric>
 #include <random>
+#include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -44,12 +44,12 @@ bool GpuRequired() {
   return v != nullptr && std::string(v) == "1";
 }
 
-#define SKIP_WITHOUT_GPU()                                                                \
-  do {                                                                                    \
-    if (GpuDeviceCount() == 0) {                                                          \
+#define SKIP_WITHOUT_GPU()                                                                  \
+  do {                                                                                      \
+    if (GpuDeviceCount() == 0) {                                                            \
       if (GpuRequired()) FAIL() << "no GPU device, and MEMPIPE_REQUIRE_GPU=1 requires one"; \
-      GTEST_SKIP() << "no GPU device: GPU kernel test skipped";                           \
-    }                                                                                     \
+      GTEST_SKIP() << "no GPU device: GPU kernel test skipped";                             \
+    }                                                                                       \
   } while (0)
 
 // Uploads host bytes; the test fails on any error.
@@ -228,13 +228,12 @@ TEST_P(GpuKernelTest, AppendKvAndDigestsBitExact) {
   ASSERT_TRUE(GpuSynchronize().ok());
   EXPECT_EQ(0, std::memcmp(Download<uint8_t>(d_cache_, cache_.NumBytes()).data(), cache_.data,
                            cache_.NumBytes()));
-  EXPECT_EQ(0, std::memcmp(Download<uint8_t>(d_dg, cpu.NumBytes()).data(), cpu.data,
-                           cpu.NumBytes()));
+  EXPECT_EQ(0,
+            std::memcmp(Download<uint8_t>(d_dg, cpu.NumBytes()).data(), cpu.data, cpu.NumBytes()));
   // A workspace one byte short is refused, naming both sizes.
-  const absl::Status small =
-      AppendKvAndDigestsGpu(DeviceCache(), static_cast<const int64_t*>(d_slots2.data()), n,
-                            d_k2.data(), d_v2.data(), Digests(d_dg.data()), d_ws.data(),
-                            d_ws.size() - 1, nullptr);
+  const absl::Status small = AppendKvAndDigestsGpu(
+      DeviceCache(), static_cast<const int64_t*>(d_slots2.data()), n, d_k2.data(), d_v2.data(),
+      Digests(d_dg.data()), d_ws.data(), d_ws.size() - 1, nullptr);
   EXPECT_EQ(small.code(), absl::StatusCode::kInvalidArgument) << small;
   EXPECT_NE(small.message().find(std::to_string(d_ws.size())), std::string::npos) << small;
 }
@@ -363,12 +362,12 @@ INSTANTIATE_TEST_SUITE_P(
 // 5: Qwen2.5-14B/32B, 6, 7: Qwen2.5-7B, 12, 16: two thread blocks per KV head), every dtype
 // and head_dim, on one page size each (page sizes are covered above) so that the suite stays
 // short. Block tables are shuffled and lengths are not page multiples (PagedFixture).
-INSTANTIATE_TEST_SUITE_P(
-    Groups, GpuKernelTest,
-    ::testing::Combine(::testing::Values(DType::kFloat32, DType::kFloat16, DType::kBFloat16),
-                       ::testing::Values(32), ::testing::Values(64, 128, 256),
-                       ::testing::Values(2, 3, 5, 6, 7, 12, 16)),
-    ShapeName);
+INSTANTIATE_TEST_SUITE_P(Groups, GpuKernelTest,
+                         ::testing::Combine(::testing::Values(DType::kFloat32, DType::kFloat16,
+                                                              DType::kBFloat16),
+                                            ::testing::Values(32), ::testing::Values(64, 128, 256),
+                                            ::testing::Values(2, 3, 5, 6, 7, 12, 16)),
+                         ShapeName);
 INSTANTIATE_TEST_SUITE_P(GroupsPage16, GpuKernelTest,
                          ::testing::Combine(::testing::Values(DType::kBFloat16),
                                             ::testing::Values(16, 64), ::testing::Values(128),
@@ -591,8 +590,8 @@ TEST(GpuKernelAppend, LongPromptInOneBatchBitExact) {
   ASSERT_TRUE(GpuSynchronize().ok());
   EXPECT_EQ(0, std::memcmp(Download<uint8_t>(d_cache, cache.NumBytes()).data(), host_cache.data(),
                            cache.NumBytes()));
-  EXPECT_EQ(0,
-            std::memcmp(Download<uint8_t>(d_dg, dg.NumBytes()).data(), host_dg.data(), dg.NumBytes()));
+  EXPECT_EQ(
+      0, std::memcmp(Download<uint8_t>(d_dg, dg.NumBytes()).data(), host_dg.data(), dg.NumBytes()));
 }
 
 // The sparse decode step (fused append, score + select, sparse decode) on fixed-address
@@ -625,8 +624,8 @@ TEST(GpuKernelGraph, DecodeStepReplaysLikeEager) {
 
   // Fixed-address buffers of the step.
   DeviceBuffer d_cache = Upload(cache0), d_dg = Upload(dg0);
-  DeviceBuffer d_table = Upload(htable.block_table,
-                                sizeof(int32_t) * num_seqs * htable.max_blocks_per_seq);
+  DeviceBuffer d_table =
+      Upload(htable.block_table, sizeof(int32_t) * num_seqs * htable.max_blocks_per_seq);
   DeviceBuffer d_lens = Upload(std::vector<int32_t>(num_seqs, 1));
   DeviceBuffer d_q = Upload(std::vector<uint8_t>(num_seqs * heads * d * 2, 0));
   DeviceBuffer d_out = Upload(NanBytes(dtype, num_seqs * heads * d));
@@ -727,8 +726,8 @@ TEST(GpuKernelErrors, AggregationCheckedLikeTheCpu) {
   const auto bad = static_cast<GroupAggregation>(7);
   const absl::Status cpu = ValidateGroupAggregation(bad);
   ASSERT_FALSE(cpu.ok());
-  absl::Status s = ComputeRelevancyGpu(q, cache, dg, tv, bad, reinterpret_cast<float*>(buf),
-                                       nullptr);
+  absl::Status s =
+      ComputeRelevancyGpu(q, cache, dg, tv, bad, reinterpret_cast<float*>(buf), nullptr);
   EXPECT_EQ(s, cpu);
   const SelectionConfig config{.budget_tokens = 64, .aggregation = bad};
   int32_t sel[4], cnt[1];
@@ -766,7 +765,8 @@ TEST(GpuKernelErrors, CheckedModeMatchesTheCpu) {
       got = ValidateDecodeInputsGpu(io, cache, dtv, nullptr, nullptr);
     } else {
       const int max_sel = static_cast<int>(sel->size() / 4);
-      if (want.ok()) want = ValidatePageList(PageList{sel->data(), cnt->data(), 2, max_sel}, htv, cache);
+      if (want.ok())
+        want = ValidatePageList(PageList{sel->data(), cnt->data(), 2, max_sel}, htv, cache);
       DeviceBuffer d_sel = Upload(*sel), d_cnt = Upload(*cnt);
       const PageList dpl{static_cast<const int32_t*>(d_sel.data()),
                          static_cast<const int32_t*>(d_cnt.data()), 2, max_sel};
