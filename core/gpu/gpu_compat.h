@@ -52,6 +52,15 @@ inline constexpr cudaDeviceAttr hipDeviceAttributeMultiprocessorCount =
 #define hipMallocAsync cudaMallocAsync
 #define hipFreeAsync cudaFreeAsync
 #define hipStreamCreateWithFlags cudaStreamCreateWithFlags
+#define hipEventCreateWithFlags cudaEventCreateWithFlags
+#define hipHostMalloc cudaHostAlloc
+#define hipHostFree cudaFreeHost
+#define hipEventDestroy cudaEventDestroy
+#define hipEventRecord cudaEventRecord
+#define hipEventQuery cudaEventQuery
+#define hipEventSynchronize cudaEventSynchronize
+inline constexpr unsigned int hipEventDisableTiming = cudaEventDisableTiming;
+inline constexpr cudaError_t hipErrorNotReady = cudaErrorNotReady;
 #define hipStreamDestroy cudaStreamDestroy
 #define hipStreamBeginCapture cudaStreamBeginCapture
 #define hipStreamEndCapture cudaStreamEndCapture

@@ -59,6 +59,15 @@ size_t AppendWorkspaceBytes(const KvCacheView& cache);
                                                  const DigestView& digests, void* workspace,
                                                  size_t workspace_bytes, GpuStream stream);
 
+// Step 1 incremental without a device cache (the GPU page selector keeps digests only):
+// keys [num_tokens, num_kv_heads, head_dim] just written at `slot_mapping`, folded exactly as
+// AppendKvAndDigestsGpu folds them. Workspace: AppendWorkspaceBytes of a cache with the
+// digests' num_blocks.
+[[nodiscard]] absl::Status UpdateDigestsFromKeysGpu(const DigestView& digests, int block_size,
+                                                    const int64_t* slot_mapping, int num_tokens,
+                                                    const void* keys, void* workspace,
+                                                    size_t workspace_bytes, GpuStream stream);
+
 }  // namespace mempipe
 
 #endif  // MEMPIPE_RETRIEVER_GPU_DIGEST_GPU_H_

@@ -96,10 +96,12 @@ __global__ void __launch_bounds__(kThreads)
   if (slot < 0 || slot >= num_slots) return;
   const int64_t block = slot / block_size;
   const int row = num_kv_heads * head_dim;
-  T* kdst = kv + slot * row;
-  for (int e = threadIdx.x; e < row; e += kThreads) {
-    kdst[e] = key[static_cast<size_t>(i) * row + e];
-    kdst[plane_elems + e] = value[static_cast<size_t>(i) * row + e];
+  if (kv != nullptr) {  // null: digests only (UpdateDigestsFromKeysGpu)
+    T* kdst = kv + slot * row;
+    for (int e = threadIdx.x; e < row; e += kThreads) {
+      kdst[e] = key[static_cast<size_t>(i) * row + e];
+      kdst[plane_elems + e] = value[static_cast<size_t>(i) * row + e];
+    }
   }
   if (threadIdx.x == 0) {
     atomicMax(&tab.last[block], i);
@@ -175,6 +177,33 @@ absl::Status BuildDigestsGpu(const KvCacheView& cache, const BlockTableView& tab
   });
 }
 
+namespace {
+
+// The three append kernels; cache.data null: digests only.
+absl::Status LaunchAppend(const KvCacheView& cache, const int64_t* slot_mapping, int num_tokens,
+                          const void* key, const void* value, const DigestView& digests,
+                          void* workspace, GpuStream stream) {
+  const AppendTable tab = Carve(workspace, cache.num_blocks);
+  const auto s = static_cast<hipStream_t>(stream);
+  const int64_t num_slots = static_cast<int64_t>(cache.num_blocks) * cache.block_size;
+  ClearAppendTableKernel<<<(num_tokens + kThreads - 1) / kThreads, kThreads, 0, s>>>(
+      tab, slot_mapping, num_tokens, num_slots, cache.block_size);
+  MEMPIPE_RETURN_IF_ERROR(GpuLastError("ClearAppendTableKernel launch"));
+  return gpu::DispatchDType(cache.dtype, [&]<typename T>() {
+    AppendKvKernel<T><<<num_tokens, kThreads, 0, s>>>(
+        static_cast<T*>(cache.data), tab, slot_mapping, static_cast<const T*>(key),
+        static_cast<const T*>(value), cache.num_blocks, cache.block_size, cache.num_kv_heads,
+        cache.head_dim, cache.PlaneElems());
+    MEMPIPE_RETURN_IF_ERROR(GpuLastError("AppendKvKernel launch"));
+    FoldDigestsKernel<T><<<num_tokens, kThreads, 0, s>>>(
+        static_cast<T*>(digests.data), tab, slot_mapping, static_cast<const T*>(key),
+        cache.num_blocks, cache.block_size, cache.num_kv_heads, cache.head_dim);
+    return GpuLastError("FoldDigestsKernel launch");
+  });
+}
+
+}  // namespace
+
 size_t AppendWorkspaceBytes(const KvCacheView& cache) {
   return 3 * static_cast<size_t>(std::max(cache.num_blocks, 0)) * sizeof(int32_t);
 }
@@ -197,23 +226,33 @@ absl::Status AppendKvAndDigestsGpu(const KvCacheView& cache, const int64_t* slot
     return absl::InvalidArgumentError(
         absl::StrCat("append workspace of ", workspace_bytes, " bytes is too small; need ", need));
   }
-  const AppendTable tab = Carve(workspace, cache.num_blocks);
-  const auto s = static_cast<hipStream_t>(stream);
-  const int64_t num_slots = static_cast<int64_t>(cache.num_blocks) * cache.block_size;
-  ClearAppendTableKernel<<<(num_tokens + kThreads - 1) / kThreads, kThreads, 0, s>>>(
-      tab, slot_mapping, num_tokens, num_slots, cache.block_size);
-  MEMPIPE_RETURN_IF_ERROR(GpuLastError("ClearAppendTableKernel launch"));
-  return gpu::DispatchDType(cache.dtype, [&]<typename T>() {
-    AppendKvKernel<T><<<num_tokens, kThreads, 0, s>>>(
-        static_cast<T*>(cache.data), tab, slot_mapping, static_cast<const T*>(key),
-        static_cast<const T*>(value), cache.num_blocks, cache.block_size, cache.num_kv_heads,
-        cache.head_dim, cache.PlaneElems());
-    MEMPIPE_RETURN_IF_ERROR(GpuLastError("AppendKvKernel launch"));
-    FoldDigestsKernel<T><<<num_tokens, kThreads, 0, s>>>(
-        static_cast<T*>(digests.data), tab, slot_mapping, static_cast<const T*>(key),
-        cache.num_blocks, cache.block_size, cache.num_kv_heads, cache.head_dim);
-    return GpuLastError("FoldDigestsKernel launch");
-  });
+  return LaunchAppend(cache, slot_mapping, num_tokens, key, value, digests, workspace, stream);
+}
+
+absl::Status UpdateDigestsFromKeysGpu(const DigestView& digests, int block_size,
+                                      const int64_t* slot_mapping, int num_tokens, const void* keys,
+                                      void* workspace, size_t workspace_bytes, GpuStream stream) {
+  // The cache view carries the shapes only (its data pointer is not written).
+  const KvCacheView shapes{digests.data, digests.dtype,        digests.num_blocks,
+                           block_size,   digests.num_kv_heads, digests.head_dim};
+  MEMPIPE_RETURN_IF_ERROR(ValidateKvCache(shapes));
+  MEMPIPE_RETURN_IF_ERROR(ValidateDigests(shapes, digests));
+  if (num_tokens < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("num_tokens must be >= 0, got ", num_tokens));
+  }
+  if (num_tokens == 0) return absl::OkStatus();
+  if (slot_mapping == nullptr || keys == nullptr) {
+    return absl::InvalidArgumentError("slot_mapping and keys must not be null");
+  }
+  const size_t need = AppendWorkspaceBytes(shapes);
+  if (workspace == nullptr || workspace_bytes < need) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("append workspace of ", workspace_bytes, " bytes is too small; need ", need));
+  }
+  KvCacheView no_cache = shapes;
+  no_cache.data = nullptr;
+  return LaunchAppend(no_cache, slot_mapping, num_tokens, keys, nullptr, digests, workspace,
+                      stream);
 }
 
 absl::Status AppendKvAndDigestsGpu(const KvCacheView& cache, const int64_t* slot_mapping,
