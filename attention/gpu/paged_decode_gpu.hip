@@ -70,8 +70,9 @@ struct DecodeConfig {
 };
 
 template <typename T, int kHeadDim, int kGroups>
-__global__ void __launch_bounds__(DecodeConfig<T, kHeadDim, kGroups>::kThreads,
-                                  DecodeConfig<T, kHeadDim, kGroups>::kMinBlocksPerSm)
+// (Parenthesized: HIP's __launch_bounds__ is a macro, and template commas would split it.)
+__global__ void __launch_bounds__((DecodeConfig<T, kHeadDim, kGroups>::kThreads),
+                                  (DecodeConfig<T, kHeadDim, kGroups>::kMinBlocksPerSm))
     PagedDecodeKernel(DecodeParams p) {
   using C = DecodeConfig<T, kHeadDim, kGroups>;
   constexpr int E = C::kElems;
@@ -250,8 +251,8 @@ template <typename T, int kHeadDim>
 inline constexpr bool kUseMma = gpu::kHasMma16816 && sizeof(T) == 2;
 
 template <typename T, int kHeadDim, int kGroups>
-__global__ void __launch_bounds__(MmaDecodeConfig<T, kHeadDim>::kThreads,
-                                  MmaDecodeConfig<T, kHeadDim>::kMinBlocksPerSm)
+__global__ void __launch_bounds__((MmaDecodeConfig<T, kHeadDim>::kThreads),
+                                  (MmaDecodeConfig<T, kHeadDim>::kMinBlocksPerSm))
     PagedDecodeMmaKernel(DecodeParams p) {
   using C = MmaDecodeConfig<T, kHeadDim>;
   static_assert(kGroups <= 8, "the mma's N dimension holds 8 heads");

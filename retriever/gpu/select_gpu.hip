@@ -66,7 +66,7 @@ struct ScoreConfig {
 };
 
 template <typename T, int kHeadDim, int kGroups>
-__global__ void __launch_bounds__(kScoreThreads, ScoreConfig<kHeadDim, kGroups>::kMinBlocksPerSm)
+__global__ void __launch_bounds__(kScoreThreads, (ScoreConfig<kHeadDim, kGroups>::kMinBlocksPerSm))
     ScorePagesKernel(ScoreParams p) {
   using C = ScoreConfig<kHeadDim, kGroups>;
   constexpr int J = C::kChannels;
