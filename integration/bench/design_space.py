@@ -817,3 +817,372 @@ def validate_emulator(path=RESULTS / "cpu_fpga_bench_8layers.json") -> dict:
     modeled = fp["sparse_layers"] * per_layer * 1e3
     ref = fp["modeled"]["device_ms_per_step"]
     return {"emulator_ms": ref, "this_model_ms": modeled, "error": modeled / ref - 1}
+
+
+# --------------------------------------------------------------------------------------------
+# Studies: the seed's system, H200 + U55C levers, design-space maps, the sweep JSON
+# --------------------------------------------------------------------------------------------
+def _ratios(w: Workload, s: System) -> dict:
+    r = evaluate_all(w, s)
+    G, F, D = r["gpu"], r["fpga"], r["dense"]
+    return {"memproc_speedup": G.memproc_s / F.memproc_s,
+            "end_to_end": G.step_s / F.step_s,
+            "energy": G.energy_j_per_token / F.energy_j_per_token,
+            "gpu_memproc_share": G.memproc_s / G.step_s,
+            "gpu_over_dense": D.step_s / G.step_s,
+            "fpga_over_dense": D.step_s / F.step_s,
+            "fits": G.fits}
+
+
+SEED_CONTEXTS = (4096, 32768, 131072, 524288, 1048576)
+FPGA_VARIANTS = {  # name -> (System overrides, Workload overrides)
+    "as built, sync": ({}, {"scheme": "sync"}),
+    "as built, look-ahead": ({}, {"scheme": "lookahead"}),
+    "coalesced+striped, sync": ({"io": "coalesced", "striping": "all"}, {"scheme": "sync"}),
+    "coalesced+striped, look-ahead": ({"io": "coalesced", "striping": "all"},
+                                      {"scheme": "lookahead"}),
+}
+
+
+def seed_study(contexts=SEED_CONTEXTS) -> List[dict]:
+    """MI210 + U55C, Llama-3-8B shape, batch 1: the seed paper's three ratios."""
+    rows = []
+    for impl in ("torch", "fused"):
+        for vname, (so, wo) in FPGA_VARIANTS.items():
+            s = replace(System(mi210(), FpgaSpec.from_header()), **so)
+            for L in contexts:
+                w = replace(Workload(llama3_8b(), Selection(), L, 1, gpu_select=impl), **wo)
+                rows.append({"gpu_select": impl, "fpga": vname, "context": L, **_ratios(w, s)})
+    return rows
+
+
+def lever_study(gpu: GpuSpec, context: int, batch: int) -> List[dict]:
+    """fpga vs gpu placement as levers are added one after another."""
+    f = FpgaSpec.from_header()
+    base_s, base_w = System(gpu, f), Workload(llama3_8b(), Selection(), context, batch)
+    steps = [
+        ("as built (sync, per-head DMAs, one channel per KV head)", {}, {}, {}),
+        ("+ coalesced DMAs, resident block table, fused update", {"io": "coalesced"}, {}, {}),
+        ("+ digests striped over all 32 channels", {"striping": "all"}, {}, {}),
+        ("+ cross-layer look-ahead", {}, {"scheme": "lookahead"}, {}),
+        ("+ int8 digests", {}, {}, {"digest": "int8"}),
+        ("+ 16-in-64 hierarchy", {}, {}, {"super_page": 64}),
+        ("+ reuse C=4 (both placements)", {}, {}, {"reuse": 4}),
+        ("+ 4 cards", {"cards": 4}, {}, {}),
+        ("+ a card with 2x the HBM bandwidth", {"fpga": f.scaled("U55C x2 BW", 2.0)}, {}, {}),
+    ]
+    rows, s, w = [], base_s, base_w
+    for name, so, wo, selo in steps:
+        s = replace(s, **so)
+        w = replace(w, sel=replace(w.sel, **selo), **wo)
+        r = evaluate_all(w, s)
+        rows.append({"lever": name, "gpu_ms": r["gpu"].step_s * 1e3,
+                     "fpga_ms": r["fpga"].step_s * 1e3, "dense_ms": r["dense"].step_s * 1e3,
+                     "fpga_over_gpu": r["gpu"].step_s / r["fpga"].step_s,
+                     "energy_gpu_over_fpga": r["gpu"].energy_j_per_token /
+                     r["fpga"].energy_j_per_token,
+                     "card_busy_ms": r["fpga"].card_busy_s * 1e3, "fits": r["gpu"].fits})
+    return rows
+
+
+def _grid(title, name, xname, xs, yname, ys, fn, config) -> dict:
+    z = [[fn(x, y) for x in xs] for y in ys]
+    return {"name": name, "title": title, "kind": "modeled", "z_name": "fpga speedup over gpu "
+            "placement (gpu step / fpga step)", "x": {"name": xname, "values": list(xs)},
+            "y": {"name": yname, "values": list(ys)}, "z": z, "config": config}
+
+
+MAP_VARIANTS = {"as_built_sync": ({}, "sync"),
+                "coalesced_striped_lookahead": ({"io": "coalesced", "striping": "all"},
+                                                "lookahead")}
+
+
+def design_maps(gpu: Optional[GpuSpec] = None, batch: int = 1) -> List[dict]:
+    gpu = gpu or h200()
+    f = FpgaSpec.from_header()
+    maps = []
+    contexts = [8192, 16384, 32768, 65536, 131072, 262144, 524288, 1048576]
+    reuses = [1, 2, 4, 8, 16]
+    ratios = [1, 2, 3.4, 5, 7, 10.2, 14, 20]
+    budgets = [1024, 2048, 4096, 8192, 16384]
+    for vname, (so, scheme) in MAP_VARIANTS.items():
+        s0 = replace(System(gpu, f), **so)
+        cfg = {"gpu": gpu.name, "fpga": f.name, "batch": batch, "fpga_variant": vname,
+               "scheme": scheme, "model": "Llama-3-8B", "page": 16}
+
+        def cr(L, C):
+            w = Workload(llama3_8b(), Selection(reuse=C), L, batch, scheme=scheme)
+            r = evaluate_all(w, s0)
+            return r["gpu"].step_s / r["fpga"].step_s
+        maps.append(_grid(f"{gpu.name} + U55C, {vname}: context x reuse (budget 4096, batch "
+                          f"{batch})", f"context_reuse_{vname}", "context", contexts, "reuse C",
+                          reuses, cr, {**cfg, "budget": 4096}))
+        L = 131072
+
+        def bb(ratio, budget):
+            # The FPGA card scaled so that GPU bandwidth / card bandwidth = ratio.
+            fs = f.scaled(f"card at 1/{ratio} GPU BW", gpu.hbm_bps / ratio / f.card_read_bps())
+            w = Workload(llama3_8b(), Selection(budget=budget), L, batch, scheme=scheme)
+            r = evaluate_all(w, replace(s0, fpga=fs))
+            return r["gpu"].step_s / r["fpga"].step_s
+        maps.append(_grid(f"{gpu.name} + FPGA card, {vname}: GPU BW / FPGA BW x budget "
+                          f"(context {L // 1024}K, batch {batch})", f"bwratio_budget_{vname}",
+                          "GPU BW / FPGA BW", ratios, "budget (tokens)", budgets, bb,
+                          {**cfg, "context": L}))
+    return maps
+
+
+def to_row(r: Result, dense: Result, w: Workload, s: System) -> dict:
+    floor = (r.bytes["weights"] + r.bytes["kv"] + r.bytes["digests"]) / s.gpu.hbm_bps
+    row = {"placement": r.placement, "scheme": r.scheme,
+           "micro_batches": w.micro_batches if r.placement == "fpga" else 1,
+           "reuse": w.sel.reuse if r.placement != "dense" else 1,
+           "context": r.context, "batch": r.batch,
+           "step_ms": r.step_s * 1e3, "ms_per_token": r.step_s * 1e3,
+           "tokens_per_s": r.tokens_per_s,
+           "steps_ms": {k: v * 1e3 for k, v in r.steps_s.items()},
+           "memory_processing_ms": r.memproc_s * 1e3,
+           "memory_processing_share": r.memproc_s / r.step_s if r.placement == "gpu" else
+           (r.steps_s["prepare"] + r.steps_s["relevancy"] + r.steps_s["retrieval"]) / r.step_s,
+           "bytes": r.bytes, "byte_floor_ms": floor * 1e3,
+           "speedup_over_dense": dense.step_s / r.step_s,
+           "energy_j_per_token": r.energy_j_per_token,
+           "gpu_energy_j_per_token": r.gpu_energy_j / r.batch,
+           "fpga_energy_j_per_token": r.card_energy_j / r.batch,
+           "energy_source": "modeled", "rel_err": None, "fits": r.fits, "notes": r.notes}
+    if r.placement == "fpga":
+        row["fpga"] = {"cards": s.cards, "io": s.io, "striping": s.striping,
+                       "card_busy_ms": r.card_busy_s * 1e3}
+    return row
+
+
+def sweep(gpu: GpuSpec, contexts, batches, fpga_variants=("as built, sync",
+                                                          "coalesced+striped, look-ahead"),
+          shape: Optional[ModelShape] = None) -> dict:
+    shape = shape or llama3_8b()
+    f = FpgaSpec.from_header()
+    rows = []
+    for L in contexts:
+        for B in batches:
+            s = System(gpu, f)
+            w = Workload(shape, Selection(), L, B)
+            dense = evaluate("dense", w, s)
+            rows.append(to_row(dense, dense, w, s))
+            rows.append(to_row(evaluate("gpu", w, s), dense, w, s))
+            for vname in fpga_variants:
+                so, wo = FPGA_VARIANTS[vname]
+                s2, w2 = replace(s, **so), replace(w, **wo)
+                row = to_row(evaluate("fpga", w2, s2), dense, w2, s2)
+                row["variant"] = vname
+                rows.append(row)
+    return {"schema": SCHEMA, "kind": "modeled", "note": MODELED,
+            "machine": {"gpu": gpu.name, "fpga": f.name, "timing": "modeled"},
+            "command": "python3 integration/bench/design_space.py --json <file>",
+            "model": {k: getattr(shape, k) for k in ("name", "layers", "hidden", "q_heads",
+                                                     "kv_heads", "head_dim", "ffn", "vocab")},
+            "config": {"page": 16, "budget": 4096, "digest": "bf16", "dtype": "bf16",
+                       "dense_layers": shape.dense_layers},
+            "rows": rows}
+
+
+def parameter_table(gpu: GpuSpec) -> List[tuple]:
+    out = [(f"gpu.{k}", getattr(gpu, k), v) for k, v in gpu_sources(gpu).items()]
+    f = FpgaSpec.from_header()
+    out += [(f"fpga.{k}", getattr(f, k), f.source_of(k)) for k, _ in f.sources]
+    for obj, pre in ((llama3_8b(), "model"), (Selection(), "selection")):
+        out += [(f"{pre}.{k}", getattr(obj, k), v) for k, v in sources(obj).items()]
+    sysf = {fl.name: fl for fl in dataclasses.fields(System)}
+    out += [(f"system.{k}", sysf[k].default, sysf[k].metadata["source"])
+            for k in ("cards", "striping", "io")]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Markdown report
+# --------------------------------------------------------------------------------------------
+def _fmt(x, nd=2):
+    return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
+
+
+def report_markdown() -> str:
+    L = []
+    p = L.append
+    p("# Design-space model: generated report (all figures MODELED)\n")
+    p("Generated by `python3 integration/bench/design_space.py --report`. Every number below is "
+      "**modeled** by `integration/bench/design_space.py` from the parameters listed at the end, "
+      "except the `measured_ms` column of the validation table. See DESIGN_SPACE.md.\n")
+    v = validate()
+    sm = v["summary"]
+    p("## 1. Validation against the measured H200 single-layer points\n")
+    p(f"{sm['points']} points from `results/gpu_bench_h200_v10.json` (current kernels) and "
+      f"`results/gpu_bench_h200.json` (v7). Held out (no parameter read from them, kernel still "
+      f"current): {sm['held_out']}; mean |error| {sm['mean_abs_error_held_out']:.1%} (bound "
+      f"{MEAN_ERR_BOUND:.0%}); max |error| over all current-kernel points "
+      f"{sm['max_abs_error']:.1%} (bound {MAX_ERR_BOUND:.0%}): "
+      f"**{'passed' if sm['passed'] else 'FAILED'}**. `calib` = a parameter was read from this "
+      "point; `superseded` = v7's CUDA-core paged decode, replaced in v9 (not bounded).\n")
+    p("| file | context x batch | operation | measured ms | modeled ms | error | |")
+    p("|---|---|---|---|---|---|---|")
+    for r in v["rows"]:
+        tag = "calib" if r["calibration"] else ("superseded" if r["superseded"] else "")
+        p(f"| {r['file']} | {r['context'] // 1024}K x {r['batch']} | {r['op']} | "
+          f"{r['measured_ms']:.3f} | {r['modeled_ms']:.3f} | {r['error']:+.1%} | {tag} |")
+    e = validate_emulator()
+    p(f"\nFPGA side: this model's U55C calls vs the C++ emulator's own modeled device time in "
+      f"`results/cpu_fpga_bench_8layers.json` (8 layers, 32K, batch 1; both modeled): "
+      f"{e['emulator_ms']:.4f} ms vs {e['this_model_ms']:.4f} ms per step "
+      f"({e['error']:+.2e}).\n")
+    p("## 2. The seed's system: AMD MI210 + one U55C, Llama-3-8B shape, batch 1\n")
+    p("Ratios are `gpu` placement / `fpga` placement (>1: the FPGA helps). `memproc` = steps "
+      "1-3 on their own device; `e2e` = whole-model decode step; `energy` = per token, GPU + "
+      "card. GPU selection `torch` = plain torch Quest selection (2.8% of bandwidth, as "
+      "measured on the H200); `fused` = mempipe's fused kernel (64%).\n")
+    p("| GPU selection | FPGA variant | context | memproc speedup | e2e speedup | energy "
+      "ratio | memproc share of gpu step | fits in 64 GB |")
+    p("|---|---|---|---|---|---|---|---|")
+    for r in seed_study():
+        p(f"| {r['gpu_select']} | {r['fpga']} | {r['context'] // 1024}K | "
+          f"{r['memproc_speedup']:.2f}x | {r['end_to_end']:.2f}x | {r['energy']:.2f}x | "
+          f"{r['gpu_memproc_share']:.0%} | {'yes' if r['fits'] else 'no'} |")
+    p("\n## 3. H200 + U55C: the levers, one after another (fpga vs gpu placement)\n")
+    for L_, B in ((131072, 1), (1048576, 1), (131072, 4), (32768, 8)):
+        p(f"\n### context {L_ // 1024}K, batch {B}\n")
+        p("| lever (cumulative) | dense ms | gpu ms | fpga ms | fpga speedup over gpu | "
+          "energy gpu/fpga | card busy ms |")
+        p("|---|---|---|---|---|---|---|")
+        for r in lever_study(h200(), L_, B):
+            p(f"| {r['lever']} | {r['dense_ms']:.2f} | {r['gpu_ms']:.2f} | {r['fpga_ms']:.2f} | "
+              f"{r['fpga_over_gpu']:.2f}x | {r['energy_gpu_over_fpga']:.2f}x | "
+              f"{r['card_busy_ms']:.2f} |")
+    p("\n## 4. Whole-model decode on the H200 (Llama-3-8B, budget 4096, page 16)\n")
+    sw = sweep(h200(), (32768, 131072, 524288, 1048576), (1, 8))
+    p("| context x batch | placement | step ms | tokens/s | speedup over dense | memproc "
+      "share | energy J/token | fits |")
+    p("|---|---|---|---|---|---|---|---|")
+    for r in sw["rows"]:
+        name = r["placement"] + (f" ({r['variant']})" if "variant" in r else "")
+        p(f"| {r['context'] // 1024}K x {r['batch']} | {name} | {r['step_ms']:.2f} | "
+          f"{r['tokens_per_s']:.1f} | {r['speedup_over_dense']:.2f}x | "
+          f"{r['memory_processing_share']:.0%} | {r['energy_j_per_token']:.3f} | "
+          f"{'yes' if r['fits'] else 'no'} |")
+    p("\n## 5. Parameters and their sources\n")
+    for gpu in (h200(), mi210()):
+        p(f"\n### GPU {gpu.name}, U55C, model, selection\n" if gpu.name == "H200" else
+          f"\n### GPU {gpu.name} (only what differs is re-sourced)\n")
+        p("| parameter | value | source |")
+        p("|---|---|---|")
+        rows = parameter_table(gpu)
+        if gpu.name != "H200":
+            rows = [r for r in rows if r[0].startswith("gpu.")]
+        for k, val, src in rows:
+            p(f"| `{k}` | {val:.4g} | {src} |" if isinstance(val, float) else
+              f"| `{k}` | {val} | {src} |")
+    return "\n".join(L) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+def _gpu_by_name(name: str) -> GpuSpec:
+    table = {"h200": h200, "mi210": mi210}
+    if name.lower() not in table:
+        raise ValueError(f"--gpu must be one of {sorted(table)}, got {name!r}")
+    return table[name.lower()]()
+
+
+def _underscore_flag(arg: str) -> str:
+    """Flags accept - or _ (--micro-batches = --micro_batches), as mempipe-bench's do."""
+    if not arg.startswith("--"):
+        return arg
+    name, eq, value = arg[2:].partition("=")
+    return "--" + name.replace("-", "_") + eq + value
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--validate", action="store_true",
+                    help="print the error per measured H200 point; exit 1 if out of bounds")
+    ap.add_argument("--report", metavar="FILE", nargs="?", const="-",
+                    help="write the full markdown report (validation, seed system, levers, "
+                    "parameters) to FILE (default stdout)")
+    ap.add_argument("--json", metavar="FILE",
+                    help="write the H200 + U55C sweep and the design-space maps as "
+                    f"{SCHEMA} JSON (input of plots.py)")
+    ap.add_argument("--gpu", default="h200", help="h200 or mi210 (one configuration)")
+    ap.add_argument("--model", default="llama3-8b", help="llama3-8b or llama3-70b")
+    ap.add_argument("--context", type=int, default=131072, help="tokens per sequence")
+    ap.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    ap.add_argument("--page", type=int, default=16, help="tokens per page: 16, 32, 64")
+    ap.add_argument("--budget", type=int, default=4096, help="tokens kept per (seq, KV head)")
+    ap.add_argument("--digest", default="bf16", help="digest dtype: bf16 or int8")
+    ap.add_argument("--super_page", type=int, default=0, help="0 = flat; e.g. 64 (16-in-64)")
+    ap.add_argument("--reuse", type=int, default=1, help="a selection serves C steps")
+    ap.add_argument("--scheme", default="sync", help="fpga overlap: " + ", ".join(SCHEMES))
+    ap.add_argument("--micro_batches", type=int, default=1, help="pipelined scheme only")
+    ap.add_argument("--cards", type=int, default=1, help="FPGA cards (KV heads sharded)")
+    ap.add_argument("--io", default="as_built", help="FPGA I/O: as_built or coalesced")
+    ap.add_argument("--striping", default="per_head", help="FPGA digests: per_head or all")
+    ap.add_argument("--fpga_bw_scale", type=float, default=1.0,
+                    help="what-if card: U55C with this factor on its HBM bandwidth")
+    ap.add_argument("--gpu_select", default="fused", help="gpu placement's selection: fused "
+                    "(mempipe's kernel) or torch (plain torch Quest)")
+    a = ap.parse_args([_underscore_flag(x) for x in (argv if argv is not None else sys.argv[1:])])
+    if a.validate:
+        v = validate()
+        for r in v["rows"]:
+            tag = " calib" if r["calibration"] else (" superseded" if r["superseded"] else "")
+            print(f"{r['file']:26s} {r['context'] // 1024:5d}K x {r['batch']:<4d} {r['op']:20s} "
+                  f"measured {r['measured_ms']:8.3f} ms  modeled {r['modeled_ms']:8.3f} ms  "
+                  f"{r['error']:+6.1%}{tag}")
+        print(json.dumps(v["summary"]))
+        e = validate_emulator()
+        print(f"U55C calls vs the C++ emulator's modeled time: {e}")
+        return 0 if v["summary"]["passed"] else 1
+    if a.report:
+        text = report_markdown()
+        if a.report == "-":
+            sys.stdout.write(text)
+        else:
+            Path(a.report).write_text(text)
+            print(f"wrote {a.report}", file=sys.stderr)
+        return 0
+    if a.json:
+        print("[design_space] sweeping H200 + U55C (modeled) ...", file=sys.stderr)
+        out = sweep(h200(), (32768, 131072, 524288, 1048576), (1, 8))
+        out["command"] = "python3 integration/bench/design_space.py --json " + a.json
+        print("[design_space] design-space maps ...", file=sys.stderr)
+        out["maps"] = design_maps(h200(), 1) + design_maps(mi210(), 1)
+        Path(a.json).write_text(json.dumps(out, indent=1) + "\n")
+        print(f"wrote {a.json}", file=sys.stderr)
+        return 0
+    shape = {"llama3-8b": llama3_8b, "llama3-70b": llama3_70b_slice}.get(a.model)
+    if shape is None:
+        raise ValueError(f"--model must be llama3-8b or llama3-70b, got {a.model!r}")
+    f = FpgaSpec.from_header()
+    if a.fpga_bw_scale != 1.0:
+        f = f.scaled(f"U55C x{a.fpga_bw_scale} BW", a.fpga_bw_scale)
+    s = System(_gpu_by_name(a.gpu), f, cards=a.cards, io=a.io, striping=a.striping)
+    w = Workload(shape(), Selection(page=a.page, budget=a.budget, digest=a.digest,
+                                    super_page=a.super_page, reuse=a.reuse),
+                 a.context, a.batch, a.scheme, a.micro_batches, a.gpu_select)
+    res = evaluate_all(w, s)
+    print(f"# {s.gpu.name} + {a.cards} x {f.name}, {w.shape.name}, context {a.context}, batch "
+          f"{a.batch} -- MODELED")
+    print(f"{'placement':10s} " + " ".join(f"{k:>9s}" for k in STEPS) +
+          f" {'step ms':>9s} {'tok/s':>9s} {'speedup':>8s} {'J/token':>8s}")
+    for p_, r in res.items():
+        print(f"{p_:10s} " + " ".join(f"{r.steps_s[k] * 1e3:9.3f}" for k in STEPS) +
+              f" {r.step_s * 1e3:9.3f} {r.tokens_per_s:9.1f} "
+              f"{res['dense'].step_s / r.step_s:7.2f}x {r.energy_j_per_token:8.4f}" +
+              ("  [" + "; ".join(r.notes) + "]" if r.notes else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except ValueError as e:
+        print(f"design_space.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
