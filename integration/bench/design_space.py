@@ -487,11 +487,12 @@ class CardCall:
 
 
 def _cu_s(f: FpgaSpec, hbm_bytes: float, stream_words: float, select_clocks: float,
-          rows: int, channels: int) -> float:
-    """U55cModel::CuSeconds, with the work of one launch spread over `channels` channels."""
+          rows: int, channels: int, merge_clocks: float = 0.0) -> float:
+    """U55cModel::CuSeconds, with the work of one launch spread over `channels` channels, each
+    with its own load, score and select stages (then a merge of their partial top-k lists)."""
     mem = hbm_bytes / (f.channel_read_bps() * channels)
     stream = stream_words / channels / f.kernel_clock_hz
-    select = select_clocks / f.kernel_clock_hz
+    select = (select_clocks / channels + (merge_clocks if channels > 1 else 0)) / f.kernel_clock_hz
     return max(mem, stream, select) + rows * f.pipeline_fill_clocks / f.kernel_clock_hz
 
 
@@ -529,7 +530,8 @@ def fpga_score_call(s: System, shape: ModelShape, sel: Selection, context: int,
     c.launch_s = f.launch_latency_s + (launches - 1) * f.per_cu_start_s
     stream_words = (digest + q_bytes) / f.axi_word_bytes
     # Heads on distinct CUs in parallel (CuFor), so the kernel time is one head's.
-    c.kernel_s = _cu_s(f, hbm, stream_words, select_clocks, batch, channels)
+    c.kernel_s = _cu_s(f, hbm, stream_words, select_clocks, batch, channels,
+                       merge_clocks=batch * channels * k)
     return c
 
 
@@ -915,7 +917,7 @@ def design_maps(gpu: Optional[GpuSpec] = None, batch: int = 1) -> List[dict]:
             r = evaluate_all(w, s0)
             return r["gpu"].step_s / r["fpga"].step_s
         maps.append(_grid(f"{gpu.name} + U55C, {vname}: context x reuse (budget 4096, batch "
-                          f"{batch})", f"context_reuse_{vname}", "context", contexts, "reuse C",
+                          f"{batch})", f"{gpu.name.lower()}_context_reuse_{vname}", "context", contexts, "reuse C",
                           reuses, cr, {**cfg, "budget": 4096}))
         L = 131072
 
@@ -926,7 +928,7 @@ def design_maps(gpu: Optional[GpuSpec] = None, batch: int = 1) -> List[dict]:
             r = evaluate_all(w, replace(s0, fpga=fs))
             return r["gpu"].step_s / r["fpga"].step_s
         maps.append(_grid(f"{gpu.name} + FPGA card, {vname}: GPU BW / FPGA BW x budget "
-                          f"(context {L // 1024}K, batch {batch})", f"bwratio_budget_{vname}",
+                          f"(context {L // 1024}K, batch {batch})", f"{gpu.name.lower()}_bwratio_budget_{vname}",
                           "GPU BW / FPGA BW", ratios, "budget (tokens)", budgets, bb,
                           {**cfg, "context": L}))
     return maps
