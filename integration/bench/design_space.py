@@ -800,7 +800,8 @@ def validate(g: Optional[GpuSpec] = None, files=VALIDATION_FILES) -> dict:
     return {"gpu": g.name, "rows": rows, "summary": summary}
 
 
-def validate_emulator(path=RESULTS / "cpu_fpga_bench_8layers.json") -> dict:
+def validate_emulator(path=RESULTS / "cpu_fpga_bench_8layers.json",
+                      fpga: Optional[FpgaSpec] = None) -> dict:
     """This model's U55C calls vs the C++ emulator's own modeled device time in a committed
     mempipe-bench run (both modeled: a check that the two agree, not a measurement)."""
     d = json.loads(Path(path).read_text())
@@ -811,7 +812,7 @@ def validate_emulator(path=RESULTS / "cpu_fpga_bench_8layers.json") -> dict:
                     dense_layers=c["dense_layers"])
     sel = Selection(page=c["page_size"], budget=c["budget"], sink_pages=c["sink_pages"],
                     local_pages=c["local_pages"])
-    s = System(h200(), FpgaSpec.from_header())
+    s = System(h200(), fpga or FpgaSpec.from_header())
     # Decode steps run at context+1 .. context+warmup+steps; take the middle one.
     ctx = c["context"] + (c["warmup"] + c["steps"] + 1) // 2
     per_layer = (fpga_score_call(s, shape, sel, ctx, c["batch"]).total_s +
