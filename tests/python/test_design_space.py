@@ -127,9 +127,10 @@ def test_kv_capacity_flags():
     ds.SCHEMES, ("as_built", "coalesced"), ("per_head", "all"))))
 def test_fpga_never_faster_than_its_card_or_the_gpu_work(scheme, io, striping):
     s = system(io=io, striping=striping)
-    for L, B in itertools.product(CONTEXTS, BATCHES):
+    shapes = (ds.llama3_8b(), ds.attention_only(ds.llama3_8b()))
+    for L, B, shape, C in itertools.product(CONTEXTS, BATCHES, shapes, (1, 16)):
         m = 4 if scheme == "pipelined" else 1
-        w = workload(L, B, scheme=scheme, micro_batches=m)
+        w = workload(L, B, shape, scheme=scheme, micro_batches=m, reuse=C)
         r = ds.evaluate("fpga", w, s)
         assert r.step_s >= r.card_busy_s * (1 - 1e-12)
         assert r.step_s >= r.gpu_busy_s * (1 - 1e-12)
@@ -170,6 +171,53 @@ def test_sparse_beats_dense_at_long_context_and_sparse_costs_more_when_short():
         ds.evaluate("dense", workload(2048, 1), s).step_s
 
 
+@pytest.mark.parametrize("scheme", ds.SCHEMES)
+def test_the_gpu_waits_for_the_card_except_in_async_reuse(scheme):
+    # A huge GPU<->host copy latency: every scheme but async reuse waits for it once per
+    # sparse layer and selection; async never does.
+    g = replace(ds.h200(), host_copy_latency_s=5e-3)
+    s = ds.System(g, ds.FpgaSpec.from_header(), io="coalesced", striping="all")
+    for C in (1, 4):
+        r = ds.evaluate("fpga", workload(131072, 4, scheme=scheme, reuse=C), s)
+        floor = 30 * 2 * 5e-3 / C
+        if scheme == "async":
+            assert r.step_s < floor / 2
+        else:
+            assert r.step_s >= floor
+
+
+def test_score_kernel_mirrors_u55c_model_by_hand():
+    f = ds.FpgaSpec.from_header()
+    sel, sh = ds.Selection(), ds.llama3_8b()
+    n = 1048576 // 16
+    q, table, out = 4 * 128 * 4, n * 4, 256 * 4
+    hbm = n * 2 * 256 + q + table + 4 + out + 4
+    mem = hbm / (14.375e9 * 417 / 460)
+    select = (n + 2 * (n - 2)) / 300e6
+    fill = 250 / 300e6
+    c = ds.fpga_score_call(ds.System(ds.h200(), f), sh, sel, 1048576, 1)
+    assert c.kernel_s == pytest.approx(max(mem, select) + fill, rel=1e-12)
+    assert c.launch_s == pytest.approx(50e-6 + 7 * 2e-6)
+    dma_in = 5e-6 + (4096 + 262144 + 4096) / 10.5e9
+    dma_out = 5e-6 + (4096 + 4096) / 11.5e9
+    assert c.to_card_s == pytest.approx(8 * dma_in) and c.from_card_s == pytest.approx(8 * dma_out)
+    # A card with 8x the bandwidth: the select stage (three passes per page) sets the pace.
+    fast = f.scaled("x8", 8.0)
+    assert hbm / fast.channel_read_bps() < select
+    c = ds.fpga_score_call(ds.System(ds.h200(), fast), sh, sel, 1048576, 1)
+    assert c.kernel_s == pytest.approx(select + fill, rel=1e-12)
+
+
+@pytest.mark.parametrize("context", [16, 1000, 4096])
+def test_below_the_budget_sparse_reads_every_token(context):
+    s = system()
+    d = ds.evaluate("dense", workload(context, 2), s)
+    for placement in ("gpu", "fpga"):
+        assert ds.evaluate(placement, workload(context, 2), s).bytes["kv"] == d.bytes["kv"]
+    assert ds.evaluate("gpu", workload(8192, 2), s).bytes["kv"] < \
+        ds.evaluate("dense", workload(8192, 2), s).bytes["kv"]
+
+
 def test_micro_batches_reread_the_weights():
     s = system(io="coalesced", striping="all")
     one = ds.evaluate("fpga", workload(131072, 8, scheme="pipelined", micro_batches=1), s)
@@ -199,6 +247,10 @@ def test_energy_accounts_idle_power():
     f = ds.FpgaSpec.from_header()
     # The card idles at least during the GPU's own work.
     assert r.card_energy_j >= f.board_power_idle_w * (r.step_s - r.card_busy_s) * (1 - 1e-9)
+    g = ds.h200()
+    assert r.step_s > r.gpu_busy_s * 1.01  # the GPU waits on the card as built
+    assert r.gpu_energy_j == pytest.approx(g.power_active_w * r.gpu_busy_s +
+                                           g.power_idle_w * (r.step_s - r.gpu_busy_s))
     d = ds.evaluate("dense", workload(32768, 1), system())
     assert d.card_energy_j == 0 and d.gpu_energy_j == pytest.approx(700 * d.step_s)
 
