@@ -738,6 +738,9 @@ VALIDATION_FILES = ("gpu_bench_h200_v10.json", "gpu_bench_h200.json")
 CALIBRATION = {(32768, 1): ("torch_sdpa_dense", "mempipe_dense", "mempipe_select",
                             "mempipe_score_only", "mempipe_sparse_attn", "torch_quest_select"),
                (1048576, 1): ("mempipe_select",), (1048576, 21): ("mempipe_select",)}
+# Measured on the H200 (/work/shared/docs/ANCHORS.md, "Whole-model decode"): Llama-3-8B linear
+# layers and LM head under a CUDA graph, (batch, ms).
+LINEAR_POINTS = ((1, 4.3), (8, 4.6))
 # v7 operations whose kernel no longer exists (the paged decode before v9's tensor cores).
 SUPERSEDED_V7 = ("mempipe_dense", "mempipe_sparse_attn", "mempipe_sparse_step")
 # Mean |error| bound on held-out points, and the bound on any single point; chosen before the
@@ -789,6 +792,14 @@ def validate(g: Optional[GpuSpec] = None, files=VALIDATION_FILES) -> dict:
                              "op": op, "measured_ms": m["ms"], "modeled_ms": p * 1e3,
                              "error": p * 1e3 / m["ms"] - 1, "calibration": calib,
                              "superseded": superseded})
+    # Whole-model linear layers (weights + LM head under a CUDA graph), measured on the H200.
+    shape = llama3_8b()
+    for batch, ms in LINEAR_POINTS:
+        p = gpu_linear(g, shape, batch, shape.weight_bytes())
+        rows.append({"file": "ANCHORS.md (linear layers)", "context": 0, "batch": batch,
+                     "op": "linear_layers", "measured_ms": ms, "modeled_ms": p * 1e3,
+                     "error": p * 1e3 / ms - 1, "calibration": batch == 1,
+                     "superseded": False})
     held = [abs(r["error"]) for r in rows if not r["calibration"] and not r["superseded"]]
     every = [abs(r["error"]) for r in rows if not r["superseded"]]
     summary = {"points": len(rows), "held_out": len(held),
@@ -1028,7 +1039,8 @@ def report_markdown() -> str:
     p("|---|---|---|---|---|---|---|")
     for r in v["rows"]:
         tag = "calib" if r["calibration"] else ("superseded" if r["superseded"] else "")
-        p(f"| {r['file']} | {r['context'] // 1024}K x {r['batch']} | {r['op']} | "
+        where = f"{r['context'] // 1024}K x {r['batch']}" if r["context"] else f"batch {r['batch']}"
+        p(f"| {r['file']} | {where} | {r['op']} | "
           f"{r['measured_ms']:.3f} | {r['modeled_ms']:.3f} | {r['error']:+.1%} | {tag} |")
     e = validate_emulator()
     p(f"\nFPGA side: this model's U55C calls vs the C++ emulator's own modeled device time in "
@@ -1135,7 +1147,9 @@ def main(argv=None) -> int:
         v = validate()
         for r in v["rows"]:
             tag = " calib" if r["calibration"] else (" superseded" if r["superseded"] else "")
-            print(f"{r['file']:26s} {r['context'] // 1024:5d}K x {r['batch']:<4d} {r['op']:20s} "
+            where = f"{r['context'] // 1024}K x {r['batch']}" if r["context"] else \
+                f"batch {r['batch']}"
+            print(f"{r['file']:28s} {where:12s} {r['op']:20s} "
                   f"measured {r['measured_ms']:8.3f} ms  modeled {r['modeled_ms']:8.3f} ms  "
                   f"{r['error']:+6.1%}{tag}")
         print(json.dumps(v["summary"]))
