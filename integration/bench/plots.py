@@ -99,7 +99,8 @@ def _ctx(L: int) -> str:
 def plot_steps(d: dict, out: Path, plt) -> Path:
     rows = d["rows"]
     batches = sorted({r["batch"] for r in rows})
-    fig, axes = plt.subplots(1, len(batches), figsize=(7 * len(batches), 5.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(batches), figsize=(max(10, 7 * len(batches)), 5.5),
+                             squeeze=False)
     for ax, B in zip(axes[0], batches):
         rb = [r for r in rows if r["batch"] == B]
         contexts = sorted({r["context"] for r in rb})
@@ -126,10 +127,15 @@ def plot_steps(d: dict, out: Path, plt) -> Path:
         ax.set_title(f"batch {B}: bars " + ", ".join(f"{j + 1}={n}" for j, n in enumerate(names)),
                      fontsize=8)
         ax.legend(fontsize=8, loc="upper left")
-    fig.suptitle(f"Time per token by step ({_label(d)}); fpga relevancy/prepare = time the GPU "
-                 "waits on the card" + ("; hatched: weights + KV exceed GPU memory"
-                                         if any(r.get("fits") is False for r in rows) else ""),
-                 fontsize=10)
+    notes = []
+    if d["kind"] == "modeled" and any(r["placement"] == "fpga" for r in rows):
+        notes.append("fpga prepare/relevancy = time the GPU waits on the card")
+    if any(r.get("fits") is False for r in rows):
+        notes.append("hatched: weights + KV exceed GPU memory")
+    if d["kind"] == "measured" and d.get("note"):
+        notes.append(d["note"])
+    fig.suptitle(f"Time per token by step ({_label(d)})" +
+                 ("\n" + "; ".join(notes) if notes else ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
