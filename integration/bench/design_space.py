@@ -396,6 +396,8 @@ def check(w: Workload, s: System) -> None:
     if w.micro_batches < 1 or (w.scheme != "pipelined" and w.micro_batches != 1):
         raise ValueError(f"micro_batches must be 1 outside the pipelined scheme and >= 1, got "
                          f"{w.micro_batches}")
+    if w.micro_batches > w.batch:
+        raise ValueError(f"micro_batches ({w.micro_batches}) must not exceed batch ({w.batch})")
     if w.gpu_select not in ("fused", "torch"):
         raise ValueError(f"gpu_select must be fused or torch, got {w.gpu_select!r}")
     if s.cards < 1:
@@ -681,8 +683,9 @@ def _fpga_step(w: Workload, s: System, steps: Dict[str, float], n_sparse: int, l
     # (the weights are read once per micro-batch).
     g_mb = (gpu_append(g, sh, bi, False) + gpu_sparse_attn(g, sh, sel, w.context, bi) +
             gpu_linear(g, sh, bi, sh.layer_weight_bytes()))
-    lat = hop + upd.total_s + score.total_s if s.io == "as_built" else hop + score.total_s + \
-        upd.kernel_s + upd.to_card_s
+    # Critical-path latency of one selection: hop, the update (its own call as built; fused
+    # into the score call when coalesced), the score call.
+    lat = hop + score.total_s + upd.total_s
     # Card occupancy per micro-batch and layer: the update every step, a selection every C.
     occ = upd.total_s + score.total_s / C
     occ_e = upd.energy_j(s.fpga) + score.energy_j(s.fpga) / C
@@ -709,7 +712,8 @@ def _fpga_step(w: Workload, s: System, steps: Dict[str, float], n_sparse: int, l
     # (relevancy and retrieval are one dataflow kernel on the card: its wait counts as relevancy).
     steps["append"] += n_sparse * m * gpu_append(g, sh, bi, False)
     steps["apply"] += n_sparse * m * gpu_sparse_attn(g, sh, sel, w.context, bi)
-    steps["linear"] += n_sparse * (m - 1) * lin_layer  # weight re-reads of micro-batches
+    # Micro-batches read the layer's weights once each.
+    steps["linear"] += n_sparse * (m * gpu_linear(g, sh, bi, sh.layer_weight_bytes()) - lin_layer)
     wait = n_sparse * exposed + first_exposed
     share = upd.total_s / (upd.total_s + score.total_s / C)
     steps["prepare"] = wait * share
