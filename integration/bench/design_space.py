@@ -239,6 +239,7 @@ def mi210() -> GpuSpec:
 
 
 MI210_SOURCES = {
+    "name": "AMD Instinct MI210 (the seed paper's GPU)",
     "hbm_bps": "AMD MI210 datasheet / seed paper summary: 1.6 TB/s HBM2e, x 4.27/4.8 (the H200's "
                "measured copy / peak; assumption)",
     "mem_bytes": "AMD MI210 datasheet: 64 GB HBM2e",
