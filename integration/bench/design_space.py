@@ -5,7 +5,7 @@ Predicts the per-token decode time and energy of a whole model under the `dense`
 `fpga` placements from the parameters of the machine (GPU HBM bandwidth and power, FPGA HBM
 bandwidth and card count, PCIe, launch costs), of the selection (digest dtype, page size and
 hierarchy, budget, reuse, overlap scheme) and of the workload (model shape and weights,
-context, batch). Every parameter carries its source; the U55C's come from `fpga/u55c_params.h`,
+context, batch). Every parameter carries its source; the U55C's come from `fpga/emulation/u55c_params.h`,
 parsed, never copied. See DESIGN_SPACE.md for the equations, the validation and the findings.
 
   python3 integration/bench/design_space.py --validate          # error per measured H200 point
@@ -48,7 +48,7 @@ def sources(obj) -> Dict[str, str]:
 
 
 # --------------------------------------------------------------------------------------------
-# The U55C: parsed from fpga/u55c_params.h, the one place the emulator's model takes numbers from
+# The U55C: parsed from fpga/emulation/u55c_params.h, the one place the emulator's model takes numbers from
 # --------------------------------------------------------------------------------------------
 
 _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
@@ -75,10 +75,10 @@ def find_u55c_header() -> Path:
     if env:
         return Path(env)
     for d in [HERE, *HERE.parents]:
-        p = d / "fpga" / "u55c_params.h"
+        p = d / "fpga" / "emulation" / "u55c_params.h"
         if p.exists():
             return p
-    raise FileNotFoundError("fpga/u55c_params.h not found above " + str(HERE) +
+    raise FileNotFoundError("fpga/emulation/u55c_params.h not found above " + str(HERE) +
                             " (set MEMPIPE_U55C_PARAMS)")
 
 
@@ -108,7 +108,7 @@ def parse_u55c_params(path: Optional[Path] = None) -> Dict[str, dict]:
             if not comment:
                 raise ValueError(f"u55c_params.h field {name} has no source comment")
             out[name] = {"value": int(v) if ty == "int" else float(v), "type": ty,
-                         "source": "fpga/u55c_params.h: " + " ".join(comment)}
+                         "source": "fpga/emulation/u55c_params.h: " + " ".join(comment)}
             after_field = True
         elif not s:
             comment, after_field = [], False
@@ -119,7 +119,7 @@ def parse_u55c_params(path: Optional[Path] = None) -> Dict[str, dict]:
 
 @dataclass(frozen=True)
 class FpgaSpec:
-    """One FPGA card. `from_header()` fills every U55C field from fpga/u55c_params.h."""
+    """One FPGA card. `from_header()` fills every U55C field from fpga/emulation/u55c_params.h."""
     name: str
     hbm_channels: int
     hbm_channel_peak_bps: float
@@ -738,7 +738,7 @@ def evaluate_all(w: Workload, s: System) -> Dict[str, Result]:
 # --------------------------------------------------------------------------------------------
 # Validation against the measured H200 single-layer points
 # --------------------------------------------------------------------------------------------
-VALIDATION_FILES = ("gpu_bench_h200_v10.json", "gpu_bench_h200.json")
+VALIDATION_FILES = ("gpu_bench_h200.json",)
 # Points some parameter was read from (see GpuSpec sources); the rest are held out.
 CALIBRATION = {(32768, 1): ("torch_sdpa_dense", "mempipe_dense", "mempipe_select",
                             "mempipe_score_only", "mempipe_sparse_attn", "torch_quest_select"),
@@ -746,8 +746,6 @@ CALIBRATION = {(32768, 1): ("torch_sdpa_dense", "mempipe_dense", "mempipe_select
 # Measured on the H200 (/work/shared/docs/ANCHORS.md, "Whole-model decode"): Llama-3-8B linear
 # layers and LM head under a CUDA graph, (batch, ms).
 LINEAR_POINTS = ((1, 4.3), (8, 4.6))
-# v7 operations whose kernel no longer exists (the paged decode before v9's tensor cores).
-SUPERSEDED_V7 = ("mempipe_dense", "mempipe_sparse_attn", "mempipe_sparse_step")
 # Mean |error| bound on held-out points, and the bound on any single point; chosen before the
 # validation was first run, as the spread of the measured kernels' own efficiencies (dense
 # 87-107%, select 45-68% of copy bandwidth).
@@ -789,9 +787,7 @@ def validate(g: Optional[GpuSpec] = None, files=VALIDATION_FILES) -> dict:
                 m = r.get(op)
                 if not m:
                     continue
-                # v7's paged decode (dense and sparse) is the CUDA-core kernel that v9's
-                # tensor-core kernel replaced (44-64% of copy bandwidth): shown, not bounded.
-                superseded = name == "gpu_bench_h200.json" and op in SUPERSEDED_V7
+                superseded = False  # the committed file holds the current (v10) kernels only
                 calib = op in CALIBRATION.get((r["context"], r["batch"]), ())
                 rows.append({"file": name, "context": r["context"], "batch": r["batch"],
                              "op": op, "measured_ms": m["ms"], "modeled_ms": p * 1e3,
@@ -1033,13 +1029,13 @@ def report_markdown() -> str:
     v = validate()
     sm = v["summary"]
     p("## 1. Validation against the measured H200 single-layer points\n")
-    p(f"{sm['points']} points from `results/gpu_bench_h200_v10.json` (current kernels) and "
-      f"`results/gpu_bench_h200.json` (v7). Held out (no parameter read from them, kernel still "
+    p(f"{sm['points']} points from `results/gpu_bench_h200.json` (v10, the current kernels). "
+      f"Held out (no parameter read from them, kernel still "
       f"current): {sm['held_out']}; mean |error| {sm['mean_abs_error_held_out']:.1%} (bound "
       f"{MEAN_ERR_BOUND:.0%}); max |error| over all current-kernel points "
       f"{sm['max_abs_error']:.1%} (bound {MAX_ERR_BOUND:.0%}): "
       f"**{'passed' if sm['passed'] else 'FAILED'}**. `calib` = a parameter was read from this "
-      "point; `superseded` = v7's CUDA-core paged decode, replaced in v9 (not bounded).\n")
+      "point.\n")
     p("| file | context x batch | operation | measured ms | modeled ms | error | |")
     p("|---|---|---|---|---|---|---|")
     for r in v["rows"]:
