@@ -165,10 +165,17 @@ class PagedLayer:
         else:
             _mempipe.write_kv(kv_cache, slot_mapping, key, value)
 
+    def _check_placement(self, device: torch.device) -> None:
+        want = "gpu" if device.type == "cuda" else "cpu"
+        if self.sparse and self.config.placement != want:
+            raise ValueError(f"placement '{self.config.placement}' does not run tensors on "
+                             f"{device}: use placement={want} (or dense)")
+
     def decode(self, query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                seq_lens: torch.Tensor, out: torch.Tensor,
                digests: torch.Tensor | None = None) -> None:
         """One query token per sequence: sparse (steps 2-4) or dense. Writes `out`."""
+        self._check_placement(query.device)
         query = query.contiguous()
         c = self.config
         num_seqs, max_blocks = block_table.shape
