@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from mempipe import _mempipe as mp
+from mempipe.attention import DecodePlan, PagedLayer
+from mempipe.config import MempipeConfig
 
 torch.backends.cuda.matmul.allow_tf32 = False  # the float32 references must be float32
 
@@ -184,6 +186,16 @@ def run_case(timer, copy_bw, context, batch, results):
         select()
         sparse_attn()
 
+    # The same sparse step one level up, as the vLLM backend and the transformers adapter run
+    # it: PagedLayer.decode with its DecodePlan (placement checks, plan views, two calls).
+    layer = PagedLayer(MempipeConfig(placement="gpu", budget=BUDGET, page_size=PAGE,
+                                     dense_layers=0), 5, Q_HEADS, KV_HEADS, HEAD_DIM, scale,
+                       plan=DecodePlan())
+    layer_out = torch.full_like(q, float("nan"))
+
+    def layer_step():
+        layer.decode(q, kv, table, lens, layer_out, digests=digests)
+
     # torch references over the same memory.
     k_view = kv[0].view(batch, context, KV_HEADS, HEAD_DIM).transpose(1, 2)
     v_view = kv[1].view(batch, context, KV_HEADS, HEAD_DIM).transpose(1, 2)
@@ -219,6 +231,8 @@ def run_case(timer, copy_bw, context, batch, results):
     assert not within(torch.zeros_like(out[0]), ref, tol), "the check accepts a zeroed output"
     del ref, ref_abs
     check_selection(q, kv, digests, table, lens, pages, scores, sel, cnt)
+    layer_step()
+    assert torch.equal(layer_out, sparse_out), "PagedLayer.decode differs from the module calls"
     sparse_err = 0.0
     for h in range(KV_HEADS):
         tok = (sel[0, h].long()[:, None] * PAGE + torch.arange(PAGE, device=dev)).flatten()
@@ -243,6 +257,7 @@ def run_case(timer, copy_bw, context, batch, results):
         ("torch_quest_select", torch_quest, digest_bytes),
         ("mempipe_sparse_attn", sparse_attn, selected_bytes),
         ("mempipe_sparse_step", sparse_step, digest_bytes + selected_bytes),
+        ("pagedlayer_sparse_step", layer_step, digest_bytes + selected_bytes),
     ]:
         try:
             ms, runs, host_us = timer(fn)
@@ -271,7 +286,9 @@ def run_case(timer, copy_bw, context, batch, results):
           f"({rows['sparse_step_over_floor']:.2f}x floor, "
           f"{rows['speedup_sparse_step_vs_sdpa']:.1f}x vs sdpa)  host us/call: dense "
           f"{rows['mempipe_dense']['host_us']:.1f} select {rows['mempipe_select']['host_us']:.1f}"
-          f" sparse {rows['mempipe_sparse_attn']['host_us']:.1f}", flush=True)
+          f" sparse {rows['mempipe_sparse_attn']['host_us']:.1f}; PagedLayer step "
+          f"{ms('pagedlayer_sparse_step'):7.3f} ms ({rows['pagedlayer_sparse_step']['host_us']:.1f}"
+          f" us host)", flush=True)
     del kv, digests, ws, sws, sparse_ws
     torch.cuda.empty_cache()
 
@@ -290,6 +307,22 @@ def main():
     print(f"device {props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size >> 20}"
           f" MiB; copy bandwidth {copy_bw / 1e12:.3f} TB/s (read + write)", flush=True)
     results = []
+
+    def write():  # after every case, so a run cut short keeps what it measured
+        doc = {
+            "device": props.name, "sms": props.multi_processor_count,
+            "torch": torch.__version__, "cuda": torch.version.cuda,
+            "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv),
+            "shape": {"q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
+                      "dtype": "bf16", "page": PAGE, "budget_tokens": BUDGET},
+            "copy_bw_Bps": copy_bw, "timing": "median of CUDA-event runs, L2 flushed before each",
+            "path": "mempipe._mempipe (pybind11 module) on CUDA tensors",
+            "results": results,
+        }
+        with open(args.out, "w") as f:
+            json.dump(doc, f, indent=1)
+
     for context in [int(c) for c in args.contexts.split(",")]:
         free, _ = torch.cuda.mem_get_info()
         cap = max_batch(context, free)
@@ -308,19 +341,7 @@ def main():
                 print(f"{context} x {b}: FAILED: {e}", flush=True)
                 results.append({"context": context, "batch": b, "error": str(e)})
                 torch.cuda.empty_cache()
-    doc = {
-        "device": props.name, "sms": props.multi_processor_count,
-        "torch": torch.__version__, "cuda": torch.version.cuda,
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
-        "shape": {"q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
-                  "dtype": "bf16", "page": PAGE, "budget_tokens": BUDGET},
-        "copy_bw_Bps": copy_bw, "timing": "median of CUDA-event runs, L2 flushed before each",
-        "path": "mempipe._mempipe (pybind11 module) on CUDA tensors",
-        "results": results,
-    }
-    with open(args.out, "w") as f:
-        json.dump(doc, f, indent=1)
+            write()
     return 1 if any("error" in r for r in results) else 0
 
 
