@@ -37,6 +37,13 @@ ScopedDevice::~ScopedDevice() {
 absl::Status CheckStreamDevice(GpuStream stream, int device) {
   const auto handle = reinterpret_cast<uintptr_t>(stream);
   if (handle <= 2) return absl::OkStatus();  // default-stream aliases: valid on every device
+  // NOTE: a capturing stream is not queried (querying may invalidate a global-mode capture);
+  // a launch on a stream of another device fails the capture anyway.
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(static_cast<cudaStream_t>(stream), &capture) == cudaSuccess &&
+      capture != cudaStreamCaptureStatusNone) {
+    return absl::OkStatus();
+  }
 #if CUDART_VERSION >= 12080
   int stream_device = -1;
   if (absl::Status s = CudaError(cudaStreamGetDevice(static_cast<cudaStream_t>(stream),

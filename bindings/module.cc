@@ -167,7 +167,9 @@ Target ResolveTarget(std::initializer_list<const BorrowedTensor*> tensors,
   target.device = first->device.device_id;
   target.stream = StreamOf(stream, target.device);
 #ifdef MEMPIPE_MODULE_GPU
-  Check(CheckStreamDevice(target.stream, target.device));
+  // torch's current stream of the tensors' device needs no check; a handle the caller names
+  // does (a torch.cuda.Stream's device_index was checked in StreamOf).
+  if (py::isinstance<py::int_>(stream)) Check(CheckStreamDevice(target.stream, target.device));
 #endif
   return target;
 }

@@ -52,6 +52,7 @@ class DecodePlan:
     def __init__(self):
         self._buffers: dict[str, torch.Tensor] = {}
         self._sizes: dict[tuple, tuple[int, int]] = {}
+        self._views: dict[tuple, tuple] = {}
         self.device: torch.device | None = None
         self.allocations = 0  # how many times a buffer was (re)allocated, for tests
 
@@ -81,6 +82,16 @@ class DecodePlan:
 
     def views(self, num_seqs: int, num_heads: int, num_kv_heads: int, max_blocks: int,
               max_selected: int, device: torch.device):
+        key = (num_seqs, num_heads, num_kv_heads, max_blocks, max_selected, device)
+        hit = self._views.get(key)
+        if hit is not None and hit[0] == self.allocations:
+            return hit[1]  # NOTE: the per-layer fast path: no slicing, no dict building
+        views = self._make_views(num_seqs, num_heads, num_kv_heads, max_blocks, max_selected,
+                                 device)
+        self._views[key] = (self.allocations, views)
+        return views
+
+    def _make_views(self, num_seqs, num_heads, num_kv_heads, max_blocks, max_selected, device):
         pages = self._buffer("pages", num_seqs * num_kv_heads * max_selected, torch.int32,
                              device).view(num_seqs, num_kv_heads, max_selected)
         counts = self._buffer("counts", num_seqs * num_kv_heads, torch.int32,
@@ -221,8 +232,9 @@ def gather_context(kv_cache: torch.Tensor, block_row: torch.Tensor,
 
 
 def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [H, n, D] attends causally to k, v [KVH, L, D] whose last n positions are q's."""
-    n, length = q.shape[1], k.shape[1]
+    """q [..., H, n, D] attends causally to k, v [..., KVH, L, D] whose last n positions are
+    q's (4-D inputs select the same fused SDPA kernels as transformers' sdpa path)."""
+    n, length = q.shape[-2], k.shape[-2]
     if n == length:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                               enable_gqa=True)
@@ -243,4 +255,4 @@ def paged_prefill_sdpa(query: torch.Tensor, query_start_loc: torch.Tensor,
             continue
         k, v = gather_context(kv_cache, block_table[s], length)
         q = query[a:b].transpose(0, 1)  # [H, n, D]
-        out[a:b] = sdpa_causal(q, k, v, scale).transpose(0, 1)
+        out[a:b] = sdpa_causal(q[None], k[None], v[None], scale)[0].transpose(0, 1)

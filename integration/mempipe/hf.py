@@ -11,9 +11,9 @@ mempipe pages ([2, num_blocks, page, kv_heads, head_dim], sequence b's page j in
 j * batch + b) with their digests: `update` appends only the new tokens (one fused append +
 digest kernel per decode step; a prompt is written with one index_copy and its digests built
 in bulk) and the attention function reads the pages: steps 2-4 for a one-token query on
-sparse layers, dense paged decode on the others, causal prefill otherwise (CUDA: torch SDPA
-over the contiguous prompt, or over the gathered pages when a cache already holds a prefix;
-CPU: mempipe's prefill kernel). Capacity grows by doubling (block ids are kept), so a step
+sparse layers, dense paged decode on the others, causal prefill otherwise (CUDA: transformers' own SDPA
+function over the contiguous prompt, or torch SDPA over the gathered pages when the cache
+already holds a prefix; CPU: mempipe's prefill kernel). Capacity grows by doubling (block ids are kept), so a step
 costs the kernels' time, not a copy of the context. Decode runs without host synchronization
 on CUDA; the scratch buffers come from the cache's DecodePlan (allocated once).
 
@@ -203,13 +203,16 @@ def _cached_forward(module, layer_state, start, query, scale):
         return out.view(batch, 1, num_heads, head_dim)
     paged.calls["prefill"] += 1
     if query.is_cuda:
-        outs = []
+        if start == 0:  # the prompt is the whole context, contiguous: transformers' own SDPA
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward
+            key, value = _pending.kv
+            out, _ = sdpa_attention_forward(module, query, key, value, None, dropout=0.0,
+                                            scaling=scale, is_causal=True)
+            return out
+        outs = []  # a prefix is cached: the sequence's pages gathered, causal with an offset
         for b in range(batch):
-            if start == 0:  # the prompt itself is the context: contiguous, no gather
-                k, v = _pending.kv[0][b], _pending.kv[1][b]
-            else:
-                k, v = gather_context(layer_state.kv_cache, layer_state.block_table[b], length)
-            outs.append(sdpa_causal(query[b], k, v, scale).transpose(0, 1))
+            k, v = gather_context(layer_state.kv_cache, layer_state.block_table[b], length)
+            outs.append(sdpa_causal(query[b:b + 1], k[None], v[None], scale)[0].transpose(0, 1))
         return torch.stack(outs)
     starts = torch.arange(0, batch * q_len + 1, q_len, dtype=torch.int32)
     lens = torch.full((batch,), length, dtype=torch.int32)
