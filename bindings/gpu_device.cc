@@ -46,18 +46,17 @@ absl::Status CheckStreamDevice(GpuStream stream, int device) {
   }
 #if CUDART_VERSION >= 12080
   int stream_device = -1;
-  if (absl::Status s = CudaError(cudaStreamGetDevice(static_cast<cudaStream_t>(stream),
-                                                     &stream_device),
-                                 "cudaStreamGetDevice");
+  if (absl::Status s =
+          CudaError(cudaStreamGetDevice(static_cast<cudaStream_t>(stream), &stream_device),
+                    "cudaStreamGetDevice");
       !s.ok()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("stream 0x", absl::Hex(handle), " is not a valid CUDA stream (", s.message(),
-                     ")"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "stream 0x", absl::Hex(handle), " is not a valid CUDA stream (", s.message(), ")"));
   }
   if (stream_device != device) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("stream 0x", absl::Hex(handle), " belongs to cuda:", stream_device,
-                     " but the tensors are on cuda:", device));
+    return absl::FailedPreconditionError(absl::StrCat("stream 0x", absl::Hex(handle),
+                                                      " belongs to cuda:", stream_device,
+                                                      " but the tensors are on cuda:", device));
   }
 #else
   (void)device;  // NOTE: older runtimes cannot tell a stream's device; the launch would fail.

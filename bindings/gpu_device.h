@@ -21,9 +21,7 @@ namespace mempipe::bindings {
 class ScopedDevice {
  public:
   [[nodiscard]] static absl::StatusOr<ScopedDevice> Enter(int device);
-  ScopedDevice(ScopedDevice&& other) noexcept : previous_(other.previous_) {
-    other.previous_ = -1;
-  }
+  ScopedDevice(ScopedDevice&& other) noexcept : previous_(other.previous_) { other.previous_ = -1; }
   ScopedDevice& operator=(ScopedDevice&&) = delete;
   ScopedDevice(const ScopedDevice&) = delete;
   ~ScopedDevice();

@@ -104,9 +104,10 @@ GpuStream TorchCurrentStream(int device) {
           "CUDA tensors without torch: pass the stream explicitly (stream=<cudaStream_t int>)"));
     }
     py::object c = torch.attr("_C");
+    // NOTE: leaked on purpose, so that nothing is released after the interpreter finalizes.
     if (py::hasattr(c, "_cuda_getCurrentRawStream")) {
-      raw = new py::object(c.attr("_cuda_getCurrentRawStream"));  // NOTE: leaked on purpose,
-    } else {                                                       // outlives interpreter exit
+      raw = new py::object(c.attr("_cuda_getCurrentRawStream"));
+    } else {
       current = new py::object(torch.attr("cuda").attr("current_stream"));
     }
   }
@@ -127,8 +128,8 @@ GpuStream StreamOf(const py::object& stream, int device) {
     if (py::hasattr(stream, "device_index")) {
       const int d = stream.attr("device_index").cast<int>();
       if (d != device) {
-        Check(absl::FailedPreconditionError(absl::StrCat(
-            "stream is a stream of cuda:", d, " but the tensors are on cuda:", device)));
+        Check(absl::FailedPreconditionError(absl::StrCat("stream is a stream of cuda:", d,
+                                                         " but the tensors are on cuda:", device)));
       }
     }
     return reinterpret_cast<GpuStream>(stream.attr("cuda_stream").cast<uintptr_t>());
@@ -177,8 +178,8 @@ Target ResolveTarget(std::initializer_list<const BorrowedTensor*> tensors,
 // A function without a GPU kernel, called with CUDA tensors.
 void NoGpuKernel(const Target& target, const char* function, const char* instead) {
   if (!target.gpu) return;
-  Check(absl::UnimplementedError(absl::StrCat(function, " has no GPU kernel (cuda:",
-                                              target.device, " tensors); ", instead)));
+  Check(absl::UnimplementedError(
+      absl::StrCat(function, " has no GPU kernel (cuda:", target.device, " tensors); ", instead)));
 }
 
 // Converts a [2, num_blocks, block_size, KVH, D] tensor.
@@ -331,8 +332,8 @@ Scratch ScratchOf(const py::object& workspace, const Target& target, size_t need
   }
   BorrowedTensor ws = Borrow(workspace, "workspace");
   if (ws.device.device_type != kDLCUDA || ws.device.device_id != target.device) {
-    Check(absl::InvalidArgumentError(absl::StrCat(ws.Describe(), " must be on cuda:",
-                                                  target.device, " with the other tensors")));
+    Check(absl::InvalidArgumentError(absl::StrCat(ws.Describe(), " must be on cuda:", target.device,
+                                                  " with the other tensors")));
   }
   Check(ws.RequireType(ElemType::kUInt8));
   const auto bytes = static_cast<size_t>(ws.NumElems());
@@ -393,9 +394,8 @@ void AppendKvAndDigestsPy(py::handle kv_cache, py::handle slot_mapping, py::hand
   const int n = static_cast<int>(slots.shape[0]);
 #ifdef MEMPIPE_MODULE_GPU
   if (target.gpu) {
-    RunOnGpu(target, [&] {
-      return AppendKvAndDigestsGpu(cache, s, n, k.data, v.data, dv, target.stream);
-    });
+    RunOnGpu(target,
+             [&] { return AppendKvAndDigestsGpu(cache, s, n, k.data, v.data, dv, target.stream); });
     return;
   }
 #endif
@@ -454,9 +454,8 @@ void ComputeRelevancyPy(py::handle query, py::handle kv_cache, py::handle digest
   auto* out = static_cast<float*>(sc.data);
 #ifdef MEMPIPE_MODULE_GPU
   if (target.gpu) {
-    RunOnGpu(target, [&] {
-      return ComputeRelevancyGpu(qv, cache, dv, table, agg, out, target.stream);
-    });
+    RunOnGpu(target,
+             [&] { return ComputeRelevancyGpu(qv, cache, dv, table, agg, out, target.stream); });
     return;
   }
 #endif
@@ -500,20 +499,21 @@ void ScoreAndSelectPy(py::handle query, py::handle kv_cache, py::handle digests,
        dg = Borrow(digests, "digests"), bt = Borrow(block_table, "block_table"),
        lens = Borrow(seq_lens, "seq_lens"), pg = Borrow(pages, "pages"),
        ct = Borrow(counts, "counts");
-  [[maybe_unused]] const Target target = ResolveTarget({&q, &kv, &dg, &bt, &lens, &pg, &ct}, stream);
+  [[maybe_unused]] const Target target =
+      ResolveTarget({&q, &kv, &dg, &bt, &lens, &pg, &ct}, stream);
   const KvCacheView cache = CacheView(kv);
   const DigestView dv = DigestsView(dg, cache);
   const BlockTableView table = TableView(bt, lens);
   const QueryView qv = QueryOf(q);
   const SelectionView sel = SelectionOf(pg, ct, table.num_seqs, cache.num_kv_heads);
   const SelectionConfig config = ConfigOf(budget, sinks, locals, aggregation);
-  const Scratch ws = ScratchOf(workspace, target, SelectScratchBytes(target, table, cache.num_kv_heads),
-                               "score_and_select", "select_workspace_bytes");
+  const Scratch ws =
+      ScratchOf(workspace, target, SelectScratchBytes(target, table, cache.num_kv_heads),
+                "score_and_select", "select_workspace_bytes");
 #ifdef MEMPIPE_MODULE_GPU
   if (target.gpu) {
     RunOnGpu(target, [&] {
-      return ScoreAndSelectGpu(qv, cache, dv, table, config, sel, ws.data, ws.bytes,
-                               target.stream);
+      return ScoreAndSelectGpu(qv, cache, dv, table, config, sel, ws.data, ws.bytes, target.stream);
     });
     return;
   }
@@ -561,10 +561,10 @@ void SparseDecodePy(py::handle query, py::handle kv_cache, py::handle block_tabl
   const DecodeIo io = IoView(q, o, num_threads);
   const SelectionView sel = SelectionOf(pg, ct, table.num_seqs, cache.num_kv_heads);
   const PageList list{sel.pages, sel.counts, sel.num_kv_heads, sel.max_selected};
-  const Scratch ws = ScratchOf(workspace, target,
-                               DecodeScratchBytes(target, io.num_seqs, io.num_heads,
-                                                  cache.num_kv_heads, sel.max_selected),
-                               "sparse_decode", "decode_workspace_bytes");
+  const Scratch ws = ScratchOf(
+      workspace, target,
+      DecodeScratchBytes(target, io.num_seqs, io.num_heads, cache.num_kv_heads, sel.max_selected),
+      "sparse_decode", "decode_workspace_bytes");
 #ifdef MEMPIPE_MODULE_GPU
   if (target.gpu) {
     RunOnGpu(target, [&] {
@@ -601,9 +601,9 @@ void PrefillAttentionPy(py::handle query, py::handle query_start_loc, py::handle
 size_t DecodeWorkspaceBytesPy(int num_seqs, int num_heads, int num_kv_heads, int max_items,
                               int device) {
   if (!kGpuBuild) Check(absl::UnimplementedError("this build of mempipe has no GPU kernels"));
-  for (auto [v, what] : {std::pair{num_seqs, "num_seqs"}, std::pair{num_heads, "num_heads"},
-                         std::pair{num_kv_heads, "num_kv_heads"},
-                         std::pair{max_items, "max_items"}}) {
+  for (auto [v, what] :
+       {std::pair{num_seqs, "num_seqs"}, std::pair{num_heads, "num_heads"},
+        std::pair{num_kv_heads, "num_kv_heads"}, std::pair{max_items, "max_items"}}) {
     if (v < 0) Check(absl::InvalidArgumentError(absl::StrCat(what, " must be >= 0, got ", v)));
   }
   Target t;
@@ -674,11 +674,11 @@ PYBIND11_MODULE(_mempipe, m) {
         arg("sinks") = 1, arg("locals") = 1, stream, "Step 3: top-k pages plus sinks and locals.");
   m.def("score_and_select", &ScoreAndSelectPy, arg("query"), arg("kv_cache"), arg("digests"),
         arg("block_table"), arg("seq_lens"), arg("pages"), arg("counts"), py::kw_only(),
-        arg("budget"), arg("sinks") = 1, arg("locals") = 1, arg("aggregation") = "max",
-        workspace, stream, "Steps 2 and 3 (GPU: workspace of select_workspace_bytes).");
+        arg("budget"), arg("sinks") = 1, arg("locals") = 1, arg("aggregation") = "max", workspace,
+        stream, "Steps 2 and 3 (GPU: workspace of select_workspace_bytes).");
   m.def("dense_decode", &DenseDecodePy, arg("query"), arg("kv_cache"), arg("block_table"),
-        arg("seq_lens"), arg("out"), arg("scale"), py::kw_only(), arg("num_threads") = 1,
-        workspace, stream,
+        arg("seq_lens"), arg("out"), arg("scale"), py::kw_only(), arg("num_threads") = 1, workspace,
+        stream,
         "Step 4, dense: one query per sequence (GPU: workspace of decode_workspace_bytes with "
         "max_items = block_table.shape[1]).");
   m.def("sparse_decode", &SparseDecodePy, arg("query"), arg("kv_cache"), arg("block_table"),

@@ -73,7 +73,7 @@ def select_workspace(device, num_seqs, kv_heads, max_blocks):
 @pytest.mark.parametrize("device_name", ["cpu", "cuda"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("group", GROUPS)
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_steps_match_reference(request, gen, device_name, dtype, group, head_dim):
     dev = device_of(request, device_name)
     kvh = 2
