@@ -703,7 +703,15 @@ def _main(argv=None) -> int:
                                 variant="sdpa"))
             continue
         t0 = time.perf_counter()
-        runner = Runner(model, L, B, args, gen)
+        try:
+            runner = Runner(model, L, B, args, gen)
+        except torch.OutOfMemoryError as e:
+            print(f"[model_decode] {_ctx(L)} x {B}: out of memory filling the cache: {e}",
+                  flush=True)
+            rows.append(gap_row("dense", L, B, f"does not fit: out of memory while filling the "
+                                f"cache (estimated largest batch {bmax})", variant="sdpa"))
+            torch.cuda.empty_cache()
+            continue
         backend = runner.pick_sdpa_backend() if "dense-sdpa" in placements else None
         print(f"[model_decode] {_ctx(L)} x {B}: cache filled in "
               f"{time.perf_counter() - t0:.1f} s; SDPA backend {backend}", flush=True)
