@@ -142,21 +142,20 @@ class Model:
         self.inv_freq = inv.float().to(device)
 
     def rope(self, position: int):
+        """(cos, signed sin) over head_dim for `position`, rotate-half convention."""
         ang = position * self.inv_freq
-        return (torch.cos(ang).to(self.dtype), torch.sin(ang).to(self.dtype))
+        cos, sin = torch.cos(ang), torch.sin(ang)
+        return (torch.cat([cos, cos]).to(self.dtype), torch.cat([-sin, sin]).to(self.dtype))
 
 
 def rms_norm(x, w, eps=1e-5):
     return F.rms_norm(x, (x.shape[-1],), w, eps)
 
 
-def apply_rope(x, cos, sin):
-    # x [B, H, D], rotate-half convention
+def apply_rope(x, cos, sin_signed):
+    """x [..., D] rotated (rotate-half convention): x * cos + [x2, x1] * [-sin, sin]."""
     h = x.shape[-1] // 2
-    x1, x2 = x[..., :h], x[..., h:]
-    c = torch.cat([cos, cos])
-    sn = torch.cat([-sin, sin])
-    return x * c + torch.cat([x2, x1], dim=-1) * sn
+    return torch.addcmul(x * cos, torch.cat([x[..., h:], x[..., :h]], dim=-1), sin_signed)
 
 
 class Timer:
@@ -299,10 +298,12 @@ class Runner:
         for i, lw in enumerate(m.layers):
             h = rms_norm(x, lw["n1"])
             qkv = F.linear(h, lw["qkv"])
-            q, k, v = qkv.split([s.q_heads * s.head_dim, s.kv_heads * s.head_dim,
-                                 s.kv_heads * s.head_dim], dim=-1)
-            q = apply_rope(q.view(B, s.q_heads, s.head_dim), self.cos, self.sin).contiguous()
-            k = apply_rope(k.view(B, s.kv_heads, s.head_dim), self.cos, self.sin).contiguous()
+            qk, v = qkv.split([(s.q_heads + s.kv_heads) * s.head_dim,
+                               s.kv_heads * s.head_dim], dim=-1)
+            # Q and K rotated together (3 kernels), then split into contiguous tensors.
+            qk = apply_rope(qk.view(B, s.q_heads + s.kv_heads, s.head_dim), self.cos, self.sin)
+            q = qk[:, :s.q_heads].contiguous()
+            k = qk[:, s.q_heads:].contiguous()
             v = v.reshape(B, s.kv_heads, s.head_dim).contiguous()
             timer.mark("linear")
             self.attention(placement, i, q, k, v, timer, None)
