@@ -169,7 +169,7 @@ module mempipe_score_core #(
   end
 
   // ---- S2: decode and multiply (64 fp32 multipliers) ----------------------------------------------
-  logic [31:0][31:0] s2_pa, s2_pb;
+  logic [32*32-1:0] s2_pa, s2_pb;  // lane l at [32l +: 32]
   logic [31:0] s2_en;
   logic s2_v, s2_init, s2_lastw, s2_firstg, s2_lastg;
   for (genvar l = 0; l < 32; l++) begin : g_mul
@@ -182,8 +182,8 @@ module mempipe_score_core #(
     mempipe_fp32_mul u_pa (.a(q), .b(mx), .p(pa));
     mempipe_fp32_mul u_pb (.a(q), .b(mn), .p(pb));
     always_ff @(posedge clk) begin
-      s2_pa[l] <= pa;
-      s2_pb[l] <= pb;
+      s2_pa[32*l+:32] <= pa;
+      s2_pb[32*l+:32] <= pb;
       s2_en[l] <= !dt32 || (s1_half == (l >= 16));
     end
   end
@@ -196,13 +196,13 @@ module mempipe_score_core #(
   end
 
   // ---- S3: term = a > b ? a : b ---------------------------------------------------------------------
-  logic [31:0][31:0] s3_t;
+  logic [32*32-1:0] s3_t;
   logic [31:0] s3_en;
   logic s3_v, s3_init, s3_lastw, s3_firstg, s3_lastg;
   for (genvar l = 0; l < 32; l++) begin : g_max
     logic a_gt_b;
-    mempipe_fp32_gt u_gt (.a(s2_pa[l]), .b(s2_pb[l]), .gt(a_gt_b));
-    always_ff @(posedge clk) s3_t[l] <= a_gt_b ? s2_pa[l] : s2_pb[l];
+    mempipe_fp32_gt u_gt (.a(s2_pa[32*l+:32]), .b(s2_pb[32*l+:32]), .gt(a_gt_b));
+    always_ff @(posedge clk) s3_t[32*l+:32] <= a_gt_b ? s2_pa[32*l+:32] : s2_pb[32*l+:32];
   end
   always_ff @(posedge clk) begin
     s3_v <= !rst && s2_v;
@@ -214,12 +214,12 @@ module mempipe_score_core #(
   end
 
   // ---- S4: lane accumulators (+0 at a head's first term) ------------------------------------------
-  logic [31:0][31:0] acc;
+  logic [32*32-1:0] acc;
   logic s4_fin, s4_firstg, s4_lastg;
   for (genvar l = 0; l < 32; l++) begin : g_acc
     logic [31:0] sum;
-    mempipe_fp32_add u_add (.a(s3_init ? 32'd0 : acc[l]), .b(s3_t[l]), .s(sum));
-    always_ff @(posedge clk) if (s3_v && s3_en[l]) acc[l] <= sum;
+    mempipe_fp32_add u_add (.a(s3_init ? 32'd0 : acc[32*l+:32]), .b(s3_t[32*l+:32]), .s(sum));
+    always_ff @(posedge clk) if (s3_v && s3_en[l]) acc[32*l+:32] <= sum;
   end
   always_ff @(posedge clk) begin
     s4_fin <= !rst && s3_v && s3_lastw;
@@ -228,34 +228,34 @@ module mempipe_score_core #(
   end
 
   // ---- adder tree: level k adds lane[i] + lane[i + 32 >> k] -----------------------------------------
-  logic [15:0][31:0] t1;
-  logic [7:0][31:0] t2;
-  logic [3:0][31:0] t3;
-  logic [1:0][31:0] t4;
+  logic [16*32-1:0] t1;
+  logic [8*32-1:0] t2;
+  logic [4*32-1:0] t3;
+  logic [2*32-1:0] t4;
   logic [31:0] t5;
   logic [5:1] tv, tfirst, tlast;
   for (genvar i = 0; i < 16; i++) begin : g_t1
     logic [31:0] s;
-    mempipe_fp32_add u (.a(acc[i]), .b(acc[i+16]), .s(s));
-    always_ff @(posedge clk) t1[i] <= s;
+    mempipe_fp32_add u (.a(acc[32*i+:32]), .b(acc[32*(i+16)+:32]), .s(s));
+    always_ff @(posedge clk) t1[32*i+:32] <= s;
   end
   for (genvar i = 0; i < 8; i++) begin : g_t2
     logic [31:0] s;
-    mempipe_fp32_add u (.a(t1[i]), .b(t1[i+8]), .s(s));
-    always_ff @(posedge clk) t2[i] <= s;
+    mempipe_fp32_add u (.a(t1[32*i+:32]), .b(t1[32*(i+8)+:32]), .s(s));
+    always_ff @(posedge clk) t2[32*i+:32] <= s;
   end
   for (genvar i = 0; i < 4; i++) begin : g_t3
     logic [31:0] s;
-    mempipe_fp32_add u (.a(t2[i]), .b(t2[i+4]), .s(s));
-    always_ff @(posedge clk) t3[i] <= s;
+    mempipe_fp32_add u (.a(t2[32*i+:32]), .b(t2[32*(i+4)+:32]), .s(s));
+    always_ff @(posedge clk) t3[32*i+:32] <= s;
   end
   for (genvar i = 0; i < 2; i++) begin : g_t4
     logic [31:0] s;
-    mempipe_fp32_add u (.a(t3[i]), .b(t3[i+2]), .s(s));
-    always_ff @(posedge clk) t4[i] <= s;
+    mempipe_fp32_add u (.a(t3[32*i+:32]), .b(t3[32*(i+2)+:32]), .s(s));
+    always_ff @(posedge clk) t4[32*i+:32] <= s;
   end
   logic [31:0] t5_s;
-  mempipe_fp32_add u_t5 (.a(t4[0]), .b(t4[1]), .s(t5_s));
+  mempipe_fp32_add u_t5 (.a(t4[31:0]), .b(t4[63:32]), .s(t5_s));
   always_ff @(posedge clk) begin
     t5 <= t5_s;
     tv <= rst ? 5'd0 : {tv[4:1], s4_fin};

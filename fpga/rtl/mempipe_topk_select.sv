@@ -45,12 +45,9 @@ module mempipe_topk_select #(
   localparam int KW = $clog2(MAX_TOPK + 1);
 
   // ---- order-preserving key --------------------------------------------------------------------
-  function automatic logic [31:0] rank_key(input logic [31:0] f);
-    logic [31:0] x;
-    x = (f[30:23] == 8'hff && f[22:0] != 0) ? 32'hff80_0000 : f;  // NaN ranks as -inf
-    if (x[30:0] == 0) return 32'h8000_0000;
-    return x[31] ? ~x : {1'b1, x[30:0]};
-  endfunction
+  logic [31:0] in_key;
+  wire in_nan = score_data[30:23] == 8'hff && score_data[22:0] != 0;
+  mempipe_fp32_key u_key (.a(in_nan ? 32'hff80_0000 : score_data), .key(in_key));  // NaN: -inf
 
   typedef enum logic [2:0] {
     S_N,
@@ -70,7 +67,6 @@ module mempipe_topk_select #(
   logic [CW-1:0] arr_c[MAX_TOPK];
   logic [MAX_TOPK-1:0] arr_v;
   logic [KW-1:0] base;  // MAX_TOPK - want: first active slot
-  wire [31:0] in_key = rank_key(score_data);
   wire [CW-1:0] cand = {in_key, ~p[IW-1:0]};
   wire collect = st == S_COLLECT && score_valid;
   wire offer = collect && !all_pages && p >= lo && p < hi && want != 0;
