@@ -32,10 +32,20 @@ struct U55cParams {
   int axi_word_bytes = 64;
   // Compute units of each kernel in the xclbin, one per HBM pseudo-channel (device_layout.h).
   int num_cus = 32;
-  // Clocks to fill a kernel's dataflow pipeline for each sequence (AXI read latency plus the
-  // score and select stage depths). Estimate: typical HBM read latency of ~100-200 clocks plus
-  // ~50 clocks of arithmetic.
+  // Clocks per sequence not explained by the per-page terms below: the seq_lens read's round
+  // trip (HBM latency), the first digests' latency, the score pipeline's depth. Fitted to the
+  // RTL kernel simulated in Verilator with HBM-like latency (100-200 clocks) and back-pressure:
+  // `fpga_rtl_cycles` on the fit shapes (fpga/rtl/cycles.md). Was an estimate of 250.
   int pipeline_fill_clocks = 250;
+  // (Query head, 512-bit digest word) pairs the score kernel computes per clock: the RTL score
+  // core (fpga/rtl/mempipe_score_core.sv) has 32 lanes x 2 fp32 multipliers for one head, so a
+  // page costs row_words x max(group, 2) clocks (2: the page's two rows arrive one word per
+  // clock). Structural; confirmed by the simulated cycle counts (fpga/rtl/cycles.md).
+  int score_heads_per_clock = 1;
+  // Clocks per page of the select stage's emit pass, which runs after a row's last score and
+  // overlaps nothing (plus max_selected clocks to write the row). The RTL's emit loop reads one
+  // buffered score per clock (fpga/rtl/mempipe_topk_select.sv). Structural.
+  double select_clocks_per_page = 1.0;
   // Host call to kernel completion for an empty kernel, per launch batch: 16-56 us on a U25
   // (XRT issue 6601), 50-100 us on a U55C (XRT issue 8687). The U55C's lower end.
   double launch_latency_s = 50e-6;

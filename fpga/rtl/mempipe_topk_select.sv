@@ -97,7 +97,8 @@ module mempipe_topk_select #(
   logic wq_full, wq_empty;
   logic push;
   logic [95:0] push_d;
-  wire emit_sel = all_pages || rd_p < lo || rd_p >= hi || {rd_key, ~rd_p[IW-1:0]} >= thresh;
+  wire emit_sel = all_pages || rd_p < lo || rd_p >= hi ||
+                  (want != 0 && {rd_key, ~rd_p[IW-1:0]} >= thresh);
   wire rd_issue = st == S_EMIT && p < n && 4'(wq_count + rd_v) < 4'd7;
   mempipe_fifo #(.W(96), .DEPTH(8)) u_wq (
       .clk, .rst, .push, .din(push_d), .full(wq_full), .pop(wr_valid && wr_ready),

@@ -9,6 +9,7 @@
 // pages kept (1 sink, 1 local), max_selected = k. Data are random (the values do not change the
 // cycle count except through the top-k insertions, which never stall).
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -20,13 +21,18 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/strings/str_format.h"
+#include "fpga/device_layout.h"
 #include "fpga/hls/kernel_common.h"
+#include "fpga/u55c_model.h"
+#include "fpga/u55c_params.h"
 #include "tests/fpga/rtl/rtl_harness.h"
 
 ABSL_FLAG(std::string, json, "", "write the table as JSON to this file ('' = none)");
 ABSL_FLAG(std::string, md, "", "write the table as Markdown to this file ('' = none)");
 ABSL_FLAG(bool, quick, false, "a small sweep (for a smoke run)");
 ABSL_FLAG(uint64_t, seed, 12345, "random data and memory-model seed");
+ABSL_FLAG(double, max_heldout_error, 0.15,
+          "fail (exit 1) if the model's mean relative error on held-out shapes exceeds this");
 
 namespace {
 
@@ -43,12 +49,44 @@ struct Row {
   Shape s;
   int row_words;
   uint64_t cycles;
+  double model_cycles = 0;  // fpga/u55c_model's prediction of the same call
+  bool fit = false;         // used to fit pipeline_fill_clocks (else held out)
 };
+
+// Shapes the kernel-side parameters were fitted on: fp16, head_dim 64 or 256, group 1, 4 or 16,
+// one sequence per call. Everything else (head_dim 128, groups 2 and 8, several sequences,
+// fp32, bf16) is held out.
+bool IsFitShape(const Shape& s) {
+  return s.dtype == 1 && s.head_dim != 128 && (s.group == 1 || s.group == 4 || s.group == 16) &&
+         s.seqs == 1;
+}
+
+// The model's kernel clocks for the call Measure() makes (same lengths, k, max_selected).
+double ModelCycles(const Shape& s, const mempipe::U55cParams& p) {
+  using namespace mempipe;
+  std::vector<int32_t> lens(s.seqs, s.pages * 16), table(static_cast<size_t>(s.seqs) * s.pages, 0);
+  const int k = 16;
+  std::vector<int32_t> pages(static_cast<size_t>(s.seqs) * k), counts(s.seqs);
+  SelectionConfig config;
+  config.budget_tokens = k * 16;
+  SelectRequest r{0,
+                  QueryView{nullptr, static_cast<DType>(s.dtype), s.seqs, s.group, s.head_dim},
+                  BlockTableView{table.data(), lens.data(), s.seqs, s.pages},
+                  config,
+                  SelectionView{pages.data(), counts.data(), s.seqs, 1, k}};
+  const CacheShape shape{static_cast<DType>(s.dtype), s.pages * s.seqs + 1, 16, 1, s.head_dim};
+  const ScoreIo io = PlanScoreIo(s.seqs, s.group, s.head_dim, s.pages, k);
+  const U55cModel model(p);
+  return model.CuSeconds(ScoreLaunchWork(r, shape, 0, io, p)) * p.kernel_clock_hz;
+}
 
 uint64_t Measure(const Shape& s, uint64_t seed) {
   std::mt19937_64 rng(seed);
   MemModel mm;
   mm.seed = rng();
+  // The channel's read rate in beats per kernel clock, as the model prices it.
+  const mempipe::U55cParams p;
+  mm.read_rate = mempipe::U55cModel(p).ChannelReadBps() / (p.axi_word_bytes * p.kernel_clock_hz);
   RtlScoreTopk kernel(mm);
   const int esize = s.dtype == 0 ? 4 : 2;
   const int row_bytes = s.head_dim * esize;
@@ -129,11 +167,38 @@ int main(int argc, char** argv) {
     const Shape& s = shapes[i];
     const int rw = s.head_dim * (s.dtype == 0 ? 4 : 2) / 64;
     const uint64_t c = Measure(s, seed++);
-    rows.push_back({s, rw, c});
-    std::fprintf(stderr, "[%zu/%zu] %s d=%d group=%d pages=%d seqs=%d: %llu cycles (%.2f/page)\n",
+    const double mc = ModelCycles(s, mempipe::U55cParams{});
+    rows.push_back({s, rw, c, mc, IsFitShape(s)});
+    std::fprintf(stderr,
+                 "[%zu/%zu] %s d=%d group=%d pages=%d seqs=%d: %llu cycles (%.2f/page), model %.0f "
+                 "(%+.1f%%)%s\n",
                  i + 1, shapes.size(), s.dtype_name, s.head_dim, s.group, s.pages, s.seqs,
-                 static_cast<unsigned long long>(c), static_cast<double>(c) / (s.pages * s.seqs));
+                 static_cast<unsigned long long>(c), static_cast<double>(c) / (s.pages * s.seqs),
+                 mc, 100.0 * (mc - c) / c, rows.back().fit ? " [fit]" : "");
   }
+  // Fill per row implied by the fit shapes: the measured clocks the model (without its fill)
+  // does not explain, per sequence.
+  mempipe::U55cParams nofill;
+  nofill.pipeline_fill_clocks = 0;
+  double fill_sum = 0, fill_n = 0, err_sum = 0, err_max = 0, err_n = 0;
+  for (const Row& r : rows) {
+    if (r.fit) {
+      fill_sum += (r.cycles - ModelCycles(r.s, nofill)) / r.s.seqs;
+      ++fill_n;
+    } else {
+      const double e = std::abs(r.model_cycles - r.cycles) / r.cycles;
+      err_sum += e;
+      err_max = std::max(err_max, e);
+      ++err_n;
+    }
+  }
+  const double fill = fill_n > 0 ? fill_sum / fill_n : 0;
+  const double err_mean = err_n > 0 ? err_sum / err_n : 0;
+  std::fprintf(stderr,
+               "fit shapes: pipeline fill %.0f clocks per row (u55c_params.h has %d)\n"
+               "held-out shapes (%d): model error mean %.1f%%, max %.1f%%\n",
+               fill, mempipe::U55cParams{}.pipeline_fill_clocks, static_cast<int>(err_n),
+               100 * err_mean, 100 * err_max);
   const std::string json = absl::GetFlag(FLAGS_json), md = absl::GetFlag(FLAGS_md);
   if (!json.empty()) {
     std::ofstream f(json);
@@ -145,21 +210,36 @@ int main(int argc, char** argv) {
       const Row& r = rows[i];
       f << absl::StrFormat(
           "    {\"dtype\": \"%s\", \"head_dim\": %d, \"group\": %d, \"pages\": %d, \"seqs\": %d, "
-          "\"row_words\": %d, \"cycles\": %d}%s\n",
+          "\"row_words\": %d, \"cycles\": %d, \"model_cycles\": %.0f, \"set\": \"%s\"}%s\n",
           r.s.dtype_name, r.s.head_dim, r.s.group, r.s.pages, r.s.seqs, r.row_words, r.cycles,
-          i + 1 < rows.size() ? "," : "");
+          r.model_cycles, r.fit ? "fit" : "held-out", i + 1 < rows.size() ? "," : "");
     }
-    f << "  ]\n}\n";
+    f << absl::StrFormat("  ],\n  \"fitted_fill_clocks_per_row\": %.0f,\n"
+                         "  \"heldout_error_mean\": %.4f,\n  \"heldout_error_max\": %.4f\n}\n",
+                         fill, err_mean, err_max);
   }
   if (!md.empty()) {
     std::ofstream f(md);
-    f << "| dtype | head_dim | group | pages/seq | seqs | row words | cycles | cycles/page |\n"
-         "|---|---|---|---|---|---|---|---|\n";
+    f << "| dtype | head_dim | group | pages/seq | seqs | row words | cycles (simulated) | "
+         "cycles/page | model cycles | model error | set |\n"
+         "|---|---|---|---|---|---|---|---|---|---|---|\n";
     for (const Row& r : rows) {
-      f << absl::StrFormat("| %s | %d | %d | %d | %d | %d | %d | %.2f |\n", r.s.dtype_name,
-                           r.s.head_dim, r.s.group, r.s.pages, r.s.seqs, r.row_words, r.cycles,
-                           static_cast<double>(r.cycles) / (r.s.pages * r.s.seqs));
+      f << absl::StrFormat("| %s | %d | %d | %d | %d | %d | %d | %.2f | %.0f | %+.1f%% | %s |\n",
+                           r.s.dtype_name, r.s.head_dim, r.s.group, r.s.pages, r.s.seqs,
+                           r.row_words, r.cycles,
+                           static_cast<double>(r.cycles) / (r.s.pages * r.s.seqs), r.model_cycles,
+                           100.0 * (r.model_cycles - r.cycles) / r.cycles,
+                           r.fit ? "fit" : "held-out");
     }
+    f << absl::StrFormat(
+        "\nFill per row implied by the fit shapes: %.0f clocks. Model error on the %d held-out "
+        "shapes: mean %.1f%%, max %.1f%%.\n",
+        fill, static_cast<int>(err_n), 100 * err_mean, 100 * err_max);
+  }
+  if (err_mean > absl::GetFlag(FLAGS_max_heldout_error)) {
+    std::fprintf(stderr, "model error on held-out shapes %.1f%% exceeds --max_heldout_error\n",
+                 100 * err_mean);
+    return 1;
   }
   return 0;
 }

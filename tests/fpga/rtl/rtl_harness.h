@@ -10,6 +10,7 @@
 #define MEMPIPE_TESTS_FPGA_RTL_RTL_HARNESS_H_
 
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <deque>
 #include <memory>
@@ -82,9 +83,19 @@ class RtlScoreTopk {
     scores_.clear();
     WriteReg(0x00, 1);  // ap_start
     const uint64_t start = cycle_;
-    while (!top_->interrupt) {
+    while (!top_->irq) {
       Tick();
-      if (cycle_ - start > max_cycles) throw std::runtime_error("kernel did not finish");
+      if (cycle_ - start > max_cycles) {
+        char state[160];
+        const uint64_t d = top_->dbg_state;
+        std::snprintf(state, sizeof(state),
+                      "kernel did not finish: reader %d core %d select %d q_fifo %d tags %d "
+                      "bid_resv %d dg_resv %d bid_fifo %d slots %d credits %d",
+                      int(d >> 60), int(d >> 56 & 15), int(d >> 52 & 15), int(d >> 44 & 255),
+                      int(d >> 36 & 255), int(d >> 26 & 1023), int(d >> 16 & 1023),
+                      int(d >> 8 & 255), int(d >> 4 & 15), int(d & 15));
+        throw std::runtime_error(state);
+      }
     }
     RtlRun r;
     r.cycles = cycle_ - start;
@@ -93,7 +104,7 @@ class RtlScoreTopk {
     if (ReadReg(0x00) & 0x2) throw std::runtime_error("ap_done not cleared on read");
     WriteReg(0x0C, 1);  // ISR toggle: clear the interrupt
     for (int i = 0; i < 4; ++i) Tick();
-    if (top_->interrupt) throw std::runtime_error("interrupt not cleared");
+    if (top_->irq) throw std::runtime_error("interrupt not cleared");
     if (!rd_[0].q.empty() || !rd_[1].q.empty() || !aw_.empty() || !w_.empty() || !b_.empty()) {
       throw std::runtime_error("AXI traffic still in flight after ap_done");
     }
@@ -111,6 +122,7 @@ class RtlScoreTopk {
   };
   struct ReadPort {
     std::deque<Burst> q;
+    bool presenting = false;  // rvalid is up with the front burst's next beat
   };
   struct WData {
     uint32_t data[16];
@@ -137,19 +149,20 @@ class RtlScoreTopk {
     top_->io_awready = !Chance(m_.stall);
     top_->io_wready = !Chance(m_.stall);
     tokens_ = std::min(tokens_ + m_.read_rate, 2.0);
-    // one R beat per clock on the channel, ports alternating priority
-    int serve = -1;
-    if (tokens_ >= 1.0 && !Chance(m_.stall)) {
-      for (int j = 0; j < 2; ++j) {
-        const int p = (rr_ + j) % 2;
-        if (!rd_[p].q.empty() && rd_[p].q.front().ready_at <= cycle_) {
-          serve = p;
-          break;
-        }
-      }
+    // At most one new R beat per clock on the channel (ports alternating priority), each beat
+    // paid from the bandwidth tokens; a presented beat stays valid until taken (AXI), so a port
+    // the kernel stalls never blocks the other one.
+    for (int j = 0; j < 2; ++j) {
+      const int p = (rr_ + j) % 2;
+      if (rd_[p].presenting || rd_[p].q.empty() || rd_[p].q.front().ready_at > cycle_) continue;
+      if (tokens_ < 1.0 || Chance(m_.stall)) break;
+      tokens_ -= 1.0;
+      rd_[p].presenting = true;
+      rr_ = 1 - p;
+      break;
     }
     for (int p = 0; p < 2; ++p) {
-      const bool v = serve == p;
+      const bool v = rd_[p].presenting;
       uint32_t words[16] = {};
       bool last = false;
       if (v) {
@@ -179,14 +192,12 @@ class RtlScoreTopk {
       CheckBurst(top_->io_araddr, top_->io_arlen + 1);
       rd_[1].q.push_back({top_->io_araddr, top_->io_arlen + 1, 0, cycle_ + Latency()});
     }
-    if (serve >= 0) {
-      const bool taken = serve == 0 ? top_->dg_rready : top_->io_rready;
-      if (taken) {
-        tokens_ -= 1.0;
-        rr_ = 1 - serve;
-        Burst& b = rd_[serve].q.front();
-        if (++b.next == b.beats) rd_[serve].q.pop_front();
-      }
+    for (int p = 0; p < 2; ++p) {
+      const bool taken = rd_[p].presenting && (p == 0 ? top_->dg_rready : top_->io_rready);
+      if (!taken) continue;
+      rd_[p].presenting = false;
+      Burst& b = rd_[p].q.front();
+      if (++b.next == b.beats) rd_[p].q.pop_front();
     }
     if (top_->io_awvalid && top_->io_awready) {
       if (top_->io_awlen != 0) throw std::runtime_error("write bursts are single beats");

@@ -7,6 +7,8 @@
 // MEMPIPE_RTL_CASES=N runs only the first N shape cases of the sweep (CI keeps it small).
 #include <cstdlib>
 #include <cstring>
+#include <exception>
+#include <iostream>
 #include <limits>
 #include <random>
 #include <sstream>
@@ -170,7 +172,10 @@ CallResult RunHead(std::mt19937_64& rng, Batch& b, const SelectionConfig& config
   a.sinks = config.num_sink_pages;
   a.locals = config.num_local_pages;
   a.aggregation = static_cast<int>(config.aggregation);
-  const RtlRun run = kernel.Run(a);
+  // A hung kernel shows as a failure after 200 clocks per page-head-word plus 1M.
+  int64_t pages_total = 0;
+  for (int len : b.lens) pages_total += NumPages(len, b.block_size);
+  const RtlRun run = kernel.Run(a, 1'000'000 + 200 * pages_total * b.group * b.head_dim / 16);
   r.cycles = run.cycles;
   r.got.scores = run.scores;
   r.got.pages.resize(static_cast<size_t>(num_seqs) * r.max_sel);
@@ -187,8 +192,15 @@ void CheckHead(std::mt19937_64& rng, Batch& b, const SelectionConfig& config) {
                << b.group << " head " << h << " seqs " << b.lens.size() << " budget "
                << config.budget_tokens << " sinks " << config.num_sink_pages << " locals "
                << config.num_local_pages << " agg " << static_cast<int>(config.aggregation));
-  const CallResult r = RunHead(rng, b, config, h);
-  EXPECT_EQ("", Compare(r.want, r.got, r.max_sel));
+  std::cerr << "[rtl] " << DTypeName(b.dtype) << " page " << b.block_size << " d " << b.head_dim
+            << " group " << b.group << " seqs " << b.lens.size() << " k "
+            << config.PagesPerHead(b.block_size) << "\n";
+  try {
+    const CallResult r = RunHead(rng, b, config, h);
+    EXPECT_EQ("", Compare(r.want, r.got, r.max_sel));
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << "RTL simulation: " << e.what();
+  }
 }
 
 int CaseLimit() {

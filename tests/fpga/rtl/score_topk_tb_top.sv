@@ -6,7 +6,7 @@ module score_topk_tb_top #(
 ) (
     input  logic         ap_clk,
     input  logic         ap_rst_n,
-    output logic         interrupt,
+    output logic         irq,  // the kernel's interrupt
     input  logic [11:0]  s_axi_control_awaddr,
     input  logic         s_axi_control_awvalid,
     output logic         s_axi_control_awready,
@@ -49,11 +49,12 @@ module score_topk_tb_top #(
     input  logic         io_bvalid,
     output logic         io_bready,
     output logic         dbg_score_valid,
-    output logic [31:0]  dbg_score
+    output logic [31:0]  dbg_score,
+    output logic [63:0]  dbg_state  // for hang reports: unit states and queue levels
 );
   /* verilator lint_off PINCONNECTEMPTY */
   mempipe_score_topk #(.MAX_TOPK(MAX_TOPK), .MAX_PAGES(MAX_PAGES)) dut (
-      .ap_clk, .ap_rst_n, .interrupt,
+      .ap_clk, .ap_rst_n, .interrupt(irq),
       .s_axi_control_awaddr, .s_axi_control_awvalid, .s_axi_control_awready,
       .s_axi_control_wdata, .s_axi_control_wstrb(4'hf), .s_axi_control_wvalid,
       .s_axi_control_wready, .s_axi_control_bresp(), .s_axi_control_bvalid,
@@ -85,4 +86,8 @@ module score_topk_tb_top #(
   /* verilator lint_on PINCONNECTEMPTY */
   assign dbg_score_valid = dut.u_core.score_valid;
   assign dbg_score = dut.u_core.score_data;
+  assign dbg_state = {
+    4'(dut.rs), 4'(dut.u_core.st), 4'(dut.u_select.st), 8'(dut.q_count), 8'(dut.tag_count),
+    10'(dut.bid_resv), 10'(dut.dg_resv), 8'(dut.bid_count), 4'(dut.u_core.slots_full),
+    4'(dut.u_core.credits)};
 endmodule
