@@ -29,7 +29,8 @@ struct CuLaunch {
                              // (query head, digest word) pair of the RTL score core, per clock)
   double select_clocks = 0;  // clocks of a stage that overlaps the streaming ones
   double serial_clocks = 0;  // clocks that overlap nothing (the RTL select's emit pass per row)
-  int rows = 0;              // sequences processed (each pays the pipeline fill)
+  int rows = 0;              // sequences processed (the first pays the pipeline fill, the rest
+                             // a row fill)
 };
 
 struct CallEstimate {  // every field modeled

@@ -32,11 +32,16 @@ struct U55cParams {
   int axi_word_bytes = 64;
   // Compute units of each kernel in the xclbin, one per HBM pseudo-channel (device_layout.h).
   int num_cus = 32;
-  // Clocks per sequence not explained by the per-page terms below: the seq_lens read's round
-  // trip (HBM latency), the first digests' latency, the score pipeline's depth. Fitted to the
-  // RTL kernel simulated in Verilator with HBM-like latency (100-200 clocks) and back-pressure:
-  // `fpga_rtl_cycles` on the fit shapes (fpga/rtl/cycles.md). Was an estimate of 250.
+  // Clocks of a launch not explained by the per-page terms below: the first row's seq_lens,
+  // query and block-table round trips and first digests (HBM latency) and the score pipeline's
+  // depth. Fitted to the RTL kernel simulated in Verilator behind an HBM-like memory model
+  // (latency 100-200 clocks, random back-pressure): `fpga_rtl_cycles` on its fit shapes
+  // (fpga/rtl/cycles.md). Was an estimate of 250 per sequence.
   int pipeline_fill_clocks = 250;
+  // Clocks each further sequence of a launch adds beyond its per-page terms (its round trips
+  // mostly overlap the previous sequence). Fitted as pipeline_fill_clocks (multi-sequence fit
+  // shapes of fpga/rtl/cycles.md).
+  int row_fill_clocks = 250;
   // (Query head, 512-bit digest word) pairs the score kernel computes per clock: the RTL score
   // core (fpga/rtl/mempipe_score_core.sv) has 32 lanes x 2 fp32 multipliers for one head, so a
   // page costs row_words x max(group, 2) clocks (2: the page's two rows arrive one word per

@@ -61,7 +61,7 @@ module mempipe_topk_select #(
   logic [31:0] n, p, cnt, lo, hi, want;
   logic all_pages;
   logic [63:0] row_addr, count_addr;
-  logic [31:0] key_mem[MAX_PAGES];
+  (* ram_style = "block" *) logic [31:0] key_mem[MAX_PAGES];  // BRAM (Yosys would pick LUTRAM)
 
   // ---- insertion array -----------------------------------------------------------------------------
   logic [CW-1:0] arr_c[MAX_TOPK];
