@@ -51,6 +51,10 @@ struct U55cParams {
   // overlaps nothing (plus max_selected clocks to write the row). The RTL's emit loop reads one
   // buffered score per clock (fpga/rtl/mempipe_topk_select.sv). Structural.
   double select_clocks_per_page = 1.0;
+  // Page scores the kernel buffers between its score core and its select (SCORE_DEPTH in
+  // fpga/rtl/mempipe_score_topk.sv): while the select emits one row, the core scores this many
+  // pages of the next. Structural.
+  int score_fifo_pages = 16;
   // Host call to kernel completion for an empty kernel, per launch batch: 16-56 us on a U25
   // (XRT issue 6601), 50-100 us on a U55C (XRT issue 8687). The U55C's lower end.
   double launch_latency_s = 50e-6;

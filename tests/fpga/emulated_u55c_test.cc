@@ -321,8 +321,9 @@ TEST(EmulatedU55c, ReferenceShapeCostsFollowTheModel) {
   // (4 x 4 here) against the HBM stream; the select's emit pass (a clock per page, plus the row)
   // and the query load do not overlap; fills once per launch and per further sequence.
   const double score_s = num_seqs * pages_per_seq * 4 * 4 / p.kernel_clock_hz;
-  const double serial_s =
-      num_seqs * (pages_per_seq * p.select_clocks_per_page + k + 4 * 128 / 16.0) / p.kernel_clock_hz;
+  const double serial_s = num_seqs *
+                          (pages_per_seq * p.select_clocks_per_page + k + 4 * 128 / 16.0) /
+                          p.kernel_clock_hz;
   const double fill_s =
       (p.pipeline_fill_clocks + (num_seqs - 1) * p.row_fill_clocks) / p.kernel_clock_hz;
   const double kernel_s = std::max(digest_bytes / channel_bps, score_s) + serial_s + fill_s;

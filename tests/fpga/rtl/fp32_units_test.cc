@@ -35,14 +35,22 @@ uint32_t Draw(std::mt19937_64& rng) {
   const uint32_t sign = static_cast<uint32_t>(rng() & 1) << 31;
   const uint32_t mant = static_cast<uint32_t>(rng()) & 0x7fffffu;
   switch (rng() % 10) {
-    case 0: return sign | (mant >> (rng() % 23));                  // subnormal
-    case 1: return sign;                                             // zero
-    case 2: return sign | 0x7f800000u;                               // inf
-    case 3: return sign | 0x7f800000u | (mant | 1);                  // NaN
-    case 4: return sign | ((1 + rng() % 30) << 23) | mant;           // tiny normal
-    case 5: return sign | ((224 + rng() % 31) << 23) | mant;         // huge normal
-    case 6: return sign | ((127 + static_cast<int>(rng() % 8) - 4) << 23) | (mant & ~0xfffu);
-    default: return static_cast<uint32_t>(rng());
+    case 0:
+      return sign | (mant >> (rng() % 23));  // subnormal
+    case 1:
+      return sign;  // zero
+    case 2:
+      return sign | 0x7f800000u;  // inf
+    case 3:
+      return sign | 0x7f800000u | (mant | 1);  // NaN
+    case 4:
+      return sign | ((1 + rng() % 30) << 23) | mant;  // tiny normal
+    case 5:
+      return sign | ((224 + rng() % 31) << 23) | mant;  // huge normal
+    case 6:
+      return sign | ((127 + static_cast<int>(rng() % 8) - 4) << 23) | (mant & ~0xfffu);
+    default:
+      return static_cast<uint32_t>(rng());
   }
 }
 
@@ -72,10 +80,10 @@ TEST(RtlFp32, MatchesHostArithmetic) {
     const Units::Out o = u.Eval(a, b);
     const float fa = Float(a), fb = Float(b);
     const uint32_t want_p = Bits(fa * fb), want_s = Bits(fa + fb);
-    ASSERT_TRUE(Same(want_p, o.p)) << std::hex << a << " * " << b << " want " << want_p << " got "
-                                   << o.p;
-    ASSERT_TRUE(Same(want_s, o.s)) << std::hex << a << " + " << b << " want " << want_s << " got "
-                                   << o.s;
+    ASSERT_TRUE(Same(want_p, o.p))
+        << std::hex << a << " * " << b << " want " << want_p << " got " << o.p;
+    ASSERT_TRUE(Same(want_s, o.s))
+        << std::hex << a << " + " << b << " want " << want_s << " got " << o.s;
     ASSERT_EQ(fa > fb, o.gt) << std::hex << a << " > " << b;
     const float h = mempipe::fpga_hls::HalfBitsToFloat(static_cast<uint16_t>(a));
     ASSERT_EQ(Bits(h), o.h2f) << std::hex << "half " << (a & 0xffff);

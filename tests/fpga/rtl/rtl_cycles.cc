@@ -68,10 +68,8 @@ double ModelCycles(const Shape& s, const mempipe::U55cParams& p) {
   std::vector<int32_t> pages(static_cast<size_t>(s.seqs) * k), counts(s.seqs);
   SelectionConfig config;
   config.budget_tokens = k * 16;
-  SelectRequest r{0,
-                  QueryView{nullptr, static_cast<DType>(s.dtype), s.seqs, s.group, s.head_dim},
-                  BlockTableView{table.data(), lens.data(), s.seqs, s.pages},
-                  config,
+  SelectRequest r{0, QueryView{nullptr, static_cast<DType>(s.dtype), s.seqs, s.group, s.head_dim},
+                  BlockTableView{table.data(), lens.data(), s.seqs, s.pages}, config,
                   SelectionView{pages.data(), counts.data(), s.seqs, 1, k}};
   const CacheShape shape{static_cast<DType>(s.dtype), s.pages * s.seqs + 1, 16, 1, s.head_dim};
   const ScoreIo io = PlanScoreIo(s.seqs, s.group, s.head_dim, s.pages, k);
@@ -148,8 +146,8 @@ int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
   const bool quick = absl::GetFlag(FLAGS_quick);
   std::vector<Shape> shapes;
-  const std::vector<int> page_counts = quick ? std::vector<int>{64, 256}
-                                             : std::vector<int>{64, 256, 1024, 4096};
+  const std::vector<int> page_counts =
+      quick ? std::vector<int>{64, 256} : std::vector<int>{64, 256, 1024, 4096};
   for (int d : {64, 128, 256}) {
     for (int g : {1, 2, 4, 8, 16}) {
       for (int p : page_counts) shapes.push_back({"fp16", 1, d, g, p, 1});
@@ -224,10 +222,11 @@ int main(int argc, char** argv) {
           r.s.dtype_name, r.s.head_dim, r.s.group, r.s.pages, r.s.seqs, r.row_words, r.cycles,
           r.model_cycles, r.fit ? "fit" : "held-out", i + 1 < rows.size() ? "," : "");
     }
-    f << absl::StrFormat("  ],\n  \"fitted_pipeline_fill_clocks\": %.0f,\n"
-                         "  \"fitted_row_fill_clocks\": %.0f,\n"
-                         "  \"heldout_error_mean\": %.4f,\n  \"heldout_error_max\": %.4f\n}\n",
-                         fill, row_fill, err_mean, err_max);
+    f << absl::StrFormat(
+        "  ],\n  \"fitted_pipeline_fill_clocks\": %.0f,\n"
+        "  \"fitted_row_fill_clocks\": %.0f,\n"
+        "  \"heldout_error_mean\": %.4f,\n  \"heldout_error_max\": %.4f\n}\n",
+        fill, row_fill, err_mean, err_max);
   }
   if (!md.empty()) {
     std::ofstream f(md);
@@ -235,12 +234,11 @@ int main(int argc, char** argv) {
          "cycles/page | model cycles | model error | set |\n"
          "|---|---|---|---|---|---|---|---|---|---|---|\n";
     for (const Row& r : rows) {
-      f << absl::StrFormat("| %s | %d | %d | %d | %d | %d | %d | %.2f | %.0f | %+.1f%% | %s |\n",
-                           r.s.dtype_name, r.s.head_dim, r.s.group, r.s.pages, r.s.seqs,
-                           r.row_words, r.cycles,
-                           static_cast<double>(r.cycles) / (r.s.pages * r.s.seqs), r.model_cycles,
-                           100.0 * (r.model_cycles - r.cycles) / r.cycles,
-                           r.fit ? "fit" : "held-out");
+      f << absl::StrFormat(
+          "| %s | %d | %d | %d | %d | %d | %d | %.2f | %.0f | %+.1f%% | %s |\n", r.s.dtype_name,
+          r.s.head_dim, r.s.group, r.s.pages, r.s.seqs, r.row_words, r.cycles,
+          static_cast<double>(r.cycles) / (r.s.pages * r.s.seqs), r.model_cycles,
+          100.0 * (r.model_cycles - r.cycles) / r.cycles, r.fit ? "fit" : "held-out");
     }
     f << absl::StrFormat(
         "\nFills implied by the fit shapes: pipeline %.0f clocks per launch, %.0f per further "

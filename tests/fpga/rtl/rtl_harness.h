@@ -25,12 +25,12 @@ namespace mempipe::rtl_testing {
 
 // The memory behind both AXI masters: one HBM pseudo-channel, as on the card.
 struct MemModel {
-  int latency_min = 100;     // clocks from AR accepted to the first R beat can leave
-  int latency_max = 200;     // (HBM read latency, ~100-200 kernel clocks)
-  double read_rate = 0.68;   // R beats per clock, both ports together (14.375 GB/s x 0.9065 / 64 B
-                             // at 300 MHz: u55c_params.h)
-  double stall = 0.1;        // probability the slave withholds ready/valid on a given clock
-  int write_latency = 30;    // clocks from W accepted to B
+  int latency_min = 100;    // clocks from AR accepted to the first R beat can leave
+  int latency_max = 200;    // (HBM read latency, ~100-200 kernel clocks)
+  double read_rate = 0.68;  // R beats per clock, both ports together (14.375 GB/s x 0.9065 / 64 B
+                            // at 300 MHz: u55c_params.h)
+  double stall = 0.1;       // probability the slave withholds ready/valid on a given clock
+  int write_latency = 30;   // clocks from W accepted to B
   uint64_t seed = 1;
 };
 
@@ -42,7 +42,7 @@ struct ScoreTopkArgs {
 };
 
 struct RtlRun {
-  uint64_t cycles = 0;          // ap_start accepted .. ap_done (interrupt) seen
+  uint64_t cycles = 0;           // ap_start accepted .. ap_done (interrupt) seen
   std::vector<uint32_t> scores;  // page scores in the order computed (sequence, then page)
 };
 
@@ -73,9 +73,9 @@ class RtlScoreTopk {
       WriteReg(0x10 + 0xC * i, static_cast<uint32_t>(ptrs[i]));
       WriteReg(0x14 + 0xC * i, static_cast<uint32_t>(ptrs[i] >> 32));
     }
-    const int scalars[11] = {a.num_seqs, a.group, a.head_dim, a.dtype, a.block_size,
-                             a.max_blocks_per_seq, a.max_selected, a.k, a.sinks, a.locals,
-                             a.aggregation};
+    const int scalars[11] = {
+        a.num_seqs,     a.group, a.head_dim, a.dtype,  a.block_size, a.max_blocks_per_seq,
+        a.max_selected, a.k,     a.sinks,    a.locals, a.aggregation};
     for (int i = 0; i < 11; ++i) WriteReg(0x58 + 8 * i, static_cast<uint32_t>(scalars[i]));
     WriteReg(0x04, 1);  // GIE
     WriteReg(0x08, 1);  // IER: ap_done

@@ -236,8 +236,8 @@ TEST(ScoreTopkRtl, MatchesReferenceAcrossShapes) {
 TEST(ScoreTopkRtl, EveryGroupSize) {
   std::mt19937_64 rng(FreshSeed("ScoreTopkRtl.EveryGroupSize"));
   for (int group = 1; group <= 16; group += (CaseLimit() < 100 ? 5 : 1)) {
-    Batch b = MakeBatch(rng, DType::kBFloat16, 32, 1, 64, group, RaggedLens(rng, 2, 32 * 20), 0,
-                        false);
+    Batch b =
+        MakeBatch(rng, DType::kBFloat16, 32, 1, 64, group, RaggedLens(rng, 2, 32 * 20), 0, false);
     SelectionConfig config;
     config.budget_tokens = 32 * 6;
     config.aggregation = group % 2 ? GroupAggregation::kSum : GroupAggregation::kMax;
