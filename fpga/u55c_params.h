@@ -27,7 +27,20 @@ struct U55cParams {
 
   // --- kernel ------------------------------------------------------------------------------
   // Vitis's default kernel clock target (UG1393 examples); the platform limit is unverified.
+  // NOT what the RTL kernel reaches as written: see rtl_clock_estimate_hz. The model keeps the
+  // target (the clocks per call above are what the RTL takes at any clock; a pipelined fp
+  // datapath is needed to run them at 300 MHz: fpga/rtl/synth.md).
   double kernel_clock_hz = 300e6;
+  // ESTIMATE of the RTL kernel's clock (fpga/rtl, combinational fp32 units): its longest
+  // register-to-register path is ~64 cells after Yosys 0.23 synth_xilinx (fp32 add: 61, plus
+  // 2-3 multiplexer levels); at 0.3-0.5 ns per level on UltraScale+ -2 that is 30-50 MHz.
+  // No open timing model for UltraScale+ exists; place and route would decide. fpga/rtl/synth.md.
+  double rtl_clock_estimate_hz = 40e6;
+  // Compute units of the RTL kernel that fit the U55C's 1,303,680 LUTs (Yosys 0.23
+  // synth_xilinx -family xcup, hierarchical, no place and route): ~154k LUTs per CU at
+  // MAX_TOPK = 16 -> 8 CUs; extrapolated to MAX_TOPK = 1024 (the host limit) fewer: see
+  // fpga/rtl/synth.md. The model keeps num_cus = 32 (one CU per HBM pseudo-channel).
+  int rtl_cus_that_fit = 8;
   // One 512-bit AXI beat per clock per port: the platform's datapath width (UG1120).
   int axi_word_bytes = 64;
   // Compute units of each kernel in the xclbin, one per HBM pseudo-channel (device_layout.h).
@@ -37,11 +50,11 @@ struct U55cParams {
   // depth. Fitted to the RTL kernel simulated in Verilator behind an HBM-like memory model
   // (latency 100-200 clocks, random back-pressure): `fpga_rtl_cycles` on its fit shapes
   // (fpga/rtl/cycles.md). Was an estimate of 250 per sequence.
-  int pipeline_fill_clocks = 250;
+  int pipeline_fill_clocks = 659;
   // Clocks each further sequence of a launch adds beyond its per-page terms (its round trips
   // mostly overlap the previous sequence). Fitted as pipeline_fill_clocks (multi-sequence fit
   // shapes of fpga/rtl/cycles.md).
-  int row_fill_clocks = 250;
+  int row_fill_clocks = 4;
   // (Query head, 512-bit digest word) pairs the score kernel computes per clock: the RTL score
   // core (fpga/rtl/mempipe_score_core.sv) has 32 lanes x 2 fp32 multipliers for one head, so a
   // page costs row_words x max(group, 2) clocks (2: the page's two rows arrive one word per

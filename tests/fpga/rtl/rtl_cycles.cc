@@ -36,6 +36,27 @@ ABSL_FLAG(double, max_heldout_error, 0.15,
 
 namespace {
 
+// The Markdown table's preamble: what was measured, how, and the command.
+constexpr char kMarkdownPreamble[] =
+    "# RTL kernel cycles per call (Verilator simulation)\n"
+    "\n"
+    "Measured: clocks from ap_start to ap_done of `fpga/rtl/mempipe_score_topk.sv` (MAX_TOPK "
+    "1024,\n"
+    "MAX_PAGES 65536) simulated by Verilator 5.006 behind the AXI memory model of\n"
+    "`tests/fpga/rtl/rtl_harness.h`: read latency 100-200 clocks per burst, both masters sharing\n"
+    "one pseudo-channel at the model's read rate (0.68 beats per clock: 14.375 GB/s x 0.9065 at\n"
+    "300 MHz and 64 B), 10% random back-pressure on every slave channel. One KV head per call, "
+    "page\n"
+    "size 16, k = 16 pages (1 sink, 1 local), max_selected = 16, random data. \"model\" is\n"
+    "`ScoreLaunchWork` + `U55cModel::CuSeconds` (fpga/u55c_params.h) for the same call, in "
+    "clocks;\n"
+    "`fit` rows fixed pipeline_fill_clocks and row_fill_clocks, `held-out` rows were not used.\n"
+    "Generated on the shared 2-core build machine of this project (simulated clocks do not depend\n"
+    "on it) by:\n"
+    "\n"
+    "    build/tests/fpga/rtl/fpga_rtl_cycles --json=fpga/rtl/cycles.json --md=fpga/rtl/cycles.md\n"
+    "\n";
+
 using mempipe::rtl_testing::MemModel;
 using mempipe::rtl_testing::RtlScoreTopk;
 using mempipe::rtl_testing::ScoreTopkArgs;
@@ -230,6 +251,7 @@ int main(int argc, char** argv) {
   }
   if (!md.empty()) {
     std::ofstream f(md);
+    f << kMarkdownPreamble;
     f << "| dtype | head_dim | group | pages/seq | seqs | row words | cycles (simulated) | "
          "cycles/page | model cycles | model error | set |\n"
          "|---|---|---|---|---|---|---|---|---|---|---|\n";
