@@ -1,7 +1,7 @@
 // mempipe fpga rtl: mempipe_score_topk as an XRT RTL kernel (steps 2+3 for one KV head).
 //
 // The same kernel as fpga/hls/score_topk_kernel.cc, argument for argument (fpga/hls/kernels.h
-// kScoreTopkArgs; register offsets as fpga/xclbin_writer.cc lays them out), so the host runtime
+// kScoreTopkArgs; register offsets as fpga/host/xclbin_writer.cc lays them out), so the host runtime
 // drives either one unchanged:
 //
 //   s_axi_control  ap_ctrl_hs: 0x00 ctrl (start, done, idle, ready, auto_restart), 0x04 GIE,

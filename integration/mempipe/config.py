@@ -4,7 +4,8 @@
 
 Keys (all optional):
     placement     dense | cpu | gpu | fpga   where steps 1-3 run (ARCHITECTURE.md presets);
-                  `dense` turns selection off (the baseline).
+                  `dense` turns selection off (the baseline). From Python, `cpu` takes host
+                  tensors and `gpu` CUDA tensors (a GPU build); `fpga` is not available.
     budget        tokens kept per (sequence, KV head); a multiple of page_size.
     page_size     16 | 32 | 64; must equal vLLM's --block-size.
     dense_layers  the first N layers attend densely (Quest keeps 2).
@@ -26,13 +27,24 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from mempipe import _mempipe
+
 ENV_VAR = "MEMPIPE_CONFIG"
 
 PLACEMENTS = ("dense", "cpu", "gpu", "fpga")
 MODES = ("sync", "pipelined")
 AGGREGATIONS = ("max", "sum")
-PAGE_SIZES = (16, 32, 64)
-HEAD_DIMS = (64, 128, 256)
+# Defined once, in C++ (core/paged_kv.h, core/dtype.h); read from the module.
+PAGE_SIZES = tuple(_mempipe.supported_block_sizes)
+HEAD_DIMS = tuple(_mempipe.supported_head_dims)
+DTYPES = tuple(_mempipe.supported_dtypes)
+DEVICES = tuple(_mempipe.devices)
+
+
+def _one_of(values: tuple) -> str:
+    """(16, 32, 64) -> "16, 32 or 64"."""
+    names = [str(v) for v in values]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,17 +63,26 @@ class MempipeConfig:
     def sparse(self) -> bool:
         return self.placement != "dense"
 
+    def layer_sparse(self, layer: int) -> bool:
+        """True when `layer` selects pages: a sparse placement and not one of the first
+        dense_layers layers (the rule lives in C++, backend/policy.h)."""
+        return self.sparse and not _mempipe.is_dense_layer(layer, self.dense_layers)
+
     def validate(self) -> list[str]:
         """Reasons this configuration cannot run in this build; empty when it can."""
         reasons = []
         if self.placement not in PLACEMENTS:
             reasons.append(f"placement must be one of {', '.join(PLACEMENTS)}, "
                            f"got '{self.placement}'")
-        elif self.placement in ("gpu", "fpga"):
-            reasons.append(f"placement '{self.placement}' is not available from Python in this "
-                           "build (the module runs steps 1-4 on the CPU); use cpu or dense")
+        elif self.placement == "fpga":
+            reasons.append("placement 'fpga' is not available from Python in this build; use "
+                           "cpu, gpu or dense")
+        elif self.placement == "gpu" and "cuda" not in DEVICES:
+            reasons.append("placement 'gpu' needs a GPU build of mempipe (this one runs "
+                           f"{', '.join(DEVICES)} tensors only; see README, MEMPIPE_GPU); use "
+                           "cpu or dense")
         if self.page_size not in PAGE_SIZES:
-            reasons.append(f"page_size must be 16, 32 or 64, got {self.page_size}")
+            reasons.append(f"page_size must be {_one_of(PAGE_SIZES)}, got {self.page_size}")
         if self.budget <= 0:
             reasons.append(f"budget must be a positive number of tokens, got {self.budget}")
         elif self.page_size in PAGE_SIZES:
@@ -72,8 +93,10 @@ class MempipeConfig:
             elif self.sinks + self.locals > pages:
                 reasons.append(f"budget {self.budget} tokens = {pages} pages cannot hold "
                                f"{self.sinks} sink + {self.locals} local pages")
-        if self.dense_layers < 0:
-            reasons.append(f"dense_layers must be >= 0, got {self.dense_layers}")
+        try:  # the C++ check (backend/policy.h), which names the bad value
+            _mempipe.is_dense_layer(0, self.dense_layers)
+        except ValueError as e:
+            reasons.append(str(e))
         if self.sinks < 0:
             reasons.append(f"sinks must be >= 0, got {self.sinks}")
         if self.locals < 1:

@@ -32,7 +32,7 @@ def test_parse_errors_name_the_bad_item(text, message):
     ("budget=40", "budget must be a positive multiple of page_size 16, got 40"),
     ("budget=32,sinks=2,locals=1", "cannot hold 2 sink + 1 local pages"),
     ("locals=0", "locals must be >= 1"),
-    ("placement=gpu", "placement 'gpu' is not available"),
+    ("placement=fpga", "placement 'fpga' is not available"),
     ("placement=tpu", "placement must be one of"),
     ("mode=pipelined", "mode 'pipelined' is not available"),
     ("reuse=4", "reuse=4 is not available"),
@@ -43,6 +43,32 @@ def test_validate_gives_reasons(text, reason):
     assert any(reason in r for r in reasons), reasons
 
 
+def test_gpu_placement_needs_a_gpu_build():
+    reasons = config.load(environ={"MEMPIPE_CONFIG": "placement=gpu"}).validate()
+    if "cuda" in config.DEVICES:
+        assert reasons == []
+    else:
+        assert any("placement 'gpu' needs a GPU build" in r for r in reasons), reasons
+
+
 def test_all_reasons_are_reported_together():
     reasons = config.load(environ={"MEMPIPE_CONFIG": "page_size=48,mode=x,reuse=0"}).validate()
     assert len(reasons) == 3
+
+
+def test_supported_sizes_come_from_the_module():
+    from mempipe import _mempipe
+    assert config.PAGE_SIZES == _mempipe.supported_block_sizes == (16, 32, 64)
+    assert config.HEAD_DIMS == _mempipe.supported_head_dims == (64, 128, 256)
+    assert config.DTYPES == _mempipe.supported_dtypes == ("fp32", "fp16", "bf16")
+    assert _mempipe.supported_gpu_group_sizes == (1, 2, 4, 8)
+    assert config.MempipeConfig(page_size=128).validate() == \
+        ["page_size must be 16, 32 or 64, got 128"]
+
+
+def test_dense_layers_rule_comes_from_the_module():
+    cfg = config.MempipeConfig(dense_layers=2)
+    assert [cfg.layer_sparse(layer) for layer in range(4)] == [False, False, True, True]
+    assert not config.MempipeConfig(placement="dense", dense_layers=0).layer_sparse(5)
+    with pytest.raises(ValueError, match="dense_layers must be >= 0, got -2"):
+        config.MempipeConfig(dense_layers=-2).layer_sparse(0)
