@@ -23,5 +23,6 @@ echo "[gpu] HIP compile (gfx90a, gfx940)"
 cmake -S . -B build-ci-hip -G Ninja -DMEMPIPE_GPU=hip -DMEMPIPE_XRT=off -DMEMPIPE_BUILD_TESTS=OFF \
   >/dev/null
 # Without an AMD GPU, hipcc may print a harmless rocm_agent_enumerator traceback.
-ninja -C build-ci-hip -j"$JOBS" mempipe_gpu_runtime mempipe_attention_gpu mempipe_retriever_gpu
+ninja -C build-ci-hip -j"$JOBS" mempipe_gpu_runtime mempipe_attention_gpu mempipe_retriever_gpu \
+  mempipe_gpu_selector
 echo "[gpu] OK"

@@ -61,7 +61,7 @@ def test_supported_sizes_come_from_the_module():
     assert config.PAGE_SIZES == _mempipe.supported_block_sizes == (16, 32, 64)
     assert config.HEAD_DIMS == _mempipe.supported_head_dims == (64, 128, 256)
     assert config.DTYPES == _mempipe.supported_dtypes == ("fp32", "fp16", "bf16")
-    assert _mempipe.supported_gpu_group_sizes == (1, 2, 4, 8)
+    assert _mempipe.supported_gpu_group_sizes == (1, 2, 3, 4, 5, 6, 7, 8, 12, 16)
     assert config.MempipeConfig(page_size=128).validate() == \
         ["page_size must be 16, 32 or 64, got 128"]
 
