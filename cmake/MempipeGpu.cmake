@@ -20,13 +20,23 @@ elseif(MEMPIPE_GPU_BACKEND STREQUAL "hip")
   set(MEMPIPE_HIP_ARCHS "gfx90a;gfx940" CACHE STRING "AMD offload targets")
 endif()
 
-# mempipe_add_gpu_library(<name> SOURCES <*.hip> LIBS <targets>)
+# mempipe_add_gpu_library(mempipe_<short> SOURCES <*.hip> LIBS <targets> [NO_INSTALL])
+#   cuda: a library, aliased (and, unless NO_INSTALL, exported) as mempipe::<short>
+#         (mempipe_setup_target).
+#   hip:  a custom target building the objects only (nothing links them here), so no alias:
+#         CMake aliases name libraries and executables only.
 function(mempipe_add_gpu_library name)
-  cmake_parse_arguments(ARG "" "" "SOURCES;LIBS" ${ARGN})
+  cmake_parse_arguments(ARG "NO_INSTALL" "" "SOURCES;LIBS" ${ARGN})
+  string(REGEX REPLACE "^mempipe_" "" short_name ${name})
   if(MEMPIPE_GPU_BACKEND STREQUAL "cuda")
     set_source_files_properties(${ARG_SOURCES} PROPERTIES LANGUAGE CUDA)
     add_library(${name} ${ARG_SOURCES})
     target_link_libraries(${name} PUBLIC ${ARG_LIBS} CUDA::cudart)
+    if(ARG_NO_INSTALL)
+      mempipe_setup_target(${name} ${short_name})
+    else()
+      mempipe_setup_target(${name} ${short_name} INSTALL)
+    endif()
   elseif(MEMPIPE_GPU_BACKEND STREQUAL "hip")
     set(objects)
     set(arch_flags)

@@ -1,5 +1,5 @@
-// mempipe core/gpu: the portability layer: the one place that knows whether HIP or CUDA compiles
-// us.
+// mempipe core/gpu: the portability layer, the one place that knows whether HIP or CUDA
+// compiles us.
 //
 // Kernels are written in the HIP dialect (hipStream_t, hipMalloc, ...). Under nvcc the HIP
 // names used by mempipe map onto the CUDA runtime; under hipcc they are the real thing. No
@@ -11,7 +11,8 @@
 //
 //   #include "core/gpu/gpu_compat.h"
 //   float s = GpuShflXor32(partial, 16);   // lane ^ 16 of the same 32-lane group
-//   float f = mempipe::gpu::LoadFloat(ptr, i);  // fp32 / fp16 / bf16 storage -> fp32
+//   float f = mempipe::gpu::ToF32(ptr[i]);  // ptr: const float* / F16* / BF16* -> fp32
+//   out[i] = mempipe::gpu::FromF32<BF16>(f);
 #ifndef MEMPIPE_CORE_GPU_GPU_COMPAT_H_
 #define MEMPIPE_CORE_GPU_GPU_COMPAT_H_
 

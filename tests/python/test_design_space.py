@@ -7,17 +7,15 @@ fpga/emulation/u55c_params.h (and that a changed header changes the model), and 
 import itertools
 import json
 import re
-import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "integration" / "bench"))
+import design_space as ds  # integration/bench, on pytest's pythonpath (pyproject.toml)
+import plots
 
-import design_space as ds  # noqa: E402
-import plots  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 CONTEXTS = (4096, 32768, 131072, 524288, 1048576)
 BATCHES = (1, 3, 8)

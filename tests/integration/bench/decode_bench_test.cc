@@ -34,8 +34,10 @@ TEST(DecodeBench, SparseLayersKeepHeavyHittersAndReadFewerBytes) {
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->sparse_layers, 2);
   ASSERT_TRUE(r->rel_l2_error.has_value());
-  EXPECT_GT(*r->rel_l2_error, 0.0);  // the longest sequence lost pages
-  EXPECT_LT(*r->rel_l2_error, 0.5);  // but kept its heavy hitters
+  // The longest sequence lost pages (fewer K/V bytes than dense, below) but kept its heavy
+  // hitters. The error may be exactly 0: when the dropped tokens' softmax weight is below bf16
+  // rounding the outputs are bit-identical (seed 4040720791867798641), so only bound it above.
+  EXPECT_LT(*r->rel_l2_error, 0.5);
   EXPECT_LT(r->kv_bytes_per_step, 0.999 * 3 * 2 * 2 * 64 * 2 * 701.0 * 3);
   EXPECT_GT(r->digest_bytes_per_step, 0.0);
   EXPECT_GT(r->tokens_per_s, 0.0);
