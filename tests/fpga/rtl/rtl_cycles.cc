@@ -22,9 +22,9 @@
 #include "absl/flags/parse.h"
 #include "absl/strings/str_format.h"
 #include "fpga/device_layout.h"
-#include "fpga/hls/kernel_common.h"
 #include "fpga/emulation/u55c_model.h"
 #include "fpga/emulation/u55c_params.h"
+#include "fpga/hls/kernel_common.h"
 #include "tests/fpga/rtl/rtl_harness.h"
 
 ABSL_FLAG(std::string, json, "", "write the table as JSON to this file ('' = none)");
@@ -48,7 +48,8 @@ constexpr char kMarkdownPreamble[] =
     "300 MHz and 64 B), 10% random back-pressure on every slave channel. One KV head per call, "
     "page\n"
     "size 16, k = 16 pages (1 sink, 1 local), max_selected = 16, random data. \"model\" is\n"
-    "`ScoreLaunchWork` + `U55cModel::CuSeconds` (fpga/emulation/u55c_params.h) for the same call, in "
+    "`ScoreLaunchWork` + `U55cModel::CuSeconds` (fpga/emulation/u55c_params.h) for the same call, "
+    "in "
     "clocks;\n"
     "`fit` rows fixed pipeline_fill_clocks and row_fill_clocks, `held-out` rows were not used.\n"
     "Generated on the shared 2-core build machine of this project (simulated clocks do not depend\n"
