@@ -17,7 +17,7 @@ interrupted run keeps what it finished), then OUT/results.md and the plots (repo
 Configurations (`--grid`):
     default  dense; mempipe page 16, max, dense_layers 2 at every --budgets; page sizes 32/64,
              aggregation sum, dense_layers 0/1 at the --axis-budgets; per-query-head selection
-             (Quest-style, equal bytes) at every --budgets
+             (Quest-style, equal bytes) at the --per-head-budgets
     full     every combination of --budgets x --page-sizes x --aggregations x --dense-layers,
              plus per-query-head selection for each budget x page size x dense_layers
     smoke    dense, mempipe and per-head at 256 (for checking the harness)
@@ -56,9 +56,13 @@ def parse_args(argv=None):
                    help="which configurations to run (see above); default: %(default)s")
     p.add_argument("--budgets", type=ints, default=[64, 128, 256, 512, 1024],
                    help="tokens kept per KV head, comma-separated; default: 64,128,256,512,1024")
-    p.add_argument("--axis-budgets", type=ints, default=[256, 1024],
+    p.add_argument("--axis-budgets", type=ints, default=[256],
                    help="budgets at which the default grid varies page size, aggregation and "
-                        "dense_layers; default: 256,1024")
+                        "dense_layers; default: 256")
+    p.add_argument("--per-head-budgets", type=ints, default=[128, 256, 512, 1024],
+                   help="GQA budgets at which the default grid runs the per-query-head "
+                        "baseline; default: 128,256,512,1024 (at 64 = 4 pages of 16 it would "
+                        "keep only the sink and local pages)")
     p.add_argument("--page-sizes", type=ints, default=[16, 32, 64],
                    help="page sizes (16, 32, 64); default: 16,32,64 (the first is the base)")
     p.add_argument("--aggregations", default="max,sum",
@@ -71,19 +75,19 @@ def parse_args(argv=None):
                    help="task families; default: passkey,needle,multikey")
     p.add_argument("--lengths", type=ints, default=[8000],
                    help="prompt lengths in tokens (window 8192); default: 8000")
-    p.add_argument("--depths", type=floats, default=[0.1, 0.5, 0.9],
-                   help="needle depths (fraction of the haystack); default: 0.1,0.5,0.9")
+    p.add_argument("--depths", type=floats, default=[0.25, 0.75],
+                   help="needle depths (fraction of the haystack); default: 0.25,0.75")
     p.add_argument("--per-point", type=int, default=1,
                    help="cases per (task, length, depth); default: 1")
     p.add_argument("--multikey", type=int, default=4,
                    help="facts per multi-key prompt; default: 4")
-    p.add_argument("--multikey-cases", type=int, default=2,
-                   help="multi-key prompts per length; default: 2")
+    p.add_argument("--multikey-cases", type=int, default=1,
+                   help="multi-key prompts per length; default: 1")
     p.add_argument("--ppl-context", type=int, default=7936,
                    help="tokens of prose before the scored ones (0: no perplexity); "
                         "default: 7936")
-    p.add_argument("--ppl-steps", type=int, default=64,
-                   help="tokens scored per perplexity window; default: 64")
+    p.add_argument("--ppl-steps", type=int, default=32,
+                   help="tokens scored per perplexity window; default: 32")
     p.add_argument("--ppl-windows", type=int, default=1,
                    help="perplexity windows (disjoint stretches of text); default: 1")
     p.add_argument("--max-new", type=int, default=8,
@@ -145,7 +149,7 @@ def selections(args):
         for dl in args.dense_layers[1:]:
             add(Selection("mempipe", b, base_p, dl, base_a))
     if not args.no_per_head:
-        for b in args.budgets:
+        for b in args.per_head_budgets:
             add(Selection("per_head", b, base_p, base_dl))
     return out
 
