@@ -213,8 +213,8 @@ def main(argv=None):
     result = {
         "model": f"SmolLM2-135M-Instruct ({smollm.GGUF_FILE} from the '{smollm.GGUF_PACKAGE}' "
                  f"package, dequantized to float32)",
-        "command": "build/python-venv/bin/python integration/quality/run.py " + " ".join(
-            sys.argv[1:] if argv is None else argv),
+        "command": " ".join(["build/python-venv/bin/python integration/quality/run.py"] + list(
+            sys.argv[1:] if argv is None else argv)),
         "machine": machine(), "torch_threads": args.threads,
         "element_bytes": dec.elem,
         "configurations": [s.name for s in sels],
