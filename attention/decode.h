@@ -2,19 +2,21 @@
 // prefill attention over the paged cache. Host (CPU) implementations; fp32 compute with a
 // numerically stable (running-max) softmax.
 //
-//   query  [num_seqs, num_heads, head_dim] in `io_dtype`   (one decode token per sequence)
-//   out    [num_seqs, num_heads, head_dim] in `io_dtype`
+//   query  [num_seqs, num_heads, head_dim] in `io.dtype`   (one decode token per sequence)
+//   out    [num_seqs, num_heads, head_dim] in `io.dtype`
 //   Query head h reads KV head h / (num_heads / num_kv_heads) (GQA).
 //
-//   MEMPIPE_RETURN_IF_ERROR(DenseDecode(q, cache, table, scale, out));
-//   MEMPIPE_RETURN_IF_ERROR(SparseDecode(q, cache, table, selection, scale, out));
+//   DecodeIo io{query, out, DType::kBFloat16, num_seqs, num_heads, head_dim, /*num_threads=*/4};
+//   MEMPIPE_RETURN_IF_ERROR(DenseDecode(io, cache, table, scale));
+//   PageList pages{selection.pages, selection.counts, num_kv_heads, max_selected};
+//   MEMPIPE_RETURN_IF_ERROR(SparseDecode(io, cache, table, pages, scale));
 #ifndef MEMPIPE_ATTENTION_DECODE_H_
 #define MEMPIPE_ATTENTION_DECODE_H_
 
 #include <cstdint>
 
 #include "absl/status/status.h"
-#include "attention/paged_kv.h"
+#include "core/paged_kv.h"
 
 namespace mempipe {
 

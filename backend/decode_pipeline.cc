@@ -8,16 +8,13 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "attention/decode.h"
-#include "backend/base/status_macros.h"
+#include "core/clock.h"
+#include "core/status_macros.h"
 #include "retriever/digest.h"
 #include "retriever/relevancy.h"
 
 namespace mempipe {
 namespace {
-
-using Clock = std::chrono::steady_clock;
-
-double Ms(Clock::duration d) { return std::chrono::duration<double, std::milli>(d).count(); }
 
 // A reused selection, extended by every page past its last entry up to the sequence's current
 // last page, so the newest tokens are always attended (the local window of a fresh selection).
@@ -109,10 +106,7 @@ absl::Status ValidatePipelineOptions(const PipelineOptions& o) {
     return absl::InvalidArgumentError(
         absl::StrCat("dead_after_failures must be >= 1, got ", o.dead_after_failures));
   }
-  if (o.dense_layers < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("dense_layers must be >= 0, got ", o.dense_layers));
-  }
+  MEMPIPE_RETURN_IF_ERROR(ValidateDenseLayers(o.policy.dense_layers));
   if (o.apply_threads < 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("apply_threads must be >= 1, got ", o.apply_threads));
@@ -148,14 +142,15 @@ absl::StatusOr<std::unique_ptr<DecodePipeline>> DecodePipeline::Create(
         absl::StrCat("max_num_seqs must be >= 1, got ", max_num_seqs));
   }
   if (!options.placement.dense) {
-    MEMPIPE_RETURN_IF_ERROR(ValidateSelectionConfig(options.selection, caches[0].block_size));
+    MEMPIPE_RETURN_IF_ERROR(ValidateSparsityPolicy(options.policy, caches[0].block_size));
     if (selector == nullptr) {
       return absl::InvalidArgumentError(absl::StrCat(
           "placement ", PlacementToString(options.placement), " needs a page selector, got none"));
     }
     const CacheShape shape{caches[0].dtype, caches[0].num_blocks, caches[0].block_size,
                            caches[0].num_kv_heads, caches[0].head_dim};
-    for (int l = options.dense_layers; l < static_cast<int>(caches.size()); ++l) {
+    const int num_layers = static_cast<int>(caches.size());
+    for (int l = FirstSparseLayer(options.policy, num_layers); l < num_layers; ++l) {
       MEMPIPE_RETURN_IF_ERROR(selector->AddLayer(l, shape));
     }
   }
@@ -176,11 +171,12 @@ DecodePipeline::DecodePipeline(const PipelineOptions& options, std::vector<KvCac
       num_heads_(num_heads),
       max_num_seqs_(max_num_seqs),
       // A reused selection grows by at most one page per step (one new token per sequence).
-      max_selected_(options.selection.PagesPerHead(caches_[0].block_size) + options.reuse - 1),
+      max_selected_(options.policy.selection.PagesPerHead(caches_[0].block_size) + options.reuse -
+                    1),
       scale_(options.scale > 0 ? options.scale
                                : 1.0f / std::sqrt(static_cast<float>(caches_[0].head_dim))),
       dense_(options.placement.dense),
-      first_sparse_layer_(dense_ ? num_layers_ : std::min(options.dense_layers, num_layers_)),
+      first_sparse_layer_(dense_ ? num_layers_ : FirstSparseLayer(options.policy, num_layers_)),
       transfers_(options.placement.NeedsTransfer()),
       link_(LinkBetween(options.placement.apply, options.placement.selector())),
       selector_(dense_ ? nullptr : std::move(selector)),
@@ -546,7 +542,7 @@ DecodePipeline::InFlight DecodePipeline::StartSelection(const Job& job) {
   }
   // Steps 2+3 on the selector device, bounded by the request's deadline.
   const SelectRequest request{j.layer, QueryRows(j.layer, mb.begin, mb.end),
-                              TableRows(mb.begin, mb.end), options_.selection,
+                              TableRows(mb.begin, mb.end), options_.policy.selection,
                               SelectionRows(j.layer, mb.begin, mb.end)};
   f.submit_begin = Clock::now();
   absl::StatusOr<SelectTicket> ticket = selector_->Submit(request);
@@ -655,7 +651,7 @@ absl::Status DecodePipeline::RunApply(Applied& a) {
   if (s.source == SelectionSource::kFallback) {
     const auto t0 = Clock::now();
     MEMPIPE_RETURN_IF_ERROR(ScoreAndSelect(QueryRows(j.layer, mb.begin, mb.end), c, local, table,
-                                           options_.selection, sel));
+                                           options_.policy.selection, sel));
     a.fallback_ms = Ms(Clock::now() - t0);
   } else if (s.source == SelectionSource::kReused) {
     MEMPIPE_RETURN_IF_ERROR(ExtendToLastPage(sel, table, c.block_size));
@@ -672,7 +668,7 @@ absl::StatusOr<SelectionView> DecodePipeline::LastSelection(int layer) const {
   if (layer < first_sparse_layer_) {
     return absl::FailedPreconditionError(
         absl::StrCat("layer ", layer, " decodes densely (placement ", metrics_.placement,
-                     ", dense_layers ", options_.dense_layers, "): it selects no pages"));
+                     ", dense_layers ", options_.policy.dense_layers, "): it selects no pages"));
   }
   if (step_index_ == 0) return absl::FailedPreconditionError("no step has run yet");
   return SelectionRows(layer, 0, step_.table.num_seqs);

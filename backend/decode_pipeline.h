@@ -66,10 +66,12 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-#include "attention/paged_kv.h"
 #include "backend/pipeline_metrics.h"
 #include "backend/placement.h"
+#include "backend/policy.h"
 #include "backend/spsc_channel.h"
+#include "core/clock.h"
+#include "core/paged_kv.h"
 #include "retriever/page_selector.h"
 #include "retriever/select.h"
 
@@ -88,8 +90,9 @@ struct PipelineOptions {
   double deadline_ms = 100;     // per selection, from its issue, > 0
   int queue_capacity = 0;       // 0: large enough never to fill; >= 1 applies back-pressure
   int dead_after_failures = 3;  // consecutive selector failures that declare it dead, >= 1
-  SelectionConfig selection;
-  int dense_layers = 0;   // the first layers decode densely and select nothing (Quest: 2)
+  // Which layers select pages (backend/policy.h); the first policy.dense_layers layers
+  // decode densely and select nothing (Quest keeps 2).
+  SparsityPolicy policy{.dense_layers = 0, .selection = {}};
   int apply_threads = 1;  // host threads of the CPU decode (DecodeIo::num_threads)
   float scale = 0;        // softmax scale; 0 means 1 / sqrt(head_dim)
 };
@@ -170,8 +173,6 @@ class DecodePipeline {
   void ResetMetrics();
 
  private:
-  using Clock = std::chrono::steady_clock;
-
   struct Job {  // front -> selector
     uint64_t step = 0;
     int layer = 0;

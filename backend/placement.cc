@@ -9,7 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
-#include "backend/base/status_macros.h"
+#include "core/status_macros.h"
 
 namespace mempipe {
 namespace {

@@ -4,8 +4,8 @@
 // register a factory at start-up (the bench or the Python binding calls their Register...()
 // function), so this library depends on none of them:
 //
-//   RegisterPageSelectorFactory(Device::kFpga, "fpga-u55c-emulated", [] {
-//     return MakeEmulatedU55cSelector(options);   // StatusOr<unique_ptr<PageSelector>>
+//   RegisterPageSelectorFactory(Device::kFpga, "fpga (emulated U55C)", [options] {
+//     return MakeFpgaSelector(options);   // fpga/fpga_selector.h: StatusOr<unique_ptr<...>>
 //   });
 //   MEMPIPE_ASSIGN_OR_RETURN(auto selector, MakePageSelector(Device::kFpga));
 #ifndef MEMPIPE_BACKEND_SELECTOR_REGISTRY_H_

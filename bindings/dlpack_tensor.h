@@ -26,7 +26,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "backend/base/dtype.h"
+#include "core/dtype.h"
 
 namespace mempipe::bindings {
 

@@ -35,8 +35,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "attention/decode.h"
-#include "attention/paged_kv.h"
+#include "backend/policy.h"
 #include "bindings/dlpack_tensor.h"
+#include "core/paged_kv.h"
 #include "retriever/digest.h"
 #include "retriever/relevancy.h"
 #include "retriever/select.h"
@@ -51,6 +52,13 @@ BorrowedTensor Borrow(const py::handle& obj, const char* name) {
 }
 
 void Check(const absl::Status& status) { ThrowIfError(status); }
+
+template <size_t N>
+py::tuple IntTuple(const int (&values)[N]) {
+  py::tuple t(N);
+  for (size_t i = 0; i < N; ++i) t[i] = values[i];
+  return t;
+}
 
 const char* DeviceName(DLDeviceType t) {
   switch (t) {
@@ -361,8 +369,22 @@ PYBIND11_MODULE(_mempipe, m) {
   using namespace mempipe::bindings;  // NOLINT: the module body names every binding
   using py::arg;
   m.doc() = "mempipe: paged sparse-attention steps on caller-owned tensors (CPU build)";
-  m.attr("supported_block_sizes") = py::make_tuple(16, 32, 64);
-  m.attr("supported_head_dims") = py::make_tuple(64, 128, 256);
+  // The supported sizes and the sparsity rules come from the C++ definitions (core/paged_kv.h,
+  // core/dtype.h, backend/policy.h); Python keeps no copy.
+  m.attr("supported_block_sizes") = IntTuple(mempipe::kSupportedBlockSizes);
+  m.attr("supported_head_dims") = IntTuple(mempipe::kSupportedHeadDims);
+  m.attr("supported_gpu_group_sizes") = IntTuple(mempipe::kSupportedGpuGroupSizes);
+  py::list dtypes;
+  for (mempipe::DType d : mempipe::kSupportedDTypes) dtypes.append(std::string(DTypeName(d)));
+  m.attr("supported_dtypes") = py::tuple(dtypes);
+  m.def(
+      "is_dense_layer",
+      [](int layer, int dense_layers) {
+        Check(mempipe::ValidateDenseLayers(dense_layers));
+        return mempipe::IsDenseLayer(mempipe::SparsityPolicy{dense_layers, {}}, layer);
+      },
+      arg("layer"), arg("dense_layers"),
+      "The dense-layers rule (backend/policy.h): True when `layer` always decodes densely.");
   m.attr("gpu") = false;
 
   m.def("write_kv", &WriteKvPy, arg("kv_cache"), arg("slot_mapping"), arg("key"), arg("value"),

@@ -25,7 +25,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
-#include "fpga/u55c_model.h"
+#include "fpga/emulation/u55c_model.h"
 #include "retriever/page_selector.h"
 
 namespace mempipe {
@@ -38,19 +38,6 @@ int CuFor(int layer, int kv_head, int num_kv_heads, int num_cus);
 // Words of one head's digest slice: num_blocks x 2 rows x row_words.
 size_t HeadSliceWords(const CacheShape& shape);
 size_t RowWordsOf(const CacheShape& shape);
-
-// Shape checks for AddLayer (what ValidateKvCache checks, without a pointer).
-[[nodiscard]] absl::Status ValidateCacheShape(const CacheShape& shape);
-
-// Everything Submit checks before anything goes to the card: the selection config, the block
-// table against the layer, finite queries of matching shape, the output view, and the kernel's
-// on-chip limits (GQA ratio <= 16, max_blocks_per_seq <= 65536, middle pages <= 1024).
-[[nodiscard]] absl::Status ValidateScoreRequest(const SelectRequest& request,
-                                                const CacheShape& shape);
-
-// Checks an AppendKeys call: slots inside the layer, keys non-null.
-[[nodiscard]] absl::Status ValidateAppend(const CacheShape& shape, const int64_t* slots,
-                                          int num_tokens, const void* keys);
 
 struct ScoreIo {
   size_t queries_offset = 0, queries_bytes = 0;

@@ -1,9 +1,9 @@
 #include "fpga/fpga_selector.h"
 
 #include "absl/strings/str_cat.h"
-#include "fpga/emulated_u55c.h"
+#include "fpga/emulation/emulated_u55c.h"
 #ifdef MEMPIPE_WITH_XRT
-#include "fpga/xrt_selector.h"
+#include "fpga/host/xrt_selector.h"
 #endif
 
 namespace mempipe {

@@ -3,7 +3,8 @@
 // Two devices implement PageSelector on the FPGA path:
 //   * "fpga-u55c-emulated" (default): the HLS kernels of fpga/hls/ run on a host thread against
 //     emulated HBM; results are the kernels' own (bit-identical to the CPU reference), and every
-//     call also reports the modeled U55C time and energy (fpga/u55c_params.h) -- labeled modeled.
+//     call also reports the modeled U55C time and energy (fpga/emulation/u55c_params.h) -- labeled
+//     modeled.
 //   * "fpga-xrt": the real XRT runtime (when built with MEMPIPE_WITH_XRT): digests in HBM
 //     buffers, launches on the card's compute units. Without a card it runs on XRT's noop shim,
 //     where kernels compute nothing: use it for plumbing, never for results.
@@ -22,7 +23,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-#include "fpga/u55c_params.h"
+#include "fpga/emulation/u55c_params.h"
 #include "retriever/page_selector.h"
 
 namespace mempipe {
@@ -40,7 +41,8 @@ struct FpgaOptions {
   // queue in order, as on one command queue), so overlap in the pipeline behaves as with a card.
   bool paced = false;
   // XRT: device index, and the xclbin to load. Empty: the project's own descriptive xclbin
-  // (fpga/xclbin_writer.h), which has the kernels' interfaces but no hardware -- noop shim only.
+  // (fpga/host/xclbin_writer.h), which has the kernels' interfaces but no hardware -- noop shim
+  // only.
   unsigned device_index = 0;
   std::string xclbin_path;
 };

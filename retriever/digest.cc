@@ -4,7 +4,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "backend/base/status_macros.h"
+#include "core/status_macros.h"
 
 namespace mempipe {
 namespace {

@@ -4,16 +4,10 @@
 #include <chrono>
 
 #include "absl/strings/str_cat.h"
-#include "backend/base/status_macros.h"
+#include "core/clock.h"
+#include "core/status_macros.h"
 
 namespace mempipe {
-namespace {
-
-double MsSince(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-}
-
-}  // namespace
 
 DigestView CpuPageSelector::Layer::View() {
   return DigestView{digests.data(), shape.dtype, shape.num_blocks, shape.num_kv_heads,
@@ -51,7 +45,7 @@ absl::Status CpuPageSelector::AddLayer(int layer, const CacheShape& shape) {
 absl::Status CpuPageSelector::BuildDigests(int layer, const KvCacheView& cache,
                                            const BlockTableView& table) {
   MEMPIPE_ASSIGN_OR_RETURN(Layer * l, Find(layer));
-  const auto t0 = std::chrono::steady_clock::now();
+  const auto t0 = Clock::now();
   MEMPIPE_RETURN_IF_ERROR(mempipe::BuildDigests(cache, table, l->View()));
   costs_ = SelectorCosts{};
   costs_.prepare_ms = costs_.host_ms = MsSince(t0);
@@ -61,7 +55,7 @@ absl::Status CpuPageSelector::BuildDigests(int layer, const KvCacheView& cache,
 absl::Status CpuPageSelector::AppendKeys(int layer, const int64_t* slots, int num_tokens,
                                          const void* keys) {
   MEMPIPE_ASSIGN_OR_RETURN(Layer * l, Find(layer));
-  const auto t0 = std::chrono::steady_clock::now();
+  const auto t0 = Clock::now();
   MEMPIPE_RETURN_IF_ERROR(
       UpdateDigestsFromKeys(l->View(), l->shape.block_size, slots, num_tokens, keys));
   costs_ = SelectorCosts{};
@@ -78,7 +72,7 @@ absl::StatusOr<SelectTicket> CpuPageSelector::Submit(const SelectRequest& reques
   const KvCacheView geometry{&dummy,        sh.dtype,        sh.num_blocks,
                              sh.block_size, sh.num_kv_heads, sh.head_dim};
   costs_ = SelectorCosts{};
-  const auto t0 = std::chrono::steady_clock::now();
+  const auto t0 = Clock::now();
   absl::Status status = ValidateSelectionConfig(request.config, sh.block_size);
   if (status.ok()) {
     scores_.resize(static_cast<size_t>(std::max(request.table.num_seqs, 0)) * sh.num_kv_heads *
@@ -88,7 +82,7 @@ absl::StatusOr<SelectTicket> CpuPageSelector::Submit(const SelectRequest& reques
   }
   costs_.relevancy_ms = MsSince(t0);
   if (status.ok()) {
-    const auto t1 = std::chrono::steady_clock::now();
+    const auto t1 = Clock::now();
     status = SelectPages(scores_.data(), request.table, sh.block_size, sh.num_kv_heads,
                          request.config, request.out);
     costs_.retrieval_ms = MsSince(t1);

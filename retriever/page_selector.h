@@ -33,7 +33,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
-#include "attention/paged_kv.h"
+#include "core/paged_kv.h"
 #include "retriever/digest.h"
 #include "retriever/select.h"
 

@@ -5,8 +5,8 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "attention/parallel.h"
-#include "backend/base/status_macros.h"
+#include "core/parallel.h"
+#include "core/status_macros.h"
 
 namespace mempipe {
 

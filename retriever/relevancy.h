@@ -21,7 +21,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-#include "attention/paged_kv.h"
+#include "core/paged_kv.h"
 #include "retriever/digest.h"
 
 namespace mempipe {

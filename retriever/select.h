@@ -15,7 +15,7 @@
 #include <cstdint>
 
 #include "absl/status/status.h"
-#include "attention/paged_kv.h"
+#include "core/paged_kv.h"
 #include "retriever/relevancy.h"
 
 namespace mempipe {

@@ -32,8 +32,8 @@
 
 #include "absl/status/status.h"
 #include "attention/decode.h"
-#include "attention/paged_kv.h"
-#include "backend/gpu/gpu_runtime.h"
+#include "core/gpu/gpu_runtime.h"
+#include "core/paged_kv.h"
 
 namespace mempipe {
 
@@ -45,14 +45,13 @@ size_t PagedDecodeWorkspaceBytes(int num_seqs, int num_heads, int num_kv_heads, 
 // mismatches, null or non-16-byte-aligned pointers, or too small a workspace; Internal for a
 // launch failure.
 [[nodiscard]] absl::Status DenseDecodeGpu(const DecodeIo& io, const KvCacheView& cache,
-                                          const BlockTableView& table, float scale,
-                                          void* workspace, size_t workspace_bytes,
-                                          GpuStream stream);
+                                          const BlockTableView& table, float scale, void* workspace,
+                                          size_t workspace_bytes, GpuStream stream);
 
 [[nodiscard]] absl::Status SparseDecodeGpu(const DecodeIo& io, const KvCacheView& cache,
                                            const BlockTableView& table, const PageList& pages,
-                                           float scale, void* workspace,
-                                           size_t workspace_bytes, GpuStream stream);
+                                           float scale, void* workspace, size_t workspace_bytes,
+                                           GpuStream stream);
 
 }  // namespace mempipe
 

@@ -9,15 +9,14 @@
 //   PagedDecodeCombineKernel: merges the splits' partials by their lse.
 // fp16/bf16 with head_dim <= 128 on CUDA take PagedDecodeMmaKernel instead: the same grid and
 // merge, but q.k and p.v of a 16-token tile as tensor-core products (see its comment).
-#include "attention/gpu/paged_decode_gpu.h"
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 
 #include "absl/strings/str_cat.h"
-#include "backend/base/gpu_compat.h"
-#include "backend/base/status_macros.h"
+#include "attention/gpu/paged_decode_gpu.h"
+#include "core/gpu/gpu_compat.h"
+#include "core/status_macros.h"
 
 namespace mempipe {
 namespace {
@@ -56,7 +55,7 @@ struct DecodeParams {
   size_t plane_elems;          // elements of the K plane
   int num_heads, num_kv_heads, num_blocks, block_size, max_blocks_per_seq, max_selected;
   int num_splits, items_per_split;
-  float scale_log2;            // softmax scale * log2(e): exp2 replaces exp
+  float scale_log2;  // softmax scale * log2(e): exp2 replaces exp
 };
 
 // Launch geometry of one (dtype, head_dim, group) instance; everything below derives from it.
@@ -64,11 +63,11 @@ template <typename T, int kHeadDim, int kGroups>
 struct DecodeConfig {
   static constexpr int kWarps = kDecodeWarps;
   static constexpr int kThreads = kWarps * kGpuLanes;
-  static constexpr int kVec = gpu::kVec16<T>;                      // elements per 16 B
-  static constexpr int kVecsPerRow = kHeadDim / kVec;              // 16 B vectors per row
+  static constexpr int kVec = gpu::kVec16<T>;          // elements per 16 B
+  static constexpr int kVecsPerRow = kHeadDim / kVec;  // 16 B vectors per row
   static constexpr int kLanesPerToken = kVecsPerRow < kGpuLanes ? kVecsPerRow : kGpuLanes;
   static constexpr int kVecsPerLane = kVecsPerRow / kLanesPerToken;
-  static constexpr int kElems = kVecsPerLane * kVec;               // channels per lane
+  static constexpr int kElems = kVecsPerLane * kVec;  // channels per lane
   static constexpr int kTokensPerStep = kGpuLanes / kLanesPerToken;
   // Token steps per tile: fewer for big groups, whose q and acc take the registers.
   // Two tiles are in flight per warp (double buffering), so 16-byte vectors of K and V per
@@ -82,7 +81,7 @@ struct DecodeConfig {
 };
 
 template <typename T, int kHeadDim, int kGroups>
-__global__ void __launch_bounds__(kDecodeWarps * kGpuLanes, kGroups >= 8 ? 2 : 3)
+__global__ void __launch_bounds__(kDecodeWarps* kGpuLanes, kGroups >= 8 ? 2 : 3)
     PagedDecodeKernel(DecodeParams p) {
   using C = DecodeConfig<T, kHeadDim, kGroups>;
   constexpr int E = C::kElems;
@@ -294,16 +293,16 @@ struct MmaDecodeConfig {
   static constexpr int kWarps = kDecodeWarps;
   static constexpr int kThreads = kWarps * kGpuLanes;
   static constexpr int kTileTokens = 16;
-  static constexpr int kRowVecs = kHeadDim / 8;  // 16-byte vectors per K/V row
-  static constexpr int kKVecs = kRowVecs / 4;    // per lane and K row (4 lanes share a row)
-  static constexpr int kVVecs = kRowVecs / 8;    // per lane and V row (8 lanes share a row)
-  static constexpr int kKSteps = kHeadDim / 16;  // of S = Q K^T
-  static constexpr int kMBlocks = kHeadDim / 16; // of O^T = V^T P^T
+  static constexpr int kRowVecs = kHeadDim / 8;   // 16-byte vectors per K/V row
+  static constexpr int kKVecs = kRowVecs / 4;     // per lane and K row (4 lanes share a row)
+  static constexpr int kVVecs = kRowVecs / 8;     // per lane and V row (8 lanes share a row)
+  static constexpr int kKSteps = kHeadDim / 16;   // of S = Q K^T
+  static constexpr int kMBlocks = kHeadDim / 16;  // of O^T = V^T P^T
   static_assert(sizeof(T) == 2 && (kHeadDim == 64 || kHeadDim == 128));
 };
 
 template <typename T, int kHeadDim, int kGroups>
-__global__ void __launch_bounds__(kDecodeWarps * kGpuLanes, kMmaBlocksPerSm)
+__global__ void __launch_bounds__(kDecodeWarps* kGpuLanes, kMmaBlocksPerSm)
     PagedDecodeMmaKernel(DecodeParams p) {
   using C = MmaDecodeConfig<T, kHeadDim>;
   const int kvh = blockIdx.x, split = blockIdx.y, seq = blockIdx.z;
@@ -328,10 +327,10 @@ __global__ void __launch_bounds__(kDecodeWarps * kGpuLanes, kMmaBlocksPerSm)
   uint32_t qa[C::kKSteps][2];
 #pragma unroll
   for (int i = 0; i < C::kKVecs; ++i) {
-    const uint4 w = r < kGroups ? *reinterpret_cast<const uint4*>(
-                                      static_cast<const T*>(p.query) + (q_row0 + r) * kHeadDim +
-                                      (t + 4 * i) * 8)
-                                : make_uint4(0, 0, 0, 0);
+    const uint4 w = r < kGroups
+                        ? *reinterpret_cast<const uint4*>(static_cast<const T*>(p.query) +
+                                                          (q_row0 + r) * kHeadDim + (t + 4 * i) * 8)
+                        : make_uint4(0, 0, 0, 0);
     qa[2 * i][0] = w.x;
     qa[2 * i][1] = w.y;
     qa[2 * i + 1][0] = w.z;
@@ -369,9 +368,9 @@ __global__ void __launch_bounds__(kDecodeWarps * kGpuLanes, kMmaBlocksPerSm)
       const bool ok = tok < tl.valid;  // unused slots may hold NaN: never let them in
 #pragma unroll
       for (int x = 0; x < C::kKVecs; ++x) {
-        tl.k[b][x] = ok ? *reinterpret_cast<const uint4*>(base + tok * token_stride +
-                                                          (t + 4 * x) * 8)
-                        : make_uint4(0, 0, 0, 0);
+        tl.k[b][x] =
+            ok ? *reinterpret_cast<const uint4*>(base + tok * token_stride + (t + 4 * x) * 8)
+               : make_uint4(0, 0, 0, 0);
       }
     }
 #pragma unroll
@@ -438,8 +437,8 @@ __global__ void __launch_bounds__(kDecodeWarps * kGpuLanes, kMmaBlocksPerSm)
         // Rows: channel 8u + 2q (a0, a2) and 8u + 2q + 1 (a1, a3); k: tokens 2t, 2t + 1
         // (a0, a1) and 2t + 8, 2t + 9 (a2, a3).
         gpu::Mma16816<T>(d, __byte_perm(v0[q], v1[q], 0x5410), __byte_perm(v0[q], v1[q], 0x7632),
-                         __byte_perm(v2[q], v3[q], 0x5410), __byte_perm(v2[q], v3[q], 0x7632),
-                         pb0, pb1);
+                         __byte_perm(v2[q], v3[q], 0x5410), __byte_perm(v2[q], v3[q], 0x7632), pb0,
+                         pb1);
       }
     }
   };
@@ -559,8 +558,8 @@ SplitPlan PlanSplits(int num_seqs, int num_kv_heads, int blocks_per_sm, int max_
                      int num_sms) {
   const int rows = std::max(num_seqs * num_kv_heads, 1);
   const int resident = std::max(num_sms, 1) * blocks_per_sm;
-  const int cap = std::clamp((max_items + kMinPagesPerSplit - 1) / kMinPagesPerSplit, 1,
-                             kMaxSplits);
+  const int cap =
+      std::clamp((max_items + kMinPagesPerSplit - 1) / kMinPagesPerSplit, 1, kMaxSplits);
   auto fill = [&](int s) {
     const int64_t blocks = static_cast<int64_t>(rows) * s;
     return static_cast<double>(blocks) / (((blocks + resident - 1) / resident) * resident);
@@ -610,14 +609,17 @@ absl::Status LaunchTyped(const DecodeParams& p, int num_seqs, hipStream_t stream
 template <typename T, int kHeadDim>
 absl::Status DispatchGroups(const DecodeParams& p, int groups, int num_seqs, hipStream_t s) {
   switch (groups) {
-    case 1: return LaunchTyped<T, kHeadDim, 1>(p, num_seqs, s);
-    case 2: return LaunchTyped<T, kHeadDim, 2>(p, num_seqs, s);
-    case 4: return LaunchTyped<T, kHeadDim, 4>(p, num_seqs, s);
-    case 8: return LaunchTyped<T, kHeadDim, 8>(p, num_seqs, s);
+    case 1:
+      return LaunchTyped<T, kHeadDim, 1>(p, num_seqs, s);
+    case 2:
+      return LaunchTyped<T, kHeadDim, 2>(p, num_seqs, s);
+    case 4:
+      return LaunchTyped<T, kHeadDim, 4>(p, num_seqs, s);
+    case 8:
+      return LaunchTyped<T, kHeadDim, 8>(p, num_seqs, s);
     default:
-      return absl::InvalidArgumentError(
-          absl::StrCat("GQA group size (num_heads / num_kv_heads) must be 1, 2, 4 or 8, got ",
-                       groups));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "GQA group size (num_heads / num_kv_heads) must be 1, 2, 4 or 8, got ", groups));
   }
 }
 
@@ -625,9 +627,12 @@ template <typename T>
 absl::Status DispatchHeadDim(const DecodeParams& p, int head_dim, int groups, int num_seqs,
                              hipStream_t s) {
   switch (head_dim) {
-    case 64: return DispatchGroups<T, 64>(p, groups, num_seqs, s);
-    case 128: return DispatchGroups<T, 128>(p, groups, num_seqs, s);
-    case 256: return DispatchGroups<T, 256>(p, groups, num_seqs, s);
+    case 64:
+      return DispatchGroups<T, 64>(p, groups, num_seqs, s);
+    case 128:
+      return DispatchGroups<T, 128>(p, groups, num_seqs, s);
+    case 256:
+      return DispatchGroups<T, 256>(p, groups, num_seqs, s);
     default:
       return absl::InvalidArgumentError(
           absl::StrCat("head_dim must be 64, 128 or 256, got ", head_dim));
@@ -643,18 +648,17 @@ absl::Status Launch(const DecodeIo& io, const KvCacheView& cache, const BlockTab
     return absl::InvalidArgumentError("query, out, block_table and seq_lens must not be null");
   }
   if (io.dtype != cache.dtype) {
-    return absl::InvalidArgumentError(absl::StrCat("query dtype ", DTypeName(io.dtype),
-                                                   " differs from the cache's ",
-                                                   DTypeName(cache.dtype)));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "query dtype ", DTypeName(io.dtype), " differs from the cache's ", DTypeName(cache.dtype)));
   }
   if (io.head_dim != cache.head_dim) {
-    return absl::InvalidArgumentError(absl::StrCat("query head_dim ", io.head_dim,
-                                                   " differs from the cache's ", cache.head_dim));
+    return absl::InvalidArgumentError(
+        absl::StrCat("query head_dim ", io.head_dim, " differs from the cache's ", cache.head_dim));
   }
   if (io.num_heads <= 0 || io.num_heads % cache.num_kv_heads != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("num_heads ", io.num_heads, " must be a positive multiple of num_kv_heads ",
-                     cache.num_kv_heads));
+    return absl::InvalidArgumentError(absl::StrCat("num_heads ", io.num_heads,
+                                                   " must be a positive multiple of num_kv_heads ",
+                                                   cache.num_kv_heads));
   }
   if (io.num_seqs <= 0 || io.num_seqs != table.num_seqs || table.max_blocks_per_seq <= 0) {
     return absl::InvalidArgumentError(
@@ -673,21 +677,21 @@ absl::Status Launch(const DecodeIo& io, const KvCacheView& cache, const BlockTab
       return absl::InvalidArgumentError("selected pages and counts must not be null");
     }
     if (pages->num_kv_heads != cache.num_kv_heads || pages->max_selected <= 0) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "selection has ", pages->num_kv_heads, " KV heads and max_selected ",
-          pages->max_selected, "; expected ", cache.num_kv_heads, " and >= 1"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("selection has ", pages->num_kv_heads, " KV heads and max_selected ",
+                       pages->max_selected, "; expected ", cache.num_kv_heads, " and >= 1"));
     }
     max_items = pages->max_selected;
   }
   const int groups = io.num_heads / cache.num_kv_heads;
-  const SplitPlan plan =
-      PlanSplits(io.num_seqs, cache.num_kv_heads, BlocksPerSm(UsesMma(cache.dtype, io.head_dim), groups),
-                 max_items, CachedSmCount());
-  const size_t need = PagedDecodeWorkspaceBytes(io.num_seqs, io.num_heads, cache.num_kv_heads,
-                                                max_items);
+  const SplitPlan plan = PlanSplits(io.num_seqs, cache.num_kv_heads,
+                                    BlocksPerSm(UsesMma(cache.dtype, io.head_dim), groups),
+                                    max_items, CachedSmCount());
+  const size_t need =
+      PagedDecodeWorkspaceBytes(io.num_seqs, io.num_heads, cache.num_kv_heads, max_items);
   if (plan.num_splits > 1 && (workspace == nullptr || workspace_bytes < need)) {
-    return absl::InvalidArgumentError(absl::StrCat("workspace of ", workspace_bytes,
-                                                   " bytes is too small; need ", need));
+    return absl::InvalidArgumentError(
+        absl::StrCat("workspace of ", workspace_bytes, " bytes is too small; need ", need));
   }
   DecodeParams p{};
   p.query = io.query;
@@ -713,9 +717,12 @@ absl::Status Launch(const DecodeIo& io, const KvCacheView& cache, const BlockTab
   p.scale_log2 = scale * kLog2e;
   const auto s = static_cast<hipStream_t>(stream);
   switch (cache.dtype) {
-    case DType::kFloat32: return DispatchHeadDim<float>(p, io.head_dim, groups, io.num_seqs, s);
-    case DType::kFloat16: return DispatchHeadDim<F16>(p, io.head_dim, groups, io.num_seqs, s);
-    case DType::kBFloat16: return DispatchHeadDim<BF16>(p, io.head_dim, groups, io.num_seqs, s);
+    case DType::kFloat32:
+      return DispatchHeadDim<float>(p, io.head_dim, groups, io.num_seqs, s);
+    case DType::kFloat16:
+      return DispatchHeadDim<F16>(p, io.head_dim, groups, io.num_seqs, s);
+    case DType::kBFloat16:
+      return DispatchHeadDim<BF16>(p, io.head_dim, groups, io.num_seqs, s);
   }
   return absl::InvalidArgumentError("unknown dtype");
 }

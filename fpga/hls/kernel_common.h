@@ -19,7 +19,7 @@ namespace mempipe::fpga_hls {
 
 using hls_compat::Word512;
 
-// Element types, numbered as mempipe::DType (backend/base/dtype.h).
+// Element types, numbered as mempipe::DType (core/dtype.h).
 inline constexpr int kDTypeF32 = 0;
 inline constexpr int kDTypeF16 = 1;
 inline constexpr int kDTypeBF16 = 2;

@@ -10,7 +10,7 @@ and the device-to-device copy bandwidth measured in the same run. Every timing i
 median over runs with L2 flushed before each (a decode layer's KV is never L2-resident),
 CUDA events around the op alone, after warm-up. Bandwidth is on the bytes the op must move.
 
-  python3 gpu_suite.py --lib build/backend/gpu/libmempipe_gpu_capi.so --out results.json
+  python3 gpu_suite.py --lib build/integration/bench/libmempipe_gpu_capi.so --out results.json
 """
 import argparse
 import ctypes

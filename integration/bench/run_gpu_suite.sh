@@ -27,7 +27,7 @@ echo "gpu_kernels_test exit code $test_rc"
 echo "== benchmark"
 # shellcheck disable=SC2086
 PYTHONUNBUFFERED=1 python3 integration/bench/gpu_suite.py \
-  --lib "$BUILD/backend/gpu/libmempipe_gpu_capi.so" --out "$OUT/gpu_bench.json" \
+  --lib "$BUILD/integration/bench/libmempipe_gpu_capi.so" --out "$OUT/gpu_bench.json" \
   ${MEMPIPE_BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu_bench.log"
 bench_rc=${PIPESTATUS[0]}
 echo "tests rc=$test_rc bench rc=$bench_rc"

@@ -40,7 +40,7 @@ class PagedLayer:
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = float(scale)
-        self.sparse = config.sparse and layer_index >= config.dense_layers
+        self.sparse = config.layer_sparse(layer_index)
         # Attention (step 4) shares (sequence, KV head) pairs among as many host threads as
         # torch uses, which vLLM's CPU worker sets to the cores it binds.
         self.num_threads = max(1, torch.get_num_threads())

@@ -26,13 +26,23 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from mempipe import _mempipe
+
 ENV_VAR = "MEMPIPE_CONFIG"
 
 PLACEMENTS = ("dense", "cpu", "gpu", "fpga")
 MODES = ("sync", "pipelined")
 AGGREGATIONS = ("max", "sum")
-PAGE_SIZES = (16, 32, 64)
-HEAD_DIMS = (64, 128, 256)
+# Defined once, in C++ (core/paged_kv.h, core/dtype.h); read from the module.
+PAGE_SIZES = tuple(_mempipe.supported_block_sizes)
+HEAD_DIMS = tuple(_mempipe.supported_head_dims)
+DTYPES = tuple(_mempipe.supported_dtypes)
+
+
+def _one_of(values: tuple) -> str:
+    """(16, 32, 64) -> "16, 32 or 64"."""
+    names = [str(v) for v in values]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +61,11 @@ class MempipeConfig:
     def sparse(self) -> bool:
         return self.placement != "dense"
 
+    def layer_sparse(self, layer: int) -> bool:
+        """True when `layer` selects pages: a sparse placement and not one of the first
+        dense_layers layers (the rule lives in C++, backend/policy.h)."""
+        return self.sparse and not _mempipe.is_dense_layer(layer, self.dense_layers)
+
     def validate(self) -> list[str]:
         """Reasons this configuration cannot run in this build; empty when it can."""
         reasons = []
@@ -61,7 +76,7 @@ class MempipeConfig:
             reasons.append(f"placement '{self.placement}' is not available from Python in this "
                            "build (the module runs steps 1-4 on the CPU); use cpu or dense")
         if self.page_size not in PAGE_SIZES:
-            reasons.append(f"page_size must be 16, 32 or 64, got {self.page_size}")
+            reasons.append(f"page_size must be {_one_of(PAGE_SIZES)}, got {self.page_size}")
         if self.budget <= 0:
             reasons.append(f"budget must be a positive number of tokens, got {self.budget}")
         elif self.page_size in PAGE_SIZES:
@@ -72,8 +87,10 @@ class MempipeConfig:
             elif self.sinks + self.locals > pages:
                 reasons.append(f"budget {self.budget} tokens = {pages} pages cannot hold "
                                f"{self.sinks} sink + {self.locals} local pages")
-        if self.dense_layers < 0:
-            reasons.append(f"dense_layers must be >= 0, got {self.dense_layers}")
+        try:  # the C++ check (backend/policy.h), which names the bad value
+            _mempipe.is_dense_layer(0, self.dense_layers)
+        except ValueError as e:
+            reasons.append(str(e))
         if self.sinks < 0:
             reasons.append(f"sinks must be >= 0, got {self.sinks}")
         if self.locals < 1:

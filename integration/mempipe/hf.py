@@ -69,7 +69,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 
     q = query.transpose(1, 2).reshape(batch * q_len, num_heads, head_dim)
     layer = getattr(module, "layer_idx", 0)
-    if q_len == 1 and cfg.sparse and layer >= cfg.dense_layers:
+    if q_len == 1 and cfg.layer_sparse(layer):
         torch.ops.mempipe.build_digests(kv_cache, block_table, seq_lens, digests)
         pages, counts = torch.ops.mempipe.score_and_select(
             q, kv_cache, digests, block_table, seq_lens, cfg.budget, cfg.sinks, cfg.locals,

@@ -20,8 +20,8 @@
 #include <cstdint>
 
 #include "absl/status/status.h"
-#include "attention/paged_kv.h"
-#include "backend/gpu/gpu_runtime.h"
+#include "core/gpu/gpu_runtime.h"
+#include "core/paged_kv.h"
 #include "retriever/digest.h"
 
 namespace mempipe {

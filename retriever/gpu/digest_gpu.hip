@@ -3,11 +3,10 @@
 //   BuildDigestsKernel        grid (page, seq): threads over (kv head, channel); tokens in order
 //   AppendKvAndDigestsKernel  grid (token): write K/V rows; the last token of each block in the
 //                             batch folds that block's tokens, in append order, into its digest
-#include "retriever/gpu/digest_gpu.h"
-
 #include "absl/strings/str_cat.h"
-#include "backend/base/gpu_compat.h"
-#include "backend/base/status_macros.h"
+#include "core/gpu/gpu_compat.h"
+#include "core/status_macros.h"
+#include "retriever/gpu/digest_gpu.h"
 
 namespace mempipe {
 namespace {
@@ -27,9 +26,9 @@ __device__ __forceinline__ void Widen(T k, T& mx, T& mn) {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    BuildDigestsKernel(const T* kv, T* digests, const int32_t* block_table,
-                       const int32_t* seq_lens, int num_blocks, int block_size,
-                       int num_kv_heads, int head_dim, int max_blocks_per_seq) {
+    BuildDigestsKernel(const T* kv, T* digests, const int32_t* block_table, const int32_t* seq_lens,
+                       int num_blocks, int block_size, int num_kv_heads, int head_dim,
+                       int max_blocks_per_seq) {
   const int page = blockIdx.x, seq = blockIdx.y;
   const int len = seq_lens[seq];
   if (len <= 0 || page * block_size >= len) return;
@@ -49,9 +48,9 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    AppendKvAndDigestsKernel(T* kv, T* digests, const int64_t* slots, int num_tokens,
-                             const T* key, const T* value, int num_blocks, int block_size,
-                             int num_kv_heads, int head_dim, size_t plane_elems) {
+    AppendKvAndDigestsKernel(T* kv, T* digests, const int64_t* slots, int num_tokens, const T* key,
+                             const T* value, int num_blocks, int block_size, int num_kv_heads,
+                             int head_dim, size_t plane_elems) {
   const int i = blockIdx.x;
   const int64_t slot = slots[i];
   const int64_t num_slots = static_cast<int64_t>(num_blocks) * block_size;
@@ -113,9 +112,12 @@ __global__ void __launch_bounds__(kThreads)
 template <typename Fn>
 absl::Status DispatchGpuType(DType dtype, Fn&& fn) {
   switch (dtype) {
-    case DType::kFloat32: return fn.template operator()<float>();
-    case DType::kFloat16: return fn.template operator()<F16>();
-    case DType::kBFloat16: return fn.template operator()<BF16>();
+    case DType::kFloat32:
+      return fn.template operator()<float>();
+    case DType::kFloat16:
+      return fn.template operator()<F16>();
+    case DType::kBFloat16:
+      return fn.template operator()<BF16>();
   }
   return absl::InvalidArgumentError("unknown dtype");
 }
@@ -128,13 +130,12 @@ absl::Status BuildDigestsGpu(const KvCacheView& cache, const BlockTableView& tab
   MEMPIPE_RETURN_IF_ERROR(ValidateDigests(cache, digests));
   if (table.block_table == nullptr || table.seq_lens == nullptr || table.num_seqs <= 0 ||
       table.max_blocks_per_seq <= 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "block table needs non-null pointers and positive sizes, got ", table.num_seqs, " x ",
-        table.max_blocks_per_seq));
+    return absl::InvalidArgumentError(
+        absl::StrCat("block table needs non-null pointers and positive sizes, got ", table.num_seqs,
+                     " x ", table.max_blocks_per_seq));
   }
   if (table.num_seqs > 65535) {
-    return absl::InvalidArgumentError(absl::StrCat("num_seqs ", table.num_seqs,
-                                                   " exceeds 65535"));
+    return absl::InvalidArgumentError(absl::StrCat("num_seqs ", table.num_seqs, " exceeds 65535"));
   }
   return DispatchGpuType(cache.dtype, [&]<typename T>() {
     const dim3 grid(table.max_blocks_per_seq, table.num_seqs);

@@ -30,8 +30,8 @@
 #include <cstddef>
 
 #include "absl/status/status.h"
-#include "attention/paged_kv.h"
-#include "backend/gpu/gpu_runtime.h"
+#include "core/gpu/gpu_runtime.h"
+#include "core/paged_kv.h"
 #include "retriever/digest.h"
 #include "retriever/relevancy.h"
 #include "retriever/select.h"
@@ -45,22 +45,20 @@ size_t SelectWorkspaceBytes(const BlockTableView& table, int num_kv_heads);
 // `cache` supplies shapes only (its data pointer is not read).
 [[nodiscard]] absl::Status ComputeRelevancyGpu(const QueryView& query, const KvCacheView& cache,
                                                const DigestView& digests,
-                                               const BlockTableView& table,
-                                               GroupAggregation agg, float* scores,
-                                               GpuStream stream);
+                                               const BlockTableView& table, GroupAggregation agg,
+                                               float* scores, GpuStream stream);
 
 // Step 3 alone, from device scores.
 [[nodiscard]] absl::Status SelectPagesGpu(const float* scores, const BlockTableView& table,
                                           int block_size, int num_kv_heads,
-                                          const SelectionConfig& config,
-                                          const SelectionView& out, GpuStream stream);
+                                          const SelectionConfig& config, const SelectionView& out,
+                                          GpuStream stream);
 
 // Steps 2 and 3. Errors: InvalidArgument for a bad config, mismatched shapes, unsupported
 // dtype/head_dim, a query dtype other than the cache's, null pointers or too small a
 // workspace; Internal for a launch failure.
 [[nodiscard]] absl::Status ScoreAndSelectGpu(const QueryView& query, const KvCacheView& cache,
-                                             const DigestView& digests,
-                                             const BlockTableView& table,
+                                             const DigestView& digests, const BlockTableView& table,
                                              const SelectionConfig& config,
                                              const SelectionView& out, void* workspace,
                                              size_t workspace_bytes, GpuStream stream);

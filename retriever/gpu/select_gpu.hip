@@ -8,13 +8,12 @@
 //     key = order-preserving bits of the score (NaN -> -inf, -0 -> +0, as the CPU compares)
 //     min/max of keys -> radix select, 8 bits a pass below the shared prefix -> threshold T and
 //     the number of ties at T to keep -> ordered compaction (per-thread runs + block scan)
-#include "retriever/gpu/select_gpu.h"
-
 #include <cstdint>
 
 #include "absl/strings/str_cat.h"
-#include "backend/base/gpu_compat.h"
-#include "backend/base/status_macros.h"
+#include "core/gpu/gpu_compat.h"
+#include "core/status_macros.h"
+#include "retriever/gpu/select_gpu.h"
 
 namespace mempipe {
 namespace {
@@ -38,7 +37,7 @@ struct ScoreParams {
                                // the largest key of a middle page (0: none)
   int num_heads, num_kv_heads, num_blocks, block_size, max_blocks_per_seq;
   int num_groups, sinks, locals;
-  int aggregation;             // GroupAggregation
+  int aggregation;  // GroupAggregation
 };
 
 // Order-preserving key of a score as the CPU ranks it: NaN as -inf, -0 equal to +0. Every
@@ -202,7 +201,8 @@ __global__ void __launch_bounds__(kScoreThreads, kGroups >= 8 ? 2 : 3)
   }
   if (p.group_max != nullptr && chunk_begin + warp * kGpuLanes < p.max_blocks_per_seq) {
 #pragma unroll
-    for (int w = kGpuLanes / 2; w > 0; w /= 2) group_max = max(group_max, GpuShflXor32(group_max, w));
+    for (int w = kGpuLanes / 2; w > 0; w /= 2)
+      group_max = max(group_max, GpuShflXor32(group_max, w));
     if (lane == 0) {
       p.group_max[(static_cast<size_t>(seq) * p.num_kv_heads + kvh) * p.num_groups +
                   chunk * kScoreWarps + warp] = group_max;
@@ -467,7 +467,8 @@ __global__ void __launch_bounds__(kSelectThreads) SelectPagesKernel(SelectParams
   } else {
     auto key_at = [&](int i) { return ScoreKey(sc[i]); };
     RadixSelect([&](int i) { return ScoreKey(sc[lo + i]); }, mid, want, &threshold, &take);
-    OrderedCompaction(lo, hi, key_at, [](int i) { return i; }, threshold, take, outp + lo, s_scan);
+    OrderedCompaction(
+        lo, hi, key_at, [](int i) { return i; }, threshold, take, outp + lo, s_scan);
   }
 }
 
@@ -476,10 +477,18 @@ absl::Status LaunchScoreGroups(const ScoreParams& p, int groups, int num_seqs, h
   const dim3 grid(p.num_kv_heads,
                   (p.max_blocks_per_seq + kPagesPerScoreBlock - 1) / kPagesPerScoreBlock, num_seqs);
   switch (groups) {
-    case 1: ScorePagesKernel<T, kHeadDim, 1><<<grid, kScoreThreads, 0, s>>>(p); break;
-    case 2: ScorePagesKernel<T, kHeadDim, 2><<<grid, kScoreThreads, 0, s>>>(p); break;
-    case 4: ScorePagesKernel<T, kHeadDim, 4><<<grid, kScoreThreads, 0, s>>>(p); break;
-    case 8: ScorePagesKernel<T, kHeadDim, 8><<<grid, kScoreThreads, 0, s>>>(p); break;
+    case 1:
+      ScorePagesKernel<T, kHeadDim, 1><<<grid, kScoreThreads, 0, s>>>(p);
+      break;
+    case 2:
+      ScorePagesKernel<T, kHeadDim, 2><<<grid, kScoreThreads, 0, s>>>(p);
+      break;
+    case 4:
+      ScorePagesKernel<T, kHeadDim, 4><<<grid, kScoreThreads, 0, s>>>(p);
+      break;
+    case 8:
+      ScorePagesKernel<T, kHeadDim, 8><<<grid, kScoreThreads, 0, s>>>(p);
+      break;
     default:
       return absl::InvalidArgumentError(absl::StrCat(
           "GQA group size (num_heads / num_kv_heads) must be 1, 2, 4 or 8, got ", groups));
@@ -491,9 +500,12 @@ template <typename T>
 absl::Status LaunchScore(const ScoreParams& p, int head_dim, int groups, int num_seqs,
                          hipStream_t s) {
   switch (head_dim) {
-    case 64: return LaunchScoreGroups<T, 64>(p, groups, num_seqs, s);
-    case 128: return LaunchScoreGroups<T, 128>(p, groups, num_seqs, s);
-    case 256: return LaunchScoreGroups<T, 256>(p, groups, num_seqs, s);
+    case 64:
+      return LaunchScoreGroups<T, 64>(p, groups, num_seqs, s);
+    case 128:
+      return LaunchScoreGroups<T, 128>(p, groups, num_seqs, s);
+    case 256:
+      return LaunchScoreGroups<T, 256>(p, groups, num_seqs, s);
     default:
       return absl::InvalidArgumentError(
           absl::StrCat("head_dim must be 64, 128 or 256, got ", head_dim));
@@ -503,13 +515,12 @@ absl::Status LaunchScore(const ScoreParams& p, int head_dim, int groups, int num
 absl::Status CheckTable(const BlockTableView& table) {
   if (table.block_table == nullptr || table.seq_lens == nullptr || table.num_seqs <= 0 ||
       table.max_blocks_per_seq <= 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "block table needs non-null pointers and positive sizes, got ", table.num_seqs, " x ",
-        table.max_blocks_per_seq));
+    return absl::InvalidArgumentError(
+        absl::StrCat("block table needs non-null pointers and positive sizes, got ", table.num_seqs,
+                     " x ", table.max_blocks_per_seq));
   }
   if (table.num_seqs > 65535) {
-    return absl::InvalidArgumentError(absl::StrCat("num_seqs ", table.num_seqs,
-                                                   " exceeds 65535"));
+    return absl::InvalidArgumentError(absl::StrCat("num_seqs ", table.num_seqs, " exceeds 65535"));
   }
   return absl::OkStatus();
 }
@@ -528,8 +539,8 @@ size_t ScoreBytes(const BlockTableView& table, int num_kv_heads) {
 // Step 2; with `group_max` also the per-32-page maxima of the middle pages for step 3.
 absl::Status LaunchRelevancy(const QueryView& query, const KvCacheView& cache,
                              const DigestView& digests, const BlockTableView& table,
-                             GroupAggregation agg, float* scores, uint32_t* group_max,
-                             int sinks, int locals, GpuStream stream) {
+                             GroupAggregation agg, float* scores, uint32_t* group_max, int sinks,
+                             int locals, GpuStream stream) {
   KvCacheView shapes = cache;
   if (shapes.data == nullptr) shapes.data = digests.data;  // only shapes are checked
   MEMPIPE_RETURN_IF_ERROR(ValidateKvCache(shapes));
@@ -545,10 +556,10 @@ absl::Status LaunchRelevancy(const QueryView& query, const KvCacheView& cache,
   }
   if (query.num_seqs != table.num_seqs || query.head_dim != cache.head_dim ||
       query.num_heads <= 0 || query.num_heads % cache.num_kv_heads != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "query [", query.num_seqs, ", ", query.num_heads, ", ", query.head_dim,
-        "] does not fit ", table.num_seqs, " sequences, ", cache.num_kv_heads,
-        " KV heads, head_dim ", cache.head_dim));
+    return absl::InvalidArgumentError(
+        absl::StrCat("query [", query.num_seqs, ", ", query.num_heads, ", ", query.head_dim,
+                     "] does not fit ", table.num_seqs, " sequences, ", cache.num_kv_heads,
+                     " KV heads, head_dim ", cache.head_dim));
   }
   ScoreParams p{};
   p.query = query.data;
@@ -569,9 +580,12 @@ absl::Status LaunchRelevancy(const QueryView& query, const KvCacheView& cache,
   const int groups = query.num_heads / cache.num_kv_heads;
   const auto s = static_cast<hipStream_t>(stream);
   switch (cache.dtype) {
-    case DType::kFloat32: return LaunchScore<float>(p, query.head_dim, groups, query.num_seqs, s);
-    case DType::kFloat16: return LaunchScore<F16>(p, query.head_dim, groups, query.num_seqs, s);
-    case DType::kBFloat16: return LaunchScore<BF16>(p, query.head_dim, groups, query.num_seqs, s);
+    case DType::kFloat32:
+      return LaunchScore<float>(p, query.head_dim, groups, query.num_seqs, s);
+    case DType::kFloat16:
+      return LaunchScore<F16>(p, query.head_dim, groups, query.num_seqs, s);
+    case DType::kBFloat16:
+      return LaunchScore<BF16>(p, query.head_dim, groups, query.num_seqs, s);
   }
   return absl::InvalidArgumentError("unknown dtype");
 }
@@ -586,11 +600,11 @@ absl::Status LaunchSelect(const float* scores, const uint32_t* group_max,
     return absl::InvalidArgumentError("scores and selection pointers must not be null");
   }
   const int k = config.PagesPerHead(block_size);
-  if (out.num_seqs != table.num_seqs || out.num_kv_heads != num_kv_heads ||
-      out.max_selected < k || num_kv_heads <= 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "selection is [", out.num_seqs, ", ", out.num_kv_heads, ", ", out.max_selected,
-        "]; need [", table.num_seqs, ", ", num_kv_heads, ", >= ", k, "]"));
+  if (out.num_seqs != table.num_seqs || out.num_kv_heads != num_kv_heads || out.max_selected < k ||
+      num_kv_heads <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("selection is [", out.num_seqs, ", ", out.num_kv_heads, ", ", out.max_selected,
+                     "]; need [", table.num_seqs, ", ", num_kv_heads, ", >= ", k, "]"));
   }
   SelectParams p{};
   p.scores = scores;
@@ -615,7 +629,8 @@ absl::Status LaunchSelect(const float* scores, const uint32_t* group_max,
 
 size_t SelectWorkspaceBytes(const BlockTableView& table, int num_kv_heads) {
   const size_t groups = static_cast<size_t>(std::max(table.num_seqs, 0)) *
-                        std::max(num_kv_heads, 0) * NumGroups(std::max(table.max_blocks_per_seq, 0));
+                        std::max(num_kv_heads, 0) *
+                        NumGroups(std::max(table.max_blocks_per_seq, 0));
   return ScoreBytes(table, num_kv_heads) + groups * sizeof(uint32_t);
 }
 
@@ -638,17 +653,17 @@ absl::Status ScoreAndSelectGpu(const QueryView& query, const KvCacheView& cache,
   MEMPIPE_RETURN_IF_ERROR(ValidateSelectionConfig(config, cache.block_size));
   const size_t need = SelectWorkspaceBytes(table, cache.num_kv_heads);
   if (workspace == nullptr || workspace_bytes < need) {
-    return absl::InvalidArgumentError(absl::StrCat("workspace of ", workspace_bytes,
-                                                   " bytes is too small; need ", need));
+    return absl::InvalidArgumentError(
+        absl::StrCat("workspace of ", workspace_bytes, " bytes is too small; need ", need));
   }
   float* scores = static_cast<float*>(workspace);
   auto* group_max = reinterpret_cast<uint32_t*>(static_cast<char*>(workspace) +
                                                 ScoreBytes(table, cache.num_kv_heads));
-  MEMPIPE_RETURN_IF_ERROR(LaunchRelevancy(query, cache, digests, table, config.aggregation,
-                                          scores, group_max, config.num_sink_pages,
-                                          config.num_local_pages, stream));
-  return LaunchSelect(scores, group_max, table, cache.block_size, cache.num_kv_heads, config,
-                      out, stream);
+  MEMPIPE_RETURN_IF_ERROR(LaunchRelevancy(query, cache, digests, table, config.aggregation, scores,
+                                          group_max, config.num_sink_pages, config.num_local_pages,
+                                          stream));
+  return LaunchSelect(scores, group_max, table, cache.block_size, cache.num_kv_heads, config, out,
+                      stream);
 }
 
 }  // namespace mempipe

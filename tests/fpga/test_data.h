@@ -11,7 +11,7 @@
 #include <random>
 #include <vector>
 
-#include "attention/paged_kv.h"
+#include "core/paged_kv.h"
 #include "retriever/relevancy.h"
 
 namespace mempipe::testing {

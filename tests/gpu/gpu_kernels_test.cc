@@ -12,14 +12,14 @@
 
 #include "attention/decode.h"
 #include "attention/gpu/paged_decode_gpu.h"
-#include "backend/gpu/gpu_runtime.h"
+#include "core/gpu/gpu_runtime.h"
 #include "gtest/gtest.h"
 #include "retriever/digest.h"
 #include "retriever/gpu/digest_gpu.h"
 #include "retriever/gpu/select_gpu.h"
 #include "retriever/relevancy.h"
 #include "retriever/select.h"
-#include "tests/core/paged_fixture.h"
+#include "tests/testing/paged_fixture.h"
 
 namespace mempipe {
 namespace {
@@ -32,7 +32,7 @@ using testing::TestSeed;
 
 constexpr int kKvHeads = 2;
 
-#define SKIP_WITHOUT_GPU()                                                          \
+#define SKIP_WITHOUT_GPU() \
   if (GpuDeviceCount() == 0) GTEST_SKIP() << "no GPU device: GPU kernel test skipped"
 
 // Uploads host bytes; the test fails on any error.
@@ -70,10 +70,11 @@ class GpuKernelTest : public ::testing::TestWithParam<std::tuple<DType, int, int
     // Ragged: a long sequence (several splits), a one-token one, an exact page, a partial.
     std::uniform_int_distribution<int> len_dist(1, 40 * block_size_);
     lens_ = {len_dist(rng_) + 60 * block_size_, 1, block_size_, len_dist(rng_)};
-    f_ = std::make_unique<PagedFixture>(
-        rng_, testing::FixtureSpec{.dtype = dtype_, .block_size = block_size_,
-                                   .num_kv_heads = kKvHeads, .head_dim = head_dim_,
-                                   .seq_lens = lens_});
+    f_ = std::make_unique<PagedFixture>(rng_, testing::FixtureSpec{.dtype = dtype_,
+                                                                   .block_size = block_size_,
+                                                                   .num_kv_heads = kKvHeads,
+                                                                   .head_dim = head_dim_,
+                                                                   .seq_lens = lens_});
     heads_ = kKvHeads * group_;
     q_ = std::make_unique<RandomTensor>(rng_, dtype_, lens_.size() * heads_ * head_dim_);
     scale_ = 1.0f / std::sqrt(static_cast<float>(head_dim_));
@@ -81,8 +82,8 @@ class GpuKernelTest : public ::testing::TestWithParam<std::tuple<DType, int, int
     table_ = f_->table_view();
     if (GpuDeviceCount() == 0) return;
     d_cache_ = Upload(cache_.data, cache_.NumBytes());
-    d_table_ = Upload(table_.block_table,
-                      sizeof(int32_t) * table_.num_seqs * table_.max_blocks_per_seq);
+    d_table_ =
+        Upload(table_.block_table, sizeof(int32_t) * table_.num_seqs * table_.max_blocks_per_seq);
     d_lens_ = Upload(table_.seq_lens, sizeof(int32_t) * table_.num_seqs);
     d_q_ = Upload(q_->bytes);
   }
@@ -115,8 +116,8 @@ class GpuKernelTest : public ::testing::TestWithParam<std::tuple<DType, int, int
     for (int s = 0; s < num_seqs(); ++s) {
       for (int h = 0; h < heads_; ++h) {
         const int kvh = h / group_;
-        const auto ref = ReferenceAttention(*f_, &q_->values[(s * heads_ + h) * head_dim_], s,
-                                            kvh, tokens_of(s, kvh), scale_);
+        const auto ref = ReferenceAttention(*f_, &q_->values[(s * heads_ + h) * head_dim_], s, kvh,
+                                            tokens_of(s, kvh), scale_);
         for (int c = 0; c < head_dim_; ++c) {
           const float got = LoadAsFloat(out.data(), dtype_, (s * heads_ + h) * head_dim_ + c);
           ASSERT_NEAR(got, ref[c], tol) << "seq " << s << " head " << h << " c " << c;
@@ -161,8 +162,7 @@ TEST_P(GpuKernelTest, AppendKvAndDigestsBitExact) {
   std::vector<int64_t> slots;
   for (int rep = 0; rep < 3; ++rep) {
     for (int s = 0; s < num_seqs(); ++s) {
-      const int64_t slot =
-          f_->Slot(s, std::uniform_int_distribution<int>(0, lens_[s] - 1)(rng_));
+      const int64_t slot = f_->Slot(s, std::uniform_int_distribution<int>(0, lens_[s] - 1)(rng_));
       if (std::find(slots.begin(), slots.end(), slot) == slots.end()) slots.push_back(slot);
     }
     slots.push_back(-1 - rep);
@@ -186,8 +186,8 @@ TEST_P(GpuKernelTest, AppendKvAndDigestsBitExact) {
   RandomTensor k(rng_, dtype_, static_cast<size_t>(n) * kKvHeads * head_dim_);
   RandomTensor v(rng_, dtype_, static_cast<size_t>(n) * kKvHeads * head_dim_);
   DeviceBuffer d_slots = Upload(slots), d_k = Upload(k.bytes), d_v = Upload(v.bytes);
-  ASSERT_TRUE(AppendKvAndDigestsGpu(DeviceCache(), static_cast<const int64_t*>(d_slots.data()),
-                                    n, d_k.data(), d_v.data(), Digests(d_dg.data()), nullptr)
+  ASSERT_TRUE(AppendKvAndDigestsGpu(DeviceCache(), static_cast<const int64_t*>(d_slots.data()), n,
+                                    d_k.data(), d_v.data(), Digests(d_dg.data()), nullptr)
                   .ok());
   ASSERT_TRUE(AppendKvAndDigests(cache_, slots.data(), n, k.data(), v.data(), cpu).ok());
   ASSERT_TRUE(GpuSynchronize().ok());
@@ -221,8 +221,10 @@ TEST_P(GpuKernelTest, RelevancyAndSelectionBitExact) {
 
     // Budgets that leave some sequences fully selected and cut others.
     for (int pages : {2, 5, 17}) {
-      SelectionConfig config{.budget_tokens = pages * block_size_, .num_sink_pages = 1,
-                             .num_local_pages = pages > 2 ? 2 : 1, .aggregation = agg};
+      SelectionConfig config{.budget_tokens = pages * block_size_,
+                             .num_sink_pages = 1,
+                             .num_local_pages = pages > 2 ? 2 : 1,
+                             .aggregation = agg};
       const int max_sel = pages + 3;
       const size_t n_sel = static_cast<size_t>(num_seqs()) * kKvHeads * max_sel;
       std::vector<int32_t> sel(n_sel, 12345), cnt(num_seqs() * kKvHeads, 12345);
@@ -234,8 +236,8 @@ TEST_P(GpuKernelTest, RelevancyAndSelectionBitExact) {
                           num_seqs(), kKvHeads, max_sel};
       DeviceBuffer d_ws =
           Upload(std::vector<uint8_t>(SelectWorkspaceBytes(table_, kKvHeads), 0xff));
-      ASSERT_TRUE(ScoreAndSelectGpu(dq, DeviceCache(), Digests(d_dg.data()), DeviceTable(),
-                                    config, dview, d_ws.data(), d_ws.size(), nullptr)
+      ASSERT_TRUE(ScoreAndSelectGpu(dq, DeviceCache(), Digests(d_dg.data()), DeviceTable(), config,
+                                    dview, d_ws.data(), d_ws.size(), nullptr)
                       .ok());
       ASSERT_TRUE(GpuSynchronize().ok());
       EXPECT_EQ(Download<int32_t>(d_sel, n_sel), sel) << "budget " << pages << " pages";
@@ -326,8 +328,11 @@ TEST(GpuKernelLargeBatch, SingleSplitDecodeAndTiedSelection) {
   const int num_seqs = std::min(6 * *sms, 65535), bs = 16, d = 128, group = 4;
   std::vector<int> lens(num_seqs);
   for (int& l : lens) l = std::uniform_int_distribution<int>(1, 20 * bs)(rng);
-  PagedFixture f(rng, {.dtype = DType::kBFloat16, .block_size = bs, .num_kv_heads = 1,
-                       .head_dim = d, .seq_lens = lens});
+  PagedFixture f(rng, {.dtype = DType::kBFloat16,
+                       .block_size = bs,
+                       .num_kv_heads = 1,
+                       .head_dim = d,
+                       .seq_lens = lens});
   // Integer keys in [-2, 2] make many pages' bounds equal.
   for (int s = 0; s < num_seqs; ++s) {
     for (int t = 0; t < lens[s]; ++t) {
@@ -338,9 +343,9 @@ TEST(GpuKernelLargeBatch, SingleSplitDecodeAndTiedSelection) {
   }
   std::vector<uint16_t> qbits(static_cast<size_t>(num_seqs) * group * d);
   for (size_t i = 0; i < qbits.size(); ++i) {
-    qbits[i] = BFloat16::FromFloat(
-                   static_cast<float>(std::uniform_int_distribution<int>(-1, 1)(rng)))
-                   .bits;
+    qbits[i] =
+        BFloat16::FromFloat(static_cast<float>(std::uniform_int_distribution<int>(-1, 1)(rng)))
+            .bits;
   }
   KvCacheView cache = f.cache_view();
   BlockTableView table = f.table_view();
@@ -359,8 +364,7 @@ TEST(GpuKernelLargeBatch, SingleSplitDecodeAndTiedSelection) {
   DigestView ddg = dg;
   ddg.data = d_dg.data();
 
-  const SelectionConfig config{.budget_tokens = 6 * bs, .num_sink_pages = 1,
-                               .num_local_pages = 1};
+  const SelectionConfig config{.budget_tokens = 6 * bs, .num_sink_pages = 1, .num_local_pages = 1};
   const int max_sel = 6;
   std::vector<int32_t> sel(num_seqs * max_sel), cnt(num_seqs);
   const QueryView q{qbits.data(), DType::kBFloat16, num_seqs, group, d};
@@ -374,9 +378,9 @@ TEST(GpuKernelLargeBatch, SingleSplitDecodeAndTiedSelection) {
   dq.data = d_q.data();
   const SelectionView dview{static_cast<int32_t*>(d_sel.data()),
                             static_cast<int32_t*>(d_cnt.data()), num_seqs, 1, max_sel};
-  ASSERT_TRUE(ScoreAndSelectGpu(dq, dcache, ddg, dtable, config, dview, ws.data(), ws.size(),
-                                nullptr)
-                  .ok());
+  ASSERT_TRUE(
+      ScoreAndSelectGpu(dq, dcache, ddg, dtable, config, dview, ws.data(), ws.size(), nullptr)
+          .ok());
   ASSERT_TRUE(GpuSynchronize().ok());
   EXPECT_EQ(Download<int32_t>(d_sel, sel.size()), sel);
   EXPECT_EQ(Download<int32_t>(d_cnt, cnt.size()), cnt);
@@ -394,10 +398,10 @@ TEST(GpuKernelLargeBatch, SingleSplitDecodeAndTiedSelection) {
   const size_t ws_bytes = PagedDecodeWorkspaceBytes(num_seqs, group, 1, table.max_blocks_per_seq);
   DeviceBuffer dws = DeviceBuffer::Allocate(ws_bytes + 16).value();
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  ASSERT_TRUE(DenseDecodeGpu(DecodeIo{d_qn.data(), d_out.data(), DType::kBFloat16, num_seqs,
-                                      group, d},
-                             dcache, dtable, scale, dws.data(), dws.size(), nullptr)
-                  .ok());
+  ASSERT_TRUE(
+      DenseDecodeGpu(DecodeIo{d_qn.data(), d_out.data(), DType::kBFloat16, num_seqs, group, d},
+                     dcache, dtable, scale, dws.data(), dws.size(), nullptr)
+          .ok());
   ASSERT_TRUE(GpuSynchronize().ok());
   const auto out = Download<uint16_t>(d_out, qn.size());
   for (int s = 0; s < num_seqs; ++s) {
@@ -423,8 +427,11 @@ TEST(GpuKernelLongRows, PrefilterAndFallbackSelectExactly) {
   const int bs = 16, d = 64, group = 2;
   const std::vector<int> lens = {3000 * bs + 7, 5000 * bs, 700 * bs - 3};
   const int num_seqs = static_cast<int>(lens.size());
-  PagedFixture f(rng, {.dtype = DType::kBFloat16, .block_size = bs, .num_kv_heads = 1,
-                       .head_dim = d, .seq_lens = lens});
+  PagedFixture f(rng, {.dtype = DType::kBFloat16,
+                       .block_size = bs,
+                       .num_kv_heads = 1,
+                       .head_dim = d,
+                       .seq_lens = lens});
   for (int t = 0; t < lens[1]; ++t) {
     for (int c = 0; c < d; ++c) f.SetKv(0, 1, t, 0, c, 0.5f);  // every page of seq 1 ties
   }
@@ -448,8 +455,8 @@ TEST(GpuKernelLongRows, PrefilterAndFallbackSelectExactly) {
   QueryView dq = hq;
   dq.data = d_q.data();
   for (int pages : {8, 64, 300}) {
-    const SelectionConfig config{.budget_tokens = pages * bs, .num_sink_pages = 2,
-                                 .num_local_pages = 3};
+    const SelectionConfig config{
+        .budget_tokens = pages * bs, .num_sink_pages = 2, .num_local_pages = 3};
     const int max_sel = pages + 1;
     std::vector<int32_t> sel(num_seqs * max_sel), cnt(num_seqs);
     ASSERT_TRUE(ScoreAndSelect(hq, cache, dg, table, config,
@@ -460,9 +467,9 @@ TEST(GpuKernelLongRows, PrefilterAndFallbackSelectExactly) {
     DeviceBuffer ws = Upload(std::vector<uint8_t>(SelectWorkspaceBytes(table, 1), 0xff));
     const SelectionView dview{static_cast<int32_t*>(d_sel.data()),
                               static_cast<int32_t*>(d_cnt.data()), num_seqs, 1, max_sel};
-    ASSERT_TRUE(ScoreAndSelectGpu(dq, dcache, ddg, dtable, config, dview, ws.data(), ws.size(),
-                                  nullptr)
-                    .ok());
+    ASSERT_TRUE(
+        ScoreAndSelectGpu(dq, dcache, ddg, dtable, config, dview, ws.data(), ws.size(), nullptr)
+            .ok());
     ASSERT_TRUE(GpuSynchronize().ok());
     EXPECT_EQ(Download<int32_t>(d_sel, sel.size()), sel) << "budget " << pages;
     EXPECT_EQ(Download<int32_t>(d_cnt, cnt.size()), cnt) << "budget " << pages;
@@ -471,9 +478,9 @@ TEST(GpuKernelLongRows, PrefilterAndFallbackSelectExactly) {
     DeviceBuffer d_sel2 = Upload(std::vector<int32_t>(sel.size(), 999));
     const SelectionView dview2{static_cast<int32_t*>(d_sel2.data()),
                                static_cast<int32_t*>(d_cnt.data()), num_seqs, 1, max_sel};
-    ASSERT_TRUE(SelectPagesGpu(static_cast<const float*>(ws.data()), dtable, bs, 1, config,
-                               dview2, nullptr)
-                    .ok());
+    ASSERT_TRUE(
+        SelectPagesGpu(static_cast<const float*>(ws.data()), dtable, bs, 1, config, dview2, nullptr)
+            .ok());
     ASSERT_TRUE(GpuSynchronize().ok());
     EXPECT_EQ(Download<int32_t>(d_sel2, sel.size()), sel) << "budget " << pages;
   }

@@ -1,12 +1,10 @@
 """Shared fixtures: a fresh seed per test (printed, so a failure can be replayed with
-MEMPIPE_TEST_SEED=<seed>), and the path of the reference helpers."""
+MEMPIPE_TEST_SEED=<seed>). The helper modules beside this file (reference, tiny_llama,
+vllm_support) are importable through pytest's `pythonpath` setting in pyproject.toml."""
 
 import os
-import sys
 
 import pytest
-
-sys.path.insert(0, os.path.dirname(__file__))
 
 
 @pytest.fixture

@@ -46,3 +46,21 @@ def test_validate_gives_reasons(text, reason):
 def test_all_reasons_are_reported_together():
     reasons = config.load(environ={"MEMPIPE_CONFIG": "page_size=48,mode=x,reuse=0"}).validate()
     assert len(reasons) == 3
+
+
+def test_supported_sizes_come_from_the_module():
+    from mempipe import _mempipe
+    assert config.PAGE_SIZES == _mempipe.supported_block_sizes == (16, 32, 64)
+    assert config.HEAD_DIMS == _mempipe.supported_head_dims == (64, 128, 256)
+    assert config.DTYPES == _mempipe.supported_dtypes == ("fp32", "fp16", "bf16")
+    assert _mempipe.supported_gpu_group_sizes == (1, 2, 4, 8)
+    assert config.MempipeConfig(page_size=128).validate() == \
+        ["page_size must be 16, 32 or 64, got 128"]
+
+
+def test_dense_layers_rule_comes_from_the_module():
+    cfg = config.MempipeConfig(dense_layers=2)
+    assert [cfg.layer_sparse(layer) for layer in range(4)] == [False, False, True, True]
+    assert not config.MempipeConfig(placement="dense", dense_layers=0).layer_sparse(5)
+    with pytest.raises(ValueError, match="dense_layers must be >= 0, got -2"):
+        config.MempipeConfig(dense_layers=-2).layer_sparse(0)

@@ -1,0 +1,104 @@
+#include "core/paged_kv.h"
+
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+
+namespace mempipe {
+
+absl::Status ValidateBlockSize(int block_size) {
+  for (int s : kSupportedBlockSizes) {
+    if (s == block_size) return absl::OkStatus();
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("block_size (page size) must be 16, 32 or 64, got ", block_size));
+}
+
+absl::Status ValidateHeadDim(int head_dim) {
+  for (int d : kSupportedHeadDims) {
+    if (d == head_dim) return absl::OkStatus();
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("head_dim must be 64, 128 or 256, got ", head_dim));
+}
+
+absl::Status ValidateKvCache(const KvCacheView& cache) {
+  if (cache.data == nullptr) return absl::InvalidArgumentError("KV cache pointer is null");
+  if (cache.num_blocks <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("KV cache num_blocks must be positive, got ", cache.num_blocks));
+  }
+  if (cache.num_kv_heads <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("KV cache num_kv_heads must be positive, got ", cache.num_kv_heads));
+  }
+  if (absl::Status s = ValidateBlockSize(cache.block_size); !s.ok()) return s;
+  return ValidateHeadDim(cache.head_dim);
+}
+
+absl::Status ValidateBlockTable(const BlockTableView& table, int block_size, int num_blocks) {
+  if (table.num_seqs <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("num_seqs must be positive, got ", table.num_seqs));
+  }
+  if (table.max_blocks_per_seq <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_blocks_per_seq must be positive, got ", table.max_blocks_per_seq));
+  }
+  if (table.block_table == nullptr || table.seq_lens == nullptr) {
+    return absl::InvalidArgumentError("block_table and seq_lens must not be null");
+  }
+  const int64_t capacity = static_cast<int64_t>(table.max_blocks_per_seq) * block_size;
+  for (int s = 0; s < table.num_seqs; ++s) {
+    const int32_t len = table.seq_lens[s];
+    if (len <= 0 || len > capacity) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "seq_lens[", s, "] = ", len, " is outside [1, ", capacity, "] (max_blocks_per_seq ",
+          table.max_blocks_per_seq, " x block_size ", block_size, ")"));
+    }
+    const int pages = NumPages(len, block_size);
+    for (int p = 0; p < pages; ++p) {
+      const int32_t b = table.Block(s, p);
+      if (b < 0 || b >= num_blocks) {
+        return absl::InvalidArgumentError(absl::StrCat("block_table[", s, "][", p, "] = ", b,
+                                                       " is outside [0, ", num_blocks, ")"));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status WriteKv(const KvCacheView& cache, const int64_t* slot_mapping, int num_tokens,
+                     const void* key, const void* value) {
+  if (absl::Status s = ValidateKvCache(cache); !s.ok()) return s;
+  if (num_tokens < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("num_tokens must be >= 0, got ", num_tokens));
+  }
+  if (num_tokens == 0) return absl::OkStatus();
+  if (slot_mapping == nullptr || key == nullptr || value == nullptr) {
+    return absl::InvalidArgumentError("slot_mapping, key and value must not be null");
+  }
+  const int64_t num_slots = static_cast<int64_t>(cache.num_blocks) * cache.block_size;
+  for (int t = 0; t < num_tokens; ++t) {
+    if (slot_mapping[t] >= num_slots) {
+      return absl::InvalidArgumentError(absl::StrCat("slot_mapping[", t, "] = ", slot_mapping[t],
+                                                     " is past the cache's ", num_slots, " slots"));
+    }
+  }
+  const size_t esize = DTypeSize(cache.dtype);
+  const size_t row_bytes = cache.TokenStride() * esize;
+  auto* base = static_cast<char*>(cache.data);
+  for (int t = 0; t < num_tokens; ++t) {
+    const int64_t slot = slot_mapping[t];
+    if (slot < 0) continue;
+    const int block = static_cast<int>(slot / cache.block_size);
+    const int off = static_cast<int>(slot % cache.block_size);
+    std::memcpy(base + cache.Offset(0, block, off, 0) * esize,
+                static_cast<const char*>(key) + t * row_bytes, row_bytes);
+    std::memcpy(base + cache.Offset(1, block, off, 0) * esize,
+                static_cast<const char*>(value) + t * row_bytes, row_bytes);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace mempipe

@@ -1,0 +1,90 @@
+// mempipe core: the paged KV cache and the views every step works on.
+//
+// Layouts follow vLLM's FlashAttention backend so its block tables and slot mappings apply
+// unchanged:
+//   KV cache   [2, num_blocks, block_size, num_kv_heads, head_dim]   (K at index 0, V at 1)
+//   block table [num_seqs, max_blocks_per_seq] int32 physical block ids
+//   seq_lens    [num_seqs] int32, tokens in each sequence (the last page may be partial)
+//   slot         block_id * block_size + offset; negative slots are padding and are skipped
+//
+// Views are non-owning and framework-free: a pointer, a dtype and the sizes. The same structs
+// describe host and device memory; which one is meant is the caller's contract.
+//
+//   KvCacheView cache{data, DType::kBFloat16, num_blocks, 16, 8, 128};
+//   MEMPIPE_RETURN_IF_ERROR(ValidateKvCache(cache));
+//   MEMPIPE_RETURN_IF_ERROR(WriteKv(cache, slots, keys, values));
+#ifndef MEMPIPE_CORE_PAGED_KV_H_
+#define MEMPIPE_CORE_PAGED_KV_H_
+
+#include <cstddef>
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "core/dtype.h"
+
+namespace mempipe {
+
+// The supported sizes, defined here only (Python reads them from the module:
+// mempipe._mempipe.supported_*). Page sizes and head sizes every implementation supports:
+inline constexpr int kSupportedBlockSizes[] = {16, 32, 64};
+inline constexpr int kSupportedHeadDims[] = {64, 128, 256};
+// GQA group sizes (num_heads / num_kv_heads) the GPU kernels are compiled for; the CPU steps
+// take any group, the FPGA kernel up to 16 (fpga/hls/kernel_common.h).
+inline constexpr int kSupportedGpuGroupSizes[] = {1, 2, 4, 8};
+// Cache and query dtypes: kSupportedDTypes in core/dtype.h.
+
+[[nodiscard]] absl::Status ValidateBlockSize(int block_size);
+[[nodiscard]] absl::Status ValidateHeadDim(int head_dim);
+
+struct KvCacheView {
+  void* data = nullptr;  // [2, num_blocks, block_size, num_kv_heads, head_dim] in `dtype`
+  DType dtype = DType::kFloat32;
+  int num_blocks = 0;
+  int block_size = 16;
+  int num_kv_heads = 0;
+  int head_dim = 0;
+
+  size_t TokenStride() const { return static_cast<size_t>(num_kv_heads) * head_dim; }
+  size_t BlockStride() const { return TokenStride() * block_size; }
+  size_t PlaneElems() const { return BlockStride() * num_blocks; }  // elements of K (or V)
+  size_t NumElems() const { return 2 * PlaneElems(); }
+  size_t NumBytes() const { return NumElems() * DTypeSize(dtype); }
+  // Element offset of (K or V, block, token-in-block, kv head, channel 0).
+  size_t Offset(int kv, int block, int token, int head) const {
+    return kv * PlaneElems() + static_cast<size_t>(block) * BlockStride() +
+           static_cast<size_t>(token) * TokenStride() + static_cast<size_t>(head) * head_dim;
+  }
+};
+
+// Block tables and lengths of a batch of sequences.
+struct BlockTableView {
+  const int32_t* block_table = nullptr;  // [num_seqs, max_blocks_per_seq] physical block ids
+  const int32_t* seq_lens = nullptr;     // [num_seqs] tokens per sequence, >= 1
+  int num_seqs = 0;
+  int max_blocks_per_seq = 0;
+
+  int32_t Block(int seq, int page) const {
+    return block_table[static_cast<size_t>(seq) * max_blocks_per_seq + page];
+  }
+};
+
+inline int NumPages(int seq_len, int block_size) { return (seq_len + block_size - 1) / block_size; }
+
+// Checks sizes, supported block size and head dim, and a non-null pointer.
+[[nodiscard]] absl::Status ValidateKvCache(const KvCacheView& cache);
+
+// Checks every sequence: 1 <= seq_len <= max_blocks_per_seq * block_size, and every block id
+// the sequence uses lies in [0, num_blocks). Entries past a sequence's pages are not read.
+[[nodiscard]] absl::Status ValidateBlockTable(const BlockTableView& table, int block_size,
+                                              int num_blocks);
+
+// vLLM `reshape_and_cache`: writes token i's key and value into slot `slot_mapping[i]`.
+//   slot_mapping [num_tokens] int64; negative entries are skipped
+//   key, value   [num_tokens, num_kv_heads, head_dim] in the cache dtype
+// Errors: InvalidArgument for a slot past the cache (naming token and slot).
+[[nodiscard]] absl::Status WriteKv(const KvCacheView& cache, const int64_t* slot_mapping,
+                                   int num_tokens, const void* key, const void* value);
+
+}  // namespace mempipe
+
+#endif  // MEMPIPE_CORE_PAGED_KV_H_

@@ -1,0 +1,49 @@
+#include "fpga/emulation/u55c_model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+
+namespace mempipe {
+
+double U55cModel::DmaSeconds(double bytes, DmaDirection dir) const {
+  if (bytes <= 0) return 0;
+  const double chunks = std::ceil(bytes / p_.dma_max_transfer_bytes);
+  const double bps = dir == DmaDirection::kToCard ? p_.dma_to_card_bps : p_.dma_from_card_bps;
+  return chunks * p_.dma_transfer_overhead_s + bytes / bps;
+}
+
+double U55cModel::ChannelReadBps() const {
+  const double channel = p_.hbm_channel_peak_bps * p_.hbm_efficiency;
+  const double port = static_cast<double>(p_.axi_word_bytes) * p_.kernel_clock_hz;
+  return std::min(channel, port);
+}
+
+double U55cModel::CuSeconds(const CuLaunch& l) const {
+  const double memory_s = l.hbm_bytes / ChannelReadBps();
+  const double stream_s = l.stream_words / p_.kernel_clock_hz;
+  const double select_s = l.select_clocks / p_.kernel_clock_hz;
+  const double fill_s = static_cast<double>(l.rows) * p_.pipeline_fill_clocks / p_.kernel_clock_hz;
+  // Load, score and select overlap under dataflow: the slowest stage sets the pace.
+  return std::max({memory_s, stream_s, select_s}) + fill_s;
+}
+
+CallEstimate U55cModel::Call(const std::vector<double>& to_card_bytes,
+                             const std::vector<CuLaunch>& launches,
+                             const std::vector<double>& from_card_bytes) const {
+  CallEstimate e;
+  for (double b : to_card_bytes) e.to_card_s += DmaSeconds(b, DmaDirection::kToCard);
+  for (double b : from_card_bytes) e.from_card_s += DmaSeconds(b, DmaDirection::kFromCard);
+  if (!launches.empty()) {
+    e.launch_s = p_.launch_latency_s + (launches.size() - 1) * p_.per_cu_start_s;
+    std::map<int, double> busy;  // launches sharing a compute unit run one after another
+    for (const CuLaunch& l : launches) busy[l.cu] += CuSeconds(l);
+    for (const auto& [cu, s] : busy) e.kernel_s = std::max(e.kernel_s, s);
+  }
+  e.total_s = e.to_card_s + e.launch_s + e.kernel_s + e.from_card_s;
+  e.energy_j =
+      p_.board_power_active_w * e.kernel_s + p_.board_power_idle_w * (e.total_s - e.kernel_s);
+  return e;
+}
+
+}  // namespace mempipe

@@ -1,0 +1,68 @@
+// mempipe fpga: every parameter of the modeled Alveo U55C, with its source.
+//
+// This is the ONE place the emulated device's timing and energy model takes numbers from.
+// Figures marked "estimate" have no measurement behind them; everything the model derives from
+// them is modeled, and reports must say so. Sources are the ones collected in
+// docs/FPGA-NOTES.md ("Alveo U55C figures").
+//
+//   U55cParams p;                       // the documented defaults
+//   p.launch_latency_s = 100e-6;        // e.g. the slow end of the reported launch range
+//   U55cModel model(p);
+#ifndef MEMPIPE_FPGA_EMULATION_U55C_PARAMS_H_
+#define MEMPIPE_FPGA_EMULATION_U55C_PARAMS_H_
+
+namespace mempipe {
+
+struct U55cParams {
+  // --- HBM2 --------------------------------------------------------------------------------
+  // 16 GB as 32 pseudo-channels of 512 MB, 14.375 GB/s each (460 GB/s in all). AMD UG1393.
+  int hbm_channels = 32;
+  double hbm_channel_bytes = 512.0 * 1024 * 1024;
+  double hbm_channel_peak_bps = 14.375e9;
+  // Fraction of the peak a kernel reaches with long sequential bursts on its own channel.
+  // Calibrated so 32 channels give 417 GB/s, inside the 410-425 GB/s measured on U280/U55C
+  // kernels (Vitis_Accel_Examples hbm_bandwidth: 421 GB/s; Shuhai, FCCM'20: 425 GB/s; a U55C
+  // user, XRT issue 8687: 410 GB/s kernel time). 417 / 460 = 0.9065.
+  double hbm_efficiency = 417.0 / 460.0;
+
+  // --- kernel ------------------------------------------------------------------------------
+  // Vitis's default kernel clock target (UG1393 examples); the platform limit is unverified.
+  double kernel_clock_hz = 300e6;
+  // One 512-bit AXI beat per clock per port: the platform's datapath width (UG1120).
+  int axi_word_bytes = 64;
+  // Compute units of each kernel in the xclbin, one per HBM pseudo-channel (device_layout.h).
+  int num_cus = 32;
+  // Clocks to fill a kernel's dataflow pipeline for each sequence (AXI read latency plus the
+  // score and select stage depths). Estimate: typical HBM read latency of ~100-200 clocks plus
+  // ~50 clocks of arithmetic.
+  int pipeline_fill_clocks = 250;
+  // Host call to kernel completion for an empty kernel, per launch batch: 16-56 us on a U25
+  // (XRT issue 6601), 50-100 us on a U55C (XRT issue 8687). The U55C's lower end.
+  double launch_latency_s = 50e-6;
+  // Extra cost per additional compute unit started in the same batch (one xrt::run::start
+  // each). Estimate: a few microseconds of register writes over PCIe per start.
+  double per_cu_start_s = 2e-6;
+
+  // --- PCIe DMA (platform xilinx_u55c_gen3x16_xdma_3_202210_1: Gen3 x16, UG1120) -------------
+  // Large-buffer streaming rates: 9.3-11.6 GB/s to the card, 10.9-12.2 GB/s back
+  // (XRT PRs 5448 and 937). Middle of each range.
+  double dma_to_card_bps = 10.5e9;
+  double dma_from_card_bps = 11.5e9;
+  // Fixed cost of one DMA transfer (descriptor setup, interrupt, xrt::bo::sync). Calibrated to
+  // 0.67-0.86 GB/s measured for 4 KB buffers (XRT issue 6787, U50, same XDMA shell family):
+  // 4096 B / (5 us + 4096 B / 10.5 GB/s) = 0.76 GB/s.
+  double dma_transfer_overhead_s = 5e-6;
+  // Largest single DMA (UG1120: 256 MB); larger buffers cost one overhead per chunk.
+  double dma_max_transfer_bytes = 256.0 * 1024 * 1024;
+
+  // --- board power (all estimates) ------------------------------------------------------------
+  // The card is rated up to about 150 W, passively cooled (unverified). Estimate for a board
+  // whose kernels stream HBM: 75 W while kernels run, 25 W while it waits on the host (PCIe link,
+  // HBM refresh, shell logic) -- both estimates, used only for modeled energy.
+  double board_power_active_w = 75.0;
+  double board_power_idle_w = 25.0;
+};
+
+}  // namespace mempipe
+
+#endif  // MEMPIPE_FPGA_EMULATION_U55C_PARAMS_H_

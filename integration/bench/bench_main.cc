@@ -1,0 +1,364 @@
+// mempipe-bench: long-context decode throughput, split into the four memory-processing steps.
+//
+//   mempipe-bench                                  # Llama-3-8B attention, 32K context, CPU
+//   mempipe-bench --context=131072 --placements=dense,cpu --json=out.json
+//   mempipe-bench --placement=fpga --mode=pipelined --micro-batches=4   # through the pipeline
+//   mempipe-bench --helpfull                       # every flag
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
+#include "backend/selector_registry.h"
+#include "fpga/fpga_selector.h"
+#include "integration/bench/decode_bench.h"
+#include "integration/bench/pipeline_bench.h"
+#include "nlohmann/json.hpp"
+#include "tests/testing/fault_injecting_selector.h"
+
+ABSL_FLAG(int, layers, 32, "Transformer layers (each has its own KV cache)");
+ABSL_FLAG(int, num_heads, 32, "Query heads per layer");
+ABSL_FLAG(int, num_kv_heads, 8, "KV heads per layer (GQA groups = num_heads / num_kv_heads)");
+ABSL_FLAG(int, head_dim, 128, "Head dimension: 64, 128 or 256");
+ABSL_FLAG(std::string, dtype, "bf16", "KV cache, query and output dtype: fp32, fp16 or bf16");
+ABSL_FLAG(int, page_size, 16, "Tokens per KV page (block_size): 16, 32 or 64");
+ABSL_FLAG(int, batch, 1, "Sequences decoded together");
+ABSL_FLAG(int, context, 32768, "Prompt tokens per sequence");
+ABSL_FLAG(bool, ragged, false, "Sequence s gets context * (1 - s / (2 * batch)) tokens");
+ABSL_FLAG(int, steps, 4, "Timed decode steps per placement (one token per sequence each)");
+ABSL_FLAG(int, warmup, 1, "Untimed decode steps before the timed ones");
+ABSL_FLAG(int, budget, 4096, "Token budget per (sequence, KV head): budget / page_size pages");
+ABSL_FLAG(int, sink_pages, 1, "First pages always selected");
+ABSL_FLAG(int, local_pages, 1, "Last pages (the partial page included) always selected");
+ABSL_FLAG(int, dense_layers, 2, "First layers that always decode densely (Quest keeps 2)");
+ABSL_FLAG(std::string, aggregation, "max", "GQA score aggregation over a group: max or sum");
+ABSL_FLAG(int, heavy_hitters, 8, "Heavy-hitter tokens per (sequence, KV head) in the prompt");
+ABSL_FLAG(std::string, placements, "dense,cpu",
+          "Comma-separated placements to run side by side: dense (baseline), cpu");
+ABSL_FLAG(bool, check_accuracy, true,
+          "On the last step also decode sparse layers densely and report the relative L2 error");
+ABSL_FLAG(uint64_t, seed, 1, "Seed of the synthetic context");
+ABSL_FLAG(int, threads, 0,
+          "Host threads for filling caches and CPU attention (0: all hardware threads)");
+ABSL_FLAG(std::string, json, "", "Also write the results to this JSON file");
+ABSL_FLAG(std::string, placement, "",
+          "Also run this placement through the stage pipeline (backend/decode_pipeline.h): a "
+          "preset (dense, cpu, gpu, fpga) or prepare=..,relevancy=..,retrieval=..,apply=.. over "
+          "cpu|gpu|fpga; printed beside --placements with the pipeline's metrics");
+ABSL_FLAG(std::string, mode, "sync",
+          "Pipeline mode for --placement: sync, or pipelined (micro-batches overlap selection "
+          "with decoding)");
+ABSL_FLAG(int, micro_batches, 1, "Micro-batches per step in --mode=pipelined");
+ABSL_FLAG(int, reuse, 1, "A selection serves this many decode steps (LServe uses 4)");
+ABSL_FLAG(double, deadline_ms, 1000,
+          "Deadline of each selection; a late, failing or dead selector is replaced by local "
+          "selection on the apply device (counted as a fallback)");
+ABSL_FLAG(bool, fpga_paced, true,
+          "The emulated U55C completes each request no earlier than its modeled device time, so "
+          "overlap in the pipeline behaves as with a card");
+ABSL_FLAG(double, stand_in_gbps, 0,
+          "If > 0, a gpu or fpga selector device this program has no selector for is served by "
+          "a paced stand-in: the CPU reference's result, completed after "
+          "--stand_in_launch_us + digest bytes / (this many GB/s) (modeled, labeled so)");
+ABSL_FLAG(double, stand_in_launch_us, 50,
+          "Per-request latency of the --stand_in_gbps stand-in (FPGA-NOTES.md: 16-100 us launch)");
+
+namespace mempipe {
+namespace {
+
+int Fail(const absl::Status& s) {
+  std::fprintf(stderr, "mempipe-bench: %s\n", std::string(s.message()).c_str());
+  return 2;
+}
+
+// Selectors this program links in beyond the built-in CPU one: the FPGA library's (the emulated
+// U55C unless XRT and a card are asked for), and, for devices still without one, the paced
+// stand-in of --stand_in_gbps (the CPU reference paced as the device: tests/testing/
+// fault_injecting_selector.h). A GPU library adds its factory here the same way.
+void RegisterSelectors(int threads) {
+  RegisterPageSelectorFactory(Device::kCpu, "cpu", [threads] {
+    return absl::StatusOr<std::unique_ptr<PageSelector>>(
+        std::make_unique<CpuPageSelector>(threads));
+  });
+  const bool paced = absl::GetFlag(FLAGS_fpga_paced);
+  RegisterPageSelectorFactory(Device::kFpga, "fpga (fpga/fpga_selector.h)", [paced] {
+    FpgaOptions o;
+    o.paced = paced;
+    return MakeFpgaSelector(o);
+  });
+  const double gbps = absl::GetFlag(FLAGS_stand_in_gbps);
+  if (gbps <= 0) return;
+  const double launch_us = absl::GetFlag(FLAGS_stand_in_launch_us);
+  for (Device d : {Device::kGpu, Device::kFpga}) {
+    if (HasPageSelectorFactory(d)) continue;
+    // Named for what it is: the CPU reference selector, paced as a modeled device.
+    const std::string name = absl::StrFormat(
+        "cpu-reference-paced-as-%s(%.0f us + %.0f GB/s, modeled)", DeviceName(d), launch_us, gbps);
+    RegisterPageSelectorFactory(d, name, [=]() -> absl::StatusOr<std::unique_ptr<PageSelector>> {
+      FaultInjectionOptions o;
+      o.name = name;
+      o.delay_ms = launch_us * 1e-3;
+      o.scan_gbytes_per_s = gbps;
+      o.report_delay_as_modeled = true;
+      return std::make_unique<FaultInjectingSelector>(o);
+    });
+  }
+}
+
+int Main() {
+  SyntheticContextConfig cfg;
+  cfg.shape = ModelShape{absl::GetFlag(FLAGS_layers), absl::GetFlag(FLAGS_num_heads),
+                         absl::GetFlag(FLAGS_num_kv_heads), absl::GetFlag(FLAGS_head_dim)};
+  auto dtype = ParseDType(absl::GetFlag(FLAGS_dtype));
+  if (!dtype.ok()) return Fail(dtype.status());
+  cfg.dtype = *dtype;
+  cfg.block_size = absl::GetFlag(FLAGS_page_size);
+  cfg.batch = absl::GetFlag(FLAGS_batch);
+  cfg.context = absl::GetFlag(FLAGS_context);
+  cfg.ragged = absl::GetFlag(FLAGS_ragged);
+  cfg.heavy_hitters = absl::GetFlag(FLAGS_heavy_hitters);
+  cfg.seed = absl::GetFlag(FLAGS_seed);
+  const int hw = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  cfg.threads = absl::GetFlag(FLAGS_threads) > 0 ? absl::GetFlag(FLAGS_threads) : hw;
+  RegisterSelectors(cfg.threads);
+
+  BenchOptions options;
+  options.steps = absl::GetFlag(FLAGS_steps);
+  options.warmup = absl::GetFlag(FLAGS_warmup);
+  options.check_accuracy = absl::GetFlag(FLAGS_check_accuracy);
+  options.threads = cfg.threads;
+  options.policy.dense_layers = absl::GetFlag(FLAGS_dense_layers);
+  options.policy.selection.budget_tokens = absl::GetFlag(FLAGS_budget);
+  options.policy.selection.num_sink_pages = absl::GetFlag(FLAGS_sink_pages);
+  options.policy.selection.num_local_pages = absl::GetFlag(FLAGS_local_pages);
+  auto agg = ParseGroupAggregation(absl::GetFlag(FLAGS_aggregation));
+  if (!agg.ok()) return Fail(agg.status());
+  options.policy.selection.aggregation = *agg;
+  cfg.max_new_tokens = std::max(1, options.steps + options.warmup);
+  if (absl::Status s = ValidateSyntheticContextConfig(cfg); !s.ok()) return Fail(s);
+  if (absl::Status s = ValidateSparsityPolicy(options.policy, cfg.block_size); !s.ok()) {
+    return Fail(s);
+  }
+  std::vector<std::string> placements =
+      absl::StrSplit(absl::GetFlag(FLAGS_placements), ',', absl::SkipEmpty());
+  if (placements.empty()) return Fail(absl::InvalidArgumentError("--placements is empty"));
+
+  const ModelShape& m = cfg.shape;
+  std::printf("mempipe-bench: %d layers, %d q heads / %d KV heads, head_dim %d, %s, page %d\n",
+              m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim,
+              std::string(DTypeName(cfg.dtype)).c_str(), cfg.block_size);
+  std::printf(
+      "  batch %d x context %d%s, budget %d tokens (%d pages), %d sink + %d local pages, "
+      "%d dense layers, aggregation %s\n",
+      cfg.batch, cfg.context, cfg.ragged ? " (ragged)" : "", options.policy.selection.budget_tokens,
+      options.policy.selection.PagesPerHead(cfg.block_size),
+      options.policy.selection.num_sink_pages, options.policy.selection.num_local_pages,
+      options.policy.dense_layers,
+      std::string(GroupAggregationName(options.policy.selection.aggregation)).c_str());
+  std::printf("  machine: %d hardware threads, %d used; all times measured on this machine's CPU\n",
+              hw, cfg.threads);
+
+  SyntheticContext ctx(cfg);
+  const absl::Time fill_start = absl::Now();
+  absl::Status filled = ctx.Prefill([&](int done) {
+    std::fprintf(stderr, "\r[prefill] %d/%d layers", done, m.num_layers);
+    if (done == m.num_layers) std::fprintf(stderr, "\n");
+  });
+  if (!filled.ok()) return Fail(filled);
+  std::printf("  KV cache: %.2f GiB (%.1f MiB per layer), filled in %.1f s\n",
+              ctx.CacheBytesPerLayer() * m.num_layers / 1073741824.0,
+              ctx.CacheBytesPerLayer() / 1048576.0,
+              absl::ToDoubleSeconds(absl::Now() - fill_start));
+
+  std::vector<PlacementResult> results;
+  for (const std::string& p : placements) {
+    auto r = RunPlacement(ctx, options, p, [&](int step, int total, double ms) {
+      std::fprintf(stderr, "[%s] step %d/%d  %.1f ms%s\n", p.c_str(), step, total, ms,
+                   step <= options.warmup ? " (warm-up)" : "");
+    });
+    if (!r.ok()) return Fail(r.status());
+    results.push_back(*std::move(r));
+  }
+
+  std::optional<PipelinePlacementResult> piped;
+  if (const std::string spec = absl::GetFlag(FLAGS_placement); !spec.empty()) {
+    PipelineBenchOptions po;
+    po.placement = spec;
+    auto mode = ParsePipelineMode(absl::GetFlag(FLAGS_mode));
+    if (!mode.ok()) return Fail(mode.status());
+    po.mode = *mode;
+    po.micro_batches = absl::GetFlag(FLAGS_micro_batches);
+    po.reuse = absl::GetFlag(FLAGS_reuse);
+    po.deadline_ms = absl::GetFlag(FLAGS_deadline_ms);
+    auto r = RunPipelinePlacement(ctx, options, po, [&](int step, int total, double ms) {
+      std::fprintf(stderr, "[%s %s] step %d/%d  %.1f ms%s\n", spec.c_str(),
+                   absl::GetFlag(FLAGS_mode).c_str(), step, total, ms,
+                   step <= options.warmup ? " (warm-up)" : "");
+    });
+    if (!r.ok()) return Fail(r.status());
+    piped = *std::move(r);
+    results.push_back(piped->result);
+  }
+
+  const PlacementResult* dense = nullptr;
+  for (const auto& r : results) {
+    if (r.placement == "dense") dense = &r;
+  }
+  std::printf("\nper decode step (one token per sequence, all %d layers), milliseconds:\n",
+              m.num_layers);
+  int name_width = 10;
+  for (const auto& r : results) name_width = std::max<int>(name_width, r.placement.size());
+  std::printf("%-*s %9s %9s %9s %9s %9s %9s %8s %9s %8s %10s\n", name_width, "placement", "append",
+              "prepare", "relevancy", "retrieval", "apply", "total", "memproc", "tokens/s",
+              "speedup", "rel.err");
+  for (const auto& r : results) {
+    const double share =
+        r.mean.Total() > 0 ? 100.0 * r.mean.MemoryProcessing() / r.mean.Total() : 0;
+    std::string speedup = dense ? absl::StrFormat("%.2fx", dense->median_step_ms / r.median_step_ms)
+                                : std::string("-");
+    std::string err = r.rel_l2_error ? absl::StrFormat("%.2e", *r.rel_l2_error) : std::string("-");
+    std::printf("%-*s %9.2f %9.2f %9.2f %9.2f %9.2f %9.2f %7.1f%% %9.2f %8s %10s\n", name_width,
+                r.placement.c_str(), r.mean.append_ms, r.mean.prepare_ms, r.mean.relevancy_ms,
+                r.mean.retrieval_ms, r.mean.apply_ms, r.median_step_ms, share, r.tokens_per_s,
+                speedup.c_str(), err.c_str());
+  }
+  std::printf("\nbytes read per step (last step): ");
+  for (const auto& r : results) {
+    std::printf("%s: KV %.1f MiB + digests %.1f MiB (%d sparse layers); ", r.placement.c_str(),
+                r.kv_bytes_per_step / 1048576.0, r.digest_bytes_per_step / 1048576.0,
+                r.sparse_layers);
+  }
+  std::printf("\n");
+  for (const auto& r : results) {
+    if (r.bulk_prepare_ms > 0) {
+      std::printf("bulk digest build after prefill (%s): %.1f ms for all layers (measured)",
+                  r.placement.c_str(), r.bulk_prepare_ms);
+      if (r.modeled_bulk_prepare_ms) {
+        std::printf("; %.2f ms on the device (modeled, %s)", *r.modeled_bulk_prepare_ms,
+                    r.selector.c_str());
+      }
+      std::printf("\n");
+    }
+  }
+  for (const auto& r : results) {
+    if (!r.modeled_device_ms_per_step) continue;
+    std::printf(
+        "%s steps 1-3 per decode step: %.2f ms measured on this host (%s runs the kernels in C "
+        "simulation) vs %.3f ms, %.2f mJ on the device (modeled)\n",
+        r.placement.c_str(), r.mean.MemoryProcessing(), r.selector.c_str(),
+        *r.modeled_device_ms_per_step, r.modeled_energy_mj_per_step.value_or(0));
+  }
+  std::printf(
+      "total = median step time; memproc = (prepare + relevancy + retrieval) / total;\n"
+      "speedup = dense median / placement median; rel.err = ||sparse - dense|| / ||dense||"
+      " over sparse layers.\n");
+  if (piped) {
+    const PipelineMetrics& pm = piped->metrics;
+    std::printf(
+        "\n%s: through the stage pipeline; its total is the wall time of append + "
+        "Step(), its breakdown columns are stage busy times that overlap.\n",
+        piped->result.placement.c_str());
+    std::printf("%s", pm.ToText().c_str());
+    const double per_step = 1.0 / std::max<uint64_t>(pm.steps, 1);
+    std::printf(
+        "hidden: %.1f%% of the selector stage's busy time (%.2f ms per step, measured "
+        "wall time on this machine, pacing included) ran while the decoder was busy\n",
+        100 * pm.HiddenFraction(), pm.selector_busy_ms * per_step);
+    if (pm.modeled_calls > 0) {
+      std::printf(
+          "modeled: the selector device's own time is %.2f ms per step (modeled, %s); "
+          "a paced device's busy time above includes it\n",
+          pm.modeled_device_ms * per_step, pm.selector.c_str());
+    }
+  }
+
+  if (const std::string path = absl::GetFlag(FLAGS_json); !path.empty()) {
+    nlohmann::json j;
+    j["machine"] = {{"hardware_threads", hw}, {"timing", "measured, host CPU"}};
+    j["config"] = {
+        {"layers", m.num_layers},
+        {"num_heads", m.num_heads},
+        {"num_kv_heads", m.num_kv_heads},
+        {"head_dim", m.head_dim},
+        {"dtype", std::string(DTypeName(cfg.dtype))},
+        {"page_size", cfg.block_size},
+        {"batch", cfg.batch},
+        {"context", cfg.context},
+        {"ragged", cfg.ragged},
+        {"steps", options.steps},
+        {"warmup", options.warmup},
+        {"budget", options.policy.selection.budget_tokens},
+        {"sink_pages", options.policy.selection.num_sink_pages},
+        {"local_pages", options.policy.selection.num_local_pages},
+        {"dense_layers", options.policy.dense_layers},
+        {"aggregation", std::string(GroupAggregationName(options.policy.selection.aggregation))},
+        {"seed", cfg.seed}};
+    for (const auto& r : results) {
+      nlohmann::json p = {{"placement", r.placement},
+                          {"selector", r.selector},
+                          {"append_ms", r.mean.append_ms},
+                          {"prepare_ms", r.mean.prepare_ms},
+                          {"relevancy_ms", r.mean.relevancy_ms},
+                          {"retrieval_ms", r.mean.retrieval_ms},
+                          {"apply_ms", r.mean.apply_ms},
+                          {"median_step_ms", r.median_step_ms},
+                          {"step_ms", r.step_ms},
+                          {"memory_processing_share",
+                           r.mean.Total() > 0 ? r.mean.MemoryProcessing() / r.mean.Total() : 0},
+                          {"tokens_per_s", r.tokens_per_s},
+                          {"bulk_prepare_ms", r.bulk_prepare_ms},
+                          {"sparse_layers", r.sparse_layers},
+                          {"kv_bytes_per_step", r.kv_bytes_per_step},
+                          {"digest_bytes_per_step", r.digest_bytes_per_step}};
+      if (dense) p["speedup_over_dense"] = dense->median_step_ms / r.median_step_ms;
+      if (r.rel_l2_error) p["rel_l2_error"] = *r.rel_l2_error;
+      if (r.modeled_device_ms_per_step) {
+        p["modeled"] = {{"device_ms_per_step", *r.modeled_device_ms_per_step},
+                        {"energy_mj_per_step", r.modeled_energy_mj_per_step.value_or(0)},
+                        {"bulk_prepare_ms", r.modeled_bulk_prepare_ms.value_or(0)},
+                        {"note", "modeled by " + r.selector + ", not measured"}};
+      }
+      if (piped && r.placement == piped->result.placement) {
+        p["pipeline"] = nlohmann::json::parse(piped->metrics.ToJson());
+      }
+      j["placements"].push_back(p);
+    }
+    std::ofstream f(path);
+    f << j.dump(2) << "\n";
+    if (!f) return Fail(absl::UnavailableError("cannot write --json file " + path));
+    std::printf("wrote %s\n", path.c_str());
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace mempipe
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "Long-context decode benchmark: times prepare / relevancy / retrieval / apply per decode "
+      "step for each placement, side by side with dense attention.\n"
+      "Example: mempipe-bench --context=65536 --batch=2 --placements=dense,cpu --json=r.json");
+  // Accept --micro-batches as well as --micro_batches (the spelling).
+  std::vector<std::string> args(argv, argv + argc);
+  std::vector<char*> normalized;
+  for (std::string& a : args) {
+    if (a.rfind("--", 0) == 0) {
+      const size_t end = std::min(a.find('='), a.size());
+      std::replace(a.begin() + 2, a.begin() + end, '-', '_');
+    }
+    normalized.push_back(a.data());
+  }
+  absl::ParseCommandLine(static_cast<int>(normalized.size()), normalized.data());
+  return mempipe::Main();
+}

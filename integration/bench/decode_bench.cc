@@ -1,0 +1,192 @@
+#include "integration/bench/decode_bench.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <memory>
+
+#include "absl/strings/str_cat.h"
+#include "attention/decode.h"
+#include "backend/selector_registry.h"
+#include "core/clock.h"
+#include "core/status_macros.h"
+
+namespace mempipe {
+
+void FinishPlacementResult(int batch, bool check_accuracy, double err_num, double err_den,
+                           PlacementResult& result) {
+  std::vector<double> sorted = result.step_ms;
+  std::sort(sorted.begin(), sorted.end());
+  const size_t n = sorted.size();
+  result.median_step_ms = n % 2 ? sorted[n / 2] : 0.5 * (sorted[n / 2 - 1] + sorted[n / 2]);
+  result.tokens_per_s = batch * 1000.0 / result.median_step_ms;
+  if (check_accuracy && result.sparse_layers > 0 && err_den > 0) {
+    result.rel_l2_error = std::sqrt(err_num / err_den);
+  }
+}
+
+absl::Status ValidateBenchOptions(const BenchOptions& options, const SyntheticContextConfig& cfg) {
+  MEMPIPE_RETURN_IF_ERROR(ValidateSparsityPolicy(options.policy, cfg.block_size));
+  if (options.steps <= 0 || options.warmup < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("steps must be positive and warmup >= 0, got ",
+                                                   options.steps, " and ", options.warmup));
+  }
+  if (options.steps + options.warmup > cfg.max_new_tokens) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("steps + warmup = ", options.steps + options.warmup,
+                     " exceeds the context's room for new tokens (", cfg.max_new_tokens, ")"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<PlacementResult> RunPlacement(SyntheticContext& ctx, const BenchOptions& options,
+                                             absl::string_view placement,
+                                             const ProgressFn& progress) {
+  const SyntheticContextConfig& cfg = ctx.config();
+  const ModelShape& m = cfg.shape;
+  MEMPIPE_RETURN_IF_ERROR(ValidateBenchOptions(options, cfg));
+  PlacementResult result;
+  result.placement = std::string(placement);
+  std::unique_ptr<PageSelector> selector;
+  if (placement != "dense") {
+    MEMPIPE_ASSIGN_OR_RETURN(const Device device, ParseDevice(placement, "selector"));
+    MEMPIPE_ASSIGN_OR_RETURN(selector, MakePageSelector(device));
+    result.selector = std::string(selector->Name());
+  }
+  ctx.Rewind();
+  const int first_sparse_layer = FirstSparseLayer(options.policy, m.num_layers);
+  if (selector) {
+    const auto t0 = Clock::now();
+    for (int l = first_sparse_layer; l < m.num_layers; ++l) {
+      const KvCacheView c = ctx.cache(l);
+      MEMPIPE_RETURN_IF_ERROR(selector->AddLayer(
+          l, CacheShape{c.dtype, c.num_blocks, c.block_size, c.num_kv_heads, c.head_dim}));
+      MEMPIPE_RETURN_IF_ERROR(selector->BuildDigests(l, c, ctx.table()));
+      if (auto modeled = selector->Costs().modeled_device_ms) {
+        result.modeled_bulk_prepare_ms = result.modeled_bulk_prepare_ms.value_or(0) + *modeled;
+      }
+    }
+    result.bulk_prepare_ms = MsSince(t0);
+  }
+
+  const int batch = cfg.batch;
+  const int k_pages = options.policy.selection.PagesPerHead(cfg.block_size);
+  const size_t esize = DTypeSize(cfg.dtype);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(m.head_dim));
+  std::vector<uint8_t> q, k, v;
+  std::vector<int64_t> slots;
+  std::vector<uint8_t> out(static_cast<size_t>(batch) * m.num_heads * m.head_dim * esize);
+  std::vector<uint8_t> ref(out.size());
+  std::vector<int32_t> pages(static_cast<size_t>(batch) * m.num_kv_heads * k_pages);
+  std::vector<int32_t> counts(static_cast<size_t>(batch) * m.num_kv_heads);
+  double err_num = 0, err_den = 0;
+
+  const int total = options.warmup + options.steps;
+  double modeled_ms = 0, modeled_mj = 0;  // over timed steps
+  bool modeled = false;
+  for (int step = 0; step < total; ++step) {
+    const bool timed = step >= options.warmup;
+    auto add_modeled = [&](const SelectorCosts& costs) {
+      if (!timed || !costs.modeled_device_ms) return;
+      modeled = true;
+      modeled_ms += *costs.modeled_device_ms;
+      modeled_mj += costs.modeled_energy_mj.value_or(0);
+    };
+    const bool last = step == total - 1;
+    StepBreakdown t;
+    const std::vector<int32_t> lens = ctx.NextLens();
+    BlockTableView table = ctx.table();
+    table.seq_lens = lens.data();
+    if (last)
+      result.sparse_layers = 0, result.kv_bytes_per_step = 0, result.digest_bytes_per_step = 0;
+    for (int l = 0; l < m.num_layers; ++l) {
+      const KvCacheView cache = ctx.cache(l);
+      ctx.NextToken(step, l, q, k, v, slots);
+      auto t0 = Clock::now();
+      MEMPIPE_RETURN_IF_ERROR(WriteKv(cache, slots.data(), batch, k.data(), v.data()));
+      t.append_ms += MsSince(t0);
+      if (selector && l >= first_sparse_layer) {
+        t0 = Clock::now();
+        MEMPIPE_RETURN_IF_ERROR(selector->AppendKeys(l, slots.data(), batch, k.data()));
+        t.prepare_ms += MsSince(t0);
+        add_modeled(selector->Costs());
+      }
+      const DecodeIo io{q.data(),    out.data(), cfg.dtype,      batch,
+                        m.num_heads, m.head_dim, options.threads};
+      const bool sparse = selector && DecodesSparse(options.policy, l, lens.data(), batch);
+      if (sparse) {
+        const SelectionView sel{pages.data(), counts.data(), batch, m.num_kv_heads, k_pages};
+        MEMPIPE_ASSIGN_OR_RETURN(
+            SelectTicket ticket,
+            selector->Submit(
+                SelectRequest{l, QueryView{q.data(), cfg.dtype, batch, m.num_heads, m.head_dim},
+                              table, options.policy.selection, sel}));
+        MEMPIPE_RETURN_IF_ERROR(selector->Wait(ticket, absl::InfiniteFuture()));
+        const SelectorCosts costs = selector->Costs();
+        t.relevancy_ms += costs.relevancy_ms;
+        t.retrieval_ms += costs.retrieval_ms;
+        add_modeled(costs);
+        t0 = Clock::now();
+        MEMPIPE_RETURN_IF_ERROR(
+            SparseDecode(io, cache, table,
+                         PageList{pages.data(), counts.data(), m.num_kv_heads, k_pages}, scale));
+        t.apply_ms += MsSince(t0);
+      } else {
+        t0 = Clock::now();
+        MEMPIPE_RETURN_IF_ERROR(DenseDecode(io, cache, table, scale));
+        t.apply_ms += MsSince(t0);
+      }
+      if (!last) continue;
+      // Bytes attention and scoring touched on the last step.
+      const double kv_row = 2.0 * m.head_dim * esize;  // K and V of one token, one KV head
+      for (int s = 0; s < batch; ++s) {
+        const int n_pages = NumPages(lens[s], cfg.block_size);
+        for (int h = 0; h < m.num_kv_heads; ++h) {
+          if (!sparse) {
+            result.kv_bytes_per_step += kv_row * lens[s];
+            continue;
+          }
+          result.digest_bytes_per_step += n_pages * 2.0 * m.head_dim * esize;
+          const int32_t* row = &pages[(static_cast<size_t>(s) * m.num_kv_heads + h) * k_pages];
+          for (int i = 0; i < counts[static_cast<size_t>(s) * m.num_kv_heads + h]; ++i) {
+            result.kv_bytes_per_step +=
+                kv_row * std::min(cfg.block_size, lens[s] - row[i] * cfg.block_size);
+          }
+        }
+      }
+      if (sparse) {
+        ++result.sparse_layers;
+        if (options.check_accuracy) {
+          const DecodeIo ref_io{q.data(),    ref.data(), cfg.dtype,      batch,
+                                m.num_heads, m.head_dim, options.threads};
+          MEMPIPE_RETURN_IF_ERROR(DenseDecode(ref_io, cache, table, scale));
+          for (size_t i = 0; i < static_cast<size_t>(batch) * m.num_heads * m.head_dim; ++i) {
+            const double a = LoadAsFloat(out.data(), cfg.dtype, i);
+            const double b = LoadAsFloat(ref.data(), cfg.dtype, i);
+            err_num += (a - b) * (a - b);
+            err_den += b * b;
+          }
+        }
+      }
+    }
+    ctx.Advance();
+    if (timed) {
+      result.mean.append_ms += t.append_ms / options.steps;
+      result.mean.prepare_ms += t.prepare_ms / options.steps;
+      result.mean.relevancy_ms += t.relevancy_ms / options.steps;
+      result.mean.retrieval_ms += t.retrieval_ms / options.steps;
+      result.mean.apply_ms += t.apply_ms / options.steps;
+      result.step_ms.push_back(t.Total());
+    }
+    if (progress) progress(step + 1, total, t.Total());
+  }
+  ctx.Rewind();
+  if (modeled) {
+    result.modeled_device_ms_per_step = modeled_ms / options.steps;
+    result.modeled_energy_mj_per_step = modeled_mj / options.steps;
+  }
+  FinishPlacementResult(batch, options.check_accuracy, err_num, err_den, result);
+  return result;
+}
+
+}  // namespace mempipe

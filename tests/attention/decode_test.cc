@@ -1,0 +1,218 @@
+#include "attention/decode.h"
+
+#include <cmath>
+#include <random>
+#include <tuple>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "retriever/select.h"
+#include "tests/testing/paged_fixture.h"
+
+namespace mempipe {
+namespace {
+
+using testing::AttentionTolerance;
+using testing::PagedFixture;
+using testing::RandomTensor;
+using testing::ReferenceAttention;
+using testing::TestSeed;
+
+class DecodeTest : public ::testing::TestWithParam<std::tuple<DType, int, int, int>> {
+ protected:
+  void SetUp() override {
+    std::tie(dtype_, block_size_, head_dim_, group_) = GetParam();
+    rng_.seed(TestSeed());
+    std::uniform_int_distribution<int> len_dist(1, 12 * block_size_);
+    lens_ = {len_dist(rng_), 1, block_size_, len_dist(rng_) + block_size_};
+    f_ = std::make_unique<PagedFixture>(rng_, testing::FixtureSpec{.dtype = dtype_,
+                                                                   .block_size = block_size_,
+                                                                   .num_kv_heads = kKvHeads,
+                                                                   .head_dim = head_dim_,
+                                                                   .seq_lens = lens_});
+    heads_ = kKvHeads * group_;
+    q_ = std::make_unique<RandomTensor>(rng_, dtype_, lens_.size() * heads_ * head_dim_);
+    scale_ = 1.0f / std::sqrt(static_cast<float>(head_dim_));
+  }
+
+  // Output buffer poisoned with NaN so an unwritten element shows.
+  std::vector<uint8_t> PoisonedOut() const {
+    std::vector<uint8_t> out(lens_.size() * heads_ * head_dim_ * DTypeSize(dtype_));
+    for (size_t i = 0; i < lens_.size() * heads_ * head_dim_; ++i) {
+      StoreFromFloat(out.data(), dtype_, i, NAN);
+    }
+    return out;
+  }
+
+  DecodeIo Io(std::vector<uint8_t>& out) const {
+    return DecodeIo{q_->data(), out.data(), dtype_, static_cast<int>(lens_.size()),
+                    heads_,     head_dim_};
+  }
+
+  // Every output row against float64 attention over `tokens_of(s, kv_head)`.
+  template <typename TokensOf>
+  void ExpectMatchesReference(const std::vector<uint8_t>& out, TokensOf tokens_of) const {
+    const double tol = AttentionTolerance(dtype_);
+    for (int s = 0; s < static_cast<int>(lens_.size()); ++s) {
+      for (int h = 0; h < heads_; ++h) {
+        const int kvh = h / group_;
+        const auto ref = ReferenceAttention(*f_, &q_->values[(s * heads_ + h) * head_dim_], s, kvh,
+                                            tokens_of(s, kvh), scale_);
+        for (int c = 0; c < head_dim_; ++c) {
+          const float got = LoadAsFloat(out.data(), dtype_, (s * heads_ + h) * head_dim_ + c);
+          ASSERT_TRUE(std::isfinite(got)) << "seq " << s << " head " << h << " c " << c;
+          ASSERT_NEAR(got, ref[c], tol) << "seq " << s << " head " << h << " c " << c;
+        }
+      }
+    }
+  }
+
+  static constexpr int kKvHeads = 2;
+  DType dtype_;
+  int block_size_, head_dim_, group_, heads_;
+  float scale_;
+  std::mt19937_64 rng_;
+  std::vector<int> lens_;
+  std::unique_ptr<PagedFixture> f_;
+  std::unique_ptr<RandomTensor> q_;
+};
+
+std::vector<int> Range(int n) {
+  std::vector<int> v(n);
+  for (int i = 0; i < n; ++i) v[i] = i;
+  return v;
+}
+
+TEST_P(DecodeTest, DenseMatchesFloat64Reference) {
+  auto out = PoisonedOut();
+  ASSERT_TRUE(DenseDecode(Io(out), f_->cache_view(), f_->table_view(), scale_).ok());
+  ExpectMatchesReference(out, [&](int s, int) { return Range(lens_[s]); });
+}
+
+TEST_P(DecodeTest, ThreadsSplitWorkWithoutChangingResults) {
+  auto one = PoisonedOut(), three = PoisonedOut();
+  ASSERT_TRUE(DenseDecode(Io(one), f_->cache_view(), f_->table_view(), scale_).ok());
+  DecodeIo io = Io(three);
+  io.num_threads = 3;
+  ASSERT_TRUE(DenseDecode(io, f_->cache_view(), f_->table_view(), scale_).ok());
+  EXPECT_EQ(one, three);
+}
+
+TEST_P(DecodeTest, SparseOverEveryPageEqualsDense) {
+  const int max_pages = f_->max_blocks();
+  std::vector<int32_t> pages(lens_.size() * kKvHeads * max_pages, -1),
+      counts(lens_.size() * kKvHeads);
+  for (size_t s = 0; s < lens_.size(); ++s) {
+    for (int h = 0; h < kKvHeads; ++h) {
+      counts[s * kKvHeads + h] = NumPages(lens_[s], block_size_);
+      for (int p = 0; p < counts[s * kKvHeads + h]; ++p)
+        pages[(s * kKvHeads + h) * max_pages + p] = p;
+    }
+  }
+  auto dense = PoisonedOut(), sparse = PoisonedOut();
+  ASSERT_TRUE(DenseDecode(Io(dense), f_->cache_view(), f_->table_view(), scale_).ok());
+  ASSERT_TRUE(SparseDecode(Io(sparse), f_->cache_view(), f_->table_view(),
+                           {pages.data(), counts.data(), kKvHeads, max_pages}, scale_)
+                  .ok());
+  EXPECT_EQ(dense, sparse);  // same pages, same order: bit-identical
+}
+
+TEST_P(DecodeTest, SparseOverSelectionMatchesReferenceOnThoseTokens) {
+  ASSERT_TRUE(BuildDigests(f_->cache_view(), f_->table_view(), f_->digest_view()).ok());
+  SelectionConfig cfg;
+  cfg.budget_tokens = 4 * block_size_;
+  const int k = 4;
+  std::vector<int32_t> pages(lens_.size() * kKvHeads * k), counts(lens_.size() * kKvHeads);
+  const SelectionView sel{pages.data(), counts.data(), static_cast<int>(lens_.size()), kKvHeads, k};
+  ASSERT_TRUE(
+      ScoreAndSelect({q_->data(), dtype_, static_cast<int>(lens_.size()), heads_, head_dim_},
+                     f_->cache_view(), f_->digest_view(), f_->table_view(), cfg, sel)
+          .ok());
+  auto out = PoisonedOut();
+  ASSERT_TRUE(SparseDecode(Io(out), f_->cache_view(), f_->table_view(),
+                           {pages.data(), counts.data(), kKvHeads, k}, scale_)
+                  .ok());
+  ExpectMatchesReference(out, [&](int s, int kvh) {
+    std::vector<int> tokens;
+    for (int i = 0; i < sel.Count(s, kvh); ++i) {
+      const int p = sel.Row(s, kvh)[i];
+      for (int t = p * block_size_; t < std::min(lens_[s], (p + 1) * block_size_); ++t) {
+        tokens.push_back(t);
+      }
+    }
+    return tokens;
+  });
+}
+
+TEST_P(DecodeTest, PrefillIsCausal) {
+  // The last q_len tokens of each sequence attend causally.
+  std::vector<int32_t> qsl = {0};
+  std::vector<int> q_lens;
+  for (int len : lens_) {
+    q_lens.push_back(std::min(len, 3));
+    qsl.push_back(qsl.back() + q_lens.back());
+  }
+  const int tokens = qsl.back();
+  RandomTensor q(rng_, dtype_, static_cast<size_t>(tokens) * heads_ * head_dim_);
+  std::vector<uint8_t> out(static_cast<size_t>(tokens) * heads_ * head_dim_ * DTypeSize(dtype_));
+  for (size_t i = 0; i < static_cast<size_t>(tokens) * heads_ * head_dim_; ++i) {
+    StoreFromFloat(out.data(), dtype_, i, NAN);
+  }
+  ASSERT_TRUE(PrefillAttention({q.data(), out.data(), dtype_, tokens, heads_, head_dim_},
+                               qsl.data(), f_->cache_view(), f_->table_view(), scale_)
+                  .ok());
+  for (size_t s = 0; s < lens_.size(); ++s) {
+    for (int i = 0; i < q_lens[s]; ++i) {
+      const int row = qsl[s] + i;
+      const int pos = lens_[s] - q_lens[s] + i;
+      for (int h = 0; h < heads_; ++h) {
+        const auto ref = ReferenceAttention(*f_, &q.values[(row * heads_ + h) * head_dim_], s,
+                                            h / group_, Range(pos + 1), scale_);
+        for (int c = 0; c < head_dim_; ++c) {
+          ASSERT_NEAR(LoadAsFloat(out.data(), dtype_, (row * heads_ + h) * head_dim_ + c), ref[c],
+                      AttentionTolerance(dtype_));
+        }
+      }
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, DecodeTest,
+    ::testing::Combine(::testing::Values(DType::kFloat32, DType::kFloat16, DType::kBFloat16),
+                       ::testing::Values(16, 32, 64), ::testing::Values(64, 128, 256),
+                       ::testing::Values(1, 4)));
+
+TEST(DecodeErrors, NameTheBadValue) {
+  std::mt19937_64 rng(TestSeed());
+  PagedFixture f(rng, {.seq_lens = {40, 20}});
+  std::vector<float> q(2 * 4 * 64, 0.1f), out(2 * 4 * 64);
+  DecodeIo io{q.data(), out.data(), DType::kFloat32, 2, 4, 64};
+  auto expect_bad = [](absl::Status s, const std::string& needle) {
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+    EXPECT_NE(s.message().find(needle), absl::string_view::npos) << s;
+  };
+  KvCacheView cache = f.cache_view();
+  cache.head_dim = 96;
+  expect_bad(DenseDecode(io, cache, f.table_view(), 1.0f), "got 96");
+  cache = f.cache_view();
+  cache.block_size = 48;
+  expect_bad(DenseDecode(io, cache, f.table_view(), 1.0f), "got 48");
+  DecodeIo three = io;
+  three.num_seqs = 3;
+  expect_bad(DenseDecode(three, f.cache_view(), f.table_view(), 1.0f), "3 sequences");
+  f.mutable_seq_lens()[1] = 1000;
+  expect_bad(DenseDecode(io, f.cache_view(), f.table_view(), 1.0f), "seq_lens[1] = 1000");
+  f.mutable_seq_lens()[1] = 20;
+  f.mutable_block_table()[0] = -3;
+  expect_bad(DenseDecode(io, f.cache_view(), f.table_view(), 1.0f), "= -3");
+  f.mutable_block_table()[0] = 0;
+  int32_t pages[4] = {0, 5, -1, -1}, counts[4] = {2, 1, 1, 1};
+  expect_bad(SparseDecode(io, f.cache_view(), f.table_view(), {pages, counts, 2, 2}, 1.0f), "= 5");
+  int32_t zero_counts[4] = {0, 1, 1, 1};
+  expect_bad(SparseDecode(io, f.cache_view(), f.table_view(), {pages, zero_counts, 2, 2}, 1.0f),
+             "= 0");
+}
+
+}  // namespace
+}  // namespace mempipe

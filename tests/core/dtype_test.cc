@@ -1,0 +1,71 @@
+#include "core/dtype.h"
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "gtest/gtest.h"
+
+namespace mempipe {
+namespace {
+
+// Every fp16 bit pattern survives a round trip through fp32, and the conversion from fp32
+// matches the compiler's own _Float16 (round to nearest even) on a sweep of fp32 values.
+TEST(DType, HalfRoundTripsEveryBitPattern) {
+  for (uint32_t b = 0; b < 0x10000u; ++b) {
+    const Half h = Half::FromBits(static_cast<uint16_t>(b));
+    const float f = h.ToFloat();
+    _Float16 ref;
+    const uint16_t bits16 = static_cast<uint16_t>(b);
+    std::memcpy(&ref, &bits16, 2);
+    if (std::isnan(f)) {
+      ASSERT_TRUE(std::isnan(static_cast<float>(ref))) << b;
+      continue;
+    }
+    ASSERT_EQ(f, static_cast<float>(ref)) << "bits " << b;
+    ASSERT_EQ(Half::FromFloat(f).bits, b) << "bits " << b;
+  }
+}
+
+TEST(DType, HalfFromFloatMatchesCompiler) {
+  for (uint64_t u = 0; u < 0x100000000ull; u += 4099) {  // a stride coprime with the mantissa
+    const uint32_t bits = static_cast<uint32_t>(u);
+    float f;
+    std::memcpy(&f, &bits, 4);
+    const _Float16 ref = static_cast<_Float16>(f);
+    uint16_t ref_bits;
+    std::memcpy(&ref_bits, &ref, 2);
+    const uint16_t got = Half::FromFloat(f).bits;
+    if (std::isnan(f)) {
+      ASSERT_TRUE(std::isnan(Half::FromBits(got).ToFloat()));
+    } else {
+      ASSERT_EQ(got, ref_bits) << "fp32 bits 0x" << std::hex << bits;
+    }
+  }
+}
+
+TEST(DType, BFloat16RoundsToNearestEven) {
+  EXPECT_EQ(BFloat16::FromFloat(1.0f).bits, 0x3f80);
+  // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties to even (1.0).
+  EXPECT_EQ(BFloat16::FromFloat(1.0f + 1.0f / 256).bits, 0x3f80);
+  // 1 + 3 * 2^-8 is halfway between 1 + 2^-7 and 1 + 2^-6: ties to even (1 + 2^-6).
+  EXPECT_EQ(BFloat16::FromFloat(1.0f + 3.0f / 256).bits, 0x3f82);
+  EXPECT_TRUE(std::isnan(BFloat16::FromFloat(NAN).ToFloat()));
+  EXPECT_EQ(BFloat16::FromFloat(INFINITY).ToFloat(), INFINITY);
+  for (uint32_t b = 0; b < 0x10000u; ++b) {
+    const BFloat16 v = BFloat16::FromBits(static_cast<uint16_t>(b));
+    if (std::isnan(v.ToFloat())) continue;
+    ASSERT_EQ(BFloat16::FromFloat(v.ToFloat()).bits, b);
+  }
+}
+
+TEST(DType, ParseNamesTheBadValue) {
+  EXPECT_EQ(*ParseDType("bf16"), DType::kBFloat16);
+  EXPECT_EQ(*ParseDType("float16"), DType::kFloat16);
+  auto bad = ParseDType("fp8");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("fp8"), absl::string_view::npos);
+}
+
+}  // namespace
+}  // namespace mempipe

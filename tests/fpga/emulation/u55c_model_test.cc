@@ -1,0 +1,102 @@
+// The U55C timing and energy model (all figures modeled) reproduces the published reference
+// points its parameters were taken from (docs/FPGA-NOTES.md, fpga/emulation/u55c_params.h).
+#include "fpga/emulation/u55c_model.h"
+
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace mempipe {
+namespace {
+
+constexpr double kGB = 1e9;
+
+TEST(U55cModel, LargeDmaStreamsAtTheMeasuredRates) {
+  const U55cModel m{U55cParams{}};
+  const double bytes = 256.0 * 1024 * 1024;
+  const double to_card = bytes / m.DmaSeconds(bytes, DmaDirection::kToCard) / kGB;
+  const double from_card = bytes / m.DmaSeconds(bytes, DmaDirection::kFromCard) / kGB;
+  EXPECT_GE(to_card, 9.3);  // XRT PRs 5448, 937: 9.3-11.6 GB/s to the card
+  EXPECT_LE(to_card, 11.6);
+  EXPECT_GE(from_card, 10.9);  // 10.9-12.2 GB/s back
+  EXPECT_LE(from_card, 12.2);
+}
+
+TEST(U55cModel, SmallDmaIsBelowOneGBps) {
+  const U55cModel m{U55cParams{}};
+  for (DmaDirection dir : {DmaDirection::kToCard, DmaDirection::kFromCard}) {
+    const double rate = 4096 / m.DmaSeconds(4096, dir) / kGB;
+    EXPECT_GE(rate, 0.67);  // XRT issue 6787: 0.67-0.86 GB/s for 4 KB
+    EXPECT_LE(rate, 0.86);
+  }
+  // Rates grow with size: a per-transfer cost, then the link rate.
+  double last = 0;
+  for (double bytes = 512; bytes <= 1 << 30; bytes *= 4) {
+    const double rate = bytes / m.DmaSeconds(bytes, DmaDirection::kToCard);
+    EXPECT_GT(rate, last) << bytes;
+    last = rate;
+  }
+}
+
+TEST(U55cModel, ChunksTransfersAtTheLargestDma) {
+  const U55cModel m{U55cParams{}};
+  const double max = m.params().dma_max_transfer_bytes;
+  EXPECT_NEAR(m.DmaSeconds(2 * max, DmaDirection::kToCard),
+              2 * m.DmaSeconds(max, DmaDirection::kToCard), 1e-12);
+}
+
+// 32 CUs, each streaming 256 MB from its own pseudo-channel, together reach the 410-425 GB/s
+// measured on U280/U55C kernels; one CU gets one channel's share.
+TEST(U55cModel, HbmAggregateMatchesMeasuredKernels) {
+  const U55cParams p;
+  const U55cModel m{p};
+  const double bytes = 256.0 * 1024 * 1024;
+  std::vector<CuLaunch> launches;
+  for (int cu = 0; cu < p.hbm_channels; ++cu) {
+    launches.push_back(CuLaunch{cu, bytes, bytes / p.axi_word_bytes, 0, 0});
+  }
+  const CallEstimate all = m.Call({}, launches, {});
+  const double aggregate = p.hbm_channels * bytes / all.kernel_s / kGB;
+  EXPECT_GE(aggregate, 410.0);
+  EXPECT_LE(aggregate, 425.0);
+  // Below the 460 GB/s datasheet peak, and one CU alone reads one channel's 13 GB/s.
+  const CallEstimate one = m.Call({}, {launches[0]}, {});
+  EXPECT_NEAR(bytes / one.kernel_s / kGB, aggregate / p.hbm_channels, 1e-9);
+  // Launch overhead lowers the end-to-end figure (the U55C user: 410 kernel, 350 with launch).
+  const double with_launch = p.hbm_channels * bytes / (all.kernel_s + all.launch_s) / kGB;
+  EXPECT_LT(with_launch, aggregate);
+  // Two launches on one CU run back to back.
+  const CallEstimate twice = m.Call({}, {launches[0], launches[0]}, {});
+  EXPECT_NEAR(twice.kernel_s, 2 * one.kernel_s, 1e-12);
+}
+
+TEST(U55cModel, LaunchLatencyInTheReportedRange) {
+  const U55cModel m{U55cParams{}};
+  const CallEstimate e = m.Call({}, {CuLaunch{}}, {});
+  EXPECT_GE(e.launch_s, 16e-6);  // XRT issues 6601 and 8687: 16-100 us
+  EXPECT_LE(e.launch_s, 100e-6);
+}
+
+TEST(U55cModel, KernelClockBoundsComputeStages) {
+  U55cParams p;
+  const U55cModel m{p};
+  // One select clock per page at 300 MHz: 3e8 clocks take one second.
+  EXPECT_NEAR(m.CuSeconds(CuLaunch{0, 0, 0, 3e8, 0}), 1.0, 1e-9);
+  // The port moves one 512-bit word per clock: 19.2 GB/s, above a channel's 13 GB/s.
+  EXPECT_GT(p.axi_word_bytes * p.kernel_clock_hz, m.ChannelReadBps());
+}
+
+TEST(U55cModel, EnergyIsBoardPowerTimesTime) {
+  const U55cParams p;
+  const U55cModel m{p};
+  const CallEstimate e = m.Call({1 << 20}, {CuLaunch{0, 64.0 * (1 << 20), 1 << 20, 0, 1}}, {4096});
+  EXPECT_NEAR(e.total_s, e.to_card_s + e.launch_s + e.kernel_s + e.from_card_s, 1e-15);
+  EXPECT_NEAR(e.energy_j,
+              p.board_power_active_w * e.kernel_s + p.board_power_idle_w * (e.total_s - e.kernel_s),
+              1e-12);
+  EXPECT_GT(e.energy_j, p.board_power_idle_w * e.total_s);
+  EXPECT_LT(e.energy_j, p.board_power_active_w * e.total_s);
+}
+
+}  // namespace
+}  // namespace mempipe

@@ -1,0 +1,132 @@
+#include "retriever/digest.h"
+
+#include <cstring>
+#include <random>
+#include <tuple>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "tests/testing/paged_fixture.h"
+
+namespace mempipe {
+namespace {
+
+using testing::PagedFixture;
+using testing::TestSeed;
+
+class DigestTest : public ::testing::TestWithParam<std::tuple<DType, int, int>> {};
+
+// The bulk build equals a plain max/min over each page's valid tokens, and appending the same
+// tokens one at a time (fused KV write + incremental digest) gives the same bytes.
+TEST_P(DigestTest, BulkMatchesReferenceAndIncrementalMatchesBulk) {
+  const auto [dtype, block_size, head_dim] = GetParam();
+  std::mt19937_64 rng(TestSeed());
+  std::uniform_int_distribution<int> len_dist(1, 5 * block_size + 3);
+  std::vector<int> lens = {1, block_size, block_size + 1, len_dist(rng), len_dist(rng)};
+  PagedFixture f(rng, {.dtype = dtype,
+                       .block_size = block_size,
+                       .num_kv_heads = 3,
+                       .head_dim = head_dim,
+                       .seq_lens = lens});
+  const DigestView bulk = f.digest_view();
+  ASSERT_TRUE(BuildDigests(f.cache_view(), f.table_view(), bulk).ok());
+
+  for (int s = 0; s < f.num_seqs(); ++s) {
+    for (int p = 0; p < NumPages(lens[s], block_size); ++p) {
+      const int block = f.Block(s, p);
+      for (int h = 0; h < 3; ++h) {
+        for (int c = 0; c < head_dim; ++c) {
+          double mx = -1e300, mn = 1e300;
+          for (int t = p * block_size; t < std::min(lens[s], (p + 1) * block_size); ++t) {
+            mx = std::max(mx, f.Kv(0, s, t, h, c));
+            mn = std::min(mn, f.Kv(0, s, t, h, c));
+          }
+          ASSERT_EQ(LoadAsFloat(bulk.data, dtype, bulk.Offset(block, 0, h) + c), mx);
+          ASSERT_EQ(LoadAsFloat(bulk.data, dtype, bulk.Offset(block, 1, h) + c), mn);
+        }
+      }
+    }
+  }
+
+  // Replay every token into a fresh NaN-poisoned cache through the fused append, interleaving
+  // sequences token by token as decoding would.
+  KvCacheView src = f.cache_view();
+  std::vector<uint8_t> cache2(src.NumBytes()), dig2(bulk.NumBytes());
+  for (size_t i = 0; i < src.NumElems(); ++i) StoreFromFloat(cache2.data(), dtype, i, NAN);
+  for (size_t i = 0; i < bulk.NumElems(); ++i) StoreFromFloat(dig2.data(), dtype, i, NAN);
+  KvCacheView dst = src;
+  dst.data = cache2.data();
+  DigestView inc = bulk;
+  inc.data = dig2.data();
+  const size_t row = src.TokenStride() * DTypeSize(dtype);
+  const int max_len = *std::max_element(lens.begin(), lens.end());
+  for (int t = 0; t < max_len; ++t) {
+    std::vector<int64_t> slots;
+    std::vector<uint8_t> k, v;
+    for (int s = 0; s < f.num_seqs(); ++s) {
+      if (t >= lens[s]) continue;
+      const int64_t slot = f.Slot(s, t);
+      slots.push_back(slot);
+      const auto* kp = static_cast<const uint8_t*>(src.data) +
+                       src.Offset(0, slot / block_size, slot % block_size, 0) * DTypeSize(dtype);
+      const auto* vp = static_cast<const uint8_t*>(src.data) +
+                       src.Offset(1, slot / block_size, slot % block_size, 0) * DTypeSize(dtype);
+      k.insert(k.end(), kp, kp + row);
+      v.insert(v.end(), vp, vp + row);
+    }
+    slots.push_back(-1);  // padding slot: skipped
+    k.resize(k.size() + row, 0xff);
+    v.resize(v.size() + row, 0xff);
+    ASSERT_TRUE(AppendKvAndDigests(dst, slots.data(), static_cast<int>(slots.size()), k.data(),
+                                   v.data(), inc)
+                    .ok());
+  }
+  for (int s = 0; s < f.num_seqs(); ++s) {
+    for (int p = 0; p < NumPages(lens[s], block_size); ++p) {
+      const size_t off = bulk.Offset(f.Block(s, p), 0, 0) * DTypeSize(dtype);
+      ASSERT_EQ(std::memcmp(static_cast<uint8_t*>(bulk.data) + off, dig2.data() + off,
+                            bulk.BlockStride() * DTypeSize(dtype)),
+                0)
+          << "seq " << s << " page " << p;
+    }
+  }
+  // The cache written by appends equals the source on every valid slot.
+  for (int s = 0; s < f.num_seqs(); ++s) {
+    for (int t = 0; t < lens[s]; ++t) {
+      const int64_t slot = f.Slot(s, t);
+      for (int kv = 0; kv < 2; ++kv) {
+        const size_t off =
+            src.Offset(kv, slot / block_size, slot % block_size, 0) * DTypeSize(dtype);
+        ASSERT_EQ(std::memcmp(static_cast<uint8_t*>(src.data) + off, cache2.data() + off, row), 0);
+      }
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, DigestTest,
+    ::testing::Combine(::testing::Values(DType::kFloat32, DType::kFloat16, DType::kBFloat16),
+                       ::testing::Values(16, 32, 64), ::testing::Values(64, 128, 256)));
+
+TEST(DigestErrors, NameTheBadValue) {
+  std::mt19937_64 rng(TestSeed());
+  PagedFixture f(rng, {.seq_lens = {20}});
+  DigestView d = f.digest_view();
+  d.head_dim = 128;
+  absl::Status s = BuildDigests(f.cache_view(), f.table_view(), d);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("128"), absl::string_view::npos) << s;
+
+  const int64_t bad_slot = static_cast<int64_t>(f.num_blocks()) * 16 + 5;
+  s = UpdateDigests(f.cache_view(), &bad_slot, 1, f.digest_view());
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find(std::to_string(bad_slot)), absl::string_view::npos) << s;
+
+  f.mutable_block_table()[1] = f.num_blocks() + 4;  // page 1 of sequence 0 (20 tokens = 2 pages)
+  s = BuildDigests(f.cache_view(), f.table_view(), f.digest_view());
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find(std::to_string(f.num_blocks() + 4)), absl::string_view::npos) << s;
+}
+
+}  // namespace
+}  // namespace mempipe

@@ -1,0 +1,198 @@
+#include "retriever/select.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <tuple>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "retriever/relevancy.h"
+#include "tests/testing/paged_fixture.h"
+
+namespace mempipe {
+namespace {
+
+using testing::PagedFixture;
+using testing::RandomTensor;
+using testing::TestSeed;
+
+class RelevancyTest : public ::testing::TestWithParam<std::tuple<DType, int, int, int>> {};
+
+// Scores equal a float64 evaluation of the Quest bound (within fp32 rounding), and bound
+// q.k for every key of the page (random data with negative values).
+TEST_P(RelevancyTest, MatchesFloat64AndBoundsEveryKey) {
+  const auto [dtype, block_size, head_dim, group] = GetParam();
+  std::mt19937_64 rng(TestSeed());
+  const int kv_heads = 2;
+  std::uniform_int_distribution<int> len_dist(1, 9 * block_size);
+  std::vector<int> lens = {len_dist(rng), len_dist(rng), block_size * 3, 1};
+  PagedFixture f(rng, {.dtype = dtype,
+                       .block_size = block_size,
+                       .num_kv_heads = kv_heads,
+                       .head_dim = head_dim,
+                       .seq_lens = lens});
+  ASSERT_TRUE(BuildDigests(f.cache_view(), f.table_view(), f.digest_view()).ok());
+  const int heads = kv_heads * group;
+  RandomTensor q(rng, dtype, lens.size() * heads * head_dim);
+  const QueryView qv{q.data(), dtype, static_cast<int>(lens.size()), heads, head_dim};
+  for (GroupAggregation agg : {GroupAggregation::kMax, GroupAggregation::kSum}) {
+    std::vector<float> scores(lens.size() * kv_heads * f.max_blocks(), NAN);
+    ASSERT_TRUE(
+        ComputeRelevancy(qv, f.cache_view(), f.digest_view(), f.table_view(), agg, scores.data())
+            .ok());
+    std::vector<float> threaded(scores.size(), NAN);
+    ASSERT_TRUE(ComputeRelevancy(qv, f.cache_view(), f.digest_view(), f.table_view(), agg,
+                                 threaded.data(), /*num_threads=*/3)
+                    .ok());
+    ASSERT_EQ(0, std::memcmp(scores.data(), threaded.data(), scores.size() * sizeof(float)));
+    for (int s = 0; s < f.num_seqs(); ++s) {
+      for (int h = 0; h < kv_heads; ++h) {
+        const float* row = &scores[(s * kv_heads + h) * f.max_blocks()];
+        const int pages = NumPages(lens[s], block_size);
+        for (int p = 0; p < f.max_blocks(); ++p) {
+          if (p >= pages) {
+            ASSERT_EQ(row[p], -INFINITY);
+            continue;
+          }
+          double ref = agg == GroupAggregation::kMax ? -1e300 : 0.0, abs_sum = 0;
+          double max_dot = -1e300;
+          for (int g = 0; g < group; ++g) {
+            const float* qh = &q.values[((s * heads) + h * group + g) * head_dim];
+            double bound = 0;
+            for (int c = 0; c < head_dim; ++c) {
+              double mx = -1e300, mn = 1e300;
+              for (int t = p * block_size; t < std::min(lens[s], (p + 1) * block_size); ++t) {
+                mx = std::max(mx, f.Kv(0, s, t, h, c));
+                mn = std::min(mn, f.Kv(0, s, t, h, c));
+              }
+              bound += std::max(qh[c] * mx, qh[c] * mn);
+              abs_sum += std::abs(qh[c]) * std::max(std::abs(mx), std::abs(mn));
+            }
+            ref = agg == GroupAggregation::kMax ? std::max(ref, bound) : ref + bound;
+            for (int t = p * block_size; t < std::min(lens[s], (p + 1) * block_size); ++t) {
+              double dot = 0;
+              for (int c = 0; c < head_dim; ++c) dot += qh[c] * f.Kv(0, s, t, h, c);
+              max_dot = std::max(max_dot, dot);
+            }
+          }
+          const double tol = 1e-6 * abs_sum + 1e-6;
+          ASSERT_NEAR(row[p], ref, tol) << "seq " << s << " head " << h << " page " << p;
+          if (agg == GroupAggregation::kMax) {
+            ASSERT_GE(row[p] + tol, max_dot) << "bound violated: seq " << s << " page " << p;
+          }
+        }
+      }
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, RelevancyTest,
+    ::testing::Combine(::testing::Values(DType::kFloat32, DType::kFloat16, DType::kBFloat16),
+                       ::testing::Values(16, 64), ::testing::Values(64, 128, 256),
+                       ::testing::Values(1, 4, 8)));
+
+// Sort-based reference: sinks, locals, then the best middle pages by (score desc, index asc).
+std::vector<int> ReferenceSelect(const float* sc, int n, const SelectionConfig& cfg, int k) {
+  std::vector<int> all(n);
+  std::iota(all.begin(), all.end(), 0);
+  if (n <= k) return all;
+  std::vector<int> middle(all.begin() + cfg.num_sink_pages, all.end() - cfg.num_local_pages);
+  std::stable_sort(middle.begin(), middle.end(), [&](int a, int b) { return sc[a] > sc[b]; });
+  std::vector<int> out(all.begin(), all.begin() + cfg.num_sink_pages);
+  out.insert(out.end(), middle.begin(),
+             middle.begin() + (k - cfg.num_sink_pages - cfg.num_local_pages));
+  out.insert(out.end(), all.end() - cfg.num_local_pages, all.end());
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+TEST(SelectPages, MatchesSortReferenceWithTiesAndEdgeLengths) {
+  std::mt19937_64 rng(TestSeed());
+  const int block_size = 16, kv_heads = 3;
+  for (int trial = 0; trial < 50; ++trial) {
+    std::uniform_int_distribution<int> k_dist(2, 12), sink_dist(0, 2), local_dist(1, 2);
+    SelectionConfig cfg;
+    cfg.num_sink_pages = sink_dist(rng);
+    cfg.num_local_pages = local_dist(rng);
+    const int k = std::max(k_dist(rng), cfg.num_sink_pages + cfg.num_local_pages);
+    cfg.budget_tokens = k * block_size;
+    std::uniform_int_distribution<int> len_dist(1, 40 * block_size);
+    std::vector<int32_t> lens = {len_dist(rng), k * block_size, k * block_size + 1, 1,
+                                 len_dist(rng)};
+    int max_blocks = 0;
+    for (int len : lens) max_blocks = std::max(max_blocks, NumPages(len, block_size));
+    std::vector<int32_t> table(lens.size() * max_blocks, 0);
+    // Few distinct values so ties are common.
+    std::uniform_int_distribution<int> val(0, 5);
+    std::vector<float> scores(lens.size() * kv_heads * max_blocks);
+    for (float& x : scores) x = static_cast<float>(val(rng));
+    std::vector<int32_t> pages(lens.size() * kv_heads * k, 77), counts(lens.size() * kv_heads, 77);
+    const BlockTableView tv{table.data(), lens.data(), static_cast<int>(lens.size()), max_blocks};
+    const SelectionView out{pages.data(), counts.data(), static_cast<int>(lens.size()), kv_heads,
+                            k};
+    ASSERT_TRUE(SelectPages(scores.data(), tv, block_size, kv_heads, cfg, out).ok());
+    for (size_t s = 0; s < lens.size(); ++s) {
+      for (int h = 0; h < kv_heads; ++h) {
+        const auto ref = ReferenceSelect(&scores[(s * kv_heads + h) * max_blocks],
+                                         NumPages(lens[s], block_size), cfg, k);
+        ASSERT_EQ(out.Count(s, h), static_cast<int>(ref.size()));
+        for (int i = 0; i < k; ++i) {
+          ASSERT_EQ(out.Row(s, h)[i], i < static_cast<int>(ref.size()) ? ref[i] : -1)
+              << "trial " << trial << " seq " << s << " head " << h << " slot " << i;
+        }
+      }
+    }
+  }
+}
+
+TEST(SelectPages, BadConfigNamesTheValue) {
+  const int32_t len = 100, table = 0;
+  int32_t pages[8], counts[1];
+  const BlockTableView tv{&table, &len, 1, 7};
+  const SelectionView out{pages, counts, 1, 1, 8};
+  float scores[7] = {};
+  auto expect_bad = [&](SelectionConfig cfg, int block_size, const char* needle) {
+    absl::Status s = SelectPages(scores, tv, block_size, 1, cfg, out);
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << needle;
+    EXPECT_NE(s.message().find(needle), absl::string_view::npos) << s;
+  };
+  expect_bad({.budget_tokens = 0}, 16, "got 0");
+  expect_bad({.budget_tokens = 40}, 16, "got 40");
+  expect_bad({.budget_tokens = 32, .num_sink_pages = 2, .num_local_pages = 1}, 16, "2 sink");
+  expect_bad({.budget_tokens = 64, .num_local_pages = 0}, 16, "got 0");
+  expect_bad({.budget_tokens = 64}, 48, "got 48");
+  SelectionConfig ok;
+  ok.budget_tokens = 64;
+  const int32_t long_len = 500;
+  const BlockTableView past{&table, &long_len, 1, 7};
+  absl::Status s = SelectPages(scores, past, 16, 1, ok, out);
+  EXPECT_NE(s.message().find("500"), absl::string_view::npos) << s;
+}
+
+TEST(ComputeRelevancy, RejectsNonFiniteQueryNamingIt) {
+  std::mt19937_64 rng(TestSeed());
+  PagedFixture f(rng, {.seq_lens = {40, 3}});
+  ASSERT_TRUE(BuildDigests(f.cache_view(), f.table_view(), f.digest_view()).ok());
+  std::vector<float> q(2 * 4 * 64, 0.5f);
+  q[(1 * 4 + 3) * 64 + 17] = NAN;
+  std::vector<float> scores(2 * 2 * f.max_blocks());
+  absl::Status s =
+      ComputeRelevancy({q.data(), DType::kFloat32, 2, 4, 64}, f.cache_view(), f.digest_view(),
+                       f.table_view(), GroupAggregation::kMax, scores.data());
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("query[1][3][17]"), absl::string_view::npos) << s;
+  s = ComputeRelevancy({q.data(), DType::kFloat32, 2, 3, 64}, f.cache_view(), f.digest_view(),
+                       f.table_view(), GroupAggregation::kMax, scores.data());
+  EXPECT_NE(s.message().find("num_heads 3"), absl::string_view::npos) << s;
+  f.mutable_seq_lens()[1] = 0;
+  s = ComputeRelevancy({q.data(), DType::kFloat32, 2, 4, 64}, f.cache_view(), f.digest_view(),
+                       f.table_view(), GroupAggregation::kMax, scores.data());
+  EXPECT_NE(s.message().find("seq_lens[1] = 0"), absl::string_view::npos) << s;
+}
+
+}  // namespace
+}  // namespace mempipe
