@@ -19,8 +19,7 @@ using testing::ReferenceAttention;
 using testing::TestSeed;
 
 // Parameters: dtype, block size, head_dim, GQA group size, host kernel (decode.h).
-class DecodeTest
-    : public ::testing::TestWithParam<std::tuple<DType, int, int, int, CpuKernel>> {
+class DecodeTest : public ::testing::TestWithParam<std::tuple<DType, int, int, int, CpuKernel>> {
  protected:
   void SetUp() override {
     CpuKernel kernel;
