@@ -10,6 +10,13 @@
 
 Selected with `--attention-backend CUSTOM` once the plugin (mempipe.vllm.plugin) has run.
 
+Prefill on the CPU: MEMPIPE_CPU_PREFILL picks the kernel for prefill and chunked-prefill tokens
+(dense causal attention): `mempipe` (`_mempipe.prefill_attention`), `torch` (torch's CPU SDPA
+over the request's gathered pages, mempipe.vllm.prefill), or `auto` (default: torch when a step's
+longest prefill request has at least MEMPIPE_CPU_PREFILL_MIN_TOKENS new tokens, default 4096,
+else mempipe; the crossover measured by integration/bench/cpu_prefill_bench.py on the build VM
+lies between 2K and 4K tokens).
+
 KV cache: vLLM 0.3x allocates each layer's cache as a view [num_blocks, num_kv_heads,
 block_size, 2 * head_dim] whose content the backend interprets. mempipe declares the identity
 (layer-compact) layout, so each layer's cache is one contiguous region, and reads that region as
@@ -21,6 +28,7 @@ block tables and slot mappings keep vLLM's meaning. Older vLLM releases that han
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from typing import ClassVar
 
@@ -34,11 +42,31 @@ from vllm.logger import init_logger
 
 from mempipe import config as mempipe_config
 from mempipe.attention import PagedLayer
+from mempipe.vllm.prefill import gathered_sdpa_prefill
 
 try:  # vLLM >= 0.3x: backends declare the physical KV cache layouts they read.
     from vllm.v1.kv_cache_layout import KVCacheLayout
 except ImportError:  # older releases fix the layout per backend
     KVCacheLayout = None
+
+_PREFILL_KERNELS = ("auto", "mempipe", "torch")
+
+
+def prefill_kernel_choice() -> tuple[str, int]:
+    """(MEMPIPE_CPU_PREFILL, MEMPIPE_CPU_PREFILL_MIN_TOKENS), checked."""
+    kernel = os.environ.get("MEMPIPE_CPU_PREFILL", "auto")
+    if kernel not in _PREFILL_KERNELS:
+        raise ValueError(f"MEMPIPE_CPU_PREFILL must be one of {', '.join(_PREFILL_KERNELS)}, "
+                         f"got {kernel!r}")
+    raw = os.environ.get("MEMPIPE_CPU_PREFILL_MIN_TOKENS", "4096")
+    try:
+        min_tokens = int(raw)
+    except ValueError:
+        min_tokens = -1
+    if min_tokens < 1:
+        raise ValueError(f"MEMPIPE_CPU_PREFILL_MIN_TOKENS must be a positive integer, got {raw!r}")
+    return kernel, min_tokens
+
 
 # A child of the "vllm" logger, so the line shows under vLLM's own logging configuration.
 logger = init_logger("vllm.mempipe")
@@ -128,6 +156,10 @@ class MempipeMetadata:
     prefill_query_start_loc: torch.Tensor  # [P + 1] int32
     prefill_seq_lens: torch.Tensor    # [P] int32
     prefill_block_table: torch.Tensor  # [P, max_blocks] int32
+    # Decode rows are [0, D) and prefill rows [D, num_actual_tokens) in request order (vLLM
+    # orders a mixed batch so): slices replace index_select / index_copy_ then.
+    rows_split: bool = False
+    max_prefill_len: int = 0          # longest prefill request's new tokens
 
     @property
     def all_decode(self) -> bool:
@@ -163,6 +195,9 @@ class MempipeMetadataBuilder(AttentionMetadataBuilder[MempipeMetadata]):
         p_total = int(p_starts[-1])
         within = torch.arange(p_total) - torch.repeat_interleave(p_starts[:-1], p_lens)
         prefill_tokens = torch.repeat_interleave(qsl[prefill].to(torch.int64), p_lens) + within
+        num_decode = decode.numel()
+        rows_split = bool(torch.equal(decode, torch.arange(num_decode)) and
+                          torch.equal(prefill_tokens, torch.arange(num_decode, num_decode + p_total)))
         return MempipeMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             slot_mapping=cm.slot_mapping[:cm.num_actual_tokens].to(torch.int64).contiguous(),
@@ -176,6 +211,8 @@ class MempipeMetadataBuilder(AttentionMetadataBuilder[MempipeMetadata]):
             prefill_query_start_loc=p_starts.to(torch.int32),
             prefill_seq_lens=seq_lens[prefill].contiguous(),
             prefill_block_table=block_table[prefill].contiguous(),
+            rows_split=rows_split,
+            max_prefill_len=int(p_lens.max()) if p_total else 0,
         )
 
 
@@ -233,6 +270,7 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
         if reasons:
             raise ValueError("mempipe configuration rejected: " + "; ".join(reasons))
         self._layer: PagedLayer | None = None
+        self._prefill_kernel, self._prefill_min_tokens = prefill_kernel_choice()
 
     def _paged_layer(self, layer: AttentionLayer) -> PagedLayer:
         if self._layer is None:
@@ -265,15 +303,30 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
         if m.all_decode:
             paged.decode(q, kv, m.decode_block_table, m.decode_seq_lens, out)
             return output
-        if m.decode_tokens.numel():
-            od = torch.empty(m.decode_tokens.numel(), self.num_heads, self.head_size,
+        num_decode = m.decode_tokens.numel()
+        if num_decode:
+            if m.rows_split:
+                paged.decode(q[:num_decode], kv, m.decode_block_table, m.decode_seq_lens,
+                             out[:num_decode])
+            else:
+                od = torch.empty(num_decode, self.num_heads, self.head_size, dtype=out.dtype)
+                paged.decode(q.index_select(0, m.decode_tokens), kv, m.decode_block_table,
+                             m.decode_seq_lens, od)
+                out.index_copy_(0, m.decode_tokens, od)
+        if m.rows_split:
+            pq, op = q[num_decode:], out[num_decode:]
+        else:
+            pq = q.index_select(0, m.prefill_tokens)
+            op = torch.empty(m.prefill_tokens.numel(), self.num_heads, self.head_size,
                              dtype=out.dtype)
-            paged.decode(q.index_select(0, m.decode_tokens), kv, m.decode_block_table,
-                         m.decode_seq_lens, od)
-            out.index_copy_(0, m.decode_tokens, od)
-        op = torch.empty(m.prefill_tokens.numel(), self.num_heads, self.head_size,
-                         dtype=out.dtype)
-        paged.prefill(q.index_select(0, m.prefill_tokens), m.prefill_query_start_loc, kv,
-                      m.prefill_block_table, m.prefill_seq_lens, op)
-        out.index_copy_(0, m.prefill_tokens, op)
+        use_torch = self._prefill_kernel == "torch" or (
+            self._prefill_kernel == "auto" and m.max_prefill_len >= self._prefill_min_tokens)
+        if use_torch:
+            gathered_sdpa_prefill(pq, m.prefill_query_start_loc, kv, m.prefill_block_table,
+                                  m.prefill_seq_lens, op, self.scale)
+        else:
+            paged.prefill(pq, m.prefill_query_start_loc, kv, m.prefill_block_table,
+                          m.prefill_seq_lens, op)
+        if not m.rows_split:
+            out.index_copy_(0, m.prefill_tokens, op)
         return output
