@@ -17,6 +17,13 @@ longest prefill request has at least MEMPIPE_CPU_PREFILL_MIN_TOKENS new tokens, 
 else mempipe; the crossover measured by integration/bench/cpu_prefill_bench.py on the build VM
 lies between 2K and 4K tokens).
 
+Attention threads on the CPU: MEMPIPE_CPU_ATTN_THREADS (default 1) host threads per call for
+mempipe's decode kernels (prefill calls use torch's thread count); 0 means
+torch.get_num_threads(). Inside vLLM's CPU worker, torch's OpenMP
+threads keep spinning on the cores between operators, so threads mempipe starts per call wait
+for a time slice: measured on the build VM, a sparse decode call after a torch matmul took
+1.8 ms with 2 threads and 0.36 ms with 1.
+
 KV cache: vLLM 0.3x allocates each layer's cache as a view [num_blocks, num_kv_heads,
 block_size, 2 * head_dim] whose content the backend interprets. mempipe declares the identity
 (layer-compact) layout, so each layer's cache is one contiguous region, and reads that region as
@@ -40,6 +47,7 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl, Attentio
 
 from vllm.logger import init_logger
 
+from mempipe import _mempipe
 from mempipe import config as mempipe_config
 from mempipe.attention import PagedLayer
 from mempipe.vllm.prefill import gathered_sdpa_prefill
@@ -50,6 +58,18 @@ except ImportError:  # older releases fix the layout per backend
     KVCacheLayout = None
 
 _PREFILL_KERNELS = ("auto", "mempipe", "torch")
+
+
+def attention_threads() -> int:
+    """MEMPIPE_CPU_ATTN_THREADS, checked (0: torch's intra-op thread count)."""
+    raw = os.environ.get("MEMPIPE_CPU_ATTN_THREADS", "1")
+    try:
+        n = int(raw)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ValueError(f"MEMPIPE_CPU_ATTN_THREADS must be an integer >= 0, got {raw!r}")
+    return n or max(1, torch.get_num_threads())
 
 
 def prefill_kernel_choice() -> tuple[str, int]:
@@ -271,12 +291,14 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
             raise ValueError("mempipe configuration rejected: " + "; ".join(reasons))
         self._layer: PagedLayer | None = None
         self._prefill_kernel, self._prefill_min_tokens = prefill_kernel_choice()
+        self._attention_threads = attention_threads()
 
     def _paged_layer(self, layer: AttentionLayer) -> PagedLayer:
         if self._layer is None:
             self._layer = PagedLayer(self.config, layer_index_of(layer.layer_name),
                                      self.num_heads, self.num_kv_heads, self.head_size,
                                      self.scale)
+            self._layer.num_threads = self._attention_threads
         return self._layer
 
     def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor,
@@ -324,9 +346,10 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
         if use_torch:
             gathered_sdpa_prefill(pq, m.prefill_query_start_loc, kv, m.prefill_block_table,
                                   m.prefill_seq_lens, op, self.scale)
-        else:
-            paged.prefill(pq, m.prefill_query_start_loc, kv, m.prefill_block_table,
-                          m.prefill_seq_lens, op)
+        else:  # mempipe's kernel; a prefill call is long enough to be worth torch's threads
+            _mempipe.prefill_attention(pq.contiguous(), m.prefill_query_start_loc, kv,
+                                       m.prefill_block_table, m.prefill_seq_lens, op, self.scale,
+                                       num_threads=max(1, torch.get_num_threads()))
         if not m.rows_split:
             out.index_copy_(0, m.prefill_tokens, op)
         return output
