@@ -606,9 +606,8 @@ absl::Status DenseDecode(const DecodeIo& io, const KvCacheView& cache, const Blo
   return absl::OkStatus();
 }
 
-absl::Status SparseDecode(const DecodeIo& io, const KvCacheView& cache, const BlockTableView& table,
-                          const PageList& pages, float scale) {
-  MEMPIPE_RETURN_IF_ERROR(ValidateDecodeIo(io, cache, table));
+absl::Status ValidatePageList(const PageList& pages, const BlockTableView& table,
+                              const KvCacheView& cache) {
   if (pages.pages == nullptr || pages.counts == nullptr) {
     return absl::InvalidArgumentError("selected pages and counts must not be null");
   }
@@ -617,7 +616,7 @@ absl::Status SparseDecode(const DecodeIo& io, const KvCacheView& cache, const Bl
         "selection has ", pages.num_kv_heads, " KV heads and max_selected ", pages.max_selected,
         "; expected ", cache.num_kv_heads, " KV heads and max_selected >= 1"));
   }
-  for (int s = 0; s < io.num_seqs; ++s) {
+  for (int s = 0; s < table.num_seqs; ++s) {
     const int num_pages = NumPages(table.seq_lens[s], cache.block_size);
     for (int h = 0; h < cache.num_kv_heads; ++h) {
       const size_t row = static_cast<size_t>(s) * pages.num_kv_heads + h;
@@ -637,6 +636,13 @@ absl::Status SparseDecode(const DecodeIo& io, const KvCacheView& cache, const Bl
       }
     }
   }
+  return absl::OkStatus();
+}
+
+absl::Status SparseDecode(const DecodeIo& io, const KvCacheView& cache, const BlockTableView& table,
+                          const PageList& pages, float scale) {
+  MEMPIPE_RETURN_IF_ERROR(ValidateDecodeIo(io, cache, table));
+  MEMPIPE_RETURN_IF_ERROR(ValidatePageList(pages, table, cache));
   const int groups = io.num_heads / cache.num_kv_heads;
   WithKernel(cache.dtype, [&]<template <typename> class Heads, typename T>() {
     SparseImpl<Heads, T>(io, cache, table, pages, scale, groups);

@@ -24,6 +24,14 @@ threads keep spinning on the cores between operators, so threads mempipe starts 
 for a time slice: measured on the build VM, a sparse decode call after a torch matmul took
 1.8 ms with 2 threads and 0.36 ms with 1.
 
+Devices: on the CPU worker every step runs on the host (placement cpu or dense). With a GPU
+build of mempipe on a CUDA worker (placement gpu or dense) every step runs on the GPU: the
+builder keeps vLLM's persistent device tensors (block table, seq_lens, slot mapping) as they
+are for decode-only batches (no copy, no host synchronization) and owns the DecodePlan whose
+scratch buffers every layer shares, so a decode-only step is CUDA-graph capturable: the
+builder declares AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE there (NEVER on the CPU).
+Mixed prefill/decode batches run eagerly (prefill: torch SDPA over gathered pages).
+
 KV cache: vLLM 0.3x allocates each layer's cache as a view [num_blocks, num_kv_heads,
 block_size, 2 * head_dim] whose content the backend interprets. mempipe declares the identity
 (layer-compact) layout, so each layer's cache is one contiguous region, and reads that region as
@@ -45,11 +53,16 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl, Attentio
                                        AttentionMetadataBuilder, AttentionType,
                                        CommonAttentionMetadata)
 
+try:  # vLLM >= 0.1x: builders declare their CUDA-graph support
+    from vllm.v1.attention.backend import AttentionCGSupport
+except ImportError:
+    AttentionCGSupport = None
+
 from vllm.logger import init_logger
 
 from mempipe import _mempipe
 from mempipe import config as mempipe_config
-from mempipe.attention import PagedLayer
+from mempipe.attention import DecodePlan, PagedLayer
 from mempipe.vllm.prefill import gathered_sdpa_prefill
 
 try:  # vLLM >= 0.3x: backends declare the physical KV cache layouts they read.
@@ -176,8 +189,9 @@ class MempipeMetadata:
     prefill_query_start_loc: torch.Tensor  # [P + 1] int32
     prefill_seq_lens: torch.Tensor    # [P] int32
     prefill_block_table: torch.Tensor  # [P, max_blocks] int32
+    plan: DecodePlan | None = None     # the builder's scratch buffers, shared by every layer
     # Decode rows are [0, D) and prefill rows [D, num_actual_tokens) in request order (vLLM
-    # orders a mixed batch so): slices replace index_select / index_copy_ then.
+    # orders a mixed batch so): on the CPU, slices replace index_select / index_copy_ then.
     rows_split: bool = False
     max_prefill_len: int = 0          # longest prefill request's new tokens
 
@@ -186,26 +200,80 @@ class MempipeMetadata:
         return self.prefill_seq_lens.numel() == 0
 
 
+def _gpu_capable() -> bool:
+    return "cuda" in _mempipe.devices and torch.cuda.is_available()
+
+
 class MempipeMetadataBuilder(AttentionMetadataBuilder[MempipeMetadata]):
+    if AttentionCGSupport is not None:
+        @classmethod
+        def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
+            """Decode-only batches are capturable on the GPU (fixed buffers, no host sync);
+            prefill is not (it reads host lengths), and the CPU has no graphs."""
+            if _gpu_capable():
+                return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+            return AttentionCGSupport.NEVER
+
     def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config: VllmConfig,
                  device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        if device.type != "cpu":
+        device = torch.device(device)
+        if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not _gpu_capable()):
             raise NotImplementedError(
-                f"mempipe's vLLM backend runs on the CPU in this build; device is {device}")
+                f"mempipe's vLLM backend runs on {', '.join(_mempipe.devices)} in this build; "
+                f"device is {device}")
         self.kv_cache_spec = kv_cache_spec
         self.vllm_config = vllm_config
+        self.device = device
+        self.plan = DecodePlan()
+        self._reserve_plan()
         logger.info_once("mempipe attention backend: %s", load_config(vllm_config))
+
+    def _reserve_plan(self) -> None:
+        """Scratch for the largest decode batch, before any CUDA graph is captured."""
+        if self.device.type != "cuda":
+            return
+        try:
+            cfg = load_config(self.vllm_config)
+            mc = self.vllm_config.model_config
+            heads = mc.get_num_attention_heads(self.vllm_config.parallel_config)
+            max_seqs = self.vllm_config.scheduler_config.max_num_seqs
+            max_blocks = -(-mc.max_model_len // self.kv_cache_spec.block_size)
+            self.plan.reserve(max_seqs, heads, self.kv_cache_spec.num_kv_heads, max_blocks,
+                              cfg.budget // cfg.page_size, self.device)
+        except (AttributeError, TypeError) as e:  # NOTE: buffers then grow on first use
+            logger.info_once("mempipe: plan not reserved up front (%s)", e)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> MempipeMetadata:
         cm = common_attn_metadata
         num_reqs = cm.num_reqs
+        dev = cm.block_table_tensor.device
         qsl = cm.query_start_loc_cpu[:num_reqs + 1].to(torch.int32)
-        seq_lens = cm.seq_lens[:num_reqs].to(torch.int32).cpu().contiguous()
-        block_table = cm.block_table_tensor[:num_reqs].to(torch.int32).cpu().contiguous()
+        seq_lens = cm.seq_lens[:num_reqs].to(torch.int32)
+        block_table = cm.block_table_tensor[:num_reqs].to(torch.int32)
+        slot_mapping = cm.slot_mapping[:cm.num_actual_tokens].to(torch.int64)
+        if dev.type == "cpu":
+            seq_lens, block_table = seq_lens.contiguous(), block_table.contiguous()
         q_lens = qsl[1:] - qsl[:-1]
         is_decode = q_lens == 1
+        if bool(is_decode.all()):  # decode only: vLLM's persistent tensors, no copy, no sync
+            empty_i32 = torch.empty(0, dtype=torch.int32, device=dev)
+            return MempipeMetadata(
+                num_actual_tokens=cm.num_actual_tokens,
+                slot_mapping=slot_mapping,
+                query_start_loc=qsl,
+                seq_lens=seq_lens,
+                block_table=block_table,
+                decode_tokens=torch.arange(num_reqs, dtype=torch.int64, device=dev),
+                decode_seq_lens=seq_lens,
+                decode_block_table=block_table,
+                prefill_tokens=torch.empty(0, dtype=torch.int64, device=dev),
+                prefill_query_start_loc=torch.zeros(1, dtype=torch.int32, device=dev),
+                prefill_seq_lens=empty_i32,
+                prefill_block_table=block_table[:0],
+                plan=self.plan,
+            )
         decode = torch.nonzero(is_decode).flatten()
         prefill = torch.nonzero(~is_decode).flatten()
         p_lens = q_lens[prefill].to(torch.int64)
@@ -217,20 +285,24 @@ class MempipeMetadataBuilder(AttentionMetadataBuilder[MempipeMetadata]):
         prefill_tokens = torch.repeat_interleave(qsl[prefill].to(torch.int64), p_lens) + within
         num_decode = decode.numel()
         rows_split = bool(torch.equal(decode, torch.arange(num_decode)) and
-                          torch.equal(prefill_tokens, torch.arange(num_decode, num_decode + p_total)))
+                          torch.equal(prefill_tokens,
+                                      torch.arange(num_decode, num_decode + p_total)))
+        on = lambda t: t.to(dev, non_blocking=True)  # noqa: E731  (host index tensors)
+        decode_d, prefill_d = on(decode), on(prefill)
         return MempipeMetadata(
             num_actual_tokens=cm.num_actual_tokens,
-            slot_mapping=cm.slot_mapping[:cm.num_actual_tokens].to(torch.int64).contiguous(),
+            slot_mapping=slot_mapping.contiguous(),
             query_start_loc=qsl.contiguous(),
             seq_lens=seq_lens,
             block_table=block_table,
-            decode_tokens=qsl[decode].to(torch.int64),
-            decode_seq_lens=seq_lens[decode].contiguous(),
-            decode_block_table=block_table[decode].contiguous(),
-            prefill_tokens=prefill_tokens,
-            prefill_query_start_loc=p_starts.to(torch.int32),
-            prefill_seq_lens=seq_lens[prefill].contiguous(),
-            prefill_block_table=block_table[prefill].contiguous(),
+            decode_tokens=on(qsl[decode].to(torch.int64)),
+            decode_seq_lens=seq_lens.index_select(0, decode_d).contiguous(),
+            decode_block_table=block_table.index_select(0, decode_d).contiguous(),
+            prefill_tokens=on(prefill_tokens),
+            prefill_query_start_loc=on(p_starts.to(torch.int32)),
+            prefill_seq_lens=seq_lens.index_select(0, prefill_d).contiguous(),
+            prefill_block_table=block_table.index_select(0, prefill_d).contiguous(),
+            plan=self.plan,
             rows_split=rows_split,
             max_prefill_len=int(p_lens.max()) if p_total else 0,
         )
@@ -298,7 +370,7 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
             self._layer = PagedLayer(self.config, layer_index_of(layer.layer_name),
                                      self.num_heads, self.num_kv_heads, self.head_size,
                                      self.scale)
-            self._layer.num_threads = self._attention_threads
+            self._layer.num_threads = self._attention_threads  # host kernels (decode)
         return self._layer
 
     def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor,
@@ -318,12 +390,27 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
                              f"cache block size {kv.shape[2]}; pass --block-size "
                              f"{self.config.page_size}")
         paged = self._paged_layer(layer)
+        if m.plan is not None:
+            paged.plan = m.plan
         if self.kv_sharing_target_layer_name is None:
             paged.append(kv, m.slot_mapping, key[:n], value[:n])
         q = query[:n]
         out = output.view(-1, self.num_heads, self.head_size)[:n]
         if m.all_decode:
             paged.decode(q, kv, m.decode_block_table, m.decode_seq_lens, out)
+            return output
+        if out.device.type != "cpu":
+            if m.decode_tokens.numel():
+                od = torch.empty(m.decode_tokens.numel(), self.num_heads, self.head_size,
+                                 dtype=out.dtype, device=out.device)
+                paged.decode(q.index_select(0, m.decode_tokens), kv, m.decode_block_table,
+                             m.decode_seq_lens, od)
+                out.index_copy_(0, m.decode_tokens, od)
+            op = torch.empty(m.prefill_tokens.numel(), self.num_heads, self.head_size,
+                             dtype=out.dtype, device=out.device)
+            paged.prefill(q.index_select(0, m.prefill_tokens), m.prefill_query_start_loc, kv,
+                          m.prefill_block_table, m.prefill_seq_lens, op)
+            out.index_copy_(0, m.prefill_tokens, op)
             return output
         num_decode = m.decode_tokens.numel()
         if num_decode:
