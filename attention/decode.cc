@@ -1,17 +1,72 @@
 #include "attention/decode.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstring>
 #include <limits>
-#include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "core/parallel.h"
 #include "core/status_macros.h"
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own _mm512_undefined_*()
+// values; the warning is attributed to the header's lines, so it is silenced for them only.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+#define MEMPIPE_AVX512_KERNEL 1
+// Functions that use AVX-512: compiled for it whatever -march says, and only called after the
+// run-time CPU check (CpuHasAvx512), so the default build stays portable.
+#define MEMPIPE_TARGET_AVX512 __attribute__((target("avx512f")))
+#else
+#define MEMPIPE_AVX512_KERNEL 0
+#endif
+
 namespace mempipe {
 namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+std::atomic<int> g_cpu_kernel{static_cast<int>(CpuKernel::kAuto)};
+
+bool CpuHasAvx512() {
+#if MEMPIPE_AVX512_KERNEL
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+#else
+  return false;
+#endif
+}
+
+bool UseAvx512() {
+  const auto k = static_cast<CpuKernel>(g_cpu_kernel.load(std::memory_order_relaxed));
+  return k == CpuKernel::kAvx512 || (k == CpuKernel::kAuto && CpuHasAvx512());
+}
+
+// How many pages ahead of the one being computed PrefetchPage runs (2 beat 0, 1 and 4 by
+// 10-15% on the build VM, Llama-3-8B shape, bf16, page 16).
+constexpr int kPrefetchPages = 2;
+
+// Hints the lines of tokens [0, n) of `block`, KV heads [h0, h1), K and V, into L2 while the
+// current page is being computed (pages are scattered, so the hardware prefetcher cannot know).
+void PrefetchPage(const KvCacheView& cache, int block, int h0, int h1, int n) {
+  const size_t es = DTypeSize(cache.dtype);
+  const size_t bytes = static_cast<size_t>(h1 - h0) * cache.head_dim * es;
+  const size_t stride = cache.TokenStride() * es;
+  for (int kv = 0; kv < 2; ++kv) {
+    const char* base = static_cast<const char*>(cache.data) + cache.Offset(kv, block, 0, h0) * es;
+    for (int t = 0; t < n; ++t) {
+      for (size_t off = 0; off < bytes; off += 64)
+        __builtin_prefetch(base + t * stride + off, 0, 2);
+    }
+  }
+}
 
 // Running softmax state of the G query heads of one KV head, updated a page at a time: the
 // page's keys are converted once, scored for all G heads, and the running max is rescaled once
@@ -118,16 +173,418 @@ absl::Status ValidateCommon(const DecodeIo& io, const KvCacheView& cache,
   return absl::OkStatus();
 }
 
-// Loads query rows [row0, row0 + G) into the accumulator.
-void LoadQuery(GroupAccumulator& a, const DecodeIo& io, size_t row0) {
-  for (int g = 0; g < a.groups; ++g) {
-    for (int c = 0; c < a.head_dim; ++c) {
-      a.q[g * a.head_dim + c] = LoadAsFloat(io.query, io.dtype, (row0 + g) * io.head_dim + c);
+// Loads query rows [row0, row0 + groups) as fp32, multiplied by `scale`.
+void LoadQueryRows(const DecodeIo& io, size_t row0, int groups, float scale, float* q) {
+  for (int j = 0; j < groups * io.head_dim; ++j) {
+    q[j] = LoadAsFloat(io.query, io.dtype, row0 * io.head_dim + j) * scale;
+  }
+}
+
+// The portable kernel: one GroupAccumulator per KV head of a range.
+template <typename T>
+class PortableHeads {
+ public:
+  PortableHeads(int heads, int groups, int head_dim, int block_size, float scale)
+      : scale_(scale), acc_(heads, GroupAccumulator(groups, head_dim, block_size)) {}
+
+  void Begin(int i, const DecodeIo& io, size_t row0) {
+    LoadQueryRows(io, row0, acc_[i].groups, 1.0f, acc_[i].q.data());
+    acc_[i].Reset();
+  }
+  void AddPage(const KvCacheView& cache, int block, int kv_head, int i, int n) {
+    acc_[i].template AddPage<T>(cache, block, kv_head, n, scale_);
+  }
+  void Store(int i, const DecodeIo& io, size_t row0) const {
+    acc_[i].Store(io.out, io.dtype, row0);
+  }
+
+ private:
+  float scale_;
+  std::vector<GroupAccumulator> acc_;
+};
+
+#if MEMPIPE_AVX512_KERNEL
+// ---- AVX-512 kernel ----------------------------------------------------------------------
+// Per page and KV head: the G heads' scores of all n tokens (each K row converted to fp32 once,
+// held in registers, dotted with the G query rows), a page-wide running-max update with a
+// vectorised exp, then P.V with the G x 2 output vectors of a 32-channel slice in registers.
+// bf16 and fp16 are widened exactly (a shift, vcvtph2ps); all arithmetic is fp32. The kernel
+// does not use AVX512_BF16's vdpbf16ps: it would round the query and the probabilities to
+// bf16, and a decode step is bound by memory bandwidth, not by these few FMAs.
+
+MEMPIPE_TARGET_AVX512 inline __m512 Load16(const float* p) { return _mm512_loadu_ps(p); }
+MEMPIPE_TARGET_AVX512 inline __m512 Load16(const BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+MEMPIPE_TARGET_AVX512 inline __m512 Load16(const Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// 32 channels of a row as two fp32 vectors. bf16 is widened without shuffles: the low halves
+// of the 32-bit words (even channels) shifted up, the high halves (odd channels) masked, so
+// its vectors hold channels {0, 2, .., 30} and {1, 3, .., 31}; Interleaved<T> says so, and
+// the query and the output use the same order (PermuteForKernel / UnpermuteFromKernel).
+template <typename T>
+constexpr bool kInterleaved = std::is_same_v<T, BFloat16>;
+
+MEMPIPE_TARGET_AVX512 inline void Load32(const float* p, __m512& a, __m512& b) {
+  a = _mm512_loadu_ps(p);
+  b = _mm512_loadu_ps(p + 16);
+}
+MEMPIPE_TARGET_AVX512 inline void Load32(const Half* p, __m512& a, __m512& b) {
+  a = Load16(p);
+  b = Load16(p + 16);
+}
+MEMPIPE_TARGET_AVX512 inline void Load32(const BFloat16* p, __m512& a, __m512& b) {
+  const __m512i x = _mm512_loadu_si512(p);
+  a = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+  b = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+
+// exp(x) for x <= 0 (scores minus their running max): Cody-Waite range reduction and the
+// Cephes expf polynomial, about 1 ulp; inputs below -87.3 give about 1e-38 instead of 0.
+MEMPIPE_TARGET_AVX512 inline __m512 Exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(y, fx);
+}
+
+inline __mmask16 TailMask(int remaining) {
+  return remaining >= 16 ? static_cast<__mmask16>(0xffff)
+                         : static_cast<__mmask16>((1u << remaining) - 1);
+}
+
+// acc[g] = corr[g] * acc[g] + sum_t p[g][t] v_t for GB heads, 32 channels at a time.
+template <typename T, int ND, int GB>
+MEMPIPE_TARGET_AVX512 void Avx512ValueTile(const T* vbase, size_t stride, int n, int block_size,
+                                           const float* p, const float* corr, float* acc) {
+  constexpr int kD = ND * 16;
+  for (int c = 0; c < ND; c += 2) {
+    __m512 a[GB][2];
+    for (int g = 0; g < GB; ++g) {
+      const __m512 cg = _mm512_set1_ps(corr[g]);
+      a[g][0] = _mm512_mul_ps(_mm512_loadu_ps(acc + g * kD + 16 * c), cg);
+      a[g][1] = _mm512_mul_ps(_mm512_loadu_ps(acc + g * kD + 16 * c + 16), cg);
+    }
+    for (int t = 0; t < n; ++t) {
+      __m512 v0, v1;
+      Load32(vbase + t * stride + 16 * c, v0, v1);
+      for (int g = 0; g < GB; ++g) {
+        const __m512 pg = _mm512_set1_ps(p[g * block_size + t]);
+        a[g][0] = _mm512_fmadd_ps(pg, v0, a[g][0]);
+        a[g][1] = _mm512_fmadd_ps(pg, v1, a[g][1]);
+      }
+    }
+    for (int g = 0; g < GB; ++g) {
+      _mm512_storeu_ps(acc + g * kD + 16 * c, a[g][0]);
+      _mm512_storeu_ps(acc + g * kD + 16 * c + 16, a[g][1]);
     }
   }
 }
 
+// Horizontal sums of s0..s3: [sum(s0), sum(s1), sum(s2), sum(s3)].
+MEMPIPE_TARGET_AVX512 inline __m128 Reduce4(__m512 s0, __m512 s1, __m512 s2, __m512 s3) {
+  // 128-bit quarters: a = [s0.q0+s0.q2, s0.q1+s0.q3, s1.q0+s1.q2, s1.q1+s1.q3], b likewise.
+  const __m512 a =
+      _mm512_add_ps(_mm512_shuffle_f32x4(s0, s1, 0x44), _mm512_shuffle_f32x4(s0, s1, 0xee));
+  const __m512 b =
+      _mm512_add_ps(_mm512_shuffle_f32x4(s2, s3, 0x44), _mm512_shuffle_f32x4(s2, s3, 0xee));
+  // Quarter i of c holds four partial sums of s_i.
+  const __m512 c =
+      _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xdd));
+  const __m512 d = _mm512_add_ps(c, _mm512_permute_ps(c, 0x4e));
+  const __m512 e = _mm512_add_ps(d, _mm512_permute_ps(d, 0xb1));
+  return _mm512_castps512_ps128(
+      _mm512_permutexvar_ps(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0), e));
+}
+
+// Lane-wise partial products of q_g . k (k in registers, ND vectors of 16 channels).
+template <int ND>
+MEMPIPE_TARGET_AVX512 inline __m512 Dot16(const __m512* kv, const float* qg) {
+  __m512 s0 = _mm512_mul_ps(_mm512_loadu_ps(qg), kv[0]);
+  __m512 s1 = _mm512_mul_ps(_mm512_loadu_ps(qg + 16), kv[1]);
+  for (int c = 2; c < ND; c += 2) {
+    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * c), kv[c], s0);
+    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * c + 16), kv[c + 1], s1);
+  }
+  return _mm512_add_ps(s0, s1);
+}
+
+// Scores of tokens [0, n) for `groups` query heads: p[g * block_size + t] = q_g . k_t (q
+// already scaled). Each K row is converted once and held in registers; four heads' sums are
+// reduced together.
+template <typename T, int ND>
+MEMPIPE_TARGET_AVX512 void Avx512Scores(const T* kbase, size_t stride, int n, int groups,
+                                        int block_size, const float* q, float* p) {
+  constexpr int kD = ND * 16;
+  for (int t = 0; t < n; ++t) {
+    const T* k = kbase + t * stride;
+    __m512 kv[ND];
+    for (int c = 0; c < ND; c += 2) Load32(k + 16 * c, kv[c], kv[c + 1]);
+    int g = 0;
+    for (; g + 4 <= groups; g += 4) {
+      alignas(16) float sums[4];
+      _mm_store_ps(sums, Reduce4(Dot16<ND>(kv, q + g * kD), Dot16<ND>(kv, q + (g + 1) * kD),
+                                 Dot16<ND>(kv, q + (g + 2) * kD), Dot16<ND>(kv, q + (g + 3) * kD)));
+      for (int j = 0; j < 4; ++j) p[(g + j) * block_size + t] = sums[j];
+    }
+    for (; g < groups; ++g) {
+      p[g * block_size + t] = _mm512_reduce_add_ps(Dot16<ND>(kv, q + g * kD));
+    }
+  }
+}
+
+// The rest of a page for `groups` query heads, scores already in `p` (groups x block_size
+// floats, overwritten by the probabilities): the page-wide running-max update with a
+// vectorised exp, then acc = corr * acc + P.V. `corr` is scratch for `groups` floats.
+template <typename T, int ND>
+MEMPIPE_TARGET_AVX512 void Avx512SoftmaxValues(const T* vbase, size_t stride, int n, int groups,
+                                               int block_size, float* acc, float* m, float* l,
+                                               float* p, float* corr) {
+  constexpr int kD = ND * 16;
+  const int nv = (n + 15) / 16;
+  for (int g = 0; g < groups; ++g) {
+    float* pg = p + g * block_size;
+    __m512 mx = _mm512_set1_ps(kNegInf);
+    for (int v = 0; v < nv; ++v) {
+      mx = _mm512_max_ps(
+          mx, _mm512_mask_loadu_ps(_mm512_set1_ps(kNegInf), TailMask(n - 16 * v), pg + 16 * v));
+    }
+    const float new_max = std::max(m[g], _mm512_reduce_max_ps(mx));
+    corr[g] = std::exp(m[g] - new_max);  // 0 on the first page (m = -inf)
+    const __m512 nm = _mm512_set1_ps(new_max);
+    __m512 sum = _mm512_setzero_ps();
+    for (int v = 0; v < nv; ++v) {
+      const __mmask16 mask = TailMask(n - 16 * v);
+      const __m512 e = _mm512_maskz_mov_ps(
+          mask, Exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, pg + 16 * v), nm)));
+      _mm512_storeu_ps(pg + 16 * v, e);  // block_size is a multiple of 16: stays in the row
+      sum = _mm512_add_ps(sum, e);
+    }
+    l[g] = l[g] * corr[g] + _mm512_reduce_add_ps(sum);
+    m[g] = new_max;
+  }
+  for (int g0 = 0; g0 < groups; g0 += 4) {
+    const float* pg = p + g0 * block_size;
+    float* ag = acc + g0 * kD;
+    switch (std::min(4, groups - g0)) {
+      case 1:
+        Avx512ValueTile<T, ND, 1>(vbase, stride, n, block_size, pg, corr + g0, ag);
+        break;
+      case 2:
+        Avx512ValueTile<T, ND, 2>(vbase, stride, n, block_size, pg, corr + g0, ag);
+        break;
+      case 3:
+        Avx512ValueTile<T, ND, 3>(vbase, stride, n, block_size, pg, corr + g0, ag);
+        break;
+      default:
+        Avx512ValueTile<T, ND, 4>(vbase, stride, n, block_size, pg, corr + g0, ag);
+        break;
+    }
+  }
+}
+
+// The AVX-512 kernel's state for the G query heads of `heads` KV heads.
+template <typename T>
+class Avx512Heads {
+ public:
+  Avx512Heads(int heads, int groups, int head_dim, int block_size, float scale)
+      : groups_(groups),
+        head_dim_(head_dim),
+        block_size_(block_size),
+        scale_(scale),
+        q_(static_cast<size_t>(heads) * groups * head_dim),
+        acc_(q_.size()),
+        m_(heads * groups),
+        l_(heads * groups),
+        p_(groups * block_size),
+        corr_(groups) {}
+
+  void Begin(int i, const DecodeIo& io, size_t row0) {
+    const size_t gd = static_cast<size_t>(groups_) * head_dim_;
+    float* q = &q_[i * gd];
+    LoadQueryRows(io, row0, groups_, scale_, q);
+    if constexpr (kInterleaved<T>) {
+      // Block of 32 channels: even channels first, then odd ones (Load32).
+      float tmp[32];
+      for (size_t b = 0; b < gd; b += 32) {
+        for (int j = 0; j < 16; ++j) tmp[j] = q[b + 2 * j], tmp[16 + j] = q[b + 2 * j + 1];
+        std::copy(tmp, tmp + 32, q + b);
+      }
+    }
+    std::fill(acc_.begin() + i * gd, acc_.begin() + (i + 1) * gd, 0.0f);
+    std::fill(m_.begin() + i * groups_, m_.begin() + (i + 1) * groups_, kNegInf);
+    std::fill(l_.begin() + i * groups_, l_.begin() + (i + 1) * groups_, 0.0f);
+  }
+
+  void AddPage(const KvCacheView& cache, int block, int kv_head, int i, int n) {
+    const T* k = static_cast<const T*>(cache.data) + cache.Offset(0, block, 0, kv_head);
+    const T* v = static_cast<const T*>(cache.data) + cache.Offset(1, block, 0, kv_head);
+    const size_t gd = static_cast<size_t>(groups_) * head_dim_;
+    float* q = &q_[i * gd];
+    float* acc = &acc_[i * gd];
+    float* m = &m_[i * groups_];
+    float* l = &l_[i * groups_];
+    const size_t stride = cache.TokenStride();
+    switch (head_dim_) {
+      case 64:
+        Avx512Scores<T, 4>(k, stride, n, groups_, block_size_, q, p_.data());
+        Avx512SoftmaxValues<T, 4>(v, stride, n, groups_, block_size_, acc, m, l, p_.data(),
+                                  corr_.data());
+        break;
+      case 128:
+        Avx512Scores<T, 8>(k, stride, n, groups_, block_size_, q, p_.data());
+        Avx512SoftmaxValues<T, 8>(v, stride, n, groups_, block_size_, acc, m, l, p_.data(),
+                                  corr_.data());
+        break;
+      default:  // 256 (ValidateKvCache admits 64, 128, 256)
+        Avx512Scores<T, 16>(k, stride, n, groups_, block_size_, q, p_.data());
+        Avx512SoftmaxValues<T, 16>(v, stride, n, groups_, block_size_, acc, m, l, p_.data(),
+                                   corr_.data());
+        break;
+    }
+  }
+
+  void Store(int i, const DecodeIo& io, size_t row0) const {
+    const size_t gd = static_cast<size_t>(groups_) * head_dim_;
+    for (int g = 0; g < groups_; ++g) {
+      const float inv = 1.0f / l_[i * groups_ + g];
+      const float* a = &acc_[i * gd + g * head_dim_];
+      for (int c = 0; c < head_dim_; ++c) {
+        // Position of channel c in the kernel's order (Load32).
+        const int k = kInterleaved<T> ? (c & ~31) + (c & 1) * 16 + ((c & 31) >> 1) : c;
+        StoreFromFloat(io.out, io.dtype, (row0 + g) * head_dim_ + c, a[k] * inv);
+      }
+    }
+  }
+
+ private:
+  int groups_, head_dim_, block_size_;
+  float scale_;
+  std::vector<float> q_, acc_, m_, l_, p_, corr_;
+};
+#endif  // MEMPIPE_AVX512_KERNEL
+
+template <template <typename> class Heads, typename T>
+void DenseImpl(const DecodeIo& io, const KvCacheView& cache, const BlockTableView& table,
+               float scale, int groups) {
+  ForEachSeqHeads(io.num_seqs, cache.num_kv_heads, io.num_threads, [&](int s, int h0, int h1) {
+    // Page-major over this range's heads: each page's K/V rows are read once, contiguously.
+    Heads<T> heads(h1 - h0, groups, io.head_dim, cache.block_size, scale);
+    const size_t seq_row = static_cast<size_t>(s) * io.num_heads;
+    for (int h = h0; h < h1; ++h) heads.Begin(h - h0, io, seq_row + h * groups);
+    const int len = table.seq_lens[s];
+    const int num_pages = NumPages(len, cache.block_size);
+    for (int p = 0; p < num_pages; ++p) {
+      if (p + kPrefetchPages < num_pages) {
+        const int next = p + kPrefetchPages;
+        PrefetchPage(cache, table.Block(s, next), h0, h1,
+                     std::min(cache.block_size, len - next * cache.block_size));
+      }
+      const int n = std::min(cache.block_size, len - p * cache.block_size);
+      for (int h = h0; h < h1; ++h) heads.AddPage(cache, table.Block(s, p), h, h - h0, n);
+    }
+    for (int h = h0; h < h1; ++h) heads.Store(h - h0, io, seq_row + h * groups);
+  });
+}
+
+template <template <typename> class Heads, typename T>
+void SparseImpl(const DecodeIo& io, const KvCacheView& cache, const BlockTableView& table,
+                const PageList& pages, float scale, int groups) {
+  ForEachSeqHeads(io.num_seqs, cache.num_kv_heads, io.num_threads, [&](int s, int h0, int h1) {
+    Heads<T> heads(1, groups, io.head_dim, cache.block_size, scale);
+    const int len = table.seq_lens[s];
+    auto tokens = [&](int p) { return std::min(cache.block_size, len - p * cache.block_size); };
+    for (int h = h0; h < h1; ++h) {
+      const size_t row = static_cast<size_t>(s) * pages.num_kv_heads + h;
+      const int32_t* list = pages.pages + row * pages.max_selected;
+      const int count = pages.counts[row];
+      const size_t row0 = static_cast<size_t>(s) * io.num_heads + h * groups;
+      heads.Begin(0, io, row0);
+      for (int i = 0; i < count; ++i) {
+        if (i + kPrefetchPages < count) {
+          const int next = list[i + kPrefetchPages];
+          PrefetchPage(cache, table.Block(s, next), h, h + 1, tokens(next));
+        }
+        heads.AddPage(cache, table.Block(s, list[i]), h, 0, tokens(list[i]));
+      }
+      heads.Store(0, io, row0);
+    }
+  });
+}
+
+template <template <typename> class Heads, typename T>
+void PrefillImpl(const DecodeIo& io, const int32_t* query_start_loc, const KvCacheView& cache,
+                 const BlockTableView& table, float scale, int groups) {
+  // Items are (query token, KV head). A token's cost grows with its position, so item r stands
+  // for token zigzag(r) = 0, last, 1, last - 1, ...: each thread's contiguous range of items
+  // then holds cheap and expensive tokens alike.
+  const int tokens = io.num_seqs;
+  ForEachSeqHeads(tokens, cache.num_kv_heads, io.num_threads, [&](int r, int h0, int h1) {
+    const int row = (r % 2 == 0) ? r / 2 : tokens - 1 - r / 2;
+    const int s = static_cast<int>(
+        std::upper_bound(query_start_loc, query_start_loc + table.num_seqs + 1, row) -
+        query_start_loc - 1);
+    const int q_len = query_start_loc[s + 1] - query_start_loc[s];
+    const int pos = table.seq_lens[s] - q_len + (row - query_start_loc[s]);  // attends [0, pos]
+    Heads<T> heads(h1 - h0, groups, io.head_dim, cache.block_size, scale);
+    const size_t row0 = static_cast<size_t>(row) * io.num_heads;
+    for (int h = h0; h < h1; ++h) heads.Begin(h - h0, io, row0 + h * groups);
+    for (int p = 0; p * cache.block_size <= pos; ++p) {
+      const int n = std::min(cache.block_size, pos + 1 - p * cache.block_size);
+      for (int h = h0; h < h1; ++h) heads.AddPage(cache, table.Block(s, p), h, h - h0, n);
+    }
+    for (int h = h0; h < h1; ++h) heads.Store(h - h0, io, row0 + h * groups);
+  });
+}
+
+// Runs Impl<Heads, T> with the selected kernel's Heads for the cache's dtype.
+template <typename Run>
+void WithKernel(DType dtype, Run run) {
+  DispatchDType(dtype, [&]<typename T>() {
+#if MEMPIPE_AVX512_KERNEL
+    if (UseAvx512()) {
+      run.template operator()<Avx512Heads, T>();
+      return;
+    }
+#endif
+    run.template operator()<PortableHeads, T>();
+  });
+}
+
 }  // namespace
+
+absl::Status SetCpuKernel(CpuKernel kernel) {
+  if (kernel == CpuKernel::kAvx512 && !CpuHasAvx512()) {
+    return absl::FailedPreconditionError(
+        "cpu kernel avx512 asked for, but this CPU (or this build's compiler) has no AVX-512F");
+  }
+  g_cpu_kernel.store(static_cast<int>(kernel), std::memory_order_relaxed);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<CpuKernel> ParseCpuKernel(absl::string_view name) {
+  if (name == "auto") return CpuKernel::kAuto;
+  if (name == "portable") return CpuKernel::kPortable;
+  if (name == "avx512") return CpuKernel::kAvx512;
+  return absl::InvalidArgumentError(
+      absl::StrCat("cpu kernel must be auto, portable or avx512, got '", name, "'"));
+}
+
+bool CpuKernelAvailable(CpuKernel kernel) { return kernel != CpuKernel::kAvx512 || CpuHasAvx512(); }
+
+absl::string_view ActiveCpuKernelName() { return UseAvx512() ? "avx512" : "portable"; }
 
 absl::Status ValidateDecodeIo(const DecodeIo& io, const KvCacheView& cache,
                               const BlockTableView& table) {
@@ -143,24 +600,8 @@ absl::Status DenseDecode(const DecodeIo& io, const KvCacheView& cache, const Blo
                          float scale) {
   MEMPIPE_RETURN_IF_ERROR(ValidateDecodeIo(io, cache, table));
   const int groups = io.num_heads / cache.num_kv_heads;
-  DispatchDType(cache.dtype, [&]<typename T>() {
-    ForEachSeqHeads(io.num_seqs, cache.num_kv_heads, io.num_threads, [&](int s, int h0, int h1) {
-      // Page-major over this range's heads: each page's K/V rows are read contiguously.
-      std::vector<GroupAccumulator> acc(h1 - h0,
-                                        GroupAccumulator(groups, io.head_dim, cache.block_size));
-      for (int h = h0; h < h1; ++h) {
-        LoadQuery(acc[h - h0], io, static_cast<size_t>(s) * io.num_heads + h * groups);
-        acc[h - h0].Reset();
-      }
-      const int len = table.seq_lens[s];
-      for (int p = 0; p < NumPages(len, cache.block_size); ++p) {
-        const int n = std::min(cache.block_size, len - p * cache.block_size);
-        for (int h = h0; h < h1; ++h) acc[h - h0].AddPage<T>(cache, table.Block(s, p), h, n, scale);
-      }
-      for (int h = h0; h < h1; ++h) {
-        acc[h - h0].Store(io.out, io.dtype, static_cast<size_t>(s) * io.num_heads + h * groups);
-      }
-    });
+  WithKernel(cache.dtype, [&]<template <typename> class Heads, typename T>() {
+    DenseImpl<Heads, T>(io, cache, table, scale, groups);
   });
   return absl::OkStatus();
 }
@@ -203,24 +644,8 @@ absl::Status SparseDecode(const DecodeIo& io, const KvCacheView& cache, const Bl
   MEMPIPE_RETURN_IF_ERROR(ValidateDecodeIo(io, cache, table));
   MEMPIPE_RETURN_IF_ERROR(ValidatePageList(pages, table, cache));
   const int groups = io.num_heads / cache.num_kv_heads;
-  DispatchDType(cache.dtype, [&]<typename T>() {
-    ForEachSeqHeads(io.num_seqs, cache.num_kv_heads, io.num_threads, [&](int s, int h0, int h1) {
-      GroupAccumulator a(groups, io.head_dim, cache.block_size);
-      const int len = table.seq_lens[s];
-      for (int h = h0; h < h1; ++h) {
-        const size_t row = static_cast<size_t>(s) * pages.num_kv_heads + h;
-        const int32_t* list = pages.pages + row * pages.max_selected;
-        const size_t row0 = static_cast<size_t>(s) * io.num_heads + h * groups;
-        LoadQuery(a, io, row0);
-        a.Reset();
-        for (int i = 0; i < pages.counts[row]; ++i) {
-          const int p = list[i];
-          const int n = std::min(cache.block_size, len - p * cache.block_size);
-          a.AddPage<T>(cache, table.Block(s, p), h, n, scale);
-        }
-        a.Store(io.out, io.dtype, row0);
-      }
-    });
+  WithKernel(cache.dtype, [&]<template <typename> class Heads, typename T>() {
+    SparseImpl<Heads, T>(io, cache, table, pages, scale, groups);
   });
   return absl::OkStatus();
 }
@@ -244,26 +669,8 @@ absl::Status PrefillAttention(const DecodeIo& io, const int32_t* query_start_loc
     }
   }
   const int groups = io.num_heads / cache.num_kv_heads;
-  GroupAccumulator a(groups, io.head_dim, cache.block_size);
-  DispatchDType(cache.dtype, [&]<typename T>() {
-    for (int s = 0; s < table.num_seqs; ++s) {
-      const int len = table.seq_lens[s];
-      const int q0 = query_start_loc[s];
-      const int q_len = query_start_loc[s + 1] - q0;
-      for (int i = 0; i < q_len; ++i) {
-        const int pos = len - q_len + i;  // attends tokens [0, pos]
-        for (int h = 0; h < cache.num_kv_heads; ++h) {
-          const size_t row0 = static_cast<size_t>(q0 + i) * io.num_heads + h * groups;
-          LoadQuery(a, io, row0);
-          a.Reset();
-          for (int p = 0; p * cache.block_size <= pos; ++p) {
-            const int n = std::min(cache.block_size, pos + 1 - p * cache.block_size);
-            a.AddPage<T>(cache, table.Block(s, p), h, n, scale);
-          }
-          a.Store(io.out, io.dtype, row0);
-        }
-      }
-    }
+  WithKernel(cache.dtype, [&]<template <typename> class Heads, typename T>() {
+    PrefillImpl<Heads, T>(io, query_start_loc, cache, table, scale, groups);
   });
   return absl::OkStatus();
 }

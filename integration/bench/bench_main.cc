@@ -24,9 +24,11 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
+#include "attention/decode.h"
 #include "backend/selector_registry.h"
 #include "fpga/fpga_selector.h"
 #include "integration/bench/decode_bench.h"
+#include "integration/bench/membw.h"
 #include "integration/bench/pipeline_bench.h"
 #include "nlohmann/json.hpp"
 #include "tests/testing/fault_injecting_selector.h"
@@ -55,6 +57,13 @@ ABSL_FLAG(bool, check_accuracy, true,
 ABSL_FLAG(uint64_t, seed, 1, "Seed of the synthetic context");
 ABSL_FLAG(int, threads, 0,
           "Host threads for filling caches and CPU attention (0: all hardware threads)");
+ABSL_FLAG(std::string, cpu_kernel, "auto",
+          "Host attention kernel (attention/decode.h): auto (AVX-512 where the CPU has it), "
+          "portable or avx512");
+ABSL_FLAG(int, bandwidth_mib, 512,
+          "Buffer of the STREAM-like read that measures the machine's memory bandwidth before "
+          "and after the placements (the apply columns are reported as a fraction of the better "
+          "of the two); 0 skips it");
 ABSL_FLAG(std::string, json, "", "Also write the results to this JSON file");
 ABSL_FLAG(std::string, placement, "",
           "Also run this placement through the stage pipeline (backend/decode_pipeline.h): a "
@@ -148,6 +157,9 @@ int Main() {
   const int hw = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   cfg.threads = absl::GetFlag(FLAGS_threads) > 0 ? absl::GetFlag(FLAGS_threads) : hw;
   RegisterSelectors(cfg.threads);
+  auto kernel = ParseCpuKernel(absl::GetFlag(FLAGS_cpu_kernel));
+  if (!kernel.ok()) return Fail(kernel.status());
+  if (absl::Status s = SetCpuKernel(*kernel); !s.ok()) return Fail(s);
 
   BenchOptions options;
   options.steps = absl::GetFlag(FLAGS_steps);
@@ -182,8 +194,10 @@ int Main() {
       options.policy.selection.num_sink_pages, options.policy.selection.num_local_pages,
       options.policy.dense_layers,
       std::string(GroupAggregationName(options.policy.selection.aggregation)).c_str());
-  std::printf("  machine: %d hardware threads, %d used; all times measured on this machine's CPU\n",
-              hw, cfg.threads);
+  std::printf(
+      "  machine: %d hardware threads, %d used; all times measured on this machine's CPU; "
+      "attention kernel %s\n",
+      hw, cfg.threads, std::string(ActiveCpuKernelName()).c_str());
 
   SyntheticContext ctx(cfg);
   const absl::Time fill_start = absl::Now();
@@ -196,6 +210,21 @@ int Main() {
               ctx.CacheBytesPerLayer() * m.num_layers / 1073741824.0,
               ctx.CacheBytesPerLayer() / 1048576.0,
               absl::ToDoubleSeconds(absl::Now() - fill_start));
+
+  // The machine's read bandwidth, before and after the placements (other load varies).
+  const size_t bw_bytes = static_cast<size_t>(std::max(0, absl::GetFlag(FLAGS_bandwidth_mib)))
+                          << 20;
+  std::vector<ReadBandwidth> bandwidth;
+  auto measure_bandwidth = [&]() -> absl::Status {
+    if (bw_bytes == 0) return absl::OkStatus();
+    auto bw = MeasureReadBandwidth(bw_bytes, cfg.threads, 5);
+    if (!bw.ok()) return bw.status();
+    std::fprintf(stderr, "[bandwidth] %.1f GB/s (%zu MiB read by %d threads, best of %d)\n",
+                 bw->gbytes_per_s, bw->bytes >> 20, bw->threads, bw->passes);
+    bandwidth.push_back(*bw);
+    return absl::OkStatus();
+  };
+  if (absl::Status s = measure_bandwidth(); !s.ok()) return Fail(s);
 
   std::vector<PlacementResult> results;
   for (const std::string& p : placements) {
@@ -227,6 +256,22 @@ int Main() {
     results.push_back(piped->result);
   }
 
+  if (absl::Status s = measure_bandwidth(); !s.ok()) return Fail(s);
+  double machine_gbps = 0, machine_cpu_gbps = 0;
+  for (const auto& b : bandwidth) {
+    machine_gbps = std::max(machine_gbps, b.gbytes_per_s);
+    machine_cpu_gbps = std::max(machine_cpu_gbps, b.gbytes_per_cpu_s);
+  }
+  // K/V bytes attention read per second: the last step's bytes over the mean apply time, wall
+  // and CPU time (per thread).
+  auto apply_gbps = [](const PlacementResult& r) {
+    return r.mean.apply_ms > 0 ? r.kv_bytes_per_step / (r.mean.apply_ms * 1e-3) / 1e9 : 0.0;
+  };
+  auto apply_cpu_gbps = [&](const PlacementResult& r) {
+    const double per_thread_s = r.mean.apply_cpu_ms * 1e-3 / options.threads;
+    return per_thread_s > 0 ? r.kv_bytes_per_step / per_thread_s / 1e9 : 0.0;
+  };
+
   const PlacementResult* dense = nullptr;
   for (const auto& r : results) {
     if (r.placement == "dense") dense = &r;
@@ -256,6 +301,27 @@ int Main() {
                 r.sparse_layers);
   }
   std::printf("\n");
+  if (machine_gbps > 0) {
+    std::printf("memory read bandwidth (STREAM-like read, %d threads, %zu MiB, %s loads): ",
+                bandwidth[0].threads, bandwidth[0].bytes >> 20, bandwidth[0].kernel.c_str());
+    for (size_t i = 0; i < bandwidth.size(); ++i) {
+      std::printf("%s%s %.1f GB/s wall, %.1f GB/s per thread CPU time", i ? "; " : "",
+                  i ? "after" : "before", bandwidth[i].gbytes_per_s, bandwidth[i].gbytes_per_cpu_s);
+    }
+    std::printf("\n");
+    for (const auto& r : results) {
+      std::printf(
+          "  %-6s apply (%s kernel) reads %.1f MiB of K/V: wall %.1f ms = %.1f GB/s = %.0f%% of "
+          "%.1f; CPU %.1f ms per thread = %.1f GB/s = %.0f%% of %.1f\n",
+          r.placement.c_str(), std::string(ActiveCpuKernelName()).c_str(),
+          r.kv_bytes_per_step / 1048576.0, r.mean.apply_ms, apply_gbps(r),
+          100 * apply_gbps(r) / machine_gbps, machine_gbps, r.mean.apply_cpu_ms / options.threads,
+          apply_cpu_gbps(r), 100 * apply_cpu_gbps(r) / machine_cpu_gbps, machine_cpu_gbps);
+    }
+    std::printf(
+        "  (wall: elapsed time; CPU: the threads' CPU time, which leaves out time other work on "
+        "a shared machine took from them; the bandwidth is the best pass of either run)\n");
+  }
   for (const auto& r : results) {
     if (r.bulk_prepare_ms > 0) {
       std::printf("bulk digest build after prefill (%s): %.1f ms for all layers (measured)",
@@ -301,7 +367,22 @@ int Main() {
 
   if (const std::string path = absl::GetFlag(FLAGS_json); !path.empty()) {
     nlohmann::json j;
-    j["machine"] = {{"hardware_threads", hw}, {"timing", "measured, host CPU"}};
+    j["machine"] = {{"hardware_threads", hw},
+                    {"threads_used", cfg.threads},
+                    {"timing", "measured, host CPU"},
+                    {"attention_kernel", std::string(ActiveCpuKernelName())}};
+    for (const auto& b : bandwidth) {
+      j["machine"]["read_bandwidth"].push_back({{"gbytes_per_s", b.gbytes_per_s},
+                                                {"gbytes_per_cpu_s", b.gbytes_per_cpu_s},
+                                                {"bytes", b.bytes},
+                                                {"threads", b.threads},
+                                                {"passes", b.passes},
+                                                {"loads", b.kernel}});
+    }
+    if (machine_gbps > 0) {
+      j["machine"]["read_bandwidth_gbps"] = machine_gbps;
+      j["machine"]["read_bandwidth_gbps_cpu_time"] = machine_cpu_gbps;
+    }
     j["config"] = {
         {"layers", m.num_layers},
         {"num_heads", m.num_heads},
@@ -336,7 +417,14 @@ int Main() {
                           {"bulk_prepare_ms", r.bulk_prepare_ms},
                           {"sparse_layers", r.sparse_layers},
                           {"kv_bytes_per_step", r.kv_bytes_per_step},
-                          {"digest_bytes_per_step", r.digest_bytes_per_step}};
+                          {"digest_bytes_per_step", r.digest_bytes_per_step},
+                          {"apply_cpu_ms", r.mean.apply_cpu_ms},
+                          {"apply_gbytes_per_s", apply_gbps(r)},
+                          {"apply_gbytes_per_s_cpu_time", apply_cpu_gbps(r)}};
+      if (machine_gbps > 0) {
+        p["apply_bandwidth_fraction"] = apply_gbps(r) / machine_gbps;
+        p["apply_bandwidth_fraction_cpu_time"] = apply_cpu_gbps(r) / machine_cpu_gbps;
+      }
       if (dense) p["speedup_over_dense"] = dense->median_step_ms / r.median_step_ms;
       if (r.rel_l2_error) p["rel_l2_error"] = *r.rel_l2_error;
       if (r.modeled_device_ms_per_step) {

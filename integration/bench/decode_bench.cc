@@ -1,5 +1,7 @@
 #include "integration/bench/decode_bench.h"
 
+#include <time.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -12,6 +14,16 @@
 #include "core/status_macros.h"
 
 namespace mempipe {
+namespace {
+
+// CPU time used so far by all of this process's threads, milliseconds.
+double ProcessCpuMs() {
+  timespec ts;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
+}
+
+}  // namespace
 
 void FinishPlacementResult(int batch, bool check_accuracy, double err_num, double err_den,
                            PlacementResult& result) {
@@ -127,14 +139,18 @@ absl::StatusOr<PlacementResult> RunPlacement(SyntheticContext& ctx, const BenchO
         t.retrieval_ms += costs.retrieval_ms;
         add_modeled(costs);
         t0 = Clock::now();
+        const double c0 = ProcessCpuMs();
         MEMPIPE_RETURN_IF_ERROR(
             SparseDecode(io, cache, table,
                          PageList{pages.data(), counts.data(), m.num_kv_heads, k_pages}, scale));
         t.apply_ms += MsSince(t0);
+        t.apply_cpu_ms += ProcessCpuMs() - c0;
       } else {
         t0 = Clock::now();
+        const double c0 = ProcessCpuMs();
         MEMPIPE_RETURN_IF_ERROR(DenseDecode(io, cache, table, scale));
         t.apply_ms += MsSince(t0);
+        t.apply_cpu_ms += ProcessCpuMs() - c0;
       }
       if (!last) continue;
       // Bytes attention and scoring touched on the last step.
@@ -176,6 +192,7 @@ absl::StatusOr<PlacementResult> RunPlacement(SyntheticContext& ctx, const BenchO
       result.mean.relevancy_ms += t.relevancy_ms / options.steps;
       result.mean.retrieval_ms += t.retrieval_ms / options.steps;
       result.mean.apply_ms += t.apply_ms / options.steps;
+      result.mean.apply_cpu_ms += t.apply_cpu_ms / options.steps;
       result.step_ms.push_back(t.Total());
     }
     if (progress) progress(step + 1, total, t.Total());

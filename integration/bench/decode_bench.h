@@ -41,6 +41,10 @@ struct StepBreakdown {
   double relevancy_ms = 0;
   double retrieval_ms = 0;
   double apply_ms = 0;
+  // CPU time of all the process's threads during apply (wall time hides a shared machine's
+  // other load; CPU time per thread does not): bytes / (apply_cpu_ms / threads) is the rate
+  // the kernel reaches while it runs.
+  double apply_cpu_ms = 0;
   double Total() const { return append_ms + prepare_ms + relevancy_ms + retrieval_ms + apply_ms; }
   double MemoryProcessing() const { return prepare_ms + relevancy_ms + retrieval_ms; }
 };

@@ -18,10 +18,14 @@ using testing::RandomTensor;
 using testing::ReferenceAttention;
 using testing::TestSeed;
 
-class DecodeTest : public ::testing::TestWithParam<std::tuple<DType, int, int, int>> {
+// Parameters: dtype, block size, head_dim, GQA group size, host kernel (decode.h).
+class DecodeTest : public ::testing::TestWithParam<std::tuple<DType, int, int, int, CpuKernel>> {
  protected:
   void SetUp() override {
-    std::tie(dtype_, block_size_, head_dim_, group_) = GetParam();
+    CpuKernel kernel;
+    std::tie(dtype_, block_size_, head_dim_, group_, kernel) = GetParam();
+    if (!CpuKernelAvailable(kernel)) GTEST_SKIP() << "this CPU lacks the kernel's instructions";
+    ASSERT_TRUE(SetCpuKernel(kernel).ok());
     rng_.seed(TestSeed());
     std::uniform_int_distribution<int> len_dist(1, 12 * block_size_);
     lens_ = {len_dist(rng_), 1, block_size_, len_dist(rng_) + block_size_};
@@ -34,6 +38,7 @@ class DecodeTest : public ::testing::TestWithParam<std::tuple<DType, int, int, i
     q_ = std::make_unique<RandomTensor>(rng_, dtype_, lens_.size() * heads_ * head_dim_);
     scale_ = 1.0f / std::sqrt(static_cast<float>(head_dim_));
   }
+  void TearDown() override { ASSERT_TRUE(SetCpuKernel(CpuKernel::kAuto).ok()); }
 
   // Output buffer poisoned with NaN so an unwritten element shows.
   std::vector<uint8_t> PoisonedOut() const {
@@ -161,6 +166,12 @@ TEST_P(DecodeTest, PrefillIsCausal) {
   ASSERT_TRUE(PrefillAttention({q.data(), out.data(), dtype_, tokens, heads_, head_dim_},
                                qsl.data(), f_->cache_view(), f_->table_view(), scale_)
                   .ok());
+  // Threads split (token, KV head) pairs without changing a bit.
+  std::vector<uint8_t> threaded(out.size());
+  ASSERT_TRUE(PrefillAttention({q.data(), threaded.data(), dtype_, tokens, heads_, head_dim_, 3},
+                               qsl.data(), f_->cache_view(), f_->table_view(), scale_)
+                  .ok());
+  EXPECT_EQ(out, threaded);
   for (size_t s = 0; s < lens_.size(); ++s) {
     for (int i = 0; i < q_lens[s]; ++i) {
       const int row = qsl[s] + i;
@@ -181,7 +192,8 @@ INSTANTIATE_TEST_SUITE_P(
     Shapes, DecodeTest,
     ::testing::Combine(::testing::Values(DType::kFloat32, DType::kFloat16, DType::kBFloat16),
                        ::testing::Values(16, 32, 64), ::testing::Values(64, 128, 256),
-                       ::testing::Values(1, 4)));
+                       ::testing::Values(1, 3, 6),
+                       ::testing::Values(CpuKernel::kPortable, CpuKernel::kAvx512)));
 
 TEST(DecodeErrors, NameTheBadValue) {
   std::mt19937_64 rng(TestSeed());
@@ -212,6 +224,11 @@ TEST(DecodeErrors, NameTheBadValue) {
   int32_t zero_counts[4] = {0, 1, 1, 1};
   expect_bad(SparseDecode(io, f.cache_view(), f.table_view(), {pages, zero_counts, 2, 2}, 1.0f),
              "= 0");
+  EXPECT_EQ(ParseCpuKernel("avx2").status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(ParseCpuKernel("avx2").status().message().find("'avx2'"), absl::string_view::npos);
+  if (!CpuKernelAvailable(CpuKernel::kAvx512)) {
+    EXPECT_EQ(SetCpuKernel(CpuKernel::kAvx512).code(), absl::StatusCode::kFailedPrecondition);
+  }
 }
 
 }  // namespace

@@ -10,6 +10,20 @@
 
 Selected with `--attention-backend CUSTOM` once the plugin (mempipe.vllm.plugin) has run.
 
+Prefill on the CPU: MEMPIPE_CPU_PREFILL picks the kernel for prefill and chunked-prefill tokens
+(dense causal attention): `mempipe` (`_mempipe.prefill_attention`), `torch` (torch's CPU SDPA
+over the request's gathered pages, mempipe.vllm.prefill), or `auto` (default: torch when a step's
+longest prefill request has at least MEMPIPE_CPU_PREFILL_MIN_TOKENS new tokens, default 4096,
+else mempipe; the crossover measured by integration/bench/cpu_prefill_bench.py on the build VM
+lies between 2K and 4K tokens).
+
+Attention threads on the CPU: MEMPIPE_CPU_ATTN_THREADS (default 1) host threads per call for
+mempipe's decode kernels (prefill calls use torch's thread count); 0 means
+torch.get_num_threads(). Inside vLLM's CPU worker, torch's OpenMP
+threads keep spinning on the cores between operators, so threads mempipe starts per call wait
+for a time slice: measured on the build VM, a sparse decode call after a torch matmul took
+1.8 ms with 2 threads and 0.36 ms with 1.
+
 Devices: on the CPU worker every step runs on the host (placement cpu or dense). With a GPU
 build of mempipe on a CUDA worker (placement gpu or dense) every step runs on the GPU: the
 builder keeps vLLM's persistent device tensors (block table, seq_lens, slot mapping) as they
@@ -29,6 +43,7 @@ block tables and slot mappings keep vLLM's meaning. Older vLLM releases that han
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from typing import ClassVar
 
@@ -48,11 +63,43 @@ from vllm.logger import init_logger
 from mempipe import _mempipe
 from mempipe import config as mempipe_config
 from mempipe.attention import DecodePlan, PagedLayer
+from mempipe.vllm.prefill import gathered_sdpa_prefill
 
 try:  # vLLM >= 0.3x: backends declare the physical KV cache layouts they read.
     from vllm.v1.kv_cache_layout import KVCacheLayout
 except ImportError:  # older releases fix the layout per backend
     KVCacheLayout = None
+
+_PREFILL_KERNELS = ("auto", "mempipe", "torch")
+
+
+def attention_threads() -> int:
+    """MEMPIPE_CPU_ATTN_THREADS, checked (0: torch's intra-op thread count)."""
+    raw = os.environ.get("MEMPIPE_CPU_ATTN_THREADS", "1")
+    try:
+        n = int(raw)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ValueError(f"MEMPIPE_CPU_ATTN_THREADS must be an integer >= 0, got {raw!r}")
+    return n or max(1, torch.get_num_threads())
+
+
+def prefill_kernel_choice() -> tuple[str, int]:
+    """(MEMPIPE_CPU_PREFILL, MEMPIPE_CPU_PREFILL_MIN_TOKENS), checked."""
+    kernel = os.environ.get("MEMPIPE_CPU_PREFILL", "auto")
+    if kernel not in _PREFILL_KERNELS:
+        raise ValueError(f"MEMPIPE_CPU_PREFILL must be one of {', '.join(_PREFILL_KERNELS)}, "
+                         f"got {kernel!r}")
+    raw = os.environ.get("MEMPIPE_CPU_PREFILL_MIN_TOKENS", "4096")
+    try:
+        min_tokens = int(raw)
+    except ValueError:
+        min_tokens = -1
+    if min_tokens < 1:
+        raise ValueError(f"MEMPIPE_CPU_PREFILL_MIN_TOKENS must be a positive integer, got {raw!r}")
+    return kernel, min_tokens
+
 
 # A child of the "vllm" logger, so the line shows under vLLM's own logging configuration.
 logger = init_logger("vllm.mempipe")
@@ -143,6 +190,10 @@ class MempipeMetadata:
     prefill_seq_lens: torch.Tensor    # [P] int32
     prefill_block_table: torch.Tensor  # [P, max_blocks] int32
     plan: DecodePlan | None = None     # the builder's scratch buffers, shared by every layer
+    # Decode rows are [0, D) and prefill rows [D, num_actual_tokens) in request order (vLLM
+    # orders a mixed batch so): on the CPU, slices replace index_select / index_copy_ then.
+    rows_split: bool = False
+    max_prefill_len: int = 0          # longest prefill request's new tokens
 
     @property
     def all_decode(self) -> bool:
@@ -232,6 +283,10 @@ class MempipeMetadataBuilder(AttentionMetadataBuilder[MempipeMetadata]):
         p_total = int(p_starts[-1])
         within = torch.arange(p_total) - torch.repeat_interleave(p_starts[:-1], p_lens)
         prefill_tokens = torch.repeat_interleave(qsl[prefill].to(torch.int64), p_lens) + within
+        num_decode = decode.numel()
+        rows_split = bool(torch.equal(decode, torch.arange(num_decode)) and
+                          torch.equal(prefill_tokens,
+                                      torch.arange(num_decode, num_decode + p_total)))
         on = lambda t: t.to(dev, non_blocking=True)  # noqa: E731  (host index tensors)
         decode_d, prefill_d = on(decode), on(prefill)
         return MempipeMetadata(
@@ -248,6 +303,8 @@ class MempipeMetadataBuilder(AttentionMetadataBuilder[MempipeMetadata]):
             prefill_seq_lens=seq_lens.index_select(0, prefill_d).contiguous(),
             prefill_block_table=block_table.index_select(0, prefill_d).contiguous(),
             plan=self.plan,
+            rows_split=rows_split,
+            max_prefill_len=int(p_lens.max()) if p_total else 0,
         )
 
 
@@ -305,12 +362,15 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
         if reasons:
             raise ValueError("mempipe configuration rejected: " + "; ".join(reasons))
         self._layer: PagedLayer | None = None
+        self._prefill_kernel, self._prefill_min_tokens = prefill_kernel_choice()
+        self._attention_threads = attention_threads()
 
     def _paged_layer(self, layer: AttentionLayer) -> PagedLayer:
         if self._layer is None:
             self._layer = PagedLayer(self.config, layer_index_of(layer.layer_name),
                                      self.num_heads, self.num_kv_heads, self.head_size,
                                      self.scale)
+            self._layer.num_threads = self._attention_threads  # host kernels (decode)
         return self._layer
 
     def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor,
@@ -339,15 +399,44 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
         if m.all_decode:
             paged.decode(q, kv, m.decode_block_table, m.decode_seq_lens, out)
             return output
-        if m.decode_tokens.numel():
-            od = torch.empty(m.decode_tokens.numel(), self.num_heads, self.head_size,
+        if out.device.type != "cpu":
+            if m.decode_tokens.numel():
+                od = torch.empty(m.decode_tokens.numel(), self.num_heads, self.head_size,
+                                 dtype=out.dtype, device=out.device)
+                paged.decode(q.index_select(0, m.decode_tokens), kv, m.decode_block_table,
+                             m.decode_seq_lens, od)
+                out.index_copy_(0, m.decode_tokens, od)
+            op = torch.empty(m.prefill_tokens.numel(), self.num_heads, self.head_size,
                              dtype=out.dtype, device=out.device)
-            paged.decode(q.index_select(0, m.decode_tokens), kv, m.decode_block_table,
-                         m.decode_seq_lens, od)
-            out.index_copy_(0, m.decode_tokens, od)
-        op = torch.empty(m.prefill_tokens.numel(), self.num_heads, self.head_size,
-                         dtype=out.dtype, device=out.device)
-        paged.prefill(q.index_select(0, m.prefill_tokens), m.prefill_query_start_loc, kv,
-                      m.prefill_block_table, m.prefill_seq_lens, op)
-        out.index_copy_(0, m.prefill_tokens, op)
+            paged.prefill(q.index_select(0, m.prefill_tokens), m.prefill_query_start_loc, kv,
+                          m.prefill_block_table, m.prefill_seq_lens, op)
+            out.index_copy_(0, m.prefill_tokens, op)
+            return output
+        num_decode = m.decode_tokens.numel()
+        if num_decode:
+            if m.rows_split:
+                paged.decode(q[:num_decode], kv, m.decode_block_table, m.decode_seq_lens,
+                             out[:num_decode])
+            else:
+                od = torch.empty(num_decode, self.num_heads, self.head_size, dtype=out.dtype)
+                paged.decode(q.index_select(0, m.decode_tokens), kv, m.decode_block_table,
+                             m.decode_seq_lens, od)
+                out.index_copy_(0, m.decode_tokens, od)
+        if m.rows_split:
+            pq, op = q[num_decode:], out[num_decode:]
+        else:
+            pq = q.index_select(0, m.prefill_tokens)
+            op = torch.empty(m.prefill_tokens.numel(), self.num_heads, self.head_size,
+                             dtype=out.dtype)
+        use_torch = self._prefill_kernel == "torch" or (
+            self._prefill_kernel == "auto" and m.max_prefill_len >= self._prefill_min_tokens)
+        if use_torch:
+            gathered_sdpa_prefill(pq, m.prefill_query_start_loc, kv, m.prefill_block_table,
+                                  m.prefill_seq_lens, op, self.scale)
+        else:  # mempipe's kernel; a prefill call is long enough to be worth torch's threads
+            _mempipe.prefill_attention(pq.contiguous(), m.prefill_query_start_loc, kv,
+                                       m.prefill_block_table, m.prefill_seq_lens, op, self.scale,
+                                       num_threads=max(1, torch.get_num_threads()))
+        if not m.rows_split:
+            out.index_copy_(0, m.prefill_tokens, op)
         return output

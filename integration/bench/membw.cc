@@ -1,0 +1,137 @@
+#include "integration/bench/membw.h"
+
+#include <time.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+#define MEMPIPE_MEMBW_AVX512 1
+#else
+#define MEMPIPE_MEMBW_AVX512 0
+#endif
+
+namespace mempipe {
+namespace {
+
+// Sums [p, p + n) 64-bit words; the sum keeps the loads from being optimized away.
+uint64_t ReadPortable(const uint64_t* p, size_t n) {
+  uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  size_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    s0 += p[i];
+    s1 += p[i + 1];
+    s2 += p[i + 2];
+    s3 += p[i + 3];
+  }
+  for (; i < n; ++i) s0 += p[i];
+  return s0 + s1 + s2 + s3;
+}
+
+#if MEMPIPE_MEMBW_AVX512
+// n is a multiple of 32 words (four 64-byte lines).
+__attribute__((target("avx512f"))) uint64_t ReadAvx512(const uint64_t* p, size_t n) {
+  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+  for (size_t i = 0; i < n; i += 32) {
+    a0 = _mm512_add_epi64(a0, _mm512_load_si512(p + i));
+    a1 = _mm512_add_epi64(a1, _mm512_load_si512(p + i + 8));
+    a2 = _mm512_add_epi64(a2, _mm512_load_si512(p + i + 16));
+    a3 = _mm512_add_epi64(a3, _mm512_load_si512(p + i + 24));
+  }
+  return _mm512_reduce_add_epi64(
+      _mm512_add_epi64(_mm512_add_epi64(a0, a1), _mm512_add_epi64(a2, a3)));
+}
+#endif
+
+bool HasAvx512() {
+#if MEMPIPE_MEMBW_AVX512
+  return __builtin_cpu_supports("avx512f");
+#else
+  return false;
+#endif
+}
+
+double ProcessCpuSeconds() {
+  timespec ts;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+struct FreeDeleter {
+  void operator()(uint64_t* p) const { std::free(p); }
+};
+
+}  // namespace
+
+absl::StatusOr<ReadBandwidth> MeasureReadBandwidth(size_t bytes, int threads, int passes) {
+  if (bytes < (1u << 20) || threads < 1 || passes < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("read bandwidth needs bytes >= 1 MiB, threads",
+                                                   " >= 1 and passes >= 1; got bytes ", bytes,
+                                                   ", threads ", threads, ", passes ", passes));
+  }
+  // Each thread's share is a whole number of 256-byte chunks.
+  const size_t chunk_words = 32;
+  const size_t chunks = bytes / (chunk_words * 8);
+  const size_t words = chunks * chunk_words;
+  std::unique_ptr<uint64_t, FreeDeleter> buf(
+      static_cast<uint64_t*>(std::aligned_alloc(64, words * 8)));
+  if (!buf) return absl::ResourceExhaustedError(absl::StrCat("cannot allocate ", bytes, " bytes"));
+  const bool avx512 = HasAvx512();
+  auto share = [&](int t, size_t& begin, size_t& end) {
+    begin = chunks * t / threads * chunk_words;
+    end = chunks * (t + 1) / threads * chunk_words;
+  };
+  std::vector<uint64_t> sums(threads);
+  auto run_all = [&](auto&& body) {
+    std::vector<std::thread> pool;
+    for (int t = 1; t < threads; ++t) pool.emplace_back(body, t);
+    body(0);
+    for (auto& th : pool) th.join();
+  };
+  run_all([&](int t) {  // first touch by the thread that reads it
+    size_t b, e;
+    share(t, b, e);
+    for (size_t i = b; i < e; ++i) buf.get()[i] = i;
+  });
+  ReadBandwidth r;
+  r.bytes = words * 8;
+  r.threads = threads;
+  r.passes = passes;
+  r.kernel = avx512 ? "avx512" : "portable";
+  for (int pass = 0; pass < passes; ++pass) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const double c0 = ProcessCpuSeconds();
+    run_all([&](int t) {
+      size_t b, e;
+      share(t, b, e);
+#if MEMPIPE_MEMBW_AVX512
+      if (avx512) {
+        sums[t] += ReadAvx512(buf.get() + b, e - b);
+        return;
+      }
+#endif
+      sums[t] += ReadPortable(buf.get() + b, e - b);
+    });
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double cpu = (ProcessCpuSeconds() - c0) / threads;
+    r.gbytes_per_s = std::max(r.gbytes_per_s, r.bytes / s / 1e9);
+    if (cpu > 0) r.gbytes_per_cpu_s = std::max(r.gbytes_per_cpu_s, r.bytes / cpu / 1e9);
+  }
+  static volatile uint64_t sink;  // keeps the sums, and so the loads, alive
+  for (uint64_t s : sums) sink = sink + s;
+  return r;
+}
+
+}  // namespace mempipe

