@@ -46,6 +46,10 @@ class PagedLayer:
         self.num_threads = max(1, torch.get_num_threads())
         self._digests: torch.Tensor | None = None
         self._digests_key: tuple | None = None
+        # A layer that reads another layer's KV cache (vLLM's kv_sharing_target_layer_name)
+        # scores with that layer's digests; the target keeps digests even when it is dense.
+        self.digest_source: PagedLayer | None = None
+        self.keep_digests = False
 
     def digests(self, kv_cache: torch.Tensor) -> torch.Tensor:
         """The digests of `kv_cache`, [num_blocks, 2, num_kv_heads, head_dim] in its dtype.
@@ -54,6 +58,8 @@ class PagedLayer:
         after vLLM re-allocates, gets new digests). Unwritten pages hold NaN: a page is only
         scored after a token was appended to it, which resets its digest first.
         """
+        if self.digest_source is not None:
+            return self.digest_source.digests(kv_cache)
         key = (kv_cache.data_ptr(), tuple(kv_cache.shape), kv_cache.dtype)
         if self._digests is None or self._digests_key != key:
             _, num_blocks, _, kv_heads, head_dim = kv_cache.shape
@@ -66,7 +72,7 @@ class PagedLayer:
                value: torch.Tensor) -> None:
         """Writes the new tokens and keeps the digests current (only sparse layers need them)."""
         key, value = key.contiguous(), value.contiguous()
-        if self.sparse:
+        if self.sparse or self.keep_digests:
             _mempipe.append_kv_and_digests(kv_cache, slot_mapping, key, value,
                                            self.digests(kv_cache))
         else:
