@@ -12,7 +12,7 @@ if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then
   echo "[gpu] CUDA build (sm_80, sm_90)"
   cmake -S . -B build-ci-cuda -G Ninja -DMEMPIPE_GPU=cuda -DCMAKE_CUDA_ARCHITECTURES="80;90" \
     -DMEMPIPE_XRT=off -DMEMPIPE_WERROR=ON >/dev/null
-  ninja -C build-ci-cuda -j"$JOBS" gpu_kernels_test mempipe_gpu_capi
+  ninja -C build-ci-cuda -j"$JOBS" gpu_kernels_test
   echo "[gpu] GPU tests (they skip without a GPU)"
   build-ci-cuda/tests/gpu/gpu_kernels_test --gtest_brief=1
 else
@@ -23,5 +23,6 @@ echo "[gpu] HIP compile (gfx90a, gfx940)"
 cmake -S . -B build-ci-hip -G Ninja -DMEMPIPE_GPU=hip -DMEMPIPE_XRT=off -DMEMPIPE_BUILD_TESTS=OFF \
   >/dev/null
 # Without an AMD GPU, hipcc may print a harmless rocm_agent_enumerator traceback.
-ninja -C build-ci-hip -j"$JOBS" mempipe_gpu_runtime mempipe_attention_gpu mempipe_retriever_gpu
+ninja -C build-ci-hip -j"$JOBS" mempipe_gpu_runtime mempipe_attention_gpu mempipe_retriever_gpu \
+  mempipe_gpu_selector
 echo "[gpu] OK"

@@ -165,9 +165,8 @@ absl::Status DenseDecode(const DecodeIo& io, const KvCacheView& cache, const Blo
   return absl::OkStatus();
 }
 
-absl::Status SparseDecode(const DecodeIo& io, const KvCacheView& cache, const BlockTableView& table,
-                          const PageList& pages, float scale) {
-  MEMPIPE_RETURN_IF_ERROR(ValidateDecodeIo(io, cache, table));
+absl::Status ValidatePageList(const PageList& pages, const BlockTableView& table,
+                              const KvCacheView& cache) {
   if (pages.pages == nullptr || pages.counts == nullptr) {
     return absl::InvalidArgumentError("selected pages and counts must not be null");
   }
@@ -176,7 +175,7 @@ absl::Status SparseDecode(const DecodeIo& io, const KvCacheView& cache, const Bl
         "selection has ", pages.num_kv_heads, " KV heads and max_selected ", pages.max_selected,
         "; expected ", cache.num_kv_heads, " KV heads and max_selected >= 1"));
   }
-  for (int s = 0; s < io.num_seqs; ++s) {
+  for (int s = 0; s < table.num_seqs; ++s) {
     const int num_pages = NumPages(table.seq_lens[s], cache.block_size);
     for (int h = 0; h < cache.num_kv_heads; ++h) {
       const size_t row = static_cast<size_t>(s) * pages.num_kv_heads + h;
@@ -196,6 +195,13 @@ absl::Status SparseDecode(const DecodeIo& io, const KvCacheView& cache, const Bl
       }
     }
   }
+  return absl::OkStatus();
+}
+
+absl::Status SparseDecode(const DecodeIo& io, const KvCacheView& cache, const BlockTableView& table,
+                          const PageList& pages, float scale) {
+  MEMPIPE_RETURN_IF_ERROR(ValidateDecodeIo(io, cache, table));
+  MEMPIPE_RETURN_IF_ERROR(ValidatePageList(pages, table, cache));
   const int groups = io.num_heads / cache.num_kv_heads;
   DispatchDType(cache.dtype, [&]<typename T>() {
     ForEachSeqHeads(io.num_seqs, cache.num_kv_heads, io.num_threads, [&](int s, int h0, int h1) {

@@ -42,6 +42,11 @@ struct PageList {
 [[nodiscard]] absl::Status ValidateDecodeIo(const DecodeIo& io, const KvCacheView& cache,
                                             const BlockTableView& table);
 
+// Checks a selection (host memory) against the table: non-null pointers, num_kv_heads equal to
+// the cache's, every count in [1, max_selected], every page in [0, num_pages) and ascending.
+[[nodiscard]] absl::Status ValidatePageList(const PageList& pages, const BlockTableView& table,
+                                            const KvCacheView& cache);
+
 // Attention of each sequence's query over all its seq_len cached tokens.
 [[nodiscard]] absl::Status DenseDecode(const DecodeIo& io, const KvCacheView& cache,
                                        const BlockTableView& table, float scale);

@@ -10,9 +10,9 @@
 //   KvCacheView view{kv.data, ValueOrThrow(kv.FloatDType()), ...};
 //
 // Device handling: every borrowed tensor records its DLPack device. The module's functions
-// require that all tensors of one call share a device and, in this build, that it is the CPU
-// (kDLCPU; kDLCUDAHost pinned memory counts as CPU). A GPU build dispatches kDLCUDA/kDLROCM
-// tensors to the device kernels, launched on the stream the caller names (see module.cc).
+// require that all tensors of one call share a device (kDLCUDAHost pinned memory counts as
+// the CPU); host tensors run the CPU code, kDLCUDA tensors the GPU launchers of a CUDA build,
+// on the stream the caller names (see module.cc).
 #ifndef MEMPIPE_BINDINGS_DLPACK_TENSOR_H_
 #define MEMPIPE_BINDINGS_DLPACK_TENSOR_H_
 
@@ -32,10 +32,16 @@ namespace mempipe::bindings {
 
 namespace py = pybind11;
 
-// Element types the kernels read: the three storage dtypes and the two index types.
-enum class ElemType { kFloat32, kFloat16, kBFloat16, kInt32, kInt64 };
+// Element types the kernels read: the three storage dtypes, the two index types, and bytes
+// (GPU workspaces).
+enum class ElemType { kFloat32, kFloat16, kBFloat16, kInt32, kInt64, kUInt8 };
 
 std::string ElemTypeName(ElemType t);
+
+// "cpu:0", "cuda:1", "rocm:0", "cuda_host:0" ...
+std::string DeviceName(const DLDevice& device);
+// True for memory the CPU code can read (kDLCPU, and kDLCUDAHost pinned memory).
+bool IsHostDevice(const DLDevice& device);
 
 struct BorrowedTensor {
   std::string name;      // argument name, for error messages
@@ -46,6 +52,8 @@ struct BorrowedTensor {
   std::vector<int64_t> shape;
 
   int Rank() const { return static_cast<int>(shape.size()); }
+  // "kv_cache (cuda:0, bfloat16, shape [2, 64, 16, 8, 128])": what an error message names.
+  std::string Describe() const;
   int64_t NumElems() const;
   // The storage dtype of a float tensor (fp32/fp16/bf16); InvalidArgument for an index tensor.
   absl::StatusOr<DType> FloatDType() const;

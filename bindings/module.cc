@@ -23,15 +23,24 @@
 //   scores        [S, KVH, max_blocks_per_seq] fp32
 //   pages         [S, KVH, max_selected] int32;   counts [S, KVH] int32
 //
-// Devices and streams: this build runs every step on the CPU and rejects device memory with
-// NotImplementedError naming the tensor and its device. The device check sits in one place
-// (RequireHostMemory); GPU kernels plug in there, taking the caller's stream as an integer
-// handle (torch.cuda.current_stream().cuda_stream) so that work stays ordered with the
-// framework's own kernels without a synchronization.
+// Devices and streams: every function dispatches on the tensors' DLPack device. Host tensors
+// (cpu, cuda_host) run the CPU code; CUDA tensors run the GPU launchers (attention/gpu,
+// retriever/gpu) in a CUDA build of the module (`devices` lists what the build runs), on the
+// stream `stream=` names: None (default) means torch.cuda.current_stream(device), an int is a
+// raw cudaStream_t, an object with `cuda_stream` (torch.cuda.Stream) gives its handle. The
+// launch is asynchronous on that stream: nothing synchronizes, nothing is allocated. GPU
+// scratch memory is the caller's (`workspace=`, a uint8 tensor on the same device, at least
+// decode_workspace_bytes(...) / select_workspace_bytes(...) bytes), so a plan can own it for
+// a whole step and a CUDA graph can capture the launches. One call's tensors must share one
+// device; a stream of another device, a non-contiguous tensor, a wrong dtype or shape raises
+// ValueError naming the tensor with its device, dtype and shape. Functions without a GPU
+// kernel (write_kv, update_digests, prefill_attention) raise NotImplementedError on CUDA.
 #include <pybind11/pybind11.h>
 
+#include <cstdint>
 #include <initializer_list>
 #include <string>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "attention/decode.h"
@@ -41,6 +50,13 @@
 #include "retriever/digest.h"
 #include "retriever/relevancy.h"
 #include "retriever/select.h"
+
+#ifdef MEMPIPE_MODULE_GPU
+#include "attention/gpu/paged_decode_gpu.h"
+#include "bindings/gpu_device.h"
+#include "retriever/gpu/digest_gpu.h"
+#include "retriever/gpu/select_gpu.h"
+#endif
 
 namespace mempipe::bindings {
 namespace {
@@ -60,33 +76,110 @@ py::tuple IntTuple(const int (&values)[N]) {
   return t;
 }
 
-const char* DeviceName(DLDeviceType t) {
-  switch (t) {
-    case kDLCPU:
-      return "cpu";
-    case kDLCUDA:
-      return "cuda";
-    case kDLCUDAHost:
-      return "cuda_host";
-    case kDLROCM:
-      return "rocm";
-    case kDLCUDAManaged:
-      return "cuda_managed";
-    default:
-      return "other";
-  }
-}
+#ifdef MEMPIPE_MODULE_GPU
+constexpr bool kGpuBuild = true;
+#else
+constexpr bool kGpuBuild = false;
+using GpuStream = void*;
+#endif
 
-// Host memory only in this build (see the banner).
-void RequireHostMemory(std::initializer_list<const BorrowedTensor*> tensors) {
-  for (const BorrowedTensor* t : tensors) {
-    const DLDeviceType d = t->device.device_type;
-    if (d != kDLCPU && d != kDLCUDAHost) {
-      Check(absl::UnimplementedError(
-          absl::StrCat(t->name, " is on device ", DeviceName(d), ":", t->device.device_id,
-                       "; this build of mempipe runs its steps on the CPU only (host memory)")));
+// Where one call runs: the host, or one CUDA device on one stream.
+struct Target {
+  bool gpu = false;
+  int device = 0;
+  GpuStream stream = nullptr;
+};
+
+// torch's current stream of `device` as a raw handle (torch._C._cuda_getCurrentRawStream is
+// what torch's own extensions read; torch.cuda.current_stream() where it is absent).
+GpuStream TorchCurrentStream(int device) {
+  static py::object* raw = nullptr;
+  static py::object* current = nullptr;
+  if (raw == nullptr && current == nullptr) {
+    py::module_ torch;
+    try {
+      torch = py::module_::import("torch");
+    } catch (py::error_already_set&) {
+      Check(absl::InvalidArgumentError(
+          "CUDA tensors without torch: pass the stream explicitly (stream=<cudaStream_t int>)"));
+    }
+    py::object c = torch.attr("_C");
+    // NOTE: leaked on purpose, so that nothing is released after the interpreter finalizes.
+    if (py::hasattr(c, "_cuda_getCurrentRawStream")) {
+      raw = new py::object(c.attr("_cuda_getCurrentRawStream"));
+    } else {
+      current = new py::object(torch.attr("cuda").attr("current_stream"));
     }
   }
+  if (raw != nullptr) {
+    return reinterpret_cast<GpuStream>((*raw)(device).cast<uintptr_t>());
+  }
+  return reinterpret_cast<GpuStream>((*current)(device).attr("cuda_stream").cast<uintptr_t>());
+}
+
+// The caller's stream argument: None, an int handle, or an object with `cuda_stream`
+// (torch.cuda.Stream; its `device_index`, when present, must be `device`).
+GpuStream StreamOf(const py::object& stream, int device) {
+  if (stream.is_none()) return TorchCurrentStream(device);
+  if (py::isinstance<py::int_>(stream)) {
+    return reinterpret_cast<GpuStream>(stream.cast<uintptr_t>());
+  }
+  if (py::hasattr(stream, "cuda_stream")) {
+    if (py::hasattr(stream, "device_index")) {
+      const int d = stream.attr("device_index").cast<int>();
+      if (d != device) {
+        Check(absl::FailedPreconditionError(absl::StrCat("stream is a stream of cuda:", d,
+                                                         " but the tensors are on cuda:", device)));
+      }
+    }
+    return reinterpret_cast<GpuStream>(stream.attr("cuda_stream").cast<uintptr_t>());
+  }
+  Check(absl::InvalidArgumentError(
+      absl::StrCat("stream must be None, an int (cudaStream_t) or a torch.cuda.Stream, got ",
+                   std::string(py::str(py::type::of(stream).attr("__name__"))))));
+  return nullptr;
+}
+
+// Every tensor of a call on one device: host memory (the CPU code), or one CUDA device of a
+// GPU build. Errors name the first tensor and the one that differs, with device, dtype, shape.
+Target ResolveTarget(std::initializer_list<const BorrowedTensor*> tensors,
+                     const py::object& stream) {
+  const BorrowedTensor* first = *tensors.begin();
+  for (const BorrowedTensor* t : tensors) {
+    const bool same = IsHostDevice(first->device)
+                          ? IsHostDevice(t->device)
+                          : t->device.device_type == first->device.device_type &&
+                                t->device.device_id == first->device.device_id;
+    if (!same) {
+      Check(absl::InvalidArgumentError(
+          absl::StrCat("all tensors of one call must be on one device: ", first->Describe(),
+                       " but ", t->Describe())));
+    }
+  }
+  Target target;
+  if (IsHostDevice(first->device)) return target;
+  if (first->device.device_type != kDLCUDA || !kGpuBuild) {
+    Check(absl::UnimplementedError(absl::StrCat(
+        first->Describe(), " is in device memory, which this build of mempipe does not run",
+        " (mempipe.steps.devices = ", kGpuBuild ? "('cpu', 'cuda')" : "('cpu',)",
+        "); host tensors run on the CPU")));
+  }
+  target.gpu = true;
+  target.device = first->device.device_id;
+  target.stream = StreamOf(stream, target.device);
+#ifdef MEMPIPE_MODULE_GPU
+  // torch's current stream of the tensors' device needs no check; a handle the caller names
+  // does (a torch.cuda.Stream's device_index was checked in StreamOf).
+  if (py::isinstance<py::int_>(stream)) Check(CheckStreamDevice(target.stream, target.device));
+#endif
+  return target;
+}
+
+// A function without a GPU kernel, called with CUDA tensors.
+void NoGpuKernel(const Target& target, const char* function, const char* instead) {
+  if (!target.gpu) return;
+  Check(absl::UnimplementedError(
+      absl::StrCat(function, " has no GPU kernel (cuda:", target.device, " tensors); ", instead)));
 }
 
 // Converts a [2, num_blocks, block_size, KVH, D] tensor.
@@ -209,10 +302,75 @@ void RunReleased(Fn&& fn) {
   Check(status);
 }
 
-void WriteKvPy(py::handle kv_cache, py::handle slot_mapping, py::handle key, py::handle value) {
+#ifdef MEMPIPE_MODULE_GPU
+// Launches `fn` with the target's device current (the launchers plan for the current device).
+template <typename Fn>
+void RunOnGpu(const Target& target, Fn&& fn) {
+  RunReleased([&]() -> absl::Status {
+    absl::StatusOr<ScopedDevice> guard = ScopedDevice::Enter(target.device);
+    if (!guard.ok()) return guard.status();
+    return fn();
+  });
+}
+#endif
+
+// The caller's GPU scratch memory: a uint8 tensor on the call's device with at least `need`
+// bytes (None is accepted when nothing is needed). Ignored on the CPU.
+struct Scratch {
+  void* data = nullptr;
+  size_t bytes = 0;
+};
+
+Scratch ScratchOf(const py::object& workspace, const Target& target, size_t need,
+                  const char* function, const char* size_function) {
+  if (!target.gpu) return {};
+  if (workspace.is_none()) {
+    if (need == 0) return {};
+    Check(absl::InvalidArgumentError(absl::StrCat(
+        function, " on cuda:", target.device, " needs workspace=, a uint8 tensor of at least ",
+        need, " bytes on that device (mempipe.steps.", size_function, ")")));
+  }
+  BorrowedTensor ws = Borrow(workspace, "workspace");
+  if (ws.device.device_type != kDLCUDA || ws.device.device_id != target.device) {
+    Check(absl::InvalidArgumentError(absl::StrCat(ws.Describe(), " must be on cuda:", target.device,
+                                                  " with the other tensors")));
+  }
+  Check(ws.RequireType(ElemType::kUInt8));
+  const auto bytes = static_cast<size_t>(ws.NumElems());
+  if (bytes < need) {
+    Check(absl::InvalidArgumentError(absl::StrCat(ws.Describe(), " holds ", bytes, " bytes; ",
+                                                  function, " needs ", need, " (mempipe.steps.",
+                                                  size_function, ")")));
+  }
+  return Scratch{ws.data, bytes};
+}
+
+size_t DecodeScratchBytes(const Target& target, int num_seqs, int num_heads, int num_kv_heads,
+                          int max_items) {
+#ifdef MEMPIPE_MODULE_GPU
+  if (target.gpu) {
+    const ScopedDevice guard = ValueOrThrow(ScopedDevice::Enter(target.device));
+    return PagedDecodeWorkspaceBytes(num_seqs, num_heads, num_kv_heads, max_items);
+  }
+#endif
+  (void)target, (void)num_seqs, (void)num_heads, (void)num_kv_heads, (void)max_items;
+  return 0;
+}
+
+size_t SelectScratchBytes(const Target& target, const BlockTableView& table, int num_kv_heads) {
+#ifdef MEMPIPE_MODULE_GPU
+  if (target.gpu) return SelectWorkspaceBytes(table, num_kv_heads);
+#endif
+  (void)target, (void)table, (void)num_kv_heads;
+  return 0;
+}
+
+void WriteKvPy(py::handle kv_cache, py::handle slot_mapping, py::handle key, py::handle value,
+               const py::object& stream) {
   auto kv = Borrow(kv_cache, "kv_cache"), slots = Borrow(slot_mapping, "slot_mapping"),
        k = Borrow(key, "key"), v = Borrow(value, "value");
-  RequireHostMemory({&kv, &slots, &k, &v});
+  [[maybe_unused]] const Target target = ResolveTarget({&kv, &slots, &k, &v}, stream);
+  NoGpuKernel(target, "write_kv", "append_kv_and_digests writes the cache with the digests");
   const KvCacheView cache = CacheView(kv);
   CheckSlots(slots);
   CheckTokenRows(k, slots, cache);
@@ -223,10 +381,10 @@ void WriteKvPy(py::handle kv_cache, py::handle slot_mapping, py::handle key, py:
 }
 
 void AppendKvAndDigestsPy(py::handle kv_cache, py::handle slot_mapping, py::handle key,
-                          py::handle value, py::handle digests) {
+                          py::handle value, py::handle digests, const py::object& stream) {
   auto kv = Borrow(kv_cache, "kv_cache"), slots = Borrow(slot_mapping, "slot_mapping"),
        k = Borrow(key, "key"), v = Borrow(value, "value"), dg = Borrow(digests, "digests");
-  RequireHostMemory({&kv, &slots, &k, &v, &dg});
+  [[maybe_unused]] const Target target = ResolveTarget({&kv, &slots, &k, &v, &dg}, stream);
   const KvCacheView cache = CacheView(kv);
   const DigestView dv = DigestsView(dg, cache);
   CheckSlots(slots);
@@ -234,13 +392,23 @@ void AppendKvAndDigestsPy(py::handle kv_cache, py::handle slot_mapping, py::hand
   CheckTokenRows(v, slots, cache);
   const auto* s = static_cast<const int64_t*>(slots.data);
   const int n = static_cast<int>(slots.shape[0]);
+#ifdef MEMPIPE_MODULE_GPU
+  if (target.gpu) {
+    RunOnGpu(target,
+             [&] { return AppendKvAndDigestsGpu(cache, s, n, k.data, v.data, dv, target.stream); });
+    return;
+  }
+#endif
   RunReleased([&] { return AppendKvAndDigests(cache, s, n, k.data, v.data, dv); });
 }
 
-void UpdateDigestsPy(py::handle kv_cache, py::handle slot_mapping, py::handle digests) {
+void UpdateDigestsPy(py::handle kv_cache, py::handle slot_mapping, py::handle digests,
+                     const py::object& stream) {
   auto kv = Borrow(kv_cache, "kv_cache"), slots = Borrow(slot_mapping, "slot_mapping"),
        dg = Borrow(digests, "digests");
-  RequireHostMemory({&kv, &slots, &dg});
+  [[maybe_unused]] const Target target = ResolveTarget({&kv, &slots, &dg}, stream);
+  NoGpuKernel(target, "update_digests",
+              "append_kv_and_digests updates them with the write, build_digests in bulk");
   const KvCacheView cache = CacheView(kv);
   const DigestView dv = DigestsView(dg, cache);
   CheckSlots(slots);
@@ -250,23 +418,29 @@ void UpdateDigestsPy(py::handle kv_cache, py::handle slot_mapping, py::handle di
 }
 
 void BuildDigestsPy(py::handle kv_cache, py::handle block_table, py::handle seq_lens,
-                    py::handle digests) {
+                    py::handle digests, const py::object& stream) {
   auto kv = Borrow(kv_cache, "kv_cache"), bt = Borrow(block_table, "block_table"),
        lens = Borrow(seq_lens, "seq_lens"), dg = Borrow(digests, "digests");
-  RequireHostMemory({&kv, &bt, &lens, &dg});
+  [[maybe_unused]] const Target target = ResolveTarget({&kv, &bt, &lens, &dg}, stream);
   const KvCacheView cache = CacheView(kv);
   const DigestView dv = DigestsView(dg, cache);
   const BlockTableView table = TableView(bt, lens);
+#ifdef MEMPIPE_MODULE_GPU
+  if (target.gpu) {
+    RunOnGpu(target, [&] { return BuildDigestsGpu(cache, table, dv, target.stream); });
+    return;
+  }
+#endif
   RunReleased([&] { return BuildDigests(cache, table, dv); });
 }
 
 void ComputeRelevancyPy(py::handle query, py::handle kv_cache, py::handle digests,
                         py::handle block_table, py::handle seq_lens, py::handle scores,
-                        const std::string& aggregation) {
+                        const std::string& aggregation, const py::object& stream) {
   auto q = Borrow(query, "query"), kv = Borrow(kv_cache, "kv_cache"),
        dg = Borrow(digests, "digests"), bt = Borrow(block_table, "block_table"),
        lens = Borrow(seq_lens, "seq_lens"), sc = Borrow(scores, "scores");
-  RequireHostMemory({&q, &kv, &dg, &bt, &lens, &sc});
+  [[maybe_unused]] const Target target = ResolveTarget({&q, &kv, &dg, &bt, &lens, &sc}, stream);
   const KvCacheView cache = CacheView(kv);
   const DigestView dv = DigestsView(dg, cache);
   const BlockTableView table = TableView(bt, lens);
@@ -278,15 +452,23 @@ void ComputeRelevancyPy(py::handle query, py::handle kv_cache, py::handle digest
   Check(sc.RequireDim(2, table.max_blocks_per_seq, "max_blocks_per_seq"));
   const GroupAggregation agg = ValueOrThrow(ParseGroupAggregation(aggregation));
   auto* out = static_cast<float*>(sc.data);
+#ifdef MEMPIPE_MODULE_GPU
+  if (target.gpu) {
+    RunOnGpu(target,
+             [&] { return ComputeRelevancyGpu(qv, cache, dv, table, agg, out, target.stream); });
+    return;
+  }
+#endif
   RunReleased([&] { return ComputeRelevancy(qv, cache, dv, table, agg, out); });
 }
 
 void SelectPagesPy(py::handle scores, py::handle block_table, py::handle seq_lens, int block_size,
-                   py::handle pages, py::handle counts, int budget, int sinks, int locals) {
+                   py::handle pages, py::handle counts, int budget, int sinks, int locals,
+                   const py::object& stream) {
   auto sc = Borrow(scores, "scores"), bt = Borrow(block_table, "block_table"),
        lens = Borrow(seq_lens, "seq_lens"), pg = Borrow(pages, "pages"),
        ct = Borrow(counts, "counts");
-  RequireHostMemory({&sc, &bt, &lens, &pg, &ct});
+  [[maybe_unused]] const Target target = ResolveTarget({&sc, &bt, &lens, &pg, &ct}, stream);
   const BlockTableView table = TableView(bt, lens);
   Check(sc.RequireRank(3));
   Check(sc.RequireType(ElemType::kFloat32));
@@ -297,61 +479,113 @@ void SelectPagesPy(py::handle scores, py::handle block_table, py::handle seq_len
   // Aggregation is a scoring option; selection reads scores only.
   const SelectionConfig config = ConfigOf(budget, sinks, locals, "max");
   const auto* s = static_cast<const float*>(sc.data);
+#ifdef MEMPIPE_MODULE_GPU
+  if (target.gpu) {
+    RunOnGpu(target, [&] {
+      return SelectPagesGpu(s, table, block_size, kv_heads, config, sel, target.stream);
+    });
+    return;
+  }
+#endif
   RunReleased([&] { return SelectPages(s, table, block_size, kv_heads, config, sel); });
 }
 
 void ScoreAndSelectPy(py::handle query, py::handle kv_cache, py::handle digests,
                       py::handle block_table, py::handle seq_lens, py::handle pages,
                       py::handle counts, int budget, int sinks, int locals,
-                      const std::string& aggregation) {
+                      const std::string& aggregation, const py::object& workspace,
+                      const py::object& stream) {
   auto q = Borrow(query, "query"), kv = Borrow(kv_cache, "kv_cache"),
        dg = Borrow(digests, "digests"), bt = Borrow(block_table, "block_table"),
        lens = Borrow(seq_lens, "seq_lens"), pg = Borrow(pages, "pages"),
        ct = Borrow(counts, "counts");
-  RequireHostMemory({&q, &kv, &dg, &bt, &lens, &pg, &ct});
+  [[maybe_unused]] const Target target =
+      ResolveTarget({&q, &kv, &dg, &bt, &lens, &pg, &ct}, stream);
   const KvCacheView cache = CacheView(kv);
   const DigestView dv = DigestsView(dg, cache);
   const BlockTableView table = TableView(bt, lens);
   const QueryView qv = QueryOf(q);
   const SelectionView sel = SelectionOf(pg, ct, table.num_seqs, cache.num_kv_heads);
   const SelectionConfig config = ConfigOf(budget, sinks, locals, aggregation);
+  const Scratch ws =
+      ScratchOf(workspace, target, SelectScratchBytes(target, table, cache.num_kv_heads),
+                "score_and_select", "select_workspace_bytes");
+#ifdef MEMPIPE_MODULE_GPU
+  if (target.gpu) {
+    RunOnGpu(target, [&] {
+      return ScoreAndSelectGpu(qv, cache, dv, table, config, sel, ws.data, ws.bytes, target.stream);
+    });
+    return;
+  }
+#endif
+  (void)ws;
   RunReleased([&] { return ScoreAndSelect(qv, cache, dv, table, config, sel); });
 }
 
 void DenseDecodePy(py::handle query, py::handle kv_cache, py::handle block_table,
-                   py::handle seq_lens, py::handle out, float scale, int num_threads) {
+                   py::handle seq_lens, py::handle out, float scale, int num_threads,
+                   const py::object& workspace, const py::object& stream) {
   auto q = Borrow(query, "query"), kv = Borrow(kv_cache, "kv_cache"),
        bt = Borrow(block_table, "block_table"), lens = Borrow(seq_lens, "seq_lens"),
        o = Borrow(out, "out");
-  RequireHostMemory({&q, &kv, &bt, &lens, &o});
+  [[maybe_unused]] const Target target = ResolveTarget({&q, &kv, &bt, &lens, &o}, stream);
   const KvCacheView cache = CacheView(kv);
   const BlockTableView table = TableView(bt, lens);
   const DecodeIo io = IoView(q, o, num_threads);
+  const Scratch ws = ScratchOf(workspace, target,
+                               DecodeScratchBytes(target, io.num_seqs, io.num_heads,
+                                                  cache.num_kv_heads, table.max_blocks_per_seq),
+                               "dense_decode", "decode_workspace_bytes");
+#ifdef MEMPIPE_MODULE_GPU
+  if (target.gpu) {
+    RunOnGpu(target, [&] {
+      return DenseDecodeGpu(io, cache, table, scale, ws.data, ws.bytes, target.stream);
+    });
+    return;
+  }
+#endif
+  (void)ws;
   RunReleased([&] { return DenseDecode(io, cache, table, scale); });
 }
 
 void SparseDecodePy(py::handle query, py::handle kv_cache, py::handle block_table,
                     py::handle seq_lens, py::handle pages, py::handle counts, py::handle out,
-                    float scale, int num_threads) {
+                    float scale, int num_threads, const py::object& workspace,
+                    const py::object& stream) {
   auto q = Borrow(query, "query"), kv = Borrow(kv_cache, "kv_cache"),
        bt = Borrow(block_table, "block_table"), lens = Borrow(seq_lens, "seq_lens"),
        pg = Borrow(pages, "pages"), ct = Borrow(counts, "counts"), o = Borrow(out, "out");
-  RequireHostMemory({&q, &kv, &bt, &lens, &pg, &ct, &o});
+  [[maybe_unused]] const Target target = ResolveTarget({&q, &kv, &bt, &lens, &pg, &ct, &o}, stream);
   const KvCacheView cache = CacheView(kv);
   const BlockTableView table = TableView(bt, lens);
   const DecodeIo io = IoView(q, o, num_threads);
   const SelectionView sel = SelectionOf(pg, ct, table.num_seqs, cache.num_kv_heads);
   const PageList list{sel.pages, sel.counts, sel.num_kv_heads, sel.max_selected};
+  const Scratch ws = ScratchOf(
+      workspace, target,
+      DecodeScratchBytes(target, io.num_seqs, io.num_heads, cache.num_kv_heads, sel.max_selected),
+      "sparse_decode", "decode_workspace_bytes");
+#ifdef MEMPIPE_MODULE_GPU
+  if (target.gpu) {
+    RunOnGpu(target, [&] {
+      return SparseDecodeGpu(io, cache, table, list, scale, ws.data, ws.bytes, target.stream);
+    });
+    return;
+  }
+#endif
+  (void)ws;
   RunReleased([&] { return SparseDecode(io, cache, table, list, scale); });
 }
 
 void PrefillAttentionPy(py::handle query, py::handle query_start_loc, py::handle kv_cache,
                         py::handle block_table, py::handle seq_lens, py::handle out, float scale,
-                        int num_threads) {
+                        int num_threads, const py::object& stream) {
   auto q = Borrow(query, "query"), qsl = Borrow(query_start_loc, "query_start_loc"),
        kv = Borrow(kv_cache, "kv_cache"), bt = Borrow(block_table, "block_table"),
        lens = Borrow(seq_lens, "seq_lens"), o = Borrow(out, "out");
-  RequireHostMemory({&q, &qsl, &kv, &bt, &lens, &o});
+  [[maybe_unused]] const Target target = ResolveTarget({&q, &qsl, &kv, &bt, &lens, &o}, stream);
+  NoGpuKernel(target, "prefill_attention",
+              "mempipe.attention.PagedLayer.prefill runs torch SDPA on CUDA tensors");
   const KvCacheView cache = CacheView(kv);
   const BlockTableView table = TableView(bt, lens);
   const DecodeIo io = IoView(q, o, num_threads);
@@ -362,13 +596,41 @@ void PrefillAttentionPy(py::handle query, py::handle query_start_loc, py::handle
   RunReleased([&] { return PrefillAttention(io, starts, cache, table, scale); });
 }
 
+// Workspace sizes for the GPU launchers (0 where one split needs none); the decode size
+// depends on the device's SM count, so `device` names the CUDA device it is for.
+size_t DecodeWorkspaceBytesPy(int num_seqs, int num_heads, int num_kv_heads, int max_items,
+                              int device) {
+  if (!kGpuBuild) Check(absl::UnimplementedError("this build of mempipe has no GPU kernels"));
+  for (auto [v, what] :
+       {std::pair{num_seqs, "num_seqs"}, std::pair{num_heads, "num_heads"},
+        std::pair{num_kv_heads, "num_kv_heads"}, std::pair{max_items, "max_items"}}) {
+    if (v < 0) Check(absl::InvalidArgumentError(absl::StrCat(what, " must be >= 0, got ", v)));
+  }
+  Target t;
+  t.gpu = true;
+  t.device = device;
+  return DecodeScratchBytes(t, num_seqs, num_heads, num_kv_heads, max_items);
+}
+
+size_t SelectWorkspaceBytesPy(int num_seqs, int num_kv_heads, int max_blocks_per_seq) {
+  if (!kGpuBuild) Check(absl::UnimplementedError("this build of mempipe has no GPU kernels"));
+  for (auto [v, what] : {std::pair{num_seqs, "num_seqs"}, std::pair{num_kv_heads, "num_kv_heads"},
+                         std::pair{max_blocks_per_seq, "max_blocks_per_seq"}}) {
+    if (v < 0) Check(absl::InvalidArgumentError(absl::StrCat(what, " must be >= 0, got ", v)));
+  }
+  Target t;
+  t.gpu = true;
+  return SelectScratchBytes(t, BlockTableView{nullptr, nullptr, num_seqs, max_blocks_per_seq},
+                            num_kv_heads);
+}
+
 }  // namespace
 }  // namespace mempipe::bindings
 
 PYBIND11_MODULE(_mempipe, m) {
   using namespace mempipe::bindings;  // NOLINT: the module body names every binding
   using py::arg;
-  m.doc() = "mempipe: paged sparse-attention steps on caller-owned tensors (CPU build)";
+  m.doc() = "mempipe: paged sparse-attention steps on caller-owned tensors (CPU or CUDA)";
   // The supported sizes and the sparsity rules come from the C++ definitions (core/paged_kv.h,
   // core/dtype.h, backend/policy.h); Python keeps no copy.
   m.attr("supported_block_sizes") = IntTuple(mempipe::kSupportedBlockSizes);
@@ -385,35 +647,52 @@ PYBIND11_MODULE(_mempipe, m) {
       },
       arg("layer"), arg("dense_layers"),
       "The dense-layers rule (backend/policy.h): True when `layer` always decodes densely.");
-  m.attr("gpu") = false;
+  py::list devices;
+  devices.append("cpu");
+  if (kGpuBuild) devices.append("cuda");
+  m.attr("devices") = py::tuple(devices);
+  m.attr("gpu") = kGpuBuild;
 
+  const auto stream = arg("stream") = py::none();
+  const auto workspace = arg("workspace") = py::none();
   m.def("write_kv", &WriteKvPy, arg("kv_cache"), arg("slot_mapping"), arg("key"), arg("value"),
+        py::kw_only(), stream,
         "vLLM reshape_and_cache: key/value row i into slot slot_mapping[i] (negative: skipped).");
   m.def("append_kv_and_digests", &AppendKvAndDigestsPy, arg("kv_cache"), arg("slot_mapping"),
-        arg("key"), arg("value"), arg("digests"),
+        arg("key"), arg("value"), arg("digests"), py::kw_only(), stream,
         "write_kv fused with the incremental digest update, in slot order.");
   m.def("update_digests", &UpdateDigestsPy, arg("kv_cache"), arg("slot_mapping"), arg("digests"),
-        "Incremental digest update for slots already written.");
+        py::kw_only(), stream, "Incremental digest update for slots already written.");
   m.def("build_digests", &BuildDigestsPy, arg("kv_cache"), arg("block_table"), arg("seq_lens"),
-        arg("digests"), "Step 1, bulk: digests of every page the sequences use.");
+        arg("digests"), py::kw_only(), stream,
+        "Step 1, bulk: digests of every page the sequences use.");
   m.def("compute_relevancy", &ComputeRelevancyPy, arg("query"), arg("kv_cache"), arg("digests"),
         arg("block_table"), arg("seq_lens"), arg("scores"), py::kw_only(),
-        arg("aggregation") = "max", "Step 2: Quest page bounds per (sequence, KV head).");
+        arg("aggregation") = "max", stream, "Step 2: Quest page bounds per (sequence, KV head).");
   m.def("select_pages", &SelectPagesPy, arg("scores"), arg("block_table"), arg("seq_lens"),
         arg("block_size"), arg("pages"), arg("counts"), py::kw_only(), arg("budget"),
-        arg("sinks") = 1, arg("locals") = 1, "Step 3: top-k pages plus sinks and locals.");
+        arg("sinks") = 1, arg("locals") = 1, stream, "Step 3: top-k pages plus sinks and locals.");
   m.def("score_and_select", &ScoreAndSelectPy, arg("query"), arg("kv_cache"), arg("digests"),
         arg("block_table"), arg("seq_lens"), arg("pages"), arg("counts"), py::kw_only(),
-        arg("budget"), arg("sinks") = 1, arg("locals") = 1, arg("aggregation") = "max",
-        "Steps 2 and 3.");
+        arg("budget"), arg("sinks") = 1, arg("locals") = 1, arg("aggregation") = "max", workspace,
+        stream, "Steps 2 and 3 (GPU: workspace of select_workspace_bytes).");
   m.def("dense_decode", &DenseDecodePy, arg("query"), arg("kv_cache"), arg("block_table"),
-        arg("seq_lens"), arg("out"), arg("scale"), py::kw_only(), arg("num_threads") = 1,
-        "Step 4, dense: one query per sequence.");
+        arg("seq_lens"), arg("out"), arg("scale"), py::kw_only(), arg("num_threads") = 1, workspace,
+        stream,
+        "Step 4, dense: one query per sequence (GPU: workspace of decode_workspace_bytes with "
+        "max_items = block_table.shape[1]).");
   m.def("sparse_decode", &SparseDecodePy, arg("query"), arg("kv_cache"), arg("block_table"),
         arg("seq_lens"), arg("pages"), arg("counts"), arg("out"), arg("scale"), py::kw_only(),
-        arg("num_threads") = 1, "Step 4 over the selected pages only.");
+        arg("num_threads") = 1, workspace, stream,
+        "Step 4 over the selected pages only (GPU: workspace of decode_workspace_bytes with "
+        "max_items = pages.shape[2]).");
   m.def("prefill_attention", &PrefillAttentionPy, arg("query"), arg("query_start_loc"),
         arg("kv_cache"), arg("block_table"), arg("seq_lens"), arg("out"), arg("scale"),
-        py::kw_only(), arg("num_threads") = 1,
-        "Causal attention of the last query tokens of each sequence over the cache.");
+        py::kw_only(), arg("num_threads") = 1, stream,
+        "Causal attention of the last query tokens of each sequence over the cache (CPU).");
+  m.def("decode_workspace_bytes", &DecodeWorkspaceBytesPy, arg("num_seqs"), arg("num_heads"),
+        arg("num_kv_heads"), arg("max_items"), py::kw_only(), arg("device") = 0,
+        "GPU scratch bytes of dense_decode / sparse_decode on CUDA device `device`.");
+  m.def("select_workspace_bytes", &SelectWorkspaceBytesPy, arg("num_seqs"), arg("num_kv_heads"),
+        arg("max_blocks_per_seq"), "GPU scratch bytes of score_and_select.");
 }

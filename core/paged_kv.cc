@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "core/status_macros.h"
 
 namespace mempipe {
 
@@ -36,7 +37,7 @@ absl::Status ValidateKvCache(const KvCacheView& cache) {
   return ValidateHeadDim(cache.head_dim);
 }
 
-absl::Status ValidateBlockTable(const BlockTableView& table, int block_size, int num_blocks) {
+absl::Status ValidateBlockTableShape(const BlockTableView& table) {
   if (table.num_seqs <= 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("num_seqs must be positive, got ", table.num_seqs));
@@ -48,6 +49,11 @@ absl::Status ValidateBlockTable(const BlockTableView& table, int block_size, int
   if (table.block_table == nullptr || table.seq_lens == nullptr) {
     return absl::InvalidArgumentError("block_table and seq_lens must not be null");
   }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateBlockTable(const BlockTableView& table, int block_size, int num_blocks) {
+  MEMPIPE_RETURN_IF_ERROR(ValidateBlockTableShape(table));
   const int64_t capacity = static_cast<int64_t>(table.max_blocks_per_seq) * block_size;
   for (int s = 0; s < table.num_seqs; ++s) {
     const int32_t len = table.seq_lens[s];

@@ -30,7 +30,7 @@ inline constexpr int kSupportedBlockSizes[] = {16, 32, 64};
 inline constexpr int kSupportedHeadDims[] = {64, 128, 256};
 // GQA group sizes (num_heads / num_kv_heads) the GPU kernels are compiled for; the CPU steps
 // take any group, the FPGA kernel up to 16 (fpga/hls/kernel_common.h).
-inline constexpr int kSupportedGpuGroupSizes[] = {1, 2, 4, 8};
+inline constexpr int kSupportedGpuGroupSizes[] = {1, 2, 3, 4, 5, 6, 7, 8, 12, 16};
 // Cache and query dtypes: kSupportedDTypes in core/dtype.h.
 
 [[nodiscard]] absl::Status ValidateBlockSize(int block_size);
@@ -78,8 +78,14 @@ inline int NumPages(int seq_len, int block_size) {
 // Checks sizes, supported block size and head dim, and a non-null pointer.
 [[nodiscard]] absl::Status ValidateKvCache(const KvCacheView& cache);
 
-// Checks every sequence: 1 <= seq_len <= max_blocks_per_seq * block_size, and every block id
-// the sequence uses lies in [0, num_blocks). Entries past a sequence's pages are not read.
+// The part of ValidateBlockTable that reads no entry (positive sizes, non-null pointers): what
+// a launcher can check of a device-resident table without synchronizing.
+[[nodiscard]] absl::Status ValidateBlockTableShape(const BlockTableView& table);
+
+// ValidateBlockTableShape, then every sequence: 1 <= seq_len <= max_blocks_per_seq *
+// block_size, and every block id the sequence uses lies in [0, num_blocks). Entries past a
+// sequence's pages are not read. Host memory; for a device-resident table the GPU launchers
+// offer a checked mode that copies it and runs this very function (ValidateDecodeInputsGpu).
 [[nodiscard]] absl::Status ValidateBlockTable(const BlockTableView& table, int block_size,
                                               int num_blocks);
 

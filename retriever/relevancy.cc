@@ -21,6 +21,14 @@ absl::string_view GroupAggregationName(GroupAggregation agg) {
   return agg == GroupAggregation::kMax ? "max" : "sum";
 }
 
+absl::Status ValidateGroupAggregation(GroupAggregation agg) {
+  if (agg != GroupAggregation::kMax && agg != GroupAggregation::kSum) {
+    return absl::InvalidArgumentError(absl::StrCat("group aggregation code ", static_cast<int>(agg),
+                                                   " is neither max (0) nor sum (1)"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status ValidateQuery(const QueryView& query, const KvCacheView& cache,
                            const BlockTableView& table) {
   if (query.data == nullptr) return absl::InvalidArgumentError("query pointer is null");
@@ -74,6 +82,7 @@ float PageBound(const float* q, const float* max_row, const float* min_row, int 
 absl::Status ComputeRelevancy(const QueryView& query, const KvCacheView& cache,
                               const DigestView& digests, const BlockTableView& table,
                               GroupAggregation agg, float* scores, int num_threads) {
+  MEMPIPE_RETURN_IF_ERROR(ValidateGroupAggregation(agg));
   MEMPIPE_RETURN_IF_ERROR(ValidateKvCache(cache));
   MEMPIPE_RETURN_IF_ERROR(ValidateDigests(cache, digests));
   MEMPIPE_RETURN_IF_ERROR(ValidateBlockTable(table, cache.block_size, cache.num_blocks));

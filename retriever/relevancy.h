@@ -29,6 +29,9 @@ namespace mempipe {
 enum class GroupAggregation : int { kMax = 0, kSum = 1 };
 absl::StatusOr<GroupAggregation> ParseGroupAggregation(absl::string_view name);  // "max"|"sum"
 absl::string_view GroupAggregationName(GroupAggregation agg);
+// InvalidArgument naming the value unless `agg` is kMax or kSum (an enum cast from a bad int
+// must not silently mean "sum"). Every device's relevancy entry point calls it.
+[[nodiscard]] absl::Status ValidateGroupAggregation(GroupAggregation agg);
 
 inline constexpr int kScoreLanes = 32;
 

@@ -13,6 +13,7 @@ namespace mempipe {
 
 absl::Status ValidateSelectionConfig(const SelectionConfig& config, int block_size) {
   MEMPIPE_RETURN_IF_ERROR(ValidateBlockSize(block_size));
+  MEMPIPE_RETURN_IF_ERROR(ValidateGroupAggregation(config.aggregation));
   if (config.budget_tokens <= 0 || config.budget_tokens % block_size != 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("budget must be a positive multiple of the page size ", block_size,

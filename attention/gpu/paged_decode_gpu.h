@@ -6,15 +6,16 @@
 // max_blocks_per_seq], seq_lens [num_seqs], and for the sparse kernel the selection
 // pages [num_seqs, num_kv_heads, max_selected] (logical, ascending) with counts
 // [num_seqs, num_kv_heads]. fp32/fp16/bf16, page 16/32/64, head_dim 64/128/256, GQA group
-// sizes 1, 2, 4 and 8.
+// sizes kSupportedGpuGroupSizes (core/paged_kv.h: 1-8, 12, 16).
 //
 // Design (flash-decoding): one thread block per (KV-split, KV head, sequence) reads each page of
-// its KV head once for all the group's query heads; a long context is cut into splits
-// whose partial results (fp32 output + log-sum-exp) a second kernel merges. The host plans
-// the splits from the SM count; the caller owns the scratch memory. On CUDA, fp16/bf16 with
-// head_dim 64 or 128 compute q.k and p.v on tensor cores (m16n8k16, fp32 accumulation; the
-// softmax weights enter p.v rounded to the cache dtype, as in FlashAttention); fp32, head_dim
-// 256 and HIP builds use CUDA-core arithmetic throughout.
+// its KV head once for all the group's query heads (groups of 12 and 16: two blocks of 6 / 8
+// heads per KV head); a long context is cut into splits whose partial results (fp32 output +
+// log-sum-exp) a second kernel merges. The host plans the splits from the SM count; the caller
+// owns the scratch memory. On CUDA, fp16/bf16 compute q.k and p.v on tensor cores (m16n8k16,
+// fp32 accumulation; the softmax weights enter p.v rounded to the cache dtype, as in
+// FlashAttention; head_dim 256 loads a tile's V after its scores, single-buffered); fp32 and
+// HIP builds use CUDA-core arithmetic throughout.
 //
 //   size_t bytes = PagedDecodeWorkspaceBytes(num_seqs, num_heads, num_kv_heads, max_items);
 //   // max_items = table.max_blocks_per_seq (dense) or max_selected (sparse)
@@ -52,6 +53,16 @@ size_t PagedDecodeWorkspaceBytes(int num_seqs, int num_heads, int num_kv_heads, 
                                            const BlockTableView& table, const PageList& pages,
                                            float scale, void* workspace, size_t workspace_bytes,
                                            GpuStream stream);
+
+// Checked mode: what the CPU decode checks of the same request, on device-resident inputs.
+// Copies the block table, seq_lens (and the selection, when `pages` is not null) to the host
+// on `stream`, waits for it, and runs the CPU's own validators (ValidateDecodeIo,
+// ValidatePageList), so a seq_len past the block table, a block id outside the cache or a bad
+// selection gets the CPU's error message. A host synchronization: for tests, debugging and
+// front doors that opt in, not for the decode path (the kernels skip such entries instead).
+[[nodiscard]] absl::Status ValidateDecodeInputsGpu(const DecodeIo& io, const KvCacheView& cache,
+                                                   const BlockTableView& table,
+                                                   const PageList* pages, GpuStream stream);
 
 }  // namespace mempipe
 

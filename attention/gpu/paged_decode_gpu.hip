@@ -1,68 +1,57 @@
 // Paged decode attention kernels (dense and sparse share one kernel; see the header).
 //
-//   grid (kv_head, split, seq) x 4 warps
+//   grid (kv head x sub-block, split, seq) x 4 warps
 //   ┌─ warp w takes tiles w, w+4, ... of the split's pages (tile = a few tokens of one page)
 //   │   16-byte loads of K and V for the whole tile issued first (bytes in flight)
-//   │   q·k over the lanes of one token row -> scores of the G query heads
+//   │   q·k over the lanes of one token row -> scores of the block's query heads
 //   │   online softmax per token sub-group ("stream"): m, l, acc[G][slice of head_dim]
 //   └─ streams merged in shared memory -> out row (1 split) or fp32 partial + lse
 //   PagedDecodeCombineKernel: merges the splits' partials by their lse.
-// fp16/bf16 with head_dim <= 128 on CUDA take PagedDecodeMmaKernel instead: the same grid and
-// merge, but q.k and p.v of a 16-token tile as tensor-core products (see its comment).
+// fp16/bf16 on CUDA take PagedDecodeMmaKernel instead: the same grid and merge, but q.k and
+// p.v of a 16-token tile as tensor-core products (see its comment).
+// A block serves up to 8 query heads of one KV head; groups of 12 and 16 take 2 blocks per KV
+// head (decode_device.h). What both kernels share (page resolution, the tile loop, the merge)
+// lives in attention/gpu/decode_device.h; the dtype x head_dim x group dispatch is
+// core/gpu/dispatch.h's.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "attention/gpu/decode_device.h"
 #include "attention/gpu/paged_decode_gpu.h"
+#include "core/gpu/dispatch.h"
 #include "core/gpu/gpu_compat.h"
 #include "core/status_macros.h"
 
 namespace mempipe {
 namespace {
 
-using gpu::BF16;
-using gpu::F16;
+using decode_gpu::BlockHeads;
+using decode_gpu::DecodeParams;
+using decode_gpu::ForEachTile;
+using decode_gpu::kMaxSplits;
+using decode_gpu::MergeStates;
+using decode_gpu::ResolveHeads;
+using decode_gpu::ResolveSplit;
+using decode_gpu::SplitItems;
+using decode_gpu::StoreMerged;
+using decode_gpu::SubBlocks;
 
-constexpr int kMaxSplits = 128;
 constexpr int kDecodeWarps = 4;
-constexpr int kChunkPages = 256;
 constexpr int kMinPagesPerSplit = 8;
 constexpr float kLog2e = 1.4426950408889634f;
-// Resident blocks per SM of the tensor-core kernel: its two tiles in flight per warp take
-// ~200 registers per lane, and 8 warps per SM already keep 128 KB of K+V loads in flight.
-constexpr int kMmaBlocksPerSm = 2;
 
-// The tensor-core kernel serves fp16/bf16 with head_dim 64 or 128 where the platform has the
-// m16n8k16 mma (CUDA); fp32, head_dim 256 (its accumulators and tiles would exceed the
-// registers) and HIP take the CUDA-core kernel.
-template <typename T, int kHeadDim>
-inline constexpr bool kUseMma = gpu::kHasMma16816 && sizeof(T) == 2 && kHeadDim <= 128;
-bool UsesMma(DType dtype, int head_dim) {
-  return gpu::kHasMma16816 && dtype != DType::kFloat32 && head_dim <= 128;
-}
-
-struct DecodeParams {
-  const void* query;           // [num_seqs, num_heads, head_dim]
-  void* out;                   // [num_seqs, num_heads, head_dim]
-  const void* kv;              // [2, num_blocks, block_size, num_kv_heads, head_dim]
-  const int32_t* block_table;  // [num_seqs, max_blocks_per_seq]
-  const int32_t* seq_lens;     // [num_seqs]
-  const int32_t* pages;        // [num_seqs, num_kv_heads, max_selected]; null: dense
-  const int32_t* counts;       // [num_seqs, num_kv_heads]; null: dense
-  float* partial_out;          // [num_seqs, num_heads, num_splits, head_dim]
-  float* partial_lse;          // [num_seqs, num_heads, num_splits], log2 domain
-  size_t plane_elems;          // elements of the K plane
-  int num_heads, num_kv_heads, num_blocks, block_size, max_blocks_per_seq, max_selected;
-  int num_splits, items_per_split;
-  float scale_log2;  // softmax scale * log2(e): exp2 replaces exp
-};
-
-// Launch geometry of one (dtype, head_dim, group) instance; everything below derives from it.
+// Launch geometry of one (dtype, head_dim, heads-per-block) instance of the CUDA-core kernel;
+// everything below derives from it.
 template <typename T, int kHeadDim, int kGroups>
 struct DecodeConfig {
   static constexpr int kWarps = kDecodeWarps;
   static constexpr int kThreads = kWarps * kGpuLanes;
+  // Resident blocks per SM (the __launch_bounds__ and the split planner's wave size): 5 or
+  // more heads per block keep q and acc of that many heads in registers.
+  static constexpr int kMinBlocksPerSm = kGroups >= 5 ? 2 : 3;
   static constexpr int kVec = gpu::kVec16<T>;          // elements per 16 B
   static constexpr int kVecsPerRow = kHeadDim / kVec;  // 16 B vectors per row
   static constexpr int kLanesPerToken = kVecsPerRow < kGpuLanes ? kVecsPerRow : kGpuLanes;
@@ -72,7 +61,7 @@ struct DecodeConfig {
   // Token steps per tile: fewer for big groups, whose q and acc take the registers.
   // Two tiles are in flight per warp (double buffering), so 16-byte vectors of K and V per
   // lane and tile are capped at 16 (fp32 rows of 256 take two vectors per lane and token).
-  static constexpr int kSteps = (kGroups >= 8 ? 2 : 4) / kVecsPerLane;
+  static constexpr int kSteps = (kGroups >= 5 ? 2 : 4) / kVecsPerLane;
   static constexpr int kTileTokens = kSteps * kTokensPerStep;
   static constexpr int kStreams = kWarps * kTokensPerStep;
   static_assert(kVecsPerRow % kLanesPerToken == 0 && kSteps >= 1);
@@ -81,31 +70,23 @@ struct DecodeConfig {
 };
 
 template <typename T, int kHeadDim, int kGroups>
-__global__ void __launch_bounds__(kDecodeWarps* kGpuLanes, kGroups >= 8 ? 2 : 3)
+// (Parenthesized: HIP's __launch_bounds__ is a macro, and template commas would split it.)
+__global__ void __launch_bounds__((DecodeConfig<T, kHeadDim, kGroups>::kThreads),
+                                  (DecodeConfig<T, kHeadDim, kGroups>::kMinBlocksPerSm))
     PagedDecodeKernel(DecodeParams p) {
   using C = DecodeConfig<T, kHeadDim, kGroups>;
   constexpr int E = C::kElems;
   // KV heads vary fastest across the grid: the blocks reading one page (all its heads) run
   // together and share DRAM rows.
-  const int kvh = blockIdx.x, split = blockIdx.y, seq = blockIdx.z;
+  const int split = blockIdx.y, seq = blockIdx.z;
+  const BlockHeads heads = ResolveHeads<kGroups>(p, seq);
   const int warp = threadIdx.x / kGpuLanes, lane = threadIdx.x % kGpuLanes;
   const int tok_sub = lane / C::kLanesPerToken, vlane = lane % C::kLanesPerToken;
   const int bs = p.block_size;
+  const SplitItems items = ResolveSplit(p, seq, heads.kvh, split);
 
-  const int seq_len = p.seq_lens[seq];
-  const int num_pages = seq_len > 0 ? min((seq_len + bs - 1) / bs, p.max_blocks_per_seq) : 0;
-  const int32_t* list = nullptr;
-  int num_items = num_pages;
-  if (p.pages != nullptr) {
-    const size_t row = static_cast<size_t>(seq) * p.num_kv_heads + kvh;
-    list = p.pages + row * p.max_selected;
-    num_items = min(max(p.counts[row], 0), p.max_selected);
-  }
-  const int item_begin = split * p.items_per_split;
-  const int item_end = min(num_items, item_begin + p.items_per_split);
-
-  // Query rows of the group, pre-scaled so that exp2(q.k) is the softmax numerator.
-  const size_t q_row0 = static_cast<size_t>(seq) * p.num_heads + kvh * kGroups;
+  // Query rows of the block, pre-scaled so that exp2(q.k) is the softmax numerator.
+  const size_t q_row0 = heads.q_row0;
   float q[kGroups][E];
 #pragma unroll
   for (int g = 0; g < kGroups; ++g) {
@@ -132,23 +113,16 @@ __global__ void __launch_bounds__(kDecodeWarps* kGpuLanes, kGroups >= 8 ? 2 : 3)
   const int steps = tile_tokens / C::kTokensPerStep;
   const int tiles_per_page = bs / tile_tokens;
   const size_t token_stride = static_cast<size_t>(p.num_kv_heads) * kHeadDim;
-  const T* kv = static_cast<const T*>(p.kv) + static_cast<size_t>(kvh) * kHeadDim;
-  const int32_t* table = p.block_table + static_cast<size_t>(seq) * p.max_blocks_per_seq;
-
-  // Block ids of a chunk of the split's pages, staged in shared memory so that no tile waits
-  // on a dependent table lookup.
-  __shared__ int s_block[kChunkPages];
-  __shared__ int s_valid[kChunkPages];  // valid tokens of the page; 0 skips it
+  const T* kv = static_cast<const T*>(p.kv) + static_cast<size_t>(heads.kvh) * kHeadDim;
 
   struct Tile {
     uint4 k[C::kSteps][C::kVecsPerLane];
     uint4 v[C::kSteps][C::kVecsPerLane];
     int valid;  // valid tokens of the tile, from its first
   };
-  auto load = [&](int unit, Tile& t) {
-    const int i = unit / tiles_per_page, sub = unit % tiles_per_page;
-    t.valid = s_valid[i] - sub * tile_tokens;
-    const T* kbase = kv + (static_cast<size_t>(s_block[i]) * bs + sub * tile_tokens) * token_stride;
+  auto load = [&](int block, int sub, int valid, Tile& t) {
+    t.valid = valid;
+    const T* kbase = kv + (static_cast<size_t>(block) * bs + sub * tile_tokens) * token_stride;
 #pragma unroll
     for (int s = 0; s < C::kSteps; ++s) {
       const int tok = s * C::kTokensPerStep + tok_sub;
@@ -162,7 +136,7 @@ __global__ void __launch_bounds__(kDecodeWarps* kGpuLanes, kGroups >= 8 ? 2 : 3)
       }
     }
   };
-  auto compute = [&](const Tile& t) {
+  auto compute = [&](Tile& t) {
     float score[C::kSteps][kGroups];
 #pragma unroll
     for (int s = 0; s < C::kSteps; ++s) {
@@ -207,30 +181,7 @@ __global__ void __launch_bounds__(kDecodeWarps* kGpuLanes, kGroups >= 8 ? 2 : 3)
       }
     }
   };
-
-  for (int chunk = item_begin; chunk < item_end; chunk += kChunkPages) {
-    const int n = min(kChunkPages, item_end - chunk);
-    __syncthreads();  // the previous chunk's tiles have all read s_block
-    for (int i = threadIdx.x; i < n; i += C::kThreads) {
-      const int page = list != nullptr ? list[chunk + i] : chunk + i;
-      const int block = page >= 0 && page < num_pages ? table[page] : -1;
-      const bool ok = block >= 0 && block < p.num_blocks;
-      s_block[i] = ok ? block : 0;
-      s_valid[i] = ok ? min(bs, seq_len - page * bs) : 0;
-    }
-    __syncthreads();
-    // Two tiles in flight per warp: the next one loads while this one computes.
-    const int units = n * tiles_per_page;
-    Tile a, b;
-    int u = warp;
-    if (u < units) load(u, a);
-    for (; u < units; u += 2 * C::kWarps) {
-      if (u + C::kWarps < units) load(u + C::kWarps, b);
-      compute(a);
-      if (u + 2 * C::kWarps < units) load(u + 2 * C::kWarps, a);
-      if (u + C::kWarps < units) compute(b);
-    }
-  }
+  ForEachTile<C::kWarps, true, Tile>(p, items, seq, tiles_per_page, tile_tokens, load, compute);
 
   // Merge the block's streams.
   __shared__ float s_m[C::kStreams][kGroups];
@@ -254,33 +205,18 @@ __global__ void __launch_bounds__(kDecodeWarps* kGpuLanes, kGroups >= 8 ? 2 : 3)
   __syncthreads();
   for (int idx = threadIdx.x; idx < kGroups * kHeadDim; idx += C::kThreads) {
     const int g = idx / kHeadDim, c = idx % kHeadDim;
-    float mx = -INFINITY;
-    for (int st = 0; st < C::kStreams; ++st) mx = fmaxf(mx, s_m[st][g]);
-    float sum_l = 0.0f, sum_a = 0.0f;
-    if (mx != -INFINITY) {
-      for (int st = 0; st < C::kStreams; ++st) {
-        if (s_m[st][g] == -INFINITY) continue;
-        const float w = exp2f(s_m[st][g] - mx);
-        sum_l += w * s_l[st][g];
-        sum_a += w * s_acc[st][g][c];
-      }
-    }
-    const size_t row = q_row0 + g;
-    if (p.num_splits == 1) {
-      static_cast<T*>(p.out)[row * kHeadDim + c] =
-          gpu::FromF32<T>(sum_l > 0.0f ? sum_a / sum_l : 0.0f);
-    } else {
-      const size_t prow = row * p.num_splits + split;
-      p.partial_out[prow * kHeadDim + c] = sum_l > 0.0f ? sum_a / sum_l : 0.0f;
-      if (c == 0) p.partial_lse[prow] = sum_l > 0.0f ? mx + log2f(sum_l) : -INFINITY;
-    }
+    float value, lse;
+    MergeStates(
+        C::kStreams, [&](int st) { return s_m[st][g]; }, [&](int st) { return s_l[st][g]; },
+        [&](int st) { return s_acc[st][g][c]; }, &value, &lse);
+    StoreMerged<T, kHeadDim>(p, q_row0 + g, split, c, value, lse);
   }
 }
 
-// Tensor-core variant for fp16/bf16 and head_dim <= 128 (CUDA; see gpu::kHasMma16816). The
-// CUDA-core kernel above spends ~130 warp instructions per KB of K+V on per-token shuffle
-// reductions; here one warp handles a tile of 16 tokens with m16n8k16 products:
-//   S  = Q K^T : M = the group's query heads (rows >= kGroups zero), N = 8 tokens, K = 16 ch
+// Tensor-core variant for fp16/bf16 (CUDA; see gpu::kHasMma16816). The CUDA-core kernel above
+// spends ~130 warp instructions per KB of K+V on per-token shuffle reductions; here one warp
+// handles a tile of 16 tokens with m16n8k16 products:
+//   S  = Q K^T : M = the block's query heads (rows >= kGroups zero), N = 8 tokens, K = 16 ch
 //   O^T += V^T P^T : M = 16 channels, N = 8 heads, K = the tile's 16 tokens
 // The S accumulators of a lane (head lane/4, tokens 2t, 2t+1, 8+2t, 9+2t) are exactly its P^T
 // operand, so P stays in registers. Channels are permuted alike in q and k (any permutation
@@ -288,42 +224,47 @@ __global__ void __launch_bounds__(kDecodeWarps* kGpuLanes, kGroups >= 8 ? 2 : 3)
 // k-steps 2i and 2i+1 take words 0,1 and 2,3 of vector t + 4i of the lane's token row. V^T is
 // formed by pairing the same channel of two tokens with a byte permute. P enters the product
 // rounded to T (as in FlashAttention); scores, softmax and accumulation stay fp32.
+// head_dim 256: a tile's K and V take 128 registers per lane, so two tiles cannot be in
+// flight; each tile loads K, computes S, then loads V (kSplitLoad), single-buffered.
 template <typename T, int kHeadDim>
 struct MmaDecodeConfig {
   static constexpr int kWarps = kDecodeWarps;
   static constexpr int kThreads = kWarps * kGpuLanes;
+  // Resident blocks per SM (the __launch_bounds__ and the split planner's wave size): the two
+  // tiles in flight per warp take ~200 registers per lane, and 8 warps per SM already keep
+  // 128 KB of K+V loads in flight.
+  static constexpr int kMinBlocksPerSm = 2;
+  static constexpr bool kSplitLoad = kHeadDim > 128;
   static constexpr int kTileTokens = 16;
   static constexpr int kRowVecs = kHeadDim / 8;   // 16-byte vectors per K/V row
   static constexpr int kKVecs = kRowVecs / 4;     // per lane and K row (4 lanes share a row)
   static constexpr int kVVecs = kRowVecs / 8;     // per lane and V row (8 lanes share a row)
   static constexpr int kKSteps = kHeadDim / 16;   // of S = Q K^T
   static constexpr int kMBlocks = kHeadDim / 16;  // of O^T = V^T P^T
-  static_assert(sizeof(T) == 2 && (kHeadDim == 64 || kHeadDim == 128));
+  static_assert(sizeof(T) == 2 && (kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256));
+  static_assert(kWarps * decode_gpu::kMaxHeadsPerBlock * kHeadDim * 4 <= 32 * 1024);
 };
 
+// The tensor-core kernel serves fp16/bf16 where the platform has the m16n8k16 mma (CUDA);
+// fp32 and HIP take the CUDA-core kernel.
+template <typename T, int kHeadDim>
+inline constexpr bool kUseMma = gpu::kHasMma16816 && sizeof(T) == 2;
+
 template <typename T, int kHeadDim, int kGroups>
-__global__ void __launch_bounds__(kDecodeWarps* kGpuLanes, kMmaBlocksPerSm)
+__global__ void __launch_bounds__((MmaDecodeConfig<T, kHeadDim>::kThreads),
+                                  (MmaDecodeConfig<T, kHeadDim>::kMinBlocksPerSm))
     PagedDecodeMmaKernel(DecodeParams p) {
   using C = MmaDecodeConfig<T, kHeadDim>;
-  const int kvh = blockIdx.x, split = blockIdx.y, seq = blockIdx.z;
+  static_assert(kGroups <= 8, "the mma's N dimension holds 8 heads");
+  const int split = blockIdx.y, seq = blockIdx.z;
+  const BlockHeads heads = ResolveHeads<kGroups>(p, seq);
   const int warp = threadIdx.x / kGpuLanes, lane = threadIdx.x % kGpuLanes;
   const int r = lane / 4, t = lane % 4;  // fragment row group and k pair
   const int bs = p.block_size;
-
-  const int seq_len = p.seq_lens[seq];
-  const int num_pages = seq_len > 0 ? min((seq_len + bs - 1) / bs, p.max_blocks_per_seq) : 0;
-  const int32_t* list = nullptr;
-  int num_items = num_pages;
-  if (p.pages != nullptr) {
-    const size_t row = static_cast<size_t>(seq) * p.num_kv_heads + kvh;
-    list = p.pages + row * p.max_selected;
-    num_items = min(max(p.counts[row], 0), p.max_selected);
-  }
-  const int item_begin = split * p.items_per_split;
-  const int item_end = min(num_items, item_begin + p.items_per_split);
+  const SplitItems items = ResolveSplit(p, seq, heads.kvh, split);
 
   // Q fragments (A of S), unscaled so that they stay exact in T; lane row r = query head r.
-  const size_t q_row0 = static_cast<size_t>(seq) * p.num_heads + kvh * kGroups;
+  const size_t q_row0 = heads.q_row0;
   uint32_t qa[C::kKSteps][2];
 #pragma unroll
   for (int i = 0; i < C::kKVecs; ++i) {
@@ -347,21 +288,30 @@ __global__ void __launch_bounds__(kDecodeWarps* kGpuLanes, kMmaBlocksPerSm)
 
   const int tiles_per_page = bs / C::kTileTokens;
   const size_t token_stride = static_cast<size_t>(p.num_kv_heads) * kHeadDim;
-  const T* kv = static_cast<const T*>(p.kv) + static_cast<size_t>(kvh) * kHeadDim;
-  const int32_t* table = p.block_table + static_cast<size_t>(seq) * p.max_blocks_per_seq;
-  __shared__ int s_block[kChunkPages];
-  __shared__ int s_valid[kChunkPages];
+  const T* kv = static_cast<const T*>(p.kv) + static_cast<size_t>(heads.kvh) * kHeadDim;
 
   struct Tile {
     uint4 k[2][C::kKVecs];  // K rows r and r + 8 of the tile, vectors t + 4i
     uint4 v[4][C::kVVecs];  // V rows 2t, 2t + 1, 2t + 8, 2t + 9, vectors r + 8i
+    const T* base;          // the tile's first token row (K plane)
     int valid;
   };
-  auto load = [&](int unit, Tile& tl) {
-    const int i = unit / tiles_per_page, sub = unit % tiles_per_page;
-    tl.valid = s_valid[i] - sub * C::kTileTokens;
-    const T* base =
-        kv + (static_cast<size_t>(s_block[i]) * bs + sub * C::kTileTokens) * token_stride;
+  auto load_v = [&](Tile& tl) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int tok = 2 * t + (j & 1) + 8 * (j >> 1);
+      const bool ok = tok < tl.valid;
+#pragma unroll
+      for (int x = 0; x < C::kVVecs; ++x) {
+        tl.v[j][x] = ok ? *reinterpret_cast<const uint4*>(tl.base + p.plane_elems +
+                                                          tok * token_stride + (r + 8 * x) * 8)
+                        : make_uint4(0, 0, 0, 0);
+      }
+    }
+  };
+  auto load = [&](int block, int sub, int valid, Tile& tl) {
+    tl.valid = valid;
+    tl.base = kv + (static_cast<size_t>(block) * bs + sub * C::kTileTokens) * token_stride;
 #pragma unroll
     for (int b = 0; b < 2; ++b) {
       const int tok = r + 8 * b;
@@ -369,23 +319,13 @@ __global__ void __launch_bounds__(kDecodeWarps* kGpuLanes, kMmaBlocksPerSm)
 #pragma unroll
       for (int x = 0; x < C::kKVecs; ++x) {
         tl.k[b][x] =
-            ok ? *reinterpret_cast<const uint4*>(base + tok * token_stride + (t + 4 * x) * 8)
+            ok ? *reinterpret_cast<const uint4*>(tl.base + tok * token_stride + (t + 4 * x) * 8)
                : make_uint4(0, 0, 0, 0);
       }
     }
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int tok = 2 * t + (j & 1) + 8 * (j >> 1);
-      const bool ok = tok < tl.valid;
-#pragma unroll
-      for (int x = 0; x < C::kVVecs; ++x) {
-        tl.v[j][x] = ok ? *reinterpret_cast<const uint4*>(base + p.plane_elems +
-                                                          tok * token_stride + (r + 8 * x) * 8)
-                        : make_uint4(0, 0, 0, 0);
-      }
-    }
+    if constexpr (!C::kSplitLoad) load_v(tl);
   };
-  auto compute = [&](const Tile& tl) {
+  auto compute = [&](Tile& tl) {
     if (tl.valid <= 0) return;  // uniform over the warp
     float s[2][4];
 #pragma unroll
@@ -417,6 +357,7 @@ __global__ void __launch_bounds__(kDecodeWarps* kGpuLanes, kMmaBlocksPerSm)
 #pragma unroll
     for (int e = 0; e < 4; ++e) pr[e] = exp2f(sc[e] - m_new);
     l = l * corr + ((pr[0] + pr[1]) + (pr[2] + pr[3]));
+    if constexpr (C::kSplitLoad) load_v(tl);
     const uint32_t pb0 = gpu::PackPair<T>(pr[0], pr[1]);
     const uint32_t pb1 = gpu::PackPair<T>(pr[2], pr[3]);
     // The accumulator columns are heads 2t and 2t + 1, whose rows live in lanes 8t and 8t + 4.
@@ -443,28 +384,8 @@ __global__ void __launch_bounds__(kDecodeWarps* kGpuLanes, kMmaBlocksPerSm)
     }
   };
 
-  for (int chunk = item_begin; chunk < item_end; chunk += kChunkPages) {
-    const int n = min(kChunkPages, item_end - chunk);
-    __syncthreads();  // the previous chunk's tiles have all read s_block
-    for (int i = threadIdx.x; i < n; i += C::kThreads) {
-      const int page = list != nullptr ? list[chunk + i] : chunk + i;
-      const int block = page >= 0 && page < num_pages ? table[page] : -1;
-      const bool ok = block >= 0 && block < p.num_blocks;
-      s_block[i] = ok ? block : 0;
-      s_valid[i] = ok ? min(bs, seq_len - page * bs) : 0;
-    }
-    __syncthreads();
-    const int units = n * tiles_per_page;
-    Tile a, b;
-    int u = warp;
-    if (u < units) load(u, a);
-    for (; u < units; u += 2 * C::kWarps) {
-      if (u + C::kWarps < units) load(u + C::kWarps, b);
-      compute(a);
-      if (u + 2 * C::kWarps < units) load(u + 2 * C::kWarps, a);
-      if (u + C::kWarps < units) compute(b);
-    }
-  }
+  ForEachTile<C::kWarps, !C::kSplitLoad, Tile>(p, items, seq, tiles_per_page, C::kTileTokens, load,
+                                               compute);
 
   // Merge the warps: head r's denominator is the sum over its 4 lanes.
   l += GpuShflXor32(l, 1);
@@ -491,72 +412,55 @@ __global__ void __launch_bounds__(kDecodeWarps* kGpuLanes, kMmaBlocksPerSm)
   __syncthreads();
   for (int idx = threadIdx.x; idx < kGroups * kHeadDim; idx += C::kThreads) {
     const int g = idx / kHeadDim, c = idx % kHeadDim;
-    float mx = -INFINITY;
-    for (int w = 0; w < C::kWarps; ++w) mx = fmaxf(mx, s_m[w][g]);
-    float sum_l = 0.0f, sum_a = 0.0f;
-    if (mx != -INFINITY) {
-      for (int w = 0; w < C::kWarps; ++w) {
-        if (s_m[w][g] == -INFINITY) continue;
-        const float wt = exp2f(s_m[w][g] - mx);
-        sum_l += wt * s_l[w][g];
-        sum_a += wt * s_acc[w][g][c];
-      }
-    }
-    const size_t row = q_row0 + g;
-    if (p.num_splits == 1) {
-      static_cast<T*>(p.out)[row * kHeadDim + c] =
-          gpu::FromF32<T>(sum_l > 0.0f ? sum_a / sum_l : 0.0f);
-    } else {
-      const size_t prow = row * p.num_splits + split;
-      p.partial_out[prow * kHeadDim + c] = sum_l > 0.0f ? sum_a / sum_l : 0.0f;
-      if (c == 0) p.partial_lse[prow] = sum_l > 0.0f ? mx + log2f(sum_l) : -INFINITY;
-    }
+    float value, lse;
+    MergeStates(
+        C::kWarps, [&](int w) { return s_m[w][g]; }, [&](int w) { return s_l[w][g]; },
+        [&](int w) { return s_acc[w][g][c]; }, &value, &lse);
+    StoreMerged<T, kHeadDim>(p, q_row0 + g, split, c, value, lse);
   }
 }
 
-// One block per (query head, sequence), one thread per channel.
+// One block per (query head, sequence), one thread per channel: the splits' partials merged
+// by their log-sum-exp (each partial is normalized: its denominator is 1).
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kHeadDim) PagedDecodeCombineKernel(DecodeParams p) {
   const int head = blockIdx.x, seq = blockIdx.y, c = threadIdx.x;
   const size_t row = static_cast<size_t>(seq) * p.num_heads + head;
-  __shared__ float s_w[kMaxSplits];
-  __shared__ float s_max;
-  if (c == 0) {
-    float mx = -INFINITY;
-    for (int s = 0; s < p.num_splits; ++s) mx = fmaxf(mx, p.partial_lse[row * p.num_splits + s]);
-    s_max = mx;
-  }
+  __shared__ float s_lse[kMaxSplits];
+  for (int s = c; s < p.num_splits; s += kHeadDim) s_lse[s] = p.partial_lse[row * p.num_splits + s];
   __syncthreads();
-  for (int s = c; s < p.num_splits; s += kHeadDim) {
-    const float lse = p.partial_lse[row * p.num_splits + s];
-    s_w[s] = (lse == -INFINITY || s_max == -INFINITY) ? 0.0f : exp2f(lse - s_max);
-  }
-  __syncthreads();
-  float sum_w = 0.0f, sum = 0.0f;
-  for (int s = 0; s < p.num_splits; ++s) {
-    const float w = s_w[s];
-    if (w == 0.0f) continue;
-    sum_w += w;
-    sum += w * p.partial_out[(row * p.num_splits + s) * kHeadDim + c];
-  }
-  static_cast<T*>(p.out)[row * kHeadDim + c] = gpu::FromF32<T>(sum_w > 0.0f ? sum / sum_w : 0.0f);
+  float value, lse;
+  MergeStates(
+      p.num_splits, [&](int s) { return s_lse[s]; }, [](int) { return 1.0f; },
+      [&](int s) { return p.partial_out[(row * p.num_splits + s) * kHeadDim + c]; }, &value, &lse);
+  static_cast<T*>(p.out)[row * kHeadDim + c] = gpu::FromF32<T>(value);
 }
+
+// The kernel Launch picks for (T, kHeadDim) with kHeads heads per block, and its residency.
+template <typename T, int kHeadDim, int kHeads>
+constexpr int MinBlocksPerSm() {
+  if constexpr (kUseMma<T, kHeadDim>) {
+    return MmaDecodeConfig<T, kHeadDim>::kMinBlocksPerSm;
+  } else {
+    return DecodeConfig<T, kHeadDim, kHeads>::kMinBlocksPerSm;
+  }
+}
+// PagedDecodeWorkspaceBytes knows neither dtype nor head_dim: it sizes for every residency in
+// use, which the configs above keep to these two.
+constexpr int kResidencies[] = {2, 3};
 
 struct SplitPlan {
   int num_splits;
   int items_per_split;
 };
 
-// Resident blocks per SM under the launch bounds of the kernel that Launch picks.
-int BlocksPerSm(bool mma, int groups) { return mma ? kMmaBlocksPerSm : (groups >= 8 ? 2 : 3); }
-
 // Blocks fill whole waves (blocks_per_sm resident per SM): a partial last wave would idle most
 // SMs for a whole block's time. Few rows: one wave of resident / rows splits. Many rows (e.g.
 // 168 rows on 264 slots, 64% busy with one split): the fewest splits whose waves are >= 90%
-// full (3 splits: 504 blocks on 2 x 264 slots), else the fullest.
-SplitPlan PlanSplits(int num_seqs, int num_kv_heads, int blocks_per_sm, int max_items,
-                     int num_sms) {
-  const int rows = std::max(num_seqs * num_kv_heads, 1);
+// full (3 splits: 504 blocks on 2 x 264 slots), else the fullest. A row is one thread block of
+// a split: (sequence, KV head, sub-block).
+SplitPlan PlanSplits(int num_rows, int blocks_per_sm, int max_items, int num_sms) {
+  const int rows = std::max(num_rows, 1);
   const int resident = std::max(num_sms, 1) * blocks_per_sm;
   const int cap =
       std::clamp((max_items + kMinPagesPerSplit - 1) / kMinPagesPerSplit, 1, kMaxSplits);
@@ -580,6 +484,11 @@ SplitPlan PlanSplits(int num_seqs, int num_kv_heads, int blocks_per_sm, int max_
   return {(std::max(max_items, 1) + per - 1) / per, per};
 }
 
+int BlockRows(int num_seqs, int num_heads, int num_kv_heads) {
+  const int group = num_kv_heads > 0 ? num_heads / num_kv_heads : 1;
+  return num_seqs * num_kv_heads * SubBlocks(std::max(group, 1));
+}
+
 int CachedSmCount() {
   static const int n = [] {
     absl::StatusOr<int> sms = GpuMultiprocessorCount();
@@ -590,53 +499,40 @@ int CachedSmCount() {
 
 bool Aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
-template <typename T, int kHeadDim, int kGroups>
-absl::Status LaunchTyped(const DecodeParams& p, int num_seqs, hipStream_t stream) {
-  const dim3 grid(p.num_kv_heads, p.num_splits, num_seqs);
+// Plans the splits for this instance's residency, checks the workspace and launches.
+template <typename T, int kHeadDim, int kGroup>
+absl::Status LaunchTyped(DecodeParams p, int num_seqs, int max_items, void* workspace,
+                         size_t workspace_bytes, hipStream_t stream) {
+  constexpr int kSubs = SubBlocks(kGroup);
+  constexpr int kHeads = kGroup / kSubs;  // query heads per thread block
+  const SplitPlan plan =
+      PlanSplits(num_seqs * p.num_kv_heads * kSubs, MinBlocksPerSm<T, kHeadDim, kHeads>(),
+                 max_items, CachedSmCount());
+  const size_t need = PagedDecodeWorkspaceBytes(num_seqs, p.num_heads, p.num_kv_heads, max_items);
+  if (plan.num_splits > 1 && (workspace == nullptr || workspace_bytes < need)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("workspace of ", workspace_bytes, " bytes is too small; need ", need));
+  }
+  const size_t partial_elems =
+      static_cast<size_t>(num_seqs) * p.num_heads * plan.num_splits * kHeadDim;
+  p.partial_out = static_cast<float*>(workspace);
+  p.partial_lse = plan.num_splits > 1 ? p.partial_out + partial_elems : nullptr;
+  p.group = kGroup;
+  p.sub_blocks = kSubs;
+  p.num_splits = plan.num_splits;
+  p.items_per_split = plan.items_per_split;
+  const dim3 grid(p.num_kv_heads * kSubs, p.num_splits, num_seqs);
   if constexpr (kUseMma<T, kHeadDim>) {
-    PagedDecodeMmaKernel<T, kHeadDim, kGroups>
+    PagedDecodeMmaKernel<T, kHeadDim, kHeads>
         <<<grid, MmaDecodeConfig<T, kHeadDim>::kThreads, 0, stream>>>(p);
   } else {
-    PagedDecodeKernel<T, kHeadDim, kGroups>
-        <<<grid, DecodeConfig<T, kHeadDim, kGroups>::kThreads, 0, stream>>>(p);
+    PagedDecodeKernel<T, kHeadDim, kHeads>
+        <<<grid, DecodeConfig<T, kHeadDim, kHeads>::kThreads, 0, stream>>>(p);
   }
   if (p.num_splits > 1) {
     PagedDecodeCombineKernel<T, kHeadDim><<<dim3(p.num_heads, num_seqs), kHeadDim, 0, stream>>>(p);
   }
   return GpuLastError("paged decode launch");
-}
-
-template <typename T, int kHeadDim>
-absl::Status DispatchGroups(const DecodeParams& p, int groups, int num_seqs, hipStream_t s) {
-  switch (groups) {
-    case 1:
-      return LaunchTyped<T, kHeadDim, 1>(p, num_seqs, s);
-    case 2:
-      return LaunchTyped<T, kHeadDim, 2>(p, num_seqs, s);
-    case 4:
-      return LaunchTyped<T, kHeadDim, 4>(p, num_seqs, s);
-    case 8:
-      return LaunchTyped<T, kHeadDim, 8>(p, num_seqs, s);
-    default:
-      return absl::InvalidArgumentError(absl::StrCat(
-          "GQA group size (num_heads / num_kv_heads) must be 1, 2, 4 or 8, got ", groups));
-  }
-}
-
-template <typename T>
-absl::Status DispatchHeadDim(const DecodeParams& p, int head_dim, int groups, int num_seqs,
-                             hipStream_t s) {
-  switch (head_dim) {
-    case 64:
-      return DispatchGroups<T, 64>(p, groups, num_seqs, s);
-    case 128:
-      return DispatchGroups<T, 128>(p, groups, num_seqs, s);
-    case 256:
-      return DispatchGroups<T, 256>(p, groups, num_seqs, s);
-    default:
-      return absl::InvalidArgumentError(
-          absl::StrCat("head_dim must be 64, 128 or 256, got ", head_dim));
-  }
 }
 
 absl::Status Launch(const DecodeIo& io, const KvCacheView& cache, const BlockTableView& table,
@@ -683,16 +579,6 @@ absl::Status Launch(const DecodeIo& io, const KvCacheView& cache, const BlockTab
     }
     max_items = pages->max_selected;
   }
-  const int groups = io.num_heads / cache.num_kv_heads;
-  const SplitPlan plan = PlanSplits(io.num_seqs, cache.num_kv_heads,
-                                    BlocksPerSm(UsesMma(cache.dtype, io.head_dim), groups),
-                                    max_items, CachedSmCount());
-  const size_t need =
-      PagedDecodeWorkspaceBytes(io.num_seqs, io.num_heads, cache.num_kv_heads, max_items);
-  if (plan.num_splits > 1 && (workspace == nullptr || workspace_bytes < need)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("workspace of ", workspace_bytes, " bytes is too small; need ", need));
-  }
   DecodeParams p{};
   p.query = io.query;
   p.out = io.out;
@@ -701,10 +587,6 @@ absl::Status Launch(const DecodeIo& io, const KvCacheView& cache, const BlockTab
   p.seq_lens = table.seq_lens;
   p.pages = pages != nullptr ? pages->pages : nullptr;
   p.counts = pages != nullptr ? pages->counts : nullptr;
-  const size_t partial_elems =
-      static_cast<size_t>(io.num_seqs) * io.num_heads * plan.num_splits * io.head_dim;
-  p.partial_out = static_cast<float*>(workspace);
-  p.partial_lse = plan.num_splits > 1 ? p.partial_out + partial_elems : nullptr;
   p.plane_elems = cache.PlaneElems();
   p.num_heads = io.num_heads;
   p.num_kv_heads = cache.num_kv_heads;
@@ -712,33 +594,58 @@ absl::Status Launch(const DecodeIo& io, const KvCacheView& cache, const BlockTab
   p.block_size = cache.block_size;
   p.max_blocks_per_seq = table.max_blocks_per_seq;
   p.max_selected = pages != nullptr ? pages->max_selected : 0;
-  p.num_splits = plan.num_splits;
-  p.items_per_split = plan.items_per_split;
   p.scale_log2 = scale * kLog2e;
-  const auto s = static_cast<hipStream_t>(stream);
-  switch (cache.dtype) {
-    case DType::kFloat32:
-      return DispatchHeadDim<float>(p, io.head_dim, groups, io.num_seqs, s);
-    case DType::kFloat16:
-      return DispatchHeadDim<F16>(p, io.head_dim, groups, io.num_seqs, s);
-    case DType::kBFloat16:
-      return DispatchHeadDim<BF16>(p, io.head_dim, groups, io.num_seqs, s);
-  }
-  return absl::InvalidArgumentError("unknown dtype");
+  return gpu::DispatchShape(cache.dtype, io.head_dim, io.num_heads / cache.num_kv_heads,
+                            [&]<typename T, int kHeadDim, int kGroup>() {
+                              return LaunchTyped<T, kHeadDim, kGroup>(
+                                  p, io.num_seqs, max_items, workspace, workspace_bytes,
+                                  static_cast<hipStream_t>(stream));
+                            });
 }
 
 }  // namespace
 
 size_t PagedDecodeWorkspaceBytes(int num_seqs, int num_heads, int num_kv_heads, int max_items) {
-  // dtype and head_dim are not known here: the larger plan of the two residencies (2 or 3
-  // blocks per SM) that a launch may use.
-  const SplitPlan p2 = PlanSplits(num_seqs, num_kv_heads, 2, max_items, CachedSmCount());
-  const SplitPlan p3 = PlanSplits(num_seqs, num_kv_heads, 3, max_items, CachedSmCount());
-  const SplitPlan plan = p2.num_splits >= p3.num_splits ? p2 : p3;
-  if (plan.num_splits <= 1) return 0;
+  // dtype and head_dim are not known here: the largest plan of the residencies that a launch
+  // may use.
+  const int rows = BlockRows(std::max(num_seqs, 0), num_heads, num_kv_heads);
+  int splits = 1;
+  for (int blocks_per_sm : kResidencies) {
+    splits =
+        std::max(splits, PlanSplits(rows, blocks_per_sm, max_items, CachedSmCount()).num_splits);
+  }
+  if (splits <= 1) return 0;
   // head_dim is at most 256; one extra float per row for the lse.
-  return static_cast<size_t>(std::max(num_seqs, 0)) * std::max(num_heads, 0) * plan.num_splits *
-         (256 + 1) * sizeof(float);
+  return static_cast<size_t>(std::max(num_seqs, 0)) * std::max(num_heads, 0) * splits * (256 + 1) *
+         sizeof(float);
+}
+
+absl::Status ValidateDecodeInputsGpu(const DecodeIo& io, const KvCacheView& cache,
+                                     const BlockTableView& table, const PageList* pages,
+                                     GpuStream stream) {
+  MEMPIPE_RETURN_IF_ERROR(ValidateBlockTableShape(table));
+  const size_t cells = static_cast<size_t>(table.num_seqs) * table.max_blocks_per_seq;
+  std::vector<int32_t> block_table(cells), seq_lens(table.num_seqs);
+  MEMPIPE_RETURN_IF_ERROR(
+      CopyToHostSync(block_table.data(), table.block_table, cells * sizeof(int32_t), stream));
+  MEMPIPE_RETURN_IF_ERROR(
+      CopyToHostSync(seq_lens.data(), table.seq_lens, seq_lens.size() * sizeof(int32_t), stream));
+  const BlockTableView host{block_table.data(), seq_lens.data(), table.num_seqs,
+                            table.max_blocks_per_seq};
+  MEMPIPE_RETURN_IF_ERROR(ValidateDecodeIo(io, cache, host));
+  if (pages == nullptr) return absl::OkStatus();
+  if (pages->pages == nullptr || pages->counts == nullptr || pages->num_kv_heads <= 0 ||
+      pages->max_selected <= 0) {
+    return ValidatePageList(*pages, host, cache);  // names the bad field
+  }
+  const size_t rows = static_cast<size_t>(table.num_seqs) * pages->num_kv_heads;
+  std::vector<int32_t> list(rows * pages->max_selected), counts(rows);
+  MEMPIPE_RETURN_IF_ERROR(
+      CopyToHostSync(list.data(), pages->pages, list.size() * sizeof(int32_t), stream));
+  MEMPIPE_RETURN_IF_ERROR(
+      CopyToHostSync(counts.data(), pages->counts, counts.size() * sizeof(int32_t), stream));
+  const PageList host_pages{list.data(), counts.data(), pages->num_kv_heads, pages->max_selected};
+  return ValidatePageList(host_pages, host, cache);
 }
 
 absl::Status DenseDecodeGpu(const DecodeIo& io, const KvCacheView& cache,

@@ -11,6 +11,7 @@
 
 #include <cstddef>
 
+#include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 
@@ -29,6 +30,57 @@ int GpuDeviceCount();
 
 // Returns the last launch error of this thread, if any, as an InternalError naming `what`.
 [[nodiscard]] absl::Status GpuLastError(const char* what);
+
+// Copies `bytes` of device memory to the host in `stream` order and waits for that stream: a
+// host synchronization, for checked modes and tests, never for the decode path.
+[[nodiscard]] absl::Status CopyToHostSync(void* dst, const void* device_src, size_t bytes,
+                                          GpuStream stream);
+
+// An owned non-blocking stream of the current device.
+class GpuStreamOwner {
+ public:
+  GpuStreamOwner() = default;
+  GpuStreamOwner(GpuStreamOwner&& other) noexcept;
+  GpuStreamOwner& operator=(GpuStreamOwner&& other) noexcept;
+  GpuStreamOwner(const GpuStreamOwner&) = delete;
+  GpuStreamOwner& operator=(const GpuStreamOwner&) = delete;
+  ~GpuStreamOwner();
+
+  [[nodiscard]] static absl::StatusOr<GpuStreamOwner> Create();
+  GpuStream get() const { return stream_; }
+  // Waits for the work queued on this stream; reports an asynchronous kernel error.
+  [[nodiscard]] absl::Status Synchronize() const;
+
+ private:
+  GpuStream stream_ = nullptr;
+};
+
+// A CUDA/HIP graph captured from the work `record` queues on `stream` (thread-local capture:
+// the calls must not synchronize the host or allocate outside the stream's pool), then
+// instantiated. Replaying it re-runs the same kernels on the same addresses; new inputs are
+// written into those buffers before Launch.
+//   MEMPIPE_ASSIGN_OR_RETURN(GpuGraph g, GpuGraph::Capture(s.get(), [&] { return Step(s); }));
+//   MEMPIPE_RETURN_IF_ERROR(g.Launch(s.get()));
+class GpuGraph {
+ public:
+  GpuGraph() = default;
+  GpuGraph(GpuGraph&& other) noexcept;
+  GpuGraph& operator=(GpuGraph&& other) noexcept;
+  GpuGraph(const GpuGraph&) = delete;
+  GpuGraph& operator=(const GpuGraph&) = delete;
+  ~GpuGraph();
+
+  // Errors: the first error `record` returns (the capture is then ended and discarded), or
+  // Internal for a capture/instantiation failure (e.g. a host synchronization inside).
+  [[nodiscard]] static absl::StatusOr<GpuGraph> Capture(GpuStream stream,
+                                                        absl::FunctionRef<absl::Status()> record);
+  [[nodiscard]] absl::Status Launch(GpuStream stream) const;
+
+ private:
+  void Reset();
+  void* graph_ = nullptr;  // hipGraph_t
+  void* exec_ = nullptr;   // hipGraphExec_t
+};
 
 // Owning device allocation.
 class DeviceBuffer {

@@ -3,6 +3,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/gpu/gpu_compat.h"
 #include "core/gpu/gpu_runtime.h"
+#include "core/status_macros.h"
 
 namespace mempipe {
 namespace {
@@ -38,6 +39,87 @@ absl::StatusOr<int> GpuMultiprocessorCount() {
 absl::Status GpuSynchronize() { return Check(hipDeviceSynchronize(), "hipDeviceSynchronize"); }
 
 absl::Status GpuLastError(const char* what) { return Check(hipGetLastError(), what); }
+
+absl::Status CopyToHostSync(void* dst, const void* device_src, size_t bytes, GpuStream stream) {
+  if (bytes == 0) return absl::OkStatus();
+  const auto s = static_cast<hipStream_t>(stream);
+  MEMPIPE_RETURN_IF_ERROR(
+      Check(hipMemcpyAsync(dst, device_src, bytes, hipMemcpyDeviceToHost, s), "hipMemcpyAsync"));
+  return Check(hipStreamSynchronize(s), "hipStreamSynchronize");
+}
+
+GpuStreamOwner::GpuStreamOwner(GpuStreamOwner&& other) noexcept
+    : stream_(std::exchange(other.stream_, nullptr)) {}
+
+GpuStreamOwner& GpuStreamOwner::operator=(GpuStreamOwner&& other) noexcept {
+  if (this != &other) {
+    if (stream_ != nullptr) (void)hipStreamDestroy(static_cast<hipStream_t>(stream_));
+    stream_ = std::exchange(other.stream_, nullptr);
+  }
+  return *this;
+}
+
+GpuStreamOwner::~GpuStreamOwner() {
+  if (stream_ != nullptr) (void)hipStreamDestroy(static_cast<hipStream_t>(stream_));
+}
+
+absl::StatusOr<GpuStreamOwner> GpuStreamOwner::Create() {
+  GpuStreamOwner o;
+  hipStream_t s = nullptr;
+  MEMPIPE_RETURN_IF_ERROR(
+      Check(hipStreamCreateWithFlags(&s, hipStreamNonBlocking), "hipStreamCreateWithFlags"));
+  o.stream_ = s;
+  return o;
+}
+
+absl::Status GpuStreamOwner::Synchronize() const {
+  return Check(hipStreamSynchronize(static_cast<hipStream_t>(stream_)), "hipStreamSynchronize");
+}
+
+GpuGraph::GpuGraph(GpuGraph&& other) noexcept
+    : graph_(std::exchange(other.graph_, nullptr)), exec_(std::exchange(other.exec_, nullptr)) {}
+
+GpuGraph& GpuGraph::operator=(GpuGraph&& other) noexcept {
+  if (this != &other) {
+    Reset();
+    graph_ = std::exchange(other.graph_, nullptr);
+    exec_ = std::exchange(other.exec_, nullptr);
+  }
+  return *this;
+}
+
+GpuGraph::~GpuGraph() { Reset(); }
+
+void GpuGraph::Reset() {
+  if (exec_ != nullptr) (void)hipGraphExecDestroy(static_cast<hipGraphExec_t>(exec_));
+  if (graph_ != nullptr) (void)hipGraphDestroy(static_cast<hipGraph_t>(graph_));
+  exec_ = graph_ = nullptr;
+}
+
+absl::StatusOr<GpuGraph> GpuGraph::Capture(GpuStream stream,
+                                           absl::FunctionRef<absl::Status()> record) {
+  const auto s = static_cast<hipStream_t>(stream);
+  MEMPIPE_RETURN_IF_ERROR(
+      Check(hipStreamBeginCapture(s, hipStreamCaptureModeThreadLocal), "hipStreamBeginCapture"));
+  const absl::Status recorded = record();
+  hipGraph_t graph = nullptr;
+  const absl::Status ended = Check(hipStreamEndCapture(s, &graph), "hipStreamEndCapture");
+  GpuGraph g;
+  g.graph_ = graph;
+  if (!recorded.ok()) return recorded;
+  MEMPIPE_RETURN_IF_ERROR(ended);
+  hipGraphExec_t exec = nullptr;
+  MEMPIPE_RETURN_IF_ERROR(
+      Check(hipGraphInstantiateWithFlags(&exec, graph, 0), "hipGraphInstantiateWithFlags"));
+  g.exec_ = exec;
+  return g;
+}
+
+absl::Status GpuGraph::Launch(GpuStream stream) const {
+  if (exec_ == nullptr) return absl::FailedPreconditionError("GpuGraph: nothing captured");
+  return Check(hipGraphLaunch(static_cast<hipGraphExec_t>(exec_), static_cast<hipStream_t>(stream)),
+               "hipGraphLaunch");
+}
 
 DeviceBuffer::DeviceBuffer(DeviceBuffer&& other) noexcept
     : data_(std::exchange(other.data_, nullptr)), size_(std::exchange(other.size_, 0)) {}

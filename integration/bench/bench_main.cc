@@ -13,6 +13,11 @@
 #include <thread>
 #include <vector>
 
+#if defined(MEMPIPE_BENCH_WITH_GPU)
+#include "core/gpu/gpu_runtime.h"
+#include "core/status_macros.h"
+#include "retriever/gpu/gpu_page_selector.h"
+#endif
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
@@ -96,6 +101,18 @@ void RegisterSelectors(int threads) {
     o.paced = paced;
     return MakeFpgaSelector(o);
   });
+#if defined(MEMPIPE_BENCH_WITH_GPU)
+  // The real GPU selector (retriever/gpu/gpu_page_selector.h), on a build with GPU kernels and
+  // a machine with a GPU; elsewhere the paced stand-in below may take its place.
+  if (GpuDeviceCount() > 0) {
+    RegisterPageSelectorFactory(Device::kGpu, "gpu (retriever/gpu/gpu_page_selector.h)",
+                                []() -> absl::StatusOr<std::unique_ptr<PageSelector>> {
+                                  MEMPIPE_ASSIGN_OR_RETURN(std::unique_ptr<GpuPageSelector> s,
+                                                           GpuPageSelector::Create());
+                                  return std::unique_ptr<PageSelector>(std::move(s));
+                                });
+  }
+#endif
   const double gbps = absl::GetFlag(FLAGS_stand_in_gbps);
   if (gbps <= 0) return;
   const double launch_us = absl::GetFlag(FLAGS_stand_in_launch_us);

@@ -8,29 +8,122 @@ this class; it holds the layer's digests and runs, per call:
             dense attention when the layer is dense or the placement is `dense`
     prefill causal attention over the cache for multi-token queries (always dense)
 
+    plan = DecodePlan()                      # one per model (or per vLLM builder)
     layer = PagedLayer(config, layer_index=5, num_heads=32, num_kv_heads=8, head_dim=128,
-                       scale=128 ** -0.5)
+                       scale=128 ** -0.5, plan=plan)
     layer.append(kv_cache, slot_mapping, key, value)
     layer.decode(query, kv_cache, block_table, seq_lens, out)
 
-Tensors (CPU, contiguous):
+Tensors (contiguous; all on the CPU, or all on one CUDA device):
     kv_cache     [2, num_blocks, block_size, num_kv_heads, head_dim]
     slot_mapping [T] int64;  key, value [T, num_kv_heads, head_dim]
     block_table  [S, max_blocks] int32;  seq_lens [S] int32
     query, out   [S, num_heads, head_dim] (decode) or [T, num_heads, head_dim] (prefill)
+
+On CUDA tensors every step runs on the GPU, on torch's current stream, without a host
+synchronization on the decode path: the fused append + digest kernel, the fused score + top-k
+kernel and the paged decode kernels, with their scratch memory (selection, workspaces) taken
+from the DecodePlan, which allocates it once for the largest batch it has seen and hands every
+layer views of the same buffers (FlashInfer's plan-once, run-per-layer). Buffers keep their
+addresses while shapes do not grow, so a decode step can be captured in a CUDA graph after
+`plan.reserve(max_seqs, max_blocks, ...)`. Prefill on CUDA is torch SDPA over the sequence's
+pages gathered into a contiguous [kv_heads, len, head_dim] (causal, offset for chunked
+prefill); it reads host-side lengths, so prefill synchronizes once per call.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from mempipe import _mempipe
 from mempipe.config import MempipeConfig
 
 
+class DecodePlan:
+    """Scratch buffers of one decode step, shared by every layer on one device.
+
+    `views(...)` returns (pages, counts, select_workspace, decode_workspace) for a batch; the
+    buffers grow (a new allocation) only when a batch needs more than any before it, and are
+    otherwise the same memory every call, every layer, every step. CPU tensors get pages and
+    counts only (the CPU code needs no workspace).
+    """
+
+    def __init__(self):
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._sizes: dict[tuple, tuple[int, int]] = {}
+        self._views: dict[tuple, tuple] = {}
+        self.device: torch.device | None = None
+        self.allocations = 0  # how many times a buffer was (re)allocated, for tests
+
+    def _buffer(self, name: str, numel: int, dtype: torch.dtype,
+                device: torch.device) -> torch.Tensor:
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.device != device:
+            buf = torch.empty(max(numel, 1), dtype=dtype, device=device)
+            self._buffers[name] = buf
+            self.allocations += 1
+        return buf[:numel]
+
+    def _workspace_sizes(self, num_seqs: int, num_heads: int, num_kv_heads: int,
+                         max_blocks: int, max_selected: int, device: torch.device):
+        key = (num_seqs, num_heads, num_kv_heads, max_blocks, max_selected, device.index)
+        sizes = self._sizes.get(key)
+        if sizes is None:
+            dev = device.index or 0
+            decode = max(
+                _mempipe.decode_workspace_bytes(num_seqs, num_heads, num_kv_heads, max_blocks,
+                                                device=dev),
+                _mempipe.decode_workspace_bytes(num_seqs, num_heads, num_kv_heads,
+                                                max_selected, device=dev))
+            select = _mempipe.select_workspace_bytes(num_seqs, num_kv_heads, max_blocks)
+            sizes = self._sizes[key] = (select, decode)
+        return sizes
+
+    def views(self, num_seqs: int, num_heads: int, num_kv_heads: int, max_blocks: int,
+              max_selected: int, device: torch.device):
+        key = (num_seqs, num_heads, num_kv_heads, max_blocks, max_selected, device)
+        hit = self._views.get(key)
+        if hit is not None and hit[0] == self.allocations:
+            return hit[1]  # NOTE: the per-layer fast path: no slicing, no dict building
+        views = self._make_views(num_seqs, num_heads, num_kv_heads, max_blocks, max_selected,
+                                 device)
+        self._views[key] = (self.allocations, views)
+        return views
+
+    def _make_views(self, num_seqs, num_heads, num_kv_heads, max_blocks, max_selected, device):
+        pages = self._buffer("pages", num_seqs * num_kv_heads * max_selected, torch.int32,
+                             device).view(num_seqs, num_kv_heads, max_selected)
+        counts = self._buffer("counts", num_seqs * num_kv_heads, torch.int32,
+                              device).view(num_seqs, num_kv_heads)
+        if device.type != "cuda":
+            return pages, counts, None, None
+        select, decode = self._workspace_sizes(num_seqs, num_heads, num_kv_heads, max_blocks,
+                                               max_selected, device)
+        return (pages, counts, self._buffer("select_ws", select, torch.uint8, device),
+                self._buffer("decode_ws", decode, torch.uint8, device))
+
+    def reserve(self, num_seqs: int, num_heads: int, num_kv_heads: int, max_blocks: int,
+                max_selected: int, device: torch.device | str) -> None:
+        """Allocates for the largest batch up front (before capturing a CUDA graph)."""
+        self.views(num_seqs, num_heads, num_kv_heads, max_blocks, max_selected,
+                   torch.device(device))
+
+
+_DEFAULT_PLANS: dict[torch.device, DecodePlan] = {}
+
+
+def default_plan(device: torch.device) -> DecodePlan:
+    """The process-wide plan of `device` (used by layers created without one)."""
+    plan = _DEFAULT_PLANS.get(device)
+    if plan is None:
+        plan = _DEFAULT_PLANS[device] = DecodePlan()
+    return plan
+
+
 class PagedLayer:
     def __init__(self, config: MempipeConfig, layer_index: int, num_heads: int,
-                 num_kv_heads: int, head_dim: int, scale: float):
+                 num_kv_heads: int, head_dim: int, scale: float, plan: DecodePlan | None = None):
         reasons = config.validate()
         if reasons:
             raise ValueError("mempipe configuration rejected: " + "; ".join(reasons))
@@ -41,6 +134,7 @@ class PagedLayer:
         self.head_dim = head_dim
         self.scale = float(scale)
         self.sparse = config.layer_sparse(layer_index)
+        self.plan = plan
         # Attention (step 4) shares (sequence, KV head) pairs among as many host threads as
         # torch uses, which vLLM's CPU worker sets to the cores it binds.
         self.num_threads = max(1, torch.get_num_threads())
@@ -50,6 +144,11 @@ class PagedLayer:
         # scores with that layer's digests; the target keeps digests even when it is dense.
         self.digest_source: PagedLayer | None = None
         self.keep_digests = False
+        # Calls per path, for tests and for counting what ran where.
+        self.calls = {"sparse": 0, "dense": 0, "prefill": 0}
+
+    def _plan(self, device: torch.device) -> DecodePlan:
+        return self.plan if self.plan is not None else default_plan(device)
 
     def digests(self, kv_cache: torch.Tensor) -> torch.Tensor:
         """The digests of `kv_cache`, [num_blocks, 2, num_kv_heads, head_dim] in its dtype.
@@ -69,36 +168,97 @@ class PagedLayer:
         return self._digests
 
     def append(self, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tensor,
-               value: torch.Tensor) -> None:
-        """Writes the new tokens and keeps the digests current (only sparse layers need them)."""
+               value: torch.Tensor, digests: torch.Tensor | None = None) -> None:
+        """Writes the new tokens and keeps the digests current (only sparse layers need them).
+
+        On CUDA every layer takes the fused append + digest kernel (the GPU build has no bare
+        write kernel; a dense layer's digests are kept and never read).
+        """
         key, value = key.contiguous(), value.contiguous()
-        if self.sparse or self.keep_digests:
+        if self.sparse or self.keep_digests or kv_cache.is_cuda:
             _mempipe.append_kv_and_digests(kv_cache, slot_mapping, key, value,
-                                           self.digests(kv_cache))
+                                           digests if digests is not None
+                                           else self.digests(kv_cache))
         else:
             _mempipe.write_kv(kv_cache, slot_mapping, key, value)
 
+    def _check_placement(self, device: torch.device) -> None:
+        want = "gpu" if device.type == "cuda" else "cpu"
+        if self.sparse and self.config.placement != want:
+            raise ValueError(f"placement '{self.config.placement}' does not run tensors on "
+                             f"{device}: use placement={want} (or dense)")
+
     def decode(self, query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
-               seq_lens: torch.Tensor, out: torch.Tensor) -> None:
+               seq_lens: torch.Tensor, out: torch.Tensor,
+               digests: torch.Tensor | None = None) -> None:
         """One query token per sequence: sparse (steps 2-4) or dense. Writes `out`."""
+        self._check_placement(query.device)
         query = query.contiguous()
-        if not self.sparse:
-            _mempipe.dense_decode(query, kv_cache, block_table, seq_lens, out, self.scale,
-                                  num_threads=self.num_threads)
-            return
         c = self.config
-        pages = torch.empty(block_table.shape[0], self.num_kv_heads, c.budget // c.page_size,
-                            dtype=torch.int32)
-        counts = torch.empty(block_table.shape[0], self.num_kv_heads, dtype=torch.int32)
-        _mempipe.score_and_select(query, kv_cache, self.digests(kv_cache), block_table, seq_lens,
-                                  pages, counts, budget=c.budget, sinks=c.sinks,
-                                  locals=c.locals, aggregation=c.aggregation)
+        num_seqs, max_blocks = block_table.shape
+        max_selected = c.budget // c.page_size
+        pages, counts, select_ws, decode_ws = self._plan(query.device).views(
+            num_seqs, self.num_heads, self.num_kv_heads, max_blocks, max_selected, query.device)
+        if not self.sparse:
+            self.calls["dense"] += 1
+            _mempipe.dense_decode(query, kv_cache, block_table, seq_lens, out, self.scale,
+                                  num_threads=self.num_threads, workspace=decode_ws)
+            return
+        self.calls["sparse"] += 1
+        _mempipe.score_and_select(query, kv_cache,
+                                  digests if digests is not None else self.digests(kv_cache),
+                                  block_table, seq_lens, pages, counts, budget=c.budget,
+                                  sinks=c.sinks, locals=c.locals, aggregation=c.aggregation,
+                                  workspace=select_ws)
         _mempipe.sparse_decode(query, kv_cache, block_table, seq_lens, pages, counts, out,
-                               self.scale, num_threads=self.num_threads)
+                               self.scale, num_threads=self.num_threads, workspace=decode_ws)
 
     def prefill(self, query: torch.Tensor, query_start_loc: torch.Tensor,
                 kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                 out: torch.Tensor) -> None:
         """Causal attention of each sequence's new tokens over its cache (dense)."""
+        self.calls["prefill"] += 1
+        if kv_cache.is_cuda:
+            paged_prefill_sdpa(query, query_start_loc, kv_cache, block_table, seq_lens, out,
+                               self.scale)
+            return
         _mempipe.prefill_attention(query.contiguous(), query_start_loc, kv_cache, block_table,
                                    seq_lens, out, self.scale, num_threads=self.num_threads)
+
+
+def gather_context(kv_cache: torch.Tensor, block_row: torch.Tensor,
+                   length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence's K and V as [kv_heads, length, head_dim], gathered from its pages."""
+    block_size = kv_cache.shape[2]
+    pages = -(-length // block_size)
+    ids = block_row[:pages].long()
+    k = kv_cache[0].index_select(0, ids).flatten(0, 1)[:length]
+    v = kv_cache[1].index_select(0, ids).flatten(0, 1)[:length]
+    return k.transpose(0, 1), v.transpose(0, 1)
+
+
+def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [..., H, n, D] attends causally to k, v [..., KVH, L, D] whose last n positions are
+    q's (4-D inputs select the same fused SDPA kernels as transformers' sdpa path)."""
+    n, length = q.shape[-2], k.shape[-2]
+    if n == length:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                              enable_gqa=True)
+    rows = torch.arange(length - n, length, device=q.device).unsqueeze(1)
+    mask = torch.arange(length, device=q.device).unsqueeze(0) <= rows
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+def paged_prefill_sdpa(query: torch.Tensor, query_start_loc: torch.Tensor,
+                       kv_cache: torch.Tensor, block_table: torch.Tensor,
+                       seq_lens: torch.Tensor, out: torch.Tensor, scale: float) -> None:
+    """prefill_attention with torch SDPA: per sequence, its pages gathered, causal offset."""
+    starts = query_start_loc.tolist()  # NOTE: host lengths; prefill synchronizes once
+    lens = seq_lens.tolist()
+    for s, length in enumerate(lens):
+        a, b = starts[s], starts[s + 1]
+        if b == a:
+            continue
+        k, v = gather_context(kv_cache, block_table[s], length)
+        q = query[a:b].transpose(0, 1)  # [H, n, D]
+        out[a:b] = sdpa_causal(q[None], k[None], v[None], scale)[0].transpose(0, 1)

@@ -4,7 +4,8 @@
 
 Keys (all optional):
     placement     dense | cpu | gpu | fpga   where steps 1-3 run (ARCHITECTURE.md presets);
-                  `dense` turns selection off (the baseline).
+                  `dense` turns selection off (the baseline). From Python, `cpu` takes host
+                  tensors and `gpu` CUDA tensors (a GPU build); `fpga` is not available.
     budget        tokens kept per (sequence, KV head); a multiple of page_size.
     page_size     16 | 32 | 64; must equal vLLM's --block-size.
     dense_layers  the first N layers attend densely (Quest keeps 2).
@@ -43,6 +44,7 @@ AGGREGATIONS = ("max", "sum")
 PAGE_SIZES = tuple(_mempipe.supported_block_sizes)
 HEAD_DIMS = tuple(_mempipe.supported_head_dims)
 DTYPES = tuple(_mempipe.supported_dtypes)
+DEVICES = tuple(_mempipe.devices)
 # The C++ side stores every integer key in an int32.
 INT32_MAX = 2**31 - 1
 _INT_TEXT = re.compile(r"[+-]?[0-9]+")
@@ -98,9 +100,13 @@ class MempipeConfig:
         if self.placement not in PLACEMENTS:
             reasons.append(f"placement must be one of {', '.join(PLACEMENTS)}, "
                            f"got '{self.placement}'")
-        elif self.placement in ("gpu", "fpga"):
-            reasons.append(f"placement '{self.placement}' is not available from Python in this "
-                           "build (the module runs steps 1-4 on the CPU); use cpu or dense")
+        elif self.placement == "fpga":
+            reasons.append("placement 'fpga' is not available from Python in this build; use "
+                           "cpu, gpu or dense")
+        elif self.placement == "gpu" and "cuda" not in DEVICES:
+            reasons.append("placement 'gpu' needs a GPU build of mempipe (this one runs "
+                           f"{', '.join(DEVICES)} tensors only; see README, MEMPIPE_GPU); use "
+                           "cpu or dense")
         if self.page_size not in PAGE_SIZES:
             reasons.append(f"page_size must be {_one_of(PAGE_SIZES)}, got {self.page_size}")
         if self.budget <= 0:

@@ -1,39 +1,224 @@
-"""mempipe as a Hugging Face transformers attention function, built on torch.ops.mempipe.*.
+"""mempipe as a Hugging Face transformers attention function, with a paged cache.
 
     import mempipe.hf
     mempipe.hf.register()                      # adds "mempipe" to transformers' registry
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="mempipe")
-    model.generate(ids, max_new_tokens=32)     # MEMPIPE_CONFIG sets budget, dense layers ...
+    cache = mempipe.hf.MempipeCache()          # pages + digests kept across steps
+    model.generate(ids, max_new_tokens=32, past_key_values=cache)
 
-transformers keeps its own contiguous cache and hands the attention function the whole context
-(key/value [batch, kv_heads, context, head_dim]). The adapter pages that context into a
-mempipe cache on every call, builds the page digests (step 1) and then runs steps 2-4 for a
-one-token query (sparse layers) or causal attention otherwise. Re-paging costs a copy of the
-context per layer and step: the adapter shows that a model outside vLLM computes with the same
-operators, it is not a fast path (vLLM's backend keeps the paged cache and digests instead).
+With a MempipeCache (transformers' `Cache` interface), each layer's keys and values live in
+mempipe pages ([2, num_blocks, page, kv_heads, head_dim], sequence b's page j in block
+j * batch + b) with their digests: `update` appends only the new tokens (one fused append +
+digest kernel per decode step; a prompt is written with one index_copy and its digests built
+in bulk) and the attention function reads the pages: steps 2-4 for a one-token query on
+sparse layers, dense paged decode on the others, causal prefill otherwise (CUDA: transformers' own SDPA
+function over the contiguous prompt, or torch SDPA over the gathered pages when the cache
+already holds a prefix; CPU: mempipe's prefill kernel). Capacity grows by doubling (block ids are kept), so a step
+costs the kernels' time, not a copy of the context. Decode runs without host synchronization
+on CUDA; the scratch buffers come from the cache's DecodePlan (allocated once).
+
+Without a MempipeCache (e.g. transformers' own DynamicCache, or no cache) the function falls
+back to paging the whole context it is handed on every call: correct, but a copy of the
+context per layer and step.
 
 Supported: causal decoder attention without padding (attention_mask None or the plain causal
-pattern), no dropout, head_dim 64/128/256, fp32/fp16/bf16, CPU tensors.
+pattern), no dropout, head_dim 64/128/256, fp32/fp16/bf16, CPU or CUDA tensors.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 
 import mempipe.ops  # noqa: F401  (registers torch.ops.mempipe)
 from mempipe import config as mempipe_config
+import mempipe
+from mempipe.attention import DecodePlan, PagedLayer, gather_context, sdpa_causal
 
 NAME = "mempipe"
 
+try:
+    from transformers.cache_utils import Cache, CacheLayerMixin
+except ImportError:  # transformers absent or too old: the fallback path still works
+    Cache, CacheLayerMixin = object, object
+
+# The layer whose update() ran last on this thread: transformers calls the attention function
+# right after `past_key_values.update(...)` of the same layer, without passing the cache.
+_pending = threading.local()
+
+
+class MempipePagedLayer(CacheLayerMixin):
+    """One decoder layer's paged K/V and digests (transformers' CacheLayerMixin)."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, cache: MempipeCache | None = None, **kwargs):
+        super().__init__()
+        self.cache = cache
+        self.length = 0          # tokens held per sequence (no padding: all equal)
+        self.capacity = 0        # pages per sequence
+        self.kv_cache = None     # [2, batch * capacity, page, kv_heads, head_dim]
+        self.digests = None      # [batch * capacity, 2, kv_heads, head_dim]
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.batch, self.kv_heads, _, self.head_dim = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.page = self.cache.config.page_size
+        self.is_initialized = True
+
+    def _grow(self, length: int) -> None:
+        need = -(-length // self.page)
+        if need <= self.capacity:
+            return
+        cap = max(need, 2 * self.capacity, 16)
+        b = self.batch
+        kv = torch.full((2, b * cap, self.page, self.kv_heads, self.head_dim), float("nan"),
+                        dtype=self.dtype, device=self.device)
+        dg = torch.full((b * cap, 2, self.kv_heads, self.head_dim), float("nan"),
+                        dtype=self.dtype, device=self.device)
+        if self.kv_cache is not None:  # block ids j * batch + b are kept
+            kv[:, :self.kv_cache.shape[1]] = self.kv_cache
+            dg[:self.digests.shape[0]] = self.digests
+        self.kv_cache, self.digests, self.capacity = kv, dg, cap
+        self.block_table = (torch.arange(cap, dtype=torch.int32, device=self.device)
+                            .unsqueeze(0) * b
+                            + torch.arange(b, dtype=torch.int32, device=self.device)
+                            .unsqueeze(1)).contiguous()
+
+    def slots(self, start: int, n: int) -> torch.Tensor:
+        """Slot of token start..start+n-1 of every sequence, [batch * n] int64, batch-major."""
+        pos = torch.arange(start, start + n, device=self.device)
+        b = torch.arange(self.batch, device=self.device).unsqueeze(1)
+        return (((pos // self.page) * self.batch + b) * self.page + pos % self.page).flatten()
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[2]
+        start = self.length
+        self._grow(start + n)
+        rows = lambda t: t.transpose(1, 2).reshape(-1, self.kv_heads, self.head_dim)  # noqa
+        slots = self.slots(start, n)
+        if n == 1:  # one fused append + digest update (every layer: dense ones never read it)
+            mempipe.steps.append_kv_and_digests(self.kv_cache, slots, rows(key_states).contiguous(),
+                                                rows(value_states).contiguous(), self.digests)
+        else:  # a prompt: one write, then the touched pages' digests in bulk
+            for plane, t in ((0, key_states), (1, value_states)):
+                self.kv_cache[plane].view(-1, self.kv_heads, self.head_dim).index_copy_(
+                    0, slots, rows(t))
+            lens = torch.full((self.batch,), start + n, dtype=torch.int32, device=self.device)
+            mempipe.ops.build_digests(self.kv_cache, self.block_table, lens, self.digests)
+        self.length = start + n
+        _pending.state = (self, key_states, start)
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self, *args) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.length = 0
+        if self.digests is not None:
+            self.digests.fill_(float("nan"))
+
+
+class MempipeCache(Cache):
+    """transformers `Cache` whose layers keep mempipe pages and digests across steps."""
+
+    def __init__(self, config: mempipe_config.MempipeConfig | None = None, **kwargs):
+        self.config = config if config is not None else mempipe_config.load()
+        reasons = self.config.validate()
+        if reasons:
+            raise ValueError("mempipe configuration rejected: " + "; ".join(reasons))
+        self.plan = DecodePlan()
+        self._paged: dict[int, PagedLayer] = {}
+        self._steps: dict = {}
+        cache = self
+
+        class _Layer(MempipePagedLayer):
+            def __init__(self, **kw):
+                super().__init__(cache=cache)
+
+        super().__init__(layer_class_to_replicate=_Layer)
+
+    def step_seq_lens(self, batch: int, length: int, device) -> torch.Tensor:
+        """seq_lens of this step, made once per step and shared by the layers."""
+        key = (batch, length, device)
+        t = self._steps.get(key)
+        if t is None:
+            self._steps.clear()
+            t = self._steps[key] = torch.full((batch,), length, dtype=torch.int32,
+                                              device=device)
+        return t
+
+    def calls(self) -> dict[str, int]:
+        """Calls per path summed over the layers (sparse, dense, prefill)."""
+        total = {"sparse": 0, "dense": 0, "prefill": 0}
+        for p in self._paged.values():
+            if p is not None:
+                for k, v in p.calls.items():
+                    total[k] += v
+        return total
+
 
 def _is_plain_causal(mask: torch.Tensor, q_len: int, kv_len: int) -> bool:
-    rows = torch.arange(kv_len - q_len, kv_len).unsqueeze(1)
-    allowed = torch.arange(kv_len).unsqueeze(0) <= rows  # [q_len, kv_len]
+    dev = mask.device
+    rows = torch.arange(kv_len - q_len, kv_len, device=dev).unsqueeze(1)
+    allowed = torch.arange(kv_len, device=dev).unsqueeze(0) <= rows  # [q_len, kv_len]
     if mask.dtype == torch.bool:
         seen = mask
     else:  # additive float mask: 0 keeps, a large negative value drops
         seen = mask > torch.finfo(mask.dtype).min / 2
     return bool((seen[..., :q_len, :kv_len] == allowed).all())
+
+
+def _cached_forward(module, layer_state, start, query, scale):
+    """The MempipeCache path: the new tokens are already in the pages."""
+    cache = layer_state.cache
+    batch, num_heads, q_len, head_dim = query.shape
+    idx = cache.layers.index(layer_state)
+    paged = cache._paged.get(idx)
+    if paged is None or paged.num_heads != num_heads:
+        paged = PagedLayer(cache.config, idx, num_heads, layer_state.kv_heads, head_dim, scale,
+                           plan=cache.plan)
+        cache._paged[idx] = paged
+    length = layer_state.length
+    q = query.transpose(1, 2).reshape(batch * q_len, num_heads, head_dim)
+    if q_len == 1:
+        out = torch.empty_like(q)
+        lens = cache.step_seq_lens(batch, length, query.device)
+        paged.decode(q, layer_state.kv_cache, layer_state.block_table, lens, out,
+                     digests=layer_state.digests)
+        return out.view(batch, 1, num_heads, head_dim)
+    paged.calls["prefill"] += 1
+    if query.is_cuda:
+        if start == 0:  # the prompt is the whole context, contiguous: transformers' own SDPA
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward
+            key, value = _pending.kv
+            out, _ = sdpa_attention_forward(module, query, key, value, None, dropout=0.0,
+                                            scaling=scale, is_causal=True)
+            return out
+        outs = []  # a prefix is cached: the sequence's pages gathered, causal with an offset
+        for b in range(batch):
+            k, v = gather_context(layer_state.kv_cache, layer_state.block_table[b], length)
+            outs.append(sdpa_causal(query[b:b + 1], k[None], v[None], scale)[0].transpose(0, 1))
+        return torch.stack(outs)
+    starts = torch.arange(0, batch * q_len + 1, q_len, dtype=torch.int32)
+    lens = torch.full((batch,), length, dtype=torch.int32)
+    out = torch.ops.mempipe.prefill_attention(q, starts, layer_state.kv_cache,
+                                              layer_state.block_table, lens, scale)
+    return out.view(batch, q_len, num_heads, head_dim)
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -45,6 +230,21 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         raise NotImplementedError(f"mempipe attention has no dropout, got {dropout}")
     batch, num_heads, q_len, head_dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
+    scale = float(scaling if scaling is not None else head_dim ** -0.5)
+    state = getattr(_pending, "state", None)
+    _pending.state = None
+    if state is not None and state[1] is key:
+        layer_state, _, start = state
+        if attention_mask is not None and not _is_plain_causal(attention_mask, q_len,
+                                                               layer_state.length):
+            raise NotImplementedError("mempipe's transformers adapter supports causal "
+                                      "attention without padding only")
+        _pending.kv = (key, value)
+        try:
+            return _cached_forward(module, layer_state, start, query, scale), None
+        finally:
+            _pending.kv = None
+
     if attention_mask is not None and not _is_plain_causal(attention_mask, q_len, kv_len):
         raise NotImplementedError("mempipe's transformers adapter supports causal attention "
                                   "without padding only")
@@ -52,18 +252,20 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     reasons = cfg.validate()
     if reasons:
         raise ValueError("mempipe configuration rejected: " + "; ".join(reasons))
-    scale = float(scaling if scaling is not None else head_dim ** -0.5)
     page = cfg.page_size
     pages_per_seq = -(-kv_len // page)
+    dev = key.device
 
-    # Page the context: sequence b owns blocks [b * pages_per_seq, (b + 1) * pages_per_seq).
+    # No MempipeCache: page the context, sequence b owns blocks [b * pps, (b + 1) * pps).
     kv_cache = torch.full((2, batch * pages_per_seq, page, kv_heads, head_dim), float("nan"),
-                          dtype=key.dtype)
-    digests = torch.empty(batch * pages_per_seq, 2, kv_heads, head_dim, dtype=key.dtype)
-    block_table = torch.arange(batch * pages_per_seq, dtype=torch.int32).view(batch, -1)
-    seq_lens = torch.full((batch,), kv_len, dtype=torch.int32)
-    slots = (torch.arange(batch).unsqueeze(1) * pages_per_seq * page
-             + torch.arange(kv_len).unsqueeze(0)).flatten()
+                          dtype=key.dtype, device=dev)
+    digests = torch.empty(batch * pages_per_seq, 2, kv_heads, head_dim, dtype=key.dtype,
+                          device=dev)
+    block_table = torch.arange(batch * pages_per_seq, dtype=torch.int32,
+                               device=dev).view(batch, -1)
+    seq_lens = torch.full((batch,), kv_len, dtype=torch.int32, device=dev)
+    slots = (torch.arange(batch, device=dev).unsqueeze(1) * pages_per_seq * page
+             + torch.arange(kv_len, device=dev).unsqueeze(0)).flatten()
     rows = lambda t: t.transpose(1, 2).reshape(batch * kv_len, kv_heads, head_dim)  # noqa: E731
     torch.ops.mempipe.write_kv(kv_cache, slots, rows(key), rows(value))
 
@@ -77,7 +279,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         out = torch.ops.mempipe.sparse_decode(q, kv_cache, block_table, seq_lens, pages, counts,
                                               scale)
     else:
-        starts = torch.arange(0, batch * q_len + 1, q_len, dtype=torch.int32)
+        starts = torch.arange(0, batch * q_len + 1, q_len, dtype=torch.int32, device=dev)
         out = torch.ops.mempipe.prefill_attention(q, starts, kv_cache, block_table, seq_lens,
                                                   scale)
     return out.view(batch, q_len, num_heads, head_dim), None

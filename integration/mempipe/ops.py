@@ -10,7 +10,12 @@ see the writes; functional ones allocate their outputs and have fake (meta) kern
                                                        seq_lens, 4096, 1, 1, "max")
     out = torch.ops.mempipe.sparse_decode(q, kv_cache, block_table, seq_lens, pages, counts, s)
 
-Shapes are those of `mempipe._mempipe` (see bindings/module.cc). CPU tensors only in this build.
+Shapes are those of `mempipe._mempipe` (see bindings/module.cc). The same operators run on CPU
+tensors and, in a build whose `mempipe.steps.devices` includes "cuda", on CUDA tensors (on
+torch's current stream; GPU scratch memory comes from torch's caching allocator per call, use
+mempipe.attention.DecodePlan for allocation-free steps). On CUDA, write_kv is a torch
+index_copy (one host synchronization to drop negative slots) and prefill_attention is torch
+SDPA over each sequence's gathered pages: the module has no GPU kernel for either.
 """
 
 from __future__ import annotations
@@ -20,9 +25,23 @@ import torch
 from mempipe import _mempipe
 
 
+def _workspace(nbytes: int, device: torch.device) -> torch.Tensor | None:
+    if device.type != "cuda" or nbytes == 0:
+        return None
+    return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+
 @torch.library.custom_op("mempipe::write_kv", mutates_args=("kv_cache",))
 def write_kv(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tensor,
              value: torch.Tensor) -> None:
+    if kv_cache.is_cuda:
+        keep = (slot_mapping >= 0).nonzero().flatten()
+        slots = slot_mapping.index_select(0, keep)
+        kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
+        for plane, rows in ((0, key), (1, value)):
+            kv_cache[plane].view(-1, kv_heads, head_dim).index_copy_(
+                0, slots, rows.index_select(0, keep).to(kv_cache.dtype))
+        return
     _mempipe.write_kv(kv_cache, slot_mapping, key.contiguous(), value.contiguous())
 
 
@@ -87,9 +106,13 @@ def score_and_select(query: torch.Tensor, kv_cache: torch.Tensor, digests: torch
                      locals: int, aggregation: str) -> tuple[torch.Tensor, torch.Tensor]:
     pages, counts = _selection_buffers(block_table.shape[0], kv_cache.shape[3],
                                        max(budget // kv_cache.shape[2], 1), query.device)
+    ws = None
+    if query.is_cuda:
+        ws = _workspace(_mempipe.select_workspace_bytes(block_table.shape[0], kv_cache.shape[3],
+                                                        block_table.shape[1]), query.device)
     _mempipe.score_and_select(query.contiguous(), kv_cache, digests, block_table, seq_lens,
                               pages, counts, budget=budget, sinks=sinks, locals=locals,
-                              aggregation=aggregation)
+                              aggregation=aggregation, workspace=ws)
     return pages, counts
 
 
@@ -106,7 +129,12 @@ def dense_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
                  seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
     query = query.contiguous()
     out = torch.empty_like(query)
-    _mempipe.dense_decode(query, kv_cache, block_table, seq_lens, out, scale)
+    ws = None
+    if query.is_cuda:
+        ws = _workspace(_mempipe.decode_workspace_bytes(
+            query.shape[0], query.shape[1], kv_cache.shape[3], block_table.shape[1],
+            device=query.device.index or 0), query.device)
+    _mempipe.dense_decode(query, kv_cache, block_table, seq_lens, out, scale, workspace=ws)
     return out
 
 
@@ -116,7 +144,13 @@ def sparse_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torc
                   scale: float) -> torch.Tensor:
     query = query.contiguous()
     out = torch.empty_like(query)
-    _mempipe.sparse_decode(query, kv_cache, block_table, seq_lens, pages, counts, out, scale)
+    ws = None
+    if query.is_cuda:
+        ws = _workspace(_mempipe.decode_workspace_bytes(
+            query.shape[0], query.shape[1], kv_cache.shape[3], pages.shape[2],
+            device=query.device.index or 0), query.device)
+    _mempipe.sparse_decode(query, kv_cache, block_table, seq_lens, pages, counts, out, scale,
+                           workspace=ws)
     return out
 
 
@@ -126,6 +160,10 @@ def prefill_attention(query: torch.Tensor, query_start_loc: torch.Tensor, kv_cac
                       scale: float) -> torch.Tensor:
     query = query.contiguous()
     out = torch.empty_like(query)
+    if query.is_cuda:
+        from mempipe.attention import paged_prefill_sdpa
+        paged_prefill_sdpa(query, query_start_loc, kv_cache, block_table, seq_lens, out, scale)
+        return out
     _mempipe.prefill_attention(query, query_start_loc, kv_cache, block_table, seq_lens, out,
                                scale)
     return out

@@ -1,18 +1,26 @@
 // Digest kernels (see the header).
 //
 //   BuildDigestsKernel        grid (page, seq): threads over (kv head, channel); tokens in order
-//   AppendKvAndDigestsKernel  grid (token): write K/V rows; the last token of each block in the
-//                             batch folds that block's tokens, in append order, into its digest
+//   append, three kernels in stream order (grid: tokens), bookkeeping in a [3, num_blocks]
+//   int32 workspace:
+//     ClearAppendTableKernel  resets the entries of the blocks the batch touches
+//     AppendKvKernel          writes K/V rows; records each block's first / last token and
+//                             latest reset (atomics)
+//     FoldDigestsKernel       the last token of each block folds the block's tokens, in append
+//                             order, into its digest
+//   Before (one kernel), each token scanned the whole batch to learn whether it was its
+//   block's last: O(tokens^2), ~10^12 slot reads for a 1M-token prefill.
+#include <algorithm>
+#include <climits>
+
 #include "absl/strings/str_cat.h"
+#include "core/gpu/dispatch.h"
 #include "core/gpu/gpu_compat.h"
 #include "core/status_macros.h"
 #include "retriever/gpu/digest_gpu.h"
 
 namespace mempipe {
 namespace {
-
-using gpu::BF16;
-using gpu::F16;
 
 constexpr int kThreads = 256;
 
@@ -46,45 +54,80 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The per-block bookkeeping of one append, in the caller's workspace (int32 each,
+// [num_blocks]): the last batch token in the block, the first one, and the latest reset (a
+// token at offset 0). Only the entries of blocks that the batch touches are used; the first
+// kernel sets them, so the workspace needs no initialization.
+struct AppendTable {
+  int* last;
+  int* first;
+  int* reset;
+};
+
+AppendTable Carve(void* workspace, int num_blocks) {
+  int* w = static_cast<int*>(workspace);
+  return {w, w + num_blocks, w + 2 * static_cast<size_t>(num_blocks)};
+}
+
+// 1/3: clears the entries of the blocks this batch touches (one thread per token).
+__global__ void __launch_bounds__(kThreads)
+    ClearAppendTableKernel(AppendTable tab, const int64_t* slots, int num_tokens, int64_t num_slots,
+                           int block_size) {
+  const int i = blockIdx.x * kThreads + threadIdx.x;
+  if (i >= num_tokens) return;
+  const int64_t slot = slots[i];
+  if (slot < 0 || slot >= num_slots) return;
+  const int64_t block = slot / block_size;
+  tab.last[block] = -1;
+  tab.first[block] = INT_MAX;
+  tab.reset[block] = -1;
+}
+
+// 2/3: writes token i's K/V rows (one thread block per token) and records it in its block's
+// entry.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    AppendKvAndDigestsKernel(T* kv, T* digests, const int64_t* slots, int num_tokens, const T* key,
-                             const T* value, int num_blocks, int block_size, int num_kv_heads,
-                             int head_dim, size_t plane_elems) {
+    AppendKvKernel(T* kv, AppendTable tab, const int64_t* slots, const T* key, const T* value,
+                   int num_blocks, int block_size, int num_kv_heads, int head_dim,
+                   size_t plane_elems) {
   const int i = blockIdx.x;
   const int64_t slot = slots[i];
   const int64_t num_slots = static_cast<int64_t>(num_blocks) * block_size;
   if (slot < 0 || slot >= num_slots) return;
   const int64_t block = slot / block_size;
   const int row = num_kv_heads * head_dim;
-  T* kdst = kv + slot * row;
-  for (int e = threadIdx.x; e < row; e += kThreads) {
-    kdst[e] = key[static_cast<size_t>(i) * row + e];
-    kdst[plane_elems + e] = value[static_cast<size_t>(i) * row + e];
-  }
-
-  // Only the last token of the batch that lands in this block updates its digest.
-  __shared__ int s_later;
-  __shared__ int s_start;
-  if (threadIdx.x == 0) {
-    s_later = 0;
-    s_start = -1;
-  }
-  __syncthreads();
-  for (int j = i + 1 + threadIdx.x; j < num_tokens; j += kThreads) {
-    const int64_t sj = slots[j];
-    if (sj >= 0 && sj < num_slots && sj / block_size == block) s_later = 1;
-  }
-  // The latest reset (offset 0) of this block at or before token i starts the fold.
-  for (int j = threadIdx.x; j <= i; j += kThreads) {
-    const int64_t sj = slots[j];
-    if (sj >= 0 && sj < num_slots && sj / block_size == block && sj % block_size == 0) {
-      atomicMax(&s_start, j);
+  if (kv != nullptr) {  // null: digests only (UpdateDigestsFromKeysGpu)
+    T* kdst = kv + slot * row;
+    for (int e = threadIdx.x; e < row; e += kThreads) {
+      kdst[e] = key[static_cast<size_t>(i) * row + e];
+      kdst[plane_elems + e] = value[static_cast<size_t>(i) * row + e];
     }
   }
-  __syncthreads();
-  if (s_later) return;
-  const int start = s_start;
+  if (threadIdx.x == 0) {
+    atomicMax(&tab.last[block], i);
+    atomicMin(&tab.first[block], i);
+    if (slot % block_size == 0) atomicMax(&tab.reset[block], i);
+  }
+}
+
+// 3/3: the last token of each block in the batch folds the block's tokens, in append order,
+// into its digest: from the latest reset (which restarts the digest at its key), else from
+// the block's first token onto the stored digest. It scans the batch between that start and
+// itself: the block's own tokens when they are contiguous in the batch (vLLM's order: a
+// sequence's new tokens are consecutive), so the whole append reads each token a bounded
+// number of times instead of once per later token.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    FoldDigestsKernel(T* digests, AppendTable tab, const int64_t* slots, const T* key,
+                      int num_blocks, int block_size, int num_kv_heads, int head_dim) {
+  const int i = blockIdx.x;
+  const int64_t slot = slots[i];
+  const int64_t num_slots = static_cast<int64_t>(num_blocks) * block_size;
+  if (slot < 0 || slot >= num_slots) return;
+  const int64_t block = slot / block_size;
+  if (tab.last[block] != i) return;
+  const int start = tab.reset[block];
+  const int row = num_kv_heads * head_dim;
   T* dmx = digests + block * 2 * row;
   T* dmn = dmx + row;
   for (int e = threadIdx.x; e < row; e += kThreads) {
@@ -96,7 +139,7 @@ __global__ void __launch_bounds__(kThreads)
     } else {
       mx = dmx[e];
       mn = dmn[e];
-      j0 = 0;
+      j0 = tab.first[block];
     }
     for (int j = j0; j <= i; ++j) {
       const int64_t sj = slots[j];
@@ -107,19 +150,6 @@ __global__ void __launch_bounds__(kThreads)
     dmx[e] = mx;
     dmn[e] = mn;
   }
-}
-
-template <typename Fn>
-absl::Status DispatchGpuType(DType dtype, Fn&& fn) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return fn.template operator()<float>();
-    case DType::kFloat16:
-      return fn.template operator()<F16>();
-    case DType::kBFloat16:
-      return fn.template operator()<BF16>();
-  }
-  return absl::InvalidArgumentError("unknown dtype");
 }
 
 }  // namespace
@@ -137,7 +167,7 @@ absl::Status BuildDigestsGpu(const KvCacheView& cache, const BlockTableView& tab
   if (table.num_seqs > 65535) {
     return absl::InvalidArgumentError(absl::StrCat("num_seqs ", table.num_seqs, " exceeds 65535"));
   }
-  return DispatchGpuType(cache.dtype, [&]<typename T>() {
+  return gpu::DispatchDType(cache.dtype, [&]<typename T>() {
     const dim3 grid(table.max_blocks_per_seq, table.num_seqs);
     BuildDigestsKernel<T><<<grid, kThreads, 0, static_cast<hipStream_t>(stream)>>>(
         static_cast<const T*>(cache.data), static_cast<T*>(digests.data), table.block_table,
@@ -147,9 +177,41 @@ absl::Status BuildDigestsGpu(const KvCacheView& cache, const BlockTableView& tab
   });
 }
 
+namespace {
+
+// The three append kernels; cache.data null: digests only.
+absl::Status LaunchAppend(const KvCacheView& cache, const int64_t* slot_mapping, int num_tokens,
+                          const void* key, const void* value, const DigestView& digests,
+                          void* workspace, GpuStream stream) {
+  const AppendTable tab = Carve(workspace, cache.num_blocks);
+  const auto s = static_cast<hipStream_t>(stream);
+  const int64_t num_slots = static_cast<int64_t>(cache.num_blocks) * cache.block_size;
+  ClearAppendTableKernel<<<(num_tokens + kThreads - 1) / kThreads, kThreads, 0, s>>>(
+      tab, slot_mapping, num_tokens, num_slots, cache.block_size);
+  MEMPIPE_RETURN_IF_ERROR(GpuLastError("ClearAppendTableKernel launch"));
+  return gpu::DispatchDType(cache.dtype, [&]<typename T>() {
+    AppendKvKernel<T><<<num_tokens, kThreads, 0, s>>>(
+        static_cast<T*>(cache.data), tab, slot_mapping, static_cast<const T*>(key),
+        static_cast<const T*>(value), cache.num_blocks, cache.block_size, cache.num_kv_heads,
+        cache.head_dim, cache.PlaneElems());
+    MEMPIPE_RETURN_IF_ERROR(GpuLastError("AppendKvKernel launch"));
+    FoldDigestsKernel<T><<<num_tokens, kThreads, 0, s>>>(
+        static_cast<T*>(digests.data), tab, slot_mapping, static_cast<const T*>(key),
+        cache.num_blocks, cache.block_size, cache.num_kv_heads, cache.head_dim);
+    return GpuLastError("FoldDigestsKernel launch");
+  });
+}
+
+}  // namespace
+
+size_t AppendWorkspaceBytes(const KvCacheView& cache) {
+  return 3 * static_cast<size_t>(std::max(cache.num_blocks, 0)) * sizeof(int32_t);
+}
+
 absl::Status AppendKvAndDigestsGpu(const KvCacheView& cache, const int64_t* slot_mapping,
                                    int num_tokens, const void* key, const void* value,
-                                   const DigestView& digests, GpuStream stream) {
+                                   const DigestView& digests, void* workspace,
+                                   size_t workspace_bytes, GpuStream stream) {
   MEMPIPE_RETURN_IF_ERROR(ValidateKvCache(cache));
   MEMPIPE_RETURN_IF_ERROR(ValidateDigests(cache, digests));
   if (num_tokens < 0) {
@@ -159,13 +221,64 @@ absl::Status AppendKvAndDigestsGpu(const KvCacheView& cache, const int64_t* slot
   if (slot_mapping == nullptr || key == nullptr || value == nullptr) {
     return absl::InvalidArgumentError("slot_mapping, key and value must not be null");
   }
-  return DispatchGpuType(cache.dtype, [&]<typename T>() {
-    AppendKvAndDigestsKernel<T><<<num_tokens, kThreads, 0, static_cast<hipStream_t>(stream)>>>(
-        static_cast<T*>(cache.data), static_cast<T*>(digests.data), slot_mapping, num_tokens,
-        static_cast<const T*>(key), static_cast<const T*>(value), cache.num_blocks,
-        cache.block_size, cache.num_kv_heads, cache.head_dim, cache.PlaneElems());
-    return GpuLastError("AppendKvAndDigestsKernel launch");
-  });
+  const size_t need = AppendWorkspaceBytes(cache);
+  if (workspace == nullptr || workspace_bytes < need) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("append workspace of ", workspace_bytes, " bytes is too small; need ", need));
+  }
+  return LaunchAppend(cache, slot_mapping, num_tokens, key, value, digests, workspace, stream);
+}
+
+absl::Status UpdateDigestsFromKeysGpu(const DigestView& digests, int block_size,
+                                      const int64_t* slot_mapping, int num_tokens, const void* keys,
+                                      void* workspace, size_t workspace_bytes, GpuStream stream) {
+  // The cache view carries the shapes only (its data pointer is not written).
+  const KvCacheView shapes{digests.data, digests.dtype,        digests.num_blocks,
+                           block_size,   digests.num_kv_heads, digests.head_dim};
+  MEMPIPE_RETURN_IF_ERROR(ValidateKvCache(shapes));
+  MEMPIPE_RETURN_IF_ERROR(ValidateDigests(shapes, digests));
+  if (num_tokens < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("num_tokens must be >= 0, got ", num_tokens));
+  }
+  if (num_tokens == 0) return absl::OkStatus();
+  if (slot_mapping == nullptr || keys == nullptr) {
+    return absl::InvalidArgumentError("slot_mapping and keys must not be null");
+  }
+  const size_t need = AppendWorkspaceBytes(shapes);
+  if (workspace == nullptr || workspace_bytes < need) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("append workspace of ", workspace_bytes, " bytes is too small; need ", need));
+  }
+  KvCacheView no_cache = shapes;
+  no_cache.data = nullptr;
+  return LaunchAppend(no_cache, slot_mapping, num_tokens, keys, nullptr, digests, workspace,
+                      stream);
+}
+
+absl::Status AppendKvAndDigestsGpu(const KvCacheView& cache, const int64_t* slot_mapping,
+                                   int num_tokens, const void* key, const void* value,
+                                   const DigestView& digests, GpuStream stream) {
+  MEMPIPE_RETURN_IF_ERROR(ValidateKvCache(cache));
+  if (num_tokens <= 0) {
+    return AppendKvAndDigestsGpu(cache, slot_mapping, num_tokens, key, value, digests, nullptr, 0,
+                                 stream);
+  }
+  // A stream-ordered allocation from the device's pool: no host synchronization, and
+  // capturable in a CUDA graph (as an allocation node).
+  const auto s = static_cast<hipStream_t>(stream);
+  const size_t bytes = AppendWorkspaceBytes(cache);
+  void* workspace = nullptr;
+  if (hipError_t e = hipMallocAsync(&workspace, bytes, s); e != hipSuccess) {
+    return absl::InternalError(absl::StrCat(
+        "append workspace of ", bytes, " bytes: hipMallocAsync failed: ", hipGetErrorString(e)));
+  }
+  const absl::Status status = AppendKvAndDigestsGpu(cache, slot_mapping, num_tokens, key, value,
+                                                    digests, workspace, bytes, stream);
+  if (hipError_t e = hipFreeAsync(workspace, s); e != hipSuccess && status.ok()) {
+    return absl::InternalError(
+        absl::StrCat("append workspace: hipFreeAsync failed: ", hipGetErrorString(e)));
+  }
+  return status;
 }
 
 }  // namespace mempipe

@@ -11,15 +11,13 @@
 #include <cstdint>
 
 #include "absl/strings/str_cat.h"
+#include "core/gpu/dispatch.h"
 #include "core/gpu/gpu_compat.h"
 #include "core/status_macros.h"
 #include "retriever/gpu/select_gpu.h"
 
 namespace mempipe {
 namespace {
-
-using gpu::BF16;
-using gpu::F16;
 
 constexpr int kScoreWarps = 8;
 constexpr int kScoreThreads = kScoreWarps * kGpuLanes;
@@ -59,10 +57,16 @@ struct ScoreConfig {
   static constexpr int kBatch = 16 / kChannels < 8 ? 16 / kChannels : 8;
   static constexpr int kLogBatch = kBatch == 8 ? 3 : (kBatch == 4 ? 2 : 1);
   static_assert(kGpuLanes % kBatch == 0 && kPagesPerScoreBlock == kScoreWarps * kGpuLanes);
+  // Groups of 1, 2, 4 (any head_dim), 8 and small odd groups keep the queries in registers;
+  // larger ones (q and its sign mask would take over 80 registers) read them from shared
+  // memory.
+  static constexpr bool kQShared = kGroups > 8 || (kGroups != 8 && kGroups * kChannels > 32);
+  // Resident blocks per SM: the __launch_bounds__ of ScorePagesKernel.
+  static constexpr int kMinBlocksPerSm = kGroups >= 5 ? 2 : 3;
 };
 
 template <typename T, int kHeadDim, int kGroups>
-__global__ void __launch_bounds__(kScoreThreads, kGroups >= 8 ? 2 : 3)
+__global__ void __launch_bounds__(kScoreThreads, (ScoreConfig<kHeadDim, kGroups>::kMinBlocksPerSm))
     ScorePagesKernel(ScoreParams p) {
   using C = ScoreConfig<kHeadDim, kGroups>;
   constexpr int J = C::kChannels;
@@ -88,16 +92,25 @@ __global__ void __launch_bounds__(kScoreThreads, kGroups >= 8 ? 2 : 3)
   // use_max[g][j]: all ones where q >= 0. For finite values the reference's
   // max(q * mx, q * mn) is then q * (q >= 0 ? mx : mn) up to the sign of a zero, which no lane
   // sum starting at +0 can tell apart; one bit-select replaces a product and a max.
-  float q[kGroups][J];
-  uint32_t use_max[kGroups][J];
+  // With C::kQShared the queries live in s_q and both are formed per use.
+  constexpr int kRegGroups = C::kQShared ? 1 : kGroups;
+  float q[kRegGroups][J];
+  uint32_t use_max[kRegGroups][J];
+  __shared__ float s_q[C::kQShared ? kGroups : 1][C::kQShared ? kHeadDim : 1];
   const T* qrow = static_cast<const T*>(p.query) +
                   (static_cast<size_t>(seq) * p.num_heads + kvh * kGroups) * kHeadDim;
+  if constexpr (C::kQShared) {
+    for (int i = threadIdx.x; i < kGroups * kHeadDim; i += kScoreThreads) {
+      s_q[i / kHeadDim][i % kHeadDim] = gpu::ToF32(qrow[i]);
+    }
+  } else {
 #pragma unroll
-  for (int g = 0; g < kGroups; ++g) {
+    for (int g = 0; g < kGroups; ++g) {
 #pragma unroll
-    for (int j = 0; j < J; ++j) {
-      q[g][j] = gpu::ToF32(qrow[g * kHeadDim + lane + j * kGpuLanes]);
-      use_max[g][j] = q[g][j] >= 0.0f ? 0xffffffffu : 0u;
+      for (int j = 0; j < J; ++j) {
+        q[g][j] = gpu::ToF32(qrow[g * kHeadDim + lane + j * kGpuLanes]);
+        use_max[g][j] = q[g][j] >= 0.0f ? 0xffffffffu : 0u;
+      }
     }
   }
   const T* dg = static_cast<const T*>(p.digests) + static_cast<size_t>(kvh) * kHeadDim + lane;
@@ -146,6 +159,18 @@ __global__ void __launch_bounds__(kScoreThreads, kGroups >= 8 ? 2 : 3)
     float agg = 0.0f;
 #pragma unroll
     for (int g = 0; g < kGroups; ++g) {
+      float qg[J];
+      uint32_t um[J];
+#pragma unroll
+      for (int j = 0; j < J; ++j) {
+        if constexpr (C::kQShared) {
+          qg[j] = s_q[g][lane + j * kGpuLanes];
+          um[j] = qg[j] >= 0.0f ? 0xffffffffu : 0u;
+        } else {
+          qg[j] = q[g][j];
+          um[j] = use_max[g][j];
+        }
+      }
       // Lane sums in the canonical order of relevancy.h; __fmul_rn/__fadd_rn are never fused.
       float v[P];
 #pragma unroll
@@ -153,9 +178,9 @@ __global__ void __launch_bounds__(kScoreThreads, kGroups >= 8 ? 2 : 3)
         float s = 0.0f;
 #pragma unroll
         for (int j = 0; j < J; ++j) {
-          const uint32_t bound = (__float_as_uint(gpu::ToF32(mx[u][j])) & use_max[g][j]) |
-                                 (__float_as_uint(gpu::ToF32(mn[u][j])) & ~use_max[g][j]);
-          s = __fadd_rn(s, __fmul_rn(q[g][j], __uint_as_float(bound)));
+          const uint32_t bound = (__float_as_uint(gpu::ToF32(mx[u][j])) & um[j]) |
+                                 (__float_as_uint(gpu::ToF32(mn[u][j])) & ~um[j]);
+          s = __fadd_rn(s, __fmul_rn(qg[j], __uint_as_float(bound)));
         }
         v[u] = s;
       }
@@ -472,44 +497,12 @@ __global__ void __launch_bounds__(kSelectThreads) SelectPagesKernel(SelectParams
   }
 }
 
-template <typename T, int kHeadDim>
-absl::Status LaunchScoreGroups(const ScoreParams& p, int groups, int num_seqs, hipStream_t s) {
+template <typename T, int kHeadDim, int kGroups>
+absl::Status LaunchScore(const ScoreParams& p, int num_seqs, hipStream_t s) {
   const dim3 grid(p.num_kv_heads,
                   (p.max_blocks_per_seq + kPagesPerScoreBlock - 1) / kPagesPerScoreBlock, num_seqs);
-  switch (groups) {
-    case 1:
-      ScorePagesKernel<T, kHeadDim, 1><<<grid, kScoreThreads, 0, s>>>(p);
-      break;
-    case 2:
-      ScorePagesKernel<T, kHeadDim, 2><<<grid, kScoreThreads, 0, s>>>(p);
-      break;
-    case 4:
-      ScorePagesKernel<T, kHeadDim, 4><<<grid, kScoreThreads, 0, s>>>(p);
-      break;
-    case 8:
-      ScorePagesKernel<T, kHeadDim, 8><<<grid, kScoreThreads, 0, s>>>(p);
-      break;
-    default:
-      return absl::InvalidArgumentError(absl::StrCat(
-          "GQA group size (num_heads / num_kv_heads) must be 1, 2, 4 or 8, got ", groups));
-  }
+  ScorePagesKernel<T, kHeadDim, kGroups><<<grid, kScoreThreads, 0, s>>>(p);
   return GpuLastError("ScorePagesKernel launch");
-}
-
-template <typename T>
-absl::Status LaunchScore(const ScoreParams& p, int head_dim, int groups, int num_seqs,
-                         hipStream_t s) {
-  switch (head_dim) {
-    case 64:
-      return LaunchScoreGroups<T, 64>(p, groups, num_seqs, s);
-    case 128:
-      return LaunchScoreGroups<T, 128>(p, groups, num_seqs, s);
-    case 256:
-      return LaunchScoreGroups<T, 256>(p, groups, num_seqs, s);
-    default:
-      return absl::InvalidArgumentError(
-          absl::StrCat("head_dim must be 64, 128 or 256, got ", head_dim));
-  }
 }
 
 absl::Status CheckTable(const BlockTableView& table) {
@@ -541,6 +534,7 @@ absl::Status LaunchRelevancy(const QueryView& query, const KvCacheView& cache,
                              const DigestView& digests, const BlockTableView& table,
                              GroupAggregation agg, float* scores, uint32_t* group_max, int sinks,
                              int locals, GpuStream stream) {
+  MEMPIPE_RETURN_IF_ERROR(ValidateGroupAggregation(agg));
   KvCacheView shapes = cache;
   if (shapes.data == nullptr) shapes.data = digests.data;  // only shapes are checked
   MEMPIPE_RETURN_IF_ERROR(ValidateKvCache(shapes));
@@ -577,17 +571,11 @@ absl::Status LaunchRelevancy(const QueryView& query, const KvCacheView& cache,
   p.sinks = sinks;
   p.locals = locals;
   p.aggregation = static_cast<int>(agg);
-  const int groups = query.num_heads / cache.num_kv_heads;
-  const auto s = static_cast<hipStream_t>(stream);
-  switch (cache.dtype) {
-    case DType::kFloat32:
-      return LaunchScore<float>(p, query.head_dim, groups, query.num_seqs, s);
-    case DType::kFloat16:
-      return LaunchScore<F16>(p, query.head_dim, groups, query.num_seqs, s);
-    case DType::kBFloat16:
-      return LaunchScore<BF16>(p, query.head_dim, groups, query.num_seqs, s);
-  }
-  return absl::InvalidArgumentError("unknown dtype");
+  return gpu::DispatchShape(cache.dtype, query.head_dim, query.num_heads / cache.num_kv_heads,
+                            [&]<typename T, int kHeadDim, int kGroups>() {
+                              return LaunchScore<T, kHeadDim, kGroups>(
+                                  p, query.num_seqs, static_cast<hipStream_t>(stream));
+                            });
 }
 
 absl::Status LaunchSelect(const float* scores, const uint32_t* group_max,

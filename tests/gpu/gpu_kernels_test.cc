@@ -4,19 +4,26 @@
 // slots, table entries and every output buffer are poisoned. Without a GPU every test skips.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <numeric>
 #include <random>
+#include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "attention/decode.h"
 #include "attention/gpu/paged_decode_gpu.h"
 #include "core/gpu/gpu_runtime.h"
+#include "core/status_macros.h"
 #include "gtest/gtest.h"
 #include "retriever/digest.h"
 #include "retriever/gpu/digest_gpu.h"
+#include "retriever/gpu/gpu_page_selector.h"
 #include "retriever/gpu/select_gpu.h"
+#include "retriever/page_selector.h"
 #include "retriever/relevancy.h"
 #include "retriever/select.h"
 #include "tests/testing/paged_fixture.h"
@@ -32,8 +39,20 @@ using testing::TestSeed;
 
 constexpr int kKvHeads = 2;
 
-#define SKIP_WITHOUT_GPU() \
-  if (GpuDeviceCount() == 0) GTEST_SKIP() << "no GPU device: GPU kernel test skipped"
+// MEMPIPE_REQUIRE_GPU=1 (every run on a GPU machine) turns a missing device into a failure,
+// so that a broken driver or a hidden device cannot pass as "skipped".
+bool GpuRequired() {
+  const char* v = std::getenv("MEMPIPE_REQUIRE_GPU");
+  return v != nullptr && std::string(v) == "1";
+}
+
+#define SKIP_WITHOUT_GPU()                                                                  \
+  do {                                                                                      \
+    if (GpuDeviceCount() == 0) {                                                            \
+      if (GpuRequired()) FAIL() << "no GPU device, and MEMPIPE_REQUIRE_GPU=1 requires one"; \
+      GTEST_SKIP() << "no GPU device: GPU kernel test skipped";                             \
+    }                                                                                       \
+  } while (0)
 
 // Uploads host bytes; the test fails on any error.
 DeviceBuffer Upload(const void* src, size_t bytes) {
@@ -66,6 +85,8 @@ class GpuKernelTest : public ::testing::TestWithParam<std::tuple<DType, int, int
  protected:
   void SetUp() override {
     std::tie(dtype_, block_size_, head_dim_, group_) = GetParam();
+    // Without a device every test skips (or fails) at its first line: build nothing.
+    if (GpuDeviceCount() == 0) return;
     rng_.seed(TestSeed());
     // Ragged: a long sequence (several splits), a one-token one, an exact page, a partial.
     std::uniform_int_distribution<int> len_dist(1, 40 * block_size_);
@@ -80,7 +101,6 @@ class GpuKernelTest : public ::testing::TestWithParam<std::tuple<DType, int, int
     scale_ = 1.0f / std::sqrt(static_cast<float>(head_dim_));
     cache_ = f_->cache_view();
     table_ = f_->table_view();
-    if (GpuDeviceCount() == 0) return;
     d_cache_ = Upload(cache_.data, cache_.NumBytes());
     d_table_ =
         Upload(table_.block_table, sizeof(int32_t) * table_.num_seqs * table_.max_blocks_per_seq);
@@ -195,6 +215,30 @@ TEST_P(GpuKernelTest, AppendKvAndDigestsBitExact) {
   const auto got_dg = Download<uint8_t>(d_dg, cpu.NumBytes());
   EXPECT_EQ(0, std::memcmp(got_cache.data(), cache_.data, cache_.NumBytes()));
   EXPECT_EQ(0, std::memcmp(got_dg.data(), cpu.data, cpu.NumBytes()));
+
+  // Again through the caller-workspace overload (workspace full of garbage), the same slots in
+  // a fully shuffled order (resets after other tokens of their block) with new K/V.
+  std::shuffle(slots.begin(), slots.end(), rng_);
+  RandomTensor k2(rng_, dtype_, static_cast<size_t>(n) * kKvHeads * head_dim_);
+  RandomTensor v2(rng_, dtype_, static_cast<size_t>(n) * kKvHeads * head_dim_);
+  DeviceBuffer d_slots2 = Upload(slots), d_k2 = Upload(k2.bytes), d_v2 = Upload(v2.bytes);
+  DeviceBuffer d_ws = Upload(std::vector<uint8_t>(AppendWorkspaceBytes(cache_), 0xa5));
+  ASSERT_TRUE(AppendKvAndDigestsGpu(DeviceCache(), static_cast<const int64_t*>(d_slots2.data()), n,
+                                    d_k2.data(), d_v2.data(), Digests(d_dg.data()), d_ws.data(),
+                                    d_ws.size(), nullptr)
+                  .ok());
+  ASSERT_TRUE(AppendKvAndDigests(cache_, slots.data(), n, k2.data(), v2.data(), cpu).ok());
+  ASSERT_TRUE(GpuSynchronize().ok());
+  EXPECT_EQ(0, std::memcmp(Download<uint8_t>(d_cache_, cache_.NumBytes()).data(), cache_.data,
+                           cache_.NumBytes()));
+  EXPECT_EQ(0,
+            std::memcmp(Download<uint8_t>(d_dg, cpu.NumBytes()).data(), cpu.data, cpu.NumBytes()));
+  // A workspace one byte short is refused, naming both sizes.
+  const absl::Status small = AppendKvAndDigestsGpu(
+      DeviceCache(), static_cast<const int64_t*>(d_slots2.data()), n, d_k2.data(), d_v2.data(),
+      Digests(d_dg.data()), d_ws.data(), d_ws.size() - 1, nullptr);
+  EXPECT_EQ(small.code(), absl::StatusCode::kInvalidArgument) << small;
+  EXPECT_NE(small.message().find(std::to_string(d_ws.size())), std::string::npos) << small;
 }
 
 TEST_P(GpuKernelTest, RelevancyAndSelectionBitExact) {
@@ -304,17 +348,34 @@ TEST_P(GpuKernelTest, SparseDecodeMatchesFloat64) {
       });
 }
 
+std::string ShapeName(const ::testing::TestParamInfo<GpuKernelTest::ParamType>& info) {
+  return std::string(DTypeName(std::get<0>(info.param))) + "_page" +
+         std::to_string(std::get<1>(info.param)) + "_d" + std::to_string(std::get<2>(info.param)) +
+         "_g" + std::to_string(std::get<3>(info.param));
+}
+
 INSTANTIATE_TEST_SUITE_P(
     Shapes, GpuKernelTest,
     ::testing::Combine(::testing::Values(DType::kFloat32, DType::kFloat16, DType::kBFloat16),
                        ::testing::Values(16, 32, 64), ::testing::Values(64, 128, 256),
                        ::testing::Values(1, 4, 8)),
-    [](const auto& info) {
-      return std::string(DTypeName(std::get<0>(info.param))) + "_page" +
-             std::to_string(std::get<1>(info.param)) + "_d" +
-             std::to_string(std::get<2>(info.param)) + "_g" +
-             std::to_string(std::get<3>(info.param));
-    });
+    ShapeName);
+
+// The GQA groups of real models beyond 1, 4, 8 (2: Llama-2-70B-like pairs, 3: SmolLM2,
+// 5: Qwen2.5-14B/32B, 6, 7: Qwen2.5-7B, 12, 16: two thread blocks per KV head), every dtype
+// and head_dim, on one page size each (page sizes are covered above) so that the suite stays
+// short. Block tables are shuffled and lengths are not page multiples (PagedFixture).
+INSTANTIATE_TEST_SUITE_P(Groups, GpuKernelTest,
+                         ::testing::Combine(::testing::Values(DType::kFloat32, DType::kFloat16,
+                                                              DType::kBFloat16),
+                                            ::testing::Values(32), ::testing::Values(64, 128, 256),
+                                            ::testing::Values(2, 3, 5, 6, 7, 12, 16)),
+                         ShapeName);
+INSTANTIATE_TEST_SUITE_P(GroupsPage16, GpuKernelTest,
+                         ::testing::Combine(::testing::Values(DType::kBFloat16),
+                                            ::testing::Values(16, 64), ::testing::Values(128),
+                                            ::testing::Values(3, 5, 7, 12, 16)),
+                         ShapeName);
 
 // Many sequences: one split per (sequence, KV head), the path without the combine kernel; and
 // many tied scores (integer-valued queries and keys), the path that breaks ties by index.
@@ -486,16 +547,355 @@ TEST(GpuKernelLongRows, PrefilterAndFallbackSelectExactly) {
   }
 }
 
+// A long prompt appended in one batch, as chunked prefill lays it out: two sequences'
+// chunks interleaved (1000 tokens of one, then of the other), each sequence's pages in a
+// shuffled block order, lengths not page multiples. Cache and digests equal the CPU's bit
+// for bit (the linear launcher folds each block from its first token or latest reset).
+TEST(GpuKernelAppend, LongPromptInOneBatchBitExact) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(TestSeed());
+  const DType dtype = DType::kBFloat16;
+  const int bs = 16, kv_heads = 2, d = 128, chunk = 1000;
+  const std::vector<int> lens = {9000 + 7, 6000 - 3};
+  int pages = 0;
+  for (int l : lens) pages += NumPages(l, bs);
+  std::vector<int32_t> perm(pages);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), rng);
+  std::vector<int> first_page = {0, NumPages(lens[0], bs)};
+  std::vector<int64_t> slots;
+  for (int start = 0; start < std::max(lens[0], lens[1]); start += chunk) {
+    for (int s = 0; s < 2; ++s) {
+      for (int t = start; t < std::min(start + chunk, lens[s]); ++t) {
+        slots.push_back(static_cast<int64_t>(perm[first_page[s] + t / bs]) * bs + t % bs);
+      }
+    }
+  }
+  const int n = static_cast<int>(slots.size());
+  const size_t row = static_cast<size_t>(kv_heads) * d;
+  KvCacheView cache{nullptr, dtype, pages, bs, kv_heads, d};
+  std::vector<uint8_t> host_cache = NanBytes(dtype, cache.NumElems());
+  cache.data = host_cache.data();
+  DigestView dg{nullptr, dtype, pages, kv_heads, d};
+  std::vector<uint8_t> host_dg = NanBytes(dtype, dg.NumElems());
+  dg.data = host_dg.data();
+  RandomTensor k(rng, dtype, n * row), v(rng, dtype, n * row);
+  DeviceBuffer d_cache = Upload(host_cache), d_dg = Upload(host_dg), d_slots = Upload(slots);
+  DeviceBuffer d_k = Upload(k.bytes), d_v = Upload(v.bytes);
+  ASSERT_TRUE(AppendKvAndDigests(cache, slots.data(), n, k.data(), v.data(), dg).ok());
+  KvCacheView dcache = cache;
+  dcache.data = d_cache.data();
+  DigestView ddg = dg;
+  ddg.data = d_dg.data();
+  ASSERT_TRUE(AppendKvAndDigestsGpu(dcache, static_cast<const int64_t*>(d_slots.data()), n,
+                                    d_k.data(), d_v.data(), ddg, nullptr)
+                  .ok());
+  ASSERT_TRUE(GpuSynchronize().ok());
+  EXPECT_EQ(0, std::memcmp(Download<uint8_t>(d_cache, cache.NumBytes()).data(), host_cache.data(),
+                           cache.NumBytes()));
+  EXPECT_EQ(
+      0, std::memcmp(Download<uint8_t>(d_dg, dg.NumBytes()).data(), host_dg.data(), dg.NumBytes()));
+}
+
+// The sparse decode step (fused append, score + select, sparse decode) on fixed-address
+// buffers is capturable in a CUDA graph: captured once, replayed with new queries, new tokens
+// and new lengths, it equals the same calls run eagerly, bit for bit (two input sets, so a
+// graph that kept its first inputs would fail the second comparison).
+TEST(GpuKernelGraph, DecodeStepReplaysLikeEager) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(TestSeed());
+  const DType dtype = DType::kBFloat16;
+  const int bs = 16, kv_heads = 2, d = 128, group = 4, heads = kv_heads * group;
+  const std::vector<int> lens = {700 + 5, 300, 1000 - 9};
+  const int num_seqs = static_cast<int>(lens.size());
+  PagedFixture f(rng, {.dtype = dtype,
+                       .block_size = bs,
+                       .num_kv_heads = kv_heads,
+                       .head_dim = d,
+                       .seq_lens = lens});
+  const KvCacheView hcache = f.cache_view();
+  const BlockTableView htable = f.table_view();
+  ASSERT_TRUE(BuildDigests(hcache, htable, f.digest_view()).ok());
+  const DigestView hdg = f.digest_view();
+  const std::vector<uint8_t> cache0(static_cast<uint8_t*>(hcache.data),
+                                    static_cast<uint8_t*>(hcache.data) + hcache.NumBytes());
+  const std::vector<uint8_t> dg0(static_cast<uint8_t*>(hdg.data),
+                                 static_cast<uint8_t*>(hdg.data) + hdg.NumBytes());
+  const size_t row = static_cast<size_t>(kv_heads) * d;
+  const SelectionConfig config{.budget_tokens = 12 * bs, .num_sink_pages = 1, .num_local_pages = 2};
+  const int max_sel = 12;
+
+  // Fixed-address buffers of the step.
+  DeviceBuffer d_cache = Upload(cache0), d_dg = Upload(dg0);
+  DeviceBuffer d_table =
+      Upload(htable.block_table, sizeof(int32_t) * num_seqs * htable.max_blocks_per_seq);
+  DeviceBuffer d_lens = Upload(std::vector<int32_t>(num_seqs, 1));
+  DeviceBuffer d_q = Upload(std::vector<uint8_t>(num_seqs * heads * d * 2, 0));
+  DeviceBuffer d_out = Upload(NanBytes(dtype, num_seqs * heads * d));
+  DeviceBuffer d_slots = Upload(std::vector<int64_t>(num_seqs, -1));
+  DeviceBuffer d_k = Upload(std::vector<uint8_t>(num_seqs * row * 2, 0));
+  DeviceBuffer d_v = Upload(std::vector<uint8_t>(num_seqs * row * 2, 0));
+  DeviceBuffer d_sel = Upload(std::vector<int32_t>(num_seqs * kv_heads * max_sel, 0));
+  DeviceBuffer d_cnt = Upload(std::vector<int32_t>(num_seqs * kv_heads, 0));
+  KvCacheView cache = hcache;
+  cache.data = d_cache.data();
+  DigestView dg = hdg;
+  dg.data = d_dg.data();
+  const BlockTableView table{static_cast<const int32_t*>(d_table.data()),
+                             static_cast<const int32_t*>(d_lens.data()), num_seqs,
+                             htable.max_blocks_per_seq};
+  DeviceBuffer d_append_ws = DeviceBuffer::Allocate(AppendWorkspaceBytes(cache)).value();
+  DeviceBuffer d_select_ws = DeviceBuffer::Allocate(SelectWorkspaceBytes(table, kv_heads)).value();
+  DeviceBuffer d_decode_ws =
+      DeviceBuffer::Allocate(PagedDecodeWorkspaceBytes(num_seqs, heads, kv_heads, max_sel) + 16)
+          .value();
+  const QueryView q{d_q.data(), dtype, num_seqs, heads, d};
+  const SelectionView sel{static_cast<int32_t*>(d_sel.data()), static_cast<int32_t*>(d_cnt.data()),
+                          num_seqs, kv_heads, max_sel};
+  const PageList pages{static_cast<const int32_t*>(d_sel.data()),
+                       static_cast<const int32_t*>(d_cnt.data()), kv_heads, max_sel};
+  absl::StatusOr<GpuStreamOwner> stream = GpuStreamOwner::Create();
+  ASSERT_TRUE(stream.ok()) << stream.status();
+  auto step = [&]() -> absl::Status {
+    MEMPIPE_RETURN_IF_ERROR(AppendKvAndDigestsGpu(
+        cache, static_cast<const int64_t*>(d_slots.data()), num_seqs, d_k.data(), d_v.data(), dg,
+        d_append_ws.data(), d_append_ws.size(), stream->get()));
+    MEMPIPE_RETURN_IF_ERROR(ScoreAndSelectGpu(q, cache, dg, table, config, sel, d_select_ws.data(),
+                                              d_select_ws.size(), stream->get()));
+    return SparseDecodeGpu(DecodeIo{d_q.data(), d_out.data(), dtype, num_seqs, heads, d}, cache,
+                           table, pages, 1.0f / std::sqrt(static_cast<float>(d)),
+                           d_decode_ws.data(), d_decode_ws.size(), stream->get());
+  };
+  absl::StatusOr<GpuGraph> graph = GpuGraph::Capture(stream->get(), step);
+  ASSERT_TRUE(graph.ok()) << graph.status();
+
+  std::vector<uint8_t> previous_out;
+  for (int set = 0; set < 2; ++set) {
+    // New inputs: each sequence appends one token (its next position, some starting a page).
+    std::vector<int32_t> new_lens(num_seqs);
+    std::vector<int64_t> slots(num_seqs);
+    for (int s = 0; s < num_seqs; ++s) {
+      const int pos = lens[s] - 40 + 17 * set + s;  // inside the table's pages
+      new_lens[s] = pos + 1;
+      slots[s] = f.Slot(s, pos);
+    }
+    RandomTensor qn(rng, dtype, num_seqs * heads * d), kn(rng, dtype, num_seqs * row),
+        vn(rng, dtype, num_seqs * row);
+    auto load_inputs = [&] {
+      ASSERT_TRUE(d_cache.CopyFromHost(cache0.data(), cache0.size()).ok());
+      ASSERT_TRUE(d_dg.CopyFromHost(dg0.data(), dg0.size()).ok());
+      ASSERT_TRUE(d_lens.CopyFromHost(new_lens.data(), new_lens.size() * 4).ok());
+      ASSERT_TRUE(d_slots.CopyFromHost(slots.data(), slots.size() * 8).ok());
+      ASSERT_TRUE(d_q.CopyFromHost(qn.bytes.data(), qn.bytes.size()).ok());
+      ASSERT_TRUE(d_k.CopyFromHost(kn.bytes.data(), kn.bytes.size()).ok());
+      ASSERT_TRUE(d_v.CopyFromHost(vn.bytes.data(), vn.bytes.size()).ok());
+    };
+    auto results = [&] {
+      std::vector<uint8_t> out = Download<uint8_t>(d_out, num_seqs * heads * d * 2);
+      std::vector<uint8_t> cnt = Download<uint8_t>(d_cnt, num_seqs * kv_heads * 4);
+      std::vector<uint8_t> sl = Download<uint8_t>(d_sel, num_seqs * kv_heads * max_sel * 4);
+      std::vector<uint8_t> dgb = Download<uint8_t>(d_dg, dg0.size());
+      out.insert(out.end(), cnt.begin(), cnt.end());
+      out.insert(out.end(), sl.begin(), sl.end());
+      out.insert(out.end(), dgb.begin(), dgb.end());
+      return out;
+    };
+    load_inputs();
+    ASSERT_TRUE(graph->Launch(stream->get()).ok());
+    ASSERT_TRUE(stream->Synchronize().ok());
+    const std::vector<uint8_t> replayed = results();
+    load_inputs();
+    ASSERT_TRUE(step().ok());
+    ASSERT_TRUE(stream->Synchronize().ok());
+    const std::vector<uint8_t> eager = results();
+    EXPECT_EQ(replayed, eager) << "input set " << set;
+    EXPECT_NE(replayed, previous_out) << "input set " << set << " gave the previous output";
+    for (int i = 0; i < num_seqs * heads * d; ++i) {
+      ASSERT_TRUE(std::isfinite(LoadAsFloat(replayed.data(), dtype, i))) << "out[" << i << "]";
+    }
+    previous_out = replayed;
+  }
+}
+
+// GpuPageSelector against the CPU selector on the same layer: digests after a bulk build and
+// an append, then two selections in flight at once, equal bit for bit; a bad request gets the
+// CPU selector's error.
+TEST(GpuPageSelectorTest, MatchesCpuSelector) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(TestSeed());
+  const int bs = 16, kv_heads = 2, d = 128, group = 4;
+  const std::vector<int> lens = {2000 + 3, 77, 900};
+  const int num_seqs = static_cast<int>(lens.size());
+  PagedFixture f(rng, {.dtype = DType::kBFloat16,
+                       .block_size = bs,
+                       .num_kv_heads = kv_heads,
+                       .head_dim = d,
+                       .seq_lens = lens});
+  const KvCacheView cache = f.cache_view();
+  const CacheShape shape{cache.dtype, cache.num_blocks, bs, kv_heads, d};
+  absl::StatusOr<std::unique_ptr<GpuPageSelector>> gpu = GpuPageSelector::Create();
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  CpuPageSelector cpu;
+  for (PageSelector* sel :
+       {static_cast<PageSelector*>(gpu->get()), static_cast<PageSelector*>(&cpu)}) {
+    ASSERT_TRUE(sel->AddLayer(3, shape).ok());
+    ASSERT_TRUE(sel->BuildDigests(3, cache, f.table_view()).ok());
+  }
+  // Append: re-write 40 tokens of sequence 0 (a page start among them) with new keys.
+  std::vector<int64_t> slots;
+  for (int t = 1600; t < 1640; ++t) slots.push_back(f.Slot(0, t));
+  RandomTensor keys(rng, DType::kBFloat16, slots.size() * kv_heads * d);
+  ASSERT_TRUE(
+      (*gpu)->AppendKeys(3, slots.data(), static_cast<int>(slots.size()), keys.data()).ok());
+  ASSERT_TRUE(cpu.AppendKeys(3, slots.data(), static_cast<int>(slots.size()), keys.data()).ok());
+  absl::StatusOr<DigestView> gdg = (*gpu)->DeviceDigests(3);
+  absl::StatusOr<DigestView> cdg = cpu.Digests(3);
+  ASSERT_TRUE(gdg.ok() && cdg.ok());
+  ASSERT_TRUE(GpuSynchronize().ok());
+  std::vector<uint8_t> got(cdg->NumBytes());
+  ASSERT_TRUE(CopyToHostSync(got.data(), gdg->data, got.size(), (*gpu)->stream()).ok());
+  EXPECT_EQ(0, std::memcmp(got.data(), cdg->data, got.size()));
+
+  RandomTensor q1(rng, DType::kBFloat16, num_seqs * kv_heads * group * d);
+  RandomTensor q2(rng, DType::kBFloat16, num_seqs * kv_heads * group * d);
+  const int max_sel = 10;
+  const SelectionConfig config{.budget_tokens = 8 * bs, .num_sink_pages = 1, .num_local_pages = 2};
+  auto request = [&](const RandomTensor& q, std::vector<int32_t>& sel, std::vector<int32_t>& cnt) {
+    sel.assign(num_seqs * kv_heads * max_sel, 555);
+    cnt.assign(num_seqs * kv_heads, 555);
+    return SelectRequest{3, QueryView{q.data(), DType::kBFloat16, num_seqs, kv_heads * group, d},
+                         f.table_view(), config,
+                         SelectionView{sel.data(), cnt.data(), num_seqs, kv_heads, max_sel}};
+  };
+  std::vector<int32_t> gs1, gc1, gs2, gc2, cs1, cc1, cs2, cc2;
+  absl::StatusOr<SelectTicket> t1 = (*gpu)->Submit(request(q1, gs1, gc1));
+  absl::StatusOr<SelectTicket> t2 = (*gpu)->Submit(request(q2, gs2, gc2));
+  ASSERT_TRUE(t1.ok() && t2.ok());
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  ASSERT_TRUE((*gpu)->Wait(*t2, deadline).ok());
+  ASSERT_TRUE((*gpu)->Wait(*t1, deadline).ok());
+  for (auto [q, s, c] : {std::tuple(&q1, &cs1, &cc1), std::tuple(&q2, &cs2, &cc2)}) {
+    absl::StatusOr<SelectTicket> t = cpu.Submit(request(*q, *s, *c));
+    ASSERT_TRUE(t.ok());
+    ASSERT_TRUE(cpu.Wait(*t, deadline).ok());
+  }
+  EXPECT_EQ(gs1, cs1);
+  EXPECT_EQ(gc1, cc1);
+  EXPECT_EQ(gs2, cs2);
+  EXPECT_EQ(gc2, cc2);
+  EXPECT_NE(gs1, gs2);  // different queries choose differently (else the check proves little)
+
+  SelectionConfig bad = config;
+  bad.budget_tokens = 24;
+  SelectRequest r = request(q1, gs1, gc1);
+  r.config = bad;
+  absl::StatusOr<SelectTicket> gbad = (*gpu)->Submit(r), cbad = cpu.Submit(r);
+  ASSERT_TRUE(gbad.ok() && cbad.ok());
+  const absl::Status gpu_error = (*gpu)->Wait(*gbad, deadline);
+  EXPECT_FALSE(gpu_error.ok());
+  EXPECT_EQ(gpu_error, cpu.Wait(*cbad, deadline));
+  EXPECT_EQ((*gpu)->Wait(12345, deadline).code(), absl::StatusCode::kNotFound);
+}
+
+// One validation for every device (issue 14 item 7). The aggregation code is a host value:
+// the GPU launchers refuse a bad one with the CPU's message, GPU or not.
+TEST(GpuKernelErrors, AggregationCheckedLikeTheCpu) {
+  alignas(16) static uint8_t buf[4096];
+  int32_t table[1] = {0}, lens[1] = {1};
+  const KvCacheView cache{buf, DType::kBFloat16, 1, 16, 1, 64};
+  const BlockTableView tv{table, lens, 1, 1};
+  const DigestView dg{buf, DType::kBFloat16, 1, 1, 64};
+  const QueryView q{buf, DType::kBFloat16, 1, 1, 64};
+  const auto bad = static_cast<GroupAggregation>(7);
+  const absl::Status cpu = ValidateGroupAggregation(bad);
+  ASSERT_FALSE(cpu.ok());
+  absl::Status s =
+      ComputeRelevancyGpu(q, cache, dg, tv, bad, reinterpret_cast<float*>(buf), nullptr);
+  EXPECT_EQ(s, cpu);
+  const SelectionConfig config{.budget_tokens = 64, .aggregation = bad};
+  int32_t sel[4], cnt[1];
+  s = ScoreAndSelectGpu(q, cache, dg, tv, config, SelectionView{sel, cnt, 1, 1, 4}, buf,
+                        sizeof(buf), nullptr);
+  EXPECT_EQ(s, cpu);
+}
+
+// Device-resident tables and selections: the checked mode gives exactly the CPU's verdict (a
+// seq_len past the block table, a block id outside the cache, a selection out of order), and
+// passes a valid request.
+TEST(GpuKernelErrors, CheckedModeMatchesTheCpu) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(TestSeed());
+  PagedFixture f(rng, {.dtype = DType::kBFloat16,
+                       .block_size = 16,
+                       .num_kv_heads = 2,
+                       .head_dim = 64,
+                       .seq_lens = {70, 33}});
+  const KvCacheView cache = f.cache_view();
+  DeviceBuffer d_q = Upload(std::vector<uint8_t>(2 * 4 * 64 * 2, 0));
+  DeviceBuffer d_out = Upload(std::vector<uint8_t>(2 * 4 * 64 * 2, 0));
+  const DecodeIo io{d_q.data(), d_out.data(), DType::kBFloat16, 2, 4, 64};
+  const DecodeIo host_io{cache.data, cache.data, DType::kBFloat16, 2, 4, 64};
+  auto verdicts = [&](const std::vector<int32_t>& table, const std::vector<int32_t>& lens,
+                      const std::vector<int32_t>* sel, const std::vector<int32_t>* cnt) {
+    const int max_blocks = static_cast<int>(table.size() / 2);
+    DeviceBuffer d_table = Upload(table), d_lens = Upload(lens);
+    const BlockTableView dtv{static_cast<const int32_t*>(d_table.data()),
+                             static_cast<const int32_t*>(d_lens.data()), 2, max_blocks};
+    const BlockTableView htv{table.data(), lens.data(), 2, max_blocks};
+    absl::Status want = ValidateDecodeIo(host_io, cache, htv);
+    absl::Status got;
+    if (sel == nullptr) {
+      got = ValidateDecodeInputsGpu(io, cache, dtv, nullptr, nullptr);
+    } else {
+      const int max_sel = static_cast<int>(sel->size() / 4);
+      if (want.ok())
+        want = ValidatePageList(PageList{sel->data(), cnt->data(), 2, max_sel}, htv, cache);
+      DeviceBuffer d_sel = Upload(*sel), d_cnt = Upload(*cnt);
+      const PageList dpl{static_cast<const int32_t*>(d_sel.data()),
+                         static_cast<const int32_t*>(d_cnt.data()), 2, max_sel};
+      got = ValidateDecodeInputsGpu(io, cache, dtv, &dpl, nullptr);
+    }
+    return std::make_pair(got, want);
+  };
+  const BlockTableView ftv = f.table_view();
+  std::vector<int32_t> table(ftv.block_table, ftv.block_table + 2 * ftv.max_blocks_per_seq);
+  std::vector<int32_t> lens = {70, 33};
+  auto [ok_got, ok_want] = verdicts(table, lens, nullptr, nullptr);
+  EXPECT_TRUE(ok_want.ok()) << ok_want;
+  EXPECT_EQ(ok_got, ok_want);
+
+  std::vector<int32_t> long_lens = {70, 16 * ftv.max_blocks_per_seq + 1};  // past the table
+  auto [len_got, len_want] = verdicts(table, long_lens, nullptr, nullptr);
+  EXPECT_FALSE(len_want.ok());
+  EXPECT_EQ(len_got, len_want);
+
+  std::vector<int32_t> bad_table = table;
+  bad_table[1] = cache.num_blocks;  // sequence 0, page 1: outside the cache
+  auto [blk_got, blk_want] = verdicts(bad_table, lens, nullptr, nullptr);
+  EXPECT_FALSE(blk_want.ok());
+  EXPECT_EQ(blk_got, blk_want);
+
+  // Selection [seq][kv head][2]: ascending lists pass, a descending one fails.
+  std::vector<int32_t> sel = {0, 4, 1, 2, 0, 2, 1, 2}, cnt = {2, 2, 2, 1};
+  auto [sel_got, sel_want] = verdicts(table, lens, &sel, &cnt);
+  EXPECT_TRUE(sel_want.ok()) << sel_want;
+  EXPECT_EQ(sel_got, sel_want);
+  sel[3] = 0;  // [0][1] = {1, 0}
+  auto [bad_got, bad_want] = verdicts(table, lens, &sel, &cnt);
+  EXPECT_FALSE(bad_want.ok());
+  EXPECT_EQ(bad_got, bad_want);
+}
+
 TEST(GpuKernelErrors, NameTheBadValue) {
   // Host-side checks run before any device call, so they hold without a GPU too.
   alignas(16) static uint8_t buf[4096];
   int32_t table[1] = {0}, lens[1] = {1};
   KvCacheView cache{buf, DType::kBFloat16, 1, 16, 1, 128};
   const BlockTableView tv{table, lens, 1, 1};
-  DecodeIo io{buf, buf, DType::kBFloat16, 1, 3, 128};
+  DecodeIo io{buf, buf, DType::kBFloat16, 1, 9, 128};  // group 9: no model has it
   absl::Status s = DenseDecodeGpu(io, cache, tv, 1.0f, nullptr, 0, nullptr);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(s.message().find("got 3"), std::string::npos) << s;
+  EXPECT_NE(s.message().find("got 9"), std::string::npos) << s;
 
   cache.head_dim = 96;
   io.head_dim = 96;

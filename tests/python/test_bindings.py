@@ -231,20 +231,21 @@ def test_unsupported_block_size_is_named(gen):
 def test_non_contiguous_tensor_is_rejected(gen):
     batch, q = _small(gen)
     q_strided = torch.randn(2, 64, 4, generator=gen).transpose(1, 2)
-    with pytest.raises(ValueError, match="query must be C-contiguous"):
+    with pytest.raises(ValueError, match=r"query \(cpu:0, float32, shape \[2, 4, 64\]\) must be C-contiguous"):
         mp.dense_decode(q_strided, batch.kv_cache, batch.block_table, batch.seq_lens,
                         torch.empty(2, 4, 64), 0.1)
 
 
 def test_wrong_dtype_and_shape_are_named(gen):
     batch, q = _small(gen)
-    with pytest.raises(ValueError, match="block_table must be int32, got int64"):
+    with pytest.raises(ValueError, match=r"block_table \(cpu:0, int64, shape \[2, \d+\]\) must be int32"):
         mp.dense_decode(q, batch.kv_cache, batch.block_table.long(), batch.seq_lens,
                         torch.empty_like(q), 0.1)
-    with pytest.raises(ValueError, match=r"out dimension 1 \(the query's size\) must be 4"):
+    with pytest.raises(ValueError, match=r"out \(cpu:0, float32, shape \[2, 3, 64\]\): dimension 1 "
+                       r"\(the query's size\) must be 4"):
         mp.dense_decode(q, batch.kv_cache, batch.block_table, batch.seq_lens,
                         torch.empty(2, 3, 64), 0.1)
-    with pytest.raises(ValueError, match="kv_cache must have 5 dimensions"):
+    with pytest.raises(ValueError, match=r"kv_cache \(cpu:0, float32, shape \[.*\]\) must have 5 dimensions"):
         mp.dense_decode(q, batch.kv_cache[0], batch.block_table, batch.seq_lens,
                         torch.empty_like(q), 0.1)
 
@@ -255,6 +256,23 @@ def test_block_id_out_of_range_is_rejected(gen):
     bad[0, 0] = 1000
     with pytest.raises(ValueError, match="1000"):
         mp.dense_decode(q, batch.kv_cache, bad, batch.seq_lens, torch.empty_like(q), 0.1)
+
+
+def test_build_reports_its_devices():
+    import mempipe
+    assert mempipe.devices[0] == "cpu"
+    assert set(mempipe.devices) <= {"cpu", "cuda"}
+    assert mp.gpu == ("cuda" in mempipe.devices)
+
+
+def test_unknown_stream_argument_is_rejected_on_cpu_only_when_gpu(gen):
+    """Host tensors ignore `stream=`; the GPU sizes need a GPU build."""
+    batch, q = _small(gen)
+    mp.dense_decode(q, batch.kv_cache, batch.block_table, batch.seq_lens, torch.empty_like(q),
+                    0.1, stream=None)
+    if not mp.gpu:
+        with pytest.raises(NotImplementedError, match="no GPU kernels"):
+            mp.decode_workspace_bytes(1, 32, 8, 64)
 
 
 def test_non_tensor_argument_is_rejected():

@@ -32,7 +32,7 @@ def test_parse_errors_name_the_bad_item(text, message):
     ("budget=40", "budget must be a positive multiple of page_size 16, got 40"),
     ("budget=32,sinks=2,locals=1", "cannot hold 2 sink + 1 local pages"),
     ("locals=0", "locals must be >= 1"),
-    ("placement=gpu", "placement 'gpu' is not available"),
+    ("placement=fpga", "placement 'fpga' is not available"),
     ("placement=tpu", "placement must be one of"),
     ("mode=pipelined", "mode 'pipelined' is not available"),
     ("reuse=4", "reuse=4 is not available"),
@@ -41,6 +41,14 @@ def test_parse_errors_name_the_bad_item(text, message):
 def test_validate_gives_reasons(text, reason):
     reasons = config.load(environ={"MEMPIPE_CONFIG": text}).validate()
     assert any(reason in r for r in reasons), reasons
+
+
+def test_gpu_placement_needs_a_gpu_build():
+    reasons = config.load(environ={"MEMPIPE_CONFIG": "placement=gpu"}).validate()
+    if "cuda" in config.DEVICES:
+        assert reasons == []
+    else:
+        assert any("placement 'gpu' needs a GPU build" in r for r in reasons), reasons
 
 
 def test_all_reasons_are_reported_together():
@@ -53,7 +61,7 @@ def test_supported_sizes_come_from_the_module():
     assert config.PAGE_SIZES == _mempipe.supported_block_sizes == (16, 32, 64)
     assert config.HEAD_DIMS == _mempipe.supported_head_dims == (64, 128, 256)
     assert config.DTYPES == _mempipe.supported_dtypes == ("fp32", "fp16", "bf16")
-    assert _mempipe.supported_gpu_group_sizes == (1, 2, 4, 8)
+    assert _mempipe.supported_gpu_group_sizes == (1, 2, 3, 4, 5, 6, 7, 8, 12, 16)
     assert config.MempipeConfig(page_size=128).validate() == \
         ["page_size must be 16, 32 or 64, got 128"]
 

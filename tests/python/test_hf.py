@@ -55,3 +55,53 @@ def test_padding_masks_are_rejected(model):
     mask[0, :5] = 0
     with torch.no_grad(), pytest.raises(NotImplementedError, match="without padding"):
         model(ids, attention_mask=mask)
+
+
+def _generate_cached(model, ids, cache=None, steps=12):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps,
+                              min_new_tokens=steps, do_sample=False, past_key_values=cache)
+
+
+@pytest.mark.parametrize("device_name", ["cpu", "cuda"])
+def test_paged_cache_matches_sdpa_and_keeps_pages(request, model, gen, monkeypatch,
+                                                  device_name):
+    """With a MempipeCache the pages and digests persist across steps (no re-paging): the
+    greedy tokens equal SDPA's when the budget covers the context, each decode step appends
+    one token per layer, and the sparse layers ran their own path."""
+    dev = torch.device("cpu") if device_name == "cpu" else request.getfixturevalue("cuda")
+    placement = "gpu" if dev.type == "cuda" else "cpu"
+    monkeypatch.setenv("MEMPIPE_CONFIG", f"placement={placement},budget=1024,dense_layers=1")
+    m = model.to(dev)
+    try:
+        ids = torch.randint(3, 500, (2, 150), generator=gen).to(dev)
+        m.set_attn_implementation("sdpa")
+        want = _generate_cached(m, ids)
+        m.set_attn_implementation("mempipe")
+        cache = mempipe.hf.MempipeCache()
+        got = _generate_cached(m, ids, cache)
+        assert torch.equal(got, want)
+        layer = cache.layers[1]
+        assert layer.length == 150 + 11 and layer.kv_cache.device.type == dev.type
+        calls = cache.calls()
+        # 4 layers; 11 decode steps (the 12th token needs no forward); layer 0 dense.
+        assert calls == {"sparse": 3 * 11, "dense": 11, "prefill": 4}, calls
+    finally:
+        model.to("cpu")
+
+
+@pytest.mark.parametrize("device_name", ["cpu", "cuda"])
+def test_paged_cache_small_budget_runs_sparse(request, model, gen, monkeypatch, device_name):
+    dev = torch.device("cpu") if device_name == "cpu" else request.getfixturevalue("cuda")
+    placement = "gpu" if dev.type == "cuda" else "cpu"
+    monkeypatch.setenv("MEMPIPE_CONFIG", f"placement={placement},budget=48,dense_layers=0")
+    m = model.to(dev)
+    try:
+        m.set_attn_implementation("mempipe")
+        ids = torch.randint(3, 500, (1, 200), generator=gen).to(dev)
+        cache = mempipe.hf.MempipeCache()
+        out = _generate_cached(m, ids, cache, steps=6)
+        assert out.shape == (1, 206)
+        assert cache.calls()["sparse"] == 4 * 5 and cache.calls()["dense"] == 0
+    finally:
+        model.to("cpu")

@@ -198,6 +198,26 @@ TEST(ComputeRelevancy, RejectsNonFiniteQueryNamingIt) {
   EXPECT_NE(s.message().find("seq_lens[1] = 0"), absl::string_view::npos) << s;
 }
 
+// An aggregation code that is neither max nor sum is refused (it used to mean "sum"), by the
+// relevancy step and by the selection config alike; the valid codes pass.
+TEST(ComputeRelevancy, RejectsUnknownAggregationNamingIt) {
+  std::mt19937_64 rng(TestSeed());
+  PagedFixture f(rng, {.seq_lens = {40, 3}});
+  ASSERT_TRUE(BuildDigests(f.cache_view(), f.table_view(), f.digest_view()).ok());
+  std::vector<float> q(2 * 4 * 64, 0.5f);
+  std::vector<float> scores(2 * 2 * f.max_blocks());
+  const auto bad = static_cast<GroupAggregation>(7);
+  absl::Status s = ComputeRelevancy({q.data(), DType::kFloat32, 2, 4, 64}, f.cache_view(),
+                                    f.digest_view(), f.table_view(), bad, scores.data());
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("aggregation code 7"), absl::string_view::npos) << s;
+  const SelectionConfig config{.budget_tokens = 64, .aggregation = bad};
+  s = ValidateSelectionConfig(config, 16);
+  EXPECT_NE(s.message().find("aggregation code 7"), absl::string_view::npos) << s;
+  EXPECT_TRUE(ValidateGroupAggregation(GroupAggregation::kMax).ok());
+  EXPECT_TRUE(ValidateGroupAggregation(GroupAggregation::kSum).ok());
+}
+
 }  // namespace
 }  // namespace mempipe
 

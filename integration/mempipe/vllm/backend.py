@@ -10,6 +10,14 @@
 
 Selected with `--attention-backend CUSTOM` once the plugin (mempipe.vllm.plugin) has run.
 
+Devices: on the CPU worker every step runs on the host (placement cpu or dense). With a GPU
+build of mempipe on a CUDA worker (placement gpu or dense) every step runs on the GPU: the
+builder keeps vLLM's persistent device tensors (block table, seq_lens, slot mapping) as they
+are for decode-only batches (no copy, no host synchronization) and owns the DecodePlan whose
+scratch buffers every layer shares, so a decode-only step is CUDA-graph capturable: the
+builder declares AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE there (NEVER on the CPU).
+Mixed prefill/decode batches run eagerly (prefill: torch SDPA over gathered pages).
+
 KV cache: vLLM 0.3x allocates each layer's cache as a view [num_blocks, num_kv_heads,
 block_size, 2 * head_dim] whose content the backend interprets. mempipe declares the identity
 (layer-compact) layout, so each layer's cache is one contiguous region, and reads that region as
@@ -30,10 +38,16 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl, Attentio
                                        AttentionMetadataBuilder, AttentionType,
                                        CommonAttentionMetadata)
 
+try:  # vLLM >= 0.1x: builders declare their CUDA-graph support
+    from vllm.v1.attention.backend import AttentionCGSupport
+except ImportError:
+    AttentionCGSupport = None
+
 from vllm.logger import init_logger
 
+from mempipe import _mempipe
 from mempipe import config as mempipe_config
-from mempipe.attention import PagedLayer
+from mempipe.attention import DecodePlan, PagedLayer
 
 try:  # vLLM >= 0.3x: backends declare the physical KV cache layouts they read.
     from vllm.v1.kv_cache_layout import KVCacheLayout
@@ -128,32 +142,87 @@ class MempipeMetadata:
     prefill_query_start_loc: torch.Tensor  # [P + 1] int32
     prefill_seq_lens: torch.Tensor    # [P] int32
     prefill_block_table: torch.Tensor  # [P, max_blocks] int32
+    plan: DecodePlan | None = None     # the builder's scratch buffers, shared by every layer
 
     @property
     def all_decode(self) -> bool:
         return self.prefill_seq_lens.numel() == 0
 
 
+def _gpu_capable() -> bool:
+    return "cuda" in _mempipe.devices and torch.cuda.is_available()
+
+
 class MempipeMetadataBuilder(AttentionMetadataBuilder[MempipeMetadata]):
+    if AttentionCGSupport is not None:
+        @classmethod
+        def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
+            """Decode-only batches are capturable on the GPU (fixed buffers, no host sync);
+            prefill is not (it reads host lengths), and the CPU has no graphs."""
+            if _gpu_capable():
+                return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+            return AttentionCGSupport.NEVER
+
     def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config: VllmConfig,
                  device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        if device.type != "cpu":
+        device = torch.device(device)
+        if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not _gpu_capable()):
             raise NotImplementedError(
-                f"mempipe's vLLM backend runs on the CPU in this build; device is {device}")
+                f"mempipe's vLLM backend runs on {', '.join(_mempipe.devices)} in this build; "
+                f"device is {device}")
         self.kv_cache_spec = kv_cache_spec
         self.vllm_config = vllm_config
+        self.device = device
+        self.plan = DecodePlan()
+        self._reserve_plan()
         logger.info_once("mempipe attention backend: %s", load_config(vllm_config))
+
+    def _reserve_plan(self) -> None:
+        """Scratch for the largest decode batch, before any CUDA graph is captured."""
+        if self.device.type != "cuda":
+            return
+        try:
+            cfg = load_config(self.vllm_config)
+            mc = self.vllm_config.model_config
+            heads = mc.get_num_attention_heads(self.vllm_config.parallel_config)
+            max_seqs = self.vllm_config.scheduler_config.max_num_seqs
+            max_blocks = -(-mc.max_model_len // self.kv_cache_spec.block_size)
+            self.plan.reserve(max_seqs, heads, self.kv_cache_spec.num_kv_heads, max_blocks,
+                              cfg.budget // cfg.page_size, self.device)
+        except (AttributeError, TypeError) as e:  # NOTE: buffers then grow on first use
+            logger.info_once("mempipe: plan not reserved up front (%s)", e)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> MempipeMetadata:
         cm = common_attn_metadata
         num_reqs = cm.num_reqs
+        dev = cm.block_table_tensor.device
         qsl = cm.query_start_loc_cpu[:num_reqs + 1].to(torch.int32)
-        seq_lens = cm.seq_lens[:num_reqs].to(torch.int32).cpu().contiguous()
-        block_table = cm.block_table_tensor[:num_reqs].to(torch.int32).cpu().contiguous()
+        seq_lens = cm.seq_lens[:num_reqs].to(torch.int32)
+        block_table = cm.block_table_tensor[:num_reqs].to(torch.int32)
+        slot_mapping = cm.slot_mapping[:cm.num_actual_tokens].to(torch.int64)
+        if dev.type == "cpu":
+            seq_lens, block_table = seq_lens.contiguous(), block_table.contiguous()
         q_lens = qsl[1:] - qsl[:-1]
         is_decode = q_lens == 1
+        if bool(is_decode.all()):  # decode only: vLLM's persistent tensors, no copy, no sync
+            empty_i32 = torch.empty(0, dtype=torch.int32, device=dev)
+            return MempipeMetadata(
+                num_actual_tokens=cm.num_actual_tokens,
+                slot_mapping=slot_mapping,
+                query_start_loc=qsl,
+                seq_lens=seq_lens,
+                block_table=block_table,
+                decode_tokens=torch.arange(num_reqs, dtype=torch.int64, device=dev),
+                decode_seq_lens=seq_lens,
+                decode_block_table=block_table,
+                prefill_tokens=torch.empty(0, dtype=torch.int64, device=dev),
+                prefill_query_start_loc=torch.zeros(1, dtype=torch.int32, device=dev),
+                prefill_seq_lens=empty_i32,
+                prefill_block_table=block_table[:0],
+                plan=self.plan,
+            )
         decode = torch.nonzero(is_decode).flatten()
         prefill = torch.nonzero(~is_decode).flatten()
         p_lens = q_lens[prefill].to(torch.int64)
@@ -163,19 +232,22 @@ class MempipeMetadataBuilder(AttentionMetadataBuilder[MempipeMetadata]):
         p_total = int(p_starts[-1])
         within = torch.arange(p_total) - torch.repeat_interleave(p_starts[:-1], p_lens)
         prefill_tokens = torch.repeat_interleave(qsl[prefill].to(torch.int64), p_lens) + within
+        on = lambda t: t.to(dev, non_blocking=True)  # noqa: E731  (host index tensors)
+        decode_d, prefill_d = on(decode), on(prefill)
         return MempipeMetadata(
             num_actual_tokens=cm.num_actual_tokens,
-            slot_mapping=cm.slot_mapping[:cm.num_actual_tokens].to(torch.int64).contiguous(),
+            slot_mapping=slot_mapping.contiguous(),
             query_start_loc=qsl.contiguous(),
             seq_lens=seq_lens,
             block_table=block_table,
-            decode_tokens=qsl[decode].to(torch.int64),
-            decode_seq_lens=seq_lens[decode].contiguous(),
-            decode_block_table=block_table[decode].contiguous(),
-            prefill_tokens=prefill_tokens,
-            prefill_query_start_loc=p_starts.to(torch.int32),
-            prefill_seq_lens=seq_lens[prefill].contiguous(),
-            prefill_block_table=block_table[prefill].contiguous(),
+            decode_tokens=on(qsl[decode].to(torch.int64)),
+            decode_seq_lens=seq_lens.index_select(0, decode_d).contiguous(),
+            decode_block_table=block_table.index_select(0, decode_d).contiguous(),
+            prefill_tokens=on(prefill_tokens),
+            prefill_query_start_loc=on(p_starts.to(torch.int32)),
+            prefill_seq_lens=seq_lens.index_select(0, prefill_d).contiguous(),
+            prefill_block_table=block_table.index_select(0, prefill_d).contiguous(),
+            plan=self.plan,
         )
 
 
@@ -301,6 +373,8 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
                              f"cache block size {kv.shape[2]}; pass --block-size "
                              f"{self.config.page_size}")
         paged = self._paged_layer(layer)
+        if m.plan is not None:
+            paged.plan = m.plan
         if self.kv_sharing_target_layer_name is None:
             paged.append(kv, m.slot_mapping, key[:n], value[:n])
         q = query[:n]
@@ -310,12 +384,12 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
             return output
         if m.decode_tokens.numel():
             od = torch.empty(m.decode_tokens.numel(), self.num_heads, self.head_size,
-                             dtype=out.dtype)
+                             dtype=out.dtype, device=out.device)
             paged.decode(q.index_select(0, m.decode_tokens), kv, m.decode_block_table,
                          m.decode_seq_lens, od)
             out.index_copy_(0, m.decode_tokens, od)
         op = torch.empty(m.prefill_tokens.numel(), self.num_heads, self.head_size,
-                         dtype=out.dtype)
+                         dtype=out.dtype, device=out.device)
         paged.prefill(q.index_select(0, m.prefill_tokens), m.prefill_query_start_loc, kv,
                       m.prefill_block_table, m.prefill_seq_lens, op)
         out.index_copy_(0, m.prefill_tokens, op)

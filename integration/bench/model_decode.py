@@ -1,0 +1,838 @@
+#!/usr/bin/env python3
+"""Whole-model decode throughput on one GPU: a random-weight model, linear layers through torch
+(cuBLAS), attention per placement, timed under CUDA graphs (issue 12).
+
+Placements (every one over the same KV memory, so they compare on identical data):
+  dense-sdpa   torch SDPA (flash / cuDNN / efficient: the fastest one is picked per
+               configuration) over each sequence's contiguous cache; the new token's K/V are
+               written by a torch slice assignment
+  dense-paged  mempipe's dense paged decode (append + digest kernel, dense decode kernel)
+  gpu          mempipe sparse: fused append + digest, fused score + top-k select, sparse decode
+               (first --dense_layers layers dense, as Quest keeps them)
+  fpga         not run: a labelled gap row (the GPU+FPGA issue is not done)
+
+The prompt is not prefilled by the model: every layer's cache is filled once with random keys
+and values (seeded) and its page digests (max, min per page) are built from them with torch;
+then the decode step (embedding, per layer RMSNorm -> QKV -> RoPE -> attention -> O -> RMSNorm
+-> gate/up -> SiLU -> down, final norm, LM head) is captured in one CUDA graph per placement and
+replayed. The context is held constant while timing (each replay writes the new token at the same
+position L-1 and attends to L tokens), so every timed step does the same work.
+
+Per configuration (context x batch x placement) it reports: the median step time of the graph
+replays, tokens/s, the step split by stage from one profiled eager (non-graph) step with CUDA
+events around every operation (scaled to the graph's step time; raw figures kept), memory
+processing's share, bytes moved vs the byte floor, speedup over the faster dense placement,
+GPU energy per token from NVML's total-energy counter over the timed window, and the relative
+L2 error against dense-sdpa on the same input token and cache of the last step's last-layer
+attention output (`rel_err`; its input already carries the earlier layers' differences) and of
+its logits (`rel_err_logits`).
+
+  python3 integration/bench/model_decode.py --json out.json [--md out.md]
+        [--model llama3-8b|llama3-70b-slice] [--contexts 32768,131072,524288]
+        [--batches 1,8,max] [--placements dense-sdpa,dense-paged,gpu]
+        [--budget 4096 --page 16 --dense_layers 2] [--min_window_s 0.5] [--seed 1]
+  python3 integration/bench/model_decode.py --device cpu --json smoke.json   # tiny CPU smoke
+
+Flags:
+  --device        cuda (default) or cpu. cpu: tiny model shape (--model tiny), fp32, contexts
+                  256,512, batches 1,2, one torch thread, no CUDA graphs, no NVML; the sparse
+                  placement is mempipe's `cpu` one; for tests.
+  --model         llama3-8b (32 layers, 4096 hidden, 32/8 heads, head_dim 128, FFN 14336,
+                  vocab 128256), llama3-70b-slice (20 of Llama-3-70B's 80 layers at full width:
+                  one stage of a 4-stage pipeline-parallel split; 8192 hidden, 64/8 heads, FFN
+                  28672), tiny (2 layers, 256 hidden, 4/2 heads, head_dim 64; the CPU default)
+  --contexts      tokens per sequence (comma list; multiples of --page)
+  --batches       comma list; `max` = the largest batch whose weights + KV + digests fit in
+                  the device's free memory (with --headroom_gib spare)
+  --placements    which placements to run (comma list); `fpga` rows are always added as gaps
+  --budget, --page, --dense_layers, --sinks, --locals   the sparse configuration (defaults
+                  4096, 16, 2, 1, 1; on cpu budget 64 and 1 dense layer)
+  --steps         timed graph replays (default 10, cpu 3; at least: grown until --min_window_s of timed window so
+                  the NVML energy counter resolves it)
+  --min_window_s  shortest timed window in seconds
+  --hbm_tbs       the byte floor's bandwidth in TB/s (default: 4.8, H200 datasheet peak); the
+                  run also measures device-to-device copy bandwidth and reports that floor too
+  --headroom_gib  memory left free when sizing `max` batches
+  --json, --md    outputs: `mempipe.throughput/1` JSON (DESIGN_SPACE.md) and a Markdown table
+  --seed          random weights, cache contents and tokens
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+SCHEMA = "mempipe.throughput/1"
+STAGES = ("append", "prepare", "relevancy", "retrieval", "apply", "linear")
+PLACEMENTS = ("dense-sdpa", "dense-paged", "gpu")
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    layers: int
+    hidden: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    vocab: int
+    rope_theta: float = 500000.0
+
+
+MODELS = {
+    "llama3-8b": Shape("Llama-3-8B", 32, 4096, 32, 8, 128, 14336, 128256),
+    "llama3-70b-slice": Shape("Llama-3-70B slice (20 of 80 layers)", 20, 8192, 64, 8, 128,
+                              28672, 128256),
+    "tiny": Shape("tiny", 2, 256, 4, 2, 64, 512, 1000),
+}
+
+
+def weight_params(s: Shape) -> int:
+    """Parameters read per decode step (all layers, final norm, LM head; one embedding row
+    is negligible and not counted)."""
+    per_layer = (s.hidden * (s.q_heads + 2 * s.kv_heads) * s.head_dim  # qkv
+                 + s.q_heads * s.head_dim * s.hidden  # o
+                 + 2 * s.hidden * s.ffn + s.ffn * s.hidden  # gate, up, down
+                 + 2 * s.hidden)  # norms
+    return s.layers * per_layer + s.hidden + s.hidden * s.vocab
+
+
+def kv_bytes_per_token(s: Shape, elem: int) -> int:
+    return s.layers * 2 * s.kv_heads * s.head_dim * elem
+
+
+# ------------------------------------------------------------------------------------------
+# The model
+# ------------------------------------------------------------------------------------------
+class Model:
+    """Random-weight decoder (Llama layout), one decode token per sequence."""
+
+    def __init__(self, s: Shape, dtype: torch.dtype, device: torch.device, gen: torch.Generator):
+        self.s, self.dtype, self.device = s, dtype, device
+
+        def w(rows, cols):
+            t = torch.empty(rows, cols, dtype=dtype, device=device)
+            t.normal_(0.0, 1.0 / math.sqrt(cols), generator=gen)
+            return t
+
+        self.embed = w(s.vocab, s.hidden) * math.sqrt(s.hidden) / 8
+        self.layers = []
+        qkv = (s.q_heads + 2 * s.kv_heads) * s.head_dim
+        for _ in range(s.layers):
+            self.layers.append({
+                "n1": torch.ones(s.hidden, dtype=dtype, device=device),
+                "qkv": w(qkv, s.hidden), "o": w(s.hidden, s.q_heads * s.head_dim),
+                "n2": torch.ones(s.hidden, dtype=dtype, device=device),
+                "gate_up": w(2 * s.ffn, s.hidden), "down": w(s.hidden, s.ffn)})
+        self.norm = torch.ones(s.hidden, dtype=dtype, device=device)
+        self.lm_head = w(s.vocab, s.hidden)
+        inv = 1.0 / (s.rope_theta ** (torch.arange(0, s.head_dim, 2, dtype=torch.float64)
+                                      / s.head_dim))
+        self.inv_freq = inv.float().to(device)
+
+    def rope(self, position: int):
+        """(cos, signed sin) over head_dim for `position`, rotate-half convention."""
+        ang = position * self.inv_freq
+        cos, sin = torch.cos(ang), torch.sin(ang)
+        return (torch.cat([cos, cos]).to(self.dtype), torch.cat([-sin, sin]).to(self.dtype))
+
+
+def rms_norm(x, w, eps=1e-5):
+    return F.rms_norm(x, (x.shape[-1],), w, eps)
+
+
+def apply_rope(x, cos, sin_signed):
+    """x [..., D] rotated (rotate-half convention): x * cos + [x2, x1] * [-sin, sin]."""
+    h = x.shape[-1] // 2
+    return torch.addcmul(x * cos, torch.cat([x[..., h:], x[..., :h]], dim=-1), sin_signed)
+
+
+class Timer:
+    """Wall time by stage: CUDA events between operations (or perf_counter on the CPU)."""
+
+    def __init__(self, device: torch.device, enabled: bool):
+        self.enabled = enabled
+        self.cuda = device.type == "cuda"
+        self.marks: list[tuple[str, object]] = []
+
+    def start(self):
+        if self.enabled:
+            self.marks = [("", self._now())]
+
+    def mark(self, stage: str):
+        if self.enabled:
+            self.marks.append((stage, self._now()))
+
+    def _now(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def totals(self) -> dict[str, float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+        out = {k: 0.0 for k in STAGES}
+        for (_, a), (stage, b) in zip(self.marks, self.marks[1:]):
+            out[stage] += a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+        return out
+
+
+class Runner:
+    """One (context, batch): caches, static inputs, and one decode step per placement."""
+
+    def __init__(self, model: Model, context: int, batch: int, args, gen: torch.Generator):
+        import mempipe
+        from mempipe.attention import DecodePlan, PagedLayer
+        s = model.s
+        self.model, self.L, self.B, self.args = model, context, batch, args
+        dev = model.device
+        page = args.page
+        self.blocks = context // page
+        nb = batch * self.blocks
+        # One paged cache per layer; block table = identity, so sequence b's K (or V) is the
+        # contiguous slice [b*blocks*page, (b+1)*blocks*page) -- the "contiguous cache" of the
+        # dense-sdpa placement is a view of the same memory.
+        self.caches, self.digests = [], []
+        chunk = max(1, (1 << 28) // (page * s.kv_heads * s.head_dim))  # pages per fill chunk
+        for _ in range(s.layers):
+            kv = torch.empty(2, nb, page, s.kv_heads, s.head_dim, dtype=model.dtype, device=dev)
+            dg = torch.empty(nb, 2, s.kv_heads, s.head_dim, dtype=model.dtype, device=dev)
+            for a in range(0, nb, chunk):
+                b = min(nb, a + chunk)
+                kv[:, a:b].normal_(generator=gen)
+                keys = kv[0, a:b]
+                dg[a:b, 0] = keys.amax(1)
+                dg[a:b, 1] = keys.amin(1)
+            self.caches.append(kv)
+            self.digests.append(dg)
+        self.block_table = torch.arange(nb, dtype=torch.int32, device=dev).view(batch, -1)
+        self.seq_lens = torch.full((batch,), context, dtype=torch.int32, device=dev)
+        self.slots = (torch.arange(batch, device=dev, dtype=torch.int64) * context
+                      + (context - 1))
+        self.tokens = torch.randint(0, s.vocab, (batch,), generator=gen, device=dev)
+        self.cos, self.sin = model.rope(context - 1)
+        self.logits = torch.empty(batch, s.vocab, dtype=torch.float32, device=dev)
+        self.attn_out = torch.empty(batch, s.q_heads, s.head_dim, dtype=model.dtype, device=dev)
+        self.plan = DecodePlan()
+        sparse = "gpu" if dev.type == "cuda" else "cpu"
+        self.sparse_placement = sparse
+        cfgs = {
+            "dense-paged": mempipe.MempipeConfig(placement="dense", budget=args.budget,
+                                                 page_size=page, dense_layers=args.dense_layers),
+            "gpu": mempipe.MempipeConfig(placement=sparse, budget=args.budget, page_size=page,
+                                         dense_layers=args.dense_layers, sinks=args.sinks,
+                                         locals=args.locals),
+        }
+        scale = s.head_dim ** -0.5
+        self.paged = {p: [PagedLayer(c, i, s.q_heads, s.kv_heads, s.head_dim, scale,
+                                     plan=self.plan) for i in range(s.layers)]
+                      for p, c in cfgs.items()}
+        self.plan.reserve(batch, s.q_heads, s.kv_heads, self.blocks, args.budget // page, dev)
+        self.sdpa_backend = None
+        self.sdpa_form = "rows"
+
+    # -- attention per placement: writes self.attn_out [B, H, D] --
+    def attention(self, placement, i, q, k, v, timer, sparse_layer):
+        s, B, L = self.model.s, self.B, self.L
+        kv = self.caches[i]
+        if placement == "dense-sdpa":
+            view = kv.view(2, B, L, s.kv_heads, s.head_dim)
+            view[0, :, L - 1] = k
+            view[1, :, L - 1] = v
+            timer.mark("append")
+            kk = view[0].transpose(1, 2)  # [B, KVH, L, D], strided view, no copy
+            vv = view[1].transpose(1, 2)
+            with self._sdpa_ctx():
+                o = _sdpa(self.sdpa_form, q, kk, vv, s.head_dim ** -0.5)
+            self.attn_out.copy_(o.reshape(B, s.q_heads, s.head_dim))
+            timer.mark("apply")
+            return
+        layer = self.paged[placement][i]
+        step1 = "prepare" if placement == "gpu" else "append"
+        layer.append(kv, self.slots, k, v, self.digests[i])
+        timer.mark(step1)
+        if not layer.sparse:
+            layer.decode(q, kv, self.block_table, self.seq_lens, self.attn_out, self.digests[i])
+            timer.mark("apply")
+            return
+        # The layer's two sparse calls, split so the profiled run can time them apart.
+        import mempipe
+        c = layer.config
+        pages, counts, select_ws, decode_ws = self.plan.views(
+            B, s.q_heads, s.kv_heads, self.blocks, c.budget // c.page_size, q.device)
+        mempipe._mempipe.score_and_select(q, kv, self.digests[i], self.block_table,
+                                          self.seq_lens, pages, counts, budget=c.budget,
+                                          sinks=c.sinks, locals=c.locals,
+                                          aggregation=c.aggregation, workspace=select_ws)
+        timer.mark("relevancy")
+        mempipe._mempipe.sparse_decode(q, kv, self.block_table, self.seq_lens, pages, counts,
+                                       self.attn_out, layer.scale,
+                                       num_threads=layer.num_threads, workspace=decode_ws)
+        layer.calls["sparse"] += 1
+        timer.mark("apply")
+
+    def _sdpa_ctx(self):
+        from torch.nn.attention import sdpa_kernel
+        if self.sdpa_backend is None:
+            return contextlib.nullcontext()  # CPU: torch's own choice
+        return sdpa_kernel([self.sdpa_backend])
+
+    def step(self, placement: str, timer: Timer):
+        """One decode step of the whole batch; logits into self.logits."""
+        m, s, B = self.model, self.model.s, self.B
+        timer.start()
+        x = m.embed[self.tokens]  # [B, hidden]
+        for i, lw in enumerate(m.layers):
+            h = rms_norm(x, lw["n1"])
+            qkv = F.linear(h, lw["qkv"])
+            qk, v = qkv.split([(s.q_heads + s.kv_heads) * s.head_dim,
+                               s.kv_heads * s.head_dim], dim=-1)
+            # Q and K rotated together (3 kernels), then split into contiguous tensors.
+            qk = apply_rope(qk.view(B, s.q_heads + s.kv_heads, s.head_dim), self.cos, self.sin)
+            q = qk[:, :s.q_heads].contiguous()
+            k = qk[:, s.q_heads:].contiguous()
+            v = v.reshape(B, s.kv_heads, s.head_dim).contiguous()
+            timer.mark("linear")
+            self.attention(placement, i, q, k, v, timer, None)
+            x = x + F.linear(self.attn_out.view(B, -1), lw["o"])
+            h = rms_norm(x, lw["n2"])
+            gu = F.linear(h, lw["gate_up"])
+            gate, up = gu.chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, lw["down"])
+            timer.mark("linear")
+        self.logits.copy_(F.linear(rms_norm(x, m.norm), m.lm_head))
+        timer.mark("linear")
+
+    def pick_sdpa_backend(self):
+        """The fastest (SDPA backend, query layout) on this configuration's layer-0 attention:
+        layouts `rows` (a GQA group's query heads as query rows over its KV head) and `gqa`
+        (one query row per head, enable_gqa=True)."""
+        s, B, L = self.model.s, self.B, self.L
+        if self.model.device.type != "cuda":
+            self.sdpa_form = "rows"
+            return "default backend, rows (CPU)"
+        view = self.caches[0].view(2, B, L, s.kv_heads, s.head_dim)
+        q = torch.randn(B, s.q_heads, s.head_dim, dtype=self.model.dtype,
+                        device=self.model.device)
+        kk, vv = view[0].transpose(1, 2), view[1].transpose(1, 2)
+        from torch.nn.attention import sdpa_kernel
+        best, tried = None, []
+        for b in _sdpa_backends():
+            for form in ("rows", "gqa"):
+                try:
+                    with sdpa_kernel([b]):
+                        _sdpa(form, q, kk, vv, 1.0)
+                        torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                        for _ in range(5):
+                            _sdpa(form, q, kk, vv, 1.0)
+                        torch.cuda.synchronize()
+                        t = (time.perf_counter() - t0) / 5
+                except RuntimeError:
+                    tried.append(f"{b.name}/{form}: does not run")
+                    continue
+                tried.append(f"{b.name}/{form}: {t * 1e3:.3f} ms")
+                if best is None or t < best[2]:
+                    best = (b, form, t)
+        if best is None:
+            raise RuntimeError("no SDPA backend runs this shape: " + "; ".join(tried))
+        self.sdpa_backend, self.sdpa_form = best[0], best[1]
+        print("[model_decode]   SDPA layer-0 attention: " + "; ".join(tried), flush=True)
+        return f"{best[0].name}, {best[1]}"
+
+
+def _sdpa(form, q, kk, vv, scale):
+    """q [B, H, D] over kk, vv [B, KVH, L, D] (strided views of the cache)."""
+    B, H, D = q.shape
+    kvh = kk.shape[1]
+    if form == "rows":
+        return F.scaled_dot_product_attention(q.view(B, kvh, H // kvh, D), kk, vv, scale=scale)
+    return F.scaled_dot_product_attention(q.view(B, H, 1, D), kk, vv, scale=scale,
+                                          enable_gqa=True)
+
+
+def _sdpa_backends():
+    from torch.nn.attention import SDPBackend
+    return (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+            SDPBackend.EFFICIENT_ATTENTION)  # MATH would materialize; not a contender
+
+
+# ------------------------------------------------------------------------------------------
+# Measurement
+# ------------------------------------------------------------------------------------------
+class Energy:
+    """NVML's total-energy counter (mJ) of the device, or None where unavailable."""
+
+    def __init__(self, device: torch.device):
+        self.handle = None
+        self.why = "CPU run" if device.type != "cuda" else None
+        if device.type == "cuda":
+            try:
+                import pynvml
+                pynvml.nvmlInit()
+                self.nv = pynvml
+                self.handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+                pynvml.nvmlDeviceGetTotalEnergyConsumption(self.handle)
+            except Exception as e:  # noqa: BLE001 -- reported, the run goes on without energy
+                self.handle, self.why = None, f"NVML energy counter unavailable: {e}"
+
+    def read_j(self):
+        if self.handle is None:
+            return None
+        return self.nv.nvmlDeviceGetTotalEnergyConsumption(self.handle) / 1e3
+
+
+def copy_bandwidth(device) -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second) over 2 GiB."""
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    bw = 2 * n * 20 / (time.perf_counter() - t0)
+    del a, b
+    return bw
+
+
+def measure(runner: Runner, placement: str, args, energy: Energy, log) -> dict:
+    dev = runner.model.device
+    cuda = dev.type == "cuda"
+    # Profiled eager step (also the warm-up that sizes every buffer).
+    runner.step(placement, Timer(dev, False))
+    prof = Timer(dev, True)
+    runner.step(placement, prof)
+    profiled = prof.totals()
+    graph = None
+    if cuda:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                runner.step(placement, Timer(dev, False))
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            runner.step(placement, Timer(dev, False))
+
+    def run_once():
+        if graph is not None:
+            graph.replay()
+        else:
+            runner.step(placement, Timer(dev, False))
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    for _ in range(2):
+        run_once()
+    sync()
+    t0 = time.perf_counter()
+    run_once()
+    sync()
+    one = time.perf_counter() - t0
+    steps = max(args.steps, math.ceil(args.min_window_s / max(one, 1e-6)))
+    times = []
+    e0 = energy.read_j()
+    w0 = time.perf_counter()
+    if cuda:
+        evs = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+        evs[0].record()
+        for i in range(steps):
+            run_once()
+            evs[i + 1].record()
+        sync()
+        times = [a.elapsed_time(b) for a, b in zip(evs, evs[1:])]
+    else:
+        for _ in range(steps):
+            t = time.perf_counter()
+            run_once()
+            times.append((time.perf_counter() - t) * 1e3)
+    window = time.perf_counter() - w0
+    e1 = energy.read_j()
+    step_ms = statistics.median(times)
+    joules = None if e0 is None else (e1 - e0)
+    return {"graph": graph, "step_ms": step_ms, "steps": steps, "window_s": window,
+            "profiled_ms": profiled, "energy_j": joules,
+            "mean_step_ms": statistics.fmean(times)}
+
+
+def bytes_moved(s: Shape, L: int, B: int, args, placement: str, elem: int) -> dict:
+    weights = weight_params(s) * elem
+    kv_tok = 2 * s.kv_heads * s.head_dim * elem  # one layer, one token, K and V
+    if placement in ("gpu", "fpga"):
+        sparse_layers = max(0, s.layers - args.dense_layers)
+        dense_layers = s.layers - sparse_layers
+        kept = min(L, args.budget)
+        kv = B * kv_tok * (dense_layers * L + sparse_layers * kept)
+        digests = B * sparse_layers * (L // args.page) * kv_tok  # (max, min) per page
+    else:
+        kv = B * kv_tok * s.layers * L
+        digests = 0
+    return {"weights": weights, "kv": kv, "digests": digests, "pcie": 0}
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def max_batch(s: Shape, L: int, args, free_bytes: int, elem: int) -> int:
+    per_seq = L * kv_bytes_per_token(s, elem) * (1 + 1 / args.page)  # KV + digests
+    avail = free_bytes - args.headroom_gib * (1 << 30)
+    return max(0, int(avail // per_seq))
+
+
+# ------------------------------------------------------------------------------------------
+# Output
+# ------------------------------------------------------------------------------------------
+def validate(doc: dict) -> list[str]:
+    """Problems of a `mempipe.throughput/1` document written by this runner (empty: valid)."""
+    bad = []
+    if doc.get("schema") != SCHEMA:
+        bad.append(f"schema must be {SCHEMA!r}, got {doc.get('schema')!r}")
+    if doc.get("kind") not in ("measured", "modeled"):
+        bad.append(f"kind must be measured or modeled, got {doc.get('kind')!r}")
+    for k in ("machine", "command", "date_utc", "model", "config", "rows"):
+        if k not in doc:
+            bad.append(f"missing top-level key {k!r}")
+    for i, r in enumerate(doc.get("rows", [])):
+        where = f"rows[{i}] ({r.get('placement')}, {r.get('context')}, {r.get('batch')})"
+        for k in ("placement", "scheme", "context", "batch", "step_ms", "ms_per_token",
+                  "tokens_per_s", "steps_ms", "memory_processing_share", "bytes",
+                  "byte_floor_ms", "speedup_over_dense", "energy_j_per_token",
+                  "gpu_energy_j_per_token", "fpga_energy_j_per_token", "energy_source",
+                  "rel_err", "fits", "notes"):
+            if k not in r:
+                bad.append(f"{where}: missing {k!r}")
+        if bad:
+            continue
+        if r["step_ms"] is None:  # a gap row: nothing measured, it must say why
+            if not r["notes"]:
+                bad.append(f"{where}: a row without step_ms must carry a note")
+            continue
+        if not (r["step_ms"] > 0 and math.isfinite(r["step_ms"])):
+            bad.append(f"{where}: step_ms must be positive, got {r['step_ms']}")
+            continue
+        if abs(r["ms_per_token"] - r["step_ms"]) > 1e-9 * r["step_ms"]:
+            bad.append(f"{where}: ms_per_token {r['ms_per_token']} != step_ms {r['step_ms']}")
+        want_tps = r["batch"] * 1000.0 / r["step_ms"]
+        if abs(r["tokens_per_s"] - want_tps) > 1e-6 * want_tps:
+            bad.append(f"{where}: tokens_per_s {r['tokens_per_s']} != batch*1000/step_ms "
+                       f"{want_tps}")
+        if set(r["steps_ms"]) != set(STAGES):
+            bad.append(f"{where}: steps_ms keys {sorted(r['steps_ms'])} != {list(STAGES)}")
+        else:
+            total = sum(r["steps_ms"].values())
+            if any(v < 0 for v in r["steps_ms"].values()) or \
+                    abs(total - r["step_ms"]) > 1e-6 * r["step_ms"]:
+                bad.append(f"{where}: steps_ms sum {total} != step_ms {r['step_ms']}")
+            mp = sum(r["steps_ms"][k] for k in ("prepare", "relevancy", "retrieval"))
+            if abs(mp / r["step_ms"] - r["memory_processing_share"]) > 1e-6:
+                bad.append(f"{where}: memory_processing_share {r['memory_processing_share']} "
+                           f"!= (prepare+relevancy+retrieval)/step {mp / r['step_ms']}")
+        if not r["speedup_over_dense"] > 0:
+            bad.append(f"{where}: speedup_over_dense must be positive")
+    return bad
+
+
+def _ratio(a, b) -> str:
+    return "—" if a is None or not b else f"{a / b:.2f}x"
+
+
+def _ctx(L: int) -> str:
+    return f"{L // 1024}K" if L % 1024 == 0 else str(L)
+
+
+def markdown(doc: dict) -> str:
+    m = doc["model"]
+    lines = [f"Measured on {doc['machine'].get('gpu') or doc['machine'].get('host')}, "
+             f"{doc['date_utc']}; model {m['name']} (random weights, {doc['config']['dtype']}); "
+             f"page {doc['config']['page']}, budget {doc['config']['budget']}, "
+             f"{doc['config']['dense_layers']} dense layers.", "",
+             "Command: `" + doc["command"] + "`", "",
+             "| context | batch | placement | ms/token | tokens/s | speedup | append | prepare |"
+             " relevancy+retrieval | apply | linear | mem. proc. | bytes / floor | floor (copy) |"
+             " J/token | rel. err | notes |",
+             "|" + "---|" * 17]
+    for r in doc["rows"]:
+        name = r["placement"] + (f" ({r['variant']})" if r.get("variant") else "")
+        if r["step_ms"] is None:
+            lines.append(f"| {_ctx(r['context'])} | {r['batch']} | {name} |" + " — |" * 13
+                         + " " + "; ".join(r["notes"]) + " |")
+            continue
+        st = r["steps_ms"]
+        e = r["energy_j_per_token"]
+        err = r["rel_err"]
+        lines.append(
+            f"| {_ctx(r['context'])} | {r['batch']} | {name} | {r['step_ms']:.3f} | "
+            f"{r['tokens_per_s']:.1f} | {r['speedup_over_dense']:.2f}x | {st['append']:.3f} | "
+            f"{st['prepare']:.3f} | {st['relevancy'] + st['retrieval']:.3f} | "
+            f"{st['apply']:.3f} | {st['linear']:.3f} | {r['memory_processing_share']:.1%} | "
+            f"{_ratio(r['step_ms'], r['byte_floor_ms'])} | "
+            f"{_ratio(r['step_ms'], r['byte_floor_copy_ms'])} | "
+            f"{'—' if e is None else f'{e:.3f}'} | {'—' if err is None else f'{err:.2e}'} | "
+            f"{'; '.join(r['notes'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    threads = torch.get_num_threads()
+    try:
+        return _main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--model", default=None, choices=sorted(MODELS))
+    ap.add_argument("--contexts", default=None)
+    ap.add_argument("--batches", default=None)
+    ap.add_argument("--placements", default=",".join(PLACEMENTS))
+    ap.add_argument("--budget", type=int, default=None)
+    ap.add_argument("--page", type=int, default=16)
+    ap.add_argument("--dense_layers", type=int, default=None)
+    ap.add_argument("--sinks", type=int, default=1)
+    ap.add_argument("--locals", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--min_window_s", type=float, default=None)
+    ap.add_argument("--hbm_tbs", type=float, default=4.8)
+    ap.add_argument("--headroom_gib", type=float, default=3.0)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--md", default=None)
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args(argv)
+    cpu = args.device == "cpu"
+    args.model = args.model or ("tiny" if cpu else "llama3-8b")
+    args.contexts = args.contexts or ("256,512" if cpu else "32768,131072,524288")
+    args.batches = args.batches or ("1,2" if cpu else "1,8,max")
+    args.steps = args.steps or (3 if cpu else 10)
+    if args.dense_layers is None:
+        args.dense_layers = 1 if cpu else 2
+    if cpu:
+        torch.set_num_threads(1)  # the smoke run shares small CI machines
+    args.budget = args.budget or (64 if cpu else 4096)
+    if args.min_window_s is None:
+        args.min_window_s = 0.0 if cpu else 0.5
+    placements = [p for p in args.placements.split(",") if p]
+    for p in placements:
+        if p not in PLACEMENTS:
+            raise ValueError(f"--placements: unknown placement {p!r}; one of "
+                             f"{', '.join(PLACEMENTS)}")
+    contexts = [int(c) for c in args.contexts.split(",")]
+    for c in contexts:
+        if c <= 0 or c % args.page:
+            raise ValueError(f"--contexts: {c} is not a positive multiple of --page {args.page}")
+    if args.budget % args.page:
+        raise ValueError(f"--budget {args.budget} is not a multiple of --page {args.page}")
+
+    import mempipe
+    if not cpu and ("cuda" not in mempipe.devices or not torch.cuda.is_available()):
+        raise RuntimeError(f"--device cuda needs a CUDA device and a GPU build of mempipe "
+                           f"(module runs {mempipe.devices}, torch.cuda.is_available()="
+                           f"{torch.cuda.is_available()})")
+    dev = torch.device("cpu" if cpu else "cuda", None if cpu else 0)
+    shape = MODELS[args.model]
+    dtype = torch.float32 if cpu else torch.bfloat16
+    elem = torch.empty(0, dtype=dtype).element_size()
+    gen = torch.Generator(device=dev).manual_seed(args.seed)
+    print(f"[model_decode] seed {args.seed}; {shape.name}: {weight_params(shape) / 1e9:.2f} B "
+          f"parameters read per step, {dtype}, device {dev}", flush=True)
+    t0 = time.perf_counter()
+    model = Model(shape, dtype, dev, gen)
+    if not cpu:
+        torch.cuda.synchronize()
+    print(f"[model_decode] weights built in {time.perf_counter() - t0:.1f} s", flush=True)
+    energy = Energy(dev)
+    machine = {"torch": torch.__version__, "mempipe_devices": list(mempipe.devices)}
+    copy_bps = None
+    if not cpu:
+        p = torch.cuda.get_device_properties(0)
+        machine.update(gpu=torch.cuda.get_device_name(0), sms=p.multi_processor_count,
+                       memory_gib=round(p.total_memory / (1 << 30), 1),
+                       cuda=torch.version.cuda, nvml_energy=energy.why or "ok")
+        copy_bps = copy_bandwidth(dev)
+        machine["copy_bandwidth_tbs"] = round(copy_bps / 1e12, 3)
+        print(f"[model_decode] {machine['gpu']}: device copy bandwidth "
+              f"{copy_bps / 1e12:.2f} TB/s", flush=True)
+    else:
+        machine.update(gpu=None, host=f"CPU ({os.cpu_count()} threads)")
+    floor_bps = args.hbm_tbs * 1e12
+
+    rows = []
+    configs = []
+    for L in contexts:
+        if cpu:
+            free = 1 << 40
+        else:
+            torch.cuda.empty_cache()
+            free = torch.cuda.mem_get_info(0)[0]
+        bmax = max_batch(shape, L, args, free, elem)
+        want = []
+        for b in args.batches.split(","):
+            nb = bmax if b == "max" else int(b)
+            if nb not in want:
+                want.append(nb)
+        for B in want:
+            configs.append((L, B, bmax))
+    for L, B, bmax in configs:
+        if B < 1 or B > bmax:
+            print(f"[model_decode] {_ctx(L)} x {B}: does not fit (largest batch {bmax})",
+                  flush=True)
+            rows.append(gap_row("dense", L, B, f"does not fit: weights + KV exceed free "
+                                f"memory (largest batch at {_ctx(L)} is {bmax})",
+                                variant="sdpa"))
+            continue
+        t0 = time.perf_counter()
+        try:
+            runner = Runner(model, L, B, args, gen)
+        except torch.OutOfMemoryError as e:
+            print(f"[model_decode] {_ctx(L)} x {B}: out of memory filling the cache: {e}",
+                  flush=True)
+            rows.append(gap_row("dense", L, B, f"does not fit: out of memory while filling the "
+                                f"cache (estimated largest batch {bmax})", variant="sdpa"))
+            torch.cuda.empty_cache()
+            continue
+        backend = runner.pick_sdpa_backend() if "dense-sdpa" in placements else None
+        print(f"[model_decode] {_ctx(L)} x {B}: cache filled in "
+              f"{time.perf_counter() - t0:.1f} s; SDPA backend {backend}", flush=True)
+        results, logits = {}, {}
+        for p in placements:
+            r = measure(runner, p, args, energy, print)
+            # The comparison step: the same input token over the same cache.
+            if r["graph"] is not None:
+                r["graph"].replay()
+                torch.cuda.synchronize()
+            else:
+                runner.step(p, Timer(dev, False))
+            logits[p] = (runner.attn_out.clone(), runner.logits.clone())
+            r.pop("graph")
+            results[p] = r
+            print(f"[model_decode] {_ctx(L)} x {B} {p:<11}: {r['step_ms']:.3f} ms/step, "
+                  f"{B * 1000 / r['step_ms']:.1f} tokens/s ({r['steps']} steps, "
+                  f"{r['window_s']:.2f} s)", flush=True)
+        dense_best = min((results[p]["step_ms"] for p in results if p.startswith("dense")),
+                         default=None)
+        ref = logits.get("dense-sdpa", logits.get("dense-paged"))  # (attention out, logits)
+        for p, r in results.items():
+            rows.append(make_row(p, r, L, B, shape, args, elem, floor_bps, copy_bps,
+                                 dense_best, ref, logits[p], energy, runner, backend, cpu))
+        rows.append(gap_row("fpga", L, B, "gap: the GPU+FPGA placement is not done (its "
+                            "issue is open); see DESIGN_SPACE.md for modeled fpga rows"))
+        del runner
+        if not cpu:
+            torch.cuda.empty_cache()
+
+    doc = {"schema": SCHEMA, "kind": "measured", "machine": machine,
+           "command": "python3 " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]
+                                            if argv is None else [__file__] + list(argv)),
+           "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
+               timespec="seconds"),
+           "model": {**asdict(shape), "ffn": shape.ffn, "random_weights": True,
+                     "weight_bytes_per_step": weight_params(shape) * elem},
+           "config": {"page": args.page, "budget": args.budget, "digest": "max/min, "
+                      + str(dtype).replace("torch.", ""), "dtype": str(dtype).replace(
+                          "torch.", ""), "dense_layers": args.dense_layers,
+                      "sinks": args.sinks, "locals": args.locals, "seed": args.seed,
+                      "byte_floor_tbs": args.hbm_tbs, "min_window_s": args.min_window_s},
+           "note": ("random weights and random KV; context held constant during timing; "
+                    "steps split from one profiled eager step, scaled to the graph step"),
+           "rows": rows, "maps": []}
+    bad = validate(doc)
+    if bad:
+        raise RuntimeError("the runner's own JSON fails validation: " + "; ".join(bad))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
+        print(f"[model_decode] wrote {args.json}", flush=True)
+    md = markdown(doc)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(md)
+    print(md, flush=True)
+    return 0
+
+
+def gap_row(placement, L, B, note, variant=None) -> dict:
+    r = {"placement": placement, "scheme": "sync", "micro_batches": 1, "reuse": 1,
+         "context": L, "batch": B, "step_ms": None, "ms_per_token": None, "tokens_per_s": None,
+         "steps_ms": {}, "memory_processing_share": None, "bytes": {}, "byte_floor_ms": None,
+         "byte_floor_copy_ms": None, "speedup_over_dense": None, "energy_j_per_token": None,
+         "gpu_energy_j_per_token": None, "fpga_energy_j_per_token": None,
+         "energy_source": None, "rel_err": None, "fits": None, "notes": [note]}
+    if variant:
+        r["variant"] = variant
+    return r
+
+
+def make_row(p, r, L, B, shape, args, elem, floor_bps, copy_bps, dense_best, ref, lg, energy,
+             runner, backend, cpu) -> dict:
+    step = r["step_ms"]
+    prof = r["profiled_ms"]
+    total = sum(prof.values())
+    steps = {k: step * prof[k] / total for k in STAGES}
+    # Rounding: make the split sum to step_ms exactly (the largest stage absorbs it).
+    big = max(steps, key=steps.get)
+    steps[big] += step - sum(steps.values())
+    mp = sum(steps[k] for k in ("prepare", "relevancy", "retrieval"))
+    by = bytes_moved(shape, L, B, args, "gpu" if p == "gpu" else "dense", elem)
+    nbytes = sum(by.values())
+    placement, variant = {"dense-sdpa": ("dense", "sdpa"), "dense-paged": ("dense", "paged"),
+                          "gpu": (runner.sparse_placement, None)}[p]
+    notes = []
+    if p == "dense-sdpa":
+        notes.append(f"torch SDPA backend {backend}" + ("" if cpu else ", CUDA graph"))
+    elif p == "dense-paged":
+        notes.append("append = fused append+digest kernel (the GPU build has no bare write)")
+    else:
+        notes.append("prepare = fused append+digest; relevancy = fused score+top-k "
+                     "(retrieval inside it)")
+    if cpu:
+        notes.append("CPU smoke: no CUDA graph")
+    e = r["energy_j"]
+    ej = None if e is None else e / (r["steps"] * B)
+    row = {"placement": placement, "scheme": "sync", "micro_batches": 1, "reuse": 1,
+           "context": L, "batch": B, "step_ms": step, "ms_per_token": step,
+           "tokens_per_s": B * 1000.0 / step, "steps_ms": steps,
+           "memory_processing_share": mp / step, "bytes": by,
+           "byte_floor_ms": nbytes / floor_bps * 1e3,
+           "byte_floor_copy_ms": (nbytes / copy_bps * 1e3) if copy_bps else None,
+           "speedup_over_dense": dense_best / step, "energy_j_per_token": ej,
+           "gpu_energy_j_per_token": ej, "fpga_energy_j_per_token": None,
+           "energy_source": "nvml" if ej is not None else None,
+           "rel_err": rel_l2(lg[0], ref[0]) if (ref is not None and lg is not ref) else None,
+           "rel_err_logits": rel_l2(lg[1], ref[1]) if (ref is not None and lg is not ref)
+           else None,
+           "fits": True, "notes": notes, "profiled_ms": prof, "timed_steps": r["steps"],
+           "timed_window_s": r["window_s"], "mean_step_ms": r["mean_step_ms"]}
+    if variant:
+        row["variant"] = variant
+    return row
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, RuntimeError) as e:
+        print(f"model_decode.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

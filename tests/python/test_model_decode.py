@@ -1,0 +1,99 @@
+"""The whole-model decode runner (integration/bench/model_decode.py) in its CPU smoke mode: a
+tiny random-weight model through every placement, its `mempipe.throughput/1` JSON validated (and
+known-wrong documents rejected), the Markdown table and plots.py's PNGs made from it."""
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "integration" / "bench"))
+
+import model_decode as md  # noqa: E402
+import plots  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, request):
+    import os
+    seed = int(os.environ.get("MEMPIPE_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+    print(f"[seed] model_decode smoke: MEMPIPE_TEST_SEED={seed}")
+    out = tmp_path_factory.mktemp("model_decode")
+    path = out / "smoke.json"
+    rc = md.main(["--device", "cpu", "--json", str(path), "--md", str(out / "smoke.md"),
+                  "--seed", str(seed % (1 << 31)), "--steps", "2",
+                  "--contexts", "128,256"])
+    assert rc == 0
+    return json.loads(path.read_text()), path, out
+
+
+def test_smoke_rows_and_schema(smoke):
+    doc, _, _ = smoke
+    assert md.validate(doc) == []
+    assert doc["schema"] == "mempipe.throughput/1" and doc["kind"] == "measured"
+    measured = [r for r in doc["rows"] if r["step_ms"] is not None]
+    # 2 contexts x 2 batches x 3 placements, plus one fpga gap row per configuration.
+    assert len(measured) == 12
+    gaps = [r for r in doc["rows"] if r["placement"] == "fpga"]
+    assert len(gaps) == 4 and all(r["step_ms"] is None and r["notes"] for r in gaps)
+    names = {(r["placement"], r.get("variant")) for r in measured}
+    assert names == {("dense", "sdpa"), ("dense", "paged"), ("cpu", None)}
+    for r in measured:
+        if r.get("variant") == "paged":
+            # Both dense paths attend to every token: same logits up to fp32 rounding over a
+            # 2-layer model (sums of a few hundred terms): far below 1e-4.
+            assert r["rel_err"] < 1e-4 and r["rel_err_logits"] < 1e-4, r
+        if r["placement"] == "cpu":
+            # The sparse placement keeps 64 of 256/512 tokens: a different answer, but a finite
+            # one, and it reads fewer KV bytes than dense.
+            assert 1e-3 < r["rel_err"] < 10
+            assert r["memory_processing_share"] > 0
+            assert r["steps_ms"]["relevancy"] > 0
+            dense = next(d for d in measured if d.get("variant") == "paged"
+                         and d["context"] == r["context"] and d["batch"] == r["batch"])
+            assert r["bytes"]["kv"] < dense["bytes"]["kv"]
+
+
+def test_validate_rejects_wrong_documents(smoke):
+    doc, _, _ = smoke
+    row = next(i for i, r in enumerate(doc["rows"]) if r["step_ms"] is not None)
+
+    def broken(edit):
+        d = copy.deepcopy(doc)
+        edit(d)
+        return md.validate(d)
+
+    assert broken(lambda d: d.update(schema="mempipe.throughput/0"))
+    assert broken(lambda d: d.update(kind="guessed"))
+    assert broken(lambda d: d.pop("command"))
+    assert broken(lambda d: d["rows"][row].update(tokens_per_s=d["rows"][row]["tokens_per_s"] * 2))
+    assert broken(lambda d: d["rows"][row].update(ms_per_token=d["rows"][row]["step_ms"] * 1.5))
+    assert broken(lambda d: d["rows"][row]["steps_ms"].update(apply=d["rows"][row]["step_ms"]))
+    assert broken(lambda d: d["rows"][row]["steps_ms"].pop("linear"))
+    assert broken(lambda d: d["rows"][row].update(memory_processing_share=0.99))
+    assert broken(lambda d: d["rows"][row].update(step_ms=-1.0))
+    assert broken(lambda d: d["rows"][row].pop("rel_err"))
+    gap = next(i for i, r in enumerate(doc["rows"]) if r["step_ms"] is None)
+    assert broken(lambda d: d["rows"][gap].update(notes=[]))
+
+
+def test_table_and_plots(smoke):
+    doc, path, out = smoke
+    table = (out / "smoke.md").read_text()
+    assert table.count("\n| ") == len(doc["rows"]) + 1  # header + one line per row
+    assert "gap:" in table
+    made = plots.make_plots(str(path), str(out / "plots"))
+    assert {p.name for p in made} == {"smoke_steps.png", "smoke_speedup.png"}
+    assert all(p.stat().st_size > 1000 for p in made)
+
+
+def test_bad_flags_are_named():
+    with pytest.raises(ValueError, match="1000"):
+        md.main(["--device", "cpu", "--contexts", "1000"])
+    with pytest.raises(ValueError, match="sparse-ish"):
+        md.main(["--device", "cpu", "--placements", "sparse-ish"])
+    with pytest.raises(ValueError, match="budget 40"):
+        md.main(["--device", "cpu", "--budget", "40"])
