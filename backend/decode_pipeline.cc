@@ -3,6 +3,9 @@
 #include <algorithm>
 #include <cmath>
 #include <deque>
+#include <exception>
+#include <optional>
+#include <string>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -76,6 +79,8 @@ absl::string_view FallbackReasonName(FallbackReason reason) {
       return "dead";
     case FallbackReason::kExpired:
       return "expired";
+    case FallbackReason::kInvalid:
+      return "invalid";
   }
   return "unknown";
 }
@@ -217,7 +222,12 @@ void DecodePipeline::Shutdown() {
   shut_down_ = true;
   // Each stage closes the channel it feeds once its input is closed and drained, so the close
   // travels down the pipeline behind any work still queued.
+  // Results still in flight (a step that ended early) are discarded here: the front is their
+  // only consumer, and leaving them would block the apply stage on a full channel and this
+  // join with it.
   to_selector_.Close();
+  while (to_front_.Pop()) {
+  }
   selector_thread_.join();
   apply_thread_.join();
 }
@@ -314,6 +324,10 @@ QueryView DecodePipeline::QueryRows(int layer, int b, int e) const {
 
 absl::Status DecodePipeline::Step(const StepInputs& inputs) {
   if (shut_down_) return absl::FailedPreconditionError("the pipeline was shut down");
+  if (!broken_.empty()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("the pipeline cannot run another step: ", broken_));
+  }
   MEMPIPE_RETURN_IF_ERROR(ValidateStep(inputs));
   const Clock::time_point step_begin = Clock::now();
   step_ = inputs;
@@ -356,95 +370,65 @@ absl::Status DecodePipeline::Step(const StepInputs& inputs) {
     return j;
   };
   std::deque<Job> pending;
-  for (int i = 0; i < m; ++i) pending.push_back(make_job(0, i));
   std::vector<int> next_layer(m, 0);
   std::vector<BusyInterval> selector_busy, apply_busy;
   absl::Status first_error;
   const int total = m * num_layers_;
-  for (int done = 0; done < total;) {
-    // Issue what the selector channel takes; a full channel leaves the rest pending
-    // (back-pressure) until a completion frees room. The front never blocks on a push, so the
-    // ring of channels cannot deadlock.
-    while (!pending.empty()) {
-      Job& j = pending.front();
-      j.issued = Clock::now();
-      j.deadline = j.issued + std::chrono::duration_cast<Clock::duration>(
-                                  std::chrono::duration<double, std::milli>(options_.deadline_ms));
-      if (!to_selector_.TryPush(j)) break;
-      pending.pop_front();
-    }
-    std::optional<Applied> a = to_front_.Pop();
-    if (!a) return absl::InternalError("the pipeline's apply stage stopped mid-step");
-    const Selected& s = a->sel;
-    const Job& j = s.job;
-    ++done;
-    if (j.step != step || j.micro_batch < 0 || j.micro_batch >= m ||
-        next_layer[j.micro_batch] != j.layer) {
-      // Cannot happen with FIFO channels; checked because the guarantee is the point.
-      first_error.Update(absl::InternalError(
-          absl::StrCat("request (step ", j.step, ", micro-batch ", j.micro_batch, ", layer ",
-                       j.layer, ") arrived out of order")));
-      continue;
-    }
-    ++next_layer[j.micro_batch];
-    if (j.layer + 1 < num_layers_) pending.push_back(make_job(j.layer + 1, j.micro_batch));
-
-    // Metrics.
-    PipelineMetrics& mt = metrics_;
-    ++mt.requests;
-    if (j.fresh) ++mt.selections_fresh;
-    if (s.source == SelectionSource::kReused) ++mt.selections_reused;
-    if (s.source == SelectionSource::kSelector) ++mt.selections_by_selector;
-    if (s.source == SelectionSource::kFallback) {
-      ++mt.fallbacks;
-      switch (s.fallback) {
-        case FallbackReason::kTimeout:
-          ++mt.fallbacks_timeout;
-          break;
-        case FallbackReason::kError:
-          ++mt.fallbacks_error;
-          break;
-        case FallbackReason::kDead:
-          ++mt.fallbacks_dead;
-          break;
-        case FallbackReason::kExpired:
-          ++mt.fallbacks_expired;
-          break;
-        case FallbackReason::kNone:
-          break;
+  int issued = 0, done = 0;
+  try {
+    for (int i = 0; i < m; ++i) pending.push_back(make_job(0, i));
+    while (done < total) {
+      // Issue what the selector channel takes; a full channel leaves the rest pending
+      // (back-pressure) until a completion frees room. The front never blocks on a push, so
+      // the ring of channels cannot deadlock.
+      while (!pending.empty()) {
+        Job& j = pending.front();
+        j.issued = Clock::now();
+        j.deadline =
+            j.issued + std::chrono::duration_cast<Clock::duration>(
+                           std::chrono::duration<double, std::milli>(options_.deadline_ms));
+        if (!to_selector_.TryPush(j)) break;
+        pending.pop_front();
+        ++issued;
       }
+      if (issued == done) {
+        // Nothing in flight and nothing accepted: the selector channel is closed.
+        broken_ = "the selector stage's input channel is closed";
+        return absl::InternalError(absl::StrCat("the pipeline stopped mid-step: ", broken_));
+      }
+      std::optional<Applied> a = to_front_.Pop();
+      if (!a) {
+        broken_ = "the apply stage stopped";
+        return absl::InternalError(absl::StrCat("the pipeline stopped mid-step: ", broken_));
+      }
+      ++done;
+      const Job& j = a->sel.job;
+      if (j.step != step || j.micro_batch < 0 || j.micro_batch >= m ||
+          next_layer[j.micro_batch] != j.layer) {
+        // Cannot happen with FIFO channels; checked because the guarantee is the point.
+        first_error.Update(absl::InternalError(
+            absl::StrCat("request (step ", j.step, ", micro-batch ", j.micro_batch, ", layer ",
+                         j.layer, ") arrived out of order")));
+        continue;
+      }
+      ++next_layer[j.micro_batch];
+      if (j.layer + 1 < num_layers_) pending.push_back(make_job(j.layer + 1, j.micro_batch));
+      RecordApplied(*a, selector_busy, apply_busy, first_error);
     }
-    if (!s.death.empty() && !mt.selector_dead) {
-      mt.selector_dead = true;
-      mt.selector_death_reason = s.death;
+  } catch (const std::exception& e) {
+    first_error = absl::InternalError(absl::StrCat("decode step ", step, " failed: ", e.what()));
+  } catch (...) {
+    first_error =
+        absl::InternalError(absl::StrCat("decode step ", step, " failed: unknown exception"));
+  }
+  // Whatever stopped the loop early, no request of this step may outlive it: the stage threads
+  // read the caller's buffers. Later layers that were never issued simply do not run.
+  while (done < issued) {
+    if (!to_front_.Pop()) {
+      broken_ = "the apply stage stopped";
+      break;
     }
-    mt.selector_queue.Record(Ms(s.picked - j.issued));
-    if (s.prepare_ms >= 0) mt.prepare.Record(s.prepare_ms);
-    if (s.select_ms >= 0) mt.select.Record(s.select_ms);
-    if (a->fallback_ms >= 0) mt.fallback.Record(a->fallback_ms);
-    mt.apply.Record(Ms(a->end - a->begin));
-    mt.request.Record(Ms(a->end - j.issued));
-    mt.bytes_to_selector += s.bytes_to;
-    mt.bytes_from_selector += s.bytes_from;
-    mt.transfer_ms_reported += s.transfer_reported_ms;
-    mt.modeled_transfer_ms += s.transfer_modeled_ms;
-    mt.selector_relevancy_ms += s.relevancy_ms;
-    mt.selector_retrieval_ms += s.retrieval_ms;
-    mt.modeled_device_ms += s.modeled_device_ms;
-    mt.modeled_energy_mj += s.modeled_energy_mj;
-    mt.modeled_calls += s.modeled_calls;
-    if (s.busy_end > s.picked) {
-      selector_busy.emplace_back(s.picked, s.busy_end);
-      mt.selector_busy_ms += Ms(s.busy_end - s.picked);
-    }
-    apply_busy.emplace_back(a->begin, a->end);
-    mt.apply_busy_ms += Ms(a->end - a->begin);
-    if (!a->status.ok()) first_error.Update(a->status);
-    if (observer_) {
-      const MicroBatch& mb = micro_batches_[j.micro_batch];
-      observer_(RequestRecord{j.step, j.micro_batch, j.layer, mb.begin, mb.end, s.source,
-                              s.fallback, a->status});
-    }
+    ++done;
   }
   metrics_.overlap_ms += BusyOverlapMs(selector_busy, apply_busy);
   const double step_ms = Ms(Clock::now() - step_begin);
@@ -454,24 +438,148 @@ absl::Status DecodePipeline::Step(const StepInputs& inputs) {
   return first_error;
 }
 
+void DecodePipeline::RecordApplied(const Applied& a, std::vector<BusyInterval>& selector_busy,
+                                   std::vector<BusyInterval>& apply_busy,
+                                   absl::Status& first_error) {
+  const Selected& s = a.sel;
+  const Job& j = s.job;
+  // Metrics.
+  PipelineMetrics& mt = metrics_;
+  ++mt.requests;
+  if (j.fresh) ++mt.selections_fresh;
+  if (s.source == SelectionSource::kReused) ++mt.selections_reused;
+  if (s.source == SelectionSource::kSelector) ++mt.selections_by_selector;
+  if (s.source == SelectionSource::kFallback) {
+    ++mt.fallbacks;
+    switch (s.fallback) {
+      case FallbackReason::kTimeout:
+        ++mt.fallbacks_timeout;
+        break;
+      case FallbackReason::kError:
+        ++mt.fallbacks_error;
+        break;
+      case FallbackReason::kDead:
+        ++mt.fallbacks_dead;
+        break;
+      case FallbackReason::kExpired:
+        ++mt.fallbacks_expired;
+        break;
+      case FallbackReason::kInvalid:
+        ++mt.fallbacks_invalid;
+        break;
+      case FallbackReason::kNone:
+        break;
+    }
+  }
+  if (!s.death.empty() && !mt.selector_dead) {
+    mt.selector_dead = true;
+    mt.selector_death_reason = s.death;
+  }
+  mt.selector_queue.Record(Ms(s.picked - j.issued));
+  if (s.prepare_ms >= 0) mt.prepare.Record(s.prepare_ms);
+  if (s.select_ms >= 0) mt.select.Record(s.select_ms);
+  if (a.fallback_ms >= 0) mt.fallback.Record(a.fallback_ms);
+  mt.apply.Record(Ms(a.end - a.begin));
+  mt.request.Record(Ms(a.end - j.issued));
+  mt.bytes_to_selector += s.bytes_to;
+  mt.bytes_from_selector += s.bytes_from;
+  mt.transfer_ms_reported += s.transfer_reported_ms;
+  mt.modeled_transfer_ms += s.transfer_modeled_ms;
+  mt.selector_relevancy_ms += s.relevancy_ms;
+  mt.selector_retrieval_ms += s.retrieval_ms;
+  mt.modeled_device_ms += s.modeled_device_ms;
+  mt.modeled_energy_mj += s.modeled_energy_mj;
+  mt.modeled_calls += s.modeled_calls;
+  if (s.busy_end > s.picked) {
+    selector_busy.emplace_back(s.picked, s.busy_end);
+    mt.selector_busy_ms += Ms(s.busy_end - s.picked);
+  }
+  apply_busy.emplace_back(a.begin, a.end);
+  mt.apply_busy_ms += Ms(a.end - a.begin);
+  if (!a.status.ok()) first_error.Update(a.status);
+  if (observer_) {
+    const MicroBatch& mb = micro_batches_[j.micro_batch];
+    // The observer is the caller's code: whatever it throws becomes this step's error, and
+    // the step goes on completing its requests.
+    try {
+      observer_(RequestRecord{j.step, j.micro_batch, j.layer, mb.begin, mb.end, s.source,
+                              s.fallback, a.status});
+    } catch (const std::exception& e) {
+      first_error.Update(absl::InternalError(absl::StrCat("the request observer threw on (step ",
+                                                          j.step, ", micro-batch ", j.micro_batch,
+                                                          ", layer ", j.layer, "): ", e.what())));
+    } catch (...) {
+      first_error.Update(absl::InternalError(
+          absl::StrCat("the request observer threw on (step ", j.step, ", micro-batch ",
+                       j.micro_batch, ", layer ", j.layer, "): unknown exception")));
+    }
+  }
+}
+
 void DecodePipeline::SelectorLoop() {
   std::optional<InFlight> current;
   for (;;) {
     if (!current) {
       std::optional<Job> job = to_selector_.Pop();
       if (!job) break;  // closed and drained
-      current = StartSelection(*job);
+      current = StartSelectionNoThrow(*job);
     }
-    Selected done = FinishSelection(*current);
+    Selected done = FinishSelectionNoThrow(*current);
     current.reset();
     // Start the next queued request before handing this result to the decoder: waking the
     // apply thread may take this core, and the device should already be working meanwhile.
     // Only one ticket is outstanding at a time (this one's Wait has returned).
-    if (std::optional<Job> job = to_selector_.TryPop()) current = StartSelection(*job);
+    if (std::optional<Job> job = to_selector_.TryPop()) current = StartSelectionNoThrow(*job);
     // Blocks while the apply channel is full: back-pressure up the pipeline.
     if (!to_apply_.Push(done)) break;
   }
   to_apply_.Close();
+}
+
+DecodePipeline::InFlight DecodePipeline::StartSelectionNoThrow(const Job& job) {
+  std::string what;
+  try {
+    return StartSelection(job);
+  } catch (const std::exception& e) {
+    what = e.what();
+  } catch (...) {
+    what = "unknown exception";
+  }
+  InFlight f;
+  Selected& s = f.sel;
+  s.job = job;
+  s.picked = s.busy_end = Clock::now();
+  if (job.layer < first_sparse_layer_) {
+    s.source = SelectionSource::kDense;
+    return f;
+  }
+  NoteSelectorFailure(s, absl::InternalError(absl::StrCat("the selector threw: ", what)),
+                      /*fatal=*/true);
+  if (!job.fresh) {
+    s.source = SelectionSource::kReused;
+  } else {
+    s.source = SelectionSource::kFallback;
+    s.fallback = FallbackReason::kError;
+  }
+  return f;
+}
+
+DecodePipeline::Selected DecodePipeline::FinishSelectionNoThrow(InFlight& f) {
+  std::string what;
+  try {
+    return FinishSelection(f);
+  } catch (const std::exception& e) {
+    what = e.what();
+  } catch (...) {
+    what = "unknown exception";
+  }
+  Selected s = f.sel;
+  s.source = SelectionSource::kFallback;
+  s.fallback = FallbackReason::kError;
+  NoteSelectorFailure(s, absl::InternalError(absl::StrCat("the selector threw: ", what)),
+                      /*fatal=*/true);
+  s.busy_end = Clock::now();
+  return s;
 }
 
 void DecodePipeline::NoteSelectorFailure(Selected& s, const absl::Status& status, bool fatal) {
@@ -597,9 +705,19 @@ DecodePipeline::Selected DecodePipeline::FinishSelection(InFlight& f) {
           link_.ModeledMs(static_cast<double>(to)) + link_.ModeledMs(static_cast<double>(from));
     }
   }
+  // A selection from another device is checked before anything trusts it: a device that
+  // says OK and leaves garbage is a failed selection like any other.
+  absl::Status valid = absl::OkStatus();
   if (st.ok()) {
+    valid = ValidateSelection(SelectionRows(j.layer, mb.begin, mb.end), TableRows(mb.begin, mb.end),
+                              c.block_size, options_.policy.selection);
+  }
+  if (st.ok() && valid.ok()) {
     consecutive_failures_ = 0;
     s.source = SelectionSource::kSelector;
+  } else if (st.ok()) {
+    s.fallback = FallbackReason::kInvalid;
+    NoteSelectorFailure(s, valid, /*fatal=*/false);
   } else {
     s.fallback = absl::IsDeadlineExceeded(st) ? FallbackReason::kTimeout : FallbackReason::kError;
     NoteSelectorFailure(s, st, /*fatal=*/false);
@@ -613,7 +731,15 @@ void DecodePipeline::ApplyLoop() {
     Applied a;
     a.sel = std::move(*sel);
     a.begin = Clock::now();
-    a.status = RunApply(a);
+    try {
+      a.status = RunApply(a);
+    } catch (const std::exception& e) {
+      a.status = absl::InternalError(absl::StrCat("decode of (step ", a.sel.job.step, ", layer ",
+                                                  a.sel.job.layer, ") threw: ", e.what()));
+    } catch (...) {
+      a.status = absl::InternalError(
+          absl::StrCat("decode of (step ", a.sel.job.step, ", layer ", a.sel.job.layer, ") threw"));
+    }
     a.end = Clock::now();
     if (!to_front_.Push(a)) break;
   }

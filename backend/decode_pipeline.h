@@ -102,7 +102,17 @@ struct PipelineOptions {
 
 // Where a request's pages came from.
 enum class SelectionSource : int { kSelector = 0, kFallback = 1, kReused = 2, kDense = 3 };
-enum class FallbackReason : int { kNone = 0, kTimeout = 1, kError = 2, kDead = 3, kExpired = 4 };
+// kInvalid: the selector reported success but its selection is malformed (a count out of
+// range, pages not ascending or outside the sequence, sinks or locals missing), as a device
+// that returns garbage does; the pipeline checks every selection it did not compute itself.
+enum class FallbackReason : int {
+  kNone = 0,
+  kTimeout = 1,
+  kError = 2,
+  kDead = 3,
+  kExpired = 4,
+  kInvalid = 5
+};
 absl::string_view SelectionSourceName(SelectionSource source);
 absl::string_view FallbackReasonName(FallbackReason reason);
 
@@ -153,10 +163,16 @@ class DecodePipeline {
 
   // One decode step over all layers and micro-batches; returns when every request is applied.
   // Errors: bad inputs (before anything runs), or the first apply error (every request still
-  // completes).
+  // completes). Never throws: an exception from the observer becomes this step's error (the
+  // step still completes every request); an exception from the selector is a selector failure
+  // (fallback; the selector is declared dead) and one from the decode that request's error. If
+  // the step cannot finish its requests it drains those in flight before returning, so none
+  // outlives the call; a pipeline whose stages stopped refuses every later Step
+  // (FailedPrecondition naming why).
   [[nodiscard]] absl::Status Step(const StepInputs& inputs);
 
-  // Stops the stage threads after draining the channels. Idempotent; Step fails afterwards.
+  // Stops the stage threads after draining the channels (results still in flight are
+  // discarded, so it cannot block on a full channel). Idempotent; Step fails afterwards.
   void Shutdown();
 
   void SetObserver(RequestObserver observer) { observer_ = std::move(observer); }
@@ -222,6 +238,14 @@ class DecodePipeline {
   void ApplyLoop();
   InFlight StartSelection(const Job& job);  // prepare, then Submit unless no selection is due
   Selected FinishSelection(InFlight& f);    // Wait (bounded by the deadline) and classify
+  // The two above, with an exception from the selector turned into a failed selection (the
+  // selector's state is unknown afterwards: it is declared dead).
+  InFlight StartSelectionNoThrow(const Job& job);
+  Selected FinishSelectionNoThrow(InFlight& f);
+  // Metrics and the observer for one applied request (an observer exception becomes an
+  // error in `first_error`).
+  void RecordApplied(const Applied& a, std::vector<BusyInterval>& selector_busy,
+                     std::vector<BusyInterval>& apply_busy, absl::Status& first_error);
   absl::Status RunApply(Applied& a);
   void NoteSelectorFailure(Selected& s, const absl::Status& status, bool fatal);
 
@@ -264,6 +288,7 @@ class DecodePipeline {
   int fresh_num_seqs_ = -1;
   std::vector<int> fresh_num_pages_;  // [num_seqs] pages per sequence at the last fresh step
   bool shut_down_ = false;
+  std::string broken_;  // non-empty: the stages stopped (why); Step refuses
   RequestObserver observer_;
   PipelineMetrics metrics_;
 

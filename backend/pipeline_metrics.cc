@@ -121,9 +121,9 @@ std::string PipelineMetrics::ToText() const {
   absl::StrAppendFormat(
       &s,
       "  steps %d, requests %d: fresh selections %d (by selector %d), reused %d\n"
-      "  fallbacks %d (timeout %d, error %d, dead %d, expired in queue %d)%s\n",
+      "  fallbacks %d (timeout %d, error %d, dead %d, expired in queue %d, invalid %d)%s\n",
       steps, requests, selections_fresh, selections_by_selector, selections_reused, fallbacks,
-      fallbacks_timeout, fallbacks_error, fallbacks_dead, fallbacks_expired,
+      fallbacks_timeout, fallbacks_error, fallbacks_dead, fallbacks_expired, fallbacks_invalid,
       selector_dead ? absl::StrCat("; selector dead: ", selector_death_reason) : "");
   s += "latency (measured):\n";
   s += HistText("selector queue", selector_queue);
@@ -169,6 +169,7 @@ std::string PipelineMetrics::ToJson() const {
       ",\"selections_by_selector\":", selections_by_selector, ",\"fallbacks\":", fallbacks,
       ",\"fallbacks_timeout\":", fallbacks_timeout, ",\"fallbacks_error\":", fallbacks_error,
       ",\"fallbacks_dead\":", fallbacks_dead, ",\"fallbacks_expired\":", fallbacks_expired,
+      ",\"fallbacks_invalid\":", fallbacks_invalid,
       ",\"selector_dead\":", selector_dead ? "true" : "false",
       ",\"selector_death_reason\":", Quote(selector_death_reason),
       ",\"latency_measured\":{\"selector_queue\":", selector_queue.ToJson(),

@@ -79,6 +79,8 @@ struct PipelineMetrics {
   uint64_t fallbacks_error = 0;    // Submit or Wait failed
   uint64_t fallbacks_dead = 0;     // the selector was declared dead before the request
   uint64_t fallbacks_expired = 0;  // the deadline had passed while the request was queued
+  uint64_t fallbacks_invalid = 0;  // the selector said OK but its selection failed the checks
+                                   // (ValidateSelection: counts, order, range, sinks, locals)
   bool selector_dead = false;
   std::string selector_death_reason;
 

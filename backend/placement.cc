@@ -58,6 +58,18 @@ absl::StatusOr<Placement> ParsePlacement(absl::string_view spec) {
     p.dense = true;
     return p;
   }
+  // What PlacementToString prints for a dense placement: "dense(apply=<device>)".
+  if (absl::ConsumePrefix(&spec, "dense(apply=")) {
+    if (!absl::ConsumeSuffix(&spec, ")")) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("placement 'dense(apply=", spec, "' lacks its closing ')'"));
+    }
+    absl::StatusOr<Device> apply = ParseDevice(absl::StripAsciiWhitespace(spec), "apply");
+    if (!apply.ok()) return apply.status();
+    Placement p = Uniform(*apply, *apply);
+    p.dense = true;
+    return p;
+  }
   if (spec == "cpu") return Uniform(Device::kCpu, Device::kCpu);
   if (spec == "gpu") return Uniform(Device::kGpu, Device::kGpu);
   if (spec == "fpga") return Uniform(Device::kFpga, Device::kGpu);

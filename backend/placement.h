@@ -50,7 +50,8 @@ struct Placement {
   bool NeedsTransfer() const { return !dense && selector() != apply; }
 };
 
-// A preset name or the four key=value pairs (each key exactly once, any order).
+// A preset name, "dense(apply=<device>)" (what PlacementToString prints for dense), or the four
+// key=value pairs (each key exactly once, any order).
 // Errors (InvalidArgument): empty spec, unknown preset or key, bad device, a key repeated or
 // missing, a pair without '='.
 absl::StatusOr<Placement> ParsePlacement(absl::string_view spec);
@@ -58,7 +59,8 @@ absl::StatusOr<Placement> ParsePlacement(absl::string_view spec);
 // OK for a supported combination; otherwise InvalidArgument naming the steps and the reason.
 [[nodiscard]] absl::Status ValidatePlacement(const Placement& placement);
 
-// "dense" or "prepare=..,relevancy=..,retrieval=..,apply=..".
+// "dense(apply=<device>)" or "prepare=..,relevancy=..,retrieval=..,apply=..", both of which
+// ParsePlacement reads back to the same placement.
 std::string PlacementToString(const Placement& placement);
 
 // A modeled host<->device link: a copy of n bytes takes latency_us + n / bandwidth. Used only

@@ -28,9 +28,12 @@
 //    futex wait itself compares the epoch atomically with going to sleep.
 //  * `*_waiting_` (bool): set by the side about to sleep, cleared on wake (seq_cst, see above);
 //    lets the other side skip the notify system call when nobody sleeps.
-//  * `closed_` (bool): release store by Close(), acquire loads by both sides, so whatever the
-//    closing thread wrote before Close() is visible to a side that sees the channel closed. Close
-//    also bumps both epochs (seq_cst) and notifies, waking any sleeper.
+//  * `closed_` (bool): seq_cst store by Close() (any thread), acquire or seq_cst loads by both
+//    sides, so whatever the closing thread wrote before Close() is visible to a side that sees
+//    the channel closed. Close also bumps both epochs (seq_cst) and notifies, waking any sleeper.
+//  * `pushers_` (int): a push attempt's announcement, seq_cst; closes the race between a
+//    producer's closed check and its ring push when a third thread closes (see PushOnce): a
+//    Push that returns true has queued a value the consumer's Pop will return.
 //  * statistics (`max_depth_`, `depth_sum_`, `full_events_`, `pushes_`): written only by the
 //    producer with relaxed stores (single writer); read with relaxed loads, so a reader racing
 //    the producer sees some recent value; exact when read after the producer has been joined or
@@ -96,14 +99,12 @@ class SpscChannel {
 
   // Producer side. False if full (counted as a full event) or closed; never blocks.
   [[nodiscard]] bool TryPush(const T& value) {
-    if (closed_.load(std::memory_order_acquire)) return false;
-    if (!ring_.push(value)) {
+    const PushResult r = PushOnce(value);
+    if (r == PushResult::kFull) {
       full_events_.store(full_events_.load(std::memory_order_relaxed) + 1,
                          std::memory_order_relaxed);
-      return false;
     }
-    AfterPush();
-    return true;
+    return r == PushResult::kPushed;
   }
 
   // Producer side. Blocks while the channel is full (back-pressure). False only if the channel
@@ -111,11 +112,9 @@ class SpscChannel {
   [[nodiscard]] bool Push(const T& value) {
     bool counted_full = false;
     for (int spin = 0;; ++spin) {
-      if (closed_.load(std::memory_order_acquire)) return false;
-      if (ring_.push(value)) {
-        AfterPush();
-        return true;
-      }
+      const PushResult r = PushOnce(value);
+      if (r == PushResult::kClosed) return false;
+      if (r == PushResult::kPushed) return true;
       if (!counted_full) {
         full_events_.store(full_events_.load(std::memory_order_relaxed) + 1,
                            std::memory_order_relaxed);
@@ -142,9 +141,13 @@ class SpscChannel {
   [[nodiscard]] std::optional<T> Pop() {
     for (int spin = 0;; ++spin) {
       if (std::optional<T> v = TryPop()) return v;
-      // Closed is checked after a failed pop, and the ring re-checked after seeing closed, so a
-      // value pushed before Close() is never left behind.
-      if (closed_.load(std::memory_order_acquire)) return TryPop();
+      // Closed is checked after a failed pop, and the ring re-checked after seeing closed (and
+      // after any push that had not yet seen it has finished), so a value whose Push reported
+      // success is never left behind.
+      if (closed_.load(std::memory_order_seq_cst)) {
+        WaitForPushersToLeave();
+        return TryPop();
+      }
       if (spin < kSpinAttempts) {
         Relax(spin);
         continue;
@@ -156,7 +159,7 @@ class SpscChannel {
 
   // Either side (or a third thread). Idempotent.
   void Close() {
-    closed_.store(true, std::memory_order_release);
+    closed_.store(true, std::memory_order_seq_cst);
     Bump(items_epoch_, items_waiting_, /*force=*/true);
     Bump(space_epoch_, space_waiting_, /*force=*/true);
   }
@@ -180,6 +183,29 @@ class SpscChannel {
   }
 
  private:
+  enum class PushResult { kPushed, kFull, kClosed };
+
+  // One attempt. The producer announces itself in `pushers_` before it reads `closed_`, both
+  // seq_cst, and Close() stores `closed_` seq_cst; a consumer that has seen the channel closed
+  // waits for `pushers_` to drop to zero before its last look at the ring. In the single total
+  // order, a push either reads closed == true (and fails) or its announcement precedes the
+  // consumer's read of `pushers_` (so the consumer waits for it and then finds its value).
+  PushResult PushOnce(const T& value) {
+    pushers_.fetch_add(1, std::memory_order_seq_cst);
+    PushResult r = PushResult::kClosed;
+    if (!closed_.load(std::memory_order_seq_cst)) {
+      r = ring_.push(value) ? PushResult::kPushed : PushResult::kFull;
+    }
+    pushers_.fetch_sub(1, std::memory_order_seq_cst);
+    if (r == PushResult::kPushed) AfterPush();
+    return r;
+  }
+
+  // A producer inside PushOnce finishes in a bounded number of steps (it never blocks there).
+  void WaitForPushersToLeave() const {
+    for (int spin = 0; pushers_.load(std::memory_order_seq_cst) != 0; ++spin) Relax(spin);
+  }
+
   static void Relax(int spin) {
     // The first attempts retry at once; later ones yield so a partner sharing this core runs.
     if (spin >= kSpinAttempts / 4) std::this_thread::yield();
@@ -214,6 +240,7 @@ class SpscChannel {
   typename internal::SpscRing<T, kCapacity>::type ring_;
   const size_t capacity_;
   std::atomic<bool> closed_{false};
+  std::atomic<int> pushers_{0};  // producers between their closed check and their push
   alignas(64) std::atomic<uint32_t> items_epoch_{0};
   std::atomic<bool> items_waiting_{false};
   alignas(64) std::atomic<uint32_t> space_epoch_{0};

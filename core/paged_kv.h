@@ -68,7 +68,12 @@ struct BlockTableView {
   }
 };
 
-inline int NumPages(int seq_len, int block_size) { return (seq_len + block_size - 1) / block_size; }
+// Pages holding `seq_len` tokens. Computed in 64 bits: `seq_len + block_size - 1` overflows int
+// for a length near 2^31, and a negative page count would skip every check that loops over the
+// pages. For seq_len in [0, INT32_MAX] and block_size >= 1 the result fits an int.
+inline int NumPages(int seq_len, int block_size) {
+  return static_cast<int>((static_cast<int64_t>(seq_len) + block_size - 1) / block_size);
+}
 
 // Checks sizes, supported block size and head dim, and a non-null pointer.
 [[nodiscard]] absl::Status ValidateKvCache(const KvCacheView& cache);

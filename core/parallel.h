@@ -1,37 +1,47 @@
 // mempipe core: splitting (sequence, KV head) work across host threads.
 //
 //   ForEachSeqHeads(num_seqs, num_kv_heads, threads, [&](int seq, int h0, int h1) { ... });
+//
+// The threads come from the process-wide bounded pool (core/thread_pool.h): asking for more
+// threads than the pool holds, or a system that refuses to start one, only means fewer
+// helpers; the call itself cannot fail for lack of threads (the caller always takes part).
 #ifndef MEMPIPE_CORE_PARALLEL_H_
 #define MEMPIPE_CORE_PARALLEL_H_
 
 #include <algorithm>
 #include <cstdint>
-#include <thread>
-#include <vector>
+
+#include "core/thread_pool.h"
 
 namespace mempipe {
 
 // Splits the (sequence, KV head) pairs, ordered sequence-major, into contiguous ranges, one
-// per thread; `fn(seq, head_begin, head_end)` runs for each sequence's part of a range.
+// per thread (at most ThreadPool::DefaultMaxWorkers() + 1 ranges); `fn(seq, head_begin,
+// head_end)` runs for each sequence's part of a range. Which thread runs a range does not
+// change what `fn` is called with.
 template <typename Fn>
 void ForEachSeqHeads(int num_seqs, int num_kv_heads, int num_threads, Fn fn) {
-  const int items = num_seqs * num_kv_heads;
-  const int threads = std::max(1, std::min(num_threads, items));
+  const int64_t items = static_cast<int64_t>(std::max(num_seqs, 0)) * std::max(num_kv_heads, 0);
+  if (items == 0) return;
+  const int64_t cap = static_cast<int64_t>(ThreadPool::DefaultMaxWorkers()) + 1;
+  const int threads =
+      static_cast<int>(std::max<int64_t>(1, std::min({int64_t{num_threads}, items, cap})));
   auto run = [&](int t) {
-    const int begin = static_cast<int>(static_cast<int64_t>(items) * t / threads);
-    const int end = static_cast<int>(static_cast<int64_t>(items) * (t + 1) / threads);
-    for (int i = begin; i < end;) {
-      const int s = i / num_kv_heads;
-      const int h0 = i % num_kv_heads;
-      const int h1 = std::min(num_kv_heads, h0 + (end - i));
+    const int64_t begin = items * t / threads;
+    const int64_t end = items * (t + 1) / threads;
+    for (int64_t i = begin; i < end;) {
+      const int s = static_cast<int>(i / num_kv_heads);
+      const int h0 = static_cast<int>(i % num_kv_heads);
+      const int h1 = static_cast<int>(std::min<int64_t>(num_kv_heads, h0 + (end - i)));
       fn(s, h0, h1);
       i += h1 - h0;
     }
   };
-  std::vector<std::thread> pool;
-  for (int t = 1; t < threads; ++t) pool.emplace_back(run, t);
-  run(0);
-  for (auto& th : pool) th.join();
+  if (threads == 1) {
+    run(0);
+    return;
+  }
+  ThreadPool::Default().ParallelFor(threads, threads, run);
 }
 
 }  // namespace mempipe

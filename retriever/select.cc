@@ -28,7 +28,7 @@ absl::Status ValidateSelectionConfig(const SelectionConfig& config, int block_si
         "local pages must be >= 1 (the page of the newest token), got ", config.num_local_pages));
   }
   const int k = config.PagesPerHead(block_size);
-  if (config.num_sink_pages + config.num_local_pages > k) {
+  if (static_cast<int64_t>(config.num_sink_pages) + config.num_local_pages > k) {
     return absl::InvalidArgumentError(
         absl::StrCat("budget ", config.budget_tokens, " tokens = ", k, " pages cannot hold ",
                      config.num_sink_pages, " sink + ", config.num_local_pages, " local pages"));
@@ -95,6 +95,59 @@ absl::Status SelectPages(const float* scores, const BlockTableView& table, int b
       for (int i = 0; i < want; ++i) row[c++] = middle[i];
       for (int p = hi; p < n; ++p) row[c++] = p;
       out.Count(s, h) = c;
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateSelection(const SelectionView& sel, const BlockTableView& table,
+                               int block_size, const SelectionConfig& config) {
+  MEMPIPE_RETURN_IF_ERROR(ValidateSelectionConfig(config, block_size));
+  const int k = config.PagesPerHead(block_size);
+  if (sel.pages == nullptr || sel.counts == nullptr || table.seq_lens == nullptr) {
+    return absl::InvalidArgumentError("selection and seq_lens pointers must not be null");
+  }
+  if (sel.num_seqs != table.num_seqs || sel.num_seqs < 1 || sel.num_kv_heads < 1 ||
+      sel.max_selected < k) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("selection is [", sel.num_seqs, ", ", sel.num_kv_heads, ", ", sel.max_selected,
+                     "]; need [", table.num_seqs, ", >= 1, >= ", k, "]"));
+  }
+  for (int s = 0; s < sel.num_seqs; ++s) {
+    const int32_t len = table.seq_lens[s];
+    if (len <= 0) {
+      return absl::InvalidArgumentError(absl::StrCat("seq_lens[", s, "] = ", len, " is not >= 1"));
+    }
+    const int n = NumPages(len, block_size);
+    const int want = std::min(n, k);
+    const int sinks = n <= k ? n : config.num_sink_pages;
+    const int locals = n <= k ? 0 : config.num_local_pages;
+    for (int h = 0; h < sel.num_kv_heads; ++h) {
+      const int32_t count = sel.Count(s, h);
+      if (count != want) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "selection count of sequence ", s, " head ", h, " is ", count, "; a sequence of ", n,
+            " pages with ", k, " pages per head selects ", want));
+      }
+      const int32_t* row = sel.Row(s, h);
+      for (int i = 0; i < count; ++i) {
+        const int32_t p = row[i];
+        const char* why = nullptr;
+        if (p < 0 || p >= n) {
+          why = "outside the sequence's pages";
+        } else if (i > 0 && p <= row[i - 1]) {
+          why = "not above the previous entry";
+        } else if (i < sinks && p != i) {
+          why = "not the sink page it should be";
+        } else if (i >= count - locals && p != n - (count - i)) {
+          why = "not the local page it should be";
+        }
+        if (why != nullptr) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("selection of sequence ", s, " head ", h, " entry ", i, " = ", p, " is ",
+                           why, " (", n, " pages, ", sinks, " sink, ", locals, " local)"));
+        }
+      }
     }
   }
   return absl::OkStatus();

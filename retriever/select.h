@@ -52,6 +52,15 @@ struct SelectionView {
                                        int block_size, int num_kv_heads,
                                        const SelectionConfig& config, const SelectionView& out);
 
+// Checks a selection that came from elsewhere (another device, another process) before anything
+// trusts it: the shape SelectPages gives every (sequence, KV head) row of `table`. A sequence
+// of n <= k pages selects exactly pages 0..n-1; a longer one exactly k pages, strictly
+// ascending, inside [0, n), starting with the sink pages 0..sinks-1 and ending with the local
+// pages n-locals..n-1. InvalidArgument naming the sequence, head, entry and value otherwise.
+// (It cannot tell whether the middle pages are the best ones; that needs the scores.)
+[[nodiscard]] absl::Status ValidateSelection(const SelectionView& sel, const BlockTableView& table,
+                                             int block_size, const SelectionConfig& config);
+
 // Steps 2 and 3 together: what every placement's selector computes.
 [[nodiscard]] absl::Status ScoreAndSelect(const QueryView& query, const KvCacheView& cache,
                                           const DigestView& digests, const BlockTableView& table,

@@ -100,7 +100,11 @@ std::string CuKernelSelector(const char* kernel, int cu) {
   return absl::StrCat(kernel, ":{", CuInstanceName(kernel, cu), "}");
 }
 
-std::vector<char> WriteMempipeXclbin(int num_cus) {
+absl::StatusOr<std::vector<char>> WriteMempipeXclbin(int num_cus) {
+  if (num_cus < 1 || num_cus > kMaxXclbinCus) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the xclbin's num_cus must be in [1, ", kMaxXclbinCus, "], got ", num_cus));
+  }
   const KernelSpec kernels[] = {
       {fpga_hls::kScoreTopkName, fpga_hls::kScoreTopkArgs},
       {fpga_hls::kDigestUpdateName, fpga_hls::kDigestUpdateArgs},

@@ -7,13 +7,15 @@
 // XML with every argument of fpga/hls/kernels.h). It carries no bitstream: XRT's noop shim loads
 // it and exercises the full host path; a real card needs the v++-built xclbin (fpga/README.md).
 //
-//   std::vector<char> xclbin = WriteMempipeXclbin(32);
+//   MEMPIPE_ASSIGN_OR_RETURN(std::vector<char> xclbin, WriteMempipeXclbin(32));
 //   xrt::xclbin x(xclbin);
 #ifndef MEMPIPE_FPGA_HOST_XCLBIN_WRITER_H_
 #define MEMPIPE_FPGA_HOST_XCLBIN_WRITER_H_
 
 #include <string>
 #include <vector>
+
+#include "absl/status/statusor.h"
 
 namespace mempipe {
 
@@ -23,8 +25,12 @@ std::string CuInstanceName(const char* kernel, int cu);  // "mempipe_score_topk_
 std::string CuKernelSelector(const char* kernel,
                              int cu);  // "mempipe_score_topk:{mempipe_score_topk_3}"
 
-// The whole xclbin, `num_cus` compute units of each kernel, CU i wired to HBM[i] (i < 32).
-std::vector<char> WriteMempipeXclbin(int num_cus);
+// Compute units per kernel the container can describe: one per HBM pseudo-channel.
+inline constexpr int kMaxXclbinCus = 32;
+
+// The whole xclbin, `num_cus` compute units of each kernel, CU i wired to HBM[i].
+// Errors: InvalidArgument naming num_cus unless it is in [1, kMaxXclbinCus].
+absl::StatusOr<std::vector<char>> WriteMempipeXclbin(int num_cus);
 
 }  // namespace mempipe
 

@@ -45,10 +45,15 @@ absl::StatusOr<std::unique_ptr<XrtPageSelector>> XrtPageSelector::Open(const Fpg
     return absl::UnavailableError(
         absl::StrCat("XRT cannot open device ", o.device_index, ": ", e.what()));
   }
+  std::vector<char> image;
+  if (o.xclbin_path.empty()) {
+    absl::StatusOr<std::vector<char>> written = WriteMempipeXclbin(sel->num_cus_);
+    if (!written.ok()) return written.status();
+    image = std::move(*written);
+  }
   try {
-    const xrt::xclbin xclbin = o.xclbin_path.empty()
-                                   ? xrt::xclbin(WriteMempipeXclbin(sel->num_cus_))
-                                   : xrt::xclbin(o.xclbin_path);
+    const xrt::xclbin xclbin =
+        o.xclbin_path.empty() ? xrt::xclbin(image) : xrt::xclbin(o.xclbin_path);
     const xrt::uuid uuid = sel->device_.load_xclbin(xclbin);
     for (int cu = 0; cu < sel->num_cus_; ++cu) {
       sel->score_cus_.emplace_back(sel->device_, uuid,
@@ -175,11 +180,14 @@ absl::Status XrtPageSelector::RunUpdate(int layer_id, Layer& layer, const int64_
   const auto t0 = Clock::now();
   double transfer_ms = 0;
   static const auto& args = fpga_hls::kDigestUpdateArgs;
+  // One launch's runs and buffers. On any error they go to `abandoned_` rather than being
+  // destroyed: runs of other KV heads may still be in flight on those buffers.
+  Pending launch;
   try {
     for (const auto& [begin, end] : SplitUpdateLaunches(slots, num_tokens, sh.block_size)) {
       const UpdateIo io = PlanUpdateIo(end - begin, sh);
-      Pending launch;  // only its buffers: returned to the idle lists once the runs finish
-      std::vector<xrt::run> runs;
+      launch = Pending{};
+      std::vector<xrt::run>& runs = launch.runs;
       for (int h = 0; h < sh.num_kv_heads; ++h) {
         const int cu = CuFor(layer_id, h, sh.num_kv_heads, num_cus_);
         IoPair pair = TakeIo(cu, io.in_bytes, 0);
@@ -208,13 +216,16 @@ absl::Status XrtPageSelector::RunUpdate(int layer_id, Layer& layer, const int64_
       for (xrt::run& r : runs) {
         const ert_cmd_state state = r.wait();
         if (state != ERT_CMD_STATE_COMPLETED) {
+          abandoned_.push_back(std::move(launch));
           return absl::InternalError(
               absl::StrCat("digest update on layer ", layer_id, " ended in XRT state ", state));
         }
       }
       ReturnIo(launch);
+      launch.runs.clear();
     }
   } catch (const std::exception& e) {
+    if (!launch.runs.empty() || !launch.bufs.empty()) abandoned_.push_back(std::move(launch));
     return XrtError(absl::StrCat("digest update on layer ", layer_id), e);
   }
   costs_ = SelectorCosts{};
@@ -336,7 +347,10 @@ absl::Status XrtPageSelector::Wait(SelectTicket ticket, absl::Time deadline) {
         if (state == ERT_CMD_STATE_COMPLETED) state = r.wait();  // let XRT retire the command
       }
       if (state != ERT_CMD_STATE_COMPLETED) {
+        // The other KV heads' runs may still be using their buffers (and this request's
+        // output view): keep them alive until the card is done with them.
         const int layer = p.layer;
+        abandoned_.push_back(std::move(p));
         pending_.erase(it);
         return absl::InternalError(
             absl::StrCat("score kernel for layer ", layer, " ended in XRT state ", state));
@@ -353,6 +367,7 @@ absl::Status XrtPageSelector::Wait(SelectTicket ticket, absl::Time deadline) {
     costs_.transfer_ms = p.transfer_ms + MsSince(t1);
     costs_.host_ms = MsSince(p.submitted);
   } catch (const std::exception& e) {
+    abandoned_.push_back(std::move(p));  // runs still in flight keep their buffers
     pending_.erase(it);
     return XrtError(absl::StrCat("waiting for ticket ", ticket), e);
   }

@@ -140,6 +140,10 @@ class PagedLayer:
         self.num_threads = max(1, torch.get_num_threads())
         self._digests: torch.Tensor | None = None
         self._digests_key: tuple | None = None
+        # A layer that reads another layer's KV cache (vLLM's kv_sharing_target_layer_name)
+        # scores with that layer's digests; the target keeps digests even when it is dense.
+        self.digest_source: PagedLayer | None = None
+        self.keep_digests = False
         # Calls per path, for tests and for counting what ran where.
         self.calls = {"sparse": 0, "dense": 0, "prefill": 0}
 
@@ -153,6 +157,8 @@ class PagedLayer:
         after vLLM re-allocates, gets new digests). Unwritten pages hold NaN: a page is only
         scored after a token was appended to it, which resets its digest first.
         """
+        if self.digest_source is not None:
+            return self.digest_source.digests(kv_cache)
         key = (kv_cache.data_ptr(), tuple(kv_cache.shape), kv_cache.dtype)
         if self._digests is None or self._digests_key != key:
             _, num_blocks, _, kv_heads, head_dim = kv_cache.shape
@@ -169,7 +175,7 @@ class PagedLayer:
         write kernel; a dense layer's digests are kept and never read).
         """
         key, value = key.contiguous(), value.contiguous()
-        if self.sparse or kv_cache.is_cuda:
+        if self.sparse or self.keep_digests or kv_cache.is_cuda:
             _mempipe.append_kv_and_digests(kv_cache, slot_mapping, key, value,
                                            digests if digests is not None
                                            else self.digests(kv_cache))

@@ -17,13 +17,19 @@ Keys (all optional):
 In vLLM the same keys may come from `--additional-config '{"mempipe": {"budget": 2048}}'`;
 the environment variable wins where both set a key, so one run can be retargeted without
 editing a launch script. `validate()` lists every reason a configuration cannot run in this
-build instead of stopping at the first.
+build instead of stopping at the first; `validate(max_model_len=N)` also checks the budget
+against the model's context.
+
+Parsing is strict: integer keys take integers only (`locals=1.7`, `reuse=True` and
+`budget=1e3` are errors, not 1), string keys take strings only, a key given twice in
+MEMPIPE_CONFIG is an error, and every integer must fit the C++ side's int32.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,6 +45,9 @@ PAGE_SIZES = tuple(_mempipe.supported_block_sizes)
 HEAD_DIMS = tuple(_mempipe.supported_head_dims)
 DTYPES = tuple(_mempipe.supported_dtypes)
 DEVICES = tuple(_mempipe.devices)
+# The C++ side stores every integer key in an int32.
+INT32_MAX = 2**31 - 1
+_INT_TEXT = re.compile(r"[+-]?[0-9]+")
 
 
 def _one_of(values: tuple) -> str:
@@ -68,9 +77,26 @@ class MempipeConfig:
         dense_layers layers (the rule lives in C++, backend/policy.h)."""
         return self.sparse and not _mempipe.is_dense_layer(layer, self.dense_layers)
 
-    def validate(self) -> list[str]:
-        """Reasons this configuration cannot run in this build; empty when it can."""
+    def validate(self, max_model_len: int | None = None) -> list[str]:
+        """Reasons this configuration cannot run in this build; empty when it can.
+        `max_model_len`: the model's context in tokens; a budget above it is refused."""
         reasons = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", int):
+                if isinstance(value, bool) or not isinstance(value, int):
+                    reasons.append(f"{f.name} must be an integer, got {value!r}")
+                    return reasons  # the checks below compare numbers
+                if not -INT32_MAX - 1 <= value <= INT32_MAX:
+                    reasons.append(f"{f.name} must fit a 32-bit integer, got {value}")
+            elif not isinstance(value, str):
+                reasons.append(f"{f.name} must be a string, got {value!r}")
+                return reasons
+        if reasons:
+            return reasons
+        if max_model_len is not None and self.budget > max_model_len:
+            reasons.append(f"budget {self.budget} tokens exceeds the model's context "
+                           f"max_model_len={max_model_len}")
         if self.placement not in PLACEMENTS:
             reasons.append(f"placement must be one of {', '.join(PLACEMENTS)}, "
                            f"got '{self.placement}'")
@@ -119,24 +145,37 @@ _FIELDS = {f.name: f for f in dataclasses.fields(MempipeConfig)}
 
 
 def _coerce(key: str, value: Any) -> Any:
-    if key not in _FIELDS:
-        raise ValueError(f"{ENV_VAR}: unknown key '{key}' (known: {', '.join(_FIELDS)})")
+    """A typed value for `key`, strictly: an int key takes an int (not a bool, not a float) or
+    the text of one; a string key takes a string. Raises ValueError naming key and value."""
+    if not isinstance(key, str) or key not in _FIELDS:
+        raise ValueError(f"{ENV_VAR}: unknown key {key!r} (known: {', '.join(_FIELDS)})")
     if _FIELDS[key].type in ("int", int):
-        try:
-            return int(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{ENV_VAR}: {key} must be an integer, got '{value}'") from None
-    return str(value).strip()
+        if isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
+            number = int(value.strip())
+        elif isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        else:
+            raise ValueError(f"{ENV_VAR}: {key} must be an integer, got {value!r}")
+        if not -INT32_MAX - 1 <= number <= INT32_MAX:
+            raise ValueError(f"{ENV_VAR}: {key} must fit a 32-bit integer, got {number}")
+        return number
+    if not isinstance(value, str):
+        raise ValueError(f"{ENV_VAR}: {key} must be a string, got {value!r}")
+    return value.strip()
 
 
 def parse(text: str) -> dict[str, Any]:
-    """Parses "k=v,k=v" into typed values. Raises ValueError naming a bad key or value."""
+    """Parses "k=v,k=v" into typed values. Raises ValueError naming a bad key or value, or a
+    key given twice."""
     out: dict[str, Any] = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"{ENV_VAR}: expected key=value, got '{item}'")
-        out[key.strip()] = _coerce(key.strip(), value.strip())
+        key = key.strip()
+        if key in out:
+            raise ValueError(f"{ENV_VAR}: key '{key}' is given twice")
+        out[key] = _coerce(key, value.strip())
     return out
 
 
@@ -144,6 +183,8 @@ def load(extra: Mapping[str, Any] | None = None,
          environ: Mapping[str, str] | None = None) -> MempipeConfig:
     """The configuration from `extra` (e.g. vLLM's additional_config["mempipe"]) overridden by
     the MEMPIPE_CONFIG variable of `environ` (default os.environ)."""
+    if extra is not None and not isinstance(extra, Mapping):
+        raise ValueError(f"mempipe's additional config must be a mapping, got {extra!r}")
     values: dict[str, Any] = {k: _coerce(k, v) for k, v in (extra or {}).items()}
     values.update(parse((environ if environ is not None else os.environ).get(ENV_VAR, "")))
     return MempipeConfig(**values)

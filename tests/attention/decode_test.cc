@@ -1,6 +1,7 @@
 #include "attention/decode.h"
 
 #include <cmath>
+#include <iostream>
 #include <random>
 #include <tuple>
 #include <vector>
@@ -57,16 +58,19 @@ class DecodeTest : public ::testing::TestWithParam<std::tuple<DType, int, int, i
   // Every output row against float64 attention over `tokens_of(s, kv_head)`.
   template <typename TokensOf>
   void ExpectMatchesReference(const std::vector<uint8_t>& out, TokensOf tokens_of) const {
-    const double tol = AttentionTolerance(dtype_);
     for (int s = 0; s < static_cast<int>(lens_.size()); ++s) {
       for (int h = 0; h < heads_; ++h) {
         const int kvh = h / group_;
+        const std::vector<int> tokens = tokens_of(s, kvh);
         const auto ref = ReferenceAttention(*f_, &q_->values[(s * heads_ + h) * head_dim_], s, kvh,
-                                            tokens_of(s, kvh), scale_);
+                                            tokens, scale_);
         for (int c = 0; c < head_dim_; ++c) {
           const float got = LoadAsFloat(out.data(), dtype_, (s * heads_ + h) * head_dim_ + c);
           ASSERT_TRUE(std::isfinite(got)) << "seq " << s << " head " << h << " c " << c;
-          ASSERT_NEAR(got, ref[c], tol) << "seq " << s << " head " << h << " c " << c;
+          ASSERT_NEAR(
+              got, ref[c],
+              AttentionTolerance(dtype_, ref[c], static_cast<int>(tokens.size()), head_dim_))
+              << "seq " << s << " head " << h << " c " << c;
         }
       }
     }
@@ -181,7 +185,7 @@ TEST_P(DecodeTest, PrefillIsCausal) {
                                             h / group_, Range(pos + 1), scale_);
         for (int c = 0; c < head_dim_; ++c) {
           ASSERT_NEAR(LoadAsFloat(out.data(), dtype_, (row * heads_ + h) * head_dim_ + c), ref[c],
-                      AttentionTolerance(dtype_));
+                      AttentionTolerance(dtype_, ref[c], pos + 1, head_dim_));
         }
       }
     }
@@ -194,6 +198,56 @@ INSTANTIATE_TEST_SUITE_P(
                        ::testing::Values(16, 32, 64), ::testing::Values(64, 128, 256),
                        ::testing::Values(1, 3, 6),
                        ::testing::Values(CpuKernel::kPortable, CpuKernel::kAvx512)));
+
+// The derived tolerance rejects known-wrong answers (issue 14): the dense output of a
+// 5,120-token bf16 sequence against the reference with one 64-token page dropped, and an
+// all-zero output, each fail the element check that the correct output passes.
+TEST(DecodeTolerance, RejectsADroppedPageAndAZeroedOutput) {
+  std::mt19937_64 rng(TestSeed());
+  const int len = 5120, bs = 64, d = 128, kv = 2, heads = 2;
+  PagedFixture f(rng, {.dtype = DType::kBFloat16,
+                       .block_size = bs,
+                       .num_kv_heads = kv,
+                       .head_dim = d,
+                       .seq_lens = {len}});
+  RandomTensor q(rng, DType::kBFloat16, heads * d);
+  std::vector<uint8_t> out(heads * d * 2);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  ASSERT_TRUE(DenseDecode({q.data(), out.data(), DType::kBFloat16, 1, heads, d}, f.cache_view(),
+                          f.table_view(), scale)
+                  .ok());
+  std::vector<int> all = Range(len), dropped;
+  for (int t : all) {
+    if (t / bs != 40) dropped.push_back(t);  // page 40 of 80
+  }
+  // How many elements fail the check of `got` against attention over `tokens`.
+  auto failures = [&](const std::vector<int>& tokens, bool zeroed) {
+    int n = 0;
+    for (int h = 0; h < heads; ++h) {
+      const auto ref = ReferenceAttention(f, &q.values[h * d], 0, h, tokens, scale);
+      for (int c = 0; c < d; ++c) {
+        const double got = zeroed ? 0.0 : LoadAsFloat(out.data(), DType::kBFloat16, h * d + c);
+        n += std::abs(got - ref[c]) >
+             AttentionTolerance(DType::kBFloat16, ref[c], static_cast<int>(tokens.size()), d);
+      }
+    }
+    return n;
+  };
+  EXPECT_EQ(failures(all, false), 0) << "the correct output must pass";
+  EXPECT_GT(failures(dropped, false), 0) << "a dropped page must fail the check";
+  EXPECT_GT(failures(all, true), 0) << "a zeroed output must fail the check";
+  // For the record: how many elements the former fixed bf16 bound (3e-2) would have caught.
+  int old_failures = 0;
+  for (int h = 0; h < heads; ++h) {
+    const auto ref = ReferenceAttention(f, &q.values[h * d], 0, h, dropped, scale);
+    for (int c = 0; c < d; ++c) {
+      old_failures += std::abs(LoadAsFloat(out.data(), DType::kBFloat16, h * d + c) - ref[c]) >
+                      AttentionTolerance(DType::kBFloat16);
+    }
+  }
+  std::cout << "dropped page: " << failures(dropped, false) << " of " << heads * d
+            << " elements fail the derived check, " << old_failures << " the former 3e-2 bound\n";
+}
 
 TEST(DecodeErrors, NameTheBadValue) {
   std::mt19937_64 rng(TestSeed());

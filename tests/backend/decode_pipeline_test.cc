@@ -7,20 +7,26 @@
 #include "backend/decode_pipeline.h"
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <map>
 #include <memory>
 #include <numeric>
 #include <random>
 #include <set>
+#include <stdexcept>
+#include <thread>
 #include <tuple>
 #include <vector>
 
 #include "attention/decode.h"
 #include "backend/selector_registry.h"
+#include "core/status_macros.h"
 #include "gtest/gtest.h"
 #include "retriever/digest.h"
 #include "retriever/select.h"
@@ -634,6 +640,195 @@ TEST(DecodePipeline, BadOptionsAndInputsAreRejectedWithTheValue) {
   pipe->Shutdown();  // idempotent
   EXPECT_EQ(pipe->Step(in).code(), absl::StatusCode::kFailedPrecondition);
 }
+
+// ---- issue 14: exceptions, garbage selections and shutdown with work in flight ----------------
+
+// The CPU reference, made to misbehave after a correct Submit: throw from Submit or Wait, or
+// report OK and leave a malformed selection in the caller's buffer (as XRT's noop shim does).
+enum class Misbehaviour {
+  kThrowOnSubmit,
+  kThrowOnWait,
+  kHugeCount,
+  kDescending,
+  kNoSink,
+  kPastTheSequence
+};
+class MisbehavingSelector final : public PageSelector {
+ public:
+  explicit MisbehavingSelector(Misbehaviour m) : m_(m) {}
+  absl::string_view Name() const override { return "misbehaving"; }
+  absl::Status AddLayer(int layer, const CacheShape& shape) override {
+    return ref_.AddLayer(layer, shape);
+  }
+  absl::Status BuildDigests(int layer, const KvCacheView& cache,
+                            const BlockTableView& table) override {
+    return ref_.BuildDigests(layer, cache, table);
+  }
+  absl::Status AppendKeys(int layer, const int64_t* slots, int n, const void* keys) override {
+    return ref_.AppendKeys(layer, slots, n, keys);
+  }
+  absl::StatusOr<SelectTicket> Submit(const SelectRequest& r) override {
+    if (m_ == Misbehaviour::kThrowOnSubmit) throw std::runtime_error("injected Submit failure");
+    out_ = r.out;
+    table_ = r.table;
+    return ref_.Submit(r);
+  }
+  absl::Status Wait(SelectTicket t, absl::Time deadline) override {
+    if (m_ == Misbehaviour::kThrowOnWait) throw std::runtime_error("injected Wait failure");
+    MEMPIPE_RETURN_IF_ERROR(ref_.Wait(t, deadline));
+    // Spoil the row of the longest sequence (the one with a real choice to make).
+    int s = 0;
+    for (int i = 0; i < table_.num_seqs; ++i) {
+      if (table_.seq_lens[i] > table_.seq_lens[s]) s = i;
+    }
+    int32_t* row = out_.Row(s, 0);
+    int32_t& count = out_.Count(s, 0);
+    switch (m_) {
+      case Misbehaviour::kHugeCount:
+        count = 1057046488;
+        break;
+      case Misbehaviour::kDescending:
+        std::swap(row[1], row[2]);
+        break;
+      case Misbehaviour::kNoSink: {
+        // The newest `count` pages: ascending, inside the sequence, locals present, no sink.
+        const int n = NumPages(table_.seq_lens[s], block_size_);
+        for (int i = 0; i < count; ++i) row[i] = n - count + i;
+        break;
+      }
+      case Misbehaviour::kPastTheSequence:
+        row[count - 1] = table_.max_blocks_per_seq + 3;
+        break;
+      default:
+        break;
+    }
+    ++spoiled_;
+    return absl::OkStatus();
+  }
+  SelectorCosts Costs() const override { return ref_.Costs(); }
+  int spoiled() const { return spoiled_; }
+
+ private:
+  Misbehaviour m_;
+  CpuPageSelector ref_;
+  SelectionView out_;
+  BlockTableView table_;
+  int block_size_ = 16;  // the harness's page size
+  int spoiled_ = 0;
+};
+
+class GarbageSelectionTest : public ::testing::TestWithParam<Misbehaviour> {};
+
+// Item 5: before, the pipeline labelled a garbage selection as the selector's, and the decode
+// then failed the request (a huge count) or silently attended the wrong pages (a missing sink).
+// Now every selection from a selector is checked, and an invalid one falls back, counted.
+TEST_P(GarbageSelectionTest, FallsBackCountedAsInvalidAndMatchesTheReference) {
+  Geometry g;
+  g.min_len = 200;  // every sequence longer than the 4-page budget
+  Harness h(g, FreshSeed());
+  PipelineOptions o = Options("fpga", PipelineMode::kPipelined, 2);
+  o.dead_after_failures = 1000;
+  auto pipe = MakePipeline(h, o, g, std::make_unique<MisbehavingSelector>(GetParam()));
+  ASSERT_NE(pipe, nullptr);
+  RunAndCheck(h, *pipe, o, g);
+  const PipelineMetrics m = pipe->Metrics();
+  EXPECT_EQ(m.fallbacks_invalid, m.selections_fresh) << m.ToText();
+  EXPECT_EQ(m.selections_by_selector, 0u);
+  EXPECT_NE(m.ToText().find("invalid " + std::to_string(m.fallbacks_invalid)), std::string::npos);
+}
+INSTANTIATE_TEST_SUITE_P(DecodePipeline, GarbageSelectionTest,
+                         ::testing::Values(Misbehaviour::kHugeCount, Misbehaviour::kDescending,
+                                           Misbehaviour::kNoSink, Misbehaviour::kPastTheSequence));
+
+class ThrowingSelectorTest : public ::testing::TestWithParam<Misbehaviour> {};
+
+// Item 3: an exception inside the selector thread called std::terminate. Now it is a failed
+// selection: fallback (bit-exact with the reference), and the selector is declared dead.
+TEST_P(ThrowingSelectorTest, FallsBackAndDeclaresTheSelectorDead) {
+  Geometry g;
+  Harness h(g, FreshSeed());
+  const PipelineOptions o = Options("fpga", PipelineMode::kPipelined, 3);
+  auto pipe = MakePipeline(h, o, g, std::make_unique<MisbehavingSelector>(GetParam()));
+  ASSERT_NE(pipe, nullptr);
+  RunAndCheck(h, *pipe, o, g);
+  const PipelineMetrics m = pipe->Metrics();
+  EXPECT_TRUE(m.selector_dead);
+  EXPECT_NE(m.selector_death_reason.find("injected"), std::string::npos) << m.selector_death_reason;
+  EXPECT_EQ(m.selections_by_selector, 0u);
+  EXPECT_EQ(m.fallbacks, m.selections_fresh);
+}
+INSTANTIATE_TEST_SUITE_P(DecodePipeline, ThrowingSelectorTest,
+                         ::testing::Values(Misbehaviour::kThrowOnSubmit,
+                                           Misbehaviour::kThrowOnWait));
+
+// Runs `fn` on a thread and fails (then aborts, since the thread cannot be reclaimed) if it
+// has not returned within `seconds`: a hang becomes a failure naming what hung.
+void WithinSeconds(double seconds, const char* what, std::function<void()> fn) {
+  std::atomic<bool> done{false};
+  std::thread t([&] {
+    fn();
+    done = true;
+  });
+  const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+  while (!done && std::chrono::steady_clock::now() < until) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  if (!done) {
+    std::fprintf(stderr, "FAILED: %s did not return within %.0f s\n", what, seconds);
+    std::abort();
+  }
+  t.join();
+}
+
+class ObserverThrowsTest : public ::testing::TestWithParam<std::tuple<PipelineMode, int, int>> {};
+
+// Item 3 (and item 9's Shutdown hang): an exception from the observer escaped Step and left
+// requests in flight; every later Step failed with "arrived out of order", and with a queue
+// shorter than the micro-batch count the destructor hung on a full channel. Now the exception
+// is the step's error, the step still completes its requests, the next step is correct, and
+// shutdown returns.
+TEST_P(ObserverThrowsTest, BecomesTheStepsErrorAndThePipelineStaysUsable) {
+  const auto [mode, micro_batches, queue_capacity] = GetParam();
+  Geometry g;
+  g.steps = 3;
+  Harness h(g, FreshSeed());
+  PipelineOptions o = Options("cpu", mode, micro_batches);
+  o.queue_capacity = queue_capacity;
+  auto pipe = MakePipeline(h, o, g, std::make_unique<CpuPageSelector>());
+  ASSERT_NE(pipe, nullptr);
+  ASSERT_TRUE(pipe->Prefill(h.Table()).ok());
+  int calls = 0;
+  pipe->SetObserver([&](const RequestRecord&) {
+    if (calls++ == 0) throw std::runtime_error("observer bug");
+  });
+  for (int step = 0; step < g.steps; ++step) {
+    StepInputs in;
+    h.NextStep(in);
+    absl::Status st;
+    bool threw = false;
+    try {
+      st = pipe->Step(in);
+    } catch (...) {
+      threw = true;
+    }
+    ASSERT_FALSE(threw) << "Step let an exception escape";
+    h.Reference(true, o.policy.selection, pipe->max_selected(), ScaleOf(g));
+    if (step == 0) {
+      EXPECT_EQ(st.code(), absl::StatusCode::kInternal) << st;
+      EXPECT_NE(st.message().find("observer bug"), absl::string_view::npos) << st;
+    } else {
+      ASSERT_TRUE(st.ok()) << "step " << step << ": " << st;
+    }
+    h.ExpectMatches(pipe.get());  // every request of the failed step ran too
+  }
+  EXPECT_EQ(calls, g.steps * g.layers * std::min(micro_batches, g.num_seqs));
+  DecodePipeline* raw = pipe.release();
+  WithinSeconds(30, "the pipeline's destructor", [raw] { delete raw; });
+}
+INSTANTIATE_TEST_SUITE_P(DecodePipeline, ObserverThrowsTest,
+                         ::testing::Values(std::make_tuple(PipelineMode::kSync, 1, 0),
+                                           std::make_tuple(PipelineMode::kPipelined, 4, 0),
+                                           std::make_tuple(PipelineMode::kPipelined, 4, 1)));
 
 TEST(SelectorRegistry, BuiltInCpuAndRegisteredFactories) {
   absl::StatusOr<std::unique_ptr<PageSelector>> cpu = MakePageSelector(Device::kCpu);

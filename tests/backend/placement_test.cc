@@ -53,6 +53,24 @@ TEST(Placement, ExplicitAnyOrderRoundTrips) {
   EXPECT_EQ(PlacementToString(*again), PlacementToString(*p));
 }
 
+// Found by tests/fuzz/config_fuzz (issue 14): a dense placement printed "dense(apply=cpu)",
+// which ParsePlacement refused, so a placement read back from metrics or logs failed.
+TEST(Placement, DenseRoundTripsThroughItsPrintedForm) {
+  absl::StatusOr<Placement> p = ParsePlacement("dense");
+  ASSERT_TRUE(p.ok()) << p.status();
+  EXPECT_EQ(PlacementToString(*p), "dense(apply=cpu)");
+  absl::StatusOr<Placement> again = ParsePlacement(PlacementToString(*p));
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_TRUE(again->dense);
+  EXPECT_EQ(again->apply, Device::kCpu);
+  absl::StatusOr<Placement> gpu = ParsePlacement("dense(apply=gpu)");
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  EXPECT_TRUE(gpu->dense);
+  EXPECT_EQ(gpu->apply, Device::kGpu);
+  ExpectError("dense(apply=tpu)", "'tpu'");
+  ExpectError("dense(apply=cpu", "closing ')'");
+}
+
 TEST(Placement, ParseErrorsNameTheBadValue) {
   ExpectError("", "empty");
   ExpectError("tpu", "'tpu'");

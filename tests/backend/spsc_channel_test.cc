@@ -167,3 +167,84 @@ TEST(SpscChannel, CloseWakesBlockedProducer) {
 
 }  // namespace
 }  // namespace mempipe
+
+namespace mempipe {
+namespace {
+
+// A value whose copy into the ring pauses until released, to hold a producer between its
+// closed check and the moment its value becomes visible.
+struct Gate {
+  std::atomic<bool> in_copy{false};
+  std::atomic<bool> go{false};
+};
+struct Paused {
+  Gate* gate = nullptr;
+  int value = 0;
+  Paused() = default;
+  Paused(Gate* g, int v) : gate(g), value(v) {}
+  Paused(const Paused& o) : gate(o.gate), value(o.value) {
+    if (gate != nullptr && !gate->go.load()) {
+      gate->in_copy.store(true);
+      while (!gate->go.load()) std::this_thread::yield();
+    }
+  }
+  Paused& operator=(const Paused&) = default;
+};
+
+// Issue 14, item 6: Close() from a third thread between a producer's closed check and its
+// push. Before the fix, the consumer saw the channel closed and empty and ended, and then the
+// producer's Push returned true for a value nobody would ever pop. Now a Push that reports
+// success has queued a value that Pop returns.
+TEST(SpscChannel, PushThatSucceedsIsDeliveredEvenWhenAThirdThreadCloses) {
+  Gate gate;
+  SpscChannel<Paused> ch(4);
+  bool pushed = false;
+  std::thread producer([&] { pushed = ch.Push(Paused(&gate, 42)); });
+  while (!gate.in_copy.load()) std::this_thread::yield();  // past the closed check
+  ch.Close();                                              // the third thread
+  std::optional<Paused> got;
+  bool popped_once = false;
+  std::thread consumer([&] {
+    got = ch.Pop();
+    popped_once = true;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  gate.go.store(true);
+  producer.join();
+  consumer.join();
+  ASSERT_TRUE(popped_once);
+  if (pushed) {
+    ASSERT_TRUE(got.has_value()) << "Push reported success but Pop ended without the value";
+    EXPECT_EQ(got->value, 42);
+    EXPECT_FALSE(ch.Pop().has_value());
+  } else {
+    EXPECT_FALSE(got.has_value());
+  }
+}
+
+// The same contract under random timing: every successful push is popped exactly once.
+TEST(SpscChannel, CloseFromAThirdThreadLosesNoAcceptedValue) {
+  std::mt19937 rng(testing::TestSeed());
+  for (int round = 0; round < 300; ++round) {
+    SpscChannel<int> ch(2);
+    std::atomic<int64_t> accepted{0}, delivered{0};
+    std::thread producer([&] {
+      for (int i = 1; i <= 1000; ++i) {
+        if (!ch.Push(i)) break;
+        accepted += i;
+      }
+    });
+    std::thread consumer([&] {
+      while (std::optional<int> v = ch.Pop()) delivered += *v;
+    });
+    const int wait_us = static_cast<int>(rng() % 200);
+    std::this_thread::sleep_for(std::chrono::microseconds(wait_us));
+    ch.Close();
+    producer.join();
+    consumer.join();
+    ASSERT_EQ(accepted.load(), delivered.load()) << "round " << round;
+  }
+}
+
+}  // namespace
+}  // namespace mempipe

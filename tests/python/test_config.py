@@ -72,3 +72,50 @@ def test_dense_layers_rule_comes_from_the_module():
     assert not config.MempipeConfig(placement="dense", dense_layers=0).layer_sparse(5)
     with pytest.raises(ValueError, match="dense_layers must be >= 0, got -2"):
         config.MempipeConfig(dense_layers=-2).layer_sparse(0)
+
+
+# Issue 14, item 8: configuration accepted what it should reject. Each case below was accepted
+# (coerced or silently overridden) before parsing became strict.
+@pytest.mark.parametrize("text,message", [
+    ("locals=1.7", "locals must be an integer, got '1.7'"),
+    ("budget=1e3", "budget must be an integer, got '1e3'"),
+    ("reuse=True", "reuse must be an integer, got 'True'"),
+    ("budget=2048,budget=4096", "key 'budget' is given twice"),
+    (f"budget={2**40}", "budget must fit a 32-bit integer"),
+    ("sinks=-99999999999", "sinks must fit a 32-bit integer"),
+])
+def test_strict_parse_refuses(text, message):
+    with pytest.raises(ValueError, match=message):
+        config.load(environ={"MEMPIPE_CONFIG": text})
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"locals": 1.7}, "locals must be an integer, got 1.7"),
+    ({"reuse": True}, "reuse must be an integer, got True"),
+    ({"budget": "4096.0"}, "budget must be an integer"),
+    ({"budget": 2**40}, "budget must fit a 32-bit integer"),
+    ({"placement": 3}, "placement must be a string, got 3"),
+    ({"aggregation": None}, "aggregation must be a string, got None"),
+])
+def test_strict_additional_config_refuses(extra, message):
+    with pytest.raises(ValueError, match=message):
+        config.load(extra, environ={})
+
+
+def test_direct_construction_is_checked_by_validate():
+    assert config.MempipeConfig(locals=1.7).validate() == ["locals must be an integer, got 1.7"]
+    assert config.MempipeConfig(reuse=True).validate() == ["reuse must be an integer, got True"]
+    assert "budget must fit a 32-bit integer" in config.MempipeConfig(budget=2**40).validate()[0]
+
+
+def test_budget_is_bounded_by_the_models_context():
+    cfg = config.MempipeConfig(budget=8192)
+    assert cfg.validate() == []
+    assert cfg.validate(max_model_len=8192) == []
+    assert cfg.validate(max_model_len=4096) == \
+        ["budget 8192 tokens exceeds the model's context max_model_len=4096"]
+
+
+def test_integer_text_with_sign_and_spaces_still_parses():
+    cfg = config.load(environ={"MEMPIPE_CONFIG": "budget= +2048 ,dense_layers=0"})
+    assert (cfg.budget, cfg.dense_layers) == (2048, 0)

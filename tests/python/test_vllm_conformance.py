@@ -237,3 +237,60 @@ def test_cli_flag_maps_to_custom():
     assert backend == registry.AttentionBackendEnum.CUSTOM
     plugin.register()
     assert backend.get_class() is MempipeAttentionBackend
+
+
+# ---- layers that share another layer's KV cache (issue 14, item 2) -----------------------------
+
+def test_kv_sharing_layer_scores_with_the_targets_digests(gen, monkeypatch):
+    """A layer with kv_sharing_target_layer_name appends nothing; before, it scored with its own
+    digest buffer, left at NaN, so selection fell back to position order. Now it reads the
+    target's digests (kept even though the target, layer 0, decodes densely), and its output
+    is the reference over the pages the real digests select."""
+    budget = 3 * BS  # 1 sink + 1 local + 1 chosen middle page out of >= 6
+    monkeypatch.setenv("MEMPIPE_CONFIG", f"budget={budget},dense_layers=2,page_size={BS}")
+    import types
+    seq_lens = [int(torch.randint(BS * 8, BS * 12, (1,), generator=gen)) for _ in range(4)]
+    query_lens = [1, 1, 1, 1]
+    batch = random_batch(gen, torch.float32, BS, KVH, D, seq_lens)
+    vllm_cache = torch.full((batch.kv_cache.shape[1], KVH, BS, 2 * D), float("nan"))
+    ours = as_mempipe_cache(vllm_cache, KVH, D)
+    target_name = "model.layers.0.self_attn.attn"
+    vc = VllmConfig()
+    with set_current_vllm_config(vc):
+        target = MempipeAttentionImpl(H, D, D ** -0.5, KVH)
+        vc.compilation_config.static_forward_context[target_name] = types.SimpleNamespace(
+            impl=target)
+        sharer = MempipeAttentionImpl(H, D, D ** -0.5, KVH,
+                                      kv_sharing_target_layer_name=target_name)
+        meta = _builder(vc).build(0, _common_metadata(batch.block_table, seq_lens, query_lens))
+    tpaged = target._paged_layer(FakeLayer(0))
+    for s, n in enumerate(seq_lens):
+        slots = batch.block_table[s, torch.arange(n - 1) // BS].long() * BS + \
+            torch.arange(n - 1) % BS
+        tpaged.append(ours, slots, batch.keys[s][:n - 1], batch.values[s][:n - 1])
+    key = torch.cat([batch.keys[s][n - 1:] for s, n in enumerate(seq_lens)])
+    value = torch.cat([batch.values[s][n - 1:] for s, n in enumerate(seq_lens)])
+    target.forward(FakeLayer(0), torch.randn(4, H, D, generator=gen), key, value, vllm_cache,
+                   meta, torch.empty(4, H * D))
+    query = torch.randn(4, H, D, generator=gen)
+    output = torch.full((4, H * D), float("nan"))
+    sharer.forward(FakeLayer(5), query, key, value, vllm_cache, meta, output)
+
+    spaged = sharer._paged_layer(FakeLayer(5))
+    digests = spaged.digests(ours)
+    for blk, d in ref_digests(batch).items():
+        assert torch.equal(digests[blk], d), f"block {blk}: the sharing layer's digest is wrong"
+    pages = ref_select(ref_scores(query, batch, digests, "max"), batch.seq_lens.tolist(), BS,
+                       budget, 1, 1)
+    position_only = [[[0, 1, -(-n // BS) - 1]] * KVH for n in seq_lens]
+    assert pages != position_only, "the check needs a selection that differs from position order"
+    want = ref_decode(query, batch, D ** -0.5, pages=pages)
+    torch.testing.assert_close(output.view(-1, H, D).double(), want, atol=ATOL[torch.float32],
+                               rtol=0)
+
+
+def test_kv_sharing_with_a_target_that_is_not_mempipe_is_refused():
+    with set_current_vllm_config(VllmConfig()):
+        with pytest.raises(NotImplementedError, match="shares the KV cache of 'model.layers.9"):
+            MempipeAttentionImpl(H, D, 0.125, KVH,
+                                 kv_sharing_target_layer_name="model.layers.9.self_attn.attn")

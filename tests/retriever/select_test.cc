@@ -165,6 +165,10 @@ TEST(SelectPages, BadConfigNamesTheValue) {
   expect_bad({.budget_tokens = 32, .num_sink_pages = 2, .num_local_pages = 1}, 16, "2 sink");
   expect_bad({.budget_tokens = 64, .num_local_pages = 0}, 16, "got 0");
   expect_bad({.budget_tokens = 64}, 48, "got 48");
+  // Found by tests/fuzz/config_fuzz (issue 14): sinks + locals overflowed int, wrapped negative
+  // and passed the room check (UBSan: signed overflow), so selection indexed far out of range.
+  expect_bad({.budget_tokens = 64, .num_sink_pages = 1086374080, .num_local_pages = 1086374080}, 16,
+             "1086374080 sink");
   SelectionConfig ok;
   ok.budget_tokens = 64;
   const int32_t long_len = 500;
@@ -212,6 +216,73 @@ TEST(ComputeRelevancy, RejectsUnknownAggregationNamingIt) {
   EXPECT_NE(s.message().find("aggregation code 7"), absl::string_view::npos) << s;
   EXPECT_TRUE(ValidateGroupAggregation(GroupAggregation::kMax).ok());
   EXPECT_TRUE(ValidateGroupAggregation(GroupAggregation::kSum).ok());
+}
+
+}  // namespace
+}  // namespace mempipe
+
+namespace mempipe {
+namespace {
+
+// ValidateSelection (issue 14, item 5): what SelectPages returns passes; each known-wrong
+// variant of it (a dropped page, a missing sink, a missing local, pages out of order or past
+// the sequence, a garbage count) is rejected naming the entry.
+TEST(ValidateSelection, AcceptsSelectPagesOutputAndRejectsEachKnownWrongVariant) {
+  const int block_size = 16, kv = 2, width = 10;
+  const int32_t lens[2] = {150, 40};  // 10 pages (a real choice of 5), 3 pages (all)
+  std::vector<int32_t> table(2 * width);
+  std::iota(table.begin(), table.end(), 0);
+  const BlockTableView tv{table.data(), lens, 2, width};
+  SelectionConfig cfg;
+  cfg.budget_tokens = 5 * block_size;
+  cfg.num_sink_pages = 1;
+  cfg.num_local_pages = 2;
+  std::mt19937 rng(testing::TestSeed());
+  std::vector<float> scores(2 * kv * width);
+  for (float& x : scores) x = std::uniform_real_distribution<float>(-1, 1)(rng);
+  const int max_selected = 6;
+  std::vector<int32_t> pages(2 * kv * max_selected), counts(2 * kv);
+  const SelectionView sel{pages.data(), counts.data(), 2, kv, max_selected};
+  ASSERT_TRUE(SelectPages(scores.data(), tv, block_size, kv, cfg, sel).ok());
+  ASSERT_TRUE(ValidateSelection(sel, tv, block_size, cfg).ok());
+  const std::vector<int32_t> good_pages = pages, good_counts = counts;
+  auto expect_rejected = [&](const char* what, auto spoil, const char* needle) {
+    pages = good_pages;
+    counts = good_counts;
+    spoil(sel.Row(0, 1), sel.Count(0, 1));
+    const absl::Status st = ValidateSelection(sel, tv, block_size, cfg);
+    EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << what << " was accepted";
+    EXPECT_NE(st.message().find(needle), absl::string_view::npos) << what << ": " << st;
+  };
+  expect_rejected(
+      "a dropped page", [](int32_t*, int32_t& c) { --c; }, "count of sequence 0");
+  expect_rejected(
+      "a garbage count", [](int32_t*, int32_t& c) { c = 1057046488; }, "1057046488");
+  expect_rejected(
+      "a missing sink",
+      [](int32_t* r, int32_t&) {
+        r[0] = 1;
+        if (r[1] == 1) r[0] = -1;
+      },
+      "entry 0");
+  expect_rejected(
+      "position-only (newest pages)",
+      [](int32_t* r, int32_t& c) {
+        for (int i = 0; i < c; ++i) r[i] = 10 - c + i;
+      },
+      "sink page");
+  expect_rejected(
+      "a missing local", [](int32_t* r, int32_t& c) { r[c - 1] = r[c - 2] + 0; }, "entry 4");
+  expect_rejected(
+      "pages out of order", [](int32_t* r, int32_t&) { std::swap(r[1], r[2]); }, "not above");
+  expect_rejected(
+      "a page past the sequence", [](int32_t* r, int32_t& c) { r[c - 1] = 12; }, "outside");
+  // The short sequence must select exactly its pages.
+  pages = good_pages;
+  counts = good_counts;
+  sel.Row(1, 0)[1] = 2;
+  sel.Row(1, 0)[2] = 3;
+  EXPECT_FALSE(ValidateSelection(sel, tv, block_size, cfg).ok());
 }
 
 }  // namespace

@@ -184,6 +184,38 @@ inline std::vector<double> ReferenceAttention(const PagedFixture& f, const float
 }
 
 // Absolute tolerance on attention outputs (values ~N(0,1)) per storage dtype of the output.
+// Unit roundoff (half an ulp, relative) of each dtype: 2^-24, 2^-11, 2^-8.
+inline double UnitRoundoff(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return 0x1p-24;
+    case DType::kFloat16:
+      return 0x1p-11;
+    case DType::kBFloat16:
+      return 0x1p-8;
+  }
+  return 0;
+}
+
+// Tolerance for one attention output element against the float64 reference, derived rather
+// than guessed. The kernels read the same rounded inputs as the reference, compute in fp32 and
+// round the output once, so the error is
+//   output rounding      u(dtype) * |ref|                      (half an ulp at the value)
+//   fp32 accumulation    4 * sqrt(len + head_dim) * u(fp32) * max|v|
+// where len is the softmax's reduction length (tokens attended) and the second term is the
+// random-walk size of the fp32 rounding in the dot products and the weighted sum, with a
+// factor 4 of margin; plus a floor of 1e-7 for fp16 subnormals. bf16 at |ref| ~ 0.05 gives
+// ~2e-4, so a dropped page of a 5,120-token sequence (an error near 1e-3) fails the check
+// (DecodeTolerance.RejectsADroppedPageAndAZeroedOutput).
+inline double AttentionTolerance(DType dtype, double ref, int len, int head_dim,
+                                 double max_abs_value = 5.0) {
+  return UnitRoundoff(dtype) * std::abs(ref) +
+         4.0 * std::sqrt(static_cast<double>(len + head_dim)) * UnitRoundoff(DType::kFloat32) *
+             max_abs_value +
+         1e-7;
+}
+
+// The former fixed per-dtype bound, still used by the GPU tests (their helper derives its own).
 inline double AttentionTolerance(DType dtype) {
   switch (dtype) {
     case DType::kFloat32:

@@ -166,7 +166,7 @@ class MempipeAttentionBackend(AttentionBackend):
             cfg = load_config(get_current_vllm_config())
         except ValueError as e:
             return reasons + [str(e)]
-        reasons += cfg.validate()
+        reasons += cfg.validate(max_model_len=_max_model_len(get_current_vllm_config()))
         if block_size is not None and block_size != cfg.page_size:
             reasons.append(f"mempipe page_size {cfg.page_size} differs from the block size "
                            f"{block_size}; pass --block-size {cfg.page_size} or set page_size")
@@ -308,6 +308,29 @@ class MempipeMetadataBuilder(AttentionMetadataBuilder[MempipeMetadata]):
         )
 
 
+def _max_model_len(vllm_config: VllmConfig | None) -> int | None:
+    model_config = getattr(vllm_config, "model_config", None)
+    value = getattr(model_config, "max_model_len", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _sharing_target(vllm_config: VllmConfig, target_name: str) -> "MempipeAttentionImpl":
+    """The mempipe implementation of the layer whose KV cache `target_name` names, from vLLM's
+    registry of attention layers. Refuses clearly when there is none (the sharing layer's
+    digests would otherwise stay NaN and selection silently fall back to position order)."""
+    layers = getattr(getattr(vllm_config, "compilation_config", None),
+                     "static_forward_context", None) or {}
+    target = layers.get(target_name)
+    impl = getattr(target, "impl", None)
+    if not isinstance(impl, MempipeAttentionImpl):
+        found = "no such layer" if target is None else f"its backend is {type(impl).__name__}"
+        raise NotImplementedError(
+            f"mempipe: a layer shares the KV cache of '{target_name}' ({found}); mempipe needs "
+            "the target to be a mempipe attention layer created before the sharing one, so the "
+            "sharing layer can score with the target's page digests")
+    return impl
+
+
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
@@ -357,13 +380,26 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
         self.num_kv_heads = num_kv_heads or num_heads
         self.kv_cache_dtype = kv_cache_dtype
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
-        self.config = load_config(get_current_vllm_config())
-        reasons = self.config.validate()
+        vllm_config = get_current_vllm_config()
+        self.config = load_config(vllm_config)
+        reasons = self.config.validate(max_model_len=_max_model_len(vllm_config))
         if reasons:
             raise ValueError("mempipe configuration rejected: " + "; ".join(reasons))
         self._layer: PagedLayer | None = None
         self._prefill_kernel, self._prefill_min_tokens = prefill_kernel_choice()
         self._attention_threads = attention_threads()
+        # Digests must follow the cache: a layer reading another layer's KV cache scores with
+        # that layer's digests (which the target keeps even if it decodes densely).
+        self.keep_digests = False
+        self._target: MempipeAttentionImpl | None = None
+        if kv_sharing_target_layer_name is not None:
+            self._target = _sharing_target(vllm_config, kv_sharing_target_layer_name)
+            self._target.keep_digests = True
+            if self._target._layer is not None:
+                raise NotImplementedError(
+                    f"mempipe: layer sharing the KV cache of '{kv_sharing_target_layer_name}' "
+                    "was created after that layer ran without digests; mempipe needs every "
+                    "KV-sharing layer known before the first forward")
 
     def _paged_layer(self, layer: AttentionLayer) -> PagedLayer:
         if self._layer is None:
@@ -371,6 +407,13 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
                                      self.num_heads, self.num_kv_heads, self.head_size,
                                      self.scale)
             self._layer.num_threads = self._attention_threads  # host kernels (decode)
+            self._layer.keep_digests = self.keep_digests
+        if self._target is not None and self._layer.digest_source is None:
+            if self._target._layer is None:
+                raise RuntimeError(
+                    f"mempipe: layer '{layer.layer_name}' reads the KV cache of "
+                    f"'{self.kv_sharing_target_layer_name}', which has not run yet")
+            self._layer.digest_source = self._target._layer
         return self._layer
 
     def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor,

@@ -30,7 +30,7 @@ FpgaOptions XrtOptions() {
 }
 
 TEST(XclbinWriter, DescribesKernelsMemoriesAndArguments) {
-  const xrt::xclbin x(WriteMempipeXclbin(8));
+  const xrt::xclbin x(*WriteMempipeXclbin(8));
   EXPECT_EQ(x.get_xsa_name(), kU55cPlatformVbnv);
   const auto mems = x.get_mems();
   ASSERT_EQ(mems.size(), 32u);
@@ -79,7 +79,7 @@ TEST(XclbinWriter, AgreesWithTheVppConnectivityFile) {
     const size_t colon = line.find(':');
     want[line.substr(3, colon - 3)] = line.substr(colon + 1);
   }
-  const xrt::xclbin x(WriteMempipeXclbin(32));
+  const xrt::xclbin x(*WriteMempipeXclbin(32));
   std::map<std::string, std::string> got;
   for (const xrt::xclbin::kernel& k : x.get_kernels()) {
     for (const xrt::xclbin::ip& cu : k.get_cus()) {

@@ -18,6 +18,13 @@ COMMON = ["--layers=4", "--num_heads=8", "--num_kv_heads=2", "--head_dim=64", "-
           "--stand_in_gbps=410", "--threads=1", "--placement=fpga"]
 
 
+# Sparse (budget 512 of 4,096 tokens, heavy hitters planted) against dense decode. Measured on
+# the build VM, this command: 2.5e-3 (seed 1, sync); 1.7e-3, 5.0e-4, 4.4e-3 (seeds 2-4,
+# pipelined). The bound is 5x the worst of those; the former 0.5 let a zeroed output (1.0 is
+# its error) come within a factor of two. The self-test shows it rejects 0.05 and 1.0.
+MAX_REL_L2_ERROR = 2e-2
+
+
 def check(j: dict) -> str:
     """Raises AssertionError naming the first wrong field; returns a one-line summary."""
     p = [x for x in j["placements"] if "pipeline" in x]
@@ -29,25 +36,33 @@ def check(j: dict) -> str:
     assert m["selections_by_selector"] + m["fallbacks"] == m["selections_fresh"], m
     hidden = m["overlap_measured"]["hidden_fraction"]
     assert 0.0 <= hidden <= 1.0, f"hidden_fraction {hidden} outside [0, 1]"
-    assert p[0]["rel_l2_error"] < 0.5, f"rel_l2_error {p[0]['rel_l2_error']} >= 0.5"
+    err = p[0]["rel_l2_error"]
+    assert err < MAX_REL_L2_ERROR, f"rel_l2_error {err} >= {MAX_REL_L2_ERROR}"
     return (f"pipeline {m['mode']}: {m['requests']} requests, {m['fallbacks']} fallbacks, "
             f"hidden {100 * hidden:.1f}% of selector time")
 
 
 def self_test() -> None:
-    """The check rejects a known-wrong result (a missing request)."""
+    """The check rejects known-wrong results (a missing request, lost pages, a zeroed output)."""
     good = {"placements": [{"rel_l2_error": 0.01, "pipeline": {
         "mode": "sync", "steps": 3, "micro_batches": 1, "requests": 12,
         "selections_by_selector": 5, "fallbacks": 1, "selections_fresh": 6,
         "overlap_measured": {"hidden_fraction": 0.5}}}]}
     check(good)
+    wrongs = []
     bad = json.loads(json.dumps(good))
     bad["placements"][0]["pipeline"]["requests"] = 11
-    try:
-        check(bad)
-    except AssertionError:
-        return
-    raise SystemExit("pipeline_smoke.py: the check accepted a wrong request count")
+    wrongs.append(("a wrong request count", bad))
+    for err, what in ((0.05, "a rel. error of 0.05 (pages lost)"), (1.0, "a zeroed output")):
+        bad = json.loads(json.dumps(good))
+        bad["placements"][0]["rel_l2_error"] = err
+        wrongs.append((what, bad))
+    for what, bad in wrongs:
+        try:
+            check(bad)
+        except AssertionError:
+            continue
+        raise SystemExit(f"pipeline_smoke.py: the check accepted {what}")
 
 
 def main() -> int:

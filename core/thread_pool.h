@@ -1,0 +1,79 @@
+// mempipe core: a bounded, reused pool of host threads behind ForEachSeqHeads (core/parallel.h).
+//
+// Why a pool: starting a thread per call and per requested thread let a caller ask for any
+// number of threads (the Python binding passes `num_threads` through), and a failed
+// std::thread constructor while others were joinable ended the process in std::terminate.
+// The pool starts at most `max_workers` threads, once, on demand, and keeps them; a thread that
+// cannot be started is not an error for the caller: the work runs on the threads that exist,
+// the calling thread included (it always takes part), so ParallelFor never fails for lack of
+// threads. Reserve() reports such a failure as a Status for callers that want to know.
+//
+// Concurrency: any number of threads may call ParallelFor at once, nested calls included (the
+// caller claims tasks itself, so a call never waits on a worker that is busy elsewhere). An
+// exception thrown by a task is rethrown on the calling thread once every task of the call
+// has finished (the first one, if several throw).
+//
+//   ThreadPool::Default().ParallelFor(num_tasks, /*parallelism=*/8, [&](int task) { ... });
+#ifndef MEMPIPE_CORE_THREAD_POOL_H_
+#define MEMPIPE_CORE_THREAD_POOL_H_
+
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "absl/functional/function_ref.h"
+#include "absl/status/status.h"
+
+namespace mempipe {
+
+class ThreadPool {
+ public:
+  // Starts a thread running `body`; throws (std::system_error) when it cannot. Tests inject
+  // failures through it.
+  using Spawner = std::function<std::thread(std::function<void()> body)>;
+
+  // At most `max_workers` (>= 0) threads besides the callers. `spawner` defaults to
+  // std::thread's constructor.
+  explicit ThreadPool(int max_workers, Spawner spawner = nullptr);
+  ~ThreadPool();  // stops and joins the workers; no ParallelFor may be running
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  // The process-wide pool: DefaultMaxWorkers() workers at most, started on demand.
+  static ThreadPool& Default();
+  // 2 x the hardware threads, minus the caller, capped at 255 (at least 1).
+  static int DefaultMaxWorkers();
+
+  // Runs task(i) for every i in [0, num_tasks) on up to `parallelism` threads, the caller's
+  // included; returns when all have run. num_tasks <= 0 does nothing; parallelism < 1 means 1.
+  void ParallelFor(int num_tasks, int parallelism, absl::FunctionRef<void(int)> task);
+
+  // Starts workers until there are min(workers, max_workers()). ResourceExhausted naming the
+  // counts if the system refuses a thread (the pool keeps the ones it has and tries again on
+  // a later call).
+  [[nodiscard]] absl::Status Reserve(int workers);
+
+  int max_workers() const { return max_workers_; }
+  int num_workers() const;
+
+ private:
+  struct Batch;
+  void WorkerLoop();
+  static void Drain(Batch& batch);
+
+  const int max_workers_;
+  Spawner spawner_;
+  mutable std::mutex mu_;
+  std::condition_variable wake_;
+  std::deque<std::shared_ptr<Batch>> queue_;  // batches with tasks left to claim
+  std::vector<std::thread> workers_;
+  bool stopping_ = false;
+};
+
+}  // namespace mempipe
+
+#endif  // MEMPIPE_CORE_THREAD_POOL_H_
