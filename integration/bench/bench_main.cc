@@ -289,7 +289,9 @@ int Main() {
         *r.modeled_device_ms_per_step, r.modeled_energy_mj_per_step.value_or(0));
   }
   std::printf(
-      "total = median step time; memproc = (prepare + relevancy + retrieval) / total;\n"
+      "total = median step time; memproc = (prepare + relevancy + retrieval) / total; a selector\n"
+      "that fuses steps 2+3 (gpu) reports no split: its measured Submit-to-Wait time is under "
+      "relevancy;\n"
       "speedup = dense median / placement median; rel.err = ||sparse - dense|| / ||dense||"
       " over sparse layers.\n");
   if (piped) {

@@ -136,8 +136,9 @@ def main():
     full = results[1]
     sparse = results[2]
     steps = args.new
-    within_bf16 = ((full["first_differing_step"] or steps)
-                   >= (eager["first_differing_step"] or steps)
+    def first(row):  # step 0 is a real first difference, not "none"
+        return steps if row["first_differing_step"] is None else row["first_differing_step"]
+    within_bf16 = (first(full) >= first(eager)
                    and full["logits_rel_l2_max"] <= 2 * eager["logits_rel_l2_max"])
     doc["full_within_eager_bf16_drift"] = within_bf16
     with open(args.out, "w") as f:
