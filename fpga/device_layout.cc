@@ -136,24 +136,42 @@ absl::Status GatherKeysForBuild(const KvCacheView& cache, const BlockTableView& 
   return absl::OkStatus();
 }
 
-CuLaunch ScoreLaunchWork(const SelectRequest& r, const CacheShape& shape, int cu,
-                         const ScoreIo& io) {
+CuLaunch ScoreLaunchWork(const SelectRequest& r, const CacheShape& shape, int cu, const ScoreIo& io,
+                         const U55cParams& params) {
+  // The RTL kernel (fpga/rtl, measured in simulation: fpga/rtl/cycles.md): the score core takes
+  // one (query head, digest word) pair per clock with pages double-buffered, so a page costs
+  // row_words x max(group, 2) clocks; the select's emit pass reads every page once and pads the
+  // row (n + max_selected clocks) while scoring waits; each row also loads its queries
+  // (group x head_dim / 16 words) and pays the fill.
   CuLaunch l;
   l.cu = cu;
   l.rows = r.table.num_seqs;
-  const double row_bytes = static_cast<double>(RowWordsOf(shape)) * hls_compat::kWordBytes;
-  const int k = r.config.PagesPerHead(shape.block_size);
-  double digest_bytes = 0, select = 0;
+  const double row_words = static_cast<double>(RowWordsOf(shape));
+  const double row_bytes = row_words * hls_compat::kWordBytes;
+  const int group = shape.num_kv_heads > 0 ? r.query.num_heads / shape.num_kv_heads : 1;
+  const double page_clocks =
+      row_words * std::max(group, 2) / static_cast<double>(params.score_heads_per_clock);
+  const double query_words = static_cast<double>(group) * shape.head_dim / 16;
+  // A page's pace: the score core or the channel's read rate, whichever is slower. While the
+  // select emits a row, the core runs on into the next one until the score FIFO is full.
+  const double beats_per_clock =
+      std::min(params.hbm_channel_peak_bps * params.hbm_efficiency,
+               static_cast<double>(params.axi_word_bytes) * params.kernel_clock_hz) /
+      (params.axi_word_bytes * params.kernel_clock_hz);
+  const double page_pace = std::max(page_clocks, 2.0 * row_words / beats_per_clock);
+  double digest_bytes = 0, score = 0, serial = 0;
   for (int s = 0; s < r.table.num_seqs; ++s) {
     const int n = NumPages(r.table.seq_lens[s], shape.block_size);
     digest_bytes += 2.0 * n * row_bytes;
-    // Buffer pass, then (above the budget) insert and emit passes over the middle pages.
-    select += n + (n <= k ? 0.0 : 2.0 * (n - r.config.num_sink_pages - r.config.num_local_pages));
+    score += n * page_clocks;
+    const double emit = params.select_clocks_per_page * n + r.out.max_selected;
+    const double hidden = s + 1 < r.table.num_seqs ? params.score_fifo_pages * page_pace : 0.0;
+    serial += std::max(0.0, emit - hidden) + query_words;
   }
   l.hbm_bytes = digest_bytes + io.queries_bytes + io.table_bytes + io.lens_bytes + io.pages_bytes +
                 io.counts_bytes;
-  l.stream_words = (digest_bytes + io.queries_bytes) / hls_compat::kWordBytes;
-  l.select_clocks = select;
+  l.stream_words = score;
+  l.serial_clocks = serial;
   return l;
 }
 

@@ -80,8 +80,9 @@ std::vector<std::pair<int, int>> SplitUpdateLaunches(const int64_t* slots, int n
                                               std::vector<uint8_t>& keys);
 
 // Modeled work of one score launch / one update launch on compute unit `cu`.
+// The score launch follows the RTL kernel's timing (fpga/rtl), priced with `params`.
 CuLaunch ScoreLaunchWork(const SelectRequest& request, const CacheShape& shape, int cu,
-                         const ScoreIo& io);
+                         const ScoreIo& io, const U55cParams& params = U55cParams{});
 CuLaunch UpdateLaunchWork(const CacheShape& shape, const int64_t* slots, int begin, int end, int cu,
                           const UpdateIo& io);
 

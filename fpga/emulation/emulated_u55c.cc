@@ -183,7 +183,8 @@ absl::StatusOr<SelectTicket> EmulatedU55cSelector::Submit(const SelectRequest& r
     to_card.push_back(static_cast<double>(job->io.in_bytes));
     from_card.push_back(static_cast<double>(job->io.out_bytes));
     launches.push_back(ScoreLaunchWork(
-        request, sh, CuFor(request.layer, h, sh.num_kv_heads, model_.params().num_cus), job->io));
+        request, sh, CuFor(request.layer, h, sh.num_kv_heads, model_.params().num_cus), job->io,
+        model_.params()));
   }
   job->estimate = model_.Call(to_card, launches, from_card);
   const SelectTicket ticket = job->ticket;

@@ -23,9 +23,15 @@ double U55cModel::CuSeconds(const CuLaunch& l) const {
   const double memory_s = l.hbm_bytes / ChannelReadBps();
   const double stream_s = l.stream_words / p_.kernel_clock_hz;
   const double select_s = l.select_clocks / p_.kernel_clock_hz;
-  const double fill_s = static_cast<double>(l.rows) * p_.pipeline_fill_clocks / p_.kernel_clock_hz;
-  // Load, score and select overlap under dataflow: the slowest stage sets the pace.
-  return std::max({memory_s, stream_s, select_s}) + fill_s;
+  // The first row pays the whole fill; later rows overlap most of theirs with the one before.
+  const double fill_s =
+      l.rows > 0
+          ? (p_.pipeline_fill_clocks + (l.rows - 1.0) * p_.row_fill_clocks) / p_.kernel_clock_hz
+          : 0.0;
+  const double serial_s = l.serial_clocks / p_.kernel_clock_hz;
+  // Load, score and select overlap under dataflow: the slowest stage sets the pace; the serial
+  // part (the RTL select's emit pass) and the per-row fill add to it.
+  return std::max({memory_s, stream_s, select_s}) + serial_s + fill_s;
 }
 
 CallEstimate U55cModel::Call(const std::vector<double>& to_card_bytes,

@@ -25,9 +25,12 @@ enum class DmaDirection { kToCard, kFromCard };
 struct CuLaunch {
   int cu = 0;                // which compute unit (and so which HBM pseudo-channel)
   double hbm_bytes = 0;      // bytes read from and written to HBM
-  double stream_words = 0;   // 512-bit words through the widest stage (one per clock)
-  double select_clocks = 0;  // clocks of the select stage (two passes over middle pages)
-  int rows = 0;              // sequences processed (each pays the pipeline fill)
+  double stream_words = 0;   // clocks of the busiest streaming stage (one 512-bit word, or one
+                             // (query head, digest word) pair of the RTL score core, per clock)
+  double select_clocks = 0;  // clocks of a stage that overlaps the streaming ones
+  double serial_clocks = 0;  // clocks that overlap nothing (the RTL select's emit pass per row)
+  int rows = 0;              // sequences processed (the first pays the pipeline fill, the rest
+                             // a row fill)
 };
 
 struct CallEstimate {  // every field modeled

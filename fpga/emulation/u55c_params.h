@@ -27,15 +27,47 @@ struct U55cParams {
 
   // --- kernel ------------------------------------------------------------------------------
   // Vitis's default kernel clock target (UG1393 examples); the platform limit is unverified.
+  // NOT what the RTL kernel reaches as written: see rtl_clock_estimate_hz. The model keeps the
+  // target (the clocks per call above are what the RTL takes at any clock; a pipelined fp
+  // datapath is needed to run them at 300 MHz: fpga/rtl/synth.md).
   double kernel_clock_hz = 300e6;
+  // ESTIMATE of the RTL kernel's clock (fpga/rtl, combinational fp32 units): its longest
+  // register-to-register path is ~64 cells after Yosys 0.23 synth_xilinx (fp32 add: 61, plus
+  // 2-3 multiplexer levels); at 0.3-0.5 ns per level on UltraScale+ -2 that is 30-50 MHz.
+  // No open timing model for UltraScale+ exists; place and route would decide. fpga/rtl/synth.md.
+  double rtl_clock_estimate_hz = 40e6;
+  // Compute units of the RTL kernel that fit the U55C's 1,303,680 LUTs (Yosys 0.23
+  // synth_xilinx -family xcup, hierarchical, no place and route): ~154k LUTs per CU at
+  // MAX_TOPK = 16 -> 8 CUs; extrapolated to MAX_TOPK = 1024 (the host limit) fewer: see
+  // fpga/rtl/synth.md. The model keeps num_cus = 32 (one CU per HBM pseudo-channel).
+  int rtl_cus_that_fit = 8;
   // One 512-bit AXI beat per clock per port: the platform's datapath width (UG1120).
   int axi_word_bytes = 64;
   // Compute units of each kernel in the xclbin, one per HBM pseudo-channel (device_layout.h).
   int num_cus = 32;
-  // Clocks to fill a kernel's dataflow pipeline for each sequence (AXI read latency plus the
-  // score and select stage depths). Estimate: typical HBM read latency of ~100-200 clocks plus
-  // ~50 clocks of arithmetic.
-  int pipeline_fill_clocks = 250;
+  // Clocks of a launch not explained by the per-page terms below: the first row's seq_lens,
+  // query and block-table round trips and first digests (HBM latency) and the score pipeline's
+  // depth. Fitted to the RTL kernel simulated in Verilator behind an HBM-like memory model
+  // (latency 100-200 clocks, random back-pressure): `fpga_rtl_cycles` on its fit shapes
+  // (fpga/rtl/cycles.md). Was an estimate of 250 per sequence.
+  int pipeline_fill_clocks = 659;
+  // Clocks each further sequence of a launch adds beyond its per-page terms (its round trips
+  // mostly overlap the previous sequence). Fitted as pipeline_fill_clocks (multi-sequence fit
+  // shapes of fpga/rtl/cycles.md).
+  int row_fill_clocks = 4;
+  // (Query head, 512-bit digest word) pairs the score kernel computes per clock: the RTL score
+  // core (fpga/rtl/mempipe_score_core.sv) has 32 lanes x 2 fp32 multipliers for one head, so a
+  // page costs row_words x max(group, 2) clocks (2: the page's two rows arrive one word per
+  // clock). Structural; confirmed by the simulated cycle counts (fpga/rtl/cycles.md).
+  int score_heads_per_clock = 1;
+  // Clocks per page of the select stage's emit pass, which runs after a row's last score and
+  // overlaps nothing (plus max_selected clocks to write the row). The RTL's emit loop reads one
+  // buffered score per clock (fpga/rtl/mempipe_topk_select.sv). Structural.
+  double select_clocks_per_page = 1.0;
+  // Page scores the kernel buffers between its score core and its select (SCORE_DEPTH in
+  // fpga/rtl/mempipe_score_topk.sv): while the select emits one row, the core scores this many
+  // pages of the next. Structural.
+  int score_fifo_pages = 16;
   // Host call to kernel completion for an empty kernel, per launch batch: 16-56 us on a U25
   // (XRT issue 6601), 50-100 us on a U55C (XRT issue 8687). The U55C's lower end.
   double launch_latency_s = 50e-6;

@@ -128,6 +128,10 @@ class FpgaSpec:
     axi_word_bytes: int
     num_cus: int
     pipeline_fill_clocks: int
+    row_fill_clocks: int
+    score_heads_per_clock: int
+    select_clocks_per_page: float
+    score_fifo_pages: int
     launch_latency_s: float
     per_cu_start_s: float
     dma_to_card_bps: float
@@ -490,13 +494,18 @@ class CardCall:
 
 
 def _cu_s(f: FpgaSpec, hbm_bytes: float, stream_words: float, select_clocks: float,
-          rows: int, channels: int, merge_clocks: float = 0.0) -> float:
+          rows: int, channels: int, merge_clocks: float = 0.0,
+          serial_clocks: float = 0.0) -> float:
     """U55cModel::CuSeconds, with the work of one launch spread over `channels` channels, each
-    with its own load, score and select stages (then a merge of their partial top-k lists)."""
+    with its own load, score and select stages (then a merge of their partial top-k lists).
+    The serial part (the RTL select's emit pass) overlaps nothing; the first row pays the
+    pipeline fill, each further row a row fill."""
     mem = hbm_bytes / (f.channel_read_bps() * channels)
     stream = stream_words / channels / f.kernel_clock_hz
     select = (select_clocks / channels + (merge_clocks if channels > 1 else 0)) / f.kernel_clock_hz
-    return max(mem, stream, select) + rows * f.pipeline_fill_clocks / f.kernel_clock_hz
+    serial = serial_clocks / channels / f.kernel_clock_hz
+    fill = (f.pipeline_fill_clocks + (rows - 1) * f.row_fill_clocks) if rows > 0 else 0
+    return max(mem, stream, select) + serial + fill / f.kernel_clock_hz
 
 
 def fpga_score_call(s: System, shape: ModelShape, sel: Selection, context: int,
@@ -509,8 +518,18 @@ def fpga_score_call(s: System, shape: ModelShape, sel: Selection, context: int,
     k = sel.budget // sel.page
     scanned = sel.scanned_pages(context)
     digest = batch * scanned * sel.digest_bytes_per_page(shape.head_dim)
-    select_clocks = batch * (scanned + (0 if n <= k else
-                                        2 * (scanned - sel.sink_pages - sel.local_pages)))
+    # As ScoreLaunchWork (the RTL kernel, fpga/rtl): row_words x max(group, 2) clocks per page
+    # in the score core; per row an emit pass (a clock per page plus the row) and the query
+    # load, all but the last row's emit hidden behind score_fifo_pages pages of scoring.
+    row_words = sel.digest_bytes_per_page(shape.head_dim) / 2 / f.axi_word_bytes
+    page_clocks = row_words * max(group, 2) / f.score_heads_per_clock
+    beats_per_clock = f.channel_read_bps() / (f.axi_word_bytes * f.kernel_clock_hz)
+    page_pace = max(page_clocks, 2 * row_words / beats_per_clock)
+    emit = f.select_clocks_per_page * scanned + k
+    query_words = group * shape.head_dim / 16
+    serial_clocks = (batch * query_words + max(0.0, emit) +
+                     (batch - 1) * max(0.0, emit - f.score_fifo_pages * page_pace))
+    score_clocks = batch * scanned * page_clocks
     q_bytes = batch * group * shape.head_dim * 4
     table = batch * n * 4
     out = batch * k * 4
@@ -531,10 +550,9 @@ def fpga_score_call(s: System, shape: ModelShape, sel: Selection, context: int,
     if s.striping == "all":
         channels = max(1, f.hbm_channels // heads)
     c.launch_s = f.launch_latency_s + (launches - 1) * f.per_cu_start_s
-    stream_words = (digest + q_bytes) / f.axi_word_bytes
     # Heads on distinct CUs in parallel (CuFor), so the kernel time is one head's.
-    c.kernel_s = _cu_s(f, hbm, stream_words, select_clocks, batch, channels,
-                       merge_clocks=batch * channels * k)
+    c.kernel_s = _cu_s(f, hbm, score_clocks, 0.0, batch, channels,
+                       merge_clocks=batch * channels * k, serial_clocks=serial_clocks)
     return c
 
 
@@ -812,10 +830,12 @@ def validate(g: Optional[GpuSpec] = None, files=VALIDATION_FILES) -> dict:
     return {"gpu": g.name, "rows": rows, "summary": summary}
 
 
-def validate_emulator(path=RESULTS / "cpu_fpga_bench_8layers.json",
+def validate_emulator(path=RESULTS / "fpga_bench_8layers.json",
                       fpga: Optional[FpgaSpec] = None) -> dict:
     """This model's U55C calls vs the C++ emulator's own modeled device time in a committed
-    mempipe-bench run (both modeled: a check that the two agree, not a measurement)."""
+    mempipe-bench run (both modeled: a check that the two agree, not a measurement). The run:
+    `mempipe-bench --layers=8 --placements=fpga --json=results/fpga_bench_8layers.json`, after
+    the model followed the RTL kernel (issue 15)."""
     d = json.loads(Path(path).read_text())
     c = d["config"]
     fp = next(p for p in d["placements"] if p["placement"] == "fpga")
@@ -1045,7 +1065,7 @@ def report_markdown() -> str:
           f"{r['measured_ms']:.3f} | {r['modeled_ms']:.3f} | {r['error']:+.1%} | {tag} |")
     e = validate_emulator()
     p(f"\nFPGA side: this model's U55C calls vs the C++ emulator's own modeled device time in "
-      f"`results/cpu_fpga_bench_8layers.json` (8 layers, 32K, batch 1; both modeled): "
+      f"`results/fpga_bench_8layers.json` (8 layers, 32K, batch 1; both modeled): "
       f"{e['emulator_ms']:.4f} ms vs {e['this_model_ms']:.4f} ms per step "
       f"({e['error']:+.2e}).\n")
     p("## 2. The seed's system: AMD MI210 + one U55C, Llama-3-8B shape, batch 1\n")

@@ -194,19 +194,25 @@ def test_score_kernel_mirrors_u55c_model_by_hand():
     q, table, out = 4 * 128 * 4, n * 4, 256 * 4
     hbm = n * 2 * 256 + q + table + 4 + out + 4
     mem = hbm / (14.375e9 * 417 / 460)
-    select = (n + 2 * (n - 2)) / 300e6
-    fill = 250 / 300e6
+    # The RTL kernel's timing (fpga/rtl): 4 row words x group 4 clocks per page in the score
+    # core; the emit pass (a clock per page plus k) and the query load (4 x 128 / 16 words)
+    # after it; the pipeline fill (fitted to the RTL simulation, fpga/rtl/cycles.md).
+    score = n * 4 * 4 / 300e6
+    serial = (n + 256 + 4 * 128 / 16) / 300e6
+    fill = f.pipeline_fill_clocks / 300e6
     c = ds.fpga_score_call(ds.System(ds.h200(), f), sh, sel, 1048576, 1)
-    assert c.kernel_s == pytest.approx(max(mem, select) + fill, rel=1e-12)
+    assert c.kernel_s == pytest.approx(max(mem, score) + serial + fill, rel=1e-12)
     assert c.launch_s == pytest.approx(50e-6 + 7 * 2e-6)
     dma_in = 5e-6 + (4096 + 262144 + 4096) / 10.5e9
     dma_out = 5e-6 + (4096 + 4096) / 11.5e9
     assert c.to_card_s == pytest.approx(8 * dma_in) and c.from_card_s == pytest.approx(8 * dma_out)
-    # A card with 8x the bandwidth: the select stage (three passes per page) sets the pace.
+    # A card with 8x the bandwidth (and an 8x wider word, half a word per digest row): the score
+    # core (group 4 x 0.5 word clocks per page) sets the pace.
     fast = f.scaled("x8", 8.0)
-    assert hbm / fast.channel_read_bps() < select
+    score_fast = n * 0.5 * 4 / 300e6
+    assert hbm / fast.channel_read_bps() < score_fast
     c = ds.fpga_score_call(ds.System(ds.h200(), fast), sh, sel, 1048576, 1)
-    assert c.kernel_s == pytest.approx(select + fill, rel=1e-12)
+    assert c.kernel_s == pytest.approx(score_fast + serial + fill, rel=1e-12)
 
 
 @pytest.mark.parametrize("context", [16, 1000, 4096])

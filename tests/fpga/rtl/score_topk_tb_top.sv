@@ -1,0 +1,93 @@
+// Test top for the Verilator bench: the XRT kernel mempipe_score_topk unchanged, plus a tap on
+// its internal page-score stream so the bench can compare every score bit for bit.
+module score_topk_tb_top #(
+    parameter int MAX_TOPK = 1024,
+    parameter int MAX_PAGES = 65536
+) (
+    input  logic         ap_clk,
+    input  logic         ap_rst_n,
+    output logic         irq,  // the kernel's interrupt
+    input  logic [11:0]  s_axi_control_awaddr,
+    input  logic         s_axi_control_awvalid,
+    output logic         s_axi_control_awready,
+    input  logic [31:0]  s_axi_control_wdata,
+    input  logic         s_axi_control_wvalid,
+    output logic         s_axi_control_wready,
+    output logic         s_axi_control_bvalid,
+    input  logic         s_axi_control_bready,
+    input  logic [11:0]  s_axi_control_araddr,
+    input  logic         s_axi_control_arvalid,
+    output logic         s_axi_control_arready,
+    output logic [31:0]  s_axi_control_rdata,
+    output logic         s_axi_control_rvalid,
+    input  logic         s_axi_control_rready,
+    output logic [63:0]  dg_araddr,
+    output logic [7:0]   dg_arlen,
+    output logic         dg_arvalid,
+    input  logic         dg_arready,
+    input  logic [511:0] dg_rdata,
+    input  logic         dg_rlast,
+    input  logic         dg_rvalid,
+    output logic         dg_rready,
+    output logic [63:0]  io_araddr,
+    output logic [7:0]   io_arlen,
+    output logic         io_arvalid,
+    input  logic         io_arready,
+    input  logic [511:0] io_rdata,
+    input  logic         io_rlast,
+    input  logic         io_rvalid,
+    output logic         io_rready,
+    output logic [63:0]  io_awaddr,
+    output logic [7:0]   io_awlen,
+    output logic         io_awvalid,
+    input  logic         io_awready,
+    output logic [511:0] io_wdata,
+    output logic [63:0]  io_wstrb,
+    output logic         io_wlast,
+    output logic         io_wvalid,
+    input  logic         io_wready,
+    input  logic         io_bvalid,
+    output logic         io_bready,
+    output logic         dbg_score_valid,
+    output logic [31:0]  dbg_score,
+    output logic [63:0]  dbg_state  // for hang reports: unit states and queue levels
+);
+  /* verilator lint_off PINCONNECTEMPTY */
+  mempipe_score_topk #(.MAX_TOPK(MAX_TOPK), .MAX_PAGES(MAX_PAGES)) dut (
+      .ap_clk, .ap_rst_n, .interrupt(irq),
+      .s_axi_control_awaddr, .s_axi_control_awvalid, .s_axi_control_awready,
+      .s_axi_control_wdata, .s_axi_control_wstrb(4'hf), .s_axi_control_wvalid,
+      .s_axi_control_wready, .s_axi_control_bresp(), .s_axi_control_bvalid,
+      .s_axi_control_bready, .s_axi_control_araddr, .s_axi_control_arvalid,
+      .s_axi_control_arready, .s_axi_control_rdata, .s_axi_control_rresp(),
+      .s_axi_control_rvalid, .s_axi_control_rready,
+      .m_axi_gmem_dg_araddr(dg_araddr), .m_axi_gmem_dg_arlen(dg_arlen),
+      .m_axi_gmem_dg_arsize(), .m_axi_gmem_dg_arburst(), .m_axi_gmem_dg_arvalid(dg_arvalid),
+      .m_axi_gmem_dg_arready(dg_arready), .m_axi_gmem_dg_rdata(dg_rdata),
+      .m_axi_gmem_dg_rresp(2'b00), .m_axi_gmem_dg_rlast(dg_rlast),
+      .m_axi_gmem_dg_rvalid(dg_rvalid), .m_axi_gmem_dg_rready(dg_rready),
+      .m_axi_gmem_dg_awaddr(), .m_axi_gmem_dg_awlen(), .m_axi_gmem_dg_awsize(),
+      .m_axi_gmem_dg_awburst(), .m_axi_gmem_dg_awvalid(), .m_axi_gmem_dg_awready(1'b0),
+      .m_axi_gmem_dg_wdata(), .m_axi_gmem_dg_wstrb(), .m_axi_gmem_dg_wlast(),
+      .m_axi_gmem_dg_wvalid(), .m_axi_gmem_dg_wready(1'b0), .m_axi_gmem_dg_bresp(2'b00),
+      .m_axi_gmem_dg_bvalid(1'b0), .m_axi_gmem_dg_bready(),
+      .m_axi_gmem_io_araddr(io_araddr), .m_axi_gmem_io_arlen(io_arlen),
+      .m_axi_gmem_io_arsize(), .m_axi_gmem_io_arburst(), .m_axi_gmem_io_arvalid(io_arvalid),
+      .m_axi_gmem_io_arready(io_arready), .m_axi_gmem_io_rdata(io_rdata),
+      .m_axi_gmem_io_rresp(2'b00), .m_axi_gmem_io_rlast(io_rlast),
+      .m_axi_gmem_io_rvalid(io_rvalid), .m_axi_gmem_io_rready(io_rready),
+      .m_axi_gmem_io_awaddr(io_awaddr), .m_axi_gmem_io_awlen(io_awlen),
+      .m_axi_gmem_io_awsize(), .m_axi_gmem_io_awburst(), .m_axi_gmem_io_awvalid(io_awvalid),
+      .m_axi_gmem_io_awready(io_awready), .m_axi_gmem_io_wdata(io_wdata),
+      .m_axi_gmem_io_wstrb(io_wstrb), .m_axi_gmem_io_wlast(io_wlast),
+      .m_axi_gmem_io_wvalid(io_wvalid), .m_axi_gmem_io_wready(io_wready),
+      .m_axi_gmem_io_bresp(2'b00), .m_axi_gmem_io_bvalid(io_bvalid),
+      .m_axi_gmem_io_bready(io_bready));
+  /* verilator lint_on PINCONNECTEMPTY */
+  assign dbg_score_valid = dut.u_core.score_valid;
+  assign dbg_score = dut.u_core.score_data;
+  assign dbg_state = {
+    4'(dut.rs), 4'(dut.u_core.st), 4'(dut.u_select.st), 8'(dut.q_count), 8'(dut.tag_count),
+    10'(dut.bid_resv), 10'(dut.dg_resv), 8'(dut.bid_count), 4'(dut.u_core.slots_full),
+    4'(dut.u_core.credits)};
+endmodule
