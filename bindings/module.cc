@@ -390,8 +390,8 @@ size_t AppendScratchBytes(const Target& target, const KvCacheView& cache) {
 }
 
 void AppendKvAndDigestsPy(py::handle kv_cache, py::handle slot_mapping, py::handle key,
-                          py::handle value, py::handle digests, const py::object& workspace,
-                          const py::object& stream) {
+                          py::handle value, py::handle digests,
+                          [[maybe_unused]] const py::object& workspace, const py::object& stream) {
   auto kv = Borrow(kv_cache, "kv_cache"), slots = Borrow(slot_mapping, "slot_mapping"),
        k = Borrow(key, "key"), v = Borrow(value, "value"), dg = Borrow(digests, "digests");
   [[maybe_unused]] const Target target = ResolveTarget({&kv, &slots, &k, &v, &dg}, stream);
