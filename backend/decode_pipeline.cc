@@ -203,10 +203,14 @@ DecodePipeline::DecodePipeline(const PipelineOptions& options, std::vector<KvCac
   metrics_.placement = PlacementToString(options_.placement);
   metrics_.mode = std::string(PipelineModeName(options_.mode));
   metrics_.selector = dense_ ? "none" : std::string(selector_->Name());
-  // Step 4 has only a CPU implementation in this library; a GPU apply asked for runs here.
-  metrics_.apply_device = options_.placement.apply == Device::kCpu
-                              ? "cpu"
-                              : "cpu (placement asked gpu; this pipeline's decode runs on cpu)";
+  // Step 4 runs on options.apply_device when given, else on the host (a GPU apply asked for
+  // without one runs here, and the label says so).
+  metrics_.apply_device =
+      options_.apply_device != nullptr ? std::string(options_.apply_device->Name())
+      : options_.placement.apply == Device::kCpu
+          ? "cpu"
+          : "cpu (placement asked gpu; no GPU apply device given, this pipeline's decode runs on "
+            "cpu)";
   metrics_.micro_batches = options_.micro_batches;
   metrics_.reuse = options_.reuse;
   metrics_.deadline_ms = options_.deadline_ms;
@@ -234,6 +238,11 @@ void DecodePipeline::Shutdown() {
 
 absl::Status DecodePipeline::Prefill(const BlockTableView& table) {
   if (shut_down_) return absl::FailedPreconditionError("the pipeline was shut down");
+  if (options_.apply_device != nullptr) {
+    for (int l = 0; l < num_layers_; ++l) {
+      MEMPIPE_RETURN_IF_ERROR(options_.apply_device->AddLayer(l, caches_[l]));
+    }
+  }
   if (dense_) return absl::OkStatus();
   MEMPIPE_RETURN_IF_ERROR(ValidateBlockTable(table, caches_[0].block_size, caches_[0].num_blocks));
   for (int l = first_sparse_layer_; l < num_layers_; ++l) {
@@ -762,7 +771,14 @@ absl::Status DecodePipeline::RunApply(Applied& a) {
                     num_heads_,
                     c.head_dim,
                     options_.apply_threads};
-  if (s.source == SelectionSource::kDense) return DenseDecode(io, c, table, scale_);
+  ApplyDevice* device = options_.apply_device.get();
+  if (device != nullptr && step_.new_slots != nullptr) {
+    MEMPIPE_RETURN_IF_ERROR(device->SyncTokens(j.layer, step_.new_slots + mb.begin, n));
+  }
+  if (s.source == SelectionSource::kDense) {
+    return device != nullptr ? device->Decode(j.layer, io, table, nullptr, scale_)
+                             : DenseDecode(io, c, table, scale_);
+  }
 
   // The apply device's own digests track every step, so a fallback is always possible.
   const DigestView local{local_digests_[j.layer].data(), c.dtype, c.num_blocks, c.num_kv_heads,
@@ -782,8 +798,9 @@ absl::Status DecodePipeline::RunApply(Applied& a) {
   } else if (s.source == SelectionSource::kReused) {
     MEMPIPE_RETURN_IF_ERROR(ExtendToLastPage(sel, table, c.block_size));
   }
-  return SparseDecode(io, c, table,
-                      PageList{sel.pages, sel.counts, sel.num_kv_heads, sel.max_selected}, scale_);
+  const PageList page_list{sel.pages, sel.counts, sel.num_kv_heads, sel.max_selected};
+  return device != nullptr ? device->Decode(j.layer, io, table, &page_list, scale_)
+                           : SparseDecode(io, c, table, page_list, scale_);
 }
 
 absl::StatusOr<SelectionView> DecodePipeline::LastSelection(int layer) const {

@@ -66,6 +66,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "backend/apply_device.h"
 #include "backend/pipeline_metrics.h"
 #include "backend/placement.h"
 #include "backend/policy.h"
@@ -95,6 +96,11 @@ struct PipelineOptions {
   SparsityPolicy policy{.dense_layers = 0, .selection = {}};
   int apply_threads = 1;  // host threads of the CPU decode (DecodeIo::num_threads)
   float scale = 0;        // softmax scale; 0 means 1 / sqrt(head_dim)
+  // Step 4's device (backend/apply_device.h): null decodes on the host (DenseDecode /
+  // SparseDecode); given, Prefill uploads every layer's cache to it and each request syncs the
+  // micro-batch's new tokens and decodes there (dense and sparse; fallback selection stays on
+  // the host's digests). Used only by the apply thread once the pipeline is created.
+  std::shared_ptr<ApplyDevice> apply_device;
 };
 
 // Validates the options alone (placement included). InvalidArgument naming the bad value.
@@ -157,8 +163,8 @@ class DecodePipeline {
   DecodePipeline& operator=(const DecodePipeline&) = delete;
 
   // After prefill wrote the caches: builds every layer's digests on the selector device and on
-  // the apply device. A selector that fails here is declared dead (selection falls back).
-  // Errors: a bad table.
+  // the apply device, and uploads the caches to options.apply_device if one is given. A selector
+  // that fails here is declared dead (selection falls back). Errors: a bad table.
   [[nodiscard]] absl::Status Prefill(const BlockTableView& table);
 
   // One decode step over all layers and micro-batches; returns when every request is applied.

@@ -30,8 +30,9 @@
 // raw cudaStream_t, an object with `cuda_stream` (torch.cuda.Stream) gives its handle. The
 // launch is asynchronous on that stream: nothing synchronizes, nothing is allocated. GPU
 // scratch memory is the caller's (`workspace=`, a uint8 tensor on the same device, at least
-// decode_workspace_bytes(...) / select_workspace_bytes(...) bytes), so a plan can own it for
-// a whole step and a CUDA graph can capture the launches. One call's tensors must share one
+// decode_workspace_bytes(...) / select_workspace_bytes(...) / append_workspace_bytes(...)
+// bytes; optional for the append, whose default is the stream-ordered pool), so a plan can own it
+// for a whole step and a CUDA graph can capture the launches. One call's tensors must share one
 // device; a stream of another device, a non-contiguous tensor, a wrong dtype or shape raises
 // ValueError naming the tensor with its device, dtype and shape. Functions without a GPU
 // kernel (write_kv, update_digests, prefill_attention) raise NotImplementedError on CUDA.
@@ -380,8 +381,17 @@ void WriteKvPy(py::handle kv_cache, py::handle slot_mapping, py::handle key, py:
   RunReleased([&] { return WriteKv(cache, s, n, k.data, v.data); });
 }
 
+size_t AppendScratchBytes(const Target& target, const KvCacheView& cache) {
+#ifdef MEMPIPE_MODULE_GPU
+  if (target.gpu) return AppendWorkspaceBytes(cache);
+#endif
+  (void)target, (void)cache;
+  return 0;
+}
+
 void AppendKvAndDigestsPy(py::handle kv_cache, py::handle slot_mapping, py::handle key,
-                          py::handle value, py::handle digests, const py::object& stream) {
+                          py::handle value, py::handle digests,
+                          [[maybe_unused]] const py::object& workspace, const py::object& stream) {
   auto kv = Borrow(kv_cache, "kv_cache"), slots = Borrow(slot_mapping, "slot_mapping"),
        k = Borrow(key, "key"), v = Borrow(value, "value"), dg = Borrow(digests, "digests");
   [[maybe_unused]] const Target target = ResolveTarget({&kv, &slots, &k, &v, &dg}, stream);
@@ -394,8 +404,20 @@ void AppendKvAndDigestsPy(py::handle kv_cache, py::handle slot_mapping, py::hand
   const int n = static_cast<int>(slots.shape[0]);
 #ifdef MEMPIPE_MODULE_GPU
   if (target.gpu) {
-    RunOnGpu(target,
-             [&] { return AppendKvAndDigestsGpu(cache, s, n, k.data, v.data, dv, target.stream); });
+    // workspace=None: bookkeeping from the stream-ordered pool (addresses vary per call); a
+    // caller-owned workspace keeps them fixed (CUDA-graph capture; DecodePlan owns one).
+    if (workspace.is_none()) {
+      RunOnGpu(target, [&] {
+        return AppendKvAndDigestsGpu(cache, s, n, k.data, v.data, dv, target.stream);
+      });
+    } else {
+      const Scratch ws = ScratchOf(workspace, target, AppendScratchBytes(target, cache),
+                                   "append_kv_and_digests", "append_workspace_bytes");
+      RunOnGpu(target, [&] {
+        return AppendKvAndDigestsGpu(cache, s, n, k.data, v.data, dv, ws.data, ws.bytes,
+                                     target.stream);
+      });
+    }
     return;
   }
 #endif
@@ -624,6 +646,18 @@ size_t SelectWorkspaceBytesPy(int num_seqs, int num_kv_heads, int max_blocks_per
                             num_kv_heads);
 }
 
+size_t AppendWorkspaceBytesPy(int num_blocks) {
+  if (!kGpuBuild) Check(absl::UnimplementedError("this build of mempipe has no GPU kernels"));
+  if (num_blocks < 0) {
+    Check(absl::InvalidArgumentError(absl::StrCat("num_blocks must be >= 0, got ", num_blocks)));
+  }
+  Target t;
+  t.gpu = true;
+  KvCacheView cache;
+  cache.num_blocks = num_blocks;
+  return AppendScratchBytes(t, cache);
+}
+
 }  // namespace
 }  // namespace mempipe::bindings
 
@@ -659,8 +693,10 @@ PYBIND11_MODULE(_mempipe, m) {
         py::kw_only(), stream,
         "vLLM reshape_and_cache: key/value row i into slot slot_mapping[i] (negative: skipped).");
   m.def("append_kv_and_digests", &AppendKvAndDigestsPy, arg("kv_cache"), arg("slot_mapping"),
-        arg("key"), arg("value"), arg("digests"), py::kw_only(), stream,
-        "write_kv fused with the incremental digest update, in slot order.");
+        arg("key"), arg("value"), arg("digests"), py::kw_only(), workspace, stream,
+        "write_kv fused with the incremental digest update, in slot order (GPU: workspace= of "
+        "append_workspace_bytes keeps its addresses fixed for CUDA-graph capture; None takes "
+        "it from the stream-ordered pool).");
   m.def("update_digests", &UpdateDigestsPy, arg("kv_cache"), arg("slot_mapping"), arg("digests"),
         py::kw_only(), stream, "Incremental digest update for slots already written.");
   m.def("build_digests", &BuildDigestsPy, arg("kv_cache"), arg("block_table"), arg("seq_lens"),
@@ -695,4 +731,6 @@ PYBIND11_MODULE(_mempipe, m) {
         "GPU scratch bytes of dense_decode / sparse_decode on CUDA device `device`.");
   m.def("select_workspace_bytes", &SelectWorkspaceBytesPy, arg("num_seqs"), arg("num_kv_heads"),
         arg("max_blocks_per_seq"), "GPU scratch bytes of score_and_select.");
+  m.def("append_workspace_bytes", &AppendWorkspaceBytesPy, arg("num_blocks"),
+        "GPU scratch bytes of append_kv_and_digests on a cache of num_blocks blocks.");
 }

@@ -15,12 +15,14 @@
 #define MEMPIPE_INTEGRATION_BENCH_DECODE_BENCH_H_
 
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "backend/apply_device.h"
 #include "backend/policy.h"
 #include "integration/bench/synthetic_context.h"
 
@@ -51,9 +53,10 @@ struct StepBreakdown {
 
 struct PlacementResult {
   std::string placement;
-  std::string selector;         // device name reported by the selector, "" for dense
-  StepBreakdown mean;           // mean over timed steps
-  std::vector<double> step_ms;  // every timed step's total
+  std::string selector;              // device name reported by the selector, "" for dense
+  std::string apply_device = "cpu";  // where step 4 ran: "cpu" (host) or the ApplyDevice's name
+  StepBreakdown mean;                // mean over timed steps
+  std::vector<double> step_ms;       // every timed step's total
   double median_step_ms = 0;
   double tokens_per_s = 0;             // batch / median step time
   double bulk_prepare_ms = 0;          // digest build after prefill (all layers)
@@ -77,6 +80,11 @@ struct PlacementResult {
 // error sqrt(err_num / err_den) from `result.step_ms` and the accumulated error sums.
 void FinishPlacementResult(int batch, bool check_accuracy, double err_num, double err_den,
                            PlacementResult& result);
+
+// Step 4's device for a placement: the registered GPU ApplyDevice (backend/apply_device.h) when
+// the placement applies on the GPU or is the dense baseline and one is registered (a GPU build
+// with a device: the baseline then decodes on the GPU too); null (the host decodes) otherwise.
+absl::StatusOr<std::shared_ptr<ApplyDevice>> BenchApplyDevice(bool dense, Device apply);
 
 using ProgressFn = std::function<void(int step, int total_steps, double step_ms)>;
 

@@ -30,6 +30,8 @@ absl::StatusOr<PipelinePlacementResult> RunPipelinePlacement(SyntheticContext& c
   po.deadline_ms = pipeline.deadline_ms;
   po.policy = options.policy;
   po.apply_threads = std::max(1, options.threads);
+  MEMPIPE_ASSIGN_OR_RETURN(po.apply_device,
+                           BenchApplyDevice(po.placement.dense, po.placement.apply));
   MEMPIPE_RETURN_IF_ERROR(ValidatePipelineOptions(po));
 
   PipelinePlacementResult out;
@@ -44,6 +46,7 @@ absl::StatusOr<PipelinePlacementResult> RunPipelinePlacement(SyntheticContext& c
     MEMPIPE_ASSIGN_OR_RETURN(selector, MakePageSelector(po.placement.selector()));
     result.selector = std::string(selector->Name());
   }
+  if (po.apply_device) result.apply_device = std::string(po.apply_device->Name());
   std::vector<KvCacheView> caches;
   for (int l = 0; l < m.num_layers; ++l) caches.push_back(ctx.cache(l));
   MEMPIPE_ASSIGN_OR_RETURN(

@@ -103,6 +103,24 @@ class DecodePlan:
         return (pages, counts, self._buffer("select_ws", select, torch.uint8, device),
                 self._buffer("decode_ws", decode, torch.uint8, device))
 
+    def append_workspace(self, kv_cache: torch.Tensor) -> torch.Tensor | None:
+        """Scratch of append_kv_and_digests on a CUDA cache (None on the CPU).
+
+        One buffer for every layer (appends on one stream run one at a time), sized for the
+        largest cache seen, so a captured CUDA graph keeps its address.
+        """
+        if not kv_cache.is_cuda:
+            return None
+        num_blocks = kv_cache.shape[1]
+        key = ("append", num_blocks, kv_cache.device)
+        hit = self._views.get(key)
+        if hit is not None and hit[0] == self.allocations:
+            return hit[1]
+        ws = self._buffer("append_ws", _mempipe.append_workspace_bytes(num_blocks), torch.uint8,
+                          kv_cache.device)
+        self._views[key] = (self.allocations, ws)
+        return ws
+
     def reserve(self, num_seqs: int, num_heads: int, num_kv_heads: int, max_blocks: int,
                 max_selected: int, device: torch.device | str) -> None:
         """Allocates for the largest batch up front (before capturing a CUDA graph)."""
@@ -175,7 +193,14 @@ class PagedLayer:
         write kernel; a dense layer's digests are kept and never read).
         """
         key, value = key.contiguous(), value.contiguous()
-        if self.sparse or self.keep_digests or kv_cache.is_cuda:
+        if kv_cache.is_cuda:
+            # The plan's workspace: fixed addresses, so a CUDA graph can capture the append.
+            _mempipe.append_kv_and_digests(kv_cache, slot_mapping, key, value,
+                                           digests if digests is not None
+                                           else self.digests(kv_cache),
+                                           workspace=self._plan(kv_cache.device)
+                                           .append_workspace(kv_cache))
+        elif self.sparse or self.keep_digests:
             _mempipe.append_kv_and_digests(kv_cache, slot_mapping, key, value,
                                            digests if digests is not None
                                            else self.digests(kv_cache))

@@ -102,7 +102,23 @@ def test_steps_match_reference(request, gen, device_name, dtype, group, head_dim
     k_new = torch.randn(s, kvh, head_dim, generator=gen).to(dtype)
     v_new = torch.randn(s, kvh, head_dim, generator=gen).to(dtype)
     mp.append_kv_and_digests(batch.kv_cache, slots, k_new, v_new, dg_cpu)
-    mp.append_kv_and_digests(kv, slots.to(dev), k_new.to(dev), v_new.to(dev), dg)
+    if dev.type == "cuda":
+        kv_pool, dg_pool = kv.clone(), dg.clone()
+        mp.append_kv_and_digests(kv_pool, slots.to(dev), k_new.to(dev), v_new.to(dev), dg_pool)
+        # The caller-owned workspace (what DecodePlan passes) gives the same bits as the pool.
+        ws_bytes = mp.append_workspace_bytes(kv.shape[1])
+        assert ws_bytes > 0
+        with pytest.raises(ValueError, match="append_kv_and_digests needs"):
+            mp.append_kv_and_digests(kv.clone(), slots.to(dev), k_new.to(dev), v_new.to(dev),
+                                     dg.clone(), workspace=torch.empty(
+                                         ws_bytes - 1, dtype=torch.uint8, device=dev))
+        ws = torch.full((ws_bytes,), 0xAB, dtype=torch.uint8, device=dev)  # any contents
+        mp.append_kv_and_digests(kv, slots.to(dev), k_new.to(dev), v_new.to(dev), dg,
+                                 workspace=ws)
+        torch.testing.assert_close(kv_pool, kv, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(dg_pool, dg, rtol=0, atol=0, equal_nan=True)
+    else:
+        mp.append_kv_and_digests(kv, slots.to(dev), k_new.to(dev), v_new.to(dev), dg)
     torch.testing.assert_close(kv.cpu(), batch.kv_cache, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(dg.cpu(), dg_cpu, rtol=0, atol=0, equal_nan=True)
     for si in range(s):
@@ -398,9 +414,15 @@ def test_cuda_graph_replays_a_multilayer_decode_step(cuda, gen):
     for kv, dg in states["graph"]:
         kv.copy_(kv0)
         dg.copy_(dg0)
+    # The append takes the plan's workspace (fixed address), not the stream-ordered pool.
+    append_ws = plan.append_workspace(kv0)
+    assert append_ws is not None and append_ws.numel() == mp.append_workspace_bytes(kv0.shape[1])
+    allocations = plan.allocations
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step(states["graph"], q_in, k_in, v_in, slots_in, lens_in, out_g)
+    assert plan.allocations == allocations, "capture allocated plan memory"
+    assert plan.append_workspace(kv0).data_ptr() == append_ws.data_ptr()
     for i in range(4):
         q, k, v, slots, seq_lens = inputs(i)
         for dst, src in ((q_in, q), (k_in, k), (v_in, v), (slots_in, slots), (lens_in, seq_lens)):
