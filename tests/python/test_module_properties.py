@@ -79,12 +79,14 @@ def test_lengths_near_int32_max_are_refused_not_miscounted(seq_len, block_size, 
     digests = torch.zeros(4, 2, 1, 64)
     query = torch.zeros(1, 1, 64)
     table = torch.zeros(1, width, dtype=torch.int32)
-    pages = torch.zeros(1, 1, 1, dtype=torch.int32)
+    # A budget of 2 pages holds the default sink and local page, so the selection settings are
+    # valid and only the length can be refused.
+    pages = torch.zeros(1, 1, 2, dtype=torch.int32)
     counts = torch.zeros(1, 1, dtype=torch.int32)
     with pytest.raises(ValueError, match=str(seq_len)):
         _mempipe.score_and_select(query, kv, digests, table,
                                   torch.tensor([seq_len], dtype=torch.int32), pages, counts,
-                                  budget=block_size)
+                                  budget=2 * block_size)
     out = torch.full((1, 1, 64), float("nan"))
     with pytest.raises(ValueError, match=str(seq_len)):
         _mempipe.dense_decode(query, kv, table, torch.tensor([seq_len], dtype=torch.int32), out,
