@@ -16,7 +16,9 @@
 // GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own _mm512_undefined_*()
 // values; the warning is attributed to the header's lines, so it is silenced for them only.
 #pragma GCC diagnostic push
+#if !defined(__clang__)  // clang (clang-tidy in .ci/lint.sh) has no -Wmaybe-uninitialized
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 #pragma GCC diagnostic pop
@@ -212,11 +214,6 @@ class PortableHeads {
 // does not use AVX512_BF16's vdpbf16ps: it would round the query and the probabilities to
 // bf16, and a decode step is bound by memory bandwidth, not by these few FMAs.
 
-MEMPIPE_TARGET_AVX512 inline __m512 Load16(const float* p) { return _mm512_loadu_ps(p); }
-MEMPIPE_TARGET_AVX512 inline __m512 Load16(const BFloat16* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
 MEMPIPE_TARGET_AVX512 inline __m512 Load16(const Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
