@@ -6,23 +6,9 @@
 #include "retriever/select.h"
 
 namespace mempipe {
-namespace {
-
-KvCacheView Geometry(const CacheShape& shape, void* dummy) {
-  return KvCacheView{
-      dummy, shape.dtype, shape.num_blocks, shape.block_size, shape.num_kv_heads, shape.head_dim};
-}
-
-}  // namespace
-
-absl::Status ValidateCacheShape(const CacheShape& shape) {
-  int dummy = 0;
-  return ValidateKvCache(Geometry(shape, &dummy));
-}
 
 absl::Status ValidateScoreRequest(const SelectRequest& r, const CacheShape& shape) {
-  int dummy = 0;
-  const KvCacheView geometry = Geometry(shape, &dummy);
+  const KvCacheView geometry = shape.Geometry();
   MEMPIPE_RETURN_IF_ERROR(ValidateSelectionConfig(r.config, shape.block_size));
   MEMPIPE_RETURN_IF_ERROR(ValidateBlockTable(r.table, shape.block_size, shape.num_blocks));
   MEMPIPE_RETURN_IF_ERROR(ValidateQuery(r.query, geometry, r.table));

@@ -2,7 +2,7 @@
 // shared by the emulated U55C (fpga/emulation/) and the XRT host runtime (fpga/host/), so both
 // accept and reject the same calls with the same messages.
 //
-//   MEMPIPE_RETURN_IF_ERROR(ValidateCacheShape(shape));                 // AddLayer
+//   MEMPIPE_RETURN_IF_ERROR(ValidateCacheShape(shape));  // AddLayer (retriever/page_selector.h)
 //   MEMPIPE_RETURN_IF_ERROR(ValidateBuildRequest(layer, cache, table, shape));  // BuildDigests
 //   MEMPIPE_RETURN_IF_ERROR(ValidateAppend(shape, slots, num_tokens, keys));    // AppendKeys
 //   MEMPIPE_RETURN_IF_ERROR(ValidateScoreRequest(request, shape));      // Submit
@@ -16,9 +16,6 @@
 #include "retriever/page_selector.h"
 
 namespace mempipe {
-
-// Shape checks for AddLayer (what ValidateKvCache checks, without a pointer).
-[[nodiscard]] absl::Status ValidateCacheShape(const CacheShape& shape);
 
 // Everything Submit checks before anything goes to the card: the selection config, the block
 // table against the layer, finite queries of matching shape, the output view, and the kernel's

@@ -9,6 +9,15 @@
 
 namespace mempipe {
 
+KvCacheView CacheShape::Geometry() const {
+  static int placeholder = 0;
+  return KvCacheView{&placeholder, dtype, num_blocks, block_size, num_kv_heads, head_dim};
+}
+
+absl::Status ValidateCacheShape(const CacheShape& shape) {
+  return ValidateKvCache(shape.Geometry());
+}
+
 DigestView CpuPageSelector::Layer::View() {
   return DigestView{digests.data(), shape.dtype, shape.num_blocks, shape.num_kv_heads,
                     shape.head_dim};
@@ -31,11 +40,7 @@ absl::Status CpuPageSelector::AddLayer(int layer, const CacheShape& shape) {
   if (layers_.count(layer)) {
     return absl::AlreadyExistsError(absl::StrCat("layer ", layer, " was already added"));
   }
-  // Validate the shape through a cache view with a dummy non-null pointer.
-  int dummy = 0;
-  MEMPIPE_RETURN_IF_ERROR(
-      ValidateKvCache(KvCacheView{&dummy, shape.dtype, shape.num_blocks, shape.block_size,
-                                  shape.num_kv_heads, shape.head_dim}));
+  MEMPIPE_RETURN_IF_ERROR(ValidateCacheShape(shape));
   Layer& l = layers_[layer];
   l.shape = shape;
   l.digests.assign(l.View().NumBytes(), 0);
@@ -67,10 +72,7 @@ absl::StatusOr<SelectTicket> CpuPageSelector::Submit(const SelectRequest& reques
   MEMPIPE_ASSIGN_OR_RETURN(Layer * l, Find(request.layer));
   const SelectTicket ticket = next_ticket_++;
   const CacheShape& sh = l->shape;
-  // The cache itself is not read by steps 2-3; a view with the layer's geometry carries it.
-  int dummy = 0;
-  const KvCacheView geometry{&dummy,        sh.dtype,        sh.num_blocks,
-                             sh.block_size, sh.num_kv_heads, sh.head_dim};
+  const KvCacheView geometry = sh.Geometry();  // steps 2-3 never read the cache itself
   costs_ = SelectorCosts{};
   const auto t0 = Clock::now();
   absl::Status status = ValidateSelectionConfig(request.config, sh.block_size);

@@ -46,7 +46,14 @@ struct CacheShape {
   int block_size = 16;
   int num_kv_heads = 0;
   int head_dim = 0;
+
+  // A cache view with this geometry and a placeholder (non-null, never read) data pointer: the
+  // shape checks and steps 2-3 take the layer's geometry through a KvCacheView.
+  KvCacheView Geometry() const;
 };
+
+// Shape checks for AddLayer (what ValidateKvCache checks, without a pointer).
+[[nodiscard]] absl::Status ValidateCacheShape(const CacheShape& shape);
 
 // One selection: steps 2 and 3 for one layer and a batch (or micro-batch) of sequences.
 struct SelectRequest {

@@ -64,10 +64,7 @@ absl::Status GpuPageSelector::AddLayer(int layer, const CacheShape& shape) {
   if (layers_.count(layer)) {
     return absl::AlreadyExistsError(absl::StrCat("layer ", layer, " was already added"));
   }
-  int dummy = 0;
-  MEMPIPE_RETURN_IF_ERROR(
-      ValidateKvCache(KvCacheView{&dummy, shape.dtype, shape.num_blocks, shape.block_size,
-                                  shape.num_kv_heads, shape.head_dim}));
+  MEMPIPE_RETURN_IF_ERROR(ValidateCacheShape(shape));
   Layer l;
   l.shape = shape;
   MEMPIPE_ASSIGN_OR_RETURN(l.digests, DeviceBuffer::Allocate(l.View().NumBytes()));
@@ -156,9 +153,7 @@ absl::StatusOr<SelectTicket> GpuPageSelector::Queue(const SelectRequest& request
   MEMPIPE_ASSIGN_OR_RETURN(Layer * l, Find(request.layer));
   const absl::Time t0 = absl::Now();
   const CacheShape& sh = l->shape;
-  int dummy = 0;
-  const KvCacheView geometry{&dummy,        sh.dtype,        sh.num_blocks,
-                             sh.block_size, sh.num_kv_heads, sh.head_dim};
+  const KvCacheView geometry = sh.Geometry();
   // The CPU selector's checks, on the same host inputs.
   MEMPIPE_RETURN_IF_ERROR(ValidateSelectionConfig(request.config, sh.block_size));
   MEMPIPE_RETURN_IF_ERROR(ValidateBlockTable(request.table, sh.block_size, sh.num_blocks));
