@@ -21,7 +21,12 @@ def summarize(result: dict) -> list[dict]:
     rows = []
     cases = result["cases"]
     dense_ok = [c for c in cases if c["runs"]["dense"]["hit"]]
-    for name in result["configurations"]:
+    done = set(result["configurations"][:1])  # configurations with any result
+    for c in cases:
+        done.update(c["runs"])
+    for w in result["ppl"]:
+        done.update(w["runs"])
+    for name in [n for n in result["configurations"] if n in done]:
         sel = result["selections"][name]
         row = {"name": name, **sel}
         if cases:
@@ -55,9 +60,10 @@ def summarize(result: dict) -> list[dict]:
                 t[2] += c["runs"][name]["hit"]
                 t[3] += 1
             row["per_length"] = per_len
-        if result["ppl"]:
-            runs = [w["runs"][name] for w in result["ppl"]]
-            dense = [w["runs"]["dense"] for w in result["ppl"]]
+        windows = [w for w in result["ppl"] if name in w["runs"]]  # a stopped run: partial
+        if windows:
+            runs = [w["runs"][name] for w in windows]
+            dense = [w["runs"]["dense"] for w in windows]
             nll = sum(r["nll"] for r in runs) / len(runs)
             dnll = sum(r["nll"] for r in dense) / len(dense)
             row["ppl"] = 2.718281828459045 ** nll

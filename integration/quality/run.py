@@ -34,6 +34,7 @@ import math
 import os
 import pathlib
 import platform
+import shlex
 import sys
 import time
 
@@ -282,8 +283,8 @@ def main(argv=None):
     result = {
         "model": f"SmolLM2-135M-Instruct ({smollm.GGUF_FILE} from the '{smollm.GGUF_PACKAGE}' "
                  f"package, dequantized to float32)",
-        "command": " ".join(["build/python-venv/bin/python integration/quality/run.py"] + list(
-            sys.argv[1:] if argv is None else argv)),
+        "command": "build/python-venv/bin/python integration/quality/run.py " + shlex.join(
+            list(sys.argv[1:] if argv is None else argv)),
         "machine": machine(), "torch_threads": args.threads, "seed": args.seed,
         "device": (torch.cuda.get_device_name(model.device) if model.device.type == "cuda"
                    else "cpu"),
@@ -351,6 +352,7 @@ def main(argv=None):
             targets = window[prefix + 1:]
             entry = {"window": w, "context": args.ppl_context, "steps": args.ppl_steps,
                      "prefill_seconds": round(prefill_s, 2), "runs": {}}
+            result["ppl"].append(entry)  # saved after every configuration
             ref = None
             for sel in sels:
                 run = dec.forced(cache, prefix, window[prefix:], sel)
@@ -371,9 +373,8 @@ def main(argv=None):
                 r = entry["runs"][sel.name]
                 prog.tick(f"ppl window {w} {sel.name}: ppl {r['ppl']:.3f} kl {r['kl']:.4f} "
                           f"top1 {r['top1']:.3f} ({r['seconds_per_step']:.2f} s/step)")
+                save()
             del cache
-            result["ppl"].append(entry)
-            save()
     save()
     if args.selections_out:
         torch.save(dumped, args.selections_out)

@@ -26,8 +26,9 @@ size: after a run each layer is cut back to the prompt and the partial last page
 restored, so a configuration costs its decode steps, not a copy of the context.
 
 Every decode step records each sparse layer's selection (a wrapper around the extension's
-`score_and_select`, which `PagedLayer.decode` calls) and from it the bytes read from the KV
-cache (selected tokens' K and V, page digests, and the full context on dense layers), at the
+`sparse_decode`, which `PagedLayer.decode` calls with the pages it attends to) and from it the
+bytes read from the KV cache (selected tokens' K and V, the page digests of the layers that
+selected this step (`score_and_select` calls), and the full context on dense layers), at the
 cache's element size. `selection_policy(fn)` rewrites the selections in place (the CI test's
 known-wrong controls).
 """
@@ -130,7 +131,8 @@ def per_head_budget(budget: int, page_size: int, group: int, sinks: int = SINKS,
 
 class _State:
     selection: Selection | None = None
-    calls: list = []          # (seq_len, page, pages, counts) of score_and_select, this step
+    calls: list = []          # (seq_len, page, pages, counts) of sparse_decode, this step
+    selects = 0               # score_and_select calls this step (digest reads)
     seq_len = 0               # tokens in the context this step (set by the driver)
     policy = None             # (pages, counts, seq_len, page) -> (pages, counts), or None
 
@@ -173,25 +175,31 @@ def load_model(dtype: torch.dtype = torch.float32):
 
 @contextlib.contextmanager
 def _recording():
-    """Wraps the extension's score_and_select (which PagedLayer.decode calls, writing the
-    selection into the plan's buffers) to apply the policy and keep each call's selection."""
+    """Wraps the extension's sparse_decode (step 4, which PagedLayer.decode calls with the
+    selection it attends to: fresh, or reused/extended under the overlap schemes) to apply the
+    policy and keep each call's pages, and its score_and_select (steps 2-3) to count the digest
+    reads of the layers that selected this step."""
     from mempipe import _mempipe
-    original = _mempipe.score_and_select
+    select, decode = _mempipe.score_and_select, _mempipe.sparse_decode
 
-    def wrapped(query, kv_cache, digests, block_table, seq_lens, pages, counts, *args, **kw):
-        original(query, kv_cache, digests, block_table, seq_lens, pages, counts, *args, **kw)
+    def wrapped_select(query, kv_cache, digests, block_table, seq_lens, *args, **kw):
+        select(query, kv_cache, digests, block_table, seq_lens, *args, **kw)
+        _STATE.selects += 1
+
+    def wrapped_decode(query, kv_cache, block_table, seq_lens, pages, counts, *args, **kw):
         page = kv_cache.shape[2]
         if _STATE.policy is not None:
             p, c = _STATE.policy(pages.clone(), counts.clone(), _STATE.seq_len, page)
             pages.copy_(p)
             counts.copy_(c)
         _STATE.calls.append((_STATE.seq_len, page, pages.clone(), counts.clone()))
+        decode(query, kv_cache, block_table, seq_lens, pages, counts, *args, **kw)
 
-    _mempipe.score_and_select = wrapped
+    _mempipe.score_and_select, _mempipe.sparse_decode = wrapped_select, wrapped_decode
     try:
         yield
     finally:
-        _mempipe.score_and_select = original
+        _mempipe.score_and_select, _mempipe.sparse_decode = select, decode
 
 
 @contextlib.contextmanager
@@ -308,9 +316,10 @@ class Decoder:
         total = 0
         sparse_layers = len(_STATE.calls)
         total += (self.layers - sparse_layers) * self.kv_heads * full
+        page = sel.page_size
+        n_pages = -(-kv_len // page)
+        total += _STATE.selects * self.kv_heads * n_pages * 2 * self.head_dim * self.elem
         for seq_len, page, pages, counts in _STATE.calls:
-            n_pages = -(-seq_len // page)
-            total += self.kv_heads * n_pages * 2 * self.head_dim * self.elem
             pages, counts = pages.cpu(), counts.cpu()
             heads = pages.shape[1]
             per_kv = heads // self.kv_heads
@@ -345,7 +354,7 @@ class Decoder:
         try:
             with _recording():
                 for i in range(steps):
-                    _STATE.calls = []
+                    _STATE.calls, _STATE.selects = [], 0
                     pos = prefix_len + i
                     _STATE.seq_len = pos + 1
                     out = self.model(input_ids=torch.tensor([[fed[-1]]], device=self.device),

@@ -73,20 +73,31 @@ def collect(args) -> dict:
     return out
 
 
+def same_sets(ra: dict, rb: dict) -> tuple[int, int]:
+    """(selections that are the same page set, selections compared) over steps x layers x
+    heads."""
+    same = total = 0
+    for sa, sb in zip(ra["selections"], rb["selections"]):
+        for (pa, ca), (pb, cb) in zip(sa, sb):
+            for h in range(min(pa.shape[1], pb.shape[1])):
+                x = set(pa[0, h, :int(ca[0, h])].tolist())
+                y = set(pb[0, h, :int(cb[0, h])].tolist())
+                same += x == y
+                total += 1
+    return same, total
+
+
+# Negative control: two configurations that select differently must not compare as the same.
+CONTROL = ("mempipe:512:16:2:max", "mempipe:256:16:2:sum")
+
+
 def compare(a: dict, b: dict) -> tuple[str, dict]:
     rows = {}
     for spec, ra in a["runs"].items():
         rb = b["runs"].get(spec)
         if rb is None:
             continue
-        same = total = 0
-        for sa, sb in zip(ra["selections"], rb["selections"]):
-            for (pa, ca), (pb, cb) in zip(sa, sb):
-                for h in range(pa.shape[1]):
-                    x = set(pa[0, h, :int(ca[0, h])].tolist())
-                    y = set(pb[0, h, :int(cb[0, h])].tolist())
-                    same += x == y
-                    total += 1
+        same, total = same_sets(ra, rb)
         diff = 0.0
         top1 = 0
         for va, ia, vb, ib in zip(ra["top_values"], ra["top_indices"], rb["top_values"],
@@ -109,6 +120,18 @@ def compare(a: dict, b: dict) -> tuple[str, dict]:
         lines.append(f"| {r['name']} | {sel} | {r['max_abs_logprob_diff_top64']:.2e} | "
                      f"{r['top1_agree']}/{r['steps']} | {r['ms_per_step'][0]:.1f} | "
                      f"{r['ms_per_step'][1]:.1f} |")
+    x, y = CONTROL
+    if x in a["runs"] and y in b["runs"]:
+        same, total = same_sets(a["runs"][x], b["runs"][y])
+        rows["negative_control"] = {"cpu": x, "gpu": y, "selections_same": same,
+                                    "selections_total": total}
+        shifted = dict(b["runs"][x], selections=b["runs"][x]["selections"][1:])
+        s2, t2 = same_sets(a["runs"][x], shifted)
+        rows["negative_control_shifted"] = {"config": x, "selections_same": s2,
+                                            "selections_total": t2}
+        lines += ["", "Negative controls (the comparison can fail): CPU `" + x + "` against GPU `"
+                  + y + f"`: {same}/{total} page sets equal; CPU `{x}` step t against GPU `{x}` "
+                  f"step t+1 (same budget, one token later): {s2}/{t2} equal."]
     return "\n".join(lines) + "\n", rows
 
 

@@ -76,7 +76,7 @@ def main(argv=None):
     keep = set(json.loads(pathlib.Path(args.keep_tokens).read_text())) if args.keep_tokens else set()
     raw = out / f"smollm2-{args.layers}l.gguf"
     info = truncate(smollm.gguf_path(), raw, args.layers, keep)
-    with open(raw, "rb") as f, lzma.open(str(raw) + ".xz", "wb", preset=6) as g:
+    with open(raw, "rb") as f, lzma.open(str(raw) + ".xz", "wb", preset=1) as g:
         while chunk := f.read(1 << 22):
             g.write(chunk)
     info["bytes"] = raw.stat().st_size

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The quality harness on the H200 through mempipe's GPU path (one device call; see README.md).
+# Runs from the repository root of the device's copy, with the carried folder $Q holding:
+#   runtime.tar.xz  site/mempipe/ (the mempipe package + _mempipe built for CPython 3.12 with
+#                   the GPU kernels, sm_90) and libs/ (its Abseil and CUDA runtime libraries),
+#   quality/        integration/quality of this branch, whl/ the gguf wheel,
+#   model/          the truncated SmolLM2 GGUF (pack.py), xz-compressed.
+set -o pipefail
+Q=${Q:-$PWD/.gpuwork/quality2}
+OUT=${OUT:-/tmp/quality-h200}
+mkdir -p "$OUT/run"
+t0=$SECONDS
+RT=/tmp/mempipe-rt
+mkdir -p "$RT" && tar -xJf "$Q/runtime.tar.xz" -C "$RT" || exit 1
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
+  LD_LIBRARY_PATH="$RT/libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$Q"/whl/*.whl \
+  || exit 1
+export PYTHONPATH="$RT/site:/tmp/site"
+python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" \
+  "$Q"/model/*.gguf.xz /tmp/smollm2.gguf || exit 1
+export MEMPIPE_SMOLLM_GGUF=/tmp/smollm2.gguf
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch, mempipe; print('torch', torch.__version__, 'mempipe devices', mempipe.devices)"
+  echo "setup $((SECONDS - t0)) s"; } 2>&1 | tee "$OUT/device.txt"
+cd "$Q/quality"
+timeout 55 python3 gpu/check.py --device cuda --out "$OUT/gpu.pt" 2>&1 \
+  | grep -v -E "Converting|Loading weights" | tee "$OUT/check.log"
+timeout 35 python3 run.py --grid smoke --tasks passkey --lengths 1024 --depths 0.5 \
+  --per-point 1 --ppl-context 960 --ppl-steps 32 --device cuda --no-report --out "$OUT/run" 2>&1 \
+  | grep -v -E "Converting|Loading weights" | tee "$OUT/run.log"
+timeout 35 python3 step_cost.py --device cuda --length 8000 --steps 5 \
+  --json "$OUT/step_cost_8k.json" 2>&1 | grep -v -E "Converting|Loading weights" \
+  | tee "$OUT/step_cost.log"
+echo "total $((SECONDS - t0)) s" | tee -a "$OUT/device.txt"
