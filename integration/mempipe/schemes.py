@@ -150,6 +150,10 @@ class SchemeState:
         self.status: dict[tuple, torch.Tensor] = {}
         self.ahead_buffers: dict[tuple, tuple] = {}
         self.profile_recall = False
+        # Profiling hook (integration/bench/model_decode.py): marker(stage) is called before
+        # ("relevancy" or "apply": the time since the last mark) and after ("retrieval": the
+        # decode device waiting for the card) every card wait.
+        self.marker = None
         self.recall: dict[str, list[int]] = {}   # kind -> [hits, total]
         # Host counts of what ran (no device reads): per path of a sparse layer's decode.
         self.counts = {"fresh": 0, "reused": 0, "cold": 0, "lookahead": 0,
@@ -285,8 +289,13 @@ class SchemeDecode:
 
     def wait(self, slot_purpose: str, i: int, pages, counts, status) -> None:
         b, e = self.mbs[i]
+        mark = self.st.marker
+        if mark is not None:  # profiling: time up to here, then the wait alone
+            mark("apply" if i else "relevancy")
         self.offload().wait(self.st.slot(self.index, i, slot_purpose), self.rows(pages, b, e),
                             self.rows(counts, b, e), status[i:i + 1])
+        if mark is not None:
+            mark("retrieval")
 
     def settle(self, i, pages, counts, status, ws) -> bool:
         """After a card wait: fpga_fallback=gpu replaces a failed selection with the decode
