@@ -104,8 +104,8 @@ absl::StatusOr<std::unique_ptr<SelectionOffload>> SelectionOffload::Create(
 }
 
 SelectionOffload::SelectionOffload(std::unique_ptr<PageSelector> selector,
-                                   const SelectionOffloadOptions& options,
-                                   OffloadHostMemory memory, SlotControl* controls)
+                                   const SelectionOffloadOptions& options, OffloadHostMemory memory,
+                                   SlotControl* controls)
     : options_(options),
       selector_(std::move(selector)),
       memory_(std::move(memory)),
@@ -178,8 +178,8 @@ absl::Status SelectionOffload::AddLayer(int layer, const CacheShape& shape) {
       return absl::AlreadyExistsError(absl::StrCat("layer ", layer, " was already added"));
     }
     if (static_cast<int>(layers_.size()) >= options_.max_layers) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "layer ", layer, " would exceed max_layers = ", options_.max_layers));
+      return absl::ResourceExhaustedError(
+          absl::StrCat("layer ", layer, " would exceed max_layers = ", options_.max_layers));
     }
   }
   MEMPIPE_RETURN_IF_ERROR(ValidateCacheShape(shape));
@@ -251,14 +251,13 @@ absl::StatusOr<SelectionOffload::SelectPlan> SelectionOffload::PlanSelect(
                                                    DTypeName(sh.dtype)));
   }
   if (query.head_dim != sh.head_dim) {
-    return absl::InvalidArgumentError(absl::StrCat("query head_dim ", query.head_dim,
-                                                   " differs from layer ", layer, "'s ",
-                                                   sh.head_dim));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "query head_dim ", query.head_dim, " differs from layer ", layer, "'s ", sh.head_dim));
   }
   if (query.num_heads <= 0 || query.num_heads % sh.num_kv_heads != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("query num_heads must be a positive multiple of ",
-                                                   sh.num_kv_heads, " KV heads, got ",
-                                                   query.num_heads));
+    return absl::InvalidArgumentError(
+        absl::StrCat("query num_heads must be a positive multiple of ", sh.num_kv_heads,
+                     " KV heads, got ", query.num_heads));
   }
   if (table.num_seqs <= 0 || table.max_blocks_per_seq <= 0) {
     return absl::InvalidArgumentError(absl::StrCat("block_table must be non-empty, got [",
@@ -266,9 +265,8 @@ absl::StatusOr<SelectionOffload::SelectPlan> SelectionOffload::PlanSelect(
                                                    "]"));
   }
   if (query.num_seqs != table.num_seqs) {
-    return absl::InvalidArgumentError(absl::StrCat("query has ", query.num_seqs,
-                                                   " sequences but block_table has ",
-                                                   table.num_seqs));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "query has ", query.num_seqs, " sequences but block_table has ", table.num_seqs));
   }
   MEMPIPE_RETURN_IF_ERROR(ValidateSelectionConfig(config, sh.block_size));
   SelectPlan p;
@@ -283,8 +281,8 @@ absl::StatusOr<SelectionOffload::SelectPlan> SelectionOffload::PlanSelect(
   const size_t l_bytes = s * sizeof(int32_t);
   const size_t p_bytes = s * kvh * p.pages_per_head * sizeof(int32_t);
   const size_t c_bytes = s * kvh * sizeof(int32_t);
-  const size_t need = AlignUp(q_bytes) + AlignUp(t_bytes) + AlignUp(l_bytes) + AlignUp(p_bytes) +
-                      AlignUp(c_bytes);
+  const size_t need =
+      AlignUp(q_bytes) + AlignUp(t_bytes) + AlignUp(l_bytes) + AlignUp(p_bytes) + AlignUp(c_bytes);
   MEMPIPE_ASSIGN_OR_RETURN(Staging st, Grow(slot_staging_[slot], need));
   st.query = 0;
   st.table = st.query + AlignUp(q_bytes);
@@ -384,9 +382,9 @@ void SelectionOffload::IssueAppend(const AppendPlan& plan) {
   c.issued.store(seq, std::memory_order_release);
   if (c.skip.exchange(0, std::memory_order_acq_rel) != 0) {
     Die("append", absl::UnavailableError(absl::StrCat(
-                       "layer ", plan.layer,
-                       ": the previous key append still held its staging, so new keys could not "
-                       "reach the selector and its digests would go stale")));
+                      "layer ", plan.layer,
+                      ": the previous key append still held its staging, so new keys could not "
+                      "reach the selector and its digests would go stale")));
     return;
   }
   if (dead_.load(std::memory_order_acquire)) return;
@@ -400,9 +398,9 @@ void SelectionOffload::IssueAppend(const AppendPlan& plan) {
   if (!Push(job)) {
     c.holder.store(previous_holder, std::memory_order_release);
     Die("append", absl::ResourceExhaustedError(
-                       absl::StrCat("layer ", plan.layer,
-                                    ": the selector's channel was full, new keys were dropped and "
-                                    "its digests would go stale")));
+                      absl::StrCat("layer ", plan.layer,
+                                   ": the selector's channel was full, new keys were dropped and "
+                                   "its digests would go stale")));
     return;
   }
   if (options_.device_staging) {
@@ -497,8 +495,7 @@ void SelectionOffload::RunAppend(const Job& job) {
       metrics_.append_ms += MsSince(t0);
       metrics_.modeled_device_ms += c.modeled_device_ms.value_or(0);
       metrics_.modeled_energy_mj += c.modeled_energy_mj.value_or(0);
-      metrics_.bytes_to_card +=
-          static_cast<double>(p.key_bytes + p.num_tokens * sizeof(int64_t));
+      metrics_.bytes_to_card += static_cast<double>(p.key_bytes + p.num_tokens * sizeof(int64_t));
     }
   }
   p.control->released.store(job.seq, std::memory_order_release);
@@ -555,8 +552,8 @@ void SelectionOffload::RunSelect(const Job& job) {
   if (reason == OffloadReason::kSelected) {
     consecutive_failures_ = 0;
   } else if (reason != OffloadReason::kDead) {
-    Fail(absl::StrCat("select (slot ", p.slot, ", layer ", p.layer, ", ",
-                      OffloadReasonName(reason), ")"),
+    Fail(absl::StrCat("select (slot ", p.slot, ", layer ", p.layer, ", ", OffloadReasonName(reason),
+                      ")"),
          failure);
   }
   {
@@ -638,10 +635,9 @@ absl::StatusOr<OffloadReason> SelectionOffload::Wait(int slot, const SelectionVi
   const int s = p.table.num_seqs, kvh = p.num_kv_heads, k = p.pages_per_head;
   if (out.pages == nullptr || out.counts == nullptr || out.num_seqs != s ||
       out.num_kv_heads != kvh || out.max_selected < k) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("the selection must be [", s, ", ", kvh, ", >= ", k, "] pages and [", s, ", ",
-                     kvh, "] counts, got [", out.num_seqs, ", ", out.num_kv_heads, ", ",
-                     out.max_selected, "]"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the selection must be [", s, ", ", kvh, ", >= ", k, "] pages and [", s, ", ", kvh,
+        "] counts, got [", out.num_seqs, ", ", out.num_kv_heads, ", ", out.max_selected, "]"));
   }
   const SlotControl& c = *p.control;
   const uint32_t expected = c.issued.load(std::memory_order_acquire);
@@ -657,7 +653,8 @@ absl::StatusOr<OffloadReason> SelectionOffload::Wait(int slot, const SelectionVi
     std::unique_lock<std::mutex> lock(wake_mu_);
     got = wake_cv_.wait_until(lock, until, arrived);
   }
-  const auto reason = got ? static_cast<OffloadReason>(ResultCode(result)) : OffloadReason::kTimeout;
+  const auto reason =
+      got ? static_cast<OffloadReason>(ResultCode(result)) : OffloadReason::kTimeout;
   if (reason == OffloadReason::kSelected) {
     const int32_t* pages = reinterpret_cast<const int32_t*>(p.staging.base + p.staging.pages);
     const int32_t* counts = reinterpret_cast<const int32_t*>(p.staging.base + p.staging.counts);

@@ -3,7 +3,8 @@
 //
 //   decode thread / GPU stream          SPSC channel (Boost.Lockfree)       selector thread
 //   Append(layer, slots, keys) ------->  Job{append, layer, buffer}  ---->   AppendKeys
-//   Submit(slot, layer, q, table) ---->  Job{select, slot, seq}      ---->   Submit + Wait (deadline)
+//   Submit(slot, layer, q, table) ---->  Job{select, slot, seq}      ---->   Submit + Wait
+//   (deadline)
 //                                                                            ValidateSelection
 //   Wait(slot) <- slot flag (seq, code) <---------------- publish: data, then release store of seq
 //
@@ -84,11 +85,11 @@ struct OffloadHostMemory {
 OffloadHostMemory PlainHostMemory();
 
 struct SelectionOffloadOptions {
-  int slots = 64;                // requests in flight at most (one per slot), >= 1
-  double deadline_ms = 100;      // per request, from its issue, > 0
-  int dead_after_failures = 3;   // consecutive failures that declare the selector dead, >= 1
-  int max_layers = 256;          // distinct layers AddLayer accepts
-  size_t channel_capacity = 0;   // 0: 4 * slots + 4 * max_layers
+  int slots = 64;               // requests in flight at most (one per slot), >= 1
+  double deadline_ms = 100;     // per request, from its issue, > 0
+  int dead_after_failures = 3;  // consecutive failures that declare the selector dead, >= 1
+  int max_layers = 256;         // distinct layers AddLayer accepts
+  size_t channel_capacity = 0;  // 0: 4 * slots + 4 * max_layers
   // How long an issuer waits for a slot's (or a layer's append staging's) previous request to
   // release its inputs before giving up (select: kBusy; append: the selector is declared dead,
   // since its digests would go stale); 0: deadline_ms.
@@ -100,8 +101,8 @@ struct SelectionOffloadOptions {
 
 // Counters of one engine. Times are measured on this host unless named modeled_.
 struct OffloadMetrics {
-  std::string selector;                         // PageSelector::Name()
-  int64_t requests = 0;                         // select requests the selector thread published
+  std::string selector;  // PageSelector::Name()
+  int64_t requests = 0;  // select requests the selector thread published
   std::array<int64_t, kNumOffloadReasons> published{};  // ... by reason
   // Consumer side (CPU waits; the GPU side adds its device-resident counters instead).
   int64_t waits = 0;
@@ -150,7 +151,7 @@ class SelectionOffload {
   struct SelectPlan {
     int slot = 0;
     int layer = 0;
-    QueryView query;      // shape (data: the staging)
+    QueryView query;       // shape (data: the staging)
     BlockTableView table;  // shape (pointers: the staging)
     SelectionConfig config;
     int pages_per_head = 0;  // k: the staged selection is [num_seqs, num_kv_heads, k]
@@ -250,8 +251,8 @@ class SelectionOffload {
   };
   struct LayerInfo {
     CacheShape shape;
-    int index = 0;     // into the append control blocks
-    Staging append;    // [max tokens] slots + keys
+    int index = 0;   // into the append control blocks
+    Staging append;  // [max tokens] slots + keys
     size_t append_tokens = 0;
   };
 
@@ -284,7 +285,7 @@ class SelectionOffload {
   std::vector<bool> pending_;  // CPU mode: submitted, not yet waited for
   std::vector<SelectPlan> slot_plan_;
   std::vector<Clock::time_point> submitted_at_;  // CPU mode: when each slot's request was issued
-  std::vector<void*> graveyard_;  // outgrown staging, freed at shutdown
+  std::vector<void*> graveyard_;                 // outgrown staging, freed at shutdown
   bool shut_down_ = false;
 
   // Producer side of the channel: host functions may run on several driver threads, so pushes
