@@ -651,6 +651,18 @@ def validate(doc: dict) -> list[str]:
                            f"!= (prepare+relevancy+retrieval)/step {mp / r['step_ms']}")
         if not r["speedup_over_dense"] > 0:
             bad.append(f"{where}: speedup_over_dense must be positive")
+        if r["placement"] == "fpga":
+            f = r.get("fpga")
+            if not isinstance(f, dict):
+                bad.append(f"{where}: an fpga row must carry its 'fpga' figures")
+                continue
+            for k in ("card_modeled_ms_per_step", "gpu_wait_ms_per_step_profiled",
+                      "hidden_share", "fallbacks", "host_bound", "recall"):
+                if k not in f:
+                    bad.append(f"{where}: fpga figures miss {k!r}")
+            hs = f.get("hidden_share")
+            if hs is not None and not 0 <= hs <= 1:
+                bad.append(f"{where}: hidden_share must be in [0, 1], got {hs}")
     return bad
 
 
@@ -1015,7 +1027,8 @@ def fpga_fields(row: dict, r: dict, cfg, B: int, steps_ms: dict) -> None:
         "gpu_wait_ms_per_step_profiled": wait_ms,
         "hidden_share": (max(0.0, min(1.0, 1.0 - wait_ms / card_ms)) if card_ms > 0 else None),
         "requests_per_step": float(m.get("requests", 0)) / n,
-        "fallbacks": _by_reason(m, "fallbacks") or _by_reason(m, "waited"),
+        "fallbacks": _by_reason(m, "fallbacks"),
+        "gpu_wait_ms_per_step_measured": float(m.get("gpu_wait_ms", 0.0)) / n,
         "host_bound": int(m.get("host_bound", 0)),
         "selector_ms_per_step_measured": float(m.get("selector_ms", 0.0)) / n,
         "functional": cfg.fpga_functional, "backend": cfg.fpga_backend,
@@ -1025,7 +1038,8 @@ def fpga_fields(row: dict, r: dict, cfg, B: int, steps_ms: dict) -> None:
         "metrics": m,
     }
     pcie = (float(m.get("bytes_d2h", 0.0)) + float(m.get("bytes_h2d", 0.0))) / n
-    card = (float(m.get("bytes_to_card", 0.0)) + float(m.get("bytes_from_card", 0.0))) / n
+    card = (float(m.get("modeled_bytes_to_card", 0.0))
+            + float(m.get("modeled_bytes_from_card", 0.0))) / n
     row["bytes"] = {**row["bytes"], "pcie": pcie, "card_modeled": card}
     mj = m.get("modeled_energy_mj")
     fj = None if mj is None else float(mj) / 1e3 / (n * B)

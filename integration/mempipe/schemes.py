@@ -215,7 +215,8 @@ def make_offload(config, device: torch.device, slots: int):
     if not has_offload():
         raise ValueError("placement 'fpga' needs _mempipe.SelectionOffload, which this build "
                          "of mempipe lacks")
-    return _mempipe.SelectionOffload(device="cuda" if device.type == "cuda" else "cpu",
+    name = f"cuda:{device.index or 0}" if device.type == "cuda" else "cpu"
+    return _mempipe.SelectionOffload(device=name,
                                      fpga_backend=config.fpga_backend, paced=config.fpga_paced,
                                      functional=config.fpga_functional,
                                      deadline_ms=float(config.deadline_ms), slots=slots)
@@ -283,8 +284,8 @@ class SchemeDecode:
         q = self.q if q is None else q
         for i, (b, e) in enumerate(self.mbs):
             off.submit(self.st.slot(target, i, slot_purpose), card_id, self.rows(q, b, e),
-                       self.rows(self.bt, b, e), self.rows(self.lens, b, e), c.budget, c.sinks,
-                       c.locals, c.aggregation)
+                       self.rows(self.bt, b, e), self.rows(self.lens, b, e), budget=c.budget,
+                       sinks=c.sinks, locals=c.locals, aggregation=c.aggregation)
         self.st.counts["card_requests"] += len(self.mbs)
 
     def wait(self, slot_purpose: str, i: int, pages, counts, status) -> None:
