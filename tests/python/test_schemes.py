@@ -161,6 +161,37 @@ def test_fpga_matches_cpu_placement_bit_for_bit(scheme, gen):
     assert not _same(cpu, other)
 
 
+@needs_offload
+@pytest.mark.parametrize("scheme", ["sync", "pipelined4", "reuse3_async", "reuse3_sync",
+                                    "lookahead"])
+def test_fpga_matches_gpu_placement_on_cuda(scheme, gen, cuda):
+    """CUDA tensors: the engine's CUDA mode (stream-ordered submit and wait, predicated
+    fallback) decodes bit-identically to placement=gpu under each scheme."""
+    seed = _seed(gen)
+    kw = SCHEMES[scheme]
+    want = run_decoder(_cfg("gpu", **kw), seed, cuda)
+    got = run_decoder(_cfg("fpga", **kw), seed, cuda)
+    assert _same(want, got)
+    m = got.plan.offload(got.layers[0].config, cuda).metrics()
+    assert m["requests"] > 0 and _fallbacks(m) == 0, m
+    other = run_decoder(_cfg("gpu", **{**kw, "budget": 32}), seed, cuda)
+    assert not _same(want, other)
+
+
+@needs_offload
+@pytest.mark.parametrize("fallback", ["gpu", "dense"])
+def test_fallback_on_a_tiny_deadline_on_cuda(fallback, gen, cuda):
+    """CUDA: every card selection late (1 us deadline, paced card): the GPU's own selection or
+    dense decode, chosen on the device by the status word (no host sync), counted."""
+    seed = _seed(gen)
+    cfg = _cfg("fpga", deadline_ms=0.001, fpga_fallback=fallback)
+    run = run_decoder(cfg, seed, cuda, steps=4)
+    want = run_decoder(_cfg("gpu" if fallback == "gpu" else "dense"), seed, cuda, steps=4)
+    assert _same(run, want)
+    m = run.plan.offload(cfg, cuda).metrics()
+    assert _fallbacks(m) == run.plan.schemes(cfg).counts["card_requests"] > 0, m
+
+
 def _fallbacks(m: dict) -> int:
     """Fallbacks the engine counted (every reason but 'selected')."""
     by = m.get("fallbacks") or m.get("waited") or {}
@@ -362,3 +393,63 @@ def test_micro_batches_split_rows():
     assert schemes.micro_batches(10, cfg) == [(0, 3), (3, 6), (6, 8), (8, 10)]
     assert schemes.micro_batches(2, cfg) == [(0, 1), (1, 2)]
     assert schemes.micro_batches(5, _cfg("cpu")) == [(0, 5)]
+
+
+# ---- the transformers adapter --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hf_model():
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import mempipe.hf
+    torch.manual_seed(7)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512,
+                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=64, initializer_range=0.08, pad_token_id=0)
+    mempipe.hf.register()
+    model = LlamaForCausalLM(cfg).eval()
+    model.set_attn_implementation("mempipe")
+    return model
+
+
+def _hf_generate(model, ids, cfg, steps=10):
+    import mempipe.hf
+    cache = mempipe.hf.MempipeCache(cfg)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps,
+                             min_new_tokens=steps, do_sample=False, past_key_values=cache)
+    return out, cache
+
+
+HF_SCHEMES = ["sync", "pipelined2", "reuse3_async", "reuse3_sync", "lookahead"]
+
+
+@pytest.mark.parametrize("device_name", ["cpu", "cuda"])
+@pytest.mark.parametrize("scheme", HF_SCHEMES)
+def test_transformers_fpga_generates_the_tokens_of_the_local_placement(request, hf_model, gen,
+                                                                       scheme, device_name):
+    """transformers + MempipeCache: placement=fpga generates the same tokens as placement=cpu
+    (host tensors) / gpu (CUDA tensors) under each scheme, with a budget small enough that the
+    selection matters (3 of 10-12 pages), and every sparse layer's card request answered."""
+    if not schemes.has_offload():
+        pytest.skip("this build has no _mempipe.SelectionOffload")
+    dev = _device(request, device_name)
+    local = "gpu" if dev.type == "cuda" else "cpu"
+    kw = dict(budget=48, page_size=PAGE, dense_layers=1, **SCHEMES[scheme])
+    m = hf_model.to(dev)
+    try:
+        ids = torch.randint(3, 500, (2, 160), generator=gen).to(dev)
+        want, _ = _hf_generate(m, ids, MempipeConfig(placement=local, **kw))
+        got, cache = _hf_generate(m, ids, MempipeConfig(placement="fpga", **kw))
+        assert torch.equal(got, want)
+        cfg = MempipeConfig(placement="fpga", **kw)
+        off = cache.plan.offload(cfg, dev)
+        metrics = off.metrics()
+        assert metrics["requests"] > 0 and _fallbacks(metrics) == 0, metrics
+        assert cache.calls()["sparse"] == 3 * 9
+        # Known-wrong: a larger budget changes the tokens (the check can fail).
+        other, _ = _hf_generate(m, ids, MempipeConfig(placement="fpga", **{**kw, "budget": 96}))
+        assert not torch.equal(other, want)
+    finally:
+        hf_model.to("cpu")
