@@ -50,6 +50,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "backend/offload_control.h"
 #include "backend/spsc_channel.h"
 #include "core/clock.h"
 #include "core/paged_kv.h"
@@ -58,31 +59,6 @@
 #include "retriever/select.h"
 
 namespace mempipe {
-
-// What a consumer got for one request. The values are shared with the GPU wait kernel and the
-// Python binding's `status` tensor: 0 is the selector's (validated) selection, anything else a
-// fallback reason.
-enum class OffloadReason : int32_t {
-  kSelected = 0,
-  kTimeout = 1,  // the deadline passed before the result arrived
-  kError = 2,    // the selector (or the request) failed
-  kDead = 3,     // the selector was declared dead earlier
-  kInvalid = 4,  // the selector reported success with a malformed selection (ValidateSelection)
-  kBusy = 5,     // the slot's previous request still held its inputs, or the channel was full
-};
-inline constexpr int kNumOffloadReasons = 6;
-absl::string_view OffloadReasonName(OffloadReason reason);
-
-// Host memory for the staging buffers and control blocks: plain memory in CPU mode, pinned and
-// device-mapped on the GPU. `device_pointer` maps a host pointer of an allocation to the address
-// a kernel uses (identity on the host).
-struct OffloadHostMemory {
-  std::function<absl::StatusOr<void*>(size_t bytes)> allocate;
-  std::function<void(void*)> release;
-  std::function<void*(void*)> device_pointer;
-};
-// 64-byte aligned operator new / delete, identity device pointer.
-OffloadHostMemory PlainHostMemory();
 
 struct SelectionOffloadOptions {
   int slots = 64;               // requests in flight at most (one per slot), >= 1
@@ -127,19 +103,9 @@ struct OffloadMetrics {
 
 class SelectionOffload {
  public:
-  // Per-slot control block, shared with the GPU kernels (one cache line). Sequence numbers
-  // start at 1; 0 means "none yet".
-  struct alignas(64) SlotControl {
-    std::atomic<uint32_t> issued{0};    // newest request (IssueSelect / IssueAppend)
-    std::atomic<uint32_t> holder{0};    // newest request whose inputs were handed to the selector
-    std::atomic<uint32_t> released{0};  // newest request whose inputs the selector is done with
-    std::atomic<int32_t> skip{0};       // the stage kernel found the gate closed: no copy made
-    // (seq << 32) | OffloadReason of the newest published result. Only ever moves forward
-    // (compare-exchange), so a late publish of an older request cannot hide a newer one.
-    std::atomic<uint64_t> result{0};
-  };
-  static constexpr uint32_t ResultSeq(uint64_t r) { return static_cast<uint32_t>(r >> 32); }
-  static constexpr int32_t ResultCode(uint64_t r) { return static_cast<int32_t>(r & 0xffffffffu); }
+  using SlotControl = OffloadSlotControl;
+  static constexpr uint32_t ResultSeq(uint64_t r) { return OffloadResultSeq(r); }
+  static constexpr int32_t ResultCode(uint64_t r) { return OffloadResultCode(r); }
   // Staging of one request's inputs and outputs (host memory from OffloadHostMemory).
   struct Staging {
     uint8_t* base = nullptr;

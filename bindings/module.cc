@@ -376,6 +376,51 @@ size_t SelectScratchBytes(const Target& target, const BlockTableView& table, int
   return 0;
 }
 
+// The when_zero= / when_nonzero= switch of a launch: an int32 [1] tensor. A host tensor is read
+// here (the call does nothing unless it holds); one on the call's CUDA device becomes a
+// DevicePredicate that the kernels read, so no host reads it (the offload's fallback).
+struct RunSwitch {
+  bool host_skip = false;
+  const int32_t* device_flag = nullptr;
+  bool run_when_zero = true;
+};
+
+RunSwitch RunSwitchOf(const py::object& when_zero, const py::object& when_nonzero,
+                      const Target& target, const char* function) {
+  RunSwitch r;
+  if (when_zero.is_none() && when_nonzero.is_none()) return r;
+  if (!when_zero.is_none() && !when_nonzero.is_none()) {
+    Check(absl::InvalidArgumentError(
+        absl::StrCat(function, ": pass when_zero= or when_nonzero=, not both")));
+  }
+  r.run_when_zero = !when_zero.is_none();
+  BorrowedTensor flag = Borrow(r.run_when_zero ? when_zero : when_nonzero,
+                               r.run_when_zero ? "when_zero" : "when_nonzero");
+  Check(flag.RequireType(ElemType::kInt32));
+  if (flag.NumElems() != 1) {
+    Check(absl::InvalidArgumentError(
+        absl::StrCat(flag.Describe(), " must hold exactly one int32 value")));
+  }
+  if (IsHostDevice(flag.device)) {
+    const int32_t v = *static_cast<const int32_t*>(flag.data);
+    r.host_skip = (v == 0) != r.run_when_zero;
+    return r;
+  }
+  if (!target.gpu || flag.device.device_type != kDLCUDA || flag.device.device_id != target.device) {
+    Check(absl::InvalidArgumentError(
+        absl::StrCat(flag.Describe(), " must be a host tensor or on the call's device ",
+                     target.gpu ? absl::StrCat("cuda:", target.device) : std::string("cpu"))));
+  }
+  r.device_flag = static_cast<const int32_t*>(flag.data);
+  return r;
+}
+
+#ifdef MEMPIPE_MODULE_GPU
+DevicePredicate DevicePredicateOf(const RunSwitch& r) {
+  return DevicePredicate{r.device_flag, r.run_when_zero};
+}
+#endif
+
 void WriteKvPy(py::handle kv_cache, py::handle slot_mapping, py::handle key, py::handle value,
                const py::object& stream) {
   auto kv = Borrow(kv_cache, "kv_cache"), slots = Borrow(slot_mapping, "slot_mapping"),
@@ -526,7 +571,8 @@ void ScoreAndSelectPy(py::handle query, py::handle kv_cache, py::handle digests,
                       py::handle block_table, py::handle seq_lens, py::handle pages,
                       py::handle counts, int budget, int sinks, int locals,
                       const std::string& aggregation, const py::object& workspace,
-                      const py::object& stream) {
+                      const py::object& stream, const py::object& when_zero,
+                      const py::object& when_nonzero) {
   auto q = Borrow(query, "query"), kv = Borrow(kv_cache, "kv_cache"),
        dg = Borrow(digests, "digests"), bt = Borrow(block_table, "block_table"),
        lens = Borrow(seq_lens, "seq_lens"), pg = Borrow(pages, "pages"),
@@ -542,10 +588,13 @@ void ScoreAndSelectPy(py::handle query, py::handle kv_cache, py::handle digests,
   const Scratch ws =
       ScratchOf(workspace, target, SelectScratchBytes(target, table, cache.num_kv_heads),
                 "score_and_select", "select_workspace_bytes");
+  const RunSwitch run = RunSwitchOf(when_zero, when_nonzero, target, "score_and_select");
+  if (run.host_skip) return;
 #ifdef MEMPIPE_MODULE_GPU
   if (target.gpu) {
     RunOnGpu(target, [&] {
-      return ScoreAndSelectGpu(qv, cache, dv, table, config, sel, ws.data, ws.bytes, target.stream);
+      return ScoreAndSelectGpu(qv, cache, dv, table, config, sel, ws.data, ws.bytes, target.stream,
+                               DevicePredicateOf(run));
     });
     return;
   }
@@ -556,7 +605,8 @@ void ScoreAndSelectPy(py::handle query, py::handle kv_cache, py::handle digests,
 
 void DenseDecodePy(py::handle query, py::handle kv_cache, py::handle block_table,
                    py::handle seq_lens, py::handle out, float scale, int num_threads,
-                   const py::object& workspace, const py::object& stream) {
+                   const py::object& workspace, const py::object& stream,
+                   const py::object& when_zero, const py::object& when_nonzero) {
   auto q = Borrow(query, "query"), kv = Borrow(kv_cache, "kv_cache"),
        bt = Borrow(block_table, "block_table"), lens = Borrow(seq_lens, "seq_lens"),
        o = Borrow(out, "out");
@@ -568,10 +618,13 @@ void DenseDecodePy(py::handle query, py::handle kv_cache, py::handle block_table
                                DecodeScratchBytes(target, io.num_seqs, io.num_heads,
                                                   cache.num_kv_heads, table.max_blocks_per_seq),
                                "dense_decode", "decode_workspace_bytes");
+  const RunSwitch run = RunSwitchOf(when_zero, when_nonzero, target, "dense_decode");
+  if (run.host_skip) return;
 #ifdef MEMPIPE_MODULE_GPU
   if (target.gpu) {
     RunOnGpu(target, [&] {
-      return DenseDecodeGpu(io, cache, table, scale, ws.data, ws.bytes, target.stream);
+      return DenseDecodeGpu(io, cache, table, scale, ws.data, ws.bytes, target.stream,
+                            DevicePredicateOf(run));
     });
     return;
   }
@@ -583,7 +636,8 @@ void DenseDecodePy(py::handle query, py::handle kv_cache, py::handle block_table
 void SparseDecodePy(py::handle query, py::handle kv_cache, py::handle block_table,
                     py::handle seq_lens, py::handle pages, py::handle counts, py::handle out,
                     float scale, int num_threads, const py::object& workspace,
-                    const py::object& stream) {
+                    const py::object& stream, const py::object& when_zero,
+                    const py::object& when_nonzero) {
   auto q = Borrow(query, "query"), kv = Borrow(kv_cache, "kv_cache"),
        bt = Borrow(block_table, "block_table"), lens = Borrow(seq_lens, "seq_lens"),
        pg = Borrow(pages, "pages"), ct = Borrow(counts, "counts"), o = Borrow(out, "out");
@@ -597,10 +651,13 @@ void SparseDecodePy(py::handle query, py::handle kv_cache, py::handle block_tabl
       workspace, target,
       DecodeScratchBytes(target, io.num_seqs, io.num_heads, cache.num_kv_heads, sel.max_selected),
       "sparse_decode", "decode_workspace_bytes");
+  const RunSwitch run = RunSwitchOf(when_zero, when_nonzero, target, "sparse_decode");
+  if (run.host_skip) return;
 #ifdef MEMPIPE_MODULE_GPU
   if (target.gpu) {
     RunOnGpu(target, [&] {
-      return SparseDecodeGpu(io, cache, table, list, scale, ws.data, ws.bytes, target.stream);
+      return SparseDecodeGpu(io, cache, table, list, scale, ws.data, ws.bytes, target.stream,
+                             DevicePredicateOf(run));
     });
     return;
   }
@@ -1024,6 +1081,8 @@ PYBIND11_MODULE(_mempipe, m) {
 
   const auto stream = arg("stream") = py::none();
   const auto workspace = arg("workspace") = py::none();
+  const auto when_zero = arg("when_zero") = py::none();
+  const auto when_nonzero = arg("when_nonzero") = py::none();
   m.def("write_kv", &WriteKvPy, arg("kv_cache"), arg("slot_mapping"), arg("key"), arg("value"),
         py::kw_only(), stream,
         "vLLM reshape_and_cache: key/value row i into slot slot_mapping[i] (negative: skipped).");
@@ -1046,16 +1105,21 @@ PYBIND11_MODULE(_mempipe, m) {
   m.def("score_and_select", &ScoreAndSelectPy, arg("query"), arg("kv_cache"), arg("digests"),
         arg("block_table"), arg("seq_lens"), arg("pages"), arg("counts"), py::kw_only(),
         arg("budget"), arg("sinks") = 1, arg("locals") = 1, arg("aggregation") = "max", workspace,
-        stream, "Steps 2 and 3 (GPU: workspace of select_workspace_bytes).");
+        stream, when_zero, when_nonzero,
+        "Steps 2 and 3 (GPU: workspace of select_workspace_bytes). when_zero= / when_nonzero=: an "
+        "int32 [1] tensor; the call does nothing unless it is zero / non-zero (on the device: "
+        "read by the kernels, no host sync).");
   m.def("dense_decode", &DenseDecodePy, arg("query"), arg("kv_cache"), arg("block_table"),
         arg("seq_lens"), arg("out"), arg("scale"), py::kw_only(), arg("num_threads") = 1, workspace,
-        stream,
-        "Step 4, dense: one query per sequence (GPU: workspace of decode_workspace_bytes with "
+        stream, when_zero, when_nonzero,
+        "Step 4, dense: one query per sequence (when_zero= / when_nonzero= as score_and_select; "
+        "GPU: workspace of decode_workspace_bytes with "
         "max_items = block_table.shape[1]).");
   m.def("sparse_decode", &SparseDecodePy, arg("query"), arg("kv_cache"), arg("block_table"),
         arg("seq_lens"), arg("pages"), arg("counts"), arg("out"), arg("scale"), py::kw_only(),
-        arg("num_threads") = 1, workspace, stream,
-        "Step 4 over the selected pages only (GPU: workspace of decode_workspace_bytes with "
+        arg("num_threads") = 1, workspace, stream, when_zero, when_nonzero,
+        "Step 4 over the selected pages only (when_zero= / when_nonzero= as score_and_select; "
+        "GPU: workspace of decode_workspace_bytes with "
         "max_items = pages.shape[2]).");
   m.def("prefill_attention", &PrefillAttentionPy, arg("query"), arg("query_start_loc"),
         arg("kv_cache"), arg("block_table"), arg("seq_lens"), arg("out"), arg("scale"),

@@ -36,61 +36,11 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "backend/gpu/offload_kernels.h"
 #include "backend/selection_offload.h"
 #include "core/gpu/gpu_runtime.h"
 
 namespace mempipe {
-
-// Device-resident counters the wait kernel keeps (uint64 each).
-struct OffloadDeviceCounters {
-  static constexpr int kWaited = 0;                    // [kNumOffloadReasons] by reason
-  static constexpr int kWaitNs = kNumOffloadReasons;   // GPU time inside wait kernels
-  static constexpr int kSelectionBytes = kWaitNs + 1;  // selections copied host -> GPU
-  static constexpr int kCount = kSelectionBytes + 1;
-};
-
-// The launchers (gpu_selection_offload.hip), for the class below and the tests.
-namespace offload_gpu {
-
-// Polls `control` (device pointer of a mapped SlotControl) until released == holder, at most
-// `timeout_ns`; writes control->skip = 1 and *gate_ok = 0 when it stays closed (else 1).
-// `stamp_ns` (device, may be null) receives the GPU global timer at the start.
-[[nodiscard]] absl::Status LaunchGate(SelectionOffload::SlotControl* control, int32_t* gate_ok,
-                                      int64_t* stamp_ns, int64_t timeout_ns, GpuStream stream);
-// Copies up to three (src device -> dst mapped host) segments when *gate_ok != 0.
-struct CopySegment {
-  const void* src = nullptr;
-  void* dst = nullptr;
-  size_t bytes = 0;
-};
-[[nodiscard]] absl::Status LaunchStageCopy(const CopySegment* segments, int count,
-                                           const int32_t* gate_ok, GpuStream stream);
-// The wait kernel (see the banner). `control`, `staged_pages` [rows, k], `staged_counts` [rows]
-// are device pointers of mapped host memory; `out_pages` [rows, max_selected], `out_counts`
-// [rows], `status` [1] and `counters` [OffloadDeviceCounters::kCount] device memory.
-struct WaitArgs {
-  const SelectionOffload::SlotControl* control = nullptr;
-  const int64_t* stamp_ns = nullptr;
-  int64_t deadline_ns = 0;
-  const int32_t* staged_pages = nullptr;
-  const int32_t* staged_counts = nullptr;
-  int rows = 0;  // num_seqs * num_kv_heads
-  int k = 0;
-  int32_t* out_pages = nullptr;
-  int32_t* out_counts = nullptr;
-  int max_selected = 0;
-  int32_t* status = nullptr;
-  unsigned long long* counters = nullptr;
-};
-[[nodiscard]] absl::Status LaunchWait(const WaitArgs& args, GpuStream stream);
-// Enqueues `fn(data)` on `stream` (cudaLaunchHostFunc / hipLaunchHostFunc).
-[[nodiscard]] absl::Status LaunchHostFunction(GpuStream stream, void (*fn)(void*), void* data);
-// True when `stream` is capturing a graph.
-[[nodiscard]] absl::StatusOr<bool> IsCapturing(GpuStream stream);
-// Pinned, device-mapped host memory for the engine (OffloadHostMemory).
-OffloadHostMemory MappedHostMemory();
-
-}  // namespace offload_gpu
 
 class GpuSelectionOffload {
  public:
@@ -139,7 +89,7 @@ class GpuSelectionOffload {
 
   std::unique_ptr<SelectionOffload> engine_;
   int device_ = 0;
-  void* device_state_ = nullptr;  // device memory: counters, then per slot gate flag and stamp
+  DeviceBuffer state_;  // device memory: the counters, then the stamps, then the gate flags
   unsigned long long* counters_ = nullptr;
   int32_t* gate_ok_ = nullptr;   // [slots + max_layers]
   int64_t* stamp_ns_ = nullptr;  // [slots]
