@@ -562,8 +562,10 @@ def measure_recall(runner: Runner, placement: str, args, st) -> dict:
     gen = torch.Generator(device=runner.model.device).manual_seed(args.seed + 7)
     st.recall.clear()
     st.profile_recall = True
+    cycle = runner.cfgs[placement].reuse
     try:
-        for _ in range(args.recall_steps):
+        # Whole reuse cycles, so the captured graphs replayed after stay in phase.
+        for _ in range(-(-args.recall_steps // cycle) * cycle):
             runner.tokens.copy_(torch.randint(0, runner.model.s.vocab, saved.shape,
                                               generator=gen, device=saved.device))
             runner.step(placement, Timer(runner.model.device, False))

@@ -21,6 +21,12 @@ Without a MempipeCache (e.g. transformers' own DynamicCache, or no cache) the fu
 back to paging the whole context it is handed on every call: correct, but a copy of the
 context per layer and step.
 
+Schemes (mempipe.config) need a MempipeCache: `MempipeCache(MempipeConfig(placement="fpga",
+reuse=4))` runs steps 1-3 on the selection-offload engine (the cache's DecodePlan owns one per
+model; the sparse layers' prompt digests are built on the card in bulk and every decode step's
+new keys appended there), and pipelined / reuse / lookahead on every placement. Without a
+MempipeCache they are refused (they keep state across steps and layers).
+
 Supported: causal decoder attention without padding (attention_mask None or the plain causal
 pattern), no dropout, head_dim 64/128/256, fp32/fp16/bf16, CPU or CUDA tensors.
 """

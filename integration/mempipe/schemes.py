@@ -380,6 +380,11 @@ class SchemeDecode:
         if not c.layer_sparse(target) or target not in st.registry:
             return  # no next sparse layer, or it has not decoded yet (its digests unknown)
         kv, digests, card_id = st.registry[target]
+        stale = st.ahead.pop(target, None)
+        if stale is not None:  # the target did not take the last one (it did not decode)
+            saved, self.index = self.index, target
+            self.drop(stale)
+            self.index = saved
         if self.fpga:
             self.submit("ahead", target, card_id)
             st.ahead[target] = ("card", self.key, list(self.mbs))
