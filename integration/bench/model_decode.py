@@ -1057,9 +1057,10 @@ def fpga_fields(row: dict, r: dict, cfg, B: int, steps_ms: dict) -> None:
                         "GPU<->host copies real")
     hb = row["fpga"]["host_bound"]
     if hb:
+        measured = row["fpga"]["selector_ms_per_step_measured"]
         row["notes"].append(f"host-bound: {hb} requests finished on this host after their "
-                            f"modeled time (measured selector {row['fpga']['selector_ms_per_step_measured']:.2f} "
-                            f"ms/step vs modeled card {card_ms:.2f} ms/step)")
+                            f"modeled time (measured selector {measured:.2f} ms/step vs "
+                            f"modeled card {card_ms:.2f} ms/step)")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ class DecodePlan:
         self._offloads: dict = {}
         self._card_layers: dict = {}
         self._card_next: dict = {}
+        self._slots: dict = {}
 
     def schemes(self, config: MempipeConfig) -> schemes.SchemeState:
         st = self._schemes.get(config)
@@ -77,6 +78,21 @@ class DecodePlan:
         if off is None:
             off = self._offloads[key] = schemes.make_offload(config, device, self.offload_slots)
         return off
+
+    def offload_slot(self, config: MempipeConfig, device: torch.device, key: tuple) -> int:
+        """A fixed slot of the engine for `key` (one request in flight per key)."""
+        okey = schemes.offload_key(config, device)
+        slots = self._slots.setdefault(okey, {})
+        slot = slots.get(key)
+        if slot is None:
+            slot = len(slots)
+            if slot >= self.offload_slots:
+                raise ValueError(f"mempipe: the selection-offload engine has "
+                                 f"{self.offload_slots} slots and this model needs more "
+                                 f"({key[1:]}); set DecodePlan.offload_slots before the first "
+                                 "step")
+            slots[key] = slot
+        return slot
 
     def card_layer(self, config: MempipeConfig, layer: int,
                    kv_cache: torch.Tensor) -> tuple[int, bool]:

@@ -146,7 +146,6 @@ class SchemeState:
         self.selections: dict[int, LayerSelection] = {}
         self.ahead: dict[int, tuple] = {}        # target layer -> (kind, key, data)
         self.registry: dict[int, tuple] = {}     # layer -> (kv_cache, digests)
-        self.slots: dict[tuple, int] = {}
         self.status: dict[tuple, torch.Tensor] = {}
         self.ahead_buffers: dict[tuple, tuple] = {}
         self.profile_recall = False
@@ -164,19 +163,10 @@ class SchemeState:
     def offload(self, device: torch.device):
         return self.plan.offload(self.config, device)
 
-    def slot(self, layer: int, mb: int, purpose: str) -> int:
-        key = (layer, mb, purpose)
-        s = self.slots.get(key)
-        if s is None:
-            s = len(self.slots)
-            limit = self.plan.offload_slots
-            if s >= limit:
-                raise ValueError(f"mempipe: the selection-offload engine has {limit} slots and "
-                                 f"this model needs more (layer {layer}, micro-batch {mb}, "
-                                 f"{purpose}); set DecodePlan.offload_slots before the first "
-                                 "step")
-            self.slots[key] = s
-        return s
+    def slot(self, layer: int, mb: int, purpose: str, device: torch.device) -> int:
+        """The engine slot of (layer, micro-batch, purpose) under this configuration: fixed, and
+        distinct across every configuration sharing the engine (a slot holds one request)."""
+        return self.plan.offload_slot(self.config, device, (self.config, layer, mb, purpose))
 
     def status_flags(self, layer: int, n: int, device: torch.device) -> torch.Tensor:
         """[n] int32 per-micro-batch status of `layer` (0: the selection stands)."""
@@ -283,8 +273,9 @@ class SchemeDecode:
         c, off = self.c, self.offload()
         q = self.q if q is None else q
         for i, (b, e) in enumerate(self.mbs):
-            off.submit(self.st.slot(target, i, slot_purpose), card_id, self.rows(q, b, e),
-                       self.rows(self.bt, b, e), self.rows(self.lens, b, e), budget=c.budget,
+            off.submit(self.st.slot(target, i, slot_purpose, self.dev), card_id,
+                       self.rows(q, b, e), self.rows(self.bt, b, e), self.rows(self.lens, b, e),
+                       budget=c.budget,
                        sinks=c.sinks, locals=c.locals, aggregation=c.aggregation)
         self.st.counts["card_requests"] += len(self.mbs)
 
@@ -293,8 +284,8 @@ class SchemeDecode:
         mark = self.st.marker
         if mark is not None:  # profiling: time up to here, then the wait alone
             mark("apply" if i else "relevancy")
-        self.offload().wait(self.st.slot(self.index, i, slot_purpose), self.rows(pages, b, e),
-                            self.rows(counts, b, e), status[i:i + 1])
+        self.offload().wait(self.st.slot(self.index, i, slot_purpose, self.dev),
+                            self.rows(pages, b, e), self.rows(counts, b, e), status[i:i + 1])
         if mark is not None:
             mark("retrieval")
 
@@ -371,8 +362,8 @@ class SchemeDecode:
         counts = torch.empty(rows, kvh, dtype=torch.int32, device=self.dev)
         status = torch.empty(len(mbs), dtype=torch.int32, device=self.dev)
         for i, (b, e) in enumerate(mbs):
-            self.offload().wait(self.st.slot(self.index, i, purpose), pages[b:e], counts[b:e],
-                                status[i:i + 1])
+            self.offload().wait(self.st.slot(self.index, i, purpose, self.dev), pages[b:e],
+                                counts[b:e], status[i:i + 1])
 
     def submit_lookahead(self) -> None:
         """This layer's query for the next layer's digests (that layer consumes it)."""
