@@ -23,15 +23,15 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
-#include "absl/strings/str_format.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
-#include "core/status_macros.h"
 #include "attention/decode.h"
 #include "backend/selector_registry.h"
+#include "core/status_macros.h"
 #include "fpga/fpga_selector.h"
 #include "integration/bench/decode_bench.h"
 #include "integration/bench/membw.h"
@@ -280,8 +280,7 @@ int Main() {
   for (const PipelineBenchOptions& po : runs) {
     const std::string label =
         absl::StrCat(po.placement, " ", PipelineModeName(po.mode),
-                     po.mode == PipelineMode::kPipelined ? absl::StrCat("x", po.micro_batches)
-                                                         : "",
+                     po.mode == PipelineMode::kPipelined ? absl::StrCat("x", po.micro_batches) : "",
                      po.reuse > 1 ? absl::StrCat(" reuse ", po.reuse) : "");
     auto r = RunPipelinePlacement(ctx, options, po, [&](int step, int total, double ms) {
       std::fprintf(stderr, "[%s] step %d/%d  %.1f ms%s\n", label.c_str(), step, total, ms,

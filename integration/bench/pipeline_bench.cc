@@ -25,8 +25,8 @@ absl::StatusOr<PipelineBenchOptions> ParsePipelineRun(absl::string_view run,
   std::vector<std::string> parts = absl::StrSplit(run, ':');
   po.placement = std::string(absl::StripAsciiWhitespace(parts[0]));
   if (po.placement.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat("--pipelines: run '", run,
-                                                   "' has no placement"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--pipelines: run '", run, "' has no placement"));
   }
   for (size_t i = 1; i < parts.size(); ++i) {
     const std::string part(absl::StripAsciiWhitespace(parts[i]));
@@ -38,9 +38,9 @@ absl::StatusOr<PipelineBenchOptions> ParsePipelineRun(absl::string_view run,
     int value = 0;
     if (!absl::SimpleAtoi(kv.second, &value) ||
         (kv.first != "micro_batches" && kv.first != "reuse")) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "--pipelines: bad part '", part, "' in run '", run,
-          "' (expected sync, pipelined, micro_batches=N or reuse=C)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("--pipelines: bad part '", part, "' in run '", run,
+                       "' (expected sync, pipelined, micro_batches=N or reuse=C)"));
     }
     (kv.first == "reuse" ? po.reuse : po.micro_batches) = value;
   }

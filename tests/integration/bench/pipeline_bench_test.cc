@@ -109,9 +109,10 @@ TEST(PipelineBench, ParsePipelineRun) {
   EXPECT_EQ(r->micro_batches, 3);  // the defaults where the run says nothing
   EXPECT_EQ(r->reuse, 2);
 
-  r = ParsePipelineRun(" prepare=fpga,relevancy=fpga,retrieval=fpga,apply=gpu :pipelined:"
-                       "micro_batches=4:reuse=1",
-                       d);
+  r = ParsePipelineRun(
+      " prepare=fpga,relevancy=fpga,retrieval=fpga,apply=gpu :pipelined:"
+      "micro_batches=4:reuse=1",
+      d);
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->placement, "prepare=fpga,relevancy=fpga,retrieval=fpga,apply=gpu");
   EXPECT_EQ(r->mode, PipelineMode::kPipelined);
