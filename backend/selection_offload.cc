@@ -215,8 +215,16 @@ absl::Status SelectionOffload::BuildDigests(int layer, const KvCacheView& cache,
   return absl::OkStatus();
 }
 
-absl::StatusOr<SelectionOffload::Staging> SelectionOffload::Grow(Staging current, size_t need) {
+absl::StatusOr<SelectionOffload::Staging> SelectionOffload::Grow(Staging current, size_t need,
+                                                                 bool may_allocate,
+                                                                 absl::string_view what) {
   if (current.base != nullptr && current.bytes >= need) return current;
+  if (!may_allocate) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        what, " needs ", need, " bytes of staging and has ", current.bytes,
+        "; pinned memory cannot be allocated while a graph is captured: run the step once "
+        "uncaptured first (a warm-up)"));
+  }
   MEMPIPE_ASSIGN_OR_RETURN(void* raw, memory_.allocate(need));
   // NOTE: the outgrown buffer may still be read or written by a late request of this slot;
   // it stays allocated until shutdown.
@@ -229,7 +237,7 @@ absl::StatusOr<SelectionOffload::Staging> SelectionOffload::Grow(Staging current
 
 absl::StatusOr<SelectionOffload::SelectPlan> SelectionOffload::PlanSelect(
     int slot, int layer, const QueryView& query, const BlockTableView& table,
-    const SelectionConfig& config) {
+    const SelectionConfig& config, bool may_allocate) {
   std::lock_guard<std::mutex> lock(plan_mu_);
   if (shut_down_) return absl::FailedPreconditionError("the selection offload was shut down");
   if (slot < 0 || slot >= options_.slots) {
@@ -283,7 +291,8 @@ absl::StatusOr<SelectionOffload::SelectPlan> SelectionOffload::PlanSelect(
   const size_t c_bytes = s * kvh * sizeof(int32_t);
   const size_t need =
       AlignUp(q_bytes) + AlignUp(t_bytes) + AlignUp(l_bytes) + AlignUp(p_bytes) + AlignUp(c_bytes);
-  MEMPIPE_ASSIGN_OR_RETURN(Staging st, Grow(slot_staging_[slot], need));
+  MEMPIPE_ASSIGN_OR_RETURN(
+      Staging st, Grow(slot_staging_[slot], need, may_allocate, absl::StrCat("slot ", slot)));
   st.query = 0;
   st.table = st.query + AlignUp(q_bytes);
   st.lens = st.table + AlignUp(t_bytes);
@@ -316,8 +325,8 @@ absl::StatusOr<SelectionOffload::SelectPlan> SelectionOffload::PlanWait(int slot
   return slot_plan_[slot];
 }
 
-absl::StatusOr<SelectionOffload::AppendPlan> SelectionOffload::PlanAppend(int layer,
-                                                                          int num_tokens) {
+absl::StatusOr<SelectionOffload::AppendPlan> SelectionOffload::PlanAppend(int layer, int num_tokens,
+                                                                          bool may_allocate) {
   std::lock_guard<std::mutex> lock(plan_mu_);
   if (shut_down_) return absl::FailedPreconditionError("the selection offload was shut down");
   auto it = layers_.find(layer);
@@ -332,7 +341,9 @@ absl::StatusOr<SelectionOffload::AppendPlan> SelectionOffload::PlanAppend(int la
   const size_t s_bytes = static_cast<size_t>(num_tokens) * sizeof(int64_t);
   const size_t k_bytes =
       static_cast<size_t>(num_tokens) * sh.num_kv_heads * sh.head_dim * DTypeSize(sh.dtype);
-  MEMPIPE_ASSIGN_OR_RETURN(Staging st, Grow(info.append, AlignUp(s_bytes) + AlignUp(k_bytes)));
+  MEMPIPE_ASSIGN_OR_RETURN(Staging st,
+                           Grow(info.append, AlignUp(s_bytes) + AlignUp(k_bytes), may_allocate,
+                                absl::StrCat("layer ", layer, "'s key append")));
   info.append = st;
   AppendPlan p;
   p.layer = layer;

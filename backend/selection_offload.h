@@ -169,10 +169,14 @@ class SelectionOffload {
   //  3. IssueSelect / IssueAppend at stream time (a host function): never blocks, never calls a
   //     GPU API; assigns the sequence number and hands the job to the selector thread.
   // Plan errors are InvalidArgument naming the value.
+  // `may_allocate` false (a stream being captured into a graph): staging that would have to
+  // grow is a FailedPrecondition asking for an uncaptured warm-up step first.
   [[nodiscard]] absl::StatusOr<SelectPlan> PlanSelect(int slot, int layer, const QueryView& query,
                                                       const BlockTableView& table,
-                                                      const SelectionConfig& config);
-  [[nodiscard]] absl::StatusOr<AppendPlan> PlanAppend(int layer, int num_tokens);
+                                                      const SelectionConfig& config,
+                                                      bool may_allocate = true);
+  [[nodiscard]] absl::StatusOr<AppendPlan> PlanAppend(int layer, int num_tokens,
+                                                      bool may_allocate = true);
   // The plan of the slot's outstanding request, for its wait (enqueue time); marks the slot
   // free for its next Submit. FailedPrecondition when the slot has no request to wait for.
   [[nodiscard]] absl::StatusOr<SelectPlan> PlanWait(int slot);
@@ -235,7 +239,8 @@ class SelectionOffload {
   // Declares the selector dead at once (any thread).
   void Die(absl::string_view what, const absl::Status& status);
   bool Push(const Job& job);
-  [[nodiscard]] absl::StatusOr<Staging> Grow(Staging current, size_t need);
+  [[nodiscard]] absl::StatusOr<Staging> Grow(Staging current, size_t need, bool may_allocate,
+                                             absl::string_view what);
   // CPU mode: waits until control.released == control.holder, at most the gate timeout.
   bool PassGate(const SlotControl& control) const;
 

@@ -85,7 +85,9 @@ absl::Status GpuSelectionOffload::Append(int layer, const int64_t* slots, int nu
   if (num_tokens > 0 && (slots == nullptr || keys == nullptr)) {
     return absl::InvalidArgumentError("slots and keys must not be null");
   }
-  MEMPIPE_ASSIGN_OR_RETURN(SelectionOffload::AppendPlan p, engine_->PlanAppend(layer, num_tokens));
+  MEMPIPE_ASSIGN_OR_RETURN(const bool capturing, offload_gpu::IsCapturing(stream));
+  MEMPIPE_ASSIGN_OR_RETURN(SelectionOffload::AppendPlan p,
+                           engine_->PlanAppend(layer, num_tokens, !capturing));
   const int gate = static_cast<int>(p.control - engine_->slot_control(0));
   auto* control = static_cast<OffloadSlotControl*>(engine_->memory().device_pointer(p.control));
   auto* dst = static_cast<uint8_t*>(engine_->memory().device_pointer(p.slots));
@@ -110,8 +112,9 @@ absl::Status GpuSelectionOffload::Submit(int slot, int layer, const QueryView& q
   if (query.data == nullptr || table.block_table == nullptr || table.seq_lens == nullptr) {
     return absl::InvalidArgumentError("query, block_table and seq_lens must not be null");
   }
+  MEMPIPE_ASSIGN_OR_RETURN(const bool capturing, offload_gpu::IsCapturing(stream));
   MEMPIPE_ASSIGN_OR_RETURN(SelectionOffload::SelectPlan p,
-                           engine_->PlanSelect(slot, layer, query, table, config));
+                           engine_->PlanSelect(slot, layer, query, table, config, !capturing));
   const SelectionOffload::Staging& st = p.staging;
   auto* control = static_cast<OffloadSlotControl*>(engine_->memory().device_pointer(p.control));
   auto* base = static_cast<uint8_t*>(engine_->memory().device_pointer(st.base));

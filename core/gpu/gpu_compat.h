@@ -159,7 +159,13 @@ __device__ __forceinline__ bool SkipLaunch(const int32_t* flag, int run_when_zer
 inline constexpr double kAmdWallClockHz = 100e6;
 __device__ __forceinline__ int64_t GlobalTimerNs() {
 #if defined(__HIPCC__)
-  return static_cast<int64_t>(static_cast<double>(wall_clock64()) * (1e9 / kAmdWallClockHz));
+#if defined(__HIP_DEVICE_COMPILE__)
+  // wall_clock64()'s counter (s_memrealtime); HIP declares it for the device pass only.
+  return static_cast<int64_t>(static_cast<double>(__builtin_amdgcn_s_memrealtime()) *
+                              (1e9 / kAmdWallClockHz));
+#else
+  return 0;
+#endif
 #else
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -170,7 +176,9 @@ __device__ __forceinline__ int64_t GlobalTimerNs() {
 // A short pause inside a polling loop (frees issue slots for the other warps).
 __device__ __forceinline__ void PollPause() {
 #if defined(__HIPCC__)
+#if defined(__HIP_DEVICE_COMPILE__)
   __builtin_amdgcn_s_sleep(2);
+#endif
 #else
   __nanosleep(200);
 #endif

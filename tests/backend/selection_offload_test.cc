@@ -273,10 +273,9 @@ TEST(SelectionOffload, PacedEmulationCountsModeledTimeAndHostBound) {
   FpgaOptions fo;
   fo.functional = EmulatedFunctional::kReference;
   fo.paced = true;
-  // A card 1000x slower than the model's default: every request is device-bound, none
+  // HBM 1000x slower than the model's default: every request is device-bound, none
   // host-bound, and each takes at least its modeled time.
   fo.params.hbm_channel_peak_bps /= 1000;
-  fo.params.dma_to_card_bps /= 1000;
   auto sel = MakeFpgaSelector(fo);
   ASSERT_TRUE(sel.ok());
   Rig rig(*std::move(sel), {.slots = 2, .deadline_ms = 10000});
