@@ -39,7 +39,8 @@ its logits (`rel_err_logits`).
 
   python3 integration/bench/model_decode.py --json out.json [--md out.md]
         [--model llama3-8b|llama3-70b-slice] [--contexts 32768,131072,524288]
-        [--batches 1,8,max] [--placements dense-sdpa,dense-paged,gpu]
+        [--batches 1,8,max] [--placements dense-sdpa,dense-paged,gpu,fpga]
+        [--fpga_schemes sync,pipelined4,reuse4,lookahead] [--deadline_ms 100]
         [--budget 4096 --page 16 --dense_layers 2] [--min_window_s 0.5] [--seed 1]
   python3 integration/bench/model_decode.py --device cpu --json smoke.json   # tiny CPU smoke
 
@@ -54,8 +55,9 @@ Flags:
   --contexts      tokens per sequence (comma list; multiples of --page)
   --batches       comma list; `max` = the largest batch whose weights + KV + digests fit in
                   the device's free memory (with --headroom_gib spare)
-  --placements    which placements to run (comma list); without `fpga`, a labelled fpga gap
-                  row is added per configuration
+  --placements    which placements to run (comma list; default dense-sdpa,dense-paged,gpu);
+                  without `fpga`, a labelled fpga gap row is added per configuration
+                  (integration/bench/run_model_decode_fpga.sh runs the fpga rows)
   --fpga_schemes  the fpga rows (comma list of sync, pipelined4, reuse4, lookahead; default all)
   --deadline_ms   the card's deadline per selection (default 100, the configuration default)
   --fpga_fallback gpu (the GPU's own selection over its digest copy) or dense
@@ -745,7 +747,7 @@ def _main(argv=None) -> int:
     ap.add_argument("--model", default=None, choices=sorted(MODELS))
     ap.add_argument("--contexts", default=None)
     ap.add_argument("--batches", default=None)
-    ap.add_argument("--placements", default=",".join(PLACEMENTS))
+    ap.add_argument("--placements", default="dense-sdpa,dense-paged,gpu")
     ap.add_argument("--fpga_schemes", default=",".join(FPGA_SCHEMES))
     ap.add_argument("--deadline_ms", type=float, default=100.0)
     ap.add_argument("--fpga_fallback", default="gpu", choices=("gpu", "dense"))

@@ -1,6 +1,7 @@
 """The whole-model decode runner (integration/bench/model_decode.py) in its CPU smoke mode: a
-tiny random-weight model through every placement, its `mempipe.throughput/1` JSON validated (and
-known-wrong documents rejected), the Markdown table and plots.py's PNGs made from it."""
+tiny random-weight model through every placement (fpga: the offload engine's CPU mode, every
+scheme), its `mempipe.throughput/1` JSON validated (and known-wrong documents rejected), the
+Markdown table and plots.py's PNGs made from it."""
 
 import copy
 import json
@@ -25,7 +26,7 @@ def smoke(tmp_path_factory, request):
     path = out / "smoke.json"
     rc = md.main(["--device", "cpu", "--json", str(path), "--md", str(out / "smoke.md"),
                   "--seed", str(seed % (1 << 31)), "--steps", "2",
-                  "--contexts", "128,256"])
+                  "--contexts", "128,256", "--placements", "dense-sdpa,dense-paged,gpu,fpga"])
     assert rc == 0
     return json.loads(path.read_text()), path, out
 
@@ -119,6 +120,6 @@ def test_bad_flags_are_named():
     with pytest.raises(ValueError, match="budget 40"):
         md.main(["--device", "cpu", "--budget", "40"])
     with pytest.raises(ValueError, match="reuse9"):
-        md.main(["--device", "cpu", "--fpga_schemes", "reuse9"])
+        md.main(["--device", "cpu", "--placements", "gpu,fpga", "--fpga_schemes", "reuse9"])
     with pytest.raises(ValueError, match="deadline_ms must be a positive number, got -1"):
         md.main(["--device", "cpu", "--deadline_ms", "-1"])
