@@ -173,6 +173,8 @@ class TPRunner(md.Runner):
         self.world, self.rank, self.fault = model.world, model.rank, fault
         self.nccl = self.world > 1 and dist.get_backend() == "nccl"
         super().__init__(model, context, batch, args, gen)
+        self.attn_out.fill_(float("nan"))  # an output never written shows as NaN
+        self.logits.fill_(float("nan"))
         if self.world > 1:
             self._gathered = torch.empty(self.world, batch, model.full.vocab // self.world,
                                          dtype=model.dtype, device=model.device)
