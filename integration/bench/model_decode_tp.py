@@ -260,6 +260,27 @@ def _allreduce(vals, op, device) -> list[float]:
     return t.tolist()
 
 
+def rel_errors(ref: dict, got: dict) -> list[tuple]:
+    """(config, placement, output, relative L2 error of `got` against `ref`) for every output
+    of two --dump files (attention = last layer's attention output, logits); NaN stays NaN."""
+    if set(ref) != set(got):
+        raise ValueError(f"the dumps hold different configurations: {sorted(ref)} vs "
+                         f"{sorted(got)}")
+    out = []
+    for key in ref:
+        if set(ref[key]) != set(got[key]):
+            raise ValueError(f"{key}: different placements {sorted(ref[key])} vs "
+                             f"{sorted(got[key])}")
+        for p, pair_ref in ref[key].items():
+            for what, x, y in zip(("attention", "logits"), got[key][p], pair_ref):
+                if x.shape != y.shape:
+                    raise ValueError(f"{key} {p} {what}: shape {tuple(x.shape)} vs "
+                                     f"{tuple(y.shape)}")
+                err = float((x.double() - y.double()).norm() / y.double().norm())
+                out.append((key, p, what, err))
+    return out
+
+
 def measure_tp(runner: TPRunner, placement: str, args, energy: TPEnergy) -> dict:
     """model_decode.measure on every rank, in lockstep: the same step count everywhere, the
     timed windows aligned, step time = the slower rank's median, energy summed."""
