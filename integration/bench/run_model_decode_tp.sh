@@ -2,7 +2,7 @@
 # The tensor-parallel whole-model decode runner on a machine with (at least) two CUDA GPUs
 # (issue 12): builds the mempipe module with the GPU kernels (run_gpu_suite.sh's build stage;
 # MEMPIPE_PREBUILT / MEMPIPE_ABSL_LIBDIR as there), then
-#   1. model_decode_tp.py --tp 2 for Llama-3-8B at 512K and 1M tokens, batches 1 and max,
+#   1. model_decode_tp.py --tp 2 for Llama-3-8B at 512K and 1M tokens, batches 1, 2 and max,
 #      JSON rewritten after every configuration (a run cut short keeps what it finished);
 #   2. a GPU check of the split: --tp 1 and --tp 2 at 32K x 1 (dense-paged and gpu placements)
 #      with --dump, compared by tp_check.py (the logits of the split model against the
@@ -25,8 +25,8 @@ export PYTHONPATH="${MEMPIPE_SITE:-/tmp/mempipe-site}${PYTHONPATH:+:$PYTHONPATH}
 rc=0
 # shellcheck disable=SC2086
 python3 -W ignore::UserWarning integration/bench/model_decode_tp.py --tp 2 \
-  --json "$OUT/model_decode_tp2_h200.json" --md "$OUT/model_decode_tp2_h200.md" \
-  ${MEMPIPE_TP_ARGS:-} 2>&1 | tee "$OUT/model_decode_tp2_h200.log"
+  --batches 1,2,max --json "$OUT/model_decode_tp2_h200.json" \
+  --md "$OUT/model_decode_tp2_h200.md" ${MEMPIPE_TP_ARGS:-} 2>&1 | tee "$OUT/model_decode_tp2_h200.log"
 [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 if [ "${MEMPIPE_TP_CHECK:-1}" != 0 ]; then
   check=(--contexts 32768 --batches 1 --placements dense-paged,gpu --steps 3 --min_window_s 0)
