@@ -122,6 +122,15 @@ def test_tp_json_table_and_plots(runs):
     assert "collectives alone" in table and table.count("\n| 256 |") == len(doc["rows"]) + 6
     made = plots.make_plots(str(tmp / "tp2.json"), str(tmp / "plots"))
     assert {p.name for p in made} == {"tp2_steps.png", "tp2_speedup.png"}
+    # --combine: the one-process and the split run's batch-1 rows on one pair of axes.
+    assert plots.main([str(tmp / "tp1.json"), str(tmp / "tp2.json"), "--out",
+                       str(tmp / "plots"), "--combine", "both"]) == 0
+    assert (tmp / "plots" / "both_context.png").stat().st_size > 1000
+    one = json.loads((tmp / "tp2.json").read_text())
+    one["rows"] = [r for r in one["rows"] if r["batch"] != 1]
+    (tmp / "no_batch1.json").write_text(json.dumps(one))
+    with pytest.raises(ValueError, match="no measured batch-1 rows"):
+        plots.main([str(tmp / "no_batch1.json"), "--out", str(tmp / "plots"), "--combine", "x"])
 
 
 class _Args:
