@@ -46,7 +46,8 @@ with these differences:
   python3 integration/bench/model_decode_tp.py --tp 2 --json out.json --md out.md
         [--model llama3-8b] [--contexts 524288,1048576] [--batches 1,max]
         [--placements dense-sdpa,dense-paged,gpu] [--budget 4096 --page 16 --dense_layers 2]
-  torchrun --nproc-per-node 2 integration/bench/model_decode_tp.py --json out.json  # same
+  torchrun --nproc-per-node 2 integration/bench/model_decode_tp.py --json out.json  # same,
+        one host (the rank is torchrun's LOCAL_RANK)
   python3 integration/bench/model_decode_tp.py --device cpu --tp 2 --json smoke.json  # gloo
 
 Flags (the sparse configuration and measurement flags mean what they mean in model_decode.py):
@@ -489,6 +490,8 @@ def _rank_main(rank: int, world: int, args, store: str | None) -> int:
     else:
         torch.cuda.set_device(rank)
     if world > 1:
+        if cpu:  # every rank is on this host: loopback works where the hostname may not resolve
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         kw = {"backend": "gloo" if cpu else "nccl", "rank": rank, "world_size": world,
               "init_method": f"file://{store}" if store else "env://",
               "timeout": datetime.timedelta(minutes=10)}
