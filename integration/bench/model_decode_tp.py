@@ -657,9 +657,10 @@ def _run(rank: int, world: int, args) -> int:
             row["comm_graph_ms"] = comm_graph
             row["rank_step_ms"] = r["rank_step_ms"]
             if world > 1:
-                row["notes"].append(f"TP={world}: linear includes {2 * full.layers} all-reduces "
-                                    f"+ the logits all-gather (comm_graph_ms); bytes and energy summed "
-                                    f"over {world} devices, floor over {world} x bandwidth")
+                row["notes"].append(
+                    f"TP={world}: linear includes {2 * full.layers} all-reduces + the logits "
+                    f"all-gather (comm_graph_ms); bytes and energy summed over {world} devices, "
+                    f"floor over {world} x bandwidth")
             rows.append(row)
         rows.append(md.gap_row("fpga", L, B, "gap: the GPU+FPGA placement (issue 11, branch "
                                "`schemes`) had not landed on main when this ran; see "
@@ -719,8 +720,8 @@ def markdown(doc: dict) -> str:
     lines = [md.markdown(doc), f"Tensor-parallel over {doc['config']['tp']} ranks: the step's "
              f"collectives (inside `linear` above) timed alone in a CUDA graph, their share in "
              f"the eager profile, and each rank's median step.", "",
-             "| context | batch | placement | collectives alone, CUDA graph (ms; CPU: eager) | share of step "
-             "| eager profile's comm (ms, launch-bound) | ms/step per rank |",
+             "| context | batch | placement | collectives alone, CUDA graph (ms; CPU: eager) "
+             "| share of step | eager profile's comm (ms, launch-bound) | ms/step per rank |",
              "|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
         if r["step_ms"] is None:
