@@ -195,6 +195,8 @@ def _recording():
         _STATE.calls.append((_STATE.seq_len, page, pages.clone(), counts.clone()))
         decode(query, kv_cache, block_table, seq_lens, pages, counts, *args, **kw)
 
+    for w, o in ((wrapped_select, select), (wrapped_decode, decode)):
+        w.__doc__, w.__wrapped__ = o.__doc__, o  # feature probes (schemes) read the original
     _mempipe.score_and_select, _mempipe.sparse_decode = wrapped_select, wrapped_decode
     try:
         yield
@@ -257,8 +259,11 @@ class _Paged:
             self.saved.append((block, layer.digests[block].clone()))
 
     def use(self, config):
-        """Runs the next decode with `config` (same page size)."""
+        """Runs the next decode with `config` (same page size), from a fresh DecodePlan: the
+        overlap schemes keep model-level state (reused selections) in the plan."""
+        from mempipe.attention import DecodePlan
         self.cache.config = config
+        self.cache.plan = DecodePlan()
         self.cache._paged.clear()
         return self.cache
 

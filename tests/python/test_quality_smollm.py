@@ -7,6 +7,7 @@ rates; this test pins one prompt (MEMPIPE_TEST_SEED picks another; the seed is p
 - A budget covering the context reproduces dense (SDPA) greedy tokens exactly, with every
   layer on the sparse path (dense_layers=0, every page selected).
 - At a quarter of the context mempipe still finds the passkey that dense finds.
+- Pages reused across configurations (cut back after each run) equal freshly filled ones.
 - The check can fail: a position-only selection (the first and the newest pages, as
   StreamingLLM keeps) and mempipe's own selection with the passkey's pages dropped both lose
   the passkey, and the sparse run above is shown to have kept those pages.
@@ -194,3 +195,22 @@ def test_dropped_passkey_page_is_caught(smol, passkey, patched_selection):
     out = _greedy(smol, cache, case, smollm.Selection("mempipe", **QUARTER_CONFIG))
     assert sum(dropped) > 0, "the selection never held a passkey page: nothing was dropped"
     assert out["state"] == "miss", f"with the passkey pages dropped it still said {out['text']!r}"
+
+
+def test_reused_pages_match_fresh_pages(smol, passkey):
+    """The harness fills a MempipeCache once per (prompt, page size) and cuts it back after each
+    run (digest of the partial last page restored): a run on reused pages, after another
+    configuration decoded on them, equals a run on freshly filled pages, bit for bit."""
+    import smollm
+    _, dec, _ = smol
+    case, cache, _ = passkey
+    ids = case.prompt_ids
+    sel = smollm.Selection("mempipe", **QUARTER_CONFIG)
+    other = smollm.Selection("mempipe", QUARTER // 2, PAGE, dense_layers=0)
+    dec._paged.clear()
+    fresh = dec.greedy(cache, len(ids) - 1, ids[-1], sel, MAX_NEW)
+    dec.greedy(cache, len(ids) - 1, ids[-1], other, MAX_NEW)  # decodes on the same pages
+    reused = dec.greedy(cache, len(ids) - 1, ids[-1], sel, MAX_NEW)
+    assert len(dec._paged) == 1, "the two page-32 configurations did not share their pages"
+    assert reused.tokens == fresh.tokens
+    assert all(torch.equal(a, b) for a, b in zip(reused.logprobs, fresh.logprobs))
