@@ -152,7 +152,7 @@ void XrtPageSelector::ReturnIo(Pending& p) {
 }
 
 void XrtPageSelector::Started(Pending& p, RunProbe::Kind kind, int layer, int kv_head,
-                              const IoPair& io) {
+                              IoPair& io) {
   RunProbe probe;
   probe.kind = kind;
   probe.layer = layer;

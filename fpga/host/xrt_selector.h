@@ -123,7 +123,7 @@ class XrtPageSelector final : public PageSelector {
   absl::Status RunUpdate(int layer_id, Layer& layer, const int64_t* slots, int num_tokens,
                          const void* keys);
   // Records run `p.runs.back()` as started (and tells the test hook).
-  void Started(Pending& p, RunProbe::Kind kind, int layer, int kv_head, const IoPair& io);
+  void Started(Pending& p, RunProbe::Kind kind, int layer, int kv_head, IoPair& io);
   // The state the selector acts on for run `i` of `p`, given what XRT reported.
   ert_cmd_state Observed(const Pending& p, size_t i, ert_cmd_state xrt_state) const;
 
