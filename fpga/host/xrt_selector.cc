@@ -151,8 +151,7 @@ void XrtPageSelector::ReturnIo(Pending& p) {
   p.bufs.clear();
 }
 
-void XrtPageSelector::Started(Pending& p, RunProbe::Kind kind, int layer, int kv_head,
-                              IoPair& io) {
+void XrtPageSelector::Started(Pending& p, RunProbe::Kind kind, int layer, int kv_head, IoPair& io) {
   RunProbe probe;
   probe.kind = kind;
   probe.layer = layer;

@@ -78,10 +78,10 @@ class XrtPageSelector final : public PageSelector {
     Kind kind = Kind::kScore;
     int layer = 0;
     int kv_head = 0;
-    uint64_t id = 0;             // unique per run of this selector, in start order
-    uint8_t* in = nullptr;       // the run's packed inputs (host view)
+    uint64_t id = 0;        // unique per run of this selector, in start order
+    uint8_t* in = nullptr;  // the run's packed inputs (host view)
     size_t in_bytes = 0;
-    uint8_t* out = nullptr;      // the run's outputs (host view); null for digest updates
+    uint8_t* out = nullptr;  // the run's outputs (host view); null for digest updates
     size_t out_bytes = 0;
   };
   struct RunHooksForTesting {

@@ -10,9 +10,13 @@
 // (the suite's ASan build); in every build the selector must also report the request as kept
 // (abandoned_for_testing) and drop it once the card has finished.
 //
-// Against the selector before the fix (ae0f7b3^, which erased the request / let the local launch
-// go out of scope on error), every test here fails: the abandoned count is 0 instead of 1, and
-// under ASan the card's write is reported as a heap-use-after-free.
+// Against the selector before the fix (ae0f7b3^ with these hooks added: Wait erased the failed
+// request and RunUpdate let its local launch go out of scope), the five tests of the paths that
+// fix changed fail: XrtScoreFault ErrorState and WaitThrows, XrtUpdateFault ErrorState,
+// WaitThrows and StartThrows each report 0 abandoned requests instead of 1, and under ASan the
+// card's read of the freed input buffer is a heap-use-after-free. XrtScoreFault StartThrows and
+// XrtFakeCard (a missed deadline) pass there too: Submit's error path and the deadline path
+// already kept their buffers.
 #include <cstring>
 #include <map>
 #include <memory>
@@ -120,7 +124,7 @@ class FakeCard {
 
 constexpr int kKvHeads = 4;  // four runs per request, one per KV head
 
-struct Setup {
+struct Rig {
   std::unique_ptr<XrtPageSelector> sel;
   testing::Batch batch;
   std::vector<int32_t> pages, counts;
@@ -132,9 +136,9 @@ struct Setup {
   }
 };
 
-Setup MakeSetup(const char* what) {
+Rig MakeRig(const char* what) {
   std::mt19937_64 rng(testing::FreshSeed(what));
-  Setup s;
+  Rig s;
   FpgaOptions o;
   o.backend = FpgaBackend::kXrt;
   auto sel = XrtPageSelector::Open(o);
@@ -156,7 +160,7 @@ class XrtScoreFault : public ::testing::TestWithParam<Failure> {};
 // are in flight: the request's buffers stay until the card finishes them.
 TEST_P(XrtScoreFault, InFlightRunsKeepTheirBuffers) {
   const Failure failure = GetParam();
-  Setup s = MakeSetup("XrtScoreFault");
+  Rig s = MakeRig("XrtScoreFault");
   ASSERT_NE(s.sel, nullptr);
   const int fail_head = failure == Failure::kStartThrows ? 2 : 0;
   FakeCard card(Probe::Kind::kScore, fail_head, failure);
@@ -173,9 +177,8 @@ TEST_P(XrtScoreFault, InFlightRunsKeepTheirBuffers) {
     ASSERT_TRUE(ticket.ok()) << ticket.status();
     EXPECT_EQ(card.Started(Probe::Kind::kScore), kKvHeads);
     // A finite deadline polls run states; an infinite one waits on each run.
-    status = s.sel->Wait(*ticket, failure == Failure::kErrorState
-                                      ? absl::Now() + absl::Seconds(30)
-                                      : absl::InfiniteFuture());
+    status = s.sel->Wait(*ticket, failure == Failure::kErrorState ? absl::Now() + absl::Seconds(30)
+                                                                  : absl::InfiniteFuture());
   }
   EXPECT_EQ(status.code(), absl::StatusCode::kInternal) << status;
   EXPECT_EQ(s.sel->abandoned_for_testing(), 1u)
@@ -201,7 +204,7 @@ class XrtUpdateFault : public ::testing::TestWithParam<Failure> {};
 // error but keeps the launch (its buffers) until those runs finish.
 TEST_P(XrtUpdateFault, FailedUpdateKeepsTheLaunchInUse) {
   const Failure failure = GetParam();
-  Setup s = MakeSetup("XrtUpdateFault");
+  Rig s = MakeRig("XrtUpdateFault");
   ASSERT_NE(s.sel, nullptr);
   FakeCard card(Probe::Kind::kUpdate, failure == Failure::kStartThrows ? 2 : 0, failure);
   s.sel->SetRunHooksForTesting(card.Hooks());
@@ -230,7 +233,7 @@ INSTANTIATE_TEST_SUITE_P(Failures, XrtUpdateFault,
 // The fake card itself: with no failure armed for any run, a request completes normally after
 // Finish(), so the tests above see the selector's behaviour, not the card's.
 TEST(XrtFakeCard, PassesRunsThroughOnceFinished) {
-  Setup s = MakeSetup("XrtFakeCard");
+  Rig s = MakeRig("XrtFakeCard");
   ASSERT_NE(s.sel, nullptr);
   FakeCard card(Probe::Kind::kScore, /*fail_head=*/-1, Failure::kErrorState);
   s.sel->SetRunHooksForTesting(card.Hooks());

@@ -93,7 +93,9 @@ TEST(DecodeBench, DensePlacementAndErrors) {
 class WrongSelector final : public PageSelector {
  public:
   enum class Mode { kDropHeaviest, kPositionOnly };
-  WrongSelector(Mode mode, SyntheticContext* ctx) : mode_(mode), ctx_(ctx) {}
+  // `spoiled` counts the (sequence, KV head) selections it changed; it outlives the selector.
+  WrongSelector(Mode mode, SyntheticContext* ctx, int* spoiled)
+      : mode_(mode), ctx_(ctx), spoiled_(spoiled) {}
 
   absl::string_view Name() const override { return "cpu-made-wrong"; }
   absl::Status AddLayer(int layer, const CacheShape& shape) override {
@@ -121,7 +123,6 @@ class WrongSelector final : public PageSelector {
     return s;
   }
   SelectorCosts Costs() const override { return inner_.Costs(); }
-  int spoiled() const { return spoiled_; }
 
  private:
   void Spoil(const SelectRequest& r) {
@@ -134,7 +135,8 @@ class WrongSelector final : public PageSelector {
       const int n = NumPages(len, block_size_);
       if (n <= k) continue;
       for (int h = 0; h < out.num_kv_heads; ++h) {
-        int32_t* row = out.pages + (static_cast<size_t>(s) * out.num_kv_heads + h) * out.max_selected;
+        int32_t* row =
+            out.pages + (static_cast<size_t>(s) * out.num_kv_heads + h) * out.max_selected;
         int32_t& count = out.counts[static_cast<size_t>(s) * out.num_kv_heads + h];
         std::vector<int32_t> keep(row, row + count);
         if (mode_ == Mode::kPositionOnly) {
@@ -151,8 +153,8 @@ class WrongSelector final : public PageSelector {
             for (int t = 0; t < block_size_ && page * block_size_ + t < len; ++t) {
               for (int g = 0; g < group; ++g) {
                 double dot = 0;
-                const size_t q0 = (static_cast<size_t>(s) * r.query.num_heads + h * group + g) *
-                                  r.query.head_dim;
+                const size_t q0 =
+                    (static_cast<size_t>(s) * r.query.num_heads + h * group + g) * r.query.head_dim;
                 const size_t k0 = cache.Offset(0, block, t, h);
                 for (int c = 0; c < r.query.head_dim; ++c) {
                   dot += LoadAsFloat(r.query.data, r.query.dtype, q0 + c) *
@@ -167,7 +169,7 @@ class WrongSelector final : public PageSelector {
         }
         std::copy(keep.begin(), keep.end(), row);
         count = static_cast<int32_t>(keep.size());
-        ++spoiled_;
+        ++*spoiled_;
       }
     }
   }
@@ -177,7 +179,7 @@ class WrongSelector final : public PageSelector {
   CpuPageSelector inner_;
   int block_size_ = 16;
   std::map<SelectTicket, SelectRequest> requests_;
-  int spoiled_ = 0;
+  int* spoiled_;
 };
 
 // The bound rejects known-wrong answers: the bench with a selector that drops one heavy-hitter
@@ -188,12 +190,11 @@ TEST(DecodeBench, ErrorBoundRejectsWrongSelections) {
        {WrongSelector::Mode::kDropHeaviest, WrongSelector::Mode::kPositionOnly}) {
     SyntheticContext ctx(SmallConfig(seed));
     ASSERT_TRUE(ctx.Prefill(nullptr).ok());
-    WrongSelector* made = nullptr;
+    int spoiled = 0;
     RegisterPageSelectorFactory(Device::kCpu, "cpu made wrong (test)",
                                 [&]() -> absl::StatusOr<std::unique_ptr<PageSelector>> {
-                                  auto sel = std::make_unique<WrongSelector>(mode, &ctx);
-                                  made = sel.get();
-                                  return std::unique_ptr<PageSelector>(std::move(sel));
+                                  return std::unique_ptr<PageSelector>(
+                                      std::make_unique<WrongSelector>(mode, &ctx, &spoiled));
                                 });
     BenchOptions opt;
     opt.steps = 2;
@@ -201,8 +202,6 @@ TEST(DecodeBench, ErrorBoundRejectsWrongSelections) {
     opt.policy.dense_layers = 1;
     opt.policy.selection.budget_tokens = 352;
     auto r = RunPlacement(ctx, opt, "cpu", nullptr);
-    ASSERT_NE(made, nullptr);
-    const int spoiled = made->spoiled();
     UnregisterPageSelectorFactory(Device::kCpu);
     ASSERT_TRUE(r.ok()) << r.status();
     ASSERT_GT(spoiled, 0) << "the wrong selector changed nothing";
