@@ -35,6 +35,8 @@ fraction of max|v|, orders of magnitude beyond it.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from reference import PagedBatch, ref_decode, ref_scores, ref_select
@@ -60,8 +62,19 @@ class SelectionCheck:
         """Wraps the module's functions; pass pytest's monkeypatch.setattr to undo afterwards."""
         from mempipe import _mempipe
         self._select, self._decode = _mempipe.score_and_select, _mempipe.sparse_decode
-        setattr_fn(_mempipe, "score_and_select", self._score_and_select)
-        setattr_fn(_mempipe, "sparse_decode", self._sparse_decode)
+
+        def score_and_select(*args, **kw):
+            return self._score_and_select(*args, **kw)
+
+        def sparse_decode(*args, **kw):
+            return self._sparse_decode(*args, **kw)
+
+        # Same name, doc and __wrapped__ as the module's functions: code that inspects them (the
+        # schemes' predicate probe) sees the originals.
+        functools.update_wrapper(score_and_select, self._select)
+        functools.update_wrapper(sparse_decode, self._decode)
+        setattr_fn(_mempipe, "score_and_select", score_and_select)
+        setattr_fn(_mempipe, "sparse_decode", sparse_decode)
         return self
 
     def reset(self, mode: str) -> None:
