@@ -30,19 +30,17 @@ struct U55cParams {
   // A ceiling, not what the model prices by default: see PricedClockHz().
   double kernel_clock_hz = 300e6;
   // ESTIMATE of the RTL kernel's clock (fpga/rtl, pipelined fp32 units): the longest
-  // register-to-register path inside a pipeline stage is ~16 cells after Yosys 0.23
-  // synth_xilinx -family xcup (fpga/rtl/synth_results/ltp_*.txt); at 0.3-0.5 ns per level on
-  // UltraScale+ -2 that is 4.8-8 ns, 125-210 MHz. No open timing model for UltraScale+ exists;
-  // place and route would decide. fpga/rtl/synth.md. (Was 40 MHz for the combinational units.)
+  // register-to-register path of the fp32 stages is 17 cells after Yosys 0.23 synth_xilinx
+  // -family xcup (fpga/rtl/synth_results/ltp_*.txt); at 0.3-0.5 ns per level on UltraScale+ -2
+  // that is 5.1-8.5 ns, 118-196 MHz. No open timing model for UltraScale+ exists; place and
+  // route would decide. fpga/rtl/synth.md. (Was 40 MHz for the combinational units.)
   double rtl_clock_estimate_hz = 150e6;
-  // Compute units of the RTL kernel that fit the U55C's 1,303,680 LUTs (Yosys 0.23
-  // synth_xilinx -family xcup, hierarchical, no place and route, MAX_TOPK = 16): see
-  // fpga/rtl/synth.md. Fewer at MAX_TOPK = 1024 (the host limit; extrapolated there).
-  int rtl_cus_that_fit = 8;
-  // Opt-in what-if: price the kernel at the Vitis targets (kernel_clock_hz, num_cus) instead of
-  // what the RTL that exists reaches. Off by default: the model must not make the card look
-  // better than the RTL would (VitisTarget() below returns the labelled variant).
-  bool vitis_target_what_if = false;
+  // Compute units of the RTL kernel that fit the U55C's 1,303,680 LUTs, as the host needs it
+  // built (MAX_TOPK = 1024, kMaxTopK): ESTIMATE. Measured (Yosys 0.23 synth_xilinx -family
+  // xcup, hierarchical, no place and route) at MAX_TOPK = 16: 105,423 LUTs per CU -> 12 CUs;
+  // the 1,008 further insertion-array entries add ~100 LUTs each (counted, not synthesized)
+  // -> ~206k LUTs per CU -> 6 CUs. fpga/rtl/synth.md.
+  int rtl_cus_that_fit = 6;
   // One 512-bit AXI beat per clock per port: the platform's datapath width (UG1120).
   int axi_word_bytes = 64;
   // Compute units of each kernel in the xclbin, one per HBM pseudo-channel (device_layout.h):
@@ -102,6 +100,12 @@ struct U55cParams {
   // HBM refresh, shell logic) -- both estimates, used only for modeled energy.
   double board_power_active_w = 75.0;
   double board_power_idle_w = 25.0;
+
+  // --- what-if ------------------------------------------------------------------------------
+  // Opt-in what-if: price the kernel at the Vitis targets (kernel_clock_hz, num_cus) instead of
+  // what the RTL that exists reaches. Off by default: the model must not make the card look
+  // better than the RTL would (VitisTarget() below returns the labelled variant).
+  bool vitis_target_what_if = false;
 
   // The clock the model prices kernel clocks at: min(kernel_clock_hz, rtl_clock_estimate_hz)
   // (the RTL's estimate, fpga/rtl/synth.md), or kernel_clock_hz under vitis_target_what_if.
