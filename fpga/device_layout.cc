@@ -141,9 +141,9 @@ CuLaunch ScoreLaunchWork(const SelectRequest& r, const CacheShape& shape, int cu
   // The RTL kernel (fpga/rtl, measured in simulation: fpga/rtl/cycles.md): the score core takes
   // one (query head, digest word) pair per clock with pages double-buffered; its pipelined adder
   // needs max(group, score_add_stages) slots per word, so a page costs row_words x that
-  // (sum aggregation: at least group x score_add_stages); the select's emit pass reads every page
-  // once and pads the row (n + max_selected clocks) while scoring waits; each row also loads its
-  // queries (group x head_dim / 16 words) and pays the fill.
+  // (sum aggregation: at least (group - 1) x score_add_stages + 1); the select's emit pass reads
+  // every page once and pads the row (n + max_selected clocks) while scoring waits; each row also
+  // loads its queries (group x head_dim / 16 words) and pays the fill.
   CuLaunch l;
   l.cu = cu;
   l.rows = r.table.num_seqs;
@@ -152,8 +152,8 @@ CuLaunch ScoreLaunchWork(const SelectRequest& r, const CacheShape& shape, int cu
   const int group = shape.num_kv_heads > 0 ? r.query.num_heads / shape.num_kv_heads : 1;
   const int add_stages = std::max(2, params.score_add_stages);
   double page_clocks = row_words * std::max(group, add_stages);
-  if (r.config.aggregation == GroupAggregation::kSum) {
-    page_clocks = std::max(page_clocks, static_cast<double>(group) * add_stages);
+  if (r.config.aggregation == GroupAggregation::kSum) {  // a head's first sum needs no add
+    page_clocks = std::max(page_clocks, (group - 1.0) * add_stages + 1.0);
   }
   page_clocks /= static_cast<double>(params.score_heads_per_clock);
   const double query_words = static_cast<double>(group) * shape.head_dim / 16;

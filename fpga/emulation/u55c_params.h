@@ -51,12 +51,13 @@ struct U55cParams {
   // query and block-table round trips and first digests (HBM latency) and the score pipeline's
   // depth. Fitted to the RTL kernel simulated in Verilator behind an HBM-like memory model
   // (latency 100-200 clocks, random back-pressure): `fpga_rtl_cycles` on its fit shapes
-  // (fpga/rtl/cycles.md). Was an estimate of 250 per sequence.
-  int pipeline_fill_clocks = 659;
+  // (fpga/rtl/cycles.md), the pipelined RTL with the channel read at the priced clock (1 beat
+  // per clock at 150 MHz). Was 659 for the combinational RTL, an estimate of 250 before that.
+  int pipeline_fill_clocks = 676;
   // Clocks each further sequence of a launch adds beyond its per-page terms (its round trips
   // mostly overlap the previous sequence). Fitted as pipeline_fill_clocks (multi-sequence fit
-  // shapes of fpga/rtl/cycles.md).
-  int row_fill_clocks = 4;
+  // shapes of fpga/rtl/cycles.md; the deeper pipeline drains between sequences: was 4).
+  int row_fill_clocks = 32;
   // (Query head, 512-bit digest word) pairs the score kernel computes per clock: the RTL score
   // core (fpga/rtl/mempipe_score_core.sv) has 32 lanes x 2 fp32 multipliers for one head.
   // Structural; confirmed by the simulated cycle counts (fpga/rtl/cycles.md).
@@ -64,8 +65,8 @@ struct U55cParams {
   // Clocks of the RTL's pipelined fp32 adder (mempipe_fp32_add, 4 stages): a lane's running sum
   // for one head is ready again only this many clocks later, so the core issues word-major,
   // head-minor and a page costs row_words x max(group, score_add_stages) clocks; the sum
-  // aggregation adds heads one per score_add_stages clocks (group x this per page). Structural
-  // (fpga/rtl/mempipe_score_core.sv); confirmed by the simulated cycle counts.
+  // aggregation adds heads one per score_add_stages clocks ((group - 1) x this + 1 per page).
+  // Structural (fpga/rtl/mempipe_score_core.sv); confirmed by the simulated cycle counts.
   int score_add_stages = 4;
   // Clocks per page of the select stage's emit pass, which runs after a row's last score and
   // overlaps nothing (plus max_selected clocks to write the row). The RTL's emit loop reads one
