@@ -35,9 +35,9 @@ if [ "${MEMPIPE_SYNTH_LTP:-1}" = 1 ]; then
   done
   # The accumulator loop of the score core (LUTRAM of running sums + pipelined adder); the
   # LUTRAMs are left out of the graph too (their write port is a register).
-  echo "[synth] logic levels of the accumulator loop (synth_acc_lane.sv)"
+  echo "[synth] logic levels of the accumulator loop (probes/synth_acc_lane.sv)"
   yosys -q -p "
-    read_verilog -sv $here/mempipe_fp32.sv $here/synth_acc_lane.sv
+    read_verilog -sv $here/mempipe_fp32.sv $here/probes/synth_acc_lane.sv
     synth_xilinx -family xcup -top synth_acc_lane -flatten
     tee -o $out/ltp_synth_acc_lane.txt ltp -noff t:FD* t:RAM* %u %n
     tee -o $out/leaf_stat_synth_acc_lane.txt stat
