@@ -324,12 +324,15 @@ TEST(EmulatedU55c, ReferenceShapeCostsFollowTheModel) {
   // The RTL kernel's timing (fpga/rtl): the score core takes row_words x max(group, 4 adder
   // stages) clocks per page (4 x 4 here) against the HBM stream; the select's emit pass (a clock
   // per page, plus the row) and the query load do not overlap; fills once per launch and per
-  // further sequence. The 8 KV heads run on 8 CUs, as many as fit.
+  // further sequence. The 8 KV heads (CUs 0-7) run on the CUs that fit (CU c mod PricedCus),
+  // so the busiest runs ceil(8 / PricedCus) of them one after another.
   const double score_s = num_seqs * pages_per_seq * 4 * 4 / hz;
   const double serial_s =
       num_seqs * (pages_per_seq * p.select_clocks_per_page + k + 4 * 128 / 16.0) / hz;
   const double fill_s = (p.pipeline_fill_clocks + (num_seqs - 1) * p.row_fill_clocks) / hz;
-  const double kernel_s = std::max(digest_bytes / channel_bps, score_s) + serial_s + fill_s;
+  const int rounds = (8 + p.PricedCus() - 1) / p.PricedCus();
+  const double kernel_s =
+      rounds * (std::max(digest_bytes / channel_bps, score_s) + serial_s + fill_s);
   // (io bytes add about 1% to the HBM side)
   const double launch_s = p.launch_latency_s + 7 * p.per_cu_start_s;
   EXPECT_NEAR(*c.modeled_device_ms - c.transfer_ms, (kernel_s + launch_s) * 1e3,
