@@ -182,8 +182,11 @@ def test_sparse_beats_dense_at_long_context_and_sparse_costs_more_when_short():
 def test_the_gpu_waits_for_the_card_except_in_async_reuse(scheme):
     # A huge GPU<->host copy latency: every scheme but async reuse waits for it once per
     # sparse layer and selection; async never does.
+    # The card at the Vitis targets (the what-if): fast enough that only the latency matters
+    # (priced as the RTL, the card itself is slower than this floor at 128K x 4).
     g = replace(ds.h200(), host_copy_latency_s=5e-3)
-    s = ds.System(g, ds.FpgaSpec.from_header(), io="coalesced", striping="all")
+    s = ds.System(g, replace(ds.FpgaSpec.from_header(), vitis_target_what_if=True),
+                  io="coalesced", striping="all")
     for C in (1, 4):
         r = ds.evaluate("fpga", workload(131072, 4, scheme=scheme, reuse=C), s)
         floor = 30 * 2 * 5e-3 / C
@@ -210,8 +213,10 @@ def test_score_kernel_mirrors_u55c_model_by_hand():
     score = n * 4 * 4 / hz
     serial = (n + 256 + 4 * 128 / 16) / hz
     fill = f.pipeline_fill_clocks / hz
+    # The 8 KV heads run on the CUs that fit (6: rtl_cus_that_fit), two rounds.
+    rounds = -(-8 // min(32, f.rtl_cus_that_fit))
     c = ds.fpga_score_call(ds.System(ds.h200(), f), sh, sel, 1048576, 1)
-    assert c.kernel_s == pytest.approx(max(mem, score) + serial + fill, rel=1e-12)
+    assert c.kernel_s == pytest.approx(rounds * (max(mem, score) + serial + fill), rel=1e-12)
     assert c.launch_s == pytest.approx(50e-6 + 7 * 2e-6)
     dma_in = 5e-6 + (4096 + 262144 + 4096) / 10.5e9
     dma_out = 5e-6 + (4096 + 4096) / 11.5e9
@@ -222,7 +227,7 @@ def test_score_kernel_mirrors_u55c_model_by_hand():
     score_fast = n * 0.5 * 4 / hz
     assert hbm / fast.channel_read_bps() < score_fast
     c = ds.fpga_score_call(ds.System(ds.h200(), fast), sh, sel, 1048576, 1)
-    assert c.kernel_s == pytest.approx(score_fast + serial + fill, rel=1e-12)
+    assert c.kernel_s == pytest.approx(rounds * (score_fast + serial + fill), rel=1e-12)
 
 
 @pytest.mark.parametrize("context", [16, 1000, 4096])
