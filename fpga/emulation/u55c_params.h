@@ -38,9 +38,10 @@ struct U55cParams {
   // Compute units of the RTL kernel that fit the U55C's 1,303,680 LUTs, as the host needs it
   // built (MAX_TOPK = 1024, kMaxTopK): ESTIMATE. Measured (Yosys 0.23 synth_xilinx -family
   // xcup, hierarchical, no place and route) at MAX_TOPK = 16: 105,423 LUTs per CU -> 12 CUs;
-  // the 1,008 further insertion-array entries add ~100 LUTs each (counted, not synthesized)
-  // -> ~206k LUTs per CU -> 6 CUs. fpga/rtl/synth.md.
-  int rtl_cus_that_fit = 6;
+  // the select alone synthesized at 16 and 64 entries grows 132 LUTs per entry, so the 1,008
+  // further entries add ~133k (linear extrapolation) -> ~238k LUTs per CU -> 5 CUs.
+  // fpga/rtl/synth.md.
+  int rtl_cus_that_fit = 5;
   // One 512-bit AXI beat per clock per port: the platform's datapath width (UG1120).
   int axi_word_bytes = 64;
   // Compute units of each kernel in the xclbin, one per HBM pseudo-channel (device_layout.h):

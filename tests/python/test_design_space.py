@@ -213,7 +213,7 @@ def test_score_kernel_mirrors_u55c_model_by_hand():
     score = n * 4 * 4 / hz
     serial = (n + 256 + 4 * 128 / 16) / hz
     fill = f.pipeline_fill_clocks / hz
-    # The 8 KV heads run on the CUs that fit (6: rtl_cus_that_fit), two rounds.
+    # The 8 KV heads run on the CUs that fit (5: rtl_cus_that_fit), two rounds.
     rounds = -(-8 // min(32, f.rtl_cus_that_fit))
     c = ds.fpga_score_call(ds.System(ds.h200(), f), sh, sel, 1048576, 1)
     assert c.kernel_s == pytest.approx(rounds * (max(mem, score) + serial + fill), rel=1e-12)
