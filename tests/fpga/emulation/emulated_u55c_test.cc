@@ -361,6 +361,15 @@ TEST(FpgaFactory, BuildsTheEmulatorAndRejectsBadOptions) {
   bad = FpgaOptions{};
   bad.params.hbm_efficiency = 1.5;
   EXPECT_EQ(MakeFpgaSelector(bad).status().code(), absl::StatusCode::kInvalidArgument);
+  bad = FpgaOptions{};
+  bad.params.rtl_cus_that_fit = 0;  // no cap would price 32 CUs silently
+  EXPECT_EQ(MakeFpgaSelector(bad).status().code(), absl::StatusCode::kInvalidArgument);
+  bad = FpgaOptions{};
+  bad.params.rtl_clock_estimate_hz = 0;
+  EXPECT_EQ(MakeFpgaSelector(bad).status().code(), absl::StatusCode::kInvalidArgument);
+  FpgaOptions vitis;  // the labelled what-if is accepted
+  vitis.params = U55cParams::VitisTarget();
+  EXPECT_TRUE(MakeFpgaSelector(vitis).ok());
   EXPECT_EQ(*ParseFpgaBackend("xrt"), FpgaBackend::kXrt);
   EXPECT_FALSE(ParseFpgaBackend("vitis").ok());
 }
