@@ -60,9 +60,10 @@ TEST(U55cModel, ChunksTransfersAtTheLargestDma) {
 }
 
 // 32 CUs, each streaming 256 MB from its own pseudo-channel, together reach the 410-425 GB/s
-// measured on U280/U55C kernels; one CU gets one channel's share.
+// measured on U280/U55C kernels; one CU gets one channel's share. The memory-side calibration,
+// so at the Vitis targets (300 MHz, 32 CUs: the what-if variant), where the port is not the limit.
 TEST(U55cModel, HbmAggregateMatchesMeasuredKernels) {
-  const U55cParams p;
+  const U55cParams p = U55cParams::VitisTarget();
   const U55cModel m{p};
   const double bytes = 256.0 * 1024 * 1024;
   std::vector<CuLaunch> launches;
@@ -92,12 +93,52 @@ TEST(U55cModel, LaunchLatencyInTheReportedRange) {
 }
 
 TEST(U55cModel, KernelClockBoundsComputeStages) {
-  U55cParams p;
+  const U55cParams p = U55cParams::VitisTarget();
   const U55cModel m{p};
   // One select clock per page at 300 MHz: 3e8 clocks take one second.
   EXPECT_NEAR(m.CuSeconds(CuLaunch{0, 0, 0, 3e8, 0}), 1.0, 1e-9);
   // The port moves one 512-bit word per clock: 19.2 GB/s, above a channel's 13 GB/s.
   EXPECT_GT(p.axi_word_bytes * p.kernel_clock_hz, m.ChannelReadBps());
+}
+
+// By default the model prices what the RTL reaches (fpga/rtl/synth.md), never the Vitis targets:
+// min(kernel_clock_hz, rtl_clock_estimate_hz) and min(num_cus, rtl_cus_that_fit).
+TEST(U55cModel, DefaultPricesTheRtlNotTheVitisTarget) {
+  const U55cParams p;
+  EXPECT_FALSE(p.vitis_target_what_if);
+  EXPECT_EQ(p.PricedClockHz(), std::min(p.kernel_clock_hz, p.rtl_clock_estimate_hz));
+  EXPECT_EQ(p.PricedCus(), std::min(p.num_cus, p.rtl_cus_that_fit));
+  EXPECT_LT(p.PricedClockHz(), 300e6);  // the RTL's estimate is below the Vitis target
+  EXPECT_LT(p.PricedCus(), 32);         // and fewer CUs fit than channels exist
+  const U55cModel m{p};
+  // Clocks are priced at the RTL's clock.
+  EXPECT_NEAR(m.CuSeconds(CuLaunch{0, 0, 0, p.rtl_clock_estimate_hz, 0}), 1.0, 1e-9);
+  // A port at that clock: min(channel, 64 B x clock).
+  EXPECT_NEAR(m.ChannelReadBps(),
+              std::min(p.hbm_channel_peak_bps * p.hbm_efficiency,
+                       p.axi_word_bytes * p.rtl_clock_estimate_hz),
+              1.0);
+  // 32 slices of 256 MB, one per channel, run on the CUs that fit (slice c on CU c mod fit), one
+  // after another on each: the busiest CU scans ceil(32 / fit) of them.
+  const double bytes = 256.0 * 1024 * 1024;
+  std::vector<CuLaunch> launches;
+  for (int cu = 0; cu < p.hbm_channels; ++cu) launches.push_back(CuLaunch{cu, bytes, 0, 0, 0});
+  const double aggregate = p.hbm_channels * bytes / m.Call({}, launches, {}).kernel_s;
+  const int rounds = (p.hbm_channels + p.PricedCus() - 1) / p.PricedCus();
+  EXPECT_NEAR(aggregate, p.hbm_channels * m.ChannelReadBps() / rounds, 1e-6 * aggregate);
+  // The what-if variant is faster, and the default never beats it (the check rejects a model
+  // that prices the targets: the Vitis figure is not the default's).
+  const U55cModel vitis{U55cParams::VitisTarget()};
+  const double vitis_aggregate = p.hbm_channels * bytes / vitis.Call({}, launches, {}).kernel_s;
+  EXPECT_GT(vitis_aggregate, 2 * aggregate);
+  // A kernel clock below the estimate (a slower card) is priced at that clock.
+  U55cParams slow = p;
+  slow.kernel_clock_hz = p.rtl_clock_estimate_hz / 2;
+  EXPECT_EQ(slow.PricedClockHz(), slow.kernel_clock_hz);
+  // Fewer CUs than fit: those.
+  U55cParams few = p;
+  few.num_cus = 2;
+  EXPECT_EQ(few.PricedCus(), 2);
 }
 
 TEST(U55cModel, EnergyIsBoardPowerTimesTime) {
