@@ -13,6 +13,11 @@ Keys (all optional):
     aggregation   max | sum over the query heads of a GQA group.
     reuse         reuse a selection for C decode steps.
     mode          sync | pipelined.
+    digest_dtype  native | int8: page digests as max/min in the cache dtype, or int8 codes
+                  rounded outward with one fp32 scale per page and KV head (the Quest bound
+                  stays valid; about half the bytes to scan; retriever/int8_quant.h). int8 runs
+                  in the C++ selectors, the stage pipeline and mempipe-bench (--digest_dtype);
+                  not yet from Python.
 
 In vLLM the same keys may come from `--additional-config '{"mempipe": {"budget": 2048}}'`;
 the environment variable wins where both set a key, so one run can be retargeted without
@@ -40,6 +45,7 @@ ENV_VAR = "MEMPIPE_CONFIG"
 PLACEMENTS = ("dense", "cpu", "gpu", "fpga")
 MODES = ("sync", "pipelined")
 AGGREGATIONS = ("max", "sum")
+DIGEST_DTYPES = ("native", "int8")
 # Defined once, in C++ (core/paged_kv.h, core/dtype.h); read from the module.
 PAGE_SIZES = tuple(_mempipe.supported_block_sizes)
 HEAD_DIMS = tuple(_mempipe.supported_head_dims)
@@ -67,6 +73,7 @@ class MempipeConfig:
     aggregation: str = "max"
     reuse: int = 1
     mode: str = "sync"
+    digest_dtype: str = "native"
 
     @property
     def sparse(self) -> bool:
@@ -133,6 +140,11 @@ class MempipeConfig:
             reasons.append(f"mode must be sync or pipelined, got '{self.mode}'")
         elif self.mode == "pipelined":
             reasons.append("mode 'pipelined' is not available from Python yet; use sync")
+        if self.digest_dtype not in DIGEST_DTYPES:
+            reasons.append(f"digest_dtype must be native or int8, got '{self.digest_dtype}'")
+        elif self.digest_dtype == "int8" and self.sparse:
+            reasons.append("digest_dtype 'int8' is not available from Python yet (the C++ "
+                           "selectors and mempipe-bench --digest_dtype=int8 take it); use native")
         if self.reuse < 1:
             reasons.append(f"reuse must be >= 1, got {self.reuse}")
         elif self.reuse > 1:
