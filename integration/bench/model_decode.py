@@ -205,19 +205,7 @@ class Runner:
         # One paged cache per layer; block table = identity, so sequence b's K (or V) is the
         # contiguous slice [b*blocks*page, (b+1)*blocks*page) -- the "contiguous cache" of the
         # dense-sdpa placement is a view of the same memory.
-        self.caches, self.digests = [], []
-        chunk = max(1, (1 << 28) // (page * s.kv_heads * s.head_dim))  # pages per fill chunk
-        for _ in range(s.layers):
-            kv = torch.empty(2, nb, page, s.kv_heads, s.head_dim, dtype=model.dtype, device=dev)
-            dg = torch.empty(nb, 2, s.kv_heads, s.head_dim, dtype=model.dtype, device=dev)
-            for a in range(0, nb, chunk):
-                b = min(nb, a + chunk)
-                kv[:, a:b].normal_(generator=gen)
-                keys = kv[0, a:b]
-                dg[a:b, 0] = keys.amax(1)
-                dg[a:b, 1] = keys.amin(1)
-            self.caches.append(kv)
-            self.digests.append(dg)
+        self.caches, self.digests = self.fill_caches(nb, gen)
         self.block_table = torch.arange(nb, dtype=torch.int32, device=dev).view(batch, -1)
         self.seq_lens = torch.full((batch,), context, dtype=torch.int32, device=dev)
         self.slots = (torch.arange(batch, device=dev, dtype=torch.int64) * context
@@ -243,6 +231,35 @@ class Runner:
         self.plan.reserve(batch, s.q_heads, s.kv_heads, self.blocks, args.budget // page, dev)
         self.sdpa_backend = None
         self.sdpa_form = "rows"
+
+    def fill_caches(self, nb: int, gen: torch.Generator):
+        """Every layer's paged cache [2, nb, page, kv_heads, D] filled with random keys and
+        values, and its page digests [nb, 2, kv_heads, D] (max, min) built from them."""
+        s, dev, page = self.model.s, self.model.device, self.args.page
+        caches, digests = [], []
+        chunk = max(1, (1 << 28) // (page * s.kv_heads * s.head_dim))  # pages per fill chunk
+        for _ in range(s.layers):
+            kv = torch.empty(2, nb, page, s.kv_heads, s.head_dim, dtype=self.model.dtype,
+                             device=dev)
+            dg = torch.empty(nb, 2, s.kv_heads, s.head_dim, dtype=self.model.dtype, device=dev)
+            for a in range(0, nb, chunk):
+                b = min(nb, a + chunk)
+                kv[:, a:b].normal_(generator=gen)
+                keys = kv[0, a:b]
+                dg[a:b, 0] = keys.amax(1)
+                dg[a:b, 1] = keys.amin(1)
+            caches.append(kv)
+            digests.append(dg)
+        return caches, digests
+
+    # Tensor-parallel hooks (model_decode_tp.py overrides them; one GPU: identities).
+    def reduce(self, partial: torch.Tensor, timer: Timer) -> torch.Tensor:
+        """The row-parallel layers' (O, down) partial sums: complete on one device."""
+        return partial
+
+    def lm_logits(self, h: torch.Tensor, timer: Timer) -> torch.Tensor:
+        """Logits [B, vocab] of the final hidden state."""
+        return F.linear(h, self.model.lm_head)
 
     # -- attention per placement: writes self.attn_out [B, H, D] --
     def attention(self, placement, i, q, k, v, timer, sparse_layer):
@@ -307,13 +324,13 @@ class Runner:
             v = v.reshape(B, s.kv_heads, s.head_dim).contiguous()
             timer.mark("linear")
             self.attention(placement, i, q, k, v, timer, None)
-            x = x + F.linear(self.attn_out.view(B, -1), lw["o"])
+            x = x + self.reduce(F.linear(self.attn_out.view(B, -1), lw["o"]), timer)
             h = rms_norm(x, lw["n2"])
             gu = F.linear(h, lw["gate_up"])
             gate, up = gu.chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, lw["down"])
+            x = x + self.reduce(F.linear(F.silu(gate) * up, lw["down"]), timer)
             timer.mark("linear")
-        self.logits.copy_(F.linear(rms_norm(x, m.norm), m.lm_head))
+        self.logits.copy_(self.lm_logits(rms_norm(x, m.norm), timer))
         timer.mark("linear")
 
     def pick_sdpa_backend(self):
@@ -558,6 +575,8 @@ def _ratio(a, b) -> str:
 
 
 def _ctx(L: int) -> str:
+    if L % (1 << 20) == 0:
+        return f"{L >> 20}M"
     return f"{L // 1024}K" if L % 1024 == 0 else str(L)
 
 
