@@ -28,6 +28,7 @@
 #include "attention/decode.h"
 #include "backend/selector_registry.h"
 #include "fpga/fpga_selector.h"
+#include "retriever/hierarchical.h"
 #include "integration/bench/decode_bench.h"
 #include "integration/bench/membw.h"
 #include "integration/bench/pipeline_bench.h"
@@ -50,6 +51,16 @@ ABSL_FLAG(int, sink_pages, 1, "First pages always selected");
 ABSL_FLAG(int, local_pages, 1, "Last pages (the partial page included) always selected");
 ABSL_FLAG(int, dense_layers, 2, "First layers that always decode densely (Quest keeps 2)");
 ABSL_FLAG(std::string, aggregation, "max", "GQA score aggregation over a group: max or sum");
+ABSL_FLAG(std::string, hierarchy, "none",
+          "Two-level selection (retriever/hierarchical.h): none, or <page>in<super-page> in "
+          "tokens, e.g. 16in64 (LServe's geometry: score 64-token super-pages, then the 16-token "
+          "pages of the best ones); the prompt's blocks are then allocated in aligned groups");
+ABSL_FLAG(int, hierarchy_expansion, 2,
+          "With --hierarchy: super-pages kept = this x ceil(middle budget pages / pages per "
+          "super-page)");
+ABSL_FLAG(int, fpga_cards, 1,
+          "KV heads sharded over this many emulated U55Cs (fpga/sharded_selector.h); modeled "
+          "time is the slowest card's plus the host's fan-out/fan-in, energy the sum");
 ABSL_FLAG(int, heavy_hitters, 8, "Heavy-hitter tokens per (sequence, KV head) in the prompt");
 ABSL_FLAG(std::string, placements, "dense,cpu",
           "Comma-separated placements to run side by side: dense (baseline), cpu");
@@ -100,15 +111,19 @@ int Fail(const absl::Status& s) {
 // U55C unless XRT and a card are asked for), and, for devices still without one, the paced
 // stand-in of --stand_in_gbps (the CPU reference paced as the device: tests/testing/
 // fault_injecting_selector.h). A GPU library adds its factory here the same way.
-void RegisterSelectors(int threads) {
+void RegisterSelectors(int threads, int pages_per_super_page) {
   RegisterPageSelectorFactory(Device::kCpu, "cpu", [threads] {
     return absl::StatusOr<std::unique_ptr<PageSelector>>(
         std::make_unique<CpuPageSelector>(threads));
   });
   const bool paced = absl::GetFlag(FLAGS_fpga_paced);
-  RegisterPageSelectorFactory(Device::kFpga, "fpga (fpga/fpga_selector.h)", [paced] {
+  const int cards = absl::GetFlag(FLAGS_fpga_cards);
+  RegisterPageSelectorFactory(Device::kFpga, "fpga (fpga/fpga_selector.h)",
+                              [paced, cards, pages_per_super_page] {
     FpgaOptions o;
     o.paced = paced;
+    o.cards = cards;
+    o.pages_per_super_page = pages_per_super_page;
     return MakeFpgaSelector(o);
   });
 #if defined(MEMPIPE_BENCH_WITH_GPU)
@@ -165,7 +180,6 @@ int Main() {
   cfg.seed = absl::GetFlag(FLAGS_seed);
   const int hw = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   cfg.threads = absl::GetFlag(FLAGS_threads) > 0 ? absl::GetFlag(FLAGS_threads) : hw;
-  RegisterSelectors(cfg.threads);
   auto kernel = ParseCpuKernel(absl::GetFlag(FLAGS_cpu_kernel));
   if (!kernel.ok()) return Fail(kernel.status());
   if (absl::Status s = SetCpuKernel(*kernel); !s.ok()) return Fail(s);
@@ -182,6 +196,12 @@ int Main() {
   auto agg = ParseGroupAggregation(absl::GetFlag(FLAGS_aggregation));
   if (!agg.ok()) return Fail(agg.status());
   options.policy.selection.aggregation = *agg;
+  auto hierarchy = ParsePageHierarchy(absl::GetFlag(FLAGS_hierarchy), cfg.block_size);
+  if (!hierarchy.ok()) return Fail(hierarchy.status());
+  options.policy.selection.hierarchy = *hierarchy;
+  options.policy.selection.hierarchy.expansion = absl::GetFlag(FLAGS_hierarchy_expansion);
+  cfg.block_group = hierarchy->pages_per_super_page;
+  RegisterSelectors(cfg.threads, hierarchy->pages_per_super_page);
   cfg.max_new_tokens = std::max(1, options.steps + options.warmup);
   if (absl::Status s = ValidateSyntheticContextConfig(cfg); !s.ok()) return Fail(s);
   if (absl::Status s = ValidateSparsityPolicy(options.policy, cfg.block_size); !s.ok()) {
@@ -197,12 +217,14 @@ int Main() {
               std::string(DTypeName(cfg.dtype)).c_str(), cfg.block_size);
   std::printf(
       "  batch %d x context %d%s, budget %d tokens (%d pages), %d sink + %d local pages, "
-      "%d dense layers, aggregation %s\n",
+      "%d dense layers, aggregation %s, hierarchy %s, %d FPGA card(s)\n",
       cfg.batch, cfg.context, cfg.ragged ? " (ragged)" : "", options.policy.selection.budget_tokens,
       options.policy.selection.PagesPerHead(cfg.block_size),
       options.policy.selection.num_sink_pages, options.policy.selection.num_local_pages,
       options.policy.dense_layers,
-      std::string(GroupAggregationName(options.policy.selection.aggregation)).c_str());
+      std::string(GroupAggregationName(options.policy.selection.aggregation)).c_str(),
+      PageHierarchyName(options.policy.selection.hierarchy, cfg.block_size).c_str(),
+      absl::GetFlag(FLAGS_fpga_cards));
   std::printf(
       "  machine: %d hardware threads, %d used; all times measured on this machine's CPU; "
       "attention kernel %s\n",
@@ -314,6 +336,13 @@ int Main() {
                 r.sparse_layers);
   }
   std::printf("\n");
+  std::printf("selection vs the exact flat selection (last step, middle pages): ");
+  for (const auto& r : results) {
+    if (!r.recall_vs_flat) continue;
+    std::printf("%s: recall %.4f, %.0f of %.0f flat digest rows scanned; ", r.placement.c_str(),
+                *r.recall_vs_flat, r.digest_rows_per_step, r.flat_digest_rows_per_step);
+  }
+  std::printf("\n");
   if (machine_gbps > 0) {
     std::printf("memory read bandwidth (STREAM-like read, %d threads, %zu MiB, %s loads): ",
                 bandwidth[0].threads, bandwidth[0].bytes >> 20, bandwidth[0].kernel.c_str());
@@ -415,6 +444,9 @@ int Main() {
         {"local_pages", options.policy.selection.num_local_pages},
         {"dense_layers", options.policy.dense_layers},
         {"aggregation", std::string(GroupAggregationName(options.policy.selection.aggregation))},
+        {"hierarchy", PageHierarchyName(options.policy.selection.hierarchy, cfg.block_size)},
+        {"hierarchy_expansion", options.policy.selection.hierarchy.expansion},
+        {"fpga_cards", absl::GetFlag(FLAGS_fpga_cards)},
         {"seed", cfg.seed}};
     for (const auto& r : results) {
       nlohmann::json p = {{"placement", r.placement},
@@ -443,6 +475,11 @@ int Main() {
       }
       if (dense) p["speedup_over_dense"] = dense->median_step_ms / r.median_step_ms;
       if (r.rel_l2_error) p["rel_l2_error"] = *r.rel_l2_error;
+      if (r.recall_vs_flat) {
+        p["recall_vs_flat"] = *r.recall_vs_flat;
+        p["digest_rows_per_step"] = r.digest_rows_per_step;
+        p["flat_digest_rows_per_step"] = r.flat_digest_rows_per_step;
+      }
       if (r.modeled_device_ms_per_step) {
         p["modeled"] = {{"device_ms_per_step", *r.modeled_device_ms_per_step},
                         {"energy_mj_per_step", r.modeled_energy_mj_per_step.value_or(0)},

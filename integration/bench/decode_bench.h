@@ -64,6 +64,12 @@ struct PlacementResult {
   double kv_bytes_per_step = 0;        // K/V bytes attention read on the last step
   double digest_bytes_per_step = 0;    // digest bytes scored on the last step
   std::optional<double> rel_l2_error;  // ||sparse - dense|| / ||dense|| on the last step
+  // With check_accuracy, on the last step (integration/bench/selection_audit.h): recall of the
+  // exact flat selection's middle pages, and the digest row pairs (page or super-page, KV head)
+  // the selection's config scores, summed over sparse layers.
+  std::optional<double> recall_vs_flat;
+  double digest_rows_per_step = 0;
+  double flat_digest_rows_per_step = 0;
   // Set only when the selector's device is modeled (the emulated U55C): its modeled time and
   // energy for steps 1-3, per timed step (mean) and for the bulk digest build.
   std::optional<double> modeled_device_ms_per_step;
