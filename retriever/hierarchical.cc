@@ -5,6 +5,7 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "absl/strings/numbers.h"
@@ -160,11 +161,8 @@ absl::Status UpdateHierarchicalDigests(const DigestView& pages, const DigestView
   const size_t key_row_bytes =
       static_cast<size_t>(pages.num_kv_heads) * pages.head_dim * DTypeSize(pages.dtype);
   const int64_t super_tokens = static_cast<int64_t>(block_size) * f;
-  for (int t = 0; t < num_tokens; ++t) {
-    const int64_t slot = slot_mapping[t];
-    if (slot < 0) continue;
-    MEMPIPE_RETURN_IF_ERROR(UpdateDigestsFromKeys(
-        pages, block_size, &slot_mapping[t], 1, static_cast<const uint8_t*>(keys) + t * key_row_bytes));
+  // Super row update of token t from its page's current row.
+  auto update_super = [&](int64_t slot) {
     const int block = static_cast<int>(slot / block_size);
     const int sb = static_cast<int>(slot / super_tokens);
     const bool reset = slot % super_tokens == 0;
@@ -184,6 +182,42 @@ absl::Status UpdateHierarchicalDigests(const DigestView& pages, const DigestView
         }
       }
     });
+  };
+  // NOTE: when every super-block's tokens arrive in increasing slot order (appends, bulk
+  // builds), widening the super row with a page's final row once per run of tokens in that page
+  // equals the token-by-token definition (max/min are idempotent and keep the first of equal
+  // values, and page rows only widen); otherwise apply the definition token by token.
+  std::unordered_map<int64_t, int64_t> last_slot;
+  bool in_order = true;
+  for (int t = 0; t < num_tokens && in_order; ++t) {
+    const int64_t slot = slot_mapping[t];
+    if (slot < 0) continue;
+    auto [it, fresh] = last_slot.try_emplace(slot / super_tokens, slot);
+    if (!fresh) {
+      in_order = slot > it->second;
+      it->second = slot;
+    }
+  }
+  if (in_order) {
+    MEMPIPE_RETURN_IF_ERROR(
+        UpdateDigestsFromKeys(pages, block_size, slot_mapping, num_tokens, keys));
+    int64_t prev_block = -1;
+    for (int t = 0; t < num_tokens; ++t) {
+      const int64_t slot = slot_mapping[t];
+      if (slot < 0) continue;
+      if (slot / block_size == prev_block && slot % super_tokens != 0) continue;
+      prev_block = slot / block_size;
+      update_super(slot);
+    }
+    return absl::OkStatus();
+  }
+  for (int t = 0; t < num_tokens; ++t) {
+    const int64_t slot = slot_mapping[t];
+    if (slot < 0) continue;
+    MEMPIPE_RETURN_IF_ERROR(UpdateDigestsFromKeys(
+        pages, block_size, &slot_mapping[t], 1,
+        static_cast<const uint8_t*>(keys) + t * key_row_bytes));
+    update_super(slot);
   }
   return absl::OkStatus();
 }

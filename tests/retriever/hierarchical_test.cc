@@ -86,6 +86,28 @@ TEST_P(SuperDigestTest, BulkAndIncrementalEqualScratch) {
       }
     }
   }
+  // One call that writes sequence 0 twice over (slots repeat: the token-by-token path) ends
+  // where writing it once does.
+  {
+    std::vector<int64_t> slots;
+    std::vector<uint8_t> keys;
+    for (int rep = 0; rep < 2; ++rep) {
+      for (int t = 0; t < fx.lens[0]; ++t) {
+        const int b = fx.table[t / block_size];
+        slots.push_back(static_cast<int64_t>(b) * block_size + t % block_size);
+        const uint8_t* src = fx.storage.data() + fx.cache.Offset(0, b, t % block_size, 0) *
+                                                     DTypeSize(dtype);
+        keys.insert(keys.end(), src, src + row);
+      }
+    }
+    ASSERT_TRUE(UpdateHierarchicalDigests(fx.page_view(), fx.super_view(), block_size, f,
+                                          slots.data(), static_cast<int>(slots.size()),
+                                          keys.data())
+                    .ok());
+    for (int j = 0; j < NumSuperBlocks(NumPages(fx.lens[0], block_size), f); ++j) {
+      ASSERT_EQ(fx.ScratchSuper(0, j, 1), fx.StoredSuper(0, j, 1)) << "repeated slots";
+    }
+  }
   // Page digests too (the incremental path updates both).
   fx.super = bulk_super;
   for (size_t s = 0; s < fx.lens.size(); ++s) {
