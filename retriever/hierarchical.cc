@@ -13,6 +13,7 @@
 #include "absl/strings/str_split.h"
 #include "core/parallel.h"
 #include "core/status_macros.h"
+#include "retriever/int8_quant.h"
 
 namespace mempipe {
 namespace {
@@ -28,9 +29,37 @@ void WidenWithRow(const T* src_mx, const T* src_mn, T* mx, T* mn, int head_dim) 
   }
 }
 
+// The exact (native) rows of a digest view: itself for kNative, its `exact` array for kInt8.
+DigestView NativeRows(const DigestView& v) {
+  DigestView n = v;
+  if (v.format == DigestFormat::kInt8) n.data = v.exact;
+  n.format = DigestFormat::kNative;
+  n.scales = nullptr;
+  n.exact = nullptr;
+  return n;
+}
+
+// Re-quantizes the touched super-blocks of an int8 super view (no-op for kNative).
+absl::Status QuantizeTouched(const DigestView& super, std::vector<int32_t>& touched) {
+  if (super.format != DigestFormat::kInt8 || touched.empty()) return absl::OkStatus();
+  std::sort(touched.begin(), touched.end());
+  touched.erase(std::unique(touched.begin(), touched.end()), touched.end());
+  return QuantizeDigestBlocks(super, touched.data(), static_cast<int>(touched.size()));
+}
+
 absl::Status CheckSuperView(const DigestView& pages, const DigestView& super, int f) {
   if (pages.data == nullptr || super.data == nullptr) {
     return absl::InvalidArgumentError("page and super-page digest pointers must not be null");
+  }
+  if (super.format != pages.format) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "super-page digests are ", DigestFormatName(super.format), " but the page digests ",
+        DigestFormatName(pages.format)));
+  }
+  if (super.format == DigestFormat::kInt8 &&
+      (super.scales == nullptr || super.exact == nullptr || pages.scales == nullptr ||
+       pages.exact == nullptr)) {
+    return absl::InvalidArgumentError("int8 page and super-page digests need scales and exact");
   }
   if (f != 2 && f != 4 && f != 8) {
     return absl::InvalidArgumentError(
@@ -82,8 +111,22 @@ std::string PageHierarchyName(const PageHierarchy& hierarchy, int block_size) {
 }
 
 DigestView SuperDigestView(void* data, const DigestView& pages, int f) {
-  return DigestView{data, pages.dtype, NumSuperBlocks(pages.num_blocks, std::max(f, 1)),
-                    pages.num_kv_heads, pages.head_dim};
+  DigestView v{data, pages.dtype, NumSuperBlocks(pages.num_blocks, std::max(f, 1)),
+               pages.num_kv_heads, pages.head_dim};
+  v.format = pages.format;
+  return v;
+}
+
+SuperDigestBuffers::SuperDigestBuffers(const DigestView& pages, int f) {
+  view_ = SuperDigestView(nullptr, pages, f);
+  data_.assign(view_.NumBytes(), 0);
+  scales_.assign(view_.ScaleBytes() / sizeof(float), 0.0f);
+  exact_.assign(view_.ExactBytes(), 0);
+  view_.data = data_.data();
+  if (view_.format == DigestFormat::kInt8) {
+    view_.scales = scales_.data();
+    view_.exact = exact_.data();
+  }
 }
 
 absl::Status ValidateSuperPageTable(const BlockTableView& table, int block_size, int f) {
@@ -114,6 +157,10 @@ absl::Status BuildSuperDigests(const DigestView& pages, const BlockTableView& ta
   MEMPIPE_RETURN_IF_ERROR(CheckSuperView(pages, super, f));
   MEMPIPE_RETURN_IF_ERROR(ValidateBlockTable(table, block_size, pages.num_blocks));
   MEMPIPE_RETURN_IF_ERROR(ValidateSuperPageTable(table, block_size, f));
+  const DigestView pages_in = pages, super_in = super;
+  std::vector<int32_t> touched;
+  {
+  const DigestView pages = NativeRows(pages_in), super = NativeRows(super_in);
   DispatchDType(pages.dtype, [&]<typename T>() {
     const T* pg = static_cast<const T*>(pages.data);
     T* sp = static_cast<T*>(super.data);
@@ -122,6 +169,7 @@ absl::Status BuildSuperDigests(const DigestView& pages, const BlockTableView& ta
       const int n = NumPages(table.seq_lens[s], block_size);
       for (int p0 = 0; p0 < n; p0 += f) {
         const int sb = table.Block(s, p0) / f;
+        touched.push_back(sb);
         for (int h = 0; h < pages.num_kv_heads; ++h) {
           T* mx = sp + super.Offset(sb, 0, h);
           T* mn = sp + super.Offset(sb, 1, h);
@@ -137,7 +185,8 @@ absl::Status BuildSuperDigests(const DigestView& pages, const BlockTableView& ta
       }
     }
   });
-  return absl::OkStatus();
+  }
+  return QuantizeTouched(super_in, touched);
 }
 
 absl::Status UpdateHierarchicalDigests(const DigestView& pages, const DigestView& super,
@@ -161,14 +210,17 @@ absl::Status UpdateHierarchicalDigests(const DigestView& pages, const DigestView
   const size_t key_row_bytes =
       static_cast<size_t>(pages.num_kv_heads) * pages.head_dim * DTypeSize(pages.dtype);
   const int64_t super_tokens = static_cast<int64_t>(block_size) * f;
-  // Super row update of token t from its page's current row.
+  // Super row update of token t from its page's current (exact) row.
+  const DigestView page_rows = NativeRows(pages), super_rows = NativeRows(super);
+  std::vector<int32_t> touched;
   auto update_super = [&](int64_t slot) {
     const int block = static_cast<int>(slot / block_size);
     const int sb = static_cast<int>(slot / super_tokens);
     const bool reset = slot % super_tokens == 0;
+    touched.push_back(sb);
     DispatchDType(pages.dtype, [&]<typename T>() {
-      const T* pg = static_cast<const T*>(pages.data);
-      T* sp = static_cast<T*>(super.data);
+      const T* pg = static_cast<const T*>(page_rows.data);
+      T* sp = static_cast<T*>(super_rows.data);
       for (int h = 0; h < pages.num_kv_heads; ++h) {
         const T* pmx = pg + pages.Offset(block, 0, h);
         const T* pmn = pg + pages.Offset(block, 1, h);
@@ -209,7 +261,7 @@ absl::Status UpdateHierarchicalDigests(const DigestView& pages, const DigestView
       prev_block = slot / block_size;
       update_super(slot);
     }
-    return absl::OkStatus();
+    return QuantizeTouched(super, touched);
   }
   for (int t = 0; t < num_tokens; ++t) {
     const int64_t slot = slot_mapping[t];
@@ -219,7 +271,7 @@ absl::Status UpdateHierarchicalDigests(const DigestView& pages, const DigestView
         static_cast<const uint8_t*>(keys) + t * key_row_bytes));
     update_super(slot);
   }
-  return absl::OkStatus();
+  return QuantizeTouched(super, touched);
 }
 
 absl::Status SelectHierarchical(const QueryView& query, const KvCacheView& cache,
@@ -254,19 +306,29 @@ absl::Status SelectHierarchical(const QueryView& query, const KvCacheView& cache
   const size_t rows = static_cast<size_t>(table.num_seqs) * cache.num_kv_heads;
   std::vector<HierarchyStats> per_row(rows);
   DispatchDType(cache.dtype, [&]<typename T>() {
-    const T* pg = static_cast<const T*>(pages.data);
-    const T* sp = static_cast<const T*>(super.data);
     ForEachSeqHeads(table.num_seqs, cache.num_kv_heads, num_threads, [&](int s, int h0, int h1) {
       std::vector<float> q(static_cast<size_t>(groups) * d), mx(d), mn(d);
       std::vector<int32_t> cand;
       std::vector<float> cand_score, page_score;
       std::vector<int32_t> middle;
       const int n = NumPages(table.seq_lens[s], cache.block_size);
-      // The group's aggregated bound of one digest row pair (canonical order).
-      auto score = [&](const T* dmx, const T* dmn) {
-        for (int c = 0; c < d; ++c) {
-          mx[c] = ToFloat(dmx[c]);
-          mn[c] = ToFloat(dmn[c]);
+      // The group's aggregated bound of (block, h) in `v` (canonical order; int8 digests give
+      // their dequantized bound, one fp32 multiply per element, as ComputeRelevancy).
+      auto score = [&](const DigestView& v, int block, int h) {
+        if (v.format == DigestFormat::kInt8) {
+          const int8_t* q8 = static_cast<const int8_t*>(v.data);
+          const float sc = v.scales[v.ScaleIndex(block, h)];
+          for (int c = 0; c < d; ++c) {
+            mx[c] = int8_digest::Dequantize(q8[v.Offset(block, 0, h) + c], sc);
+            mn[c] = int8_digest::Dequantize(q8[v.Offset(block, 1, h) + c], sc);
+          }
+        } else {
+          const T* dmx = static_cast<const T*>(v.data) + v.Offset(block, 0, h);
+          const T* dmn = static_cast<const T*>(v.data) + v.Offset(block, 1, h);
+          for (int c = 0; c < d; ++c) {
+            mx[c] = ToFloat(dmx[c]);
+            mn[c] = ToFloat(dmn[c]);
+          }
         }
         float a = 0.0f;
         for (int g = 0; g < groups; ++g) {
@@ -307,8 +369,7 @@ absl::Status SelectHierarchical(const QueryView& query, const KvCacheView& cache
           cand_score.assign(static_cast<size_t>(j1 - j0 + 1), 0.0f);
           for (int j = j0; j <= j1; ++j) {
             const int sb = table.Block(s, j * f) / f;
-            cand_score[j - j0] = NanLast(score(sp + super.Offset(sb, 0, h),
-                                               sp + super.Offset(sb, 1, h)));
+            cand_score[j - j0] = NanLast(score(super, sb, h));
             cand.push_back(j);
           }
           st.super_rows_scored = static_cast<int64_t>(cand.size());
@@ -330,7 +391,7 @@ absl::Status SelectHierarchical(const QueryView& query, const KvCacheView& cache
           page_score.assign(static_cast<size_t>(hi), 0.0f);
           for (int32_t p : middle) {
             const int b = table.Block(s, p);
-            page_score[p] = NanLast(score(pg + pages.Offset(b, 0, h), pg + pages.Offset(b, 1, h)));
+            page_score[p] = NanLast(score(pages, b, h));
           }
           st.page_rows_scored = static_cast<int64_t>(middle.size());
           std::nth_element(middle.begin(), middle.begin() + want, middle.end(),

@@ -60,9 +60,24 @@ inline int NumSuperBlocks(int num_blocks, int pages_per_super_page) {
   return (num_blocks + pages_per_super_page - 1) / pages_per_super_page;
 }
 
-// The super digests' view over `data` for page digests `pages`: same dtype, heads and head_dim,
-// NumSuperBlocks(pages.num_blocks, f) blocks.
+// The super digests' view over `data` for page digests `pages`: same dtype, format, heads and
+// head_dim, NumSuperBlocks(pages.num_blocks, f) blocks. (kInt8 super digests also need their
+// `scales` and `exact`: SuperDigestBuffers allocates all three.)
 DigestView SuperDigestView(void* data, const DigestView& pages, int pages_per_super_page);
+
+// Storage for the super digests of `pages` (any format): int8 super digests are quantized from
+// their exact super rows exactly as page digests are (retriever/int8_quant.h).
+class SuperDigestBuffers {
+ public:
+  SuperDigestBuffers() = default;
+  SuperDigestBuffers(const DigestView& pages, int pages_per_super_page);
+  const DigestView& view() const { return view_; }
+
+ private:
+  std::vector<uint8_t> data_, exact_;
+  std::vector<float> scales_;
+  DigestView view_;
+};
 
 // Checks that every sequence of `table` maps each group of f logical pages onto one aligned
 // group of f physical blocks in order: Block(s, f*j + i) == Block(s, f*j) + i with

@@ -180,10 +180,10 @@ absl::Status ScoreAndSelect(const QueryView& query, const KvCacheView& cache,
   if (!config.hierarchy.Flat()) {
     MEMPIPE_RETURN_IF_ERROR(ValidateDigests(cache, digests));
     const int f = config.hierarchy.pages_per_super_page;
-    std::vector<uint8_t> super(SuperDigestView(nullptr, digests, f).NumBytes());
-    const DigestView sv = SuperDigestView(super.data(), digests, f);
-    MEMPIPE_RETURN_IF_ERROR(BuildSuperDigests(digests, table, cache.block_size, f, sv));
-    return SelectHierarchical(query, cache, digests, sv, table, config, out);
+    const SuperDigestBuffers super(digests, f);
+    MEMPIPE_RETURN_IF_ERROR(
+        BuildSuperDigests(digests, table, cache.block_size, f, super.view()));
+    return SelectHierarchical(query, cache, digests, super.view(), table, config, out);
   }
   std::vector<float> scores(static_cast<size_t>(table.num_seqs) * cache.num_kv_heads *
                             std::max(table.max_blocks_per_seq, 0));

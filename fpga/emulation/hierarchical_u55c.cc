@@ -47,8 +47,13 @@ HierarchicalU55cSelector::HierarchicalU55cSelector(const U55cParams& params, boo
       device_free_(Clock::now()) {}
 
 DigestView HierarchicalU55cSelector::Layer::PageView() {
-  return DigestView{pages.data(), shape.dtype, shape.num_blocks, shape.num_kv_heads,
-                    shape.head_dim};
+  DigestView v{pages.data(), shape.dtype, shape.num_blocks, shape.num_kv_heads, shape.head_dim};
+  v.format = shape.digest_format;
+  if (v.format == DigestFormat::kInt8) {
+    v.scales = scales.data();
+    v.exact = exact.data();
+  }
+  return v;
 }
 
 absl::StatusOr<HierarchicalU55cSelector::Layer*> HierarchicalU55cSelector::Find(int layer) {
@@ -66,7 +71,7 @@ absl::StatusOr<DigestView> HierarchicalU55cSelector::PageDigests(int layer) {
 
 absl::StatusOr<DigestView> HierarchicalU55cSelector::SuperDigests(int layer) {
   MEMPIPE_ASSIGN_OR_RETURN(Layer * l, Find(layer));
-  return SuperDigestView(l->super.data(), l->PageView(), f_);
+  return l->super.view();
 }
 
 HierarchyStats HierarchicalU55cSelector::LastStats() const {
@@ -89,8 +94,9 @@ absl::Status HierarchicalU55cSelector::AddLayer(int layer, const CacheShape& sha
         absl::StrCat("pages per super-page must be 2, 4 or 8, got ", f_));
   }
   // Each head's page slice and super slice share its pseudo-channel.
-  const double row_pair = 2.0 * RowWordsOf(shape) * hls_compat::kWordBytes;
-  const double slice = row_pair * (shape.num_blocks + NumSuperBlocks(shape.num_blocks, f_));
+  const double block_bytes =
+      static_cast<double>(HeadSliceWords(shape)) * hls_compat::kWordBytes / shape.num_blocks;
+  const double slice = block_bytes * (shape.num_blocks + NumSuperBlocks(shape.num_blocks, f_));
   const int cus = model_.params().num_cus;
   std::vector<double> need(channel_bytes_.size(), 0.0);
   for (int h = 0; h < shape.num_kv_heads; ++h) {
@@ -107,8 +113,11 @@ absl::Status HierarchicalU55cSelector::AddLayer(int layer, const CacheShape& sha
   for (size_t ch = 0; ch < need.size(); ++ch) channel_bytes_[ch] += need[ch];
   Layer& l = layers_[layer];
   l.shape = shape;
-  l.pages.assign(l.PageView().NumBytes(), 0);
-  l.super.assign(SuperDigestView(nullptr, l.PageView(), f_).NumBytes(), 0);
+  const DigestView v = l.PageView();
+  l.pages.assign(v.NumBytes(), 0);
+  l.scales.assign(v.ScaleBytes() / sizeof(float), 0.0f);
+  l.exact.assign(v.ExactBytes(), 0);
+  l.super = SuperDigestBuffers(l.PageView(), f_);
   return absl::OkStatus();
 }
 
@@ -164,7 +173,7 @@ absl::Status HierarchicalU55cSelector::BuildDigests(int layer, const KvCacheView
   const auto t0 = Clock::now();
   MEMPIPE_RETURN_IF_ERROR(mempipe::BuildDigests(cache, table, l->PageView()));
   MEMPIPE_RETURN_IF_ERROR(BuildSuperDigests(l->PageView(), table, cache.block_size, f_,
-                                            SuperDigestView(l->super.data(), l->PageView(), f_)));
+                                            l->super.view()));
   // Priced as the bulk build through the update kernel (EmulatedU55cSelector does the same):
   // every token of every page, page by page.
   std::vector<int64_t> slots;
@@ -187,7 +196,7 @@ absl::Status HierarchicalU55cSelector::AppendKeys(int layer, const int64_t* slot
   MEMPIPE_RETURN_IF_ERROR(ValidateAppend(l->shape, slots, num_tokens, keys));
   const auto t0 = Clock::now();
   MEMPIPE_RETURN_IF_ERROR(UpdateHierarchicalDigests(
-      l->PageView(), SuperDigestView(l->super.data(), l->PageView(), f_), l->shape.block_size,
+      l->PageView(), l->super.view(), l->shape.block_size,
       f_, slots, num_tokens, keys));
   FinishUpdate(layer, *l, slots, num_tokens, t0);
   return absl::OkStatus();
@@ -220,7 +229,7 @@ absl::StatusOr<SelectTicket> HierarchicalU55cSelector::Submit(const SelectReques
   std::vector<HierarchyStats> rows;
   if (hier) {
     job->status = SelectHierarchical(request.query, geometry, l->PageView(),
-                                     SuperDigestView(l->super.data(), l->PageView(), f_),
+                                     l->super.view(),
                                      request.table, request.config, job->out, &job->stats, 1,
                                      &rows);
   } else {

@@ -60,7 +60,9 @@ class HierarchicalU55cSelector final : public PageSelector {
  private:
   struct Layer {
     CacheShape shape;
-    std::vector<uint8_t> pages, super;  // DigestView layouts
+    std::vector<uint8_t> pages, exact;  // DigestView layouts (exact: kInt8 only)
+    std::vector<float> scales;          // kInt8 only
+    SuperDigestBuffers super;
     DigestView PageView();
   };
   struct Job {
