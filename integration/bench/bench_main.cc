@@ -61,6 +61,11 @@ ABSL_FLAG(int, hierarchy_expansion, 2,
 ABSL_FLAG(int, fpga_cards, 1,
           "KV heads sharded over this many emulated U55Cs (fpga/sharded_selector.h); modeled "
           "time is the slowest card's plus the host's fan-out/fan-in, energy the sum");
+ABSL_FLAG(std::string, digest_dtype, "native",
+          "Page digests the selector stores and scans: native (max/min in the cache dtype) or "
+          "int8 (codes rounded outward + one fp32 scale per page and KV head, the bound kept "
+          "valid; retriever/int8_quant.h). With int8 and --check_accuracy the last step also "
+          "reports the recall of the int8 selection against the native one");
 ABSL_FLAG(int, heavy_hitters, 8, "Heavy-hitter tokens per (sequence, KV head) in the prompt");
 ABSL_FLAG(std::string, placements, "dense,cpu",
           "Comma-separated placements to run side by side: dense (baseline), cpu");
@@ -202,6 +207,9 @@ int Main() {
   options.policy.selection.hierarchy.expansion = absl::GetFlag(FLAGS_hierarchy_expansion);
   cfg.block_group = hierarchy->pages_per_super_page;
   RegisterSelectors(cfg.threads, hierarchy->pages_per_super_page);
+  auto digest_format = ParseDigestFormat(absl::GetFlag(FLAGS_digest_dtype));
+  if (!digest_format.ok()) return Fail(digest_format.status());
+  options.digest_format = *digest_format;
   cfg.max_new_tokens = std::max(1, options.steps + options.warmup);
   if (absl::Status s = ValidateSyntheticContextConfig(cfg); !s.ok()) return Fail(s);
   if (absl::Status s = ValidateSparsityPolicy(options.policy, cfg.block_size); !s.ok()) {
@@ -217,14 +225,14 @@ int Main() {
               std::string(DTypeName(cfg.dtype)).c_str(), cfg.block_size);
   std::printf(
       "  batch %d x context %d%s, budget %d tokens (%d pages), %d sink + %d local pages, "
-      "%d dense layers, aggregation %s, hierarchy %s, %d FPGA card(s)\n",
+      "%d dense layers, aggregation %s, hierarchy %s, %d FPGA card(s), %s digests\n",
       cfg.batch, cfg.context, cfg.ragged ? " (ragged)" : "", options.policy.selection.budget_tokens,
       options.policy.selection.PagesPerHead(cfg.block_size),
       options.policy.selection.num_sink_pages, options.policy.selection.num_local_pages,
       options.policy.dense_layers,
       std::string(GroupAggregationName(options.policy.selection.aggregation)).c_str(),
       PageHierarchyName(options.policy.selection.hierarchy, cfg.block_size).c_str(),
-      absl::GetFlag(FLAGS_fpga_cards));
+      absl::GetFlag(FLAGS_fpga_cards), std::string(DigestFormatName(options.digest_format)).c_str());
   std::printf(
       "  machine: %d hardware threads, %d used; all times measured on this machine's CPU; "
       "attention kernel %s\n",
@@ -343,6 +351,14 @@ int Main() {
                 *r.recall_vs_flat, r.digest_rows_per_step, r.flat_digest_rows_per_step);
   }
   std::printf("\n");
+  for (const auto& r : results) {
+    if (r.digest_recall) {
+      std::printf(
+          "%s int8 digests: recall %.4f of the middle pages the native-digest selection picks "
+          "(last step, sparse layers)\n",
+          r.placement.c_str(), *r.digest_recall);
+    }
+  }
   if (machine_gbps > 0) {
     std::printf("memory read bandwidth (STREAM-like read, %d threads, %zu MiB, %s loads): ",
                 bandwidth[0].threads, bandwidth[0].bytes >> 20, bandwidth[0].kernel.c_str());
@@ -447,6 +463,7 @@ int Main() {
         {"hierarchy", PageHierarchyName(options.policy.selection.hierarchy, cfg.block_size)},
         {"hierarchy_expansion", options.policy.selection.hierarchy.expansion},
         {"fpga_cards", absl::GetFlag(FLAGS_fpga_cards)},
+        {"digest_dtype", std::string(DigestFormatName(options.digest_format))},
         {"seed", cfg.seed}};
     for (const auto& r : results) {
       nlohmann::json p = {{"placement", r.placement},
@@ -480,6 +497,8 @@ int Main() {
         p["digest_rows_per_step"] = r.digest_rows_per_step;
         p["flat_digest_rows_per_step"] = r.flat_digest_rows_per_step;
       }
+      p["digest_dtype"] = r.digest_format;
+      if (r.digest_recall) p["digest_recall_vs_native"] = *r.digest_recall;
       if (r.modeled_device_ms_per_step) {
         p["modeled"] = {{"device_ms_per_step", *r.modeled_device_ms_per_step},
                         {"energy_mj_per_step", r.modeled_energy_mj_per_step.value_or(0)},

@@ -10,8 +10,8 @@ namespace mempipe {
 
 absl::Status AuditSelection(const QueryView& query, const KvCacheView& cache,
                             const BlockTableView& table, const SelectionConfig& config,
-                            const SelectionView& selection, std::vector<uint8_t>& scratch,
-                            SelectionAudit& audit) {
+                            const SelectionView& selection, DigestFormat format,
+                            std::vector<uint8_t>& scratch, SelectionAudit& audit) {
   const DigestView dv0{nullptr, cache.dtype, cache.num_blocks, cache.num_kv_heads, cache.head_dim};
   scratch.resize(dv0.NumBytes());
   DigestView dv = dv0;
@@ -49,11 +49,24 @@ absl::Status AuditSelection(const QueryView& query, const KvCacheView& cache,
     return absl::OkStatus();
   }
   const int f = config.hierarchy.pages_per_super_page;
-  std::vector<uint8_t> super(SuperDigestView(nullptr, dv, f).NumBytes());
-  const DigestView sv = SuperDigestView(super.data(), dv, f);
-  MEMPIPE_RETURN_IF_ERROR(BuildSuperDigests(dv, table, cache.block_size, f, sv));
+  std::vector<uint8_t> codes, exact_rows;
+  std::vector<float> scales;
+  DigestView pv = dv;
+  if (format == DigestFormat::kInt8) {
+    pv.format = DigestFormat::kInt8;
+    codes.resize(pv.NumBytes());
+    scales.resize(pv.ScaleBytes() / sizeof(float));
+    exact_rows.resize(pv.ExactBytes());
+    pv.data = codes.data();
+    pv.scales = scales.data();
+    pv.exact = exact_rows.data();
+    MEMPIPE_RETURN_IF_ERROR(BuildDigests(cache, table, pv));
+  }
+  const SuperDigestBuffers super(pv, f);
+  MEMPIPE_RETURN_IF_ERROR(BuildSuperDigests(pv, table, cache.block_size, f, super.view()));
   HierarchyStats stats;
-  MEMPIPE_RETURN_IF_ERROR(SelectHierarchical(query, cache, dv, sv, table, config, exact, &stats));
+  MEMPIPE_RETURN_IF_ERROR(
+      SelectHierarchical(query, cache, pv, super.view(), table, config, exact, &stats));
   audit.digest_rows += static_cast<double>(stats.super_rows_scored + stats.page_rows_scored);
   return absl::OkStatus();
 }

@@ -19,6 +19,7 @@
 
 #include "absl/status/status.h"
 #include "core/paged_kv.h"
+#include "retriever/digest.h"
 #include "retriever/relevancy.h"
 #include "retriever/select.h"
 
@@ -33,15 +34,17 @@ struct SelectionAudit {
   double Recall() const { return flat_middle > 0 ? hits / flat_middle : 1.0; }
 };
 
-// Adds one layer: rebuilds the layer's page digests from `cache` into `scratch`, selects flat
-// with `config` (its hierarchy dropped), compares with `selection`, and counts the rows
-// `config` scans (running the two-level reference when it is hierarchical). Errors: those of
+// Adds one layer: rebuilds the layer's native page digests from `cache` into `scratch`, selects
+// flat with `config` (its hierarchy dropped), compares with `selection`, and counts the rows
+// `config` scans with digests of `format` (running the two-level reference, on digests of that
+// format, when it is hierarchical). Errors: those of
 // BuildDigests, ScoreAndSelect and SelectHierarchical.
 [[nodiscard]] absl::Status AuditSelection(const QueryView& query, const KvCacheView& cache,
                                           const BlockTableView& table,
                                           const SelectionConfig& config,
                                           const SelectionView& selection,
-                                          std::vector<uint8_t>& scratch, SelectionAudit& audit);
+                                          DigestFormat format, std::vector<uint8_t>& scratch,
+                                          SelectionAudit& audit);
 
 }  // namespace mempipe
 
