@@ -13,6 +13,11 @@ Keys (all optional):
     aggregation   max | sum over the query heads of a GQA group.
     reuse         reuse a selection for C decode steps.
     mode          sync | pipelined.
+    hierarchy     none | <page>in<super-page> in tokens, e.g. 16in64 (page_size 16): score
+                  super-pages of 2, 4 or 8 pages first, then only the pages of the best ones
+                  (retriever/hierarchical.h; LServe's 16-in-64 geometry). Needs a block table
+                  that keeps each super-page's pages in one aligned group of blocks; served by
+                  the emulated FPGA card (placement fpga) only, so refused elsewhere.
 
 In vLLM the same keys may come from `--additional-config '{"mempipe": {"budget": 2048}}'`;
 the environment variable wins where both set a key, so one run can be retargeted without
@@ -67,6 +72,7 @@ class MempipeConfig:
     aggregation: str = "max"
     reuse: int = 1
     mode: str = "sync"
+    hierarchy: str = "none"
 
     @property
     def sparse(self) -> bool:
@@ -133,12 +139,43 @@ class MempipeConfig:
             reasons.append(f"mode must be sync or pipelined, got '{self.mode}'")
         elif self.mode == "pipelined":
             reasons.append("mode 'pipelined' is not available from Python yet; use sync")
+        reasons += self._hierarchy_reasons()
         if self.reuse < 1:
             reasons.append(f"reuse must be >= 1, got {self.reuse}")
         elif self.reuse > 1:
             reasons.append(f"reuse={self.reuse} is not available from Python yet "
                            "(selections are recomputed every step); use reuse=1")
         return reasons
+
+
+    def _hierarchy_reasons(self) -> list[str]:
+        """The checks of ParsePageHierarchy (retriever/hierarchical.h), and where it runs."""
+        if self.hierarchy == "none":
+            return []
+        page, sep, super_page = self.hierarchy.partition("in")
+        if not (sep and _INT_TEXT.fullmatch(page) and _INT_TEXT.fullmatch(super_page)):
+            return [f"hierarchy must be 'none' or '<page>in<super-page>' in tokens (e.g. "
+                    f"'16in64'), got '{self.hierarchy}'"]
+        page, super_page = int(page), int(super_page)
+        if page != self.page_size:
+            return [f"hierarchy '{self.hierarchy}' has {page}-token pages but page_size is "
+                    f"{self.page_size}"]
+        if page <= 0 or super_page % page or super_page // page not in (2, 4, 8):
+            return [f"hierarchy '{self.hierarchy}': a super-page must be 2, 4 or 8 pages of "
+                    f"{page} tokens"]
+        if self.placement != "fpga":
+            return [f"hierarchy '{self.hierarchy}' runs on the FPGA card (placement fpga) only; "
+                    f"placement '{self.placement}' selects flat: use hierarchy=none"]
+        return []
+
+    @property
+    def pages_per_super_page(self) -> int:
+        """1 for hierarchy=none, else super-page tokens / page tokens (FpgaOptions'
+        pages_per_super_page); meaningful once validate() is empty."""
+        if self.hierarchy == "none":
+            return 1
+        page, _, super_page = self.hierarchy.partition("in")
+        return int(super_page) // int(page)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(MempipeConfig)}
