@@ -73,8 +73,8 @@ absl::Status ShardedFpgaSelector::ForEachCard(const std::function<absl::Status(i
   return absl::OkStatus();
 }
 
-void ShardedFpgaSelector::Combine(const std::vector<SelectorCosts>& per_card,
-                                  Clock::time_point t0, bool select) {
+void ShardedFpgaSelector::Combine(const std::vector<SelectorCosts>& per_card, Clock::time_point t0,
+                                  bool select) {
   SelectorCosts c;
   bool modeled = false;
   double slowest = 0, energy = 0;
@@ -109,8 +109,8 @@ absl::Status ShardedFpgaSelector::AddLayer(int layer, const CacheShape& shape) {
   MEMPIPE_RETURN_IF_ERROR(ValidateCacheShape(shape));
   if (shape.num_kv_heads < num_cards()) {
     return absl::InvalidArgumentError(absl::StrCat(num_cards(), " cards need at least ",
-                                                   num_cards(), " KV heads to share; layer ",
-                                                   layer, " has ", shape.num_kv_heads));
+                                                   num_cards(), " KV heads to share; layer ", layer,
+                                                   " has ", shape.num_kv_heads));
   }
   for (int i = 0; i < num_cards(); ++i) {
     const auto [h0, h1] = HeadsOf(i, num_cards(), shape.num_kv_heads);
@@ -132,8 +132,8 @@ absl::Status ShardedFpgaSelector::AppendKeys(int layer, const int64_t* slots, in
   std::vector<SelectorCosts> per_card(num_cards());
   MEMPIPE_RETURN_IF_ERROR(ForEachCard([&](int i) -> absl::Status {
     const auto [h0, h1] = HeadsOf(i, num_cards(), sh.num_kv_heads);
-    const std::vector<uint8_t> slice = SliceHeads(keys, num_tokens, sh.num_kv_heads, h0, h1,
-                                                  sh.head_dim, DTypeSize(sh.dtype));
+    const std::vector<uint8_t> slice =
+        SliceHeads(keys, num_tokens, sh.num_kv_heads, h0, h1, sh.head_dim, DTypeSize(sh.dtype));
     MEMPIPE_RETURN_IF_ERROR(cards_[i]->AppendKeys(layer, slots, num_tokens, slice.data()));
     per_card[i] = cards_[i]->Costs();
     return absl::OkStatus();
@@ -161,8 +161,8 @@ absl::StatusOr<SelectTicket> ShardedFpgaSelector::Submit(const SelectRequest& re
       request.out.num_seqs != request.table.num_seqs ||
       request.out.num_kv_heads != sh.num_kv_heads) {
     return absl::InvalidArgumentError(
-        absl::StrCat("selection is [", request.out.num_seqs, ", ", request.out.num_kv_heads,
-                     ", ", request.out.max_selected, "]; need [", request.table.num_seqs, ", ",
+        absl::StrCat("selection is [", request.out.num_seqs, ", ", request.out.num_kv_heads, ", ",
+                     request.out.max_selected, "]; need [", request.table.num_seqs, ", ",
                      sh.num_kv_heads, ", ...] with non-null pointers"));
   }
   Pending p;

@@ -67,8 +67,8 @@ class ShardedFpgaSelector final : public PageSelector {
  private:
   struct Pending {
     SelectRequest request;
-    std::vector<SelectTicket> tickets;             // per card
-    std::vector<std::vector<uint8_t>> queries;     // per card, [seqs, slice * group, d]
+    std::vector<SelectTicket> tickets;          // per card
+    std::vector<std::vector<uint8_t>> queries;  // per card, [seqs, slice * group, d]
     std::vector<std::vector<int32_t>> pages, counts;
     Clock::time_point submitted;
   };

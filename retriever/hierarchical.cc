@@ -52,13 +52,12 @@ absl::Status CheckSuperView(const DigestView& pages, const DigestView& super, in
     return absl::InvalidArgumentError("page and super-page digest pointers must not be null");
   }
   if (super.format != pages.format) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "super-page digests are ", DigestFormatName(super.format), " but the page digests ",
-        DigestFormatName(pages.format)));
+    return absl::InvalidArgumentError(
+        absl::StrCat("super-page digests are ", DigestFormatName(super.format),
+                     " but the page digests ", DigestFormatName(pages.format)));
   }
-  if (super.format == DigestFormat::kInt8 &&
-      (super.scales == nullptr || super.exact == nullptr || pages.scales == nullptr ||
-       pages.exact == nullptr)) {
+  if (super.format == DigestFormat::kInt8 && (super.scales == nullptr || super.exact == nullptr ||
+                                              pages.scales == nullptr || pages.exact == nullptr)) {
     return absl::InvalidArgumentError("int8 page and super-page digests need scales and exact");
   }
   if (f != 2 && f != 4 && f != 8) {
@@ -68,11 +67,11 @@ absl::Status CheckSuperView(const DigestView& pages, const DigestView& super, in
   if (super.dtype != pages.dtype || super.num_kv_heads != pages.num_kv_heads ||
       super.head_dim != pages.head_dim || super.num_blocks != NumSuperBlocks(pages.num_blocks, f)) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "super-page digests [", super.num_blocks, ", 2, ", super.num_kv_heads, ", ",
-        super.head_dim, "] ", DTypeName(super.dtype), " do not match ", pages.num_blocks,
-        " page digests of ", pages.num_kv_heads, " KV heads, head_dim ", pages.head_dim, ", ",
-        DTypeName(pages.dtype), " at ", f, " pages per super-page (need ",
-        NumSuperBlocks(pages.num_blocks, f), " super-blocks)"));
+        "super-page digests [", super.num_blocks, ", 2, ", super.num_kv_heads, ", ", super.head_dim,
+        "] ", DTypeName(super.dtype), " do not match ", pages.num_blocks, " page digests of ",
+        pages.num_kv_heads, " KV heads, head_dim ", pages.head_dim, ", ", DTypeName(pages.dtype),
+        " at ", f, " pages per super-page (need ", NumSuperBlocks(pages.num_blocks, f),
+        " super-blocks)"));
   }
   return absl::OkStatus();
 }
@@ -89,13 +88,12 @@ absl::StatusOr<PageHierarchy> ParsePageHierarchy(absl::string_view name, int blo
   if (parts.size() != 2 || !absl::SimpleAtoi(parts[0], &page) ||
       !absl::SimpleAtoi(parts[1], &super)) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "hierarchy must be 'none' or '<page>in<super-page>' in tokens (e.g. '16in64'), got '",
-        name, "'"));
+        "hierarchy must be 'none' or '<page>in<super-page>' in tokens (e.g. '16in64'), got '", name,
+        "'"));
   }
   if (page != block_size) {
-    return absl::InvalidArgumentError(absl::StrCat("hierarchy '", name, "' has ", page,
-                                                   "-token pages but the page size is ",
-                                                   block_size));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "hierarchy '", name, "' has ", page, "-token pages but the page size is ", block_size));
   }
   if (super % page != 0 || (super / page != 2 && super / page != 4 && super / page != 8)) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -152,39 +150,39 @@ absl::Status ValidateSuperPageTable(const BlockTableView& table, int block_size,
   return absl::OkStatus();
 }
 
-absl::Status BuildSuperDigests(const DigestView& pages, const BlockTableView& table,
-                               int block_size, int f, const DigestView& super) {
+absl::Status BuildSuperDigests(const DigestView& pages, const BlockTableView& table, int block_size,
+                               int f, const DigestView& super) {
   MEMPIPE_RETURN_IF_ERROR(CheckSuperView(pages, super, f));
   MEMPIPE_RETURN_IF_ERROR(ValidateBlockTable(table, block_size, pages.num_blocks));
   MEMPIPE_RETURN_IF_ERROR(ValidateSuperPageTable(table, block_size, f));
   const DigestView pages_in = pages, super_in = super;
   std::vector<int32_t> touched;
   {
-  const DigestView pages = NativeRows(pages_in), super = NativeRows(super_in);
-  DispatchDType(pages.dtype, [&]<typename T>() {
-    const T* pg = static_cast<const T*>(pages.data);
-    T* sp = static_cast<T*>(super.data);
-    const size_t row = pages.head_dim;
-    for (int s = 0; s < table.num_seqs; ++s) {
-      const int n = NumPages(table.seq_lens[s], block_size);
-      for (int p0 = 0; p0 < n; p0 += f) {
-        const int sb = table.Block(s, p0) / f;
-        touched.push_back(sb);
-        for (int h = 0; h < pages.num_kv_heads; ++h) {
-          T* mx = sp + super.Offset(sb, 0, h);
-          T* mn = sp + super.Offset(sb, 1, h);
-          const int b0 = table.Block(s, p0);
-          std::copy(pg + pages.Offset(b0, 0, h), pg + pages.Offset(b0, 0, h) + row, mx);
-          std::copy(pg + pages.Offset(b0, 1, h), pg + pages.Offset(b0, 1, h) + row, mn);
-          for (int p = p0 + 1; p < std::min(n, p0 + f); ++p) {
-            const int b = table.Block(s, p);
-            WidenWithRow(pg + pages.Offset(b, 0, h), pg + pages.Offset(b, 1, h), mx, mn,
-                         pages.head_dim);
+    const DigestView pages = NativeRows(pages_in), super = NativeRows(super_in);
+    DispatchDType(pages.dtype, [&]<typename T>() {
+      const T* pg = static_cast<const T*>(pages.data);
+      T* sp = static_cast<T*>(super.data);
+      const size_t row = pages.head_dim;
+      for (int s = 0; s < table.num_seqs; ++s) {
+        const int n = NumPages(table.seq_lens[s], block_size);
+        for (int p0 = 0; p0 < n; p0 += f) {
+          const int sb = table.Block(s, p0) / f;
+          touched.push_back(sb);
+          for (int h = 0; h < pages.num_kv_heads; ++h) {
+            T* mx = sp + super.Offset(sb, 0, h);
+            T* mn = sp + super.Offset(sb, 1, h);
+            const int b0 = table.Block(s, p0);
+            std::copy(pg + pages.Offset(b0, 0, h), pg + pages.Offset(b0, 0, h) + row, mx);
+            std::copy(pg + pages.Offset(b0, 1, h), pg + pages.Offset(b0, 1, h) + row, mn);
+            for (int p = p0 + 1; p < std::min(n, p0 + f); ++p) {
+              const int b = table.Block(s, p);
+              WidenWithRow(pg + pages.Offset(b, 0, h), pg + pages.Offset(b, 1, h), mx, mn,
+                           pages.head_dim);
+            }
           }
         }
       }
-    }
-  });
+    });
   }
   return QuantizeTouched(super_in, touched);
 }
@@ -196,15 +194,14 @@ absl::Status UpdateHierarchicalDigests(const DigestView& pages, const DigestView
   // Checks slots, sizes and pointers for the whole call before anything is written.
   MEMPIPE_RETURN_IF_ERROR(UpdateDigestsFromKeys(pages, block_size, slot_mapping, 0, keys));
   if (num_tokens < 0 || (num_tokens > 0 && (slot_mapping == nullptr || keys == nullptr))) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "need num_tokens >= 0 (got ", num_tokens, ") and non-null slots and keys"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("need num_tokens >= 0 (got ", num_tokens, ") and non-null slots and keys"));
   }
   const int64_t num_slots = static_cast<int64_t>(pages.num_blocks) * block_size;
   for (int t = 0; t < num_tokens; ++t) {
     if (slot_mapping[t] >= num_slots) {
       return absl::InvalidArgumentError(absl::StrCat("slot_mapping[", t, "] = ", slot_mapping[t],
-                                                     " is past the cache's ", num_slots,
-                                                     " slots"));
+                                                     " is past the cache's ", num_slots, " slots"));
     }
   }
   const size_t key_row_bytes =
@@ -266,9 +263,9 @@ absl::Status UpdateHierarchicalDigests(const DigestView& pages, const DigestView
   for (int t = 0; t < num_tokens; ++t) {
     const int64_t slot = slot_mapping[t];
     if (slot < 0) continue;
-    MEMPIPE_RETURN_IF_ERROR(UpdateDigestsFromKeys(
-        pages, block_size, &slot_mapping[t], 1,
-        static_cast<const uint8_t*>(keys) + t * key_row_bytes));
+    MEMPIPE_RETURN_IF_ERROR(
+        UpdateDigestsFromKeys(pages, block_size, &slot_mapping[t], 1,
+                              static_cast<const uint8_t*>(keys) + t * key_row_bytes));
     update_super(slot);
   }
   return QuantizeTouched(super, touched);
@@ -277,8 +274,8 @@ absl::Status UpdateHierarchicalDigests(const DigestView& pages, const DigestView
 absl::Status SelectHierarchical(const QueryView& query, const KvCacheView& cache,
                                 const DigestView& pages, const DigestView& super,
                                 const BlockTableView& table, const SelectionConfig& config,
-                                const SelectionView& out, HierarchyStats* stats,
-                                int num_threads, std::vector<HierarchyStats>* row_stats) {
+                                const SelectionView& out, HierarchyStats* stats, int num_threads,
+                                std::vector<HierarchyStats>* row_stats) {
   MEMPIPE_RETURN_IF_ERROR(ValidateSelectionConfig(config, cache.block_size));
   const int f = config.hierarchy.pages_per_super_page;
   if (config.hierarchy.Flat()) {
@@ -295,9 +292,9 @@ absl::Status SelectHierarchical(const QueryView& query, const KvCacheView& cache
   if (out.pages == nullptr || out.counts == nullptr || out.num_seqs != table.num_seqs ||
       out.num_kv_heads != cache.num_kv_heads || out.max_selected < k) {
     return absl::InvalidArgumentError(
-        absl::StrCat("selection is [", out.num_seqs, ", ", out.num_kv_heads, ", ",
-                     out.max_selected, "] (pointers ", out.pages ? "set" : "null", "); need [",
-                     table.num_seqs, ", ", cache.num_kv_heads, ", >= ", k, "]"));
+        absl::StrCat("selection is [", out.num_seqs, ", ", out.num_kv_heads, ", ", out.max_selected,
+                     "] (pointers ", out.pages ? "set" : "null", "); need [", table.num_seqs, ", ",
+                     cache.num_kv_heads, ", >= ", k, "]"));
   }
 
   const int d = cache.head_dim;
@@ -381,8 +378,8 @@ absl::Status SelectHierarchical(const QueryView& query, const KvCacheView& cache
               static_cast<int64_t>(config.hierarchy.expansion) * ((want + f - 1) / f);
           middle.clear();
           size_t kept = 0;
-          while (kept < cand.size() &&
-                 (static_cast<int64_t>(kept) < min_kept || static_cast<int>(middle.size()) < want)) {
+          while (kept < cand.size() && (static_cast<int64_t>(kept) < min_kept ||
+                                        static_cast<int>(middle.size()) < want)) {
             const int j = cand[kept++];
             for (int p = std::max(j * f, lo); p < std::min(j * f + f, hi); ++p) middle.push_back(p);
           }

@@ -118,11 +118,13 @@ struct HierarchyStats {
 // ComputeRelevancy and SelectPages, ValidateSuperPageTable, a super digest view that does not
 // match the page digests. `row_stats`, when given, receives each (sequence, KV head) row's
 // figures [num_seqs * num_kv_heads] (what a device prices per compute unit).
-[[nodiscard]] absl::Status SelectHierarchical(
-    const QueryView& query, const KvCacheView& cache, const DigestView& pages,
-    const DigestView& super, const BlockTableView& table, const SelectionConfig& config,
-    const SelectionView& out, HierarchyStats* stats = nullptr, int num_threads = 1,
-    std::vector<HierarchyStats>* row_stats = nullptr);
+[[nodiscard]] absl::Status SelectHierarchical(const QueryView& query, const KvCacheView& cache,
+                                              const DigestView& pages, const DigestView& super,
+                                              const BlockTableView& table,
+                                              const SelectionConfig& config,
+                                              const SelectionView& out,
+                                              HierarchyStats* stats = nullptr, int num_threads = 1,
+                                              std::vector<HierarchyStats>* row_stats = nullptr);
 
 }  // namespace mempipe
 

@@ -181,8 +181,7 @@ absl::Status ScoreAndSelect(const QueryView& query, const KvCacheView& cache,
     MEMPIPE_RETURN_IF_ERROR(ValidateDigests(cache, digests));
     const int f = config.hierarchy.pages_per_super_page;
     const SuperDigestBuffers super(digests, f);
-    MEMPIPE_RETURN_IF_ERROR(
-        BuildSuperDigests(digests, table, cache.block_size, f, super.view()));
+    MEMPIPE_RETURN_IF_ERROR(BuildSuperDigests(digests, table, cache.block_size, f, super.view()));
     return SelectHierarchical(query, cache, digests, super.view(), table, config, out);
   }
   std::vector<float> scores(static_cast<size_t>(table.num_seqs) * cache.num_kv_heads *

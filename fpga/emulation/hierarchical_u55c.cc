@@ -172,8 +172,8 @@ absl::Status HierarchicalU55cSelector::BuildDigests(int layer, const KvCacheView
   MEMPIPE_RETURN_IF_ERROR(ValidateSuperPageTable(table, cache.block_size, f_));
   const auto t0 = Clock::now();
   MEMPIPE_RETURN_IF_ERROR(mempipe::BuildDigests(cache, table, l->PageView()));
-  MEMPIPE_RETURN_IF_ERROR(BuildSuperDigests(l->PageView(), table, cache.block_size, f_,
-                                            l->super.view()));
+  MEMPIPE_RETURN_IF_ERROR(
+      BuildSuperDigests(l->PageView(), table, cache.block_size, f_, l->super.view()));
   // Priced as the bulk build through the update kernel (EmulatedU55cSelector does the same):
   // every token of every page, page by page.
   std::vector<int64_t> slots;
@@ -196,8 +196,7 @@ absl::Status HierarchicalU55cSelector::AppendKeys(int layer, const int64_t* slot
   MEMPIPE_RETURN_IF_ERROR(ValidateAppend(l->shape, slots, num_tokens, keys));
   const auto t0 = Clock::now();
   MEMPIPE_RETURN_IF_ERROR(UpdateHierarchicalDigests(
-      l->PageView(), l->super.view(), l->shape.block_size,
-      f_, slots, num_tokens, keys));
+      l->PageView(), l->super.view(), l->shape.block_size, f_, slots, num_tokens, keys));
   FinishUpdate(layer, *l, slots, num_tokens, t0);
   return absl::OkStatus();
 }
@@ -207,9 +206,9 @@ absl::StatusOr<SelectTicket> HierarchicalU55cSelector::Submit(const SelectReques
   const CacheShape& sh = l->shape;
   const bool hier = !request.config.hierarchy.Flat();
   if (hier && request.config.hierarchy.pages_per_super_page != f_) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("the request asks for super-pages of ", request.config.hierarchy.pages_per_super_page,
-                     " pages; this card keeps super-page digests of ", f_, " pages"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the request asks for super-pages of ", request.config.hierarchy.pages_per_super_page,
+        " pages; this card keeps super-page digests of ", f_, " pages"));
   }
   {
     SelectRequest flat = request;  // the kernel's own checks, hierarchy aside
@@ -222,16 +221,15 @@ absl::StatusOr<SelectTicket> HierarchicalU55cSelector::Submit(const SelectReques
   const int seqs = request.table.num_seqs, heads = sh.num_kv_heads;
   job->pages.assign(static_cast<size_t>(seqs) * heads * request.out.max_selected, -1);
   job->counts.assign(static_cast<size_t>(seqs) * heads, 0);
-  job->out = SelectionView{job->pages.data(), job->counts.data(), seqs, heads,
-                           request.out.max_selected};
+  job->out =
+      SelectionView{job->pages.data(), job->counts.data(), seqs, heads, request.out.max_selected};
   job->caller_out = request.out;
   const KvCacheView geometry = sh.Geometry();
   std::vector<HierarchyStats> rows;
   if (hier) {
-    job->status = SelectHierarchical(request.query, geometry, l->PageView(),
-                                     l->super.view(),
-                                     request.table, request.config, job->out, &job->stats, 1,
-                                     &rows);
+    job->status =
+        SelectHierarchical(request.query, geometry, l->PageView(), l->super.view(), request.table,
+                           request.config, job->out, &job->stats, 1, &rows);
   } else {
     job->status = ScoreAndSelect(request.query, geometry, l->PageView(), request.table,
                                  request.config, job->out);

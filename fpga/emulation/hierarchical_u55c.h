@@ -67,8 +67,8 @@ class HierarchicalU55cSelector final : public PageSelector {
   };
   struct Job {
     std::vector<int32_t> pages, counts;  // the selection, copied out at Wait
-    SelectionView out;         // over pages/counts
-    SelectionView caller_out;  // the request's
+    SelectionView out;                   // over pages/counts
+    SelectionView caller_out;            // the request's
     absl::Status status;
     CallEstimate estimate;
     HierarchyStats stats;

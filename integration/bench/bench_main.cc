@@ -28,11 +28,11 @@
 #include "attention/decode.h"
 #include "backend/selector_registry.h"
 #include "fpga/fpga_selector.h"
-#include "retriever/hierarchical.h"
 #include "integration/bench/decode_bench.h"
 #include "integration/bench/membw.h"
 #include "integration/bench/pipeline_bench.h"
 #include "nlohmann/json.hpp"
+#include "retriever/hierarchical.h"
 #include "tests/testing/fault_injecting_selector.h"
 
 ABSL_FLAG(int, layers, 32, "Transformer layers (each has its own KV cache)");
@@ -125,12 +125,12 @@ void RegisterSelectors(int threads, int pages_per_super_page) {
   const int cards = absl::GetFlag(FLAGS_fpga_cards);
   RegisterPageSelectorFactory(Device::kFpga, "fpga (fpga/fpga_selector.h)",
                               [paced, cards, pages_per_super_page] {
-    FpgaOptions o;
-    o.paced = paced;
-    o.cards = cards;
-    o.pages_per_super_page = pages_per_super_page;
-    return MakeFpgaSelector(o);
-  });
+                                FpgaOptions o;
+                                o.paced = paced;
+                                o.cards = cards;
+                                o.pages_per_super_page = pages_per_super_page;
+                                return MakeFpgaSelector(o);
+                              });
 #if defined(MEMPIPE_BENCH_WITH_GPU)
   // The real GPU selector (retriever/gpu/gpu_page_selector.h), on a build with GPU kernels and
   // a machine with a GPU; elsewhere the paced stand-in below may take its place.
@@ -232,7 +232,8 @@ int Main() {
       options.policy.dense_layers,
       std::string(GroupAggregationName(options.policy.selection.aggregation)).c_str(),
       PageHierarchyName(options.policy.selection.hierarchy, cfg.block_size).c_str(),
-      absl::GetFlag(FLAGS_fpga_cards), std::string(DigestFormatName(options.digest_format)).c_str());
+      absl::GetFlag(FLAGS_fpga_cards),
+      std::string(DigestFormatName(options.digest_format)).c_str());
   std::printf(
       "  machine: %d hardware threads, %d used; all times measured on this machine's CPU; "
       "attention kernel %s\n",

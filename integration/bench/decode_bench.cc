@@ -10,9 +10,9 @@
 #include "absl/strings/str_cat.h"
 #include "attention/decode.h"
 #include "backend/selector_registry.h"
-#include "integration/bench/selection_audit.h"
 #include "core/clock.h"
 #include "core/status_macros.h"
+#include "integration/bench/selection_audit.h"
 
 namespace mempipe {
 namespace {

@@ -9,8 +9,8 @@
 //              the super-page plus page digests its two passes scored (retriever/hierarchical.h).
 //
 //   SelectionAudit audit;
-//   MEMPIPE_RETURN_IF_ERROR(AuditSelection(query, cache, table, config, selection, scratch, audit));
-//   audit.Recall();
+//   MEMPIPE_RETURN_IF_ERROR(AuditSelection(query, cache, table, config, selection, scratch,
+//   audit)); audit.Recall();
 #ifndef MEMPIPE_INTEGRATION_BENCH_SELECTION_AUDIT_H_
 #define MEMPIPE_INTEGRATION_BENCH_SELECTION_AUDIT_H_
 
@@ -26,9 +26,9 @@
 namespace mempipe {
 
 struct SelectionAudit {
-  double flat_middle = 0;     // middle pages the exact flat selection keeps
-  double hits = 0;            // ... that the audited selection keeps too
-  double digest_rows = 0;     // (page or super-page, KV head) digest row pairs scored
+  double flat_middle = 0;  // middle pages the exact flat selection keeps
+  double hits = 0;         // ... that the audited selection keeps too
+  double digest_rows = 0;  // (page or super-page, KV head) digest row pairs scored
   double flat_digest_rows = 0;
 
   double Recall() const { return flat_middle > 0 ? hits / flat_middle : 1.0; }
@@ -42,9 +42,8 @@ struct SelectionAudit {
 [[nodiscard]] absl::Status AuditSelection(const QueryView& query, const KvCacheView& cache,
                                           const BlockTableView& table,
                                           const SelectionConfig& config,
-                                          const SelectionView& selection,
-                                          DigestFormat format, std::vector<uint8_t>& scratch,
-                                          SelectionAudit& audit);
+                                          const SelectionView& selection, DigestFormat format,
+                                          std::vector<uint8_t>& scratch, SelectionAudit& audit);
 
 }  // namespace mempipe
 

@@ -81,8 +81,8 @@ absl::Status SyntheticContext::Prefill(const std::function<void(int)>& progress)
   max_blocks_ = NumPages(config_.context + config_.max_new_tokens, config_.block_size);
   num_blocks_ = 0;
   for (int s = 0; s < config_.batch; ++s) {
-    num_blocks_ += (NumPages(seq_lens_[s] + config_.max_new_tokens, config_.block_size) + g - 1) /
-                   g * g;
+    num_blocks_ +=
+        (NumPages(seq_lens_[s] + config_.max_new_tokens, config_.block_size) + g - 1) / g * g;
   }
   // Blocks handed out in an interleaved order, as an allocator serving many requests would, in
   // aligned groups of g blocks.

@@ -33,11 +33,11 @@ struct Selection {
 // Builds the digests from `fx`, appends `steps` new tokens per sequence (the same keys for every
 // selector), and selects once per step; returns every step's selections concatenated.
 absl::StatusOr<Selection> RunSteps(PageSelector& sel, HierFixture& fx, const SelectionConfig& cfg,
-                              uint64_t seed, int steps) {
+                                   uint64_t seed, int steps) {
   const int seqs = static_cast<int>(fx.lens.size());
   const int k = cfg.PagesPerHead(kBlock);
-  MEMPIPE_RETURN_IF_ERROR(sel.AddLayer(
-      3, CacheShape{fx.cache.dtype, fx.cache.num_blocks, kBlock, kKvHeads, kHeadDim}));
+  MEMPIPE_RETURN_IF_ERROR(
+      sel.AddLayer(3, CacheShape{fx.cache.dtype, fx.cache.num_blocks, kBlock, kKvHeads, kHeadDim}));
   // Prefill all but the last `steps` tokens of each sequence, then append one per step.
   std::vector<int32_t> lens = fx.lens;
   for (int32_t& l : lens) l -= steps;
@@ -215,8 +215,7 @@ TEST(HierarchicalU55cTest, DigestsMatchAndFewerBytesCostLess) {
   EXPECT_LT(st.super_rows_scored + st.page_rows_scored, st.flat_page_rows / 2);
   // Digests: CPU reference from scratch.
   ASSERT_TRUE(BuildDigests(fx.cache, fx.table_view(), fx.page_view()).ok());
-  ASSERT_TRUE(
-      BuildSuperDigests(fx.page_view(), fx.table_view(), kBlock, 4, fx.super_view()).ok());
+  ASSERT_TRUE(BuildSuperDigests(fx.page_view(), fx.table_view(), kBlock, 4, fx.super_view()).ok());
   auto pv = card.PageDigests(3);
   auto sv = card.SuperDigests(3);
   ASSERT_TRUE(pv.ok() && sv.ok());

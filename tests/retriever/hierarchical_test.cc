@@ -32,8 +32,8 @@ TEST_P(SuperDigestTest, BulkAndIncrementalEqualScratch) {
   HierFixture fx(rng, dtype, block_size, f, 2, 64,
                  {len(rng), len(rng), f * block_size, f * block_size + 1, 1});
   ASSERT_TRUE(BuildDigests(fx.cache, fx.table_view(), fx.page_view()).ok());
-  ASSERT_TRUE(BuildSuperDigests(fx.page_view(), fx.table_view(), block_size, f, fx.super_view())
-                  .ok());
+  ASSERT_TRUE(
+      BuildSuperDigests(fx.page_view(), fx.table_view(), block_size, f, fx.super_view()).ok());
   int checked = 0, wrong_rejected = 0;
   for (size_t s = 0; s < fx.lens.size(); ++s) {
     for (int j = 0; j < NumSuperBlocks(NumPages(fx.lens[s], block_size), f); ++j) {
@@ -65,8 +65,8 @@ TEST_P(SuperDigestTest, BulkAndIncrementalEqualScratch) {
       for (int t = pos[s]; t < end; ++t) {
         const int b = fx.table[s * fx.max_blocks + t / block_size];
         slots.push_back(static_cast<int64_t>(b) * block_size + t % block_size);
-        const uint8_t* src = fx.storage.data() + fx.cache.Offset(0, b, t % block_size, 0) *
-                                                     DTypeSize(dtype);
+        const uint8_t* src =
+            fx.storage.data() + fx.cache.Offset(0, b, t % block_size, 0) * DTypeSize(dtype);
         keys.insert(keys.end(), src, src + row);
       }
       pos[s] = end;
@@ -75,8 +75,7 @@ TEST_P(SuperDigestTest, BulkAndIncrementalEqualScratch) {
     slots.push_back(-1);  // skipped
     keys.resize(keys.size() + row);
     ASSERT_TRUE(UpdateHierarchicalDigests(fx.page_view(), fx.super_view(), block_size, f,
-                                          slots.data(), static_cast<int>(slots.size()),
-                                          keys.data())
+                                          slots.data(), static_cast<int>(slots.size()), keys.data())
                     .ok());
   }
   for (size_t s = 0; s < fx.lens.size(); ++s) {
@@ -95,14 +94,13 @@ TEST_P(SuperDigestTest, BulkAndIncrementalEqualScratch) {
       for (int t = 0; t < fx.lens[0]; ++t) {
         const int b = fx.table[t / block_size];
         slots.push_back(static_cast<int64_t>(b) * block_size + t % block_size);
-        const uint8_t* src = fx.storage.data() + fx.cache.Offset(0, b, t % block_size, 0) *
-                                                     DTypeSize(dtype);
+        const uint8_t* src =
+            fx.storage.data() + fx.cache.Offset(0, b, t % block_size, 0) * DTypeSize(dtype);
         keys.insert(keys.end(), src, src + row);
       }
     }
     ASSERT_TRUE(UpdateHierarchicalDigests(fx.page_view(), fx.super_view(), block_size, f,
-                                          slots.data(), static_cast<int>(slots.size()),
-                                          keys.data())
+                                          slots.data(), static_cast<int>(slots.size()), keys.data())
                     .ok());
     for (int j = 0; j < NumSuperBlocks(NumPages(fx.lens[0], block_size), f); ++j) {
       ASSERT_EQ(fx.ScratchSuper(0, j, 1), fx.StoredSuper(0, j, 1)) << "repeated slots";
@@ -166,7 +164,8 @@ BruteSelection Brute(const HierFixture& fx, const float* q, int heads, const Sel
           }
           float a = 0;
           for (int g = 0; g < group; ++g) {
-            const float v = PageBound(q + ((s * heads) + h * group + g) * d, mx.data(), mn.data(), d);
+            const float v =
+                PageBound(q + ((s * heads) + h * group + g) * d, mx.data(), mn.data(), d);
             a = g == 0 ? v : cfg.aggregation == GroupAggregation::kMax ? std::max(a, v) : a + v;
           }
           sp.push_back({a, j});
@@ -178,7 +177,8 @@ BruteSelection Brute(const HierFixture& fx, const float* q, int heads, const Sel
         const size_t m = static_cast<size_t>(cfg.hierarchy.expansion) * ((want + f - 1) / f);
         std::vector<std::pair<float, int>> cand;
         for (size_t i = 0; i < sp.size() && (i < m || static_cast<int>(cand.size()) < want); ++i) {
-          for (int p = std::max(sp[i].second * f, lo); p < std::min(sp[i].second * f + f, hi); ++p) {
+          for (int p = std::max(sp[i].second * f, lo); p < std::min(sp[i].second * f + f, hi);
+               ++p) {
             cand.push_back({flat_scores[rh * fx.max_blocks + p], p});
           }
         }
@@ -209,17 +209,16 @@ TEST_P(HierarchicalSelectTest, MatchesBruteForceAndFlatWhenNothingIsPruned) {
   std::uniform_int_distribution<int> len(1, 90 * bs);
   HierFixture fx(rng, dtype, bs, f, kvh, d, {len(rng), len(rng), 70 * bs + 3, 9 * bs, 5});
   ASSERT_TRUE(BuildDigests(fx.cache, fx.table_view(), fx.page_view()).ok());
-  ASSERT_TRUE(
-      BuildSuperDigests(fx.page_view(), fx.table_view(), bs, f, fx.super_view()).ok());
+  ASSERT_TRUE(BuildSuperDigests(fx.page_view(), fx.table_view(), bs, f, fx.super_view()).ok());
   const int seqs = static_cast<int>(fx.lens.size());
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);
   std::vector<float> q(static_cast<size_t>(seqs) * heads * d);
   for (float& v : q) v = u(rng);
   const QueryView qv{q.data(), DType::kFloat32, seqs, heads, d};
   std::vector<float> flat_scores(static_cast<size_t>(seqs) * kvh * fx.max_blocks);
-  ASSERT_TRUE(ComputeRelevancy(qv, fx.cache, fx.page_view(), fx.table_view(), agg,
-                               flat_scores.data())
-                  .ok());
+  ASSERT_TRUE(
+      ComputeRelevancy(qv, fx.cache, fx.page_view(), fx.table_view(), agg, flat_scores.data())
+          .ok());
   int differs_from_flat = 0;
   for (int expansion : {1, 2, 3}) {
     for (int budget_pages : {8, 13, 24}) {
@@ -230,12 +229,13 @@ TEST_P(HierarchicalSelectTest, MatchesBruteForceAndFlatWhenNothingIsPruned) {
       cfg.aggregation = agg;
       cfg.hierarchy = PageHierarchy{f, expansion};
       const int k = budget_pages;
-      std::vector<int32_t> pages(static_cast<size_t>(seqs) * kvh * k, 12345), counts(seqs * kvh, -9);
+      std::vector<int32_t> pages(static_cast<size_t>(seqs) * kvh * k, 12345),
+          counts(seqs * kvh, -9);
       const SelectionView out{pages.data(), counts.data(), seqs, kvh, k};
       HierarchyStats stats;
       std::vector<HierarchyStats> rows;
-      ASSERT_TRUE(SelectHierarchical(qv, fx.cache, fx.page_view(), fx.super_view(),
-                                     fx.table_view(), cfg, out, &stats, /*num_threads=*/3, &rows)
+      ASSERT_TRUE(SelectHierarchical(qv, fx.cache, fx.page_view(), fx.super_view(), fx.table_view(),
+                                     cfg, out, &stats, /*num_threads=*/3, &rows)
                       .ok());
       const BruteSelection b = Brute(fx, q.data(), heads, cfg, flat_scores);
       ASSERT_EQ(b.pages, pages) << "expansion " << expansion << " budget " << budget_pages;
@@ -267,8 +267,8 @@ TEST_P(HierarchicalSelectTest, MatchesBruteForceAndFlatWhenNothingIsPruned) {
       if (fpages != pages) ++differs_from_flat;
       cfg.hierarchy.expansion = 1 << 20;
       std::fill(pages.begin(), pages.end(), 12345);
-      ASSERT_TRUE(SelectHierarchical(qv, fx.cache, fx.page_view(), fx.super_view(),
-                                     fx.table_view(), cfg, out)
+      ASSERT_TRUE(SelectHierarchical(qv, fx.cache, fx.page_view(), fx.super_view(), fx.table_view(),
+                                     cfg, out)
                       .ok());
       ASSERT_EQ(fpages, pages) << "keeping every super-page must give the flat selection";
     }
@@ -277,11 +277,11 @@ TEST_P(HierarchicalSelectTest, MatchesBruteForceAndFlatWhenNothingIsPruned) {
   EXPECT_GT(differs_from_flat, 0);
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    All, HierarchicalSelectTest,
-    ::testing::Combine(::testing::Values(DType::kFloat32, DType::kBFloat16),
-                       ::testing::Values(2, 4, 8), ::testing::Values(1, 4),
-                       ::testing::Values(GroupAggregation::kMax, GroupAggregation::kSum)));
+INSTANTIATE_TEST_SUITE_P(All, HierarchicalSelectTest,
+                         ::testing::Combine(::testing::Values(DType::kFloat32, DType::kBFloat16),
+                                            ::testing::Values(2, 4, 8), ::testing::Values(1, 4),
+                                            ::testing::Values(GroupAggregation::kMax,
+                                                              GroupAggregation::kSum)));
 
 // A super-page's bound is at least each of its pages' bounds (why pass 1 may prune).
 TEST(HierarchicalTest, SuperBoundBoundsItsPages) {
@@ -346,8 +346,9 @@ TEST(HierarchicalTest, ErrorsNameTheBadValue) {
   ASSERT_TRUE(BuildDigests(fx.cache, fx.table_view(), fx.page_view()).ok());
   DigestView bad = fx.super_view();
   bad.num_blocks += 1;
-  EXPECT_NE(BuildSuperDigests(fx.page_view(), fx.table_view(), 16, 4, bad).message().find(
-                "super-page digests"),
+  EXPECT_NE(BuildSuperDigests(fx.page_view(), fx.table_view(), 16, 4, bad)
+                .message()
+                .find("super-page digests"),
             absl::string_view::npos);
 }
 

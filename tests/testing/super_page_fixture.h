@@ -77,7 +77,8 @@ struct HierFixture {
   DigestView super_view() { return SuperDigestView(super.data(), page_view(), f); }
   float Key(int s, int t, int h, int c) const {
     const int b = table[s * max_blocks + t / cache.block_size];
-    return LoadAsFloat(storage.data(), cache.dtype, cache.Offset(0, b, t % cache.block_size, h) + c);
+    return LoadAsFloat(storage.data(), cache.dtype,
+                       cache.Offset(0, b, t % cache.block_size, h) + c);
   }
   // The super digest of (s, super-page j, h) from the keys, as stored bits in `dtype`: max/min
   // over tokens in order, the first of equal values kept. `drop_last_page` is a known-wrong
