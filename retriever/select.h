@@ -38,7 +38,7 @@ struct SelectionConfig {
   int num_sink_pages = 1;
   int num_local_pages = 1;
   GroupAggregation aggregation = GroupAggregation::kMax;
-  PageHierarchy hierarchy;  // flat unless set; only hierarchy-aware selectors accept others
+  PageHierarchy hierarchy = {};  // flat unless set; only hierarchy-aware selectors accept others
 
   int PagesPerHead(int block_size) const { return budget_tokens / block_size; }
 };

@@ -95,29 +95,44 @@ def main():
                     help="contexts above this skip the random-key (no heavy hitter) runs, which "
                          "take the host minutes each; the report says so")
     ap.add_argument("--threads", type=int, default=2, help="host threads for mempipe-bench")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the rows of an existing fewer_bytes.json and run only the rest")
     ap.add_argument("--out", default="integration/bench/results/fewer_bytes",
                     help="directory for fewer_bytes.json and fewer_bytes.md")
     args = ap.parse_args()
     contexts = [int(c) for c in args.contexts.split(",") if c]
     os.makedirs(args.out, exist_ok=True)
+    json_path = os.path.join(args.out, "fewer_bytes.json")
     rows = []
-    total = sum(len(SCHEMES) + sum(1 for s in SCHEMES if s[2]) *
-                (1 if c <= args.random_keys_max_context else 0) for c in contexts)
-    done = 0
-    for context in contexts:
-        for name, flags, accuracy in SCHEMES:
-            for keys, heavy in (("planted", 8), ("random", 0)):
+    if args.resume and os.path.exists(json_path):
+        with open(json_path) as f:
+            rows = json.load(f)["rows"]
+    have = {(r["context"], r["scheme"], r["keys"]) for r in rows}
+    # Planted-key runs of every context first, then the random-key ones, so a long run that is
+    # cut short still has every context's figures; results are written after every run.
+    plan = []
+    for keys, heavy in (("planted", 8), ("random", 0)):
+        for context in contexts:
+            for name, flags, accuracy in SCHEMES:
                 if keys == "random" and (not accuracy or context > args.random_keys_max_context):
                     continue
-                done += 1
-                print(f"[fewer_bytes] {done}/{total} context {context} {name} ({keys} keys)",
-                      file=sys.stderr, flush=True)
-                r = run_bench(args.bench, context, flags, heavy, accuracy, args.threads)
-                r.update(context=context, scheme=name, keys=keys)
-                rows.append(r)
-                print(f"[fewer_bytes]   {r['wall_s']:.0f} s; modeled {r['modeled_ms_layer']:.3f} "
-                      f"ms/layer, recall {fmt(r['recall_vs_flat'], '.4f')}", file=sys.stderr,
-                      flush=True)
+                plan.append((context, name, flags, accuracy, keys, heavy))
+    for i, (context, name, flags, accuracy, keys, heavy) in enumerate(plan):
+        if (context, name, keys) in have:
+            continue
+        print(f"[fewer_bytes] {i + 1}/{len(plan)} context {context} {name} ({keys} keys)",
+              file=sys.stderr, flush=True)
+        r = run_bench(args.bench, context, flags, heavy, accuracy, args.threads)
+        r.update(context=context, scheme=name, keys=keys)
+        rows.append(r)
+        print(f"[fewer_bytes]   {r['wall_s']:.0f} s; modeled {r['modeled_ms_layer']:.3f} "
+              f"ms/layer, recall {fmt(r['recall_vs_flat'], '.4f')}", file=sys.stderr, flush=True)
+        write_outputs(args, contexts, rows)
+    write_outputs(args, contexts, rows)
+    print(f"[fewer_bytes] wrote {args.out}/fewer_bytes.json and fewer_bytes.md", file=sys.stderr)
+
+
+def write_outputs(args, contexts, rows):
     cpu = "unknown"
     try:
         with open("/proc/cpuinfo") as f:
@@ -129,7 +144,8 @@ def main():
     doc = {
         "schema": "mempipe.fewer_bytes/1",
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python3", "integration/bench/fewer_bytes.py"] + sys.argv[1:]),
+        "command": " ".join(["python3", "integration/bench/fewer_bytes.py"] +
+                            [a for a in sys.argv[1:] if a != "--resume"]),
         "machine": machine,
         "shape": "Llama-3-8B attention: 32 q heads, 8 KV heads, head_dim 128, bf16, page 16, "
                  "budget 4096, 1 sink + 1 local page, max aggregation; one layer simulated, "
@@ -178,13 +194,15 @@ def main():
                 f"{fmt(src['rel_l2_error'] if src else None, '.2e')}{rnote} | "
                 f"{fmt(srq['recall_vs_flat'] if srq else None, '.3f')}{rnote if srq else ''} | "
                 f"{fmt(srq['rel_l2_error'] if srq else None, '.2e')}{rnote if srq else ''} |")
-        if context > args.random_keys_max_context:
+        if not any(by.get((context, n, "random")) for n, _, _ in SCHEMES):
             md.append("")
-            md.append(f"Random-key runs skipped at this context (host time); planted only.")
+            md.append("Random-key runs were not run at this context (each takes the shared host "
+                      "minutes); planted keys only.")
         md.append("")
     with open(os.path.join(args.out, "fewer_bytes.md"), "w") as f:
         f.write("\n".join(md) + "\n")
-    print(f"[fewer_bytes] wrote {args.out}/fewer_bytes.json and fewer_bytes.md", file=sys.stderr)
+
+
 
 
 if __name__ == "__main__":
