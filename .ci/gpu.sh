@@ -12,10 +12,11 @@ if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then
   echo "[gpu] CUDA build (sm_80, sm_90)"
   cmake -S . -B build-ci-cuda -G Ninja -DMEMPIPE_GPU=cuda -DCMAKE_CUDA_ARCHITECTURES="80;90" \
     -DMEMPIPE_XRT=off -DMEMPIPE_WERROR=ON >/dev/null
-  ninja -C build-ci-cuda -j"$JOBS" gpu_kernels_test gpu_apply_device_test
+  ninja -C build-ci-cuda -j"$JOBS" gpu_kernels_test gpu_apply_device_test gpu_selection_offload_test
   echo "[gpu] GPU tests (they skip without a GPU)"
   build-ci-cuda/tests/gpu/gpu_kernels_test --gtest_brief=1
   build-ci-cuda/tests/gpu/gpu_apply_device_test --gtest_brief=1
+  build-ci-cuda/tests/gpu/gpu_selection_offload_test --gtest_brief=1
 else
   echo "[gpu] nvcc not found: CUDA build SKIPPED (install the CUDA toolkit to check it)"
 fi
@@ -25,5 +26,5 @@ cmake -S . -B build-ci-hip -G Ninja -DMEMPIPE_GPU=hip -DMEMPIPE_XRT=off -DMEMPIP
   >/dev/null
 # Without an AMD GPU, hipcc may print a harmless rocm_agent_enumerator traceback.
 ninja -C build-ci-hip -j"$JOBS" mempipe_gpu_runtime mempipe_attention_gpu mempipe_retriever_gpu \
-  mempipe_gpu_selector mempipe_gpu_apply
+  mempipe_gpu_selector mempipe_gpu_apply mempipe_gpu_offload_kernels mempipe_gpu_offload
 echo "[gpu] OK"

@@ -37,23 +37,33 @@
 // ValueError naming the tensor with its device, dtype and shape. Functions without a GPU
 // kernel (write_kv, update_digests, prefill_attention) raise NotImplementedError on CUDA.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <initializer_list>
+#include <map>
+#include <memory>
 #include <string>
+#include <thread>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "attention/decode.h"
 #include "backend/policy.h"
+#include "backend/selection_offload.h"
 #include "bindings/dlpack_tensor.h"
 #include "core/paged_kv.h"
+#include "core/status_macros.h"
+#include "fpga/fpga_selector.h"
 #include "retriever/digest.h"
 #include "retriever/relevancy.h"
 #include "retriever/select.h"
 
 #ifdef MEMPIPE_MODULE_GPU
 #include "attention/gpu/paged_decode_gpu.h"
+#include "backend/gpu/gpu_selection_offload.h"
 #include "bindings/gpu_device.h"
 #include "retriever/gpu/digest_gpu.h"
 #include "retriever/gpu/select_gpu.h"
@@ -366,6 +376,51 @@ size_t SelectScratchBytes(const Target& target, const BlockTableView& table, int
   return 0;
 }
 
+// The when_zero= / when_nonzero= switch of a launch: an int32 [1] tensor. A host tensor is read
+// here (the call does nothing unless it holds); one on the call's CUDA device becomes a
+// DevicePredicate that the kernels read, so no host reads it (the offload's fallback).
+struct RunSwitch {
+  bool host_skip = false;
+  const int32_t* device_flag = nullptr;
+  bool run_when_zero = true;
+};
+
+RunSwitch RunSwitchOf(const py::object& when_zero, const py::object& when_nonzero,
+                      const Target& target, const char* function) {
+  RunSwitch r;
+  if (when_zero.is_none() && when_nonzero.is_none()) return r;
+  if (!when_zero.is_none() && !when_nonzero.is_none()) {
+    Check(absl::InvalidArgumentError(
+        absl::StrCat(function, ": pass when_zero= or when_nonzero=, not both")));
+  }
+  r.run_when_zero = !when_zero.is_none();
+  BorrowedTensor flag = Borrow(r.run_when_zero ? when_zero : when_nonzero,
+                               r.run_when_zero ? "when_zero" : "when_nonzero");
+  Check(flag.RequireType(ElemType::kInt32));
+  if (flag.NumElems() != 1) {
+    Check(absl::InvalidArgumentError(
+        absl::StrCat(flag.Describe(), " must hold exactly one int32 value")));
+  }
+  if (IsHostDevice(flag.device)) {
+    const int32_t v = *static_cast<const int32_t*>(flag.data);
+    r.host_skip = (v == 0) != r.run_when_zero;
+    return r;
+  }
+  if (!target.gpu || flag.device.device_type != kDLCUDA || flag.device.device_id != target.device) {
+    Check(absl::InvalidArgumentError(
+        absl::StrCat(flag.Describe(), " must be a host tensor or on the call's device ",
+                     target.gpu ? absl::StrCat("cuda:", target.device) : std::string("cpu"))));
+  }
+  r.device_flag = static_cast<const int32_t*>(flag.data);
+  return r;
+}
+
+#ifdef MEMPIPE_MODULE_GPU
+DevicePredicate DevicePredicateOf(const RunSwitch& r) {
+  return DevicePredicate{r.device_flag, r.run_when_zero};
+}
+#endif
+
 void WriteKvPy(py::handle kv_cache, py::handle slot_mapping, py::handle key, py::handle value,
                const py::object& stream) {
   auto kv = Borrow(kv_cache, "kv_cache"), slots = Borrow(slot_mapping, "slot_mapping"),
@@ -516,7 +571,8 @@ void ScoreAndSelectPy(py::handle query, py::handle kv_cache, py::handle digests,
                       py::handle block_table, py::handle seq_lens, py::handle pages,
                       py::handle counts, int budget, int sinks, int locals,
                       const std::string& aggregation, const py::object& workspace,
-                      const py::object& stream) {
+                      const py::object& stream, const py::object& when_zero,
+                      const py::object& when_nonzero) {
   auto q = Borrow(query, "query"), kv = Borrow(kv_cache, "kv_cache"),
        dg = Borrow(digests, "digests"), bt = Borrow(block_table, "block_table"),
        lens = Borrow(seq_lens, "seq_lens"), pg = Borrow(pages, "pages"),
@@ -532,10 +588,13 @@ void ScoreAndSelectPy(py::handle query, py::handle kv_cache, py::handle digests,
   const Scratch ws =
       ScratchOf(workspace, target, SelectScratchBytes(target, table, cache.num_kv_heads),
                 "score_and_select", "select_workspace_bytes");
+  const RunSwitch run = RunSwitchOf(when_zero, when_nonzero, target, "score_and_select");
+  if (run.host_skip) return;
 #ifdef MEMPIPE_MODULE_GPU
   if (target.gpu) {
     RunOnGpu(target, [&] {
-      return ScoreAndSelectGpu(qv, cache, dv, table, config, sel, ws.data, ws.bytes, target.stream);
+      return ScoreAndSelectGpu(qv, cache, dv, table, config, sel, ws.data, ws.bytes, target.stream,
+                               DevicePredicateOf(run));
     });
     return;
   }
@@ -546,7 +605,8 @@ void ScoreAndSelectPy(py::handle query, py::handle kv_cache, py::handle digests,
 
 void DenseDecodePy(py::handle query, py::handle kv_cache, py::handle block_table,
                    py::handle seq_lens, py::handle out, float scale, int num_threads,
-                   const py::object& workspace, const py::object& stream) {
+                   const py::object& workspace, const py::object& stream,
+                   const py::object& when_zero, const py::object& when_nonzero) {
   auto q = Borrow(query, "query"), kv = Borrow(kv_cache, "kv_cache"),
        bt = Borrow(block_table, "block_table"), lens = Borrow(seq_lens, "seq_lens"),
        o = Borrow(out, "out");
@@ -558,10 +618,13 @@ void DenseDecodePy(py::handle query, py::handle kv_cache, py::handle block_table
                                DecodeScratchBytes(target, io.num_seqs, io.num_heads,
                                                   cache.num_kv_heads, table.max_blocks_per_seq),
                                "dense_decode", "decode_workspace_bytes");
+  const RunSwitch run = RunSwitchOf(when_zero, when_nonzero, target, "dense_decode");
+  if (run.host_skip) return;
 #ifdef MEMPIPE_MODULE_GPU
   if (target.gpu) {
     RunOnGpu(target, [&] {
-      return DenseDecodeGpu(io, cache, table, scale, ws.data, ws.bytes, target.stream);
+      return DenseDecodeGpu(io, cache, table, scale, ws.data, ws.bytes, target.stream,
+                            DevicePredicateOf(run));
     });
     return;
   }
@@ -573,7 +636,8 @@ void DenseDecodePy(py::handle query, py::handle kv_cache, py::handle block_table
 void SparseDecodePy(py::handle query, py::handle kv_cache, py::handle block_table,
                     py::handle seq_lens, py::handle pages, py::handle counts, py::handle out,
                     float scale, int num_threads, const py::object& workspace,
-                    const py::object& stream) {
+                    const py::object& stream, const py::object& when_zero,
+                    const py::object& when_nonzero) {
   auto q = Borrow(query, "query"), kv = Borrow(kv_cache, "kv_cache"),
        bt = Borrow(block_table, "block_table"), lens = Borrow(seq_lens, "seq_lens"),
        pg = Borrow(pages, "pages"), ct = Borrow(counts, "counts"), o = Borrow(out, "out");
@@ -587,10 +651,13 @@ void SparseDecodePy(py::handle query, py::handle kv_cache, py::handle block_tabl
       workspace, target,
       DecodeScratchBytes(target, io.num_seqs, io.num_heads, cache.num_kv_heads, sel.max_selected),
       "sparse_decode", "decode_workspace_bytes");
+  const RunSwitch run = RunSwitchOf(when_zero, when_nonzero, target, "sparse_decode");
+  if (run.host_skip) return;
 #ifdef MEMPIPE_MODULE_GPU
   if (target.gpu) {
     RunOnGpu(target, [&] {
-      return SparseDecodeGpu(io, cache, table, list, scale, ws.data, ws.bytes, target.stream);
+      return SparseDecodeGpu(io, cache, table, list, scale, ws.data, ws.bytes, target.stream,
+                             DevicePredicateOf(run));
     });
     return;
   }
@@ -658,6 +725,331 @@ size_t AppendWorkspaceBytesPy(int num_blocks) {
   return AppendScratchBytes(t, cache);
 }
 
+// ---- the selection-offload engine (backend/selection_offload.h) ------------------------------
+
+// U55cParams fields a `params` dict may set (the rest keep their defaults).
+void ApplyU55cParams(const py::object& params, U55cParams& p) {
+  if (params.is_none()) return;
+  if (!py::isinstance<py::dict>(params)) {
+    Check(absl::InvalidArgumentError("params must be None or a dict of U55C model parameters"));
+  }
+  const std::map<std::string, int*> ints = {{"num_cus", &p.num_cus},
+                                            {"hbm_channels", &p.hbm_channels},
+                                            {"pipeline_fill_clocks", &p.pipeline_fill_clocks},
+                                            {"row_fill_clocks", &p.row_fill_clocks},
+                                            {"score_heads_per_clock", &p.score_heads_per_clock},
+                                            {"score_fifo_pages", &p.score_fifo_pages}};
+  const std::map<std::string, double*> doubles = {
+      {"hbm_channel_bytes", &p.hbm_channel_bytes},
+      {"hbm_channel_peak_bps", &p.hbm_channel_peak_bps},
+      {"hbm_efficiency", &p.hbm_efficiency},
+      {"kernel_clock_hz", &p.kernel_clock_hz},
+      {"select_clocks_per_page", &p.select_clocks_per_page},
+      {"launch_latency_s", &p.launch_latency_s},
+      {"per_cu_start_s", &p.per_cu_start_s},
+      {"dma_to_card_bps", &p.dma_to_card_bps},
+      {"dma_from_card_bps", &p.dma_from_card_bps},
+      {"dma_transfer_overhead_s", &p.dma_transfer_overhead_s},
+      {"board_power_active_w", &p.board_power_active_w},
+      {"board_power_idle_w", &p.board_power_idle_w}};
+  for (auto [key, value] : params.cast<py::dict>()) {
+    const std::string name = py::str(key);
+    if (auto it = ints.find(name); it != ints.end()) {
+      *it->second = value.cast<int>();
+    } else if (auto jt = doubles.find(name); jt != doubles.end()) {
+      *jt->second = value.cast<double>();
+    } else {
+      std::vector<std::string> known;
+      for (const auto& [k, v] : ints) known.push_back(k);
+      for (const auto& [k, v] : doubles) known.push_back(k);
+      Check(absl::InvalidArgumentError(absl::StrCat("unknown U55C parameter '", name,
+                                                    "'; known: ", absl::StrJoin(known, ", "))));
+    }
+  }
+}
+
+py::dict MetricsDict(const OffloadMetrics& m, const std::string& functional, double gpu_wait_ms) {
+  py::dict d;
+  d["selector"] = m.selector;
+  d["functional"] = functional;
+  d["requests"] = m.requests;
+  py::dict published, waited, fallbacks;
+  int64_t fallback_total = 0;
+  for (int r = 0; r < kNumOffloadReasons; ++r) {
+    const std::string name(OffloadReasonName(static_cast<OffloadReason>(r)));
+    published[py::str(name)] = m.published[r];
+    waited[py::str(name)] = m.waited[r];
+    if (r != 0) {
+      fallbacks[py::str(name)] = m.waited[r];
+      fallback_total += m.waited[r];
+    }
+  }
+  d["published"] = published;
+  d["waits"] = m.waits;
+  d["waited"] = waited;
+  d["fallbacks"] = fallbacks;
+  d["fallback_total"] = fallback_total;
+  d["appends"] = m.appends;
+  d["appended_tokens"] = m.appended_tokens;
+  d["host_bound"] = m.host_bound;
+  d["selector_ms"] = m.selector_ms;
+  d["functional_ms"] = m.functional_ms;
+  d["append_ms"] = m.append_ms;
+  d["modeled_device_ms"] = m.modeled_device_ms;
+  d["modeled_energy_mj"] = m.modeled_energy_mj;
+  d["modeled_bytes_to_card"] = m.bytes_to_card;
+  d["modeled_bytes_from_card"] = m.bytes_from_card;
+  d["bytes_d2h"] = m.bytes_d2h;
+  d["bytes_h2d"] = m.bytes_h2d;
+  d["gpu_wait_ms"] = gpu_wait_ms;
+  d["dead"] = m.dead;
+  d["death"] = m.death;
+  return d;
+}
+
+// off = SelectionOffload(device="cpu", fpga_backend="emulated", paced=True,
+//                        functional="reference", deadline_ms=100.0, slots=64, threads=0,
+//                        params=None, dead_after_failures=3)
+class SelectionOffloadPy {
+ public:
+  SelectionOffloadPy(const std::string& device, const std::string& fpga_backend, bool paced,
+                     const std::string& functional, double deadline_ms, int slots, int threads,
+                     const py::object& params, int dead_after_failures, double gate_timeout_ms) {
+    if (device == "cpu") {
+      gpu_ = false;
+    } else if (device == "cuda" || device.rfind("cuda:", 0) == 0) {
+      if (!kGpuBuild) {
+        Check(absl::UnimplementedError(
+            absl::StrCat("device '", device,
+                         "': this build of mempipe has no GPU kernels (devices = ('cpu',))")));
+      }
+      gpu_ = true;
+      if (device.size() > 5) {
+        try {
+          device_ = std::stoi(device.substr(5));
+        } catch (const std::exception&) {
+          Check(absl::InvalidArgumentError(absl::StrCat("bad device '", device, "'")));
+        }
+      }
+    } else {
+      Check(absl::InvalidArgumentError(
+          absl::StrCat("device must be 'cpu', 'cuda' or 'cuda:N', got '", device, "'")));
+    }
+    if (threads < 0) {
+      Check(absl::InvalidArgumentError(absl::StrCat("threads must be >= 0, got ", threads)));
+    }
+    FpgaOptions o;
+    o.backend = ValueOrThrow(ParseFpgaBackend(fpga_backend));
+    o.paced = paced;
+    o.functional = ValueOrThrow(ParseEmulatedFunctional(functional));
+    o.reference_threads =
+        threads > 0 ? threads : std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+    ApplyU55cParams(params, o.params);
+    functional_ = o.backend == FpgaBackend::kXrt ? "xrt" : functional;
+    SelectionOffloadOptions eo;
+    eo.slots = slots;
+    eo.deadline_ms = deadline_ms;
+    eo.dead_after_failures = dead_after_failures;
+    eo.gate_timeout_ms = gate_timeout_ms;
+    Check(ValidateSelectionOffloadOptions(eo));
+    std::unique_ptr<PageSelector> selector = ValueOrThrow(MakeFpgaSelector(o));
+#ifdef MEMPIPE_MODULE_GPU
+    if (gpu_) {
+      const ScopedDevice guard = ValueOrThrow(ScopedDevice::Enter(device_));
+      gpu_engine_ = ValueOrThrow(GpuSelectionOffload::Create(std::move(selector), eo));
+      return;
+    }
+#endif
+    cpu_engine_ = ValueOrThrow(SelectionOffload::Create(std::move(selector), eo));
+  }
+
+  void AddLayer(int layer, py::handle kv_cache) {
+    auto kv = Borrow(kv_cache, "kv_cache");
+    const KvCacheView v = CacheView(kv);
+    CacheShape shape{v.dtype, v.num_blocks, v.block_size, v.num_kv_heads, v.head_dim};
+    RunReleased([&] { return Engine().AddLayer(layer, shape); });
+    shapes_[layer] = shape;
+  }
+
+  void BuildDigests(int layer, py::handle kv_cache, py::handle block_table, py::handle seq_lens) {
+    auto kv = Borrow(kv_cache, "kv_cache"), bt = Borrow(block_table, "block_table"),
+         lens = Borrow(seq_lens, "seq_lens");
+    const Target target = Resolve({&kv, &bt, &lens}, py::none());
+    KvCacheView cache = CacheView(kv);
+    BlockTableView table = TableView(bt, lens);
+    if (!target.gpu) {
+      RunReleased([&] { return Engine().BuildDigests(layer, cache, table); });
+      return;
+    }
+#ifdef MEMPIPE_MODULE_GPU
+    // Bulk, after prefill: the K plane, the table and the lengths come to the host once (a
+    // host synchronization, documented; the per-step path is append()).
+    std::vector<uint8_t> keys(cache.NumBytes() / 2);
+    std::vector<int32_t> rows(static_cast<size_t>(table.num_seqs) * table.max_blocks_per_seq);
+    std::vector<int32_t> lens_host(table.num_seqs);
+    RunOnGpu(target, [&]() -> absl::Status {
+      MEMPIPE_RETURN_IF_ERROR(CopyToHostSync(keys.data(), cache.data, keys.size(), target.stream));
+      MEMPIPE_RETURN_IF_ERROR(CopyToHostSync(rows.data(), table.block_table,
+                                             rows.size() * sizeof(int32_t), target.stream));
+      MEMPIPE_RETURN_IF_ERROR(CopyToHostSync(lens_host.data(), table.seq_lens,
+                                             lens_host.size() * sizeof(int32_t), target.stream));
+      cache.data = keys.data();
+      table.block_table = rows.data();
+      table.seq_lens = lens_host.data();
+      return Engine().BuildDigests(layer, cache, table);
+    });
+#endif
+  }
+
+  void Append(int layer, py::handle slot_mapping, py::handle key, const py::object& stream) {
+    auto slots = Borrow(slot_mapping, "slot_mapping"), k = Borrow(key, "key");
+    [[maybe_unused]] const Target target = Resolve({&slots, &k}, stream);
+    const CacheShape& shape = ShapeOf(layer);
+    CheckSlots(slots);
+    Check(k.RequireRank(3));
+    Check(k.RequireDim(0, slots.shape[0], "tokens, length of slot_mapping"));
+    Check(k.RequireDim(1, shape.num_kv_heads, "num_kv_heads"));
+    Check(k.RequireDim(2, shape.head_dim, "head_dim"));
+    const DType d = ValueOrThrow(k.FloatDType());
+    if (d != shape.dtype) {
+      Check(
+          absl::InvalidArgumentError(absl::StrCat("key must have layer ", layer, "'s cache dtype ",
+                                                  DTypeName(shape.dtype), ", got ", DTypeName(d))));
+    }
+    const auto* s = static_cast<const int64_t*>(slots.data);
+    const int n = static_cast<int>(slots.shape[0]);
+#ifdef MEMPIPE_MODULE_GPU
+    if (target.gpu) {
+      RunOnGpu(target, [&] { return gpu_engine_->Append(layer, s, n, k.data, target.stream); });
+      return;
+    }
+#endif
+    RunReleased([&] { return cpu_engine_->Append(layer, s, n, k.data); });
+  }
+
+  void Submit(int slot, int layer, py::handle query, py::handle block_table, py::handle seq_lens,
+              int budget, int sinks, int locals, const std::string& aggregation,
+              const py::object& stream) {
+    auto q = Borrow(query, "query"), bt = Borrow(block_table, "block_table"),
+         lens = Borrow(seq_lens, "seq_lens");
+    [[maybe_unused]] const Target target = Resolve({&q, &bt, &lens}, stream);
+    ShapeOf(layer);
+    const QueryView qv = QueryOf(q);
+    const BlockTableView table = TableView(bt, lens);
+    const SelectionConfig config = ConfigOf(budget, sinks, locals, aggregation);
+#ifdef MEMPIPE_MODULE_GPU
+    if (target.gpu) {
+      RunOnGpu(target,
+               [&] { return gpu_engine_->Submit(slot, layer, qv, table, config, target.stream); });
+      return;
+    }
+#endif
+    RunReleased([&] { return cpu_engine_->Submit(slot, layer, qv, table, config); });
+  }
+
+  void Wait(int slot, py::handle pages, py::handle counts, py::handle status,
+            const py::object& stream) {
+    auto pg = Borrow(pages, "pages"), ct = Borrow(counts, "counts"), st = Borrow(status, "status");
+    [[maybe_unused]] const Target target = Resolve({&pg, &ct, &st}, stream);
+    Check(pg.RequireRank(3));
+    const SelectionView sel =
+        SelectionOf(pg, ct, static_cast<int>(pg.shape[0]), static_cast<int>(pg.shape[1]));
+    Check(st.RequireRank(1));
+    Check(st.RequireType(ElemType::kInt32));
+    Check(st.RequireDim(0, 1, "one status word"));
+    auto* status_word = static_cast<int32_t*>(st.data);
+#ifdef MEMPIPE_MODULE_GPU
+    if (target.gpu) {
+      RunOnGpu(target, [&] { return gpu_engine_->Wait(slot, sel, status_word, target.stream); });
+      return;
+    }
+#endif
+    RunReleased([&]() -> absl::Status {
+      absl::StatusOr<OffloadReason> r = cpu_engine_->Wait(slot, sel);
+      if (!r.ok()) return r.status();
+      *status_word = static_cast<int32_t>(*r);
+      return absl::OkStatus();
+    });
+  }
+
+  py::dict Metrics() {
+    double gpu_wait_ms = 0;
+    OffloadMetrics m;
+#ifdef MEMPIPE_MODULE_GPU
+    if (gpu_) {
+      const ScopedDevice guard = ValueOrThrow(ScopedDevice::Enter(device_));
+      m = ValueOrThrow(gpu_engine_->Metrics(&gpu_wait_ms));
+    }
+#endif
+    if (!gpu_) m = cpu_engine_->Metrics();
+    return MetricsDict(m, functional_, gpu_wait_ms);
+  }
+
+  void ResetMetrics() {
+#ifdef MEMPIPE_MODULE_GPU
+    if (gpu_) {
+      const ScopedDevice guard = ValueOrThrow(ScopedDevice::Enter(device_));
+      Check(gpu_engine_->ResetMetrics());
+      return;
+    }
+#endif
+    cpu_engine_->ResetMetrics();
+  }
+
+  void Shutdown() {
+    py::gil_scoped_release release;
+#ifdef MEMPIPE_MODULE_GPU
+    if (gpu_) {
+      absl::StatusOr<ScopedDevice> guard = ScopedDevice::Enter(device_);
+      gpu_engine_->Shutdown();
+      return;
+    }
+#endif
+    cpu_engine_->Shutdown();
+  }
+
+  std::string Device() const { return gpu_ ? absl::StrCat("cuda:", device_) : "cpu"; }
+  const std::string& Functional() const { return functional_; }
+  int Slots() { return Engine().slots(); }
+  double DeadlineMs() { return Engine().deadline_ms(); }
+
+ private:
+  SelectionOffload& Engine() {
+#ifdef MEMPIPE_MODULE_GPU
+    if (gpu_) return gpu_engine_->engine();
+#endif
+    return *cpu_engine_;
+  }
+
+  const CacheShape& ShapeOf(int layer) const {
+    auto it = shapes_.find(layer);
+    if (it == shapes_.end()) {
+      Check(absl::InvalidArgumentError(
+          absl::StrCat("layer ", layer, " was not added (add_layer(layer, kv_cache) first)")));
+    }
+    return it->second;
+  }
+
+  // The call's tensors must be on the offload's device.
+  Target Resolve(std::initializer_list<const BorrowedTensor*> tensors, const py::object& stream) {
+    const Target t = ResolveTarget(tensors, stream);
+    if (t.gpu != gpu_ || (gpu_ && t.device != device_)) {
+      Check(absl::InvalidArgumentError(absl::StrCat(
+          (*tensors.begin())->Describe(), " is not on this offload's device ", Device())));
+    }
+    return t;
+  }
+
+  bool gpu_ = false;
+  int device_ = 0;
+  std::string functional_;
+  std::map<int, CacheShape> shapes_;
+  std::unique_ptr<SelectionOffload> cpu_engine_;
+#ifdef MEMPIPE_MODULE_GPU
+  std::unique_ptr<GpuSelectionOffload> gpu_engine_;
+#endif
+};
+
 }  // namespace
 }  // namespace mempipe::bindings
 
@@ -689,6 +1081,8 @@ PYBIND11_MODULE(_mempipe, m) {
 
   const auto stream = arg("stream") = py::none();
   const auto workspace = arg("workspace") = py::none();
+  const auto when_zero = arg("when_zero") = py::none();
+  const auto when_nonzero = arg("when_nonzero") = py::none();
   m.def("write_kv", &WriteKvPy, arg("kv_cache"), arg("slot_mapping"), arg("key"), arg("value"),
         py::kw_only(), stream,
         "vLLM reshape_and_cache: key/value row i into slot slot_mapping[i] (negative: skipped).");
@@ -711,16 +1105,21 @@ PYBIND11_MODULE(_mempipe, m) {
   m.def("score_and_select", &ScoreAndSelectPy, arg("query"), arg("kv_cache"), arg("digests"),
         arg("block_table"), arg("seq_lens"), arg("pages"), arg("counts"), py::kw_only(),
         arg("budget"), arg("sinks") = 1, arg("locals") = 1, arg("aggregation") = "max", workspace,
-        stream, "Steps 2 and 3 (GPU: workspace of select_workspace_bytes).");
+        stream, when_zero, when_nonzero,
+        "Steps 2 and 3 (GPU: workspace of select_workspace_bytes). when_zero= / when_nonzero=: an "
+        "int32 [1] tensor; the call does nothing unless it is zero / non-zero (on the device: "
+        "read by the kernels, no host sync).");
   m.def("dense_decode", &DenseDecodePy, arg("query"), arg("kv_cache"), arg("block_table"),
         arg("seq_lens"), arg("out"), arg("scale"), py::kw_only(), arg("num_threads") = 1, workspace,
-        stream,
-        "Step 4, dense: one query per sequence (GPU: workspace of decode_workspace_bytes with "
+        stream, when_zero, when_nonzero,
+        "Step 4, dense: one query per sequence (when_zero= / when_nonzero= as score_and_select; "
+        "GPU: workspace of decode_workspace_bytes with "
         "max_items = block_table.shape[1]).");
   m.def("sparse_decode", &SparseDecodePy, arg("query"), arg("kv_cache"), arg("block_table"),
         arg("seq_lens"), arg("pages"), arg("counts"), arg("out"), arg("scale"), py::kw_only(),
-        arg("num_threads") = 1, workspace, stream,
-        "Step 4 over the selected pages only (GPU: workspace of decode_workspace_bytes with "
+        arg("num_threads") = 1, workspace, stream, when_zero, when_nonzero,
+        "Step 4 over the selected pages only (when_zero= / when_nonzero= as score_and_select; "
+        "GPU: workspace of decode_workspace_bytes with "
         "max_items = pages.shape[2]).");
   m.def("prefill_attention", &PrefillAttentionPy, arg("query"), arg("query_start_loc"),
         arg("kv_cache"), arg("block_table"), arg("seq_lens"), arg("out"), arg("scale"),
@@ -731,6 +1130,45 @@ PYBIND11_MODULE(_mempipe, m) {
         "GPU scratch bytes of dense_decode / sparse_decode on CUDA device `device`.");
   m.def("select_workspace_bytes", &SelectWorkspaceBytesPy, arg("num_seqs"), arg("num_kv_heads"),
         arg("max_blocks_per_seq"), "GPU scratch bytes of score_and_select.");
+  py::class_<SelectionOffloadPy>(m, "SelectionOffload",
+                                 "Steps 1-3 on the (emulated or XRT) U55C, fed from the decode "
+                                 "stream without a host-side blocking call (backend/"
+                                 "selection_offload.h). Reasons in status[0]: 0 selected, "
+                                 "1 timeout, 2 error, 3 dead, 4 invalid, 5 busy.")
+      .def(py::init<const std::string&, const std::string&, bool, const std::string&, double, int,
+                    int, const py::object&, int, double>(),
+           py::kw_only(), arg("device") = "cpu", arg("fpga_backend") = "emulated",
+           arg("paced") = true, arg("functional") = "reference", arg("deadline_ms") = 100.0,
+           arg("slots") = 64, arg("threads") = 0, arg("params") = py::none(),
+           arg("dead_after_failures") = 3, arg("gate_timeout_ms") = 0.0)
+      .def("add_layer", &SelectionOffloadPy::AddLayer, arg("layer"), arg("kv_cache"),
+           "Registers a layer; geometry from a [2, blocks, bs, kvh, hd] cache (data unread).")
+      .def("build_digests", &SelectionOffloadPy::BuildDigests, arg("layer"), arg("kv_cache"),
+           arg("block_table"), arg("seq_lens"),
+           "Bulk digests after prefill (blocking; CUDA tensors: the K plane is copied to the host "
+           "once).")
+      .def("append", &SelectionOffloadPy::Append, arg("layer"), arg("slot_mapping"), arg("key"),
+           py::kw_only(), stream, "The step's new keys [T, kvh, hd] at slot_mapping [T] int64.")
+      .def("submit", &SelectionOffloadPy::Submit, arg("slot"), arg("layer"), arg("query"),
+           arg("block_table"), arg("seq_lens"), py::kw_only(), arg("budget"), arg("sinks") = 1,
+           arg("locals") = 1, arg("aggregation") = "max", stream,
+           "Scores query [S, H, D] against `layer`'s digests (look-ahead passes the next layer).")
+      .def("wait", &SelectionOffloadPy::Wait, arg("slot"), arg("pages"), arg("counts"),
+           arg("status"), py::kw_only(), stream,
+           "Stream-ordered wait: pages/counts get the selection when status[0] == 0 (else "
+           "untouched, status[0] = the fallback reason).")
+      .def("metrics", &SelectionOffloadPy::Metrics)
+      .def("reset_metrics", &SelectionOffloadPy::ResetMetrics)
+      .def("shutdown", &SelectionOffloadPy::Shutdown)
+      .def_property_readonly("device", &SelectionOffloadPy::Device)
+      .def_property_readonly("functional", &SelectionOffloadPy::Functional)
+      .def_property_readonly("slots", &SelectionOffloadPy::Slots)
+      .def_property_readonly("deadline_ms", &SelectionOffloadPy::DeadlineMs);
+  py::list reasons;
+  for (int r = 0; r < mempipe::kNumOffloadReasons; ++r) {
+    reasons.append(std::string(mempipe::OffloadReasonName(static_cast<mempipe::OffloadReason>(r))));
+  }
+  m.attr("offload_reasons") = py::tuple(reasons);
   m.def("append_workspace_bytes", &AppendWorkspaceBytesPy, arg("num_blocks"),
         "GPU scratch bytes of append_kv_and_digests on a cache of num_blocks blocks.");
 }

@@ -78,8 +78,12 @@ absl::StatusOr<std::unique_ptr<PageSelector>> MakeFpgaSelector(const FpgaOptions
         std::make_unique<HierarchicalU55cSelector>(options.params, options.paced, f));
   }
   if (options.backend == FpgaBackend::kEmulatedU55c) {
-    return std::unique_ptr<PageSelector>(
-        std::make_unique<EmulatedU55cSelector>(options.params, options.paced));
+    if (options.reference_threads < 1) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("reference_threads must be >= 1, got ", options.reference_threads));
+    }
+    return std::unique_ptr<PageSelector>(std::make_unique<EmulatedU55cSelector>(
+        options.params, options.paced, options.functional, options.reference_threads));
   }
 #ifdef MEMPIPE_WITH_XRT
   auto xrt = XrtPageSelector::Open(options);

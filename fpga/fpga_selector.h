@@ -23,6 +23,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "fpga/emulation/emulated_u55c.h"
 #include "fpga/emulation/u55c_params.h"
 #include "fpga/sharded_selector.h"
 #include "retriever/page_selector.h"
@@ -41,6 +42,10 @@ struct FpgaOptions {
   // Emulated: completion waits until the modeled device time has passed since submission (calls
   // queue in order, as on one command queue), so overlap in the pipeline behaves as with a card.
   bool paced = false;
+  // Emulated: what computes the functional result -- the HLS kernels in C simulation (default)
+  // or the multi-threaded CPU reference (same bits, much faster); reports name it.
+  EmulatedFunctional functional = EmulatedFunctional::kHls;
+  int reference_threads = 1;  // host threads of the reference, >= 1
   // XRT: device index, and the xclbin to load. Empty: the project's own descriptive xclbin
   // (fpga/host/xclbin_writer.h), which has the kernels' interfaces but no hardware -- noop shim
   // only.

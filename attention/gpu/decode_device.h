@@ -49,7 +49,9 @@ struct DecodeParams {
   int group;       // num_heads / num_kv_heads
   int sub_blocks;  // thread blocks per KV head (SubBlocks(group)); grid.x = num_kv_heads * this
   int num_splits, items_per_split;
-  float scale_log2;  // softmax scale * log2(e): exp2 replaces exp
+  float scale_log2;         // softmax scale * log2(e): exp2 replaces exp
+  const int32_t* run_flag;  // DevicePredicate: [1] or null
+  int run_when_zero;
 };
 
 // The KV head of this thread block and its first query row (heads per block: kHeads).

@@ -42,17 +42,20 @@ namespace mempipe {
 // this shape (max_items: pages per (sequence, KV head) at most).
 size_t PagedDecodeWorkspaceBytes(int num_seqs, int num_heads, int num_kv_heads, int max_items);
 
+// `predicate` (core/gpu/gpu_runtime.h): with its flag set, the kernels do nothing unless it
+// holds -- the offload's fallback on the device (sparse when status == 0, dense otherwise).
 // Errors: InvalidArgument for unsupported dtype/block size/head_dim/group size, shape
 // mismatches, null or non-16-byte-aligned pointers, or too small a workspace; Internal for a
 // launch failure.
 [[nodiscard]] absl::Status DenseDecodeGpu(const DecodeIo& io, const KvCacheView& cache,
                                           const BlockTableView& table, float scale, void* workspace,
-                                          size_t workspace_bytes, GpuStream stream);
+                                          size_t workspace_bytes, GpuStream stream,
+                                          DevicePredicate predicate = {});
 
 [[nodiscard]] absl::Status SparseDecodeGpu(const DecodeIo& io, const KvCacheView& cache,
                                            const BlockTableView& table, const PageList& pages,
                                            float scale, void* workspace, size_t workspace_bytes,
-                                           GpuStream stream);
+                                           GpuStream stream, DevicePredicate predicate = {});
 
 // Checked mode: what the CPU decode checks of the same request, on device-resident inputs.
 // Copies the block table, seq_lens (and the selection, when `pages` is not null) to the host

@@ -74,6 +74,7 @@ template <typename T, int kHeadDim, int kGroups>
 __global__ void __launch_bounds__((DecodeConfig<T, kHeadDim, kGroups>::kThreads),
                                   (DecodeConfig<T, kHeadDim, kGroups>::kMinBlocksPerSm))
     PagedDecodeKernel(DecodeParams p) {
+  if (gpu::SkipLaunch(p.run_flag, p.run_when_zero)) return;
   using C = DecodeConfig<T, kHeadDim, kGroups>;
   constexpr int E = C::kElems;
   // KV heads vary fastest across the grid: the blocks reading one page (all its heads) run
@@ -254,6 +255,7 @@ template <typename T, int kHeadDim, int kGroups>
 __global__ void __launch_bounds__((MmaDecodeConfig<T, kHeadDim>::kThreads),
                                   (MmaDecodeConfig<T, kHeadDim>::kMinBlocksPerSm))
     PagedDecodeMmaKernel(DecodeParams p) {
+  if (gpu::SkipLaunch(p.run_flag, p.run_when_zero)) return;
   using C = MmaDecodeConfig<T, kHeadDim>;
   static_assert(kGroups <= 8, "the mma's N dimension holds 8 heads");
   const int split = blockIdx.y, seq = blockIdx.z;
@@ -424,6 +426,7 @@ __global__ void __launch_bounds__((MmaDecodeConfig<T, kHeadDim>::kThreads),
 // by their log-sum-exp (each partial is normalized: its denominator is 1).
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kHeadDim) PagedDecodeCombineKernel(DecodeParams p) {
+  if (gpu::SkipLaunch(p.run_flag, p.run_when_zero)) return;
   const int head = blockIdx.x, seq = blockIdx.y, c = threadIdx.x;
   const size_t row = static_cast<size_t>(seq) * p.num_heads + head;
   __shared__ float s_lse[kMaxSplits];
@@ -537,7 +540,7 @@ absl::Status LaunchTyped(DecodeParams p, int num_seqs, int max_items, void* work
 
 absl::Status Launch(const DecodeIo& io, const KvCacheView& cache, const BlockTableView& table,
                     const PageList* pages, float scale, void* workspace, size_t workspace_bytes,
-                    GpuStream stream) {
+                    GpuStream stream, DevicePredicate predicate) {
   MEMPIPE_RETURN_IF_ERROR(ValidateKvCache(cache));
   if (io.query == nullptr || io.out == nullptr || table.block_table == nullptr ||
       table.seq_lens == nullptr) {
@@ -595,6 +598,8 @@ absl::Status Launch(const DecodeIo& io, const KvCacheView& cache, const BlockTab
   p.max_blocks_per_seq = table.max_blocks_per_seq;
   p.max_selected = pages != nullptr ? pages->max_selected : 0;
   p.scale_log2 = scale * kLog2e;
+  p.run_flag = predicate.flag;
+  p.run_when_zero = predicate.run_when_zero;
   return gpu::DispatchShape(cache.dtype, io.head_dim, io.num_heads / cache.num_kv_heads,
                             [&]<typename T, int kHeadDim, int kGroup>() {
                               return LaunchTyped<T, kHeadDim, kGroup>(
@@ -650,14 +655,15 @@ absl::Status ValidateDecodeInputsGpu(const DecodeIo& io, const KvCacheView& cach
 
 absl::Status DenseDecodeGpu(const DecodeIo& io, const KvCacheView& cache,
                             const BlockTableView& table, float scale, void* workspace,
-                            size_t workspace_bytes, GpuStream stream) {
-  return Launch(io, cache, table, nullptr, scale, workspace, workspace_bytes, stream);
+                            size_t workspace_bytes, GpuStream stream, DevicePredicate predicate) {
+  return Launch(io, cache, table, nullptr, scale, workspace, workspace_bytes, stream, predicate);
 }
 
 absl::Status SparseDecodeGpu(const DecodeIo& io, const KvCacheView& cache,
                              const BlockTableView& table, const PageList& pages, float scale,
-                             void* workspace, size_t workspace_bytes, GpuStream stream) {
-  return Launch(io, cache, table, &pages, scale, workspace, workspace_bytes, stream);
+                             void* workspace, size_t workspace_bytes, GpuStream stream,
+                             DevicePredicate predicate) {
+  return Launch(io, cache, table, &pages, scale, workspace, workspace_bytes, stream, predicate);
 }
 
 }  // namespace mempipe

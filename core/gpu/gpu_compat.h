@@ -72,6 +72,13 @@ inline constexpr cudaError_t hipErrorNotReady = cudaErrorNotReady;
 #define hipStreamSynchronize cudaStreamSynchronize
 #define hipDeviceSynchronize cudaDeviceSynchronize
 #define hipSetDevice cudaSetDevice
+#define hipHostGetDevicePointer cudaHostGetDevicePointer
+#define hipLaunchHostFunc cudaLaunchHostFunc
+#define hipStreamIsCapturing cudaStreamIsCapturing
+#define hipMemset cudaMemset
+using hipStreamCaptureStatus = cudaStreamCaptureStatus;
+inline constexpr cudaStreamCaptureStatus hipStreamCaptureStatusNone = cudaStreamCaptureStatusNone;
+inline constexpr unsigned int hipHostMallocMapped = cudaHostAllocMapped;
 #endif
 
 inline constexpr int kGpuLanes = 32;
@@ -139,6 +146,43 @@ __device__ __forceinline__ uint16_t GpuFloatToHalfBits(float f) {
 #endif
 
 namespace mempipe::gpu {
+
+// DevicePredicate (core/gpu/gpu_runtime.h) inside a kernel: true when this launch must do
+// nothing. Uniform across the grid, so a block may return before any barrier.
+__device__ __forceinline__ bool SkipLaunch(const int32_t* flag, int run_when_zero) {
+  return flag != nullptr && ((*flag == 0) != (run_when_zero != 0));
+}
+
+// The GPU's global timer in nanoseconds: %globaltimer on NVIDIA; on AMD wall_clock64(), a
+// constant-rate counter (kAmdWallClockHz on gfx90a/gfx940; the runtime reports it as
+// hipDeviceAttributeWallClockRate).
+inline constexpr double kAmdWallClockHz = 100e6;
+__device__ __forceinline__ int64_t GlobalTimerNs() {
+#if defined(__HIPCC__)
+#if defined(__HIP_DEVICE_COMPILE__)
+  // wall_clock64()'s counter (s_memrealtime); HIP declares it for the device pass only.
+  return static_cast<int64_t>(static_cast<double>(__builtin_amdgcn_s_memrealtime()) *
+                              (1e9 / kAmdWallClockHz));
+#else
+  return 0;
+#endif
+#else
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return static_cast<int64_t>(t);
+#endif
+}
+
+// A short pause inside a polling loop (frees issue slots for the other warps).
+__device__ __forceinline__ void PollPause() {
+#if defined(__HIPCC__)
+#if defined(__HIP_DEVICE_COMPILE__)
+  __builtin_amdgcn_s_sleep(2);
+#endif
+#else
+  __nanosleep(200);
+#endif
+}
 
 // Storage types inside kernels: fp32 as float, fp16 and bf16 as raw 16-bit patterns (the
 // bf16 conversions are plain bit operations, so no vendor bf16 header is needed).

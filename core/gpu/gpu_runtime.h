@@ -10,6 +10,7 @@
 #define MEMPIPE_CORE_GPU_GPU_RUNTIME_H_
 
 #include <cstddef>
+#include <cstdint>
 
 #include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
@@ -18,6 +19,15 @@
 namespace mempipe {
 
 using GpuStream = void*;
+
+// A device-resident switch for one launch (the offload's fallback, backend/gpu/): with `flag`
+// set, the launch's kernels do their work only when *flag == 0 (run_when_zero) or *flag != 0
+// (otherwise); their blocks exit at once when it does not hold. The kernels read the flag, so
+// no host reads it: stream-ordered and capturable in a CUDA graph. nullptr: always run.
+struct DevicePredicate {
+  const int32_t* flag = nullptr;  // [1] int32, device memory
+  bool run_when_zero = true;
+};
 
 // Number of usable devices; 0 when there is no device or no driver (never an error).
 int GpuDeviceCount();

@@ -22,9 +22,23 @@ uint8_t* Bytes(std::vector<Word512>& v) { return reinterpret_cast<uint8_t*>(v.da
 
 }  // namespace
 
-EmulatedU55cSelector::EmulatedU55cSelector(const U55cParams& params, bool paced)
+absl::StatusOr<EmulatedFunctional> ParseEmulatedFunctional(absl::string_view name) {
+  if (name == "hls") return EmulatedFunctional::kHls;
+  if (name == "reference") return EmulatedFunctional::kReference;
+  return absl::InvalidArgumentError(
+      absl::StrCat("functional must be 'hls' or 'reference', got '", name, "'"));
+}
+
+absl::string_view EmulatedFunctionalName(EmulatedFunctional functional) {
+  return functional == EmulatedFunctional::kReference ? "reference" : "hls";
+}
+
+EmulatedU55cSelector::EmulatedU55cSelector(const U55cParams& params, bool paced,
+                                           EmulatedFunctional functional, int reference_threads)
     : model_(params),
       paced_(paced),
+      functional_(functional),
+      reference_(reference_threads),
       channel_bytes_(params.hbm_channels, 0.0),
       device_free_(Clock::now()),
       worker_(&EmulatedU55cSelector::WorkerLoop, this) {}
@@ -70,11 +84,23 @@ absl::Status EmulatedU55cSelector::AddLayer(int layer, const CacheShape& shape) 
                        model_.params().hbm_channel_bytes - channel_bytes_[ch], " bytes left"));
     }
   }
+  if (functional_ == EmulatedFunctional::kReference) {
+    // The worker may still be finishing an abandoned request on the reference's layer map.
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] {
+      return queue_.empty() &&
+             std::all_of(jobs_.begin(), jobs_.end(), [](const auto& j) { return j.second->done; });
+    });
+    MEMPIPE_RETURN_IF_ERROR(reference_.AddLayer(layer, shape));
+  }
   Layer& l = layers_[layer];
   l.shape = shape;
   for (int h = 0; h < shape.num_kv_heads; ++h) {
     channel_bytes_[CuFor(layer, h, shape.num_kv_heads, cus)] += slice_bytes;
-    l.heads.emplace_back(HeadSliceWords(shape), Word512{});
+    // The reference keeps the digests itself; the model still books the HBM they take.
+    if (functional_ == EmulatedFunctional::kHls) {
+      l.heads.emplace_back(HeadSliceWords(shape), Word512{});
+    }
   }
   return absl::OkStatus();
 }
@@ -94,12 +120,21 @@ absl::Status EmulatedU55cSelector::RunUpdate(int layer_id, Layer& layer, const i
   std::vector<double> to_card;
   std::vector<CuLaunch> launches;
   double kernel_s = 0, launch_s = 0, dma_s = 0, energy_j = 0;
+  const bool hls = functional_ == EmulatedFunctional::kHls;
+  if (!hls) MEMPIPE_RETURN_IF_ERROR(reference_.AppendKeys(layer_id, slots, num_tokens, keys));
   for (const auto& [begin, end] : SplitUpdateLaunches(slots, num_tokens, sh.block_size)) {
     const UpdateIo io = PlanUpdateIo(end - begin, sh);
-    std::vector<Word512> in = WordBuffer(io.in_bytes);
+    std::vector<Word512> in = WordBuffer(hls ? io.in_bytes : 0);
     to_card.clear();
     launches.clear();
     for (int h = 0; h < sh.num_kv_heads; ++h) {
+      if (!hls) {
+        to_card.push_back(static_cast<double>(io.in_bytes));
+        launches.push_back(
+            UpdateLaunchWork(sh, slots, begin, end,
+                             CuFor(layer_id, h, sh.num_kv_heads, model_.params().num_cus), io));
+        continue;
+      }
       PackUpdateInputs(sh, slots, keys, begin, end, h, io, Bytes(in));
       Word512* dg = layer.heads[h].data();
       try {
@@ -176,7 +211,28 @@ absl::StatusOr<SelectTicket> EmulatedU55cSelector::Submit(const SelectRequest& r
                         request.table.max_blocks_per_seq, request.out.max_selected);
   std::vector<double> to_card, from_card;
   std::vector<CuLaunch> launches;
+  if (functional_ == EmulatedFunctional::kReference) {
+    const QueryView& q = request.query;
+    const size_t q_bytes =
+        static_cast<size_t>(q.num_seqs) * q.num_heads * q.head_dim * DTypeSize(q.dtype);
+    const auto* qb = static_cast<const uint8_t*>(q.data);
+    job->ref_query.assign(qb, qb + q_bytes);
+    const size_t t = static_cast<size_t>(request.table.num_seqs) * request.table.max_blocks_per_seq;
+    job->ref_table.assign(request.table.block_table, request.table.block_table + t);
+    job->ref_lens.assign(request.table.seq_lens, request.table.seq_lens + request.table.num_seqs);
+    const size_t rows = static_cast<size_t>(request.out.num_seqs) * request.out.num_kv_heads;
+    job->ref_pages.assign(rows * request.out.max_selected, -1);
+    job->ref_counts.assign(rows, 0);
+  }
   for (int h = 0; h < sh.num_kv_heads; ++h) {
+    if (functional_ == EmulatedFunctional::kReference) {
+      to_card.push_back(static_cast<double>(job->io.in_bytes));
+      from_card.push_back(static_cast<double>(job->io.out_bytes));
+      launches.push_back(ScoreLaunchWork(
+          request, sh, CuFor(request.layer, h, sh.num_kv_heads, model_.params().num_cus), job->io,
+          model_.params()));
+      continue;
+    }
     job->in.push_back(WordBuffer(job->io.in_bytes));
     job->out.push_back(WordBuffer(job->io.out_bytes));
     PackScoreInputs(request, h, job->group, job->io, Bytes(job->in.back()));
@@ -209,6 +265,19 @@ void EmulatedU55cSelector::RunJob(Job& job) {
   const SelectRequest& r = job.request;
   const int k = r.config.PagesPerHead(sh.block_size);
   const auto t0 = Clock::now();
+  if (functional_ == EmulatedFunctional::kReference) {
+    SelectRequest ref = r;
+    ref.query.data = job.ref_query.data();
+    ref.table.block_table = job.ref_table.data();
+    ref.table.seq_lens = job.ref_lens.data();
+    ref.out.pages = job.ref_pages.data();
+    ref.out.counts = job.ref_counts.data();
+    absl::StatusOr<SelectTicket> t = reference_.Submit(ref);
+    job.status = t.ok() ? reference_.Wait(*t, absl::InfiniteFuture()) : t.status();
+    job.kernel_host_ms = MsBetween(t0, Clock::now());
+    if (paced_) std::this_thread::sleep_until(job.completed);
+    return;
+  }
   try {
     for (int h = 0; h < sh.num_kv_heads; ++h) {
       uint8_t* in = Bytes(job.in[h]);
@@ -270,7 +339,12 @@ absl::Status EmulatedU55cSelector::Wait(SelectTicket ticket, absl::Time deadline
   std::unique_ptr<Job> owned = std::move(it->second);
   jobs_.erase(it);
   if (owned->status.ok()) {
-    for (int h = 0; h < owned->layer->shape.num_kv_heads; ++h) {
+    if (functional_ == EmulatedFunctional::kReference) {
+      const SelectionView& o = owned->request.out;
+      std::copy(owned->ref_pages.begin(), owned->ref_pages.end(), o.pages);
+      std::copy(owned->ref_counts.begin(), owned->ref_counts.end(), o.counts);
+    }
+    for (int h = 0; h < static_cast<int>(owned->out.size()); ++h) {
       UnpackScoreOutputs(Bytes(owned->out[h]), owned->io, h, owned->request.out);
     }
     SelectorCosts c;
@@ -300,6 +374,11 @@ absl::Status EmulatedU55cSelector::ReadDigests(int layer, const DigestView& out)
       out.format != sh.digest_format ||
       (out.format == DigestFormat::kInt8 && (out.scales == nullptr || out.exact == nullptr))) {
     return absl::InvalidArgumentError("digest view does not match the layer's shape");
+  }
+  if (functional_ == EmulatedFunctional::kReference) {
+    MEMPIPE_ASSIGN_OR_RETURN(DigestView ref, reference_.Digests(layer));
+    std::memcpy(out.data, ref.data, ref.NumBytes());
+    return absl::OkStatus();
   }
   const size_t row = static_cast<size_t>(sh.head_dim) * DTypeSize(sh.dtype);
   const bool int8 = sh.digest_format == DigestFormat::kInt8;

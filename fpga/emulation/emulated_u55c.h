@@ -9,6 +9,12 @@
 // than its modeled completion time, and a digest update returns no earlier than its own; all
 // queue in order behind each other, as on one command queue.
 //
+// Functional result: by default the HLS kernels in C simulation (slow: a few hundred ms per
+// step at 32K tokens on a small host). EmulatedFunctional::kReference computes the same bits
+// with the multi-threaded CPU reference (CpuPageSelector: digests in host memory, ScoreAndSelect)
+// instead; the timing model, the pacing and every modeled figure are unchanged. Reports name
+// which one ran (FunctionalName).
+//
 // Thread-safety: one caller thread at a time (the PageSelector contract); Costs() may be called
 // from any thread.
 //
@@ -25,6 +31,8 @@
 #include <thread>
 #include <vector>
 
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "core/clock.h"
 #include "fpga/device_layout.h"
 #include "fpga/emulation/u55c_model.h"
@@ -34,9 +42,18 @@
 
 namespace mempipe {
 
+// What computes an emulated selection's functional result.
+enum class EmulatedFunctional : int { kHls = 0, kReference = 1 };
+// "hls" | "reference"; the error names the bad value.
+absl::StatusOr<EmulatedFunctional> ParseEmulatedFunctional(absl::string_view name);
+absl::string_view EmulatedFunctionalName(EmulatedFunctional functional);
+
 class EmulatedU55cSelector final : public PageSelector {
  public:
-  EmulatedU55cSelector(const U55cParams& params, bool paced);
+  // `reference_threads`: host threads of the CPU reference (kReference only), >= 1.
+  EmulatedU55cSelector(const U55cParams& params, bool paced,
+                       EmulatedFunctional functional = EmulatedFunctional::kHls,
+                       int reference_threads = 1);
   ~EmulatedU55cSelector() override;
 
   absl::string_view Name() const override { return "fpga-u55c-emulated"; }
@@ -60,7 +77,7 @@ class EmulatedU55cSelector final : public PageSelector {
  private:
   struct Layer {
     CacheShape shape;
-    std::vector<std::vector<hls_compat::Word512>> heads;  // per KV head: its HBM slice
+    std::vector<std::vector<hls_compat::Word512>> heads;  // per KV head: its HBM slice (hls)
   };
   struct Job {
     SelectTicket ticket = 0;
@@ -71,6 +88,9 @@ class EmulatedU55cSelector final : public PageSelector {
     ScoreIo io;
     std::vector<std::vector<hls_compat::Word512>> in;   // per head, packed inputs
     std::vector<std::vector<hls_compat::Word512>> out;  // per head, kernel outputs
+    // kReference: copies of the inputs (the caller's may go once Wait gives up) and outputs.
+    std::vector<uint8_t> ref_query;
+    std::vector<int32_t> ref_table, ref_lens, ref_pages, ref_counts;
     CallEstimate estimate;
     Clock::time_point submitted;
     Clock::time_point completed;
@@ -88,6 +108,8 @@ class EmulatedU55cSelector final : public PageSelector {
 
   const U55cModel model_;
   const bool paced_;
+  const EmulatedFunctional functional_;
+  mutable CpuPageSelector reference_;  // kReference: the digests and the functional result
   std::map<int, Layer> layers_;
   std::vector<double> channel_bytes_;
   SelectTicket next_ticket_ = 1;

@@ -3,6 +3,7 @@
 //   mempipe-bench                                  # Llama-3-8B attention, 32K context, CPU
 //   mempipe-bench --context=131072 --placements=dense,cpu --json=out.json
 //   mempipe-bench --placement=fpga --mode=pipelined --micro-batches=4   # through the pipeline
+//   mempipe-bench --pipelines="gpu;fpga;fpga:pipelined:micro_batches=4;fpga:reuse=4"
 //   mempipe-bench --helpfull                       # every flag
 #include <algorithm>
 #include <cstdio>
@@ -22,11 +23,15 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "attention/decode.h"
 #include "backend/selector_registry.h"
+#include "core/status_macros.h"
 #include "fpga/fpga_selector.h"
 #include "integration/bench/decode_bench.h"
 #include "integration/bench/membw.h"
@@ -90,6 +95,11 @@ ABSL_FLAG(std::string, mode, "sync",
           "Pipeline mode for --placement: sync, or pipelined (micro-batches overlap selection "
           "with decoding)");
 ABSL_FLAG(int, micro_batches, 1, "Micro-batches per step in --mode=pipelined");
+ABSL_FLAG(std::string, pipelines, "",
+          "Several stage-pipeline runs side by side, ';'-separated, each "
+          "<placement>[:sync|:pipelined][:micro_batches=N][:reuse=C] (unset parts from --mode, "
+          "--micro_batches, --reuse), e.g. \"gpu;fpga;fpga:pipelined:micro_batches=4;"
+          "fpga:reuse=4\"; run after --placement");
 ABSL_FLAG(int, reuse, 1, "A selection serves this many decode steps (LServe uses 4)");
 ABSL_FLAG(double, deadline_ms, 1000,
           "Deadline of each selection; a late, failing or dead selector is replaced by local "
@@ -276,24 +286,40 @@ int Main() {
     results.push_back(*std::move(r));
   }
 
-  std::optional<PipelinePlacementResult> piped;
-  if (const std::string spec = absl::GetFlag(FLAGS_placement); !spec.empty()) {
-    PipelineBenchOptions po;
-    po.placement = spec;
+  // Stage-pipeline runs: --placement (with --mode, --micro_batches, --reuse), then --pipelines.
+  std::vector<PipelineBenchOptions> runs;
+  {
+    PipelineBenchOptions defaults;
     auto mode = ParsePipelineMode(absl::GetFlag(FLAGS_mode));
     if (!mode.ok()) return Fail(mode.status());
-    po.mode = *mode;
-    po.micro_batches = absl::GetFlag(FLAGS_micro_batches);
-    po.reuse = absl::GetFlag(FLAGS_reuse);
-    po.deadline_ms = absl::GetFlag(FLAGS_deadline_ms);
+    defaults.mode = *mode;
+    defaults.micro_batches = absl::GetFlag(FLAGS_micro_batches);
+    defaults.reuse = absl::GetFlag(FLAGS_reuse);
+    defaults.deadline_ms = absl::GetFlag(FLAGS_deadline_ms);
+    if (const std::string spec = absl::GetFlag(FLAGS_placement); !spec.empty()) {
+      runs.push_back(defaults);
+      runs.back().placement = spec;
+    }
+    for (absl::string_view run :
+         absl::StrSplit(absl::GetFlag(FLAGS_pipelines), ';', absl::SkipWhitespace())) {
+      auto po = ParsePipelineRun(run, defaults);
+      if (!po.ok()) return Fail(po.status());
+      runs.push_back(*po);
+    }
+  }
+  std::vector<PipelinePlacementResult> piped;
+  for (const PipelineBenchOptions& po : runs) {
+    const std::string label =
+        absl::StrCat(po.placement, " ", PipelineModeName(po.mode),
+                     po.mode == PipelineMode::kPipelined ? absl::StrCat("x", po.micro_batches) : "",
+                     po.reuse > 1 ? absl::StrCat(" reuse ", po.reuse) : "");
     auto r = RunPipelinePlacement(ctx, options, po, [&](int step, int total, double ms) {
-      std::fprintf(stderr, "[%s %s] step %d/%d  %.1f ms%s\n", spec.c_str(),
-                   absl::GetFlag(FLAGS_mode).c_str(), step, total, ms,
+      std::fprintf(stderr, "[%s] step %d/%d  %.1f ms%s\n", label.c_str(), step, total, ms,
                    step <= options.warmup ? " (warm-up)" : "");
     });
     if (!r.ok()) return Fail(r.status());
-    piped = *std::move(r);
-    results.push_back(piped->result);
+    piped.push_back(*std::move(r));
+    results.push_back(piped.back().result);
   }
 
   if (absl::Status s = measure_bandwidth(); !s.ok()) return Fail(s);
@@ -409,12 +435,12 @@ int Main() {
       "relevancy;\n"
       "speedup = dense median / placement median; rel.err = ||sparse - dense|| / ||dense||"
       " over sparse layers.\n");
-  if (piped) {
-    const PipelineMetrics& pm = piped->metrics;
+  for (const PipelinePlacementResult& run : piped) {
+    const PipelineMetrics& pm = run.metrics;
     std::printf(
         "\n%s: through the stage pipeline; its total is the wall time of append + "
         "Step(), its breakdown columns are stage busy times that overlap.\n",
-        piped->result.placement.c_str());
+        run.result.placement.c_str());
     std::printf("%s", pm.ToText().c_str());
     const double per_step = 1.0 / std::max<uint64_t>(pm.steps, 1);
     std::printf(
@@ -509,8 +535,10 @@ int Main() {
                         {"bulk_prepare_ms", r.modeled_bulk_prepare_ms.value_or(0)},
                         {"note", "modeled by " + r.selector + ", not measured"}};
       }
-      if (piped && r.placement == piped->result.placement) {
-        p["pipeline"] = nlohmann::json::parse(piped->metrics.ToJson());
+      for (const PipelinePlacementResult& run : piped) {
+        if (r.placement == run.result.placement) {
+          p["pipeline"] = nlohmann::json::parse(run.metrics.ToJson());
+        }
       }
       j["placements"].push_back(p);
     }

@@ -4,16 +4,48 @@
 #include <chrono>
 #include <cmath>
 #include <memory>
+#include <string>
 #include <utility>
 #include <vector>
 
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "attention/decode.h"
 #include "backend/selector_registry.h"
 #include "core/clock.h"
 #include "core/status_macros.h"
 
 namespace mempipe {
+
+absl::StatusOr<PipelineBenchOptions> ParsePipelineRun(absl::string_view run,
+                                                      const PipelineBenchOptions& defaults) {
+  PipelineBenchOptions po = defaults;
+  std::vector<std::string> parts = absl::StrSplit(run, ':');
+  po.placement = std::string(absl::StripAsciiWhitespace(parts[0]));
+  if (po.placement.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--pipelines: run '", run, "' has no placement"));
+  }
+  for (size_t i = 1; i < parts.size(); ++i) {
+    const std::string part(absl::StripAsciiWhitespace(parts[i]));
+    if (part == "sync" || part == "pipelined") {
+      MEMPIPE_ASSIGN_OR_RETURN(po.mode, ParsePipelineMode(part));
+      continue;
+    }
+    std::pair<std::string, std::string> kv = absl::StrSplit(part, absl::MaxSplits('=', 1));
+    int value = 0;
+    if (!absl::SimpleAtoi(kv.second, &value) ||
+        (kv.first != "micro_batches" && kv.first != "reuse")) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--pipelines: bad part '", part, "' in run '", run,
+                       "' (expected sync, pipelined, micro_batches=N or reuse=C)"));
+    }
+    (kv.first == "reuse" ? po.reuse : po.micro_batches) = value;
+  }
+  return po;
+}
 
 absl::StatusOr<PipelinePlacementResult> RunPipelinePlacement(SyntheticContext& ctx,
                                                              const BenchOptions& options,

@@ -18,6 +18,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "backend/decode_pipeline.h"
 #include "backend/pipeline_metrics.h"
 #include "integration/bench/decode_bench.h"
@@ -37,6 +38,14 @@ struct PipelinePlacementResult {
   PlacementResult result;   // the row of the bench table; `placement` names spec and mode
   PipelineMetrics metrics;  // over the timed steps only
 };
+
+// One run of `mempipe-bench --pipelines`: "<placement>[:sync|:pipelined][:micro_batches=N]
+// [:reuse=C]", parts left out taken from `defaults`. The placement may hold '=' and ','
+// (prepare=..,apply=..) but no ':'. Errors (InvalidArgument, naming the run and the part): an
+// empty placement, an unknown part, a value that is not an integer. Values are range-checked
+// later, with the other pipeline options (ValidatePipelineOptions).
+absl::StatusOr<PipelineBenchOptions> ParsePipelineRun(absl::string_view run,
+                                                      const PipelineBenchOptions& defaults);
 
 // Errors: a bad placement or pipeline option (InvalidArgument), a selector device this program
 // has none for (Unimplemented), selector or decode failures that are not recoverable by

@@ -7,7 +7,8 @@
 #
 #   integration/bench/run_gpu_suite.sh [out_dir]
 #   MEMPIPE_PREBUILT=dir  link the module from static libraries built elsewhere (the targets
-#                         mempipe_backend, mempipe_attention_gpu, mempipe_retriever_gpu and
+#                         mempipe_backend, mempipe_fpga, mempipe_gpu_offload(_kernels),
+#                         mempipe_attention_gpu, mempipe_retriever_gpu and
 #                         their dependencies, flattened into dir) instead of `pip install .`:
 #                         only bindings/*.cc are compiled here (saves the kernels' build time)
 #   MEMPIPE_ABSL_LIBDIR   Abseil's shared libraries (default: the system's)
@@ -52,8 +53,13 @@ build_prebuilt() {
            spinlock_wait int128 throw_delegate raw_logging_internal log_severity; do
     absl+=("-labsl_$l")
   done
-  g++ -shared -o "$SITE/mempipe/_mempipe$suffix" "$obj"/*.o \
-    "$pre/libmempipe_backend.a" "$pre/libmempipe_attention_gpu.a" \
+  # The selection offload (issue 11): its GPU side and the FPGA selectors it drives.
+  local offload=()
+  for l in gpu_offload gpu_offload_kernels; do
+    [ -f "$pre/libmempipe_$l.a" ] && offload+=("$pre/libmempipe_$l.a")
+  done
+  g++ -shared -o "$SITE/mempipe/_mempipe$suffix" "$obj"/*.o "${offload[@]}" \
+    "$pre/libmempipe_backend.a" "$pre/libmempipe_fpga.a" "$pre/libmempipe_attention_gpu.a" \
     "$pre/libmempipe_retriever_gpu.a" "$pre/libmempipe_attention.a" \
     "$pre/libmempipe_retriever.a" "$pre/libmempipe_gpu_runtime.a" "$pre/libmempipe_core.a" \
     -L"$absl_dir" -Wl,-rpath,"$absl_dir" "${absl[@]}" \

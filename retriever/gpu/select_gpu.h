@@ -54,14 +54,16 @@ size_t SelectWorkspaceBytes(const BlockTableView& table, int num_kv_heads);
                                           const SelectionConfig& config, const SelectionView& out,
                                           GpuStream stream);
 
-// Steps 2 and 3. Errors: InvalidArgument for a bad config, mismatched shapes, unsupported
-// dtype/head_dim, a query dtype other than the cache's, null pointers or too small a
-// workspace; Internal for a launch failure.
+// Steps 2 and 3. With `predicate` set (core/gpu/gpu_runtime.h), the kernels do nothing unless
+// it holds (e.g. the offload's status != 0: select on the GPU only as a fallback). Errors:
+// InvalidArgument for a bad config, mismatched shapes, unsupported dtype/head_dim, a query dtype
+// other than the cache's, null pointers or too small a workspace; Internal for a launch failure.
 [[nodiscard]] absl::Status ScoreAndSelectGpu(const QueryView& query, const KvCacheView& cache,
                                              const DigestView& digests, const BlockTableView& table,
                                              const SelectionConfig& config,
                                              const SelectionView& out, void* workspace,
-                                             size_t workspace_bytes, GpuStream stream);
+                                             size_t workspace_bytes, GpuStream stream,
+                                             DevicePredicate predicate = {});
 
 }  // namespace mempipe
 

@@ -11,13 +11,13 @@ def test_hierarchy_defaults_to_flat():
     assert cfg.validate() == []
 
 
-def test_hierarchy_parses_and_names_its_super_page():
+def test_hierarchy_parses_and_is_refused_until_wired():
     cfg = config.load(environ={"MEMPIPE_CONFIG": "placement=fpga,hierarchy=16in64"})
     assert cfg.hierarchy == "16in64" and cfg.pages_per_super_page == 4
-    assert not any("hierarchy" in r for r in cfg.validate())
+    reasons = [r for r in cfg.validate() if "hierarchy" in r]
+    assert len(reasons) == 1 and "not wired into the Python placements" in reasons[0], reasons
     cfg = config.load(environ={"MEMPIPE_CONFIG": "placement=fpga,page_size=32,hierarchy=32in256"})
     assert cfg.pages_per_super_page == 8
-    assert not any("hierarchy" in r for r in cfg.validate())
 
 
 @pytest.mark.parametrize("text,reason", [
@@ -26,6 +26,7 @@ def test_hierarchy_parses_and_names_its_super_page():
     ("placement=fpga,hierarchy=16in16", "a super-page must be 2, 4 or 8 pages of 16"),
     ("placement=fpga,hierarchy=lserve", "got 'lserve'"),
     ("placement=cpu,hierarchy=16in64", "placement 'cpu' selects flat"),
+    ("placement=fpga,hierarchy=16in64", "placement 'fpga' selects flat"),
 ])
 def test_hierarchy_reasons_name_the_bad_value(text, reason):
     reasons = config.load(environ={"MEMPIPE_CONFIG": text}).validate()

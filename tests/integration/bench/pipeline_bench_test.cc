@@ -98,5 +98,34 @@ TEST(PipelineBench, ReuseAndErrors) {
   EXPECT_NE(none.message().find("'gpu'"), absl::string_view::npos);
 }
 
+TEST(PipelineBench, ParsePipelineRun) {
+  PipelineBenchOptions d;
+  d.micro_batches = 3;
+  d.reuse = 2;
+  absl::StatusOr<PipelineBenchOptions> r = ParsePipelineRun("fpga", d);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->placement, "fpga");
+  EXPECT_EQ(r->mode, PipelineMode::kSync);
+  EXPECT_EQ(r->micro_batches, 3);  // the defaults where the run says nothing
+  EXPECT_EQ(r->reuse, 2);
+
+  r = ParsePipelineRun(
+      " prepare=fpga,relevancy=fpga,retrieval=fpga,apply=gpu :pipelined:"
+      "micro_batches=4:reuse=1",
+      d);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->placement, "prepare=fpga,relevancy=fpga,retrieval=fpga,apply=gpu");
+  EXPECT_EQ(r->mode, PipelineMode::kPipelined);
+  EXPECT_EQ(r->micro_batches, 4);
+  EXPECT_EQ(r->reuse, 1);
+
+  for (const char* bad : {"", ":sync", "fpga:fast", "fpga:reuse=x", "fpga:reuse", "fpga:mb=2"}) {
+    const absl::Status s = ParsePipelineRun(bad, d).status();
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << bad;
+  }
+  const absl::Status s = ParsePipelineRun("fpga:micro_batchez=2", d).status();
+  EXPECT_NE(s.message().find("micro_batchez=2"), absl::string_view::npos) << s;
+}
+
 }  // namespace
 }  // namespace mempipe
