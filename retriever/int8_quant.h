@@ -57,14 +57,22 @@ namespace mempipe::int8_digest {
 inline constexpr int kQLimit = 127;  // codes lie in [-127, 127]
 
 MEMPIPE_INT8_HD inline uint32_t Bits(float f) {
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+  return __float_as_uint(f);
+#else
   uint32_t u;
   std::memcpy(&u, &f, sizeof(u));
   return u;
+#endif
 }
 MEMPIPE_INT8_HD inline float FromBits(uint32_t u) {
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+  return __uint_as_float(u);
+#else
   float f;
   std::memcpy(&f, &u, sizeof(f));
   return f;
+#endif
 }
 MEMPIPE_INT8_HD inline float Inf() { return FromBits(0x7f800000u); }
 MEMPIPE_INT8_HD inline bool IsFinite(float f) { return (Bits(f) & 0x7f800000u) != 0x7f800000u; }

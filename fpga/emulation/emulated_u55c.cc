@@ -378,6 +378,10 @@ absl::Status EmulatedU55cSelector::ReadDigests(int layer, const DigestView& out)
   if (functional_ == EmulatedFunctional::kReference) {
     MEMPIPE_ASSIGN_OR_RETURN(DigestView ref, reference_.Digests(layer));
     std::memcpy(out.data, ref.data, ref.NumBytes());
+    if (ref.format == DigestFormat::kInt8) {  // and the int8 digest's scales and exact rows
+      std::memcpy(out.scales, ref.scales, ref.ScaleBytes());
+      std::memcpy(out.exact, ref.exact, ref.ExactBytes());
+    }
     return absl::OkStatus();
   }
   const size_t row = static_cast<size_t>(sh.head_dim) * DTypeSize(sh.dtype);

@@ -666,15 +666,9 @@ absl::Status ScoreAndSelectGpu(const QueryView& query, const KvCacheView& cache,
   auto* group_max = reinterpret_cast<uint32_t*>(static_cast<char*>(workspace) +
                                                 ScoreBytes(table, cache.num_kv_heads));
   if (digests.format == DigestFormat::kInt8) {  // select_int8_gpu.hip
-    // NOTE: the int8 score kernel has no run predicate yet (it predates the offload's device
-    // fallback); refuse a predicated call rather than run it unconditionally.
-    if (predicate.flag != nullptr) {
-      return absl::UnimplementedError(
-          "a predicated (when_zero/when_nonzero) selection over int8 digests is not supported yet");
-    }
     MEMPIPE_RETURN_IF_ERROR(
         ComputeRelevancyInt8Gpu(query, cache, digests, table, config.aggregation, scores, group_max,
-                                config.num_sink_pages, config.num_local_pages, stream));
+                                config.num_sink_pages, config.num_local_pages, stream, predicate));
   } else {
     MEMPIPE_RETURN_IF_ERROR(LaunchRelevancy(query, cache, digests, table, config.aggregation,
                                             scores, group_max, config.num_sink_pages,

@@ -29,13 +29,12 @@ inline constexpr int kInt8GpuMaxHeadDim = 256;
 inline constexpr int kInt8GpuMaxGroup = 16;
 
 // Step 2 on int8 digests; `group_max` [num_seqs, num_kv_heads, ceil(max_blocks_per_seq / 32)]
-// may be null (then sinks/locals are unused).
-[[nodiscard]] absl::Status ComputeRelevancyInt8Gpu(const QueryView& query, const KvCacheView& cache,
-                                                   const DigestView& digests,
-                                                   const BlockTableView& table,
-                                                   GroupAggregation agg, float* scores,
-                                                   uint32_t* group_max, int sinks, int locals,
-                                                   GpuStream stream);
+// may be null (then sinks/locals are unused). With `predicate` set, the kernel does nothing
+// unless the device flag says to run (as select_gpu.h's kernels).
+[[nodiscard]] absl::Status ComputeRelevancyInt8Gpu(
+    const QueryView& query, const KvCacheView& cache, const DigestView& digests,
+    const BlockTableView& table, GroupAggregation agg, float* scores, uint32_t* group_max,
+    int sinks, int locals, GpuStream stream, DevicePredicate predicate = {});
 
 // Step 3 from scores and (optional) group maxima: select_gpu.hip's SelectPagesKernel.
 [[nodiscard]] absl::Status SelectPagesWithGroupMaxGpu(

@@ -34,6 +34,8 @@ struct Int8ScoreParams {
   int num_heads, num_kv_heads, num_blocks, block_size, max_blocks_per_seq;
   int num_groups, sinks, locals;
   int aggregation;
+  const int32_t* run_flag;  // DevicePredicate: [1] or null
+  int run_when_zero;
 };
 
 // select_gpu.hip's order key: NaN as -inf, -0 as +0; every real key is above 0.
@@ -46,6 +48,7 @@ __device__ __forceinline__ uint32_t OrderKey(float f) {
 
 template <typename T, int kHeadDim, int kGroups>
 __global__ void __launch_bounds__(kThreads) ScoreInt8Kernel(Int8ScoreParams p) {
+  if (gpu::SkipLaunch(p.run_flag, p.run_when_zero)) return;
   constexpr int J = kHeadDim / kGpuLanes;
   const int kvh = blockIdx.x, chunk = blockIdx.y, seq = blockIdx.z;
   const int warp = threadIdx.x / kGpuLanes, lane = threadIdx.x % kGpuLanes;
@@ -123,7 +126,8 @@ __global__ void __launch_bounds__(kThreads) ScoreInt8Kernel(Int8ScoreParams p) {
 absl::Status ComputeRelevancyInt8Gpu(const QueryView& query, const KvCacheView& cache,
                                      const DigestView& digests, const BlockTableView& table,
                                      GroupAggregation agg, float* scores, uint32_t* group_max,
-                                     int sinks, int locals, GpuStream stream) {
+                                     int sinks, int locals, GpuStream stream,
+                                     DevicePredicate predicate) {
   MEMPIPE_RETURN_IF_ERROR(ValidateGroupAggregation(agg));
   KvCacheView shapes = cache;
   if (shapes.data == nullptr) shapes.data = digests.data;  // only shapes are checked
@@ -178,6 +182,8 @@ absl::Status ComputeRelevancyInt8Gpu(const QueryView& query, const KvCacheView& 
   p.sinks = sinks;
   p.locals = locals;
   p.aggregation = static_cast<int>(agg);
+  p.run_flag = predicate.flag;
+  p.run_when_zero = predicate.run_when_zero ? 1 : 0;
   const dim3 grid(cache.num_kv_heads,
                   (table.max_blocks_per_seq + kPagesPerBlock - 1) / kPagesPerBlock, table.num_seqs);
   return gpu::DispatchShape(cache.dtype, query.head_dim, query.num_heads / cache.num_kv_heads,

@@ -157,34 +157,39 @@ TEST(Int8EmulatedU55c, MatchesCpuSelectorThroughDecodeSteps) {
   KvCacheView cache = b.Cache();
   CacheShape shape{DType::kBFloat16, b.num_blocks, bs, kv, d};
   shape.digest_format = DigestFormat::kInt8;
-  EmulatedU55cSelector fpga(U55cParams{}, /*paced=*/false);
+  EmulatedU55cSelector fpga(U55cParams{}, /*paced=*/false);  // HLS kernels in C simulation
+  // The functional-reference card (CPU reference inside) must agree as well.
+  EmulatedU55cSelector ref_card(U55cParams{}, /*paced=*/false, EmulatedFunctional::kReference);
   CpuPageSelector cpu;
-  ASSERT_TRUE(fpga.AddLayer(0, shape).ok());
-  ASSERT_TRUE(cpu.AddLayer(0, shape).ok());
-  ASSERT_TRUE(fpga.BuildDigests(0, cache, b.Table()).ok());
-  ASSERT_TRUE(cpu.BuildDigests(0, cache, b.Table()).ok());
+  for (PageSelector* s : {static_cast<PageSelector*>(&fpga), static_cast<PageSelector*>(&ref_card),
+                          static_cast<PageSelector*>(&cpu)}) {
+    ASSERT_TRUE(s->AddLayer(0, shape).ok());
+    ASSERT_TRUE(s->BuildDigests(0, cache, b.Table()).ok());
+  }
 
   auto same_digests = [&](const char* when) {
-    Int8Digests got(DigestView{nullptr, DType::kBFloat16, b.num_blocks, kv, d});
-    ASSERT_TRUE(fpga.ReadDigests(0, got.view()).ok());
-    absl::StatusOr<DigestView> want = cpu.Digests(0);
-    ASSERT_TRUE(want.ok());
-    const BlockTableView t = b.Table();
-    for (int s = 0; s < t.num_seqs; ++s) {
-      for (int p = 0; p < NumPages(t.seq_lens[s], bs); ++p) {
-        const int blk = t.Block(s, p);
-        const DigestView g = got.view();
-        ASSERT_EQ(
-            0, std::memcmp(static_cast<int8_t*>(g.data) + g.Offset(blk, 0, 0),
-                           static_cast<int8_t*>(want->data) + g.Offset(blk, 0, 0), g.BlockStride()))
-            << when << ": codes of seq " << s << " page " << p;
-        ASSERT_EQ(0, std::memcmp(g.scales + g.ScaleIndex(blk, 0),
-                                 want->scales + g.ScaleIndex(blk, 0), kv * sizeof(float)))
-            << when << ": scales of seq " << s << " page " << p;
-        ASSERT_EQ(0, std::memcmp(static_cast<uint8_t*>(g.exact) + g.Offset(blk, 0, 0) * 2,
-                                 static_cast<uint8_t*>(want->exact) + g.Offset(blk, 0, 0) * 2,
-                                 g.BlockStride() * 2))
-            << when << ": exact rows of seq " << s << " page " << p;
+    for (EmulatedU55cSelector* card : {&fpga, &ref_card}) {
+      Int8Digests got(DigestView{nullptr, DType::kBFloat16, b.num_blocks, kv, d});
+      ASSERT_TRUE(card->ReadDigests(0, got.view()).ok());
+      absl::StatusOr<DigestView> want = cpu.Digests(0);
+      ASSERT_TRUE(want.ok());
+      const BlockTableView t = b.Table();
+      for (int s = 0; s < t.num_seqs; ++s) {
+        for (int p = 0; p < NumPages(t.seq_lens[s], bs); ++p) {
+          const int blk = t.Block(s, p);
+          const DigestView g = got.view();
+          ASSERT_EQ(0, std::memcmp(static_cast<int8_t*>(g.data) + g.Offset(blk, 0, 0),
+                                   static_cast<int8_t*>(want->data) + g.Offset(blk, 0, 0),
+                                   g.BlockStride()))
+              << when << ": codes of seq " << s << " page " << p;
+          ASSERT_EQ(0, std::memcmp(g.scales + g.ScaleIndex(blk, 0),
+                                   want->scales + g.ScaleIndex(blk, 0), kv * sizeof(float)))
+              << when << ": scales of seq " << s << " page " << p;
+          ASSERT_EQ(0, std::memcmp(static_cast<uint8_t*>(g.exact) + g.Offset(blk, 0, 0) * 2,
+                                   static_cast<uint8_t*>(want->exact) + g.Offset(blk, 0, 0) * 2,
+                                   g.BlockStride() * 2))
+              << when << ": exact rows of seq " << s << " page " << p;
+        }
       }
     }
   };
@@ -207,6 +212,7 @@ TEST(Int8EmulatedU55c, MatchesCpuSelectorThroughDecodeSteps) {
       StoreFromFloat(keys.data(), DType::kBFloat16, i, normal(rng));
     }
     ASSERT_TRUE(fpga.AppendKeys(0, slots.data(), num_seqs, keys.data()).ok());
+    ASSERT_TRUE(ref_card.AppendKeys(0, slots.data(), num_seqs, keys.data()).ok());
     ASSERT_TRUE(cpu.AppendKeys(0, slots.data(), num_seqs, keys.data()).ok());
     same_digests("append");
     std::vector<uint8_t> q(static_cast<size_t>(num_seqs) * kv * group * d * 2);
@@ -219,11 +225,17 @@ TEST(Int8EmulatedU55c, MatchesCpuSelectorThroughDecodeSteps) {
         fpga.Submit({0, qv, t, config, SelectionView{fp.data(), fc.data(), num_seqs, kv, k}});
     absl::StatusOr<SelectTicket> tc =
         cpu.Submit({0, qv, t, config, SelectionView{cp.data(), cc.data(), num_seqs, kv, k}});
-    ASSERT_TRUE(tf.ok() && tc.ok());
+    std::vector<int32_t> rp(fp.size(), -7), rc(fc.size(), -7);
+    absl::StatusOr<SelectTicket> tr =
+        ref_card.Submit({0, qv, t, config, SelectionView{rp.data(), rc.data(), num_seqs, kv, k}});
+    ASSERT_TRUE(tf.ok() && tc.ok() && tr.ok());
     ASSERT_TRUE(fpga.Wait(*tf, absl::InfiniteFuture()).ok());
     ASSERT_TRUE(cpu.Wait(*tc, absl::InfiniteFuture()).ok());
+    ASSERT_TRUE(ref_card.Wait(*tr, absl::InfiniteFuture()).ok());
     EXPECT_EQ(fp, cp) << "step " << step;
     EXPECT_EQ(fc, cc) << "step " << step;
+    EXPECT_EQ(rp, cp) << "step " << step << " (functional-reference card)";
+    EXPECT_EQ(rc, cc) << "step " << step << " (functional-reference card)";
     ASSERT_TRUE(fpga.Costs().modeled_device_ms.has_value());
   }
 }
