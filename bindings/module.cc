@@ -738,12 +738,15 @@ void ApplyU55cParams(const py::object& params, U55cParams& p) {
                                             {"pipeline_fill_clocks", &p.pipeline_fill_clocks},
                                             {"row_fill_clocks", &p.row_fill_clocks},
                                             {"score_heads_per_clock", &p.score_heads_per_clock},
-                                            {"score_fifo_pages", &p.score_fifo_pages}};
+                                            {"score_fifo_pages", &p.score_fifo_pages},
+                                            {"score_add_stages", &p.score_add_stages},
+                                            {"rtl_cus_that_fit", &p.rtl_cus_that_fit}};
   const std::map<std::string, double*> doubles = {
       {"hbm_channel_bytes", &p.hbm_channel_bytes},
       {"hbm_channel_peak_bps", &p.hbm_channel_peak_bps},
       {"hbm_efficiency", &p.hbm_efficiency},
       {"kernel_clock_hz", &p.kernel_clock_hz},
+      {"rtl_clock_estimate_hz", &p.rtl_clock_estimate_hz},
       {"select_clocks_per_page", &p.select_clocks_per_page},
       {"launch_latency_s", &p.launch_latency_s},
       {"per_cu_start_s", &p.per_cu_start_s},
@@ -754,7 +757,9 @@ void ApplyU55cParams(const py::object& params, U55cParams& p) {
       {"board_power_idle_w", &p.board_power_idle_w}};
   for (auto [key, value] : params.cast<py::dict>()) {
     const std::string name = py::str(key);
-    if (auto it = ints.find(name); it != ints.end()) {
+    if (name == "vitis_target_what_if") {  // the labelled what-if (U55cParams::VitisTarget)
+      p.vitis_target_what_if = value.cast<bool>();
+    } else if (auto it = ints.find(name); it != ints.end()) {
       *it->second = value.cast<int>();
     } else if (auto jt = doubles.find(name); jt != doubles.end()) {
       *jt->second = value.cast<double>();
@@ -762,6 +767,7 @@ void ApplyU55cParams(const py::object& params, U55cParams& p) {
       std::vector<std::string> known;
       for (const auto& [k, v] : ints) known.push_back(k);
       for (const auto& [k, v] : doubles) known.push_back(k);
+      known.push_back("vitis_target_what_if");
       Check(absl::InvalidArgumentError(absl::StrCat("unknown U55C parameter '", name,
                                                     "'; known: ", absl::StrJoin(known, ", "))));
     }

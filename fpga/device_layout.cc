@@ -139,25 +139,30 @@ absl::Status GatherKeysForBuild(const KvCacheView& cache, const BlockTableView& 
 CuLaunch ScoreLaunchWork(const SelectRequest& r, const CacheShape& shape, int cu, const ScoreIo& io,
                          const U55cParams& params) {
   // The RTL kernel (fpga/rtl, measured in simulation: fpga/rtl/cycles.md): the score core takes
-  // one (query head, digest word) pair per clock with pages double-buffered, so a page costs
-  // row_words x max(group, 2) clocks; the select's emit pass reads every page once and pads the
-  // row (n + max_selected clocks) while scoring waits; each row also loads its queries
-  // (group x head_dim / 16 words) and pays the fill.
+  // one (query head, digest word) pair per clock with pages double-buffered; its pipelined adder
+  // needs max(group, score_add_stages) slots per word, so a page costs row_words x that
+  // (sum aggregation: at least (group - 1) x score_add_stages + 1); the select's emit pass reads
+  // every page once and pads the row (n + max_selected clocks) while scoring waits; each row also
+  // loads its queries (group x head_dim / 16 words) and pays the fill.
   CuLaunch l;
   l.cu = cu;
   l.rows = r.table.num_seqs;
   const double row_words = static_cast<double>(RowWordsOf(shape));
   const double row_bytes = row_words * hls_compat::kWordBytes;
   const int group = shape.num_kv_heads > 0 ? r.query.num_heads / shape.num_kv_heads : 1;
-  const double page_clocks =
-      row_words * std::max(group, 2) / static_cast<double>(params.score_heads_per_clock);
+  const int add_stages = std::max(2, params.score_add_stages);
+  double page_clocks = row_words * std::max(group, add_stages);
+  if (r.config.aggregation == GroupAggregation::kSum) {  // a head's first sum needs no add
+    page_clocks = std::max(page_clocks, (group - 1.0) * add_stages + 1.0);
+  }
+  page_clocks /= static_cast<double>(params.score_heads_per_clock);
   const double query_words = static_cast<double>(group) * shape.head_dim / 16;
   // A page's pace: the score core or the channel's read rate, whichever is slower. While the
   // select emits a row, the core runs on into the next one until the score FIFO is full.
-  const double beats_per_clock =
-      std::min(params.hbm_channel_peak_bps * params.hbm_efficiency,
-               static_cast<double>(params.axi_word_bytes) * params.kernel_clock_hz) /
-      (params.axi_word_bytes * params.kernel_clock_hz);
+  const double hz = params.PricedClockHz();
+  const double beats_per_clock = std::min(params.hbm_channel_peak_bps * params.hbm_efficiency,
+                                          static_cast<double>(params.axi_word_bytes) * hz) /
+                                 (params.axi_word_bytes * hz);
   const double page_pace = std::max(page_clocks, 2.0 * row_words / beats_per_clock);
   double digest_bytes = 0, score = 0, serial = 0;
   for (int s = 0; s < r.table.num_seqs; ++s) {

@@ -24,6 +24,13 @@ absl::Status ValidateParams(const U55cParams& p) {
           absl::StrCat("U55C sizes, rates and clocks must be positive, got ", v));
     }
   }
+  // The RTL's figures cap what the model prices (u55c_params.h): they must be real caps.
+  if (!(p.rtl_clock_estimate_hz > 0) || p.rtl_cus_that_fit < 1 || p.score_add_stages < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "rtl_clock_estimate_hz must be > 0 and rtl_cus_that_fit, score_add_stages >= 1, got ",
+        p.rtl_clock_estimate_hz, ", ", p.rtl_cus_that_fit, ", ", p.score_add_stages,
+        " (use vitis_target_what_if for the Vitis targets)"));
+  }
   if (p.hbm_efficiency > 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("hbm_efficiency must be in (0, 1], got ", p.hbm_efficiency));

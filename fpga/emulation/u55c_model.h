@@ -3,8 +3,11 @@
 // Built only from fpga/emulation/u55c_params.h. A device call is modeled as
 //   host->card DMAs  +  launch  +  the slowest compute unit  +  card->host DMAs
 // with DMAs serialized on the one PCIe link, and compute units running in parallel, each reading
-// its own HBM pseudo-channel at min(channel rate x efficiency, one AXI word per clock). Energy is
-// active board power over the kernel time plus idle board power over the rest (estimated powers).
+// its own HBM pseudo-channel at min(channel rate x efficiency, one AXI word per clock). Kernel
+// clocks are priced at U55cParams::PricedClockHz() and launches run on PricedCus() units (CU c
+// on c mod PricedCus(), one after another): what the RTL reaches, unless the params ask for the
+// Vitis-target what-if. Energy is active board power over the kernel time plus idle board power
+// over the rest (estimated powers).
 //
 //   U55cModel model(U55cParams{});
 //   double s = model.DmaSeconds(4096, DmaDirection::kToCard);   // modeled

@@ -27,39 +27,48 @@ struct U55cParams {
 
   // --- kernel ------------------------------------------------------------------------------
   // Vitis's default kernel clock target (UG1393 examples); the platform limit is unverified.
-  // NOT what the RTL kernel reaches as written: see rtl_clock_estimate_hz. The model keeps the
-  // target (the clocks per call above are what the RTL takes at any clock; a pipelined fp
-  // datapath is needed to run them at 300 MHz: fpga/rtl/synth.md).
+  // A ceiling, not what the model prices by default: see PricedClockHz().
   double kernel_clock_hz = 300e6;
-  // ESTIMATE of the RTL kernel's clock (fpga/rtl, combinational fp32 units): its longest
-  // register-to-register path is ~64 cells after Yosys 0.23 synth_xilinx (fp32 add: 61, plus
-  // 2-3 multiplexer levels); at 0.3-0.5 ns per level on UltraScale+ -2 that is 30-50 MHz.
-  // No open timing model for UltraScale+ exists; place and route would decide. fpga/rtl/synth.md.
-  double rtl_clock_estimate_hz = 40e6;
-  // Compute units of the RTL kernel that fit the U55C's 1,303,680 LUTs (Yosys 0.23
-  // synth_xilinx -family xcup, hierarchical, no place and route): ~154k LUTs per CU at
-  // MAX_TOPK = 16 -> 8 CUs; extrapolated to MAX_TOPK = 1024 (the host limit) fewer: see
-  // fpga/rtl/synth.md. The model keeps num_cus = 32 (one CU per HBM pseudo-channel).
-  int rtl_cus_that_fit = 8;
+  // ESTIMATE of the RTL kernel's clock (fpga/rtl, pipelined fp32 units): the longest
+  // register-to-register path of the fp32 stages is 17 cells after Yosys 0.23 synth_xilinx
+  // -family xcup (fpga/rtl/synth_results/ltp_*.txt); at 0.3-0.5 ns per level on UltraScale+ -2
+  // that is 5.1-8.5 ns, 118-196 MHz. No open timing model for UltraScale+ exists; place and
+  // route would decide. fpga/rtl/synth.md. (Was 40 MHz for the combinational units.)
+  double rtl_clock_estimate_hz = 150e6;
+  // Compute units of the RTL kernel that fit the U55C's 1,303,680 LUTs, as the host needs it
+  // built (MAX_TOPK = 1024, kMaxTopK): ESTIMATE. Measured (Yosys 0.23 synth_xilinx -family
+  // xcup, hierarchical, no place and route) at MAX_TOPK = 16: 105,423 LUTs per CU -> 12 CUs;
+  // the select alone synthesized at 16 and 64 entries grows 132 LUTs per entry, so the 1,008
+  // further entries add ~133k (linear extrapolation) -> ~238k LUTs per CU -> 5 CUs.
+  // fpga/rtl/synth.md.
+  int rtl_cus_that_fit = 5;
   // One 512-bit AXI beat per clock per port: the platform's datapath width (UG1120).
   int axi_word_bytes = 64;
-  // Compute units of each kernel in the xclbin, one per HBM pseudo-channel (device_layout.h).
+  // Compute units of each kernel in the xclbin, one per HBM pseudo-channel (device_layout.h):
+  // the placement of KV-head slices. The model runs them on PricedCus() units: a slice whose CU
+  // does not fit is scanned by CU (cu mod PricedCus()) after that unit's own slices.
   int num_cus = 32;
   // Clocks of a launch not explained by the per-page terms below: the first row's seq_lens,
   // query and block-table round trips and first digests (HBM latency) and the score pipeline's
   // depth. Fitted to the RTL kernel simulated in Verilator behind an HBM-like memory model
   // (latency 100-200 clocks, random back-pressure): `fpga_rtl_cycles` on its fit shapes
-  // (fpga/rtl/cycles.md). Was an estimate of 250 per sequence.
-  int pipeline_fill_clocks = 659;
+  // (fpga/rtl/cycles.md), the pipelined RTL with the channel read at the priced clock (1 beat
+  // per clock at 150 MHz). Was 659 for the combinational RTL, an estimate of 250 before that.
+  int pipeline_fill_clocks = 676;
   // Clocks each further sequence of a launch adds beyond its per-page terms (its round trips
   // mostly overlap the previous sequence). Fitted as pipeline_fill_clocks (multi-sequence fit
-  // shapes of fpga/rtl/cycles.md).
-  int row_fill_clocks = 4;
+  // shapes of fpga/rtl/cycles.md; the deeper pipeline drains between sequences: was 4).
+  int row_fill_clocks = 32;
   // (Query head, 512-bit digest word) pairs the score kernel computes per clock: the RTL score
-  // core (fpga/rtl/mempipe_score_core.sv) has 32 lanes x 2 fp32 multipliers for one head, so a
-  // page costs row_words x max(group, 2) clocks (2: the page's two rows arrive one word per
-  // clock). Structural; confirmed by the simulated cycle counts (fpga/rtl/cycles.md).
+  // core (fpga/rtl/mempipe_score_core.sv) has 32 lanes x 2 fp32 multipliers for one head.
+  // Structural; confirmed by the simulated cycle counts (fpga/rtl/cycles.md).
   int score_heads_per_clock = 1;
+  // Clocks of the RTL's pipelined fp32 adder (mempipe_fp32_add, 4 stages): a lane's running sum
+  // for one head is ready again only this many clocks later, so the core issues word-major,
+  // head-minor and a page costs row_words x max(group, score_add_stages) clocks; the sum
+  // aggregation adds heads one per score_add_stages clocks ((group - 1) x this + 1 per page).
+  // Structural (fpga/rtl/mempipe_score_core.sv); confirmed by the simulated cycle counts.
+  int score_add_stages = 4;
   // Clocks per page of the select stage's emit pass, which runs after a row's last score and
   // overlaps nothing (plus max_selected clocks to write the row). The RTL's emit loop reads one
   // buffered score per clock (fpga/rtl/mempipe_topk_select.sv). Structural.
@@ -93,6 +102,36 @@ struct U55cParams {
   // HBM refresh, shell logic) -- both estimates, used only for modeled energy.
   double board_power_active_w = 75.0;
   double board_power_idle_w = 25.0;
+
+  // --- what-if ------------------------------------------------------------------------------
+  // Opt-in what-if: price the kernel at the Vitis targets (kernel_clock_hz, num_cus) instead of
+  // what the RTL that exists reaches. Off by default: the model must not make the card look
+  // better than the RTL would (VitisTarget() below returns the labelled variant).
+  bool vitis_target_what_if = false;
+
+  // The clock the model prices kernel clocks at: min(kernel_clock_hz, rtl_clock_estimate_hz)
+  // (the RTL's estimate, fpga/rtl/synth.md), or kernel_clock_hz under vitis_target_what_if.
+  double PricedClockHz() const {
+    return vitis_target_what_if || rtl_clock_estimate_hz <= 0 ||
+                   kernel_clock_hz < rtl_clock_estimate_hz
+               ? kernel_clock_hz
+               : rtl_clock_estimate_hz;
+  }
+  // Compute units that run at once: min(num_cus, rtl_cus_that_fit) (Yosys resource counts,
+  // fpga/rtl/synth.md), or num_cus under vitis_target_what_if. Fewer units stream fewer HBM
+  // pseudo-channels at once.
+  int PricedCus() const {
+    return vitis_target_what_if || rtl_cus_that_fit <= 0 || num_cus < rtl_cus_that_fit
+               ? num_cus
+               : rtl_cus_that_fit;
+  }
+  // WHAT-IF, not the RTL: the card at the Vitis targets (300 MHz, 32 CUs), as every modeled
+  // FPGA figure before issue 15's synthesis priced it. Reports using it must say so.
+  static U55cParams VitisTarget() {
+    U55cParams p;
+    p.vitis_target_what_if = true;
+    return p;
+  }
 };
 
 }  // namespace mempipe

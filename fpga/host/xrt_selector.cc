@@ -151,6 +151,28 @@ void XrtPageSelector::ReturnIo(Pending& p) {
   p.bufs.clear();
 }
 
+void XrtPageSelector::Started(Pending& p, RunProbe::Kind kind, int layer, int kv_head, IoPair& io) {
+  RunProbe probe;
+  probe.kind = kind;
+  probe.layer = layer;
+  probe.kv_head = kv_head;
+  probe.id = next_run_id_++;
+  if (hooks_.started || hooks_.state) {  // host views only for the test hooks
+    probe.in = io.in.map<uint8_t*>();
+    probe.in_bytes = io.in_bytes;
+    if (io.out_bytes > 0) {
+      probe.out = io.out.map<uint8_t*>();
+      probe.out_bytes = io.out_bytes;
+    }
+  }
+  p.probes.push_back(probe);
+  if (hooks_.started) hooks_.started(p.probes.back());
+}
+
+ert_cmd_state XrtPageSelector::Observed(const Pending& p, size_t i, ert_cmd_state xrt_state) const {
+  return hooks_.state ? hooks_.state(p.probes[i], xrt_state) : xrt_state;
+}
+
 absl::StatusOr<int> XrtPageSelector::DigestBank(int layer, int kv_head) const {
   auto it = layers_.find(layer);
   if (it == layers_.end() || kv_head < 0 || kv_head >= it->second.shape.num_kv_heads) {
@@ -212,9 +234,10 @@ absl::Status XrtPageSelector::RunUpdate(int layer_id, Layer& layer, const int64_
         launch.cus.push_back(cu);
         launch.bufs.push_back(std::move(pair));
         runs.push_back(std::move(run));
+        Started(launch, RunProbe::Kind::kUpdate, layer_id, h, launch.bufs.back());
       }
-      for (xrt::run& r : runs) {
-        const ert_cmd_state state = r.wait();
+      for (size_t i = 0; i < runs.size(); ++i) {
+        const ert_cmd_state state = Observed(launch, i, runs[i].wait());
         if (state != ERT_CMD_STATE_COMPLETED) {
           abandoned_.push_back(std::move(launch));
           return absl::InternalError(
@@ -223,6 +246,7 @@ absl::Status XrtPageSelector::RunUpdate(int layer_id, Layer& layer, const int64_
       }
       ReturnIo(launch);
       launch.runs.clear();
+      launch.probes.clear();
     }
   } catch (const std::exception& e) {
     if (!launch.runs.empty() || !launch.bufs.empty()) abandoned_.push_back(std::move(launch));
@@ -296,6 +320,7 @@ absl::StatusOr<SelectTicket> XrtPageSelector::Submit(const SelectRequest& reques
       run.set_arg(ArgIndex(args, "aggregation"), static_cast<int>(request.config.aggregation));
       run.start();
       p.runs.push_back(std::move(run));
+      Started(p, RunProbe::Kind::kScore, request.layer, h, p.bufs.back());
     }
   } catch (const std::exception& e) {
     // Runs already started keep their buffers until they finish.
@@ -309,15 +334,21 @@ absl::StatusOr<SelectTicket> XrtPageSelector::Submit(const SelectRequest& reques
 
 absl::Status XrtPageSelector::Wait(SelectTicket ticket, absl::Time deadline) {
   // Drop abandoned requests the card has finished with.
-  abandoned_.erase(std::remove_if(abandoned_.begin(), abandoned_.end(),
-                                  [](Pending& p) {
-                                    return std::all_of(p.runs.begin(), p.runs.end(),
-                                                       [](xrt::run& r) {
-                                                         return r.state() != ERT_CMD_STATE_NEW &&
-                                                                r.state() != ERT_CMD_STATE_QUEUED &&
-                                                                r.state() != ERT_CMD_STATE_RUNNING;
-                                                       });
-                                  }),
+  // A run whose state cannot be read counts as still running: its buffers stay.
+  const auto finished = [this](const Pending& p) {
+    try {
+      for (size_t i = 0; i < p.runs.size(); ++i) {
+        const ert_cmd_state s = Observed(p, i, p.runs[i].state());
+        if (s == ERT_CMD_STATE_NEW || s == ERT_CMD_STATE_QUEUED || s == ERT_CMD_STATE_RUNNING) {
+          return false;
+        }
+      }
+    } catch (const std::exception&) {
+      return false;
+    }
+    return true;
+  };
+  abandoned_.erase(std::remove_if(abandoned_.begin(), abandoned_.end(), finished),
                    abandoned_.end());
   auto it = pending_.find(ticket);
   if (it == pending_.end()) {
@@ -325,16 +356,17 @@ absl::Status XrtPageSelector::Wait(SelectTicket ticket, absl::Time deadline) {
   }
   Pending& p = it->second;
   try {
-    for (xrt::run& r : p.runs) {
+    for (size_t i = 0; i < p.runs.size(); ++i) {
+      xrt::run& r = p.runs[i];
       ert_cmd_state state;
       if (deadline == absl::InfiniteFuture()) {
-        state = r.wait();
+        state = Observed(p, i, r.wait());
       } else {
         // Poll the run's state rather than xrt::run::wait(timeout): the noop shim's wait spins
         // until some command completes and ignores the timeout, and polling costs a read of the
         // command buffer on a card too.
-        while ((state = r.state()) == ERT_CMD_STATE_NEW || state == ERT_CMD_STATE_QUEUED ||
-               state == ERT_CMD_STATE_RUNNING) {
+        while ((state = Observed(p, i, r.state())) == ERT_CMD_STATE_NEW ||
+               state == ERT_CMD_STATE_QUEUED || state == ERT_CMD_STATE_RUNNING) {
           if (absl::Now() >= deadline) {
             const int layer = p.layer;
             abandoned_.push_back(std::move(p));
@@ -344,7 +376,9 @@ absl::Status XrtPageSelector::Wait(SelectTicket ticket, absl::Time deadline) {
           }
           std::this_thread::sleep_for(kPollInterval);
         }
-        if (state == ERT_CMD_STATE_COMPLETED) state = r.wait();  // let XRT retire the command
+        if (state == ERT_CMD_STATE_COMPLETED) {
+          state = Observed(p, i, r.wait());  // let XRT retire the command
+        }
       }
       if (state != ERT_CMD_STATE_COMPLETED) {
         // The other KV heads' runs may still be using their buffers (and this request's

@@ -22,6 +22,8 @@
 #define MEMPIPE_FPGA_HOST_XRT_SELECTOR_H_
 
 #include <chrono>
+#include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <vector>
@@ -62,6 +64,35 @@ class XrtPageSelector final : public PageSelector {
   // Input/output buffer pairs allocated so far: steps reuse idle pairs instead of allocating.
   size_t io_pairs_allocated() const { return io_pairs_allocated_; }
 
+  // --- Test-only fault injection (issue 14) -----------------------------------------------------
+  // XRT's noop shim completes every run, so a run that ends in an error state (or a wait that
+  // throws) while other KV heads' runs are still in flight cannot be produced with it alone. A
+  // test installs hooks that stand in for the card (tests/fpga/host/xrt_fault_test.cc):
+  //   started(probe)     after each xrt::run::start, with the host views of the buffers that
+  //                      run's card would read and write; may throw, as a failed start would;
+  //   state(probe, s)    with the state XRT reported for a run (from xrt::run::wait or ::state);
+  //                      returns the state the selector acts on; may throw, as XRT's calls can.
+  // Without hooks (the default, and everywhere outside tests) XRT's states are used as they are.
+  struct RunProbe {
+    enum class Kind { kScore, kUpdate };
+    Kind kind = Kind::kScore;
+    int layer = 0;
+    int kv_head = 0;
+    uint64_t id = 0;        // unique per run of this selector, in start order
+    uint8_t* in = nullptr;  // the run's packed inputs (host view)
+    size_t in_bytes = 0;
+    uint8_t* out = nullptr;  // the run's outputs (host view); null for digest updates
+    size_t out_bytes = 0;
+  };
+  struct RunHooksForTesting {
+    std::function<void(const RunProbe&)> started;
+    std::function<ert_cmd_state(const RunProbe&, ert_cmd_state)> state;
+  };
+  void SetRunHooksForTesting(RunHooksForTesting hooks) { hooks_ = std::move(hooks); }
+  // Requests and launches kept alive after an error or a missed deadline because runs may still
+  // use their buffers; dropped once every run of one has finished (checked at each Wait).
+  size_t abandoned_for_testing() const { return abandoned_.size(); }
+
  private:
   struct Layer {
     CacheShape shape;
@@ -79,6 +110,7 @@ class XrtPageSelector final : public PageSelector {
     std::vector<int> cus;      // [kv_heads] the CU each head ran on
     std::vector<IoPair> bufs;  // [kv_heads]
     std::vector<xrt::run> runs;
+    std::vector<RunProbe> probes;  // [runs] what the test hooks see of each run
     Clock::time_point submitted;
     double transfer_ms = 0;
   };
@@ -90,6 +122,10 @@ class XrtPageSelector final : public PageSelector {
   void ReturnIo(Pending& p);
   absl::Status RunUpdate(int layer_id, Layer& layer, const int64_t* slots, int num_tokens,
                          const void* keys);
+  // Records run `p.runs.back()` as started (and tells the test hook).
+  void Started(Pending& p, RunProbe::Kind kind, int layer, int kv_head, IoPair& io);
+  // The state the selector acts on for run `i` of `p`, given what XRT reported.
+  ert_cmd_state Observed(const Pending& p, size_t i, ert_cmd_state xrt_state) const;
 
   int num_cus_ = 0;
   xrt::device device_;
@@ -101,6 +137,8 @@ class XrtPageSelector final : public PageSelector {
   std::vector<Pending> abandoned_;  // runs past their deadline, kept until the card finishes
   SelectTicket next_ticket_ = 1;
   SelectorCosts costs_;
+  RunHooksForTesting hooks_;
+  uint64_t next_run_id_ = 0;
 };
 
 }  // namespace mempipe

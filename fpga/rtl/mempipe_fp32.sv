@@ -2,12 +2,13 @@
 //
 // The reference (retriever/relevancy.h) is built with -ffp-contract=off and default MXCSR: fp32
 // products and sums, round to nearest even, subnormal inputs and outputs kept (no flush to zero),
-// overflow to infinity. These units do exactly that, combinationally (the caller registers
-// around them). NaNs follow SSE: a NaN operand is returned quieted (the first operand's if both
+// overflow to infinity. These units do exactly that; the multiplier and the adder are pipelined
+// (MUL_STAGES = 5, ADD_STAGES = 4: the result follows the operands by that many clocks once the
+// caller registers it; PIPE = 0 gives the same logic without the inner registers). NaNs follow SSE: a NaN operand is returned quieted (the first operand's if both
 // are NaN); an invalid operation (inf * 0, inf - inf) returns the default NaN 0xFFC00000.
 //
-//   mempipe_fp32_mul m(.a(x), .b(y), .p(x_times_y));
-//   mempipe_fp32_add s(.a(x), .b(y), .s(x_plus_y));
+//   mempipe_fp32_mul m(.clk, .a(x), .b(y), .p(x_times_y));   // 4 clocks later, combinational
+//   mempipe_fp32_add s(.clk, .a(x), .b(y), .s(x_plus_y));    // 3 clocks later, combinational
 //   mempipe_fp32_gt  g(.a(x), .b(y), .gt(x_greater_than_y));   // false if either is NaN
 //   mempipe_half_to_fp32 h(.h(bits16), .f(bits32));           // exact, as Half::ToFloat
 
@@ -37,126 +38,257 @@ module mempipe_fp32_gt (
   assign gt = !a_nan && !b_nan && ka > kb;
 endmodule
 
-module mempipe_fp32_mul (
+// One pipeline boundary: a register when EN, a wire otherwise (the combinational variants the
+// unit test drives without a clock).
+module mempipe_pipe_reg #(
+    parameter int W = 1,
+    parameter bit EN = 1'b1
+) (
+    input  logic         clk,
+    input  logic [W-1:0] d,
+    output logic [W-1:0] q
+);
+  if (EN) begin : g_reg
+    always_ff @(posedge clk) q <= d;
+  end else begin : g_wire
+    assign q = d;
+  end
+endmodule
+
+// Product in MUL_STAGES = 5 stages (4 internal registers when PIPE; the result is combinational
+// from the last stage, so a caller that registers it sees it 5 clocks after the operands):
+//   1 significand product (DSP48E2) and special cases, 2 leading one and exponent,
+//   3 normalize, 4 subnormal shift and sticky, 5 round and select.
+module mempipe_fp32_mul #(
+    parameter bit PIPE = 1'b1
+) (
+    input  logic        clk,
     input  logic [31:0] a,
     input  logic [31:0] b,
     output logic [31:0] p
 );
+  // Position of the highest set bit (0 if none), as a two-level tree: a priority within each
+  // 8-bit group, then over the groups (a flat priority loop maps to a long multiplexer chain).
+  function automatic logic [5:0] msb48(input logic [47:0] x);
+    logic [5:0] any;
+    logic [17:0] pos;  // 3 bits per group
+    logic [2:0] top;
+    for (int j = 0; j < 6; j++) begin
+      any[j] = |x[8*j+:8];
+      pos[3*j+:3] = 3'd0;
+      for (int i = 0; i < 8; i++) if (x[8*j+i]) pos[3*j+:3] = i[2:0];
+    end
+    top = 3'd0;
+    for (int j = 0; j < 6; j++) if (any[j]) top = j[2:0];
+    msb48 = {top, pos[3*top+:3]};
+  endfunction
+  // ---- stage 1 ----
   wire        sa = a[31], sb = b[31];
   wire  [7:0] ea = a[30:23], eb = b[30:23];
   wire [22:0] fa = a[22:0], fb = b[22:0];
   wire a_nan = ea == 8'hff && fa != 0, b_nan = eb == 8'hff && fb != 0;
   wire a_inf = ea == 8'hff && fa == 0, b_inf = eb == 8'hff && fb == 0;
   wire a_zero = ea == 0 && fa == 0, b_zero = eb == 0 && fb == 0;
-  wire sp = sa ^ sb;
-
   // Significands with the hidden bit; a subnormal has exponent 1 and no hidden bit.
   wire [23:0] ma = {ea != 0, fa}, mb = {eb != 0, fb};
-  wire [47:0] prod = ma * mb;
-  wire signed [11:0] ea_eff = {4'd0, (ea == 0) ? 8'd1 : ea};
-  wire signed [11:0] eb_eff = {4'd0, (eb == 0) ? 8'd1 : eb};
-
-  logic [5:0] lead;  // position of the product's leading one
-  logic signed [11:0] e_unb;  // biased exponent of the result before subnormal shift
-  logic [47:0] pn;  // product, leading one at bit 47
-  logic [5:0] rsh;  // extra right shift for a subnormal result (saturated)
-  logic [47:0] q;
-  logic sticky_sh;
-  logic [7:0] e_field;
-  logic guard, sticky;
-  logic [30:0] mag;
+  wire [47:0] prod1 = ma * mb;
+  wire signed [11:0] esum1 = {4'd0, (ea == 0) ? 8'd1 : ea} + {4'd0, (eb == 0) ? 8'd1 : eb};
+  // Special results (NaN, inf, zero) decided from the operands alone.
+  logic spec1;
+  logic [31:0] spec_val1;
   always_comb begin
-    lead = 6'd0;
-    for (int i = 0; i < 48; i++) if (prod[i]) lead = i[5:0];
-    e_unb = $signed({6'd0, lead}) + ea_eff + eb_eff - 12'sd173;
-    pn = prod << (6'd47 - lead);
-    if (e_unb >= 1) rsh = 6'd0;
-    else if (e_unb < -47) rsh = 6'd49;
-    else rsh = 6'(12'sd1 - e_unb);
-    sticky_sh = 1'b0;
-    for (int i = 0; i < 48; i++) if (i < rsh && pn[i]) sticky_sh = 1'b1;
-    q = (rsh >= 6'd48) ? 48'd0 : (pn >> rsh);
-    e_field = (e_unb >= 1) ? e_unb[7:0] : 8'd0;
-    guard = q[23];
-    sticky = (|q[22:0]) | sticky_sh;
-    mag = {e_field, q[46:24]};
-    if (guard && (sticky || q[24])) mag = mag + 31'd1;  // may carry into the exponent
-    if (a_nan) p = a | 32'h0040_0000;
-    else if (b_nan) p = b | 32'h0040_0000;
-    else if ((a_inf && b_zero) || (a_zero && b_inf)) p = 32'hffc0_0000;
-    else if (a_inf || b_inf) p = {sp, 8'hff, 23'd0};
-    else if (a_zero || b_zero) p = {sp, 31'd0};
-    else if (e_unb >= 255) p = {sp, 8'hff, 23'd0};
-    else p = {sp, mag};
+    spec1 = 1'b1;
+    if (a_nan) spec_val1 = a | 32'h0040_0000;
+    else if (b_nan) spec_val1 = b | 32'h0040_0000;
+    else if ((a_inf && b_zero) || (a_zero && b_inf)) spec_val1 = 32'hffc0_0000;
+    else if (a_inf || b_inf) spec_val1 = {sa ^ sb, 8'hff, 23'd0};
+    else if (a_zero || b_zero) spec_val1 = {sa ^ sb, 31'd0};
+    else begin
+      spec1 = 1'b0;
+      spec_val1 = 32'd0;
+    end
+  end
+  logic [47:0] prod2;
+  logic signed [11:0] esum2;
+  logic sp2, spec2;
+  logic [31:0] spec_val2;
+  mempipe_pipe_reg #(.W(48 + 12 + 1 + 1 + 32), .EN(PIPE)) r12 (
+      .clk, .d({prod1, esum1, sa ^ sb, spec1, spec_val1}),
+      .q({prod2, esum2, sp2, spec2, spec_val2}));
+
+  // ---- stage 2: leading one, exponent, subnormal shift amount ----
+  logic [5:0] lead2;  // position of the product's leading one
+  logic signed [11:0] e_unb2;  // biased exponent of the result before subnormal shift
+  logic [5:0] rsh2;  // extra right shift for a subnormal result (saturated)
+  always_comb begin
+    lead2 = msb48(prod2);
+    e_unb2 = $signed({6'd0, lead2}) + esum2 - 12'sd173;
+    if (e_unb2 >= 1) rsh2 = 6'd0;
+    else if (e_unb2 < -47) rsh2 = 6'd49;
+    else rsh2 = 6'(12'sd1 - e_unb2);
+  end
+  logic [47:0] prod3;
+  logic [5:0] lead3, rsh3;
+  logic signed [11:0] e_unb3;
+  logic sp3, spec3;
+  logic [31:0] spec_val3;
+  mempipe_pipe_reg #(.W(48 + 6 + 6 + 12 + 1 + 1 + 32), .EN(PIPE)) r23 (
+      .clk, .d({prod2, lead2, rsh2, e_unb2, sp2, spec2, spec_val2}),
+      .q({prod3, lead3, rsh3, e_unb3, sp3, spec3, spec_val3}));
+
+  // ---- stage 3: normalize (leading one to bit 47) ----
+  wire [47:0] pn3 = prod3 << (6'd47 - lead3);
+  logic [47:0] pn4;
+  logic [5:0] rsh4;
+  logic signed [11:0] e_unb4;
+  logic sp4, spec4;
+  logic [31:0] spec_val4;
+  mempipe_pipe_reg #(.W(48 + 6 + 12 + 1 + 1 + 32), .EN(PIPE)) r34 (
+      .clk, .d({pn3, rsh3, e_unb3, sp3, spec3, spec_val3}),
+      .q({pn4, rsh4, e_unb4, sp4, spec4, spec_val4}));
+
+  // ---- stage 4: subnormal right shift, guard and sticky ----
+  logic sticky_sh4;
+  logic [47:0] q4;
+  always_comb begin
+    sticky_sh4 = 1'b0;
+    for (int i = 0; i < 48; i++) if (i < rsh4 && pn4[i]) sticky_sh4 = 1'b1;
+    q4 = (rsh4 >= 6'd48) ? 48'd0 : (pn4 >> rsh4);
+  end
+  wire [7:0] e_field4 = (e_unb4 >= 1) ? e_unb4[7:0] : 8'd0;
+  wire guard4 = q4[23];
+  wire round_up4 = guard4 && ((|q4[22:0]) || sticky_sh4 || q4[24]);
+  wire ovf4 = e_unb4 >= 255;
+  logic [30:0] mag5;
+  logic round_up5, ovf5, sp5, spec5;
+  logic [31:0] spec_val5;
+  mempipe_pipe_reg #(.W(31 + 1 + 1 + 1 + 1 + 32), .EN(PIPE)) r45 (
+      .clk, .d({e_field4, q4[46:24], round_up4, ovf4, sp4, spec4, spec_val4}),
+      .q({mag5, round_up5, ovf5, sp5, spec5, spec_val5}));
+
+  // ---- stage 5: round to nearest even (may carry into the exponent), select ----
+  wire [30:0] mag_inc5 = mag5 + 31'd1;  // in parallel with the rounding decision
+  wire [30:0] mag_r5 = round_up5 ? mag_inc5 : mag5;
+  always_comb begin
+    if (spec5) p = spec_val5;
+    else if (ovf5) p = {sp5, 8'hff, 23'd0};
+    else p = {sp5, mag_r5};
   end
 endmodule
 
-module mempipe_fp32_add (
+// Sum in ADD_STAGES = 4 stages (3 internal registers when PIPE; the result is combinational from
+// the last stage): 1 magnitude compare, swap, exponent difference and special cases,
+// 2 alignment shift with sticky bit and the significand add, 3 leading zeros and exponent,
+// 4 normalize shift, round and select.
+module mempipe_fp32_add #(
+    parameter bit PIPE = 1'b1
+) (
+    input  logic        clk,
     input  logic [31:0] a,
     input  logic [31:0] b,
     output logic [31:0] s
 );
+  // Position of the highest set bit (0 if none), as a two-level tree: a priority within each
+  // 8-bit group, then over the groups (a flat priority loop maps to a long multiplexer chain).
+  function automatic logic [5:0] msb48(input logic [47:0] x);
+    logic [5:0] any;
+    logic [17:0] pos;  // 3 bits per group
+    logic [2:0] top;
+    for (int j = 0; j < 6; j++) begin
+      any[j] = |x[8*j+:8];
+      pos[3*j+:3] = 3'd0;
+      for (int i = 0; i < 8; i++) if (x[8*j+i]) pos[3*j+:3] = i[2:0];
+    end
+    top = 3'd0;
+    for (int j = 0; j < 6; j++) if (any[j]) top = j[2:0];
+    msb48 = {top, pos[3*top+:3]};
+  endfunction
+  // ---- stage 1 ----
   wire a_nan = a[30:23] == 8'hff && a[22:0] != 0, b_nan = b[30:23] == 8'hff && b[22:0] != 0;
   wire a_inf = a[30:23] == 8'hff && a[22:0] == 0, b_inf = b[30:23] == 8'hff && b[22:0] == 0;
   // x: the operand of larger magnitude.
   wire swap = b[30:0] > a[30:0];
   wire [31:0] x = swap ? b : a, y = swap ? a : b;
-  wire [7:0] ex_eff = (x[30:23] == 0) ? 8'd1 : x[30:23];
-  wire [7:0] ey_eff = (y[30:23] == 0) ? 8'd1 : y[30:23];
-  wire [7:0] d = ex_eff - ey_eff;
-  // Significand, then guard, round and sticky bits.
-  wire [26:0] mx = {x[30:23] != 0, x[22:0], 3'b000};
-  wire [26:0] my0 = {y[30:23] != 0, y[22:0], 3'b000};
-  wire sub = x[31] ^ y[31];
+  wire [7:0] ea_eff = (a[30:23] == 0) ? 8'd1 : a[30:23];
+  wire [7:0] eb_eff = (b[30:23] == 0) ? 8'd1 : b[30:23];
+  // Both differences in parallel with the compare, then a select.
+  wire [7:0] d_ab = ea_eff - eb_eff, d_ba = eb_eff - ea_eff;
+  logic spec1;
+  logic [31:0] spec_val1;
+  always_comb begin
+    spec1 = 1'b1;
+    if (a_nan) spec_val1 = a | 32'h0040_0000;
+    else if (b_nan) spec_val1 = b | 32'h0040_0000;
+    else if (a_inf && b_inf && a[31] != b[31]) spec_val1 = 32'hffc0_0000;
+    else if (a_inf) spec_val1 = a;
+    else if (b_inf) spec_val1 = b;
+    else begin
+      spec1 = 1'b0;
+      spec_val1 = 32'd0;
+    end
+  end
+  logic [7:0] ex2, d2;
+  logic [23:0] mx2, my2;  // significands with the hidden bit
+  logic sub2, sx2, szero2, spec2;
+  logic [31:0] spec_val2;
+  mempipe_pipe_reg #(.W(8 + 8 + 24 + 24 + 4 + 32), .EN(PIPE)) r12 (
+      .clk,
+      .d({swap ? eb_eff : ea_eff, swap ? d_ba : d_ab, x[30:23] != 0, x[22:0], y[30:23] != 0,
+          y[22:0], x[31] ^ y[31], x[31], x[31] & y[31], spec1, spec_val1}),
+      .q({ex2, d2, mx2, my2, sub2, sx2, szero2, spec2, spec_val2}));
 
+  // ---- stage 2: align y (guard, round and sticky bits), add or subtract ----
+  wire [26:0] my0 = {my2, 3'b000};
   logic [26:0] my;
   logic st;
-  logic [27:0] sum;
-  logic [4:0] lz;
-  logic [8:0] e;
-  logic [7:0] lsh;
-  logic [27:0] sn;
-  logic [26:0] sig;
-  logic [7:0] e_field;
-  logic [30:0] mag;
-  logic exact_zero, overflow;
+  logic [27:0] sum2;
   always_comb begin
     st = 1'b0;
-    for (int i = 0; i < 27; i++) if (i < d && my0[i]) st = 1'b1;
-    my = (d >= 8'd27) ? 27'd0 : (my0 >> d);
+    for (int i = 0; i < 27; i++) if (i < d2 && my0[i]) st = 1'b1;
+    my = (d2 >= 8'd27) ? 27'd0 : (my0 >> d2);
     my[0] = my[0] | st;
-    sum = sub ? ({1'b0, mx} - {1'b0, my}) : ({1'b0, mx} + {1'b0, my});
-    exact_zero = sum == 28'd0;
-    overflow = 1'b0;
-    sig = 27'd0;
-    e = {1'b0, ex_eff};
-    lz = 5'd0;
-    lsh = 8'd0;
-    sn = 28'd0;
-    if (sum[27]) begin  // carry out: shift right one, keeping the sticky bit
-      sig = {sum[27:2], sum[1] | sum[0]};
-      e = e + 9'd1;
-      overflow = e >= 9'd255;
-    end else begin
-      lz = 5'd27;
-      for (int i = 0; i < 27; i++) if (sum[i]) lz = 5'(26 - i);
-      // Normalize, but no further than exponent 1 (a subnormal result).
-      lsh = ({3'd0, lz} < ex_eff - 8'd1) ? {3'd0, lz} : ex_eff - 8'd1;
-      sn = sum << lsh;
-      sig = sn[26:0];
-      e = {1'b0, ex_eff - lsh};
-    end
-    e_field = sig[26] ? e[7:0] : 8'd0;
-    mag = {e_field, sig[25:3]};
-    if (sig[2] && (sig[1] || sig[0] || sig[3])) mag = mag + 31'd1;
-    if (a_nan) s = a | 32'h0040_0000;
-    else if (b_nan) s = b | 32'h0040_0000;
-    else if (a_inf && b_inf && a[31] != b[31]) s = 32'hffc0_0000;
-    else if (a_inf) s = a;
-    else if (b_inf) s = b;
-    else if (exact_zero) s = {x[31] & y[31], 31'd0};  // x - x = +0; -0 + -0 = -0
-    else if (overflow) s = {x[31], 8'hff, 23'd0};
-    else s = {x[31], mag};
+    sum2 = sub2 ? ({1'b0, mx2, 3'b000} - {1'b0, my}) : ({1'b0, mx2, 3'b000} + {1'b0, my});
+  end
+  logic [27:0] sum3;
+  logic [7:0] ex3;
+  logic sx3, szero3, spec3;
+  logic [31:0] spec_val3;
+  mempipe_pipe_reg #(.W(28 + 8 + 3 + 32), .EN(PIPE)) r23 (
+      .clk, .d({sum2, ex2, sx2, szero2, spec2, spec_val2}),
+      .q({sum3, ex3, sx3, szero3, spec3, spec_val3}));
+
+  // ---- stage 3: normalization amount and exponent ----
+  // Leading zeros of the 27-bit sum (27 if zero); the shift stops at exponent 1 (a subnormal).
+  wire [5:0] msb3 = msb48({21'd0, sum3[26:0]});
+  wire [4:0] lz3 = sum3[26:0] == 27'd0 ? 5'd27 : 5'(6'd26 - msb3);
+  wire [7:0] lsh3 = ({3'd0, lz3} < ex3 - 8'd1) ? {3'd0, lz3} : ex3 - 8'd1;
+  wire carry3 = sum3[27];  // carry out: shift right one, keeping the sticky bit
+  wire [8:0] e_inc3 = {1'b0, ex3} + 9'd1;
+  wire [7:0] e3 = carry3 ? e_inc3[7:0] : ex3 - lsh3;
+  wire overflow3 = carry3 && e_inc3 >= 9'd255;
+  wire exact_zero3 = sum3 == 28'd0;
+  logic [27:0] sum4;
+  logic [4:0] lsh4;
+  logic [7:0] e4;
+  logic carry4, overflow4, exact_zero4, sx4, szero4, spec4;
+  logic [31:0] spec_val4;
+  mempipe_pipe_reg #(.W(28 + 5 + 8 + 6 + 32), .EN(PIPE)) r34 (
+      .clk,
+      .d({sum3, lsh3[4:0], e3, carry3, overflow3, exact_zero3, sx3, szero3, spec3, spec_val3}),
+      .q({sum4, lsh4, e4, carry4, overflow4, exact_zero4, sx4, szero4, spec4, spec_val4}));
+
+  // ---- stage 4: normalize, round to nearest even, select ----
+  wire [27:0] sn4 = sum4 << lsh4;
+  wire [26:0] sig4 = carry4 ? {sum4[27:2], sum4[1] | sum4[0]} : sn4[26:0];
+  wire [7:0] e_field4 = sig4[26] ? e4 : 8'd0;
+  wire round_up4 = sig4[2] && (sig4[1] || sig4[0] || sig4[3]);
+  wire [30:0] mag4 = {e_field4, sig4[25:3]};
+  wire [30:0] mag_inc4 = mag4 + 31'd1;  // in parallel with the rounding decision
+  always_comb begin
+    if (spec4) s = spec_val4;
+    else if (exact_zero4) s = {szero4, 31'd0};  // x - x = +0; -0 + -0 = -0
+    else if (overflow4) s = {sx4, 8'hff, 23'd0};
+    else s = {sx4, round_up4 ? mag_inc4 : mag4};
   end
 endmodule
 

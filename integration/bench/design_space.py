@@ -125,11 +125,14 @@ class FpgaSpec:
     hbm_channel_peak_bps: float
     hbm_efficiency: float
     kernel_clock_hz: float
+    rtl_clock_estimate_hz: float
+    rtl_cus_that_fit: int
     axi_word_bytes: int
     num_cus: int
     pipeline_fill_clocks: int
     row_fill_clocks: int
     score_heads_per_clock: int
+    score_add_stages: int
     select_clocks_per_page: float
     score_fifo_pages: int
     launch_latency_s: float
@@ -141,11 +144,15 @@ class FpgaSpec:
     board_power_active_w: float
     board_power_idle_w: float
     sources: tuple = ()
+    # U55cParams::vitis_target_what_if: price the Vitis targets (kernel_clock_hz, num_cus)
+    # instead of what the RTL reaches (a labelled what-if; off as in the header).
+    vitis_target_what_if: bool = False
 
     @staticmethod
     def from_header(path=None, name="U55C") -> "FpgaSpec":
         p = parse_u55c_params(path)
-        names = [f.name for f in dataclasses.fields(FpgaSpec) if f.name not in ("name", "sources")]
+        names = [f.name for f in dataclasses.fields(FpgaSpec)
+                 if f.name not in ("name", "sources", "vitis_target_what_if")]
         missing = [n for n in names if n not in p]
         if missing:
             raise ValueError(f"u55c_params.h lacks {missing}")
@@ -155,13 +162,30 @@ class FpgaSpec:
     def source_of(self, name: str) -> str:
         return dict(self.sources).get(name, "")
 
+    def priced_clock_hz(self) -> float:
+        """As U55cParams::PricedClockHz: min(kernel_clock_hz, rtl_clock_estimate_hz), or the
+        Vitis target under the what-if."""
+        if (self.vitis_target_what_if or self.rtl_clock_estimate_hz <= 0 or
+                self.kernel_clock_hz < self.rtl_clock_estimate_hz):
+            return self.kernel_clock_hz
+        return self.rtl_clock_estimate_hz
+
+    def priced_cus(self) -> int:
+        """As U55cParams::PricedCus: min(num_cus, rtl_cus_that_fit), or num_cus under the
+        what-if."""
+        if (self.vitis_target_what_if or self.rtl_cus_that_fit <= 0 or
+                self.num_cus < self.rtl_cus_that_fit):
+            return self.num_cus
+        return self.rtl_cus_that_fit
+
     def channel_read_bps(self) -> float:
         # As U55cModel::ChannelReadBps: min(channel x efficiency, one AXI word per clock).
         return min(self.hbm_channel_peak_bps * self.hbm_efficiency,
-                   self.axi_word_bytes * self.kernel_clock_hz)
+                   self.axi_word_bytes * self.priced_clock_hz())
 
     def card_read_bps(self) -> float:
-        return self.channel_read_bps() * self.hbm_channels
+        """What the card streams at once: one channel per compute unit that runs."""
+        return self.channel_read_bps() * min(self.hbm_channels, self.priced_cus())
 
     def scaled(self, name: str, bandwidth_factor: float) -> "FpgaSpec":
         """A what-if card: the same design with `bandwidth_factor` x the per-channel rate."""
@@ -500,12 +524,13 @@ def _cu_s(f: FpgaSpec, hbm_bytes: float, stream_words: float, select_clocks: flo
     with its own load, score and select stages (then a merge of their partial top-k lists).
     The serial part (the RTL select's emit pass) overlaps nothing; the first row pays the
     pipeline fill, each further row a row fill."""
+    hz = f.priced_clock_hz()
     mem = hbm_bytes / (f.channel_read_bps() * channels)
-    stream = stream_words / channels / f.kernel_clock_hz
-    select = (select_clocks / channels + (merge_clocks if channels > 1 else 0)) / f.kernel_clock_hz
-    serial = serial_clocks / channels / f.kernel_clock_hz
+    stream = stream_words / channels / hz
+    select = (select_clocks / channels + (merge_clocks if channels > 1 else 0)) / hz
+    serial = serial_clocks / channels / hz
     fill = (f.pipeline_fill_clocks + (rows - 1) * f.row_fill_clocks) if rows > 0 else 0
-    return max(mem, stream, select) + serial + fill / f.kernel_clock_hz
+    return max(mem, stream, select) + serial + fill / hz
 
 
 def fpga_score_call(s: System, shape: ModelShape, sel: Selection, context: int,
@@ -518,12 +543,13 @@ def fpga_score_call(s: System, shape: ModelShape, sel: Selection, context: int,
     k = sel.budget // sel.page
     scanned = sel.scanned_pages(context)
     digest = batch * scanned * sel.digest_bytes_per_page(shape.head_dim)
-    # As ScoreLaunchWork (the RTL kernel, fpga/rtl): row_words x max(group, 2) clocks per page
-    # in the score core; per row an emit pass (a clock per page plus the row) and the query
-    # load, all but the last row's emit hidden behind score_fifo_pages pages of scoring.
+    # As ScoreLaunchWork (the RTL kernel, fpga/rtl): row_words x max(group, score_add_stages)
+    # clocks per page in the score core (max aggregation, as every workload here); per row an emit pass (a clock per page plus the row) and the query load, all but the last
+    # row's emit hidden behind score_fifo_pages pages of scoring.
     row_words = sel.digest_bytes_per_page(shape.head_dim) / 2 / f.axi_word_bytes
-    page_clocks = row_words * max(group, 2) / f.score_heads_per_clock
-    beats_per_clock = f.channel_read_bps() / (f.axi_word_bytes * f.kernel_clock_hz)
+    add_stages = max(2, f.score_add_stages)
+    page_clocks = row_words * max(group, add_stages) / f.score_heads_per_clock
+    beats_per_clock = f.channel_read_bps() / (f.axi_word_bytes * f.priced_clock_hz())
     page_pace = max(page_clocks, 2 * row_words / beats_per_clock)
     emit = f.select_clocks_per_page * scanned + k
     query_words = group * shape.head_dim / 16
@@ -547,12 +573,15 @@ def fpga_score_call(s: System, shape: ModelShape, sel: Selection, context: int,
         c.from_card_s = dma_s(f, heads * out, False)
     launches = heads
     channels = 1
-    if s.striping == "all":
-        channels = max(1, f.hbm_channels // heads)
+    cus = max(1, min(f.hbm_channels, f.priced_cus()))
+    if s.striping == "all":  # a head's digests over several channels, one CU each
+        channels = max(1, cus // heads)
     c.launch_s = f.launch_latency_s + (launches - 1) * f.per_cu_start_s
-    # Heads on distinct CUs in parallel (CuFor), so the kernel time is one head's.
-    c.kernel_s = _cu_s(f, hbm, score_clocks, 0.0, batch, channels,
-                       merge_clocks=batch * channels * k, serial_clocks=serial_clocks)
+    # Heads on distinct CUs in parallel (CuFor); heads beyond the CUs that run wait for a unit
+    # (U55cModel::Call folds CU c onto c mod PricedCus), so the kernel time is rounds x one head's.
+    rounds = -(-heads // cus)
+    c.kernel_s = rounds * _cu_s(f, hbm, score_clocks, 0.0, batch, channels,
+                                merge_clocks=batch * channels * k, serial_clocks=serial_clocks)
     return c
 
 
@@ -571,7 +600,8 @@ def fpga_update_call(s: System, shape: ModelShape, sel: Selection, batch: int) -
     c.to_card_s = heads * dma_s(f, in_b, True)
     c.launch_s = f.launch_latency_s + (heads - 1) * f.per_cu_start_s
     hbm = batch * 8 + key_bytes + 2 * row * 2 * batch  # old rows in, both rows out per page
-    c.kernel_s = _cu_s(f, hbm, (key_bytes + 2 * row * batch) / f.axi_word_bytes, 0, 1, 1)
+    rounds = -(-heads // max(1, min(f.hbm_channels, f.priced_cus())))  # as fpga_score_call
+    c.kernel_s = rounds * _cu_s(f, hbm, (key_bytes + 2 * row * batch) / f.axi_word_bytes, 0, 1, 1)
     return c
 
 

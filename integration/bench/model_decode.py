@@ -9,7 +9,18 @@ Placements (every one over the same KV memory, so they compare on identical data
   dense-paged  mempipe's dense paged decode (append + digest kernel, dense decode kernel)
   gpu          mempipe sparse: fused append + digest, fused score + top-k select, sparse decode
                (first --dense_layers layers dense, as Quest keeps them)
-  fpga         not run: a labelled gap row (the GPU+FPGA issue is not done)
+  fpga         steps 1-3 on the selection-offload engine (the emulated U55C, paced to its
+               modeled time; its functional result from the CPU reference), step 4 on the GPU
+               stream that waits for the card's selection (no host sync); one row per scheme in
+               --fpga_schemes: sync, pipelined4 (4 micro-batches), reuse4 (async reuse, C=4),
+               lookahead (layer L's query against layer L+1's digests). Each row adds the share
+               of the card's time hidden behind GPU work (1 - GPU wait / modeled card time; the
+               wait measured by the engine's wait kernel over the timed window on CUDA, from
+               the profiled step on the CPU), fallbacks by reason, host-bound requests, bytes over
+               PCIe (real GPU<->host staging copies; modeled host<->card), modeled FPGA energy
+               per token, and selection recall of reuse / look-ahead against the exact selection
+               of the same step and layer (measured over --recall_steps eager steps with fresh
+               random input tokens: random weights, so a pessimistic figure, not a quality one)
 
 The prompt is not prefilled by the model: every layer's cache is filled once with random keys
 and values (seeded) and its page digests (max, min per page) are built from them with torch;
@@ -29,7 +40,8 @@ its logits (`rel_err_logits`).
 
   python3 integration/bench/model_decode.py --json out.json [--md out.md]
         [--model llama3-8b|llama3-70b-slice] [--contexts 32768,131072,524288]
-        [--batches 1,8,max] [--placements dense-sdpa,dense-paged,gpu]
+        [--batches 1,8,max] [--placements dense-sdpa,dense-paged,gpu,fpga]
+        [--fpga_schemes sync,pipelined4,reuse4,lookahead] [--deadline_ms 100]
         [--budget 4096 --page 16 --dense_layers 2] [--min_window_s 0.5] [--seed 1]
   python3 integration/bench/model_decode.py --device cpu --json smoke.json   # tiny CPU smoke
 
@@ -44,7 +56,13 @@ Flags:
   --contexts      tokens per sequence (comma list; multiples of --page)
   --batches       comma list; `max` = the largest batch whose weights + KV + digests fit in
                   the device's free memory (with --headroom_gib spare)
-  --placements    which placements to run (comma list); `fpga` rows are always added as gaps
+  --placements    which placements to run (comma list; default dense-sdpa,dense-paged,gpu);
+                  without `fpga`, a labelled fpga gap row is added per configuration
+                  (integration/bench/run_model_decode_fpga.sh runs the fpga rows)
+  --fpga_schemes  the fpga rows (comma list of sync, pipelined4, reuse4, lookahead; default all)
+  --deadline_ms   the card's deadline per selection (default 100, the configuration default)
+  --fpga_fallback gpu (the GPU's own selection over its digest copy) or dense
+  --recall_steps  eager steps of the recall measurement (default 5: covers a reuse=4 cycle)
   --budget, --page, --dense_layers, --sinks, --locals   the sparse configuration (defaults
                   4096, 16, 2, 1, 1; on cpu budget 64 and 1 dense layer)
   --steps         timed graph replays (default 10, cpu 3; at least: grown until --min_window_s of timed window so
@@ -74,7 +92,14 @@ import torch.nn.functional as F
 
 SCHEMA = "mempipe.throughput/1"
 STAGES = ("append", "prepare", "relevancy", "retrieval", "apply", "linear")
-PLACEMENTS = ("dense-sdpa", "dense-paged", "gpu")
+PLACEMENTS = ("dense-sdpa", "dense-paged", "gpu")  # the default rows (model_decode_tp's too)
+# The fpga rows: scheme name -> MempipeConfig keys (placement=fpga).
+FPGA_SCHEMES = {
+    "sync": {},
+    "pipelined4": {"mode": "pipelined", "micro_batches": 4},
+    "reuse4": {"reuse": 4, "reuse_async": True},
+    "lookahead": {"lookahead": True},
+}
 
 
 @dataclass(frozen=True)
@@ -205,19 +230,7 @@ class Runner:
         # One paged cache per layer; block table = identity, so sequence b's K (or V) is the
         # contiguous slice [b*blocks*page, (b+1)*blocks*page) -- the "contiguous cache" of the
         # dense-sdpa placement is a view of the same memory.
-        self.caches, self.digests = [], []
-        chunk = max(1, (1 << 28) // (page * s.kv_heads * s.head_dim))  # pages per fill chunk
-        for _ in range(s.layers):
-            kv = torch.empty(2, nb, page, s.kv_heads, s.head_dim, dtype=model.dtype, device=dev)
-            dg = torch.empty(nb, 2, s.kv_heads, s.head_dim, dtype=model.dtype, device=dev)
-            for a in range(0, nb, chunk):
-                b = min(nb, a + chunk)
-                kv[:, a:b].normal_(generator=gen)
-                keys = kv[0, a:b]
-                dg[a:b, 0] = keys.amax(1)
-                dg[a:b, 1] = keys.amin(1)
-            self.caches.append(kv)
-            self.digests.append(dg)
+        self.caches, self.digests = self.fill_caches(nb, gen)
         self.block_table = torch.arange(nb, dtype=torch.int32, device=dev).view(batch, -1)
         self.seq_lens = torch.full((batch,), context, dtype=torch.int32, device=dev)
         self.slots = (torch.arange(batch, device=dev, dtype=torch.int64) * context
@@ -236,13 +249,61 @@ class Runner:
                                          dense_layers=args.dense_layers, sinks=args.sinks,
                                          locals=args.locals),
         }
+        for name in getattr(args, "fpga_list", []):
+            cfgs["fpga-" + name] = mempipe.MempipeConfig(
+                placement="fpga", budget=args.budget, page_size=page,
+                dense_layers=args.dense_layers, sinks=args.sinks, locals=args.locals,
+                deadline_ms=args.deadline_ms, fpga_fallback=args.fpga_fallback,
+                **FPGA_SCHEMES[name])
+        self.cfgs = cfgs
         scale = s.head_dim ** -0.5
         self.paged = {p: [PagedLayer(c, i, s.q_heads, s.kv_heads, s.head_dim, scale,
                                      plan=self.plan) for i in range(s.layers)]
                       for p, c in cfgs.items()}
+        # The card's digests of every sparse layer, built once per engine (the fpga rows with
+        # the same card settings share one engine, as one model would).
+        for p, layers in self.paged.items():
+            if not p.startswith("fpga-"):
+                continue
+            for i, layer in enumerate(layers):
+                if not layer.sparse:
+                    continue
+                card_id, new = self.plan.card_layer(layer.config, i, self.caches[i])
+                if new:
+                    self.plan.offload(layer.config, dev).build_digests(
+                        card_id, self.caches[i], self.block_table, self.seq_lens)
         self.plan.reserve(batch, s.q_heads, s.kv_heads, self.blocks, args.budget // page, dev)
         self.sdpa_backend = None
         self.sdpa_form = "rows"
+
+    def fill_caches(self, nb: int, gen: torch.Generator):
+        """Every layer's paged cache [2, nb, page, kv_heads, D] filled with random keys and
+        values, and its page digests [nb, 2, kv_heads, D] (max, min) built from them."""
+        s, dev, page = self.model.s, self.model.device, self.args.page
+        caches, digests = [], []
+        chunk = max(1, (1 << 28) // (page * s.kv_heads * s.head_dim))  # pages per fill chunk
+        for _ in range(s.layers):
+            kv = torch.empty(2, nb, page, s.kv_heads, s.head_dim, dtype=self.model.dtype,
+                             device=dev)
+            dg = torch.empty(nb, 2, s.kv_heads, s.head_dim, dtype=self.model.dtype, device=dev)
+            for a in range(0, nb, chunk):
+                b = min(nb, a + chunk)
+                kv[:, a:b].normal_(generator=gen)
+                keys = kv[0, a:b]
+                dg[a:b, 0] = keys.amax(1)
+                dg[a:b, 1] = keys.amin(1)
+            caches.append(kv)
+            digests.append(dg)
+        return caches, digests
+
+    # Tensor-parallel hooks (model_decode_tp.py overrides them; one GPU: identities).
+    def reduce(self, partial: torch.Tensor, timer: Timer) -> torch.Tensor:
+        """The row-parallel layers' (O, down) partial sums: complete on one device."""
+        return partial
+
+    def lm_logits(self, h: torch.Tensor, timer: Timer) -> torch.Tensor:
+        """Logits [B, vocab] of the final hidden state."""
+        return F.linear(h, self.model.lm_head)
 
     # -- attention per placement: writes self.attn_out [B, H, D] --
     def attention(self, placement, i, q, k, v, timer, sparse_layer):
@@ -261,6 +322,13 @@ class Runner:
             timer.mark("apply")
             return
         layer = self.paged[placement][i]
+        if placement.startswith("fpga-"):
+            # append (+ the new keys to the card) | submit .. wait (marked inside) | decode
+            layer.append(kv, self.slots, k, v, self.digests[i])
+            timer.mark("prepare")
+            layer.decode(q, kv, self.block_table, self.seq_lens, self.attn_out, self.digests[i])
+            timer.mark("apply")
+            return
         step1 = "prepare" if placement == "gpu" else "append"
         layer.append(kv, self.slots, k, v, self.digests[i])
         timer.mark(step1)
@@ -307,13 +375,13 @@ class Runner:
             v = v.reshape(B, s.kv_heads, s.head_dim).contiguous()
             timer.mark("linear")
             self.attention(placement, i, q, k, v, timer, None)
-            x = x + F.linear(self.attn_out.view(B, -1), lw["o"])
+            x = x + self.reduce(F.linear(self.attn_out.view(B, -1), lw["o"]), timer)
             h = rms_norm(x, lw["n2"])
             gu = F.linear(h, lw["gate_up"])
             gate, up = gu.chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, lw["down"])
+            x = x + self.reduce(F.linear(F.silu(gate) * up, lw["down"]), timer)
             timer.mark("linear")
-        self.logits.copy_(F.linear(rms_norm(x, m.norm), m.lm_head))
+        self.logits.copy_(self.lm_logits(rms_norm(x, m.norm), timer))
         timer.mark("linear")
 
     def pick_sdpa_backend(self):
@@ -412,29 +480,53 @@ def copy_bandwidth(device) -> float:
     return bw
 
 
+def _fpga_state(runner: Runner, placement: str):
+    """(SchemeState, SelectionOffload) of an fpga row, else (None, None)."""
+    if not placement.startswith("fpga-"):
+        return None, None
+    cfg = runner.cfgs[placement]
+    return runner.plan.schemes(cfg), runner.plan.offload(cfg, runner.model.device)
+
+
 def measure(runner: Runner, placement: str, args, energy: Energy, log) -> dict:
     dev = runner.model.device
     cuda = dev.type == "cuda"
-    # Profiled eager step (also the warm-up that sizes every buffer).
-    runner.step(placement, Timer(dev, False))
+    st, off = _fpga_state(runner, placement)
+    # A step's work depends on the step for reuse (fresh / reused / taking in): one graph per
+    # step of the cycle, replayed in order; replays always run whole cycles.
+    cycle = runner.cfgs[placement].reuse if st is not None else 1
+    # Profiled eager steps (also the warm-up that sizes every buffer, and for look-ahead the
+    # step that lets every layer see its successor's digests).
+    for _ in range(cycle):
+        runner.step(placement, Timer(dev, False))
     prof = Timer(dev, True)
+    if st is not None:
+        st.marker = prof.mark
     runner.step(placement, prof)
+    if st is not None:
+        st.marker = None
     profiled = prof.totals()
-    graph = None
+    for _ in range(cycle - 1):  # back to the start of a cycle
+        runner.step(placement, Timer(dev, False))
+    graphs = []
     if cuda:
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
-            for _ in range(2):
+            for _ in range(2 * cycle):
                 runner.step(placement, Timer(dev, False))
         torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            runner.step(placement, Timer(dev, False))
+        for _ in range(cycle):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                runner.step(placement, Timer(dev, False))
+            graphs.append(g)
+    it = {"k": 0}
 
     def run_once():
-        if graph is not None:
-            graph.replay()
+        if graphs:
+            graphs[it["k"] % len(graphs)].replay()
+            it["k"] += 1
         else:
             runner.step(placement, Timer(dev, False))
 
@@ -442,14 +534,18 @@ def measure(runner: Runner, placement: str, args, energy: Energy, log) -> dict:
         if cuda:
             torch.cuda.synchronize()
 
-    for _ in range(2):
+    for _ in range(2 * cycle):
         run_once()
     sync()
     t0 = time.perf_counter()
-    run_once()
+    for _ in range(cycle):
+        run_once()
     sync()
-    one = time.perf_counter() - t0
+    one = (time.perf_counter() - t0) / cycle
     steps = max(args.steps, math.ceil(args.min_window_s / max(one, 1e-6)))
+    steps = -(-steps // cycle) * cycle
+    if off is not None:
+        off.reset_metrics()
     times = []
     e0 = energy.read_j()
     w0 = time.perf_counter()
@@ -468,11 +564,35 @@ def measure(runner: Runner, placement: str, args, energy: Energy, log) -> dict:
             times.append((time.perf_counter() - t) * 1e3)
     window = time.perf_counter() - w0
     e1 = energy.read_j()
+    offload = off.metrics() if off is not None else None
     step_ms = statistics.median(times)
     joules = None if e0 is None else (e1 - e0)
-    return {"graph": graph, "step_ms": step_ms, "steps": steps, "window_s": window,
+    recall = measure_recall(runner, placement, args, st) if st is not None else None
+    return {"graph": graphs or None, "step_ms": step_ms, "steps": steps, "window_s": window,
             "profiled_ms": profiled, "energy_j": joules,
-            "mean_step_ms": statistics.fmean(times)}
+            "mean_step_ms": statistics.fmean(times), "offload": offload, "recall": recall}
+
+
+def measure_recall(runner: Runner, placement: str, args, st) -> dict:
+    """Selection recall of the scheme's selections against the exact selection of the same
+    step and layer, over --recall_steps eager steps, each with fresh random input tokens (else
+    every step would repeat the same query and reuse would be exact by construction). The
+    inputs are restored after."""
+    saved = runner.tokens.clone()
+    gen = torch.Generator(device=runner.model.device).manual_seed(args.seed + 7)
+    st.recall.clear()
+    st.profile_recall = True
+    cycle = runner.cfgs[placement].reuse
+    try:
+        # Whole reuse cycles, so the captured graphs replayed after stay in phase.
+        for _ in range(-(-args.recall_steps // cycle) * cycle):
+            runner.tokens.copy_(torch.randint(0, runner.model.s.vocab, saved.shape,
+                                              generator=gen, device=saved.device))
+            runner.step(placement, Timer(runner.model.device, False))
+    finally:
+        st.profile_recall = False
+        runner.tokens.copy_(saved)
+    return st.report()["recall"]
 
 
 def bytes_moved(s: Shape, L: int, B: int, args, placement: str, elem: int) -> dict:
@@ -487,6 +607,9 @@ def bytes_moved(s: Shape, L: int, B: int, args, placement: str, elem: int) -> di
     else:
         kv = B * kv_tok * s.layers * L
         digests = 0
+    if placement == "fpga":  # the card scans the digests, not the GPU (its HBM, modeled)
+        return {"weights": weights, "kv": kv, "digests": 0, "pcie": 0,
+                "card_digests_modeled": digests}
     return {"weights": weights, "kv": kv, "digests": digests, "pcie": 0}
 
 
@@ -550,6 +673,18 @@ def validate(doc: dict) -> list[str]:
                            f"!= (prepare+relevancy+retrieval)/step {mp / r['step_ms']}")
         if not r["speedup_over_dense"] > 0:
             bad.append(f"{where}: speedup_over_dense must be positive")
+        if r["placement"] == "fpga":
+            f = r.get("fpga")
+            if not isinstance(f, dict):
+                bad.append(f"{where}: an fpga row must carry its 'fpga' figures")
+                continue
+            for k in ("card_modeled_ms_per_step", "gpu_wait_ms_per_step_profiled",
+                      "hidden_share", "fallbacks", "host_bound", "recall"):
+                if k not in f:
+                    bad.append(f"{where}: fpga figures miss {k!r}")
+            hs = f.get("hidden_share")
+            if hs is not None and not 0 <= hs <= 1:
+                bad.append(f"{where}: hidden_share must be in [0, 1], got {hs}")
     return bad
 
 
@@ -558,6 +693,8 @@ def _ratio(a, b) -> str:
 
 
 def _ctx(L: int) -> str:
+    if L % (1 << 20) == 0:
+        return f"{L >> 20}M"
     return f"{L // 1024}K" if L % 1024 == 0 else str(L)
 
 
@@ -590,6 +727,28 @@ def markdown(doc: dict) -> str:
             f"{_ratio(r['step_ms'], r['byte_floor_copy_ms'])} | "
             f"{'—' if e is None else f'{e:.3f}'} | {'—' if err is None else f'{err:.2e}'} | "
             f"{'; '.join(r['notes'])} |")
+    fpga = [r for r in doc["rows"] if r["placement"] == "fpga" and r["step_ms"] is not None]
+    if fpga:
+        lines += ["", "fpga rows (emulated U55C; card time, card bytes and fpga energy "
+                  "**modeled**; recall over random tokens of a random-weight model):", "",
+                  "| context | batch | scheme | ms/token | card ms/step (modeled) | GPU wait "
+                  "ms/step | hidden | fallbacks | host-bound | PCIe GPU<->host B/step | "
+                  "host<->card B/step (modeled) | fpga J/token (modeled) | recall |",
+                  "|" + "---|" * 13]
+        for r in fpga:
+            f = r["fpga"]
+            fb = ", ".join(f"{k} {v}" for k, v in f["fallbacks"].items() if v) or "0"
+            rec = ", ".join(f"{k} {v:.3f}" for k, v in (f["recall"] or {}).items()
+                            if v is not None) or "—"
+            hs = f["hidden_share"]
+            fj = r["fpga_energy_j_per_token"]
+            lines.append(
+                f"| {_ctx(r['context'])} | {r['batch']} | {r['variant']} | {r['step_ms']:.3f} | "
+                f"{f['card_modeled_ms_per_step']:.3f} | "
+                f"{f['gpu_wait_ms_per_step']:.3f} | "
+                f"{'—' if hs is None else f'{hs:.1%}'} | {fb} | {f['host_bound']} | "
+                f"{r['bytes']['pcie']:.0f} | {r['bytes']['card_modeled']:.0f} | "
+                f"{'—' if fj is None else f'{fj:.4f}'} | {rec} |")
     return "\n".join(lines) + "\n"
 
 
@@ -609,6 +768,10 @@ def _main(argv=None) -> int:
     ap.add_argument("--contexts", default=None)
     ap.add_argument("--batches", default=None)
     ap.add_argument("--placements", default=",".join(PLACEMENTS))
+    ap.add_argument("--fpga_schemes", default=",".join(FPGA_SCHEMES))
+    ap.add_argument("--deadline_ms", type=float, default=100.0)
+    ap.add_argument("--fpga_fallback", default="gpu", choices=("gpu", "dense"))
+    ap.add_argument("--recall_steps", type=int, default=5)
     ap.add_argument("--budget", type=int, default=None)
     ap.add_argument("--page", type=int, default=16)
     ap.add_argument("--dense_layers", type=int, default=None)
@@ -636,9 +799,28 @@ def _main(argv=None) -> int:
         args.min_window_s = 0.0 if cpu else 0.5
     placements = [p for p in args.placements.split(",") if p]
     for p in placements:
-        if p not in PLACEMENTS:
+        if p not in PLACEMENTS + ("fpga",):
             raise ValueError(f"--placements: unknown placement {p!r}; one of "
-                             f"{', '.join(PLACEMENTS)}")
+                             f"{', '.join(PLACEMENTS + ('fpga',))}")
+    args.fpga_list = []
+    if "fpga" in placements:
+        args.fpga_list = [f for f in args.fpga_schemes.split(",") if f]
+        for f in args.fpga_list:
+            if f not in FPGA_SCHEMES:
+                raise ValueError(f"--fpga_schemes: unknown scheme {f!r}; one of "
+                                 f"{', '.join(FPGA_SCHEMES)}")
+        if not args.fpga_list:
+            raise ValueError("--fpga_schemes: no scheme given")
+        placements = [p for p in placements if p != "fpga"] + ["fpga-" + f
+                                                               for f in args.fpga_list]
+        from mempipe import schemes as mempipe_schemes
+        if not mempipe_schemes.has_offload():
+            raise RuntimeError("--placements fpga needs _mempipe.SelectionOffload, which this "
+                               "build of mempipe lacks")
+    if args.recall_steps < 1:
+        raise ValueError(f"--recall_steps must be >= 1, got {args.recall_steps}")
+    if not (args.deadline_ms > 0 and math.isfinite(args.deadline_ms)):
+        raise ValueError(f"--deadline_ms must be a positive number, got {args.deadline_ms}")
     contexts = [int(c) for c in args.contexts.split(",")]
     for c in contexts:
         if c <= 0 or c % args.page:
@@ -721,7 +903,8 @@ def _main(argv=None) -> int:
             r = measure(runner, p, args, energy, print)
             # The comparison step: the same input token over the same cache.
             if r["graph"] is not None:
-                r["graph"].replay()
+                for g in r["graph"]:  # a whole cycle (one graph but for reuse)
+                    g.replay()
                 torch.cuda.synchronize()
             else:
                 runner.step(p, Timer(dev, False))
@@ -737,8 +920,10 @@ def _main(argv=None) -> int:
         for p, r in results.items():
             rows.append(make_row(p, r, L, B, shape, args, elem, floor_bps, copy_bps,
                                  dense_best, ref, logits[p], energy, runner, backend, cpu))
-        rows.append(gap_row("fpga", L, B, "gap: the GPU+FPGA placement is not done (its "
-                            "issue is open); see DESIGN_SPACE.md for modeled fpga rows"))
+        if not args.fpga_list:
+            rows.append(gap_row("fpga", L, B, "gap: not run (--placements has no fpga); see "
+                                "DESIGN_SPACE.md for modeled fpga rows"))
+        runner.plan.shutdown()
         del runner
         if not cpu:
             torch.cuda.empty_cache()
@@ -795,15 +980,24 @@ def make_row(p, r, L, B, shape, args, elem, floor_bps, copy_bps, dense_best, ref
     big = max(steps, key=steps.get)
     steps[big] += step - sum(steps.values())
     mp = sum(steps[k] for k in ("prepare", "relevancy", "retrieval"))
-    by = bytes_moved(shape, L, B, args, "gpu" if p == "gpu" else "dense", elem)
+    by = bytes_moved(shape, L, B, args, "dense" if p.startswith("dense") else
+                     "fpga" if p.startswith("fpga-") else "gpu", elem)
     nbytes = sum(by.values())
-    placement, variant = {"dense-sdpa": ("dense", "sdpa"), "dense-paged": ("dense", "paged"),
-                          "gpu": (runner.sparse_placement, None)}[p]
+    if p.startswith("fpga-"):
+        placement, variant = "fpga", p[len("fpga-"):]
+    else:
+        placement, variant = {"dense-sdpa": ("dense", "sdpa"),
+                              "dense-paged": ("dense", "paged"),
+                              "gpu": (runner.sparse_placement, None)}[p]
     notes = []
     if p == "dense-sdpa":
         notes.append(f"torch SDPA backend {backend}" + ("" if cpu else ", CUDA graph"))
     elif p == "dense-paged":
         notes.append("append = fused append+digest kernel (the GPU build has no bare write)")
+    elif placement == "fpga":
+        notes.append("prepare = append (+ new keys to the card); relevancy = submit and host "
+                     "launch; retrieval = the decode device waiting for the card (profiled "
+                     "step); apply = fallback + decode")
     else:
         notes.append("prepare = fused append+digest; relevancy = fused score+top-k "
                      "(retrieval inside it)")
@@ -827,7 +1021,74 @@ def make_row(p, r, L, B, shape, args, elem, floor_bps, copy_bps, dense_best, ref
            "timed_window_s": r["window_s"], "mean_step_ms": r["mean_step_ms"]}
     if variant:
         row["variant"] = variant
+    if placement == "fpga":
+        fpga_fields(row, r, runner.cfgs[p], B, steps)
     return row
+
+
+REASONS = ("timeout", "error", "dead", "invalid", "busy")
+
+
+def _by_reason(m: dict, key: str) -> dict:
+    v = m.get(key) or {}
+    if isinstance(v, dict):
+        return {k: int(n) for k, n in v.items() if k not in ("selected", "none")}
+    return {name: int(v[i + 1]) for i, name in enumerate(REASONS) if i + 1 < len(v)}
+
+
+def fpga_fields(row: dict, r: dict, cfg, B: int, steps_ms: dict) -> None:
+    """The fpga row's own figures, from the engine's metrics over the timed window."""
+    m = r["offload"] or {}
+    n = r["steps"]
+    row["scheme"] = ("pipelined" if cfg.mode == "pipelined" else
+                     "reuse" if cfg.reuse > 1 else "lookahead" if cfg.lookahead else "sync")
+    row["micro_batches"], row["reuse"] = cfg.micro_batches, cfg.reuse
+    row["reuse_async"], row["lookahead"] = cfg.reuse_async, cfg.lookahead
+    card_ms = float(m.get("modeled_device_ms", 0.0)) / n
+    # The decode device's wait for the card: the engine's wait-kernel time over the timed
+    # window where it measures one (CUDA), else the profiled eager step's (CPU mode).
+    measured_wait = float(m.get("gpu_wait_ms", 0.0)) / n
+    wait_ms = measured_wait if measured_wait > 0 else r["profiled_ms"]["retrieval"]
+    row["fpga"] = {
+        "card_modeled_ms_per_step": card_ms,
+        "gpu_wait_ms_per_step": wait_ms,
+        "gpu_wait_ms_per_step_profiled": r["profiled_ms"]["retrieval"],
+        "hidden_share": (max(0.0, min(1.0, 1.0 - wait_ms / card_ms)) if card_ms > 0 else None),
+        "hidden_share_from": ("wait kernel, timed window" if measured_wait > 0 else
+                              "profiled eager step"),
+        "requests_per_step": float(m.get("requests", 0)) / n,
+        "fallbacks": _by_reason(m, "fallbacks"),
+        "gpu_wait_ms_per_step_measured": measured_wait,
+        "host_bound": int(m.get("host_bound", 0)),
+        "selector_ms_per_step_measured": float(m.get("selector_ms", 0.0)) / n,
+        "functional": cfg.fpga_functional, "backend": cfg.fpga_backend,
+        "paced": cfg.fpga_paced, "deadline_ms": cfg.deadline_ms,
+        "fallback": cfg.fpga_fallback,
+        "recall": r["recall"],
+        "metrics": m,
+    }
+    pcie = (float(m.get("bytes_d2h", 0.0)) + float(m.get("bytes_h2d", 0.0))) / n
+    card = (float(m.get("modeled_bytes_to_card", 0.0))
+            + float(m.get("modeled_bytes_from_card", 0.0))) / n
+    row["bytes"] = {**row["bytes"], "pcie": pcie, "card_modeled": card}
+    mj = m.get("modeled_energy_mj")
+    fj = None if mj is None else float(mj) / 1e3 / (n * B)
+    row["fpga_energy_j_per_token"] = fj
+    if row["gpu_energy_j_per_token"] is not None and fj is not None:
+        row["energy_j_per_token"] = row["gpu_energy_j_per_token"] + fj
+        row["energy_source"] = "nvml + modeled fpga"
+    elif fj is not None:
+        row["energy_source"] = "modeled fpga only"
+    row["notes"].append(f"emulated U55C ({cfg.fpga_backend}, "
+                        f"{'paced' if cfg.fpga_paced else 'unpaced'}, functional="
+                        f"{cfg.fpga_functional}); card time, card bytes and fpga energy modeled; "
+                        "GPU<->host copies real")
+    hb = row["fpga"]["host_bound"]
+    if hb:
+        measured = row["fpga"]["selector_ms_per_step_measured"]
+        row["notes"].append(f"host-bound: {hb} requests finished on this host after their "
+                            f"modeled time (measured selector {measured:.2f} ms/step vs "
+                            f"modeled card {card_ms:.2f} ms/step)")
 
 
 if __name__ == "__main__":

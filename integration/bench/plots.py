@@ -17,6 +17,10 @@ Outputs, per input file `NAME.json`, into --out:
   NAME_speedup.png   speedup over dense vs context, one line per placement and batch
   NAME_energy.png    energy per token vs context (GPU + FPGA), one line per placement and batch
   NAME_map_<map>.png one heatmap per design-space map (fpga speedup over the gpu placement)
+  STEM_context.png   with --combine STEM: every measured input's batch-1 rows on one pair of
+                     axes (ms/token of the best dense and the sparse placement, and speedup, vs
+                     context), one line per input, labelled with its machine, so one-GPU and
+                     tensor-parallel runs (model_decode_tp.py) read as one curve to 1M tokens
 Every title says "MODELED" or "measured on <machine>".
 """
 from __future__ import annotations
@@ -202,6 +206,56 @@ def plot_map(m: dict, out: Path, plt) -> Path:
     return out
 
 
+def plot_combined(docs: list, out: Path, plt, batch: int = 1) -> Path:
+    """Batch-`batch` ms/token (best dense, sparse) and speedup vs context of several measured
+    documents, one line per document (labelled with its machine)."""
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 5.2))
+    ctxs = set()
+    for path, d in docs:
+        if d["kind"] != "measured":
+            continue
+        rows = [r for r in d["rows"] if r["batch"] == batch and r.get("step_ms")]
+        label = d["machine"].get("gpu") or d["machine"].get("host") or Path(path).stem
+        dense, sparse = {}, {}
+        for r in rows:
+            if r["placement"] == "dense":
+                dense[r["context"]] = min(dense.get(r["context"], math.inf), r["step_ms"])
+            elif r["placement"] != "fpga":
+                sparse[r["context"]] = r["step_ms"]
+        both = sorted(set(dense) & set(sparse))
+        if not both:
+            continue
+        ctxs.update(both)
+        line = a1.plot(both, [dense[L] for L in both], "--", marker="s",
+                       label=f"best dense, {label}")[0]
+        a1.plot(both, [sparse[L] for L in both], "-", marker="o", color=line.get_color(),
+                label=f"sparse (gpu), {label}")
+        a2.plot(both, [dense[L] / sparse[L] for L in both], "-", marker="o",
+                color=line.get_color(), label=label)
+        for L in both:
+            a2.annotate(f"{dense[L] / sparse[L]:.2f}x", (L, dense[L] / sparse[L]),
+                        textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    if not ctxs:
+        raise ValueError(f"--combine: no measured batch-{batch} rows with both a dense and a "
+                         f"sparse placement in the inputs")
+    ticks = sorted(ctxs)
+    for ax in (a1, a2):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [_ctx(L) for L in ticks])
+        ax.set_xlabel("context (tokens per sequence)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    a1.set_ylabel("ms per decode step")
+    a1.set_title(f"Time per token, batch {batch} (measured)", fontsize=10)
+    a2.axhline(1.0, color="black", linewidth=0.8)
+    a2.set_ylabel("speedup of sparse over best dense (x)")
+    a2.set_title(f"Speedup vs context, batch {batch} (measured)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def make_plots(path: str, out_dir: str) -> list:
     import matplotlib
     matplotlib.use("Agg")
@@ -228,11 +282,23 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("inputs", nargs="+", help="JSON files (throughput schema or mempipe-bench)")
     ap.add_argument("--out", default="plots", help="output directory (created if missing)")
+    ap.add_argument("--combine", default=None, metavar="STEM",
+                    help="also write STEM_context.png: every measured input's batch-1 rows on "
+                         "one pair of axes (one line per input)")
     a = ap.parse_args(argv)
     for path in a.inputs:
         print(f"[plots] {path}", file=sys.stderr)
         for p in make_plots(path, a.out):
             print(f"  wrote {p}", file=sys.stderr)
+    if a.combine:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        p = plot_combined([(path, load(path)) for path in a.inputs],
+                          out / f"{a.combine}_context.png", plt)
+        print(f"  wrote {p}", file=sys.stderr)
     return 0
 
 

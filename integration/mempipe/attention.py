@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from mempipe import _mempipe
+from mempipe import schemes
 from mempipe.config import MempipeConfig
 
 
@@ -55,6 +56,64 @@ class DecodePlan:
         self._views: dict[tuple, tuple] = {}
         self.device: torch.device | None = None
         self.allocations = 0  # how many times a buffer was (re)allocated, for tests
+        # The schemes (mempipe.schemes): one state per configuration, one SelectionOffload per
+        # card setting (placement fpga), and each model layer's id on that card.
+        self.offload_slots = schemes.DEFAULT_SLOTS
+        self._schemes: dict = {}
+        self._offloads: dict = {}
+        self._card_layers: dict = {}
+        self._card_next: dict = {}
+        self._slots: dict = {}
+
+    def schemes(self, config: MempipeConfig) -> schemes.SchemeState:
+        st = self._schemes.get(config)
+        if st is None:
+            st = self._schemes[config] = schemes.SchemeState(self, config)
+        return st
+
+    def offload(self, config: MempipeConfig, device: torch.device):
+        """The plan's SelectionOffload for `config`'s card settings on `device` (made once)."""
+        key = schemes.offload_key(config, device)
+        off = self._offloads.get(key)
+        if off is None:
+            off = self._offloads[key] = schemes.make_offload(config, device, self.offload_slots)
+        return off
+
+    def offload_slot(self, config: MempipeConfig, device: torch.device, key: tuple) -> int:
+        """A fixed slot of the engine for `key` (one request in flight per key)."""
+        okey = schemes.offload_key(config, device)
+        slots = self._slots.setdefault(okey, {})
+        slot = slots.get(key)
+        if slot is None:
+            slot = len(slots)
+            if slot >= self.offload_slots:
+                raise ValueError(f"mempipe: the selection-offload engine has "
+                                 f"{self.offload_slots} slots and this model needs more "
+                                 f"({key[1:]}); set DecodePlan.offload_slots before the first "
+                                 "step")
+            slots[key] = slot
+        return slot
+
+    def card_layer(self, config: MempipeConfig, layer: int,
+                   kv_cache: torch.Tensor) -> tuple[int, bool]:
+        """(id of `layer` on the card, True when just registered). A layer whose cache tensor
+        changed (a new allocation, e.g. the transformers cache growing) gets a new id with the
+        new geometry; the caller then rebuilds its digests there (build_digests)."""
+        okey = schemes.offload_key(config, kv_cache.device)
+        ckey = (kv_cache.data_ptr(), tuple(kv_cache.shape), kv_cache.dtype)
+        hit = self._card_layers.get((okey, layer))
+        if hit is not None and hit[1] == ckey:
+            return hit[0], False
+        card_id = self._card_next.get(okey, 0)
+        self._card_next[okey] = card_id + 1
+        self.offload(config, kv_cache.device).add_layer(card_id, kv_cache)
+        self._card_layers[(okey, layer)] = (card_id, ckey)
+        return card_id, True
+
+    def shutdown(self) -> None:
+        """Drains and stops every SelectionOffload of this plan (idempotent)."""
+        for off in self._offloads.values():
+            off.shutdown()
 
     def _buffer(self, name: str, numel: int, dtype: torch.dtype,
                 device: torch.device) -> torch.Tensor:
@@ -190,9 +249,16 @@ class PagedLayer:
         """Writes the new tokens and keeps the digests current (only sparse layers need them).
 
         On CUDA every layer takes the fused append + digest kernel (the GPU build has no bare
-        write kernel; a dense layer's digests are kept and never read).
+        write kernel; a dense layer's digests are kept and never read). With placement `fpga`
+        the new keys of a sparse layer also go to the card (SelectionOffload.append, stream-
+        ordered); the local digests are the fallback's copy (fpga_fallback=gpu; on the host they
+        are skipped with fpga_fallback=dense).
         """
         key, value = key.contiguous(), value.contiguous()
+        fpga = self.config.placement == "fpga"
+        local = self.sparse or self.keep_digests
+        if fpga and self.config.fpga_fallback == "dense":
+            local = self.keep_digests
         if kv_cache.is_cuda:
             # The plan's workspace: fixed addresses, so a CUDA graph can capture the append.
             _mempipe.append_kv_and_digests(kv_cache, slot_mapping, key, value,
@@ -200,43 +266,71 @@ class PagedLayer:
                                            else self.digests(kv_cache),
                                            workspace=self._plan(kv_cache.device)
                                            .append_workspace(kv_cache))
-        elif self.sparse or self.keep_digests:
+        elif local:
             _mempipe.append_kv_and_digests(kv_cache, slot_mapping, key, value,
                                            digests if digests is not None
                                            else self.digests(kv_cache))
         else:
             _mempipe.write_kv(kv_cache, slot_mapping, key, value)
+        if fpga and (self.sparse or self.keep_digests) and self.digest_source is None:
+            plan = self._plan(kv_cache.device)
+            card_id, _ = plan.card_layer(self.config, self.layer_index, kv_cache)
+            plan.offload(self.config, kv_cache.device).append(card_id, slot_mapping, key)
+
+    def card_build(self, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                   seq_lens: torch.Tensor) -> None:
+        """Placement fpga: the card's digests of this layer built in bulk from `kv_cache` (after
+        a prompt written without append(), or a new cache tensor). A no-op otherwise."""
+        if self.config.placement != "fpga" or not (self.sparse or self.keep_digests):
+            return
+        plan = self._plan(kv_cache.device)
+        card_id, _ = plan.card_layer(self.config, self.layer_index, kv_cache)
+        plan.offload(self.config, kv_cache.device).build_digests(card_id, kv_cache, block_table,
+                                                                 seq_lens)
 
     def _check_placement(self, device: torch.device) -> None:
+        if self.config.placement == "fpga":
+            return  # the engine's CUDA or CPU mode, as the tensors are
         want = "gpu" if device.type == "cuda" else "cpu"
         if self.sparse and self.config.placement != want:
             raise ValueError(f"placement '{self.config.placement}' does not run tensors on "
-                             f"{device}: use placement={want} (or dense)")
+                             f"{device}: use placement={want} or fpga (or dense)")
 
     def decode(self, query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                seq_lens: torch.Tensor, out: torch.Tensor,
                digests: torch.Tensor | None = None) -> None:
-        """One query token per sequence: sparse (steps 2-4) or dense. Writes `out`."""
+        """One query token per sequence: sparse (steps 2-4) or dense. Writes `out`.
+
+        The schemes of the configuration (mempipe.config): placement fpga (the card selects,
+        the decode device waits stream-ordered and falls back by predicate), pipelined
+        micro-batches, reuse (sync or async, extended to the newest page) and look-ahead (this
+        layer's query scored against the next layer's digests for it).
+        """
         self._check_placement(query.device)
         query = query.contiguous()
         c = self.config
-        num_seqs, max_blocks = block_table.shape
-        max_selected = c.budget // c.page_size
-        pages, counts, select_ws, decode_ws = self._plan(query.device).views(
-            num_seqs, self.num_heads, self.num_kv_heads, max_blocks, max_selected, query.device)
-        if not self.sparse:
-            self.calls["dense"] += 1
-            _mempipe.dense_decode(query, kv_cache, block_table, seq_lens, out, self.scale,
-                                  num_threads=self.num_threads, workspace=decode_ws)
+        simple = c.placement != "fpga" and c.mode == "sync" and c.reuse == 1 and not c.lookahead
+        if simple:  # the plain path (no model-level state)
+            num_seqs, max_blocks = block_table.shape
+            max_selected = c.budget // c.page_size
+            pages, counts, select_ws, decode_ws = self._plan(query.device).views(
+                num_seqs, self.num_heads, self.num_kv_heads, max_blocks, max_selected,
+                query.device)
+            if not self.sparse:
+                self.calls["dense"] += 1
+                _mempipe.dense_decode(query, kv_cache, block_table, seq_lens, out, self.scale,
+                                      num_threads=self.num_threads, workspace=decode_ws)
+                return
+            self.calls["sparse"] += 1
+            _mempipe.score_and_select(query, kv_cache,
+                                      digests if digests is not None else self.digests(kv_cache),
+                                      block_table, seq_lens, pages, counts, budget=c.budget,
+                                      sinks=c.sinks, locals=c.locals, aggregation=c.aggregation,
+                                      workspace=select_ws)
+            _mempipe.sparse_decode(query, kv_cache, block_table, seq_lens, pages, counts, out,
+                                   self.scale, num_threads=self.num_threads, workspace=decode_ws)
             return
-        self.calls["sparse"] += 1
-        _mempipe.score_and_select(query, kv_cache,
-                                  digests if digests is not None else self.digests(kv_cache),
-                                  block_table, seq_lens, pages, counts, budget=c.budget,
-                                  sinks=c.sinks, locals=c.locals, aggregation=c.aggregation,
-                                  workspace=select_ws)
-        _mempipe.sparse_decode(query, kv_cache, block_table, seq_lens, pages, counts, out,
-                               self.scale, num_threads=self.num_threads, workspace=decode_ws)
+        schemes.SchemeDecode(self, query, kv_cache, block_table, seq_lens, out, digests).run()
 
     def prefill(self, query: torch.Tensor, query_start_loc: torch.Tensor,
                 kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,

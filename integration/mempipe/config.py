@@ -5,14 +5,43 @@
 Keys (all optional):
     placement     dense | cpu | gpu | fpga   where steps 1-3 run (ARCHITECTURE.md presets);
                   `dense` turns selection off (the baseline). From Python, `cpu` takes host
-                  tensors and `gpu` CUDA tensors (a GPU build); `fpga` is not available.
+                  tensors and `gpu` CUDA tensors (a GPU build); `fpga` runs steps 1-3 on the
+                  selection-offload engine (`_mempipe.SelectionOffload`: the emulated U55C or a
+                  card through XRT) and step 4 where the tensors are (CUDA: the GPU, on torch's
+                  current stream without a host sync; CPU tensors: the host, the engine's CPU
+                  mode, which is how CI runs the whole flow).
     budget        tokens kept per (sequence, KV head); a multiple of page_size.
     page_size     16 | 32 | 64; must equal vLLM's --block-size.
     dense_layers  the first N layers attend densely (Quest keeps 2).
     sinks, locals pages always kept at the start / end of each sequence.
     aggregation   max | sum over the query heads of a GQA group.
-    reuse         reuse a selection for C decode steps.
-    mode          sync | pipelined.
+    mode          sync | pipelined. pipelined: the batch's sequences are split into
+                  `micro_batches` groups; every group's selection is submitted first, then group
+                  i is waited for and decoded while the selector works on group i+1 (the same
+                  tokens as sync). Every placement runs it.
+    micro_batches groups of the pipelined mode, >= 1 (at most one per sequence is used); must be
+                  1 in sync mode.
+    reuse         C >= 1: a selection serves C decode steps, extended by the pages the sequences
+                  grew into since it was made (so the newest token is always attended).
+    reuse_async   true | false (default true), with reuse > 1. true: the selection made from
+                  step t's query serves steps t+1..t+C and the decoder never waits for a fresh
+                  one (the first step of a layer selects synchronously: nothing to reuse yet);
+                  false: recomputed every C steps (steps t..t+C-1) and waited for, as LServe.
+    lookahead     true | false (default false): layer L's query is scored against layer L+1's
+                  digests as soon as it exists and layer L+1 decodes with that selection (the
+                  first sparse layer after a dense one takes it from that dense layer's query;
+                  a layer with no predecessor's query selects with its own). Needs reuse=1.
+    fpga_backend  emulated | xrt (placement fpga): the emulated U55C, or XRT (a card; on XRT's
+                  noop shim every selection is invalid and falls back, counted).
+    fpga_paced    true | false (default true): the emulated card completes no earlier than its
+                  modeled U55C time (PCIe, launch, HBM scan, top-k).
+    fpga_functional reference | hls (default reference): what computes the emulated card's
+                  result: the multi-threaded CPU reference (same bits) or the HLS C-simulation.
+    fpga_fallback gpu | dense (default gpu): what replaces a late, failed, invalid or dead
+                  card's selection. gpu: the decode device keeps its own digest copy (the CUDA
+                  append kernel maintains it anyway) and selects itself; dense: that layer
+                  decodes densely. Counted by reason in SelectionOffload.metrics().
+    deadline_ms   a selection's deadline from its submission, > 0 (default 100).
 
 In vLLM the same keys may come from `--additional-config '{"mempipe": {"budget": 2048}}'`;
 the environment variable wins where both set a key, so one run can be retargeted without
@@ -21,13 +50,16 @@ build instead of stopping at the first; `validate(max_model_len=N)` also checks 
 against the model's context.
 
 Parsing is strict: integer keys take integers only (`locals=1.7`, `reuse=True` and
-`budget=1e3` are errors, not 1), string keys take strings only, a key given twice in
-MEMPIPE_CONFIG is an error, and every integer must fit the C++ side's int32.
+`budget=1e3` are errors, not 1), boolean keys take true/false only (text `true`/`false`, or a
+Python bool; `lookahead=1` is an error), `deadline_ms` takes a number (not a bool), string
+keys take strings only, a key given twice in MEMPIPE_CONFIG is an error, and every integer must
+fit the C++ side's int32.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -40,6 +72,10 @@ ENV_VAR = "MEMPIPE_CONFIG"
 PLACEMENTS = ("dense", "cpu", "gpu", "fpga")
 MODES = ("sync", "pipelined")
 AGGREGATIONS = ("max", "sum")
+FPGA_BACKENDS = ("emulated", "xrt")
+FPGA_FUNCTIONALS = ("reference", "hls")
+FPGA_FALLBACKS = ("gpu", "dense")
+_BOOL_TEXT = {"true": True, "false": False}
 # Defined once, in C++ (core/paged_kv.h, core/dtype.h); read from the module.
 PAGE_SIZES = tuple(_mempipe.supported_block_sizes)
 HEAD_DIMS = tuple(_mempipe.supported_head_dims)
@@ -67,6 +103,14 @@ class MempipeConfig:
     aggregation: str = "max"
     reuse: int = 1
     mode: str = "sync"
+    micro_batches: int = 1
+    reuse_async: bool = True
+    lookahead: bool = False
+    fpga_backend: str = "emulated"
+    fpga_paced: bool = True
+    fpga_functional: str = "reference"
+    fpga_fallback: str = "gpu"
+    deadline_ms: float = 100.0
 
     @property
     def sparse(self) -> bool:
@@ -89,6 +133,14 @@ class MempipeConfig:
                     return reasons  # the checks below compare numbers
                 if not -INT32_MAX - 1 <= value <= INT32_MAX:
                     reasons.append(f"{f.name} must fit a 32-bit integer, got {value}")
+            elif f.type in ("bool", bool):
+                if not isinstance(value, bool):
+                    reasons.append(f"{f.name} must be true or false, got {value!r}")
+                    return reasons
+            elif f.type in ("float", float):
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    reasons.append(f"{f.name} must be a number, got {value!r}")
+                    return reasons
             elif not isinstance(value, str):
                 reasons.append(f"{f.name} must be a string, got {value!r}")
                 return reasons
@@ -100,8 +152,9 @@ class MempipeConfig:
         if self.placement not in PLACEMENTS:
             reasons.append(f"placement must be one of {', '.join(PLACEMENTS)}, "
                            f"got '{self.placement}'")
-        elif self.placement == "fpga":
-            reasons.append("placement 'fpga' is not available from Python in this build; use "
+        elif self.placement == "fpga" and not hasattr(_mempipe, "SelectionOffload"):
+            reasons.append("placement 'fpga' needs the selection-offload engine "
+                           "(_mempipe.SelectionOffload), which this build of mempipe lacks; use "
                            "cpu, gpu or dense")
         elif self.placement == "gpu" and "cuda" not in DEVICES:
             reasons.append("placement 'gpu' needs a GPU build of mempipe (this one runs "
@@ -131,13 +184,28 @@ class MempipeConfig:
             reasons.append(f"aggregation must be max or sum, got '{self.aggregation}'")
         if self.mode not in MODES:
             reasons.append(f"mode must be sync or pipelined, got '{self.mode}'")
-        elif self.mode == "pipelined":
-            reasons.append("mode 'pipelined' is not available from Python yet; use sync")
+        if self.micro_batches < 1:
+            reasons.append(f"micro_batches must be >= 1, got {self.micro_batches}")
+        elif self.mode == "sync" and self.micro_batches != 1:
+            reasons.append(f"micro_batches must be 1 in sync mode, got {self.micro_batches} "
+                           "(use mode=pipelined)")
         if self.reuse < 1:
             reasons.append(f"reuse must be >= 1, got {self.reuse}")
-        elif self.reuse > 1:
-            reasons.append(f"reuse={self.reuse} is not available from Python yet "
-                           "(selections are recomputed every step); use reuse=1")
+        elif self.reuse > 1 and self.lookahead:
+            reasons.append(f"lookahead needs reuse=1, got reuse={self.reuse} (look-ahead "
+                           "selects a layer's pages afresh every step)")
+        if self.fpga_backend not in FPGA_BACKENDS:
+            reasons.append(f"fpga_backend must be {_one_of(FPGA_BACKENDS)}, "
+                           f"got '{self.fpga_backend}'")
+        if self.fpga_functional not in FPGA_FUNCTIONALS:
+            reasons.append(f"fpga_functional must be {_one_of(FPGA_FUNCTIONALS)}, "
+                           f"got '{self.fpga_functional}'")
+        if self.fpga_fallback not in FPGA_FALLBACKS:
+            reasons.append(f"fpga_fallback must be {_one_of(FPGA_FALLBACKS)}, "
+                           f"got '{self.fpga_fallback}'")
+        if not (math.isfinite(self.deadline_ms) and self.deadline_ms > 0):
+            reasons.append(f"deadline_ms must be a positive number of milliseconds, "
+                           f"got {self.deadline_ms}")
         return reasons
 
 
@@ -149,7 +217,26 @@ def _coerce(key: str, value: Any) -> Any:
     the text of one; a string key takes a string. Raises ValueError naming key and value."""
     if not isinstance(key, str) or key not in _FIELDS:
         raise ValueError(f"{ENV_VAR}: unknown key {key!r} (known: {', '.join(_FIELDS)})")
-    if _FIELDS[key].type in ("int", int):
+    kind = _FIELDS[key].type
+    if kind in ("bool", bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip() in _BOOL_TEXT:
+            return _BOOL_TEXT[value.strip()]
+        raise ValueError(f"{ENV_VAR}: {key} must be true or false, got {value!r}")
+    if kind in ("float", float):
+        number = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                number = None
+        if number is None or not math.isfinite(number):
+            raise ValueError(f"{ENV_VAR}: {key} must be a finite number, got {value!r}")
+        return number
+    if kind in ("int", int):
         if isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
             number = int(value.strip())
         elif isinstance(value, int) and not isinstance(value, bool):

@@ -21,6 +21,12 @@ Without a MempipeCache (e.g. transformers' own DynamicCache, or no cache) the fu
 back to paging the whole context it is handed on every call: correct, but a copy of the
 context per layer and step.
 
+Schemes (mempipe.config) need a MempipeCache: `MempipeCache(MempipeConfig(placement="fpga",
+reuse=4))` runs steps 1-3 on the selection-offload engine (the cache's DecodePlan owns one per
+model; the sparse layers' prompt digests are built on the card in bulk and every decode step's
+new keys appended there), and pipelined / reuse / lookahead on every placement. Without a
+MempipeCache they are refused (they keep state across steps and layers).
+
 Supported: causal decoder attention without padding (attention_mask None or the plain causal
 pattern), no dropout, head_dim 64/128/256, fp32/fp16/bf16, CPU or CUDA tensors.
 """
@@ -99,7 +105,10 @@ class MempipePagedLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[2]
         start = self.length
-        self._grow(start + n)
+        cfg = self.cache.config
+        # Look-ahead scores the next layer's pages before that layer's update() of this step:
+        # capacity one token ahead, so its cache already holds this step's page.
+        self._grow(start + n + (1 if cfg.lookahead else 0))
         rows = lambda t: t.transpose(1, 2).reshape(-1, self.kv_heads, self.head_dim)  # noqa
         slots = self.slots(start, n)
         if n == 1:  # one fused append + digest update (every layer: dense ones never read it)
@@ -112,8 +121,25 @@ class MempipePagedLayer(CacheLayerMixin):
             lens = torch.full((self.batch,), start + n, dtype=torch.int32, device=self.device)
             mempipe.ops.build_digests(self.kv_cache, self.block_table, lens, self.digests)
         self.length = start + n
+        if cfg.placement == "fpga":
+            self._to_card(slots, rows(key_states), n)
         _pending.state = (self, key_states, start)
         return key_states, value_states
+
+    def _to_card(self, slots, keys, n) -> None:
+        """Placement fpga: the new keys of a sparse layer to the card (one token: the engine's
+        append; a prompt, or a cache that was just re-allocated: its digests in bulk)."""
+        cfg, plan = self.cache.config, self.cache.plan
+        idx = self.cache.layers.index(self)
+        if not cfg.layer_sparse(idx):
+            return
+        card_id, new = plan.card_layer(cfg, idx, self.kv_cache)
+        off = plan.offload(cfg, self.device)
+        if n == 1 and not new:
+            off.append(card_id, slots, keys.contiguous())
+            return
+        lens = torch.full((self.batch,), self.length, dtype=torch.int32, device=self.device)
+        off.build_digests(card_id, self.kv_cache, self.block_table, lens)
 
     def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
         return self.length + query_length, 0
@@ -252,6 +278,10 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     reasons = cfg.validate()
     if reasons:
         raise ValueError("mempipe configuration rejected: " + "; ".join(reasons))
+    if cfg.placement == "fpga" or cfg.reuse > 1 or cfg.lookahead or cfg.mode != "sync":
+        raise ValueError("mempipe: placement fpga, reuse > 1, lookahead and mode pipelined keep "
+                         "state across steps and layers: pass past_key_values="
+                         f"mempipe.hf.MempipeCache() (got {cfg})")
     page = cfg.page_size
     pages_per_seq = -(-kv_len // page)
     dev = key.device

@@ -32,11 +32,16 @@ def test_parse_errors_name_the_bad_item(text, message):
     ("budget=40", "budget must be a positive multiple of page_size 16, got 40"),
     ("budget=32,sinks=2,locals=1", "cannot hold 2 sink + 1 local pages"),
     ("locals=0", "locals must be >= 1"),
-    ("placement=fpga", "placement 'fpga' is not available"),
     ("placement=tpu", "placement must be one of"),
-    ("mode=pipelined", "mode 'pipelined' is not available"),
-    ("reuse=4", "reuse=4 is not available"),
     ("aggregation=mean", "aggregation must be max or sum"),
+    ("mode=sync,micro_batches=4", "micro_batches must be 1 in sync mode, got 4"),
+    ("mode=pipelined,micro_batches=0", "micro_batches must be >= 1, got 0"),
+    ("reuse=4,lookahead=true", "lookahead needs reuse=1, got reuse=4"),
+    ("fpga_backend=pcie", "fpga_backend must be emulated or xrt, got 'pcie'"),
+    ("fpga_functional=rtl", "fpga_functional must be reference or hls, got 'rtl'"),
+    ("fpga_fallback=cpu", "fpga_fallback must be gpu or dense, got 'cpu'"),
+    ("deadline_ms=0", "deadline_ms must be a positive number of milliseconds, got 0.0"),
+    ("deadline_ms=-3", "deadline_ms must be a positive number of milliseconds, got -3.0"),
 ])
 def test_validate_gives_reasons(text, reason):
     reasons = config.load(environ={"MEMPIPE_CONFIG": text}).validate()
@@ -119,3 +124,58 @@ def test_budget_is_bounded_by_the_models_context():
 def test_integer_text_with_sign_and_spaces_still_parses():
     cfg = config.load(environ={"MEMPIPE_CONFIG": "budget= +2048 ,dense_layers=0"})
     assert (cfg.budget, cfg.dense_layers) == (2048, 0)
+
+
+# Issue 11: the schemes and the fpga placement's keys.
+def test_schemes_are_accepted():
+    text = ("mode=pipelined,micro_batches=4,reuse=4,reuse_async=false,fpga_backend=xrt,"
+            "fpga_paced=false,fpga_functional=hls,fpga_fallback=dense,deadline_ms=2.5")
+    cfg = config.load(environ={"MEMPIPE_CONFIG": text})
+    assert (cfg.mode, cfg.micro_batches, cfg.reuse, cfg.reuse_async) == \
+        ("pipelined", 4, 4, False)
+    assert (cfg.fpga_backend, cfg.fpga_paced, cfg.fpga_functional, cfg.fpga_fallback,
+            cfg.deadline_ms) == ("xrt", False, "hls", "dense", 2.5)
+    assert cfg.validate() == []
+    assert config.load(environ={"MEMPIPE_CONFIG": "lookahead=true"}).lookahead is True
+    cfg = config.load({"reuse_async": False, "deadline_ms": 7}, environ={})
+    assert cfg.reuse_async is False and cfg.deadline_ms == 7.0
+
+
+def test_fpga_placement_needs_the_offload_engine():
+    reasons = config.MempipeConfig(placement="fpga").validate()
+    if hasattr(config._mempipe, "SelectionOffload"):
+        assert reasons == []
+    else:
+        assert any("needs the selection-offload engine" in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize("text,message", [
+    ("lookahead=1", "lookahead must be true or false, got '1'"),
+    ("reuse_async=yes", "reuse_async must be true or false, got 'yes'"),
+    ("fpga_paced=True", "fpga_paced must be true or false, got 'True'"),
+    ("deadline_ms=fast", "deadline_ms must be a finite number, got 'fast'"),
+    ("deadline_ms=nan", "deadline_ms must be a finite number, got 'nan'"),
+    ("micro_batches=2.5", "micro_batches must be an integer, got '2.5'"),
+])
+def test_strict_parse_of_the_scheme_keys(text, message):
+    with pytest.raises(ValueError, match=message):
+        config.load(environ={"MEMPIPE_CONFIG": text})
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"lookahead": 1}, "lookahead must be true or false, got 1"),
+    ({"deadline_ms": True}, "deadline_ms must be a finite number, got True"),
+    ({"deadline_ms": float("inf")}, "deadline_ms must be a finite number, got inf"),
+])
+def test_strict_additional_config_of_the_scheme_keys(extra, message):
+    with pytest.raises(ValueError, match=message):
+        config.load(extra, environ={})
+
+
+def test_direct_construction_of_the_scheme_keys_is_checked():
+    assert config.MempipeConfig(lookahead=1).validate() == \
+        ["lookahead must be true or false, got 1"]
+    assert config.MempipeConfig(deadline_ms="5").validate() == \
+        ["deadline_ms must be a number, got '5'"]
+    assert config.MempipeConfig(deadline_ms=float("nan")).validate() == \
+        ["deadline_ms must be a positive number of milliseconds, got nan"]

@@ -22,7 +22,10 @@ INT32_MIN, INT32_MAX = -2**31, 2**31 - 1
 # ---- MEMPIPE_CONFIG -----------------------------------------------------------------------------
 
 KEYS = [f.name for f in config.dataclasses.fields(config.MempipeConfig)]
-INT_KEYS = [k for k in KEYS if isinstance(getattr(config.MempipeConfig(), k), int)]
+_DEFAULTS = config.MempipeConfig()
+BOOL_KEYS = [k for k in KEYS if type(getattr(_DEFAULTS, k)) is bool]
+FLOAT_KEYS = [k for k in KEYS if type(getattr(_DEFAULTS, k)) is float]
+INT_KEYS = [k for k in KEYS if type(getattr(_DEFAULTS, k)) is int]
 _text = st.text(alphabet=string.printable + "é\u00a0", max_size=12)
 _value = st.one_of(_text, st.integers().map(str), st.floats().map(str), st.booleans().map(str))
 _item = st.tuples(st.sampled_from(KEYS + ["pages", ""]), _value).map(lambda kv: f"{kv[0]}={kv[1]}")
@@ -34,6 +37,11 @@ def _check_typed(cfg):
         value = getattr(cfg, key)
         if key in INT_KEYS:
             assert type(value) is int and INT32_MIN <= value <= INT32_MAX, (key, value)
+        elif key in BOOL_KEYS:
+            assert type(value) is bool, (key, value)
+        elif key in FLOAT_KEYS:
+            assert type(value) is float and value == value and abs(value) != float("inf"), \
+                (key, value)
         else:
             assert isinstance(value, str), (key, value)
 
@@ -67,6 +75,10 @@ def test_any_additional_config_is_typed_or_refused(extra):
     for key, value in extra.items():  # accepted values were taken as given, not coerced
         if key in INT_KEYS:
             assert type(value) is int or (isinstance(value, str) and int(value) == getattr(cfg, key))
+        elif key in BOOL_KEYS:
+            assert type(value) is bool or value.strip() in ("true", "false")
+        elif key in FLOAT_KEYS:
+            assert type(value) in (int, float, str) and type(value) is not bool
 
 
 @SETTINGS
@@ -75,7 +87,12 @@ def test_any_additional_config_is_typed_or_refused(extra):
     "page_size": st.sampled_from(config.PAGE_SIZES), "dense_layers": st.integers(0, 99),
     "sinks": st.integers(0, 9), "locals": st.integers(1, 9),
     "aggregation": st.sampled_from(config.AGGREGATIONS), "reuse": st.integers(1, 9),
-    "mode": st.sampled_from(config.MODES)}))
+    "mode": st.sampled_from(config.MODES), "micro_batches": st.integers(1, 9),
+    "reuse_async": st.booleans(), "lookahead": st.booleans(),
+    "fpga_backend": st.sampled_from(config.FPGA_BACKENDS), "fpga_paced": st.booleans(),
+    "fpga_fallback": st.sampled_from(config.FPGA_FALLBACKS),
+    "deadline_ms": st.floats(1e-3, 1e6)}))
 def test_config_text_round_trips(values):
-    text = ",".join(f"{k}={v}" for k, v in values.items())
+    text = ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+                    for k, v in values.items())
     assert config.load(environ={config.ENV_VAR: text}) == config.MempipeConfig(**values)

@@ -1,6 +1,10 @@
 """A transformers model outside vLLM computing with torch.ops.mempipe (mempipe.hf): the tiny
 random-weight Llama generates the same greedy tokens as transformers' SDPA attention when the
-budget covers the context, and its sparse path runs with a small budget."""
+budget covers the context. With a budget of a quarter of the context the sparse path must choose
+pages, and every sparse step is checked inside generate (selection_check.py): a planted
+relevant page is chosen, the selection equals the float64 reference's and the output equals the
+float64 attention over the reference's pages; a position-only selection and mempipe's own minus
+the planted page are shown to fail those checks."""
 
 import pytest
 import torch
@@ -8,6 +12,11 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import mempipe.hf  # noqa: E402
+from selection_check import SelectionCheck, assert_all_caught, assert_all_correct  # noqa: E402
+
+# A quarter of the 256-token prompt: 4 pages of 16 (1 sink + 1 local + 2 chosen of 14 middle).
+QUARTER = "budget=64,page_size=16"
+WRONG_MODES = ["position", "drop"]
 
 
 @pytest.fixture(scope="module")
@@ -36,16 +45,27 @@ def test_full_budget_matches_sdpa(model, gen, monkeypatch):
     assert torch.equal(_generate(model, "mempipe", ids), _generate(model, "sdpa", ids))
 
 
-def test_small_budget_runs_sparse_path(model, gen, monkeypatch):
-    monkeypatch.setenv("MEMPIPE_CONFIG", "budget=32,dense_layers=0")
+@pytest.mark.parametrize("mode", ["mempipe"] + WRONG_MODES)
+def test_quarter_budget_chooses_correct_pages(model, gen, monkeypatch, mode):
+    """The uncached path (torch.ops.mempipe per step). mode "mempipe" must pass every check;
+    the wrong selections must fail each of them."""
+    monkeypatch.setenv("MEMPIPE_CONFIG", f"{QUARTER},dense_layers=0")
     calls = []
     original = torch.ops.mempipe.sparse_decode
     monkeypatch.setattr(torch.ops.mempipe, "sparse_decode",
                         lambda *a: calls.append(a[5].clone()) or original(*a), raising=False)
-    ids = torch.randint(3, 500, (1, 100), generator=gen)
-    out = _generate(model, "mempipe", ids)
-    assert out.shape == (1, 112)
-    assert calls and all(int(c.max()) == 2 for c in calls)  # 32 tokens = 2 pages a head
+    check = SelectionCheck(mode).install(monkeypatch.setattr)
+    ids = torch.randint(3, 500, (1, 256), generator=gen)
+    model.set_attn_implementation("mempipe")
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                             min_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 260)
+    # 64 tokens = 4 pages a head (3 once "drop" removed the planted one)
+    assert calls and all(int(c.max()) == (3 if mode == "drop" else 4) for c in calls)
+    summary = check.summary()
+    print(f"selection check ({mode}):", summary)
+    (assert_all_correct if mode == "mempipe" else assert_all_caught)(summary)
 
 
 def test_padding_masks_are_rejected(model):
@@ -94,14 +114,30 @@ def test_paged_cache_matches_sdpa_and_keeps_pages(request, model, gen, monkeypat
 def test_paged_cache_small_budget_runs_sparse(request, model, gen, monkeypatch, device_name):
     dev = torch.device("cpu") if device_name == "cpu" else request.getfixturevalue("cuda")
     placement = "gpu" if dev.type == "cuda" else "cpu"
-    monkeypatch.setenv("MEMPIPE_CONFIG", f"placement={placement},budget=48,dense_layers=0")
+    monkeypatch.setenv("MEMPIPE_CONFIG", f"placement={placement},{QUARTER},dense_layers=0")
+    check = SelectionCheck().install(monkeypatch.setattr)
     m = model.to(dev)
     try:
         m.set_attn_implementation("mempipe")
-        ids = torch.randint(3, 500, (1, 200), generator=gen).to(dev)
+        ids = torch.randint(3, 500, (1, 256), generator=gen).to(dev)
         cache = mempipe.hf.MempipeCache()
         out = _generate_cached(m, ids, cache, steps=6)
-        assert out.shape == (1, 206)
+        assert out.shape == (1, 262)
         assert cache.calls()["sparse"] == 4 * 5 and cache.calls()["dense"] == 0
+        if dev.type == "cpu":  # the checks run on CPU tensors (the GPU tests check selections)
+            print("selection check:", check.summary())
+            assert_all_correct(check.summary())
     finally:
         model.to("cpu")
+
+
+@pytest.mark.parametrize("mode", WRONG_MODES)
+def test_paged_cache_wrong_selection_is_caught(model, gen, monkeypatch, mode):
+    """The same checks on the MempipeCache path fail for a wrong selection."""
+    monkeypatch.setenv("MEMPIPE_CONFIG", f"placement=cpu,{QUARTER},dense_layers=0")
+    check = SelectionCheck(mode).install(monkeypatch.setattr)
+    model.set_attn_implementation("mempipe")
+    ids = torch.randint(3, 500, (1, 256), generator=gen)
+    _generate_cached(model, ids, mempipe.hf.MempipeCache(), steps=3)
+    print(f"selection check ({mode}):", check.summary())
+    assert_all_caught(check.summary())

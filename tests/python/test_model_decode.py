@@ -1,6 +1,7 @@
 """The whole-model decode runner (integration/bench/model_decode.py) in its CPU smoke mode: a
-tiny random-weight model through every placement, its `mempipe.throughput/1` JSON validated (and
-known-wrong documents rejected), the Markdown table and plots.py's PNGs made from it."""
+tiny random-weight model through every placement (fpga: the offload engine's CPU mode, every
+scheme), its `mempipe.throughput/1` JSON validated (and known-wrong documents rejected), the
+Markdown table and plots.py's PNGs made from it."""
 
 import copy
 import json
@@ -25,7 +26,7 @@ def smoke(tmp_path_factory, request):
     path = out / "smoke.json"
     rc = md.main(["--device", "cpu", "--json", str(path), "--md", str(out / "smoke.md"),
                   "--seed", str(seed % (1 << 31)), "--steps", "2",
-                  "--contexts", "128,256"])
+                  "--contexts", "128,256", "--placements", "dense-sdpa,dense-paged,gpu,fpga"])
     assert rc == 0
     return json.loads(path.read_text()), path, out
 
@@ -35,12 +36,28 @@ def test_smoke_rows_and_schema(smoke):
     assert md.validate(doc) == []
     assert doc["schema"] == "mempipe.throughput/1" and doc["kind"] == "measured"
     measured = [r for r in doc["rows"] if r["step_ms"] is not None]
-    # 2 contexts x 2 batches x 3 placements, plus one fpga gap row per configuration.
-    assert len(measured) == 12
-    gaps = [r for r in doc["rows"] if r["placement"] == "fpga"]
-    assert len(gaps) == 4 and all(r["step_ms"] is None and r["notes"] for r in gaps)
+    # 2 contexts x 2 batches x (3 placements + 4 fpga schemes); no gap rows.
+    assert len(measured) == 28 and len(doc["rows"]) == 28
     names = {(r["placement"], r.get("variant")) for r in measured}
-    assert names == {("dense", "sdpa"), ("dense", "paged"), ("cpu", None)}
+    assert names == {("dense", "sdpa"), ("dense", "paged"), ("cpu", None), ("fpga", "sync"),
+                     ("fpga", "pipelined4"), ("fpga", "reuse4"), ("fpga", "lookahead")}
+    for r in measured:
+        if r["placement"] != "fpga":
+            continue
+        cpu = next(c for c in measured if c["placement"] == "cpu"
+                   and (c["context"], c["batch"]) == (r["context"], r["batch"]))
+        f = r["fpga"]
+        # The engine's CPU mode, the paced emulated card: every request answered in time.
+        assert f["fallbacks"] and sum(f["fallbacks"].values()) == 0, f
+        assert f["requests_per_step"] > 0 and f["card_modeled_ms_per_step"] > 0
+        assert r["bytes"]["card_modeled"] > 0 and r["fpga_energy_j_per_token"] > 0
+        assert f["hidden_share"] is None or 0 <= f["hidden_share"] <= 1
+        if r["variant"] in ("sync", "pipelined4"):
+            # Bit-identical selections to the cpu placement: the same attention output.
+            assert r["rel_err"] == cpu["rel_err"], (r, cpu)
+        if r["variant"] in ("reuse4", "lookahead"):
+            kind = "reuse" if r["variant"] == "reuse4" else "lookahead"
+            assert 0 <= f["recall"][kind] <= 1, f["recall"]
     for r in measured:
         if r.get("variant") == "paged":
             # Both dense paths attend to every token: same logits up to fp32 rounding over a
@@ -76,15 +93,20 @@ def test_validate_rejects_wrong_documents(smoke):
     assert broken(lambda d: d["rows"][row].update(memory_processing_share=0.99))
     assert broken(lambda d: d["rows"][row].update(step_ms=-1.0))
     assert broken(lambda d: d["rows"][row].pop("rel_err"))
-    gap = next(i for i, r in enumerate(doc["rows"]) if r["step_ms"] is None)
-    assert broken(lambda d: d["rows"][gap].update(notes=[]))
+    gap = dict(doc["rows"][row], step_ms=None, notes=[])
+    assert broken(lambda d: d["rows"].append(gap))
+    fpga = next(i for i, r in enumerate(doc["rows"]) if r["placement"] == "fpga")
+    assert broken(lambda d: d["rows"][fpga].pop("fpga"))
+    assert broken(lambda d: d["rows"][fpga]["fpga"].update(hidden_share=1.5))
 
 
 def test_table_and_plots(smoke):
     doc, path, out = smoke
     table = (out / "smoke.md").read_text()
-    assert table.count("\n| ") == len(doc["rows"]) + 1  # header + one line per row
-    assert "gap:" in table
+    fpga = [r for r in doc["rows"] if r["placement"] == "fpga"]
+    # header + one line per row; the fpga table: header + one line per fpga row
+    assert table.count("\n| ") == len(doc["rows"]) + 1 + len(fpga) + 1
+    assert "fpga rows (emulated U55C" in table
     made = plots.make_plots(str(path), str(out / "plots"))
     assert {p.name for p in made} == {"smoke_steps.png", "smoke_speedup.png"}
     assert all(p.stat().st_size > 1000 for p in made)
@@ -97,3 +119,7 @@ def test_bad_flags_are_named():
         md.main(["--device", "cpu", "--placements", "sparse-ish"])
     with pytest.raises(ValueError, match="budget 40"):
         md.main(["--device", "cpu", "--budget", "40"])
+    with pytest.raises(ValueError, match="reuse9"):
+        md.main(["--device", "cpu", "--placements", "gpu,fpga", "--fpga_schemes", "reuse9"])
+    with pytest.raises(ValueError, match="deadline_ms must be a positive number, got -1"):
+        md.main(["--device", "cpu", "--deadline_ms", "-1"])

@@ -95,10 +95,14 @@ def test_validate_configuration_returns_reasons(monkeypatch):
         assert _validate() == []
         assert "head_size not supported" in _validate(head_size=80)
         assert any("block size 32" in r for r in _validate(block_size=32))
-        monkeypatch.setenv("MEMPIPE_CONFIG", "budget=24,placement=fpga")
+        monkeypatch.setenv("MEMPIPE_CONFIG", "budget=24,mode=sync,micro_batches=3")
         reasons = _validate()
         assert any("budget must be a positive multiple" in r for r in reasons)
-        assert any("placement 'fpga'" in r for r in reasons)
+        assert any("micro_batches must be 1 in sync mode" in r for r in reasons)
+        # Issue 11: placement fpga and the schemes are accepted (with the engine in the build).
+        monkeypatch.setenv("MEMPIPE_CONFIG", "budget=1024,placement=fpga,mode=pipelined,"
+                           "micro_batches=2,reuse=4,fpga_fallback=dense")
+        assert _validate() == []
         monkeypatch.setenv("MEMPIPE_CONFIG", "bogus=1")
         assert any("unknown key 'bogus'" in r for r in _validate())
 

@@ -1,8 +1,12 @@
 """Text generation (text prompts in, text out) through vLLM's CPU build with `attention_backend="CUSTOM"` (the engine
 argument behind --attention-backend): with a budget that covers every context, mempipe's
-greedy tokens equal those of vLLM's default CPU backend (CPU_ATTN); with a small budget the
-sparse path runs. Each engine runs in its own process; the model is the tiny random-weight
-Llama of tiny_llama.py (nothing can be downloaded here)."""
+greedy tokens equal those of vLLM's default CPU backend (CPU_ATTN); with a budget of 4 pages
+(about a third of the longest context) the sparse path must choose pages, and every sparse
+step is checked inside the engine (selection_check.py): a planted relevant page is chosen, the
+selection equals the float64 reference's and the output equals the float64 attention over the
+reference's pages. The same engine then runs a position-only selection and mempipe's selection
+minus the planted page, and both must fail those checks. Each engine runs in its own process;
+the model is the tiny random-weight Llama of tiny_llama.py (nothing can be downloaded here)."""
 
 import json
 import os
@@ -26,7 +30,7 @@ def model_dir(tmp_path_factory):
     return str(write_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
 
 
-def generate(model_dir, backend, mempipe_config=None, inproc=False):
+def generate(model_dir, backend, mempipe_config=None, inproc=False, check_selection=False):
     env = dict(os.environ, VLLM_TARGET_DEVICE="cpu")
     env.pop("MEMPIPE_CONFIG", None)
     if mempipe_config:
@@ -36,6 +40,8 @@ def generate(model_dir, backend, mempipe_config=None, inproc=False):
     cmd = [sys.executable, str(HERE / "vllm_generate.py"), model_dir, backend, str(BLOCK)]
     if inproc:
         cmd.append("--inproc")
+    if check_selection:
+        cmd.append("--check-selection")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
@@ -59,13 +65,19 @@ def test_custom_full_budget_matches_default_backend(model_dir, default_tokens):
     print("generated:", result["text"][1][:80])
 
 
-def test_custom_small_budget_runs_sparse_path(model_dir, default_tokens):
-    result, log = generate(model_dir, "CUSTOM", f"page_size={BLOCK},budget=64,dense_layers=1",
-                           inproc=True)
+def test_custom_small_budget_chooses_correct_pages(model_dir, default_tokens):
+    from selection_check import assert_all_caught, assert_all_correct
+    # Budget 128 tokens = 4 pages of 32 (1 sink + 1 local + 2 chosen): the 224- and 357-token
+    # sequences have 7 and 12 pages, so scoring and top-k choose 2 of their 5 or 10 middle ones.
+    result, log = generate(model_dir, "CUSTOM", f"page_size={BLOCK},budget=128,dense_layers=1",
+                           inproc=True, check_selection=True)
     assert result["impls"] == ["MempipeAttentionImpl"]
-    # The short prompt fits the 2-page budget throughout (5 + 24 tokens): identical.
+    checks = result["checks"]
+    print("selection checks:", json.dumps(checks))
+    assert_all_correct(checks["mempipe"])
+    # The checks bite: a position-only selection and mempipe's minus the planted page fail them.
+    assert_all_caught(checks["position"])
+    assert_all_caught(checks["drop"])
+    # The short prompt fits the budget throughout (5 + 24 tokens): identical to dense.
     assert result["tokens"][0] == default_tokens["tokens"][0]
     assert all(len(t) == 24 for t in result["tokens"])
-    print("small-budget tokens differing from dense:",
-          sum(a != b for r, d in zip(result["tokens"], default_tokens["tokens"])
-              for a, b in zip(r, d)))

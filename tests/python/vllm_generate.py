@@ -1,9 +1,15 @@
 """Greedy generation with vLLM from the tiny local Llama; prints one JSON line.
 
-    python vllm_generate.py MODEL_DIR BACKEND BLOCK_SIZE [--inproc]
+    python vllm_generate.py MODEL_DIR BACKEND BLOCK_SIZE [--inproc] [--check-selection]
 
 BACKEND is an --attention-backend value or "default". With --inproc the engine runs in this
-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so the attention implementations can be listed."""
+process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so the attention implementations can be listed.
+
+--check-selection (needs --inproc and the CUSTOM backend) wraps mempipe's selection and sparse
+decode with selection_check.SelectionCheck and generates three times with the same engine: with
+mempipe's own selection, a position-only one and mempipe's minus the planted page; the JSON
+carries each run's check summary under "checks" (tokens and text are the first run's). Prefix
+caching is off then, so no run reuses another's cached (planted) pages."""
 
 import json
 import sys
@@ -15,6 +21,13 @@ def main():
     model, backend, block_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
     from vllm import LLM, SamplingParams
     kwargs = {} if backend == "default" else {"attention_backend": backend}
+    check = None
+    if "--check-selection" in sys.argv:
+        if "--inproc" not in sys.argv:
+            raise SystemExit("--check-selection needs --inproc (the checks run in this process)")
+        from selection_check import SelectionCheck
+        check = SelectionCheck().install()
+        kwargs["enable_prefix_caching"] = False
     llm = LLM(model=model, dtype="float32", enforce_eager=True,
               block_size=block_size, max_model_len=1024, max_num_seqs=4,
               gpu_memory_utilization=0.3, kv_cache_memory_bytes=64 << 20, seed=0, **kwargs)
@@ -25,6 +38,13 @@ def main():
     outs = llm.generate(prompts, params, use_tqdm=False)
     result = {"tokens": [list(o.outputs[0].token_ids) for o in outs],
               "text": [o.outputs[0].text for o in outs]}
+    if check is not None:
+        result["checks"] = {"mempipe": check.summary()}
+        for mode in ("position", "drop"):
+            check.reset(mode)
+            llm.generate(prompts, params, use_tqdm=False)
+            result["checks"][mode] = check.summary()
+            print(f"[check-selection] {mode}: {result['checks'][mode]}", flush=True)
     if "--inproc" in sys.argv:
         ctx = llm.llm_engine.vllm_config.compilation_config.static_forward_context
         result["impls"] = sorted({type(m.impl).__name__ for m in ctx.values()

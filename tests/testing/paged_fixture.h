@@ -215,19 +215,6 @@ inline double AttentionTolerance(DType dtype, double ref, int len, int head_dim,
          1e-7;
 }
 
-// The former fixed per-dtype bound, still used by the GPU tests (their helper derives its own).
-inline double AttentionTolerance(DType dtype) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return 2e-5;
-    case DType::kFloat16:
-      return 4e-3;
-    case DType::kBFloat16:
-      return 3e-2;
-  }
-  return 0;
-}
-
 }  // namespace mempipe::testing
 
 #endif  // MEMPIPE_TESTS_TESTING_PAGED_FIXTURE_H_

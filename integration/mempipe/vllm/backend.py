@@ -24,7 +24,11 @@ threads keep spinning on the cores between operators, so threads mempipe starts 
 for a time slice: measured on the build VM, a sparse decode call after a torch matmul took
 1.8 ms with 2 threads and 0.36 ms with 1.
 
-Devices: on the CPU worker every step runs on the host (placement cpu or dense). With a GPU
+Schemes (mempipe.config): placement fpga runs steps 1-3 on the selection-offload engine (one
+per builder, i.e. per model: the builder's DecodePlan owns it) in its CPU mode on the CPU worker
+and its CUDA mode on a CUDA worker; mode=pipelined, reuse and lookahead run on every placement.
+
+Devices: on the CPU worker every step runs on the host (placement cpu, fpga or dense). With a GPU
 build of mempipe on a CUDA worker (placement gpu or dense) every step runs on the GPU: the
 builder keeps vLLM's persistent device tensors (block table, seq_lens, slot mapping) as they
 are for decode-only batches (no copy, no host synchronization) and owns the DecodePlan whose
@@ -209,8 +213,15 @@ class MempipeMetadataBuilder(AttentionMetadataBuilder[MempipeMetadata]):
         @classmethod
         def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
             """Decode-only batches are capturable on the GPU (fixed buffers, no host sync);
-            prefill is not (it reads host lengths), and the CPU has no graphs."""
-            if _gpu_capable():
+            prefill is not (it reads host lengths), and the CPU has no graphs. reuse > 1 and
+            lookahead are not: what a step runs depends on the step (a fresh or a reused
+            selection, a look-ahead present or not), which one captured graph cannot replay."""
+            try:
+                cfg = load_config(vllm_config)
+            except ValueError:
+                cfg = None
+            stepwise = cfg is not None and (cfg.reuse > 1 or cfg.lookahead)
+            if _gpu_capable() and not stepwise:
                 return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
             return AttentionCGSupport.NEVER
 

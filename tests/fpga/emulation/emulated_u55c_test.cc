@@ -354,17 +354,23 @@ TEST(EmulatedU55c, ReferenceShapeCostsFollowTheModel) {
   // By hand: one CU per KV head, all in parallel.
   const double pages_per_seq = seq_len / 16.0;
   const double digest_bytes = num_seqs * pages_per_seq * 2 * 128 * 2;  // max+min rows, fp16
-  const double channel_bps = p.hbm_channel_peak_bps * p.hbm_efficiency;
-  // The RTL kernel's timing (fpga/rtl): the score core takes row_words x group clocks per page
-  // (4 x 4 here) against the HBM stream; the select's emit pass (a clock per page, plus the row)
-  // and the query load do not overlap; fills once per launch and per further sequence.
-  const double score_s = num_seqs * pages_per_seq * 4 * 4 / p.kernel_clock_hz;
-  const double serial_s = num_seqs *
-                          (pages_per_seq * p.select_clocks_per_page + k + 4 * 128 / 16.0) /
-                          p.kernel_clock_hz;
-  const double fill_s =
-      (p.pipeline_fill_clocks + (num_seqs - 1) * p.row_fill_clocks) / p.kernel_clock_hz;
-  const double kernel_s = std::max(digest_bytes / channel_bps, score_s) + serial_s + fill_s;
+  // Priced at the RTL's clock estimate (below the Vitis target), whose port may be slower than
+  // the channel: min(channel x efficiency, 64 B x clock).
+  const double hz = std::min(p.kernel_clock_hz, p.rtl_clock_estimate_hz);
+  const double channel_bps =
+      std::min(p.hbm_channel_peak_bps * p.hbm_efficiency, p.axi_word_bytes * hz);
+  // The RTL kernel's timing (fpga/rtl): the score core takes row_words x max(group, 4 adder
+  // stages) clocks per page (4 x 4 here) against the HBM stream; the select's emit pass (a clock
+  // per page, plus the row) and the query load do not overlap; fills once per launch and per
+  // further sequence. The 8 KV heads (CUs 0-7) run on the CUs that fit (CU c mod PricedCus),
+  // so the busiest runs ceil(8 / PricedCus) of them one after another.
+  const double score_s = num_seqs * pages_per_seq * 4 * 4 / hz;
+  const double serial_s =
+      num_seqs * (pages_per_seq * p.select_clocks_per_page + k + 4 * 128 / 16.0) / hz;
+  const double fill_s = (p.pipeline_fill_clocks + (num_seqs - 1) * p.row_fill_clocks) / hz;
+  const int rounds = (8 + p.PricedCus() - 1) / p.PricedCus();
+  const double kernel_s =
+      rounds * (std::max(digest_bytes / channel_bps, score_s) + serial_s + fill_s);
   // (io bytes add about 1% to the HBM side)
   const double launch_s = p.launch_latency_s + 7 * p.per_cu_start_s;
   EXPECT_NEAR(*c.modeled_device_ms - c.transfer_ms, (kernel_s + launch_s) * 1e3,
@@ -393,6 +399,15 @@ TEST(FpgaFactory, BuildsTheEmulatorAndRejectsBadOptions) {
   bad = FpgaOptions{};
   bad.params.hbm_efficiency = 1.5;
   EXPECT_EQ(MakeFpgaSelector(bad).status().code(), absl::StatusCode::kInvalidArgument);
+  bad = FpgaOptions{};
+  bad.params.rtl_cus_that_fit = 0;  // no cap would price 32 CUs silently
+  EXPECT_EQ(MakeFpgaSelector(bad).status().code(), absl::StatusCode::kInvalidArgument);
+  bad = FpgaOptions{};
+  bad.params.rtl_clock_estimate_hz = 0;
+  EXPECT_EQ(MakeFpgaSelector(bad).status().code(), absl::StatusCode::kInvalidArgument);
+  FpgaOptions vitis;  // the labelled what-if is accepted
+  vitis.params = U55cParams::VitisTarget();
+  EXPECT_TRUE(MakeFpgaSelector(vitis).ok());
   EXPECT_EQ(*ParseFpgaBackend("xrt"), FpgaBackend::kXrt);
   EXPECT_FALSE(ParseFpgaBackend("vitis").ok());
 }

@@ -1,7 +1,21 @@
 // The U55C timing and energy model (all figures modeled) reproduces the published reference
-// points its parameters were taken from (docs/FPGA-NOTES.md, fpga/emulation/u55c_params.h).
+// points its parameters were taken from (docs/FPGA-NOTES.md, fpga/emulation/u55c_params.h), and
+// is checked against published points it was NOT calibrated on (HeldOut* tests below).
+//
+// Calibration points (each sets or bounds a parameter of u55c_params.h):
+//   * large DMA: 9.3-11.6 GB/s to the card, 10.9-12.2 GB/s back (XRT PRs 5448, 937)
+//     -> dma_to_card_bps, dma_from_card_bps (middle of each range);
+//   * 4 KB DMA: 0.67-0.86 GB/s (XRT issue 6787, the 4 KB listing) -> dma_transfer_overhead_s;
+//   * HBM reached by kernels: 421 (hbm_bandwidth example), 425 (Shuhai), 410 GB/s (XRT issue
+//     8687) -> hbm_efficiency;
+//   * launch: 16-56 us (XRT issue 6601), 50-100 us (XRT issue 8687) -> launch_latency_s;
+//   * "350 GB/s with launch" (issue 8687) has no transfer size, so it only bounds the direction.
+// Held out (used by no parameter): the 256 MB per-bank DMA figures of XRT PRs 2540 and 2065 and
+// the 40,960-byte DMA listing of XRT issue 6787.
 #include "fpga/emulation/u55c_model.h"
 
+#include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -46,9 +60,10 @@ TEST(U55cModel, ChunksTransfersAtTheLargestDma) {
 }
 
 // 32 CUs, each streaming 256 MB from its own pseudo-channel, together reach the 410-425 GB/s
-// measured on U280/U55C kernels; one CU gets one channel's share.
+// measured on U280/U55C kernels; one CU gets one channel's share. The memory-side calibration,
+// so at the Vitis targets (300 MHz, 32 CUs: the what-if variant), where the port is not the limit.
 TEST(U55cModel, HbmAggregateMatchesMeasuredKernels) {
-  const U55cParams p;
+  const U55cParams p = U55cParams::VitisTarget();
   const U55cModel m{p};
   const double bytes = 256.0 * 1024 * 1024;
   std::vector<CuLaunch> launches;
@@ -78,12 +93,52 @@ TEST(U55cModel, LaunchLatencyInTheReportedRange) {
 }
 
 TEST(U55cModel, KernelClockBoundsComputeStages) {
-  U55cParams p;
+  const U55cParams p = U55cParams::VitisTarget();
   const U55cModel m{p};
   // One select clock per page at 300 MHz: 3e8 clocks take one second.
   EXPECT_NEAR(m.CuSeconds(CuLaunch{0, 0, 0, 3e8, 0}), 1.0, 1e-9);
   // The port moves one 512-bit word per clock: 19.2 GB/s, above a channel's 13 GB/s.
   EXPECT_GT(p.axi_word_bytes * p.kernel_clock_hz, m.ChannelReadBps());
+}
+
+// By default the model prices what the RTL reaches (fpga/rtl/synth.md), never the Vitis targets:
+// min(kernel_clock_hz, rtl_clock_estimate_hz) and min(num_cus, rtl_cus_that_fit).
+TEST(U55cModel, DefaultPricesTheRtlNotTheVitisTarget) {
+  const U55cParams p;
+  EXPECT_FALSE(p.vitis_target_what_if);
+  EXPECT_EQ(p.PricedClockHz(), std::min(p.kernel_clock_hz, p.rtl_clock_estimate_hz));
+  EXPECT_EQ(p.PricedCus(), std::min(p.num_cus, p.rtl_cus_that_fit));
+  EXPECT_LT(p.PricedClockHz(), 300e6);  // the RTL's estimate is below the Vitis target
+  EXPECT_LT(p.PricedCus(), 32);         // and fewer CUs fit than channels exist
+  const U55cModel m{p};
+  // Clocks are priced at the RTL's clock.
+  EXPECT_NEAR(m.CuSeconds(CuLaunch{0, 0, 0, p.rtl_clock_estimate_hz, 0}), 1.0, 1e-9);
+  // A port at that clock: min(channel, 64 B x clock).
+  EXPECT_NEAR(m.ChannelReadBps(),
+              std::min(p.hbm_channel_peak_bps * p.hbm_efficiency,
+                       p.axi_word_bytes * p.rtl_clock_estimate_hz),
+              1.0);
+  // 32 slices of 256 MB, one per channel, run on the CUs that fit (slice c on CU c mod fit), one
+  // after another on each: the busiest CU scans ceil(32 / fit) of them.
+  const double bytes = 256.0 * 1024 * 1024;
+  std::vector<CuLaunch> launches;
+  for (int cu = 0; cu < p.hbm_channels; ++cu) launches.push_back(CuLaunch{cu, bytes, 0, 0, 0});
+  const double aggregate = p.hbm_channels * bytes / m.Call({}, launches, {}).kernel_s;
+  const int rounds = (p.hbm_channels + p.PricedCus() - 1) / p.PricedCus();
+  EXPECT_NEAR(aggregate, p.hbm_channels * m.ChannelReadBps() / rounds, 1e-6 * aggregate);
+  // The what-if variant is faster, and the default never beats it (the check rejects a model
+  // that prices the targets: the Vitis figure is not the default's).
+  const U55cModel vitis{U55cParams::VitisTarget()};
+  const double vitis_aggregate = p.hbm_channels * bytes / vitis.Call({}, launches, {}).kernel_s;
+  EXPECT_GT(vitis_aggregate, 2 * aggregate);
+  // A kernel clock below the estimate (a slower card) is priced at that clock.
+  U55cParams slow = p;
+  slow.kernel_clock_hz = p.rtl_clock_estimate_hz / 2;
+  EXPECT_EQ(slow.PricedClockHz(), slow.kernel_clock_hz);
+  // Fewer CUs than fit: those.
+  U55cParams few = p;
+  few.num_cus = 2;
+  EXPECT_EQ(few.PricedCus(), 2);
 }
 
 TEST(U55cModel, EnergyIsBoardPowerTimesTime) {
@@ -96,6 +151,75 @@ TEST(U55cModel, EnergyIsBoardPowerTimesTime) {
               1e-12);
   EXPECT_GT(e.energy_j, p.board_power_idle_w * e.total_s);
   EXPECT_LT(e.energy_j, p.board_power_active_w * e.total_s);
+}
+
+// Held-out large DMAs (not used for calibration): `xbutil dmatest` with 256 MB buffers on
+// Gen3 x16 XDMA shells, the U55C's link and DMA engine.
+//   XRT PR 2540: four DDR banks, 10,253-10,395 MB/s to the card, 10,815-10,927 MB/s back;
+//   XRT PR 2065: 9,584 MB/s to the card, 11,958 MB/s back.
+// xbutil reports MB/s as bytes per microsecond (1e6 bytes per second). Returns the largest
+// |modeled / measured - 1| over those points.
+double WorstHeldOutLargeDmaError(const U55cParams& params) {
+  const U55cModel m{params};
+  const double bytes = 256.0 * 1024 * 1024;
+  struct Point {
+    DmaDirection dir;
+    double measured_mbps;
+  };
+  const Point points[] = {
+      {DmaDirection::kToCard, 10297.8},   {DmaDirection::kToCard, 10395.0},    // PR 2540
+      {DmaDirection::kToCard, 10367.4},   {DmaDirection::kToCard, 10253.1},    // PR 2540
+      {DmaDirection::kFromCard, 10927.5}, {DmaDirection::kFromCard, 10836.8},  // PR 2540
+      {DmaDirection::kFromCard, 10815.2}, {DmaDirection::kFromCard, 10860.0},  // PR 2540
+      {DmaDirection::kToCard, 9584.11},   {DmaDirection::kFromCard, 11957.8},  // PR 2065
+  };
+  double worst = 0;
+  for (const Point& p : points) {
+    const double model_mbps = bytes / m.DmaSeconds(bytes, p.dir) / 1e6;
+    worst = std::max(worst, std::abs(model_mbps / p.measured_mbps - 1.0));
+  }
+  return worst;
+}
+
+// Tolerance 12%: the half-width of the calibration sources' own card-to-card spread (9.3-11.6
+// GB/s is 10.45 GB/s +- 11%), since the model has one rate per direction for every card.
+// Observed: 9.5% (PR 2065's 9,584 MB/s to the card). The check rejects a model of a Gen3 x8 link
+// (half the rates) and one 25% fast.
+TEST(U55cModel, HeldOutLargeDmaPoints) {
+  constexpr double kTolerance = 0.12;
+  const U55cParams p;
+  EXPECT_LE(WorstHeldOutLargeDmaError(p), kTolerance);
+  U55cParams x8 = p;
+  x8.dma_to_card_bps /= 2;
+  x8.dma_from_card_bps /= 2;
+  EXPECT_GT(WorstHeldOutLargeDmaError(x8), kTolerance);
+  U55cParams fast = p;
+  fast.dma_to_card_bps *= 1.25;
+  fast.dma_from_card_bps *= 1.25;
+  EXPECT_GT(WorstHeldOutLargeDmaError(fast), kTolerance);
+}
+
+// Held-out mid-size DMA (not used for calibration): XRT issue 6787 lists, beside the 4 KB figures
+// the overhead was calibrated on, ten `xbutil validate` DMA runs with 40,960-byte buffers on a
+// U50 (Gen3 x16 XDMA, the U55C's shell family): 2,963-2,990 MB/s to the card (median 2,975) and
+// 2,344-3,227 MB/s back (median 3,025).
+// RESULT: the model is OPTIMISTIC here. Its affine cost (5 us + bytes / rate) gives 4,602 MB/s
+// to the card and 4,784 MB/s back, 1.55x and 1.58x the measured medians: mid-size transfers cost
+// more than a fixed overhead plus the large-buffer rate (the measured 13.8 us per 40 KB to the
+// card is 5.3 us + 40 KB at ~4.8 GB/s, not at 10.5 GB/s). So the modeled transfer time of
+// requests of tens of KB is too short by about a third. The test pins that known error (ratios in
+// [1.45, 1.70]: the write runs' spread is 1%, the read median's 10%) so that a recalibration of
+// dma_transfer_overhead_s / the rates (fpga/emulation/u55c_params.h) must revisit it, and so that
+// the error cannot silently grow.
+TEST(U55cModel, HeldOutMidSizeDmaIsModeledOptimistically) {
+  const U55cModel m{U55cParams{}};
+  const double bytes = 40960;
+  const double to_card = bytes / m.DmaSeconds(bytes, DmaDirection::kToCard) / 1e6;
+  const double from_card = bytes / m.DmaSeconds(bytes, DmaDirection::kFromCard) / 1e6;
+  EXPECT_GE(to_card / 2975.0, 1.45) << to_card;
+  EXPECT_LE(to_card / 2975.0, 1.70) << to_card;
+  EXPECT_GE(from_card / 3025.0, 1.45) << from_card;
+  EXPECT_LE(from_card / 3025.0, 1.70) << from_card;
 }
 
 }  // namespace

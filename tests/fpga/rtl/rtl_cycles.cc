@@ -1,7 +1,8 @@
 // Cycle counts of the RTL kernel per call, measured in Verilator simulation behind the AXI
-// memory model of rtl_harness.h (HBM-like latency 100-200 clocks, 0.68 read beats per clock for
-// both ports together, 10% random back-pressure), across page counts, head dims, group sizes and
-// dtypes. Writes a JSON and a Markdown table; progress on stderr.
+// memory model of rtl_harness.h (HBM-like latency 100-200 clocks, the channel's read rate at the
+// clock the model prices (U55cParams::PricedClockHz) for both ports together, 10% random
+// back-pressure), across page counts, head dims, group sizes, dtypes and both aggregations. Writes
+// a JSON and a Markdown table; progress on stderr.
 //
 //   fpga_rtl_cycles --json=fpga/rtl/cycles.json --md=fpga/rtl/cycles.md [--quick]
 //
@@ -44,10 +45,11 @@ constexpr char kMarkdownPreamble[] =
     "1024,\n"
     "MAX_PAGES 65536) simulated by Verilator 5.006 behind the AXI memory model of\n"
     "`tests/fpga/rtl/rtl_harness.h`: read latency 100-200 clocks per burst, both masters sharing\n"
-    "one pseudo-channel at the model's read rate (0.68 beats per clock: 14.375 GB/s x 0.9065 at\n"
-    "300 MHz and 64 B), 10% random back-pressure on every slave channel. One KV head per call, "
-    "page\n"
-    "size 16, k = 16 pages (1 sink, 1 local), max_selected = 16, random data. \"model\" is\n"
+    "one pseudo-channel at the model's read rate (min(14.375 GB/s x 0.9065, 64 B x clock) / (64 B\n"
+    "x clock) beats per clock at U55cParams::PricedClockHz(), the RTL's clock estimate: 1.0 at\n"
+    "150 MHz), 10% random back-pressure on every slave channel. One KV head per call, page\n"
+    "size 16, k = 16 pages (1 sink, 1 local), max_selected = 16, random data, max aggregation\n"
+    "unless the row says sum. \"model\" is\n"
     "`ScoreLaunchWork` + `U55cModel::CuSeconds` (fpga/emulation/u55c_params.h) for the same call, "
     "in "
     "clocks;\n"
@@ -65,6 +67,7 @@ using mempipe::rtl_testing::ScoreTopkArgs;
 struct Shape {
   const char* dtype_name;
   int dtype, head_dim, group, pages, seqs;
+  int aggregation = 0;  // 0 max, 1 sum (GroupAggregation)
 };
 
 struct Row {
@@ -79,7 +82,8 @@ struct Row {
 // (one sequence per call for pipeline_fill_clocks, eight for row_fill_clocks). Everything else
 // (head_dim 128, groups 2 and 8, fp32, bf16) is held out.
 bool IsFitShape(const Shape& s) {
-  return s.dtype == 1 && s.head_dim != 128 && (s.group == 1 || s.group == 4 || s.group == 16);
+  return s.aggregation == 0 && s.dtype == 1 && s.head_dim != 128 &&
+         (s.group == 1 || s.group == 4 || s.group == 16);
 }
 
 // The model's kernel clocks for the call Measure() makes (same lengths, k, max_selected).
@@ -90,13 +94,14 @@ double ModelCycles(const Shape& s, const mempipe::U55cParams& p) {
   std::vector<int32_t> pages(static_cast<size_t>(s.seqs) * k), counts(s.seqs);
   SelectionConfig config;
   config.budget_tokens = k * 16;
+  config.aggregation = static_cast<GroupAggregation>(s.aggregation);
   SelectRequest r{0, QueryView{nullptr, static_cast<DType>(s.dtype), s.seqs, s.group, s.head_dim},
                   BlockTableView{table.data(), lens.data(), s.seqs, s.pages}, config,
                   SelectionView{pages.data(), counts.data(), s.seqs, 1, k}};
   const CacheShape shape{static_cast<DType>(s.dtype), s.pages * s.seqs + 1, 16, 1, s.head_dim};
   const ScoreIo io = PlanScoreIo(s.seqs, s.group, s.head_dim, s.pages, k);
   const U55cModel model(p);
-  return model.CuSeconds(ScoreLaunchWork(r, shape, 0, io, p)) * p.kernel_clock_hz;
+  return model.CuSeconds(ScoreLaunchWork(r, shape, 0, io, p)) * p.PricedClockHz();
 }
 
 uint64_t Measure(const Shape& s, uint64_t seed) {
@@ -105,7 +110,7 @@ uint64_t Measure(const Shape& s, uint64_t seed) {
   mm.seed = rng();
   // The channel's read rate in beats per kernel clock, as the model prices it.
   const mempipe::U55cParams p;
-  mm.read_rate = mempipe::U55cModel(p).ChannelReadBps() / (p.axi_word_bytes * p.kernel_clock_hz);
+  mm.read_rate = mempipe::U55cModel(p).ChannelReadBps() / (p.axi_word_bytes * p.PricedClockHz());
   RtlScoreTopk kernel(mm);
   const int esize = s.dtype == 0 ? 4 : 2;
   const int row_bytes = s.head_dim * esize;
@@ -158,7 +163,7 @@ uint64_t Measure(const Shape& s, uint64_t seed) {
   a.k = k;
   a.sinks = 1;
   a.locals = 1;
-  a.aggregation = 0;
+  a.aggregation = s.aggregation;
   return kernel.Run(a).cycles;
 }
 
@@ -182,6 +187,15 @@ int main(int argc, char** argv) {
     shapes.push_back({"bf16", 2, 128, g, 1024, 1});
     shapes.push_back({"fp16", 1, 128, g, 256, 8});  // several sequences per call
   }
+  // Sum aggregation (held out): one pipelined add per head, paced at group x 4 clocks per page.
+  for (int g : {4, 16}) {
+    for (int d : {64, 128}) shapes.push_back({"fp16", 1, d, g, 1024, 1, 1});
+  }
+  const mempipe::U55cParams params;
+  const double read_rate = mempipe::U55cModel(params).ChannelReadBps() /
+                           (params.axi_word_bytes * params.PricedClockHz());
+  std::fprintf(stderr, "kernel clock priced at %.0f MHz: %.2f read beats per clock\n",
+               params.PricedClockHz() / 1e6, read_rate);
   std::vector<Row> rows;
   uint64_t seed = absl::GetFlag(FLAGS_seed);
   for (size_t i = 0; i < shapes.size(); ++i) {
@@ -234,15 +248,19 @@ int main(int argc, char** argv) {
     std::ofstream f(json);
     f << "{\n  \"source\": \"Verilator 5.006 simulation of fpga/rtl/mempipe_score_topk.sv "
          "(MAX_TOPK=1024, MAX_PAGES=65536) behind tests/fpga/rtl/rtl_harness.h's memory model: "
-         "read latency 100-200 clocks, 0.68 read beats/clock shared, 10% random back-pressure; "
+         "read latency 100-200 clocks, "
+      << absl::StrFormat("%.2f", read_rate)
+      << " read beats/clock shared (the channel at the priced clock), 10% random back-pressure; "
          "k=16 sinks=1 locals=1 block_size=16\",\n  \"rows\": [\n";
     for (size_t i = 0; i < rows.size(); ++i) {
       const Row& r = rows[i];
       f << absl::StrFormat(
           "    {\"dtype\": \"%s\", \"head_dim\": %d, \"group\": %d, \"pages\": %d, \"seqs\": %d, "
-          "\"row_words\": %d, \"cycles\": %d, \"model_cycles\": %.0f, \"set\": \"%s\"}%s\n",
-          r.s.dtype_name, r.s.head_dim, r.s.group, r.s.pages, r.s.seqs, r.row_words, r.cycles,
-          r.model_cycles, r.fit ? "fit" : "held-out", i + 1 < rows.size() ? "," : "");
+          "\"row_words\": %d, \"aggregation\": \"%s\", \"cycles\": %d, \"model_cycles\": %.0f, "
+          "\"set\": \"%s\"}%s\n",
+          r.s.dtype_name, r.s.head_dim, r.s.group, r.s.pages, r.s.seqs, r.row_words,
+          r.s.aggregation ? "sum" : "max", r.cycles, r.model_cycles, r.fit ? "fit" : "held-out",
+          i + 1 < rows.size() ? "," : "");
     }
     f << absl::StrFormat(
         "  ],\n  \"fitted_pipeline_fill_clocks\": %.0f,\n"
@@ -253,15 +271,16 @@ int main(int argc, char** argv) {
   if (!md.empty()) {
     std::ofstream f(md);
     f << kMarkdownPreamble;
-    f << "| dtype | head_dim | group | pages/seq | seqs | row words | cycles (simulated) | "
+    f << "| dtype | head_dim | group | agg | pages/seq | seqs | row words | cycles (simulated) | "
          "cycles/page | model cycles | model error | set |\n"
-         "|---|---|---|---|---|---|---|---|---|---|---|\n";
+         "|---|---|---|---|---|---|---|---|---|---|---|---|\n";
     for (const Row& r : rows) {
       f << absl::StrFormat(
-          "| %s | %d | %d | %d | %d | %d | %d | %.2f | %.0f | %+.1f%% | %s |\n", r.s.dtype_name,
-          r.s.head_dim, r.s.group, r.s.pages, r.s.seqs, r.row_words, r.cycles,
-          static_cast<double>(r.cycles) / (r.s.pages * r.s.seqs), r.model_cycles,
-          100.0 * (r.model_cycles - r.cycles) / r.cycles, r.fit ? "fit" : "held-out");
+          "| %s | %d | %d | %s | %d | %d | %d | %d | %.2f | %.0f | %+.1f%% | %s |\n",
+          r.s.dtype_name, r.s.head_dim, r.s.group, r.s.aggregation ? "sum" : "max", r.s.pages,
+          r.s.seqs, r.row_words, r.cycles, static_cast<double>(r.cycles) / (r.s.pages * r.s.seqs),
+          r.model_cycles, 100.0 * (r.model_cycles - r.cycles) / r.cycles,
+          r.fit ? "fit" : "held-out");
     }
     f << absl::StrFormat(
         "\nFills implied by the fit shapes: pipeline %.0f clocks per launch, %.0f per further "
