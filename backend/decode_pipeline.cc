@@ -152,8 +152,9 @@ absl::StatusOr<std::unique_ptr<DecodePipeline>> DecodePipeline::Create(
       return absl::InvalidArgumentError(absl::StrCat(
           "placement ", PlacementToString(options.placement), " needs a page selector, got none"));
     }
-    const CacheShape shape{caches[0].dtype, caches[0].num_blocks, caches[0].block_size,
-                           caches[0].num_kv_heads, caches[0].head_dim};
+    CacheShape shape{caches[0].dtype, caches[0].num_blocks, caches[0].block_size,
+                     caches[0].num_kv_heads, caches[0].head_dim};
+    shape.digest_format = options.digest_format;
     const int num_layers = static_cast<int>(caches.size());
     for (int l = FirstSparseLayer(options.policy, num_layers); l < num_layers; ++l) {
       MEMPIPE_RETURN_IF_ERROR(selector->AddLayer(l, shape));

@@ -94,6 +94,9 @@ struct PipelineOptions {
   // Which layers select pages (backend/policy.h); the first policy.dense_layers layers
   // decode densely and select nothing (Quest keeps 2).
   SparsityPolicy policy{.dense_layers = 0, .selection = {}};
+  // How the selector stores and scans the digests (retriever/digest.h): native or int8. The
+  // pipeline's own fallback selection keeps native host digests.
+  DigestFormat digest_format = DigestFormat::kNative;
   int apply_threads = 1;  // host threads of the CPU decode (DecodeIo::num_threads)
   float scale = 0;        // softmax scale; 0 means 1 / sqrt(head_dim)
   // Step 4's device (backend/apply_device.h): null decodes on the host (DenseDecode /

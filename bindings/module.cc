@@ -753,6 +753,9 @@ void ApplyU55cParams(const py::object& params, U55cParams& p) {
       {"dma_to_card_bps", &p.dma_to_card_bps},
       {"dma_from_card_bps", &p.dma_from_card_bps},
       {"dma_transfer_overhead_s", &p.dma_transfer_overhead_s},
+      {"dma_small_to_card_bps", &p.dma_small_to_card_bps},
+      {"dma_small_from_card_bps", &p.dma_small_from_card_bps},
+      {"dma_small_knee_bytes", &p.dma_small_knee_bytes},
       {"board_power_active_w", &p.board_power_active_w},
       {"board_power_idle_w", &p.board_power_idle_w}};
   for (auto [key, value] : params.cast<py::dict>()) {

@@ -24,8 +24,18 @@ size_t RowWordsOf(const CacheShape& shape) {
   return static_cast<size_t>(fpga_hls::RowWords(shape.head_dim, static_cast<int>(shape.dtype)));
 }
 
+int DigestCode(const CacheShape& shape) {
+  return static_cast<int>(shape.dtype) |
+         (shape.digest_format == DigestFormat::kInt8 ? fpga_hls::kInt8DigestFlag : 0);
+}
+
 size_t HeadSliceWords(const CacheShape& shape) {
-  return static_cast<size_t>(shape.num_blocks) * 2 * RowWordsOf(shape);
+  return static_cast<size_t>(shape.num_blocks) *
+         fpga_hls::BlockWords(shape.head_dim, DigestCode(shape));
+}
+
+size_t ScanWordsOf(const CacheShape& shape) {
+  return static_cast<size_t>(fpga_hls::ScanWords(shape.head_dim, DigestCode(shape)));
 }
 
 ScoreIo PlanScoreIo(int num_seqs, int group, int head_dim, int max_blocks_per_seq,
@@ -144,11 +154,16 @@ CuLaunch ScoreLaunchWork(const SelectRequest& r, const CacheShape& shape, int cu
   // (sum aggregation: at least (group - 1) x score_add_stages + 1); the select's emit pass reads
   // every page once and pads the row (n + max_selected clocks) while scoring waits; each row also
   // loads its queries (group x head_dim / 16 words) and pays the fill.
+  // Int8 digests (modeled; the RTL core is the native one): the core takes a pair of 64-code
+  // words per clock (twice the multipliers of a bf16 word), so a page costs Int8RowWords x
+  // the same slots, and the stream reads the record (codes + one scale word) per page.
   CuLaunch l;
   l.cu = cu;
   l.rows = r.table.num_seqs;
-  const double row_words = static_cast<double>(RowWordsOf(shape));
-  const double row_bytes = row_words * hls_compat::kWordBytes;
+  const bool int8 = shape.digest_format == DigestFormat::kInt8;
+  const double row_words = int8 ? static_cast<double>(fpga_hls::Int8RowWords(shape.head_dim))
+                                : static_cast<double>(RowWordsOf(shape));
+  const double scan_words = static_cast<double>(ScanWordsOf(shape));
   const int group = shape.num_kv_heads > 0 ? r.query.num_heads / shape.num_kv_heads : 1;
   const int add_stages = std::max(2, params.score_add_stages);
   double page_clocks = row_words * std::max(group, add_stages);
@@ -163,11 +178,11 @@ CuLaunch ScoreLaunchWork(const SelectRequest& r, const CacheShape& shape, int cu
   const double beats_per_clock = std::min(params.hbm_channel_peak_bps * params.hbm_efficiency,
                                           static_cast<double>(params.axi_word_bytes) * hz) /
                                  (params.axi_word_bytes * hz);
-  const double page_pace = std::max(page_clocks, 2.0 * row_words / beats_per_clock);
+  const double page_pace = std::max(page_clocks, scan_words / beats_per_clock);
   double digest_bytes = 0, score = 0, serial = 0;
   for (int s = 0; s < r.table.num_seqs; ++s) {
     const int n = NumPages(r.table.seq_lens[s], shape.block_size);
-    digest_bytes += 2.0 * n * row_bytes;
+    digest_bytes += n * scan_words * hls_compat::kWordBytes;
     score += n * page_clocks;
     const double emit = params.select_clocks_per_page * n + r.out.max_selected;
     const double hidden = s + 1 < r.table.num_seqs ? params.score_fifo_pages * page_pace : 0.0;
@@ -186,6 +201,10 @@ CuLaunch UpdateLaunchWork(const CacheShape& shape, const int64_t* slots, int beg
   l.cu = cu;
   l.rows = 1;
   const double row_bytes = static_cast<double>(RowWordsOf(shape)) * hls_compat::kWordBytes;
+  // Written per run: both exact rows, plus the int8 record for int8 digests.
+  const double out_bytes =
+      static_cast<double>(fpga_hls::BlockWords(shape.head_dim, DigestCode(shape))) *
+      hls_compat::kWordBytes;
   int64_t current = -1;
   double runs = 0, reads_old = 0;
   for (int t = begin; t < end; ++t) {
@@ -198,7 +217,7 @@ CuLaunch UpdateLaunchWork(const CacheShape& shape, const int64_t* slots, int beg
     }
   }
   // Keys and slots in, old rows in for runs that continue a page, both rows out per run.
-  l.hbm_bytes = io.slots_bytes + io.keys_bytes + 2 * row_bytes * (reads_old + runs);
+  l.hbm_bytes = io.slots_bytes + io.keys_bytes + 2 * row_bytes * reads_old + out_bytes * runs;
   l.stream_words = (io.keys_bytes + 2 * row_bytes * reads_old) / hls_compat::kWordBytes;
   return l;
 }

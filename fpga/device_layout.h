@@ -35,9 +35,16 @@ inline constexpr size_t kSubBufferAlign = 4096;
 // Compute unit (= HBM pseudo-channel) holding the digests of (layer, kv_head).
 int CuFor(int layer, int kv_head, int num_kv_heads, int num_cus);
 
-// Words of one head's digest slice: num_blocks x 2 rows x row_words.
+// The kernels' `dtype` argument for this layer: the cache dtype, plus
+// fpga_hls::kInt8DigestFlag when shape.digest_format is kInt8 (fpga/hls/kernel_common.h).
+int DigestCode(const CacheShape& shape);
+
+// Words of one head's digest slice: num_blocks x BlockWords (2 rows x row_words natively; the
+// int8 record plus the exact rows for int8 digests, fpga/hls/kernel_common.h).
 size_t HeadSliceWords(const CacheShape& shape);
-size_t RowWordsOf(const CacheShape& shape);
+size_t RowWordsOf(const CacheShape& shape);  // words of one exact (cache dtype) row
+// Words a score pass reads per page and KV head: 2 x row_words, or the int8 record.
+size_t ScanWordsOf(const CacheShape& shape);
 
 struct ScoreIo {
   size_t queries_offset = 0, queries_bytes = 0;

@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/status_macros.h"
+#include "retriever/int8_quant.h"
 
 namespace mempipe {
 namespace {
@@ -25,10 +26,70 @@ void WidenRow(const T* key, T* mx, T* mn, int head_dim) {
   }
 }
 
+// The exact (native) digest that builds and updates work on: `digests` itself for kNative.
+DigestView ExactView(const DigestView& digests) {
+  DigestView e = digests;
+  if (digests.format == DigestFormat::kInt8) {
+    e.data = digests.exact;
+    e.format = DigestFormat::kNative;
+    e.scales = nullptr;
+    e.exact = nullptr;
+  }
+  return e;
+}
+
+// Re-quantizes every (block, head) of `blocks` (negative entries skipped).
+void QuantizeBlocks(const DigestView& digests, const int32_t* blocks, int num) {
+  const int d = digests.head_dim;
+  std::vector<float> mx(d), mn(d);
+  DispatchDType(digests.dtype, [&]<typename T>() {
+    const T* ex = static_cast<const T*>(digests.exact);
+    int8_t* q = static_cast<int8_t*>(digests.data);
+    for (int i = 0; i < num; ++i) {
+      const int block = blocks[i];
+      if (block < 0) continue;
+      for (int h = 0; h < digests.num_kv_heads; ++h) {
+        const size_t omx = digests.Offset(block, 0, h), omn = digests.Offset(block, 1, h);
+        for (int c = 0; c < d; ++c) {
+          mx[c] = ToFloat(ex[omx + c]);
+          mn[c] = ToFloat(ex[omn + c]);
+        }
+        digests.scales[digests.ScaleIndex(block, h)] =
+            int8_digest::QuantizeRows(mx.data(), mn.data(), d, q + omx, q + omn);
+      }
+    }
+  });
+}
+
 }  // namespace
+
+absl::StatusOr<DigestFormat> ParseDigestFormat(absl::string_view name) {
+  if (name == "native") return DigestFormat::kNative;
+  if (name == "int8") return DigestFormat::kInt8;
+  return absl::InvalidArgumentError(
+      absl::StrCat("digest format must be 'native' or 'int8', got '", name, "'"));
+}
+
+absl::string_view DigestFormatName(DigestFormat format) {
+  return format == DigestFormat::kInt8 ? "int8" : "native";
+}
+
+absl::Status ValidateDigestFormat(DigestFormat format) {
+  if (format != DigestFormat::kNative && format != DigestFormat::kInt8) {
+    return absl::InvalidArgumentError(absl::StrCat("digest format code ", static_cast<int>(format),
+                                                   " is neither native (0) nor int8 (1)"));
+  }
+  return absl::OkStatus();
+}
 
 absl::Status ValidateDigests(const KvCacheView& cache, const DigestView& digests) {
   if (digests.data == nullptr) return absl::InvalidArgumentError("digest pointer is null");
+  MEMPIPE_RETURN_IF_ERROR(ValidateDigestFormat(digests.format));
+  if (digests.format == DigestFormat::kInt8 &&
+      (digests.scales == nullptr || digests.exact == nullptr)) {
+    return absl::InvalidArgumentError(
+        "int8 digests need their scales and their exact max/min (a null pointer was given)");
+  }
   if (digests.dtype != cache.dtype || digests.num_blocks != cache.num_blocks ||
       digests.num_kv_heads != cache.num_kv_heads || digests.head_dim != cache.head_dim) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -45,9 +106,10 @@ absl::Status BuildDigests(const KvCacheView& cache, const BlockTableView& table,
   MEMPIPE_RETURN_IF_ERROR(ValidateKvCache(cache));
   MEMPIPE_RETURN_IF_ERROR(ValidateDigests(cache, digests));
   MEMPIPE_RETURN_IF_ERROR(ValidateBlockTable(table, cache.block_size, cache.num_blocks));
+  const DigestView exact = ExactView(digests);
   DispatchDType(cache.dtype, [&]<typename T>() {
     const T* kv = static_cast<const T*>(cache.data);
-    T* dg = static_cast<T*>(digests.data);
+    T* dg = static_cast<T*>(exact.data);
     std::vector<float> fmx(cache.head_dim), fmn(cache.head_dim);
     for (int s = 0; s < table.num_seqs; ++s) {
       const int len = table.seq_lens[s];
@@ -77,6 +139,13 @@ absl::Status BuildDigests(const KvCacheView& cache, const BlockTableView& table,
       }
     }
   });
+  if (digests.format == DigestFormat::kInt8) {
+    for (int s = 0; s < table.num_seqs; ++s) {
+      const int pages = NumPages(table.seq_lens[s], cache.block_size);
+      QuantizeBlocks(digests, table.block_table + static_cast<size_t>(s) * table.max_blocks_per_seq,
+                     pages);
+    }
+  }
   return absl::OkStatus();
 }
 
@@ -102,7 +171,7 @@ absl::Status CheckSlots(const int64_t* slot_mapping, int num_tokens, int64_t num
 template <typename T, typename KeyRow>
 void ApplyKeys(const DigestView& digests, int block_size, const int64_t* slot_mapping,
                int num_tokens, KeyRow key_row) {
-  T* dg = static_cast<T*>(digests.data);
+  T* dg = static_cast<T*>(ExactView(digests).data);
   for (int t = 0; t < num_tokens; ++t) {
     const int64_t slot = slot_mapping[t];
     if (slot < 0) continue;
@@ -118,6 +187,18 @@ void ApplyKeys(const DigestView& digests, int block_size, const int64_t* slot_ma
         WidenRow(key, mx, mn, digests.head_dim);
       }
     }
+  }
+  if (digests.format == DigestFormat::kInt8) {
+    // Each touched block once, after all of its tokens: the same function of the exact digest
+    // as the bulk build's.
+    std::vector<int32_t> touched;
+    for (int t = 0; t < num_tokens; ++t) {
+      if (slot_mapping[t] >= 0)
+        touched.push_back(static_cast<int32_t>(slot_mapping[t] / block_size));
+    }
+    std::sort(touched.begin(), touched.end());
+    touched.erase(std::unique(touched.begin(), touched.end()), touched.end());
+    QuantizeBlocks(digests, touched.data(), static_cast<int>(touched.size()));
   }
 }
 
@@ -145,6 +226,12 @@ absl::Status UpdateDigestsFromKeys(const DigestView& digests, int block_size,
   if (digests.data == nullptr || (num_tokens > 0 && keys == nullptr)) {
     return absl::InvalidArgumentError("digests and keys must not be null");
   }
+  MEMPIPE_RETURN_IF_ERROR(ValidateDigestFormat(digests.format));
+  if (digests.format == DigestFormat::kInt8 &&
+      (digests.scales == nullptr || digests.exact == nullptr)) {
+    return absl::InvalidArgumentError(
+        "int8 digests need their scales and their exact max/min (a null pointer was given)");
+  }
   MEMPIPE_RETURN_IF_ERROR(ValidateBlockSize(block_size));
   MEMPIPE_RETURN_IF_ERROR(ValidateHeadDim(digests.head_dim));
   MEMPIPE_RETURN_IF_ERROR(
@@ -156,6 +243,26 @@ absl::Status UpdateDigestsFromKeys(const DigestView& digests, int block_size,
       return k + t * row + static_cast<size_t>(h) * digests.head_dim;
     });
   });
+  return absl::OkStatus();
+}
+
+absl::Status QuantizeDigestBlocks(const DigestView& digests, const int32_t* blocks, int num) {
+  if (digests.format != DigestFormat::kInt8) {
+    return absl::InvalidArgumentError(absl::StrCat("QuantizeDigestBlocks needs int8 digests, got ",
+                                                   DigestFormatName(digests.format)));
+  }
+  if (digests.data == nullptr || digests.scales == nullptr || digests.exact == nullptr ||
+      (num > 0 && blocks == nullptr)) {
+    return absl::InvalidArgumentError("int8 digest pointers and blocks must not be null");
+  }
+  for (int i = 0; i < num; ++i) {
+    if (blocks[i] >= digests.num_blocks) {
+      return absl::InvalidArgumentError(absl::StrCat("blocks[", i, "] = ", blocks[i],
+                                                     " is past the digests' ", digests.num_blocks,
+                                                     " blocks"));
+    }
+  }
+  QuantizeBlocks(digests, blocks, num);
   return absl::OkStatus();
 }
 

@@ -15,12 +15,18 @@ KvCacheView CacheShape::Geometry() const {
 }
 
 absl::Status ValidateCacheShape(const CacheShape& shape) {
+  MEMPIPE_RETURN_IF_ERROR(ValidateDigestFormat(shape.digest_format));
   return ValidateKvCache(shape.Geometry());
 }
 
 DigestView CpuPageSelector::Layer::View() {
-  return DigestView{digests.data(), shape.dtype, shape.num_blocks, shape.num_kv_heads,
-                    shape.head_dim};
+  DigestView v{digests.data(), shape.dtype, shape.num_blocks, shape.num_kv_heads, shape.head_dim};
+  v.format = shape.digest_format;
+  if (v.format == DigestFormat::kInt8) {
+    v.scales = scales.data();
+    v.exact = exact.data();
+  }
+  return v;
 }
 
 absl::StatusOr<CpuPageSelector::Layer*> CpuPageSelector::Find(int layer) {
@@ -43,7 +49,10 @@ absl::Status CpuPageSelector::AddLayer(int layer, const CacheShape& shape) {
   MEMPIPE_RETURN_IF_ERROR(ValidateCacheShape(shape));
   Layer& l = layers_[layer];
   l.shape = shape;
-  l.digests.assign(l.View().NumBytes(), 0);
+  const DigestView v = l.View();
+  l.digests.assign(v.NumBytes(), 0);
+  l.scales.assign(v.ScaleBytes() / sizeof(float), 0.0f);
+  l.exact.assign(v.ExactBytes(), 0);
   return absl::OkStatus();
 }
 

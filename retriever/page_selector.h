@@ -46,13 +46,17 @@ struct CacheShape {
   int block_size = 16;
   int num_kv_heads = 0;
   int head_dim = 0;
+  // How the selector stores and scans this layer's digests (digest.h). kInt8 selectors also
+  // keep the exact max/min (never scanned) so that appended keys update bit-exactly.
+  DigestFormat digest_format = DigestFormat::kNative;
 
   // A cache view with this geometry and a placeholder (non-null, never read) data pointer: the
   // shape checks and steps 2-3 take the layer's geometry through a KvCacheView.
   KvCacheView Geometry() const;
 };
 
-// Shape checks for AddLayer (what ValidateKvCache checks, without a pointer).
+// Shape checks for AddLayer (what ValidateKvCache checks, without a pointer, and the digest
+// format).
 [[nodiscard]] absl::Status ValidateCacheShape(const CacheShape& shape);
 
 // One selection: steps 2 and 3 for one layer and a batch (or micro-batch) of sequences.
@@ -127,6 +131,8 @@ class CpuPageSelector final : public PageSelector {
   struct Layer {
     CacheShape shape;
     std::vector<uint8_t> digests;
+    std::vector<float> scales;   // kInt8
+    std::vector<uint8_t> exact;  // kInt8
     DigestView View();
   };
   absl::StatusOr<Layer*> Find(int layer);

@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/parallel.h"
 #include "core/status_macros.h"
+#include "retriever/int8_quant.h"
 
 namespace mempipe {
 
@@ -105,11 +106,23 @@ absl::Status ComputeRelevancy(const QueryView& query, const KvCacheView& cache,
             scores + (static_cast<size_t>(s) * cache.num_kv_heads + h) * table.max_blocks_per_seq;
         for (int p = 0; p < pages; ++p) {
           const int block = table.Block(s, p);
-          const T* dmx = dg + digests.Offset(block, 0, h);
-          const T* dmn = dg + digests.Offset(block, 1, h);
-          for (int c = 0; c < d; ++c) {
-            mx[c] = ToFloat(dmx[c]);
-            mn[c] = ToFloat(dmn[c]);
+          if (digests.format == DigestFormat::kInt8) {
+            // The dequantized bound: one fp32 multiply per element (int8_quant.h).
+            const int8_t* q8 = static_cast<const int8_t*>(digests.data);
+            const int8_t* qmx = q8 + digests.Offset(block, 0, h);
+            const int8_t* qmn = q8 + digests.Offset(block, 1, h);
+            const float scale = digests.scales[digests.ScaleIndex(block, h)];
+            for (int c = 0; c < d; ++c) {
+              mx[c] = int8_digest::Dequantize(qmx[c], scale);
+              mn[c] = int8_digest::Dequantize(qmn[c], scale);
+            }
+          } else {
+            const T* dmx = dg + digests.Offset(block, 0, h);
+            const T* dmn = dg + digests.Offset(block, 1, h);
+            for (int c = 0; c < d; ++c) {
+              mx[c] = ToFloat(dmx[c]);
+              mn[c] = ToFloat(dmn[c]);
+            }
           }
           float agg_score = 0.0f;
           for (int g = 0; g < groups; ++g) {

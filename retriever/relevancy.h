@@ -8,8 +8,9 @@
 // fused multiply-add. Channel c goes to lane c % 32; each lane adds its terms in increasing c;
 // the 32 lanes then reduce pairwise, lane[i] += lane[i + s] for s = 16, 8, 4, 2, 1, and lane 0
 // is s. (A warp's xor-butterfly and an HLS adder tree give exactly this.) The group's heads
-// aggregate in increasing head order. Every implementation follows this order, so their
-// scores, and hence their selections, agree exactly.
+// aggregate in increasing head order. Int8 digests (digest.h) enter as their dequantized rows,
+// fl(q * s) per element, and then follow the same order. Every implementation follows this order,
+// so their scores, and hence their selections, agree exactly.
 //
 //   scores [num_seqs, num_kv_heads, max_blocks_per_seq] fp32; entries past a sequence's last
 //   page are -inf.

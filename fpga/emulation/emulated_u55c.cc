@@ -141,7 +141,7 @@ absl::Status EmulatedU55cSelector::RunUpdate(int layer_id, Layer& layer, const i
         mempipe_digest_update(dg, dg, reinterpret_cast<const Word512*>(Bytes(in) + io.keys_offset),
                               reinterpret_cast<const int64_t*>(Bytes(in) + io.slots_offset),
                               end - begin, /*num_kv_heads=*/1, /*head=*/0, sh.head_dim,
-                              static_cast<int>(sh.dtype), sh.block_size);
+                              DigestCode(sh), sh.block_size);
       } catch (const std::exception& e) {
         return absl::InternalError(
             absl::StrCat("digest kernel failed in C simulation: ", e.what()));
@@ -288,7 +288,7 @@ void EmulatedU55cSelector::RunJob(Job& job) {
                          reinterpret_cast<const int32_t*>(in + job.io.lens_offset),
                          reinterpret_cast<int32_t*>(out + job.io.pages_offset),
                          reinterpret_cast<int32_t*>(out + job.io.counts_offset), r.table.num_seqs,
-                         job.group, sh.head_dim, static_cast<int>(sh.dtype), sh.block_size,
+                         job.group, sh.head_dim, DigestCode(sh), sh.block_size,
                          r.table.max_blocks_per_seq, r.out.max_selected, k, r.config.num_sink_pages,
                          r.config.num_local_pages, static_cast<int>(r.config.aggregation));
     }
@@ -370,22 +370,42 @@ absl::Status EmulatedU55cSelector::ReadDigests(int layer, const DigestView& out)
   }
   const CacheShape& sh = it->second.shape;
   if (out.data == nullptr || out.dtype != sh.dtype || out.num_blocks != sh.num_blocks ||
-      out.num_kv_heads != sh.num_kv_heads || out.head_dim != sh.head_dim) {
+      out.num_kv_heads != sh.num_kv_heads || out.head_dim != sh.head_dim ||
+      out.format != sh.digest_format ||
+      (out.format == DigestFormat::kInt8 && (out.scales == nullptr || out.exact == nullptr))) {
     return absl::InvalidArgumentError("digest view does not match the layer's shape");
   }
   if (functional_ == EmulatedFunctional::kReference) {
     MEMPIPE_ASSIGN_OR_RETURN(DigestView ref, reference_.Digests(layer));
     std::memcpy(out.data, ref.data, ref.NumBytes());
+    if (ref.format == DigestFormat::kInt8) {  // and the int8 digest's scales and exact rows
+      std::memcpy(out.scales, ref.scales, ref.ScaleBytes());
+      std::memcpy(out.exact, ref.exact, ref.ExactBytes());
+    }
     return absl::OkStatus();
   }
   const size_t row = static_cast<size_t>(sh.head_dim) * DTypeSize(sh.dtype);
+  const bool int8 = sh.digest_format == DigestFormat::kInt8;
+  // Native: [block][max row, min row]. Int8: [block][max codes, min codes, scale word, exact
+  // max row, exact min row] (fpga/hls/kernel_common.h).
+  const size_t block_bytes = HeadSliceWords(sh) / sh.num_blocks * sizeof(Word512);
+  const size_t codes = static_cast<size_t>(sh.head_dim);
+  const size_t exact_at = int8 ? (2 * codes + sizeof(Word512)) : 0;
+  void* exact_out = int8 ? out.exact : out.data;
   for (int h = 0; h < sh.num_kv_heads; ++h) {
     const uint8_t* src = reinterpret_cast<const uint8_t*>(it->second.heads[h].data());
     for (int b = 0; b < sh.num_blocks; ++b) {
+      const uint8_t* blk = src + static_cast<size_t>(b) * block_bytes;
       for (int which = 0; which < 2; ++which) {
-        std::memcpy(static_cast<uint8_t*>(out.data) + out.Offset(b, which, h) * DTypeSize(sh.dtype),
-                    src + (static_cast<size_t>(b) * 2 + which) * row, row);
+        std::memcpy(
+            static_cast<uint8_t*>(exact_out) + out.Offset(b, which, h) * DTypeSize(sh.dtype),
+            blk + exact_at + which * row, row);
+        if (int8) {
+          std::memcpy(static_cast<int8_t*>(out.data) + out.Offset(b, which, h), blk + which * codes,
+                      codes);
+        }
       }
+      if (int8) std::memcpy(&out.scales[out.ScaleIndex(b, h)], blk + 2 * codes, sizeof(float));
     }
   }
   return absl::OkStatus();

@@ -66,8 +66,9 @@ class EmulatedU55cSelector final : public PageSelector {
   absl::Status Wait(SelectTicket ticket, absl::Time deadline) override;
   SelectorCosts Costs() const override;
 
-  // Copies a layer's digests out of the emulated HBM into `out` (the DigestView layout), for
-  // tests comparing them with the CPU reference.
+  // Copies a layer's digests out of the emulated HBM into `out` (the DigestView layout; for an
+  // int8 layer an int8 view: codes, scales and exact rows), for tests comparing them with the
+  // CPU reference.
   absl::Status ReadDigests(int layer, const DigestView& out) const;
   // HBM pseudo-channel holding (layer, kv_head), and bytes allocated on each channel.
   int ChannelOf(int layer, int kv_head) const;

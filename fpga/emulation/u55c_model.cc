@@ -9,8 +9,14 @@ namespace mempipe {
 double U55cModel::DmaSeconds(double bytes, DmaDirection dir) const {
   if (bytes <= 0) return 0;
   const double chunks = std::ceil(bytes / p_.dma_max_transfer_bytes);
-  const double bps = dir == DmaDirection::kToCard ? p_.dma_to_card_bps : p_.dma_from_card_bps;
-  return chunks * p_.dma_transfer_overhead_s + bytes / bps;
+  const bool to_card = dir == DmaDirection::kToCard;
+  const double bps = to_card ? p_.dma_to_card_bps : p_.dma_from_card_bps;
+  const double small_bps = to_card ? p_.dma_small_to_card_bps : p_.dma_small_from_card_bps;
+  // Each chunk: the fixed overhead, its first dma_small_knee_bytes at the small-transfer rate,
+  // the rest at the large-buffer rate.
+  const double slow = std::min(bytes / chunks, p_.dma_small_knee_bytes);
+  const double extra = small_bps > 0 && small_bps < bps ? slow / small_bps - slow / bps : 0.0;
+  return chunks * (p_.dma_transfer_overhead_s + extra) + bytes / bps;
 }
 
 double U55cModel::ChannelReadBps() const {

@@ -89,10 +89,21 @@ struct U55cParams {
   // (XRT PRs 5448 and 937). Middle of each range.
   double dma_to_card_bps = 10.5e9;
   double dma_from_card_bps = 11.5e9;
-  // Fixed cost of one DMA transfer (descriptor setup, interrupt, xrt::bo::sync). Calibrated to
-  // 0.67-0.86 GB/s measured for 4 KB buffers (XRT issue 6787, U50, same XDMA shell family):
-  // 4096 B / (5 us + 4096 B / 10.5 GB/s) = 0.76 GB/s.
-  double dma_transfer_overhead_s = 5e-6;
+  // Fixed cost of one DMA transfer (descriptor setup, interrupt, xrt::bo::sync), and the rate of
+  // a transfer's first dma_small_knee_bytes, slower than the large-buffer rate. Fitted to XRT
+  // issue 6787 (U50, the same Gen3 x16 XDMA shell family): 0.67-0.86 GB/s for 4 KB buffers and
+  // 2,975 MB/s to the card / 3,025 MB/s back (medians of ten runs) for 40,960-byte buffers.
+  // 4.4 us + 4096 B / 4.3 GB/s -> 0.77 GB/s; 4.4 us + 40960 B / 4.3 GB/s -> 2.94 GB/s (to the
+  // card), 4.4 us + 40960 B / 4.5 GB/s -> 3.03 GB/s (back). The affine model used before (5 us +
+  // bytes / the large-buffer rate) was 1.55x too fast at 40 KB
+  // (tests/fpga/emulation/u55c_model_test.cc).
+  double dma_transfer_overhead_s = 4.4e-6;
+  double dma_small_to_card_bps = 4.3e9;
+  double dma_small_from_card_bps = 4.5e9;
+  // ESTIMATE: bytes of a transfer that move at the small rate before it streams at the large one.
+  // No published point lies between 40 KB and 256 MB; a larger knee is the pessimistic side (it
+  // costs 144 us more per 256 MB transfer at 1 MiB, 0.6%, inside the large-buffer calibration).
+  double dma_small_knee_bytes = 1024.0 * 1024;
   // Largest single DMA (UG1120: 256 MB); larger buffers cost one overhead per chunk.
   double dma_max_transfer_bytes = 256.0 * 1024 * 1024;
 

@@ -23,10 +23,13 @@
 //   +------------------------------------------------------------+
 //
 // Same result as retriever/digest.h UpdateDigestsFromKeys bit for bit: max/min pick stored
-// values, never round. The host splits a launch wherever a block would reappear after its run
+// values, never round. Int8 digests: the fold runs on the exact rows, and at each run's end the
+// record (codes + scale) is re-quantized from them with retriever/int8_quant.h's functions, the
+// CPU reference's own code. The host splits a launch wherever a block would reappear after its run
 // ended, so a load never reads a row the store has yet to write.
 #include "fpga/hls/kernel_common.h"
 #include "fpga/hls/kernels.h"
+#include "retriever/int8_quant.h"
 
 namespace mempipe::fpga_hls {
 namespace {
@@ -41,8 +44,8 @@ struct Ctrl {
 };
 
 void LoadStage(const Word512* digests_in, const Word512* keys, const int64_t* slots, int num_tokens,
-               int num_kv_heads, int head, int row_words, int block_size, Stream<Ctrl>& ctrl,
-               Stream<Word512>& words) {
+               int num_kv_heads, int head, int row_words, int block_words, int exact_offset,
+               int block_size, Stream<Ctrl>& ctrl, Stream<Word512>& words) {
   int current = -1;
 LOAD_TOKENS:
   for (int t = 0; t < num_tokens; ++t) {
@@ -59,7 +62,7 @@ LOAD_TOKENS:
         for (int w = 0; w < 2 * row_words; ++w) {
 #pragma HLS LOOP_TRIPCOUNT min = 4 max = 32
 #pragma HLS pipeline II = 1
-          words.write(digests_in[static_cast<int64_t>(block) * 2 * row_words + w]);
+          words.write(digests_in[static_cast<int64_t>(block) * block_words + exact_offset + w]);
         }
       }
       current = block;
@@ -91,8 +94,37 @@ FOLD_ELEMS:
   }
 }
 
-void FoldStage(int row_words, int dtype, Stream<Ctrl>& ctrl, Stream<Word512>& words,
-               Stream<int>& out_block, Stream<Word512>& out_words) {
+// Int8 digests: the record of the exact rows mx/mn (retriever/int8_quant.h's QuantizeRows).
+void EmitInt8Record(const Word512 mx[kMaxRowWords], const Word512 mn[kMaxRowWords], int row_words,
+                    int dtype, int head_dim, Stream<Word512>& out_words) {
+  float fmx[kMaxHeadDim], fmn[kMaxHeadDim];
+  int8_t qmx[kMaxHeadDim], qmn[kMaxHeadDim];
+  const int epw = ElemsPerWord(dtype);
+  for (int w = 0; w < row_words; ++w) {
+    for (int e = 0; e < epw; ++e) {
+      fmx[w * epw + e] = DecodeElem(mx[w], e, dtype);
+      fmn[w * epw + e] = DecodeElem(mn[w], e, dtype);
+    }
+  }
+  const float scale = int8_digest::QuantizeRows(fmx, fmn, head_dim, qmx, qmn);
+  const int rw8 = Int8RowWords(head_dim);
+  for (int row = 0; row < 2; ++row) {
+    const int8_t* q = row == 0 ? qmx : qmn;
+    for (int w = 0; w < rw8; ++w) {
+      Word512 word{};
+      for (int e = 0; e < hls_compat::kWordBytes; ++e) {
+        hls_compat::SetBits8(word, e, static_cast<uint8_t>(q[w * hls_compat::kWordBytes + e]));
+      }
+      out_words.write(word);
+    }
+  }
+  Word512 sw{};
+  hls_compat::SetBits32(sw, 0, int8_digest::Bits(scale));
+  out_words.write(sw);
+}
+
+void FoldStage(int row_words, int dtype, bool int8, int head_dim, Stream<Ctrl>& ctrl,
+               Stream<Word512>& words, Stream<int>& out_block, Stream<Word512>& out_words) {
   Word512 mx[kMaxRowWords];
   Word512 mn[kMaxRowWords];
 FOLD_CTRL:
@@ -126,6 +158,7 @@ FOLD_CTRL:
       }
     } else {  // kEnd
       out_block.write(c.block);
+      if (int8) EmitInt8Record(mx, mn, row_words, dtype, head_dim, out_words);
       for (int w = 0; w < row_words; ++w) out_words.write(mx[w]);
       for (int w = 0; w < row_words; ++w) out_words.write(mn[w]);
     }
@@ -133,7 +166,7 @@ FOLD_CTRL:
   out_block.write(-1);
 }
 
-void StoreStage(int row_words, Stream<int>& in_block, Stream<Word512>& in_words,
+void StoreStage(int block_words, Stream<int>& in_block, Stream<Word512>& in_words,
                 Word512* digests_out) {
 STORE_RUNS:
   for (;;) {
@@ -141,10 +174,10 @@ STORE_RUNS:
     const int block = in_block.read();
     if (block < 0) break;
   STORE_ROWS:
-    for (int w = 0; w < 2 * row_words; ++w) {
-#pragma HLS LOOP_TRIPCOUNT min = 4 max = 32
+    for (int w = 0; w < block_words; ++w) {
+#pragma HLS LOOP_TRIPCOUNT min = 4 max = 41
 #pragma HLS pipeline II = 1
-      digests_out[static_cast<int64_t>(block) * 2 * row_words + w] = in_words.read();
+      digests_out[static_cast<int64_t>(block) * block_words + w] = in_words.read();
     }
   }
 }
@@ -166,7 +199,12 @@ extern "C" void mempipe_digest_update(const mempipe::hls_compat::Word512* digest
   using mempipe::fpga_hls::Ctrl;
   using mempipe::hls_compat::Stream;
   using mempipe::hls_compat::Word512;
-  const int row_words = mempipe::fpga_hls::RowWords(head_dim, dtype);
+  // dtype: the cache dtype, plus kInt8DigestFlag for int8 digests (kernel_common.h).
+  const bool int8 = mempipe::fpga_hls::IsInt8Digest(dtype);
+  const int key_dtype = mempipe::fpga_hls::CacheDTypeOf(dtype);
+  const int row_words = mempipe::fpga_hls::RowWords(head_dim, key_dtype);
+  const int block_words = mempipe::fpga_hls::BlockWords(head_dim, dtype);
+  const int exact_offset = int8 ? mempipe::fpga_hls::Int8RecordWords(head_dim) : 0;
   Stream<Ctrl> ctrl;
   Stream<Word512> words;
   Stream<int> run_block;
@@ -174,7 +212,8 @@ extern "C" void mempipe_digest_update(const mempipe::hls_compat::Word512* digest
 #pragma HLS stream variable = words depth = 64
 #pragma HLS stream variable = run_words depth = 64
   mempipe::fpga_hls::LoadStage(digests_in, keys, slots, num_tokens, num_kv_heads, head, row_words,
-                               block_size, ctrl, words);
-  mempipe::fpga_hls::FoldStage(row_words, dtype, ctrl, words, run_block, run_words);
-  mempipe::fpga_hls::StoreStage(row_words, run_block, run_words, digests_out);
+                               block_words, exact_offset, block_size, ctrl, words);
+  mempipe::fpga_hls::FoldStage(row_words, key_dtype, int8, head_dim, ctrl, words, run_block,
+                               run_words);
+  mempipe::fpga_hls::StoreStage(block_words, run_block, run_words, digests_out);
 }

@@ -40,6 +40,8 @@ inline uint32_t GetBits32(const Word512& w, int i) { return w.range(32 * i + 31,
 inline uint16_t GetBits16(const Word512& w, int i) { return w.range(16 * i + 15, 16 * i); }
 inline void SetBits32(Word512& w, int i, uint32_t v) { w.range(32 * i + 31, 32 * i) = v; }
 inline void SetBits16(Word512& w, int i, uint16_t v) { w.range(16 * i + 15, 16 * i) = v; }
+inline uint8_t GetBits8(const Word512& w, int i) { return w.range(8 * i + 7, 8 * i); }
+inline void SetBits8(Word512& w, int i, uint8_t v) { w.range(8 * i + 7, 8 * i) = v; }
 
 inline float BitsToFloat(uint32_t u) {
   union {
@@ -71,6 +73,8 @@ inline uint16_t GetBits16(const Word512& w, int i) {
 }
 inline void SetBits32(Word512& w, int i, uint32_t v) { std::memcpy(w.bytes + 4 * i, &v, 4); }
 inline void SetBits16(Word512& w, int i, uint16_t v) { std::memcpy(w.bytes + 2 * i, &v, 2); }
+inline uint8_t GetBits8(const Word512& w, int i) { return w.bytes[i]; }
+inline void SetBits8(Word512& w, int i, uint8_t v) { w.bytes[i] = v; }
 
 inline float BitsToFloat(uint32_t u) {
   float f;

@@ -39,6 +39,30 @@ inline int RowWords(int head_dim, int dtype) {
 }
 inline int QueryRowWords(int head_dim) { return head_dim * 4 / hls_compat::kWordBytes; }
 
+// Int8 digests (retriever/int8_quant.h). The kernels' `dtype` argument is a digest code: the
+// cache dtype, plus kInt8DigestFlag for int8 digests. One block of a head's slice is then
+//   [max codes: Int8RowWords][min codes: Int8RowWords][scale: fp32 in element 0 of one word]
+//   [exact max row: RowWords(dtype)][exact min row: RowWords(dtype)]
+// The score kernel reads the first Int8RecordWords words of a block (the record: 5 words =
+// 320 B at head_dim 128, against 8 words = 512 B of a bf16 digest); the update kernel folds keys
+// into the exact rows (kept on the card, never scanned) and rewrites the record from them.
+inline constexpr int kInt8DigestFlag = 16;
+inline bool IsInt8Digest(int code) { return (code & kInt8DigestFlag) != 0; }
+inline int CacheDTypeOf(int code) { return code & ~kInt8DigestFlag; }
+inline int Int8RowWords(int head_dim) { return head_dim / hls_compat::kWordBytes; }
+inline int Int8RecordWords(int head_dim) { return 2 * Int8RowWords(head_dim) + 1; }
+// Words of one block of a head's slice, and the words a score pass reads of it.
+inline int BlockWords(int head_dim, int code) {
+  const int exact = 2 * RowWords(head_dim, CacheDTypeOf(code));
+  return IsInt8Digest(code) ? Int8RecordWords(head_dim) + exact : exact;
+}
+inline int ScanWords(int head_dim, int code) {
+  return IsInt8Digest(code) ? Int8RecordWords(head_dim) : 2 * RowWords(head_dim, code);
+}
+inline int8_t Int8Elem(const Word512& w, int e) {
+  return static_cast<int8_t>(hls_compat::GetBits8(w, e));
+}
+
 // IEEE binary16 to fp32, exact (the same mapping as mempipe::Half::ToFloat).
 inline float HalfBitsToFloat(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;

@@ -20,7 +20,9 @@ extern "C" {
 
 // Steps 2+3 for one KV head: Quest scores of every page of every sequence, then the selection of
 // retriever/select.h (sinks + locals kept, top middle pages by score desc / index asc, ascending).
-//   digests     [num_blocks, 2, row_words] words: this head's max row then min row, cache dtype
+//   digests     [num_blocks, 2, row_words] words: this head's max row then min row, cache dtype;
+//               with int8 digests (dtype | kInt8DigestFlag) [num_blocks, BlockWords] words,
+//               of which each page's record is read (kernel_common.h)
 //   queries     [num_seqs, group, head_dim] fp32: the query heads of this KV head's group
 //   block_table [num_seqs, max_blocks_per_seq] int32 physical block ids
 //   seq_lens    [num_seqs] int32, 1 <= len <= max_blocks_per_seq * block_size
@@ -37,7 +39,9 @@ void mempipe_score_topk(const mempipe::hls_compat::Word512* digests,
 // (UpdateDigestsFromKeys). `digests_in` and `digests_out` are the same buffer, read by the load
 // stage and written by the store stage; the host guarantees that within one launch every block's
 // tokens form one contiguous run, so no read of a block follows a write to it.
-//   digests_in/_out [num_blocks, 2, row_words] words, this head's slice, cache dtype
+//   digests_in/_out [num_blocks, 2, row_words] words, this head's slice, cache dtype; with int8
+//                   digests (dtype | kInt8DigestFlag) [num_blocks, BlockWords]: the exact rows
+//                   are folded as above and each run's record re-quantized from them
 //   keys            [num_tokens, num_kv_heads, head_dim] cache dtype (row `head` is read)
 //   slots           [num_tokens] int64 block * block_size + offset; negative entries skipped
 void mempipe_digest_update(const mempipe::hls_compat::Word512* digests_in,

@@ -10,6 +10,7 @@
 #define MEMPIPE_FPGA_HLS_SCORE_DATAPATH_H_
 
 #include "fpga/hls/kernel_common.h"
+#include "retriever/int8_quant.h"
 
 namespace mempipe::fpga_hls {
 
@@ -54,6 +55,44 @@ GROUP:
         const int c = w * epw + e;
         const float a = q[g][c] * DecodeElem(mx[w], e, dtype);
         const float b = q[g][c] * DecodeElem(mn[w], e, dtype);
+        lane[c % kLanes] += a > b ? a : b;
+      }
+    }
+    const float v = LaneTree(lane);
+    if (g == 0) {
+      agg = v;
+    } else if (aggregation == 0) {
+      agg = v > agg ? v : agg;
+    } else {
+      agg += v;
+    }
+  }
+  return agg;
+}
+
+// The same on an int8 record: `row_words` words of 64 codes per row; each element dequantized
+// with one fp32 multiply by the page's scale (retriever/int8_quant.h), then as above.
+inline float PageGroupScoreInt8(const float q[kMaxGroup][kMaxHeadDim],
+                                const Word512 mx[kMaxRowWords], const Word512 mn[kMaxRowWords],
+                                float scale, int group, int row_words, int aggregation) {
+#pragma HLS inline
+  constexpr int kEpw = hls_compat::kWordBytes;
+  float agg = 0.0f;
+GROUP_I8:
+  for (int g = 0; g < group; ++g) {
+#pragma HLS LOOP_TRIPCOUNT min = 1 max = 16
+    float lane[kLanes];
+#pragma HLS array_partition variable = lane complete
+    for (int i = 0; i < kLanes; ++i) lane[i] = 0.0f;
+  WORDS_I8:
+    for (int w = 0; w < row_words; ++w) {
+#pragma HLS LOOP_TRIPCOUNT min = 1 max = 4
+    ELEMS_I8:
+      for (int e = 0; e < kEpw; ++e) {
+#pragma HLS unroll
+        const int c = w * kEpw + e;
+        const float a = q[g][c] * int8_digest::Dequantize(Int8Elem(mx[w], e), scale);
+        const float b = q[g][c] * int8_digest::Dequantize(Int8Elem(mn[w], e), scale);
         lane[c % kLanes] += a > b ? a : b;
       }
     }

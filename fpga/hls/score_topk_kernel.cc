@@ -52,7 +52,9 @@ void LoadStage(const Word512* digests, const Word512* queries, const int32_t* bl
                const int32_t* seq_lens, int num_seqs, int group, int head_dim, int dtype,
                int block_size, int max_blocks_per_seq, Stream<Word512>& q_words,
                Stream<Word512>& dg_words, Stream<int>& n_out) {
-  const int row_words = RowWords(head_dim, dtype);
+  // Int8 digests (kInt8DigestFlag): each block's record, the first ScanWords of BlockWords.
+  const int block_words = BlockWords(head_dim, dtype);
+  const int scan_words = ScanWords(head_dim, dtype);
   const int q_row_words = QueryRowWords(head_dim);
 LOAD_SEQS:
   for (int s = 0; s < num_seqs; ++s) {
@@ -69,10 +71,10 @@ LOAD_SEQS:
     for (int p = 0; p < n; ++p) {
 #pragma HLS LOOP_TRIPCOUNT min = 1 max = 65536
       const int64_t base =
-          static_cast<int64_t>(block_table[static_cast<int64_t>(s) * max_blocks_per_seq + p]) * 2 *
-          row_words;
+          static_cast<int64_t>(block_table[static_cast<int64_t>(s) * max_blocks_per_seq + p]) *
+          block_words;
     LOAD_ROWS:
-      for (int w = 0; w < 2 * row_words; ++w) {
+      for (int w = 0; w < scan_words; ++w) {
 #pragma HLS LOOP_TRIPCOUNT min = 4 max = 32
 #pragma HLS pipeline II = 1
         dg_words.write(digests[base + w]);
@@ -84,7 +86,8 @@ LOAD_SEQS:
 void ScoreStage(int num_seqs, int group, int head_dim, int dtype, int aggregation,
                 Stream<Word512>& q_words, Stream<Word512>& dg_words, Stream<int>& n_in,
                 Stream<float>& scores, Stream<int>& n_out) {
-  const int row_words = RowWords(head_dim, dtype);
+  const bool int8 = IsInt8Digest(dtype);
+  const int row_words = int8 ? Int8RowWords(head_dim) : RowWords(head_dim, dtype);
   const int q_row_words = QueryRowWords(head_dim);
   float q[kMaxGroup][kMaxHeadDim];
 #pragma HLS array_partition variable = q complete dim = 2
@@ -112,7 +115,12 @@ SCORE_SEQS:
 #pragma HLS pipeline
       for (int w = 0; w < row_words; ++w) mx[w] = dg_words.read();
       for (int w = 0; w < row_words; ++w) mn[w] = dg_words.read();
-      scores.write(PageGroupScore(q, mx, mn, group, row_words, dtype, aggregation));
+      if (int8) {
+        const float scale = hls_compat::BitsToFloat(hls_compat::GetBits32(dg_words.read(), 0));
+        scores.write(PageGroupScoreInt8(q, mx, mn, scale, group, row_words, aggregation));
+      } else {
+        scores.write(PageGroupScore(q, mx, mn, group, row_words, dtype, aggregation));
+      }
     }
   }
 }

@@ -228,7 +228,7 @@ absl::Status XrtPageSelector::RunUpdate(int layer_id, Layer& layer, const int64_
         run.set_arg(ArgIndex(args, "num_kv_heads"), 1);
         run.set_arg(ArgIndex(args, "head"), 0);
         run.set_arg(ArgIndex(args, "head_dim"), sh.head_dim);
-        run.set_arg(ArgIndex(args, "dtype"), static_cast<int>(sh.dtype));
+        run.set_arg(ArgIndex(args, "dtype"), DigestCode(sh));
         run.set_arg(ArgIndex(args, "block_size"), sh.block_size);
         run.start();
         launch.cus.push_back(cu);
@@ -310,7 +310,7 @@ absl::StatusOr<SelectTicket> XrtPageSelector::Submit(const SelectRequest& reques
       run.set_arg(ArgIndex(args, "num_seqs"), request.table.num_seqs);
       run.set_arg(ArgIndex(args, "group"), group);
       run.set_arg(ArgIndex(args, "head_dim"), sh.head_dim);
-      run.set_arg(ArgIndex(args, "dtype"), static_cast<int>(sh.dtype));
+      run.set_arg(ArgIndex(args, "dtype"), DigestCode(sh));
       run.set_arg(ArgIndex(args, "block_size"), sh.block_size);
       run.set_arg(ArgIndex(args, "max_blocks_per_seq"), request.table.max_blocks_per_seq);
       run.set_arg(ArgIndex(args, "max_selected"), request.out.max_selected);

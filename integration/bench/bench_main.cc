@@ -55,6 +55,11 @@ ABSL_FLAG(int, sink_pages, 1, "First pages always selected");
 ABSL_FLAG(int, local_pages, 1, "Last pages (the partial page included) always selected");
 ABSL_FLAG(int, dense_layers, 2, "First layers that always decode densely (Quest keeps 2)");
 ABSL_FLAG(std::string, aggregation, "max", "GQA score aggregation over a group: max or sum");
+ABSL_FLAG(std::string, digest_dtype, "native",
+          "Page digests the selector stores and scans: native (max/min in the cache dtype) or "
+          "int8 (codes rounded outward + one fp32 scale per page and KV head, the bound kept "
+          "valid; retriever/int8_quant.h). With int8 and --check_accuracy the last step also "
+          "reports the recall of the int8 selection against the native one");
 ABSL_FLAG(int, heavy_hitters, 8, "Heavy-hitter tokens per (sequence, KV head) in the prompt");
 ABSL_FLAG(std::string, placements, "dense,cpu",
           "Comma-separated placements to run side by side: dense (baseline), cpu");
@@ -192,6 +197,9 @@ int Main() {
   auto agg = ParseGroupAggregation(absl::GetFlag(FLAGS_aggregation));
   if (!agg.ok()) return Fail(agg.status());
   options.policy.selection.aggregation = *agg;
+  auto digest_format = ParseDigestFormat(absl::GetFlag(FLAGS_digest_dtype));
+  if (!digest_format.ok()) return Fail(digest_format.status());
+  options.digest_format = *digest_format;
   cfg.max_new_tokens = std::max(1, options.steps + options.warmup);
   if (absl::Status s = ValidateSyntheticContextConfig(cfg); !s.ok()) return Fail(s);
   if (absl::Status s = ValidateSparsityPolicy(options.policy, cfg.block_size); !s.ok()) {
@@ -207,12 +215,13 @@ int Main() {
               std::string(DTypeName(cfg.dtype)).c_str(), cfg.block_size);
   std::printf(
       "  batch %d x context %d%s, budget %d tokens (%d pages), %d sink + %d local pages, "
-      "%d dense layers, aggregation %s\n",
+      "%d dense layers, aggregation %s, %s digests\n",
       cfg.batch, cfg.context, cfg.ragged ? " (ragged)" : "", options.policy.selection.budget_tokens,
       options.policy.selection.PagesPerHead(cfg.block_size),
       options.policy.selection.num_sink_pages, options.policy.selection.num_local_pages,
       options.policy.dense_layers,
-      std::string(GroupAggregationName(options.policy.selection.aggregation)).c_str());
+      std::string(GroupAggregationName(options.policy.selection.aggregation)).c_str(),
+      std::string(DigestFormatName(options.digest_format)).c_str());
   std::printf(
       "  machine: %d hardware threads, %d used; all times measured on this machine's CPU; "
       "attention kernel %s\n",
@@ -340,6 +349,14 @@ int Main() {
                 r.sparse_layers);
   }
   std::printf("\n");
+  for (const auto& r : results) {
+    if (r.digest_recall) {
+      std::printf(
+          "%s int8 digests: recall %.4f of the middle pages the native-digest selection picks "
+          "(last step, sparse layers)\n",
+          r.placement.c_str(), *r.digest_recall);
+    }
+  }
   if (machine_gbps > 0) {
     std::printf("memory read bandwidth (STREAM-like read, %d threads, %zu MiB, %s loads): ",
                 bandwidth[0].threads, bandwidth[0].bytes >> 20, bandwidth[0].kernel.c_str());
@@ -441,6 +458,7 @@ int Main() {
         {"local_pages", options.policy.selection.num_local_pages},
         {"dense_layers", options.policy.dense_layers},
         {"aggregation", std::string(GroupAggregationName(options.policy.selection.aggregation))},
+        {"digest_dtype", std::string(DigestFormatName(options.digest_format))},
         {"seed", cfg.seed}};
     for (const auto& r : results) {
       nlohmann::json p = {{"placement", r.placement},
@@ -469,6 +487,8 @@ int Main() {
       }
       if (dense) p["speedup_over_dense"] = dense->median_step_ms / r.median_step_ms;
       if (r.rel_l2_error) p["rel_l2_error"] = *r.rel_l2_error;
+      p["digest_dtype"] = r.digest_format;
+      if (r.digest_recall) p["digest_recall_vs_native"] = *r.digest_recall;
       if (r.modeled_device_ms_per_step) {
         p["modeled"] = {{"device_ms_per_step", *r.modeled_device_ms_per_step},
                         {"energy_mj_per_step", r.modeled_energy_mj_per_step.value_or(0)},

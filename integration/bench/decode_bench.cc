@@ -89,8 +89,9 @@ absl::StatusOr<PlacementResult> RunPlacement(SyntheticContext& ctx, const BenchO
     const auto t0 = Clock::now();
     for (int l = first_sparse_layer; l < m.num_layers; ++l) {
       const KvCacheView c = ctx.cache(l);
-      MEMPIPE_RETURN_IF_ERROR(selector->AddLayer(
-          l, CacheShape{c.dtype, c.num_blocks, c.block_size, c.num_kv_heads, c.head_dim}));
+      CacheShape shape{c.dtype, c.num_blocks, c.block_size, c.num_kv_heads, c.head_dim};
+      shape.digest_format = options.digest_format;
+      MEMPIPE_RETURN_IF_ERROR(selector->AddLayer(l, shape));
       MEMPIPE_RETURN_IF_ERROR(selector->BuildDigests(l, c, ctx.table()));
       if (auto modeled = selector->Costs().modeled_device_ms) {
         result.modeled_bulk_prepare_ms = result.modeled_bulk_prepare_ms.value_or(0) + *modeled;
@@ -110,6 +111,14 @@ absl::StatusOr<PlacementResult> RunPlacement(SyntheticContext& ctx, const BenchO
   std::vector<int32_t> pages(static_cast<size_t>(batch) * m.num_kv_heads * k_pages);
   std::vector<int32_t> counts(static_cast<size_t>(batch) * m.num_kv_heads);
   double err_num = 0, err_den = 0;
+  result.digest_format = std::string(DigestFormatName(options.digest_format));
+  // Recall of int8 selections against native ones (last step): a native digest of one layer at a
+  // time, rebuilt from the cache, and its selection.
+  const bool measure_recall =
+      selector && options.check_accuracy && options.digest_format == DigestFormat::kInt8;
+  std::vector<uint8_t> native_digest;
+  std::vector<int32_t> native_pages(pages.size()), native_counts(counts.size());
+  double recall_hit = 0, recall_total = 0;
 
   const int total = options.warmup + options.steps;
   double modeled_ms = 0, modeled_mj = 0;  // over timed steps
@@ -190,11 +199,39 @@ absl::StatusOr<PlacementResult> RunPlacement(SyntheticContext& ctx, const BenchO
             result.kv_bytes_per_step += kv_row * lens[s];
             continue;
           }
-          result.digest_bytes_per_step += n_pages * 2.0 * m.head_dim * esize;
+          result.digest_bytes_per_step += n_pages * (options.digest_format == DigestFormat::kInt8
+                                                         ? 2.0 * m.head_dim + sizeof(float)
+                                                         : 2.0 * m.head_dim * esize);
           const int32_t* row = &pages[(static_cast<size_t>(s) * m.num_kv_heads + h) * k_pages];
           for (int i = 0; i < counts[static_cast<size_t>(s) * m.num_kv_heads + h]; ++i) {
             result.kv_bytes_per_step +=
                 kv_row * std::min(cfg.block_size, lens[s] - row[i] * cfg.block_size);
+          }
+        }
+      }
+      if (sparse && measure_recall) {
+        DigestView nd{nullptr, cache.dtype, cache.num_blocks, cache.num_kv_heads, cache.head_dim};
+        native_digest.resize(nd.NumBytes());
+        nd.data = native_digest.data();
+        MEMPIPE_RETURN_IF_ERROR(BuildDigests(cache, table, nd));
+        const SelectionView nsel{native_pages.data(), native_counts.data(), batch, m.num_kv_heads,
+                                 k_pages};
+        MEMPIPE_RETURN_IF_ERROR(
+            ScoreAndSelect(QueryView{q.data(), cfg.dtype, batch, m.num_heads, m.head_dim}, cache,
+                           nd, table, options.policy.selection, nsel));
+        const SelectionConfig& sc = options.policy.selection;
+        for (int s = 0; s < batch; ++s) {
+          const int n = NumPages(lens[s], cfg.block_size);
+          for (int h = 0; h < m.num_kv_heads; ++h) {
+            const size_t r = static_cast<size_t>(s) * m.num_kv_heads + h;
+            const int32_t* got = &pages[r * k_pages];
+            const int32_t* want = &native_pages[r * k_pages];
+            for (int i = 0; i < native_counts[r]; ++i) {
+              const int p = want[i];
+              if (n <= k_pages || p < sc.num_sink_pages || p >= n - sc.num_local_pages) continue;
+              ++recall_total;
+              recall_hit += std::binary_search(got, got + counts[r], p) ? 1 : 0;
+            }
           }
         }
       }
@@ -230,6 +267,7 @@ absl::StatusOr<PlacementResult> RunPlacement(SyntheticContext& ctx, const BenchO
     result.modeled_device_ms_per_step = modeled_ms / options.steps;
     result.modeled_energy_mj_per_step = modeled_mj / options.steps;
   }
+  if (measure_recall && recall_total > 0) result.digest_recall = recall_hit / recall_total;
   FinishPlacementResult(batch, options.check_accuracy, err_num, err_den, result);
   return result;
 }

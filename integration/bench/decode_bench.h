@@ -34,6 +34,9 @@ struct BenchOptions {
   int warmup = 1;
   bool check_accuracy = true;  // compare sparse outputs with dense ones on the last step
   int threads = 1;             // host threads for CPU attention
+  // Digests the selector stores and scans (retriever/digest.h). With kInt8 and check_accuracy,
+  // the last step also selects with native digests (CPU reference) and reports the recall.
+  DigestFormat digest_format = DigestFormat::kNative;
 };
 
 // Milliseconds per decode step (one token for every sequence), summed over layers.
@@ -58,12 +61,16 @@ struct PlacementResult {
   StepBreakdown mean;                // mean over timed steps
   std::vector<double> step_ms;       // every timed step's total
   double median_step_ms = 0;
-  double tokens_per_s = 0;             // batch / median step time
-  double bulk_prepare_ms = 0;          // digest build after prefill (all layers)
-  int sparse_layers = 0;               // layers that decoded sparsely on the last step
-  double kv_bytes_per_step = 0;        // K/V bytes attention read on the last step
-  double digest_bytes_per_step = 0;    // digest bytes scored on the last step
-  std::optional<double> rel_l2_error;  // ||sparse - dense|| / ||dense|| on the last step
+  double tokens_per_s = 0;               // batch / median step time
+  double bulk_prepare_ms = 0;            // digest build after prefill (all layers)
+  int sparse_layers = 0;                 // layers that decoded sparsely on the last step
+  double kv_bytes_per_step = 0;          // K/V bytes attention read on the last step
+  double digest_bytes_per_step = 0;      // digest bytes scored on the last step
+  std::optional<double> rel_l2_error;    // ||sparse - dense|| / ||dense|| on the last step
+  std::string digest_format = "native";  // of the selector's digests
+  // Int8 digests, last step, sparse layers: of the middle pages (neither sink nor local) that
+  // the native-digest selection picks, the fraction the int8 selection also picks.
+  std::optional<double> digest_recall;
   // Set only when the selector's device is modeled (the emulated U55C): its modeled time and
   // energy for steps 1-3, per timed step (mean) and for the bulk digest build.
   std::optional<double> modeled_device_ms_per_step;

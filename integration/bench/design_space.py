@@ -140,6 +140,9 @@ class FpgaSpec:
     dma_to_card_bps: float
     dma_from_card_bps: float
     dma_transfer_overhead_s: float
+    dma_small_to_card_bps: float
+    dma_small_from_card_bps: float
+    dma_small_knee_bytes: float
     dma_max_transfer_bytes: float
     board_power_active_w: float
     board_power_idle_w: float
@@ -497,8 +500,12 @@ def dma_s(f: FpgaSpec, nbytes: float, to_card: bool) -> float:
     if nbytes <= 0:
         return 0.0
     chunks = math.ceil(nbytes / f.dma_max_transfer_bytes)
-    return chunks * f.dma_transfer_overhead_s + nbytes / (
-        f.dma_to_card_bps if to_card else f.dma_from_card_bps)
+    bps = f.dma_to_card_bps if to_card else f.dma_from_card_bps
+    small = f.dma_small_to_card_bps if to_card else f.dma_small_from_card_bps
+    # As U55cModel::DmaSeconds: each chunk's first dma_small_knee_bytes at the small rate.
+    slow = min(nbytes / chunks, f.dma_small_knee_bytes)
+    extra = slow / small - slow / bps if 0 < small < bps else 0.0
+    return chunks * (f.dma_transfer_overhead_s + extra) + nbytes / bps
 
 
 @dataclass
@@ -593,7 +600,8 @@ def fpga_update_call(s: System, shape: ModelShape, sel: Selection, batch: int) -
     row = sel.digest_bytes_per_page(shape.head_dim) / 2
     c = CardCall()
     if s.io == "coalesced":  # keys ride with the score call's DMA; the kernel updates first
-        c.to_card_s = heads * key_bytes / f.dma_to_card_bps
+        # marginal bytes of a small transfer: the small-transfer rate (U55cModel::DmaSeconds)
+        c.to_card_s = heads * key_bytes / min(f.dma_small_to_card_bps, f.dma_to_card_bps)
         c.kernel_s = (batch * 8 + key_bytes + 4 * row * batch) / f.channel_read_bps()
         return c
     in_b = _align(batch * 8) + _align(key_bytes)

@@ -61,6 +61,7 @@ absl::StatusOr<PipelinePlacementResult> RunPipelinePlacement(SyntheticContext& c
   po.reuse = pipeline.reuse;
   po.deadline_ms = pipeline.deadline_ms;
   po.policy = options.policy;
+  po.digest_format = options.digest_format;
   po.apply_threads = std::max(1, options.threads);
   MEMPIPE_ASSIGN_OR_RETURN(po.apply_device,
                            BenchApplyDevice(po.placement.dense, po.placement.apply));
@@ -142,7 +143,9 @@ absl::StatusOr<PipelinePlacementResult> RunPipelinePlacement(SyntheticContext& c
               continue;
             }
             result.digest_bytes_per_step +=
-                NumPages(lens[s], cfg.block_size) * 2.0 * m.head_dim * esize;
+                NumPages(lens[s], cfg.block_size) * (options.digest_format == DigestFormat::kInt8
+                                                         ? 2.0 * m.head_dim + sizeof(float)
+                                                         : 2.0 * m.head_dim * esize);
             for (int i = 0; i < sel->Count(s, h); ++i) {
               result.kv_bytes_per_step +=
                   kv_row * std::min(cfg.block_size, lens[s] - sel->Row(s, h)[i] * cfg.block_size);

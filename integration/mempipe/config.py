@@ -42,6 +42,11 @@ Keys (all optional):
                   append kernel maintains it anyway) and selects itself; dense: that layer
                   decodes densely. Counted by reason in SelectionOffload.metrics().
     deadline_ms   a selection's deadline from its submission, > 0 (default 100).
+    digest_dtype  native | int8: page digests as max/min in the cache dtype, or int8 codes
+                  rounded outward with one fp32 scale per page and KV head (the Quest bound
+                  stays valid; about half the bytes to scan; retriever/int8_quant.h). int8 runs
+                  in the C++ selectors, the stage pipeline and mempipe-bench (--digest_dtype);
+                  not yet from Python.
 
 In vLLM the same keys may come from `--additional-config '{"mempipe": {"budget": 2048}}'`;
 the environment variable wins where both set a key, so one run can be retargeted without
@@ -75,6 +80,7 @@ AGGREGATIONS = ("max", "sum")
 FPGA_BACKENDS = ("emulated", "xrt")
 FPGA_FUNCTIONALS = ("reference", "hls")
 FPGA_FALLBACKS = ("gpu", "dense")
+DIGEST_DTYPES = ("native", "int8")
 _BOOL_TEXT = {"true": True, "false": False}
 # Defined once, in C++ (core/paged_kv.h, core/dtype.h); read from the module.
 PAGE_SIZES = tuple(_mempipe.supported_block_sizes)
@@ -111,6 +117,7 @@ class MempipeConfig:
     fpga_functional: str = "reference"
     fpga_fallback: str = "gpu"
     deadline_ms: float = 100.0
+    digest_dtype: str = "native"
 
     @property
     def sparse(self) -> bool:
@@ -206,6 +213,11 @@ class MempipeConfig:
         if not (math.isfinite(self.deadline_ms) and self.deadline_ms > 0):
             reasons.append(f"deadline_ms must be a positive number of milliseconds, "
                            f"got {self.deadline_ms}")
+        if self.digest_dtype not in DIGEST_DTYPES:
+            reasons.append(f"digest_dtype must be native or int8, got '{self.digest_dtype}'")
+        elif self.digest_dtype == "int8" and self.sparse:
+            reasons.append("digest_dtype 'int8' is not available from Python yet (the C++ "
+                           "selectors and mempipe-bench --digest_dtype=int8 take it); use native")
         return reasons
 
 

@@ -7,7 +7,10 @@
 //   head_dim] in the cache dtype; block_table [num_seqs, max_blocks_per_seq], seq_lens
 //   [num_seqs] int32.
 // Results equal the CPU reference bit for bit (max/min select stored values, compared in fp32
-// in the same order).
+// in the same order). Int8 digests (DigestView::format kInt8, scales and exact rows in device
+// memory too): the max/min kernels work on `exact`, then every touched (block, head) is
+// re-quantized by retriever/int8_quant.h's functions (IEEE __fdiv_rn/__fmul_rn), so codes and
+// scales equal the CPU's bit for bit as well.
 //
 //   MEMPIPE_RETURN_IF_ERROR(BuildDigestsGpu(cache, table, digests, stream));     // after prefill
 //   MEMPIPE_RETURN_IF_ERROR(AppendKvAndDigestsGpu(cache, slots, n, k, v, digests, stream));

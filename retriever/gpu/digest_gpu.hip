@@ -18,6 +18,7 @@
 #include "core/gpu/gpu_compat.h"
 #include "core/status_macros.h"
 #include "retriever/gpu/digest_gpu.h"
+#include "retriever/int8_quant.h"
 
 namespace mempipe {
 namespace {
@@ -152,6 +153,73 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Int8 digests (retriever/int8_quant.h): re-quantizes every head of `block` from the exact
+// digest, one 32-lane group per head. The magnitude reduces as the maximum of the |x| bit
+// patterns (order-free and exact for non-negative floats; a pattern >= 0x7f800000 is a
+// non-finite channel), then each lane codes its channels with the shared scale.
+template <typename T>
+__device__ void QuantizeBlock(const T* exact, int8_t* codes, float* scales, int block,
+                              int num_kv_heads, int head_dim) {
+  const int lane = threadIdx.x % kGpuLanes, group = threadIdx.x / kGpuLanes;
+  const int row = num_kv_heads * head_dim;
+  for (int h = group; h < num_kv_heads; h += kThreads / kGpuLanes) {
+    const size_t omx = static_cast<size_t>(block) * 2 * row + static_cast<size_t>(h) * head_dim;
+    const size_t omn = omx + row;
+    uint32_t mag = 0;
+    for (int c = lane; c < head_dim; c += kGpuLanes) {
+      mag = max(mag, int8_digest::Bits(gpu::ToF32(exact[omx + c])) & 0x7fffffffu);
+      mag = max(mag, int8_digest::Bits(gpu::ToF32(exact[omn + c])) & 0x7fffffffu);
+    }
+#pragma unroll
+    for (int w = kGpuLanes / 2; w > 0; w /= 2) mag = max(mag, GpuShflXor32(mag, w));
+    const float s = int8_digest::Scale(int8_digest::FromBits(mag), mag < 0x7f800000u);
+    for (int c = lane; c < head_dim; c += kGpuLanes) {
+      codes[omx + c] = int8_digest::QuantizeUp(gpu::ToF32(exact[omx + c]), s);
+      codes[omn + c] = int8_digest::QuantizeDown(gpu::ToF32(exact[omn + c]), s);
+    }
+    if (lane == 0) scales[static_cast<size_t>(block) * num_kv_heads + h] = s;
+  }
+}
+
+// After BuildDigestsKernel: grid (page, seq), as it.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    QuantizeBuildKernel(const T* exact, int8_t* codes, float* scales, const int32_t* block_table,
+                        const int32_t* seq_lens, int num_blocks, int block_size, int num_kv_heads,
+                        int head_dim, int max_blocks_per_seq) {
+  const int page = blockIdx.x, seq = blockIdx.y;
+  const int len = seq_lens[seq];
+  if (len <= 0 || page * block_size >= len) return;
+  const int block = block_table[static_cast<size_t>(seq) * max_blocks_per_seq + page];
+  if (block < 0 || block >= num_blocks) return;
+  QuantizeBlock(exact, codes, scales, block, num_kv_heads, head_dim);
+}
+
+// After FoldDigestsKernel: the token that folded its block (the block's last in the batch)
+// re-quantizes it.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    QuantizeAppendKernel(const T* exact, int8_t* codes, float* scales, AppendTable tab,
+                         const int64_t* slots, int num_blocks, int block_size, int num_kv_heads,
+                         int head_dim) {
+  const int i = blockIdx.x;
+  const int64_t slot = slots[i];
+  if (slot < 0 || slot >= static_cast<int64_t>(num_blocks) * block_size) return;
+  const int block = static_cast<int>(slot / block_size);
+  if (tab.last[block] != i) return;
+  QuantizeBlock(exact, codes, scales, block, num_kv_heads, head_dim);
+}
+
+// The exact (native) digest that the max/min kernels write: the view itself for kNative.
+DigestView ExactOf(const DigestView& d) {
+  DigestView e = d;
+  if (d.format == DigestFormat::kInt8) {
+    e.data = d.exact;
+    e.format = DigestFormat::kNative;
+  }
+  return e;
+}
+
 }  // namespace
 
 absl::Status BuildDigestsGpu(const KvCacheView& cache, const BlockTableView& table,
@@ -169,11 +237,18 @@ absl::Status BuildDigestsGpu(const KvCacheView& cache, const BlockTableView& tab
   }
   return gpu::DispatchDType(cache.dtype, [&]<typename T>() {
     const dim3 grid(table.max_blocks_per_seq, table.num_seqs);
+    const DigestView exact = ExactOf(digests);
     BuildDigestsKernel<T><<<grid, kThreads, 0, static_cast<hipStream_t>(stream)>>>(
-        static_cast<const T*>(cache.data), static_cast<T*>(digests.data), table.block_table,
+        static_cast<const T*>(cache.data), static_cast<T*>(exact.data), table.block_table,
         table.seq_lens, cache.num_blocks, cache.block_size, cache.num_kv_heads, cache.head_dim,
         table.max_blocks_per_seq);
-    return GpuLastError("BuildDigestsKernel launch");
+    MEMPIPE_RETURN_IF_ERROR(GpuLastError("BuildDigestsKernel launch"));
+    if (digests.format != DigestFormat::kInt8) return absl::OkStatus();
+    QuantizeBuildKernel<T><<<grid, kThreads, 0, static_cast<hipStream_t>(stream)>>>(
+        static_cast<const T*>(exact.data), static_cast<int8_t*>(digests.data), digests.scales,
+        table.block_table, table.seq_lens, cache.num_blocks, cache.block_size, cache.num_kv_heads,
+        cache.head_dim, table.max_blocks_per_seq);
+    return GpuLastError("QuantizeBuildKernel launch");
   });
 }
 
@@ -195,10 +270,16 @@ absl::Status LaunchAppend(const KvCacheView& cache, const int64_t* slot_mapping,
         static_cast<const T*>(value), cache.num_blocks, cache.block_size, cache.num_kv_heads,
         cache.head_dim, cache.PlaneElems());
     MEMPIPE_RETURN_IF_ERROR(GpuLastError("AppendKvKernel launch"));
+    const DigestView exact = ExactOf(digests);
     FoldDigestsKernel<T><<<num_tokens, kThreads, 0, s>>>(
-        static_cast<T*>(digests.data), tab, slot_mapping, static_cast<const T*>(key),
+        static_cast<T*>(exact.data), tab, slot_mapping, static_cast<const T*>(key),
         cache.num_blocks, cache.block_size, cache.num_kv_heads, cache.head_dim);
-    return GpuLastError("FoldDigestsKernel launch");
+    MEMPIPE_RETURN_IF_ERROR(GpuLastError("FoldDigestsKernel launch"));
+    if (digests.format != DigestFormat::kInt8) return absl::OkStatus();
+    QuantizeAppendKernel<T><<<num_tokens, kThreads, 0, s>>>(
+        static_cast<const T*>(exact.data), static_cast<int8_t*>(digests.data), digests.scales, tab,
+        slot_mapping, cache.num_blocks, cache.block_size, cache.num_kv_heads, cache.head_dim);
+    return GpuLastError("QuantizeAppendKernel launch");
   });
 }
 

@@ -20,8 +20,13 @@ double MsSince(absl::Time t0) { return absl::ToDoubleMilliseconds(absl::Now() - 
 }  // namespace
 
 DigestView GpuPageSelector::Layer::View() {
-  return DigestView{digests.data(), shape.dtype, shape.num_blocks, shape.num_kv_heads,
-                    shape.head_dim};
+  DigestView v{digests.data(), shape.dtype, shape.num_blocks, shape.num_kv_heads, shape.head_dim};
+  v.format = shape.digest_format;
+  if (v.format == DigestFormat::kInt8) {
+    v.scales = static_cast<float*>(scales.data());
+    v.exact = exact.data();
+  }
+  return v;
 }
 
 absl::StatusOr<std::unique_ptr<GpuPageSelector>> GpuPageSelector::Create() {
@@ -68,6 +73,10 @@ absl::Status GpuPageSelector::AddLayer(int layer, const CacheShape& shape) {
   Layer l;
   l.shape = shape;
   MEMPIPE_ASSIGN_OR_RETURN(l.digests, DeviceBuffer::Allocate(l.View().NumBytes()));
+  if (shape.digest_format == DigestFormat::kInt8) {
+    MEMPIPE_ASSIGN_OR_RETURN(l.scales, DeviceBuffer::Allocate(l.View().ScaleBytes()));
+    MEMPIPE_ASSIGN_OR_RETURN(l.exact, DeviceBuffer::Allocate(l.View().ExactBytes()));
+  }
   layers_.emplace(layer, std::move(l));
   return absl::OkStatus();
 }

@@ -60,6 +60,7 @@ class GpuPageSelector final : public PageSelector {
   struct Layer {
     CacheShape shape;
     DeviceBuffer digests;
+    DeviceBuffer scales, exact;  // int8 digests (CacheShape::digest_format): scales, exact rows
     DigestView View();
   };
   // Device buffers of one request, reused.

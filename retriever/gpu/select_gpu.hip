@@ -15,6 +15,7 @@
 #include "core/gpu/gpu_compat.h"
 #include "core/status_macros.h"
 #include "retriever/gpu/select_gpu.h"
+#include "retriever/gpu/select_int8_gpu.h"
 
 namespace mempipe {
 namespace {
@@ -635,6 +636,10 @@ size_t SelectWorkspaceBytes(const BlockTableView& table, int num_kv_heads) {
 absl::Status ComputeRelevancyGpu(const QueryView& query, const KvCacheView& cache,
                                  const DigestView& digests, const BlockTableView& table,
                                  GroupAggregation agg, float* scores, GpuStream stream) {
+  if (digests.format == DigestFormat::kInt8) {  // select_int8_gpu.hip
+    return ComputeRelevancyInt8Gpu(query, cache, digests, table, agg, scores, nullptr, 0, 0,
+                                   stream);
+  }
   return LaunchRelevancy(query, cache, digests, table, agg, scores, nullptr, 0, 0, stream);
 }
 
@@ -658,11 +663,24 @@ absl::Status ScoreAndSelectGpu(const QueryView& query, const KvCacheView& cache,
   float* scores = static_cast<float*>(workspace);
   auto* group_max = reinterpret_cast<uint32_t*>(static_cast<char*>(workspace) +
                                                 ScoreBytes(table, cache.num_kv_heads));
-  MEMPIPE_RETURN_IF_ERROR(LaunchRelevancy(query, cache, digests, table, config.aggregation, scores,
-                                          group_max, config.num_sink_pages, config.num_local_pages,
-                                          stream, predicate));
+  if (digests.format == DigestFormat::kInt8) {  // select_int8_gpu.hip
+    MEMPIPE_RETURN_IF_ERROR(
+        ComputeRelevancyInt8Gpu(query, cache, digests, table, config.aggregation, scores, group_max,
+                                config.num_sink_pages, config.num_local_pages, stream, predicate));
+  } else {
+    MEMPIPE_RETURN_IF_ERROR(LaunchRelevancy(query, cache, digests, table, config.aggregation,
+                                            scores, group_max, config.num_sink_pages,
+                                            config.num_local_pages, stream, predicate));
+  }
   return LaunchSelect(scores, group_max, table, cache.block_size, cache.num_kv_heads, config, out,
                       stream, predicate);
+}
+
+absl::Status SelectPagesWithGroupMaxGpu(const float* scores, const uint32_t* group_max,
+                                        const BlockTableView& table, int block_size,
+                                        int num_kv_heads, const SelectionConfig& config,
+                                        const SelectionView& out, GpuStream stream) {
+  return LaunchSelect(scores, group_max, table, block_size, num_kv_heads, config, out, stream);
 }
 
 }  // namespace mempipe

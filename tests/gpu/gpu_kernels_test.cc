@@ -26,6 +26,7 @@
 #include "retriever/page_selector.h"
 #include "retriever/relevancy.h"
 #include "retriever/select.h"
+#include "tests/testing/int8_digests.h"
 #include "tests/testing/paged_fixture.h"
 
 namespace mempipe {
@@ -289,6 +290,127 @@ TEST_P(GpuKernelTest, RelevancyAndSelectionBitExact) {
       ASSERT_TRUE(GpuSynchronize().ok());
       EXPECT_EQ(Download<int32_t>(d_sel, n_sel), sel) << "budget " << pages << " pages";
       EXPECT_EQ(Download<int32_t>(d_cnt, cnt.size()), cnt) << "budget " << pages << " pages";
+    }
+  }
+}
+
+// Int8 digests (retriever/int8_quant.h) on the GPU against the CPU reference, bit for bit:
+// the bulk build (codes, scales and exact rows, over NaN/-128-poisoned buffers), a decode-like
+// append plus a prefill-like run, then scores and selections. A single changed code on the
+// device must make the score comparison fail (the check can fail).
+TEST_P(GpuKernelTest, Int8DigestsScoresAndSelectionBitExact) {
+  SKIP_WITHOUT_GPU();
+  testing::Int8Digests cpu(Digests(nullptr));
+  DeviceBuffer d_codes = Upload(cpu.codes), d_scales = Upload(cpu.scales),
+               d_exact = Upload(cpu.exact);
+  DigestView gpu = cpu.view();
+  gpu.data = d_codes.data();
+  gpu.scales = static_cast<float*>(d_scales.data());
+  gpu.exact = d_exact.data();
+  auto same = [&](const char* what) {
+    ASSERT_TRUE(GpuSynchronize().ok());
+    EXPECT_EQ(Download<uint8_t>(d_codes, cpu.codes.size()), cpu.codes) << what << ": codes";
+    EXPECT_EQ(0, std::memcmp(Download<float>(d_scales, cpu.scales.size()).data(), cpu.scales.data(),
+                             cpu.scales.size() * sizeof(float)))
+        << what << ": scales";
+    EXPECT_EQ(Download<uint8_t>(d_exact, cpu.exact.size()), cpu.exact) << what << ": exact";
+  };
+  ASSERT_TRUE(BuildDigests(cache_, table_, cpu.view()).ok());
+  ASSERT_TRUE(BuildDigestsGpu(DeviceCache(), DeviceTable(), gpu, nullptr).ok());
+  same("build");
+
+  // Append: one token per sequence at a random position (distinct slots) and a prefill-like run
+  // into the unused blocks, shuffled together, with padding.
+  std::vector<int64_t> slots;
+  for (int s = 0; s < num_seqs(); ++s) {
+    slots.push_back(f_->Slot(s, std::uniform_int_distribution<int>(0, lens_[s] - 1)(rng_)));
+  }
+  std::vector<bool> used(cache_.num_blocks, false);
+  for (int s = 0; s < num_seqs(); ++s) {
+    for (int p = 0; p < NumPages(lens_[s], block_size_); ++p) used[f_->Block(s, p)] = true;
+  }
+  for (int b = 0, t = 0; b < cache_.num_blocks; ++b) {
+    if (used[b]) continue;
+    for (int o = 0; o < block_size_ && t < 2 * block_size_ + 5; ++o, ++t) {
+      slots.push_back(static_cast<int64_t>(b) * block_size_ + o);
+    }
+  }
+  slots.push_back(-1);
+  const int n = static_cast<int>(slots.size());
+  RandomTensor k(rng_, dtype_, static_cast<size_t>(n) * kKvHeads * head_dim_);
+  RandomTensor v(rng_, dtype_, static_cast<size_t>(n) * kKvHeads * head_dim_);
+  DeviceBuffer d_slots = Upload(slots), d_k = Upload(k.bytes), d_v = Upload(v.bytes);
+  ASSERT_TRUE(AppendKvAndDigestsGpu(DeviceCache(), static_cast<const int64_t*>(d_slots.data()), n,
+                                    d_k.data(), d_v.data(), gpu, nullptr)
+                  .ok());
+  ASSERT_TRUE(AppendKvAndDigests(cache_, slots.data(), n, k.data(), v.data(), cpu.view()).ok());
+  same("append");
+
+  const QueryView q{q_->data(), dtype_, num_seqs(), heads_, head_dim_};
+  QueryView dq = q;
+  dq.data = d_q_.data();
+  const size_t n_scores = static_cast<size_t>(num_seqs()) * kKvHeads * table_.max_blocks_per_seq;
+  for (GroupAggregation agg : {GroupAggregation::kMax, GroupAggregation::kSum}) {
+    std::vector<float> cpu_scores(n_scores);
+    ASSERT_TRUE(ComputeRelevancy(q, cache_, cpu.view(), table_, agg, cpu_scores.data()).ok());
+    DeviceBuffer d_scores = Upload(std::vector<float>(n_scores, NAN));
+    ASSERT_TRUE(ComputeRelevancyGpu(dq, DeviceCache(), gpu, DeviceTable(), agg,
+                                    static_cast<float*>(d_scores.data()), nullptr)
+                    .ok());
+    ASSERT_TRUE(GpuSynchronize().ok());
+    ASSERT_EQ(0, std::memcmp(Download<float>(d_scores, n_scores).data(), cpu_scores.data(),
+                             n_scores * sizeof(float)))
+        << "int8 scores differ (" << GroupAggregationName(agg) << ")";
+    for (int pages : {2, 5, 17}) {
+      SelectionConfig config{.budget_tokens = pages * block_size_,
+                             .num_sink_pages = 1,
+                             .num_local_pages = pages > 2 ? 2 : 1,
+                             .aggregation = agg};
+      const int max_sel = pages + 3;
+      const size_t n_sel = static_cast<size_t>(num_seqs()) * kKvHeads * max_sel;
+      std::vector<int32_t> sel(n_sel, 12345), cnt(num_seqs() * kKvHeads, 12345);
+      ASSERT_TRUE(
+          ScoreAndSelect(q, cache_, cpu.view(), table_, config,
+                         SelectionView{sel.data(), cnt.data(), num_seqs(), kKvHeads, max_sel})
+              .ok());
+      DeviceBuffer d_sel = Upload(std::vector<int32_t>(n_sel, 777)),
+                   d_cnt = Upload(std::vector<int32_t>(cnt.size(), 777));
+      DeviceBuffer d_ws =
+          Upload(std::vector<uint8_t>(SelectWorkspaceBytes(table_, kKvHeads), 0xff));
+      ASSERT_TRUE(ScoreAndSelectGpu(dq, DeviceCache(), gpu, DeviceTable(), config,
+                                    SelectionView{static_cast<int32_t*>(d_sel.data()),
+                                                  static_cast<int32_t*>(d_cnt.data()), num_seqs(),
+                                                  kKvHeads, max_sel},
+                                    d_ws.data(), d_ws.size(), nullptr)
+                      .ok());
+      ASSERT_TRUE(GpuSynchronize().ok());
+      EXPECT_EQ(Download<int32_t>(d_sel, n_sel), sel) << "int8, budget " << pages << " pages";
+      EXPECT_EQ(Download<int32_t>(d_cnt, cnt.size()), cnt) << "int8, budget " << pages;
+    }
+    // The comparison can fail: one max code of sequence 0's first page, head 0, lowered by one
+    // on the device changes that page's summed score (a channel where query head 0 is positive
+    // reads the max row).
+    if (agg == GroupAggregation::kSum) {
+      std::vector<uint8_t> codes = cpu.codes;
+      const size_t at = cpu.view().Offset(f_->Block(0, 0), 0, 0);
+      // The channel where query head 0 is largest (q > 0 reads the max row; a tiny q would let
+      // the fp32 sum absorb the change, as the first H200 run showed for one shape).
+      int c = 0;
+      for (int i = 1; i < head_dim_; ++i) {
+        if (LoadAsFloat(q_->data(), dtype_, i) > LoadAsFloat(q_->data(), dtype_, c)) c = i;
+      }
+      ASSERT_GT(LoadAsFloat(q_->data(), dtype_, c), 0.0f);
+      codes[at + c] = static_cast<uint8_t>(static_cast<int8_t>(codes[at + c]) - 1);
+      DeviceBuffer d_bad = Upload(codes);
+      DigestView bad = gpu;
+      bad.data = d_bad.data();
+      ASSERT_TRUE(ComputeRelevancyGpu(dq, DeviceCache(), bad, DeviceTable(), agg,
+                                      static_cast<float*>(d_scores.data()), nullptr)
+                      .ok());
+      ASSERT_TRUE(GpuSynchronize().ok());
+      EXPECT_NE(0, std::memcmp(Download<float>(d_scores, n_scores).data(), cpu_scores.data(),
+                               n_scores * sizeof(float)))
+          << "a changed int8 code went unnoticed";
     }
   }
 }
@@ -798,6 +920,77 @@ TEST(GpuPageSelectorTest, MatchesCpuSelector) {
   EXPECT_FALSE(gpu_error.ok());
   EXPECT_EQ(gpu_error, cpu.Wait(*cbad, deadline));
   EXPECT_EQ((*gpu)->Wait(12345, deadline).code(), absl::StatusCode::kNotFound);
+}
+
+// The GPU selector with int8 digests (CacheShape::digest_format) equals the CPU selector's:
+// digests after a build and an append, and selections.
+TEST(GpuPageSelectorTest, Int8MatchesCpuSelector) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(TestSeed());
+  const int bs = 16, kv_heads = 2, d = 128, group = 4;
+  const std::vector<int> lens = {3000 + 5, 200, 1100};
+  const int num_seqs = static_cast<int>(lens.size());
+  PagedFixture f(rng, {.dtype = DType::kBFloat16,
+                       .block_size = bs,
+                       .num_kv_heads = kv_heads,
+                       .head_dim = d,
+                       .seq_lens = lens});
+  const KvCacheView cache = f.cache_view();
+  CacheShape shape{cache.dtype, cache.num_blocks, bs, kv_heads, d};
+  shape.digest_format = DigestFormat::kInt8;
+  absl::StatusOr<std::unique_ptr<GpuPageSelector>> gpu = GpuPageSelector::Create();
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  CpuPageSelector cpu;
+  for (PageSelector* sel :
+       {static_cast<PageSelector*>(gpu->get()), static_cast<PageSelector*>(&cpu)}) {
+    ASSERT_TRUE(sel->AddLayer(1, shape).ok());
+    ASSERT_TRUE(sel->BuildDigests(1, cache, f.table_view()).ok());
+  }
+  std::vector<int64_t> slots;
+  for (int t = 2400; t < 2440; ++t) slots.push_back(f.Slot(0, t));
+  RandomTensor keys(rng, DType::kBFloat16, slots.size() * kv_heads * d);
+  ASSERT_TRUE(
+      (*gpu)->AppendKeys(1, slots.data(), static_cast<int>(slots.size()), keys.data()).ok());
+  ASSERT_TRUE(cpu.AppendKeys(1, slots.data(), static_cast<int>(slots.size()), keys.data()).ok());
+  absl::StatusOr<DigestView> gdg = (*gpu)->DeviceDigests(1);
+  absl::StatusOr<DigestView> cdg = cpu.Digests(1);
+  ASSERT_TRUE(gdg.ok() && cdg.ok());
+  ASSERT_EQ(gdg->format, DigestFormat::kInt8);
+  ASSERT_TRUE(GpuSynchronize().ok());
+  // Compare the pages in use (the selectors' unused blocks are uninitialized on the device).
+  std::vector<int8_t> codes(cdg->NumElems());
+  std::vector<float> scales(cdg->ScaleBytes() / sizeof(float));
+  ASSERT_TRUE(CopyToHostSync(codes.data(), gdg->data, codes.size(), (*gpu)->stream()).ok());
+  ASSERT_TRUE(CopyToHostSync(scales.data(), gdg->scales, scales.size() * 4, (*gpu)->stream()).ok());
+  for (int s = 0; s < num_seqs; ++s) {
+    for (int p = 0; p < NumPages(lens[s], bs); ++p) {
+      const int b = f.Block(s, p);
+      ASSERT_EQ(0, std::memcmp(codes.data() + cdg->Offset(b, 0, 0),
+                               static_cast<int8_t*>(cdg->data) + cdg->Offset(b, 0, 0),
+                               cdg->BlockStride()))
+          << "seq " << s << " page " << p;
+      ASSERT_EQ(0, std::memcmp(scales.data() + cdg->ScaleIndex(b, 0),
+                               cdg->scales + cdg->ScaleIndex(b, 0), kv_heads * sizeof(float)));
+    }
+  }
+  RandomTensor q(rng, DType::kBFloat16, num_seqs * kv_heads * group * d);
+  const int max_sel = 12;
+  const SelectionConfig config{.budget_tokens = 10 * bs, .num_sink_pages = 1, .num_local_pages = 2};
+  std::vector<int32_t> gs(num_seqs * kv_heads * max_sel, 5), gc(num_seqs * kv_heads, 5),
+      cs(gs.size(), 6), cc(gc.size(), 6);
+  const QueryView qv{q.data(), DType::kBFloat16, num_seqs, kv_heads * group, d};
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  absl::StatusOr<SelectTicket> tg =
+      (*gpu)->Submit({1, qv, f.table_view(), config,
+                      SelectionView{gs.data(), gc.data(), num_seqs, kv_heads, max_sel}});
+  absl::StatusOr<SelectTicket> tc =
+      cpu.Submit({1, qv, f.table_view(), config,
+                  SelectionView{cs.data(), cc.data(), num_seqs, kv_heads, max_sel}});
+  ASSERT_TRUE(tg.ok() && tc.ok());
+  ASSERT_TRUE((*gpu)->Wait(*tg, deadline).ok());
+  ASSERT_TRUE(cpu.Wait(*tc, deadline).ok());
+  EXPECT_EQ(gs, cs);
+  EXPECT_EQ(gc, cc);
 }
 
 // One validation for every device (issue 14 item 7). The aggregation code is a host value:

@@ -76,10 +76,12 @@ absl::StatusOr<SelectTicket> FaultInjectingSelector::Submit(const SelectRequest&
   if (p.status.ok() && options_.scan_gbytes_per_s > 0) {
     // The table was validated by the reference: every seq_len is in range.
     const CacheShape& sh = shapes_.at(request.layer);
+    DigestView layout{nullptr, sh.dtype, sh.num_blocks, sh.num_kv_heads, sh.head_dim};
+    layout.format = sh.digest_format;  // int8 digests scan fewer bytes
     double bytes = 0;
     for (int s = 0; s < request.table.num_seqs; ++s) {
       bytes += static_cast<double>(NumPages(request.table.seq_lens[s], sh.block_size)) *
-               sh.num_kv_heads * 2 * sh.head_dim * DTypeSize(sh.dtype);
+               sh.num_kv_heads * static_cast<double>(layout.ScannedBytesPerPageHead());
     }
     p.delay_ms += bytes / (options_.scan_gbytes_per_s * 1e9) * 1e3;
     delay_ms = p.delay_ms;

@@ -162,6 +162,30 @@ TEST(XrtSelector, BuildAppendSubmitWaitRunOnTheShim) {
   EXPECT_EQ(pairs_after_first_step, 4u);
 }
 
+// An int8-digest layer (CacheShape::digest_format) takes the same XRT path: its slices hold the
+// int8 records plus the exact rows (fpga/hls/kernel_common.h), and build, append and select run.
+TEST(XrtSelector, Int8LayerRunsOnTheShim) {
+  std::mt19937_64 rng(testing::FreshSeed("XrtSelector.Int8LayerRunsOnTheShim"));
+  auto sel = XrtPageSelector::Open(XrtOptions());
+  ASSERT_TRUE(sel.ok()) << sel.status();
+  testing::Batch b = testing::MakeBatch(rng, DType::kBFloat16, 16, 2, 128, 4, {500, 900}, 0, false);
+  CacheShape shape{b.dtype, b.num_blocks, 16, 2, 128};
+  shape.digest_format = DigestFormat::kInt8;
+  EXPECT_EQ(HeadSliceWords(shape), static_cast<size_t>(b.num_blocks) * 13);  // 5 + 8 words
+  ASSERT_TRUE((*sel)->AddLayer(2, shape).ok());
+  ASSERT_TRUE((*sel)->BuildDigests(2, b.Cache(), b.Table()).ok());
+  const int64_t slots[] = {static_cast<int64_t>(b.table[0]) * 16 + 5};
+  std::vector<uint8_t> key(2 * 128 * 2, 0);
+  ASSERT_TRUE((*sel)->AppendKeys(2, slots, 1, key.data()).ok());
+  SelectionConfig config;
+  config.budget_tokens = 16 * 8;
+  std::vector<int32_t> pages(2 * 2 * 8), counts(2 * 2);
+  auto ticket = (*sel)->Submit(
+      {2, b.Query(), b.Table(), config, SelectionView{pages.data(), counts.data(), 2, 2, 8}});
+  ASSERT_TRUE(ticket.ok()) << ticket.status();
+  ASSERT_TRUE((*sel)->Wait(*ticket, absl::Now() + absl::Seconds(10)).ok());
+}
+
 TEST(XrtSelector, ErrorsBecomeStatuses) {
   FpgaOptions o = XrtOptions();
   o.xclbin_path = "/nonexistent/mempipe.xclbin";
