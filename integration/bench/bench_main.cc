@@ -96,6 +96,10 @@ ABSL_FLAG(double, deadline_ms, 1000,
 ABSL_FLAG(bool, fpga_paced, true,
           "The emulated U55C completes each request no earlier than its modeled device time, so "
           "overlap in the pipeline behaves as with a card");
+ABSL_FLAG(std::string, fpga_functional, "hls",
+          "What computes the emulated U55C's selections: hls (the HLS kernels in C simulation) or "
+          "reference (the multi-threaded CPU reference, same bits, much faster); the modeled "
+          "card time and the pacing are the same either way");
 ABSL_FLAG(double, stand_in_gbps, 0,
           "If > 0, a gpu or fpga selector device this program has no selector for is served by "
           "a paced stand-in: the CPU reference's result, completed after "
@@ -121,11 +125,16 @@ void RegisterSelectors(int threads) {
         std::make_unique<CpuPageSelector>(threads));
   });
   const bool paced = absl::GetFlag(FLAGS_fpga_paced);
-  RegisterPageSelectorFactory(Device::kFpga, "fpga (fpga/fpga_selector.h)", [paced] {
-    FpgaOptions o;
-    o.paced = paced;
-    return MakeFpgaSelector(o);
-  });
+  const std::string functional_name = absl::GetFlag(FLAGS_fpga_functional);
+  RegisterPageSelectorFactory(
+      Device::kFpga, "fpga (fpga/fpga_selector.h)",
+      [paced, functional_name, threads]() -> absl::StatusOr<std::unique_ptr<PageSelector>> {
+        FpgaOptions o;
+        o.paced = paced;
+        MEMPIPE_ASSIGN_OR_RETURN(o.functional, ParseEmulatedFunctional(functional_name));
+        o.reference_threads = std::max(1, threads);
+        return MakeFpgaSelector(o);
+      });
 #if defined(MEMPIPE_BENCH_WITH_GPU)
   // The real GPU selector (retriever/gpu/gpu_page_selector.h), on a build with GPU kernels and
   // a machine with a GPU; elsewhere the paced stand-in below may take its place.
@@ -181,6 +190,9 @@ int Main() {
   const int hw = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   cfg.threads = absl::GetFlag(FLAGS_threads) > 0 ? absl::GetFlag(FLAGS_threads) : hw;
   RegisterSelectors(cfg.threads);
+  if (auto f = ParseEmulatedFunctional(absl::GetFlag(FLAGS_fpga_functional)); !f.ok()) {
+    return Fail(f.status());  // before the prefill, not at the first fpga placement
+  }
   auto kernel = ParseCpuKernel(absl::GetFlag(FLAGS_cpu_kernel));
   if (!kernel.ok()) return Fail(kernel.status());
   if (absl::Status s = SetCpuKernel(*kernel); !s.ok()) return Fail(s);
@@ -226,6 +238,12 @@ int Main() {
       "  machine: %d hardware threads, %d used; all times measured on this machine's CPU; "
       "attention kernel %s\n",
       hw, cfg.threads, std::string(ActiveCpuKernelName()).c_str());
+  std::printf(
+      "  fpga: emulated U55C, %s, selections computed by %s (timing modeled: "
+      "fpga/emulation/u55c_params.h)\n",
+      absl::GetFlag(FLAGS_fpga_paced) ? "paced to its modeled time" : "not paced",
+      absl::GetFlag(FLAGS_fpga_functional) == "reference" ? "the CPU reference"
+                                                          : "the HLS kernels in C simulation");
 
   SyntheticContext ctx(cfg);
   const absl::Time fill_start = absl::Now();
@@ -458,6 +476,8 @@ int Main() {
         {"local_pages", options.policy.selection.num_local_pages},
         {"dense_layers", options.policy.dense_layers},
         {"aggregation", std::string(GroupAggregationName(options.policy.selection.aggregation))},
+        {"fpga_paced", absl::GetFlag(FLAGS_fpga_paced)},
+        {"fpga_functional", absl::GetFlag(FLAGS_fpga_functional)},
         {"digest_dtype", std::string(DigestFormatName(options.digest_format))},
         {"seed", cfg.seed}};
     for (const auto& r : results) {
