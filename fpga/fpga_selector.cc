@@ -2,6 +2,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "fpga/emulation/emulated_u55c.h"
+#include "fpga/emulation/hierarchical_u55c.h"
 #ifdef MEMPIPE_WITH_XRT
 #include "fpga/host/xrt_selector.h"
 #endif
@@ -49,6 +50,40 @@ absl::StatusOr<FpgaBackend> ParseFpgaBackend(absl::string_view name) {
 
 absl::StatusOr<std::unique_ptr<PageSelector>> MakeFpgaSelector(const FpgaOptions& options) {
   if (absl::Status s = ValidateParams(options.params); !s.ok()) return s;
+  const int f = options.pages_per_super_page;
+  if (f != 1 && f != 2 && f != 4 && f != 8) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("pages_per_super_page must be 1 (flat), 2, 4 or 8, got ", f));
+  }
+  if (f > 1 && options.backend != FpgaBackend::kEmulatedU55c) {
+    return absl::InvalidArgumentError(
+        "super-page digests run on the emulated U55C only (no HLS kernel for the second pass)");
+  }
+  if (options.cards < 1 || options.cards > 64) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cards must be in [1, 64], got ", options.cards));
+  }
+  if (!(options.sharding.fan_out_per_card_s >= 0) || !(options.sharding.fan_in_per_card_s >= 0)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "sharding fan-out/fan-in times must be >= 0, got ", options.sharding.fan_out_per_card_s,
+        " and ", options.sharding.fan_in_per_card_s));
+  }
+  if (options.cards > 1) {
+    FpgaOptions one = options;
+    one.cards = 1;
+    std::vector<std::unique_ptr<PageSelector>> cards;
+    for (int i = 0; i < options.cards; ++i) {
+      auto card = MakeFpgaSelector(one);
+      if (!card.ok()) return card.status();
+      cards.push_back(*std::move(card));
+    }
+    return std::unique_ptr<PageSelector>(
+        std::make_unique<ShardedFpgaSelector>(std::move(cards), options.sharding));
+  }
+  if (f > 1) {
+    return std::unique_ptr<PageSelector>(
+        std::make_unique<HierarchicalU55cSelector>(options.params, options.paced, f));
+  }
   if (options.backend == FpgaBackend::kEmulatedU55c) {
     if (options.reference_threads < 1) {
       return absl::InvalidArgumentError(

@@ -25,6 +25,7 @@
 #include "absl/strings/string_view.h"
 #include "fpga/emulation/emulated_u55c.h"
 #include "fpga/emulation/u55c_params.h"
+#include "fpga/sharded_selector.h"
 #include "retriever/page_selector.h"
 
 namespace mempipe {
@@ -50,10 +51,21 @@ struct FpgaOptions {
   // only.
   unsigned device_index = 0;
   std::string xclbin_path;
+  // KV heads sharded over this many cards (fpga/sharded_selector.h), each built from these
+  // options with cards = 1: with the emulated backend N emulated U55Cs, each with its own HBM,
+  // PCIe link and launches; modeled time is the slowest card's plus the host's fan-out/fan-in
+  // (`sharding`), energy the cards' sum. 1 = one card.
+  int cards = 1;
+  ShardingParams sharding;
+  // Emulated only: keep super-page digests of this many pages (2, 4 or 8) beside the page
+  // digests and serve hierarchical requests (retriever/hierarchical.h) with the CPU reference,
+  // priced as two passes (fpga/emulation/hierarchical_u55c.h). 1 = the HLS kernels, flat only.
+  int pages_per_super_page = 1;
 };
 
 // Builds the selector `options` ask for. Errors: InvalidArgument for bad parameters (num_cus
-// outside [1, hbm_channels], non-positive rates); Unimplemented for kXrt in a build without XRT;
+// outside [1, hbm_channels], non-positive rates, cards outside [1, 64], pages_per_super_page
+// not 1, 2, 4 or 8, or > 1 with XRT); Unimplemented for kXrt in a build without XRT;
 // Unavailable/Internal with XRT's message when the device or xclbin cannot be opened.
 absl::StatusOr<std::unique_ptr<PageSelector>> MakeFpgaSelector(const FpgaOptions& options);
 

@@ -10,6 +10,7 @@ namespace mempipe {
 absl::Status ValidateScoreRequest(const SelectRequest& r, const CacheShape& shape) {
   const KvCacheView geometry = shape.Geometry();
   MEMPIPE_RETURN_IF_ERROR(ValidateSelectionConfig(r.config, shape.block_size));
+  MEMPIPE_RETURN_IF_ERROR(RequireFlatSelection(r.config, "the FPGA score kernel (fpga/hls)"));
   MEMPIPE_RETURN_IF_ERROR(ValidateBlockTable(r.table, shape.block_size, shape.num_blocks));
   MEMPIPE_RETURN_IF_ERROR(ValidateQuery(r.query, geometry, r.table));
   const int k = r.config.PagesPerHead(shape.block_size);

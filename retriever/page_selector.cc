@@ -85,6 +85,15 @@ absl::StatusOr<SelectTicket> CpuPageSelector::Submit(const SelectRequest& reques
   costs_ = SelectorCosts{};
   const auto t0 = Clock::now();
   absl::Status status = ValidateSelectionConfig(request.config, sh.block_size);
+  if (status.ok() && !request.config.hierarchy.Flat()) {
+    // The two-level reference, its super-page digests built from the page digests on the spot
+    // (so its host time is not the fewer-bytes scan a device keeps its super digests for).
+    status = ScoreAndSelect(request.query, geometry, l->View(), request.table, request.config,
+                            request.out);
+    costs_.relevancy_ms = costs_.host_ms = MsSince(t0);
+    done_.emplace(ticket, std::move(status));
+    return ticket;
+  }
   if (status.ok()) {
     scores_.resize(static_cast<size_t>(std::max(request.table.num_seqs, 0)) * sh.num_kv_heads *
                    std::max(request.table.max_blocks_per_seq, 0));

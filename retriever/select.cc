@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/status_macros.h"
+#include "retriever/hierarchical.h"
 
 namespace mempipe {
 
@@ -33,13 +34,32 @@ absl::Status ValidateSelectionConfig(const SelectionConfig& config, int block_si
         absl::StrCat("budget ", config.budget_tokens, " tokens = ", k, " pages cannot hold ",
                      config.num_sink_pages, " sink + ", config.num_local_pages, " local pages"));
   }
+  const int f = config.hierarchy.pages_per_super_page;
+  if (f != 1 && f != 2 && f != 4 && f != 8) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("pages per super-page must be 1 (flat), 2, 4 or 8, got ", f));
+  }
+  if (config.hierarchy.expansion < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "hierarchy expansion (super-pages kept per super-page of budget) must be >= 1, got ",
+        config.hierarchy.expansion));
+  }
   return absl::OkStatus();
+}
+
+absl::Status RequireFlatSelection(const SelectionConfig& config, absl::string_view who) {
+  if (config.hierarchy.Flat()) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat(who, " selects flat only; the config asks for super-pages of ",
+                   config.hierarchy.pages_per_super_page,
+                   " pages (hierarchical selection: retriever/hierarchical.h)"));
 }
 
 absl::Status SelectPages(const float* scores, const BlockTableView& table, int block_size,
                          int num_kv_heads, const SelectionConfig& config,
                          const SelectionView& out) {
   MEMPIPE_RETURN_IF_ERROR(ValidateSelectionConfig(config, block_size));
+  MEMPIPE_RETURN_IF_ERROR(RequireFlatSelection(config, "SelectPages (one score per page)"));
   if (scores == nullptr || out.pages == nullptr || out.counts == nullptr) {
     return absl::InvalidArgumentError("scores and selection pointers must not be null");
   }
@@ -157,6 +177,13 @@ absl::Status ScoreAndSelect(const QueryView& query, const KvCacheView& cache,
                             const DigestView& digests, const BlockTableView& table,
                             const SelectionConfig& config, const SelectionView& out) {
   MEMPIPE_RETURN_IF_ERROR(ValidateSelectionConfig(config, cache.block_size));
+  if (!config.hierarchy.Flat()) {
+    MEMPIPE_RETURN_IF_ERROR(ValidateDigests(cache, digests));
+    const int f = config.hierarchy.pages_per_super_page;
+    const SuperDigestBuffers super(digests, f);
+    MEMPIPE_RETURN_IF_ERROR(BuildSuperDigests(digests, table, cache.block_size, f, super.view()));
+    return SelectHierarchical(query, cache, digests, super.view(), table, config, out);
+  }
   std::vector<float> scores(static_cast<size_t>(table.num_seqs) * cache.num_kv_heads *
                             std::max(table.max_blocks_per_seq, 0));
   MEMPIPE_RETURN_IF_ERROR(

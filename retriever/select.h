@@ -15,22 +15,43 @@
 #include <cstdint>
 
 #include "absl/status/status.h"
+#include "absl/strings/string_view.h"
 #include "core/paged_kv.h"
 #include "retriever/relevancy.h"
 
 namespace mempipe {
+
+// Two-level selection (retriever/hierarchical.h): score super-pages of `pages_per_super_page`
+// consecutive pages first, then only the pages inside the best ones. 1 is the flat selection of
+// this file; 4 at page size 16 is LServe's 16-in-64 geometry ("16in64").
+struct PageHierarchy {
+  int pages_per_super_page = 1;  // 1 (flat), 2, 4 or 8
+  // Super-pages kept for the second pass: expansion x ceil(middle slots / pages_per_super_page)
+  // (more if those hold fewer middle pages than the slots to fill). >= 1.
+  int expansion = 2;
+
+  bool Flat() const { return pages_per_super_page == 1; }
+};
 
 struct SelectionConfig {
   int budget_tokens = 4096;  // tokens kept per (sequence, KV head); a multiple of block_size
   int num_sink_pages = 1;
   int num_local_pages = 1;
   GroupAggregation aggregation = GroupAggregation::kMax;
+  PageHierarchy hierarchy = {};  // flat unless set; only hierarchy-aware selectors accept others
 
   int PagesPerHead(int block_size) const { return budget_tokens / block_size; }
 };
 
-// Checks budget > 0, a multiple of block_size, and room for the sink and local pages.
+// Checks budget > 0, a multiple of block_size, room for the sink and local pages, and the
+// hierarchy's sizes (pages_per_super_page in {1, 2, 4, 8}, expansion >= 1).
 [[nodiscard]] absl::Status ValidateSelectionConfig(const SelectionConfig& config, int block_size);
+
+// InvalidArgument naming `who` and the super-page size unless `config` is flat: what every
+// selector without a hierarchical path (SelectPages, the GPU kernels, the HLS kernels) returns
+// instead of silently selecting flat.
+[[nodiscard]] absl::Status RequireFlatSelection(const SelectionConfig& config,
+                                                absl::string_view who);
 
 struct SelectionView {
   int32_t* pages = nullptr;   // [num_seqs, num_kv_heads, max_selected]
@@ -61,7 +82,9 @@ struct SelectionView {
 [[nodiscard]] absl::Status ValidateSelection(const SelectionView& sel, const BlockTableView& table,
                                              int block_size, const SelectionConfig& config);
 
-// Steps 2 and 3 together: what every placement's selector computes.
+// Steps 2 and 3 together: what every placement's selector computes. A hierarchical config runs
+// the two-level reference (retriever/hierarchical.h), its super-page digests built on the spot
+// from `digests`.
 [[nodiscard]] absl::Status ScoreAndSelect(const QueryView& query, const KvCacheView& cache,
                                           const DigestView& digests, const BlockTableView& table,
                                           const SelectionConfig& config, const SelectionView& out);

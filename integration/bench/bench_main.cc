@@ -37,6 +37,7 @@
 #include "integration/bench/membw.h"
 #include "integration/bench/pipeline_bench.h"
 #include "nlohmann/json.hpp"
+#include "retriever/hierarchical.h"
 #include "tests/testing/fault_injecting_selector.h"
 
 ABSL_FLAG(int, layers, 32, "Transformer layers (each has its own KV cache)");
@@ -55,6 +56,16 @@ ABSL_FLAG(int, sink_pages, 1, "First pages always selected");
 ABSL_FLAG(int, local_pages, 1, "Last pages (the partial page included) always selected");
 ABSL_FLAG(int, dense_layers, 2, "First layers that always decode densely (Quest keeps 2)");
 ABSL_FLAG(std::string, aggregation, "max", "GQA score aggregation over a group: max or sum");
+ABSL_FLAG(std::string, hierarchy, "none",
+          "Two-level selection (retriever/hierarchical.h): none, or <page>in<super-page> in "
+          "tokens, e.g. 16in64 (LServe's geometry: score 64-token super-pages, then the 16-token "
+          "pages of the best ones); the prompt's blocks are then allocated in aligned groups");
+ABSL_FLAG(int, hierarchy_expansion, 2,
+          "With --hierarchy: super-pages kept = this x ceil(middle budget pages / pages per "
+          "super-page)");
+ABSL_FLAG(int, fpga_cards, 1,
+          "KV heads sharded over this many emulated U55Cs (fpga/sharded_selector.h); modeled "
+          "time is the slowest card's plus the host's fan-out/fan-in, energy the sum");
 ABSL_FLAG(std::string, digest_dtype, "native",
           "Page digests the selector stores and scans: native (max/min in the cache dtype) or "
           "int8 (codes rounded outward + one fp32 scale per page and KV head, the bound kept "
@@ -96,6 +107,10 @@ ABSL_FLAG(double, deadline_ms, 1000,
 ABSL_FLAG(bool, fpga_paced, true,
           "The emulated U55C completes each request no earlier than its modeled device time, so "
           "overlap in the pipeline behaves as with a card");
+ABSL_FLAG(std::string, fpga_functional, "hls",
+          "What computes the emulated U55C's selections: hls (the HLS kernels in C simulation) or "
+          "reference (the multi-threaded CPU reference, same bits, much faster); the modeled "
+          "card time and the pacing are the same either way");
 ABSL_FLAG(double, stand_in_gbps, 0,
           "If > 0, a gpu or fpga selector device this program has no selector for is served by "
           "a paced stand-in: the CPU reference's result, completed after "
@@ -115,17 +130,26 @@ int Fail(const absl::Status& s) {
 // U55C unless XRT and a card are asked for), and, for devices still without one, the paced
 // stand-in of --stand_in_gbps (the CPU reference paced as the device: tests/testing/
 // fault_injecting_selector.h). A GPU library adds its factory here the same way.
-void RegisterSelectors(int threads) {
+void RegisterSelectors(int threads, int pages_per_super_page) {
   RegisterPageSelectorFactory(Device::kCpu, "cpu", [threads] {
     return absl::StatusOr<std::unique_ptr<PageSelector>>(
         std::make_unique<CpuPageSelector>(threads));
   });
   const bool paced = absl::GetFlag(FLAGS_fpga_paced);
-  RegisterPageSelectorFactory(Device::kFpga, "fpga (fpga/fpga_selector.h)", [paced] {
-    FpgaOptions o;
-    o.paced = paced;
-    return MakeFpgaSelector(o);
-  });
+  const std::string functional_name = absl::GetFlag(FLAGS_fpga_functional);
+  const int cards = absl::GetFlag(FLAGS_fpga_cards);
+  RegisterPageSelectorFactory(
+      Device::kFpga, "fpga (fpga/fpga_selector.h)",
+      [paced, functional_name, threads, cards,
+       pages_per_super_page]() -> absl::StatusOr<std::unique_ptr<PageSelector>> {
+        FpgaOptions o;
+        o.paced = paced;
+        MEMPIPE_ASSIGN_OR_RETURN(o.functional, ParseEmulatedFunctional(functional_name));
+        o.reference_threads = std::max(1, threads);
+        o.cards = cards;
+        o.pages_per_super_page = pages_per_super_page;
+        return MakeFpgaSelector(o);
+      });
 #if defined(MEMPIPE_BENCH_WITH_GPU)
   // The real GPU selector (retriever/gpu/gpu_page_selector.h), on a build with GPU kernels and
   // a machine with a GPU; elsewhere the paced stand-in below may take its place.
@@ -180,7 +204,9 @@ int Main() {
   cfg.seed = absl::GetFlag(FLAGS_seed);
   const int hw = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   cfg.threads = absl::GetFlag(FLAGS_threads) > 0 ? absl::GetFlag(FLAGS_threads) : hw;
-  RegisterSelectors(cfg.threads);
+  if (auto f = ParseEmulatedFunctional(absl::GetFlag(FLAGS_fpga_functional)); !f.ok()) {
+    return Fail(f.status());  // before the prefill, not at the first fpga placement
+  }
   auto kernel = ParseCpuKernel(absl::GetFlag(FLAGS_cpu_kernel));
   if (!kernel.ok()) return Fail(kernel.status());
   if (absl::Status s = SetCpuKernel(*kernel); !s.ok()) return Fail(s);
@@ -197,6 +223,12 @@ int Main() {
   auto agg = ParseGroupAggregation(absl::GetFlag(FLAGS_aggregation));
   if (!agg.ok()) return Fail(agg.status());
   options.policy.selection.aggregation = *agg;
+  auto hierarchy = ParsePageHierarchy(absl::GetFlag(FLAGS_hierarchy), cfg.block_size);
+  if (!hierarchy.ok()) return Fail(hierarchy.status());
+  options.policy.selection.hierarchy = *hierarchy;
+  options.policy.selection.hierarchy.expansion = absl::GetFlag(FLAGS_hierarchy_expansion);
+  cfg.block_group = hierarchy->pages_per_super_page;
+  RegisterSelectors(cfg.threads, hierarchy->pages_per_super_page);
   auto digest_format = ParseDigestFormat(absl::GetFlag(FLAGS_digest_dtype));
   if (!digest_format.ok()) return Fail(digest_format.status());
   options.digest_format = *digest_format;
@@ -215,17 +247,25 @@ int Main() {
               std::string(DTypeName(cfg.dtype)).c_str(), cfg.block_size);
   std::printf(
       "  batch %d x context %d%s, budget %d tokens (%d pages), %d sink + %d local pages, "
-      "%d dense layers, aggregation %s, %s digests\n",
+      "%d dense layers, aggregation %s, hierarchy %s, %d FPGA card(s), %s digests\n",
       cfg.batch, cfg.context, cfg.ragged ? " (ragged)" : "", options.policy.selection.budget_tokens,
       options.policy.selection.PagesPerHead(cfg.block_size),
       options.policy.selection.num_sink_pages, options.policy.selection.num_local_pages,
       options.policy.dense_layers,
       std::string(GroupAggregationName(options.policy.selection.aggregation)).c_str(),
+      PageHierarchyName(options.policy.selection.hierarchy, cfg.block_size).c_str(),
+      absl::GetFlag(FLAGS_fpga_cards),
       std::string(DigestFormatName(options.digest_format)).c_str());
   std::printf(
       "  machine: %d hardware threads, %d used; all times measured on this machine's CPU; "
       "attention kernel %s\n",
       hw, cfg.threads, std::string(ActiveCpuKernelName()).c_str());
+  std::printf(
+      "  fpga: emulated U55C, %s, selections computed by %s (timing modeled: "
+      "fpga/emulation/u55c_params.h)\n",
+      absl::GetFlag(FLAGS_fpga_paced) ? "paced to its modeled time" : "not paced",
+      absl::GetFlag(FLAGS_fpga_functional) == "reference" ? "the CPU reference"
+                                                          : "the HLS kernels in C simulation");
 
   SyntheticContext ctx(cfg);
   const absl::Time fill_start = absl::Now();
@@ -349,6 +389,13 @@ int Main() {
                 r.sparse_layers);
   }
   std::printf("\n");
+  std::printf("selection vs the exact flat selection (last step, middle pages): ");
+  for (const auto& r : results) {
+    if (!r.recall_vs_flat) continue;
+    std::printf("%s: recall %.4f, %.0f of %.0f flat digest rows scanned; ", r.placement.c_str(),
+                *r.recall_vs_flat, r.digest_rows_per_step, r.flat_digest_rows_per_step);
+  }
+  std::printf("\n");
   for (const auto& r : results) {
     if (r.digest_recall) {
       std::printf(
@@ -392,9 +439,12 @@ int Main() {
   for (const auto& r : results) {
     if (!r.modeled_device_ms_per_step) continue;
     std::printf(
-        "%s steps 1-3 per decode step: %.2f ms measured on this host (%s runs the kernels in C "
-        "simulation) vs %.3f ms, %.2f mJ on the device (modeled)\n",
+        "%s steps 1-3 per decode step: %.2f ms measured on this host (%s %s) vs %.3f ms, %.2f mJ "
+        "on the device (modeled)\n",
         r.placement.c_str(), r.mean.MemoryProcessing(), r.selector.c_str(),
+        r.selector.find("reference functional") != std::string::npos
+            ? "computes the CPU reference"
+            : "runs the kernels in C simulation",
         *r.modeled_device_ms_per_step, r.modeled_energy_mj_per_step.value_or(0));
   }
   std::printf(
@@ -458,6 +508,11 @@ int Main() {
         {"local_pages", options.policy.selection.num_local_pages},
         {"dense_layers", options.policy.dense_layers},
         {"aggregation", std::string(GroupAggregationName(options.policy.selection.aggregation))},
+        {"fpga_paced", absl::GetFlag(FLAGS_fpga_paced)},
+        {"fpga_functional", absl::GetFlag(FLAGS_fpga_functional)},
+        {"hierarchy", PageHierarchyName(options.policy.selection.hierarchy, cfg.block_size)},
+        {"hierarchy_expansion", options.policy.selection.hierarchy.expansion},
+        {"fpga_cards", absl::GetFlag(FLAGS_fpga_cards)},
         {"digest_dtype", std::string(DigestFormatName(options.digest_format))},
         {"seed", cfg.seed}};
     for (const auto& r : results) {
@@ -487,6 +542,11 @@ int Main() {
       }
       if (dense) p["speedup_over_dense"] = dense->median_step_ms / r.median_step_ms;
       if (r.rel_l2_error) p["rel_l2_error"] = *r.rel_l2_error;
+      if (r.recall_vs_flat) {
+        p["recall_vs_flat"] = *r.recall_vs_flat;
+        p["digest_rows_per_step"] = r.digest_rows_per_step;
+        p["flat_digest_rows_per_step"] = r.flat_digest_rows_per_step;
+      }
       p["digest_dtype"] = r.digest_format;
       if (r.digest_recall) p["digest_recall_vs_native"] = *r.digest_recall;
       if (r.modeled_device_ms_per_step) {

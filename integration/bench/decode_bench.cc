@@ -12,6 +12,7 @@
 #include "backend/selector_registry.h"
 #include "core/clock.h"
 #include "core/status_macros.h"
+#include "integration/bench/selection_audit.h"
 
 namespace mempipe {
 namespace {
@@ -111,6 +112,8 @@ absl::StatusOr<PlacementResult> RunPlacement(SyntheticContext& ctx, const BenchO
   std::vector<int32_t> pages(static_cast<size_t>(batch) * m.num_kv_heads * k_pages);
   std::vector<int32_t> counts(static_cast<size_t>(batch) * m.num_kv_heads);
   double err_num = 0, err_den = 0;
+  SelectionAudit audit;
+  std::vector<uint8_t> audit_scratch;
   result.digest_format = std::string(DigestFormatName(options.digest_format));
   // Recall of int8 selections against native ones (last step): a native digest of one layer at a
   // time, rebuilt from the cache, and its selection.
@@ -238,6 +241,10 @@ absl::StatusOr<PlacementResult> RunPlacement(SyntheticContext& ctx, const BenchO
       if (sparse) {
         ++result.sparse_layers;
         if (options.check_accuracy) {
+          const SelectionView sel{pages.data(), counts.data(), batch, m.num_kv_heads, k_pages};
+          MEMPIPE_RETURN_IF_ERROR(AuditSelection(
+              QueryView{q.data(), cfg.dtype, batch, m.num_heads, m.head_dim}, cache, table,
+              options.policy.selection, sel, options.digest_format, audit_scratch, audit));
           const DecodeIo ref_io{q.data(),    ref.data(), cfg.dtype,      batch,
                                 m.num_heads, m.head_dim, options.threads};
           MEMPIPE_RETURN_IF_ERROR(DenseDecode(ref_io, cache, table, scale));
@@ -266,6 +273,16 @@ absl::StatusOr<PlacementResult> RunPlacement(SyntheticContext& ctx, const BenchO
   if (modeled) {
     result.modeled_device_ms_per_step = modeled_ms / options.steps;
     result.modeled_energy_mj_per_step = modeled_mj / options.steps;
+  }
+  if (options.check_accuracy && result.sparse_layers > 0) {
+    result.recall_vs_flat = audit.Recall();
+    result.digest_rows_per_step = audit.digest_rows;
+    result.flat_digest_rows_per_step = audit.flat_digest_rows;
+    // What the selection's config scans: a hierarchical one fewer rows than every page.
+    DigestView row_format{nullptr, cfg.dtype, 1, 1, m.head_dim};
+    row_format.format = options.digest_format;
+    result.digest_bytes_per_step =
+        audit.digest_rows * static_cast<double>(row_format.ScannedBytesPerPageHead());
   }
   if (measure_recall && recall_total > 0) result.digest_recall = recall_hit / recall_total;
   FinishPlacementResult(batch, options.check_accuracy, err_num, err_den, result);

@@ -61,12 +61,18 @@ struct PlacementResult {
   StepBreakdown mean;                // mean over timed steps
   std::vector<double> step_ms;       // every timed step's total
   double median_step_ms = 0;
-  double tokens_per_s = 0;               // batch / median step time
-  double bulk_prepare_ms = 0;            // digest build after prefill (all layers)
-  int sparse_layers = 0;                 // layers that decoded sparsely on the last step
-  double kv_bytes_per_step = 0;          // K/V bytes attention read on the last step
-  double digest_bytes_per_step = 0;      // digest bytes scored on the last step
-  std::optional<double> rel_l2_error;    // ||sparse - dense|| / ||dense|| on the last step
+  double tokens_per_s = 0;             // batch / median step time
+  double bulk_prepare_ms = 0;          // digest build after prefill (all layers)
+  int sparse_layers = 0;               // layers that decoded sparsely on the last step
+  double kv_bytes_per_step = 0;        // K/V bytes attention read on the last step
+  double digest_bytes_per_step = 0;    // digest bytes scored on the last step
+  std::optional<double> rel_l2_error;  // ||sparse - dense|| / ||dense|| on the last step
+  // With check_accuracy, on the last step (integration/bench/selection_audit.h): recall of the
+  // exact flat selection's middle pages, and the digest row pairs (page or super-page, KV head)
+  // the selection's config scores, summed over sparse layers.
+  std::optional<double> recall_vs_flat;
+  double digest_rows_per_step = 0;
+  double flat_digest_rows_per_step = 0;
   std::string digest_format = "native";  // of the selector's digests
   // Int8 digests, last step, sparse layers: of the middle pages (neither sink nor local) that
   // the native-digest selection picks, the fraction the int8 selection also picks.

@@ -44,6 +44,10 @@ absl::Status ValidateSyntheticContextConfig(const SyntheticContextConfig& c) {
     return absl::InvalidArgumentError(
         absl::StrCat("max_new_tokens must be positive, got ", c.max_new_tokens));
   }
+  if (c.block_group != 1 && c.block_group != 2 && c.block_group != 4 && c.block_group != 8) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("block_group must be 1, 2, 4 or 8, got ", c.block_group));
+  }
   if (c.heavy_hitters < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("heavy_hitters must be >= 0, got ", c.heavy_hitters));
@@ -73,19 +77,25 @@ absl::Status SyntheticContext::Prefill(const std::function<void(int)>& progress)
     const double frac = config_.ragged ? 1.0 - static_cast<double>(s) / (2.0 * config_.batch) : 1.0;
     seq_lens_[s] = std::max(1, static_cast<int>(config_.context * frac));
   }
+  const int g = config_.block_group;
   max_blocks_ = NumPages(config_.context + config_.max_new_tokens, config_.block_size);
   num_blocks_ = 0;
   for (int s = 0; s < config_.batch; ++s) {
-    num_blocks_ += NumPages(seq_lens_[s] + config_.max_new_tokens, config_.block_size);
+    num_blocks_ +=
+        (NumPages(seq_lens_[s] + config_.max_new_tokens, config_.block_size) + g - 1) / g * g;
   }
-  // Blocks handed out in an interleaved order, as an allocator serving many requests would.
+  // Blocks handed out in an interleaved order, as an allocator serving many requests would, in
+  // aligned groups of g blocks.
   block_table_.assign(static_cast<size_t>(config_.batch) * max_blocks_, 0);
   int next = 0;
-  for (int p = 0; p < max_blocks_; ++p) {
+  for (int p = 0; p < max_blocks_; p += g) {
     for (int s = 0; s < config_.batch; ++s) {
-      if (p < NumPages(seq_lens_[s] + config_.max_new_tokens, config_.block_size)) {
-        block_table_[static_cast<size_t>(s) * max_blocks_ + p] = next++;
+      const int pages = NumPages(seq_lens_[s] + config_.max_new_tokens, config_.block_size);
+      if (p >= pages) continue;
+      for (int i = 0; i < g && p + i < pages; ++i) {
+        block_table_[static_cast<size_t>(s) * max_blocks_ + p + i] = next + i;
       }
+      next += g;
     }
   }
   uint64_t seed_state = config_.seed;

@@ -46,6 +46,10 @@ struct SyntheticContextConfig {
   int heavy_hitters = 8;   // per (sequence, KV head), besides the sink token
   uint64_t seed = 1;
   int threads = 2;  // for filling the caches
+  // Blocks are handed out in aligned groups of this many consecutive blocks (1, 2, 4 or 8), each
+  // group serving consecutive pages of one sequence: the layout super-page digests need
+  // (retriever/hierarchical.h). 1: block by block.
+  int block_group = 1;
 };
 
 [[nodiscard]] absl::Status ValidateSyntheticContextConfig(const SyntheticContextConfig& config);

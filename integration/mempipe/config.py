@@ -47,6 +47,12 @@ Keys (all optional):
                   stays valid; about half the bytes to scan; retriever/int8_quant.h). int8 runs
                   in the C++ selectors, the stage pipeline and mempipe-bench (--digest_dtype);
                   not yet from Python.
+    hierarchy     none | <page>in<super-page> in tokens, e.g. 16in64 (page_size 16): score
+                  super-pages of 2, 4 or 8 pages first, then only the pages of the best ones
+                  (retriever/hierarchical.h; LServe's 16-in-64 geometry). Needs a block table
+                  that keeps each super-page's pages in one aligned group of blocks. Parsed and
+                  checked here, but only mempipe-bench and the C++ FpgaOptions run it so far;
+                  validate() refuses any value but none.
 
 In vLLM the same keys may come from `--additional-config '{"mempipe": {"budget": 2048}}'`;
 the environment variable wins where both set a key, so one run can be retargeted without
@@ -118,6 +124,7 @@ class MempipeConfig:
     fpga_fallback: str = "gpu"
     deadline_ms: float = 100.0
     digest_dtype: str = "native"
+    hierarchy: str = "none"
 
     @property
     def sparse(self) -> bool:
@@ -196,6 +203,7 @@ class MempipeConfig:
         elif self.mode == "sync" and self.micro_batches != 1:
             reasons.append(f"micro_batches must be 1 in sync mode, got {self.micro_batches} "
                            "(use mode=pipelined)")
+        reasons += self._hierarchy_reasons()
         if self.reuse < 1:
             reasons.append(f"reuse must be >= 1, got {self.reuse}")
         elif self.reuse > 1 and self.lookahead:
@@ -219,6 +227,37 @@ class MempipeConfig:
             reasons.append("digest_dtype 'int8' is not available from Python yet (the C++ "
                            "selectors and mempipe-bench --digest_dtype=int8 take it); use native")
         return reasons
+
+
+    def _hierarchy_reasons(self) -> list[str]:
+        """The checks of ParsePageHierarchy (retriever/hierarchical.h), and where it runs."""
+        if self.hierarchy == "none":
+            return []
+        page, sep, super_page = self.hierarchy.partition("in")
+        if not (sep and _INT_TEXT.fullmatch(page) and _INT_TEXT.fullmatch(super_page)):
+            return [f"hierarchy must be 'none' or '<page>in<super-page>' in tokens (e.g. "
+                    f"'16in64'), got '{self.hierarchy}'"]
+        page, super_page = int(page), int(super_page)
+        if page != self.page_size:
+            return [f"hierarchy '{self.hierarchy}' has {page}-token pages but page_size is "
+                    f"{self.page_size}"]
+        if page <= 0 or super_page % page or super_page // page not in (2, 4, 8):
+            return [f"hierarchy '{self.hierarchy}': a super-page must be 2, 4 or 8 pages of "
+                    f"{page} tokens"]
+        # NOTE: SelectionOffload (placement fpga) and the cpu/gpu kernels select flat; refusing
+        # here keeps a config from silently running flat.
+        return [f"hierarchy '{self.hierarchy}' is not wired into the Python placements yet "
+                f"(placement '{self.placement}' selects flat); it runs in mempipe-bench "
+                "(--hierarchy) and FpgaOptions::pages_per_super_page: use hierarchy=none"]
+
+    @property
+    def pages_per_super_page(self) -> int:
+        """1 for hierarchy=none, else super-page tokens / page tokens (FpgaOptions'
+        pages_per_super_page); meaningful once validate() is empty."""
+        if self.hierarchy == "none":
+            return 1
+        page, _, super_page = self.hierarchy.partition("in")
+        return int(super_page) // int(page)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(MempipeConfig)}

@@ -165,6 +165,7 @@ absl::StatusOr<SelectTicket> GpuPageSelector::Queue(const SelectRequest& request
   const KvCacheView geometry = sh.Geometry();
   // The CPU selector's checks, on the same host inputs.
   MEMPIPE_RETURN_IF_ERROR(ValidateSelectionConfig(request.config, sh.block_size));
+  MEMPIPE_RETURN_IF_ERROR(RequireFlatSelection(request.config, "the GPU selector"));
   MEMPIPE_RETURN_IF_ERROR(ValidateBlockTable(request.table, sh.block_size, sh.num_blocks));
   MEMPIPE_RETURN_IF_ERROR(ValidateQuery(request.query, geometry, request.table));
   if (request.query.dtype != sh.dtype) {

@@ -592,6 +592,7 @@ absl::Status LaunchSelect(const float* scores, const uint32_t* group_max,
                           const SelectionConfig& config, const SelectionView& out, GpuStream stream,
                           DevicePredicate predicate = {}) {
   MEMPIPE_RETURN_IF_ERROR(ValidateSelectionConfig(config, block_size));
+  MEMPIPE_RETURN_IF_ERROR(RequireFlatSelection(config, "the GPU top-k kernel"));
   MEMPIPE_RETURN_IF_ERROR(CheckTable(table));
   if (scores == nullptr || out.pages == nullptr || out.counts == nullptr) {
     return absl::InvalidArgumentError("scores and selection pointers must not be null");
@@ -655,6 +656,7 @@ absl::Status ScoreAndSelectGpu(const QueryView& query, const KvCacheView& cache,
                                void* workspace, size_t workspace_bytes, GpuStream stream,
                                DevicePredicate predicate) {
   MEMPIPE_RETURN_IF_ERROR(ValidateSelectionConfig(config, cache.block_size));
+  MEMPIPE_RETURN_IF_ERROR(RequireFlatSelection(config, "the GPU score + top-k kernels"));
   const size_t need = SelectWorkspaceBytes(table, cache.num_kv_heads);
   if (workspace == nullptr || workspace_bytes < need) {
     return absl::InvalidArgumentError(

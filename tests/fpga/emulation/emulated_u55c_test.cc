@@ -170,6 +170,44 @@ Small MakeSmall(std::mt19937_64& rng) {
   return s;
 }
 
+// functional=reference (the CPU reference computing the emulated card's result) gives the HLS
+// kernels' bits, digests included, and the same modeled cost: only the host time differs.
+TEST(EmulatedU55c, ReferenceFunctionalMatchesTheHlsKernels) {
+  std::mt19937_64 rng(testing::FreshSeed("EmulatedU55c.ReferenceFunctionalMatchesTheHlsKernels"));
+  Batch b = testing::MakeBatch(rng, DType::kBFloat16, 16, 2, 128, 4, {900, 333, 17}, 0, false);
+  const CacheShape shape{DType::kBFloat16, b.num_blocks, 16, 2, 128};
+  EmulatedU55cSelector hls(U55cParams{}, /*paced=*/false);
+  EmulatedU55cSelector ref(U55cParams{}, /*paced=*/false, EmulatedFunctional::kReference, 2);
+  SelectionConfig config;
+  config.budget_tokens = 16 * 8;
+  std::vector<int64_t> slots = {static_cast<int64_t>(b.table[0]) * 16 + 3};
+  std::vector<uint8_t> keys(2 * 128 * 2);
+  std::uniform_real_distribution<float> uni(-9.0f, 9.0f);
+  for (size_t i = 0; i < keys.size() / 2; ++i)
+    StoreFromFloat(keys.data(), DType::kBFloat16, i, uni(rng));
+  std::vector<std::vector<int32_t>> pages, counts;
+  std::vector<double> modeled;
+  for (EmulatedU55cSelector* sel : {&hls, &ref}) {
+    ASSERT_TRUE(sel->AddLayer(2, shape).ok());
+    ASSERT_TRUE(sel->BuildDigests(2, b.Cache(), b.Table()).ok());
+    ASSERT_TRUE(sel->AppendKeys(2, slots.data(), 1, keys.data()).ok());
+    pages.emplace_back(3 * 2 * 9, 0x7eadbeef);
+    counts.emplace_back(3 * 2, -99);
+    auto t = sel->Submit(
+        {2, b.Query(), b.Table(), config, {pages.back().data(), counts.back().data(), 3, 2, 9}});
+    ASSERT_TRUE(t.ok()) << t.status();
+    ASSERT_TRUE(sel->Wait(*t, absl::InfiniteFuture()).ok());
+    modeled.push_back(sel->Costs().modeled_device_ms.value_or(-1));
+  }
+  EXPECT_EQ(pages[0], pages[1]);
+  EXPECT_EQ(counts[0], counts[1]);
+  EXPECT_NE(pages[0], std::vector<int32_t>(pages[0].size(), 0x7eadbeef));  // the check can fail
+  EXPECT_EQ(DigestBytes(hls, 2, shape), DigestBytes(ref, 2, shape));
+  EXPECT_EQ(modeled[0], modeled[1]);
+  EXPECT_GT(modeled[0], 0);
+  EXPECT_EQ(ParseEmulatedFunctional("rtl").status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST(EmulatedU55c, PacedCompletionWaitsForTheModeledTime) {
   std::mt19937_64 rng(testing::FreshSeed("EmulatedU55c.PacedCompletionWaitsForTheModeledTime"));
   Small s = MakeSmall(rng);
