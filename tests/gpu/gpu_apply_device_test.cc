@@ -28,8 +28,8 @@
 namespace mempipe {
 namespace {
 
-using testing::AttentionTolerance;
 using testing::FixtureSpec;
+using testing::GpuAttentionTolerance;
 using testing::PagedFixture;
 using testing::RandomTensor;
 using testing::ReferenceAttention;
@@ -90,7 +90,7 @@ double MaxError(const PagedFixture& f, const RandomTensor& q, const std::vector<
       for (int c = 0; c < kHeadDim; ++c) {
         const double got = LoadAsFloat(out.data(), kDtype, row + c);
         const double bound =
-            AttentionTolerance(kDtype, ref[c], static_cast<int>(attended.size()), kHeadDim);
+            GpuAttentionTolerance(kDtype, ref[c], static_cast<int>(attended.size()), kHeadDim);
         const double e = std::isnan(got) ? INFINITY : std::fabs(got - ref[c]) / bound;
         worst = std::max(worst, e);
       }

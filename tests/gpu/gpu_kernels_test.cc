@@ -32,7 +32,7 @@
 namespace mempipe {
 namespace {
 
-using testing::AttentionTolerance;
+using testing::GpuAttentionTolerance;
 using testing::PagedFixture;
 using testing::RandomTensor;
 using testing::ReferenceAttention;
@@ -143,7 +143,7 @@ class GpuKernelTest : public ::testing::TestWithParam<std::tuple<DType, int, int
           const float got = LoadAsFloat(out.data(), dtype_, (s * heads_ + h) * head_dim_ + c);
           // Derived from the dtype's rounding and the reduction length (as the CPU tests).
           const double tol =
-              AttentionTolerance(dtype_, ref[c], static_cast<int>(attended.size()), head_dim_);
+              GpuAttentionTolerance(dtype_, ref[c], static_cast<int>(attended.size()), head_dim_);
           ASSERT_NEAR(got, ref[c], tol) << "seq " << s << " head " << h << " c " << c;
         }
       }
@@ -597,7 +597,7 @@ TEST(GpuKernelLargeBatch, SingleSplitDecodeAndTiedSelection) {
       const auto ref = ReferenceAttention(f, &qf[(s * group + h) * d], s, 0, toks, scale);
       for (int c = 0; c < d; ++c) {
         ASSERT_NEAR(BFloat16::FromBits(out[(s * group + h) * d + c]).ToFloat(), ref[c],
-                    AttentionTolerance(DType::kBFloat16, ref[c], lens[s], d))
+                    GpuAttentionTolerance(DType::kBFloat16, ref[c], lens[s], d))
             << "seq " << s << " head " << h << " c " << c;
       }
     }

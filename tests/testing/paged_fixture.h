@@ -215,6 +215,16 @@ inline double AttentionTolerance(DType dtype, double ref, int len, int head_dim,
          1e-7;
 }
 
+// The bound for the GPU decode kernels: AttentionTolerance plus the rounding of the softmax
+// probabilities to the cache dtype before the P.V product (as flash attention does), which adds
+// up to u(dtype) x sum_j p_j |v_j| <= u(dtype) x max|v| per output element (fp32: none). The
+// probability term is the one tests/python/test_gpu.py's decode_tol adds.
+inline double GpuAttentionTolerance(DType dtype, double ref, int len, int head_dim,
+                                    double max_abs_value = 5.0) {
+  const double p_round = dtype == DType::kFloat32 ? 0.0 : UnitRoundoff(dtype) * max_abs_value;
+  return AttentionTolerance(dtype, ref, len, head_dim, max_abs_value) + p_round;
+}
+
 }  // namespace mempipe::testing
 
 #endif  // MEMPIPE_TESTS_TESTING_PAGED_FIXTURE_H_
