@@ -23,6 +23,7 @@
 #else
 #include "backend/gpu/gpu_apply_device.h"
 #include "core/gpu/gpu_runtime.h"
+#include "tests/testing/gpu_test_util.h"
 #endif
 
 namespace mempipe {
@@ -43,18 +44,7 @@ using TestDevice = testing::HostApplyDevice;
 #else
 using TestDevice = GpuApplyDevice;
 
-bool GpuRequired() {
-  const char* v = std::getenv("MEMPIPE_REQUIRE_GPU");
-  return v != nullptr && std::string(v) == "1";
-}
-
-#define SKIP_WITHOUT_GPU()                                                                  \
-  do {                                                                                      \
-    if (GpuDeviceCount() == 0) {                                                            \
-      if (GpuRequired()) FAIL() << "no GPU device, and MEMPIPE_REQUIRE_GPU=1 requires one"; \
-      GTEST_SKIP() << "no GPU device: GPU apply test skipped";                              \
-    }                                                                                       \
-  } while (0)
+#define SKIP_WITHOUT_GPU() MEMPIPE_SKIP_WITHOUT_GPU("GPU apply test")
 #endif
 
 constexpr int kKvHeads = 2;

@@ -26,6 +26,7 @@
 #include "retriever/page_selector.h"
 #include "retriever/relevancy.h"
 #include "retriever/select.h"
+#include "tests/testing/gpu_test_util.h"
 #include "tests/testing/int8_digests.h"
 #include "tests/testing/paged_fixture.h"
 
@@ -40,41 +41,9 @@ using testing::TestSeed;
 
 constexpr int kKvHeads = 2;
 
-// MEMPIPE_REQUIRE_GPU=1 (every run on a GPU machine) turns a missing device into a failure,
-// so that a broken driver or a hidden device cannot pass as "skipped".
-bool GpuRequired() {
-  const char* v = std::getenv("MEMPIPE_REQUIRE_GPU");
-  return v != nullptr && std::string(v) == "1";
-}
-
-#define SKIP_WITHOUT_GPU()                                                                  \
-  do {                                                                                      \
-    if (GpuDeviceCount() == 0) {                                                            \
-      if (GpuRequired()) FAIL() << "no GPU device, and MEMPIPE_REQUIRE_GPU=1 requires one"; \
-      GTEST_SKIP() << "no GPU device: GPU kernel test skipped";                             \
-    }                                                                                       \
-  } while (0)
-
-// Uploads host bytes; the test fails on any error.
-DeviceBuffer Upload(const void* src, size_t bytes) {
-  absl::StatusOr<DeviceBuffer> b = DeviceBuffer::Allocate(std::max<size_t>(bytes, 16));
-  EXPECT_TRUE(b.ok()) << b.status();
-  EXPECT_TRUE(b->CopyFromHost(src, bytes).ok());
-  return std::move(*b);
-}
-
-template <typename T>
-DeviceBuffer Upload(const std::vector<T>& v) {
-  return Upload(v.data(), v.size() * sizeof(T));
-}
-
-template <typename T>
-std::vector<T> Download(const DeviceBuffer& b, size_t n) {
-  std::vector<T> v(n);
-  absl::Status s = b.CopyToHost(v.data(), n * sizeof(T));
-  EXPECT_TRUE(s.ok()) << s;
-  return v;
-}
+#define SKIP_WITHOUT_GPU() MEMPIPE_SKIP_WITHOUT_GPU("GPU kernel test")
+using testing::Download;
+using testing::Upload;
 
 std::vector<uint8_t> NanBytes(DType dtype, size_t n) {
   std::vector<uint8_t> v(n * DTypeSize(dtype));

@@ -20,40 +20,15 @@
 #include "gtest/gtest.h"
 #include "retriever/digest.h"
 #include "retriever/gpu/select_gpu.h"
+#include "tests/testing/gpu_test_util.h"
 #include "tests/testing/paged_fixture.h"
 
 namespace mempipe {
 namespace {
 
-bool GpuRequired() {
-  const char* v = std::getenv("MEMPIPE_REQUIRE_GPU");
-  return v != nullptr && std::string(v) == "1";
-}
-
-#define SKIP_WITHOUT_GPU()                                                                  \
-  do {                                                                                      \
-    if (GpuDeviceCount() == 0) {                                                            \
-      if (GpuRequired()) FAIL() << "no GPU device, and MEMPIPE_REQUIRE_GPU=1 requires one"; \
-      GTEST_SKIP() << "no GPU device: GPU offload test skipped";                            \
-    }                                                                                       \
-  } while (0)
-
-DeviceBuffer Upload(const void* src, size_t bytes) {
-  absl::StatusOr<DeviceBuffer> b = DeviceBuffer::Allocate(std::max<size_t>(bytes, 16));
-  EXPECT_TRUE(b.ok()) << b.status();
-  EXPECT_TRUE(b->CopyFromHost(src, bytes).ok());
-  return std::move(*b);
-}
-template <typename T>
-DeviceBuffer Upload(const std::vector<T>& v) {
-  return Upload(v.data(), v.size() * sizeof(T));
-}
-template <typename T>
-std::vector<T> Download(const DeviceBuffer& b, size_t n) {
-  std::vector<T> v(n);
-  EXPECT_TRUE(b.CopyToHost(v.data(), n * sizeof(T)).ok());
-  return v;
-}
+#define SKIP_WITHOUT_GPU() MEMPIPE_SKIP_WITHOUT_GPU("GPU offload test")
+using testing::Download;
+using testing::Upload;
 
 constexpr int kKvh = 2, kHeads = 8, kDim = 128, kBlock = 16;
 
