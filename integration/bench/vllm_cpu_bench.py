@@ -13,10 +13,17 @@ subprocess, on the same random-token prompts:
             digests, its dense layers everything)
 
 and reports mempipe / CPU_ATTN ratios. The machine may be shared: ratios from interleaved runs
-are the figures to quote, and `uptime` is printed before and after.
+are the figures to quote (the backend that runs first alternates from row to row), and
+`uptime` is printed with every run. Progress: each run's prefill and decode lines as they end.
 
-  python integration/bench/vllm_cpu_bench.py --lengths 2048,4096,6144 --dtypes fp32,bf16 \\
-      --batch 4 --new-tokens 32 --json vllm_cpu.json
+The final quiet run (issue 16; about 15 minutes on the 2-vCPU build VM, quiet):
+
+  python integration/bench/vllm_cpu_bench.py --rows fp32:6144,fp32:8192,bf16:6144 \\
+      --batch 4 --new-tokens 32 --json vllm_cpu_quiet.json
+
+or a grid: --lengths 2048,4096,6144 --dtypes fp32,bf16. SmolLM2's max_position_embeddings is
+8192 and RoPE past it gives NaN, so a prompt is shortened to leave room for the new tokens
+(8192 -> 8152 with 32 new tokens; the row records both lengths).
 
 mempipe's configuration: MEMPIPE_CONFIG=budget=<--budget>,page_size=<--page-size>,
 dense_layers=<--dense-layers> (the plugin reads it; mempipe must be installed in this Python).
@@ -65,7 +72,7 @@ def ensure_model(model_dir: pathlib.Path) -> pathlib.Path:
 
 
 def child(args) -> None:
-    """One engine, one backend: prints RESULT {...}."""
+    """One engine, one backend: prints RESULT {...} (progress on stderr)."""
     import random
 
     from vllm import LLM, SamplingParams
@@ -87,16 +94,28 @@ def child(args) -> None:
         return time.perf_counter() - t0, [list(o.outputs[0].token_ids) for o in outs]
 
     prefill_s, _ = gen(1)
-    print(f"[{args.backend} {args.dtype} {args.length}] prefill {prefill_s:.1f} s", file=sys.stderr,
-          flush=True)
+    print(f"  [{args.backend} {args.dtype} {args.length}] prefill {prefill_s:.1f} s",
+          file=sys.stderr, flush=True)
     cached1_s, _ = gen(1)
     total_s, tokens = gen(1 + args.new_tokens)
     decode_s = max(total_s - cached1_s, 1e-9)
-    print(f"[{args.backend} {args.dtype} {args.length}] {args.new_tokens} decode steps "
+    print(f"  [{args.backend} {args.dtype} {args.length}] {args.new_tokens} decode steps "
           f"{decode_s:.1f} s", file=sys.stderr, flush=True)
     print("RESULT " + json.dumps({"prefill_s": prefill_s, "decode_s": decode_s,
                                   "decode_tokens_per_s": args.batch * args.new_tokens / decode_s,
                                   "tokens": tokens}), flush=True)
+
+
+def machine() -> str:
+    """CPU model and count, for the record."""
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((x.split(":", 1)[1].strip() for x in f if x.startswith("model name")),
+                         model)
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} logical CPUs"
 
 
 def modeled_step_bytes(args, length: int, dtype: str, mempipe: bool) -> float:
@@ -116,6 +135,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", default="2048,4096,6144", help="comma-separated prompt lengths")
     ap.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    ap.add_argument("--rows", default="",
+                    help="comma-separated dtype:length pairs (e.g. fp32:6144,bf16:6144); "
+                         "replaces the --dtypes x --lengths grid")
     ap.add_argument("--batch", type=int, default=4, help="prompts decoded together")
     ap.add_argument("--new-tokens", type=int, default=32, help="timed decode steps")
     ap.add_argument("--budget", type=int, default=512, help="mempipe token budget per KV head")
@@ -135,58 +157,78 @@ def main(argv=None) -> int:
     if args.child:
         child(args)
         return 0
-    lengths = [int(x) for x in args.lengths.split(",") if x]
-    dtypes = [d for d in args.dtypes.split(",") if d]
+    try:
+        if args.rows:
+            grid = [(r.split(":")[0], int(r.split(":")[1])) for r in args.rows.split(",") if r]
+        else:
+            grid = [(d, int(n)) for d in args.dtypes.split(",") if d
+                    for n in args.lengths.split(",") if n]
+    except (IndexError, ValueError):
+        ap.error(f"--rows must be dtype:length pairs and --lengths integers, got "
+                 f"{args.rows or args.lengths!r}")
     backends = [b for b in args.backends.split(",") if b]
-    if any(d not in DTYPE_BYTES for d in dtypes) or any(b not in ("CPU_ATTN", "CUSTOM") for b in backends):
-        ap.error(f"--dtypes must list fp32/bf16 and --backends CPU_ATTN/CUSTOM, got {dtypes} {backends}")
-    if args.batch < 1 or args.new_tokens < 1 or any(n < 1 for n in lengths):
-        ap.error("--batch, --new-tokens and --lengths must be positive")
+    if any(d not in DTYPE_BYTES for d, _ in grid) or any(b not in ("CPU_ATTN", "CUSTOM") for b in backends):
+        ap.error(f"dtypes must be fp32/bf16 and --backends CPU_ATTN/CUSTOM, got {grid} {backends}")
+    if args.batch < 1 or args.new_tokens < 1 or any(n < 1 for _, n in grid):
+        ap.error("--batch, --new-tokens and the lengths must be positive")
     model_dir = ensure_model(pathlib.Path(args.model_dir))
+    max_pos = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
     uptime0 = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    print(f"[machine] {uptime0}", flush=True)
-    env = dict(os.environ, VLLM_TARGET_DEVICE="cpu",
+    print(f"[machine] {machine()}; {uptime0}", flush=True)
+    env = dict(os.environ, VLLM_TARGET_DEVICE="cpu", VLLM_LOGGING_LEVEL="WARNING",
                MEMPIPE_CONFIG=f"budget={args.budget},page_size={args.page_size},"
                               f"dense_layers={args.dense_layers}")
     rows = []
-    total = len(dtypes) * len(lengths) * len(backends)
+    total = len(grid) * len(backends)
     done = 0
-    for dtype in dtypes:
-        for length in lengths:
-            res = {}
-            for backend in backends:
-                done += 1
-                print(f"[run {done}/{total}] {backend} {dtype} batch {args.batch} x {length} tokens",
-                      flush=True)
-                cmd = [sys.executable, __file__, "--child", "--backend", backend, "--dtype", dtype,
-                       "--length", str(length), "--batch", str(args.batch), "--new-tokens",
-                       str(args.new_tokens), "--page-size", str(args.page_size), "--model-dir",
-                       str(model_dir), "--kv-cache-gib", str(args.kv_cache_gib), "--seed", str(args.seed)]
-                try:
-                    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
-                except subprocess.TimeoutExpired:
-                    print(f"  timed out after {args.timeout} s", flush=True)
-                    continue
-                line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-                if p.returncode or not line:
-                    print(f"  failed (rc {p.returncode}):\n{p.stderr[-3000:]}", flush=True)
-                    continue
-                r = json.loads(line[-1][7:])
-                r["step_bytes_modeled"] = modeled_step_bytes(args, length, dtype, backend == "CUSTOM")
-                res[backend] = r
-                print(f"  prefill {r['prefill_s']:.1f} s, decode {r['decode_tokens_per_s']:.2f} tok/s, "
-                      f"{r['step_bytes_modeled'] / 2**20:.0f} MiB/step (modeled)", flush=True)
-            row = {"dtype": dtype, "length": length, "batch": args.batch, "runs": res}
-            if "CPU_ATTN" in res and "CUSTOM" in res:
-                a, m = res["CPU_ATTN"], res["CUSTOM"]
-                row["prefill_ratio"] = m["prefill_s"] / a["prefill_s"]
-                row["decode_speedup"] = m["decode_tokens_per_s"] / a["decode_tokens_per_s"]
-                row["bytes_ratio"] = m["step_bytes_modeled"] / a["step_bytes_modeled"]
-                row["same_tokens"] = m["tokens"] == a["tokens"]
-                print(f"  => mempipe/CPU_ATTN: prefill time {row['prefill_ratio']:.2f}x, decode "
-                      f"tok/s {row['decode_speedup']:.2f}x, bytes/step {row['bytes_ratio']:.2f}x",
-                      flush=True)
-            rows.append(row)
+    t_start = time.perf_counter()
+    for row_index, (dtype, asked) in enumerate(grid):
+        res = {}
+        run_env = dict(env)
+        length = asked
+        if max_pos and length + args.new_tokens + 8 > max_pos:
+            length = max_pos - args.new_tokens - 8
+            print(f"[note] {asked}-token prompts leave no room for {args.new_tokens} new tokens "
+                  f"within max_position_embeddings {max_pos}: running {length}", flush=True)
+        order = backends if row_index % 2 == 0 else backends[::-1]
+        for backend in order:
+            done += 1
+            up = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+            print(f"[run {done}/{total}, {time.perf_counter() - t_start:.0f} s] {backend} "
+                  f"{dtype} batch {args.batch} x {length} tokens ({up.split('load')[-1]})",
+                  flush=True)
+            cmd = [sys.executable, __file__, "--child", "--backend", backend, "--dtype", dtype,
+                   "--length", str(length), "--batch", str(args.batch), "--new-tokens",
+                   str(args.new_tokens), "--page-size", str(args.page_size), "--model-dir",
+                   str(model_dir), "--kv-cache-gib", str(args.kv_cache_gib), "--seed", str(args.seed)]
+            try:  # stderr (progress, warnings, errors) goes straight to ours
+                p = subprocess.run(cmd, env=run_env, stdout=subprocess.PIPE, text=True,
+                                   timeout=args.timeout)
+            except subprocess.TimeoutExpired:
+                print(f"  timed out after {args.timeout} s", flush=True)
+                continue
+            line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+            if p.returncode or not line:
+                print(f"  failed (rc {p.returncode}); its stderr is above", flush=True)
+                continue
+            r = json.loads(line[-1][7:])
+            r["step_bytes_modeled"] = modeled_step_bytes(args, length, dtype, backend == "CUSTOM")
+            r["uptime"] = up
+            res[backend] = r
+            print(f"  prefill {r['prefill_s']:.1f} s, decode {r['decode_tokens_per_s']:.2f} tok/s, "
+                  f"{r['step_bytes_modeled'] / 2**20:.0f} MiB/step (modeled)", flush=True)
+        row = {"dtype": dtype, "length": length, "length_requested": asked, "batch": args.batch,
+               "runs": res}
+        if "CPU_ATTN" in res and "CUSTOM" in res:
+            a, m = res["CPU_ATTN"], res["CUSTOM"]
+            row["prefill_ratio"] = m["prefill_s"] / a["prefill_s"]
+            row["decode_speedup"] = m["decode_tokens_per_s"] / a["decode_tokens_per_s"]
+            row["bytes_ratio"] = m["step_bytes_modeled"] / a["step_bytes_modeled"]
+            row["same_tokens"] = m["tokens"] == a["tokens"]
+            print(f"  => mempipe/CPU_ATTN: prefill time {row['prefill_ratio']:.2f}x, decode "
+                  f"tok/s {row['decode_speedup']:.2f}x, bytes/step {row['bytes_ratio']:.2f}x",
+                  flush=True)
+        rows.append(row)
     uptime1 = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"[machine] {uptime1}", flush=True)
     print(f"\n{'dtype':>5} {'tokens':>7} {'prefill A/M s':>14} {'decode A/M tok/s':>17} "
@@ -203,7 +245,8 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": {k: v for k, v in vars(args).items() if k not in ("child", "backend", "length", "dtype")},
-                       "uptime_before": uptime0, "uptime_after": uptime1, "rows": rows}, f, indent=2)
+                       "machine": machine(), "uptime_before": uptime0, "uptime_after": uptime1,
+                       "wall_s": time.perf_counter() - t_start, "rows": rows}, f, indent=2)
         print(f"wrote {args.json}")
     return 0
 
