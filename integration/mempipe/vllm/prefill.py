@@ -119,7 +119,7 @@ class VllmCpuPrefill:
         starts = query_start_loc.tolist()
         lens = seq_lens.tolist()
         per_block = self.block // self.page_size
-        ids, rows, blocks = [], [], []
+        ids, slots, blocks = [], [], []
         num_blocks = 0
         for s, length in enumerate(lens):
             q_len = starts[s + 1] - starts[s]
@@ -131,6 +131,12 @@ class VllmCpuPrefill:
             if n_blk * per_block > pages:  # a whole scratch block: repeat the last page
                 row = torch.cat([row, row[-1:].expand(n_blk * per_block - pages)])
             ids.append(row)
+            # Gathered row r of this request is token r: slot r of its scratch blocks, and no
+            # slot (-1: vLLM's writer skips it) past the sequence, so cache slots that were
+            # never written (NaN in a poisoned cache) never reach vLLM's kernel.
+            slot = torch.arange(num_blocks * self.block, (num_blocks + n_blk) * self.block)
+            slot[length:] = -1
+            slots.append(slot)
             blocks.append(torch.arange(num_blocks, num_blocks + n_blk, dtype=torch.int32))
             num_blocks += n_blk
         width = max(len(b) for b in blocks)
@@ -143,17 +149,19 @@ class VllmCpuPrefill:
             num_reqs=len(lens), num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
             head_dim=self.head_dim, seq_lens=lens_t, dtype=self.dtype, query_start_loc=qsl,
             causal=True, sliding_window_size=-1, isa=self.isa, enable_kv_split=False)
-        return {"ids": torch.cat(ids), "slots": torch.arange(num_blocks * self.block),
+        return {"ids": torch.cat(ids), "slots": torch.cat(slots),
                 "table": table, "num_blocks": num_blocks, "query_start_loc": qsl,
                 "seq_lens": lens_t, "metadata": metadata}
 
     def _cache(self, num_blocks: int) -> torch.Tensor:
         """The scratch cache: one buffer per dtype for the process (layers run one at a time),
-        grown to the largest step seen."""
+        grown to the largest step seen. Zeroed when allocated: slots past a sequence's end are
+        never written and vLLM's kernel multiplies them by zero probabilities, so they must be
+        finite (earlier steps leave finite keys and values there)."""
         need = num_blocks * self.num_kv_heads * self.block * 2 * self.head_dim
         buf = _SCRATCH.get(self.dtype)
         if buf is None or buf.numel() < need:
-            buf = _SCRATCH[self.dtype] = torch.empty(need, dtype=self.dtype)
+            buf = _SCRATCH[self.dtype] = torch.zeros(need, dtype=self.dtype)
         return buf[:need].view(num_blocks, self.num_kv_heads, self.block, 2 * self.head_dim)
 
     def run(self, plan: dict, query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor,
