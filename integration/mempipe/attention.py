@@ -1,7 +1,9 @@
 """One layer of mempipe attention over a paged KV cache, framework-neutral (torch tensors).
 
 The vLLM backend (mempipe.vllm.backend) and the transformers adapter (mempipe.hf) both drive
-this class; it holds the layer's digests and runs, per call:
+this class; it holds the layer's digests (in the configuration's digest_dtype: native, or
+int8 codes + per-page scales, mempipe.digests) and runs, per call:
+
 
     append  keys/values into the cache and widen the page digests       (step 1, incremental)
     decode  for one-token queries: score pages (2), select top-k (3), attend to them (4);

@@ -226,6 +226,12 @@ def _cached_forward(module, layer_state, start, query, scale):
     length = layer_state.length
     q = query.transpose(1, 2).reshape(batch * q_len, num_heads, head_dim)
     if q_len == 1:
+        held = digest_store.digest_dtype_of(layer_state.digests)
+        if held != cache.config.digest_dtype:
+            raise ValueError(f"mempipe: this MempipeCache's pages hold {held} digests but its "
+                             f"configuration asks digest_dtype={cache.config.digest_dtype}; "
+                             "use a new MempipeCache to change the digest dtype")
+
         out = torch.empty_like(q)
         lens = cache.step_seq_lens(batch, length, query.device)
         paged.decode(q, layer_state.kv_cache, layer_state.block_table, lens, out,

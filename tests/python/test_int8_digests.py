@@ -460,7 +460,13 @@ def test_transformers_adapter_int8_full_budget_generates_native_tokens(gen, monk
                                       min_new_tokens=8, do_sample=False,
                                       past_key_values=caches[dd])
     assert torch.equal(outs["int8"], outs["native"])
+    # A cache whose pages hold native digests refuses a configuration asking for int8 (it would
+    # otherwise score the native ones).
+    caches["native"].config = MempipeConfig(budget=1024, dense_layers=1, digest_dtype="int8")
+    with torch.no_grad(), pytest.raises(ValueError, match="hold native digests"):
+        model(outs["native"][:, -1:], past_key_values=caches["native"])
     layer = caches["int8"].layers[1]
+
     assert isinstance(layer.digests, mdg.Int8Digests)
     assert caches["int8"].calls()["sparse"] == 2 * 7
     # The kept digests are the reference's for the cache's pages (bulk prompt + appends).
