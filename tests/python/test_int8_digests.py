@@ -463,13 +463,30 @@ def test_transformers_adapter_int8_full_budget_generates_native_tokens(gen, monk
                                       min_new_tokens=8, do_sample=False,
                                       past_key_values=caches[dd])
     assert torch.equal(outs["int8"], outs["native"])
+    # Without a MempipeCache (the adapter re-pages the context per call through the torch
+    # operators, int8 digests as digest_scales= / digest_exact=): transformers' SDPA tokens.
+    monkeypatch.setenv("MEMPIPE_CONFIG", "budget=1024,dense_layers=1,digest_dtype=int8")
+    import mempipe.ops  # noqa: F401
+    calls = []
+    original = torch.ops.mempipe.score_and_select
+    monkeypatch.setattr(torch.ops.mempipe, "score_and_select",
+                        lambda *a, **k: calls.append(k["digest_scales"].dtype) or original(*a, **k),
+                        raising=False)
+    with torch.no_grad():
+        uncached = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                                  min_new_tokens=4, do_sample=False)
+        model.set_attn_implementation("sdpa")
+        sdpa = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                              min_new_tokens=4, do_sample=False)
+        model.set_attn_implementation("mempipe")
+    assert torch.equal(uncached, sdpa)
+    assert calls and set(calls) == {torch.float32}, calls
     # A cache whose pages hold native digests refuses a configuration asking for int8 (it would
     # otherwise score the native ones).
     caches["native"].config = MempipeConfig(budget=1024, dense_layers=1, digest_dtype="int8")
     with torch.no_grad(), pytest.raises(ValueError, match="hold native digests"):
         model(outs["native"][:, -1:], past_key_values=caches["native"])
     layer = caches["int8"].layers[1]
-
     assert isinstance(layer.digests, mdg.Int8Digests)
     assert caches["int8"].calls()["sparse"] == 2 * 7
     # The kept digests are the reference's for the cache's pages (bulk prompt + appends).
