@@ -126,6 +126,7 @@ SelectionOffload::SelectionOffload(std::unique_ptr<PageSelector> selector,
                    ? options.channel_capacity
                    : 4 * static_cast<size_t>(options.slots) + 4 * options.max_layers) {
   metrics_.selector = std::string(selector_->Name());
+  metrics_.append_ring = options.append_ring;
   thread_ = std::thread(&SelectionOffload::SelectorLoop, this);
 }
 
@@ -725,6 +726,7 @@ void SelectionOffload::ResetMetrics() {
   fresh.selector = metrics_.selector;
   fresh.dead = metrics_.dead;
   fresh.death = metrics_.death;
+  fresh.append_ring = metrics_.append_ring;
   metrics_ = fresh;
 }
 

@@ -120,7 +120,8 @@ struct OffloadMetrics {
   double bytes_d2h = 0;          // real GPU->host staging copies (GPU side; 0 in CPU mode)
   double bytes_h2d = 0;          // real host->GPU copies of selections (GPU side)
   bool dead = false;
-  std::string death;  // the failure that declared the selector dead
+  std::string death;    // the failure that declared the selector dead
+  int append_ring = 0;  // the engine's append ring depth (options.append_ring)
 };
 
 class SelectionOffload {
