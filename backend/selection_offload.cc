@@ -534,6 +534,7 @@ void SelectionOffload::RunAppend(const Job& job) {
     }
   }
   p.control->released.store(job.seq, std::memory_order_release);
+  last_job_end_ = Clock::now();
   { std::lock_guard<std::mutex> lock(wake_mu_); }
   wake_cv_.notify_all();
 }
@@ -549,8 +550,10 @@ void SelectionOffload::RunSelect(const Job& job) {
                     p.num_kv_heads, p.pages_per_head};
   SelectorCosts costs;
   double wall_ms = 0;
-  // The selector had less than half the deadline for this request (the card was behind).
-  const bool late_start = deadline - Clock::now() < MsDuration(options_.deadline_ms / 2);
+  // The request queued behind earlier work (the selector was still busy when it was issued)
+  // and had less than half its deadline left when it started: the card was behind.
+  const bool late_start =
+      job.issued < last_job_end_ && deadline - Clock::now() < MsDuration(options_.deadline_ms / 2);
   if (dead_.load(std::memory_order_acquire)) {
     reason = OffloadReason::kDead;
   } else if (Clock::now() >= deadline) {
@@ -586,6 +589,7 @@ void SelectionOffload::RunSelect(const Job& job) {
     }
   }
   p.control->released.store(job.seq, std::memory_order_release);
+  last_job_end_ = Clock::now();  // before the publish: a request issued after it sees it
   const bool late = reason == OffloadReason::kTimeout && late_start;
   if (reason == OffloadReason::kSelected) {
     consecutive_failures_ = 0;

@@ -28,11 +28,12 @@
 // order, each exactly once.
 // Every failure inside the selector thread becomes a reason code (OffloadReason), never an
 // exception or std::terminate; `dead_after_failures` consecutive failures declare the selector
-// dead, and every later request fails fast with kDead. A timeout of a request the selector
-// started with less than half its deadline left (it expired in the queue, or the card was
-// still busy with earlier work) is a fallback (kTimeout) but not a failure: the card is late,
-// not broken (counted in OffloadMetrics::late_timeouts). Results are published in request order;
-// Shutdown() drains the channel (every queued request is published) and joins the thread.
+// dead, and every later request fails fast with kDead. A timeout of a request that queued
+// behind earlier work (the selector thread was busy when it was issued) and started with less
+// than half its deadline left -- it expired in the queue, or nearly -- is a fallback (kTimeout)
+// but not a failure: the card is late, not broken (OffloadMetrics::late_timeouts). Results are
+// published in request order; Shutdown() drains the channel (every queued request is published) and
+// joins the thread.
 //
 //   MEMPIPE_ASSIGN_OR_RETURN(auto selector, MakeFpgaSelector(fpga_options));
 //   MEMPIPE_ASSIGN_OR_RETURN(auto off, SelectionOffload::Create(std::move(selector), {}));
@@ -107,8 +108,9 @@ struct OffloadMetrics {
   // Requests whose functional result took longer on this host than the modeled device time
   // (the emulation could not keep up with the model: the run is host-bound for them).
   int64_t host_bound = 0;
-  // Timeouts of requests the selector started with less than half their deadline left (the
-  // card was behind): fallbacks, not failures toward dead_after_failures.
+  // Timeouts of requests that queued behind earlier work and started with less than half
+  // their deadline left (the card was behind): fallbacks, not failures toward
+  // dead_after_failures.
   int64_t late_timeouts = 0;
   double selector_ms = 0;        // measured: Submit..Wait of the selector, summed
   double functional_ms = 0;      // measured: the selector's compute (Costs().relevancy_ms)
@@ -305,7 +307,8 @@ class SelectionOffload {
 
   mutable std::mutex metrics_mu_;
   OffloadMetrics metrics_;
-  int consecutive_failures_ = 0;  // selector thread only
+  int consecutive_failures_ = 0;    // selector thread only
+  Clock::time_point last_job_end_;  // selector thread only: when its latest job ended
 
   std::thread thread_;  // last: starts after every member above exists
 };
