@@ -33,8 +33,9 @@ def rank_report(worker) -> dict:
         paged = impl._layer
         entry = {"heads": impl.num_heads, "kv_heads": impl.num_kv_heads,
                  "sparse": paged.sparse, "calls": dict(paged.calls)}
-        if paged._digests is not None:
-            d = paged._digests.double()
+        if paged._digests is not None:  # native: a tensor; int8: its exact rows
+            d = paged._digests
+            d = (d if isinstance(d, torch.Tensor) else d.exact).double()
             written = torch.isfinite(d).all(dim=(1, 2, 3))
             entry["digest_pages"] = int(written.sum())
             entry["digest_sum"] = float(d[written].sum())
