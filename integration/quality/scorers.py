@@ -151,11 +151,31 @@ def page_view(k: torch.Tensor, page: int):
     return hi.amax(2), lo.amin(2)
 
 
+def _per_head(head_score, pmass, needle, ans_pages, ks, acc, needle_mass) -> None:
+    """Per-query-head selection (Quest): each query head keeps the first and newest page and
+    its own top k - 2; the bytes read are the union over the group (per KV head)."""
+    kvh, group, n_pages = head_score.shape
+    order = head_score[:, :, 1:n_pages - 1].argsort(-1, descending=True) + 1
+    for k in ks:
+        chosen = torch.zeros(kvh, group, n_pages, dtype=torch.bool)
+        chosen[:, :, 0] = True
+        chosen[:, :, n_pages - 1] = True
+        if k > 2:
+            chosen.scatter_(2, order[:, :, :k - 2], True)
+        acc[k]["recall"] += (pmass * chosen).sum(-1).mean(1).tolist()
+        acc[k]["union"] += chosen.any(1).sum(-1).tolist()
+        if needle is not None:
+            for h in range(kvh):
+                if needle[h] >= needle_mass:
+                    top = int(pmass[h][:, ans_pages].sum(-1).argmax())  # the head that reads it
+                    acc[k]["needle_hit"].append(bool(chosen[h, top, ans_pages].any()))
+
+
 def analyze(args) -> None:
-    files = sorted(pathlib.Path(args.out).glob("*.pt"))
+    files = sorted(pathlib.Path(args.out).glob(args.files))
     if not files:
         raise SystemExit(f"no captures in {args.out}: run `capture` first")
-    cutoffs = [float(c) for c in args.cutoffs.split(",")]
+    cutoffs = [float(c) for c in args.cutoffs.split(",") if c]
     scorers = (["minmax"] + [f"rope{c:g}" for c in cutoffs]
                + [f"topq{r}" for r in _ints(args.topq)]
                + [f"rope{c:g}+topq{r}" for c in cutoffs[:2] for r in _ints(args.topq)[:2]]
@@ -165,6 +185,8 @@ def analyze(args) -> None:
     rows = {s: {b: {"recall": [], "needle_hit": [], "needle_rank": []} for b in budgets}
             for s in scorers}
     per_prompt = {}
+    per_head_pages = _ints(args.per_head_pages)
+    per_head = {k: {"recall": [], "union": [], "needle_hit": []} for k in per_head_pages}
     for f in files:
         cap = torch.load(f)
         q_all, k_all, base = cap["q"].float(), cap["k"].float(), cap["rope_base"]
@@ -199,8 +221,12 @@ def analyze(args) -> None:
                         score = lg.view(kvh, group, n_pages, page).amax(-1).amax(1)
                     else:
                         qs = transform(q, s, base, page)
-                        score = torch.maximum(torch.einsum("hgd,hpd->hgp", qs, kmax),
-                                              torch.einsum("hgd,hpd->hgp", qs, kmin)).amax(1)
+                        head_score = torch.maximum(torch.einsum("hgd,hpd->hgp", qs, kmax),
+                                                   torch.einsum("hgd,hpd->hgp", qs, kmin))
+                        score = head_score.amax(1)
+                        if s == "minmax" and per_head_pages:
+                            _per_head(head_score, pmass, needle, ans_pages, per_head_pages,
+                                      per_head, args.needle_mass)
                     mid = score[:, 1:n_pages - 1]
                     order = mid.argsort(-1, descending=True) + 1  # page ids, best first
                     for b in budgets:
@@ -243,6 +269,23 @@ def analyze(args) -> None:
                      f"{row['needle_hit'] if row['needle_hit'] is not None else '-'} "
                      f"{row['needle_rank_median']} ")
         print(line)
+    ph_table = []
+    for k in per_head_pages:
+        r = torch.tensor(per_head[k]["recall"])
+        u = torch.tensor(per_head[k]["union"], dtype=torch.float64)
+        hits = per_head[k]["needle_hit"]
+        ph_table.append({"pages_per_query_head": k, "union_pages_mean": round(float(u.mean()), 2),
+                         "union_budget_tokens": round(float(u.mean()) * page, 1),
+                         "recall_mean": round(float(r.mean()), 4),
+                         "recall_p05": round(float(r.quantile(0.05)), 4),
+                         "needle_hit": round(sum(hits) / len(hits), 3) if hits else None})
+    if ph_table:
+        print("per-query-head selection (minmax): pages per query head, union pages per KV head "
+              "(the bytes), recall, p05, needle")
+        for row in ph_table:
+            print(f"  k={row['pages_per_query_head']:>3} union {row['union_pages_mean']:6.2f} "
+                  f"recall {row['recall_mean']:.3f} p05 {row['recall_p05']:.3f} "
+                  f"needle {row['needle_hit']}")
     if args.json:
         path = pathlib.Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -252,6 +295,7 @@ def analyze(args) -> None:
             "prompts": {k: {kk: vv for kk, vv in v.items() if kk != "scorers"}
                         for k, v in per_prompt.items()},
             "table": table,
+            "per_query_head": ph_table,
             "needle_pairs_at_first_budget": {k: v["scorers"] for k, v in per_prompt.items()},
         }, indent=1))
         print(f"[analyze] wrote {path}")
@@ -276,11 +320,16 @@ def main(argv=None):
     c.add_argument("--threads", type=int, default=1, help="torch threads; default: 1")
     a = sub.add_parser("analyze", help="score the captures")
     a.add_argument("--out", default="build/scorers", help="folder of the .pt captures")
+    a.add_argument("--files", default="*.pt", help="captures to read (glob); default: *.pt")
     a.add_argument("--page", type=int, default=16, help="page size; default: 16")
     a.add_argument("--budgets", default="256,512,1024", help="default: 256,512,1024")
     a.add_argument("--cutoffs", default="1,0.5,2,4,0.25",
                    help="rope<c> cutoffs in units of pi radians per page; default: 1,0.5,2,4,0.25")
     a.add_argument("--topq", default="32,16,8", help="topq<r> channel counts; default: 32,16,8")
+    a.add_argument("--per-head-pages", default="6,8,10,12,14,16,20,24,28,32,40,48,56,64",
+                   help="pages per query head of the per-query-head baseline (minmax); the "
+                        "table gives the union's pages per KV head, to match GQA-aware "
+                        "selection's bytes; default: 6,8,...,64")
     a.add_argument("--needle-mass", type=float, default=0.1,
                    help="attention mass on the answer pages that makes a pair a needle pair; "
                         "default: 0.1")

@@ -19,7 +19,8 @@ according to the active `Selection`:
     per_head   the same path over the KV heads repeated once per query head (group 1), so
                each query head selects its own pages (Quest's selection); its budget per query
                head is set so that the union of the group's pages fits the GQA budget (equal
-               bytes read, see `per_head_budget`)
+               bytes read, see `per_head_budget`), or given directly (`head_budget`: a
+               per-head budget chosen so that the union's measured bytes match, issue 13)
 
 Pages are filled per (prompt, page size, kind) and reused by every configuration of that page
 size: after a run each layer is cut back to the prompt and the partial last page's digest is
@@ -82,6 +83,7 @@ class Selection:
     sinks: int = SINKS
     locals: int = LOCALS
     extra: str = ""           # further MEMPIPE_CONFIG keys, "k=v,k=v" (reuse, digest_dtype, ...)
+    head_budget: int = 0      # per_head: tokens per query head, set directly (0: per_head_budget)
 
     @staticmethod
     def dense() -> "Selection":
@@ -95,12 +97,17 @@ class Selection:
         ends = "" if (self.sinks, self.locals) == (SINKS, LOCALS) else \
             f",s={self.sinks},l={self.locals}"
         extra = f",{self.extra}" if self.extra else ""
+        hb = f",hb={self.head_budget}" if self.head_budget else ""
         return (f"{self.kind}(B={self.budget},p={self.page_size},dl={self.dense_layers}{agg}"
-                f"{ends}{extra})")
+                f"{hb}{ends}{extra})")
 
     def config_string(self, group: int, placement: str = "cpu") -> str:
-        budget = self.budget if self.kind == "mempipe" else per_head_budget(
-            self.budget, self.page_size, group, self.sinks, self.locals)
+        if self.kind == "mempipe":
+            budget = self.budget
+        elif self.head_budget:
+            budget = self.head_budget
+        else:
+            budget = per_head_budget(self.budget, self.page_size, group, self.sinks, self.locals)
         extra = f",{self.extra}" if self.extra else ""
         return (f"placement={placement},budget={budget},page_size={self.page_size},"
                 f"dense_layers={self.dense_layers},sinks={self.sinks},locals={self.locals},"
