@@ -8,8 +8,8 @@
 #            _mempipe for CPython 3.12 with the GPU kernels, its Abseil/CUDA libraries),
 #            quality/ (integration/quality), whl/ (gguf), SHA256 (of part.a, part.b, the GGUF);
 #            fails loudly (exit 3) when part.a is not in $STASH any more, then runs the grid
-#            on CUDA: three run.py processes side by side on the one GPU (tasks at 8000
-#            tokens; tasks at 2048 + 4096; perplexity at 8K), each under a time limit (a
+#            on CUDA: four run.py processes side by side on the one GPU (tasks at 8000, 4096
+#            and 2048 tokens; perplexity at 8K), each under a time limit (a
 #            stopped run keeps every finished case: results.json is rewritten per case).
 #
 # Environment: Q (default .gpuwork/qual), STASH (default build/qual-h200-stash), OUT, LIMIT
@@ -53,19 +53,25 @@ export PYTHONPATH="$RT/site:/tmp/site" MEMPIPE_SMOLLM_GGUF="$STASH/smollm2.gguf"
   echo "setup $((SECONDS - t0)) s"; } 2>&1 | tee -a "$OUT/device.txt"
 cd "$Q/quality" || exit 1
 BUDGETS=${BUDGETS:-256,512,1024}
-common=(--device cuda --threads 4 --no-report --budgets "$BUDGETS" --axis-budgets ""
+# Per-query-head baseline at matched bytes (issue 13, item 3): per-head budgets around the ones
+# whose union of pages equals the GQA budget's (scorers.py's per-query-head sweep on an 8000-
+# token capture: union pages ~ 1.85 k - 1 for k pages per query head), so the measured bytes
+# bracket GQA-aware selection's.
+PH="per_head:256=h144:16:2:max;per_head:512=h256:16:2:max;per_head:512=h288:16:2:max"
+PH="$PH;per_head:1024=h512:16:2:max;per_head:1024=h576:16:2:max"
+common=(--device cuda --threads 3 --no-report --budgets "$BUDGETS" --axis-budgets ""
         --per-head-budgets "" --page-sizes 16 --aggregations max --dense-layers 2
-        --seed "${SEED:-20261130}" --max-new 8 --configs "${CONFIGS:-}")
+        --seed "${SEED:-20261130}" --max-new 8 --configs "${CONFIGS:-$PH}")
 run() {  # name, then run.py arguments
   local name=$1; shift
   timeout "$LIMIT" python3 run.py "${common[@]}" --out "$OUT/$name" "$@" 2>&1 \
     | grep -v -E "Converting|Loading weights" > "$OUT/$name.log"
   echo "$name rc=$? at $((SECONDS - t0)) s" >> "$OUT/$name.log"
 }
-run tasks_8k --tasks passkey,needle --lengths 8000 --depths 0.25,0.5,0.75 --per-point 5 \
-  --ppl-context 0 &
-run tasks_2k_4k --tasks passkey,needle --lengths 2048,4096 --depths 0.25,0.5,0.75 \
-  --per-point 5 --ppl-context 0 &
+for L in 8000 4096 2048; do
+  run tasks_$L --tasks passkey,needle --lengths $L --depths 0.25,0.5,0.75 --per-point 5 \
+    --ppl-context 0 &
+done
 run ppl_8k --tasks "" --ppl-context 7936 --ppl-steps 256 --ppl-windows 1 &
 wait
 for f in "$OUT"/*.log; do tail -3 "$f"; done
