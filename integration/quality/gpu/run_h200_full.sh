@@ -76,3 +76,7 @@ run ppl_8k --tasks "" --ppl-context 7936 --ppl-steps 256 --ppl-windows 1 &
 wait
 for f in "$OUT"/*.log; do tail -3 "$f"; done
 echo "total $((SECONDS - t0)) s" | tee -a "$OUT/device.txt"
+# The device tool brings back at most 8 files: one archive of the results folders and logs
+# (the first run lost tasks_8000/results.json to that limit).
+tar -czf "$OUT/results.tgz" -C "$OUT" $(cd "$OUT" && ls -d tasks_* ppl_8k* 2>/dev/null) \
+  && (cd "$OUT" && rm -rf tasks_* ppl_8k*)
