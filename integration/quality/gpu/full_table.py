@@ -9,7 +9,8 @@ bytes or KL), and DIR/ppl_8k/results.json. Per configuration: hits on the cases 
 (k of n) per length, bytes read per step as a fraction of dense (task runs at 2048/4096 tokens
 from their JSON; the 8K perplexity run for 8K), and the 8K perplexity ratio with its 95%
 interval (exp(mean +- 1.96 sd / sqrt(n)) of the per-token NLL differences), KL and top-1.
-Writes DIR/summary.md and DIR/summary.json.
+Writes DIR/summary.md, DIR/summary.json and DIR/bytes_frontier.png (quality vs bytes read,
+GQA-aware and per-query-head selection: the comparison at equal bytes).
 """
 
 from __future__ import annotations
@@ -93,6 +94,38 @@ def main(d: str) -> None:
     (d / "summary.md").write_text(text)
     (d / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(text)
+    plot(d, summary, lengths)
+
+
+def plot(d: pathlib.Path, summary: dict, lengths: list[int]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [L for L in lengths if any(f"bytes_{L}" in s for s in summary["configs"].values())]
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.2 * (len(panels) + 1), 3.6))
+    for kind, style in (("mempipe", "o-"), ("per_head", "s--")):
+        items = [(None, k) for k in summary["configs"] if k.startswith(kind)]
+        for ax, L in zip(axes, panels):
+            pts = sorted((v[f"bytes_{L}"], v[f"hits_{L}"][0] / v[f"hits_{L}"][1])
+                         for v in (summary["configs"][k] for _, k in items))
+            ax.plot(*zip(*pts), style, label="GQA-aware" if kind == "mempipe" else
+                    "per-query-head")
+            ax.set_title(f"tasks at {L} tokens (dense right)")
+            ax.set_xlabel("bytes read per step / dense")
+            ax.set_ylabel("hit rate")
+        pts = sorted((summary["configs"][k]["bytes_ppl8k"], summary["configs"][k]["ppl_ratio"])
+                     for _, k in items)
+        axes[-1].plot(*zip(*pts), style, label="GQA-aware" if kind == "mempipe" else
+                      "per-query-head")
+    axes[-1].set_title("perplexity, 7936 + 256 tokens")
+    axes[-1].set_xlabel("bytes read per step / dense")
+    axes[-1].set_ylabel("PPL ratio to dense")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M (30 layers) on the H200, page 16, 2 dense layers", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(d / "bytes_frontier.png", dpi=110)
 
 
 if __name__ == "__main__":
