@@ -48,12 +48,14 @@ def test_rope_mask_drops_the_pairs_that_turn_more_than_the_cutoff_per_page():
 
 def test_page_digests_ignore_the_padding_of_a_partial_page():
     import scorers
-    k = torch.randn(2, 37, 8)  # 3 pages of 16, the last holds 5 tokens
-    kmax, kmin = scorers.page_view(k, 16)
-    assert kmax.shape == (2, 3, 8)
-    for p, (a, b) in enumerate(((0, 16), (16, 32), (32, 37))):
-        assert torch.equal(kmax[:, p], k[:, a:b].amax(1))
-        assert torch.equal(kmin[:, p], k[:, a:b].amin(1))
+    # 3 pages of 16, the last holds 5 tokens; all-negative and all-positive keys, so a digest
+    # that took the padding (zeros, say) into its max or min would differ.
+    for k in (torch.rand(2, 37, 8) - 2.0, torch.rand(2, 37, 8) + 1.0):
+        kmax, kmin = scorers.page_view(k, 16)
+        assert kmax.shape == (2, 3, 8)
+        for p, (a, b) in enumerate(((0, 16), (16, 32), (32, 37))):
+            assert torch.equal(kmax[:, p], k[:, a:b].amax(1))
+            assert torch.equal(kmin[:, p], k[:, a:b].amin(1))
 
 
 def test_per_head_union_counts_every_head_s_pages():
