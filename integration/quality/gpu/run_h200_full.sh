@@ -39,8 +39,8 @@ if [ ! -f "$STASH/part.a" ]; then
   exit 3
 fi
 cp "$Q/part.b" "$STASH/part.b" || exit 1
-(cd "$STASH" && cat part.a part.b > smollm2.gguf && sha256sum -c "$Q/SHA256") \
-  2>&1 | tee "$OUT/device.txt" || { echo "FATAL: model checksum mismatch" | tee -a "$OUT/device.txt"; exit 3; }
+(cd "$STASH" && cat part.a part.b > smollm2.gguf && sha256sum -c "$Q/SHA256") 2>&1 \
+  | tee "$OUT/device.txt" || { echo "FATAL: model checksum mismatch" >> "$OUT/device.txt"; exit 3; }
 RT=/tmp/mempipe-rt
 mkdir -p "$RT" && tar -xJf "$Q/runtime.tar.xz" -C "$RT" || exit 1
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
@@ -49,7 +49,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "
   || exit 1
 export PYTHONPATH="$RT/site:/tmp/site" MEMPIPE_SMOLLM_GGUF="$STASH/smollm2.gguf"
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  python3 -c "import torch, mempipe; print('torch', torch.__version__, 'mempipe devices', mempipe.devices)"
+  python3 -c "import torch, mempipe; print('torch', torch.__version__, 'mempipe', mempipe.devices)"
   echo "setup $((SECONDS - t0)) s"; } 2>&1 | tee -a "$OUT/device.txt"
 cd "$Q/quality" || exit 1
 BUDGETS=${BUDGETS:-256,512,1024}
