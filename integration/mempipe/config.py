@@ -42,11 +42,18 @@ Keys (all optional):
                   append kernel maintains it anyway) and selects itself; dense: that layer
                   decodes densely. Counted by reason in SelectionOffload.metrics().
     deadline_ms   a selection's deadline from its submission, > 0 (default 100).
+    fpga_append_ring  staging buffers of key appends per layer (placement fpga), 1..1024
+                  (default 8): a layer's append waits only when this many of its earlier appends
+                  are still queued for the card (then stream-ordered, at most 10 s, before the
+                  card is declared dead). One append per layer per step; the schemes keep at
+                  most about reuse + 2 in flight, so 8 covers reuse up to 6.
     digest_dtype  native | int8: page digests as max/min in the cache dtype, or int8 codes
                   rounded outward with one fp32 scale per page and KV head (the Quest bound
-                  stays valid; about half the bytes to scan; retriever/int8_quant.h). int8 runs
-                  in the C++ selectors, the stage pipeline and mempipe-bench (--digest_dtype);
-                  not yet from Python.
+                  stays valid; 2 * head_dim + 4 bytes to scan per page and KV head instead of
+                  2 * head_dim * dtype bytes; retriever/int8_quant.h, mempipe.digests). Every
+                  placement: cpu and gpu keep int8 digests beside the cache (PagedLayer, the
+                  transformers and vLLM adapters alike); fpga registers its layers on the card
+                  as int8 and keeps its fallback copy int8 too.
     hierarchy     none | <page>in<super-page> in tokens, e.g. 16in64 (page_size 16): score
                   super-pages of 2, 4 or 8 pages first, then only the pages of the best ones
                   (retriever/hierarchical.h; LServe's 16-in-64 geometry). Needs a block table
@@ -123,6 +130,7 @@ class MempipeConfig:
     fpga_functional: str = "reference"
     fpga_fallback: str = "gpu"
     deadline_ms: float = 100.0
+    fpga_append_ring: int = 8
     digest_dtype: str = "native"
     hierarchy: str = "none"
 
@@ -218,14 +226,13 @@ class MempipeConfig:
         if self.fpga_fallback not in FPGA_FALLBACKS:
             reasons.append(f"fpga_fallback must be {_one_of(FPGA_FALLBACKS)}, "
                            f"got '{self.fpga_fallback}'")
+        if not 1 <= self.fpga_append_ring <= 1024:
+            reasons.append(f"fpga_append_ring must be in [1, 1024], got {self.fpga_append_ring}")
         if not (math.isfinite(self.deadline_ms) and self.deadline_ms > 0):
             reasons.append(f"deadline_ms must be a positive number of milliseconds, "
                            f"got {self.deadline_ms}")
         if self.digest_dtype not in DIGEST_DTYPES:
             reasons.append(f"digest_dtype must be native or int8, got '{self.digest_dtype}'")
-        elif self.digest_dtype == "int8" and self.sparse:
-            reasons.append("digest_dtype 'int8' is not available from Python yet (the C++ "
-                           "selectors and mempipe-bench --digest_dtype=int8 take it); use native")
         return reasons
 
 
