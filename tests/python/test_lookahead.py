@@ -170,7 +170,10 @@ def test_projected_recall_beats_same_where_same_is_wrong(tiny_llama, gen):
     """Recall of the look-ahead selection against each layer's exact selection (same step):
     projected ~1 on a model whose residual stream barely changes between layers, `same`
     clearly lower (independent W_q per layer); the pooled and per-layer figures are reported."""
-    model = _quiet_residual(tiny_llama, 0.02)
+    # At 1e-3 a layer changes the residual by ~2% (at 1: ~0.8 recall projected vs ~0.73
+    # same on this model; 2 of the 3 pages kept are the sink and local pages, so recall 0.67
+    # is the floor and ~0.73 is chance for the one page chosen).
+    model = _quiet_residual(tiny_llama, 1e-3)
     ids = torch.randint(3, 500, (2, 160), generator=gen)
     base = dict(placement="cpu", budget=48, page_size=PAGE, dense_layers=1, lookahead=True)
     recall = {}
@@ -185,7 +188,7 @@ def test_projected_recall_beats_same_where_same_is_wrong(tiny_llama, gen):
         print(f"[lookahead] recall {query}: {recall[query]:.3f}; by layer "
               + ", ".join(f"{k}: {v['recall']:.3f}" for k, v in by_layer.items()))
     assert recall["projected"] >= 0.95
-    assert recall["same"] <= recall["projected"] - 0.2  # `same` is the wrong geometry here
+    assert recall["same"] <= recall["projected"] - 0.15  # `same` is the wrong geometry here
 
 
 def test_projected_without_the_model_is_a_clear_error(tiny_llama):
