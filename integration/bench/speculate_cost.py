@@ -17,7 +17,8 @@ Flags:
              1536), llama3-8b (4096, 32 x 128, 8 KV heads, FFN 14336); default both
   --batch    sequences decoded together (default 1)
   --dtype    fp32 | bf16 (default fp32)
-  --iters    timed calls per figure, after 5 warm-up calls (default 50); the median is reported
+  --iters    timed (speculation, layer) pairs, interleaved, after 5 warm-up pairs (default 50);
+             medians of each and of the per-pair ratio (the measured share) are reported
   --threads  torch threads (default 1)
   --device   cpu | cuda (default cpu)
   --json     also write the figures to this file
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -40,17 +42,33 @@ SHAPES = {  # hidden, query heads, KV heads, head_dim, FFN
 }
 
 
-def _time(fn, iters: int, sync) -> float:
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def _time_pair(a, b, iters: int, sync) -> tuple[float, float, float]:
+    """Median seconds of `a` and of `b`, and the median of the per-iteration ratio a/b, timed
+    interleaved (a, b, a, b, ...) so that a loaded machine's slow spells hit both alike."""
     for _ in range(5):
-        fn()
+        a(), b()
     sync()
-    out = []
+    ta, tb, ratio = [], [], []
     for _ in range(iters):
-        t = time.perf_counter()
-        fn()
+        t0 = time.perf_counter()
+        a()
         sync()
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
+        t1 = time.perf_counter()
+        b()
+        sync()
+        t2 = time.perf_counter()
+        ta.append(t1 - t0)
+        tb.append(t2 - t1)
+        ratio.append((t1 - t0) / (t2 - t1))
+    return statistics.median(ta), statistics.median(tb), statistics.median(ratio)
 
 
 def measure(name: str, batch: int, dtype, iters: int, device) -> dict:
@@ -81,13 +99,12 @@ def measure(name: str, batch: int, dtype, iters: int, device) -> dict:
         layer.mlp(layer.post_attention_layernorm(y))
 
     with torch.no_grad():
-        t_spec = _time(speculate, iters, sync)
-        t_lin = _time(linear_work, iters, sync)
+        t_spec, t_lin, share = _time_pair(speculate, linear_work, iters, sync)
     q_params = hidden * heads * head_dim
     layer_params = sum(p.numel() for p in layer.parameters())
     return {"shape": name, "batch": batch, "dtype": str(dtype).replace("torch.", ""),
             "speculate_us": t_spec * 1e6, "layer_linear_us": t_lin * 1e6,
-            "measured_share": t_spec / t_lin,
+            "measured_share": share, "iters": iters,
             "modeled_share_weight_bound": q_params / layer_params,
             "q_params": q_params, "layer_params": layer_params}
 
@@ -122,12 +139,15 @@ def main(argv=None) -> int:
         rows.append(r)
         print(f"[speculate_cost] {s}: speculated query {r['speculate_us']:.1f} us per layer "
               f"and step; the layer's own linear work {r['layer_linear_us']:.1f} us "
-              f"(measured share {r['measured_share']:.1%}; modeled weight-bound share "
+              f"(measured share, median of pairs {r['measured_share']:.1%}; modeled "
+              f"weight-bound share "
               f"{r['modeled_share_weight_bound']:.1%})", flush=True)
     doc = {"command": "python3 integration/bench/speculate_cost.py " + " ".join(
                sys.argv[1:] if argv is None else argv),
-           "machine": f"{platform.processor() or platform.machine()}, torch "
-                      f"{torch.__version__}, {args.threads} thread(s), {device}",
+           "machine": f"{_cpu()}, {os.cpu_count()} cores visible, torch {torch.__version__}, "
+                      f"{args.threads} thread(s), device {device}"
+                      + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
+                         else ""),
            "rows": rows}
     if args.json:
         with open(args.json, "w") as f:

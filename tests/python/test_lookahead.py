@@ -71,8 +71,9 @@ def _reference_query(model, layer: int, hidden: torch.Tensor, position: int) -> 
     blk = model.model.layers[layer]
     x = hidden.double()
     eps = model.config.rms_norm_eps
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * blk.input_layernorm.weight.double()
-    q = (x @ blk.self_attn.q_proj.weight.double().T).view(x.shape[0], H, D)
+    norm_w = blk.input_layernorm.weight.detach().cpu().double()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm_w
+    q = (x @ blk.self_attn.q_proj.weight.detach().cpu().double().T).view(x.shape[0], H, D)
     theta = model.config.rope_parameters["rope_theta"] if hasattr(
         model.config, "rope_parameters") and model.config.rope_parameters else \
         model.config.rope_theta
@@ -91,7 +92,7 @@ def _bound(model, layer: int, xn: torch.Tensor) -> torch.Tensor:
     times |q|), doubled for the float32 cos/sin tables transformers builds from float32
     angles at a position < 512 (angle error <= 512 * u relative)."""
     blk = model.model.layers[layer]
-    w = blk.self_attn.q_proj.weight.double().abs()
+    w = blk.self_attn.q_proj.weight.detach().cpu().double().abs()
     n = HIDDEN
     gamma = n * U32 / (1 - n * U32)
     mag = (xn.abs() @ w.T).view(xn.shape[0], H, D)
@@ -99,29 +100,34 @@ def _bound(model, layer: int, xn: torch.Tensor) -> torch.Tensor:
     return 2 * (gamma + 8 * U32 + 5 * U32 + 512 * U32) * mag + 1e-30
 
 
-def test_speculated_query_equals_the_explicit_reference(tiny_llama, gen, monkeypatch):
+@pytest.mark.parametrize("device_name", ["cpu", "cuda"])
+def test_speculated_query_equals_the_explicit_reference(request, tiny_llama, gen, monkeypatch,
+                                                        device_name):
     """Every query PagedLayer.decode gets as `lookahead_query` during decode equals the
     reference computation from the residual stream entering the layer (captured here by the
-    test's own hooks), and fails the same bound for known-wrong references."""
+    test's own hooks), and fails the same bound for known-wrong references. CPU and CUDA
+    tensors (placement cpu / gpu; the CUDA case skips without a GPU build and device)."""
     from mempipe.attention import PagedLayer
-    model = tiny_llama
-    cfg = MempipeConfig(placement="cpu", budget=48, page_size=PAGE, dense_layers=1,
-                        lookahead=True)
+    dev = torch.device("cpu") if device_name == "cpu" else request.getfixturevalue("cuda")
+    model = tiny_llama.to(dev)
+    request.addfinalizer(lambda: tiny_llama.to("cpu"))
+    cfg = MempipeConfig(placement="cpu" if dev.type == "cpu" else "gpu", budget=48,
+                        page_size=PAGE, dense_layers=1, lookahead=True)
     seen = []  # (layer index, speculated query) per decode call
     original = PagedLayer.decode
 
     def spy(self, query, *args, lookahead_query=None, **kw):
         seen.append((self.layer_index, None if lookahead_query is None
-                     else lookahead_query.clone()))
+                     else lookahead_query.cpu()))
         return original(self, query, *args, lookahead_query=lookahead_query, **kw)
 
     monkeypatch.setattr(PagedLayer, "decode", spy)
     inputs = []  # (layer, hidden entering it) per decoder-layer call, from the test's hooks
     handles = [blk.register_forward_pre_hook(
-        lambda m, a, kw, i=i: inputs.append((i, (a[0] if a else kw["hidden_states"]).clone())),
+        lambda m, a, kw, i=i: inputs.append((i, (a[0] if a else kw["hidden_states"]).cpu())),
         with_kwargs=True) for i, blk in enumerate(model.model.layers)]
     prompt = 90
-    ids = torch.randint(3, 500, (2, prompt), generator=gen)
+    ids = torch.randint(3, 500, (2, prompt), generator=gen).to(dev)
     steps = 4
     try:
         _generate(model, ids, cfg, steps)
