@@ -27,10 +27,11 @@ Keys (all optional):
                   step t's query serves steps t+1..t+C and the decoder never waits for a fresh
                   one (the first step of a layer selects synchronously: nothing to reuse yet);
                   false: recomputed every C steps (steps t..t+C-1) and waited for, as LServe.
-    lookahead     true | false (default false): layer L's query is scored against layer L+1's
-                  digests as soon as it exists and layer L+1 decodes with that selection (the
-                  first sparse layer after a dense one takes it from that dense layer's query;
-                  a layer with no predecessor's query selects with its own). Needs reuse=1.
+    lookahead     true | false (default false): layer L+1's digests are scored while layer L
+                  runs (with the query `lookahead_query` names) and layer L+1 decodes with that
+                  selection (the first sparse layer after a dense one takes it from that dense
+                  layer's call; a layer no predecessor looked ahead for, e.g. at a layer's first
+                  decode step, selects with its own query). Needs reuse=1.
     lookahead_query projected | same (default projected), with lookahead=true: the query
                   layer L+1's digests are scored with while layer L runs.
                   projected: layer L+1's own query *speculated* from the residual stream
