@@ -1,5 +1,6 @@
 #include "retriever/relevancy.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -7,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/parallel.h"
 #include "core/status_macros.h"
+#include "core/thread_pool.h"
 #include "retriever/int8_quant.h"
 
 namespace mempipe {
@@ -92,56 +94,81 @@ absl::Status ComputeRelevancy(const QueryView& query, const KvCacheView& cache,
 
   const int d = cache.head_dim;
   const int groups = query.num_heads / cache.num_kv_heads;
+  const int kvh = cache.num_kv_heads;
+  // Tasks: every (sequence, KV head) row, each split into `chunks` page ranges when there are
+  // more threads than rows (a batch of one on a many-core host: one head's scan would otherwise
+  // bound the call). Each page's score is computed by the same code whatever the split.
+  const int64_t rows = static_cast<int64_t>(table.num_seqs) * kvh;
+  // The split follows the threads asked for (the pool runs the tasks on the threads it has).
+  const int64_t asked = std::max(num_threads, 1);
+  const int64_t threads = std::min<int64_t>(asked, ThreadPool::DefaultMaxWorkers() + 1);
+  constexpr int kMinPagesPerTask = 4;
+  const int64_t chunks = std::max<int64_t>(
+      1, std::min<int64_t>((asked + rows - 1) / std::max<int64_t>(rows, 1),
+                           (table.max_blocks_per_seq + kMinPagesPerTask - 1) / kMinPagesPerTask));
   DispatchDType(cache.dtype, [&]<typename T>() {
     const T* dg = static_cast<const T*>(digests.data);
-    ForEachSeqHeads(table.num_seqs, cache.num_kv_heads, num_threads, [&](int s, int h0, int h1) {
+    // Pages [p0, p1) of row (s, h), and the -inf tail past the sequence's pages when p1 is the
+    // row's end.
+    auto score = [&](int s, int h, int p0, int p1) {
       std::vector<float> q(static_cast<size_t>(groups) * d), mx(d), mn(d);
       const int pages = NumPages(table.seq_lens[s], cache.block_size);
-      for (int h = h0; h < h1; ++h) {
-        const size_t qrow0 = static_cast<size_t>(s) * query.num_heads + h * groups;
-        for (size_t i = 0; i < q.size(); ++i) {
-          q[i] = LoadAsFloat(query.data, query.dtype, qrow0 * d + i);
-        }
-        float* out =
-            scores + (static_cast<size_t>(s) * cache.num_kv_heads + h) * table.max_blocks_per_seq;
-        for (int p = 0; p < pages; ++p) {
-          const int block = table.Block(s, p);
-          if (digests.format == DigestFormat::kInt8) {
-            // The dequantized bound: one fp32 multiply per element (int8_quant.h).
-            const int8_t* q8 = static_cast<const int8_t*>(digests.data);
-            const int8_t* qmx = q8 + digests.Offset(block, 0, h);
-            const int8_t* qmn = q8 + digests.Offset(block, 1, h);
-            const float scale = digests.scales[digests.ScaleIndex(block, h)];
-            for (int c = 0; c < d; ++c) {
-              mx[c] = int8_digest::Dequantize(qmx[c], scale);
-              mn[c] = int8_digest::Dequantize(qmn[c], scale);
-            }
-          } else {
-            const T* dmx = dg + digests.Offset(block, 0, h);
-            const T* dmn = dg + digests.Offset(block, 1, h);
-            for (int c = 0; c < d; ++c) {
-              mx[c] = ToFloat(dmx[c]);
-              mn[c] = ToFloat(dmn[c]);
-            }
-          }
-          float agg_score = 0.0f;
-          for (int g = 0; g < groups; ++g) {
-            const float v = PageBound(&q[static_cast<size_t>(g) * d], mx.data(), mn.data(), d);
-            if (g == 0) {
-              agg_score = v;
-            } else if (agg == GroupAggregation::kMax) {
-              agg_score = v > agg_score ? v : agg_score;
-            } else {
-              agg_score += v;
-            }
-          }
-          out[p] = agg_score;
-        }
-        for (int p = pages; p < table.max_blocks_per_seq; ++p) {
-          out[p] = -std::numeric_limits<float>::infinity();
-        }
+      const size_t qrow0 = static_cast<size_t>(s) * query.num_heads + h * groups;
+      for (size_t i = 0; i < q.size(); ++i) {
+        q[i] = LoadAsFloat(query.data, query.dtype, qrow0 * d + i);
       }
-    });
+      float* out = scores + (static_cast<size_t>(s) * kvh + h) * table.max_blocks_per_seq;
+      for (int p = p0; p < std::min(p1, pages); ++p) {
+        const int block = table.Block(s, p);
+        if (digests.format == DigestFormat::kInt8) {
+          // The dequantized bound: one fp32 multiply per element (int8_quant.h).
+          const int8_t* q8 = static_cast<const int8_t*>(digests.data);
+          const int8_t* qmx = q8 + digests.Offset(block, 0, h);
+          const int8_t* qmn = q8 + digests.Offset(block, 1, h);
+          const float scale = digests.scales[digests.ScaleIndex(block, h)];
+          for (int c = 0; c < d; ++c) {
+            mx[c] = int8_digest::Dequantize(qmx[c], scale);
+            mn[c] = int8_digest::Dequantize(qmn[c], scale);
+          }
+        } else {
+          const T* dmx = dg + digests.Offset(block, 0, h);
+          const T* dmn = dg + digests.Offset(block, 1, h);
+          for (int c = 0; c < d; ++c) {
+            mx[c] = ToFloat(dmx[c]);
+            mn[c] = ToFloat(dmn[c]);
+          }
+        }
+        float agg_score = 0.0f;
+        for (int g = 0; g < groups; ++g) {
+          const float v = PageBound(&q[static_cast<size_t>(g) * d], mx.data(), mn.data(), d);
+          if (g == 0) {
+            agg_score = v;
+          } else if (agg == GroupAggregation::kMax) {
+            agg_score = v > agg_score ? v : agg_score;
+          } else {
+            agg_score += v;
+          }
+        }
+        out[p] = agg_score;
+      }
+      for (int p = std::max(p0, pages); p < p1; ++p) {
+        out[p] = -std::numeric_limits<float>::infinity();
+      }
+    };
+    if (chunks == 1) {
+      ForEachSeqHeads(table.num_seqs, kvh, num_threads, [&](int s, int h0, int h1) {
+        for (int h = h0; h < h1; ++h) score(s, h, 0, table.max_blocks_per_seq);
+      });
+      return;
+    }
+    const int64_t tasks = rows * chunks;
+    ThreadPool::Default().ParallelFor(
+        static_cast<int>(tasks), static_cast<int>(std::min(threads, tasks)), [&](int t) {
+          const int64_t row = t / chunks, c = t % chunks;
+          const int64_t width = table.max_blocks_per_seq;
+          score(static_cast<int>(row / kvh), static_cast<int>(row % kvh),
+                static_cast<int>(width * c / chunks), static_cast<int>(width * (c + 1) / chunks));
+        });
   });
   return absl::OkStatus();
 }

@@ -55,7 +55,8 @@ struct QueryView {
 float PageBound(const float* q, const float* max_row, const float* min_row, int head_dim);
 
 // Scores every page of every (sequence, KV head), splitting the (sequence, KV head) pairs over
-// `num_threads` host threads (the scores do not depend on it).
+// `num_threads` host threads of the reused pool, and each pair's pages too when there are more
+// threads than pairs (the scores do not depend on it).
 [[nodiscard]] absl::Status ComputeRelevancy(const QueryView& query, const KvCacheView& cache,
                                             const DigestView& digests, const BlockTableView& table,
                                             GroupAggregation agg, float* scores,
