@@ -61,9 +61,11 @@ Keys (all optional):
                   most about reuse + 2 in flight, so 8 covers reuse up to 6.
     digest_dtype  native | int8: page digests as max/min in the cache dtype, or int8 codes
                   rounded outward with one fp32 scale per page and KV head (the Quest bound
-                  stays valid; about half the bytes to scan; retriever/int8_quant.h). int8 runs
-                  in the C++ selectors, the stage pipeline and mempipe-bench (--digest_dtype);
-                  not yet from Python.
+                  stays valid; 2 * head_dim + 4 bytes to scan per page and KV head instead of
+                  2 * head_dim * dtype bytes; retriever/int8_quant.h, mempipe.digests). Every
+                  placement: cpu and gpu keep int8 digests beside the cache (PagedLayer, the
+                  transformers and vLLM adapters alike); fpga registers its layers on the card
+                  as int8 and keeps its fallback copy int8 too.
     hierarchy     none | <page>in<super-page> in tokens, e.g. 16in64 (page_size 16): score
                   super-pages of 2, 4 or 8 pages first, then only the pages of the best ones
                   (retriever/hierarchical.h; LServe's 16-in-64 geometry). Needs a block table
@@ -248,9 +250,6 @@ class MempipeConfig:
                            f"got {self.deadline_ms}")
         if self.digest_dtype not in DIGEST_DTYPES:
             reasons.append(f"digest_dtype must be native or int8, got '{self.digest_dtype}'")
-        elif self.digest_dtype == "int8" and self.sparse:
-            reasons.append("digest_dtype 'int8' is not available from Python yet (the C++ "
-                           "selectors and mempipe-bench --digest_dtype=int8 take it); use native")
         return reasons
 
 

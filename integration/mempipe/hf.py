@@ -46,6 +46,7 @@ import torch
 
 import mempipe.ops  # noqa: F401  (registers torch.ops.mempipe)
 from mempipe import config as mempipe_config
+from mempipe import digests as digest_store
 import mempipe
 from mempipe.attention import DecodePlan, PagedLayer, gather_context, sdpa_causal
 
@@ -74,7 +75,9 @@ class MempipePagedLayer(CacheLayerMixin):
         self.length = 0          # tokens held per sequence (no padding: all equal)
         self.capacity = 0        # pages per sequence
         self.kv_cache = None     # [2, batch * capacity, page, kv_heads, head_dim]
-        self.digests = None      # [batch * capacity, 2, kv_heads, head_dim]
+        # [batch * capacity, 2, kv_heads, head_dim] in the cache dtype, or an Int8Digests
+        # (config digest_dtype=int8; mempipe.digests)
+        self.digests = None
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.batch, self.kv_heads, _, self.head_dim = key_states.shape
@@ -90,8 +93,8 @@ class MempipePagedLayer(CacheLayerMixin):
         b = self.batch
         kv = torch.full((2, b * cap, self.page, self.kv_heads, self.head_dim), float("nan"),
                         dtype=self.dtype, device=self.device)
-        dg = torch.full((b * cap, 2, self.kv_heads, self.head_dim), float("nan"),
-                        dtype=self.dtype, device=self.device)
+        dg = digest_store.empty(b * cap, self.kv_heads, self.head_dim, self.dtype, self.device,
+                                self.cache.config.digest_dtype)
         if self.kv_cache is not None:  # block ids j * batch + b are kept
             kv[:, :self.kv_cache.shape[1]] = self.kv_cache
             dg[:self.digests.shape[0]] = self.digests
@@ -126,7 +129,8 @@ class MempipePagedLayer(CacheLayerMixin):
                 self.kv_cache[plane].view(-1, self.kv_heads, self.head_dim).index_copy_(
                     0, slots, rows(t))
             lens = torch.full((self.batch,), start + n, dtype=torch.int32, device=self.device)
-            mempipe.ops.build_digests(self.kv_cache, self.block_table, lens, self.digests)
+            mempipe.ops.build_digests(self.kv_cache, self.block_table, lens,
+                                      *digest_store.op_args(self.digests))
         self.length = start + n
         if cfg.placement == "fpga":
             self._to_card(slots, rows(key_states), n)
@@ -163,7 +167,7 @@ class MempipePagedLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.length = 0
         if self.digests is not None:
-            self.digests.fill_(float("nan"))
+            digest_store.poison_(self.digests)
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -332,6 +336,12 @@ def _cached_forward(module, layer_state, start, query, scale):
     length = layer_state.length
     q = query.transpose(1, 2).reshape(batch * q_len, num_heads, head_dim)
     if q_len == 1:
+        held = digest_store.digest_dtype_of(layer_state.digests)
+        if held != cache.config.digest_dtype:
+            raise ValueError(f"mempipe: this MempipeCache's pages hold {held} digests but its "
+                             f"configuration asks digest_dtype={cache.config.digest_dtype}; "
+                             "use a new MempipeCache to change the digest dtype")
+
         out = torch.empty_like(q)
         lens = cache.step_seq_lens(batch, length, query.device)
         paged.decode(q, layer_state.kv_cache, layer_state.block_table, lens, out,
@@ -399,8 +409,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     # No MempipeCache: page the context, sequence b owns blocks [b * pps, (b + 1) * pps).
     kv_cache = torch.full((2, batch * pages_per_seq, page, kv_heads, head_dim), float("nan"),
                           dtype=key.dtype, device=dev)
-    digests = torch.empty(batch * pages_per_seq, 2, kv_heads, head_dim, dtype=key.dtype,
-                          device=dev)
+    digests = digest_store.op_args(digest_store.empty(batch * pages_per_seq, kv_heads, head_dim,
+                                                      key.dtype, dev, cfg.digest_dtype))
     block_table = torch.arange(batch * pages_per_seq, dtype=torch.int32,
                                device=dev).view(batch, -1)
     seq_lens = torch.full((batch,), kv_len, dtype=torch.int32, device=dev)
@@ -412,10 +422,11 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     q = query.transpose(1, 2).reshape(batch * q_len, num_heads, head_dim)
     layer = getattr(module, "layer_idx", 0)
     if q_len == 1 and cfg.layer_sparse(layer):
-        torch.ops.mempipe.build_digests(kv_cache, block_table, seq_lens, digests)
+        torch.ops.mempipe.build_digests(kv_cache, block_table, seq_lens, *digests)
         pages, counts = torch.ops.mempipe.score_and_select(
-            q, kv_cache, digests, block_table, seq_lens, cfg.budget, cfg.sinks, cfg.locals,
-            cfg.aggregation)
+            q, kv_cache, digests[0], block_table, seq_lens, cfg.budget, cfg.sinks, cfg.locals,
+            cfg.aggregation, digest_scales=digests[1], digest_exact=digests[2])
+
         out = torch.ops.mempipe.sparse_decode(q, kv_cache, block_table, seq_lens, pages, counts,
                                               scale)
     else:

