@@ -337,6 +337,8 @@ def main(argv=None):
                 "bytes_per_step": sum(run.bytes_per_step) / len(run.bytes_per_step),
                 "dense_bytes_per_step": sum(run.dense_bytes_per_step) / len(run.tokens),
                 "seconds_per_step": run.seconds / len(run.tokens)}
+            if run.recall is not None:
+                entry["runs"][sel.name]["recall"] = run.recall
             prog.tick(f"{case.name} {sel.name}: {'hit ' if entry['runs'][sel.name]['hit'] else 'miss'}"
                       f" {text!r} (answer {case.answer}; {run.seconds / len(run.tokens):.2f} s/step"
                       f", prefill {prefill_s:.0f} s)")
@@ -377,6 +379,8 @@ def main(argv=None):
                     "dense_bytes_per_step":
                         sum(run.dense_bytes_per_step) / len(run.dense_bytes_per_step),
                     "seconds_per_step": run.seconds / len(run.tokens)}
+                if run.recall is not None:
+                    entry["runs"][sel.name]["recall"] = run.recall
                 r = entry["runs"][sel.name]
                 prog.tick(f"ppl window {w} {sel.name}: ppl {r['ppl']:.3f} kl {r['kl']:.4f} "
                           f"top1 {r['top1']:.3f} ({r['seconds_per_step']:.2f} s/step)")

@@ -231,10 +231,11 @@ def _crop(cache, length: int) -> None:
         cache.crop(-extra)
 
 
-def _make_cache(config, repeat: int):
-    """A MempipeCache; `repeat` > 1 stores every KV head `repeat` times (per-query-head)."""
+def _make_cache(config, repeat: int, model=None):
+    """A MempipeCache; `repeat` > 1 stores every KV head `repeat` times (per-query-head).
+    `model`: for look-ahead's speculated query (lookahead_query=projected)."""
     import mempipe.hf
-    cache = mempipe.hf.MempipeCache(config)
+    cache = mempipe.hf.MempipeCache(config, model=model)
     if repeat > 1:
         class _Layer(mempipe.hf.MempipePagedLayer):
             def __init__(self, **kw):
@@ -253,9 +254,9 @@ class _Paged:
     """One prompt's MempipeCache for one (page size, kind): filled once from the dense
     prefill, cut back to the prompt after every run."""
 
-    def __init__(self, dense_cache, prefix_len: int, config, repeat: int):
+    def __init__(self, dense_cache, prefix_len: int, config, repeat: int, model=None):
         import mempipe.hf
-        self.cache = _make_cache(config, repeat)
+        self.cache = _make_cache(config, repeat, model)
         self.prefix_len = prefix_len
         for i, layer in enumerate(dense_cache.layers):
             self.cache.update(layer.keys[:, :, :prefix_len], layer.values[:, :, :prefix_len], i)
@@ -290,6 +291,9 @@ class Run:
     dense_bytes_per_step: list[int]
     seconds: float
     selections: list = dataclasses.field(default_factory=list)  # per step: [(pages, counts)]
+    # lookahead=true: recall of the selections attended against each layer's exact selection
+    # of the same step (mempipe.schemes.SchemeState.report(): pooled and per layer)
+    recall: dict | None = None
 
 
 class Decoder:
@@ -360,13 +364,21 @@ class Decoder:
         key = (id(dense_cache), prefix_len, sel.page_size, sel.kind, config.digest_dtype)
         paged = self._paged.get(key)
         if paged is None:
-            paged = self._paged[key] = _Paged(dense_cache, prefix_len, config, repeat)
+            paged = self._paged[key] = _Paged(dense_cache, prefix_len, config, repeat,
+                                              self.model)
         return paged.use(config), paged
 
     @torch.no_grad()
     def _run(self, dense_cache, prefix_len: int, first: int, sel: Selection, steps: int,
              forced: list[int] | None, stop=None) -> Run:
         cache, paged = self._cache_for(dense_cache, prefix_len, sel)
+        scheme = None
+        if paged is not None and cache.config.lookahead:
+            # Look-ahead: each step also selects every sparse layer exactly (its own query) to
+            # measure the recall of what it attended (profiling: not counted in the bytes).
+            scheme = cache.plan.schemes(cache.config)
+            scheme.profile_recall = True
+        recall = None
         _STATE.selection = sel
         fed, logprobs, nbytes, dbytes, chosen = [first], [], [], [], []
         self._sync()
@@ -395,13 +407,16 @@ class Decoder:
         finally:
             self._sync()
             seconds = time.perf_counter() - start
+            if scheme is not None:
+                rep = scheme.report()
+                recall = {"recall": rep["recall"], "by_layer": rep["recall_by_layer"]}
             _STATE.selection = None
             _STATE.calls = []
             if paged is None:
                 _crop(dense_cache, prefix_len)
             else:
                 paged.reset()
-        return Run(fed[1:], logprobs, nbytes, dbytes, seconds, chosen)
+        return Run(fed[1:], logprobs, nbytes, dbytes, seconds, chosen, recall)
 
     def greedy(self, cache, prefix_len: int, last_prompt_token: int, sel: Selection,
                max_new: int, stop=None) -> Run:
