@@ -129,8 +129,7 @@ class MempipePagedLayer(CacheLayerMixin):
                 self.kv_cache[plane].view(-1, self.kv_heads, self.head_dim).index_copy_(
                     0, slots, rows(t))
             lens = torch.full((self.batch,), start + n, dtype=torch.int32, device=self.device)
-            mempipe.ops.build_digests(self.kv_cache, self.block_table, lens,
-                                      *digest_store.op_args(self.digests))
+            mempipe.ops.build_digests_any(self.kv_cache, self.block_table, lens, self.digests)
         self.length = start + n
         if cfg.placement == "fpga":
             self._to_card(slots, rows(key_states), n)
@@ -422,7 +421,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     q = query.transpose(1, 2).reshape(batch * q_len, num_heads, head_dim)
     layer = getattr(module, "layer_idx", 0)
     if q_len == 1 and cfg.layer_sparse(layer):
-        torch.ops.mempipe.build_digests(kv_cache, block_table, seq_lens, *digests)
+        mempipe.ops.build_digests_any(kv_cache, block_table, seq_lens,
+                                      digest_store.from_op_args(*digests))
         pages, counts = torch.ops.mempipe.score_and_select(
             q, kv_cache, digests[0], block_table, seq_lens, cfg.budget, cfg.sinks, cfg.locals,
             cfg.aggregation, digest_scales=digests[1], digest_exact=digests[2])
