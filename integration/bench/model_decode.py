@@ -264,6 +264,11 @@ class Runner:
                 deadline_ms=args.deadline_ms, fpga_fallback=args.fpga_fallback,
                 **FPGA_SCHEMES[name])
         self.cfgs = cfgs
+        # One engine serves every fpga row; each row holds a slot per (layer, micro-batch) and
+        # its look-ahead keys, more than the plan's default when several schemes run side by side.
+        fpga_rows = [c for p, c in cfgs.items() if p.startswith("fpga-")]
+        self.plan.offload_slots = max(self.plan.offload_slots, sum(
+            2 * (max(1, c.micro_batches) + 1) * s.layers for c in fpga_rows))
         # Placements whose look-ahead scores layer L+1 with its speculated query.
         self.speculate = {p for p, c in cfgs.items()
                           if c.lookahead and c.lookahead_query == "projected"}
