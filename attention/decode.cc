@@ -1,7 +1,6 @@
 #include "attention/decode.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -9,47 +8,15 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "core/avx512.h"
+#include "core/cpu_kernel.h"
 #include "core/parallel.h"
 #include "core/status_macros.h"
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-// GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own _mm512_undefined_*()
-// values; the warning is attributed to the header's lines, so it is silenced for them only.
-#pragma GCC diagnostic push
-#if !defined(__clang__)  // clang (clang-tidy in .ci/lint.sh) has no -Wmaybe-uninitialized
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#include <immintrin.h>
-#pragma GCC diagnostic pop
-#define MEMPIPE_AVX512_KERNEL 1
-// Functions that use AVX-512: compiled for it whatever -march says, and only called after the
-// run-time CPU check (CpuHasAvx512), so the default build stays portable.
-#define MEMPIPE_TARGET_AVX512 __attribute__((target("avx512f")))
-#else
-#define MEMPIPE_AVX512_KERNEL 0
-#endif
 
 namespace mempipe {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-std::atomic<int> g_cpu_kernel{static_cast<int>(CpuKernel::kAuto)};
-
-bool CpuHasAvx512() {
-#if MEMPIPE_AVX512_KERNEL
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
-#else
-  return false;
-#endif
-}
-
-bool UseAvx512() {
-  const auto k = static_cast<CpuKernel>(g_cpu_kernel.load(std::memory_order_relaxed));
-  return k == CpuKernel::kAvx512 || (k == CpuKernel::kAuto && CpuHasAvx512());
-}
 
 // How many pages ahead of the one being computed PrefetchPage runs (2 beat 0, 1 and 4 by
 // 10-15% on the build VM, Llama-3-8B shape, bf16, page 16).
@@ -551,7 +518,7 @@ template <typename Run>
 void WithKernel(DType dtype, Run run) {
   DispatchDType(dtype, [&]<typename T>() {
 #if MEMPIPE_AVX512_KERNEL
-    if (UseAvx512()) {
+    if (UseAvx512Kernel()) {
       run.template operator()<Avx512Heads, T>();
       return;
     }
@@ -561,27 +528,6 @@ void WithKernel(DType dtype, Run run) {
 }
 
 }  // namespace
-
-absl::Status SetCpuKernel(CpuKernel kernel) {
-  if (kernel == CpuKernel::kAvx512 && !CpuHasAvx512()) {
-    return absl::FailedPreconditionError(
-        "cpu kernel avx512 asked for, but this CPU (or this build's compiler) has no AVX-512F");
-  }
-  g_cpu_kernel.store(static_cast<int>(kernel), std::memory_order_relaxed);
-  return absl::OkStatus();
-}
-
-absl::StatusOr<CpuKernel> ParseCpuKernel(absl::string_view name) {
-  if (name == "auto") return CpuKernel::kAuto;
-  if (name == "portable") return CpuKernel::kPortable;
-  if (name == "avx512") return CpuKernel::kAvx512;
-  return absl::InvalidArgumentError(
-      absl::StrCat("cpu kernel must be auto, portable or avx512, got '", name, "'"));
-}
-
-bool CpuKernelAvailable(CpuKernel kernel) { return kernel != CpuKernel::kAvx512 || CpuHasAvx512(); }
-
-absl::string_view ActiveCpuKernelName() { return UseAvx512() ? "avx512" : "portable"; }
 
 absl::Status ValidateDecodeIo(const DecodeIo& io, const KvCacheView& cache,
                               const BlockTableView& table) {
