@@ -65,6 +65,22 @@ MEMPIPE_OFFLOAD_HD constexpr uint32_t OffloadResultSeq(uint64_t r) {
 MEMPIPE_OFFLOAD_HD constexpr int32_t OffloadResultCode(uint64_t r) {
   return static_cast<int32_t>(r & 0xffffffffu);
 }
+// The gate of a request's staging (host and GPU alike): the next request (sequence number
+// issued + 1) writes staging entry (issued % ring) of a ring of `ring` entries (1 for a select
+// slot; the layer's append ring for key appends), which is free once every request that used it
+// and was handed to the selector (sequence numbers up to issued + 1 - ring, and at most
+// `holder`: a request never handed over reads nothing) has been released. The selector
+// releases a control's requests in order. Serial-number arithmetic: the counters may wrap.
+MEMPIPE_OFFLOAD_HD constexpr bool OffloadGateOpen(uint32_t issued, uint32_t holder,
+                                                  uint32_t released, uint32_t ring) {
+  const uint32_t need = issued + 1 - ring;  // the newest request that used the same entry
+  const uint32_t target = static_cast<int32_t>(holder - need) < 0 ? holder : need;
+  return static_cast<int32_t>(released - target) >= 0;
+}
+// The ring entry of request `seq` (>= 1).
+MEMPIPE_OFFLOAD_HD constexpr uint32_t OffloadRingEntry(uint32_t seq, uint32_t ring) {
+  return (seq - 1) % ring;
+}
 #undef MEMPIPE_OFFLOAD_HD
 
 // Device-resident counters the GPU wait kernel keeps (uint64 each).

@@ -84,6 +84,14 @@ absl::Status ValidateSelectionOffloadOptions(const SelectionOffloadOptions& o) {
     return absl::InvalidArgumentError(
         absl::StrCat("gate_timeout_ms must be >= 0, got ", o.gate_timeout_ms));
   }
+  if (o.append_ring < 1 || o.append_ring > 1024) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("append_ring must be in [1, 1024], got ", o.append_ring));
+  }
+  if (!(o.append_timeout_ms > 0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("append_timeout_ms must be > 0, got ", o.append_timeout_ms));
+  }
   return absl::OkStatus();
 }
 
@@ -118,6 +126,7 @@ SelectionOffload::SelectionOffload(std::unique_ptr<PageSelector> selector,
                    ? options.channel_capacity
                    : 4 * static_cast<size_t>(options.slots) + 4 * options.max_layers) {
   metrics_.selector = std::string(selector_->Name());
+  metrics_.append_ring = options.append_ring;
   thread_ = std::thread(&SelectionOffload::SelectorLoop, this);
 }
 
@@ -341,16 +350,26 @@ absl::StatusOr<SelectionOffload::AppendPlan> SelectionOffload::PlanAppend(int la
   const size_t s_bytes = static_cast<size_t>(num_tokens) * sizeof(int64_t);
   const size_t k_bytes =
       static_cast<size_t>(num_tokens) * sh.num_kv_heads * sh.head_dim * DTypeSize(sh.dtype);
-  MEMPIPE_ASSIGN_OR_RETURN(Staging st,
-                           Grow(info.append, AlignUp(s_bytes) + AlignUp(k_bytes), may_allocate,
-                                absl::StrCat("layer ", layer, "'s key append")));
-  info.append = st;
+  const size_t ring = static_cast<size_t>(options_.append_ring);
+  const size_t entry = AlignUp(s_bytes) + AlignUp(k_bytes);
+  if (info.append.base == nullptr || entry > info.entry_bytes) {
+    // A new ring with a larger stride (entries of one ring never move: a late append may still
+    // read an entry of the old one, which stays allocated until shutdown).
+    const size_t stride = std::max({entry, info.entry_bytes, kAlign});
+    MEMPIPE_ASSIGN_OR_RETURN(Staging st, Grow(Staging{}, stride * ring, may_allocate,
+                                              absl::StrCat("layer ", layer, "'s key append ring")));
+    if (info.append.base != nullptr) graveyard_.push_back(info.append.base);
+    info.append = st;
+    info.entry_bytes = stride;
+  }
   AppendPlan p;
   p.layer = layer;
   p.num_tokens = num_tokens;
-  p.slots = st.base;
-  p.keys = st.base + AlignUp(s_bytes);
+  p.slots = info.append.base;
+  p.keys = info.append.base + AlignUp(s_bytes);
   p.key_bytes = k_bytes;
+  p.ring = options_.append_ring;
+  p.entry_bytes = info.entry_bytes;
   p.control = &controls_[options_.slots + info.index];
   return p;
 }
@@ -392,10 +411,12 @@ void SelectionOffload::IssueAppend(const AppendPlan& plan) {
   const uint32_t seq = c.issued.load(std::memory_order_relaxed) + 1;
   c.issued.store(seq, std::memory_order_release);
   if (c.skip.exchange(0, std::memory_order_acq_rel) != 0) {
-    Die("append", absl::UnavailableError(absl::StrCat(
-                      "layer ", plan.layer,
-                      ": the previous key append still held its staging, so new keys could not "
-                      "reach the selector and its digests would go stale")));
+    Die("append",
+        absl::UnavailableError(absl::StrCat(
+            "layer ", plan.layer, ": no entry of its ring of ", plan.ring,
+            " key-append stagings came free within append_timeout_ms = ", append_timeout_ms(),
+            " (the card stopped consuming keys), so new keys could not reach the selector and "
+            "its digests would go stale")));
     return;
   }
   if (dead_.load(std::memory_order_acquire)) return;
@@ -405,6 +426,9 @@ void SelectionOffload::IssueAppend(const AppendPlan& plan) {
   job.kind = JobKind::kAppend;
   job.seq = seq;
   job.append = plan;
+  const size_t offset = static_cast<size_t>(OffloadRingEntry(seq, plan.ring)) * plan.entry_bytes;
+  job.append.slots += offset;
+  job.append.keys += offset;
   job.issued = Clock::now();
   if (!Push(job)) {
     c.holder.store(previous_holder, std::memory_order_release);
@@ -510,6 +534,7 @@ void SelectionOffload::RunAppend(const Job& job) {
     }
   }
   p.control->released.store(job.seq, std::memory_order_release);
+  last_job_end_ = Clock::now();
   { std::lock_guard<std::mutex> lock(wake_mu_); }
   wake_cv_.notify_all();
 }
@@ -525,6 +550,10 @@ void SelectionOffload::RunSelect(const Job& job) {
                     p.num_kv_heads, p.pages_per_head};
   SelectorCosts costs;
   double wall_ms = 0;
+  // The request queued behind earlier work (the selector was still busy when it was issued)
+  // and had less than half its deadline left when it started: the card was behind.
+  const bool late_start =
+      job.issued < last_job_end_ && deadline - Clock::now() < MsDuration(options_.deadline_ms / 2);
   if (dead_.load(std::memory_order_acquire)) {
     reason = OffloadReason::kDead;
   } else if (Clock::now() >= deadline) {
@@ -560,9 +589,11 @@ void SelectionOffload::RunSelect(const Job& job) {
     }
   }
   p.control->released.store(job.seq, std::memory_order_release);
+  last_job_end_ = Clock::now();  // before the publish: a request issued after it sees it
+  const bool late = reason == OffloadReason::kTimeout && late_start;
   if (reason == OffloadReason::kSelected) {
     consecutive_failures_ = 0;
-  } else if (reason != OffloadReason::kDead) {
+  } else if (reason != OffloadReason::kDead && !late) {
     Fail(absl::StrCat("select (slot ", p.slot, ", layer ", p.layer, ", ", OffloadReasonName(reason),
                       ")"),
          failure);
@@ -570,6 +601,7 @@ void SelectionOffload::RunSelect(const Job& job) {
   {
     std::lock_guard<std::mutex> lock(metrics_mu_);
     metrics_.selector_ms += wall_ms;
+    if (late) ++metrics_.late_timeouts;
     if (reason == OffloadReason::kSelected) {
       metrics_.functional_ms += costs.relevancy_ms;
       if (costs.modeled_device_ms) {
@@ -587,14 +619,15 @@ void SelectionOffload::RunSelect(const Job& job) {
   Publish(p, job.seq, reason);
 }
 
-bool SelectionOffload::PassGate(const SlotControl& control) const {
+bool SelectionOffload::PassGate(const SlotControl& control, int ring, double timeout_ms) const {
   const auto ready = [&] {
-    return control.released.load(std::memory_order_acquire) ==
-           control.holder.load(std::memory_order_acquire);
+    return OffloadGateOpen(control.issued.load(std::memory_order_acquire),
+                           control.holder.load(std::memory_order_acquire),
+                           control.released.load(std::memory_order_acquire),
+                           static_cast<uint32_t>(ring));
   };
   std::unique_lock<std::mutex> lock(wake_mu_);
-  return wake_cv_.wait_for(lock, std::chrono::duration<double, std::milli>(gate_timeout_ms()),
-                           ready);
+  return wake_cv_.wait_for(lock, std::chrono::duration<double, std::milli>(timeout_ms), ready);
 }
 
 absl::Status SelectionOffload::Append(int layer, const int64_t* slots, int num_tokens,
@@ -602,12 +635,16 @@ absl::Status SelectionOffload::Append(int layer, const int64_t* slots, int num_t
   if (num_tokens > 0 && (slots == nullptr || keys == nullptr)) {
     return absl::InvalidArgumentError("slots and keys must not be null");
   }
+  std::lock_guard<std::mutex> serial(append_mu_);
   MEMPIPE_ASSIGN_OR_RETURN(AppendPlan p, PlanAppend(layer, num_tokens));
-  if (!PassGate(*p.control)) {
+  if (!PassGate(*p.control, p.ring, append_timeout_ms())) {
     p.control->skip.store(1, std::memory_order_release);
   } else {
-    std::memcpy(p.slots, slots, num_tokens * sizeof(int64_t));
-    std::memcpy(p.keys, keys, p.key_bytes);
+    // The entry this append's issue will take (the calls are serialized).
+    const uint32_t seq = p.control->issued.load(std::memory_order_acquire) + 1;
+    const size_t offset = static_cast<size_t>(OffloadRingEntry(seq, p.ring)) * p.entry_bytes;
+    std::memcpy(p.slots + offset, slots, num_tokens * sizeof(int64_t));
+    std::memcpy(p.keys + offset, keys, p.key_bytes);
   }
   IssueAppend(p);
   return absl::OkStatus();
@@ -619,7 +656,7 @@ absl::Status SelectionOffload::Submit(int slot, int layer, const QueryView& quer
     return absl::InvalidArgumentError("query, block_table and seq_lens must not be null");
   }
   MEMPIPE_ASSIGN_OR_RETURN(SelectPlan p, PlanSelect(slot, layer, query, table, config));
-  if (!PassGate(*p.control)) {
+  if (!PassGate(*p.control, /*ring=*/1, gate_timeout_ms())) {
     p.control->skip.store(1, std::memory_order_release);
   } else {
     std::memcpy(p.staging.base + p.staging.query, query.data, p.staging.table - p.staging.query);
@@ -693,6 +730,7 @@ void SelectionOffload::ResetMetrics() {
   fresh.selector = metrics_.selector;
   fresh.dead = metrics_.dead;
   fresh.death = metrics_.death;
+  fresh.append_ring = metrics_.append_ring;
   metrics_ = fresh;
 }
 

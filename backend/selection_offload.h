@@ -19,10 +19,21 @@
 //             late result of an earlier request can never be mistaken for the current one;
 //   released  sequence number whose inputs the selector no longer reads: the next request's
 //             inputs may be written only when released == issued (the "gate").
+// Key appends have a ring of `append_ring` staging entries per layer (request seq writes entry
+// (seq - 1) % append_ring), so an append waits only when that many of its layer's earlier
+// appends are still queued for the card; then it waits for the oldest (stream-ordered on the
+// GPU, at most append_timeout_ms): a lagging card delays the producer, it is not declared dead
+// for being slow. A layer's appends must be issued from one stream (CPU mode: any thread; they
+// are serialized). The selector takes every job in issue order, so appends reach the card in
+// order, each exactly once.
 // Every failure inside the selector thread becomes a reason code (OffloadReason), never an
 // exception or std::terminate; `dead_after_failures` consecutive failures declare the selector
-// dead, and every later request fails fast with kDead. Results are published in request order;
-// Shutdown() drains the channel (every queued request is published) and joins the thread.
+// dead, and every later request fails fast with kDead. A timeout of a request that queued
+// behind earlier work (the selector thread was busy when it was issued) and started with less
+// than half its deadline left -- it expired in the queue, or nearly -- is a fallback (kTimeout)
+// but not a failure: the card is late, not broken (OffloadMetrics::late_timeouts). Results are
+// published in request order; Shutdown() drains the channel (every queued request is published) and
+// joins the thread.
 //
 //   MEMPIPE_ASSIGN_OR_RETURN(auto selector, MakeFpgaSelector(fpga_options));
 //   MEMPIPE_ASSIGN_OR_RETURN(auto off, SelectionOffload::Create(std::move(selector), {}));
@@ -66,10 +77,19 @@ struct SelectionOffloadOptions {
   int dead_after_failures = 3;  // consecutive failures that declare the selector dead, >= 1
   int max_layers = 256;         // distinct layers AddLayer accepts
   size_t channel_capacity = 0;  // 0: 4 * slots + 4 * max_layers
-  // How long an issuer waits for a slot's (or a layer's append staging's) previous request to
-  // release its inputs before giving up (select: kBusy; append: the selector is declared dead,
-  // since its digests would go stale); 0: deadline_ms.
+  // How long a select issuer waits for its slot's previous request to release its inputs
+  // before giving up (kBusy); 0: deadline_ms.
   double gate_timeout_ms = 0;
+  // Staging entries of key appends per layer (a ring), in [1, 1024]: an append waits only when
+  // this many of its layer's earlier appends are still queued for the card. One append per layer
+  // per step; the overlap schemes keep at most: sync and pipelined (micro-batches share the
+  // step's append) 2, asynchronous reuse C about C + 1 (C steps of appends behind one round of
+  // selections, waited for a step later), look-ahead one more. 8 covers reuse up to C = 6.
+  int append_ring = 8;
+  // How long an append waits for a free entry of its layer's ring when all are in use (the card
+  // lags append_ring steps behind: the producer is delayed); past it the card has stopped
+  // consuming keys and is declared dead, since its digests would go stale. > 0.
+  double append_timeout_ms = 10000;
   // The issuer's copies into staging are real GPU->host copies (counted as bytes_d2h).
   bool device_staging = false;
 };
@@ -88,6 +108,10 @@ struct OffloadMetrics {
   // Requests whose functional result took longer on this host than the modeled device time
   // (the emulation could not keep up with the model: the run is host-bound for them).
   int64_t host_bound = 0;
+  // Timeouts of requests that queued behind earlier work and started with less than half
+  // their deadline left (the card was behind): fallbacks, not failures toward
+  // dead_after_failures.
+  int64_t late_timeouts = 0;
   double selector_ms = 0;        // measured: Submit..Wait of the selector, summed
   double functional_ms = 0;      // measured: the selector's compute (Costs().relevancy_ms)
   double append_ms = 0;          // measured: AppendKeys, summed
@@ -98,7 +122,8 @@ struct OffloadMetrics {
   double bytes_d2h = 0;          // real GPU->host staging copies (GPU side; 0 in CPU mode)
   double bytes_h2d = 0;          // real host->GPU copies of selections (GPU side)
   bool dead = false;
-  std::string death;  // the failure that declared the selector dead
+  std::string death;    // the failure that declared the selector dead
+  int append_ring = 0;  // the engine's append ring depth (options.append_ring)
 };
 
 class SelectionOffload {
@@ -125,12 +150,16 @@ class SelectionOffload {
     Staging staging;
     SlotControl* control = nullptr;
   };
+  // Pointers of ring entry 0; request seq uses entry OffloadRingEntry(seq, ring), entry_bytes
+  // further per entry (IssueAppend resolves them; the GPU gate kernel picks the same entry).
   struct AppendPlan {
     int layer = 0;
     int num_tokens = 0;
     uint8_t* slots = nullptr;  // staging: [num_tokens] int64
     uint8_t* keys = nullptr;   // staging: [num_tokens, num_kv_heads, head_dim] cache dtype
     size_t key_bytes = 0;
+    int ring = 1;                    // entries of the layer's ring
+    size_t entry_bytes = 0;          // stride between entries
     SlotControl* control = nullptr;  // the layer's append control block
   };
 
@@ -198,6 +227,8 @@ class SelectionOffload {
   double gate_timeout_ms() const {
     return options_.gate_timeout_ms > 0 ? options_.gate_timeout_ms : options_.deadline_ms;
   }
+  double append_timeout_ms() const { return options_.append_timeout_ms; }
+  int append_ring() const { return options_.append_ring; }
   int slots() const { return options_.slots; }
   bool dead() const { return dead_.load(std::memory_order_acquire); }
   // Not for the decode path: the slot's control block (tests, the GPU side).
@@ -222,8 +253,8 @@ class SelectionOffload {
   struct LayerInfo {
     CacheShape shape;
     int index = 0;   // into the append control blocks
-    Staging append;  // [max tokens] slots + keys
-    size_t append_tokens = 0;
+    Staging append;  // the ring: append_ring entries of entry_bytes (slots, then keys)
+    size_t entry_bytes = 0;
   };
 
   SelectionOffload(std::unique_ptr<PageSelector> selector, const SelectionOffloadOptions& options,
@@ -241,8 +272,9 @@ class SelectionOffload {
   bool Push(const Job& job);
   [[nodiscard]] absl::StatusOr<Staging> Grow(Staging current, size_t need, bool may_allocate,
                                              absl::string_view what);
-  // CPU mode: waits until control.released == control.holder, at most the gate timeout.
-  bool PassGate(const SlotControl& control) const;
+  // CPU mode: waits until the control's next request may write its staging entry
+  // (OffloadGateOpen over a ring of `ring`), at most `timeout_ms`.
+  bool PassGate(const SlotControl& control, int ring, double timeout_ms) const;
 
   const SelectionOffloadOptions options_;
   std::unique_ptr<PageSelector> selector_;  // used on the selector thread only
@@ -258,6 +290,9 @@ class SelectionOffload {
   std::vector<Clock::time_point> submitted_at_;  // CPU mode: when each slot's request was issued
   std::vector<void*> graveyard_;                 // outgrown staging, freed at shutdown
   bool shut_down_ = false;
+  // CPU mode: an append's plan, gate, copy and issue, serialized (its ring entry follows from
+  // the sequence number its issue will take).
+  std::mutex append_mu_;
 
   // Producer side of the channel: host functions may run on several driver threads, so pushes
   // are serialized by a lock held only for the (wait-free) push.
@@ -272,7 +307,8 @@ class SelectionOffload {
 
   mutable std::mutex metrics_mu_;
   OffloadMetrics metrics_;
-  int consecutive_failures_ = 0;  // selector thread only
+  int consecutive_failures_ = 0;    // selector thread only
+  Clock::time_point last_job_end_;  // selector thread only: when its latest job ended
 
   std::thread thread_;  // last: starts after every member above exists
 };

@@ -801,6 +801,8 @@ py::dict MetricsDict(const OffloadMetrics& m, const std::string& functional, dou
   d["appends"] = m.appends;
   d["appended_tokens"] = m.appended_tokens;
   d["host_bound"] = m.host_bound;
+  d["late_timeouts"] = m.late_timeouts;
+  d["append_ring"] = m.append_ring;
   d["selector_ms"] = m.selector_ms;
   d["functional_ms"] = m.functional_ms;
   d["append_ms"] = m.append_ms;
@@ -818,12 +820,14 @@ py::dict MetricsDict(const OffloadMetrics& m, const std::string& functional, dou
 
 // off = SelectionOffload(device="cpu", fpga_backend="emulated", paced=True,
 //                        functional="reference", deadline_ms=100.0, slots=64, threads=0,
-//                        params=None, dead_after_failures=3)
+//                        params=None, dead_after_failures=3, gate_timeout_ms=0.0,
+//                        append_ring=8, append_timeout_ms=10000.0)
 class SelectionOffloadPy {
  public:
   SelectionOffloadPy(const std::string& device, const std::string& fpga_backend, bool paced,
                      const std::string& functional, double deadline_ms, int slots, int threads,
-                     const py::object& params, int dead_after_failures, double gate_timeout_ms) {
+                     const py::object& params, int dead_after_failures, double gate_timeout_ms,
+                     int append_ring, double append_timeout_ms) {
     if (device == "cpu") {
       gpu_ = false;
     } else if (device == "cuda" || device.rfind("cuda:", 0) == 0) {
@@ -860,6 +864,8 @@ class SelectionOffloadPy {
     eo.deadline_ms = deadline_ms;
     eo.dead_after_failures = dead_after_failures;
     eo.gate_timeout_ms = gate_timeout_ms;
+    eo.append_ring = append_ring;
+    eo.append_timeout_ms = append_timeout_ms;
     Check(ValidateSelectionOffloadOptions(eo));
     std::unique_ptr<PageSelector> selector = ValueOrThrow(MakeFpgaSelector(o));
 #ifdef MEMPIPE_MODULE_GPU
@@ -1145,11 +1151,12 @@ PYBIND11_MODULE(_mempipe, m) {
                                  "selection_offload.h). Reasons in status[0]: 0 selected, "
                                  "1 timeout, 2 error, 3 dead, 4 invalid, 5 busy.")
       .def(py::init<const std::string&, const std::string&, bool, const std::string&, double, int,
-                    int, const py::object&, int, double>(),
+                    int, const py::object&, int, double, int, double>(),
            py::kw_only(), arg("device") = "cpu", arg("fpga_backend") = "emulated",
            arg("paced") = true, arg("functional") = "reference", arg("deadline_ms") = 100.0,
            arg("slots") = 64, arg("threads") = 0, arg("params") = py::none(),
-           arg("dead_after_failures") = 3, arg("gate_timeout_ms") = 0.0)
+           arg("dead_after_failures") = 3, arg("gate_timeout_ms") = 0.0, arg("append_ring") = 8,
+           arg("append_timeout_ms") = 10000.0)
       .def("add_layer", &SelectionOffloadPy::AddLayer, arg("layer"), arg("kv_cache"),
            "Registers a layer; geometry from a [2, blocks, bs, kvh, hd] cache (data unread).")
       .def("build_digests", &SelectionOffloadPy::BuildDigests, arg("layer"), arg("kv_cache"),

@@ -11,6 +11,7 @@
 #include "core/cpu_kernel.h"
 #include "core/parallel.h"
 #include "core/status_macros.h"
+#include "core/thread_pool.h"
 #include "retriever/int8_quant.h"
 
 namespace mempipe {
@@ -86,15 +87,16 @@ float PageBound(const float* q, const float* max_row, const float* min_row, int 
 
 namespace {
 
-// The portable scan: one (sequence, KV head) row of scores, page by page, through PageBound.
-//   q [groups, d] fp32; out [pages]
+// The portable scan: pages [p0, p1) of one (sequence, KV head) row, page by page, through
+// PageBound.
+//   q [groups, d] fp32; out [>= p1] the row's scores
 template <typename T>
 void PortableScoreRow(const float* q, int groups, int d, const DigestView& digests,
-                      const BlockTableView& table, int s, int h, int pages, GroupAggregation agg,
-                      float* out) {
+                      const BlockTableView& table, int s, int h, int p0, int p1,
+                      GroupAggregation agg, float* out) {
   std::vector<float> mx(d), mn(d);
   const T* dg = static_cast<const T*>(digests.data);
-  for (int p = 0; p < pages; ++p) {
+  for (int p = p0; p < p1; ++p) {
     const int block = table.Block(s, p);
     if (digests.format == DigestFormat::kInt8) {
       // The dequantized bound: one fp32 multiply per element (int8_quant.h).
@@ -225,15 +227,15 @@ MEMPIPE_TARGET_AVX512 void Avx512ScoreBatch(const float* q, int groups, const fl
   _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << np) - 1), agg_score);
 }
 
-// The scores of KV heads [h0, h1) of sequence s, 16 pages at a time for all of those heads
-// (their rows of a block lie together, so the scan walks the digests nearly in address order
-// and each 4 KiB page of them is entered once per batch, not once per head). Rows not stored as
-// fp32 are widened once per batch into `wide`, which the group's query heads then share.
-//   q [h1 - h0, groups, ND * 32] fp32; out(h) -> [pages] the scores of head h
+// The scores of pages [p0, p1) of KV heads [h0, h1) of sequence s, 16 pages at a time for all of
+// those heads (their rows of a block lie together, so the scan walks the digests nearly in address
+// order and each 4 KiB page of them is entered once per batch, not once per head). Rows not stored
+// as fp32 are widened once per batch into `wide`, which the group's query heads then share.
+//   q [h1 - h0, groups, ND * 32] fp32; out(h) -> [>= p1] the scores of head h
 template <typename Src, int ND, typename Out>
 MEMPIPE_TARGET_AVX512 void Avx512ScoreHeads(const float* q, int groups, const DigestView& digests,
                                             const BlockTableView& table, int s, int h0, int h1,
-                                            int pages, GroupAggregation agg, Out out) {
+                                            int p0, int p1, GroupAggregation agg, Out out) {
   constexpr int kD = ND * 32;
   constexpr int kRowBytes = kD * static_cast<int>(sizeof(Src));
   const Src* data = static_cast<const Src*>(digests.data);
@@ -241,15 +243,15 @@ MEMPIPE_TARGET_AVX512 void Avx512ScoreHeads(const float* q, int groups, const Di
   const float* mx[kScanBatch];
   const float* mn[kScanBatch];
   alignas(64) float wide[std::is_same_v<Src, float> ? 1 : kScanBatch * 2 * kD];
-  for (int p0 = 0; p0 < pages; p0 += kScanBatch) {
-    const int np = std::min(kScanBatch, pages - p0);
+  for (int b0 = p0; b0 < p1; b0 += kScanBatch) {
+    const int np = std::min(kScanBatch, p1 - b0);
     for (int h = h0; h < h1; ++h) {
       for (int i = 0; i < np; ++i) {
-        const int block = table.Block(s, p0 + i);
+        const int block = table.Block(s, b0 + i);
         const Src* rmx = data + digests.Offset(block, 0, h);
         const Src* rmn = data + digests.Offset(block, 1, h);
-        if (p0 + kAhead + i < pages) {  // this head's rows of the same page kAhead pages ahead
-          const int ahead = table.Block(s, p0 + kAhead + i);
+        if (b0 + kAhead + i < p1) {  // this head's rows of the same page kAhead pages ahead
+          const int ahead = table.Block(s, b0 + kAhead + i);
           const char* amx = reinterpret_cast<const char*>(data + digests.Offset(ahead, 0, h));
           const char* amn = reinterpret_cast<const char*>(data + digests.Offset(ahead, 1, h));
           for (int off = 0; off < kRowBytes; off += 64) {
@@ -273,7 +275,7 @@ MEMPIPE_TARGET_AVX512 void Avx512ScoreHeads(const float* q, int groups, const Di
         }
       }
       Avx512ScoreBatch<ND>(q + static_cast<size_t>(h - h0) * groups * kD, groups, mx, mn, np, agg,
-                           out(h) + p0);
+                           out(h) + b0);
     }
   }
 }
@@ -282,15 +284,15 @@ template <typename Src, typename Out>
 MEMPIPE_TARGET_AVX512 void Avx512ScoreHeadsAnyDim(const float* q, int groups, int d,
                                                   const DigestView& digests,
                                                   const BlockTableView& table, int s, int h0,
-                                                  int h1, int pages, GroupAggregation agg,
+                                                  int h1, int p0, int p1, GroupAggregation agg,
                                                   Out out) {
   switch (d) {
     case 64:
-      return Avx512ScoreHeads<Src, 2>(q, groups, digests, table, s, h0, h1, pages, agg, out);
+      return Avx512ScoreHeads<Src, 2>(q, groups, digests, table, s, h0, h1, p0, p1, agg, out);
     case 128:
-      return Avx512ScoreHeads<Src, 4>(q, groups, digests, table, s, h0, h1, pages, agg, out);
+      return Avx512ScoreHeads<Src, 4>(q, groups, digests, table, s, h0, h1, p0, p1, agg, out);
     default:  // 256 (ValidateKvCache admits 64, 128, 256)
-      return Avx512ScoreHeads<Src, 8>(q, groups, digests, table, s, h0, h1, pages, agg, out);
+      return Avx512ScoreHeads<Src, 8>(q, groups, digests, table, s, h0, h1, p0, p1, agg, out);
   }
 }
 #endif  // MEMPIPE_AVX512_KERNEL
@@ -310,8 +312,22 @@ absl::Status ComputeRelevancy(const QueryView& query, const KvCacheView& cache,
   const int d = cache.head_dim;
   const int groups = query.num_heads / cache.num_kv_heads;
   const bool avx512 = UseAvx512Kernel();
+  const int kvh = cache.num_kv_heads;
+  // Tasks: every (sequence, KV head) row, each split into `chunks` page ranges when there are
+  // more threads than rows (a batch of one on a many-core host: one head's scan would otherwise
+  // bound the call). Each page's score is computed by the same code whatever the split.
+  const int64_t rows = static_cast<int64_t>(table.num_seqs) * kvh;
+  // The split follows the threads asked for (the pool runs the tasks on the threads it has).
+  const int64_t asked = std::max(num_threads, 1);
+  const int64_t threads = std::min<int64_t>(asked, ThreadPool::DefaultMaxWorkers() + 1);
+  constexpr int kMinPagesPerTask = 4;
+  const int64_t chunks = std::max<int64_t>(
+      1, std::min<int64_t>((asked + rows - 1) / std::max<int64_t>(rows, 1),
+                           (table.max_blocks_per_seq + kMinPagesPerTask - 1) / kMinPagesPerTask));
   DispatchDType(cache.dtype, [&]<typename T>() {
-    ForEachSeqHeads(table.num_seqs, cache.num_kv_heads, num_threads, [&](int s, int h0, int h1) {
+    // Pages [p0, p1) of the rows of KV heads [h0, h1) of sequence s, and the -inf tail past the
+    // sequence's pages inside [p0, p1).
+    auto score = [&](int s, int h0, int h1, int p0, int p1) {
       // The query rows of heads [h0, h1), fp32: [h1 - h0, groups, d].
       const size_t gd = static_cast<size_t>(groups) * d;
       std::vector<float> q((h1 - h0) * gd);
@@ -320,30 +336,46 @@ absl::Status ComputeRelevancy(const QueryView& query, const KvCacheView& cache,
         q[i] = LoadAsFloat(query.data, query.dtype, qrow0 * d + i);
       }
       const int pages = NumPages(table.seq_lens[s], cache.block_size);
+      const int end = std::min(p1, pages);
       auto out = [&](int h) {
-        return scores +
-               (static_cast<size_t>(s) * cache.num_kv_heads + h) * table.max_blocks_per_seq;
+        return scores + (static_cast<size_t>(s) * kvh + h) * table.max_blocks_per_seq;
       };
 #if MEMPIPE_AVX512_KERNEL
-      if (avx512) {
+      if (avx512 && p0 < end) {
         if (digests.format == DigestFormat::kInt8) {
-          Avx512ScoreHeadsAnyDim<int8_t>(q.data(), groups, d, digests, table, s, h0, h1, pages, agg,
-                                         out);
+          Avx512ScoreHeadsAnyDim<int8_t>(q.data(), groups, d, digests, table, s, h0, h1, p0, end,
+                                         agg, out);
         } else {
-          Avx512ScoreHeadsAnyDim<T>(q.data(), groups, d, digests, table, s, h0, h1, pages, agg,
+          Avx512ScoreHeadsAnyDim<T>(q.data(), groups, d, digests, table, s, h0, h1, p0, end, agg,
                                     out);
         }
       }
 #endif
       for (int h = h0; h < h1; ++h) {
         if (!avx512) {
-          PortableScoreRow<T>(&q[(h - h0) * gd], groups, d, digests, table, s, h, pages, agg,
+          PortableScoreRow<T>(&q[(h - h0) * gd], groups, d, digests, table, s, h, p0, end, agg,
                               out(h));
         }
-        std::fill(out(h) + pages, out(h) + table.max_blocks_per_seq,
-                  -std::numeric_limits<float>::infinity());
+        for (int p = std::max(p0, pages); p < p1; ++p) {
+          out(h)[p] = -std::numeric_limits<float>::infinity();
+        }
       }
-    });
+    };
+    if (chunks == 1) {
+      ForEachSeqHeads(table.num_seqs, kvh, num_threads, [&](int s, int h0, int h1) {
+        score(s, h0, h1, 0, table.max_blocks_per_seq);
+      });
+      return;
+    }
+    const int64_t tasks = rows * chunks;
+    ThreadPool::Default().ParallelFor(
+        static_cast<int>(tasks), static_cast<int>(std::min(threads, tasks)), [&](int t) {
+          const int64_t row = t / chunks, c = t % chunks;
+          const int64_t width = table.max_blocks_per_seq;
+          const int h = static_cast<int>(row % kvh);
+          score(static_cast<int>(row / kvh), h, h + 1, static_cast<int>(width * c / chunks),
+                static_cast<int>(width * (c + 1) / chunks));
+        });
   });
   return absl::OkStatus();
 }

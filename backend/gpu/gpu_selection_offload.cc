@@ -94,12 +94,15 @@ absl::Status GpuSelectionOffload::Append(int layer, const int64_t* slots, int nu
   if (control == nullptr || dst == nullptr) {
     return absl::InternalError("no device address for the offload's mapped host memory");
   }
-  const int64_t timeout = MsToNs(engine_->gate_timeout_ms());
+  // The layer's ring: the gate waits (stream-ordered, at most append_timeout_ms) only when
+  // every entry is still held, and picks the entry the host function will hand over.
+  const int64_t timeout = MsToNs(engine_->append_timeout_ms());
   MEMPIPE_RETURN_IF_ERROR(
-      offload_gpu::LaunchGate(control, gate_ok_ + gate, nullptr, timeout, stream));
+      offload_gpu::LaunchGate(control, gate_ok_ + gate, nullptr, timeout, p.ring, stream));
   const offload_gpu::CopySegment seg[2] = {{slots, dst, num_tokens * sizeof(int64_t)},
                                            {keys, dst + (p.keys - p.slots), p.key_bytes}};
-  MEMPIPE_RETURN_IF_ERROR(offload_gpu::LaunchStageCopy(seg, 2, gate_ok_ + gate, stream));
+  MEMPIPE_RETURN_IF_ERROR(
+      offload_gpu::LaunchStageCopy(seg, 2, gate_ok_ + gate, p.entry_bytes, stream));
   MEMPIPE_ASSIGN_OR_RETURN(IssueRecord * r, TakeRecord(stream));
   r->select = false;
   r->append_plan = p;
@@ -122,14 +125,15 @@ absl::Status GpuSelectionOffload::Submit(int slot, int layer, const QueryView& q
     return absl::InternalError("no device address for the offload's mapped host memory");
   }
   const int64_t timeout = MsToNs(engine_->gate_timeout_ms());
-  MEMPIPE_RETURN_IF_ERROR(
-      offload_gpu::LaunchGate(control, gate_ok_ + slot, stamp_ns_ + slot, timeout, stream));
+  MEMPIPE_RETURN_IF_ERROR(offload_gpu::LaunchGate(control, gate_ok_ + slot, stamp_ns_ + slot,
+                                                  timeout, /*ring=*/1, stream));
   const size_t s = table.num_seqs;
   const offload_gpu::CopySegment seg[3] = {
       {query.data, base + st.query, s * query.num_heads * query.head_dim * DTypeSize(query.dtype)},
       {table.block_table, base + st.table, s * table.max_blocks_per_seq * sizeof(int32_t)},
       {table.seq_lens, base + st.lens, s * sizeof(int32_t)}};
-  MEMPIPE_RETURN_IF_ERROR(offload_gpu::LaunchStageCopy(seg, 3, gate_ok_ + slot, stream));
+  MEMPIPE_RETURN_IF_ERROR(
+      offload_gpu::LaunchStageCopy(seg, 3, gate_ok_ + slot, /*entry_bytes=*/0, stream));
   MEMPIPE_ASSIGN_OR_RETURN(IssueRecord * r, TakeRecord(stream));
   r->select = true;
   r->select_plan = p;

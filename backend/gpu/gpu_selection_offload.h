@@ -13,9 +13,12 @@
 //                                copies the selection into `pages`/`counts` (device) when the
 //                                result is kSelected, writes status[0] (0 or the fallback
 //                                reason), and counts it by reason in device-resident counters.
-// The gate kernel waits (at most gate_timeout_ms) until the selector is done with the slot's
-// previous inputs; if it is not, nothing is copied and the request fails as kBusy (an append:
-// the selector is declared dead, since its digests would go stale).
+// The gate kernel of a select waits (at most gate_timeout_ms) until the selector is done with
+// the slot's previous inputs; if it is not, nothing is copied and the request fails as kBusy.
+// An append writes the next entry of its layer's ring (SelectionOffloadOptions::append_ring)
+// and its gate waits only when every entry is still held by a queued append (at most
+// append_timeout_ms; past it the selector is declared dead, since its digests would go stale).
+// A layer's appends must be queued on one stream.
 //
 // Fallback stays on the device: status[0] feeds the `when_zero` / `when_nonzero` predicates of
 // ScoreAndSelectGpu / SparseDecodeGpu / DenseDecodeGpu, so no host ever reads it per step.

@@ -1,9 +1,11 @@
 // mempipe backend/gpu: the offload's kernels -- the gate, the staging copy and the wait.
 //
-//   GateKernel       1 block x 32: polls the slot's mapped control word (released == holder)
-//                    up to a timeout; writes gate_ok (device) and, when closed, control->skip.
-//   StageCopyKernel  grid-stride copy of up to three device -> mapped-host segments, skipped
-//                    when gate_ok == 0.
+//   GateKernel       1 block x 32: polls the mapped control block until the next request's
+//                    staging entry is free (OffloadGateOpen over a ring: 1 entry for a select
+//                    slot, the layer's append ring for keys) up to a timeout; writes gate_ok
+//                    (device: 0 closed, else 1 + the entry) and, when closed, control->skip.
+//   StageCopyKernel  grid-stride copy of up to three device -> mapped-host segments into the
+//                    entry the gate picked, skipped when gate_ok == 0.
 //   WaitKernel       1 block x 256: thread 0 polls the mapped result word until its sequence
 //                    number is the slot's issued one or the deadline passes (GPU global timer);
 //                    then the block copies the staged selection (mapped host) into the caller's
@@ -40,17 +42,20 @@ __device__ __forceinline__ uint64_t LoadU64(const std::atomic<uint64_t>& a) {
 }
 
 __global__ void GateKernel(SlotControl* control, int32_t* gate_ok, int64_t* stamp_ns,
-                           int64_t timeout_ns) {
+                           int64_t timeout_ns, uint32_t ring) {
   if (threadIdx.x != 0) return;
   const int64_t start = gpu::GlobalTimerNs();
   if (stamp_ns != nullptr) *stamp_ns = start;
+  // The previous request's host function ran before this kernel (stream order): `issued` is
+  // final, and the next request takes issued + 1.
+  const uint32_t issued = LoadU32(control->issued);
   bool open = false;
   for (;;) {
-    open = LoadU32(control->released) == LoadU32(control->holder);
+    open = OffloadGateOpen(issued, LoadU32(control->holder), LoadU32(control->released), ring);
     if (open || gpu::GlobalTimerNs() - start > timeout_ns) break;
     gpu::PollPause();
   }
-  *gate_ok = open ? 1 : 0;
+  *gate_ok = open ? 1 + static_cast<int32_t>(OffloadRingEntry(issued + 1, ring)) : 0;
   if (!open) {
     *reinterpret_cast<volatile int32_t*>(&control->skip) = 1;
     __threadfence_system();
@@ -61,28 +66,32 @@ struct CopyArgs {
   CopySegment seg[3];
   int count;
   const int32_t* gate_ok;
+  size_t entry_bytes;
 };
 
 __global__ void StageCopyKernel(CopyArgs a) {
-  if (*a.gate_ok == 0) return;
+  const int32_t gate = *a.gate_ok;
+  if (gate == 0) return;
+  const size_t entry_offset = static_cast<size_t>(gate - 1) * a.entry_bytes;
   const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
   const size_t tid = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   for (int s = 0; s < a.count; ++s) {
     const CopySegment& g = a.seg[s];
+    uint8_t* const g_dst = static_cast<uint8_t*>(g.dst) + entry_offset;
     // 16-byte words where both ends allow it (the staging offsets are 64-byte aligned), bytes
     // for the tail.
     const bool wide = reinterpret_cast<uintptr_t>(g.src) % 16 == 0 &&
-                      reinterpret_cast<uintptr_t>(g.dst) % 16 == 0;
+                      reinterpret_cast<uintptr_t>(g_dst) % 16 == 0;
     size_t done = 0;
     if (wide) {
       const size_t words = g.bytes / 16;
       const uint4* src = static_cast<const uint4*>(g.src);
-      uint4* dst = static_cast<uint4*>(g.dst);
+      uint4* dst = reinterpret_cast<uint4*>(g_dst);
       for (size_t i = tid; i < words; i += stride) dst[i] = src[i];
       done = words * 16;
     }
     const auto* src = static_cast<const uint8_t*>(g.src);
-    auto* dst = static_cast<uint8_t*>(g.dst);
+    auto* dst = g_dst;
     for (size_t i = done + tid; i < g.bytes; i += stride) dst[i] = src[i];
   }
   // The host function that follows reads this memory: make the writes visible system-wide.
@@ -139,14 +148,15 @@ __global__ void __launch_bounds__(kWaitThreads) WaitKernel(WaitArgs a) {
 }  // namespace
 
 absl::Status LaunchGate(SlotControl* control, int32_t* gate_ok, int64_t* stamp_ns,
-                        int64_t timeout_ns, GpuStream stream) {
-  GateKernel<<<1, 32, 0, static_cast<hipStream_t>(stream)>>>(control, gate_ok, stamp_ns,
-                                                             timeout_ns);
+                        int64_t timeout_ns, int ring, GpuStream stream) {
+  if (ring < 1) return absl::InvalidArgumentError(absl::StrCat("ring must be >= 1, got ", ring));
+  GateKernel<<<1, 32, 0, static_cast<hipStream_t>(stream)>>>(control, gate_ok, stamp_ns, timeout_ns,
+                                                             static_cast<uint32_t>(ring));
   return Check(hipGetLastError(), "offload GateKernel launch");
 }
 
 absl::Status LaunchStageCopy(const CopySegment* segments, int count, const int32_t* gate_ok,
-                             GpuStream stream) {
+                             size_t entry_bytes, GpuStream stream) {
   if (count < 0 || count > 3) {
     return absl::InvalidArgumentError(absl::StrCat("1 to 3 copy segments, got ", count));
   }
@@ -158,6 +168,7 @@ absl::Status LaunchStageCopy(const CopySegment* segments, int count, const int32
   }
   a.count = count;
   a.gate_ok = gate_ok;
+  a.entry_bytes = entry_bytes;
   const int blocks =
       static_cast<int>(std::clamp<size_t>((most / 16 + kCopyThreads - 1) / kCopyThreads, 1, 256));
   StageCopyKernel<<<blocks, kCopyThreads, 0, static_cast<hipStream_t>(stream)>>>(a);

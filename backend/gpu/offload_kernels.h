@@ -17,19 +17,24 @@ namespace mempipe {
 // The launchers (gpu_selection_offload.hip), for the class below and the tests.
 namespace offload_gpu {
 
-// Polls `control` (device pointer of a mapped SlotControl) until released == holder, at most
-// `timeout_ns`; writes control->skip = 1 and *gate_ok = 0 when it stays closed (else 1).
-// `stamp_ns` (device, may be null) receives the GPU global timer at the start.
+// Polls `control` (device pointer of a mapped SlotControl) until the next request's staging
+// entry in a ring of `ring` entries is free (OffloadGateOpen; ring 1: released == holder), at
+// most `timeout_ns`; writes control->skip = 1 and *gate_ok = 0 when it stays closed, else
+// *gate_ok = 1 + the entry (OffloadRingEntry of issued + 1). `stamp_ns` (device, may be null)
+// receives the GPU global timer at the start.
 [[nodiscard]] absl::Status LaunchGate(OffloadSlotControl* control, int32_t* gate_ok,
-                                      int64_t* stamp_ns, int64_t timeout_ns, GpuStream stream);
-// Copies up to three (src device -> dst mapped host) segments when *gate_ok != 0.
+                                      int64_t* stamp_ns, int64_t timeout_ns, int ring,
+                                      GpuStream stream);
+// Copies up to three (src device -> dst mapped host) segments when *gate_ok != 0, each
+// destination moved (*gate_ok - 1) * entry_bytes further (the ring entry the gate picked).
 struct CopySegment {
   const void* src = nullptr;
   void* dst = nullptr;
   size_t bytes = 0;
 };
 [[nodiscard]] absl::Status LaunchStageCopy(const CopySegment* segments, int count,
-                                           const int32_t* gate_ok, GpuStream stream);
+                                           const int32_t* gate_ok, size_t entry_bytes,
+                                           GpuStream stream);
 // The wait kernel (see the banner). `control`, `staged_pages` [rows, k], `staged_counts` [rows]
 // are device pointers of mapped host memory; `out_pages` [rows, max_selected], `out_counts`
 // [rows], `status` [1] and `counters` [OffloadDeviceCounters::kCount] device memory.

@@ -1089,6 +1089,16 @@ def fpga_fields(row: dict, r: dict, cfg, B: int, steps_ms: dict) -> None:
         row["notes"].append(f"host-bound: {hb} requests finished on this host after their "
                             f"modeled time (measured selector {measured:.2f} ms/step vs "
                             f"modeled card {card_ms:.2f} ms/step)")
+    # The engine's append ring, the timeouts of a late card (not failures) and why it died.
+    row["fpga"]["append_ring"] = m.get("append_ring")
+    row["fpga"]["late_timeouts"] = int(m.get("late_timeouts", 0))
+    if m.get("append_ring"):
+        row["notes"].append(f"append ring {m['append_ring']} per layer")
+    if row["fpga"]["late_timeouts"]:
+        row["notes"].append(f"{row['fpga']['late_timeouts']} timeouts started late (the card was "
+                            "behind; fallbacks, not failures)")
+    if m.get("dead"):
+        row["notes"].append(f"card declared dead: {m.get('death', '')}")
 
 
 if __name__ == "__main__":

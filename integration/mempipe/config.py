@@ -42,6 +42,11 @@ Keys (all optional):
                   append kernel maintains it anyway) and selects itself; dense: that layer
                   decodes densely. Counted by reason in SelectionOffload.metrics().
     deadline_ms   a selection's deadline from its submission, > 0 (default 100).
+    fpga_append_ring  staging buffers of key appends per layer (placement fpga), 1..1024
+                  (default 8): a layer's append waits only when this many of its earlier appends
+                  are still queued for the card (then stream-ordered, at most 10 s, before the
+                  card is declared dead). One append per layer per step; the schemes keep at
+                  most about reuse + 2 in flight, so 8 covers reuse up to 6.
     digest_dtype  native | int8: page digests as max/min in the cache dtype, or int8 codes
                   rounded outward with one fp32 scale per page and KV head (the Quest bound
                   stays valid; about half the bytes to scan; retriever/int8_quant.h). int8 runs
@@ -123,6 +128,7 @@ class MempipeConfig:
     fpga_functional: str = "reference"
     fpga_fallback: str = "gpu"
     deadline_ms: float = 100.0
+    fpga_append_ring: int = 8
     digest_dtype: str = "native"
     hierarchy: str = "none"
 
@@ -218,6 +224,8 @@ class MempipeConfig:
         if self.fpga_fallback not in FPGA_FALLBACKS:
             reasons.append(f"fpga_fallback must be {_one_of(FPGA_FALLBACKS)}, "
                            f"got '{self.fpga_fallback}'")
+        if not 1 <= self.fpga_append_ring <= 1024:
+            reasons.append(f"fpga_append_ring must be in [1, 1024], got {self.fpga_append_ring}")
         if not (math.isfinite(self.deadline_ms) and self.deadline_ms > 0):
             reasons.append(f"deadline_ms must be a positive number of milliseconds, "
                            f"got {self.deadline_ms}")

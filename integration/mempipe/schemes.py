@@ -209,12 +209,13 @@ def make_offload(config, device: torch.device, slots: int):
     return _mempipe.SelectionOffload(device=name,
                                      fpga_backend=config.fpga_backend, paced=config.fpga_paced,
                                      functional=config.fpga_functional,
-                                     deadline_ms=float(config.deadline_ms), slots=slots)
+                                     deadline_ms=float(config.deadline_ms), slots=slots,
+                                     append_ring=int(config.fpga_append_ring))
 
 
 def offload_key(config, device: torch.device) -> tuple:
     return (device.type, device.index, config.fpga_backend, config.fpga_paced,
-            config.fpga_functional, float(config.deadline_ms))
+            config.fpga_functional, float(config.deadline_ms), int(config.fpga_append_ring))
 
 
 class SchemeDecode:

@@ -8,6 +8,8 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -16,6 +18,7 @@
 #include "core/gpu/gpu_events.h"
 #include "core/gpu/gpu_runtime.h"
 #include "core/status_macros.h"
+#include "fpga/emulation/emulated_u55c.h"
 #include "fpga/fpga_selector.h"
 #include "gtest/gtest.h"
 #include "retriever/digest.h"
@@ -47,7 +50,8 @@ struct GpuRig {
   GpuStreamOwner stream;
   int k = 0, max_sel = 0;
 
-  explicit GpuRig(FpgaOptions fo, SelectionOffloadOptions eo)
+  GpuRig(FpgaOptions fo, SelectionOffloadOptions eo) : GpuRig(MakeSelector(fo), eo) {}
+  GpuRig(std::unique_ptr<PageSelector> sel, SelectionOffloadOptions eo)
       : f(rng, {.dtype = DType::kBFloat16,
                 .block_size = kBlock,
                 .num_kv_heads = kKvh,
@@ -75,14 +79,17 @@ struct GpuRig {
     d_ref_counts = Upload(std::vector<int32_t>(rows, -9));
     d_status = Upload(std::vector<int32_t>{-1});
     d_ws = Upload(std::vector<uint8_t>(SelectWorkspaceBytes(table, kKvh), 0xff));
-    auto sel = MakeFpgaSelector(fo);
-    EXPECT_TRUE(sel.ok()) << sel.status();
-    auto o = GpuSelectionOffload::Create(*std::move(sel), eo);
+    auto o = GpuSelectionOffload::Create(std::move(sel), eo);
     EXPECT_TRUE(o.ok()) << o.status();
     off = *std::move(o);
     EXPECT_TRUE(
         off->engine().AddLayer(0, {cache.dtype, cache.num_blocks, kBlock, kKvh, kDim}).ok());
     EXPECT_TRUE(off->engine().BuildDigests(0, cache, table).ok());
+  }
+  static std::unique_ptr<PageSelector> MakeSelector(const FpgaOptions& fo) {
+    auto sel = MakeFpgaSelector(fo);
+    EXPECT_TRUE(sel.ok()) << sel.status();
+    return sel.ok() ? *std::move(sel) : nullptr;
   }
   void NewQuery() {
     std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -212,6 +219,77 @@ TEST(GpuSelectionOffload, AppendReachesTheCardBeforeTheNextSelection) {
   ASSERT_TRUE(m.ok());
   EXPECT_EQ(m->appends, 1);
   EXPECT_EQ(m->appended_tokens, static_cast<int64_t>(slots.size()));
+}
+
+// The append ring (issue 11): ten appends queued on the stream behind a selection that keeps
+// a slow (paced) card busy, with a ring of 4 entries per layer: the gate kernels wait for free
+// entries on the stream instead of declaring the card dead, each append reaches the card once
+// and in order (its digests equal the host's after the same ten updates), and the next
+// selection is the GPU selector's over those digests.
+TEST(GpuSelectionOffload, AppendRingKeepsEveryKeyInOrderBehindALaggingCard) {
+  SKIP_WITHOUT_GPU();
+  U55cParams params;
+  params.hbm_channel_peak_bps /= 1e4;  // tens of ms per selection, paced
+  auto card = std::make_unique<EmulatedU55cSelector>(params, /*paced=*/true,
+                                                     EmulatedFunctional::kReference, 4);
+  EmulatedU55cSelector* card_ptr = card.get();
+  GpuRig rig(std::move(card), {.slots = 2, .deadline_ms = 5000, .append_ring = 4});
+  DeviceBuffer d_status0 = Upload(std::vector<int32_t>{-1});
+  ASSERT_TRUE(
+      rig.off->Submit(0, 0, rig.DeviceQuery(), rig.DeviceTable(), rig.config, rig.stream.get())
+          .ok());
+  DigestView dv = rig.f.digest_view();  // the host's digests (built by the rig)
+  std::vector<DeviceBuffer> keep;
+  std::normal_distribution<float> normal(0.0f, 8.0f);
+  constexpr int kAppends = 10;
+  for (int i = 0; i < kAppends; ++i) {
+    std::vector<int64_t> slots;
+    for (int s = 0; s < rig.table.num_seqs; ++s) {
+      slots.push_back(rig.f.Slot(s, static_cast<int>(rig.rng() % rig.table.seq_lens[s])));
+    }
+    std::vector<uint8_t> keys(slots.size() * kKvh * kDim * 2);
+    for (size_t j = 0; j < keys.size() / 2; ++j) {
+      StoreFromFloat(keys.data(), DType::kBFloat16, j, normal(rig.rng));
+    }
+    keep.push_back(Upload(slots));
+    keep.push_back(Upload(keys));
+    ASSERT_TRUE(rig.off
+                    ->Append(0, static_cast<const int64_t*>(keep[keep.size() - 2].data()),
+                             static_cast<int>(slots.size()), keep.back().data(), rig.stream.get())
+                    .ok());
+    ASSERT_TRUE(
+        UpdateDigestsFromKeys(dv, kBlock, slots.data(), static_cast<int>(slots.size()), keys.data())
+            .ok());
+  }
+  ASSERT_TRUE(
+      rig.off->Wait(0, rig.Out(), static_cast<int32_t*>(d_status0.data()), rig.stream.get()).ok());
+  rig.NewQuery();
+  ASSERT_TRUE(
+      rig.off->Submit(1, 0, rig.DeviceQuery(), rig.DeviceTable(), rig.config, rig.stream.get())
+          .ok());
+  ASSERT_TRUE(
+      rig.off->Wait(1, rig.Out(), static_cast<int32_t*>(rig.d_status.data()), rig.stream.get())
+          .ok());
+  ASSERT_TRUE(rig.stream.Synchronize().ok());
+  ASSERT_TRUE(rig.d_digests.CopyFromHost(dv.data, dv.NumBytes()).ok());
+  ASSERT_TRUE(rig.GpuSelect().ok());
+  ASSERT_TRUE(rig.stream.Synchronize().ok());
+  EXPECT_EQ(Download<int32_t>(d_status0, 1)[0], 0);
+  EXPECT_EQ(Download<int32_t>(rig.d_status, 1)[0], 0);
+  EXPECT_EQ(Download<int32_t>(rig.d_pages, rig.Rows() * rig.max_sel),
+            Download<int32_t>(rig.d_ref_pages, rig.Rows() * rig.max_sel));
+  rig.off->Shutdown();
+  auto m = rig.off->Metrics();
+  ASSERT_TRUE(m.ok());
+  EXPECT_FALSE(m->dead) << m->death;
+  EXPECT_EQ(m->appends, kAppends);
+  EXPECT_EQ(m->append_ring, 4);
+  std::vector<uint8_t> card_digests(dv.NumBytes(), 0xAB);
+  DigestView got = dv;
+  got.data = card_digests.data();
+  ASSERT_TRUE(card_ptr->ReadDigests(0, got).ok());
+  EXPECT_EQ(std::memcmp(card_digests.data(), dv.data, card_digests.size()), 0)
+      << "the card's digests differ from the host's after the same appends";
 }
 
 TEST(GpuSelectionOffload, LateCardFallsBackOnTheDeviceAndPredicatesPickTheDecode) {

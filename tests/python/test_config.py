@@ -42,6 +42,8 @@ def test_parse_errors_name_the_bad_item(text, message):
     ("fpga_fallback=cpu", "fpga_fallback must be gpu or dense, got 'cpu'"),
     ("deadline_ms=0", "deadline_ms must be a positive number of milliseconds, got 0.0"),
     ("deadline_ms=-3", "deadline_ms must be a positive number of milliseconds, got -3.0"),
+    ("fpga_append_ring=0", "fpga_append_ring must be in [1, 1024], got 0"),
+    ("fpga_append_ring=2000", "fpga_append_ring must be in [1, 1024], got 2000"),
 ])
 def test_validate_gives_reasons(text, reason):
     reasons = config.load(environ={"MEMPIPE_CONFIG": text}).validate()

@@ -199,6 +199,13 @@ def test_bad_input_is_named(gen):
         mp.SelectionOffload(slots=0)
     with pytest.raises(ValueError, match="got -3"):
         mp.SelectionOffload(deadline_ms=-3.0)
+    with pytest.raises(ValueError, match="append_ring must be in \\[1, 1024\\], got 0"):
+        mp.SelectionOffload(append_ring=0)
+    with pytest.raises(ValueError, match="append_timeout_ms must be > 0, got -1"):
+        mp.SelectionOffload(append_timeout_ms=-1.0)
+    ring = mp.SelectionOffload(append_ring=3).metrics()
+    assert ring["append_ring"] == 3 and ring["late_timeouts"] == 0
+    assert mp.SelectionOffload().metrics()["append_ring"] == 8
     off = mp.SelectionOffload(slots=2)
     off.add_layer(0, batch.kv_cache)
     q = torch.randn(batch.num_seqs, 8, 64, generator=gen).to(torch.bfloat16)

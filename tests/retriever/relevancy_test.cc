@@ -86,7 +86,7 @@ TEST_P(RelevancyKernelTest, Avx512EqualsPortableBitForBit) {
   const QueryView qv{q.data(), dtype, static_cast<int>(lens.size()), heads, head_dim};
   const size_t n = lens.size() * kv_heads * f.max_blocks();
   for (GroupAggregation agg : {GroupAggregation::kMax, GroupAggregation::kSum}) {
-    std::vector<float> portable(n, NAN), avx512(n, NAN), avx512_mt(n, NAN);
+    std::vector<float> portable(n, NAN), avx512(n, NAN), avx512_mt(n, NAN), avx512_split(n, NAN);
     ASSERT_TRUE(SetCpuKernel(CpuKernel::kPortable).ok());
     ASSERT_TRUE(
         ComputeRelevancy(qv, f.cache_view(), dv, f.table_view(), agg, portable.data()).ok());
@@ -94,6 +94,10 @@ TEST_P(RelevancyKernelTest, Avx512EqualsPortableBitForBit) {
     ASSERT_TRUE(ComputeRelevancy(qv, f.cache_view(), dv, f.table_view(), agg, avx512.data()).ok());
     ASSERT_TRUE(ComputeRelevancy(qv, f.cache_view(), dv, f.table_view(), agg, avx512_mt.data(),
                                  /*num_threads=*/2)
+                    .ok());
+    // More threads than rows: each row's pages are split into ranges (relevancy.cc).
+    ASSERT_TRUE(ComputeRelevancy(qv, f.cache_view(), dv, f.table_view(), agg, avx512_split.data(),
+                                 /*num_threads=*/4 * static_cast<int>(n))
                     .ok());
     for (size_t i = 0; i < n; ++i) {
       ASSERT_FALSE(std::isnan(avx512[i])) << "score " << i << " left unwritten";
@@ -104,6 +108,7 @@ TEST_P(RelevancyKernelTest, Avx512EqualsPortableBitForBit) {
                       << avx512[i] << " portable " << portable[i];
     }
     ASSERT_EQ(0, std::memcmp(avx512.data(), avx512_mt.data(), n * sizeof(float)));
+    ASSERT_EQ(0, std::memcmp(avx512.data(), avx512_split.data(), n * sizeof(float)));
     if (!int8) {
       // The known-wrong answer: the same bound summed in channel order differs somewhere.
       const std::vector<float> wrong = SequentialOrderScores(f, native, q, heads, agg);

@@ -49,6 +49,12 @@ TEST_P(RelevancyTest, MatchesFloat64AndBoundsEveryKey) {
                                  threaded.data(), /*num_threads=*/3)
                     .ok());
     ASSERT_EQ(0, std::memcmp(scores.data(), threaded.data(), scores.size() * sizeof(float)));
+    // More threads than (sequence, KV head) pairs: the pages of each pair are split as well.
+    std::vector<float> split(scores.size(), NAN);
+    ASSERT_TRUE(ComputeRelevancy(qv, f.cache_view(), f.digest_view(), f.table_view(), agg,
+                                 split.data(), /*num_threads=*/64)
+                    .ok());
+    ASSERT_EQ(0, std::memcmp(scores.data(), split.data(), scores.size() * sizeof(float)));
     for (int s = 0; s < f.num_seqs(); ++s) {
       for (int h = 0; h < kv_heads; ++h) {
         const float* row = &scores[(s * kv_heads + h) * f.max_blocks()];
