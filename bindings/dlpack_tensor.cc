@@ -19,10 +19,11 @@ absl::StatusOr<ElemType> ToElemType(const DLDataType& t, const std::string& name
   if (t.code == kDLInt && t.bits == 32) return ElemType::kInt32;
   if (t.code == kDLInt && t.bits == 64) return ElemType::kInt64;
   if (t.code == kDLUInt && t.bits == 8) return ElemType::kUInt8;
+  if (t.code == kDLInt && t.bits == 8) return ElemType::kInt8;
   return absl::InvalidArgumentError(
       absl::StrCat(name,
-                   ": dtype must be float32, float16, bfloat16, int32, int64 or uint8; got "
-                   "DLPack code ",
+                   ": dtype must be float32, float16, bfloat16, int32, int64, uint8 or int8; "
+                   "got DLPack code ",
                    static_cast<int>(t.code), " bits ", static_cast<int>(t.bits)));
 }
 
@@ -68,6 +69,8 @@ std::string ElemTypeName(ElemType t) {
       return "int64";
     case ElemType::kUInt8:
       return "uint8";
+    case ElemType::kInt8:
+      return "int8";
   }
   return "?";
 }

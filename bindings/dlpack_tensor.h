@@ -32,9 +32,9 @@ namespace mempipe::bindings {
 
 namespace py = pybind11;
 
-// Element types the kernels read: the three storage dtypes, the two index types, and bytes
-// (GPU workspaces).
-enum class ElemType { kFloat32, kFloat16, kBFloat16, kInt32, kInt64, kUInt8 };
+// Element types the kernels read: the three storage dtypes, the two index types, bytes (GPU
+// workspaces) and int8 digest codes.
+enum class ElemType { kFloat32, kFloat16, kBFloat16, kInt32, kInt64, kUInt8, kInt8 };
 
 std::string ElemTypeName(ElemType t);
 

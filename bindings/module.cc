@@ -15,7 +15,12 @@
 //
 // Shapes (the cores' layouts; T tokens, S sequences, H query heads, KVH KV heads, D head_dim):
 //   kv_cache      [2, num_blocks, block_size, KVH, D]  fp32 | fp16 | bf16
-//   digests       [num_blocks, 2, KVH, D]               cache dtype
+//   digests       [num_blocks, 2, KVH, D]               cache dtype (native), or an int8 digest
+//                 (mempipe.digests.Int8Digests; retriever/digest.h kInt8): any object with
+//                 .codes  [num_blocks, 2, KVH, D] int8 (max codes rounded up, min down)
+//                 .scales [num_blocks, KVH] float32 (one scale per page and KV head)
+//                 .exact  [num_blocks, 2, KVH, D] cache dtype (the exact max/min; builds and
+//                         appends keep it and re-quantize from it, scoring never reads it)
 //   key, value    [T, KVH, D]                            cache dtype
 //   slot_mapping  [T] int64
 //   block_table   [S, max_blocks_per_seq] int32;  seq_lens [S] int32
@@ -43,6 +48,7 @@
 #include <initializer_list>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <utility>
@@ -151,22 +157,23 @@ GpuStream StreamOf(const py::object& stream, int device) {
   return nullptr;
 }
 
+// Raises unless `t` is on `first`'s device (host memory counts as one device).
+void RequireSameDevice(const BorrowedTensor& first, const BorrowedTensor& t) {
+  const bool same = IsHostDevice(first.device) ? IsHostDevice(t.device)
+                                               : t.device.device_type == first.device.device_type &&
+                                                     t.device.device_id == first.device.device_id;
+  if (!same) {
+    Check(absl::InvalidArgumentError(absl::StrCat("all tensors of one call must be on one device: ",
+                                                  first.Describe(), " but ", t.Describe())));
+  }
+}
+
 // Every tensor of a call on one device: host memory (the CPU code), or one CUDA device of a
 // GPU build. Errors name the first tensor and the one that differs, with device, dtype, shape.
 Target ResolveTarget(std::initializer_list<const BorrowedTensor*> tensors,
                      const py::object& stream) {
   const BorrowedTensor* first = *tensors.begin();
-  for (const BorrowedTensor* t : tensors) {
-    const bool same = IsHostDevice(first->device)
-                          ? IsHostDevice(t->device)
-                          : t->device.device_type == first->device.device_type &&
-                                t->device.device_id == first->device.device_id;
-    if (!same) {
-      Check(absl::InvalidArgumentError(
-          absl::StrCat("all tensors of one call must be on one device: ", first->Describe(),
-                       " but ", t->Describe())));
-    }
-  }
+  for (const BorrowedTensor* t : tensors) RequireSameDevice(*first, *t);
   Target target;
   if (IsHostDevice(first->device)) return target;
   if (first->device.device_type != kDLCUDA || !kGpuBuild) {
@@ -215,15 +222,75 @@ void RequireSameDType(const BorrowedTensor& t, const KvCacheView& cache) {
   }
 }
 
-// Converts a [num_blocks, 2, KVH, D] tensor matching `cache`.
-DigestView DigestsView(const BorrowedTensor& dg, const KvCacheView& cache) {
-  Check(dg.RequireRank(4));
-  Check(dg.RequireDim(0, cache.num_blocks, "num_blocks"));
-  Check(dg.RequireDim(1, 2, "max and min"));
-  Check(dg.RequireDim(2, cache.num_kv_heads, "num_kv_heads"));
-  Check(dg.RequireDim(3, cache.head_dim, "head_dim"));
-  RequireSameDType(dg, cache);
-  return DigestView{dg.data, cache.dtype, cache.num_blocks, cache.num_kv_heads, cache.head_dim};
+// A call's digests: one tensor (native), or the three of an int8 digest (module comment).
+struct BorrowedDigests {
+  BorrowedTensor data;  // native: the digests; int8: the codes
+  std::optional<BorrowedTensor> scales;
+  std::optional<BorrowedTensor> exact;
+
+  bool int8() const { return scales.has_value(); }
+};
+
+// A tensor (anything with __dlpack__) is a native digest; an object with `codes` an int8 one,
+// which must also have `scales` and `exact`.
+BorrowedDigests BorrowDigests(const py::handle& obj) {
+  BorrowedDigests d;
+  if (py::hasattr(obj, "__dlpack__") || !py::hasattr(obj, "codes")) {
+    d.data = Borrow(obj, "digests");
+    return d;
+  }
+  for (const char* attr : {"scales", "exact"}) {
+    if (!py::hasattr(obj, attr)) {
+      Check(absl::InvalidArgumentError(absl::StrCat(
+          "digests: an int8 digest needs the tensors codes, scales and exact (got a ",
+          std::string(py::str(py::type::of(obj).attr("__name__"))), " without '", attr, "')")));
+    }
+  }
+  d.data = Borrow(obj.attr("codes"), "digests.codes");
+  d.scales = Borrow(obj.attr("scales"), "digests.scales");
+  d.exact = Borrow(obj.attr("exact"), "digests.exact");
+  return d;
+}
+
+// The int8 digest's scales and exact rows on the codes' device (ResolveTarget checks the codes).
+void RequireDigestDevice(const BorrowedDigests& d) {
+  if (!d.int8()) return;
+  RequireSameDevice(d.data, *d.scales);
+  RequireSameDevice(d.data, *d.exact);
+}
+
+// [num_blocks, 2, KVH, D] of `cache`'s geometry.
+void CheckDigestRows(const BorrowedTensor& t, const KvCacheView& cache) {
+  Check(t.RequireRank(4));
+  Check(t.RequireDim(0, cache.num_blocks, "num_blocks"));
+  Check(t.RequireDim(1, 2, "max and min"));
+  Check(t.RequireDim(2, cache.num_kv_heads, "num_kv_heads"));
+  Check(t.RequireDim(3, cache.head_dim, "head_dim"));
+}
+
+// Converts digests matching `cache`: native [num_blocks, 2, KVH, D] in the cache dtype, or
+// int8 codes of that shape + scales [num_blocks, KVH] float32 + exact rows in the cache dtype.
+DigestView DigestsView(const BorrowedDigests& d, const KvCacheView& cache) {
+  const BorrowedTensor& dg = d.data;
+  CheckDigestRows(dg, cache);
+  if (!d.int8()) {
+    RequireSameDType(dg, cache);
+    return DigestView{dg.data, cache.dtype, cache.num_blocks, cache.num_kv_heads, cache.head_dim};
+  }
+  Check(dg.RequireType(ElemType::kInt8));
+  const BorrowedTensor& sc = *d.scales;
+  Check(sc.RequireRank(2));
+  Check(sc.RequireType(ElemType::kFloat32));
+  Check(sc.RequireDim(0, cache.num_blocks, "num_blocks"));
+  Check(sc.RequireDim(1, cache.num_kv_heads, "num_kv_heads"));
+  const BorrowedTensor& ex = *d.exact;
+  CheckDigestRows(ex, cache);
+  RequireSameDType(ex, cache);
+  DigestView v{dg.data, cache.dtype, cache.num_blocks, cache.num_kv_heads, cache.head_dim};
+  v.format = DigestFormat::kInt8;
+  v.scales = static_cast<float*>(sc.data);
+  v.exact = ex.data;
+  return v;
 }
 
 BlockTableView TableView(const BorrowedTensor& bt, const BorrowedTensor& lens) {
@@ -448,8 +515,10 @@ void AppendKvAndDigestsPy(py::handle kv_cache, py::handle slot_mapping, py::hand
                           py::handle value, py::handle digests,
                           [[maybe_unused]] const py::object& workspace, const py::object& stream) {
   auto kv = Borrow(kv_cache, "kv_cache"), slots = Borrow(slot_mapping, "slot_mapping"),
-       k = Borrow(key, "key"), v = Borrow(value, "value"), dg = Borrow(digests, "digests");
-  [[maybe_unused]] const Target target = ResolveTarget({&kv, &slots, &k, &v, &dg}, stream);
+       k = Borrow(key, "key"), v = Borrow(value, "value");
+  const BorrowedDigests dg = BorrowDigests(digests);
+  [[maybe_unused]] const Target target = ResolveTarget({&kv, &slots, &k, &v, &dg.data}, stream);
+  RequireDigestDevice(dg);
   const KvCacheView cache = CacheView(kv);
   const DigestView dv = DigestsView(dg, cache);
   CheckSlots(slots);
@@ -481,9 +550,10 @@ void AppendKvAndDigestsPy(py::handle kv_cache, py::handle slot_mapping, py::hand
 
 void UpdateDigestsPy(py::handle kv_cache, py::handle slot_mapping, py::handle digests,
                      const py::object& stream) {
-  auto kv = Borrow(kv_cache, "kv_cache"), slots = Borrow(slot_mapping, "slot_mapping"),
-       dg = Borrow(digests, "digests");
-  [[maybe_unused]] const Target target = ResolveTarget({&kv, &slots, &dg}, stream);
+  auto kv = Borrow(kv_cache, "kv_cache"), slots = Borrow(slot_mapping, "slot_mapping");
+  const BorrowedDigests dg = BorrowDigests(digests);
+  [[maybe_unused]] const Target target = ResolveTarget({&kv, &slots, &dg.data}, stream);
+  RequireDigestDevice(dg);
   NoGpuKernel(target, "update_digests",
               "append_kv_and_digests updates them with the write, build_digests in bulk");
   const KvCacheView cache = CacheView(kv);
@@ -497,8 +567,10 @@ void UpdateDigestsPy(py::handle kv_cache, py::handle slot_mapping, py::handle di
 void BuildDigestsPy(py::handle kv_cache, py::handle block_table, py::handle seq_lens,
                     py::handle digests, const py::object& stream) {
   auto kv = Borrow(kv_cache, "kv_cache"), bt = Borrow(block_table, "block_table"),
-       lens = Borrow(seq_lens, "seq_lens"), dg = Borrow(digests, "digests");
-  [[maybe_unused]] const Target target = ResolveTarget({&kv, &bt, &lens, &dg}, stream);
+       lens = Borrow(seq_lens, "seq_lens");
+  const BorrowedDigests dg = BorrowDigests(digests);
+  [[maybe_unused]] const Target target = ResolveTarget({&kv, &bt, &lens, &dg.data}, stream);
+  RequireDigestDevice(dg);
   const KvCacheView cache = CacheView(kv);
   const DigestView dv = DigestsView(dg, cache);
   const BlockTableView table = TableView(bt, lens);
@@ -515,9 +587,12 @@ void ComputeRelevancyPy(py::handle query, py::handle kv_cache, py::handle digest
                         py::handle block_table, py::handle seq_lens, py::handle scores,
                         const std::string& aggregation, const py::object& stream) {
   auto q = Borrow(query, "query"), kv = Borrow(kv_cache, "kv_cache"),
-       dg = Borrow(digests, "digests"), bt = Borrow(block_table, "block_table"),
-       lens = Borrow(seq_lens, "seq_lens"), sc = Borrow(scores, "scores");
-  [[maybe_unused]] const Target target = ResolveTarget({&q, &kv, &dg, &bt, &lens, &sc}, stream);
+       bt = Borrow(block_table, "block_table"), lens = Borrow(seq_lens, "seq_lens"),
+       sc = Borrow(scores, "scores");
+  const BorrowedDigests dg = BorrowDigests(digests);
+  [[maybe_unused]] const Target target =
+      ResolveTarget({&q, &kv, &dg.data, &bt, &lens, &sc}, stream);
+  RequireDigestDevice(dg);
   const KvCacheView cache = CacheView(kv);
   const DigestView dv = DigestsView(dg, cache);
   const BlockTableView table = TableView(bt, lens);
@@ -574,11 +649,12 @@ void ScoreAndSelectPy(py::handle query, py::handle kv_cache, py::handle digests,
                       const py::object& stream, const py::object& when_zero,
                       const py::object& when_nonzero) {
   auto q = Borrow(query, "query"), kv = Borrow(kv_cache, "kv_cache"),
-       dg = Borrow(digests, "digests"), bt = Borrow(block_table, "block_table"),
-       lens = Borrow(seq_lens, "seq_lens"), pg = Borrow(pages, "pages"),
-       ct = Borrow(counts, "counts");
+       bt = Borrow(block_table, "block_table"), lens = Borrow(seq_lens, "seq_lens"),
+       pg = Borrow(pages, "pages"), ct = Borrow(counts, "counts");
+  const BorrowedDigests dg = BorrowDigests(digests);
   [[maybe_unused]] const Target target =
-      ResolveTarget({&q, &kv, &dg, &bt, &lens, &pg, &ct}, stream);
+      ResolveTarget({&q, &kv, &dg.data, &bt, &lens, &pg, &ct}, stream);
+  RequireDigestDevice(dg);
   const KvCacheView cache = CacheView(kv);
   const DigestView dv = DigestsView(dg, cache);
   const BlockTableView table = TableView(bt, lens);
@@ -878,10 +954,11 @@ class SelectionOffloadPy {
     cpu_engine_ = ValueOrThrow(SelectionOffload::Create(std::move(selector), eo));
   }
 
-  void AddLayer(int layer, py::handle kv_cache) {
+  void AddLayer(int layer, py::handle kv_cache, const std::string& digest_dtype) {
     auto kv = Borrow(kv_cache, "kv_cache");
     const KvCacheView v = CacheView(kv);
     CacheShape shape{v.dtype, v.num_blocks, v.block_size, v.num_kv_heads, v.head_dim};
+    shape.digest_format = ValueOrThrow(ParseDigestFormat(digest_dtype));
     RunReleased([&] { return Engine().AddLayer(layer, shape); });
     shapes_[layer] = shape;
   }
@@ -1157,8 +1234,11 @@ PYBIND11_MODULE(_mempipe, m) {
            arg("slots") = 64, arg("threads") = 0, arg("params") = py::none(),
            arg("dead_after_failures") = 3, arg("gate_timeout_ms") = 0.0, arg("append_ring") = 8,
            arg("append_timeout_ms") = 10000.0)
-      .def("add_layer", &SelectionOffloadPy::AddLayer, arg("layer"), arg("kv_cache"),
-           "Registers a layer; geometry from a [2, blocks, bs, kvh, hd] cache (data unread).")
+      .def("add_layer", &SelectionOffloadPy::AddLayer, arg("layer"), arg("kv_cache"), py::kw_only(),
+           arg("digest_dtype") = "native",
+           "Registers a layer; geometry from a [2, blocks, bs, kvh, hd] cache (data unread). "
+           "digest_dtype: how the card stores and scans its digests, 'native' or 'int8' "
+           "(retriever/digest.h; the card keeps its own, never the caller's).")
       .def("build_digests", &SelectionOffloadPy::BuildDigests, arg("layer"), arg("kv_cache"),
            arg("block_table"), arg("seq_lens"),
            "Bulk digests after prefill (blocking; CUDA tensors: the K plane is copied to the host "

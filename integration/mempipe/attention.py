@@ -1,7 +1,9 @@
 """One layer of mempipe attention over a paged KV cache, framework-neutral (torch tensors).
 
 The vLLM backend (mempipe.vllm.backend) and the transformers adapter (mempipe.hf) both drive
-this class; it holds the layer's digests and runs, per call:
+this class; it holds the layer's digests (in the configuration's digest_dtype: native, or
+int8 codes + per-page scales, mempipe.digests) and runs, per call:
+
 
     append  keys/values into the cache and widen the page digests       (step 1, incremental)
     decode  for one-token queries: score pages (2), select top-k (3), attend to them (4);
@@ -37,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from mempipe import _mempipe
+from mempipe import digests as digest_store
 from mempipe import schemes
 from mempipe.config import MempipeConfig
 
@@ -98,15 +101,17 @@ class DecodePlan:
                    kv_cache: torch.Tensor) -> tuple[int, bool]:
         """(id of `layer` on the card, True when just registered). A layer whose cache tensor
         changed (a new allocation, e.g. the transformers cache growing) gets a new id with the
-        new geometry; the caller then rebuilds its digests there (build_digests)."""
+        new geometry; the caller then rebuilds its digests there (build_digests). The card
+        stores the layer's digests in `config.digest_dtype` (native or int8)."""
         okey = schemes.offload_key(config, kv_cache.device)
-        ckey = (kv_cache.data_ptr(), tuple(kv_cache.shape), kv_cache.dtype)
+        ckey = (kv_cache.data_ptr(), tuple(kv_cache.shape), kv_cache.dtype, config.digest_dtype)
         hit = self._card_layers.get((okey, layer))
         if hit is not None and hit[1] == ckey:
             return hit[0], False
         card_id = self._card_next.get(okey, 0)
         self._card_next[okey] = card_id + 1
-        self.offload(config, kv_cache.device).add_layer(card_id, kv_cache)
+        self.offload(config, kv_cache.device).add_layer(card_id, kv_cache,
+                                                        digest_dtype=config.digest_dtype)
         self._card_layers[(okey, layer)] = (card_id, ckey)
         return card_id, True
 
@@ -215,7 +220,7 @@ class PagedLayer:
         # Attention (step 4) shares (sequence, KV head) pairs among as many host threads as
         # torch uses, which vLLM's CPU worker sets to the cores it binds.
         self.num_threads = max(1, torch.get_num_threads())
-        self._digests: torch.Tensor | None = None
+        self._digests: digest_store.Digests | None = None
         self._digests_key: tuple | None = None
         # A layer that reads another layer's KV cache (vLLM's kv_sharing_target_layer_name)
         # scores with that layer's digests; the target keeps digests even when it is dense.
@@ -227,25 +232,26 @@ class PagedLayer:
     def _plan(self, device: torch.device) -> DecodePlan:
         return self.plan if self.plan is not None else default_plan(device)
 
-    def digests(self, kv_cache: torch.Tensor) -> torch.Tensor:
-        """The digests of `kv_cache`, [num_blocks, 2, num_kv_heads, head_dim] in its dtype.
+    def digests(self, kv_cache: torch.Tensor) -> digest_store.Digests:
+        """The digests of `kv_cache` in the configuration's digest_dtype (mempipe.digests):
+        native, [num_blocks, 2, num_kv_heads, head_dim] in the cache dtype, or an Int8Digests
+        (int8 codes + one fp32 scale per page and KV head + the exact max/min they are
+        re-quantized from).
 
         Allocated on first use and kept for the cache's lifetime (a new cache tensor, e.g.
-        after vLLM re-allocates, gets new digests). Unwritten pages hold NaN: a page is only
-        scored after a token was appended to it, which resets its digest first.
+        after vLLM re-allocates, gets new digests). Unwritten pages are poisoned (NaN): a page
+        is only scored after a token was appended to it, which resets its digest first.
         """
         if self.digest_source is not None:
             return self.digest_source.digests(kv_cache)
         key = (kv_cache.data_ptr(), tuple(kv_cache.shape), kv_cache.dtype)
         if self._digests is None or self._digests_key != key:
-            _, num_blocks, _, kv_heads, head_dim = kv_cache.shape
-            self._digests = torch.full((num_blocks, 2, kv_heads, head_dim), float("nan"),
-                                       dtype=kv_cache.dtype, device=kv_cache.device)
+            self._digests = digest_store.for_cache(kv_cache, self.config.digest_dtype)
             self._digests_key = key
         return self._digests
 
     def append(self, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tensor,
-               value: torch.Tensor, digests: torch.Tensor | None = None) -> None:
+               value: torch.Tensor, digests: digest_store.Digests | None = None) -> None:
         """Writes the new tokens and keeps the digests current (only sparse layers need them).
 
         On CUDA every layer takes the fused append + digest kernel (the GPU build has no bare
@@ -298,13 +304,17 @@ class PagedLayer:
 
     def decode(self, query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                seq_lens: torch.Tensor, out: torch.Tensor,
-               digests: torch.Tensor | None = None) -> None:
+               digests: digest_store.Digests | None = None,
+               lookahead_query: torch.Tensor | None = None) -> None:
         """One query token per sequence: sparse (steps 2-4) or dense. Writes `out`.
 
         The schemes of the configuration (mempipe.config): placement fpga (the card selects,
         the decode device waits stream-ordered and falls back by predicate), pipelined
-        micro-batches, reuse (sync or async, extended to the newest page) and look-ahead (this
-        layer's query scored against the next layer's digests for it).
+        micro-batches, reuse (sync or async, extended to the newest page) and look-ahead (the
+        next layer's digests scored while this layer runs, for it). `lookahead_query`
+        [S, num_heads, head_dim] (lookahead=true, lookahead_query=projected): the next layer's
+        query speculated by the model code from this layer's input hidden state (the next
+        layer's RMSNorm, W_q and RoPE); required whenever the next layer is sparse.
         """
         self._check_placement(query.device)
         query = query.contiguous()
@@ -330,7 +340,8 @@ class PagedLayer:
             _mempipe.sparse_decode(query, kv_cache, block_table, seq_lens, pages, counts, out,
                                    self.scale, num_threads=self.num_threads, workspace=decode_ws)
             return
-        schemes.SchemeDecode(self, query, kv_cache, block_table, seq_lens, out, digests).run()
+        schemes.SchemeDecode(self, query, kv_cache, block_table, seq_lens, out, digests,
+                             lookahead_query).run()
 
     def prefill(self, query: torch.Tensor, query_start_loc: torch.Tensor,
                 kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,

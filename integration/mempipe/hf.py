@@ -27,6 +27,13 @@ model; the sparse layers' prompt digests are built on the card in bulk and every
 new keys appended there), and pipelined / reuse / lookahead on every placement. Without a
 MempipeCache they are refused (they keep state across steps and layers).
 
+Look-ahead (`lookahead=true`) with `lookahead_query=projected` (the default) scores layer L+1's
+digests with layer L+1's query *speculated* while layer L runs: forward pre-hooks on the decoder
+layers keep the residual stream entering each layer (and its RoPE cos/sin), and at layer L's
+decode the adapter applies layer L+1's input RMSNorm, q_proj (and q_norm where the model has
+one) and RoPE to it. The cache needs the model for that: `MempipeCache(config, model=model)`
+(`speculated_query` is the computation; one [hidden x heads*head_dim] GEMV per layer).
+
 Supported: causal decoder attention without padding (attention_mask None or the plain causal
 pattern), no dropout, head_dim 64/128/256, fp32/fp16/bf16, CPU or CUDA tensors.
 """
@@ -39,6 +46,7 @@ import torch
 
 import mempipe.ops  # noqa: F401  (registers torch.ops.mempipe)
 from mempipe import config as mempipe_config
+from mempipe import digests as digest_store
 import mempipe
 from mempipe.attention import DecodePlan, PagedLayer, gather_context, sdpa_causal
 
@@ -67,7 +75,9 @@ class MempipePagedLayer(CacheLayerMixin):
         self.length = 0          # tokens held per sequence (no padding: all equal)
         self.capacity = 0        # pages per sequence
         self.kv_cache = None     # [2, batch * capacity, page, kv_heads, head_dim]
-        self.digests = None      # [batch * capacity, 2, kv_heads, head_dim]
+        # [batch * capacity, 2, kv_heads, head_dim] in the cache dtype, or an Int8Digests
+        # (config digest_dtype=int8; mempipe.digests)
+        self.digests = None
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.batch, self.kv_heads, _, self.head_dim = key_states.shape
@@ -83,8 +93,8 @@ class MempipePagedLayer(CacheLayerMixin):
         b = self.batch
         kv = torch.full((2, b * cap, self.page, self.kv_heads, self.head_dim), float("nan"),
                         dtype=self.dtype, device=self.device)
-        dg = torch.full((b * cap, 2, self.kv_heads, self.head_dim), float("nan"),
-                        dtype=self.dtype, device=self.device)
+        dg = digest_store.empty(b * cap, self.kv_heads, self.head_dim, self.dtype, self.device,
+                                self.cache.config.digest_dtype)
         if self.kv_cache is not None:  # block ids j * batch + b are kept
             kv[:, :self.kv_cache.shape[1]] = self.kv_cache
             dg[:self.digests.shape[0]] = self.digests
@@ -119,7 +129,8 @@ class MempipePagedLayer(CacheLayerMixin):
                 self.kv_cache[plane].view(-1, self.kv_heads, self.head_dim).index_copy_(
                     0, slots, rows(t))
             lens = torch.full((self.batch,), start + n, dtype=torch.int32, device=self.device)
-            mempipe.ops.build_digests(self.kv_cache, self.block_table, lens, self.digests)
+            mempipe.ops.build_digests(self.kv_cache, self.block_table, lens,
+                                      *digest_store.op_args(self.digests))
         self.length = start + n
         if cfg.placement == "fpga":
             self._to_card(slots, rows(key_states), n)
@@ -156,17 +167,101 @@ class MempipePagedLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.length = 0
         if self.digests is not None:
-            self.digests.fill_(float("nan"))
+            digest_store.poison_(self.digests)
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's decoder layers: the ModuleList whose every entry has `self_attn` (with a
+    `q_proj`) and `input_layernorm` (Llama, Mistral, Qwen2/3, ... layouts). ValueError naming
+    the model's class where there is none."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.ModuleList) and len(m) and all(
+                hasattr(x, "self_attn") and hasattr(x, "input_layernorm")
+                and hasattr(x.self_attn, "q_proj") for x in m):
+            return m
+    raise ValueError(f"mempipe lookahead_query=projected: {type(model).__name__} has no list of "
+                     "decoder layers with self_attn.q_proj and input_layernorm (the Llama "
+                     "layout); use lookahead_query=same")
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def speculated_query(layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> torch.Tensor:
+    """`layer`'s query computed from `hidden` [B, n, hidden] (the residual stream entering the
+    layer before it): its input RMSNorm, q_proj, q_norm (where the model has one) and RoPE
+    with `cos`, `sin` [B, n, head_dim] (rotate-half convention). Returns [B * n, heads, D],
+    the layout PagedLayer.decode takes."""
+    attn = layer.self_attn
+    b, n, _ = hidden.shape
+    q = attn.q_proj(layer.input_layernorm(hidden)).view(b, n, -1, attn.head_dim)
+    if getattr(attn, "q_norm", None) is not None:  # Qwen3-style per-head norm
+        q = attn.q_norm(q)
+    c, s_ = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, n, 1, D]: broadcast over the heads
+    q = q * c + _rotate_half(q) * s_
+    return q.reshape(b * n, q.shape[2], attn.head_dim)
+
+
+class _Speculator:
+    """lookahead_query=projected: forward pre-hooks on the model's decoder layers keep the
+    residual stream entering the layer running now (and its RoPE cos/sin); `query(i)` is layer
+    i + 1's query speculated from layer i's input. One per model (hooks installed once)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.layers = decoder_layers(model)
+        self.handles = [layer.register_forward_pre_hook(self._hook(i), with_kwargs=True)
+                        for i, layer in enumerate(self.layers)]
+
+    @staticmethod
+    def _hook(index: int):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            _pending.residual = (index, hidden, kwargs.get("position_embeddings"))
+        return hook
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> "_Speculator":
+        spec = getattr(model, "_mempipe_speculator", None)
+        if spec is None:
+            spec = cls(model)
+            object.__setattr__(model, "_mempipe_speculator", spec)  # not a submodule
+        return spec
+
+    def query(self, index: int) -> torch.Tensor | None:
+        """Layer index + 1's speculated query, or None for the last layer."""
+        if index + 1 >= len(self.layers):
+            return None
+        got = getattr(_pending, "residual", None)
+        if got is None or got[0] != index:
+            raise RuntimeError(f"mempipe lookahead_query=projected: layer {index}'s input "
+                               "hidden state was not captured (its decoder layer's forward "
+                               "pre-hook did not run for this call)")
+        _, hidden, pe = got
+        if pe is None:
+            raise RuntimeError("mempipe lookahead_query=projected: the decoder layers get no "
+                               "position_embeddings (cos, sin) from this model/transformers "
+                               "version; use lookahead_query=same")
+        return speculated_query(self.layers[index + 1], hidden, pe[0], pe[1])
 
 
 class MempipeCache(Cache):
-    """transformers `Cache` whose layers keep mempipe pages and digests across steps."""
+    """transformers `Cache` whose layers keep mempipe pages and digests across steps.
 
-    def __init__(self, config: mempipe_config.MempipeConfig | None = None, **kwargs):
+    `model`: needed by lookahead=true with lookahead_query=projected (the default), which
+    speculates layer L+1's query from layer L's input with the model's own weights."""
+
+    def __init__(self, config: mempipe_config.MempipeConfig | None = None,
+                 model: torch.nn.Module | None = None, **kwargs):
         self.config = config if config is not None else mempipe_config.load()
         reasons = self.config.validate()
         if reasons:
             raise ValueError("mempipe configuration rejected: " + "; ".join(reasons))
+        self.model = model
+        self._speculator = _Speculator.of(model) if model is not None else None
+        self._check_speculation()
         self.plan = DecodePlan()
         self._paged: dict[int, PagedLayer] = {}
         self._steps: dict = {}
@@ -177,6 +272,25 @@ class MempipeCache(Cache):
                 super().__init__(cache=cache)
 
         super().__init__(layer_class_to_replicate=_Layer)
+
+    def _check_speculation(self) -> None:
+        c = self.config
+        if c.lookahead and c.lookahead_query == "projected" and self._speculator is None:
+            raise ValueError("mempipe: lookahead=true with lookahead_query=projected speculates "
+                             "layer L+1's query from the model's weights: pass "
+                             "MempipeCache(config, model=model) (or set lookahead_query=same)")
+
+    def lookahead_query(self, index: int) -> torch.Tensor | None:
+        """Layer index + 1's speculated query for layer index's decode call, when the
+        configuration asks for one (lookahead=true, lookahead_query=projected) and layer
+        index + 1 exists and is sparse; else None."""
+        c = self.config
+        if not (c.lookahead and c.lookahead_query == "projected"):
+            return None
+        self._check_speculation()  # the config may have been swapped since construction
+        if not c.layer_sparse(index + 1):
+            return None
+        return self._speculator.query(index)
 
     def step_seq_lens(self, batch: int, length: int, device) -> torch.Tensor:
         """seq_lens of this step, made once per step and shared by the layers."""
@@ -222,10 +336,16 @@ def _cached_forward(module, layer_state, start, query, scale):
     length = layer_state.length
     q = query.transpose(1, 2).reshape(batch * q_len, num_heads, head_dim)
     if q_len == 1:
+        held = digest_store.digest_dtype_of(layer_state.digests)
+        if held != cache.config.digest_dtype:
+            raise ValueError(f"mempipe: this MempipeCache's pages hold {held} digests but its "
+                             f"configuration asks digest_dtype={cache.config.digest_dtype}; "
+                             "use a new MempipeCache to change the digest dtype")
+
         out = torch.empty_like(q)
         lens = cache.step_seq_lens(batch, length, query.device)
         paged.decode(q, layer_state.kv_cache, layer_state.block_table, lens, out,
-                     digests=layer_state.digests)
+                     digests=layer_state.digests, lookahead_query=cache.lookahead_query(idx))
         return out.view(batch, 1, num_heads, head_dim)
     paged.calls["prefill"] += 1
     if query.is_cuda:
@@ -289,8 +409,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     # No MempipeCache: page the context, sequence b owns blocks [b * pps, (b + 1) * pps).
     kv_cache = torch.full((2, batch * pages_per_seq, page, kv_heads, head_dim), float("nan"),
                           dtype=key.dtype, device=dev)
-    digests = torch.empty(batch * pages_per_seq, 2, kv_heads, head_dim, dtype=key.dtype,
-                          device=dev)
+    digests = digest_store.op_args(digest_store.empty(batch * pages_per_seq, kv_heads, head_dim,
+                                                      key.dtype, dev, cfg.digest_dtype))
     block_table = torch.arange(batch * pages_per_seq, dtype=torch.int32,
                                device=dev).view(batch, -1)
     seq_lens = torch.full((batch,), kv_len, dtype=torch.int32, device=dev)
@@ -302,10 +422,11 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     q = query.transpose(1, 2).reshape(batch * q_len, num_heads, head_dim)
     layer = getattr(module, "layer_idx", 0)
     if q_len == 1 and cfg.layer_sparse(layer):
-        torch.ops.mempipe.build_digests(kv_cache, block_table, seq_lens, digests)
+        torch.ops.mempipe.build_digests(kv_cache, block_table, seq_lens, *digests)
         pages, counts = torch.ops.mempipe.score_and_select(
-            q, kv_cache, digests, block_table, seq_lens, cfg.budget, cfg.sinks, cfg.locals,
-            cfg.aggregation)
+            q, kv_cache, digests[0], block_table, seq_lens, cfg.budget, cfg.sinks, cfg.locals,
+            cfg.aggregation, digest_scales=digests[1], digest_exact=digests[2])
+
         out = torch.ops.mempipe.sparse_decode(q, kv_cache, block_table, seq_lens, pages, counts,
                                               scale)
     else:

@@ -10,6 +10,13 @@ see the writes; functional ones allocate their outputs and have fake (meta) kern
                                                        seq_lens, 4096, 1, 1, "max")
     out = torch.ops.mempipe.sparse_decode(q, kv_cache, block_table, seq_lens, pages, counts, s)
 
+Int8 digests (mempipe.digests, MEMPIPE_CONFIG digest_dtype=int8) go to the operators that take
+`digests` as three tensors: `digests` the int8 codes, `digest_scales` and `digest_exact` (both
+None for native digests); `mempipe.digests.op_args(d)` splits either form:
+
+    torch.ops.mempipe.build_digests(kv_cache, block_table, seq_lens,
+                                    *mempipe.digests.op_args(d))
+
 Shapes are those of `mempipe._mempipe` (see bindings/module.cc). The same operators run on CPU
 tensors and, in a build whose `mempipe.steps.devices` includes "cuda", on CUDA tensors (on
 torch's current stream; GPU scratch memory comes from torch's caching allocator per call, use
@@ -23,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from mempipe import _mempipe
+from mempipe.digests import from_op_args
 
 
 def _workspace(nbytes: int, device: torch.device) -> torch.Tensor | None:
@@ -45,32 +53,43 @@ def write_kv(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tens
     _mempipe.write_kv(kv_cache, slot_mapping, key.contiguous(), value.contiguous())
 
 
-@torch.library.custom_op("mempipe::append_kv_and_digests", mutates_args=("kv_cache", "digests"))
+_DIGEST_ARGS = ("digests", "digest_scales", "digest_exact")
+
+
+@torch.library.custom_op("mempipe::append_kv_and_digests",
+                         mutates_args=("kv_cache",) + _DIGEST_ARGS)
 def append_kv_and_digests(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tensor,
-                          value: torch.Tensor, digests: torch.Tensor) -> None:
+                          value: torch.Tensor, digests: torch.Tensor,
+                          digest_scales: torch.Tensor | None = None,
+                          digest_exact: torch.Tensor | None = None) -> None:
     _mempipe.append_kv_and_digests(kv_cache, slot_mapping, key.contiguous(), value.contiguous(),
-                                   digests)
+                                   from_op_args(digests, digest_scales, digest_exact))
 
 
-@torch.library.custom_op("mempipe::build_digests", mutates_args=("digests",))
+@torch.library.custom_op("mempipe::build_digests", mutates_args=_DIGEST_ARGS)
 def build_digests(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
-                  digests: torch.Tensor) -> None:
-    _mempipe.build_digests(kv_cache, block_table, seq_lens, digests)
+                  digests: torch.Tensor, digest_scales: torch.Tensor | None = None,
+                  digest_exact: torch.Tensor | None = None) -> None:
+    _mempipe.build_digests(kv_cache, block_table, seq_lens,
+                           from_op_args(digests, digest_scales, digest_exact))
 
 
 @torch.library.custom_op("mempipe::compute_relevancy", mutates_args=())
 def compute_relevancy(query: torch.Tensor, kv_cache: torch.Tensor, digests: torch.Tensor,
-                      block_table: torch.Tensor, seq_lens: torch.Tensor,
-                      aggregation: str) -> torch.Tensor:
+                      block_table: torch.Tensor, seq_lens: torch.Tensor, aggregation: str,
+                      digest_scales: torch.Tensor | None = None,
+                      digest_exact: torch.Tensor | None = None) -> torch.Tensor:
     scores = torch.empty(block_table.shape[0], kv_cache.shape[3], block_table.shape[1],
                          dtype=torch.float32, device=query.device)
-    _mempipe.compute_relevancy(query.contiguous(), kv_cache, digests, block_table, seq_lens,
-                               scores, aggregation=aggregation)
+    _mempipe.compute_relevancy(query.contiguous(), kv_cache,
+                               from_op_args(digests, digest_scales, digest_exact), block_table,
+                               seq_lens, scores, aggregation=aggregation)
     return scores
 
 
 @compute_relevancy.register_fake
-def _(query, kv_cache, digests, block_table, seq_lens, aggregation):
+def _(query, kv_cache, digests, block_table, seq_lens, aggregation, digest_scales=None,
+      digest_exact=None):
     return query.new_empty(block_table.shape[0], kv_cache.shape[3], block_table.shape[1],
                            dtype=torch.float32)
 
@@ -103,21 +122,26 @@ def _(scores, block_table, seq_lens, block_size, budget, sinks, locals):
 @torch.library.custom_op("mempipe::score_and_select", mutates_args=())
 def score_and_select(query: torch.Tensor, kv_cache: torch.Tensor, digests: torch.Tensor,
                      block_table: torch.Tensor, seq_lens: torch.Tensor, budget: int, sinks: int,
-                     locals: int, aggregation: str) -> tuple[torch.Tensor, torch.Tensor]:
+                     locals: int, aggregation: str, digest_scales: torch.Tensor | None = None,
+                     digest_exact: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     pages, counts = _selection_buffers(block_table.shape[0], kv_cache.shape[3],
                                        max(budget // kv_cache.shape[2], 1), query.device)
     ws = None
     if query.is_cuda:
         ws = _workspace(_mempipe.select_workspace_bytes(block_table.shape[0], kv_cache.shape[3],
                                                         block_table.shape[1]), query.device)
-    _mempipe.score_and_select(query.contiguous(), kv_cache, digests, block_table, seq_lens,
-                              pages, counts, budget=budget, sinks=sinks, locals=locals,
+    _mempipe.score_and_select(query.contiguous(), kv_cache,
+                              from_op_args(digests, digest_scales, digest_exact), block_table,
+                              seq_lens, pages, counts, budget=budget, sinks=sinks, locals=locals,
                               aggregation=aggregation, workspace=ws)
     return pages, counts
 
 
 @score_and_select.register_fake
-def _(query, kv_cache, digests, block_table, seq_lens, budget, sinks, locals, aggregation):
+def _(query, kv_cache, digests, block_table, seq_lens, budget, sinks, locals, aggregation,
+      digest_scales=None, digest_exact=None):
+
     k = max(budget // kv_cache.shape[2], 1)
     n, h = block_table.shape[0], kv_cache.shape[3]
     return (query.new_empty(n, h, k, dtype=torch.int32),

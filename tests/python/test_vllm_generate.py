@@ -65,7 +65,20 @@ def test_custom_full_budget_matches_default_backend(model_dir, default_tokens):
     print("generated:", result["text"][1][:80])
 
 
+def test_custom_int8_digests_full_budget_matches_default_backend(model_dir, default_tokens):
+    # digest_dtype=int8 (mempipe.digests): every layer keeps int8 codes + per-page scales, the
+    # sparse layers score them, and at a budget covering every context the greedy tokens equal
+    # vLLM's own backend's (which the native digests give too: the test above).
+    result, _ = generate(model_dir, "CUSTOM",
+                         f"page_size={BLOCK},budget=1024,dense_layers=1,digest_dtype=int8",
+                         inproc=True)
+    assert result["impls"] == ["MempipeAttentionImpl"]
+    assert result["digests"] == ["Int8Digests"], result["digests"]
+    assert result["tokens"] == default_tokens["tokens"]
+
+
 def test_custom_small_budget_chooses_correct_pages(model_dir, default_tokens):
+
     from selection_check import assert_all_caught, assert_all_correct
     # Budget 128 tokens = 4 pages of 32 (1 sink + 1 local + 2 chosen): the 224- and 357-token
     # sequences have 7 and 12 pages, so scoring and top-k choose 2 of their 5 or 10 middle ones.

@@ -49,6 +49,12 @@ def main():
         ctx = llm.llm_engine.vllm_config.compilation_config.static_forward_context
         result["impls"] = sorted({type(m.impl).__name__ for m in ctx.values()
                                   if hasattr(m, "impl")})
+        # The digests mempipe's layers kept (Tensor: native; Int8Digests: digest_dtype=int8).
+        result["digests"] = sorted({type(m.impl._layer._digests).__name__
+                                    for m in ctx.values()
+                                    if getattr(getattr(m, "impl", None), "_layer", None)
+                                    is not None and m.impl._layer._digests is not None})
+
     print("RESULT " + json.dumps(result), flush=True)
 
 
