@@ -306,14 +306,8 @@ MEMPIPE_TARGET_AVX512 void Avx512Scores(const T* kbase, size_t stride, int n, in
                                  Dot16<ND>(kv, q + (g + 2) * kD), Dot16<ND>(kv, q + (g + 3) * kD)));
       for (int j = 0; j < 4; ++j) p[(g + j) * block_size + t] = sums[j];
     }
-    if (g < groups) {  // 1-3 heads left (GQA groups of 1, 2, 3, 5, 6, 7, ...): one Reduce4
-      const __m512 zero = _mm512_setzero_ps();
-      const int left = groups - g;
-      alignas(16) float sums[4];
-      _mm_store_ps(sums, Reduce4(Dot16<ND>(kv, q + g * kD),
-                                 left > 1 ? Dot16<ND>(kv, q + (g + 1) * kD) : zero,
-                                 left > 2 ? Dot16<ND>(kv, q + (g + 2) * kD) : zero, zero));
-      for (int j = 0; j < left; ++j) p[(g + j) * block_size + t] = sums[j];
+    for (; g < groups; ++g) {
+      p[g * block_size + t] = _mm512_reduce_add_ps(Dot16<ND>(kv, q + g * kD));
     }
   }
 }
