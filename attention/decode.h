@@ -2,9 +2,9 @@
 // prefill attention over the paged cache. Host (CPU) implementations; fp32 compute with a
 // numerically stable (running-max) softmax.
 //
-// Two implementations, chosen at run time: an AVX-512 one (used when the CPU has AVX-512F;
-// compiled with a target attribute, so the default build stays portable without
-// -DMEMPIPE_CPU_ARCH) and a portable one. Each (sequence, KV head) reads its pages once for
+// Two implementations, chosen at run time (core/cpu_kernel.h): an AVX-512 one (used when the
+// CPU has AVX-512F; compiled with a target attribute, so the default build stays portable
+// without -DMEMPIPE_CPU_ARCH) and a portable one. Each (sequence, KV head) reads its pages once for
 // all its GQA query heads; the (sequence, KV head) pairs are split over `io.num_threads`.
 //
 //   query  [num_seqs, num_heads, head_dim] in `io.dtype`   (one decode token per sequence)
@@ -23,6 +23,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "core/cpu_kernel.h"  // IWYU pragma: export (SetCpuKernel, ParseCpuKernel)
 #include "core/paged_kv.h"
 
 namespace mempipe {
@@ -45,18 +46,7 @@ struct PageList {
   int max_selected = 0;
 };
 
-// Which host implementation the functions below use (process-wide; default kAuto).
-enum class CpuKernel : int {
-  kAuto = 0,      // AVX-512 when the CPU has AVX-512F, else portable
-  kPortable = 1,  // plain C++ (what the compiler vectorizes for the build's -march)
-  kAvx512 = 2,    // AVX-512F intrinsics (FailedPrecondition where the CPU lacks it)
-};
-[[nodiscard]] absl::Status SetCpuKernel(CpuKernel kernel);
-// Accepts auto, portable, avx512.
-absl::StatusOr<CpuKernel> ParseCpuKernel(absl::string_view name);
-bool CpuKernelAvailable(CpuKernel kernel);
-// "avx512" or "portable": the implementation the next call will use.
-absl::string_view ActiveCpuKernelName();
+// Which host implementation runs (AVX-512 or portable): SetCpuKernel in core/cpu_kernel.h.
 
 // Checks io sizes against cache and table (GQA divisibility, head_dim, num_seqs, pointers).
 [[nodiscard]] absl::Status ValidateDecodeIo(const DecodeIo& io, const KvCacheView& cache,

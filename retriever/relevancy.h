@@ -54,9 +54,10 @@ struct QueryView {
 // s(h, p) in the canonical order: `q` and the digest rows are fp32 arrays of `head_dim`.
 float PageBound(const float* q, const float* max_row, const float* min_row, int head_dim);
 
-// Scores every page of every (sequence, KV head), splitting the (sequence, KV head) pairs over
-// `num_threads` host threads of the reused pool, and each pair's pages too when there are more
-// threads than pairs (the scores do not depend on it).
+// Scores every page of every (sequence, KV head) with the AVX-512 or the portable scan
+// (core/cpu_kernel.h; both in the canonical order, so bit-identical), splitting the
+// (sequence, KV head) pairs over `num_threads` host threads of the reused pool, and each
+// pair's pages too when there are more threads than pairs (the scores do not depend on it).
 [[nodiscard]] absl::Status ComputeRelevancy(const QueryView& query, const KvCacheView& cache,
                                             const DigestView& digests, const BlockTableView& table,
                                             GroupAggregation agg, float* scores,

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <vector>
@@ -55,6 +56,59 @@ absl::Status RequireFlatSelection(const SelectionConfig& config, absl::string_vi
                    " pages (hierarchical selection: retriever/hierarchical.h)"));
 }
 
+namespace {
+
+// The order SelectPages ranks scores by, as an unsigned integer: a larger score gets a larger
+// key, NaN ranks as -inf, and -0 equals +0 (the float comparison's ties).
+inline uint32_t RankKey(float score) {
+  if (std::isnan(score)) score = -std::numeric_limits<float>::infinity();
+  if (score == 0.0f) score = 0.0f;  // -0 -> +0
+  uint32_t bits;
+  std::memcpy(&bits, &score, sizeof(bits));
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+// Writes to `out`, ascending, the `want` pages of [lo, hi) with the highest scores, ties to the
+// lower page index; returns `want`. Linear: the want-th largest key is found by a radix select
+// (four 8-bit digits, most significant first; after the first digit only the keys that share
+// the digits so far are revisited), then one ascending pass takes every page above it and the
+// first pages equal to it. `keys` and `candidates` are scratch.
+int TopPagesAscending(const float* scores, int lo, int hi, int want, std::vector<uint32_t>& keys,
+                      std::vector<uint32_t>& candidates, int32_t* out) {
+  if (want <= 0) return 0;
+  const int n = hi - lo;
+  keys.resize(n);
+  for (int i = 0; i < n; ++i) keys[i] = RankKey(scores[lo + i]);
+  uint32_t prefix = 0;  // digits of the threshold found so far
+  int need = want;      // how many of the keys sharing `prefix` still belong to the top
+  const std::vector<uint32_t>* pool = &keys;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    const uint32_t high_mask = shift == 24 ? 0u : ~((uint32_t{1} << (shift + 8)) - 1);
+    int hist[256] = {};
+    for (uint32_t key : *pool) {
+      if ((key & high_mask) == prefix) ++hist[(key >> shift) & 255];
+    }
+    int digit = 255;
+    for (; digit > 0 && hist[digit] < need; --digit) need -= hist[digit];
+    prefix |= static_cast<uint32_t>(digit) << shift;
+    if (shift == 24) {  // revisit only the keys with this top digit
+      candidates.clear();
+      for (uint32_t key : keys) {
+        if ((key >> 24) == static_cast<uint32_t>(digit)) candidates.push_back(key);
+      }
+      pool = &candidates;
+    }
+  }
+  // prefix is the want-th largest key; `need` of the pages equal to it are taken.
+  int c = 0;
+  for (int i = 0; i < n && c < want; ++i) {
+    if (keys[i] > prefix || (keys[i] == prefix && need-- > 0)) out[c++] = lo + i;
+  }
+  return c;
+}
+
+}  // namespace
+
 absl::Status SelectPages(const float* scores, const BlockTableView& table, int block_size,
                          int num_kv_heads, const SelectionConfig& config,
                          const SelectionView& out) {
@@ -82,7 +136,7 @@ absl::Status SelectPages(const float* scores, const BlockTableView& table, int b
     }
   }
 
-  std::vector<int32_t> middle;
+  std::vector<uint32_t> keys, candidates;
   for (int s = 0; s < table.num_seqs; ++s) {
     const int n = NumPages(table.seq_lens[s], block_size);
     for (int h = 0; h < num_kv_heads; ++h) {
@@ -98,21 +152,9 @@ absl::Status SelectPages(const float* scores, const BlockTableView& table, int b
       const int lo = config.num_sink_pages;
       const int hi = n - config.num_local_pages;  // middle pages are [lo, hi)
       const int want = k - config.num_sink_pages - config.num_local_pages;
-      middle.resize(hi - lo);
-      std::iota(middle.begin(), middle.end(), lo);
-      // NaN ranks last so the order stays a strict weak ordering.
-      auto key = [&](int32_t p) {
-        return std::isnan(sc[p]) ? -std::numeric_limits<float>::infinity() : sc[p];
-      };
-      auto better = [&](int32_t a, int32_t b) {
-        const float ka = key(a), kb = key(b);
-        return ka > kb || (ka == kb && a < b);
-      };
-      std::nth_element(middle.begin(), middle.begin() + want, middle.end(), better);
-      std::sort(middle.begin(), middle.begin() + want);
       int c = 0;
       for (int p = 0; p < lo; ++p) row[c++] = p;
-      for (int i = 0; i < want; ++i) row[c++] = middle[i];
+      c += TopPagesAscending(sc, lo, hi, want, keys, candidates, row + c);
       for (int p = hi; p < n; ++p) row[c++] = p;
       out.Count(s, h) = c;
     }

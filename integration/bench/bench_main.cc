@@ -80,8 +80,8 @@ ABSL_FLAG(uint64_t, seed, 1, "Seed of the synthetic context");
 ABSL_FLAG(int, threads, 0,
           "Host threads for filling caches and CPU attention (0: all hardware threads)");
 ABSL_FLAG(std::string, cpu_kernel, "auto",
-          "Host attention kernel (attention/decode.h): auto (AVX-512 where the CPU has it), "
-          "portable or avx512");
+          "Host kernels (core/cpu_kernel.h: attention and the cpu selector's relevancy scan): "
+          "auto (AVX-512 where the CPU has it), portable or avx512");
 ABSL_FLAG(int, bandwidth_mib, 512,
           "Buffer of the STREAM-like read that measures the machine's memory bandwidth before "
           "and after the placements (the apply columns are reported as a fraction of the better "
@@ -421,6 +421,23 @@ int Main() {
           100 * apply_gbps(r) / machine_gbps, machine_gbps, r.mean.apply_cpu_ms / options.threads,
           apply_cpu_gbps(r), 100 * apply_cpu_gbps(r) / machine_cpu_gbps, machine_cpu_gbps);
     }
+    for (const auto& r : results) {
+      // Steps 2+3 on the host: the digest scan (the bytes) and the top-k, as a read rate.
+      if (r.selector != "cpu" || r.digest_bytes_per_step <= 0 || r.mean.select_cpu_ms <= 0) {
+        continue;
+      }
+      const double wall_s = (r.mean.relevancy_ms + r.mean.retrieval_ms) * 1e-3;
+      const double cpu_s = r.mean.select_cpu_ms * 1e-3 / options.threads;
+      const double wall_gbps = r.digest_bytes_per_step / wall_s / 1e9;
+      const double cpu_gbps = r.digest_bytes_per_step / cpu_s / 1e9;
+      std::printf(
+          "  %-6s relevancy + retrieval (%s kernel) read %.1f MiB of digests: wall %.1f ms = "
+          "%.1f GB/s = %.0f%% of %.1f; CPU %.1f ms per thread = %.1f GB/s = %.0f%% of %.1f\n",
+          r.placement.c_str(), std::string(ActiveCpuKernelName()).c_str(),
+          r.digest_bytes_per_step / 1048576.0, wall_s * 1e3, wall_gbps,
+          100 * wall_gbps / machine_gbps, machine_gbps, cpu_s * 1e3, cpu_gbps,
+          100 * cpu_gbps / machine_cpu_gbps, machine_cpu_gbps);
+    }
     std::printf(
         "  (wall: elapsed time; CPU: the threads' CPU time, which leaves out time other work on "
         "a shared machine took from them; the bandwidth is the best pass of either run)\n");
@@ -534,6 +551,7 @@ int Main() {
                           {"kv_bytes_per_step", r.kv_bytes_per_step},
                           {"digest_bytes_per_step", r.digest_bytes_per_step},
                           {"apply_cpu_ms", r.mean.apply_cpu_ms},
+                          {"select_cpu_ms", r.mean.select_cpu_ms},
                           {"apply_gbytes_per_s", apply_gbps(r)},
                           {"apply_gbytes_per_s_cpu_time", apply_cpu_gbps(r)}};
       if (machine_gbps > 0) {

@@ -160,6 +160,7 @@ absl::StatusOr<PlacementResult> RunPlacement(SyntheticContext& ctx, const BenchO
       if (sparse) {
         const SelectionView sel{pages.data(), counts.data(), batch, m.num_kv_heads, k_pages};
         const auto select_begin = Clock::now();
+        const double select_cpu0 = ProcessCpuMs();
         MEMPIPE_ASSIGN_OR_RETURN(
             SelectTicket ticket,
             selector->Submit(
@@ -167,6 +168,7 @@ absl::StatusOr<PlacementResult> RunPlacement(SyntheticContext& ctx, const BenchO
                               table, options.policy.selection, sel}));
         MEMPIPE_RETURN_IF_ERROR(selector->Wait(ticket, absl::InfiniteFuture()));
         const double select_wall_ms = MsSince(select_begin);
+        t.select_cpu_ms += ProcessCpuMs() - select_cpu0;
         const SelectorCosts costs = selector->Costs();
         if (costs.relevancy_ms == 0 && costs.retrieval_ms == 0) {
           // A selector that fuses steps 2 and 3 on its device (gpu) reports no split: its
@@ -265,6 +267,7 @@ absl::StatusOr<PlacementResult> RunPlacement(SyntheticContext& ctx, const BenchO
       result.mean.retrieval_ms += t.retrieval_ms / options.steps;
       result.mean.apply_ms += t.apply_ms / options.steps;
       result.mean.apply_cpu_ms += t.apply_cpu_ms / options.steps;
+      result.mean.select_cpu_ms += t.select_cpu_ms / options.steps;
       result.step_ms.push_back(t.Total());
     }
     if (progress) progress(step + 1, total, t.Total());

@@ -50,6 +50,10 @@ struct StepBreakdown {
   // other load; CPU time per thread does not): bytes / (apply_cpu_ms / threads) is the rate
   // the kernel reaches while it runs.
   double apply_cpu_ms = 0;
+  // The same for steps 2+3 (relevancy and retrieval, Submit to Wait): the CPU time of all the
+  // process's threads; for the host (cpu) selector, digest bytes / (select_cpu_ms / threads)
+  // is the rate its scan reaches.
+  double select_cpu_ms = 0;
   double Total() const { return append_ms + prepare_ms + relevancy_ms + retrieval_ms + apply_ms; }
   double MemoryProcessing() const { return prepare_ms + relevancy_ms + retrieval_ms; }
 };

@@ -13,7 +13,10 @@ Placements (every one over the same KV memory, so they compare on identical data
                modeled time; its functional result from the CPU reference), step 4 on the GPU
                stream that waits for the card's selection (no host sync); one row per scheme in
                --fpga_schemes: sync, pipelined4 (4 micro-batches), reuse4 (async reuse, C=4),
-               lookahead (layer L's query against layer L+1's digests). Each row adds the share
+               lookahead (layer L+1's digests scored while layer L runs, with layer L+1's query
+               speculated from layer L's input: its RMSNorm, W_q rows and RoPE, one extra GEMV
+               per layer, timed as its own share of `linear`; `lookahead_same`, not run by
+               default: layer L's own query, the first version). Each row adds the share
                of the card's time hidden behind GPU work (1 - GPU wait / modeled card time; the
                wait measured by the engine's wait kernel over the timed window on CUDA, from
                the profiled step on the CPU), fallbacks by reason, host-bound requests, bytes over
@@ -59,7 +62,8 @@ Flags:
   --placements    which placements to run (comma list; default dense-sdpa,dense-paged,gpu);
                   without `fpga`, a labelled fpga gap row is added per configuration
                   (integration/bench/run_model_decode_fpga.sh runs the fpga rows)
-  --fpga_schemes  the fpga rows (comma list of sync, pipelined4, reuse4, lookahead; default all)
+  --fpga_schemes  the fpga rows (comma list of sync, pipelined4, reuse4, lookahead,
+                  lookahead_same; default sync,pipelined4,reuse4,lookahead)
   --deadline_ms   the card's deadline per selection (default 100, the configuration default)
   --fpga_fallback gpu (the GPU's own selection over its digest copy) or dense
   --recall_steps  eager steps of the recall measurement (default 5: covers a reuse=4 cycle)
@@ -98,8 +102,10 @@ FPGA_SCHEMES = {
     "sync": {},
     "pipelined4": {"mode": "pipelined", "micro_batches": 4},
     "reuse4": {"reuse": 4, "reuse_async": True},
-    "lookahead": {"lookahead": True},
+    "lookahead": {"lookahead": True, "lookahead_query": "projected"},
+    "lookahead_same": {"lookahead": True, "lookahead_query": "same"},
 }
+DEFAULT_FPGA_SCHEMES = ("sync", "pipelined4", "reuse4", "lookahead")
 
 
 @dataclass(frozen=True)
@@ -211,7 +217,9 @@ class Timer:
             torch.cuda.synchronize()
         out = {k: 0.0 for k in STAGES}
         for (_, a), (stage, b) in zip(self.marks, self.marks[1:]):
-            out[stage] += a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+            # `speculate` (look-ahead's speculated query) is reported apart by measure().
+            out[stage] = out.get(stage, 0.0) + (a.elapsed_time(b) if self.cuda
+                                                else (b - a) * 1e3)
         return out
 
 
@@ -256,6 +264,14 @@ class Runner:
                 deadline_ms=args.deadline_ms, fpga_fallback=args.fpga_fallback,
                 **FPGA_SCHEMES[name])
         self.cfgs = cfgs
+        # One engine serves every fpga row; each row holds a slot per (layer, micro-batch) and
+        # its look-ahead keys, more than the plan's default when several schemes run side by side.
+        fpga_rows = [c for p, c in cfgs.items() if p.startswith("fpga-")]
+        self.plan.offload_slots = max(self.plan.offload_slots, sum(
+            2 * (max(1, c.micro_batches) + 1) * s.layers for c in fpga_rows))
+        # Placements whose look-ahead scores layer L+1 with its speculated query.
+        self.speculate = {p for p, c in cfgs.items()
+                          if c.lookahead and c.lookahead_query == "projected"}
         scale = s.head_dim ** -0.5
         self.paged = {p: [PagedLayer(c, i, s.q_heads, s.kv_heads, s.head_dim, scale,
                                      plan=self.plan) for i in range(s.layers)]
@@ -305,8 +321,16 @@ class Runner:
         """Logits [B, vocab] of the final hidden state."""
         return F.linear(h, self.model.lm_head)
 
+    def speculated_query(self, x: torch.Tensor, j: int) -> torch.Tensor:
+        """Layer j's query speculated from `x`, the residual stream entering layer j - 1
+        (lookahead_query=projected): layer j's RMSNorm, the query rows of its QKV weight (one
+        [hidden x q_heads*head_dim] GEMV) and RoPE at this step's position. [B, H, D]."""
+        s, lw = self.model.s, self.model.layers[j]
+        q = F.linear(rms_norm(x, lw["n1"]), lw["qkv"][:s.q_heads * s.head_dim])
+        return apply_rope(q.view(self.B, s.q_heads, s.head_dim), self.cos, self.sin)
+
     # -- attention per placement: writes self.attn_out [B, H, D] --
-    def attention(self, placement, i, q, k, v, timer, sparse_layer):
+    def attention(self, placement, i, q, k, v, timer, sparse_layer, ahead=None):
         s, B, L = self.model.s, self.B, self.L
         kv = self.caches[i]
         if placement == "dense-sdpa":
@@ -326,7 +350,8 @@ class Runner:
             # append (+ the new keys to the card) | submit .. wait (marked inside) | decode
             layer.append(kv, self.slots, k, v, self.digests[i])
             timer.mark("prepare")
-            layer.decode(q, kv, self.block_table, self.seq_lens, self.attn_out, self.digests[i])
+            layer.decode(q, kv, self.block_table, self.seq_lens, self.attn_out, self.digests[i],
+                         lookahead_query=ahead)
             timer.mark("apply")
             return
         step1 = "prepare" if placement == "gpu" else "append"
@@ -374,7 +399,11 @@ class Runner:
             k = qk[:, s.q_heads:].contiguous()
             v = v.reshape(B, s.kv_heads, s.head_dim).contiguous()
             timer.mark("linear")
-            self.attention(placement, i, q, k, v, timer, None)
+            ahead = None
+            if placement in self.speculate and i + 1 < s.layers:
+                ahead = self.speculated_query(x, i + 1)  # x: the residual entering layer i
+                timer.mark("speculate")
+            self.attention(placement, i, q, k, v, timer, None, ahead)
             x = x + self.reduce(F.linear(self.attn_out.view(B, -1), lw["o"]), timer)
             h = rms_norm(x, lw["n2"])
             gu = F.linear(h, lw["gate_up"])
@@ -506,6 +535,9 @@ def measure(runner: Runner, placement: str, args, energy: Energy, log) -> dict:
     if st is not None:
         st.marker = None
     profiled = prof.totals()
+    # Look-ahead's speculated query is linear-layer work: in `linear`, also reported apart.
+    speculate_ms = profiled.pop("speculate", 0.0)
+    profiled["linear"] += speculate_ms
     for _ in range(cycle - 1):  # back to the start of a cycle
         runner.step(placement, Timer(dev, False))
     graphs = []
@@ -570,7 +602,8 @@ def measure(runner: Runner, placement: str, args, energy: Energy, log) -> dict:
     recall = measure_recall(runner, placement, args, st) if st is not None else None
     return {"graph": graphs or None, "step_ms": step_ms, "steps": steps, "window_s": window,
             "profiled_ms": profiled, "energy_j": joules,
-            "mean_step_ms": statistics.fmean(times), "offload": offload, "recall": recall}
+            "mean_step_ms": statistics.fmean(times), "offload": offload, "recall": recall,
+            "speculate_ms_profiled": speculate_ms}
 
 
 def measure_recall(runner: Runner, placement: str, args, st) -> dict:
@@ -768,7 +801,7 @@ def _main(argv=None) -> int:
     ap.add_argument("--contexts", default=None)
     ap.add_argument("--batches", default=None)
     ap.add_argument("--placements", default=",".join(PLACEMENTS))
-    ap.add_argument("--fpga_schemes", default=",".join(FPGA_SCHEMES))
+    ap.add_argument("--fpga_schemes", default=",".join(DEFAULT_FPGA_SCHEMES))
     ap.add_argument("--deadline_ms", type=float, default=100.0)
     ap.add_argument("--fpga_fallback", default="gpu", choices=("gpu", "dense"))
     ap.add_argument("--recall_steps", type=int, default=5)
@@ -1044,6 +1077,7 @@ def fpga_fields(row: dict, r: dict, cfg, B: int, steps_ms: dict) -> None:
                      "reuse" if cfg.reuse > 1 else "lookahead" if cfg.lookahead else "sync")
     row["micro_batches"], row["reuse"] = cfg.micro_batches, cfg.reuse
     row["reuse_async"], row["lookahead"] = cfg.reuse_async, cfg.lookahead
+    row["lookahead_query"] = cfg.lookahead_query if cfg.lookahead else None
     card_ms = float(m.get("modeled_device_ms", 0.0)) / n
     # The decode device's wait for the card: the engine's wait-kernel time over the timed
     # window where it measures one (CUDA), else the profiled eager step's (CPU mode).
@@ -1065,6 +1099,9 @@ def fpga_fields(row: dict, r: dict, cfg, B: int, steps_ms: dict) -> None:
         "paced": cfg.fpga_paced, "deadline_ms": cfg.deadline_ms,
         "fallback": cfg.fpga_fallback,
         "recall": r["recall"],
+        # lookahead_query=projected: the speculated queries' RMSNorm + GEMV + RoPE, per step
+        # (profiled eager step, not scaled; included in steps_ms['linear'])
+        "speculate_ms_per_step_profiled": r.get("speculate_ms_profiled", 0.0),
         "metrics": m,
     }
     pcie = (float(m.get("bytes_d2h", 0.0)) + float(m.get("bytes_h2d", 0.0))) / n
@@ -1083,6 +1120,12 @@ def fpga_fields(row: dict, r: dict, cfg, B: int, steps_ms: dict) -> None:
                         f"{'paced' if cfg.fpga_paced else 'unpaced'}, functional="
                         f"{cfg.fpga_functional}); card time, card bytes and fpga energy modeled; "
                         "GPU<->host copies real")
+    if cfg.lookahead:
+        row["notes"].append(
+            f"look-ahead query {cfg.lookahead_query}" + (
+                f" (speculated: L+1's RMSNorm + W_q + RoPE on L's input, "
+                f"{row['fpga']['speculate_ms_per_step_profiled']:.3f} ms/step profiled, in "
+                "linear)" if cfg.lookahead_query == "projected" else " (layer L's own query)"))
     hb = row["fpga"]["host_bound"]
     if hb:
         measured = row["fpga"]["selector_ms_per_step_measured"]

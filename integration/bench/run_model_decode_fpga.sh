@@ -4,7 +4,9 @@
 # run_model_decode.sh), runs the schemes' Python tests with skips as failures (placement=fpga
 # on CUDA tensors: bit-identical to gpu under every scheme, fallbacks on a tiny deadline, the
 # transformers adapter), then model_decode.py for Llama-3-8B at 32K and 128K, batch 1 and 8:
-# dense-sdpa, gpu and the fpga rows (sync, pipelined4, reuse4 async, lookahead) side by side.
+# dense-sdpa, gpu and the fpga rows (sync, pipelined4, reuse4 async, lookahead: the projected
+# query) side by side. The look-ahead with layer L's own query as well, for comparison:
+#   MEMPIPE_DECODE_ARGS="--fpga_schemes sync,pipelined4,reuse4,lookahead,lookahead_same"
 #
 #   integration/bench/run_model_decode_fpga.sh [out_dir]
 #   MEMPIPE_DECODE_ARGS   extra arguments of model_decode.py (e.g. --deadline_ms 500)
@@ -21,6 +23,7 @@ fi
 export PYTHONPATH="${MEMPIPE_SITE:-/tmp/mempipe-site}${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 rc=0
 MEMPIPE_REQUIRE_GPU=1 python3 -m pytest -q -p no:cacheprovider -ra tests/python/test_schemes.py \
+  tests/python/test_lookahead.py \
   2>&1 | tee "$OUT/test_schemes_h200.log"
 [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 # shellcheck disable=SC2086

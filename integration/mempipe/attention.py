@@ -304,14 +304,17 @@ class PagedLayer:
 
     def decode(self, query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                seq_lens: torch.Tensor, out: torch.Tensor,
-               digests: digest_store.Digests | None = None) -> None:
-
+               digests: digest_store.Digests | None = None,
+               lookahead_query: torch.Tensor | None = None) -> None:
         """One query token per sequence: sparse (steps 2-4) or dense. Writes `out`.
 
         The schemes of the configuration (mempipe.config): placement fpga (the card selects,
         the decode device waits stream-ordered and falls back by predicate), pipelined
-        micro-batches, reuse (sync or async, extended to the newest page) and look-ahead (this
-        layer's query scored against the next layer's digests for it).
+        micro-batches, reuse (sync or async, extended to the newest page) and look-ahead (the
+        next layer's digests scored while this layer runs, for it). `lookahead_query`
+        [S, num_heads, head_dim] (lookahead=true, lookahead_query=projected): the next layer's
+        query speculated by the model code from this layer's input hidden state (the next
+        layer's RMSNorm, W_q and RoPE); required whenever the next layer is sparse.
         """
         self._check_placement(query.device)
         query = query.contiguous()
@@ -337,7 +340,8 @@ class PagedLayer:
             _mempipe.sparse_decode(query, kv_cache, block_table, seq_lens, pages, counts, out,
                                    self.scale, num_threads=self.num_threads, workspace=decode_ws)
             return
-        schemes.SchemeDecode(self, query, kv_cache, block_table, seq_lens, out, digests).run()
+        schemes.SchemeDecode(self, query, kv_cache, block_table, seq_lens, out, digests,
+                             lookahead_query).run()
 
     def prefill(self, query: torch.Tensor, query_start_loc: torch.Tensor,
                 kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,

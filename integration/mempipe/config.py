@@ -27,10 +27,22 @@ Keys (all optional):
                   step t's query serves steps t+1..t+C and the decoder never waits for a fresh
                   one (the first step of a layer selects synchronously: nothing to reuse yet);
                   false: recomputed every C steps (steps t..t+C-1) and waited for, as LServe.
-    lookahead     true | false (default false): layer L's query is scored against layer L+1's
-                  digests as soon as it exists and layer L+1 decodes with that selection (the
-                  first sparse layer after a dense one takes it from that dense layer's query;
-                  a layer with no predecessor's query selects with its own). Needs reuse=1.
+    lookahead     true | false (default false): layer L+1's digests are scored while layer L
+                  runs (with the query `lookahead_query` names) and layer L+1 decodes with that
+                  selection (the first sparse layer after a dense one takes it from that dense
+                  layer's call; a layer no predecessor looked ahead for, e.g. at a layer's first
+                  decode step, selects with its own query). Needs reuse=1.
+    lookahead_query projected | same (default projected), with lookahead=true: the query
+                  layer L+1's digests are scored with while layer L runs.
+                  projected: layer L+1's own query *speculated* from the residual stream
+                  entering layer L (InfiniGen's observation: it is close to the one entering
+                  L+1): layer L+1's input RMSNorm, its W_q and RoPE at the current position
+                  applied to layer L's input hidden state, one extra [hidden x q-width] GEMV
+                  per layer. The model code computes it and hands it to PagedLayer.decode
+                  (`lookahead_query=`): the transformers adapter does (MempipeCache(config,
+                  model=model)), as does integration/bench/model_decode.py; vLLM's backend
+                  sees only q/k/v and refuses it. same: layer L's own query (the first
+                  version; on SmolLM2 it costs PPL x1.37 at B=1024, integration/quality).
     fpga_backend  emulated | xrt (placement fpga): the emulated U55C, or XRT (a card; on XRT's
                   noop shim every selection is invalid and falls back, counted).
     fpga_paced    true | false (default true): the emulated card completes no earlier than its
@@ -93,6 +105,7 @@ AGGREGATIONS = ("max", "sum")
 FPGA_BACKENDS = ("emulated", "xrt")
 FPGA_FUNCTIONALS = ("reference", "hls")
 FPGA_FALLBACKS = ("gpu", "dense")
+LOOKAHEAD_QUERIES = ("projected", "same")
 DIGEST_DTYPES = ("native", "int8")
 _BOOL_TEXT = {"true": True, "false": False}
 # Defined once, in C++ (core/paged_kv.h, core/dtype.h); read from the module.
@@ -125,6 +138,7 @@ class MempipeConfig:
     micro_batches: int = 1
     reuse_async: bool = True
     lookahead: bool = False
+    lookahead_query: str = "projected"
     fpga_backend: str = "emulated"
     fpga_paced: bool = True
     fpga_functional: str = "reference"
@@ -217,6 +231,9 @@ class MempipeConfig:
         elif self.reuse > 1 and self.lookahead:
             reasons.append(f"lookahead needs reuse=1, got reuse={self.reuse} (look-ahead "
                            "selects a layer's pages afresh every step)")
+        if self.lookahead_query not in LOOKAHEAD_QUERIES:
+            reasons.append(f"lookahead_query must be {_one_of(LOOKAHEAD_QUERIES)}, "
+                           f"got '{self.lookahead_query}'")
         if self.fpga_backend not in FPGA_BACKENDS:
             reasons.append(f"fpga_backend must be {_one_of(FPGA_BACKENDS)}, "
                            f"got '{self.fpga_backend}'")

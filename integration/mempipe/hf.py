@@ -27,6 +27,13 @@ model; the sparse layers' prompt digests are built on the card in bulk and every
 new keys appended there), and pipelined / reuse / lookahead on every placement. Without a
 MempipeCache they are refused (they keep state across steps and layers).
 
+Look-ahead (`lookahead=true`) with `lookahead_query=projected` (the default) scores layer L+1's
+digests with layer L+1's query *speculated* while layer L runs: forward pre-hooks on the decoder
+layers keep the residual stream entering each layer (and its RoPE cos/sin), and at layer L's
+decode the adapter applies layer L+1's input RMSNorm, q_proj (and q_norm where the model has
+one) and RoPE to it. The cache needs the model for that: `MempipeCache(config, model=model)`
+(`speculated_query` is the computation; one [hidden x heads*head_dim] GEMV per layer).
+
 Supported: causal decoder attention without padding (attention_mask None or the plain causal
 pattern), no dropout, head_dim 64/128/256, fp32/fp16/bf16, CPU or CUDA tensors.
 """
@@ -122,8 +129,7 @@ class MempipePagedLayer(CacheLayerMixin):
                 self.kv_cache[plane].view(-1, self.kv_heads, self.head_dim).index_copy_(
                     0, slots, rows(t))
             lens = torch.full((self.batch,), start + n, dtype=torch.int32, device=self.device)
-            mempipe.ops.build_digests(self.kv_cache, self.block_table, lens,
-                                      *digest_store.op_args(self.digests))
+            mempipe.ops.build_digests_any(self.kv_cache, self.block_table, lens, self.digests)
         self.length = start + n
         if cfg.placement == "fpga":
             self._to_card(slots, rows(key_states), n)
@@ -163,14 +169,98 @@ class MempipePagedLayer(CacheLayerMixin):
             digest_store.poison_(self.digests)
 
 
-class MempipeCache(Cache):
-    """transformers `Cache` whose layers keep mempipe pages and digests across steps."""
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's decoder layers: the ModuleList whose every entry has `self_attn` (with a
+    `q_proj`) and `input_layernorm` (Llama, Mistral, Qwen2/3, ... layouts). ValueError naming
+    the model's class where there is none."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.ModuleList) and len(m) and all(
+                hasattr(x, "self_attn") and hasattr(x, "input_layernorm")
+                and hasattr(x.self_attn, "q_proj") for x in m):
+            return m
+    raise ValueError(f"mempipe lookahead_query=projected: {type(model).__name__} has no list of "
+                     "decoder layers with self_attn.q_proj and input_layernorm (the Llama "
+                     "layout); use lookahead_query=same")
 
-    def __init__(self, config: mempipe_config.MempipeConfig | None = None, **kwargs):
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def speculated_query(layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> torch.Tensor:
+    """`layer`'s query computed from `hidden` [B, n, hidden] (the residual stream entering the
+    layer before it): its input RMSNorm, q_proj, q_norm (where the model has one) and RoPE
+    with `cos`, `sin` [B, n, head_dim] (rotate-half convention). Returns [B * n, heads, D],
+    the layout PagedLayer.decode takes."""
+    attn = layer.self_attn
+    b, n, _ = hidden.shape
+    q = attn.q_proj(layer.input_layernorm(hidden)).view(b, n, -1, attn.head_dim)
+    if getattr(attn, "q_norm", None) is not None:  # Qwen3-style per-head norm
+        q = attn.q_norm(q)
+    c, s_ = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, n, 1, D]: broadcast over the heads
+    q = q * c + _rotate_half(q) * s_
+    return q.reshape(b * n, q.shape[2], attn.head_dim)
+
+
+class _Speculator:
+    """lookahead_query=projected: forward pre-hooks on the model's decoder layers keep the
+    residual stream entering the layer running now (and its RoPE cos/sin); `query(i)` is layer
+    i + 1's query speculated from layer i's input. One per model (hooks installed once)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.layers = decoder_layers(model)
+        self.handles = [layer.register_forward_pre_hook(self._hook(i), with_kwargs=True)
+                        for i, layer in enumerate(self.layers)]
+
+    @staticmethod
+    def _hook(index: int):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            _pending.residual = (index, hidden, kwargs.get("position_embeddings"))
+        return hook
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> "_Speculator":
+        spec = getattr(model, "_mempipe_speculator", None)
+        if spec is None:
+            spec = cls(model)
+            object.__setattr__(model, "_mempipe_speculator", spec)  # not a submodule
+        return spec
+
+    def query(self, index: int) -> torch.Tensor | None:
+        """Layer index + 1's speculated query, or None for the last layer."""
+        if index + 1 >= len(self.layers):
+            return None
+        got = getattr(_pending, "residual", None)
+        if got is None or got[0] != index:
+            raise RuntimeError(f"mempipe lookahead_query=projected: layer {index}'s input "
+                               "hidden state was not captured (its decoder layer's forward "
+                               "pre-hook did not run for this call)")
+        _, hidden, pe = got
+        if pe is None:
+            raise RuntimeError("mempipe lookahead_query=projected: the decoder layers get no "
+                               "position_embeddings (cos, sin) from this model/transformers "
+                               "version; use lookahead_query=same")
+        return speculated_query(self.layers[index + 1], hidden, pe[0], pe[1])
+
+
+class MempipeCache(Cache):
+    """transformers `Cache` whose layers keep mempipe pages and digests across steps.
+
+    `model`: needed by lookahead=true with lookahead_query=projected (the default), which
+    speculates layer L+1's query from layer L's input with the model's own weights."""
+
+    def __init__(self, config: mempipe_config.MempipeConfig | None = None,
+                 model: torch.nn.Module | None = None, **kwargs):
         self.config = config if config is not None else mempipe_config.load()
         reasons = self.config.validate()
         if reasons:
             raise ValueError("mempipe configuration rejected: " + "; ".join(reasons))
+        self.model = model
+        self._speculator = _Speculator.of(model) if model is not None else None
+        self._check_speculation()
         self.plan = DecodePlan()
         self._paged: dict[int, PagedLayer] = {}
         self._steps: dict = {}
@@ -181,6 +271,25 @@ class MempipeCache(Cache):
                 super().__init__(cache=cache)
 
         super().__init__(layer_class_to_replicate=_Layer)
+
+    def _check_speculation(self) -> None:
+        c = self.config
+        if c.lookahead and c.lookahead_query == "projected" and self._speculator is None:
+            raise ValueError("mempipe: lookahead=true with lookahead_query=projected speculates "
+                             "layer L+1's query from the model's weights: pass "
+                             "MempipeCache(config, model=model) (or set lookahead_query=same)")
+
+    def lookahead_query(self, index: int) -> torch.Tensor | None:
+        """Layer index + 1's speculated query for layer index's decode call, when the
+        configuration asks for one (lookahead=true, lookahead_query=projected) and layer
+        index + 1 exists and is sparse; else None."""
+        c = self.config
+        if not (c.lookahead and c.lookahead_query == "projected"):
+            return None
+        self._check_speculation()  # the config may have been swapped since construction
+        if not c.layer_sparse(index + 1):
+            return None
+        return self._speculator.query(index)
 
     def step_seq_lens(self, batch: int, length: int, device) -> torch.Tensor:
         """seq_lens of this step, made once per step and shared by the layers."""
@@ -235,7 +344,7 @@ def _cached_forward(module, layer_state, start, query, scale):
         out = torch.empty_like(q)
         lens = cache.step_seq_lens(batch, length, query.device)
         paged.decode(q, layer_state.kv_cache, layer_state.block_table, lens, out,
-                     digests=layer_state.digests)
+                     digests=layer_state.digests, lookahead_query=cache.lookahead_query(idx))
         return out.view(batch, 1, num_heads, head_dim)
     paged.calls["prefill"] += 1
     if query.is_cuda:
@@ -312,7 +421,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     q = query.transpose(1, 2).reshape(batch * q_len, num_heads, head_dim)
     layer = getattr(module, "layer_idx", 0)
     if q_len == 1 and cfg.layer_sparse(layer):
-        torch.ops.mempipe.build_digests(kv_cache, block_table, seq_lens, *digests)
+        mempipe.ops.build_digests_any(kv_cache, block_table, seq_lens,
+                                      digest_store.from_op_args(*digests))
         pages, counts = torch.ops.mempipe.score_and_select(
             q, kv_cache, digests[0], block_table, seq_lens, cfg.budget, cfg.sinks, cfg.locals,
             cfg.aggregation, digest_scales=digests[1], digest_exact=digests[2])

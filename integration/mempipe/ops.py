@@ -10,12 +10,15 @@ see the writes; functional ones allocate their outputs and have fake (meta) kern
                                                        seq_lens, 4096, 1, 1, "max")
     out = torch.ops.mempipe.sparse_decode(q, kv_cache, block_table, seq_lens, pages, counts, s)
 
-Int8 digests (mempipe.digests, MEMPIPE_CONFIG digest_dtype=int8) go to the operators that take
-`digests` as three tensors: `digests` the int8 codes, `digest_scales` and `digest_exact` (both
-None for native digests); `mempipe.digests.op_args(d)` splits either form:
+Int8 digests (mempipe.digests, MEMPIPE_CONFIG digest_dtype=int8) are three tensors: the int8
+codes, `digest_scales` and `digest_exact` (`mempipe.digests.op_args(d)` splits either form; both
+None for native digests). The functional operators take them as optional arguments; the two that
+write digests have an int8 twin with all three required (`append_kv_and_digests_int8`,
+`build_digests_int8`: an optional argument that an operator mutates is not supported by every
+torch release), and `mempipe.ops.build_digests_any` / `append_kv_and_digests_any` pick the one
+that fits a digest of either form:
 
-    torch.ops.mempipe.build_digests(kv_cache, block_table, seq_lens,
-                                    *mempipe.digests.op_args(d))
+    mempipe.ops.build_digests_any(kv_cache, block_table, seq_lens, d)
 
 Shapes are those of `mempipe._mempipe` (see bindings/module.cc). The same operators run on CPU
 tensors and, in a build whose `mempipe.steps.devices` includes "cuda", on CUDA tensors (on
@@ -30,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from mempipe import _mempipe
-from mempipe.digests import from_op_args
+from mempipe.digests import from_op_args, op_args
 
 
 def _workspace(nbytes: int, device: torch.device) -> torch.Tensor | None:
@@ -56,22 +59,53 @@ def write_kv(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tens
 _DIGEST_ARGS = ("digests", "digest_scales", "digest_exact")
 
 
-@torch.library.custom_op("mempipe::append_kv_and_digests",
-                         mutates_args=("kv_cache",) + _DIGEST_ARGS)
+@torch.library.custom_op("mempipe::append_kv_and_digests", mutates_args=("kv_cache", "digests"))
 def append_kv_and_digests(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tensor,
-                          value: torch.Tensor, digests: torch.Tensor,
-                          digest_scales: torch.Tensor | None = None,
-                          digest_exact: torch.Tensor | None = None) -> None:
+                          value: torch.Tensor, digests: torch.Tensor) -> None:
+    _mempipe.append_kv_and_digests(kv_cache, slot_mapping, key.contiguous(), value.contiguous(),
+                                   digests)
+
+
+@torch.library.custom_op("mempipe::append_kv_and_digests_int8",
+                         mutates_args=("kv_cache",) + _DIGEST_ARGS)
+def append_kv_and_digests_int8(kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                               key: torch.Tensor, value: torch.Tensor, digests: torch.Tensor,
+                               digest_scales: torch.Tensor, digest_exact: torch.Tensor) -> None:
     _mempipe.append_kv_and_digests(kv_cache, slot_mapping, key.contiguous(), value.contiguous(),
                                    from_op_args(digests, digest_scales, digest_exact))
 
 
-@torch.library.custom_op("mempipe::build_digests", mutates_args=_DIGEST_ARGS)
+@torch.library.custom_op("mempipe::build_digests", mutates_args=("digests",))
 def build_digests(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
-                  digests: torch.Tensor, digest_scales: torch.Tensor | None = None,
-                  digest_exact: torch.Tensor | None = None) -> None:
+                  digests: torch.Tensor) -> None:
+    _mempipe.build_digests(kv_cache, block_table, seq_lens, digests)
+
+
+@torch.library.custom_op("mempipe::build_digests_int8", mutates_args=_DIGEST_ARGS)
+def build_digests_int8(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                       digests: torch.Tensor, digest_scales: torch.Tensor,
+                       digest_exact: torch.Tensor) -> None:
     _mempipe.build_digests(kv_cache, block_table, seq_lens,
                            from_op_args(digests, digest_scales, digest_exact))
+
+
+def append_kv_and_digests_any(kv_cache, slot_mapping, key, value, digests) -> None:
+    """torch.ops.mempipe.append_kv_and_digests[_int8] for a native or an Int8Digests digest."""
+    codes, scales, exact = op_args(digests)
+    if scales is None:
+        torch.ops.mempipe.append_kv_and_digests(kv_cache, slot_mapping, key, value, codes)
+    else:
+        torch.ops.mempipe.append_kv_and_digests_int8(kv_cache, slot_mapping, key, value, codes,
+                                                     scales, exact)
+
+
+def build_digests_any(kv_cache, block_table, seq_lens, digests) -> None:
+    """torch.ops.mempipe.build_digests[_int8] for a native or an Int8Digests digest."""
+    codes, scales, exact = op_args(digests)
+    if scales is None:
+        torch.ops.mempipe.build_digests(kv_cache, block_table, seq_lens, codes)
+    else:
+        torch.ops.mempipe.build_digests_int8(kv_cache, block_table, seq_lens, codes, scales, exact)
 
 
 @torch.library.custom_op("mempipe::compute_relevancy", mutates_args=())
@@ -195,5 +229,6 @@ def prefill_attention(query: torch.Tensor, query_start_loc: torch.Tensor, kv_cac
 
 for _op in (dense_decode, sparse_decode, prefill_attention):
     _op.register_fake(lambda query, *args: torch.empty_like(query))
-for _op in (write_kv, append_kv_and_digests, build_digests):
+for _op in (write_kv, append_kv_and_digests, append_kv_and_digests_int8, build_digests,
+            build_digests_int8):
     _op.register_fake(lambda *args: None)

@@ -9,7 +9,9 @@ One `SchemeState` per (DecodePlan, configuration): the plan is shared by every l
                   `submit`, selections come back with a stream-ordered `wait`
     selections    per layer, the selection kept across steps for `reuse > 1` (pages, counts and
                   what it was made for: each row's first block and length)
-    lookahead     per target layer, the selection its predecessor submitted (or computed)
+    lookahead     per target layer, the selection its predecessor submitted (or computed),
+                  scored with the target's query speculated by the model code
+                  (lookahead_query=projected) or with the predecessor's own (same)
     registry      per layer, the newest (kv_cache, digests, block_table) the layer decoded with:
                   look-ahead and the GPU fallback score another layer's digests with them
     counters      device-resident counts (stale reuse rows replaced) and host counts per path
@@ -154,6 +156,7 @@ class SchemeState:
         # decode device waiting for the card) every card wait.
         self.marker = None
         self.recall: dict[str, list[int]] = {}   # kind -> [hits, total]
+        self.recall_layers: dict[tuple, list[int]] = {}  # (kind, layer) -> [hits, total]
         # Host counts of what ran (no device reads): per path of a sparse layer's decode.
         self.counts = {"fresh": 0, "reused": 0, "cold": 0, "lookahead": 0,
                        "lookahead_submitted": 0, "card_requests": 0}
@@ -187,16 +190,25 @@ class SchemeState:
         self.steps[layer] = n + 1
         return n
 
-    def add_recall(self, kind: str, hits: int, total: int) -> None:
-        acc = self.recall.setdefault(kind, [0, 0])
-        acc[0] += hits
-        acc[1] += total
+    def add_recall(self, kind: str, hits: int, total: int, layer: int | None = None) -> None:
+        for acc in (self.recall.setdefault(kind, [0, 0]),
+                    self.recall_layers.setdefault((kind, layer), [0, 0])):
+            acc[0] += hits
+            acc[1] += total
 
     def report(self) -> dict:
-        """Host counts, stale reuse rows replaced (reads one device counter), recall."""
+        """Host counts, stale reuse rows replaced (reads one device counter), recall (pooled
+        over the profiled steps, layers and (sequence, KV head) rows; and per layer)."""
         out = dict(self.counts)
         out["stale_reuse"] = int(sum(int(t.item()) for t in self._stale_total.values()))
         out["recall"] = {k: (h / t if t else None) for k, (h, t) in self.recall.items()}
+        by_layer: dict[str, dict] = {}
+        for (kind, layer), (h, t) in sorted(self.recall_layers.items(),
+                                            key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+            if layer is not None:
+                by_layer.setdefault(kind, {})[layer] = {"hits": h, "total": t,
+                                                        "recall": h / t if t else None}
+        out["recall_by_layer"] = by_layer
         return out
 
 
@@ -221,8 +233,10 @@ def offload_key(config, device: torch.device) -> tuple:
 class SchemeDecode:
     """One layer's decode call under the configuration's schemes (PagedLayer.decode)."""
 
-    def __init__(self, layer, query, kv_cache, block_table, seq_lens, out, digests):
+    def __init__(self, layer, query, kv_cache, block_table, seq_lens, out, digests,
+                 lookahead_query=None):
         self.layer, self.c = layer, layer.config
+        self.q_ahead = lookahead_query
         self.q, self.kv, self.bt, self.lens, self.out = query, kv_cache, block_table, seq_lens, out
         self.dev = query.device
         self.plan = layer._plan(self.dev)
@@ -259,10 +273,10 @@ class SchemeDecode:
         return cid
 
     def select_local(self, b, e, pages, counts, ws, when_nonzero=None, q=None, kv=None,
-                     digests=None):
+                     digests=None, fn=None):
         """The decode device's own selection of rows [b, e) (predicated on a flag)."""
         c = self.c
-        predicated(_mempipe.score_and_select, self.rows(self.q if q is None else q, b, e),
+        predicated(fn or _mempipe.score_and_select, self.rows(self.q if q is None else q, b, e),
                    self.kv if kv is None else kv,
                    self.digests() if digests is None else digests,
                    self.rows(self.bt, b, e), self.rows(self.lens, b, e),
@@ -321,8 +335,11 @@ class SchemeDecode:
                          device=self.dev)
         ec = torch.empty(self.num_seqs, self.layer.num_kv_heads, dtype=torch.int32,
                          device=self.dev)
-        self.select_local(0, self.num_seqs, ep, ec, sel_ws)
-        self.st.add_recall(kind, *selection_recall(pages, counts, ep, ec))
+        # The kernel itself, not a wrapper a harness may have put around it to count the
+        # digest reads of the decode path (profiling is not part of it).
+        fn = getattr(_mempipe.score_and_select, "__wrapped__", _mempipe.score_and_select)
+        self.select_local(0, self.num_seqs, ep, ec, sel_ws, fn=fn)
+        self.st.add_recall(kind, *selection_recall(pages, counts, ep, ec), layer=self.index)
 
     # -- the call ------------------------------------------------------------------------------
     def run(self) -> None:
@@ -366,11 +383,33 @@ class SchemeDecode:
             self.offload().wait(self.st.slot(self.index, i, purpose, self.dev), pages[b:e],
                                 counts[b:e], status[i:i + 1])
 
+    def lookahead_query(self) -> torch.Tensor:
+        """The query the next layer's digests are scored with: its own query speculated by
+        the model code (lookahead_query=projected), or this layer's (same)."""
+        if self.c.lookahead_query == "same":
+            return self.q
+        q = self.q_ahead
+        if q is None:
+            raise ValueError(
+                f"mempipe: lookahead_query=projected, but layer {self.index}'s decode got no "
+                f"speculated query for layer {self.index + 1} (PagedLayer.decode("
+                "lookahead_query=...): the next layer's RMSNorm, W_q and RoPE applied to this "
+                "layer's input hidden state). The transformers adapter computes it with "
+                "MempipeCache(config, model=model); elsewhere set lookahead_query=same")
+        if q.shape != self.q.shape or q.device != self.q.device or q.dtype != self.q.dtype:
+            raise ValueError(
+                f"mempipe: layer {self.index}'s speculated query for layer {self.index + 1} is "
+                f"{tuple(q.shape)} {q.dtype} on {q.device}; the query is "
+                f"{tuple(self.q.shape)} {self.q.dtype} on {self.q.device}")
+        return q.contiguous()
+
     def submit_lookahead(self) -> None:
-        """This layer's query for the next layer's digests (that layer consumes it)."""
+        """The next layer's selection, scored with lookahead_query() against its digests
+        (that layer consumes it)."""
         st, c, target = self.st, self.c, self.index + 1
         if not c.layer_sparse(target) or target not in st.registry:
             return  # no next sparse layer, or it has not decoded yet (its digests unknown)
+        q = self.lookahead_query()
         kv, digests, card_id = st.registry[target]
         stale = st.ahead.pop(target, None)
         if stale is not None:  # the target did not take the last one (it did not decode)
@@ -378,7 +417,7 @@ class SchemeDecode:
             self.drop(stale)
             self.index = saved
         if self.fpga:
-            self.submit("ahead", target, card_id)
+            self.submit("ahead", target, card_id, q=q)
             st.ahead[target] = ("card", self.key, list(self.mbs))
         else:
             shape = (self.num_seqs, self.layer.num_kv_heads)
@@ -388,7 +427,8 @@ class SchemeDecode:
             counts = self.plan._buffer(f"ahead_counts{target % 2}", shape[0] * shape[1],
                                        torch.int32, self.dev).view(*shape)
             _, _, sel_ws, _ = self.views(self.budget_pages)
-            self.select_local(0, self.num_seqs, pages, counts, sel_ws, kv=kv, digests=digests)
+            self.select_local(0, self.num_seqs, pages, counts, sel_ws, q=q, kv=kv,
+                              digests=digests)
             st.ahead[target] = ("local", self.key, (pages, counts))
         st.counts["lookahead_submitted"] += 1
 

@@ -101,7 +101,9 @@ def parse_args(argv=None):
     p.add_argument("--configs", default="",
                    help="extra configurations, ';'-separated, each kind:budget:page:dense_layers"
                         ":aggregation[:sinks:locals[:k=v,...]] (e.g. "
-                        "'mempipe:512:16:2:max:4:4;mempipe:1024:16:2:max:1:1:reuse=4')")
+                        "'mempipe:512:16:2:max:4:4;mempipe:1024:16:2:max:1:1:reuse=4'); "
+                        "per_head's budget may be B=hN: labelled with the GQA budget B, "
+                        "N tokens per query head (a bytes-matched baseline)")
     p.add_argument("--device", default="cpu",
                    help="cpu, or cuda (mempipe's gpu placement: a GPU build); default: cpu")
     p.add_argument("--selections-out", default="",
@@ -152,14 +154,18 @@ def parse_config(text: str):
     if len(parts) not in (5, 7, 8) or parts[0] not in ("mempipe", "per_head"):
         raise ValueError(f"{text!r} is not kind:budget:page:dense_layers:aggregation"
                          "[:sinks:locals[:k=v,...]] with kind mempipe or per_head")
+    budget, _, head = parts[1].partition("=h")
+    if head and parts[0] != "per_head":
+        raise ValueError(f"{text!r}: a per-query-head budget (B=hN) is for kind per_head")
     try:
-        nums = [int(x) for x in parts[1:4]] + [int(x) for x in parts[5:7]]
+        nums = [int(x) for x in [budget] + parts[2:4]] + [int(x) for x in parts[5:7]]
+        head_budget = int(head) if head else 0
     except ValueError:
         raise ValueError(f"{text!r}: budget, page, dense_layers, sinks, locals must be "
                          "integers") from None
     sinks, locals_ = (nums[3], nums[4]) if len(parts) >= 7 else (SINKS, LOCALS)
     return Selection(parts[0], nums[0], nums[1], nums[2], parts[4], sinks, locals_,
-                     parts[7] if len(parts) == 8 else "")
+                     parts[7] if len(parts) == 8 else "", head_budget)
 
 
 def study_selections():
@@ -291,7 +297,8 @@ def main(argv=None):
         "decode_path": "mempipe.hf.MempipeCache (placement " + dec.placement + ")",
         "element_bytes": dec.elem,
         "configurations": [s.name for s in sels],
-        "selections": {s.name: {"kind": s.kind, "budget": s.budget, "page_size": s.page_size,
+        "selections": {s.name: {"kind": s.kind, "budget": s.budget, "head_budget": s.head_budget,
+                                "page_size": s.page_size,
                                 "dense_layers": s.dense_layers, "aggregation": s.aggregation,
                                 "sinks": s.sinks, "locals": s.locals, "extra": s.extra,
                                 "mempipe_config": s.config_string(dec.group, dec.placement)
@@ -330,6 +337,8 @@ def main(argv=None):
                 "bytes_per_step": sum(run.bytes_per_step) / len(run.bytes_per_step),
                 "dense_bytes_per_step": sum(run.dense_bytes_per_step) / len(run.tokens),
                 "seconds_per_step": run.seconds / len(run.tokens)}
+            if run.recall is not None:
+                entry["runs"][sel.name]["recall"] = run.recall
             prog.tick(f"{case.name} {sel.name}: {'hit ' if entry['runs'][sel.name]['hit'] else 'miss'}"
                       f" {text!r} (answer {case.answer}; {run.seconds / len(run.tokens):.2f} s/step"
                       f", prefill {prefill_s:.0f} s)")
@@ -370,6 +379,8 @@ def main(argv=None):
                     "dense_bytes_per_step":
                         sum(run.dense_bytes_per_step) / len(run.dense_bytes_per_step),
                     "seconds_per_step": run.seconds / len(run.tokens)}
+                if run.recall is not None:
+                    entry["runs"][sel.name]["recall"] = run.recall
                 r = entry["runs"][sel.name]
                 prog.tick(f"ppl window {w} {sel.name}: ppl {r['ppl']:.3f} kl {r['kl']:.4f} "
                           f"top1 {r['top1']:.3f} ({r['seconds_per_step']:.2f} s/step)")

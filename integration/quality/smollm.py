@@ -19,7 +19,8 @@ according to the active `Selection`:
     per_head   the same path over the KV heads repeated once per query head (group 1), so
                each query head selects its own pages (Quest's selection); its budget per query
                head is set so that the union of the group's pages fits the GQA budget (equal
-               bytes read, see `per_head_budget`)
+               bytes read, see `per_head_budget`), or given directly (`head_budget`: a
+               per-head budget chosen so that the union's measured bytes match, issue 13)
 
 Pages are filled per (prompt, page size, kind) and reused by every configuration of that page
 size: after a run each layer is cut back to the prompt and the partial last page's digest is
@@ -83,6 +84,7 @@ class Selection:
     sinks: int = SINKS
     locals: int = LOCALS
     extra: str = ""           # further MEMPIPE_CONFIG keys, "k=v,k=v" (reuse, digest_dtype, ...)
+    head_budget: int = 0      # per_head: tokens per query head, set directly (0: per_head_budget)
 
     @staticmethod
     def dense() -> "Selection":
@@ -96,12 +98,17 @@ class Selection:
         ends = "" if (self.sinks, self.locals) == (SINKS, LOCALS) else \
             f",s={self.sinks},l={self.locals}"
         extra = f",{self.extra}" if self.extra else ""
+        hb = f",hb={self.head_budget}" if self.head_budget else ""
         return (f"{self.kind}(B={self.budget},p={self.page_size},dl={self.dense_layers}{agg}"
-                f"{ends}{extra})")
+                f"{hb}{ends}{extra})")
 
     def config_string(self, group: int, placement: str = "cpu") -> str:
-        budget = self.budget if self.kind == "mempipe" else per_head_budget(
-            self.budget, self.page_size, group, self.sinks, self.locals)
+        if self.kind == "mempipe":
+            budget = self.budget
+        elif self.head_budget:
+            budget = self.head_budget
+        else:
+            budget = per_head_budget(self.budget, self.page_size, group, self.sinks, self.locals)
         extra = f",{self.extra}" if self.extra else ""
         return (f"placement={placement},budget={budget},page_size={self.page_size},"
                 f"dense_layers={self.dense_layers},sinks={self.sinks},locals={self.locals},"
@@ -224,10 +231,11 @@ def _crop(cache, length: int) -> None:
         cache.crop(-extra)
 
 
-def _make_cache(config, repeat: int):
-    """A MempipeCache; `repeat` > 1 stores every KV head `repeat` times (per-query-head)."""
+def _make_cache(config, repeat: int, model=None):
+    """A MempipeCache; `repeat` > 1 stores every KV head `repeat` times (per-query-head).
+    `model`: for look-ahead's speculated query (lookahead_query=projected)."""
     import mempipe.hf
-    cache = mempipe.hf.MempipeCache(config)
+    cache = mempipe.hf.MempipeCache(config, model=model)
     if repeat > 1:
         class _Layer(mempipe.hf.MempipePagedLayer):
             def __init__(self, **kw):
@@ -246,9 +254,9 @@ class _Paged:
     """One prompt's MempipeCache for one (page size, kind): filled once from the dense
     prefill, cut back to the prompt after every run."""
 
-    def __init__(self, dense_cache, prefix_len: int, config, repeat: int):
+    def __init__(self, dense_cache, prefix_len: int, config, repeat: int, model=None):
         import mempipe.hf
-        self.cache = _make_cache(config, repeat)
+        self.cache = _make_cache(config, repeat, model)
         self.prefix_len = prefix_len
         for i, layer in enumerate(dense_cache.layers):
             self.cache.update(layer.keys[:, :, :prefix_len], layer.values[:, :, :prefix_len], i)
@@ -283,6 +291,9 @@ class Run:
     dense_bytes_per_step: list[int]
     seconds: float
     selections: list = dataclasses.field(default_factory=list)  # per step: [(pages, counts)]
+    # lookahead=true: recall of the selections attended against each layer's exact selection
+    # of the same step (mempipe.schemes.SchemeState.report(): pooled and per layer)
+    recall: dict | None = None
 
 
 class Decoder:
@@ -353,13 +364,21 @@ class Decoder:
         key = (id(dense_cache), prefix_len, sel.page_size, sel.kind, config.digest_dtype)
         paged = self._paged.get(key)
         if paged is None:
-            paged = self._paged[key] = _Paged(dense_cache, prefix_len, config, repeat)
+            paged = self._paged[key] = _Paged(dense_cache, prefix_len, config, repeat,
+                                              self.model)
         return paged.use(config), paged
 
     @torch.no_grad()
     def _run(self, dense_cache, prefix_len: int, first: int, sel: Selection, steps: int,
              forced: list[int] | None, stop=None) -> Run:
         cache, paged = self._cache_for(dense_cache, prefix_len, sel)
+        scheme = None
+        if paged is not None and cache.config.lookahead:
+            # Look-ahead: each step also selects every sparse layer exactly (its own query) to
+            # measure the recall of what it attended (profiling: not counted in the bytes).
+            scheme = cache.plan.schemes(cache.config)
+            scheme.profile_recall = True
+        recall = None
         _STATE.selection = sel
         fed, logprobs, nbytes, dbytes, chosen = [first], [], [], [], []
         self._sync()
@@ -388,13 +407,16 @@ class Decoder:
         finally:
             self._sync()
             seconds = time.perf_counter() - start
+            if scheme is not None:
+                rep = scheme.report()
+                recall = {"recall": rep["recall"], "by_layer": rep["recall_by_layer"]}
             _STATE.selection = None
             _STATE.calls = []
             if paged is None:
                 _crop(dense_cache, prefix_len)
             else:
                 paged.reset()
-        return Run(fed[1:], logprobs, nbytes, dbytes, seconds, chosen)
+        return Run(fed[1:], logprobs, nbytes, dbytes, seconds, chosen, recall)
 
     def greedy(self, cache, prefix_len: int, last_prompt_token: int, sel: Selection,
                max_new: int, stop=None) -> Run:

@@ -58,6 +58,12 @@ def test_smoke_rows_and_schema(smoke):
         if r["variant"] in ("reuse4", "lookahead"):
             kind = "reuse" if r["variant"] == "reuse4" else "lookahead"
             assert 0 <= f["recall"][kind] <= 1, f["recall"]
+        if r["variant"] == "lookahead":  # the speculated query, timed apart (in `linear`)
+            assert r["lookahead_query"] == "projected"
+            assert f["speculate_ms_per_step_profiled"] > 0
+            assert any("look-ahead query projected" in n for n in r["notes"])
+        else:
+            assert f["speculate_ms_per_step_profiled"] == 0
     for r in measured:
         if r.get("variant") == "paged":
             # Both dense paths attend to every token: same logits up to fp32 rounding over a
@@ -123,3 +129,42 @@ def test_bad_flags_are_named():
         md.main(["--device", "cpu", "--placements", "gpu,fpga", "--fpga_schemes", "reuse9"])
     with pytest.raises(ValueError, match="deadline_ms must be a positive number, got -1"):
         md.main(["--device", "cpu", "--deadline_ms", "-1"])
+
+
+def test_speculated_query_is_the_next_layers_query(gen):
+    """Runner.speculated_query(x, j) (look-ahead, lookahead_query=projected) is exactly the
+    query layer j computes in step() when its input residual is x: the same RMSNorm, W_q rows
+    and RoPE; another layer's weights or another position give another query."""
+    import argparse
+
+    import torch
+    seed = int(torch.randint(0, 1 << 30, (1,), generator=gen))
+    g = torch.Generator().manual_seed(seed)
+    model = md.Model(md.MODELS["tiny"], torch.float32, torch.device("cpu"), g)
+    s = model.s
+    for lw in model.layers:  # norms with weight != 1, so a missing norm weight shows
+        lw["n1"].uniform_(0.5, 1.5, generator=g)
+    args = argparse.Namespace(page=16, budget=32, dense_layers=1, sinks=1, locals=1,
+                              fpga_list=[])
+    runner = md.Runner(model, 64, 2, args, g)
+    x = torch.randn(2, s.hidden, generator=g)
+    j = 1
+    lw = model.layers[j]
+    qkv = torch.nn.functional.linear(md.rms_norm(x, lw["n1"]), lw["qkv"])
+    qk = md.apply_rope(qkv[:, :(s.q_heads + s.kv_heads) * s.head_dim]
+                       .view(2, s.q_heads + s.kv_heads, s.head_dim), runner.cos, runner.sin)
+    want = qk[:, :s.q_heads]
+    got = runner.speculated_query(x, j)
+    # The same float32 operations in the same order on the same values: equal up to the GEMV
+    # over a column slice of the weight (a different BLAS blocking may reorder the sum over
+    # 256 terms: at most 256 u |x||W| per element).
+    mag = (md.rms_norm(x, lw["n1"]).abs()
+           @ lw["qkv"][:s.q_heads * s.head_dim].abs().T).view_as(want)
+    mag = mag + mag.roll(s.head_dim // 2, dims=-1)  # RoPE mixes the two halves
+    bound = 2 * (256 + 3) * 2.0 ** -24 * mag
+    assert ((got - want).abs() <= bound).all()
+    # Known-wrong: layer 0's weights, or the query un-rotated.
+    assert not ((runner.speculated_query(x, 0) - want).abs() <= bound).all()
+    plain = qkv[:, :s.q_heads * s.head_dim].view_as(want)
+    assert not ((plain - want).abs() <= bound).all()
+    runner.plan.shutdown()

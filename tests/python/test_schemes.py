@@ -105,7 +105,10 @@ def run_decoder(cfg: MempipeConfig, seed: int, device, steps=12, layers=4,
             out = torch.full((B, H, D), float("nan"), device=device)  # poisoned
             if hook is not None:
                 q = hook(step, i, q)
-            pl.decode(q, caches[i], dev_table, lens_dev, out)
+            ahead = None  # lookahead_query=projected: layer i+1's W_q on layer i's input
+            if cfg.lookahead and cfg.lookahead_query == "projected" and i + 1 < layers:
+                ahead = (x @ weights[i + 1]["q"]).view(B, H, D)
+            pl.decode(q, caches[i], dev_table, lens_dev, out, lookahead_query=ahead)
             step_outs.append(out.cpu())
             x = x + out.reshape(B, -1) @ lw["o"]
         tok = (x @ unembed).argmax(-1).cpu()
@@ -131,6 +134,7 @@ SCHEMES = {
     "reuse3_sync": {"reuse": 3, "reuse_async": False},
     "reuse2_pipelined": {"reuse": 2, "mode": "pipelined", "micro_batches": 2},
     "lookahead": {"lookahead": True},
+    "lookahead_same": {"lookahead": True, "lookahead_query": "same"},
     "lookahead_pipelined": {"lookahead": True, "mode": "pipelined", "micro_batches": 3},
 }
 
@@ -200,7 +204,7 @@ def _fallbacks(m: dict) -> int:
     return int(by)
 
 
-@pytest.mark.parametrize("scheme", ["pipelined2", "pipelined4", "lookahead"])
+@pytest.mark.parametrize("scheme", ["pipelined2", "pipelined4", "lookahead", "lookahead_same"])
 def test_schemes_without_reuse_keep_the_tokens_of_sync_where_they_should(scheme, gen):
     """Pipelined micro-batches give exactly the sync answer (selection is per sequence); on
     placement cpu as on fpga."""
@@ -308,13 +312,16 @@ def test_selection_recall_hand_built():
                                     exact_counts) == (2, 6)
 
 
+@pytest.mark.parametrize("query", ["same", "projected"])
 @pytest.mark.parametrize("placement", ["cpu", pytest.param("fpga", marks=needs_offload)])
-def test_lookahead_recall_is_measured(placement, gen):
+def test_lookahead_recall_is_measured(placement, query, gen):
     """Look-ahead recall against a hand-built case: layer 1 reads layer 0's cache (digests
     shared); scored with layer 1's own query the look-ahead selection is the exact one (recall
-    1); with the query negated it is not (recall < 1: the check can fail)."""
+    1); with the query negated it is not (recall < 1: the check can fail). `same`: layer 0's
+    own query is what scores layer 1's digests; `projected`: the speculated query handed to
+    layer 0's decode is (layer 0's own query is then a wrong one, -q: unused)."""
     g = torch.Generator().manual_seed(_seed(gen))
-    cfg = _cfg(placement, lookahead=True, dense_layers=0, budget=64)
+    cfg = _cfg(placement, lookahead=True, lookahead_query=query, dense_layers=0, budget=64)
     B, n = 2, 150
     num_blocks = B * 12
     bt = torch.arange(num_blocks, dtype=torch.int32).view(B, 12)
@@ -338,8 +345,12 @@ def test_lookahead_recall_is_measured(placement, gen):
             q = torch.randn(B, H, D, generator=g)
             out = torch.empty(B, H, D)
             st.profile_recall = step == 2
-            a.decode(q, cache, bt, lens, out)
-            b.decode(q * sign, cache, bt, lens, out)
+            if query == "same":
+                a.decode(q, cache, bt, lens, out)
+                b.decode(q * sign, cache, bt, lens, out)
+            else:
+                a.decode(-q, cache, bt, lens, out, lookahead_query=q)
+                b.decode(q * sign, cache, bt, lens, out)
         return st.report()["recall"]
 
     assert measure(1.0)["lookahead"] == 1.0
@@ -415,7 +426,7 @@ def hf_model():
 
 def _hf_generate(model, ids, cfg, steps=10):
     import mempipe.hf
-    cache = mempipe.hf.MempipeCache(cfg)
+    cache = mempipe.hf.MempipeCache(cfg, model=model)
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps,
                              min_new_tokens=steps, do_sample=False, past_key_values=cache)

@@ -24,7 +24,7 @@ SCHEMES = {
     "sync": "",
     "pipelined": ",mode=pipelined,micro_batches=2",
     "reuse": ",reuse=3",
-    "lookahead": ",lookahead=true",
+    "lookahead": ",lookahead=true,lookahead_query=same",  # projected: refused (hf only)
 }
 
 
@@ -101,3 +101,17 @@ def test_vllm_fpga_matches_cpu(monkeypatch, gen, scheme):
     # Known-wrong: another budget gives other outputs (the comparison can fail).
     other, _, _ = _run(monkeypatch, "cpu", scheme, seed, budget=32)
     assert not all(torch.equal(a, b) for a, b in zip(want, other))
+
+
+def test_vllm_refuses_the_projected_lookahead_query(monkeypatch):
+    """lookahead_query=projected (the default) needs the residual stream and the next layer's
+    weights, which an attention backend does not see: refused, naming the way out; `same`
+    is accepted."""
+    monkeypatch.setenv("MEMPIPE_CONFIG", f"placement=cpu,budget=48,page_size={BS},"
+                       "lookahead=true")
+    with set_current_vllm_config(VllmConfig()):
+        with pytest.raises(ValueError, match="set lookahead_query=same"):
+            MempipeAttentionImpl(H, D, D ** -0.5, KVH)
+        monkeypatch.setenv("MEMPIPE_CONFIG", f"placement=cpu,budget=48,page_size={BS},"
+                           "lookahead=true,lookahead_query=same")
+        assert MempipeAttentionImpl(H, D, D ** -0.5, KVH).config.lookahead_query == "same"

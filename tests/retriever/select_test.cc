@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <tuple>
@@ -153,6 +154,68 @@ TEST(SelectPages, MatchesSortReferenceWithTiesAndEdgeLengths) {
       }
     }
   }
+}
+
+// Scores full of the values an ordering can get wrong: NaN (ranks as -inf), -inf, -0 and +0
+// (equal: ties go to the lower page), denormals, +inf. SelectPages (a radix select on the
+// scores' bits) against a sort by the float comparison. The same data is shown to separate
+// a known-wrong ordering (raw float bits as signed integers, which ranks -0 below +0 and
+// orders NaN by its bits) from the right one.
+TEST(SelectPages, SpecialValuesMatchTheFloatOrder) {
+  std::mt19937_64 rng(TestSeed());
+  const float kSpecial[] = {NAN,   -NAN,  -INFINITY, INFINITY,
+                            -0.0f, 0.0f,  1e-45f,    -1e-45f,
+                            1.0f,  -1.0f, 3.5f,      std::numeric_limits<float>::max()};
+  const int block_size = 16, kv_heads = 2;
+  auto key = [](float f) { return std::isnan(f) ? -INFINITY : f; };
+  int wrong_differs = 0;
+  for (int trial = 0; trial < 40; ++trial) {
+    SelectionConfig cfg;
+    std::uniform_int_distribution<int> k_dist(3, 40), n_dist(1, 300), v_dist(0, 11);
+    const int k = k_dist(rng);
+    cfg.budget_tokens = k * block_size;
+    std::vector<int32_t> lens = {n_dist(rng) * block_size, (k + 1) * block_size - 3};
+    int max_blocks = 0;
+    for (int len : lens) max_blocks = std::max(max_blocks, NumPages(len, block_size));
+    std::vector<int32_t> table(lens.size() * max_blocks, 0);
+    std::vector<float> scores(lens.size() * kv_heads * max_blocks);
+    for (float& x : scores) x = kSpecial[v_dist(rng)];
+    std::vector<int32_t> pages(lens.size() * kv_heads * k, 77), counts(lens.size() * kv_heads);
+    const BlockTableView tv{table.data(), lens.data(), 2, max_blocks};
+    const SelectionView out{pages.data(), counts.data(), 2, kv_heads, k};
+    ASSERT_TRUE(SelectPages(scores.data(), tv, block_size, kv_heads, cfg, out).ok());
+    for (int s = 0; s < 2; ++s) {
+      for (int h = 0; h < kv_heads; ++h) {
+        const float* sc = &scores[(s * kv_heads + h) * max_blocks];
+        const int n = NumPages(lens[s], block_size);
+        auto select_by = [&](auto better) {
+          std::vector<int> all(n);
+          std::iota(all.begin(), all.end(), 0);
+          if (n <= k) return all;
+          std::vector<int> middle(all.begin() + 1, all.end() - 1);
+          std::stable_sort(middle.begin(), middle.end(), better);
+          std::vector<int> r = {0};
+          r.insert(r.end(), middle.begin(), middle.begin() + (k - 2));
+          r.push_back(n - 1);
+          std::sort(r.begin(), r.end());
+          return r;
+        };
+        const auto ref = select_by([&](int a, int b) { return key(sc[a]) > key(sc[b]); });
+        const auto wrong = select_by([&](int a, int b) {
+          int32_t ia, ib;
+          std::memcpy(&ia, &sc[a], 4);
+          std::memcpy(&ib, &sc[b], 4);
+          return ia > ib;
+        });
+        wrong_differs += wrong != ref;
+        ASSERT_EQ(out.Count(s, h), static_cast<int>(ref.size()));
+        for (size_t i = 0; i < ref.size(); ++i) {
+          ASSERT_EQ(out.Row(s, h)[i], ref[i]) << "trial " << trial << " seq " << s << " slot " << i;
+        }
+      }
+    }
+  }
+  EXPECT_GT(wrong_differs, 0) << "the data never separates a raw-bits ordering from the right one";
 }
 
 TEST(SelectPages, BadConfigNamesTheValue) {

@@ -123,6 +123,15 @@ def prefill_kernel_choice() -> tuple[str, int]:
 logger = init_logger("vllm.mempipe")
 
 
+def _vllm_reasons(cfg) -> list[str]:
+    """What this backend cannot run although the configuration is valid."""
+    if cfg.lookahead and cfg.lookahead_query == "projected":
+        return ["lookahead_query=projected speculates layer L+1's query from the residual "
+                "stream with the model's weights, which vLLM's attention backend does not see "
+                "(it gets q, k, v only): set lookahead_query=same with lookahead=true on vLLM"]
+    return []
+
+
 def load_config(vllm_config: VllmConfig | None = None):
     """mempipe's configuration: vLLM's additional_config["mempipe"], then MEMPIPE_CONFIG."""
     extra = {}
@@ -185,6 +194,7 @@ class MempipeAttentionBackend(AttentionBackend):
         except ValueError as e:
             return reasons + [str(e)]
         reasons += cfg.validate(max_model_len=_max_model_len(get_current_vllm_config()))
+        reasons += _vllm_reasons(cfg)
         if block_size is not None and block_size != cfg.page_size:
             reasons.append(f"mempipe page_size {cfg.page_size} differs from the block size "
                            f"{block_size}; pass --block-size {cfg.page_size} or set page_size")
@@ -415,6 +425,7 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
         vllm_config = get_current_vllm_config()
         self.config = load_config(vllm_config)
         reasons = self.config.validate(max_model_len=_max_model_len(vllm_config))
+        reasons += _vllm_reasons(self.config)
         if reasons:
             raise ValueError("mempipe configuration rejected: " + "; ".join(reasons))
         self._layer: PagedLayer | None = None

@@ -1,0 +1,26 @@
+// mempipe core: the AVX-512 intrinsics for the host kernels, without requiring -mavx512f.
+//
+// Functions that use AVX-512 are marked MEMPIPE_TARGET_AVX512: compiled for it whatever -march
+// says, and only called after the run-time check (UseAvx512Kernel(), core/cpu_kernel.h), so the
+// default build stays portable. MEMPIPE_AVX512_KERNEL is 0 where the compiler cannot build them
+// (then only the portable kernels exist). Include this header from .cc files only.
+#ifndef MEMPIPE_CORE_AVX512_H_
+#define MEMPIPE_CORE_AVX512_H_
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own _mm512_undefined_*()
+// values; the warning is attributed to the header's lines, so it is silenced for them only.
+#pragma GCC diagnostic push
+#if !defined(__clang__)  // clang (clang-tidy in .ci/lint.sh) has no -Wmaybe-uninitialized
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+#define MEMPIPE_AVX512_KERNEL 1
+#define MEMPIPE_TARGET_AVX512 __attribute__((target("avx512f")))
+#else
+#define MEMPIPE_AVX512_KERNEL 0
+#endif
+
+#endif  // MEMPIPE_CORE_AVX512_H_

@@ -1,0 +1,38 @@
+// mempipe core: which host (CPU) kernel family runs, chosen at run time.
+//
+// The decode kernels (attention/decode.h) and the relevancy scan (retriever/relevancy.h) each
+// have an AVX-512 implementation, compiled with a target attribute (core/avx512.h) so the
+// default build stays portable without -DMEMPIPE_CPU_ARCH, and a portable one. One
+// process-wide switch picks between them, so a benchmark or a test sets both at once:
+//
+//   MEMPIPE_ASSIGN_OR_RETURN(CpuKernel k, ParseCpuKernel("portable"));
+//   MEMPIPE_RETURN_IF_ERROR(SetCpuKernel(k));
+//   if (UseAvx512Kernel()) { ... }
+#ifndef MEMPIPE_CORE_CPU_KERNEL_H_
+#define MEMPIPE_CORE_CPU_KERNEL_H_
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+
+namespace mempipe {
+
+// Which host implementation the kernels use (process-wide; default kAuto).
+enum class CpuKernel : int {
+  kAuto = 0,      // AVX-512 when the CPU has AVX-512F, else portable
+  kPortable = 1,  // plain C++ (what the compiler vectorizes for the build's -march)
+  kAvx512 = 2,    // AVX-512F intrinsics (FailedPrecondition where the CPU lacks it)
+};
+// FailedPrecondition for kAvx512 where the CPU (or this build's compiler) lacks AVX-512F.
+[[nodiscard]] absl::Status SetCpuKernel(CpuKernel kernel);
+// Accepts auto, portable, avx512; InvalidArgument naming anything else.
+absl::StatusOr<CpuKernel> ParseCpuKernel(absl::string_view name);
+bool CpuKernelAvailable(CpuKernel kernel);
+// True when the next kernel call takes its AVX-512 path.
+bool UseAvx512Kernel();
+// "avx512" or "portable": the implementation the next call will use.
+absl::string_view ActiveCpuKernelName();
+
+}  // namespace mempipe
+
+#endif  // MEMPIPE_CORE_CPU_KERNEL_H_
