@@ -16,7 +16,7 @@ and reports mempipe / CPU_ATTN ratios. The machine may be shared: ratios from in
 are the figures to quote (the backend that runs first alternates from row to row), and
 `uptime` is printed with every run. Progress: each run's prefill and decode lines as they end.
 
-The final quiet run (issue 16; about 15 minutes on the 2-vCPU build VM, quiet):
+The final quiet run (issue 16; about 12-15 minutes on the 2-vCPU build VM, quiet):
 
   python integration/bench/vllm_cpu_bench.py --rows fp32:6144,fp32:8192,bf16:6144 \\
       --batch 4 --new-tokens 32 --json vllm_cpu_quiet.json
