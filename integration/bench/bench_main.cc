@@ -413,6 +413,7 @@ int Main() {
     }
     std::printf("\n");
     for (const auto& r : results) {
+      if (r.apply_device != "cpu") continue;  // the host's bandwidth says nothing of a GPU's
       std::printf(
           "  %-6s apply (%s kernel) reads %.1f MiB of K/V: wall %.1f ms = %.1f GB/s = %.0f%% of "
           "%.1f; CPU %.1f ms per thread = %.1f GB/s = %.0f%% of %.1f\n",
