@@ -146,7 +146,9 @@ void PortableScoreRow(const float* q, int groups, int d, const DigestView& diges
 // fl(float(q) * scale), int8_digest::Dequantize.
 
 // 16 digest channels as fp32, channel order kept. `scale` is used by int8 only.
-MEMPIPE_TARGET_AVX512 inline __m512 LoadRow16(const float* p, __m512) { return _mm512_loadu_ps(p); }
+[[maybe_unused]] MEMPIPE_TARGET_AVX512 inline __m512 LoadRow16(const float* p, __m512) {
+  return _mm512_loadu_ps(p);
+}
 MEMPIPE_TARGET_AVX512 inline __m512 LoadRow16(const Half* p, __m512) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
