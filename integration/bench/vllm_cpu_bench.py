@@ -78,8 +78,11 @@ def child(args) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
     kwargs = {"attention_backend": args.backend}
+    # mempipe refuses a budget above max_model_len: short prompts get room for the budget (both
+    # backends, so the engines stay alike; the KV cache size is fixed by --kv-cache-gib).
+    max_model_len = max(args.length + args.new_tokens + 8, args.budget)
     llm = LLM(model=args.model_dir, dtype=VLLM_DTYPE[args.dtype], enforce_eager=True,
-              block_size=args.page_size, max_model_len=args.length + args.new_tokens + 8,
+              block_size=args.page_size, max_model_len=max_model_len,
               max_num_seqs=args.batch, enable_prefix_caching=True,
               max_num_batched_tokens=max(8192, args.length), seed=0,
               kv_cache_memory_bytes=args.kv_cache_gib << 30, **kwargs)
@@ -199,7 +202,8 @@ def main(argv=None) -> int:
                   flush=True)
             cmd = [sys.executable, __file__, "--child", "--backend", backend, "--dtype", dtype,
                    "--length", str(length), "--batch", str(args.batch), "--new-tokens",
-                   str(args.new_tokens), "--page-size", str(args.page_size), "--model-dir",
+                   str(args.new_tokens), "--page-size", str(args.page_size), "--budget",
+                   str(args.budget), "--model-dir",
                    str(model_dir), "--kv-cache-gib", str(args.kv_cache_gib), "--seed", str(args.seed)]
             try:  # stderr (progress, warnings, errors) goes straight to ours
                 p = subprocess.run(cmd, env=run_env, stdout=subprocess.PIPE, text=True,

@@ -79,9 +79,12 @@ def main(argv=None) -> int:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from mempipe import config as mempipe_config
     from mempipe.vllm import profile
+    # mempipe refuses a budget above max_model_len: short prompts get room for the budget.
+    max_model_len = max(args.length + args.new_tokens + 8, mempipe_config.load({}).budget)
     llm = LLM(model=args.model_dir, dtype=VLLM_DTYPE[args.dtype], enforce_eager=True,
-              block_size=args.page_size, max_model_len=args.length + args.new_tokens + 8,
+              block_size=args.page_size, max_model_len=max_model_len,
               max_num_seqs=args.batch, enable_prefix_caching=True,
               max_num_batched_tokens=max(8192, args.length), seed=0,
               kv_cache_memory_bytes=args.kv_cache_gib << 30, attention_backend=args.backend)

@@ -222,12 +222,14 @@ class PagedLayer:
         self.num_threads = max(1, torch.get_num_threads())
         self._digests: digest_store.Digests | None = None
         self._digests_key: tuple | None = None
+        self._digests_cache: torch.Tensor | None = None  # the cache object of _digests_key
         # A layer that reads another layer's KV cache (vLLM's kv_sharing_target_layer_name)
         # scores with that layer's digests; the target keeps digests even when it is dense.
         self.digest_source: PagedLayer | None = None
         self.keep_digests = False
-        # Calls per path, for tests and for counting what ran where.
-        self.calls = {"sparse": 0, "dense": 0, "prefill": 0}
+        # Calls per path, for tests and for counting what ran where ("covered": a sparse layer's
+        # decode that ran the dense kernel because the budget covered every context, decode()).
+        self.calls = {"sparse": 0, "dense": 0, "prefill": 0, "covered": 0}
 
     def _plan(self, device: torch.device) -> DecodePlan:
         return self.plan if self.plan is not None else default_plan(device)
@@ -244,10 +246,13 @@ class PagedLayer:
         """
         if self.digest_source is not None:
             return self.digest_source.digests(kv_cache)
+        if kv_cache is self._digests_cache:  # NOTE: per-call fast path (the same cache object)
+            return self._digests
         key = (kv_cache.data_ptr(), tuple(kv_cache.shape), kv_cache.dtype)
         if self._digests is None or self._digests_key != key:
             self._digests = digest_store.for_cache(kv_cache, self.config.digest_dtype)
             self._digests_key = key
+        self._digests_cache = kv_cache
         return self._digests
 
     def append(self, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tensor,
@@ -305,8 +310,17 @@ class PagedLayer:
     def decode(self, query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                seq_lens: torch.Tensor, out: torch.Tensor,
                digests: digest_store.Digests | None = None,
-               lookahead_query: torch.Tensor | None = None) -> None:
+               lookahead_query: torch.Tensor | None = None,
+               max_seq_len: int | None = None) -> None:
         """One query token per sequence: sparse (steps 2-4) or dense. Writes `out`.
+
+        `max_seq_len`: an upper bound of `seq_lens` the caller knows on the host (vLLM's
+        CommonAttentionMetadata.max_seq_len), or None. On host tensors in the plain path, a
+        sparse layer whose budget covers it (max_seq_len <= budget: every sequence has at most
+        budget / page_size pages, so the selection would be every page) runs the dense kernel
+        instead of scoring, selecting and attending to all pages (calls["covered"]): the same
+        attention, without the scan and the page lists. Not on CUDA tensors, where a captured
+        graph would replay the path chosen for the capture's lengths.
 
         The schemes of the configuration (mempipe.config): placement fpga (the card selects,
         the decode device waits stream-ordered and falls back by predicate), pipelined
@@ -326,8 +340,10 @@ class PagedLayer:
             pages, counts, select_ws, decode_ws = self._plan(query.device).views(
                 num_seqs, self.num_heads, self.num_kv_heads, max_blocks, max_selected,
                 query.device)
-            if not self.sparse:
-                self.calls["dense"] += 1
+            covered = (self.sparse and max_seq_len is not None and max_seq_len <= c.budget
+                       and query.device.type == "cpu")
+            if not self.sparse or covered:
+                self.calls["covered" if covered else "dense"] += 1
                 _mempipe.dense_decode(query, kv_cache, block_table, seq_lens, out, self.scale,
                                       num_threads=self.num_threads, workspace=decode_ws)
                 return

@@ -58,6 +58,7 @@ import re
 import time
 from typing import ClassVar
 
+import numpy as np
 import torch
 from vllm.config import VllmConfig, get_current_vllm_config
 from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl, AttentionLayer,
@@ -96,6 +97,15 @@ def attention_threads() -> int:
     if n < 0:
         raise ValueError(f"MEMPIPE_CPU_ATTN_THREADS must be an integer >= 0, got {raw!r}")
     return n or max(1, torch.get_num_threads())
+
+
+def covered_dense() -> bool:
+    """MEMPIPE_VLLM_COVERED_DENSE, checked: 1 (default) lets a sparse layer decode with the dense
+    kernel on steps where the budget covers every request's context (the CPU worker only)."""
+    raw = os.environ.get("MEMPIPE_VLLM_COVERED_DENSE", "1")
+    if raw not in ("0", "1"):
+        raise ValueError(f"MEMPIPE_VLLM_COVERED_DENSE must be 0 or 1, got {raw!r}")
+    return raw == "1"
 
 
 def prefill_kernel_choice() -> tuple[str, int]:
@@ -224,6 +234,10 @@ class MempipeMetadata:
     max_prefill_len: int = 0          # longest prefill request's new tokens
     # What every layer of the step shares for prefill (VllmCpuPrefill's plan), made by the first.
     prefill_state: dict = dataclasses.field(default_factory=dict)
+    # vLLM's upper bound of the step's context lengths, where a sparse layer may decode densely
+    # when its budget covers it (PagedLayer.decode's max_seq_len; MEMPIPE_VLLM_COVERED_DENSE,
+    # CPU only); None otherwise.
+    covered_len: int | None = None
 
     @property
     def all_decode(self) -> bool:
@@ -264,6 +278,12 @@ class MempipeMetadataBuilder(AttentionMetadataBuilder[MempipeMetadata]):
         self.device = device
         self.plan = DecodePlan()
         self._reserve_plan()
+        # Host-side decode steps only: cm.max_seq_len hands the layers the covered-budget hint.
+        self._covered_dense = device.type == "cpu" and covered_dense()
+        # Per-step tensors that depend only on the batch size (decode rows 0..n-1, empty
+        # prefill parts), made once per size and shared by every step of that size: nothing
+        # writes them (forward reads them as indices and lengths).
+        self._fixed: dict[int, tuple[torch.Tensor, ...]] = {}
         if profile_enabled_by_env():
             PROFILE.enable()
         logger.info_once("mempipe attention backend: %s", load_config(vllm_config))
@@ -283,9 +303,27 @@ class MempipeMetadataBuilder(AttentionMetadataBuilder[MempipeMetadata]):
         except (AttributeError, TypeError) as e:  # NOTE: buffers then grow on first use
             logger.info_once("mempipe: plan not reserved up front (%s)", e)
 
+    def _fixed_tensors(self, num_reqs: int, dev: torch.device) -> tuple[torch.Tensor, ...]:
+        """(arange(num_reqs) int64, empty int64, zeros(1) int32, empty int32) on `dev`."""
+        hit = self._fixed.get(num_reqs)
+        if hit is None or hit[0].device != dev:
+            hit = self._fixed[num_reqs] = (
+                torch.arange(num_reqs, dtype=torch.int64, device=dev),
+                torch.empty(0, dtype=torch.int64, device=dev),
+                torch.zeros(1, dtype=torch.int32, device=dev),
+                torch.empty(0, dtype=torch.int32, device=dev))
+        return hit
+
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> MempipeMetadata:
-        cm = common_attn_metadata
+        if PROFILE.enabled:
+            t0 = time.perf_counter()
+            meta = self._build(common_attn_metadata)
+            PROFILE.add("build", time.perf_counter() - t0)
+            return meta
+        return self._build(common_attn_metadata)
+
+    def _build(self, cm: CommonAttentionMetadata) -> MempipeMetadata:
         num_reqs = cm.num_reqs
         dev = cm.block_table_tensor.device
         qsl = cm.query_start_loc_cpu[:num_reqs + 1].to(torch.int32)
@@ -294,59 +332,79 @@ class MempipeMetadataBuilder(AttentionMetadataBuilder[MempipeMetadata]):
         slot_mapping = cm.slot_mapping[:cm.num_actual_tokens].to(torch.int64)
         if dev.type == "cpu":
             seq_lens, block_table = seq_lens.contiguous(), block_table.contiguous()
-        q_lens = qsl[1:] - qsl[:-1]
+        # The request split on the host, in numpy (a handful of requests: each torch op on such
+        # small tensors costs several times a numpy one).
+        starts = qsl.numpy().astype(np.int64)
+        q_lens = np.diff(starts)
         is_decode = q_lens == 1
         all_decode = bool(is_decode.all())
+        covered_len = cm.max_seq_len if self._covered_dense else None
         if PROFILE.enabled:
             PROFILE.begin_step("decode" if all_decode else "mixed")
+        rows, empty_i64, zero_i32, empty_i32 = self._fixed_tensors(num_reqs, dev)
         if all_decode:  # decode only: vLLM's persistent tensors, no copy, no sync
-            empty_i32 = torch.empty(0, dtype=torch.int32, device=dev)
             return MempipeMetadata(
                 num_actual_tokens=cm.num_actual_tokens,
                 slot_mapping=slot_mapping,
                 query_start_loc=qsl,
                 seq_lens=seq_lens,
                 block_table=block_table,
-                decode_tokens=torch.arange(num_reqs, dtype=torch.int64, device=dev),
+                decode_tokens=rows,
                 decode_seq_lens=seq_lens,
                 decode_block_table=block_table,
-                prefill_tokens=torch.empty(0, dtype=torch.int64, device=dev),
-                prefill_query_start_loc=torch.zeros(1, dtype=torch.int32, device=dev),
+                prefill_tokens=empty_i64,
+                prefill_query_start_loc=zero_i32,
                 prefill_seq_lens=empty_i32,
                 prefill_block_table=block_table[:0],
                 plan=self.plan,
+                covered_len=covered_len,
             )
-        decode = torch.nonzero(is_decode).flatten()
-        prefill = torch.nonzero(~is_decode).flatten()
-        p_lens = q_lens[prefill].to(torch.int64)
-        p_starts = torch.zeros(prefill.numel() + 1, dtype=torch.int64)
-        torch.cumsum(p_lens, 0, out=p_starts[1:])
-        # Token t of compacted prefill request i sits at qsl[prefill[i]] + t in the batch.
+        decode = np.flatnonzero(is_decode)
+        prefill = np.flatnonzero(~is_decode)
+        p_lens = q_lens[prefill]
+        p_starts = np.zeros(prefill.size + 1, dtype=np.int64)
+        np.cumsum(p_lens, out=p_starts[1:])
         p_total = int(p_starts[-1])
-        within = torch.arange(p_total) - torch.repeat_interleave(p_starts[:-1], p_lens)
-        prefill_tokens = torch.repeat_interleave(qsl[prefill].to(torch.int64), p_lens) + within
-        num_decode = decode.numel()
-        rows_split = bool(torch.equal(decode, torch.arange(num_decode)) and
-                          torch.equal(prefill_tokens,
-                                      torch.arange(num_decode, num_decode + p_total)))
+        num_decode = decode.size
+        # Decode requests first (vLLM orders a mixed batch so): their tokens are rows
+        # [0, num_decode) and the prefill tokens the rows after them, in request order.
+        rows_split = bool(starts[0] == 0) and (num_decode == 0 or
+                                               int(decode[-1]) == num_decode - 1)
+        if rows_split:
+            prefill_tokens = torch.arange(num_decode, num_decode + p_total, dtype=torch.int64)
+            decode_seq_lens = seq_lens[:num_decode]
+            decode_block_table = block_table[:num_decode]
+            prefill_seq_lens = seq_lens[num_decode:]
+            prefill_block_table = block_table[num_decode:]
+        else:
+            # Token t of compacted prefill request i sits at starts[prefill[i]] + t.
+            within = np.arange(p_total) - np.repeat(p_starts[:-1], p_lens)
+            prefill_tokens = torch.from_numpy(np.repeat(starts[prefill], p_lens) + within)
+            decode_d = torch.from_numpy(decode).to(dev, non_blocking=True)
+            prefill_d = torch.from_numpy(prefill).to(dev, non_blocking=True)
+            decode_seq_lens = seq_lens.index_select(0, decode_d)
+            decode_block_table = block_table.index_select(0, decode_d)
+            prefill_seq_lens = seq_lens.index_select(0, prefill_d)
+            prefill_block_table = block_table.index_select(0, prefill_d)
         on = lambda t: t.to(dev, non_blocking=True)  # noqa: E731  (host index tensors)
-        decode_d, prefill_d = on(decode), on(prefill)
         return MempipeMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             slot_mapping=slot_mapping.contiguous(),
             query_start_loc=qsl.contiguous(),
             seq_lens=seq_lens,
             block_table=block_table,
-            decode_tokens=on(qsl[decode].to(torch.int64)),
-            decode_seq_lens=seq_lens.index_select(0, decode_d).contiguous(),
-            decode_block_table=block_table.index_select(0, decode_d).contiguous(),
+            decode_tokens=rows[:num_decode] if rows_split else
+            on(torch.from_numpy(starts[decode])),
+            decode_seq_lens=decode_seq_lens.contiguous(),
+            decode_block_table=decode_block_table.contiguous(),
             prefill_tokens=on(prefill_tokens),
-            prefill_query_start_loc=on(p_starts.to(torch.int32)),
-            prefill_seq_lens=seq_lens.index_select(0, prefill_d).contiguous(),
-            prefill_block_table=block_table.index_select(0, prefill_d).contiguous(),
+            prefill_query_start_loc=on(torch.from_numpy(p_starts.astype(np.int32))),
+            prefill_seq_lens=prefill_seq_lens.contiguous(),
+            prefill_block_table=prefill_block_table.contiguous(),
             plan=self.plan,
             rows_split=rows_split,
             max_prefill_len=int(p_lens.max()) if p_total else 0,
+            covered_len=covered_len,
         )
 
 
@@ -429,6 +487,9 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
         if reasons:
             raise ValueError("mempipe configuration rejected: " + "; ".join(reasons))
         self._layer: PagedLayer | None = None
+        # vLLM hands forward() the same cache tensor every step: its mempipe view, checked once.
+        self._kv_source: torch.Tensor | None = None
+        self._kv_view: torch.Tensor | None = None
         self._prefill_kernel, self._prefill_min_tokens = prefill_kernel_choice()
         self._vllm_prefill: VllmCpuPrefill | None = None
         self._attention_threads = attention_threads()
@@ -460,6 +521,18 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
             self._layer.digest_source = self._target._layer
         return self._layer
 
+    def _cache_view(self, kv_cache: torch.Tensor) -> torch.Tensor:
+        """as_mempipe_cache(kv_cache) with the page size checked, once per cache tensor."""
+        if kv_cache is self._kv_source:
+            return self._kv_view
+        kv = as_mempipe_cache(kv_cache, self.num_kv_heads, self.head_size)
+        if kv.shape[2] != self.config.page_size:
+            raise ValueError(f"mempipe page_size {self.config.page_size} differs from the KV "
+                             f"cache block size {kv.shape[2]}; pass --block-size "
+                             f"{self.config.page_size}")
+        self._kv_source, self._kv_view = kv_cache, kv
+        return kv
+
     def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor,
                 value: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: MempipeMetadata,
                 output: torch.Tensor, output_scale: torch.Tensor | None = None,
@@ -482,27 +555,30 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
                  output: torch.Tensor) -> None:
         m = attn_metadata
         n = m.num_actual_tokens
-        kv = as_mempipe_cache(kv_cache, self.num_kv_heads, self.head_size)
-        if kv.shape[2] != self.config.page_size:
-            raise ValueError(f"mempipe page_size {self.config.page_size} differs from the KV "
-                             f"cache block size {kv.shape[2]}; pass --block-size "
-                             f"{self.config.page_size}")
-        paged = self._paged_layer(layer)
+        kv = self._cache_view(kv_cache)
+        paged = self._layer
+        if paged is None or self._target is not None:
+            paged = self._paged_layer(layer)
         if m.plan is not None:
             paged.plan = m.plan
         if self.kv_sharing_target_layer_name is None:
-            paged.append(kv, m.slot_mapping, key[:n], value[:n])
-        q = query[:n]
-        out = output.view(-1, self.num_heads, self.head_size)[:n]
+            if key.shape[0] != n:  # NOTE: slices only where vLLM padded the batch
+                key, value = key[:n], value[:n]
+            paged.append(kv, m.slot_mapping, key, value)
+        q = query if query.shape[0] == n else query[:n]
+        out = output.view(-1, self.num_heads, self.head_size)
+        if out.shape[0] != n:
+            out = out[:n]
         if m.all_decode:
-            paged.decode(q, kv, m.decode_block_table, m.decode_seq_lens, out)
+            paged.decode(q, kv, m.decode_block_table, m.decode_seq_lens, out,
+                         max_seq_len=m.covered_len)
             return output
         if out.device.type != "cpu":
             if m.decode_tokens.numel():
                 od = torch.empty(m.decode_tokens.numel(), self.num_heads, self.head_size,
                                  dtype=out.dtype, device=out.device)
                 paged.decode(q.index_select(0, m.decode_tokens), kv, m.decode_block_table,
-                             m.decode_seq_lens, od)
+                             m.decode_seq_lens, od, max_seq_len=m.covered_len)
                 out.index_copy_(0, m.decode_tokens, od)
             op = torch.empty(m.prefill_tokens.numel(), self.num_heads, self.head_size,
                              dtype=out.dtype, device=out.device)
@@ -514,11 +590,11 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
         if num_decode:
             if m.rows_split:
                 paged.decode(q[:num_decode], kv, m.decode_block_table, m.decode_seq_lens,
-                             out[:num_decode])
+                             out[:num_decode], max_seq_len=m.covered_len)
             else:
                 od = torch.empty(num_decode, self.num_heads, self.head_size, dtype=out.dtype)
                 paged.decode(q.index_select(0, m.decode_tokens), kv, m.decode_block_table,
-                             m.decode_seq_lens, od)
+                             m.decode_seq_lens, od, max_seq_len=m.covered_len)
                 out.index_copy_(0, m.decode_tokens, od)
         if m.rows_split:
             pq, op = q[num_decode:], out[num_decode:]
