@@ -30,8 +30,9 @@ def model_dir(tmp_path_factory):
     return str(write_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
 
 
-def generate(model_dir, backend, mempipe_config=None, inproc=False, check_selection=False):
-    env = dict(os.environ, VLLM_TARGET_DEVICE="cpu")
+def generate(model_dir, backend, mempipe_config=None, inproc=False, check_selection=False,
+             extra_env=None):
+    env = dict(os.environ, VLLM_TARGET_DEVICE="cpu", **(extra_env or {}))
     env.pop("MEMPIPE_CONFIG", None)
     if mempipe_config:
         env["MEMPIPE_CONFIG"] = mempipe_config
@@ -68,10 +69,12 @@ def test_custom_full_budget_matches_default_backend(model_dir, default_tokens):
 def test_custom_int8_digests_full_budget_matches_default_backend(model_dir, default_tokens):
     # digest_dtype=int8 (mempipe.digests): every layer keeps int8 codes + per-page scales, the
     # sparse layers score them, and at a budget covering every context the greedy tokens equal
-    # vLLM's own backend's (which the native digests give too: the test above).
+    # vLLM's own backend's (which the native digests give too: the test above). The budget
+    # covers every context, so the sparse layers are kept on their sparse path (by default
+    # they would decode densely: MEMPIPE_VLLM_COVERED_DENSE, test_vllm_overhead.py).
     result, _ = generate(model_dir, "CUSTOM",
                          f"page_size={BLOCK},budget=1024,dense_layers=1,digest_dtype=int8",
-                         inproc=True)
+                         inproc=True, extra_env={"MEMPIPE_VLLM_COVERED_DENSE": "0"})
     assert result["impls"] == ["MempipeAttentionImpl"]
     assert result["digests"] == ["Int8Digests"], result["digests"]
     assert result["tokens"] == default_tokens["tokens"]

@@ -39,6 +39,9 @@ def generate(model_dir, backend, mempipe_config=None):
     env = dict(os.environ, VLLM_TARGET_DEVICE="cpu",
                VLLM_CPU_OMP_THREADS_BIND=os.environ.get("MEMPIPE_TEST_TP_BIND", "0|1"))
     env.pop("MEMPIPE_CONFIG", None)
+    # The full-budget run checks each rank's sparse path over every page: keep sparse layers on
+    # it where the budget covers the context (by default they would decode densely).
+    env["MEMPIPE_VLLM_COVERED_DENSE"] = "0"
     if mempipe_config:
         env["MEMPIPE_CONFIG"] = mempipe_config
     cmd = [sys.executable, str(HERE / "vllm_tp_generate.py"), model_dir, backend, str(BLOCK),

@@ -23,6 +23,18 @@ vLLM's kernel with the copy took 0.4-0.6x mempipe's and torch's time from 128 to
 Step timers: MEMPIPE_VLLM_PROFILE=1 times each step, forward() and each kernel call in the
 worker (mempipe.vllm.profile; integration/bench/vllm_cpu_profile.py reads them).
 
+Covered budgets: on the CPU worker, a decode step whose longest context is at most the budget
+(vLLM's max_seq_len <= budget: every sequence has at most budget / page_size pages, so the
+selection would be every page) runs the sparse layers' decode with the dense kernel, the same
+attention without the digest scan and the page lists (PagedLayer.decode's max_seq_len;
+calls["covered"]); MEMPIPE_VLLM_COVERED_DENSE=0 keeps them on the sparse path (default 1).
+
+Per-call overhead (issue 16; integration/bench/vllm_backend_overhead.py measures it outside the
+engine): the builder splits a step's requests in numpy on the host and reuses the tensors that
+depend only on the batch size; a batch whose decode rows come first (vLLM's order) is split
+by slices, without index copies; forward() looks up its cache view once per cache tensor and
+slices q/k/v/output only where vLLM padded the batch.
+
 Attention threads on the CPU: MEMPIPE_CPU_ATTN_THREADS (default 1) host threads per call for
 mempipe's decode kernels (prefill calls use torch's thread count); 0 means
 torch.get_num_threads(). Inside vLLM's CPU worker, torch's OpenMP
