@@ -227,9 +227,10 @@ class PagedLayer:
         # scores with that layer's digests; the target keeps digests even when it is dense.
         self.digest_source: PagedLayer | None = None
         self.keep_digests = False
-        # Calls per path, for tests and for counting what ran where ("covered": a sparse layer's
-        # decode that ran the dense kernel because the budget covered every context, decode()).
-        self.calls = {"sparse": 0, "dense": 0, "prefill": 0, "covered": 0}
+        # Calls per path, for tests and for counting what ran where; "covered" (a sparse layer's
+        # decode that ran the dense kernel because the budget covered every context, decode())
+        # appears once it happens.
+        self.calls = {"sparse": 0, "dense": 0, "prefill": 0}
 
     def _plan(self, device: torch.device) -> DecodePlan:
         return self.plan if self.plan is not None else default_plan(device)
@@ -343,7 +344,8 @@ class PagedLayer:
             covered = (self.sparse and max_seq_len is not None and max_seq_len <= c.budget
                        and query.device.type == "cpu")
             if not self.sparse or covered:
-                self.calls["covered" if covered else "dense"] += 1
+                path = "covered" if covered else "dense"
+                self.calls[path] = self.calls.get(path, 0) + 1
                 _mempipe.dense_decode(query, kv_cache, block_table, seq_lens, out, self.scale,
                                       num_threads=self.num_threads, workspace=decode_ws)
                 return

@@ -165,7 +165,7 @@ def _run_decode(gen_seed, dtype, seq_lens, budget, covered_env, monkeypatch):
     query = torch.randn(len(seq_lens), H, D, generator=g).to(dtype)
     output = torch.full((len(seq_lens), H * D), float("nan"), dtype=dtype)
     impl.forward(layer, query, key, value, vllm_cache, meta, output)
-    return output.view(-1, H, D), batch, query, dict(paged.calls)
+    return output.view(-1, H, D), batch, query, {"covered": 0, **paged.calls}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
