@@ -192,6 +192,8 @@ def apply_rope(x, cos, sin_signed):
 class Timer:
     """Wall time by stage: CUDA events between operations (or perf_counter on the CPU)."""
 
+    STAGES = STAGES  # the stages totals() always reports (a subclass may add its own)
+
     def __init__(self, device: torch.device, enabled: bool):
         self.enabled = enabled
         self.cuda = device.type == "cuda"
@@ -215,7 +217,7 @@ class Timer:
     def totals(self) -> dict[str, float]:
         if self.cuda:
             torch.cuda.synchronize()
-        out = {k: 0.0 for k in STAGES}
+        out = {k: 0.0 for k in self.STAGES}
         for (_, a), (stage, b) in zip(self.marks, self.marks[1:]):
             # `speculate` (look-ahead's speculated query) is reported apart by measure().
             out[stage] = out.get(stage, 0.0) + (a.elapsed_time(b) if self.cuda
@@ -517,6 +519,81 @@ def _fpga_state(runner: Runner, placement: str):
     return runner.plan.schemes(cfg), runner.plan.offload(cfg, runner.model.device)
 
 
+def capture_graphs(eager, count: int) -> list:
+    """`count` CUDA graphs of one eager step each (`eager()`: one step), captured after 2 x
+    count warm-up steps on a side stream: a reuse cycle's steps differ, so one graph per step
+    of the cycle, replayed in order (replayer)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2 * count):
+            eager()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    graphs = []
+    for _ in range(count):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            eager()
+        graphs.append(g)
+    return graphs
+
+
+def replayer(graphs: list, eager):
+    """run_once(): the next graph of the cycle replayed, or one eager step without graphs."""
+    it = {"k": 0}
+
+    def run_once():
+        if graphs:
+            graphs[it["k"] % len(graphs)].replay()
+            it["k"] += 1
+        else:
+            eager()
+
+    return run_once
+
+
+def _sync(cuda: bool) -> None:
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def steps_for_window(run_once, cycle: int, args, cuda: bool) -> int:
+    """Timed steps: at least --steps, grown until --min_window_s at the rate of one cycle timed
+    after 2 warm cycles; whole cycles (a multiple of `cycle`)."""
+    for _ in range(2 * cycle):
+        run_once()
+    _sync(cuda)
+    t0 = time.perf_counter()
+    for _ in range(cycle):
+        run_once()
+    _sync(cuda)
+    one = (time.perf_counter() - t0) / cycle
+    steps = max(args.steps, math.ceil(args.min_window_s / max(one, 1e-6)))
+    return -(-steps // cycle) * cycle
+
+
+def timed_steps(run_once, steps: int, cuda: bool) -> tuple[list[float], float]:
+    """(ms of each of `steps` calls of run_once, the window's wall seconds): CUDA events
+    between the calls on the GPU, perf_counter around each on the CPU."""
+    times = []
+    w0 = time.perf_counter()
+    if cuda:
+        evs = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+        evs[0].record()
+        for i in range(steps):
+            run_once()
+            evs[i + 1].record()
+        _sync(cuda)
+        times = [a.elapsed_time(b) for a, b in zip(evs, evs[1:])]
+    else:
+        for _ in range(steps):
+            t = time.perf_counter()
+            run_once()
+            times.append((time.perf_counter() - t) * 1e3)
+    return times, time.perf_counter() - w0
+
+
 def measure(runner: Runner, placement: str, args, energy: Energy, log) -> dict:
     dev = runner.model.device
     cuda = dev.type == "cuda"
@@ -540,61 +617,17 @@ def measure(runner: Runner, placement: str, args, energy: Energy, log) -> dict:
     profiled["linear"] += speculate_ms
     for _ in range(cycle - 1):  # back to the start of a cycle
         runner.step(placement, Timer(dev, False))
-    graphs = []
-    if cuda:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2 * cycle):
-                runner.step(placement, Timer(dev, False))
-        torch.cuda.current_stream().wait_stream(s)
-        for _ in range(cycle):
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                runner.step(placement, Timer(dev, False))
-            graphs.append(g)
-    it = {"k": 0}
 
-    def run_once():
-        if graphs:
-            graphs[it["k"] % len(graphs)].replay()
-            it["k"] += 1
-        else:
-            runner.step(placement, Timer(dev, False))
+    def eager():
+        runner.step(placement, Timer(dev, False))
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
-    for _ in range(2 * cycle):
-        run_once()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(cycle):
-        run_once()
-    sync()
-    one = (time.perf_counter() - t0) / cycle
-    steps = max(args.steps, math.ceil(args.min_window_s / max(one, 1e-6)))
-    steps = -(-steps // cycle) * cycle
+    graphs = capture_graphs(eager, cycle) if cuda else []
+    run_once = replayer(graphs, eager)
+    steps = steps_for_window(run_once, cycle, args, cuda)
     if off is not None:
         off.reset_metrics()
-    times = []
     e0 = energy.read_j()
-    w0 = time.perf_counter()
-    if cuda:
-        evs = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
-        evs[0].record()
-        for i in range(steps):
-            run_once()
-            evs[i + 1].record()
-        sync()
-        times = [a.elapsed_time(b) for a, b in zip(evs, evs[1:])]
-    else:
-        for _ in range(steps):
-            t = time.perf_counter()
-            run_once()
-            times.append((time.perf_counter() - t) * 1e3)
-    window = time.perf_counter() - w0
+    times, window = timed_steps(run_once, steps, cuda)
     e1 = energy.read_j()
     offload = off.metrics() if off is not None else None
     step_ms = statistics.median(times)
@@ -648,6 +681,24 @@ def bytes_moved(s: Shape, L: int, B: int, args, placement: str, elem: int) -> di
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def batch_sizes(spec: str, bmax: int) -> list[int]:
+    """--batches (comma list; `max` = bmax) as distinct batch sizes, in order."""
+    want = []
+    for b in spec.split(","):
+        nb = bmax if b == "max" else int(b)
+        if nb not in want:
+            want.append(nb)
+    return want
+
+
+def dense_reference(results: dict, outs: dict):
+    """(the faster dense placement's step_ms, the reference outputs: dense-sdpa's, else
+    dense-paged's); each None when no dense placement ran."""
+    dense_best = min((results[p]["step_ms"] for p in results if p.startswith("dense")),
+                     default=None)
+    return dense_best, outs.get("dense-sdpa", outs.get("dense-paged"))
 
 
 def max_batch(s: Shape, L: int, args, free_bytes: int, elem: int) -> int:
@@ -785,26 +836,14 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    threads = torch.get_num_threads()
-    try:
-        return _main(argv)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_common_args(ap: argparse.ArgumentParser) -> None:
+    """The flags this runner and model_decode_tp.py share (the module docstrings say what they
+    mean); defaults of None are filled per --device by each runner."""
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--model", default=None, choices=sorted(MODELS))
     ap.add_argument("--contexts", default=None)
     ap.add_argument("--batches", default=None)
     ap.add_argument("--placements", default=",".join(PLACEMENTS))
-    ap.add_argument("--fpga_schemes", default=",".join(DEFAULT_FPGA_SCHEMES))
-    ap.add_argument("--deadline_ms", type=float, default=100.0)
-    ap.add_argument("--fpga_fallback", default="gpu", choices=("gpu", "dense"))
-    ap.add_argument("--recall_steps", type=int, default=5)
     ap.add_argument("--budget", type=int, default=None)
     ap.add_argument("--page", type=int, default=16)
     ap.add_argument("--dense_layers", type=int, default=None)
@@ -817,19 +856,46 @@ def _main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None)
     ap.add_argument("--seed", type=int, default=1)
+
+
+def fill_device_defaults(args, contexts: tuple, batches: tuple, steps: tuple) -> None:
+    """The shared flags left unset, filled for --device: (cpu, cuda) pairs for --contexts,
+    --batches and --steps (each runner's own); --model tiny / llama3-8b, --dense_layers 1 / 2,
+    --budget 64 / 4096, --min_window_s 0 / 0.5."""
+    i = 0 if args.device == "cpu" else 1
+    args.model = args.model or ("tiny", "llama3-8b")[i]
+    args.contexts = args.contexts or contexts[i]
+    args.batches = args.batches or batches[i]
+    args.steps = args.steps or steps[i]
+    if args.dense_layers is None:
+        args.dense_layers = (1, 2)[i]
+    args.budget = args.budget or (64, 4096)[i]
+    if args.min_window_s is None:
+        args.min_window_s = (0.0, 0.5)[i]
+
+
+def main(argv=None) -> int:
+    threads = torch.get_num_threads()
+    try:
+        return _main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(ap)
+    ap.add_argument("--fpga_schemes", default=",".join(DEFAULT_FPGA_SCHEMES))
+    ap.add_argument("--deadline_ms", type=float, default=100.0)
+    ap.add_argument("--fpga_fallback", default="gpu", choices=("gpu", "dense"))
+    ap.add_argument("--recall_steps", type=int, default=5)
     args = ap.parse_args(argv)
     cpu = args.device == "cpu"
-    args.model = args.model or ("tiny" if cpu else "llama3-8b")
-    args.contexts = args.contexts or ("256,512" if cpu else "32768,131072,524288")
-    args.batches = args.batches or ("1,2" if cpu else "1,8,max")
-    args.steps = args.steps or (3 if cpu else 10)
-    if args.dense_layers is None:
-        args.dense_layers = 1 if cpu else 2
+    fill_device_defaults(args, contexts=("256,512", "32768,131072,524288"),
+                         batches=("1,2", "1,8,max"), steps=(3, 10))
     if cpu:
         torch.set_num_threads(1)  # the smoke run shares small CI machines
-    args.budget = args.budget or (64 if cpu else 4096)
-    if args.min_window_s is None:
-        args.min_window_s = 0.0 if cpu else 0.5
     placements = [p for p in args.placements.split(",") if p]
     for p in placements:
         if p not in PLACEMENTS + ("fpga",):
@@ -903,13 +969,7 @@ def _main(argv=None) -> int:
             torch.cuda.empty_cache()
             free = torch.cuda.mem_get_info(0)[0]
         bmax = max_batch(shape, L, args, free, elem)
-        want = []
-        for b in args.batches.split(","):
-            nb = bmax if b == "max" else int(b)
-            if nb not in want:
-                want.append(nb)
-        for B in want:
-            configs.append((L, B, bmax))
+        configs += [(L, B, bmax) for B in batch_sizes(args.batches, bmax)]
     for L, B, bmax in configs:
         if B < 1 or B > bmax:
             print(f"[model_decode] {_ctx(L)} x {B}: does not fit (largest batch {bmax})",
@@ -947,9 +1007,7 @@ def _main(argv=None) -> int:
             print(f"[model_decode] {_ctx(L)} x {B} {p:<11}: {r['step_ms']:.3f} ms/step, "
                   f"{B * 1000 / r['step_ms']:.1f} tokens/s ({r['steps']} steps, "
                   f"{r['window_s']:.2f} s)", flush=True)
-        dense_best = min((results[p]["step_ms"] for p in results if p.startswith("dense")),
-                         default=None)
-        ref = logits.get("dense-sdpa", logits.get("dense-paged"))  # (attention out, logits)
+        dense_best, ref = dense_reference(results, logits)  # ref: (attention out, logits)
         for p, r in results.items():
             rows.append(make_row(p, r, L, B, shape, args, elem, floor_bps, copy_bps,
                                  dense_best, ref, logits[p], energy, runner, backend, cpu))
