@@ -61,7 +61,9 @@ Flags:
                   the device's free memory (with --headroom_gib spare)
   --placements    which placements to run (comma list; default dense-sdpa,dense-paged,gpu);
                   without `fpga`, a labelled fpga gap row is added per configuration
-                  (integration/bench/run_model_decode_fpga.sh runs the fpga rows)
+                  (integration/bench/run_model_decode_fpga.sh runs the fpga rows); without a
+                  dense one, speedup_over_dense and rel_err are null (a note at the start and
+                  on every row says so)
   --fpga_schemes  the fpga rows (comma list of sync, pipelined4, reuse4, lookahead,
                   lookahead_same; default sync,pipelined4,reuse4,lookahead)
   --deadline_ms   the card's deadline per selection (default 100, the configuration default)
@@ -106,6 +108,17 @@ FPGA_SCHEMES = {
     "lookahead_same": {"lookahead": True, "lookahead_query": "same"},
 }
 DEFAULT_FPGA_SCHEMES = ("sync", "pipelined4", "reuse4", "lookahead")
+# A row's note where --placements ran no dense placement to compare with (speedup and rel_err
+# are then null, and the table shows a dash).
+NO_DENSE_NOTE = "no dense placement ran: speedup_over_dense and rel_err are empty"
+
+
+def no_dense_message(placements) -> str | None:
+    """The warning printed at the start when --placements has no dense placement, else None."""
+    if any(p.startswith("dense") for p in placements):
+        return None
+    return ("--placements has no dense placement (dense-sdpa, dense-paged): speedup_over_dense "
+            "and rel_err are left empty (null; '—' in the table); add one to get them")
 
 
 @dataclass(frozen=True)
@@ -755,7 +768,15 @@ def validate(doc: dict) -> list[str]:
             if abs(mp / r["step_ms"] - r["memory_processing_share"]) > 1e-6:
                 bad.append(f"{where}: memory_processing_share {r['memory_processing_share']} "
                            f"!= (prepare+relevancy+retrieval)/step {mp / r['step_ms']}")
-        if not r["speedup_over_dense"] > 0:
+        if r["speedup_over_dense"] is None:
+            # Only where no dense placement ran for this configuration (NO_DENSE_NOTE).
+            if dense_ran(doc, r):
+                bad.append(f"{where}: speedup_over_dense is missing but a dense placement ran "
+                           f"at this context and batch")
+            elif NO_DENSE_NOTE not in r["notes"]:
+                bad.append(f"{where}: a row without speedup_over_dense must carry the note "
+                           f"{NO_DENSE_NOTE!r}")
+        elif not r["speedup_over_dense"] > 0:
             bad.append(f"{where}: speedup_over_dense must be positive")
         if r["placement"] == "fpga":
             f = r.get("fpga")
@@ -770,6 +791,13 @@ def validate(doc: dict) -> list[str]:
             if hs is not None and not 0 <= hs <= 1:
                 bad.append(f"{where}: hidden_share must be in [0, 1], got {hs}")
     return bad
+
+
+def dense_ran(doc: dict, row: dict) -> bool:
+    """Whether `doc` has a measured dense row at `row`'s context and batch."""
+    return any(d["placement"] == "dense" and d.get("step_ms") is not None
+               and (d["context"], d["batch"]) == (row["context"], row["batch"])
+               for d in doc.get("rows", []))
 
 
 def _ratio(a, b) -> str:
@@ -804,7 +832,8 @@ def markdown(doc: dict) -> str:
         err = r["rel_err"]
         lines.append(
             f"| {_ctx(r['context'])} | {r['batch']} | {name} | {r['step_ms']:.3f} | "
-            f"{r['tokens_per_s']:.1f} | {r['speedup_over_dense']:.2f}x | {st['append']:.3f} | "
+            f"{r['tokens_per_s']:.1f} | {_ratio(r['speedup_over_dense'], 1)} | "
+            f"{st['append']:.3f} | "
             f"{st['prepare']:.3f} | {st['relevancy'] + st['retrieval']:.3f} | "
             f"{st['apply']:.3f} | {st['linear']:.3f} | {r['memory_processing_share']:.1%} | "
             f"{_ratio(r['step_ms'], r['byte_floor_ms'])} | "
@@ -916,6 +945,9 @@ def _main(argv=None) -> int:
         if not mempipe_schemes.has_offload():
             raise RuntimeError("--placements fpga needs _mempipe.SelectionOffload, which this "
                                "build of mempipe lacks")
+    warn = no_dense_message(placements)
+    if warn:
+        print(f"[model_decode] note: {warn}", flush=True)
     if args.recall_steps < 1:
         raise ValueError(f"--recall_steps must be >= 1, got {args.recall_steps}")
     if not (args.deadline_ms > 0 and math.isfinite(args.deadline_ms)):
@@ -1094,6 +1126,8 @@ def make_row(p, r, L, B, shape, args, elem, floor_bps, copy_bps, dense_best, ref
                      "(retrieval inside it)")
     if cpu:
         notes.append("CPU smoke: no CUDA graph")
+    if dense_best is None:
+        notes.append(NO_DENSE_NOTE)
     e = r["energy_j"]
     ej = None if e is None else e / (r["steps"] * B)
     row = {"placement": placement, "scheme": "sync", "micro_batches": 1, "reuse": 1,
@@ -1102,7 +1136,8 @@ def make_row(p, r, L, B, shape, args, elem, floor_bps, copy_bps, dense_best, ref
            "memory_processing_share": mp / step, "bytes": by,
            "byte_floor_ms": nbytes / floor_bps * 1e3,
            "byte_floor_copy_ms": (nbytes / copy_bps * 1e3) if copy_bps else None,
-           "speedup_over_dense": dense_best / step, "energy_j_per_token": ej,
+           "speedup_over_dense": None if dense_best is None else dense_best / step,
+           "energy_j_per_token": ej,
            "gpu_energy_j_per_token": ej, "fpga_energy_j_per_token": None,
            "energy_source": "nvml" if ej is not None else None,
            "rel_err": rel_l2(lg[0], ref[0]) if (ref is not None and lg is not ref) else None,

@@ -449,6 +449,9 @@ def _run(rank: int, world: int, args) -> int:
     dtype = torch.float32 if cpu else torch.bfloat16
     elem = torch.empty(0, dtype=dtype).element_size()
     placements = [p for p in args.placements.split(",") if p]
+    warn = md.no_dense_message(placements)
+    if warn:
+        log(f"note: {warn}")
     t_start = time.perf_counter()
     log(f"seed {args.seed}; {full.name} split over {world} ranks ({args.device}"
         f"{', NCCL' if world > 1 and not cpu else ', gloo' if world > 1 else ''}); "
