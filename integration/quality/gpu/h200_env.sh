@@ -1,6 +1,7 @@
 # shellcheck shell=bash
-# The device-side setup that run_h200.sh and run_h200_full.sh share; sourced by both (from the
-# folder they run from: the staged quality/gpu/), never run by itself.
+# The device-side setup that run_h200.sh and run_h200_full.sh share; sourced by both (from
+# beside them in the staged quality/gpu/, else from the device's copy of the checkout), never
+# run by itself.
 #
 #   h200_setup_runtime            unpacks $Q/runtime.tar.xz (site/mempipe/ + libs/) into $RT,
 #                                 installs $Q/whl/*.whl (gguf) into /tmp/site, exports

@@ -10,8 +10,11 @@ Q=${Q:-$PWD/.gpuwork/quality2}
 OUT=${OUT:-/tmp/quality-h200}
 mkdir -p "$OUT/run"
 t0=$SECONDS
+# The shared setup: staged beside this script, else the device's copy of the checkout.
+ENV_SH="$(dirname "${BASH_SOURCE[0]}")/h200_env.sh"
+[ -f "$ENV_SH" ] || ENV_SH=$PWD/integration/quality/gpu/h200_env.sh
 # shellcheck source=h200_env.sh
-. "$(dirname "${BASH_SOURCE[0]}")/h200_env.sh" || exit 1
+. "$ENV_SH" || { echo "FATAL: h200_env.sh is neither beside $0 nor at $ENV_SH" >&2; exit 1; }
 h200_setup_runtime || exit 1
 python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" \
   "$Q"/model/*.gguf.xz /tmp/smollm2.gguf || exit 1

@@ -41,8 +41,11 @@ fi
 cp "$Q/part.b" "$STASH/part.b" || exit 1
 (cd "$STASH" && cat part.a part.b > smollm2.gguf && sha256sum -c "$Q/SHA256") 2>&1 \
   | tee "$OUT/device.txt" || { echo "FATAL: model checksum mismatch" >> "$OUT/device.txt"; exit 3; }
+# The shared setup: staged beside this script, else the device's copy of the checkout.
+ENV_SH="$(dirname "${BASH_SOURCE[0]}")/h200_env.sh"
+[ -f "$ENV_SH" ] || ENV_SH=$PWD/integration/quality/gpu/h200_env.sh
 # shellcheck source=h200_env.sh
-. "$(dirname "${BASH_SOURCE[0]}")/h200_env.sh" || exit 1
+. "$ENV_SH" || { echo "FATAL: h200_env.sh is neither beside $0 nor at $ENV_SH" >&2; exit 1; }
 h200_setup_runtime || exit 1
 export MEMPIPE_SMOLLM_GGUF="$STASH/smollm2.gguf"
 h200_report_device "$OUT/device.txt" -a
