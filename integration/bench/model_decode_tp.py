@@ -358,8 +358,8 @@ def measure_tp(runner: TPRunner, placement: str, args, energy: TPEnergy) -> dict
     e_min, e_sum = _allreduce([joules], dist.ReduceOp.MIN, dev)[0], \
         _allreduce([joules], dist.ReduceOp.SUM, dev)[0]
     return {"graph": graphs[0] if graphs else None, "step_ms": max(medians),
-            "rank_step_ms": medians, "steps": steps, "window_s": mx[0], "mean_step_ms": mx[1], "profiled_ms": profiled,
-            "energy_j": None if e_min < 0 else e_sum}
+            "rank_step_ms": medians, "steps": steps, "window_s": mx[0], "mean_step_ms": mx[1],
+            "profiled_ms": profiled, "energy_j": None if e_min < 0 else e_sum}
 
 
 def parse_args(argv=None):
