@@ -53,6 +53,7 @@ block tables and slot mappings keep vLLM's meaning. Older vLLM releases that han
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import time
@@ -73,6 +74,7 @@ from vllm.logger import init_logger
 
 from mempipe import _mempipe
 from mempipe import config as mempipe_config
+from mempipe import host_threads
 from mempipe.attention import DecodePlan, PagedLayer
 from mempipe.vllm.prefill import (VllmCpuPrefill, gathered_sdpa_prefill,
                                    vllm_cpu_attention_available)
@@ -84,18 +86,48 @@ except ImportError:  # older releases fix the layout per backend
     KVCacheLayout = None
 
 _PREFILL_KERNELS = ("auto", "vllm", "mempipe", "torch")
+_ATTN_POOLS = ("torch", "mempipe")
 
 
 def attention_threads() -> int:
-    """MEMPIPE_CPU_ATTN_THREADS, checked (0: torch's intra-op thread count)."""
-    raw = os.environ.get("MEMPIPE_CPU_ATTN_THREADS", "1")
-    try:
-        n = int(raw)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise ValueError(f"MEMPIPE_CPU_ATTN_THREADS must be an integer >= 0, got {raw!r}")
+    """Host threads per decode-kernel call, from MEMPIPE_CPU_ATTN_THREADS and
+    MEMPIPE_CPU_ATTN_POOL (checked; see the module docstring). With the pool `torch`, puts the
+    host kernels on torch's OpenMP team (once per process) when it is found."""
+    raw = os.environ.get("MEMPIPE_CPU_ATTN_THREADS", "auto")
+    pool = os.environ.get("MEMPIPE_CPU_ATTN_POOL", "torch")
+    if pool not in _ATTN_POOLS:
+        raise ValueError(f"MEMPIPE_CPU_ATTN_POOL must be one of {', '.join(_ATTN_POOLS)}, "
+                         f"got {pool!r}")
+    n = None
+    if raw != "auto":
+        try:
+            n = int(raw)
+        except ValueError:
+            n = -1
+        if n < 0:
+            raise ValueError("MEMPIPE_CPU_ATTN_THREADS must be auto or an integer >= 0, "
+                             f"got {raw!r}")
+    if pool == "torch":
+        on_torch_team = _use_torch_team()
+    else:
+        host_threads.use_mempipe_pool()
+        on_torch_team = False
+    if n is None:
+        n = torch.get_num_threads() if on_torch_team else 1
     return n or max(1, torch.get_num_threads())
+
+
+@functools.cache
+def _use_torch_team() -> bool:
+    """Installs torch's OpenMP team for the host kernels; False (logged once) when not found."""
+    try:
+        library = host_threads.use_torch_openmp()
+    except RuntimeError as e:
+        logger.info("mempipe: host decode kernels on mempipe's own pool, 1 thread unless "
+                    "MEMPIPE_CPU_ATTN_THREADS says otherwise (torch's OpenMP team: %s)", e)
+        return False
+    logger.info("mempipe: host decode kernels on torch's OpenMP team (%s)", library)
+    return True
 
 
 def prefill_kernel_choice() -> tuple[str, int]:
