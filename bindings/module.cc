@@ -1289,9 +1289,11 @@ PYBIND11_MODULE(_mempipe, m) {
         d["team_calls"] = info.team_calls;
         d["last_call_threads"] = info.last_call_threads;
         d["max_call_threads"] = info.max_call_threads;
+        d["last_call_team"] = info.last_call_team;
         return d;
       },
       "What the host kernels' parallel-for runs on: {installed, library, team_calls (calls run "
       "on the runtime's team, ever), last_call_threads / max_call_threads (distinct team threads "
-      "that ran work in the latest call / in any call)}.");
+      "that ran work in the latest call / in any call), last_call_team (the team size the runtime "
+      "gave the latest call)}.");
 }

@@ -41,6 +41,7 @@ std::atomic<const Runtime*> g_current{nullptr};
 std::atomic<int64_t> g_team_calls{0};
 std::atomic<int> g_last_call_threads{0};
 std::atomic<int> g_max_call_threads{0};
+std::atomic<int> g_last_call_team{0};
 
 // One HostParallelFor call on a runtime's team. `claimed[i]` makes task i run exactly once even
 // if the runtime reports team sizes or thread numbers that do not cover the tasks (the caller
@@ -51,6 +52,7 @@ struct TeamCall {
   const OpenMpEntryPoints* entry;
   std::unique_ptr<std::atomic<bool>[]> claimed;
   std::atomic<uint64_t> ran_by{0};  // bit min(t, 63): team thread t ran a task
+  std::atomic<int> team{0};         // the team size the runtime reported
   std::mutex mu;
   std::exception_ptr error;  // guarded by mu: the first task exception
 
@@ -59,8 +61,12 @@ struct TeamCall {
 
   // Runs task i unless someone else claimed it; records (does not throw) its exception.
   void Run(int i, int thread) {
-    // acq_rel: whoever wins the exchange is the one thread that runs task i.
-    if (claimed[i].exchange(true, std::memory_order_acq_rel)) return;
+    // The load skips claimed tasks without taking their cache line for writing. acq_rel on the
+    // exchange: whoever wins it is the one thread that runs task i.
+    if (claimed[i].load(std::memory_order_relaxed) ||
+        claimed[i].exchange(true, std::memory_order_acq_rel)) {
+      return;
+    }
     ran_by.fetch_or(uint64_t{1} << std::min(thread, 63), std::memory_order_relaxed);
     try {
       task(i);
@@ -71,13 +77,21 @@ struct TeamCall {
   }
 };
 
-// The body every team thread runs (GOMP_parallel's fn): a static round-robin share.
+// The body every team thread runs (GOMP_parallel's fn): its static round-robin share first,
+// then whatever no other thread has started. NOTE: the second pass matters on a loaded machine:
+// a team thread that is not scheduled for a while would otherwise leave its share waiting, with
+// the others idle at the region's end barrier (they still wait there for it to arrive, but not
+// for its share of the work).
 void TeamBody(void* data) {
   TeamCall& call = *static_cast<TeamCall*>(data);
   const int n = std::max(call.entry->num_threads(), 1);
   const int t = call.entry->thread_num();
   if (t < 0 || t >= n) return;  // a runtime reporting nonsense: the caller runs the tasks
+  int team = call.team.load(std::memory_order_relaxed);
+  while (n > team && !call.team.compare_exchange_weak(team, n, std::memory_order_relaxed)) {
+  }
   for (int i = t; i < call.num_tasks; i += n) call.Run(i, t);
+  for (int i = 0; i < call.num_tasks; ++i) call.Run(i, t);
 }
 
 void RunOnTeam(const Runtime& rt, int num_tasks, int threads, absl::FunctionRef<void(int)> task) {
@@ -88,6 +102,7 @@ void RunOnTeam(const Runtime& rt, int num_tasks, int threads, absl::FunctionRef<
   const int seen = std::popcount(call.ran_by.load(std::memory_order_relaxed));
   g_team_calls.fetch_add(1, std::memory_order_relaxed);
   g_last_call_threads.store(seen, std::memory_order_relaxed);
+  g_last_call_team.store(call.team.load(std::memory_order_relaxed), std::memory_order_relaxed);
   int max = g_max_call_threads.load(std::memory_order_relaxed);
   while (seen > max &&
          !g_max_call_threads.compare_exchange_weak(max, seen, std::memory_order_relaxed)) {
@@ -155,6 +170,7 @@ HostParallelRuntimeInfo GetHostParallelRuntimeInfo() {
   info.team_calls = g_team_calls.load(std::memory_order_relaxed);
   info.last_call_threads = g_last_call_threads.load(std::memory_order_relaxed);
   info.max_call_threads = g_max_call_threads.load(std::memory_order_relaxed);
+  info.last_call_team = g_last_call_team.load(std::memory_order_relaxed);
   return info;
 }
 

@@ -14,12 +14,13 @@
 //   HostParallelFor(num_tasks, /*parallelism=*/2, [&](int task) { ... });  // on torch's team
 //   ResetHostParallelRuntime();  // back to mempipe's pool
 //
-// Semantics on a runtime: a call asks GOMP_parallel for min(parallelism, num_tasks) threads and
-// splits the tasks statically (team thread t runs tasks t, t + n, t + 2n, ... of a team of n),
-// as `#pragma omp parallel for schedule(static, 1)` would; any task the team did not run (a
-// runtime that gave a smaller team than it reported) runs on the caller afterwards, so every
-// task runs exactly once whatever the runtime does. Which thread runs a task never changes what
-// the task computes.
+// Semantics on a runtime: a call asks GOMP_parallel for min(parallelism, num_tasks) threads;
+// team thread t of a team of n first runs tasks t, t + n, t + 2n, ... (as `#pragma omp parallel
+// for schedule(static, 1)` would), then any task no other thread has started (a team thread the
+// OS has not scheduled yet does not hold its share back); any task the team did not run (a
+// runtime that reported a team it did not start) runs on the caller afterwards, so every task
+// runs exactly once whatever the runtime does. Which thread runs a task never changes what the
+// task computes.
 //
 // Nested and concurrent callers: a call made from inside an OpenMP team (a nested region, with
 // nesting off, as the runtimes default to) gets a team of one and runs its tasks serially on
@@ -75,6 +76,7 @@ struct HostParallelRuntimeInfo {
   int64_t team_calls = 0;     // HostParallelFor calls run through an installed runtime, ever
   int last_call_threads = 0;  // distinct team threads that ran a task in the latest such call
   int max_call_threads = 0;   // the most distinct team threads seen in one such call
+  int last_call_team = 0;     // the team size the runtime reported in the latest such call
 };
 HostParallelRuntimeInfo GetHostParallelRuntimeInfo();
 

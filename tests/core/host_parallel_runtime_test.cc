@@ -10,6 +10,7 @@
 #include <dlfcn.h>
 
 #include <atomic>
+#include <chrono>
 #include <mutex>
 #include <set>
 #include <stdexcept>
@@ -117,25 +118,50 @@ TEST_F(HostParallelRuntimeTest, WithoutARuntimeThePoolRunsTheTasks) {
   EXPECT_EQ(info.team_calls, before);
 }
 
-TEST_F(HostParallelRuntimeTest, TasksRunOnTheTeamStaticallyOncePerTask) {
+// Tasks 0 and 1 each wait (at most 60 s) until the other has started: a thread running one
+// cannot take the other, so the call runs on at least two team threads whatever the scheduler
+// does (met() is false only if the team never had a second thread).
+class Rendezvous {
+ public:
+  void Task(int i) {
+    if (i > 1) return;
+    started_[i].store(true);
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    while (!started_[1 - i].load() && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::yield();
+    }
+  }
+  bool met() const { return started_[0].load() && started_[1].load(); }
+
+ private:
+  std::atomic<bool> started_[2] = {false, false};
+};
+
+TEST_F(HostParallelRuntimeTest, TasksRunOnTheTeamOncePerTask) {
   ASSERT_TRUE(InstallHostParallelRuntime(FakeEntry(), "fake").ok());
   const int regions = g_fake_regions.load();
   const int tasks = 103, threads = 4;
   std::vector<std::atomic<int>> hits(tasks);
   std::vector<int> ran_on(tasks, -1);
+  Rendezvous rendezvous;
   HostParallelFor(tasks, threads, [&](int i) {
+    rendezvous.Task(i);
     hits[i].fetch_add(1);
     ran_on[i] = FakeThreadNum();
   });
   EXPECT_TRUE(EachOnce(hits));
+  EXPECT_TRUE(rendezvous.met());
   EXPECT_EQ(g_fake_regions.load(), regions + 1);
-  // schedule(static, 1): team thread t runs tasks t, t + 4, ...
-  for (int i = 0; i < tasks; ++i) EXPECT_EQ(ran_on[i], i % threads) << "task " << i;
-  const HostParallelRuntimeInfo info = GetHostParallelRuntimeInfo();
+  EXPECT_NE(ran_on[0], ran_on[1]);
+  const std::set<int> distinct(ran_on.begin(), ran_on.end());
+  HostParallelRuntimeInfo info = GetHostParallelRuntimeInfo();
   EXPECT_TRUE(info.installed);
   EXPECT_EQ(info.name, "fake");
-  EXPECT_EQ(info.last_call_threads, threads);
-  EXPECT_GE(info.max_call_threads, threads);
+  EXPECT_EQ(info.last_call_team, threads);
+  EXPECT_EQ(info.last_call_threads, static_cast<int>(distinct.size()));
+  EXPECT_GE(info.last_call_threads, 2);
+  EXPECT_LE(info.last_call_threads, threads);
+  EXPECT_GE(info.max_call_threads, info.last_call_threads);
 
   // One thread, or one task, runs inline: no region.
   HostParallelFor(tasks, 1, [](int) {});
@@ -143,7 +169,7 @@ TEST_F(HostParallelRuntimeTest, TasksRunOnTheTeamStaticallyOncePerTask) {
   EXPECT_EQ(g_fake_regions.load(), regions + 1);
   // More threads than tasks: a team of num_tasks.
   HostParallelFor(3, 64, [](int) {});
-  EXPECT_EQ(GetHostParallelRuntimeInfo().last_call_threads, 3);
+  EXPECT_EQ(GetHostParallelRuntimeInfo().last_call_team, 3);
 
   // Reset: back to the pool, the runtime is not called.
   ResetHostParallelRuntime();
@@ -164,7 +190,7 @@ TEST_F(HostParallelRuntimeTest, ForEachSeqHeadsCoversEveryPairOnceOnTheTeam) {
     for (int h = h0; h < h1; ++h) hits[s * heads + h].fetch_add(1);
   });
   EXPECT_TRUE(EachOnce(hits));
-  EXPECT_EQ(GetHostParallelRuntimeInfo().last_call_threads, 3);
+  EXPECT_EQ(GetHostParallelRuntimeInfo().last_call_team, 3);
 }
 
 TEST_F(HostParallelRuntimeTest, TasksTheTeamDidNotRunRunOnTheCaller) {
@@ -173,7 +199,8 @@ TEST_F(HostParallelRuntimeTest, TasksTheTeamDidNotRunRunOnTheCaller) {
   std::vector<std::atomic<int>> hits(50);
   HostParallelFor(50, 6, [&](int i) { hits[i].fetch_add(1); });
   EXPECT_TRUE(EachOnce(hits));
-  EXPECT_EQ(GetHostParallelRuntimeInfo().last_call_threads, 2);
+  EXPECT_EQ(GetHostParallelRuntimeInfo().last_call_team, 6);
+  EXPECT_LE(GetHostParallelRuntimeInfo().last_call_threads, 2);
 
   OpenMpEntryPoints bad = FakeEntry();
   bad.thread_num = &BadThreadNum;
@@ -255,7 +282,13 @@ TEST_F(HostParallelRuntimeTest, LibrariesNotLoadedOrWithoutTheSymbolsAreRejected
 
 #ifndef MEMPIPE_TEST_TSAN
 // Loads the system's libgomp.so.1 as torch loads its own; false if there is none.
-bool LoadLibgomp() { return dlopen("libgomp.so.1", RTLD_NOW | RTLD_GLOBAL) != nullptr; }
+int (*omp_thread_num)() = nullptr;  // libgomp's omp_get_thread_num
+bool LoadLibgomp() {
+  void* handle = dlopen("libgomp.so.1", RTLD_NOW | RTLD_GLOBAL);
+  if (handle == nullptr) return false;
+  omp_thread_num = reinterpret_cast<int (*)()>(dlsym(handle, "omp_get_thread_num"));
+  return omp_thread_num != nullptr;
+}
 
 TEST_F(HostParallelRuntimeTest, RealLibgompRunsTheTasksOnItsTeam) {
   if (!LoadLibgomp()) GTEST_SKIP() << "no libgomp.so.1 on this system";
@@ -273,8 +306,19 @@ TEST_F(HostParallelRuntimeTest, RealLibgompRunsTheTasksOnItsTeam) {
     for (int h = h0; h < h1; ++h) hits[s * heads + h].fetch_add(1);
   });
   EXPECT_TRUE(EachOnce(hits));
-  EXPECT_EQ(GetHostParallelRuntimeInfo().last_call_threads, threads);
-  EXPECT_EQ(static_cast<int>(ids.size()), threads);
+  HostParallelRuntimeInfo info = GetHostParallelRuntimeInfo();
+  EXPECT_EQ(info.last_call_team, threads);
+  EXPECT_EQ(info.last_call_threads, static_cast<int>(ids.size()));
+  // Really on libgomp's threads: at least two of them run tasks.
+  Rendezvous rendezvous;
+  std::vector<int> ran_on(8, -1);
+  HostParallelFor(8, 2, [&](int i) {
+    rendezvous.Task(i);
+    ran_on[i] = omp_thread_num();
+  });
+  EXPECT_TRUE(rendezvous.met());
+  EXPECT_NE(ran_on[0], ran_on[1]);
+  EXPECT_EQ(GetHostParallelRuntimeInfo().last_call_threads, 2);
 
   // Nested: the inner call runs on a team of one (libgomp's nesting is off by default).
   std::vector<std::atomic<int>> nested(4 * 16);

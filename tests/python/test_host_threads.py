@@ -87,7 +87,9 @@ def test_torch_team_gives_the_one_thread_bits_on_several_threads(gen, kind, dtyp
         got = _decode(kind, batch, q, pages, counts, threads)
         info = host_threads.info()
         assert info["team_calls"] == before + 1, "the call did not run on torch's team"
-        assert info["last_call_threads"] == min(threads, items, os.cpu_count() * 2), info
+        team = min(threads, items, 2 * os.cpu_count())  # ForEachSeqHeads' cap (core/parallel.h)
+        assert info["last_call_team"] == team, info
+        assert 1 <= info["last_call_threads"] <= team, info
         assert_bit_identical(got, want)
     # Back on mempipe's pool: same bits, and the team is not used.
     host_threads.use_mempipe_pool()
@@ -99,6 +101,42 @@ def test_torch_team_gives_the_one_thread_bits_on_several_threads(gen, kind, dtyp
 
 
 @needs_openmp
+@needs_openmp
+def test_decode_calls_run_on_a_team_of_several_openmp_threads(gen):
+    """Each call forms a team of the asked size on torch's runtime (the runtime's own
+    omp_get_num_threads inside the region). Which of its threads end up running tasks depends on
+    the scheduler: a thread takes what the others have not started, so on a loaded machine the
+    caller may run them all (that tasks really run on two libgomp threads is shown with a
+    rendezvous in tests/core/host_parallel_runtime_test.cc, RealLibgomp...)."""
+    batch = random_batch(gen, torch.float32, 32, 3, 64, [2048, 1500])
+    q = torch.randn(2, 9, 64, generator=gen)
+    want = _decode("dense", batch, q, None, None, 1)
+    host_threads.use_torch_openmp()
+    seen = []
+    for threads in (2, 3, 2):
+        torch.mm(torch.randn(64, 256), torch.randn(256, 256))
+        assert_bit_identical(_decode("dense", batch, q, None, None, threads), want)
+        info = host_threads.info()
+        assert info["last_call_team"] == threads, info
+        seen.append(info["last_call_threads"])
+    print(f"distinct OpenMP threads that ran tasks, per call: {seen}")
+    assert all(1 <= n <= t for n, t in zip(seen, (2, 3, 2))), seen
+
+
+@needs_openmp
+def test_team_size_check_rejects_a_call_that_ran_inline(gen):
+    """The team-size figure the tests rely on is the latest team call's: a call that ran on one
+    thread (inline, no region) leaves it and the call counter alone."""
+    batch, q, pages, counts = _problem(gen, torch.float32)
+    host_threads.use_torch_openmp()
+    _decode("dense", batch, q, pages, counts, 3)
+    before = host_threads.info()
+    assert before["last_call_team"] == 3
+    _decode("dense", batch, q, pages, counts, 1)
+    after = host_threads.info()
+    assert after["team_calls"] == before["team_calls"] and after["last_call_team"] == 3
+
+
 def test_concurrent_callers_on_the_torch_team_stay_right(gen):
     """Several Python threads at once, each outside any team: each gets a team of its own (the
     nested case, a call from inside a team, is in tests/core/host_parallel_runtime_test.cc)."""
