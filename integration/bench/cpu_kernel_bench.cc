@@ -10,7 +10,6 @@
 //   mempipe-cpu-kernel-bench --num_heads=9 --num_kv_heads=3 --head_dim=64 --page_size=32
 //       --dtype=fp32 --context=6144 --budget=512 --layers=30    # SmolLM2-135M (one line)
 #include <sys/mman.h>
-#include <time.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -27,6 +26,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "attention/decode.h"
+#include "core/clock.h"
 #include "core/cpu_kernel.h"
 #include "integration/bench/membw.h"
 #include "retriever/relevancy.h"
@@ -48,12 +48,6 @@ ABSL_FLAG(bool, huge_pages, true, "Ask for transparent huge pages for caches and
 
 namespace mempipe {
 namespace {
-
-double ProcessCpuMs() {
-  timespec ts;
-  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-  return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
-}
 
 struct FreeDeleter {
   void operator()(void* p) const { std::free(p); }

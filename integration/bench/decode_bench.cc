@@ -1,7 +1,5 @@
 #include "integration/bench/decode_bench.h"
 
-#include <time.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -15,16 +13,6 @@
 #include "integration/bench/selection_audit.h"
 
 namespace mempipe {
-namespace {
-
-// CPU time used so far by all of this process's threads, milliseconds.
-double ProcessCpuMs() {
-  timespec ts;
-  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-  return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
-}
-
-}  // namespace
 
 void FinishPlacementResult(int batch, bool check_accuracy, double err_num, double err_den,
                            PlacementResult& result) {

@@ -312,6 +312,9 @@ class ModelShape:
         q_o = 2 * h * self.q_heads * self.head_dim
         return (q_o + 2 * h * kv + 3 * h * self.ffn) * self.elt_bytes
 
+    def q_weight_bytes(self) -> float:  # W_q alone: the query rows of one layer's QKV weight
+        return self.hidden * self.q_heads * self.head_dim * self.elt_bytes
+
     def head_weight_bytes(self) -> float:  # LM head (the embedding lookup reads one row)
         return self.vocab * self.hidden * self.elt_bytes
 
@@ -711,6 +714,8 @@ def evaluate(placement: str, w: Workload, s: System) -> Result:
                                                                        lin_layer, notes)
         by["digests"] = n_sparse * digest_bytes_scanned(sh, sel, L, B) / sel.reuse
         by["pcie"] = pcie
+        if w.scheme == "lookahead":  # the speculated queries read W_q once more (_fpga_step)
+            by["weights"] += speculated_queries(sh, n_sparse) * sh.q_weight_bytes()
         if sh.kv_heads % s.cards:
             notes.append(f"{sh.kv_heads} KV heads do not split evenly over {s.cards} cards")
     else:
@@ -723,6 +728,12 @@ def evaluate(placement: str, w: Workload, s: System) -> Result:
     if placement == "fpga" and sel.pages(L) > 65536:
         r.notes.append("above the HLS kernel's 65536 pages per sequence (kMaxPagesPerSeq)")
     return r
+
+
+def speculated_queries(sh: ModelShape, n_sparse: int) -> int:
+    """Look-ahead's speculated queries per step: one for every sparse layer with a layer before
+    it (mempipe needs it "whenever the next layer is sparse"; the first layer has none)."""
+    return min(n_sparse, sh.layers - 1)
 
 
 def _fpga_step(w: Workload, s: System, steps: Dict[str, float], n_sparse: int, lin_layer: float,
@@ -761,9 +772,22 @@ def _fpga_step(w: Workload, s: System, steps: Dict[str, float], n_sparse: int, l
         exposed = layer - gpu_layer
         notes.append("async reuse: selections are C steps stale (quality cost not modeled)")
     else:  # lookahead: layer L's query scores layer L+1's digests while the GPU finishes L
+        # Layer L+1's query is speculated from layer L's input (lookahead_query=projected, as
+        # built): one more GEMV with layer L+1's W_q per sparse layer that has a predecessor
+        # (RMSNorm and RoPE are elementwise: not priced). GPU work, so it counts in `linear`
+        # and can hide card latency like the rest of the layer.
+        n_spec = speculated_queries(sh, n_sparse)
+        spec_s = gpu_linear(g, sh, bi, sh.q_weight_bytes())
+        steps["linear"] += n_spec * spec_s
+        gpu_layer += n_spec * spec_s / max(1, n_sparse)  # per layer, on average
         layer = max(gpu_layer, lat / C, m * occ)
         exposed = layer - gpu_layer
-        notes.append("look-ahead: selection from the previous layer's query (recall not modeled)")
+        notes.append("look-ahead: selection from the next layer's query speculated from the "
+                     "previous layer's input (recall not modeled)")
+        if n_spec:
+            notes.append(f"look-ahead: + {n_spec} speculated-query GEMVs per step (next layer's "
+                         f"W_q, {sh.q_weight_bytes() / 1e6:.1f} MB each, "
+                         f"{n_spec * spec_s * 1e3:.3f} ms in linear; modeled)")
     first_exposed = lat / C if w.scheme == "lookahead" else 0.0
     # Critical-path split: the GPU's own steps, then the exposed wait split over steps 1-3
     # (relevancy and retrieval are one dataflow kernel on the card: its wait counts as relevancy).

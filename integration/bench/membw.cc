@@ -11,19 +11,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#pragma GCC diagnostic push
-#if !defined(__clang__)  // clang (clang-tidy in .ci/lint.sh) has no -Wmaybe-uninitialized
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#include <immintrin.h>
-#pragma GCC diagnostic pop
-#define MEMPIPE_MEMBW_AVX512 1
-#else
-#define MEMPIPE_MEMBW_AVX512 0
-#endif
+#include "core/avx512.h"
 
 namespace mempipe {
 namespace {
@@ -42,9 +30,9 @@ uint64_t ReadPortable(const uint64_t* p, size_t n) {
   return s0 + s1 + s2 + s3;
 }
 
-#if MEMPIPE_MEMBW_AVX512
+#if MEMPIPE_AVX512_KERNEL
 // n is a multiple of 32 words (four 64-byte lines).
-__attribute__((target("avx512f"))) uint64_t ReadAvx512(const uint64_t* p, size_t n) {
+MEMPIPE_TARGET_AVX512 uint64_t ReadAvx512(const uint64_t* p, size_t n) {
   __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
   for (size_t i = 0; i < n; i += 32) {
     a0 = _mm512_add_epi64(a0, _mm512_load_si512(p + i));
@@ -58,7 +46,7 @@ __attribute__((target("avx512f"))) uint64_t ReadAvx512(const uint64_t* p, size_t
 #endif
 
 bool HasAvx512() {
-#if MEMPIPE_MEMBW_AVX512
+#if MEMPIPE_AVX512_KERNEL
   return __builtin_cpu_supports("avx512f");
 #else
   return false;
@@ -118,7 +106,7 @@ absl::StatusOr<ReadBandwidth> MeasureReadBandwidth(size_t bytes, int threads, in
     run_all([&](int t) {
       size_t b, e;
       share(t, b, e);
-#if MEMPIPE_MEMBW_AVX512
+#if MEMPIPE_AVX512_KERNEL
       if (avx512) {
         sums[t] += ReadAvx512(buf.get() + b, e - b);
         return;

@@ -61,7 +61,9 @@ Flags:
                   the device's free memory (with --headroom_gib spare)
   --placements    which placements to run (comma list; default dense-sdpa,dense-paged,gpu);
                   without `fpga`, a labelled fpga gap row is added per configuration
-                  (integration/bench/run_model_decode_fpga.sh runs the fpga rows)
+                  (integration/bench/run_model_decode_fpga.sh runs the fpga rows); without a
+                  dense one, speedup_over_dense and rel_err are null (a note at the start and
+                  on every row says so)
   --fpga_schemes  the fpga rows (comma list of sync, pipelined4, reuse4, lookahead,
                   lookahead_same; default sync,pipelined4,reuse4,lookahead)
   --deadline_ms   the card's deadline per selection (default 100, the configuration default)
@@ -106,6 +108,17 @@ FPGA_SCHEMES = {
     "lookahead_same": {"lookahead": True, "lookahead_query": "same"},
 }
 DEFAULT_FPGA_SCHEMES = ("sync", "pipelined4", "reuse4", "lookahead")
+# A row's note where --placements ran no dense placement to compare with (speedup and rel_err
+# are then null, and the table shows a dash).
+NO_DENSE_NOTE = "no dense placement ran: speedup_over_dense and rel_err are empty"
+
+
+def no_dense_message(placements) -> str | None:
+    """The warning printed at the start when --placements has no dense placement, else None."""
+    if any(p.startswith("dense") for p in placements):
+        return None
+    return ("--placements has no dense placement (dense-sdpa, dense-paged): speedup_over_dense "
+            "and rel_err are left empty (null; '—' in the table); add one to get them")
 
 
 @dataclass(frozen=True)
@@ -192,6 +205,8 @@ def apply_rope(x, cos, sin_signed):
 class Timer:
     """Wall time by stage: CUDA events between operations (or perf_counter on the CPU)."""
 
+    STAGES = STAGES  # the stages totals() always reports (a subclass may add its own)
+
     def __init__(self, device: torch.device, enabled: bool):
         self.enabled = enabled
         self.cuda = device.type == "cuda"
@@ -215,7 +230,7 @@ class Timer:
     def totals(self) -> dict[str, float]:
         if self.cuda:
             torch.cuda.synchronize()
-        out = {k: 0.0 for k in STAGES}
+        out = {k: 0.0 for k in self.STAGES}
         for (_, a), (stage, b) in zip(self.marks, self.marks[1:]):
             # `speculate` (look-ahead's speculated query) is reported apart by measure().
             out[stage] = out.get(stage, 0.0) + (a.elapsed_time(b) if self.cuda
@@ -517,6 +532,81 @@ def _fpga_state(runner: Runner, placement: str):
     return runner.plan.schemes(cfg), runner.plan.offload(cfg, runner.model.device)
 
 
+def capture_graphs(eager, count: int) -> list:
+    """`count` CUDA graphs of one eager step each (`eager()`: one step), captured after 2 x
+    count warm-up steps on a side stream: a reuse cycle's steps differ, so one graph per step
+    of the cycle, replayed in order (replayer)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2 * count):
+            eager()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    graphs = []
+    for _ in range(count):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            eager()
+        graphs.append(g)
+    return graphs
+
+
+def replayer(graphs: list, eager):
+    """run_once(): the next graph of the cycle replayed, or one eager step without graphs."""
+    it = {"k": 0}
+
+    def run_once():
+        if graphs:
+            graphs[it["k"] % len(graphs)].replay()
+            it["k"] += 1
+        else:
+            eager()
+
+    return run_once
+
+
+def _sync(cuda: bool) -> None:
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def steps_for_window(run_once, cycle: int, args, cuda: bool) -> int:
+    """Timed steps: at least --steps, grown until --min_window_s at the rate of one cycle timed
+    after 2 warm cycles; whole cycles (a multiple of `cycle`)."""
+    for _ in range(2 * cycle):
+        run_once()
+    _sync(cuda)
+    t0 = time.perf_counter()
+    for _ in range(cycle):
+        run_once()
+    _sync(cuda)
+    one = (time.perf_counter() - t0) / cycle
+    steps = max(args.steps, math.ceil(args.min_window_s / max(one, 1e-6)))
+    return -(-steps // cycle) * cycle
+
+
+def timed_steps(run_once, steps: int, cuda: bool) -> tuple[list[float], float]:
+    """(ms of each of `steps` calls of run_once, the window's wall seconds): CUDA events
+    between the calls on the GPU, perf_counter around each on the CPU."""
+    times = []
+    w0 = time.perf_counter()
+    if cuda:
+        evs = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+        evs[0].record()
+        for i in range(steps):
+            run_once()
+            evs[i + 1].record()
+        _sync(cuda)
+        times = [a.elapsed_time(b) for a, b in zip(evs, evs[1:])]
+    else:
+        for _ in range(steps):
+            t = time.perf_counter()
+            run_once()
+            times.append((time.perf_counter() - t) * 1e3)
+    return times, time.perf_counter() - w0
+
+
 def measure(runner: Runner, placement: str, args, energy: Energy, log) -> dict:
     dev = runner.model.device
     cuda = dev.type == "cuda"
@@ -540,61 +630,17 @@ def measure(runner: Runner, placement: str, args, energy: Energy, log) -> dict:
     profiled["linear"] += speculate_ms
     for _ in range(cycle - 1):  # back to the start of a cycle
         runner.step(placement, Timer(dev, False))
-    graphs = []
-    if cuda:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2 * cycle):
-                runner.step(placement, Timer(dev, False))
-        torch.cuda.current_stream().wait_stream(s)
-        for _ in range(cycle):
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                runner.step(placement, Timer(dev, False))
-            graphs.append(g)
-    it = {"k": 0}
 
-    def run_once():
-        if graphs:
-            graphs[it["k"] % len(graphs)].replay()
-            it["k"] += 1
-        else:
-            runner.step(placement, Timer(dev, False))
+    def eager():
+        runner.step(placement, Timer(dev, False))
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
-    for _ in range(2 * cycle):
-        run_once()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(cycle):
-        run_once()
-    sync()
-    one = (time.perf_counter() - t0) / cycle
-    steps = max(args.steps, math.ceil(args.min_window_s / max(one, 1e-6)))
-    steps = -(-steps // cycle) * cycle
+    graphs = capture_graphs(eager, cycle) if cuda else []
+    run_once = replayer(graphs, eager)
+    steps = steps_for_window(run_once, cycle, args, cuda)
     if off is not None:
         off.reset_metrics()
-    times = []
     e0 = energy.read_j()
-    w0 = time.perf_counter()
-    if cuda:
-        evs = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
-        evs[0].record()
-        for i in range(steps):
-            run_once()
-            evs[i + 1].record()
-        sync()
-        times = [a.elapsed_time(b) for a, b in zip(evs, evs[1:])]
-    else:
-        for _ in range(steps):
-            t = time.perf_counter()
-            run_once()
-            times.append((time.perf_counter() - t) * 1e3)
-    window = time.perf_counter() - w0
+    times, window = timed_steps(run_once, steps, cuda)
     e1 = energy.read_j()
     offload = off.metrics() if off is not None else None
     step_ms = statistics.median(times)
@@ -648,6 +694,24 @@ def bytes_moved(s: Shape, L: int, B: int, args, placement: str, elem: int) -> di
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def batch_sizes(spec: str, bmax: int) -> list[int]:
+    """--batches (comma list; `max` = bmax) as distinct batch sizes, in order."""
+    want = []
+    for b in spec.split(","):
+        nb = bmax if b == "max" else int(b)
+        if nb not in want:
+            want.append(nb)
+    return want
+
+
+def dense_reference(results: dict, outs: dict):
+    """(the faster dense placement's step_ms, the reference outputs: dense-sdpa's, else
+    dense-paged's); each None when no dense placement ran."""
+    dense_best = min((results[p]["step_ms"] for p in results if p.startswith("dense")),
+                     default=None)
+    return dense_best, outs.get("dense-sdpa", outs.get("dense-paged"))
 
 
 def max_batch(s: Shape, L: int, args, free_bytes: int, elem: int) -> int:
@@ -704,7 +768,15 @@ def validate(doc: dict) -> list[str]:
             if abs(mp / r["step_ms"] - r["memory_processing_share"]) > 1e-6:
                 bad.append(f"{where}: memory_processing_share {r['memory_processing_share']} "
                            f"!= (prepare+relevancy+retrieval)/step {mp / r['step_ms']}")
-        if not r["speedup_over_dense"] > 0:
+        if r["speedup_over_dense"] is None:
+            # Only where no dense placement ran for this configuration (NO_DENSE_NOTE).
+            if dense_ran(doc, r):
+                bad.append(f"{where}: speedup_over_dense is missing but a dense placement ran "
+                           f"at this context and batch")
+            elif NO_DENSE_NOTE not in r["notes"]:
+                bad.append(f"{where}: a row without speedup_over_dense must carry the note "
+                           f"{NO_DENSE_NOTE!r}")
+        elif not r["speedup_over_dense"] > 0:
             bad.append(f"{where}: speedup_over_dense must be positive")
         if r["placement"] == "fpga":
             f = r.get("fpga")
@@ -719,6 +791,13 @@ def validate(doc: dict) -> list[str]:
             if hs is not None and not 0 <= hs <= 1:
                 bad.append(f"{where}: hidden_share must be in [0, 1], got {hs}")
     return bad
+
+
+def dense_ran(doc: dict, row: dict) -> bool:
+    """Whether `doc` has a measured dense row at `row`'s context and batch."""
+    return any(d["placement"] == "dense" and d.get("step_ms") is not None
+               and (d["context"], d["batch"]) == (row["context"], row["batch"])
+               for d in doc.get("rows", []))
 
 
 def _ratio(a, b) -> str:
@@ -753,7 +832,8 @@ def markdown(doc: dict) -> str:
         err = r["rel_err"]
         lines.append(
             f"| {_ctx(r['context'])} | {r['batch']} | {name} | {r['step_ms']:.3f} | "
-            f"{r['tokens_per_s']:.1f} | {r['speedup_over_dense']:.2f}x | {st['append']:.3f} | "
+            f"{r['tokens_per_s']:.1f} | {_ratio(r['speedup_over_dense'], 1)} | "
+            f"{st['append']:.3f} | "
             f"{st['prepare']:.3f} | {st['relevancy'] + st['retrieval']:.3f} | "
             f"{st['apply']:.3f} | {st['linear']:.3f} | {r['memory_processing_share']:.1%} | "
             f"{_ratio(r['step_ms'], r['byte_floor_ms'])} | "
@@ -785,26 +865,14 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    threads = torch.get_num_threads()
-    try:
-        return _main(argv)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_common_args(ap: argparse.ArgumentParser) -> None:
+    """The flags this runner and model_decode_tp.py share (the module docstrings say what they
+    mean); defaults of None are filled per --device by each runner."""
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--model", default=None, choices=sorted(MODELS))
     ap.add_argument("--contexts", default=None)
     ap.add_argument("--batches", default=None)
     ap.add_argument("--placements", default=",".join(PLACEMENTS))
-    ap.add_argument("--fpga_schemes", default=",".join(DEFAULT_FPGA_SCHEMES))
-    ap.add_argument("--deadline_ms", type=float, default=100.0)
-    ap.add_argument("--fpga_fallback", default="gpu", choices=("gpu", "dense"))
-    ap.add_argument("--recall_steps", type=int, default=5)
     ap.add_argument("--budget", type=int, default=None)
     ap.add_argument("--page", type=int, default=16)
     ap.add_argument("--dense_layers", type=int, default=None)
@@ -817,19 +885,46 @@ def _main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None)
     ap.add_argument("--seed", type=int, default=1)
+
+
+def fill_device_defaults(args, contexts: tuple, batches: tuple, steps: tuple) -> None:
+    """The shared flags left unset, filled for --device: (cpu, cuda) pairs for --contexts,
+    --batches and --steps (each runner's own); --model tiny / llama3-8b, --dense_layers 1 / 2,
+    --budget 64 / 4096, --min_window_s 0 / 0.5."""
+    i = 0 if args.device == "cpu" else 1
+    args.model = args.model or ("tiny", "llama3-8b")[i]
+    args.contexts = args.contexts or contexts[i]
+    args.batches = args.batches or batches[i]
+    args.steps = args.steps or steps[i]
+    if args.dense_layers is None:
+        args.dense_layers = (1, 2)[i]
+    args.budget = args.budget or (64, 4096)[i]
+    if args.min_window_s is None:
+        args.min_window_s = (0.0, 0.5)[i]
+
+
+def main(argv=None) -> int:
+    threads = torch.get_num_threads()
+    try:
+        return _main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(ap)
+    ap.add_argument("--fpga_schemes", default=",".join(DEFAULT_FPGA_SCHEMES))
+    ap.add_argument("--deadline_ms", type=float, default=100.0)
+    ap.add_argument("--fpga_fallback", default="gpu", choices=("gpu", "dense"))
+    ap.add_argument("--recall_steps", type=int, default=5)
     args = ap.parse_args(argv)
     cpu = args.device == "cpu"
-    args.model = args.model or ("tiny" if cpu else "llama3-8b")
-    args.contexts = args.contexts or ("256,512" if cpu else "32768,131072,524288")
-    args.batches = args.batches or ("1,2" if cpu else "1,8,max")
-    args.steps = args.steps or (3 if cpu else 10)
-    if args.dense_layers is None:
-        args.dense_layers = 1 if cpu else 2
+    fill_device_defaults(args, contexts=("256,512", "32768,131072,524288"),
+                         batches=("1,2", "1,8,max"), steps=(3, 10))
     if cpu:
         torch.set_num_threads(1)  # the smoke run shares small CI machines
-    args.budget = args.budget or (64 if cpu else 4096)
-    if args.min_window_s is None:
-        args.min_window_s = 0.0 if cpu else 0.5
     placements = [p for p in args.placements.split(",") if p]
     for p in placements:
         if p not in PLACEMENTS + ("fpga",):
@@ -850,6 +945,9 @@ def _main(argv=None) -> int:
         if not mempipe_schemes.has_offload():
             raise RuntimeError("--placements fpga needs _mempipe.SelectionOffload, which this "
                                "build of mempipe lacks")
+    warn = no_dense_message(placements)
+    if warn:
+        print(f"[model_decode] note: {warn}", flush=True)
     if args.recall_steps < 1:
         raise ValueError(f"--recall_steps must be >= 1, got {args.recall_steps}")
     if not (args.deadline_ms > 0 and math.isfinite(args.deadline_ms)):
@@ -903,13 +1001,7 @@ def _main(argv=None) -> int:
             torch.cuda.empty_cache()
             free = torch.cuda.mem_get_info(0)[0]
         bmax = max_batch(shape, L, args, free, elem)
-        want = []
-        for b in args.batches.split(","):
-            nb = bmax if b == "max" else int(b)
-            if nb not in want:
-                want.append(nb)
-        for B in want:
-            configs.append((L, B, bmax))
+        configs += [(L, B, bmax) for B in batch_sizes(args.batches, bmax)]
     for L, B, bmax in configs:
         if B < 1 or B > bmax:
             print(f"[model_decode] {_ctx(L)} x {B}: does not fit (largest batch {bmax})",
@@ -947,9 +1039,7 @@ def _main(argv=None) -> int:
             print(f"[model_decode] {_ctx(L)} x {B} {p:<11}: {r['step_ms']:.3f} ms/step, "
                   f"{B * 1000 / r['step_ms']:.1f} tokens/s ({r['steps']} steps, "
                   f"{r['window_s']:.2f} s)", flush=True)
-        dense_best = min((results[p]["step_ms"] for p in results if p.startswith("dense")),
-                         default=None)
-        ref = logits.get("dense-sdpa", logits.get("dense-paged"))  # (attention out, logits)
+        dense_best, ref = dense_reference(results, logits)  # ref: (attention out, logits)
         for p, r in results.items():
             rows.append(make_row(p, r, L, B, shape, args, elem, floor_bps, copy_bps,
                                  dense_best, ref, logits[p], energy, runner, backend, cpu))
@@ -1036,6 +1126,8 @@ def make_row(p, r, L, B, shape, args, elem, floor_bps, copy_bps, dense_best, ref
                      "(retrieval inside it)")
     if cpu:
         notes.append("CPU smoke: no CUDA graph")
+    if dense_best is None:
+        notes.append(NO_DENSE_NOTE)
     e = r["energy_j"]
     ej = None if e is None else e / (r["steps"] * B)
     row = {"placement": placement, "scheme": "sync", "micro_batches": 1, "reuse": 1,
@@ -1044,7 +1136,8 @@ def make_row(p, r, L, B, shape, args, elem, floor_bps, copy_bps, dense_best, ref
            "memory_processing_share": mp / step, "bytes": by,
            "byte_floor_ms": nbytes / floor_bps * 1e3,
            "byte_floor_copy_ms": (nbytes / copy_bps * 1e3) if copy_bps else None,
-           "speedup_over_dense": dense_best / step, "energy_j_per_token": ej,
+           "speedup_over_dense": None if dense_best is None else dense_best / step,
+           "energy_j_per_token": ej,
            "gpu_energy_j_per_token": ej, "fpga_energy_j_per_token": None,
            "energy_source": "nvml" if ej is not None else None,
            "rel_err": rel_l2(lg[0], ref[0]) if (ref is not None and lg is not ref) else None,

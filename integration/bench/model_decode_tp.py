@@ -161,13 +161,7 @@ class TPModel(md.Model):
 class TPTimer(md.Timer):
     """model_decode.Timer with one more stage, `comm` (the collectives)."""
 
-    def totals(self) -> dict[str, float]:
-        if self.cuda:
-            torch.cuda.synchronize()
-        out = {k: 0.0 for k in md.STAGES + ("comm",)}
-        for (_, a), (stage, b) in zip(self.marks, self.marks[1:]):
-            out[stage] += a.elapsed_time(b) if self.cuda else (b - a) * 1e3
-        return out
+    STAGES = md.STAGES + ("comm",)
 
 
 class TPRunner(md.Runner):
@@ -342,56 +336,17 @@ def measure_tp(runner: TPRunner, placement: str, args, energy: TPEnergy) -> dict
     prof = TPTimer(dev, True)
     runner.step(placement, prof)
     profiled = prof.totals()
-    graph = None
-    if cuda:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                runner.step(placement, TPTimer(dev, False))
-        torch.cuda.current_stream().wait_stream(s)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            runner.step(placement, TPTimer(dev, False))
 
-    def run_once():
-        if graph is not None:
-            graph.replay()
-        else:
-            runner.step(placement, TPTimer(dev, False))
+    def eager():
+        runner.step(placement, TPTimer(dev, False))
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
-    for _ in range(2):
-        run_once()
-    sync()
-    t0 = time.perf_counter()
-    run_once()
-    sync()
-    one = time.perf_counter() - t0
-    steps = int(_allreduce([max(args.steps, math.ceil(args.min_window_s / max(one, 1e-6)))],
-                           dist.ReduceOp.MAX, dev)[0])
+    graphs = md.capture_graphs(eager, 1) if cuda else []
+    run_once = md.replayer(graphs, eager)
+    steps = int(_allreduce([md.steps_for_window(run_once, 1, args, cuda)], dist.ReduceOp.MAX,
+                           dev)[0])
     _allreduce([0.0], dist.ReduceOp.SUM, dev)  # align the windows
     e0 = energy.read_j()
-    w0 = time.perf_counter()
-    if cuda:
-        evs = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
-        evs[0].record()
-        for i in range(steps):
-            run_once()
-            evs[i + 1].record()
-        sync()
-        times = [a.elapsed_time(b) for a, b in zip(evs, evs[1:])]
-    else:
-        times = []
-        for _ in range(steps):
-            t = time.perf_counter()
-            run_once()
-            times.append((time.perf_counter() - t) * 1e3)
-    window = time.perf_counter() - w0
+    times, window = md.timed_steps(run_once, steps, cuda)
     e1 = energy.read_j()
     median = statistics.median(times)
     joules = -1.0 if e0 is None else e1 - e0
@@ -402,49 +357,21 @@ def measure_tp(runner: TPRunner, placement: str, args, energy: TPEnergy) -> dict
     mx = _allreduce([window, statistics.fmean(times)], dist.ReduceOp.MAX, dev)
     e_min, e_sum = _allreduce([joules], dist.ReduceOp.MIN, dev)[0], \
         _allreduce([joules], dist.ReduceOp.SUM, dev)[0]
-    return {"graph": graph, "step_ms": max(medians), "rank_step_ms": medians, "steps": steps,
-            "window_s": mx[0], "mean_step_ms": mx[1], "profiled_ms": profiled,
-            "energy_j": None if e_min < 0 else e_sum}
-
-
-def _defaults(args) -> None:
-    cpu = args.device == "cpu"
-    args.model = args.model or ("tiny" if cpu else "llama3-8b")
-    args.contexts = args.contexts or ("128,256" if cpu else "524288,1048576")
-    args.batches = args.batches or ("1,2" if cpu else "1,max")
-    args.steps = args.steps or (2 if cpu else 10)
-    if args.dense_layers is None:
-        args.dense_layers = 1 if cpu else 2
-    args.budget = args.budget or (64 if cpu else 4096)
-    if args.min_window_s is None:
-        args.min_window_s = 0.0 if cpu else 0.5
+    return {"graph": graphs[0] if graphs else None, "step_ms": max(medians),
+            "rank_step_ms": medians, "steps": steps, "window_s": mx[0], "mean_step_ms": mx[1],
+            "profiled_ms": profiled, "energy_j": None if e_min < 0 else e_sum}
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tp", type=int, default=2)
-    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    ap.add_argument("--model", default=None, choices=sorted(md.MODELS))
-    ap.add_argument("--contexts", default=None)
-    ap.add_argument("--batches", default=None)
-    ap.add_argument("--placements", default=",".join(md.PLACEMENTS))
-    ap.add_argument("--budget", type=int, default=None)
-    ap.add_argument("--page", type=int, default=16)
-    ap.add_argument("--dense_layers", type=int, default=None)
-    ap.add_argument("--sinks", type=int, default=1)
-    ap.add_argument("--locals", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--min_window_s", type=float, default=None)
-    ap.add_argument("--hbm_tbs", type=float, default=4.8)
-    ap.add_argument("--headroom_gib", type=float, default=3.0)
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--md", default=None)
+    md.add_common_args(ap)
     ap.add_argument("--dump", default=None)
     ap.add_argument("--fault", default=None, choices=("no_allreduce",))
-    ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args(argv)
-    _defaults(args)
+    md.fill_device_defaults(args, contexts=("128,256", "524288,1048576"),
+                            batches=("1,2", "1,max"), steps=(2, 10))
     if args.tp < 1:
         raise ValueError(f"--tp {args.tp}: must be at least 1")
     for p in args.placements.split(","):
@@ -522,6 +449,9 @@ def _run(rank: int, world: int, args) -> int:
     dtype = torch.float32 if cpu else torch.bfloat16
     elem = torch.empty(0, dtype=dtype).element_size()
     placements = [p for p in args.placements.split(",") if p]
+    warn = md.no_dense_message(placements)
+    if warn:
+        log(f"note: {warn}")
     t_start = time.perf_counter()
     log(f"seed {args.seed}; {full.name} split over {world} ranks ({args.device}"
         f"{', NCCL' if world > 1 and not cpu else ', gloo' if world > 1 else ''}); "
@@ -570,12 +500,7 @@ def _run(rank: int, world: int, args) -> int:
             free = int(_allreduce([torch.cuda.mem_get_info(dev)[0]], dist.ReduceOp.MIN,
                                   dev)[0])
         bmax = md.max_batch(model.s, L, args, free, elem)
-        want = []
-        for b in args.batches.split(","):
-            nb = bmax if b == "max" else int(b)
-            if nb not in want:
-                want.append(nb)
-        configs += [(L, B, bmax) for B in want]
+        configs += [(L, B, bmax) for B in md.batch_sizes(args.batches, bmax)]
 
     rows, dumps = [], {}
     doc = None
@@ -641,9 +566,7 @@ def _run(rank: int, world: int, args) -> int:
                 f"tokens/s ({r['steps']} steps, {r['window_s']:.2f} s; "
                 f"{time.perf_counter() - t1:.1f} s with capture; "
                 f"{time.perf_counter() - t_start:.0f} s since start)")
-        dense_best = min((results[p]["step_ms"] for p in results if p.startswith("dense")),
-                         default=None)
-        ref = outs.get("dense-sdpa", outs.get("dense-paged"))
+        dense_best, ref = md.dense_reference(results, outs)
         for p, r in results.items():
             prof = dict(r["profiled_ms"])
             comm = prof.pop("comm")

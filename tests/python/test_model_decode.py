@@ -118,6 +118,38 @@ def test_table_and_plots(smoke):
     assert all(p.stat().st_size > 1000 for p in made)
 
 
+def test_no_dense_placement_leaves_the_ratios_empty(tmp_path, capsys):
+    """--placements without a dense placement: no speedup or error to compute; the run says so
+    at the start, every row carries the note and null ratios, the document validates, and the
+    table shows a dash. Known-wrong: a null speedup beside a dense row, or without the note."""
+    path = tmp_path / "no_dense.json"
+    assert md.main(["--device", "cpu", "--placements", "gpu", "--contexts", "128",
+                    "--batches", "1", "--steps", "1", "--json", str(path),
+                    "--md", str(tmp_path / "no_dense.md")]) == 0
+    assert "note: --placements has no dense placement" in capsys.readouterr().out
+    doc = json.loads(path.read_text())
+    assert md.validate(doc) == []
+    measured = [r for r in doc["rows"] if r["step_ms"] is not None]
+    assert [r["placement"] for r in measured] == ["cpu"]
+    for r in measured:
+        assert r["speedup_over_dense"] is None and r["rel_err"] is None
+        assert md.NO_DENSE_NOTE in r["notes"]
+    line = next(x for x in (tmp_path / "no_dense.md").read_text().splitlines()
+                if x.startswith("| 128 | 1 | cpu |"))
+    assert line.split(" | ")[5] == "—", line
+
+    i = doc["rows"].index(measured[0])
+    with_dense = copy.deepcopy(doc)
+    with_dense["rows"].append(dict(measured[0], placement="dense", variant="paged",
+                                   speedup_over_dense=1.0, notes=[]))
+    assert any("a dense placement ran" in b for b in md.validate(with_dense))
+    with_dense["rows"][i]["speedup_over_dense"] = 2.0  # control: the ratio filled in
+    assert md.validate(with_dense) == []
+    no_note = copy.deepcopy(doc)
+    no_note["rows"][i]["notes"].remove(md.NO_DENSE_NOTE)
+    assert any("must carry the note" in b for b in md.validate(no_note))
+
+
 def test_bad_flags_are_named():
     with pytest.raises(ValueError, match="1000"):
         md.main(["--device", "cpu", "--contexts", "1000"])

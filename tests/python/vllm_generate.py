@@ -17,10 +17,41 @@ import sys
 PROMPT_LENS = [5, 70, 200, 333]
 
 
+def make_llm(model, backend, block_size, **engine_args):
+    """The engine both scripts use (vllm_tp_generate.py too): float32, eager, 1024-token
+    contexts, 4 sequences, a 64 MiB KV cache, seed 0; BACKEND "default" leaves vLLM's own
+    attention backend. engine_args are added to (or override) those."""
+    from vllm import LLM
+    kwargs = {} if backend == "default" else {"attention_backend": backend}
+    kwargs.update(engine_args)
+    return LLM(model=model, dtype="float32", enforce_eager=True, block_size=block_size,
+               max_model_len=1024, max_num_seqs=4, kv_cache_memory_bytes=64 << 20, seed=0,
+               **kwargs)
+
+
+def make_prompts():
+    """Text prompts of PROMPT_LENS words through the model's word-level tokenizer
+    (tiny_llama.py)."""
+    return [" ".join(f"w{(i * 37 + j * 11) % 500 + 3}" for j in range(n))
+            for i, n in enumerate(PROMPT_LENS)]
+
+
+def sampling_params():
+    """Greedy, 24 new tokens each, EOS ignored."""
+    from vllm import SamplingParams
+    return SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+def generate(llm, prompts, params):
+    """One greedy generation: {"tokens": [ids per prompt], "text": [text per prompt]}."""
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    return {"tokens": [list(o.outputs[0].token_ids) for o in outs],
+            "text": [o.outputs[0].text for o in outs]}
+
+
 def main():
     model, backend, block_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    from vllm import LLM, SamplingParams
-    kwargs = {} if backend == "default" else {"attention_backend": backend}
+    kwargs = {}
     check = None
     if "--check-selection" in sys.argv:
         if "--inproc" not in sys.argv:
@@ -28,16 +59,9 @@ def main():
         from selection_check import SelectionCheck
         check = SelectionCheck().install()
         kwargs["enable_prefix_caching"] = False
-    llm = LLM(model=model, dtype="float32", enforce_eager=True,
-              block_size=block_size, max_model_len=1024, max_num_seqs=4,
-              gpu_memory_utilization=0.3, kv_cache_memory_bytes=64 << 20, seed=0, **kwargs)
-    # Text prompts through the model's word-level tokenizer (tiny_llama.py).
-    prompts = [" ".join(f"w{(i * 37 + j * 11) % 500 + 3}" for j in range(n))
-               for i, n in enumerate(PROMPT_LENS)]
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    result = {"tokens": [list(o.outputs[0].token_ids) for o in outs],
-              "text": [o.outputs[0].text for o in outs]}
+    llm = make_llm(model, backend, block_size, gpu_memory_utilization=0.3, **kwargs)
+    prompts, params = make_prompts(), sampling_params()
+    result = generate(llm, prompts, params)
     if check is not None:
         result["checks"] = {"mempipe": check.summary()}
         for mode in ("position", "drop"):

@@ -8,14 +8,15 @@ one worker process per rank). With BACKEND=CUSTOM each rank reports, through col
 share, the layer count per path (sparse, dense, prefill calls), a checksum of each layer's page
 digests (sum and the number of written pages) and the last sparse decode step's selection (pages
 and counts of the plan's buffers, per sequence and KV head of the rank). The JSON carries the
-tokens, the text and the per-rank reports under "ranks". Prompts are those of vllm_generate.py.
+tokens, the text and the per-rank reports under "ranks". The engine, prompts and sampling are
+those of vllm_generate.py (make_llm, make_prompts, sampling_params, generate).
 """
 
 import json
 import os
 import sys
 
-from vllm_generate import PROMPT_LENS
+from vllm_generate import generate, make_llm, make_prompts, sampling_params
 
 
 def rank_report(worker) -> dict:
@@ -58,17 +59,8 @@ def rank_report(worker) -> dict:
 def main():
     model, backend, block_size, tp = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # rank_report goes to the workers
-    from vllm import LLM, SamplingParams
-    kwargs = {} if backend == "default" else {"attention_backend": backend}
-    llm = LLM(model=model, dtype="float32", enforce_eager=True, tensor_parallel_size=tp,
-              block_size=block_size, max_model_len=1024, max_num_seqs=4,
-              kv_cache_memory_bytes=64 << 20, seed=0, **kwargs)
-    prompts = [" ".join(f"w{(i * 37 + j * 11) % 500 + 3}" for j in range(n))
-               for i, n in enumerate(PROMPT_LENS)]
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    result = {"tokens": [list(o.outputs[0].token_ids) for o in outs],
-              "text": [o.outputs[0].text for o in outs]}
+    llm = make_llm(model, backend, block_size, tensor_parallel_size=tp)
+    result = generate(llm, make_prompts(), sampling_params())
     if backend == "CUSTOM":
         result["ranks"] = llm.collective_rpc(rank_report)
         for r in result["ranks"]:

@@ -10,20 +10,17 @@ Q=${Q:-$PWD/.gpuwork/quality2}
 OUT=${OUT:-/tmp/quality-h200}
 mkdir -p "$OUT/run"
 t0=$SECONDS
-RT=/tmp/mempipe-rt
-mkdir -p "$RT" && tar -xJf "$Q/runtime.tar.xz" -C "$RT" || exit 1
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
-  LD_LIBRARY_PATH="$RT/libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$Q"/whl/*.whl \
-  || exit 1
-export PYTHONPATH="$RT/site:/tmp/site"
+# The shared setup: staged beside this script, else the device's copy of the checkout.
+ENV_SH="$(dirname "${BASH_SOURCE[0]}")/h200_env.sh"
+[ -f "$ENV_SH" ] || ENV_SH=$PWD/integration/quality/gpu/h200_env.sh
+# shellcheck source=h200_env.sh
+. "$ENV_SH" || { echo "FATAL: h200_env.sh is neither beside $0 nor at $ENV_SH" >&2; exit 1; }
+h200_setup_runtime || exit 1
 python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" \
   "$Q"/model/*.gguf.xz /tmp/smollm2.gguf || exit 1
 export MEMPIPE_SMOLLM_GGUF=/tmp/smollm2.gguf
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  python3 -c "import torch, mempipe; print('torch', torch.__version__, 'mempipe devices', mempipe.devices)"
-  echo "setup $((SECONDS - t0)) s"; } 2>&1 | tee "$OUT/device.txt"
-cd "$Q/quality"
+h200_report_device "$OUT/device.txt"
+cd "$Q/quality" || exit 1
 timeout 55 python3 gpu/check.py --device cuda --out "$OUT/gpu.pt" 2>&1 \
   | grep -v -E "Converting|Loading weights" | tee "$OUT/check.log"
 timeout 35 python3 run.py --grid smoke --tasks passkey --lengths 1024 --depths 0.5 \

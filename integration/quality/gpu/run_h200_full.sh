@@ -41,16 +41,14 @@ fi
 cp "$Q/part.b" "$STASH/part.b" || exit 1
 (cd "$STASH" && cat part.a part.b > smollm2.gguf && sha256sum -c "$Q/SHA256") 2>&1 \
   | tee "$OUT/device.txt" || { echo "FATAL: model checksum mismatch" >> "$OUT/device.txt"; exit 3; }
-RT=/tmp/mempipe-rt
-mkdir -p "$RT" && tar -xJf "$Q/runtime.tar.xz" -C "$RT" || exit 1
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
-  LD_LIBRARY_PATH="$RT/libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$Q"/whl/*.whl \
-  || exit 1
-export PYTHONPATH="$RT/site:/tmp/site" MEMPIPE_SMOLLM_GGUF="$STASH/smollm2.gguf"
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  python3 -c "import torch, mempipe; print('torch', torch.__version__, 'mempipe', mempipe.devices)"
-  echo "setup $((SECONDS - t0)) s"; } 2>&1 | tee -a "$OUT/device.txt"
+# The shared setup: staged beside this script, else the device's copy of the checkout.
+ENV_SH="$(dirname "${BASH_SOURCE[0]}")/h200_env.sh"
+[ -f "$ENV_SH" ] || ENV_SH=$PWD/integration/quality/gpu/h200_env.sh
+# shellcheck source=h200_env.sh
+. "$ENV_SH" || { echo "FATAL: h200_env.sh is neither beside $0 nor at $ENV_SH" >&2; exit 1; }
+h200_setup_runtime || exit 1
+export MEMPIPE_SMOLLM_GGUF="$STASH/smollm2.gguf"
+h200_report_device "$OUT/device.txt" -a
 cd "$Q/quality" || exit 1
 BUDGETS=${BUDGETS:-256,512,1024}
 # Per-query-head baseline at matched bytes (issue 13, item 3): per-head budgets around the ones
