@@ -1,7 +1,7 @@
 // The process-wide parallel-for on an installed OpenMP runtime (issue 16: mempipe's decode
 // kernels on torch's OpenMP team inside vLLM's CPU worker).
 //
-// Most cases use FakeOpenMp, a GOMP_parallel stand-in built on std::thread (ThreadSanitizer sees
+// Most cases use tests/testing/fake_openmp.h, a GOMP_parallel stand-in on std::thread (TSan sees
 // its synchronization; it does not see libgomp's). The RealLibgomp cases load the system's
 // libgomp.so.1 the way torch has its copy loaded and install it by name; they are skipped where
 // no libgomp exists and under TSan (libgomp is not instrumented, so its barriers look like races).
@@ -19,6 +19,7 @@
 
 #include "core/parallel.h"
 #include "gtest/gtest.h"
+#include "tests/testing/fake_openmp.h"
 
 #if defined(__SANITIZE_THREAD__)
 #define MEMPIPE_TEST_TSAN 1
@@ -31,61 +32,27 @@
 namespace mempipe {
 namespace {
 
-// ---- a GOMP_parallel stand-in ----------------------------------------------------------------
-// A team of `num_threads` (0: 1): num_threads - 1 new std::threads plus the caller as thread 0,
-// each running fn(data) with its thread number and team size set. `g_fake_team_limit` (> 0)
-// caps the team it really starts while thread numbers and team sizes are reported as asked:
-// a runtime that reports more threads than it runs.
-thread_local int tl_thread_num = 0;
-thread_local int tl_num_threads = 1;
-std::atomic<int> g_fake_team_limit{0};
-std::atomic<int> g_fake_regions{0};
+using testing::FakeOmpThreadNum;
+using testing::FakeOpenMpEntry;
+std::atomic<int>& g_fake_team_limit = testing::fake_omp_team_limit;
+std::atomic<int>& g_fake_regions = testing::fake_omp_regions;
 
-void FakeParallel(void (*fn)(void*), void* data, unsigned num_threads, unsigned /*flags*/) {
-  g_fake_regions.fetch_add(1);
-  const int n = num_threads == 0 ? 1 : static_cast<int>(num_threads);
-  const int limit = g_fake_team_limit.load();
-  const int run = limit > 0 ? std::min(n, limit) : n;
-  std::vector<std::thread> team;
-  for (int t = 1; t < run; ++t) {
-    team.emplace_back([=] {
-      tl_thread_num = t;
-      tl_num_threads = n;
-      fn(data);
-    });
-  }
-  const int saved_num = tl_thread_num, saved_size = tl_num_threads;
-  tl_thread_num = 0;
-  tl_num_threads = n;
-  fn(data);
-  tl_thread_num = saved_num;
-  tl_num_threads = saved_size;
-  for (std::thread& t : team) t.join();
-}
-int FakeThreadNum() { return tl_thread_num; }
-int FakeNumThreads() { return tl_num_threads; }
 // A runtime whose thread numbers are out of range of its team sizes.
 int BadThreadNum() { return 7; }
 
-OpenMpEntryPoints FakeEntry() {
-  OpenMpEntryPoints e;
-  e.parallel = &FakeParallel;
-  e.thread_num = &FakeThreadNum;
-  e.num_threads = &FakeNumThreads;
-  return e;
-}
+OpenMpEntryPoints FakeEntry() { return FakeOpenMpEntry(); }
 
 // Every task ran exactly once.
-testing::AssertionResult EachOnce(const std::vector<std::atomic<int>>& hits) {
+::testing::AssertionResult EachOnce(const std::vector<std::atomic<int>>& hits) {
   for (size_t i = 0; i < hits.size(); ++i) {
     if (hits[i].load() != 1) {
-      return testing::AssertionFailure() << "task " << i << " ran " << hits[i].load() << " times";
+      return ::testing::AssertionFailure() << "task " << i << " ran " << hits[i].load() << " times";
     }
   }
-  return testing::AssertionSuccess();
+  return ::testing::AssertionSuccess();
 }
 
-class HostParallelRuntimeTest : public testing::Test {
+class HostParallelRuntimeTest : public ::testing::Test {
  protected:
   void SetUp() override {
     ResetHostParallelRuntime();
@@ -147,7 +114,7 @@ TEST_F(HostParallelRuntimeTest, TasksRunOnTheTeamOncePerTask) {
   HostParallelFor(tasks, threads, [&](int i) {
     rendezvous.Task(i);
     hits[i].fetch_add(1);
-    ran_on[i] = FakeThreadNum();
+    ran_on[i] = FakeOmpThreadNum();
   });
   EXPECT_TRUE(EachOnce(hits));
   EXPECT_TRUE(rendezvous.met());
