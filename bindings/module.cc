@@ -60,6 +60,7 @@
 #include "backend/policy.h"
 #include "backend/selection_offload.h"
 #include "bindings/dlpack_tensor.h"
+#include "core/host_parallel_runtime.h"
 #include "core/paged_kv.h"
 #include "core/status_macros.h"
 #include "fpga/fpga_selector.h"
@@ -1267,4 +1268,32 @@ PYBIND11_MODULE(_mempipe, m) {
   m.attr("offload_reasons") = py::tuple(reasons);
   m.def("append_workspace_bytes", &AppendWorkspaceBytesPy, arg("num_blocks"),
         "GPU scratch bytes of append_kv_and_digests on a cache of num_blocks blocks.");
+  // The host kernels' parallel-for (core/host_parallel_runtime.h).
+  m.def(
+      "set_host_parallel_runtime",
+      [](const std::string& library) { Check(mempipe::InstallLoadedOpenMpRuntime(library)); },
+      arg("library"),
+      "Runs the host kernels' (sequence, KV head) split on the thread team of the OpenMP runtime "
+      "`library` (a path or soname, e.g. torch's torch/lib/libgomp.so.1) already loaded in this "
+      "process, instead of mempipe's own pool; process-wide. RuntimeError when it is not loaded "
+      "or lacks GOMP_parallel / omp_get_thread_num / omp_get_num_threads; ValueError when empty.");
+  m.def("reset_host_parallel_runtime", &mempipe::ResetHostParallelRuntime,
+        "Back to mempipe's own thread pool for the host kernels.");
+  m.def(
+      "host_parallel_runtime",
+      [] {
+        const mempipe::HostParallelRuntimeInfo info = mempipe::GetHostParallelRuntimeInfo();
+        py::dict d;
+        d["installed"] = info.installed;
+        d["library"] = info.name;
+        d["team_calls"] = info.team_calls;
+        d["last_call_threads"] = info.last_call_threads;
+        d["max_call_threads"] = info.max_call_threads;
+        d["last_call_team"] = info.last_call_team;
+        return d;
+      },
+      "What the host kernels' parallel-for runs on: {installed, library, team_calls (calls run "
+      "on the runtime's team, ever), last_call_threads / max_call_threads (distinct team threads "
+      "that ran work in the latest call / in any call), last_call_team (the team size the runtime "
+      "gave the latest call)}.");
 }

@@ -2,15 +2,18 @@
 //
 //   ForEachSeqHeads(num_seqs, num_kv_heads, threads, [&](int seq, int h0, int h1) { ... });
 //
-// The threads come from the process-wide bounded pool (core/thread_pool.h): asking for more
-// threads than the pool holds, or a system that refuses to start one, only means fewer
-// helpers; the call itself cannot fail for lack of threads (the caller always takes part).
+// The threads come from the process-wide parallel-for (core/host_parallel_runtime.h): mempipe's
+// bounded pool (core/thread_pool.h) by default, or the thread team of a host OpenMP runtime the
+// process installed (torch's, inside vLLM's CPU worker). Asking for more threads than the pool
+// holds, or a system that refuses to start one, only means fewer helpers; the call itself cannot
+// fail for lack of threads (the caller always takes part).
 #ifndef MEMPIPE_CORE_PARALLEL_H_
 #define MEMPIPE_CORE_PARALLEL_H_
 
 #include <algorithm>
 #include <cstdint>
 
+#include "core/host_parallel_runtime.h"
 #include "core/thread_pool.h"
 
 namespace mempipe {
@@ -41,7 +44,7 @@ void ForEachSeqHeads(int num_seqs, int num_kv_heads, int num_threads, Fn fn) {
     run(0);
     return;
   }
-  ThreadPool::Default().ParallelFor(threads, threads, run);
+  HostParallelFor(threads, threads, run);
 }
 
 }  // namespace mempipe

