@@ -384,12 +384,10 @@ class MempipeMetadataBuilder(AttentionMetadataBuilder[MempipeMetadata]):
         slot_mapping = cm.slot_mapping[:cm.num_actual_tokens].to(torch.int64)
         if dev.type == "cpu":
             seq_lens, block_table = seq_lens.contiguous(), block_table.contiguous()
-        # The request split on the host, in numpy (a handful of requests: each torch op on such
-        # small tensors costs several times a numpy one).
-        starts = qsl.numpy().astype(np.int64)
-        q_lens = np.diff(starts)
-        is_decode = q_lens == 1
-        all_decode = bool(is_decode.all())
+        # Decode only: every request has one token. With vLLM's max_query_len == 1 no request
+        # has more, so the query tokens' count says whether every one has exactly one.
+        starts = qsl.numpy()
+        all_decode = cm.max_query_len == 1 and int(starts[-1]) - int(starts[0]) == num_reqs
         covered_len = cm.max_seq_len if self._covered_dense else None
         if PROFILE.enabled:
             PROFILE.begin_step("decode" if all_decode else "mixed")
@@ -411,6 +409,11 @@ class MempipeMetadataBuilder(AttentionMetadataBuilder[MempipeMetadata]):
                 plan=self.plan,
                 covered_len=covered_len,
             )
+        # The request split on the host, in numpy (a handful of requests: each torch op on such
+        # small tensors costs several times a numpy one).
+        starts = starts.astype(np.int64)
+        q_lens = np.diff(starts)
+        is_decode = q_lens == 1
         decode = np.flatnonzero(is_decode)
         prefill = np.flatnonzero(~is_decode)
         p_lens = q_lens[prefill]
