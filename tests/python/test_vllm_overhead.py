@@ -35,8 +35,9 @@ class FakeLayer:
         self.layer_name = f"model.layers.{index}.self_attn.attn"
 
 
-def _common(block_table, seq_lens, query_lens):
-    """CommonAttentionMetadata as vLLM's CPU model runner fills it."""
+def _common(block_table, seq_lens, query_lens, max_query_len=None):
+    """CommonAttentionMetadata as vLLM's CPU model runner fills it (max_query_len: an upper
+    bound other than the exact one)."""
     n = len(seq_lens)
     qsl = torch.zeros(n + 1, dtype=torch.int32)
     qsl[1:] = torch.cumsum(torch.tensor(query_lens), 0)
@@ -46,7 +47,7 @@ def _common(block_table, seq_lens, query_lens):
     return vbackend.CommonAttentionMetadata(
         query_start_loc=qsl, query_start_loc_cpu=qsl.clone(),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32), num_reqs=n,
-        num_actual_tokens=int(qsl[-1]), max_query_len=max(query_lens),
+        num_actual_tokens=int(qsl[-1]), max_query_len=max_query_len or max(query_lens),
         max_seq_len=max(seq_lens), block_table_tensor=block_table[:n],
         slot_mapping=slot_mapping, causal=True, positions=positions)
 
@@ -118,13 +119,15 @@ def test_builder_reuse_across_batch_sizes_matches_reference(gen, monkeypatch):
         [1, 1, 1, 1],              # decode, 4 again: the reused tensors
         [rand(2, 9), rand(2, 9)],  # prefill only
         [1, 1, 1],                 # decode, 3
+        ([1, 1, 1, 1], 8),         # decode, 4, with a loose max_query_len bound
     ]
     with set_current_vllm_config(VllmConfig()):
         builder = _builder(VllmConfig())
     metas, wants = [], []
-    for q_lens in steps:
+    for step in steps:
+        q_lens, bound = step if isinstance(step, tuple) else (step, None)
         seq_lens = [q + rand(0, 100) for q in q_lens]
-        cm = _common(table, seq_lens, q_lens)
+        cm = _common(table, seq_lens, q_lens, bound)
         meta = builder.build(0, cm)
         want = _reference(table, seq_lens, q_lens)
         assert _mismatches(meta, want) == [], q_lens
