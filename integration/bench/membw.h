@@ -25,8 +25,9 @@ struct ReadBandwidth {
   std::string kernel;  // "avx512" (64-byte loads) or "portable" (what the compiler emits)
 };
 
-// Reads a `bytes` buffer (first-touched by the reading threads; make it much larger than the
-// last-level cache) `passes` times with `threads` threads and keeps the fastest pass.
+// Reads a `bytes` buffer (2 MiB aligned, transparent huge pages asked for, like the benches'
+// KV caches; first-touched by the reading threads; make it much larger than the last-level
+// cache) `passes` times with `threads` threads and keeps the fastest pass.
 // Errors: bytes < 1 MiB, threads < 1 or passes < 1 (InvalidArgument).
 absl::StatusOr<ReadBandwidth> MeasureReadBandwidth(size_t bytes, int threads, int passes);
 
