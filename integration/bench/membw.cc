@@ -77,9 +77,9 @@ absl::StatusOr<ReadBandwidth> MeasureReadBandwidth(size_t bytes, int threads, in
   const size_t chunks = bytes / (chunk_words * 8);
   const size_t words = chunks * chunk_words;
   // 2 MiB aligned and huge pages asked for, as the benches' KV caches are: on the build VM the
-  // same read ran at 35 GB/s from a 64-byte aligned buffer (4 KiB pages; each TLB miss is a
-  // nested page walk in a VM) and at 65-78 GB/s from this one, so a 4 KiB-page buffer would
-  // understate the bandwidth the decode kernels have and overstate their fraction of it.
+  // same 2-thread read ran at 35 GB/s from a 64-byte aligned buffer and at 65-83 GB/s from a
+  // 2 MiB aligned one (65-67 even where no huge page was granted; the cause is not known), so
+  // the old buffer understated the bandwidth the kernels' caches have.
   constexpr size_t kAlign = size_t{2} << 20;
   const size_t alloc_bytes = (words * 8 + kAlign - 1) / kAlign * kAlign;
   std::unique_ptr<uint64_t, FreeDeleter> buf(
