@@ -47,28 +47,13 @@ class _Layer:
         self.layer_name = f"model.layers.{index}.self_attn.attn"
 
 
-def _common(vb, torch, block_table, seq_lens, query_lens, bs):
-    n = len(seq_lens)
-    qsl = torch.zeros(n + 1, dtype=torch.int32)
-    qsl[1:] = torch.cumsum(torch.tensor(query_lens), 0)
-    positions = torch.cat([torch.arange(s - q, s) for s, q in zip(seq_lens, query_lens)])
-    req = torch.repeat_interleave(torch.arange(n), torch.tensor(query_lens))
-    slots = block_table[req, positions // bs].long() * bs + positions % bs
-    return vb.CommonAttentionMetadata(
-        query_start_loc=qsl, query_start_loc_cpu=qsl.clone(),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32), num_reqs=n,
-        num_actual_tokens=int(qsl[-1]), max_query_len=max(query_lens),
-        max_seq_len=max(seq_lens), block_table_tensor=block_table, slot_mapping=slots,
-        causal=True, positions=positions)
-
-
 def measure(args, dtype_name: str, length: int, kind: str) -> dict:
     import torch
     from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.v1.attention import backend as vb
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
     from mempipe.vllm.backend import MempipeAttentionImpl, MempipeMetadataBuilder
+    from mempipe.vllm.testing import common_metadata
     from mempipe.vllm import prefill as vprefill
     from mempipe.vllm.profile import PROFILE
 
@@ -94,7 +79,7 @@ def measure(args, dtype_name: str, length: int, kind: str) -> dict:
     caches = [torch.zeros(blocks, KVH, bs, 2 * D, dtype=dtype) for _ in range(args.layers)]
     lens = [length] * args.batch
     # The prompts: one prefill step through the builder and forward (cache and digests).
-    meta = builder.build(0, _common(vb, torch, block_table, lens, lens, bs))
+    meta = builder.build(0, common_metadata(block_table, lens, lens, bs))
     n = sum(lens)
     for impl, layer, cache in zip(impls, layers, caches):
         out = torch.empty(n, H * D, dtype=dtype)
@@ -108,7 +93,7 @@ def measure(args, dtype_name: str, length: int, kind: str) -> dict:
         q_lens = [1] * args.batch if kind == "decode" else \
             [1] * half + [args.chunk] * (args.batch - half)
         lens = [s + q for s, q in zip(lens, q_lens)]
-        cm = _common(vb, torch, block_table, lens, q_lens, bs)
+        cm = common_metadata(block_table, lens, q_lens, bs)
         t = sum(q_lens)
         qkv = [(torch.randn(t, H, D, generator=g).to(dtype),
                 torch.randn(t, KVH, D, generator=g).to(dtype),

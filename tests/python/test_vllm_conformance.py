@@ -21,6 +21,7 @@ from vllm.v1.attention.backends import registry  # noqa: E402
 from vllm.v1.kv_cache_interface import FullAttentionSpec  # noqa: E402
 
 from mempipe.vllm import plugin  # noqa: E402
+from mempipe.vllm.testing import common_metadata  # noqa: E402
 from mempipe.vllm.backend import (MempipeAttentionBackend, MempipeAttentionImpl,  # noqa: E402
                                   MempipeMetadataBuilder, as_mempipe_cache, layer_index_of)
 
@@ -145,22 +146,6 @@ class FakeLayer:
         self.layer_name = f"model.layers.{index}.self_attn.attn"
 
 
-def _common_metadata(block_table, seq_lens, query_lens):
-    """CommonAttentionMetadata as GPUModelRunner._prepare_inputs fills it (on the CPU device)."""
-    num_reqs = len(seq_lens)
-    qsl = torch.zeros(num_reqs + 1, dtype=torch.int32)
-    qsl[1:] = torch.cumsum(torch.tensor(query_lens), 0)
-    positions = torch.cat([torch.arange(s - q, s) for s, q in zip(seq_lens, query_lens)])
-    req = torch.repeat_interleave(torch.arange(num_reqs), torch.tensor(query_lens))
-    slot_mapping = (block_table[req, positions // BS].long() * BS + positions % BS)
-    return vbackend.CommonAttentionMetadata(
-        query_start_loc=qsl, query_start_loc_cpu=qsl.clone(),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32), num_reqs=num_reqs,
-        num_actual_tokens=int(qsl[-1]), max_query_len=max(query_lens),
-        max_seq_len=max(seq_lens), block_table_tensor=block_table, slot_mapping=slot_mapping,
-        causal=True, positions=positions)
-
-
 def _builder(vc):
     spec = FullAttentionSpec(block_size=BS, num_kv_heads=KVH, head_size=D, dtype=torch.float32)
     return MempipeMetadataBuilder(spec, ["model.layers.0.self_attn.attn"], vc,
@@ -184,7 +169,7 @@ def test_builder_and_forward_match_reference(gen, monkeypatch, layer_index, budg
     vc = VllmConfig()
     with set_current_vllm_config(vc):
         impl = MempipeAttentionImpl(H, D, D ** -0.5, KVH)
-        meta = _builder(vc).build(0, _common_metadata(batch.block_table, seq_lens, query_lens))
+        meta = _builder(vc).build(0, common_metadata(batch.block_table, seq_lens, query_lens, BS))
     layer = FakeLayer(layer_index)
     # Earlier steps: the tokens before this step's, appended through forward's own path.
     paged = impl._paged_layer(layer)
@@ -266,7 +251,7 @@ def test_kv_sharing_layer_scores_with_the_targets_digests(gen, monkeypatch):
             impl=target)
         sharer = MempipeAttentionImpl(H, D, D ** -0.5, KVH,
                                       kv_sharing_target_layer_name=target_name)
-        meta = _builder(vc).build(0, _common_metadata(batch.block_table, seq_lens, query_lens))
+        meta = _builder(vc).build(0, common_metadata(batch.block_table, seq_lens, query_lens, BS))
     tpaged = target._paged_layer(FakeLayer(0))
     for s, n in enumerate(seq_lens):
         slots = batch.block_table[s, torch.arange(n - 1) // BS].long() * BS + \

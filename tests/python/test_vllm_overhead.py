@@ -21,9 +21,9 @@ from vllm_support import require_vllm
 vllm = require_vllm()
 
 from vllm.config import VllmConfig, set_current_vllm_config  # noqa: E402
-from vllm.v1.attention import backend as vbackend  # noqa: E402
 from vllm.v1.kv_cache_interface import FullAttentionSpec  # noqa: E402
 
+from mempipe.vllm.testing import common_metadata  # noqa: E402
 from mempipe.vllm.backend import (MempipeAttentionImpl, MempipeMetadataBuilder,  # noqa: E402
                                   as_mempipe_cache)
 
@@ -33,23 +33,6 @@ BS, KVH, H, D = 16, 2, 4, 64
 class FakeLayer:
     def __init__(self, index):
         self.layer_name = f"model.layers.{index}.self_attn.attn"
-
-
-def _common(block_table, seq_lens, query_lens, max_query_len=None):
-    """CommonAttentionMetadata as vLLM's CPU model runner fills it (max_query_len: an upper
-    bound other than the exact one)."""
-    n = len(seq_lens)
-    qsl = torch.zeros(n + 1, dtype=torch.int32)
-    qsl[1:] = torch.cumsum(torch.tensor(query_lens), 0)
-    positions = torch.cat([torch.arange(s - q, s) for s, q in zip(seq_lens, query_lens)])
-    req = torch.repeat_interleave(torch.arange(n), torch.tensor(query_lens))
-    slot_mapping = block_table[req, positions // BS].long() * BS + positions % BS
-    return vbackend.CommonAttentionMetadata(
-        query_start_loc=qsl, query_start_loc_cpu=qsl.clone(),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32), num_reqs=n,
-        num_actual_tokens=int(qsl[-1]), max_query_len=max_query_len or max(query_lens),
-        max_seq_len=max(seq_lens), block_table_tensor=block_table[:n],
-        slot_mapping=slot_mapping, causal=True, positions=positions)
 
 
 def _builder(vc):
@@ -127,7 +110,7 @@ def test_builder_reuse_across_batch_sizes_matches_reference(gen, monkeypatch):
     for step in steps:
         q_lens, bound = step if isinstance(step, tuple) else (step, None)
         seq_lens = [q + rand(0, 100) for q in q_lens]
-        cm = _common(table, seq_lens, q_lens, bound)
+        cm = common_metadata(table[:len(seq_lens)], seq_lens, q_lens, BS, bound)
         meta = builder.build(0, cm)
         want = _reference(table, seq_lens, q_lens)
         assert _mismatches(meta, want) == [], q_lens
@@ -162,7 +145,8 @@ def _run_decode(gen_seed, dtype, seq_lens, budget, covered_env, monkeypatch):
     for s, n in enumerate(seq_lens):  # earlier tokens, through forward's own append path
         paged.append(ours, slots_for(batch.block_table, s, range(n - 1), BS),
                      batch.keys[s][:n - 1], batch.values[s][:n - 1])
-    meta = builder.build(0, _common(batch.block_table, seq_lens, [1] * len(seq_lens)))
+    meta = builder.build(0, common_metadata(batch.block_table[:len(seq_lens)], seq_lens,
+                                            [1] * len(seq_lens), BS))
     key = torch.stack([batch.keys[s][n - 1] for s, n in enumerate(seq_lens)])
     value = torch.stack([batch.values[s][n - 1] for s, n in enumerate(seq_lens)])
     query = torch.randn(len(seq_lens), H, D, generator=g).to(dtype)
