@@ -67,6 +67,13 @@ struct PageList {
                                         const BlockTableView& table, const PageList& pages,
                                         float scale);
 
+// What the AVX-512 kernel of DenseDecode (pages == nullptr) or SparseDecode reads, in its
+// order, thread split and prefetch, without its arithmetic or output: a benchmark's measure of
+// the rate the kernel's access pattern alone allows (mempipe-cpu-kernel-bench). Errors: those of
+// DenseDecode / SparseDecode, and FailedPrecondition where the portable kernel is active.
+[[nodiscard]] absl::Status ReadDecodeRows(const DecodeIo& io, const KvCacheView& cache,
+                                          const BlockTableView& table, const PageList* pages);
+
 // Causal prefill: the last q_len(s) = query_start_loc[s+1] - query_start_loc[s] tokens of each
 // sequence attend to cached tokens [0, position] (the cache must already hold them).
 //   query_start_loc [num_seqs + 1] int32, io.num_seqs is the total token count

@@ -3,7 +3,9 @@
 // and top-k of the cpu selector (steps 2-3), sparse and dense attention (step 4), and a plain
 // read of the same bytes (membw.h) for the fraction. Each layer has its own cache and digests
 // and the layers are visited in turn, so with enough of them every pass reads DRAM, not cache.
-// Random data; the selection is random (sinks and locals kept), ascending.
+// Random data; the selection is random (sinks and locals kept), ascending. With the AVX-512
+// kernels it also times their reads alone (ReadDecodeRows: the same rows, order, thread split
+// and prefetch, no arithmetic), the rate the access pattern allows on this machine.
 //
 //   mempipe-cpu-kernel-bench                                   # Llama-3-8B layer, bf16, 32K
 //   mempipe-cpu-kernel-bench --threads=1 --cpu_kernel=portable
@@ -136,10 +138,13 @@ int Run() {
   const QueryView qv{q.data(), dt, 1, heads, d};
   const float scale = 0.125f;
 
-  double rel = 1e300, top = 1e300, sparse = 1e300, dense = 1e300;
+  // The kernels' reads alone (ReadDecodeRows), where the AVX-512 kernel runs.
+  const bool rows = UseAvx512Kernel();
+  double rel = 1e300, top = 1e300, sparse = 1e300, dense = 1e300, sparse_rows = 1e300,
+         dense_rows = 1e300;
   for (int pass = 0; pass < absl::GetFlag(FLAGS_passes); ++pass) {
     std::fprintf(stderr, "[pass] %d/%d\n", pass + 1, absl::GetFlag(FLAGS_passes));
-    double t_rel = 0, t_top = 0, t_sparse = 0, t_dense = 0;
+    double t_rel = 0, t_top = 0, t_sparse = 0, t_dense = 0, t_sparse_rows = 0, t_dense_rows = 0;
     for (int l = 0; l < layers; ++l) {
       digest.data = digest_mem[l].get();
       double t0 = ProcessCpuMs();
@@ -162,6 +167,18 @@ int Run() {
       status.Update(DenseDecode(io, cache, tv, scale));
       t_dense += ProcessCpuMs() - t0;
     }
+    for (int l = 0; rows && l < layers; ++l) {
+      cache.data = kv_mem[l].get();
+      const double t0 = ProcessCpuMs();
+      status.Update(ReadDecodeRows(io, cache, tv, &page_list));
+      t_sparse_rows += ProcessCpuMs() - t0;
+    }
+    for (int l = 0; rows && l < layers; ++l) {
+      cache.data = kv_mem[l].get();
+      const double t0 = ProcessCpuMs();
+      status.Update(ReadDecodeRows(io, cache, tv, nullptr));
+      t_dense_rows += ProcessCpuMs() - t0;
+    }
     if (!status.ok()) {
       std::fprintf(stderr, "mempipe-cpu-kernel-bench: %s\n", std::string(status.message()).c_str());
       return 1;
@@ -171,6 +188,8 @@ int Run() {
     top = std::min(top, t_top / layers);
     sparse = std::min(sparse, t_sparse / layers / threads);
     dense = std::min(dense, t_dense / layers / threads);
+    sparse_rows = std::min(sparse_rows, t_sparse_rows / layers / threads);
+    dense_rows = std::min(dense_rows, t_dense_rows / layers / threads);
   }
   auto bw = MeasureReadBandwidth(std::max<size_t>(size_t{256} << 20, cache.NumBytes()), threads, 5);
   if (!bw.ok()) {
@@ -199,6 +218,15 @@ int Run() {
               "top-k (SelectPages)", top);
   row("sparse attention (selected K/V)", sparse_bytes, sparse);
   row("dense attention (all K/V)", cache.NumBytes(), dense);
+  if (rows) {
+    std::printf(
+        "the same rows read in the kernels' order, thread split and prefetch, no arithmetic "
+        "(ReadDecodeRows): the rate their access pattern allows\n");
+    row("sparse attention's reads", sparse_bytes, sparse_rows);
+    row("dense attention's reads", cache.NumBytes(), dense_rows);
+    std::printf("  sparse kernel / its reads: %.0f%%; dense kernel / its reads: %.0f%%\n",
+                100 * sparse_rows / sparse, 100 * dense_rows / dense);
+  }
   return 0;
 }
 

@@ -126,6 +126,31 @@ TEST_P(DecodeTest, SparseOverEveryPageEqualsDense) {
   EXPECT_EQ(dense, sparse);  // same pages, same order: bit-identical
 }
 
+// The benchmarks' read-only twin of the kernels: runs where the AVX-512 kernel is active (dense
+// and sparse, several threads) and writes no output; refused, naming the kernel, elsewhere.
+TEST_P(DecodeTest, ReadDecodeRowsRunsOnlyWithTheAvx512KernelAndWritesNothing) {
+  std::vector<int32_t> pages(lens_.size() * kKvHeads), counts(lens_.size() * kKvHeads, 1);
+  for (size_t s = 0; s < lens_.size(); ++s) {
+    for (int h = 0; h < kKvHeads; ++h)
+      pages[s * kKvHeads + h] = NumPages(lens_[s], block_size_) - 1;
+  }
+  const PageList list{pages.data(), counts.data(), kKvHeads, 1};
+  auto out = PoisonedOut();
+  const auto poisoned = out;
+  DecodeIo io = Io(out);
+  io.num_threads = 3;
+  for (const PageList* p : {static_cast<const PageList*>(nullptr), &list}) {
+    const absl::Status st = ReadDecodeRows(io, f_->cache_view(), f_->table_view(), p);
+    if (UseAvx512Kernel()) {
+      EXPECT_TRUE(st.ok()) << st;
+    } else {
+      EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition) << st;
+      EXPECT_NE(st.message().find("portable"), absl::string_view::npos) << st;
+    }
+  }
+  EXPECT_EQ(out, poisoned);
+}
+
 TEST_P(DecodeTest, SparseOverSelectionMatchesReferenceOnThoseTokens) {
   ASSERT_TRUE(BuildDigests(f_->cache_view(), f_->table_view(), f_->digest_view()).ok());
   SelectionConfig cfg;
@@ -275,6 +300,9 @@ TEST(DecodeErrors, NameTheBadValue) {
   f.mutable_block_table()[0] = 0;
   int32_t pages[4] = {0, 5, -1, -1}, counts[4] = {2, 1, 1, 1};
   expect_bad(SparseDecode(io, f.cache_view(), f.table_view(), {pages, counts, 2, 2}, 1.0f), "= 5");
+  const PageList bad{pages, counts, 2, 2};
+  expect_bad(ReadDecodeRows(io, f.cache_view(), f.table_view(), &bad), "= 5");
+  expect_bad(ReadDecodeRows(three, f.cache_view(), f.table_view(), nullptr), "3 sequences");
   int32_t zero_counts[4] = {0, 1, 1, 1};
   expect_bad(SparseDecode(io, f.cache_view(), f.table_view(), {pages, zero_counts, 2, 2}, 1.0f),
              "= 0");
