@@ -160,6 +160,7 @@ class PortableHeads {
       : scale_(scale), acc_(heads, GroupAccumulator(groups, head_dim, block_size)) {}
   // AddPage ignores the next page; the caller prefetches (PrefetchPage).
   static constexpr bool kPrefetchesNext = false;
+  static constexpr bool kWritesOutput = true;
 
   void Begin(int i, const DecodeIo& io, size_t row0) {
     LoadQueryRows(io, row0, acc_[i].groups, 1.0f, acc_[i].q.data());
@@ -171,6 +172,12 @@ class PortableHeads {
   }
   void Store(int i, const DecodeIo& io, size_t row0) const {
     acc_[i].Store(io.out, io.dtype, row0);
+  }
+  void StorePartial(int i, float* acc, float* m, float* l) const {
+    const GroupAccumulator& a = acc_[i];
+    std::copy(a.acc.begin(), a.acc.end(), acc);
+    std::copy(a.m.begin(), a.m.end(), m);
+    std::copy(a.l.begin(), a.l.end(), l);
   }
 
  private:
@@ -477,6 +484,7 @@ class Avx512Heads {
   // AddPage prefetches the next page given to it, spread over the current page's tokens
   // (NextPage); the callers pass it instead of calling PrefetchPage.
   static constexpr bool kPrefetchesNext = true;
+  static constexpr bool kWritesOutput = true;
 
   void Begin(int i, const DecodeIo& io, size_t row0) {
     const size_t gd = static_cast<size_t>(groups_) * head_dim_;
@@ -544,6 +552,20 @@ class Avx512Heads {
     }
   }
 
+  // The G heads' unnormalised state in channel order: acc [G, D], m [G], l [G].
+  void StorePartial(int i, float* acc, float* m, float* l) const {
+    const size_t gd = static_cast<size_t>(groups_) * head_dim_;
+    for (int g = 0; g < groups_; ++g) {
+      const float* a = &acc_[i * gd + g * head_dim_];
+      for (int c = 0; c < head_dim_; ++c) {
+        const int k = kInterleaved<T> ? (c & ~31) + (c & 1) * 16 + ((c & 31) >> 1) : c;
+        acc[g * head_dim_ + c] = a[k];
+      }
+      m[g] = m_[i * groups_ + g];
+      l[g] = l_[i * groups_ + g];
+    }
+  }
+
  private:
   bool stage_rows_;
   int heads_, groups_, head_dim_, block_size_;
@@ -561,6 +583,7 @@ class Avx512RowRead {
                 bool /*stage_rows*/ = false)
       : heads_(heads), head_dim_(head_dim) {}
   static constexpr bool kPrefetchesNext = true;
+  static constexpr bool kWritesOutput = false;  // the caller skips DecodeChunks::Combine
 
   void Begin(int /*i*/, const DecodeIo& /*io*/, size_t /*row0*/) {}
 
@@ -590,6 +613,9 @@ class Avx512RowRead {
     static thread_local volatile uint64_t sink = 0;
     sink = sink ^ sum_;
   }
+  void StorePartial(int i, float* /*acc*/, float* /*m*/, float* /*l*/) const {
+    Store(i, DecodeIo{}, 0);
+  }
 
  private:
   int heads_, head_dim_;
@@ -597,54 +623,153 @@ class Avx512RowRead {
 };
 #endif  // MEMPIPE_AVX512_KERNEL
 
+// Decode cuts each (sequence, KV head)'s pages (all of them for dense decode, the selected ones
+// for sparse) into chunks of kChunkTokens tokens' worth of pages, and splits the (chunk, KV
+// head) pairs over the threads: a short batch still spreads over all threads, and for dense
+// decode a thread then streams every KV head of its chunks, the rows as they lie in memory.
+// The chunks of a sequence with more than one are combined at the end (the flash-decoding
+// split). Chunks depend on the page lists only, so the result is the same for any thread count,
+// and sparse decode over every page equals dense decode bit for bit.
+constexpr int kChunkTokens = 512;
+
+// Chunk bookkeeping of one decode call, and the per-chunk state of sequences with several.
+class DecodeChunks {
+ public:
+  // entries(s): the most pages any KV head of sequence s attends to.
+  template <typename Entries>
+  DecodeChunks(const DecodeIo& io, const KvCacheView& cache, Entries entries)
+      : io_(io),
+        kv_heads_(cache.num_kv_heads),
+        groups_(io.num_heads / cache.num_kv_heads),
+        chunk_pages_(std::max(1, kChunkTokens / cache.block_size)),
+        first_(io.num_seqs + 1, 0) {
+    for (int s = 0; s < io.num_seqs; ++s) {
+      first_[s + 1] = first_[s] + (entries(s) + chunk_pages_ - 1) / chunk_pages_;
+    }
+    if (chunks() > io.num_seqs) {
+      const size_t rows = static_cast<size_t>(chunks()) * io.num_heads;
+      acc_.resize(rows * io.head_dim);
+      m_.resize(rows);
+      l_.resize(rows);
+    }
+  }
+
+  int chunks() const { return first_[io_.num_seqs]; }
+  int chunk_pages() const { return chunk_pages_; }
+  int SeqOf(int u) const {
+    return static_cast<int>(std::upper_bound(first_.begin(), first_.end(), u) - first_.begin() - 1);
+  }
+  // Entries [begin, end) of chunk u (of sequence s) in a list of `count`.
+  int Begin(int u, int s) const { return (u - first_[s]) * chunk_pages_; }
+  int End(int u, int s, int count) const { return std::min(count, Begin(u, s) + chunk_pages_); }
+
+  // The output of KV head h for chunk u: the result itself for a sequence of one chunk, else
+  // the chunk's unnormalised state, combined by Combine.
+  template <typename H>
+  void Finish(const H& heads, int i, int u, int s, int h) {
+    const size_t row = static_cast<size_t>(s) * io_.num_heads + h * groups_;
+    if (first_[s + 1] - first_[s] == 1) {
+      heads.Store(i, io_, row);
+      return;
+    }
+    const size_t crow = static_cast<size_t>(u) * io_.num_heads + h * groups_;
+    heads.StorePartial(i, &acc_[crow * io_.head_dim], &m_[crow], &l_[crow]);
+  }
+
+  // out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c with M = max_c m_c, per query head
+  // of every sequence with several chunks. A chunk with no pages (a KV head that selected
+  // fewer) has m = -inf and weighs 0; the first chunk is never empty.
+  void Combine() const {
+    if (chunks() == io_.num_seqs) return;
+    ForEachSeqHeads(io_.num_seqs, kv_heads_, io_.num_threads, [&](int s, int h0, int h1) {
+      if (first_[s + 1] - first_[s] == 1) return;
+      std::vector<float> out(io_.head_dim);
+      for (int qh = h0 * groups_; qh < h1 * groups_; ++qh) {
+        float mx = kNegInf;
+        for (int u = first_[s]; u < first_[s + 1]; ++u) {
+          mx = std::max(mx, m_[static_cast<size_t>(u) * io_.num_heads + qh]);
+        }
+        std::fill(out.begin(), out.end(), 0.0f);
+        float l = 0.0f;
+        for (int u = first_[s]; u < first_[s + 1]; ++u) {
+          const size_t row = static_cast<size_t>(u) * io_.num_heads + qh;
+          if (l_[row] == 0.0f) continue;  // an empty chunk
+          const float w = std::exp(m_[row] - mx);
+          l += w * l_[row];
+          const float* a = &acc_[row * io_.head_dim];
+          for (int c = 0; c < io_.head_dim; ++c) out[c] += w * a[c];
+        }
+        const size_t orow = static_cast<size_t>(s) * io_.num_heads + qh;
+        for (int c = 0; c < io_.head_dim; ++c) {
+          StoreFromFloat(io_.out, io_.dtype, orow * io_.head_dim + c, out[c] / l);
+        }
+      }
+    });
+  }
+
+ private:
+  const DecodeIo& io_;
+  int kv_heads_, groups_, chunk_pages_;
+  std::vector<int> first_;          // sequence s owns chunks [first_[s], first_[s + 1])
+  std::vector<float> acc_, m_, l_;  // [chunk, num_heads, D], [chunk, num_heads]
+};
+
 template <template <typename> class Heads, typename T>
 void DenseImpl(const DecodeIo& io, const KvCacheView& cache, const BlockTableView& table,
                float scale, int groups) {
-  ForEachSeqHeads(io.num_seqs, cache.num_kv_heads, io.num_threads, [&](int s, int h0, int h1) {
+  DecodeChunks chunks(io, cache,
+                      [&](int s) { return NumPages(table.seq_lens[s], cache.block_size); });
+  ForEachSeqHeads(chunks.chunks(), cache.num_kv_heads, io.num_threads, [&](int u, int h0, int h1) {
     // Page-major over this range's heads: each page's K/V rows are read once, contiguously.
+    const int s = chunks.SeqOf(u);
     Heads<T> heads(h1 - h0, groups, io.head_dim, cache.block_size, scale);
     const size_t seq_row = static_cast<size_t>(s) * io.num_heads;
     for (int h = h0; h < h1; ++h) heads.Begin(h - h0, io, seq_row + h * groups);
     const int len = table.seq_lens[s];
-    const int num_pages = NumPages(len, cache.block_size);
-    for (int p = 0; p < num_pages; ++p) {
-      const int n = std::min(cache.block_size, len - p * cache.block_size);
-      if (Heads<T>::kPrefetchesNext && p + 1 < num_pages) {
-        const int next_n = std::min(cache.block_size, len - (p + 1) * cache.block_size);
+    const int p0 = chunks.Begin(u, s), p1 = chunks.End(u, s, NumPages(len, cache.block_size));
+    auto tokens = [&](int p) { return std::min(cache.block_size, len - p * cache.block_size); };
+    for (int p = p0; p < p1; ++p) {
+      const int n = tokens(p);
+      if (Heads<T>::kPrefetchesNext && p + 1 < p1) {
         for (int h = h0; h < h1; ++h)
-          heads.AddPage(cache, table.Block(s, p), h, h - h0, n, table.Block(s, p + 1), next_n);
+          heads.AddPage(cache, table.Block(s, p), h, h - h0, n, table.Block(s, p + 1),
+                        tokens(p + 1));
         continue;
       }
-      if (!Heads<T>::kPrefetchesNext && p + kPrefetchPages < num_pages) {
+      if (!Heads<T>::kPrefetchesNext && p + kPrefetchPages < p1) {
         const int next = p + kPrefetchPages;
-        PrefetchPage(cache, table.Block(s, next), h0, h1,
-                     std::min(cache.block_size, len - next * cache.block_size));
+        PrefetchPage(cache, table.Block(s, next), h0, h1, tokens(next));
       }
       for (int h = h0; h < h1; ++h) heads.AddPage(cache, table.Block(s, p), h, h - h0, n);
     }
-    for (int h = h0; h < h1; ++h) heads.Store(h - h0, io, seq_row + h * groups);
+    for (int h = h0; h < h1; ++h) chunks.Finish(heads, h - h0, u, s, h);
   });
+  if (Heads<T>::kWritesOutput) chunks.Combine();
 }
 
 template <template <typename> class Heads, typename T>
 void SparseImpl(const DecodeIo& io, const KvCacheView& cache, const BlockTableView& table,
                 const PageList& pages, float scale, int groups) {
-  ForEachSeqHeads(io.num_seqs, cache.num_kv_heads, io.num_threads, [&](int s, int h0, int h1) {
+  DecodeChunks chunks(io, cache, [&](int s) {
+    const int32_t* c = pages.counts + static_cast<size_t>(s) * pages.num_kv_heads;
+    return *std::max_element(c, c + pages.num_kv_heads);
+  });
+  ForEachSeqHeads(chunks.chunks(), cache.num_kv_heads, io.num_threads, [&](int u, int h0, int h1) {
+    const int s = chunks.SeqOf(u);
     Heads<T> heads(1, groups, io.head_dim, cache.block_size, scale, /*stage_rows=*/true);
     const int len = table.seq_lens[s];
     auto tokens = [&](int p) { return std::min(cache.block_size, len - p * cache.block_size); };
     for (int h = h0; h < h1; ++h) {
       const size_t row = static_cast<size_t>(s) * pages.num_kv_heads + h;
       const int32_t* list = pages.pages + row * pages.max_selected;
-      const int count = pages.counts[row];
-      const size_t row0 = static_cast<size_t>(s) * io.num_heads + h * groups;
-      heads.Begin(0, io, row0);
-      for (int i = 0; i < count; ++i) {
-        if (!Heads<T>::kPrefetchesNext && i + kPrefetchPages < count) {
+      const int end = chunks.End(u, s, pages.counts[row]);
+      heads.Begin(0, io, static_cast<size_t>(s) * io.num_heads + h * groups);
+      for (int i = chunks.Begin(u, s); i < end; ++i) {
+        if (!Heads<T>::kPrefetchesNext && i + kPrefetchPages < end) {
           const int next = list[i + kPrefetchPages];
           PrefetchPage(cache, table.Block(s, next), h, h + 1, tokens(next));
         }
-        if (Heads<T>::kPrefetchesNext && i + 1 < count) {
+        if (Heads<T>::kPrefetchesNext && i + 1 < end) {
           const int next = list[i + 1];
           heads.AddPage(cache, table.Block(s, list[i]), h, 0, tokens(list[i]), table.Block(s, next),
                         tokens(next));
@@ -652,9 +777,10 @@ void SparseImpl(const DecodeIo& io, const KvCacheView& cache, const BlockTableVi
           heads.AddPage(cache, table.Block(s, list[i]), h, 0, tokens(list[i]));
         }
       }
-      heads.Store(0, io, row0);
+      chunks.Finish(heads, 0, u, s, h);
     }
   });
+  if (Heads<T>::kWritesOutput) chunks.Combine();
 }
 
 template <template <typename> class Heads, typename T>

@@ -274,6 +274,96 @@ TEST(DecodeTolerance, RejectsADroppedPageAndAZeroedOutput) {
             << " elements fail the derived check, " << old_failures << " the former 3e-2 bound\n";
 }
 
+// Sequences longer than one chunk (decode.cc: kChunkTokens = 512 tokens of pages) are split into
+// chunks, attended separately and combined. Dense and sparse, with KV heads of uneven selections
+// (one head's later chunks are empty), against the float64 reference, for 1 and 3 threads
+// (bit-identical); and the check rejects the same output measured against a reference that
+// drops one chunk's tokens.
+TEST(DecodeChunks, LongSequencesCombineChunksExactlyOnce) {
+  for (CpuKernel kernel : {CpuKernel::kPortable, CpuKernel::kAvx512}) {
+    if (!CpuKernelAvailable(kernel)) continue;
+    ASSERT_TRUE(SetCpuKernel(kernel).ok());
+    for (DType dtype : {DType::kFloat32, DType::kBFloat16}) {
+      SCOPED_TRACE(::testing::Message()
+                   << "kernel " << ActiveCpuKernelName() << " dtype " << DTypeName(dtype));
+      std::mt19937_64 rng(TestSeed());
+      const int bs = 16, kv = 2, group = 3, heads = kv * group, d = 64;
+      const std::vector<int> lens = {2100, 700, 40};  // 5, 2 and 1 chunks of 32 pages
+      PagedFixture f(
+          rng,
+          {.dtype = dtype, .block_size = bs, .num_kv_heads = kv, .head_dim = d, .seq_lens = lens});
+      RandomTensor q(rng, dtype, lens.size() * heads * d);
+      const float scale = 0.125f;
+      // KV head 0 attends to every page but the fifth; KV head 1 to the first two pages only.
+      const int max_pages = f.max_blocks();
+      std::vector<int32_t> pages(lens.size() * kv * max_pages, -1), counts(lens.size() * kv);
+      auto tokens_of = [&](int s, int h, int skip_from, int skip_to) {
+        std::vector<int> tokens;
+        for (int i = 0; i < counts[s * kv + h]; ++i) {
+          const int p = pages[(s * kv + h) * max_pages + i];
+          for (int t = p * bs; t < std::min(lens[s], (p + 1) * bs); ++t) {
+            if (t < skip_from || t >= skip_to) tokens.push_back(t);
+          }
+        }
+        return tokens;
+      };
+      for (size_t s = 0; s < lens.size(); ++s) {
+        const int n = NumPages(lens[s], bs);
+        int c = 0;
+        for (int p = 0; p < n; ++p) {
+          if (p != 4 || n == 1) pages[(s * kv) * max_pages + c++] = p;
+        }
+        counts[s * kv] = c;
+        counts[s * kv + 1] = std::min(n, 2);
+        for (int i = 0; i < counts[s * kv + 1]; ++i) pages[(s * kv + 1) * max_pages + i] = i;
+      }
+      const PageList list{pages.data(), counts.data(), kv, max_pages};
+      std::vector<uint8_t> out(q.bytes.size()), out3(q.bytes.size());
+      for (int sparse = 0; sparse < 2; ++sparse) {
+        for (auto* o : {&out, &out3}) {
+          for (size_t i = 0; i < q.values.size(); ++i) StoreFromFloat(o->data(), dtype, i, NAN);
+          DecodeIo io{q.data(), o->data(),        dtype, static_cast<int>(lens.size()), heads,
+                      d,        o == &out ? 1 : 3};
+          ASSERT_TRUE((sparse ? SparseDecode(io, f.cache_view(), f.table_view(), list, scale)
+                              : DenseDecode(io, f.cache_view(), f.table_view(), scale))
+                          .ok());
+        }
+        EXPECT_EQ(out, out3) << "sparse " << sparse;
+        int wrong_checked = 0;  // outputs whose tokens include the dropped chunk
+        for (int s = 0; s < static_cast<int>(lens.size()); ++s) {
+          for (int h = 0; h < heads; ++h) {
+            const int kvh = h / group;
+            const auto tokens = sparse ? tokens_of(s, kvh, 0, 0) : Range(lens[s]);
+            const auto ref =
+                ReferenceAttention(f, &q.values[(s * heads + h) * d], s, kvh, tokens, scale);
+            // The same output against a reference without the second chunk (tokens 512-1023).
+            std::vector<int> dropped;
+            for (int t : tokens) {
+              if (t < 512 || t >= 1024) dropped.push_back(t);
+            }
+            const auto bad =
+                ReferenceAttention(f, &q.values[(s * heads + h) * d], s, kvh, dropped, scale);
+            bool rejected = false;
+            for (int c = 0; c < d; ++c) {
+              const float got = LoadAsFloat(out.data(), dtype, (s * heads + h) * d + c);
+              const int n = static_cast<int>(tokens.size());
+              ASSERT_NEAR(got, ref[c], AttentionTolerance(dtype, ref[c], n, d))
+                  << "sparse " << sparse << " seq " << s << " head " << h << " c " << c;
+              rejected |= std::abs(got - bad[c]) > AttentionTolerance(dtype, bad[c], n, d);
+            }
+            if (dropped.size() < tokens.size()) {
+              ++wrong_checked;
+              EXPECT_TRUE(rejected) << "sparse " << sparse << " seq " << s << " head " << h;
+            }
+          }
+        }
+        EXPECT_GT(wrong_checked, 0);
+      }
+    }
+  }
+  ASSERT_TRUE(SetCpuKernel(CpuKernel::kAuto).ok());
+}
+
 TEST(DecodeErrors, NameTheBadValue) {
   std::mt19937_64 rng(TestSeed());
   PagedFixture f(rng, {.seq_lens = {40, 20}});
