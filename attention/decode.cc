@@ -190,12 +190,13 @@ class PortableHeads {
 // Per page and KV head: the G heads' scores of all n tokens (each K row converted to fp32 once,
 // held in registers, dotted with the G query rows), a page-wide running-max update with a
 // vectorised exp, then P.V with the G x 2 output vectors of a 32-channel slice in registers.
-// bf16 and fp16 are widened exactly (a shift, vcvtph2ps); all arithmetic is fp32. The kernel
-// does not use AVX512_BF16's vdpbf16ps: it would round the query and the probabilities to
-// bf16 (an error the tests' derived tolerances do not allow today). That costs speed where a
-// core's FMAs, not memory, are the bound: a bf16 K/V row of 256 bytes takes 2 x G x 8 zmm FMAs,
-// so at G = 4 one core of the build VM (about one zmm FMA per cycle) tops out near 20 GB/s of
-// dense K/V, and the dense kernel measured 20 GB/s per core against a 39-43 GB/s sequential read.
+// bf16 and fp16 are widened exactly (a shift, vcvtph2ps); all arithmetic is fp32. With kernel
+// avx512-bf16, scores of a bf16 query over a bf16 cache use vdpbf16ps (Bf16DotScores: exact
+// products, fp32 sums). P.V stays in fp32 FMAs: vdpbf16ps there would round the probabilities
+// to bf16 (as flash attention does on GPUs), an error the host kernels' tolerances do not admit.
+// Sparse apply, whose staged rows are read from L1 and so is bound by arithmetic, gained 8-11%
+// from the bf16 scores on the build VM (mempipe-bench, 30 sparse layers, 2 threads: 29.8-30.5
+// vs 32.2-36.2 ms); dense apply, bound by memory, no measurable change.
 
 MEMPIPE_TARGET_AVX512 inline __m512 Load16(const Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -382,6 +383,53 @@ MEMPIPE_TARGET_AVX512 void Avx512Scores(const T* kbase, size_t stride, int n, in
   }
 }
 
+// Avx512Scores for a bf16 query over a bf16 cache with AVX512_BF16 (kernel avx512-bf16):
+// vdpbf16ps multiplies pairs of bf16 exactly and adds both products to an fp32 lane, so a K row
+// needs neither widening nor half the instructions; the query is taken as it is (exact) and
+// the scale applied to the fp32 sums. The arithmetic is the fp32 path's up to summation order.
+// p[g * block_size + t] = scale * (q_g . k_t).
+MEMPIPE_TARGET_AVX512_BF16 inline __m512 DotBf16(__m512 acc, __m512i a, __m512i b) {
+  return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh&>(a), reinterpret_cast<__m512bh&>(b));
+}
+
+// Lane-wise partial products of q_g . k, k in NZ registers of 32 bf16 channels.
+template <int NZ>
+MEMPIPE_TARGET_AVX512_BF16 inline __m512 Bf16Dot32(const __m512i* k, const BFloat16* qg) {
+  __m512 s0 = DotBf16(_mm512_setzero_ps(), k[0], _mm512_loadu_si512(qg));
+  __m512 s1 = DotBf16(_mm512_setzero_ps(), k[1], _mm512_loadu_si512(qg + 32));
+  for (int c = 2; c < NZ; c += 2) {
+    s0 = DotBf16(s0, k[c], _mm512_loadu_si512(qg + 32 * c));
+    s1 = DotBf16(s1, k[c + 1], _mm512_loadu_si512(qg + 32 * c + 32));
+  }
+  return _mm512_add_ps(s0, s1);
+}
+
+template <int NZ>
+MEMPIPE_TARGET_AVX512_BF16 void Bf16DotScores(const BFloat16* kbase, size_t stride, int n,
+                                              int groups, int block_size, const BFloat16* q,
+                                              float scale, float* p, NextPage next) {
+  constexpr int kD = NZ * 32;
+  const __m128 vscale = _mm_set1_ps(scale);
+  for (int t = 0; t < n; ++t) {
+    PrefetchRow(next);
+    const BFloat16* k = kbase + t * stride;
+    __m512i kz[NZ];
+    for (int c = 0; c < NZ; ++c) kz[c] = _mm512_loadu_si512(k + 32 * c);
+    int g = 0;
+    for (; g + 4 <= groups; g += 4) {
+      alignas(16) float sums[4];
+      _mm_store_ps(sums, _mm_mul_ps(vscale, Reduce4(Bf16Dot32<NZ>(kz, q + g * kD),
+                                                    Bf16Dot32<NZ>(kz, q + (g + 1) * kD),
+                                                    Bf16Dot32<NZ>(kz, q + (g + 2) * kD),
+                                                    Bf16Dot32<NZ>(kz, q + (g + 3) * kD))));
+      for (int j = 0; j < 4; ++j) p[(g + j) * block_size + t] = sums[j];
+    }
+    for (; g < groups; ++g) {
+      p[g * block_size + t] = scale * _mm512_reduce_add_ps(Bf16Dot32<NZ>(kz, q + g * kD));
+    }
+  }
+}
+
 // The rest of a page for `groups` query heads, scores already in `p` (groups x block_size
 // floats, overwritten by the probabilities): the page-wide running-max update with a
 // vectorised exp, then acc = corr * acc + P.V. `corr` is scratch for `groups` floats.
@@ -479,7 +527,9 @@ class Avx512Heads {
         p_(groups * block_size),
         corr_(groups),
         kstage_(stage_rows ? static_cast<size_t>(block_size) * head_dim : 0),
-        vstage_(kstage_.size()) {}
+        vstage_(kstage_.size()) {
+    if constexpr (std::is_same_v<T, BFloat16>) q16_.resize(q_.size());
+  }
 
   // AddPage prefetches the next page given to it, spread over the current page's tokens
   // (NextPage); the callers pass it instead of calling PrefetchPage.
@@ -488,6 +538,12 @@ class Avx512Heads {
 
   void Begin(int i, const DecodeIo& io, size_t row0) {
     const size_t gd = static_cast<size_t>(groups_) * head_dim_;
+    dot_bf16_ =
+        std::is_same_v<T, BFloat16> && io.dtype == DType::kBFloat16 && UseAvx512Bf16Kernel();
+    if (dot_bf16_) {
+      const BFloat16* src = static_cast<const BFloat16*>(io.query) + row0 * head_dim_;
+      std::copy(src, src + gd, q16_.begin() + i * gd);
+    }
     float* q = &q_[i * gd];
     LoadQueryRows(io, row0, groups_, scale_, q);
     if constexpr (kInterleaved<T>) {
@@ -519,6 +575,24 @@ class Avx512Heads {
       k = kstage_.data();
       v = vstage_.data();
       stride = head_dim_;
+    }
+    if constexpr (std::is_same_v<T, BFloat16>) {
+      if (dot_bf16_) {
+        const BFloat16* q16 = &q16_[i * gd];
+        switch (head_dim_) {
+          case 64:
+            Bf16DotScores<2>(k, stride, n, groups_, block_size_, q16, scale_, p_.data(), next);
+            break;
+          case 128:
+            Bf16DotScores<4>(k, stride, n, groups_, block_size_, q16, scale_, p_.data(), next);
+            break;
+          default:
+            Bf16DotScores<8>(k, stride, n, groups_, block_size_, q16, scale_, p_.data(), next);
+            break;
+        }
+        SoftmaxValues(v, stride, n, acc, m, l);
+        return;
+      }
     }
     switch (head_dim_) {
       case 64:
@@ -567,11 +641,30 @@ class Avx512Heads {
   }
 
  private:
+  void SoftmaxValues(const T* v, size_t stride, int n, float* acc, float* m, float* l) {
+    switch (head_dim_) {
+      case 64:
+        Avx512SoftmaxValues<T, 4>(v, stride, n, groups_, block_size_, acc, m, l, p_.data(),
+                                  corr_.data());
+        break;
+      case 128:
+        Avx512SoftmaxValues<T, 8>(v, stride, n, groups_, block_size_, acc, m, l, p_.data(),
+                                  corr_.data());
+        break;
+      default:
+        Avx512SoftmaxValues<T, 16>(v, stride, n, groups_, block_size_, acc, m, l, p_.data(),
+                                   corr_.data());
+        break;
+    }
+  }
+
   bool stage_rows_;
+  bool dot_bf16_ = false;  // scores with AVX512_BF16 (Begin decides)
   int heads_, groups_, head_dim_, block_size_;
   float scale_;
   std::vector<float> q_, acc_, m_, l_, p_, corr_;
   std::vector<T> kstage_, vstage_;  // [block_size, head_dim] when stage_rows_
+  std::vector<BFloat16> q16_;       // [heads, G, D] the bf16 queries as given (dot_bf16_)
 };
 // The AVX-512 kernel's reads without its arithmetic: the same rows, in the same order, with the
 // same prefetch (ReadDecodeRows). AddPage loads each K and V row of the page once, 64 bytes at a

@@ -4,8 +4,11 @@
 //
 // Two implementations, chosen at run time (core/cpu_kernel.h): an AVX-512 one (used when the
 // CPU has AVX-512F; compiled with a target attribute, so the default build stays portable
-// without -DMEMPIPE_CPU_ARCH) and a portable one. Each (sequence, KV head) reads its pages once for
-// all its GQA query heads; the (sequence, KV head) pairs are split over `io.num_threads`.
+// without -DMEMPIPE_CPU_ARCH; its scores of bf16 queries over a bf16 cache use AVX512_BF16 where
+// the CPU has it) and a portable one. Each (sequence, KV head) reads its pages once for all its
+// GQA query heads. Decode cuts each sequence's pages into chunks of 512 tokens and splits the
+// (chunk, KV head) pairs over `io.num_threads`, combining a sequence's chunks at the end; the
+// chunks depend on the lengths and selections only, so any thread count gives the same result.
 //
 //   query  [num_seqs, num_heads, head_dim] in `io.dtype`   (one decode token per sequence)
 //   out    [num_seqs, num_heads, head_dim] in `io.dtype`

@@ -19,6 +19,9 @@
 #pragma GCC diagnostic pop
 #define MEMPIPE_AVX512_KERNEL 1
 #define MEMPIPE_TARGET_AVX512 __attribute__((target("avx512f")))
+// AVX512_BF16's dot products (vdpbf16ps) and AVX512BW; called only after UseAvx512Bf16Kernel()
+// (core/cpu_kernel.h).
+#define MEMPIPE_TARGET_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 #else
 #define MEMPIPE_AVX512_KERNEL 0
 #endif

@@ -19,17 +19,36 @@ bool CpuHasAvx512() {
 #endif
 }
 
-}  // namespace
-
-bool UseAvx512Kernel() {
-  const auto k = static_cast<CpuKernel>(g_cpu_kernel.load(std::memory_order_relaxed));
-  return k == CpuKernel::kAvx512 || (k == CpuKernel::kAuto && CpuHasAvx512());
+bool CpuHasAvx512Bf16() {
+#if MEMPIPE_AVX512_KERNEL
+  static const bool has =
+      CpuHasAvx512() && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16");
+  return has;
+#else
+  return false;
+#endif
 }
 
+CpuKernel Active() {
+  const auto k = static_cast<CpuKernel>(g_cpu_kernel.load(std::memory_order_relaxed));
+  if (k != CpuKernel::kAuto) return k;
+  if (CpuHasAvx512Bf16()) return CpuKernel::kAvx512Bf16;
+  return CpuHasAvx512() ? CpuKernel::kAvx512 : CpuKernel::kPortable;
+}
+
+}  // namespace
+
+bool UseAvx512Kernel() { return Active() != CpuKernel::kPortable; }
+
+bool UseAvx512Bf16Kernel() { return Active() == CpuKernel::kAvx512Bf16; }
+
 absl::Status SetCpuKernel(CpuKernel kernel) {
-  if (kernel == CpuKernel::kAvx512 && !CpuHasAvx512()) {
+  if (!CpuKernelAvailable(kernel)) {
     return absl::FailedPreconditionError(
-        "cpu kernel avx512 asked for, but this CPU (or this build's compiler) has no AVX-512F");
+        absl::StrCat("cpu kernel ", CpuKernelName(kernel),
+                     " asked for, but this CPU (or this build's compiler) ",
+                     kernel == CpuKernel::kAvx512 ? "has no AVX-512F"
+                                                  : "lacks AVX-512F, AVX512BW or AVX512_BF16"));
   }
   g_cpu_kernel.store(static_cast<int>(kernel), std::memory_order_relaxed);
   return absl::OkStatus();
@@ -39,12 +58,36 @@ absl::StatusOr<CpuKernel> ParseCpuKernel(absl::string_view name) {
   if (name == "auto") return CpuKernel::kAuto;
   if (name == "portable") return CpuKernel::kPortable;
   if (name == "avx512") return CpuKernel::kAvx512;
+  if (name == "avx512-bf16") return CpuKernel::kAvx512Bf16;
   return absl::InvalidArgumentError(
-      absl::StrCat("cpu kernel must be auto, portable or avx512, got '", name, "'"));
+      absl::StrCat("cpu kernel must be auto, portable, avx512 or avx512-bf16, got '", name, "'"));
 }
 
-bool CpuKernelAvailable(CpuKernel kernel) { return kernel != CpuKernel::kAvx512 || CpuHasAvx512(); }
+absl::string_view CpuKernelName(CpuKernel kernel) {
+  switch (kernel) {
+    case CpuKernel::kAuto:
+      return "auto";
+    case CpuKernel::kPortable:
+      return "portable";
+    case CpuKernel::kAvx512:
+      return "avx512";
+    case CpuKernel::kAvx512Bf16:
+      return "avx512-bf16";
+  }
+  return "unknown";
+}
 
-absl::string_view ActiveCpuKernelName() { return UseAvx512Kernel() ? "avx512" : "portable"; }
+bool CpuKernelAvailable(CpuKernel kernel) {
+  switch (kernel) {
+    case CpuKernel::kAvx512:
+      return CpuHasAvx512();
+    case CpuKernel::kAvx512Bf16:
+      return CpuHasAvx512Bf16();
+    default:
+      return true;
+  }
+}
+
+absl::string_view ActiveCpuKernelName() { return CpuKernelName(Active()); }
 
 }  // namespace mempipe

@@ -19,18 +19,27 @@ namespace mempipe {
 
 // Which host implementation the kernels use (process-wide; default kAuto).
 enum class CpuKernel : int {
-  kAuto = 0,      // AVX-512 when the CPU has AVX-512F, else portable
+  kAuto = 0,      // the first the CPU has of avx512-bf16, avx512, portable
   kPortable = 1,  // plain C++ (what the compiler vectorizes for the build's -march)
   kAvx512 = 2,    // AVX-512F intrinsics (FailedPrecondition where the CPU lacks it)
+  // kAvx512 plus AVX512_BF16's vdpbf16ps for the attention scores of bf16 queries over a bf16
+  // cache (exact products, fp32 sums: the fp32 arithmetic up to summation order); other dtypes
+  // run kAvx512. FailedPrecondition where the CPU lacks AVX512_BF16 or AVX512BW.
+  kAvx512Bf16 = 3,
 };
 // FailedPrecondition for kAvx512 where the CPU (or this build's compiler) lacks AVX-512F.
 [[nodiscard]] absl::Status SetCpuKernel(CpuKernel kernel);
-// Accepts auto, portable, avx512; InvalidArgument naming anything else.
+// Accepts auto, portable, avx512, avx512-bf16; InvalidArgument naming anything else.
 absl::StatusOr<CpuKernel> ParseCpuKernel(absl::string_view name);
 bool CpuKernelAvailable(CpuKernel kernel);
+// The name ParseCpuKernel accepts for `kernel`.
+absl::string_view CpuKernelName(CpuKernel kernel);
 // True when the next kernel call takes its AVX-512 path.
 bool UseAvx512Kernel();
-// "avx512" or "portable": the implementation the next call will use.
+// True when the next decode call over a bf16 cache with bf16 queries takes the AVX512_BF16
+// path (implies UseAvx512Kernel()).
+bool UseAvx512Bf16Kernel();
+// "avx512-bf16", "avx512" or "portable": the implementation the next call will use.
 absl::string_view ActiveCpuKernelName();
 
 }  // namespace mempipe

@@ -45,7 +45,7 @@ ABSL_FLAG(int, budget, 4096, "Tokens selected per KV head (sparse attention read
 ABSL_FLAG(int, threads, 1, "Host threads for every kernel");
 ABSL_FLAG(int, passes, 3, "Passes over the layers; the best is reported");
 ABSL_FLAG(std::string, cpu_kernel, "auto",
-          "Host kernels (core/cpu_kernel.h): auto, portable, avx512");
+          "Host kernels (core/cpu_kernel.h): auto, portable, avx512, avx512-bf16");
 ABSL_FLAG(bool, huge_pages, true, "Ask for transparent huge pages for caches and digests");
 
 namespace mempipe {

@@ -222,7 +222,8 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Combine(::testing::Values(DType::kFloat32, DType::kFloat16, DType::kBFloat16),
                        ::testing::Values(16, 32, 64), ::testing::Values(64, 128, 256),
                        ::testing::Values(1, 3, 6),
-                       ::testing::Values(CpuKernel::kPortable, CpuKernel::kAvx512)));
+                       ::testing::Values(CpuKernel::kPortable, CpuKernel::kAvx512,
+                                         CpuKernel::kAvx512Bf16)));
 
 // The derived tolerance rejects known-wrong answers (issue 14): the dense output of a
 // 5,120-token bf16 sequence against the reference with one 64-token page dropped, and an
@@ -280,7 +281,7 @@ TEST(DecodeTolerance, RejectsADroppedPageAndAZeroedOutput) {
 // (bit-identical); and the check rejects the same output measured against a reference that
 // drops one chunk's tokens.
 TEST(DecodeChunks, LongSequencesCombineChunksExactlyOnce) {
-  for (CpuKernel kernel : {CpuKernel::kPortable, CpuKernel::kAvx512}) {
+  for (CpuKernel kernel : {CpuKernel::kPortable, CpuKernel::kAvx512, CpuKernel::kAvx512Bf16}) {
     if (!CpuKernelAvailable(kernel)) continue;
     ASSERT_TRUE(SetCpuKernel(kernel).ok());
     for (DType dtype : {DType::kFloat32, DType::kBFloat16}) {
@@ -398,9 +399,20 @@ TEST(DecodeErrors, NameTheBadValue) {
              "= 0");
   EXPECT_EQ(ParseCpuKernel("avx2").status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(ParseCpuKernel("avx2").status().message().find("'avx2'"), absl::string_view::npos);
-  if (!CpuKernelAvailable(CpuKernel::kAvx512)) {
-    EXPECT_EQ(SetCpuKernel(CpuKernel::kAvx512).code(), absl::StatusCode::kFailedPrecondition);
+  for (CpuKernel k :
+       {CpuKernel::kAuto, CpuKernel::kPortable, CpuKernel::kAvx512, CpuKernel::kAvx512Bf16}) {
+    EXPECT_EQ(*ParseCpuKernel(CpuKernelName(k)), k);
+    if (!CpuKernelAvailable(k)) {
+      const absl::Status st = SetCpuKernel(k);
+      EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition);
+      EXPECT_NE(st.message().find(CpuKernelName(k)), absl::string_view::npos) << st;
+    }
   }
+  // avx512-bf16 needs avx512; auto names the kernel it picks.
+  EXPECT_TRUE(!CpuKernelAvailable(CpuKernel::kAvx512Bf16) ||
+              CpuKernelAvailable(CpuKernel::kAvx512));
+  ASSERT_TRUE(SetCpuKernel(CpuKernel::kAuto).ok());
+  EXPECT_NE(ActiveCpuKernelName(), "auto");
 }
 
 }  // namespace
