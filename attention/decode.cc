@@ -1,9 +1,11 @@
 #include "attention/decode.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -676,7 +678,7 @@ class Avx512RowRead {
                 bool /*stage_rows*/ = false)
       : heads_(heads), head_dim_(head_dim) {}
   static constexpr bool kPrefetchesNext = true;
-  static constexpr bool kWritesOutput = false;  // the caller skips DecodeChunks::Combine
+  static constexpr bool kWritesOutput = false;  // DecodeChunks does not combine
 
   void Begin(int /*i*/, const DecodeIo& /*io*/, size_t /*row0*/) {}
 
@@ -717,24 +719,24 @@ class Avx512RowRead {
 #endif  // MEMPIPE_AVX512_KERNEL
 
 // Decode cuts each (sequence, KV head)'s pages (all of them for dense decode, the selected ones
-// for sparse) into chunks of kChunkTokens tokens' worth of pages, and splits the (chunk, KV
-// head) pairs over the threads: a short batch still spreads over all threads, and for dense
+// for sparse) into chunks of kDecodeChunkTokens tokens' worth of pages, and splits the (chunk,
+// KV head) pairs over the threads: a short batch still spreads over all threads, and for dense
 // decode a thread then streams every KV head of its chunks, the rows as they lie in memory.
-// The chunks of a sequence with more than one are combined at the end (the flash-decoding
-// split). Chunks depend on the page lists only, so the result is the same for any thread count,
-// and sparse decode over every page equals dense decode bit for bit.
-constexpr int kChunkTokens = 512;
-
-// Chunk bookkeeping of one decode call, and the per-chunk state of sequences with several.
+// The chunks of a sequence with more than one are combined by whichever thread finishes the
+// last of a KV head's chunks (the flash-decoding split), in chunk order. Chunks depend on the
+// page lists only, so the result is the same for any thread count, and sparse decode over every
+// page equals dense decode bit for bit.
 class DecodeChunks {
  public:
-  // entries(s): the most pages any KV head of sequence s attends to.
+  // entries(s): the most pages any KV head of sequence s attends to. write_output false: the
+  // partial states are not combined (ReadDecodeRows).
   template <typename Entries>
-  DecodeChunks(const DecodeIo& io, const KvCacheView& cache, Entries entries)
+  DecodeChunks(const DecodeIo& io, const KvCacheView& cache, Entries entries, bool write_output)
       : io_(io),
         kv_heads_(cache.num_kv_heads),
         groups_(io.num_heads / cache.num_kv_heads),
-        chunk_pages_(std::max(1, kChunkTokens / cache.block_size)),
+        chunk_pages_(std::max(1, kDecodeChunkTokens / cache.block_size)),
+        write_output_(write_output),
         first_(io.num_seqs + 1, 0) {
     for (int s = 0; s < io.num_seqs; ++s) {
       first_[s + 1] = first_[s] + (entries(s) + chunk_pages_ - 1) / chunk_pages_;
@@ -744,20 +746,26 @@ class DecodeChunks {
       acc_.resize(rows * io.head_dim);
       m_.resize(rows);
       l_.resize(rows);
+      pending_ = std::make_unique<std::atomic<int>[]>(static_cast<size_t>(io.num_seqs) * kv_heads_);
+      for (int s = 0; s < io.num_seqs; ++s) {
+        for (int h = 0; h < kv_heads_; ++h) {
+          pending_[static_cast<size_t>(s) * kv_heads_ + h].store(first_[s + 1] - first_[s],
+                                                                 std::memory_order_relaxed);
+        }
+      }
     }
   }
 
   int chunks() const { return first_[io_.num_seqs]; }
-  int chunk_pages() const { return chunk_pages_; }
   int SeqOf(int u) const {
     return static_cast<int>(std::upper_bound(first_.begin(), first_.end(), u) - first_.begin() - 1);
   }
-  // Entries [begin, end) of chunk u (of sequence s) in a list of `count`.
+  // Entries [Begin, End) of chunk u (of sequence s) in a list of `count`.
   int Begin(int u, int s) const { return (u - first_[s]) * chunk_pages_; }
   int End(int u, int s, int count) const { return std::min(count, Begin(u, s) + chunk_pages_); }
 
-  // The output of KV head h for chunk u: the result itself for a sequence of one chunk, else
-  // the chunk's unnormalised state, combined by Combine.
+  // The output of KV head h for chunk u: the result itself for a sequence of one chunk, else the
+  // chunk's unnormalised state; the last of the head's chunks to finish combines them.
   template <typename H>
   void Finish(const H& heads, int i, int u, int s, int h) {
     const size_t row = static_cast<size_t>(s) * io_.num_heads + h * groups_;
@@ -767,51 +775,56 @@ class DecodeChunks {
     }
     const size_t crow = static_cast<size_t>(u) * io_.num_heads + h * groups_;
     heads.StorePartial(i, &acc_[crow * io_.head_dim], &m_[crow], &l_[crow]);
-  }
-
-  // out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c with M = max_c m_c, per query head
-  // of every sequence with several chunks. A chunk with no pages (a KV head that selected
-  // fewer) has m = -inf and weighs 0; the first chunk is never empty.
-  void Combine() const {
-    if (chunks() == io_.num_seqs) return;
-    ForEachSeqHeads(io_.num_seqs, kv_heads_, io_.num_threads, [&](int s, int h0, int h1) {
-      if (first_[s + 1] - first_[s] == 1) return;
-      std::vector<float> out(io_.head_dim);
-      for (int qh = h0 * groups_; qh < h1 * groups_; ++qh) {
-        float mx = kNegInf;
-        for (int u = first_[s]; u < first_[s + 1]; ++u) {
-          mx = std::max(mx, m_[static_cast<size_t>(u) * io_.num_heads + qh]);
-        }
-        std::fill(out.begin(), out.end(), 0.0f);
-        float l = 0.0f;
-        for (int u = first_[s]; u < first_[s + 1]; ++u) {
-          const size_t row = static_cast<size_t>(u) * io_.num_heads + qh;
-          if (l_[row] == 0.0f) continue;  // an empty chunk
-          const float w = std::exp(m_[row] - mx);
-          l += w * l_[row];
-          const float* a = &acc_[row * io_.head_dim];
-          for (int c = 0; c < io_.head_dim; ++c) out[c] += w * a[c];
-        }
-        const size_t orow = static_cast<size_t>(s) * io_.num_heads + qh;
-        for (int c = 0; c < io_.head_dim; ++c) {
-          StoreFromFloat(io_.out, io_.dtype, orow * io_.head_dim + c, out[c] / l);
-        }
-      }
-    });
+    // acq_rel: the last one sees every other chunk's state.
+    if (pending_[static_cast<size_t>(s) * kv_heads_ + h].fetch_sub(1, std::memory_order_acq_rel) ==
+            1 &&
+        write_output_) {
+      Combine(s, h);
+    }
   }
 
  private:
+  // out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c with M = max_c m_c, for the query heads
+  // of KV head h of sequence s. A chunk with no pages (a KV head that selected fewer) has l = 0
+  // and is skipped; the first chunk is never empty.
+  void Combine(int s, int h) const {
+    std::vector<float> out(io_.head_dim);
+    for (int qh = h * groups_; qh < (h + 1) * groups_; ++qh) {
+      float mx = kNegInf;
+      for (int u = first_[s]; u < first_[s + 1]; ++u) {
+        mx = std::max(mx, m_[static_cast<size_t>(u) * io_.num_heads + qh]);
+      }
+      std::fill(out.begin(), out.end(), 0.0f);
+      float l = 0.0f;
+      for (int u = first_[s]; u < first_[s + 1]; ++u) {
+        const size_t row = static_cast<size_t>(u) * io_.num_heads + qh;
+        if (l_[row] == 0.0f) continue;  // an empty chunk
+        const float w = std::exp(m_[row] - mx);
+        l += w * l_[row];
+        const float* a = &acc_[row * io_.head_dim];
+        for (int c = 0; c < io_.head_dim; ++c) out[c] += w * a[c];
+      }
+      const size_t orow = static_cast<size_t>(s) * io_.num_heads + qh;
+      for (int c = 0; c < io_.head_dim; ++c) {
+        StoreFromFloat(io_.out, io_.dtype, orow * io_.head_dim + c, out[c] / l);
+      }
+    }
+  }
+
   const DecodeIo& io_;
   int kv_heads_, groups_, chunk_pages_;
+  bool write_output_;
   std::vector<int> first_;          // sequence s owns chunks [first_[s], first_[s + 1])
   std::vector<float> acc_, m_, l_;  // [chunk, num_heads, D], [chunk, num_heads]
+  std::unique_ptr<std::atomic<int>[]> pending_;  // [num_seqs, kv_heads] chunks not finished
 };
 
 template <template <typename> class Heads, typename T>
 void DenseImpl(const DecodeIo& io, const KvCacheView& cache, const BlockTableView& table,
                float scale, int groups) {
-  DecodeChunks chunks(io, cache,
-                      [&](int s) { return NumPages(table.seq_lens[s], cache.block_size); });
+  DecodeChunks chunks(
+      io, cache, [&](int s) { return NumPages(table.seq_lens[s], cache.block_size); },
+      Heads<T>::kWritesOutput);
   ForEachSeqHeads(chunks.chunks(), cache.num_kv_heads, io.num_threads, [&](int u, int h0, int h1) {
     // Page-major over this range's heads: each page's K/V rows are read once, contiguously.
     const int s = chunks.SeqOf(u);
@@ -837,16 +850,18 @@ void DenseImpl(const DecodeIo& io, const KvCacheView& cache, const BlockTableVie
     }
     for (int h = h0; h < h1; ++h) chunks.Finish(heads, h - h0, u, s, h);
   });
-  if (Heads<T>::kWritesOutput) chunks.Combine();
 }
 
 template <template <typename> class Heads, typename T>
 void SparseImpl(const DecodeIo& io, const KvCacheView& cache, const BlockTableView& table,
                 const PageList& pages, float scale, int groups) {
-  DecodeChunks chunks(io, cache, [&](int s) {
-    const int32_t* c = pages.counts + static_cast<size_t>(s) * pages.num_kv_heads;
-    return *std::max_element(c, c + pages.num_kv_heads);
-  });
+  DecodeChunks chunks(
+      io, cache,
+      [&](int s) {
+        const int32_t* c = pages.counts + static_cast<size_t>(s) * pages.num_kv_heads;
+        return *std::max_element(c, c + pages.num_kv_heads);
+      },
+      Heads<T>::kWritesOutput);
   ForEachSeqHeads(chunks.chunks(), cache.num_kv_heads, io.num_threads, [&](int u, int h0, int h1) {
     const int s = chunks.SeqOf(u);
     Heads<T> heads(1, groups, io.head_dim, cache.block_size, scale, /*stage_rows=*/true);
@@ -873,7 +888,6 @@ void SparseImpl(const DecodeIo& io, const KvCacheView& cache, const BlockTableVi
       chunks.Finish(heads, 0, u, s, h);
     }
   });
-  if (Heads<T>::kWritesOutput) chunks.Combine();
 }
 
 template <template <typename> class Heads, typename T>

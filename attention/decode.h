@@ -31,6 +31,11 @@
 
 namespace mempipe {
 
+// Decode attends each sequence's pages in chunks of this many tokens (whole pages; all pages for
+// dense decode, the selected ones for sparse), split over the threads with the KV heads and
+// combined at the end; a sequence of one chunk is attended in one piece.
+inline constexpr int kDecodeChunkTokens = 512;
+
 struct DecodeIo {
   const void* query = nullptr;  // [num_seqs, num_heads, head_dim]
   void* out = nullptr;          // [num_seqs, num_heads, head_dim]

@@ -1153,6 +1153,7 @@ PYBIND11_MODULE(_mempipe, m) {
   // The supported sizes and the sparsity rules come from the C++ definitions (core/paged_kv.h,
   // core/dtype.h, backend/policy.h); Python keeps no copy.
   m.attr("supported_block_sizes") = IntTuple(mempipe::kSupportedBlockSizes);
+  m.attr("decode_chunk_tokens") = mempipe::kDecodeChunkTokens;
   m.attr("supported_head_dims") = IntTuple(mempipe::kSupportedHeadDims);
   m.attr("supported_gpu_group_sizes") = IntTuple(mempipe::kSupportedGpuGroupSizes);
   py::list dtypes;

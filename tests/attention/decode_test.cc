@@ -275,10 +275,10 @@ TEST(DecodeTolerance, RejectsADroppedPageAndAZeroedOutput) {
             << " elements fail the derived check, " << old_failures << " the former 3e-2 bound\n";
 }
 
-// Sequences longer than one chunk (decode.cc: kChunkTokens = 512 tokens of pages) are split into
-// chunks, attended separately and combined. Dense and sparse, with KV heads of uneven selections
-// (one head's later chunks are empty), against the float64 reference, for 1 and 3 threads
-// (bit-identical); and the check rejects the same output measured against a reference that
+// Sequences longer than one chunk (decode.h: kDecodeChunkTokens = 512 tokens of pages) are split
+// into chunks, attended separately and combined. Dense and sparse, with KV heads of uneven
+// selections (one head's later chunks are empty), against the float64 reference, for 1 and 3
+// threads (bit-identical); and the check rejects the same output measured against a reference that
 // drops one chunk's tokens.
 TEST(DecodeChunks, LongSequencesCombineChunksExactlyOnce) {
   for (CpuKernel kernel : {CpuKernel::kPortable, CpuKernel::kAvx512, CpuKernel::kAvx512Bf16}) {

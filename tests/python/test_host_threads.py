@@ -57,6 +57,21 @@ def _problem(gen, dtype, num_seqs=5, kv_heads=3, heads=9, head_dim=64, block_siz
     return batch, q, pages, counts
 
 
+def _work_items(kind, batch, counts):
+    """The (chunk, KV head) pairs a decode call splits over its threads (attention/decode.h:
+    each sequence's pages, all or the selected ones, in chunks of decode_chunk_tokens)."""
+    block_size, kv_heads = batch.kv_cache.shape[2], batch.kv_cache.shape[3]
+    chunk_pages = max(1, mp.decode_chunk_tokens // block_size)
+    chunks = 0
+    for s in range(batch.num_seqs):
+        if kind == "dense":
+            entries = -(-int(batch.seq_lens[s]) // block_size)
+        else:
+            entries = int(counts[s].max())
+        chunks += -(-entries // chunk_pages)
+    return chunks * kv_heads
+
+
 def _decode(kind, batch, q, pages, counts, threads):
     out = torch.full_like(q, float("nan"))  # a row a kernel forgets stays NaN
     scale = q.shape[-1] ** -0.5
@@ -80,7 +95,7 @@ def test_torch_team_gives_the_one_thread_bits_on_several_threads(gen, kind, dtyp
     assert os.path.basename(library).startswith(("libgomp", "libomp", "libiomp5"))
     info = host_threads.info()
     assert info["installed"] and info["library"] == library
-    items = batch.num_seqs * batch.kv_cache.shape[3]
+    items = _work_items(kind, batch, counts)
     for threads in (2, 3, 64):
         before = host_threads.info()["team_calls"]
         torch.mm(torch.randn(64, 256), torch.randn(256, 256))  # torch's team, spinning
