@@ -43,7 +43,7 @@ struct DecodeIo {
   int num_seqs = 0;
   int num_heads = 0;
   int head_dim = 0;
-  int num_threads = 1;  // host threads sharing the (sequence, KV head) pairs; 1 = caller only
+  int num_threads = 1;  // host threads sharing the (chunk, KV head) pairs; 1 = caller only
 };
 
 // Pages one (sequence, KV head) attends to: logical page indices, ascending.

@@ -217,8 +217,9 @@ class PagedLayer:
         self.scale = float(scale)
         self.sparse = config.layer_sparse(layer_index)
         self.plan = plan
-        # Attention (step 4) shares (sequence, KV head) pairs among as many host threads as
-        # torch uses, which vLLM's CPU worker sets to the cores it binds.
+        # Attention (step 4) shares its (chunk of a sequence, KV head) pairs (attention/decode.h)
+        # among as many host threads as torch uses, which vLLM's CPU worker sets to the cores
+        # it binds.
         self.num_threads = max(1, torch.get_num_threads())
         self._digests: digest_store.Digests | None = None
         self._digests_key: tuple | None = None
