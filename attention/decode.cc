@@ -542,9 +542,13 @@ class Avx512Heads {
     const size_t gd = static_cast<size_t>(groups_) * head_dim_;
     dot_bf16_ =
         std::is_same_v<T, BFloat16> && io.dtype == DType::kBFloat16 && UseAvx512Bf16Kernel();
-    if (dot_bf16_) {
+    std::fill(acc_.begin() + i * gd, acc_.begin() + (i + 1) * gd, 0.0f);
+    std::fill(m_.begin() + i * groups_, m_.begin() + (i + 1) * groups_, kNegInf);
+    std::fill(l_.begin() + i * groups_, l_.begin() + (i + 1) * groups_, 0.0f);
+    if (dot_bf16_) {  // the scores take the bf16 query as it is; no fp32 copy needed
       const BFloat16* src = static_cast<const BFloat16*>(io.query) + row0 * head_dim_;
       std::copy(src, src + gd, q16_.begin() + i * gd);
+      return;
     }
     float* q = &q_[i * gd];
     LoadQueryRows(io, row0, groups_, scale_, q);
@@ -556,9 +560,6 @@ class Avx512Heads {
         std::copy(tmp, tmp + 32, q + b);
       }
     }
-    std::fill(acc_.begin() + i * gd, acc_.begin() + (i + 1) * gd, 0.0f);
-    std::fill(m_.begin() + i * groups_, m_.begin() + (i + 1) * groups_, kNegInf);
-    std::fill(l_.begin() + i * groups_, l_.begin() + (i + 1) * groups_, 0.0f);
   }
 
   void AddPage(const KvCacheView& cache, int block, int kv_head, int i, int n, int next_block = -1,
@@ -599,20 +600,15 @@ class Avx512Heads {
     switch (head_dim_) {
       case 64:
         Avx512Scores<T, 4>(k, stride, n, groups_, block_size_, q, p_.data(), next);
-        Avx512SoftmaxValues<T, 4>(v, stride, n, groups_, block_size_, acc, m, l, p_.data(),
-                                  corr_.data());
         break;
       case 128:
         Avx512Scores<T, 8>(k, stride, n, groups_, block_size_, q, p_.data(), next);
-        Avx512SoftmaxValues<T, 8>(v, stride, n, groups_, block_size_, acc, m, l, p_.data(),
-                                  corr_.data());
         break;
       default:  // 256 (ValidateKvCache admits 64, 128, 256)
         Avx512Scores<T, 16>(k, stride, n, groups_, block_size_, q, p_.data(), next);
-        Avx512SoftmaxValues<T, 16>(v, stride, n, groups_, block_size_, acc, m, l, p_.data(),
-                                   corr_.data());
         break;
     }
+    SoftmaxValues(v, stride, n, acc, m, l);
   }
 
   void Store(int i, const DecodeIo& io, size_t row0) const {
@@ -621,9 +617,7 @@ class Avx512Heads {
       const float inv = 1.0f / l_[i * groups_ + g];
       const float* a = &acc_[i * gd + g * head_dim_];
       for (int c = 0; c < head_dim_; ++c) {
-        // Position of channel c in the kernel's order (Load32).
-        const int k = kInterleaved<T> ? (c & ~31) + (c & 1) * 16 + ((c & 31) >> 1) : c;
-        StoreFromFloat(io.out, io.dtype, (row0 + g) * head_dim_ + c, a[k] * inv);
+        StoreFromFloat(io.out, io.dtype, (row0 + g) * head_dim_ + c, a[Position(c)] * inv);
       }
     }
   }
@@ -634,8 +628,7 @@ class Avx512Heads {
     for (int g = 0; g < groups_; ++g) {
       const float* a = &acc_[i * gd + g * head_dim_];
       for (int c = 0; c < head_dim_; ++c) {
-        const int k = kInterleaved<T> ? (c & ~31) + (c & 1) * 16 + ((c & 31) >> 1) : c;
-        acc[g * head_dim_ + c] = a[k];
+        acc[g * head_dim_ + c] = a[Position(c)];
       }
       m[g] = m_[i * groups_ + g];
       l[g] = l_[i * groups_ + g];
@@ -643,6 +636,11 @@ class Avx512Heads {
   }
 
  private:
+  // Position of channel c in the accumulators' order (Load32).
+  static int Position(int c) {
+    return kInterleaved<T> ? (c & ~31) + (c & 1) * 16 + ((c & 31) >> 1) : c;
+  }
+
   void SoftmaxValues(const T* v, size_t stride, int n, float* acc, float* m, float* l) {
     switch (head_dim_) {
       case 64:
