@@ -55,6 +55,10 @@ class SelectionCheck:
                       "planted": 0, "planted_chosen": 0, "digests_wrong": 0,
                       "outputs_checked": 0, "output_wrong": 0, "max_err_over_tol": 0.0}
         self._pending: dict[int, tuple] = {}
+        # Per CPU selection, in call order: the sequences that got a planted page. A step
+        # whose queries sum to zero plants nothing (see _plant), so a caller that counts
+        # pages per step must look here rather than assume every step was planted.
+        self.planted_steps: list[frozenset[int]] = []
         self._select = None
         self._decode = None
 
@@ -81,6 +85,7 @@ class SelectionCheck:
         """Switches to `mode` and zeroes the statistics (the wrappers stay installed)."""
         fresh = SelectionCheck(mode)
         self.mode, self.stats, self._pending = fresh.mode, fresh.stats, fresh._pending
+        self.planted_steps = fresh.planted_steps
 
     def summary(self) -> dict:
         return dict(self.stats, mode=self.mode)
@@ -109,6 +114,7 @@ class SelectionCheck:
 
         st = self.stats
         st["selections"] += 1
+        self.planted_steps.append(frozenset(planted))
         for s in range(query.shape[0]):
             for g in range(kv_cache.shape[3]):
                 got = pages[s, g, :int(counts[s, g])].tolist()
