@@ -9,9 +9,12 @@
 //   import torch, mempipe._mempipe as mp
 //   mp.append_kv_and_digests(kv_cache, slot_mapping, key, value, digests)
 //   mp.score_and_select(query, kv_cache, digests, block_table, seq_lens, pages, counts,
-//                       budget=4096, sinks=1, locals=1, aggregation="max")
+//                       budget=4096, sinks=1, locals=1, aggregation="max", num_threads=4)
 //   mp.sparse_decode(query, kv_cache, block_table, seq_lens, pages, counts, out, scale,
-//                    num_threads=4)   // attention: host threads sharing (sequence, KV head)
+//                    num_threads=4)
+// num_threads (CPU tensors; >= 1, default 1): host threads sharing the work (decode: chunks of a
+// sequence's pages per KV head; relevancy and selection: (sequence, KV head) rows). No result
+// depends on it.
 //
 // Shapes (the cores' layouts; T tokens, S sequences, H query heads, KVH KV heads, D head_dim):
 //   kv_cache      [2, num_blocks, block_size, KVH, D]  fp32 | fp16 | bf16
@@ -320,6 +323,15 @@ void CheckSlots(const BorrowedTensor& slots) {
   Check(slots.RequireType(ElemType::kInt64));
 }
 
+// A host kernel's num_threads argument: at least 1 (the C++ steps would take fewer as 1; a
+// caller that passed 0 or a negative count meant something else and is told so).
+int ThreadsArg(int num_threads) {
+  if (num_threads < 1) {
+    Check(absl::InvalidArgumentError(absl::StrCat("num_threads must be >= 1, got ", num_threads)));
+  }
+  return num_threads;
+}
+
 // query/out of [rows, H, D]; `out` must match query in shape and dtype.
 DecodeIo IoView(const BorrowedTensor& q, const BorrowedTensor& out, int num_threads) {
   Check(q.RequireRank(3));
@@ -336,7 +348,7 @@ DecodeIo IoView(const BorrowedTensor& q, const BorrowedTensor& out, int num_thre
   io.num_seqs = static_cast<int>(q.shape[0]);
   io.num_heads = static_cast<int>(q.shape[1]);
   io.head_dim = static_cast<int>(q.shape[2]);
-  io.num_threads = num_threads;
+  io.num_threads = ThreadsArg(num_threads);
   return io;
 }
 
@@ -586,7 +598,9 @@ void BuildDigestsPy(py::handle kv_cache, py::handle block_table, py::handle seq_
 
 void ComputeRelevancyPy(py::handle query, py::handle kv_cache, py::handle digests,
                         py::handle block_table, py::handle seq_lens, py::handle scores,
-                        const std::string& aggregation, const py::object& stream) {
+                        const std::string& aggregation, int num_threads,
+                        const py::object& stream) {
+  const int threads = ThreadsArg(num_threads);
   auto q = Borrow(query, "query"), kv = Borrow(kv_cache, "kv_cache"),
        bt = Borrow(block_table, "block_table"), lens = Borrow(seq_lens, "seq_lens"),
        sc = Borrow(scores, "scores");
@@ -612,12 +626,13 @@ void ComputeRelevancyPy(py::handle query, py::handle kv_cache, py::handle digest
     return;
   }
 #endif
-  RunReleased([&] { return ComputeRelevancy(qv, cache, dv, table, agg, out); });
+  RunReleased([&] { return ComputeRelevancy(qv, cache, dv, table, agg, out, threads); });
 }
 
 void SelectPagesPy(py::handle scores, py::handle block_table, py::handle seq_lens, int block_size,
                    py::handle pages, py::handle counts, int budget, int sinks, int locals,
-                   const py::object& stream) {
+                   int num_threads, const py::object& stream) {
+  const int threads = ThreadsArg(num_threads);
   auto sc = Borrow(scores, "scores"), bt = Borrow(block_table, "block_table"),
        lens = Borrow(seq_lens, "seq_lens"), pg = Borrow(pages, "pages"),
        ct = Borrow(counts, "counts");
@@ -640,15 +655,16 @@ void SelectPagesPy(py::handle scores, py::handle block_table, py::handle seq_len
     return;
   }
 #endif
-  RunReleased([&] { return SelectPages(s, table, block_size, kv_heads, config, sel); });
+  RunReleased([&] { return SelectPages(s, table, block_size, kv_heads, config, sel, threads); });
 }
 
 void ScoreAndSelectPy(py::handle query, py::handle kv_cache, py::handle digests,
                       py::handle block_table, py::handle seq_lens, py::handle pages,
                       py::handle counts, int budget, int sinks, int locals,
-                      const std::string& aggregation, const py::object& workspace,
-                      const py::object& stream, const py::object& when_zero,
-                      const py::object& when_nonzero) {
+                      const std::string& aggregation, int num_threads,
+                      const py::object& workspace, const py::object& stream,
+                      const py::object& when_zero, const py::object& when_nonzero) {
+  const int threads = ThreadsArg(num_threads);
   auto q = Borrow(query, "query"), kv = Borrow(kv_cache, "kv_cache"),
        bt = Borrow(block_table, "block_table"), lens = Borrow(seq_lens, "seq_lens"),
        pg = Borrow(pages, "pages"), ct = Borrow(counts, "counts");
@@ -677,7 +693,7 @@ void ScoreAndSelectPy(py::handle query, py::handle kv_cache, py::handle digests,
   }
 #endif
   (void)ws;
-  RunReleased([&] { return ScoreAndSelect(qv, cache, dv, table, config, sel); });
+  RunReleased([&] { return ScoreAndSelect(qv, cache, dv, table, config, sel, threads); });
 }
 
 void DenseDecodePy(py::handle query, py::handle kv_cache, py::handle block_table,
@@ -1192,15 +1208,20 @@ PYBIND11_MODULE(_mempipe, m) {
         "Step 1, bulk: digests of every page the sequences use.");
   m.def("compute_relevancy", &ComputeRelevancyPy, arg("query"), arg("kv_cache"), arg("digests"),
         arg("block_table"), arg("seq_lens"), arg("scores"), py::kw_only(),
-        arg("aggregation") = "max", stream, "Step 2: Quest page bounds per (sequence, KV head).");
+        arg("aggregation") = "max", arg("num_threads") = 1, stream,
+        "Step 2: Quest page bounds per (sequence, KV head); on the CPU over num_threads host "
+        "threads (the scores do not depend on the count).");
   m.def("select_pages", &SelectPagesPy, arg("scores"), arg("block_table"), arg("seq_lens"),
         arg("block_size"), arg("pages"), arg("counts"), py::kw_only(), arg("budget"),
-        arg("sinks") = 1, arg("locals") = 1, stream, "Step 3: top-k pages plus sinks and locals.");
+        arg("sinks") = 1, arg("locals") = 1, arg("num_threads") = 1, stream,
+        "Step 3: top-k pages plus sinks and locals; on the CPU the (sequence, KV head) rows are "
+        "split over num_threads host threads (same selection for any count).");
   m.def("score_and_select", &ScoreAndSelectPy, arg("query"), arg("kv_cache"), arg("digests"),
         arg("block_table"), arg("seq_lens"), arg("pages"), arg("counts"), py::kw_only(),
-        arg("budget"), arg("sinks") = 1, arg("locals") = 1, arg("aggregation") = "max", workspace,
-        stream, when_zero, when_nonzero,
-        "Steps 2 and 3 (GPU: workspace of select_workspace_bytes). when_zero= / when_nonzero=: an "
+        arg("budget"), arg("sinks") = 1, arg("locals") = 1, arg("aggregation") = "max",
+        arg("num_threads") = 1, workspace, stream, when_zero, when_nonzero,
+        "Steps 2 and 3 (CPU: on num_threads host threads, same selection for any count; GPU: "
+        "workspace of select_workspace_bytes). when_zero= / when_nonzero=: an "
         "int32 [1] tensor; the call does nothing unless it is zero / non-zero (on the device: "
         "read by the kernels, no host sync).");
   m.def("dense_decode", &DenseDecodePy, arg("query"), arg("kv_cache"), arg("block_table"),

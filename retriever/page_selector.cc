@@ -104,7 +104,7 @@ absl::StatusOr<SelectTicket> CpuPageSelector::Submit(const SelectRequest& reques
   if (status.ok()) {
     const auto t1 = Clock::now();
     status = SelectPages(scores_.data(), request.table, sh.block_size, sh.num_kv_heads,
-                         request.config, request.out);
+                         request.config, request.out, num_threads_);
     costs_.retrieval_ms = MsSince(t1);
   }
   costs_.host_ms = MsSince(t0);

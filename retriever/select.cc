@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "core/parallel.h"
 #include "core/status_macros.h"
 #include "retriever/hierarchical.h"
 
@@ -110,8 +111,8 @@ int TopPagesAscending(const float* scores, int lo, int hi, int want, std::vector
 }  // namespace
 
 absl::Status SelectPages(const float* scores, const BlockTableView& table, int block_size,
-                         int num_kv_heads, const SelectionConfig& config,
-                         const SelectionView& out) {
+                         int num_kv_heads, const SelectionConfig& config, const SelectionView& out,
+                         int num_threads) {
   MEMPIPE_RETURN_IF_ERROR(ValidateSelectionConfig(config, block_size));
   MEMPIPE_RETURN_IF_ERROR(RequireFlatSelection(config, "SelectPages (one score per page)"));
   if (scores == nullptr || out.pages == nullptr || out.counts == nullptr) {
@@ -136,10 +137,12 @@ absl::Status SelectPages(const float* scores, const BlockTableView& table, int b
     }
   }
 
-  std::vector<uint32_t> keys, candidates;
-  for (int s = 0; s < table.num_seqs; ++s) {
+  // Each (sequence, KV head) row is selected on its own: a range of them per thread, each
+  // range with its own scratch.
+  ForEachSeqHeads(table.num_seqs, num_kv_heads, num_threads, [&](int s, int h0, int h1) {
+    std::vector<uint32_t> keys, candidates;
     const int n = NumPages(table.seq_lens[s], block_size);
-    for (int h = 0; h < num_kv_heads; ++h) {
+    for (int h = h0; h < h1; ++h) {
       int32_t* row = out.Row(s, h);
       std::fill(row, row + out.max_selected, -1);
       if (n <= k) {
@@ -158,7 +161,7 @@ absl::Status SelectPages(const float* scores, const BlockTableView& table, int b
       for (int p = hi; p < n; ++p) row[c++] = p;
       out.Count(s, h) = c;
     }
-  }
+  });
   return absl::OkStatus();
 }
 
@@ -217,7 +220,8 @@ absl::Status ValidateSelection(const SelectionView& sel, const BlockTableView& t
 
 absl::Status ScoreAndSelect(const QueryView& query, const KvCacheView& cache,
                             const DigestView& digests, const BlockTableView& table,
-                            const SelectionConfig& config, const SelectionView& out) {
+                            const SelectionConfig& config, const SelectionView& out,
+                            int num_threads) {
   MEMPIPE_RETURN_IF_ERROR(ValidateSelectionConfig(config, cache.block_size));
   if (!config.hierarchy.Flat()) {
     MEMPIPE_RETURN_IF_ERROR(ValidateDigests(cache, digests));
@@ -228,9 +232,10 @@ absl::Status ScoreAndSelect(const QueryView& query, const KvCacheView& cache,
   }
   std::vector<float> scores(static_cast<size_t>(table.num_seqs) * cache.num_kv_heads *
                             std::max(table.max_blocks_per_seq, 0));
-  MEMPIPE_RETURN_IF_ERROR(
-      ComputeRelevancy(query, cache, digests, table, config.aggregation, scores.data()));
-  return SelectPages(scores.data(), table, cache.block_size, cache.num_kv_heads, config, out);
+  MEMPIPE_RETURN_IF_ERROR(ComputeRelevancy(query, cache, digests, table, config.aggregation,
+                                           scores.data(), num_threads));
+  return SelectPages(scores.data(), table, cache.block_size, cache.num_kv_heads, config, out,
+                     num_threads);
 }
 
 }  // namespace mempipe

@@ -69,9 +69,13 @@ struct SelectionView {
 };
 
 // Selects from `scores` [num_seqs, num_kv_heads, table.max_blocks_per_seq] (ComputeRelevancy).
+// The (sequence, KV head) rows are independent: with num_threads > 1 they are split over the
+// host's parallel-for (core/parallel.h; fewer than 1 counts as 1); the selection is the same
+// for any thread count.
 [[nodiscard]] absl::Status SelectPages(const float* scores, const BlockTableView& table,
                                        int block_size, int num_kv_heads,
-                                       const SelectionConfig& config, const SelectionView& out);
+                                       const SelectionConfig& config, const SelectionView& out,
+                                       int num_threads = 1);
 
 // Checks a selection that came from elsewhere (another device, another process) before anything
 // trusts it: the shape SelectPages gives every (sequence, KV head) row of `table`. A sequence
@@ -84,10 +88,12 @@ struct SelectionView {
 
 // Steps 2 and 3 together: what every placement's selector computes. A hierarchical config runs
 // the two-level reference (retriever/hierarchical.h), its super-page digests built on the spot
-// from `digests`.
+// from `digests`, on one thread. A flat config scores (ComputeRelevancy) and selects
+// (SelectPages) on `num_threads` host threads; the result does not depend on the count.
 [[nodiscard]] absl::Status ScoreAndSelect(const QueryView& query, const KvCacheView& cache,
                                           const DigestView& digests, const BlockTableView& table,
-                                          const SelectionConfig& config, const SelectionView& out);
+                                          const SelectionConfig& config, const SelectionView& out,
+                                          int num_threads = 1);
 
 }  // namespace mempipe
 

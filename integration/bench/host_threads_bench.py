@@ -1,20 +1,22 @@
 #!/usr/bin/env python3
-"""Per-call time of mempipe's host decode kernels inside a torch process, right after a torch
-operator, by where their (sequence, KV head) split runs (issue 16):
+"""Per-call time of mempipe's host kernels (decode, and the selection: relevancy + top-k) inside a
+torch process, right after a torch operator, by where their split over threads runs (issue 16):
 
   1 thread         num_threads=1 (the caller only)
   N pool           num_threads=N on mempipe's own thread pool (core/thread_pool.h)
   N torch team     num_threads=N on torch's OpenMP team (mempipe.host_threads.use_torch_openmp)
 
 Each iteration runs the torch operator (a matmul of a decode step's MLP shape by default, which
-leaves torch's OpenMP threads spinning), then times one `_mempipe.dense_decode` or
-`_mempipe.sparse_decode` call, and the operator + call pair. The modes are interleaved in rounds
+leaves torch's OpenMP threads spinning), then times one `_mempipe.dense_decode`,
+`_mempipe.sparse_decode` or `_mempipe.score_and_select` call ("select"; the serving path ran it
+on one thread before it took num_threads), and the operator + call pair. The modes are interleaved in rounds
 so that a change of the machine's load hits all of them alike. Progress: one line per round.
 
     python integration/bench/host_threads_bench.py --seq-len 6144 --batch 4 --threads 2
 
 Shapes default to SmolLM2-135M (9 query heads, 3 KV heads, head size 64), block size 32,
-budget 512 tokens (16 pages per KV head, chosen at random) for sparse_decode; random data.
+budget 512 tokens (16 pages per KV head, chosen at random) for sparse_decode and the budget
+score_and_select chooses to; random data.
 Needs torch and the mempipe package (or PYTHONPATH at a folder holding mempipe/ with its
 _mempipe module).
 """
@@ -43,7 +45,8 @@ def main() -> int:
                     help="the torch matmul before each call, M,K,N ('none': no operator)")
     ap.add_argument("--iters", type=int, default=50, help="timed calls per mode per round")
     ap.add_argument("--rounds", type=int, default=6, help="rounds (modes interleaved)")
-    ap.add_argument("--kernels", default="sparse,dense", help="comma-separated: sparse, dense")
+    ap.add_argument("--kernels", default="select,sparse,dense",
+                    help="comma-separated: select (score_and_select), sparse, dense")
     ap.add_argument("--json", default="", help="also write the results here")
     args = ap.parse_args()
 
@@ -68,6 +71,9 @@ def main() -> int:
     pages = pages.to(torch.int32).contiguous()
     counts = torch.full((S, kvh), budget_pages, dtype=torch.int32)
     scale = d ** -0.5
+    digests = torch.empty(num_blocks, 2, kvh, d, dtype=dtype)
+    _mempipe.build_digests(kv, block_table, seq_lens, digests)
+    sel_pages, sel_counts = torch.empty_like(pages), torch.empty_like(counts)
     if args.op == "none":
         def op():
             pass
@@ -79,6 +85,9 @@ def main() -> int:
             torch.mm(a, b)
 
     calls = {
+        "select": lambda t: _mempipe.score_and_select(q, kv, digests, block_table, seq_lens,
+                                                      sel_pages, sel_counts,
+                                                      budget=budget_pages * bs, num_threads=t),
         "sparse": lambda t: _mempipe.sparse_decode(q, kv, block_table, seq_lens, pages, counts,
                                                    out, scale, num_threads=t),
         "dense": lambda t: _mempipe.dense_decode(q, kv, block_table, seq_lens, out, scale,
@@ -87,7 +96,7 @@ def main() -> int:
     kernels = args.kernels.split(",")
     for name in kernels:
         if name not in calls:
-            raise SystemExit(f"--kernels: unknown kernel {name!r} (sparse, dense)")
+            raise SystemExit(f"--kernels: unknown kernel {name!r} (select, sparse, dense)")
     library = host_threads.torch_openmp_library()
     n = args.threads
     modes = [("1 thread", None, 1), (f"{n} pool", None, n), (f"{n} torch team", library, n)]

@@ -355,7 +355,7 @@ class PagedLayer:
                                       digests if digests is not None else self.digests(kv_cache),
                                       block_table, seq_lens, pages, counts, budget=c.budget,
                                       sinks=c.sinks, locals=c.locals, aggregation=c.aggregation,
-                                      workspace=select_ws)
+                                      num_threads=self.num_threads, workspace=select_ws)
             _mempipe.sparse_decode(query, kv_cache, block_table, seq_lens, pages, counts, out,
                                    self.scale, num_threads=self.num_threads, workspace=decode_ws)
             return

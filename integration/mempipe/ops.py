@@ -25,7 +25,9 @@ tensors and, in a build whose `mempipe.steps.devices` includes "cuda", on CUDA t
 torch's current stream; GPU scratch memory comes from torch's caching allocator per call, use
 mempipe.attention.DecodePlan for allocation-free steps). On CUDA, write_kv is a torch
 index_copy (one host synchronization to drop negative slots) and prefill_attention is torch
-SDPA over each sequence's gathered pages: the module has no GPU kernel for either.
+SDPA over each sequence's gathered pages: the module has no GPU kernel for either. On the CPU
+the steps that take `num_threads` (relevancy, selection, decode, prefill) run on
+torch.get_num_threads() host threads; their results do not depend on the count.
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ import torch
 
 from mempipe import _mempipe
 from mempipe.digests import from_op_args, op_args
+
+
+def _threads() -> int:
+    """Host threads of the C++ steps on CPU tensors: torch's intra-op thread count."""
+    return max(1, torch.get_num_threads())
 
 
 def _workspace(nbytes: int, device: torch.device) -> torch.Tensor | None:
@@ -117,7 +124,7 @@ def compute_relevancy(query: torch.Tensor, kv_cache: torch.Tensor, digests: torc
                          dtype=torch.float32, device=query.device)
     _mempipe.compute_relevancy(query.contiguous(), kv_cache,
                                from_op_args(digests, digest_scales, digest_exact), block_table,
-                               seq_lens, scores, aggregation=aggregation)
+                               seq_lens, scores, aggregation=aggregation, num_threads=_threads())
     return scores
 
 
@@ -142,7 +149,7 @@ def select_pages(scores: torch.Tensor, block_table: torch.Tensor, seq_lens: torc
     pages, counts = _selection_buffers(scores.shape[0], scores.shape[1],
                                        max(budget // block_size, 1), scores.device)
     _mempipe.select_pages(scores, block_table, seq_lens, block_size, pages, counts,
-                          budget=budget, sinks=sinks, locals=locals)
+                          budget=budget, sinks=sinks, locals=locals, num_threads=_threads())
     return pages, counts
 
 
@@ -168,7 +175,7 @@ def score_and_select(query: torch.Tensor, kv_cache: torch.Tensor, digests: torch
     _mempipe.score_and_select(query.contiguous(), kv_cache,
                               from_op_args(digests, digest_scales, digest_exact), block_table,
                               seq_lens, pages, counts, budget=budget, sinks=sinks, locals=locals,
-                              aggregation=aggregation, workspace=ws)
+                              aggregation=aggregation, num_threads=_threads(), workspace=ws)
     return pages, counts
 
 
@@ -192,7 +199,8 @@ def dense_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
         ws = _workspace(_mempipe.decode_workspace_bytes(
             query.shape[0], query.shape[1], kv_cache.shape[3], block_table.shape[1],
             device=query.device.index or 0), query.device)
-    _mempipe.dense_decode(query, kv_cache, block_table, seq_lens, out, scale, workspace=ws)
+    _mempipe.dense_decode(query, kv_cache, block_table, seq_lens, out, scale,
+                          num_threads=_threads(), workspace=ws)
     return out
 
 
@@ -208,7 +216,7 @@ def sparse_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torc
             query.shape[0], query.shape[1], kv_cache.shape[3], pages.shape[2],
             device=query.device.index or 0), query.device)
     _mempipe.sparse_decode(query, kv_cache, block_table, seq_lens, pages, counts, out, scale,
-                           workspace=ws)
+                           num_threads=_threads(), workspace=ws)
     return out
 
 
@@ -223,7 +231,7 @@ def prefill_attention(query: torch.Tensor, query_start_loc: torch.Tensor, kv_cac
         paged_prefill_sdpa(query, query_start_loc, kv_cache, block_table, seq_lens, out, scale)
         return out
     _mempipe.prefill_attention(query, query_start_loc, kv_cache, block_table, seq_lens, out,
-                               scale)
+                               scale, num_threads=_threads())
     return out
 
 

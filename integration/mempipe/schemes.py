@@ -281,8 +281,8 @@ class SchemeDecode:
                    self.digests() if digests is None else digests,
                    self.rows(self.bt, b, e), self.rows(self.lens, b, e),
                    self.rows(pages, b, e), self.rows(counts, b, e), budget=c.budget,
-                   sinks=c.sinks, locals=c.locals, aggregation=c.aggregation, workspace=ws,
-                   when_nonzero=when_nonzero)
+                   sinks=c.sinks, locals=c.locals, aggregation=c.aggregation,
+                   num_threads=self.layer.num_threads, workspace=ws, when_nonzero=when_nonzero)
 
     def submit(self, slot_purpose: str, target: int, card_id: int, q=None) -> None:
         c, off = self.c, self.offload()

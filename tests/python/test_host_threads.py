@@ -271,3 +271,107 @@ def test_backend_flags_reject_bad_values(backend, monkeypatch, name, value, matc
     monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=match):
         backend.attention_threads()
+
+
+def _selection_problem(gen):
+    """A batch with built digests and a budget that forces a choice in most sequences."""
+    batch, q, _, _ = _problem(gen, torch.float32, num_seqs=4)
+    digests = torch.full((batch.kv_cache.shape[1], 2) + tuple(batch.kv_cache.shape[3:]),
+                         float("nan"))
+    mp.build_digests(batch.kv_cache, batch.block_table, batch.seq_lens, digests)
+    return batch, q, digests, 6 * batch.kv_cache.shape[2]
+
+
+def _select(kind, batch, q, digests, budget, threads):
+    """compute_relevancy + select_pages, or score_and_select: (pages, counts, scores or None)."""
+    n, kvh, width = batch.num_seqs, batch.kv_cache.shape[3], batch.block_table.shape[1]
+    k = budget // batch.kv_cache.shape[2]
+    pages = torch.full((n, kvh, k), 77, dtype=torch.int32)  # poison: every row must be written
+    counts = torch.full((n, kvh), 77, dtype=torch.int32)
+    scores = None
+    if kind == "steps":
+        scores = torch.full((n, kvh, width), float("nan"))
+        mp.compute_relevancy(q, batch.kv_cache, digests, batch.block_table, batch.seq_lens, scores,
+                             num_threads=threads)
+        mp.select_pages(scores, batch.block_table, batch.seq_lens, batch.kv_cache.shape[2], pages,
+                        counts, budget=budget, num_threads=threads)
+    else:
+        mp.score_and_select(q, batch.kv_cache, digests, batch.block_table, batch.seq_lens, pages,
+                            counts, budget=budget, num_threads=threads)
+    return pages, counts, scores
+
+
+@pytest.mark.parametrize("kind", ["steps", "score_and_select"])
+def test_selection_on_several_threads_gives_the_one_thread_selection(gen, kind):
+    """Steps 2 and 3 take num_threads like decode (issue 16: in the serving path they ran on one
+    thread while decode used them all): the same scores and pages for any count, on mempipe's
+    pool and on torch's OpenMP team."""
+    batch, q, digests, budget = _selection_problem(gen)
+    pages, counts, scores = _select(kind, batch, q, digests, budget, 1)
+    assert (counts != 77).all() and (pages != 77).all()
+    # Not a trivial selection: the middle pages differ between the KV heads somewhere.
+    assert any(not torch.equal(pages[s, 0], pages[s, h]) for s in range(batch.num_seqs)
+               for h in range(1, pages.shape[1]))
+    runtimes = ["pool", "team"] if TORCH_OPENMP else ["pool"]
+    for runtime in runtimes:
+        if runtime == "team":
+            host_threads.use_torch_openmp()
+        for threads in (2, 3, 64):
+            before = host_threads.info()["team_calls"]
+            got_pages, got_counts, got_scores = _select(kind, batch, q, digests, budget, threads)
+            assert torch.equal(got_pages, pages) and torch.equal(got_counts, counts), threads
+            if scores is not None:
+                assert_bit_identical(got_scores, scores)
+            if runtime == "team":
+                assert host_threads.info()["team_calls"] > before, "not run on torch's team"
+
+
+def test_selection_and_decode_refuse_fewer_than_one_thread(gen):
+    batch, q, digests, budget = _selection_problem(gen)
+    pages, counts, scores = _select("steps", batch, q, digests, budget, 1)
+    out = torch.empty_like(q)
+    calls = {
+        "compute_relevancy": lambda t: mp.compute_relevancy(
+            q, batch.kv_cache, digests, batch.block_table, batch.seq_lens, scores, num_threads=t),
+        "select_pages": lambda t: mp.select_pages(
+            scores, batch.block_table, batch.seq_lens, batch.kv_cache.shape[2], pages, counts,
+            budget=budget, num_threads=t),
+        "score_and_select": lambda t: mp.score_and_select(
+            q, batch.kv_cache, digests, batch.block_table, batch.seq_lens, pages, counts,
+            budget=budget, num_threads=t),
+        "dense_decode": lambda t: mp.dense_decode(
+            q, batch.kv_cache, batch.block_table, batch.seq_lens, out, 0.125, num_threads=t),
+        "sparse_decode": lambda t: mp.sparse_decode(
+            q, batch.kv_cache, batch.block_table, batch.seq_lens, pages, counts, out, 0.125,
+            num_threads=t),
+    }
+    for name, call in calls.items():
+        for bad in (0, -2):
+            with pytest.raises(ValueError, match=f"num_threads must be >= 1, got {bad}"):
+                call(bad)
+        call(2)  # and a good count passes
+
+
+def test_paged_layer_selects_on_its_decode_threads(gen, monkeypatch):
+    """The CPU serving path (PagedLayer, which the vLLM and transformers adapters drive) gives
+    score_and_select the layer's host threads, as it gives them to sparse_decode."""
+    from mempipe.attention import PagedLayer
+    from mempipe.config import MempipeConfig
+    batch, q, digests, budget = _selection_problem(gen)
+    cfg = MempipeConfig(placement="cpu", budget=budget, page_size=batch.kv_cache.shape[2],
+                        dense_layers=0)
+    layer = PagedLayer(cfg, 0, q.shape[1], batch.kv_cache.shape[3], q.shape[2], 0.125)
+    layer.num_threads = 3
+    seen = {}
+    for name in ("score_and_select", "sparse_decode"):
+        original = getattr(mp, name)
+
+        def wrapper(*args, _name=name, _original=original, **kw):
+            seen[_name] = kw.get("num_threads")
+            return _original(*args, **kw)
+        monkeypatch.setattr(mp, name, wrapper)
+    out = torch.full_like(q, float("nan"))
+    layer.decode(q, batch.kv_cache, batch.block_table, batch.seq_lens, out, digests=digests)
+    assert layer.calls["sparse"] == 1
+    assert seen == {"score_and_select": 3, "sparse_decode": 3}
+    assert not out.isnan().any()

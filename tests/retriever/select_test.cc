@@ -137,23 +137,69 @@ TEST(SelectPages, MatchesSortReferenceWithTiesAndEdgeLengths) {
     std::uniform_int_distribution<int> val(0, 5);
     std::vector<float> scores(lens.size() * kv_heads * max_blocks);
     for (float& x : scores) x = static_cast<float>(val(rng));
-    std::vector<int32_t> pages(lens.size() * kv_heads * k, 77), counts(lens.size() * kv_heads, 77);
     const BlockTableView tv{table.data(), lens.data(), static_cast<int>(lens.size()), max_blocks};
-    const SelectionView out{pages.data(), counts.data(), static_cast<int>(lens.size()), kv_heads,
-                            k};
-    ASSERT_TRUE(SelectPages(scores.data(), tv, block_size, kv_heads, cfg, out).ok());
-    for (size_t s = 0; s < lens.size(); ++s) {
-      for (int h = 0; h < kv_heads; ++h) {
-        const auto ref = ReferenceSelect(&scores[(s * kv_heads + h) * max_blocks],
-                                         NumPages(lens[s], block_size), cfg, k);
-        ASSERT_EQ(out.Count(s, h), static_cast<int>(ref.size()));
-        for (int i = 0; i < k; ++i) {
-          ASSERT_EQ(out.Row(s, h)[i], i < static_cast<int>(ref.size()) ? ref[i] : -1)
-              << "trial " << trial << " seq " << s << " head " << h << " slot " << i;
+    // One thread, a few, and more threads than the 15 (sequence, KV head) rows: every row is
+    // written (the buffers start poisoned) and equals the reference whatever the split.
+    for (int threads : {1, 2, 4, 32}) {
+      std::vector<int32_t> pages(lens.size() * kv_heads * k, 77);
+      std::vector<int32_t> counts(lens.size() * kv_heads, 77);
+      const SelectionView out{pages.data(), counts.data(), static_cast<int>(lens.size()),
+                              kv_heads, k};
+      ASSERT_TRUE(SelectPages(scores.data(), tv, block_size, kv_heads, cfg, out, threads).ok());
+      for (size_t s = 0; s < lens.size(); ++s) {
+        for (int h = 0; h < kv_heads; ++h) {
+          const auto ref = ReferenceSelect(&scores[(s * kv_heads + h) * max_blocks],
+                                           NumPages(lens[s], block_size), cfg, k);
+          ASSERT_EQ(out.Count(s, h), static_cast<int>(ref.size()))
+              << "trial " << trial << " threads " << threads << " seq " << s << " head " << h;
+          for (int i = 0; i < k; ++i) {
+            ASSERT_EQ(out.Row(s, h)[i], i < static_cast<int>(ref.size()) ? ref[i] : -1)
+                << "trial " << trial << " threads " << threads << " seq " << s << " head " << h
+                << " slot " << i;
+          }
         }
       }
     }
   }
+}
+
+// ScoreAndSelect (relevancy then selection, both on the host threads) gives the one-thread
+// selection for any thread count, and that selection is not trivial: the middle pages it
+// chose differ between heads (a split that computed one row and copied it, or left rows to
+// another thread that never ran, would not give the one-thread answer).
+TEST(ScoreAndSelect, SameSelectionForAnyThreadCount) {
+  std::mt19937_64 rng(TestSeed());
+  const int block_size = 16, kv_heads = 4, head_dim = 64, group = 2;
+  const std::vector<int> lens = {70 * block_size + 5, 3 * block_size, 41 * block_size};
+  PagedFixture f(rng, {.dtype = DType::kFloat32,
+                       .block_size = block_size,
+                       .num_kv_heads = kv_heads,
+                       .head_dim = head_dim,
+                       .seq_lens = lens});
+  ASSERT_TRUE(BuildDigests(f.cache_view(), f.table_view(), f.digest_view()).ok());
+  const int heads = kv_heads * group;
+  RandomTensor q(rng, DType::kFloat32, lens.size() * heads * head_dim);
+  const QueryView qv{q.data(), DType::kFloat32, static_cast<int>(lens.size()), heads, head_dim};
+  SelectionConfig cfg;
+  cfg.budget_tokens = 8 * block_size;
+  const int k = cfg.PagesPerHead(block_size);
+  auto run = [&](int threads) {
+    std::vector<int32_t> pages(lens.size() * kv_heads * k, 77);
+    std::vector<int32_t> counts(lens.size() * kv_heads, 77);
+    const SelectionView out{pages.data(), counts.data(), static_cast<int>(lens.size()), kv_heads,
+                            k};
+    EXPECT_TRUE(ScoreAndSelect(qv, f.cache_view(), f.digest_view(), f.table_view(), cfg, out,
+                               threads)
+                    .ok());
+    EXPECT_TRUE(ValidateSelection(out, f.table_view(), block_size, cfg).ok());
+    pages.insert(pages.end(), counts.begin(), counts.end());
+    return pages;
+  };
+  const std::vector<int32_t> one = run(1);
+  std::vector<int32_t> middle_h0(one.begin() + 1, one.begin() + k - 1);
+  std::vector<int32_t> middle_h1(one.begin() + k + 1, one.begin() + 2 * k - 1);
+  EXPECT_NE(middle_h0, middle_h1) << "heads 0 and 1 of sequence 0 chose the same middle pages";
+  for (int threads : {2, 3, 64}) EXPECT_EQ(run(threads), one) << threads << " threads";
 }
 
 // Scores full of the values an ordering can get wrong: NaN (ranks as -inf), -inf, -0 and +0
