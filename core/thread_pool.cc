@@ -16,22 +16,17 @@ namespace mempipe {
 struct ThreadPool::Batch {
   absl::FunctionRef<void(int)> task;
   int num_tasks;
-  int helper_slots;  // workers that may still join (the call's parallelism - 1); guarded by
-                     // the pool's mu_
   std::atomic<int> next{0};
   std::mutex mu;
   std::condition_variable done;
   int finished = 0;          // guarded by mu
   std::exception_ptr error;  // guarded by mu
 
-  Batch(absl::FunctionRef<void(int)> t, int n, int helpers)
-      : task(t), num_tasks(n), helper_slots(helpers) {}
+  Batch(absl::FunctionRef<void(int)> t, int n) : task(t), num_tasks(n) {}
 };
 
-ThreadPool::ThreadPool(int max_workers, Spawner spawner, std::chrono::nanoseconds spin)
-    : max_workers_(std::max(max_workers, 0)),
-      spawner_(std::move(spawner)),
-      spin_(std::max(spin, std::chrono::nanoseconds{0})) {
+ThreadPool::ThreadPool(int max_workers, Spawner spawner)
+    : max_workers_(std::max(max_workers, 0)), spawner_(std::move(spawner)) {
   if (!spawner_) {
     spawner_ = [](std::function<void()> body) { return std::thread(std::move(body)); };
   }
@@ -41,7 +36,6 @@ ThreadPool::~ThreadPool() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     stopping_ = true;
-    stopping_hint_.store(true, std::memory_order_release);
   }
   wake_.notify_all();
   for (std::thread& t : workers_) t.join();
@@ -94,56 +88,23 @@ void ThreadPool::Drain(Batch& b) {
   }
 }
 
-bool ThreadPool::SpinForWork() const {
-  if (spin_.count() == 0) return false;
-  const auto deadline = std::chrono::steady_clock::now() + spin_;
-  for (;;) {
-    for (int i = 0; i < 64; ++i) {  // ~64 pause latencies between clock reads
-      if (queued_.load(std::memory_order_acquire) != 0 ||
-          stopping_hint_.load(std::memory_order_acquire)) {
-        return true;
-      }
-#if defined(__x86_64__) || defined(__i386__)
-      __builtin_ia32_pause();
-#endif
-    }
-    if (std::chrono::steady_clock::now() >= deadline) return false;
-  }
-}
-
-std::shared_ptr<ThreadPool::Batch> ThreadPool::OpenBatch() {
-  for (auto it = queue_.begin(); it != queue_.end();) {
-    Batch& b = **it;
-    if (b.next.load(std::memory_order_relaxed) >= b.num_tasks) {
-      it = queue_.erase(it);  // a batch leaves the queue once its tasks are all claimed
-      continue;
-    }
-    if (b.helper_slots > 0) return *it;
-    ++it;
-  }
-  queued_.store(queue_.size(), std::memory_order_release);
-  return nullptr;
-}
-
 void ThreadPool::WorkerLoop() {
   for (;;) {
     std::shared_ptr<Batch> batch;
     {
       std::unique_lock<std::mutex> lock(mu_);
-      if (!stopping_ && (batch = OpenBatch()) == nullptr) {
-        lock.unlock();
-        SpinForWork();
-        lock.lock();
+      wake_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
+      if (queue_.empty()) return;  // stopping
+      batch = queue_.front();
+      // A batch leaves the queue once its tasks are all claimed.
+      if (batch->next.load(std::memory_order_relaxed) >= batch->num_tasks) {
+        queue_.pop_front();
+        continue;
       }
-      // A call takes at most its parallelism - 1 workers: the others, polling or woken, leave
-      // its tasks to those (on a machine with as many threads as cores, a worker beyond the
-      // call's count would only take a core from one that has a share).
-      wake_.wait(lock, [&] { return stopping_ || (batch = OpenBatch()) != nullptr; });
-      if (batch == nullptr) return;  // stopping
-      --batch->helper_slots;
-      queued_.store(queue_.size(), std::memory_order_release);
     }
     Drain(*batch);
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!queue_.empty() && queue_.front() == batch) queue_.pop_front();
   }
 }
 
@@ -156,11 +117,10 @@ void ThreadPool::ParallelFor(int num_tasks, int parallelism, absl::FunctionRef<v
   }
   // A refused thread only means fewer helpers: the caller runs what nobody else claims.
   (void)Reserve(helpers);
-  auto batch = std::make_shared<Batch>(task, num_tasks, helpers);
+  auto batch = std::make_shared<Batch>(task, num_tasks);
   {
     std::lock_guard<std::mutex> lock(mu_);
     queue_.push_back(batch);
-    queued_.store(queue_.size(), std::memory_order_release);
   }
   if (helpers >= num_workers()) {
     wake_.notify_all();
@@ -176,7 +136,6 @@ void ThreadPool::ParallelFor(int num_tasks, int parallelism, absl::FunctionRef<v
     std::lock_guard<std::mutex> q(mu_);
     auto it = std::find(queue_.begin(), queue_.end(), batch);
     if (it != queue_.end()) queue_.erase(it);
-    queued_.store(queue_.size(), std::memory_order_release);
   }
   if (error) std::rethrow_exception(error);
 }

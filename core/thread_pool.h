@@ -13,20 +13,10 @@
 // exception thrown by a task is rethrown on the calling thread once every task of the call
 // has finished (the first one, if several throw).
 //
-// Waking: a worker that runs out of tasks polls for a new call for `spin` (kDefaultSpin, 50 us)
-// before it sleeps on the condition variable. Waking a sleeping thread cost about 40 us per
-// call on the 2-vCPU build VM (a futex wake through the hypervisor), more than a decode step's
-// per-layer selection takes on one thread; the host steps call ParallelFor back to back
-// (relevancy, top-k and attention of each layer), so a worker that has just finished one
-// call is usually still polling when the next arrives. An idle pool stops using the CPU
-// `spin` after its last call.
-//
 //   ThreadPool::Default().ParallelFor(num_tasks, /*parallelism=*/8, [&](int task) { ... });
 #ifndef MEMPIPE_CORE_THREAD_POOL_H_
 #define MEMPIPE_CORE_THREAD_POOL_H_
 
-#include <atomic>
-#include <chrono>
 #include <condition_variable>
 #include <deque>
 #include <functional>
@@ -46,13 +36,9 @@ class ThreadPool {
   // failures through it.
   using Spawner = std::function<std::thread(std::function<void()> body)>;
 
-  static constexpr std::chrono::microseconds kDefaultSpin{50};
-
   // At most `max_workers` (>= 0) threads besides the callers. `spawner` defaults to
-  // std::thread's constructor. An idle worker polls for `spin` before it sleeps (0: sleeps at
-  // once; negative counts as 0).
-  explicit ThreadPool(int max_workers, Spawner spawner = nullptr,
-                      std::chrono::nanoseconds spin = kDefaultSpin);
+  // std::thread's constructor.
+  explicit ThreadPool(int max_workers, Spawner spawner = nullptr);
   ~ThreadPool();  // stops and joins the workers; no ParallelFor may be running
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
@@ -78,11 +64,6 @@ class ThreadPool {
   struct Batch;
   void WorkerLoop();
   static void Drain(Batch& batch);
-  // Polls queued_ for up to spin_; true when a batch may be waiting (or the pool stops).
-  bool SpinForWork() const;
-  // The first queued batch a worker may join (tasks left to claim, helper slots left), or
-  // null; drops batches whose tasks are all claimed. Called with mu_ held.
-  std::shared_ptr<Batch> OpenBatch();
 
   const int max_workers_;
   Spawner spawner_;
@@ -91,11 +72,6 @@ class ThreadPool {
   std::deque<std::shared_ptr<Batch>> queue_;  // batches with tasks left to claim
   std::vector<std::thread> workers_;
   bool stopping_ = false;
-  const std::chrono::nanoseconds spin_;
-  // queue_.size() and stopping_, written under mu_, read without it by polling workers (a
-  // hint only: a worker always checks queue_ under mu_ before it takes or waits).
-  std::atomic<size_t> queued_{0};
-  std::atomic<bool> stopping_hint_{false};
 };
 
 }  // namespace mempipe
