@@ -20,6 +20,25 @@ using testing::PagedFixture;
 using testing::RandomTensor;
 using testing::TestSeed;
 
+// A paged batch of `lens` with its digests built, and a random query of `group` heads per KV
+// head for each sequence.
+struct DigestedBatch {
+  DigestedBatch(std::mt19937_64& rng, DType dtype, int block_size, int kv_heads, int head_dim,
+                int group, const std::vector<int>& lens)
+      : f(rng, {.dtype = dtype,
+                .block_size = block_size,
+                .num_kv_heads = kv_heads,
+                .head_dim = head_dim,
+                .seq_lens = lens}),
+        q(rng, dtype, lens.size() * kv_heads * group * head_dim),
+        qv{q.data(), dtype, static_cast<int>(lens.size()), kv_heads * group, head_dim} {
+    EXPECT_TRUE(BuildDigests(f.cache_view(), f.table_view(), f.digest_view()).ok());
+  }
+  PagedFixture f;
+  RandomTensor q;
+  QueryView qv;
+};
+
 class RelevancyTest : public ::testing::TestWithParam<std::tuple<DType, int, int, int>> {};
 
 // Scores equal a float64 evaluation of the Quest bound (within fp32 rounding), and bound
@@ -30,15 +49,11 @@ TEST_P(RelevancyTest, MatchesFloat64AndBoundsEveryKey) {
   const int kv_heads = 2;
   std::uniform_int_distribution<int> len_dist(1, 9 * block_size);
   std::vector<int> lens = {len_dist(rng), len_dist(rng), block_size * 3, 1};
-  PagedFixture f(rng, {.dtype = dtype,
-                       .block_size = block_size,
-                       .num_kv_heads = kv_heads,
-                       .head_dim = head_dim,
-                       .seq_lens = lens});
-  ASSERT_TRUE(BuildDigests(f.cache_view(), f.table_view(), f.digest_view()).ok());
+  DigestedBatch b(rng, dtype, block_size, kv_heads, head_dim, group, lens);
+  PagedFixture& f = b.f;
+  const RandomTensor& q = b.q;
+  const QueryView& qv = b.qv;
   const int heads = kv_heads * group;
-  RandomTensor q(rng, dtype, lens.size() * heads * head_dim);
-  const QueryView qv{q.data(), dtype, static_cast<int>(lens.size()), heads, head_dim};
   for (GroupAggregation agg : {GroupAggregation::kMax, GroupAggregation::kSum}) {
     std::vector<float> scores(lens.size() * kv_heads * f.max_blocks(), NAN);
     ASSERT_TRUE(
@@ -171,15 +186,9 @@ TEST(ScoreAndSelect, SameSelectionForAnyThreadCount) {
   std::mt19937_64 rng(TestSeed());
   const int block_size = 16, kv_heads = 4, head_dim = 64, group = 2;
   const std::vector<int> lens = {70 * block_size + 5, 3 * block_size, 41 * block_size};
-  PagedFixture f(rng, {.dtype = DType::kFloat32,
-                       .block_size = block_size,
-                       .num_kv_heads = kv_heads,
-                       .head_dim = head_dim,
-                       .seq_lens = lens});
-  ASSERT_TRUE(BuildDigests(f.cache_view(), f.table_view(), f.digest_view()).ok());
-  const int heads = kv_heads * group;
-  RandomTensor q(rng, DType::kFloat32, lens.size() * heads * head_dim);
-  const QueryView qv{q.data(), DType::kFloat32, static_cast<int>(lens.size()), heads, head_dim};
+  DigestedBatch b(rng, DType::kFloat32, block_size, kv_heads, head_dim, group, lens);
+  PagedFixture& f = b.f;
+  const QueryView& qv = b.qv;
   SelectionConfig cfg;
   cfg.budget_tokens = 8 * block_size;
   const int k = cfg.PagesPerHead(block_size);
