@@ -598,8 +598,7 @@ void BuildDigestsPy(py::handle kv_cache, py::handle block_table, py::handle seq_
 
 void ComputeRelevancyPy(py::handle query, py::handle kv_cache, py::handle digests,
                         py::handle block_table, py::handle seq_lens, py::handle scores,
-                        const std::string& aggregation, int num_threads,
-                        const py::object& stream) {
+                        const std::string& aggregation, int num_threads, const py::object& stream) {
   const int threads = ThreadsArg(num_threads);
   auto q = Borrow(query, "query"), kv = Borrow(kv_cache, "kv_cache"),
        bt = Borrow(block_table, "block_table"), lens = Borrow(seq_lens, "seq_lens"),
@@ -661,9 +660,9 @@ void SelectPagesPy(py::handle scores, py::handle block_table, py::handle seq_len
 void ScoreAndSelectPy(py::handle query, py::handle kv_cache, py::handle digests,
                       py::handle block_table, py::handle seq_lens, py::handle pages,
                       py::handle counts, int budget, int sinks, int locals,
-                      const std::string& aggregation, int num_threads,
-                      const py::object& workspace, const py::object& stream,
-                      const py::object& when_zero, const py::object& when_nonzero) {
+                      const std::string& aggregation, int num_threads, const py::object& workspace,
+                      const py::object& stream, const py::object& when_zero,
+                      const py::object& when_nonzero) {
   const int threads = ThreadsArg(num_threads);
   auto q = Borrow(query, "query"), kv = Borrow(kv_cache, "kv_cache"),
        bt = Borrow(block_table, "block_table"), lens = Borrow(seq_lens, "seq_lens"),

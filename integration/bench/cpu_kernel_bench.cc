@@ -214,8 +214,8 @@ int Run() {
       "(STREAM-like, %d thread(s), per-thread CPU time: %.1f GB/s):\n",
       absl::GetFlag(FLAGS_passes), threads, machine);
   row("relevancy scan (digests)", digest.NumBytes(), rel);
-  std::printf("  %-34s %8.3f ms  (over the (sequence, KV head) rows)\n",
-              "top-k (SelectPages)", top);
+  std::printf("  %-34s %8.3f ms  (over the (sequence, KV head) rows)\n", "top-k (SelectPages)",
+              top);
   row("sparse attention (selected K/V)", sparse_bytes, sparse);
   row("dense attention (all K/V)", cache.NumBytes(), dense);
   if (rows) {

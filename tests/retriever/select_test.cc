@@ -158,8 +158,8 @@ TEST(SelectPages, MatchesSortReferenceWithTiesAndEdgeLengths) {
     for (int threads : {1, 2, 4, 32}) {
       std::vector<int32_t> pages(lens.size() * kv_heads * k, 77);
       std::vector<int32_t> counts(lens.size() * kv_heads, 77);
-      const SelectionView out{pages.data(), counts.data(), static_cast<int>(lens.size()),
-                              kv_heads, k};
+      const SelectionView out{pages.data(), counts.data(), static_cast<int>(lens.size()), kv_heads,
+                              k};
       ASSERT_TRUE(SelectPages(scores.data(), tv, block_size, kv_heads, cfg, out, threads).ok());
       for (size_t s = 0; s < lens.size(); ++s) {
         for (int h = 0; h < kv_heads; ++h) {
@@ -197,9 +197,9 @@ TEST(ScoreAndSelect, SameSelectionForAnyThreadCount) {
     std::vector<int32_t> counts(lens.size() * kv_heads, 77);
     const SelectionView out{pages.data(), counts.data(), static_cast<int>(lens.size()), kv_heads,
                             k};
-    EXPECT_TRUE(ScoreAndSelect(qv, f.cache_view(), f.digest_view(), f.table_view(), cfg, out,
-                               threads)
-                    .ok());
+    EXPECT_TRUE(
+        ScoreAndSelect(qv, f.cache_view(), f.digest_view(), f.table_view(), cfg, out, threads)
+            .ok());
     EXPECT_TRUE(ValidateSelection(out, f.table_view(), block_size, cfg).ok());
     pages.insert(pages.end(), counts.begin(), counts.end());
     return pages;
