@@ -9,8 +9,9 @@ torch process, right after a torch operator, by where their split over threads r
 Each iteration runs the torch operator (a matmul of a decode step's MLP shape by default, which
 leaves torch's OpenMP threads spinning), then times one `_mempipe.dense_decode`,
 `_mempipe.sparse_decode` or `_mempipe.score_and_select` call ("select"; the serving path ran it
-on one thread before it took num_threads), and the operator + call pair. The modes are interleaved in rounds
-so that a change of the machine's load hits all of them alike. Progress: one line per round.
+on one thread before it took num_threads), and the operator + call pair. The modes are
+interleaved in rounds so that a change of the machine's load hits all of them alike. Progress:
+one line per round.
 
     python integration/bench/host_threads_bench.py --seq-len 6144 --batch 4 --threads 2
 
