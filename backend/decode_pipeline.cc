@@ -794,8 +794,7 @@ absl::Status DecodePipeline::RunApply(Applied& a) {
   if (s.source == SelectionSource::kFallback) {
     const auto t0 = Clock::now();
     MEMPIPE_RETURN_IF_ERROR(ScoreAndSelect(QueryRows(j.layer, mb.begin, mb.end), c, local, table,
-                                           options_.policy.selection, sel,
-                                           options_.apply_threads));
+                                           options_.policy.selection, sel, options_.apply_threads));
     a.fallback_ms = Ms(Clock::now() - t0);
   } else if (s.source == SelectionSource::kReused) {
     MEMPIPE_RETURN_IF_ERROR(ExtendToLastPage(sel, table, c.block_size));
