@@ -29,13 +29,15 @@ constexpr int kPrefetchPages = 2;
 // The portable kernel's prefetch; the AVX-512 kernel spreads its own over the tokens (NextPage).
 void PrefetchPage(const KvCacheView& cache, int block, int h0, int h1, int n) {
   const size_t es = DTypeSize(cache.dtype);
-  const size_t bytes = static_cast<size_t>(h1 - h0) * cache.head_dim * es;
-  const size_t stride = cache.TokenStride() * es;
+  const size_t bytes = static_cast<size_t>(cache.head_dim) * es;
   for (int kv = 0; kv < 2; ++kv) {
-    const char* base = static_cast<const char*>(cache.data) + cache.Offset(kv, block, 0, h0) * es;
-    for (int t = 0; t < n; ++t) {
-      for (size_t off = 0; off < bytes; off += 64)
-        __builtin_prefetch(base + t * stride + off, 0, 2);
+    for (int h = h0; h < h1; ++h) {
+      const char* base = static_cast<const char*>(cache.data) + cache.Offset(kv, block, 0, h) * es;
+      for (int t = 0; t < n; ++t) {
+        for (size_t off = 0; off < bytes; off += 64) {
+          __builtin_prefetch(base + t * cache.TokenStride() * es + off, 0, 2);
+        }
+      }
     }
   }
 }
@@ -339,7 +341,7 @@ NextPage NextPageCursor(const KvCacheView& cache, int next_block, int next_n, in
   next.v = reinterpret_cast<const char*>(static_cast<const T*>(cache.data) +
                                          cache.Offset(1, next_block, 0, h0));
   next.stride = cache.TokenStride() * sizeof(T);
-  next.head_bytes = cache.head_dim * sizeof(T);
+  next.head_bytes = cache.HeadStride() * sizeof(T);
   next.n = next_n;
   next.lines = cache.head_dim * static_cast<int>(sizeof(T)) / 64;
   next.heads = heads;
@@ -573,7 +575,7 @@ class Avx512Heads {
     float* m = &m_[i * groups_];
     float* l = &l_[i * groups_];
     size_t stride = cache.TokenStride();
-    if (stage_rows_) {
+    if (stage_rows_ && !cache.HeadMajor()) {  // head-major rows are contiguous already
       StageRows(k, v, stride, n, head_dim_, kstage_.data(), vstage_.data());
       k = kstage_.data();
       v = vstage_.data();

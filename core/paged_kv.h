@@ -3,6 +3,8 @@
 // Layouts follow vLLM's FlashAttention backend so its block tables and slot mappings apply
 // unchanged:
 //   KV cache   [2, num_blocks, block_size, num_kv_heads, head_dim]   (K at index 0, V at 1)
+//              token-major, or on the host also head-major: [2, num_blocks, num_kv_heads,
+//              block_size, head_dim] in memory, the same logical cache (KvLayout)
 //   block table [num_seqs, max_blocks_per_seq] int32 physical block ids
 //   seq_lens    [num_seqs] int32, tokens in each sequence (the last page may be partial)
 //   slot         block_id * block_size + offset; negative slots are padding and are skipped
@@ -36,23 +38,44 @@ inline constexpr int kSupportedGpuGroupSizes[] = {1, 2, 3, 4, 5, 6, 7, 8, 12, 16
 [[nodiscard]] absl::Status ValidateBlockSize(int block_size);
 [[nodiscard]] absl::Status ValidateHeadDim(int head_dim);
 
+// How a cache orders the tokens and KV heads of a block in memory. Both hold the same logical
+// cache [2, num_blocks, block_size, num_kv_heads, head_dim]; Offset() maps it either way.
+enum class KvLayout : uint8_t {
+  // [2, num_blocks, block_size, num_kv_heads, head_dim]: vLLM's FlashAttention layout, the one
+  // the GPU kernels take.
+  kTokenMajor,
+  // [2, num_blocks, num_kv_heads, block_size, head_dim]: each KV head's page is one contiguous
+  // piece, as in vLLM's CPU attention. The host steps take it (sparse decode reads whole pieces
+  // instead of head_dim-long rows at the token stride); the GPU kernels refuse it.
+  kHeadMajor,
+};
+
 struct KvCacheView {
-  void* data = nullptr;  // [2, num_blocks, block_size, num_kv_heads, head_dim] in `dtype`
+  void* data = nullptr;  // [2, num_blocks, ...] in `dtype`, ordered as `layout` says
   DType dtype = DType::kFloat32;
   int num_blocks = 0;
   int block_size = 16;
   int num_kv_heads = 0;
   int head_dim = 0;
+  KvLayout layout = KvLayout::kTokenMajor;
 
-  size_t TokenStride() const { return static_cast<size_t>(num_kv_heads) * head_dim; }
-  size_t BlockStride() const { return TokenStride() * block_size; }
+  bool HeadMajor() const { return layout == KvLayout::kHeadMajor; }
+  // Elements between consecutive tokens of one KV head, and between consecutive KV heads of one
+  // token.
+  size_t TokenStride() const {
+    return HeadMajor() ? static_cast<size_t>(head_dim) : static_cast<size_t>(num_kv_heads) * head_dim;
+  }
+  size_t HeadStride() const {
+    return HeadMajor() ? static_cast<size_t>(block_size) * head_dim : static_cast<size_t>(head_dim);
+  }
+  size_t BlockStride() const { return static_cast<size_t>(num_kv_heads) * head_dim * block_size; }
   size_t PlaneElems() const { return BlockStride() * num_blocks; }  // elements of K (or V)
   size_t NumElems() const { return 2 * PlaneElems(); }
   size_t NumBytes() const { return NumElems() * DTypeSize(dtype); }
   // Element offset of (K or V, block, token-in-block, kv head, channel 0).
   size_t Offset(int kv, int block, int token, int head) const {
     return kv * PlaneElems() + static_cast<size_t>(block) * BlockStride() +
-           static_cast<size_t>(token) * TokenStride() + static_cast<size_t>(head) * head_dim;
+           static_cast<size_t>(token) * TokenStride() + static_cast<size_t>(head) * HeadStride();
   }
 };
 
@@ -77,6 +100,10 @@ inline int NumPages(int seq_len, int block_size) {
 
 // Checks sizes, supported block size and head dim, and a non-null pointer.
 [[nodiscard]] absl::Status ValidateKvCache(const KvCacheView& cache);
+
+// OK for a token-major cache; for a head-major one, Unimplemented naming `who` (the GPU kernels
+// and the device copies read token-major caches only).
+[[nodiscard]] absl::Status RequireTokenMajor(const KvCacheView& cache, const char* who);
 
 // The part of ValidateBlockTable that reads no entry (positive sizes, non-null pointers): what
 // a launcher can check of a device-resident table without synchronizing.

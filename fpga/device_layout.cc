@@ -127,7 +127,10 @@ absl::Status GatherKeysForBuild(const KvCacheView& cache, const BlockTableView& 
                                 std::vector<int64_t>& slots, std::vector<uint8_t>& keys) {
   MEMPIPE_RETURN_IF_ERROR(ValidateKvCache(cache));
   MEMPIPE_RETURN_IF_ERROR(ValidateBlockTable(table, cache.block_size, cache.num_blocks));
-  const size_t row = cache.TokenStride() * DTypeSize(cache.dtype);
+  const size_t head_bytes = static_cast<size_t>(cache.head_dim) * DTypeSize(cache.dtype);
+  // A token's keys over its KV heads: one piece token-major, one per KV head head-major.
+  const int pieces = cache.HeadMajor() ? cache.num_kv_heads : 1;
+  const size_t piece = head_bytes * cache.num_kv_heads / pieces;
   slots.clear();
   keys.clear();
   const uint8_t* kv = static_cast<const uint8_t*>(cache.data);
@@ -138,8 +141,10 @@ absl::Status GatherKeysForBuild(const KvCacheView& cache, const BlockTableView& 
       const int n = std::min(cache.block_size, len - p * cache.block_size);
       for (int t = 0; t < n; ++t) {
         slots.push_back(static_cast<int64_t>(block) * cache.block_size + t);
-        const uint8_t* src = kv + cache.Offset(0, block, t, 0) * DTypeSize(cache.dtype);
-        keys.insert(keys.end(), src, src + row);
+        for (int h = 0; h < pieces; ++h) {
+          const uint8_t* src = kv + cache.Offset(0, block, t, h) * DTypeSize(cache.dtype);
+          keys.insert(keys.end(), src, src + piece);
+        }
       }
     }
   }

@@ -629,6 +629,7 @@ absl::Status ValidateDecodeInputsGpu(const DecodeIo& io, const KvCacheView& cach
                                      const BlockTableView& table, const PageList* pages,
                                      GpuStream stream) {
   MEMPIPE_RETURN_IF_ERROR(ValidateBlockTableShape(table));
+  MEMPIPE_RETURN_IF_ERROR(RequireTokenMajor(cache, "GPU decode"));
   const size_t cells = static_cast<size_t>(table.num_seqs) * table.max_blocks_per_seq;
   std::vector<int32_t> block_table(cells), seq_lens(table.num_seqs);
   MEMPIPE_RETURN_IF_ERROR(

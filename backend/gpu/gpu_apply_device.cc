@@ -52,6 +52,7 @@ absl::Status GpuApplyDevice::Reserve(PinnedHostBuffer& buf, size_t bytes) {
 
 absl::Status GpuApplyDevice::AddLayer(int layer, const KvCacheView& host_cache) {
   MEMPIPE_RETURN_IF_ERROR(ValidateKvCache(host_cache));
+  MEMPIPE_RETURN_IF_ERROR(RequireTokenMajor(host_cache, "GpuApplyDevice"));
   if (layer < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("GpuApplyDevice: layer must be >= 0, got ", layer));

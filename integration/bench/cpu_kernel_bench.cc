@@ -46,6 +46,9 @@ ABSL_FLAG(int, threads, 1, "Host threads for every kernel");
 ABSL_FLAG(int, passes, 3, "Passes over the layers; the best is reported");
 ABSL_FLAG(std::string, cpu_kernel, "auto",
           "Host kernels (core/cpu_kernel.h): auto, portable, avx512, avx512-bf16");
+ABSL_FLAG(std::string, kv_layout, "token",
+          "KV cache layout: token (token-major, vLLM's FlashAttention layout) or head "
+          "(head-major: each KV head's page contiguous, what the vLLM plugin uses on the CPU)");
 ABSL_FLAG(bool, huge_pages, true, "Ask for transparent huge pages for caches and digests");
 
 namespace mempipe {
@@ -74,6 +77,13 @@ int Run() {
   const int pages = NumPages(context, bs), k = absl::GetFlag(FLAGS_budget) / bs;
   KvCacheView cache{nullptr, status.ok() ? *dtype : DType::kFloat32, pages,
                     bs,      absl::GetFlag(FLAGS_num_kv_heads),      absl::GetFlag(FLAGS_head_dim)};
+  const std::string layout = absl::GetFlag(FLAGS_kv_layout);
+  if (layout == "head") {
+    cache.layout = KvLayout::kHeadMajor;
+  } else if (layout != "token" && status.ok()) {
+    status = absl::InvalidArgumentError(
+        absl::StrCat("--kv_layout must be token or head, got '", layout, "'"));
+  }
   int placeholder = 0;  // the shape check wants a pointer; each layer's comes later
   cache.data = &placeholder;
   if (status.ok()) status = ValidateKvCache(cache);
@@ -206,9 +216,10 @@ int Run() {
   };
   std::printf(
       "mempipe-cpu-kernel-bench: %d layers x (%d q / %d KV heads, head_dim %d, %s, page %d, "
-      "context %d, budget %d), %d thread(s), %s kernels, huge pages %s\n",
-      layers, heads, kv, d, std::string(DTypeName(dt)).c_str(), bs, context, k * bs, threads,
-      std::string(ActiveCpuKernelName()).c_str(), huge ? "asked for" : "not asked for");
+      "context %d, budget %d, %s-major cache), %d thread(s), %s kernels, huge pages %s\n",
+      layers, heads, kv, d, std::string(DTypeName(dt)).c_str(), bs, context, k * bs,
+      cache.HeadMajor() ? "head" : "token", threads, std::string(ActiveCpuKernelName()).c_str(),
+      huge ? "asked for" : "not asked for");
   std::printf(
       "per layer, best of %d passes, CPU time per thread; %% of the read bandwidth "
       "(STREAM-like, %d thread(s), per-thread CPU time: %.1f GB/s):\n",

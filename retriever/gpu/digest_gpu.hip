@@ -225,6 +225,7 @@ DigestView ExactOf(const DigestView& d) {
 absl::Status BuildDigestsGpu(const KvCacheView& cache, const BlockTableView& table,
                              const DigestView& digests, GpuStream stream) {
   MEMPIPE_RETURN_IF_ERROR(ValidateKvCache(cache));
+  MEMPIPE_RETURN_IF_ERROR(RequireTokenMajor(cache, "BuildDigestsGpu"));
   MEMPIPE_RETURN_IF_ERROR(ValidateDigests(cache, digests));
   if (table.block_table == nullptr || table.seq_lens == nullptr || table.num_seqs <= 0 ||
       table.max_blocks_per_seq <= 0) {
@@ -294,6 +295,7 @@ absl::Status AppendKvAndDigestsGpu(const KvCacheView& cache, const int64_t* slot
                                    const DigestView& digests, void* workspace,
                                    size_t workspace_bytes, GpuStream stream) {
   MEMPIPE_RETURN_IF_ERROR(ValidateKvCache(cache));
+  MEMPIPE_RETURN_IF_ERROR(RequireTokenMajor(cache, "AppendKvAndDigestsGpu"));
   MEMPIPE_RETURN_IF_ERROR(ValidateDigests(cache, digests));
   if (num_tokens < 0) {
     return absl::InvalidArgumentError(absl::StrCat("num_tokens must be >= 0, got ", num_tokens));
@@ -340,6 +342,7 @@ absl::Status AppendKvAndDigestsGpu(const KvCacheView& cache, const int64_t* slot
                                    int num_tokens, const void* key, const void* value,
                                    const DigestView& digests, GpuStream stream) {
   MEMPIPE_RETURN_IF_ERROR(ValidateKvCache(cache));
+  MEMPIPE_RETURN_IF_ERROR(RequireTokenMajor(cache, "AppendKvAndDigestsGpu"));
   if (num_tokens <= 0) {
     return AppendKvAndDigestsGpu(cache, slot_mapping, num_tokens, key, value, digests, nullptr, 0,
                                  stream);

@@ -19,12 +19,13 @@ using testing::RandomTensor;
 using testing::ReferenceAttention;
 using testing::TestSeed;
 
-// Parameters: dtype, block size, head_dim, GQA group size, host kernel (decode.h).
-class DecodeTest : public ::testing::TestWithParam<std::tuple<DType, int, int, int, CpuKernel>> {
+// Parameters: dtype, block size, head_dim, GQA group size, host kernel (decode.h), cache layout.
+class DecodeTest
+    : public ::testing::TestWithParam<std::tuple<DType, int, int, int, CpuKernel, KvLayout>> {
  protected:
   void SetUp() override {
     CpuKernel kernel;
-    std::tie(dtype_, block_size_, head_dim_, group_, kernel) = GetParam();
+    std::tie(dtype_, block_size_, head_dim_, group_, kernel, layout_) = GetParam();
     if (!CpuKernelAvailable(kernel)) GTEST_SKIP() << "this CPU lacks the kernel's instructions";
     ASSERT_TRUE(SetCpuKernel(kernel).ok());
     rng_.seed(TestSeed());
@@ -34,7 +35,8 @@ class DecodeTest : public ::testing::TestWithParam<std::tuple<DType, int, int, i
                                                                    .block_size = block_size_,
                                                                    .num_kv_heads = kKvHeads,
                                                                    .head_dim = head_dim_,
-                                                                   .seq_lens = lens_});
+                                                                   .seq_lens = lens_,
+                                                                   .layout = layout_});
     heads_ = kKvHeads * group_;
     q_ = std::make_unique<RandomTensor>(rng_, dtype_, lens_.size() * heads_ * head_dim_);
     scale_ = 1.0f / std::sqrt(static_cast<float>(head_dim_));
@@ -78,6 +80,7 @@ class DecodeTest : public ::testing::TestWithParam<std::tuple<DType, int, int, i
 
   static constexpr int kKvHeads = 2;
   DType dtype_;
+  KvLayout layout_;
   int block_size_, head_dim_, group_, heads_;
   float scale_;
   std::mt19937_64 rng_;
@@ -223,7 +226,19 @@ INSTANTIATE_TEST_SUITE_P(
                        ::testing::Values(16, 32, 64), ::testing::Values(64, 128, 256),
                        ::testing::Values(1, 3, 6),
                        ::testing::Values(CpuKernel::kPortable, CpuKernel::kAvx512,
-                                         CpuKernel::kAvx512Bf16)));
+                                         CpuKernel::kAvx512Bf16),
+                       ::testing::Values(KvLayout::kTokenMajor)));
+
+// The head-major layout (each KV head's page contiguous) through the same checks: every kernel,
+// dtype and page size; the head dims and groups that exercise the kernels' distinct paths.
+INSTANTIATE_TEST_SUITE_P(
+    HeadMajor, DecodeTest,
+    ::testing::Combine(::testing::Values(DType::kFloat32, DType::kFloat16, DType::kBFloat16),
+                       ::testing::Values(16, 32, 64), ::testing::Values(64, 128),
+                       ::testing::Values(1, 6),
+                       ::testing::Values(CpuKernel::kPortable, CpuKernel::kAvx512,
+                                         CpuKernel::kAvx512Bf16),
+                       ::testing::Values(KvLayout::kHeadMajor)));
 
 // The derived tolerance rejects known-wrong answers (issue 14): the dense output of a
 // 5,120-token bf16 sequence against the reference with one 64-token page dropped, and an
@@ -284,15 +299,21 @@ TEST(DecodeChunks, LongSequencesCombineChunksExactlyOnce) {
   for (CpuKernel kernel : {CpuKernel::kPortable, CpuKernel::kAvx512, CpuKernel::kAvx512Bf16}) {
     if (!CpuKernelAvailable(kernel)) continue;
     ASSERT_TRUE(SetCpuKernel(kernel).ok());
-    for (DType dtype : {DType::kFloat32, DType::kBFloat16}) {
-      SCOPED_TRACE(::testing::Message()
-                   << "kernel " << ActiveCpuKernelName() << " dtype " << DTypeName(dtype));
+    for (auto [dtype, layout] : {std::pair{DType::kFloat32, KvLayout::kTokenMajor},
+                                 std::pair{DType::kBFloat16, KvLayout::kTokenMajor},
+                                 std::pair{DType::kBFloat16, KvLayout::kHeadMajor}}) {
+      SCOPED_TRACE(::testing::Message() << "kernel " << ActiveCpuKernelName() << " dtype "
+                                        << DTypeName(dtype) << " head-major "
+                                        << (layout == KvLayout::kHeadMajor));
       std::mt19937_64 rng(TestSeed());
       const int bs = 16, kv = 2, group = 3, heads = kv * group, d = 64;
       const std::vector<int> lens = {2100, 700, 40};  // 5, 2 and 1 chunks of 32 pages
-      PagedFixture f(
-          rng,
-          {.dtype = dtype, .block_size = bs, .num_kv_heads = kv, .head_dim = d, .seq_lens = lens});
+      PagedFixture f(rng, {.dtype = dtype,
+                           .block_size = bs,
+                           .num_kv_heads = kv,
+                           .head_dim = d,
+                           .seq_lens = lens,
+                           .layout = layout});
       RandomTensor q(rng, dtype, lens.size() * heads * d);
       const float scale = 0.125f;
       // KV head 0 attends to every page but the fifth; KV head 1 to the first two pages only.
@@ -360,6 +381,61 @@ TEST(DecodeChunks, LongSequencesCombineChunksExactlyOnce) {
         }
         EXPECT_GT(wrong_checked, 0);
       }
+    }
+  }
+  ASSERT_TRUE(SetCpuKernel(CpuKernel::kAuto).ok());
+}
+
+// The layout is read, not assumed: a head-major cache decoded as if it were token-major (the
+// same bytes) fails the reference check that the right view passes, for every kernel, dense and
+// sparse.
+TEST(DecodeLayout, AHeadMajorCacheReadAsTokenMajorFailsTheCheck) {
+  for (CpuKernel kernel : {CpuKernel::kPortable, CpuKernel::kAvx512, CpuKernel::kAvx512Bf16}) {
+    if (!CpuKernelAvailable(kernel)) continue;
+    ASSERT_TRUE(SetCpuKernel(kernel).ok());
+    SCOPED_TRACE(ActiveCpuKernelName());
+    std::mt19937_64 rng(TestSeed());
+    const int bs = 16, kv = 4, d = 64, len = 300;
+    PagedFixture f(rng, {.dtype = DType::kFloat32,
+                         .block_size = bs,
+                         .num_kv_heads = kv,
+                         .head_dim = d,
+                         .seq_lens = {len},
+                         .layout = KvLayout::kHeadMajor});
+    RandomTensor q(rng, DType::kFloat32, kv * d);
+    const float scale = 0.125f;
+    std::vector<int32_t> pages(kv * 3), counts(kv, 3);
+    for (int h = 0; h < kv; ++h) {
+      for (int i = 0; i < 3; ++i) pages[h * 3 + i] = 2 * i + h % 2;
+    }
+    for (int sparse = 0; sparse < 2; ++sparse) {
+      auto failures = [&](const KvCacheView& cache) {
+        std::vector<float> out(kv * d, NAN);
+        DecodeIo io{q.data(), out.data(), DType::kFloat32, 1, kv, d};
+        const absl::Status st =
+            sparse ? SparseDecode(io, cache, f.table_view(), {pages.data(), counts.data(), kv, 3},
+                                  scale)
+                   : DenseDecode(io, cache, f.table_view(), scale);
+        EXPECT_TRUE(st.ok()) << st;
+        int n = 0;
+        for (int h = 0; h < kv; ++h) {
+          std::vector<int> tokens;
+          for (int t = 0; t < len; ++t) {
+            const int p = t / bs;
+            if (!sparse || (p % 2 == h % 2 && p / 2 < 3)) tokens.push_back(t);
+          }
+          const auto ref = ReferenceAttention(f, &q.values[h * d], 0, h, tokens, scale);
+          for (int c = 0; c < d; ++c) {
+            n += !(std::abs(out[h * d + c] - ref[c]) <=
+                   AttentionTolerance(DType::kFloat32, ref[c], static_cast<int>(tokens.size()), d));
+          }
+        }
+        return n;
+      };
+      KvCacheView wrong = f.cache_view();
+      wrong.layout = KvLayout::kTokenMajor;
+      EXPECT_EQ(failures(f.cache_view()), 0) << "sparse " << sparse;
+      EXPECT_GT(failures(wrong), kv * d / 2) << "sparse " << sparse;
     }
   }
   ASSERT_TRUE(SetCpuKernel(CpuKernel::kAuto).ok());

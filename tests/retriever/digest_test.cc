@@ -14,12 +14,13 @@ namespace {
 using testing::PagedFixture;
 using testing::TestSeed;
 
-class DigestTest : public ::testing::TestWithParam<std::tuple<DType, int, int>> {};
+// Parameters: dtype, block size, head_dim, cache layout.
+class DigestTest : public ::testing::TestWithParam<std::tuple<DType, int, int, KvLayout>> {};
 
 // The bulk build equals a plain max/min over each page's valid tokens, and appending the same
 // tokens one at a time (fused KV write + incremental digest) gives the same bytes.
 TEST_P(DigestTest, BulkMatchesReferenceAndIncrementalMatchesBulk) {
-  const auto [dtype, block_size, head_dim] = GetParam();
+  const auto [dtype, block_size, head_dim, layout] = GetParam();
   std::mt19937_64 rng(TestSeed());
   std::uniform_int_distribution<int> len_dist(1, 5 * block_size + 3);
   std::vector<int> lens = {1, block_size, block_size + 1, len_dist(rng), len_dist(rng)};
@@ -27,7 +28,8 @@ TEST_P(DigestTest, BulkMatchesReferenceAndIncrementalMatchesBulk) {
                        .block_size = block_size,
                        .num_kv_heads = 3,
                        .head_dim = head_dim,
-                       .seq_lens = lens});
+                       .seq_lens = lens,
+                       .layout = layout});
   const DigestView bulk = f.digest_view();
   ASSERT_TRUE(BuildDigests(f.cache_view(), f.table_view(), bulk).ok());
 
@@ -58,7 +60,7 @@ TEST_P(DigestTest, BulkMatchesReferenceAndIncrementalMatchesBulk) {
   dst.data = cache2.data();
   DigestView inc = bulk;
   inc.data = dig2.data();
-  const size_t row = src.TokenStride() * DTypeSize(dtype);
+  const size_t head_row = static_cast<size_t>(head_dim) * DTypeSize(dtype);  // one KV head
   const int max_len = *std::max_element(lens.begin(), lens.end());
   for (int t = 0; t < max_len; ++t) {
     std::vector<int64_t> slots;
@@ -67,16 +69,18 @@ TEST_P(DigestTest, BulkMatchesReferenceAndIncrementalMatchesBulk) {
       if (t >= lens[s]) continue;
       const int64_t slot = f.Slot(s, t);
       slots.push_back(slot);
-      const auto* kp = static_cast<const uint8_t*>(src.data) +
-                       src.Offset(0, slot / block_size, slot % block_size, 0) * DTypeSize(dtype);
-      const auto* vp = static_cast<const uint8_t*>(src.data) +
-                       src.Offset(1, slot / block_size, slot % block_size, 0) * DTypeSize(dtype);
-      k.insert(k.end(), kp, kp + row);
-      v.insert(v.end(), vp, vp + row);
+      for (int h = 0; h < 3; ++h) {  // the token's rows [kv_heads, head_dim], as a model gives them
+        const auto* kp = static_cast<const uint8_t*>(src.data) +
+                         src.Offset(0, slot / block_size, slot % block_size, h) * DTypeSize(dtype);
+        const auto* vp = static_cast<const uint8_t*>(src.data) +
+                         src.Offset(1, slot / block_size, slot % block_size, h) * DTypeSize(dtype);
+        k.insert(k.end(), kp, kp + head_row);
+        v.insert(v.end(), vp, vp + head_row);
+      }
     }
     slots.push_back(-1);  // padding slot: skipped
-    k.resize(k.size() + row, 0xff);
-    v.resize(v.size() + row, 0xff);
+    k.resize(k.size() + 3 * head_row, 0xff);
+    v.resize(v.size() + 3 * head_row, 0xff);
     ASSERT_TRUE(AppendKvAndDigests(dst, slots.data(), static_cast<int>(slots.size()), k.data(),
                                    v.data(), inc)
                     .ok());
@@ -95,9 +99,12 @@ TEST_P(DigestTest, BulkMatchesReferenceAndIncrementalMatchesBulk) {
     for (int t = 0; t < lens[s]; ++t) {
       const int64_t slot = f.Slot(s, t);
       for (int kv = 0; kv < 2; ++kv) {
-        const size_t off =
-            src.Offset(kv, slot / block_size, slot % block_size, 0) * DTypeSize(dtype);
-        ASSERT_EQ(std::memcmp(static_cast<uint8_t*>(src.data) + off, cache2.data() + off, row), 0);
+        for (int h = 0; h < 3; ++h) {
+          const size_t off =
+              src.Offset(kv, slot / block_size, slot % block_size, h) * DTypeSize(dtype);
+          ASSERT_EQ(
+              std::memcmp(static_cast<uint8_t*>(src.data) + off, cache2.data() + off, head_row), 0);
+        }
       }
     }
   }
@@ -106,7 +113,8 @@ TEST_P(DigestTest, BulkMatchesReferenceAndIncrementalMatchesBulk) {
 INSTANTIATE_TEST_SUITE_P(
     Shapes, DigestTest,
     ::testing::Combine(::testing::Values(DType::kFloat32, DType::kFloat16, DType::kBFloat16),
-                       ::testing::Values(16, 32, 64), ::testing::Values(64, 128, 256)));
+                       ::testing::Values(16, 32, 64), ::testing::Values(64, 128, 256),
+                       ::testing::Values(KvLayout::kTokenMajor, KvLayout::kHeadMajor)));
 
 TEST(DigestErrors, NameTheBadValue) {
   std::mt19937_64 rng(TestSeed());

@@ -43,6 +43,7 @@ struct FixtureSpec {
   int head_dim = 64;
   std::vector<int> seq_lens;
   int spare_blocks = 3;  // unused blocks, NaN-poisoned
+  KvLayout layout = KvLayout::kTokenMajor;
 };
 
 class PagedFixture {
@@ -61,6 +62,7 @@ class PagedFixture {
     cache_.num_kv_heads = spec.num_kv_heads;
     cache_.head_dim = spec.head_dim;
     cache_.dtype = spec.dtype;
+    cache_.layout = spec.layout;
     storage_.resize(cache_.NumBytes());
     const float nan = std::numeric_limits<float>::quiet_NaN();
     for (size_t i = 0; i < cache_.NumElems(); ++i)

@@ -13,6 +13,7 @@
 #include "retriever/digest.h"
 #include "retriever/select.h"
 #include "tests/fpga/test_data.h"
+#include "tests/testing/paged_fixture.h"
 
 namespace mempipe {
 namespace {
@@ -240,6 +241,40 @@ TEST(SplitUpdateLaunches, SplitsOnlyWhereABlockReturns) {
   EXPECT_EQ(launches[1], (std::pair<int, int>{5, 8}));
   const int64_t in_order[] = {0, 1, 16, 17, 32};
   EXPECT_EQ(SplitUpdateLaunches(in_order, 5, 16).size(), 1u);
+}
+
+// The bulk build's key rows [n, kv_heads, head_dim] are the same from a head-major cache as from
+// a token-major one with the same contents (same seed), and differ from a head-major cache read
+// as token-major.
+TEST(GatherKeysForBuild, GivesTheSameRowsFromEitherLayout) {
+  const uint64_t seed = FreshSeed("GatherKeysForBuild");
+  std::vector<std::vector<uint8_t>> keys;
+  std::vector<int64_t> slots0;
+  for (KvLayout layout : {KvLayout::kTokenMajor, KvLayout::kHeadMajor}) {
+    std::mt19937_64 rng(seed);
+    testing::PagedFixture f(rng, {.dtype = DType::kBFloat16,
+                                  .block_size = 16,
+                                  .num_kv_heads = 3,
+                                  .head_dim = 64,
+                                  .seq_lens = {40, 17},
+                                  .layout = layout});
+    std::vector<int64_t> slots;
+    std::vector<uint8_t> k;
+    ASSERT_TRUE(GatherKeysForBuild(f.cache_view(), f.table_view(), slots, k).ok());
+    ASSERT_EQ(k.size(), slots.size() * 3 * 64 * 2);
+    if (layout == KvLayout::kTokenMajor) slots0 = slots;
+    EXPECT_EQ(slots, slots0);
+    keys.push_back(k);
+    if (layout == KvLayout::kHeadMajor) {
+      KvCacheView wrong = f.cache_view();
+      wrong.layout = KvLayout::kTokenMajor;
+      std::vector<int64_t> s2;
+      std::vector<uint8_t> k2;
+      ASSERT_TRUE(GatherKeysForBuild(wrong, f.table_view(), s2, k2).ok());
+      EXPECT_NE(k2, keys[0]);
+    }
+  }
+  EXPECT_EQ(keys[0], keys[1]);
 }
 
 }  // namespace
