@@ -63,7 +63,8 @@ struct KvCacheView {
   // Elements between consecutive tokens of one KV head, and between consecutive KV heads of one
   // token.
   size_t TokenStride() const {
-    return HeadMajor() ? static_cast<size_t>(head_dim) : static_cast<size_t>(num_kv_heads) * head_dim;
+    return HeadMajor() ? static_cast<size_t>(head_dim)
+                       : static_cast<size_t>(num_kv_heads) * head_dim;
   }
   size_t HeadStride() const {
     return HeadMajor() ? static_cast<size_t>(block_size) * head_dim : static_cast<size_t>(head_dim);

@@ -302,9 +302,9 @@ TEST(DecodeChunks, LongSequencesCombineChunksExactlyOnce) {
     for (auto [dtype, layout] : {std::pair{DType::kFloat32, KvLayout::kTokenMajor},
                                  std::pair{DType::kBFloat16, KvLayout::kTokenMajor},
                                  std::pair{DType::kBFloat16, KvLayout::kHeadMajor}}) {
-      SCOPED_TRACE(::testing::Message() << "kernel " << ActiveCpuKernelName() << " dtype "
-                                        << DTypeName(dtype) << " head-major "
-                                        << (layout == KvLayout::kHeadMajor));
+      SCOPED_TRACE(::testing::Message()
+                   << "kernel " << ActiveCpuKernelName() << " dtype " << DTypeName(dtype)
+                   << " head-major " << (layout == KvLayout::kHeadMajor));
       std::mt19937_64 rng(TestSeed());
       const int bs = 16, kv = 2, group = 3, heads = kv * group, d = 64;
       const std::vector<int> lens = {2100, 700, 40};  // 5, 2 and 1 chunks of 32 pages
@@ -412,10 +412,9 @@ TEST(DecodeLayout, AHeadMajorCacheReadAsTokenMajorFailsTheCheck) {
       auto failures = [&](const KvCacheView& cache) {
         std::vector<float> out(kv * d, NAN);
         DecodeIo io{q.data(), out.data(), DType::kFloat32, 1, kv, d};
-        const absl::Status st =
-            sparse ? SparseDecode(io, cache, f.table_view(), {pages.data(), counts.data(), kv, 3},
-                                  scale)
-                   : DenseDecode(io, cache, f.table_view(), scale);
+        const absl::Status st = sparse ? SparseDecode(io, cache, f.table_view(),
+                                                      {pages.data(), counts.data(), kv, 3}, scale)
+                                       : DenseDecode(io, cache, f.table_view(), scale);
         EXPECT_TRUE(st.ok()) << st;
         int n = 0;
         for (int h = 0; h < kv; ++h) {
