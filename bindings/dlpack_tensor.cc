@@ -144,7 +144,8 @@ absl::Status BorrowedTensor::RequireDim(int dim, int64_t expected, const char* w
                                                  ") must be ", expected, ", got ", shape[dim]));
 }
 
-absl::StatusOr<BorrowedTensor> BorrowTensor(const py::handle& obj, const std::string& name) {
+absl::StatusOr<BorrowedTensor> BorrowTensor(const py::handle& obj, const std::string& name,
+                                            bool strided) {
   if (obj.is_none() || !py::hasattr(obj, "__dlpack__")) {
     return absl::InvalidArgumentError(absl::StrCat(
         name, " must be a tensor or array with __dlpack__ (torch.Tensor, numpy.ndarray), got ",
@@ -175,7 +176,11 @@ absl::StatusOr<BorrowedTensor> BorrowTensor(const py::handle& obj, const std::st
   t.type = *type;
   t.data = static_cast<char*>(dl.data) + dl.byte_offset;
   // Strides may be null (compact) or explicit; size-1 dimensions may carry any stride.
-  if (dl.strides != nullptr) {
+  t.strides.assign(dl.ndim, 0);
+  for (int64_t d = dl.ndim - 1, expected = 1; d >= 0; expected *= dl.shape[d], --d) {
+    t.strides[d] = dl.strides != nullptr ? dl.strides[d] : expected;
+  }
+  if (dl.strides != nullptr && !strided) {
     int64_t expected = 1;
     for (int d = dl.ndim - 1; d >= 0; --d) {
       if (dl.shape[d] != 1 && dl.strides[d] != expected) {

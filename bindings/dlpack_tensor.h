@@ -50,6 +50,8 @@ struct BorrowedTensor {
   ElemType type = ElemType::kFloat32;
   DLDevice device{kDLCPU, 0};
   std::vector<int64_t> shape;
+  std::vector<int64_t> strides;  // in elements, per dimension (C-contiguous unless borrowed with
+                                 // strided = true)
 
   int Rank() const { return static_cast<int>(shape.size()); }
   // "kv_cache (cuda:0, bfloat16, shape [2, 64, 16, 8, 128])": what an error message names.
@@ -65,8 +67,10 @@ struct BorrowedTensor {
 };
 
 // Borrows `obj` through `obj.__dlpack__()`. Errors (InvalidArgument, naming `name`): no
-// `__dlpack__`, an unsupported dtype, lanes != 1, or a layout that is not C-contiguous.
-absl::StatusOr<BorrowedTensor> BorrowTensor(const py::handle& obj, const std::string& name);
+// `__dlpack__`, an unsupported dtype, lanes != 1, or, unless `strided`, a layout that is not
+// C-contiguous (with `strided` the caller checks `strides` itself).
+absl::StatusOr<BorrowedTensor> BorrowTensor(const py::handle& obj, const std::string& name,
+                                            bool strided = false);
 
 // Raises the Python exception that matches `status` (ValueError for InvalidArgument,
 // OutOfRange and FailedPrecondition; NotImplementedError for Unimplemented; TimeoutError for

@@ -204,7 +204,15 @@ void NoGpuKernel(const Target& target, const char* function, const char* instead
       absl::StrCat(function, " has no GPU kernel (cuda:", target.device, " tensors); ", instead)));
 }
 
-// Converts a [2, num_blocks, block_size, KVH, D] tensor.
+// Borrows a kv_cache argument, whose strides CacheView checks.
+BorrowedTensor BorrowCache(const py::handle& obj) {
+  return ValueOrThrow(BorrowTensor(obj, "kv_cache", /*strided=*/true));
+}
+
+// Converts a [2, num_blocks, block_size, KVH, D] tensor (BorrowCache): C-contiguous, the
+// token-major layout; or, in host memory, the head-major one: t.permute(0, 1, 3, 2, 4) of a
+// contiguous [2, num_blocks, KVH, block_size, D] tensor t (each KV head's page contiguous, as the
+// vLLM plugin lays out host caches). Other strides are refused, naming them.
 KvCacheView CacheView(const BorrowedTensor& kv) {
   Check(kv.RequireRank(5));
   Check(kv.RequireDim(0, 2, "K and V"));
@@ -215,6 +223,33 @@ KvCacheView CacheView(const BorrowedTensor& kv) {
   v.block_size = static_cast<int>(kv.shape[2]);
   v.num_kv_heads = static_cast<int>(kv.shape[3]);
   v.head_dim = static_cast<int>(kv.shape[4]);
+  // Expected strides of [2, blocks, tokens, heads, D] in each layout; size-1 dimensions match any.
+  auto matches = [&](KvLayout layout) {
+    KvCacheView l = v;
+    l.layout = layout;
+    const int64_t want[5] = {static_cast<int64_t>(l.PlaneElems()),
+                             static_cast<int64_t>(l.BlockStride()),
+                             static_cast<int64_t>(l.TokenStride()),
+                             static_cast<int64_t>(l.HeadStride()), 1};
+    for (int d = 0; d < 5; ++d) {
+      if (kv.shape[d] != 1 && kv.strides[d] != want[d]) return false;
+    }
+    return true;
+  };
+  if (matches(KvLayout::kTokenMajor)) return v;
+  if (!matches(KvLayout::kHeadMajor)) {
+    Check(absl::InvalidArgumentError(absl::StrCat(
+        kv.Describe(), " has strides [", absl::StrJoin(kv.strides, ", "),
+        "]; expected a C-contiguous tensor (token-major) or, in host memory, a head-major view "
+        "t.permute(0, 1, 3, 2, 4) of a contiguous [2, num_blocks, num_kv_heads, block_size, "
+        "head_dim] tensor t")));
+  }
+  if (!IsHostDevice(kv.device)) {
+    Check(absl::UnimplementedError(absl::StrCat(
+        kv.Describe(), " is a head-major view in device memory; the GPU kernels read "
+                       "C-contiguous (token-major) caches only")));
+  }
+  v.layout = KvLayout::kHeadMajor;
   return v;
 }
 
@@ -503,7 +538,7 @@ DevicePredicate DevicePredicateOf(const RunSwitch& r) {
 
 void WriteKvPy(py::handle kv_cache, py::handle slot_mapping, py::handle key, py::handle value,
                const py::object& stream) {
-  auto kv = Borrow(kv_cache, "kv_cache"), slots = Borrow(slot_mapping, "slot_mapping"),
+  auto kv = BorrowCache(kv_cache), slots = Borrow(slot_mapping, "slot_mapping"),
        k = Borrow(key, "key"), v = Borrow(value, "value");
   [[maybe_unused]] const Target target = ResolveTarget({&kv, &slots, &k, &v}, stream);
   NoGpuKernel(target, "write_kv", "append_kv_and_digests writes the cache with the digests");
@@ -527,7 +562,7 @@ size_t AppendScratchBytes(const Target& target, const KvCacheView& cache) {
 void AppendKvAndDigestsPy(py::handle kv_cache, py::handle slot_mapping, py::handle key,
                           py::handle value, py::handle digests,
                           [[maybe_unused]] const py::object& workspace, const py::object& stream) {
-  auto kv = Borrow(kv_cache, "kv_cache"), slots = Borrow(slot_mapping, "slot_mapping"),
+  auto kv = BorrowCache(kv_cache), slots = Borrow(slot_mapping, "slot_mapping"),
        k = Borrow(key, "key"), v = Borrow(value, "value");
   const BorrowedDigests dg = BorrowDigests(digests);
   [[maybe_unused]] const Target target = ResolveTarget({&kv, &slots, &k, &v, &dg.data}, stream);
@@ -563,7 +598,7 @@ void AppendKvAndDigestsPy(py::handle kv_cache, py::handle slot_mapping, py::hand
 
 void UpdateDigestsPy(py::handle kv_cache, py::handle slot_mapping, py::handle digests,
                      const py::object& stream) {
-  auto kv = Borrow(kv_cache, "kv_cache"), slots = Borrow(slot_mapping, "slot_mapping");
+  auto kv = BorrowCache(kv_cache), slots = Borrow(slot_mapping, "slot_mapping");
   const BorrowedDigests dg = BorrowDigests(digests);
   [[maybe_unused]] const Target target = ResolveTarget({&kv, &slots, &dg.data}, stream);
   RequireDigestDevice(dg);
@@ -579,7 +614,7 @@ void UpdateDigestsPy(py::handle kv_cache, py::handle slot_mapping, py::handle di
 
 void BuildDigestsPy(py::handle kv_cache, py::handle block_table, py::handle seq_lens,
                     py::handle digests, const py::object& stream) {
-  auto kv = Borrow(kv_cache, "kv_cache"), bt = Borrow(block_table, "block_table"),
+  auto kv = BorrowCache(kv_cache), bt = Borrow(block_table, "block_table"),
        lens = Borrow(seq_lens, "seq_lens");
   const BorrowedDigests dg = BorrowDigests(digests);
   [[maybe_unused]] const Target target = ResolveTarget({&kv, &bt, &lens, &dg.data}, stream);
@@ -600,7 +635,7 @@ void ComputeRelevancyPy(py::handle query, py::handle kv_cache, py::handle digest
                         py::handle block_table, py::handle seq_lens, py::handle scores,
                         const std::string& aggregation, int num_threads, const py::object& stream) {
   const int threads = ThreadsArg(num_threads);
-  auto q = Borrow(query, "query"), kv = Borrow(kv_cache, "kv_cache"),
+  auto q = Borrow(query, "query"), kv = BorrowCache(kv_cache),
        bt = Borrow(block_table, "block_table"), lens = Borrow(seq_lens, "seq_lens"),
        sc = Borrow(scores, "scores");
   const BorrowedDigests dg = BorrowDigests(digests);
@@ -664,7 +699,7 @@ void ScoreAndSelectPy(py::handle query, py::handle kv_cache, py::handle digests,
                       const py::object& stream, const py::object& when_zero,
                       const py::object& when_nonzero) {
   const int threads = ThreadsArg(num_threads);
-  auto q = Borrow(query, "query"), kv = Borrow(kv_cache, "kv_cache"),
+  auto q = Borrow(query, "query"), kv = BorrowCache(kv_cache),
        bt = Borrow(block_table, "block_table"), lens = Borrow(seq_lens, "seq_lens"),
        pg = Borrow(pages, "pages"), ct = Borrow(counts, "counts");
   const BorrowedDigests dg = BorrowDigests(digests);
@@ -699,7 +734,7 @@ void DenseDecodePy(py::handle query, py::handle kv_cache, py::handle block_table
                    py::handle seq_lens, py::handle out, float scale, int num_threads,
                    const py::object& workspace, const py::object& stream,
                    const py::object& when_zero, const py::object& when_nonzero) {
-  auto q = Borrow(query, "query"), kv = Borrow(kv_cache, "kv_cache"),
+  auto q = Borrow(query, "query"), kv = BorrowCache(kv_cache),
        bt = Borrow(block_table, "block_table"), lens = Borrow(seq_lens, "seq_lens"),
        o = Borrow(out, "out");
   [[maybe_unused]] const Target target = ResolveTarget({&q, &kv, &bt, &lens, &o}, stream);
@@ -730,7 +765,7 @@ void SparseDecodePy(py::handle query, py::handle kv_cache, py::handle block_tabl
                     float scale, int num_threads, const py::object& workspace,
                     const py::object& stream, const py::object& when_zero,
                     const py::object& when_nonzero) {
-  auto q = Borrow(query, "query"), kv = Borrow(kv_cache, "kv_cache"),
+  auto q = Borrow(query, "query"), kv = BorrowCache(kv_cache),
        bt = Borrow(block_table, "block_table"), lens = Borrow(seq_lens, "seq_lens"),
        pg = Borrow(pages, "pages"), ct = Borrow(counts, "counts"), o = Borrow(out, "out");
   [[maybe_unused]] const Target target = ResolveTarget({&q, &kv, &bt, &lens, &pg, &ct, &o}, stream);
@@ -762,7 +797,7 @@ void PrefillAttentionPy(py::handle query, py::handle query_start_loc, py::handle
                         py::handle block_table, py::handle seq_lens, py::handle out, float scale,
                         int num_threads, const py::object& stream) {
   auto q = Borrow(query, "query"), qsl = Borrow(query_start_loc, "query_start_loc"),
-       kv = Borrow(kv_cache, "kv_cache"), bt = Borrow(block_table, "block_table"),
+       kv = BorrowCache(kv_cache), bt = Borrow(block_table, "block_table"),
        lens = Borrow(seq_lens, "seq_lens"), o = Borrow(out, "out");
   [[maybe_unused]] const Target target = ResolveTarget({&q, &qsl, &kv, &bt, &lens, &o}, stream);
   NoGpuKernel(target, "prefill_attention",
@@ -971,7 +1006,7 @@ class SelectionOffloadPy {
   }
 
   void AddLayer(int layer, py::handle kv_cache, const std::string& digest_dtype) {
-    auto kv = Borrow(kv_cache, "kv_cache");
+    auto kv = BorrowCache(kv_cache);
     const KvCacheView v = CacheView(kv);
     CacheShape shape{v.dtype, v.num_blocks, v.block_size, v.num_kv_heads, v.head_dim};
     shape.digest_format = ValueOrThrow(ParseDigestFormat(digest_dtype));
@@ -980,7 +1015,7 @@ class SelectionOffloadPy {
   }
 
   void BuildDigests(int layer, py::handle kv_cache, py::handle block_table, py::handle seq_lens) {
-    auto kv = Borrow(kv_cache, "kv_cache"), bt = Borrow(block_table, "block_table"),
+    auto kv = BorrowCache(kv_cache), bt = Borrow(block_table, "block_table"),
          lens = Borrow(seq_lens, "seq_lens");
     const Target target = Resolve({&kv, &bt, &lens}, py::none());
     KvCacheView cache = CacheView(kv);

@@ -66,6 +66,14 @@ Keys (all optional):
                   placement: cpu and gpu keep int8 digests beside the cache (PagedLayer, the
                   transformers and vLLM adapters alike); fpga registers its layers on the card
                   as int8 and keeps its fallback copy int8 too.
+    kv_layout     head | token (default head): how vLLM's host KV cache is laid out (vLLM hands
+                  each layer one contiguous region; the layout within it is the backend's).
+                  head: each KV head's page contiguous, [2, blocks, KVH, page, D] in memory (as
+                  vLLM's own CPU attention keeps heads outside tokens), so sparse decode reads
+                  whole pages instead of head_dim-long rows at the token stride; token: vLLM's
+                  FlashAttention layout [2, blocks, page, KVH, D]. CUDA caches are always token
+                  (the GPU kernels read that one). The tensor the backend hands mempipe's steps
+                  has the logical shape [2, blocks, page, KVH, D] either way (a permuted view).
     hierarchy     none | <page>in<super-page> in tokens, e.g. 16in64 (page_size 16): score
                   super-pages of 2, 4 or 8 pages first, then only the pages of the best ones
                   (retriever/hierarchical.h; LServe's 16-in-64 geometry). Needs a block table
@@ -107,6 +115,7 @@ FPGA_FUNCTIONALS = ("reference", "hls")
 FPGA_FALLBACKS = ("gpu", "dense")
 LOOKAHEAD_QUERIES = ("projected", "same")
 DIGEST_DTYPES = ("native", "int8")
+KV_LAYOUTS = ("head", "token")
 _BOOL_TEXT = {"true": True, "false": False}
 # Defined once, in C++ (core/paged_kv.h, core/dtype.h); read from the module.
 PAGE_SIZES = tuple(_mempipe.supported_block_sizes)
@@ -146,6 +155,7 @@ class MempipeConfig:
     deadline_ms: float = 100.0
     fpga_append_ring: int = 8
     digest_dtype: str = "native"
+    kv_layout: str = "head"
     hierarchy: str = "none"
 
     @property
@@ -250,6 +260,8 @@ class MempipeConfig:
                            f"got {self.deadline_ms}")
         if self.digest_dtype not in DIGEST_DTYPES:
             reasons.append(f"digest_dtype must be native or int8, got '{self.digest_dtype}'")
+        if self.kv_layout not in KV_LAYOUTS:
+            reasons.append(f"kv_layout must be {_one_of(KV_LAYOUTS)}, got '{self.kv_layout}'")
         return reasons
 
 

@@ -497,9 +497,15 @@ def layer_index_of(layer_name: str) -> int:
     return int(m.group(1))
 
 
-def as_mempipe_cache(kv_cache: torch.Tensor, num_kv_heads: int,
-                     head_dim: int) -> torch.Tensor:
-    """vLLM's per-layer cache as mempipe's [2, num_blocks, block_size, kv_heads, head_dim]."""
+def as_mempipe_cache(kv_cache: torch.Tensor, num_kv_heads: int, head_dim: int,
+                     layout: str = "token") -> torch.Tensor:
+    """vLLM's per-layer cache as mempipe's [2, num_blocks, block_size, kv_heads, head_dim].
+
+    vLLM hands each layer one contiguous region [num_blocks, KVH, block_size, 2 * head_dim]
+    whose inner layout is the backend's. layout "token": the region is C-contiguous
+    [2, num_blocks, block_size, KVH, D]; "head" (host tensors only; CUDA caches stay token):
+    it is [2, num_blocks, KVH, block_size, D], returned as a permuted view with the same logical
+    shape, which mempipe's host steps read as head-major (config.py, kv_layout)."""
     if kv_cache.dim() == 5 and kv_cache.shape[0] == 2:
         return kv_cache
     if kv_cache.dim() != 4 or kv_cache.shape[1] != num_kv_heads or \
@@ -509,7 +515,12 @@ def as_mempipe_cache(kv_cache: torch.Tensor, num_kv_heads: int,
     if not kv_cache.is_contiguous():
         raise ValueError("mempipe needs each layer's KV cache to be one contiguous region "
                          f"(layout LBHNC); got strides {kv_cache.stride()}")
+    if layout not in ("token", "head"):
+        raise ValueError(f"kv_layout must be head or token, got {layout!r}")
     num_blocks, _, block_size, _ = kv_cache.shape
+    if layout == "head" and not kv_cache.is_cuda:
+        return kv_cache.view(2, num_blocks, num_kv_heads, block_size,
+                             head_dim).permute(0, 1, 3, 2, 4)
     return kv_cache.view(2, num_blocks, block_size, num_kv_heads, head_dim)
 
 
@@ -580,7 +591,7 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
         """as_mempipe_cache(kv_cache) with the page size checked, once per cache tensor."""
         if kv_cache is self._kv_source:
             return self._kv_view
-        kv = as_mempipe_cache(kv_cache, self.num_kv_heads, self.head_size)
+        kv = as_mempipe_cache(kv_cache, self.num_kv_heads, self.head_size, self.config.kv_layout)
         if kv.shape[2] != self.config.page_size:
             raise ValueError(f"mempipe page_size {self.config.page_size} differs from the KV "
                              f"cache block size {kv.shape[2]}; pass --block-size "
