@@ -38,9 +38,11 @@ def slots_for(block_table: torch.Tensor, seq: int, positions, block_size: int) -
 
 def random_batch(gen: torch.Generator, dtype: torch.dtype, block_size: int, kv_heads: int,
                  head_dim: int, seq_lens: list[int], spare_blocks: int = 3,
-                 write=None) -> PagedBatch:
+                 write=None, layout: str = "token") -> PagedBatch:
     """Sequences of the given lengths in shuffled physical blocks, written through `write`
-    (default: the module's write_kv) one sequence at a time."""
+    (default: the module's write_kv) one sequence at a time. layout "token": kv_cache is
+    C-contiguous [2, blocks, block_size, KVH, D]; "head": the same logical tensor as a view of
+    head-major memory [2, blocks, KVH, block_size, D] (what the vLLM backend gives host caches)."""
     from mempipe import _mempipe
     write = write or _mempipe.write_kv
     pages = [-(-n // block_size) for n in seq_lens]
@@ -52,8 +54,12 @@ def random_batch(gen: torch.Generator, dtype: torch.dtype, block_size: int, kv_h
     for s, p in enumerate(pages):
         block_table[s, :p] = perm[used:used + p]
         used += p
-    kv_cache = torch.full((2, num_blocks, block_size, kv_heads, head_dim), float("nan"),
-                          dtype=dtype)
+    if layout == "head":
+        kv_cache = torch.full((2, num_blocks, kv_heads, block_size, head_dim), float("nan"),
+                              dtype=dtype).permute(0, 1, 3, 2, 4)
+    else:
+        kv_cache = torch.full((2, num_blocks, block_size, kv_heads, head_dim), float("nan"),
+                              dtype=dtype)
     keys, values = [], []
     for s, n in enumerate(seq_lens):
         k = torch.randn(n, kv_heads, head_dim, generator=gen).to(dtype)

@@ -25,11 +25,12 @@ def random_lens(gen, block_size, num_seqs=3, max_pages=9):
             for _ in range(num_seqs)]
 
 
+@pytest.mark.parametrize("layout", ["token", "head"])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_write_kv_places_rows_and_leaves_other_slots(gen, dtype, shape):
+def test_write_kv_places_rows_and_leaves_other_slots(gen, dtype, shape, layout):
     bs, kvh, _, d = shape
-    batch = random_batch(gen, dtype, bs, kvh, d, random_lens(gen, bs))
+    batch = random_batch(gen, dtype, bs, kvh, d, random_lens(gen, bs), layout=layout)
     written = torch.zeros(batch.kv_cache.shape[1:3], dtype=torch.bool)
     for s, n in enumerate(batch.seq_lens.tolist()):
         for t in range(n):
@@ -49,13 +50,14 @@ def test_write_kv_skips_negative_slots(gen):
     assert int((~torch.isnan(kv)).sum()) == 2 * 2 * 64
 
 
+@pytest.mark.parametrize("layout", ["token", "head"])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_build_and_append_digests_match_reference(gen, dtype, shape):
+def test_build_and_append_digests_match_reference(gen, dtype, shape, layout):
     bs, kvh, _, d = shape
     lens = random_lens(gen, bs)
     # Bulk build after writing.
-    batch = random_batch(gen, dtype, bs, kvh, d, lens)
+    batch = random_batch(gen, dtype, bs, kvh, d, lens, layout=layout)
     bulk = torch.full((batch.kv_cache.shape[1], 2, kvh, d), float("nan"), dtype=dtype)
     mp.build_digests(batch.kv_cache, batch.block_table, batch.seq_lens, bulk)
     # Incremental: the same tokens appended one at a time through the fused call.
@@ -118,12 +120,13 @@ def test_select_pages_matches_reference(gen, shape, budget_pages, sinks, locals_
             assert (pages[s, g, c:] == -1).all()
 
 
+@pytest.mark.parametrize("layout", ["token", "head"])
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_dense_decode_matches_reference(gen, dtype, shape, threads):
+def test_dense_decode_matches_reference(gen, dtype, shape, threads, layout):
     bs, kvh, h, d = shape
-    batch = random_batch(gen, dtype, bs, kvh, d, random_lens(gen, bs))
+    batch = random_batch(gen, dtype, bs, kvh, d, random_lens(gen, bs), layout=layout)
     q = torch.randn(batch.num_seqs, h, d, generator=gen).to(dtype)
     out = torch.full_like(q, float("nan"))
     scale = d ** -0.5
@@ -133,12 +136,13 @@ def test_dense_decode_matches_reference(gen, dtype, shape, threads):
                                rtol=0)
 
 
+@pytest.mark.parametrize("layout", ["token", "head"])
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_score_select_sparse_decode_pipeline(gen, dtype, shape, threads):
+def test_score_select_sparse_decode_pipeline(gen, dtype, shape, threads, layout):
     bs, kvh, h, d = shape
-    batch = random_batch(gen, dtype, bs, kvh, d, random_lens(gen, bs, max_pages=14))
+    batch = random_batch(gen, dtype, bs, kvh, d, random_lens(gen, bs, max_pages=14), layout=layout)
     dg = _digests(batch)
     q = torch.randn(batch.num_seqs, h, d, generator=gen).to(dtype)
     budget_pages = 4
@@ -159,13 +163,14 @@ def test_score_select_sparse_decode_pipeline(gen, dtype, shape, threads):
                                atol=ATOL[dtype], rtol=0)
 
 
+@pytest.mark.parametrize("layout", ["token", "head"])
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_prefill_attention_matches_reference(gen, dtype, shape, threads):
+def test_prefill_attention_matches_reference(gen, dtype, shape, threads, layout):
     bs, kvh, h, d = shape
     lens = random_lens(gen, bs, max_pages=4)
-    batch = random_batch(gen, dtype, bs, kvh, d, lens)
+    batch = random_batch(gen, dtype, bs, kvh, d, lens, layout=layout)
     q_lens = [int(torch.randint(1, n + 1, (1,), generator=gen)) for n in lens]
     starts = torch.tensor([0] + list(np.cumsum(q_lens)), dtype=torch.int32)
     q = torch.randn(int(starts[-1]), h, d, generator=gen).to(dtype)
@@ -234,6 +239,31 @@ def test_non_contiguous_tensor_is_rejected(gen):
     with pytest.raises(ValueError, match=r"query \(cpu:0, float32, shape \[2, 4, 64\]\) must be C-contiguous"):
         mp.dense_decode(q_strided, batch.kv_cache, batch.block_table, batch.seq_lens,
                         torch.empty(2, 4, 64), 0.1)
+
+
+def test_head_major_cache_is_read_as_such(gen):
+    """The head-major view and a token-major copy of the same logical cache decode to the same
+    bits; the head-major memory relabelled as token-major (its bytes in a contiguous tensor of
+    the token-major shape) decodes to something else, so the strides are what is read."""
+    batch = random_batch(gen, torch.float32, 16, 2, 64, [70, 33], layout="head")
+    assert not batch.kv_cache.is_contiguous()
+    q = torch.randn(2, 4, 64, generator=gen)
+    outs = []
+    relabelled = batch.kv_cache.permute(0, 1, 3, 2, 4).contiguous().view(batch.kv_cache.shape)
+    for kv in (batch.kv_cache, batch.kv_cache.contiguous(), relabelled):
+        out = torch.full_like(q, float("nan"))
+        mp.dense_decode(q, kv, batch.block_table, batch.seq_lens, out, 0.125)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.allclose(outs[0], outs[2], atol=1e-2)
+
+
+def test_other_cache_strides_are_refused_naming_them(gen):
+    batch, q = _small(gen)
+    bad = batch.kv_cache.transpose(3, 4).contiguous().transpose(3, 4)  # D not innermost
+    with pytest.raises(ValueError, match=r"kv_cache \(cpu:0, float32, shape \[2, .*\]\) has "
+                       r"strides \[.*\]; expected a C-contiguous tensor \(token-major\) or"):
+        mp.dense_decode(q, bad, batch.block_table, batch.seq_lens, torch.empty_like(q), 0.1)
 
 
 def test_wrong_dtype_and_shape_are_named(gen):

@@ -44,6 +44,7 @@ def test_parse_errors_name_the_bad_item(text, message):
     ("deadline_ms=-3", "deadline_ms must be a positive number of milliseconds, got -3.0"),
     ("fpga_append_ring=0", "fpga_append_ring must be in [1, 1024], got 0"),
     ("fpga_append_ring=2000", "fpga_append_ring must be in [1, 1024], got 2000"),
+    ("kv_layout=tokens", "kv_layout must be head or token, got 'tokens'"),
 ])
 def test_validate_gives_reasons(text, reason):
     reasons = config.load(environ={"MEMPIPE_CONFIG": text}).validate()
@@ -181,3 +182,9 @@ def test_direct_construction_of_the_scheme_keys_is_checked():
         ["deadline_ms must be a number, got '5'"]
     assert config.MempipeConfig(deadline_ms=float("nan")).validate() == \
         ["deadline_ms must be a positive number of milliseconds, got nan"]
+
+
+def test_kv_layout_defaults_to_head_and_takes_token():
+    assert config.load(environ={}).kv_layout == "head"
+    cfg = config.load(environ={"MEMPIPE_CONFIG": "kv_layout=token"})
+    assert cfg.kv_layout == "token" and cfg.validate() == []

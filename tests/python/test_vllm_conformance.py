@@ -152,11 +152,14 @@ def _builder(vc):
                                   torch.device("cpu"))
 
 
+@pytest.mark.parametrize("kv_layout", ["head", "token"])
 @pytest.mark.parametrize("mixed", [True, False], ids=["mixed-batch", "decode-batch"])
 @pytest.mark.parametrize("layer_index,budget", [(0, 4096), (3, 4096), (3, 48)],
                          ids=["dense-layer", "sparse-full-budget", "sparse-small-budget"])
-def test_builder_and_forward_match_reference(gen, monkeypatch, layer_index, budget, mixed):
-    monkeypatch.setenv("MEMPIPE_CONFIG", f"budget={budget},dense_layers=2,page_size={BS}")
+def test_builder_and_forward_match_reference(gen, monkeypatch, layer_index, budget, mixed,
+                                             kv_layout):
+    monkeypatch.setenv("MEMPIPE_CONFIG",
+                       f"budget={budget},dense_layers=2,page_size={BS},kv_layout={kv_layout}")
     seq_lens = [int(torch.randint(BS * 4, BS * 12, (1,), generator=gen)) for _ in range(4)]
     # Request 0 and 2 decode one token, 1 is a whole prompt, 3 a prefill chunk.
     query_lens = [1, seq_lens[1], 1, 5] if mixed else [1, 1, 1, 1]
@@ -164,8 +167,9 @@ def test_builder_and_forward_match_reference(gen, monkeypatch, layer_index, budg
     # forward() itself for the tokens of this step, earlier tokens beforehand.
     batch = random_batch(gen, torch.float32, BS, KVH, D, seq_lens)
     vllm_cache = torch.full((batch.kv_cache.shape[1], KVH, BS, 2 * D), float("nan"))
-    ours = as_mempipe_cache(vllm_cache, KVH, D)
+    ours = as_mempipe_cache(vllm_cache, KVH, D, kv_layout)
     assert ours.data_ptr() == vllm_cache.data_ptr()  # a reinterpretation, not a copy
+    assert ours.is_contiguous() == (kv_layout == "token")
     vc = VllmConfig()
     with set_current_vllm_config(vc):
         impl = MempipeAttentionImpl(H, D, D ** -0.5, KVH)
@@ -228,6 +232,24 @@ def test_cli_flag_maps_to_custom():
     assert backend.get_class() is MempipeAttentionBackend
 
 
+def test_as_mempipe_cache_lays_host_caches_out_as_asked():
+    """head: the region is [2, blocks, KVH, page, D] in memory, seen as [2, blocks, page, KVH, D]
+    (a view, no copy); token: the contiguous [2, blocks, page, KVH, D]; anything else refused."""
+    region = torch.arange(6 * KVH * BS * 2 * D, dtype=torch.float32).view(6, KVH, BS, 2 * D)
+    head = as_mempipe_cache(region, KVH, D, "head")
+    token = as_mempipe_cache(region, KVH, D, "token")
+    assert head.shape == token.shape == (2, 6, BS, KVH, D)
+    assert head.data_ptr() == token.data_ptr() == region.data_ptr()
+    assert token.is_contiguous() and not head.is_contiguous()
+    flat = region.view(-1)
+    # Element (K/V, block, token, head, channel) sits at the layout's offset in the region.
+    for kv, b, t, h, c in [(0, 0, 1, 1, 0), (1, 5, BS - 1, KVH - 1, D - 1), (0, 3, 2, 0, 7)]:
+        assert head[kv, b, t, h, c] == flat[(((kv * 6 + b) * KVH + h) * BS + t) * D + c]
+        assert token[kv, b, t, h, c] == flat[(((kv * 6 + b) * BS + t) * KVH + h) * D + c]
+    with pytest.raises(ValueError, match="kv_layout must be head or token, got 'rows'"):
+        as_mempipe_cache(region, KVH, D, "rows")
+
+
 # ---- layers that share another layer's KV cache (issue 14, item 2) -----------------------------
 
 def test_kv_sharing_layer_scores_with_the_targets_digests(gen, monkeypatch):
@@ -242,7 +264,7 @@ def test_kv_sharing_layer_scores_with_the_targets_digests(gen, monkeypatch):
     query_lens = [1, 1, 1, 1]
     batch = random_batch(gen, torch.float32, BS, KVH, D, seq_lens)
     vllm_cache = torch.full((batch.kv_cache.shape[1], KVH, BS, 2 * D), float("nan"))
-    ours = as_mempipe_cache(vllm_cache, KVH, D)
+    ours = as_mempipe_cache(vllm_cache, KVH, D, "head")  # the default kv_layout
     target_name = "model.layers.0.self_attn.attn"
     vc = VllmConfig()
     with set_current_vllm_config(vc):

@@ -133,7 +133,7 @@ def _run_decode(gen_seed, dtype, seq_lens, budget, covered_env, monkeypatch):
     batch = random_batch(g, dtype, BS, KVH, D, seq_lens)
     vllm_cache = torch.full((batch.kv_cache.shape[1], KVH, BS, 2 * D), float("nan"),
                             dtype=dtype)
-    ours = as_mempipe_cache(vllm_cache, KVH, D)
+    ours = as_mempipe_cache(vllm_cache, KVH, D, "head")  # the default kv_layout
     vc = VllmConfig()
     with set_current_vllm_config(vc):
         impl = MempipeAttentionImpl(H, D, D ** -0.5, KVH)

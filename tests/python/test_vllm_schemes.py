@@ -66,7 +66,7 @@ def _run(monkeypatch, placement, scheme, seed, steps=6, budget=48):
     for impl, layer, cache in zip(impls, layers, caches):
         paged = impl._paged_layer(layer)
         paged.plan = builder.plan
-        ours = as_mempipe_cache(cache, KVH, D)
+        ours = as_mempipe_cache(cache, KVH, D, impl.config.kv_layout)
         for s, n in enumerate(lens):
             slots = block_table[s, torch.arange(n - 1) // BS].long() * BS + \
                 torch.arange(n - 1) % BS
