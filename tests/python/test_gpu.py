@@ -203,6 +203,11 @@ def test_errors_name_the_tensor_and_its_device(cuda, gen):
         mp.write_kv(kv, torch.zeros(1, dtype=torch.int64, device=cuda),
                     torch.zeros(1, 2, 64, dtype=kv.dtype, device=cuda),
                     torch.zeros(1, 2, 64, dtype=kv.dtype, device=cuda))
+    # A head-major cache (the vLLM backend's host layout) is a host-only layout.
+    head_major = kv.permute(0, 1, 3, 2, 4).contiguous().permute(0, 1, 3, 2, 4)
+    with pytest.raises(NotImplementedError, match=r"kv_cache \(cuda:\d+.*head-major view in "
+                                                  r"device memory"):
+        mp.dense_decode(q, head_major, table, lens, out, 0.1, workspace=ws)
     with pytest.raises(ValueError, match="stream must be None"):
         mp.dense_decode(q, kv, table, lens, out, 0.1, workspace=ws, stream="main")
     if torch.cuda.device_count() > 1:
