@@ -350,6 +350,16 @@ NextPage NextPageCursor(const KvCacheView& cache, int next_block, int next_n, in
   return next;
 }
 
+// The rows AddPage prefetches for the i-th of `heads` KV heads of a range when it computes KV
+// head kv_head's page of n tokens: token-major, the i-th n of the next page's rows over the whole
+// range, in memory order; head-major, kv_head's own next page (one contiguous piece per plane).
+template <typename T>
+NextPage NextPageRows(const KvCacheView& cache, int next_block, int next_n, int kv_head, int heads,
+                      int i, int n) {
+  return cache.HeadMajor() ? NextPageCursor<T>(cache, next_block, next_n, kv_head, 1, 0, n)
+                           : NextPageCursor<T>(cache, next_block, next_n, kv_head - i, heads, i, n);
+}
+
 // Prefetches the cursor's row (K and V) and moves it on.
 MEMPIPE_TARGET_AVX512 inline void PrefetchRow(NextPage& next) {
   if (next.k == nullptr || next.tok >= next.n) return;
@@ -566,7 +576,7 @@ class Avx512Heads {
 
   void AddPage(const KvCacheView& cache, int block, int kv_head, int i, int n, int next_block = -1,
                int next_n = 0) {
-    NextPage next = NextPageCursor<T>(cache, next_block, next_n, kv_head - i, heads_, i, n);
+    NextPage next = NextPageRows<T>(cache, next_block, next_n, kv_head, heads_, i, n);
     const T* k = static_cast<const T*>(cache.data) + cache.Offset(0, block, 0, kv_head);
     const T* v = static_cast<const T*>(cache.data) + cache.Offset(1, block, 0, kv_head);
     const size_t gd = static_cast<size_t>(groups_) * head_dim_;
@@ -684,7 +694,7 @@ class Avx512RowRead {
 
   MEMPIPE_TARGET_AVX512 void AddPage(const KvCacheView& cache, int block, int kv_head, int i, int n,
                                      int next_block = -1, int next_n = 0) {
-    NextPage next = NextPageCursor<T>(cache, next_block, next_n, kv_head - i, heads_, i, n);
+    NextPage next = NextPageRows<T>(cache, next_block, next_n, kv_head, heads_, i, n);
     const int lines = head_dim_ * static_cast<int>(sizeof(T)) / 64;
     const size_t stride = cache.TokenStride() * sizeof(T);
     const char* k = reinterpret_cast<const char*>(static_cast<const T*>(cache.data) +

@@ -227,10 +227,9 @@ KvCacheView CacheView(const BorrowedTensor& kv) {
   auto matches = [&](KvLayout layout) {
     KvCacheView l = v;
     l.layout = layout;
-    const int64_t want[5] = {static_cast<int64_t>(l.PlaneElems()),
-                             static_cast<int64_t>(l.BlockStride()),
-                             static_cast<int64_t>(l.TokenStride()),
-                             static_cast<int64_t>(l.HeadStride()), 1};
+    const int64_t want[5] = {
+        static_cast<int64_t>(l.PlaneElems()), static_cast<int64_t>(l.BlockStride()),
+        static_cast<int64_t>(l.TokenStride()), static_cast<int64_t>(l.HeadStride()), 1};
     for (int d = 0; d < 5; ++d) {
       if (kv.shape[d] != 1 && kv.strides[d] != want[d]) return false;
     }
@@ -245,9 +244,10 @@ KvCacheView CacheView(const BorrowedTensor& kv) {
         "head_dim] tensor t")));
   }
   if (!IsHostDevice(kv.device)) {
-    Check(absl::UnimplementedError(absl::StrCat(
-        kv.Describe(), " is a head-major view in device memory; the GPU kernels read "
-                       "C-contiguous (token-major) caches only")));
+    Check(absl::UnimplementedError(
+        absl::StrCat(kv.Describe(),
+                     " is a head-major view in device memory; the GPU kernels read "
+                     "C-contiguous (token-major) caches only")));
   }
   v.layout = KvLayout::kHeadMajor;
   return v;

@@ -26,7 +26,8 @@ or a grid: --lengths 2048,4096,6144 --dtypes fp32,bf16. SmolLM2's max_position_e
 (8192 -> 8152 with 32 new tokens; the row records both lengths).
 
 mempipe's configuration: MEMPIPE_CONFIG=budget=<--budget>,page_size=<--page-size>,
-dense_layers=<--dense-layers> (the plugin reads it; mempipe must be installed in this Python).
+dense_layers=<--dense-layers>,kv_layout=<--kv-layout> (the plugin reads it; mempipe must be
+installed in this Python).
 """
 from __future__ import annotations
 
@@ -129,6 +130,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=int, default=512, help="mempipe token budget per KV head")
     ap.add_argument("--page-size", type=int, default=32, help="block size (both backends)")
     ap.add_argument("--dense-layers", type=int, default=2, help="mempipe's dense first layers")
+    ap.add_argument("--kv-layout", default="head", choices=("head", "token"),
+                    help="mempipe's host KV cache layout (MEMPIPE_CONFIG kv_layout; default head)")
     ap.add_argument("--backends", default="CPU_ATTN,CUSTOM", help="order of the interleaved runs")
     ap.add_argument("--model-dir", default="build/smollm2-135m-hf", help="HF folder (made if missing)")
     ap.add_argument("--kv-cache-gib", type=int, default=2, help="vLLM KV cache size")
@@ -163,7 +166,7 @@ def main(argv=None) -> int:
     print(f"[machine] {machine()}; {uptime0}", flush=True)
     env = dict(os.environ, VLLM_TARGET_DEVICE="cpu", VLLM_LOGGING_LEVEL="WARNING",
                MEMPIPE_CONFIG=f"budget={args.budget},page_size={args.page_size},"
-                              f"dense_layers={args.dense_layers}")
+                              f"dense_layers={args.dense_layers},kv_layout={args.kv_layout}")
     rows = []
     total = len(grid) * len(backends)
     done = 0
