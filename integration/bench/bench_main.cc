@@ -66,6 +66,10 @@ ABSL_FLAG(int, hierarchy_expansion, 2,
 ABSL_FLAG(int, fpga_cards, 1,
           "KV heads sharded over this many emulated U55Cs (fpga/sharded_selector.h); modeled "
           "time is the slowest card's plus the host's fan-out/fan-in, energy the sum");
+ABSL_FLAG(std::string, kv_layout, "token",
+          "Host KV cache layout: token (token-major, vLLM's FlashAttention layout; the gpu "
+          "placement needs it) or head (head-major: each KV head's page contiguous, what the "
+          "vLLM plugin uses for host caches)");
 ABSL_FLAG(std::string, digest_dtype, "native",
           "Page digests the selector stores and scans: native (max/min in the cache dtype) or "
           "int8 (codes rounded outward + one fp32 scale per page and KV head, the bound kept "
@@ -229,6 +233,12 @@ int Main() {
   options.policy.selection.hierarchy = *hierarchy;
   options.policy.selection.hierarchy.expansion = absl::GetFlag(FLAGS_hierarchy_expansion);
   cfg.block_group = hierarchy->pages_per_super_page;
+  if (const std::string layout = absl::GetFlag(FLAGS_kv_layout); layout == "head") {
+    cfg.layout = KvLayout::kHeadMajor;
+  } else if (layout != "token") {
+    return Fail(absl::InvalidArgumentError(
+        absl::StrCat("--kv_layout must be token or head, got '", layout, "'")));
+  }
   RegisterSelectors(cfg.threads, hierarchy->pages_per_super_page);
   auto digest_format = ParseDigestFormat(absl::GetFlag(FLAGS_digest_dtype));
   if (!digest_format.ok()) return Fail(digest_format.status());

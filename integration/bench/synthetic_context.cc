@@ -118,8 +118,8 @@ absl::Status SyntheticContext::Prefill(const std::function<void(int)>& progress)
   // touch every page first, so nothing is zeroed twice and page faults stay few.
   constexpr size_t kAlign = size_t{2} << 20;
   for (int l = 0; l < m.num_layers; ++l) {
-    caches_[l] = KvCacheView{nullptr,        config_.dtype, num_blocks_, config_.block_size,
-                             m.num_kv_heads, m.head_dim};
+    caches_[l] = KvCacheView{nullptr,        config_.dtype, num_blocks_,   config_.block_size,
+                             m.num_kv_heads, m.head_dim,    config_.layout};
     const size_t bytes = (caches_[l].NumBytes() + kAlign - 1) / kAlign * kAlign;
     storage_[l].reset(static_cast<uint8_t*>(std::aligned_alloc(kAlign, bytes)));
     if (!storage_[l]) {

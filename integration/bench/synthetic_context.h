@@ -50,6 +50,7 @@ struct SyntheticContextConfig {
   // group serving consecutive pages of one sequence: the layout super-page digests need
   // (retriever/hierarchical.h). 1: block by block.
   int block_group = 1;
+  KvLayout layout = KvLayout::kTokenMajor;  // of every layer's cache (core/paged_kv.h)
 };
 
 [[nodiscard]] absl::Status ValidateSyntheticContextConfig(const SyntheticContextConfig& config);

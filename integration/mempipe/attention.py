@@ -17,7 +17,9 @@ int8 codes + per-page scales, mempipe.digests) and runs, per call:
     layer.decode(query, kv_cache, block_table, seq_lens, out)
 
 Tensors (contiguous; all on the CPU, or all on one CUDA device):
-    kv_cache     [2, num_blocks, block_size, num_kv_heads, head_dim]
+    kv_cache     [2, num_blocks, block_size, num_kv_heads, head_dim]; on the CPU also a
+                 head-major view, t.permute(0, 1, 3, 2, 4) of a contiguous
+                 [2, num_blocks, num_kv_heads, block_size, head_dim] t (config kv_layout)
     slot_mapping [T] int64;  key, value [T, num_kv_heads, head_dim]
     block_table  [S, max_blocks] int32;  seq_lens [S] int32
     query, out   [S, num_heads, head_dim] (decode) or [T, num_heads, head_dim] (prefill)

@@ -45,8 +45,20 @@ SyntheticContextConfig SmallConfig(uint64_t seed) {
 // selection missing one heavy-hitter page (observed 0.62) and a position-only one (0.88).
 constexpr double kMaxRelL2Error = 2 * 0x1p-8 + 1e-4;
 
+// The cpu placement over `cfg`'s context keeps the heavy hitters and reads fewer bytes.
+void ExpectSparseKeepsHeavyHitters(const SyntheticContextConfig& cfg);
+
 TEST(DecodeBench, SparseLayersKeepHeavyHittersAndReadFewerBytes) {
-  SyntheticContext ctx(SmallConfig(testing::TestSeed()));
+  for (KvLayout layout : {KvLayout::kTokenMajor, KvLayout::kHeadMajor}) {
+    SCOPED_TRACE(layout == KvLayout::kHeadMajor ? "head-major" : "token-major");
+    SyntheticContextConfig cfg = SmallConfig(testing::TestSeed());
+    cfg.layout = layout;  // mempipe-bench --kv_layout
+    ExpectSparseKeepsHeavyHitters(cfg);
+  }
+}
+
+void ExpectSparseKeepsHeavyHitters(const SyntheticContextConfig& cfg) {
+  SyntheticContext ctx(cfg);
   ASSERT_TRUE(ctx.Prefill(nullptr).ok());
   BenchOptions opt;
   opt.steps = 2;
