@@ -377,6 +377,22 @@ class PagedLayer:
                                    seq_lens, out, self.scale, num_threads=self.num_threads)
 
 
+def poisoned_cache(num_blocks: int, page: int, kv_heads: int, head_dim: int,
+                   dtype: torch.dtype, device: torch.device | str,
+                   layout: str = "token") -> torch.Tensor:
+    """A NaN-poisoned KV cache [2, num_blocks, page, kv_heads, head_dim]. layout "head" (host
+    tensors only): a view of head-major memory [2, num_blocks, kv_heads, page, head_dim], which
+    the host steps recognise from its strides (config kv_layout); "token", and any CUDA cache:
+    contiguous."""
+    if layout not in ("head", "token"):
+        raise ValueError(f"kv_layout must be head or token, got {layout!r}")
+    if layout == "head" and torch.device(device).type == "cpu":
+        return torch.full((2, num_blocks, kv_heads, page, head_dim), float("nan"), dtype=dtype,
+                          device=device).permute(0, 1, 3, 2, 4)
+    return torch.full((2, num_blocks, page, kv_heads, head_dim), float("nan"), dtype=dtype,
+                      device=device)
+
+
 def gather_context(kv_cache: torch.Tensor, block_row: torch.Tensor,
                    length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One sequence's K and V as [kv_heads, length, head_dim], gathered from its pages."""

@@ -48,7 +48,8 @@ import mempipe.ops  # noqa: F401  (registers torch.ops.mempipe)
 from mempipe import config as mempipe_config
 from mempipe import digests as digest_store
 import mempipe
-from mempipe.attention import DecodePlan, PagedLayer, gather_context, sdpa_causal
+from mempipe import _mempipe
+from mempipe.attention import DecodePlan, PagedLayer, gather_context, poisoned_cache, sdpa_causal
 
 NAME = "mempipe"
 
@@ -74,7 +75,7 @@ class MempipePagedLayer(CacheLayerMixin):
         self.cache = cache
         self.length = 0          # tokens held per sequence (no padding: all equal)
         self.capacity = 0        # pages per sequence
-        self.kv_cache = None     # [2, batch * capacity, page, kv_heads, head_dim]
+        self.kv_cache = None     # [2, batch * capacity, page, kv_heads, head_dim] (poisoned_cache)
         # [batch * capacity, 2, kv_heads, head_dim] in the cache dtype, or an Int8Digests
         # (config digest_dtype=int8; mempipe.digests)
         self.digests = None
@@ -91,8 +92,8 @@ class MempipePagedLayer(CacheLayerMixin):
             return
         cap = max(need, 2 * self.capacity, 16)
         b = self.batch
-        kv = torch.full((2, b * cap, self.page, self.kv_heads, self.head_dim), float("nan"),
-                        dtype=self.dtype, device=self.device)
+        kv = poisoned_cache(b * cap, self.page, self.kv_heads, self.head_dim, self.dtype,
+                            self.device, self.cache.config.kv_layout)
         dg = digest_store.empty(b * cap, self.kv_heads, self.head_dim, self.dtype, self.device,
                                 self.cache.config.digest_dtype)
         if self.kv_cache is not None:  # block ids j * batch + b are kept
@@ -124,6 +125,9 @@ class MempipePagedLayer(CacheLayerMixin):
         if n == 1:  # one fused append + digest update (every layer: dense ones never read it)
             mempipe.steps.append_kv_and_digests(self.kv_cache, slots, rows(key_states).contiguous(),
                                                 rows(value_states).contiguous(), self.digests)
+        elif not self.kv_cache.is_contiguous():  # a prompt into a head-major host cache
+            _mempipe.write_kv(self.kv_cache, slots, rows(key_states).contiguous(),
+                              rows(value_states).contiguous())
         else:  # a prompt: one write, then the touched pages' digests in bulk
             for plane, t in ((0, key_states), (1, value_states)):
                 self.kv_cache[plane].view(-1, self.kv_heads, self.head_dim).index_copy_(
@@ -406,8 +410,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     dev = key.device
 
     # No MempipeCache: page the context, sequence b owns blocks [b * pps, (b + 1) * pps).
-    kv_cache = torch.full((2, batch * pages_per_seq, page, kv_heads, head_dim), float("nan"),
-                          dtype=key.dtype, device=dev)
+    kv_cache = poisoned_cache(batch * pages_per_seq, page, kv_heads, head_dim, key.dtype, dev,
+                              cfg.kv_layout)
     digests = digest_store.op_args(digest_store.empty(batch * pages_per_seq, kv_heads, head_dim,
                                                       key.dtype, dev, cfg.digest_dtype))
     block_table = torch.arange(batch * pages_per_seq, dtype=torch.int32,
