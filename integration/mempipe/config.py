@@ -66,8 +66,9 @@ Keys (all optional):
                   placement: cpu and gpu keep int8 digests beside the cache (PagedLayer, the
                   transformers and vLLM adapters alike); fpga registers its layers on the card
                   as int8 and keeps its fallback copy int8 too.
-    kv_layout     head | token (default head): how vLLM's host KV cache is laid out (vLLM hands
-                  each layer one contiguous region; the layout within it is the backend's).
+    kv_layout     head | token (default head): how host KV caches are laid out: the region
+                  vLLM hands each layer (one contiguous region whose inner layout is the
+                  backend's) and the transformers adapter's MempipeCache pages.
                   head: each KV head's page contiguous, [2, blocks, KVH, page, D] in memory (as
                   vLLM's own CPU attention keeps heads outside tokens), so sparse decode reads
                   whole pages instead of head_dim-long rows at the token stride; token: vLLM's

@@ -125,13 +125,14 @@ class MempipePagedLayer(CacheLayerMixin):
         if n == 1:  # one fused append + digest update (every layer: dense ones never read it)
             mempipe.steps.append_kv_and_digests(self.kv_cache, slots, rows(key_states).contiguous(),
                                                 rows(value_states).contiguous(), self.digests)
-        elif not self.kv_cache.is_contiguous():  # a prompt into a head-major host cache
-            _mempipe.write_kv(self.kv_cache, slots, rows(key_states).contiguous(),
-                              rows(value_states).contiguous())
         else:  # a prompt: one write, then the touched pages' digests in bulk
-            for plane, t in ((0, key_states), (1, value_states)):
-                self.kv_cache[plane].view(-1, self.kv_heads, self.head_dim).index_copy_(
-                    0, slots, rows(t))
+            if not self.kv_cache.is_contiguous():  # a head-major host cache (poisoned_cache)
+                _mempipe.write_kv(self.kv_cache, slots, rows(key_states).contiguous(),
+                                  rows(value_states).contiguous())
+            else:
+                for plane, t in ((0, key_states), (1, value_states)):
+                    self.kv_cache[plane].view(-1, self.kv_heads, self.head_dim).index_copy_(
+                        0, slots, rows(t))
             lens = torch.full((self.batch,), start + n, dtype=torch.int32, device=self.device)
             mempipe.ops.build_digests_any(self.kv_cache, self.block_table, lens, self.digests)
         self.length = start + n

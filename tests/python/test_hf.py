@@ -135,6 +135,38 @@ def test_paged_cache_small_budget_runs_sparse(request, model, gen, monkeypatch, 
         model.to("cpu")
 
 
+def test_head_and_token_major_host_caches_give_the_same_tokens(model, gen, monkeypatch):
+    """kv_layout=head (the default: each KV head's page contiguous, a permuted view) and
+    kv_layout=token hold the same logical cache: the same greedy tokens and the same digests,
+    at a budget that makes the layers sparse; the head-major cache is not contiguous."""
+    ids = torch.randint(3, 500, (1, 256), generator=gen)
+    results = {}
+    model.set_attn_implementation("mempipe")
+    for layout in ("head", "token"):
+        monkeypatch.setenv("MEMPIPE_CONFIG", f"placement=cpu,{QUARTER},dense_layers=0,"
+                                             f"kv_layout={layout}")
+        cache = mempipe.hf.MempipeCache()
+        out = _generate_cached(model, ids, cache, steps=4)
+        layer = cache.layers[1]
+        assert layer.kv_cache.is_contiguous() == (layout == "token")
+        assert cache.calls()["sparse"] > 0
+        results[layout] = (out, layer.kv_cache.clone(), layer.digests.clone())
+    (a, kva, dga), (b, kvb, dgb) = results["head"], results["token"]
+    assert torch.equal(a, b)
+    torch.testing.assert_close(kva, kvb, equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(dga, dgb, equal_nan=True, rtol=0, atol=0)
+
+
+def test_poisoned_cache_layouts():
+    head = mempipe.attention.poisoned_cache(3, 16, 2, 64, torch.float32, "cpu", "head")
+    token = mempipe.attention.poisoned_cache(3, 16, 2, 64, torch.float32, "cpu", "token")
+    assert head.shape == token.shape == (2, 3, 16, 2, 64)
+    assert token.is_contiguous() and not head.is_contiguous()
+    assert head.permute(0, 1, 3, 2, 4).is_contiguous() and torch.isnan(head).all()
+    with pytest.raises(ValueError, match="kv_layout must be head or token, got 'x'"):
+        mempipe.attention.poisoned_cache(3, 16, 2, 64, torch.float32, "cpu", "x")
+
+
 @pytest.mark.parametrize("mode", WRONG_MODES)
 def test_paged_cache_wrong_selection_is_caught(model, gen, monkeypatch, mode):
     """The same checks on the MempipeCache path fail for a wrong selection."""
