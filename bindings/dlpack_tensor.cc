@@ -176,11 +176,12 @@ absl::StatusOr<BorrowedTensor> BorrowTensor(const py::handle& obj, const std::st
   t.type = *type;
   t.data = static_cast<char*>(dl.data) + dl.byte_offset;
   // Strides may be null (compact) or explicit; size-1 dimensions may carry any stride.
-  t.strides.assign(dl.ndim, 0);
-  for (int64_t d = dl.ndim - 1, expected = 1; d >= 0; expected *= dl.shape[d], --d) {
-    t.strides[d] = dl.strides != nullptr ? dl.strides[d] : expected;
-  }
-  if (dl.strides != nullptr && !strided) {
+  if (strided) {  // the caller checks them (one allocation, only for the arguments that need it)
+    t.strides.assign(dl.ndim, 0);
+    for (int64_t d = dl.ndim - 1, expected = 1; d >= 0; expected *= dl.shape[d], --d) {
+      t.strides[d] = dl.strides != nullptr ? dl.strides[d] : expected;
+    }
+  } else if (dl.strides != nullptr) {
     int64_t expected = 1;
     for (int d = dl.ndim - 1; d >= 0; --d) {
       if (dl.shape[d] != 1 && dl.strides[d] != expected) {

@@ -50,8 +50,8 @@ struct BorrowedTensor {
   ElemType type = ElemType::kFloat32;
   DLDevice device{kDLCPU, 0};
   std::vector<int64_t> shape;
-  std::vector<int64_t> strides;  // in elements, per dimension (C-contiguous unless borrowed with
-                                 // strided = true)
+  std::vector<int64_t> strides;  // in elements, per dimension; filled only when borrowed with
+                                 // strided = true (otherwise the tensor is C-contiguous)
 
   int Rank() const { return static_cast<int>(shape.size()); }
   // "kv_cache (cuda:0, bfloat16, shape [2, 64, 16, 8, 128])": what an error message names.

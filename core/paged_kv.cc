@@ -37,6 +37,13 @@ absl::Status ValidateKvCache(const KvCacheView& cache) {
   return ValidateHeadDim(cache.head_dim);
 }
 
+absl::StatusOr<KvLayout> ParseKvLayout(absl::string_view name) {
+  if (name == "token") return KvLayout::kTokenMajor;
+  if (name == "head") return KvLayout::kHeadMajor;
+  return absl::InvalidArgumentError(
+      absl::StrCat("kv_layout must be token or head, got '", name, "'"));
+}
+
 absl::Status RequireTokenMajor(const KvCacheView& cache, const char* who) {
   if (!cache.HeadMajor()) return absl::OkStatus();
   return absl::UnimplementedError(absl::StrCat(
@@ -101,20 +108,19 @@ absl::Status WriteKv(const KvCacheView& cache, const int64_t* slot_mapping, int 
   const size_t esize = DTypeSize(cache.dtype);
   const size_t head_bytes = static_cast<size_t>(cache.head_dim) * esize;
   const size_t row_bytes = head_bytes * cache.num_kv_heads;  // one token of key or value
-  // Token-major: a token's KV heads are adjacent, one copy; head-major: one copy per KV head.
-  const int pieces = cache.HeadMajor() ? cache.num_kv_heads : 1;
-  const size_t piece_bytes = row_bytes / pieces;
+  const int run = cache.HeadsPerRun();                       // heads copied in one piece
   auto* base = static_cast<char*>(cache.data);
   for (int t = 0; t < num_tokens; ++t) {
     const int64_t slot = slot_mapping[t];
     if (slot < 0) continue;
     const int block = static_cast<int>(slot / cache.block_size);
     const int off = static_cast<int>(slot % cache.block_size);
-    for (int h = 0; h < pieces; ++h) {
+    for (int h = 0; h < cache.num_kv_heads; h += run) {
       std::memcpy(base + cache.Offset(0, block, off, h) * esize,
-                  static_cast<const char*>(key) + t * row_bytes + h * piece_bytes, piece_bytes);
+                  static_cast<const char*>(key) + t * row_bytes + h * head_bytes, run * head_bytes);
       std::memcpy(base + cache.Offset(1, block, off, h) * esize,
-                  static_cast<const char*>(value) + t * row_bytes + h * piece_bytes, piece_bytes);
+                  static_cast<const char*>(value) + t * row_bytes + h * head_bytes,
+                  run * head_bytes);
     }
   }
   return absl::OkStatus();

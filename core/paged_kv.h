@@ -22,6 +22,8 @@
 #include <cstdint>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "core/dtype.h"
 
 namespace mempipe {
@@ -50,6 +52,9 @@ enum class KvLayout : uint8_t {
   kHeadMajor,
 };
 
+// "token" or "head" (the benches' --kv_layout); InvalidArgument naming anything else.
+[[nodiscard]] absl::StatusOr<KvLayout> ParseKvLayout(absl::string_view name);
+
 struct KvCacheView {
   void* data = nullptr;  // [2, num_blocks, ...] in `dtype`, ordered as `layout` says
   DType dtype = DType::kFloat32;
@@ -69,6 +74,9 @@ struct KvCacheView {
   size_t HeadStride() const {
     return HeadMajor() ? static_cast<size_t>(block_size) * head_dim : static_cast<size_t>(head_dim);
   }
+  // KV heads whose rows of one token are adjacent in memory: all of them token-major, one
+  // head-major (what a copy of a token's [num_kv_heads, head_dim] rows does in one piece).
+  int HeadsPerRun() const { return HeadMajor() ? 1 : num_kv_heads; }
   size_t BlockStride() const { return static_cast<size_t>(num_kv_heads) * head_dim * block_size; }
   size_t PlaneElems() const { return BlockStride() * num_blocks; }  // elements of K (or V)
   size_t NumElems() const { return 2 * PlaneElems(); }

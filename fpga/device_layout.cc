@@ -128,9 +128,7 @@ absl::Status GatherKeysForBuild(const KvCacheView& cache, const BlockTableView& 
   MEMPIPE_RETURN_IF_ERROR(ValidateKvCache(cache));
   MEMPIPE_RETURN_IF_ERROR(ValidateBlockTable(table, cache.block_size, cache.num_blocks));
   const size_t head_bytes = static_cast<size_t>(cache.head_dim) * DTypeSize(cache.dtype);
-  // A token's keys over its KV heads: one piece token-major, one per KV head head-major.
-  const int pieces = cache.HeadMajor() ? cache.num_kv_heads : 1;
-  const size_t piece = head_bytes * cache.num_kv_heads / pieces;
+  const int run = cache.HeadsPerRun();  // a token's KV heads copied in one piece
   slots.clear();
   keys.clear();
   const uint8_t* kv = static_cast<const uint8_t*>(cache.data);
@@ -141,9 +139,9 @@ absl::Status GatherKeysForBuild(const KvCacheView& cache, const BlockTableView& 
       const int n = std::min(cache.block_size, len - p * cache.block_size);
       for (int t = 0; t < n; ++t) {
         slots.push_back(static_cast<int64_t>(block) * cache.block_size + t);
-        for (int h = 0; h < pieces; ++h) {
+        for (int h = 0; h < cache.num_kv_heads; h += run) {
           const uint8_t* src = kv + cache.Offset(0, block, t, h) * DTypeSize(cache.dtype);
-          keys.insert(keys.end(), src, src + piece);
+          keys.insert(keys.end(), src, src + run * head_bytes);
         }
       }
     }

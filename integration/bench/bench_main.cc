@@ -233,12 +233,9 @@ int Main() {
   options.policy.selection.hierarchy = *hierarchy;
   options.policy.selection.hierarchy.expansion = absl::GetFlag(FLAGS_hierarchy_expansion);
   cfg.block_group = hierarchy->pages_per_super_page;
-  if (const std::string layout = absl::GetFlag(FLAGS_kv_layout); layout == "head") {
-    cfg.layout = KvLayout::kHeadMajor;
-  } else if (layout != "token") {
-    return Fail(absl::InvalidArgumentError(
-        absl::StrCat("--kv_layout must be token or head, got '", layout, "'")));
-  }
+  auto layout = ParseKvLayout(absl::GetFlag(FLAGS_kv_layout));
+  if (!layout.ok()) return Fail(layout.status());
+  cfg.layout = *layout;
   RegisterSelectors(cfg.threads, hierarchy->pages_per_super_page);
   auto digest_format = ParseDigestFormat(absl::GetFlag(FLAGS_digest_dtype));
   if (!digest_format.ok()) return Fail(digest_format.status());

@@ -77,13 +77,9 @@ int Run() {
   const int pages = NumPages(context, bs), k = absl::GetFlag(FLAGS_budget) / bs;
   KvCacheView cache{nullptr, status.ok() ? *dtype : DType::kFloat32, pages,
                     bs,      absl::GetFlag(FLAGS_num_kv_heads),      absl::GetFlag(FLAGS_head_dim)};
-  const std::string layout = absl::GetFlag(FLAGS_kv_layout);
-  if (layout == "head") {
-    cache.layout = KvLayout::kHeadMajor;
-  } else if (layout != "token" && status.ok()) {
-    status = absl::InvalidArgumentError(
-        absl::StrCat("--kv_layout must be token or head, got '", layout, "'"));
-  }
+  auto layout = ParseKvLayout(absl::GetFlag(FLAGS_kv_layout));
+  if (status.ok()) status = layout.status();
+  if (layout.ok()) cache.layout = *layout;
   int placeholder = 0;  // the shape check wants a pointer; each layer's comes later
   cache.data = &placeholder;
   if (status.ok()) status = ValidateKvCache(cache);

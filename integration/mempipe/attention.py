@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from mempipe import _mempipe
 from mempipe import digests as digest_store
 from mempipe import schemes
+from mempipe import config as mempipe_config
 from mempipe.config import MempipeConfig
 
 
@@ -384,8 +385,7 @@ def poisoned_cache(num_blocks: int, page: int, kv_heads: int, head_dim: int,
     tensors only): a view of head-major memory [2, num_blocks, kv_heads, page, head_dim], which
     the host steps recognise from its strides (config kv_layout); "token", and any CUDA cache:
     contiguous."""
-    if layout not in ("head", "token"):
-        raise ValueError(f"kv_layout must be head or token, got {layout!r}")
+    mempipe_config.require_kv_layout(layout)
     if layout == "head" and torch.device(device).type == "cpu":
         return torch.full((2, num_blocks, kv_heads, page, head_dim), float("nan"), dtype=dtype,
                           device=device).permute(0, 1, 3, 2, 4)

@@ -134,6 +134,17 @@ def _one_of(values: tuple) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
+def _kv_layout_reason(layout: str) -> str:
+    return f"kv_layout must be {_one_of(KV_LAYOUTS)}, got {layout!r}"
+
+
+def require_kv_layout(layout: str) -> str:
+    """`layout` if it is one of KV_LAYOUTS; ValueError naming it otherwise."""
+    if layout not in KV_LAYOUTS:
+        raise ValueError(_kv_layout_reason(layout))
+    return layout
+
+
 @dataclasses.dataclass(frozen=True)
 class MempipeConfig:
     placement: str = "cpu"
@@ -262,7 +273,7 @@ class MempipeConfig:
         if self.digest_dtype not in DIGEST_DTYPES:
             reasons.append(f"digest_dtype must be native or int8, got '{self.digest_dtype}'")
         if self.kv_layout not in KV_LAYOUTS:
-            reasons.append(f"kv_layout must be {_one_of(KV_LAYOUTS)}, got '{self.kv_layout}'")
+            reasons.append(_kv_layout_reason(self.kv_layout))
         return reasons
 
 

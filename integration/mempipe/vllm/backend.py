@@ -515,8 +515,7 @@ def as_mempipe_cache(kv_cache: torch.Tensor, num_kv_heads: int, head_dim: int,
     if not kv_cache.is_contiguous():
         raise ValueError("mempipe needs each layer's KV cache to be one contiguous region "
                          f"(layout LBHNC); got strides {kv_cache.stride()}")
-    if layout not in ("token", "head"):
-        raise ValueError(f"kv_layout must be head or token, got {layout!r}")
+    mempipe_config.require_kv_layout(layout)
     num_blocks, _, block_size, _ = kv_cache.shape
     if layout == "head" and not kv_cache.is_cuda:
         return kv_cache.view(2, num_blocks, num_kv_heads, block_size,
