@@ -198,7 +198,8 @@ class PortableHeads {
 // (before), the softmax's reductions and exps formed a dependency chain each page waited on,
 // and the accumulators were loaded, rescaled and stored every page: one thread, a Llama-3-8B
 // layer's sparse pages (bf16, page 16) resident in L2, 521-621 ns per page and KV head then,
-// 454-486 ns batched (build VM, 2026-12-01).
+// 454-486 ns batched (a 2-vCPU Emerald Rapids build VM, 2026-12-01; from DRAM, 2 threads:
+// sparse 0.94x, dense 0.97x, integration/bench/results/decode_batch/).
 // bf16 and fp16 are widened exactly (a shift, vcvtph2ps); all arithmetic is fp32. With kernel
 // avx512-bf16, scores of a bf16 query over a bf16 cache use vdpbf16ps (Bf16DotScores: exact
 // products, fp32 sums). P.V stays in fp32 FMAs: vdpbf16ps there would round the probabilities
