@@ -11,6 +11,7 @@
 //   mempipe-cpu-kernel-bench --threads=1 --cpu_kernel=portable
 //   mempipe-cpu-kernel-bench --num_heads=9 --num_kv_heads=3 --head_dim=64 --page_size=32
 //       --dtype=fp32 --context=6144 --budget=512 --layers=30    # SmolLM2-135M (one line)
+//   ... --seqs=4 --kv_layout=head                              # as vLLM serves it: 4 x 6K
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -40,7 +41,9 @@ ABSL_FLAG(int, num_kv_heads, 8, "KV heads");
 ABSL_FLAG(int, head_dim, 128, "Head dimension: 64, 128 or 256");
 ABSL_FLAG(std::string, dtype, "bf16", "Cache, digest and query dtype: fp32, fp16 or bf16");
 ABSL_FLAG(int, page_size, 16, "Tokens per page");
-ABSL_FLAG(int, context, 32768, "Tokens of the one sequence");
+ABSL_FLAG(int, context, 32768, "Tokens of each sequence");
+ABSL_FLAG(int, seqs, 1,
+          "Sequences decoded together (one step of a batch), each of --context tokens");
 ABSL_FLAG(int, budget, 4096, "Tokens selected per KV head (sparse attention reads these)");
 ABSL_FLAG(int, threads, 1, "Host threads for every kernel");
 ABSL_FLAG(int, passes, 3, "Passes over the layers; the best is reported");
@@ -75,7 +78,8 @@ int Run() {
   if (status.ok()) status = SetCpuKernel(*kernel);
   const int bs = absl::GetFlag(FLAGS_page_size), context = absl::GetFlag(FLAGS_context);
   const int pages = NumPages(context, bs), k = absl::GetFlag(FLAGS_budget) / bs;
-  KvCacheView cache{nullptr, status.ok() ? *dtype : DType::kFloat32, pages,
+  const int seqs = absl::GetFlag(FLAGS_seqs);
+  KvCacheView cache{nullptr, status.ok() ? *dtype : DType::kFloat32, std::max(seqs, 1) * pages,
                     bs,      absl::GetFlag(FLAGS_num_kv_heads),      absl::GetFlag(FLAGS_head_dim)};
   auto layout = ParseKvLayout(absl::GetFlag(FLAGS_kv_layout));
   if (status.ok()) status = layout.status();
@@ -83,11 +87,14 @@ int Run() {
   int placeholder = 0;  // the shape check wants a pointer; each layer's comes later
   cache.data = &placeholder;
   if (status.ok()) status = ValidateKvCache(cache);
-  if (status.ok() && (layers < 1 || threads < 1 || absl::GetFlag(FLAGS_passes) < 1 || k < 2 ||
-                      k > pages || absl::GetFlag(FLAGS_num_heads) % cache.num_kv_heads != 0)) {
-    status = absl::InvalidArgumentError(
-        absl::StrCat("need layers, threads, passes >= 1, 2 <= budget / page_size <= pages (got ", k,
-                     " of ", pages, ") and num_heads a multiple of num_kv_heads"));
+  if (status.ok() &&
+      (layers < 1 || threads < 1 || seqs < 1 || absl::GetFlag(FLAGS_passes) < 1 || k < 2 ||
+       k > pages || absl::GetFlag(FLAGS_num_heads) % cache.num_kv_heads != 0)) {
+    status = absl::InvalidArgumentError(absl::StrCat(
+        "need layers, threads, seqs, passes >= 1 (got ", layers, ", ", threads, ", ", seqs, ", ",
+        absl::GetFlag(FLAGS_passes), "), 2 <= budget / page_size <= pages (got ", k, " of ", pages,
+        ") and num_heads a multiple of num_kv_heads (got ", absl::GetFlag(FLAGS_num_heads), " and ",
+        cache.num_kv_heads, ")"));
   }
   if (!status.ok()) {
     std::fprintf(stderr, "mempipe-cpu-kernel-bench: %s\n", std::string(status.message()).c_str());
@@ -95,7 +102,7 @@ int Run() {
   }
   const DType dt = cache.dtype;
   const int kv = cache.num_kv_heads, d = cache.head_dim, heads = absl::GetFlag(FLAGS_num_heads);
-  DigestView digest{nullptr, dt, pages, kv, d};
+  DigestView digest{nullptr, dt, cache.num_blocks, kv, d};
   const bool huge = absl::GetFlag(FLAGS_huge_pages);
   std::mt19937_64 rng(1);
   std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -116,15 +123,16 @@ int Run() {
     }
   }
   std::fprintf(stderr, "\n");
-  std::vector<int32_t> table(pages);
+  // Sequence s owns blocks [s * pages, (s + 1) * pages).
+  std::vector<int32_t> table(static_cast<size_t>(seqs) * pages);
   std::iota(table.begin(), table.end(), 0);
-  const std::vector<int32_t> lens = {context};
-  const BlockTableView tv{table.data(), lens.data(), 1, pages};
-  std::vector<uint8_t> q(static_cast<size_t>(heads) * d * 4), out(q.size());
-  for (int i = 0; i < heads * d; ++i) StoreFromFloat(q.data(), dt, i, normal(rng));
-  // Random middle pages per KV head, with the first and the last page.
-  std::vector<int32_t> selected(static_cast<size_t>(kv) * k), counts(kv, k);
-  for (int h = 0; h < kv; ++h) {
+  const std::vector<int32_t> lens(seqs, context);
+  const BlockTableView tv{table.data(), lens.data(), seqs, pages};
+  std::vector<uint8_t> q(static_cast<size_t>(seqs) * heads * d * 4), out(q.size());
+  for (int i = 0; i < seqs * heads * d; ++i) StoreFromFloat(q.data(), dt, i, normal(rng));
+  // Random middle pages per (sequence, KV head), with the first and the last page.
+  std::vector<int32_t> selected(static_cast<size_t>(seqs) * kv * k), counts(seqs * kv, k);
+  for (int h = 0; h < seqs * kv; ++h) {
     std::vector<int32_t> middle(pages - 2);
     std::iota(middle.begin(), middle.end(), 1);
     std::shuffle(middle.begin(), middle.end(), rng);
@@ -135,13 +143,13 @@ int Run() {
     std::copy(middle.begin(), middle.end(), &selected[static_cast<size_t>(h) * k]);
   }
   const PageList page_list{selected.data(), counts.data(), kv, k};
-  std::vector<float> scores(static_cast<size_t>(kv) * pages);
-  std::vector<int32_t> sel_pages(static_cast<size_t>(kv) * k), sel_counts(kv);
+  std::vector<float> scores(static_cast<size_t>(seqs) * kv * pages);
+  std::vector<int32_t> sel_pages(static_cast<size_t>(seqs) * kv * k), sel_counts(seqs * kv);
   SelectionConfig config;
   config.budget_tokens = k * bs;
-  const SelectionView sel{sel_pages.data(), sel_counts.data(), 1, kv, k};
-  const DecodeIo io{q.data(), out.data(), dt, 1, heads, d, threads};
-  const QueryView qv{q.data(), dt, 1, heads, d};
+  const SelectionView sel{sel_pages.data(), sel_counts.data(), seqs, kv, k};
+  const DecodeIo io{q.data(), out.data(), dt, seqs, heads, d, threads};
+  const QueryView qv{q.data(), dt, seqs, heads, d};
   const float scale = 0.125f;
 
   // The kernels' reads alone (ReadDecodeRows), where the AVX-512 kernel runs.
@@ -204,7 +212,7 @@ int Run() {
     return 1;
   }
   const double machine = bw->gbytes_per_cpu_s;
-  const double sparse_bytes = 2.0 * kv * k * bs * d * DTypeSize(dt);
+  const double sparse_bytes = 2.0 * seqs * kv * k * bs * d * DTypeSize(dt);
   auto row = [&](const char* what, double bytes, double ms) {
     const double gbps = bytes / (ms * 1e-3) / 1e9;
     std::printf("  %-34s %8.3f ms  %7.1f MiB  %6.1f GB/s  %4.0f%%\n", what, ms, bytes / 1048576.0,
@@ -212,8 +220,8 @@ int Run() {
   };
   std::printf(
       "mempipe-cpu-kernel-bench: %d layers x (%d q / %d KV heads, head_dim %d, %s, page %d, "
-      "context %d, budget %d, %s-major cache), %d thread(s), %s kernels, huge pages %s\n",
-      layers, heads, kv, d, std::string(DTypeName(dt)).c_str(), bs, context, k * bs,
+      "%d x %d tokens, budget %d, %s-major cache), %d thread(s), %s kernels, huge pages %s\n",
+      layers, heads, kv, d, std::string(DTypeName(dt)).c_str(), bs, seqs, context, k * bs,
       cache.HeadMajor() ? "head" : "token", threads, std::string(ActiveCpuKernelName()).c_str(),
       huge ? "asked for" : "not asked for");
   std::printf(
