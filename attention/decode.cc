@@ -298,11 +298,12 @@ MEMPIPE_TARGET_AVX512 void Avx512ValueTile(const ValuePage<T>* pages, int count,
   }
 }
 
-// Horizontal sums (kMax: maxima) of s0..s3: [sum(s0), sum(s1), sum(s2), sum(s3)].
+// a + b, or max(a, b) for kMax.
 template <bool kMax = false>
 MEMPIPE_TARGET_AVX512 inline __m512 Fold(__m512 a, __m512 b) {
   return kMax ? _mm512_max_ps(a, b) : _mm512_add_ps(a, b);
 }
+// Horizontal sums (kMax: maxima) of s0..s3: [sum(s0), sum(s1), sum(s2), sum(s3)].
 template <bool kMax = false>
 MEMPIPE_TARGET_AVX512 inline __m128 Reduce4(__m512 s0, __m512 s1, __m512 s2, __m512 s3) {
   // 128-bit quarters: a = [s0.q0+s0.q2, s0.q1+s0.q3, s1.q0+s1.q2, s1.q1+s1.q3], b likewise.
@@ -395,13 +396,12 @@ MEMPIPE_TARGET_AVX512 inline void PrefetchRow(NextPage& next) {
   if (++next.head == next.heads) next.head = 0, ++next.tok;
 }
 
-// Scores of tokens [0, n) for `groups` query heads: p[g * block_size + t] = q_g . k_t (q
+// Scores of tokens [0, n) for `groups` query heads: p[g * pstride + t] = q_g . k_t (q
 // already scaled). Each K row is converted once and held in registers; four heads' sums are
 // reduced together. Row t of `next` is prefetched with token t.
 template <typename T, int ND>
 MEMPIPE_TARGET_AVX512 void Avx512Scores(const T* kbase, size_t stride, int n, int groups,
-                                        int block_size, const float* q, float* p,
-                                        NextPage next = {}) {
+                                        int pstride, const float* q, float* p, NextPage next = {}) {
   constexpr int kD = ND * 16;
   for (int t = 0; t < n; ++t) {
     PrefetchRow(next);
@@ -416,7 +416,7 @@ MEMPIPE_TARGET_AVX512 void Avx512Scores(const T* kbase, size_t stride, int n, in
           sums, Reduce4(Dot16<ND>(kv, q + g * kD), h > 1 ? Dot16<ND>(kv, q + (g + 1) * kD) : zero,
                         h > 2 ? Dot16<ND>(kv, q + (g + 2) * kD) : zero,
                         h > 3 ? Dot16<ND>(kv, q + (g + 3) * kD) : zero));
-      for (int j = 0; j < h; ++j) p[(g + j) * block_size + t] = sums[j];
+      for (int j = 0; j < h; ++j) p[(g + j) * pstride + t] = sums[j];
     }
   }
 }
@@ -425,7 +425,7 @@ MEMPIPE_TARGET_AVX512 void Avx512Scores(const T* kbase, size_t stride, int n, in
 // vdpbf16ps multiplies pairs of bf16 exactly and adds both products to an fp32 lane, so a K row
 // needs neither widening nor half the instructions; the query is taken as it is (exact) and
 // the scale applied to the fp32 sums. The arithmetic is the fp32 path's up to summation order.
-// p[g * block_size + t] = scale * (q_g . k_t).
+// p[g * pstride + t] = scale * (q_g . k_t).
 MEMPIPE_TARGET_AVX512_BF16 inline __m512 DotBf16(__m512 acc, __m512i a, __m512i b) {
   return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh&>(a), reinterpret_cast<__m512bh&>(b));
 }
@@ -444,7 +444,7 @@ MEMPIPE_TARGET_AVX512_BF16 inline __m512 Bf16Dot32(const __m512i* k, const BFloa
 
 template <int NZ>
 MEMPIPE_TARGET_AVX512_BF16 void Bf16DotScores(const BFloat16* kbase, size_t stride, int n,
-                                              int groups, int block_size, const BFloat16* q,
+                                              int groups, int pstride, const BFloat16* q,
                                               float scale, float* p, NextPage next) {
   constexpr int kD = NZ * 32;
   const __m128 vscale = _mm_set1_ps(scale);
@@ -462,7 +462,7 @@ MEMPIPE_TARGET_AVX512_BF16 void Bf16DotScores(const BFloat16* kbase, size_t stri
                                               h > 1 ? Bf16Dot32<NZ>(kz, q + (g + 1) * kD) : zero,
                                               h > 2 ? Bf16Dot32<NZ>(kz, q + (g + 2) * kD) : zero,
                                               h > 3 ? Bf16Dot32<NZ>(kz, q + (g + 3) * kD) : zero)));
-      for (int j = 0; j < h; ++j) p[(g + j) * block_size + t] = sums[j];
+      for (int j = 0; j < h; ++j) p[(g + j) * pstride + t] = sums[j];
     }
   }
 }
