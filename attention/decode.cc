@@ -191,8 +191,9 @@ class PortableHeads {
 
 #if MEMPIPE_AVX512_KERNEL
 // ---- AVX-512 kernel ----------------------------------------------------------------------
-// Per page and KV head: the G heads' scores of all n tokens (each K row converted to fp32 once,
-// held in registers, dotted with the G query rows) into a batch of kBatchTokens; per batch: one
+// Per page and KV head: the G heads' scores of all n tokens (Avx512Scores: blocks of tokens,
+// each K chunk loaded and widened once for up to four heads, one accumulator per (head, token),
+// the block's sums reduced together by Sum16) into a batch of kBatchTokens; per batch: one
 // running-max update with a vectorised exp for four heads at a time, then P.V with a tile of
 // the G heads' output channels in registers over all the batch's tokens. Per page instead
 // (before), the softmax's reductions and exps formed a dependency chain each page waited on,
@@ -207,6 +208,12 @@ class PortableHeads {
 // Sparse apply, whose staged rows are read from L1 and so is bound by arithmetic, gained 8-11%
 // from the bf16 scores on the build VM (mempipe-bench, 30 sparse layers, 2 threads: 29.8-30.5
 // vs 32.2-36.2 ms); dense apply, bound by memory, no measurable change.
+// The token blocks replaced a per-token loop (K row in registers, four heads' sums reduced by
+// Reduce4, padded for G = 3, and stored one float at a time). Scores in L1 on the Emerald
+// Rapids build VM (2026-12-01): Llama-3-8B page (16 tokens, G 4, D 128) fp32 172-176 -> 142-146
+// ns, bf16 widened 190 -> 164, vdpbf16ps 274-282 -> 238-243; SmolLM2 page (32 tokens, G 3,
+// D 64) fp32 195-199 -> 150-152, widened 217 -> 163, vdpbf16ps 253 -> 235. From DRAM the whole
+// kernel did not change beyond noise (0.94-1.03x; integration/bench/results/decode_scores/).
 
 MEMPIPE_TARGET_AVX512 inline __m512 Load16(const Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -319,16 +326,27 @@ MEMPIPE_TARGET_AVX512 inline __m128 Reduce4(__m512 s0, __m512 s1, __m512 s2, __m
       _mm512_permutexvar_ps(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0), e));
 }
 
-// Lane-wise partial products of q_g . k (k in registers, ND vectors of 16 channels).
-template <int ND>
-MEMPIPE_TARGET_AVX512 inline __m512 Dot16(const __m512* kv, const float* qg) {
-  __m512 s0 = _mm512_mul_ps(_mm512_loadu_ps(qg), kv[0]);
-  __m512 s1 = _mm512_mul_ps(_mm512_loadu_ps(qg + 16), kv[1]);
-  for (int c = 2; c < ND; c += 2) {
-    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * c), kv[c], s0);
-    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * c + 16), kv[c + 1], s1);
+// The sums of 16 vectors, in order: [sum(a[0]), .., sum(a[15])]. A transposing tree: 30
+// shuffles and 15 adds for the 16 sums, where Reduce4 takes 9 and 5 for four.
+// Always inlined: a call would take the 16 accumulators through memory.
+[[gnu::always_inline]] MEMPIPE_TARGET_AVX512 inline __m512 Sum16(const __m512* a) {
+  __m512 b[8], c[4];
+  // b[i] per 128-bit lane: partial sums of a[2i], a[2i+1], a[2i], a[2i+1].
+  for (int i = 0; i < 8; ++i) {
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]),
+                         _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
   }
-  return _mm512_add_ps(s0, s1);
+  // c[j] per 128-bit lane: partial sums of a[4j], .., a[4j + 3].
+  for (int j = 0; j < 4; ++j) {
+    c[j] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * j], b[2 * j + 1], 0x44),
+                         _mm512_shuffle_ps(b[2 * j], b[2 * j + 1], 0xee));
+  }
+  // Lanes 0-1 of d0 hold halves of a[0..3]'s sums, lanes 2-3 of a[4..7]'s; d1 a[8..15]'s.
+  const __m512 d0 =
+      _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xdd));
+  const __m512 d1 =
+      _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x88), _mm512_shuffle_f32x4(c[2], c[3], 0xdd));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(d0, d1, 0x88), _mm512_shuffle_f32x4(d0, d1, 0xdd));
 }
 
 // The page AddPage computes after the current one. Its rows are prefetched one row per token of
@@ -396,28 +414,60 @@ MEMPIPE_TARGET_AVX512 inline void PrefetchRow(NextPage& next) {
   if (++next.head == next.heads) next.head = 0, ++next.tok;
 }
 
-// Scores of tokens [0, n) for `groups` query heads: p[g * pstride + t] = q_g . k_t (q
-// already scaled). Each K row is converted once and held in registers; four heads' sums are
-// reduced together. Row t of `next` is prefetched with token t.
-template <typename T, int ND>
-MEMPIPE_TARGET_AVX512 void Avx512Scores(const T* kbase, size_t stride, int n, int groups,
-                                        int pstride, const float* q, float* p, NextPage next = {}) {
-  constexpr int kD = ND * 16;
-  for (int t = 0; t < n; ++t) {
-    PrefetchRow(next);
-    const T* k = kbase + t * stride;
-    __m512 kv[ND];
-    for (int c = 0; c < ND; c += 2) Load32(k + 16 * c, kv[c], kv[c + 1]);
-    for (int g = 0; g < groups; g += 4) {
-      const int h = std::min(4, groups - g);  // heads of this four; the rest reduce zeros
-      const __m512 zero = _mm512_setzero_ps();
-      alignas(16) float sums[4];
-      _mm_store_ps(
-          sums, Reduce4(Dot16<ND>(kv, q + g * kD), h > 1 ? Dot16<ND>(kv, q + (g + 1) * kD) : zero,
-                        h > 2 ? Dot16<ND>(kv, q + (g + 2) * kD) : zero,
-                        h > 3 ? Dot16<ND>(kv, q + (g + 3) * kD) : zero));
-      for (int j = 0; j < h; ++j) p[(g + j) * pstride + t] = sums[j];
+// Channels [16c, 16c + 16) of row k as fp32, in the accumulators' order (Load32).
+MEMPIPE_TARGET_AVX512 inline __m512 LoadChunk(const float* k, int c) {
+  return _mm512_loadu_ps(k + 16 * c);
+}
+MEMPIPE_TARGET_AVX512 inline __m512 LoadChunk(const Half* k, int c) { return Load16(k + 16 * c); }
+MEMPIPE_TARGET_AVX512 inline __m512 LoadChunk(const BFloat16* k, int c) {
+  const __m512i x = _mm512_loadu_si512(k + 32 * (c >> 1));
+  return _mm512_castsi512_ps(
+      (c & 1) ? _mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xffff0000u)))
+              : _mm512_slli_epi32(x, 16));
+}
+
+// Stores a block's scores: lane h * kT + t of s is head h's score of token t0 + t, t < m.
+template <int H, int kT>
+MEMPIPE_TARGET_AVX512 inline void StoreScores(__m512 s, float* p, int pstride, int t0, int m) {
+  for (int h = 0; h < H; ++h) {
+    const __mmask16 lanes = static_cast<__mmask16>(((1u << m) - 1) << (h * kT));
+    _mm512_mask_storeu_ps(p + h * pstride + t0 - h * kT, lanes, s);
+  }
+}
+
+// Tokens per block of the scores for H (1-4) query heads: H * kT accumulators, at most 16.
+constexpr int ScoreBlockTokens(int heads) {
+  return heads == 1 ? 16 : heads == 2 ? 8 : heads == 3 ? 5 : 4;
+}
+
+// Scores of tokens [0, n) for H query heads: p[h * pstride + t] = q_h . k_t (q already scaled,
+// rows of kD = 16 ND fp32 channels in Load32's order). Blocks of kT tokens: each K chunk is
+// loaded (and widened) once and multiplied into the H heads' accumulators, one per (head,
+// token); Sum16 then reduces the block's H * kT sums at once, for 2-3 shuffles and adds per
+// score where Reduce4 took 3-4. Row t of `next` is prefetched with token t.
+template <typename T, int ND, int H>
+MEMPIPE_TARGET_AVX512 void Avx512Scores(const T* kbase, size_t stride, int n, int pstride,
+                                        const float* q, float* p, NextPage& next) {
+  constexpr int kD = ND * 16, kT = ScoreBlockTokens(H);
+  for (int t0 = 0; t0 < n; t0 += kT) {
+    const int m = std::min(kT, n - t0);
+    const T* rows[kT];  // rows past the page repeat its last (their sums are not stored)
+    for (int t = 0; t < kT; ++t) rows[t] = kbase + std::min(t0 + t, n - 1) * stride;
+    __m512 acc[16];
+    for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+    for (int c = 0, r = 0; c < ND; ++c) {
+      for (; r < (c + 1) * m / ND; ++r) PrefetchRow(next);
+#pragma GCC unroll 16
+      for (int t = 0; t < kT; ++t) {
+        const __m512 kc = LoadChunk(rows[t], c);
+#pragma GCC unroll 4
+        for (int h = 0; h < H; ++h) {
+          acc[h * kT + t] =
+              _mm512_fmadd_ps(kc, _mm512_loadu_ps(q + h * kD + 16 * c), acc[h * kT + t]);
+        }
+      }
     }
+    StoreScores<H, kT>(Sum16(acc), p, pstride, t0, m);
   }
 }
 
@@ -425,45 +475,35 @@ MEMPIPE_TARGET_AVX512 void Avx512Scores(const T* kbase, size_t stride, int n, in
 // vdpbf16ps multiplies pairs of bf16 exactly and adds both products to an fp32 lane, so a K row
 // needs neither widening nor half the instructions; the query is taken as it is (exact) and
 // the scale applied to the fp32 sums. The arithmetic is the fp32 path's up to summation order.
-// p[g * pstride + t] = scale * (q_g . k_t).
+// p[h * pstride + t] = scale * (q_h . k_t), rows of NZ chunks of 32 channels.
 MEMPIPE_TARGET_AVX512_BF16 inline __m512 DotBf16(__m512 acc, __m512i a, __m512i b) {
   return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh&>(a), reinterpret_cast<__m512bh&>(b));
 }
 
-// Lane-wise partial products of q_g . k, k in NZ registers of 32 bf16 channels.
-template <int NZ>
-MEMPIPE_TARGET_AVX512_BF16 inline __m512 Bf16Dot32(const __m512i* k, const BFloat16* qg) {
-  __m512 s0 = DotBf16(_mm512_setzero_ps(), k[0], _mm512_loadu_si512(qg));
-  __m512 s1 = DotBf16(_mm512_setzero_ps(), k[1], _mm512_loadu_si512(qg + 32));
-  for (int c = 2; c < NZ; c += 2) {
-    s0 = DotBf16(s0, k[c], _mm512_loadu_si512(qg + 32 * c));
-    s1 = DotBf16(s1, k[c + 1], _mm512_loadu_si512(qg + 32 * c + 32));
-  }
-  return _mm512_add_ps(s0, s1);
-}
-
-template <int NZ>
+template <int NZ, int H>
 MEMPIPE_TARGET_AVX512_BF16 void Bf16DotScores(const BFloat16* kbase, size_t stride, int n,
-                                              int groups, int pstride, const BFloat16* q,
-                                              float scale, float* p, NextPage next) {
-  constexpr int kD = NZ * 32;
-  const __m128 vscale = _mm_set1_ps(scale);
-  for (int t = 0; t < n; ++t) {
-    PrefetchRow(next);
-    const BFloat16* k = kbase + t * stride;
-    __m512i kz[NZ];
-    for (int c = 0; c < NZ; ++c) kz[c] = _mm512_loadu_si512(k + 32 * c);
-    for (int g = 0; g < groups; g += 4) {
-      const int h = std::min(4, groups - g);  // heads of this four; the rest reduce zeros
-      const __m512 zero = _mm512_setzero_ps();
-      alignas(16) float sums[4];
-      _mm_store_ps(sums,
-                   _mm_mul_ps(vscale, Reduce4(Bf16Dot32<NZ>(kz, q + g * kD),
-                                              h > 1 ? Bf16Dot32<NZ>(kz, q + (g + 1) * kD) : zero,
-                                              h > 2 ? Bf16Dot32<NZ>(kz, q + (g + 2) * kD) : zero,
-                                              h > 3 ? Bf16Dot32<NZ>(kz, q + (g + 3) * kD) : zero)));
-      for (int j = 0; j < h; ++j) p[(g + j) * pstride + t] = sums[j];
+                                              int pstride, const BFloat16* q, float scale, float* p,
+                                              NextPage& next) {
+  constexpr int kD = NZ * 32, kT = ScoreBlockTokens(H);
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int t0 = 0; t0 < n; t0 += kT) {
+    const int m = std::min(kT, n - t0);
+    const BFloat16* rows[kT];
+    for (int t = 0; t < kT; ++t) rows[t] = kbase + std::min(t0 + t, n - 1) * stride;
+    __m512 acc[16];
+    for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+    for (int c = 0, r = 0; c < NZ; ++c) {
+      for (; r < (c + 1) * m / NZ; ++r) PrefetchRow(next);
+#pragma GCC unroll 16
+      for (int t = 0; t < kT; ++t) {
+        const __m512i kc = _mm512_loadu_si512(rows[t] + 32 * c);
+#pragma GCC unroll 4
+        for (int h = 0; h < H; ++h) {
+          acc[h * kT + t] = DotBf16(acc[h * kT + t], kc, _mm512_loadu_si512(q + h * kD + 32 * c));
+        }
+      }
     }
+    StoreScores<H, kT>(_mm512_mul_ps(vscale, Sum16(acc)), p, pstride, t0, m);
   }
 }
 
@@ -682,34 +722,61 @@ class Avx512Heads {
     return kInterleaved<T> ? (c & ~31) + (c & 1) * 16 + ((c & 31) >> 1) : c;
   }
 
-  // p[g * batch_tokens_ + t] = scale * q_g . k_t for the page's tokens t in [0, n).
+  // p[g * batch_tokens_ + t] = scale * q_g . k_t for the page's tokens t in [0, n), four query
+  // heads at a time; the first four prefetch the next page's rows.
   void Scores(const T* k, size_t stride, int n, int i, size_t gd, float* p, NextPage next) {
+    for (int g = 0; g < groups_; g += 4) {
+      NextPage none;
+      NextPage& pf = g == 0 ? next : none;
+      float* pg = p + static_cast<size_t>(g) * batch_tokens_;
+      const size_t q0 = i * gd + static_cast<size_t>(g) * head_dim_;
+      switch (std::min(4, groups_ - g)) {
+        case 1:
+          HeadScores<1>(k, stride, n, q0, pg, pf);
+          break;
+        case 2:
+          HeadScores<2>(k, stride, n, q0, pg, pf);
+          break;
+        case 3:
+          HeadScores<3>(k, stride, n, q0, pg, pf);
+          break;
+        default:
+          HeadScores<4>(k, stride, n, q0, pg, pf);
+          break;
+      }
+    }
+  }
+
+  // Scores for H query heads whose query rows start at q0.
+  template <int H>
+  void HeadScores(const T* k, size_t stride, int n, size_t q0, float* p, NextPage& next) {
+    const int ps = batch_tokens_;
     if constexpr (std::is_same_v<T, BFloat16>) {
       if (dot_bf16_) {
-        const BFloat16* q16 = &q16_[i * gd];
+        const BFloat16* q16 = &q16_[q0];
         switch (head_dim_) {
           case 64:
-            Bf16DotScores<2>(k, stride, n, groups_, batch_tokens_, q16, scale_, p, next);
+            Bf16DotScores<2, H>(k, stride, n, ps, q16, scale_, p, next);
             return;
           case 128:
-            Bf16DotScores<4>(k, stride, n, groups_, batch_tokens_, q16, scale_, p, next);
+            Bf16DotScores<4, H>(k, stride, n, ps, q16, scale_, p, next);
             return;
           default:
-            Bf16DotScores<8>(k, stride, n, groups_, batch_tokens_, q16, scale_, p, next);
+            Bf16DotScores<8, H>(k, stride, n, ps, q16, scale_, p, next);
             return;
         }
       }
     }
-    const float* q = &q_[i * gd];
+    const float* q = &q_[q0];
     switch (head_dim_) {
       case 64:
-        Avx512Scores<T, 4>(k, stride, n, groups_, batch_tokens_, q, p, next);
+        Avx512Scores<T, 4, H>(k, stride, n, ps, q, p, next);
         break;
       case 128:
-        Avx512Scores<T, 8>(k, stride, n, groups_, batch_tokens_, q, p, next);
+        Avx512Scores<T, 8, H>(k, stride, n, ps, q, p, next);
         break;
       default:  // 256 (ValidateKvCache admits 64, 128, 256)
-        Avx512Scores<T, 16>(k, stride, n, groups_, batch_tokens_, q, p, next);
+        Avx512Scores<T, 16, H>(k, stride, n, ps, q, p, next);
         break;
     }
   }
