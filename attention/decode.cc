@@ -426,7 +426,9 @@ MEMPIPE_TARGET_AVX512 inline __m512 LoadChunk(const BFloat16* k, int c) {
               : _mm512_slli_epi32(x, 16));
 }
 
-// Stores a block's scores: lane h * kT + t of s is head h's score of token t0 + t, t < m.
+// Stores a block's scores: lane h * kT + t of s is head h's score of token t0 + t, t < m. Head
+// h's 16-lane window starts h * kT floats before its first score; the lanes it does not write
+// lie in the neighbouring rows or, after the last row, in the padding of the rows' buffer.
 template <int H, int kT>
 MEMPIPE_TARGET_AVX512 inline void StoreScores(__m512 s, float* p, int pstride, int t0, int m) {
   for (int h = 0; h < H; ++h) {
@@ -624,7 +626,7 @@ class Avx512Heads {
         acc_(q_.size()),
         m_(heads * groups),
         l_(heads * groups),
-        p_(static_cast<size_t>(heads) * groups * batch_tokens_),
+        p_(static_cast<size_t>(heads) * groups * batch_tokens_ + 16),
         corr_(groups),
         batches_(heads),
         kstage_(stage_rows ? static_cast<size_t>(block_size) * head_dim : 0) {
@@ -819,7 +821,9 @@ class Avx512Heads {
   float scale_;
   size_t vstride_ = 0;  // the cache's token stride (elements)
   std::vector<float> q_, acc_, m_, l_;
-  std::vector<float> p_;  // [heads, G, batch_tokens_] the batches' scores, then probabilities
+  // [heads, G, batch_tokens_] the batches' scores, then probabilities; 16 floats more, so that
+  // the masked-off lanes of StoreScores' last stores stay inside the buffer.
+  std::vector<float> p_;
   std::vector<float> corr_;
   std::vector<Batch> batches_;  // [heads]
   std::vector<T> kstage_;       // [block_size, head_dim] when stage_rows_
