@@ -210,10 +210,11 @@ class PortableHeads {
 // vs 32.2-36.2 ms); dense apply, bound by memory, no measurable change.
 // The token blocks replaced a per-token loop (K row in registers, four heads' sums reduced by
 // Reduce4, padded for G = 3, and stored one float at a time). Scores in L1 on the Emerald
-// Rapids build VM (2026-12-01): Llama-3-8B page (16 tokens, G 4, D 128) fp32 172-176 -> 142-146
-// ns, bf16 widened 190 -> 164, vdpbf16ps 274-282 -> 238-243; SmolLM2 page (32 tokens, G 3,
-// D 64) fp32 195-199 -> 150-152, widened 217 -> 163, vdpbf16ps 253 -> 235. From DRAM the whole
-// kernel did not change beyond noise (0.94-1.03x; integration/bench/results/decode_scores/).
+// Rapids build VM (2026-12-01): Llama-3-8B page (16 tokens, G 4, D 128) fp32 177-185 -> 141-145
+// ns, bf16 widened 180-190 -> 162-165, vdpbf16ps 257-262 -> 240-243; SmolLM2 page (32 tokens,
+// G 3, D 64) fp32 192-199 -> 142-153, widened 216-218 -> 152-164, vdpbf16ps 250-254 -> 222-236.
+// Whole kernel: 3-5% less time with the pages in L3, no change beyond noise from DRAM
+// (0.97-1.03x; integration/bench/results/decode_scores/).
 
 MEMPIPE_TARGET_AVX512 inline __m512 Load16(const Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
