@@ -1,11 +1,14 @@
 #include "attention/decode.h"
 
+#include <algorithm>
 #include <cmath>
 #include <iostream>
 #include <random>
+#include <string>
 #include <tuple>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "retriever/select.h"
 #include "tests/testing/paged_fixture.h"
@@ -220,6 +223,16 @@ TEST_P(DecodeTest, PrefillIsCausal) {
   }
 }
 
+// Test names say the shape, e.g. Shapes/DecodeTest.DenseMatchesFloat64Reference/
+// bf16_page16_d128_g3_avx512_bf16: .ci/test selects the TSan run's shapes by them.
+std::string ShapeName(const ::testing::TestParamInfo<DecodeTest::ParamType>& info) {
+  const auto& [dtype, block_size, head_dim, group, kernel, layout] = info.param;
+  std::string kernel_name(CpuKernelName(kernel));
+  std::replace(kernel_name.begin(), kernel_name.end(), '-', '_');
+  return absl::StrCat(DTypeName(dtype), "_page", block_size, "_d", head_dim, "_g", group, "_",
+                      kernel_name);
+}
+
 INSTANTIATE_TEST_SUITE_P(
     Shapes, DecodeTest,
     ::testing::Combine(::testing::Values(DType::kFloat32, DType::kFloat16, DType::kBFloat16),
@@ -227,7 +240,8 @@ INSTANTIATE_TEST_SUITE_P(
                        ::testing::Values(1, 3, 6),
                        ::testing::Values(CpuKernel::kPortable, CpuKernel::kAvx512,
                                          CpuKernel::kAvx512Bf16),
-                       ::testing::Values(KvLayout::kTokenMajor)));
+                       ::testing::Values(KvLayout::kTokenMajor)),
+    ShapeName);
 
 // The head-major layout (each KV head's page contiguous) through the same checks: every kernel,
 // dtype and page size; the head dims and groups that exercise the kernels' distinct paths.
@@ -238,7 +252,8 @@ INSTANTIATE_TEST_SUITE_P(
                        ::testing::Values(1, 6),
                        ::testing::Values(CpuKernel::kPortable, CpuKernel::kAvx512,
                                          CpuKernel::kAvx512Bf16),
-                       ::testing::Values(KvLayout::kHeadMajor)));
+                       ::testing::Values(KvLayout::kHeadMajor)),
+    ShapeName);
 
 // The derived tolerance rejects known-wrong answers (issue 14): the dense output of a
 // 5,120-token bf16 sequence against the reference with one 64-token page dropped, and an
