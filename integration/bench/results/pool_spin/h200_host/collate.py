@@ -1,8 +1,9 @@
 """Medians per shape and binary of mempipe-cpu-kernel-bench logs named <shape>_<binary>_<rep>.log.
 
 usage: python3 collate.py DIR [BASE]   (BASE: the binary the ratios are taken against)
-Prints GB/s (CPU time per thread) for sparse and dense decode and their reads, the ratio of
-median times to BASE's, and each run's % of the STREAM-like read measured in the same run.
+Prints GB/s (CPU time per thread; "wall" rows: wall clock) for sparse and dense decode and their
+reads, the ratio of median times to BASE's, and each run's % of the STREAM-like read measured in
+the same run on the same clock.
 """
 import collections
 import glob
@@ -11,7 +12,11 @@ import statistics
 import sys
 
 ROWS = [("sparse", r"sparse attention \("), ("dense", r"dense attention \("),
-        ("sparse reads", r"sparse attention's reads"), ("dense reads", r"dense attention's reads")]
+        ("sparse reads", r"sparse attention's reads  "), ("dense reads", r"dense attention's reads  "),
+        # the wall-clock table, where the bench prints one (from fba61a7 on)
+        ("sparse wall", r"sparse attention, wall"), ("dense wall", r"dense attention, wall"),
+        ("sp.rd wall", r"sparse attention's reads, wall"),
+        ("de.rd wall", r"dense attention's reads, wall")]
 
 
 def main(d, base):
