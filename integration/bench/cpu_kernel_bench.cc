@@ -235,13 +235,13 @@ int Run() {
     return 1;
   }
   const double sparse_bytes = 2.0 * seqs * kv * k * bs * d * DTypeSize(dt);
+  const bool on_team = GetHostParallelRuntimeInfo().installed;
   std::printf(
       "mempipe-cpu-kernel-bench: %d layers x (%d q / %d KV heads, head_dim %d, %s, page %d, "
       "%d x %d tokens, budget %d, %s-major cache), %d thread(s) on %s, %s kernels, huge pages "
       "%s\n",
       layers, heads, kv, d, std::string(DTypeName(dt)).c_str(), bs, seqs, context, k * bs,
-      cache.HeadMajor() ? "head" : "token", threads,
-      GetHostParallelRuntimeInfo().installed ? "libgomp's team" : "mempipe's pool",
+      cache.HeadMajor() ? "head" : "token", threads, on_team ? "libgomp's team" : "mempipe's pool",
       std::string(ActiveCpuKernelName()).c_str(), huge ? "asked for" : "not asked for");
   // One table per clock: CPU time per thread (the kernels' own rate, even on a shared machine)
   // and wall clock (what a decode step waits for: idle threads and wake-ups count too), each
@@ -254,7 +254,7 @@ int Run() {
       std::printf("  %-34s %8.3f ms  %7.1f MiB  %6.1f GB/s  %4.0f%%\n", what, t, bytes / 1048576.0,
                   gbps, 100 * gbps / machine);
     };
-    if (!on_wall && GetHostParallelRuntimeInfo().installed) {
+    if (!on_wall && on_team) {
       // Measured on the H200 host: over 100% of the read in this table, for the same calls that
       // the wall clock put at 30-70%.
       std::printf(
@@ -262,17 +262,11 @@ int Run() {
           "thread's time only at a tick or a context switch: this table undercounts them; read "
           "the wall-clock one)\n");
     }
-    if (on_wall) {
-      std::printf(
-          "per layer, best of %d passes, wall clock; %% of the read bandwidth (STREAM-like, %d "
-          "thread(s), wall clock: %.1f GB/s):\n",
-          absl::GetFlag(FLAGS_passes), threads, machine);
-    } else {
-      std::printf(
-          "per layer, best of %d passes, CPU time per thread; %% of the read bandwidth "
-          "(STREAM-like, %d thread(s), per-thread CPU time: %.1f GB/s):\n",
-          absl::GetFlag(FLAGS_passes), threads, machine);
-    }
+    std::printf(
+        "per layer, best of %d passes, %s; %% of the read bandwidth (STREAM-like, %d thread(s), "
+        "%s: %.1f GB/s):\n",
+        absl::GetFlag(FLAGS_passes), on_wall ? "wall clock" : "CPU time per thread", threads,
+        on_wall ? "wall clock" : "per-thread CPU time", machine);
     row(on_wall ? "relevancy scan (digests), wall" : "relevancy scan (digests)", digest.NumBytes(),
         ms[kRel]);
     std::printf("  %-34s %8.3f ms  (over the (sequence, KV head) rows)\n",

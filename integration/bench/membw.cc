@@ -101,6 +101,12 @@ absl::StatusOr<ReadBandwidth> MeasureReadBandwidth(size_t bytes, int threads, in
   // The threads start once and meet at a barrier before and after each pass, so a pass's wall
   // time is the read alone, not the threads' start (tens of microseconds per thread on a VM).
   std::barrier sync(threads);
+  auto read = [&](size_t b, size_t e) {
+#if MEMPIPE_AVX512_KERNEL
+    if (avx512) return ReadAvx512(buf.get() + b, e - b);
+#endif
+    return ReadPortable(buf.get() + b, e - b);
+  };
   auto body = [&](int t) {
     size_t b, e;
     share(t, b, e);
@@ -113,15 +119,7 @@ absl::StatusOr<ReadBandwidth> MeasureReadBandwidth(size_t bytes, int threads, in
         t0 = std::chrono::steady_clock::now();
         c0 = ProcessCpuSeconds();
       }
-#if MEMPIPE_AVX512_KERNEL
-      if (avx512) {
-        sums[t] += ReadAvx512(buf.get() + b, e - b);
-      } else {
-        sums[t] += ReadPortable(buf.get() + b, e - b);
-      }
-#else
-      sums[t] += ReadPortable(buf.get() + b, e - b);
-#endif
+      sums[t] += read(b, e);
       sync.arrive_and_wait();
       if (t != 0) continue;
       const double sec =
