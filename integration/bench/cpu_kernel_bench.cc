@@ -4,7 +4,9 @@
 // machine shared with other work still gives the kernels' own rate), then wall clock (what a
 // decode step waits for, idle threads and wake-ups included; meaningful on a quiet machine),
 // each against the read measured on the same clock. Each layer has its own cache and digests
-// and the layers are visited in turn, so with enough of them every pass reads DRAM, not cache.
+// and the layers are visited in turn; by default there are enough layers that together they are
+// at least four times the last-level cache, and the read is as large (MemoryReadBytes), so both
+// the kernels and the read come from DRAM, not cache.
 // Random data; the selection is random (sinks and locals kept), ascending. With the AVX-512
 // kernels it also times their reads alone (ReadDecodeRows: the same rows, order, thread split
 // and prefetch, no arithmetic), the rate the access pattern allows on this machine.
@@ -12,7 +14,7 @@
 //   mempipe-cpu-kernel-bench                                   # Llama-3-8B layer, bf16, 32K
 //   mempipe-cpu-kernel-bench --threads=1 --cpu_kernel=portable
 //   mempipe-cpu-kernel-bench --num_heads=9 --num_kv_heads=3 --head_dim=64 --page_size=32
-//       --dtype=fp32 --context=6144 --budget=512 --layers=30    # SmolLM2-135M (one line)
+//       --dtype=fp32 --context=6144 --budget=512               # SmolLM2-135M (one line)
 //   ... --seqs=4 --kv_layout=head                              # as vLLM serves it: 4 x 6K
 #include <dlfcn.h>
 #include <sys/mman.h>
@@ -39,7 +41,12 @@
 #include "retriever/relevancy.h"
 #include "retriever/select.h"
 
-ABSL_FLAG(int, layers, 8, "Layers, each with its own cache and digests, visited in turn");
+ABSL_FLAG(int, layers, 0,
+          "Layers, each with its own cache and digests, visited in turn (0: enough that their "
+          "caches total at least 4x the last-level cache, at least 2)");
+ABSL_FLAG(int, read_mib, 0,
+          "Buffer of the STREAM-like read in MiB (0: MemoryReadBytes, at least 4x the "
+          "last-level cache, 256 MiB and one layer's cache)");
 ABSL_FLAG(int, num_heads, 32, "Query heads");
 ABSL_FLAG(int, num_kv_heads, 8, "KV heads");
 ABSL_FLAG(int, head_dim, 128, "Head dimension: 64, 128 or 256");
@@ -93,7 +100,8 @@ absl::Status UseHostThreads(const std::string& name) {
 }
 
 int Run() {
-  const int layers = absl::GetFlag(FLAGS_layers), threads = absl::GetFlag(FLAGS_threads);
+  const int threads = absl::GetFlag(FLAGS_threads);
+  int layers = absl::GetFlag(FLAGS_layers);
   auto dtype = ParseDType(absl::GetFlag(FLAGS_dtype));
   auto kernel = ParseCpuKernel(absl::GetFlag(FLAGS_cpu_kernel));
   absl::Status status = !dtype.ok() ? dtype.status() : kernel.status();
@@ -110,11 +118,12 @@ int Run() {
   int placeholder = 0;  // the shape check wants a pointer; each layer's comes later
   cache.data = &placeholder;
   if (status.ok()) status = ValidateKvCache(cache);
-  if (status.ok() &&
-      (layers < 1 || threads < 1 || seqs < 1 || absl::GetFlag(FLAGS_passes) < 1 || k < 2 ||
-       k > pages || absl::GetFlag(FLAGS_num_heads) % cache.num_kv_heads != 0)) {
+  if (status.ok() && (layers < 0 || absl::GetFlag(FLAGS_read_mib) < 0 || threads < 1 || seqs < 1 ||
+                      absl::GetFlag(FLAGS_passes) < 1 || k < 2 || k > pages ||
+                      absl::GetFlag(FLAGS_num_heads) % cache.num_kv_heads != 0)) {
     status = absl::InvalidArgumentError(absl::StrCat(
-        "need layers, threads, seqs, passes >= 1 (got ", layers, ", ", threads, ", ", seqs, ", ",
+        "need layers, read_mib >= 0 (got ", layers, ", ", absl::GetFlag(FLAGS_read_mib),
+        "), threads, seqs, passes >= 1 (got ", threads, ", ", seqs, ", ",
         absl::GetFlag(FLAGS_passes), "), 2 <= budget / page_size <= pages (got ", k, " of ", pages,
         ") and num_heads a multiple of num_kv_heads (got ", absl::GetFlag(FLAGS_num_heads), " and ",
         cache.num_kv_heads, ")"));
@@ -127,6 +136,11 @@ int Run() {
   const int kv = cache.num_kv_heads, d = cache.head_dim, heads = absl::GetFlag(FLAGS_num_heads);
   DigestView digest{nullptr, dt, cache.num_blocks, kv, d};
   const bool huge = absl::GetFlag(FLAGS_huge_pages);
+  const size_t llc = LastLevelCacheBytes();
+  const size_t layer_bytes = cache.NumBytes() + digest.NumBytes();
+  if (layers == 0) {
+    layers = static_cast<int>(std::max<size_t>(2, (4 * llc + layer_bytes - 1) / layer_bytes));
+  }
   std::mt19937_64 rng(1);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::vector<Buffer> kv_mem, digest_mem;
@@ -228,7 +242,10 @@ int Run() {
       wall[k] = std::min(wall[k], t_wall[k] / layers);
     }
   }
-  auto bw = MeasureReadBandwidth(std::max<size_t>(size_t{256} << 20, cache.NumBytes()), threads, 5);
+  const size_t read_bytes = absl::GetFlag(FLAGS_read_mib) > 0
+                                ? static_cast<size_t>(absl::GetFlag(FLAGS_read_mib)) << 20
+                                : MemoryReadBytes(cache.NumBytes());
+  auto bw = MeasureReadBandwidth(read_bytes, threads, 5);
   if (!bw.ok()) {
     std::fprintf(stderr, "mempipe-cpu-kernel-bench: %s\n",
                  std::string(bw.status().message()).c_str());
@@ -243,6 +260,17 @@ int Run() {
       layers, heads, kv, d, std::string(DTypeName(dt)).c_str(), bs, seqs, context, k * bs,
       cache.HeadMajor() ? "head" : "token", threads, on_team ? "libgomp's team" : "mempipe's pool",
       std::string(ActiveCpuKernelName()).c_str(), huge ? "asked for" : "not asked for");
+  const double mib = 1048576.0;
+  std::printf(
+      "  last-level cache %s; the layers' caches and digests total %.0f MiB; the read %.0f MiB\n",
+      llc ? absl::StrCat(llc >> 20, " MiB").c_str() : "unknown", layers * layer_bytes / mib,
+      bw->bytes / mib);
+  if (llc > 0 && (static_cast<double>(layers) * layer_bytes < 4.0 * llc || bw->bytes < 4 * llc)) {
+    std::printf(
+        "  WARNING: under 4x the last-level cache: part of these reads may come from cache, not "
+        "DRAM, and the percentages below compare unlike things (raise --layers / --read_mib, or "
+        "leave them at 0)\n");
+  }
   // One table per clock: CPU time per thread (the kernels' own rate, even on a shared machine)
   // and wall clock (what a decode step waits for: idle threads and wake-ups count too), each
   // against the read bandwidth measured on the same clock.

@@ -2,13 +2,16 @@
 
 #include <sys/mman.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <barrier>
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
+#include <fstream>
 #include <memory>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -65,7 +68,63 @@ struct FreeDeleter {
   void operator()(uint64_t* p) const { std::free(p); }
 };
 
+// The first line of a small text file under /sys, "" when it cannot be read.
+std::string ReadSysLine(const std::string& path) {
+  std::ifstream in(path);
+  std::string line;
+  std::getline(in, line);
+  return line;
+}
+
+// "300M", "32768K", "1048576" as /sys/.../cache/index*/size writes sizes; 0 if malformed.
+size_t ParseCacheSize(const std::string& text) {
+  size_t value = 0, i = 0;
+  for (; i < text.size() && text[i] >= '0' && text[i] <= '9'; ++i)
+    value = value * 10 + (text[i] - '0');
+  if (i == 0) return 0;
+  if (i == text.size()) return value;
+  switch (text[i]) {
+    case 'K':
+      return value << 10;
+    case 'M':
+      return value << 20;
+    case 'G':
+      return value << 30;
+    default:
+      return 0;
+  }
+}
+
 }  // namespace
+
+size_t LastLevelCacheBytes() {
+  int best_level = 0;
+  size_t best = 0;
+  for (int index = 0; index < 16; ++index) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index);
+    const std::string level = ReadSysLine(dir + "/level");
+    if (level.empty()) break;
+    if (ReadSysLine(dir + "/type") == "Instruction") continue;
+    const int l = std::atoi(level.c_str());
+    const size_t bytes = ParseCacheSize(ReadSysLine(dir + "/size"));
+    if (l > best_level && bytes > 0) {
+      best_level = l;
+      best = bytes;
+    }
+  }
+  if (best > 0) return best;
+#ifdef _SC_LEVEL3_CACHE_SIZE
+  const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+  if (l3 > 0) return static_cast<size_t>(l3);
+#endif
+  return 0;
+}
+
+size_t MemoryReadBytes(size_t at_least) {
+  constexpr size_t kMiB = size_t{1} << 20;
+  const size_t bytes = std::max({at_least, 256 * kMiB, 4 * LastLevelCacheBytes()});
+  return (bytes + kMiB - 1) / kMiB * kMiB;
+}
 
 absl::StatusOr<ReadBandwidth> MeasureReadBandwidth(size_t bytes, int threads, int passes) {
   if (bytes < (1u << 20) || threads < 1 || passes < 1) {
