@@ -87,10 +87,11 @@ ABSL_FLAG(std::string, cpu_kernel, "auto",
           "Host kernels (core/cpu_kernel.h: attention and the cpu selector's relevancy scan): "
           "auto (the first the CPU has of avx512-bf16, avx512, portable), portable, avx512 or "
           "avx512-bf16 (AVX512_BF16 dot products for bf16 attention scores)");
-ABSL_FLAG(int, bandwidth_mib, 512,
+ABSL_FLAG(int, bandwidth_mib, -1,
           "Buffer of the STREAM-like read that measures the machine's memory bandwidth before "
           "and after the placements (the apply columns are reported as a fraction of the better "
-          "of the two); 0 skips it");
+          "of the two); -1: at least 4x the last-level cache and 256 MiB, so that it reads "
+          "DRAM; 0 skips it");
 ABSL_FLAG(std::string, json, "", "Also write the results to this JSON file");
 ABSL_FLAG(std::string, placement, "",
           "Also run this placement through the stage pipeline (backend/decode_pipeline.h): a "
@@ -212,6 +213,11 @@ int Main() {
   if (auto f = ParseEmulatedFunctional(absl::GetFlag(FLAGS_fpga_functional)); !f.ok()) {
     return Fail(f.status());  // before the prefill, not at the first fpga placement
   }
+  const int bw_mib = absl::GetFlag(FLAGS_bandwidth_mib);
+  if (bw_mib < -1) {
+    return Fail(absl::InvalidArgumentError(absl::StrCat(
+        "--bandwidth_mib must be -1 (auto), 0 (skip) or a size in MiB, got ", bw_mib)));
+  }
   auto kernel = ParseCpuKernel(absl::GetFlag(FLAGS_cpu_kernel));
   if (!kernel.ok()) return Fail(kernel.status());
   if (absl::Status s = SetCpuKernel(*kernel); !s.ok()) return Fail(s);
@@ -288,8 +294,7 @@ int Main() {
               absl::ToDoubleSeconds(absl::Now() - fill_start));
 
   // The machine's read bandwidth, before and after the placements (other load varies).
-  const size_t bw_bytes = static_cast<size_t>(std::max(0, absl::GetFlag(FLAGS_bandwidth_mib)))
-                          << 20;
+  const size_t bw_bytes = bw_mib < 0 ? MemoryReadBytes() : static_cast<size_t>(bw_mib) << 20;
   std::vector<ReadBandwidth> bandwidth;
   auto measure_bandwidth = [&]() -> absl::Status {
     if (bw_bytes == 0) return absl::OkStatus();

@@ -15,7 +15,8 @@ import tempfile
 
 COMMON = ["--layers=4", "--num_heads=8", "--num_kv_heads=2", "--head_dim=64", "--context=4096",
           "--batch=4", "--budget=512", "--steps=3", "--warmup=1", "--placements=dense",
-          "--stand_in_gbps=410", "--threads=1", "--placement=fpga"]
+          "--stand_in_gbps=410", "--threads=1", "--placement=fpga",
+          "--bandwidth_mib=128"]  # a smoke run: the read's figure is not checked
 
 
 # Sparse (budget 512 of 4,096 tokens, heavy hitters planted) against dense decode. Measured on

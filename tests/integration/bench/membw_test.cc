@@ -1,0 +1,55 @@
+// The STREAM-like read (integration/bench/membw.h): its size rule and its errors.
+#include "integration/bench/membw.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <string>
+
+#include "gtest/gtest.h"
+
+namespace mempipe {
+namespace {
+
+constexpr size_t kMiB = size_t{1} << 20;
+
+TEST(MemoryReadBytes, PastTheLastLevelCacheAndWholeMiB) {
+  const size_t llc = LastLevelCacheBytes();
+  for (size_t at_least : {size_t{0}, size_t{1}, 300 * kMiB + 5, size_t{5} << 30}) {
+    const size_t bytes = MemoryReadBytes(at_least);
+    EXPECT_GE(bytes, 4 * llc) << at_least;
+    EXPECT_GE(bytes, 256 * kMiB) << at_least;
+    EXPECT_GE(bytes, at_least);
+    EXPECT_EQ(bytes % kMiB, 0u) << bytes;
+    // Not larger than it has to be: the largest of the three, rounded up to a MiB.
+    EXPECT_LT(bytes - kMiB, std::max({at_least, 256 * kMiB, 4 * llc})) << at_least;
+  }
+}
+
+TEST(LastLevelCacheBytes, AtLeastTheSecondLevel) {
+  // Where the C library knows the L2, the last level is not smaller (an L1 would be).
+  const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+  if (l2 <= 0) GTEST_SKIP() << "the C library does not report an L2 here";
+  EXPECT_GE(LastLevelCacheBytes(), static_cast<size_t>(l2));
+}
+
+TEST(MeasureReadBandwidth, ReadsTheWholeBuffer) {
+  auto bw = MeasureReadBandwidth(8 * kMiB, 2, 2);
+  ASSERT_TRUE(bw.ok()) << bw.status();
+  EXPECT_EQ(bw->bytes, 8 * kMiB);
+  EXPECT_EQ(bw->threads, 2);
+  EXPECT_GT(bw->gbytes_per_s, 0);
+  EXPECT_GT(bw->gbytes_per_cpu_s, 0);
+}
+
+TEST(MeasureReadBandwidth, NamesTheBadValue) {
+  auto small = MeasureReadBandwidth(1000, 1, 1);
+  ASSERT_EQ(small.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(small.status().message().find("bytes 1000"), std::string::npos) << small.status();
+  auto threads = MeasureReadBandwidth(8 * kMiB, 0, 1);
+  ASSERT_EQ(threads.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(threads.status().message().find("threads 0"), std::string::npos) << threads.status();
+}
+
+}  // namespace
+}  // namespace mempipe
