@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstring>
 #include <ctime>
+#include <string>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -120,7 +121,9 @@ absl::StatusOr<std::vector<char>> WriteMempipeXclbin(int num_cus) {
     md.m_used = 1;
     md.m_size = kHbmBankBytes / 1024;  // in KB
     md.m_base_address = b * kHbmBankBytes;
-    std::snprintf(reinterpret_cast<char*>(md.m_tag), sizeof(md.m_tag), "HBM[%d]", b);
+    // "HBM[31]" at most; md is zeroed, so the tag stays terminated.
+    const std::string tag = absl::StrCat("HBM[", b, "]");
+    std::memcpy(md.m_tag, tag.data(), std::min(tag.size(), sizeof(md.m_tag) - 1));
     Append(mem, md);
   }
 
