@@ -2,31 +2,60 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <exception>
+#include <string>
 #include <system_error>
 #include <utility>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 
 namespace mempipe {
 
 // One ParallelFor call. Tasks are claimed with `next`; `finished` counts completed ones. The
 // task reference is only used by a thread that claimed an index below `num_tasks`, and the
-// caller returns only once all of those have finished, so it never dangles.
+// caller returns only once all of those have finished, so it never dangles. Every thread that
+// drains a batch holds a reference to it, so the last one to finish can still notify `done`
+// after the caller has seen `finished` reach num_tasks and returned.
 struct ThreadPool::Batch {
   absl::FunctionRef<void(int)> task;
   int num_tasks;
   std::atomic<int> next{0};
-  std::mutex mu;
+  std::atomic<int> finished{0};
+  std::mutex mu;  // guards error; a caller done spinning sleeps on `done` under it
   std::condition_variable done;
-  int finished = 0;          // guarded by mu
-  std::exception_ptr error;  // guarded by mu
+  std::exception_ptr error;
 
   Batch(absl::FunctionRef<void(int)> t, int n) : task(t), num_tasks(n) {}
+  bool Finished() const { return finished.load(std::memory_order_acquire) == num_tasks; }
 };
 
-ThreadPool::ThreadPool(int max_workers, Spawner spawner)
-    : max_workers_(std::max(max_workers, 0)), spawner_(std::move(spawner)) {
+namespace {
+
+// Spins until done() or `spin` has passed; true when done() held. The loop is plain loads,
+// with no pause hint: under KVM a loop of PAUSE instructions traps to the host (pause-loop
+// exiting), which then yields the physical CPU to another of the guest's vCPUs.
+template <typename Done>
+bool SpinUntil(absl::Duration spin, Done done) {
+  if (spin <= absl::ZeroDuration()) return done();
+  const auto deadline = std::chrono::steady_clock::now() + absl::ToChronoNanoseconds(spin);
+  for (;;) {
+    for (int i = 0; i < 256; ++i) {
+      if (done()) return true;
+    }
+    if (std::chrono::steady_clock::now() >= deadline) return done();
+  }
+}
+
+}  // namespace
+
+ThreadPool::ThreadPool(int max_workers, Spawner spawner, absl::Duration spin)
+    : max_workers_(std::max(max_workers, 0)),
+      spin_(std::max(spin, absl::ZeroDuration())),
+      spawner_(std::move(spawner)) {
   if (!spawner_) {
     spawner_ = [](std::function<void()> body) { return std::thread(std::move(body)); };
   }
@@ -36,14 +65,35 @@ ThreadPool::~ThreadPool() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     stopping_ = true;
+    posted_.fetch_add(1, std::memory_order_release);  // spinning workers look again
   }
   wake_.notify_all();
   for (std::thread& t : workers_) t.join();
 }
 
+absl::StatusOr<absl::Duration> ThreadPool::SpinFromEnv() {
+  const char* env = std::getenv("MEMPIPE_POOL_SPIN_US");
+  if (env == nullptr) return kDefaultSpin;
+  int64_t us = -1;
+  if (!absl::SimpleAtoi(env, &us) || us < 0 || us > 1000000) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("MEMPIPE_POOL_SPIN_US=\"", env,
+                     "\": expected a whole number of microseconds from 0 to 1000000"));
+  }
+  return absl::Microseconds(us);
+}
+
 ThreadPool& ThreadPool::Default() {
   // Never destroyed: workers may still be parked when static destructors run.
-  static ThreadPool* pool = new ThreadPool(DefaultMaxWorkers());
+  static ThreadPool* pool = [] {
+    absl::StatusOr<absl::Duration> spin = SpinFromEnv();
+    if (!spin.ok()) {
+      std::fprintf(stderr, "mempipe: %s; the host thread pool spins %s\n",
+                   std::string(spin.status().message()).c_str(),
+                   absl::FormatDuration(kDefaultSpin).c_str());
+    }
+    return new ThreadPool(DefaultMaxWorkers(), nullptr, spin.value_or(kDefaultSpin));
+  }();
   return *pool;
 }
 
@@ -72,39 +122,61 @@ absl::Status ThreadPool::Reserve(int workers) {
   return absl::OkStatus();
 }
 
-void ThreadPool::Drain(Batch& b) {
+bool ThreadPool::Drain(Batch& b) {
+  bool ran = false;
   for (;;) {
     const int i = b.next.fetch_add(1, std::memory_order_relaxed);
-    if (i >= b.num_tasks) return;
-    std::exception_ptr error;
+    if (i >= b.num_tasks) return ran;
+    ran = true;
     try {
       b.task(i);
     } catch (...) {
-      error = std::current_exception();
+      std::lock_guard<std::mutex> lock(b.mu);
+      if (!b.error) b.error = std::current_exception();
     }
-    std::lock_guard<std::mutex> lock(b.mu);
-    if (error && !b.error) b.error = error;
-    if (++b.finished == b.num_tasks) b.done.notify_all();
+    // acq_rel: the caller that sees the count complete sees every task's writes.
+    if (b.finished.fetch_add(1, std::memory_order_acq_rel) + 1 == b.num_tasks) {
+      std::lock_guard<std::mutex> lock(b.mu);  // a caller asleep on `done` is woken
+      b.done.notify_all();
+    }
   }
 }
 
 void ThreadPool::WorkerLoop() {
+  bool spin = false;  // whether this worker ran a task since it last waited
+  std::unique_lock<std::mutex> lock(mu_);
   for (;;) {
-    std::shared_ptr<Batch> batch;
-    {
-      std::unique_lock<std::mutex> lock(mu_);
-      wake_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
-      if (queue_.empty()) return;  // stopping
-      batch = queue_.front();
-      // A batch leaves the queue once its tasks are all claimed.
-      if (batch->next.load(std::memory_order_relaxed) >= batch->num_tasks) {
-        queue_.pop_front();
-        continue;
-      }
+    // A batch leaves the queue once its tasks are all claimed.
+    while (!queue_.empty() &&
+           queue_.front()->next.load(std::memory_order_relaxed) >= queue_.front()->num_tasks) {
+      queue_.pop_front();
     }
-    Drain(*batch);
-    std::lock_guard<std::mutex> lock(mu_);
-    if (!queue_.empty() && queue_.front() == batch) queue_.pop_front();
+    if (!queue_.empty()) {
+      std::shared_ptr<Batch> batch = queue_.front();
+      lock.unlock();
+      spin = Drain(*batch) || spin;
+      batch.reset();
+      lock.lock();
+      continue;
+    }
+    if (stopping_) return;
+    // Nothing to claim. A worker that just ran tasks spins a while for the next batch; one
+    // that found none (the call needed fewer threads) sleeps at once, so the spinners are the
+    // threads that the recent calls used.
+    if (spin) {
+      spin = false;
+      const uint64_t seen = posted_.load(std::memory_order_relaxed);
+      spinners_.fetch_add(1, std::memory_order_relaxed);
+      lock.unlock();
+      const bool posted =
+          SpinUntil(spin_, [&] { return posted_.load(std::memory_order_acquire) != seen; });
+      spinners_.fetch_sub(1, std::memory_order_relaxed);
+      lock.lock();
+      if (posted) continue;
+    }
+    ++sleepers_;
+    wake_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
+    --sleepers_;
   }
 }
 
@@ -118,20 +190,33 @@ void ThreadPool::ParallelFor(int num_tasks, int parallelism, absl::FunctionRef<v
   // A refused thread only means fewer helpers: the caller runs what nobody else claims.
   (void)Reserve(helpers);
   auto batch = std::make_shared<Batch>(task, num_tasks);
+  int sleepers = 0;
   {
     std::lock_guard<std::mutex> lock(mu_);
     queue_.push_back(batch);
+    posted_.fetch_add(1, std::memory_order_release);  // spinning workers take it from here
+    sleepers = sleepers_;
   }
-  if (helpers >= num_workers()) {
-    wake_.notify_all();
-  } else {
-    for (int i = 0; i < helpers; ++i) wake_.notify_one();
+  // Spinning workers need no wake-up; sleeping ones are woken for the helpers still wanted.
+  // A count that is off by a worker changing state only changes how many threads help.
+  const int wake = std::min(sleepers, helpers - spinners_.load(std::memory_order_relaxed));
+  if (wake > 0) {
+    if (wake >= sleepers) {
+      wake_.notify_all();
+    } else {
+      for (int i = 0; i < wake; ++i) wake_.notify_one();
+    }
   }
   Drain(*batch);
-  std::unique_lock<std::mutex> lock(batch->mu);
-  batch->done.wait(lock, [&] { return batch->finished == batch->num_tasks; });
-  std::exception_ptr error = batch->error;
-  lock.unlock();
+  if (!SpinUntil(spin_, [&] { return batch->Finished(); })) {
+    std::unique_lock<std::mutex> lock(batch->mu);
+    batch->done.wait(lock, [&] { return batch->Finished(); });
+  }
+  std::exception_ptr error;
+  {
+    std::lock_guard<std::mutex> lock(batch->mu);
+    error = batch->error;
+  }
   {
     std::lock_guard<std::mutex> q(mu_);
     auto it = std::find(queue_.begin(), queue_.end(), batch);

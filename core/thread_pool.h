@@ -13,11 +13,23 @@
 // exception thrown by a task is rethrown on the calling thread once every task of the call
 // has finished (the first one, if several throw).
 //
+// Waiting: a worker that has just run tasks, and a caller whose tasks are all claimed but not
+// yet finished, spin for up to `spin` (plain loads of an atomic) before they sleep on a
+// condition variable; a worker that found nothing to claim sleeps at once. Decode calls its
+// kernels once per layer, back to back, and a worker asleep costs each call a futex wake and a
+// reschedule on both sides: on the 2-vCPU build VM about 40 us of CPU time per thread and call,
+// as much as a small layer's whole kernel, and the woken helper started so late that two
+// threads took longer than one. The default pool spins kDefaultSpin; MEMPIPE_POOL_SPIN_US (a
+// whole number of microseconds, 0 = sleep at once) sets it for the process. A worker never
+// spins longer than that after its last task, so an idle pool costs nothing.
+//
 //   ThreadPool::Default().ParallelFor(num_tasks, /*parallelism=*/8, [&](int task) { ... });
 #ifndef MEMPIPE_CORE_THREAD_POOL_H_
 #define MEMPIPE_CORE_THREAD_POOL_H_
 
+#include <atomic>
 #include <condition_variable>
+#include <cstdint>
 #include <deque>
 #include <functional>
 #include <memory>
@@ -27,6 +39,8 @@
 
 #include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
 
 namespace mempipe {
 
@@ -37,13 +51,22 @@ class ThreadPool {
   using Spawner = std::function<std::thread(std::function<void()> body)>;
 
   // At most `max_workers` (>= 0) threads besides the callers. `spawner` defaults to
-  // std::thread's constructor.
-  explicit ThreadPool(int max_workers, Spawner spawner = nullptr);
+  // std::thread's constructor. `spin`: how long a worker that ran tasks, or a caller waiting
+  // for its helpers, spins before it sleeps (negative: 0).
+  explicit ThreadPool(int max_workers, Spawner spawner = nullptr,
+                      absl::Duration spin = kDefaultSpin);
   ~ThreadPool();  // stops and joins the workers; no ParallelFor may be running
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
 
-  // The process-wide pool: DefaultMaxWorkers() workers at most, started on demand.
+  static constexpr absl::Duration kDefaultSpin = absl::Microseconds(50);
+
+  // MEMPIPE_POOL_SPIN_US when set (InvalidArgument naming the value unless it is a whole
+  // number of microseconds, 0 to 1000000), else kDefaultSpin.
+  static absl::StatusOr<absl::Duration> SpinFromEnv();
+
+  // The process-wide pool: DefaultMaxWorkers() workers at most, started on demand, spinning
+  // SpinFromEnv() (kDefaultSpin, with a message on stderr, when the variable is bad).
   static ThreadPool& Default();
   // 2 x the hardware threads, minus the caller, capped at 255 (at least 1).
   static int DefaultMaxWorkers();
@@ -59,19 +82,28 @@ class ThreadPool {
 
   int max_workers() const { return max_workers_; }
   int num_workers() const;
+  absl::Duration spin() const { return spin_; }
+  // Workers spinning for the next batch now (a diagnostic; it changes as they wake and sleep).
+  int num_spinning() const { return spinners_.load(std::memory_order_relaxed); }
 
  private:
   struct Batch;
   void WorkerLoop();
-  static void Drain(Batch& batch);
+  // Runs the batch's unclaimed tasks; whether it ran any.
+  static bool Drain(Batch& batch);
 
   const int max_workers_;
+  const absl::Duration spin_;
   Spawner spawner_;
   mutable std::mutex mu_;
   std::condition_variable wake_;
   std::deque<std::shared_ptr<Batch>> queue_;  // batches with tasks left to claim
   std::vector<std::thread> workers_;
   bool stopping_ = false;
+  int sleepers_ = 0;              // workers waiting on wake_ (guarded by mu_)
+  std::atomic<int> spinners_{0};  // workers spinning for the next batch
+  // Bumped (under mu_) after every push to queue_ and at shutdown: what spinning workers watch.
+  std::atomic<uint64_t> posted_{0};
 };
 
 }  // namespace mempipe

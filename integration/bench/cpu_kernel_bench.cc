@@ -33,10 +33,12 @@
 #include "absl/flags/usage.h"
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
 #include "attention/decode.h"
 #include "core/clock.h"
 #include "core/cpu_kernel.h"
 #include "core/host_parallel_runtime.h"
+#include "core/thread_pool.h"
 #include "integration/bench/membw.h"
 #include "retriever/relevancy.h"
 #include "retriever/select.h"
@@ -253,12 +255,16 @@ int Run() {
   }
   const double sparse_bytes = 2.0 * seqs * kv * k * bs * d * DTypeSize(dt);
   const bool on_team = GetHostParallelRuntimeInfo().installed;
+  const absl::Duration spin = ThreadPool::Default().spin();
+  const std::string host =
+      on_team ? "libgomp's team"
+              : absl::StrCat("mempipe's pool (spin ", absl::FormatDuration(spin), ")");
   std::printf(
       "mempipe-cpu-kernel-bench: %d layers x (%d q / %d KV heads, head_dim %d, %s, page %d, "
       "%d x %d tokens, budget %d, %s-major cache), %d thread(s) on %s, %s kernels, huge pages "
       "%s\n",
       layers, heads, kv, d, std::string(DTypeName(dt)).c_str(), bs, seqs, context, k * bs,
-      cache.HeadMajor() ? "head" : "token", threads, on_team ? "libgomp's team" : "mempipe's pool",
+      cache.HeadMajor() ? "head" : "token", threads, host.c_str(),
       std::string(ActiveCpuKernelName()).c_str(), huge ? "asked for" : "not asked for");
   const double mib = 1048576.0;
   std::printf(
@@ -271,7 +277,8 @@ int Run() {
         "DRAM, and the percentages below compare unlike things (raise --layers / --read_mib, or "
         "leave them at 0)\n");
   }
-  // One table per clock: CPU time per thread (the kernels' own rate, even on a shared machine)
+  // One table per clock: CPU time per thread (the kernels' own rate, even on a shared machine,
+  // when the threads sleep rather than spin)
   // and wall clock (what a decode step waits for: idle threads and wake-ups count too), each
   // against the read bandwidth measured on the same clock.
   for (const bool on_wall : {false, true}) {
@@ -289,6 +296,12 @@ int Run() {
           "(libgomp's threads spin between calls, and the process CPU clock counts a running "
           "thread's time only at a tick or a context switch: this table undercounts them; read "
           "the wall-clock one)\n");
+    } else if (!on_wall && threads > 1 && spin > absl::ZeroDuration()) {
+      std::printf(
+          "(mempipe's pool spins up to %s after each call (MEMPIPE_POOL_SPIN_US), counted here "
+          "only in part: read the wall-clock table, or set MEMPIPE_POOL_SPIN_US=0 for the "
+          "kernels' own rate on a shared machine)\n",
+          absl::FormatDuration(spin).c_str());
     }
     std::printf(
         "per layer, best of %d passes, %s; %% of the read bandwidth (STREAM-like, %d thread(s), "

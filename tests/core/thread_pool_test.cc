@@ -8,13 +8,17 @@
 #include "core/thread_pool.h"
 
 #include <atomic>
+#include <chrono>
+#include <cstdlib>
 #include <mutex>
 #include <set>
 #include <stdexcept>
+#include <string>
 #include <system_error>
 #include <thread>
 #include <vector>
 
+#include "absl/time/time.h"
 #include "core/parallel.h"
 #include "gtest/gtest.h"
 
@@ -102,6 +106,101 @@ TEST(ThreadPool, TaskExceptionReachesTheCallerAfterAllTasksFinish) {
   std::atomic<int> again{0};
   pool.ParallelFor(10, 3, [&](int) { again.fetch_add(1); });
   EXPECT_EQ(again.load(), 10);
+}
+
+// Runs `n` tasks that each wait (up to 5 s) until all n have started: they can only finish if
+// n threads run them at once, so a worker that is never woken (asleep) or never sees the batch
+// (spinning) fails the check instead of hanging the test.
+bool AllTasksRanAtOnce(ThreadPool& pool, int n) {
+  std::atomic<int> started{0}, late{0};
+  pool.ParallelFor(n, n, [&](int) {
+    started.fetch_add(1);
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    while (started.load() < n) {
+      if (std::chrono::steady_clock::now() > deadline) {
+        late.fetch_add(1);
+        return;
+      }
+      std::this_thread::yield();
+    }
+  });
+  return late.load() == 0;
+}
+
+// Waits up to 5 s for pool.num_spinning() to equal `want`.
+bool SpinningBecomes(const ThreadPool& pool, int want) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (pool.num_spinning() != want) {
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return true;
+}
+
+// The pool's waits (thread_pool.h): a worker that ran tasks spins `spin`, then sleeps. Both ways
+// of taking a new batch must work: a sleeping worker is woken by the caller, and a spinning one
+// sees the push itself (the caller does not wake it).
+TEST(ThreadPool, SleepingAndSpinningWorkersBothTakeNewBatches) {
+  ThreadPool asleep(3, nullptr, absl::ZeroDuration());  // sleeps as soon as it is idle
+  ThreadPool spinning(3, nullptr, absl::Seconds(30));   // does not sleep during this test
+  for (ThreadPool* pool : {&asleep, &spinning}) {
+    ASSERT_TRUE(pool->Reserve(3).ok());
+    for (int rep = 0; rep < 20; ++rep) {
+      ASSERT_TRUE(AllTasksRanAtOnce(*pool, 4))
+          << "spin " << absl::FormatDuration(pool->spin()) << ", call " << rep;
+      // Idle long enough for the zero-spin pool's workers to be asleep again.
+      if (rep % 5 == 0) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+  }
+  EXPECT_EQ(asleep.num_spinning(), 0);
+  // A pool that spins a little and then sleeps: calls spaced past the spin find sleepers.
+  ThreadPool brief(2, nullptr, absl::Microseconds(100));
+  for (int rep = 0; rep < 5; ++rep) {
+    ASSERT_TRUE(AllTasksRanAtOnce(brief, 3)) << "call " << rep;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  EXPECT_TRUE(SpinningBecomes(brief, 0));
+  EXPECT_EQ(ThreadPool(1, nullptr, absl::Microseconds(-5)).spin(), absl::ZeroDuration());
+}
+
+// Only the workers a call used keep spinning: one that woke and found every task claimed
+// sleeps at once. And a pool whose workers spin is destroyed without waiting out the spin.
+TEST(ThreadPool, WorkersThatFoundNoTaskSleepAndShutdownEndsTheSpin) {
+  const auto start = std::chrono::steady_clock::now();
+  {
+    ThreadPool pool(3, nullptr, absl::Seconds(30));
+    ASSERT_TRUE(pool.Reserve(3).ok());
+    ASSERT_TRUE(AllTasksRanAtOnce(pool, 4));
+    ASSERT_TRUE(SpinningBecomes(pool, 3));
+    for (int rep = 0; rep < 3; ++rep) ASSERT_TRUE(AllTasksRanAtOnce(pool, 2)) << rep;
+    // The three spinners all saw each push; only the helper that ran a task spins on.
+    EXPECT_TRUE(SpinningBecomes(pool, 1)) << pool.num_spinning();
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(20));
+}
+
+TEST(ThreadPool, SpinFromEnvParsesMicrosecondsAndNamesABadValue) {
+  const char* old = std::getenv("MEMPIPE_POOL_SPIN_US");
+  const std::string saved = old ? old : "";
+  unsetenv("MEMPIPE_POOL_SPIN_US");
+  EXPECT_EQ(*ThreadPool::SpinFromEnv(), ThreadPool::kDefaultSpin);
+  setenv("MEMPIPE_POOL_SPIN_US", "0", 1);
+  EXPECT_EQ(*ThreadPool::SpinFromEnv(), absl::ZeroDuration());
+  setenv("MEMPIPE_POOL_SPIN_US", "250", 1);
+  EXPECT_EQ(*ThreadPool::SpinFromEnv(), absl::Microseconds(250));
+  for (const char* bad : {"abc", "-1", "1000001", "5ms", ""}) {
+    setenv("MEMPIPE_POOL_SPIN_US", bad, 1);
+    const absl::StatusOr<absl::Duration> spin = ThreadPool::SpinFromEnv();
+    ASSERT_FALSE(spin.ok()) << "accepted \"" << bad << "\"";
+    EXPECT_EQ(spin.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(spin.status().message().find(std::string("\"") + bad + "\""), absl::string_view::npos)
+        << spin.status();
+  }
+  if (old) {
+    setenv("MEMPIPE_POOL_SPIN_US", saved.c_str(), 1);
+  } else {
+    unsetenv("MEMPIPE_POOL_SPIN_US");
+  }
 }
 
 }  // namespace
