@@ -52,9 +52,12 @@ bool SpinUntil(absl::Duration spin, Done done) {
 
 }  // namespace
 
-ThreadPool::ThreadPool(int max_workers, Spawner spawner, absl::Duration spin)
+ThreadPool::ThreadPool(int max_workers, Spawner spawner, absl::Duration spin, int max_spinners)
     : max_workers_(std::max(max_workers, 0)),
       spin_(std::max(spin, absl::ZeroDuration())),
+      max_spinners_(max_spinners >= 0
+                        ? max_spinners
+                        : std::max(static_cast<int>(std::thread::hardware_concurrency()) - 1, 0)),
       spawner_(std::move(spawner)) {
   if (!spawner_) {
     spawner_ = [](std::function<void()> body) { return std::thread(std::move(body)); };
@@ -162,9 +165,11 @@ void ThreadPool::WorkerLoop() {
     if (stopping_) return;
     // Nothing to claim. A worker that just ran tasks spins a while for the next batch; one
     // that found none (the call needed fewer threads) sleeps at once, so the spinners are the
-    // threads that the recent calls used.
-    if (spin) {
-      spin = false;
+    // threads that the recent calls used. At most max_spinners_ spin at once, so that spinners
+    // never crowd out the threads with work on a machine with fewer cores than threads.
+    const bool may_spin = spin && spinners_.load(std::memory_order_relaxed) < max_spinners_;
+    spin = false;
+    if (may_spin) {
       const uint64_t seen = posted_.load(std::memory_order_relaxed);
       spinners_.fetch_add(1, std::memory_order_relaxed);
       lock.unlock();

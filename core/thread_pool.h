@@ -21,7 +21,8 @@
 // as much as a small layer's whole kernel, and the woken helper started so late that two
 // threads took longer than one. The default pool spins kDefaultSpin; MEMPIPE_POOL_SPIN_US (a
 // whole number of microseconds, 0 = sleep at once) sets it for the process. A worker never
-// spins longer than that after its last task, so an idle pool costs nothing.
+// spins longer than that after its last task, so an idle pool costs nothing; and no more
+// workers spin at once than there are hardware threads besides the caller's.
 //
 //   ThreadPool::Default().ParallelFor(num_tasks, /*parallelism=*/8, [&](int task) { ... });
 #ifndef MEMPIPE_CORE_THREAD_POOL_H_
@@ -52,9 +53,10 @@ class ThreadPool {
 
   // At most `max_workers` (>= 0) threads besides the callers. `spawner` defaults to
   // std::thread's constructor. `spin`: how long a worker that ran tasks, or a caller waiting
-  // for its helpers, spins before it sleeps (negative: 0).
+  // for its helpers, spins before it sleeps (negative: 0). `max_spinners`: how many workers may
+  // spin at once (negative: the hardware threads minus one, for the caller).
   explicit ThreadPool(int max_workers, Spawner spawner = nullptr,
-                      absl::Duration spin = kDefaultSpin);
+                      absl::Duration spin = kDefaultSpin, int max_spinners = -1);
   ~ThreadPool();  // stops and joins the workers; no ParallelFor may be running
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
@@ -94,6 +96,7 @@ class ThreadPool {
 
   const int max_workers_;
   const absl::Duration spin_;
+  const int max_spinners_;
   Spawner spawner_;
   mutable std::mutex mu_;
   std::condition_variable wake_;

@@ -141,8 +141,8 @@ bool SpinningBecomes(const ThreadPool& pool, int want) {
 // of taking a new batch must work: a sleeping worker is woken by the caller, and a spinning one
 // sees the push itself (the caller does not wake it).
 TEST(ThreadPool, SleepingAndSpinningWorkersBothTakeNewBatches) {
-  ThreadPool asleep(3, nullptr, absl::ZeroDuration());  // sleeps as soon as it is idle
-  ThreadPool spinning(3, nullptr, absl::Seconds(30));   // does not sleep during this test
+  ThreadPool asleep(3, nullptr, absl::ZeroDuration());    // sleeps as soon as it is idle
+  ThreadPool spinning(3, nullptr, absl::Seconds(30), 3);  // does not sleep in this test
   for (ThreadPool* pool : {&asleep, &spinning}) {
     ASSERT_TRUE(pool->Reserve(3).ok());
     for (int rep = 0; rep < 20; ++rep) {
@@ -168,7 +168,7 @@ TEST(ThreadPool, SleepingAndSpinningWorkersBothTakeNewBatches) {
 TEST(ThreadPool, WorkersThatFoundNoTaskSleepAndShutdownEndsTheSpin) {
   const auto start = std::chrono::steady_clock::now();
   {
-    ThreadPool pool(3, nullptr, absl::Seconds(30));
+    ThreadPool pool(3, nullptr, absl::Seconds(30), /*max_spinners=*/3);
     ASSERT_TRUE(pool.Reserve(3).ok());
     ASSERT_TRUE(AllTasksRanAtOnce(pool, 4));
     ASSERT_TRUE(SpinningBecomes(pool, 3));
@@ -177,6 +177,20 @@ TEST(ThreadPool, WorkersThatFoundNoTaskSleepAndShutdownEndsTheSpin) {
     EXPECT_TRUE(SpinningBecomes(pool, 1)) << pool.num_spinning();
   }
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(20));
+}
+
+// No more workers spin at once than max_spinners (by default the hardware threads minus the
+// caller's): the others sleep, and the caller wakes them when a call needs them.
+TEST(ThreadPool, SpinnersAreCappedAndTheOthersAreWoken) {
+  ThreadPool pool(3, nullptr, absl::Seconds(30), /*max_spinners=*/1);
+  ASSERT_TRUE(pool.Reserve(3).ok());
+  for (int rep = 0; rep < 10; ++rep) {
+    ASSERT_TRUE(AllTasksRanAtOnce(pool, 4)) << rep;
+    ASSERT_TRUE(SpinningBecomes(pool, 1)) << pool.num_spinning();
+  }
+  ThreadPool none(2, nullptr, absl::Seconds(30), /*max_spinners=*/0);
+  for (int rep = 0; rep < 5; ++rep) ASSERT_TRUE(AllTasksRanAtOnce(none, 3)) << rep;
+  EXPECT_EQ(none.num_spinning(), 0);
 }
 
 TEST(ThreadPool, SpinFromEnvParsesMicrosecondsAndNamesABadValue) {
