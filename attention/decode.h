@@ -54,7 +54,7 @@ struct PageList {
   int max_selected = 0;
 };
 
-// Which host implementation runs (AVX-512 or portable): SetCpuKernel in core/cpu_kernel.h.
+// Which host implementation runs (AVX-512, AVX2 or portable): SetCpuKernel in core/cpu_kernel.h.
 
 // Checks io sizes against cache and table (GQA divisibility, head_dim, num_seqs, pointers).
 [[nodiscard]] absl::Status ValidateDecodeIo(const DecodeIo& io, const KvCacheView& cache,
@@ -75,10 +75,10 @@ struct PageList {
                                         const BlockTableView& table, const PageList& pages,
                                         float scale);
 
-// What the AVX-512 kernel of DenseDecode (pages == nullptr) or SparseDecode reads, in its
-// order, thread split and prefetch, without its arithmetic or output: a benchmark's measure of
-// the rate the kernel's access pattern alone allows (mempipe-cpu-kernel-bench). Errors: those of
-// DenseDecode / SparseDecode, and FailedPrecondition where the portable kernel is active.
+// What the AVX-512 or AVX2 kernel of DenseDecode (pages == nullptr) or SparseDecode reads, in
+// its order, thread split and prefetch, without its arithmetic or output: a benchmark's measure
+// of the rate the kernel's access pattern alone allows (mempipe-cpu-kernel-bench). Errors: those
+// of DenseDecode / SparseDecode, and FailedPrecondition where the portable kernel is active.
 [[nodiscard]] absl::Status ReadDecodeRows(const DecodeIo& io, const KvCacheView& cache,
                                           const BlockTableView& table, const PageList* pages);
 

@@ -1,9 +1,11 @@
-// mempipe core: the AVX-512 intrinsics for the host kernels, without requiring -mavx512f.
+// mempipe core: the AVX-512 and AVX2 intrinsics for the host kernels, without requiring
+// -mavx512f or -mavx2.
 //
-// Functions that use AVX-512 are marked MEMPIPE_TARGET_AVX512: compiled for it whatever -march
-// says, and only called after the run-time check (UseAvx512Kernel(), core/cpu_kernel.h), so the
-// default build stays portable. MEMPIPE_AVX512_KERNEL is 0 where the compiler cannot build them
-// (then only the portable kernels exist). Include this header from .cc files only.
+// Functions that use AVX-512 are marked MEMPIPE_TARGET_AVX512, those that use AVX2 with FMA and
+// F16C MEMPIPE_TARGET_AVX2: compiled for them whatever -march says, and only called after the
+// run-time check (UseAvx512Kernel(), UseAvx2Kernel(), core/cpu_kernel.h), so the default build
+// stays portable. MEMPIPE_AVX512_KERNEL and MEMPIPE_AVX2_KERNEL are 0 where the compiler cannot
+// build them (then only the portable kernels exist). Include this header from .cc files only.
 #ifndef MEMPIPE_CORE_AVX512_H_
 #define MEMPIPE_CORE_AVX512_H_
 
@@ -22,8 +24,13 @@
 // AVX512_BF16's dot products (vdpbf16ps) and AVX512BW; called only after UseAvx512Bf16Kernel()
 // (core/cpu_kernel.h).
 #define MEMPIPE_TARGET_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
+// AVX2 with FMA and F16C (x86-64-v3: Intel from Haswell, AMD from Zen 1); called only after
+// UseAvx2Kernel().
+#define MEMPIPE_AVX2_KERNEL 1
+#define MEMPIPE_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #else
 #define MEMPIPE_AVX512_KERNEL 0
+#define MEMPIPE_AVX2_KERNEL 0
 #endif
 
 #endif  // MEMPIPE_CORE_AVX512_H_

@@ -29,16 +29,32 @@ bool CpuHasAvx512Bf16() {
 #endif
 }
 
+bool CpuHasAvx2() {
+#if MEMPIPE_AVX2_KERNEL
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  return has;
+#else
+  return false;
+#endif
+}
+
 CpuKernel Active() {
   const auto k = static_cast<CpuKernel>(g_cpu_kernel.load(std::memory_order_relaxed));
   if (k != CpuKernel::kAuto) return k;
   if (CpuHasAvx512Bf16()) return CpuKernel::kAvx512Bf16;
-  return CpuHasAvx512() ? CpuKernel::kAvx512 : CpuKernel::kPortable;
+  if (CpuHasAvx512()) return CpuKernel::kAvx512;
+  return CpuHasAvx2() ? CpuKernel::kAvx2 : CpuKernel::kPortable;
 }
 
 }  // namespace
 
-bool UseAvx512Kernel() { return Active() != CpuKernel::kPortable; }
+bool UseAvx512Kernel() {
+  const CpuKernel k = Active();
+  return k == CpuKernel::kAvx512 || k == CpuKernel::kAvx512Bf16;
+}
+
+bool UseAvx2Kernel() { return Active() == CpuKernel::kAvx2; }
 
 bool UseAvx512Bf16Kernel() { return Active() == CpuKernel::kAvx512Bf16; }
 
@@ -48,6 +64,7 @@ absl::Status SetCpuKernel(CpuKernel kernel) {
         absl::StrCat("cpu kernel ", CpuKernelName(kernel),
                      " asked for, but this CPU (or this build's compiler) ",
                      kernel == CpuKernel::kAvx512 ? "has no AVX-512F"
+                     : kernel == CpuKernel::kAvx2 ? "lacks AVX2, FMA or F16C"
                                                   : "lacks AVX-512F, AVX512BW or AVX512_BF16"));
   }
   g_cpu_kernel.store(static_cast<int>(kernel), std::memory_order_relaxed);
@@ -59,8 +76,9 @@ absl::StatusOr<CpuKernel> ParseCpuKernel(absl::string_view name) {
   if (name == "portable") return CpuKernel::kPortable;
   if (name == "avx512") return CpuKernel::kAvx512;
   if (name == "avx512-bf16") return CpuKernel::kAvx512Bf16;
-  return absl::InvalidArgumentError(
-      absl::StrCat("cpu kernel must be auto, portable, avx512 or avx512-bf16, got '", name, "'"));
+  if (name == "avx2") return CpuKernel::kAvx2;
+  return absl::InvalidArgumentError(absl::StrCat(
+      "cpu kernel must be auto, portable, avx512, avx512-bf16 or avx2, got '", name, "'"));
 }
 
 absl::string_view CpuKernelName(CpuKernel kernel) {
@@ -73,6 +91,8 @@ absl::string_view CpuKernelName(CpuKernel kernel) {
       return "avx512";
     case CpuKernel::kAvx512Bf16:
       return "avx512-bf16";
+    case CpuKernel::kAvx2:
+      return "avx2";
   }
   return "unknown";
 }
@@ -83,6 +103,8 @@ bool CpuKernelAvailable(CpuKernel kernel) {
       return CpuHasAvx512();
     case CpuKernel::kAvx512Bf16:
       return CpuHasAvx512Bf16();
+    case CpuKernel::kAvx2:
+      return CpuHasAvx2();
     default:
       return true;
   }

@@ -1,6 +1,7 @@
 // mempipe core: splitting (sequence, KV head) work across host threads.
 //
 //   ForEachSeqHeads(num_seqs, num_kv_heads, threads, [&](int seq, int h0, int h1) { ... });
+//   ForEachItemRange(items, threads, [&](int64_t begin, int64_t end) { ... });
 //
 // The threads come from the process-wide parallel-for (core/host_parallel_runtime.h): mempipe's
 // bounded pool (core/thread_pool.h) by default, or the thread team of a host OpenMP runtime the
@@ -18,20 +19,31 @@
 
 namespace mempipe {
 
-// Splits the (sequence, KV head) pairs, ordered sequence-major, into contiguous ranges, one
-// per thread (at most ThreadPool::DefaultMaxWorkers() + 1 ranges); `fn(seq, head_begin,
-// head_end)` runs for each sequence's part of a range. Which thread runs a range does not
-// change what `fn` is called with.
+// Splits items [0, items) into contiguous ranges, one per thread (at most num_threads, the
+// items, and ThreadPool::DefaultMaxWorkers() + 1 ranges, and at least one); `fn(begin, end)`
+// runs once for each range, which is never empty. Which thread runs a range does not change
+// what `fn` is called with.
 template <typename Fn>
-void ForEachSeqHeads(int num_seqs, int num_kv_heads, int num_threads, Fn fn) {
-  const int64_t items = static_cast<int64_t>(std::max(num_seqs, 0)) * std::max(num_kv_heads, 0);
-  if (items == 0) return;
+void ForEachItemRange(int64_t items, int num_threads, Fn fn) {
+  if (items <= 0) return;
   const int64_t cap = static_cast<int64_t>(ThreadPool::DefaultMaxWorkers()) + 1;
   const int threads =
       static_cast<int>(std::max<int64_t>(1, std::min({int64_t{num_threads}, items, cap})));
-  auto run = [&](int t) {
-    const int64_t begin = items * t / threads;
-    const int64_t end = items * (t + 1) / threads;
+  auto run = [&](int t) { fn(items * t / threads, items * (t + 1) / threads); };
+  if (threads == 1) {
+    run(0);
+    return;
+  }
+  HostParallelFor(threads, threads, run);
+}
+
+// Splits the (sequence, KV head) pairs, ordered sequence-major, into contiguous ranges, one
+// per thread (ForEachItemRange); `fn(seq, head_begin, head_end)` runs for each sequence's part
+// of a range.
+template <typename Fn>
+void ForEachSeqHeads(int num_seqs, int num_kv_heads, int num_threads, Fn fn) {
+  const int64_t items = static_cast<int64_t>(std::max(num_seqs, 0)) * std::max(num_kv_heads, 0);
+  ForEachItemRange(items, num_threads, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end;) {
       const int s = static_cast<int>(i / num_kv_heads);
       const int h0 = static_cast<int>(i % num_kv_heads);
@@ -39,12 +51,7 @@ void ForEachSeqHeads(int num_seqs, int num_kv_heads, int num_threads, Fn fn) {
       fn(s, h0, h1);
       i += h1 - h0;
     }
-  };
-  if (threads == 1) {
-    run(0);
-    return;
-  }
-  HostParallelFor(threads, threads, run);
+  });
 }
 
 }  // namespace mempipe

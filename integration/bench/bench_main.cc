@@ -85,8 +85,9 @@ ABSL_FLAG(int, threads, 0,
           "Host threads for filling caches and CPU attention (0: all hardware threads)");
 ABSL_FLAG(std::string, cpu_kernel, "auto",
           "Host kernels (core/cpu_kernel.h: attention and the cpu selector's relevancy scan): "
-          "auto (the first the CPU has of avx512-bf16, avx512, portable), portable, avx512 or "
-          "avx512-bf16 (AVX512_BF16 dot products for bf16 attention scores)");
+          "auto (the first the CPU has of avx512-bf16, avx512, avx2, portable), portable, "
+          "avx512, avx512-bf16 (AVX512_BF16 dot products for bf16 attention scores) or avx2 "
+          "(AVX2, FMA and F16C: CPUs without AVX-512)");
 ABSL_FLAG(int, bandwidth_mib, -1,
           "Buffer of the STREAM-like read that measures the machine's memory bandwidth before "
           "and after the placements (the apply columns are reported as a fraction of the better "

@@ -61,7 +61,7 @@ ABSL_FLAG(int, budget, 4096, "Tokens selected per KV head (sparse attention read
 ABSL_FLAG(int, threads, 1, "Host threads for every kernel");
 ABSL_FLAG(int, passes, 3, "Passes over the layers; the best is reported");
 ABSL_FLAG(std::string, cpu_kernel, "auto",
-          "Host kernels (core/cpu_kernel.h): auto, portable, avx512, avx512-bf16");
+          "Host kernels (core/cpu_kernel.h): auto, portable, avx512, avx512-bf16, avx2");
 ABSL_FLAG(std::string, kv_layout, "token",
           "KV cache layout: token (token-major, vLLM's FlashAttention layout) or head "
           "(head-major: each KV head's page contiguous, what the vLLM plugin uses on the CPU)");

@@ -132,9 +132,9 @@ TEST_P(DecodeTest, SparseOverEveryPageEqualsDense) {
   EXPECT_EQ(dense, sparse);  // same pages, same order: bit-identical
 }
 
-// The benchmarks' read-only twin of the kernels: runs where the AVX-512 kernel is active (dense
-// and sparse, several threads) and writes no output; refused, naming the kernel, elsewhere.
-TEST_P(DecodeTest, ReadDecodeRowsRunsOnlyWithTheAvx512KernelAndWritesNothing) {
+// The benchmarks' read-only twin of the kernels: runs where the AVX-512 or AVX2 kernel is active
+// (dense and sparse, several threads) and writes no output; refused, naming the kernel, elsewhere.
+TEST_P(DecodeTest, ReadDecodeRowsRunsOnlyWithAVectorKernelAndWritesNothing) {
   std::vector<int32_t> pages(lens_.size() * kKvHeads), counts(lens_.size() * kKvHeads, 1);
   for (size_t s = 0; s < lens_.size(); ++s) {
     for (int h = 0; h < kKvHeads; ++h)
@@ -147,7 +147,7 @@ TEST_P(DecodeTest, ReadDecodeRowsRunsOnlyWithTheAvx512KernelAndWritesNothing) {
   io.num_threads = 3;
   for (const PageList* p : {static_cast<const PageList*>(nullptr), &list}) {
     const absl::Status st = ReadDecodeRows(io, f_->cache_view(), f_->table_view(), p);
-    if (UseAvx512Kernel()) {
+    if (UseAvx512Kernel() || UseAvx2Kernel()) {
       EXPECT_TRUE(st.ok()) << st;
     } else {
       EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition) << st;
@@ -239,7 +239,7 @@ INSTANTIATE_TEST_SUITE_P(
                        ::testing::Values(16, 32, 64), ::testing::Values(64, 128, 256),
                        ::testing::Values(1, 3, 6),
                        ::testing::Values(CpuKernel::kPortable, CpuKernel::kAvx512,
-                                         CpuKernel::kAvx512Bf16),
+                                         CpuKernel::kAvx512Bf16, CpuKernel::kAvx2),
                        ::testing::Values(KvLayout::kTokenMajor)),
     ShapeName);
 
@@ -251,7 +251,7 @@ INSTANTIATE_TEST_SUITE_P(
                        ::testing::Values(16, 32, 64), ::testing::Values(64, 128),
                        ::testing::Values(1, 6),
                        ::testing::Values(CpuKernel::kPortable, CpuKernel::kAvx512,
-                                         CpuKernel::kAvx512Bf16),
+                                         CpuKernel::kAvx512Bf16, CpuKernel::kAvx2),
                        ::testing::Values(KvLayout::kHeadMajor)),
     ShapeName);
 
@@ -311,7 +311,8 @@ TEST(DecodeTolerance, RejectsADroppedPageAndAZeroedOutput) {
 // threads (bit-identical); and the check rejects the same output measured against a reference that
 // drops one chunk's tokens.
 TEST(DecodeChunks, LongSequencesCombineChunksExactlyOnce) {
-  for (CpuKernel kernel : {CpuKernel::kPortable, CpuKernel::kAvx512, CpuKernel::kAvx512Bf16}) {
+  for (CpuKernel kernel :
+       {CpuKernel::kPortable, CpuKernel::kAvx512, CpuKernel::kAvx512Bf16, CpuKernel::kAvx2}) {
     if (!CpuKernelAvailable(kernel)) continue;
     ASSERT_TRUE(SetCpuKernel(kernel).ok());
     for (auto [dtype, layout] : {std::pair{DType::kFloat32, KvLayout::kTokenMajor},
@@ -405,7 +406,8 @@ TEST(DecodeChunks, LongSequencesCombineChunksExactlyOnce) {
 // same bytes) fails the reference check that the right view passes, for every kernel, dense and
 // sparse.
 TEST(DecodeLayout, AHeadMajorCacheReadAsTokenMajorFailsTheCheck) {
-  for (CpuKernel kernel : {CpuKernel::kPortable, CpuKernel::kAvx512, CpuKernel::kAvx512Bf16}) {
+  for (CpuKernel kernel :
+       {CpuKernel::kPortable, CpuKernel::kAvx512, CpuKernel::kAvx512Bf16, CpuKernel::kAvx2}) {
     if (!CpuKernelAvailable(kernel)) continue;
     ASSERT_TRUE(SetCpuKernel(kernel).ok());
     SCOPED_TRACE(ActiveCpuKernelName());
@@ -487,8 +489,8 @@ TEST(DecodeErrors, NameTheBadValue) {
   int32_t zero_counts[4] = {0, 1, 1, 1};
   expect_bad(SparseDecode(io, f.cache_view(), f.table_view(), {pages, zero_counts, 2, 2}, 1.0f),
              "= 0");
-  EXPECT_EQ(ParseCpuKernel("avx2").status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(ParseCpuKernel("avx2").status().message().find("'avx2'"), absl::string_view::npos);
+  EXPECT_EQ(ParseCpuKernel("sse2").status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(ParseCpuKernel("sse2").status().message().find("'sse2'"), absl::string_view::npos);
   for (CpuKernel k :
        {CpuKernel::kAuto, CpuKernel::kPortable, CpuKernel::kAvx512, CpuKernel::kAvx512Bf16}) {
     EXPECT_EQ(*ParseCpuKernel(CpuKernelName(k)), k);
