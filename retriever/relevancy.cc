@@ -131,6 +131,12 @@ void PortableScoreRow(const float* q, int groups, int d, const DigestView& diges
   }
 }
 
+// How far ahead of the pages being scored the vector scans prefetch a head's digest rows: each
+// row a fixed distance ahead as its page is reached (on the build VM, one 128 MiB-context layer
+// from DRAM, one thread, AVX-512: 0.75 ms without or with a burst of the whole next batch's
+// prefetches, 0.62 ms this way; 16 or 32 pages ahead alike).
+[[maybe_unused]] constexpr int kAhead = 32;
+
 #if MEMPIPE_AVX512_KERNEL
 // ---- AVX-512 scan -------------------------------------------------------------------------
 // The canonical order (relevancy.h), 16 pages at a time. Per query head and page, two vectors
@@ -185,12 +191,8 @@ MEMPIPE_TARGET_AVX512 inline __m512 Reduce16(const float (*x)[16]) {
   return _mm512_permutexvar_ps(idx, w);
 }
 
-// Pages scored together (one Reduce16), and how far ahead of them a head's digest rows are
-// prefetched: each row a fixed distance ahead as its page is reached (on the build VM, one
-// 128 MiB-context layer from DRAM, one thread: 0.75 ms without or with a burst of the whole next
-// batch's prefetches, 0.62 ms this way; 16 or 32 pages ahead alike).
+// Pages scored together (one Reduce16).
 constexpr int kScanBatch = 16;
-constexpr int kAhead = 32;
 
 // Scores of `np` <= 16 pages for one KV head from their fp32 rows mx[i], mn[i]; ND =
 // head_dim / 32.
@@ -299,6 +301,152 @@ MEMPIPE_TARGET_AVX512 void Avx512ScoreHeadsAnyDim(const float* q, int groups, in
 }
 #endif  // MEMPIPE_AVX512_KERNEL
 
+#if MEMPIPE_AVX2_KERNEL
+// ---- AVX2 scan ----------------------------------------------------------------------------
+// The AVX-512 scan at eight lanes, in the same canonical order: per query head and page, four
+// vectors hold the 32 lanes (channels c % 32 in [0, 8), [8, 16), [16, 24), [24, 32)), each
+// lane adding its max(q*mx, q*mn) terms in increasing channel order with separate multiplies;
+// tree levels 16 and 8 are sums of those vectors, and levels 4, 2, 1 run for 8 pages at once as
+// a transposing reduction (Reduce8), which leaves page i's score in lane i. Widening as the
+// AVX-512 scan's.
+
+// 8 digest channels as fp32, channel order kept. `scale` is used by int8 only.
+[[maybe_unused]] MEMPIPE_TARGET_AVX2 inline __m256 LoadRow8(const float* p, __m256) {
+  return _mm256_loadu_ps(p);
+}
+MEMPIPE_TARGET_AVX2 inline __m256 LoadRow8(const Half* p, __m256) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+MEMPIPE_TARGET_AVX2 inline __m256 LoadRow8(const BFloat16* p, __m256) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+MEMPIPE_TARGET_AVX2 inline __m256 LoadRow8(const int8_t* p, __m256 scale) {
+  const __m256i w = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(w), scale);
+}
+
+// Tree levels 4, 2, 1 of 8 pages' 8-lane vectors x[i] (levels 16 and 8 already applied).
+MEMPIPE_TARGET_AVX2 inline __m256 Reduce8(const float (*x)[8]) {
+  __m256 t[4], u[2];
+  for (int k = 0; k < 4; ++k) {  // s = 4: t[k] lanes 0-3 page 2k, lanes 4-7 page 2k + 1
+    const __m256 a = _mm256_load_ps(x[2 * k]), b = _mm256_load_ps(x[2 * k + 1]);
+    t[k] = _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+  }
+  for (int m = 0; m < 2; ++m) {  // s = 2: u[m] low half pages 4m, 4m + 2; high 4m + 1, 4m + 3
+    u[m] = _mm256_add_ps(_mm256_shuffle_ps(t[2 * m], t[2 * m + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm256_shuffle_ps(t[2 * m], t[2 * m + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  // s = 1: the low half holds pages 0, 2, 4, 6 and the high half 1, 3, 5, 7.
+  const __m256 w = _mm256_add_ps(_mm256_shuffle_ps(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm256_shuffle_ps(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm256_permutevar8x32_ps(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+constexpr int kScanBatch2 = 8;
+
+// Scores of `np` <= 8 pages for one KV head from their fp32 rows mx[i], mn[i]; ND =
+// head_dim / 32.
+//   q [groups, ND * 32] fp32; out [np]
+template <int ND>
+MEMPIPE_TARGET_AVX2 void Avx2ScoreBatch(const float* q, int groups, const float* const* mx,
+                                        const float* const* mn, int np, GroupAggregation agg,
+                                        float* out) {
+  constexpr int kD = ND * 32;
+  alignas(32) float x[kScanBatch2][8];
+  for (int i = np; i < kScanBatch2; ++i) _mm256_store_ps(x[i], _mm256_setzero_ps());
+  __m256 agg_score = _mm256_setzero_ps();
+  for (int g = 0; g < groups; ++g) {
+    const float* qg = q + static_cast<size_t>(g) * kD;
+    for (int i = 0; i < np; ++i) {
+      __m256 v[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                     _mm256_setzero_ps()};
+      for (int c = 0; c < ND; ++c) {
+        for (int k = 0; k < 4; ++k) {
+          const __m256 qk = _mm256_loadu_ps(qg + 32 * c + 8 * k);
+          v[k] = _mm256_add_ps(
+              v[k], _mm256_max_ps(_mm256_mul_ps(qk, _mm256_loadu_ps(mx[i] + 32 * c + 8 * k)),
+                                  _mm256_mul_ps(qk, _mm256_loadu_ps(mn[i] + 32 * c + 8 * k))));
+        }
+      }
+      // Levels 16 and 8: lane i += lane i + 16, then lane i += lane i + 8.
+      _mm256_store_ps(x[i], _mm256_add_ps(_mm256_add_ps(v[0], v[2]), _mm256_add_ps(v[1], v[3])));
+    }
+    const __m256 v = Reduce8(x);
+    agg_score = g == 0                          ? v
+                : agg == GroupAggregation::kMax ? _mm256_max_ps(v, agg_score)
+                                                : _mm256_add_ps(agg_score, v);
+  }
+  alignas(32) float res[8];
+  _mm256_store_ps(res, agg_score);
+  std::copy(res, res + np, out);
+}
+
+// Avx512ScoreHeads at eight pages a batch.
+template <typename Src, int ND, typename Out>
+MEMPIPE_TARGET_AVX2 void Avx2ScoreHeads(const float* q, int groups, const DigestView& digests,
+                                        const BlockTableView& table, int s, int h0, int h1, int p0,
+                                        int p1, GroupAggregation agg, Out out) {
+  constexpr int kD = ND * 32;
+  constexpr int kRowBytes = kD * static_cast<int>(sizeof(Src));
+  const Src* data = static_cast<const Src*>(digests.data);
+  const bool int8 = digests.format == DigestFormat::kInt8;
+  const float* mx[kScanBatch2];
+  const float* mn[kScanBatch2];
+  alignas(32) float wide[std::is_same_v<Src, float> ? 1 : kScanBatch2 * 2 * kD];
+  for (int b0 = p0; b0 < p1; b0 += kScanBatch2) {
+    const int np = std::min(kScanBatch2, p1 - b0);
+    for (int h = h0; h < h1; ++h) {
+      for (int i = 0; i < np; ++i) {
+        const int block = table.Block(s, b0 + i);
+        const Src* rmx = data + digests.Offset(block, 0, h);
+        const Src* rmn = data + digests.Offset(block, 1, h);
+        if (b0 + kAhead + i < p1) {
+          const int ahead = table.Block(s, b0 + kAhead + i);
+          const char* amx = reinterpret_cast<const char*>(data + digests.Offset(ahead, 0, h));
+          const char* amn = reinterpret_cast<const char*>(data + digests.Offset(ahead, 1, h));
+          for (int off = 0; off < kRowBytes; off += 64) {
+            _mm_prefetch(amx + off, _MM_HINT_T0);
+            _mm_prefetch(amn + off, _MM_HINT_T0);
+          }
+        }
+        if constexpr (std::is_same_v<Src, float>) {
+          mx[i] = rmx;
+          mn[i] = rmn;
+        } else {
+          const __m256 scale =
+              _mm256_set1_ps(int8 ? digests.scales[digests.ScaleIndex(block, h)] : 1.0f);
+          float* w = wide + static_cast<size_t>(i) * 2 * kD;
+          for (int c = 0; c < kD; c += 8) {
+            _mm256_store_ps(w + c, LoadRow8(rmx + c, scale));
+            _mm256_store_ps(w + kD + c, LoadRow8(rmn + c, scale));
+          }
+          mx[i] = w;
+          mn[i] = w + kD;
+        }
+      }
+      Avx2ScoreBatch<ND>(q + static_cast<size_t>(h - h0) * groups * kD, groups, mx, mn, np, agg,
+                         out(h) + b0);
+    }
+  }
+}
+
+template <typename Src, typename Out>
+MEMPIPE_TARGET_AVX2 void Avx2ScoreHeadsAnyDim(const float* q, int groups, int d,
+                                              const DigestView& digests,
+                                              const BlockTableView& table, int s, int h0, int h1,
+                                              int p0, int p1, GroupAggregation agg, Out out) {
+  switch (d) {
+    case 64:
+      return Avx2ScoreHeads<Src, 2>(q, groups, digests, table, s, h0, h1, p0, p1, agg, out);
+    case 128:
+      return Avx2ScoreHeads<Src, 4>(q, groups, digests, table, s, h0, h1, p0, p1, agg, out);
+    default:  // 256 (ValidateKvCache admits 64, 128, 256)
+      return Avx2ScoreHeads<Src, 8>(q, groups, digests, table, s, h0, h1, p0, p1, agg, out);
+  }
+}
+#endif  // MEMPIPE_AVX2_KERNEL
+
 }  // namespace
 
 absl::Status ComputeRelevancy(const QueryView& query, const KvCacheView& cache,
@@ -313,7 +461,7 @@ absl::Status ComputeRelevancy(const QueryView& query, const KvCacheView& cache,
 
   const int d = cache.head_dim;
   const int groups = query.num_heads / cache.num_kv_heads;
-  const bool avx512 = UseAvx512Kernel();
+  const bool avx512 = UseAvx512Kernel(), avx2 = UseAvx2Kernel();
   const int kvh = cache.num_kv_heads;
   // Tasks: every (sequence, KV head) row, each split into `chunks` page ranges when there are
   // more threads than rows (a batch of one on a many-core host: one head's scan would otherwise
@@ -353,8 +501,19 @@ absl::Status ComputeRelevancy(const QueryView& query, const KvCacheView& cache,
         }
       }
 #endif
+#if MEMPIPE_AVX2_KERNEL
+      if (avx2 && p0 < end) {
+        if (digests.format == DigestFormat::kInt8) {
+          Avx2ScoreHeadsAnyDim<int8_t>(q.data(), groups, d, digests, table, s, h0, h1, p0, end, agg,
+                                       out);
+        } else {
+          Avx2ScoreHeadsAnyDim<T>(q.data(), groups, d, digests, table, s, h0, h1, p0, end, agg,
+                                  out);
+        }
+      }
+#endif
       for (int h = h0; h < h1; ++h) {
-        if (!avx512) {
+        if (!avx512 && !avx2) {
           PortableScoreRow<T>(&q[(h - h0) * gd], groups, d, digests, table, s, h, p0, end, agg,
                               out(h));
         }

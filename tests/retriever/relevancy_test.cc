@@ -54,21 +54,23 @@ std::vector<float> SequentialOrderScores(const PagedFixture& f, const DigestView
   return out;
 }
 
-// Parameters: dtype, head_dim, GQA group, int8 digests.
-class RelevancyKernelTest : public ::testing::TestWithParam<std::tuple<DType, int, int, bool>> {
+// Parameters: dtype, head_dim, GQA group, int8 digests, vector kernel (avx512 or avx2).
+class RelevancyKernelTest
+    : public ::testing::TestWithParam<std::tuple<DType, int, int, bool, CpuKernel>> {
  protected:
   void TearDown() override { ASSERT_TRUE(SetCpuKernel(CpuKernel::kAuto).ok()); }
 };
 
-TEST_P(RelevancyKernelTest, Avx512EqualsPortableBitForBit) {
-  if (!CpuKernelAvailable(CpuKernel::kAvx512)) GTEST_SKIP() << "this CPU lacks AVX-512F";
-  const auto [dtype, head_dim, group, int8] = GetParam();
+TEST_P(RelevancyKernelTest, VectorScanEqualsPortableBitForBit) {
+  const auto [dtype, head_dim, group, int8, kernel] = GetParam();
+  if (!CpuKernelAvailable(kernel)) GTEST_SKIP() << "this CPU lacks the kernel's instructions";
   std::mt19937_64 rng(TestSeed());
   const int block_size = 16, kv_heads = 3;
   std::uniform_int_distribution<int> len_dist(1, 70 * block_size);
-  // 1 page, exactly 16 and 17 pages (the scan's batch edge), and two random lengths.
-  const std::vector<int> lens = {len_dist(rng), 1, 16 * block_size, 16 * block_size + 1,
-                                 len_dist(rng)};
+  // 1 page, exactly 16 and 17 pages (the scans' batch edges: 16 pages for avx512, 8 for avx2),
+  // 9 pages, and two random lengths.
+  const std::vector<int> lens = {
+      len_dist(rng), 1, 16 * block_size, 16 * block_size + 1, 9 * block_size - 3, len_dist(rng)};
   PagedFixture f(rng, {.dtype = dtype,
                        .block_size = block_size,
                        .num_kv_heads = kv_heads,
@@ -86,43 +88,44 @@ TEST_P(RelevancyKernelTest, Avx512EqualsPortableBitForBit) {
   const QueryView qv{q.data(), dtype, static_cast<int>(lens.size()), heads, head_dim};
   const size_t n = lens.size() * kv_heads * f.max_blocks();
   for (GroupAggregation agg : {GroupAggregation::kMax, GroupAggregation::kSum}) {
-    std::vector<float> portable(n, NAN), avx512(n, NAN), avx512_mt(n, NAN), avx512_split(n, NAN);
+    std::vector<float> portable(n, NAN), vec(n, NAN), vec_mt(n, NAN), vec_split(n, NAN);
     ASSERT_TRUE(SetCpuKernel(CpuKernel::kPortable).ok());
     ASSERT_TRUE(
         ComputeRelevancy(qv, f.cache_view(), dv, f.table_view(), agg, portable.data()).ok());
-    ASSERT_TRUE(SetCpuKernel(CpuKernel::kAvx512).ok());
-    ASSERT_TRUE(ComputeRelevancy(qv, f.cache_view(), dv, f.table_view(), agg, avx512.data()).ok());
-    ASSERT_TRUE(ComputeRelevancy(qv, f.cache_view(), dv, f.table_view(), agg, avx512_mt.data(),
+    ASSERT_TRUE(SetCpuKernel(kernel).ok());
+    ASSERT_TRUE(ComputeRelevancy(qv, f.cache_view(), dv, f.table_view(), agg, vec.data()).ok());
+    ASSERT_TRUE(ComputeRelevancy(qv, f.cache_view(), dv, f.table_view(), agg, vec_mt.data(),
                                  /*num_threads=*/2)
                     .ok());
     // More threads than rows: each row's pages are split into ranges (relevancy.cc).
-    ASSERT_TRUE(ComputeRelevancy(qv, f.cache_view(), dv, f.table_view(), agg, avx512_split.data(),
+    ASSERT_TRUE(ComputeRelevancy(qv, f.cache_view(), dv, f.table_view(), agg, vec_split.data(),
                                  /*num_threads=*/4 * static_cast<int>(n))
                     .ok());
     for (size_t i = 0; i < n; ++i) {
-      ASSERT_FALSE(std::isnan(avx512[i])) << "score " << i << " left unwritten";
+      ASSERT_FALSE(std::isnan(vec[i])) << "score " << i << " left unwritten";
       uint32_t a, b;
-      std::memcpy(&a, &avx512[i], 4);
+      std::memcpy(&a, &vec[i], 4);
       std::memcpy(&b, &portable[i], 4);
-      ASSERT_EQ(a, b) << "score " << i << " (" << GroupAggregationName(agg) << "): avx512 "
-                      << avx512[i] << " portable " << portable[i];
+      ASSERT_EQ(a, b) << "score " << i << " (" << GroupAggregationName(agg)
+                      << "): " << CpuKernelName(kernel) << " " << vec[i] << " portable "
+                      << portable[i];
     }
-    ASSERT_EQ(0, std::memcmp(avx512.data(), avx512_mt.data(), n * sizeof(float)));
-    ASSERT_EQ(0, std::memcmp(avx512.data(), avx512_split.data(), n * sizeof(float)));
+    ASSERT_EQ(0, std::memcmp(vec.data(), vec_mt.data(), n * sizeof(float)));
+    ASSERT_EQ(0, std::memcmp(vec.data(), vec_split.data(), n * sizeof(float)));
     if (!int8) {
       // The known-wrong answer: the same bound summed in channel order differs somewhere.
       const std::vector<float> wrong = SequentialOrderScores(f, native, q, heads, agg);
-      EXPECT_NE(0, std::memcmp(wrong.data(), avx512.data(), n * sizeof(float)))
+      EXPECT_NE(0, std::memcmp(wrong.data(), vec.data(), n * sizeof(float)))
           << "the bitwise check cannot tell a channel-order sum from the canonical one";
     }
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Shapes, RelevancyKernelTest,
-                         ::testing::Combine(::testing::Values(DType::kFloat32, DType::kFloat16,
-                                                              DType::kBFloat16),
-                                            ::testing::Values(64, 128, 256),
-                                            ::testing::Values(1, 3, 4), ::testing::Bool()));
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, RelevancyKernelTest,
+    ::testing::Combine(::testing::Values(DType::kFloat32, DType::kFloat16, DType::kBFloat16),
+                       ::testing::Values(64, 128, 256), ::testing::Values(1, 3, 4),
+                       ::testing::Bool(), ::testing::Values(CpuKernel::kAvx512, CpuKernel::kAvx2)));
 
 }  // namespace
 }  // namespace mempipe
