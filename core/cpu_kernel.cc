@@ -2,6 +2,10 @@
 
 #include <atomic>
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
+#endif
+
 #include "absl/strings/str_cat.h"
 #include "core/avx512.h"
 
@@ -31,8 +35,13 @@ bool CpuHasAvx512Bf16() {
 
 bool CpuHasAvx2() {
 #if MEMPIPE_AVX2_KERNEL
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
+  // F16C from CPUID leaf 1 (ECX bit 29): clang's __builtin_cpu_supports has no "f16c". The
+  // builtin's avx2 already requires the OS to save the YMM state (XGETBV).
+  static const bool has = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    const bool f16c = __get_cpuid(1, &eax, &ebx, &ecx, &edx) != 0 && (ecx & (1u << 29)) != 0;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;
+  }();
   return has;
 #else
   return false;

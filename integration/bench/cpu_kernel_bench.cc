@@ -7,8 +7,8 @@
 // and the layers are visited in turn; by default there are enough layers that together they are
 // at least four times the last-level cache, and the read is as large (MemoryReadBytes), so both
 // the kernels and the read come from DRAM, not cache.
-// Random data; the selection is random (sinks and locals kept), ascending. With the AVX-512
-// kernels it also times their reads alone (ReadDecodeRows: the same rows, order, thread split
+// Random data; the selection is random (sinks and locals kept), ascending. With the AVX-512 or
+// AVX2 kernels it also times their reads alone (ReadDecodeRows: the same rows, order, thread split
 // and prefetch, no arithmetic), the rate the access pattern allows on this machine.
 //
 //   mempipe-cpu-kernel-bench                                   # Llama-3-8B layer, bf16, 32K
@@ -191,8 +191,8 @@ int Run() {
   const QueryView qv{q.data(), dt, seqs, heads, d};
   const float scale = 0.125f;
 
-  // The kernels' reads alone (ReadDecodeRows), where the AVX-512 kernel runs.
-  const bool rows = UseAvx512Kernel();
+  // The kernels' reads alone (ReadDecodeRows), where the AVX-512 or AVX2 kernel runs.
+  const bool rows = UseAvx512Kernel() || UseAvx2Kernel();
   // Per kernel, the best pass's time per layer: CPU time per thread, and wall-clock time.
   enum Kernel { kRel, kTop, kSparse, kDense, kSparseRows, kDenseRows, kKernels };
   double cpu[kKernels], wall[kKernels];

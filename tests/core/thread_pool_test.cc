@@ -7,6 +7,7 @@
 // process or (on a refused thread) ended it in std::terminate.
 #include "core/thread_pool.h"
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
@@ -44,6 +45,33 @@ TEST(ThreadPool, ForEachSeqHeadsCapsThreadsAndRunsEachPairOnce) {
   const int before = ThreadPool::Default().num_workers();
   ForEachSeqHeads(seqs, heads, 1 << 20, [](int, int, int) {});
   EXPECT_EQ(ThreadPool::Default().num_workers(), before);
+}
+
+// ForEachItemRange (sparse decode's split): one contiguous, non-empty range per thread, in
+// order, covering every item once; at most min(threads, items, pool + 1) ranges, one range for
+// one thread, none for no items.
+TEST(ThreadPool, ForEachItemRangeGivesEachThreadOneContiguousRange) {
+  for (const auto [items, asked] : {std::pair<int64_t, int>{1, 4}, {5, 3}, {1000, 7}, {9, 1}}) {
+    std::mutex mu;
+    std::vector<std::pair<int64_t, int64_t>> ranges;
+    ForEachItemRange(items, asked, [&](int64_t begin, int64_t end) {
+      std::lock_guard<std::mutex> lock(mu);
+      ranges.emplace_back(begin, end);
+    });
+    std::sort(ranges.begin(), ranges.end());
+    const int64_t cap = std::min<int64_t>({asked, items, ThreadPool::DefaultMaxWorkers() + 1});
+    EXPECT_EQ(static_cast<int64_t>(ranges.size()), cap) << items << " items, " << asked;
+    int64_t next = 0;
+    for (const auto& [begin, end] : ranges) {
+      EXPECT_EQ(begin, next) << items << " items, " << asked;
+      EXPECT_LT(begin, end) << items << " items, " << asked;
+      next = end;
+    }
+    EXPECT_EQ(next, items);
+  }
+  int calls = 0;
+  ForEachItemRange(0, 4, [&](int64_t, int64_t) { ++calls; });
+  EXPECT_EQ(calls, 0);
 }
 
 TEST(ThreadPool, RefusedThreadsAreAbsorbedAndReported) {
