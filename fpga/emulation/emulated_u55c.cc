@@ -328,12 +328,22 @@ absl::Status EmulatedU55cSelector::Wait(SelectTicket ticket, absl::Time deadline
   if (deadline == absl::InfiniteFuture()) {
     cv_.wait(lock, done);
   } else {
-    const absl::Duration left = deadline - absl::Now();
+    const absl::Duration left = deadline - absl::Now();  // negative once it has passed
+    const Clock::time_point give_up = Clock::now() + absl::ToChronoNanoseconds(left);
+    // Paced: the result arrives at its modeled completion, so one due after the deadline missed
+    // it even when the waiter only looks later (a waiter descheduled past both would otherwise
+    // find it done and count a late card as on time).
     if (!cv_.wait_for(lock, absl::ToChronoNanoseconds(std::max(left, absl::ZeroDuration())),
-                      done)) {
-      job->abandoned = true;  // the worker drops it when it finishes
-      return absl::DeadlineExceededError(absl::StrCat("FPGA selection ", ticket, " (layer ",
-                                                      job->layer_id, ") missed its deadline"));
+                      done) ||
+        (paced_ && job->completed > give_up)) {
+      const absl::Status late = absl::DeadlineExceededError(absl::StrCat(
+          "FPGA selection ", ticket, " (layer ", job->layer_id, ") missed its deadline"));
+      if (job->done) {
+        jobs_.erase(it);  // finished: nothing left for the worker to drop
+      } else {
+        job->abandoned = true;  // the worker drops it when it finishes
+      }
+      return late;
     }
   }
   std::unique_ptr<Job> owned = std::move(it->second);

@@ -287,11 +287,12 @@ absl::Status HierarchicalU55cSelector::Wait(SelectTicket ticket, absl::Time dead
   std::unique_ptr<Job> job = std::move(it->second);
   jobs_.erase(it);
   if (paced_) {
+    // The deadline on the steady clock, in the past if it has passed: a result due after it is
+    // late even when the waiter only looks later.
     const absl::Duration left = deadline - absl::Now();
-    const Clock::time_point give_up =
-        deadline == absl::InfiniteFuture()
-            ? Clock::time_point::max()
-            : Clock::now() + absl::ToChronoNanoseconds(std::max(left, absl::ZeroDuration()));
+    const Clock::time_point give_up = deadline == absl::InfiniteFuture()
+                                          ? Clock::time_point::max()
+                                          : Clock::now() + absl::ToChronoNanoseconds(left);
     if (job->completed > give_up) {
       std::this_thread::sleep_until(give_up);
       return absl::DeadlineExceededError(

@@ -235,5 +235,39 @@ TEST(HierarchicalU55cTest, DigestsMatchAndFewerBytesCostLess) {
   EXPECT_LT(*hier->costs.modeled_device_ms, *flat->costs.modeled_device_ms);
 }
 
+// A paced result due after the deadline is late even when the waiter only looks once it is done
+// (EmulatedU55c's test of the same): before, Wait clamped a passed deadline to "now" and counted
+// the late card as on time.
+TEST(HierarchicalU55cTest, PacedResultDueAfterTheDeadlineIsLateWhenLookedAtLate) {
+  const uint64_t seed = TestSeed();
+  std::mt19937_64 rng(seed);
+  HierFixture fx(rng, DType::kBFloat16, kBlock, 4, kKvHeads, kHeadDim, {300 * kBlock + 3});
+  U55cParams p;
+  p.launch_latency_s = 0.02;  // modeled completion about 20 ms after the submit
+  HierarchicalU55cSelector card(p, /*paced=*/true, 4);
+  ASSERT_TRUE(RunSteps(card, fx, Config(4), seed, 1).ok());
+  const int k = Config(4).PagesPerHead(kBlock);
+  std::vector<float> q(static_cast<size_t>(kKvHeads) * kGroup * kHeadDim, 0.5f);
+  std::vector<int32_t> pages(static_cast<size_t>(kKvHeads) * k, 4242), counts(kKvHeads, -3);
+  const SelectRequest r{3, QueryView{q.data(), DType::kFloat32, 1, kKvHeads * kGroup, kHeadDim},
+                        fx.table_view(), Config(4),
+                        SelectionView{pages.data(), counts.data(), 1, kKvHeads, k}};
+  for (const bool late : {true, false}) {
+    const absl::Time submitted = absl::Now();
+    auto t = card.Submit(r);
+    ASSERT_TRUE(t.ok()) << t.status();
+    absl::SleepFor(absl::Milliseconds(80));  // done by now
+    const absl::Status st =
+        card.Wait(*t, submitted + absl::Milliseconds(late ? 1 : 60));  // both passed
+    if (late) {
+      EXPECT_EQ(st.code(), absl::StatusCode::kDeadlineExceeded) << st;
+      EXPECT_EQ(counts, std::vector<int32_t>(kKvHeads, -3));
+    } else {
+      EXPECT_TRUE(st.ok()) << st;
+      EXPECT_NE(counts, std::vector<int32_t>(kKvHeads, -3));
+    }
+  }
+}
+
 }  // namespace
 }  // namespace mempipe

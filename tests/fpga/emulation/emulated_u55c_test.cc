@@ -11,6 +11,7 @@
 #include <random>
 #include <vector>
 
+#include "absl/time/clock.h"
 #include "fpga/fpga_selector.h"
 #include "gtest/gtest.h"
 #include "tests/fpga/test_data.h"
@@ -268,6 +269,38 @@ TEST(EmulatedU55c, DeadlineDropsTheRequest) {
   ASSERT_TRUE(next.ok());
   EXPECT_EQ(s.pages, poisoned);
   ASSERT_TRUE(emu.Wait(*next, absl::InfiniteFuture()).ok());
+  EXPECT_NE(s.pages, poisoned);
+}
+
+// A paced result due after the deadline is late even when the waiter only looks once it is done
+// (a waiter descheduled past both, as on a loaded 2-core machine): Wait reports the deadline
+// missed and leaves the caller's buffers alone; the same wait with the deadline after the
+// modeled completion succeeds. Before the check, the first wait returned OK.
+TEST(EmulatedU55c, PacedResultDueAfterTheDeadlineIsLateWhenLookedAtLate) {
+  std::mt19937_64 rng(
+      testing::FreshSeed("EmulatedU55c.PacedResultDueAfterTheDeadlineIsLateWhenLookedAtLate"));
+  Small s = MakeSmall(rng);
+  U55cParams p;
+  p.launch_latency_s = 0.02;  // modeled completion about 20 ms after the submit
+  EmulatedU55cSelector emu(p, /*paced=*/true);
+  ASSERT_TRUE(emu.AddLayer(0, s.shape).ok());
+  ASSERT_TRUE(emu.BuildDigests(0, s.b.Cache(), s.b.Table()).ok());
+  std::fill(s.pages.begin(), s.pages.end(), 0x7eadbeef);
+  const std::vector<int32_t> poisoned = s.pages;
+  const absl::Time submitted = absl::Now();
+  auto t = emu.Submit(s.Request());
+  ASSERT_TRUE(t.ok());
+  absl::SleepFor(absl::Milliseconds(80));  // the request is done by now
+  const absl::Status late = emu.Wait(*t, submitted + absl::Milliseconds(1));
+  EXPECT_EQ(late.code(), absl::StatusCode::kDeadlineExceeded) << late;
+  EXPECT_EQ(s.pages, poisoned);
+  EXPECT_EQ(emu.Wait(*t, absl::InfiniteFuture()).code(), absl::StatusCode::kNotFound);
+  // Control: the deadline after the modeled completion, looked at as late.
+  const absl::Time again = absl::Now();
+  auto u = emu.Submit(s.Request());
+  ASSERT_TRUE(u.ok());
+  absl::SleepFor(absl::Milliseconds(80));
+  EXPECT_TRUE(emu.Wait(*u, again + absl::Milliseconds(60)).ok());
   EXPECT_NE(s.pages, poisoned);
 }
 
