@@ -51,7 +51,7 @@ TEST(ThreadPool, ForEachSeqHeadsCapsThreadsAndRunsEachPairOnce) {
 // order, covering every item once; at most min(threads, items, pool + 1) ranges, one range for
 // one thread, none for no items.
 TEST(ThreadPool, ForEachItemRangeGivesEachThreadOneContiguousRange) {
-  for (const auto [items, asked] : {std::pair<int64_t, int>{1, 4}, {5, 3}, {1000, 7}, {9, 1}}) {
+  for (const auto& [items, asked] : {std::pair<int64_t, int>{1, 4}, {5, 3}, {1000, 7}, {9, 1}}) {
     std::mutex mu;
     std::vector<std::pair<int64_t, int64_t>> ranges;
     ForEachItemRange(items, asked, [&](int64_t begin, int64_t end) {
