@@ -30,10 +30,10 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY="$(cd "$VENV" && pwd)/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check -q)
-# --no-compile: no .pyc for every file of every package at install (most of pip's CPU time for
-# torch and vLLM on the 2-core build VM: 185 instead of 300 CPU-seconds, 2026-12-02); Python
-# writes them for the modules actually imported, once.
-INSTALL=("${PIP[@]}" install --no-compile)
+# pip byte-compiles every package at install. Not with --no-compile: where PYTHONDONTWRITEBYTECODE
+# is set (as on the build VM), Python then never writes a .pyc, and every vLLM process compiled
+# torch and vLLM from source again; pytest took 13.4 minutes instead of 8 (2026-12-02).
+INSTALL=("${PIP[@]}" install)
 
 # What is installed is stamped with a hash of this script and the requirement files, so a second
 # call (after --deps-only) skips pip's resolver.
