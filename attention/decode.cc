@@ -266,6 +266,157 @@ inline void PrefetchRow(NextPage& next) {
   }
   if (++next.head == next.heads) next.head = 0, ++next.tok;
 }
+
+// The state both vector kernels keep for each of `heads` KV heads (slot i) of a range: the G
+// query heads' rows, their unnormalised accumulators (in the kernel's channel order:
+// Derived::Position), running maxima and sums, and the batch of pages scored but not yet folded
+// in. Derived (Avx512Heads, Avx2Heads) supplies Position(c), HeadScores<H>(k, stride, n, q0, p,
+// next) (the scores of H <= 4 heads whose query rows start at q_[q0]) and kSoftmaxValues<NB>
+// (the function of a batch's running-max update and P.V, NB = head_dim / 16); the batch runs when
+// full or when the state is read (Store, StorePartial).
+template <typename Derived, typename T>
+class BatchedHeads {
+ public:
+  static constexpr bool kPrefetchesNext = true;  // AddPage prefetches the next page (NextPage)
+  static constexpr bool kWritesOutput = true;
+
+  void Store(int i, const DecodeIo& io, size_t row0) {
+    Flush(i);
+    const size_t gd = static_cast<size_t>(groups_) * head_dim_;
+    for (int g = 0; g < groups_; ++g) {
+      const float inv = 1.0f / l_[i * groups_ + g];
+      const float* a = &acc_[i * gd + g * head_dim_];
+      for (int c = 0; c < head_dim_; ++c) {
+        StoreFromFloat(io.out, io.dtype, (row0 + g) * head_dim_ + c, a[Derived::Position(c)] * inv);
+      }
+    }
+  }
+
+  // The G heads' unnormalised state in channel order: acc [G, D], m [G], l [G].
+  void StorePartial(int i, float* acc, float* m, float* l) {
+    Flush(i);
+    const size_t gd = static_cast<size_t>(groups_) * head_dim_;
+    for (int g = 0; g < groups_; ++g) {
+      const float* a = &acc_[i * gd + g * head_dim_];
+      for (int c = 0; c < head_dim_; ++c) acc[g * head_dim_ + c] = a[Derived::Position(c)];
+      m[g] = m_[i * groups_ + g];
+      l[g] = l_[i * groups_ + g];
+    }
+  }
+
+ protected:
+  // batch_tokens: a batch's capacity (whole pages, at least one); pstride: floats per score row
+  // (>= batch_tokens); pad: floats after the last row that a vector may touch.
+  BatchedHeads(int heads, int groups, int head_dim, int block_size, float scale, int batch_tokens,
+               int pstride, int pad)
+      : heads_(heads),
+        groups_(groups),
+        head_dim_(head_dim),
+        block_size_(block_size),
+        batch_tokens_(batch_tokens),
+        pstride_(pstride),
+        scale_(scale),
+        q_(static_cast<size_t>(heads) * groups * head_dim),
+        acc_(q_.size()),
+        m_(heads * groups),
+        l_(heads * groups),
+        p_(static_cast<size_t>(heads) * groups * pstride + pad),
+        corr_(groups),
+        batches_(heads) {
+    for (Batch& b : batches_) b.pages.resize(batch_tokens / block_size);
+  }
+
+  // Pages scored but not yet folded into a slot's state.
+  struct Batch {
+    std::vector<ValuePage<T>> pages;  // batch_tokens_ / block_size_ entries
+    int count = 0, tokens = 0;
+  };
+
+  // Slot i's accumulators, maxima and sums for a new call (Begin).
+  void ResetSlot(int i) {
+    const size_t gd = static_cast<size_t>(groups_) * head_dim_;
+    std::fill(acc_.begin() + i * gd, acc_.begin() + (i + 1) * gd, 0.0f);
+    std::fill(m_.begin() + i * groups_, m_.begin() + (i + 1) * groups_, kNegInf);
+    std::fill(l_.begin() + i * groups_, l_.begin() + (i + 1) * groups_, 0.0f);
+  }
+
+  // Adds the page (V rows at v, n tokens, the cache's token stride) to slot i's batch; returns
+  // where head 0's scores of its tokens go (head g's at + g * pstride_).
+  float* QueuePage(int i, const T* v, int n, size_t stride) {
+    vstride_ = stride;
+    Batch& batch = batches_[i];
+    batch.pages[batch.count++] = ValuePage<T>{v, n};
+    float* p = &p_[static_cast<size_t>(i) * groups_ * pstride_ + batch.tokens];
+    batch.tokens += n;
+    return p;
+  }
+
+  // The page's scores into p, four query heads at a time (Derived::HeadScores); the first four
+  // prefetch the next page's rows. Then slot i's batch runs if another page would not fit.
+  void ScoreAndFlushIfFull(const T* k, size_t stride, int n, int i, float* p, NextPage& next) {
+    const size_t gd = static_cast<size_t>(groups_) * head_dim_;
+    for (int g = 0; g < groups_; g += 4) {
+      NextPage none;
+      NextPage& pf = g == 0 ? next : none;
+      float* pg = p + static_cast<size_t>(g) * pstride_;
+      const size_t q0 = i * gd + static_cast<size_t>(g) * head_dim_;
+      switch (std::min(4, groups_ - g)) {
+        case 1:
+          self().template HeadScores<1>(k, stride, n, q0, pg, pf);
+          break;
+        case 2:
+          self().template HeadScores<2>(k, stride, n, q0, pg, pf);
+          break;
+        case 3:
+          self().template HeadScores<3>(k, stride, n, q0, pg, pf);
+          break;
+        default:
+          self().template HeadScores<4>(k, stride, n, q0, pg, pf);
+          break;
+      }
+    }
+    if (batches_[i].tokens + block_size_ > batch_tokens_) Flush(i);
+  }
+
+  // Folds slot i's batch into its running state (Derived::SoftmaxValues).
+  void Flush(int i) {
+    Batch& b = batches_[i];
+    if (b.count == 0) return;
+    const size_t gd = static_cast<size_t>(groups_) * head_dim_;
+    float* acc = &acc_[i * gd];
+    float* m = &m_[i * groups_];
+    float* l = &l_[i * groups_];
+    float* p = &p_[static_cast<size_t>(i) * groups_ * pstride_];
+    switch (head_dim_) {
+      case 64:
+        Derived::template kSoftmaxValues<4>(b.pages.data(), b.count, vstride_, b.tokens, groups_,
+                                            pstride_, acc, m, l, p, corr_.data());
+        break;
+      case 128:
+        Derived::template kSoftmaxValues<8>(b.pages.data(), b.count, vstride_, b.tokens, groups_,
+                                            pstride_, acc, m, l, p, corr_.data());
+        break;
+      default:  // 256 (ValidateKvCache admits 64, 128, 256)
+        Derived::template kSoftmaxValues<16>(b.pages.data(), b.count, vstride_, b.tokens, groups_,
+                                             pstride_, acc, m, l, p, corr_.data());
+        break;
+    }
+    b.count = 0;
+    b.tokens = 0;
+  }
+
+  Derived& self() { return static_cast<Derived&>(*this); }
+
+  int heads_, groups_, head_dim_, block_size_;
+  int batch_tokens_;  // a batch's capacity: whole pages, at least one
+  int pstride_;       // floats per score row
+  float scale_;
+  size_t vstride_ = 0;  // the cache's token stride (elements)
+  std::vector<float> q_, acc_, m_, l_;
+  std::vector<float> p_;  // [heads, G, pstride_] the batches' scores, then probabilities
+  std::vector<float> corr_;
+  std::vector<Batch> batches_;  // [heads]
+};
 #endif  // MEMPIPE_AVX512_KERNEL || MEMPIPE_AVX2_KERNEL
 
 #if MEMPIPE_AVX512_KERNEL
@@ -614,53 +765,39 @@ MEMPIPE_TARGET_AVX512 void StageKeys(const T* k, size_t stride, int n, int d, T*
 // Tokens of scores the AVX-512 kernel gathers (whole pages) before one softmax and P.V over them.
 constexpr int kBatchTokens = 128;
 
-// The AVX-512 kernel's state for the G query heads of `heads` KV heads.
+// The AVX-512 kernel's state for the G query heads of `heads` KV heads (BatchedHeads).
 template <typename T>
-class Avx512Heads {
+class Avx512Heads : public BatchedHeads<Avx512Heads<T>, T> {
+  using Base = BatchedHeads<Avx512Heads<T>, T>;
+  friend Base;
+
  public:
   // stage_rows: each token-major page's K rows are copied to contiguous scratch before its
   // scores (StageKeys; for sparse decode, whose pages are scattered); P.V reads V in place (the
   // page's prefetch brought it into L2).
   Avx512Heads(int heads, int groups, int head_dim, int block_size, float scale,
               bool stage_rows = false)
-      : stage_rows_(stage_rows),
-        heads_(heads),
-        groups_(groups),
-        head_dim_(head_dim),
-        block_size_(block_size),
-        batch_tokens_(BatchTokens(block_size)),
-        scale_(scale),
-        q_(static_cast<size_t>(heads) * groups * head_dim),
-        acc_(q_.size()),
-        m_(heads * groups),
-        l_(heads * groups),
-        p_(static_cast<size_t>(heads) * groups * batch_tokens_ + 16),
-        corr_(groups),
-        batches_(heads),
+      // Score rows of a batch's capacity, and 16 floats more, so that the masked-off lanes of
+      // StoreScores' last stores stay inside the buffer.
+      : Base(heads, groups, head_dim, block_size, scale, BatchTokens(block_size),
+             BatchTokens(block_size), 16),
+        stage_rows_(stage_rows),
         kstage_(stage_rows ? static_cast<size_t>(block_size) * head_dim : 0) {
-    for (Batch& b : batches_) b.pages.resize(batch_tokens_ / block_size);
-    if constexpr (std::is_same_v<T, BFloat16>) q16_.resize(q_.size());
+    if constexpr (std::is_same_v<T, BFloat16>) q16_.resize(this->q_.size());
   }
 
-  // AddPage prefetches the next page given to it, spread over the current page's tokens
-  // (NextPage); the callers pass it instead of calling PrefetchPage.
-  static constexpr bool kPrefetchesNext = true;
-  static constexpr bool kWritesOutput = true;
-
   void Begin(int i, const DecodeIo& io, size_t row0) {
-    const size_t gd = static_cast<size_t>(groups_) * head_dim_;
+    const size_t gd = static_cast<size_t>(this->groups_) * this->head_dim_;
     dot_bf16_ =
         std::is_same_v<T, BFloat16> && io.dtype == DType::kBFloat16 && UseAvx512Bf16Kernel();
-    std::fill(acc_.begin() + i * gd, acc_.begin() + (i + 1) * gd, 0.0f);
-    std::fill(m_.begin() + i * groups_, m_.begin() + (i + 1) * groups_, kNegInf);
-    std::fill(l_.begin() + i * groups_, l_.begin() + (i + 1) * groups_, 0.0f);
+    this->ResetSlot(i);
     if (dot_bf16_) {  // the scores take the bf16 query as it is; no fp32 copy needed
-      const BFloat16* src = static_cast<const BFloat16*>(io.query) + row0 * head_dim_;
+      const BFloat16* src = static_cast<const BFloat16*>(io.query) + row0 * this->head_dim_;
       std::copy(src, src + gd, q16_.begin() + i * gd);
       return;
     }
-    float* q = &q_[i * gd];
-    LoadQueryRows(io, row0, groups_, scale_, q);
+    float* q = &this->q_[i * gd];
+    LoadQueryRows(io, row0, this->groups_, this->scale_, q);
     if constexpr (kInterleaved<T>) {
       // Block of 32 channels: even channels first, then odd ones (Load32).
       float tmp[32];
@@ -675,110 +812,48 @@ class Avx512Heads {
   // the state is read (Store, StorePartial).
   void AddPage(const KvCacheView& cache, int block, int kv_head, int i, int n, int next_block = -1,
                int next_n = 0, int next_head = -1) {
-    NextPage next = NextPageRows<T>(cache, next_block, next_n, kv_head, heads_, i, n, next_head);
+    NextPage next =
+        NextPageRows<T>(cache, next_block, next_n, kv_head, this->heads_, i, n, next_head);
     const T* k = static_cast<const T*>(cache.data) + cache.Offset(0, block, 0, kv_head);
     const T* v = static_cast<const T*>(cache.data) + cache.Offset(1, block, 0, kv_head);
-    const size_t gd = static_cast<size_t>(groups_) * head_dim_;
-    Batch& batch = batches_[i];
-    float* p = &p_[static_cast<size_t>(i) * groups_ * batch_tokens_ + batch.tokens];
     size_t stride = cache.TokenStride();
-    vstride_ = stride;
-    batch.pages[batch.count++] = ValuePage<T>{v, n};
-    batch.tokens += n;
+    float* p = this->QueuePage(i, v, n, stride);
     if (stage_rows_ && !cache.HeadMajor()) {  // head-major rows are contiguous already
-      StageKeys(k, stride, n, head_dim_, kstage_.data());
+      StageKeys(k, stride, n, this->head_dim_, kstage_.data());
       k = kstage_.data();
-      stride = head_dim_;
+      stride = this->head_dim_;
     }
-    Scores(k, stride, n, i, gd, p, next);
-    if (batch.tokens + block_size_ > batch_tokens_) Flush(i);
-  }
-
-  void Store(int i, const DecodeIo& io, size_t row0) {
-    Flush(i);
-    const size_t gd = static_cast<size_t>(groups_) * head_dim_;
-    for (int g = 0; g < groups_; ++g) {
-      const float inv = 1.0f / l_[i * groups_ + g];
-      const float* a = &acc_[i * gd + g * head_dim_];
-      for (int c = 0; c < head_dim_; ++c) {
-        StoreFromFloat(io.out, io.dtype, (row0 + g) * head_dim_ + c, a[Position(c)] * inv);
-      }
-    }
-  }
-
-  // The G heads' unnormalised state in channel order: acc [G, D], m [G], l [G].
-  void StorePartial(int i, float* acc, float* m, float* l) {
-    Flush(i);
-    const size_t gd = static_cast<size_t>(groups_) * head_dim_;
-    for (int g = 0; g < groups_; ++g) {
-      const float* a = &acc_[i * gd + g * head_dim_];
-      for (int c = 0; c < head_dim_; ++c) {
-        acc[g * head_dim_ + c] = a[Position(c)];
-      }
-      m[g] = m_[i * groups_ + g];
-      l[g] = l_[i * groups_ + g];
-    }
+    this->ScoreAndFlushIfFull(k, stride, n, i, p, next);
   }
 
  private:
-  // Pages scored but not yet folded into slot i's state.
-  struct Batch {
-    std::vector<ValuePage<T>> pages;  // batch_tokens_ / block_size_ entries
-    int count = 0, tokens = 0;
-  };
-
   // Position of channel c in the accumulators' order (Load32).
   static int Position(int c) {
     return kInterleaved<T> ? (c & ~31) + (c & 1) * 16 + ((c & 31) >> 1) : c;
   }
 
-  // p[g * batch_tokens_ + t] = scale * q_g . k_t for the page's tokens t in [0, n), four query
-  // heads at a time; the first four prefetch the next page's rows.
-  void Scores(const T* k, size_t stride, int n, int i, size_t gd, float* p, NextPage next) {
-    for (int g = 0; g < groups_; g += 4) {
-      NextPage none;
-      NextPage& pf = g == 0 ? next : none;
-      float* pg = p + static_cast<size_t>(g) * batch_tokens_;
-      const size_t q0 = i * gd + static_cast<size_t>(g) * head_dim_;
-      switch (std::min(4, groups_ - g)) {
-        case 1:
-          HeadScores<1>(k, stride, n, q0, pg, pf);
-          break;
-        case 2:
-          HeadScores<2>(k, stride, n, q0, pg, pf);
-          break;
-        case 3:
-          HeadScores<3>(k, stride, n, q0, pg, pf);
-          break;
-        default:
-          HeadScores<4>(k, stride, n, q0, pg, pf);
-          break;
-      }
-    }
-  }
-
   // Scores for H query heads whose query rows start at q0.
   template <int H>
   void HeadScores(const T* k, size_t stride, int n, size_t q0, float* p, NextPage& next) {
-    const int ps = batch_tokens_;
+    const int ps = this->pstride_;
     if constexpr (std::is_same_v<T, BFloat16>) {
       if (dot_bf16_) {
         const BFloat16* q16 = &q16_[q0];
-        switch (head_dim_) {
+        switch (this->head_dim_) {
           case 64:
-            Bf16DotScores<2, H>(k, stride, n, ps, q16, scale_, p, next);
+            Bf16DotScores<2, H>(k, stride, n, ps, q16, this->scale_, p, next);
             return;
           case 128:
-            Bf16DotScores<4, H>(k, stride, n, ps, q16, scale_, p, next);
+            Bf16DotScores<4, H>(k, stride, n, ps, q16, this->scale_, p, next);
             return;
           default:
-            Bf16DotScores<8, H>(k, stride, n, ps, q16, scale_, p, next);
+            Bf16DotScores<8, H>(k, stride, n, ps, q16, this->scale_, p, next);
             return;
         }
       }
     }
-    const float* q = &q_[q0];
-    switch (head_dim_) {
+    const float* q = &this->q_[q0];
+    switch (this->head_dim_) {
       case 64:
         Avx512Scores<T, 4, H>(k, stride, n, ps, q, p, next);
         break;
@@ -791,51 +866,17 @@ class Avx512Heads {
     }
   }
 
-  // Folds slot i's batch into its running state: softmax over the batch, then P.V.
-  void Flush(int i) {
-    Batch& b = batches_[i];
-    if (b.count == 0) return;
-    const size_t gd = static_cast<size_t>(groups_) * head_dim_;
-    float* acc = &acc_[i * gd];
-    float* m = &m_[i * groups_];
-    float* l = &l_[i * groups_];
-    float* p = &p_[static_cast<size_t>(i) * groups_ * batch_tokens_];
-    switch (head_dim_) {
-      case 64:
-        Avx512SoftmaxValues<T, 4>(b.pages.data(), b.count, vstride_, b.tokens, groups_,
-                                  batch_tokens_, acc, m, l, p, corr_.data());
-        break;
-      case 128:
-        Avx512SoftmaxValues<T, 8>(b.pages.data(), b.count, vstride_, b.tokens, groups_,
-                                  batch_tokens_, acc, m, l, p, corr_.data());
-        break;
-      default:
-        Avx512SoftmaxValues<T, 16>(b.pages.data(), b.count, vstride_, b.tokens, groups_,
-                                   batch_tokens_, acc, m, l, p, corr_.data());
-        break;
-    }
-    b.count = 0;
-    b.tokens = 0;
-  }
+  template <int NB>
+  static constexpr auto kSoftmaxValues = &Avx512SoftmaxValues<T, NB>;
 
   static int BatchTokens(int block_size) {
     return std::max(block_size, kBatchTokens / block_size * block_size);
   }
 
   bool stage_rows_;
-  bool dot_bf16_ = false;  // scores with AVX512_BF16 (Begin decides)
-  int heads_, groups_, head_dim_, block_size_;
-  int batch_tokens_;  // a batch's capacity: whole pages, at least one
-  float scale_;
-  size_t vstride_ = 0;  // the cache's token stride (elements)
-  std::vector<float> q_, acc_, m_, l_;
-  // [heads, G, batch_tokens_] the batches' scores, then probabilities; 16 floats more, so that
-  // the masked-off lanes of StoreScores' last stores stay inside the buffer.
-  std::vector<float> p_;
-  std::vector<float> corr_;
-  std::vector<Batch> batches_;  // [heads]
-  std::vector<T> kstage_;       // [block_size, head_dim] when stage_rows_
-  std::vector<BFloat16> q16_;   // [heads, G, D] the bf16 queries as given (dot_bf16_)
+  bool dot_bf16_ = false;      // scores with AVX512_BF16 (Begin decides)
+  std::vector<T> kstage_;      // [block_size, head_dim] when stage_rows_
+  std::vector<BFloat16> q16_;  // [heads, G, D] the bf16 queries as given (dot_bf16_)
 };
 // The AVX-512 kernel's reads without its arithmetic: the same rows, in the same order, with the
 // same prefetch (ReadDecodeRows). AddPage loads each K and V row of the page once, 64 bytes at a
@@ -1100,41 +1141,25 @@ MEMPIPE_TARGET_AVX2 void Avx2SoftmaxValues(const ValuePage<T>* pages, int count,
 // Tokens of scores the AVX2 kernel gathers (whole pages) before one softmax and P.V over them.
 constexpr int kBatchTokens2 = 128;
 
-// The AVX2 kernel's state for the G query heads of `heads` KV heads (the Heads interface of
-// DenseImpl, SparseImpl and PrefillImpl).
+// The AVX2 kernel's state for the G query heads of `heads` KV heads (BatchedHeads; the Heads
+// interface of DenseImpl, SparseImpl and PrefillImpl).
 template <typename T>
-class Avx2Heads {
+class Avx2Heads : public BatchedHeads<Avx2Heads<T>, T> {
+  using Base = BatchedHeads<Avx2Heads<T>, T>;
+  friend Base;
+
  public:
-  // stage_rows: ignored (the rows are read in place).
+  // stage_rows: ignored (the rows are read in place). Score rows are rounded up to 8 floats.
   Avx2Heads(int heads, int groups, int head_dim, int block_size, float scale,
             bool /*stage_rows*/ = false)
-      : heads_(heads),
-        groups_(groups),
-        head_dim_(head_dim),
-        block_size_(block_size),
-        batch_tokens_(std::max(block_size, kBatchTokens2 / block_size * block_size)),
-        pstride_((batch_tokens_ + 7) / 8 * 8),
-        scale_(scale),
-        q_(static_cast<size_t>(heads) * groups * head_dim),
-        acc_(q_.size()),
-        m_(heads * groups),
-        l_(heads * groups),
-        p_(static_cast<size_t>(heads) * groups * pstride_),
-        corr_(groups),
-        batches_(heads) {
-    for (Batch& b : batches_) b.pages.resize(batch_tokens_ / block_size);
-  }
-
-  static constexpr bool kPrefetchesNext = true;
-  static constexpr bool kWritesOutput = true;
+      : Base(heads, groups, head_dim, block_size, scale, BatchTokens(block_size),
+             (BatchTokens(block_size) + 7) / 8 * 8, 0) {}
 
   void Begin(int i, const DecodeIo& io, size_t row0) {
-    const size_t gd = static_cast<size_t>(groups_) * head_dim_;
-    std::fill(acc_.begin() + i * gd, acc_.begin() + (i + 1) * gd, 0.0f);
-    std::fill(m_.begin() + i * groups_, m_.begin() + (i + 1) * groups_, kNegInf);
-    std::fill(l_.begin() + i * groups_, l_.begin() + (i + 1) * groups_, 0.0f);
-    float* q = &q_[i * gd];
-    LoadQueryRows(io, row0, groups_, scale_, q);
+    const size_t gd = static_cast<size_t>(this->groups_) * this->head_dim_;
+    this->ResetSlot(i);
+    float* q = &this->q_[i * gd];
+    LoadQueryRows(io, row0, this->groups_, this->scale_, q);
     if constexpr (kInterleaved2<T>) {
       float tmp[16];
       for (size_t b = 0; b < gd; b += 16) {
@@ -1146,119 +1171,40 @@ class Avx2Heads {
 
   void AddPage(const KvCacheView& cache, int block, int kv_head, int i, int n, int next_block = -1,
                int next_n = 0, int next_head = -1) {
-    NextPage next = NextPageRows<T>(cache, next_block, next_n, kv_head, heads_, i, n, next_head);
+    NextPage next =
+        NextPageRows<T>(cache, next_block, next_n, kv_head, this->heads_, i, n, next_head);
     const T* k = static_cast<const T*>(cache.data) + cache.Offset(0, block, 0, kv_head);
     const T* v = static_cast<const T*>(cache.data) + cache.Offset(1, block, 0, kv_head);
     const size_t stride = cache.TokenStride();
-    vstride_ = stride;
-    Batch& batch = batches_[i];
-    batch.pages[batch.count++] = ValuePage<T>{v, n};
-    float* p = &p_[static_cast<size_t>(i) * groups_ * pstride_ + batch.tokens];
-    batch.tokens += n;
-    const size_t q0 = static_cast<size_t>(i) * groups_ * head_dim_;
-    for (int g = 0; g < groups_; g += 4) {
-      NextPage none;
-      NextPage& pf = g == 0 ? next : none;
-      HeadScores(std::min(4, groups_ - g), k, stride, n, q0 + static_cast<size_t>(g) * head_dim_,
-                 p + static_cast<size_t>(g) * pstride_, pf);
-    }
-    if (batch.tokens + block_size_ > batch_tokens_) Flush(i);
-  }
-
-  void Store(int i, const DecodeIo& io, size_t row0) {
-    Flush(i);
-    const size_t gd = static_cast<size_t>(groups_) * head_dim_;
-    for (int g = 0; g < groups_; ++g) {
-      const float inv = 1.0f / l_[i * groups_ + g];
-      const float* a = &acc_[i * gd + g * head_dim_];
-      for (int c = 0; c < head_dim_; ++c) {
-        StoreFromFloat(io.out, io.dtype, (row0 + g) * head_dim_ + c, a[Position(c)] * inv);
-      }
-    }
-  }
-
-  void StorePartial(int i, float* acc, float* m, float* l) {
-    Flush(i);
-    const size_t gd = static_cast<size_t>(groups_) * head_dim_;
-    for (int g = 0; g < groups_; ++g) {
-      const float* a = &acc_[i * gd + g * head_dim_];
-      for (int c = 0; c < head_dim_; ++c) acc[g * head_dim_ + c] = a[Position(c)];
-      m[g] = m_[i * groups_ + g];
-      l[g] = l_[i * groups_ + g];
-    }
+    float* p = this->QueuePage(i, v, n, stride);
+    this->ScoreAndFlushIfFull(k, stride, n, i, p, next);
   }
 
  private:
-  struct Batch {
-    std::vector<ValuePage<T>> pages;  // batch_tokens_ / block_size_ entries
-    int count = 0, tokens = 0;
-  };
-
   // Position of channel c in the query's and accumulators' order (Load16x2).
   static int Position(int c) {
     return kInterleaved2<T> ? (c & ~15) + (c & 1) * 8 + ((c & 15) >> 1) : c;
   }
 
-  void HeadScores(int h, const T* k, size_t stride, int n, size_t q0, float* p, NextPage& next) {
-    switch (h) {
-      case 1:
-        return HeadScoresDim<1>(k, stride, n, q0, p, next);
-      case 2:
-        return HeadScoresDim<2>(k, stride, n, q0, p, next);
-      case 3:
-        return HeadScoresDim<3>(k, stride, n, q0, p, next);
-      default:
-        return HeadScoresDim<4>(k, stride, n, q0, p, next);
-    }
-  }
   template <int H>
-  void HeadScoresDim(const T* k, size_t stride, int n, size_t q0, float* p, NextPage& next) {
-    const float* q = &q_[q0];
-    switch (head_dim_) {
+  void HeadScores(const T* k, size_t stride, int n, size_t q0, float* p, NextPage& next) {
+    const float* q = &this->q_[q0];
+    switch (this->head_dim_) {
       case 64:
-        return Avx2Scores<T, 4, H>(k, stride, n, pstride_, q, p, next);
+        return Avx2Scores<T, 4, H>(k, stride, n, this->pstride_, q, p, next);
       case 128:
-        return Avx2Scores<T, 8, H>(k, stride, n, pstride_, q, p, next);
+        return Avx2Scores<T, 8, H>(k, stride, n, this->pstride_, q, p, next);
       default:  // 256 (ValidateKvCache admits 64, 128, 256)
-        return Avx2Scores<T, 16, H>(k, stride, n, pstride_, q, p, next);
+        return Avx2Scores<T, 16, H>(k, stride, n, this->pstride_, q, p, next);
     }
   }
 
-  void Flush(int i) {
-    Batch& b = batches_[i];
-    if (b.count == 0) return;
-    const size_t gd = static_cast<size_t>(groups_) * head_dim_;
-    float* acc = &acc_[i * gd];
-    float* m = &m_[i * groups_];
-    float* l = &l_[i * groups_];
-    float* p = &p_[static_cast<size_t>(i) * groups_ * pstride_];
-    switch (head_dim_) {
-      case 64:
-        Avx2SoftmaxValues<T, 4>(b.pages.data(), b.count, vstride_, b.tokens, groups_, pstride_, acc,
-                                m, l, p, corr_.data());
-        break;
-      case 128:
-        Avx2SoftmaxValues<T, 8>(b.pages.data(), b.count, vstride_, b.tokens, groups_, pstride_, acc,
-                                m, l, p, corr_.data());
-        break;
-      default:
-        Avx2SoftmaxValues<T, 16>(b.pages.data(), b.count, vstride_, b.tokens, groups_, pstride_,
-                                 acc, m, l, p, corr_.data());
-        break;
-    }
-    b.count = 0;
-    b.tokens = 0;
-  }
+  template <int NB>
+  static constexpr auto kSoftmaxValues = &Avx2SoftmaxValues<T, NB>;
 
-  int heads_, groups_, head_dim_, block_size_;
-  int batch_tokens_;  // a batch's capacity: whole pages, at least one
-  int pstride_;       // floats per score row: batch_tokens_ rounded up to 8
-  float scale_;
-  size_t vstride_ = 0;  // the cache's token stride (elements)
-  std::vector<float> q_, acc_, m_, l_;
-  std::vector<float> p_;  // [heads, G, pstride_] the batches' scores, then probabilities
-  std::vector<float> corr_;
-  std::vector<Batch> batches_;  // [heads]
+  static int BatchTokens(int block_size) {
+    return std::max(block_size, kBatchTokens2 / block_size * block_size);
+  }
 };
 
 // Avx512RowRead at AVX2's width: the AVX2 kernel's reads (same rows, order and prefetch)

@@ -137,6 +137,30 @@ void PortableScoreRow(const float* q, int groups, int d, const DigestView& diges
 // prefetches, 0.62 ms this way; 16 or 32 pages ahead alike).
 [[maybe_unused]] constexpr int kAhead = 32;
 
+#if MEMPIPE_AVX512_KERNEL || MEMPIPE_AVX2_KERNEL
+// KV head h's digest rows (max, min) of page `page` of sequence s, and its block (the vector
+// scans' walk); the same head's rows kAhead pages ahead (below p1) are prefetched.
+template <typename Src>
+inline int PageDigestRows(const DigestView& digests, const BlockTableView& table, int s, int h,
+                          int page, int p1, const Src*& mx, const Src*& mn) {
+  const Src* data = static_cast<const Src*>(digests.data);
+  const int block = table.Block(s, page);
+  mx = data + digests.Offset(block, 0, h);
+  mn = data + digests.Offset(block, 1, h);
+  if (page + kAhead < p1) {
+    const int ahead = table.Block(s, page + kAhead);
+    const char* amx = reinterpret_cast<const char*>(data + digests.Offset(ahead, 0, h));
+    const char* amn = reinterpret_cast<const char*>(data + digests.Offset(ahead, 1, h));
+    const int row_bytes = digests.head_dim * static_cast<int>(sizeof(Src));
+    for (int off = 0; off < row_bytes; off += 64) {
+      _mm_prefetch(amx + off, _MM_HINT_T0);
+      _mm_prefetch(amn + off, _MM_HINT_T0);
+    }
+  }
+  return block;
+}
+#endif
+
 #if MEMPIPE_AVX512_KERNEL
 // ---- AVX-512 scan -------------------------------------------------------------------------
 // The canonical order (relevancy.h), 16 pages at a time. Per query head and page, two vectors
@@ -241,8 +265,6 @@ MEMPIPE_TARGET_AVX512 void Avx512ScoreHeads(const float* q, int groups, const Di
                                             const BlockTableView& table, int s, int h0, int h1,
                                             int p0, int p1, GroupAggregation agg, Out out) {
   constexpr int kD = ND * 32;
-  constexpr int kRowBytes = kD * static_cast<int>(sizeof(Src));
-  const Src* data = static_cast<const Src*>(digests.data);
   const bool int8 = digests.format == DigestFormat::kInt8;
   const float* mx[kScanBatch];
   const float* mn[kScanBatch];
@@ -251,18 +273,9 @@ MEMPIPE_TARGET_AVX512 void Avx512ScoreHeads(const float* q, int groups, const Di
     const int np = std::min(kScanBatch, p1 - b0);
     for (int h = h0; h < h1; ++h) {
       for (int i = 0; i < np; ++i) {
-        const int block = table.Block(s, b0 + i);
-        const Src* rmx = data + digests.Offset(block, 0, h);
-        const Src* rmn = data + digests.Offset(block, 1, h);
-        if (b0 + kAhead + i < p1) {  // this head's rows of the same page kAhead pages ahead
-          const int ahead = table.Block(s, b0 + kAhead + i);
-          const char* amx = reinterpret_cast<const char*>(data + digests.Offset(ahead, 0, h));
-          const char* amn = reinterpret_cast<const char*>(data + digests.Offset(ahead, 1, h));
-          for (int off = 0; off < kRowBytes; off += 64) {
-            _mm_prefetch(amx + off, _MM_HINT_T0);
-            _mm_prefetch(amn + off, _MM_HINT_T0);
-          }
-        }
+        const Src* rmx;
+        const Src* rmn;
+        const int block = PageDigestRows(digests, table, s, h, b0 + i, p1, rmx, rmn);
         if constexpr (std::is_same_v<Src, float>) {
           mx[i] = rmx;
           mn[i] = rmn;
@@ -388,8 +401,6 @@ MEMPIPE_TARGET_AVX2 void Avx2ScoreHeads(const float* q, int groups, const Digest
                                         const BlockTableView& table, int s, int h0, int h1, int p0,
                                         int p1, GroupAggregation agg, Out out) {
   constexpr int kD = ND * 32;
-  constexpr int kRowBytes = kD * static_cast<int>(sizeof(Src));
-  const Src* data = static_cast<const Src*>(digests.data);
   const bool int8 = digests.format == DigestFormat::kInt8;
   const float* mx[kScanBatch2];
   const float* mn[kScanBatch2];
@@ -398,18 +409,9 @@ MEMPIPE_TARGET_AVX2 void Avx2ScoreHeads(const float* q, int groups, const Digest
     const int np = std::min(kScanBatch2, p1 - b0);
     for (int h = h0; h < h1; ++h) {
       for (int i = 0; i < np; ++i) {
-        const int block = table.Block(s, b0 + i);
-        const Src* rmx = data + digests.Offset(block, 0, h);
-        const Src* rmn = data + digests.Offset(block, 1, h);
-        if (b0 + kAhead + i < p1) {
-          const int ahead = table.Block(s, b0 + kAhead + i);
-          const char* amx = reinterpret_cast<const char*>(data + digests.Offset(ahead, 0, h));
-          const char* amn = reinterpret_cast<const char*>(data + digests.Offset(ahead, 1, h));
-          for (int off = 0; off < kRowBytes; off += 64) {
-            _mm_prefetch(amx + off, _MM_HINT_T0);
-            _mm_prefetch(amn + off, _MM_HINT_T0);
-          }
-        }
+        const Src* rmx;
+        const Src* rmn;
+        const int block = PageDigestRows(digests, table, s, h, b0 + i, p1, rmx, rmn);
         if constexpr (std::is_same_v<Src, float>) {
           mx[i] = rmx;
           mn[i] = rmn;
