@@ -203,11 +203,11 @@ int Run() {
     double t_cpu[kKernels] = {}, t_wall[kKernels] = {};
     // Runs f() and adds its CPU and wall time to kernel k's.
     auto timed = [&](Kernel k, auto f) {
-      const double c0 = ProcessCpuMs();
+      const double c0 = ThreadsCpuMs();
       const Clock::time_point w0 = Clock::now();
       f();
       t_wall[k] += MsSince(w0);
-      t_cpu[k] += ProcessCpuMs() - c0;
+      t_cpu[k] += ThreadsCpuMs() - c0;
     };
     for (int l = 0; l < layers; ++l) {
       digest.data = digest_mem[l].get();
