@@ -290,17 +290,14 @@ int Run() {
                   gbps, 100 * gbps / machine);
     };
     if (!on_wall && on_team) {
-      // Measured on the H200 host: over 100% of the read in this table, for the same calls that
-      // the wall clock put at 30-70%.
       std::printf(
-          "(libgomp's threads spin between calls, and the process CPU clock counts a running "
-          "thread's time only at a tick or a context switch: this table undercounts them; read "
-          "the wall-clock one)\n");
+          "(libgomp's threads spin between calls, and their clocks count the spin: this table "
+          "overstates the kernels' CPU time; read the wall-clock one)\n");
     } else if (!on_wall && threads > 1 && spin > absl::ZeroDuration()) {
       std::printf(
-          "(mempipe's pool spins up to %s after each call (MEMPIPE_POOL_SPIN_US), counted here "
-          "only in part: read the wall-clock table, or set MEMPIPE_POOL_SPIN_US=0 for the "
-          "kernels' own rate on a shared machine)\n",
+          "(mempipe's pool spins up to %s after each call (MEMPIPE_POOL_SPIN_US), and the "
+          "threads' clocks count the spin of those left idle: read the wall-clock table, or set "
+          "MEMPIPE_POOL_SPIN_US=0 for the kernels' own rate on a shared machine)\n",
           absl::FormatDuration(spin).c_str());
     }
     std::printf(
