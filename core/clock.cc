@@ -22,9 +22,11 @@ double ClockMs(clockid_t c) {
 
 }  // namespace
 
+double ThreadCpuMs() { return ClockMs(CLOCK_THREAD_CPUTIME_ID); }
+
 double ThreadsCpuMs() {
   DIR* dir = opendir("/proc/self/task");
-  if (dir == nullptr) return ClockMs(CLOCK_THREAD_CPUTIME_ID);  // no procfs: this thread alone
+  if (dir == nullptr) return ThreadCpuMs();  // no procfs: this thread alone
   double ms = 0;
   while (const dirent* e = readdir(dir)) {
     if (e->d_name[0] >= '0' && e->d_name[0] <= '9')

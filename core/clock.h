@@ -36,6 +36,9 @@ inline double MsSince(Clock::time_point t0) { return Ms(Clock::now() - t0); }
 // Reading a thread's own clock brings it up to date.
 double ThreadsCpuMs();
 
+// Milliseconds of CPU time so far of the calling thread (CLOCK_THREAD_CPUTIME_ID, exact).
+double ThreadCpuMs();
+
 }  // namespace mempipe
 
 #endif  // MEMPIPE_CORE_CLOCK_H_

@@ -1,7 +1,6 @@
 #include "integration/bench/membw.h"
 
 #include <sys/mman.h>
-#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -17,6 +16,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/avx512.h"
+#include "core/clock.h"
 
 namespace mempipe {
 namespace {
@@ -56,14 +56,6 @@ bool HasAvx512() {
 #else
   return false;
 #endif
-}
-
-// This thread's CPU time: its own clock is exact, where the process clock can leave out what the
-// other threads ran since their last tick (core/clock.h).
-double ThreadCpuSeconds() {
-  timespec ts;
-  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-  return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
 struct FreeDeleter {
@@ -175,11 +167,11 @@ absl::StatusOr<ReadBandwidth> MeasureReadBandwidth(size_t bytes, int threads, in
     for (size_t i = b; i < e; ++i) buf.get()[i] = i;  // first touch by the thread that reads it
     for (int pass = 0; pass < passes; ++pass) {
       sync.arrive_and_wait();
-      const double c0 = ThreadCpuSeconds();
+      const double c0 = ThreadCpuMs();  // each reader's own clock (core/clock.h)
       std::chrono::steady_clock::time_point t0;
       if (t == 0) t0 = std::chrono::steady_clock::now();
       sums[t] += read(b, e);
-      cpu_s[t] = ThreadCpuSeconds() - c0;
+      cpu_s[t] = (ThreadCpuMs() - c0) * 1e-3;
       sync.arrive_and_wait();
       if (t != 0) continue;
       const double sec =

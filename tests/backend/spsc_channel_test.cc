@@ -2,14 +2,13 @@
 // threaded producer/consumer run checked by its sum.
 #include "backend/spsc_channel.h"
 
-#include <time.h>
-
 #include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <random>
 #include <thread>
 
+#include "core/clock.h"
 #include "gtest/gtest.h"
 #include "tests/testing/paged_fixture.h"
 
@@ -41,12 +40,6 @@ struct Tracked {
     constructed.fetch_add(1, std::memory_order_relaxed);
   }
 };
-
-double ThreadCpuMs() {
-  timespec ts;
-  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-  return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
-}
 
 TEST(SpscChannel, LifetimesBalanceWhenDestroyedNonEmpty) {
   const int64_t before = Tracked::alive.load();

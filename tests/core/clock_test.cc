@@ -1,7 +1,5 @@
 #include "core/clock.h"
 
-#include <time.h>
-
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -11,12 +9,6 @@
 
 namespace mempipe {
 namespace {
-
-double OwnCpuMs() {
-  timespec ts;
-  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-  return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
-}
 
 // A worker busy on its CPU counts while this thread sleeps, read while the worker still runs.
 // The worker never reads its own clock while it spins, which would bring the process clock up to
@@ -29,17 +21,17 @@ TEST(ThreadsCpuMs, CountsOtherRunningThreads) {
   double worker_ms = 0;       // the worker's CPU time from the start of its spin to its end
   std::thread worker([&] {
     while (phase.load() == 0) std::this_thread::yield();
-    const double start = OwnCpuMs();
+    const double start = ThreadCpuMs();
     volatile uint64_t x = 0;
     while (phase.load() == 1) x = x + 1;
-    worker_ms = OwnCpuMs() - start;
+    worker_ms = ThreadCpuMs() - start;
   });
   const double c0 = ThreadsCpuMs();
-  const double own0 = OwnCpuMs();
+  const double own0 = ThreadCpuMs();
   phase.store(1);
   std::this_thread::sleep_for(std::chrono::milliseconds(6));
   const double c1 = ThreadsCpuMs();
-  const double own = OwnCpuMs() - own0;
+  const double own = ThreadCpuMs() - own0;
   phase.store(2);
   worker.join();
   // What the worker ran after c1 was read: seeing phase 2 and reading its clock, microseconds.
@@ -52,9 +44,9 @@ TEST(ThreadsCpuMs, CountsOtherRunningThreads) {
 // is counted.
 TEST(ThreadsCpuMs, CountsTheCallingThread) {
   const double c0 = ThreadsCpuMs();
-  const double own0 = OwnCpuMs();
+  const double own0 = ThreadCpuMs();
   volatile double x = 0;
-  while (OwnCpuMs() - own0 < 2.0) x = x + 1;
+  while (ThreadCpuMs() - own0 < 2.0) x = x + 1;
   EXPECT_GE(ThreadsCpuMs() - c0, 2.0);
 }
 
