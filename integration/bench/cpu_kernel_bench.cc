@@ -1,15 +1,16 @@
 // mempipe-cpu-kernel-bench: the host kernels of one decode step in isolation: the relevancy scan
 // and top-k of the cpu selector (steps 2-3), sparse and dense attention (step 4), and a plain
-// read of the same bytes (membw.h) for the fraction. Two tables: CPU time per thread (so a
-// machine shared with other work still gives the kernels' own rate), then wall clock (what a
-// decode step waits for, idle threads and wake-ups included; meaningful on a quiet machine),
-// each against the read measured on the same clock. Each layer has its own cache and digests
-// and the layers are visited in turn; by default there are enough layers that together they are
-// at least four times the last-level cache, and the read is as large (MemoryReadBytes), so both
-// the kernels and the read come from DRAM, not cache.
-// Random data; the selection is random (sinks and locals kept), ascending. With the AVX-512 or
-// AVX2 kernels it also times their reads alone (ReadDecodeRows: the same rows, order, thread split
-// and prefetch, no arithmetic), the rate the access pattern allows on this machine.
+// read (membw.h, ReadProbe), repeated just before and after each kernel's layers in every pass,
+// for the fraction (so a machine whose bandwidth drifts compares like moments). Two tables: CPU
+// time per thread (so a machine shared with other work still gives the kernels' own rate), then
+// wall clock (what a decode step waits for, idle threads and wake-ups included; meaningful on a
+// quiet machine), each against the read measured on the same clock. Each layer has its own cache
+// and digests and the layers are visited in turn; by default there are enough layers that together
+// they are at least four times the last-level cache, and the read is as large (MemoryReadBytes), so
+// both the kernels and the read come from DRAM, not cache. Random data; the selection is random
+// (sinks and locals kept), ascending. With the AVX-512 or AVX2 kernels it also times their reads
+// alone (ReadDecodeRows: the same rows, order, thread split and prefetch, no arithmetic), the rate
+// the access pattern allows on this machine.
 //
 //   mempipe-cpu-kernel-bench                                   # Llama-3-8B layer, bf16, 32K
 //   mempipe-cpu-kernel-bench --threads=1 --cpu_kernel=portable
@@ -99,6 +100,17 @@ absl::Status UseHostThreads(const std::string& name) {
     return absl::NotFoundError(absl::StrCat("--host_threads=openmp: ", dlerror()));
   }
   return InstallLoadedOpenMpRuntime("libgomp.so.1");
+}
+
+// The median, least and greatest of a non-empty sample.
+struct Spread {
+  double median = 0, min = 0, max = 0;
+};
+Spread SpreadOf(std::vector<double> v) {
+  if (v.empty()) return {};
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return {n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]), v.front(), v.back()};
 }
 
 int Run() {
@@ -193,11 +205,28 @@ int Run() {
 
   // The kernels' reads alone (ReadDecodeRows), where the AVX-512 or AVX2 kernel runs.
   const bool rows = UseAvx512Kernel() || UseAvx2Kernel();
+  // The read that each kernel is compared with, repeated between the kernels in every pass:
+  // read, the kernel's layers, read. A kernel's fraction in a pass is its rate over the mean of
+  // the two reads around it, so on a machine whose bandwidth drifts (other tenants of a VM's
+  // host) a kernel is compared with the bandwidth of its own moment, not of another.
+  const size_t read_bytes = absl::GetFlag(FLAGS_read_mib) > 0
+                                ? static_cast<size_t>(absl::GetFlag(FLAGS_read_mib)) << 20
+                                : MemoryReadBytes(cache.NumBytes());
+  absl::StatusOr<ReadProbe> probe = ReadProbe::Create(read_bytes, threads);
+  if (!probe.ok()) {
+    std::fprintf(stderr, "mempipe-cpu-kernel-bench: %s\n",
+                 std::string(probe.status().message()).c_str());
+    return 1;
+  }
   // Per kernel, the best pass's time per layer: CPU time per thread, and wall-clock time.
   enum Kernel { kRel, kTop, kSparse, kDense, kSparseRows, kDenseRows, kKernels };
   double cpu[kKernels], wall[kKernels];
   std::fill(cpu, cpu + kKernels, 1e300);
   std::fill(wall, wall + kKernels, 1e300);
+  // Per kernel and pass: its time per layer over the mean time of the two reads around it (CPU
+  // time per thread, wall); and every read's rate in GB/s.
+  std::vector<double> rel_cpu[kKernels], rel_wall[kKernels];
+  std::vector<double> read_cpu_gbps, read_wall_gbps;
   for (int pass = 0; pass < absl::GetFlag(FLAGS_passes); ++pass) {
     std::fprintf(stderr, "[pass] %d/%d\n", pass + 1, absl::GetFlag(FLAGS_passes));
     double t_cpu[kKernels] = {}, t_wall[kKernels] = {};
@@ -209,6 +238,23 @@ int Run() {
       t_wall[k] += MsSince(w0);
       t_cpu[k] += ThreadsCpuMs() - c0;
     };
+    ReadProbe::Pass before = probe->Run();
+    // Reads again after the layers of kernels `ks`, and keeps each one's time per layer over
+    // the reads' mean time.
+    auto bracket = [&](std::initializer_list<Kernel> ks) {
+      const ReadProbe::Pass after = probe->Run();
+      for (const ReadProbe::Pass& r : {before, after}) {
+        read_cpu_gbps.push_back(probe->GBytesPerCpuS(r));
+        read_wall_gbps.push_back(probe->GBytesPerS(r));
+      }
+      const double read_cpu_ms = 0.5e3 * (before.cpu_s + after.cpu_s);
+      const double read_wall_ms = 0.5e3 * (before.wall_s + after.wall_s);
+      for (const Kernel k : ks) {
+        rel_cpu[k].push_back(t_cpu[k] / layers / threads / read_cpu_ms);
+        rel_wall[k].push_back(t_wall[k] / layers / read_wall_ms);
+      }
+      before = after;
+    };
     for (int l = 0; l < layers; ++l) {
       digest.data = digest_mem[l].get();
       timed(kRel, [&] {
@@ -218,21 +264,28 @@ int Run() {
       timed(kTop,
             [&] { status.Update(SelectPages(scores.data(), tv, bs, kv, config, sel, threads)); });
     }
+    bracket({kRel, kTop});
     for (int l = 0; l < layers; ++l) {
       cache.data = kv_mem[l].get();
       timed(kSparse, [&] { status.Update(SparseDecode(io, cache, tv, page_list, scale)); });
     }
+    bracket({kSparse});
     for (int l = 0; l < layers; ++l) {
       cache.data = kv_mem[l].get();
       timed(kDense, [&] { status.Update(DenseDecode(io, cache, tv, scale)); });
     }
-    for (int l = 0; rows && l < layers; ++l) {
-      cache.data = kv_mem[l].get();
-      timed(kSparseRows, [&] { status.Update(ReadDecodeRows(io, cache, tv, &page_list)); });
-    }
-    for (int l = 0; rows && l < layers; ++l) {
-      cache.data = kv_mem[l].get();
-      timed(kDenseRows, [&] { status.Update(ReadDecodeRows(io, cache, tv, nullptr)); });
+    bracket({kDense});
+    if (rows) {
+      for (int l = 0; l < layers; ++l) {
+        cache.data = kv_mem[l].get();
+        timed(kSparseRows, [&] { status.Update(ReadDecodeRows(io, cache, tv, &page_list)); });
+      }
+      bracket({kSparseRows});
+      for (int l = 0; l < layers; ++l) {
+        cache.data = kv_mem[l].get();
+        timed(kDenseRows, [&] { status.Update(ReadDecodeRows(io, cache, tv, nullptr)); });
+      }
+      bracket({kDenseRows});
     }
     if (!status.ok()) {
       std::fprintf(stderr, "mempipe-cpu-kernel-bench: %s\n", std::string(status.message()).c_str());
@@ -243,15 +296,6 @@ int Run() {
       cpu[k] = std::min(cpu[k], t_cpu[k] / layers / threads);
       wall[k] = std::min(wall[k], t_wall[k] / layers);
     }
-  }
-  const size_t read_bytes = absl::GetFlag(FLAGS_read_mib) > 0
-                                ? static_cast<size_t>(absl::GetFlag(FLAGS_read_mib)) << 20
-                                : MemoryReadBytes(cache.NumBytes());
-  auto bw = MeasureReadBandwidth(read_bytes, threads, 5);
-  if (!bw.ok()) {
-    std::fprintf(stderr, "mempipe-cpu-kernel-bench: %s\n",
-                 std::string(bw.status().message()).c_str());
-    return 1;
   }
   const double sparse_bytes = 2.0 * seqs * kv * k * bs * d * DTypeSize(dt);
   const bool on_team = GetHostParallelRuntimeInfo().installed;
@@ -270,8 +314,9 @@ int Run() {
   std::printf(
       "  last-level cache %s; the layers' caches and digests total %.0f MiB; the read %.0f MiB\n",
       llc ? absl::StrCat(llc >> 20, " MiB").c_str() : "unknown", layers * layer_bytes / mib,
-      bw->bytes / mib);
-  if (llc > 0 && (static_cast<double>(layers) * layer_bytes < 4.0 * llc || bw->bytes < 4 * llc)) {
+      probe->bytes() / mib);
+  if (llc > 0 &&
+      (static_cast<double>(layers) * layer_bytes < 4.0 * llc || probe->bytes() < 4 * llc)) {
     std::printf(
         "  WARNING: under 4x the last-level cache: part of these reads may come from cache, not "
         "DRAM, and the percentages below compare unlike things (raise --layers / --read_mib, or "
@@ -280,14 +325,20 @@ int Run() {
   // One table per clock: CPU time per thread (the kernels' own rate, even on a shared machine,
   // when the threads sleep rather than spin)
   // and wall clock (what a decode step waits for: idle threads and wake-ups count too), each
-  // against the read bandwidth measured on the same clock.
+  // against the reads around the kernel on the same clock.
   for (const bool on_wall : {false, true}) {
     const double* ms = on_wall ? wall : cpu;
-    const double machine = on_wall ? bw->gbytes_per_s : bw->gbytes_per_cpu_s;
-    auto row = [&](const char* what, double bytes, double t) {
-      const double gbps = bytes / (t * 1e-3) / 1e9;
-      std::printf("  %-34s %8.3f ms  %7.1f MiB  %6.1f GB/s  %4.0f%%\n", what, t, bytes / 1048576.0,
-                  gbps, 100 * gbps / machine);
+    const std::vector<double>* rel = on_wall ? rel_wall : rel_cpu;
+    const Spread read = SpreadOf(on_wall ? read_wall_gbps : read_cpu_gbps);
+    // The best pass's time and rate; then the kernel's rate over the reads' around it in each
+    // pass: the median and the range over the passes.
+    auto row = [&](const char* what, double bytes, Kernel k) {
+      const double gbps = bytes / (ms[k] * 1e-3) / 1e9;
+      std::vector<double> pct;
+      for (const double r : rel[k]) pct.push_back(100 * bytes / probe->bytes() / r);
+      const Spread p = SpreadOf(pct);
+      std::printf("  %-34s %8.3f ms  %7.1f MiB  %6.1f GB/s  %4.0f%% (%.0f-%.0f)\n", what, ms[k],
+                  bytes / 1048576.0, gbps, p.median, p.min, p.max);
     };
     if (!on_wall && on_team) {
       std::printf(
@@ -301,18 +352,18 @@ int Run() {
           absl::FormatDuration(spin).c_str());
     }
     std::printf(
-        "per layer, best of %d passes, %s; %% of the read bandwidth (STREAM-like, %d thread(s), "
-        "%s: %.1f GB/s):\n",
+        "per layer, best of %d passes, %s; then %% of the STREAM-like read (%d thread(s)) taken "
+        "just before and after the kernel's layers, median (range) over the passes; the reads: "
+        "median %.1f GB/s (%.1f-%.1f), %s:\n",
         absl::GetFlag(FLAGS_passes), on_wall ? "wall clock" : "CPU time per thread", threads,
-        on_wall ? "wall clock" : "per-thread CPU time", machine);
+        read.median, read.min, read.max, on_wall ? "wall clock" : "per-thread CPU time");
     row(on_wall ? "relevancy scan (digests), wall" : "relevancy scan (digests)", digest.NumBytes(),
-        ms[kRel]);
+        kRel);
     std::printf("  %-34s %8.3f ms  (over the (sequence, KV head) rows)\n",
                 on_wall ? "top-k (SelectPages), wall" : "top-k (SelectPages)", ms[kTop]);
     row(on_wall ? "sparse attention, wall" : "sparse attention (selected K/V)", sparse_bytes,
-        ms[kSparse]);
-    row(on_wall ? "dense attention, wall" : "dense attention (all K/V)", cache.NumBytes(),
-        ms[kDense]);
+        kSparse);
+    row(on_wall ? "dense attention, wall" : "dense attention (all K/V)", cache.NumBytes(), kDense);
     if (rows) {
       if (!on_wall) {
         std::printf(
@@ -320,9 +371,9 @@ int Run() {
             "(ReadDecodeRows): the rate their access pattern allows\n");
       }
       row(on_wall ? "sparse attention's reads, wall" : "sparse attention's reads", sparse_bytes,
-          ms[kSparseRows]);
+          kSparseRows);
       row(on_wall ? "dense attention's reads, wall" : "dense attention's reads", cache.NumBytes(),
-          ms[kDenseRows]);
+          kDenseRows);
       std::printf("  sparse kernel / its reads: %.0f%%; dense kernel / its reads: %.0f%%%s\n",
                   100 * ms[kSparseRows] / ms[kSparse], 100 * ms[kDenseRows] / ms[kDense],
                   on_wall ? " (wall)" : "");

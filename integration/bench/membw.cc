@@ -12,6 +12,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -57,10 +58,6 @@ bool HasAvx512() {
   return false;
 #endif
 }
-
-struct FreeDeleter {
-  void operator()(uint64_t* p) const { std::free(p); }
-};
 
 // The first line of a small text file under /sys, "" when it cannot be read.
 std::string ReadSysLine(const std::string& path) {
@@ -120,16 +117,27 @@ size_t MemoryReadBytes(size_t at_least) {
   return (bytes + kMiB - 1) / kMiB * kMiB;
 }
 
-absl::StatusOr<ReadBandwidth> MeasureReadBandwidth(size_t bytes, int threads, int passes) {
-  if (bytes < (1u << 20) || threads < 1 || passes < 1) {
-    return absl::InvalidArgumentError(absl::StrCat("read bandwidth needs bytes >= 1 MiB, threads",
-                                                   " >= 1 and passes >= 1; got bytes ", bytes,
-                                                   ", threads ", threads, ", passes ", passes));
+void ReadProbe::FreeDeleter::operator()(uint64_t* p) const { std::free(p); }
+
+ReadProbe::ReadProbe(std::unique_ptr<uint64_t, FreeDeleter> buf, size_t words, int threads)
+    : buf_(std::move(buf)),
+      words_(words),
+      threads_(threads),
+      kernel_(HasAvx512() ? "avx512" : "portable") {}
+
+void ReadProbe::Share(int t, size_t& begin, size_t& end) const {
+  constexpr size_t kChunkWords = 32;  // 256 bytes: ReadAvx512's four lines
+  const size_t chunks = words_ / kChunkWords;
+  begin = chunks * t / threads_ * kChunkWords;
+  end = chunks * (t + 1) / threads_ * kChunkWords;
+}
+
+absl::StatusOr<ReadProbe> ReadProbe::Create(size_t bytes, int threads) {
+  if (bytes < (1u << 20) || threads < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("the read needs bytes >= 1 MiB and threads >= ",
+                                                   "1; got bytes ", bytes, ", threads ", threads));
   }
-  // Each thread's share is a whole number of 256-byte chunks.
-  const size_t chunk_words = 32;
-  const size_t chunks = bytes / (chunk_words * 8);
-  const size_t words = chunks * chunk_words;
+  const size_t words = bytes / 256 * 32;  // whole 256-byte chunks
   // 2 MiB aligned and huge pages asked for, as the benches' KV caches are: on the build VM the
   // same 2-thread read ran at 35 GB/s from a 64-byte aligned buffer and at 65-83 GB/s from a
   // 2 MiB aligned one (65-67 even where no huge page was granted; the cause is not known), so
@@ -138,57 +146,79 @@ absl::StatusOr<ReadBandwidth> MeasureReadBandwidth(size_t bytes, int threads, in
   const size_t alloc_bytes = (words * 8 + kAlign - 1) / kAlign * kAlign;
   std::unique_ptr<uint64_t, FreeDeleter> buf(
       static_cast<uint64_t*>(std::aligned_alloc(kAlign, alloc_bytes)));
-  if (buf) madvise(buf.get(), alloc_bytes, MADV_HUGEPAGE);  // advisory; failure is harmless
   if (!buf) return absl::ResourceExhaustedError(absl::StrCat("cannot allocate ", bytes, " bytes"));
-  const bool avx512 = HasAvx512();
-  auto share = [&](int t, size_t& begin, size_t& end) {
-    begin = chunks * t / threads * chunk_words;
-    end = chunks * (t + 1) / threads * chunk_words;
-  };
-  std::vector<uint64_t> sums(threads);
-  std::vector<double> cpu_s(threads);  // each thread's CPU seconds in the pass
-  ReadBandwidth r;
-  r.bytes = words * 8;
-  r.threads = threads;
-  r.passes = passes;
-  r.kernel = avx512 ? "avx512" : "portable";
-  // The threads start once and meet at a barrier before and after each pass, so a pass's wall
-  // time is the read alone, not the threads' start (tens of microseconds per thread on a VM).
-  std::barrier sync(threads);
-  auto read = [&](size_t b, size_t e) {
-#if MEMPIPE_AVX512_KERNEL
-    if (avx512) return ReadAvx512(buf.get() + b, e - b);
-#endif
-    return ReadPortable(buf.get() + b, e - b);
-  };
+  madvise(buf.get(), alloc_bytes, MADV_HUGEPAGE);  // advisory; failure is harmless
+  ReadProbe probe(std::move(buf), words, threads);
+  // First touch by the threads that read each share (their memory node, where there are several).
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([&probe, t] {
+      size_t b, e;
+      probe.Share(t, b, e);
+      uint64_t* p = probe.buf_.get();
+      for (size_t i = b; i < e; ++i) p[i] = i;
+    });
+  }
+  for (auto& th : pool) th.join();
+  return probe;
+}
+
+ReadProbe::Pass ReadProbe::Run() {
+  std::vector<uint64_t> sums(threads_);
+  std::vector<double> cpu_ms(threads_);  // each thread's CPU time in the read
+  const bool avx512 = kernel_ == "avx512";
+  // The threads start, meet at a barrier, read and meet again, so the wall time is the read
+  // alone, not the threads' start (tens of microseconds per thread on a VM).
+  std::barrier sync(threads_);
+  std::chrono::steady_clock::time_point t0, t1;
   auto body = [&](int t) {
     size_t b, e;
-    share(t, b, e);
-    for (size_t i = b; i < e; ++i) buf.get()[i] = i;  // first touch by the thread that reads it
-    for (int pass = 0; pass < passes; ++pass) {
-      sync.arrive_and_wait();
-      const double c0 = ThreadCpuMs();  // each reader's own clock (core/clock.h)
-      std::chrono::steady_clock::time_point t0;
-      if (t == 0) t0 = std::chrono::steady_clock::now();
-      sums[t] += read(b, e);
-      cpu_s[t] = (ThreadCpuMs() - c0) * 1e-3;
-      sync.arrive_and_wait();
-      if (t != 0) continue;
-      const double sec =
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      double cpu = 0;
-      for (const double c : cpu_s) cpu += c;
-      cpu /= threads;
-      r.gbytes_per_s = std::max(r.gbytes_per_s, r.bytes / sec / 1e9);
-      if (cpu > 0) r.gbytes_per_cpu_s = std::max(r.gbytes_per_cpu_s, r.bytes / cpu / 1e9);
-    }
+    Share(t, b, e);
+    sync.arrive_and_wait();
+    if (t == 0) t0 = std::chrono::steady_clock::now();
+    const double c0 = ThreadCpuMs();  // each reader's own clock (core/clock.h)
+#if MEMPIPE_AVX512_KERNEL
+    sums[t] = avx512 ? ReadAvx512(buf_.get() + b, e - b) : ReadPortable(buf_.get() + b, e - b);
+#else
+    sums[t] = ReadPortable(buf_.get() + b, e - b);
+#endif
+    cpu_ms[t] = ThreadCpuMs() - c0;
+    sync.arrive_and_wait();
+    if (t == 0) t1 = std::chrono::steady_clock::now();
   };
   std::vector<std::thread> pool;
-  for (int t = 1; t < threads; ++t) pool.emplace_back(body, t);
+  for (int t = 1; t < threads_; ++t) pool.emplace_back(body, t);
   body(0);
   for (auto& th : pool) th.join();
+  Pass pass;
+  pass.wall_s = std::chrono::duration<double>(t1 - t0).count();
+  for (int t = 0; t < threads_; ++t) {
+    pass.cpu_s += cpu_ms[t] * 1e-3 / threads_;
+    sum_ += sums[t];
+  }
   static volatile uint64_t sink;  // keeps the sums, and so the loads, alive
-  for (uint64_t s : sums) sink = sink + s;
+  sink = sink + sum_;
+  return pass;
+}
+
+absl::StatusOr<ReadBandwidth> MeasureReadBandwidth(size_t bytes, int threads, int passes) {
+  if (bytes < (1u << 20) || threads < 1 || passes < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("read bandwidth needs bytes >= 1 MiB, threads",
+                                                   " >= 1 and passes >= 1; got bytes ", bytes,
+                                                   ", threads ", threads, ", passes ", passes));
+  }
+  absl::StatusOr<ReadProbe> probe = ReadProbe::Create(bytes, threads);
+  if (!probe.ok()) return probe.status();
+  ReadBandwidth r;
+  r.bytes = probe->bytes();
+  r.threads = threads;
+  r.passes = passes;
+  r.kernel = probe->kernel();
+  for (int pass = 0; pass < passes; ++pass) {
+    const ReadProbe::Pass p = probe->Run();
+    r.gbytes_per_s = std::max(r.gbytes_per_s, probe->GBytesPerS(p));
+    r.gbytes_per_cpu_s = std::max(r.gbytes_per_cpu_s, probe->GBytesPerCpuS(p));
+  }
   return r;
 }
 

@@ -9,6 +9,8 @@
 #define MEMPIPE_INTEGRATION_BENCH_MEMBW_H_
 
 #include <cstddef>
+#include <cstdint>
+#include <memory>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -35,6 +37,53 @@ size_t LastLevelCacheBytes();
 // H200 host, whose KVM guest sees a 300 MiB L3, a 256 MiB read ran at 250-420 GB/s on 16 threads
 // where reads from DRAM ran at about 160.)
 size_t MemoryReadBytes(size_t at_least = 0);
+
+// The STREAM-like read as a probe a benchmark can repeat between the runs of what it measures:
+// on a machine whose bandwidth drifts with other tenants' load (the 2-vCPU build VMs: 38-64
+// GB/s between back-to-back 2-thread reads), a kernel's rate is compared with the reads taken
+// just before and after it rather than with one read at another moment.
+//
+//   MEMPIPE_ASSIGN_OR_RETURN(ReadProbe probe, ReadProbe::Create(MemoryReadBytes(), threads));
+//   ReadProbe::Pass before = probe.Run();  ... kernel ...  ReadProbe::Pass after = probe.Run();
+class ReadProbe {
+ public:
+  struct Pass {
+    double wall_s = 0;  // the read's wall time (the threads start before it, meet after it)
+    double cpu_s = 0;   // the readers' own CPU seconds, mean over the threads
+  };
+
+  // A `bytes` buffer (whole 256-byte chunks; 2 MiB aligned and huge pages asked for, like the
+  // benches' KV caches), first-touched by the threads that will read it. Errors: bytes < 1 MiB
+  // or threads < 1 (InvalidArgument, naming the value), no memory (ResourceExhausted).
+  static absl::StatusOr<ReadProbe> Create(size_t bytes, int threads);
+
+  // One read of the whole buffer by `threads` threads, each its own contiguous share.
+  Pass Run();
+
+  size_t bytes() const { return words_ * 8; }
+  int threads() const { return threads_; }
+  const std::string& kernel() const { return kernel_; }  // "avx512" or "portable"
+  // The sum, mod 2^64, of every word the passes read (word i of the buffer holds i): a check
+  // that a pass read the whole buffer once.
+  uint64_t sum() const { return sum_; }
+  // Bytes per second of a pass, wall and CPU time; 1 GB = 1e9 bytes.
+  double GBytesPerS(const Pass& p) const { return p.wall_s > 0 ? bytes() / p.wall_s / 1e9 : 0; }
+  double GBytesPerCpuS(const Pass& p) const { return p.cpu_s > 0 ? bytes() / p.cpu_s / 1e9 : 0; }
+
+ private:
+  struct FreeDeleter {
+    void operator()(uint64_t* p) const;
+  };
+  ReadProbe(std::unique_ptr<uint64_t, FreeDeleter> buf, size_t words, int threads);
+  // Thread t's share of the words: [begin, end).
+  void Share(int t, size_t& begin, size_t& end) const;
+
+  std::unique_ptr<uint64_t, FreeDeleter> buf_;
+  size_t words_;
+  int threads_;
+  std::string kernel_;
+  uint64_t sum_ = 0;  // the reads' sums, kept so that the loads are not dropped
+};
 
 // Reads a `bytes` buffer (2 MiB aligned, transparent huge pages asked for, like the benches'
 // KV caches; first-touched by the reading threads; MemoryReadBytes() sizes it past the

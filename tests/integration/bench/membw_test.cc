@@ -51,5 +51,33 @@ TEST(MeasureReadBandwidth, NamesTheBadValue) {
   EXPECT_NE(threads.status().message().find("threads 0"), std::string::npos) << threads.status();
 }
 
+TEST(ReadProbe, RepeatsTheReadOfTheWholeBuffer) {
+  auto probe = ReadProbe::Create(8 * kMiB + 100, 3);
+  ASSERT_TRUE(probe.ok()) << probe.status();
+  EXPECT_EQ(probe->bytes(), 8 * kMiB);  // whole 256-byte chunks
+  EXPECT_EQ(probe->threads(), 3);
+  const uint64_t words = probe->bytes() / 8;
+  const uint64_t one_pass = words * (words - 1) / 2;  // word i holds i
+  for (int pass = 0; pass < 3; ++pass) {
+    const ReadProbe::Pass p = probe->Run();
+    EXPECT_EQ(probe->sum(), (pass + 1) * one_pass) << "every word read once per pass";
+    EXPECT_GT(p.wall_s, 0) << pass;
+    EXPECT_GT(p.cpu_s, 0) << pass;
+    // 8 MiB cannot be read faster than 100 TB/s: the pass did read the buffer.
+    EXPECT_GT(p.wall_s, 8.0 * kMiB / 1e14) << pass;
+    EXPECT_NEAR(probe->GBytesPerS(p), probe->bytes() / p.wall_s / 1e9, 1e-9);
+  }
+  EXPECT_EQ(probe->GBytesPerS(ReadProbe::Pass{}), 0);  // no time: no rate, not infinity
+}
+
+TEST(ReadProbe, NamesTheBadValue) {
+  auto small = ReadProbe::Create(4096, 1);
+  ASSERT_EQ(small.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(small.status().message().find("bytes 4096"), std::string::npos) << small.status();
+  auto threads = ReadProbe::Create(8 * kMiB, -1);
+  ASSERT_EQ(threads.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(threads.status().message().find("threads -1"), std::string::npos) << threads.status();
+}
+
 }  // namespace
 }  // namespace mempipe
