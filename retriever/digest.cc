@@ -4,27 +4,13 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "core/avx512.h"
+#include "core/cpu_kernel.h"
 #include "core/status_macros.h"
 #include "retriever/int8_quant.h"
 
 namespace mempipe {
 namespace {
-
-// Max/min on storage values through fp32: exact, since every value is a stored one.
-template <typename T>
-void ResetRow(const T* key, T* mx, T* mn, int head_dim) {
-  std::copy(key, key + head_dim, mx);
-  std::copy(key, key + head_dim, mn);
-}
-
-template <typename T>
-void WidenRow(const T* key, T* mx, T* mn, int head_dim) {
-  for (int c = 0; c < head_dim; ++c) {
-    const float k = ToFloat(key[c]);
-    if (k > ToFloat(mx[c])) mx[c] = key[c];
-    if (k < ToFloat(mn[c])) mn[c] = key[c];
-  }
-}
 
 // The exact (native) digest that builds and updates work on: `digests` itself for kNative.
 DigestView ExactView(const DigestView& digests) {
@@ -167,26 +153,89 @@ absl::Status CheckSlots(const int64_t* slot_mapping, int num_tokens, int64_t num
   return absl::OkStatus();
 }
 
-// Applies token t's key rows, found through `key_row(t, head)`, in append order.
+// Widens a running fp32 max/min (d channels) by one stored key row: a channel is replaced when
+// the key is strictly greater (smaller); NaN never replaces and is never replaced. Exact: the
+// running values are stored values widened, and FromFloat brings them back unchanged.
+template <typename T>
+void WidenF32(const T* key, float* mx, float* mn, int d) {
+  for (int c = 0; c < d; ++c) {
+    const float k = ToFloat(key[c]);
+    mx[c] = k > mx[c] ? k : mx[c];
+    mn[c] = k < mn[c] ? k : mn[c];
+  }
+}
+
+#if MEMPIPE_AVX512_KERNEL
+// WidenF32 sixteen channels at a time (d is a multiple of 64: ValidateHeadDim). The compares
+// are ordered and quiet (_CMP_GT_OQ, _CMP_LT_OQ): false for NaN on either side, as above.
+MEMPIPE_TARGET_AVX512 inline __m512 Widen16(const float* k) { return _mm512_loadu_ps(k); }
+MEMPIPE_TARGET_AVX512 inline __m512 Widen16(const Half* k) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(k)));
+}
+MEMPIPE_TARGET_AVX512 inline __m512 Widen16(const BFloat16* k) {
+  const __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(k)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+}
+template <typename T>
+MEMPIPE_TARGET_AVX512 void WidenF32Avx512(const T* key, float* mx, float* mn, int d) {
+  for (int c = 0; c < d; c += 16) {
+    const __m512 k = Widen16(key + c);
+    const __m512 a = _mm512_loadu_ps(mx + c), b = _mm512_loadu_ps(mn + c);
+    _mm512_storeu_ps(mx + c, _mm512_mask_mov_ps(a, _mm512_cmp_ps_mask(k, a, _CMP_GT_OQ), k));
+    _mm512_storeu_ps(mn + c, _mm512_mask_mov_ps(b, _mm512_cmp_ps_mask(k, b, _CMP_LT_OQ), k));
+  }
+}
+#endif
+
+// Applies token t's key rows, found through `key_row(t, head)`, in append order. A run of
+// tokens with consecutive slots in one block (a prompt's page) is folded into an fp32 max/min
+// and stored once, the result the token-by-token update gives: one call of a 4 x 256-token bf16
+// prompt (SmolLM2's 3 KV heads of 64) took 0.64 ms per layer token by token through the stored
+// values, 25 times the cache write beside it.
 template <typename T, typename KeyRow>
 void ApplyKeys(const DigestView& digests, int block_size, const int64_t* slot_mapping,
                int num_tokens, KeyRow key_row) {
   T* dg = static_cast<T*>(ExactView(digests).data);
-  for (int t = 0; t < num_tokens; ++t) {
+  const int d = digests.head_dim;
+  std::vector<float> fmx(d), fmn(d);
+  auto widen = WidenF32<T>;
+#if MEMPIPE_AVX512_KERNEL
+  if (UseAvx512Kernel()) widen = WidenF32Avx512<T>;
+#endif
+  for (int t = 0; t < num_tokens;) {
     const int64_t slot = slot_mapping[t];
-    if (slot < 0) continue;
+    if (slot < 0) {
+      ++t;
+      continue;
+    }
     const int block = static_cast<int>(slot / block_size);
-    const bool first = slot % block_size == 0;
+    const int offset = static_cast<int>(slot % block_size);
+    int end = t + 1;  // the run: slots slot, slot + 1, .. up to the block's end
+    while (end < num_tokens && offset + (end - t) < block_size &&
+           slot_mapping[end] == slot + (end - t)) {
+      ++end;
+    }
     for (int h = 0; h < digests.num_kv_heads; ++h) {
-      const T* key = key_row(t, h);
       T* mx = dg + digests.Offset(block, 0, h);
       T* mn = dg + digests.Offset(block, 1, h);
-      if (first) {
-        ResetRow(key, mx, mn, digests.head_dim);
-      } else {
-        WidenRow(key, mx, mn, digests.head_dim);
+      int r = t;
+      const T* from = mx;  // the block's digest so far, or its first token's key
+      const T* from_min = mn;
+      if (offset == 0) {  // the block's first token resets its digest
+        from = from_min = key_row(t, h);
+        ++r;
+      }
+      for (int c = 0; c < d; ++c) {
+        fmx[c] = ToFloat(from[c]);
+        fmn[c] = ToFloat(from_min[c]);
+      }
+      for (; r < end; ++r) widen(key_row(r, h), fmx.data(), fmn.data(), d);
+      for (int c = 0; c < d; ++c) {
+        mx[c] = FromFloat<T>(fmx[c]);
+        mn[c] = FromFloat<T>(fmn[c]);
       }
     }
+    t = end;
   }
   if (digests.format == DigestFormat::kInt8) {
     // Each touched block once, after all of its tokens: the same function of the exact digest
