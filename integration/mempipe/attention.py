@@ -246,8 +246,11 @@ class PagedLayer:
         re-quantized from).
 
         Allocated on first use and kept for the cache's lifetime (a new cache tensor, e.g.
-        after vLLM re-allocates, gets new digests). Unwritten pages are poisoned (NaN): a page
-        is only scored after a token was appended to it, which resets its digest first.
+        after vLLM re-allocates, gets new digests). A page is only scored after a token was
+        appended to it, which resets its digest first. On a device unwritten pages are
+        poisoned (NaN); on the host they are zeros from a mapping the OS fills on first write
+        (mempipe.digests.empty, poison=False), so that blocks never used cost neither memory
+        nor a first touch in the first request.
         """
         if self.digest_source is not None:
             return self.digest_source.digests(kv_cache)
@@ -255,7 +258,8 @@ class PagedLayer:
             return self._digests
         key = (kv_cache.data_ptr(), tuple(kv_cache.shape), kv_cache.dtype)
         if self._digests is None or self._digests_key != key:
-            self._digests = digest_store.for_cache(kv_cache, self.config.digest_dtype)
+            self._digests = digest_store.for_cache(kv_cache, self.config.digest_dtype,
+                                                   poison=kv_cache.device.type != "cpu")
             self._digests_key = key
         self._digests_cache = kv_cache
         return self._digests

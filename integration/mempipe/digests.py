@@ -21,11 +21,14 @@ is a native digest, an object with `codes`, `scales` and `exact` an int8 one. Th
 operators (mempipe.ops) take the three tensors as `digests, digest_scales, digest_exact`
 (`op_args` splits either form). Unwritten pages are poisoned (NaN; int8 codes -128, which no
 quantization produces): a page is only scored after a token was appended to it, which resets
-its digest first.
+its digest first. `empty(..., poison=False)` gives zeros instead, on the host from an anonymous
+mapping (see `empty`): what a serving layer (mempipe.attention.PagedLayer) takes there.
 """
 
 from __future__ import annotations
 
+import math
+import mmap
 from typing import Union
 
 import torch
@@ -97,11 +100,36 @@ def check_digest_dtype(digest_dtype: str) -> None:
         raise ValueError(f"digest_dtype must be native or int8, got {digest_dtype!r}")
 
 
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """Zeros; on the host from an anonymous mapping, outside the allocator's heap, whose pages
+    the OS zero-fills on their first write (only the blocks ever appended to cost memory)."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    count = math.prod(shape)
+    nbytes = count * torch.empty((), dtype=dtype).element_size()
+    if nbytes == 0:
+        return torch.zeros(shape, dtype=dtype)
+    # The tensor keeps the mapping alive (torch.frombuffer holds a reference to the buffer).
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype, count=count).view(shape)
+
+
 def empty(num_blocks: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device,
-          digest_dtype: str = "native") -> Digests:
-    """Poisoned digests for a cache of `num_blocks` blocks in `dtype` on `device`."""
+          digest_dtype: str = "native", poison: bool = True) -> Digests:
+    """Digests for a cache of `num_blocks` blocks in `dtype` on `device`: poisoned (module
+    docstring), or with poison=False zeros, on the host from an anonymous mapping that the OS
+    fills on first write. The latter is for long-lived host digests (one per serving layer,
+    sized for the whole KV cache): allocated on each layer's first forward, poisoned digests
+    were written in full there (2 MB per layer for SmolLM2 with a 2 GiB cache) and sat on the
+    allocator's heap between the model's temporaries, so the first prompt paid for both (on
+    the Zen 5 build VM 4 x 256 bf16 tokens took 1.3x CPU_ATTN's first prefill)."""
     check_digest_dtype(digest_dtype)
     shape = (num_blocks, 2, num_kv_heads, head_dim)
+    if not poison:
+        exact = _zeros(shape, dtype, device)
+        if digest_dtype == "native":
+            return exact
+        return Int8Digests(_zeros(shape, torch.int8, device),
+                           _zeros((num_blocks, num_kv_heads), torch.float32, device), exact)
     exact = torch.full(shape, float("nan"), dtype=dtype, device=device)
     if digest_dtype == "native":
         return exact
@@ -111,10 +139,12 @@ def empty(num_blocks: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                        exact)
 
 
-def for_cache(kv_cache: torch.Tensor, digest_dtype: str = "native") -> Digests:
-    """Poisoned digests for kv_cache [2, num_blocks, block_size, num_kv_heads, head_dim]."""
+def for_cache(kv_cache: torch.Tensor, digest_dtype: str = "native",
+              poison: bool = True) -> Digests:
+    """Digests for kv_cache [2, num_blocks, block_size, num_kv_heads, head_dim] (`empty`)."""
     _, num_blocks, _, kv_heads, head_dim = kv_cache.shape
-    return empty(num_blocks, kv_heads, head_dim, kv_cache.dtype, kv_cache.device, digest_dtype)
+    return empty(num_blocks, kv_heads, head_dim, kv_cache.dtype, kv_cache.device, digest_dtype,
+                 poison)
 
 
 def poison_(digests: Digests) -> None:
