@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <iostream>
+#include <numeric>
 #include <random>
 #include <string>
 #include <tuple>
@@ -130,6 +131,48 @@ TEST_P(DecodeTest, SparseOverEveryPageEqualsDense) {
                            {pages.data(), counts.data(), kKvHeads, max_pages}, scale_)
                   .ok());
   EXPECT_EQ(dense, sparse);  // same pages, same order: bit-identical
+}
+
+// Random selections with a different count for every (sequence, KV head): the output is the
+// same on 1, 2 and 3 threads (each thread's range of items, and its prefetch across them,
+// differs) and matches the reference over the selected tokens.
+TEST_P(DecodeTest, SparseUnevenSelectionsAnyThreadCountMatchReference) {
+  const int max_pages = f_->max_blocks();
+  std::vector<int32_t> pages(lens_.size() * kKvHeads * max_pages, -1),
+      counts(lens_.size() * kKvHeads);
+  for (size_t s = 0; s < lens_.size(); ++s) {
+    const int n = NumPages(lens_[s], block_size_);
+    for (int h = 0; h < kKvHeads; ++h) {
+      std::vector<int32_t> all(n);
+      std::iota(all.begin(), all.end(), 0);
+      std::shuffle(all.begin(), all.end(), rng_);
+      const int c = std::uniform_int_distribution<int>(1, n)(rng_);
+      std::sort(all.begin(), all.begin() + c);
+      counts[s * kKvHeads + h] = c;
+      std::copy(all.begin(), all.begin() + c, &pages[(s * kKvHeads + h) * max_pages]);
+    }
+  }
+  const PageList list{pages.data(), counts.data(), kKvHeads, max_pages};
+  std::vector<std::vector<uint8_t>> outs;
+  for (int threads : {1, 2, 3}) {
+    outs.push_back(PoisonedOut());
+    DecodeIo io = Io(outs.back());
+    io.num_threads = threads;
+    ASSERT_TRUE(SparseDecode(io, f_->cache_view(), f_->table_view(), list, scale_).ok());
+  }
+  EXPECT_EQ(outs[0], outs[1]);
+  EXPECT_EQ(outs[0], outs[2]);
+  ExpectMatchesReference(outs[0], [&](int s, int kvh) {
+    std::vector<int> tokens;
+    const size_t row = static_cast<size_t>(s) * kKvHeads + kvh;
+    for (int i = 0; i < counts[row]; ++i) {
+      const int p = pages[row * max_pages + i];
+      for (int t = p * block_size_; t < std::min(lens_[s], (p + 1) * block_size_); ++t) {
+        tokens.push_back(t);
+      }
+    }
+    return tokens;
+  });
 }
 
 // The benchmarks' read-only twin of the kernels: runs where the AVX-512 or AVX2 kernel is active
