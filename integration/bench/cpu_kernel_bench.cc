@@ -102,17 +102,6 @@ absl::Status UseHostThreads(const std::string& name) {
   return InstallLoadedOpenMpRuntime("libgomp.so.1");
 }
 
-// The median, least and greatest of a non-empty sample.
-struct Spread {
-  double median = 0, min = 0, max = 0;
-};
-Spread SpreadOf(std::vector<double> v) {
-  if (v.empty()) return {};
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return {n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]), v.front(), v.back()};
-}
-
 int Run() {
   const int threads = absl::GetFlag(FLAGS_threads);
   int layers = absl::GetFlag(FLAGS_layers);

@@ -10,6 +10,8 @@
 #include <cstdlib>
 #include <fstream>
 #include <memory>
+#include <numeric>
+#include <random>
 #include <string>
 #include <thread>
 #include <utility>
@@ -48,6 +50,39 @@ MEMPIPE_TARGET_AVX512 uint64_t ReadAvx512(const uint64_t* p, size_t n) {
   }
   return _mm512_reduce_add_epi64(
       _mm512_add_epi64(_mm512_add_epi64(a0, a1), _mm512_add_epi64(a2, a3)));
+}
+#endif
+
+// Sums n words (a multiple of 8: whole lines) at p, prefetching the line as far into `next`
+// (none when null) into L2 with each line read.
+uint64_t ReadChunkPortable(const uint64_t* p, const uint64_t* next, size_t n) {
+  uint64_t s0 = 0, s1 = 0;
+  for (size_t i = 0; i < n; i += 8) {
+    if (next != nullptr) __builtin_prefetch(next + i, 0, 2);
+    for (size_t j = 0; j < 8; j += 2) {
+      s0 += p[i + j];
+      s1 += p[i + j + 1];
+    }
+  }
+  return s0 + s1;
+}
+
+#if MEMPIPE_AVX512_KERNEL
+MEMPIPE_TARGET_AVX512 uint64_t ReadChunkAvx512(const uint64_t* p, const uint64_t* next, size_t n) {
+  __m512i a0 = _mm512_setzero_si512(), a1 = a0;
+  size_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    if (next != nullptr) {
+      _mm_prefetch(reinterpret_cast<const char*>(next + i), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(next + i + 8), _MM_HINT_T1);
+    }
+    a0 = _mm512_add_epi64(a0, _mm512_loadu_si512(p + i));
+    a1 = _mm512_add_epi64(a1, _mm512_loadu_si512(p + i + 8));
+  }
+  for (; i < n; i += 8) {  // n is a multiple of 32 words (256 bytes)
+    a0 = _mm512_add_epi64(a0, _mm512_loadu_si512(p + i));
+  }
+  return _mm512_reduce_add_epi64(_mm512_add_epi64(a0, a1));
 }
 #endif
 
@@ -111,6 +146,14 @@ size_t LastLevelCacheBytes() {
   return 0;
 }
 
+Spread SpreadOf(std::vector<double> sample) {
+  if (sample.empty()) return {};
+  std::sort(sample.begin(), sample.end());
+  const size_t n = sample.size();
+  return {n % 2 ? sample[n / 2] : 0.5 * (sample[n / 2 - 1] + sample[n / 2]), sample.front(),
+          sample.back()};
+}
+
 size_t MemoryReadBytes(size_t at_least) {
   constexpr size_t kMiB = size_t{1} << 20;
   const size_t bytes = std::max({at_least, 256 * kMiB, 4 * LastLevelCacheBytes()});
@@ -163,25 +206,19 @@ absl::StatusOr<ReadProbe> ReadProbe::Create(size_t bytes, int threads) {
   return probe;
 }
 
-ReadProbe::Pass ReadProbe::Run() {
+template <typename Read>
+ReadProbe::Pass ReadProbe::RunThreads(Read read) {
   std::vector<uint64_t> sums(threads_);
   std::vector<double> cpu_ms(threads_);  // each thread's CPU time in the read
-  const bool avx512 = kernel_ == "avx512";
   // The threads start, meet at a barrier, read and meet again, so the wall time is the read
   // alone, not the threads' start (tens of microseconds per thread on a VM).
   std::barrier sync(threads_);
   std::chrono::steady_clock::time_point t0, t1;
   auto body = [&](int t) {
-    size_t b, e;
-    Share(t, b, e);
     sync.arrive_and_wait();
     if (t == 0) t0 = std::chrono::steady_clock::now();
     const double c0 = ThreadCpuMs();  // each reader's own clock (core/clock.h)
-#if MEMPIPE_AVX512_KERNEL
-    sums[t] = avx512 ? ReadAvx512(buf_.get() + b, e - b) : ReadPortable(buf_.get() + b, e - b);
-#else
-    sums[t] = ReadPortable(buf_.get() + b, e - b);
-#endif
+    sums[t] = read(t);
     cpu_ms[t] = ThreadCpuMs() - c0;
     sync.arrive_and_wait();
     if (t == 0) t1 = std::chrono::steady_clock::now();
@@ -198,6 +235,80 @@ ReadProbe::Pass ReadProbe::Run() {
   }
   static volatile uint64_t sink;  // keeps the sums, and so the loads, alive
   sink = sink + sum_;
+  return pass;
+}
+
+ReadProbe::Pass ReadProbe::Run() {
+  const bool avx512 = kernel_ == "avx512";
+  Pass pass = RunThreads([&](int t) {
+    size_t b, e;
+    Share(t, b, e);
+#if MEMPIPE_AVX512_KERNEL
+    if (avx512) return ReadAvx512(buf_.get() + b, e - b);
+#endif
+    return ReadPortable(buf_.get() + b, e - b);
+  });
+  pass.bytes = bytes();
+  return pass;
+}
+
+absl::StatusOr<ReadProbe::Pass> ReadProbe::RunChunks(size_t chunk_bytes, size_t count,
+                                                     uint64_t seed, size_t tail_bytes) {
+  const size_t chunk_words = chunk_bytes / 8;
+  const size_t tail_words = tail_bytes / 8;
+  // Thread t's chunk-aligned places [first[t], first[t] + places[t]).
+  std::vector<size_t> first(threads_), places(threads_);
+  for (int t = 0; t < threads_; ++t) {
+    size_t b, e;
+    Share(t, b, e);
+    e = e > b + tail_words ? e - tail_words : b;
+    if (chunk_words > 0) {
+      first[t] = (b + chunk_words - 1) / chunk_words;
+      places[t] = e / chunk_words > first[t] ? e / chunk_words - first[t] : 0;
+    }
+  }
+  const size_t fewest = *std::min_element(places.begin(), places.end());
+  if (chunk_bytes == 0 || chunk_bytes % 256 != 0 || fewest == 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "chunk_bytes must be a positive multiple of 256 that fits in each thread's share of ",
+        bytes() / threads_, " bytes less tail_bytes; got chunk_bytes ", chunk_bytes,
+        ", tail_bytes ", tail_bytes));
+  }
+  // Each thread's places: the first n of a partial Fisher-Yates shuffle of its part, ascending.
+  std::vector<std::vector<size_t>> mine(threads_);
+  size_t total = 0;
+  for (int t = 0; t < threads_; ++t) {
+    const size_t want = count * (t + 1) / threads_ - count * t / threads_;
+    const size_t n = std::clamp<size_t>(want, 1, places[t]);
+    std::vector<size_t>& p = mine[t];
+    p.resize(places[t]);
+    std::iota(p.begin(), p.end(), first[t]);
+    std::mt19937_64 rng(seed + t);
+    for (size_t i = 0; i < n; ++i) {
+      std::swap(p[i], p[i + std::uniform_int_distribution<size_t>(0, places[t] - 1 - i)(rng)]);
+    }
+    p.resize(n);
+    std::sort(p.begin(), p.end());
+    total += n;
+  }
+  const bool avx512 = kernel_ == "avx512";
+  Pass pass = RunThreads([&](int t) {
+    uint64_t sum = 0;
+    const std::vector<size_t>& p = mine[t];
+    for (size_t i = 0; i < p.size(); ++i) {
+      const uint64_t* c = buf_.get() + p[i] * chunk_words;
+      const uint64_t* next = i + 1 < p.size() ? buf_.get() + p[i + 1] * chunk_words : nullptr;
+#if MEMPIPE_AVX512_KERNEL
+      if (avx512) {
+        sum += ReadChunkAvx512(c, next, chunk_words);
+        continue;
+      }
+#endif
+      sum += ReadChunkPortable(c, next, chunk_words);
+    }
+    return sum;
+  });
+  pass.bytes = total * chunk_bytes;
   return pass;
 }
 

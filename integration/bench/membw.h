@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 
@@ -50,6 +51,7 @@ class ReadProbe {
   struct Pass {
     double wall_s = 0;  // the read's wall time (the threads start before it, meet after it)
     double cpu_s = 0;   // the readers' own CPU seconds, mean over the threads
+    size_t bytes = 0;   // bytes read
   };
 
   // A `bytes` buffer (whole 256-byte chunks; 2 MiB aligned and huge pages asked for, like the
@@ -60,6 +62,18 @@ class ReadProbe {
   // One read of the whole buffer by `threads` threads, each its own contiguous share.
   Pass Run();
 
+  // The pattern of sparse decode's pages: `count` chunks of `chunk_bytes` (a multiple of 256)
+  // at distinct random chunk-aligned places, drawn from `seed`; thread t reads its share of
+  // them, all inside its own share of the buffer (Run's) less that share's last `tail_bytes`,
+  // in ascending address order, prefetching the next chunk into L2 a line per line read, as
+  // the kernels prefetch the next page (attention/decode.cc, NextPage). After Run, the end of
+  // each share is in the last-level cache: pass about twice the cache over the threads as
+  // tail_bytes to keep the chunks in DRAM. Each thread's count is clamped to [1, the chunks
+  // its part holds]. Errors: a chunk size that is not a positive multiple of 256, or a part
+  // without room for one chunk (InvalidArgument, naming the values).
+  absl::StatusOr<Pass> RunChunks(size_t chunk_bytes, size_t count, uint64_t seed,
+                                 size_t tail_bytes = 0);
+
   size_t bytes() const { return words_ * 8; }
   int threads() const { return threads_; }
   const std::string& kernel() const { return kernel_; }  // "avx512" or "portable"
@@ -67,8 +81,8 @@ class ReadProbe {
   // that a pass read the whole buffer once.
   uint64_t sum() const { return sum_; }
   // Bytes per second of a pass, wall and CPU time; 1 GB = 1e9 bytes.
-  double GBytesPerS(const Pass& p) const { return p.wall_s > 0 ? bytes() / p.wall_s / 1e9 : 0; }
-  double GBytesPerCpuS(const Pass& p) const { return p.cpu_s > 0 ? bytes() / p.cpu_s / 1e9 : 0; }
+  double GBytesPerS(const Pass& p) const { return p.wall_s > 0 ? p.bytes / p.wall_s / 1e9 : 0; }
+  double GBytesPerCpuS(const Pass& p) const { return p.cpu_s > 0 ? p.bytes / p.cpu_s / 1e9 : 0; }
 
  private:
   struct FreeDeleter {
@@ -77,6 +91,10 @@ class ReadProbe {
   ReadProbe(std::unique_ptr<uint64_t, FreeDeleter> buf, size_t words, int threads);
   // Thread t's share of the words: [begin, end).
   void Share(int t, size_t& begin, size_t& end) const;
+  // Runs read(t) on `threads_` threads between two barriers; read returns its sum (folded into
+  // sum_), the pass its wall time and the threads' mean CPU time.
+  template <typename Read>
+  Pass RunThreads(Read read);
 
   std::unique_ptr<uint64_t, FreeDeleter> buf_;
   size_t words_;
@@ -84,6 +102,13 @@ class ReadProbe {
   std::string kernel_;
   uint64_t sum_ = 0;  // the reads' sums, kept so that the loads are not dropped
 };
+
+// The median, least and greatest of a sample (all 0 when it is empty): how the benches report
+// a ratio measured pass by pass.
+struct Spread {
+  double median = 0, min = 0, max = 0;
+};
+Spread SpreadOf(std::vector<double> sample);
 
 // Reads a `bytes` buffer (2 MiB aligned, transparent huge pages asked for, like the benches'
 // KV caches; first-touched by the reading threads; MemoryReadBytes() sizes it past the

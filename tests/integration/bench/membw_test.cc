@@ -70,6 +70,56 @@ TEST(ReadProbe, RepeatsTheReadOfTheWholeBuffer) {
   EXPECT_EQ(probe->GBytesPerS(ReadProbe::Pass{}), 0);  // no time: no rate, not infinity
 }
 
+TEST(ReadProbe, ChunksCoverTheirPlacesOnce) {
+  auto probe = ReadProbe::Create(4 * kMiB, 2);
+  ASSERT_TRUE(probe.ok()) << probe.status();
+  const uint64_t words = probe->bytes() / 8;
+  // As many 4 KiB chunks as the buffer holds: every word read once, whatever the order.
+  uint64_t before = probe->sum();
+  auto all = probe->RunChunks(4096, 1u << 30, 7);
+  ASSERT_TRUE(all.ok()) << all.status();
+  EXPECT_EQ(all->bytes, probe->bytes());
+  EXPECT_EQ(probe->sum() - before, words * (words - 1) / 2);
+  // A part: count chunks of 1 KiB, each a whole chunk-aligned piece (its words' sum is that of
+  // 128 consecutive word indices starting at a multiple of 128, so the total is
+  // 128 * sum(starts) + count * 128 * 127 / 2, and sum(starts) is a multiple of 128).
+  before = probe->sum();
+  auto part = probe->RunChunks(1024, 100, 8);
+  ASSERT_TRUE(part.ok()) << part.status();
+  EXPECT_EQ(part->bytes, 100u * 1024);
+  const uint64_t got = probe->sum() - before - 100 * (128 * 127 / 2);
+  EXPECT_EQ(got % (128 * 128), 0u) << "a chunk not at a chunk-aligned place";
+  EXPECT_GT(part->wall_s, 0);
+  // Fewer chunks than threads: one each.
+  auto few = probe->RunChunks(256, 1, 9);
+  ASSERT_TRUE(few.ok()) << few.status();
+  EXPECT_EQ(few->bytes, 2u * 256);
+  // Every chunk of the shares less their last 1 MiB: each share's first 1 MiB, once.
+  before = probe->sum();
+  auto head = probe->RunChunks(4096, 1u << 30, 10, kMiB);
+  ASSERT_TRUE(head.ok()) << head.status();
+  EXPECT_EQ(head->bytes, 2 * kMiB);
+  const uint64_t half = words / 2, quarter = words / 4;  // shares [0, half) and [half, words)
+  const uint64_t want =
+      quarter * (quarter - 1) / 2 + (half * quarter + quarter * (quarter - 1) / 2);
+  EXPECT_EQ(probe->sum() - before, want) << "not the shares' first halves";
+}
+
+TEST(ReadProbe, NamesTheBadChunk) {
+  auto probe = ReadProbe::Create(2 * kMiB, 2);
+  ASSERT_TRUE(probe.ok()) << probe.status();
+  for (size_t bad : {size_t{0}, size_t{100}, size_t{2} << 20}) {
+    auto r = probe->RunChunks(bad, 10, 1);
+    ASSERT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_NE(r.status().message().find("chunk_bytes " + std::to_string(bad)), std::string::npos)
+        << r.status();
+  }
+  auto no_room = probe->RunChunks(4096, 10, 1, kMiB);  // 1 MiB shares, all tail
+  ASSERT_EQ(no_room.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(no_room.status().message().find("tail_bytes 1048576"), std::string::npos)
+      << no_room.status();
+}
+
 TEST(ReadProbe, NamesTheBadValue) {
   auto small = ReadProbe::Create(4096, 1);
   ASSERT_EQ(small.status().code(), absl::StatusCode::kInvalidArgument);
