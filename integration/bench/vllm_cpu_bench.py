@@ -155,8 +155,8 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=int, default=900, help="seconds per run before it is killed")
     ap.add_argument("--seed", type=int, default=0, help="prompt token seed")
     ap.add_argument("--warm-prefills", type=int, default=0,
-                    help="after the first request, time this many more prefills of fresh "
-                         "prompts (reported as their median, 'warm')")
+                    help="after the decode steps, time this many more prefills of fresh "
+                         "prompts in the same engine (reported as their median, 'warm')")
     ap.add_argument("--json", default="", help="also write the results here")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--backend", default="", help=argparse.SUPPRESS)
