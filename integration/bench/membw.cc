@@ -70,17 +70,13 @@ uint64_t ReadChunkPortable(const uint64_t* p, const uint64_t* next, size_t n) {
 #if MEMPIPE_AVX512_KERNEL
 MEMPIPE_TARGET_AVX512 uint64_t ReadChunkAvx512(const uint64_t* p, const uint64_t* next, size_t n) {
   __m512i a0 = _mm512_setzero_si512(), a1 = a0;
-  size_t i = 0;
-  for (; i + 16 <= n; i += 16) {
+  for (size_t i = 0; i < n; i += 16) {  // n is a multiple of 32 words (256 bytes)
     if (next != nullptr) {
       _mm_prefetch(reinterpret_cast<const char*>(next + i), _MM_HINT_T1);
       _mm_prefetch(reinterpret_cast<const char*>(next + i + 8), _MM_HINT_T1);
     }
     a0 = _mm512_add_epi64(a0, _mm512_loadu_si512(p + i));
     a1 = _mm512_add_epi64(a1, _mm512_loadu_si512(p + i + 8));
-  }
-  for (; i < n; i += 8) {  // n is a multiple of 32 words (256 bytes)
-    a0 = _mm512_add_epi64(a0, _mm512_loadu_si512(p + i));
   }
   return _mm512_reduce_add_epi64(_mm512_add_epi64(a0, a1));
 }
@@ -254,6 +250,13 @@ ReadProbe::Pass ReadProbe::Run() {
 
 absl::StatusOr<ReadProbe::Pass> ReadProbe::RunChunks(size_t chunk_bytes, size_t count,
                                                      uint64_t seed, size_t tail_bytes) {
+  auto bad = [&] {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "chunk_bytes must be a positive multiple of 256 that fits in each thread's share of ",
+        bytes() / threads_, " bytes less tail_bytes; got chunk_bytes ", chunk_bytes,
+        ", tail_bytes ", tail_bytes));
+  };
+  if (chunk_bytes == 0 || chunk_bytes % 256 != 0) return bad();
   const size_t chunk_words = chunk_bytes / 8;
   const size_t tail_words = tail_bytes / 8;
   // Thread t's chunk-aligned places [first[t], first[t] + places[t]).
@@ -262,17 +265,9 @@ absl::StatusOr<ReadProbe::Pass> ReadProbe::RunChunks(size_t chunk_bytes, size_t 
     size_t b, e;
     Share(t, b, e);
     e = e > b + tail_words ? e - tail_words : b;
-    if (chunk_words > 0) {
-      first[t] = (b + chunk_words - 1) / chunk_words;
-      places[t] = e / chunk_words > first[t] ? e / chunk_words - first[t] : 0;
-    }
-  }
-  const size_t fewest = *std::min_element(places.begin(), places.end());
-  if (chunk_bytes == 0 || chunk_bytes % 256 != 0 || fewest == 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "chunk_bytes must be a positive multiple of 256 that fits in each thread's share of ",
-        bytes() / threads_, " bytes less tail_bytes; got chunk_bytes ", chunk_bytes,
-        ", tail_bytes ", tail_bytes));
+    first[t] = (b + chunk_words - 1) / chunk_words;
+    places[t] = e / chunk_words > first[t] ? e / chunk_words - first[t] : 0;
+    if (places[t] == 0) return bad();
   }
   // Each thread's places: the first n of a partial Fisher-Yates shuffle of its part, ascending.
   std::vector<std::vector<size_t>> mine(threads_);

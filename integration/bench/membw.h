@@ -40,7 +40,7 @@ size_t LastLevelCacheBytes();
 size_t MemoryReadBytes(size_t at_least = 0);
 
 // The STREAM-like read as a probe a benchmark can repeat between the runs of what it measures:
-// on a machine whose bandwidth drifts with other tenants' load (the 2-vCPU build VMs: 38-64
+// on a machine whose bandwidth drifts with other tenants' load (the 2-vCPU build VMs: 32-77
 // GB/s between back-to-back 2-thread reads), a kernel's rate is compared with the reads taken
 // just before and after it rather than with one read at another moment.
 //
