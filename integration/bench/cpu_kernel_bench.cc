@@ -208,7 +208,23 @@ int Run() {
     return 1;
   }
   // Per kernel, the best pass's time per layer: CPU time per thread, and wall-clock time.
-  enum Kernel { kRel, kTop, kSparse, kDense, kSparseRows, kDenseRows, kKernels };
+  enum Kernel {
+    kRel,
+    kTop,
+    kSparse,
+    kDense,
+    kSparseRows,
+    kDenseRows,
+    kSparseHot,
+    kDenseHot,
+    kKernels
+  };
+  // From cache: layer 0's kernel `layers` times in a row after an untimed call, so that what it
+  // reads stays in the caches: its rate with DRAM out of the way, the ceiling its arithmetic
+  // sets. Only where what it reads fits in half the last-level cache.
+  const double sparse_bytes = 2.0 * seqs * kv * k * bs * d * DTypeSize(dt);
+  const bool hot_sparse = llc > 0 && sparse_bytes <= llc / 2;
+  const bool hot_dense = llc > 0 && cache.NumBytes() <= llc / 2;
   double cpu[kKernels], wall[kKernels];
   std::fill(cpu, cpu + kKernels, 1e300);
   std::fill(wall, wall + kKernels, 1e300);
@@ -276,6 +292,18 @@ int Run() {
       }
       bracket({kDenseRows});
     }
+    auto from_cache = [&](Kernel k, auto f) {
+      cache.data = kv_mem[0].get();
+      f();
+      for (int l = 0; l < layers; ++l) timed(k, f);
+      bracket({k});
+    };
+    if (hot_sparse) {
+      from_cache(kSparseHot, [&] { status.Update(SparseDecode(io, cache, tv, page_list, scale)); });
+    }
+    if (hot_dense) {
+      from_cache(kDenseHot, [&] { status.Update(DenseDecode(io, cache, tv, scale)); });
+    }
     if (!status.ok()) {
       std::fprintf(stderr, "mempipe-cpu-kernel-bench: %s\n", std::string(status.message()).c_str());
       return 1;
@@ -286,7 +314,6 @@ int Run() {
       wall[k] = std::min(wall[k], t_wall[k] / layers);
     }
   }
-  const double sparse_bytes = 2.0 * seqs * kv * k * bs * d * DTypeSize(dt);
   const bool on_team = GetHostParallelRuntimeInfo().installed;
   const absl::Duration spin = ThreadPool::Default().spin();
   const std::string host =
@@ -367,7 +394,55 @@ int Run() {
                   100 * ms[kSparseRows] / ms[kSparse], 100 * ms[kDenseRows] / ms[kDense],
                   on_wall ? " (wall)" : "");
     }
+    if (!on_wall && (hot_sparse || hot_dense)) {
+      std::printf(
+          "layer 0's kernel again and again, its rows in the caches: the rate its arithmetic "
+          "allows with DRAM out of the way (%% of the same DRAM read)\n");
+    }
+    if (hot_sparse) {
+      row(on_wall ? "sparse attention from cache, wall" : "sparse attention, from cache",
+          sparse_bytes, kSparseHot);
+    }
+    if (hot_dense) {
+      row(on_wall ? "dense attention from cache, wall" : "dense attention, from cache",
+          cache.NumBytes(), kDenseHot);
+    }
   }
+  // The arithmetic beside the bytes: q.k and p.v are one fp32 multiply-add per query head, token
+  // and channel each; against the rate the cores' FMA units reach (MeasureFmaRate, ~0.1 s).
+  const double sparse_macs = 2.0 * seqs * heads * k * bs * d;
+  const double dense_macs = 2.0 * seqs * heads * static_cast<double>(context) * d;
+  std::printf(
+      "arithmetic (q.k and p.v, multiply-adds): sparse %.2f M, dense %.1f M per layer, %.2f per "
+      "byte read\n",
+      sparse_macs / 1e6, dense_macs / 1e6, sparse_macs / sparse_bytes);
+  absl::StatusOr<FmaRate> fma = MeasureFmaRate(threads, int64_t{20} << 20);
+  if (!fma.ok()) {
+    std::printf("  the cores' FMA rate: not measured (%s)\n",
+                std::string(fma.status().message()).c_str());
+    return 0;
+  }
+  const Spread read = SpreadOf(read_cpu_gbps);
+  const double peak = fma->gmacs_per_s * 1e9;
+  // At the FMA rate, a layer's arithmetic as a fraction of its bytes' time at the reads' median.
+  auto floor_pct = [&](double macs, double bytes) {
+    return 100 * (macs / peak) / (bytes / (read.median * 1e9));
+  };
+  std::printf(
+      "  the cores' fp32 FMA rate, %d thread(s), AVX-512 (measured): %.0f G/s; at that rate a "
+      "layer's arithmetic takes %.0f%% (sparse) and %.0f%% (dense) of its bytes' time at the "
+      "reads' median (CPU time)\n",
+      threads, fma->gmacs_per_s, floor_pct(sparse_macs, sparse_bytes),
+      floor_pct(dense_macs, cache.NumBytes()));
+  // The kernels' multiply-adds per second of CPU time over the FMA rate.
+  auto of_peak = [&](double macs, Kernel k) { return 100 * macs / (cpu[k] * 1e-3) / peak; };
+  std::printf(
+      "  the kernels' multiply-adds per second (CPU time) as %% of that rate: sparse %.0f%%, "
+      "dense %.0f%%",
+      of_peak(sparse_macs, kSparse), of_peak(dense_macs, kDense));
+  if (hot_sparse) std::printf("; from cache: sparse %.0f%%", of_peak(sparse_macs, kSparseHot));
+  if (hot_dense) std::printf(", dense %.0f%%", of_peak(dense_macs, kDenseHot));
+  std::printf("\n");
   return 0;
 }
 

@@ -6,9 +6,11 @@
 #include <algorithm>
 #include <barrier>
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <fstream>
+#include <limits>
 #include <memory>
 #include <numeric>
 #include <random>
@@ -79,6 +81,29 @@ MEMPIPE_TARGET_AVX512 uint64_t ReadChunkAvx512(const uint64_t* p, const uint64_t
     a1 = _mm512_add_epi64(a1, _mm512_loadu_si512(p + i + 8));
   }
   return _mm512_reduce_add_epi64(_mm512_add_epi64(a0, a1));
+}
+#endif
+
+// Every chain of every thread starts at kFmaA0 and steps a = fma(a, kFmaX, kFmaY). x is just
+// above 1, so each step adds at least one ulp: a strictly increasing sequence (a step count off
+// by one changes the value), which stays normal for billions of steps (about 10.8 after 2e7),
+// and which a compiler cannot turn into adds (as it could fma(a, 1, y)).
+constexpr float kFmaA0 = 1.0f, kFmaX = 1.0f + 0x1p-23f, kFmaY = 0x1p-20f;
+
+#if MEMPIPE_AVX512_KERNEL
+MEMPIPE_TARGET_AVX512 float FmaChainsAvx512(int64_t iters) {
+  __m512 a[kFmaChains];
+  for (__m512& v : a) v = _mm512_set1_ps(kFmaA0);
+  const __m512 x = _mm512_set1_ps(kFmaX), y = _mm512_set1_ps(kFmaY);
+  for (int64_t it = 0; it < iters; ++it) {
+#pragma GCC unroll 12
+    for (__m512& v : a) v = _mm512_fmadd_ps(v, x, y);
+  }
+  // Lane 0 of chain 0 is the result; the others are folded in with weight 0 so that no chain's
+  // arithmetic is dead, and so dropped.
+  __m512 rest = _mm512_setzero_ps();
+  for (int c = 1; c < kFmaChains; ++c) rest = _mm512_add_ps(rest, a[c]);
+  return _mm512_cvtss_f32(a[0]) + 0.0f * _mm512_reduce_add_ps(rest);
 }
 #endif
 
@@ -305,6 +330,51 @@ absl::StatusOr<ReadProbe::Pass> ReadProbe::RunChunks(size_t chunk_bytes, size_t 
   });
   pass.bytes = total * chunk_bytes;
   return pass;
+}
+
+float FmaChainValue(int64_t iters) {
+  float a = kFmaA0;
+  for (int64_t i = 0; i < iters; ++i) a = std::fma(a, kFmaX, kFmaY);
+  return a;
+}
+
+absl::StatusOr<FmaRate> MeasureFmaRate(int threads, int64_t iters) {
+  if (threads < 1 || iters < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the FMA rate needs threads >= 1 and iters >= 1; got threads ", threads,
+                     ", iters ", iters));
+  }
+#if MEMPIPE_AVX512_KERNEL
+  if (HasAvx512()) {
+    std::vector<float> result(threads);
+    std::barrier sync(threads);
+    std::chrono::steady_clock::time_point t0, t1;
+    auto body = [&](int t) {
+      sync.arrive_and_wait();
+      if (t == 0) t0 = std::chrono::steady_clock::now();
+      result[t] = FmaChainsAvx512(iters);
+      sync.arrive_and_wait();
+      if (t == 0) t1 = std::chrono::steady_clock::now();
+    };
+    std::vector<std::thread> pool;
+    for (int t = 1; t < threads; ++t) pool.emplace_back(body, t);
+    body(0);
+    for (auto& th : pool) th.join();
+    FmaRate r;
+    r.threads = threads;
+    r.macs = static_cast<int64_t>(threads) * iters * kFmaChains * 16;
+    r.result = result[0];
+    for (const float v : result) {  // every thread ran the same chains
+      if (v != r.result) r.result = std::numeric_limits<float>::quiet_NaN();
+    }
+    const double s = std::chrono::duration<double>(t1 - t0).count();
+    r.gmacs_per_s = s > 0 ? r.macs / s / 1e9 : 0;
+    return r;
+  }
+#endif
+  return absl::FailedPreconditionError(
+      "the FMA rate is measured with AVX-512, which this CPU "
+      "or build lacks");
 }
 
 absl::StatusOr<ReadBandwidth> MeasureReadBandwidth(size_t bytes, int threads, int passes) {

@@ -116,6 +116,27 @@ Spread SpreadOf(std::vector<double> sample);
 // Errors: bytes < 1 MiB, threads < 1 or passes < 1 (InvalidArgument).
 absl::StatusOr<ReadBandwidth> MeasureReadBandwidth(size_t bytes, int threads, int passes);
 
+// The other roofline: how many fp32 multiply-adds per second the host's cores do, so that a
+// benchmark can set a kernel's arithmetic beside its bytes. Each thread runs kFmaChains
+// independent chains of 16-lane fused multiply-adds (AVX-512, a = a * x + y), `iters` steps of
+// each, between two barriers; a lane of a step counts one multiply-add. kFmaChains covers an
+// FMA's latency times the FMA units of current cores (4 x 2 on Zen 4/5, Sapphire Rapids).
+struct FmaRate {
+  double gmacs_per_s = 0;  // multiply-adds per wall second, all threads, 1 G = 1e9
+  int threads = 0;
+  int64_t macs = 0;  // threads * iters * kFmaChains * 16
+  float result = 0;  // one lane of one chain after `iters` steps (every chain starts alike)
+};
+inline constexpr int kFmaChains = 12;
+
+// The chains' step, a = fma(a, x, y), from a0 as the threads start it: the value a chain holds
+// after `iters` steps, for a check of MeasureFmaRate's loop.
+float FmaChainValue(int64_t iters);
+
+// Errors: threads < 1 or iters < 1 (InvalidArgument, naming the value); FailedPrecondition
+// where the CPU (or the build) has no AVX-512.
+absl::StatusOr<FmaRate> MeasureFmaRate(int threads, int64_t iters);
+
 }  // namespace mempipe
 
 #endif  // MEMPIPE_INTEGRATION_BENCH_MEMBW_H_

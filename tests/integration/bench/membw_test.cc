@@ -1,4 +1,5 @@
-// The STREAM-like read (integration/bench/membw.h): its size rule and its errors.
+// The STREAM-like read (integration/bench/membw.h): its size rule and its errors; and the FMA
+// rate beside it.
 #include "integration/bench/membw.h"
 
 #include <unistd.h>
@@ -127,6 +128,45 @@ TEST(ReadProbe, NamesTheBadValue) {
   auto threads = ReadProbe::Create(8 * kMiB, -1);
   ASSERT_EQ(threads.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(threads.status().message().find("threads -1"), std::string::npos) << threads.status();
+}
+
+TEST(FmaChainValue, StrictlyIncreasesWithTheSteps) {
+  // The check below tells step counts apart only because the chain never settles.
+  float prev = FmaChainValue(0);
+  EXPECT_EQ(prev, 1.0f);
+  for (const int64_t n : {1, 2, 1000, 1001, 100000}) {
+    const float v = FmaChainValue(n);
+    EXPECT_GT(v, prev) << n;
+    prev = v;
+  }
+}
+
+TEST(MeasureFmaRate, RunsEveryStepOfEveryThread) {
+  auto r = MeasureFmaRate(2, 1000);
+  if (r.status().code() == absl::StatusCode::kFailedPrecondition) {
+    GTEST_SKIP() << r.status();  // no AVX-512 here: the rate is not measured, by design
+  }
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->threads, 2);
+  EXPECT_EQ(r->macs, int64_t{2} * 1000 * kFmaChains * 16);
+  // Both threads' chains end where 1000 scalar steps do, and not where 999 or 1001 do: a loop
+  // that ran a step more or less (or a thread that ran none) fails here.
+  EXPECT_EQ(r->result, FmaChainValue(1000));
+  EXPECT_NE(r->result, FmaChainValue(999));
+  EXPECT_NE(r->result, FmaChainValue(1001));
+  // Above zero, and below 4 FMA units x 16 lanes at 10 GHz per thread: a miscounted rate (lanes
+  // or chains counted twice over) would not pass the second with any margin on real cores.
+  EXPECT_GT(r->gmacs_per_s, 0);
+  EXPECT_LT(r->gmacs_per_s, 2 * 4 * 16 * 10.0);
+}
+
+TEST(MeasureFmaRate, NamesTheBadValue) {
+  auto threads = MeasureFmaRate(0, 10);
+  ASSERT_EQ(threads.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(threads.status().message().find("threads 0"), std::string::npos) << threads.status();
+  auto iters = MeasureFmaRate(1, -5);
+  ASSERT_EQ(iters.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(iters.status().message().find("iters -5"), std::string::npos) << iters.status();
 }
 
 }  // namespace
