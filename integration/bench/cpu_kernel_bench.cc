@@ -10,7 +10,10 @@
 // both the kernels and the read come from DRAM, not cache. Random data; the selection is random
 // (sinks and locals kept), ascending. With the AVX-512 or AVX2 kernels it also times their reads
 // alone (ReadDecodeRows: the same rows, order, thread split and prefetch, no arithmetic), the rate
-// the access pattern allows on this machine.
+// the access pattern allows on this machine. Where a kernel's reads fit in half the last-level
+// cache, it times that kernel on one layer over and over (from cache: the ceiling its arithmetic
+// sets); and it sets the kernels' multiply-adds beside the cores' measured FMA rate
+// (MeasureFmaRate).
 //
 //   mempipe-cpu-kernel-bench                                   # Llama-3-8B layer, bf16, 32K
 //   mempipe-cpu-kernel-bench --threads=1 --cpu_kernel=portable
