@@ -3,7 +3,9 @@
 
 #include <dirent.h>
 #include <sys/types.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 
 namespace mempipe {
@@ -24,16 +26,39 @@ double ClockMs(clockid_t c) {
 
 double ThreadCpuMs() { return ClockMs(CLOCK_THREAD_CPUTIME_ID); }
 
-double ThreadsCpuMs() {
+ThreadsCpu ThreadsCpu::Now() {
+  ThreadsCpu now;
   DIR* dir = opendir("/proc/self/task");
-  if (dir == nullptr) return ThreadCpuMs();  // no procfs: this thread alone
-  double ms = 0;
+  if (dir == nullptr) {  // no procfs: this thread alone
+    now.ms_.emplace_back(static_cast<pid_t>(gettid()), ThreadCpuMs());
+    return now;
+  }
   while (const dirent* e = readdir(dir)) {
-    if (e->d_name[0] >= '0' && e->d_name[0] <= '9')
-      ms += ClockMs(ThreadCpuClockId(static_cast<pid_t>(std::atoi(e->d_name))));
+    if (e->d_name[0] >= '0' && e->d_name[0] <= '9') {
+      const pid_t tid = static_cast<pid_t>(std::atoi(e->d_name));
+      timespec ts;
+      // A thread that has ended, though still listed, has no clock to read: left out.
+      if (clock_gettime(ThreadCpuClockId(tid), &ts) == 0) {
+        now.ms_.emplace_back(tid, ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6);
+      }
+    }
   }
   closedir(dir);
+  std::sort(now.ms_.begin(), now.ms_.end());
+  return now;
+}
+
+double ThreadsCpu::MsSince(const ThreadsCpu& earlier) const {
+  double ms = 0;
+  auto e = earlier.ms_.begin();
+  for (const auto& [tid, now_ms] : ms_) {
+    while (e != earlier.ms_.end() && e->first < tid) ++e;
+    const bool was = e != earlier.ms_.end() && e->first == tid && e->second <= now_ms;
+    ms += was ? now_ms - e->second : now_ms;
+  }
   return ms;
 }
+
+double ThreadsCpuMs() { return ThreadsCpu::Now().MsSince(ThreadsCpu()); }
 
 }  // namespace mempipe

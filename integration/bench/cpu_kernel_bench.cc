@@ -240,11 +240,11 @@ int Run() {
     double t_cpu[kKernels] = {}, t_wall[kKernels] = {};
     // Runs f() and adds its CPU and wall time to kernel k's.
     auto timed = [&](Kernel k, auto f) {
-      const double c0 = ThreadsCpuMs();
+      const ThreadsCpu c0 = ThreadsCpu::Now();
       const Clock::time_point w0 = Clock::now();
       f();
       t_wall[k] += MsSince(w0);
-      t_cpu[k] += ThreadsCpuMs() - c0;
+      t_cpu[k] += ThreadsCpu::Now().MsSince(c0);
     };
     ReadProbe::Pass before = probe->Run();
     // Reads again after the layers of kernels `ks`, and keeps each one's time per layer over

@@ -147,7 +147,7 @@ absl::StatusOr<PlacementResult> RunPlacement(SyntheticContext& ctx, const BenchO
       const bool sparse = selector && DecodesSparse(options.policy, l, lens.data(), batch);
       if (sparse) {
         const SelectionView sel{pages.data(), counts.data(), batch, m.num_kv_heads, k_pages};
-        const double select_cpu0 = ThreadsCpuMs();
+        const ThreadsCpu select_cpu0 = ThreadsCpu::Now();
         const auto select_begin = Clock::now();
         MEMPIPE_ASSIGN_OR_RETURN(
             SelectTicket ticket,
@@ -156,7 +156,7 @@ absl::StatusOr<PlacementResult> RunPlacement(SyntheticContext& ctx, const BenchO
                               table, options.policy.selection, sel}));
         MEMPIPE_RETURN_IF_ERROR(selector->Wait(ticket, absl::InfiniteFuture()));
         const double select_wall_ms = MsSince(select_begin);
-        t.select_cpu_ms += ThreadsCpuMs() - select_cpu0;
+        t.select_cpu_ms += ThreadsCpu::Now().MsSince(select_cpu0);
         const SelectorCosts costs = selector->Costs();
         if (costs.relevancy_ms == 0 && costs.retrieval_ms == 0) {
           // A selector that fuses steps 2 and 3 on its device (gpu) reports no split: its
@@ -167,20 +167,20 @@ absl::StatusOr<PlacementResult> RunPlacement(SyntheticContext& ctx, const BenchO
           t.retrieval_ms += costs.retrieval_ms;
         }
         add_modeled(costs);
-        const double c0 = ThreadsCpuMs();
+        const ThreadsCpu c0 = ThreadsCpu::Now();
         t0 = Clock::now();
         const PageList page_list{pages.data(), counts.data(), m.num_kv_heads, k_pages};
         MEMPIPE_RETURN_IF_ERROR(apply ? apply->Decode(l, io, table, &page_list, scale)
                                       : SparseDecode(io, cache, table, page_list, scale));
         t.apply_ms += MsSince(t0);
-        t.apply_cpu_ms += ThreadsCpuMs() - c0;
+        t.apply_cpu_ms += ThreadsCpu::Now().MsSince(c0);
       } else {
-        const double c0 = ThreadsCpuMs();
+        const ThreadsCpu c0 = ThreadsCpu::Now();
         t0 = Clock::now();
         MEMPIPE_RETURN_IF_ERROR(apply ? apply->Decode(l, io, table, nullptr, scale)
                                       : DenseDecode(io, cache, table, scale));
         t.apply_ms += MsSince(t0);
-        t.apply_cpu_ms += ThreadsCpuMs() - c0;
+        t.apply_cpu_ms += ThreadsCpu::Now().MsSince(c0);
       }
       if (!last) continue;
       // Bytes attention and scoring touched on the last step.

@@ -50,5 +50,58 @@ TEST(ThreadsCpuMs, CountsTheCallingThread) {
   EXPECT_GE(ThreadsCpuMs() - c0, 2.0);
 }
 
+// A thread that ran a while and ends between two snapshots counts nothing, not minus its time:
+// the interval holds only the calling thread's few microseconds. A plain difference of
+// ThreadsCpuMs() subtracts the ended thread's time when the first reading saw it: printed as
+// `plain` on failure; on the build VM it read -5.1 ms here (MsSince made that difference fails
+// the first check, and counting every thread from zero fails the second test).
+TEST(ThreadsCpu, AThreadThatEndsInBetweenCountsNothing) {
+  std::atomic<int> phase{0};  // 0: spin, 1: spun long enough, 2: end
+  std::thread worker([&] {
+    const double start = ThreadCpuMs();
+    volatile uint64_t x = 0;
+    while (ThreadCpuMs() - start < 5.0) x = x + 1;
+    phase.store(1);
+    while (phase.load() != 2) std::this_thread::yield();
+  });
+  while (phase.load() != 1) std::this_thread::yield();
+  const ThreadsCpu c0 = ThreadsCpu::Now();
+  const double plain0 = ThreadsCpuMs();
+  phase.store(2);
+  worker.join();
+  const ThreadsCpu c1 = ThreadsCpu::Now();
+  const double plain = ThreadsCpuMs() - plain0;
+  const double ms = c1.MsSince(c0);
+  EXPECT_GE(ms, 0.0) << "plain difference " << plain;
+  // The worker's 5 ms are not in it either (it ended): what remains is the caller's own time,
+  // plus the worker's last yields between the two snapshots.
+  EXPECT_LT(ms, 4.0) << "plain difference " << plain;
+}
+
+// A thread started after the first snapshot counts all its time, and one alive throughout counts
+// its time in between only: the caller burns 60 ms before the first snapshot, which a sum that
+// counted from zero would add.
+TEST(ThreadsCpu, CountsNewThreadsFromZeroAndOldOnesFromTheSnapshot) {
+  const double burn0 = ThreadCpuMs();
+  volatile uint64_t x = 0;
+  while (ThreadCpuMs() - burn0 < 60.0) x = x + 1;
+  const ThreadsCpu c0 = ThreadsCpu::Now();
+  const double own0 = ThreadCpuMs();
+  std::atomic<int> phase{0};  // 0: worker spins, 1: worker waits, 2: worker ends
+  std::thread worker([&] {
+    volatile uint64_t y = 0;
+    while (ThreadCpuMs() < 3.0) y = y + 1;
+    phase.store(1);
+    while (phase.load() != 2) std::this_thread::yield();
+  });
+  while (ThreadCpuMs() - own0 < 2.0) x = x + 1;
+  while (phase.load() != 1) std::this_thread::yield();
+  const double ms = ThreadsCpu::Now().MsSince(c0);
+  phase.store(2);
+  worker.join();
+  EXPECT_GE(ms, 5.0);   // the worker's 3 ms from its start, the caller's 2 ms since c0
+  EXPECT_LT(ms, 40.0);  // and not the caller's 60 ms before c0 (nor 40 ms of yields)
+}
+
 }  // namespace
 }  // namespace mempipe
