@@ -213,8 +213,10 @@ BorrowedTensor BorrowCache(const py::handle& obj) {
 
 // Converts a [2, num_blocks, block_size, KVH, D] tensor (BorrowCache): C-contiguous, the
 // token-major layout; or, in host memory, the head-major one: t.permute(0, 1, 3, 2, 4) of a
-// contiguous [2, num_blocks, KVH, block_size, D] tensor t (each KV head's page contiguous, as the
-// vLLM plugin lays out host caches). Other strides are refused, naming them.
+// contiguous [2, num_blocks, KVH, block_size, D] tensor t (each KV head's page contiguous), or
+// the page-major one: t.permute(2, 0, 3, 1, 4) of a contiguous [num_blocks, KVH, 2, block_size,
+// D] tensor t (a KV head's K and V pages one piece), as the vLLM plugin lays out host caches.
+// Other strides are refused, naming them.
 KvCacheView CacheView(const BorrowedTensor& kv) {
   Check(kv.RequireRank(5));
   Check(kv.RequireDim(0, 2, "K and V"));
@@ -230,7 +232,7 @@ KvCacheView CacheView(const BorrowedTensor& kv) {
     KvCacheView l = v;
     l.layout = layout;
     const int64_t want[5] = {
-        static_cast<int64_t>(l.PlaneElems()), static_cast<int64_t>(l.BlockStride()),
+        static_cast<int64_t>(l.KvStride()), static_cast<int64_t>(l.BlockStride()),
         static_cast<int64_t>(l.TokenStride()), static_cast<int64_t>(l.HeadStride()), 1};
     for (int d = 0; d < 5; ++d) {
       if (kv.shape[d] != 1 && kv.strides[d] != want[d]) return false;
@@ -238,20 +240,24 @@ KvCacheView CacheView(const BorrowedTensor& kv) {
     return true;
   };
   if (matches(KvLayout::kTokenMajor)) return v;
-  if (!matches(KvLayout::kHeadMajor)) {
+  if (matches(KvLayout::kHeadMajor)) {
+    v.layout = KvLayout::kHeadMajor;
+  } else if (matches(KvLayout::kPageMajor)) {
+    v.layout = KvLayout::kPageMajor;
+  } else {
     Check(absl::InvalidArgumentError(absl::StrCat(
         kv.Describe(), " has strides [", absl::StrJoin(kv.strides, ", "),
         "]; expected a C-contiguous tensor (token-major) or, in host memory, a head-major view "
         "t.permute(0, 1, 3, 2, 4) of a contiguous [2, num_blocks, num_kv_heads, block_size, "
-        "head_dim] tensor t")));
+        "head_dim] tensor t, or a page-major view t.permute(2, 0, 3, 1, 4) of a contiguous "
+        "[num_blocks, num_kv_heads, 2, block_size, head_dim] tensor t")));
   }
   if (!IsHostDevice(kv.device)) {
-    Check(absl::UnimplementedError(
-        absl::StrCat(kv.Describe(),
-                     " is a head-major view in device memory; the GPU kernels read "
-                     "C-contiguous (token-major) caches only")));
+    Check(absl::UnimplementedError(absl::StrCat(
+        kv.Describe(), " is a ", KvLayoutName(v.layout),
+        "-major view in device memory; the GPU kernels read C-contiguous (token-major) caches "
+        "only")));
   }
-  v.layout = KvLayout::kHeadMajor;
   return v;
 }
 

@@ -40,15 +40,29 @@ absl::Status ValidateKvCache(const KvCacheView& cache) {
 absl::StatusOr<KvLayout> ParseKvLayout(absl::string_view name) {
   if (name == "token") return KvLayout::kTokenMajor;
   if (name == "head") return KvLayout::kHeadMajor;
+  if (name == "page") return KvLayout::kPageMajor;
   return absl::InvalidArgumentError(
-      absl::StrCat("kv_layout must be token or head, got '", name, "'"));
+      absl::StrCat("kv_layout must be token, head or page, got '", name, "'"));
+}
+
+const char* KvLayoutName(KvLayout layout) {
+  switch (layout) {
+    case KvLayout::kTokenMajor:
+      return "token";
+    case KvLayout::kHeadMajor:
+      return "head";
+    case KvLayout::kPageMajor:
+      return "page";
+  }
+  return "unknown";
 }
 
 absl::Status RequireTokenMajor(const KvCacheView& cache, const char* who) {
   if (!cache.HeadMajor()) return absl::OkStatus();
   return absl::UnimplementedError(absl::StrCat(
       who, " reads token-major KV caches [2, num_blocks, block_size, num_kv_heads, head_dim] only;",
-      " this one is head-major (each KV head's page contiguous), which the host steps read"));
+      " this one is ", KvLayoutName(cache.layout),
+      "-major (each KV head's page contiguous), which the host steps read"));
 }
 
 absl::Status ValidateBlockTableShape(const BlockTableView& table) {

@@ -4,7 +4,8 @@
 // unchanged:
 //   KV cache   [2, num_blocks, block_size, num_kv_heads, head_dim]   (K at index 0, V at 1)
 //              token-major, or on the host also head-major: [2, num_blocks, num_kv_heads,
-//              block_size, head_dim] in memory, the same logical cache (KvLayout)
+//              block_size, head_dim] in memory, or page-major: [num_blocks, num_kv_heads, 2,
+//              block_size, head_dim]; the same logical cache (KvLayout)
 //   block table [num_seqs, max_blocks_per_seq] int32 physical block ids
 //   seq_lens    [num_seqs] int32, tokens in each sequence (the last page may be partial)
 //   slot         block_id * block_size + offset; negative slots are padding and are skipped
@@ -40,8 +41,8 @@ inline constexpr int kSupportedGpuGroupSizes[] = {1, 2, 3, 4, 5, 6, 7, 8, 12, 16
 [[nodiscard]] absl::Status ValidateBlockSize(int block_size);
 [[nodiscard]] absl::Status ValidateHeadDim(int head_dim);
 
-// How a cache orders the tokens and KV heads of a block in memory. Both hold the same logical
-// cache [2, num_blocks, block_size, num_kv_heads, head_dim]; Offset() maps it either way.
+// How a cache orders the K/V planes, tokens and KV heads of a block in memory. All hold the same
+// logical cache [2, num_blocks, block_size, num_kv_heads, head_dim]; Offset() maps it each way.
 enum class KvLayout : uint8_t {
   // [2, num_blocks, block_size, num_kv_heads, head_dim]: vLLM's FlashAttention layout, the one
   // the GPU kernels take.
@@ -50,10 +51,16 @@ enum class KvLayout : uint8_t {
   // piece, as in vLLM's CPU attention. The host steps take it (sparse decode reads whole pieces
   // instead of head_dim-long rows at the token stride); the GPU kernels refuse it.
   kHeadMajor,
+  // [num_blocks, num_kv_heads, 2, block_size, head_dim]: a KV head's page of K followed by the
+  // same page of V, one contiguous piece twice the size of head-major's (vLLM's per-layer region
+  // [num_blocks, ...] keeps each block whole, too). Host steps only, as head-major.
+  kPageMajor,
 };
 
-// "token" or "head" (the benches' --kv_layout); InvalidArgument naming anything else.
+// "token", "head" or "page" (the benches' --kv_layout); InvalidArgument naming anything else.
 [[nodiscard]] absl::StatusOr<KvLayout> ParseKvLayout(absl::string_view name);
+// The name ParseKvLayout takes: "token", "head" or "page".
+const char* KvLayoutName(KvLayout layout);
 
 struct KvCacheView {
   void* data = nullptr;  // [2, num_blocks, ...] in `dtype`, ordered as `layout` says
@@ -64,7 +71,9 @@ struct KvCacheView {
   int head_dim = 0;
   KvLayout layout = KvLayout::kTokenMajor;
 
-  bool HeadMajor() const { return layout == KvLayout::kHeadMajor; }
+  // Each KV head's page rows contiguous (head- or page-major): head_dim elements apart, and the
+  // host steps read them as one piece per plane.
+  bool HeadMajor() const { return layout != KvLayout::kTokenMajor; }
   // Elements between consecutive tokens of one KV head, and between consecutive KV heads of one
   // token.
   size_t TokenStride() const {
@@ -72,18 +81,32 @@ struct KvCacheView {
                        : static_cast<size_t>(num_kv_heads) * head_dim;
   }
   size_t HeadStride() const {
-    return HeadMajor() ? static_cast<size_t>(block_size) * head_dim : static_cast<size_t>(head_dim);
+    const size_t page = static_cast<size_t>(block_size) * head_dim;
+    return layout == KvLayout::kPageMajor ? 2 * page
+           : HeadMajor()                  ? page
+                                          : static_cast<size_t>(head_dim);
   }
   // KV heads whose rows of one token are adjacent in memory: all of them token-major, one
-  // head-major (what a copy of a token's [num_kv_heads, head_dim] rows does in one piece).
+  // head- or page-major (what a copy of a token's [num_kv_heads, head_dim] rows does in one piece).
   int HeadsPerRun() const { return HeadMajor() ? 1 : num_kv_heads; }
-  size_t BlockStride() const { return static_cast<size_t>(num_kv_heads) * head_dim * block_size; }
-  size_t PlaneElems() const { return BlockStride() * num_blocks; }  // elements of K (or V)
+  // Elements of one block of K (or of V), and between consecutive blocks.
+  size_t PlaneBlockElems() const {
+    return static_cast<size_t>(num_kv_heads) * head_dim * block_size;
+  }
+  size_t BlockStride() const {
+    return layout == KvLayout::kPageMajor ? 2 * PlaneBlockElems() : PlaneBlockElems();
+  }
+  size_t PlaneElems() const { return PlaneBlockElems() * num_blocks; }  // elements of K (or V)
+  // Elements from a K row to the V row of the same block, token and KV head.
+  size_t KvStride() const {
+    return layout == KvLayout::kPageMajor ? static_cast<size_t>(block_size) * head_dim
+                                          : PlaneElems();
+  }
   size_t NumElems() const { return 2 * PlaneElems(); }
   size_t NumBytes() const { return NumElems() * DTypeSize(dtype); }
   // Element offset of (K or V, block, token-in-block, kv head, channel 0).
   size_t Offset(int kv, int block, int token, int head) const {
-    return kv * PlaneElems() + static_cast<size_t>(block) * BlockStride() +
+    return kv * KvStride() + static_cast<size_t>(block) * BlockStride() +
            static_cast<size_t>(token) * TokenStride() + static_cast<size_t>(head) * HeadStride();
   }
 };

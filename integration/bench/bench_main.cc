@@ -68,8 +68,9 @@ ABSL_FLAG(int, fpga_cards, 1,
           "time is the slowest card's plus the host's fan-out/fan-in, energy the sum");
 ABSL_FLAG(std::string, kv_layout, "token",
           "Host KV cache layout: token (token-major, vLLM's FlashAttention layout; the gpu "
-          "placement needs it) or head (head-major: each KV head's page contiguous, what the "
-          "vLLM plugin uses for host caches)");
+          "placement needs it), head (head-major: each KV head's page contiguous, what the "
+          "vLLM plugin uses for host caches) or page (page-major: a KV head's K page and V page "
+          "one contiguous piece)");
 ABSL_FLAG(std::string, digest_dtype, "native",
           "Page digests the selector stores and scans: native (max/min in the cache dtype) or "
           "int8 (codes rounded outward + one fp32 scale per page and KV head, the bound kept "

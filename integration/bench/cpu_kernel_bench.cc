@@ -67,8 +67,9 @@ ABSL_FLAG(int, passes, 3, "Passes over the layers; the best is reported");
 ABSL_FLAG(std::string, cpu_kernel, "auto",
           "Host kernels (core/cpu_kernel.h): auto, portable, avx512, avx512-bf16, avx2");
 ABSL_FLAG(std::string, kv_layout, "token",
-          "KV cache layout: token (token-major, vLLM's FlashAttention layout) or head "
-          "(head-major: each KV head's page contiguous, what the vLLM plugin uses on the CPU)");
+          "KV cache layout: token (token-major, vLLM's FlashAttention layout), head (head-major: "
+          "each KV head's page contiguous, what the vLLM plugin uses on the CPU) or page "
+          "(page-major: a KV head's K page and V page one contiguous piece)");
 ABSL_FLAG(bool, huge_pages, true, "Ask for transparent huge pages for caches and digests");
 ABSL_FLAG(std::string, host_threads, "pool",
           "What the kernels' threads are: pool (mempipe's own, core/thread_pool.h) or openmp (the "
@@ -327,8 +328,8 @@ int Run() {
       "%d x %d tokens, budget %d, %s-major cache), %d thread(s) on %s, %s kernels, huge pages "
       "%s\n",
       layers, heads, kv, d, std::string(DTypeName(dt)).c_str(), bs, seqs, context, k * bs,
-      cache.HeadMajor() ? "head" : "token", threads, host.c_str(),
-      std::string(ActiveCpuKernelName()).c_str(), huge ? "asked for" : "not asked for");
+      KvLayoutName(cache.layout), threads, host.c_str(), std::string(ActiveCpuKernelName()).c_str(),
+      huge ? "asked for" : "not asked for");
   const double mib = 1048576.0;
   std::printf(
       "  last-level cache %s; the layers' caches and digests total %.0f MiB; the read %.0f MiB\n",

@@ -19,7 +19,10 @@ int8 codes + per-page scales, mempipe.digests) and runs, per call:
 Tensors (contiguous; all on the CPU, or all on one CUDA device):
     kv_cache     [2, num_blocks, block_size, num_kv_heads, head_dim]; on the CPU also a
                  head-major view, t.permute(0, 1, 3, 2, 4) of a contiguous
-                 [2, num_blocks, num_kv_heads, block_size, head_dim] t (config kv_layout)
+                 [2, num_blocks, num_kv_heads, block_size, head_dim] t, or a page-major one,
+                 t.permute(2, 0, 3, 1, 4) of a contiguous
+                 [num_blocks, num_kv_heads, 2, block_size, head_dim] t (config kv_layout,
+                 layout_view)
     slot_mapping [T] int64;  key, value [T, num_kv_heads, head_dim]
     block_table  [S, max_blocks] int32;  seq_lens [S] int32
     query, out   [S, num_heads, head_dim] (decode) or [T, num_heads, head_dim] (prefill)
@@ -382,19 +385,31 @@ class PagedLayer:
                                    seq_lens, out, self.scale, num_threads=self.num_threads)
 
 
+def layout_view(region: torch.Tensor, num_blocks: int, page: int, kv_heads: int, head_dim: int,
+                layout: str) -> torch.Tensor:
+    """The KV cache [2, num_blocks, page, kv_heads, head_dim] as a view of `region`, contiguous
+    memory of that many elements laid out as `layout` says (config kv_layout): "token" the
+    same shape; "head" [2, num_blocks, kv_heads, page, head_dim]; "page" [num_blocks, kv_heads,
+    2, page, head_dim]. The host steps recognise the layout from the view's strides."""
+    mempipe_config.require_kv_layout(layout)
+    if layout == "head":
+        return region.view(2, num_blocks, kv_heads, page, head_dim).permute(0, 1, 3, 2, 4)
+    if layout == "page":
+        return region.view(num_blocks, kv_heads, 2, page, head_dim).permute(2, 0, 3, 1, 4)
+    return region.view(2, num_blocks, page, kv_heads, head_dim)
+
+
 def poisoned_cache(num_blocks: int, page: int, kv_heads: int, head_dim: int,
                    dtype: torch.dtype, device: torch.device | str,
                    layout: str = "token") -> torch.Tensor:
-    """A NaN-poisoned KV cache [2, num_blocks, page, kv_heads, head_dim]. layout "head" (host
-    tensors only): a view of head-major memory [2, num_blocks, kv_heads, page, head_dim], which
-    the host steps recognise from its strides (config kv_layout); "token", and any CUDA cache:
-    contiguous."""
+    """A NaN-poisoned KV cache [2, num_blocks, page, kv_heads, head_dim] laid out as `layout`
+    says (layout_view) on the host; contiguous ("token") on CUDA, whose kernels read that one."""
     mempipe_config.require_kv_layout(layout)
-    if layout == "head" and torch.device(device).type == "cpu":
-        return torch.full((2, num_blocks, kv_heads, page, head_dim), float("nan"), dtype=dtype,
-                          device=device).permute(0, 1, 3, 2, 4)
-    return torch.full((2, num_blocks, page, kv_heads, head_dim), float("nan"), dtype=dtype,
-                      device=device)
+    if torch.device(device).type != "cpu":
+        layout = "token"
+    region = torch.full((2 * num_blocks * page * kv_heads * head_dim,), float("nan"), dtype=dtype,
+                        device=device)
+    return layout_view(region, num_blocks, page, kv_heads, head_dim, layout)
 
 
 def gather_context(kv_cache: torch.Tensor, block_row: torch.Tensor,

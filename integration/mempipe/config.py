@@ -66,15 +66,18 @@ Keys (all optional):
                   placement: cpu and gpu keep int8 digests beside the cache (PagedLayer, the
                   transformers and vLLM adapters alike); fpga registers its layers on the card
                   as int8 and keeps its fallback copy int8 too.
-    kv_layout     head | token (default head): how host KV caches are laid out: the region
-                  vLLM hands each layer (one contiguous region whose inner layout is the
+    kv_layout     head | page | token (default head): how host KV caches are laid out: the
+                  region vLLM hands each layer (one contiguous region whose inner layout is the
                   backend's) and the transformers adapter's MempipeCache pages.
                   head: each KV head's page contiguous, [2, blocks, KVH, page, D] in memory (as
                   vLLM's own CPU attention keeps heads outside tokens), so sparse decode reads
-                  whole pages instead of head_dim-long rows at the token stride; token: vLLM's
-                  FlashAttention layout [2, blocks, page, KVH, D]. CUDA caches are always token
-                  (the GPU kernels read that one). The tensor the backend hands mempipe's steps
-                  has the logical shape [2, blocks, page, KVH, D] either way (a permuted view).
+                  whole pages instead of head_dim-long rows at the token stride; page:
+                  [blocks, KVH, 2, page, D], a KV head's K page followed by its V page, one
+                  piece twice head's size, and each block inside its own slice of the region;
+                  token: vLLM's FlashAttention layout [2, blocks, page, KVH, D]. CUDA caches
+                  are always token (the GPU kernels read that one). The tensor the backend
+                  hands mempipe's steps has the logical shape [2, blocks, page, KVH, D] in
+                  every layout (a permuted view; attention.layout_view).
     hierarchy     none | <page>in<super-page> in tokens, e.g. 16in64 (page_size 16): score
                   super-pages of 2, 4 or 8 pages first, then only the pages of the best ones
                   (retriever/hierarchical.h; LServe's 16-in-64 geometry). Needs a block table
@@ -116,7 +119,7 @@ FPGA_FUNCTIONALS = ("reference", "hls")
 FPGA_FALLBACKS = ("gpu", "dense")
 LOOKAHEAD_QUERIES = ("projected", "same")
 DIGEST_DTYPES = ("native", "int8")
-KV_LAYOUTS = ("head", "token")
+KV_LAYOUTS = ("head", "page", "token")
 _BOOL_TEXT = {"true": True, "false": False}
 # Defined once, in C++ (core/paged_kv.h, core/dtype.h); read from the module.
 PAGE_SIZES = tuple(_mempipe.supported_block_sizes)

@@ -298,6 +298,17 @@ INSTANTIATE_TEST_SUITE_P(
                        ::testing::Values(KvLayout::kHeadMajor)),
     ShapeName);
 
+// The page-major layout (a KV head's K page and V page one piece): the offsets differ from
+// head-major's only in the block, KV head and K-to-V strides, so fewer shapes.
+INSTANTIATE_TEST_SUITE_P(
+    PageMajor, DecodeTest,
+    ::testing::Combine(::testing::Values(DType::kFloat32, DType::kFloat16, DType::kBFloat16),
+                       ::testing::Values(16, 64), ::testing::Values(64), ::testing::Values(1, 6),
+                       ::testing::Values(CpuKernel::kPortable, CpuKernel::kAvx512,
+                                         CpuKernel::kAvx512Bf16, CpuKernel::kAvx2),
+                       ::testing::Values(KvLayout::kPageMajor)),
+    ShapeName);
+
 // The derived tolerance rejects known-wrong answers (issue 14): the dense output of a
 // 5,120-token bf16 sequence against the reference with one 64-token page dropped, and an
 // all-zero output, each fail the element check that the correct output passes.
@@ -360,10 +371,10 @@ TEST(DecodeChunks, LongSequencesCombineChunksExactlyOnce) {
     ASSERT_TRUE(SetCpuKernel(kernel).ok());
     for (auto [dtype, layout] : {std::pair{DType::kFloat32, KvLayout::kTokenMajor},
                                  std::pair{DType::kBFloat16, KvLayout::kTokenMajor},
-                                 std::pair{DType::kBFloat16, KvLayout::kHeadMajor}}) {
-      SCOPED_TRACE(::testing::Message()
-                   << "kernel " << ActiveCpuKernelName() << " dtype " << DTypeName(dtype)
-                   << " head-major " << (layout == KvLayout::kHeadMajor));
+                                 std::pair{DType::kBFloat16, KvLayout::kHeadMajor},
+                                 std::pair{DType::kFloat32, KvLayout::kPageMajor}}) {
+      SCOPED_TRACE(::testing::Message() << "kernel " << ActiveCpuKernelName() << " dtype "
+                                        << DTypeName(dtype) << " layout " << KvLayoutName(layout));
       std::mt19937_64 rng(TestSeed());
       const int bs = 16, kv = 2, group = 3, heads = kv * group, d = 64;
       const std::vector<int> lens = {2100, 700, 40};  // 5, 2 and 1 chunks of 32 pages

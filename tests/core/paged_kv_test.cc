@@ -65,7 +65,8 @@ TEST(PagedKv, WriteKvStoresTheSameLogicalCacheInEitherLayout) {
   for (float& x : key) x = normal(rng);
   for (float& x : value) x = normal(rng);
   std::vector<std::vector<float>> stores;
-  for (KvLayout layout : {KvLayout::kTokenMajor, KvLayout::kHeadMajor}) {
+  for (KvLayout layout : {KvLayout::kTokenMajor, KvLayout::kHeadMajor, KvLayout::kPageMajor}) {
+    SCOPED_TRACE(KvLayoutName(layout));
     KvCacheView cache{nullptr, DType::kFloat32, blocks, bs, kv_heads, d, layout};
     std::vector<float> store(cache.NumElems(), NAN);
     cache.data = store.data();
@@ -87,11 +88,40 @@ TEST(PagedKv, WriteKvStoresTheSameLogicalCacheInEitherLayout) {
     EXPECT_EQ(finite, written) << "only the written slots hold values";
     stores.push_back(store);
   }
-  int differ = 0;
-  for (size_t i = 0; i < stores[0].size(); ++i) {
-    differ += !(stores[0][i] == stores[1][i]) && std::isfinite(stores[0][i]);
+  for (auto [a, b] : {std::pair{0, 1}, std::pair{0, 2}, std::pair{1, 2}}) {
+    int differ = 0;
+    for (size_t i = 0; i < stores[a].size(); ++i) {
+      differ += !(stores[a][i] == stores[b][i]) && std::isfinite(stores[a][i]);
+    }
+    EXPECT_GT(differ, 0) << "layouts " << a << " and " << b << " must place the rows differently";
   }
-  EXPECT_GT(differ, 0) << "the two layouts must place the rows differently";
+}
+
+// Page-major: block b's K and V rows of every KV head lie in the block's own slice [b, b + 1) of
+// 2 * num_kv_heads * block_size * head_dim elements, each KV head's K page followed by its V
+// page. Head-major's V rows lie in the second half of the cache instead.
+TEST(PagedKv, PageMajorKeepsEachBlockWholeAndEachHeadsPagesAdjacent) {
+  const int blocks = 6, bs = 16, kv_heads = 3, d = 64;
+  KvCacheView page{nullptr, DType::kBFloat16, blocks, bs, kv_heads, d, KvLayout::kPageMajor};
+  ASSERT_EQ(ParseKvLayout("page").value(), KvLayout::kPageMajor);
+  const size_t block = 2 * static_cast<size_t>(kv_heads) * bs * d;
+  EXPECT_EQ(page.NumElems(), blocks * block);
+  for (int b = 0; b < blocks; ++b) {
+    for (int h = 0; h < kv_heads; ++h) {
+      for (int t = 0; t < bs; ++t) {
+        for (int kv = 0; kv < 2; ++kv) {
+          const size_t o = page.Offset(kv, b, t, h);
+          ASSERT_EQ(o, b * block + (2 * h + kv) * static_cast<size_t>(bs) * d + t * d)
+              << "kv " << kv << " block " << b << " token " << t << " head " << h;
+        }
+      }
+    }
+  }
+  KvCacheView head = page;
+  head.layout = KvLayout::kHeadMajor;
+  EXPECT_GE(head.Offset(1, 0, 0, 0), head.PlaneElems()) << "head-major V is a plane apart";
+  EXPECT_TRUE(page.HeadMajor()) << "rows of a page contiguous: the host steps read it whole";
+  EXPECT_EQ(page.HeadsPerRun(), 1);
 }
 
 // The GPU kernels and the device copies take token-major caches only and say so.
@@ -103,6 +133,19 @@ TEST(PagedKv, RequireTokenMajorRefusesAHeadMajorCacheNamingTheCaller) {
   EXPECT_EQ(st.code(), absl::StatusCode::kUnimplemented);
   EXPECT_NE(st.message().find("GPU decode"), absl::string_view::npos) << st;
   EXPECT_NE(st.message().find("head-major"), absl::string_view::npos) << st;
+  cache.layout = KvLayout::kPageMajor;
+  const absl::Status sp = RequireTokenMajor(cache, "GPU decode");
+  EXPECT_EQ(sp.code(), absl::StatusCode::kUnimplemented);
+  EXPECT_NE(sp.message().find("page-major"), absl::string_view::npos) << sp;
+}
+
+TEST(PagedKv, ParseKvLayoutNamesTheBadValue) {
+  for (KvLayout l : {KvLayout::kTokenMajor, KvLayout::kHeadMajor, KvLayout::kPageMajor}) {
+    EXPECT_EQ(ParseKvLayout(KvLayoutName(l)).value(), l);
+  }
+  const auto bad = ParseKvLayout("pages");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.status().message(), "kv_layout must be token, head or page, got 'pages'");
 }
 
 }  // namespace

@@ -41,9 +41,11 @@ def random_batch(gen: torch.Generator, dtype: torch.dtype, block_size: int, kv_h
                  write=None, layout: str = "token") -> PagedBatch:
     """Sequences of the given lengths in shuffled physical blocks, written through `write`
     (default: the module's write_kv) one sequence at a time. layout "token": kv_cache is
-    C-contiguous [2, blocks, block_size, KVH, D]; "head": the same logical tensor as a view of
-    head-major memory [2, blocks, KVH, block_size, D] (what the vLLM backend gives host caches)."""
+    C-contiguous [2, blocks, block_size, KVH, D]; "head" and "page": the same logical tensor as a
+    view of head-major memory [2, blocks, KVH, block_size, D] or page-major memory [blocks, KVH,
+    2, block_size, D] (what the vLLM backend gives host caches; mempipe.attention.layout_view)."""
     from mempipe import _mempipe
+    from mempipe.attention import poisoned_cache
     write = write or _mempipe.write_kv
     pages = [-(-n // block_size) for n in seq_lens]
     max_blocks = max(pages) + 1  # a spare column: entries past a sequence are never read
@@ -54,12 +56,7 @@ def random_batch(gen: torch.Generator, dtype: torch.dtype, block_size: int, kv_h
     for s, p in enumerate(pages):
         block_table[s, :p] = perm[used:used + p]
         used += p
-    if layout == "head":
-        kv_cache = torch.full((2, num_blocks, kv_heads, block_size, head_dim), float("nan"),
-                              dtype=dtype).permute(0, 1, 3, 2, 4)
-    else:
-        kv_cache = torch.full((2, num_blocks, block_size, kv_heads, head_dim), float("nan"),
-                              dtype=dtype)
+    kv_cache = poisoned_cache(num_blocks, block_size, kv_heads, head_dim, dtype, "cpu", layout)
     keys, values = [], []
     for s, n in enumerate(seq_lens):
         k = torch.randn(n, kv_heads, head_dim, generator=gen).to(dtype)

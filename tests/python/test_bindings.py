@@ -25,7 +25,7 @@ def random_lens(gen, block_size, num_seqs=3, max_pages=9):
             for _ in range(num_seqs)]
 
 
-@pytest.mark.parametrize("layout", ["token", "head"])
+@pytest.mark.parametrize("layout", ["token", "head", "page"])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_write_kv_places_rows_and_leaves_other_slots(gen, dtype, shape, layout):
@@ -50,7 +50,7 @@ def test_write_kv_skips_negative_slots(gen):
     assert int((~torch.isnan(kv)).sum()) == 2 * 2 * 64
 
 
-@pytest.mark.parametrize("layout", ["token", "head"])
+@pytest.mark.parametrize("layout", ["token", "head", "page"])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_build_and_append_digests_match_reference(gen, dtype, shape, layout):
@@ -120,7 +120,7 @@ def test_select_pages_matches_reference(gen, shape, budget_pages, sinks, locals_
             assert (pages[s, g, c:] == -1).all()
 
 
-@pytest.mark.parametrize("layout", ["token", "head"])
+@pytest.mark.parametrize("layout", ["token", "head", "page"])
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -136,7 +136,7 @@ def test_dense_decode_matches_reference(gen, dtype, shape, threads, layout):
                                rtol=0)
 
 
-@pytest.mark.parametrize("layout", ["token", "head"])
+@pytest.mark.parametrize("layout", ["token", "head", "page"])
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -163,7 +163,7 @@ def test_score_select_sparse_decode_pipeline(gen, dtype, shape, threads, layout)
                                atol=ATOL[dtype], rtol=0)
 
 
-@pytest.mark.parametrize("layout", ["token", "head"])
+@pytest.mark.parametrize("layout", ["token", "head", "page"])
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -241,15 +241,17 @@ def test_non_contiguous_tensor_is_rejected(gen):
                         torch.empty(2, 4, 64), 0.1)
 
 
-def test_head_major_cache_is_read_as_such(gen):
-    """The head-major view and a token-major copy of the same logical cache decode to the same
-    bits; the head-major memory relabelled as token-major (its bytes in a contiguous tensor of
-    the token-major shape) decodes to something else, so the strides are what is read."""
-    batch = random_batch(gen, torch.float32, 16, 2, 64, [70, 33], layout="head")
+@pytest.mark.parametrize("layout", ["head", "page"])
+def test_head_and_page_major_caches_are_read_as_such(gen, layout):
+    """The head- or page-major view and a token-major copy of the same logical cache decode to
+    the same bits; the memory relabelled as token-major (its bytes in a contiguous tensor of the
+    token-major shape) decodes to something else, so the strides are what is read."""
+    batch = random_batch(gen, torch.float32, 16, 2, 64, [70, 33], layout=layout)
     assert not batch.kv_cache.is_contiguous()
     q = torch.randn(2, 4, 64, generator=gen)
     outs = []
-    relabelled = batch.kv_cache.permute(0, 1, 3, 2, 4).contiguous().view(batch.kv_cache.shape)
+    memory = batch.kv_cache.as_strided((batch.kv_cache.numel(),), (1,))
+    relabelled = memory.clone().view(batch.kv_cache.shape)
     for kv in (batch.kv_cache, batch.kv_cache.contiguous(), relabelled):
         out = torch.full_like(q, float("nan"))
         mp.dense_decode(q, kv, batch.block_table, batch.seq_lens, out, 0.125)

@@ -208,6 +208,10 @@ def test_errors_name_the_tensor_and_its_device(cuda, gen):
     with pytest.raises(NotImplementedError, match=r"kv_cache \(cuda:\d+.*head-major view in "
                                                   r"device memory"):
         mp.dense_decode(q, head_major, table, lens, out, 0.1, workspace=ws)
+    page_major = kv.permute(1, 3, 0, 2, 4).contiguous().permute(2, 0, 3, 1, 4)
+    with pytest.raises(NotImplementedError, match=r"kv_cache \(cuda:\d+.*page-major view in "
+                                                  r"device memory"):
+        mp.dense_decode(q, page_major, table, lens, out, 0.1, workspace=ws)
     with pytest.raises(ValueError, match="stream must be None"):
         mp.dense_decode(q, kv, table, lens, out, 0.1, workspace=ws, stream="main")
     if torch.cuda.device_count() > 1:

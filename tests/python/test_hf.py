@@ -142,7 +142,7 @@ def test_head_and_token_major_host_caches_give_the_same_tokens(model, gen, monke
     ids = torch.randint(3, 500, (1, 256), generator=gen)
     results = {}
     model.set_attn_implementation("mempipe")
-    for layout in ("head", "token"):
+    for layout in ("head", "page", "token"):
         monkeypatch.setenv("MEMPIPE_CONFIG", f"placement=cpu,{QUARTER},dense_layers=0,"
                                              f"kv_layout={layout}")
         cache = mempipe.hf.MempipeCache()
@@ -151,19 +151,23 @@ def test_head_and_token_major_host_caches_give_the_same_tokens(model, gen, monke
         assert layer.kv_cache.is_contiguous() == (layout == "token")
         assert cache.calls()["sparse"] > 0
         results[layout] = (out, layer.kv_cache.clone(), layer.digests.clone())
-    (a, kva, dga), (b, kvb, dgb) = results["head"], results["token"]
-    assert torch.equal(a, b)
-    torch.testing.assert_close(kva, kvb, equal_nan=True, rtol=0, atol=0)
-    torch.testing.assert_close(dga, dgb, equal_nan=True, rtol=0, atol=0)
+    b, kvb, dgb = results["token"]
+    for layout in ("head", "page"):
+        a, kva, dga = results[layout]
+        assert torch.equal(a, b), layout
+        torch.testing.assert_close(kva, kvb, equal_nan=True, rtol=0, atol=0)
+        torch.testing.assert_close(dga, dgb, equal_nan=True, rtol=0, atol=0)
 
 
 def test_poisoned_cache_layouts():
     head = mempipe.attention.poisoned_cache(3, 16, 2, 64, torch.float32, "cpu", "head")
+    page = mempipe.attention.poisoned_cache(3, 16, 2, 64, torch.float32, "cpu", "page")
     token = mempipe.attention.poisoned_cache(3, 16, 2, 64, torch.float32, "cpu", "token")
-    assert head.shape == token.shape == (2, 3, 16, 2, 64)
-    assert token.is_contiguous() and not head.is_contiguous()
+    assert head.shape == page.shape == token.shape == (2, 3, 16, 2, 64)
+    assert token.is_contiguous() and not head.is_contiguous() and not page.is_contiguous()
     assert head.permute(0, 1, 3, 2, 4).is_contiguous() and torch.isnan(head).all()
-    with pytest.raises(ValueError, match="kv_layout must be head or token, got 'x'"):
+    assert page.permute(1, 3, 0, 2, 4).is_contiguous() and torch.isnan(page).all()
+    with pytest.raises(ValueError, match="kv_layout must be head, page or token, got 'x'"):
         mempipe.attention.poisoned_cache(3, 16, 2, 64, torch.float32, "cpu", "x")
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mempipe import digests as mdg
-from mempipe.attention import DecodePlan, PagedLayer
+from mempipe.attention import DecodePlan, PagedLayer, poisoned_cache
 from mempipe.config import MempipeConfig
 from reference import random_batch, ref_decode, ref_digests, ref_scores, ref_select, slots_for
 
@@ -60,7 +60,7 @@ def test_unpoisoned_host_digests_are_zeros_that_cost_no_memory_until_written(dty
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("layout", ["token", "head"])
+@pytest.mark.parametrize("layout", ["token", "head", "page"])
 def test_paged_layer_host_digests_after_prompts_and_decode(gen, dtype, layout):
     """A sparse PagedLayer on host tensors: prompts appended one call each (as a prefill step),
     then decode tokens one per sequence per call; its digests equal the reference max/min of
@@ -72,9 +72,8 @@ def test_paged_layer_host_digests_after_prompts_and_decode(gen, dtype, layout):
     assert cfg.validate() == []
     layer = PagedLayer(cfg, 0, kvh * group, kvh, d, d ** -0.5, plan=DecodePlan())
     batch = random_batch(gen, dtype, PAGE, kvh, d, LENS, layout=layout)
-    empty = torch.full_like(batch.kv_cache, float("nan"))
-    kv = empty if layout == "token" else torch.full(
-        (2, batch.kv_cache.shape[1], kvh, PAGE, d), float("nan"), dtype=dtype).permute(0, 1, 3, 2, 4)
+    kv = poisoned_cache(batch.kv_cache.shape[1], PAGE, kvh, d, dtype, "cpu", layout)
+    assert kv.stride() == batch.kv_cache.stride()
     prompt = [n - 2 if n > 2 else n for n in LENS]  # the last two tokens come as decode steps
     for s, n in enumerate(prompt):
         layer.append(kv, slots_for(batch.block_table, s, range(n), PAGE), batch.keys[s][:n],

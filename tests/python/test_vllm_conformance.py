@@ -152,7 +152,7 @@ def _builder(vc):
                                   torch.device("cpu"))
 
 
-@pytest.mark.parametrize("kv_layout", ["head", "token"])
+@pytest.mark.parametrize("kv_layout", ["head", "page", "token"])
 @pytest.mark.parametrize("mixed", [True, False], ids=["mixed-batch", "decode-batch"])
 @pytest.mark.parametrize("layer_index,budget", [(0, 4096), (3, 4096), (3, 48)],
                          ids=["dense-layer", "sparse-full-budget", "sparse-small-budget"])
@@ -234,19 +234,24 @@ def test_cli_flag_maps_to_custom():
 
 def test_as_mempipe_cache_lays_host_caches_out_as_asked():
     """head: the region is [2, blocks, KVH, page, D] in memory, seen as [2, blocks, page, KVH, D]
-    (a view, no copy); token: the contiguous [2, blocks, page, KVH, D]; anything else refused."""
+    (a view, no copy); page: [blocks, KVH, 2, page, D], each block in its own slice; token: the
+    contiguous [2, blocks, page, KVH, D]; anything else refused."""
     region = torch.arange(6 * KVH * BS * 2 * D, dtype=torch.float32).view(6, KVH, BS, 2 * D)
     head = as_mempipe_cache(region, KVH, D, "head")
+    page = as_mempipe_cache(region, KVH, D, "page")
     token = as_mempipe_cache(region, KVH, D, "token")
-    assert head.shape == token.shape == (2, 6, BS, KVH, D)
-    assert head.data_ptr() == token.data_ptr() == region.data_ptr()
-    assert token.is_contiguous() and not head.is_contiguous()
+    assert head.shape == page.shape == token.shape == (2, 6, BS, KVH, D)
+    assert head.data_ptr() == page.data_ptr() == token.data_ptr() == region.data_ptr()
+    assert token.is_contiguous() and not head.is_contiguous() and not page.is_contiguous()
     flat = region.view(-1)
-    # Element (K/V, block, token, head, channel) sits at the layout's offset in the region.
+    # Element (K/V, block, token, head, channel) sits at the layout's offset in the region; for
+    # page, inside block b's own slice region[b].
     for kv, b, t, h, c in [(0, 0, 1, 1, 0), (1, 5, BS - 1, KVH - 1, D - 1), (0, 3, 2, 0, 7)]:
         assert head[kv, b, t, h, c] == flat[(((kv * 6 + b) * KVH + h) * BS + t) * D + c]
+        assert page[kv, b, t, h, c] == flat[(((b * KVH + h) * 2 + kv) * BS + t) * D + c]
         assert token[kv, b, t, h, c] == flat[(((kv * 6 + b) * BS + t) * KVH + h) * D + c]
-    with pytest.raises(ValueError, match="kv_layout must be head or token, got 'rows'"):
+    assert (page[:, 4].flatten().sort().values == region[4].flatten().sort().values).all()
+    with pytest.raises(ValueError, match="kv_layout must be head, page or token, got 'rows'"):
         as_mempipe_cache(region, KVH, D, "rows")
 
 

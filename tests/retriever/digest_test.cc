@@ -163,7 +163,8 @@ INSTANTIATE_TEST_SUITE_P(
     Shapes, DigestTest,
     ::testing::Combine(::testing::Values(DType::kFloat32, DType::kFloat16, DType::kBFloat16),
                        ::testing::Values(16, 32, 64), ::testing::Values(64, 128, 256),
-                       ::testing::Values(KvLayout::kTokenMajor, KvLayout::kHeadMajor),
+                       ::testing::Values(KvLayout::kTokenMajor, KvLayout::kHeadMajor,
+                                         KvLayout::kPageMajor),
                        ::testing::Values(CpuKernel::kPortable, CpuKernel::kAvx512)));
 
 TEST(DigestErrors, NameTheBadValue) {

@@ -96,7 +96,7 @@ from vllm.logger import init_logger
 from mempipe import _mempipe
 from mempipe import config as mempipe_config
 from mempipe import host_threads
-from mempipe.attention import DecodePlan, PagedLayer
+from mempipe.attention import DecodePlan, PagedLayer, layout_view
 from mempipe.vllm.prefill import (VllmCpuPrefill, gathered_sdpa_prefill,
                                    vllm_cpu_attention_available)
 from mempipe.vllm.profile import PROFILE, enabled_by_env as profile_enabled_by_env
@@ -503,9 +503,11 @@ def as_mempipe_cache(kv_cache: torch.Tensor, num_kv_heads: int, head_dim: int,
 
     vLLM hands each layer one contiguous region [num_blocks, KVH, block_size, 2 * head_dim]
     whose inner layout is the backend's. layout "token": the region is C-contiguous
-    [2, num_blocks, block_size, KVH, D]; "head" (host tensors only; CUDA caches stay token):
-    it is [2, num_blocks, KVH, block_size, D], returned as a permuted view with the same logical
-    shape, which mempipe's host steps read as head-major (config.py, kv_layout)."""
+    [2, num_blocks, block_size, KVH, D]; on the host (CUDA caches stay token) "head": it is
+    [2, num_blocks, KVH, block_size, D], and "page": [num_blocks, KVH, 2, block_size, D], each
+    block's pages inside the block's own slice of the region. Both are returned as permuted
+    views with the same logical shape (attention.layout_view), which mempipe's host steps read
+    from their strides (config.py, kv_layout)."""
     if kv_cache.dim() == 5 and kv_cache.shape[0] == 2:
         return kv_cache
     if kv_cache.dim() != 4 or kv_cache.shape[1] != num_kv_heads or \
@@ -517,10 +519,9 @@ def as_mempipe_cache(kv_cache: torch.Tensor, num_kv_heads: int, head_dim: int,
                          f"(layout LBHNC); got strides {kv_cache.stride()}")
     mempipe_config.require_kv_layout(layout)
     num_blocks, _, block_size, _ = kv_cache.shape
-    if layout == "head" and not kv_cache.is_cuda:
-        return kv_cache.view(2, num_blocks, num_kv_heads, block_size,
-                             head_dim).permute(0, 1, 3, 2, 4)
-    return kv_cache.view(2, num_blocks, block_size, num_kv_heads, head_dim)
+    if kv_cache.is_cuda:
+        layout = "token"
+    return layout_view(kv_cache, num_blocks, block_size, num_kv_heads, head_dim, layout)
 
 
 class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):

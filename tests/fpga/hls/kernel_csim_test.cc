@@ -250,7 +250,8 @@ TEST(GatherKeysForBuild, GivesTheSameRowsFromEitherLayout) {
   const uint64_t seed = FreshSeed("GatherKeysForBuild");
   std::vector<std::vector<uint8_t>> keys;
   std::vector<int64_t> slots0;
-  for (KvLayout layout : {KvLayout::kTokenMajor, KvLayout::kHeadMajor}) {
+  for (KvLayout layout : {KvLayout::kTokenMajor, KvLayout::kHeadMajor, KvLayout::kPageMajor}) {
+    SCOPED_TRACE(KvLayoutName(layout));
     std::mt19937_64 rng(seed);
     testing::PagedFixture f(rng, {.dtype = DType::kBFloat16,
                                   .block_size = 16,
@@ -265,7 +266,7 @@ TEST(GatherKeysForBuild, GivesTheSameRowsFromEitherLayout) {
     if (layout == KvLayout::kTokenMajor) slots0 = slots;
     EXPECT_EQ(slots, slots0);
     keys.push_back(k);
-    if (layout == KvLayout::kHeadMajor) {
+    if (layout != KvLayout::kTokenMajor) {
       KvCacheView wrong = f.cache_view();
       wrong.layout = KvLayout::kTokenMajor;
       std::vector<int64_t> s2;
@@ -275,6 +276,7 @@ TEST(GatherKeysForBuild, GivesTheSameRowsFromEitherLayout) {
     }
   }
   EXPECT_EQ(keys[0], keys[1]);
+  EXPECT_EQ(keys[0], keys[2]);
 }
 
 }  // namespace

@@ -49,8 +49,8 @@ constexpr double kMaxRelL2Error = 2 * 0x1p-8 + 1e-4;
 void ExpectSparseKeepsHeavyHitters(const SyntheticContextConfig& cfg);
 
 TEST(DecodeBench, SparseLayersKeepHeavyHittersAndReadFewerBytes) {
-  for (KvLayout layout : {KvLayout::kTokenMajor, KvLayout::kHeadMajor}) {
-    SCOPED_TRACE(layout == KvLayout::kHeadMajor ? "head-major" : "token-major");
+  for (KvLayout layout : {KvLayout::kTokenMajor, KvLayout::kHeadMajor, KvLayout::kPageMajor}) {
+    SCOPED_TRACE(KvLayoutName(layout));
     SyntheticContextConfig cfg = SmallConfig(testing::TestSeed());
     cfg.layout = layout;  // mempipe-bench --kv_layout
     ExpectSparseKeepsHeavyHitters(cfg);
