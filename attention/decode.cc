@@ -245,7 +245,8 @@ NextPage NextPageCursor(const KvCacheView& cache, int next_block, int next_n, in
 
 // The rows AddPage prefetches for the i-th of `heads` KV heads of a range when it computes KV
 // head kv_head's page of n tokens: token-major, the i-th n of the next page's rows over the whole
-// range, in memory order; head-major, kv_head's own next page (one contiguous piece per plane).
+// range, in memory order; head- or page-major, kv_head's own next page (one contiguous piece per
+// plane, or one for both).
 // next_head >= 0 (one KV head per range only): the next page is that KV head's, not kv_head's
 // (sparse decode's next item).
 template <typename T>
@@ -818,7 +819,7 @@ class Avx512Heads : public BatchedHeads<Avx512Heads<T>, T> {
     const T* v = static_cast<const T*>(cache.data) + cache.Offset(1, block, 0, kv_head);
     size_t stride = cache.TokenStride();
     float* p = this->QueuePage(i, v, n, stride);
-    if (stage_rows_ && !cache.HeadMajor()) {  // head-major rows are contiguous already
+    if (stage_rows_ && !cache.HeadMajor()) {  // head- and page-major rows are contiguous already
       StageKeys(k, stride, n, this->head_dim_, kstage_.data());
       k = kstage_.data();
       stride = this->head_dim_;

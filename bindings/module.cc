@@ -19,7 +19,9 @@
 // Shapes (the cores' layouts; T tokens, S sequences, H query heads, KVH KV heads, D head_dim):
 //   kv_cache      [2, num_blocks, block_size, KVH, D]  fp32 | fp16 | bf16; C-contiguous, or in
 //                 host memory a head-major view t.permute(0, 1, 3, 2, 4) of a contiguous
-//                 [2, num_blocks, KVH, block_size, D] t (CacheView)
+//                 [2, num_blocks, KVH, block_size, D] t, or a page-major view
+//                 t.permute(2, 0, 3, 1, 4) of a contiguous [num_blocks, KVH, 2, block_size, D] t
+//                 (CacheView)
 //   digests       [num_blocks, 2, KVH, D]               cache dtype (native), or an int8 digest
 //                 (mempipe.digests.Int8Digests; retriever/digest.h kInt8): any object with
 //                 .codes  [num_blocks, 2, KVH, D] int8 (max codes rounded up, min down)

@@ -163,8 +163,15 @@ INSTANTIATE_TEST_SUITE_P(
     Shapes, DigestTest,
     ::testing::Combine(::testing::Values(DType::kFloat32, DType::kFloat16, DType::kBFloat16),
                        ::testing::Values(16, 32, 64), ::testing::Values(64, 128, 256),
-                       ::testing::Values(KvLayout::kTokenMajor, KvLayout::kHeadMajor,
-                                         KvLayout::kPageMajor),
+                       ::testing::Values(KvLayout::kTokenMajor, KvLayout::kHeadMajor),
+                       ::testing::Values(CpuKernel::kPortable, CpuKernel::kAvx512)));
+
+// Page-major differs from head-major only in its block, KV head and K-to-V strides.
+INSTANTIATE_TEST_SUITE_P(
+    PageMajor, DigestTest,
+    ::testing::Combine(::testing::Values(DType::kFloat32, DType::kFloat16, DType::kBFloat16),
+                       ::testing::Values(16, 64), ::testing::Values(64),
+                       ::testing::Values(KvLayout::kPageMajor),
                        ::testing::Values(CpuKernel::kPortable, CpuKernel::kAvx512)));
 
 TEST(DigestErrors, NameTheBadValue) {
