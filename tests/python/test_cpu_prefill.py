@@ -149,6 +149,66 @@ def test_vllm_cpu_prefill_matches_reference(gen, page_size, dtype, groups):
     assert ((torch.zeros_like(ref) - ref).abs() > tol).any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vllm_cpu_prefill_whole_prompts_take_the_new_rows(gen, dtype):
+    """A batch of whole prompts given its new K/V rows writes them to the scratch cache as they
+    are and reads nothing of mempipe's cache (NaN here); a batch with a cached prefix, or a call
+    without the rows, reads the cache. Rejects: wrong rows (zeroed V) where they are taken, and
+    rows of the wrong shape."""
+    VllmCpuPrefill = _vllm_prefill_or_skip()
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    g = torch.Generator().manual_seed(seed)
+    print(f"seed {seed}")
+    kvh, groups, d, page_size = 3, 3, 64, 32
+    seq_lens = torch.tensor([70, 9, 64], dtype=torch.int32)
+    qsl = torch.tensor([0, 70, 79, 143], dtype=torch.int32)
+    width = 3
+    num_blocks = 3 * width + 2
+    table = torch.randperm(num_blocks, generator=g)[:3 * width].to(torch.int32).view(3, width)
+    kv = torch.randn((2, num_blocks, page_size, kvh, d), generator=g).to(dtype)
+    # The new rows as vLLM hands them to forward(): token t of request s is row qsl[s] + t.
+    key = torch.cat([kv[0, table[s, :width].long()].reshape(-1, kvh, d)[:n]
+                     for s, n in enumerate(seq_lens.tolist())])
+    value = torch.cat([kv[1, table[s, :width].long()].reshape(-1, kvh, d)[:n]
+                       for s, n in enumerate(seq_lens.tolist())])
+    q = torch.randn((143, kvh * groups, d), generator=g).to(dtype)
+    scale = d ** -0.5
+    ref = reference(q, qsl, kv, table, seq_lens, scale)
+    tol = tolerance(dtype, ref, float(value.abs().max()), 70, d, sdpa=True)
+    pf = VllmCpuPrefill(kvh * groups, kvh, d, dtype, page_size)
+    plan = pf.plan(qsl, table, seq_lens)
+    assert plan["new_slots"] is not None and plan["new_slots"].numel() == 143
+    nan_cache = torch.full_like(kv, float("nan"))
+    got = torch.full_like(q, float("nan"))
+    pf.run(plan, q, nan_cache, got, scale, key, value)
+    assert ((got.double() - ref).abs() <= tol).all()
+    # Without the rows the same plan reads the cache: equal to the reference over the real
+    # cache, and NaN over the poisoned one.
+    from_cache = torch.full_like(q, float("nan"))
+    pf.run(plan, q, kv, from_cache, scale)
+    assert ((from_cache.double() - ref).abs() <= tol).all()
+    pf.run(plan, q, nan_cache, from_cache, scale)
+    assert torch.isnan(from_cache).any()
+    # The rows are what is read: a zeroed V gives another answer.
+    wrong = torch.full_like(q, float("nan"))
+    pf.run(plan, q, kv, wrong, scale, key, torch.zeros_like(value))
+    assert ((wrong.double() - ref).abs() > tol).any()
+    with pytest.raises(ValueError, match="are not"):
+        pf.run(plan, q, kv, wrong, scale, key[:-1], value[:-1])
+    # A chunked request (its first 5 tokens cached) makes the batch read the cache: rows given
+    # for the new tokens only are ignored, even wrong ones.
+    qsl_c = torch.tensor([0, 70, 74, 138], dtype=torch.int32)
+    plan_c = pf.plan(qsl_c, table, seq_lens)
+    assert plan_c["new_slots"] is None
+    q_c = q[:138]
+    ref_c = reference(q_c, qsl_c, kv, table, seq_lens, scale)
+    got_c = torch.full_like(q_c, float("nan"))
+    pf.run(plan_c, q_c, kv, got_c, scale, torch.zeros((138, kvh, d), dtype=dtype),
+           torch.zeros((138, kvh, d), dtype=dtype))
+    tol_c = tolerance(dtype, ref_c, float(value.abs().max()), 70, d, sdpa=True)
+    assert ((got_c.double() - ref_c).abs() <= tol_c).all()
+
+
 def test_vllm_cpu_prefill_rejects_bad_input(gen):
     VllmCpuPrefill = _vllm_prefill_or_skip()
     pf = VllmCpuPrefill(4, 2, 64, torch.float32, 16)

@@ -679,11 +679,19 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
             if plan is None:
                 plan = m.prefill_state[pf.key] = pf.plan(
                     m.prefill_query_start_loc, m.prefill_block_table, m.prefill_seq_lens)
+            # The prefill rows' own K/V (what append() just wrote): whole prompts skip the gather.
+            pk = pv = None
+            if self.kv_sharing_target_layer_name is None:
+                if m.rows_split:
+                    pk, pv = key[num_decode:n], value[num_decode:n]
+                else:
+                    pk = key.index_select(0, m.prefill_tokens)
+                    pv = value.index_select(0, m.prefill_tokens)
             if op.is_contiguous():
-                pf.run(plan, pq.contiguous(), kv, op, self.scale)
+                pf.run(plan, pq.contiguous(), kv, op, self.scale, pk, pv)
             else:
                 tmp = torch.empty(op.shape, dtype=op.dtype)
-                pf.run(plan, pq.contiguous(), kv, tmp, self.scale)
+                pf.run(plan, pq.contiguous(), kv, tmp, self.scale, pk, pv)
                 op.copy_(tmp)
         elif use_torch:
             gathered_sdpa_prefill(pq, m.prefill_query_start_loc, kv, m.prefill_block_table,

@@ -85,12 +85,13 @@ class VllmCpuPrefill:
     prefill requests' pages are gathered from mempipe's cache (every cached token of each
     request, the new ones included: append() wrote them first) and written into a scratch cache
     in vLLM's layout with vLLM's own writer (cpu_attn_reshape_and_cache), one scratch block
-    table row per request; then vLLM's kernel attends the new tokens causally (bottom-right
+    table row per request (a step of whole prompts, given the new K/V rows, writes those instead
+    and gathers nothing); then vLLM's kernel attends the new tokens causally (bottom-right
     aligned, i.e. chunked prefill too). The copy is O(seq_len); the attention O(q_len x seq_len).
 
         pf = VllmCpuPrefill(num_heads, num_kv_heads, head_dim, dtype, page_size)
         plan = pf.plan(query_start_loc, block_table, seq_lens)   # once per step, every layer
-        pf.run(plan, query, kv_cache, out, scale)                 # per layer
+        pf.run(plan, query, kv_cache, out, scale, key, value)     # per layer
 
     Measured against torch SDPA and mempipe's kernel by integration/bench/cpu_prefill_bench.py.
     """
@@ -139,6 +140,9 @@ class VllmCpuPrefill:
             slots.append(slot)
             blocks.append(torch.arange(num_blocks, num_blocks + n_blk, dtype=torch.int32))
             num_blocks += n_blk
+        # Where every request is a whole prompt (no cached prefix), gathered row r of request s
+        # is new token r, so the step's new K/V rows can be written as they are: their slots.
+        fresh = all(starts[s + 1] - starts[s] == length for s, length in enumerate(lens))
         width = max(len(b) for b in blocks)
         table = torch.zeros((len(lens), width), dtype=torch.int32)
         for s, b in enumerate(blocks):
@@ -149,7 +153,9 @@ class VllmCpuPrefill:
             num_reqs=len(lens), num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
             head_dim=self.head_dim, seq_lens=lens_t, dtype=self.dtype, query_start_loc=qsl,
             causal=True, sliding_window_size=-1, isa=self.isa, enable_kv_split=False)
-        return {"ids": torch.cat(ids), "slots": torch.cat(slots),
+        slots = torch.cat(slots)
+        return {"ids": torch.cat(ids), "slots": slots,
+                "new_slots": slots[slots >= 0] if fresh else None,
                 "table": table, "num_blocks": num_blocks, "query_start_loc": qsl,
                 "seq_lens": lens_t, "metadata": metadata}
 
@@ -165,19 +171,32 @@ class VllmCpuPrefill:
         return buf[:need].view(num_blocks, self.num_kv_heads, self.block, 2 * self.head_dim)
 
     def run(self, plan: dict, query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor,
-            scale: float) -> None:
+            scale: float, key: torch.Tensor | None = None,
+            value: torch.Tensor | None = None) -> None:
         """query, out [T, H, D] (T = the plan's query tokens); kv_cache mempipe's
-        [2, num_blocks, page_size, KVH, D]."""
+        [2, num_blocks, page_size, KVH, D]. key, value [T, KVH, D], optional: the same new
+        tokens' K/V rows that append() wrote to kv_cache. Where the plan's requests are all whole
+        prompts, they are written to the scratch cache as they are and the cache is not read
+        (the gather's copy saved); otherwise, or without them, every row comes from kv_cache."""
         import vllm._custom_ops as ops
         if kv_cache.dtype != self.dtype or query.dtype != self.dtype:
             raise ValueError(f"query {query.dtype} / cache {kv_cache.dtype} differ from the "
                              f"prefill dtype {self.dtype}")
         kvh, d = self.num_kv_heads, self.head_dim
-        k = kv_cache[0].index_select(0, plan["ids"]).view(-1, kvh, d)
-        v = kv_cache[1].index_select(0, plan["ids"]).view(-1, kvh, d)
+        slots = plan["new_slots"]
+        if (slots is not None and key is not None and value is not None
+                and key.dtype == self.dtype and value.dtype == self.dtype):
+            if key.shape != (query.shape[0], kvh, d) or value.shape != key.shape:
+                raise ValueError(f"key {tuple(key.shape)} / value {tuple(value.shape)} are not "
+                                 f"[{query.shape[0]}, {kvh}, {d}]")
+            k, v = key, value
+        else:
+            k = kv_cache[0].index_select(0, plan["ids"]).view(-1, kvh, d)
+            v = kv_cache[1].index_select(0, plan["ids"]).view(-1, kvh, d)
+            slots = plan["slots"]
         cache = self._cache(plan["num_blocks"]).view(plan["num_blocks"], kvh, 2 * self.block, d)
         key_cache, value_cache = cache.chunk(2, dim=2)
-        ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, plan["slots"], self.isa)
+        ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, self.isa)
         ops.cpu_attention_with_kv_cache(
             query=query, key_cache=key_cache, value_cache=value_cache, output=out,
             query_start_loc=plan["query_start_loc"], seq_lens=plan["seq_lens"], scale=scale,
