@@ -171,7 +171,15 @@ def test_vllm_cpu_prefill_whole_prompts_take_the_new_rows(gen, dtype):
                      for s, n in enumerate(seq_lens.tolist())])
     value = torch.cat([kv[1, table[s, :width].long()].reshape(-1, kvh, d)[:n]
                        for s, n in enumerate(seq_lens.tolist())])
-    q = torch.randn((143, kvh * groups, d), generator=g).to(dtype)
+    # q, key and value as vLLM passes them: strided views of one fused qkv projection.
+    h = kvh * groups
+    qkv = torch.randn((143, (h + 2 * kvh) * d), generator=g).to(dtype)
+    qkv[:, h * d:(h + kvh) * d] = key.flatten(1)
+    qkv[:, (h + kvh) * d:] = value.flatten(1)
+    q = qkv[:, :h * d].view(143, h, d)
+    key = qkv[:, h * d:(h + kvh) * d].view(143, kvh, d)
+    value = qkv[:, (h + kvh) * d:].view(143, kvh, d)
+    assert not q.is_contiguous() and not key.is_contiguous()
     scale = d ** -0.5
     ref = reference(q, qsl, kv, table, seq_lens, scale)
     tol = tolerance(dtype, ref, float(value.abs().max()), 70, d, sdpa=True)

@@ -687,11 +687,14 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
                 else:
                     pk = key.index_select(0, m.prefill_tokens)
                     pv = value.index_select(0, m.prefill_tokens)
+            # vLLM's kernel reads strided rows of packed heads, as CPU_ATTN hands them over.
+            if pq.stride(2) != 1 or pq.stride(1) != self.head_size:
+                pq = pq.contiguous()
             if op.is_contiguous():
-                pf.run(plan, pq.contiguous(), kv, op, self.scale, pk, pv)
+                pf.run(plan, pq, kv, op, self.scale, pk, pv)
             else:
                 tmp = torch.empty(op.shape, dtype=op.dtype)
-                pf.run(plan, pq.contiguous(), kv, tmp, self.scale, pk, pv)
+                pf.run(plan, pq, kv, tmp, self.scale, pk, pv)
                 op.copy_(tmp)
         elif use_torch:
             gathered_sdpa_prefill(pq, m.prefill_query_start_loc, kv, m.prefill_block_table,
