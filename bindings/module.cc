@@ -92,6 +92,11 @@ BorrowedTensor Borrow(const py::handle& obj, const char* name) {
   return ValueOrThrow(BorrowTensor(obj, name));
 }
 
+// With its strides, which the caller checks.
+BorrowedTensor BorrowStrided(const py::handle& obj, const char* name) {
+  return ValueOrThrow(BorrowTensor(obj, name, /*strided=*/true));
+}
+
 void Check(const absl::Status& status) { ThrowIfError(status); }
 
 template <size_t N>
@@ -363,6 +368,27 @@ void CheckTokenRows(const BorrowedTensor& rows, const BorrowedTensor& slots,
   RequireSameDType(rows, cache);
 }
 
+// key or value [tokens, KVH, D] as the cache takes them, borrowed with their strides: on the
+// host each token's row may lie anywhere after the previous one's (a column slice of a fused
+// qkv output, as vLLM passes them), a row's heads packed; on a GPU, C-contiguous. Returns the
+// row stride in elements for WriteKv (0: packed).
+int64_t TokenRowStride(const BorrowedTensor& rows, const BorrowedTensor& slots,
+                       const KvCacheView& cache, bool host) {
+  CheckTokenRows(rows, slots, cache);
+  const int64_t row = static_cast<int64_t>(cache.num_kv_heads) * cache.head_dim;
+  const auto& st = rows.strides;
+  const bool heads_packed =
+      (rows.shape[2] == 1 || st[2] == 1) && (rows.shape[1] == 1 || st[1] == cache.head_dim);
+  const int64_t stride = rows.shape[0] <= 1 ? row : st[0];
+  if (heads_packed && stride == row) return 0;
+  if (heads_packed && host && stride > row) return stride;
+  Check(absl::InvalidArgumentError(absl::StrCat(
+      rows.Describe(), " has strides [", absl::StrJoin(st, ", "), "]; expected each token's ",
+      cache.num_kv_heads, " x ", cache.head_dim, " elements packed (strides [", host ? "s >= " : "",
+      row, ", ", cache.head_dim, ", 1])", host ? "" : " on the GPU", " (call .contiguous())")));
+  return 0;
+}
+
 void CheckSlots(const BorrowedTensor& slots) {
   Check(slots.RequireRank(1));
   Check(slots.RequireType(ElemType::kInt64));
@@ -549,16 +575,16 @@ DevicePredicate DevicePredicateOf(const RunSwitch& r) {
 void WriteKvPy(py::handle kv_cache, py::handle slot_mapping, py::handle key, py::handle value,
                const py::object& stream) {
   auto kv = BorrowCache(kv_cache), slots = Borrow(slot_mapping, "slot_mapping"),
-       k = Borrow(key, "key"), v = Borrow(value, "value");
+       k = BorrowStrided(key, "key"), v = BorrowStrided(value, "value");
   [[maybe_unused]] const Target target = ResolveTarget({&kv, &slots, &k, &v}, stream);
   NoGpuKernel(target, "write_kv", "append_kv_and_digests writes the cache with the digests");
   const KvCacheView cache = CacheView(kv);
   CheckSlots(slots);
-  CheckTokenRows(k, slots, cache);
-  CheckTokenRows(v, slots, cache);
+  const int64_t ks = TokenRowStride(k, slots, cache, true),
+                vs = TokenRowStride(v, slots, cache, true);
   const auto* s = static_cast<const int64_t*>(slots.data);
   const int n = static_cast<int>(slots.shape[0]);
-  RunReleased([&] { return WriteKv(cache, s, n, k.data, v.data); });
+  RunReleased([&] { return WriteKv(cache, s, n, k.data, v.data, ks, vs); });
 }
 
 size_t AppendScratchBytes(const Target& target, const KvCacheView& cache) {
@@ -573,15 +599,16 @@ void AppendKvAndDigestsPy(py::handle kv_cache, py::handle slot_mapping, py::hand
                           py::handle value, py::handle digests,
                           [[maybe_unused]] const py::object& workspace, const py::object& stream) {
   auto kv = BorrowCache(kv_cache), slots = Borrow(slot_mapping, "slot_mapping"),
-       k = Borrow(key, "key"), v = Borrow(value, "value");
+       k = BorrowStrided(key, "key"), v = BorrowStrided(value, "value");
   const BorrowedDigests dg = BorrowDigests(digests);
   [[maybe_unused]] const Target target = ResolveTarget({&kv, &slots, &k, &v, &dg.data}, stream);
   RequireDigestDevice(dg);
   const KvCacheView cache = CacheView(kv);
   const DigestView dv = DigestsView(dg, cache);
   CheckSlots(slots);
-  CheckTokenRows(k, slots, cache);
-  CheckTokenRows(v, slots, cache);
+  const bool host = !target.gpu;
+  const int64_t ks = TokenRowStride(k, slots, cache, host),
+                vs = TokenRowStride(v, slots, cache, host);
   const auto* s = static_cast<const int64_t*>(slots.data);
   const int n = static_cast<int>(slots.shape[0]);
 #ifdef MEMPIPE_MODULE_GPU
@@ -603,7 +630,7 @@ void AppendKvAndDigestsPy(py::handle kv_cache, py::handle slot_mapping, py::hand
     return;
   }
 #endif
-  RunReleased([&] { return AppendKvAndDigests(cache, s, n, k.data, v.data, dv); });
+  RunReleased([&] { return AppendKvAndDigests(cache, s, n, k.data, v.data, dv, ks, vs); });
 }
 
 void UpdateDigestsPy(py::handle kv_cache, py::handle slot_mapping, py::handle digests,

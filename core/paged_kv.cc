@@ -103,7 +103,8 @@ absl::Status ValidateBlockTable(const BlockTableView& table, int block_size, int
 }
 
 absl::Status WriteKv(const KvCacheView& cache, const int64_t* slot_mapping, int num_tokens,
-                     const void* key, const void* value) {
+                     const void* key, const void* value, int64_t key_row_stride,
+                     int64_t value_row_stride) {
   if (absl::Status s = ValidateKvCache(cache); !s.ok()) return s;
   if (num_tokens < 0) {
     return absl::InvalidArgumentError(absl::StrCat("num_tokens must be >= 0, got ", num_tokens));
@@ -119,10 +120,22 @@ absl::Status WriteKv(const KvCacheView& cache, const int64_t* slot_mapping, int 
                                                      " is past the cache's ", num_slots, " slots"));
     }
   }
+  const int64_t row = static_cast<int64_t>(cache.num_kv_heads) * cache.head_dim;
+  auto check_stride = [row](const char* name, int64_t stride) {
+    if (stride == 0 || stride >= row) return absl::OkStatus();
+    return absl::InvalidArgumentError(absl::StrCat(
+        name, "_row_stride must be 0 (packed) or at least num_kv_heads * head_dim = ", row,
+        " elements, got ", stride));
+  };
+  MEMPIPE_RETURN_IF_ERROR(check_stride("key", key_row_stride));
+  MEMPIPE_RETURN_IF_ERROR(check_stride("value", value_row_stride));
   const size_t esize = DTypeSize(cache.dtype);
   const size_t head_bytes = static_cast<size_t>(cache.head_dim) * esize;
-  const size_t row_bytes = head_bytes * cache.num_kv_heads;  // one token of key or value
-  const int run = cache.HeadsPerRun();                       // heads copied in one piece
+  // Bytes from one token's key (value) row to the next.
+  const size_t key_step = static_cast<size_t>(key_row_stride != 0 ? key_row_stride : row) * esize;
+  const size_t value_step =
+      static_cast<size_t>(value_row_stride != 0 ? value_row_stride : row) * esize;
+  const int run = cache.HeadsPerRun();  // heads copied in one piece
   auto* base = static_cast<char*>(cache.data);
   for (int t = 0; t < num_tokens; ++t) {
     const int64_t slot = slot_mapping[t];
@@ -131,9 +144,9 @@ absl::Status WriteKv(const KvCacheView& cache, const int64_t* slot_mapping, int 
     const int off = static_cast<int>(slot % cache.block_size);
     for (int h = 0; h < cache.num_kv_heads; h += run) {
       std::memcpy(base + cache.Offset(0, block, off, h) * esize,
-                  static_cast<const char*>(key) + t * row_bytes + h * head_bytes, run * head_bytes);
+                  static_cast<const char*>(key) + t * key_step + h * head_bytes, run * head_bytes);
       std::memcpy(base + cache.Offset(1, block, off, h) * esize,
-                  static_cast<const char*>(value) + t * row_bytes + h * head_bytes,
+                  static_cast<const char*>(value) + t * value_step + h * head_bytes,
                   run * head_bytes);
     }
   }

@@ -150,10 +150,15 @@ inline int NumPages(int seq_len, int block_size) {
 
 // vLLM `reshape_and_cache`: writes token i's key and value into slot `slot_mapping[i]`.
 //   slot_mapping [num_tokens] int64; negative entries are skipped
-//   key, value   [num_tokens, num_kv_heads, head_dim] in the cache dtype
-// Errors: InvalidArgument for a slot past the cache (naming token and slot).
+//   key, value   [num_tokens, num_kv_heads, head_dim] in the cache dtype; token i's row starts
+//                key_row_stride (value_row_stride) elements after token i - 1's: 0 means packed
+//                rows (num_kv_heads * head_dim), a larger stride reads rows of a wider tensor in
+//                place (vLLM hands key and value over as column slices of one fused qkv output)
+// Errors: InvalidArgument for a slot past the cache (naming token and slot), or a row stride
+// that is neither 0 nor at least a row (naming it).
 [[nodiscard]] absl::Status WriteKv(const KvCacheView& cache, const int64_t* slot_mapping,
-                                   int num_tokens, const void* key, const void* value);
+                                   int num_tokens, const void* key, const void* value,
+                                   int64_t key_row_stride = 0, int64_t value_row_stride = 0);
 
 }  // namespace mempipe
 

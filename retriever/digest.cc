@@ -317,9 +317,11 @@ absl::Status QuantizeDigestBlocks(const DigestView& digests, const int32_t* bloc
 
 absl::Status AppendKvAndDigests(const KvCacheView& cache, const int64_t* slot_mapping,
                                 int num_tokens, const void* key, const void* value,
-                                const DigestView& digests) {
+                                const DigestView& digests, int64_t key_row_stride,
+                                int64_t value_row_stride) {
   MEMPIPE_RETURN_IF_ERROR(ValidateDigests(cache, digests));
-  MEMPIPE_RETURN_IF_ERROR(WriteKv(cache, slot_mapping, num_tokens, key, value));
+  MEMPIPE_RETURN_IF_ERROR(
+      WriteKv(cache, slot_mapping, num_tokens, key, value, key_row_stride, value_row_stride));
   return UpdateDigests(cache, slot_mapping, num_tokens, digests);
 }
 

@@ -110,10 +110,11 @@ struct DigestView {
 [[nodiscard]] absl::Status QuantizeDigestBlocks(const DigestView& digests, const int32_t* blocks,
                                                 int num);
 
-// KV append fused with the digest update (WriteKv + UpdateDigests).
+// KV append fused with the digest update (WriteKv + UpdateDigests); the row strides as WriteKv's.
 [[nodiscard]] absl::Status AppendKvAndDigests(const KvCacheView& cache, const int64_t* slot_mapping,
                                               int num_tokens, const void* key, const void* value,
-                                              const DigestView& digests);
+                                              const DigestView& digests, int64_t key_row_stride = 0,
+                                              int64_t value_row_stride = 0);
 
 }  // namespace mempipe
 

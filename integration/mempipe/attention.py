@@ -201,6 +201,15 @@ class DecodePlan:
 _DEFAULT_PLANS: dict[torch.device, DecodePlan] = {}
 
 
+def _packed_heads(rows: torch.Tensor) -> torch.Tensor:
+    """[tokens, KVH, D] rows whose heads are packed (each token's KVH * D elements contiguous):
+    as they are, whatever the token stride (the host write takes it); otherwise a copy."""
+    _, kvh, d = rows.shape
+    if (d == 1 or rows.stride(2) == 1) and (kvh == 1 or rows.stride(1) == d):
+        return rows
+    return rows.contiguous()
+
+
 def default_plan(device: torch.device) -> DecodePlan:
     """The process-wide plan of `device` (used by layers created without one)."""
     plan = _DEFAULT_PLANS.get(device)
@@ -277,7 +286,10 @@ class PagedLayer:
         ordered); the local digests are the fallback's copy (fpga_fallback=gpu; on the host they
         are skipped with fpga_fallback=dense).
         """
-        key, value = key.contiguous(), value.contiguous()
+        if kv_cache.is_cuda:
+            key, value = key.contiguous(), value.contiguous()
+        else:  # the host write reads each token's row in place (vLLM's slices of fused qkv)
+            key, value = _packed_heads(key), _packed_heads(value)
         fpga = self.config.placement == "fpga"
         local = self.sparse or self.keep_digests
         if fpga and self.config.fpga_fallback == "dense":
@@ -298,7 +310,8 @@ class PagedLayer:
         if fpga and (self.sparse or self.keep_digests) and self.digest_source is None:
             plan = self._plan(kv_cache.device)
             card_id, _ = plan.card_layer(self.config, self.layer_index, kv_cache)
-            plan.offload(self.config, kv_cache.device).append(card_id, slot_mapping, key)
+            plan.offload(self.config, kv_cache.device).append(card_id, slot_mapping,
+                                                              key.contiguous())
 
     def card_build(self, kv_cache: torch.Tensor, block_table: torch.Tensor,
                    seq_lens: torch.Tensor) -> None:

@@ -6,9 +6,11 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -95,6 +97,60 @@ TEST(PagedKv, WriteKvStoresTheSameLogicalCacheInEitherLayout) {
     }
     EXPECT_GT(differ, 0) << "layouts " << a << " and " << b << " must place the rows differently";
   }
+}
+
+// Rows read in place from a wider tensor (vLLM's key and value: column slices of one fused qkv
+// row) store exactly what the packed rows store, in every layout; each of key and value has its
+// own stride. Rejected: a stride shorter than a row, named. Reading the fused rows as packed
+// (stride 0) stores something else, so the stride is what is followed.
+TEST(PagedKv, WriteKvReadsStridedRowsInPlace) {
+  std::mt19937 rng(11);
+  std::normal_distribution<float> normal;
+  const int blocks = 4, bs = 16, kv_heads = 2, d = 64, tokens = 37;
+  const int64_t row = kv_heads * d, q_cols = 3 * row, fused = q_cols + 2 * row;
+  std::vector<int64_t> slots(tokens);
+  for (int t = 0; t < tokens; ++t) slots[t] = (t * 5 + 3) % (blocks * bs);
+  slots[6] = -1;
+  std::vector<float> qkv(tokens * fused), key(tokens * row), value(tokens * row);
+  for (float& x : qkv) x = normal(rng);
+  for (int t = 0; t < tokens; ++t) {
+    for (int64_t c = 0; c < row; ++c) {
+      key[t * row + c] = qkv[t * fused + q_cols + c];
+      value[t * row + c] = qkv[t * fused + q_cols + row + c];
+    }
+  }
+  for (KvLayout layout : {KvLayout::kTokenMajor, KvLayout::kHeadMajor, KvLayout::kPageMajor}) {
+    SCOPED_TRACE(KvLayoutName(layout));
+    KvCacheView cache{nullptr, DType::kFloat32, blocks, bs, kv_heads, d, layout};
+    std::vector<float> packed(cache.NumElems(), NAN), strided(cache.NumElems(), NAN),
+        misread(cache.NumElems(), NAN);
+    cache.data = packed.data();
+    ASSERT_TRUE(WriteKv(cache, slots.data(), tokens, key.data(), value.data()).ok());
+    cache.data = strided.data();
+    ASSERT_TRUE(WriteKv(cache, slots.data(), tokens, qkv.data() + q_cols, qkv.data() + q_cols + row,
+                        fused, fused)
+                    .ok());
+    EXPECT_EQ(0, std::memcmp(packed.data(), strided.data(), packed.size() * sizeof(float)));
+    cache.data = misread.data();
+    ASSERT_TRUE(
+        WriteKv(cache, slots.data(), tokens, qkv.data() + q_cols, qkv.data() + q_cols + row).ok());
+    EXPECT_NE(0, std::memcmp(packed.data(), misread.data(), packed.size() * sizeof(float)));
+    // Only one of the two strided: the other is read packed.
+    std::vector<float> mixed(cache.NumElems(), NAN);
+    cache.data = mixed.data();
+    ASSERT_TRUE(
+        WriteKv(cache, slots.data(), tokens, qkv.data() + q_cols, value.data(), fused, 0).ok());
+    EXPECT_EQ(0, std::memcmp(packed.data(), mixed.data(), packed.size() * sizeof(float)));
+  }
+  KvCacheView cache{nullptr, DType::kFloat32, blocks, bs, kv_heads, d, KvLayout::kTokenMajor};
+  std::vector<float> store(cache.NumElems());
+  cache.data = store.data();
+  const absl::Status bad =
+      WriteKv(cache, slots.data(), tokens, key.data(), value.data(), 0, row - 1);
+  EXPECT_EQ(bad.code(), absl::StatusCode::kInvalidArgument);
+  const std::string msg(bad.message());
+  EXPECT_NE(msg.find("value_row_stride"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("got 127"), std::string::npos) << msg;
 }
 
 // Page-major: block b's K and V rows of every KV head lie in the block's own slice [b, b + 1) of

@@ -52,6 +52,48 @@ def test_write_kv_skips_negative_slots(gen):
 
 @pytest.mark.parametrize("layout", ["token", "head", "page"])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_write_and_append_read_strided_token_rows(gen, dtype, layout):
+    """key and value as vLLM passes them, column slices of one fused qkv row per token, are
+    written in place: the cache and digests equal those of the packed copies. Rows whose heads
+    are not packed are refused, naming the strides."""
+    from mempipe.attention import poisoned_cache
+    bs, kvh, d, n, blocks = 16, 2, 64, 37, 6
+    qkv = torch.randn(n, (3 + 2) * kvh * d, generator=gen).to(dtype)
+    key = qkv[:, 3 * kvh * d:4 * kvh * d].view(n, kvh, d)
+    value = qkv[:, 4 * kvh * d:].view(n, kvh, d)
+    assert not key.is_contiguous() and key.stride(0) == 5 * kvh * d
+    slots = torch.randperm(blocks * bs, generator=gen)[:n]
+    slots[4] = -1
+    caches = []
+    for k, v in ((key.contiguous(), value.contiguous()), (key, value)):
+        for call in ("write_kv", "append"):
+            kv = poisoned_cache(blocks, bs, kvh, d, dtype, "cpu", layout=layout)
+            dg = torch.full((blocks, 2, kvh, d), float("nan"), dtype=dtype)
+            if call == "write_kv":
+                mp.write_kv(kv, slots, k, v)
+            else:
+                mp.append_kv_and_digests(kv, slots, k, v, dg)
+            caches.append((kv, dg if call == "append" else None))
+    for (kv_p, dg_p), (kv_s, dg_s) in ((caches[0], caches[2]), (caches[1], caches[3])):
+        torch.testing.assert_close(kv_s, kv_p, equal_nan=True, rtol=0, atol=0)
+        if dg_p is not None:
+            torch.testing.assert_close(dg_s, dg_p, equal_nan=True, rtol=0, atol=0)
+    # The check can fail: the fused rows read as if packed write other values.
+    wrong = poisoned_cache(blocks, bs, kvh, d, dtype, "cpu", layout=layout)
+    mp.write_kv(wrong, slots, qkv[:, 3 * kvh * d:].reshape(-1, kvh, d)[:n], value)
+    assert not torch.equal(torch.nan_to_num(wrong[0]), torch.nan_to_num(caches[0][0][0]))
+    # Heads not packed (each head's row stride is not head_dim): refused, with the strides.
+    kv = poisoned_cache(blocks, bs, kvh, d, dtype, "cpu", layout=layout)
+    spread = qkv[:, :2 * kvh * d].view(n, kvh, 2 * d)[:, :, :d]
+    with pytest.raises(ValueError, match=r"has strides \[640, 128, 1\].*packed"):
+        mp.write_kv(kv, slots, spread, value)
+    with pytest.raises(ValueError, match="has strides"):
+        mp.append_kv_and_digests(kv, slots, key, spread,
+                                 torch.zeros((blocks, 2, kvh, d), dtype=dtype))
+
+
+@pytest.mark.parametrize("layout", ["token", "head", "page"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_build_and_append_digests_match_reference(gen, dtype, shape, layout):
     bs, kvh, _, d = shape
