@@ -1,11 +1,11 @@
+"""_mempipe.append_kv_and_digests at SmolLM2's shape (3 KV heads of 64, page 32, head-major cache):
+key/value as strided slices of a fused qkv, copied first (before d470408) or read in place."""
 import time, statistics, torch
 from mempipe import _mempipe
-from mempipe.attention import layout_view
 kvh,h,d,ps=3,9,64,32
 T=1024
 for dt in (torch.bfloat16, torch.float32):
     nb=4096
-    kv = layout_view(torch.zeros(2*nb*ps*kvh*d, dtype=dt), "head", nb, ps, kvh, d) if False else None
     base=torch.zeros(2,nb,kvh,ps,d,dtype=dt); kv=base.permute(0,1,3,2,4)
     dg=torch.zeros(nb,2,kvh,d,dtype=dt)
     slots=torch.arange(T,dtype=torch.int64)+64*ps
