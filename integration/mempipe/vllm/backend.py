@@ -33,7 +33,10 @@ Per-call overhead (issue 16; integration/bench/vllm_backend_overhead.py measures
 engine): the builder splits a step's requests in numpy on the host and reuses the tensors that
 depend only on the batch size; a batch whose decode rows come first (vLLM's order) is split
 by slices, without index copies; forward() looks up its cache view once per cache tensor and
-slices q/k/v/output only where vLLM padded the batch.
+slices q/k/v/output only where vLLM padded the batch. vLLM's q, k and v are column slices of
+one fused qkv output: on the host the append reads k and v in place (no .contiguous() copy), a
+step of whole prompts hands them to VllmCpuPrefill as they are, and vLLM's prefill kernel takes
+q strided (integration/bench/results/prefill_rows/).
 
 Attention threads on the CPU: MEMPIPE_CPU_ATTN_THREADS is the number of host threads per call
 of mempipe's decode kernels: `auto` (default) = torch.get_num_threads() when the calls run on
