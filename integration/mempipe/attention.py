@@ -201,9 +201,10 @@ class DecodePlan:
 _DEFAULT_PLANS: dict[torch.device, DecodePlan] = {}
 
 
-def _packed_heads(rows: torch.Tensor) -> torch.Tensor:
-    """[tokens, KVH, D] rows whose heads are packed (each token's KVH * D elements contiguous):
-    as they are, whatever the token stride (the host write takes it); otherwise a copy."""
+def packed_heads(rows: torch.Tensor) -> torch.Tensor:
+    """[tokens, heads, D] rows whose heads are packed (each token's heads * D elements
+    contiguous): as they are, whatever the token stride (the host write and vLLM's CPU kernels
+    take it); otherwise a copy."""
     _, kvh, d = rows.shape
     if (d == 1 or rows.stride(2) == 1) and (kvh == 1 or rows.stride(1) == d):
         return rows
@@ -289,7 +290,7 @@ class PagedLayer:
         if kv_cache.is_cuda:
             key, value = key.contiguous(), value.contiguous()
         else:  # the host write reads each token's row in place (vLLM's slices of fused qkv)
-            key, value = _packed_heads(key), _packed_heads(value)
+            key, value = packed_heads(key), packed_heads(value)
         fpga = self.config.placement == "fpga"
         local = self.sparse or self.keep_digests
         if fpga and self.config.fpga_fallback == "dense":

@@ -99,7 +99,7 @@ from vllm.logger import init_logger
 from mempipe import _mempipe
 from mempipe import config as mempipe_config
 from mempipe import host_threads
-from mempipe.attention import DecodePlan, PagedLayer, layout_view
+from mempipe.attention import DecodePlan, PagedLayer, layout_view, packed_heads
 from mempipe.vllm.prefill import (VllmCpuPrefill, gathered_sdpa_prefill,
                                    vllm_cpu_attention_available)
 from mempipe.vllm.profile import PROFILE, enabled_by_env as profile_enabled_by_env
@@ -684,15 +684,14 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
                     m.prefill_query_start_loc, m.prefill_block_table, m.prefill_seq_lens)
             # The prefill rows' own K/V (what append() just wrote): whole prompts skip the gather.
             pk = pv = None
-            if self.kv_sharing_target_layer_name is None:
+            if self.kv_sharing_target_layer_name is None and plan["new_slots"] is not None:
                 if m.rows_split:
                     pk, pv = key[num_decode:n], value[num_decode:n]
                 else:
                     pk = key.index_select(0, m.prefill_tokens)
                     pv = value.index_select(0, m.prefill_tokens)
             # vLLM's kernel reads strided rows of packed heads, as CPU_ATTN hands them over.
-            if pq.stride(2) != 1 or pq.stride(1) != self.head_size:
-                pq = pq.contiguous()
+            pq = packed_heads(pq)
             if op.is_contiguous():
                 pf.run(plan, pq, kv, op, self.scale, pk, pv)
             else:
