@@ -121,7 +121,7 @@ def empty(num_blocks: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
     sized for the whole KV cache): allocated on each layer's first forward, poisoned digests
     were written in full there (2 MB per layer for SmolLM2 with a 2 GiB cache) and sat on the
     allocator's heap between the model's temporaries, so the first prompt paid for both (on
-    the Zen 5 build VM 4 x 256 bf16 tokens took 1.3x CPU_ATTN's first prefill)."""
+    the 2-vCPU build VM 4 x 256 bf16 tokens took 1.3x CPU_ATTN's first prefill)."""
     check_digest_dtype(digest_dtype)
     shape = (num_blocks, 2, num_kv_heads, head_dim)
     if not poison:
