@@ -1311,6 +1311,9 @@ PYBIND11_MODULE(_mempipe, m) {
         arg("kv_cache"), arg("block_table"), arg("seq_lens"), arg("out"), arg("scale"),
         py::kw_only(), arg("num_threads") = 1, stream,
         "Causal attention of the last query tokens of each sequence over the cache (CPU).");
+  m.def("cpu_description", &mempipe::CpuDescription,
+        "The CPU, for the record of a measurement: brand string, x86 family and model, logical "
+        "CPUs (core/cpu_kernel.h).");
   m.def("decode_workspace_bytes", &DecodeWorkspaceBytesPy, arg("num_seqs"), arg("num_heads"),
         arg("num_kv_heads"), arg("max_items"), py::kw_only(), arg("device") = 0,
         "GPU scratch bytes of dense_decode / sparse_decode on CUDA device `device`.");

@@ -1,11 +1,14 @@
 #include "core/cpu_kernel.h"
 
 #include <atomic>
+#include <cstring>
+#include <thread>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <cpuid.h>
 #endif
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "core/avx512.h"
 
@@ -120,5 +123,29 @@ bool CpuKernelAvailable(CpuKernel kernel) {
 }
 
 absl::string_view ActiveCpuKernelName() { return CpuKernelName(Active()); }
+
+std::string CpuDescription() {
+  std::string brand = "unknown CPU", numbers;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  unsigned r[4] = {0, 0, 0, 0};
+  if (__get_cpuid(0x80000000u, &r[0], &r[1], &r[2], &r[3]) != 0 && r[0] >= 0x80000004u) {
+    char text[49] = {};
+    for (unsigned leaf = 0; leaf < 3; ++leaf) {
+      __get_cpuid(0x80000002u + leaf, &r[0], &r[1], &r[2], &r[3]);
+      std::memcpy(text + 16 * leaf, r, sizeof(r));
+    }
+    if (std::string b(absl::StripAsciiWhitespace(text)); !b.empty()) brand = b;
+  }
+  if (__get_cpuid(1, &r[0], &r[1], &r[2], &r[3]) != 0) {
+    const unsigned base_family = (r[0] >> 8) & 0xf, base_model = (r[0] >> 4) & 0xf;
+    const unsigned family = base_family == 0xf ? base_family + ((r[0] >> 20) & 0xff) : base_family;
+    const unsigned model = base_family == 0x6 || base_family == 0xf
+                               ? base_model + (((r[0] >> 16) & 0xf) << 4)
+                               : base_model;
+    numbers = absl::StrCat(" (x86 family ", family, " model ", model, ")");
+  }
+#endif
+  return absl::StrCat(brand, numbers, ", ", std::thread::hardware_concurrency(), " logical CPUs");
+}
 
 }  // namespace mempipe

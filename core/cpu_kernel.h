@@ -11,6 +11,8 @@
 #ifndef MEMPIPE_CORE_CPU_KERNEL_H_
 #define MEMPIPE_CORE_CPU_KERNEL_H_
 
+#include <string>
+
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
@@ -46,6 +48,11 @@ bool UseAvx2Kernel();
 bool UseAvx512Bf16Kernel();
 // "avx512-bf16", "avx512", "avx2" or "portable": the implementation the next call will use.
 absl::string_view ActiveCpuKernelName();
+// The CPU, for the record of a measurement: its brand string and, on x86, the family and model
+// numbers CPUID reports (display values, as /proc/cpuinfo's "cpu family" and "model"; a brand
+// string such as "AMD EPYC" names no generation), and the logical CPUs this process may use:
+// "AMD EPYC (x86 family 25 model 17), 2 logical CPUs".
+std::string CpuDescription();
 
 }  // namespace mempipe
 

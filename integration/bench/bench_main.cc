@@ -508,7 +508,8 @@ int Main() {
 
   if (const std::string path = absl::GetFlag(FLAGS_json); !path.empty()) {
     nlohmann::json j;
-    j["machine"] = {{"hardware_threads", hw},
+    j["machine"] = {{"cpu", CpuDescription()},
+                    {"hardware_threads", hw},
                     {"threads_used", cfg.threads},
                     {"timing", "measured, host CPU"},
                     {"attention_kernel", std::string(ActiveCpuKernelName())}};

@@ -331,6 +331,7 @@ int Run() {
       KvLayoutName(cache.layout), threads, host.c_str(), std::string(ActiveCpuKernelName()).c_str(),
       huge ? "asked for" : "not asked for");
   const double mib = 1048576.0;
+  std::printf("  CPU: %s\n", CpuDescription().c_str());
   std::printf(
       "  last-level cache %s; the layers' caches and digests total %.0f MiB; the read %.0f MiB\n",
       llc ? absl::StrCat(llc >> 20, " MiB").c_str() : "unknown", layers * layer_bytes / mib,

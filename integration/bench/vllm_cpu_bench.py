@@ -111,15 +111,10 @@ def child(args) -> None:
 
 
 def machine() -> str:
-    """CPU model and count, for the record."""
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((x.split(":", 1)[1].strip() for x in f if x.startswith("model name")),
-                         model)
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} logical CPUs"
+    """The CPU (brand, x86 family and model: "AMD EPYC" alone names no generation) and its
+    logical CPUs, for the record."""
+    from mempipe import _mempipe
+    return _mempipe.cpu_description()
 
 
 def modeled_step_bytes(args, length: int, dtype: str, mempipe: bool) -> float:

@@ -1,6 +1,7 @@
 """Differential tests of the C++ module (mempipe._mempipe) against plain references on fresh
 random data, and its argument checking and error mapping."""
 
+import os
 import threading
 import time
 
@@ -395,3 +396,20 @@ def test_long_calls_release_the_gil(gen):
     # Holding the GIL would stall this loop for a whole call; scheduling noise on a loaded
     # machine stays well below half of one.
     assert max_gap < one_call / 2, (max_gap, one_call)
+
+
+def test_cpu_description_names_the_family_and_model_the_kernel_reports():
+    """Benchmarks record the CPU with mp.cpu_description(): brand, x86 family and model (a brand
+    such as "AMD EPYC" names no generation), logical CPUs; the numbers are /proc/cpuinfo's."""
+    d = mp.cpu_description()
+    assert d.endswith(f", {os.cpu_count()} logical CPUs"), d
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines()
+                        if ":" in line)
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    if "cpu family" not in info or "model" not in info:
+        pytest.skip("no x86 family / model in /proc/cpuinfo")
+    assert f"(x86 family {info['cpu family']} model {info['model']})" in d, (d, info)
