@@ -211,6 +211,14 @@ def packed_heads(rows: torch.Tensor) -> torch.Tensor:
     return rows.contiguous()
 
 
+def write_rows(kv_cache: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """[tokens, heads, D] K or V rows as the module's KV write takes them for `kv_cache`: on the
+    host as they are where their heads are packed, whatever the token stride (vLLM's column
+    slices of one fused qkv row per token are read in place; packed_heads), on a GPU
+    C-contiguous (the CUDA append reads packed rows)."""
+    return rows.contiguous() if kv_cache.is_cuda else packed_heads(rows)
+
+
 def default_plan(device: torch.device) -> DecodePlan:
     """The process-wide plan of `device` (used by layers created without one)."""
     plan = _DEFAULT_PLANS.get(device)
@@ -287,10 +295,7 @@ class PagedLayer:
         ordered); the local digests are the fallback's copy (fpga_fallback=gpu; on the host they
         are skipped with fpga_fallback=dense).
         """
-        if kv_cache.is_cuda:
-            key, value = key.contiguous(), value.contiguous()
-        else:  # the host write reads each token's row in place (vLLM's slices of fused qkv)
-            key, value = packed_heads(key), packed_heads(value)
+        key, value = write_rows(kv_cache, key), write_rows(kv_cache, value)
         fpga = self.config.placement == "fpga"
         local = self.sparse or self.keep_digests
         if fpga and self.config.fpga_fallback == "dense":

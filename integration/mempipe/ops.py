@@ -1,7 +1,8 @@
 """PyTorch custom operators (`torch.ops.mempipe.*`) for the four steps.
 
 Each operator wraps one function of the C++ module; tensors are handed over through DLPack
-without copies. In-place operators declare what they mutate, so torch.compile and functionalization
+without copies (on the host, the K/V rows of the writes may have any token stride, as vLLM's
+slices of one fused qkv row per token: mempipe.attention.write_rows). In-place operators declare what they mutate, so torch.compile and functionalization
 see the writes; functional ones allocate their outputs and have fake (meta) kernels for tracing.
 
     import mempipe.ops  # registers torch.ops.mempipe.*
@@ -35,6 +36,7 @@ from __future__ import annotations
 import torch
 
 from mempipe import _mempipe
+from mempipe.attention import write_rows
 from mempipe.digests import from_op_args, op_args
 
 
@@ -60,7 +62,8 @@ def write_kv(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tens
             kv_cache[plane].view(-1, kv_heads, head_dim).index_copy_(
                 0, slots, rows.index_select(0, keep).to(kv_cache.dtype))
         return
-    _mempipe.write_kv(kv_cache, slot_mapping, key.contiguous(), value.contiguous())
+    _mempipe.write_kv(kv_cache, slot_mapping, write_rows(kv_cache, key),
+                      write_rows(kv_cache, value))
 
 
 _DIGEST_ARGS = ("digests", "digest_scales", "digest_exact")
@@ -69,8 +72,8 @@ _DIGEST_ARGS = ("digests", "digest_scales", "digest_exact")
 @torch.library.custom_op("mempipe::append_kv_and_digests", mutates_args=("kv_cache", "digests"))
 def append_kv_and_digests(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tensor,
                           value: torch.Tensor, digests: torch.Tensor) -> None:
-    _mempipe.append_kv_and_digests(kv_cache, slot_mapping, key.contiguous(), value.contiguous(),
-                                   digests)
+    _mempipe.append_kv_and_digests(kv_cache, slot_mapping, write_rows(kv_cache, key),
+                                   write_rows(kv_cache, value), digests)
 
 
 @torch.library.custom_op("mempipe::append_kv_and_digests_int8",
@@ -78,7 +81,8 @@ def append_kv_and_digests(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, ke
 def append_kv_and_digests_int8(kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
                                key: torch.Tensor, value: torch.Tensor, digests: torch.Tensor,
                                digest_scales: torch.Tensor, digest_exact: torch.Tensor) -> None:
-    _mempipe.append_kv_and_digests(kv_cache, slot_mapping, key.contiguous(), value.contiguous(),
+    _mempipe.append_kv_and_digests(kv_cache, slot_mapping, write_rows(kv_cache, key),
+                                   write_rows(kv_cache, value),
                                    from_op_args(digests, digest_scales, digest_exact))
 
 

@@ -58,6 +58,47 @@ def test_append_op_mutates_cache_and_digests(gen):
     torch.testing.assert_close(dg2, dg, equal_nan=True, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("op", ["write_kv", "append_kv_and_digests"])
+def test_write_ops_take_fused_qkv_slices_in_place(gen, op, monkeypatch):
+    """K and V as vLLM slices them out of one fused qkv row per token reach the module's host
+    write as they are (the same memory: a .contiguous() in the operator would copy) and give the
+    cache and digests of packed copies; rows whose heads are not packed are copied first."""
+    from mempipe import ops
+    from mempipe.attention import poisoned_cache, write_rows
+    seen = []
+    real = getattr(ops._mempipe, op)
+
+    def spy(kv, slots, k, v, *rest):
+        seen.append((k.data_ptr(), v.data_ptr()))
+        return real(kv, slots, k, v, *rest)
+    monkeypatch.setattr(ops._mempipe, op, spy)
+    bs, kvh, d, n, blocks = 16, 2, 64, 37, 6
+    qkv = torch.randn(n, 5 * kvh * d, generator=gen)
+    key = qkv[:, 3 * kvh * d:4 * kvh * d].view(n, kvh, d)
+    value = qkv[:, 4 * kvh * d:].view(n, kvh, d)
+    slots = torch.randperm(blocks * bs, generator=gen)[:n]
+    cache = poisoned_cache(blocks, bs, kvh, d, torch.float32, "cpu")
+    assert not key.is_contiguous()
+    assert write_rows(cache, key).data_ptr() == key.data_ptr()  # a .contiguous() would copy
+    spread = qkv[:, :2 * kvh * d].view(n, kvh, 2 * d)[:, :, :d]  # heads 2 * d apart
+    copied = write_rows(cache, spread)
+    assert copied.data_ptr() != spread.data_ptr() and torch.equal(copied, spread)
+    results = []
+    for k, v in ((key.contiguous(), value.contiguous()), (key, value), (spread, value)):
+        kv = poisoned_cache(blocks, bs, kvh, d, torch.float32, "cpu")
+        dg = torch.full((blocks, 2, kvh, d), float("nan"))
+        if op == "write_kv":
+            torch.ops.mempipe.write_kv(kv, slots, k, v)
+        else:
+            torch.ops.mempipe.append_kv_and_digests(kv, slots, k, v, dg)
+        results.append((kv, dg))
+    torch.testing.assert_close(results[1], results[0], equal_nan=True, rtol=0, atol=0)
+    assert seen[1] == (key.data_ptr(), value.data_ptr())
+    assert seen[2][0] != spread.data_ptr()
+    # The check can fail: other rows (the spread ones) give another cache.
+    assert not torch.equal(torch.nan_to_num(results[2][0]), torch.nan_to_num(results[0][0]))
+
+
 def test_opcheck(gen):
     batch = _batch(gen)
     dg = _digests(batch)
