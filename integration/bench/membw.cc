@@ -142,6 +142,27 @@ size_t ParseCacheSize(const std::string& text) {
   }
 }
 
+// Runs body(t) on `threads` threads (the caller is thread 0) that meet at a barrier before and
+// after it, and returns the wall seconds between the two: the work alone, not the threads'
+// start (tens of microseconds per thread on a VM).
+template <typename Body>
+double TimeBetweenBarriers(int threads, Body body) {
+  std::barrier sync(threads);
+  std::chrono::steady_clock::time_point t0, t1;
+  auto run = [&](int t) {
+    sync.arrive_and_wait();
+    if (t == 0) t0 = std::chrono::steady_clock::now();
+    body(t);
+    sync.arrive_and_wait();
+    if (t == 0) t1 = std::chrono::steady_clock::now();
+  };
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) pool.emplace_back(run, t);
+  run(0);
+  for (auto& th : pool) th.join();
+  return std::chrono::duration<double>(t1 - t0).count();
+}
+
 }  // namespace
 
 size_t LastLevelCacheBytes() {
@@ -231,25 +252,12 @@ template <typename Read>
 ReadProbe::Pass ReadProbe::RunThreads(Read read) {
   std::vector<uint64_t> sums(threads_);
   std::vector<double> cpu_ms(threads_);  // each thread's CPU time in the read
-  // The threads start, meet at a barrier, read and meet again, so the wall time is the read
-  // alone, not the threads' start (tens of microseconds per thread on a VM).
-  std::barrier sync(threads_);
-  std::chrono::steady_clock::time_point t0, t1;
-  auto body = [&](int t) {
-    sync.arrive_and_wait();
-    if (t == 0) t0 = std::chrono::steady_clock::now();
+  Pass pass;
+  pass.wall_s = TimeBetweenBarriers(threads_, [&](int t) {
     const double c0 = ThreadCpuMs();  // each reader's own clock (core/clock.h)
     sums[t] = read(t);
     cpu_ms[t] = ThreadCpuMs() - c0;
-    sync.arrive_and_wait();
-    if (t == 0) t1 = std::chrono::steady_clock::now();
-  };
-  std::vector<std::thread> pool;
-  for (int t = 1; t < threads_; ++t) pool.emplace_back(body, t);
-  body(0);
-  for (auto& th : pool) th.join();
-  Pass pass;
-  pass.wall_s = std::chrono::duration<double>(t1 - t0).count();
+  });
   for (int t = 0; t < threads_; ++t) {
     pass.cpu_s += cpu_ms[t] * 1e-3 / threads_;
     sum_ += sums[t];
@@ -347,19 +355,8 @@ absl::StatusOr<FmaRate> MeasureFmaRate(int threads, int64_t iters) {
 #if MEMPIPE_AVX512_KERNEL
   if (HasAvx512()) {
     std::vector<float> result(threads);
-    std::barrier sync(threads);
-    std::chrono::steady_clock::time_point t0, t1;
-    auto body = [&](int t) {
-      sync.arrive_and_wait();
-      if (t == 0) t0 = std::chrono::steady_clock::now();
-      result[t] = FmaChainsAvx512(iters);
-      sync.arrive_and_wait();
-      if (t == 0) t1 = std::chrono::steady_clock::now();
-    };
-    std::vector<std::thread> pool;
-    for (int t = 1; t < threads; ++t) pool.emplace_back(body, t);
-    body(0);
-    for (auto& th : pool) th.join();
+    const double s =
+        TimeBetweenBarriers(threads, [&](int t) { result[t] = FmaChainsAvx512(iters); });
     FmaRate r;
     r.threads = threads;
     r.macs = static_cast<int64_t>(threads) * iters * kFmaChains * 16;
@@ -367,7 +364,6 @@ absl::StatusOr<FmaRate> MeasureFmaRate(int threads, int64_t iters) {
     for (const float v : result) {  // every thread ran the same chains
       if (v != r.result) r.result = std::numeric_limits<float>::quiet_NaN();
     }
-    const double s = std::chrono::duration<double>(t1 - t0).count();
     r.gmacs_per_s = s > 0 ? r.macs / s / 1e9 : 0;
     return r;
   }
