@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -43,11 +41,9 @@ SHAPES = {  # hidden, query heads, KV heads, head_dim, FFN
 
 
 def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+    """The CPU: brand, x86 family and model, logical CPUs (mempipe's cpu_description)."""
+    from mempipe import _mempipe
+    return _mempipe.cpu_description()
 
 
 def _time_pair(a, b, iters: int, sync) -> tuple[float, float, float]:
@@ -144,7 +140,7 @@ def main(argv=None) -> int:
               f"{r['modeled_share_weight_bound']:.1%})", flush=True)
     doc = {"command": "python3 integration/bench/speculate_cost.py " + " ".join(
                sys.argv[1:] if argv is None else argv),
-           "machine": f"{_cpu()}, {os.cpu_count()} cores visible, torch {torch.__version__}, "
+           "machine": f"{_cpu()}, torch {torch.__version__}, "
                       f"{args.threads} thread(s), device {device}"
                       + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
                          else ""),

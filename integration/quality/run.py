@@ -31,7 +31,6 @@ import argparse
 import itertools
 import json
 import math
-import os
 import pathlib
 import platform
 import shlex
@@ -246,13 +245,9 @@ def kl_top1(ref_lp, lp):
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores visible, {platform.system()} {platform.release()}"
+    """The CPU (brand, x86 family and model, logical CPUs: mempipe's cpu_description) and OS."""
+    from mempipe import _mempipe
+    return f"{_mempipe.cpu_description()}, {platform.system()} {platform.release()}"
 
 
 class Progress:
