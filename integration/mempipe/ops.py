@@ -2,8 +2,9 @@
 
 Each operator wraps one function of the C++ module; tensors are handed over through DLPack
 without copies (on the host, the K/V rows of the writes may have any token stride, as vLLM's
-slices of one fused qkv row per token: mempipe.attention.write_rows). In-place operators declare what they mutate, so torch.compile and functionalization
-see the writes; functional ones allocate their outputs and have fake (meta) kernels for tracing.
+slices of one fused qkv row per token: mempipe.attention.write_rows). In-place operators
+declare what they mutate, so torch.compile and functionalization see the writes; functional
+ones allocate their outputs and have fake (meta) kernels for tracing.
 
     import mempipe.ops  # registers torch.ops.mempipe.*
     torch.ops.mempipe.append_kv_and_digests(kv_cache, slot_mapping, key, value, digests)
