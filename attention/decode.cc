@@ -989,11 +989,6 @@ MEMPIPE_TARGET_AVX2 inline __m256 TailMask8(int remaining) {
       _mm256_cmpgt_epi32(_mm256_set1_epi32(remaining), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
 }
 
-// The sums of a[0..3], in lanes 0-3.
-[[gnu::always_inline]] MEMPIPE_TARGET_AVX2 inline __m128 Sum4x8(const __m256* a) {
-  const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-  return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
-}
 // The sums of a[0..7], in lanes 0-7.
 [[gnu::always_inline]] MEMPIPE_TARGET_AVX2 inline __m256 Sum8x8(const __m256* a) {
   const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
@@ -1001,10 +996,11 @@ MEMPIPE_TARGET_AVX2 inline __m256 TailMask8(int remaining) {
   return _mm256_add_ps(_mm256_permute2f128_ps(u, v, 0x20), _mm256_permute2f128_ps(u, v, 0x31));
 }
 
-// Tokens per block of the scores for H (1-4) query heads: H * kT accumulators, 8 or 12.
-constexpr int ScoreBlockTokens2(int heads) {
-  return heads == 1 ? 8 : heads == 2 ? 4 : heads == 3 ? 4 : 3;
-}
+// Tokens per block of the scores for H (1-4) query heads: H * kT accumulators, 6 or 8. Three and
+// four heads take two tokens, not four and three (12 accumulators): in L1 on a Zen 3, a SmolLM2
+// page's scores (3 heads) took 0.82x the time in fp32 and 0.92x in bf16, a Llama-3-8B page's
+// (4 heads) 0.70-0.73x (results/avx2_zen3/).
+constexpr int ScoreBlockTokens2(int heads) { return heads == 1 ? 8 : heads == 2 ? 4 : 2; }
 
 // Scores of tokens [0, n) for H query heads: p[h * pstride + t] = q_h . k_t (q already scaled,
 // rows of 16 NB fp32 channels in Load16x2's order). Blocks of kT tokens: each K vector is
@@ -1035,17 +1031,45 @@ MEMPIPE_TARGET_AVX2 void Avx2Scores(const T* kbase, size_t stride, int n, int ps
         }
       }
     }
-    alignas(32) float sums[12];
-    if constexpr (kA == 8) {
-      _mm256_store_ps(sums, Sum8x8(acc));
+    // A whole block's sums go from the register to the score rows; a page's last, partial block
+    // through `sums`, whose scalar reloads wait on the vector store (that took a sixth of the
+    // scores' time on a Zen 3, in L2, when every block went that way).
+    static_assert(kA == 6 || kA == 8);
+    __m256 s;  // lane h * kT + t: head h, token t
+    if constexpr (kA == 6) {
+      const __m256 a8[8] = {acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[4], acc[5]};
+      s = Sum8x8(a8);
     } else {
-      _mm256_store_ps(sums, Sum8x8(acc));
-      _mm_store_ps(sums + 8, Sum4x8(acc + 8));
+      s = Sum8x8(acc);
     }
+    if (m == kT) {
+      const __m128 lo = _mm256_castps256_ps128(s), hi = _mm256_extractf128_ps(s, 1);
+      if constexpr (kT == 8) {
+        _mm256_storeu_ps(p + t0, s);
+      } else if constexpr (kT == 4) {
+        _mm_storeu_ps(p + t0, lo);
+        _mm_storeu_ps(p + pstride + t0, hi);
+      } else {
+        _mm_storel_pi(reinterpret_cast<__m64*>(p + t0), lo);
+        _mm_storeh_pi(reinterpret_cast<__m64*>(p + pstride + t0), lo);
+        _mm_storel_pi(reinterpret_cast<__m64*>(p + 2 * pstride + t0), hi);
+        if constexpr (H == 4) _mm_storeh_pi(reinterpret_cast<__m64*>(p + 3 * pstride + t0), hi);
+      }
+      continue;
+    }
+    alignas(32) float sums[8];
+    _mm256_store_ps(sums, s);
     for (int h = 0; h < H; ++h) {
       for (int t = 0; t < m; ++t) p[h * pstride + t0 + t] = sums[h * kT + t];
     }
   }
+}
+
+// Vectors of 8 channels per head in Avx2ValueTile's tile: at least 8 accumulators where 16
+// registers allow, so the FMAs' 4-cycle latency does not bound them (a tile of 6 accumulators, 3
+// heads x 2, ran P.V at 4 cycles per token and tile where 3 would do).
+constexpr int ValueTileVectors2(int heads) {
+  return heads == 1 ? 8 : heads == 2 ? 4 : heads == 3 ? 4 : 2;
 }
 
 // acc[g] = corr[g] * acc[g] + sum_t p[g][t] v_t over the tokens of a batch of pages, for GB
@@ -1055,7 +1079,12 @@ template <typename T, int NB, int GB>
 MEMPIPE_TARGET_AVX2 void Avx2ValueTile(const ValuePage<T>* pages, int count, size_t stride,
                                        const float* p, int pstride, const float* corr, float* acc) {
   constexpr int kD = NB * 16;
-  constexpr int kTile = GB <= 2 ? 4 : 2;  // vectors of 8 channels: 8 accumulators at most
+  constexpr int kTile = ValueTileVectors2(GB);
+  // Where a token's kTile vectors of V beside the GB * kTile accumulators would not fit 14 of the
+  // 16 registers (the others: a broadcast and bf16's mask), as at GB = 1 and 3, the row is
+  // widened 16 channels at a time and its probabilities broadcast again for each 16, so that 2
+  // vectors of V and 1 of p are live.
+  constexpr bool kBySixteen = kTile + GB * kTile > 14;
   static_assert(kD % (8 * kTile) == 0);
   for (int c = 0; c < kD / 8; c += kTile) {
     __m256 a[GB][kTile];
@@ -1069,11 +1098,29 @@ MEMPIPE_TARGET_AVX2 void Avx2ValueTile(const ValuePage<T>* pages, int count, siz
     for (int e = 0; e < count; ++e) {
       const T* vbase = pages[e].v + 8 * c;
       for (int t = 0; t < pages[e].n; ++t, ++pt) {
-        __m256 v[kTile];
-        for (int j = 0; j < kTile; j += 2) Load16x2(vbase + t * stride + 8 * j, v[j], v[j + 1]);
-        for (int g = 0; g < GB; ++g) {
-          const __m256 pg = _mm256_broadcast_ss(pt + g * pstride);
-          for (int j = 0; j < kTile; ++j) a[g][j] = _mm256_fmadd_ps(pg, v[j], a[g][j]);
+        if constexpr (kBySixteen) {
+#pragma GCC unroll 4
+          for (int j = 0; j < kTile; j += 2) {
+            // Keeps the compiler from loading the GB broadcasts once for all the tile's 16s: held
+            // across them, they spilled an accumulator to the stack at GB = 3, and its store and
+            // reload made P.V slower than the 6-accumulator tile.
+            asm volatile("" ::: "memory");
+            __m256 x, y;
+            Load16x2(vbase + t * stride + 8 * j, x, y);
+#pragma GCC unroll 4
+            for (int g = 0; g < GB; ++g) {
+              const __m256 pg = _mm256_broadcast_ss(pt + g * pstride);
+              a[g][j] = _mm256_fmadd_ps(pg, x, a[g][j]);
+              a[g][j + 1] = _mm256_fmadd_ps(pg, y, a[g][j + 1]);
+            }
+          }
+        } else {
+          __m256 v[kTile];
+          for (int j = 0; j < kTile; j += 2) Load16x2(vbase + t * stride + 8 * j, v[j], v[j + 1]);
+          for (int g = 0; g < GB; ++g) {
+            const __m256 pg = _mm256_broadcast_ss(pt + g * pstride);
+            for (int j = 0; j < kTile; ++j) a[g][j] = _mm256_fmadd_ps(pg, v[j], a[g][j]);
+          }
         }
       }
     }
