@@ -29,6 +29,11 @@ or a grid: --lengths 2048,4096,6144 --dtypes fp32,bf16. SmolLM2's max_position_e
 8192 and RoPE past it gives NaN, so a prompt is shortened to leave room for the new tokens
 (8192 -> 8152 with 32 new tokens; the row records both lengths).
 
+Variants: --variant NAME:VAR=VALUE[:VAR=VALUE...] (repeatable) adds a mempipe run per row under
+NAME with those environment variables set, reported beside CUSTOM with its own ratios to
+CPU_ATTN; e.g. --variant 4k:MEMPIPE_CPU_HUGE_PAGES=0 times mempipe with vLLM's KV cache left in
+4 KiB pages. The machine line records THP's system mode (/sys/kernel/mm/transparent_hugepage).
+
 mempipe's configuration: MEMPIPE_CONFIG=budget=<--budget>,page_size=<--page-size>,
 dense_layers=<--dense-layers>,kv_layout=<--kv-layout> (the plugin reads it; mempipe must be
 installed in this Python).
@@ -117,6 +122,15 @@ def machine() -> str:
     return _mempipe.cpu_description()
 
 
+def thp_mode() -> str:
+    """THP's system mode (always / madvise / never), or 'unknown'."""
+    try:
+        text = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+        return text[text.index("[") + 1:text.index("]")]
+    except (OSError, ValueError):
+        return "unknown"
+
+
 def modeled_step_bytes(args, length: int, dtype: str, mempipe: bool) -> float:
     layers, kv_heads, dim = 30, 3, 64  # SmolLM2-135M
     row = 2 * kv_heads * dim * DTYPE_BYTES[dtype]  # K and V of one token, all KV heads
@@ -152,6 +166,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warm-prefills", type=int, default=0,
                     help="after the decode steps, time this many more prefills of fresh "
                          "prompts in the same engine (reported as their median, 'warm')")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:VAR=VALUE[:...]",
+                    help="an extra mempipe run per row with these environment variables")
     ap.add_argument("--json", default="", help="also write the results here")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--backend", default="", help=argparse.SUPPRESS)
@@ -173,6 +189,14 @@ def main(argv=None) -> int:
     backends = [b for b in args.backends.split(",") if b]
     if any(d not in DTYPE_BYTES for d, _ in grid) or any(b not in ("CPU_ATTN", "CUSTOM") for b in backends):
         ap.error(f"dtypes must be fp32/bf16 and --backends CPU_ATTN/CUSTOM, got {grid} {backends}")
+    variants = {}  # run name -> extra environment of a mempipe run
+    for v in args.variant:
+        name, *pairs = v.split(":")
+        if not name or name in ("CPU_ATTN", "CUSTOM") or name in variants or not pairs or \
+                any("=" not in pr or pr.startswith("=") for pr in pairs):
+            ap.error(f"--variant must be NAME:VAR=VALUE[:VAR=VALUE...] with a new NAME, got {v!r}")
+        variants[name] = dict(pr.split("=", 1) for pr in pairs)
+    backends += list(variants)
     if args.batch < 1 or args.new_tokens < 1 or any(n < 1 for _, n in grid):
         ap.error("--batch, --new-tokens and the lengths must be positive")
     if args.warm_prefills < 0:
@@ -180,7 +204,7 @@ def main(argv=None) -> int:
     model_dir = ensure_model(pathlib.Path(args.model_dir))
     max_pos = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
     uptime0 = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    print(f"[machine] {machine()}; {uptime0}", flush=True)
+    print(f"[machine] {machine()}; THP {thp_mode()}; {uptime0}", flush=True)
     env = dict(os.environ, VLLM_TARGET_DEVICE="cpu", VLLM_LOGGING_LEVEL="WARNING",
                MEMPIPE_CONFIG=f"budget={args.budget},page_size={args.page_size},"
                               f"dense_layers={args.dense_layers},kv_layout={args.kv_layout}")
@@ -190,7 +214,6 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     for row_index, (dtype, asked) in enumerate(grid):
         res = {}
-        run_env = dict(env)
         length = asked
         if max_pos and length + args.new_tokens + 8 > max_pos:
             length = max_pos - args.new_tokens - 8
@@ -199,11 +222,13 @@ def main(argv=None) -> int:
         order = backends if row_index % 2 == 0 else backends[::-1]
         for backend in order:
             done += 1
+            run_env = dict(env, **variants.get(backend, {}))
             up = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
             print(f"[run {done}/{total}, {time.perf_counter() - t_start:.0f} s] {backend} "
                   f"{dtype} batch {args.batch} x {length} tokens ({up.split('load')[-1]})",
                   flush=True)
-            cmd = [sys.executable, __file__, "--child", "--backend", backend, "--dtype", dtype,
+            engine_backend = "CUSTOM" if backend in variants else backend
+            cmd = [sys.executable, __file__, "--child", "--backend", engine_backend, "--dtype", dtype,
                    "--length", str(length), "--batch", str(args.batch), "--new-tokens",
                    str(args.new_tokens), "--page-size", str(args.page_size), "--budget",
                    str(args.budget), "--model-dir",
@@ -220,7 +245,10 @@ def main(argv=None) -> int:
                 print(f"  failed (rc {p.returncode}); its stderr is above", flush=True)
                 continue
             r = json.loads(line[-1][7:])
-            r["step_bytes_modeled"] = modeled_step_bytes(args, length, dtype, backend == "CUSTOM")
+            r["step_bytes_modeled"] = modeled_step_bytes(args, length, dtype,
+                                                         engine_backend == "CUSTOM")
+            if backend in variants:
+                r["env"] = variants[backend]
             r["uptime"] = up
             res[backend] = r
             print(f"  prefill {r['prefill_s']:.1f} s, decode {r['decode_tokens_per_s']:.2f} tok/s, "
@@ -241,6 +269,16 @@ def main(argv=None) -> int:
             print(f"  => mempipe/CPU_ATTN: prefill time {row['prefill_ratio']:.2f}x{warm}, decode "
                   f"tok/s {row['decode_speedup']:.2f}x, bytes/step {row['bytes_ratio']:.2f}x",
                   flush=True)
+        for name in variants:
+            if "CPU_ATTN" in res and name in res:
+                a, m = res["CPU_ATTN"], res[name]
+                row.setdefault("variants", {})[name] = {
+                    "prefill_ratio": m["prefill_s"] / a["prefill_s"],
+                    "decode_speedup": m["decode_tokens_per_s"] / a["decode_tokens_per_s"],
+                    "same_tokens": m["tokens"] == a["tokens"]}
+                v = row["variants"][name]
+                print(f"  => {name}/CPU_ATTN: prefill time {v['prefill_ratio']:.2f}x, decode tok/s "
+                      f"{v['decode_speedup']:.2f}x", flush=True)
         rows.append(row)
     uptime1 = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"[machine] {uptime1}", flush=True)
@@ -256,10 +294,13 @@ def main(argv=None) -> int:
               f"{a['decode_tokens_per_s']:>8.2f}/{m['decode_tokens_per_s']:<8.2f} "
               f"{row['prefill_ratio']:>10.2f}x {row.get('warm_prefill_ratio', float('nan')):>7.2f}x "
               f"{row['decode_speedup']:>9.2f}x {row['bytes_ratio']:>8.2f}x")
+        for name, v in row.get("variants", {}).items():
+            print(f"{'':>5} {'':>7} {name + ':':>14} {r[name]['decode_tokens_per_s']:>17.2f} "
+                  f"{v['prefill_ratio']:>10.2f}x {'':>8} {v['decode_speedup']:>9.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": {k: v for k, v in vars(args).items() if k not in ("child", "backend", "length", "dtype")},
-                       "machine": machine(), "uptime_before": uptime0, "uptime_after": uptime1,
+                       "machine": machine(), "thp": thp_mode(), "uptime_before": uptime0, "uptime_after": uptime1,
                        "wall_s": time.perf_counter() - t_start, "rows": rows}, f, indent=2)
         print(f"wrote {args.json}")
     return 0
