@@ -68,7 +68,6 @@
 #include "backend/selection_offload.h"
 #include "bindings/dlpack_tensor.h"
 #include "core/host_parallel_runtime.h"
-#include "core/huge_pages.h"
 #include "core/paged_kv.h"
 #include "core/status_macros.h"
 #include "fpga/fpga_selector.h"
@@ -1312,38 +1311,6 @@ PYBIND11_MODULE(_mempipe, m) {
         arg("kv_cache"), arg("block_table"), arg("seq_lens"), arg("out"), arg("scale"),
         py::kw_only(), arg("num_threads") = 1, stream,
         "Causal attention of the last query tokens of each sequence over the cache (CPU).");
-  m.def(
-      "advise_huge_pages",
-      [](uintptr_t address, size_t bytes) {
-        absl::StatusOr<mempipe::HugePageAdvice> advice;
-        {
-          py::gil_scoped_release release;  // reads the range; collapses take seconds per GiB
-          advice = mempipe::AdviseHugePages(reinterpret_cast<void*>(address), bytes);
-        }
-        const mempipe::HugePageAdvice a = ValueOrThrow(std::move(advice));
-        py::dict d;
-        d["advised_bytes"] = a.advised_bytes;
-        d["released_bytes"] = a.released_bytes;
-        d["collapsed_bytes"] = a.collapsed_bytes;
-        d["failed_bytes"] = a.failed_bytes;
-        d["collapse_error"] =
-            a.collapse_status.ok() ? std::string() : std::string(a.collapse_status.message());
-        return d;
-      },
-      arg("address"), arg("bytes"),
-      "Transparent huge pages for host memory [address, address + bytes) mempipe did not "
-      "allocate, every byte kept (core/huge_pages.h): whole 2 MiB chunks of zeros are given back "
-      "and fault in again as huge pages, the others are collapsed in place. Returns a dict of "
-      "advised_bytes, released_bytes, collapsed_bytes, failed_bytes and collapse_error (why a "
-      "collapse failed, '' if none did). Nothing may write the range during the call.");
-  m.def(
-      "huge_page_bytes",
-      [](uintptr_t address, size_t bytes) {
-        return ValueOrThrow(mempipe::HugePageBytes(reinterpret_cast<const void*>(address), bytes));
-      },
-      arg("address"), arg("bytes"),
-      "Bytes of [address, address + bytes) mapped with transparent huge pages (/proc/self/smaps' "
-      "AnonHugePages of the mappings inside the range; a lower bound).");
   m.def("cpu_description", &mempipe::CpuDescription,
         "The CPU, for the record of a measurement: brand string, x86 family and model, logical "
         "CPUs (core/cpu_kernel.h).");

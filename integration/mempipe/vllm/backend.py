@@ -29,14 +29,6 @@ selection would be every page) runs the sparse layers' decode with the dense ker
 attention without the digest scan and the page lists (PagedLayer.decode's max_seq_len;
 calls["covered"]); MEMPIPE_VLLM_COVERED_DENSE=0 keeps them on the sparse path (default 1).
 
-Huge pages: vLLM zero-fills each host KV cache when it allocates it, which under THP's
-`madvise` mode (Debian's default) maps it in 4 KiB pages; decode reads pages anywhere in the
-cache and pays a TLB miss (under a VM a nested page walk) every 4 KiB. At a cache storage's
-first forward the backend gives it huge pages keeping every byte (advise_cache_huge_pages,
-core/huge_pages.h: 2 MiB chunks still all zero are given back and fault in again as huge
-pages; chunks holding data are collapsed in place, MADV_COLLAPSE), logged once with the time it
-took. MEMPIPE_CPU_HUGE_PAGES=0 leaves the cache as vLLM mapped it (default 1).
-
 Per-call overhead (issue 16; integration/bench/vllm_backend_overhead.py measures it outside the
 engine): the builder splits a step's requests in numpy on the host and reuses the tensors that
 depend only on the batch size; a batch whose decode rows come first (vLLM's order) is split
@@ -194,50 +186,6 @@ def prefill_kernel_choice() -> tuple[str, int]:
 
 # A child of the "vllm" logger, so the line shows under vLLM's own logging configuration.
 logger = init_logger("vllm.mempipe")
-
-
-def huge_pages_enabled() -> bool:
-    """MEMPIPE_CPU_HUGE_PAGES, checked: 1 (default) gives vLLM's host KV cache huge pages."""
-    raw = os.environ.get("MEMPIPE_CPU_HUGE_PAGES", "1")
-    if raw not in ("0", "1"):
-        raise ValueError(f"MEMPIPE_CPU_HUGE_PAGES must be 0 or 1, got {raw!r}")
-    return raw == "1"
-
-
-HUGE_PAGE_TOTALS = {"caches": 0, "advised_bytes": 0, "released_bytes": 0, "collapsed_bytes": 0,
-                    "failed_bytes": 0, "seconds": 0.0}
-
-
-def advise_cache_huge_pages(kv_cache: torch.Tensor) -> dict | None:
-    """Gives the memory of a host KV cache tensor (the span its strides reach) huge pages,
-    keeping its bytes (`_mempipe.advise_huge_pages`); None for CUDA tensors and with
-    MEMPIPE_CPU_HUGE_PAGES=0. The impl calls it at its cache tensor's first forward, before the
-    append, so nothing writes the cache meanwhile (vLLM's forward runs the layers one by one)."""
-    if kv_cache.is_cuda or not huge_pages_enabled():
-        return None
-    if any(st < 0 for st in kv_cache.stride()):
-        raise ValueError(f"KV cache with a negative stride: {kv_cache.stride()}")
-    span = 1 + sum((n - 1) * st for n, st in zip(kv_cache.shape, kv_cache.stride()))
-    address = kv_cache.data_ptr()
-    t0 = time.perf_counter()
-    advice = _mempipe.advise_huge_pages(address, span * kv_cache.element_size())
-    seconds = time.perf_counter() - t0
-    totals = HUGE_PAGE_TOTALS
-    totals["caches"] += 1
-    totals["seconds"] += seconds
-    for key in ("advised_bytes", "released_bytes", "collapsed_bytes", "failed_bytes"):
-        totals[key] += advice[key]
-    if advice["collapse_error"]:
-        logger.warning_once("mempipe: part of the KV cache stays in 4 KiB pages (%s)",
-                            advice["collapse_error"])
-    mib = 1 << 20
-    log = logger.info if totals["caches"] == 1 else logger.debug
-    log("mempipe: KV cache given huge pages (MEMPIPE_CPU_HUGE_PAGES=0 leaves it): layer cache "
-        "%.0f MiB, %.0f MiB of zeros released, %.0f MiB collapsed, %.2f s",
-        advice["advised_bytes"] / mib, advice["released_bytes"] / mib,
-        advice["collapsed_bytes"] / mib, seconds)
-    logger.debug("mempipe: huge pages, all caches so far: %s", totals)
-    return advice
 
 
 def _vllm_reasons(cfg) -> list[str]:
@@ -651,7 +599,6 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
             raise ValueError(f"mempipe page_size {self.config.page_size} differs from the KV "
                              f"cache block size {kv.shape[2]}; pass --block-size "
                              f"{self.config.page_size}")
-        advise_cache_huge_pages(kv_cache)
         self._kv_source, self._kv_view = kv_cache, kv
         return kv
 
