@@ -31,8 +31,9 @@ or a grid: --lengths 2048,4096,6144 --dtypes fp32,bf16. SmolLM2's max_position_e
 
 Variants: --variant NAME:VAR=VALUE[:VAR=VALUE...] (repeatable) adds a mempipe run per row under
 NAME with those environment variables set, reported beside CUSTOM with its own ratios to
-CPU_ATTN; e.g. --variant 4k:MEMPIPE_CPU_HUGE_PAGES=0 times mempipe with vLLM's KV cache left in
-4 KiB pages. The machine line records THP's system mode (/sys/kernel/mm/transparent_hugepage).
+CPU_ATTN; e.g. --variant pool:MEMPIPE_CPU_ATTN_POOL=mempipe times mempipe's decode kernels on
+its own thread pool beside the default. The machine line records THP's system mode
+(/sys/kernel/mm/transparent_hugepage), which decides the page size of vLLM's KV cache.
 
 mempipe's configuration: MEMPIPE_CONFIG=budget=<--budget>,page_size=<--page-size>,
 dense_layers=<--dense-layers>,kv_layout=<--kv-layout> (the plugin reads it; mempipe must be
