@@ -145,6 +145,18 @@ def modeled_step_bytes(args, length: int, dtype: str, mempipe: bool) -> float:
     return args.batch * args.dense_layers * ctx * row + sparse
 
 
+def ratios(a: dict, m: dict) -> dict:
+    """A mempipe run `m` against the CPU_ATTN run `a` of the same row."""
+    out = {"prefill_ratio": m["prefill_s"] / a["prefill_s"],
+           "decode_speedup": m["decode_tokens_per_s"] / a["decode_tokens_per_s"],
+           "bytes_ratio": m["step_bytes_modeled"] / a["step_bytes_modeled"],
+           "same_tokens": m["tokens"] == a["tokens"]}
+    if a["warm_prefill_s"] and m["warm_prefill_s"]:
+        out["warm_prefill_ratio"] = (statistics.median(m["warm_prefill_s"]) /
+                                     statistics.median(a["warm_prefill_s"]))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", default="2048,4096,6144", help="comma-separated prompt lengths")
@@ -257,14 +269,7 @@ def main(argv=None) -> int:
         row = {"dtype": dtype, "length": length, "length_requested": asked, "batch": args.batch,
                "runs": res}
         if "CPU_ATTN" in res and "CUSTOM" in res:
-            a, m = res["CPU_ATTN"], res["CUSTOM"]
-            row["prefill_ratio"] = m["prefill_s"] / a["prefill_s"]
-            row["decode_speedup"] = m["decode_tokens_per_s"] / a["decode_tokens_per_s"]
-            row["bytes_ratio"] = m["step_bytes_modeled"] / a["step_bytes_modeled"]
-            row["same_tokens"] = m["tokens"] == a["tokens"]
-            if a["warm_prefill_s"] and m["warm_prefill_s"]:
-                row["warm_prefill_ratio"] = (statistics.median(m["warm_prefill_s"]) /
-                                             statistics.median(a["warm_prefill_s"]))
+            row.update(ratios(res["CPU_ATTN"], res["CUSTOM"]))
             warm = (f" (warm {row['warm_prefill_ratio']:.2f}x)" if "warm_prefill_ratio" in row
                     else "")
             print(f"  => mempipe/CPU_ATTN: prefill time {row['prefill_ratio']:.2f}x{warm}, decode "
@@ -272,12 +277,7 @@ def main(argv=None) -> int:
                   flush=True)
         for name in variants:
             if "CPU_ATTN" in res and name in res:
-                a, m = res["CPU_ATTN"], res[name]
-                row.setdefault("variants", {})[name] = {
-                    "prefill_ratio": m["prefill_s"] / a["prefill_s"],
-                    "decode_speedup": m["decode_tokens_per_s"] / a["decode_tokens_per_s"],
-                    "same_tokens": m["tokens"] == a["tokens"]}
-                v = row["variants"][name]
+                v = row.setdefault("variants", {})[name] = ratios(res["CPU_ATTN"], res[name])
                 print(f"  => {name}/CPU_ATTN: prefill time {v['prefill_ratio']:.2f}x, decode tok/s "
                       f"{v['decode_speedup']:.2f}x", flush=True)
         rows.append(row)
