@@ -11,7 +11,11 @@
 #                         mempipe_attention_gpu, mempipe_retriever_gpu and
 #                         their dependencies, flattened into dir) instead of `pip install .`:
 #                         only bindings/*.cc are compiled here (saves the kernels' build time)
+#                         The bindings are compiled there: Abseil's, Boost's and DLPack's
+#                         headers must be on the compiler's path (CPATH where not installed).
 #   MEMPIPE_ABSL_LIBDIR   Abseil's shared libraries (default: the system's)
+#   MEMPIPE_XRT_LIBDIR    XRT's libxrt_coreutil, where libmempipe_fpga.a was built with XRT
+#                         (default: the system's)
 #   MEMPIPE_SITE          where the package is installed (default /tmp/mempipe-site)
 #   MEMPIPE_TESTS         pytest selection (default: tests/python without the vLLM tests, which
 #                         need vLLM, and the design-space model, which needs no GPU)
@@ -58,11 +62,20 @@ build_prebuilt() {
   for l in gpu_offload gpu_offload_kernels; do
     [ -f "$pre/libmempipe_$l.a" ] && offload+=("$pre/libmempipe_$l.a")
   done
+  # An FPGA library built with XRT (MEMPIPE_WITH_XRT) calls XRT's host runtime: link its
+  # coreutil library from MEMPIPE_XRT_LIBDIR (default: the system's).
+  local xrt=()
+  # (grep reads all of nm's output: with -q, nm's SIGPIPE would fail the pipeline.)
+  if nm -u "$pre/libmempipe_fpga.a" 2>/dev/null | grep '_ZN3xrt' >/dev/null; then
+    local xrt_dir=${MEMPIPE_XRT_LIBDIR:-/usr/lib/x86_64-linux-gnu}
+    # shellcheck disable=SC2054  # -Wl,-rpath,DIR is one argument
+    xrt=(-L"$xrt_dir" -Wl,-rpath,"$xrt_dir" -lxrt_coreutil)
+  fi
   g++ -shared -o "$SITE/mempipe/_mempipe$suffix" "$obj"/*.o "${offload[@]}" \
     "$pre/libmempipe_backend.a" "$pre/libmempipe_fpga.a" "$pre/libmempipe_attention_gpu.a" \
     "$pre/libmempipe_retriever_gpu.a" "$pre/libmempipe_attention.a" \
     "$pre/libmempipe_retriever.a" "$pre/libmempipe_gpu_runtime.a" "$pre/libmempipe_core.a" \
-    -L"$absl_dir" -Wl,-rpath,"$absl_dir" "${absl[@]}" \
+    -L"$absl_dir" -Wl,-rpath,"$absl_dir" "${absl[@]}" "${xrt[@]}" \
     -L"$cuda_home/lib64" -L"$cuda_home/lib" -lcudart -latomic
 }
 
