@@ -32,3 +32,26 @@ def cuda():
             pytest.fail(f"MEMPIPE_REQUIRE_GPU=1 but {reason}")
         pytest.skip(reason)
     return torch.device("cuda", torch.cuda.current_device())
+
+
+@pytest.fixture
+def noop_xrt(tmp_path, monkeypatch):
+    """Points XRT at its noop shim for this test, as tests/fpga/noop_xrt.h does for the C++
+    tests (recipe in docs/FPGA-NOTES.md): XILINX_XRT a private directory whose `lib` links to
+    the directory of the XRT library this process loaded with the module (none loaded: the
+    module was built without XRT, and nothing is set), XCL_EMULATION_MODE=noop and an xrt.ini
+    through XRT_INI_PATH. XRT reads these at its first device open, so they must be set before
+    the test's first XRT call. Returns whether XRT is loaded."""
+    import importlib
+    importlib.import_module("mempipe")  # loads the module, and XRT where it was built with XRT
+    with open("/proc/self/maps") as f:
+        libs = {line.split()[-1] for line in f if "libxrt_coreutil.so" in line}
+    if not libs:
+        return False
+    (tmp_path / "lib").symlink_to(os.path.dirname(sorted(libs)[0]))
+    ini = tmp_path / "xrt.ini"
+    ini.write_text("[Runtime]\nnoop_completion_delay_us=0\n")
+    monkeypatch.setenv("XILINX_XRT", str(tmp_path))
+    monkeypatch.setenv("XCL_EMULATION_MODE", "noop")
+    monkeypatch.setenv("XRT_INI_PATH", str(ini))
+    return True
