@@ -68,6 +68,9 @@ def run_bench(bench, context, flags, heavy, accuracy, threads):
     return {
         "command": " ".join(os.path.basename(c) if i == 0 else c for i, c in enumerate(cmd)
                             if not c.startswith("--json=")),
+        # The bench's CPU: brand, x86 family and model (CpuDescription), threads, kernel.
+        "cpu": out["machine"]["cpu"],
+        "attention_kernel": out["machine"].get("attention_kernel"),
         "wall_s": time.time() - t0,
         "selector": p["selector"],
         "digest_bytes_layer": p["digest_bytes_per_step"],
@@ -135,13 +138,10 @@ def main():
 
 
 def write_outputs(args, contexts, rows):
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    machine = (f"{platform.node()}: {cpu}, {os.cpu_count()} hardware threads "
+    # As mempipe-bench described its CPU (rows kept by --resume from an older run lack it).
+    cpus = sorted({r["cpu"] for r in rows if r.get("cpu")})
+    cpu = "; ".join(cpus) if cpus else "unknown"
+    machine = (f"{platform.node()}: {cpu} "
                "(shared build VM; host times are not the figures reported here)")
     doc = {
         "schema": "mempipe.fewer_bytes/1",
