@@ -11,6 +11,7 @@ without a GPU; MEMPIPE_REQUIRE_GPU=1 makes that skip a failure)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -476,6 +477,8 @@ def test_xrt_backend_falls_back_or_is_refused_clearly(gen, noop_xrt):
     try:
         run = run_decoder(cfg, seed, torch.device("cpu"), steps=3)
     except NotImplementedError as e:
+        # MEMPIPE_EXPECT_XRT=1 (.ci/python.sh's module built with XRT): the refusal is a failure.
+        assert os.environ.get("MEMPIPE_EXPECT_XRT") != "1", f"module built without XRT: {e}"
         assert not noop_xrt and "MEMPIPE_XRT" in str(e)
         return
     assert noop_xrt, "the module opened an XRT device, but no XRT library is loaded"
