@@ -11,8 +11,7 @@
 #             (MEMPIPE_PREBUILT), built elsewhere with -DMEMPIPE_GPU=cuda
 #             -DCMAKE_CUDA_ARCHITECTURES=90 (results/main_h200_dec3/README.md: what else the
 #             GPU machine needs carried: Abseil's libraries, Abseil/Boost/DLPack headers, XRT's)
-#   MEMPIPE_TESTS     pytest selection (default below: tests/python without the files that need
-#                     vLLM's engine, the SmolLM2 GGUF or the design-space model)
+#   MEMPIPE_TESTS     pytest selection (run_gpu_suite.sh's default unless set)
 #   MEMPIPE_VERIFY_BENCH  "context:batch:layers ..." runs of mempipe-bench (default below)
 set -uo pipefail
 PRE=$(cd "$1" && pwd)
@@ -27,12 +26,7 @@ for t in gpu_kernels_test gpu_apply_device_test gpu_selection_offload_test; do
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 done
 echo "C++ tests: $((SECONDS - t0)) s"
-skip=""
-for f in test_vllm_conformance test_vllm_generate test_vllm_schemes test_vllm_overhead \
-         test_vllm_profile test_vllm_tp test_design_space test_quality_smollm test_model_decode_tp; do
-  skip+=" --ignore=tests/python/$f.py"
-done
-MEMPIPE_TESTS=${MEMPIPE_TESTS:-tests/python$skip} MEMPIPE_PREBUILT=$PRE MEMPIPE_STAGES="build tests hf" \
+MEMPIPE_PREBUILT=$PRE MEMPIPE_STAGES="build tests hf" \
   MEMPIPE_SITE=${MEMPIPE_SITE:-/tmp/mempipe-site} \
   bash integration/bench/run_gpu_suite.sh "$OUT" || rc=1
 echo "suite: $((SECONDS - t0)) s"
