@@ -29,6 +29,9 @@ or a grid: --lengths 2048,4096,6144 --dtypes fp32,bf16. SmolLM2's max_position_e
 8192 and RoPE past it gives NaN, so a prompt is shortened to leave room for the new tokens
 (8192 -> 8152 with 32 new tokens; the row records both lengths).
 
+Engines run eager (enforce_eager=True) unless --compile, which keeps vLLM's default compilation
+(what `vllm serve` runs); its warm-up happens when the engine starts and is not timed.
+
 Variants: --variant NAME:VAR=VALUE[:VAR=VALUE...] (repeatable) adds a mempipe run per row under
 NAME with those environment variables set, reported beside CUSTOM with its own ratios to
 CPU_ATTN; e.g. --variant pool:MEMPIPE_CPU_ATTN_POOL=mempipe times mempipe's decode kernels on
@@ -76,7 +79,7 @@ def child(args) -> None:
     # mempipe refuses a budget above max_model_len: short prompts get room for the budget (both
     # backends, so the engines stay alike; the KV cache size is fixed by --kv-cache-gib).
     max_model_len = max(args.length + args.new_tokens + 8, args.budget)
-    llm = LLM(model=args.model_dir, dtype=VLLM_DTYPE[args.dtype], enforce_eager=True,
+    llm = LLM(model=args.model_dir, dtype=VLLM_DTYPE[args.dtype], enforce_eager=not args.compile,
               block_size=args.page_size, max_model_len=max_model_len,
               max_num_seqs=args.batch, enable_prefix_caching=True,
               max_num_batched_tokens=max(8192, args.length), seed=0,
@@ -181,6 +184,10 @@ def main(argv=None) -> int:
                          "prompts in the same engine (reported as their median, 'warm')")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:VAR=VALUE[:...]",
                     help="an extra mempipe run per row with these environment variables")
+    ap.add_argument("--compile", action="store_true",
+                    help="run the engines in vLLM's default compilation mode, as `vllm serve` "
+                         "does (torch.compile of the model; its warm-up is part of the engine's "
+                         "start, not of the timings), instead of eager (enforce_eager=True)")
     ap.add_argument("--json", default="", help="also write the results here")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--backend", default="", help=argparse.SUPPRESS)
@@ -218,6 +225,8 @@ def main(argv=None) -> int:
     max_pos = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
     uptime0 = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"[machine] {machine()}; THP {thp_mode()}; {uptime0}", flush=True)
+    print(f"[engine] {'compiled (vLLM default)' if args.compile else 'eager (enforce_eager=True)'}",
+          flush=True)
     env = dict(os.environ, VLLM_TARGET_DEVICE="cpu", VLLM_LOGGING_LEVEL="WARNING",
                MEMPIPE_CONFIG=f"budget={args.budget},page_size={args.page_size},"
                               f"dense_layers={args.dense_layers},kv_layout={args.kv_layout}")
@@ -246,7 +255,7 @@ def main(argv=None) -> int:
                    str(args.new_tokens), "--page-size", str(args.page_size), "--budget",
                    str(args.budget), "--model-dir",
                    str(model_dir), "--kv-cache-gib", str(args.kv_cache_gib), "--seed", str(args.seed),
-                   "--warm-prefills", str(args.warm_prefills)]
+                   "--warm-prefills", str(args.warm_prefills)] + (["--compile"] if args.compile else [])
             try:  # stderr (progress, warnings, errors) goes straight to ours
                 p = subprocess.run(cmd, env=run_env, stdout=subprocess.PIPE, text=True,
                                    timeout=args.timeout)
