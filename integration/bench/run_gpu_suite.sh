@@ -100,8 +100,8 @@ if has tests; then
   echo "== tests (MEMPIPE_REQUIRE_GPU=1: a skipped GPU test fails)"
   skip=""
   for f in test_vllm_conformance test_vllm_generate test_vllm_schemes test_vllm_overhead \
-           test_vllm_profile test_vllm_tp test_design_space test_quality_smollm \
-           test_model_decode_tp; do
+           test_vllm_profile test_vllm_tp test_vllm_server test_design_space \
+           test_quality_smollm test_model_decode_tp; do
     skip+=" --ignore=tests/python/$f.py"
   done
   # shellcheck disable=SC2086

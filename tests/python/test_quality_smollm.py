@@ -30,6 +30,8 @@ torch = pytest.importorskip("torch")
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "integration" / "quality"))
 
+from vllm_support import require, require_smollm  # noqa: E402
+
 LENGTH = 2048
 MAX_NEW = 7                    # " " + 5 digits + 1
 QUARTER = LENGTH // 4          # the budget of the small-budget check
@@ -38,23 +40,11 @@ DEFAULT_SEED = 12
 QUARTER_CONFIG = dict(budget=QUARTER, page_size=PAGE, dense_layers=2, aggregation="max")
 
 
-def _require(module):
-    if os.environ.get("MEMPIPE_REQUIRE_VLLM") == "1":
-        return __import__(module)
-    return pytest.importorskip(module)
-
-
 @pytest.fixture(scope="module")
 def smol():
-    _require("transformers")
-    _require("gguf")
-    import smollm
-    try:
-        smollm.gguf_path()
-    except RuntimeError as e:
-        if os.environ.get("MEMPIPE_REQUIRE_VLLM") == "1":
-            raise
-        pytest.skip(str(e))
+    require("transformers")
+    require("gguf")
+    smollm = require_smollm()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     model, tok = smollm.load_model()
     return smollm, smollm.Decoder(model), tok

@@ -31,7 +31,7 @@ import urllib.request
 
 import pytest
 
-from vllm_support import require_vllm
+from vllm_support import require_smollm, require_vllm
 
 require_vllm()
 
@@ -72,14 +72,8 @@ def _stream_text(url, body) -> str:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    import smollm
-    try:
-        smollm.gguf_path()
-    except RuntimeError as e:
-        if os.environ.get("MEMPIPE_REQUIRE_VLLM") == "1":
-            raise
-        pytest.skip(str(e))
-    return smollm.export_hf(tmp_path_factory.mktemp("smollm2") / "hf", "[test_vllm_server]")
+    return require_smollm().export_hf(tmp_path_factory.mktemp("smollm2") / "hf",
+                                      "[test_vllm_server]")
 
 
 @pytest.fixture(scope="module")
