@@ -201,7 +201,8 @@ struct ValuePage {
 
 // The page AddPage computes after the current one. Its rows are prefetched one row per token of
 // the current page's scores (PrefetchRow), so the misses of the next page overlap the
-// arithmetic of this one. A burst of prefetches at the start of a page (PrefetchPage), the
+// arithmetic of this one; in the AVX-512 kernel its K rows only, P.V prefetching the V rows
+// (kValueAheadTokens). A burst of prefetches at the start of a page (PrefetchPage), the
 // next page read only when it is reached, or a distance of 2 pages, all measured slower on the
 // build VM (one thread, CPU time, `mempipe-cpu-kernel-bench`): sparse Llama-3-8B bf16 2.16 ms
 // per layer without it, 1.61 ms with it, 1.66 ms two pages ahead; dense 12.1 ms with the
@@ -220,6 +221,7 @@ struct NextPage {
   int lines = 0;            // 64-byte lines per row
   int heads = 1;            // KV heads of the range
   int tok = 0, head = 0;    // the cursor's row
+  bool values = true;       // V rows too (false: P.V prefetches them, kValueAheadTokens)
 };
 
 // The cursor over `next_block`'s rows (next_n tokens) for the i-th of `heads` KV heads of a range
@@ -257,24 +259,65 @@ NextPage NextPageRows(const KvCacheView& cache, int next_block, int next_n, int 
                            : NextPageCursor<T>(cache, next_block, next_n, h - i, heads, i, n);
 }
 
-// Prefetches the cursor's row (K and V) and moves it on.
+// Prefetches the cursor's row (K, and V unless P.V does) and moves it on.
 inline void PrefetchRow(NextPage& next) {
   if (next.k == nullptr || next.tok >= next.n) return;
   const size_t off = next.tok * next.stride + next.head * next.head_bytes;
   for (int j = 0; j < next.lines; ++j) {
     _mm_prefetch(next.k + off + 64 * j, _MM_HINT_T1);
-    _mm_prefetch(next.v + off + 64 * j, _MM_HINT_T1);
+    if (next.values) _mm_prefetch(next.v + off + 64 * j, _MM_HINT_T1);
   }
   if (++next.head == next.heads) next.head = 0, ++next.tok;
 }
+
+// A batch's V rows in P.V's order (page by page, token by token): the first of them, which
+// BatchedHeads::ScoreAndFlushIfFull prefetches for P.V (kValueAheadTokens).
+template <typename T>
+struct ValueRowCursor {
+  const ValuePage<T>* pages;
+  int count;
+  size_t stride;  // elements between a page's rows
+  int e = 0, t = 0;
+
+  // The next row; nullptr past the batch's last.
+  const T* Next() {
+    while (e < count && t >= pages[e].n) ++e, t = 0;
+    return e < count ? pages[e].v + static_cast<size_t>(t++) * stride : nullptr;
+  }
+};
+
+// Prefetches a row of `lines` 64-byte lines into L2 (as PrefetchRow); none for nullptr. Always
+// inlined: out of line, GCC finds it free of side effects (a prefetch is not one) and deletes
+// the calls.
+[[gnu::always_inline]] inline void PrefetchValueRow(const void* row, int lines) {
+  if (row == nullptr) return;
+  for (int j = 0; j < lines; ++j) {
+    _mm_prefetch(static_cast<const char*>(row) + 64 * j, _MM_HINT_T1);
+  }
+}
+
+// How many V rows ahead of its own P.V prefetches, in the AVX-512 kernel. Its scores prefetch
+// only the next page's K rows, and P.V the V rows this many tokens ahead within the batch; the
+// batch's first rows are prefetched before the scores of the page that fills the batch. Before,
+// the scores prefetched the next page's K and V rows and P.V none, so nothing new was in flight
+// while P.V ran. Zen 4 build VM, 2 threads, kernel bench, the two builds alternated
+// (results/vpf_zen4/): dense SmolLM2 4 x 6K bf16 0.72-0.85 ms per layer against 0.95-0.99
+// (65-70% of the read against 42-59%), fp32 1.31-1.47 against 1.44-1.66, Llama-3-8B 1 x 32K
+// bf16 6.0-7.0 against 6.5-7.3; sparse unchanged. 32 and 64 rows did about as well, 96 and 128
+// worse. On the H200 host (Intel) neither faster nor slower beyond its noise.
+constexpr int kValueAheadTokens = 48;
+// The most tokens a batch holds (BatchTokens: block sizes are at most 64, ValidateBlockSize).
+constexpr int kMaxBatchTokens = 128;
 
 // The state both vector kernels keep for each of `heads` KV heads (slot i) of a range: the G
 // query heads' rows, their unnormalised accumulators (in the kernel's channel order:
 // Derived::Position), running maxima and sums, and the batch of pages scored but not yet folded
 // in. Derived (Avx512Heads, Avx2Heads) supplies Position(c), HeadScores<H>(k, stride, n, q0, p,
-// next) (the scores of H <= 4 heads whose query rows start at q_[q0]) and kSoftmaxValues<NB>
-// (the function of a batch's running-max update and P.V, NB = head_dim / 16); the batch runs when
-// full or when the state is read (Store, StorePartial).
+// next) (the scores of H <= 4 heads whose query rows start at q_[q0]), kSoftmaxValues<NB>
+// (the function of a batch's running-max update and P.V, NB = head_dim / 16) and kValuesAhead
+// (P.V prefetches the batch's V rows, the first kValueAheadTokens of them prefetched here before
+// the scores of the page that fills the batch); the batch runs when full or when the state is
+// read (Store, StorePartial).
 template <typename Derived, typename T>
 class BatchedHeads {
  public:
@@ -356,6 +399,13 @@ class BatchedHeads {
   // prefetch the next page's rows. Then slot i's batch runs if another page would not fit.
   void ScoreAndFlushIfFull(const T* k, size_t stride, int n, int i, float* p, NextPage& next) {
     const size_t gd = static_cast<size_t>(groups_) * head_dim_;
+    const bool full = batches_[i].tokens + block_size_ > batch_tokens_;
+    if (Derived::kValuesAhead && full) {  // P.V's first rows (the rest it prefetches itself)
+      const Batch& b = batches_[i];
+      ValueRowCursor<T> rows{b.pages.data(), b.count, vstride_};
+      const int lines = head_dim_ * static_cast<int>(sizeof(T)) / 64;
+      for (int r = 0; r < kValueAheadTokens; ++r) PrefetchValueRow(rows.Next(), lines);
+    }
     for (int g = 0; g < groups_; g += 4) {
       NextPage none;
       NextPage& pf = g == 0 ? next : none;
@@ -376,7 +426,7 @@ class BatchedHeads {
           break;
       }
     }
-    if (batches_[i].tokens + block_size_ > batch_tokens_) Flush(i);
+    if (full) Flush(i);
   }
 
   // Folds slot i's batch into its running state (Derived::SoftmaxValues).
@@ -498,12 +548,25 @@ inline __mmask16 TailMask(int remaining) {
 // acc[g] = corr[g] * acc[g] + sum_t p[g][t] v_t over the tokens of a batch of pages, for GB
 // heads: a tile of kTile x 16 channels of the GB heads' accumulators stays in registers over
 // the whole batch (loaded and stored once per batch, not per page).
+// prefetch: in the first tile, prefetch the V row kValueAheadTokens ahead of each token's (the
+// batch's first kValueAheadTokens are the caller's).
 template <typename T, int ND, int GB>
 MEMPIPE_TARGET_AVX512 void Avx512ValueTile(const ValuePage<T>* pages, int count, size_t stride,
                                            const float* p, int pstride, const float* corr,
-                                           float* acc) {
+                                           float* acc, bool prefetch) {
   constexpr int kD = ND * 16;
   constexpr int kTile = std::min(ND, GB <= 2 ? 8 : 4);  // 16 (GB 4) or fewer accumulators
+  constexpr int kLines = kD * static_cast<int>(sizeof(T)) / 64;
+  // The batch's rows in P.V's order, indexed by the token's place in the batch.
+  const T* rows[kMaxBatchTokens];
+  int nrows = 0;
+  if (prefetch) {
+    for (int e = 0; e < count; ++e) {
+      for (int t = 0; t < pages[e].n && nrows < kMaxBatchTokens; ++t) {
+        rows[nrows++] = pages[e].v + t * stride;
+      }
+    }
+  }
   for (int c = 0; c < ND; c += kTile) {
     __m512 a[GB][kTile];
     for (int g = 0; g < GB; ++g) {
@@ -516,6 +579,10 @@ MEMPIPE_TARGET_AVX512 void Avx512ValueTile(const ValuePage<T>* pages, int count,
     for (int e = 0; e < count; ++e) {
       const T* vbase = pages[e].v + 16 * c;
       for (int t = 0; t < pages[e].n; ++t, ++pt) {
+        if (prefetch && c == 0) {
+          const int ahead = static_cast<int>(pt - p) + kValueAheadTokens;
+          if (ahead < nrows) PrefetchValueRow(rows[ahead], kLines);
+        }
         __m512 v[kTile];
         for (int j = 0; j < kTile; j += 2) Load32(vbase + t * stride + 16 * j, v[j], v[j + 1]);
         for (int g = 0; g < GB; ++g) {
@@ -726,16 +793,16 @@ MEMPIPE_TARGET_AVX512 void Avx512SoftmaxValues(const ValuePage<T>* pages, int co
     float* ag = acc + g0 * kD;
     switch (std::min(4, groups - g0)) {
       case 1:
-        Avx512ValueTile<T, ND, 1>(pages, count, stride, pg, pstride, corr + g0, ag);
+        Avx512ValueTile<T, ND, 1>(pages, count, stride, pg, pstride, corr + g0, ag, g0 == 0);
         break;
       case 2:
-        Avx512ValueTile<T, ND, 2>(pages, count, stride, pg, pstride, corr + g0, ag);
+        Avx512ValueTile<T, ND, 2>(pages, count, stride, pg, pstride, corr + g0, ag, g0 == 0);
         break;
       case 3:
-        Avx512ValueTile<T, ND, 3>(pages, count, stride, pg, pstride, corr + g0, ag);
+        Avx512ValueTile<T, ND, 3>(pages, count, stride, pg, pstride, corr + g0, ag, g0 == 0);
         break;
       default:
-        Avx512ValueTile<T, ND, 4>(pages, count, stride, pg, pstride, corr + g0, ag);
+        Avx512ValueTile<T, ND, 4>(pages, count, stride, pg, pstride, corr + g0, ag, g0 == 0);
         break;
     }
   }
@@ -765,6 +832,7 @@ MEMPIPE_TARGET_AVX512 void StageKeys(const T* k, size_t stride, int n, int d, T*
 
 // Tokens of scores the AVX-512 kernel gathers (whole pages) before one softmax and P.V over them.
 constexpr int kBatchTokens = 128;
+static_assert(kBatchTokens <= kMaxBatchTokens);
 
 // The AVX-512 kernel's state for the G query heads of `heads` KV heads (BatchedHeads).
 template <typename T>
@@ -774,8 +842,8 @@ class Avx512Heads : public BatchedHeads<Avx512Heads<T>, T> {
 
  public:
   // stage_rows: each token-major page's K rows are copied to contiguous scratch before its
-  // scores (StageKeys; for sparse decode, whose pages are scattered); P.V reads V in place (the
-  // page's prefetch brought it into L2).
+  // scores (StageKeys; for sparse decode, whose pages are scattered); P.V reads V in place
+  // (prefetched into L2 kValueAheadTokens rows ahead of it).
   Avx512Heads(int heads, int groups, int head_dim, int block_size, float scale,
               bool stage_rows = false)
       // Score rows of a batch's capacity, and 16 floats more, so that the masked-off lanes of
@@ -815,6 +883,7 @@ class Avx512Heads : public BatchedHeads<Avx512Heads<T>, T> {
                int next_n = 0, int next_head = -1) {
     NextPage next =
         NextPageRows<T>(cache, next_block, next_n, kv_head, this->heads_, i, n, next_head);
+    next.values = false;  // P.V prefetches them (kValuesAhead)
     const T* k = static_cast<const T*>(cache.data) + cache.Offset(0, block, 0, kv_head);
     const T* v = static_cast<const T*>(cache.data) + cache.Offset(1, block, 0, kv_head);
     size_t stride = cache.TokenStride();
@@ -874,14 +943,19 @@ class Avx512Heads : public BatchedHeads<Avx512Heads<T>, T> {
     return std::max(block_size, kBatchTokens / block_size * block_size);
   }
 
+  // The scores prefetch the next page's K rows only; P.V its batch's V rows (kValueAheadTokens).
+  static constexpr bool kValuesAhead = true;
+
   bool stage_rows_;
   bool dot_bf16_ = false;      // scores with AVX512_BF16 (Begin decides)
   std::vector<T> kstage_;      // [block_size, head_dim] when stage_rows_
   std::vector<BFloat16> q16_;  // [heads, G, D] the bf16 queries as given (dot_bf16_)
 };
-// The AVX-512 kernel's reads without its arithmetic: the same rows, in the same order, with the
-// same prefetch (ReadDecodeRows). AddPage loads each K and V row of the page once, 64 bytes at a
-// time, and folds them into a checksum so the loads cannot be dropped.
+// The AVX-512 kernel's reads without its arithmetic: the same rows, in the same order
+// (ReadDecodeRows), with each next page's K and V rows prefetched over the current page (the
+// kernel prefetches V in P.V instead, kValueAheadTokens; here there is no P.V to do it).
+// AddPage loads each K and V row of the page once, 64 bytes at a time, and folds them into a
+// checksum so the loads cannot be dropped.
 template <typename T>
 class Avx512RowRead {
  public:
@@ -1253,6 +1327,10 @@ class Avx2Heads : public BatchedHeads<Avx2Heads<T>, T> {
   static int BatchTokens(int block_size) {
     return std::max(block_size, kBatchTokens2 / block_size * block_size);
   }
+
+  // The scores prefetch the next page's K and V rows (NextPage), P.V none: not measured on a
+  // CPU without AVX-512 with the AVX-512 kernel's split (kValueAheadTokens).
+  static constexpr bool kValuesAhead = false;
 };
 
 // Avx512RowRead at AVX2's width: the AVX2 kernel's reads (same rows, order and prefetch)
