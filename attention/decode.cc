@@ -883,7 +883,7 @@ class Avx512Heads : public BatchedHeads<Avx512Heads<T>, T> {
                int next_n = 0, int next_head = -1) {
     NextPage next =
         NextPageRows<T>(cache, next_block, next_n, kv_head, this->heads_, i, n, next_head);
-    next.values = false;  // P.V prefetches them (kValuesAhead)
+    next.values = !kValuesAhead;  // V rows: prefetched by P.V instead (kValueAheadTokens)
     const T* k = static_cast<const T*>(cache.data) + cache.Offset(0, block, 0, kv_head);
     const T* v = static_cast<const T*>(cache.data) + cache.Offset(1, block, 0, kv_head);
     size_t stride = cache.TokenStride();
