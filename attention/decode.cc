@@ -20,28 +20,6 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// How many pages ahead of the one being computed PrefetchPage runs (2 beat 0, 1 and 4 by
-// 10-15% on the build VM, Llama-3-8B shape, bf16, page 16).
-constexpr int kPrefetchPages = 2;
-
-// Hints the lines of tokens [0, n) of `block`, KV heads [h0, h1), K and V, into L2 while the
-// current page is being computed (pages are scattered, so the hardware prefetcher cannot know).
-// The portable kernel's prefetch; the AVX-512 kernel spreads its own over the tokens (NextPage).
-void PrefetchPage(const KvCacheView& cache, int block, int h0, int h1, int n) {
-  const size_t es = DTypeSize(cache.dtype);
-  const size_t bytes = static_cast<size_t>(cache.head_dim) * es;
-  for (int kv = 0; kv < 2; ++kv) {
-    for (int h = h0; h < h1; ++h) {
-      const char* base = static_cast<const char*>(cache.data) + cache.Offset(kv, block, 0, h) * es;
-      for (int t = 0; t < n; ++t) {
-        for (size_t off = 0; off < bytes; off += 64) {
-          __builtin_prefetch(base + t * cache.TokenStride() * es + off, 0, 2);
-        }
-      }
-    }
-  }
-}
-
 // Running softmax state of the G query heads of one KV head, updated a page at a time: the
 // page's keys are converted once, scored for all G heads, and the running max is rescaled once
 // per page rather than per token.
@@ -162,7 +140,9 @@ class PortableHeads {
   PortableHeads(int heads, int groups, int head_dim, int block_size, float scale,
                 bool /*stage_rows*/ = false)
       : scale_(scale), acc_(heads, GroupAccumulator(groups, head_dim, block_size)) {}
-  // AddPage ignores the next page; the caller prefetches (PrefetchPage).
+  // AddPage ignores the next page: this kernel prefetches nothing. It is bound by its arithmetic
+  // (9-20% of the read on the Zen 5 build VM), and a burst of prefetches two pages ahead made it
+  // 0-10% slower there (2026-12-04, integration/bench/results/portable_prefetch/).
   static constexpr bool kPrefetchesNext = false;
   static constexpr bool kWritesOutput = true;
 
@@ -202,7 +182,7 @@ struct ValuePage {
 // The page AddPage computes after the current one. Its rows are prefetched one row per token of
 // the current page's scores (PrefetchRow), so the misses of the next page overlap the
 // arithmetic of this one; in the AVX-512 kernel its K rows only, P.V prefetching the V rows
-// (kValueAheadTokens). A burst of prefetches at the start of a page (PrefetchPage), the
+// (kValueAheadTokens). A burst of prefetches at the start of a page, the
 // next page read only when it is reached, or a distance of 2 pages, all measured slower on the
 // build VM (one thread, CPU time, `mempipe-cpu-kernel-bench`): sparse Llama-3-8B bf16 2.16 ms
 // per layer without it, 1.61 ms with it, 1.66 ms two pages ahead; dense 12.1 ms with the
@@ -211,7 +191,9 @@ struct ValuePage {
 // they lie in memory (token-major over the range), not head by head: a single thread's bare read
 // of the dense rows went from 23 to 38 GB/s with it (40 GB/s sequential). Into L2 (T1) rather
 // than L1 (T0): sparse apply 0.77 vs 0.88 ms per layer with 2 threads, and 31 vs 35 ms per
-// step in `mempipe-bench` (30 sparse layers, 2 threads, 2026-11-30).
+// step in `mempipe-bench` (30 sparse layers, 2 threads, 2026-11-30). On the Zen 5 build VM
+// (2 threads, SmolLM2 4 x 6K bf16 sparse, 2026-12-04): 0.065-0.067 ms per layer, wall clock;
+// 2 or 3 pages ahead, or into L1 (T0), no different; no prefetch 0.089-0.094 ms.
 struct NextPage {
   const char* k = nullptr;  // token 0, first KV head of the range, of the next page's K rows
   const char* v = nullptr;  // (nullptr: none)
@@ -1508,10 +1490,6 @@ void DenseImpl(const DecodeIo& io, const KvCacheView& cache, const BlockTableVie
                         tokens(p + 1));
         continue;
       }
-      if (!Heads<T>::kPrefetchesNext && p + kPrefetchPages < p1) {
-        const int next = p + kPrefetchPages;
-        PrefetchPage(cache, table.Block(s, next), h0, h1, tokens(next));
-      }
       for (int h = h0; h < h1; ++h) heads.AddPage(cache, table.Block(s, p), h, h - h0, n);
     }
     for (int h = h0; h < h1; ++h) chunks.Finish(heads, h - h0, u, s, h);
@@ -1577,10 +1555,6 @@ void SparseImpl(const DecodeIo& io, const KvCacheView& cache, const BlockTableVi
                 heads.AddPage(cache, block, cur.h, 0, n);
               }
             } else {
-              if (e + kPrefetchPages < cur.end) {
-                PrefetchPage(cache, cur.Block(table, e + kPrefetchPages), cur.h, cur.h + 1,
-                             cur.Tokens(table, bs, e + kPrefetchPages));
-              }
               heads.AddPage(cache, block, cur.h, 0, n);
             }
           }
