@@ -17,7 +17,9 @@ clang-format --dry-run --Werror "${all[@]}"
   cmake -S . -B "$dir" -G Ninja -DMEMPIPE_GPU=off -DMEMPIPE_XRT=on -DMEMPIPE_WERROR=ON >/dev/null
 # The libraries, bindings and bench (tests excluded: gtest macros, and dtype_test's _Float16
 # that clang rejects on x86-64 without extra flags). The module's GCC-only LTO flag is ignored.
-mapfile -t sources < <(git ls-files '*.cc' | grep -v '^tests/')
+# Programs kept beside a result under integration/bench/results/ are not built (each says how to
+# compile it) and have no compile commands.
+mapfile -t sources < <(git ls-files '*.cc' | grep -v -e '^tests/' -e '^integration/bench/results/')
 echo "[lint] clang-tidy: ${#sources[@]} C++ sources of the CPU build"
 run-clang-tidy -quiet -p "$dir" -j "$(nproc)" -extra-arg=-Wno-ignored-optimization-argument \
   "${sources[@]/#/$PWD/}" >"$dir/clang-tidy.log" 2>&1 ||
