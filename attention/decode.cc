@@ -192,8 +192,9 @@ struct ValuePage {
 // of the dense rows went from 23 to 38 GB/s with it (40 GB/s sequential). Into L2 (T1) rather
 // than L1 (T0): sparse apply 0.77 vs 0.88 ms per layer with 2 threads, and 31 vs 35 ms per
 // step in `mempipe-bench` (30 sparse layers, 2 threads, 2026-11-30). On the Zen 5 build VM
-// (2 threads, SmolLM2 4 x 6K bf16 sparse, 2026-12-04): 0.065-0.067 ms per layer, wall clock;
-// 2 or 3 pages ahead, or into L1 (T0), no different; no prefetch 0.089-0.094 ms.
+// (2 threads, SmolLM2 4 x 6K bf16 sparse, wall clock, 2026-12-04, results/zen5_scatter/):
+// 0.064-0.068 ms per layer; 2 or 3 pages ahead 0.065-0.068, into L1 (T0) 0.067-0.072, no
+// prefetch 0.090-0.093.
 struct NextPage {
   const char* k = nullptr;  // token 0, first KV head of the range, of the next page's K rows
   const char* v = nullptr;  // (nullptr: none)
