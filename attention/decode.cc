@@ -58,10 +58,9 @@ struct GroupAccumulator {
     const size_t stride = cache.TokenStride();
     const int d = head_dim;
     for (int t = 0; t < n; ++t) {
-      const T* k = kbase + t * stride;
       const T* v = vbase + t * stride;
       float* vr = &vpage[t * d];
-      for (int c = 0; c < d; ++c) kpage[c * n + t] = ToFloat(k[c]);
+      for (int c = 0; c < d; ++c) kpage[c * n + t] = ToFloat(kbase[cache.KeyInPage(t, c)]);
       for (int c = 0; c < d; ++c) vr[c] = ToFloat(v[c]);
     }
     for (int g = 0; g < groups; ++g) {
@@ -178,6 +177,20 @@ struct ValuePage {
   const T* v;  // token 0's row; the rows are the cache's token stride apart
   int n;
 };
+
+// Tokens [0, n) of a transposed K page (KvLayout::kHeadMajorKT, groups of 4 bytes of channels
+// block_size apart) as contiguous rows [n, head_dim], for the kernels that read K by rows (the
+// AVX2 kernel; the AVX-512 kernel reads the transposed page as it is, Avx512KtScores).
+template <typename T>
+void UntransposeKeys(const KvCacheView& cache, const T* kpage, int n, T* rows) {
+  const int x = cache.KeyGroup();
+  for (int t = 0; t < n; ++t) {
+    for (int c = 0; c < cache.head_dim; c += x) {
+      std::memcpy(rows + static_cast<size_t>(t) * cache.head_dim + c, kpage + cache.KeyInPage(t, c),
+                  4);
+    }
+  }
+}
 
 // The page AddPage computes after the current one. Its rows are prefetched one row per token of
 // the current page's scores (PrefetchRow), so the misses of the next page overlap the
@@ -719,6 +732,121 @@ MEMPIPE_TARGET_AVX512_BF16 void Bf16DotScores(const BFloat16* kbase, size_t stri
   }
 }
 
+// Scores over a transposed K page (KvLayout::kHeadMajorKT: [D / x][block][x], x channels of 4
+// bytes per group): 16 tokens lie in the lanes of one load, so each (head, 16 tokens) keeps its
+// sums in vectors across the channels and needs no horizontal reduction, no shuffles and no
+// masked stores of single lanes (Avx512Scores spends 2-3 shuffles and adds per score on Sum16).
+// Up to 32 tokens per pass (NV vectors), two accumulators per (head, vector) (even and odd
+// channels, or channel pairs) so that no FMA waits on the previous one. q: fp32, scaled, in the
+// kernel's channel order (Position). Lanes past n are computed from whatever the page holds
+// there and not stored. Row t of `next` is prefetched with token t of each pass, spread over its
+// channel loop as Avx512Scores does. Taking the next page's lines as one range instead, a
+// pointer compare per line (PrefetchRow's cursor arithmetic was half of the bf16 scores' samples
+// from cache), was 8% faster from cache but 17% slower from DRAM (one thread, SmolLM2 bf16 4 x 6K
+// sparse, Zen 5 build VM, 2026-12-04: 0.133 against 0.114 ms per layer; results/keys_transposed/).
+// The same lines sooner, at the same rate per channel step: spacing the misses is what counts.
+MEMPIPE_TARGET_AVX512 inline void WidenPairs(__m512i x, const BFloat16*, __m512& even,
+                                             __m512& odd) {
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+MEMPIPE_TARGET_AVX512 inline void WidenPairs(__m512i x, const Half*, __m512& even, __m512& odd) {
+  even = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(x));
+  odd = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(x, 16)));
+}
+
+// Stores lanes [0, m) of the H heads' NV score vectors (accumulator pairs summed, times scale).
+template <int H, int NV>
+MEMPIPE_TARGET_AVX512 inline void StoreKtScores(const __m512 (&acc)[H][NV][2], __m512 scale, int m,
+                                                float* p, int pstride) {
+  for (int h = 0; h < H; ++h) {
+    for (int v = 0; v < NV && 16 * v < m; ++v) {
+      _mm512_mask_storeu_ps(p + h * pstride + 16 * v, TailMask(m - 16 * v),
+                            _mm512_mul_ps(scale, _mm512_add_ps(acc[h][v][0], acc[h][v][1])));
+    }
+  }
+}
+
+template <typename T, int H, int NV>
+MEMPIPE_TARGET_AVX512 void Avx512KtScores(const T* kpage, int block, int n, int d, int pstride,
+                                          const float* q, float* p, NextPage& next) {
+  for (int t0 = 0; t0 < n; t0 += 16 * NV) {
+    const int m = std::min(16 * NV, n - t0);
+    __m512 acc[H][NV][2];
+    for (int h = 0; h < H; ++h) {
+      for (int v = 0; v < NV; ++v) acc[h][v][0] = acc[h][v][1] = _mm512_setzero_ps();
+    }
+    if constexpr (std::is_same_v<T, float>) {
+      const float* rows = kpage + t0;
+      for (int c = 0, r = 0; c < d; c += 2) {
+        for (; r < (c + 2) * m / d; ++r) PrefetchRow(next);
+#pragma GCC unroll 2
+        for (int a = 0; a < 2; ++a) {
+          __m512 k[NV];
+          for (int v = 0; v < NV; ++v) k[v] = _mm512_loadu_ps(rows + (c + a) * block + 16 * v);
+          for (int h = 0; h < H; ++h) {
+            const __m512 qc = _mm512_set1_ps(q[h * d + c + a]);
+            for (int v = 0; v < NV; ++v) acc[h][v][a] = _mm512_fmadd_ps(k[v], qc, acc[h][v][a]);
+          }
+        }
+      }
+    } else {
+      const T* rows = kpage + 2 * t0;
+      for (int j = 0, r = 0; j < d / 2; ++j) {
+        for (; r < (j + 1) * m / (d / 2); ++r) PrefetchRow(next);
+        // The query's channels 2j and 2j + 1 in the kernel's order (Load32 for bf16).
+        const int even = kInterleaved<T> ? 32 * (j >> 4) + (j & 15) : 2 * j;
+        const int odd = kInterleaved<T> ? even + 16 : 2 * j + 1;
+        __m512 ke[NV], ko[NV];
+        for (int v = 0; v < NV; ++v) {
+          WidenPairs(_mm512_loadu_si512(rows + 2 * j * block + 32 * v), rows, ke[v], ko[v]);
+        }
+        for (int h = 0; h < H; ++h) {
+          const __m512 qe = _mm512_set1_ps(q[h * d + even]), qo = _mm512_set1_ps(q[h * d + odd]);
+          for (int v = 0; v < NV; ++v) {
+            acc[h][v][0] = _mm512_fmadd_ps(ke[v], qe, acc[h][v][0]);
+            acc[h][v][1] = _mm512_fmadd_ps(ko[v], qo, acc[h][v][1]);
+          }
+        }
+      }
+    }
+    StoreKtScores<H, NV>(acc, _mm512_set1_ps(1.0f), m, p + t0, pstride);
+  }
+}
+
+// Avx512KtScores for a bf16 query over a bf16 cache with AVX512_BF16: each 32-bit lane of a pair
+// row holds one token's channels 2j and 2j + 1, so one vdpbf16ps against the broadcast query
+// pair adds both products; two accumulators per (head, vector) split the pairs even and odd.
+// q: the bf16 query as given, natural channel order; the scale applied to the fp32 sums.
+template <int H, int NV>
+MEMPIPE_TARGET_AVX512_BF16 void Bf16KtScores(const BFloat16* kpage, int block, int n, int d,
+                                             int pstride, const BFloat16* q, float scale, float* p,
+                                             NextPage& next) {
+  for (int t0 = 0; t0 < n; t0 += 16 * NV) {
+    const int m = std::min(16 * NV, n - t0);
+    __m512 acc[H][NV][2];
+    for (int h = 0; h < H; ++h) {
+      for (int v = 0; v < NV; ++v) acc[h][v][0] = acc[h][v][1] = _mm512_setzero_ps();
+    }
+    const BFloat16* rows = kpage + 2 * t0;
+    for (int j = 0, r = 0; j < d / 2; j += 2) {
+      for (; r < (j + 2) * m / (d / 2); ++r) PrefetchRow(next);
+#pragma GCC unroll 2
+      for (int a = 0; a < 2; ++a) {
+        __m512i k[NV];
+        for (int v = 0; v < NV; ++v) k[v] = _mm512_loadu_si512(rows + 2 * (j + a) * block + 32 * v);
+        for (int h = 0; h < H; ++h) {
+          int32_t pair;
+          std::memcpy(&pair, q + h * d + 2 * (j + a), sizeof(pair));
+          const __m512i qp = _mm512_set1_epi32(pair);
+          for (int v = 0; v < NV; ++v) acc[h][v][a] = DotBf16(acc[h][v][a], k[v], qp);
+        }
+      }
+    }
+    StoreKtScores<H, NV>(acc, _mm512_set1_ps(scale), m, p + t0, pstride);
+  }
+}
+
 // The rest of a batch of pages for `groups` query heads, the scores of its n tokens already
 // in `p` (row g at p + g * pstride, overwritten by the probabilities): the running-max update
 // with a vectorised exp once per batch, then acc = corr * acc + P.V. `corr` is scratch for
@@ -871,6 +999,11 @@ class Avx512Heads : public BatchedHeads<Avx512Heads<T>, T> {
     const T* v = static_cast<const T*>(cache.data) + cache.Offset(1, block, 0, kv_head);
     size_t stride = cache.TokenStride();
     float* p = this->QueuePage(i, v, n, stride);
+    kt_ = cache.KeysTransposed();
+    if (kt_) {  // the page as it lies: HeadScores reads it with tokens in lanes
+      this->ScoreAndFlushIfFull(k, cache.block_size, n, i, p, next);
+      return;
+    }
     if (stage_rows_ && !cache.HeadMajor()) {  // head- and page-major rows are contiguous already
       StageKeys(k, stride, n, this->head_dim_, kstage_.data());
       k = kstage_.data();
@@ -889,6 +1022,18 @@ class Avx512Heads : public BatchedHeads<Avx512Heads<T>, T> {
   template <int H>
   void HeadScores(const T* k, size_t stride, int n, size_t q0, float* p, NextPage& next) {
     const int ps = this->pstride_;
+    if (kt_) {  // a transposed K page; stride is the block size
+      const int block = static_cast<int>(stride), d = this->head_dim_;
+      if constexpr (std::is_same_v<T, BFloat16>) {
+        if (dot_bf16_) {
+          return block == 16 ? Bf16KtScores<H, 1>(k, block, n, d, ps, &q16_[q0], this->scale_, p, next)
+                             : Bf16KtScores<H, 2>(k, block, n, d, ps, &q16_[q0], this->scale_, p, next);
+        }
+      }
+      const float* q = &this->q_[q0];
+      return block == 16 ? Avx512KtScores<T, H, 1>(k, block, n, d, ps, q, p, next)
+                         : Avx512KtScores<T, H, 2>(k, block, n, d, ps, q, p, next);
+    }
     if constexpr (std::is_same_v<T, BFloat16>) {
       if (dot_bf16_) {
         const BFloat16* q16 = &q16_[q0];
@@ -930,6 +1075,7 @@ class Avx512Heads : public BatchedHeads<Avx512Heads<T>, T> {
   static constexpr bool kValuesAhead = true;
 
   bool stage_rows_;
+  bool kt_ = false;            // the cache's K pages transposed (AddPage reads the layout)
   bool dot_bf16_ = false;      // scores with AVX512_BF16 (Begin decides)
   std::vector<T> kstage_;      // [block_size, head_dim] when stage_rows_
   std::vector<BFloat16> q16_;  // [heads, G, D] the bf16 queries as given (dot_bf16_)
@@ -1282,6 +1428,11 @@ class Avx2Heads : public BatchedHeads<Avx2Heads<T>, T> {
     const T* v = static_cast<const T*>(cache.data) + cache.Offset(1, block, 0, kv_head);
     const size_t stride = cache.TokenStride();
     float* p = this->QueuePage(i, v, n, stride);
+    if (cache.KeysTransposed()) {  // rows again, in scratch: this kernel scores by rows
+      krows_.resize(static_cast<size_t>(cache.block_size) * cache.head_dim);
+      UntransposeKeys(cache, k, n, krows_.data());
+      k = krows_.data();
+    }
     this->ScoreAndFlushIfFull(k, stride, n, i, p, next);
   }
 
@@ -1314,6 +1465,8 @@ class Avx2Heads : public BatchedHeads<Avx2Heads<T>, T> {
   // The scores prefetch the next page's K and V rows (NextPage), P.V none: not measured on a
   // CPU without AVX-512 with the AVX-512 kernel's split (kValueAheadTokens).
   static constexpr bool kValuesAhead = false;
+
+  std::vector<T> krows_;  // a transposed K page's rows (kHeadMajorKT), [block_size, head_dim]
 };
 
 // Avx512RowRead at AVX2's width: the AVX2 kernel's reads (same rows, order and prefetch)

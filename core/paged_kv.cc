@@ -41,8 +41,10 @@ absl::StatusOr<KvLayout> ParseKvLayout(absl::string_view name) {
   if (name == "token") return KvLayout::kTokenMajor;
   if (name == "head") return KvLayout::kHeadMajor;
   if (name == "page") return KvLayout::kPageMajor;
-  return absl::InvalidArgumentError(
-      absl::StrCat("kv_layout must be token, head or page, got '", name, "'"));
+  if (name == "head_kt") return KvLayout::kHeadMajorKT;
+  if (name == "page_kt") return KvLayout::kPageMajorKT;
+  return absl::InvalidArgumentError(absl::StrCat(
+      "kv_layout must be token, head, page, head_kt or page_kt, got '", name, "'"));
 }
 
 const char* KvLayoutName(KvLayout layout) {
@@ -53,6 +55,10 @@ const char* KvLayoutName(KvLayout layout) {
       return "head";
     case KvLayout::kPageMajor:
       return "page";
+    case KvLayout::kHeadMajorKT:
+      return "head_kt";
+    case KvLayout::kPageMajorKT:
+      return "page_kt";
   }
   return "unknown";
 }
@@ -143,8 +149,15 @@ absl::Status WriteKv(const KvCacheView& cache, const int64_t* slot_mapping, int 
     const int block = static_cast<int>(slot / cache.block_size);
     const int off = static_cast<int>(slot % cache.block_size);
     for (int h = 0; h < cache.num_kv_heads; h += run) {
-      std::memcpy(base + cache.Offset(0, block, off, h) * esize,
-                  static_cast<const char*>(key) + t * key_step + h * head_bytes, run * head_bytes);
+      const char* krow = static_cast<const char*>(key) + t * key_step + h * head_bytes;
+      if (cache.KeysTransposed()) {  // run is 1: the row's groups of 4 bytes, block_size apart
+        char* kpage = base + cache.Offset(0, block, 0, h) * esize;
+        for (int c = 0; c < cache.head_dim; c += cache.KeyGroup()) {
+          std::memcpy(kpage + cache.KeyInPage(off, c) * esize, krow + c * esize, 4);
+        }
+      } else {
+        std::memcpy(base + cache.Offset(0, block, off, h) * esize, krow, run * head_bytes);
+      }
       std::memcpy(base + cache.Offset(1, block, off, h) * esize,
                   static_cast<const char*>(value) + t * value_step + h * head_bytes,
                   run * head_bytes);

@@ -5,7 +5,8 @@
 //   KV cache   [2, num_blocks, block_size, num_kv_heads, head_dim]   (K at index 0, V at 1)
 //              token-major, or on the host also head-major: [2, num_blocks, num_kv_heads,
 //              block_size, head_dim] in memory, or page-major: [num_blocks, num_kv_heads, 2,
-//              block_size, head_dim]; the same logical cache (KvLayout)
+//              block_size, head_dim], or head-major with each K page transposed (head_kt);
+//              the same logical cache (KvLayout)
 //   block table [num_seqs, max_blocks_per_seq] int32 physical block ids
 //   seq_lens    [num_seqs] int32, tokens in each sequence (the last page may be partial)
 //   slot         block_id * block_size + offset; negative slots are padding and are skipped
@@ -55,11 +56,22 @@ enum class KvLayout : uint8_t {
   // same page of V, one contiguous piece twice the size of head-major's (vLLM's per-layer region
   // [num_blocks, ...] keeps each block whole, too). Host steps only, as head-major.
   kPageMajor,
+  // Head-major, with each KV head's K page stored transposed in groups of 4 bytes of channels:
+  // [head_dim / x, block_size, x] with x = 4 / element size (fp32 1, fp16 and bf16 2), so that a
+  // page's tokens lie in the lanes of a vector load and the scores need no horizontal sums
+  // (vLLM's earlier CPU cache split K the same way, [head_dim / x, block_size, x], x = 16 bytes).
+  // V pages are head-major's. Element (t, c) of a K page: KeyInPage(t, c). Host steps only; the
+  // GPU kernels and the FPGA device copy refuse it, as they do head-major.
+  kHeadMajorKT,
+  // Page-major, with each K page transposed as in kHeadMajorKT: a KV head's transposed K page
+  // followed by its V page, one piece.
+  kPageMajorKT,
 };
 
-// "token", "head" or "page" (the benches' --kv_layout); InvalidArgument naming anything else.
+// "token", "head", "page", "head_kt" or "page_kt" (the benches' --kv_layout); InvalidArgument
+// naming anything else.
 [[nodiscard]] absl::StatusOr<KvLayout> ParseKvLayout(absl::string_view name);
-// The name ParseKvLayout takes: "token", "head" or "page".
+// The name ParseKvLayout takes: "token", "head", "page", "head_kt" or "page_kt".
 const char* KvLayoutName(KvLayout layout);
 
 struct KvCacheView {
@@ -74,6 +86,10 @@ struct KvCacheView {
   // Each KV head's page rows contiguous (head- or page-major): head_dim elements apart, and the
   // host steps read them as one piece per plane.
   bool HeadMajor() const { return layout != KvLayout::kTokenMajor; }
+  // A KV head's K and V pages one piece (page-major, with or without transposed K pages).
+  bool PageMajor() const {
+    return layout == KvLayout::kPageMajor || layout == KvLayout::kPageMajorKT;
+  }
   // Elements between consecutive tokens of one KV head, and between consecutive KV heads of one
   // token.
   size_t TokenStride() const {
@@ -82,7 +98,7 @@ struct KvCacheView {
   }
   size_t HeadStride() const {
     const size_t page = static_cast<size_t>(block_size) * head_dim;
-    return layout == KvLayout::kPageMajor ? 2 * page
+    return PageMajor() ? 2 * page
            : HeadMajor()                  ? page
                                           : static_cast<size_t>(head_dim);
   }
@@ -94,20 +110,40 @@ struct KvCacheView {
     return static_cast<size_t>(num_kv_heads) * head_dim * block_size;
   }
   size_t BlockStride() const {
-    return layout == KvLayout::kPageMajor ? 2 * PlaneBlockElems() : PlaneBlockElems();
+    return PageMajor() ? 2 * PlaneBlockElems() : PlaneBlockElems();
   }
   size_t PlaneElems() const { return PlaneBlockElems() * num_blocks; }  // elements of K (or V)
   // Elements from a K row to the V row of the same block, token and KV head.
   size_t KvStride() const {
-    return layout == KvLayout::kPageMajor ? static_cast<size_t>(block_size) * head_dim
+    return PageMajor() ? static_cast<size_t>(block_size) * head_dim
                                           : PlaneElems();
+  }
+  // K pages transposed (kHeadMajorKT): a K row of one token is not contiguous; read K through
+  // KeyInPage / ElementOffset.
+  bool KeysTransposed() const {
+    return layout == KvLayout::kHeadMajorKT || layout == KvLayout::kPageMajorKT;
+  }
+  // Channels per group of a transposed K page: 4 bytes of them.
+  int KeyGroup() const { return static_cast<int>(4 / DTypeSize(dtype)); }
+  // Elements from K's (block, token 0, head) offset to its (token, channel) element.
+  size_t KeyInPage(int token, int channel) const {
+    if (!KeysTransposed()) return static_cast<size_t>(token) * TokenStride() + channel;
+    const int x = KeyGroup();
+    return (static_cast<size_t>(channel / x) * block_size + token) * x + channel % x;
   }
   size_t NumElems() const { return 2 * PlaneElems(); }
   size_t NumBytes() const { return NumElems() * DTypeSize(dtype); }
-  // Element offset of (K or V, block, token-in-block, kv head, channel 0).
+  // Element offset of (K or V, block, token-in-block, kv head, channel 0). With transposed K
+  // pages (KeysTransposed), K's row of a token is not contiguous: there only Offset(0, block, 0,
+  // head), the page's start, is meaningful for K.
   size_t Offset(int kv, int block, int token, int head) const {
     return kv * KvStride() + static_cast<size_t>(block) * BlockStride() +
            static_cast<size_t>(token) * TokenStride() + static_cast<size_t>(head) * HeadStride();
+  }
+  // Element offset of one element (K or V, block, token-in-block, kv head, channel), any layout.
+  size_t ElementOffset(int kv, int block, int token, int head, int channel) const {
+    return kv == 0 ? Offset(0, block, 0, head) + KeyInPage(token, channel)
+                   : Offset(1, block, token, head) + channel;
   }
 };
 

@@ -105,12 +105,13 @@ absl::Status BuildDigests(const KvCacheView& cache, const BlockTableView& table,
         for (int h = 0; h < cache.num_kv_heads; ++h) {
           // Widen in fp32 and store once: max/min pick stored values, so the round trip
           // through fp32 is exact.
-          const T* first = kv + cache.Offset(0, block, 0, h);
-          for (int c = 0; c < cache.head_dim; ++c) fmx[c] = fmn[c] = ToFloat(first[c]);
+          const T* page = kv + cache.Offset(0, block, 0, h);
+          for (int c = 0; c < cache.head_dim; ++c) {
+            fmx[c] = fmn[c] = ToFloat(page[cache.KeyInPage(0, c)]);
+          }
           for (int t = 1; t < n; ++t) {
-            const T* key = kv + cache.Offset(0, block, t, h);
             for (int c = 0; c < cache.head_dim; ++c) {
-              const float k = ToFloat(key[c]);
+              const float k = ToFloat(page[cache.KeyInPage(t, c)]);
               fmx[c] = k > fmx[c] ? k : fmx[c];
               fmn[c] = k < fmn[c] ? k : fmn[c];
             }
@@ -261,10 +262,17 @@ absl::Status UpdateDigests(const KvCacheView& cache, const int64_t* slot_mapping
                                      static_cast<int64_t>(cache.num_blocks) * cache.block_size));
   DispatchDType(cache.dtype, [&]<typename T>() {
     const T* kv = static_cast<const T*>(cache.data);
+    // Transposed K pages (head_kt): each row gathered into `row`, which ApplyKeys reads before
+    // it asks for the next.
+    std::vector<T> row(cache.KeysTransposed() ? cache.head_dim : 0);
     ApplyKeys<T>(digests, cache.block_size, slot_mapping, num_tokens, [&](int t, int h) {
       const int64_t slot = slot_mapping[t];
-      return kv + cache.Offset(0, static_cast<int>(slot / cache.block_size),
-                               static_cast<int>(slot % cache.block_size), h);
+      const int block = static_cast<int>(slot / cache.block_size);
+      const int token = static_cast<int>(slot % cache.block_size);
+      if (!cache.KeysTransposed()) return kv + cache.Offset(0, block, token, h);
+      const T* page = kv + cache.Offset(0, block, 0, h);
+      for (int c = 0; c < cache.head_dim; ++c) row[c] = page[cache.KeyInPage(token, c)];
+      return static_cast<const T*>(row.data());
     });
   });
   return absl::OkStatus();

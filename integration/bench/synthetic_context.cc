@@ -179,12 +179,12 @@ void SyntheticContext::FillLayer(int layer) {
         const int off = t % cache.block_size;
         for (int h = 0; h < m.num_kv_heads; ++h) {
           const bool is_heavy = std::binary_search(heavy[h].begin(), heavy[h].end(), t);
-          T* k = base + cache.Offset(0, block, off, h);
+          T* k = base + cache.Offset(0, block, 0, h);  // the page: KeyInPage places the row
           T* v = base + cache.Offset(1, block, off, h);
           for (int c = 0; c < d; ++c) {
             float kv = mean[h * d + c] + 0.5f * Noise(state);
             if (is_heavy) kv += 2.0f * dir[h * d + c];
-            k[c] = FromFloat<T>(kv);
+            k[cache.KeyInPage(off, c)] = FromFloat<T>(kv);
             v[c] = FromFloat<T>(Noise(state));
           }
         }

@@ -298,6 +298,31 @@ INSTANTIATE_TEST_SUITE_P(
                        ::testing::Values(KvLayout::kHeadMajor)),
     ShapeName);
 
+// Head-major with transposed K pages (head_kt): the AVX-512 kernel's own scores over the
+// transposed pages (fp32, fp16 and widened bf16, and vdpbf16ps for avx512-bf16), the portable
+// kernel's element reads, the AVX2 kernel's un-transposed rows; every page size (one or two
+// vectors of tokens per pass, and two passes at 64), and groups of 1, 3 and 6 (the scores' H of
+// 1, 3, 4 and 2).
+INSTANTIATE_TEST_SUITE_P(
+    HeadMajorKT, DecodeTest,
+    ::testing::Combine(::testing::Values(DType::kFloat32, DType::kFloat16, DType::kBFloat16),
+                       ::testing::Values(16, 32, 64), ::testing::Values(64, 128),
+                       ::testing::Values(1, 3, 6),
+                       ::testing::Values(CpuKernel::kPortable, CpuKernel::kAvx512,
+                                         CpuKernel::kAvx512Bf16, CpuKernel::kAvx2),
+                       ::testing::Values(KvLayout::kHeadMajorKT)),
+    ShapeName);
+
+// Page-major with transposed K pages (page_kt): head_kt's pages at page-major's places.
+INSTANTIATE_TEST_SUITE_P(
+    PageMajorKT, DecodeTest,
+    ::testing::Combine(::testing::Values(DType::kFloat32, DType::kFloat16, DType::kBFloat16),
+                       ::testing::Values(16, 64), ::testing::Values(64), ::testing::Values(1, 6),
+                       ::testing::Values(CpuKernel::kPortable, CpuKernel::kAvx512,
+                                         CpuKernel::kAvx512Bf16, CpuKernel::kAvx2),
+                       ::testing::Values(KvLayout::kPageMajorKT)),
+    ShapeName);
+
 // The page-major layout (a KV head's K page and V page one piece): the offsets differ from
 // head-major's only in the block, KV head and K-to-V strides, so fewer shapes.
 INSTANTIATE_TEST_SUITE_P(
@@ -456,15 +481,17 @@ TEST(DecodeChunks, LongSequencesCombineChunksExactlyOnce) {
   ASSERT_TRUE(SetCpuKernel(CpuKernel::kAuto).ok());
 }
 
-// The layout is read, not assumed: a head-major cache decoded as if it were token-major (the
-// same bytes) fails the reference check that the right view passes, for every kernel, dense and
-// sparse.
-TEST(DecodeLayout, AHeadMajorCacheReadAsTokenMajorFailsTheCheck) {
+// The layout is read, not assumed: a head-major cache decoded as if it were token-major, and a
+// head_kt cache as if it were head-major (the same bytes, K pages not transposed), fail the
+// reference check that the right view passes, for every kernel, dense and sparse.
+TEST(DecodeLayout, ACacheReadInAnotherLayoutFailsTheCheck) {
+  for (auto [layout, wrong_layout] : {std::pair{KvLayout::kHeadMajor, KvLayout::kTokenMajor},
+                                      std::pair{KvLayout::kHeadMajorKT, KvLayout::kHeadMajor}})
   for (CpuKernel kernel :
        {CpuKernel::kPortable, CpuKernel::kAvx512, CpuKernel::kAvx512Bf16, CpuKernel::kAvx2}) {
     if (!CpuKernelAvailable(kernel)) continue;
     ASSERT_TRUE(SetCpuKernel(kernel).ok());
-    SCOPED_TRACE(ActiveCpuKernelName());
+    SCOPED_TRACE(absl::StrCat(ActiveCpuKernelName(), " ", KvLayoutName(layout)));
     std::mt19937_64 rng(TestSeed());
     const int bs = 16, kv = 4, d = 64, len = 300;
     PagedFixture f(rng, {.dtype = DType::kFloat32,
@@ -472,7 +499,7 @@ TEST(DecodeLayout, AHeadMajorCacheReadAsTokenMajorFailsTheCheck) {
                          .num_kv_heads = kv,
                          .head_dim = d,
                          .seq_lens = {len},
-                         .layout = KvLayout::kHeadMajor});
+                         .layout = layout});
     RandomTensor q(rng, DType::kFloat32, kv * d);
     const float scale = 0.125f;
     std::vector<int32_t> pages(kv * 3), counts(kv, 3);
@@ -503,7 +530,7 @@ TEST(DecodeLayout, AHeadMajorCacheReadAsTokenMajorFailsTheCheck) {
         return n;
       };
       KvCacheView wrong = f.cache_view();
-      wrong.layout = KvLayout::kTokenMajor;
+      wrong.layout = wrong_layout;
       EXPECT_EQ(failures(f.cache_view()), 0) << "sparse " << sparse;
       EXPECT_GT(failures(wrong), kv * d / 2) << "sparse " << sparse;
     }

@@ -67,7 +67,8 @@ TEST(PagedKv, WriteKvStoresTheSameLogicalCacheInEitherLayout) {
   for (float& x : key) x = normal(rng);
   for (float& x : value) x = normal(rng);
   std::vector<std::vector<float>> stores;
-  for (KvLayout layout : {KvLayout::kTokenMajor, KvLayout::kHeadMajor, KvLayout::kPageMajor}) {
+  for (KvLayout layout : {KvLayout::kTokenMajor, KvLayout::kHeadMajor, KvLayout::kPageMajor,
+                          KvLayout::kHeadMajorKT, KvLayout::kPageMajorKT}) {
     SCOPED_TRACE(KvLayoutName(layout));
     KvCacheView cache{nullptr, DType::kFloat32, blocks, bs, kv_heads, d, layout};
     std::vector<float> store(cache.NumElems(), NAN);
@@ -79,8 +80,10 @@ TEST(PagedKv, WriteKvStoresTheSameLogicalCacheInEitherLayout) {
       const int block = static_cast<int>(slots[t] / bs), off = static_cast<int>(slots[t] % bs);
       for (int h = 0; h < kv_heads; ++h) {
         for (int c = 0; c < d; ++c) {
-          ASSERT_EQ(store[cache.Offset(0, block, off, h) + c], key[(t * kv_heads + h) * d + c]);
-          ASSERT_EQ(store[cache.Offset(1, block, off, h) + c], value[(t * kv_heads + h) * d + c]);
+          ASSERT_EQ(store[cache.ElementOffset(0, block, off, h, c)],
+                    key[(t * kv_heads + h) * d + c]);
+          ASSERT_EQ(store[cache.ElementOffset(1, block, off, h, c)],
+                    value[(t * kv_heads + h) * d + c]);
           written += 2;
         }
       }
@@ -90,7 +93,8 @@ TEST(PagedKv, WriteKvStoresTheSameLogicalCacheInEitherLayout) {
     EXPECT_EQ(finite, written) << "only the written slots hold values";
     stores.push_back(store);
   }
-  for (auto [a, b] : {std::pair{0, 1}, std::pair{0, 2}, std::pair{1, 2}}) {
+  for (auto [a, b] : {std::pair{0, 1}, std::pair{0, 2}, std::pair{1, 2}, std::pair{1, 3},
+                      std::pair{2, 4}, std::pair{3, 4}}) {
     int differ = 0;
     for (size_t i = 0; i < stores[a].size(); ++i) {
       differ += !(stores[a][i] == stores[b][i]) && std::isfinite(stores[a][i]);
@@ -180,6 +184,59 @@ TEST(PagedKv, PageMajorKeepsEachBlockWholeAndEachHeadsPagesAdjacent) {
   EXPECT_EQ(page.HeadsPerRun(), 1);
 }
 
+// head_kt: each K page is [head_dim / x, block_size, x] with x = 4 bytes of channels (fp32 1,
+// bf16 and fp16 2), in head-major's place; V pages are head-major's. Every (token, channel) of a
+// page maps to its own element inside the page, and a token's channels 2j and 2j + 1 of a
+// 16-bit cache share one 32-bit word, the next token's word following it.
+TEST(PagedKv, HeadMajorKTTransposesEachKPageInGroupsOfFourBytes) {
+  const int blocks = 3, bs = 32, kv_heads = 2, d = 64;
+  ASSERT_EQ(ParseKvLayout("head_kt").value(), KvLayout::kHeadMajorKT);
+  for (DType dtype : {DType::kFloat32, DType::kBFloat16, DType::kFloat16}) {
+    SCOPED_TRACE(DTypeName(dtype));
+    KvCacheView kt{nullptr, dtype, blocks, bs, kv_heads, d, KvLayout::kHeadMajorKT};
+    KvCacheView head = kt;
+    head.layout = KvLayout::kHeadMajor;
+    const int x = dtype == DType::kFloat32 ? 1 : 2;
+    EXPECT_EQ(kt.KeyGroup(), x);
+    EXPECT_EQ(kt.NumElems(), head.NumElems());
+    EXPECT_TRUE(kt.KeysTransposed());
+    EXPECT_FALSE(head.KeysTransposed());
+    for (int b = 0; b < blocks; ++b) {
+      for (int h = 0; h < kv_heads; ++h) {
+        std::vector<int> seen(static_cast<size_t>(bs) * d, 0);
+        const size_t page = head.Offset(0, b, 0, h);
+        for (int t = 0; t < bs; ++t) {
+          for (int c = 0; c < d; ++c) {
+            const size_t o = kt.ElementOffset(0, b, t, h, c);
+            ASSERT_EQ(o, page + (static_cast<size_t>(c / x) * bs + t) * x + c % x)
+                << "block " << b << " head " << h << " token " << t << " channel " << c;
+            ASSERT_LT(o - page, seen.size());
+            ++seen[o - page];
+            ASSERT_EQ(kt.ElementOffset(1, b, t, h, c), head.ElementOffset(1, b, t, h, c));
+          }
+        }
+        for (int n : seen) ASSERT_EQ(n, 1) << "each element of the page once";
+      }
+    }
+    // Not head-major's rows: token 1, channel 0 is x elements in, not d.
+    EXPECT_EQ(kt.KeyInPage(1, 0), static_cast<size_t>(x));
+    EXPECT_EQ(head.KeyInPage(1, 0), static_cast<size_t>(d));
+    // page_kt: the same transposed K pages at page-major's places.
+    KvCacheView pkt = kt, page = kt;
+    pkt.layout = KvLayout::kPageMajorKT;
+    page.layout = KvLayout::kPageMajor;
+    EXPECT_TRUE(pkt.KeysTransposed());
+    EXPECT_TRUE(pkt.PageMajor());
+    for (int t = 0; t < bs; t += 7) {
+      for (int c = 0; c < d; c += 5) {
+        EXPECT_EQ(pkt.ElementOffset(0, 2, t, 1, c),
+                  page.Offset(0, 2, 0, 1) + kt.ElementOffset(0, 2, t, 1, c) - kt.Offset(0, 2, 0, 1));
+        EXPECT_EQ(pkt.ElementOffset(1, 2, t, 1, c), page.ElementOffset(1, 2, t, 1, c));
+      }
+    }
+  }
+}
+
 // The GPU kernels and the device copies take token-major caches only and say so.
 TEST(PagedKv, RequireTokenMajorRefusesAHeadMajorCacheNamingTheCaller) {
   KvCacheView cache{nullptr, DType::kBFloat16, 4, 16, 8, 128};
@@ -193,15 +250,20 @@ TEST(PagedKv, RequireTokenMajorRefusesAHeadMajorCacheNamingTheCaller) {
   const absl::Status sp = RequireTokenMajor(cache, "GPU decode");
   EXPECT_EQ(sp.code(), absl::StatusCode::kUnimplemented);
   EXPECT_NE(sp.message().find("page-major"), absl::string_view::npos) << sp;
+  cache.layout = KvLayout::kHeadMajorKT;
+  const absl::Status skt = RequireTokenMajor(cache, "GPU decode");
+  EXPECT_EQ(skt.code(), absl::StatusCode::kUnimplemented);
+  EXPECT_NE(skt.message().find("head_kt"), absl::string_view::npos) << skt;
 }
 
 TEST(PagedKv, ParseKvLayoutNamesTheBadValue) {
-  for (KvLayout l : {KvLayout::kTokenMajor, KvLayout::kHeadMajor, KvLayout::kPageMajor}) {
+  for (KvLayout l : {KvLayout::kTokenMajor, KvLayout::kHeadMajor, KvLayout::kPageMajor,
+                     KvLayout::kHeadMajorKT, KvLayout::kPageMajorKT}) {
     EXPECT_EQ(ParseKvLayout(KvLayoutName(l)).value(), l);
   }
   const auto bad = ParseKvLayout("pages");
   ASSERT_FALSE(bad.ok());
-  EXPECT_EQ(bad.status().message(), "kv_layout must be token, head or page, got 'pages'");
+  EXPECT_EQ(bad.status().message(), "kv_layout must be token, head, page, head_kt or page_kt, got 'pages'");
 }
 
 }  // namespace

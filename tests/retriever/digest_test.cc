@@ -68,6 +68,18 @@ TEST_P(DigestTest, BulkMatchesReferenceAndIncrementalMatchesBulk) {
   using Calls = std::vector<std::vector<std::pair<int, int>>>;
   KvCacheView src = f.cache_view();
   const size_t head_row = static_cast<size_t>(head_dim) * DTypeSize(dtype);  // one KV head
+  // One token's row of one KV head (kv 0: K, 1: V) as bytes, in any layout (head_kt's K rows
+  // are gathered through ElementOffset).
+  const size_t esize = DTypeSize(dtype);
+  auto row_of = [&](const void* data, int kv, int64_t slot, int h) {
+    std::vector<uint8_t> row(head_row);
+    for (int c = 0; c < head_dim; ++c) {
+      const size_t o = src.ElementOffset(kv, static_cast<int>(slot / block_size),
+                                         static_cast<int>(slot % block_size), h, c);
+      std::memcpy(row.data() + c * esize, static_cast<const uint8_t*>(data) + o * esize, esize);
+    }
+    return row;
+  };
   auto replay = [&](const Calls& calls, const char* how) {
     std::vector<uint8_t> cache2(src.NumBytes()), dig2(bulk.NumBytes());
     for (size_t i = 0; i < src.NumElems(); ++i) StoreFromFloat(cache2.data(), dtype, i, NAN);
@@ -83,14 +95,10 @@ TEST_P(DigestTest, BulkMatchesReferenceAndIncrementalMatchesBulk) {
         const int64_t slot = f.Slot(s, t);
         slots.push_back(slot);
         for (int h = 0; h < 3; ++h) {  // the token's rows [kv_heads, head_dim], as a model gives
-          const auto* kp =
-              static_cast<const uint8_t*>(src.data) +
-              src.Offset(0, slot / block_size, slot % block_size, h) * DTypeSize(dtype);
-          const auto* vp =
-              static_cast<const uint8_t*>(src.data) +
-              src.Offset(1, slot / block_size, slot % block_size, h) * DTypeSize(dtype);
-          k.insert(k.end(), kp, kp + head_row);
-          v.insert(v.end(), vp, vp + head_row);
+          const std::vector<uint8_t> kr = row_of(src.data, 0, slot, h);
+          const std::vector<uint8_t> vr = row_of(src.data, 1, slot, h);
+          k.insert(k.end(), kr.begin(), kr.end());
+          v.insert(v.end(), vr.begin(), vr.end());
         }
       }
       slots.push_back(-1);  // padding slot: skipped
@@ -115,12 +123,7 @@ TEST_P(DigestTest, BulkMatchesReferenceAndIncrementalMatchesBulk) {
         const int64_t slot = f.Slot(s, t);
         for (int kv = 0; kv < 2; ++kv) {
           for (int h = 0; h < 3; ++h) {
-            const size_t off =
-                src.Offset(kv, slot / block_size, slot % block_size, h) * DTypeSize(dtype);
-            ASSERT_EQ(
-                std::memcmp(static_cast<uint8_t*>(src.data) + off, cache2.data() + off, head_row),
-                0)
-                << how;
+            ASSERT_EQ(row_of(src.data, kv, slot, h), row_of(cache2.data(), kv, slot, h)) << how;
           }
         }
       }
@@ -172,6 +175,14 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Combine(::testing::Values(DType::kFloat32, DType::kFloat16, DType::kBFloat16),
                        ::testing::Values(16, 64), ::testing::Values(64),
                        ::testing::Values(KvLayout::kPageMajor),
+                       ::testing::Values(CpuKernel::kPortable, CpuKernel::kAvx512)));
+
+// Head-major with transposed K pages: the bulk build and the append read K through KeyInPage.
+INSTANTIATE_TEST_SUITE_P(
+    HeadMajorKT, DigestTest,
+    ::testing::Combine(::testing::Values(DType::kFloat32, DType::kFloat16, DType::kBFloat16),
+                       ::testing::Values(16, 64), ::testing::Values(64, 128),
+                       ::testing::Values(KvLayout::kHeadMajorKT, KvLayout::kPageMajorKT),
                        ::testing::Values(CpuKernel::kPortable, CpuKernel::kAvx512)));
 
 TEST(DigestErrors, NameTheBadValue) {

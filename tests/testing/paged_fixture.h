@@ -135,7 +135,7 @@ class PagedFixture {
 
  private:
   size_t Index(int kv, int s, int t, int h, int c) const {
-    return cache_.Offset(kv, Block(s, t / spec_.block_size), t % spec_.block_size, h) + c;
+    return cache_.ElementOffset(kv, Block(s, t / spec_.block_size), t % spec_.block_size, h, c);
   }
 
   FixtureSpec spec_;
