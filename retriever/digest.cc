@@ -106,14 +106,26 @@ absl::Status BuildDigests(const KvCacheView& cache, const BlockTableView& table,
           // Widen in fp32 and store once: max/min pick stored values, so the round trip
           // through fp32 is exact.
           const T* page = kv + cache.Offset(0, block, 0, h);
-          for (int c = 0; c < cache.head_dim; ++c) {
-            fmx[c] = fmn[c] = ToFloat(page[cache.KeyInPage(0, c)]);
-          }
-          for (int t = 1; t < n; ++t) {
+          if (cache.KeysTransposed()) {  // channel c's tokens x elements apart (KeyInPage)
+            const int x = cache.KeyGroup();
             for (int c = 0; c < cache.head_dim; ++c) {
-              const float k = ToFloat(page[cache.KeyInPage(t, c)]);
-              fmx[c] = k > fmx[c] ? k : fmx[c];
-              fmn[c] = k < fmn[c] ? k : fmn[c];
+              const T* col = page + cache.KeyInPage(0, c);
+              fmx[c] = fmn[c] = ToFloat(col[0]);
+              for (int t = 1; t < n; ++t) {
+                const float k = ToFloat(col[t * x]);
+                fmx[c] = k > fmx[c] ? k : fmx[c];
+                fmn[c] = k < fmn[c] ? k : fmn[c];
+              }
+            }
+          } else {
+            for (int c = 0; c < cache.head_dim; ++c) fmx[c] = fmn[c] = ToFloat(page[c]);
+            for (int t = 1; t < n; ++t) {
+              const T* key = kv + cache.Offset(0, block, t, h);
+              for (int c = 0; c < cache.head_dim; ++c) {
+                const float k = ToFloat(key[c]);
+                fmx[c] = k > fmx[c] ? k : fmx[c];
+                fmn[c] = k < fmn[c] ? k : fmn[c];
+              }
             }
           }
           T* mx = dg + digests.Offset(block, 0, h);

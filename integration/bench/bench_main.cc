@@ -69,8 +69,9 @@ ABSL_FLAG(int, fpga_cards, 1,
 ABSL_FLAG(std::string, kv_layout, "token",
           "Host KV cache layout: token (token-major, vLLM's FlashAttention layout; the gpu "
           "placement needs it), head (head-major: each KV head's page contiguous, what the "
-          "vLLM plugin uses for host caches) or page (page-major: a KV head's K page and V page "
-          "one contiguous piece)");
+          "vLLM plugin uses for host caches), page (page-major: a KV head's K page and V page "
+          "one contiguous piece), head_kt or page_kt (head- or page-major with each K page "
+          "transposed, [head_dim / x, page, x] with x channels of 4 bytes; host placements only)");
 ABSL_FLAG(std::string, digest_dtype, "native",
           "Page digests the selector stores and scans: native (max/min in the cache dtype) or "
           "int8 (codes rounded outward + one fp32 scale per page and KV head, the bound kept "
