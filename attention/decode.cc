@@ -1026,8 +1026,9 @@ class Avx512Heads : public BatchedHeads<Avx512Heads<T>, T> {
       const int block = static_cast<int>(stride), d = this->head_dim_;
       if constexpr (std::is_same_v<T, BFloat16>) {
         if (dot_bf16_) {
-          return block == 16 ? Bf16KtScores<H, 1>(k, block, n, d, ps, &q16_[q0], this->scale_, p, next)
-                             : Bf16KtScores<H, 2>(k, block, n, d, ps, &q16_[q0], this->scale_, p, next);
+          return block == 16
+                     ? Bf16KtScores<H, 1>(k, block, n, d, ps, &q16_[q0], this->scale_, p, next)
+                     : Bf16KtScores<H, 2>(k, block, n, d, ps, &q16_[q0], this->scale_, p, next);
         }
       }
       const float* q = &this->q_[q0];

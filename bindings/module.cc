@@ -219,13 +219,18 @@ BorrowedTensor BorrowCache(const py::handle& obj) {
   return ValueOrThrow(BorrowTensor(obj, "kv_cache", /*strided=*/true));
 }
 
+// The attribute mempipe.attention.layout_view sets on a head- or page-major view whose K pages
+// are transposed (head_kt, page_kt): strides cannot say so, the view object does.
+constexpr const char* kKeysTransposedAttr = "_mempipe_keys_transposed";
+
 // Converts a [2, num_blocks, block_size, KVH, D] tensor (BorrowCache): C-contiguous, the
 // token-major layout; or, in host memory, the head-major one: t.permute(0, 1, 3, 2, 4) of a
 // contiguous [2, num_blocks, KVH, block_size, D] tensor t (each KV head's page contiguous), or
 // the page-major one: t.permute(2, 0, 3, 1, 4) of a contiguous [num_blocks, KVH, 2, block_size,
 // D] tensor t (a KV head's K and V pages one piece), as the vLLM plugin lays out host caches.
-// Other strides are refused, naming them.
-KvCacheView CacheView(const BorrowedTensor& kv) {
+// Other strides are refused, naming them. A head- or page-major view that `obj` marks with
+// kKeysTransposedAttr = True is head_kt or page_kt (each K page [D / x, block_size, x]).
+KvCacheView CacheView(const BorrowedTensor& kv, py::handle obj) {
   Check(kv.RequireRank(5));
   Check(kv.RequireDim(0, 2, "K and V"));
   KvCacheView v;
@@ -247,8 +252,22 @@ KvCacheView CacheView(const BorrowedTensor& kv) {
     }
     return true;
   };
-  if (matches(KvLayout::kTokenMajor)) return v;
-  if (matches(KvLayout::kHeadMajor)) {
+  const bool keys_transposed =
+      py::hasattr(obj, kKeysTransposedAttr) && py::bool_(obj.attr(kKeysTransposedAttr));
+  if (keys_transposed) {  // the strides of head- or page-major, the mark saying which K pages
+    if (matches(KvLayout::kHeadMajor)) {
+      v.layout = KvLayout::kHeadMajorKT;
+    } else if (matches(KvLayout::kPageMajor)) {
+      v.layout = KvLayout::kPageMajorKT;
+    } else {
+      Check(absl::InvalidArgumentError(absl::StrCat(
+          kv.Describe(), " is marked ", kKeysTransposedAttr, " but has strides [",
+          absl::StrJoin(kv.strides, ", "),
+          "], neither head- nor page-major (mempipe.attention.layout_view builds the view)")));
+    }
+  } else if (matches(KvLayout::kTokenMajor)) {
+    return v;
+  } else if (matches(KvLayout::kHeadMajor)) {
     v.layout = KvLayout::kHeadMajor;
   } else if (matches(KvLayout::kPageMajor)) {
     v.layout = KvLayout::kPageMajor;
@@ -579,7 +598,7 @@ void WriteKvPy(py::handle kv_cache, py::handle slot_mapping, py::handle key, py:
        k = BorrowStrided(key, "key"), v = BorrowStrided(value, "value");
   [[maybe_unused]] const Target target = ResolveTarget({&kv, &slots, &k, &v}, stream);
   NoGpuKernel(target, "write_kv", "append_kv_and_digests writes the cache with the digests");
-  const KvCacheView cache = CacheView(kv);
+  const KvCacheView cache = CacheView(kv, kv_cache);
   CheckSlots(slots);
   const int64_t ks = TokenRowStride(k, slots, cache, true),
                 vs = TokenRowStride(v, slots, cache, true);
@@ -604,7 +623,7 @@ void AppendKvAndDigestsPy(py::handle kv_cache, py::handle slot_mapping, py::hand
   const BorrowedDigests dg = BorrowDigests(digests);
   [[maybe_unused]] const Target target = ResolveTarget({&kv, &slots, &k, &v, &dg.data}, stream);
   RequireDigestDevice(dg);
-  const KvCacheView cache = CacheView(kv);
+  const KvCacheView cache = CacheView(kv, kv_cache);
   const DigestView dv = DigestsView(dg, cache);
   CheckSlots(slots);
   const bool host = !target.gpu;
@@ -642,7 +661,7 @@ void UpdateDigestsPy(py::handle kv_cache, py::handle slot_mapping, py::handle di
   RequireDigestDevice(dg);
   NoGpuKernel(target, "update_digests",
               "append_kv_and_digests updates them with the write, build_digests in bulk");
-  const KvCacheView cache = CacheView(kv);
+  const KvCacheView cache = CacheView(kv, kv_cache);
   const DigestView dv = DigestsView(dg, cache);
   CheckSlots(slots);
   const auto* s = static_cast<const int64_t*>(slots.data);
@@ -657,7 +676,7 @@ void BuildDigestsPy(py::handle kv_cache, py::handle block_table, py::handle seq_
   const BorrowedDigests dg = BorrowDigests(digests);
   [[maybe_unused]] const Target target = ResolveTarget({&kv, &bt, &lens, &dg.data}, stream);
   RequireDigestDevice(dg);
-  const KvCacheView cache = CacheView(kv);
+  const KvCacheView cache = CacheView(kv, kv_cache);
   const DigestView dv = DigestsView(dg, cache);
   const BlockTableView table = TableView(bt, lens);
 #ifdef MEMPIPE_MODULE_GPU
@@ -680,7 +699,7 @@ void ComputeRelevancyPy(py::handle query, py::handle kv_cache, py::handle digest
   [[maybe_unused]] const Target target =
       ResolveTarget({&q, &kv, &dg.data, &bt, &lens, &sc}, stream);
   RequireDigestDevice(dg);
-  const KvCacheView cache = CacheView(kv);
+  const KvCacheView cache = CacheView(kv, kv_cache);
   const DigestView dv = DigestsView(dg, cache);
   const BlockTableView table = TableView(bt, lens);
   const QueryView qv = QueryOf(q);
@@ -744,7 +763,7 @@ void ScoreAndSelectPy(py::handle query, py::handle kv_cache, py::handle digests,
   [[maybe_unused]] const Target target =
       ResolveTarget({&q, &kv, &dg.data, &bt, &lens, &pg, &ct}, stream);
   RequireDigestDevice(dg);
-  const KvCacheView cache = CacheView(kv);
+  const KvCacheView cache = CacheView(kv, kv_cache);
   const DigestView dv = DigestsView(dg, cache);
   const BlockTableView table = TableView(bt, lens);
   const QueryView qv = QueryOf(q);
@@ -776,7 +795,7 @@ void DenseDecodePy(py::handle query, py::handle kv_cache, py::handle block_table
        bt = Borrow(block_table, "block_table"), lens = Borrow(seq_lens, "seq_lens"),
        o = Borrow(out, "out");
   [[maybe_unused]] const Target target = ResolveTarget({&q, &kv, &bt, &lens, &o}, stream);
-  const KvCacheView cache = CacheView(kv);
+  const KvCacheView cache = CacheView(kv, kv_cache);
   const BlockTableView table = TableView(bt, lens);
   const DecodeIo io = IoView(q, o, num_threads);
   const Scratch ws = ScratchOf(workspace, target,
@@ -807,7 +826,7 @@ void SparseDecodePy(py::handle query, py::handle kv_cache, py::handle block_tabl
        bt = Borrow(block_table, "block_table"), lens = Borrow(seq_lens, "seq_lens"),
        pg = Borrow(pages, "pages"), ct = Borrow(counts, "counts"), o = Borrow(out, "out");
   [[maybe_unused]] const Target target = ResolveTarget({&q, &kv, &bt, &lens, &pg, &ct, &o}, stream);
-  const KvCacheView cache = CacheView(kv);
+  const KvCacheView cache = CacheView(kv, kv_cache);
   const BlockTableView table = TableView(bt, lens);
   const DecodeIo io = IoView(q, o, num_threads);
   const SelectionView sel = SelectionOf(pg, ct, table.num_seqs, cache.num_kv_heads);
@@ -840,7 +859,7 @@ void PrefillAttentionPy(py::handle query, py::handle query_start_loc, py::handle
   [[maybe_unused]] const Target target = ResolveTarget({&q, &qsl, &kv, &bt, &lens, &o}, stream);
   NoGpuKernel(target, "prefill_attention",
               "mempipe.attention.PagedLayer.prefill runs torch SDPA on CUDA tensors");
-  const KvCacheView cache = CacheView(kv);
+  const KvCacheView cache = CacheView(kv, kv_cache);
   const BlockTableView table = TableView(bt, lens);
   const DecodeIo io = IoView(q, o, num_threads);
   Check(qsl.RequireRank(1));
@@ -1045,7 +1064,7 @@ class SelectionOffloadPy {
 
   void AddLayer(int layer, py::handle kv_cache, const std::string& digest_dtype) {
     auto kv = BorrowCache(kv_cache);
-    const KvCacheView v = CacheView(kv);
+    const KvCacheView v = CacheView(kv, kv_cache);
     CacheShape shape{v.dtype, v.num_blocks, v.block_size, v.num_kv_heads, v.head_dim};
     shape.digest_format = ValueOrThrow(ParseDigestFormat(digest_dtype));
     RunReleased([&] { return Engine().AddLayer(layer, shape); });
@@ -1056,7 +1075,7 @@ class SelectionOffloadPy {
     auto kv = BorrowCache(kv_cache), bt = Borrow(block_table, "block_table"),
          lens = Borrow(seq_lens, "seq_lens");
     const Target target = Resolve({&kv, &bt, &lens}, py::none());
-    KvCacheView cache = CacheView(kv);
+    KvCacheView cache = CacheView(kv, kv_cache);
     BlockTableView table = TableView(bt, lens);
     if (!target.gpu) {
       RunReleased([&] { return Engine().BuildDigests(layer, cache, table); });

@@ -43,8 +43,8 @@ absl::StatusOr<KvLayout> ParseKvLayout(absl::string_view name) {
   if (name == "page") return KvLayout::kPageMajor;
   if (name == "head_kt") return KvLayout::kHeadMajorKT;
   if (name == "page_kt") return KvLayout::kPageMajorKT;
-  return absl::InvalidArgumentError(absl::StrCat(
-      "kv_layout must be token, head, page, head_kt or page_kt, got '", name, "'"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("kv_layout must be token, head, page, head_kt or page_kt, got '", name, "'"));
 }
 
 const char* KvLayoutName(KvLayout layout) {

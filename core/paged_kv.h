@@ -98,9 +98,7 @@ struct KvCacheView {
   }
   size_t HeadStride() const {
     const size_t page = static_cast<size_t>(block_size) * head_dim;
-    return PageMajor() ? 2 * page
-           : HeadMajor()                  ? page
-                                          : static_cast<size_t>(head_dim);
+    return PageMajor() ? 2 * page : HeadMajor() ? page : static_cast<size_t>(head_dim);
   }
   // KV heads whose rows of one token are adjacent in memory: all of them token-major, one
   // head- or page-major (what a copy of a token's [num_kv_heads, head_dim] rows does in one piece).
@@ -109,14 +107,11 @@ struct KvCacheView {
   size_t PlaneBlockElems() const {
     return static_cast<size_t>(num_kv_heads) * head_dim * block_size;
   }
-  size_t BlockStride() const {
-    return PageMajor() ? 2 * PlaneBlockElems() : PlaneBlockElems();
-  }
+  size_t BlockStride() const { return PageMajor() ? 2 * PlaneBlockElems() : PlaneBlockElems(); }
   size_t PlaneElems() const { return PlaneBlockElems() * num_blocks; }  // elements of K (or V)
   // Elements from a K row to the V row of the same block, token and KV head.
   size_t KvStride() const {
-    return PageMajor() ? static_cast<size_t>(block_size) * head_dim
-                                          : PlaneElems();
+    return PageMajor() ? static_cast<size_t>(block_size) * head_dim : PlaneElems();
   }
   // K pages transposed (kHeadMajorKT): a K row of one token is not contiguous; read K through
   // KeyInPage / ElementOffset.

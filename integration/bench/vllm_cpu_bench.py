@@ -172,7 +172,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=int, default=512, help="mempipe token budget per KV head")
     ap.add_argument("--page-size", type=int, default=32, help="block size (both backends)")
     ap.add_argument("--dense-layers", type=int, default=2, help="mempipe's dense first layers")
-    ap.add_argument("--kv-layout", default="head", choices=("head", "page", "token"),
+    ap.add_argument("--kv-layout", default="head",
+                    choices=("head", "page", "head_kt", "page_kt", "token"),
                     help="mempipe's host KV cache layout (MEMPIPE_CONFIG kv_layout; default head)")
     ap.add_argument("--backends", default="CPU_ATTN,CUSTOM", help="order of the interleaved runs")
     ap.add_argument("--model-dir", default="build/smollm2-135m-hf", help="HF folder (made if missing)")

@@ -404,18 +404,57 @@ class PagedLayer:
                                    seq_lens, out, self.scale, num_threads=self.num_threads)
 
 
+# Set on a head_kt / page_kt view (layout_view): its K pages are [head_dim / x, page, x], which
+# no strides can say; the module reads the mark (bindings/module.cc, kKeysTransposedAttr). Views
+# derived from the marked one (slices, index_select) do not carry it: hand the module the view
+# layout_view returned.
+KEYS_TRANSPOSED_ATTR = "_mempipe_keys_transposed"
+
+
 def layout_view(region: torch.Tensor, num_blocks: int, page: int, kv_heads: int, head_dim: int,
                 layout: str) -> torch.Tensor:
     """The KV cache [2, num_blocks, page, kv_heads, head_dim] as a view of `region`, contiguous
     memory of that many elements laid out as `layout` says (config kv_layout): "token" the
     same shape; "head" [2, num_blocks, kv_heads, page, head_dim]; "page" [num_blocks, kv_heads,
-    2, page, head_dim]. The host steps recognise the layout from the view's strides."""
+    2, page, head_dim]; "head_kt" and "page_kt" head's and page's memory with each K page
+    transposed, [head_dim / x, page, x] with x channels of 4 bytes. The host steps recognise the
+    layout from the view's strides, and the transposed K pages from the view's mark
+    (KEYS_TRANSPOSED_ATTR): its K elements, read through torch, are not the keys (logical_keys
+    reads them)."""
     mempipe_config.require_kv_layout(layout)
-    if layout == "head":
-        return region.view(2, num_blocks, kv_heads, page, head_dim).permute(0, 1, 3, 2, 4)
-    if layout == "page":
-        return region.view(num_blocks, kv_heads, 2, page, head_dim).permute(2, 0, 3, 1, 4)
-    return region.view(2, num_blocks, page, kv_heads, head_dim)
+    base = layout.removesuffix("_kt")
+    if base == "head":
+        view = region.view(2, num_blocks, kv_heads, page, head_dim).permute(0, 1, 3, 2, 4)
+    elif base == "page":
+        view = region.view(num_blocks, kv_heads, 2, page, head_dim).permute(2, 0, 3, 1, 4)
+    else:
+        return region.view(2, num_blocks, page, kv_heads, head_dim)
+    if layout != base:
+        setattr(view, KEYS_TRANSPOSED_ATTR, True)
+    return view
+
+
+def keys_transposed(kv_cache: torch.Tensor) -> bool:
+    """Whether kv_cache is a head_kt / page_kt view (layout_view's mark)."""
+    return bool(getattr(kv_cache, KEYS_TRANSPOSED_ATTR, False))
+
+
+def logical_keys(kv_cache: torch.Tensor, blocks: torch.Tensor | None = None) -> torch.Tensor:
+    """K of the given physical blocks (all if None) as [len(blocks), page, kv_heads, head_dim]
+    in any layout: kv_cache[0][blocks] itself, or for a head_kt / page_kt view its transposed
+    pages [head_dim / x, page, x] read back (a copy)."""
+    k = kv_cache[0]
+    if not keys_transposed(kv_cache):
+        return k if blocks is None else k.index_select(0, blocks.long())
+    _, num_blocks, page, kv_heads, head_dim = kv_cache.shape
+    x = 4 // kv_cache.element_size()
+    # The K plane's memory per block and KV head: [head_dim / x, page, x] where the view has
+    # [page, head_dim]; the block and head strides are the view's own.
+    raw = k.as_strided((num_blocks, kv_heads, head_dim // x, page, x),
+                       (k.stride(0), k.stride(2), page * x, x, 1))
+    if blocks is not None:
+        raw = raw.index_select(0, blocks.long())
+    return raw.permute(0, 3, 1, 2, 4).contiguous().view(raw.shape[0], page, kv_heads, head_dim)
 
 
 def poisoned_cache(num_blocks: int, page: int, kv_heads: int, head_dim: int,
@@ -431,13 +470,19 @@ def poisoned_cache(num_blocks: int, page: int, kv_heads: int, head_dim: int,
     return layout_view(region, num_blocks, page, kv_heads, head_dim, layout)
 
 
+def logical_cache(kv_cache: torch.Tensor) -> torch.Tensor:
+    """A copy of the cache as [2, num_blocks, page, kv_heads, head_dim] in logical order, any
+    layout (head_kt / page_kt K read back through logical_keys)."""
+    return torch.stack([logical_keys(kv_cache), kv_cache[1]])
+
+
 def gather_context(kv_cache: torch.Tensor, block_row: torch.Tensor,
                    length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One sequence's K and V as [kv_heads, length, head_dim], gathered from its pages."""
     block_size = kv_cache.shape[2]
     pages = -(-length // block_size)
     ids = block_row[:pages].long()
-    k = kv_cache[0].index_select(0, ids).flatten(0, 1)[:length]
+    k = logical_keys(kv_cache, ids).flatten(0, 1)[:length]
     v = kv_cache[1].index_select(0, ids).flatten(0, 1)[:length]
     return k.transpose(0, 1), v.transpose(0, 1)
 

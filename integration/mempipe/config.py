@@ -66,7 +66,8 @@ Keys (all optional):
                   placement: cpu and gpu keep int8 digests beside the cache (PagedLayer, the
                   transformers and vLLM adapters alike); fpga registers its layers on the card
                   as int8 and keeps its fallback copy int8 too.
-    kv_layout     head | page | token (default head): how host KV caches are laid out: the
+    kv_layout     head | page | head_kt | page_kt | token (default head): how host KV caches
+                  are laid out: the
                   region vLLM hands each layer (one contiguous region whose inner layout is the
                   backend's) and the transformers adapter's MempipeCache pages.
                   head: each KV head's page contiguous, [2, blocks, KVH, page, D] in memory (as
@@ -74,6 +75,11 @@ Keys (all optional):
                   whole pages instead of head_dim-long rows at the token stride; page:
                   [blocks, KVH, 2, page, D], a KV head's K page followed by its V page, one
                   piece twice head's size, and each block inside its own slice of the region;
+                  head_kt, page_kt: head or page with each K page stored transposed,
+                  [D / x, page, x] with x channels of 4 bytes (fp32 1, bf16 and fp16 2), so
+                  that the AVX-512 kernel scores 16 tokens per vector without horizontal sums
+                  (integration/bench/results/keys_transposed/; the view carries the mark,
+                  attention.layout_view, and attention.logical_keys reads K back);
                   token: vLLM's FlashAttention layout [2, blocks, page, KVH, D]. CUDA caches
                   are always token (the GPU kernels read that one). The tensor the backend
                   hands mempipe's steps has the logical shape [2, blocks, page, KVH, D] in
@@ -119,7 +125,7 @@ FPGA_FUNCTIONALS = ("reference", "hls")
 FPGA_FALLBACKS = ("gpu", "dense")
 LOOKAHEAD_QUERIES = ("projected", "same")
 DIGEST_DTYPES = ("native", "int8")
-KV_LAYOUTS = ("head", "page", "token")
+KV_LAYOUTS = ("head", "page", "head_kt", "page_kt", "token")
 _BOOL_TEXT = {"true": True, "false": False}
 # Defined once, in C++ (core/paged_kv.h, core/dtype.h); read from the module.
 PAGE_SIZES = tuple(_mempipe.supported_block_sizes)

@@ -487,54 +487,55 @@ TEST(DecodeChunks, LongSequencesCombineChunksExactlyOnce) {
 TEST(DecodeLayout, ACacheReadInAnotherLayoutFailsTheCheck) {
   for (auto [layout, wrong_layout] : {std::pair{KvLayout::kHeadMajor, KvLayout::kTokenMajor},
                                       std::pair{KvLayout::kHeadMajorKT, KvLayout::kHeadMajor}})
-  for (CpuKernel kernel :
-       {CpuKernel::kPortable, CpuKernel::kAvx512, CpuKernel::kAvx512Bf16, CpuKernel::kAvx2}) {
-    if (!CpuKernelAvailable(kernel)) continue;
-    ASSERT_TRUE(SetCpuKernel(kernel).ok());
-    SCOPED_TRACE(absl::StrCat(ActiveCpuKernelName(), " ", KvLayoutName(layout)));
-    std::mt19937_64 rng(TestSeed());
-    const int bs = 16, kv = 4, d = 64, len = 300;
-    PagedFixture f(rng, {.dtype = DType::kFloat32,
-                         .block_size = bs,
-                         .num_kv_heads = kv,
-                         .head_dim = d,
-                         .seq_lens = {len},
-                         .layout = layout});
-    RandomTensor q(rng, DType::kFloat32, kv * d);
-    const float scale = 0.125f;
-    std::vector<int32_t> pages(kv * 3), counts(kv, 3);
-    for (int h = 0; h < kv; ++h) {
-      for (int i = 0; i < 3; ++i) pages[h * 3 + i] = 2 * i + h % 2;
-    }
-    for (int sparse = 0; sparse < 2; ++sparse) {
-      auto failures = [&](const KvCacheView& cache) {
-        std::vector<float> out(kv * d, NAN);
-        DecodeIo io{q.data(), out.data(), DType::kFloat32, 1, kv, d};
-        const absl::Status st = sparse ? SparseDecode(io, cache, f.table_view(),
-                                                      {pages.data(), counts.data(), kv, 3}, scale)
-                                       : DenseDecode(io, cache, f.table_view(), scale);
-        EXPECT_TRUE(st.ok()) << st;
-        int n = 0;
-        for (int h = 0; h < kv; ++h) {
-          std::vector<int> tokens;
-          for (int t = 0; t < len; ++t) {
-            const int p = t / bs;
-            if (!sparse || (p % 2 == h % 2 && p / 2 < 3)) tokens.push_back(t);
+    for (CpuKernel kernel :
+         {CpuKernel::kPortable, CpuKernel::kAvx512, CpuKernel::kAvx512Bf16, CpuKernel::kAvx2}) {
+      if (!CpuKernelAvailable(kernel)) continue;
+      ASSERT_TRUE(SetCpuKernel(kernel).ok());
+      SCOPED_TRACE(absl::StrCat(ActiveCpuKernelName(), " ", KvLayoutName(layout)));
+      std::mt19937_64 rng(TestSeed());
+      const int bs = 16, kv = 4, d = 64, len = 300;
+      PagedFixture f(rng, {.dtype = DType::kFloat32,
+                           .block_size = bs,
+                           .num_kv_heads = kv,
+                           .head_dim = d,
+                           .seq_lens = {len},
+                           .layout = layout});
+      RandomTensor q(rng, DType::kFloat32, kv * d);
+      const float scale = 0.125f;
+      std::vector<int32_t> pages(kv * 3), counts(kv, 3);
+      for (int h = 0; h < kv; ++h) {
+        for (int i = 0; i < 3; ++i) pages[h * 3 + i] = 2 * i + h % 2;
+      }
+      for (int sparse = 0; sparse < 2; ++sparse) {
+        auto failures = [&](const KvCacheView& cache) {
+          std::vector<float> out(kv * d, NAN);
+          DecodeIo io{q.data(), out.data(), DType::kFloat32, 1, kv, d};
+          const absl::Status st = sparse ? SparseDecode(io, cache, f.table_view(),
+                                                        {pages.data(), counts.data(), kv, 3}, scale)
+                                         : DenseDecode(io, cache, f.table_view(), scale);
+          EXPECT_TRUE(st.ok()) << st;
+          int n = 0;
+          for (int h = 0; h < kv; ++h) {
+            std::vector<int> tokens;
+            for (int t = 0; t < len; ++t) {
+              const int p = t / bs;
+              if (!sparse || (p % 2 == h % 2 && p / 2 < 3)) tokens.push_back(t);
+            }
+            const auto ref = ReferenceAttention(f, &q.values[h * d], 0, h, tokens, scale);
+            for (int c = 0; c < d; ++c) {
+              n += !(
+                  std::abs(out[h * d + c] - ref[c]) <=
+                  AttentionTolerance(DType::kFloat32, ref[c], static_cast<int>(tokens.size()), d));
+            }
           }
-          const auto ref = ReferenceAttention(f, &q.values[h * d], 0, h, tokens, scale);
-          for (int c = 0; c < d; ++c) {
-            n += !(std::abs(out[h * d + c] - ref[c]) <=
-                   AttentionTolerance(DType::kFloat32, ref[c], static_cast<int>(tokens.size()), d));
-          }
-        }
-        return n;
-      };
-      KvCacheView wrong = f.cache_view();
-      wrong.layout = wrong_layout;
-      EXPECT_EQ(failures(f.cache_view()), 0) << "sparse " << sparse;
-      EXPECT_GT(failures(wrong), kv * d / 2) << "sparse " << sparse;
+          return n;
+        };
+        KvCacheView wrong = f.cache_view();
+        wrong.layout = wrong_layout;
+        EXPECT_EQ(failures(f.cache_view()), 0) << "sparse " << sparse;
+        EXPECT_GT(failures(wrong), kv * d / 2) << "sparse " << sparse;
+      }
     }
-  }
   ASSERT_TRUE(SetCpuKernel(CpuKernel::kAuto).ok());
 }
 

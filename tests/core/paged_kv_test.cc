@@ -229,8 +229,9 @@ TEST(PagedKv, HeadMajorKTTransposesEachKPageInGroupsOfFourBytes) {
     EXPECT_TRUE(pkt.PageMajor());
     for (int t = 0; t < bs; t += 7) {
       for (int c = 0; c < d; c += 5) {
-        EXPECT_EQ(pkt.ElementOffset(0, 2, t, 1, c),
-                  page.Offset(0, 2, 0, 1) + kt.ElementOffset(0, 2, t, 1, c) - kt.Offset(0, 2, 0, 1));
+        EXPECT_EQ(
+            pkt.ElementOffset(0, 2, t, 1, c),
+            page.Offset(0, 2, 0, 1) + kt.ElementOffset(0, 2, t, 1, c) - kt.Offset(0, 2, 0, 1));
         EXPECT_EQ(pkt.ElementOffset(1, 2, t, 1, c), page.ElementOffset(1, 2, t, 1, c));
       }
     }
@@ -263,7 +264,8 @@ TEST(PagedKv, ParseKvLayoutNamesTheBadValue) {
   }
   const auto bad = ParseKvLayout("pages");
   ASSERT_FALSE(bad.ok());
-  EXPECT_EQ(bad.status().message(), "kv_layout must be token, head, page, head_kt or page_kt, got 'pages'");
+  EXPECT_EQ(bad.status().message(),
+            "kv_layout must be token, head, page, head_kt or page_kt, got 'pages'");
 }
 
 }  // namespace

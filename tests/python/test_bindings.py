@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mempipe import _mempipe as mp
+from mempipe.attention import keys_transposed, layout_view, logical_keys, poisoned_cache
 from reference import (ATOL, DTYPES, random_batch, ref_decode, ref_digests, ref_prefill,
                        ref_scores, ref_select, slots_for)
 
@@ -21,25 +22,31 @@ SHAPES = [  # (block_size, kv_heads, num_heads, head_dim)
 ]
 
 
+# Every host cache layout (config kv_layout); head_kt and page_kt are marked views whose K pages
+# are transposed (mempipe.attention.layout_view), read back through logical_keys.
+LAYOUTS = ["token", "head", "page", "head_kt", "page_kt"]
+
+
 def random_lens(gen, block_size, num_seqs=3, max_pages=9):
     return [int(torch.randint(1, max_pages * block_size + 1, (1,), generator=gen))
             for _ in range(num_seqs)]
 
 
-@pytest.mark.parametrize("layout", ["token", "head", "page"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_write_kv_places_rows_and_leaves_other_slots(gen, dtype, shape, layout):
     bs, kvh, _, d = shape
     batch = random_batch(gen, dtype, bs, kvh, d, random_lens(gen, bs), layout=layout)
+    logical = torch.stack([logical_keys(batch.kv_cache), batch.kv_cache[1]])
     written = torch.zeros(batch.kv_cache.shape[1:3], dtype=torch.bool)
     for s, n in enumerate(batch.seq_lens.tolist()):
         for t in range(n):
             blk = int(batch.block_table[s, t // bs])
-            assert torch.equal(batch.kv_cache[0, blk, t % bs], batch.keys[s][t])
-            assert torch.equal(batch.kv_cache[1, blk, t % bs], batch.values[s][t])
+            assert torch.equal(logical[0, blk, t % bs], batch.keys[s][t])
+            assert torch.equal(logical[1, blk, t % bs], batch.values[s][t])
             written[blk, t % bs] = True
-    assert torch.isnan(batch.kv_cache[:, ~written].float()).all()
+    assert torch.isnan(logical[:, ~written].float()).all()
 
 
 def test_write_kv_skips_negative_slots(gen):
@@ -51,7 +58,7 @@ def test_write_kv_skips_negative_slots(gen):
     assert int((~torch.isnan(kv)).sum()) == 2 * 2 * 64
 
 
-@pytest.mark.parametrize("layout", ["token", "head", "page"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_write_and_append_read_strided_token_rows(gen, dtype, layout):
     """key and value as vLLM passes them, column slices of one fused qkv row per token, are
@@ -93,7 +100,7 @@ def test_write_and_append_read_strided_token_rows(gen, dtype, layout):
                                  torch.zeros((blocks, 2, kvh, d), dtype=dtype))
 
 
-@pytest.mark.parametrize("layout", ["token", "head", "page"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_build_and_append_digests_match_reference(gen, dtype, shape, layout):
@@ -105,7 +112,7 @@ def test_build_and_append_digests_match_reference(gen, dtype, shape, layout):
     mp.build_digests(batch.kv_cache, batch.block_table, batch.seq_lens, bulk)
     # Incremental: the same tokens appended one at a time through the fused call.
     inc = torch.full_like(bulk, float("nan"))
-    kv2 = torch.full_like(batch.kv_cache, float("nan"))
+    kv2 = poisoned_cache(batch.kv_cache.shape[1], bs, kvh, d, dtype, "cpu", layout)
     for s, n in enumerate(lens):
         for t in range(n):
             slot = slots_for(batch.block_table, s, [t], bs)
@@ -163,7 +170,7 @@ def test_select_pages_matches_reference(gen, shape, budget_pages, sinks, locals_
             assert (pages[s, g, c:] == -1).all()
 
 
-@pytest.mark.parametrize("layout", ["token", "head", "page"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -179,7 +186,7 @@ def test_dense_decode_matches_reference(gen, dtype, shape, threads, layout):
                                rtol=0)
 
 
-@pytest.mark.parametrize("layout", ["token", "head", "page"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -206,7 +213,7 @@ def test_score_select_sparse_decode_pipeline(gen, dtype, shape, threads, layout)
                                atol=ATOL[dtype], rtol=0)
 
 
-@pytest.mark.parametrize("layout", ["token", "head", "page"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -301,6 +308,52 @@ def test_head_and_page_major_caches_are_read_as_such(gen, layout):
         outs.append(out)
     assert torch.equal(outs[0], outs[1])
     assert not torch.allclose(outs[0], outs[2], atol=1e-2)
+
+
+@pytest.mark.parametrize("layout", ["head_kt", "page_kt"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_transposed_key_pages_are_read_by_the_mark(gen, dtype, layout):
+    """A head_kt / page_kt view decodes (dense and sparse) to what the same logical cache in
+    head- or page-major memory does, within the kernels' summation order. Its memory read
+    without the mark (a fresh view of the same bytes, the K pages taken for rows) decodes to
+    something else, so the mark is what is read; K pages are stored [D / x, page, x] exactly.
+    A mark on a token-major view is refused, naming it."""
+    base = layout.removesuffix("_kt")
+    lens = [70, 33]
+    kt = random_batch(torch.Generator().manual_seed(5), dtype, 16, 2, 64, lens, layout=layout)
+    plain = random_batch(torch.Generator().manual_seed(5), dtype, 16, 2, 64, lens, layout=base)
+    assert keys_transposed(kt.kv_cache) and not keys_transposed(plain.kv_cache)
+    assert torch.equal(kt.block_table, plain.block_table)
+    # The bytes: K page (block b, head h) is [64 / x, 16, x] of head- or page-major's rows.
+    x = 4 // kt.kv_cache.element_size()
+    blk = int(kt.block_table[0, 0])
+    page = logical_keys(plain.kv_cache)[blk, :, 1]                          # [16, 64]
+    raw = kt.kv_cache[0, blk, :, 1]                                         # the same 1024 slots
+    want = page.reshape(16, 64 // x, x).transpose(0, 1).reshape(16, 64)     # [D/x, 16, x] flat
+    assert torch.equal(raw.contiguous().view(-1), want.contiguous().view(-1))
+    q = torch.randn(2, 4, 64, generator=gen).to(dtype)
+    pages = torch.tensor([[[0, 2, -1], [1, 3, 4]], [[0, 1, -1], [2, -1, -1]]], dtype=torch.int32)
+    counts = torch.tensor([[2, 3], [2, 1]], dtype=torch.int32)
+    outs = {}
+    region = kt.kv_cache.as_strided((kt.kv_cache.numel(),), (1,))
+    unmarked = layout_view(region, kt.kv_cache.shape[1], 16, 2, 64, base)
+    for name, kv in (("kt", kt.kv_cache), ("plain", plain.kv_cache), ("unmarked", unmarked)):
+        for sparse in (False, True):
+            out = torch.full_like(q, float("nan"))
+            if sparse:
+                mp.sparse_decode(q, kv, kt.block_table, kt.seq_lens, pages, counts, out, 0.125)
+            else:
+                mp.dense_decode(q, kv, kt.block_table, kt.seq_lens, out, 0.125)
+            outs[name, sparse] = out.float()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for sparse in (False, True):
+        assert torch.isfinite(outs["kt", sparse]).all()
+        torch.testing.assert_close(outs["kt", sparse], outs["plain", sparse], rtol=0, atol=tol)
+        assert (outs["unmarked", sparse] - outs["plain", sparse]).abs().max() > 10 * tol
+    token = random_batch(gen, dtype, 16, 2, 64, lens, layout="token").kv_cache
+    setattr(token, "_mempipe_keys_transposed", True)
+    with pytest.raises(ValueError, match="marked _mempipe_keys_transposed but has strides"):
+        mp.dense_decode(q, token, kt.block_table, kt.seq_lens, torch.empty_like(q), 0.125)
 
 
 def test_other_cache_strides_are_refused_naming_them(gen):

@@ -44,7 +44,7 @@ def test_parse_errors_name_the_bad_item(text, message):
     ("deadline_ms=-3", "deadline_ms must be a positive number of milliseconds, got -3.0"),
     ("fpga_append_ring=0", "fpga_append_ring must be in [1, 1024], got 0"),
     ("fpga_append_ring=2000", "fpga_append_ring must be in [1, 1024], got 2000"),
-    ("kv_layout=tokens", "kv_layout must be head, page or token, got 'tokens'"),
+    ("kv_layout=tokens", "kv_layout must be head, page, head_kt, page_kt or token, got 'tokens'"),
 ])
 def test_validate_gives_reasons(text, reason):
     reasons = config.load(environ={"MEMPIPE_CONFIG": text}).validate()

@@ -142,17 +142,19 @@ def test_head_and_token_major_host_caches_give_the_same_tokens(model, gen, monke
     ids = torch.randint(3, 500, (1, 256), generator=gen)
     results = {}
     model.set_attn_implementation("mempipe")
-    for layout in ("head", "page", "token"):
+    for layout in ("head", "page", "head_kt", "page_kt", "token"):
         monkeypatch.setenv("MEMPIPE_CONFIG", f"placement=cpu,{QUARTER},dense_layers=0,"
                                              f"kv_layout={layout}")
         cache = mempipe.hf.MempipeCache()
         out = _generate_cached(model, ids, cache, steps=4)
         layer = cache.layers[1]
         assert layer.kv_cache.is_contiguous() == (layout == "token")
+        assert mempipe.attention.keys_transposed(layer.kv_cache) == layout.endswith("_kt")
         assert cache.calls()["sparse"] > 0
-        results[layout] = (out, layer.kv_cache.clone(), layer.digests.clone())
+        results[layout] = (out, mempipe.attention.logical_cache(layer.kv_cache),
+                           layer.digests.clone())
     b, kvb, dgb = results["token"]
-    for layout in ("head", "page"):
+    for layout in ("head", "page", "head_kt", "page_kt"):
         a, kva, dga = results[layout]
         assert torch.equal(a, b), layout
         torch.testing.assert_close(kva, kvb, equal_nan=True, rtol=0, atol=0)
@@ -167,7 +169,7 @@ def test_poisoned_cache_layouts():
     assert token.is_contiguous() and not head.is_contiguous() and not page.is_contiguous()
     assert head.permute(0, 1, 3, 2, 4).is_contiguous() and torch.isnan(head).all()
     assert page.permute(1, 3, 0, 2, 4).is_contiguous() and torch.isnan(page).all()
-    with pytest.raises(ValueError, match="kv_layout must be head, page or token, got 'x'"):
+    with pytest.raises(ValueError, match="kv_layout must be head, page, head_kt, page_kt or token, got 'x'"):
         mempipe.attention.poisoned_cache(3, 16, 2, 64, torch.float32, "cpu", "x")
 
 

@@ -60,7 +60,7 @@ def test_unpoisoned_host_digests_are_zeros_that_cost_no_memory_until_written(dty
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("layout", ["token", "head", "page"])
+@pytest.mark.parametrize("layout", ["token", "head", "page", "head_kt", "page_kt"])
 def test_paged_layer_host_digests_after_prompts_and_decode(gen, dtype, layout):
     """A sparse PagedLayer on host tensors: prompts appended one call each (as a prefill step),
     then decode tokens one per sequence per call; its digests equal the reference max/min of

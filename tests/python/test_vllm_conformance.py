@@ -20,6 +20,7 @@ from vllm.v1.attention import backend as vbackend  # noqa: E402
 from vllm.v1.attention.backends import registry  # noqa: E402
 from vllm.v1.kv_cache_interface import FullAttentionSpec  # noqa: E402
 
+from mempipe.attention import keys_transposed, logical_cache  # noqa: E402
 from mempipe.vllm import plugin  # noqa: E402
 from mempipe.vllm.testing import common_metadata  # noqa: E402
 from mempipe.vllm.backend import (MempipeAttentionBackend, MempipeAttentionImpl,  # noqa: E402
@@ -152,7 +153,7 @@ def _builder(vc):
                                   torch.device("cpu"))
 
 
-@pytest.mark.parametrize("kv_layout", ["head", "page", "token"])
+@pytest.mark.parametrize("kv_layout", ["head", "page", "head_kt", "page_kt", "token"])
 @pytest.mark.parametrize("mixed", [True, False], ids=["mixed-batch", "decode-batch"])
 @pytest.mark.parametrize("layer_index,budget", [(0, 4096), (3, 4096), (3, 48)],
                          ids=["dense-layer", "sparse-full-budget", "sparse-small-budget"])
@@ -188,7 +189,10 @@ def test_builder_and_forward_match_reference(gen, monkeypatch, layer_index, budg
     query = torch.randn(key.shape[0], H, D, generator=gen)
     output = torch.full((key.shape[0], H * D), float("nan"))
     impl.forward(layer, query, key, value, vllm_cache, meta, output)
-    torch.testing.assert_close(ours, batch.kv_cache, equal_nan=True, rtol=0, atol=0)
+    # The cache forward wrote, read in logical order (head_kt / page_kt: K pages transposed).
+    assert keys_transposed(ours) == kv_layout.endswith("_kt")
+    torch.testing.assert_close(logical_cache(ours), batch.kv_cache, equal_nan=True, rtol=0,
+                               atol=0)
 
     starts = meta.query_start_loc
     want = ref_prefill(query, starts, batch, D ** -0.5)  # dense causal for every token
@@ -251,7 +255,7 @@ def test_as_mempipe_cache_lays_host_caches_out_as_asked():
         assert page[kv, b, t, h, c] == flat[(((b * KVH + h) * 2 + kv) * BS + t) * D + c]
         assert token[kv, b, t, h, c] == flat[(((kv * 6 + b) * BS + t) * KVH + h) * D + c]
     assert (page[:, 4].flatten().sort().values == region[4].flatten().sort().values).all()
-    with pytest.raises(ValueError, match="kv_layout must be head, page or token, got 'rows'"):
+    with pytest.raises(ValueError, match="kv_layout must be head, page, head_kt, page_kt or token, got 'rows'"):
         as_mempipe_cache(region, KVH, D, "rows")
 
 

@@ -83,6 +83,21 @@ def test_custom_int8_digests_full_budget_matches_default_backend(model_dir, defa
     assert result["tokens"] == default_tokens["tokens"]
 
 
+@pytest.mark.parametrize("layout", ["head_kt", "page_kt"])
+def test_custom_transposed_key_pages_full_budget_matches_default_backend(model_dir,
+                                                                         default_tokens, layout):
+    # kv_layout head_kt / page_kt: every layer's host cache with its K pages transposed (the
+    # AVX-512 kernel scores tokens in lanes). Appends, digests, the prefill (its gather reads
+    # the pages back: attention.logical_keys) and both decode paths read them; the sparse layers
+    # are kept on their sparse path at this covering budget (MEMPIPE_VLLM_COVERED_DENSE=0), and
+    # the greedy tokens equal vLLM's own backend's.
+    result, _ = generate(model_dir, "CUSTOM",
+                         f"page_size={BLOCK},budget=1024,dense_layers=1,kv_layout={layout}",
+                         inproc=True, extra_env={"MEMPIPE_VLLM_COVERED_DENSE": "0"})
+    assert result["impls"] == ["MempipeAttentionImpl"]
+    assert result["tokens"] == default_tokens["tokens"]
+
+
 def test_custom_small_budget_chooses_correct_pages(model_dir, default_tokens):
 
     from selection_check import assert_all_caught, assert_all_correct

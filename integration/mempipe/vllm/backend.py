@@ -565,7 +565,10 @@ def as_mempipe_cache(kv_cache: torch.Tensor, num_kv_heads: int, head_dim: int,
     [2, num_blocks, KVH, block_size, D], and "page": [num_blocks, KVH, 2, block_size, D], each
     block's pages inside the block's own slice of the region. Both are returned as permuted
     views with the same logical shape (attention.layout_view), which mempipe's host steps read
-    from their strides (config.py, kv_layout)."""
+    from their strides (config.py, kv_layout). "head_kt" and "page_kt" are head's and page's
+    memory with each K page transposed ([D / x, block_size, x]); their views carry the mark
+    the host steps read (attention.KEYS_TRANSPOSED_ATTR), and torch reads their keys through
+    attention.logical_keys."""
     if kv_cache.dim() == 5 and kv_cache.shape[0] == 2:
         return kv_cache
     if kv_cache.dim() != 4 or kv_cache.shape[1] != num_kv_heads or \

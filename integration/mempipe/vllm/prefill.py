@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from mempipe.attention import logical_keys
+
 
 def gathered_sdpa_prefill(query: torch.Tensor, query_start_loc: torch.Tensor,
                           kv_cache: torch.Tensor, block_table: torch.Tensor,
@@ -42,7 +44,7 @@ def gathered_sdpa_prefill(query: torch.Tensor, query_start_loc: torch.Tensor,
         pages = (length + block_size - 1) // block_size
         blocks = block_table[s, :pages].to(torch.int64)
         # [pages, block, KVH, D] -> [KVH, seq_len, D], then one copy per query head group.
-        k = kv_cache[0].index_select(0, blocks).view(-1, kv_heads, head_dim)[:length]
+        k = logical_keys(kv_cache, blocks).view(-1, kv_heads, head_dim)[:length]
         v = kv_cache[1].index_select(0, blocks).view(-1, kv_heads, head_dim)[:length]
         # torch's CPU flash kernel takes 4-D [batch, heads, tokens, dim] only (3-D inputs fall
         # back to the math kernel, 5-7x slower for a 6K prompt).
@@ -191,7 +193,7 @@ class VllmCpuPrefill:
                                  f"[{query.shape[0]}, {kvh}, {d}]")
             k, v = key, value
         else:
-            k = kv_cache[0].index_select(0, plan["ids"]).view(-1, kvh, d)
+            k = logical_keys(kv_cache, plan["ids"]).view(-1, kvh, d)
             v = kv_cache[1].index_select(0, plan["ids"]).view(-1, kvh, d)
             slots = plan["slots"]
         cache = self._cache(plan["num_blocks"]).view(plan["num_blocks"], kvh, 2 * self.block, d)
