@@ -345,11 +345,15 @@ def test_transposed_key_pages_are_read_by_the_mark(gen, dtype, layout):
             else:
                 mp.dense_decode(q, kv, kt.block_table, kt.seq_lens, out, 0.125)
             outs[name, sparse] = out.float()
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    # The transposed scores sum the channels in another order: fp32 rounding apart, so a 16-bit
+    # output may round one unit differently (2^-8 relative, 2^-7 with margin), fp32 by a few
+    # units of 2^-24. A K page read as rows instead changes the weights by O(1).
+    rtol, atol = (1e-5, 1e-6) if dtype == torch.float32 else (2.0**-7, 1e-3)
     for sparse in (False, True):
         assert torch.isfinite(outs["kt", sparse]).all()
-        torch.testing.assert_close(outs["kt", sparse], outs["plain", sparse], rtol=0, atol=tol)
-        assert (outs["unmarked", sparse] - outs["plain", sparse]).abs().max() > 10 * tol
+        torch.testing.assert_close(outs["kt", sparse], outs["plain", sparse], rtol=rtol,
+                                   atol=atol)
+        assert (outs["unmarked", sparse] - outs["plain", sparse]).abs().max() > 0.05
     token = random_batch(gen, dtype, 16, 2, 64, lens, layout="token").kv_cache
     setattr(token, "_mempipe_keys_transposed", True)
     with pytest.raises(ValueError, match="marked _mempipe_keys_transposed but has strides"):
