@@ -178,20 +178,6 @@ struct ValuePage {
   int n;
 };
 
-// Tokens [0, n) of a transposed K page (KvLayout::kHeadMajorKT, groups of 4 bytes of channels
-// block_size apart) as contiguous rows [n, head_dim], for the kernels that read K by rows (the
-// AVX2 kernel; the AVX-512 kernel reads the transposed page as it is, Avx512KtScores).
-template <typename T>
-void UntransposeKeys(const KvCacheView& cache, const T* kpage, int n, T* rows) {
-  const int x = cache.KeyGroup();
-  for (int t = 0; t < n; ++t) {
-    for (int c = 0; c < cache.head_dim; c += x) {
-      std::memcpy(rows + static_cast<size_t>(t) * cache.head_dim + c, kpage + cache.KeyInPage(t, c),
-                  4);
-    }
-  }
-}
-
 // The page AddPage computes after the current one. Its rows are prefetched one row per token of
 // the current page's scores (PrefetchRow), so the misses of the next page overlap the
 // arithmetic of this one; in the AVX-512 kernel its K rows only, P.V prefetching the V rows
@@ -1431,7 +1417,9 @@ class Avx2Heads : public BatchedHeads<Avx2Heads<T>, T> {
     float* p = this->QueuePage(i, v, n, stride);
     if (cache.KeysTransposed()) {  // rows again, in scratch: this kernel scores by rows
       krows_.resize(static_cast<size_t>(cache.block_size) * cache.head_dim);
-      UntransposeKeys(cache, k, n, krows_.data());
+      for (int t = 0; t < n; ++t) {
+        ReadTransposedKeyRow(cache, k, t, &krows_[static_cast<size_t>(t) * cache.head_dim]);
+      }
       k = krows_.data();
     }
     this->ScoreAndFlushIfFull(k, stride, n, i, p, next);

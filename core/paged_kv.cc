@@ -63,6 +63,22 @@ const char* KvLayoutName(KvLayout layout) {
   return "unknown";
 }
 
+void ReadTransposedKeyRow(const KvCacheView& cache, const void* page, int token, void* row) {
+  const char* src = static_cast<const char*>(page) + 4 * static_cast<size_t>(token);
+  char* dst = static_cast<char*>(row);
+  const size_t step = 4 * static_cast<size_t>(cache.block_size);
+  const size_t groups = cache.head_dim / cache.KeyGroup();
+  for (size_t g = 0; g < groups; ++g) std::memcpy(dst + 4 * g, src + g * step, 4);
+}
+
+void WriteTransposedKeyRow(const KvCacheView& cache, void* page, int token, const void* row) {
+  char* dst = static_cast<char*>(page) + 4 * static_cast<size_t>(token);
+  const char* src = static_cast<const char*>(row);
+  const size_t step = 4 * static_cast<size_t>(cache.block_size);
+  const size_t groups = cache.head_dim / cache.KeyGroup();
+  for (size_t g = 0; g < groups; ++g) std::memcpy(dst + g * step, src + 4 * g, 4);
+}
+
 absl::Status RequireTokenMajor(const KvCacheView& cache, const char* who) {
   if (!cache.HeadMajor()) return absl::OkStatus();
   return absl::UnimplementedError(absl::StrCat(
@@ -150,11 +166,8 @@ absl::Status WriteKv(const KvCacheView& cache, const int64_t* slot_mapping, int 
     const int off = static_cast<int>(slot % cache.block_size);
     for (int h = 0; h < cache.num_kv_heads; h += run) {
       const char* krow = static_cast<const char*>(key) + t * key_step + h * head_bytes;
-      if (cache.KeysTransposed()) {  // run is 1: the row's groups of 4 bytes, block_size apart
-        char* kpage = base + cache.Offset(0, block, 0, h) * esize;
-        for (int c = 0; c < cache.head_dim; c += cache.KeyGroup()) {
-          std::memcpy(kpage + cache.KeyInPage(off, c) * esize, krow + c * esize, 4);
-        }
+      if (cache.KeysTransposed()) {  // run is 1
+        WriteTransposedKeyRow(cache, base + cache.Offset(0, block, 0, h) * esize, off, krow);
       } else {
         std::memcpy(base + cache.Offset(0, block, off, h) * esize, krow, run * head_bytes);
       }

@@ -60,8 +60,8 @@ enum class KvLayout : uint8_t {
   // [head_dim / x, block_size, x] with x = 4 / element size (fp32 1, fp16 and bf16 2), so that a
   // page's tokens lie in the lanes of a vector load and the scores need no horizontal sums
   // (vLLM's earlier CPU cache split K the same way, [head_dim / x, block_size, x], x = 16 bytes).
-  // V pages are head-major's. Element (t, c) of a K page: KeyInPage(t, c). Host steps only; the
-  // GPU kernels and the FPGA device copy refuse it, as they do head-major.
+  // V pages are head-major's. Element (t, c) of a K page: KeyInPage(t, c); a token's row:
+  // ReadTransposedKeyRow. Host steps only; the GPU kernels refuse it, as they do head-major.
   kHeadMajorKT,
   // Page-major, with each K page transposed as in kHeadMajorKT: a KV head's transposed K page
   // followed by its V page, one piece.
@@ -141,6 +141,12 @@ struct KvCacheView {
                    : Offset(1, block, token, head) + channel;
   }
 };
+
+// One token's K row of a transposed page (cache.KeysTransposed(); `page` at Offset(0, block, 0,
+// head)) read into, or written from, `row` [head_dim] contiguous: its groups of 4 bytes lie
+// block_size groups apart. Every reader and writer of K by rows goes through these two.
+void ReadTransposedKeyRow(const KvCacheView& cache, const void* page, int token, void* row);
+void WriteTransposedKeyRow(const KvCacheView& cache, void* page, int token, const void* row);
 
 // Block tables and lengths of a batch of sequences.
 struct BlockTableView {

@@ -140,12 +140,10 @@ absl::Status GatherKeysForBuild(const KvCacheView& cache, const BlockTableView& 
       for (int t = 0; t < n; ++t) {
         slots.push_back(static_cast<int64_t>(block) * cache.block_size + t);
         for (int h = 0; h < cache.num_kv_heads; h += run) {
-          if (cache.KeysTransposed()) {  // run is 1: the row's groups of 4 bytes, gathered
-            const uint8_t* page = kv + cache.Offset(0, block, 0, h) * DTypeSize(cache.dtype);
-            for (int c = 0; c < cache.head_dim; c += cache.KeyGroup()) {
-              const uint8_t* src = page + cache.KeyInPage(t, c) * DTypeSize(cache.dtype);
-              keys.insert(keys.end(), src, src + 4);
-            }
+          if (cache.KeysTransposed()) {  // run is 1
+            keys.resize(keys.size() + head_bytes);
+            ReadTransposedKeyRow(cache, kv + cache.Offset(0, block, 0, h) * DTypeSize(cache.dtype),
+                                 t, keys.data() + keys.size() - head_bytes);
             continue;
           }
           const uint8_t* src = kv + cache.Offset(0, block, t, h) * DTypeSize(cache.dtype);

@@ -87,6 +87,29 @@ absl::Status ValidateDigests(const KvCacheView& cache, const DigestView& digests
   return absl::OkStatus();
 }
 
+namespace {
+
+// K's token rows in any layout: in place, or for transposed pages (head_kt, page_kt) read into
+// one scratch row (ReadTransposedKeyRow), valid until the next call.
+template <typename T>
+class KeyRows {
+ public:
+  explicit KeyRows(const KvCacheView& cache)
+      : cache_(cache), row_(cache.KeysTransposed() ? cache.head_dim : 0) {}
+  const T* operator()(int block, int token, int head) {
+    const T* kv = static_cast<const T*>(cache_.data);
+    if (!cache_.KeysTransposed()) return kv + cache_.Offset(0, block, token, head);
+    ReadTransposedKeyRow(cache_, kv + cache_.Offset(0, block, 0, head), token, row_.data());
+    return row_.data();
+  }
+
+ private:
+  const KvCacheView& cache_;
+  std::vector<T> row_;
+};
+
+}  // namespace
+
 absl::Status BuildDigests(const KvCacheView& cache, const BlockTableView& table,
                           const DigestView& digests) {
   MEMPIPE_RETURN_IF_ERROR(ValidateKvCache(cache));
@@ -94,9 +117,9 @@ absl::Status BuildDigests(const KvCacheView& cache, const BlockTableView& table,
   MEMPIPE_RETURN_IF_ERROR(ValidateBlockTable(table, cache.block_size, cache.num_blocks));
   const DigestView exact = ExactView(digests);
   DispatchDType(cache.dtype, [&]<typename T>() {
-    const T* kv = static_cast<const T*>(cache.data);
     T* dg = static_cast<T*>(exact.data);
     std::vector<float> fmx(cache.head_dim), fmn(cache.head_dim);
+    KeyRows<T> key_row(cache);
     for (int s = 0; s < table.num_seqs; ++s) {
       const int len = table.seq_lens[s];
       for (int p = 0; p < NumPages(len, cache.block_size); ++p) {
@@ -105,27 +128,14 @@ absl::Status BuildDigests(const KvCacheView& cache, const BlockTableView& table,
         for (int h = 0; h < cache.num_kv_heads; ++h) {
           // Widen in fp32 and store once: max/min pick stored values, so the round trip
           // through fp32 is exact.
-          const T* page = kv + cache.Offset(0, block, 0, h);
-          if (cache.KeysTransposed()) {  // channel c's tokens x elements apart (KeyInPage)
-            const int x = cache.KeyGroup();
+          const T* first = key_row(block, 0, h);
+          for (int c = 0; c < cache.head_dim; ++c) fmx[c] = fmn[c] = ToFloat(first[c]);
+          for (int t = 1; t < n; ++t) {
+            const T* key = key_row(block, t, h);
             for (int c = 0; c < cache.head_dim; ++c) {
-              const T* col = page + cache.KeyInPage(0, c);
-              fmx[c] = fmn[c] = ToFloat(col[0]);
-              for (int t = 1; t < n; ++t) {
-                const float k = ToFloat(col[t * x]);
-                fmx[c] = k > fmx[c] ? k : fmx[c];
-                fmn[c] = k < fmn[c] ? k : fmn[c];
-              }
-            }
-          } else {
-            for (int c = 0; c < cache.head_dim; ++c) fmx[c] = fmn[c] = ToFloat(page[c]);
-            for (int t = 1; t < n; ++t) {
-              const T* key = kv + cache.Offset(0, block, t, h);
-              for (int c = 0; c < cache.head_dim; ++c) {
-                const float k = ToFloat(key[c]);
-                fmx[c] = k > fmx[c] ? k : fmx[c];
-                fmn[c] = k < fmn[c] ? k : fmn[c];
-              }
+              const float k = ToFloat(key[c]);
+              fmx[c] = k > fmx[c] ? k : fmx[c];
+              fmn[c] = k < fmn[c] ? k : fmn[c];
             }
           }
           T* mx = dg + digests.Offset(block, 0, h);
@@ -273,18 +283,11 @@ absl::Status UpdateDigests(const KvCacheView& cache, const int64_t* slot_mapping
   MEMPIPE_RETURN_IF_ERROR(CheckSlots(slot_mapping, num_tokens,
                                      static_cast<int64_t>(cache.num_blocks) * cache.block_size));
   DispatchDType(cache.dtype, [&]<typename T>() {
-    const T* kv = static_cast<const T*>(cache.data);
-    // Transposed K pages (head_kt): each row gathered into `row`, which ApplyKeys reads before
-    // it asks for the next.
-    std::vector<T> row(cache.KeysTransposed() ? cache.head_dim : 0);
+    KeyRows<T> key_row(cache);
     ApplyKeys<T>(digests, cache.block_size, slot_mapping, num_tokens, [&](int t, int h) {
       const int64_t slot = slot_mapping[t];
-      const int block = static_cast<int>(slot / cache.block_size);
-      const int token = static_cast<int>(slot % cache.block_size);
-      if (!cache.KeysTransposed()) return kv + cache.Offset(0, block, token, h);
-      const T* page = kv + cache.Offset(0, block, 0, h);
-      for (int c = 0; c < cache.head_dim; ++c) row[c] = page[cache.KeyInPage(token, c)];
-      return static_cast<const T*>(row.data());
+      return key_row(static_cast<int>(slot / cache.block_size),
+                     static_cast<int>(slot % cache.block_size), h);
     });
   });
   return absl::OkStatus();
