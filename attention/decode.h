@@ -82,6 +82,23 @@ struct PageList {
 [[nodiscard]] absl::Status ReadDecodeRows(const DecodeIo& io, const KvCacheView& cache,
                                           const BlockTableView& table, const PageList* pages);
 
+// How the AVX-512 kernel prefetches sparse decode's scattered pages (process-wide).
+//   kStream (default): every page a thread's range will read is known before it starts, so its
+//     rows are prefetched as one stream in the kernel's order, 8 KiB ahead of the reads.
+//   kNextPage: the next page's K rows over the current page's scores, and P.V its batch's V
+//     rows 48 tokens ahead (what dense decode does; sparse decode's scheme before 2026-12-04).
+// Measured in integration/bench/results/read_ahead/. The environment variable
+// MEMPIPE_SPARSE_READ_AHEAD (stream, next_page) sets the process's starting value; a value it
+// does not name is ignored with a message on stderr. For measurements, not tuning: the AVX2 and
+// portable kernels ignore it.
+enum class SparseReadAhead : int { kStream = 0, kNextPage = 1 };
+void SetSparseReadAhead(SparseReadAhead mode);
+// Accepts stream, next_page; InvalidArgument naming anything else.
+absl::StatusOr<SparseReadAhead> ParseSparseReadAhead(absl::string_view name);
+// "stream" or "next_page".
+absl::string_view SparseReadAheadName(SparseReadAhead mode);
+SparseReadAhead ActiveSparseReadAhead();
+
 // Causal prefill: the last q_len(s) = query_start_loc[s+1] - query_start_loc[s] tokens of each
 // sequence attend to cached tokens [0, position] (the cache must already hold them).
 //   query_start_loc [num_seqs + 1] int32, io.num_seqs is the total token count

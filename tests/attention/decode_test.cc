@@ -45,7 +45,10 @@ class DecodeTest
     q_ = std::make_unique<RandomTensor>(rng_, dtype_, lens_.size() * heads_ * head_dim_);
     scale_ = 1.0f / std::sqrt(static_cast<float>(head_dim_));
   }
-  void TearDown() override { ASSERT_TRUE(SetCpuKernel(CpuKernel::kAuto).ok()); }
+  void TearDown() override {
+    SetSparseReadAhead(SparseReadAhead::kStream);
+    ASSERT_TRUE(SetCpuKernel(CpuKernel::kAuto).ok());
+  }
 
   // Output buffer poisoned with NaN so an unwritten element shows.
   std::vector<uint8_t> PoisonedOut() const {
@@ -153,15 +156,19 @@ TEST_P(DecodeTest, SparseUnevenSelectionsAnyThreadCountMatchReference) {
     }
   }
   const PageList list{pages.data(), counts.data(), kKvHeads, max_pages};
+  // Both of the AVX-512 kernel's prefetch schemes (SparseReadAhead; the others ignore it): a
+  // prefetch reads nothing into the result, so the outputs are equal bit for bit.
   std::vector<std::vector<uint8_t>> outs;
-  for (int threads : {1, 2, 3}) {
-    outs.push_back(PoisonedOut());
-    DecodeIo io = Io(outs.back());
-    io.num_threads = threads;
-    ASSERT_TRUE(SparseDecode(io, f_->cache_view(), f_->table_view(), list, scale_).ok());
+  for (SparseReadAhead mode : {SparseReadAhead::kStream, SparseReadAhead::kNextPage}) {
+    SetSparseReadAhead(mode);
+    for (int threads : {1, 2, 3}) {
+      outs.push_back(PoisonedOut());
+      DecodeIo io = Io(outs.back());
+      io.num_threads = threads;
+      ASSERT_TRUE(SparseDecode(io, f_->cache_view(), f_->table_view(), list, scale_).ok());
+    }
   }
-  EXPECT_EQ(outs[0], outs[1]);
-  EXPECT_EQ(outs[0], outs[2]);
+  for (size_t i = 1; i < outs.size(); ++i) EXPECT_EQ(outs[0], outs[i]) << "run " << i;
   ExpectMatchesReference(outs[0], [&](int s, int kvh) {
     std::vector<int> tokens;
     const size_t row = static_cast<size_t>(s) * kKvHeads + kvh;
@@ -188,13 +195,16 @@ TEST_P(DecodeTest, ReadDecodeRowsRunsOnlyWithAVectorKernelAndWritesNothing) {
   const auto poisoned = out;
   DecodeIo io = Io(out);
   io.num_threads = 3;
-  for (const PageList* p : {static_cast<const PageList*>(nullptr), &list}) {
-    const absl::Status st = ReadDecodeRows(io, f_->cache_view(), f_->table_view(), p);
-    if (UseAvx512Kernel() || UseAvx2Kernel()) {
-      EXPECT_TRUE(st.ok()) << st;
-    } else {
-      EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition) << st;
-      EXPECT_NE(st.message().find("portable"), absl::string_view::npos) << st;
+  for (SparseReadAhead mode : {SparseReadAhead::kStream, SparseReadAhead::kNextPage}) {
+    SetSparseReadAhead(mode);
+    for (const PageList* p : {static_cast<const PageList*>(nullptr), &list}) {
+      const absl::Status st = ReadDecodeRows(io, f_->cache_view(), f_->table_view(), p);
+      if (UseAvx512Kernel() || UseAvx2Kernel()) {
+        EXPECT_TRUE(st.ok()) << st;
+      } else {
+        EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition) << st;
+        EXPECT_NE(st.message().find("portable"), absl::string_view::npos) << st;
+      }
     }
   }
   EXPECT_EQ(out, poisoned);
@@ -587,6 +597,16 @@ TEST(DecodeErrors, NameTheBadValue) {
               CpuKernelAvailable(CpuKernel::kAvx512));
   ASSERT_TRUE(SetCpuKernel(CpuKernel::kAuto).ok());
   EXPECT_NE(ActiveCpuKernelName(), "auto");
+  // The sparse read-ahead: its names round-trip, a bad one is named.
+  const absl::StatusOr<SparseReadAhead> bad_mode = ParseSparseReadAhead("far");
+  EXPECT_EQ(bad_mode.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad_mode.status().message().find("\"far\""), absl::string_view::npos);
+  for (SparseReadAhead mode : {SparseReadAhead::kStream, SparseReadAhead::kNextPage}) {
+    SetSparseReadAhead(mode);
+    EXPECT_EQ(ActiveSparseReadAhead(), mode);
+    EXPECT_EQ(*ParseSparseReadAhead(SparseReadAheadName(mode)), mode);
+  }
+  SetSparseReadAhead(SparseReadAhead::kStream);
 }
 
 }  // namespace

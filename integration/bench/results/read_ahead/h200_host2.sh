@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Second call: the landed build (kb_final) with --sparse_read_ahead=next_page / stream, and the
+# stream's distance and hint (kb_knob: RA_BYTES, RA_T0), alternated, on the H200 host's CPU.
+# Carried: .gpuwork/ra.   bash integration/bench/results/read_ahead/h200_host2.sh
+set -uo pipefail
+K=$PWD/.gpuwork/ra; export LD_LIBRARY_PATH=$K/lib
+W=/tmp/ra_h200b; rm -rf $W; mkdir -p $W; T0=$SECONDS
+lscpu > $W/lscpu.txt; uptime > $W/uptime.txt
+SMOL="--num_heads=9 --num_kv_heads=3 --head_dim=64 --page_size=32 --context=6144 --budget=512 --seqs=4"
+LLAMA="--num_heads=32 --num_kv_heads=8 --head_dim=128 --page_size=16 --context=32768 --budget=4096 --seqs=1"
+one() {  # name binary args...
+  local name=$1 bin=$2; shift 2
+  [ $((SECONDS - T0)) -gt 530 ] && { echo "skip $name (deadline)" >> $W/runs.txt; return; }
+  timeout 60 "$K/$bin" "$@" --passes=5 > "$W/$name.log" 2>&1
+  echo "$name rc=$? at $((SECONDS - T0)) s" >> $W/runs.txt
+}
+for r in 1 2; do
+  for th in 2 16; do
+    for m in next_page stream; do
+      one "llama_t${th}_${m}_$r" kb_final $LLAMA --dtype=bf16 --threads=$th --kv_layout=head_kt --sparse_read_ahead=$m
+    done
+    for v in 4096 8192 24576 49152; do
+      RA_BYTES=$v one "llama_t${th}_knob${v}_$r" kb_knob $LLAMA --dtype=bf16 --threads=$th --kv_layout=head_kt
+    done
+    RA_T0=1 RA_BYTES=12288 one "llama_t${th}_knobT0_$r" kb_knob $LLAMA --dtype=bf16 --threads=$th --kv_layout=head_kt
+  done
+done
+for r in 1 2 3; do
+  for th in 1 2; do
+    for L in head page_kt; do
+      for m in next_page stream; do
+        one "smol_t${th}_${L}_${m}_$r" kb_final $SMOL --dtype=bf16 --threads=$th --kv_layout=$L --sparse_read_ahead=$m
+      done
+    done
+  done
+done
+tar -czf "$OUT/ra_h200b.tgz" -C /tmp ra_h200b; tail -3 $W/runs.txt
