@@ -436,8 +436,8 @@ class BatchedHeads {
   void ScoreAndFlushIfFull(const T* k, size_t stride, int n, int i, float* p, NextPage& next) {
     const size_t gd = static_cast<size_t>(groups_) * head_dim_;
     const bool full = batches_[i].tokens + block_size_ > batch_tokens_;
-    if (Derived::kValuesAhead && full && ahead_ == nullptr) {  // P.V's first rows (the rest it
-                                                               // prefetches itself)
+    // P.V's first rows (the rest it prefetches itself); with a stream (ahead_), none.
+    if (Derived::kValuesAhead && full && ahead_ == nullptr) {
       const Batch& b = batches_[i];
       ValueRowCursor<T> rows{b.pages.data(), b.count, vstride_};
       const int lines = head_dim_ * static_cast<int>(sizeof(T)) / 64;
