@@ -211,6 +211,9 @@ class ReadAhead {
   void Add(const char* first, size_t stride, int steps, int lines) {
     if (steps > 0) pieces_.push_back(Piece{first, stride, steps, lines});
   }
+  // Lines per step of a transposed K page of `page_lines` lines read in n steps (one per token
+  // the kernel scores): the whole page, spread over them.
+  static int TransposedStepLines(int page_lines, int n) { return (page_lines + n - 1) / n; }
   // The first `steps` steps (the distance) at once.
   void Start(int steps) {
     for (int i = 0; i < steps; ++i) Step();
@@ -1170,7 +1173,7 @@ class Avx512RowRead {
       // K now (a transposed page as the whole page, spread over its n steps), V with its batch.
       const bool kt = cache.KeysTransposed();
       const int page_lines = block_size_ * lines;
-      const int step_lines = kt ? (page_lines + n - 1) / n : lines;
+      const int step_lines = kt ? ReadAhead::TransposedStepLines(page_lines, n) : lines;
       for (int t = 0; t < n; ++t) {
         ahead_->Step();
         const char* row = kt ? k + static_cast<size_t>(t) * step_lines * 64 : k + t * stride;
@@ -1804,7 +1807,8 @@ void PlanReadAhead(const KvCacheView& cache, int capacity, int64_t first, int64_
   struct Pending {
     int block, head, n;
   };
-  std::vector<Pending> batch;
+  thread_local std::vector<Pending> batch;  // reused across calls
+  batch.clear();
   int tokens = 0;
   auto values = [&] {
     for (const Pending& p : batch) {
@@ -1817,7 +1821,7 @@ void PlanReadAhead(const KvCacheView& cache, int capacity, int64_t first, int64_
     for_pages(it, [&](int block, int head, int n) {
       const char* k = base + cache.Offset(0, block, 0, head) * sizeof(T);
       if (cache.KeysTransposed()) {  // the whole page, over the n rows' steps
-        const int step_lines = (page_lines + n - 1) / n;
+        const int step_lines = ReadAhead::TransposedStepLines(page_lines, n);
         ahead.Add(k, static_cast<size_t>(step_lines) * 64, n, step_lines);
       } else {
         ahead.Add(k, stride, n, lines);
