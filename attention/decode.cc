@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -218,6 +219,10 @@ class ReadAhead {
   void Start(int steps) {
     for (int i = 0; i < steps; ++i) Step();
   }
+  // Tried: a cursor (the row and the steps left, no Piece read per step). From cache it cut the
+  // sparse kernel 7-14%, but from DRAM the reads got slower: SmolLM2 page_kt bf16, one thread,
+  // Zen 5 build VM, 0.083-0.084 against 0.075-0.078 ms per layer, its bare reads 0.080-0.085
+  // against 0.075-0.078 (results/compute_trim/). Issued faster, the prefetches bunch up.
   [[gnu::always_inline]] void Step() {
     if (piece_ == pieces_.size()) return;
     const Piece& p = pieces_[piece_];
@@ -368,10 +373,15 @@ class BatchedHeads {
     const size_t gd = static_cast<size_t>(groups_) * head_dim_;
     for (int g = 0; g < groups_; ++g) {
       const float inv = 1.0f / l_[i * groups_ + g];
-      const float* a = &acc_[i * gd + g * head_dim_];
-      for (int c = 0; c < head_dim_; ++c) {
-        StoreFromFloat(io.out, io.dtype, (row0 + g) * head_dim_ + c, a[Derived::Position(c)] * inv);
-      }
+      Derived::StoreRow(&acc_[i * gd + g * head_dim_], inv, head_dim_, io, (row0 + g) * head_dim_);
+    }
+  }
+
+  // Output row `at` (head_dim elements of io.out) = a * inv, a in the accumulators' order
+  // (Position), rounded as StoreFromFloat rounds. Derived may replace it with a vector one.
+  static void StoreRow(const float* a, float inv, int head_dim, const DecodeIo& io, size_t at) {
+    for (int c = 0; c < head_dim; ++c) {
+      StoreFromFloat(io.out, io.dtype, at + c, a[Derived::Position(c)] * inv);
     }
   }
 
@@ -819,6 +829,7 @@ MEMPIPE_TARGET_AVX512 inline void StoreKtScores(const __m512 (&acc)[H][NV][2], _
 template <typename T, int H, int NV>
 MEMPIPE_TARGET_AVX512 void Avx512KtScores(const T* kpage, int block, int n, int d, int pstride,
                                           const float* q, float* p, NextPage& next) {
+  const int lg = std::countr_zero(static_cast<unsigned>(d));  // d: 64, 128 or 256
   for (int t0 = 0; t0 < n; t0 += 16 * NV) {
     const int m = std::min(16 * NV, n - t0);
     __m512 acc[H][NV][2];
@@ -828,7 +839,7 @@ MEMPIPE_TARGET_AVX512 void Avx512KtScores(const T* kpage, int block, int n, int 
     if constexpr (std::is_same_v<T, float>) {
       const float* rows = kpage + t0;
       for (int c = 0, r = 0; c < d; c += 2) {
-        for (; r < (c + 2) * m / d; ++r) PrefetchRow(next);
+        for (; r < ((c + 2) * m >> lg); ++r) PrefetchRow(next);
 #pragma GCC unroll 2
         for (int a = 0; a < 2; ++a) {
           __m512 k[NV];
@@ -842,7 +853,7 @@ MEMPIPE_TARGET_AVX512 void Avx512KtScores(const T* kpage, int block, int n, int 
     } else {
       const T* rows = kpage + 2 * t0;
       for (int j = 0, r = 0; j < d / 2; ++j) {
-        for (; r < (j + 1) * m / (d / 2); ++r) PrefetchRow(next);
+        for (; r < ((j + 1) * m >> (lg - 1)); ++r) PrefetchRow(next);
         // The query's channels 2j and 2j + 1 in the kernel's order (Load32 for bf16).
         const int even = kInterleaved<T> ? 32 * (j >> 4) + (j & 15) : 2 * j;
         const int odd = kInterleaved<T> ? even + 16 : 2 * j + 1;
@@ -871,6 +882,7 @@ template <int H, int NV>
 MEMPIPE_TARGET_AVX512_BF16 void Bf16KtScores(const BFloat16* kpage, int block, int n, int d,
                                              int pstride, const BFloat16* q, float scale, float* p,
                                              NextPage& next) {
+  const int lg = std::countr_zero(static_cast<unsigned>(d));  // d: 64, 128 or 256
   for (int t0 = 0; t0 < n; t0 += 16 * NV) {
     const int m = std::min(16 * NV, n - t0);
     __m512 acc[H][NV][2];
@@ -879,7 +891,7 @@ MEMPIPE_TARGET_AVX512_BF16 void Bf16KtScores(const BFloat16* kpage, int block, i
     }
     const BFloat16* rows = kpage + 2 * t0;
     for (int j = 0, r = 0; j < d / 2; j += 2) {
-      for (; r < (j + 2) * m / (d / 2); ++r) PrefetchRow(next);
+      for (; r < ((j + 2) * m >> (lg - 1)); ++r) PrefetchRow(next);
 #pragma GCC unroll 2
       for (int a = 0; a < 2; ++a) {
         __m512i k[NV];
@@ -913,12 +925,15 @@ MEMPIPE_TARGET_AVX512 void Avx512SoftmaxValues(const ValuePage<T>* pages, int co
     const int h = std::min(4, groups - g0);
     const __mmask16 hm = static_cast<__mmask16>((1u << h) - 1);
     __m512 mx[4] = {neg_inf, neg_inf, neg_inf, neg_inf};
+    // Each head's maximum and sum (below) in a local: indexed by the run-time j, the array's
+    // element would make every step a store and a reload.
     for (int j = 0; j < h; ++j) {
       const float* pg = p + (g0 + j) * pstride;
+      __m512 mj = neg_inf;
       for (int v = 0; v < nv; ++v) {
-        mx[j] =
-            _mm512_max_ps(mx[j], _mm512_mask_loadu_ps(neg_inf, TailMask(n - 16 * v), pg + 16 * v));
+        mj = _mm512_max_ps(mj, _mm512_mask_loadu_ps(neg_inf, TailMask(n - 16 * v), pg + 16 * v));
       }
+      mx[j] = mj;
     }
     // Lanes [0, h) hold the four heads' values; the others are not stored.
     const __m512 m_old = _mm512_mask_loadu_ps(neg_inf, hm, m + g0);
@@ -933,13 +948,15 @@ MEMPIPE_TARGET_AVX512 void Avx512SoftmaxValues(const ValuePage<T>* pages, int co
     for (int j = 0; j < h; ++j) {
       float* pg = p + (g0 + j) * pstride;
       const __m512 nm = _mm512_set1_ps(nmax[j]);
+      __m512 sj = _mm512_setzero_ps();
       for (int v = 0; v < nv; ++v) {
         const __mmask16 mask = TailMask(n - 16 * v);
         const __m512 e = _mm512_maskz_mov_ps(
             mask, Exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, pg + 16 * v), nm)));
         _mm512_storeu_ps(pg + 16 * v, e);  // pstride is a multiple of 16: stays in the row
-        sum[j] = _mm512_add_ps(sum[j], e);
+        sj = _mm512_add_ps(sj, e);
       }
+      sum[j] = sj;
     }
     const __m512 l_new =
         _mm512_fmadd_ps(_mm512_maskz_loadu_ps(hm, l + g0), c4,
@@ -1013,6 +1030,37 @@ class Avx512Heads : public BatchedHeads<Avx512Heads<T>, T> {
         stage_rows_(stage_rows),
         kstage_(stage_rows ? static_cast<size_t>(block_size) * head_dim : 0) {
     if constexpr (std::is_same_v<T, BFloat16>) q16_.resize(this->q_.size());
+  }
+
+  // BatchedHeads::StoreRow in vectors where the output's dtype is the cache's, fp32 or bf16:
+  // the same roundings (BFloat16::FromFloat: to nearest even, NaN kept quiet), 32 channels a
+  // step, bf16's even and odd channels (Load32's order) put back in place. The scalar stores
+  // were 7-10% of a sparse call from cache at 512 tokens per KV head (perf, Zen 5 build VM);
+  // SmolLM2's sparse layer from cache 0.044 against 0.047 ms (results/compute_trim/).
+  MEMPIPE_TARGET_AVX512 static void StoreRow(const float* a, float inv, int head_dim,
+                                             const DecodeIo& io, size_t at) {
+    if constexpr (std::is_same_v<T, BFloat16>) {
+      if (io.dtype == DType::kBFloat16) {
+        const __m512 vinv = _mm512_set1_ps(inv);
+        auto* out = static_cast<BFloat16*>(io.out) + at;
+        for (int c = 0; c < head_dim; c += 32) {
+          const __m512i even = Bf16BitsFromFloat(_mm512_mul_ps(_mm512_loadu_ps(a + c), vinv));
+          const __m512i odd = Bf16BitsFromFloat(_mm512_mul_ps(_mm512_loadu_ps(a + c + 16), vinv));
+          _mm512_storeu_si512(out + c, _mm512_or_si512(even, _mm512_slli_epi32(odd, 16)));
+        }
+        return;
+      }
+    } else if constexpr (std::is_same_v<T, float>) {
+      if (io.dtype == DType::kFloat32) {
+        const __m512 vinv = _mm512_set1_ps(inv);
+        float* out = static_cast<float*>(io.out) + at;
+        for (int c = 0; c < head_dim; c += 16) {
+          _mm512_storeu_ps(out + c, _mm512_mul_ps(_mm512_loadu_ps(a + c), vinv));
+        }
+        return;
+      }
+    }
+    Base::StoreRow(a, inv, head_dim, io, at);
   }
 
   void Begin(int i, const DecodeIo& io, size_t row0) {

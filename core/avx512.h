@@ -33,4 +33,24 @@
 #define MEMPIPE_AVX2_KERNEL 0
 #endif
 
+#if MEMPIPE_AVX512_KERNEL
+namespace mempipe {
+
+// BFloat16::FromFloat (core/dtype.h) of 16 floats at once, bit for bit: rounded to nearest
+// even, a NaN kept a quiet NaN. The bf16 bits lie in the low halves of the 32-bit lanes, the
+// high halves zero.
+MEMPIPE_TARGET_AVX512 inline __m512i Bf16BitsFromFloat(__m512 v) {
+  const __m512i x = _mm512_castps_si512(v);
+  const __m512i top = _mm512_srli_epi32(x, 16);
+  const __m512i rounding =
+      _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(top, _mm512_set1_epi32(1)));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(x, rounding), 16);
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(x, _mm512_set1_epi32(0x7fffffff)),
+                                                _mm512_set1_epi32(0x7f800000));
+  return _mm512_mask_or_epi32(rounded, nan, top, _mm512_set1_epi32(0x40));
+}
+
+}  // namespace mempipe
+#endif
+
 #endif  // MEMPIPE_CORE_AVX512_H_

@@ -3,7 +3,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
+#include "core/avx512.h"
+#include "core/cpu_kernel.h"
 #include "gtest/gtest.h"
 
 namespace mempipe {
@@ -57,6 +60,44 @@ TEST(DType, BFloat16RoundsToNearestEven) {
     if (std::isnan(v.ToFloat())) continue;
     ASSERT_EQ(BFloat16::FromFloat(v.ToFloat()).bits, b);
   }
+}
+
+#if MEMPIPE_AVX512_KERNEL
+// Bf16BitsFromFloat (core/avx512.h) of 16 fp32 bit patterns, as 16-bit bf16 patterns.
+MEMPIPE_TARGET_AVX512 void VectorBf16(const uint32_t* in, uint16_t* out) {
+  alignas(64) uint32_t lanes[16];
+  _mm512_store_si512(lanes, Bf16BitsFromFloat(_mm512_castsi512_ps(_mm512_loadu_si512(in))));
+  for (int i = 0; i < 16; ++i) {
+    ASSERT_EQ(lanes[i] >> 16, 0u) << "high half of lane " << i;
+    out[i] = static_cast<uint16_t>(lanes[i]);
+  }
+}
+#endif
+
+// The AVX-512 kernels' vector rounding to bf16 (decode's output rows) equals BFloat16::FromFloat
+// bit for bit: every tie class, NaNs (payloads, signs, signalling ones made quiet), infinities,
+// subnormals, the largest finite values that round to infinity, and a sweep of fp32 patterns.
+TEST(DType, Bf16BitsFromFloatMatchesScalar) {
+#if MEMPIPE_AVX512_KERNEL
+  if (!UseAvx512Kernel()) GTEST_SKIP() << "no AVX-512 on this CPU";
+  std::vector<uint32_t> bits = {0x3f808000u, 0x3f818000u, 0x3f807fffu, 0x3f808001u, 0x7f800001u,
+                                0xff800001u, 0x7fc00000u, 0x7f800000u, 0xff800000u, 0x00008000u,
+                                0x00018000u, 0x80000001u, 0x7f7fffffu, 0x7f7f8000u, 0xff7f8000u,
+                                0x0u,        0x80000000u, 0x7fbfffffu, 0x3f80ffffu, 0x00ff8000u};
+  for (uint64_t u = 0; u < 0x100000000ull; u += 4099) bits.push_back(static_cast<uint32_t>(u));
+  while (bits.size() % 16 != 0) bits.push_back(0x3f808000u);
+  uint16_t got[16];
+  for (size_t i = 0; i < bits.size(); i += 16) {
+    VectorBf16(&bits[i], got);
+    for (int j = 0; j < 16; ++j) {
+      float f;
+      std::memcpy(&f, &bits[i + j], 4);
+      ASSERT_EQ(got[j], BFloat16::FromFloat(f).bits) << "fp32 bits 0x" << std::hex << bits[i + j];
+    }
+  }
+#else
+  GTEST_SKIP() << "built without the AVX-512 kernels";
+#endif
 }
 
 TEST(DType, ParseNamesTheBadValue) {
