@@ -182,19 +182,20 @@ struct ValuePage {
   int n;
 };
 
-// Sparse decode's rows in the order the AVX-512 kernel reads them over a thread's range of items
-// (each batch's K pages, then its V pages: PlanReadAhead), prefetched a fixed distance ahead
+// Decode's rows in the order the AVX-512 kernel reads them over a thread's range (each batch's K
+// pages, then its V pages: ReadAheadPlanner), prefetched a fixed distance ahead
 // (kReadAheadBytes): Step, once for each row the kernel reads (the scores' PrefetchRow, P.V's
-// per-token prefetch), prefetches the row that lies that distance further on. Sparse decode knows
+// per-token prefetch), prefetches the row that lies that distance further on. Decode knows
 // every page it will read before it starts, so the misses keep the same distance ahead across
 // pages, batches and items: the next batch's first K page is in flight during this batch's P.V,
-// and the batch's V pages during its last scores. With NextPage instead (SparseReadAhead
+// and the batch's V pages during its last scores. With NextPage instead (DecodeReadAhead
 // kNextPage), the scores prefetch the next page's K rows and P.V its batch's V rows 48 tokens
 // ahead, so P.V's last rows and the next batch's first scores had nothing new in flight.
 // SmolLM2 4 x 6K bf16, budget 512, one thread, wall clock per layer, alternated: on the Zen 5
 // build VM 0.099-0.100 against 0.115-0.126 ms (head-major), 0.076-0.077 against 0.095-0.108
 // (page_kt); Llama-3-8B 1.27 against 1.45-1.51 ms. On an Emerald Rapids host, page_kt 0.133
-// against 0.141-0.150 ms (results/read_ahead/).
+// against 0.141-0.150 ms (results/read_ahead/). Dense decode (a slot per KV head of its range,
+// every page's heads in turn) took the stream later: results/dense_stream/.
 class ReadAhead {
  public:
   // A piece of the stream: `steps` steps of `lines` 64-byte lines each, `stride` bytes apart.
@@ -513,7 +514,7 @@ class BatchedHeads {
   int pstride_;       // floats per score row
   float scale_;
   size_t vstride_ = 0;          // the cache's token stride (elements)
-  ReadAhead* ahead_ = nullptr;  // the range's stream (sparse decode, AVX-512), or none
+  ReadAhead* ahead_ = nullptr;  // the range's stream (AVX-512 kernel), or none
   std::vector<float> q_, acc_, m_, l_;
   std::vector<float> p_;  // [heads, G, pstride_] the batches' scores, then probabilities
   std::vector<float> corr_;
@@ -1199,10 +1200,14 @@ class Avx512RowRead {
  public:
   Avx512RowRead(int heads, int /*groups*/, int head_dim, int block_size, float /*scale*/,
                 bool /*stage_rows*/ = false)
-      : heads_(heads), head_dim_(head_dim), block_size_(block_size) {}
+      : heads_(heads),
+        head_dim_(head_dim),
+        block_size_(block_size),
+        values_(heads),
+        tokens_(heads, 0) {}
   static constexpr bool kPrefetchesNext = true;
   static constexpr bool kWritesOutput = false;  // DecodeChunks does not combine
-  // Sparse decode: the kernel's stream and its order, each batch's K pages and then its V pages.
+  // The kernel's stream and its order: each slot's batch of K pages, then its V pages.
   static constexpr bool kReadsAhead = true;
   static int BatchCapacity(int block_size) { return Avx512Heads<T>::BatchCapacity(block_size); }
   void ReadAheadWith(ReadAhead* ahead) { ahead_ = ahead; }
@@ -1228,10 +1233,10 @@ class Avx512RowRead {
         const int m = kt ? std::min(step_lines, page_lines - t * step_lines) : lines;
         for (int j = 0; j < m; ++j) sum_ ^= Fold(_mm512_loadu_si512(row + 64 * j));
       }
-      values_.push_back(ValuePage<T>{reinterpret_cast<const T*>(v), n});
-      tokens_ += n;
-      if (tokens_ + block_size_ > BatchCapacity(block_size_)) ReadValues(stride, lines);
+      values_[i].push_back(ValuePage<T>{reinterpret_cast<const T*>(v), n});
+      tokens_[i] += n;
       vstride_ = stride;
+      if (tokens_[i] + block_size_ > BatchCapacity(block_size_)) ReadValues(i);
       return;
     }
     NextPage next = NextPageRows<T>(cache, next_block, next_n, kv_head, heads_, i, n, next_head);
@@ -1246,8 +1251,8 @@ class Avx512RowRead {
     sum_ ^= Fold(x);
   }
 
-  void Store(int /*i*/, const DecodeIo& /*io*/, size_t /*row0*/) {
-    ReadValues(vstride_, head_dim_ * static_cast<int>(sizeof(T)) / 64);
+  void Store(int i, const DecodeIo& /*io*/, size_t /*row0*/) {
+    ReadValues(i);
     static thread_local volatile uint64_t sink = 0;
     sink = sink ^ sum_;
   }
@@ -1262,27 +1267,28 @@ class Avx512RowRead {
     return sum;
   }
 
-  // The batch's V rows, as P.V reads them: one step of the stream per row.
-  MEMPIPE_TARGET_AVX512 void ReadValues(size_t stride, int lines) {
+  // Slot i's batch of V rows, as P.V reads them: one step of the stream per row.
+  MEMPIPE_TARGET_AVX512 void ReadValues(int i) {
+    const int lines = head_dim_ * static_cast<int>(sizeof(T)) / 64;
     __m512i x = _mm512_setzero_si512();
-    for (const ValuePage<T>& page : values_) {
+    for (const ValuePage<T>& page : values_[i]) {
       const char* v = reinterpret_cast<const char*>(page.v);
       for (int t = 0; t < page.n; ++t) {
         ahead_->Step();
         for (int j = 0; j < lines; ++j) {
-          x = _mm512_xor_si512(x, _mm512_loadu_si512(v + t * stride + 64 * j));
+          x = _mm512_xor_si512(x, _mm512_loadu_si512(v + t * vstride_ + 64 * j));
         }
       }
     }
     sum_ ^= Fold(x);
-    values_.clear();
-    tokens_ = 0;
+    values_[i].clear();
+    tokens_[i] = 0;
   }
 
   int heads_, head_dim_, block_size_;
   ReadAhead* ahead_ = nullptr;
-  std::vector<ValuePage<T>> values_;  // the batch's V pages not read yet (ahead_)
-  int tokens_ = 0;
+  std::vector<std::vector<ValuePage<T>>> values_;  // [heads] each slot's V pages not read yet
+  std::vector<int> tokens_;                        // [heads] their tokens
   size_t vstride_ = 0;
   uint64_t sum_ = 0;
 };
@@ -1779,6 +1785,106 @@ class DecodeChunks {
   std::unique_ptr<std::atomic<int>[]> pending_;  // [num_seqs, kv_heads] chunks not finished
 };
 
+// The process's DecodeReadAhead: MEMPIPE_READ_AHEAD's value at first use (or, where that is
+// unset, its earlier name MEMPIPE_SPARSE_READ_AHEAD's), then SetDecodeReadAhead's.
+std::atomic<int>& DecodeReadAheadSetting() {
+  static std::atomic<int> setting{[] {
+    const char* name = "MEMPIPE_READ_AHEAD";
+    const char* env = std::getenv(name);
+    if (env == nullptr || *env == '\0') {
+      name = "MEMPIPE_SPARSE_READ_AHEAD";
+      env = std::getenv(name);
+    }
+    if (env == nullptr || *env == '\0') return static_cast<int>(DecodeReadAhead::kStream);
+    absl::StatusOr<DecodeReadAhead> mode = ParseDecodeReadAhead(env);
+    if (!mode.ok()) {
+      std::fprintf(stderr, "mempipe: %s ignored: %s\n", name,
+                   std::string(mode.status().message()).c_str());
+      return static_cast<int>(DecodeReadAhead::kStream);
+    }
+    return static_cast<int>(*mode);
+  }()};
+  return setting;
+}
+
+// Whether Heads prefetches decode's rows from a planned stream (kReadsAhead).
+template <typename H, typename = void>
+struct ReadsAhead : std::false_type {};
+template <typename H>
+struct ReadsAhead<H, std::void_t<decltype(H::kReadsAhead)>> : std::bool_constant<H::kReadsAhead> {};
+
+#if MEMPIPE_AVX512_KERNEL
+// How far ahead of the AVX-512 kernel's reads the stream runs (ReadAhead), set on sparse decode:
+// kernel bench, sparse bf16, wall clock, alternated (results/read_ahead/): on the Zen 5 build VM 8
+// and 12 KiB alike, 4 KiB 3-8% slower; on an Emerald Rapids host (the H200 machine's CPU),
+// Llama-3-8B at 2 threads 0.96-1.02 ms per layer at 4 and 8 KiB, 1.13-1.16 at 12, 0.97-1.33 at 24
+// and 48; prefetching into L1 (T0) instead, 1.21.
+constexpr int kReadAheadBytes = 8 * 1024;
+
+// Builds a ReadAhead in the order the AVX-512 kernel reads: a page's K rows when AddPage scores
+// it (Key), and each slot's batch of V pages when P.V reads it (Queue flushes a slot's batch when
+// the pages' tokens would overflow `capacity` with one more page, as ScoreAndFlushIfFull does;
+// Values at the slot's end, as Store does). Start then prefetches the first kReadAheadBytes.
+template <typename T>
+class ReadAheadPlanner {
+ public:
+  ReadAheadPlanner(const KvCacheView& cache, int capacity, int slots, ReadAhead& ahead)
+      : cache_(cache),
+        ahead_(ahead),
+        capacity_(capacity),
+        lines_(cache.head_dim * static_cast<int>(sizeof(T)) / 64),
+        stride_(cache.TokenStride() * sizeof(T)),
+        base_(static_cast<const char*>(cache.data)) {
+    ahead_.Clear();
+    batches_.resize(std::max<size_t>(batches_.size(), slots));
+    for (int i = 0; i < slots; ++i) batches_[i].pages.clear(), batches_[i].tokens = 0;
+  }
+
+  // Block `block`'s K page of `kv_head` (n tokens), then its V page into slot i's batch.
+  void Page(int i, int block, int kv_head, int n) {
+    const char* k = base_ + cache_.Offset(0, block, 0, kv_head) * sizeof(T);
+    if (cache_.KeysTransposed()) {  // the whole page, over the n rows' steps
+      const int step_lines = ReadAhead::TransposedStepLines(cache_.block_size * lines_, n);
+      ahead_.Add(k, static_cast<size_t>(step_lines) * 64, n, step_lines);
+    } else {
+      ahead_.Add(k, stride_, n, lines_);
+    }
+    Batch& b = batches_[i];
+    b.pages.push_back(Pending{block, kv_head, n});
+    b.tokens += n;
+    if (b.tokens + cache_.block_size > capacity_) Values(i);
+  }
+  // Slot i's batch of V pages, read now.
+  void Values(int i) {
+    Batch& b = batches_[i];
+    for (const Pending& p : b.pages) {
+      ahead_.Add(base_ + cache_.Offset(1, p.block, 0, p.head) * sizeof(T), stride_, p.n, lines_);
+    }
+    b.pages.clear();
+    b.tokens = 0;
+  }
+  void Start() { ahead_.Start(std::max(1, kReadAheadBytes / (lines_ * 64))); }
+
+ private:
+  struct Pending {
+    int block, head, n;
+  };
+  struct Batch {
+    std::vector<Pending> pages;
+    int tokens = 0;
+  };
+  const KvCacheView& cache_;
+  ReadAhead& ahead_;
+  int capacity_, lines_;
+  size_t stride_;
+  const char* base_;
+  static thread_local std::vector<Batch> batches_;  // [slots], reused across calls
+};
+template <typename T>
+thread_local std::vector<typename ReadAheadPlanner<T>::Batch> ReadAheadPlanner<T>::batches_;
+
+#endif  // MEMPIPE_AVX512_KERNEL
+
 template <template <typename> class Heads, typename T>
 void DenseImpl(const DecodeIo& io, const KvCacheView& cache, const BlockTableView& table,
                float scale, int groups) {
@@ -1794,6 +1900,21 @@ void DenseImpl(const DecodeIo& io, const KvCacheView& cache, const BlockTableVie
     const int len = table.seq_lens[s];
     const int p0 = chunks.Begin(u, s), p1 = chunks.End(u, s, NumPages(len, cache.block_size));
     auto tokens = [&](int p) { return std::min(cache.block_size, len - p * cache.block_size); };
+#if MEMPIPE_AVX512_KERNEL
+    if constexpr (ReadsAhead<Heads<T>>::value) {
+      thread_local ReadAhead ahead;
+      if (ActiveDecodeReadAhead() == DecodeReadAhead::kStream) {
+        // A slot per KV head of the range, each page's heads in turn (the loop below).
+        ReadAheadPlanner<T> plan(cache, Heads<T>::BatchCapacity(cache.block_size), h1 - h0, ahead);
+        for (int p = p0; p < p1; ++p) {
+          for (int h = h0; h < h1; ++h) plan.Page(h - h0, table.Block(s, p), h, tokens(p));
+        }
+        for (int h = h0; h < h1; ++h) plan.Values(h - h0);
+        plan.Start();
+        heads.ReadAheadWith(&ahead);
+      }
+    }
+#endif
     for (int p = p0; p < p1; ++p) {
       const int n = tokens(p);
       if (Heads<T>::kPrefetchesNext && p + 1 < p1) {
@@ -1808,87 +1929,6 @@ void DenseImpl(const DecodeIo& io, const KvCacheView& cache, const BlockTableVie
   });
 }
 
-// The process's SparseReadAhead: MEMPIPE_SPARSE_READ_AHEAD's value at first use, then
-// SetSparseReadAhead's.
-std::atomic<int>& SparseReadAheadSetting() {
-  static std::atomic<int> setting{[] {
-    const char* env = std::getenv("MEMPIPE_SPARSE_READ_AHEAD");
-    if (env == nullptr || *env == '\0') return static_cast<int>(SparseReadAhead::kStream);
-    absl::StatusOr<SparseReadAhead> mode = ParseSparseReadAhead(env);
-    if (!mode.ok()) {
-      std::fprintf(stderr, "mempipe: MEMPIPE_SPARSE_READ_AHEAD ignored: %s\n",
-                   std::string(mode.status().message()).c_str());
-      return static_cast<int>(SparseReadAhead::kStream);
-    }
-    return static_cast<int>(*mode);
-  }()};
-  return setting;
-}
-
-// Whether Heads prefetches sparse decode's rows from a planned stream (kReadsAhead).
-template <typename H, typename = void>
-struct ReadsAhead : std::false_type {};
-template <typename H>
-struct ReadsAhead<H, std::void_t<decltype(H::kReadsAhead)>> : std::bool_constant<H::kReadsAhead> {};
-
-#if MEMPIPE_AVX512_KERNEL
-// How far ahead of the AVX-512 kernel's reads sparse decode's stream runs (ReadAhead). Kernel
-// bench, sparse bf16, wall clock, alternated (results/read_ahead/): on the Zen 5 build VM 8 and
-// 12 KiB alike, 4 KiB 3-8% slower; on an Emerald Rapids host (the H200 machine's CPU), Llama-3-8B
-// at 2 threads 0.96-1.02 ms per layer at 4 and 8 KiB, 1.13-1.16 at 12, 0.97-1.33 at 24 and 48;
-// prefetching into L1 (T0) instead, 1.21.
-constexpr int kReadAheadBytes = 8 * 1024;
-
-// Plans `ahead` for items [first, last) of sparse decode, in the order the AVX-512 kernel reads
-// them: each batch's K pages (as AddPage scores them), then its V pages (as P.V reads them, when
-// the pages' tokens would overflow `capacity` with one more page, and at the item's end).
-// for_pages(it, page) calls page(block, kv_head, tokens) for item it's pages in order. Then
-// prefetches the first kReadAheadBytes.
-template <typename T, typename ForPages>
-void PlanReadAhead(const KvCacheView& cache, int capacity, int64_t first, int64_t last,
-                   ForPages&& for_pages, ReadAhead& ahead) {
-  ahead.Clear();
-  const int lines = cache.head_dim * static_cast<int>(sizeof(T)) / 64;
-  const size_t stride = cache.TokenStride() * sizeof(T);
-  const int page_lines = cache.block_size * lines;
-  const char* base = static_cast<const char*>(cache.data);
-  struct Pending {
-    int block, head, n;
-  };
-  thread_local std::vector<Pending> batch;  // reused across calls
-  batch.clear();
-  int tokens = 0;
-  auto values = [&] {
-    for (const Pending& p : batch) {
-      ahead.Add(base + cache.Offset(1, p.block, 0, p.head) * sizeof(T), stride, p.n, lines);
-    }
-    batch.clear();
-    tokens = 0;
-  };
-  for (int64_t it = first; it < last; ++it) {
-    for_pages(it, [&](int block, int head, int n) {
-      const char* k = base + cache.Offset(0, block, 0, head) * sizeof(T);
-      if (cache.KeysTransposed()) {  // the whole page, over the n rows' steps
-        const int step_lines = ReadAhead::TransposedStepLines(page_lines, n);
-        ahead.Add(k, static_cast<size_t>(step_lines) * 64, n, step_lines);
-      } else {
-        ahead.Add(k, stride, n, lines);
-      }
-      batch.push_back(Pending{block, head, n});
-      tokens += n;
-      if (tokens + cache.block_size > capacity) values();
-    });
-    values();
-  }
-  ahead.Start(std::max(1, kReadAheadBytes / (lines * 64)));
-}
-#endif
-
-// Sparse decode's items are (chunk u, KV head h), numbered u * kv_heads + h; a thread takes a
-// contiguous range of them (ForEachItemRange) and one state for the range. The page after an
-// item's last one is the next item's first, so the AVX-512 kernel's prefetch (NextPage) runs
-// on across items and only the range's first page is read cold; by items (ForEachSeqHeads) the
-// first page of every item was, one in 16 of SmolLM2's 4 x 6K at budget 512.
 template <template <typename> class Heads, typename T>
 void SparseImpl(const DecodeIo& io, const KvCacheView& cache, const BlockTableView& table,
                 const PageList& pages, float scale, int groups) {
@@ -1922,7 +1962,7 @@ void SparseImpl(const DecodeIo& io, const KvCacheView& cache, const BlockTableVi
     return x;
   };
   const int bs = cache.block_size;
-  [[maybe_unused]] const bool use_stream = ActiveSparseReadAhead() == SparseReadAhead::kStream;
+  [[maybe_unused]] const bool use_stream = ActiveDecodeReadAhead() == DecodeReadAhead::kStream;
   ForEachItemRange(
       static_cast<int64_t>(chunks.chunks()) * kv_heads, io.num_threads,
       [&](int64_t first, int64_t last) {
@@ -1930,16 +1970,16 @@ void SparseImpl(const DecodeIo& io, const KvCacheView& cache, const BlockTableVi
 #if MEMPIPE_AVX512_KERNEL
         if constexpr (ReadsAhead<Heads<T>>::value) {
           thread_local ReadAhead ahead;
-          if (use_stream) {
-            PlanReadAhead<T>(
-                cache, Heads<T>::BatchCapacity(bs), first, last,
-                [&](int64_t it, auto&& page) {
-                  const Item x = item(it);
-                  for (int e = x.begin; e < x.end; ++e) {
-                    page(x.Block(table, e), x.h, x.Tokens(table, bs, e));
-                  }
-                },
-                ahead);
+          if (use_stream) {  // one slot; each item's end flushes its batch
+            ReadAheadPlanner<T> plan(cache, Heads<T>::BatchCapacity(bs), 1, ahead);
+            for (int64_t it = first; it < last; ++it) {
+              const Item x = item(it);
+              for (int e = x.begin; e < x.end; ++e) {
+                plan.Page(0, x.Block(table, e), x.h, x.Tokens(table, bs, e));
+              }
+              plan.Values(0);
+            }
+            plan.Start();
             heads.ReadAheadWith(&ahead);
           }
         }
@@ -2081,23 +2121,23 @@ absl::Status SparseDecode(const DecodeIo& io, const KvCacheView& cache, const Bl
   return absl::OkStatus();
 }
 
-void SetSparseReadAhead(SparseReadAhead mode) {
-  SparseReadAheadSetting().store(static_cast<int>(mode), std::memory_order_relaxed);
+void SetDecodeReadAhead(DecodeReadAhead mode) {
+  DecodeReadAheadSetting().store(static_cast<int>(mode), std::memory_order_relaxed);
 }
 
-absl::StatusOr<SparseReadAhead> ParseSparseReadAhead(absl::string_view name) {
-  if (name == "stream") return SparseReadAhead::kStream;
-  if (name == "next_page") return SparseReadAhead::kNextPage;
+absl::StatusOr<DecodeReadAhead> ParseDecodeReadAhead(absl::string_view name) {
+  if (name == "stream") return DecodeReadAhead::kStream;
+  if (name == "next_page") return DecodeReadAhead::kNextPage;
   return absl::InvalidArgumentError(
-      absl::StrCat("sparse read-ahead \"", name, "\" is not one of stream, next_page"));
+      absl::StrCat("read-ahead \"", name, "\" is not one of stream, next_page"));
 }
 
-absl::string_view SparseReadAheadName(SparseReadAhead mode) {
-  return mode == SparseReadAhead::kStream ? "stream" : "next_page";
+absl::string_view DecodeReadAheadName(DecodeReadAhead mode) {
+  return mode == DecodeReadAhead::kStream ? "stream" : "next_page";
 }
 
-SparseReadAhead ActiveSparseReadAhead() {
-  return static_cast<SparseReadAhead>(SparseReadAheadSetting().load(std::memory_order_relaxed));
+DecodeReadAhead ActiveDecodeReadAhead() {
+  return static_cast<DecodeReadAhead>(DecodeReadAheadSetting().load(std::memory_order_relaxed));
 }
 
 absl::Status ReadDecodeRows(const DecodeIo& io, const KvCacheView& cache,

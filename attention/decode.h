@@ -82,22 +82,24 @@ struct PageList {
 [[nodiscard]] absl::Status ReadDecodeRows(const DecodeIo& io, const KvCacheView& cache,
                                           const BlockTableView& table, const PageList* pages);
 
-// How the AVX-512 kernel prefetches sparse decode's scattered pages (process-wide).
+// How the AVX-512 kernel prefetches the pages dense and sparse decode read (process-wide).
 //   kStream (default): every page a thread's range will read is known before it starts, so its
 //     rows are prefetched as one stream in the kernel's order, 8 KiB ahead of the reads.
 //   kNextPage: the next page's K rows over the current page's scores, and P.V its batch's V
-//     rows 48 tokens ahead (what dense decode does; sparse decode's scheme before 2026-12-04).
-// Measured in integration/bench/results/read_ahead/. The environment variable
-// MEMPIPE_SPARSE_READ_AHEAD (stream, next_page) sets the process's starting value; a value it
-// does not name is ignored with a message on stderr. For measurements, not tuning: the AVX2 and
-// portable kernels ignore it.
-enum class SparseReadAhead : int { kStream = 0, kNextPage = 1 };
-void SetSparseReadAhead(SparseReadAhead mode);
+//     rows 48 tokens ahead (both decodes' scheme before 2026-12-04; dense decode's until
+//     results/dense_stream/).
+// Measured in integration/bench/results/read_ahead/ (sparse) and results/dense_stream/ (dense).
+// The environment variable MEMPIPE_READ_AHEAD (stream, next_page; where unset, its earlier name
+// MEMPIPE_SPARSE_READ_AHEAD) sets the process's starting value; a value it does not name is
+// ignored with a message on stderr. For measurements, not tuning: the AVX2 and portable kernels
+// ignore it.
+enum class DecodeReadAhead : int { kStream = 0, kNextPage = 1 };
+void SetDecodeReadAhead(DecodeReadAhead mode);
 // Accepts stream, next_page; InvalidArgument naming anything else.
-absl::StatusOr<SparseReadAhead> ParseSparseReadAhead(absl::string_view name);
+absl::StatusOr<DecodeReadAhead> ParseDecodeReadAhead(absl::string_view name);
 // "stream" or "next_page".
-absl::string_view SparseReadAheadName(SparseReadAhead mode);
-SparseReadAhead ActiveSparseReadAhead();
+absl::string_view DecodeReadAheadName(DecodeReadAhead mode);
+DecodeReadAhead ActiveDecodeReadAhead();
 
 // Causal prefill: the last q_len(s) = query_start_loc[s+1] - query_start_loc[s] tokens of each
 // sequence attend to cached tokens [0, position] (the cache must already hold them).

@@ -66,9 +66,12 @@ ABSL_FLAG(int, threads, 1, "Host threads for every kernel");
 ABSL_FLAG(int, passes, 3, "Passes over the layers; the best is reported");
 ABSL_FLAG(std::string, cpu_kernel, "auto",
           "Host kernels (core/cpu_kernel.h): auto, portable, avx512, avx512-bf16, avx2");
+ABSL_FLAG(std::string, read_ahead, "",
+          "Dense and sparse decode's prefetch in the AVX-512 kernel (attention/decode.h "
+          "DecodeReadAhead): stream, next_page; empty keeps MEMPIPE_READ_AHEAD's (default stream)");
 ABSL_FLAG(std::string, sparse_read_ahead, "",
-          "Sparse decode's prefetch in the AVX-512 kernel (attention/decode.h SparseReadAhead): "
-          "stream, next_page; empty keeps MEMPIPE_SPARSE_READ_AHEAD's (default stream)");
+          "The earlier name of --read_ahead (then sparse decode's only), kept so that the "
+          "commands under results/read_ahead/ still run; --read_ahead wins where both are set");
 ABSL_FLAG(std::string, kv_layout, "token",
           "KV cache layout: token (token-major, vLLM's FlashAttention layout), head (head-major: "
           "each KV head's page contiguous, what the vLLM plugin uses on the CPU), page "
@@ -119,9 +122,11 @@ int Run() {
   absl::Status status = !dtype.ok() ? dtype.status() : kernel.status();
   if (status.ok()) status = SetCpuKernel(*kernel);
   if (status.ok()) status = UseHostThreads(absl::GetFlag(FLAGS_host_threads));
-  if (const std::string ra = absl::GetFlag(FLAGS_sparse_read_ahead); status.ok() && !ra.empty()) {
-    absl::StatusOr<SparseReadAhead> mode = ParseSparseReadAhead(ra);
-    if (mode.ok()) SetSparseReadAhead(*mode);
+  std::string ra = absl::GetFlag(FLAGS_read_ahead);
+  if (ra.empty()) ra = absl::GetFlag(FLAGS_sparse_read_ahead);
+  if (status.ok() && !ra.empty()) {
+    absl::StatusOr<DecodeReadAhead> mode = ParseDecodeReadAhead(ra);
+    if (mode.ok()) SetDecodeReadAhead(*mode);
     status = mode.status();
   }
   const int bs = absl::GetFlag(FLAGS_page_size), context = absl::GetFlag(FLAGS_context);
@@ -335,11 +340,11 @@ int Run() {
               : absl::StrCat("mempipe's pool (spin ", absl::FormatDuration(spin), ")");
   std::printf(
       "mempipe-cpu-kernel-bench: %d layers x (%d q / %d KV heads, head_dim %d, %s, page %d, "
-      "%d x %d tokens, budget %d, %s-major cache), %d thread(s) on %s, %s kernels (sparse "
-      "read-ahead: %s), huge pages %s\n",
+      "%d x %d tokens, budget %d, %s-major cache), %d thread(s) on %s, %s kernels (read-ahead: "
+      "%s), huge pages %s\n",
       layers, heads, kv, d, std::string(DTypeName(dt)).c_str(), bs, seqs, context, k * bs,
       KvLayoutName(cache.layout), threads, host.c_str(), std::string(ActiveCpuKernelName()).c_str(),
-      std::string(SparseReadAheadName(ActiveSparseReadAhead())).c_str(),
+      std::string(DecodeReadAheadName(ActiveDecodeReadAhead())).c_str(),
       huge ? "asked for" : "not asked for");
   const double mib = 1048576.0;
   std::printf("  CPU: %s\n", CpuDescription().c_str());

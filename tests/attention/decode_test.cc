@@ -46,7 +46,7 @@ class DecodeTest
     scale_ = 1.0f / std::sqrt(static_cast<float>(head_dim_));
   }
   void TearDown() override {
-    SetSparseReadAhead(SparseReadAhead::kStream);
+    SetDecodeReadAhead(DecodeReadAhead::kStream);
     ASSERT_TRUE(SetCpuKernel(CpuKernel::kAuto).ok());
   }
 
@@ -102,19 +102,32 @@ std::vector<int> Range(int n) {
   return v;
 }
 
+// Under both of the AVX-512 kernel's prefetch schemes (DecodeReadAhead; the other kernels ignore
+// it).
 TEST_P(DecodeTest, DenseMatchesFloat64Reference) {
-  auto out = PoisonedOut();
-  ASSERT_TRUE(DenseDecode(Io(out), f_->cache_view(), f_->table_view(), scale_).ok());
-  ExpectMatchesReference(out, [&](int s, int) { return Range(lens_[s]); });
+  for (DecodeReadAhead mode : {DecodeReadAhead::kStream, DecodeReadAhead::kNextPage}) {
+    SCOPED_TRACE(DecodeReadAheadName(mode));
+    SetDecodeReadAhead(mode);
+    auto out = PoisonedOut();
+    ASSERT_TRUE(DenseDecode(Io(out), f_->cache_view(), f_->table_view(), scale_).ok());
+    ExpectMatchesReference(out, [&](int s, int) { return Range(lens_[s]); });
+  }
 }
 
+// 1, 2 and 3 threads (ranges of one KV head, or several, per thread) under both prefetch schemes:
+// a prefetch reads nothing into the result, so the outputs are equal bit for bit.
 TEST_P(DecodeTest, ThreadsSplitWorkWithoutChangingResults) {
-  auto one = PoisonedOut(), three = PoisonedOut();
-  ASSERT_TRUE(DenseDecode(Io(one), f_->cache_view(), f_->table_view(), scale_).ok());
-  DecodeIo io = Io(three);
-  io.num_threads = 3;
-  ASSERT_TRUE(DenseDecode(io, f_->cache_view(), f_->table_view(), scale_).ok());
-  EXPECT_EQ(one, three);
+  std::vector<std::vector<uint8_t>> outs;
+  for (DecodeReadAhead mode : {DecodeReadAhead::kStream, DecodeReadAhead::kNextPage}) {
+    SetDecodeReadAhead(mode);
+    for (int threads : {1, 2, 3}) {
+      outs.push_back(PoisonedOut());
+      DecodeIo io = Io(outs.back());
+      io.num_threads = threads;
+      ASSERT_TRUE(DenseDecode(io, f_->cache_view(), f_->table_view(), scale_).ok());
+    }
+  }
+  for (size_t i = 1; i < outs.size(); ++i) EXPECT_EQ(outs[0], outs[i]) << "run " << i;
 }
 
 TEST_P(DecodeTest, SparseOverEveryPageEqualsDense) {
@@ -156,11 +169,11 @@ TEST_P(DecodeTest, SparseUnevenSelectionsAnyThreadCountMatchReference) {
     }
   }
   const PageList list{pages.data(), counts.data(), kKvHeads, max_pages};
-  // Both of the AVX-512 kernel's prefetch schemes (SparseReadAhead; the others ignore it): a
+  // Both of the AVX-512 kernel's prefetch schemes (DecodeReadAhead; the others ignore it): a
   // prefetch reads nothing into the result, so the outputs are equal bit for bit.
   std::vector<std::vector<uint8_t>> outs;
-  for (SparseReadAhead mode : {SparseReadAhead::kStream, SparseReadAhead::kNextPage}) {
-    SetSparseReadAhead(mode);
+  for (DecodeReadAhead mode : {DecodeReadAhead::kStream, DecodeReadAhead::kNextPage}) {
+    SetDecodeReadAhead(mode);
     for (int threads : {1, 2, 3}) {
       outs.push_back(PoisonedOut());
       DecodeIo io = Io(outs.back());
@@ -195,8 +208,8 @@ TEST_P(DecodeTest, ReadDecodeRowsRunsOnlyWithAVectorKernelAndWritesNothing) {
   const auto poisoned = out;
   DecodeIo io = Io(out);
   io.num_threads = 3;
-  for (SparseReadAhead mode : {SparseReadAhead::kStream, SparseReadAhead::kNextPage}) {
-    SetSparseReadAhead(mode);
+  for (DecodeReadAhead mode : {DecodeReadAhead::kStream, DecodeReadAhead::kNextPage}) {
+    SetDecodeReadAhead(mode);
     for (const PageList* p : {static_cast<const PageList*>(nullptr), &list}) {
       const absl::Status st = ReadDecodeRows(io, f_->cache_view(), f_->table_view(), p);
       if (UseAvx512Kernel() || UseAvx2Kernel()) {
@@ -597,16 +610,16 @@ TEST(DecodeErrors, NameTheBadValue) {
               CpuKernelAvailable(CpuKernel::kAvx512));
   ASSERT_TRUE(SetCpuKernel(CpuKernel::kAuto).ok());
   EXPECT_NE(ActiveCpuKernelName(), "auto");
-  // The sparse read-ahead: its names round-trip, a bad one is named.
-  const absl::StatusOr<SparseReadAhead> bad_mode = ParseSparseReadAhead("far");
+  // The read-ahead: its names round-trip, a bad one is named.
+  const absl::StatusOr<DecodeReadAhead> bad_mode = ParseDecodeReadAhead("far");
   EXPECT_EQ(bad_mode.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(bad_mode.status().message().find("\"far\""), absl::string_view::npos);
-  for (SparseReadAhead mode : {SparseReadAhead::kStream, SparseReadAhead::kNextPage}) {
-    SetSparseReadAhead(mode);
-    EXPECT_EQ(ActiveSparseReadAhead(), mode);
-    EXPECT_EQ(*ParseSparseReadAhead(SparseReadAheadName(mode)), mode);
+  for (DecodeReadAhead mode : {DecodeReadAhead::kStream, DecodeReadAhead::kNextPage}) {
+    SetDecodeReadAhead(mode);
+    EXPECT_EQ(ActiveDecodeReadAhead(), mode);
+    EXPECT_EQ(*ParseDecodeReadAhead(DecodeReadAheadName(mode)), mode);
   }
-  SetSparseReadAhead(SparseReadAhead::kStream);
+  SetDecodeReadAhead(DecodeReadAhead::kStream);
 }
 
 }  // namespace
