@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The H200 host's CPU: mempipe-cpu-kernel-bench before (kb_old, 137111e) and after (kb_new) the
-# compute trims, alternated in each round. Carried: .gpuwork/ca (both binaries, lib/ the Abseil
-# libraries they link).   bash integration/bench/results/compute_trim/h200_host.sh
+# The H200 host's CPU: mempipe-cpu-kernel-bench before (kb_old) and after (kb_new) a change,
+# alternated in each round. Carried: .gpuwork/NAME (both binaries, lib/ the Abseil libraries they
+# link); writes $OUT/NAME_h200.tgz.   bash integration/bench/results/compute_trim/h200_host.sh [NAME]
+# Runs: NAME ca (the compute trims: 137111e against 0c8e656), ds (../dense_stream/: 0c8e656
+# against af3f896).
 set -uo pipefail
-K=$PWD/.gpuwork/ca; export LD_LIBRARY_PATH=$K/lib
-W=/tmp/ca_h200; rm -rf $W; mkdir -p $W; T0=$SECONDS
+N=${1:-ca}
+K=$PWD/.gpuwork/$N; export LD_LIBRARY_PATH=$K/lib
+W=/tmp/${N}_h200; rm -rf $W; mkdir -p $W; T0=$SECONDS
 lscpu > $W/lscpu.txt; uptime > $W/uptime.txt
 SMOL="--num_heads=9 --num_kv_heads=3 --head_dim=64 --page_size=32 --context=6144 --budget=512 --seqs=4"
 LLAMA="--num_heads=32 --num_kv_heads=8 --head_dim=128 --page_size=16 --context=32768 --budget=4096 --seqs=1"
@@ -31,4 +34,4 @@ for r in 1 2 3; do
   done
   echo "round $r done at $((SECONDS - T0)) s" >> $W/runs.txt
 done
-tar -czf "$OUT/ca_h200.tgz" -C /tmp ca_h200; tail -3 $W/runs.txt
+tar -czf "$OUT/${N}_h200.tgz" -C /tmp ${N}_h200; tail -3 $W/runs.txt
