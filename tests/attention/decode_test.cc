@@ -50,6 +50,25 @@ class DecodeTest
     ASSERT_TRUE(SetCpuKernel(CpuKernel::kAuto).ok());
   }
 
+  // The outputs of decode(io) under both read-ahead schemes at 1, 2 and 3 threads, in that order
+  // (a failed call fails the test and ends the list).
+  template <typename Decode>
+  std::vector<std::vector<uint8_t>> EachSchemeAndThreadCount(Decode decode) {
+    std::vector<std::vector<uint8_t>> outs;
+    for (DecodeReadAhead mode : {DecodeReadAhead::kStream, DecodeReadAhead::kNextPage}) {
+      SetDecodeReadAhead(mode);
+      for (int threads : {1, 2, 3}) {
+        outs.push_back(PoisonedOut());
+        DecodeIo io = Io(outs.back());
+        io.num_threads = threads;
+        const absl::Status st = decode(io);
+        EXPECT_TRUE(st.ok()) << st;
+        if (!st.ok()) return outs;
+      }
+    }
+    return outs;
+  }
+
   // Output buffer poisoned with NaN so an unwritten element shows.
   std::vector<uint8_t> PoisonedOut() const {
     std::vector<uint8_t> out(lens_.size() * heads_ * head_dim_ * DTypeSize(dtype_));
@@ -117,16 +136,9 @@ TEST_P(DecodeTest, DenseMatchesFloat64Reference) {
 // 1, 2 and 3 threads (ranges of one KV head, or several, per thread) under both prefetch schemes:
 // a prefetch reads nothing into the result, so the outputs are equal bit for bit.
 TEST_P(DecodeTest, ThreadsSplitWorkWithoutChangingResults) {
-  std::vector<std::vector<uint8_t>> outs;
-  for (DecodeReadAhead mode : {DecodeReadAhead::kStream, DecodeReadAhead::kNextPage}) {
-    SetDecodeReadAhead(mode);
-    for (int threads : {1, 2, 3}) {
-      outs.push_back(PoisonedOut());
-      DecodeIo io = Io(outs.back());
-      io.num_threads = threads;
-      ASSERT_TRUE(DenseDecode(io, f_->cache_view(), f_->table_view(), scale_).ok());
-    }
-  }
+  const auto outs = EachSchemeAndThreadCount([&](const DecodeIo& io) {
+    return DenseDecode(io, f_->cache_view(), f_->table_view(), scale_);
+  });
   for (size_t i = 1; i < outs.size(); ++i) EXPECT_EQ(outs[0], outs[i]) << "run " << i;
 }
 
@@ -171,16 +183,9 @@ TEST_P(DecodeTest, SparseUnevenSelectionsAnyThreadCountMatchReference) {
   const PageList list{pages.data(), counts.data(), kKvHeads, max_pages};
   // Both of the AVX-512 kernel's prefetch schemes (DecodeReadAhead; the others ignore it): a
   // prefetch reads nothing into the result, so the outputs are equal bit for bit.
-  std::vector<std::vector<uint8_t>> outs;
-  for (DecodeReadAhead mode : {DecodeReadAhead::kStream, DecodeReadAhead::kNextPage}) {
-    SetDecodeReadAhead(mode);
-    for (int threads : {1, 2, 3}) {
-      outs.push_back(PoisonedOut());
-      DecodeIo io = Io(outs.back());
-      io.num_threads = threads;
-      ASSERT_TRUE(SparseDecode(io, f_->cache_view(), f_->table_view(), list, scale_).ok());
-    }
-  }
+  const auto outs = EachSchemeAndThreadCount([&](const DecodeIo& io) {
+    return SparseDecode(io, f_->cache_view(), f_->table_view(), list, scale_);
+  });
   for (size_t i = 1; i < outs.size(); ++i) EXPECT_EQ(outs[0], outs[i]) << "run " << i;
   ExpectMatchesReference(outs[0], [&](int s, int kvh) {
     std::vector<int> tokens;
