@@ -1421,6 +1421,27 @@ PYBIND11_MODULE(_mempipe, m) {
       "why part of the range stays in small pages: EAGAIN after retries, ENOMEM)}. ValueError "
       "for a bad mode or where madvise refuses (EINVAL, EPERM), naming errno.");
   m.def(
+      "collapse_huge_pages",
+      [](uintptr_t data_ptr, size_t nbytes) {
+        absl::StatusOr<mempipe::HugePageReport> r;
+        {
+          py::gil_scoped_release release;
+          r = mempipe::CollapseHugePages(reinterpret_cast<void*>(data_ptr), nbytes);
+        }
+        Check(r.status());
+        py::dict d;
+        d["advised_bytes"] = r->advised_bytes;
+        d["ms"] = r->ms;
+        d["incomplete"] = r->incomplete;
+        return d;
+      },
+      arg("data_ptr"), arg("nbytes"),
+      "MADV_COLLAPSE alone over the whole 2 MiB pages of host memory [data_ptr, data_ptr + "
+      "nbytes) of this process, contents kept (core/huge_pages.h's CollapseHugePages): no "
+      "MADV_HUGEPAGE, no /proc/self/smaps reads, cheap enough to call for each part of a KV cache "
+      "as it comes into use. Returns {advised_bytes, ms, incomplete}; ValueError where madvise "
+      "refuses (EINVAL before Linux 6.1, EPERM), naming errno.");
+  m.def(
       "huge_page_bytes",
       [](uintptr_t data_ptr, size_t nbytes) {
         const absl::StatusOr<size_t> r =

@@ -14,6 +14,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "core/clock.h"
+#include "core/status_macros.h"
 
 #ifndef MADV_COLLAPSE
 #define MADV_COLLAPSE 25  // Linux 6.1's value; older C libraries' headers lack it
@@ -46,6 +47,24 @@ int Madvise(uintptr_t begin, size_t bytes, int advice) {
 std::string MadviseError(uintptr_t begin, size_t bytes, absl::string_view name, int e) {
   return absl::StrCat("madvise(", name, ") of ", bytes, " bytes at 0x", absl::Hex(begin),
                       " failed: ", ErrnoName(e), " (", std::strerror(e), ")");
+}
+
+// MADV_COLLAPSE over [begin, end) (whole 2 MiB pages), retried while it fails with EAGAIN. A
+// collapse that could not be had (EAGAIN after the retries, ENOMEM) is written to
+// report.incomplete; any other failure is the error.
+absl::Status Collapse(uintptr_t begin, uintptr_t end, HugePageReport& report) {
+  int e = 0;
+  for (int attempt = 0; attempt < kCollapseAttempts; ++attempt) {
+    e = Madvise(begin, end - begin, MADV_COLLAPSE);
+    if (e != EAGAIN) break;
+  }
+  if (e == EAGAIN || e == ENOMEM) {
+    report.incomplete = MadviseError(begin, end - begin, "MADV_COLLAPSE", e);
+    if (e == EAGAIN) absl::StrAppend(&report.incomplete, ", ", kCollapseAttempts, " times");
+  } else if (e != 0) {
+    return absl::FailedPreconditionError(MadviseError(begin, end - begin, "MADV_COLLAPSE", e));
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -101,22 +120,29 @@ absl::StatusOr<HugePageReport> BackWithHugePages(void* data, size_t bytes, HugeP
     return absl::FailedPreconditionError(MadviseError(begin, end - begin, "MADV_HUGEPAGE", e));
   }
   if (mode == HugePageMode::kCollapse) {
-    int e = 0;
-    for (int attempt = 0; attempt < kCollapseAttempts; ++attempt) {
-      e = Madvise(begin, end - begin, MADV_COLLAPSE);
-      if (e != EAGAIN) break;
-    }
-    if (e == EAGAIN || e == ENOMEM) {
-      report.incomplete = MadviseError(begin, end - begin, "MADV_COLLAPSE", e);
-      if (e == EAGAIN) absl::StrAppend(&report.incomplete, ", ", kCollapseAttempts, " times");
-    } else if (e != 0) {
-      return absl::FailedPreconditionError(MadviseError(begin, end - begin, "MADV_COLLAPSE", e));
-    }
+    MEMPIPE_RETURN_IF_ERROR(Collapse(begin, end, report));
   }
   report.ms = MsSince(t0);
   absl::StatusOr<size_t> after = HugePageBytes(data, bytes);
   if (!after.ok()) return after.status();
   report.huge_after = *after;
+  return report;
+}
+
+absl::StatusOr<HugePageReport> CollapseHugePages(void* data, size_t bytes) {
+  if (data == nullptr && bytes > 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("CollapseHugePages: data is null for ", bytes, " bytes"));
+  }
+  HugePageReport report;
+  const uintptr_t lo = reinterpret_cast<uintptr_t>(data);
+  const uintptr_t begin = (lo + kHugePageBytes - 1) & ~(kHugePageBytes - 1);
+  const uintptr_t end = (lo + bytes) & ~(kHugePageBytes - 1);
+  if (end <= begin) return report;
+  report.advised_bytes = end - begin;
+  const Clock::time_point t0 = Clock::now();
+  MEMPIPE_RETURN_IF_ERROR(Collapse(begin, end, report));
+  report.ms = MsSince(t0);
   return report;
 }
 

@@ -60,6 +60,14 @@ inline constexpr int kCollapseAttempts = 4;
 [[nodiscard]] absl::StatusOr<HugePageReport> BackWithHugePages(void* data, size_t bytes,
                                                                HugePageMode mode);
 
+// MADV_COLLAPSE alone over the whole 2 MiB pages of [data, data + bytes), retried on EAGAIN as
+// kCollapse is: no MADV_HUGEPAGE (which would split the mapping at the range's ends) and no
+// /proc/self/smaps reads (milliseconds each in a process with many mappings), so cheap enough to
+// call for each part of a buffer as it comes into use. The report's huge_before and huge_after
+// stay 0; errors and `incomplete` as BackWithHugePages's (EINVAL also where the range was
+// advised MADV_NOHUGEPAGE).
+[[nodiscard]] absl::StatusOr<HugePageReport> CollapseHugePages(void* data, size_t bytes);
+
 // Bytes of [data, data + bytes) that huge pages back now: the AnonHugePages of the mappings of
 // /proc/self/smaps inside the range, a mapping partly inside counting at most its overlap (so an
 // upper bound there; exact for a range BackWithHugePages advised, whose interior madvise splits

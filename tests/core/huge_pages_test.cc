@@ -25,15 +25,16 @@ std::string ThpMode() {
 }
 
 // An anonymous mapping of `bytes` plus 1 MiB, so that its 2 MiB-aligned interior is smaller than
-// the mapping; kept in 4 KiB pages (MADV_NOHUGEPAGE) and filled with random bytes of a fresh seed
-// (so every page is faulted in, as torch.zeros leaves vLLM's KV cache).
+// the mapping; kept in 4 KiB pages (MADV_NOHUGEPAGE, unless `plain`: no advice, as vLLM's
+// torch.zeros cache has) and filled with random bytes of a fresh seed (so every page is faulted
+// in, as torch.zeros leaves vLLM's KV cache).
 class Mapping {
  public:
-  explicit Mapping(size_t bytes) : bytes_(bytes + (size_t{1} << 20)) {
+  explicit Mapping(size_t bytes, bool plain = false) : bytes_(bytes + (size_t{1} << 20)) {
     void* p = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     data_ = p == MAP_FAILED ? nullptr : static_cast<uint8_t*>(p);
     if (data_ == nullptr) return;
-    madvise(data_, bytes_, MADV_NOHUGEPAGE);
+    if (!plain) madvise(data_, bytes_, MADV_NOHUGEPAGE);
     std::mt19937_64 rng(std::random_device{}());
     for (size_t i = 0; i < bytes_; i += 8) {
       const uint64_t x = rng();
@@ -105,6 +106,42 @@ TEST(HugePages, CollapseKeepsContentsAndBacksTheInterior) {
   EXPECT_EQ(r->huge_before, 0u);
   EXPECT_GE(r->huge_after, r->advised_bytes);
   EXPECT_LE(r->huge_after, bytes);
+}
+
+// CollapseHugePages (no advice, no smaps): the whole huge pages of the range it is given, and
+// only those: the mapping as a whole holds exactly those two (a collapse of the whole mapping,
+// or of nothing, fails that check).
+TEST(HugePages, CollapseAloneBacksJustItsRangeAndKeepsContents) {
+  const std::string thp = ThpMode();
+  if (thp.empty() || thp == "never" || thp == "always") {
+    GTEST_SKIP() << "THP mode \"" << thp << "\": needs madvise, where plain memory stays small";
+  }
+  Mapping m(8 * kHugePageBytes, /*plain=*/true);
+  ASSERT_NE(m.data(), nullptr);
+  const std::vector<uint8_t> copy(m.data(), m.data() + m.bytes());
+  const uintptr_t first =
+      (reinterpret_cast<uintptr_t>(m.data()) + kHugePageBytes - 1) & ~(kHugePageBytes - 1);
+  // Three huge pages' worth, starting 4 KiB before the second whole page: it holds two whole ones.
+  uint8_t* const lo = reinterpret_cast<uint8_t*>(first + kHugePageBytes - 4096);
+  const absl::StatusOr<size_t> before = HugePageBytes(m.data(), m.bytes());
+  ASSERT_TRUE(before.ok()) << before.status();
+  ASSERT_EQ(*before, 0u);
+  const absl::StatusOr<HugePageReport> r = CollapseHugePages(lo, 3 * kHugePageBytes);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(std::memcmp(m.data(), copy.data(), copy.size()), 0) << "contents changed";
+  EXPECT_EQ(r->advised_bytes, 2 * kHugePageBytes);
+  EXPECT_EQ(r->incomplete, "");
+  EXPECT_EQ(r->huge_before, 0u);
+  EXPECT_EQ(r->huge_after, 0u);  // not read: the caller asks HugePageBytes when it wants to know
+  // No advice, so the mapping is not split: HugePageBytes counts the mapping's huge pages.
+  const absl::StatusOr<size_t> after = HugePageBytes(m.data(), m.bytes());
+  ASSERT_TRUE(after.ok()) << after.status();
+  EXPECT_EQ(*after, 2 * kHugePageBytes);
+  EXPECT_EQ(CollapseHugePages(nullptr, 4096).status().code(), absl::StatusCode::kInvalidArgument);
+  // [lo + 8 KiB, + 2 MiB) straddles a page boundary and holds no whole huge page.
+  const absl::StatusOr<HugePageReport> none = CollapseHugePages(lo + 8192, kHugePageBytes);
+  ASSERT_TRUE(none.ok()) << none.status();
+  EXPECT_EQ(none->advised_bytes, 0u);
 }
 
 // Advise only marks the range (khugepaged may collapse it later): contents kept, no error.

