@@ -4,6 +4,7 @@ the kernel allows it, once per storage, a refusal a warning and never an error. 
 from the test's fresh seed."""
 
 import pathlib
+import re
 import types
 
 import numpy as np
@@ -148,6 +149,8 @@ def test_kv_huge_pages_collapses_each_touched_page_once_inside_the_storage(backe
                                                                            monkeypatch, span):
     rec = _Recorder()
     monkeypatch.setattr(backend, "_mempipe", rec)
+    lines = []
+    monkeypatch.setattr(backend.logger, "info", lambda *a: lines.append(a[0] % a[1:]))
     lo = 7 * HUGE + 4096  # a storage that starts and ends inside a 2 MiB page
     hi = lo + 40 * HUGE + 8192
     pages = backend.KvHugePages(lo, hi - lo)
@@ -170,6 +173,11 @@ def test_kv_huge_pages_collapses_each_touched_page_once_inside_the_storage(backe
     assert set(got) == want
     assert pages.collapsed_bytes == len(want) * HUGE
     assert len(rec.calls) == runs
+    # Progress: a line each time the total doubles, the last naming a total reached.
+    assert 1 <= len(lines) <= len(want).bit_length(), lines
+    logged = int(re.search(r"(\d+) MiB of it collapsed", lines[-1]).group(1))
+    total = len(want) * 2
+    assert 0 < logged <= total < 1 << logged.bit_length(), (lines, total)  # no doubling missed
 
 
 def test_kv_huge_pages_refusal_warns_once_and_stops(backend, monkeypatch):

@@ -248,6 +248,7 @@ class KvHugePages:
         self.calls = 0
         self.refused: str | None = None
         self.incomplete = 0
+        self._next_report = 1 << _HUGE_SHIFT  # collapsed_bytes at the next log line
 
     @classmethod
     def of(cls, kv_cache: torch.Tensor) -> "KvHugePages":
@@ -299,7 +300,6 @@ class KvHugePages:
             logger.warning("mempipe: KV cache (%.2f GiB) left in the pages it has (%s); "
                            "MEMPIPE_KV_HUGE_PAGES=off skips this", (self.hi - self.lo) / 2**30, e)
             return
-        first_call = self.calls == 0
         self.calls += 1
         self.collapsed_bytes += r["advised_bytes"]
         self.ms += r["ms"]
@@ -308,10 +308,13 @@ class KvHugePages:
             if self.incomplete == 1:
                 logger.warning("mempipe: KV cache: some 2 MiB pages stay in 4 KiB pages (%s)",
                                r["incomplete"])
-        if first_call:
-            logger.info("mempipe: KV cache %.2f GiB: its 2 MiB pages collapse as its blocks come "
-                        "into use (MEMPIPE_KV_HUGE_PAGES=collapse; the first %.1f MiB in %.1f ms)",
-                        (self.hi - self.lo) / 2**30, r["advised_bytes"] / 2**20, r["ms"])
+        if self.collapsed_bytes >= self._next_report:  # a line each time the total doubles
+            while self._next_report <= self.collapsed_bytes:
+                self._next_report *= 2
+            logger.info("mempipe: KV cache %.2f GiB: %.0f MiB of it collapsed into 2 MiB pages so "
+                        "far, as its blocks came into use (MEMPIPE_KV_HUGE_PAGES=collapse; %d "
+                        "calls, %.0f ms in all)", (self.hi - self.lo) / 2**30,
+                        self.collapsed_bytes / 2**20, self.calls, self.ms)
 
 
 def prefill_kernel_choice() -> tuple[str, int]:
