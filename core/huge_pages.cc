@@ -67,6 +67,20 @@ absl::Status Collapse(uintptr_t begin, uintptr_t end, HugePageReport& report) {
   return absl::OkStatus();
 }
 
+// The whole 2 MiB pages of [data, data + bytes): [begin, end), empty where end <= begin.
+// InvalidArgument, naming `caller`, for a null data with bytes > 0.
+struct Interior {
+  uintptr_t begin = 0, end = 0;
+};
+absl::StatusOr<Interior> WholePages(const char* caller, const void* data, size_t bytes) {
+  if (data == nullptr && bytes > 0) {
+    return absl::InvalidArgumentError(absl::StrCat(caller, ": data is null for ", bytes, " bytes"));
+  }
+  const uintptr_t lo = reinterpret_cast<uintptr_t>(data);
+  return Interior{(lo + kHugePageBytes - 1) & ~(kHugePageBytes - 1),
+                  (lo + bytes) & ~(kHugePageBytes - 1)};
+}
+
 }  // namespace
 
 absl::StatusOr<HugePageMode> ParseHugePageMode(absl::string_view name) {
@@ -102,14 +116,10 @@ absl::StatusOr<size_t> HugePageBytes(const void* data, size_t bytes) {
 }
 
 absl::StatusOr<HugePageReport> BackWithHugePages(void* data, size_t bytes, HugePageMode mode) {
-  if (data == nullptr && bytes > 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("BackWithHugePages: data is null for ", bytes, " bytes"));
-  }
+  const absl::StatusOr<Interior> pages = WholePages("BackWithHugePages", data, bytes);
+  if (!pages.ok()) return pages.status();
+  const auto [begin, end] = *pages;
   HugePageReport report;
-  const uintptr_t lo = reinterpret_cast<uintptr_t>(data);
-  const uintptr_t begin = (lo + kHugePageBytes - 1) & ~(kHugePageBytes - 1);
-  const uintptr_t end = (lo + bytes) & ~(kHugePageBytes - 1);
   if (mode == HugePageMode::kOff || end <= begin) return report;
   report.advised_bytes = end - begin;
   absl::StatusOr<size_t> before = HugePageBytes(data, bytes);
@@ -130,14 +140,10 @@ absl::StatusOr<HugePageReport> BackWithHugePages(void* data, size_t bytes, HugeP
 }
 
 absl::StatusOr<HugePageReport> CollapseHugePages(void* data, size_t bytes) {
-  if (data == nullptr && bytes > 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("CollapseHugePages: data is null for ", bytes, " bytes"));
-  }
+  const absl::StatusOr<Interior> pages = WholePages("CollapseHugePages", data, bytes);
+  if (!pages.ok()) return pages.status();
+  const auto [begin, end] = *pages;
   HugePageReport report;
-  const uintptr_t lo = reinterpret_cast<uintptr_t>(data);
-  const uintptr_t begin = (lo + kHugePageBytes - 1) & ~(kHugePageBytes - 1);
-  const uintptr_t end = (lo + bytes) & ~(kHugePageBytes - 1);
   if (end <= begin) return report;
   report.advised_bytes = end - begin;
   const Clock::time_point t0 = Clock::now();
