@@ -278,15 +278,12 @@ class KvHugePages:
         if not todo:
             return
         self.done.update(todo)
-        run = todo[0]
-        for i in range(1, len(todo) + 1):
-            if i < len(todo) and todo[i] == todo[i - 1] + 1:
-                continue
-            self._collapse_run(run, todo[i - 1] + 1)
+        todo = np.array(todo)
+        breaks = np.flatnonzero(np.diff(todo) != 1) + 1  # where a run of adjacent pages starts
+        for run in np.split(todo, breaks):
+            self._collapse_run(int(run[0]), int(run[-1]) + 1)
             if self.refused is not None:
                 return
-            if i < len(todo):
-                run = todo[i]
 
     def _collapse_run(self, first: int, end: int) -> None:
         """Pages [first, end), less any not wholly inside the storage."""
