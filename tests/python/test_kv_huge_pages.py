@@ -74,6 +74,7 @@ def backend(monkeypatch):
     require_vllm()
     from mempipe.vllm import backend as b
     monkeypatch.delenv("MEMPIPE_KV_HUGE_PAGES", raising=False)
+    monkeypatch.delenv("MEMPIPE_KV_COLLAPSE_SHARE", raising=False)
     monkeypatch.setattr(b, "_HUGE_PAGED", set())
     monkeypatch.setattr(b, "_KV_HUGE", {})
     return b
@@ -86,6 +87,16 @@ def test_backend_mode_default_and_bad_value(backend, monkeypatch):
     monkeypatch.setenv("MEMPIPE_KV_HUGE_PAGES", "yes")
     with pytest.raises(ValueError, match="one of collapse, collapse_all, advise, off, got 'yes'"):
         backend.kv_huge_page_mode()
+
+
+def test_collapse_share_default_and_bad_values(backend, monkeypatch):
+    assert backend.kv_collapse_share() == 0.05
+    monkeypatch.setenv("MEMPIPE_KV_COLLAPSE_SHARE", "1")
+    assert backend.kv_collapse_share() == 1.0
+    for bad in ("0", "1.5", "-0.1", "nan", "inf", "half"):
+        monkeypatch.setenv("MEMPIPE_KV_COLLAPSE_SHARE", bad)
+        with pytest.raises(ValueError, match=f"in \\(0, 1\\], got '{bad}'"):
+            backend.kv_collapse_share()
 
 
 @needs_thp
@@ -216,7 +227,7 @@ def test_block_byte_ranges_cover_exactly_each_blocks_pages(backend, layout):
 
 
 @needs_thp
-def test_collapse_blocks_backs_their_pages_and_keeps_every_byte(backend, gen):
+def test_collapse_blocks_backs_their_pages_and_keeps_every_byte(backend, gen, monkeypatch):
     if _thp_mode() != "madvise":
         pytest.skip(f"THP mode {_thp_mode()!r}: plain memory is not reliably in 4 KiB pages")
     from mempipe.attention import layout_view
@@ -226,6 +237,7 @@ def test_collapse_blocks_backs_their_pages_and_keeps_every_byte(backend, gen):
     copy = region.clone()
     s = region.untyped_storage()
     assert mp.huge_page_bytes(s.data_ptr(), s.nbytes()) == 0
+    monkeypatch.setenv("MEMPIPE_KV_COLLAPSE_SHARE", "1")  # each page before its first write
     # The layer as vLLM drives it: its cache view (vLLM's [blocks, KVH, page, 2 * D] region,
     # layout head), then a step whose builder listed blocks 3, 4 and 200 as new.
     impl = backend.MempipeAttentionImpl.__new__(backend.MempipeAttentionImpl)
@@ -262,3 +274,96 @@ def test_builder_lists_each_block_once(backend):
     assert step(5000, 0).tolist() == [312]  # past the array: it grows
     assert step(-1) is None
     assert b._written.nonzero()[0].tolist() == [0, 1, 2, 18, 312]
+
+
+# ---- MEMPIPE_KV_COLLAPSE_SHARE below 1: the collapsing within a share of the wall time --------
+
+
+class _Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+class _TimedRecorder(_Recorder):
+    """Each call takes `cost(pages)` ms, as the C++ timer would report it."""
+
+    def __init__(self, cost):
+        super().__init__()
+        self.cost = cost
+
+    def collapse_huge_pages(self, ptr, nbytes):
+        r = super().collapse_huge_pages(ptr, nbytes)
+        r["ms"] = self.cost(nbytes // HUGE)
+        return r
+
+
+def test_drain_keeps_the_collapse_within_its_share_and_finishes(backend, gen, monkeypatch):
+    # Pages at 0.2-12 ms each (the Zen 5 VM's range); steps of 0.05-600 ms of wall time.
+    costs = (torch.rand(400, generator=gen) * 11.8 + 0.2).tolist()
+    rec = _TimedRecorder(lambda n: sum(costs.pop() for _ in range(n)))
+    monkeypatch.setattr(backend, "_mempipe", rec)
+    monkeypatch.setattr(backend.logger, "info", lambda *a: None)
+    clock, share = _Clock(), 0.05
+    pages = backend.KvHugePages(0, 1024 * HUGE, share=share, clock=clock)
+    starts = torch.randperm(1000, generator=gen)[:300].numpy().astype(np.int64) * HUGE
+    pages.collapse(starts[:200], 4096)  # the first prefill's blocks
+    assert rec.calls == []  # nothing before any time has passed
+    t0, spent, queued = clock.t, 0.0, 200
+    while pages.pending or queued < 300:
+        clock.t += float(torch.rand(1, generator=gen)) ** 3 * 0.6 + 5e-5
+        if queued < 300 and float(torch.rand(1, generator=gen)) < 0.05:  # a block starts a page
+            pages.collapse(starts[queued:queued + 1], 4096)
+            queued += 1
+        else:
+            pages.drain()
+        assert all(n == HUGE for _, n in rec.calls[-50:])  # a page at a time
+        spent = pages.ms
+        # Within the share of the time so far, less by at most one page's overshoot ...
+        assert spent <= share * (clock.t - t0) * 1e3 + 12.0
+        # ... and no credit left unused while pages wait.
+        assert not pages.pending or pages._credit <= 0
+        assert clock.t - t0 < 3600, "never finished"
+    got = _pages_of_calls(rec.calls)
+    assert sorted(got) == sorted(s // HUGE for s in starts.tolist())  # each page once
+    assert got[:200] == [s // HUGE for s in np.unique(starts[:200]).tolist()]  # queue order
+
+
+def test_drain_after_a_pause_does_at_most_the_saved_credit(backend, monkeypatch):
+    rec = _TimedRecorder(lambda n: 3.0 * n)
+    monkeypatch.setattr(backend, "_mempipe", rec)
+    monkeypatch.setattr(backend.logger, "info", lambda *a: None)
+    clock = _Clock()
+    pages = backend.KvHugePages(0, 1024 * HUGE, share=0.05, clock=clock)
+    pages.collapse(np.arange(100, dtype=np.int64) * HUGE, 4096)
+    clock.t += 3600.0  # an hour idle: 180 s of credit at 5 %, capped
+    pages.drain()
+    assert pages.ms <= backend._COLLAPSE_CREDIT_MS + 3.0
+    assert len(rec.calls) == 7  # 20 ms of credit at 3 ms a page
+
+
+def test_share_one_collapses_at_once(backend, monkeypatch):
+    rec = _TimedRecorder(lambda n: 5.0 * n)
+    monkeypatch.setattr(backend, "_mempipe", rec)
+    monkeypatch.setattr(backend.logger, "info", lambda *a: None)
+    pages = backend.KvHugePages(0, 64 * HUGE, share=1.0, clock=_Clock())
+    pages.collapse(np.array([3, 4, 5, 9], dtype=np.int64) * HUGE, 4096)
+    assert rec.calls == [(3 * HUGE, 3 * HUGE), (9 * HUGE, HUGE)] and not pages.pending
+
+
+def test_huge_pages_step_drains_on_steps_without_new_blocks(backend, monkeypatch):
+    # The layer's per-step hook: new blocks queue (and drain); a step with none still drains.
+    rec = _TimedRecorder(lambda n: 1.0 * n)
+    monkeypatch.setattr(backend, "_mempipe", rec)
+    monkeypatch.setattr(backend.logger, "info", lambda *a: None)
+    clock = _Clock()
+    impl = backend.MempipeAttentionImpl.__new__(backend.MempipeAttentionImpl)
+    impl._kv_pages = backend.KvHugePages(0, 64 * HUGE, share=0.05, clock=clock)
+    impl._block_bytes = (0, 32 * HUGE, HUGE, 4096)  # block b: K at b x 2 MiB, V 64 MiB on
+    impl._huge_pages_step(np.array([1, 2]))
+    assert rec.calls == [] and len(impl._kv_pages.pending) == 2  # K pages 1-2, V pages 33-34
+    clock.t += 0.1  # 5 ms of credit: every queued page (1 ms each)
+    impl._huge_pages_step(None)
+    assert _pages_of_calls(rec.calls) == [1, 2, 33, 34] and not impl._kv_pages.pending

