@@ -90,7 +90,7 @@ def test_backend_mode_default_and_bad_value(backend, monkeypatch):
 
 
 def test_collapse_share_default_and_bad_values(backend, monkeypatch):
-    assert backend.kv_collapse_share() == 0.05
+    assert backend.kv_collapse_share() == 0.02
     monkeypatch.setenv("MEMPIPE_KV_COLLAPSE_SHARE", "1")
     assert backend.kv_collapse_share() == 1.0
     for bad in ("0", "1.5", "-0.1", "nan", "inf", "half"):

