@@ -25,13 +25,17 @@ def main(folder: str) -> None:
             for name, r in runs.items():
                 pf = r["prefill_s"] / a["prefill_s"]
                 dec = r["decode_tokens_per_s"] / a["decode_tokens_per_s"]
+                warm = r.get("warm_prefill_s") or []
+                warm_ratio = (f"  warm {statistics.median(warm):.1f} s "
+                              f"{statistics.median(warm) / statistics.median(a['warm_prefill_s']):.2f}"
+                              if warm else "")
                 print(f"{path.stem:18} {key:10} {name:9} {r['prefill_s']:9.1f} {pf:6.2f} "
-                      f"{r['decode_tokens_per_s']:12.1f} {dec:6.2f}  {','.join(runs)}")
+                      f"{r['decode_tokens_per_s']:12.1f} {dec:6.2f}  {','.join(runs)}{warm_ratio}")
                 if name != "CPU_ATTN":
                     order = list(runs)
                     if name == "CUSTOM":
                         by_position[order.index(name) < order.index("CPU_ATTN")].append(pf)
-                    default = path.stem.startswith("final")
+                    default = path.stem.startswith(("final", "warm"))  # run at 0.02
                     label = name if name != "CUSTOM" else ("CUSTOM 0.02" if default else
                                                            "CUSTOM 0.05")
                     ratios.setdefault((label, row["dtype"], row["length_requested"]),

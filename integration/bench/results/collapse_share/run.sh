@@ -41,3 +41,10 @@ for r in 1 2 3; do
   bench --rows fp32:2048,fp32:4096,bf16:2048 --backends $order --json "$out/final_r$r.json" \
     > "$out/final_r$r.log" 2>&1
 done
+# 6. fp32 4 x 2048 with two warm prefills after each engine's decode (the engines' later
+#    requests, one-time costs paid), two rounds, the order swapped.
+for r in 1 2; do
+  order=CUSTOM,CPU_ATTN; [ $r = 2 ] && order=CPU_ATTN,CUSTOM
+  bench --rows fp32:2048 --warm-prefills 2 --backends $order --json "$out/warm_r$r.json" \
+    > "$out/warm_r$r.log" 2>&1
+done
