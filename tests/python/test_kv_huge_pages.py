@@ -227,7 +227,7 @@ def test_block_byte_ranges_cover_exactly_each_blocks_pages(backend, layout):
 
 
 @needs_thp
-def test_collapse_blocks_backs_their_pages_and_keeps_every_byte(backend, gen, monkeypatch):
+def test_collapse_blocks_backs_their_pages_and_keeps_every_byte(backend, gen):
     if _thp_mode() != "madvise":
         pytest.skip(f"THP mode {_thp_mode()!r}: plain memory is not reliably in 4 KiB pages")
     from mempipe.attention import layout_view
@@ -237,17 +237,17 @@ def test_collapse_blocks_backs_their_pages_and_keeps_every_byte(backend, gen, mo
     copy = region.clone()
     s = region.untyped_storage()
     assert mp.huge_page_bytes(s.data_ptr(), s.nbytes()) == 0
-    monkeypatch.setenv("MEMPIPE_KV_COLLAPSE_SHARE", "1")  # each page before its first write
     # The layer as vLLM drives it: its cache view (vLLM's [blocks, KVH, page, 2 * D] region,
     # layout head), then a step whose builder listed blocks 3, 4 and 200 as new.
     impl = backend.MempipeAttentionImpl.__new__(backend.MempipeAttentionImpl)
     impl.num_kv_heads, impl.head_size, impl._huge_pages = kvh, d, "collapse"
+    impl._collapse_share = 1.0  # each page before its first write
     impl.config = types.SimpleNamespace(kv_layout="head", page_size=page)
     impl._kv_source = None
     impl._cache_view(region.view(nb, kvh, page, 2 * d))
     blocks = np.array([3, 4, 200])
     impl._collapse_blocks(blocks)
-    pages = backend.KvHugePages.of(region)
+    pages = backend.KvHugePages.of(region, 1.0)
     view = layout_view(region, nb, page, kvh, d, "head")
     base, plane, block, span = backend.block_byte_ranges(view)
     assert torch.equal(region.view(torch.int16), copy.view(torch.int16))

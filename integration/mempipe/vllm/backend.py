@@ -290,14 +290,14 @@ class KvHugePages:
         self._next_report = 1 << _HUGE_SHIFT  # collapsed_bytes at the next log line
 
     @classmethod
-    def of(cls, kv_cache: torch.Tensor) -> "KvHugePages":
-        """The tracker of kv_cache's storage (one per storage and process), its share from
-        MEMPIPE_KV_COLLAPSE_SHARE."""
+    def of(cls, kv_cache: torch.Tensor, share: float) -> "KvHugePages":
+        """The tracker of kv_cache's storage (one per storage and process; `share` applies
+        where this call creates it)."""
         storage = kv_cache.untyped_storage()
         key = (storage.data_ptr(), storage.nbytes())
         pages = _KV_HUGE.get(key)
         if pages is None:
-            pages = _KV_HUGE[key] = cls(*key, share=kv_collapse_share())
+            pages = _KV_HUGE[key] = cls(*key, share=share)
             logger.info("mempipe: KV cache %.2f GiB: its 2 MiB pages move into huge pages as its "
                         "blocks come into use, %s (MEMPIPE_KV_HUGE_PAGES=collapse, "
                         "MEMPIPE_KV_COLLAPSE_SHARE=%g)", key[1] / 2**30,
@@ -338,11 +338,12 @@ class KvHugePages:
                                _COLLAPSE_CREDIT_MS)
         self._last = now
         while self.pending and self._credit > 0 and self.refused is None:
-            run = self.pending[0]
-            run[0] += 1
-            if run[0] == run[1]:
+            first, end = self.pending[0]
+            if first + 1 == end:
                 self.pending.popleft()
-            self._credit -= self._collapse_run(run[0] - 1, run[0])
+            else:
+                self.pending[0][0] = first + 1
+            self._credit -= self._collapse_run(first, first + 1)
 
     def _collapse_run(self, first: int, end: int) -> float:
         """Pages [first, end), less any not wholly inside the storage; the ms it took."""
@@ -820,8 +821,8 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
         self._vllm_prefill: VllmCpuPrefill | None = None
         self._attention_threads = attention_threads()
         self._huge_pages = kv_huge_page_mode()
-        if self._huge_pages == "collapse":
-            kv_collapse_share()  # a bad value fails here, not at the first forward
+        # MEMPIPE_KV_COLLAPSE_SHARE, read (and a bad value refused) here, not at the first forward.
+        self._collapse_share = kv_collapse_share() if self._huge_pages == "collapse" else 1.0
         # MEMPIPE_KV_HUGE_PAGES=collapse on a host cache: its storage's KvHugePages and where
         # this layer's blocks lie in it (_block_bytes); set with the cache view.
         self._kv_pages: KvHugePages | None = None
@@ -869,7 +870,7 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
         self._kv_pages = self._block_bytes = None
         if self._huge_pages == "collapse" and kv.device.type == "cpu":
             self._block_bytes = block_byte_ranges(kv)
-            self._kv_pages = KvHugePages.of(kv_cache)
+            self._kv_pages = KvHugePages.of(kv_cache, self._collapse_share)
         self._kv_source, self._kv_view = kv_cache, kv
         return kv
 
