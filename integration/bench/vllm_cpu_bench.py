@@ -10,6 +10,10 @@ subprocess, on the same random-token prompts:
   warm      with --warm-prefills N: the median of N more such requests after the decode
             steps, each over fresh prompts of the same length (the engine's first request
             also pays one-time costs)
+  CPU       the first prefill's CPU seconds, user and system, of the run's process and its
+            descendants (vLLM's engine core), with the machine's stolen seconds (a VM's
+            vCPUs waiting for the host) and page-fault/THP counters: a wall-time gap with equal
+            CPU time is time spent waiting, not computing
   decode    the same prompts again with prefix caching on: generate(max_tokens=1 + N) minus
             generate(max_tokens=1), i.e. the time of N decode steps; tokens/s = batch * N / that
   bytes     KV bytes one decode step reads (modeled from the shapes: dense reads every cached
@@ -38,6 +42,9 @@ CPU_ATTN; e.g. --variant pool:MEMPIPE_CPU_ATTN_POOL=mempipe times mempipe's deco
 its own thread pool beside the default. The machine line records THP's system mode
 (/sys/kernel/mm/transparent_hugepage), which decides the page size of vLLM's KV cache.
 
+Allocator: the engines run on tcmalloc unless --malloc default (vllm_malloc.py says why: on
+glibc's malloc a long prefill on a VM is mostly page faults, for both backends alike).
+
 mempipe's configuration: MEMPIPE_CONFIG=budget=<--budget>,page_size=<--page-size>,
 dense_layers=<--dense-layers>,kv_layout=<--kv-layout> (the plugin reads it; mempipe must be
 installed in this Python).
@@ -53,6 +60,8 @@ import subprocess
 import sys
 import time
 
+from vllm_malloc import MALLOC_CHOICES, malloc_env
+
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 VLLM_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}
 
@@ -67,6 +76,41 @@ def ensure_model(model_dir: pathlib.Path) -> pathlib.Path:
         return smollm.export_hf(model_dir, "[model]")
     except RuntimeError as e:  # no GGUF: the package is missing
         raise SystemExit(str(e)) from None
+
+
+_VMSTAT_KEYS = ("pgfault", "thp_fault_alloc", "thp_collapse_alloc")
+
+
+def usage_snapshot() -> dict:
+    """CPU seconds (user, system) of this process and its descendants (vLLM's engine core),
+    the machine's stolen seconds (/proc/stat: time a VM's vCPUs waited for the host) and the
+    kernel's page-fault and THP counters (/proc/vmstat, machine-wide)."""
+    import psutil
+    me = psutil.Process()
+    user = system = 0.0
+    for p in [me] + me.children(recursive=True):
+        try:
+            t = p.cpu_times()
+        except psutil.Error:  # a helper that exited in between
+            continue
+        user += t.user
+        system += t.system
+    snap = {"user_s": user, "system_s": system, "steal_s": float("nan")}
+    try:
+        fields = pathlib.Path("/proc/stat").read_text().splitlines()[0].split()
+        snap["steal_s"] = int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        pass
+    try:
+        vm = dict(line.split() for line in pathlib.Path("/proc/vmstat").read_text().splitlines())
+        snap.update({k: int(vm[k]) for k in _VMSTAT_KEYS if k in vm})
+    except (OSError, ValueError):
+        pass
+    return snap
+
+
+def usage_delta(before: dict, after: dict) -> dict:
+    return {k: after[k] - before[k] for k in after if k in before}
 
 
 def child(args) -> None:
@@ -99,9 +143,12 @@ def child(args) -> None:
         outs = llm.generate(batch or prompts, p, use_tqdm=False)
         return time.perf_counter() - t0, [list(o.outputs[0].token_ids) for o in outs]
 
+    u0 = usage_snapshot()
     prefill_s, _ = gen(1)
-    print(f"  [{args.backend} {args.dtype} {args.length}] prefill {prefill_s:.1f} s",
-          file=sys.stderr, flush=True)
+    prefill_usage = usage_delta(u0, usage_snapshot())
+    print(f"  [{args.backend} {args.dtype} {args.length}] prefill {prefill_s:.1f} s "
+          f"(CPU: user {prefill_usage['user_s']:.1f} s, system {prefill_usage['system_s']:.1f} s; "
+          f"stolen {prefill_usage['steal_s']:.1f} s)", file=sys.stderr, flush=True)
     cached1_s, _ = gen(1)
     total_s, tokens = gen(1 + args.new_tokens)
     decode_s = max(total_s - cached1_s, 1e-9)
@@ -113,7 +160,8 @@ def child(args) -> None:
     if warm_s:
         print(f"  [{args.backend} {args.dtype} {args.length}] warm prefills "
               f"{', '.join(f'{x:.2f}' for x in warm_s)} s", file=sys.stderr, flush=True)
-    print("RESULT " + json.dumps({"prefill_s": prefill_s, "warm_prefill_s": warm_s,
+    print("RESULT " + json.dumps({"prefill_s": prefill_s, "prefill_usage": prefill_usage,
+                                  "warm_prefill_s": warm_s,
                                   "decode_s": decode_s,
                                   "decode_tokens_per_s": args.batch * args.new_tokens / decode_s,
                                   "tokens": tokens}), flush=True)
@@ -154,6 +202,10 @@ def ratios(a: dict, m: dict) -> dict:
            "decode_speedup": m["decode_tokens_per_s"] / a["decode_tokens_per_s"],
            "bytes_ratio": m["step_bytes_modeled"] / a["step_bytes_modeled"],
            "same_tokens": m["tokens"] == a["tokens"]}
+    ua, um = a.get("prefill_usage"), m.get("prefill_usage")
+    if ua and um and ua["user_s"] > 0:
+        out["prefill_cpu_ratio"] = (um["user_s"] + um["system_s"]) / (ua["user_s"] + ua["system_s"])
+        out["prefill_user_ratio"] = um["user_s"] / ua["user_s"]
     if a["warm_prefill_s"] and m["warm_prefill_s"]:
         out["warm_prefill_ratio"] = (statistics.median(m["warm_prefill_s"]) /
                                      statistics.median(a["warm_prefill_s"]))
@@ -189,6 +241,10 @@ def main(argv=None) -> int:
                     help="run the engines in vLLM's default compilation mode, as `vllm serve` "
                          "does (torch.compile of the model; its warm-up is part of the engine's "
                          "start, not of the timings), instead of eager (enforce_eager=True)")
+    ap.add_argument("--malloc", default="tcmalloc", choices=MALLOC_CHOICES,
+                    help="the engines' allocator (vllm_malloc.py): tcmalloc (default; vLLM's CPU "
+                         "worker expects it in LD_PRELOAD) or default (as vLLM sets it: glibc's "
+                         "where its wheel bundles no tcmalloc)")
     ap.add_argument("--json", default="", help="also write the results here")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--backend", default="", help=argparse.SUPPRESS)
@@ -224,11 +280,16 @@ def main(argv=None) -> int:
         ap.error(f"--warm-prefills must be >= 0, got {args.warm_prefills}")
     model_dir = ensure_model(pathlib.Path(args.model_dir))
     max_pos = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
+    try:
+        env, malloc_line = malloc_env(args.malloc, dict(os.environ))
+    except ValueError as e:
+        ap.error(str(e))
     uptime0 = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"[machine] {machine()}; THP {thp_mode()}; {uptime0}", flush=True)
+    print(f"[malloc] the engines run on {malloc_line}", flush=True)
     print(f"[engine] {'compiled (vLLM default)' if args.compile else 'eager (enforce_eager=True)'}",
           flush=True)
-    env = dict(os.environ, VLLM_TARGET_DEVICE="cpu", VLLM_LOGGING_LEVEL="WARNING",
+    env = dict(env, VLLM_TARGET_DEVICE="cpu", VLLM_LOGGING_LEVEL="WARNING",
                MEMPIPE_CONFIG=f"budget={args.budget},page_size={args.page_size},"
                               f"dense_layers={args.dense_layers},kv_layout={args.kv_layout}")
     rows = []
@@ -282,6 +343,9 @@ def main(argv=None) -> int:
             row.update(ratios(res["CPU_ATTN"], res["CUSTOM"]))
             warm = (f" (warm {row['warm_prefill_ratio']:.2f}x)" if "warm_prefill_ratio" in row
                     else "")
+            if "prefill_cpu_ratio" in row:
+                warm += (f" (CPU time {row['prefill_cpu_ratio']:.2f}x, user "
+                         f"{row['prefill_user_ratio']:.2f}x)")
             print(f"  => mempipe/CPU_ATTN: prefill time {row['prefill_ratio']:.2f}x{warm}, decode "
                   f"tok/s {row['decode_speedup']:.2f}x, bytes/step {row['bytes_ratio']:.2f}x",
                   flush=True)
@@ -311,7 +375,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": {k: v for k, v in vars(args).items() if k not in ("child", "backend", "length", "dtype")},
-                       "machine": machine(), "thp": thp_mode(), "uptime_before": uptime0, "uptime_after": uptime1,
+                       "machine": machine(), "thp": thp_mode(), "malloc": malloc_line, "uptime_before": uptime0, "uptime_after": uptime1,
                        "wall_s": time.perf_counter() - t_start, "rows": rows}, f, indent=2)
         print(f"wrote {args.json}")
     return 0

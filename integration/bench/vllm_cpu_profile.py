@@ -20,6 +20,8 @@ prefill_attention); `other` = step - forward.
   python integration/bench/vllm_cpu_profile.py --backend CUSTOM --length 6144 --batch 2 \\
       --new-tokens 16 [--dtype fp32] [--json out.json]
 
+The engine runs on tcmalloc unless --malloc default (vllm_malloc.py).
+
 mempipe's configuration: MEMPIPE_CONFIG (default budget=512,page_size=32,dense_layers=2).
 """
 from __future__ import annotations
@@ -34,6 +36,8 @@ os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 os.environ.setdefault("MEMPIPE_CONFIG", "budget=512,page_size=32,dense_layers=2")
 # collective_rpc sends a function (mempipe.vllm.profile.install / report) to the worker.
 os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+
+from vllm_malloc import MALLOC_CHOICES, malloc_env  # noqa: E402
 
 VLLM_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}
 
@@ -68,12 +72,21 @@ def main(argv=None) -> int:
                     help="HF folder (vllm_cpu_bench.py makes it)")
     ap.add_argument("--kv-cache-gib", type=int, default=2, help="vLLM KV cache size")
     ap.add_argument("--seed", type=int, default=0, help="prompt token seed")
+    ap.add_argument("--malloc", default="tcmalloc", choices=MALLOC_CHOICES,
+                    help="the engine's allocator (vllm_malloc.py): tcmalloc (default) or default "
+                         "(as vLLM sets it)")
     ap.add_argument("--json", default="", help="also write the result here")
     args = ap.parse_args(argv)
     if args.length < 1 or args.batch < 1 or args.new_tokens < 1:
         ap.error("--length, --batch and --new-tokens must be positive")
     if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
         ap.error(f"{args.model_dir} has no config.json: run vllm_cpu_bench.py once to make it")
+    try:  # the engine's worker process starts with the LD_PRELOAD set here
+        env, malloc_line = malloc_env(args.malloc, dict(os.environ))
+    except ValueError as e:
+        ap.error(str(e))
+    os.environ.update(env)
+    print(f"[malloc] the engine runs on {malloc_line}", flush=True)
     import random
 
     from vllm import LLM, SamplingParams
@@ -122,7 +135,8 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "prefill_s": prefill_s, "prefill_ms_per_step": pre,
                        "decode_steps": steps, "decode_ms_per_step": dec, "raw": rep,
-                       "mempipe_config": os.environ.get("MEMPIPE_CONFIG"), "uptime": uptime},
+                       "mempipe_config": os.environ.get("MEMPIPE_CONFIG"), "uptime": uptime,
+                       "malloc": malloc_line},
                       f, indent=2)
     return 0
 
