@@ -367,3 +367,34 @@ def test_huge_pages_step_drains_on_steps_without_new_blocks(backend, monkeypatch
     clock.t += 0.1  # 5 ms of credit: every queued page (1 ms each)
     impl._huge_pages_step(None)
     assert _pages_of_calls(rec.calls) == [1, 2, 33, 34] and not impl._kv_pages.pending
+
+
+def test_steps_of_prefill_alone_queue_and_earn_no_credit(backend, monkeypatch):
+    # A step without decode tokens (the engine's first prefill) queues its pages and collapses
+    # none, and its time earns no credit: the first step that decodes collapses only what its
+    # own share allows.
+    rec = _TimedRecorder(lambda n: 3.0 * n)
+    monkeypatch.setattr(backend, "_mempipe", rec)
+    monkeypatch.setattr(backend.logger, "info", lambda *a: None)
+    clock = _Clock()
+    impl = backend.MempipeAttentionImpl.__new__(backend.MempipeAttentionImpl)
+    impl._kv_pages = backend.KvHugePages(0, 64 * HUGE, share=0.05, clock=clock)
+    impl._block_bytes = (0, 32 * HUGE, HUGE, 4096)
+    impl._kv_pages.drain(True)  # decode steps with nothing queued: 20 ms of credit saved
+    clock.t += 1.0
+    impl._kv_pages.drain(True)
+    assert impl._kv_pages._credit == backend._COLLAPSE_CREDIT_MS
+    impl._huge_pages_step(np.array([1, 2, 3, 4]), decodes=False)
+    assert rec.calls == []  # the saved credit waits for a step that decodes
+    impl._kv_pages._credit = 0.0
+    for _ in range(30):  # 30 layers of a 10 s prefill step
+        clock.t += 10.0 / 30
+        impl._huge_pages_step(None, decodes=False)
+    assert rec.calls == [] and len(impl._kv_pages.pending) == 2  # K pages 1-4, V pages 33-36
+    clock.t += 0.02  # then a decode layer: 1 ms of credit, one 3 ms page
+    impl._huge_pages_step(None, decodes=True)
+    assert _pages_of_calls(rec.calls) == [1]
+    # At share 1 every page is collapsed when queued, on any step.
+    impl._kv_pages = backend.KvHugePages(0, 64 * HUGE, share=1.0, clock=clock)
+    impl._huge_pages_step(np.array([5]), decodes=False)
+    assert _pages_of_calls(rec.calls) == [1, 5, 37]

@@ -75,10 +75,12 @@ in 2 MiB pages against 3.7-4.5 in 4 KiB pages, the whole step 24.5-26.2 against 
   use (MADV_COLLAPSE, Linux 6.1+: a copy in place, contents kept; core/huge_pages.h's
   CollapseHugePages): the builder lists each step's blocks not seen before, each layer queues
   the pages of its own K and V planes that hold them (each page once per process), and
-  MEMPIPE_KV_COLLAPSE_SHARE (default 0.02) bounds the collapsing to that share of the wall time
-  since the first forward (KvHugePages.drain: a page at a time, at most 20 ms of credit saved
-  up). Where a fresh 2 MiB page is expensive, the first prefill pays that share at most and the
-  cache in use moves into huge pages over the next minutes of serving. On the Zen 5 build VM, a
+  the collapsing happens on steps that decode, within MEMPIPE_KV_COLLAPSE_SHARE (default 0.02)
+  of their wall time (KvHugePages.drain: a page at a time, at most 20 ms of credit saved up); a
+  step of prefill alone, such as the engine's first, only queues its pages, so the first
+  prefill pays nothing for them (integration/bench/results/prefill_malloc/: at 2% of the first
+  prefill's time the collapse was two thirds of what mempipe's prefill added to CPU_ATTN's) and
+  the cache in use moves into huge pages over the next minutes of serving. On the Zen 5 build VM, a
   Firecracker guest whose free memory goes back to the host in 8 MiB blocks
   (page_reporting_order=11), a fresh page costs 3-11 ms against about 0.5 ms once the host backs
   it (integration/bench/results/collapse_share/): the first 4 x 4096 fp32 prefill ran at 1.18x
@@ -217,8 +219,8 @@ def kv_huge_page_mode() -> str:
 
 
 def kv_collapse_share() -> float:
-    """MEMPIPE_KV_COLLAPSE_SHARE, checked: the share of wall time the collapse may take, in
-    (0, 1] (see the module docstring)."""
+    """MEMPIPE_KV_COLLAPSE_SHARE, checked: the share of the decoding steps' wall time the
+    collapse may take, in (0, 1] (see the module docstring)."""
     raw = os.environ.get("MEMPIPE_KV_COLLAPSE_SHARE", "0.02")
     try:
         share = float(raw)
@@ -266,13 +268,15 @@ class KvHugePages:
 
     `share` (MEMPIPE_KV_COLLAPSE_SHARE) bounds the work: with 1, each page is collapsed when it
     is queued, before the step writes its blocks (adjacent pages in one call). Below 1, queued
-    pages wait and `drain` collapses them one at a time while the collapses' own time stays
-    within `share` of the wall time since the first drain (credit accrues share x elapsed, at
-    most _COLLAPSE_CREDIT_MS; a collapse spends its measured time, and the credit may go below
-    zero by one page), so the first prefill pays at most that share and the cache in use still
-    ends up in huge pages. Where the kernel refuses, one warning and nothing more is tried; a
-    page that could not be had (EAGAIN after retries, ENOMEM) stays small, with one warning for
-    the first."""
+    pages wait and `drain(spend=True)` collapses them one at a time while the collapses' own
+    time stays within `share` of the wall time of the drains that may spend (credit accrues
+    share x the time since the previous drain, at most _COLLAPSE_CREDIT_MS; a collapse spends
+    its measured time, and the credit may go below zero by one page). The layers spend on
+    steps that decode, where huge pages pay (decode reads scattered pages); a step of prefill
+    alone, such as the engine's first, only queues: its time earns no credit. So the cache in
+    use still ends up in huge pages, at a cost of at most `share` of the decoding steps. Where
+    the kernel refuses, one warning and nothing more is tried; a page that could not be had
+    (EAGAIN after retries, ENOMEM) stays small, with one warning for the first."""
 
     def __init__(self, ptr: int, nbytes: int, share: float = 1.0, clock=time.perf_counter):
         self.lo, self.hi = ptr, ptr + nbytes
@@ -305,9 +309,10 @@ class KvHugePages:
                         f"within {pages.share:.0%} of the wall time", pages.share)
         return pages
 
-    def collapse(self, starts: np.ndarray, span: int) -> None:
+    def collapse(self, starts: np.ndarray, span: int, spend: bool = True) -> None:
         """Queues the pages that hold [start, start + span) for each start (int64 byte
-        addresses) and were not queued before, as runs of adjacent pages, then drains."""
+        addresses) and were not queued before, as runs of adjacent pages, then drains
+        (`drain(spend)`)."""
         if self.refused is not None or starts.size == 0:
             return
         first = starts >> _HUGE_SHIFT
@@ -324,19 +329,23 @@ class KvHugePages:
             todo = np.array(todo)
             breaks = np.flatnonzero(np.diff(todo) != 1) + 1  # where a run of adjacent pages starts
             self.pending.extend([int(run[0]), int(run[-1]) + 1] for run in np.split(todo, breaks))
-        self.drain()
+        self.drain(spend)
 
-    def drain(self) -> None:
-        """Collapses queued pages as far as the share allows (all of them at share 1)."""
+    def drain(self, spend: bool = True) -> None:
+        """Collapses queued pages as far as the share allows (all of them at share 1, whatever
+        `spend`). spend False (a step of prefill alone): no credit for the time since the last
+        drain, and no collapse."""
         if self.share >= 1:
             while self.pending and self.refused is None:
                 self._collapse_run(*self.pending.popleft())
             return
         now = self._clock()
-        if self._last is not None:
+        if self._last is not None and spend:
             self._credit = min(self._credit + self.share * (now - self._last) * 1e3,
                                _COLLAPSE_CREDIT_MS)
         self._last = now
+        if not spend:
+            return
         while self.pending and self._credit > 0 and self.refused is None:
             first, end = self.pending[0]
             if first + 1 == end:
@@ -874,26 +883,26 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
         self._kv_source, self._kv_view = kv_cache, kv
         return kv
 
-    def _huge_pages_step(self, new_blocks: np.ndarray | None) -> None:
-        """MEMPIPE_KV_HUGE_PAGES=collapse, each step: queues the new blocks' pages, and on steps
-        with none, collapses queued pages as far as the share allows."""
+    def _huge_pages_step(self, new_blocks: np.ndarray | None, decodes: bool = True) -> None:
+        """MEMPIPE_KV_HUGE_PAGES=collapse, each step: queues the new blocks' pages, and collapses
+        queued pages as far as the share allows on steps that decode (`decodes`; KvHugePages)."""
         if new_blocks is None and not self._kv_pages.pending:
             return
         t0 = time.perf_counter() if PROFILE.enabled else 0.0
         if new_blocks is not None:
-            self._collapse_blocks(new_blocks)
+            self._collapse_blocks(new_blocks, decodes)
         else:
-            self._kv_pages.drain()
+            self._kv_pages.drain(decodes)
         if PROFILE.enabled:
             PROFILE.add("kv_huge_pages", time.perf_counter() - t0)
 
-    def _collapse_blocks(self, blocks: np.ndarray) -> None:
+    def _collapse_blocks(self, blocks: np.ndarray, decodes: bool = True) -> None:
         """MEMPIPE_KV_HUGE_PAGES=collapse: queues the 2 MiB pages of this layer's K and V planes
         that hold `blocks` (KvHugePages skips pages queued before) and collapses what the share
         allows: at share 1 all of them, before the step writes them."""
         base, plane, block, span = self._block_bytes
         k = blocks.astype(np.int64) * block + base
-        self._kv_pages.collapse(np.concatenate((k, k + plane)), span)
+        self._kv_pages.collapse(np.concatenate((k, k + plane)), span, decodes)
 
     def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor,
                 value: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: MempipeMetadata,
@@ -919,7 +928,7 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
         n = m.num_actual_tokens
         kv = self._cache_view(kv_cache)
         if self._kv_pages is not None:
-            self._huge_pages_step(m.new_blocks)
+            self._huge_pages_step(m.new_blocks, m.decode_tokens.numel() > 0)
         paged = self._layer
         if paged is None or self._target is not None:
             paged = self._paged_layer(layer)
