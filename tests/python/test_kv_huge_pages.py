@@ -353,15 +353,22 @@ def test_share_one_collapses_at_once(backend, monkeypatch):
     assert rec.calls == [(3 * HUGE, 3 * HUGE), (9 * HUGE, HUGE)] and not pages.pending
 
 
-def test_huge_pages_step_drains_on_steps_without_new_blocks(backend, monkeypatch):
-    # The layer's per-step hook: new blocks queue (and drain); a step with none still drains.
-    rec = _TimedRecorder(lambda n: 1.0 * n)
+def _layer_with_pages(backend, monkeypatch, ms_per_page):
+    """A layer's huge-page hook alone: (impl, recorder, clock); pages cost ms_per_page, share
+    0.05; block b's K page is page b, its V page b + 32."""
+    rec = _TimedRecorder(lambda n: ms_per_page * n)
     monkeypatch.setattr(backend, "_mempipe", rec)
     monkeypatch.setattr(backend.logger, "info", lambda *a: None)
     clock = _Clock()
     impl = backend.MempipeAttentionImpl.__new__(backend.MempipeAttentionImpl)
     impl._kv_pages = backend.KvHugePages(0, 64 * HUGE, share=0.05, clock=clock)
     impl._block_bytes = (0, 32 * HUGE, HUGE, 4096)  # block b: K at b x 2 MiB, V 64 MiB on
+    return impl, rec, clock
+
+
+def test_huge_pages_step_drains_on_steps_without_new_blocks(backend, monkeypatch):
+    # The layer's per-step hook: new blocks queue (and drain); a step with none still drains.
+    impl, rec, clock = _layer_with_pages(backend, monkeypatch, 1.0)
     impl._huge_pages_step(np.array([1, 2]))
     assert rec.calls == [] and len(impl._kv_pages.pending) == 2  # K pages 1-2, V pages 33-34
     clock.t += 0.1  # 5 ms of credit: every queued page (1 ms each)
@@ -373,13 +380,7 @@ def test_steps_of_prefill_alone_queue_and_earn_no_credit(backend, monkeypatch):
     # A step without decode tokens (the engine's first prefill) queues its pages and collapses
     # none, and its time earns no credit: the first step that decodes collapses only what its
     # own share allows.
-    rec = _TimedRecorder(lambda n: 3.0 * n)
-    monkeypatch.setattr(backend, "_mempipe", rec)
-    monkeypatch.setattr(backend.logger, "info", lambda *a: None)
-    clock = _Clock()
-    impl = backend.MempipeAttentionImpl.__new__(backend.MempipeAttentionImpl)
-    impl._kv_pages = backend.KvHugePages(0, 64 * HUGE, share=0.05, clock=clock)
-    impl._block_bytes = (0, 32 * HUGE, HUGE, 4096)
+    impl, rec, clock = _layer_with_pages(backend, monkeypatch, 3.0)
     impl._kv_pages.drain(True)  # decode steps with nothing queued: 20 ms of credit saved
     clock.t += 1.0
     impl._kv_pages.drain(True)
