@@ -306,7 +306,8 @@ class KvHugePages:
                         "blocks come into use, %s (MEMPIPE_KV_HUGE_PAGES=collapse, "
                         "MEMPIPE_KV_COLLAPSE_SHARE=%g)", key[1] / 2**30,
                         "each before its first write" if pages.share >= 1 else
-                        f"within {pages.share:.0%} of the wall time", pages.share)
+                        f"on steps that decode, within {pages.share:.0%} of their wall time",
+                        pages.share)
         return pages
 
     def collapse(self, starts: np.ndarray, span: int, spend: bool = True) -> None:
