@@ -118,6 +118,11 @@ int ThreadPool::num_workers() const {
   return static_cast<int>(workers_.size());
 }
 
+int ThreadPool::num_sleeping() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return sleepers_;
+}
+
 absl::Status ThreadPool::Reserve(int workers) {
   const int want = std::clamp(workers, 0, max_workers_);
   std::lock_guard<std::mutex> lock(mu_);

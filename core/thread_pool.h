@@ -87,6 +87,8 @@ class ThreadPool {
   absl::Duration spin() const { return spin_; }
   // Workers spinning for the next batch now (a diagnostic; it changes as they wake and sleep).
   int num_spinning() const { return spinners_.load(std::memory_order_relaxed); }
+  // Workers asleep until a call wakes them (a diagnostic, like num_spinning()).
+  int num_sleeping() const;
 
  private:
   struct Batch;
