@@ -399,3 +399,70 @@ def test_steps_of_prefill_alone_queue_and_earn_no_credit(backend, monkeypatch):
     impl._kv_pages = backend.KvHugePages(0, 64 * HUGE, share=1.0, clock=clock)
     impl._huge_pages_step(np.array([5]), decodes=False)
     assert _pages_of_calls(rec.calls) == [1, 5, 37]
+
+
+def _step_metadata(vbackend, block_table, q_lens, seq_lens, bs):
+    """A CommonAttentionMetadata on the CPU: request i has q_lens[i] new tokens, the last of its
+    seq_lens[i] (decode requests first, as vLLM orders a mixed batch)."""
+    n = len(seq_lens)
+    qsl = torch.tensor([0] + np.cumsum(q_lens).tolist(), dtype=torch.int32)
+    pos = torch.cat([torch.arange(s - q, s) for q, s in zip(q_lens, seq_lens)])
+    req = torch.repeat_interleave(torch.arange(n), torch.tensor(q_lens))
+    slots = block_table[req, pos // bs].long() * bs + pos % bs
+    return vbackend.CommonAttentionMetadata(
+        query_start_loc=qsl, query_start_loc_cpu=qsl.clone(),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32), num_reqs=n,
+        num_actual_tokens=int(sum(q_lens)), max_query_len=max(q_lens), max_seq_len=max(seq_lens),
+        block_table_tensor=block_table, slot_mapping=slots, causal=True, positions=pos)
+
+
+@pytest.mark.parametrize("mode", ["collapse", "advise"])
+def test_collapse_spends_only_on_steps_that_decode_past_the_budget(backend, monkeypatch, gen,
+                                                                   mode):
+    # The builder's collapse_spends, and forward hands it to the layer's huge-page hook: steps
+    # that decode a context longer than the budget (64 tokens) spend; decode steps within it,
+    # prefill alone, and a mixed step whose long request is the prefill only queue.
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.v1.attention import backend as vbackend
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+    bs, kvh, h, d = 16, 2, 4, 64
+    monkeypatch.setenv("MEMPIPE_CONFIG", f"budget=64,page_size={bs},dense_layers=0")
+    monkeypatch.setenv("MEMPIPE_KV_HUGE_PAGES", mode)
+    vc = VllmConfig()
+    with set_current_vllm_config(vc):
+        impl = backend.MempipeAttentionImpl(h, d, d ** -0.5, kvh)
+        spec = FullAttentionSpec(block_size=bs, num_kv_heads=kvh, head_size=d,
+                                 dtype=torch.float32)
+        builder = backend.MempipeMetadataBuilder(spec, ["model.layers.0.self_attn.attn"], vc,
+                                                 torch.device("cpu"))
+    blocks = 64
+    block_table = torch.randperm(blocks, generator=gen)[:60].view(3, 20).to(torch.int32)
+    cache = torch.zeros(blocks, kvh, bs, 2 * d)
+    spent = []
+    hook = impl._huge_pages_step
+    impl._huge_pages_step = lambda new, decodes: (spent.append(decodes), hook(new, decodes))
+
+    class Layer:
+        layer_name = "model.layers.0.self_attn.attn"
+
+    cases = [  # (q_lens, seq_lens, spends under collapse)
+        ([300], [300], False),                # the first prefill
+        ([1, 1, 1], [40, 64, 10], False),     # decode, every context within the budget
+        ([1, 1, 1], [40, 65, 10], True),      # one context past it
+        ([1, 250], [30, 250], False),         # mixed: the long request is the prefill
+        ([1, 120], [100, 120], True),         # mixed: a long decode
+    ]
+    for q_lens, seq_lens, spends in cases:
+        meta = builder.build(0, _step_metadata(vbackend, block_table[:len(seq_lens)], q_lens,
+                                               seq_lens, bs))
+        assert meta.collapse_spends == (spends and mode == "collapse"), (q_lens, seq_lens)
+        t = sum(q_lens)
+        out = torch.full((t, h * d), float("nan"))
+        impl.forward(Layer(), torch.randn(t, h, d, generator=gen),
+                     torch.randn(t, kvh, d, generator=gen), torch.randn(t, kvh, d, generator=gen),
+                     cache, meta, out)
+        assert not out.isnan().any()
+    if mode == "collapse":
+        assert spent == [c[2] for c in cases]
+    else:
+        assert spent == []  # advise: no tracker, no hook

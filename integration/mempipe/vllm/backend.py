@@ -75,12 +75,15 @@ in 2 MiB pages against 3.7-4.5 in 4 KiB pages, the whole step 24.5-26.2 against 
   use (MADV_COLLAPSE, Linux 6.1+: a copy in place, contents kept; core/huge_pages.h's
   CollapseHugePages): the builder lists each step's blocks not seen before, each layer queues
   the pages of its own K and V planes that hold them (each page once per process), and
-  the collapsing happens on steps that decode, within MEMPIPE_KV_COLLAPSE_SHARE (default 0.02)
-  of their wall time (KvHugePages.drain: a page at a time, at most 20 ms of credit saved up); a
-  step of prefill alone, such as the engine's first, only queues its pages, so the first
-  prefill pays nothing for them (integration/bench/results/prefill_malloc/: at 2% of the first
+  the collapsing happens on steps that decode a context longer than the budget, within
+  MEMPIPE_KV_COLLAPSE_SHARE (default 0.02) of their wall time (KvHugePages.drain: a page at a
+  time, at most 20 ms of credit saved up); a step of prefill alone, such as the engine's
+  first, only queues its pages, so the first prefill pays nothing for them (integration/bench/results/prefill_malloc/: at 2% of the first
   prefill's time the collapse was two thirds of what mempipe's prefill added to CPU_ATTN's) and
-  the cache in use moves into huge pages over the next minutes of serving. On the Zen 5 build VM, a
+  the cache in use moves into huge pages over the next minutes of serving. Decode steps whose
+  contexts the budget covers only queue too: they read a few pages per request, and at 4 x 256
+  fp32 on the Zen 4 build VM the collapse's 2% took 1.1-1.2 ms of 47-50 ms steps while the
+  dense decode ran no faster for it (integration/bench/results/short_tcmalloc/). On the Zen 5 build VM, a
   Firecracker guest whose free memory goes back to the host in 8 MiB blocks
   (page_reporting_order=11), a fresh page costs 3-11 ms against about 0.5 ms once the host backs
   it (integration/bench/results/collapse_share/): the first 4 x 4096 fp32 prefill ran at 1.18x
@@ -272,8 +275,9 @@ class KvHugePages:
     time stays within `share` of the wall time of the drains that may spend (credit accrues
     share x the time since the previous drain, at most _COLLAPSE_CREDIT_MS; a collapse spends
     its measured time, and the credit may go below zero by one page). The layers spend on
-    steps that decode, where huge pages pay (decode reads scattered pages); a step of prefill
-    alone, such as the engine's first, only queues: its time earns no credit. So the cache in
+    steps that decode a context longer than the budget, where huge pages pay (decode reads
+    scattered pages; MempipeMetadata.collapse_spends); a step of prefill alone, such as the
+    engine's first, or of short contexts only queues: its time earns no credit. So the cache in
     use still ends up in huge pages, at a cost of at most `share` of the decoding steps. Where
     the kernel refuses, one warning and nothing more is tried; a page that could not be had
     (EAGAIN after retries, ENOMEM) stays small, with one warning for the first."""
@@ -306,7 +310,8 @@ class KvHugePages:
                         "blocks come into use, %s (MEMPIPE_KV_HUGE_PAGES=collapse, "
                         "MEMPIPE_KV_COLLAPSE_SHARE=%g)", key[1] / 2**30,
                         "each before its first write" if pages.share >= 1 else
-                        f"on steps that decode, within {pages.share:.0%} of their wall time",
+                        f"on steps that decode past the budget, within {pages.share:.0%} of "
+                        "their wall time",
                         pages.share)
         return pages
 
@@ -334,8 +339,8 @@ class KvHugePages:
 
     def drain(self, spend: bool = True) -> None:
         """Collapses queued pages as far as the share allows (all of them at share 1, whatever
-        `spend`). spend False (a step of prefill alone): no credit for the time since the last
-        drain, and no collapse."""
+        `spend`). spend False (a step of prefill alone, or of contexts the budget covers): no
+        credit for the time since the last drain, and no collapse."""
         if self.share >= 1:
             while self.pending and self.refused is None:
                 self._collapse_run(*self.pending.popleft())
@@ -522,6 +527,11 @@ class MempipeMetadata:
     # Block ids this step writes that no earlier step wrote, or None (MEMPIPE_KV_HUGE_PAGES=
     # collapse on the CPU: each layer collapses the 2 MiB pages holding them; KvHugePages).
     new_blocks: np.ndarray | None = None
+    # Whether the step's time earns the KV cache's collapse its share (KvHugePages.drain's
+    # `spend`): it decodes a request whose context is longer than the budget. Steps of prefill
+    # alone, and decode steps whose contexts the budget covers (a few pages per request, read
+    # in a fraction of the step), only queue their pages.
+    collapse_spends: bool = False
 
     @property
     def all_decode(self) -> bool:
@@ -567,6 +577,8 @@ class MempipeMetadataBuilder(AttentionMetadataBuilder[MempipeMetadata]):
         # MEMPIPE_KV_HUGE_PAGES=collapse: the blocks written so far, by id (grown on demand).
         self._lazy_huge = device.type == "cpu" and kv_huge_page_mode() == "collapse"
         self._written = np.zeros(0, dtype=bool)
+        # Decode steps spend the collapse's share once a request's context passes the budget.
+        self._collapse_after = load_config(vllm_config).budget if self._lazy_huge else 0
         # Per-step tensors that depend only on the batch size (decode rows 0..n-1, empty
         # prefill parts), made once per size and shared by every step of that size: nothing
         # writes them (forward reads them as indices and lengths).
@@ -663,6 +675,7 @@ class MempipeMetadataBuilder(AttentionMetadataBuilder[MempipeMetadata]):
                 plan=self.plan,
                 covered_len=covered_len,
                 new_blocks=new_blocks,
+                collapse_spends=self._lazy_huge and cm.max_seq_len > self._collapse_after,
             )
         # The request split on the host, in numpy (a handful of requests: each torch op on such
         # small tensors costs several times a numpy one).
@@ -716,6 +729,8 @@ class MempipeMetadataBuilder(AttentionMetadataBuilder[MempipeMetadata]):
             max_prefill_len=int(p_lens.max()) if p_total else 0,
             covered_len=covered_len,
             new_blocks=new_blocks,
+            collapse_spends=self._lazy_huge and num_decode > 0 and
+            int(seq_lens.numpy()[decode].max()) > self._collapse_after,
         )
 
 
@@ -886,7 +901,8 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
 
     def _huge_pages_step(self, new_blocks: np.ndarray | None, decodes: bool = True) -> None:
         """MEMPIPE_KV_HUGE_PAGES=collapse, each step: queues the new blocks' pages, and collapses
-        queued pages as far as the share allows on steps that decode (`decodes`; KvHugePages)."""
+        queued pages as far as the share allows on steps that decode a context longer than the
+        budget (`decodes`: MempipeMetadata.collapse_spends; KvHugePages)."""
         if new_blocks is None and not self._kv_pages.pending:
             return
         t0 = time.perf_counter() if PROFILE.enabled else 0.0
@@ -929,7 +945,7 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
         n = m.num_actual_tokens
         kv = self._cache_view(kv_cache)
         if self._kv_pages is not None:
-            self._huge_pages_step(m.new_blocks, m.decode_tokens.numel() > 0)
+            self._huge_pages_step(m.new_blocks, m.collapse_spends)
         paged = self._layer
         if paged is None or self._target is not None:
             paged = self._paged_layer(layer)
