@@ -78,12 +78,13 @@ in 2 MiB pages against 3.7-4.5 in 4 KiB pages, the whole step 24.5-26.2 against 
   the collapsing happens on steps that decode a context longer than the budget, within
   MEMPIPE_KV_COLLAPSE_SHARE (default 0.02) of their wall time (KvHugePages.drain: a page at a
   time, at most 20 ms of credit saved up); a step of prefill alone, such as the engine's
-  first, only queues its pages, so the first prefill pays nothing for them (integration/bench/results/prefill_malloc/: at 2% of the first
-  prefill's time the collapse was two thirds of what mempipe's prefill added to CPU_ATTN's) and
-  the cache in use moves into huge pages over the next minutes of serving. Decode steps whose
-  contexts the budget covers only queue too: they read a few pages per request, and at 4 x 256
-  fp32 on the Zen 4 build VM the collapse's 2% took 1.1-1.2 ms of 47-50 ms steps while the
-  dense decode ran no faster for it (integration/bench/results/short_tcmalloc/). On the Zen 5 build VM, a
+  first, only queues its pages, so the first prefill pays nothing for them
+  (integration/bench/results/prefill_malloc/: at 2% of the first prefill's time the collapse
+  was two thirds of what mempipe's prefill added to CPU_ATTN's) and the cache in use moves into
+  huge pages over the next minutes of serving. Decode steps whose contexts the budget covers
+  only queue too: they read a few pages per request, and at 4 x 256 fp32 on the Zen 4 build VM
+  the collapse's 2% took 1.1-1.2 ms of 47-50 ms steps while the dense decode ran no faster for
+  it (integration/bench/results/short_tcmalloc/). On the Zen 5 build VM, a
   Firecracker guest whose free memory goes back to the host in 8 MiB blocks
   (page_reporting_order=11), a fresh page costs 3-11 ms against about 0.5 ms once the host backs
   it (integration/bench/results/collapse_share/): the first 4 x 4096 fp32 prefill ran at 1.18x
@@ -222,8 +223,8 @@ def kv_huge_page_mode() -> str:
 
 
 def kv_collapse_share() -> float:
-    """MEMPIPE_KV_COLLAPSE_SHARE, checked: the share of the decoding steps' wall time the
-    collapse may take, in (0, 1] (see the module docstring)."""
+    """MEMPIPE_KV_COLLAPSE_SHARE, checked: the share of the wall time of steps that decode past
+    the budget the collapse may take, in (0, 1] (see the module docstring)."""
     raw = os.environ.get("MEMPIPE_KV_COLLAPSE_SHARE", "0.02")
     try:
         share = float(raw)
@@ -577,15 +578,16 @@ class MempipeMetadataBuilder(AttentionMetadataBuilder[MempipeMetadata]):
         # MEMPIPE_KV_HUGE_PAGES=collapse: the blocks written so far, by id (grown on demand).
         self._lazy_huge = device.type == "cpu" and kv_huge_page_mode() == "collapse"
         self._written = np.zeros(0, dtype=bool)
+        cfg = load_config(vllm_config)
         # Decode steps spend the collapse's share once a request's context passes the budget.
-        self._collapse_after = load_config(vllm_config).budget if self._lazy_huge else 0
+        self._collapse_after = cfg.budget
         # Per-step tensors that depend only on the batch size (decode rows 0..n-1, empty
         # prefill parts), made once per size and shared by every step of that size: nothing
         # writes them (forward reads them as indices and lengths).
         self._fixed: dict[int, tuple[torch.Tensor, ...]] = {}
         if profile_enabled_by_env():
             PROFILE.enable()
-        logger.info_once("mempipe attention backend: %s", load_config(vllm_config))
+        logger.info_once("mempipe attention backend: %s", cfg)
 
     def _reserve_plan(self) -> None:
         """Scratch for the largest decode batch, before any CUDA graph is captured."""
