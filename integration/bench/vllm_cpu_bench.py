@@ -39,7 +39,15 @@ Engines run eager (enforce_eager=True) unless --compile, which keeps vLLM's defa
 Variants: --variant NAME:VAR=VALUE[:VAR=VALUE...] (repeatable) adds a mempipe run per row under
 NAME with those environment variables set, reported beside CUSTOM with its own ratios to
 CPU_ATTN; e.g. --variant pool:MEMPIPE_CPU_ATTN_POOL=mempipe times mempipe's decode kernels on
-its own thread pool beside the default. The machine line records THP's system mode
+its own thread pool beside the default. Two lower-case keys set the engine instead:
+backend=CPU_ATTN|CUSTOM (default CUSTOM) and block_size=N (vLLM's --block-size for that run);
+e.g. --block-size 128 --variant attn32:backend=CPU_ATTN:block_size=32 times both backends at
+vLLM's CPU default block size and CPU_ATTN at 32 beside them.
+
+Block size: --block-size (default: --page-size) is vLLM's KV block size for every engine. mempipe
+takes any multiple of its page size: vLLM splits each block into pages of --page-size (the
+plugin declares that as its kernel block size), so --block-size 128, vLLM's CPU default, runs
+mempipe on pages of 32 while CPU_ATTN runs its own 128-token blocks. The machine line records THP's system mode
 (/sys/kernel/mm/transparent_hugepage), which decides the page size of vLLM's KV cache.
 
 Allocator: the engines run on tcmalloc unless --malloc default (vllm_malloc.py says why: on
@@ -124,7 +132,7 @@ def child(args) -> None:
     # backends, so the engines stay alike; the KV cache size is fixed by --kv-cache-gib).
     max_model_len = max(args.length + args.new_tokens + 8, args.budget)
     llm = LLM(model=args.model_dir, dtype=VLLM_DTYPE[args.dtype], enforce_eager=not args.compile,
-              block_size=args.page_size, max_model_len=max_model_len,
+              block_size=args.block_size, max_model_len=max_model_len,
               max_num_seqs=args.batch, enable_prefix_caching=True,
               max_num_batched_tokens=max(8192, args.length), seed=0,
               kv_cache_memory_bytes=args.kv_cache_gib << 30, **kwargs)
@@ -212,6 +220,33 @@ def ratios(a: dict, m: dict) -> dict:
     return out
 
 
+def parse_variant(spec: str, taken=()) -> tuple[str, dict, dict]:
+    """--variant NAME:KEY=VALUE[:KEY=VALUE...] as (NAME, engine settings, environment): the keys
+    backend (CPU_ATTN or CUSTOM) and block_size (a positive integer) set the engine, every other
+    key is an environment variable. ValueError naming the spec for a NAME that is empty, a
+    backend's or in `taken`, a pair without '=' or a key, or a bad backend or block size."""
+    name, *pairs = spec.split(":")
+    if not name or name in ("CPU_ATTN", "CUSTOM") or name in taken or not pairs or \
+            any("=" not in pr or pr.startswith("=") for pr in pairs):
+        raise ValueError(f"--variant must be NAME:VAR=VALUE[:VAR=VALUE...] with a new NAME, "
+                         f"got {spec!r}")
+    engine, env = {}, {}
+    for key, value in (pr.split("=", 1) for pr in pairs):
+        if key == "backend":
+            if value not in ("CPU_ATTN", "CUSTOM"):
+                raise ValueError(f"--variant {spec!r}: backend must be CPU_ATTN or CUSTOM, "
+                                 f"got {value!r}")
+            engine["backend"] = value
+        elif key == "block_size":
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError(f"--variant {spec!r}: block_size must be a positive integer, "
+                                 f"got {value!r}")
+            engine["block_size"] = int(value)
+        else:
+            env[key] = value
+    return name, engine, env
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", default="2048,4096,6144", help="comma-separated prompt lengths")
@@ -222,7 +257,11 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=4, help="prompts decoded together")
     ap.add_argument("--new-tokens", type=int, default=32, help="timed decode steps")
     ap.add_argument("--budget", type=int, default=512, help="mempipe token budget per KV head")
-    ap.add_argument("--page-size", type=int, default=32, help="block size (both backends)")
+    ap.add_argument("--page-size", type=int, default=32,
+                    help="mempipe's page size (MEMPIPE_CONFIG page_size)")
+    ap.add_argument("--block-size", type=int, default=0,
+                    help="vLLM's KV block size for every engine (default: --page-size); for "
+                         "mempipe a multiple of --page-size (vLLM splits the blocks into pages)")
     ap.add_argument("--dense-layers", type=int, default=2, help="mempipe's dense first layers")
     ap.add_argument("--kv-layout", default="head",
                     choices=("head", "page", "head_kt", "page_kt", "token"),
@@ -266,13 +305,19 @@ def main(argv=None) -> int:
     backends = [b for b in args.backends.split(",") if b]
     if any(d not in DTYPE_BYTES for d, _ in grid) or any(b not in ("CPU_ATTN", "CUSTOM") for b in backends):
         ap.error(f"dtypes must be fp32/bf16 and --backends CPU_ATTN/CUSTOM, got {grid} {backends}")
-    variants = {}  # run name -> extra environment of a mempipe run
+    if args.block_size == 0:
+        args.block_size = args.page_size
+    if args.page_size < 1 or args.block_size < 1:
+        ap.error(f"--page-size and --block-size must be positive, got {args.page_size} and "
+                 f"{args.block_size}")
+    variants = {}  # run name -> (engine settings, extra environment)
     for v in args.variant:
-        name, *pairs = v.split(":")
-        if not name or name in ("CPU_ATTN", "CUSTOM") or name in variants or not pairs or \
-                any("=" not in pr or pr.startswith("=") for pr in pairs):
-            ap.error(f"--variant must be NAME:VAR=VALUE[:VAR=VALUE...] with a new NAME, got {v!r}")
-        variants[name] = dict(pr.split("=", 1) for pr in pairs)
+        try:
+            name, engine, extra = parse_variant(v, taken=variants)
+        except ValueError as e:
+            ap.error(str(e))
+        variants[name] = (dict({"backend": "CUSTOM", "block_size": args.block_size}, **engine),
+                          extra)
     backends += list(variants)
     if args.batch < 1 or args.new_tokens < 1 or any(n < 1 for _, n in grid):
         ap.error("--batch, --new-tokens and the lengths must be positive")
@@ -306,15 +351,18 @@ def main(argv=None) -> int:
         order = backends if row_index % 2 == 0 else backends[::-1]
         for backend in order:
             done += 1
-            run_env = dict(env, **variants.get(backend, {}))
+            engine, extra = variants.get(backend, ({"backend": backend,
+                                                     "block_size": args.block_size}, {}))
+            run_env = dict(env, **extra)
             up = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
             print(f"[run {done}/{total}, {time.perf_counter() - t_start:.0f} s] {backend} "
-                  f"{dtype} batch {args.batch} x {length} tokens ({up.split('load')[-1]})",
-                  flush=True)
-            engine_backend = "CUSTOM" if backend in variants else backend
+                  f"{dtype} batch {args.batch} x {length} tokens, block size "
+                  f"{engine['block_size']} ({up.split('load')[-1]})", flush=True)
+            engine_backend = engine["backend"]
             cmd = [sys.executable, __file__, "--child", "--backend", engine_backend, "--dtype", dtype,
                    "--length", str(length), "--batch", str(args.batch), "--new-tokens",
-                   str(args.new_tokens), "--page-size", str(args.page_size), "--budget",
+                   str(args.new_tokens), "--page-size", str(args.page_size), "--block-size",
+                   str(engine["block_size"]), "--budget",
                    str(args.budget), "--model-dir",
                    str(model_dir), "--kv-cache-gib", str(args.kv_cache_gib), "--seed", str(args.seed),
                    "--warm-prefills", str(args.warm_prefills)] + (["--compile"] if args.compile else [])
@@ -331,8 +379,9 @@ def main(argv=None) -> int:
             r = json.loads(line[-1][7:])
             r["step_bytes_modeled"] = modeled_step_bytes(args, length, dtype,
                                                          engine_backend == "CUSTOM")
+            r["block_size"] = engine["block_size"]
             if backend in variants:
-                r["env"] = variants[backend]
+                r["engine"], r["env"] = engine, extra
             r["uptime"] = up
             res[backend] = r
             print(f"  prefill {r['prefill_s']:.1f} s, decode {r['decode_tokens_per_s']:.2f} tok/s, "

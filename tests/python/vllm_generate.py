@@ -2,8 +2,10 @@
 
     python vllm_generate.py MODEL_DIR BACKEND BLOCK_SIZE [--inproc] [--check-selection]
 
-BACKEND is an --attention-backend value or "default". With --inproc the engine runs in this
-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so the attention implementations can be listed.
+BACKEND is an --attention-backend value or "default". BLOCK_SIZE is vLLM's --block-size, or
+"default" for the platform's own choice (128 on the CPU). With --inproc the engine runs in this
+process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so the attention implementations can be listed, with
+the engine's block size and the block sizes of mempipe's cache views.
 
 --check-selection (needs --inproc and the CUSTOM backend) wraps mempipe's selection and sparse
 decode with selection_check.SelectionCheck and generates three times with the same engine: with
@@ -20,12 +22,14 @@ PROMPT_LENS = [5, 70, 200, 333]
 def make_llm(model, backend, block_size, **engine_args):
     """The engine both scripts use (vllm_tp_generate.py too): float32, eager, 1024-token
     contexts, 4 sequences, a 64 MiB KV cache, seed 0; BACKEND "default" leaves vLLM's own
-    attention backend. engine_args are added to (or override) those."""
+    attention backend, BLOCK_SIZE None vLLM's own block size. engine_args are added to (or
+    override) those."""
     from vllm import LLM
     kwargs = {} if backend == "default" else {"attention_backend": backend}
+    if block_size is not None:
+        kwargs["block_size"] = block_size
     kwargs.update(engine_args)
-    return LLM(model=model, dtype="float32", enforce_eager=True, block_size=block_size,
-               max_model_len=1024, max_num_seqs=4, kv_cache_memory_bytes=64 << 20, seed=0,
+    return LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=1024, max_num_seqs=4, kv_cache_memory_bytes=64 << 20, seed=0,
                **kwargs)
 
 
@@ -50,7 +54,8 @@ def generate(llm, prompts, params):
 
 
 def main():
-    model, backend, block_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    model, backend = sys.argv[1], sys.argv[2]
+    block_size = None if sys.argv[3] == "default" else int(sys.argv[3])
     kwargs = {}
     check = None
     if "--check-selection" in sys.argv:
@@ -73,6 +78,11 @@ def main():
         ctx = llm.llm_engine.vllm_config.compilation_config.static_forward_context
         result["impls"] = sorted({type(m.impl).__name__ for m in ctx.values()
                                   if hasattr(m, "impl")})
+        result["block_size"] = llm.llm_engine.vllm_config.cache_config.block_size
+        # The pages mempipe's layers read: the block size of their cache views.
+        result["page_sizes"] = sorted({int(m.impl._kv_view.shape[2]) for m in ctx.values()
+                                       if getattr(getattr(m, "impl", None), "_kv_view", None)
+                                       is not None})
         # The digests mempipe's layers kept (Tensor: native; Int8Digests: digest_dtype=int8).
         result["digests"] = sorted({type(m.impl._layer._digests).__name__
                                     for m in ctx.values()

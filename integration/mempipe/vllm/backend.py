@@ -109,6 +109,12 @@ block_size, 2 * head_dim] whose content the backend interprets. mempipe declares
 its own [2, num_blocks, block_size, num_kv_heads, head_dim] (K plane, then V plane). Block ids,
 block tables and slot mappings keep vLLM's meaning. Older vLLM releases that hand the backend
 [2, num_blocks, block_size, num_kv_heads, head_dim] directly are taken as they are.
+
+Block size: the backend declares the configured page_size as its kernel block size, and vLLM
+splits each block of a --block-size that page_size divides into pages of that size: the cache
+view, block tables and slot mappings the backend gets address the pages (block_size above is
+page_size). So vLLM's CPU default of 128 runs with pages of 32 (or 16, 64), and its prefix
+cache keeps its own granularity.
 """
 
 from __future__ import annotations
@@ -124,6 +130,12 @@ from typing import ClassVar
 import numpy as np
 import torch
 from vllm.config import VllmConfig, get_current_vllm_config
+
+try:  # vLLM >= 0.1x
+    from vllm.config import get_current_vllm_config_or_none
+except ImportError:
+    def get_current_vllm_config_or_none():
+        return None
 from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl, AttentionLayer,
                                        AttentionMetadataBuilder, AttentionType,
                                        CommonAttentionMetadata)
@@ -430,11 +442,46 @@ def _vllm_reasons(cfg) -> list[str]:
 
 
 def load_config(vllm_config: VllmConfig | None = None):
-    """mempipe's configuration: vLLM's additional_config["mempipe"], then MEMPIPE_CONFIG."""
+    """mempipe's configuration: vLLM's additional_config["mempipe"], then MEMPIPE_CONFIG.
+    The page size of one loaded from a vLLM configuration is kept for _kernel_block_sizes."""
+    global _loaded_page_size
     extra = {}
     if vllm_config is not None and isinstance(vllm_config.additional_config, dict):
         extra = vllm_config.additional_config.get("mempipe", {}) or {}
-    return mempipe_config.load(extra)
+    cfg = mempipe_config.load(extra)
+    if vllm_config is not None:
+        _loaded_page_size = cfg.page_size
+    return cfg
+
+
+# vLLM splits its blocks into the kernel block size a backend declares (0.11 and later); older
+# releases hand the backend --block-size itself.
+_VLLM_SPLITS_BLOCKS = hasattr(AttentionBackend, "get_supported_kernel_block_sizes")
+
+# The page size of the last configuration load_config read from a vLLM configuration in this
+# process (the worker's: its attention layers validate theirs as the model is built).
+_loaded_page_size: int | None = None
+
+
+def _kernel_block_sizes() -> list[int]:
+    """The block size mempipe's steps take, as vLLM's kernel block size: the configured
+    page_size. vLLM splits each block of a larger --block-size that it divides into blocks of
+    that size (its block tables, slot mappings and cache views then address those), so vLLM's
+    CPU default of 128 runs with pages of 32. The configuration comes from vLLM's current one,
+    else the one this process last loaded from vLLM's (vLLM asks while building the cache
+    specs, outside any current configuration), else MEMPIPE_CONFIG alone; all page sizes where
+    it does not parse or names none (validate_configuration names the reason)."""
+    try:
+        current = get_current_vllm_config_or_none()
+        if current is not None:
+            page = load_config(current).page_size
+        elif _loaded_page_size is not None:
+            page = _loaded_page_size
+        else:
+            page = load_config().page_size
+    except ValueError:
+        page = None
+    return [page] if page in mempipe_config.PAGE_SIZES else list(mempipe_config.PAGE_SIZES)
 
 
 class MempipeAttentionBackend(AttentionBackend):
@@ -459,7 +506,7 @@ class MempipeAttentionBackend(AttentionBackend):
 
     @staticmethod
     def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int]:
-        return list(mempipe_config.PAGE_SIZES)
+        return _kernel_block_sizes()
 
     @classmethod
     def get_supported_head_sizes(cls) -> list[int]:
@@ -492,9 +539,12 @@ class MempipeAttentionBackend(AttentionBackend):
             return reasons + [str(e)]
         reasons += cfg.validate(max_model_len=_max_model_len(get_current_vllm_config()))
         reasons += _vllm_reasons(cfg)
-        if block_size is not None and block_size != cfg.page_size:
-            reasons.append(f"mempipe page_size {cfg.page_size} differs from the block size "
-                           f"{block_size}; pass --block-size {cfg.page_size} or set page_size")
+        if block_size is not None and (block_size % cfg.page_size if _VLLM_SPLITS_BLOCKS
+                                       else block_size != cfg.page_size):
+            reasons.append(f"mempipe page_size {cfg.page_size} does not divide vLLM's block size "
+                           f"{block_size} (vLLM splits each block into pages of page_size); "
+                           f"pass a --block-size that is a multiple of {cfg.page_size}, or set "
+                           f"page_size")
         return reasons
 
 
@@ -587,7 +637,10 @@ class MempipeMetadataBuilder(AttentionMetadataBuilder[MempipeMetadata]):
         self._fixed: dict[int, tuple[torch.Tensor, ...]] = {}
         if profile_enabled_by_env():
             PROFILE.enable()
-        logger.info_once("mempipe attention backend: %s", cfg)
+        # vLLM's blocks (cache_config) and the pages it splits them into for this backend.
+        vllm_block = getattr(vllm_config.cache_config, "block_size", None)
+        logger.info_once("mempipe attention backend: %s; vLLM blocks of %s tokens in pages of %d",
+                         cfg, vllm_block, kv_cache_spec.block_size)
 
     def _reserve_plan(self) -> None:
         """Scratch for the largest decode batch, before any CUDA graph is captured."""
@@ -892,8 +945,9 @@ class MempipeAttentionImpl(AttentionImpl[MempipeMetadata]):
         kv = as_mempipe_cache(kv_cache, self.num_kv_heads, self.head_size, self.config.kv_layout)
         if kv.shape[2] != self.config.page_size:
             raise ValueError(f"mempipe page_size {self.config.page_size} differs from the KV "
-                             f"cache block size {kv.shape[2]}; pass --block-size "
-                             f"{self.config.page_size}")
+                             f"cache block size {kv.shape[2]} vLLM handed this layer (a vLLM "
+                             f"that does not split blocks into the backend's kernel block "
+                             f"size); pass --block-size {self.config.page_size}")
         self._kv_pages = self._block_bytes = None
         if self._huge_pages == "collapse" and kv.device.type == "cpu":
             self._block_bytes = block_byte_ranges(kv)
