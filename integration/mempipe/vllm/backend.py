@@ -130,15 +130,15 @@ from typing import ClassVar
 import numpy as np
 import torch
 from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl, AttentionLayer,
+                                       AttentionMetadataBuilder, AttentionType,
+                                       CommonAttentionMetadata)
 
-try:  # vLLM >= 0.1x
+try:  # vLLM 0.32 has it; where it is missing no configuration is taken as current
     from vllm.config import get_current_vllm_config_or_none
 except ImportError:
     def get_current_vllm_config_or_none():
         return None
-from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl, AttentionLayer,
-                                       AttentionMetadataBuilder, AttentionType,
-                                       CommonAttentionMetadata)
 
 try:  # vLLM >= 0.1x: builders declare their CUDA-graph support
     from vllm.v1.attention.backend import AttentionCGSupport
