@@ -401,21 +401,6 @@ def test_steps_of_prefill_alone_queue_and_earn_no_credit(backend, monkeypatch):
     assert _pages_of_calls(rec.calls) == [1, 5, 37]
 
 
-def _step_metadata(vbackend, block_table, q_lens, seq_lens, bs):
-    """A CommonAttentionMetadata on the CPU: request i has q_lens[i] new tokens, the last of its
-    seq_lens[i] (decode requests first, as vLLM orders a mixed batch)."""
-    n = len(seq_lens)
-    qsl = torch.tensor([0] + np.cumsum(q_lens).tolist(), dtype=torch.int32)
-    pos = torch.cat([torch.arange(s - q, s) for q, s in zip(q_lens, seq_lens)])
-    req = torch.repeat_interleave(torch.arange(n), torch.tensor(q_lens))
-    slots = block_table[req, pos // bs].long() * bs + pos % bs
-    return vbackend.CommonAttentionMetadata(
-        query_start_loc=qsl, query_start_loc_cpu=qsl.clone(),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32), num_reqs=n,
-        num_actual_tokens=int(sum(q_lens)), max_query_len=max(q_lens), max_seq_len=max(seq_lens),
-        block_table_tensor=block_table, slot_mapping=slots, causal=True, positions=pos)
-
-
 @pytest.mark.parametrize("mode", ["collapse", "advise"])
 def test_collapse_spends_only_on_steps_that_decode_past_the_budget(backend, monkeypatch, gen,
                                                                    mode):
@@ -423,8 +408,9 @@ def test_collapse_spends_only_on_steps_that_decode_past_the_budget(backend, monk
     # that decode a context longer than the budget (64 tokens) spend; decode steps within it,
     # prefill alone, and a mixed step whose long request is the prefill only queue.
     from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.v1.attention import backend as vbackend
     from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from mempipe.vllm.testing import common_metadata
     bs, kvh, h, d = 16, 2, 4, 64
     monkeypatch.setenv("MEMPIPE_CONFIG", f"budget=64,page_size={bs},dense_layers=0")
     monkeypatch.setenv("MEMPIPE_KV_HUGE_PAGES", mode)
@@ -453,8 +439,8 @@ def test_collapse_spends_only_on_steps_that_decode_past_the_budget(backend, monk
         ([1, 120], [100, 120], True),         # mixed: a long decode
     ]
     for q_lens, seq_lens, spends in cases:
-        meta = builder.build(0, _step_metadata(vbackend, block_table[:len(seq_lens)], q_lens,
-                                               seq_lens, bs))
+        meta = builder.build(0, common_metadata(block_table[:len(seq_lens)], seq_lens, q_lens,
+                                                bs))
         assert meta.collapse_spends == (spends and mode == "collapse"), (q_lens, seq_lens)
         t = sum(q_lens)
         out = torch.full((t, h * d), float("nan"))
