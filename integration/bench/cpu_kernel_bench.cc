@@ -75,9 +75,9 @@ ABSL_FLAG(std::string, sparse_read_ahead, "",
 ABSL_FLAG(std::string, kv_layout, "token",
           "KV cache layout: token (token-major, vLLM's FlashAttention layout), head (head-major: "
           "each KV head's page contiguous, what the vLLM plugin uses on the CPU), page "
-          "(page-major: a KV head's K page and V page one contiguous piece) or head_kt "
-          "(head-major with each K page transposed, [head_dim / x, page, x] with x channels of 4 "
-          "bytes: the AVX-512 kernel scores 16 tokens per vector)");
+          "(page-major: a KV head's K page and V page one contiguous piece), head_kt or page_kt "
+          "(head- or page-major with each K page transposed, [head_dim / x, page, x] with x "
+          "channels of 4 bytes: the AVX-512 kernel scores 16 tokens per vector)");
 ABSL_FLAG(bool, huge_pages, true, "Ask for transparent huge pages for caches and digests");
 ABSL_FLAG(std::string, host_threads, "pool",
           "What the kernels' threads are: pool (mempipe's own, core/thread_pool.h) or openmp (the "
