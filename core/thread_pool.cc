@@ -68,7 +68,7 @@ ThreadPool::ThreadPool(int max_workers, Spawner spawner, absl::Duration spin, in
 ThreadPool::~ThreadPool() {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    stopping_ = true;
+    stopping_.store(true, std::memory_order_release);
     posted_.fetch_add(1, std::memory_order_release);  // spinning workers look again
   }
   wake_.notify_all();
@@ -118,10 +118,7 @@ int ThreadPool::num_workers() const {
   return static_cast<int>(workers_.size());
 }
 
-int ThreadPool::num_sleeping() const {
-  std::lock_guard<std::mutex> lock(mu_);
-  return sleepers_;
-}
+int ThreadPool::num_sleeping() const { return sleepers_.load(std::memory_order_relaxed); }
 
 absl::Status ThreadPool::Reserve(int workers) {
   const int want = std::clamp(workers, 0, max_workers_);
@@ -129,6 +126,7 @@ absl::Status ThreadPool::Reserve(int workers) {
   while (static_cast<int>(workers_.size()) < want) {
     try {
       workers_.push_back(spawner_([this] { WorkerLoop(); }));
+      started_.store(static_cast<int>(workers_.size()), std::memory_order_release);
     } catch (const std::exception& e) {
       return absl::ResourceExhaustedError(
           absl::StrCat("could not start host thread ", workers_.size() + 1, " of ", want, ": ",
@@ -158,44 +156,147 @@ bool ThreadPool::Drain(Batch& b) {
   }
 }
 
+bool ThreadPool::DrainSlot() {
+  bool ran = false;
+  for (;;) {
+    // Look before claiming, so that the index passes the count by at most one per thread and
+    // call (the next call's store resets it).
+    const uint64_t seen = slot_.claim.load(std::memory_order_relaxed);
+    if ((seen & 0xffffffffu) >= (seen >> 32)) return ran;
+    // The increment returns the claim as it stood: (n, i) of the call that is current then,
+    // whichever call this worker looked at. acquire: the claim was published by a release
+    // store, and the increments after it continue its release sequence, so task i's call's
+    // task pointer is visible; that call cannot end (nor the slot be reused) before task i has
+    // finished. One increment per task, not a compare-exchange that up to 15 spinners retry on
+    // the same cache line.
+    const uint64_t c = slot_.claim.fetch_add(1, std::memory_order_acquire);
+    const int n = static_cast<int>(c >> 32), i = static_cast<int>(c & 0xffffffffu);
+    if (i >= n) return ran;
+    ran = true;
+    try {
+      (*slot_.task.load(std::memory_order_relaxed))(i);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(slot_.mu);
+      if (!slot_.error) slot_.error = std::current_exception();
+    }
+    // acq_rel: the caller that sees the count complete sees every task's writes.
+    if (slot_.finished.fetch_add(1, std::memory_order_acq_rel) + 1 == n) {
+      std::lock_guard<std::mutex> lock(slot_.mu);  // a caller asleep on `done` is woken
+      slot_.done.notify_all();
+    }
+  }
+}
+
+bool ThreadPool::SlotHasWork() const {
+  // seq_cst: paired with RunInSlot's store of the claim and WakeFor's load of sleepers_.
+  const uint64_t c = slot_.claim.load(std::memory_order_seq_cst);
+  return (c & 0xffffffffu) < (c >> 32);
+}
+
+void ThreadPool::PopClaimedLocked() {
+  // A batch leaves the queue once its tasks are all claimed.
+  while (!queue_.empty() &&
+         queue_.front()->next.load(std::memory_order_relaxed) >= queue_.front()->num_tasks) {
+    queue_.pop_front();
+  }
+  queued_.store(static_cast<int>(queue_.size()), std::memory_order_release);
+}
+
+bool ThreadPool::DrainQueue() {
+  std::shared_ptr<Batch> batch;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    PopClaimedLocked();
+    if (queue_.empty()) return false;
+    batch = queue_.front();
+  }
+  return Drain(*batch);
+}
+
 void ThreadPool::WorkerLoop() {
   bool spin = false;  // whether this worker ran a task since it last waited
-  std::unique_lock<std::mutex> lock(mu_);
   for (;;) {
-    // A batch leaves the queue once its tasks are all claimed.
-    while (!queue_.empty() &&
-           queue_.front()->next.load(std::memory_order_relaxed) >= queue_.front()->num_tasks) {
-      queue_.pop_front();
-    }
-    if (!queue_.empty()) {
-      std::shared_ptr<Batch> batch = queue_.front();
-      lock.unlock();
-      spin = Drain(*batch) || spin;
-      batch.reset();
-      lock.lock();
+    // Read before looking for work: a post after this read ends the spin below at once.
+    const uint64_t seen = posted_.load(std::memory_order_acquire);
+    bool ran = DrainSlot();
+    if (queued_.load(std::memory_order_acquire) > 0) ran = DrainQueue() || ran;
+    if (ran) {
+      spin = true;
       continue;
     }
-    if (stopping_) return;
-    // Nothing to claim. A worker that just ran tasks spins a while for the next batch; one
-    // that found none (the call needed fewer threads) sleeps at once, so the spinners are the
+    if (stopping_.load(std::memory_order_acquire)) return;
+    // Nothing to claim. A worker that just ran tasks spins a while for the next call; one that
+    // found none (the call needed fewer threads) sleeps at once, so the spinners are the
     // threads that the recent calls used. At most max_spinners_ spin at once, so that spinners
     // never crowd out the threads with work on a machine with fewer cores than threads.
-    const bool may_spin = spin && spinners_.load(std::memory_order_relaxed) < max_spinners_;
+    bool may_spin = false;
+    if (spin) {  // takes one of the max_spinners_ places, if one is free
+      int spinning = spinners_.load(std::memory_order_relaxed);
+      while (spinning < max_spinners_ &&
+             !spinners_.compare_exchange_weak(spinning, spinning + 1, std::memory_order_relaxed)) {
+      }
+      may_spin = spinning < max_spinners_;
+    }
     spin = false;
     if (may_spin) {
-      const uint64_t seen = posted_.load(std::memory_order_relaxed);
-      spinners_.fetch_add(1, std::memory_order_relaxed);
-      lock.unlock();
       const bool posted =
           SpinUntil(spin_, [&] { return posted_.load(std::memory_order_acquire) != seen; });
       spinners_.fetch_sub(1, std::memory_order_relaxed);
-      lock.lock();
       if (posted) continue;
     }
-    ++sleepers_;
-    wake_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
-    --sleepers_;
+    std::unique_lock<std::mutex> lock(mu_);
+    // seq_cst (with SlotHasWork's load): a caller that published its tasks before this
+    // increment is seen by the wait's first check; one after it sees this sleeper and wakes it
+    // under mu_, which it can only take once this worker waits.
+    sleepers_.fetch_add(1, std::memory_order_seq_cst);
+    wake_.wait(lock, [&] {
+      PopClaimedLocked();
+      return stopping_.load(std::memory_order_relaxed) || !queue_.empty() || SlotHasWork();
+    });
+    sleepers_.fetch_sub(1, std::memory_order_relaxed);
   }
+}
+
+void ThreadPool::WakeFor(int helpers) {
+  // Spinning workers need no wake-up; sleeping ones are woken for the helpers still wanted.
+  // A count that is off by a worker changing state only changes how many threads help.
+  const int sleepers = sleepers_.load(std::memory_order_seq_cst);
+  const int wake = std::min(sleepers, helpers - spinners_.load(std::memory_order_relaxed));
+  if (wake <= 0) return;
+  {
+    // Taken and released before notifying: a worker between its last check and its wait
+    // holds mu_, so it is waiting by now and is woken.
+    std::lock_guard<std::mutex> lock(mu_);
+  }
+  if (wake >= sleepers) {
+    wake_.notify_all();
+  } else {
+    for (int i = 0; i < wake; ++i) wake_.notify_one();
+  }
+}
+
+void ThreadPool::RunInSlot(int num_tasks, int helpers, absl::FunctionRef<void(int)> task) {
+  // The slot is ours: every task of the last call finished, so no worker uses these fields.
+  slot_.task.store(&task, std::memory_order_relaxed);
+  slot_.finished.store(0, std::memory_order_relaxed);
+  // seq_cst: a release (the fields above) that is also ordered against WakeFor's load of
+  // sleepers_ (see WorkerLoop).
+  slot_.claim.store(static_cast<uint64_t>(num_tasks) << 32, std::memory_order_seq_cst);
+  posted_.fetch_add(1, std::memory_order_release);  // spinning workers take it from here
+  WakeFor(helpers);
+  DrainSlot();
+  const auto finished = [&] { return slot_.finished.load(std::memory_order_acquire) == num_tasks; };
+  if (!SpinUntil(spin_, finished)) {
+    std::unique_lock<std::mutex> lock(slot_.mu);
+    slot_.done.wait(lock, finished);
+  }
+  std::exception_ptr error;
+  {
+    std::lock_guard<std::mutex> lock(slot_.mu);
+    std::swap(error, slot_.error);
+  }
+  slot_.busy.store(false, std::memory_order_release);
+  if (error) std::rethrow_exception(error);
 }
 
 void ThreadPool::ParallelFor(int num_tasks, int parallelism, absl::FunctionRef<void(int)> task) {
@@ -206,25 +307,22 @@ void ThreadPool::ParallelFor(int num_tasks, int parallelism, absl::FunctionRef<v
     return;
   }
   // A refused thread only means fewer helpers: the caller runs what nobody else claims.
-  (void)Reserve(helpers);
+  if (started_.load(std::memory_order_acquire) < std::min(helpers, max_workers_)) {
+    (void)Reserve(helpers);
+  }
+  // acquire: pairs with the last owner's release, after its tasks all finished.
+  if (!slot_.busy.exchange(true, std::memory_order_acquire)) {
+    RunInSlot(num_tasks, helpers, task);
+    return;
+  }
   auto batch = std::make_shared<Batch>(task, num_tasks);
-  int sleepers = 0;
   {
     std::lock_guard<std::mutex> lock(mu_);
     queue_.push_back(batch);
+    queued_.store(static_cast<int>(queue_.size()), std::memory_order_release);
     posted_.fetch_add(1, std::memory_order_release);  // spinning workers take it from here
-    sleepers = sleepers_;
   }
-  // Spinning workers need no wake-up; sleeping ones are woken for the helpers still wanted.
-  // A count that is off by a worker changing state only changes how many threads help.
-  const int wake = std::min(sleepers, helpers - spinners_.load(std::memory_order_relaxed));
-  if (wake > 0) {
-    if (wake >= sleepers) {
-      wake_.notify_all();
-    } else {
-      for (int i = 0; i < wake; ++i) wake_.notify_one();
-    }
-  }
+  WakeFor(helpers);
   Drain(*batch);
   if (!SpinUntil(spin_, [&] { return batch->Finished(); })) {
     std::unique_lock<std::mutex> lock(batch->mu);
@@ -239,6 +337,7 @@ void ThreadPool::ParallelFor(int num_tasks, int parallelism, absl::FunctionRef<v
     std::lock_guard<std::mutex> q(mu_);
     auto it = std::find(queue_.begin(), queue_.end(), batch);
     if (it != queue_.end()) queue_.erase(it);
+    queued_.store(static_cast<int>(queue_.size()), std::memory_order_release);
   }
   if (error) std::rethrow_exception(error);
 }

@@ -120,6 +120,60 @@ TEST(ThreadPool, ConcurrentAndNestedCallsComplete) {
   EXPECT_EQ(total.load(), 4 * 50 * 8 * 4);
 }
 
+// Back-to-back calls of every size through the pool's slot (thread_pool.h, Dispatch), with the
+// workers spinning between them as decode's layers keep them: each task of each call runs
+// exactly once, on the call it belongs to. A worker that claimed a task with an earlier call's
+// count, or ran an earlier call's task, shows as a count of 0 or 2, or as a task index out of
+// range. A second caller meanwhile takes the queue (the slot is taken) and a task of the first
+// sometimes throws, so the three paths interleave.
+TEST(ThreadPool, BackToBackCallsRunEachTaskOnceOnItsOwnCall) {
+  ThreadPool pool(4, nullptr, absl::Milliseconds(5));
+  constexpr int kCalls = 3000, kMaxTasks = 24;
+  std::vector<std::atomic<int>> runs(static_cast<size_t>(kCalls) * kMaxTasks);
+  std::atomic<int> out_of_range{0}, other_total{0};
+  std::atomic<bool> stop{false};
+  std::thread other([&] {  // the queue path, concurrently
+    while (!stop.load()) pool.ParallelFor(6, 3, [&](int) { other_total.fetch_add(1); });
+  });
+  while (other_total.load() == 0) std::this_thread::yield();  // the second caller has begun
+  int thrown = 0, other_before = 0;
+  for (int call = 0; call < kCalls; ++call) {
+    const int n = 1 + (call * 7) % kMaxTasks;  // every size from 1 to kMaxTasks
+    const bool throws = call % 97 == 0;
+    try {
+      pool.ParallelFor(n, 1 + call % 5, [&, call, n](int i) {
+        if (i < 0 || i >= n) {
+          out_of_range.fetch_add(1);
+          return;
+        }
+        runs[static_cast<size_t>(call) * kMaxTasks + i].fetch_add(1);
+        if (throws && i == n - 1) throw std::runtime_error("last task");
+      });
+    } catch (const std::runtime_error&) {
+      ++thrown;
+    }
+    if (call == 0) other_before = other_total.load();
+  }
+  stop.store(true);
+  other.join();
+  EXPECT_EQ(out_of_range.load(), 0);
+  int wrong = 0;
+  for (int call = 0; call < kCalls; ++call) {
+    const int n = 1 + (call * 7) % kMaxTasks;
+    for (int i = 0; i < kMaxTasks; ++i) {
+      const int want = i < n ? 1 : 0;
+      if (runs[static_cast<size_t>(call) * kMaxTasks + i].load() != want && ++wrong <= 5) {
+        ADD_FAILURE() << "call " << call << " (" << n << " tasks), task " << i << " ran "
+                      << runs[static_cast<size_t>(call) * kMaxTasks + i].load() << " times";
+      }
+    }
+  }
+  EXPECT_EQ(wrong, 0);
+  EXPECT_EQ(thrown, (kCalls + 96) / 97);
+  EXPECT_EQ(other_total.load() % 6, 0);
+  EXPECT_GT(other_total.load(), other_before);  // the second caller ran while the first did
+}
+
 TEST(ThreadPool, TaskExceptionReachesTheCallerAfterAllTasksFinish) {
   ThreadPool pool(2);
   std::atomic<int> ran{0};
