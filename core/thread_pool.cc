@@ -15,22 +15,18 @@
 
 namespace mempipe {
 
-// One ParallelFor call. Tasks are claimed with `next`; `finished` counts completed ones. The
-// task reference is only used by a thread that claimed an index below `num_tasks`, and the
-// caller returns only once all of those have finished, so it never dangles. Every thread that
-// drains a batch holds a reference to it, so the last one to finish can still notify `done`
-// after the caller has seen `finished` reach num_tasks and returned.
+// One queued ParallelFor call. Tasks are claimed with `next`. The task reference is only used
+// by a thread that claimed an index below `num_tasks`, and the caller returns only once all of
+// those have finished, so it never dangles. Every thread that drains a batch holds a reference
+// to it, so the last one to finish can still notify after the caller has seen the count
+// complete and returned.
 struct ThreadPool::Batch {
   absl::FunctionRef<void(int)> task;
   int num_tasks;
   std::atomic<int> next{0};
-  std::atomic<int> finished{0};
-  std::mutex mu;  // guards error; a caller done spinning sleeps on `done` under it
-  std::condition_variable done;
-  std::exception_ptr error;
+  Completion completion;
 
   Batch(absl::FunctionRef<void(int)> t, int n) : task(t), num_tasks(n) {}
-  bool Finished() const { return finished.load(std::memory_order_acquire) == num_tasks; }
 };
 
 namespace {
@@ -136,23 +132,37 @@ absl::Status ThreadPool::Reserve(int workers) {
   return absl::OkStatus();
 }
 
+void ThreadPool::Completion::Run(absl::FunctionRef<void(int)> task, int i, int n) {
+  try {
+    task(i);
+  } catch (...) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (!error) error = std::current_exception();
+  }
+  // acq_rel: the caller that sees the count complete sees every task's writes.
+  if (finished.fetch_add(1, std::memory_order_acq_rel) + 1 == n) {
+    std::lock_guard<std::mutex> lock(mu);  // a caller asleep on `done` is woken
+    done.notify_all();
+  }
+}
+
+std::exception_ptr ThreadPool::Completion::Wait(absl::Duration spin, int n) {
+  const auto complete = [&] { return finished.load(std::memory_order_acquire) == n; };
+  if (!SpinUntil(spin, complete)) {
+    std::unique_lock<std::mutex> lock(mu);
+    done.wait(lock, complete);
+  }
+  std::lock_guard<std::mutex> lock(mu);
+  return std::exchange(error, nullptr);
+}
+
 bool ThreadPool::Drain(Batch& b) {
   bool ran = false;
   for (;;) {
     const int i = b.next.fetch_add(1, std::memory_order_relaxed);
     if (i >= b.num_tasks) return ran;
     ran = true;
-    try {
-      b.task(i);
-    } catch (...) {
-      std::lock_guard<std::mutex> lock(b.mu);
-      if (!b.error) b.error = std::current_exception();
-    }
-    // acq_rel: the caller that sees the count complete sees every task's writes.
-    if (b.finished.fetch_add(1, std::memory_order_acq_rel) + 1 == b.num_tasks) {
-      std::lock_guard<std::mutex> lock(b.mu);  // a caller asleep on `done` is woken
-      b.done.notify_all();
-    }
+    b.completion.Run(b.task, i, b.num_tasks);
   }
 }
 
@@ -173,17 +183,7 @@ bool ThreadPool::DrainSlot() {
     const int n = static_cast<int>(c >> 32), i = static_cast<int>(c & 0xffffffffu);
     if (i >= n) return ran;
     ran = true;
-    try {
-      (*slot_.task.load(std::memory_order_relaxed))(i);
-    } catch (...) {
-      std::lock_guard<std::mutex> lock(slot_.mu);
-      if (!slot_.error) slot_.error = std::current_exception();
-    }
-    // acq_rel: the caller that sees the count complete sees every task's writes.
-    if (slot_.finished.fetch_add(1, std::memory_order_acq_rel) + 1 == n) {
-      std::lock_guard<std::mutex> lock(slot_.mu);  // a caller asleep on `done` is woken
-      slot_.done.notify_all();
-    }
+    slot_.completion.Run(*slot_.task.load(std::memory_order_relaxed), i, n);
   }
 }
 
@@ -278,23 +278,14 @@ void ThreadPool::WakeFor(int helpers) {
 void ThreadPool::RunInSlot(int num_tasks, int helpers, absl::FunctionRef<void(int)> task) {
   // The slot is ours: every task of the last call finished, so no worker uses these fields.
   slot_.task.store(&task, std::memory_order_relaxed);
-  slot_.finished.store(0, std::memory_order_relaxed);
+  slot_.completion.finished.store(0, std::memory_order_relaxed);
   // seq_cst: a release (the fields above) that is also ordered against WakeFor's load of
   // sleepers_ (see WorkerLoop).
   slot_.claim.store(static_cast<uint64_t>(num_tasks) << 32, std::memory_order_seq_cst);
   posted_.fetch_add(1, std::memory_order_release);  // spinning workers take it from here
   WakeFor(helpers);
   DrainSlot();
-  const auto finished = [&] { return slot_.finished.load(std::memory_order_acquire) == num_tasks; };
-  if (!SpinUntil(spin_, finished)) {
-    std::unique_lock<std::mutex> lock(slot_.mu);
-    slot_.done.wait(lock, finished);
-  }
-  std::exception_ptr error;
-  {
-    std::lock_guard<std::mutex> lock(slot_.mu);
-    std::swap(error, slot_.error);
-  }
+  std::exception_ptr error = slot_.completion.Wait(spin_, num_tasks);
   slot_.busy.store(false, std::memory_order_release);
   if (error) std::rethrow_exception(error);
 }
@@ -324,15 +315,7 @@ void ThreadPool::ParallelFor(int num_tasks, int parallelism, absl::FunctionRef<v
   }
   WakeFor(helpers);
   Drain(*batch);
-  if (!SpinUntil(spin_, [&] { return batch->Finished(); })) {
-    std::unique_lock<std::mutex> lock(batch->mu);
-    batch->done.wait(lock, [&] { return batch->Finished(); });
-  }
-  std::exception_ptr error;
-  {
-    std::lock_guard<std::mutex> lock(batch->mu);
-    error = batch->error;
-  }
+  const std::exception_ptr error = batch->completion.Wait(spin_, num_tasks);
   {
     std::lock_guard<std::mutex> q(mu_);
     auto it = std::find(queue_.begin(), queue_.end(), batch);

@@ -41,6 +41,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <exception>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -101,6 +102,19 @@ class ThreadPool {
 
  private:
   struct Batch;
+  // How one call's tasks finish, for a queued batch and for the slot alike: the count of
+  // finished tasks, the first exception, and where a caller done spinning sleeps.
+  struct Completion {
+    std::atomic<int> finished{0};
+    std::mutex mu;  // guards error; a caller done spinning sleeps on `done` under it
+    std::condition_variable done;
+    std::exception_ptr error;
+    // Runs task(i) of a call of n tasks, keeping its exception, and counts it finished.
+    void Run(absl::FunctionRef<void(int)> task, int i, int n);
+    // Spins up to `spin`, then sleeps, until n tasks have finished; returns the first exception
+    // (and clears it, for the slot's next call).
+    std::exception_ptr Wait(absl::Duration spin, int n);
+  };
   // The fast path's batch, owned by the pool and reused by one call at a time (ParallelFor).
   // `claim` packs the call's task count (high 32 bits) with the next task index (low 32 bits):
   // a worker claims a task by incrementing it and runs task i where the value it got was
@@ -112,10 +126,7 @@ class ThreadPool {
     std::atomic<bool> busy{false};  // a caller owns the slot
     std::atomic<const absl::FunctionRef<void(int)>*> task{nullptr};
     alignas(64) std::atomic<uint64_t> claim{0};  // (num_tasks << 32) | next index
-    alignas(64) std::atomic<int> finished{0};
-    alignas(64) std::mutex mu;  // guards error; a caller done spinning sleeps on `done` under it
-    std::condition_variable done;
-    std::exception_ptr error;
+    alignas(64) Completion completion;
   };
   void WorkerLoop();
   // Runs the batch's unclaimed tasks; whether it ran any.
