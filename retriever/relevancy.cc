@@ -132,14 +132,16 @@ void PortableScoreRow(const float* q, int groups, int d, const DigestView& diges
 }
 
 // How far ahead of the pages being scored the vector scans prefetch a head's digest rows: each
-// row a fixed distance ahead as its page is reached (on the build VM, one 128 MiB-context layer
-// from DRAM, one thread, AVX-512: 0.75 ms without or with a burst of the whole next batch's
-// prefetches, 0.62 ms this way; 16 or 32 pages ahead alike).
-[[maybe_unused]] constexpr int kAhead = 32;
+// row a fixed distance ahead as its page is reached, into L2 (_MM_HINT_T1). Into L1 (T0) the
+// prefetches did worse than none at all: on the Zen 4 build VM, one thread, bf16 digests from
+// DRAM, a Llama-3-8B layer of 32K tokens (8 MiB of digests) took 1.09 ms with T0 at 8-64 pages
+// ahead, 0.88 ms with no prefetch and 0.74-0.77 ms with T1 at 4-64 pages ahead; SmolLM2's
+// 4 x 6K layer (576 KiB) 78-89 us, 85 us and 57-65 us.
+[[maybe_unused]] constexpr int kAhead = 16;
 
 #if MEMPIPE_AVX512_KERNEL || MEMPIPE_AVX2_KERNEL
 // KV head h's digest rows (max, min) of page `page` of sequence s, and its block (the vector
-// scans' walk); the same head's rows kAhead pages ahead (below p1) are prefetched.
+// scans' walk); the same head's rows kAhead pages ahead (below p1) are prefetched into L2.
 template <typename Src>
 inline int PageDigestRows(const DigestView& digests, const BlockTableView& table, int s, int h,
                           int page, int p1, const Src*& mx, const Src*& mn) {
@@ -153,8 +155,8 @@ inline int PageDigestRows(const DigestView& digests, const BlockTableView& table
     const char* amn = reinterpret_cast<const char*>(data + digests.Offset(ahead, 1, h));
     const int row_bytes = digests.head_dim * static_cast<int>(sizeof(Src));
     for (int off = 0; off < row_bytes; off += 64) {
-      _mm_prefetch(amx + off, _MM_HINT_T0);
-      _mm_prefetch(amn + off, _MM_HINT_T0);
+      _mm_prefetch(amx + off, _MM_HINT_T1);
+      _mm_prefetch(amn + off, _MM_HINT_T1);
     }
   }
   return block;
@@ -170,10 +172,10 @@ inline int PageDigestRows(const DigestView& digests, const BlockTableView& table
 // PageBound. The first tree level (lane i += lane i + 16) is the sum of the two vectors; the
 // remaining four levels (8, 4, 2, 1) run for 16 pages at once as a transposing reduction
 // (Reduce16), which leaves page i's score in lane i. Max and sum over the group are then
-// vector ops in increasing head order, and each page's digest rows are read from memory once
-// per batch (the group's other heads find them in L1). Digest elements are widened exactly:
-// fp32 as is, fp16 by vcvtph2ps, bf16 by a zero-extending shift (channel order kept), int8 by
-// fl(float(q) * scale), int8_digest::Dequantize.
+// vector ops in increasing head order. Each page's digest rows are widened into registers once
+// for up to kScanGroups query heads of the group, which share them. Digest elements are widened
+// exactly: fp32 as is, fp16 by vcvtph2ps, bf16 by a zero-extending shift (channel order kept), int8
+// by fl(float(q) * scale), int8_digest::Dequantize.
 
 // 16 digest channels as fp32, channel order kept. `scale` is used by int8 only.
 [[maybe_unused]] MEMPIPE_TARGET_AVX512 inline __m512 LoadRow16(const float* p, __m512) {
@@ -215,50 +217,49 @@ MEMPIPE_TARGET_AVX512 inline __m512 Reduce16(const float (*x)[16]) {
   return _mm512_permutexvar_ps(idx, w);
 }
 
-// Pages scored together (one Reduce16).
+// Pages scored together (one Reduce16), and the query heads of a GQA group scored together over
+// a page's digest rows, widened once into registers for all of them.
 constexpr int kScanBatch = 16;
+constexpr int kScanGroups = 4;
 
-// Scores of `np` <= 16 pages for one KV head from their fp32 rows mx[i], mn[i]; ND =
-// head_dim / 32.
-//   q [groups, ND * 32] fp32; out [np]
-template <int ND>
-MEMPIPE_TARGET_AVX512 void Avx512ScoreBatch(const float* q, int groups, const float* const* mx,
-                                            const float* const* mn, int np, GroupAggregation agg,
-                                            float* out) {
+// Tree level 16 of pages [0, np) for GB query heads: x[g][i] = lo + hi, where lane l of lo adds
+// max(q*mx, q*mn) of channels 32c + l and lane l of hi of channels 32c + 16 + l, in increasing
+// c. The query rows stay in registers over the pages; each page's digest rows are widened in
+// registers (LoadRow16) and shared by the GB heads.
+//   q [GB, ND * 32] fp32
+template <typename Src, int ND, int GB>
+MEMPIPE_TARGET_AVX512 inline void Avx512PageSums(const float* q, const Src* const* mx,
+                                                 const Src* const* mn, const __m512* scale, int np,
+                                                 float (*x)[kScanBatch][16]) {
   constexpr int kD = ND * 32;
-  alignas(64) float x[kScanBatch][16];
-  for (int i = np; i < kScanBatch; ++i) _mm512_store_ps(x[i], _mm512_setzero_ps());
-  __m512 agg_score = _mm512_setzero_ps();
-  for (int g = 0; g < groups; ++g) {
-    const float* qg = q + static_cast<size_t>(g) * kD;
-    __m512 qv[2 * ND];
-    for (int j = 0; j < 2 * ND; ++j) qv[j] = _mm512_loadu_ps(qg + 16 * j);
-    for (int i = 0; i < np; ++i) {
-      __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
-      for (int c = 0; c < ND; ++c) {
-        const float* a = mx[i] + 32 * c;
-        const float* b = mn[i] + 32 * c;
-        lo = _mm512_add_ps(lo, _mm512_max_ps(_mm512_mul_ps(qv[2 * c], _mm512_loadu_ps(a)),
-                                             _mm512_mul_ps(qv[2 * c], _mm512_loadu_ps(b))));
-        hi =
-            _mm512_add_ps(hi, _mm512_max_ps(_mm512_mul_ps(qv[2 * c + 1], _mm512_loadu_ps(a + 16)),
-                                            _mm512_mul_ps(qv[2 * c + 1], _mm512_loadu_ps(b + 16))));
-      }
-      _mm512_store_ps(x[i], _mm512_add_ps(lo, hi));  // tree level 16
-    }
-    const __m512 v = Reduce16(x);
-    // max: v > agg ? v : agg, which is vmaxps(v, agg); sum: agg + v.
-    agg_score = g == 0                          ? v
-                : agg == GroupAggregation::kMax ? _mm512_max_ps(v, agg_score)
-                                                : _mm512_add_ps(agg_score, v);
+  __m512 qv[GB][2 * ND];
+  for (int g = 0; g < GB; ++g) {
+    for (int j = 0; j < 2 * ND; ++j) qv[g][j] = _mm512_loadu_ps(q + g * kD + 16 * j);
   }
-  _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << np) - 1), agg_score);
+  for (int i = 0; i < np; ++i) {
+    __m512 lo[GB], hi[GB];
+    for (int g = 0; g < GB; ++g) lo[g] = hi[g] = _mm512_setzero_ps();
+    for (int c = 0; c < ND; ++c) {
+      const __m512 xl = LoadRow16(mx[i] + 32 * c, scale[i]);
+      const __m512 xh = LoadRow16(mx[i] + 32 * c + 16, scale[i]);
+      const __m512 nl = LoadRow16(mn[i] + 32 * c, scale[i]);
+      const __m512 nh = LoadRow16(mn[i] + 32 * c + 16, scale[i]);
+      for (int g = 0; g < GB; ++g) {
+        const __m512 ql = qv[g][2 * c], qh = qv[g][2 * c + 1];
+        lo[g] = _mm512_add_ps(lo[g], _mm512_max_ps(_mm512_mul_ps(ql, xl), _mm512_mul_ps(ql, nl)));
+        hi[g] = _mm512_add_ps(hi[g], _mm512_max_ps(_mm512_mul_ps(qh, xh), _mm512_mul_ps(qh, nh)));
+      }
+    }
+    for (int g = 0; g < GB; ++g) _mm512_store_ps(x[g][i], _mm512_add_ps(lo[g], hi[g]));
+  }
 }
 
 // The scores of pages [p0, p1) of KV heads [h0, h1) of sequence s, 16 pages at a time for all of
 // those heads (their rows of a block lie together, so the scan walks the digests nearly in address
-// order and each 4 KiB page of them is entered once per batch, not once per head). Rows not stored
-// as fp32 are widened once per batch into `wide`, which the group's query heads then share.
+// order and each 4 KiB page of them is entered once per batch, not once per head). Each page's
+// rows are widened in registers once per kScanGroups query heads (Avx512PageSums), with no copy
+// through memory; Reduce16 then finishes 16 pages of a head at once, and the group's heads
+// aggregate in increasing order.
 //   q [h1 - h0, groups, ND * 32] fp32; out(h) -> [>= p1] the scores of head h
 template <typename Src, int ND, typename Out>
 MEMPIPE_TARGET_AVX512 void Avx512ScoreHeads(const float* q, int groups, const DigestView& digests,
@@ -266,33 +267,50 @@ MEMPIPE_TARGET_AVX512 void Avx512ScoreHeads(const float* q, int groups, const Di
                                             int p0, int p1, GroupAggregation agg, Out out) {
   constexpr int kD = ND * 32;
   const bool int8 = digests.format == DigestFormat::kInt8;
-  const float* mx[kScanBatch];
-  const float* mn[kScanBatch];
-  alignas(64) float wide[std::is_same_v<Src, float> ? 1 : kScanBatch * 2 * kD];
+  const Src* mx[kScanBatch];
+  const Src* mn[kScanBatch];
+  __m512 scale[kScanBatch];
+  alignas(64) float x[kScanGroups][kScanBatch][16];
   for (int b0 = p0; b0 < p1; b0 += kScanBatch) {
     const int np = std::min(kScanBatch, p1 - b0);
+    if (np < kScanBatch) {  // Reduce16 reads all 16 pages; the missing ones are not stored
+      for (int g = 0; g < kScanGroups; ++g) {
+        for (int i = np; i < kScanBatch; ++i) _mm512_store_ps(x[g][i], _mm512_setzero_ps());
+      }
+    }
     for (int h = h0; h < h1; ++h) {
       for (int i = 0; i < np; ++i) {
-        const Src* rmx;
-        const Src* rmn;
-        const int block = PageDigestRows(digests, table, s, h, b0 + i, p1, rmx, rmn);
-        if constexpr (std::is_same_v<Src, float>) {
-          mx[i] = rmx;
-          mn[i] = rmn;
-        } else {
-          const __m512 scale =
-              _mm512_set1_ps(int8 ? digests.scales[digests.ScaleIndex(block, h)] : 1.0f);
-          float* w = wide + static_cast<size_t>(i) * 2 * kD;
-          for (int c = 0; c < kD; c += 16) {
-            _mm512_store_ps(w + c, LoadRow16(rmx + c, scale));
-            _mm512_store_ps(w + kD + c, LoadRow16(rmn + c, scale));
-          }
-          mx[i] = w;
-          mn[i] = w + kD;
+        const int block = PageDigestRows(digests, table, s, h, b0 + i, p1, mx[i], mn[i]);
+        scale[i] = _mm512_set1_ps(int8 ? digests.scales[digests.ScaleIndex(block, h)] : 1.0f);
+      }
+      const float* qh = q + static_cast<size_t>(h - h0) * groups * kD;
+      __m512 agg_score = _mm512_setzero_ps();
+      for (int g0 = 0; g0 < groups; g0 += kScanGroups) {
+        const int gb = std::min(kScanGroups, groups - g0);
+        const float* qg = qh + static_cast<size_t>(g0) * kD;
+        switch (gb) {
+          case 1:
+            Avx512PageSums<Src, ND, 1>(qg, mx, mn, scale, np, x);
+            break;
+          case 2:
+            Avx512PageSums<Src, ND, 2>(qg, mx, mn, scale, np, x);
+            break;
+          case 3:
+            Avx512PageSums<Src, ND, 3>(qg, mx, mn, scale, np, x);
+            break;
+          default:
+            Avx512PageSums<Src, ND, kScanGroups>(qg, mx, mn, scale, np, x);
+            break;
+        }
+        for (int g = 0; g < gb; ++g) {
+          const __m512 v = Reduce16(x[g]);
+          // max: v > agg ? v : agg, which is vmaxps(v, agg); sum: agg + v.
+          agg_score = g0 + g == 0                     ? v
+                      : agg == GroupAggregation::kMax ? _mm512_max_ps(v, agg_score)
+                                                      : _mm512_add_ps(agg_score, v);
         }
       }
-      Avx512ScoreBatch<ND>(q + static_cast<size_t>(h - h0) * groups * kD, groups, mx, mn, np, agg,
-                           out(h) + b0);
+      _mm512_mask_storeu_ps(out(h) + b0, static_cast<__mmask16>((1u << np) - 1), agg_score);
     }
   }
 }
