@@ -36,15 +36,18 @@ namespace {
 // exiting). On the H200 host's KVM guest a PAUSE in the loop made no measurable difference
 // (integration/bench/results/pool_spin2/).
 template <typename Done>
-bool SpinUntil(absl::Duration spin, Done done) {
-  if (spin <= absl::ZeroDuration()) return done();
-  const auto deadline = std::chrono::steady_clock::now() + absl::ToChronoNanoseconds(spin);
+bool SpinUntil(std::chrono::steady_clock::time_point deadline, Done done) {
   for (;;) {
     for (int i = 0; i < 256; ++i) {
       if (done()) return true;
     }
     if (std::chrono::steady_clock::now() >= deadline) return done();
   }
+}
+template <typename Done>
+bool SpinUntil(absl::Duration spin, Done done) {
+  if (spin <= absl::ZeroDuration()) return done();
+  return SpinUntil(std::chrono::steady_clock::now() + absl::ToChronoNanoseconds(spin), done);
 }
 
 }  // namespace
@@ -214,36 +217,42 @@ bool ThreadPool::DrainQueue() {
 }
 
 void ThreadPool::WorkerLoop() {
-  bool spin = false;  // whether this worker ran a task since it last waited
+  using Clock = std::chrono::steady_clock;
+  bool ran_tasks = false;      // ran a task since it last found nothing to claim
+  Clock::time_point spin_end;  // spin_ after its last task: until then it spins for new calls
   for (;;) {
     // Read before looking for work: a post after this read ends the spin below at once.
     const uint64_t seen = posted_.load(std::memory_order_acquire);
     bool ran = DrainSlot();
     if (queued_.load(std::memory_order_acquire) > 0) ran = DrainQueue() || ran;
     if (ran) {
-      spin = true;
+      ran_tasks = true;
       continue;
     }
     if (stopping_.load(std::memory_order_acquire)) return;
-    // Nothing to claim. A worker that just ran tasks spins a while for the next call; one that
-    // found none (the call needed fewer threads) sleeps at once, so the spinners are the
-    // threads that the recent calls used. At most max_spinners_ spin at once, so that spinners
-    // never crowd out the threads with work on a machine with fewer cores than threads.
+    // Nothing to claim. A worker spins for the next call until spin_ after its last task, and
+    // keeps spinning when a call's tasks were all claimed before it looked, so the spinners are
+    // the threads that the calls of the last spin_ used. One woken from sleep that finds nothing
+    // sleeps again at once. At most max_spinners_ spin at once, so that spinners never crowd out
+    // the threads with work on a machine with fewer cores than threads.
+    const Clock::time_point now = Clock::now();
+    if (ran_tasks) spin_end = now + absl::ToChronoNanoseconds(spin_);
+    ran_tasks = false;
     bool may_spin = false;
-    if (spin) {  // takes one of the max_spinners_ places, if one is free
+    if (now < spin_end) {  // takes one of the max_spinners_ places, if one is free
       int spinning = spinners_.load(std::memory_order_relaxed);
       while (spinning < max_spinners_ &&
              !spinners_.compare_exchange_weak(spinning, spinning + 1, std::memory_order_relaxed)) {
       }
       may_spin = spinning < max_spinners_;
     }
-    spin = false;
     if (may_spin) {
       const bool posted =
-          SpinUntil(spin_, [&] { return posted_.load(std::memory_order_acquire) != seen; });
+          SpinUntil(spin_end, [&] { return posted_.load(std::memory_order_acquire) != seen; });
       spinners_.fetch_sub(1, std::memory_order_relaxed);
       if (posted) continue;
     }
+    spin_end = Clock::time_point();  // asleep: a wake-up that finds nothing sleeps again
     std::unique_lock<std::mutex> lock(mu_);
     // seq_cst (with SlotHasWork's load): a caller that published its tasks before this
     // increment is seen by the wait's first check; one after it sees this sleeper and wakes it

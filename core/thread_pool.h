@@ -13,16 +13,18 @@
 // exception thrown by a task is rethrown on the calling thread once every task of the call
 // has finished (the first one, if several throw).
 //
-// Waiting: a worker that has just run tasks, and a caller whose tasks are all claimed but not
-// yet finished, spin for up to `spin` (plain loads of an atomic) before they sleep on a
-// condition variable; a worker that found nothing to claim sleeps at once. Decode calls its
+// Waiting: a worker spins (plain loads of an atomic) for new calls until `spin` after its last
+// task, also across calls whose tasks the others claimed before it looked, and then sleeps on a
+// condition variable; one woken from sleep that finds nothing to claim sleeps again at once. A
+// caller whose tasks are all claimed but not yet finished spins up to `spin` too. Decode calls its
 // kernels once per layer, back to back, and a worker asleep costs each call a futex wake and a
 // reschedule on both sides: on the 2-vCPU build VM about 40 us of CPU time per thread and call,
 // as much as a small layer's whole kernel, and the woken helper started so late that two
-// threads took longer than one. The default pool spins kDefaultSpin; MEMPIPE_POOL_SPIN_US (a
-// whole number of microseconds, 0 = sleep at once) sets it for the process. A worker never
-// spins longer than that after its last task, so an idle pool costs nothing; and no more
-// workers spin at once than there are hardware threads besides the caller's.
+// threads took longer than one. A worker that slept after losing one call's tasks to the
+// others would cost the next call such a wake-up on the caller's path. The default pool spins
+// kDefaultSpin; MEMPIPE_POOL_SPIN_US (a whole number of microseconds, 0 = sleep at once) sets it
+// for the process. A worker never spins longer than that after its last task, so an idle pool costs
+// nothing; and no more workers spin at once than there are hardware threads besides the caller's.
 //
 // Dispatch: one call at a time takes the pool's slot, publishes its tasks there with atomics
 // and bumps `posted_`; spinning workers claim the slot's tasks without taking the pool's mutex,

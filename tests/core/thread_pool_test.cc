@@ -147,6 +147,15 @@ TEST(ThreadPool, BackToBackCallsRunEachTaskOnceOnItsOwnCall) {
           return;
         }
         runs[static_cast<size_t>(call) * kMaxTasks + i].fetch_add(1);
+        if (call == kCalls / 2 && i == 0) {
+          // Holds the slot until the second caller's queued batches have moved on (up to 5 s):
+          // the spinners can finish 3,000 calls before that thread is scheduled at all.
+          const int seen = other_total.load();
+          const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+          while (other_total.load() == seen && std::chrono::steady_clock::now() < deadline) {
+            std::this_thread::yield();
+          }
+        }
         if (throws && i == n - 1) throw std::runtime_error("last task");
       });
     } catch (const std::runtime_error&) {
@@ -266,30 +275,42 @@ TEST(ThreadPool, SleepingAndSpinningWorkersBothTakeNewBatches) {
   EXPECT_EQ(ThreadPool(1, nullptr, absl::Microseconds(-5)).spin(), absl::ZeroDuration());
 }
 
-// Only the workers a call used keep spinning: one that woke and found every task claimed
-// sleeps at once. And a pool whose workers spin is destroyed without waiting out the spin.
-TEST(ThreadPool, WorkersThatFoundNoTaskSleepAndShutdownEndsTheSpin) {
+// A worker spins until `spin` after its last task, also through calls whose tasks the others
+// claimed first (a worker that slept then would cost the next call a wake-up), and then
+// sleeps. And a pool whose workers spin is destroyed without waiting out the spin.
+TEST(ThreadPool, WorkersSpinUntilTheirSpinAfterTheLastTaskAndShutdownEndsTheSpin) {
   const auto start = std::chrono::steady_clock::now();
   {
-    ThreadPool pool(3, nullptr, absl::Seconds(30), /*max_spinners=*/3);
+    const absl::Duration spin = absl::Seconds(2);
+    ThreadPool pool(3, nullptr, spin, /*max_spinners=*/3);
     ASSERT_TRUE(pool.Reserve(3).ok());
     ASSERT_TRUE(AllTasksRanAtOnce(pool, 4));
+    const auto used = std::chrono::steady_clock::now();
     ASSERT_TRUE(Settles(pool, 3));
-    // Two tasks: one or both run on workers (the caller may be beaten to the first), and the
-    // other spinners, which saw each push and found nothing, go to sleep. Each call starts once
-    // the last one's spinners have settled: a worker still on its way out of the previous
-    // call's tasks when the next call's are all claimed spins for them, which is the pool's
-    // rule (it ran tasks), not the test's (CI's ASan stage met that: 2 spinning, 1 helper).
+    // Two tasks: one or both run on workers (the caller may be beaten to the first); the
+    // spinners that found them claimed keep spinning.
     for (int rep = 0; rep < 3; ++rep) {
       int helpers = 0;
       ASSERT_TRUE(AllTasksRanAtOnce(pool, 2, &helpers)) << rep;
       ASSERT_GE(helpers, 1) << rep;
       ASSERT_LE(helpers, 2) << rep;
       int spinning = 0;
-      ASSERT_TRUE(Settles(pool, helpers, &spinning))
-          << "call " << rep << ": " << spinning << " spinning vs " << helpers << " helpers, "
-          << pool.num_sleeping() << " asleep";
+      ASSERT_TRUE(Settles(pool, 3, &spinning))
+          << "call " << rep << ": " << spinning << " spinning of 3, " << pool.num_sleeping()
+          << " asleep";
     }
+    // Only meaningful while every worker's spin since its first call is still running.
+    ASSERT_LT(std::chrono::steady_clock::now() - used, absl::ToChronoNanoseconds(spin))
+        << "the machine was too slow for this check";
+    // No calls: each sleeps once `spin` has passed since its last task.
+    ASSERT_TRUE(Settles(pool, 0));
+    EXPECT_GE(std::chrono::steady_clock::now() - used, absl::ToChronoNanoseconds(spin));
+  }
+  {
+    ThreadPool pool(3, nullptr, absl::Seconds(30), /*max_spinners=*/3);
+    ASSERT_TRUE(pool.Reserve(3).ok());
+    ASSERT_TRUE(AllTasksRanAtOnce(pool, 4));
+    ASSERT_TRUE(Settles(pool, 3));
   }
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(20));
 }
