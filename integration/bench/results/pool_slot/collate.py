@@ -8,7 +8,7 @@ import re
 import statistics
 import sys
 
-ARMS = ("old", "slot", "slot1k", "omp")
+ARMS = ("old", "slot", "slot1k", "keep", "omp")
 
 
 def figure(text, label):

@@ -6,6 +6,8 @@
 # Release builds with -DMEMPIPE_GPU=off -DMEMPIPE_XRT=off; lib/ = the Abseil libraries they link).
 #   DEADLINE=400 bash integration/bench/results/pool_slot/run.sh 3          (first call; $OUT/pool_slot.tgz)
 #   FOCUS=1 SPIN1K=1 DEADLINE=300 bash integration/bench/results/pool_slot/run.sh 8   (second call)
+# ARMS (name:binary:host_threads:spin_us ...) replaces the three arms; FOCUS=2 is the shapes of
+# ../pool_keep_spinning/.
 set -uo pipefail
 K=$PWD/.gpuwork/snap; export LD_LIBRARY_PATH=$K/lib
 W=/tmp/pool_slot; rm -rf $W; mkdir -p $W; T0=$SECONDS
@@ -20,7 +22,7 @@ one() {  # name binary args...
 }
 arms() {  # name args...: the arms, in an order that rotates with the round
   local name=$1; shift
-  local order=("old:kb:pool:50" "slot:kb2:pool:50" "omp:kb2:openmp:50")
+  local order=(${ARMS:-old:kb:pool:50 slot:kb2:pool:50 omp:kb2:openmp:50})
   [ "${SPIN1K:-0}" = 1 ] && order+=("slot1k:kb2:pool:1000")
   local n=${#order[@]}
   for k in $(seq 0 $((n - 1))); do
@@ -28,6 +30,16 @@ arms() {  # name args...: the arms, in an order that rotates with the round
     MEMPIPE_POOL_SPIN_US=$spin one "${name}_${arm}_$r" "$bin" "$@" --host_threads=$ht
   done
 }
+if [ "${FOCUS:-0}" = 2 ]; then  # 8 and 16 threads, both layouts, Llama (../pool_keep_spinning/)
+  for r in $(seq 1 "${1:-3}"); do
+    for th in 16 8; do arms "probe_t$th" $SMOL --budget=64 --threads=$th --kv_layout=page_kt; done
+    for L in page_kt head; do arms "smol_t16_$L" $SMOL --budget=512 --threads=16 --kv_layout=$L; done
+    arms "llama_t16" $LLAMA --threads=16 --kv_layout=page_kt
+    echo "round $r done at $((SECONDS - T0)) s" >> $W/runs.txt
+  done
+  tar -czf "$OUT/pool_slot.tgz" -C /tmp pool_slot; tail -3 $W/runs.txt
+  exit 0
+fi
 if [ "${FOCUS:-0}" = 1 ]; then  # the 16-thread layers only, more rounds (the second call)
   for r in $(seq 1 "${1:-6}"); do
     arms "probe_t16" $SMOL --budget=64 --threads=16 --kv_layout=page_kt
