@@ -20,6 +20,13 @@ namespace {
 struct Runtime {
   OpenMpEntryPoints entry;
   std::string name;
+  // The largest team a call has asked for: every call asks the runtime for this many threads,
+  // and those past its own share run none of its tasks. libgomp forms its team again whenever
+  // the size asked for changes, and decode alternates sizes on every layer (the relevancy scan
+  // asks for 16 threads on a 16-thread host, top-k for its 12 or 8 rows): on the H100 machine's
+  // 16-vCPU Xeon the scan took 59-62 us a SmolLM2 layer that way, 18 us on a team of one size
+  // (integration/bench/results/pool_keep_spinning/).
+  mutable std::atomic<int> team{0};
 };
 
 // Installed runtimes are kept for the life of the process (a call that loaded the pointer may
@@ -51,13 +58,14 @@ struct TeamCall {
   int num_tasks;
   const OpenMpEntryPoints* entry;
   std::unique_ptr<std::atomic<bool>[]> claimed;
+  int threads;                      // how many team threads may run its tasks
   std::atomic<uint64_t> ran_by{0};  // bit min(t, 63): team thread t ran a task
   std::atomic<int> team{0};         // the team size the runtime reported
   std::mutex mu;
   std::exception_ptr error;  // guarded by mu: the first task exception
 
-  TeamCall(absl::FunctionRef<void(int)> t, int n, const OpenMpEntryPoints* e)
-      : task(t), num_tasks(n), entry(e), claimed(new std::atomic<bool>[n]()) {}
+  TeamCall(absl::FunctionRef<void(int)> t, int n, int k, const OpenMpEntryPoints* e)
+      : task(t), num_tasks(n), entry(e), claimed(new std::atomic<bool>[n]()), threads(k) {}
 
   // Runs task i unless someone else claimed it; records (does not throw) its exception.
   void Run(int i, int thread) {
@@ -90,13 +98,21 @@ void TeamBody(void* data) {
   int team = call.team.load(std::memory_order_relaxed);
   while (n > team && !call.team.compare_exchange_weak(team, n, std::memory_order_relaxed)) {
   }
-  for (int i = t; i < call.num_tasks; i += n) call.Run(i, t);
+  // Threads past the call's own (the team is the runtime's largest, Runtime::team) run nothing.
+  const int k = std::min(n, call.threads);
+  if (t >= k) return;
+  for (int i = t; i < call.num_tasks; i += k) call.Run(i, t);
   for (int i = 0; i < call.num_tasks; ++i) call.Run(i, t);
 }
 
 void RunOnTeam(const Runtime& rt, int num_tasks, int threads, absl::FunctionRef<void(int)> task) {
-  TeamCall call(task, num_tasks, &rt.entry);
-  rt.entry.parallel(&TeamBody, &call, static_cast<unsigned>(threads), /*flags=*/0);
+  int team = rt.team.load(std::memory_order_relaxed);
+  while (threads > team &&
+         !rt.team.compare_exchange_weak(team, threads, std::memory_order_relaxed)) {
+  }
+  TeamCall call(task, num_tasks, threads, &rt.entry);
+  rt.entry.parallel(&TeamBody, &call, static_cast<unsigned>(std::max(team, threads)),
+                    /*flags=*/0);
   // The region's end joined the team: everything its threads did happened before this point.
   for (int i = 0; i < num_tasks; ++i) call.Run(i, 0);
   const int seen = std::popcount(call.ran_by.load(std::memory_order_relaxed));
@@ -122,7 +138,9 @@ absl::Status InstallHostParallelRuntime(const OpenMpEntryPoints& entry, const st
     return absl::InvalidArgumentError(
         absl::StrCat("host parallel runtime '", name, "': entry point ", missing, " is null"));
   }
-  auto rt = std::make_unique<Runtime>(Runtime{entry, name});
+  auto rt = std::make_unique<Runtime>();
+  rt->entry = entry;
+  rt->name = name;
   std::lock_guard<std::mutex> lock(RegistryMutex());
   g_current.store(rt.get(), std::memory_order_release);
   Registry().push_back(std::move(rt));

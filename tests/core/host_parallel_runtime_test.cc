@@ -134,9 +134,26 @@ TEST_F(HostParallelRuntimeTest, TasksRunOnTheTeamOncePerTask) {
   HostParallelFor(tasks, 1, [](int) {});
   HostParallelFor(1, threads, [](int) {});
   EXPECT_EQ(g_fake_regions.load(), regions + 1);
-  // More threads than tasks: a team of num_tasks.
+  // A smaller call after it asks the runtime for the same team (libgomp forms its team again
+  // whenever the size asked for changes), and only the call's own threads run its tasks.
+  std::vector<int> small_on(40, -1);
+  HostParallelFor(40, 2, [&](int i) {
+    small_on[i] = FakeOmpThreadNum();
+    // Slow enough that a team thread past the call's two, if it took tasks, would find some.
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  });
+  EXPECT_EQ(testing::fake_omp_last_team.load(), threads);
+  EXPECT_EQ(GetHostParallelRuntimeInfo().last_call_team, threads);
+  for (int i = 0; i < 40; ++i) EXPECT_TRUE(small_on[i] == 0 || small_on[i] == 1) << small_on[i];
+  // More threads than tasks: num_tasks threads run them, on the same team.
   HostParallelFor(3, 64, [](int) {});
-  EXPECT_EQ(GetHostParallelRuntimeInfo().last_call_team, 3);
+  EXPECT_EQ(testing::fake_omp_last_team.load(), threads);
+  EXPECT_LE(GetHostParallelRuntimeInfo().last_call_threads, 3);
+  // A larger call raises the team for every later call.
+  HostParallelFor(tasks, 6, [](int) {});
+  EXPECT_EQ(testing::fake_omp_last_team.load(), 6);
+  HostParallelFor(tasks, 2, [](int) {});
+  EXPECT_EQ(testing::fake_omp_last_team.load(), 6);
 
   // Reset: back to the pool, the runtime is not called.
   ResetHostParallelRuntime();
@@ -144,7 +161,7 @@ TEST_F(HostParallelRuntimeTest, TasksRunOnTheTeamOncePerTask) {
   std::vector<std::atomic<int>> again(tasks);
   HostParallelFor(tasks, threads, [&](int i) { again[i].fetch_add(1); });
   EXPECT_TRUE(EachOnce(again));
-  EXPECT_EQ(g_fake_regions.load(), regions + 2);
+  EXPECT_EQ(g_fake_regions.load(), regions + 5);
   EXPECT_EQ(GetHostParallelRuntimeInfo().team_calls, calls);
   EXPECT_FALSE(GetHostParallelRuntimeInfo().installed);
 }

@@ -20,7 +20,8 @@ inline thread_local int fake_omp_num_threads = 1;
 // > 0: the team really started has at most this many threads, while thread numbers and team
 // sizes are reported as asked (a runtime that reports more threads than it runs).
 inline std::atomic<int> fake_omp_team_limit{0};
-inline std::atomic<int> fake_omp_regions{0};  // FakeOmpParallel calls, ever
+inline std::atomic<int> fake_omp_regions{0};    // FakeOmpParallel calls, ever
+inline std::atomic<int> fake_omp_last_team{0};  // the team size the latest call asked for
 
 // A team of `num_threads` (0: 1): num_threads - 1 new std::threads plus the caller as thread 0,
 // each running fn(data) with its thread number and team size set; returns after all.
@@ -28,6 +29,7 @@ inline void FakeOmpParallel(void (*fn)(void*), void* data, unsigned num_threads,
                             unsigned /*flags*/) {
   fake_omp_regions.fetch_add(1);
   const int n = num_threads == 0 ? 1 : static_cast<int>(num_threads);
+  fake_omp_last_team.store(n);
   const int limit = fake_omp_team_limit.load();
   const int run = limit > 0 ? std::min(n, limit) : n;
   std::vector<std::thread> team;
