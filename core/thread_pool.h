@@ -33,7 +33,9 @@
 // slot taken (a nested call, or another thread's concurrent one) queues its batch under the
 // mutex, as every call did before. On the H100 machine's 16-vCPU host a sparse decode call of
 // 192 KiB took 24-43 us on 16 threads against 33-46 before, 14 against 16-19 on 4 threads;
-// libgomp's team took 13-14 (integration/bench/results/pool_slot/).
+// libgomp's team took 13-14 (integration/bench/results/pool_slot/). With the spin kept through
+// lost calls (Waiting, above), SmolLM2's 1.5 MiB sparse layer took 19 us there on 16 threads and
+// libgomp's team 20 (integration/bench/results/pool_keep_spinning/).
 //
 //   ThreadPool::Default().ParallelFor(num_tasks, /*parallelism=*/8, [&](int task) { ... });
 #ifndef MEMPIPE_CORE_THREAD_POOL_H_
