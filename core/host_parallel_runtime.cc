@@ -17,6 +17,15 @@
 namespace mempipe {
 namespace {
 
+// Raises `a` to at least v (relaxed: a diagnostic or a size, nothing published through it);
+// returns the value it holds then.
+int AtomicMax(std::atomic<int>& a, int v) {
+  int cur = a.load(std::memory_order_relaxed);
+  while (v > cur && !a.compare_exchange_weak(cur, v, std::memory_order_relaxed)) {
+  }
+  return std::max(cur, v);
+}
+
 struct Runtime {
   OpenMpEntryPoints entry;
   std::string name;
@@ -95,9 +104,7 @@ void TeamBody(void* data) {
   const int n = std::max(call.entry->num_threads(), 1);
   const int t = call.entry->thread_num();
   if (t < 0 || t >= n) return;  // a runtime reporting nonsense: the caller runs the tasks
-  int team = call.team.load(std::memory_order_relaxed);
-  while (n > team && !call.team.compare_exchange_weak(team, n, std::memory_order_relaxed)) {
-  }
+  AtomicMax(call.team, n);
   // Threads past the call's own (the team is the runtime's largest, Runtime::team) run nothing.
   const int k = std::min(n, call.threads);
   if (t >= k) return;
@@ -106,23 +113,16 @@ void TeamBody(void* data) {
 }
 
 void RunOnTeam(const Runtime& rt, int num_tasks, int threads, absl::FunctionRef<void(int)> task) {
-  int team = rt.team.load(std::memory_order_relaxed);
-  while (threads > team &&
-         !rt.team.compare_exchange_weak(team, threads, std::memory_order_relaxed)) {
-  }
+  const int team = AtomicMax(rt.team, threads);
   TeamCall call(task, num_tasks, threads, &rt.entry);
-  rt.entry.parallel(&TeamBody, &call, static_cast<unsigned>(std::max(team, threads)),
-                    /*flags=*/0);
+  rt.entry.parallel(&TeamBody, &call, static_cast<unsigned>(team), /*flags=*/0);
   // The region's end joined the team: everything its threads did happened before this point.
   for (int i = 0; i < num_tasks; ++i) call.Run(i, 0);
   const int seen = std::popcount(call.ran_by.load(std::memory_order_relaxed));
   g_team_calls.fetch_add(1, std::memory_order_relaxed);
   g_last_call_threads.store(seen, std::memory_order_relaxed);
   g_last_call_team.store(call.team.load(std::memory_order_relaxed), std::memory_order_relaxed);
-  int max = g_max_call_threads.load(std::memory_order_relaxed);
-  while (seen > max &&
-         !g_max_call_threads.compare_exchange_weak(max, seen, std::memory_order_relaxed)) {
-  }
+  AtomicMax(g_max_call_threads, seen);
   if (call.error) std::rethrow_exception(call.error);
 }
 
