@@ -1,8 +1,10 @@
 #include "retriever/relevancy.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -472,6 +474,14 @@ MEMPIPE_TARGET_AVX2 void Avx2ScoreHeadsAnyDim(const float* q, int groups, int d,
 absl::Status ComputeRelevancy(const QueryView& query, const KvCacheView& cache,
                               const DigestView& digests, const BlockTableView& table,
                               GroupAggregation agg, float* scores, int num_threads) {
+  return ComputeRelevancyThen(query, cache, digests, table, agg, scores, num_threads,
+                              [](int, int) {});
+}
+
+absl::Status ComputeRelevancyThen(const QueryView& query, const KvCacheView& cache,
+                                  const DigestView& digests, const BlockTableView& table,
+                                  GroupAggregation agg, float* scores, int num_threads,
+                                  absl::FunctionRef<void(int s, int h)> row_done) {
   MEMPIPE_RETURN_IF_ERROR(ValidateGroupAggregation(agg));
   MEMPIPE_RETURN_IF_ERROR(ValidateKvCache(cache));
   MEMPIPE_RETURN_IF_ERROR(ValidateDigests(cache, digests));
@@ -545,18 +555,24 @@ absl::Status ComputeRelevancy(const QueryView& query, const KvCacheView& cache,
     if (chunks == 1) {
       ForEachSeqHeads(table.num_seqs, kvh, num_threads, [&](int s, int h0, int h1) {
         score(s, h0, h1, 0, table.max_blocks_per_seq);
+        for (int h = h0; h < h1; ++h) row_done(s, h);
       });
       return;
     }
+    // The last of a row's chunks to finish runs row_done (acq_rel: it sees the others' scores).
+    std::unique_ptr<std::atomic<int>[]> pending(new std::atomic<int>[rows]);
+    for (int64_t r = 0; r < rows; ++r) pending[r].store(static_cast<int>(chunks));
     const int64_t tasks = rows * chunks;
-    HostParallelFor(
-        static_cast<int>(tasks), static_cast<int>(std::min(threads, tasks)), [&](int t) {
-          const int64_t row = t / chunks, c = t % chunks;
-          const int64_t width = table.max_blocks_per_seq;
-          const int h = static_cast<int>(row % kvh);
-          score(static_cast<int>(row / kvh), h, h + 1, static_cast<int>(width * c / chunks),
-                static_cast<int>(width * (c + 1) / chunks));
-        });
+    HostParallelFor(static_cast<int>(tasks), static_cast<int>(std::min(threads, tasks)),
+                    [&](int t) {
+                      const int64_t row = t / chunks, c = t % chunks;
+                      const int64_t width = table.max_blocks_per_seq;
+                      const int h = static_cast<int>(row % kvh);
+                      const int s = static_cast<int>(row / kvh);
+                      score(s, h, h + 1, static_cast<int>(width * c / chunks),
+                            static_cast<int>(width * (c + 1) / chunks));
+                      if (pending[row].fetch_sub(1, std::memory_order_acq_rel) == 1) row_done(s, h);
+                    });
   });
   return absl::OkStatus();
 }

@@ -19,6 +19,7 @@
 
 #include <cstdint>
 
+#include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
@@ -62,6 +63,16 @@ float PageBound(const float* q, const float* max_row, const float* min_row, int 
                                             const DigestView& digests, const BlockTableView& table,
                                             GroupAggregation agg, float* scores,
                                             int num_threads = 1);
+
+// ComputeRelevancy, and `row_done(s, h)` once for every (sequence s, KV head h) as soon as that
+// row's scores are all written: on the thread that wrote its last chunk, inside the same
+// parallel call, with every chunk's scores visible to it. ScoreAndSelect selects each row there,
+// so steps 2 and 3 cost one call on the host threads instead of two. `row_done` must not throw.
+[[nodiscard]] absl::Status ComputeRelevancyThen(const QueryView& query, const KvCacheView& cache,
+                                                const DigestView& digests,
+                                                const BlockTableView& table, GroupAggregation agg,
+                                                float* scores, int num_threads,
+                                                absl::FunctionRef<void(int s, int h)> row_done);
 
 }  // namespace mempipe
 

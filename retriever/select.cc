@@ -8,6 +8,8 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "core/avx512.h"
+#include "core/cpu_kernel.h"
 #include "core/parallel.h"
 #include "core/status_macros.h"
 #include "retriever/hierarchical.h"
@@ -59,64 +61,96 @@ absl::Status RequireFlatSelection(const SelectionConfig& config, absl::string_vi
 
 namespace {
 
-// The order SelectPages ranks scores by, as an unsigned integer: a larger score gets a larger
-// key, NaN ranks as -inf, and -0 equals +0 (the float comparison's ties).
-inline uint32_t RankKey(float score) {
-  if (std::isnan(score)) score = -std::numeric_limits<float>::infinity();
-  if (score == 0.0f) score = 0.0f;  // -0 -> +0
-  uint32_t bits;
+// The order SelectPages ranks scores by, as a signed integer: a larger score gets a larger key,
+// NaN ranks as -inf, and -0 equals +0 (the float comparison's ties). Branch-free, so the loop
+// that fills the keys vectorizes.
+inline int32_t RankKey(float score) {
+  int32_t bits;
   std::memcpy(&bits, &score, sizeof(bits));
-  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+  constexpr int32_t kNegInf = static_cast<int32_t>(0xff800000u);
+  constexpr int32_t kNegZero = static_cast<int32_t>(0x80000000u);
+  bits = (bits & 0x7fffffff) > 0x7f800000 ? kNegInf : bits;  // NaN -> -inf
+  bits = bits == kNegZero ? 0 : bits;                        // -0 -> +0
+  return bits ^ ((bits >> 31) & 0x7fffffff);  // negatives: larger magnitude, smaller key
 }
 
+// How many of keys[0, n) are >= t. One pass of the threshold search below: the compiler
+// vectorizes it, with AVX2 in the second copy (called only after the run-time check).
+int CountAtLeast(const int32_t* keys, int n, int32_t t) {
+  int c = 0;
+  for (int i = 0; i < n; ++i) c += keys[i] >= t;
+  return c;
+}
+#if MEMPIPE_AVX2_KERNEL
+MEMPIPE_TARGET_AVX2 int CountAtLeastAvx2(const int32_t* keys, int n, int32_t t) {
+  int c = 0;
+  for (int i = 0; i < n; ++i) c += keys[i] >= t;
+  return c;
+}
+#endif
+
 // Writes to `out`, ascending, the `want` pages of [lo, hi) with the highest scores, ties to the
-// lower page index; returns `want`. Linear: the want-th largest key is found by a radix select
-// (four 8-bit digits, most significant first; after the first digit only the keys that share
-// the digits so far are revisited), then one ascending pass takes every page above it and the
-// first pages equal to it. `keys` and `candidates` are scratch.
-int TopPagesAscending(const float* scores, int lo, int hi, int want, std::vector<uint32_t>& keys,
-                      std::vector<uint32_t>& candidates, int32_t* out) {
-  if (want <= 0) return 0;
+// lower page index; returns `want` (or every page, with fewer). The want-th largest key t is
+// found by bisecting [min key, max key] on counts (count(>= t) >= want holds for the lower
+// end throughout; each step is one vectorized pass over the keys, and a threshold that leaves
+// exactly `want` keys at or above it ends the search early); then one ascending pass takes
+// every page above t and the first pages equal to it. `keys` is scratch.
+int TopPagesAscending(const float* scores, int lo, int hi, int want, std::vector<int32_t>& keys,
+                      int32_t* out) {
   const int n = hi - lo;
+  if (want <= 0 || n <= 0) return 0;
+  if (want >= n) {
+    for (int i = 0; i < n; ++i) out[i] = lo + i;
+    return n;
+  }
   keys.resize(n);
-  for (int i = 0; i < n; ++i) keys[i] = RankKey(scores[lo + i]);
-  uint32_t prefix = 0;  // digits of the threshold found so far
-  int need = want;      // how many of the keys sharing `prefix` still belong to the top
-  const std::vector<uint32_t>* pool = &keys;
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    const uint32_t high_mask = shift == 24 ? 0u : ~((uint32_t{1} << (shift + 8)) - 1);
-    int hist[256] = {};
-    for (uint32_t key : *pool) {
-      if ((key & high_mask) == prefix) ++hist[(key >> shift) & 255];
+  int32_t* k = keys.data();
+  int32_t mn = std::numeric_limits<int32_t>::max(), mx = std::numeric_limits<int32_t>::min();
+  for (int i = 0; i < n; ++i) {
+    k[i] = RankKey(scores[lo + i]);
+    mn = std::min(mn, k[i]);
+    mx = std::max(mx, k[i]);
+  }
+  auto count = &CountAtLeast;
+#if MEMPIPE_AVX2_KERNEL
+  if (UseAvx2Kernel() || UseAvx512Kernel()) count = &CountAtLeastAvx2;
+#endif
+  int64_t a = mn, b = mx;  // t lies in [a, b]; count(>= a) >= want
+  int64_t take_from = 0;   // every key >= take_from is taken ...
+  int ties = 0;            // ... and the first `ties` keys equal to a
+  for (;;) {
+    if (a == b) {
+      take_from = a + 1;
+      ties = want - (a < mx ? count(k, n, static_cast<int32_t>(a + 1)) : 0);
+      break;
     }
-    int digit = 255;
-    for (; digit > 0 && hist[digit] < need; --digit) need -= hist[digit];
-    prefix |= static_cast<uint32_t>(digit) << shift;
-    if (shift == 24) {  // revisit only the keys with this top digit
-      candidates.clear();
-      for (uint32_t key : keys) {
-        if ((key >> 24) == static_cast<uint32_t>(digit)) candidates.push_back(key);
-      }
-      pool = &candidates;
+    const int64_t mid = a + (b - a + 1) / 2;
+    const int c = count(k, n, static_cast<int32_t>(mid));
+    if (c == want) {  // exactly the keys >= mid
+      take_from = mid;
+      break;
+    }
+    if (c > want) {
+      a = mid;
+    } else {
+      b = mid - 1;
     }
   }
-  // prefix is the want-th largest key; `need` of the pages equal to it are taken.
   int c = 0;
   for (int i = 0; i < n && c < want; ++i) {
-    if (keys[i] > prefix || (keys[i] == prefix && need-- > 0)) out[c++] = lo + i;
+    if (k[i] >= take_from || (k[i] == a && ties-- > 0)) out[c++] = lo + i;
   }
   return c;
 }
 
-}  // namespace
-
-absl::Status SelectPages(const float* scores, const BlockTableView& table, int block_size,
-                         int num_kv_heads, const SelectionConfig& config, const SelectionView& out,
-                         int num_threads) {
+// What SelectPages checks besides the scores: the config (flat), the selection's pointers and
+// shape, and every seq_len inside [1, the table's width].
+absl::Status ValidateSelectInputs(const BlockTableView& table, int block_size, int num_kv_heads,
+                                  const SelectionConfig& config, const SelectionView& out) {
   MEMPIPE_RETURN_IF_ERROR(ValidateSelectionConfig(config, block_size));
   MEMPIPE_RETURN_IF_ERROR(RequireFlatSelection(config, "SelectPages (one score per page)"));
-  if (scores == nullptr || out.pages == nullptr || out.counts == nullptr) {
-    return absl::InvalidArgumentError("scores and selection pointers must not be null");
+  if (out.pages == nullptr || out.counts == nullptr) {
+    return absl::InvalidArgumentError("selection pointers must not be null");
   }
   if (table.seq_lens == nullptr || table.num_seqs <= 0) {
     return absl::InvalidArgumentError(
@@ -136,30 +170,52 @@ absl::Status SelectPages(const float* scores, const BlockTableView& table, int b
                        static_cast<int64_t>(table.max_blocks_per_seq) * block_size, "]"));
     }
   }
+  return absl::OkStatus();
+}
 
+// Selects row (s, h) of `out` from that row's scores (`table.max_blocks_per_seq` of them, s's
+// pages first). `keys` is scratch.
+void SelectRow(const float* row_scores, const BlockTableView& table, int block_size,
+               const SelectionConfig& config, const SelectionView& out, int s, int h,
+               std::vector<int32_t>& keys) {
+  const int k = config.PagesPerHead(block_size);
+  const int n = NumPages(table.seq_lens[s], block_size);
+  int32_t* row = out.Row(s, h);
+  std::fill(row, row + out.max_selected, -1);
+  if (n <= k) {
+    std::iota(row, row + n, 0);
+    out.Count(s, h) = n;
+    return;
+  }
+  const int lo = config.num_sink_pages;
+  const int hi = n - config.num_local_pages;  // middle pages are [lo, hi)
+  const int want = k - config.num_sink_pages - config.num_local_pages;
+  int c = 0;
+  for (int p = 0; p < lo; ++p) row[c++] = p;
+  c += TopPagesAscending(row_scores, lo, hi, want, keys, row + c);
+  for (int p = hi; p < n; ++p) row[c++] = p;
+  out.Count(s, h) = c;
+}
+
+const float* RowScores(const float* scores, const BlockTableView& table, int num_kv_heads, int s,
+                       int h) {
+  return scores + (static_cast<size_t>(s) * num_kv_heads + h) * table.max_blocks_per_seq;
+}
+
+}  // namespace
+
+absl::Status SelectPages(const float* scores, const BlockTableView& table, int block_size,
+                         int num_kv_heads, const SelectionConfig& config, const SelectionView& out,
+                         int num_threads) {
+  if (scores == nullptr) return absl::InvalidArgumentError("scores pointer must not be null");
+  MEMPIPE_RETURN_IF_ERROR(ValidateSelectInputs(table, block_size, num_kv_heads, config, out));
   // Each (sequence, KV head) row is selected on its own: a range of them per thread, each
   // range with its own scratch.
   ForEachSeqHeads(table.num_seqs, num_kv_heads, num_threads, [&](int s, int h0, int h1) {
-    std::vector<uint32_t> keys, candidates;
-    const int n = NumPages(table.seq_lens[s], block_size);
+    std::vector<int32_t> keys;
     for (int h = h0; h < h1; ++h) {
-      int32_t* row = out.Row(s, h);
-      std::fill(row, row + out.max_selected, -1);
-      if (n <= k) {
-        std::iota(row, row + n, 0);
-        out.Count(s, h) = n;
-        continue;
-      }
-      const float* sc =
-          scores + (static_cast<size_t>(s) * num_kv_heads + h) * table.max_blocks_per_seq;
-      const int lo = config.num_sink_pages;
-      const int hi = n - config.num_local_pages;  // middle pages are [lo, hi)
-      const int want = k - config.num_sink_pages - config.num_local_pages;
-      int c = 0;
-      for (int p = 0; p < lo; ++p) row[c++] = p;
-      c += TopPagesAscending(sc, lo, hi, want, keys, candidates, row + c);
-      for (int p = hi; p < n; ++p) row[c++] = p;
-      out.Count(s, h) = c;
+      SelectRow(RowScores(scores, table, num_kv_heads, s, h), table, block_size, config, out, s, h,
+                keys);
     }
   });
   return absl::OkStatus();
@@ -230,12 +286,17 @@ absl::Status ScoreAndSelect(const QueryView& query, const KvCacheView& cache,
     MEMPIPE_RETURN_IF_ERROR(BuildSuperDigests(digests, table, cache.block_size, f, super.view()));
     return SelectHierarchical(query, cache, digests, super.view(), table, config, out);
   }
+  MEMPIPE_RETURN_IF_ERROR(
+      ValidateSelectInputs(table, cache.block_size, cache.num_kv_heads, config, out));
+  // Each row is selected where its scan ends, in the same parallel call (ComputeRelevancyThen).
   std::vector<float> scores(static_cast<size_t>(table.num_seqs) * cache.num_kv_heads *
                             std::max(table.max_blocks_per_seq, 0));
-  MEMPIPE_RETURN_IF_ERROR(ComputeRelevancy(query, cache, digests, table, config.aggregation,
-                                           scores.data(), num_threads));
-  return SelectPages(scores.data(), table, cache.block_size, cache.num_kv_heads, config, out,
-                     num_threads);
+  return ComputeRelevancyThen(query, cache, digests, table, config.aggregation, scores.data(),
+                              num_threads, [&](int s, int h) {
+                                thread_local std::vector<int32_t> keys;
+                                SelectRow(RowScores(scores.data(), table, cache.num_kv_heads, s, h),
+                                          table, cache.block_size, config, out, s, h, keys);
+                              });
 }
 
 }  // namespace mempipe

@@ -13,7 +13,8 @@
 // the access pattern allows on this machine. Where a kernel's reads fit in half the last-level
 // cache, it times that kernel on one layer over and over (from cache: the ceiling its arithmetic
 // sets); and it sets the kernels' multiply-adds beside the cores' measured FMA rate
-// (MeasureFmaRate).
+// (MeasureFmaRate). Steps 2 and 3 are timed apart, then together as ScoreAndSelect runs them (one
+// parallel call, each row selected where its scan ends).
 //
 //   mempipe-cpu-kernel-bench                                   # Llama-3-8B layer, bf16, 32K
 //   mempipe-cpu-kernel-bench --threads=1 --cpu_kernel=portable
@@ -230,6 +231,7 @@ int Run() {
   enum Kernel {
     kRel,
     kTop,
+    kSel,
     kSparse,
     kDense,
     kSparseRows,
@@ -289,6 +291,15 @@ int Run() {
             [&] { status.Update(SelectPages(scores.data(), tv, bs, kv, config, sel, threads)); });
     }
     bracket({kRel, kTop});
+    // Both steps as the cpu selector runs them: each row selected where its scan ends, in one
+    // parallel call (ComputeRelevancyThen). Its own pass over the layers: every layer's
+    // digests come from DRAM, as the scan's above.
+    for (int l = 0; l < layers; ++l) {
+      digest.data = digest_mem[l].get();
+      timed(kSel,
+            [&] { status.Update(ScoreAndSelect(qv, cache, digest, tv, config, sel, threads)); });
+    }
+    bracket({kSel});
     for (int l = 0; l < layers; ++l) {
       cache.data = kv_mem[l].get();
       timed(kSparse, [&] { status.Update(SparseDecode(io, cache, tv, page_list, scale)); });
@@ -398,6 +409,8 @@ int Run() {
         kRel);
     std::printf("  %-34s %8.3f ms  (over the (sequence, KV head) rows)\n",
                 on_wall ? "top-k (SelectPages), wall" : "top-k (SelectPages)", ms[kTop]);
+    row(on_wall ? "scan + top-k, one call, wall" : "scan + top-k, one call", digest.NumBytes(),
+        kSel);
     row(on_wall ? "sparse attention, wall" : "sparse attention (selected K/V)", sparse_bytes,
         kSparse);
     row(on_wall ? "dense attention, wall" : "dense attention (all K/V)", cache.NumBytes(), kDense);

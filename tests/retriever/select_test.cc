@@ -1,6 +1,7 @@
 #include "retriever/select.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -9,6 +10,7 @@
 #include <tuple>
 #include <vector>
 
+#include "core/cpu_kernel.h"
 #include "gtest/gtest.h"
 #include "retriever/relevancy.h"
 #include "tests/testing/paged_fixture.h"
@@ -178,6 +180,152 @@ TEST(SelectPages, MatchesSortReferenceWithTiesAndEdgeLengths) {
   }
 }
 
+// The host kernels SelectPages' threshold search can run with (its counting pass has an AVX2
+// copy, taken under the avx2, avx512 and avx512-bf16 kernels; the portable one otherwise).
+std::vector<CpuKernel> AvailableKernels() {
+  std::vector<CpuKernel> kernels;
+  for (CpuKernel k : {CpuKernel::kPortable, CpuKernel::kAvx2, CpuKernel::kAvx512}) {
+    if (CpuKernelAvailable(k)) kernels.push_back(k);
+  }
+  return kernels;
+}
+
+// Continuous scores of every shape a threshold search can get wrong, on long rows (up to 3,000
+// pages, up to 400 chosen) and with every kernel's counting pass: normal scores of mixed sign,
+// all-positive and all-negative rows (the keys' sign bit shared), scores rising or falling
+// with the page (the position and its reverse), a constant row (all ties: the lowest pages),
+// two values only, and huge magnitudes next to denormals. Each row equals the sort
+// reference. The same rows are shown to separate the right answer from three known-wrong
+// ones: the pages by position only (the first middle pages), a selection that drops its
+// last-chosen page for the next-best one, and one that breaks ties toward the higher page.
+TEST(SelectPages, MatchesSortReferenceOnLongContinuousRowsWithEveryKernel) {
+  std::mt19937_64 rng(TestSeed());
+  const int block_size = 16, kv_heads = 1;
+  int by_position_differs = 0, dropped_differs = 0, high_ties_differs = 0;
+  for (CpuKernel kernel : AvailableKernels()) {
+    ASSERT_TRUE(SetCpuKernel(kernel).ok());
+    for (int trial = 0; trial < 80; ++trial) {
+      std::uniform_int_distribution<int> n_dist(3, 3000);
+      const int n = n_dist(rng);
+      std::uniform_int_distribution<int> k_dist(2, std::max(2, std::min(n - 1, 400)));
+      SelectionConfig cfg;
+      cfg.num_sink_pages = trial % 3 == 0 ? 0 : 1;
+      cfg.num_local_pages = 1;
+      const int k = std::max(k_dist(rng), cfg.num_sink_pages + cfg.num_local_pages);
+      cfg.budget_tokens = k * block_size;
+      std::vector<float> sc(n);
+      std::normal_distribution<float> normal(0.0f, 3.0f);
+      const int shape = trial % 8;
+      for (int p = 0; p < n; ++p) {
+        const float z = normal(rng);
+        switch (shape) {
+          case 0:
+            sc[p] = z;
+            break;
+          case 1:
+            sc[p] = std::fabs(z) + 1.0f;
+            break;
+          case 2:
+            sc[p] = -std::fabs(z) - 1e-3f;
+            break;
+          case 3:
+            sc[p] = static_cast<float>(p) * 0.25f + 0.01f * z;
+            break;
+          case 4:
+            sc[p] = static_cast<float>(n - p) + 0.01f * z;
+            break;
+          case 5:
+            sc[p] = 2.5f;
+            break;
+          case 6:
+            sc[p] = z > 0 ? 1.0f : -1.0f;
+            break;
+          default:
+            sc[p] = z > 0 ? z * 1e30f : z * 1e-40f;
+            break;
+        }
+      }
+      std::vector<int32_t> lens = {n * block_size}, table(n, 0);
+      std::vector<int32_t> pages(k, 77), counts(1, 77);
+      const BlockTableView tv{table.data(), lens.data(), 1, n};
+      const SelectionView out{pages.data(), counts.data(), 1, kv_heads, k};
+      ASSERT_TRUE(SelectPages(sc.data(), tv, block_size, kv_heads, cfg, out).ok());
+      const auto ref = ReferenceSelect(sc.data(), n, cfg, k);
+      ASSERT_EQ(counts[0], static_cast<int>(ref.size()));
+      for (size_t i = 0; i < ref.size(); ++i) {
+        ASSERT_EQ(pages[i], ref[i]) << CpuKernelName(kernel) << " trial " << trial << " shape "
+                                    << shape << " n " << n << " k " << k << " slot " << i;
+      }
+      if (n <= k) continue;
+      // The known-wrong answers, each built from the reference's own rule with one fault.
+      const int lo = cfg.num_sink_pages, hi = n - cfg.num_local_pages;
+      const int want = k - lo - cfg.num_local_pages;
+      std::vector<int> middle(hi - lo);
+      std::iota(middle.begin(), middle.end(), lo);
+      auto pick = [&](std::vector<int> chosen) {
+        std::vector<int> r(chosen);
+        for (int p = 0; p < lo; ++p) r.push_back(p);
+        for (int p = hi; p < n; ++p) r.push_back(p);
+        std::sort(r.begin(), r.end());
+        return r;
+      };
+      by_position_differs += pick(std::vector<int>(middle.begin(), middle.begin() + want)) != ref;
+      std::vector<int> ranked(middle);
+      std::stable_sort(ranked.begin(), ranked.end(), [&](int a, int b) { return sc[a] > sc[b]; });
+      if (want < static_cast<int>(ranked.size())) {
+        std::vector<int> dropped(ranked.begin(), ranked.begin() + want);
+        dropped.back() = ranked[want];
+        dropped_differs += pick(dropped) != ref;
+      }
+      std::vector<int> high(middle);
+      std::stable_sort(high.begin(), high.end(),
+                       [&](int a, int b) { return sc[a] > sc[b] || (sc[a] == sc[b] && a > b); });
+      high_ties_differs += pick(std::vector<int>(high.begin(), high.begin() + want)) != ref;
+    }
+  }
+  ASSERT_TRUE(SetCpuKernel(CpuKernel::kAuto).ok());
+  EXPECT_GT(by_position_differs, 0) << "the rows never separate a position-only selection";
+  EXPECT_GT(dropped_differs, 0) << "the rows never separate a dropped page";
+  EXPECT_GT(high_ties_differs, 0) << "the rows never separate ties broken toward the higher page";
+}
+
+// ComputeRelevancyThen calls row_done once per (sequence, KV head) row, when the whole row is
+// written: the row's scores seen inside the callback equal the finished scores, on one thread
+// and on more threads than rows (each row's pages split into chunks, the last chunk to finish
+// calling it). A callback run after the first chunk instead would see the poison.
+TEST(ComputeRelevancyThen, RowDoneSeesEveryFinishedRowOnce) {
+  std::mt19937_64 rng(TestSeed());
+  const int block_size = 16, kv_heads = 3, head_dim = 64, group = 3;
+  const std::vector<int> lens = {90 * block_size + 7, 5 * block_size, 64 * block_size};
+  DigestedBatch b(rng, DType::kBFloat16, block_size, kv_heads, head_dim, group, lens);
+  const BlockTableView tv = b.f.table_view();
+  const size_t width = tv.max_blocks_per_seq, rows = lens.size() * kv_heads;
+  std::vector<float> want(rows * width);
+  ASSERT_TRUE(ComputeRelevancy(b.qv, b.f.cache_view(), b.f.digest_view(), tv,
+                               GroupAggregation::kMax, want.data(), 1)
+                  .ok());
+  for (int threads : {1, 2, 7, 64}) {
+    std::vector<float> scores(rows * width, std::numeric_limits<float>::quiet_NaN());
+    std::vector<std::vector<float>> seen(rows);
+    std::vector<std::atomic<int>> calls(rows);
+    ASSERT_TRUE(ComputeRelevancyThen(b.qv, b.f.cache_view(), b.f.digest_view(), tv,
+                                     GroupAggregation::kMax, scores.data(), threads,
+                                     [&](int s, int h) {
+                                       const size_t r = static_cast<size_t>(s) * kv_heads + h;
+                                       calls[r].fetch_add(1);
+                                       seen[r].assign(scores.begin() + r * width,
+                                                      scores.begin() + (r + 1) * width);
+                                     })
+                    .ok());
+    for (size_t r = 0; r < rows; ++r) {
+      ASSERT_EQ(calls[r].load(), 1) << threads << " threads, row " << r;
+      ASSERT_EQ(0, std::memcmp(seen[r].data(), &want[r * width], width * sizeof(float)))
+          << threads << " threads: row " << r << " was not finished when row_done ran";
+    }
+    ASSERT_EQ(0, std::memcmp(scores.data(), want.data(), want.size() * sizeof(float)));
+  }
+}
+
 // ScoreAndSelect (relevancy then selection, both on the host threads) gives the one-thread
 // selection for any thread count, and that selection is not trivial: the middle pages it
 // chose differ between heads (a split that computed one row and copied it, or left rows to
@@ -205,6 +353,19 @@ TEST(ScoreAndSelect, SameSelectionForAnyThreadCount) {
     return pages;
   };
   const std::vector<int32_t> one = run(1);
+  {  // the two steps apart (scores, then SelectPages) give the same selection
+    std::vector<float> scores(lens.size() * kv_heads * f.table_view().max_blocks_per_seq);
+    ASSERT_TRUE(ComputeRelevancy(qv, f.cache_view(), f.digest_view(), f.table_view(),
+                                 cfg.aggregation, scores.data())
+                    .ok());
+    std::vector<int32_t> pages(lens.size() * kv_heads * k, 77);
+    std::vector<int32_t> counts(lens.size() * kv_heads, 77);
+    const SelectionView out{pages.data(), counts.data(), static_cast<int>(lens.size()), kv_heads,
+                            k};
+    ASSERT_TRUE(SelectPages(scores.data(), f.table_view(), block_size, kv_heads, cfg, out).ok());
+    pages.insert(pages.end(), counts.begin(), counts.end());
+    EXPECT_EQ(pages, one) << "ScoreAndSelect differs from ComputeRelevancy + SelectPages";
+  }
   std::vector<int32_t> middle_h0(one.begin() + 1, one.begin() + k - 1);
   std::vector<int32_t> middle_h1(one.begin() + k + 1, one.begin() + 2 * k - 1);
   EXPECT_NE(middle_h0, middle_h1) << "heads 0 and 1 of sequence 0 chose the same middle pages";
