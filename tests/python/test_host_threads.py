@@ -116,7 +116,6 @@ def test_torch_team_gives_the_one_thread_bits_on_several_threads(gen, kind, dtyp
 
 
 @needs_openmp
-@needs_openmp
 def test_decode_calls_run_on_a_team_of_several_openmp_threads(gen):
     """Each call runs on a team of torch's runtime as large as the largest any call has asked for
     (the runtime's own omp_get_num_threads inside the region; libgomp forms its team again when the
