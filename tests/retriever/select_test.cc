@@ -272,7 +272,7 @@ TEST(SelectPages, MatchesSortReferenceOnLongContinuousRowsWithEveryKernel) {
       by_position_differs += pick(std::vector<int>(middle.begin(), middle.begin() + want)) != ref;
       std::vector<int> ranked(middle);
       std::stable_sort(ranked.begin(), ranked.end(), [&](int a, int b) { return sc[a] > sc[b]; });
-      if (want < static_cast<int>(ranked.size())) {
+      if (want >= 1 && want < static_cast<int>(ranked.size())) {  // a page to drop, one to add
         std::vector<int> dropped(ranked.begin(), ranked.begin() + want);
         dropped.back() = ranked[want];
         dropped_differs += pick(dropped) != ref;
