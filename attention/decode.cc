@@ -1722,12 +1722,24 @@ class DecodeChunks {
     }
   }
 
-  int chunks() const { return first_[io_.num_seqs]; }
+  // One chunk per sequence, every sequence's entries at most one chunk (SparseDecodeRow): no
+  // per-sequence table, so a call for one row costs nothing per sequence of the batch.
+  struct OnePerSequence {};
+  DecodeChunks(const DecodeIo& io, const KvCacheView& cache, OnePerSequence, bool write_output)
+      : io_(io),
+        kv_heads_(cache.num_kv_heads),
+        groups_(io.num_heads / cache.num_kv_heads),
+        chunk_pages_(std::max(1, kDecodeChunkTokens / cache.block_size)),
+        write_output_(write_output),
+        one_per_sequence_(true) {}
+
+  int chunks() const { return one_per_sequence_ ? io_.num_seqs : first_[io_.num_seqs]; }
   int SeqOf(int u) const {
+    if (one_per_sequence_) return u;
     return static_cast<int>(std::upper_bound(first_.begin(), first_.end(), u) - first_.begin() - 1);
   }
   // Entries [Begin, End) of chunk u (of sequence s) in a list of `count`.
-  int Begin(int u, int s) const { return (u - first_[s]) * chunk_pages_; }
+  int Begin(int u, int s) const { return one_per_sequence_ ? 0 : (u - first_[s]) * chunk_pages_; }
   int End(int u, int s, int count) const { return std::min(count, Begin(u, s) + chunk_pages_); }
 
   // The output of KV head h for chunk u: the result itself for a sequence of one chunk, else the
@@ -1735,7 +1747,7 @@ class DecodeChunks {
   template <typename H>
   void Finish(H& heads, int i, int u, int s, int h) {
     const size_t row = static_cast<size_t>(s) * io_.num_heads + h * groups_;
-    if (first_[s + 1] - first_[s] == 1) {
+    if (one_per_sequence_ || first_[s + 1] - first_[s] == 1) {
       heads.Store(i, io_, row);
       return;
     }
@@ -1780,6 +1792,7 @@ class DecodeChunks {
   const DecodeIo& io_;
   int kv_heads_, groups_, chunk_pages_;
   bool write_output_;
+  bool one_per_sequence_ = false;
   std::vector<int> first_;          // sequence s owns chunks [first_[s], first_[s + 1])
   std::vector<float> acc_, m_, l_;  // [chunk, num_heads, D], [chunk, num_heads]
   std::unique_ptr<std::atomic<int>[]> pending_;  // [num_seqs, kv_heads] chunks not finished
@@ -1934,16 +1947,13 @@ void DenseImpl(const DecodeIo& io, const KvCacheView& cache, const BlockTableVie
 // item's last one is the next item's first, so the AVX-512 kernel's prefetch (NextPage) runs
 // on across items and only the range's first page is read cold; by items (ForEachSeqHeads) the
 // first page of every item was, one in 16 of SmolLM2's 4 x 6K at budget 512.
+//
+// SparseRange runs items [first, last) of `chunks`' split on the calling thread; it reads only
+// those items' page lists.
 template <template <typename> class Heads, typename T>
-void SparseImpl(const DecodeIo& io, const KvCacheView& cache, const BlockTableView& table,
-                const PageList& pages, float scale, int groups) {
-  DecodeChunks chunks(
-      io, cache,
-      [&](int s) {
-        const int32_t* c = pages.counts + static_cast<size_t>(s) * pages.num_kv_heads;
-        return *std::max_element(c, c + pages.num_kv_heads);
-      },
-      Heads<T>::kWritesOutput);
+void SparseRange(const DecodeIo& io, const KvCacheView& cache, const BlockTableView& table,
+                 const PageList& pages, float scale, int groups, DecodeChunks& chunks,
+                 int64_t first, int64_t last) {
   const int kv_heads = cache.num_kv_heads;
   struct Item {
     int u = 0, s = 0, h = 0;
@@ -1967,52 +1977,65 @@ void SparseImpl(const DecodeIo& io, const KvCacheView& cache, const BlockTableVi
     return x;
   };
   const int bs = cache.block_size;
-  [[maybe_unused]] const bool use_stream = ActiveDecodeReadAhead() == DecodeReadAhead::kStream;
-  ForEachItemRange(
-      static_cast<int64_t>(chunks.chunks()) * kv_heads, io.num_threads,
-      [&](int64_t first, int64_t last) {
-        Heads<T> heads(1, groups, io.head_dim, bs, scale, /*stage_rows=*/true);
+  Heads<T> heads(1, groups, io.head_dim, bs, scale, /*stage_rows=*/true);
 #if MEMPIPE_AVX512_KERNEL
-        if constexpr (ReadsAhead<Heads<T>>::value) {
-          thread_local ReadAhead ahead;
-          if (use_stream) {  // one slot; each item's end flushes its batch
-            ReadAheadPlanner<T> plan(cache, Heads<T>::BatchCapacity(bs), 1, ahead);
-            for (int64_t it = first; it < last; ++it) {
-              const Item x = item(it);
-              for (int e = x.begin; e < x.end; ++e) {
-                plan.Page(0, x.Block(table, e), x.h, x.Tokens(table, bs, e));
-              }
-              plan.Values(0);
-            }
-            plan.Start();
-            heads.ReadAheadWith(&ahead);
-          }
+  if constexpr (ReadsAhead<Heads<T>>::value) {
+    thread_local ReadAhead ahead;
+    if (ActiveDecodeReadAhead() == DecodeReadAhead::kStream) {  // one slot; each item's end
+                                                                // flushes its batch
+      ReadAheadPlanner<T> plan(cache, Heads<T>::BatchCapacity(bs), 1, ahead);
+      for (int64_t it = first; it < last; ++it) {
+        const Item x = item(it);
+        for (int e = x.begin; e < x.end; ++e) {
+          plan.Page(0, x.Block(table, e), x.h, x.Tokens(table, bs, e));
         }
+        plan.Values(0);
+      }
+      plan.Start();
+      heads.ReadAheadWith(&ahead);
+    }
+  }
 #endif
-        Item cur = item(first);
-        for (int64_t it = first; it < last; ++it) {
-          const Item next = it + 1 < last ? item(it + 1) : Item{};  // an empty Item: none
-          heads.Begin(0, io, static_cast<size_t>(cur.s) * io.num_heads + cur.h * groups);
-          for (int e = cur.begin; e < cur.end; ++e) {
-            const int block = cur.Block(table, e), n = cur.Tokens(table, bs, e);
-            if constexpr (Heads<T>::kPrefetchesNext) {
-              if (e + 1 < cur.end) {
-                heads.AddPage(cache, block, cur.h, 0, n, cur.Block(table, e + 1),
-                              cur.Tokens(table, bs, e + 1));
-              } else if (next.begin < next.end) {
-                heads.AddPage(cache, block, cur.h, 0, n, next.Block(table, next.begin),
-                              next.Tokens(table, bs, next.begin), next.h);
-              } else {
-                heads.AddPage(cache, block, cur.h, 0, n);
-              }
-            } else {
-              heads.AddPage(cache, block, cur.h, 0, n);
-            }
-          }
-          chunks.Finish(heads, 0, cur.u, cur.s, cur.h);
-          cur = next;
+  Item cur = item(first);
+  for (int64_t it = first; it < last; ++it) {
+    const Item next = it + 1 < last ? item(it + 1) : Item{};  // an empty Item: none
+    heads.Begin(0, io, static_cast<size_t>(cur.s) * io.num_heads + cur.h * groups);
+    for (int e = cur.begin; e < cur.end; ++e) {
+      const int block = cur.Block(table, e), n = cur.Tokens(table, bs, e);
+      if constexpr (Heads<T>::kPrefetchesNext) {
+        if (e + 1 < cur.end) {
+          heads.AddPage(cache, block, cur.h, 0, n, cur.Block(table, e + 1),
+                        cur.Tokens(table, bs, e + 1));
+        } else if (next.begin < next.end) {
+          heads.AddPage(cache, block, cur.h, 0, n, next.Block(table, next.begin),
+                        next.Tokens(table, bs, next.begin), next.h);
+        } else {
+          heads.AddPage(cache, block, cur.h, 0, n);
         }
-      });
+      } else {
+        heads.AddPage(cache, block, cur.h, 0, n);
+      }
+    }
+    chunks.Finish(heads, 0, cur.u, cur.s, cur.h);
+    cur = next;
+  }
+}
+
+template <template <typename> class Heads, typename T>
+void SparseImpl(const DecodeIo& io, const KvCacheView& cache, const BlockTableView& table,
+                const PageList& pages, float scale, int groups) {
+  DecodeChunks chunks(
+      io, cache,
+      [&](int s) {
+        const int32_t* c = pages.counts + static_cast<size_t>(s) * pages.num_kv_heads;
+        return *std::max_element(c, c + pages.num_kv_heads);
+      },
+      Heads<T>::kWritesOutput);
+  ForEachItemRange(static_cast<int64_t>(chunks.chunks()) * cache.num_kv_heads, io.num_threads,
+                   [&](int64_t first, int64_t last) {
+                     SparseRange<Heads, T>(io, cache, table, pages, scale, groups, chunks, first,
+                                           last);
+                   });
 }
 
 template <template <typename> class Heads, typename T>
@@ -2122,6 +2145,52 @@ absl::Status SparseDecode(const DecodeIo& io, const KvCacheView& cache, const Bl
   const int groups = io.num_heads / cache.num_kv_heads;
   WithKernel(cache.dtype, [&]<template <typename> class Heads, typename T>() {
     SparseImpl<Heads, T>(io, cache, table, pages, scale, groups);
+  });
+  return absl::OkStatus();
+}
+
+absl::Status SparseDecodeRow(const DecodeIo& io, const KvCacheView& cache,
+                             const BlockTableView& table, const PageList& pages, float scale, int s,
+                             int h) {
+  if (s < 0 || s >= io.num_seqs || h < 0 || h >= cache.num_kv_heads) {
+    return absl::InvalidArgumentError(absl::StrCat("row (sequence ", s, ", KV head ", h,
+                                                   ") is outside [0, ", io.num_seqs, ") x [0, ",
+                                                   cache.num_kv_heads, ")"));
+  }
+  if (pages.pages == nullptr || pages.counts == nullptr ||
+      pages.num_kv_heads != cache.num_kv_heads) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("page list needs pages and counts over the cache's ", cache.num_kv_heads,
+                     " KV heads, got ", pages.num_kv_heads));
+  }
+  // One chunk per sequence (entries of 1 page): each row's item attends all its pages at once.
+  const int chunk_pages = std::max(1, kDecodeChunkTokens / cache.block_size);
+  const size_t row = static_cast<size_t>(s) * pages.num_kv_heads + h;
+  const int count = pages.counts[row];
+  const int n = NumPages(table.seq_lens[s], cache.block_size);
+  if (count < 1 || count > pages.max_selected) {
+    return absl::InvalidArgumentError(absl::StrCat("count of sequence ", s, " head ", h, " is ",
+                                                   count, "; must be in [1, ", pages.max_selected,
+                                                   "]"));
+  }
+  if (count > chunk_pages) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "row (", s, ", ", h, ") selects ", count, " pages, more than one decode chunk (",
+        chunk_pages, " pages of ", cache.block_size, " tokens): use SparseDecode"));
+  }
+  const int32_t* list = pages.pages + row * pages.max_selected;
+  for (int i = 0; i < count; ++i) {
+    if (list[i] < 0 || list[i] >= n || (i > 0 && list[i] <= list[i - 1])) {
+      return absl::InvalidArgumentError(absl::StrCat("page ", i, " of sequence ", s, " head ", h,
+                                                     " is ", list[i],
+                                                     ": pages must ascend inside [0, ", n, ")"));
+    }
+  }
+  const int groups = io.num_heads / cache.num_kv_heads;
+  WithKernel(cache.dtype, [&]<template <typename> class Heads, typename T>() {
+    DecodeChunks chunks(io, cache, DecodeChunks::OnePerSequence{}, Heads<T>::kWritesOutput);
+    const int64_t item = static_cast<int64_t>(s) * cache.num_kv_heads + h;
+    SparseRange<Heads, T>(io, cache, table, pages, scale, groups, chunks, item, item + 1);
   });
   return absl::OkStatus();
 }

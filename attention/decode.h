@@ -75,6 +75,18 @@ struct PageList {
                                         const BlockTableView& table, const PageList& pages,
                                         float scale);
 
+// One (sequence s, KV head h) of SparseDecode, on the calling thread: the query heads of KV head
+// h attend the pages of row (s, h) of `pages`, and only their rows of io.out are written, with
+// SparseDecode's arithmetic (the same bits). It reads no other row of `pages`, so a caller can
+// run it for each row inside its own parallel call as soon as that row is selected
+// (backend/host_sparse_layer.h). Checks the row: its count in [1, max_selected], its pages
+// ascending inside the sequence (InvalidArgument), and at most one decode chunk of pages,
+// kDecodeChunkTokens / block_size (FailedPrecondition: a longer row needs SparseDecode's split).
+// io, the cache and the table are not checked here: ValidateDecodeIo once, before the rows.
+[[nodiscard]] absl::Status SparseDecodeRow(const DecodeIo& io, const KvCacheView& cache,
+                                           const BlockTableView& table, const PageList& pages,
+                                           float scale, int s, int h);
+
 // What the AVX-512 or AVX2 kernel of DenseDecode (pages == nullptr) or SparseDecode reads, in
 // its order, thread split and prefetch, without its arithmetic or output: a benchmark's measure
 // of the rate the kernel's access pattern alone allows (mempipe-cpu-kernel-bench). Errors: those

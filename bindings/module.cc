@@ -12,6 +12,8 @@
 //                       budget=4096, sinks=1, locals=1, aggregation="max", num_threads=4)
 //   mp.sparse_decode(query, kv_cache, block_table, seq_lens, pages, counts, out, scale,
 //                    num_threads=4)
+//   mp.score_select_decode(query, kv_cache, digests, block_table, seq_lens, pages, counts, out,
+//                          scale, budget=512, num_threads=4)  # both, as one call (host tensors)
 // num_threads (CPU tensors; >= 1, default 1): host threads sharing the work (decode: chunks of a
 // sequence's pages per KV head; relevancy and selection: (sequence, KV head) rows). No result
 // depends on it.
@@ -64,6 +66,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "attention/decode.h"
+#include "backend/host_sparse_layer.h"
 #include "backend/policy.h"
 #include "backend/selection_offload.h"
 #include "bindings/dlpack_tensor.h"
@@ -787,6 +790,29 @@ void ScoreAndSelectPy(py::handle query, py::handle kv_cache, py::handle digests,
   RunReleased([&] { return ScoreAndSelect(qv, cache, dv, table, config, sel, threads); });
 }
 
+// Steps 2-4 of a sparse decode layer on host tensors in one call (backend/host_sparse_layer.h).
+void ScoreSelectDecodePy(py::handle query, py::handle kv_cache, py::handle digests,
+                         py::handle block_table, py::handle seq_lens, py::handle pages,
+                         py::handle counts, py::handle out, float scale, int budget, int sinks,
+                         int locals, const std::string& aggregation, int num_threads,
+                         const py::object& stream) {
+  auto q = Borrow(query, "query"), kv = BorrowCache(kv_cache),
+       bt = Borrow(block_table, "block_table"), lens = Borrow(seq_lens, "seq_lens"),
+       pg = Borrow(pages, "pages"), ct = Borrow(counts, "counts"), o = Borrow(out, "out");
+  const BorrowedDigests dg = BorrowDigests(digests);
+  const Target target = ResolveTarget({&q, &kv, &dg.data, &bt, &lens, &pg, &ct, &o}, stream);
+  NoGpuKernel(target, "score_select_decode",
+              "call score_and_select, then sparse_decode, on the device");
+  RequireDigestDevice(dg);
+  const KvCacheView cache = CacheView(kv, kv_cache);
+  const DigestView dv = DigestsView(dg, cache);
+  const BlockTableView table = TableView(bt, lens);
+  const DecodeIo io = IoView(q, o, num_threads);
+  const SelectionView sel = SelectionOf(pg, ct, table.num_seqs, cache.num_kv_heads);
+  const SelectionConfig config = ConfigOf(budget, sinks, locals, aggregation);
+  RunReleased([&] { return HostSparseLayer(io, cache, dv, table, config, sel, scale); });
+}
+
 void DenseDecodePy(py::handle query, py::handle kv_cache, py::handle block_table,
                    py::handle seq_lens, py::handle out, float scale, int num_threads,
                    const py::object& workspace, const py::object& stream,
@@ -1315,6 +1341,14 @@ PYBIND11_MODULE(_mempipe, m) {
         "workspace of select_workspace_bytes). when_zero= / when_nonzero=: an "
         "int32 [1] tensor; the call does nothing unless it is zero / non-zero (on the device: "
         "read by the kernels, no host sync).");
+  m.def("score_select_decode", &ScoreSelectDecodePy, arg("query"), arg("kv_cache"), arg("digests"),
+        arg("block_table"), arg("seq_lens"), arg("pages"), arg("counts"), arg("out"), arg("scale"),
+        py::kw_only(), arg("budget"), arg("sinks") = 1, arg("locals") = 1,
+        arg("aggregation") = "max", arg("num_threads") = 1, stream,
+        "Steps 2-4 of a sparse layer on host tensors: score_and_select into pages / counts, then "
+        "sparse_decode into out, as one parallel call on num_threads host threads where the "
+        "budget fits one decode chunk (decode_chunk_tokens()), each row attended where it is "
+        "selected; the same bits as the two calls. CUDA tensors: call those two instead.");
   m.def("dense_decode", &DenseDecodePy, arg("query"), arg("kv_cache"), arg("block_table"),
         arg("seq_lens"), arg("out"), arg("scale"), py::kw_only(), arg("num_threads") = 1, workspace,
         stream, when_zero, when_nonzero,

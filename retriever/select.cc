@@ -278,13 +278,27 @@ absl::Status ScoreAndSelect(const QueryView& query, const KvCacheView& cache,
                             const DigestView& digests, const BlockTableView& table,
                             const SelectionConfig& config, const SelectionView& out,
                             int num_threads) {
+  return ScoreAndSelectThen(query, cache, digests, table, config, out, num_threads,
+                            [](int, int) {});
+}
+
+absl::Status ScoreAndSelectThen(const QueryView& query, const KvCacheView& cache,
+                                const DigestView& digests, const BlockTableView& table,
+                                const SelectionConfig& config, const SelectionView& out,
+                                int num_threads,
+                                absl::FunctionRef<void(int s, int h)> row_selected) {
   MEMPIPE_RETURN_IF_ERROR(ValidateSelectionConfig(config, cache.block_size));
   if (!config.hierarchy.Flat()) {
     MEMPIPE_RETURN_IF_ERROR(ValidateDigests(cache, digests));
     const int f = config.hierarchy.pages_per_super_page;
     const SuperDigestBuffers super(digests, f);
     MEMPIPE_RETURN_IF_ERROR(BuildSuperDigests(digests, table, cache.block_size, f, super.view()));
-    return SelectHierarchical(query, cache, digests, super.view(), table, config, out);
+    MEMPIPE_RETURN_IF_ERROR(
+        SelectHierarchical(query, cache, digests, super.view(), table, config, out));
+    for (int s = 0; s < table.num_seqs; ++s) {
+      for (int h = 0; h < cache.num_kv_heads; ++h) row_selected(s, h);
+    }
+    return absl::OkStatus();
   }
   MEMPIPE_RETURN_IF_ERROR(
       ValidateSelectInputs(table, cache.block_size, cache.num_kv_heads, config, out));
@@ -296,6 +310,7 @@ absl::Status ScoreAndSelect(const QueryView& query, const KvCacheView& cache,
                                 thread_local std::vector<int32_t> keys;
                                 SelectRow(RowScores(scores.data(), table, cache.num_kv_heads, s, h),
                                           table, cache.block_size, config, out, s, h, keys);
+                                row_selected(s, h);
                               });
 }
 

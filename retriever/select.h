@@ -14,6 +14,7 @@
 
 #include <cstdint>
 
+#include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
 #include "core/paged_kv.h"
@@ -94,6 +95,17 @@ struct SelectionView {
                                           const DigestView& digests, const BlockTableView& table,
                                           const SelectionConfig& config, const SelectionView& out,
                                           int num_threads = 1);
+
+// ScoreAndSelect, then `row_selected(s, h)` once for every (sequence s, KV head h), as soon as
+// row (s, h) of `out` is written: with a flat config on the thread that selected it, inside the
+// same parallel call (backend/host_sparse_layer.h attends each row there); with a hierarchical
+// one after the whole selection, row by row on the calling thread. It must not throw.
+[[nodiscard]] absl::Status ScoreAndSelectThen(const QueryView& query, const KvCacheView& cache,
+                                              const DigestView& digests,
+                                              const BlockTableView& table,
+                                              const SelectionConfig& config,
+                                              const SelectionView& out, int num_threads,
+                                              absl::FunctionRef<void(int s, int h)> row_selected);
 
 }  // namespace mempipe
 

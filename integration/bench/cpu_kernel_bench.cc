@@ -14,7 +14,8 @@
 // cache, it times that kernel on one layer over and over (from cache: the ceiling its arithmetic
 // sets); and it sets the kernels' multiply-adds beside the cores' measured FMA rate
 // (MeasureFmaRate). Steps 2 and 3 are timed apart, then together as ScoreAndSelect runs them (one
-// parallel call, each row selected where its scan ends).
+// parallel call, each row selected where its scan ends), and the whole sparse layer as the cpu
+// placement runs it (HostSparseLayer: each row attended where it is selected, one call).
 //
 //   mempipe-cpu-kernel-bench                                   # Llama-3-8B layer, bf16, 32K
 //   mempipe-cpu-kernel-bench --threads=1 --cpu_kernel=portable
@@ -40,6 +41,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "attention/decode.h"
+#include "backend/host_sparse_layer.h"
 #include "core/clock.h"
 #include "core/cpu_kernel.h"
 #include "core/host_parallel_runtime.h"
@@ -232,6 +234,7 @@ int Run() {
     kRel,
     kTop,
     kSel,
+    kLayer,
     kSparse,
     kDense,
     kSparseRows,
@@ -245,6 +248,9 @@ int Run() {
   // sets. Only where what it reads fits in half the last-level cache.
   const double sparse_bytes = 2.0 * seqs * kv * k * bs * d * DTypeSize(dt);
   const bool hot_sparse = llc > 0 && sparse_bytes <= llc / 2;
+  // The sparse layer's bytes: the digests the scan reads and the K/V the attention reads.
+  const double layer_sparse_bytes = sparse_bytes + static_cast<double>(digest.NumBytes());
+  const bool fused_layer = HostSparseLayerFused(config, bs);
   const bool hot_dense = llc > 0 && cache.NumBytes() <= llc / 2;
   double cpu[kKernels], wall[kKernels];
   std::fill(cpu, cpu + kKernels, 1e300);
@@ -300,6 +306,15 @@ int Run() {
             [&] { status.Update(ScoreAndSelect(qv, cache, digest, tv, config, sel, threads)); });
     }
     bracket({kSel});
+    // The whole sparse layer (scan, top-k, attention over the selection) as the cpu placement
+    // runs it: one parallel call where the budget fits one decode chunk (HostSparseLayer).
+    for (int l = 0; l < layers; ++l) {
+      digest.data = digest_mem[l].get();
+      cache.data = kv_mem[l].get();
+      timed(kLayer,
+            [&] { status.Update(HostSparseLayer(io, cache, digest, tv, config, sel, scale)); });
+    }
+    bracket({kLayer});
     for (int l = 0; l < layers; ++l) {
       cache.data = kv_mem[l].get();
       timed(kSparse, [&] { status.Update(SparseDecode(io, cache, tv, page_list, scale)); });
@@ -413,6 +428,12 @@ int Run() {
         kSel);
     row(on_wall ? "sparse attention, wall" : "sparse attention (selected K/V)", sparse_bytes,
         kSparse);
+    row(on_wall ? "sparse layer, one call, wall" : "sparse layer, one call", layer_sparse_bytes,
+        kLayer);
+    std::printf("  %-34s %8.3f ms  (the sum of the best passes: scan + top-k + attention%s)\n",
+                on_wall ? "sparse layer apart, wall" : "sparse layer apart",
+                ms[kRel] + ms[kTop] + ms[kSparse],
+                fused_layer ? "" : "; the layer above also ran them apart: budget over one chunk");
     row(on_wall ? "dense attention, wall" : "dense attention (all K/V)", cache.NumBytes(), kDense);
     if (rows) {
       if (!on_wall) {

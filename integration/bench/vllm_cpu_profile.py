@@ -14,7 +14,8 @@ timers are put around vLLM's own backend) read from the worker through collectiv
 Reported per decode step (ms, measured in the worker): `step` (from one step's metadata build
 to the next: model, sampler, the worker's side of scheduling), `forward` (the attention
 backend over all layers, cache writes included), and for mempipe each kernel inside forward
-(append_kv_and_digests / write_kv, score_and_select, sparse_decode, dense_decode,
+(append_kv_and_digests / write_kv, score_and_select, sparse_decode, score_select_decode (a host
+sparse layer's steps 2-4 in one call), dense_decode,
 prefill_attention); `other` = step - forward.
 
   python integration/bench/vllm_cpu_profile.py --backend CUSTOM --length 6144 --batch 2 \\

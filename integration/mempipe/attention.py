@@ -380,11 +380,18 @@ class PagedLayer:
                                       num_threads=self.num_threads, workspace=decode_ws)
                 return
             self.calls["sparse"] += 1
-            _mempipe.score_and_select(query, kv_cache,
-                                      digests if digests is not None else self.digests(kv_cache),
-                                      block_table, seq_lens, pages, counts, budget=c.budget,
-                                      sinks=c.sinks, locals=c.locals, aggregation=c.aggregation,
-                                      num_threads=self.num_threads, workspace=select_ws)
+            dg = digests if digests is not None else self.digests(kv_cache)
+            if query.device.type == "cpu":  # steps 2-4 in one call on the host threads
+                _mempipe.score_select_decode(query, kv_cache, dg, block_table, seq_lens, pages,
+                                             counts, out, self.scale, budget=c.budget,
+                                             sinks=c.sinks, locals=c.locals,
+                                             aggregation=c.aggregation,
+                                             num_threads=self.num_threads)
+                return
+            _mempipe.score_and_select(query, kv_cache, dg, block_table, seq_lens, pages, counts,
+                                      budget=c.budget, sinks=c.sinks, locals=c.locals,
+                                      aggregation=c.aggregation, num_threads=self.num_threads,
+                                      workspace=select_ws)
             _mempipe.sparse_decode(query, kv_cache, block_table, seq_lens, pages, counts, out,
                                    self.scale, num_threads=self.num_threads, workspace=decode_ws)
             return

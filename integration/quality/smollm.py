@@ -209,9 +209,12 @@ def _recording():
     """Wraps the extension's sparse_decode (step 4, which PagedLayer.decode calls with the
     selection it attends to: fresh, or reused/extended under the overlap schemes) to apply the
     policy and keep each call's pages, and its score_and_select (steps 2-3) to count the digest
-    reads of the layers that selected this step."""
+    reads of the layers that selected this step. PagedLayer runs a host layer's steps 2-4 as
+    the one call score_select_decode; while recording, that call runs as its two steps
+    (bit-identical) so the policy can replace the selection in between."""
     from mempipe import _mempipe
     select, decode = _mempipe.score_and_select, _mempipe.sparse_decode
+    fused = _mempipe.score_select_decode
 
     def wrapped_select(query, kv_cache, digests, block_table, seq_lens, *args, **kw):
         select(query, kv_cache, digests, block_table, seq_lens, *args, **kw)
@@ -226,13 +229,23 @@ def _recording():
         _STATE.calls.append((_STATE.seq_len, page, pages.clone(), counts.clone()))
         decode(query, kv_cache, block_table, seq_lens, pages, counts, *args, **kw)
 
-    for w, o in ((wrapped_select, select), (wrapped_decode, decode)):
+    def wrapped_fused(query, kv_cache, digests, block_table, seq_lens, pages, counts, out, scale,
+                      *, budget, sinks=1, locals=1, aggregation="max", num_threads=1, **kw):
+        wrapped_select(query, kv_cache, digests, block_table, seq_lens, pages, counts,
+                       budget=budget, sinks=sinks, locals=locals, aggregation=aggregation,
+                       num_threads=num_threads, **kw)
+        wrapped_decode(query, kv_cache, block_table, seq_lens, pages, counts, out, scale,
+                       num_threads=num_threads, **kw)
+
+    for w, o in ((wrapped_select, select), (wrapped_decode, decode), (wrapped_fused, fused)):
         w.__doc__, w.__wrapped__ = o.__doc__, o  # feature probes (schemes) read the original
     _mempipe.score_and_select, _mempipe.sparse_decode = wrapped_select, wrapped_decode
+    _mempipe.score_select_decode = wrapped_fused
     try:
         yield
     finally:
         _mempipe.score_and_select, _mempipe.sparse_decode = select, decode
+        _mempipe.score_select_decode = fused
 
 
 @contextlib.contextmanager

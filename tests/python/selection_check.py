@@ -2,9 +2,10 @@
 float64 reference selection and the float64 reference output, applied to every sparse decode
 step of a real generation loop (vLLM's engine or transformers' generate).
 
-`SelectionCheck.install(setattr_fn)` wraps the module's `score_and_select` and `sparse_decode`
-(mempipe._mempipe, which PagedLayer, the torch.ops operators and so the vLLM and transformers
-adapters all call). At every selection it:
+`SelectionCheck.install(setattr_fn)` wraps the module's `score_and_select`, `sparse_decode` and
+`score_select_decode` (mempipe._mempipe, which PagedLayer, the torch.ops operators and so the
+vLLM and transformers adapters all call; PagedLayer's plain path runs a host layer as the one
+call `score_select_decode`). At every selection it:
 
 1. plants a relevant page: in each sequence long enough for the budget to force a choice, the
    middle page's keys (and digests) become a multiple of the KV head's summed query direction,
@@ -15,6 +16,10 @@ adapters all call). At every selection it:
    selection the decode will use with it, and whether the planted page is in it;
 3. after `sparse_decode`, compares the output with the float64 attention restricted to the
    REFERENCE selection, within a tolerance derived from fp32 rounding (below).
+
+In mode "mempipe" the one call runs as itself (checks before and after it); the wrong modes
+must replace the selection between the two steps, so there it runs as score_and_select, then
+sparse_decode (bit-identical: tests/backend/host_sparse_layer_test.cc).
 
 `mode` replaces mempipe's selection to prove the checks bite:
   "mempipe"   mempipe's own selection (all checks must pass);
@@ -61,11 +66,13 @@ class SelectionCheck:
         self.planted_steps: list[frozenset[int]] = []
         self._select = None
         self._decode = None
+        self._fused = None
 
     def install(self, setattr_fn=setattr) -> "SelectionCheck":
         """Wraps the module's functions; pass pytest's monkeypatch.setattr to undo afterwards."""
         from mempipe import _mempipe
         self._select, self._decode = _mempipe.score_and_select, _mempipe.sparse_decode
+        self._fused = _mempipe.score_select_decode
 
         def score_and_select(*args, **kw):
             return self._score_and_select(*args, **kw)
@@ -73,12 +80,17 @@ class SelectionCheck:
         def sparse_decode(*args, **kw):
             return self._sparse_decode(*args, **kw)
 
+        def score_select_decode(*args, **kw):
+            return self._score_select_decode(*args, **kw)
+
         # Same name, doc and __wrapped__ as the module's functions: code that inspects them (the
         # schemes' predicate probe) sees the originals.
         functools.update_wrapper(score_and_select, self._select)
         functools.update_wrapper(sparse_decode, self._decode)
+        functools.update_wrapper(score_select_decode, self._fused)
         setattr_fn(_mempipe, "score_and_select", score_and_select)
         setattr_fn(_mempipe, "sparse_decode", sparse_decode)
+        setattr_fn(_mempipe, "score_select_decode", score_select_decode)
         return self
 
     def reset(self, mode: str) -> None:
@@ -97,6 +109,39 @@ class SelectionCheck:
         if kv_cache.is_cuda:  # the end-to-end tests run on the CPU; pass anything else through
             return self._select(query, kv_cache, digests, block_table, seq_lens, pages, counts,
                                 **kw)
+        ctx = self._before_selection(query, kv_cache, digests, block_table, seq_lens, kw)
+        self._select(query, kv_cache, digests, block_table, seq_lens, pages, counts, **kw)
+        self._after_selection(ctx, query, kv_cache, seq_lens, pages, counts)
+
+    def _sparse_decode(self, query, kv_cache, block_table, seq_lens, pages, counts, out, scale,
+                       **kw):
+        self._decode(query, kv_cache, block_table, seq_lens, pages, counts, out, scale, **kw)
+        if not kv_cache.is_cuda:
+            self._check_output(query, kv_cache, out, scale)
+
+    def _score_select_decode(self, query, kv_cache, digests, block_table, seq_lens, pages,
+                             counts, out, scale, **kw):
+        if kv_cache.is_cuda:
+            return self._fused(query, kv_cache, digests, block_table, seq_lens, pages, counts,
+                               out, scale, **kw)
+        if self.mode != "mempipe":  # the wrong selection goes in between the two steps
+            threads = kw.pop("num_threads", 1)
+            self._score_and_select(query, kv_cache, digests, block_table, seq_lens, pages,
+                                   counts, num_threads=threads, **kw)
+            self._sparse_decode(query, kv_cache, block_table, seq_lens, pages, counts, out, scale,
+                                num_threads=threads)
+            return
+        ctx = self._before_selection(query, kv_cache, digests, block_table, seq_lens, kw)
+        self._fused(query, kv_cache, digests, block_table, seq_lens, pages, counts, out, scale,
+                    **kw)
+        self._after_selection(ctx, query, kv_cache, seq_lens, pages, counts)
+        self._check_output(query, kv_cache, out, scale)
+
+    # --- the checks around a selection and a decode -------------------------------------------
+
+    def _before_selection(self, query, kv_cache, digests, block_table, seq_lens, kw):
+        """Plants the pages and computes the reference selection; returns what the checks after
+        the selection need."""
         budget, sinks = kw["budget"], kw.get("sinks", 1)
         locals_, aggregation = kw.get("locals", 1), kw.get("aggregation", "max")
         bs = kv_cache.shape[2]
@@ -108,10 +153,11 @@ class SelectionCheck:
         self.stats["digests_wrong"] += _check_digests(batch, digests, ref_dg)
         want = ref_select(ref_scores(query, batch, ref_dg, aggregation), seq_lens.tolist(), bs,
                           budget, sinks, locals_)
+        return batch, want, planted, bs, k, sinks
 
-        self._select(query, kv_cache, digests, block_table, seq_lens, pages, counts, **kw)
+    def _after_selection(self, ctx, query, kv_cache, seq_lens, pages, counts) -> None:
+        batch, want, planted, bs, k, sinks = ctx
         self._replace(pages, counts, seq_lens, bs, k, sinks, planted)
-
         st = self.stats
         st["selections"] += 1
         self.planted_steps.append(frozenset(planted))
@@ -125,11 +171,9 @@ class SelectionCheck:
                     st["planted_chosen"] += planted[s] in got
         self._pending[kv_cache.data_ptr()] = (batch, want, query.clone())
 
-    def _sparse_decode(self, query, kv_cache, block_table, seq_lens, pages, counts, out, scale,
-                       **kw):
-        self._decode(query, kv_cache, block_table, seq_lens, pages, counts, out, scale, **kw)
+    def _check_output(self, query, kv_cache, out, scale) -> None:
         pending = self._pending.pop(kv_cache.data_ptr(), None)
-        if pending is None or kv_cache.is_cuda:
+        if pending is None:
             return
         batch, want, q_sel = pending
         assert torch.equal(q_sel, query), "sparse_decode got another query than the selection"

@@ -214,6 +214,60 @@ def test_score_select_sparse_decode_pipeline(gen, dtype, shape, threads, layout)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("threads", [1, 3, 16])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_score_select_decode_is_the_two_calls_in_one(gen, dtype, shape, threads, layout):
+    """score_select_decode (steps 2-4 as one host call) writes the selection score_and_select
+    writes and the output sparse_decode writes over it, bit for bit, in every cache layout and on
+    more threads than (sequence, KV head) rows; the comparison rejects an output with one head's
+    last page dropped."""
+    bs, kvh, h, d = shape
+    batch = random_batch(gen, dtype, bs, kvh, d, random_lens(gen, bs, max_pages=14), layout=layout)
+    dg = _digests(batch)
+    q = torch.randn(batch.num_seqs, h, d, generator=gen).to(dtype)
+    budget_pages, scale = 4, d ** -0.5
+    shape3 = (batch.num_seqs, kvh, budget_pages)
+
+    def buffers():
+        return (torch.full(shape3, 77, dtype=torch.int32),
+                torch.full(shape3[:2], 77, dtype=torch.int32), torch.full_like(q, float("nan")))
+
+    pages, counts, out = buffers()
+    mp.score_and_select(q, batch.kv_cache, dg, batch.block_table, batch.seq_lens, pages, counts,
+                        budget=budget_pages * bs, num_threads=threads)
+    mp.sparse_decode(q, batch.kv_cache, batch.block_table, batch.seq_lens, pages, counts, out,
+                     scale, num_threads=threads)
+    pages1, counts1, out1 = buffers()
+    mp.score_select_decode(q, batch.kv_cache, dg, batch.block_table, batch.seq_lens, pages1,
+                           counts1, out1, scale, budget=budget_pages * bs, num_threads=threads)
+    assert torch.equal(pages1, pages) and torch.equal(counts1, counts)
+    assert not out1.isnan().any()
+    bits = {4: torch.int32, 2: torch.int16}[out.element_size()]
+    assert torch.equal(out1.view(bits), out.view(bits))
+    s = int(torch.argmax(counts[:, 0]))  # a head with the most pages
+    if int(counts[s, 0]) > 1:
+        dropped = counts.clone()
+        dropped[s, 0] -= 1
+        wrong = torch.full_like(q, float("nan"))
+        mp.sparse_decode(q, batch.kv_cache, batch.block_table, batch.seq_lens, pages, dropped,
+                         wrong, scale)
+        assert not torch.equal(wrong, out1)
+
+
+def test_score_select_decode_names_a_bad_budget(gen):
+    batch = random_batch(gen, torch.float32, 16, 2, 64, [40, 70])
+    q = torch.randn(batch.num_seqs, 4, 64, generator=gen)
+    pages = torch.empty(batch.num_seqs, 2, 4, dtype=torch.int32)
+    counts = torch.empty(batch.num_seqs, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="budget must be a positive multiple of the page size 16 "
+                                         "tokens, got 50"):
+        mp.score_select_decode(q, batch.kv_cache, _digests(batch), batch.block_table,
+                               batch.seq_lens, pages, counts, torch.empty_like(q), 0.125,
+                               budget=50)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("shape", SHAPES, ids=str)

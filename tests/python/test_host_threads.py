@@ -355,7 +355,8 @@ def test_selection_and_decode_refuse_fewer_than_one_thread(gen):
 
 def test_paged_layer_selects_on_its_decode_threads(gen, monkeypatch):
     """The CPU serving path (PagedLayer, which the vLLM and transformers adapters drive) gives
-    score_and_select the layer's host threads, as it gives them to sparse_decode."""
+    score_select_decode, its sparse layer's one call (steps 2-4), the layer's host threads, and
+    calls neither of the two-step functions."""
     from mempipe.attention import PagedLayer
     from mempipe.config import MempipeConfig
     batch, q, digests, budget = _selection_problem(gen)
@@ -364,7 +365,7 @@ def test_paged_layer_selects_on_its_decode_threads(gen, monkeypatch):
     layer = PagedLayer(cfg, 0, q.shape[1], batch.kv_cache.shape[3], q.shape[2], 0.125)
     layer.num_threads = 3
     seen = {}
-    for name in ("score_and_select", "sparse_decode"):
+    for name in ("score_and_select", "sparse_decode", "score_select_decode"):
         original = getattr(mp, name)
 
         def wrapper(*args, _name=name, _original=original, **kw):
@@ -374,5 +375,5 @@ def test_paged_layer_selects_on_its_decode_threads(gen, monkeypatch):
     out = torch.full_like(q, float("nan"))
     layer.decode(q, batch.kv_cache, batch.block_table, batch.seq_lens, out, digests=digests)
     assert layer.calls["sparse"] == 1
-    assert seen == {"score_and_select": 3, "sparse_decode": 3}
+    assert seen == {"score_select_decode": 3}
     assert not out.isnan().any()

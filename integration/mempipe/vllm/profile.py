@@ -4,7 +4,8 @@ Where a decode step's time goes inside a vLLM worker, without an outside profile
 marks each step's start (`begin_step`, from MempipeMetadataBuilder.build), so the time from one
 build to the next is that step's wall time (model, sampler, the worker's share of scheduling);
 forward() and each `_mempipe` kernel call (append, score_and_select, sparse_decode,
-dense_decode, prefill) add their wall time to the current step's kind:
+score_select_decode (both, as one host call), dense_decode, prefill) add their wall time to the
+current step's kind:
 
     decode   every request has one new token
     mixed    prefill or chunked-prefill tokens in the step (with or without decode tokens)
@@ -23,7 +24,7 @@ import os
 import time
 
 _KERNELS = ("write_kv", "append_kv_and_digests", "score_and_select", "sparse_decode",
-            "dense_decode", "prefill_attention")
+            "score_select_decode", "dense_decode", "prefill_attention")
 
 
 def enabled_by_env() -> bool:
