@@ -1722,7 +1722,7 @@ class DecodeChunks {
     }
   }
 
-  // One chunk per sequence, every sequence's entries at most one chunk (SparseDecodeRow): no
+  // One chunk per sequence, every sequence's entries at most one chunk (SparseDecodeRows): no
   // per-sequence table, so a call for one row costs nothing per sequence of the batch.
   struct OnePerSequence {};
   DecodeChunks(const DecodeIo& io, const KvCacheView& cache, OnePerSequence, bool write_output)
@@ -2149,13 +2149,14 @@ absl::Status SparseDecode(const DecodeIo& io, const KvCacheView& cache, const Bl
   return absl::OkStatus();
 }
 
-absl::Status SparseDecodeRow(const DecodeIo& io, const KvCacheView& cache,
-                             const BlockTableView& table, const PageList& pages, float scale, int s,
-                             int h) {
-  if (s < 0 || s >= io.num_seqs || h < 0 || h >= cache.num_kv_heads) {
-    return absl::InvalidArgumentError(absl::StrCat("row (sequence ", s, ", KV head ", h,
-                                                   ") is outside [0, ", io.num_seqs, ") x [0, ",
-                                                   cache.num_kv_heads, ")"));
+absl::Status SparseDecodeRows(const DecodeIo& io, const KvCacheView& cache,
+                              const BlockTableView& table, const PageList& pages, float scale,
+                              int64_t first, int64_t last) {
+  const int64_t rows = static_cast<int64_t>(io.num_seqs) * cache.num_kv_heads;
+  if (first < 0 || first > last || last > rows) {
+    return absl::InvalidArgumentError(absl::StrCat("rows [", first, ", ", last,
+                                                   ") are outside the batch's ", rows,
+                                                   " (sequence, KV head) rows"));
   }
   if (pages.pages == nullptr || pages.counts == nullptr ||
       pages.num_kv_heads != cache.num_kv_heads) {
@@ -2163,34 +2164,37 @@ absl::Status SparseDecodeRow(const DecodeIo& io, const KvCacheView& cache,
         absl::StrCat("page list needs pages and counts over the cache's ", cache.num_kv_heads,
                      " KV heads, got ", pages.num_kv_heads));
   }
-  // One chunk per sequence (entries of 1 page): each row's item attends all its pages at once.
+  // One chunk per sequence: each row is one item, attended whole.
   const int chunk_pages = std::max(1, kDecodeChunkTokens / cache.block_size);
-  const size_t row = static_cast<size_t>(s) * pages.num_kv_heads + h;
-  const int count = pages.counts[row];
-  const int n = NumPages(table.seq_lens[s], cache.block_size);
-  if (count < 1 || count > pages.max_selected) {
-    return absl::InvalidArgumentError(absl::StrCat("count of sequence ", s, " head ", h, " is ",
-                                                   count, "; must be in [1, ", pages.max_selected,
-                                                   "]"));
-  }
-  if (count > chunk_pages) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "row (", s, ", ", h, ") selects ", count, " pages, more than one decode chunk (",
-        chunk_pages, " pages of ", cache.block_size, " tokens): use SparseDecode"));
-  }
-  const int32_t* list = pages.pages + row * pages.max_selected;
-  for (int i = 0; i < count; ++i) {
-    if (list[i] < 0 || list[i] >= n || (i > 0 && list[i] <= list[i - 1])) {
-      return absl::InvalidArgumentError(absl::StrCat("page ", i, " of sequence ", s, " head ", h,
-                                                     " is ", list[i],
-                                                     ": pages must ascend inside [0, ", n, ")"));
+  for (int64_t row = first; row < last; ++row) {
+    const int s = static_cast<int>(row / cache.num_kv_heads);
+    const int h = static_cast<int>(row % cache.num_kv_heads);
+    const int count = pages.counts[row];
+    const int n = NumPages(table.seq_lens[s], cache.block_size);
+    if (count < 1 || count > pages.max_selected) {
+      return absl::InvalidArgumentError(absl::StrCat("count of sequence ", s, " head ", h, " is ",
+                                                     count, "; must be in [1, ", pages.max_selected,
+                                                     "]"));
+    }
+    if (count > chunk_pages) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "row (", s, ", ", h, ") selects ", count, " pages, more than one decode chunk (",
+          chunk_pages, " pages of ", cache.block_size, " tokens): use SparseDecode"));
+    }
+    const int32_t* list = pages.pages + row * pages.max_selected;
+    for (int i = 0; i < count; ++i) {
+      if (list[i] < 0 || list[i] >= n || (i > 0 && list[i] <= list[i - 1])) {
+        return absl::InvalidArgumentError(absl::StrCat("page ", i, " of sequence ", s, " head ", h,
+                                                       " is ", list[i],
+                                                       ": pages must ascend inside [0, ", n, ")"));
+      }
     }
   }
+  if (first == last) return absl::OkStatus();
   const int groups = io.num_heads / cache.num_kv_heads;
   WithKernel(cache.dtype, [&]<template <typename> class Heads, typename T>() {
     DecodeChunks chunks(io, cache, DecodeChunks::OnePerSequence{}, Heads<T>::kWritesOutput);
-    const int64_t item = static_cast<int64_t>(s) * cache.num_kv_heads + h;
-    SparseRange<Heads, T>(io, cache, table, pages, scale, groups, chunks, item, item + 1);
+    SparseRange<Heads, T>(io, cache, table, pages, scale, groups, chunks, first, last);
   });
   return absl::OkStatus();
 }

@@ -75,17 +75,19 @@ struct PageList {
                                         const BlockTableView& table, const PageList& pages,
                                         float scale);
 
-// One (sequence s, KV head h) of SparseDecode, on the calling thread: the query heads of KV head
-// h attend the pages of row (s, h) of `pages`, and only their rows of io.out are written, with
-// SparseDecode's arithmetic (the same bits). It reads no other row of `pages`, so a caller can
-// run it for each row inside its own parallel call as soon as that row is selected
-// (backend/host_sparse_layer.h). Checks the row: its count in [1, max_selected], its pages
-// ascending inside the sequence (InvalidArgument), and at most one decode chunk of pages,
-// kDecodeChunkTokens / block_size (FailedPrecondition: a longer row needs SparseDecode's split).
-// io, the cache and the table are not checked here: ValidateDecodeIo once, before the rows.
-[[nodiscard]] absl::Status SparseDecodeRow(const DecodeIo& io, const KvCacheView& cache,
-                                           const BlockTableView& table, const PageList& pages,
-                                           float scale, int s, int h);
+// Rows [first, last) of SparseDecode, on the calling thread (row r is sequence r / num_kv_heads,
+// KV head r % num_kv_heads): the query heads of each row's KV head attend the pages of that row
+// of `pages`, and only their rows of io.out are written, with SparseDecode's arithmetic (the same
+// bits) and its prefetch running on from one row into the next. It reads no other row of
+// `pages`, so a caller can run it inside its own parallel call as soon as those rows are
+// selected (backend/host_sparse_layer.h). Checks the rows: [first, last) inside the batch, each
+// count in [1, max_selected] and its pages ascending inside the sequence (InvalidArgument), and
+// at most one decode chunk of pages, kDecodeChunkTokens / block_size (FailedPrecondition: a
+// longer row needs SparseDecode's split). io, the cache and the table are not checked here:
+// ValidateDecodeIo once, before the rows.
+[[nodiscard]] absl::Status SparseDecodeRows(const DecodeIo& io, const KvCacheView& cache,
+                                            const BlockTableView& table, const PageList& pages,
+                                            float scale, int64_t first, int64_t last);
 
 // What the AVX-512 or AVX2 kernel of DenseDecode (pages == nullptr) or SparseDecode reads, in
 // its order, thread split and prefetch, without its arithmetic or output: a benchmark's measure

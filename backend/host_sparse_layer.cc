@@ -23,13 +23,13 @@ absl::Status HostSparseLayer(const DecodeIo& io, const KvCacheView& cache,
         ScoreAndSelect(query, cache, digests, table, config, out, io.num_threads));
     return SparseDecode(io, cache, table, list, scale);
   }
-  // Each row's attention runs on the thread that selected it. A row's error (none is expected
-  // of a selection SelectPages made) is kept, the first one, and returned after the call.
+  // Each range of rows is attended on the thread that selected it. A range's error (none is
+  // expected of a selection SelectPages made) is kept, the first one, and returned after the call.
   std::mutex mu;
   absl::Status first_error;
   MEMPIPE_RETURN_IF_ERROR(ScoreAndSelectThen(
-      query, cache, digests, table, config, out, io.num_threads, [&](int s, int h) {
-        absl::Status st = SparseDecodeRow(io, cache, table, list, scale, s, h);
+      query, cache, digests, table, config, out, io.num_threads, [&](int64_t first, int64_t last) {
+        absl::Status st = SparseDecodeRows(io, cache, table, list, scale, first, last);
         if (!st.ok()) {
           std::lock_guard<std::mutex> lock(mu);
           if (first_error.ok()) first_error = std::move(st);

@@ -2,10 +2,13 @@
 //
 // The cpu placement's sparse layer is a scan of the digests, a top-k per (sequence, KV head)
 // and attention over the selected pages. Run apart they are three parallel calls on the host
-// threads, each with its fixed cost (waking the threads, waiting for the last). Here each row is
-// selected where its scan ends (ScoreAndSelectThen) and attended right there (SparseDecodeRow),
-// so the layer is one call. Selection and output are bit-identical to ScoreAndSelect followed by
-// SparseDecode.
+// threads, each with its fixed cost (waking the threads, waiting for the last). Here rows are
+// selected where their scan ends (ScoreAndSelectThen) and attended right there (SparseDecodeRows),
+// so the layer is one call: with no more threads than rows each thread scans, selects and attends
+// its own range of rows (the attention's prefetch running on from row to row, as SparseDecode's
+// does); with more, each row's pages are scanned in chunks and whichever thread finishes its last
+// chunk selects and attends it. Selection and output are bit-identical to ScoreAndSelect followed
+// by SparseDecode.
 //
 //   SelectionConfig config;  // flat; budget 512 tokens
 //   MEMPIPE_RETURN_IF_ERROR(HostSparseLayer(io, cache, digests, table, config, sel, scale));

@@ -475,13 +475,13 @@ absl::Status ComputeRelevancy(const QueryView& query, const KvCacheView& cache,
                               const DigestView& digests, const BlockTableView& table,
                               GroupAggregation agg, float* scores, int num_threads) {
   return ComputeRelevancyThen(query, cache, digests, table, agg, scores, num_threads,
-                              [](int, int) {});
+                              [](int64_t, int64_t) {});
 }
 
 absl::Status ComputeRelevancyThen(const QueryView& query, const KvCacheView& cache,
                                   const DigestView& digests, const BlockTableView& table,
                                   GroupAggregation agg, float* scores, int num_threads,
-                                  absl::FunctionRef<void(int s, int h)> row_done) {
+                                  absl::FunctionRef<void(int64_t first, int64_t last)> rows_done) {
   MEMPIPE_RETURN_IF_ERROR(ValidateGroupAggregation(agg));
   MEMPIPE_RETURN_IF_ERROR(ValidateKvCache(cache));
   MEMPIPE_RETURN_IF_ERROR(ValidateDigests(cache, digests));
@@ -552,14 +552,19 @@ absl::Status ComputeRelevancyThen(const QueryView& query, const KvCacheView& cac
         }
       }
     };
-    if (chunks == 1) {
-      ForEachSeqHeads(table.num_seqs, kvh, num_threads, [&](int s, int h0, int h1) {
-        score(s, h0, h1, 0, table.max_blocks_per_seq);
-        for (int h = h0; h < h1; ++h) row_done(s, h);
+    if (chunks == 1) {  // a contiguous range of rows per thread (ForEachSeqHeads' split)
+      ForEachItemRange(rows, num_threads, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end;) {
+          const int s = static_cast<int>(i / kvh), h0 = static_cast<int>(i % kvh);
+          const int h1 = static_cast<int>(std::min<int64_t>(kvh, h0 + (end - i)));
+          score(s, h0, h1, 0, table.max_blocks_per_seq);
+          i += h1 - h0;
+        }
+        rows_done(begin, end);
       });
       return;
     }
-    // The last of a row's chunks to finish runs row_done (acq_rel: it sees the others' scores).
+    // The last of a row's chunks to finish reports it (acq_rel: it sees the others' scores).
     std::unique_ptr<std::atomic<int>[]> pending(new std::atomic<int>[rows]);
     for (int64_t r = 0; r < rows; ++r) pending[r].store(static_cast<int>(chunks));
     const int64_t tasks = rows * chunks;
@@ -571,7 +576,9 @@ absl::Status ComputeRelevancyThen(const QueryView& query, const KvCacheView& cac
                       const int s = static_cast<int>(row / kvh);
                       score(s, h, h + 1, static_cast<int>(width * c / chunks),
                             static_cast<int>(width * (c + 1) / chunks));
-                      if (pending[row].fetch_sub(1, std::memory_order_acq_rel) == 1) row_done(s, h);
+                      if (pending[row].fetch_sub(1, std::memory_order_acq_rel) == 1) {
+                        rows_done(row, row + 1);
+                      }
                     });
   });
   return absl::OkStatus();

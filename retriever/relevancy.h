@@ -64,15 +64,17 @@ float PageBound(const float* q, const float* max_row, const float* min_row, int 
                                             GroupAggregation agg, float* scores,
                                             int num_threads = 1);
 
-// ComputeRelevancy, and `row_done(s, h)` once for every (sequence s, KV head h) as soon as that
-// row's scores are all written: on the thread that wrote its last chunk, inside the same
-// parallel call, with every chunk's scores visible to it. ScoreAndSelect selects each row there,
-// so steps 2 and 3 cost one call on the host threads instead of two. `row_done` must not throw.
-[[nodiscard]] absl::Status ComputeRelevancyThen(const QueryView& query, const KvCacheView& cache,
-                                                const DigestView& digests,
-                                                const BlockTableView& table, GroupAggregation agg,
-                                                float* scores, int num_threads,
-                                                absl::FunctionRef<void(int s, int h)> row_done);
+// ComputeRelevancy, and `rows_done(first, last)` as soon as rows [first, last) (row r is sequence
+// r / num_kv_heads, KV head r % num_kv_heads) have all their scores written: on the thread that
+// wrote the last of them, inside the same parallel call, with every one of their scores visible
+// to it. Every row is in exactly one such range: a thread's whole share of the rows where there
+// are no more threads than rows, else one row, reported by whichever thread finishes its last
+// chunk of pages. ScoreAndSelect selects each range there, so steps 2 and 3 cost one call on the
+// host threads instead of two. `rows_done` must not throw.
+[[nodiscard]] absl::Status ComputeRelevancyThen(
+    const QueryView& query, const KvCacheView& cache, const DigestView& digests,
+    const BlockTableView& table, GroupAggregation agg, float* scores, int num_threads,
+    absl::FunctionRef<void(int64_t first, int64_t last)> rows_done);
 
 }  // namespace mempipe
 

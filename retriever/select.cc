@@ -279,14 +279,13 @@ absl::Status ScoreAndSelect(const QueryView& query, const KvCacheView& cache,
                             const SelectionConfig& config, const SelectionView& out,
                             int num_threads) {
   return ScoreAndSelectThen(query, cache, digests, table, config, out, num_threads,
-                            [](int, int) {});
+                            [](int64_t, int64_t) {});
 }
 
-absl::Status ScoreAndSelectThen(const QueryView& query, const KvCacheView& cache,
-                                const DigestView& digests, const BlockTableView& table,
-                                const SelectionConfig& config, const SelectionView& out,
-                                int num_threads,
-                                absl::FunctionRef<void(int s, int h)> row_selected) {
+absl::Status ScoreAndSelectThen(
+    const QueryView& query, const KvCacheView& cache, const DigestView& digests,
+    const BlockTableView& table, const SelectionConfig& config, const SelectionView& out,
+    int num_threads, absl::FunctionRef<void(int64_t first, int64_t last)> rows_selected) {
   MEMPIPE_RETURN_IF_ERROR(ValidateSelectionConfig(config, cache.block_size));
   if (!config.hierarchy.Flat()) {
     MEMPIPE_RETURN_IF_ERROR(ValidateDigests(cache, digests));
@@ -295,9 +294,7 @@ absl::Status ScoreAndSelectThen(const QueryView& query, const KvCacheView& cache
     MEMPIPE_RETURN_IF_ERROR(BuildSuperDigests(digests, table, cache.block_size, f, super.view()));
     MEMPIPE_RETURN_IF_ERROR(
         SelectHierarchical(query, cache, digests, super.view(), table, config, out));
-    for (int s = 0; s < table.num_seqs; ++s) {
-      for (int h = 0; h < cache.num_kv_heads; ++h) row_selected(s, h);
-    }
+    rows_selected(0, static_cast<int64_t>(table.num_seqs) * cache.num_kv_heads);
     return absl::OkStatus();
   }
   MEMPIPE_RETURN_IF_ERROR(
@@ -305,12 +302,17 @@ absl::Status ScoreAndSelectThen(const QueryView& query, const KvCacheView& cache
   // Each row is selected where its scan ends, in the same parallel call (ComputeRelevancyThen).
   std::vector<float> scores(static_cast<size_t>(table.num_seqs) * cache.num_kv_heads *
                             std::max(table.max_blocks_per_seq, 0));
+  const int kvh = cache.num_kv_heads;
   return ComputeRelevancyThen(query, cache, digests, table, config.aggregation, scores.data(),
-                              num_threads, [&](int s, int h) {
+                              num_threads, [&](int64_t first, int64_t last) {
                                 thread_local std::vector<int32_t> keys;
-                                SelectRow(RowScores(scores.data(), table, cache.num_kv_heads, s, h),
-                                          table, cache.block_size, config, out, s, h, keys);
-                                row_selected(s, h);
+                                for (int64_t r = first; r < last; ++r) {
+                                  const int s = static_cast<int>(r / kvh);
+                                  const int h = static_cast<int>(r % kvh);
+                                  SelectRow(RowScores(scores.data(), table, kvh, s, h), table,
+                                            cache.block_size, config, out, s, h, keys);
+                                }
+                                rows_selected(first, last);
                               });
 }
 

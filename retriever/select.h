@@ -96,16 +96,15 @@ struct SelectionView {
                                           const SelectionConfig& config, const SelectionView& out,
                                           int num_threads = 1);
 
-// ScoreAndSelect, then `row_selected(s, h)` once for every (sequence s, KV head h), as soon as
-// row (s, h) of `out` is written: with a flat config on the thread that selected it, inside the
-// same parallel call (backend/host_sparse_layer.h attends each row there); with a hierarchical
-// one after the whole selection, row by row on the calling thread. It must not throw.
-[[nodiscard]] absl::Status ScoreAndSelectThen(const QueryView& query, const KvCacheView& cache,
-                                              const DigestView& digests,
-                                              const BlockTableView& table,
-                                              const SelectionConfig& config,
-                                              const SelectionView& out, int num_threads,
-                                              absl::FunctionRef<void(int s, int h)> row_selected);
+// ScoreAndSelect, then `rows_selected(first, last)` as soon as rows [first, last) of `out` (row r
+// is sequence r / num_kv_heads, KV head r % num_kv_heads) are written: with a flat config on the
+// thread that selected them, inside the same parallel call (ComputeRelevancyThen's ranges;
+// backend/host_sparse_layer.h attends them there); with a hierarchical one once, for every row,
+// on the calling thread after the whole selection. It must not throw.
+[[nodiscard]] absl::Status ScoreAndSelectThen(
+    const QueryView& query, const KvCacheView& cache, const DigestView& digests,
+    const BlockTableView& table, const SelectionConfig& config, const SelectionView& out,
+    int num_threads, absl::FunctionRef<void(int64_t first, int64_t last)> rows_selected);
 
 }  // namespace mempipe
 

@@ -138,8 +138,9 @@ TEST(HostSparseLayer, EqualsScoreAndSelectThenSparseDecodeBitForBit) {
   EXPECT_GT(dropped_rejected, 0) << "the comparison never saw a dropped page";
 }
 
-// SparseDecodeRow checks the one row it reads and names what is wrong with it.
-TEST(SparseDecodeRow, RejectsABadRowNamingIt) {
+// SparseDecodeRows checks the rows it reads and names what is wrong with them; an empty range is
+// a no-op.
+TEST(SparseDecodeRows, RejectsABadRowNamingIt) {
   std::mt19937_64 rng(TestSeed());
   const int block_size = 16;
   Layer l(rng, DType::kFloat32, block_size, {50 * block_size});
@@ -151,23 +152,25 @@ TEST(SparseDecodeRow, RejectsABadRowNamingIt) {
     for (int i = 0; i < k; ++i) pages[h * k + i] = i;
   }
   const PageList list{pages.data(), counts.data(), kKvHeads, k};
-  auto call = [&](int s, int h) {
-    return SparseDecodeRow(io, l.f.cache_view(), l.f.table_view(), list, 0.125f, s, h);
+  auto call = [&](int64_t first, int64_t last) {
+    return SparseDecodeRows(io, l.f.cache_view(), l.f.table_view(), list, 0.125f, first, last);
   };
-  EXPECT_TRUE(call(0, 0).ok());
-  EXPECT_EQ(call(1, 0).code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(call(0, kKvHeads).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(call(0, kKvHeads).ok());
+  EXPECT_TRUE(call(1, 1).ok());
+  EXPECT_EQ(call(0, kKvHeads + 1).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(call(2, 1).code(), absl::StatusCode::kInvalidArgument);
   counts[1] = chunk + 1;
-  absl::Status st = call(0, 1);
+  absl::Status st = call(0, 2);
   EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition) << st;
   EXPECT_NE(st.message().find(absl::StrCat(chunk + 1, " pages")), absl::string_view::npos) << st;
+  EXPECT_TRUE(call(2, 3).ok());  // the bad row is outside this range
   counts[2] = 3;
   pages[2 * k + 2] = 1;  // 0, 1, 1: not ascending
-  st = call(0, 2);
+  st = call(2, 3);
   EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
   EXPECT_NE(st.message().find("ascend"), absl::string_view::npos) << st;
   counts[2] = 0;
-  EXPECT_EQ(call(0, 2).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(call(2, 3).code(), absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace

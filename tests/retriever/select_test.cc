@@ -289,11 +289,12 @@ TEST(SelectPages, MatchesSortReferenceOnLongContinuousRowsWithEveryKernel) {
   EXPECT_GT(high_ties_differs, 0) << "the rows never separate ties broken toward the higher page";
 }
 
-// ComputeRelevancyThen calls row_done once per (sequence, KV head) row, when the whole row is
-// written: the row's scores seen inside the callback equal the finished scores, on one thread
-// and on more threads than rows (each row's pages split into chunks, the last chunk to finish
-// calling it). A callback run after the first chunk instead would see the poison.
-TEST(ComputeRelevancyThen, RowDoneSeesEveryFinishedRowOnce) {
+// ComputeRelevancyThen reports every (sequence, KV head) row in exactly one range, once the whole
+// range is written: the scores seen inside the callback equal the finished scores, on one thread,
+// on fewer threads than rows (a range per thread) and on more (each row's pages split into
+// chunks, the last chunk to finish reporting the row). A callback run after the first chunk
+// instead would see the poison.
+TEST(ComputeRelevancyThen, ReportsEveryFinishedRowOnce) {
   std::mt19937_64 rng(TestSeed());
   const int block_size = 16, kv_heads = 3, head_dim = 64, group = 3;
   const std::vector<int> lens = {90 * block_size + 7, 5 * block_size, 64 * block_size};
@@ -308,19 +309,29 @@ TEST(ComputeRelevancyThen, RowDoneSeesEveryFinishedRowOnce) {
     std::vector<float> scores(rows * width, std::numeric_limits<float>::quiet_NaN());
     std::vector<std::vector<float>> seen(rows);
     std::vector<std::atomic<int>> calls(rows);
+    std::atomic<int> ranges{0};
     ASSERT_TRUE(ComputeRelevancyThen(b.qv, b.f.cache_view(), b.f.digest_view(), tv,
                                      GroupAggregation::kMax, scores.data(), threads,
-                                     [&](int s, int h) {
-                                       const size_t r = static_cast<size_t>(s) * kv_heads + h;
-                                       calls[r].fetch_add(1);
-                                       seen[r].assign(scores.begin() + r * width,
-                                                      scores.begin() + (r + 1) * width);
+                                     [&](int64_t first, int64_t last) {
+                                       ranges.fetch_add(1);
+                                       for (int64_t r = first; r < last; ++r) {
+                                         calls[r].fetch_add(1);
+                                         seen[r].assign(scores.begin() + r * width,
+                                                        scores.begin() + (r + 1) * width);
+                                       }
                                      })
                     .ok());
     for (size_t r = 0; r < rows; ++r) {
       ASSERT_EQ(calls[r].load(), 1) << threads << " threads, row " << r;
       ASSERT_EQ(0, std::memcmp(seen[r].data(), &want[r * width], width * sizeof(float)))
-          << threads << " threads: row " << r << " was not finished when row_done ran";
+          << threads << " threads: row " << r << " was not finished when it was reported";
+    }
+    // At most a range per thread where there are no more threads than rows; one per row past
+    // them.
+    if (threads > static_cast<int>(rows)) {
+      EXPECT_EQ(ranges.load(), static_cast<int>(rows)) << threads << " threads";
+    } else {
+      EXPECT_LE(ranges.load(), threads);
     }
     ASSERT_EQ(0, std::memcmp(scores.data(), want.data(), want.size() * sizeof(float)));
   }
