@@ -1698,12 +1698,8 @@ class DecodeChunks {
   // partial states are not combined (ReadDecodeRows).
   template <typename Entries>
   DecodeChunks(const DecodeIo& io, const KvCacheView& cache, Entries entries, bool write_output)
-      : io_(io),
-        kv_heads_(cache.num_kv_heads),
-        groups_(io.num_heads / cache.num_kv_heads),
-        chunk_pages_(std::max(1, kDecodeChunkTokens / cache.block_size)),
-        write_output_(write_output),
-        first_(io.num_seqs + 1, 0) {
+      : DecodeChunks(io, cache, write_output, /*one_per_sequence=*/false) {
+    first_.assign(io.num_seqs + 1, 0);
     for (int s = 0; s < io.num_seqs; ++s) {
       first_[s + 1] = first_[s] + (entries(s) + chunk_pages_ - 1) / chunk_pages_;
     }
@@ -1726,12 +1722,7 @@ class DecodeChunks {
   // per-sequence table, so a call for one row costs nothing per sequence of the batch.
   struct OnePerSequence {};
   DecodeChunks(const DecodeIo& io, const KvCacheView& cache, OnePerSequence, bool write_output)
-      : io_(io),
-        kv_heads_(cache.num_kv_heads),
-        groups_(io.num_heads / cache.num_kv_heads),
-        chunk_pages_(std::max(1, kDecodeChunkTokens / cache.block_size)),
-        write_output_(write_output),
-        one_per_sequence_(true) {}
+      : DecodeChunks(io, cache, write_output, /*one_per_sequence=*/true) {}
 
   int chunks() const { return one_per_sequence_ ? io_.num_seqs : first_[io_.num_seqs]; }
   int SeqOf(int u) const {
@@ -1762,6 +1753,15 @@ class DecodeChunks {
   }
 
  private:
+  DecodeChunks(const DecodeIo& io, const KvCacheView& cache, bool write_output,
+               bool one_per_sequence)
+      : io_(io),
+        kv_heads_(cache.num_kv_heads),
+        groups_(io.num_heads / cache.num_kv_heads),
+        chunk_pages_(DecodeChunkPages(cache.block_size)),
+        write_output_(write_output),
+        one_per_sequence_(one_per_sequence) {}
+
   // out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c with M = max_c m_c, for the query heads
   // of KV head h of sequence s. A chunk with no pages (a KV head that selected fewer) has l = 0
   // and is skipped; the first chunk is never empty.
@@ -1792,7 +1792,7 @@ class DecodeChunks {
   const DecodeIo& io_;
   int kv_heads_, groups_, chunk_pages_;
   bool write_output_;
-  bool one_per_sequence_ = false;
+  bool one_per_sequence_;
   std::vector<int> first_;          // sequence s owns chunks [first_[s], first_[s + 1])
   std::vector<float> acc_, m_, l_;  // [chunk, num_heads, D], [chunk, num_heads]
   std::unique_ptr<std::atomic<int>[]> pending_;  // [num_seqs, kv_heads] chunks not finished
@@ -2105,8 +2105,10 @@ absl::Status DenseDecode(const DecodeIo& io, const KvCacheView& cache, const Blo
   return absl::OkStatus();
 }
 
-absl::Status ValidatePageList(const PageList& pages, const BlockTableView& table,
-                              const KvCacheView& cache) {
+namespace {
+
+// ValidatePageList's checks of the list itself (pointers, KV heads, max_selected).
+absl::Status ValidatePageListShape(const PageList& pages, const KvCacheView& cache) {
   if (pages.pages == nullptr || pages.counts == nullptr) {
     return absl::InvalidArgumentError("selected pages and counts must not be null");
   }
@@ -2115,24 +2117,39 @@ absl::Status ValidatePageList(const PageList& pages, const BlockTableView& table
         "selection has ", pages.num_kv_heads, " KV heads and max_selected ", pages.max_selected,
         "; expected ", cache.num_kv_heads, " KV heads and max_selected >= 1"));
   }
+  return absl::OkStatus();
+}
+
+// ValidatePageList's checks of row (s, h): its count in [1, max_selected], its pages ascending
+// inside the sequence's pages.
+absl::Status ValidatePageRow(const PageList& pages, const BlockTableView& table,
+                             const KvCacheView& cache, int s, int h) {
+  const int num_pages = NumPages(table.seq_lens[s], cache.block_size);
+  const size_t row = static_cast<size_t>(s) * pages.num_kv_heads + h;
+  const int count = pages.counts[row];
+  if (count < 1 || count > pages.max_selected) {
+    return absl::InvalidArgumentError(absl::StrCat("selection count[", s, "][", h, "] = ", count,
+                                                   " is outside [1, ", pages.max_selected, "]"));
+  }
+  const int32_t* list = pages.pages + row * pages.max_selected;
+  for (int i = 0; i < count; ++i) {
+    if (list[i] < 0 || list[i] >= num_pages || (i > 0 && list[i] <= list[i - 1])) {
+      return absl::InvalidArgumentError(absl::StrCat("selected page [", s, "][", h, "][", i,
+                                                     "] = ", list[i], " is out of range [0, ",
+                                                     num_pages, ") or not ascending"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status ValidatePageList(const PageList& pages, const BlockTableView& table,
+                              const KvCacheView& cache) {
+  MEMPIPE_RETURN_IF_ERROR(ValidatePageListShape(pages, cache));
   for (int s = 0; s < table.num_seqs; ++s) {
-    const int num_pages = NumPages(table.seq_lens[s], cache.block_size);
     for (int h = 0; h < cache.num_kv_heads; ++h) {
-      const size_t row = static_cast<size_t>(s) * pages.num_kv_heads + h;
-      const int count = pages.counts[row];
-      if (count < 1 || count > pages.max_selected) {
-        return absl::InvalidArgumentError(absl::StrCat("selection count[", s, "][", h,
-                                                       "] = ", count, " is outside [1, ",
-                                                       pages.max_selected, "]"));
-      }
-      const int32_t* list = pages.pages + row * pages.max_selected;
-      for (int i = 0; i < count; ++i) {
-        if (list[i] < 0 || list[i] >= num_pages || (i > 0 && list[i] <= list[i - 1])) {
-          return absl::InvalidArgumentError(absl::StrCat("selected page [", s, "][", h, "][", i,
-                                                         "] = ", list[i], " is out of range [0, ",
-                                                         num_pages, ") or not ascending"));
-        }
-      }
+      MEMPIPE_RETURN_IF_ERROR(ValidatePageRow(pages, table, cache, s, h));
     }
   }
   return absl::OkStatus();
@@ -2158,36 +2175,18 @@ absl::Status SparseDecodeRows(const DecodeIo& io, const KvCacheView& cache,
                                                    ") are outside the batch's ", rows,
                                                    " (sequence, KV head) rows"));
   }
-  if (pages.pages == nullptr || pages.counts == nullptr ||
-      pages.num_kv_heads != cache.num_kv_heads) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("page list needs pages and counts over the cache's ", cache.num_kv_heads,
-                     " KV heads, got ", pages.num_kv_heads));
-  }
+  MEMPIPE_RETURN_IF_ERROR(ValidatePageListShape(pages, cache));
   // One chunk per sequence: each row is one item, attended whole.
-  const int chunk_pages = std::max(1, kDecodeChunkTokens / cache.block_size);
+  const int chunk_pages = DecodeChunkPages(cache.block_size);
   for (int64_t row = first; row < last; ++row) {
     const int s = static_cast<int>(row / cache.num_kv_heads);
     const int h = static_cast<int>(row % cache.num_kv_heads);
-    const int count = pages.counts[row];
-    const int n = NumPages(table.seq_lens[s], cache.block_size);
-    if (count < 1 || count > pages.max_selected) {
-      return absl::InvalidArgumentError(absl::StrCat("count of sequence ", s, " head ", h, " is ",
-                                                     count, "; must be in [1, ", pages.max_selected,
-                                                     "]"));
-    }
-    if (count > chunk_pages) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "row (", s, ", ", h, ") selects ", count, " pages, more than one decode chunk (",
-          chunk_pages, " pages of ", cache.block_size, " tokens): use SparseDecode"));
-    }
-    const int32_t* list = pages.pages + row * pages.max_selected;
-    for (int i = 0; i < count; ++i) {
-      if (list[i] < 0 || list[i] >= n || (i > 0 && list[i] <= list[i - 1])) {
-        return absl::InvalidArgumentError(absl::StrCat("page ", i, " of sequence ", s, " head ", h,
-                                                       " is ", list[i],
-                                                       ": pages must ascend inside [0, ", n, ")"));
-      }
+    MEMPIPE_RETURN_IF_ERROR(ValidatePageRow(pages, table, cache, s, h));
+    if (pages.counts[row] > chunk_pages) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("row (", s, ", ", h, ") selects ", pages.counts[row],
+                       " pages, more than one decode chunk (", chunk_pages, " pages of ",
+                       cache.block_size, " tokens): use SparseDecode"));
     }
   }
   if (first == last) return absl::OkStatus();

@@ -35,6 +35,10 @@ namespace mempipe {
 // dense decode, the selected ones for sparse), split over the threads with the KV heads and
 // combined at the end; a sequence of one chunk is attended in one piece.
 inline constexpr int kDecodeChunkTokens = 512;
+// Pages of `block_size` tokens in one decode chunk (at least one).
+inline int DecodeChunkPages(int block_size) {
+  return block_size >= kDecodeChunkTokens ? 1 : kDecodeChunkTokens / block_size;
+}
 
 struct DecodeIo {
   const void* query = nullptr;  // [num_seqs, num_heads, head_dim]
@@ -82,7 +86,7 @@ struct PageList {
 // `pages`, so a caller can run it inside its own parallel call as soon as those rows are
 // selected (backend/host_sparse_layer.h). Checks the rows: [first, last) inside the batch, each
 // count in [1, max_selected] and its pages ascending inside the sequence (InvalidArgument), and
-// at most one decode chunk of pages, kDecodeChunkTokens / block_size (FailedPrecondition: a
+// at most one decode chunk of pages, DecodeChunkPages(block_size) (FailedPrecondition: a
 // longer row needs SparseDecode's split). io, the cache and the table are not checked here:
 // ValidateDecodeIo once, before the rows.
 [[nodiscard]] absl::Status SparseDecodeRows(const DecodeIo& io, const KvCacheView& cache,

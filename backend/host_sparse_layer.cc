@@ -1,6 +1,5 @@
 #include "backend/host_sparse_layer.h"
 
-#include <algorithm>
 #include <mutex>
 
 #include "core/status_macros.h"
@@ -9,7 +8,7 @@ namespace mempipe {
 
 bool HostSparseLayerFused(const SelectionConfig& config, int block_size) {
   return config.hierarchy.Flat() && block_size > 0 &&
-         config.PagesPerHead(block_size) <= std::max(1, kDecodeChunkTokens / block_size);
+         config.PagesPerHead(block_size) <= DecodeChunkPages(block_size);
 }
 
 absl::Status HostSparseLayer(const DecodeIo& io, const KvCacheView& cache,

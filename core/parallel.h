@@ -37,20 +37,28 @@ void ForEachItemRange(int64_t items, int num_threads, Fn fn) {
   HostParallelFor(threads, threads, run);
 }
 
+// `fn(seq, head_begin, head_end)` for each sequence's part of the (sequence, KV head) pairs
+// [begin, end), ordered sequence-major (pair i is sequence i / num_kv_heads, head
+// i % num_kv_heads), in order.
+template <typename Fn>
+void ForSeqHeadsIn(int64_t begin, int64_t end, int num_kv_heads, Fn fn) {
+  for (int64_t i = begin; i < end;) {
+    const int s = static_cast<int>(i / num_kv_heads);
+    const int h0 = static_cast<int>(i % num_kv_heads);
+    const int h1 = static_cast<int>(std::min<int64_t>(num_kv_heads, h0 + (end - i)));
+    fn(s, h0, h1);
+    i += h1 - h0;
+  }
+}
+
 // Splits the (sequence, KV head) pairs, ordered sequence-major, into contiguous ranges, one
 // per thread (ForEachItemRange); `fn(seq, head_begin, head_end)` runs for each sequence's part
-// of a range.
+// of a range (ForSeqHeadsIn).
 template <typename Fn>
 void ForEachSeqHeads(int num_seqs, int num_kv_heads, int num_threads, Fn fn) {
   const int64_t items = static_cast<int64_t>(std::max(num_seqs, 0)) * std::max(num_kv_heads, 0);
   ForEachItemRange(items, num_threads, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end;) {
-      const int s = static_cast<int>(i / num_kv_heads);
-      const int h0 = static_cast<int>(i % num_kv_heads);
-      const int h1 = static_cast<int>(std::min<int64_t>(num_kv_heads, h0 + (end - i)));
-      fn(s, h0, h1);
-      i += h1 - h0;
-    }
+    ForSeqHeadsIn(begin, end, num_kv_heads, fn);
   });
 }
 

@@ -554,12 +554,9 @@ absl::Status ComputeRelevancyThen(const QueryView& query, const KvCacheView& cac
     };
     if (chunks == 1) {  // a contiguous range of rows per thread (ForEachSeqHeads' split)
       ForEachItemRange(rows, num_threads, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end;) {
-          const int s = static_cast<int>(i / kvh), h0 = static_cast<int>(i % kvh);
-          const int h1 = static_cast<int>(std::min<int64_t>(kvh, h0 + (end - i)));
+        ForSeqHeadsIn(begin, end, kvh, [&](int s, int h0, int h1) {
           score(s, h0, h1, 0, table.max_blocks_per_seq);
-          i += h1 - h0;
-        }
+        });
         rows_done(begin, end);
       });
       return;
