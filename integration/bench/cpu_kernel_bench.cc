@@ -15,7 +15,8 @@
 // sets); and it sets the kernels' multiply-adds beside the cores' measured FMA rate
 // (MeasureFmaRate). Steps 2 and 3 are timed apart, then together as ScoreAndSelect runs them (one
 // parallel call, each row selected where its scan ends), and the whole sparse layer as the cpu
-// placement runs it (HostSparseLayer: each row attended where it is selected, one call).
+// placement runs it (HostSparseLayer: each row attended where it is selected, one call). Last, a
+// parallel call with no work: the host threads' own cost per call, the floor under each kernel.
 //
 //   mempipe-cpu-kernel-bench                                   # Llama-3-8B layer, bf16, 32K
 //   mempipe-cpu-kernel-bench --threads=1 --cpu_kernel=portable
@@ -45,6 +46,7 @@
 #include "core/clock.h"
 #include "core/cpu_kernel.h"
 #include "core/host_parallel_runtime.h"
+#include "core/parallel.h"
 #include "core/thread_pool.h"
 #include "integration/bench/membw.h"
 #include "retriever/relevancy.h"
@@ -241,6 +243,7 @@ int Run() {
     kDenseRows,
     kSparseHot,
     kDenseHot,
+    kEmpty,
     kKernels
   };
   // From cache: layer 0's kernel `layers` times in a row after an untimed call, so that what it
@@ -349,6 +352,14 @@ int Run() {
     if (hot_dense) {
       from_cache(kDenseHot, [&] { status.Update(DenseDecode(io, cache, tv, scale)); });
     }
+    // A parallel call with sparse decode's items and no work: what the host threads' runtime
+    // costs a call (dispatch, wake-ups, join), the floor under every kernel call at this count.
+    for (int l = 0; l < layers; ++l) {
+      timed(kEmpty, [&] {
+        ForEachItemRange(static_cast<int64_t>(seqs) * kv, threads, [](int64_t, int64_t) {});
+      });
+    }
+    bracket({kEmpty});
     if (!status.ok()) {
       std::fprintf(stderr, "mempipe-cpu-kernel-bench: %s\n", std::string(status.message()).c_str());
       return 1;
@@ -461,6 +472,16 @@ int Run() {
     if (hot_dense) {
       row(on_wall ? "dense attention from cache, wall" : "dense attention, from cache",
           cache.NumBytes(), kDenseHot);
+    }
+    if (on_wall) {
+      // At the reads' median rate, sparse attention's bytes plus one such call: the most of the
+      // read a sparse call can reach on this runtime, however fast its own work.
+      const double bytes_ms = sparse_bytes / (read.median * 1e9) * 1e3;
+      std::printf(
+          "  %-34s %8.4f ms  (%d items on %d thread(s), no work: the runtime's floor per call; "
+          "sparse attention's bytes at the reads' median plus it: %.0f%% of the read at most)\n",
+          "empty parallel call, wall", ms[kEmpty], seqs * kv, threads,
+          100 * bytes_ms / (bytes_ms + ms[kEmpty]));
     }
   }
   // The arithmetic beside the bytes: q.k and p.v are one fp32 multiply-add per query head, token
