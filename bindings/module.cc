@@ -70,6 +70,7 @@
 #include "backend/policy.h"
 #include "backend/selection_offload.h"
 #include "bindings/dlpack_tensor.h"
+#include "core/cpu_kernel.h"
 #include "core/host_parallel_runtime.h"
 #include "core/huge_pages.h"
 #include "core/paged_kv.h"
@@ -1365,6 +1366,10 @@ PYBIND11_MODULE(_mempipe, m) {
         arg("kv_cache"), arg("block_table"), arg("seq_lens"), arg("out"), arg("scale"),
         py::kw_only(), arg("num_threads") = 1, stream,
         "Causal attention of the last query tokens of each sequence over the cache (CPU).");
+  m.def(
+      "active_cpu_kernel", [] { return std::string(mempipe::ActiveCpuKernelName()); },
+      "The host kernels the next call takes: \"avx512-bf16\", \"avx512\", \"avx2\" or "
+      "\"portable\" (core/cpu_kernel.h; the first the CPU has).");
   m.def("cpu_description", &mempipe::CpuDescription,
         "The CPU, for the record of a measurement: brand string, x86 family and model, logical "
         "CPUs (core/cpu_kernel.h).");

@@ -263,9 +263,10 @@ def main(argv=None) -> int:
                     help="vLLM's KV block size for every engine (default: --page-size); for "
                          "mempipe a multiple of --page-size (vLLM splits the blocks into pages)")
     ap.add_argument("--dense-layers", type=int, default=2, help="mempipe's dense first layers")
-    ap.add_argument("--kv-layout", default="head",
-                    choices=("head", "page", "head_kt", "page_kt", "token"),
-                    help="mempipe's host KV cache layout (MEMPIPE_CONFIG kv_layout; default head)")
+    ap.add_argument("--kv-layout", default="auto",
+                    choices=("auto", "head", "page", "head_kt", "page_kt", "token"),
+                    help="mempipe's host KV cache layout (MEMPIPE_CONFIG kv_layout; default auto, "
+                         "the plugin's: page_kt on AVX-512 host kernels, head elsewhere)")
     ap.add_argument("--backends", default="CPU_ATTN,CUSTOM", help="order of the interleaved runs")
     ap.add_argument("--model-dir", default="build/smollm2-135m-hf", help="HF folder (made if missing)")
     ap.add_argument("--kv-cache-gib", type=int, default=2, help="vLLM KV cache size")

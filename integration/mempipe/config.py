@@ -68,8 +68,9 @@ Keys (all optional):
                   placement: cpu and gpu keep int8 digests beside the cache (PagedLayer, the
                   transformers and vLLM adapters alike); fpga registers its layers on the card
                   as int8 and keeps its fallback copy int8 too.
-    kv_layout     head | page | head_kt | page_kt | token (default head): how host KV caches
-                  are laid out: the
+    kv_layout     auto | head | page | head_kt | page_kt | token (default auto: page_kt where
+                  the host kernels are AVX-512, head elsewhere; default_kv_layout()): how host
+                  KV caches are laid out: the
                   region vLLM hands each layer (one contiguous region whose inner layout is the
                   backend's) and the transformers adapter's MempipeCache pages.
                   head: each KV head's page contiguous, [2, blocks, KVH, page, D] in memory (as
@@ -128,6 +129,8 @@ FPGA_FALLBACKS = ("gpu", "dense")
 LOOKAHEAD_QUERIES = ("projected", "same")
 DIGEST_DTYPES = ("native", "int8")
 KV_LAYOUTS = ("head", "page", "head_kt", "page_kt", "token")
+# What MEMPIPE_CONFIG's kv_layout takes: a layout, or auto (default_kv_layout(), on load).
+KV_LAYOUT_CHOICES = ("auto",) + KV_LAYOUTS
 _BOOL_TEXT = {"true": True, "false": False}
 # Defined once, in C++ (core/paged_kv.h, core/dtype.h); read from the module.
 PAGE_SIZES = tuple(_mempipe.supported_block_sizes)
@@ -147,6 +150,15 @@ def _one_of(values: tuple) -> str:
 
 def _kv_layout_reason(layout: str) -> str:
     return f"kv_layout must be {_one_of(KV_LAYOUTS)}, got {layout!r}"
+
+
+def default_kv_layout() -> str:
+    """What kv_layout=auto (the default) resolves to: page_kt where the host kernels are AVX-512
+    (_mempipe.active_cpu_kernel()), head elsewhere. page_kt gives sparse decode a block's K and V
+    pages as one piece and the AVX-512 scores 16 tokens a vector; the AVX2 and portable kernels
+    copy transposed K pages back into rows, and read head fastest
+    (integration/bench/results/layout_default/)."""
+    return "page_kt" if _mempipe.active_cpu_kernel().startswith("avx512") else "head"
 
 
 def require_kv_layout(layout: str) -> str:
@@ -178,8 +190,14 @@ class MempipeConfig:
     deadline_ms: float = 100.0
     fpga_append_ring: int = 8
     digest_dtype: str = "native"
-    kv_layout: str = "head"
+    kv_layout: str = "auto"
     hierarchy: str = "none"
+
+    def __post_init__(self) -> None:
+        # auto is resolved here, once, so every reader (and the configuration's repr, in a
+        # bench's record) sees the layout itself.
+        if self.kv_layout == "auto":
+            object.__setattr__(self, "kv_layout", default_kv_layout())
 
     @property
     def sparse(self) -> bool:
@@ -284,7 +302,8 @@ class MempipeConfig:
         if self.digest_dtype not in DIGEST_DTYPES:
             reasons.append(f"digest_dtype must be native or int8, got '{self.digest_dtype}'")
         if self.kv_layout not in KV_LAYOUTS:
-            reasons.append(_kv_layout_reason(self.kv_layout))
+            reasons.append(f"kv_layout must be {_one_of(KV_LAYOUT_CHOICES)}, "
+                           f"got {self.kv_layout!r}")
         return reasons
 
 

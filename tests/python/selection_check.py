@@ -44,6 +44,7 @@ import functools
 
 import torch
 
+from mempipe.attention import keys_transposed, logical_keys
 from reference import PagedBatch, ref_decode, ref_scores, ref_select
 
 MODES = ("mempipe", "position", "drop")
@@ -218,7 +219,7 @@ class SelectionCheck:
                 best = float(others.max())
                 alpha = (1.5 * abs(best) + 1.0) / float(unit)
                 key = (alpha * d).to(kv_cache.dtype)
-                kv_cache[0, block, :, g, :] = key
+                _set_page_keys(kv_cache, block, g, key)
                 digests[block, 0, g] = key.to(digests.dtype)
                 digests[block, 1, g] = key.to(digests.dtype)
             planted[s] = page
@@ -242,13 +243,29 @@ class SelectionCheck:
                 counts[s, g] = len(keep)
 
 
+def _set_page_keys(kv_cache, block: int, g: int, key) -> None:
+    """Every token's key of KV head g in `block` set to `key`, in any layout: a head_kt / page_kt
+    cache's K pages are transposed, so there the page's keys are read back (logical_keys),
+    changed and written through the module's writer, V rewritten as it was."""
+    if not keys_transposed(kv_cache):
+        kv_cache[0, block, :, g, :] = key
+        return
+    import mempipe.ops
+    bs = kv_cache.shape[2]
+    keys = logical_keys(kv_cache, torch.tensor([block]))[0]  # [bs, kvh, D], a copy
+    keys[:, g, :] = key
+    slots = block * bs + torch.arange(bs)
+    mempipe.ops.write_kv(kv_cache, slots, keys, kv_cache[1, block].clone())
+
+
 def _gather(kv_cache, block_table, seq_lens) -> PagedBatch:
-    """The batch's keys and values per sequence, [len, kv_heads, head_dim], from its pages."""
+    """The batch's keys and values per sequence, [len, kv_heads, head_dim], from its pages (the
+    keys of a head_kt / page_kt cache read back through logical_keys)."""
     bs, kvh, d = kv_cache.shape[2], kv_cache.shape[3], kv_cache.shape[4]
     keys, values = [], []
     for s, n in enumerate(seq_lens.tolist()):
         ids = block_table[s, :-(-n // bs)].long()
-        keys.append(kv_cache[0, ids].reshape(-1, kvh, d)[:n].clone())
+        keys.append(logical_keys(kv_cache, ids).reshape(-1, kvh, d)[:n].clone())
         values.append(kv_cache[1, ids].reshape(-1, kvh, d)[:n].clone())
     return PagedBatch(kv_cache, block_table, seq_lens, keys, values, bs)
 

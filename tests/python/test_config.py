@@ -44,7 +44,8 @@ def test_parse_errors_name_the_bad_item(text, message):
     ("deadline_ms=-3", "deadline_ms must be a positive number of milliseconds, got -3.0"),
     ("fpga_append_ring=0", "fpga_append_ring must be in [1, 1024], got 0"),
     ("fpga_append_ring=2000", "fpga_append_ring must be in [1, 1024], got 2000"),
-    ("kv_layout=tokens", "kv_layout must be head, page, head_kt, page_kt or token, got 'tokens'"),
+    ("kv_layout=tokens",
+     "kv_layout must be auto, head, page, head_kt, page_kt or token, got 'tokens'"),
 ])
 def test_validate_gives_reasons(text, reason):
     reasons = config.load(environ={"MEMPIPE_CONFIG": text}).validate()
@@ -184,7 +185,32 @@ def test_direct_construction_of_the_scheme_keys_is_checked():
         ["deadline_ms must be a positive number of milliseconds, got nan"]
 
 
-def test_kv_layout_defaults_to_head_and_takes_token():
-    assert config.load(environ={}).kv_layout == "head"
+def test_kv_layout_defaults_to_auto_resolved_on_load_and_takes_token():
+    """auto, the default, is resolved when the configuration is made: the layout itself is what
+    every reader (and a bench's record of the configuration) sees."""
+    expected = config.default_kv_layout()
+    assert expected in ("page_kt", "head")
+    assert config.load(environ={}).kv_layout == expected
+    assert config.MempipeConfig().kv_layout == expected
+    cfg = config.load(environ={"MEMPIPE_CONFIG": "kv_layout=auto"})
+    assert cfg.kv_layout == expected and cfg.validate() == []
+    assert "kv_layout='" + expected + "'" in repr(cfg)
     cfg = config.load(environ={"MEMPIPE_CONFIG": "kv_layout=token"})
     assert cfg.kv_layout == "token" and cfg.validate() == []
+
+
+@pytest.mark.parametrize("kernel, layout", [
+    ("avx512-bf16", "page_kt"), ("avx512", "page_kt"), ("avx2", "head"), ("portable", "head")])
+def test_auto_kv_layout_follows_the_host_kernels(kernel, layout, monkeypatch):
+    """page_kt only where the AVX-512 kernels read it (16 tokens a vector); the AVX2 and
+    portable kernels copy transposed K pages back into rows, and read head fastest. A rule that
+    always took page_kt, or never, fails here."""
+    monkeypatch.setattr(config._mempipe, "active_cpu_kernel", lambda: kernel)
+    assert config.default_kv_layout() == layout
+    assert config.load(environ={}).kv_layout == layout
+    # A layout named in MEMPIPE_CONFIG is kept on any kernel.
+    assert config.load(environ={"MEMPIPE_CONFIG": "kv_layout=head"}).kv_layout == "head"
+
+
+def test_active_cpu_kernel_names_a_host_kernel():
+    assert config._mempipe.active_cpu_kernel() in ("avx512-bf16", "avx512", "avx2", "portable")

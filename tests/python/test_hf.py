@@ -136,7 +136,7 @@ def test_paged_cache_small_budget_runs_sparse(request, model, gen, monkeypatch, 
 
 
 def test_head_and_token_major_host_caches_give_the_same_tokens(model, gen, monkeypatch):
-    """kv_layout=head (the default: each KV head's page contiguous, a permuted view), page,
+    """kv_layout=head (each KV head's page contiguous, a permuted view), page,
     head_kt, page_kt (K pages transposed) and token hold the same logical cache: the same
     greedy tokens and the same digests (the _kt layouts within fp32 rounding), at a budget that
     makes the layers sparse; only the token-major cache is contiguous."""

@@ -27,7 +27,7 @@ import torch
 
 from mempipe import _mempipe as mp
 from mempipe import digests as mdg
-from mempipe.attention import DecodePlan, PagedLayer
+from mempipe.attention import DecodePlan, PagedLayer, logical_keys
 from mempipe.config import MempipeConfig
 from reference import (random_batch, ref_decode, ref_digests, ref_scores, ref_select,
                        slots_for)
@@ -498,7 +498,7 @@ def test_transformers_adapter_int8_full_budget_generates_native_tokens(gen, monk
     assert caches["int8"].calls()["sparse"] == 2 * 7
     # The kept digests are the reference's for the cache's pages (bulk prompt + appends).
     n = layer.length
-    keys = layer.kv_cache[0]
+    keys = logical_keys(layer.kv_cache)  # any kv_layout, page_kt included
     for b in range(layer.batch):
         for p in range(math.ceil(n / layer.page)):
             blk = int(layer.block_table[b, p])

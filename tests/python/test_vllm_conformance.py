@@ -302,7 +302,6 @@ def test_kv_sharing_layer_scores_with_the_targets_digests(gen, monkeypatch):
     query_lens = [1, 1, 1, 1]
     batch = random_batch(gen, torch.float32, BS, KVH, D, seq_lens)
     vllm_cache = torch.full((batch.kv_cache.shape[1], KVH, BS, 2 * D), float("nan"))
-    ours = as_mempipe_cache(vllm_cache, KVH, D, "head")  # the default kv_layout
     target_name = "model.layers.0.self_attn.attn"
     vc = VllmConfig()
     with set_current_vllm_config(vc):
@@ -312,6 +311,7 @@ def test_kv_sharing_layer_scores_with_the_targets_digests(gen, monkeypatch):
         sharer = MempipeAttentionImpl(H, D, D ** -0.5, KVH,
                                       kv_sharing_target_layer_name=target_name)
         meta = _builder(vc).build(0, common_metadata(batch.block_table, seq_lens, query_lens, BS))
+    ours = as_mempipe_cache(vllm_cache, KVH, D, target.config.kv_layout)  # the default, auto
     tpaged = target._paged_layer(FakeLayer(0))
     for s, n in enumerate(seq_lens):
         slots = batch.block_table[s, torch.arange(n - 1) // BS].long() * BS + \

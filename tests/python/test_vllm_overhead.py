@@ -133,13 +133,13 @@ def _run_decode(gen_seed, dtype, seq_lens, budget, covered_env, monkeypatch):
     batch = random_batch(g, dtype, BS, KVH, D, seq_lens)
     vllm_cache = torch.full((batch.kv_cache.shape[1], KVH, BS, 2 * D), float("nan"),
                             dtype=dtype)
-    ours = as_mempipe_cache(vllm_cache, KVH, D, "head")  # the default kv_layout
     vc = VllmConfig()
     with set_current_vllm_config(vc):
         impl = MempipeAttentionImpl(H, D, D ** -0.5, KVH)
         spec = FullAttentionSpec(block_size=BS, num_kv_heads=KVH, head_size=D, dtype=dtype)
         builder = MempipeMetadataBuilder(spec, ["model.layers.3.self_attn.attn"], vc,
                                          torch.device("cpu"))
+    ours = as_mempipe_cache(vllm_cache, KVH, D, impl.config.kv_layout)  # the default, auto
     layer = FakeLayer(3)
     paged = impl._paged_layer(layer)
     for s, n in enumerate(seq_lens):  # earlier tokens, through forward's own append path
