@@ -18,8 +18,8 @@
 // placement runs it (HostSparseLayer: each row attended where it is selected, one call). Last, a
 // parallel call whose threads only meet: the host threads' own cost per call, the floor under each
 // kernel.
-// Each kernel's layers start after an untimed call with no work, so that its first layer finds the
-// threads awake after the read, as a decode step's layers do.
+// Each kernel's layers start after an untimed such call, so that its first layer finds the threads
+// awake after the read, as a decode step's layers do.
 //
 //   mempipe-cpu-kernel-bench                                   # Llama-3-8B layer, bf16, 32K
 //   mempipe-cpu-kernel-bench --threads=1 --cpu_kernel=portable
@@ -294,8 +294,8 @@ int Run() {
     };
     // The read's own threads ran last, long enough for the kernels' threads to stop spinning and
     // sleep. A decode step's layers find them awake (torch's operators between the layers run on
-    // the same team inside vLLM), so each kernel's layers start after an untimed call with no
-    // work: its first layer pays no wake-ups that later layers do not.
+    // the same team inside vLLM), so each kernel's layers start after an untimed call in which
+    // every thread meets: its first layer pays no wake-ups that later layers do not.
     auto wake = [&] { AllThreadsMeet(threads); };
     ReadProbe::Pass before = probe->Run();
     // Reads again after the layers of kernels `ks`, and keeps each one's time per layer over

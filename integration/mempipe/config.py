@@ -148,8 +148,8 @@ def _one_of(values: tuple) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
-def _kv_layout_reason(layout: str) -> str:
-    return f"kv_layout must be {_one_of(KV_LAYOUTS)}, got {layout!r}"
+def _kv_layout_reason(layout: str, choices: tuple = KV_LAYOUTS) -> str:
+    return f"kv_layout must be {_one_of(choices)}, got {layout!r}"
 
 
 def default_kv_layout() -> str:
@@ -302,8 +302,7 @@ class MempipeConfig:
         if self.digest_dtype not in DIGEST_DTYPES:
             reasons.append(f"digest_dtype must be native or int8, got '{self.digest_dtype}'")
         if self.kv_layout not in KV_LAYOUTS:
-            reasons.append(f"kv_layout must be {_one_of(KV_LAYOUT_CHOICES)}, "
-                           f"got {self.kv_layout!r}")
+            reasons.append(_kv_layout_reason(self.kv_layout, KV_LAYOUT_CHOICES))
         return reasons
 
 
