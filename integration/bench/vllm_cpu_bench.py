@@ -415,9 +415,10 @@ def main(argv=None) -> int:
             print(f"{row['dtype']:>5} {row['length']:>7}  incomplete: {sorted(r)}")
             continue
         a, m = r["CPU_ATTN"], r["CUSTOM"]
+        warm = f"{row['warm_prefill_ratio']:>7.2f}x" if "warm_prefill_ratio" in row else f"{'-':>8}"
         print(f"{row['dtype']:>5} {row['length']:>7} {a['prefill_s']:>6.1f}/{m['prefill_s']:<7.1f} "
               f"{a['decode_tokens_per_s']:>8.2f}/{m['decode_tokens_per_s']:<8.2f} "
-              f"{row['prefill_ratio']:>10.2f}x {row.get('warm_prefill_ratio', float('nan')):>7.2f}x "
+              f"{row['prefill_ratio']:>10.2f}x {warm} "
               f"{row['decode_speedup']:>9.2f}x {row['bytes_ratio']:>8.2f}x")
         for name, v in row.get("variants", {}).items():
             print(f"{'':>5} {'':>7} {name + ':':>14} {r[name]['decode_tokens_per_s']:>17.2f} "
