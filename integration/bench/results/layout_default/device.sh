@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepared for the GPU machine's host CPU (16 vCPUs, AVX-512), not yet run: the default layout
+# For the GPU machine's host CPU (16 vCPUs, AVX-512; run 2026-12-06, README section 4): the default layout
 # on AVX-512 (page_kt) against head, SmolLM2 bf16 4 x 6K at 1, 2 and 16 threads on mempipe's pool
 # and 16 on libgomp's team (the vLLM plugin's), and Llama-3-8B 1 x 32K at 16 on libgomp's team;
 # with each run's `empty parallel call` (the runtime's floor per call). Carry .gpuwork/snap with
