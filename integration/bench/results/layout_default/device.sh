@@ -6,8 +6,12 @@
 # kb_wake (mempipe-cpu-kernel-bench at 6126f14 or later, Release, -DMEMPIPE_GPU=off
 # -DMEMPIPE_XRT=off) and lib/ (the Abseil libraries `ldd` lists):
 #   OUT=$OUT bash integration/bench/results/layout_default/device.sh [ROUNDS]
+# PLAN=dtypes instead runs both layouts at 16 threads only: Llama-3-8B bf16 on the pool and on
+# libgomp's team, and Llama-3-8B and SmolLM2 in fp32 on both (README section 4's second call).
 set -uo pipefail
-K=${SNAP:-.gpuwork/snap}; O=/tmp/ld_dev; mkdir -p "$O"; T0=$SECONDS
+PLAN=${PLAN:-layouts}
+case $PLAN in layouts) O=/tmp/ld_dev ;; dtypes) O=/tmp/ld_dtypes ;; *) echo "PLAN=$PLAN: expected layouts or dtypes" >&2; exit 2 ;; esac
+K=${SNAP:-.gpuwork/snap}; mkdir -p "$O"; T0=$SECONDS
 export LD_LIBRARY_PATH=$K/lib:${LD_LIBRARY_PATH:-}
 lscpu > "$O/lscpu.txt"; uptime > "$O/uptime.txt"
 SMOL="--num_heads=9 --num_kv_heads=3 --head_dim=64 --page_size=32 --context=6144 --seqs=4 --budget=512 --dtype=bf16 --passes=7"
@@ -17,6 +21,13 @@ one() { local name=$1; shift
   timeout 120 "$K/kb_wake" "$@" > "$O/$name.log" 2>&1; echo "$name rc=$? at $((SECONDS - T0)) s" >> "$O/runs.txt"; }
 for r in $(seq 1 "${1:-3}"); do
   for L in head page_kt; do
+    if [ "$PLAN" = dtypes ]; then
+      for rt in pool openmp; do
+        one "llama_${L}_t16${rt}_$r" $LLAMA --kv_layout=$L --threads=16 --host_threads=$rt
+        one "llama32_${L}_t16${rt}_$r" ${LLAMA/bf16/fp32} --kv_layout=$L --threads=16 --host_threads=$rt
+        one "smol32_${L}_t16${rt}_$r" ${SMOL/bf16/fp32} --kv_layout=$L --threads=16 --host_threads=$rt
+      done; continue
+    fi
     for t in 1 2 16; do one "smol_${L}_t${t}_$r" $SMOL --kv_layout=$L --threads=$t; done
     one "smol_${L}_t16omp_$r" $SMOL --kv_layout=$L --threads=16 --host_threads=openmp
     one "llama_${L}_t16omp_$r" $LLAMA --kv_layout=$L --threads=16 --host_threads=openmp
@@ -26,4 +37,4 @@ for f in "$O"/*.log; do printf "%-24s" "$(basename "$f" .log)"
   for k in "sparse attention, wall" "sparse attention's reads, wall" "sparse layer, one call, wall" "dense attention, wall" "empty parallel call, wall"; do
     grep -F "  $k" "$f" | head -1 | awk '{for (i = 1; i <= NF; i++) if ($i == "ms") { p = $(i+5); if (p !~ /%/) p = "-"; printf " %s (%s)", $(i-1), p; break }}'
   done; echo; done > "$O/summary.txt"
-cat "$O/summary.txt"; tar czf "${OUT:-/tmp}/ld_dev.tgz" -C /tmp ld_dev
+cat "$O/summary.txt"; tar czf "${OUT:-/tmp}/$(basename "$O").tgz" -C /tmp "$(basename "$O")"
