@@ -8,9 +8,12 @@
 #   OUT=$OUT bash integration/bench/results/layout_default/device.sh [ROUNDS]
 # PLAN=dtypes instead runs both layouts at 16 threads only: Llama-3-8B bf16 on the pool and on
 # libgomp's team, and Llama-3-8B and SmolLM2 in fp32 on both (README section 4's second call).
+# PLAN=read_ahead: page_kt at 16 threads on libgomp's team, the kernels' prefetch (--read_ahead)
+# stream (the default) against next_page, for Llama-3-8B bf16 and fp32 and SmolLM2 bf16.
 set -uo pipefail
 PLAN=${PLAN:-layouts}
-case $PLAN in layouts) O=/tmp/ld_dev ;; dtypes) O=/tmp/ld_dtypes ;; *) echo "PLAN=$PLAN: expected layouts or dtypes" >&2; exit 2 ;; esac
+case $PLAN in layouts) O=/tmp/ld_dev ;; dtypes) O=/tmp/ld_dtypes ;; read_ahead) O=/tmp/ld_read_ahead ;;
+  *) echo "PLAN=$PLAN: expected layouts, dtypes or read_ahead" >&2; exit 2 ;; esac
 K=${SNAP:-.gpuwork/snap}; mkdir -p "$O"; T0=$SECONDS
 export LD_LIBRARY_PATH=$K/lib:${LD_LIBRARY_PATH:-}
 lscpu > "$O/lscpu.txt"; uptime > "$O/uptime.txt"
@@ -20,6 +23,14 @@ one() { local name=$1; shift
   [ $((SECONDS - T0)) -gt "${DEADLINE:-420}" ] && { echo "skip $name (deadline)" >> "$O/runs.txt"; return; }
   timeout 120 "$K/kb_wake" "$@" > "$O/$name.log" 2>&1; echo "$name rc=$? at $((SECONDS - T0)) s" >> "$O/runs.txt"; }
 for r in $(seq 1 "${1:-3}"); do
+  if [ "$PLAN" = read_ahead ]; then
+    for ra in stream next_page; do
+      for m in llama llama32 smol; do
+        case $m in llama) a=$LLAMA ;; llama32) a=${LLAMA/bf16/fp32} ;; smol) a=$SMOL ;; esac
+        one "${m}_${ra}_$r" $a --kv_layout=page_kt --threads=16 --host_threads=openmp --read_ahead=$ra
+      done
+    done; continue
+  fi
   for L in head page_kt; do
     if [ "$PLAN" = dtypes ]; then
       for rt in pool openmp; do
