@@ -19,24 +19,24 @@ export LD_LIBRARY_PATH=$K/lib:${LD_LIBRARY_PATH:-}
 lscpu > "$O/lscpu.txt"; uptime > "$O/uptime.txt"
 SMOL="--num_heads=9 --num_kv_heads=3 --head_dim=64 --page_size=32 --context=6144 --seqs=4 --budget=512 --dtype=bf16 --passes=7"
 LLAMA="--num_heads=32 --num_kv_heads=8 --head_dim=128 --page_size=16 --context=32768 --seqs=1 --budget=4096 --dtype=bf16 --passes=5"
+SMOL32=${SMOL/bf16/fp32}; LLAMA32=${LLAMA/bf16/fp32}
 one() { local name=$1; shift
   [ $((SECONDS - T0)) -gt "${DEADLINE:-420}" ] && { echo "skip $name (deadline)" >> "$O/runs.txt"; return; }
   timeout 120 "$K/kb_wake" "$@" > "$O/$name.log" 2>&1; echo "$name rc=$? at $((SECONDS - T0)) s" >> "$O/runs.txt"; }
 for r in $(seq 1 "${1:-3}"); do
   if [ "$PLAN" = read_ahead ]; then
     for ra in stream next_page; do
-      for m in llama llama32 smol; do
-        case $m in llama) a=$LLAMA ;; llama32) a=${LLAMA/bf16/fp32} ;; smol) a=$SMOL ;; esac
-        one "${m}_${ra}_$r" $a --kv_layout=page_kt --threads=16 --host_threads=openmp --read_ahead=$ra
-      done
+      one "llama_${ra}_$r" $LLAMA --kv_layout=page_kt --threads=16 --host_threads=openmp --read_ahead=$ra
+      one "llama32_${ra}_$r" $LLAMA32 --kv_layout=page_kt --threads=16 --host_threads=openmp --read_ahead=$ra
+      one "smol_${ra}_$r" $SMOL --kv_layout=page_kt --threads=16 --host_threads=openmp --read_ahead=$ra
     done; continue
   fi
   for L in head page_kt; do
     if [ "$PLAN" = dtypes ]; then
       for rt in pool openmp; do
         one "llama_${L}_t16${rt}_$r" $LLAMA --kv_layout=$L --threads=16 --host_threads=$rt
-        one "llama32_${L}_t16${rt}_$r" ${LLAMA/bf16/fp32} --kv_layout=$L --threads=16 --host_threads=$rt
-        one "smol32_${L}_t16${rt}_$r" ${SMOL/bf16/fp32} --kv_layout=$L --threads=16 --host_threads=$rt
+        one "llama32_${L}_t16${rt}_$r" $LLAMA32 --kv_layout=$L --threads=16 --host_threads=$rt
+        one "smol32_${L}_t16${rt}_$r" $SMOL32 --kv_layout=$L --threads=16 --host_threads=$rt
       done; continue
     fi
     for t in 1 2 16; do one "smol_${L}_t${t}_$r" $SMOL --kv_layout=$L --threads=$t; done
