@@ -124,7 +124,8 @@ absl::Status ThreadPool::Reserve(int workers) {
   std::lock_guard<std::mutex> lock(mu_);
   while (static_cast<int>(workers_.size()) < want) {
     try {
-      workers_.push_back(spawner_([this] { WorkerLoop(); }));
+      const int index = static_cast<int>(workers_.size());
+      workers_.push_back(spawner_([this, index] { WorkerLoop(index); }));
       started_.store(static_cast<int>(workers_.size()), std::memory_order_release);
     } catch (const std::exception& e) {
       return absl::ResourceExhaustedError(
@@ -169,7 +170,48 @@ bool ThreadPool::Drain(Batch& b) {
   }
 }
 
-bool ThreadPool::DrainSlot() {
+void ThreadPool::RunLineTask(const absl::FunctionRef<void(int)>& task, uint64_t e, int i) {
+  try {
+    task(i);
+  } catch (...) {
+    std::lock_guard<std::mutex> lock(slot_.completion.mu);
+    if (!slot_.completion.error) slot_.completion.error = std::current_exception();
+  }
+  // seq_cst, and the load of caller_asleep after it: a caller that gave up spinning either
+  // sees this task finished before it waits or is seen asleep here and woken (RunInSlot).
+  slot_.lines[i].state.store(2 * e + 1, std::memory_order_seq_cst);
+  if (slot_.caller_asleep.load(std::memory_order_seq_cst)) {
+    std::lock_guard<std::mutex> lock(slot_.completion.mu);
+    slot_.completion.done.notify_all();
+  }
+}
+
+bool ThreadPool::LinesFinished(uint64_t e, int n, std::memory_order order) const {
+  for (int i = 0; i < n; ++i) {
+    if (slot_.lines[i].state.load(order) != 2 * e + 1) return false;
+  }
+  return true;
+}
+
+bool ThreadPool::DrainSlot(int home) {
+  // acquire: the call word is published by a release (seq_cst) store after the task pointer.
+  const uint64_t call = slot_.call.load(std::memory_order_acquire);
+  const int n = static_cast<int>(call & 127);
+  if (n > 0) {
+    const uint64_t e = call >> 7;
+    bool ran = false;
+    for (int k = 0, i = home % n; k < n; ++k, i = i + 1 == n ? 0 : i + 1) {
+      uint64_t state = slot_.lines[i].state.load(std::memory_order_relaxed);
+      // Claimed or finished by call e, or by a later call (this thread read an earlier one).
+      if (state >= 2 * e) continue;
+      if (!slot_.lines[i].state.compare_exchange_strong(state, 2 * e, std::memory_order_relaxed)) {
+        continue;  // another thread claimed it
+      }
+      ran = true;
+      RunLineTask(*slot_.task.load(std::memory_order_relaxed), e, i);
+    }
+    return ran;
+  }
   bool ran = false;
   for (;;) {
     // Look before claiming, so that the index passes the count by at most one per thread and
@@ -183,15 +225,24 @@ bool ThreadPool::DrainSlot() {
     // finished. One increment per task, not a compare-exchange that up to 15 spinners retry on
     // the same cache line.
     const uint64_t c = slot_.claim.fetch_add(1, std::memory_order_acquire);
-    const int n = static_cast<int>(c >> 32), i = static_cast<int>(c & 0xffffffffu);
-    if (i >= n) return ran;
+    const int m = static_cast<int>(c >> 32), i = static_cast<int>(c & 0xffffffffu);
+    if (i >= m) return ran;
     ran = true;
-    slot_.completion.Run(*slot_.task.load(std::memory_order_relaxed), i, n);
+    slot_.completion.Run(*slot_.task.load(std::memory_order_relaxed), i, m);
   }
 }
 
 bool ThreadPool::SlotHasWork() const {
-  // seq_cst: paired with RunInSlot's store of the claim and WakeFor's load of sleepers_.
+  // seq_cst: paired with RunInSlot's store of the call and WakeFor's load of sleepers_.
+  const uint64_t call = slot_.call.load(std::memory_order_seq_cst);
+  const int n = static_cast<int>(call & 127);
+  if (n > 0) {
+    const uint64_t e = call >> 7;
+    for (int i = 0; i < n; ++i) {
+      if (slot_.lines[i].state.load(std::memory_order_relaxed) < 2 * e) return true;
+    }
+    return false;
+  }
   const uint64_t c = slot_.claim.load(std::memory_order_seq_cst);
   return (c & 0xffffffffu) < (c >> 32);
 }
@@ -216,41 +267,47 @@ bool ThreadPool::DrainQueue() {
   return Drain(*batch);
 }
 
-void ThreadPool::WorkerLoop() {
+void ThreadPool::WorkerLoop(int index) {
   using Clock = std::chrono::steady_clock;
   bool ran_tasks = false;      // ran a task since it last found nothing to claim
+  bool spinner = false;        // holds one of the max_spinners_ places
   Clock::time_point spin_end;  // spin_ after its last task: until then it spins for new calls
   for (;;) {
     // Read before looking for work: a post after this read ends the spin below at once.
     const uint64_t seen = posted_.load(std::memory_order_acquire);
-    bool ran = DrainSlot();
+    bool ran = DrainSlot(index + 1);
     if (queued_.load(std::memory_order_acquire) > 0) ran = DrainQueue() || ran;
     if (ran) {
       ran_tasks = true;
       continue;
     }
-    if (stopping_.load(std::memory_order_acquire)) return;
+    if (stopping_.load(std::memory_order_acquire)) {
+      if (spinner) spinners_.fetch_sub(1, std::memory_order_relaxed);
+      return;
+    }
     // Nothing to claim. A worker spins for the next call until spin_ after its last task, and
     // keeps spinning when a call's tasks were all claimed before it looked, so the spinners are
     // the threads that the calls of the last spin_ used. One woken from sleep that finds nothing
     // sleeps again at once. At most max_spinners_ spin at once, so that spinners never crowd out
-    // the threads with work on a machine with fewer cores than threads.
+    // the threads with work on a machine with fewer cores than threads. A spinner keeps its
+    // place through the tasks its spin finds, and gives it back when it goes to sleep.
     const Clock::time_point now = Clock::now();
     if (ran_tasks) spin_end = now + absl::ToChronoNanoseconds(spin_);
     ran_tasks = false;
-    bool may_spin = false;
-    if (now < spin_end) {  // takes one of the max_spinners_ places, if one is free
+    if (now < spin_end && !spinner) {  // takes one of the max_spinners_ places, if one is free
       int spinning = spinners_.load(std::memory_order_relaxed);
       while (spinning < max_spinners_ &&
              !spinners_.compare_exchange_weak(spinning, spinning + 1, std::memory_order_relaxed)) {
       }
-      may_spin = spinning < max_spinners_;
+      spinner = spinning < max_spinners_;
     }
-    if (may_spin) {
-      const bool posted =
-          SpinUntil(spin_end, [&] { return posted_.load(std::memory_order_acquire) != seen; });
+    if (spinner && now < spin_end &&
+        SpinUntil(spin_end, [&] { return posted_.load(std::memory_order_acquire) != seen; })) {
+      continue;
+    }
+    if (spinner) {
       spinners_.fetch_sub(1, std::memory_order_relaxed);
-      if (posted) continue;
+      spinner = false;
     }
     spin_end = Clock::time_point();  // asleep: a wake-up that finds nothing sleeps again
     std::unique_lock<std::mutex> lock(mu_);
@@ -287,14 +344,36 @@ void ThreadPool::WakeFor(int helpers) {
 void ThreadPool::RunInSlot(int num_tasks, int helpers, absl::FunctionRef<void(int)> task) {
   // The slot is ours: every task of the last call finished, so no worker uses these fields.
   slot_.task.store(&task, std::memory_order_relaxed);
-  slot_.completion.finished.store(0, std::memory_order_relaxed);
+  const bool lines = num_tasks <= kLineTasks;
+  const uint64_t e = ++slot_.calls;
+  if (!lines) {
+    slot_.completion.finished.store(0, std::memory_order_relaxed);
+    // seq_cst: a release of the fields above for the workers' acquiring increments (the call
+    // word of every claim call is 0, so reading it synchronizes with none in particular).
+    slot_.claim.store(static_cast<uint64_t>(num_tasks) << 32, std::memory_order_seq_cst);
+  }
   // seq_cst: a release (the fields above) that is also ordered against WakeFor's load of
   // sleepers_ (see WorkerLoop).
-  slot_.claim.store(static_cast<uint64_t>(num_tasks) << 32, std::memory_order_seq_cst);
+  slot_.call.store(lines ? (e << 7) | static_cast<uint64_t>(num_tasks) : 0,
+                   std::memory_order_seq_cst);
   posted_.fetch_add(1, std::memory_order_release);  // spinning workers take it from here
   WakeFor(helpers);
-  DrainSlot();
-  std::exception_ptr error = slot_.completion.Wait(spin_, num_tasks);
+  DrainSlot(0);
+  std::exception_ptr error;
+  if (lines) {
+    Completion& c = slot_.completion;
+    if (!SpinUntil(spin_, [&] { return LinesFinished(e, num_tasks, std::memory_order_acquire); })) {
+      std::unique_lock<std::mutex> lock(c.mu);
+      // seq_cst, with the seq_cst loads of the lines in the wait's checks: see RunLineTask.
+      slot_.caller_asleep.store(true, std::memory_order_seq_cst);
+      c.done.wait(lock, [&] { return LinesFinished(e, num_tasks, std::memory_order_seq_cst); });
+      slot_.caller_asleep.store(false, std::memory_order_relaxed);
+    }
+    std::lock_guard<std::mutex> lock(c.mu);
+    error = std::exchange(c.error, nullptr);
+  } else {
+    error = slot_.completion.Wait(spin_, num_tasks);
+  }
   slot_.busy.store(false, std::memory_order_release);
   if (error) std::rethrow_exception(error);
 }

@@ -99,7 +99,8 @@ class ThreadPool {
   int max_workers() const { return max_workers_; }
   int num_workers() const;
   absl::Duration spin() const { return spin_; }
-  // Workers spinning for the next batch now (a diagnostic; it changes as they wake and sleep).
+  // Workers spinning for the next batch now, or running what their spin found (a diagnostic;
+  // it changes as they wake and sleep).
   int num_spinning() const { return spinners_.load(std::memory_order_relaxed); }
   // Workers asleep until a call wakes them (a diagnostic, like num_spinning()).
   int num_sleeping() const;
@@ -119,24 +120,52 @@ class ThreadPool {
     // (and clears it, for the slot's next call).
     std::exception_ptr Wait(absl::Duration spin, int n);
   };
+  // One task's place in a slot call of at most kLineTasks tasks, on a cache line of its own:
+  // 2e while call e's task is running, 2e + 1 once it has finished (e counts the slot's calls
+  // from 1; 0 is never claimed).
+  struct alignas(64) TaskLine {
+    std::atomic<uint64_t> state{0};
+  };
+  static constexpr int kLineTasks = 64;
   // The fast path's batch, owned by the pool and reused by one call at a time (ParallelFor).
-  // `claim` packs the call's task count (high 32 bits) with the next task index (low 32 bits):
-  // a worker claims a task by incrementing it and runs task i where the value it got was
-  // (n, i) with i < n, reading the task only then, so it always runs a task of the call that
-  // was current at its increment, and that call cannot end (nor the slot be reused) before the
-  // claimed task has finished. The fields that change on every call lie on cache lines of
-  // their own, apart from `posted_`, which the spinners read.
+  // `call` packs the call's number e (high bits) with its task count n (low 7 bits) when
+  // n <= kLineTasks, and 0 for n there otherwise.
+  // - A call of at most kLineTasks tasks (every ForEachItemRange call: a task per thread) has a
+  //   TaskLine per task. A thread claims task i by moving its line from below 2e to 2e with a
+  //   compare-exchange, and marks it 2e + 1 when it has run. The worker of index w starts
+  //   looking at task (w + 1) % n and the caller at 0, so the threads of a call each find a
+  //   task of their own at once, and each line is written by one thread and read by the
+  //   caller: no read-modify-write on a line that the other threads of the call also write.
+  //   A thread that read an earlier call's (e, n) cannot claim: every line below that n is
+  //   at or past 2e + 1 once call e has ended.
+  // - A larger call uses `claim`, which packs its task count (high 32 bits) with the next task
+  //   index (low 32 bits): a worker claims a task by incrementing it and runs task i where the
+  //   value it got was (n, i) with i < n; and counts it in `completion.finished`.
+  // Either way a thread reads the task only after its claim, so it always runs a task of the
+  // call that was current when it claimed, and that call cannot end (nor the slot be reused)
+  // before the claimed task has finished. The fields that change on every call lie on cache
+  // lines of their own, apart from `posted_`, which the spinners read.
   struct Slot {
     std::atomic<bool> busy{false};  // a caller owns the slot
     std::atomic<const absl::FunctionRef<void(int)>*> task{nullptr};
+    uint64_t calls = 0;                          // the slot calls so far (its owner's)
+    alignas(64) std::atomic<uint64_t> call{0};   // (e << 7) | n, or 0 (the claim path)
     alignas(64) std::atomic<uint64_t> claim{0};  // (num_tasks << 32) | next index
     alignas(64) Completion completion;
+    // The caller of a line call gave up spinning and waits on completion.done.
+    alignas(64) std::atomic<bool> caller_asleep{false};
+    TaskLine lines[kLineTasks];
   };
-  void WorkerLoop();
+  void WorkerLoop(int index);
   // Runs the batch's unclaimed tasks; whether it ran any.
   static bool Drain(Batch& batch);
-  // Runs the slot's unclaimed tasks; whether it ran any. No lock is taken.
-  bool DrainSlot();
+  // Runs the slot's unclaimed tasks, looking first at task `home` (mod n) of a line call;
+  // whether it ran any. No lock is taken.
+  bool DrainSlot(int home);
+  // The line call (e, n)'s task i: runs it, keeping its exception, and marks it finished.
+  void RunLineTask(const absl::FunctionRef<void(int)>& task, uint64_t e, int i);
+  // Whether every task of line call (e, n) has finished (`order` for the lines' loads).
+  bool LinesFinished(uint64_t e, int n, std::memory_order order) const;
   // Whether the slot has a task nobody claimed yet.
   bool SlotHasWork() const;
   // Runs the tasks of the first queued batch that has unclaimed ones (mu_ taken and released);
@@ -164,7 +193,10 @@ class ThreadPool {
   // consistent with the slot's claim so that a caller either sees a worker about to sleep or
   // the worker sees the caller's tasks).
   std::atomic<int> sleepers_{0};
-  std::atomic<int> spinners_{0};  // workers spinning for the next batch
+  // Workers holding a place to spin: spinning for the next batch, or running the tasks a spin
+  // found (a spinner keeps its place across back-to-back calls, so that taking and giving it
+  // back, two read-modify-writes on one line by every worker, stay off each call's path).
+  std::atomic<int> spinners_{0};
   // Bumped after every push to queue_, every call published in slot_, and at shutdown: what
   // spinning workers watch.
   alignas(64) std::atomic<uint64_t> posted_{0};

@@ -124,11 +124,13 @@ TEST(ThreadPool, ConcurrentAndNestedCallsComplete) {
 // workers spinning between them as decode's layers keep them: each task of each call runs
 // exactly once, on the call it belongs to. A worker that claimed a task with an earlier call's
 // count, or ran an earlier call's task, shows as a count of 0 or 2, or as a task index out of
-// range. A second caller meanwhile takes the queue (the slot is taken) and a task of the first
-// sometimes throws, so the three paths interleave.
+// range. Sizes from 1 to 100 take both of the slot's claims (a line per task up to 64, the
+// counter above) and switch between them from call to call. A second caller meanwhile takes
+// the queue (the slot is taken) and a task of the first sometimes throws, so the paths
+// interleave.
 TEST(ThreadPool, BackToBackCallsRunEachTaskOnceOnItsOwnCall) {
   ThreadPool pool(4, nullptr, absl::Milliseconds(5));
-  constexpr int kCalls = 3000, kMaxTasks = 24;
+  constexpr int kCalls = 3000, kMaxTasks = 100;
   std::vector<std::atomic<int>> runs(static_cast<size_t>(kCalls) * kMaxTasks);
   std::atomic<int> out_of_range{0}, other_total{0};
   std::atomic<bool> stop{false};
@@ -181,6 +183,29 @@ TEST(ThreadPool, BackToBackCallsRunEachTaskOnceOnItsOwnCall) {
   EXPECT_EQ(thrown, (kCalls + 96) / 97);
   EXPECT_EQ(other_total.load() % 6, 0);
   EXPECT_GT(other_total.load(), other_before);  // the second caller ran while the first did
+}
+
+// A caller whose spin ends before its helpers' tasks have finished sleeps, and the task that
+// finishes last wakes it (thread_pool.cc, RunLineTask), for slot calls of either claim. With a
+// spin of 0 the caller sleeps on every call whose tasks outlast its own; a lost wake-up hangs
+// the test until ctest's timeout.
+TEST(ThreadPool, ACallerAsleepIsWokenByTheLastTask) {
+  ThreadPool pool(3, nullptr, absl::ZeroDuration(), /*max_spinners=*/3);
+  ASSERT_TRUE(pool.Reserve(3).ok());
+  for (const int n : {4, 3, 80}) {
+    for (int rep = 0; rep < 100; ++rep) {
+      std::vector<std::atomic<int>> runs(n);
+      const std::thread::id caller = std::this_thread::get_id();
+      pool.ParallelFor(n, 4, [&](int i) {
+        // Tasks on the workers outlast the caller's, so the caller waits for them.
+        if (std::this_thread::get_id() != caller) {
+          std::this_thread::sleep_for(std::chrono::microseconds(50 + 10 * (i % 3)));
+        }
+        runs[i].fetch_add(1);
+      });
+      for (int i = 0; i < n; ++i) ASSERT_EQ(runs[i].load(), 1) << n << " tasks, call " << rep;
+    }
+  }
 }
 
 TEST(ThreadPool, TaskExceptionReachesTheCallerAfterAllTasksFinish) {
