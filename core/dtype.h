@@ -155,6 +155,37 @@ inline BFloat16 FromFloat<BFloat16>(float v) {
   return BFloat16::FromFloat(v);
 }
 
+// The index of the first element of `data` [n] that is not finite (inf or NaN), or n when all
+// are. It tests the exponent bits of the raw elements (all ones: not finite), a loop over plain
+// integers that the compiler vectorizes, and only when one is found looks for the first; a
+// per-element LoadAsFloat and std::isfinite cost the relevancy scan about a tenth of its time
+// at one thread (SmolLM2's 4 x 9 query rows).
+template <typename Bits, Bits kExponent>
+size_t FirstNonFiniteBits(const Bits* v, size_t n) {
+  constexpr size_t kChunk = 256;
+  for (size_t i0 = 0; i0 < n; i0 += kChunk) {
+    const size_t i1 = n - i0 < kChunk ? n : i0 + kChunk;
+    bool any = false;
+    for (size_t i = i0; i < i1; ++i) any |= (v[i] & kExponent) == kExponent;
+    if (!any) continue;
+    for (size_t i = i0; i < i1; ++i) {
+      if ((v[i] & kExponent) == kExponent) return i;
+    }
+  }
+  return n;
+}
+inline size_t FirstNonFinite(const void* data, DType dtype, size_t n) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return FirstNonFiniteBits<uint32_t, 0x7f800000u>(static_cast<const uint32_t*>(data), n);
+    case DType::kFloat16:
+      return FirstNonFiniteBits<uint16_t, 0x7c00u>(static_cast<const uint16_t*>(data), n);
+    case DType::kBFloat16:
+      return FirstNonFiniteBits<uint16_t, 0x7f80u>(static_cast<const uint16_t*>(data), n);
+  }
+  return n;
+}
+
 // Reads element `i` of a buffer of `dtype` as fp32.
 inline float LoadAsFloat(const void* data, DType dtype, size_t i) {
   switch (dtype) {

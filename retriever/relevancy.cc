@@ -54,14 +54,12 @@ absl::Status ValidateQuery(const QueryView& query, const KvCacheView& cache,
                                                    cache.num_kv_heads));
   }
   const size_t n = static_cast<size_t>(query.num_seqs) * query.num_heads * query.head_dim;
-  for (size_t i = 0; i < n; ++i) {
-    const float v = LoadAsFloat(query.data, query.dtype, i);
-    if (!std::isfinite(v)) {
-      const size_t row = i / query.head_dim;
-      return absl::InvalidArgumentError(
-          absl::StrCat("query[", row / query.num_heads, "][", row % query.num_heads, "][",
-                       i % query.head_dim, "] is ", v, "; queries must be finite"));
-    }
+  const size_t i = FirstNonFinite(query.data, query.dtype, n);
+  if (i < n) {
+    const size_t row = i / query.head_dim;
+    return absl::InvalidArgumentError(absl::StrCat(
+        "query[", row / query.num_heads, "][", row % query.num_heads, "][", i % query.head_dim,
+        "] is ", LoadAsFloat(query.data, query.dtype, i), "; queries must be finite"));
   }
   return absl::OkStatus();
 }
@@ -139,30 +137,47 @@ void PortableScoreRow(const float* q, int groups, int d, const DigestView& diges
 // DRAM, a Llama-3-8B layer of 32K tokens (8 MiB of digests) took 1.09 ms with T0 at 8-64 pages
 // ahead, 0.88 ms with no prefetch and 0.74-0.77 ms with T1 at 4-64 pages ahead; SmolLM2's
 // 4 x 6K layer (576 KiB) 78-89 us, 85 us and 57-65 us.
+// The prefetches are spread over the arithmetic: a page's are issued just before its sums, not
+// a batch's at once before the batch's sums. A burst of 64 (16 pages, 4 lines) waits on the
+// core's few line-fill buffers while no arithmetic runs. On an Emerald Rapids VM, one thread,
+// SmolLM2's layer took 64-69 us spread against 74-78 us in bursts (bf16; fp32 94 against 120),
+// with the hardware prefetchers alone 88-95 us; distances of 8 and 24 pages were no better than
+// 16 (integration/bench/results/scan_spread/).
 [[maybe_unused]] constexpr int kAhead = 16;
 
 #if MEMPIPE_AVX512_KERNEL || MEMPIPE_AVX2_KERNEL
 // KV head h's digest rows (max, min) of page `page` of sequence s, and its block (the vector
-// scans' walk); the same head's rows kAhead pages ahead (below p1) are prefetched into L2.
+// scans' walk); amx, amn: the same head's rows kAhead pages ahead, or null where that page is
+// not below p1.
 template <typename Src>
 inline int PageDigestRows(const DigestView& digests, const BlockTableView& table, int s, int h,
-                          int page, int p1, const Src*& mx, const Src*& mn) {
+                          int page, int p1, const Src*& mx, const Src*& mn, const char*& amx,
+                          const char*& amn) {
   const Src* data = static_cast<const Src*>(digests.data);
   const int block = table.Block(s, page);
   mx = data + digests.Offset(block, 0, h);
   mn = data + digests.Offset(block, 1, h);
+  amx = amn = nullptr;
   if (page + kAhead < p1) {
     const int ahead = table.Block(s, page + kAhead);
-    const char* amx = reinterpret_cast<const char*>(data + digests.Offset(ahead, 0, h));
-    const char* amn = reinterpret_cast<const char*>(data + digests.Offset(ahead, 1, h));
-    const int row_bytes = digests.head_dim * static_cast<int>(sizeof(Src));
-    for (int off = 0; off < row_bytes; off += 64) {
-      _mm_prefetch(amx + off, _MM_HINT_T1);
-      _mm_prefetch(amn + off, _MM_HINT_T1);
-    }
+    amx = reinterpret_cast<const char*>(data + digests.Offset(ahead, 0, h));
+    amn = reinterpret_cast<const char*>(data + digests.Offset(ahead, 1, h));
   }
   return block;
 }
+
+// Both rows at amx and amn, `row_bytes` each, into L2 (nothing where amx is null). Always
+// inlined: GCC 12 finds a function that only prefetches free of side effects and, at -O2 and
+// above, deletes its calls (IPA pure-const), prefetches and all.
+__attribute__((always_inline)) inline void PrefetchRows(const char* amx, const char* amn,
+                                                        int row_bytes) {
+  if (amx == nullptr) return;
+  for (int off = 0; off < row_bytes; off += 64) {
+    _mm_prefetch(amx + off, _MM_HINT_T1);
+    _mm_prefetch(amn + off, _MM_HINT_T1);
+  }
+}
+
 #endif
 
 #if MEMPIPE_AVX512_KERNEL
@@ -232,6 +247,7 @@ constexpr int kScanGroups = 4;
 template <typename Src, int ND, int GB>
 MEMPIPE_TARGET_AVX512 inline void Avx512PageSums(const float* q, const Src* const* mx,
                                                  const Src* const* mn, const __m512* scale, int np,
+                                                 const char* const* ahead,
                                                  float (*x)[kScanBatch][16]) {
   constexpr int kD = ND * 32;
   __m512 qv[GB][2 * ND];
@@ -239,6 +255,7 @@ MEMPIPE_TARGET_AVX512 inline void Avx512PageSums(const float* q, const Src* cons
     for (int j = 0; j < 2 * ND; ++j) qv[g][j] = _mm512_loadu_ps(q + g * kD + 16 * j);
   }
   for (int i = 0; i < np; ++i) {
+    if (ahead != nullptr) PrefetchRows(ahead[2 * i], ahead[2 * i + 1], kD * sizeof(Src));
     __m512 lo[GB], hi[GB];
     for (int g = 0; g < GB; ++g) lo[g] = hi[g] = _mm512_setzero_ps();
     for (int c = 0; c < ND; ++c) {
@@ -273,6 +290,7 @@ MEMPIPE_TARGET_AVX512 void Avx512ScoreHeads(const float* q, int groups, const Di
   const Src* mn[kScanBatch];
   __m512 scale[kScanBatch];
   alignas(64) float x[kScanGroups][kScanBatch][16];
+  const char* ahead[2 * kScanBatch];  // the rows kAhead pages ahead of each page, max and min
   for (int b0 = p0; b0 < p1; b0 += kScanBatch) {
     const int np = std::min(kScanBatch, p1 - b0);
     if (np < kScanBatch) {  // Reduce16 reads all 16 pages; the missing ones are not stored
@@ -282,7 +300,8 @@ MEMPIPE_TARGET_AVX512 void Avx512ScoreHeads(const float* q, int groups, const Di
     }
     for (int h = h0; h < h1; ++h) {
       for (int i = 0; i < np; ++i) {
-        const int block = PageDigestRows(digests, table, s, h, b0 + i, p1, mx[i], mn[i]);
+        const int block = PageDigestRows(digests, table, s, h, b0 + i, p1, mx[i], mn[i],
+                                         ahead[2 * i], ahead[2 * i + 1]);
         scale[i] = _mm512_set1_ps(int8 ? digests.scales[digests.ScaleIndex(block, h)] : 1.0f);
       }
       const float* qh = q + static_cast<size_t>(h - h0) * groups * kD;
@@ -290,18 +309,19 @@ MEMPIPE_TARGET_AVX512 void Avx512ScoreHeads(const float* q, int groups, const Di
       for (int g0 = 0; g0 < groups; g0 += kScanGroups) {
         const int gb = std::min(kScanGroups, groups - g0);
         const float* qg = qh + static_cast<size_t>(g0) * kD;
+        const char* const* pf = g0 == 0 ? ahead : nullptr;  // once per page and head
         switch (gb) {
           case 1:
-            Avx512PageSums<Src, ND, 1>(qg, mx, mn, scale, np, x);
+            Avx512PageSums<Src, ND, 1>(qg, mx, mn, scale, np, pf, x);
             break;
           case 2:
-            Avx512PageSums<Src, ND, 2>(qg, mx, mn, scale, np, x);
+            Avx512PageSums<Src, ND, 2>(qg, mx, mn, scale, np, pf, x);
             break;
           case 3:
-            Avx512PageSums<Src, ND, 3>(qg, mx, mn, scale, np, x);
+            Avx512PageSums<Src, ND, 3>(qg, mx, mn, scale, np, pf, x);
             break;
           default:
-            Avx512PageSums<Src, ND, kScanGroups>(qg, mx, mn, scale, np, x);
+            Avx512PageSums<Src, ND, kScanGroups>(qg, mx, mn, scale, np, pf, x);
             break;
         }
         for (int g = 0; g < gb; ++g) {
@@ -383,8 +403,8 @@ constexpr int kScanBatch2 = 8;
 //   q [groups, ND * 32] fp32; out [np]
 template <int ND>
 MEMPIPE_TARGET_AVX2 void Avx2ScoreBatch(const float* q, int groups, const float* const* mx,
-                                        const float* const* mn, int np, GroupAggregation agg,
-                                        float* out) {
+                                        const float* const* mn, int np, const char* const* ahead,
+                                        int row_bytes, GroupAggregation agg, float* out) {
   constexpr int kD = ND * 32;
   alignas(32) float x[kScanBatch2][8];
   for (int i = np; i < kScanBatch2; ++i) _mm256_store_ps(x[i], _mm256_setzero_ps());
@@ -392,6 +412,7 @@ MEMPIPE_TARGET_AVX2 void Avx2ScoreBatch(const float* q, int groups, const float*
   for (int g = 0; g < groups; ++g) {
     const float* qg = q + static_cast<size_t>(g) * kD;
     for (int i = 0; i < np; ++i) {
+      if (g == 0) PrefetchRows(ahead[2 * i], ahead[2 * i + 1], row_bytes);
       __m256 v[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
                      _mm256_setzero_ps()};
       for (int c = 0; c < ND; ++c) {
@@ -425,13 +446,15 @@ MEMPIPE_TARGET_AVX2 void Avx2ScoreHeads(const float* q, int groups, const Digest
   const float* mx[kScanBatch2];
   const float* mn[kScanBatch2];
   alignas(32) float wide[std::is_same_v<Src, float> ? 1 : kScanBatch2 * 2 * kD];
+  const char* ahead[2 * kScanBatch2];  // the rows kAhead pages ahead of each page, max and min
   for (int b0 = p0; b0 < p1; b0 += kScanBatch2) {
     const int np = std::min(kScanBatch2, p1 - b0);
     for (int h = h0; h < h1; ++h) {
       for (int i = 0; i < np; ++i) {
         const Src* rmx;
         const Src* rmn;
-        const int block = PageDigestRows(digests, table, s, h, b0 + i, p1, rmx, rmn);
+        const int block = PageDigestRows(digests, table, s, h, b0 + i, p1, rmx, rmn, ahead[2 * i],
+                                         ahead[2 * i + 1]);
         if constexpr (std::is_same_v<Src, float>) {
           mx[i] = rmx;
           mn[i] = rmn;
@@ -447,8 +470,8 @@ MEMPIPE_TARGET_AVX2 void Avx2ScoreHeads(const float* q, int groups, const Digest
           mn[i] = w + kD;
         }
       }
-      Avx2ScoreBatch<ND>(q + static_cast<size_t>(h - h0) * groups * kD, groups, mx, mn, np, agg,
-                         out(h) + b0);
+      Avx2ScoreBatch<ND>(q + static_cast<size_t>(h - h0) * groups * kD, groups, mx, mn, np, ahead,
+                         kD * static_cast<int>(sizeof(Src)), agg, out(h) + b0);
     }
   }
 }

@@ -128,5 +128,40 @@ INSTANTIATE_TEST_SUITE_P(
                        ::testing::Values(64, 128, 256), ::testing::Values(1, 3, 4, 6, 9),
                        ::testing::Bool(), ::testing::Values(CpuKernel::kAvx512, CpuKernel::kAvx2)));
 
+// A query element that is not finite is refused, named by its sequence, head and channel, in
+// every dtype; the same query with that element finite again is scored.
+TEST(RelevancyQueryTest, NamesTheFirstNonFiniteElement) {
+  std::mt19937_64 rng(TestSeed());
+  for (const DType dtype : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
+    const int kv_heads = 2, heads = 6, d = 64;
+    const std::vector<int> lens = {40, 17, 33};
+    PagedFixture f(rng, {.dtype = dtype,
+                         .block_size = 16,
+                         .num_kv_heads = kv_heads,
+                         .head_dim = d,
+                         .seq_lens = lens});
+    const DigestView dv = f.digest_view();
+    ASSERT_TRUE(BuildDigests(f.cache_view(), f.table_view(), dv).ok());
+    RandomTensor q(rng, dtype, lens.size() * heads * d);
+    std::vector<float> scores(lens.size() * kv_heads * f.max_blocks());
+    const QueryView qv{q.data(), dtype, static_cast<int>(lens.size()), heads, d};
+    ASSERT_TRUE(ComputeRelevancy(qv, f.cache_view(), dv, f.table_view(), GroupAggregation::kMax,
+                                 scores.data())
+                    .ok());
+    // Sequence 2, head 4, channel 37; and a later bad element that must not be the one named.
+    const size_t at = (2 * heads + 4) * d + 37;
+    for (const float bad : {INFINITY, -INFINITY, NAN}) {
+      RandomTensor b = q;
+      StoreFromFloat(b.bytes.data(), dtype, at, bad);
+      StoreFromFloat(b.bytes.data(), dtype, at + 5, bad);
+      const QueryView bv{b.data(), dtype, static_cast<int>(lens.size()), heads, d};
+      const absl::Status st = ComputeRelevancy(bv, f.cache_view(), dv, f.table_view(),
+                                               GroupAggregation::kMax, scores.data());
+      EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << DTypeName(dtype) << " " << bad;
+      EXPECT_NE(st.message().find("query[2][4][37] is"), absl::string_view::npos) << st;
+    }
+  }
+}
+
 }  // namespace
 }  // namespace mempipe
