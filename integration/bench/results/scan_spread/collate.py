@@ -6,7 +6,8 @@
 Reads each DIR's *.log (mempipe-cpu-kernel-bench output), or its summary.txt where the logs did
 not come back. Prints, per group, the median wall time per layer over the rounds (with the
 range) and the median of the runs' % of the read, for the scan, scan + top-k, sparse attention
-and the whole sparse layer in one call; then new / base.
+and the whole sparse layer in one call; then each arm over the first (base, else new, else the
+first by name).
 """
 import glob
 import os
@@ -65,7 +66,8 @@ def main(dirs):
     keys = sorted({k[:3] for k in groups})
     print("wall per layer in ms: median (range) over the rounds [median % of the read]")
     for k in keys:
-        arms = [a for a in ("base", "new") if k + (a,) in groups]
+        found = {g[3] for g in groups if g[:3] == k}
+        arms = [a for a in ("base", "new") if a in found] + sorted(found - {"base", "new"})
         meds = {}
         for a in arms:
             rs = groups[k + (a,)]
@@ -78,9 +80,9 @@ def main(dirs):
                 meds[a].append(med)
                 cells.append(f"{s} {med:.3f} ({min(ms):.3f}-{max(ms):.3f}) [{statistics.median(pc):.0f}%]")
             print(f"{k[0]} {k[1]} {k[2]:>2}T {a:<4} n={len(rs)}: " + "; ".join(cells))
-        if len(arms) == 2:
-            print(f"{'':>14}new/base: " + "; ".join(
-                f"{s} {n / b:.2f}" for s, n, b in zip(SHORT, meds["new"], meds["base"])))
+        for a in arms[1:]:
+            print(f"{'':>14}{a}/{arms[0]}: " + "; ".join(
+                f"{s} {n / b:.2f}" for s, n, b in zip(SHORT, meds[a], meds[arms[0]])))
 
 
 if __name__ == "__main__":
