@@ -136,13 +136,17 @@ absl::Status ThreadPool::Reserve(int workers) {
   return absl::OkStatus();
 }
 
-void ThreadPool::Completion::Run(absl::FunctionRef<void(int)> task, int i, int n) {
+void ThreadPool::Completion::Call(absl::FunctionRef<void(int)> task, int i) {
   try {
     task(i);
   } catch (...) {
     std::lock_guard<std::mutex> lock(mu);
     if (!error) error = std::current_exception();
   }
+}
+
+void ThreadPool::Completion::Run(absl::FunctionRef<void(int)> task, int i, int n) {
+  Call(task, i);
   // acq_rel: the caller that sees the count complete sees every task's writes.
   if (finished.fetch_add(1, std::memory_order_acq_rel) + 1 == n) {
     std::lock_guard<std::mutex> lock(mu);  // a caller asleep on `done` is woken
@@ -150,14 +154,23 @@ void ThreadPool::Completion::Run(absl::FunctionRef<void(int)> task, int i, int n
   }
 }
 
-std::exception_ptr ThreadPool::Completion::Wait(absl::Duration spin, int n) {
-  const auto complete = [&] { return finished.load(std::memory_order_acquire) == n; };
-  if (!SpinUntil(spin, complete)) {
+template <typename Done>
+std::exception_ptr ThreadPool::Completion::WaitUntil(absl::Duration spin, std::atomic<bool>* asleep,
+                                                     Done complete) {
+  if (!SpinUntil(spin, [&] { return complete(std::memory_order_acquire); })) {
     std::unique_lock<std::mutex> lock(mu);
-    done.wait(lock, complete);
+    // seq_cst, with the seq_cst loads of the wait's checks: see RunLineTask.
+    if (asleep != nullptr) asleep->store(true, std::memory_order_seq_cst);
+    done.wait(lock, [&] { return complete(std::memory_order_seq_cst); });
+    if (asleep != nullptr) asleep->store(false, std::memory_order_relaxed);
   }
   std::lock_guard<std::mutex> lock(mu);
   return std::exchange(error, nullptr);
+}
+
+std::exception_ptr ThreadPool::Completion::Wait(absl::Duration spin, int n) {
+  return WaitUntil(spin, nullptr,
+                   [&](std::memory_order order) { return finished.load(order) == n; });
 }
 
 bool ThreadPool::Drain(Batch& b) {
@@ -171,14 +184,9 @@ bool ThreadPool::Drain(Batch& b) {
 }
 
 void ThreadPool::RunLineTask(const absl::FunctionRef<void(int)>& task, uint64_t e, int i) {
-  try {
-    task(i);
-  } catch (...) {
-    std::lock_guard<std::mutex> lock(slot_.completion.mu);
-    if (!slot_.completion.error) slot_.completion.error = std::current_exception();
-  }
+  slot_.completion.Call(task, i);
   // seq_cst, and the load of caller_asleep after it: a caller that gave up spinning either
-  // sees this task finished before it waits or is seen asleep here and woken (RunInSlot).
+  // sees this task finished before it waits or is seen asleep here and woken (WaitUntil).
   slot_.lines[i].state.store(2 * e + 1, std::memory_order_seq_cst);
   if (slot_.caller_asleep.load(std::memory_order_seq_cst)) {
     std::lock_guard<std::mutex> lock(slot_.completion.mu);
@@ -359,21 +367,11 @@ void ThreadPool::RunInSlot(int num_tasks, int helpers, absl::FunctionRef<void(in
   posted_.fetch_add(1, std::memory_order_release);  // spinning workers take it from here
   WakeFor(helpers);
   DrainSlot(0);
-  std::exception_ptr error;
-  if (lines) {
-    Completion& c = slot_.completion;
-    if (!SpinUntil(spin_, [&] { return LinesFinished(e, num_tasks, std::memory_order_acquire); })) {
-      std::unique_lock<std::mutex> lock(c.mu);
-      // seq_cst, with the seq_cst loads of the lines in the wait's checks: see RunLineTask.
-      slot_.caller_asleep.store(true, std::memory_order_seq_cst);
-      c.done.wait(lock, [&] { return LinesFinished(e, num_tasks, std::memory_order_seq_cst); });
-      slot_.caller_asleep.store(false, std::memory_order_relaxed);
-    }
-    std::lock_guard<std::mutex> lock(c.mu);
-    error = std::exchange(c.error, nullptr);
-  } else {
-    error = slot_.completion.Wait(spin_, num_tasks);
-  }
+  const std::exception_ptr error =
+      lines ? slot_.completion.WaitUntil(
+                  spin_, &slot_.caller_asleep,
+                  [&](std::memory_order order) { return LinesFinished(e, num_tasks, order); })
+            : slot_.completion.Wait(spin_, num_tasks);
   slot_.busy.store(false, std::memory_order_release);
   if (error) std::rethrow_exception(error);
 }

@@ -117,11 +117,18 @@ class ThreadPool {
     std::mutex mu;  // guards error; a caller done spinning sleeps on `done` under it
     std::condition_variable done;
     std::exception_ptr error;
-    // Runs task(i) of a call of n tasks, keeping its exception, and counts it finished.
+    // Runs task(i), keeping its exception if it is the first.
+    void Call(absl::FunctionRef<void(int)> task, int i);
+    // Runs task(i) of a call of n tasks (Call) and counts it finished.
     void Run(absl::FunctionRef<void(int)> task, int i, int n);
-    // Spins up to `spin`, then sleeps, until n tasks have finished; returns the first exception
-    // (and clears it, for the slot's next call).
+    // Spins up to `spin`, then sleeps, until n tasks have finished (WaitUntil).
     std::exception_ptr Wait(absl::Duration spin, int n);
+    // Spins up to `spin` until complete(acquire), then sleeps on `done` until
+    // complete(seq_cst), with *asleep (if given) set meanwhile; returns the first exception (and
+    // clears it, for the slot's next call). A thread that makes complete() true notifies `done`
+    // under `mu`: always, or (after a seq_cst store) once it reads *asleep set.
+    template <typename Done>
+    std::exception_ptr WaitUntil(absl::Duration spin, std::atomic<bool>* asleep, Done complete);
   };
   // One task's place in a slot call of at most kLineTasks tasks, on a cache line of its own:
   // 2e while call e's task is running, 2e + 1 once it has finished (e counts the slot's calls
@@ -137,8 +144,8 @@ class ThreadPool {
   //   TaskLine per task. A thread claims task i by moving its line from below 2e to 2e with a
   //   compare-exchange, and marks it 2e + 1 when it has run. The worker of index w starts
   //   looking at task (w + 1) % n and the caller at 0, so the threads of a call each find a
-  //   task of their own at once, and each line is written by one thread and read by the
-  //   caller: no read-modify-write on a line that the other threads of the call also write.
+  //   task of their own at once, and each line is written only by the thread that claims it:
+  //   no read-modify-write on a line that the other threads of the call also write.
   //   A thread that read an earlier call's (e, n) cannot claim: every line below that n is
   //   at or past 2e + 1 once call e has ended.
   // - A larger call uses `claim`, which packs its task count (high 32 bits) with the next task
