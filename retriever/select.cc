@@ -89,20 +89,51 @@ MEMPIPE_TARGET_AVX2 int CountAtLeastAvx2(const int32_t* keys, int n, int32_t t) 
 }
 #endif
 
+// Where TopPagesAscending cuts: every key >= take_from is taken, and the first `ties` keys equal
+// to `tie`.
+struct Threshold {
+  int64_t take_from = 0;
+  int64_t tie = 0;
+  int ties = 0;
+};
+
+// The want-th largest key t of keys in [mn, mx], 0 < want < their number, found by bisecting
+// [mn, mx] on counts: count(t) is how many keys are >= t, and count(>= a) >= want holds for the
+// lower end throughout. A threshold that leaves exactly `want` keys at or above it ends the
+// search early.
+template <typename Count>
+inline Threshold FindThreshold(int32_t mn, int32_t mx, int want, Count count) {
+  int64_t a = mn, b = mx;  // t lies in [a, b]
+  Threshold t;
+  for (;;) {
+    if (a == b) {
+      t.take_from = a + 1;
+      t.ties = want - (a < mx ? count(static_cast<int32_t>(a + 1)) : 0);
+      break;
+    }
+    const int64_t mid = a + (b - a + 1) / 2;
+    const int c = count(static_cast<int32_t>(mid));
+    if (c == want) {  // exactly the keys >= mid
+      t.take_from = mid;
+      break;
+    }
+    if (c > want) {
+      a = mid;
+    } else {
+      b = mid - 1;
+    }
+  }
+  t.tie = a;
+  return t;
+}
+
 // Writes to `out`, ascending, the `want` pages of [lo, hi) with the highest scores, ties to the
-// lower page index; returns `want` (or every page, with fewer). The want-th largest key t is
-// found by bisecting [min key, max key] on counts (count(>= t) >= want holds for the lower
-// end throughout; each step is one vectorized pass over the keys, and a threshold that leaves
-// exactly `want` keys at or above it ends the search early); then one ascending pass takes
-// every page above t and the first pages equal to it. `keys` is scratch.
+// lower page index (0 < want < hi - lo); returns `want`. The want-th largest key is
+// found by FindThreshold, each of its counts one vectorized pass over the keys; then one
+// ascending pass takes every page above it and the first pages equal to it. `keys` is scratch.
 int TopPagesAscending(const float* scores, int lo, int hi, int want, std::vector<int32_t>& keys,
                       int32_t* out) {
   const int n = hi - lo;
-  if (want <= 0 || n <= 0) return 0;
-  if (want >= n) {
-    for (int i = 0; i < n; ++i) out[i] = lo + i;
-    return n;
-  }
   keys.resize(n);
   int32_t* k = keys.data();
   int32_t mn = std::numeric_limits<int32_t>::max(), mx = std::numeric_limits<int32_t>::min();
@@ -115,33 +146,91 @@ int TopPagesAscending(const float* scores, int lo, int hi, int want, std::vector
 #if MEMPIPE_AVX2_KERNEL
   if (UseAvx2Kernel() || UseAvx512Kernel()) count = &CountAtLeastAvx2;
 #endif
-  int64_t a = mn, b = mx;  // t lies in [a, b]; count(>= a) >= want
-  int64_t take_from = 0;   // every key >= take_from is taken ...
-  int ties = 0;            // ... and the first `ties` keys equal to a
-  for (;;) {
-    if (a == b) {
-      take_from = a + 1;
-      ties = want - (a < mx ? count(k, n, static_cast<int32_t>(a + 1)) : 0);
-      break;
-    }
-    const int64_t mid = a + (b - a + 1) / 2;
-    const int c = count(k, n, static_cast<int32_t>(mid));
-    if (c == want) {  // exactly the keys >= mid
-      take_from = mid;
-      break;
-    }
-    if (c > want) {
-      a = mid;
-    } else {
-      b = mid - 1;
-    }
-  }
+  const Threshold t = FindThreshold(mn, mx, want, [&](int32_t v) { return count(k, n, v); });
+  int ties = t.ties;
   int c = 0;
   for (int i = 0; i < n && c < want; ++i) {
-    if (k[i] >= take_from || (k[i] == a && ties-- > 0)) out[c++] = lo + i;
+    if (k[i] >= t.take_from || (k[i] == t.tie && ties-- > 0)) out[c++] = lo + i;
   }
   return c;
 }
+
+#if MEMPIPE_AVX512_KERNEL
+// TopPagesAscending in 16 lanes, the same search with the same result: RankKey per lane, each
+// count one compare and one popcount per 16 keys, and the final pass a compress of the taken
+// lanes' page numbers (in a register, then a masked store: compressing straight to memory is
+// microcoded and slow on Zen 4). Past n the keys are INT32_MIN, below every RankKey (the
+// smallest, -inf's, is 0x807fffff), so they are never counted or taken. Every CPU with
+// AVX-512F has popcnt.
+#define MEMPIPE_TARGET_AVX512_POPCNT __attribute__((target("avx512f,popcnt")))
+
+MEMPIPE_TARGET_AVX512_POPCNT inline __m512i RankKeys16(__m512i bits) {
+  const __m512i abs = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff));
+  const __mmask16 nan = _mm512_cmpgt_epi32_mask(abs, _mm512_set1_epi32(0x7f800000));
+  bits = _mm512_mask_mov_epi32(bits, nan, _mm512_set1_epi32(static_cast<int32_t>(0xff800000u)));
+  const __mmask16 neg_zero =
+      _mm512_cmpeq_epi32_mask(bits, _mm512_set1_epi32(static_cast<int32_t>(0x80000000u)));
+  bits = _mm512_mask_mov_epi32(bits, neg_zero, _mm512_setzero_si512());
+  return _mm512_xor_si512(
+      bits, _mm512_and_si512(_mm512_srai_epi32(bits, 31), _mm512_set1_epi32(0x7fffffff)));
+}
+
+MEMPIPE_TARGET_AVX512_POPCNT int CountAtLeastAvx512(const int32_t* keys, int vectors, int32_t t) {
+  const __m512i tv = _mm512_set1_epi32(t);
+  int c = 0;
+  for (int j = 0; j < vectors; ++j) {
+    c += _mm_popcnt_u32(_mm512_cmpge_epi32_mask(_mm512_loadu_si512(keys + 16 * j), tv));
+  }
+  return c;
+}
+
+MEMPIPE_TARGET_AVX512_POPCNT int TopPagesAscendingAvx512(const float* scores, int lo, int hi,
+                                                         int want, std::vector<int32_t>& keys,
+                                                         int32_t* out) {
+  const int n = hi - lo;
+  const int vectors = (n + 15) / 16;
+  keys.resize(static_cast<size_t>(vectors) * 16);
+  int32_t* k = keys.data();
+  __m512i vmin = _mm512_set1_epi32(std::numeric_limits<int32_t>::max());
+  __m512i vmax = _mm512_set1_epi32(std::numeric_limits<int32_t>::min());
+  for (int j = 0; j < vectors; ++j) {
+    const int left = n - 16 * j;
+    const __mmask16 m = left >= 16 ? __mmask16{0xffff} : static_cast<__mmask16>((1u << left) - 1);
+    const __m512i key =
+        _mm512_mask_mov_epi32(_mm512_set1_epi32(std::numeric_limits<int32_t>::min()), m,
+                              RankKeys16(_mm512_maskz_loadu_epi32(m, scores + lo + 16 * j)));
+    _mm512_storeu_si512(k + 16 * j, key);
+    vmin = _mm512_mask_min_epi32(vmin, m, vmin, key);
+    vmax = _mm512_max_epi32(vmax, key);
+  }
+  const int32_t mn = _mm512_reduce_min_epi32(vmin), mx = _mm512_reduce_max_epi32(vmax);
+  const Threshold t =
+      FindThreshold(mn, mx, want, [&](int32_t v) { return CountAtLeastAvx512(k, vectors, v); });
+  int ties = t.ties;
+  // take_from <= mx + 1 <= 0x7f800001 (+inf's key, plus one) fits an int32.
+  const __m512i from = _mm512_set1_epi32(static_cast<int32_t>(t.take_from));
+  const __m512i tie = _mm512_set1_epi32(static_cast<int32_t>(t.tie));
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int c = 0;
+  for (int j = 0; j < vectors && c < want; ++j) {
+    const __m512i key = _mm512_loadu_si512(k + 16 * j);
+    uint32_t m = _mm512_cmpge_epi32_mask(key, from);
+    if (ties > 0) {  // the first `ties` keys equal to t.tie, in page order
+      uint32_t eq = _mm512_cmpeq_epi32_mask(key, tie);
+      for (; eq != 0 && ties > 0; --ties) {
+        m |= eq & (0u - eq);
+        eq &= eq - 1;
+      }
+    }
+    const __m512i pages = _mm512_maskz_compress_epi32(
+        static_cast<__mmask16>(m), _mm512_add_epi32(lane, _mm512_set1_epi32(lo + 16 * j)));
+    const int taken = _mm_popcnt_u32(m);
+    _mm512_mask_storeu_epi32(out + c, static_cast<__mmask16>((1u << taken) - 1), pages);
+    c += taken;
+  }
+  return c;
+}
+#endif
 
 // What SelectPages checks besides the scores: the config (flat), the selection's pointers and
 // shape, and every seq_len inside [1, the table's width].
@@ -192,7 +281,17 @@ void SelectRow(const float* row_scores, const BlockTableView& table, int block_s
   const int want = k - config.num_sink_pages - config.num_local_pages;
   int c = 0;
   for (int p = 0; p < lo; ++p) row[c++] = p;
-  c += TopPagesAscending(row_scores, lo, hi, want, keys, row + c);
+  if (want > 0) {  // the middle holds more than `want` pages: n > k
+#if MEMPIPE_AVX512_KERNEL
+    if (UseAvx512Kernel()) {
+      c += TopPagesAscendingAvx512(row_scores, lo, hi, want, keys, row + c);
+    } else {
+      c += TopPagesAscending(row_scores, lo, hi, want, keys, row + c);
+    }
+#else
+    c += TopPagesAscending(row_scores, lo, hi, want, keys, row + c);
+#endif
+  }
   for (int p = hi; p < n; ++p) row[c++] = p;
   out.Count(s, h) = c;
 }

@@ -134,10 +134,26 @@ std::vector<int> ReferenceSelect(const float* sc, int n, const SelectionConfig& 
   return out;
 }
 
+// The host kernels SelectPages' threshold search can run with: an AVX-512 copy of the whole
+// search under the avx512 and avx512-bf16 kernels, an AVX2 copy of its counting pass under avx2,
+// and the portable one otherwise.
+std::vector<CpuKernel> AvailableKernels() {
+  std::vector<CpuKernel> kernels;
+  for (CpuKernel k : {CpuKernel::kPortable, CpuKernel::kAvx2, CpuKernel::kAvx512}) {
+    if (CpuKernelAvailable(k)) kernels.push_back(k);
+  }
+  return kernels;
+}
+
+// Few distinct scores (ties everywhere) and edge lengths (at, just above and far below the
+// budget), each kernel in turn, against a sort; one to 32 threads.
 TEST(SelectPages, MatchesSortReferenceWithTiesAndEdgeLengths) {
   std::mt19937_64 rng(TestSeed());
   const int block_size = 16, kv_heads = 3;
-  for (int trial = 0; trial < 50; ++trial) {
+  for (int trial = 0; trial < 50 * static_cast<int>(AvailableKernels().size()); ++trial) {
+    const CpuKernel kernel = AvailableKernels()[trial % AvailableKernels().size()];
+    ASSERT_TRUE(SetCpuKernel(kernel).ok());
+    SCOPED_TRACE(CpuKernelName(kernel));
     std::uniform_int_distribution<int> k_dist(2, 12), sink_dist(0, 2), local_dist(1, 2);
     SelectionConfig cfg;
     cfg.num_sink_pages = sink_dist(rng);
@@ -178,16 +194,7 @@ TEST(SelectPages, MatchesSortReferenceWithTiesAndEdgeLengths) {
       }
     }
   }
-}
-
-// The host kernels SelectPages' threshold search can run with (its counting pass has an AVX2
-// copy, taken under the avx2, avx512 and avx512-bf16 kernels; the portable one otherwise).
-std::vector<CpuKernel> AvailableKernels() {
-  std::vector<CpuKernel> kernels;
-  for (CpuKernel k : {CpuKernel::kPortable, CpuKernel::kAvx2, CpuKernel::kAvx512}) {
-    if (CpuKernelAvailable(k)) kernels.push_back(k);
-  }
-  return kernels;
+  ASSERT_TRUE(SetCpuKernel(CpuKernel::kAuto).ok());
 }
 
 // Continuous scores of every shape a threshold search can get wrong, on long rows (up to 3,000
@@ -384,10 +391,11 @@ TEST(ScoreAndSelect, SameSelectionForAnyThreadCount) {
 }
 
 // Scores full of the values an ordering can get wrong: NaN (ranks as -inf), -inf, -0 and +0
-// (equal: ties go to the lower page), denormals, +inf. SelectPages (a radix select on the
-// scores' bits) against a sort by the float comparison. The same data is shown to separate
-// a known-wrong ordering (raw float bits as signed integers, which ranks -0 below +0 and
-// orders NaN by its bits) from the right one.
+// (equal: ties go to the lower page), denormals, +inf. SelectPages (a threshold search on keys
+// made from the scores' bits) against a sort by the float comparison. The same data is shown to
+// separate a known-wrong ordering (raw float bits as signed integers, which ranks -0 below +0 and
+// orders NaN by its bits) from the right one. Every available kernel runs it (the AVX-512 search
+// has its own key function).
 TEST(SelectPages, SpecialValuesMatchTheFloatOrder) {
   std::mt19937_64 rng(TestSeed());
   const float kSpecial[] = {NAN,   -NAN,  -INFINITY, INFINITY,
@@ -396,7 +404,10 @@ TEST(SelectPages, SpecialValuesMatchTheFloatOrder) {
   const int block_size = 16, kv_heads = 2;
   auto key = [](float f) { return std::isnan(f) ? -INFINITY : f; };
   int wrong_differs = 0;
-  for (int trial = 0; trial < 40; ++trial) {
+  for (int trial = 0; trial < 40 * static_cast<int>(AvailableKernels().size()); ++trial) {
+    const CpuKernel kernel = AvailableKernels()[trial % AvailableKernels().size()];
+    ASSERT_TRUE(SetCpuKernel(kernel).ok());
+    SCOPED_TRACE(CpuKernelName(kernel));
     SelectionConfig cfg;
     std::uniform_int_distribution<int> k_dist(3, 40), n_dist(1, 300), v_dist(0, 11);
     const int k = k_dist(rng);
@@ -442,6 +453,7 @@ TEST(SelectPages, SpecialValuesMatchTheFloatOrder) {
       }
     }
   }
+  ASSERT_TRUE(SetCpuKernel(CpuKernel::kAuto).ok());
   EXPECT_GT(wrong_differs, 0) << "the data never separates a raw-bits ordering from the right one";
 }
 
