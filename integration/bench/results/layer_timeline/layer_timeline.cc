@@ -12,10 +12,11 @@
 //   real    HostSparseLayer itself (its wall time only, to show the rebuild is the same call)
 // Prints per phase the median over the calls of: the call's wall time, the first and last task
 // start, the median task's duration, the last task's end; writes every event to EVENTS (csv).
-//   g++ -O2 -std=c++17 -I. integration/bench/results/layer_timeline/layer_timeline.cc \
-//     build/rel/backend/libmempipe_backend.a build/rel/attention/libmempipe_attention.a \
-//     build/rel/retriever/libmempipe_retriever.a build/rel/core/libmempipe_core.a \
-//     -o /tmp/layer_timeline $(ls /usr/lib/x86_64-linux-gnu/libabsl_*.so | \
+// Built (one command line) from a Release build in build/rel:
+//   g++ -O2 -std=c++17 -I. integration/bench/results/layer_timeline/layer_timeline.cc
+//     build/rel/backend/libmempipe_backend.a build/rel/attention/libmempipe_attention.a
+//     build/rel/retriever/libmempipe_retriever.a build/rel/core/libmempipe_core.a
+//     -o /tmp/layer_timeline $(ls /usr/lib/x86_64-linux-gnu/libabsl_*.so |
 //     sed 's/.*lib\(absl_[a-z0-9_]*\)\.so/-l\1/') -lpthread
 //   [PHASE=name] /tmp/layer_timeline THREADS bf16|fp32 [LAYERS] [PASSES] [EVENTS.csv]
 #include <sys/mman.h>
