@@ -10,6 +10,7 @@
 #ifndef MEMPIPE_CORE_DTYPE_H_
 #define MEMPIPE_CORE_DTYPE_H_
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -165,9 +166,13 @@ size_t FirstNonFiniteBits(const Bits* v, size_t n) {
   constexpr size_t kChunk = 256;
   for (size_t i0 = 0; i0 < n; i0 += kChunk) {
     const size_t i1 = n - i0 < kChunk ? n : i0 + kChunk;
-    bool any = false;
-    for (size_t i = i0; i < i1; ++i) any |= (v[i] & kExponent) == kExponent;
-    if (!any) continue;
+    // The smallest ~v & kExponent: 0 where an exponent is all ones. A min reduction, which GCC
+    // vectorizes for 16-bit elements too; an OR of comparisons it left scalar for them (1.1 us
+    // for SmolLM2's 4 x 9 bf16 query rows on the build VM, 0.1 us this way).
+    Bits low = kExponent;
+    for (size_t i = i0; i < i1; ++i)
+      low = std::min<Bits>(low, static_cast<Bits>(~v[i] & kExponent));
+    if (low != 0) continue;
     for (size_t i = i0; i < i1; ++i) {
       if ((v[i] & kExponent) == kExponent) return i;
     }

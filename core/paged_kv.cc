@@ -1,5 +1,6 @@
 #include "core/paged_kv.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -113,11 +114,23 @@ absl::Status ValidateBlockTable(const BlockTableView& table, int block_size, int
           table.max_blocks_per_seq, " x block_size ", block_size, ")"));
     }
     const int pages = NumPages(len, block_size);
-    for (int p = 0; p < pages; ++p) {
-      const int32_t b = table.Block(s, p);
-      if (b < 0 || b >= num_blocks) {
-        return absl::InvalidArgumentError(absl::StrCat("block_table[", s, "][", p, "] = ", b,
-                                                       " is outside [0, ", num_blocks, ")"));
+    // Per chunk of entries, the largest as unsigned (a negative entry is larger than any block):
+    // a max reduction the compiler vectorizes, where a loop that returns at the first bad entry
+    // stays scalar. Only a chunk holding a bad entry is searched for the one to name, and
+    // nothing past it is read.
+    const int32_t* row = &table.block_table[static_cast<size_t>(s) * table.max_blocks_per_seq];
+    constexpr int kChunk = 1024;
+    for (int p0 = 0; p0 < pages; p0 += kChunk) {
+      const int p1 = std::min(pages, p0 + kChunk);
+      uint32_t largest = 0;
+      for (int p = p0; p < p1; ++p) largest = std::max(largest, static_cast<uint32_t>(row[p]));
+      if (num_blocks > 0 && largest < static_cast<uint32_t>(num_blocks)) continue;
+      for (int p = p0; p < p1; ++p) {
+        const int32_t b = row[p];
+        if (b < 0 || b >= num_blocks) {
+          return absl::InvalidArgumentError(absl::StrCat("block_table[", s, "][", p, "] = ", b,
+                                                         " is outside [0, ", num_blocks, ")"));
+        }
       }
     }
   }

@@ -4,6 +4,7 @@
 // tests failed before NumPages computed in 64 bits.
 #include "core/paged_kv.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -31,10 +32,12 @@ TEST(PagedKv, NumPagesDoesNotOverflowNearInt32Max) {
 
 TEST(PagedKv, HugeSeqLenStillChecksEveryBlockId) {
   // A table wide enough for INT32_MAX tokens of 64: 2^25 entries (128 MiB, left uninitialized
-  // and untouched except for the first entry, which is out of range).
+  // and untouched past the first chunk of 1,024 entries that the check reads at once; the first
+  // entry is out of range).
   const int block_size = 64;
   const int width = (1 << 25);
   std::unique_ptr<int32_t[]> table(new int32_t[width]);
+  std::fill(table.get(), table.get() + 1024, 0);
   table[0] = -5;
   const int32_t len = std::numeric_limits<int32_t>::max();
   const BlockTableView view{table.get(), &len, 1, width};
@@ -50,6 +53,40 @@ TEST(PagedKv, SeqLenPastTheTableIsRejectedWithTheValue) {
   const absl::Status st = ValidateBlockTable(view, 16, 4);
   ASSERT_FALSE(st.ok());
   EXPECT_NE(st.message().find("2147483647"), absl::string_view::npos) << st;
+}
+
+// The block-id check reads each row in chunks of 1,024 entries (a vectorized max of the entries
+// as unsigned) and names the first bad entry of the row: a negative one (which a signed max
+// would pass), one equal to num_blocks, in the first chunk, the last, or between, in the first
+// sequence or a later one.
+TEST(PagedKv, BlockTableCheckNamesTheFirstBadEntryInEveryChunk) {
+  const int block_size = 16, num_blocks = 50, width = 3000;
+  // Sequence 1 has 2,990 pages: its last 10 entries are not block ids.
+  const std::vector<int32_t> lens = {width * block_size, (width - 10) * block_size - 5};
+  for (int s : {0, 1}) {
+    const int pages = NumPages(lens[s], block_size);
+    for (int at : {0, 1023, 1024, 2047, 2500, pages - 1}) {
+      for (int32_t bad : {-1, std::numeric_limits<int32_t>::min(), num_blocks, num_blocks + 7}) {
+        std::vector<int32_t> table(2 * width);
+        for (size_t i = 0; i < table.size(); ++i) table[i] = static_cast<int32_t>(i % num_blocks);
+        table[s * width + at] = bad;
+        if (at + 100 < pages) table[s * width + at + 100] = -3;  // a later bad entry
+        const BlockTableView view{table.data(), lens.data(), 2, width};
+        const absl::Status st = ValidateBlockTable(view, block_size, num_blocks);
+        ASSERT_FALSE(st.ok()) << "seq " << s << " entry " << at << " = " << bad << " accepted";
+        const std::string want = "block_table[" + std::to_string(s) + "][" + std::to_string(at) +
+                                 "] = " + std::to_string(bad) + " is outside [0, 50)";
+        EXPECT_NE(st.message().find(want), absl::string_view::npos) << st << "; want " << want;
+      }
+    }
+  }
+  std::vector<int32_t> table(2 * width);
+  for (size_t i = 0; i < table.size(); ++i) table[i] = static_cast<int32_t>(i % num_blocks);
+  const BlockTableView view{table.data(), lens.data(), 2, width};
+  EXPECT_TRUE(ValidateBlockTable(view, block_size, num_blocks).ok());
+  // Entries past a sequence's pages are not block ids and are not checked.
+  table[2 * width - 1] = -9;
+  EXPECT_TRUE(ValidateBlockTable(view, block_size, num_blocks).ok());
 }
 
 // The two layouts hold the same logical cache: Offset() places (K/V, block, token, head) where
