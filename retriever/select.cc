@@ -144,7 +144,8 @@ int TopPagesAscending(const float* scores, int lo, int hi, int want, std::vector
   }
   auto count = &CountAtLeast;
 #if MEMPIPE_AVX2_KERNEL
-  if (UseAvx2Kernel() || UseAvx512Kernel()) count = &CountAtLeastAvx2;
+  // (The avx512 kernels take TopPagesAscendingAvx512 instead of this function.)
+  if (UseAvx2Kernel()) count = &CountAtLeastAvx2;
 #endif
   const Threshold t = FindThreshold(mn, mx, want, [&](int32_t v) { return count(k, n, v); });
   int ties = t.ties;
